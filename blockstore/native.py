@@ -1,0 +1,239 @@
+"""The one module that talks to the C core (`blockstore._native`, built from native/ by cffi).
+
+Everything else calls these Python functions. cffi releases the GIL around every call in
+out-of-line API mode, so the blocking calls here (appends, reads, scans, syncs) let other Python
+threads run. Work is batched per call: one call per batch of records, never one per record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from blockstore import _native  # type: ignore[attr-defined]
+from blockstore.errors import error_for_code
+from blockstore.records import (
+    AppendRecord,
+    BlockHeader,
+    Footer,
+    Placement,
+    ReadRequest,
+    RecordInfo,
+    ScannedRecord,
+    ScanResult,
+    ScanStop,
+)
+
+ffi = _native.ffi
+lib = _native.lib
+
+_SCAN_CAP = 4096
+_SCAN_ARENA = 8 << 20
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise error_for_code(rc, what, lib.bs_last_errno())
+
+
+def _info(c) -> RecordInfo:  # type: ignore[no-untyped-def]
+    return RecordInfo(
+        c.kind, c.flags, c.key_len, c.meta_len, c.payload_off, c.ns,
+        c.payload_len, c.record_len, c.seq, c.payload_xxh3,
+    )
+
+
+class NativeBackend:
+    """I/O and format operations implemented by the C core."""
+
+    name = "native"
+
+    # ---- checksums ----
+    def xxh3(self, buf) -> int:  # type: ignore[no-untyped-def]
+        b = ffi.from_buffer(buf)
+        return int(lib.bs_xxh3(b, len(b)))
+
+    def xxh3_many(self, bufs: Sequence) -> list[int]:  # type: ignore[type-arg]
+        n = len(bufs)
+        keep = [ffi.from_buffer(b) for b in bufs]
+        ptrs = ffi.new("uint8_t *[]", keep)
+        lens = ffi.new("uint64_t[]", [len(k) for k in keep])
+        out = ffi.new("uint64_t[]", n)
+        lib.bs_xxh3_many(n, ptrs, lens, out)
+        return list(out)
+
+    # ---- format ----
+    def decode_record(self, buf) -> RecordInfo:  # type: ignore[no-untyped-def]
+        out = ffi.new("bs_record_info *")
+        _check(lib.bs_record_decode(ffi.from_buffer(buf), len(buf), out), "decode record header")
+        return _info(out)
+
+    def encode_block_header(self, h: BlockHeader) -> bytes:
+        c = ffi.new("bs_block_header *", {
+            "flags": h.flags, "block_id": h.block_id, "store_id": h.store_id,
+            "created_ns": h.created_ns, "partition_hash": h.partition_hash,
+        })
+        out = ffi.new("uint8_t[]", 64)
+        _check(lib.bs_block_header_encode(c, out, 64), "encode block header")
+        return bytes(ffi.buffer(out, 64))
+
+    def decode_block_header(self, buf) -> BlockHeader:  # type: ignore[no-untyped-def]
+        c = ffi.new("bs_block_header *")
+        _check(lib.bs_block_header_decode(ffi.from_buffer(buf), len(buf), c), "decode block header")
+        return BlockHeader(c.block_id, c.store_id, c.created_ns, c.partition_hash, c.format_version, c.flags)
+
+    def encode_footer(self, f: Footer) -> bytes:
+        c = ffi.new("bs_footer *", {
+            "flags": f.flags, "block_id": f.block_id, "data_end": f.data_end,
+            "record_count": f.record_count, "min_seq": f.min_seq, "max_seq": f.max_seq,
+        })
+        out = ffi.new("uint8_t[]", 64)
+        _check(lib.bs_footer_encode(c, out, 64), "encode footer")
+        return bytes(ffi.buffer(out, 64))
+
+    def decode_footer(self, buf) -> Footer:  # type: ignore[no-untyped-def]
+        c = ffi.new("bs_footer *")
+        _check(lib.bs_footer_decode(ffi.from_buffer(buf), len(buf), c), "decode footer")
+        return Footer(c.block_id, c.data_end, c.record_count, c.min_seq, c.max_seq, c.format_version, c.flags)
+
+    # ---- files ----
+    def open(self, path: str, create: bool) -> int:
+        fd = ffi.new("int *")
+        _check(lib.bs_file_open(os.fsencode(path), int(create), fd), f"open {path}")
+        return int(fd[0])
+
+    def open_ro(self, path: str) -> int:
+        fd = ffi.new("int *")
+        _check(lib.bs_file_open_ro(os.fsencode(path), fd), f"open {path}")
+        return int(fd[0])
+
+    def close(self, fd: int) -> None:
+        _check(lib.bs_file_close(fd), "close")
+
+    def sync(self, fd: int) -> None:
+        _check(lib.bs_file_sync(fd), "fdatasync")
+
+    def dir_sync(self, path: str) -> None:
+        _check(lib.bs_dir_sync(os.fsencode(path)), f"fsync directory {path}")
+
+    def truncate(self, fd: int, length: int) -> None:
+        _check(lib.bs_file_truncate(fd, length), "ftruncate")
+
+    def unlink(self, path: str) -> None:
+        _check(lib.bs_file_unlink(os.fsencode(path)), f"unlink {path}")
+
+    def size(self, fd: int) -> int:
+        out = ffi.new("uint64_t *")
+        _check(lib.bs_file_size(fd, out), "fstat")
+        return int(out[0])
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        buf = ffi.new("uint8_t[]", length)
+        got = ffi.new("size_t *")
+        _check(lib.bs_file_pread(fd, buf, length, offset, got), "pread")
+        return bytes(ffi.buffer(buf, got[0]))
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        _check(lib.bs_file_pwrite(fd, ffi.from_buffer(data), len(data), offset), "pwrite")
+
+    def drop_cache(self, fd: int) -> None:
+        _check(lib.bs_fadvise_dontneed(fd), "posix_fadvise")
+
+    # ---- hot paths ----
+    def append(self, fd: int, offset: int, records: Sequence[AppendRecord], sync: bool) -> tuple[list[Placement], int]:
+        n = len(records)
+        items = ffi.new("bs_append_item[]", n)
+        keep = []
+        have_all = all(r.payload_xxh3 is not None for r in records)
+        for i, r in enumerate(records):
+            it = items[i]
+            it.kind = r.kind
+            it.ns = r.ns
+            k = ffi.from_buffer(r.key)
+            it.key = k
+            it.key_len = len(r.key)
+            m = ffi.from_buffer(r.meta)
+            it.meta = m
+            it.meta_len = len(r.meta)
+            p = ffi.from_buffer(r.payload)
+            it.payload = p
+            it.payload_len = len(p)
+            it.seq = r.seq
+            if have_all:
+                it.payload_xxh3 = r.payload_xxh3
+            keep.append((k, m, p))
+        end = ffi.new("uint64_t *")
+        flags = (lib.BS_APPEND_HAVE_CHECKSUMS if have_all else 0) | (lib.BS_APPEND_SYNC if sync else 0)
+        _check(lib.bs_append(fd, offset, items, n, flags, end), "append records")
+        placements = [
+            Placement(items[i].offset, items[i].payload_off, items[i].record_len, items[i].payload_xxh3, items[i].flags)
+            for i in range(n)
+        ]
+        return placements, int(end[0])
+
+    def read_many(self, fd: int, reqs: Sequence[ReadRequest], max_gap: int, verify: bool) -> list[int]:
+        """Fill each request's dst; returns per-request status codes (0 ok, else a BS_E* code).
+        Requests must be sorted by offset."""
+        n = len(reqs)
+        items = ffi.new("bs_read_item[]", n)
+        keep = []
+        for i, r in enumerate(reqs):
+            d = ffi.from_buffer(r.dst, require_writable=True)
+            keep.append(d)
+            it = items[i]
+            it.offset = r.offset
+            it.len = r.length
+            it.dst = d
+            it.expect_xxh3 = r.expect_xxh3
+        _check(lib.bs_read_many(fd, items, n, max_gap, lib.BS_READ_VERIFY if verify else 0), "read records")
+        return [items[i].status for i in range(n)]
+
+    def scan(self, fd: int, start: int, end: int, verify_payload: bool) -> ScanResult:
+        entries = ffi.new("bs_scan_entry[]", _SCAN_CAP)
+        arena = ffi.new("uint8_t[]", _SCAN_ARENA)
+        n_out = ffi.new("size_t *")
+        next_out = ffi.new("uint64_t *")
+        stop_out = ffi.new("int *")
+        flags = lib.BS_SCAN_VERIFY_PAYLOAD if verify_payload else 0
+        records: list[ScannedRecord] = []
+        off = start
+        while True:
+            _check(
+                lib.bs_scan_block(fd, off, end, flags, entries, _SCAN_CAP, arena, _SCAN_ARENA, n_out, next_out, stop_out),
+                "scan block",
+            )
+            for i in range(n_out[0]):
+                e = entries[i]
+                info = _info(e.info)
+                km = bytes(ffi.buffer(arena + e.arena_off, info.key_len + info.meta_len))
+                ok = None if e.payload_status == 1 else e.payload_status == 0
+                records.append(ScannedRecord(e.offset, info, km[: info.key_len], km[info.key_len :], ok))
+            off = int(next_out[0])
+            if stop_out[0] != lib.BS_SCAN_MORE:
+                return ScanResult(records, ScanStop(stop_out[0]), off)
+
+
+class FaultInjector:
+    """Test-only control of the C core's fault-injecting file layer (native/fault_io.c)."""
+
+    WRITE = 1
+    READ = 2
+    SYNC = 4
+    OPEN = 8
+    OTHER = 16
+    ALL = 31
+
+    def install(self) -> None:
+        lib.bs_fault_install()
+
+    def uninstall(self) -> None:
+        lib.bs_fault_uninstall()
+
+    def arm(self, op_mask: int, nth: int, err: int, persistent: bool = False) -> None:
+        lib.bs_fault_arm(op_mask, nth, err, int(persistent))
+
+    def op_count(self) -> int:
+        return int(lib.bs_fault_op_count())
+
+    def crash(self, torn_seed: int = 0) -> None:
+        _check(lib.bs_fault_crash(torn_seed), "simulated crash")

@@ -1,0 +1,173 @@
+/* Batched appends and coalesced batched reads: the hot paths, one C call per batch. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "blockstore.h"
+#include "internal.h"
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+static const uint8_t zero_page[BS_PAGE];
+
+/* Write every byte the iovec array describes, at off; advances past short writes and EINTR.
+ * The array is modified in place. */
+static int pwritev_all(int fd, struct iovec *iov, size_t cnt, uint64_t off) {
+    size_t i = 0;
+    while (i < cnt) {
+        int batch = (int)((cnt - i) < IOV_MAX ? (cnt - i) : IOV_MAX);
+        ssize_t r = bs_io->pwritev(bs_io->ctx, fd, iov + i, batch, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return bs_os_error(errno);
+        }
+        if (r == 0) return bs_os_error(EIO);
+        off += (uint64_t)r;
+        size_t left = (size_t)r;
+        while (i < cnt && left >= iov[i].iov_len) {
+            left -= iov[i].iov_len;
+            i++;
+        }
+        if (left) {
+            iov[i].iov_base = (uint8_t *)iov[i].iov_base + left;
+            iov[i].iov_len -= left;
+        }
+    }
+    return BS_OK;
+}
+
+int bs_append(int fd, uint64_t offset, bs_append_item *items, size_t n, int flags, uint64_t *end_out) {
+    if (n == 0) {
+        *end_out = offset;
+        return BS_OK;
+    }
+    if (offset % 8) return BS_EINVAL;
+    uint64_t pos = offset, arena_len = 0;
+    for (size_t i = 0; i < n; i++) {
+        bs_append_item *it = &items[i];
+        if (it->kind < BS_KIND_KV || it->kind > BS_KIND_TOMBSTONE) return BS_EINVAL;
+        if (it->payload_len >= BS_PAGE) it->flags |= BS_REC_ALIGNED;
+        int rc = bs_record_layout(pos, it->key_len, it->meta_len, it->payload_len, it->flags,
+                                  &it->payload_off, &it->record_len);
+        if (rc) return rc;
+        it->offset = pos;
+        pos += it->record_len;
+        arena_len += it->payload_off;
+    }
+    uint8_t *arena = malloc(arena_len);
+    struct iovec *iov = malloc(sizeof(struct iovec) * 3 * n);
+    if (!arena || !iov) {
+        free(arena);
+        free(iov);
+        return BS_ENOMEM;
+    }
+    size_t cnt = 0;
+    uint8_t *a = arena;
+    int rc = BS_OK;
+    for (size_t i = 0; i < n && rc == BS_OK; i++) {
+        bs_append_item *it = &items[i];
+        if (!(flags & BS_APPEND_HAVE_CHECKSUMS))
+            it->payload_xxh3 = XXH3_64bits(it->payload, (size_t)it->payload_len);
+        bs_record_info info = {it->kind, it->flags, it->key_len, it->meta_len, it->payload_off,
+                               it->ns, it->payload_len, it->record_len, it->seq, it->payload_xxh3};
+        rc = bs_record_encode(&info, it->key, it->meta, a, it->payload_off);
+        iov[cnt++] = (struct iovec){a, it->payload_off};
+        a += it->payload_off;
+        if (it->payload_len) iov[cnt++] = (struct iovec){(void *)it->payload, (size_t)it->payload_len};
+        size_t pad = (size_t)(it->record_len - it->payload_off - it->payload_len);
+        if (pad) iov[cnt++] = (struct iovec){(void *)zero_page, pad};
+    }
+    if (rc == BS_OK) rc = pwritev_all(fd, iov, cnt, offset);
+    if (rc == BS_OK && (flags & BS_APPEND_SYNC)) rc = bs_file_sync(fd);
+    free(arena);
+    free(iov);
+    if (rc == BS_OK) *end_out = pos;
+    return rc;
+}
+
+/* Read one run of items [first, last] with as few preadv calls as possible; gaps go to scratch. */
+static void read_run(int fd, bs_read_item *items, size_t first, size_t last, uint8_t *scratch,
+                     struct iovec *iov) {
+    size_t cnt = 0;
+    uint64_t start = items[first].offset;
+    for (size_t i = first; i <= last; i++) {
+        if (i > first) {
+            uint64_t prev_end = items[i - 1].offset + items[i - 1].len;
+            if (items[i].offset > prev_end)
+                iov[cnt++] = (struct iovec){scratch, (size_t)(items[i].offset - prev_end)};
+        }
+        if (items[i].len) iov[cnt++] = (struct iovec){items[i].dst, (size_t)items[i].len};
+    }
+    uint64_t end = items[last].offset + items[last].len;
+    uint64_t off = start;
+    size_t k = 0;
+    int status = BS_OK;
+    while (k < cnt) {
+        int batch = (int)((cnt - k) < IOV_MAX ? (cnt - k) : IOV_MAX);
+        ssize_t r = bs_io->preadv(bs_io->ctx, fd, iov + k, batch, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            status = bs_os_error(errno);
+            break;
+        }
+        if (r == 0) break; /* end of file: the items past `off` are truncated */
+        off += (uint64_t)r;
+        size_t left = (size_t)r;
+        while (k < cnt && left >= iov[k].iov_len) {
+            left -= iov[k].iov_len;
+            k++;
+        }
+        if (left) {
+            iov[k].iov_base = (uint8_t *)iov[k].iov_base + left;
+            iov[k].iov_len -= left;
+        }
+    }
+    (void)end;
+    for (size_t i = first; i <= last; i++) {
+        if (status != BS_OK)
+            items[i].status = status;
+        else if (items[i].offset + items[i].len > off)
+            items[i].status = BS_ETRUNCATED;
+        else
+            items[i].status = BS_OK;
+    }
+}
+
+int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int flags) {
+    if (n == 0) return BS_OK;
+    for (size_t i = 1; i < n; i++)
+        if (items[i].offset < items[i - 1].offset + items[i - 1].len) return BS_EINVAL;
+    if (max_gap > (64u << 20)) return BS_EINVAL;
+    uint8_t *scratch = max_gap ? malloc((size_t)max_gap) : NULL;
+    /* a run never needs more than 2 iovecs per item, and is cut at IOV_MAX items anyway */
+    size_t run_cap = n < IOV_MAX / 2 ? n : IOV_MAX / 2;
+    struct iovec *iov = malloc(sizeof(struct iovec) * 2 * run_cap);
+    if ((max_gap && !scratch) || !iov) {
+        free(scratch);
+        free(iov);
+        return BS_ENOMEM;
+    }
+    size_t first = 0;
+    while (first < n) {
+        size_t last = first;
+        while (last + 1 < n && last + 1 - first < run_cap &&
+               items[last + 1].offset - (items[last].offset + items[last].len) <= max_gap)
+            last++;
+        read_run(fd, items, first, last, scratch, iov);
+        first = last + 1;
+    }
+    free(scratch);
+    free(iov);
+    if (flags & BS_READ_VERIFY) {
+        for (size_t i = 0; i < n; i++)
+            if (items[i].status == BS_OK &&
+                XXH3_64bits(items[i].dst, (size_t)items[i].len) != items[i].expect_xxh3)
+                items[i].status = BS_ECHECKSUM;
+    }
+    return BS_OK;
+}

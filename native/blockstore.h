@@ -1,0 +1,222 @@
+/* blockstore C core: record encoding, batched appends and reads, block scans.
+ *
+ * Contracts, for every function below unless it says otherwise:
+ *  - Returns BS_OK (0) or a negative BS_E* code; on failure outputs are unspecified.
+ *  - Buffers are (pointer, length) pairs owned by the caller; the core never keeps a pointer after
+ *    returning and never allocates memory that outlives a call.
+ *  - Thread-safe: no global state except the file-operations table, which is set before use.
+ *  - Never crashes on any byte sequence read from disk: every length is checked against the
+ *    buffer it claims to describe (fuzzed in fuzz/).
+ *  - All file I/O goes through bs_io (see bs_fileops), so tests can inject faults.
+ * The on-disk layouts are specified in docs/format.md.
+ */
+#ifndef BLOCKSTORE_H
+#define BLOCKSTORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+/* ---- error codes (mapped one-to-one to Python exceptions in blockstore/native.py) ---- */
+#define BS_OK 0
+#define BS_EINVAL -1     /* InvalidArgument: a caller's argument breaks a documented limit */
+#define BS_EIO -2        /* IOErrorBS: the OS reported an I/O error (errno in bs_last_errno) */
+#define BS_ENOSPC -3     /* NoSpace: ENOSPC or EDQUOT */
+#define BS_ECORRUPT -4   /* CorruptionError: bytes on disk do not parse as the format says */
+#define BS_ECHECKSUM -5  /* ChecksumMismatch: a structure parsed but its checksum disagrees */
+#define BS_EVERSION -6   /* FormatVersionError: written by a newer format version */
+#define BS_ENOMEM -7     /* OutOfMemory */
+#define BS_ENOENT -8     /* NotFound: a file is missing */
+#define BS_ETRUNCATED -9 /* TruncatedError: the file ends inside a structure */
+
+/* errno of the last failing OS call on this thread (0 if the failure was not an OS error). */
+int bs_last_errno(void);
+
+/* ---- format constants (docs/format.md) ---- */
+#define BS_FORMAT_VERSION 1
+#define BS_BLOCK_HEADER_SIZE 4096
+#define BS_RECORD_HEADER_SIZE 64
+#define BS_FOOTER_SIZE 64
+#define BS_PAGE 4096
+#define BS_MAX_KEY 4096
+#define BS_MAX_META 65536
+#define BS_MAX_PAYLOAD 0xFFFFFFFFull
+
+#define BS_KIND_KV 1
+#define BS_KIND_CHUNK 2
+#define BS_KIND_TOMBSTONE 3
+#define BS_REC_ALIGNED 0x0001
+
+typedef struct bs_record_info {
+    uint8_t kind;
+    uint16_t flags;
+    uint32_t key_len;
+    uint32_t meta_len;
+    uint32_t payload_off;
+    uint32_t ns;
+    uint64_t payload_len;
+    uint64_t record_len;
+    uint64_t seq;
+    uint64_t payload_xxh3;
+} bs_record_info;
+
+typedef struct bs_block_header {
+    uint32_t format_version;
+    uint32_t flags;
+    uint64_t block_id;
+    uint64_t store_id;
+    uint64_t created_ns;
+    uint64_t partition_hash;
+} bs_block_header;
+
+typedef struct bs_footer {
+    uint32_t format_version;
+    uint32_t flags;
+    uint64_t block_id;
+    uint64_t data_end;
+    uint64_t record_count;
+    uint64_t min_seq;
+    uint64_t max_seq;
+} bs_footer;
+
+/* ---- checksums (xxh3_64 from the system libxxhash) ---- */
+uint64_t bs_xxh3(const uint8_t *buf, size_t len);
+/* n independent checksums; blocking (call with the GIL released). */
+void bs_xxh3_many(size_t n, const uint8_t *const *bufs, const uint64_t *lens, uint64_t *out);
+
+/* ---- record header ---- */
+/* Decode and verify the header in buf[0..64) plus key and meta, which must follow it in buf
+ * (len >= 64 + key_len + meta_len, else BS_ETRUNCATED). Checks magic, version, kind, flags,
+ * limits and the header checksum. Does not read the payload. */
+int bs_record_decode(const uint8_t *buf, size_t len, bs_record_info *out);
+/* Layout of a record that would start at file offset `start`: fills payload_off and record_len. */
+int bs_record_layout(uint64_t start, uint32_t key_len, uint32_t meta_len, uint64_t payload_len,
+                     uint16_t flags, uint32_t *payload_off, uint64_t *record_len);
+/* Encode header+key+meta+zero padding (payload_off bytes) into out; out_len >= info->payload_off.
+ * info->payload_off/record_len must come from bs_record_layout. */
+int bs_record_encode(const bs_record_info *info, const uint8_t *key, const uint8_t *meta,
+                     uint8_t *out, size_t out_len);
+
+/* ---- block header and footer ---- */
+int bs_block_header_encode(const bs_block_header *h, uint8_t *out, size_t out_len); /* out_len >= 64 */
+int bs_block_header_decode(const uint8_t *buf, size_t len, bs_block_header *out);
+int bs_footer_encode(const bs_footer *f, uint8_t *out, size_t out_len);               /* out_len >= 64 */
+int bs_footer_decode(const uint8_t *buf, size_t len, bs_footer *out);
+
+/* ---- file operations seam ---- */
+typedef struct bs_fileops {
+    int (*open)(void *ctx, const char *path, int flags, int mode);
+    ssize_t (*pwritev)(void *ctx, int fd, const struct iovec *iov, int iovcnt, off_t off);
+    ssize_t (*preadv)(void *ctx, int fd, const struct iovec *iov, int iovcnt, off_t off);
+    int (*fdatasync)(void *ctx, int fd);
+    int (*fsync)(void *ctx, int fd);
+    int (*ftruncate)(void *ctx, int fd, off_t len);
+    int (*close)(void *ctx, int fd);
+    int (*unlink)(void *ctx, const char *path);
+    off_t (*size)(void *ctx, int fd);
+    void *ctx;
+} bs_fileops;
+
+/* Replace the table (NULL restores the OS one). Not thread-safe: call while no I/O runs. */
+void bs_io_set(const bs_fileops *ops);
+
+/* File primitives, each one call through the table; blocking. */
+int bs_file_open(const char *path, int create, int *fd_out);   /* O_RDWR|O_CLOEXEC (+O_CREAT) */
+int bs_file_open_ro(const char *path, int *fd_out);
+int bs_file_close(int fd);
+int bs_file_sync(int fd);                                       /* fdatasync */
+int bs_dir_sync(const char *path);                              /* fsync of a directory */
+int bs_file_truncate(int fd, uint64_t len);
+int bs_file_unlink(const char *path);
+int bs_file_size(int fd, uint64_t *size_out);
+int bs_file_pread(int fd, uint8_t *buf, size_t len, uint64_t off, size_t *got);
+int bs_file_pwrite(int fd, const uint8_t *buf, size_t len, uint64_t off);
+int bs_fadvise_dontneed(int fd);
+
+/* ---- batched append ---- */
+typedef struct bs_append_item {
+    /* in */
+    uint8_t kind;
+    uint16_t flags; /* BS_REC_ALIGNED may be forced; the core sets it for payloads >= 4096 */
+    uint32_t ns;
+    const uint8_t *key;
+    uint32_t key_len;
+    const uint8_t *meta;
+    uint32_t meta_len;
+    const uint8_t *payload;
+    uint64_t payload_len;
+    uint64_t seq;
+    uint64_t payload_xxh3; /* in if BS_APPEND_HAVE_CHECKSUMS, else out */
+    /* out */
+    uint64_t offset;      /* record start */
+    uint32_t payload_off;
+    uint64_t record_len;
+} bs_append_item;
+
+#define BS_APPEND_HAVE_CHECKSUMS 1
+#define BS_APPEND_SYNC 2
+
+/* Append n records at `offset` (the block's current tail) with as few pwritev calls as IOV_MAX
+ * allows, then fdatasync if BS_APPEND_SYNC. On success *end_out is the new tail. On failure nothing
+ * past `offset` may be trusted (the caller truncates back). Blocking. */
+int bs_append(int fd, uint64_t offset, bs_append_item *items, size_t n, int flags, uint64_t *end_out);
+
+/* ---- batched read ---- */
+typedef struct bs_read_item {
+    uint64_t offset;       /* file offset of the payload */
+    uint64_t len;
+    uint8_t *dst;          /* caller-owned, >= len bytes */
+    uint64_t expect_xxh3;
+    int32_t status;        /* out: BS_OK, BS_ECHECKSUM, BS_ETRUNCATED, BS_EIO, ... */
+} bs_read_item;
+
+#define BS_READ_VERIFY 1
+
+/* Read n payloads from one file. Items must be sorted by offset and must not overlap. Runs of items
+ * whose gaps are <= max_gap bytes are read with one preadv (gaps land in scratch memory). Per-item
+ * status; returns BS_OK unless the whole call failed (allocation, invalid arguments). Blocking. */
+int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int flags);
+
+/* ---- block scan (recovery, fsck) ---- */
+typedef struct bs_scan_entry {
+    uint64_t offset;       /* record start */
+    bs_record_info info;
+    uint64_t arena_off;    /* key then meta, copied into the caller's arena */
+    int32_t payload_status;/* BS_OK, BS_ECHECKSUM, or 1 if not verified */
+} bs_scan_entry;
+
+#define BS_SCAN_VERIFY_PAYLOAD 1
+
+#define BS_SCAN_END 0       /* reached `end` (or a footer at exactly that point) */
+#define BS_SCAN_MORE 1      /* out of room in entries or arena: call again from *next_out */
+#define BS_SCAN_INVALID 2   /* stopped at an invalid or torn record at *next_out */
+
+/* Scan records from `start` up to `end` (exclusive; use the file size or a footer's data_end).
+ * Fills up to cap entries, copying key+meta into arena. *stop_out tells why it stopped;
+ * *next_out is the offset to resume from (or of the invalid record). Blocking. */
+int bs_scan_block(int fd, uint64_t start, uint64_t end, int flags, bs_scan_entry *entries,
+                  size_t cap, uint8_t *arena, size_t arena_len, size_t *n_out, uint64_t *next_out,
+                  int *stop_out);
+
+/* ---- fault-injecting file operations (tests; see native/fault_io.c) ---- */
+#define BS_FAULT_OP_WRITE 1
+#define BS_FAULT_OP_READ 2
+#define BS_FAULT_OP_SYNC 4
+#define BS_FAULT_OP_OPEN 8
+#define BS_FAULT_OP_OTHER 16
+
+/* Install the fault layer over the OS table and reset its state (counters, tracked files). */
+void bs_fault_install(void);
+/* Put the OS table back (the fault layer keeps its bookkeeping until the next install). */
+void bs_fault_uninstall(void);
+/* Fail the nth (1-based, counted from now) operation whose kind is in op_mask with errno err;
+ * persistent != 0 keeps failing every later matching op. nth == 0 disarms. */
+void bs_fault_arm(int op_mask, uint64_t nth, int err, int persistent);
+uint64_t bs_fault_op_count(void);
+/* Simulated power loss: every tracked file loses the bytes written since its last sync.
+ * torn_seed != 0 keeps a random 512-byte-granular prefix of the unsynced bytes instead (a torn
+ * write); files created since the last sync of their directory vanish when torn_seed == 0. */
+int bs_fault_crash(uint64_t torn_seed);
+
+#endif
