@@ -1,1 +1,49 @@
-"""blockstore"""
+"""blockstore: a log-structured block store for LLM KV-cache and agent-memory records.
+
+    import blockstore
+    with blockstore.open("/data/kv", durability="sync") as store:
+        store.put(b"key", payload)
+        [view] = store.get_many([b"key"])
+
+See README.md for the overview and docs/format.md for the on-disk format.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from blockstore.chunks import Chunk
+from blockstore.errors import (
+    BlockstoreError,
+    ChecksumMismatch,
+    CorruptionError,
+    FormatVersionError,
+    InvalidArgument,
+    IOErrorBS,
+    NoSpace,
+    NotFound,
+    OutOfMemory,
+    ReadOnlyStore,
+    StoreClosed,
+    StoreLocked,
+    TruncatedError,
+)
+from blockstore.store import DEFAULT_BLOCK_SIZE, Store, StoreStats
+
+__version__ = "0.1.0"
+
+
+def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - mirrors builtins.open on purpose
+    """Open (by default, create) a store. Keyword arguments are those of `Store`:
+    create=True, read_only=False, durability="cache"|"sync", block_size=64 MiB,
+    max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, on_corrupt="raise"|"miss",
+    backend="native"|"python"."""
+    return Store(path, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE", "BlockstoreError", "ChecksumMismatch", "Chunk", "CorruptionError",
+    "FormatVersionError", "IOErrorBS", "InvalidArgument", "NoSpace", "NotFound", "OutOfMemory",
+    "ReadOnlyStore", "Store", "StoreClosed", "StoreLocked", "StoreStats", "TruncatedError", "open",
+]

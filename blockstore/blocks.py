@@ -1,0 +1,193 @@
+"""Block files: creation, sealing, descriptors for readers, and deletion that waits for readers.
+
+A block is deleted only when nothing in it is live (the store decides) *and* no reader holds it
+(this module decides): `pinned()` marks blocks in use for the length of a batched read, and a
+deletion requested meanwhile happens when the last pin is released (invariant 4).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from blockstore.backend import Backend
+from blockstore.directory import BlockEntry
+from blockstore.errors import NotFound
+from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer
+
+BLOCKS_DIR = "blocks"
+
+
+def block_file_name(block_id: int) -> str:
+    return f"{block_id:016x}.blk"
+
+
+@dataclass(slots=True)
+class OpenBlock:
+    """A block being appended to, owned by the writer."""
+
+    entry: BlockEntry
+    fd: int
+    tail: int
+    min_seq: int = 0
+    max_seq: int = 0
+    dirty: bool = False  # written since the last fdatasync
+    broken: bool = False  # an append failed: no more appends, sealed at `tail` on close
+    records: int = field(default=0)
+
+
+class BlockFiles:
+    def __init__(self, root: str, backend: Backend, store_id: int, *, sync: bool, max_read_fds: int = 256) -> None:
+        self.dir = os.path.join(root, BLOCKS_DIR)
+        self.backend = backend
+        self.store_id = store_id
+        self.sync = sync
+        self._lock = threading.Lock()
+        self._read_fds: OrderedDict[int, int] = OrderedDict()
+        self._max_read_fds = max_read_fds
+        self._pins: dict[int, int] = {}
+        self._doomed: set[int] = set()
+
+    def path(self, block_id: int) -> str:
+        return os.path.join(self.dir, block_file_name(block_id))
+
+    def list_files(self) -> dict[int, str]:
+        out = {}
+        for name in os.listdir(self.dir):
+            if name.endswith(".blk") and len(name) == 20:
+                try:
+                    out[int(name[:16], 16)] = os.path.join(self.dir, name)
+                except ValueError:
+                    continue
+        return out
+
+    # ---- writer side ----
+    def create(self, block_id: int, partition_hash: int) -> int:
+        """Create the file with its header; durable before any record can point into it."""
+        fd = self.backend.open(self.path(block_id), True)
+        try:
+            header = self.backend.encode_block_header(
+                BlockHeader(block_id, self.store_id, time.time_ns(), partition_hash)
+            )
+            self.backend.pwrite(fd, header + bytes(BLOCK_HEADER_SIZE - len(header)), 0)
+            if self.sync:
+                self.backend.sync(fd)
+                self.backend.dir_sync(self.dir)
+        except BaseException:
+            self.backend.close(fd)
+            try:
+                self.backend.unlink(self.path(block_id))
+            except Exception:
+                pass
+            raise
+        return fd
+
+    def seal(self, block: OpenBlock) -> None:
+        """Truncate to the last good record, write the footer, and make it durable."""
+        b = self.backend
+        b.truncate(block.fd, block.tail)
+        footer = Footer(block.entry.block_id, block.tail, block.records, block.min_seq, block.max_seq)
+        b.pwrite(block.fd, b.encode_footer(footer), block.tail)
+        if self.sync:
+            b.sync(block.fd)
+
+    def read_footer(self, fd: int) -> Footer | None:
+        """The footer if the file is a validly sealed block, else None."""
+        size = self.backend.size(fd)
+        if size < BLOCK_HEADER_SIZE + 64:
+            return None
+        try:
+            f = self.backend.decode_footer(self.backend.pread(fd, 64, size - 64))
+        except Exception:
+            return None
+        return f if f.data_end == size - 64 else None
+
+    # ---- reader side ----
+    @contextmanager
+    def pinned(self, block_ids: Iterable[int]) -> Iterator[None]:
+        ids = list(set(block_ids))
+        with self._lock:
+            for bid in ids:
+                self._pins[bid] = self._pins.get(bid, 0) + 1
+        try:
+            yield
+        finally:
+            doomed = []
+            with self._lock:
+                for bid in ids:
+                    n = self._pins[bid] - 1
+                    if n:
+                        self._pins[bid] = n
+                    else:
+                        del self._pins[bid]
+                        if bid in self._doomed:
+                            doomed.append(bid)
+            for bid in doomed:
+                self._unlink(bid)
+
+    def read_fd(self, block_id: int) -> int:
+        """A cached read-only descriptor. Call only while the block is pinned."""
+        with self._lock:
+            fd = self._read_fds.get(block_id)
+            if fd is not None:
+                self._read_fds.move_to_end(block_id)
+                return fd
+        try:
+            fd = self.backend.open_ro(self.path(block_id))
+        except NotFound:
+            raise NotFound(f"block file {block_file_name(block_id)} is missing") from None
+        evict = []
+        with self._lock:
+            if block_id in self._read_fds:  # another thread won the race
+                evict.append(fd)
+                fd = self._read_fds[block_id]
+            else:
+                self._read_fds[block_id] = fd
+                while len(self._read_fds) > self._max_read_fds:
+                    old, ofd = next(iter(self._read_fds.items()))
+                    if old in self._pins:
+                        self._read_fds.move_to_end(old)
+                        if all(b in self._pins for b in self._read_fds):
+                            break
+                        continue
+                    del self._read_fds[old]
+                    evict.append(ofd)
+        for e in evict:
+            self.backend.close(e)
+        return fd
+
+    def delete(self, block_id: int) -> None:
+        """Delete now, or when the last reader releases it."""
+        with self._lock:
+            if block_id in self._pins:
+                self._doomed.add(block_id)
+                return
+        self._unlink(block_id)
+
+    def _unlink(self, block_id: int) -> None:
+        with self._lock:
+            self._doomed.discard(block_id)
+            fd = self._read_fds.pop(block_id, None)
+        if fd is not None:
+            self.backend.close(fd)
+        try:
+            self.backend.unlink(self.path(block_id))
+        except NotFound:
+            pass
+        if self.sync:
+            self.backend.dir_sync(self.dir)
+
+    def close(self) -> None:
+        with self._lock:
+            fds = list(self._read_fds.values())
+            self._read_fds.clear()
+        for fd in fds:
+            try:
+                self.backend.close(fd)
+            except Exception:
+                pass

@@ -1,0 +1,137 @@
+"""Chunk records: a piece of an agent's memory (text + metadata), keyed by (user, session, chunk id).
+
+Stored as records of kind `chunk` in their own key space of the namespace (so they never collide
+with KV keys), placed in the (namespace, user, session) partition so one session's chunks share
+blocks, and indexed by (user, session, timestamp, chunk id) for listing in temporal order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blockstore.directory import SPACE_CHUNK, key_suffix, session_prefix
+from blockstore.errors import CorruptionError, InvalidArgument
+from blockstore.records import Kind
+
+if TYPE_CHECKING:
+    from blockstore.store import Store
+
+MAX_ID = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    user_id: str
+    session_id: str
+    chunk_id: str
+    text: str
+    ts_ns: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    kv_keys: tuple[bytes, ...] = ()
+
+
+def _id(name: str, value: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
+    raw = value.encode()
+    if not 1 <= len(raw) <= MAX_ID:
+        raise InvalidArgument(f"{name} must be 1..{MAX_ID} UTF-8 bytes, got {len(raw)}")
+    return raw
+
+
+def encode_chunk_key(user: bytes, session: bytes, chunk_id: bytes) -> bytes:
+    return len(user).to_bytes(2, "big") + user + len(session).to_bytes(2, "big") + session + chunk_id
+
+
+def decode_chunk_key(key: bytes) -> tuple[bytes, bytes, bytes]:
+    try:
+        ul = int.from_bytes(key[0:2], "big")
+        user = key[2 : 2 + ul]
+        sl = int.from_bytes(key[2 + ul : 4 + ul], "big")
+        session = key[4 + ul : 4 + ul + sl]
+        cid = key[4 + ul + sl :]
+    except IndexError as exc:
+        raise CorruptionError(f"malformed chunk key {key!r}") from exc
+    if len(user) != ul or len(session) != sl or not cid:
+        raise CorruptionError(f"malformed chunk key {key!r}")
+    return user, session, cid
+
+
+def _decode(meta: bytes, text: bytes) -> Chunk:
+    try:
+        m = json.loads(meta)
+        return Chunk(m["user"], m["session"], m["chunk"], bytes(text).decode(), int(m["ts_ns"]),
+                     m.get("meta") or {}, tuple(bytes.fromhex(k) for k in m.get("kv_keys", ())))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptionError(f"chunk record metadata unreadable: {exc}") from exc
+
+
+class ChunkAPI:
+    """Mixed into Store."""
+
+    def put_chunk(self: Store, user_id: str, session_id: str, chunk_id: str, text: str, *,
+                  meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
+                  ts_ns: int | None = None, ns: str = "default") -> None:
+        """Write (or update: the old record becomes dead) one chunk record."""
+        from blockstore.store import _check_meta, _check_ns, _Mutation
+
+        self._check_open(write=True)
+        _check_ns(ns)
+        u, s, c = _id("user_id", user_id), _id("session_id", session_id), _id("chunk_id", chunk_id)
+        if not isinstance(text, str):
+            raise InvalidArgument(f"text must be a str, not {type(text).__name__}")
+        ts = time.time_ns() if ts_ns is None else int(ts_ns)
+        if not 0 <= ts < 1 << 64:
+            raise InvalidArgument("ts_ns must fit in an unsigned 64-bit integer")
+        try:
+            body = json.dumps({"user": user_id, "session": session_id, "chunk": chunk_id, "ts_ns": ts,
+                               "meta": dict(meta or {}), "kv_keys": [bytes(k).hex() for k in kv_keys]},
+                              separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
+        partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
+        m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.CHUNK, partition,
+                      _check_meta(body), text.encode(), chunk_index=(u, s, ts, c))
+        self._submit([m])
+
+    def get_chunk(self: Store, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:
+        got = self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)
+        return got[0]
+
+    def get_chunks(self: Store, ids: Sequence[tuple[str, str, str]], *, ns: str = "default") -> list[Chunk | None]:
+        """Batched read of chunk records (one request)."""
+        self._check_open()
+        nid = self._ns_id(ns)
+        if nid is None:
+            return [None] * len(ids)
+        keys = [encode_chunk_key(_id("user_id", u), _id("session_id", s), _id("chunk_id", c)) for u, s, c in ids]
+        locs = self.dir.get_locations([key_suffix(nid, SPACE_CHUNK, k) for k in keys])
+        texts = self._read(nid, SPACE_CHUNK, keys, None)
+        return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, locs)]
+
+    def list_chunks(self: Store, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:
+        """A session's chunks in temporal order (timestamp, then chunk id)."""
+        self._check_open()
+        nid = self._ns_id(ns)
+        if nid is None:
+            return []
+        u, s = _id("user_id", user_id), _id("session_id", session_id)
+        prefix = session_prefix(nid, u, s)
+        ids = [(user_id, session_id, k[len(prefix) + 8 :].decode()) for k, _ in self.dir.scan_prefix(prefix)]
+        return [c for c in self.get_chunks(ids, ns=ns) if c is not None]
+
+    def delete_chunk(self: Store, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> bool:
+        """Delete a chunk record (tombstone). Returns whether it existed."""
+        from blockstore.store import _check_ns, _Mutation
+
+        self._check_open(write=True)
+        _check_ns(ns)
+        u, s, c = _id("user_id", user_id), _id("session_id", session_id), _id("chunk_id", chunk_id)
+        partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
+        m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.TOMBSTONE, partition)
+        self._submit([m])
+        return bool(m.result)

@@ -1,0 +1,270 @@
+"""The directory: RocksDB (through rocksdict, raw mode) mapping keys to places (docs/format.md §5).
+
+This module owns every directory key and value encoding. Changes are staged in a `DirectoryBatch`
+and written atomically, so a location and the block-table counters it affects never disagree.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+
+from blockstore.errors import IOErrorBS
+
+TAG_META = b"M"
+TAG_NS = b"N"
+TAG_NS_ID = b"I"
+TAG_KEY = b"K"
+TAG_BLOCK = b"B"
+TAG_REVERSE = b"R"
+TAG_SESSION = b"S"
+
+SPACE_KV = 1
+SPACE_CHUNK = 2
+
+BLOCK_OPEN = 1
+BLOCK_SEALED = 2
+BLOCK_RECLAIMING = 3
+
+_LOC = struct.Struct("<BBHIQQQQQQ")  # 56 bytes, then meta
+_BLOCK = struct.Struct("<BBHIQQQQQQQQQQ")  # 88 bytes, then partition
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a live record is, plus what a read needs without touching the header."""
+
+    kind: int
+    flags: int
+    payload_off: int
+    block_id: int
+    offset: int
+    record_len: int
+    payload_len: int
+    seq: int
+    payload_xxh3: int
+    meta: bytes
+
+    def encode(self) -> bytes:
+        return _LOC.pack(1, self.kind, self.flags, self.payload_off, self.block_id, self.offset,
+                         self.record_len, self.payload_len, self.seq, self.payload_xxh3) + self.meta
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Location:
+        (_v, kind, flags, poff, bid, off, rlen, plen, seq, cks) = _LOC.unpack_from(raw)
+        return cls(kind, flags, poff, bid, off, rlen, plen, seq, cks, bytes(raw[_LOC.size :]))
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + self.payload_off
+
+    def same_place(self, other: Location) -> bool:
+        return (self.block_id, self.offset, self.seq) == (other.block_id, other.offset, other.seq)
+
+
+@dataclass(slots=True)
+class BlockEntry:
+    """One row of the block table. Mutated only on copies that are then written in a batch."""
+
+    block_id: int
+    state: int
+    partition: bytes
+    written_bytes: int = 0
+    live_bytes: int = 0
+    live_records: int = 0
+    total_records: int = 0
+    tombstones: int = 0
+    data_end: int = 4096
+    created_ns: int = 0
+    last_append_ns: int = 0
+    sealed_ns: int = 0
+    live_logical_bytes: int = 0
+
+    def encode(self) -> bytes:
+        return _BLOCK.pack(
+            1, self.state, 0, len(self.partition), self.written_bytes, self.live_bytes, self.live_records,
+            self.total_records, self.tombstones, self.data_end, self.created_ns, self.last_append_ns,
+            self.sealed_ns, self.live_logical_bytes,
+        ) + self.partition
+
+    @classmethod
+    def decode(cls, block_id: int, raw: bytes) -> BlockEntry:
+        f = _BLOCK.unpack_from(raw)
+        plen = f[3]
+        return cls(block_id, f[1], bytes(raw[_BLOCK.size : _BLOCK.size + plen]), *f[4:])
+
+    def copy(self) -> BlockEntry:
+        return BlockEntry(**{k: getattr(self, k) for k in self.__slots__})  # type: ignore[attr-defined]
+
+    @property
+    def dead_bytes(self) -> int:
+        return self.written_bytes - self.live_bytes
+
+    @property
+    def invalid_ratio(self) -> float:
+        return self.dead_bytes / self.written_bytes if self.written_bytes else 0.0
+
+
+# ---- key encodings ----
+
+def key_suffix(ns_id: int, space: int, key: bytes) -> bytes:
+    return ns_id.to_bytes(4, "big") + bytes((space,)) + key
+
+
+def location_key(suffix: bytes) -> bytes:
+    return TAG_KEY + suffix
+
+
+def reverse_key(block_id: int, offset: int) -> bytes:
+    return TAG_REVERSE + block_id.to_bytes(8, "big") + offset.to_bytes(8, "big")
+
+
+def block_key(block_id: int) -> bytes:
+    return TAG_BLOCK + block_id.to_bytes(8, "big")
+
+
+def session_prefix(ns_id: int, user: bytes, session: bytes) -> bytes:
+    return (TAG_SESSION + ns_id.to_bytes(4, "big") + len(user).to_bytes(2, "big") + user
+            + len(session).to_bytes(2, "big") + session)
+
+
+def session_key(ns_id: int, user: bytes, session: bytes, ts_ns: int, chunk_id: bytes) -> bytes:
+    return session_prefix(ns_id, user, session) + ts_ns.to_bytes(8, "big") + chunk_id
+
+
+class DirectoryBatch:
+    """Changes to be written atomically. Collects puts/deletes; `Directory.write` applies them."""
+
+    def __init__(self) -> None:
+        self._wb = WriteBatch(raw_mode=True)
+        self.empty = True
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._wb.put(key, value)
+        self.empty = False
+
+    def delete(self, key: bytes) -> None:
+        self._wb.delete(key)
+        self.empty = False
+
+    def put_meta(self, name: str, value: int) -> None:
+        self.put(TAG_META + name.encode(), _U64.pack(value))
+
+    def put_location(self, suffix: bytes, loc: Location) -> None:
+        self.put(location_key(suffix), loc.encode())
+        self.put(reverse_key(loc.block_id, loc.offset), suffix)
+
+    def delete_location(self, suffix: bytes, old: Location | None) -> None:
+        self.delete(location_key(suffix))
+        if old is not None:
+            self.delete(reverse_key(old.block_id, old.offset))
+
+    def forget_reverse(self, loc: Location) -> None:
+        self.delete(reverse_key(loc.block_id, loc.offset))
+
+    def put_block(self, entry: BlockEntry) -> None:
+        self.put(block_key(entry.block_id), entry.encode())
+
+    def delete_block(self, block_id: int) -> None:
+        self.delete(block_key(block_id))
+
+
+class Directory:
+    """The RocksDB instance. Thread-safe for reads; writes are serialized by the store."""
+
+    def __init__(self, path: str, *, read_only: bool, sync: bool, create: bool) -> None:
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(create and not read_only)
+        self.read_only = read_only
+        try:
+            if read_only:
+                self._db = Rdict(path, opts, access_type=AccessType.read_only())
+            else:
+                self._db = Rdict(path, opts)
+        except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
+            raise IOErrorBS(5, f"cannot open directory {path!r}: {exc}") from exc
+        self._wo = WriteOptions()
+        self._wo.sync = sync
+        self._wo_sync = WriteOptions()
+        self._wo_sync.sync = True
+
+    # ---- raw ----
+    def get(self, key: bytes) -> bytes | None:
+        return self._db.get(key)
+
+    def multi_get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return self._db.get(list(keys))
+
+    def scan_prefix(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        it = self._db.iter()
+        it.seek(start or prefix)
+        while it.valid():
+            k = it.key()
+            if not k.startswith(prefix):
+                break
+            yield k, it.value()
+            it.next()
+
+    def write(self, batch: DirectoryBatch, *, force_sync: bool = False) -> None:
+        if batch.empty:
+            return
+        try:
+            self._db.write(batch._wb, self._wo_sync if force_sync else self._wo)
+        except Exception as exc:
+            raise IOErrorBS(5, f"directory write failed: {exc}") from exc
+
+    # ---- typed ----
+    def get_meta(self, name: str) -> int | None:
+        raw = self._db.get(TAG_META + name.encode())
+        return None if raw is None else _U64.unpack(raw)[0]
+
+    def get_locations(self, suffixes: Sequence[bytes]) -> list[Location | None]:
+        raws = self.multi_get([location_key(s) for s in suffixes])
+        return [None if r is None else Location.decode(r) for r in raws]
+
+    def load_blocks(self) -> dict[int, BlockEntry]:
+        out = {}
+        for k, v in self.scan_prefix(TAG_BLOCK):
+            bid = int.from_bytes(k[1:9], "big")
+            out[bid] = BlockEntry.decode(bid, v)
+        return out
+
+    def block_records(self, block_id: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, key suffix) of every live record in a block, in offset order."""
+        prefix = TAG_REVERSE + block_id.to_bytes(8, "big")
+        for k, v in self.scan_prefix(prefix):
+            yield int.from_bytes(k[9:17], "big"), v
+
+    def namespaces(self) -> dict[str, int]:
+        return {k[1:].decode(): int.from_bytes(v, "little") for k, v in self.scan_prefix(TAG_NS)}
+
+    def size_on_disk(self, path: str) -> int:
+        import os
+
+        total = 0
+        for root, _dirs, files in os.walk(path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+        return total
+
+    def flush(self) -> None:
+        try:
+            self._db.flush()
+            self._db.flush_wal(True)
+        except Exception as exc:
+            raise IOErrorBS(5, f"directory flush failed: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except Exception:
+            pass

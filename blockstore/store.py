@@ -1,0 +1,899 @@
+"""The Store: the engine's public API over blocks, the directory and the I/O backend.
+
+Write path (docs/format.md §3): callers enqueue mutations; one thread at a time becomes the group
+leader, appends everything queued to the right blocks (one `pwritev` per block, and in `sync` mode
+one fdatasync per block), then writes one directory batch, then wakes every caller of the group.
+So in `sync` mode concurrent writers share fsyncs (group commit), and a put is acknowledged only
+after its bytes and its directory entry are durable.
+
+Read path: one directory multi-get, then per block one C call that coalesces neighbouring records
+into one `preadv` straight into page-aligned (or caller-owned) buffers and verifies each payload's
+xxh3 before it is returned (invariant 1).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import xxhash
+
+from blockstore import hooks
+from blockstore.backend import Backend, get_backend
+from blockstore.chunks import ChunkAPI
+from blockstore.tensors import TensorAPI
+from blockstore.blocks import BLOCKS_DIR, BlockFiles, OpenBlock
+from blockstore.directory import (
+    BLOCK_OPEN,
+    BLOCK_SEALED,
+    SPACE_CHUNK,
+    SPACE_KV,
+    TAG_KEY,
+    TAG_NS,
+    TAG_NS_ID,
+    BlockEntry,
+    Directory,
+    DirectoryBatch,
+    Location,
+    key_suffix,
+    session_key,
+)
+from blockstore.errors import (
+    BlockstoreError,
+    ChecksumMismatch,
+    CorruptionError,
+    FormatVersionError,
+    InvalidArgument,
+    NotFound,
+    ReadOnlyStore,
+    StoreClosed,
+    error_for_code,
+)
+from blockstore.lock import WriterLock
+from blockstore.records import (
+    BLOCK_HEADER_SIZE,
+    FORMAT_VERSION,
+    MAX_KEY,
+    MAX_META,
+    MAX_NAMESPACE,
+    MAX_PAYLOAD,
+    PAGE,
+    AppendRecord,
+    Buffer,
+    Kind,
+    ReadRequest,
+    aligned_flags,
+    record_layout,
+)
+
+Durability = Literal["cache", "sync"]
+OnCorrupt = Literal["raise", "miss"]
+
+MANIFEST = "MANIFEST.json"
+DIRECTORY = "directory"
+DEFAULT_BLOCK_SIZE = 64 << 20
+DEFAULT_NAMESPACE = "default"
+# Checksums of the next group are computed on a helper thread while the current group is written:
+# xxh3 runs at ~23 GB/s and buffered writes at ~5.6 GB/s here, so serially it would cost ~20 %.
+PIPELINE_GROUP_BYTES = 32 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    records: int
+    live_bytes: int
+    live_logical_bytes: int
+    written_bytes: int
+    blocks: int
+    open_blocks: int
+    block_file_bytes: int
+    directory_bytes: int
+    bytes_put: int
+    bytes_appended: int
+    space_amplification: float
+    write_amplification: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class _Mutation:
+    ns: str
+    space: int
+    key: bytes
+    kind: int  # Kind.KV / Kind.CHUNK for puts, Kind.TOMBSTONE for deletes
+    partition: bytes
+    meta: bytes = b""
+    payload: Buffer = b""
+    payload_xxh3: int | None = None
+    chunk_index: tuple[bytes, bytes, int, bytes] | None = None  # user, session, ts_ns, chunk id
+    result: Any = None
+
+
+@dataclass(slots=True)
+class _Group:
+    mutations: list[_Mutation]
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Planned:
+    block: OpenBlock
+    records: list[AppendRecord] = field(default_factory=list)
+    mutations: list[_Mutation] = field(default_factory=list)
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"key must be bytes, not {type(key).__name__}")
+    key = bytes(key)
+    if not 1 <= len(key) <= MAX_KEY:
+        raise InvalidArgument(f"key length {len(key)} outside 1..{MAX_KEY} bytes")
+    return key
+
+
+def _payload_view(value: Buffer) -> memoryview:
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise InvalidArgument(f"value must support the buffer protocol, not {type(value).__name__}") from None
+    if not view.c_contiguous:
+        raise InvalidArgument("value must be C-contiguous")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if len(view) > MAX_PAYLOAD:
+        raise InvalidArgument(f"value of {len(view)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    return view
+
+
+def _check_meta(meta: bytes) -> bytes:
+    if len(meta) > MAX_META:
+        raise InvalidArgument(f"metadata of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
+    return meta
+
+
+def _check_ns(ns: str) -> str:
+    if not isinstance(ns, str) or not 1 <= len(ns.encode()) <= MAX_NAMESPACE:
+        raise InvalidArgument(f"namespace must be a str of 1..{MAX_NAMESPACE} UTF-8 bytes, got {ns!r}")
+    return ns
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """Page-aligned anonymous memory (reads into it run ~2x faster than into a bytearray)."""
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+
+
+class Store(ChunkAPI, TensorAPI):
+    """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
+
+    Thread-safe: any number of threads may read and write concurrently.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        durability: Durability = "cache",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_open_blocks: int = 16,
+        idle_seal_seconds: float = 30.0,
+        read_gap: int = 128 << 10,
+        on_corrupt: OnCorrupt = "raise",
+        backend: str | None = None,
+    ) -> None:
+        if durability not in ("cache", "sync"):
+            raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
+        if not isinstance(block_size, int) or not (1 << 20) <= block_size <= (1 << 40):
+            raise InvalidArgument(f"block_size must be an int between 1 MiB and 1 TiB, got {block_size!r}")
+        if not isinstance(max_open_blocks, int) or max_open_blocks < 1:
+            raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
+        if on_corrupt not in ("raise", "miss"):
+            raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+        if not 0 <= read_gap <= (64 << 20):
+            raise InvalidArgument(f"read_gap must be within 0..64 MiB, got {read_gap!r}")
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        self.durability: Durability = durability
+        self.block_size = block_size
+        self.max_open_blocks = max_open_blocks
+        self.idle_seal_seconds = idle_seal_seconds
+        self.read_gap = read_gap
+        self.on_corrupt: OnCorrupt = on_corrupt
+        self.backend: Backend = get_backend(backend)
+        self._closed = False
+        self._lock = WriterLock(self.path)
+        self._state_lock = threading.Lock()  # guards _blocks, _open, counters
+        self._cv = threading.Condition()
+        self._queue: list[_Group] = []
+        self._leader = False
+        self._open: dict[bytes, OpenBlock] = {}
+        self._retired: list[OpenBlock] = []
+        self._ns_ids: dict[str, int] = {}
+        self._pipeline: ThreadPoolExecutor | None = None
+        self.recovery_report: dict[str, Any] | None = None
+
+        self._open_files(create)
+
+    # ------------------------------------------------------------------ open / close
+
+    def _open_files(self, create: bool) -> None:
+        manifest_path = os.path.join(self.path, MANIFEST)
+        exists = os.path.exists(manifest_path)
+        if not exists:
+            if not create or self.read_only:
+                raise NotFound(f"no store at {self.path!r} (no {MANIFEST}); pass create=True to make one")
+            os.makedirs(os.path.join(self.path, BLOCKS_DIR), exist_ok=True)
+        if not self.read_only:
+            self._lock.acquire(self.path)
+        try:
+            manifest = self._load_manifest(manifest_path) if exists else self._write_manifest(manifest_path)
+            self.store_id = int(manifest["store_id"])
+            self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
+            self.dir = Directory(
+                os.path.join(self.path, DIRECTORY),
+                read_only=self.read_only,
+                sync=self.durability == "sync",
+                create=not exists,
+            )
+            self._load_state(fresh=not exists)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _load_manifest(self, p: str) -> dict[str, Any]:
+        try:
+            with open(p, encoding="utf-8") as f:
+                m = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CorruptionError(f"{p}: unreadable manifest ({exc})") from exc
+        if not isinstance(m, dict) or m.get("magic") != "blockstore" or not isinstance(m.get("store_id"), int):
+            raise CorruptionError(f"{p}: not a blockstore manifest")
+        if m.get("format_version", 0) > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{p}: format version {m.get('format_version')} is newer than this build ({FORMAT_VERSION})"
+            )
+        return m
+
+    def _write_manifest(self, p: str) -> dict[str, Any]:
+        m = {
+            "magic": "blockstore",
+            "format_version": FORMAT_VERSION,
+            "store_id": secrets.randbits(63),
+            "block_size": self.block_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = p + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(m, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        self.backend.dir_sync(self.path)
+        return m
+
+    def _load_state(self, fresh: bool) -> None:
+        d = self.dir
+        if fresh:
+            b = DirectoryBatch()
+            for name in ("next_seq", "next_block", "next_ns"):
+                b.put_meta(name, 1)
+            b.put_meta("format_version", FORMAT_VERSION)
+            b.put_meta("bytes_put", 0)
+            b.put_meta("bytes_written", 0)
+            b.put_meta("clean", 1)
+            d.write(b, force_sync=True)
+        version = d.get_meta("format_version") or 0
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(f"directory format version {version} is newer than this build ({FORMAT_VERSION})")
+        self._ns_ids = d.namespaces()
+        self._blocks: dict[int, BlockEntry] = d.load_blocks()
+        unclean = d.get_meta("clean") != 1
+        left_open = any(e.state == BLOCK_OPEN for e in self._blocks.values())
+        if not self.read_only and (unclean or left_open):
+            from blockstore.recovery import recover
+
+            self.recovery_report = recover(self, full=unclean)
+            self._blocks = d.load_blocks()
+        self._next_seq = d.get_meta("next_seq") or 1
+        self._next_block = d.get_meta("next_block") or 1
+        self._next_ns = d.get_meta("next_ns") or 1
+        self._bytes_put = d.get_meta("bytes_put") or 0
+        self._bytes_written = d.get_meta("bytes_written") or 0
+        if not self.read_only:
+            b = DirectoryBatch()
+            b.put_meta("clean", 0)
+            d.write(b, force_sync=True)
+            self._pipeline = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-cksum")
+
+    def close(self) -> None:
+        """Seal open blocks, make everything durable, mark the store clean. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                with self._cv:
+                    while self._leader:
+                        self._cv.wait()
+                    self._leader = True
+                try:
+                    clean = self._seal_all()
+                    self.dir.flush()
+                    if clean:
+                        b = DirectoryBatch()
+                        b.put_meta("clean", 1)
+                        self.dir.write(b, force_sync=True)
+                finally:
+                    with self._cv:
+                        self._leader = False
+                        self._cv.notify_all()
+        finally:
+            self._closed = True
+            if self._pipeline:
+                self._pipeline.shutdown(wait=True)
+            self.blocks.close()
+            self.dir.close()
+            self._lock.release()
+
+    def _seal_all(self) -> bool:
+        """Seal every open and retired block; True if all of them are sealed and durable."""
+        ok = True
+        batch = DirectoryBatch()
+        for ob in list(self._open.values()) + self._retired:
+            try:
+                self._seal(ob, batch)
+                self.backend.sync(ob.fd)
+                self.backend.close(ob.fd)
+            except BlockstoreError:
+                ok = False
+        self._open.clear()
+        self._retired.clear()
+        self.dir.write(batch, force_sync=True)
+        for bid, e in list(self._blocks.items()):
+            if self._reclaimable(e):
+                self._delete_block(bid)
+        return ok
+
+    def abandon(self) -> None:
+        """Drop the store without sealing or marking it clean, as a crash would (tests only).
+        The directory is closed as kill -9 leaves it: every write it acknowledged is in its WAL."""
+        self._closed = True
+        for ob in list(self._open.values()) + self._retired:
+            try:
+                self.backend.close(ob.fd)
+            except BlockstoreError:
+                pass
+        if self._pipeline:
+            self._pipeline.shutdown(wait=True)
+        self.blocks.close()
+        self.dir.close()
+        self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self, write: bool = False) -> None:
+        if self._closed:
+            raise StoreClosed(f"store {self.path!r} is closed")
+        if write and self.read_only:
+            raise ReadOnlyStore(f"store {self.path!r} was opened read-only")
+
+    # ------------------------------------------------------------------ namespaces
+
+    def namespaces(self) -> list[str]:
+        return sorted(self._ns_ids)
+
+    def _ns_id(self, ns: str) -> int | None:
+        return self._ns_ids.get(_check_ns(ns))
+
+    # ------------------------------------------------------------------ writes
+
+    def put(self, key: bytes, value: Buffer, *, ns: str = DEFAULT_NAMESPACE, meta: bytes = b"",
+            partition: bytes | str | None = None) -> None:
+        """Store `value` under `key` (replacing any previous value: the old record becomes dead)."""
+        self.put_many([(key, value)], ns=ns, metas=[meta] if meta else None, partition=partition)
+
+    def put_many(self, items: Sequence[tuple[bytes, Buffer]], *, ns: str = DEFAULT_NAMESPACE,
+                 metas: Sequence[bytes] | None = None, partition: bytes | str | None = None) -> None:
+        """Store many values. Records of one call are written next to each other (same partition).
+
+        Each record is atomic; the call as a whole is not (a failure part-way leaves a prefix).
+        In `sync` mode every record is durable when this returns.
+        """
+        self._check_open(write=True)
+        _check_ns(ns)
+        part = self._partition(ns, partition)
+        muts = []
+        for i, (key, value) in enumerate(items):
+            meta = _check_meta(bytes(metas[i])) if metas else b""
+            muts.append(_Mutation(ns, SPACE_KV, _check_key(key), Kind.KV, part, meta, _payload_view(value)))
+        self._write_pipelined(muts)
+
+    def delete(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bool:
+        """Delete `key`: writes a tombstone. Returns whether the key existed."""
+        return self.delete_many([key], ns=ns)[0]
+
+    def delete_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
+        self._check_open(write=True)
+        _check_ns(ns)
+        part = self._partition(ns, None)
+        muts = [_Mutation(ns, SPACE_KV, _check_key(k), Kind.TOMBSTONE, part) for k in keys]
+        self._submit(muts)
+        return [bool(m.result) for m in muts]
+
+    def _partition(self, ns: str, partition: bytes | str | None) -> bytes:
+        base = ns.encode()
+        if partition is None:
+            return base
+        p = partition.encode() if isinstance(partition, str) else bytes(partition)
+        if len(p) > 4096:
+            raise InvalidArgument("partition must be at most 4096 bytes")
+        return base + b"\0" + p
+
+    def _write_pipelined(self, muts: list[_Mutation]) -> None:
+        """Submit in groups of ~32 MiB, checksumming group n+1 while group n is written."""
+        groups: list[list[_Mutation]] = [[]]
+        size = 0
+        for m in muts:
+            if size >= PIPELINE_GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(m)
+            size += len(m.payload)  # type: ignore[arg-type]
+        if len(groups) == 1 or self._pipeline is None:
+            self._submit(muts)
+            return
+        fut = self._pipeline.submit(self._checksum, groups[0])
+        for i, g in enumerate(groups):
+            fut.result()
+            if i + 1 < len(groups):
+                fut = self._pipeline.submit(self._checksum, groups[i + 1])
+            self._submit(g)
+
+    def _checksum(self, muts: list[_Mutation]) -> None:
+        sums = self.backend.xxh3_many([m.payload for m in muts])
+        for m, s in zip(muts, sums):
+            m.payload_xxh3 = s
+
+    def _submit(self, muts: list[_Mutation]) -> None:
+        """Group commit: queue, and either lead a group or wait for a leader to apply ours."""
+        group = _Group(muts)
+        with self._cv:
+            self._queue.append(group)
+            while not group.done:
+                if self._leader:
+                    self._cv.wait()
+                    continue
+                self._check_open(write=True)
+                self._leader = True
+                batch, self._queue = self._queue, []
+                self._cv.release()
+                error: BaseException | None = None
+                try:
+                    self._apply([m for g in batch for m in g.mutations])
+                except BaseException as exc:  # delivered to every caller of the group
+                    error = exc
+                finally:
+                    self._cv.acquire()
+                    self._leader = False
+                    for g in batch:
+                        g.done = True
+                        g.error = error
+                    self._cv.notify_all()
+        if group.error is not None:
+            raise group.error
+
+    # ---- the leader's work ----
+
+    def _apply(self, muts: list[_Mutation]) -> None:
+        to_seal: list[OpenBlock] = []
+        try:
+            self._apply_group(muts, to_seal)
+        except BaseException:
+            # blocks taken out of rotation but not sealed: seal them at close (or recovery does)
+            self._retired.extend(ob for ob in to_seal if ob not in self._retired)
+            raise
+
+    def _apply_group(self, muts: list[_Mutation], to_seal: list[OpenBlock]) -> None:
+        hooks.fire("write.begin")
+        batch = DirectoryBatch()
+        ns_ids = self._resolve_namespaces(muts, batch)
+        suffixes = [key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
+        current: dict[bytes, Location | None] = dict(
+            zip(suffixes, self.dir.get_locations(list(dict.fromkeys(suffixes))))
+        )
+        # plan: pick each record's block, rotating full/idle blocks; assign sequence numbers
+        planned: dict[int, _Planned] = {}
+        tails: dict[int, int] = {}
+        to_seal.extend(self._idle_blocks())
+        live_after: dict[bytes, bool] = {s: current[s] is not None for s in current}
+        seq = self._next_seq
+        placed: list[tuple[_Mutation, bytes, OpenBlock, AppendRecord]] = []
+        for m, suffix in zip(muts, suffixes):
+            if m.kind == Kind.TOMBSTONE:
+                m.result = live_after[suffix]
+                if not m.result:
+                    continue  # deleting a missing key writes nothing
+            plen = len(m.payload)  # type: ignore[arg-type]
+            ob = self._block_for(m.partition, len(m.key) + len(m.meta) + plen, tails, to_seal, batch)
+            tail = tails.get(ob.entry.block_id, ob.tail)
+            _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
+            tails[ob.entry.block_id] = tail + rlen
+            rec = AppendRecord(m.kind, ns_ids[m.ns], m.key, m.meta, m.payload, seq, m.payload_xxh3)
+            seq += 1
+            pl = planned.setdefault(ob.entry.block_id, _Planned(ob))
+            pl.records.append(rec)
+            pl.mutations.append(m)
+            placed.append((m, suffix, ob, rec))
+            live_after[suffix] = m.kind != Kind.TOMBSTONE
+        # write: one C call per block; in sync mode it ends with that block's fdatasync
+        placements: dict[int, list] = {}  # type: ignore[type-arg]
+        sync = self.durability == "sync"
+        for bid, pl in planned.items():
+            ob = pl.block
+            try:
+                pls, end = self.backend.append(ob.fd, ob.tail, pl.records, sync)
+            except BlockstoreError:
+                self._retire(ob)
+                raise
+            placements[bid] = pls
+        hooks.fire("write.appended")
+        # directory batch: new locations, old ones dead, block counters, counters
+        entries: dict[int, BlockEntry] = {}
+
+        def entry(bid: int) -> BlockEntry:
+            if bid not in entries:
+                entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._open_entry(bid)
+            return entries[bid]
+
+        now = time.time_ns()
+        bytes_put = bytes_written = 0
+        index: dict[int, int] = {bid: 0 for bid in planned}
+        for m, suffix, ob, rec in placed:
+            bid = ob.entry.block_id
+            p = placements[bid][index[bid]]
+            index[bid] += 1
+            old = current[suffix]
+            e = entry(bid)
+            e.written_bytes += p.record_len
+            e.total_records += 1
+            e.data_end = p.offset + p.record_len
+            e.last_append_ns = now
+            bytes_written += p.record_len
+            if old is not None:
+                oe = entry(old.block_id)
+                oe.live_bytes -= old.record_len
+                oe.live_records -= 1
+                oe.live_logical_bytes -= len(m.key) + old.payload_len
+                batch.forget_reverse(old)
+                if old.kind == Kind.CHUNK:
+                    self._unindex_chunk(batch, ns_ids[m.ns], m.key, old)
+            if m.kind == Kind.TOMBSTONE:
+                e.tombstones += 1
+                batch.delete_location(suffix, None)
+                current[suffix] = None
+            else:
+                plen = len(m.payload)  # type: ignore[arg-type]
+                loc = Location(m.kind, p.flags, p.payload_off, bid, p.offset, p.record_len, plen,
+                               rec.seq, p.payload_xxh3, m.meta)
+                batch.put_location(suffix, loc)
+                current[suffix] = loc
+                e.live_bytes += p.record_len
+                e.live_records += 1
+                e.live_logical_bytes += len(m.key) + plen
+                bytes_put += len(m.key) + plen
+                if m.chunk_index is not None:
+                    user, session, ts, cid = m.chunk_index
+                    batch.put(session_key(ns_ids[m.ns], user, session, ts, cid), b"")
+            ob.min_seq = ob.min_seq or rec.seq
+            ob.max_seq = rec.seq
+            ob.records += 1
+        for bid, pl in planned.items():
+            pl.block.tail = tails[bid]
+            pl.block.entry = entry(bid)
+        # seal what rotated out (footer after its last records, before the batch names them)
+        for ob in to_seal:
+            self._seal(ob, batch, entries)
+            self._open = {k: v for k, v in self._open.items() if v is not ob}
+        for e in entries.values():
+            batch.put_block(e)
+        batch.put_meta("next_seq", seq)
+        batch.put_meta("next_block", self._next_block)
+        batch.put_meta("bytes_put", self._bytes_put + bytes_put)
+        batch.put_meta("bytes_written", self._bytes_written + bytes_written)
+        hooks.fire("write.before_directory")
+        self.dir.write(batch)
+        hooks.fire("write.committed")
+        with self._state_lock:
+            self._next_seq = seq
+            self._bytes_put += bytes_put
+            self._bytes_written += bytes_written
+            self._blocks.update(entries)
+        for ob in to_seal:
+            self._close_fd(ob)
+        to_seal.clear()
+        for bid, e in entries.items():
+            if self._reclaimable(e):
+                self._delete_block(bid)
+
+    def _resolve_namespaces(self, muts: list[_Mutation], batch: DirectoryBatch) -> dict[str, int]:
+        out = {}
+        for m in muts:
+            if m.ns in out:
+                continue
+            nid = self._ns_ids.get(m.ns)
+            if nid is None:
+                nid = self._next_ns
+                self._next_ns += 1
+                batch.put(TAG_NS + m.ns.encode(), nid.to_bytes(4, "little"))
+                batch.put(TAG_NS_ID + nid.to_bytes(4, "big"), m.ns.encode())
+                batch.put_meta("next_ns", self._next_ns)
+                self._ns_ids[m.ns] = nid  # harmless if the batch fails: the id is never reused
+            out[m.ns] = nid
+        return out
+
+    def _open_entry(self, bid: int) -> BlockEntry:
+        for ob in self._open.values():
+            if ob.entry.block_id == bid:
+                return ob.entry.copy()
+        raise CorruptionError(f"internal: block {bid} is neither known nor open")
+
+    def _block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
+                   batch: DirectoryBatch) -> OpenBlock:
+        ob = self._open.get(partition)
+        if ob is not None:
+            tail = tails.get(ob.entry.block_id, ob.tail)
+            if tail > BLOCK_HEADER_SIZE and tail + need + 2 * PAGE > self.block_size:
+                to_seal.append(ob)
+                del self._open[partition]
+                ob = None
+        if ob is None:
+            if len(self._open) >= self.max_open_blocks:
+                lru = min(self._open.items(), key=lambda kv: kv[1].entry.last_append_ns)
+                to_seal.append(lru[1])
+                del self._open[lru[0]]
+            ob = self._new_block(partition, batch)
+            self._open[partition] = ob
+        return ob
+
+    def _new_block(self, partition: bytes, batch: DirectoryBatch) -> OpenBlock:
+        bid = self._next_block
+        self._next_block += 1
+        fd = self.blocks.create(bid, xxhash.xxh3_64_intdigest(partition))
+        now = time.time_ns()
+        e = BlockEntry(bid, BLOCK_OPEN, partition, created_ns=now, last_append_ns=now)
+        batch.put_block(e)
+        return OpenBlock(e, fd, BLOCK_HEADER_SIZE)
+
+    def _idle_blocks(self) -> list[OpenBlock]:
+        if self.idle_seal_seconds <= 0:
+            return []
+        cutoff = time.time_ns() - int(self.idle_seal_seconds * 1e9)
+        idle = [(p, ob) for p, ob in self._open.items() if ob.entry.last_append_ns < cutoff]
+        for p, _ob in idle:
+            del self._open[p]
+        return [ob for _p, ob in idle]
+
+    def _seal(self, ob: OpenBlock, batch: DirectoryBatch, entries: dict[int, BlockEntry] | None = None) -> None:
+        self.blocks.seal(ob)
+        e = (entries or {}).get(ob.entry.block_id) or self._blocks.get(ob.entry.block_id) or ob.entry
+        e = e.copy()
+        e.state = BLOCK_SEALED
+        e.sealed_ns = time.time_ns()
+        e.data_end = ob.tail
+        if entries is not None:
+            entries[e.block_id] = e
+        else:
+            batch.put_block(e)
+            self._blocks[e.block_id] = e
+
+    def _close_fd(self, ob: OpenBlock) -> None:
+        try:
+            self.backend.close(ob.fd)
+        except BlockstoreError:
+            pass
+
+    def _retire(self, ob: OpenBlock) -> None:
+        """An append to this block failed: stop using it; it is sealed at its last good tail on close
+        (and, if we crash first, recovery truncates it there)."""
+        ob.broken = True
+        self._open = {k: v for k, v in self._open.items() if v is not ob}
+        self._retired.append(ob)
+
+    def _reclaimable(self, e: BlockEntry) -> bool:
+        return e.state == BLOCK_SEALED and e.live_records == 0 and e.tombstones == 0
+
+    def _delete_block(self, bid: int) -> None:
+        """Directory first (a crash then leaves an orphan file that recovery removes), file second."""
+        hooks.fire("block.delete", bid)
+        b = DirectoryBatch()
+        b.delete_block(bid)
+        self.dir.write(b)
+        with self._state_lock:
+            self._blocks.pop(bid, None)
+        self.blocks.delete(bid)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bytes | None:
+        """The value stored under `key`, or None."""
+        got = self.get_many([key], ns=ns)[0]
+        return None if got is None else bytes(got)
+
+    def get_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE,
+                 out: Sequence[Buffer] | None = None) -> list[Any]:
+        """Batched read: one request. Without `out`, returns a page-aligned memoryview per key (None
+        for a miss). With `out` (one writable buffer per key, large enough), fills them without a copy
+        and returns each payload's length (None for a miss)."""
+        self._check_open()
+        nid = self._ns_id(ns)
+        keys = [_check_key(k) for k in keys]
+        if nid is None:
+            return [None] * len(keys)
+        return self._read(nid, SPACE_KV, keys, out)
+
+    def contains_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
+        self._check_open()
+        nid = self._ns_id(ns)
+        keys = [_check_key(k) for k in keys]
+        if nid is None:
+            return [False] * len(keys)
+        return [loc is not None for loc in self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])]
+
+    def locate_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[Location | None]:
+        """Where each key's live record is (for tools, compaction and benchmarks)."""
+        self._check_open()
+        nid = self._ns_id(ns)
+        if nid is None:
+            return [None] * len(keys)
+        return self.dir.get_locations([key_suffix(nid, SPACE_KV, _check_key(k)) for k in keys])
+
+    def iter_keys(self, *, ns: str = DEFAULT_NAMESPACE, prefix: bytes = b"") -> Iterator[bytes]:
+        """KV keys of one namespace, in byte order (chunk records are listed by `list_chunks`)."""
+        self._check_open()
+        nid = self._ns_id(ns)
+        if nid is None:
+            return
+        p = TAG_KEY + key_suffix(nid, SPACE_KV, b"")
+        cut = len(p)
+        for k, _v in self.dir.scan_prefix(p + prefix):
+            yield k[cut:]
+
+    def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
+              _retry: bool = True) -> list[Any]:
+        suffixes = [key_suffix(nid, space, k) for k in keys]
+        locs = self.dir.get_locations(suffixes)
+        hooks.fire("read.located")
+        results: list[Any] = [None] * len(keys)
+        if out is not None and len(out) != len(keys):
+            raise InvalidArgument(f"out has {len(out)} buffers for {len(keys)} keys")
+        dsts: list[memoryview | None] = [None] * len(keys)
+        if out is None:
+            total = sum(-(-loc.payload_len // PAGE) * PAGE for loc in locs if loc is not None)
+            arena = aligned_buffer(total)
+            pos = 0
+            for i, loc in enumerate(locs):
+                if loc is not None:
+                    dsts[i] = arena[pos : pos + loc.payload_len]
+                    pos += -(-loc.payload_len // PAGE) * PAGE
+        else:
+            for i, loc in enumerate(locs):
+                if loc is not None:
+                    view = memoryview(out[i])
+                    if view.readonly or not view.c_contiguous:
+                        raise InvalidArgument(f"out[{i}] must be a writable C-contiguous buffer")
+                    view = view.cast("B")
+                    if len(view) < loc.payload_len:
+                        raise InvalidArgument(
+                            f"out[{i}] has {len(view)} bytes; the record for key {keys[i]!r} has {loc.payload_len}"
+                        )
+                    dsts[i] = view[: loc.payload_len]
+        by_block: dict[int, list[int]] = {}
+        for i, loc in enumerate(locs):
+            if loc is not None:
+                by_block.setdefault(loc.block_id, []).append(i)
+        vanished: list[int] = []
+        with self.blocks.pinned(by_block):
+            for bid, idxs in by_block.items():
+                idxs.sort(key=lambda i: locs[i].offset)  # type: ignore[union-attr]
+                try:
+                    fd = self.blocks.read_fd(bid)
+                except NotFound:
+                    vanished.extend(idxs)  # deleted after our lookup: look again
+                    continue
+                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i],  # type: ignore[union-attr,arg-type]
+                                    locs[i].payload_xxh3) for i in idxs]  # type: ignore[union-attr]
+                statuses = self.backend.read_many(fd, reqs, self.read_gap, True)
+                for i, st in zip(idxs, statuses):
+                    if st == 0:
+                        results[i] = dsts[i] if out is None else locs[i].payload_len  # type: ignore[union-attr]
+                    elif self.on_corrupt == "raise":
+                        err = error_for_code(st, f"read of key {keys[i]!r} in block {bid:016x}")
+                        if isinstance(err, ChecksumMismatch):
+                            err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
+                        raise err
+        if vanished and _retry:
+            again = self._read(nid, space, [keys[i] for i in vanished],
+                               None if out is None else [out[i] for i in vanished], _retry=False)
+            for i, r in zip(vanished, again):
+                results[i] = r
+        return results
+
+    # ------------------------------------------------------------------ chunk records
+
+    def _unindex_chunk(self, batch: DirectoryBatch, nid: int, key: bytes, old: Location) -> None:
+        from blockstore.chunks import decode_chunk_key
+
+        user, session, cid = decode_chunk_key(key)
+        try:
+            ts = int(json.loads(old.meta)["ts_ns"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptionError(f"chunk record meta unreadable: {exc}") from exc
+        batch.delete(session_key(nid, user, session, ts, cid))
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> StoreStats:
+        self._check_open()
+        with self._state_lock:
+            blocks = list(self._blocks.values())
+            open_ids = {ob.entry.block_id for ob in self._open.values()}
+            bytes_put, bytes_written = self._bytes_put, self._bytes_written
+        files = self.blocks.list_files()
+        file_bytes = 0
+        for p in files.values():
+            try:
+                file_bytes += os.path.getsize(p)
+            except OSError:
+                pass
+        dir_bytes = self.dir.size_on_disk(os.path.join(self.path, DIRECTORY))
+        live_logical = sum(e.live_logical_bytes for e in blocks)
+        return StoreStats(
+            records=sum(e.live_records for e in blocks),
+            live_bytes=sum(e.live_bytes for e in blocks),
+            live_logical_bytes=live_logical,
+            written_bytes=sum(e.written_bytes for e in blocks),
+            blocks=len(files),
+            open_blocks=len(open_ids),
+            block_file_bytes=file_bytes,
+            directory_bytes=dir_bytes,
+            bytes_put=bytes_put,
+            bytes_appended=bytes_written,
+            space_amplification=(file_bytes + dir_bytes) / live_logical if live_logical else 0.0,
+            write_amplification=bytes_written / bytes_put if bytes_put else 0.0,
+        )
+
+    def block_table(self) -> list[BlockEntry]:
+        """A snapshot of the block table (for tools and compaction)."""
+        with self._state_lock:
+            return [e.copy() for e in sorted(self._blocks.values(), key=lambda e: e.block_id)]
+
+    def drop_page_cache(self) -> None:
+        """Evict this store's block files from the OS page cache (cold-read benchmarks)."""
+        for p in self.blocks.list_files().values():
+            try:
+                fd = self.backend.open_ro(p)
+            except NotFound:
+                continue
+            try:
+                self.backend.drop_cache(fd)
+            finally:
+                self.backend.close(fd)
+
+
+def open_store(path: str | os.PathLike[str], **kwargs: Any) -> Store:
+    return Store(path, **kwargs)
+
