@@ -48,6 +48,9 @@ class OutOfMemory(BlockstoreError, MemoryError):
 class NotFound(BlockstoreError, KeyError):
     """A required file or record is missing (a plain miss on get is None, not this)."""
 
+    def __str__(self) -> str:  # KeyError would print the message as a repr
+        return str(self.args[0]) if self.args else ""
+
 
 class StoreLocked(BlockstoreError):
     """Another process holds the store's writer lock."""

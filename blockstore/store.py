@@ -512,9 +512,8 @@ class Store(ChunkAPI, TensorAPI):
         batch = DirectoryBatch()
         ns_ids = self._resolve_namespaces(muts, batch)
         suffixes = [key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
-        current: dict[bytes, Location | None] = dict(
-            zip(suffixes, self.dir.get_locations(list(dict.fromkeys(suffixes))))
-        )
+        unique = list(dict.fromkeys(suffixes))
+        current: dict[bytes, Location | None] = dict(zip(unique, self.dir.get_locations(unique)))
         # plan: pick each record's block, rotating full/idle blocks; assign sequence numbers
         planned: dict[int, _Planned] = {}
         tails: dict[int, int] = {}
@@ -556,7 +555,7 @@ class Store(ChunkAPI, TensorAPI):
 
         def entry(bid: int) -> BlockEntry:
             if bid not in entries:
-                entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._open_entry(bid)
+                entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._open_entry(bid, to_seal)
             return entries[bid]
 
         now = time.time_ns()
@@ -645,8 +644,9 @@ class Store(ChunkAPI, TensorAPI):
             out[m.ns] = nid
         return out
 
-    def _open_entry(self, bid: int) -> BlockEntry:
-        for ob in self._open.values():
+    def _open_entry(self, bid: int, rotating: list[OpenBlock]) -> BlockEntry:
+        """The entry of a block created in this session whose entry is not committed yet."""
+        for ob in [*self._open.values(), *rotating, *self._retired]:
             if ob.entry.block_id == bid:
                 return ob.entry.copy()
         raise CorruptionError(f"internal: block {bid} is neither known nor open")
