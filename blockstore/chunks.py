@@ -18,7 +18,7 @@ from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.records import Kind
 
 if TYPE_CHECKING:
-    from blockstore.store import Store
+    from blockstore.protocols import StoreCore
 
 MAX_ID = 1024
 
@@ -73,7 +73,7 @@ def _decode(meta: bytes, text: bytes) -> Chunk:
 class ChunkAPI:
     """Mixed into Store."""
 
-    def put_chunk(self: Store, user_id: str, session_id: str, chunk_id: str, text: str, *,
+    def put_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, text: str, *,
                   meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
                   ts_ns: int | None = None, ns: str = "default") -> None:
         """Write (or update: the old record becomes dead) one chunk record."""
@@ -98,11 +98,11 @@ class ChunkAPI:
                       _check_meta(body), text.encode(), chunk_index=(u, s, ts, c))
         self._submit([m])
 
-    def get_chunk(self: Store, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:
+    def get_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:
         got = self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)
         return got[0]
 
-    def get_chunks(self: Store, ids: Sequence[tuple[str, str, str]], *, ns: str = "default") -> list[Chunk | None]:
+    def get_chunks(self: StoreCore, ids: Sequence[tuple[str, str, str]], *, ns: str = "default") -> list[Chunk | None]:
         """Batched read of chunk records (one request)."""
         self._check_open()
         nid = self._ns_id(ns)
@@ -113,7 +113,7 @@ class ChunkAPI:
         texts = self._read(nid, SPACE_CHUNK, keys, None)
         return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, locs)]
 
-    def list_chunks(self: Store, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:
+    def list_chunks(self: StoreCore, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:
         """A session's chunks in temporal order (timestamp, then chunk id)."""
         self._check_open()
         nid = self._ns_id(ns)
@@ -124,7 +124,7 @@ class ChunkAPI:
         ids = [(user_id, session_id, k[len(prefix) + 8 :].decode()) for k, _ in self.dir.scan_prefix(prefix)]
         return [c for c in self.get_chunks(ids, ns=ns) if c is not None]
 
-    def delete_chunk(self: Store, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> bool:
+    def delete_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> bool:
         """Delete a chunk record (tombstone). Returns whether it existed."""
         from blockstore.store import _check_ns, _Mutation
 

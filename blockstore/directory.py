@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
 
@@ -199,7 +200,7 @@ class Directory:
     def multi_get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
-        return self._db.get(list(keys))
+        return cast("list[bytes | None]", self._db.get(list(keys)))
 
     def scan_prefix(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         it = self._db.iter()

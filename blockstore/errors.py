@@ -92,6 +92,7 @@ def error_for_code(code: int, what: str, os_errno: int = 0) -> BlockstoreError:
     detail = f"{what}: {cls.__name__}"
     if os_errno:
         detail += f" ({_errno.errorcode.get(os_errno, os_errno)}: {_os_strerror(os_errno)})"
+    err: BlockstoreError
     if issubclass(cls, OSError):
         err = cls(os_errno or _errno.EIO, detail)
     else:

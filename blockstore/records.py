@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 # A payload or destination: anything exposing the buffer protocol (bytes, bytearray, memoryview,
 # numpy arrays, mmap). Destinations must be writable and C-contiguous.
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 FORMAT_VERSION = 1
 BLOCK_HEADER_SIZE = 4096

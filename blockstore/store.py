@@ -28,13 +28,11 @@ import xxhash
 
 from blockstore import hooks
 from blockstore.backend import Backend, get_backend
-from blockstore.chunks import ChunkAPI
-from blockstore.tensors import TensorAPI
 from blockstore.blocks import BLOCKS_DIR, BlockFiles, OpenBlock
+from blockstore.chunks import ChunkAPI
 from blockstore.directory import (
     BLOCK_OPEN,
     BLOCK_SEALED,
-    SPACE_CHUNK,
     SPACE_KV,
     TAG_KEY,
     TAG_NS,
@@ -73,6 +71,7 @@ from blockstore.records import (
     aligned_flags,
     record_layout,
 )
+from blockstore.tensors import TensorAPI
 
 Durability = Literal["cache", "sync"]
 OnCorrupt = Literal["raise", "miss"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from blockstore.errors import CorruptionError, InvalidArgument
 
 if TYPE_CHECKING:
-    from blockstore.store import Store
+    from blockstore.protocols import StoreCore
 
 
 def _is_torch(x: Any) -> bool:
@@ -31,7 +31,7 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
         c = t.detach().contiguous()
         raw = c.reshape(-1).view(torch.uint8).numpy()
         meta = {"lib": "torch", "dtype": str(c.dtype).removeprefix("torch."), "shape": list(c.shape)}
-        return memoryview(raw), json.dumps(meta, separators=(",", ":")).encode()
+        return raw.data, json.dumps(meta, separators=(",", ":")).encode()
     try:
         import numpy as np
     except ImportError as exc:  # pragma: no cover - numpy is in every extra that uses tensors
@@ -40,7 +40,7 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
         raise InvalidArgument(f"expected a numpy array or torch tensor, got {type(t).__name__}")
     a = np.ascontiguousarray(t)
     meta = {"lib": "numpy", "dtype": a.dtype.str, "shape": list(a.shape)}
-    return memoryview(a.reshape(-1).view(np.uint8)), json.dumps(meta, separators=(",", ":")).encode()
+    return a.reshape(-1).view(np.uint8).data, json.dumps(meta, separators=(",", ":")).encode()
 
 
 def _parse_meta(meta: bytes) -> dict[str, Any]:
@@ -69,12 +69,12 @@ def _writable_bytes(t: Any) -> memoryview:
 
         if t.device.type != "cpu" or not t.is_contiguous():
             raise InvalidArgument("out tensor must be a contiguous CPU tensor")
-        return memoryview(t.view(-1).view(torch.uint8).numpy())
+        return t.view(-1).view(torch.uint8).numpy().data
     import numpy as np
 
     if not isinstance(t, np.ndarray) or not t.flags.c_contiguous or not t.flags.writeable:
         raise InvalidArgument("out must be a writable C-contiguous numpy array or torch tensor")
-    return memoryview(t.reshape(-1).view(np.uint8))
+    return t.reshape(-1).view(np.uint8).data
 
 
 def _describe(t: Any) -> tuple[str, list[int]]:
@@ -86,11 +86,11 @@ def _describe(t: Any) -> tuple[str, list[int]]:
 class TensorAPI:
     """Mixed into Store."""
 
-    def put_tensor(self: Store, key: bytes, tensor: Any, *, ns: str = "default",
+    def put_tensor(self: StoreCore, key: bytes, tensor: Any, *, ns: str = "default",
                    partition: bytes | str | None = None) -> None:
         self.put_tensors([(key, tensor)], ns=ns, partition=partition)
 
-    def put_tensors(self: Store, items: Sequence[tuple[bytes, Any]], *, ns: str = "default",
+    def put_tensors(self: StoreCore, items: Sequence[tuple[bytes, Any]], *, ns: str = "default",
                     partition: bytes | str | None = None) -> None:
         """Store tensors next to each other (one partition, one batch)."""
         pairs, metas = [], []
@@ -100,10 +100,10 @@ class TensorAPI:
             metas.append(meta)
         self.put_many(pairs, ns=ns, metas=metas, partition=partition)
 
-    def get_tensor(self: Store, key: bytes, *, ns: str = "default", out: Any = None) -> Any:
+    def get_tensor(self: StoreCore, key: bytes, *, ns: str = "default", out: Any = None) -> Any:
         return self.get_tensors([key], ns=ns, out=None if out is None else [out])[0]
 
-    def get_tensors(self: Store, keys: Sequence[bytes], *, ns: str = "default",
+    def get_tensors(self: StoreCore, keys: Sequence[bytes], *, ns: str = "default",
                     out: Sequence[Any] | None = None) -> list[Any]:
         """Read tensors (one request). With `out`, reads straight into the given tensors, which must
         match the stored dtype and shape; otherwise allocates them. None for a miss."""

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+from pathlib import Path
 
 import blockstore
 from blockstore import hooks
@@ -43,7 +44,7 @@ def main() -> None:
     versions: dict[int, int] = {}
     with open(journal, "a", buffering=1) as j, blockstore.open(path, durability=durability, block_size=1 << 20) as s:
         # resume version numbers from the journal so values stay unique across cycles
-        for line in open(journal):
+        for line in Path(journal).read_text().splitlines():
             parts = line.split()
             if len(parts) == 4 and parts[1] == "put":
                 versions[int(parts[2])] = max(versions.get(int(parts[2]), 0), int(parts[3]))

@@ -25,7 +25,7 @@ import pytest
 import blockstore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from crash_writer import KEYS, value_for  # noqa: E402
+from crash_writer import KEYS, value_for
 
 WRITER = str(Path(__file__).parent / "crash_writer.py")
 HOOKS = ["write.begin", "write.appended", "write.before_directory", "write.committed", "block.delete"]
