@@ -5,7 +5,7 @@
 #   HYPOTHESIS_PROFILE=dev bash scripts/test.sh  # fewer examples
 source "$(dirname "$0")/setup-env.sh"
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
-echo "== ruff" && ruff check blockstore compaction connector tests bench
+echo "== ruff" && ruff check .
 echo "== mypy" && mypy
 echo "== pytest (hypothesis profile: $HYPOTHESIS_PROFILE)"
 set +e
