@@ -115,6 +115,9 @@ class _Mutation:
     payload: Buffer = b""
     payload_xxh3: int | None = None
     chunk_index: tuple[bytes, bytes, int, bytes] | None = None  # user, session, ts_ns, chunk id
+    # a move (relocation): the directory suffix and the place it must still name (compare-and-swap)
+    suffix: bytes | None = None
+    expected: Location | None = None
     result: Any = None
 
 
@@ -510,7 +513,7 @@ class Store(ChunkAPI, TensorAPI):
         hooks.fire("write.begin")
         batch = DirectoryBatch()
         ns_ids = self._resolve_namespaces(muts, batch)
-        suffixes = [key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
+        suffixes = [m.suffix or key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
         unique = list(dict.fromkeys(suffixes))
         current: dict[bytes, Location | None] = dict(zip(unique, self.dir.get_locations(unique)))
         # plan: pick each record's block, rotating full/idle blocks; assign sequence numbers
@@ -520,18 +523,32 @@ class Store(ChunkAPI, TensorAPI):
         live_after: dict[bytes, bool] = {s: current[s] is not None for s in current}
         seq = self._next_seq
         placed: list[tuple[_Mutation, bytes, OpenBlock, AppendRecord]] = []
+        touched: set[bytes] = set()  # keys a put or delete of this group changed
         for m, suffix in zip(muts, suffixes):
             if m.kind == Kind.TOMBSTONE:
                 m.result = live_after[suffix]
                 if not m.result:
                     continue  # deleting a missing key writes nothing
+            if m.expected is not None:
+                # compare-and-swap: move only if the directory still names the old place (invariant 3;
+                # Badger issue 2310 resurrected deleted keys by skipping this check)
+                cur = current[suffix]
+                m.result = suffix not in touched and cur is not None and cur.same_place(m.expected)
+                if not m.result:
+                    continue
+            else:
+                touched.add(suffix)
             plen = len(m.payload)  # type: ignore[arg-type]
             ob = self._block_for(m.partition, len(m.key) + len(m.meta) + plen, tails, to_seal, batch)
             tail = tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
             tails[ob.entry.block_id] = tail + rlen
-            rec = AppendRecord(m.kind, ns_ids[m.ns], m.key, m.meta, m.payload, seq, m.payload_xxh3)
-            seq += 1
+            nid = int.from_bytes(suffix[:4], "big")
+            if m.expected is not None:  # a relocated copy keeps its sequence number: same record, new place
+                rec = AppendRecord(m.kind, nid, m.key, m.meta, m.payload, m.expected.seq, m.payload_xxh3)
+            else:
+                rec = AppendRecord(m.kind, nid, m.key, m.meta, m.payload, seq, m.payload_xxh3)
+                seq += 1
             pl = planned.setdefault(ob.entry.block_id, _Planned(ob))
             pl.records.append(rec)
             pl.mutations.append(m)
@@ -577,8 +594,8 @@ class Store(ChunkAPI, TensorAPI):
                 oe.live_records -= 1
                 oe.live_logical_bytes -= len(m.key) + old.payload_len
                 batch.forget_reverse(old)
-                if old.kind == Kind.CHUNK:
-                    self._unindex_chunk(batch, ns_ids[m.ns], m.key, old)
+                if old.kind == Kind.CHUNK and m.expected is None:
+                    self._unindex_chunk(batch, int.from_bytes(suffix[:4], "big"), m.key, old)
             if m.kind == Kind.TOMBSTONE:
                 e.tombstones += 1
                 batch.delete_location(suffix, None)
@@ -592,12 +609,13 @@ class Store(ChunkAPI, TensorAPI):
                 e.live_bytes += p.record_len
                 e.live_records += 1
                 e.live_logical_bytes += len(m.key) + plen
-                bytes_put += len(m.key) + plen
+                if m.expected is None:
+                    bytes_put += len(m.key) + plen
                 if m.chunk_index is not None:
                     user, session, ts, cid = m.chunk_index
-                    batch.put(session_key(ns_ids[m.ns], user, session, ts, cid), b"")
-            ob.min_seq = ob.min_seq or rec.seq
-            ob.max_seq = rec.seq
+                    batch.put(session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid), b"")
+            ob.min_seq = min(ob.min_seq or rec.seq, rec.seq)
+            ob.max_seq = max(ob.max_seq, rec.seq)
             ob.records += 1
         for bid, pl in planned.items():
             pl.block.tail = tails[bid]
@@ -630,7 +648,7 @@ class Store(ChunkAPI, TensorAPI):
     def _resolve_namespaces(self, muts: list[_Mutation], batch: DirectoryBatch) -> dict[str, int]:
         out = {}
         for m in muts:
-            if m.ns in out:
+            if m.ns in out or m.suffix is not None:
                 continue
             nid = self._ns_ids.get(m.ns)
             if nid is None:
@@ -724,6 +742,47 @@ class Store(ChunkAPI, TensorAPI):
         with self._state_lock:
             self._blocks.pop(bid, None)
         self.blocks.delete(bid)
+
+    # ------------------------------------------------------------------ relocation primitive
+
+    def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes) -> list[bool]:
+        """Copy records to the open block of `partition` and re-point each key only if the directory
+        still names its old place, in the same atomic batch that updates both blocks' counters.
+
+        `moves` are (directory key suffix, the location read, its verified payload), as
+        `Directory.block_records` and `read_locations` give them. Returns, per move, whether it
+        happened (False: the key was overwritten or deleted meanwhile, and stays so). This is the
+        compare-and-swap compaction is built on (docs/format.md §5.2)."""
+        self._check_open(write=True)
+        muts = []
+        for suffix, loc, payload in moves:
+            if len(suffix) < 6:
+                raise InvalidArgument("relocate_many: malformed key suffix")
+            muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
+                                  _payload_view(payload), loc.payload_xxh3, suffix=suffix, expected=loc))
+        self._submit(muts)
+        return [bool(m.result) for m in muts]
+
+    def read_locations(self, locs: Sequence[Location]) -> list[memoryview]:
+        """Read and verify the payloads at these places (raises on corruption whatever on_corrupt says:
+        a relocation must never copy bad bytes)."""
+        self._check_open()
+        out: list[memoryview] = []
+        by_block: dict[int, list[int]] = {}
+        for i, loc in enumerate(locs):
+            by_block.setdefault(loc.block_id, []).append(i)
+        dsts = [aligned_buffer(loc.payload_len) for loc in locs]
+        with self.blocks.pinned(by_block):
+            for bid, idxs in by_block.items():
+                idxs.sort(key=lambda i: locs[i].offset)
+                fd = self.blocks.read_fd(bid)
+                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i], locs[i].payload_xxh3)
+                        for i in idxs]
+                for i, st in zip(idxs, self.backend.read_many(fd, reqs, self.read_gap, True)):
+                    if st != 0:
+                        raise error_for_code(st, f"read of block {bid:016x} offset {locs[i].offset}")
+        out.extend(dsts)
+        return out
 
     # ------------------------------------------------------------------ reads
 
