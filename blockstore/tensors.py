@@ -78,9 +78,19 @@ def _writable_bytes(t: Any) -> memoryview:
 
 
 def _describe(t: Any) -> tuple[str, list[int]]:
+    """(dtype name both libraries agree on, shape): a numpy float16 array may receive a record
+    written from a torch float16 tensor and vice versa."""
     if _is_torch(t):
         return str(t.dtype).removeprefix("torch."), list(t.shape)
-    return t.dtype.str, list(t.shape)
+    return t.dtype.name, list(t.shape)
+
+
+def _canonical_dtype(m: dict[str, Any]) -> str:
+    if m["lib"] == "torch":
+        return str(m["dtype"])
+    import numpy as np
+
+    return np.dtype(m["dtype"]).name
 
 
 class TensorAPI:
@@ -116,10 +126,7 @@ class TensorAPI:
             m = _parse_meta(loc.meta)
             if out is not None:
                 got = _describe(out[i])
-                if got != (m["dtype"], m["shape"]) and not (
-                    m["lib"] != ("torch" if _is_torch(out[i]) else "numpy")
-                    and got[1] == m["shape"]
-                ):
+                if got != (_canonical_dtype(m), m["shape"]):
                     raise InvalidArgument(
                         f"out[{i}] is {got[0]}{got[1]}; key {keys[i]!r} holds {m['dtype']}{m['shape']}"
                     )
