@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
@@ -41,13 +42,45 @@ static int pwritev_all(int fd, struct iovec *iov, size_t cnt, uint64_t off) {
     return BS_OK;
 }
 
+/* Checksums are computed on a helper thread one group ahead of the writes: xxh3 runs at ~23 GB/s
+ * and buffered writes at ~5.6 GB/s here, so done serially hashing would cost ~20 % of a put.
+ * Below PIPELINE_MIN bytes a thread is not worth its start-up (~20 us). */
+#define PIPELINE_MIN (4u << 20)
+#define GROUP_BYTES (4u << 20)
+
+typedef struct hasher {
+    bs_append_item *items;
+    size_t n;
+    size_t done; /* items[0..done) have payload_xxh3; guarded by mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} hasher;
+
+static void *hash_items(void *arg) {
+    hasher *h = arg;
+    for (size_t i = 0; i < h->n; i++) {
+        h->items[i].payload_xxh3 = XXH3_64bits(h->items[i].payload, (size_t)h->items[i].payload_len);
+        pthread_mutex_lock(&h->mu);
+        h->done = i + 1;
+        pthread_cond_signal(&h->cv);
+        pthread_mutex_unlock(&h->mu);
+    }
+    return NULL;
+}
+
+static void wait_hashed(hasher *h, size_t upto) {
+    pthread_mutex_lock(&h->mu);
+    while (h->done < upto) pthread_cond_wait(&h->cv, &h->mu);
+    pthread_mutex_unlock(&h->mu);
+}
+
 int bs_append(int fd, uint64_t offset, bs_append_item *items, size_t n, int flags, uint64_t *end_out) {
     if (n == 0) {
         *end_out = offset;
         return BS_OK;
     }
     if (offset % 8) return BS_EINVAL;
-    uint64_t pos = offset, arena_len = 0;
+    uint64_t pos = offset, arena_len = 0, payload_total = 0;
     for (size_t i = 0; i < n; i++) {
         bs_append_item *it = &items[i];
         if (it->kind < BS_KIND_KV || it->kind > BS_KIND_TOMBSTONE) return BS_EINVAL;
@@ -58,6 +91,7 @@ int bs_append(int fd, uint64_t offset, bs_append_item *items, size_t n, int flag
         it->offset = pos;
         pos += it->record_len;
         arena_len += it->payload_off;
+        payload_total += it->payload_len;
     }
     uint8_t *arena = malloc(arena_len);
     struct iovec *iov = malloc(sizeof(struct iovec) * 3 * n);
@@ -66,23 +100,46 @@ int bs_append(int fd, uint64_t offset, bs_append_item *items, size_t n, int flag
         free(iov);
         return BS_ENOMEM;
     }
-    size_t cnt = 0;
-    uint8_t *a = arena;
-    int rc = BS_OK;
-    for (size_t i = 0; i < n && rc == BS_OK; i++) {
-        bs_append_item *it = &items[i];
-        if (!(flags & BS_APPEND_HAVE_CHECKSUMS))
-            it->payload_xxh3 = XXH3_64bits(it->payload, (size_t)it->payload_len);
-        bs_record_info info = {it->kind, it->flags, it->key_len, it->meta_len, it->payload_off,
-                               it->ns, it->payload_len, it->record_len, it->seq, it->payload_xxh3};
-        rc = bs_record_encode(&info, it->key, it->meta, a, it->payload_off);
-        iov[cnt++] = (struct iovec){a, it->payload_off};
-        a += it->payload_off;
-        if (it->payload_len) iov[cnt++] = (struct iovec){(void *)it->payload, (size_t)it->payload_len};
-        size_t pad = (size_t)(it->record_len - it->payload_off - it->payload_len);
-        if (pad) iov[cnt++] = (struct iovec){(void *)zero_page, pad};
+    hasher h = {items, n, n, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+    pthread_t thread;
+    int threaded = 0;
+    if (!(flags & BS_APPEND_HAVE_CHECKSUMS)) {
+        h.done = 0;
+        if (payload_total >= PIPELINE_MIN && pthread_create(&thread, NULL, hash_items, &h) == 0)
+            threaded = 1;
+        else
+            hash_items(&h);
     }
-    if (rc == BS_OK) rc = pwritev_all(fd, iov, cnt, offset);
+    int rc = BS_OK;
+    uint8_t *a = arena;
+    size_t first = 0;
+    uint64_t group_off = offset;
+    while (first < n && rc == BS_OK) {
+        /* one group: items [first, last) of about GROUP_BYTES, written with one pwritev run */
+        size_t last = first;
+        uint64_t bytes = 0;
+        while (last < n && (last == first || bytes + items[last].record_len <= GROUP_BYTES)) {
+            bytes += items[last].record_len;
+            last++;
+        }
+        wait_hashed(&h, last);
+        size_t cnt = 0;
+        for (size_t i = first; i < last && rc == BS_OK; i++) {
+            bs_append_item *it = &items[i];
+            bs_record_info info = {it->kind, it->flags, it->key_len, it->meta_len, it->payload_off,
+                                   it->ns, it->payload_len, it->record_len, it->seq, it->payload_xxh3};
+            rc = bs_record_encode(&info, it->key, it->meta, a, it->payload_off);
+            iov[cnt++] = (struct iovec){a, it->payload_off};
+            a += it->payload_off;
+            if (it->payload_len) iov[cnt++] = (struct iovec){(void *)it->payload, (size_t)it->payload_len};
+            size_t pad = (size_t)(it->record_len - it->payload_off - it->payload_len);
+            if (pad) iov[cnt++] = (struct iovec){(void *)zero_page, pad};
+        }
+        if (rc == BS_OK) rc = pwritev_all(fd, iov, cnt, group_off);
+        group_off += bytes;
+        first = last;
+    }
+    if (threaded) pthread_join(thread, NULL); /* also on failure: the thread reads caller memory */
     if (rc == BS_OK && (flags & BS_APPEND_SYNC)) rc = bs_file_sync(fd);
     free(arena);
     free(iov);
