@@ -13,7 +13,7 @@ from typing import cast
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
 
-from blockstore.errors import IOErrorBS
+from blockstore.errors import IOErrorBS, NoSpace
 
 TAG_META = b"M"
 TAG_NS = b"N"
@@ -219,7 +219,9 @@ class Directory:
             return
         try:
             self._db.write(batch._wb, self._wo_sync if force_sync else self._wo)
-        except Exception as exc:
+        except Exception as exc:  # rocksdict raises plain Exception carrying RocksDB's status text
+            if "No space" in str(exc):
+                raise NoSpace(28, f"directory write failed: {exc}") from exc
             raise IOErrorBS(5, f"directory write failed: {exc}") from exc
 
     # ---- typed ----
