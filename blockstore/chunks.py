@@ -37,7 +37,10 @@ class Chunk:
 def _id(name: str, value: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
-    raw = value.encode()
+    try:
+        raw = value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{name} must be valid UTF-8 (it holds a lone surrogate)") from None
     if not 1 <= len(raw) <= MAX_ID:
         raise InvalidArgument(f"{name} must be 1..{MAX_ID} UTF-8 bytes, got {len(raw)}")
     return raw
@@ -84,6 +87,10 @@ class ChunkAPI:
         u, s, c = _id("user_id", user_id), _id("session_id", session_id), _id("chunk_id", chunk_id)
         if not isinstance(text, str):
             raise InvalidArgument(f"text must be a str, not {type(text).__name__}")
+        try:
+            encoded_text = text.encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument("text must be valid UTF-8 (it holds a lone surrogate)") from None
         ts = time.time_ns() if ts_ns is None else int(ts_ns)
         if not 0 <= ts < 1 << 64:
             raise InvalidArgument("ts_ns must fit in an unsigned 64-bit integer")
@@ -95,7 +102,7 @@ class ChunkAPI:
             raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
         partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
         m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.CHUNK, partition,
-                      _check_meta(body), text.encode(), chunk_index=(u, s, ts, c))
+                      _check_meta(body), encoded_text, chunk_index=(u, s, ts, c))
         self._submit([m])
 
     def get_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:

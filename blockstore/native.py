@@ -31,6 +31,30 @@ _SCAN_CAP = 4096
 _SCAN_ARENA = 8 << 20
 
 
+class _Pinned:
+    """Buffers lent to C for one call, released when the call ends, error or not.
+
+    Releasing explicitly matters: if a cffi buffer object outlives the call inside an exception's
+    traceback cycle, the garbage collector may release it after the memory it views (seen as a
+    segfault in memory_dealloc), so every call that lends buffers goes through this."""
+
+    def __init__(self) -> None:
+        self._held: list[object] = []
+
+    def lend(self, buf, writable: bool = False):  # type: ignore[no-untyped-def]
+        c = ffi.from_buffer(buf, require_writable=writable)
+        self._held.append(c)
+        return c
+
+    def __enter__(self) -> _Pinned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for c in self._held:
+            ffi.release(c)
+        self._held.clear()
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise error_for_code(rc, what, lib.bs_last_errno())
@@ -50,22 +74,25 @@ class NativeBackend:
 
     # ---- checksums ----
     def xxh3(self, buf) -> int:  # type: ignore[no-untyped-def]
-        b = ffi.from_buffer(buf)
-        return int(lib.bs_xxh3(b, len(b)))
+        with _Pinned() as p:
+            b = p.lend(buf)
+            return int(lib.bs_xxh3(b, len(b)))
 
     def xxh3_many(self, bufs: Sequence) -> list[int]:  # type: ignore[type-arg]
         n = len(bufs)
-        keep = [ffi.from_buffer(b) for b in bufs]
-        ptrs = ffi.new("uint8_t *[]", keep)
-        lens = ffi.new("uint64_t[]", [len(k) for k in keep])
-        out = ffi.new("uint64_t[]", n)
-        lib.bs_xxh3_many(n, ptrs, lens, out)
-        return list(out)
+        with _Pinned() as p:
+            keep = [p.lend(b) for b in bufs]
+            ptrs = ffi.new("uint8_t *[]", keep)
+            lens = ffi.new("uint64_t[]", [len(k) for k in keep])
+            out = ffi.new("uint64_t[]", n)
+            lib.bs_xxh3_many(n, ptrs, lens, out)
+            return list(out)
 
     # ---- format ----
     def decode_record(self, buf) -> RecordInfo:  # type: ignore[no-untyped-def]
         out = ffi.new("bs_record_info *")
-        _check(lib.bs_record_decode(ffi.from_buffer(buf), len(buf), out), "decode record header")
+        with _Pinned() as p:
+            _check(lib.bs_record_decode(p.lend(buf), len(buf), out), "decode record header")
         return _info(out)
 
     def encode_block_header(self, h: BlockHeader) -> bytes:
@@ -79,7 +106,8 @@ class NativeBackend:
 
     def decode_block_header(self, buf) -> BlockHeader:  # type: ignore[no-untyped-def]
         c = ffi.new("bs_block_header *")
-        _check(lib.bs_block_header_decode(ffi.from_buffer(buf), len(buf), c), "decode block header")
+        with _Pinned() as p:
+            _check(lib.bs_block_header_decode(p.lend(buf), len(buf), c), "decode block header")
         return BlockHeader(c.block_id, c.store_id, c.created_ns, c.partition_hash, c.format_version, c.flags)
 
     def encode_footer(self, f: Footer) -> bytes:
@@ -93,7 +121,8 @@ class NativeBackend:
 
     def decode_footer(self, buf) -> Footer:  # type: ignore[no-untyped-def]
         c = ffi.new("bs_footer *")
-        _check(lib.bs_footer_decode(ffi.from_buffer(buf), len(buf), c), "decode footer")
+        with _Pinned() as p:
+            _check(lib.bs_footer_decode(p.lend(buf), len(buf), c), "decode footer")
         return Footer(c.block_id, c.data_end, c.record_count, c.min_seq, c.max_seq, c.format_version, c.flags)
 
     # ---- files ----
@@ -134,7 +163,8 @@ class NativeBackend:
         return bytes(ffi.buffer(buf, got[0]))
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
-        _check(lib.bs_file_pwrite(fd, ffi.from_buffer(data), len(data), offset), "pwrite")
+        with _Pinned() as p:
+            _check(lib.bs_file_pwrite(fd, p.lend(data), len(data), offset), "pwrite")
 
     def drop_cache(self, fd: int) -> None:
         _check(lib.bs_fadvise_dontneed(fd), "posix_fadvise")
@@ -143,28 +173,25 @@ class NativeBackend:
     def append(self, fd: int, offset: int, records: Sequence[AppendRecord], sync: bool) -> tuple[list[Placement], int]:
         n = len(records)
         items = ffi.new("bs_append_item[]", n)
-        keep = []
         have_all = all(r.payload_xxh3 is not None for r in records)
-        for i, r in enumerate(records):
-            it = items[i]
-            it.kind = r.kind
-            it.ns = r.ns
-            k = ffi.from_buffer(r.key)
-            it.key = k
-            it.key_len = len(r.key)
-            m = ffi.from_buffer(r.meta)
-            it.meta = m
-            it.meta_len = len(r.meta)
-            p = ffi.from_buffer(r.payload)
-            it.payload = p
-            it.payload_len = len(p)
-            it.seq = r.seq
-            if have_all:
-                it.payload_xxh3 = r.payload_xxh3
-            keep.append((k, m, p))
-        end = ffi.new("uint64_t *")
-        flags = (lib.BS_APPEND_HAVE_CHECKSUMS if have_all else 0) | (lib.BS_APPEND_SYNC if sync else 0)
-        _check(lib.bs_append(fd, offset, items, n, flags, end), "append records")
+        with _Pinned() as p:
+            for i, r in enumerate(records):
+                it = items[i]
+                it.kind = r.kind
+                it.ns = r.ns
+                it.key = p.lend(r.key)
+                it.key_len = len(r.key)
+                it.meta = p.lend(r.meta)
+                it.meta_len = len(r.meta)
+                payload = p.lend(r.payload)
+                it.payload = payload
+                it.payload_len = len(payload)
+                it.seq = r.seq
+                if have_all:
+                    it.payload_xxh3 = r.payload_xxh3
+            end = ffi.new("uint64_t *")
+            flags = (lib.BS_APPEND_HAVE_CHECKSUMS if have_all else 0) | (lib.BS_APPEND_SYNC if sync else 0)
+            _check(lib.bs_append(fd, offset, items, n, flags, end), "append records")
         placements = [
             Placement(items[i].offset, items[i].payload_off, items[i].record_len, items[i].payload_xxh3, items[i].flags)
             for i in range(n)
@@ -176,16 +203,15 @@ class NativeBackend:
         Requests must be sorted by offset."""
         n = len(reqs)
         items = ffi.new("bs_read_item[]", n)
-        keep = []
-        for i, r in enumerate(reqs):
-            d = ffi.from_buffer(r.dst, require_writable=True)
-            keep.append(d)
-            it = items[i]
-            it.offset = r.offset
-            it.len = r.length
-            it.dst = d
-            it.expect_xxh3 = r.expect_xxh3
-        _check(lib.bs_read_many(fd, items, n, max_gap, lib.BS_READ_VERIFY if verify else 0), "read records")
+        with _Pinned() as p:
+            for i, r in enumerate(reqs):
+                it = items[i]
+                it.offset = r.offset
+                it.len = r.length
+                it.dst = p.lend(r.dst, writable=True)
+                it.expect_xxh3 = r.expect_xxh3
+            rc = lib.bs_read_many(fd, items, n, max_gap, lib.BS_READ_VERIFY if verify else 0)
+        _check(rc, "read records")
         return [items[i].status for i in range(n)]
 
     def scan(self, fd: int, start: int, end: int, verify_payload: bool) -> ScanResult:

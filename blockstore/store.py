@@ -160,7 +160,11 @@ def _check_meta(meta: bytes) -> bytes:
 
 
 def _check_ns(ns: str) -> str:
-    if not isinstance(ns, str) or not 1 <= len(ns.encode()) <= MAX_NAMESPACE:
+    try:
+        ok = isinstance(ns, str) and 1 <= len(ns.encode()) <= MAX_NAMESPACE
+    except UnicodeEncodeError:  # lone surrogates: not UTF-8
+        ok = False
+    if not ok:
         raise InvalidArgument(f"namespace must be a str of 1..{MAX_NAMESPACE} UTF-8 bytes, got {ns!r}")
     return ns
 

@@ -16,6 +16,20 @@
 
 static const uint8_t zero_page[BS_PAGE];
 
+/* After a transfer of `done` bytes starting at iov[i]: the index of the first iovec not yet complete,
+ * with that iovec trimmed by what of it was transferred (short reads and writes). */
+static size_t advance_iov(struct iovec *iov, size_t cnt, size_t i, size_t done) {
+    while (i < cnt && done >= iov[i].iov_len) {
+        done -= iov[i].iov_len;
+        i++;
+    }
+    if (done) {
+        iov[i].iov_base = (uint8_t *)iov[i].iov_base + done;
+        iov[i].iov_len -= done;
+    }
+    return i;
+}
+
 /* Write every byte the iovec array describes, at off; advances past short writes and EINTR.
  * The array is modified in place. */
 static int pwritev_all(int fd, struct iovec *iov, size_t cnt, uint64_t off) {
@@ -29,15 +43,7 @@ static int pwritev_all(int fd, struct iovec *iov, size_t cnt, uint64_t off) {
         }
         if (r == 0) return bs_os_error(EIO);
         off += (uint64_t)r;
-        size_t left = (size_t)r;
-        while (i < cnt && left >= iov[i].iov_len) {
-            left -= iov[i].iov_len;
-            i++;
-        }
-        if (left) {
-            iov[i].iov_base = (uint8_t *)iov[i].iov_base + left;
-            iov[i].iov_len -= left;
-        }
+        i = advance_iov(iov, cnt, i, (size_t)r);
     }
     return BS_OK;
 }
@@ -160,7 +166,6 @@ static void read_run(int fd, bs_read_item *items, size_t first, size_t last, uin
         }
         if (items[i].len) iov[cnt++] = (struct iovec){items[i].dst, (size_t)items[i].len};
     }
-    uint64_t end = items[last].offset + items[last].len;
     uint64_t off = start;
     size_t k = 0;
     int status = BS_OK;
@@ -174,17 +179,8 @@ static void read_run(int fd, bs_read_item *items, size_t first, size_t last, uin
         }
         if (r == 0) break; /* end of file: the items past `off` are truncated */
         off += (uint64_t)r;
-        size_t left = (size_t)r;
-        while (k < cnt && left >= iov[k].iov_len) {
-            left -= iov[k].iov_len;
-            k++;
-        }
-        if (left) {
-            iov[k].iov_base = (uint8_t *)iov[k].iov_base + left;
-            iov[k].iov_len -= left;
-        }
+        k = advance_iov(iov, cnt, k, (size_t)r);
     }
-    (void)end;
     for (size_t i = first; i <= last; i++) {
         if (status != BS_OK)
             items[i].status = status;

@@ -114,27 +114,42 @@ int bs_record_decode(const uint8_t *buf, size_t len, bs_record_info *out) {
     return BS_OK;
 }
 
-int bs_block_header_encode(const bs_block_header *h, uint8_t *out, size_t out_len) {
-    if (out_len < 64) return BS_EINVAL;
+/* Block header and footer share a frame: 8-byte magic, u32 version, fields, xxh3 of [0, 56) at 56. */
+static void frame_begin(uint8_t *out, const uint8_t magic[8], uint32_t flags) {
     memset(out, 0, 64);
-    memcpy(out, BLOCK_MAGIC, 8);
+    memcpy(out, magic, 8);
     put32(out + 8, BS_FORMAT_VERSION);
-    put32(out + 12, h->flags);
-    put64(out + 16, h->block_id);
-    put64(out + 24, h->store_id);
-    put64(out + 32, h->created_ns);
-    put64(out + 40, h->partition_hash);
-    put64(out + 56, XXH3_64bits(out, 56));
-    return BS_OK;
+    put32(out + 12, flags);
 }
 
-int bs_block_header_decode(const uint8_t *buf, size_t len, bs_block_header *out) {
+static void frame_end(uint8_t *out) { put64(out + 56, XXH3_64bits(out, 56)); }
+
+static int frame_check(const uint8_t *buf, size_t len, const uint8_t magic[8], uint32_t *version) {
     if (len < 64) return BS_ETRUNCATED;
-    if (memcmp(buf, BLOCK_MAGIC, 8) != 0) return BS_ECORRUPT;
+    if (memcmp(buf, magic, 8) != 0) return BS_ECORRUPT;
     if (XXH3_64bits(buf, 56) != get64(buf + 56)) return BS_ECHECKSUM;
     uint32_t v = get32(buf + 8);
     if (v == 0) return BS_ECORRUPT;
     if (v > BS_FORMAT_VERSION) return BS_EVERSION;
+    *version = v;
+    return BS_OK;
+}
+
+int bs_block_header_encode(const bs_block_header *h, uint8_t *out, size_t out_len) {
+    if (out_len < 64) return BS_EINVAL;
+    frame_begin(out, BLOCK_MAGIC, h->flags);
+    put64(out + 16, h->block_id);
+    put64(out + 24, h->store_id);
+    put64(out + 32, h->created_ns);
+    put64(out + 40, h->partition_hash);
+    frame_end(out);
+    return BS_OK;
+}
+
+int bs_block_header_decode(const uint8_t *buf, size_t len, bs_block_header *out) {
+    uint32_t v;
+    int rc = frame_check(buf, len, BLOCK_MAGIC, &v);
+    if (rc) return rc;
     out->format_version = v;
     out->flags = get32(buf + 12);
     out->block_id = get64(buf + 16);
@@ -146,26 +161,20 @@ int bs_block_header_decode(const uint8_t *buf, size_t len, bs_block_header *out)
 
 int bs_footer_encode(const bs_footer *f, uint8_t *out, size_t out_len) {
     if (out_len < BS_FOOTER_SIZE) return BS_EINVAL;
-    memset(out, 0, BS_FOOTER_SIZE);
-    memcpy(out, FOOTER_MAGIC, 8);
-    put32(out + 8, BS_FORMAT_VERSION);
-    put32(out + 12, f->flags);
+    frame_begin(out, FOOTER_MAGIC, f->flags);
     put64(out + 16, f->block_id);
     put64(out + 24, f->data_end);
     put64(out + 32, f->record_count);
     put64(out + 40, f->min_seq);
     put64(out + 48, f->max_seq);
-    put64(out + 56, XXH3_64bits(out, 56));
+    frame_end(out);
     return BS_OK;
 }
 
 int bs_footer_decode(const uint8_t *buf, size_t len, bs_footer *out) {
-    if (len < BS_FOOTER_SIZE) return BS_ETRUNCATED;
-    if (memcmp(buf, FOOTER_MAGIC, 8) != 0) return BS_ECORRUPT;
-    if (XXH3_64bits(buf, 56) != get64(buf + 56)) return BS_ECHECKSUM;
-    uint32_t v = get32(buf + 8);
-    if (v == 0) return BS_ECORRUPT;
-    if (v > BS_FORMAT_VERSION) return BS_EVERSION;
+    uint32_t v;
+    int rc = frame_check(buf, len, FOOTER_MAGIC, &v);
+    if (rc) return rc;
     out->format_version = v;
     out->flags = get32(buf + 12);
     out->block_id = get64(buf + 16);
