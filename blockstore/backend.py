@@ -26,6 +26,7 @@ from blockstore.records import (
 class Backend(Protocol):
     name: str
 
+    def last_errno(self) -> int: ...
     def xxh3(self, buf) -> int: ...  # type: ignore[no-untyped-def]
     def xxh3_many(self, bufs: Sequence) -> list[int]: ...  # type: ignore[type-arg]
     def decode_record(self, buf) -> RecordInfo: ...  # type: ignore[no-untyped-def]

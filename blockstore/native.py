@@ -88,6 +88,10 @@ class NativeBackend:
             lib.bs_xxh3_many(n, ptrs, lens, out)
             return list(out)
 
+    def last_errno(self) -> int:
+        """errno behind the last failed operation of this thread (0 if it was not an OS error)."""
+        return int(lib.bs_last_errno())
+
     # ---- format ----
     def decode_record(self, buf) -> RecordInfo:  # type: ignore[no-untyped-def]
         out = ffi.new("bs_record_info *")

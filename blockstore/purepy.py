@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 from collections.abc import Sequence
 
 import xxhash
@@ -70,6 +71,12 @@ def _encode_header(info: RecordInfo, key: bytes, meta: bytes) -> bytes:
 
 class PythonBackend:
     name = "python"
+
+    def __init__(self) -> None:
+        self._errno = threading.local()
+
+    def last_errno(self) -> int:
+        return int(getattr(self._errno, "value", 0))
 
     def xxh3(self, buf) -> int:  # type: ignore[no-untyped-def]
         return _h(buf)
@@ -242,6 +249,7 @@ class PythonBackend:
                         break
                     got += n
             except OSError as exc:
+                self._errno.value = exc.errno or 0
                 statuses.append(-3 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else E_IO)
                 continue
             if got < r.length:

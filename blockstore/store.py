@@ -202,6 +202,9 @@ class Store(ChunkAPI, TensorAPI):
             raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
         if on_corrupt not in ("raise", "miss"):
             raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+        if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
+                or not idle_seal_seconds >= 0:
+            raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
         if not 0 <= read_gap <= (64 << 20):
             raise InvalidArgument(f"read_gap must be within 0..64 MiB, got {read_gap!r}")
         self.path = os.fspath(path)
@@ -260,7 +263,9 @@ class Store(ChunkAPI, TensorAPI):
             raise CorruptionError(f"{p}: unreadable manifest ({exc})") from exc
         if not isinstance(m, dict) or m.get("magic") != "blockstore" or not isinstance(m.get("store_id"), int):
             raise CorruptionError(f"{p}: not a blockstore manifest")
-        if m.get("format_version", 0) > FORMAT_VERSION:
+        if not isinstance(m.get("format_version"), int) or m["format_version"] < 1:
+            raise CorruptionError(f"{p}: format_version must be a positive integer, got {m.get('format_version')!r}")
+        if m["format_version"] > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{p}: format version {m.get('format_version')} is newer than this build ({FORMAT_VERSION})"
             )
@@ -749,7 +754,8 @@ class Store(ChunkAPI, TensorAPI):
                         for i in idxs]
                 for i, st in zip(idxs, self.backend.read_many(fd, reqs, self.read_gap, True)):
                     if st != 0:
-                        raise error_for_code(st, f"read of block {bid:016x} offset {locs[i].offset}")
+                        raise error_for_code(st, f"read of block {bid:016x} offset {locs[i].offset}",
+                                             self.backend.last_errno())
         out.extend(dsts)
         return out
 
@@ -855,7 +861,8 @@ class Store(ChunkAPI, TensorAPI):
                     if st == 0:
                         results[i] = dsts[i] if out is None else locs[i].payload_len  # type: ignore[union-attr]
                     elif self.on_corrupt == "raise":
-                        err = error_for_code(st, f"read of key {keys[i]!r} in block {bid:016x}")
+                        err = error_for_code(st, f"read of key {keys[i]!r} in block {bid:016x}",
+                                             self.backend.last_errno())
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
