@@ -154,6 +154,8 @@ def _payload_view(value: Buffer) -> memoryview:
 
 
 def _check_meta(meta: bytes) -> bytes:
+    if not isinstance(meta, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"meta must be bytes, not {type(meta).__name__}")
     if len(meta) > MAX_META:
         raise InvalidArgument(f"metadata of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
     return meta
@@ -486,7 +488,7 @@ class Store(ChunkAPI, TensorAPI):
     def _apply_group(self, muts: list[_Mutation], to_seal: list[OpenBlock]) -> None:
         hooks.fire("write.begin")
         batch = DirectoryBatch()
-        ns_ids = self._resolve_namespaces(muts, batch)
+        ns_ids, created_ns = self._resolve_namespaces(muts, batch)
         suffixes = [m.suffix or key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
         unique = list(dict.fromkeys(suffixes))
         current: dict[bytes, Location | None] = dict(zip(unique, self.dir.get_locations(unique)))
@@ -540,74 +542,85 @@ class Store(ChunkAPI, TensorAPI):
                 raise
             placements[bid] = pls
         hooks.fire("write.appended")
-        # directory batch: new locations, old ones dead, block counters, counters
-        entries: dict[int, BlockEntry] = {}
+        # Everything below changes in-memory block state before the directory write, which can still
+        # fail: keep what to restore, so failed records never count (they are dead bytes past the tail).
+        saved = [(pl.block, pl.block.tail, pl.block.entry, pl.block.min_seq, pl.block.max_seq, pl.block.records)
+                 for pl in planned.values()] + [(ob, ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records)
+                                                 for ob in to_seal]
+        try:
+            # directory batch: new locations, old ones dead, block counters, counters
+            entries: dict[int, BlockEntry] = {}
 
-        def entry(bid: int) -> BlockEntry:
-            if bid not in entries:
-                entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._open_entry(bid, to_seal)
-            return entries[bid]
+            def entry(bid: int) -> BlockEntry:
+                if bid not in entries:
+                    entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._open_entry(bid, to_seal)
+                return entries[bid]
 
-        now = time.time_ns()
-        bytes_put = bytes_written = 0
-        index: dict[int, int] = {bid: 0 for bid in planned}
-        for m, suffix, ob, rec in placed:
-            bid = ob.entry.block_id
-            p = placements[bid][index[bid]]
-            index[bid] += 1
-            old = current[suffix]
-            e = entry(bid)
-            e.written_bytes += p.record_len
-            e.total_records += 1
-            e.data_end = p.offset + p.record_len
-            e.last_append_ns = now
-            bytes_written += p.record_len
-            if old is not None:
-                oe = entry(old.block_id)
-                oe.live_bytes -= old.record_len
-                oe.live_records -= 1
-                oe.live_logical_bytes -= len(m.key) + old.payload_len
-                batch.forget_reverse(old)
-                if old.kind == Kind.CHUNK and m.expected is None:
-                    self._unindex_chunk(batch, int.from_bytes(suffix[:4], "big"), m.key, old)
-            if m.kind == Kind.TOMBSTONE:
-                e.tombstones += 1
-                batch.delete_location(suffix, None)
-                current[suffix] = None
-            else:
-                plen = len(m.payload)  # type: ignore[arg-type]
-                loc = Location(m.kind, p.flags, p.payload_off, bid, p.offset, p.record_len, plen,
-                               rec.seq, p.payload_xxh3, m.meta)
-                batch.put_location(suffix, loc)
-                current[suffix] = loc
-                e.live_bytes += p.record_len
-                e.live_records += 1
-                e.live_logical_bytes += len(m.key) + plen
-                if m.expected is None:
-                    bytes_put += len(m.key) + plen
-                if m.chunk_index is not None:
-                    user, session, ts, cid = m.chunk_index
-                    batch.put(session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid), b"")
-            ob.min_seq = min(ob.min_seq or rec.seq, rec.seq)
-            ob.max_seq = max(ob.max_seq, rec.seq)
-            ob.records += 1
-        for bid, pl in planned.items():
-            pl.block.tail = tails[bid]
-            pl.block.entry = entry(bid)
-        # seal what rotated out (footer after its last records, before the batch names them)
-        for ob in to_seal:
-            self._seal(ob, batch, entries)
-            self._open = {k: v for k, v in self._open.items() if v is not ob}
-        for e in entries.values():
-            batch.put_block(e)
-        batch.put_meta("next_seq", seq)
-        batch.put_meta("next_block", self._next_block)
-        batch.put_meta("bytes_put", self._bytes_put + bytes_put)
-        batch.put_meta("bytes_written", self._bytes_written + bytes_written)
-        hooks.fire("write.before_directory")
-        self.dir.write(batch)
+            now = time.time_ns()
+            bytes_put = bytes_written = 0
+            index: dict[int, int] = {bid: 0 for bid in planned}
+            for m, suffix, ob, rec in placed:
+                bid = ob.entry.block_id
+                p = placements[bid][index[bid]]
+                index[bid] += 1
+                old = current[suffix]
+                e = entry(bid)
+                e.written_bytes += p.record_len
+                e.total_records += 1
+                e.data_end = p.offset + p.record_len
+                e.last_append_ns = now
+                bytes_written += p.record_len
+                if old is not None:
+                    oe = entry(old.block_id)
+                    oe.live_bytes -= old.record_len
+                    oe.live_records -= 1
+                    oe.live_logical_bytes -= len(m.key) + old.payload_len
+                    batch.forget_reverse(old)
+                    if old.kind == Kind.CHUNK and m.expected is None:
+                        self._unindex_chunk(batch, int.from_bytes(suffix[:4], "big"), m.key, old)
+                if m.kind == Kind.TOMBSTONE:
+                    e.tombstones += 1
+                    batch.delete_location(suffix, None)
+                    current[suffix] = None
+                else:
+                    plen = len(m.payload)  # type: ignore[arg-type]
+                    loc = Location(m.kind, p.flags, p.payload_off, bid, p.offset, p.record_len, plen,
+                                   rec.seq, p.payload_xxh3, m.meta)
+                    batch.put_location(suffix, loc)
+                    current[suffix] = loc
+                    e.live_bytes += p.record_len
+                    e.live_records += 1
+                    e.live_logical_bytes += len(m.key) + plen
+                    if m.expected is None:
+                        bytes_put += len(m.key) + plen
+                    if m.chunk_index is not None:
+                        user, session, ts, cid = m.chunk_index
+                        batch.put(session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid), b"")
+                ob.min_seq = min(ob.min_seq or rec.seq, rec.seq)
+                ob.max_seq = max(ob.max_seq, rec.seq)
+                ob.records += 1
+            for bid, pl in planned.items():
+                pl.block.tail = tails[bid]
+                pl.block.entry = entry(bid)
+            # seal what rotated out (footer after its last records, before the batch names them)
+            for ob in to_seal:
+                self._seal(ob, batch, entries)
+                self._open = {k: v for k, v in self._open.items() if v is not ob}
+            for e in entries.values():
+                batch.put_block(e)
+            batch.put_meta("next_seq", seq)
+            batch.put_meta("next_block", self._next_block)
+            batch.put_meta("bytes_put", self._bytes_put + bytes_put)
+            batch.put_meta("bytes_written", self._bytes_written + bytes_written)
+            hooks.fire("write.before_directory")
+            self.dir.write(batch)
+        except BaseException:
+            for ob, tail, e, lo, hi, n in saved:
+                ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
+            raise
         hooks.fire("write.committed")
         with self._state_lock:
+            self._ns_ids.update(created_ns)  # only now: a failed batch must not leave a phantom namespace
             self._next_seq = seq
             self._bytes_put += bytes_put
             self._bytes_written += bytes_written
@@ -617,23 +630,35 @@ class Store(ChunkAPI, TensorAPI):
         to_seal.clear()
         for bid, e in entries.items():
             if self._reclaimable(e):
-                self._delete_block(bid)
+                try:
+                    self._delete_block(bid)
+                except BlockstoreError:
+                    pass  # the group is committed; an empty block left behind is reclaimed at close
 
-    def _resolve_namespaces(self, muts: list[_Mutation], batch: DirectoryBatch) -> dict[str, int]:
-        out = {}
+    def _resolve_namespaces(self, muts: list[_Mutation], batch: DirectoryBatch) -> tuple[dict[str, int], dict[str, int]]:
+        """(id of every namespace the group names, the ones this group creates). A delete never creates
+        a namespace: in one that does not exist it gets id 0, which names nothing, so it is a miss."""
+        out: dict[str, int] = {}
+        created: dict[str, int] = {}
         for m in muts:
             if m.ns in out or m.suffix is not None:
                 continue
             nid = self._ns_ids.get(m.ns)
+            if nid is None and m.kind == Kind.TOMBSTONE and not any(
+                    x.ns == m.ns and x.kind != Kind.TOMBSTONE for x in muts):
+                continue
             if nid is None:
                 nid = self._next_ns
-                self._next_ns += 1
+                self._next_ns += 1  # never reused, even if this batch fails
                 batch.put(TAG_NS + m.ns.encode(), nid.to_bytes(4, "little"))
                 batch.put(TAG_NS_ID + nid.to_bytes(4, "big"), m.ns.encode())
                 batch.put_meta("next_ns", self._next_ns)
-                self._ns_ids[m.ns] = nid  # harmless if the batch fails: the id is never reused
+                created[m.ns] = nid
             out[m.ns] = nid
-        return out
+        for m in muts:
+            if m.suffix is None and m.ns not in out:
+                out[m.ns] = 0
+        return out, created
 
     def _open_entry(self, bid: int, rotating: list[OpenBlock]) -> BlockEntry:
         """The entry of a block created in this session whose entry is not committed yet."""
@@ -790,13 +815,16 @@ class Store(ChunkAPI, TensorAPI):
         """Where each key's live record is (for tools, compaction and benchmarks)."""
         self._check_open()
         nid = self._ns_id(ns)
+        keys = [_check_key(k) for k in keys]
         if nid is None:
             return [None] * len(keys)
-        return self.dir.get_locations([key_suffix(nid, SPACE_KV, _check_key(k)) for k in keys])
+        return self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])
 
     def iter_keys(self, *, ns: str = DEFAULT_NAMESPACE, prefix: bytes = b"") -> Iterator[bytes]:
         """KV keys of one namespace, in byte order (chunk records are listed by `list_chunks`)."""
         self._check_open()
+        if not isinstance(prefix, (bytes, bytearray)):
+            raise InvalidArgument(f"prefix must be bytes, not {type(prefix).__name__}")
         nid = self._ns_id(ns)
         if nid is None:
             return
@@ -866,18 +894,16 @@ class Store(ChunkAPI, TensorAPI):
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
-        for i, j in duplicates:
-            if results[j] is not None:
-                if out is None:
-                    results[i] = results[j]
-                else:
-                    dsts[i][:] = dsts[j]  # type: ignore[index,assignment]
-                    results[i] = results[j]
         if vanished and _retry:
             again = self._read(nid, space, [keys[i] for i in vanished],
                                None if out is None else [out[i] for i in vanished], _retry=False)
             for i, r in zip(vanished, again):
                 results[i] = r
+        for i, j in duplicates:
+            if results[j] is not None:
+                if out is not None:
+                    memoryview(out[i]).cast("B")[: results[j]] = memoryview(out[j]).cast("B")[: results[j]]
+                results[i] = results[j]
         return results
 
     # ------------------------------------------------------------------ chunk records

@@ -39,7 +39,7 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
     if not isinstance(t, np.ndarray):
         raise InvalidArgument(f"expected a numpy array or torch tensor, got {type(t).__name__}")
     a = np.ascontiguousarray(t)
-    meta = {"lib": "numpy", "dtype": a.dtype.str, "shape": list(a.shape)}
+    meta = {"lib": "numpy", "dtype": a.dtype.str, "shape": list(t.shape)}  # ascontiguousarray makes 0-d 1-d
     return a.reshape(-1).view(np.uint8).data, json.dumps(meta, separators=(",", ":")).encode()
 
 
