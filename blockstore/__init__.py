@@ -37,7 +37,8 @@ __version__ = "0.1.0"
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - mirrors builtins.open on purpose
     """Open (by default, create) a store. Keyword arguments are those of `Store`:
     create=True, read_only=False, durability="cache"|"sync", block_size=64 MiB,
-    max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, on_corrupt="raise"|"miss",
+    max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, read_ahead=True,
+    on_corrupt="raise"|"miss",
     backend="native"|"python"."""
     return Store(path, **kwargs)
 

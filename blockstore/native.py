@@ -202,7 +202,8 @@ class NativeBackend:
         ]
         return placements, int(end[0])
 
-    def read_many(self, fd: int, reqs: Sequence[ReadRequest], max_gap: int, verify: bool) -> list[int]:
+    def read_many(self, fd: int, reqs: Sequence[ReadRequest], max_gap: int, verify: bool,
+                  willneed: bool = False) -> list[int]:
         """Fill each request's dst; returns per-request status codes (0 ok, else a BS_E* code).
         Requests must be sorted by offset."""
         n = len(reqs)
@@ -214,7 +215,8 @@ class NativeBackend:
                 it.len = r.length
                 it.dst = p.lend(r.dst, writable=True)
                 it.expect_xxh3 = r.expect_xxh3
-            rc = lib.bs_read_many(fd, items, n, max_gap, lib.BS_READ_VERIFY if verify else 0)
+            flags = (lib.BS_READ_VERIFY if verify else 0) | (lib.BS_READ_WILLNEED if willneed else 0)
+            rc = lib.bs_read_many(fd, items, n, max_gap, flags)
         _check(rc, "read records")
         return [items[i].status for i in range(n)]
 

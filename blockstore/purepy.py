@@ -237,7 +237,11 @@ class PythonBackend:
             self._os("fdatasync", os.fdatasync, fd)
         return placements, pos
 
-    def read_many(self, fd: int, reqs: Sequence[ReadRequest], max_gap: int, verify: bool) -> list[int]:
+    def read_many(self, fd: int, reqs: Sequence[ReadRequest], max_gap: int, verify: bool,
+                  willneed: bool = False) -> list[int]:
+        if willneed and reqs:
+            first, last = reqs[0], reqs[-1]
+            os.posix_fadvise(fd, first.offset, last.offset + last.length - first.offset, os.POSIX_FADV_WILLNEED)
         statuses = []
         for r in reqs:
             dst = memoryview(r.dst).cast("B")

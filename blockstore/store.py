@@ -193,6 +193,7 @@ class Store(ChunkAPI, TensorAPI):
         max_open_blocks: int = 16,
         idle_seal_seconds: float = 30.0,
         read_gap: int = 128 << 10,
+        read_ahead: bool = True,
         on_corrupt: OnCorrupt = "raise",
         backend: str | None = None,
     ) -> None:
@@ -216,6 +217,7 @@ class Store(ChunkAPI, TensorAPI):
         self.max_open_blocks = max_open_blocks
         self.idle_seal_seconds = idle_seal_seconds
         self.read_gap = read_gap
+        self.read_ahead = bool(read_ahead)
         self.on_corrupt: OnCorrupt = on_corrupt
         self.backend: Backend = get_backend(backend)
         self._closed = False
@@ -884,7 +886,7 @@ class Store(ChunkAPI, TensorAPI):
                     continue
                 reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i],  # type: ignore[union-attr,arg-type]
                                     locs[i].payload_xxh3) for i in idxs]  # type: ignore[union-attr]
-                statuses = self.backend.read_many(fd, reqs, self.read_gap, True)
+                statuses = self.backend.read_many(fd, reqs, self.read_gap, True, self.read_ahead)
                 for i, st in zip(idxs, statuses):
                     if st == 0:
                         results[i] = dsts[i] if out is None else locs[i].payload_len  # type: ignore[union-attr]

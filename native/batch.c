@@ -205,14 +205,22 @@ int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int fl
         free(iov);
         return BS_ENOMEM;
     }
-    size_t first = 0;
-    while (first < n) {
-        size_t last = first;
-        while (last + 1 < n && last + 1 - first < run_cap &&
-               items[last + 1].offset - (items[last].offset + items[last].len) <= max_gap)
-            last++;
-        read_run(fd, items, first, last, scratch, iov);
-        first = last + 1;
+    /* Runs are found twice: once to announce them all (so the device sees a deep queue of large
+     * requests instead of one synchronous read at a time), once to read them. */
+    for (int pass = (flags & BS_READ_WILLNEED) ? 0 : 1; pass < 2; pass++) {
+        size_t first = 0;
+        while (first < n) {
+            size_t last = first;
+            while (last + 1 < n && last + 1 - first < run_cap &&
+                   items[last + 1].offset - (items[last].offset + items[last].len) <= max_gap)
+                last++;
+            if (pass == 0)
+                bs_io->advise_willneed(bs_io->ctx, fd, (off_t)items[first].offset,
+                                       (off_t)(items[last].offset + items[last].len - items[first].offset));
+            else
+                read_run(fd, items, first, last, scratch, iov);
+            first = last + 1;
+        }
     }
     free(scratch);
     free(iov);

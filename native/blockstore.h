@@ -115,6 +115,7 @@ typedef struct bs_fileops {
     int (*close)(void *ctx, int fd);
     int (*unlink)(void *ctx, const char *path);
     off_t (*size)(void *ctx, int fd);
+    int (*advise_willneed)(void *ctx, int fd, off_t off, off_t len); /* a hint: errors are ignored */
     void *ctx;
 } bs_fileops;
 
@@ -172,6 +173,7 @@ typedef struct bs_read_item {
 } bs_read_item;
 
 #define BS_READ_VERIFY 1
+#define BS_READ_WILLNEED 2 /* announce every run to the kernel before reading the first (cold reads) */
 
 /* Read n payloads from one file. Items must be sorted by offset and must not overlap. Runs of items
  * whose gaps are <= max_gap bytes are read with one preadv (gaps land in scratch memory). Per-item

@@ -186,8 +186,14 @@ static off_t f_size(void *ctx, int fd) {
     return st.st_size;
 }
 
-static const bs_fileops fault_ops = {f_open,  f_pwritev, f_preadv, f_fdatasync, f_fsync,
-                                     f_ftruncate, f_close, f_unlink, f_size, NULL};
+static int f_advise_willneed(void *ctx, int fd, off_t off, off_t len) {
+    (void)ctx;
+    return posix_fadvise(fd, off, len, POSIX_FADV_WILLNEED);
+}
+
+static const bs_fileops fault_ops = {f_open,      f_pwritev, f_preadv, f_fdatasync, f_fsync,
+                                     f_ftruncate, f_close,   f_unlink, f_size,      f_advise_willneed,
+                                     NULL};
 
 void bs_fault_install(void) {
     pthread_mutex_lock(&mu);

@@ -45,8 +45,14 @@ static off_t os_size(void *ctx, int fd) {
     return st.st_size;
 }
 
-const bs_fileops bs_os_fileops = {os_open,  os_pwritev, os_preadv, os_fdatasync, os_fsync,
-                                  os_ftruncate, os_close, os_unlink, os_size, NULL};
+static int os_advise_willneed(void *ctx, int fd, off_t off, off_t len) {
+    (void)ctx;
+    return posix_fadvise(fd, off, len, POSIX_FADV_WILLNEED);
+}
+
+const bs_fileops bs_os_fileops = {os_open,      os_pwritev, os_preadv, os_fdatasync, os_fsync,
+                                  os_ftruncate, os_close,   os_unlink, os_size,      os_advise_willneed,
+                                  NULL};
 const bs_fileops *bs_io = &bs_os_fileops;
 
 void bs_io_set(const bs_fileops *ops) { bs_io = ops ? ops : &bs_os_fileops; }
