@@ -191,13 +191,66 @@ static void read_run(int fd, bs_read_item *items, size_t first, size_t last, uin
     }
 }
 
+/* Verification runs on a helper thread one read behind: it hashes items the reader has finished
+ * while the reader fills the next ones, so checking costs little wall time on two cores. */
+typedef struct verifier {
+    bs_read_item *items;
+    size_t n;
+    size_t ready; /* items[0..ready) are read (or failed); guarded by mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} verifier;
+
+static void verify_item(bs_read_item *it) {
+    if (it->status == BS_OK && XXH3_64bits(it->dst, (size_t)it->len) != it->expect_xxh3)
+        it->status = BS_ECHECKSUM;
+}
+
+static void *verify_items(void *arg) {
+    verifier *v = arg;
+    size_t done = 0;
+    while (done < v->n) {
+        pthread_mutex_lock(&v->mu);
+        while (v->ready <= done) pthread_cond_wait(&v->cv, &v->mu);
+        size_t upto = v->ready;
+        pthread_mutex_unlock(&v->mu);
+        for (; done < upto; done++) verify_item(&v->items[done]);
+    }
+    return NULL;
+}
+
+static void publish_read(verifier *v, size_t upto) {
+    pthread_mutex_lock(&v->mu);
+    v->ready = upto;
+    pthread_cond_signal(&v->cv);
+    pthread_mutex_unlock(&v->mu);
+}
+
+/* The end (exclusive) of the run starting at `first`: items whose gaps are <= max_gap, at most
+ * `cap_items` of them and, if cap_bytes, about cap_bytes of span. */
+static size_t run_end(const bs_read_item *items, size_t n, size_t first, uint64_t max_gap, size_t cap_items,
+                      uint64_t cap_bytes) {
+    size_t last = first;
+    while (last + 1 < n && last + 1 - first < cap_items &&
+           items[last + 1].offset - (items[last].offset + items[last].len) <= max_gap &&
+           (!cap_bytes || items[last + 1].offset + items[last + 1].len - items[first].offset <= cap_bytes))
+        last++;
+    return last + 1;
+}
+
+#define READ_PIPELINE_MIN (4u << 20)
+#define READ_SUBRUN_BYTES (8u << 20)
+
 int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int flags) {
     if (n == 0) return BS_OK;
-    for (size_t i = 1; i < n; i++)
-        if (items[i].offset < items[i - 1].offset + items[i - 1].len) return BS_EINVAL;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && items[i].offset < items[i - 1].offset + items[i - 1].len) return BS_EINVAL;
+        total += items[i].len;
+    }
     if (max_gap > (64u << 20)) return BS_EINVAL;
     uint8_t *scratch = max_gap ? malloc((size_t)max_gap) : NULL;
-    /* a run never needs more than 2 iovecs per item, and is cut at IOV_MAX items anyway */
+    /* a run never needs more than 2 iovecs per item, and is cut at IOV_MAX / 2 items */
     size_t run_cap = n < IOV_MAX / 2 ? n : IOV_MAX / 2;
     struct iovec *iov = malloc(sizeof(struct iovec) * 2 * run_cap);
     if ((max_gap && !scratch) || !iov) {
@@ -205,30 +258,30 @@ int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int fl
         free(iov);
         return BS_ENOMEM;
     }
-    /* Runs are found twice: once to announce them all (so the device sees a deep queue of large
-     * requests instead of one synchronous read at a time), once to read them. */
-    for (int pass = (flags & BS_READ_WILLNEED) ? 0 : 1; pass < 2; pass++) {
-        size_t first = 0;
-        while (first < n) {
-            size_t last = first;
-            while (last + 1 < n && last + 1 - first < run_cap &&
-                   items[last + 1].offset - (items[last].offset + items[last].len) <= max_gap)
-                last++;
-            if (pass == 0)
-                bs_io->advise_willneed(bs_io->ctx, fd, (off_t)items[first].offset,
-                                       (off_t)(items[last].offset + items[last].len - items[first].offset));
-            else
-                read_run(fd, items, first, last, scratch, iov);
-            first = last + 1;
+    /* Announce every whole run first, so the device sees a deep queue of large requests instead of
+     * one synchronous read at a time (cold reads). */
+    if (flags & BS_READ_WILLNEED)
+        for (size_t first = 0, end; first < n; first = end) {
+            end = run_end(items, n, first, max_gap, run_cap, 0);
+            bs_io->advise_willneed(bs_io->ctx, fd, (off_t)items[first].offset,
+                                   (off_t)(items[end - 1].offset + items[end - 1].len - items[first].offset));
         }
+    verifier v = {items, n, 0, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+    pthread_t thread;
+    int threaded = (flags & BS_READ_VERIFY) && total >= READ_PIPELINE_MIN &&
+                   pthread_create(&thread, NULL, verify_items, &v) == 0;
+    /* With a verifier, runs are read in sub-runs of ~8 MiB so it can start on the first one early. */
+    uint64_t cap_bytes = threaded ? READ_SUBRUN_BYTES : 0;
+    for (size_t first = 0, end; first < n; first = end) {
+        end = run_end(items, n, first, max_gap, run_cap, cap_bytes);
+        read_run(fd, items, first, end - 1, scratch, iov);
+        if (threaded) publish_read(&v, end);
     }
+    if (threaded)
+        pthread_join(thread, NULL);
+    else if (flags & BS_READ_VERIFY)
+        for (size_t i = 0; i < n; i++) verify_item(&items[i]);
     free(scratch);
     free(iov);
-    if (flags & BS_READ_VERIFY) {
-        for (size_t i = 0; i < n; i++)
-            if (items[i].status == BS_OK &&
-                XXH3_64bits(items[i].dst, (size_t)items[i].len) != items[i].expect_xxh3)
-                items[i].status = BS_ECHECKSUM;
-    }
     return BS_OK;
 }
