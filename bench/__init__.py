@@ -1,0 +1,1 @@
+"""Benchmarks of blockstore against raw-disk ceilings measured in the same run (see README.md)."""

@@ -1,0 +1,499 @@
+"""Throughput of blockstore for 1 MiB KV records, as ratios to raw ceilings of the same disk.
+
+Every repeat measures, on a fresh directory and with the same payload bytes:
+
+  raw ceilings    (a) pwritev of N x 1 MiB into one file, no sync
+                  (b) the same in 32 MiB batches, each followed by fdatasync
+                  (c) warm sequential preadv into page-aligned buffers, with and without xxh3 per MiB
+                  (d) cold sequential preadv after posix_fadvise(DONTNEED)
+  blockstore      put_many (cache mode, then sync mode), warm and cold get_many into page-aligned
+                  buffers, 64 records per call; the same put and warm get on the pure-Python backend
+
+Each store figure is paired with its ceiling from the same repeat (put/cache vs a, put/sync vs b,
+warm get vs c with xxh3, cold get vs d), measured in the order ceiling, store, store, ceiling;
+medians and spreads are taken over the per-repeat ratios.
+Writes the full results to bench/results/throughput.json; the last line of stdout is a one-line
+JSON summary of the ratios.
+
+    python -m bench.throughput            # 1000 records (~1 GiB), 5 repeats
+    python -m bench.throughput --quick    # 256 records, 3 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import xxhash
+
+import blockstore
+from blockstore.store import aligned_buffer
+
+MiB = 1 << 20
+RECORD = MiB
+BATCH = 64  # records per put_many/get_many call, and per raw pwritev/preadv: the same unit of work
+DURABLE_BATCH = 32  # raw durable write: fdatasync after every 32 x 1 MiB
+POOL = 64  # distinct payloads, reused round-robin: 64 MiB of sources instead of N MiB
+TARGET = 0.85
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
+DEFAULT_JSON = os.path.join(REPO, "bench", "results", "throughput.json")
+
+# (store figure, ceiling figure) whose per-repeat quotient is a target ratio
+RATIOS = {
+    "put_cache_vs_write": ("store_put_cache", "raw_write"),
+    "put_sync_vs_durable_write": ("store_put_sync", "raw_durable_write"),
+    "warm_get_vs_read_xxh3": ("store_get_warm", "raw_read_warm_xxh3"),
+    "cold_get_vs_cold_read": ("store_get_cold", "raw_read_cold"),
+}
+# what the C core buys: native figure / pure-Python figure
+SPEEDUPS = {
+    "put_cache_native_vs_python": ("store_put_cache", "python_put_cache"),
+    "warm_get_native_vs_python": ("store_get_warm", "python_get_warm"),
+}
+
+
+# ---------------------------------------------------------------------------- data and timing
+
+
+class Payloads:
+    """POOL random page-aligned 1 MiB payloads; record i is payload i % POOL. Page-aligned because
+    that is what a KV-cache producer hands over (and unaligned sources would slow both sides)."""
+
+    def __init__(self) -> None:
+        arena = aligned_buffer(POOL * RECORD)
+        arena[:] = os.urandom(POOL * RECORD)
+        self.views = [arena[i * RECORD : (i + 1) * RECORD] for i in range(POOL)]
+
+    def __getitem__(self, i: int) -> memoryview:
+        return self.views[i % POOL]
+
+
+def time_batches(n: int, per_call: int, op: Callable[[range], None]) -> float:
+    """Seconds to run `op` over records [0, n) in consecutive ranges of `per_call` records.
+    The one timing loop of every figure, raw or store, so all pay the same loop overhead."""
+    t0 = time.perf_counter()
+    for start in range(0, n, per_call):
+        op(range(start, min(start + per_call, n)))
+    return time.perf_counter() - t0
+
+
+class Settle:
+    """Run before every timed phase, so that each starts from the same state of the machine.
+
+    1. os.sync(): write back what the previous phase left dirty, or its writeback runs inside the
+       next timed phase (on a 1 GiB write that alone moves a result by tens of percent).
+    2. Before a phase that writes (and so allocates page cache), write and delete a ballast file
+       slightly larger than the phase's data. This VM (Firecracker, nested PVM, free page reporting)
+       hands guest memory that has been free for a few seconds back to the host, and touching it
+       again costs more than the copy itself: a 1 GiB buffered write measured 0.6-1.3 GB/s on such
+       pages and 3.6-3.9 GB/s on pages freed a moment before (bench/README.md). Deleting the ballast
+       frees host-backed pages that the phase then reuses, raw and store alike, as on a machine
+       whose RAM stays backed. `--no-recycle` turns this off.
+    """
+
+    def __init__(self, work: str, payloads: Payloads, records: int, recycle: bool) -> None:
+        self.ballast = os.path.join(work, "ballast.bin")
+        self.payloads = payloads
+        self.records = records + records // 8 + 64  # + record header pages, directory, slack
+        self.recycle = recycle
+
+    def __call__(self, writes: bool) -> None:
+        os.sync()
+        if writes and self.recycle:
+            raw_write(self.ballast, self.payloads, self.records, durable=False)
+            os.unlink(self.ballast)  # dirty, never synced: deleting it costs no I/O
+
+
+def pwritev_all(fd: int, bufs: Sequence[memoryview], offset: int) -> None:
+    n = os.pwritev(fd, bufs, offset)
+    if n != sum(len(b) for b in bufs):  # never short for a regular file below 2 GiB, but be sure
+        raise OSError(f"short pwritev: {n} bytes")
+
+
+def preadv_all(fd: int, bufs: Sequence[memoryview], offset: int) -> None:
+    n = os.preadv(fd, bufs, offset)
+    if n != sum(len(b) for b in bufs):
+        raise OSError(f"short preadv: {n} bytes")
+
+
+# ---------------------------------------------------------------------------- raw ceilings
+
+
+def raw_write(path: str, payloads: Payloads, n: int, durable: bool) -> float:
+    """(a) buffered sequential write, no sync; (b) durable: fdatasync after every DURABLE_BATCH."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+
+        def write(r: range) -> None:
+            pwritev_all(fd, [payloads[i] for i in r], r.start * RECORD)
+            if durable:
+                os.fdatasync(fd)
+
+        return time_batches(n, DURABLE_BATCH if durable else BATCH, write)
+    finally:
+        os.close(fd)
+
+
+def raw_read(path: str, n: int, dst: list[memoryview], *, cold: bool, verify: bool) -> float:
+    """(c) warm / (d) cold sequential read into page-aligned buffers, optionally xxh3 of each MiB
+    (the least work a store that verifies what it returns must do)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if cold:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drops only clean pages: Settle synced
+
+        def read(r: range) -> None:
+            bufs = dst[: len(r)]
+            preadv_all(fd, bufs, r.start * RECORD)
+            if verify:
+                for b in bufs:
+                    xxhash.xxh3_64_intdigest(b)
+
+        return time_batches(n, BATCH, read)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- blockstore
+
+
+def keys_for(n: int) -> list[bytes]:
+    return [b"bench-kv-%012d" % i for i in range(n)]  # 21 bytes, sorted in put order
+
+
+def store_put(path: str, payloads: Payloads, keys: list[bytes], durability: str, backend: str) -> dict[str, Any]:
+    """Time the put_many calls only; close() (seal blocks, flush the directory) is timed apart."""
+    store = blockstore.open(path, durability=durability, backend=backend)
+    try:
+        put = time_batches(len(keys), BATCH, lambda r: store.put_many([(keys[i], payloads[i]) for i in r]))
+        stats = store.stats().as_dict()
+    finally:
+        t0 = time.perf_counter()
+        store.close()
+        close = time.perf_counter() - t0
+    return {"put_s": put, "close_s": close, "stats": stats}
+
+
+def store_get(path: str, keys: list[bytes], dst: list[memoryview], backend: str, *, cold: bool) -> float:
+    """Batched get_many into caller-owned page-aligned buffers (the zero-copy path), warm or cold."""
+    with blockstore.open(path, backend=backend) as store:
+        if cold:
+            store.drop_page_cache()
+        else:
+            first = keys[:BATCH]  # first call: directory and descriptor caches
+            store.get_many(first, out=dst[: len(first)])
+
+        def get(r: range) -> None:
+            got = store.get_many(keys[r.start : r.stop], out=dst[: len(r)])
+            if got.count(RECORD) != len(r):
+                raise RuntimeError(f"get_many of records {r.start}..{r.stop - 1} returned {got}")
+
+        return time_batches(len(keys), BATCH, get)
+
+
+def warm_up(read: Callable[[], float]) -> float:
+    """Read once untimed (the data was just written, but make sure it is all cached), then time."""
+    read()
+    return read()
+
+
+def check_contents(path: str, payloads: Payloads, keys: list[bytes], backend: str) -> None:
+    """Untimed: a few records read back equal what was put (a fast wrong answer is no result)."""
+    with blockstore.open(path, backend=backend, read_only=True) as store:
+        sample = sorted({0, len(keys) // 2, len(keys) - 1})
+        for i, view in zip(sample, store.get_many([keys[i] for i in sample])):
+            if view is None or view != payloads[i]:
+                raise RuntimeError(f"record {i} read back wrong from {path}")
+
+
+# ---------------------------------------------------------------------------- one repeat
+
+
+def one_repeat(root: str, payloads: Payloads, n: int, rep: int, skip_python: bool,
+               recycle: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """All figures of one repeat in seconds, plus the stores' stats, on a fresh directory that is
+    deleted afterwards.
+
+    Each store figure is measured next to its ceiling in the order ceiling, store, store, ceiling
+    (ABBA), and each figure is the mean of its two runs: whichever side runs first gains nothing,
+    and a linear drift of the shared disk cancels out. (With plain alternation the order showed
+    through: the cold read that ran first was up to 1.7x faster, raw or store alike.)"""
+    work = tempfile.mkdtemp(prefix=f"rep{rep}-", dir=root)
+    raw, raw_durable = os.path.join(work, "raw.bin"), os.path.join(work, "raw-durable.bin")
+    native, native_sync, python = (os.path.join(work, d) for d in ("native", "native-sync", "python"))
+    keys = keys_for(n)
+    dst = [aligned_buffer(RECORD) for _ in range(BATCH)]  # reused by every read: caller-owned memory
+    settle = Settle(work, payloads, n, recycle)
+    seconds: dict[str, list[float]] = {}
+    stats: dict[str, Any] = {}
+
+    def record(name: str, secs: float) -> None:
+        seconds.setdefault(name, []).append(secs)
+
+    def abba(ceiling: Callable[[], None], store: Callable[[], None], *, writes: bool) -> None:
+        for phase in (ceiling, store, store, ceiling):
+            settle(writes)
+            phase()
+
+    def put(name: str, path: str, durability: str, backend: str) -> Callable[[], None]:
+        def phase() -> None:
+            shutil.rmtree(path, ignore_errors=True)  # the second run of a pair starts fresh too
+            r = store_put(path, payloads, keys, durability, backend)
+            record(name, r["put_s"])
+            record(name + "_close", r["close_s"])
+            stats[name] = r["stats"]
+        return phase
+
+    def raw_plain_write() -> None:
+        record("raw_write", raw_write(raw, payloads, n, durable=False))
+
+    def raw_durable_write() -> None:
+        record("raw_durable_write", raw_write(raw_durable, payloads, n, durable=True))
+
+    def raw_warm_reads() -> None:
+        record("raw_read_warm", warm_up(lambda: raw_read(raw, n, dst, cold=False, verify=False)))
+        record("raw_read_warm_xxh3", raw_read(raw, n, dst, cold=False, verify=True))
+
+    def raw_cold_read() -> None:
+        record("raw_read_cold", raw_read(raw, n, dst, cold=True, verify=False))
+
+    def get_warm(name: str, path: str, backend: str) -> Callable[[], None]:
+        def phase() -> None:
+            record(name, warm_up(lambda: store_get(path, keys, dst, backend, cold=False)))
+        return phase
+
+    def get_cold() -> None:
+        record("store_get_cold", store_get(native, keys, dst, "native", cold=True))
+
+    try:
+        abba(raw_plain_write, put("store_put_cache", native, "cache", "native"), writes=True)
+        abba(raw_warm_reads, get_warm("store_get_warm", native, "native"), writes=False)
+        abba(raw_cold_read, get_cold, writes=False)
+        check_contents(native, payloads, keys, "native")
+        os.unlink(raw)  # keep at most ~2 N MiB on the disk at once
+        shutil.rmtree(native)
+        abba(raw_durable_write, put("store_put_sync", native_sync, "sync", "native"), writes=True)
+        os.unlink(raw_durable)
+        shutil.rmtree(native_sync)
+        if not skip_python:  # no ceiling to pair with: compared with the native figures above
+            settle(writes=True)
+            put("python_put_cache", python, "cache", "python")()
+            settle(writes=False)
+            get_warm("python_get_warm", python, "python")()
+            check_contents(python, payloads, keys, "python")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {name: statistics.fmean(v) for name, v in seconds.items()}, stats
+
+
+# ---------------------------------------------------------------------------- statistics and report
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    q1, _q2, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def summarize(runs: list[dict[str, float]], n: int) -> dict[str, Any]:
+    nbytes = n * RECORD
+    figures: dict[str, Any] = {}
+    for name in runs[0]:
+        secs = [r[name] for r in runs]
+        if name.endswith("_close"):
+            figures[name] = {"seconds": spread(secs)}
+        else:
+            figures[name] = {
+                "gb_per_s": spread([nbytes / s / 1e9 for s in secs]),
+                "records_per_s": spread([n / s for s in secs]),
+                "seconds": spread(secs),
+            }
+    # a ratio of throughputs is the inverse ratio of times, per repeat
+    ratios = {k: spread([r[ceil] / r[fig] for r in runs]) for k, (fig, ceil) in RATIOS.items()}
+    for r in ratios.values():
+        r["target"] = TARGET
+        r["met"] = r["median"] >= TARGET
+    speedups = {k: spread([r[slow] / r[fast] for r in runs]) for k, (fast, slow) in SPEEDUPS.items()
+                if slow in runs[0]}
+    return {"figures": figures, "ratios": ratios, "speedups": speedups}
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [f"{'figure':<26}{'GB/s median':>12}{'min':>8}{'max':>8}{'IQR':>8}{'rec/s':>9}"]
+    for name, f in summary["figures"].items():
+        if "gb_per_s" in f:
+            g = f["gb_per_s"]
+            lines.append(f"{name:<26}{g['median']:>12.2f}{g['min']:>8.2f}{g['max']:>8.2f}{g['iqr']:>8.2f}"
+                         f"{f['records_per_s']['median']:>9.0f}")
+    for name, f in summary["figures"].items():
+        if "gb_per_s" not in f:
+            s = f["seconds"]
+            lines.append(f"{name:<26}{s['median'] * 1e3:>9.1f} ms{s['min'] * 1e3:>8.1f}{s['max'] * 1e3:>8.1f}"
+                         f"{s['iqr'] * 1e3:>8.1f}")
+    lines.append("")
+    lines.append(f"{'ratio':<28}{'median':>8}{'min':>8}{'max':>8}{'IQR':>8}   target")
+    for name, r in summary["ratios"].items():
+        verdict = "met" if r["met"] else "NOT met"
+        lines.append(f"{name:<28}{r['median']:>8.3f}{r['min']:>8.3f}{r['max']:>8.3f}{r['iqr']:>8.3f}"
+                     f"   >= {TARGET} {verdict}")
+    for name, r in summary["speedups"].items():
+        lines.append(f"{name:<28}{r['median']:>7.2f}x{r['min']:>7.2f}x{r['max']:>7.2f}x{r['iqr']:>8.3f}")
+    return "\n".join(lines)
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine_info(scratch: str) -> dict[str, Any]:
+    cpu_model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    mem_kib = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), 0)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "scratch_dir": scratch,
+        "fs_type_stat": _run(["stat", "-f", "-c", "%T", scratch]),
+        "df": _run(["df", "-PT", scratch]).splitlines()[-1:],
+        "vm_dirty_ratio": open("/proc/sys/vm/dirty_ratio").read().strip(),
+        "vm_dirty_background_ratio": open("/proc/sys/vm/dirty_background_ratio").read().strip(),
+    }
+
+
+def cpu_busy_s() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process) so far."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    t = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+def engine_state() -> dict[str, Any]:
+    """Which engine was measured: the commit, plus a digest of uncommitted engine changes if any."""
+    diff = _run(["git", "diff", "HEAD", "--", "blockstore", "native"])
+    return {
+        "commit": _run(["git", "rev-parse", "HEAD"]),
+        "engine_uncommitted": _run(["git", "status", "--porcelain", "--", "blockstore", "native"]).splitlines(),
+        "engine_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+    }
+
+
+def write_json(path: str, doc: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"  # never leave a half-written results file behind
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 records and 3 repeats (explicit flags still win)")
+    ap.add_argument("--records", type=int, help="number of 1 MiB records (default 1000, --quick 256)")
+    ap.add_argument("--repeats", type=int, help="repeats, each on a fresh directory (default 5, --quick 3)")
+    ap.add_argument("--dir", default=DEFAULT_DIR,
+                    help="scratch root; must be on the disk under test (default: bench/.scratch in the repo)")
+    ap.add_argument("--json-out", default=DEFAULT_JSON, help="results file (default: bench/results/throughput.json)")
+    ap.add_argument("--skip-python", action="store_true", help="leave out the pure-Python backend figures")
+    ap.add_argument("--no-recycle", action="store_true",
+                    help="no ballast file before write phases (figures then depend on the VM's memory backing)")
+    args = ap.parse_args(argv)
+    args.records = args.records or (256 if args.quick else 1000)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.records < 1 or args.repeats < 1:
+        ap.error("--records and --repeats must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    need = 4 * args.records * RECORD  # at most two copies of the data and a ballast at once, plus slack
+    free = shutil.disk_usage(args.dir).free
+    if free < need:
+        sys.exit(f"{args.dir}: {free / 2**30:.1f} GiB free, need {need / 2**30:.1f} GiB")
+    load = os.getloadavg()[0]
+    if load > 0.5:  # on 2 cores another busy process moves every figure: say so where it is seen
+        print(f"warning: load average {load:.2f} at start; figures will be noisy", file=sys.stderr)
+    engine = engine_state()  # now: the code measured is what was imported at start
+    machine = machine_info(args.dir)
+    busy0, own0 = cpu_busy_s()
+    root = tempfile.mkdtemp(prefix="throughput-", dir=args.dir)
+    payloads = Payloads()
+    runs: list[dict[str, float]] = []
+    stats: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        for rep in range(args.repeats):
+            times, stats = one_repeat(root, payloads, args.records, rep, args.skip_python, not args.no_recycle)
+            runs.append(times)
+            print(f"repeat {rep + 1}/{args.repeats} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    busy1, own1 = cpu_busy_s()
+    summary = summarize(runs, args.records)
+    doc = {
+        "benchmark": "throughput",
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "config": {"records": args.records, "record_bytes": RECORD, "repeats": args.repeats,
+                   "recycle_memory": not args.no_recycle, "batch_records": BATCH,
+                   "durable_batch_records": DURABLE_BATCH, "payload_pool": POOL,
+                   "pair_order": "ceiling, store, store, ceiling; each figure the mean time of its two runs",
+                   "gb": "1e9 bytes of payload (store files hold 4 KiB more per record: header page)"},
+        # CPU others used meanwhile (kernel writeback for this run included): on 2 cores, the noise
+        "machine": {**machine, "loadavg_at_start": load,
+                    "cpu_s_not_this_process": round((busy1 - busy0) - (own1 - own0), 1)},
+        "engine": engine,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        **summary,
+        "store_stats_last_repeat": stats,
+        "runs_seconds": runs,
+    }
+    write_json(args.json_out, doc)
+    print(table(summary))
+    print(f"(full results: {os.path.relpath(args.json_out)})")
+    print(json.dumps({
+        "benchmark": "throughput", "records": args.records, "repeats": args.repeats,
+        "ratios": {k: round(v["median"], 3) for k, v in summary["ratios"].items()},
+        "targets_met": {k: v["met"] for k, v in summary["ratios"].items()},
+        "speedups": {k: round(v["median"], 2) for k, v in summary["speedups"].items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
