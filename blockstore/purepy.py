@@ -59,6 +59,24 @@ OK, E_IO, E_CHECKSUM, E_TRUNCATED = 0, -2, -5, -9
 _h = xxhash.xxh3_64_intdigest
 
 
+def _check_frame(buf, layout: struct.Struct, magic: bytes, what: str) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+    """Block header and footer share a frame: magic, version, fields, xxh3 of [0, 56) at 56.
+    Checked in the C core's order, so both backends raise the same class for the same bytes."""
+    raw = bytes(buf[:64])
+    if len(raw) < 64:
+        raise TruncatedError(f"decode {what}: TruncatedError")
+    fields = layout.unpack_from(raw)
+    if fields[0] != magic:
+        raise CorruptionError(f"decode {what}: CorruptionError")
+    if _h(raw[:56]) != int.from_bytes(raw[56:64], "little"):
+        raise ChecksumMismatch(f"decode {what}: ChecksumMismatch")
+    if fields[1] == 0:
+        raise CorruptionError(f"decode {what}: CorruptionError")
+    if fields[1] > FORMAT_VERSION:
+        raise FormatVersionError(f"decode {what}: FormatVersionError")
+    return fields
+
+
 def _encode_header(info: RecordInfo, key: bytes, meta: bytes) -> bytes:
     head = _REC.pack(
         _RECORD_MAGIC, FORMAT_VERSION, info.kind, info.flags, info.key_len, info.meta_len,
@@ -113,18 +131,7 @@ class PythonBackend:
         return head + _h(head).to_bytes(8, "little")
 
     def decode_block_header(self, buf) -> BlockHeader:  # type: ignore[no-untyped-def]
-        buf = bytes(buf[:64])
-        if len(buf) < 64:
-            raise TruncatedError("decode block header: TruncatedError")
-        magic, ver, flags, bid, sid, created, phash, _ = _BLOCK.unpack_from(buf)
-        if magic != _BLOCK_MAGIC:
-            raise CorruptionError("decode block header: CorruptionError")
-        if _h(buf[:56]) != int.from_bytes(buf[56:64], "little"):
-            raise ChecksumMismatch("decode block header: ChecksumMismatch")
-        if ver == 0:
-            raise CorruptionError("decode block header: CorruptionError")
-        if ver > FORMAT_VERSION:
-            raise FormatVersionError("decode block header: FormatVersionError")
+        _magic, ver, flags, bid, sid, created, phash, _ = _check_frame(buf, _BLOCK, _BLOCK_MAGIC, "block header")
         return BlockHeader(bid, sid, created, phash, ver, flags)
 
     def encode_footer(self, f: Footer) -> bytes:
@@ -132,18 +139,7 @@ class PythonBackend:
         return head + _h(head).to_bytes(8, "little")
 
     def decode_footer(self, buf) -> Footer:  # type: ignore[no-untyped-def]
-        buf = bytes(buf[:64])
-        if len(buf) < 64:
-            raise TruncatedError("decode footer: TruncatedError")
-        magic, ver, flags, bid, end, count, lo, hi = _FOOTER.unpack_from(buf)
-        if magic != _FOOTER_MAGIC:
-            raise CorruptionError("decode footer: CorruptionError")
-        if _h(buf[:56]) != int.from_bytes(buf[56:64], "little"):
-            raise ChecksumMismatch("decode footer: ChecksumMismatch")
-        if ver == 0:
-            raise CorruptionError("decode footer: CorruptionError")
-        if ver > FORMAT_VERSION:
-            raise FormatVersionError("decode footer: FormatVersionError")
+        _magic, ver, flags, bid, end, count, lo, hi = _check_frame(buf, _FOOTER, _FOOTER_MAGIC, "footer")
         return Footer(bid, end, count, lo, hi, ver, flags)
 
     # ---- files ----
