@@ -36,7 +36,6 @@ class OpenBlock:
     tail: int
     min_seq: int = 0
     max_seq: int = 0
-    dirty: bool = False  # written since the last fdatasync
     broken: bool = False  # an append failed: no more appends, sealed at `tail` on close
     records: int = field(default=0)
 
@@ -88,7 +87,8 @@ class BlockFiles:
         return fd
 
     def seal(self, block: OpenBlock) -> None:
-        """Truncate to the last good record, write the footer, and make it durable."""
+        """Truncate to the last good record and write the footer; durable now in sync mode, and in
+        cache mode by the store's close() (which syncs every block sealed in the session)."""
         b = self.backend
         b.truncate(block.fd, block.tail)
         footer = Footer(block.entry.block_id, block.tail, block.records, block.min_seq, block.max_seq)

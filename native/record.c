@@ -1,6 +1,5 @@
 /* Record headers, block headers and footers: encoding and verification (docs/format.md §2). */
-#define XXH_STATIC_LINKING_ONLY /* for XXH3_state_t on the stack */
-#include <xxhash.h>
+#include "xxh.h"
 #include <string.h>
 
 #include "blockstore.h"

@@ -1,8 +1,7 @@
 /* Record-by-record scan of a block file, used by recovery (unsealed blocks) and fsck. */
-#define XXH_STATIC_LINKING_ONLY
 #include <stdlib.h>
 #include <string.h>
-#include <xxhash.h>
+#include "xxh.h"
 
 #include "blockstore.h"
 #include "internal.h"
