@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blockstore.backend import Backend
 from blockstore.directory import BlockEntry
@@ -36,8 +36,7 @@ class OpenBlock:
     tail: int
     min_seq: int = 0
     max_seq: int = 0
-    broken: bool = False  # an append failed: no more appends, sealed at `tail` on close
-    records: int = field(default=0)
+    records: int = 0  # appended and committed, for the footer
 
 
 class BlockFiles:

@@ -128,7 +128,6 @@ class _Group:
 class _Planned:
     block: OpenBlock
     records: list[AppendRecord] = field(default_factory=list)
-    mutations: list[_Mutation] = field(default_factory=list)
 
 
 def _check_key(key: bytes) -> bytes:
@@ -548,7 +547,6 @@ class Store(ChunkAPI, TensorAPI):
                 seq += 1
             pl = planned.setdefault(ob.entry.block_id, _Planned(ob))
             pl.records.append(rec)
-            pl.mutations.append(m)
             placed.append((m, suffix, ob, rec))
             live_after[suffix] = m.kind != Kind.TOMBSTONE
         # write: one C call per block; in sync mode it ends with that block's fdatasync
@@ -748,7 +746,6 @@ class Store(ChunkAPI, TensorAPI):
     def _retire(self, ob: OpenBlock) -> None:
         """An append to this block failed: stop using it; it is sealed at its last good tail on close
         (and, if we crash first, recovery truncates it there)."""
-        ob.broken = True
         self._open = {k: v for k, v in self._open.items() if v is not ob}
         self._retired.append(ob)
 
