@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blockstore.directory import SPACE_CHUNK, key_suffix, session_prefix
+from blockstore.directory import SPACE_CHUNK, TOMBSTONE_META, key_suffix, session_prefix
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.records import Kind
 
@@ -139,6 +139,6 @@ class ChunkAPI:
         _check_ns(ns)
         u, s, c = _id("user_id", user_id), _id("session_id", session_id), _id("chunk_id", chunk_id)
         partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
-        m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.TOMBSTONE, partition)
+        m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.TOMBSTONE, partition, TOMBSTONE_META[SPACE_CHUNK])
         self._submit([m])
         return bool(m.result)

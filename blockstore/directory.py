@@ -22,9 +22,12 @@ TAG_KEY = b"K"
 TAG_BLOCK = b"B"
 TAG_REVERSE = b"R"
 TAG_SESSION = b"S"
+TAG_AFFINITY = b"A"  # compaction's co-access statistics (docs/format.md §5.3)
 
 SPACE_KV = 1
 SPACE_CHUNK = 2
+# a tombstone's meta names the key space of the record it deletes (so a rebuild can tell them apart)
+TOMBSTONE_META = {SPACE_KV: b"\x01", SPACE_CHUNK: b"\x02"}
 
 BLOCK_OPEN = 1
 BLOCK_SEALED = 2

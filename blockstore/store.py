@@ -13,13 +13,15 @@ xxh3 before it is returned (invariant 1).
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import mmap
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ from blockstore.directory import (
     TAG_KEY,
     TAG_NS,
     TAG_NS_ID,
+    TOMBSTONE_META,
     BlockEntry,
     Directory,
     DirectoryBatch,
@@ -77,6 +80,8 @@ OnCorrupt = Literal["raise", "miss"]
 
 MANIFEST = "MANIFEST.json"
 DIRECTORY = "directory"
+_log = logging.getLogger("blockstore")
+
 DEFAULT_BLOCK_SIZE = 64 << 20
 DEFAULT_NAMESPACE = "default"
 
@@ -114,6 +119,12 @@ class _Mutation:
     # a move (relocation): the directory suffix and the place it must still name (compare-and-swap)
     suffix: bytes | None = None
     expected: Location | None = None
+    # a relocation set's first move: bytes the whole set needs, so it starts a fresh block rather than
+    # straddling two when the open one is too short (one request's records stay in one block)
+    group_need: int = 0
+    # a tombstone move that only retires the tombstone from its old block (compaction decided no older
+    # record of the key is left anywhere, so nothing needs it)
+    drop: bool = False
     result: Any = None
 
 
@@ -195,6 +206,7 @@ class Store(ChunkAPI, TensorAPI):
         read_ahead: bool = True,
         on_corrupt: OnCorrupt = "raise",
         backend: str | None = None,
+        compaction: str | dict[str, Any] | None = None,
     ) -> None:
         if durability not in ("cache", "sync"):
             raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
@@ -230,8 +242,20 @@ class Store(ChunkAPI, TensorAPI):
         self._sealed_unsynced: set[int] = set()
         self._ns_ids: dict[str, int] = {}
         self.recovery_report: dict[str, Any] | None = None
+        self._read_observers: list[Callable[[Sequence[bytes], Sequence[Location | None]], None]] = []
+        self.compactor: Any = None
 
         self._open_files(create)
+        if compaction is not None:
+            if read_only:
+                self.close()
+                raise InvalidArgument("compaction needs a writable store (read_only=True given)")
+            # the engine does not depend on compaction: it is a plugin the store starts by name
+            try:
+                self.compactor = importlib.import_module("blockstore.compaction").attach(self, compaction)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ open / close
 
@@ -326,9 +350,15 @@ class Store(ChunkAPI, TensorAPI):
             d.write(b, force_sync=True)
 
     def close(self) -> None:
-        """Seal open blocks, make everything durable, mark the store clean. Idempotent."""
+        """Stop compaction, seal open blocks, make everything durable, mark the store clean. Idempotent."""
         if self._closed:
             return
+        if self.compactor is not None:
+            compactor, self.compactor = self.compactor, None
+            try:
+                compactor.stop()
+            except BlockstoreError as exc:  # its copies are committed or not: nothing acknowledged is at stake
+                _log.warning("compactor stop failed: %s", exc)
         try:
             if not self.read_only:
                 with self._cv:
@@ -392,6 +422,9 @@ class Store(ChunkAPI, TensorAPI):
     def abandon(self) -> None:
         """Drop the store without sealing or marking it clean, as a crash would (tests only).
         The directory is closed as kill -9 leaves it: every write it acknowledged is in its WAL."""
+        if self.compactor is not None:
+            self.compactor.stop(flush=False)
+            self.compactor = None
         self._closed = True
         for ob in list(self._open.values()) + self._retired:
             try:
@@ -453,7 +486,7 @@ class Store(ChunkAPI, TensorAPI):
         self._check_open(write=True)
         _check_ns(ns)
         part = self._partition(ns, None)
-        muts = [_Mutation(ns, SPACE_KV, _check_key(k), Kind.TOMBSTONE, part) for k in keys]
+        muts = [_Mutation(ns, SPACE_KV, _check_key(k), Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in keys]
         self._submit(muts)
         return [bool(m.result) for m in muts]
 
@@ -520,12 +553,16 @@ class Store(ChunkAPI, TensorAPI):
         seq = self._next_seq
         placed: list[tuple[_Mutation, bytes, OpenBlock, AppendRecord]] = []
         touched: set[bytes] = set()  # keys a put or delete of this group changed
+        retired_tombstones: list[int] = []  # old blocks of tombstone moves, carried or dropped
         for m, suffix in zip(muts, suffixes):
-            if m.kind == Kind.TOMBSTONE:
-                m.result = live_after[suffix]
+            if m.expected is not None and m.expected.kind == Kind.TOMBSTONE:
+                # a tombstone leaves its old block (compaction): carried only while the key stays
+                # deleted, since a newer put supersedes every older record anyway
+                retired_tombstones.append(m.expected.block_id)
+                m.result = not m.drop and suffix not in touched and not live_after[suffix]
                 if not m.result:
-                    continue  # deleting a missing key writes nothing
-            if m.expected is not None:
+                    continue
+            elif m.expected is not None:
                 # compare-and-swap: move only if the directory still names the old place (invariant 3;
                 # Badger issue 2310 resurrected deleted keys by skipping this check)
                 cur = current[suffix]
@@ -533,9 +570,14 @@ class Store(ChunkAPI, TensorAPI):
                 if not m.result:
                     continue
             else:
+                if m.kind == Kind.TOMBSTONE:
+                    m.result = live_after[suffix]
+                    if not m.result:
+                        continue  # deleting a missing key writes nothing
                 touched.add(suffix)
             plen = len(m.payload)  # type: ignore[arg-type]
-            ob = self._block_for(m.partition, len(m.key) + len(m.meta) + plen, tails, to_seal, batch)
+            need = max(len(m.key) + len(m.meta) + plen, m.group_need)
+            ob = self._block_for(m.partition, need, tails, to_seal, batch)
             tail = tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
             tails[ob.entry.block_id] = tail + rlen
@@ -618,6 +660,9 @@ class Store(ChunkAPI, TensorAPI):
                 ob.min_seq = min(ob.min_seq or rec.seq, rec.seq)
                 ob.max_seq = max(ob.max_seq, rec.seq)
                 ob.records += 1
+            for bid in retired_tombstones:
+                e = entry(bid)
+                e.tombstones = max(0, e.tombstones - 1)
             for bid, pl in planned.items():
                 pl.block.tail = tails[bid]
                 pl.block.entry = entry(bid)
@@ -762,16 +807,33 @@ class Store(ChunkAPI, TensorAPI):
             self._blocks.pop(bid, None)
         self.blocks.delete(bid)
 
-    # ------------------------------------------------------------------ relocation primitive
+    # ------------------------------------------------------------------ observation and relocation
 
-    def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes) -> list[bool]:
+    def add_read_observer(self, observe: Callable[[Sequence[bytes], Sequence[Location | None]], None]) -> None:
+        """Call `observe(key suffixes, locations)` with every batched read (one request), after its
+        lookup. Compaction learns co-access this way. Observers run on the reader's thread: keep them
+        cheap; their exceptions are logged, never raised into the read."""
+        self._read_observers.append(observe)
+
+    def remove_read_observer(self, observe: Callable[[Sequence[bytes], Sequence[Location | None]], None]) -> None:
+        if observe in self._read_observers:
+            self._read_observers.remove(observe)
+
+    def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
+                      together: bool = False, drop_tombstones: Sequence[tuple[bytes, Location]] = ()) -> list[bool]:
         """Copy records to the open block of `partition` and re-point each key only if the directory
         still names its old place, in the same atomic batch that updates both blocks' counters.
 
         `moves` are (directory key suffix, the location read, its verified payload), as
         `Directory.block_records` and `read_locations` give them. Returns, per move, whether it
         happened (False: the key was overwritten or deleted meanwhile, and stays so). This is the
-        compare-and-swap compaction is built on (docs/format.md §5.2)."""
+        compare-and-swap compaction is built on (docs/format.md §5.2).
+
+        A move whose location is a tombstone's (kind `tombstone`, empty payload) carries the tombstone
+        to the new block, keeping its sequence number, unless the key was written again since.
+        `drop_tombstones` retires tombstones from their block without a copy: the caller has proved
+        that no older record of the key is left anywhere. `together=True` keeps the moves in one block:
+        if the open block cannot take all of them, a fresh one is started first."""
         self._check_open(write=True)
         muts = []
         for suffix, loc, payload in moves:
@@ -779,8 +841,17 @@ class Store(ChunkAPI, TensorAPI):
                 raise InvalidArgument("relocate_many: malformed key suffix")
             muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
                                   _payload_view(payload), loc.payload_xxh3, suffix=suffix, expected=loc))
+        if together and muts:
+            muts[0].group_need = sum(loc.record_len for _s, loc, _p in moves)
+        for suffix, loc in drop_tombstones:
+            if len(suffix) < 6 or loc.kind != Kind.TOMBSTONE:
+                raise InvalidArgument("relocate_many: drop_tombstones takes tombstone locations")
+            muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta, b"",
+                                  suffix=suffix, expected=loc, drop=True))
+        if not muts:
+            return []
         self._submit(muts)
-        return [bool(m.result) for m in muts]
+        return [bool(m.result) for m in muts[: len(moves)]]
 
     def read_locations(self, locs: Sequence[Location]) -> list[memoryview]:
         """Read and verify the payloads at these places (raises on corruption whatever on_corrupt says:
@@ -857,6 +928,12 @@ class Store(ChunkAPI, TensorAPI):
               _retry: bool = True) -> list[Any]:
         suffixes = [key_suffix(nid, space, k) for k in keys]
         locs = self.dir.get_locations(suffixes)
+        if _retry:
+            for observe in self._read_observers:
+                try:
+                    observe(suffixes, locs)
+                except Exception:  # an observer (affinity learning) must never fail a read
+                    _log.exception("read observer failed")
         hooks.fire("read.located")
         results: list[Any] = [None] * len(keys)
         if out is not None and len(out) != len(keys):
