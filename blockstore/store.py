@@ -839,8 +839,9 @@ class Store(ChunkAPI, TensorAPI):
         for suffix, loc, payload in moves:
             if len(suffix) < 6:
                 raise InvalidArgument("relocate_many: malformed key suffix")
+            xxh = None if loc.kind == Kind.TOMBSTONE else loc.payload_xxh3
             muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
-                                  _payload_view(payload), loc.payload_xxh3, suffix=suffix, expected=loc))
+                                  _payload_view(payload), xxh, suffix=suffix, expected=loc))
         if together and muts:
             muts[0].group_need = sum(loc.record_len for _s, loc, _p in moves)
         for suffix, loc in drop_tombstones:
@@ -1046,6 +1047,16 @@ class Store(ChunkAPI, TensorAPI):
             space_amplification=(file_bytes + dir_bytes) / live_logical if live_logical else 0.0,
             write_amplification=bytes_written / bytes_put if bytes_put else 0.0,
         )
+
+    def io_counters(self) -> tuple[int, int]:
+        """(logical bytes users put, bytes appended to block files): write amplification's terms."""
+        with self._state_lock:
+            return self._bytes_put, self._bytes_written
+
+    def open_block_min_seqs(self) -> dict[int, int]:
+        """Lowest sequence number in each block still being appended (0: nothing in it yet). With the
+        sealed blocks' footers, this tells compaction whether any record older than a tombstone is left."""
+        return {ob.entry.block_id: ob.min_seq for ob in [*self._open.values(), *self._retired]}
 
     def block_table(self) -> list[BlockEntry]:
         """A snapshot of the block table (for tools and compaction)."""

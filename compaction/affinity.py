@@ -1,0 +1,235 @@
+"""Affinity: which records are read together, learned from real read batches and hints.
+
+Every batched read the store serves is one request; its live keys are one co-access group (after the
+judge has had its say). Groups are counted, bounded in number and size, and persisted in the
+directory (`A` keys, docs/format.md §5.3), so a restart keeps what was learned.
+
+Growth is folded in: a request that contains a known group (a conversation's prefix one chunk longer)
+replaces it and inherits its hits; a request contained in a known group credits that group. So a
+multi-turn chat is one group that grows, not a new group per turn that would be rewritten each time.
+
+The judge is the seam for other evidence: `CoAccessJudge` trusts the read batch as it is; an
+embedding- or LLM-based judge (the Akashic paper asks an LLM whether chunks belong together) can split a
+request into the groups it believes in, or join it with related keys, without changing anything else.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import xxhash
+
+from blockstore.directory import TAG_AFFINITY, DirectoryBatch
+
+if TYPE_CHECKING:
+    from blockstore.directory import Directory, Location
+
+SOURCE_READ = 1
+SOURCE_HINT = 2
+
+_GROUP = struct.Struct("<BBHdQd")  # version, source, key count, hits, last seen (clock), hits at last move
+_GROUP_KEY_LEN = len(TAG_AFFINITY) + 8
+
+
+class AffinityJudge(Protocol):
+    """Turns one observed request (its live key suffixes, in request order) into co-access groups."""
+
+    def groups(self, request: Sequence[bytes]) -> Iterable[Sequence[bytes]]: ...
+
+
+class CoAccessJudge:
+    """The default: records fetched in one batch belong together."""
+
+    def groups(self, request: Sequence[bytes]) -> Iterable[Sequence[bytes]]:
+        return (request,)
+
+
+@dataclass(slots=True)
+class Group:
+    gid: int
+    keys: tuple[bytes, ...]  # key suffixes (namespace id + space + key), sorted
+    hits: float
+    last: int  # logical clock of the last observation
+    source: int = SOURCE_READ
+    hits_at_move: float = 0.0  # hits when compaction last rewrote it together
+
+    def encode(self) -> bytes:
+        out = [_GROUP.pack(1, self.source, len(self.keys), self.hits, self.last, self.hits_at_move)]
+        for k in self.keys:
+            out.append(len(k).to_bytes(2, "little") + k)
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, gid: int, raw: bytes) -> Group:
+        _v, source, n, hits, last, moved = _GROUP.unpack_from(raw)
+        pos, keys = _GROUP.size, []
+        for _ in range(n):
+            ln = int.from_bytes(raw[pos : pos + 2], "little")
+            keys.append(bytes(raw[pos + 2 : pos + 2 + ln]))
+            pos += 2 + ln
+        return cls(gid, tuple(keys), hits, last, source, moved)
+
+
+def group_id(keys: Sequence[bytes]) -> int:
+    h = xxhash.xxh3_64()
+    for k in keys:
+        h.update(len(k).to_bytes(2, "little"))
+        h.update(k)
+    return h.intdigest()
+
+
+class AffinityTracker:
+    """Bounded co-access statistics: at most `max_groups` groups of at most `max_group_keys` keys."""
+
+    def __init__(self, *, max_groups: int = 4096, max_group_keys: int = 256,
+                 judge: AffinityJudge | None = None) -> None:
+        self.max_groups = max_groups
+        self.max_group_keys = max_group_keys
+        self.judge: AffinityJudge = judge or CoAccessJudge()
+        self._lock = threading.Lock()
+        self._groups: dict[int, Group] = {}
+        self._by_key: dict[bytes, set[int]] = {}
+        self._dirty: set[int] = set()
+        self._gone: set[int] = set()
+        self.clock = 0
+        self.requests = 0
+
+    # ---- learning ----
+
+    def observe(self, suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
+        """A read observer (Store.add_read_observer): one call per batched read."""
+        live = list(dict.fromkeys(s for s, loc in zip(suffixes, locs) if loc is not None))
+        self.requests += 1
+        if len(live) < 2:
+            return  # one record is always in one block: nothing to learn
+        for g in self.judge.groups(live):
+            self.add(g, 1.0, SOURCE_READ)
+
+    def hint(self, suffixes: Sequence[bytes], weight: float = 1.0) -> None:
+        """An explicit statement that these records are used together (e.g. a RAG document's chunks)."""
+        keys = list(dict.fromkeys(suffixes))
+        if len(keys) >= 2:
+            self.add(keys, weight, SOURCE_HINT)
+
+    def add(self, keys: Sequence[bytes], weight: float, source: int) -> None:
+        ks = tuple(sorted(set(keys))[: self.max_group_keys])
+        if len(ks) < 2:
+            return
+        gid = group_id(ks)
+        with self._lock:
+            self.clock += 1
+            g = self._groups.get(gid)
+            if g is None:
+                g = self._fold(ks, gid, weight, source)
+            else:
+                g.hits += weight
+            g.last = self.clock
+            self._dirty.add(g.gid)
+            while len(self._groups) > self.max_groups:
+                self._evict_one()
+
+    def _fold(self, ks: tuple[bytes, ...], gid: int, weight: float, source: int) -> Group:
+        mine = set(ks)
+        related: set[int] = set()
+        for k in ks:
+            related |= self._by_key.get(k, set())
+        # a known group that holds all of this request: credit it (smallest such group)
+        holders = [self._groups[r] for r in related if mine <= set(self._groups[r].keys)]
+        if holders:
+            g = min(holders, key=lambda h: len(h.keys))
+            g.hits += weight
+            return g
+        # known groups this request holds (an earlier turn of a growing prompt): replace them
+        g = Group(gid, ks, weight, self.clock, source)
+        for r in related:
+            old = self._groups[r]
+            if set(old.keys) <= mine:
+                g.hits += old.hits
+                g.hits_at_move = max(g.hits_at_move, old.hits_at_move)
+                self._remove(r)
+        self._groups[gid] = g
+        for k in ks:
+            self._by_key.setdefault(k, set()).add(gid)
+        return g
+
+    def _score(self, g: Group) -> float:
+        # hits, decayed by how many observations ago the group was last seen (a logical clock, so
+        # a replay at any speed ages groups the same way)
+        return g.hits / (1.0 + (self.clock - g.last) / self.max_groups)
+
+    def _evict_one(self) -> None:
+        victim = min(self._groups.values(), key=self._score)
+        self._remove(victim.gid)
+
+    def _remove(self, gid: int) -> None:
+        g = self._groups.pop(gid)
+        for k in g.keys:
+            s = self._by_key.get(k)
+            if s is not None:
+                s.discard(gid)
+                if not s:
+                    del self._by_key[k]
+        self._dirty.discard(gid)
+        self._gone.add(gid)
+
+    # ---- use ----
+
+    def due(self, min_hits: float) -> list[Group]:
+        """Groups requested at least `min_hits` times since their last rewrite, most valuable first."""
+        with self._lock:
+            out = [Group(g.gid, g.keys, g.hits, g.last, g.source, g.hits_at_move)
+                   for g in self._groups.values() if g.hits - g.hits_at_move >= min_hits]
+            out.sort(key=self._score, reverse=True)
+        return out
+
+    def moved(self, gid: int) -> None:
+        with self._lock:
+            g = self._groups.get(gid)
+            if g is not None:
+                g.hits_at_move = g.hits
+                self._dirty.add(gid)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def key_count(self) -> int:
+        return len(self._by_key)
+
+    # ---- persistence ----
+
+    def load(self, d: Directory) -> None:
+        groups = []
+        for k, v in d.scan_prefix(TAG_AFFINITY):
+            if len(k) == _GROUP_KEY_LEN:
+                try:
+                    groups.append(Group.decode(int.from_bytes(k[1:], "big"), v))
+                except (struct.error, ValueError):
+                    continue  # unreadable statistics are only lost hints, never lost data
+        with self._lock:
+            self.clock = max((g.last for g in groups), default=0)
+            groups.sort(key=self._score, reverse=True)
+            for g in groups[: self.max_groups]:
+                self._groups[g.gid] = g
+                for key in g.keys:
+                    self._by_key.setdefault(key, set()).add(g.gid)
+            self._gone.update(g.gid for g in groups[self.max_groups :])
+
+    def flush(self, d: Directory) -> int:
+        """Write changed groups and forget evicted ones, in one batch. Returns groups written."""
+        with self._lock:
+            put = [self._groups[g] for g in self._dirty if g in self._groups]
+            gone, self._gone, self._dirty = self._gone, set(), set()
+            encoded = [(g.gid, g.encode()) for g in put]
+        if not encoded and not gone:
+            return 0
+        b = DirectoryBatch()
+        for gid in gone:
+            b.delete(TAG_AFFINITY + gid.to_bytes(8, "big"))
+        for gid, raw in encoded:
+            b.put(TAG_AFFINITY + gid.to_bytes(8, "big"), raw)
+        d.write(b)
+        return len(encoded)

@@ -1,0 +1,272 @@
+"""The compactor: learns affinity from the store's reads, and in passes relocates scattered groups and
+garbage-collects blocks past the invalid-ratio threshold, within write budgets, paced to a copy rate.
+
+It runs as a background thread inside the store's process (`blockstore.open(..., compaction="full")`)
+or one pass at a time (`blockstore compact PATH`). Every move goes through the engine's compare-and-swap
+(`Store.relocate_many`), so a key written or deleted while it is being copied stays as the writer left
+it; the engine deletes a block once nothing live is left in it and no reader holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blockstore.directory import TAG_AFFINITY, DirectoryBatch
+from blockstore.errors import BlockstoreError, StoreClosed
+
+from . import gc, relocation
+from .affinity import AffinityJudge, AffinityTracker
+from .policy import Policy, resolve
+
+if TYPE_CHECKING:
+    from blockstore.store import Store
+
+_log = logging.getLogger("blockstore.compaction")
+_COUNTERS = TAG_AFFINITY + b"#counters"  # not 8 bytes long: never mistaken for a group key
+_COUNTERS_FMT = struct.Struct("<QQQQ")  # gc bytes, relocated bytes, blocks reclaimed, groups relocated
+
+
+@dataclass(slots=True)
+class PassReport:
+    """What one pass did (or, in a dry run, would do)."""
+
+    dry_run: bool = False
+    relocated_groups: int = 0
+    relocated_records: int = 0
+    relocated_bytes: int = 0
+    gc_blocks: int = 0
+    gc_records: int = 0
+    gc_bytes: int = 0
+    reclaimed_blocks: int = 0
+    lost_races: int = 0
+    tombstones_carried: int = 0
+    tombstones_dropped: int = 0
+    skipped_budget: int = 0
+    planned_groups: list[int] = field(default_factory=list)
+    planned_victims: list[int] = field(default_factory=list)
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.relocated_groups or self.gc_blocks)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["planned_groups"] = [f"{g:016x}" for g in self.planned_groups]
+        d["planned_victims"] = [f"{b:016x}" for b in self.planned_victims]
+        return d
+
+
+class _Pacer:
+    """Token bucket on copied bytes: the background thread sleeps so its copies average `rate` B/s."""
+
+    def __init__(self, rate_bytes_s: float, stop: threading.Event | None) -> None:
+        self.rate = rate_bytes_s
+        self.stop = stop
+        self.t0 = time.monotonic()
+        self.sent = 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.sent += nbytes
+        ahead = self.sent / self.rate - (time.monotonic() - self.t0)
+        if ahead > 0:
+            if self.stop is not None:
+                self.stop.wait(ahead)
+            else:
+                time.sleep(ahead)
+
+
+class Compactor:
+    def __init__(self, store: Store, policy: Policy, *, judge: AffinityJudge | None = None) -> None:
+        self.store = store
+        self.policy = policy
+        self.tracker = AffinityTracker(max_groups=policy.max_groups, max_group_keys=policy.max_group_keys,
+                                       judge=judge)
+        self.tracker.load(store.dir)
+        self._load_counters()
+        self._min_seqs = gc.MinSeqs(store)
+        self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+        self.last_error: str | None = None
+        self.totals = PassReport()
+        store.add_read_observer(self.tracker.observe)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="blockstore-compactor", daemon=True)
+            self._thread.start()
+
+    def stop(self, flush: bool = True) -> None:
+        """Stop the thread after its current batch; persist what was learned (unless `flush=False`)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.store.remove_read_observer(self.tracker.observe)
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        self.tracker.flush(self.store.dir)
+        b = DirectoryBatch()
+        b.put(_COUNTERS, _COUNTERS_FMT.pack(self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved))
+        self.store.dir.write(b)
+
+    def _load_counters(self) -> None:
+        raw = self.store.dir.get(_COUNTERS)
+        vals = _COUNTERS_FMT.unpack(raw) if raw is not None and len(raw) == _COUNTERS_FMT.size else (0, 0, 0, 0)
+        self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved = vals
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.policy.interval_s):
+            try:
+                self.run_pass(pace=True)
+                self.flush()
+            except StoreClosed:
+                return
+            except BlockstoreError as exc:  # a full disk, an I/O error: retried next interval
+                self.last_error = str(exc)
+                _log.warning("compaction pass failed: %s", exc)
+
+    # ---- hints (the explicit affinity seam for callers) ----
+
+    def hint(self, keys: list[bytes], *, ns: str = "default", weight: float = 1.0) -> None:
+        """Tell the compactor these KV keys of namespace `ns` are used together."""
+        from blockstore.directory import SPACE_KV, key_suffix
+
+        nid = self.store._ns_id(ns)
+        if nid is not None:
+            self.tracker.hint([key_suffix(nid, SPACE_KV, k) for k in keys], weight)
+
+    # ---- work ----
+
+    def budget_left(self, spent: int, fraction: float) -> float:
+        if fraction == float("inf"):
+            return fraction
+        return fraction * self.store.io_counters()[0] - spent
+
+    def run_pass(self, *, dry_run: bool = False, pace: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> PassReport:
+        """One pass: relocate scattered groups that are due, then GC victims past the threshold."""
+        with self._pass_lock:
+            rep = PassReport(dry_run=dry_run)
+            pacer = _Pacer(self.policy.rate_mb_s * 1e6, self._stop if pace else None) if pace else None
+            if self.policy.relocation:
+                self._relocate(rep, dry_run, pacer, progress)
+            if self.policy.gc:
+                self._collect(rep, dry_run, pacer, progress)
+            self.passes += 1
+            if not dry_run:
+                for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
+                             "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
+                             "tombstones_dropped", "skipped_budget"):
+                    setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
+            return rep
+
+    def run_until_idle(self, *, max_passes: int = 100, dry_run: bool = False,
+                       progress: Callable[[str, int, int], None] | None = None) -> PassReport:
+        total = PassReport(dry_run=dry_run)
+        for _ in range(1 if dry_run else max_passes):
+            rep = self.run_pass(dry_run=dry_run, progress=progress)
+            for name, value in asdict(rep).items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    setattr(total, name, getattr(total, name) + value)
+            total.planned_groups += rep.planned_groups
+            total.planned_victims += rep.planned_victims
+            if not rep.did_work:
+                break
+        if not dry_run:
+            self.flush()
+        return total
+
+    def _relocate(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
+                  progress: Callable[[str, int, int], None] | None) -> None:
+        due = self.tracker.due(self.policy.min_hits)
+        for i, group in enumerate(due):
+            if self._stop.is_set():
+                return
+            if progress is not None:
+                progress("relocate", i, len(due))
+            where = relocation.placement(self.store, group)
+            if not where.scattered:
+                continue
+            if where.bytes > self.budget_left(self.relocated_bytes, self.policy.relocation_budget):
+                rep.skipped_budget += 1
+                continue
+            rep.planned_groups.append(group.gid)
+            if dry_run:
+                continue
+            res = relocation.relocate(self.store, group, where)
+            self.tracker.moved(group.gid)
+            self.relocated_bytes += res.moved_bytes
+            self.groups_moved += 1
+            rep.relocated_groups += 1
+            rep.relocated_records += res.moved
+            rep.relocated_bytes += res.moved_bytes
+            rep.lost_races += res.lost_race
+            if pacer is not None:
+                pacer(res.moved_bytes)
+
+    def _collect(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
+                 progress: Callable[[str, int, int], None] | None) -> None:
+        chosen = gc.victims(self.store.block_table(), self.policy.gc_invalid_ratio)
+        for i, e in enumerate(chosen):
+            if self._stop.is_set():
+                return
+            if progress is not None:
+                progress("gc", i, len(chosen))
+            if e.live_bytes > self.budget_left(self.gc_bytes, self.policy.gc_budget):
+                rep.skipped_budget += 1
+                continue
+            rep.planned_victims.append(e.block_id)
+            if dry_run:
+                continue
+            res = gc.collect(self.store, e, self._min_seqs, pace=pacer)
+            self.gc_bytes += res.moved_bytes
+            rep.gc_blocks += 1
+            rep.gc_records += res.moved
+            rep.gc_bytes += res.moved_bytes
+            rep.lost_races += res.lost_race
+            rep.tombstones_carried += res.tombstones_carried
+            rep.tombstones_dropped += res.tombstones_dropped
+            if res.reclaimed:
+                self.reclaimed += 1
+                rep.reclaimed_blocks += 1
+
+    # ---- reporting ----
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.name,
+            "running": self._thread is not None and self._thread.is_alive(),
+            "passes": self.passes,
+            "groups_tracked": len(self.tracker),
+            "keys_tracked": self.tracker.key_count(),
+            "requests_observed": self.tracker.requests,
+            "gc_bytes_total": self.gc_bytes,
+            "relocated_bytes_total": self.relocated_bytes,
+            "blocks_reclaimed_total": self.reclaimed,
+            "groups_relocated_total": self.groups_moved,
+            "last_error": self.last_error,
+        }
+
+
+def attach(store: Store, spec: str | Policy | dict[str, Any] | None, *, judge: AffinityJudge | None = None,
+           background: bool = True) -> Compactor:
+    """What `blockstore.open(..., compaction=spec)` calls: a compactor bound to the store, started."""
+    if isinstance(spec, dict) and "background" in spec:
+        spec = dict(spec)
+        background = bool(spec.pop("background"))
+    c = Compactor(store, resolve(spec), judge=judge)
+    if background:
+        c.start()
+    return c

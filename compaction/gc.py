@@ -1,0 +1,169 @@
+"""Invalid-ratio GC: pick sealed blocks worth reclaiming, copy their live records out, let the engine
+delete them once nothing live (and no needed tombstone) is left.
+
+Victims are ranked by the cost-benefit rule of log-structured file systems (Rosenblum & Ousterhout):
+benefit/cost = (1 - u) * age / (1 + u), with u the block's utilisation (live/written bytes) and age the
+time since it was sealed. Reading the block costs 1, writing its live part back costs u, and the
+space freed is 1 - u; old blocks are preferred because their remaining data is cold and unlikely to
+die soon on its own, so copying it now is not wasted.
+
+Tombstones: a tombstone must outlive every older record of its key (a directory rebuilt from blocks
+would otherwise resurrect them). One is dropped only when no other block holds anything older than it
+(footers carry each block's lowest sequence number); otherwise it is carried along with the live
+records. Its key written again since also retires it (the newer record wins any rebuild).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from blockstore import hooks
+from blockstore.directory import BLOCK_SEALED, SPACE_KV, TOMBSTONE_META, BlockEntry, Location, key_suffix
+from blockstore.errors import NotFound
+from blockstore.records import BLOCK_HEADER_SIZE, Kind
+
+if TYPE_CHECKING:
+    from blockstore.store import Store
+
+GC_PARTITION = b"\0compaction/gc"
+COPY_BATCH_BYTES = 8 << 20  # per re-point batch: bounds memory and how long one batch holds the writer
+_SPACE_OF_META = {v: k for k, v in TOMBSTONE_META.items()}
+
+
+def benefit_cost(e: BlockEntry, now_ns: int) -> float:
+    u = e.live_bytes / e.written_bytes if e.written_bytes else 0.0
+    age_s = max(1e-3, (now_ns - (e.sealed_ns or e.created_ns)) / 1e9)
+    return (1.0 - u) * age_s / (1.0 + u)
+
+
+def victims(blocks: list[BlockEntry], threshold: float, now_ns: int | None = None) -> list[BlockEntry]:
+    """Sealed blocks with φ ≥ threshold, best benefit/cost first. Blocks of the compactor's own
+    streams qualify like any other (their records die too)."""
+    now = now_ns or time.time_ns()
+    out = [e for e in blocks if e.state == BLOCK_SEALED and e.written_bytes and e.invalid_ratio >= threshold]
+    out.sort(key=lambda e: benefit_cost(e, now), reverse=True)
+    return out
+
+
+@dataclass(slots=True)
+class Collected:
+    block_id: int
+    moved: int = 0
+    moved_bytes: int = 0
+    lost_race: int = 0  # keys changed while being copied: left as the writer made them
+    tombstones_carried: int = 0
+    tombstones_dropped: int = 0
+    reclaimed: bool = False
+
+
+class MinSeqs:
+    """Each block's lowest sequence number (sealed: from its footer, read once; open: from memory)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._sealed: dict[int, int] = {}
+
+    def lowest_elsewhere(self, exclude: int) -> int:
+        s = self.store
+        live = {e.block_id for e in s.block_table()}
+        for bid in list(self._sealed):
+            if bid not in live:
+                del self._sealed[bid]
+        opened = s.open_block_min_seqs()
+        low = min((v for b, v in opened.items() if b != exclude and v), default=1 << 64)
+        for bid in live:
+            if bid == exclude or bid in opened:
+                continue
+            if bid not in self._sealed:
+                self._sealed[bid] = self._footer_min(bid)
+            low = min(low, self._sealed[bid])
+        return low
+
+    def _footer_min(self, bid: int) -> int:
+        s = self.store
+        try:
+            fd = s.backend.open_ro(s.blocks.path(bid))
+        except NotFound:
+            return 1 << 64
+        try:
+            f = s.blocks.read_footer(fd)
+        finally:
+            s.backend.close(fd)
+        return 0 if f is None else f.min_seq  # unreadable footer: assume it may hold anything
+
+
+def live_records(store: Store, bid: int) -> list[tuple[bytes, Location]]:
+    """(key suffix, location) of each record of block `bid` the directory still names, in offset order."""
+    pairs = list(store.dir.block_records(bid))
+    locs = store.dir.get_locations([sfx for _off, sfx in pairs])
+    return [(sfx, loc) for (off, sfx), loc in zip(pairs, locs)
+            if loc is not None and loc.block_id == bid and loc.offset == off]
+
+
+def tombstones(store: Store, e: BlockEntry) -> list[tuple[bytes, Location]]:
+    """The block's tombstones, found by scanning it (they are in no index: nothing points at them)."""
+    s = store
+    fd = s.backend.open_ro(s.blocks.path(e.block_id))
+    try:
+        res = s.backend.scan(fd, BLOCK_HEADER_SIZE, e.data_end, False)
+    finally:
+        s.backend.close(fd)
+    out = []
+    for r in res.records:
+        if r.info.kind != Kind.TOMBSTONE:
+            continue
+        space = _SPACE_OF_META.get(bytes(r.meta), SPACE_KV)
+        loc = Location(Kind.TOMBSTONE, r.info.flags, r.info.payload_off, e.block_id, r.offset,
+                       r.info.record_len, 0, r.info.seq, 0, bytes(r.meta))
+        out.append((key_suffix(r.info.ns, space, r.key), loc))
+    return out
+
+
+def _batches(items: list[tuple[bytes, Location]], limit: int) -> Iterator[list[tuple[bytes, Location]]]:
+    cur: list[tuple[bytes, Location]] = []
+    size = 0
+    for it in items:
+        if cur and size + it[1].record_len > limit:
+            yield cur
+            cur, size = [], 0
+        cur.append(it)
+        size += it[1].record_len
+    if cur:
+        yield cur
+
+
+def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[int], None] | None = None) -> Collected:
+    """Copy block `e`'s live records (and the tombstones still needed) into the GC stream."""
+    res = Collected(e.block_id)
+    live = live_records(store, e.block_id)
+    hooks.fire("compact.scan", "gc", e.block_id, len(live))
+    for batch in _batches(live, COPY_BATCH_BYTES):
+        payloads = store.read_locations([loc for _s, loc in batch])
+        hooks.fire("compact.copy", "gc", e.block_id, len(batch))
+        done = store.relocate_many([(sfx, loc, p) for (sfx, loc), p in zip(batch, payloads)],
+                                   partition=GC_PARTITION)
+        hooks.fire("compact.repoint", "gc", e.block_id, sum(done))
+        for (_sfx, loc), ok in zip(batch, done):
+            if ok:
+                res.moved += 1
+                res.moved_bytes += loc.record_len
+            else:
+                res.lost_race += 1
+        if pace is not None:
+            pace(sum(loc.record_len for _s, loc in batch))
+    if e.tombstones:
+        stones = tombstones(store, e)
+        floor = min_seqs.lowest_elsewhere(e.block_id)
+        # needed while anything older may exist somewhere: carried; otherwise retired without a copy
+        keep = [(sfx, loc, b"") for sfx, loc in stones if floor < loc.seq]
+        drop = [(sfx, loc) for sfx, loc in stones if floor >= loc.seq]
+        done = store.relocate_many(keep, partition=GC_PARTITION, drop_tombstones=drop)
+        res.tombstones_carried = sum(done)
+        res.tombstones_dropped = len(stones) - res.tombstones_carried
+    res.reclaimed = all(b.block_id != e.block_id for b in store.block_table())
+    if res.reclaimed:
+        hooks.fire("compact.reclaim", "gc", e.block_id)
+    return res

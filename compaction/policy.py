@@ -1,0 +1,93 @@
+"""Compaction policies: which parts run and how eagerly. The benchmark baselines of DESIGN.md §6 are
+named policies of the same engine, so a comparison only ever switches these knobs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from blockstore.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str = "full"
+    # write placement: records go to their partition's block (user/session, model/lineage); False
+    # sends every record to one stream, as a plain log does. The engine places by the partition its
+    # callers give; this flag tells callers (the connector, the benchmarks) whether to give one.
+    partitioned: bool = True
+    # GC: sealed blocks whose invalid ratio (dead bytes / written bytes) reaches this are candidates
+    gc: bool = True
+    gc_invalid_ratio: float = 0.3
+    # relocation: requests whose records sit in more blocks than their bytes need are rewritten together
+    relocation: bool = True
+    min_hits: int = 2  # times a group must be requested before it is worth a rewrite
+    # extra bytes relocation may write, as a fraction of the bytes users put (caps write amplification)
+    relocation_budget: float = 0.15
+    # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
+    gc_budget: float = 0.15
+    # affinity statistics kept (in memory and in the directory): the number of groups
+    max_groups: int = 4096
+    max_group_keys: int = 256
+    # background pacing
+    interval_s: float = 0.5
+    rate_mb_s: float = 200.0  # copy bandwidth; keeps foreground latency close to idle
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+INF = math.inf
+
+POLICIES: dict[str, Policy] = {
+    "append-only": Policy("append-only", partitioned=False, gc=False, relocation=False),
+    "semantic-only": Policy("semantic-only", gc=False, relocation=False),
+    "no-relocation": Policy("no-relocation", relocation=False),
+    "no-gc": Policy("no-gc", gc=False),
+    "aggressive": Policy("aggressive", gc_invalid_ratio=0.1, min_hits=1, relocation_budget=INF, gc_budget=INF),
+    "full": Policy("full"),
+}
+
+
+def resolve(spec: str | Policy | dict[str, Any] | None) -> Policy:
+    """A Policy from a name, a Policy, or a dict {"policy": name, knob: value, ...}; clear errors."""
+    if spec is None:
+        return POLICIES["full"]
+    if isinstance(spec, Policy):
+        return _validated(spec)
+    if isinstance(spec, str):
+        if spec not in POLICIES:
+            raise InvalidArgument(f"unknown compaction policy {spec!r}; choose one of {', '.join(POLICIES)}")
+        return POLICIES[spec]
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"compaction must be a policy name or a dict, not {type(spec).__name__}")
+    knobs = dict(spec)
+    base = resolve(knobs.pop("policy", "full"))
+    known = {f.name for f in fields(Policy)} - {"name"}
+    unknown = set(knobs) - known
+    if unknown:
+        raise InvalidArgument(f"unknown compaction setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    return _validated(replace(base, **knobs))
+
+
+def _validated(p: Policy) -> Policy:
+    def number(name: str, lo: float, hi: float, integer: bool = False) -> None:
+        v = getattr(p, name)
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or not lo <= v <= hi:
+            kind = "an int" if integer else "a number"
+            raise InvalidArgument(f"compaction setting {name} must be {kind} in [{lo}, {hi}], got {v!r}")
+
+    for flag in ("partitioned", "gc", "relocation"):
+        if not isinstance(getattr(p, flag), bool):
+            raise InvalidArgument(f"compaction setting {flag} must be true or false, got {getattr(p, flag)!r}")
+    number("gc_invalid_ratio", 0.01, 1.0)
+    number("min_hits", 1, 1 << 30, integer=True)
+    number("relocation_budget", 0.0, INF)
+    number("gc_budget", 0.0, INF)
+    number("max_groups", 1, 1 << 24, integer=True)
+    number("max_group_keys", 2, 1 << 16, integer=True)
+    number("interval_s", 0.001, 3600.0)
+    number("rate_mb_s", 0.1, INF)
+    return p

@@ -1,0 +1,71 @@
+"""Affinity relocation: a group of records read together that sits in more blocks than its bytes need
+is rewritten together, in temporal (sequence) order, into the relocation stream, so the next request
+for it touches one block and reads one contiguous run. Records are taken out of any block, including
+ones GC would not pick; what they leave behind is dead space GC reclaims later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from blockstore import hooks
+from blockstore.records import BLOCK_HEADER_SIZE
+
+if TYPE_CHECKING:
+    from blockstore.directory import Location
+    from blockstore.store import Store
+
+    from .affinity import Group
+
+RELOCATION_PARTITION = b"\0compaction/relocate"
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where a group's live records are now."""
+
+    live: list[tuple[bytes, Location]]
+    blocks: int
+    needed: int  # blocks its bytes need at the least
+    bytes: int
+
+    @property
+    def scattered(self) -> bool:
+        return self.blocks > self.needed
+
+
+def placement(store: Store, group: Group) -> Placement:
+    locs = store.dir.get_locations(list(group.keys))
+    live = [(k, loc) for k, loc in zip(group.keys, locs) if loc is not None]
+    size = sum(loc.record_len for _k, loc in live)
+    usable = store.block_size - BLOCK_HEADER_SIZE - 8192
+    return Placement(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable)), size)
+
+
+@dataclass(slots=True)
+class Relocated:
+    gid: int
+    moved: int = 0
+    moved_bytes: int = 0
+    lost_race: int = 0
+    blocks_before: int = 0
+
+
+def relocate(store: Store, group: Group, where: Placement) -> Relocated:
+    """Rewrite the group's live records together (one batch: one block unless it needs more)."""
+    res = Relocated(group.gid, blocks_before=where.blocks)
+    live = sorted(where.live, key=lambda kl: kl[1].seq)  # temporal order inside the group
+    hooks.fire("compact.scan", "relocate", group.gid, len(live))
+    payloads = store.read_locations([loc for _k, loc in live])
+    hooks.fire("compact.copy", "relocate", group.gid, len(live))
+    done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
+                               partition=RELOCATION_PARTITION, together=True)
+    hooks.fire("compact.repoint", "relocate", group.gid, sum(done))
+    for (_k, loc), ok in zip(live, done):
+        if ok:
+            res.moved += 1
+            res.moved_bytes += loc.record_len
+        else:
+            res.lost_race += 1
+    return res
