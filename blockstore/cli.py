@@ -1,7 +1,7 @@
-"""`blockstore` command line: inspect stores. Every command here opens the store read-only, so it is
-safe to run beside a live writer (it sees the directory as of the moment it opened).
+"""`blockstore` command line. `stats` and `dump` open the store read-only, so they are safe beside a
+live writer (they see the directory as of the moment they opened); `compact` takes the writer lock.
 
-fsck and compact arrive with their own issues as further subcommands of the same parser.
+fsck arrives with its own issue as a further subcommand of the same parser.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blockstore",
-        description="Inspect blockstore stores (log-structured block stores of KV and chunk records). "
-        "All commands open the store read-only and are safe beside a running writer.",
+        description="Inspect and maintain blockstore stores (log-structured block stores of KV and chunk "
+        "records). stats and dump open the store read-only and are safe beside a running writer; compact "
+        "needs the store to itself. Exit codes: 0 ok, 8 operational error, 16 usage error.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     st = sub.add_parser("stats", help="record counts, bytes, blocks, space and write amplification")
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keys", action="store_true", help="list every live KV key of every namespace (hex)")
     du.add_argument("--json", action="store_true", help="print a JSON array")
     du.set_defaults(func=cmd_dump)
+    # the compaction package owns its command (the engine's own modules never import it)
+    from blockstore.compaction.cli import add_parser as add_compact_parser
+
+    add_compact_parser(sub)
     return p
 
 

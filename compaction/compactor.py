@@ -48,6 +48,7 @@ class PassReport:
     tombstones_carried: int = 0
     tombstones_dropped: int = 0
     skipped_budget: int = 0
+    planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
     planned_groups: list[int] = field(default_factory=list)
     planned_victims: list[int] = field(default_factory=list)
 
@@ -203,6 +204,7 @@ class Compactor:
                 rep.skipped_budget += 1
                 continue
             rep.planned_groups.append(group.gid)
+            rep.planned_bytes += where.bytes
             if dry_run:
                 continue
             res = relocation.relocate(self.store, group, where)
@@ -228,6 +230,7 @@ class Compactor:
                 rep.skipped_budget += 1
                 continue
             rep.planned_victims.append(e.block_id)
+            rep.planned_bytes += e.live_bytes
             if dry_run:
                 continue
             res = gc.collect(self.store, e, self._min_seqs, pace=pacer)
