@@ -83,12 +83,14 @@ def group_id(keys: Sequence[bytes]) -> int:
 
 
 class AffinityTracker:
-    """Bounded co-access statistics: at most `max_groups` groups of at most `max_group_keys` keys."""
+    """Bounded co-access statistics: at most `max_groups` groups of at most `max_group_keys` keys, and
+    at most `max_keys` distinct keys over all groups (what bounds memory: about 200 bytes per key)."""
 
-    def __init__(self, *, max_groups: int = 4096, max_group_keys: int = 256,
+    def __init__(self, *, max_groups: int = 4096, max_group_keys: int = 256, max_keys: int = 1 << 16,
                  judge: AffinityJudge | None = None) -> None:
         self.max_groups = max_groups
         self.max_group_keys = max_group_keys
+        self.max_keys = max_keys
         self.judge: AffinityJudge = judge or CoAccessJudge()
         self._lock = threading.Lock()
         self._groups: dict[int, Group] = {}
@@ -129,8 +131,8 @@ class AffinityTracker:
                 g.hits += weight
             g.last = self.clock
             self._dirty.add(g.gid)
-            while len(self._groups) > self.max_groups:
-                self._evict_one()
+            if len(self._groups) > self.max_groups or len(self._by_key) > self.max_keys:
+                self._evict()
 
     def _fold(self, ks: tuple[bytes, ...], gid: int, weight: float, source: int) -> Group:
         mine = set(ks)
@@ -161,9 +163,13 @@ class AffinityTracker:
         # a replay at any speed ages groups the same way)
         return g.hits / (1.0 + (self.clock - g.last) / self.max_groups)
 
-    def _evict_one(self) -> None:
-        victim = min(self._groups.values(), key=self._score)
-        self._remove(victim.gid)
+    def _evict(self) -> None:
+        """Drop the least valuable groups down to 7/8 of the limits (amortised: one sort per many adds)."""
+        order = sorted(self._groups.values(), key=self._score)
+        for g in order[:-1]:
+            if len(self._groups) <= self.max_groups * 7 // 8 and len(self._by_key) <= self.max_keys * 7 // 8:
+                break
+            self._remove(g.gid)
 
     def _remove(self, gid: int) -> None:
         g = self._groups.pop(gid)
@@ -212,11 +218,13 @@ class AffinityTracker:
         with self._lock:
             self.clock = max((g.last for g in groups), default=0)
             groups.sort(key=self._score, reverse=True)
-            for g in groups[: self.max_groups]:
+            for i, g in enumerate(groups):
+                if i >= self.max_groups or len(self._by_key) + len(g.keys) > self.max_keys:
+                    self._gone.add(g.gid)
+                    continue
                 self._groups[g.gid] = g
                 for key in g.keys:
                     self._by_key.setdefault(key, set()).add(g.gid)
-            self._gone.update(g.gid for g in groups[self.max_groups :])
 
     def flush(self, d: Directory) -> int:
         """Write changed groups and forget evicted ones, in one batch. Returns groups written."""

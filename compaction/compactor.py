@@ -87,7 +87,7 @@ class Compactor:
         self.store = store
         self.policy = policy
         self.tracker = AffinityTracker(max_groups=policy.max_groups, max_group_keys=policy.max_group_keys,
-                                       judge=judge)
+                                       max_keys=policy.max_tracked_keys, judge=judge)
         self.tracker.load(store.dir)
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)

@@ -27,9 +27,10 @@ class Policy:
     relocation_budget: float = 0.15
     # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
     gc_budget: float = 0.15
-    # affinity statistics kept (in memory and in the directory): the number of groups
+    # affinity statistics kept (in memory and in the directory): groups, keys per group, keys in all
     max_groups: int = 4096
     max_group_keys: int = 256
+    max_tracked_keys: int = 1 << 16
     # background pacing
     interval_s: float = 0.5
     rate_mb_s: float = 200.0  # copy bandwidth; keeps foreground latency close to idle
@@ -88,6 +89,7 @@ def _validated(p: Policy) -> Policy:
     number("gc_budget", 0.0, INF)
     number("max_groups", 1, 1 << 24, integer=True)
     number("max_group_keys", 2, 1 << 16, integer=True)
+    number("max_tracked_keys", 2, 1 << 26, integer=True)
     number("interval_s", 0.001, 3600.0)
     number("rate_mb_s", 0.1, INF)
     return p
