@@ -7,7 +7,8 @@ harness can kill a writer at a precise point. Names in use:
 - read.located                                                             (between lookup and read)
 - block.delete                                                             (before a block is removed)
 - recovery.scanned                                                         (after a block's scan)
-Compaction adds its own (scan, copy, re-point, reclaim) under "compact.*".
+- compact.scan, compact.copy, compact.repoint, compact.reclaim             (compaction's phases; args:
+  "gc" or "relocate", the block or group id, a count)
 """
 
 from __future__ import annotations
