@@ -210,8 +210,9 @@ class Store(ChunkAPI, TensorAPI):
     ) -> None:
         if durability not in ("cache", "sync"):
             raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
-        if not isinstance(block_size, int) or not (1 << 20) <= block_size <= (1 << 40):
-            raise InvalidArgument(f"block_size must be an int between 1 MiB and 1 TiB, got {block_size!r}")
+        # small blocks suit stores of small chunk records (placement is per block); KV wants large ones
+        if not isinstance(block_size, int) or not (64 << 10) <= block_size <= (1 << 40):
+            raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
         if not isinstance(max_open_blocks, int) or max_open_blocks < 1:
             raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
         if on_corrupt not in ("raise", "miss"):

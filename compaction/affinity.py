@@ -5,8 +5,10 @@ judge has had its say). Groups are counted, bounded in number and size, and pers
 directory (`A` keys, docs/format.md §5.3), so a restart keeps what was learned.
 
 Growth is folded in: a request that contains a known group (a conversation's prefix one chunk longer)
-replaces it and inherits its hits; a request contained in a known group credits that group. So a
-multi-turn chat is one group that grows, not a new group per turn that would be rewritten each time.
+replaces it and inherits its hits; a request contained in a known group credits that group; a request
+sharing at least half its keys with a group joins it (within the size limits). So a multi-turn chat,
+or a topic whose retrievals slide as memories are added, is one cluster that grows, not a stream of
+near-duplicate groups each rewritten in turn.
 
 The judge is the seam for other evidence: `CoAccessJudge` trusts the read batch as it is; an
 embedding- or LLM-based judge (the Akashic paper asks an LLM whether chunks belong together) can split a
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 SOURCE_READ = 1
 SOURCE_HINT = 2
 
-_GROUP = struct.Struct("<BBHdQd")  # version, source, key count, hits, last seen (clock), hits at last move
+_GROUP = struct.Struct("<BBHdQdQ")  # version, source, key count, hits, last seen, hits at last move, bytes
 _GROUP_KEY_LEN = len(TAG_AFFINITY) + 8
 
 
@@ -56,22 +58,23 @@ class Group:
     last: int  # logical clock of the last observation
     source: int = SOURCE_READ
     hits_at_move: float = 0.0  # hits when compaction last rewrote it together
+    nbytes: int = 0  # record bytes when last seen (what a merge may add up to)
 
     def encode(self) -> bytes:
-        out = [_GROUP.pack(1, self.source, len(self.keys), self.hits, self.last, self.hits_at_move)]
+        out = [_GROUP.pack(1, self.source, len(self.keys), self.hits, self.last, self.hits_at_move, self.nbytes)]
         for k in self.keys:
             out.append(len(k).to_bytes(2, "little") + k)
         return b"".join(out)
 
     @classmethod
     def decode(cls, gid: int, raw: bytes) -> Group:
-        _v, source, n, hits, last, moved = _GROUP.unpack_from(raw)
+        _v, source, n, hits, last, moved, nbytes = _GROUP.unpack_from(raw)
         pos, keys = _GROUP.size, []
         for _ in range(n):
             ln = int.from_bytes(raw[pos : pos + 2], "little")
             keys.append(bytes(raw[pos + 2 : pos + 2 + ln]))
             pos += 2 + ln
-        return cls(gid, tuple(keys), hits, last, source, moved)
+        return cls(gid, tuple(keys), hits, last, source, moved, nbytes)
 
 
 def group_id(keys: Sequence[bytes]) -> int:
@@ -87,8 +90,9 @@ class AffinityTracker:
     at most `max_keys` distinct keys over all groups (what bounds memory: about 200 bytes per key)."""
 
     def __init__(self, *, max_groups: int = 4096, max_group_keys: int = 256, max_keys: int = 1 << 16,
-                 judge: AffinityJudge | None = None) -> None:
+                 max_group_bytes: int = 32 << 20, judge: AffinityJudge | None = None) -> None:
         self.max_groups = max_groups
+        self.max_group_bytes = max_group_bytes
         self.max_group_keys = max_group_keys
         self.max_keys = max_keys
         self.judge: AffinityJudge = judge or CoAccessJudge()
@@ -104,12 +108,12 @@ class AffinityTracker:
 
     def observe(self, suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
         """A read observer (Store.add_read_observer): one call per batched read."""
-        live = list(dict.fromkeys(s for s, loc in zip(suffixes, locs) if loc is not None))
+        sizes = {s: loc.record_len for s, loc in zip(suffixes, locs) if loc is not None}
         self.requests += 1
-        if len(live) < 2:
+        if len(sizes) < 2:
             return  # one record is always in one block: nothing to learn
-        for g in self.judge.groups(live):
-            self.add(g, 1.0, SOURCE_READ)
+        for g in self.judge.groups(list(sizes)):
+            self.add(g, 1.0, SOURCE_READ, sum(sizes.get(k, 0) for k in g))
 
     def hint(self, suffixes: Sequence[bytes], weight: float = 1.0) -> None:
         """An explicit statement that these records are used together (e.g. a RAG document's chunks)."""
@@ -117,7 +121,7 @@ class AffinityTracker:
         if len(keys) >= 2:
             self.add(keys, weight, SOURCE_HINT)
 
-    def add(self, keys: Sequence[bytes], weight: float, source: int) -> None:
+    def add(self, keys: Sequence[bytes], weight: float, source: int, nbytes: int = 0) -> None:
         ks = tuple(sorted(set(keys))[: self.max_group_keys])
         if len(ks) < 2:
             return
@@ -126,7 +130,7 @@ class AffinityTracker:
             self.clock += 1
             g = self._groups.get(gid)
             if g is None:
-                g = self._fold(ks, gid, weight, source)
+                g = self._fold(ks, gid, weight, source, nbytes)
             else:
                 g.hits += weight
             g.last = self.clock
@@ -134,25 +138,39 @@ class AffinityTracker:
             if len(self._groups) > self.max_groups or len(self._by_key) > self.max_keys:
                 self._evict()
 
-    def _fold(self, ks: tuple[bytes, ...], gid: int, weight: float, source: int) -> Group:
+    def _fold(self, ks: tuple[bytes, ...], gid: int, weight: float, source: int, nbytes: int) -> Group:
         mine = set(ks)
         related: set[int] = set()
         for k in ks:
             related |= self._by_key.get(k, set())
-        # a known group that holds all of this request: credit it (smallest such group)
-        holders = [self._groups[r] for r in related if mine <= set(self._groups[r].keys)]
+        groups = [self._groups[r] for r in related]
+        # a known group that holds all of this request: credit it (the smallest such group)
+        holders = [g for g in groups if mine <= set(g.keys)]
         if holders:
             g = min(holders, key=lambda h: len(h.keys))
             g.hits += weight
             return g
+        # a known group sharing at least half of this request (a topic's retrievals slide as memories
+        # are added; a RAG document's chunks come with different neighbours): the request joins it,
+        # while the union stays within the size limits, so clusters form instead of near-duplicates
+        best = max(groups, key=lambda g: len(mine & set(g.keys)), default=None)
+        if best is not None and 2 * len(mine & set(best.keys)) >= len(mine):
+            union = tuple(sorted(mine | set(best.keys)))
+            extra = nbytes * len(mine - set(best.keys)) // len(mine)
+            if len(union) <= self.max_group_keys and best.nbytes + extra <= self.max_group_bytes:
+                for k in union:
+                    self._by_key.setdefault(k, set()).add(best.gid)
+                best.keys = union
+                best.nbytes += extra
+                best.hits += weight
+                return best
         # known groups this request holds (an earlier turn of a growing prompt): replace them
-        g = Group(gid, ks, weight, self.clock, source)
-        for r in related:
-            old = self._groups[r]
+        g = Group(gid, ks, weight, self.clock, source, nbytes=nbytes)
+        for old in groups:
             if set(old.keys) <= mine:
                 g.hits += old.hits
                 g.hits_at_move = max(g.hits_at_move, old.hits_at_move)
-                self._remove(r)
+                self._remove(old.gid)
         self._groups[gid] = g
         for k in ks:
             self._by_key.setdefault(k, set()).add(gid)
@@ -187,7 +205,7 @@ class AffinityTracker:
     def due(self, min_hits: float) -> list[Group]:
         """Groups requested at least `min_hits` times since their last rewrite, most valuable first."""
         with self._lock:
-            out = [Group(g.gid, g.keys, g.hits, g.last, g.source, g.hits_at_move)
+            out = [Group(g.gid, g.keys, g.hits, g.last, g.source, g.hits_at_move, g.nbytes)
                    for g in self._groups.values() if g.hits - g.hits_at_move >= min_hits]
             out.sort(key=self._score, reverse=True)
         return out

@@ -87,7 +87,8 @@ class Compactor:
         self.store = store
         self.policy = policy
         self.tracker = AffinityTracker(max_groups=policy.max_groups, max_group_keys=policy.max_group_keys,
-                                       max_keys=policy.max_tracked_keys, judge=judge)
+                                       max_keys=policy.max_tracked_keys, max_group_bytes=store.block_size // 2,
+                                       judge=judge)
         self.tracker.load(store.dir)
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)
@@ -198,7 +199,7 @@ class Compactor:
             if progress is not None:
                 progress("relocate", i, len(due))
             where = relocation.placement(self.store, group)
-            if not where.scattered:
+            if where.blocks <= where.needed + self.policy.relocation_slack:
                 continue
             if where.bytes > self.budget_left(self.relocated_bytes, self.policy.relocation_budget):
                 rep.skipped_budget += 1

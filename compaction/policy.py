@@ -23,6 +23,8 @@ class Policy:
     # relocation: requests whose records sit in more blocks than their bytes need are rewritten together
     relocation: bool = True
     min_hits: int = 2  # times a group must be requested before it is worth a rewrite
+    # blocks beyond the least a group needs that are tolerated before it is rewritten (0: any spill)
+    relocation_slack: int = 1
     # extra bytes relocation may write, as a fraction of the bytes users put (caps write amplification)
     relocation_budget: float = 0.15
     # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
@@ -46,7 +48,8 @@ POLICIES: dict[str, Policy] = {
     "semantic-only": Policy("semantic-only", gc=False, relocation=False),
     "no-relocation": Policy("no-relocation", relocation=False),
     "no-gc": Policy("no-gc", gc=False),
-    "aggressive": Policy("aggressive", gc_invalid_ratio=0.1, min_hits=1, relocation_budget=INF, gc_budget=INF),
+    "aggressive": Policy("aggressive", gc_invalid_ratio=0.1, min_hits=1, relocation_slack=0, relocation_budget=INF,
+                         gc_budget=INF),
     "full": Policy("full"),
 }
 
@@ -86,6 +89,7 @@ def _validated(p: Policy) -> Policy:
     number("gc_invalid_ratio", 0.01, 1.0)
     number("min_hits", 1, 1 << 30, integer=True)
     number("relocation_budget", 0.0, INF)
+    number("relocation_slack", 0, 1 << 20, integer=True)
     number("gc_budget", 0.0, INF)
     number("max_groups", 1, 1 << 24, integer=True)
     number("max_group_keys", 2, 1 << 16, integer=True)
