@@ -1,0 +1,636 @@
+"""Compaction policies replayed on workload traces: blocks/request, space and write amplification,
+cold retrieval latency (DESIGN.md §6), per (trace, policy).
+
+Each trace of `bench/traces.py` (locomo, webarena, swe, lmcache) is replayed under each policy of
+`blockstore.compaction.POLICIES` on a fresh store (same engine, same block size, cache durability).
+Writers pass the trace's partition to put_many only when the policy is partitioned (append-only
+writes everything to one stream). Compaction runs deterministically: `Compactor.run_pass()` every
+1/`--passes` of the trace's operations, plus one final pass, in the replaying thread.
+
+    blocks/request   at every request, before its get_many: the distinct blocks that hold its live
+                     records (`locate_many`). Mean and p95 over the requests of the trace's second half
+                     only, so that compaction has had the first half to learn which records go together.
+                     `floor` is the least blocks the request's bytes could fit in.
+    space / write    `store.stats()` after the final pass, a close (which seals the open blocks and
+    amplification    flushes the directory's memtable and WAL to its SST files) and a reopen without
+                     compaction: bytes of block files + directory / live logical bytes, and bytes
+                     appended to block files / bytes users put.
+    cold latency     for `--cold-samples` requests evenly spread over the second half: `os.sync()`
+                     (dirty pages are not evicted), `store.drop_page_cache()`, then the request's
+                     get_many, timed. p50/p95/p99 in ms. Only block files are evicted: the directory
+                     (RocksDB) stays warm.
+
+Full mode (`--full`) replays traces 4x bigger and also measures foreground get latency while the
+background compactor thread works vs idle (see `foreground_latency`), and writes PNG plots to
+bench/results/. Every request's records are checked against what the trace last wrote to them (an
+xxh3 of the expected bytes): a lost, stale or resurrected record fails the run.
+
+    python -m bench.compaction --quick                 # all 4 traces x 6 policies, 1 MiB blocks
+    python -m bench.compaction --full                  # 4x bigger, plus background latency and plots
+    python -m bench.compaction --quick --traces locomo --policies append-only full
+
+The last line of stdout is one JSON object:
+{"traces": {TRACE: {POLICY: {"blocks_per_request", "space_amp", "write_amp", "p95_cold_ms"}}}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import xxhash
+from blockstore.compaction import POLICIES, attach, resolve
+
+import blockstore
+from blockstore import hooks
+from blockstore.records import BLOCK_HEADER_SIZE
+
+from .throughput import _run, engine_state, machine_info, write_json
+from .traces import GENERATORS, Delete, Put, Request, Trace, check, describe, generate
+
+MiB = 1 << 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
+RESULTS = os.path.join(REPO, "bench", "results")
+DEFAULT_JSON = os.path.join(RESULTS, "compaction.json")
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {"scale": 1.0, "cold_samples": 50, "passes": 40, "fg_requests": 0},
+    "full": {"scale": 4.0, "cold_samples": 200, "passes": 40, "fg_requests": 400},
+}
+# targets from the compaction issue: full vs append-only on every trace, and LoCoMo amplification
+TARGET_BLOCKS_RATIO = 0.40
+TARGET_COLD_RATIO = 0.5
+TARGET_LOCOMO_SPACE = 1.15
+TARGET_LOCOMO_WRITE = 1.25
+QUIET_S = 0.5  # background run: the compactor counts as idle after this long without copying
+BUSY_LIMIT_S = 10.0  # ... and the run stops after this long even if it never goes idle
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class Payloads:
+    """Record contents: a slice of one seeded random pool, chosen by (namespace, key, version). Only
+    sizes matter to placement; distinct versions still get distinct bytes, so a stale read shows."""
+
+    def __init__(self, seed: int, max_size: int) -> None:
+        self.pool = memoryview(random.Random(f"payloads-{seed}").randbytes(max_size + MiB))
+        self.span = MiB
+
+    def view(self, ns: str, key: bytes, version: int, size: int) -> memoryview:
+        off = xxhash.xxh3_64_intdigest(b"%s\0%s\0%d" % (ns.encode(), key, version)) % self.span
+        return self.pool[off : off + size]
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def finite(x: Any) -> Any:
+    """NaN (a figure with no samples, e.g. --cold-samples 0) as None: strict JSON has no NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def evenly(items: Sequence[int], n: int) -> list[int]:
+    if n <= 0 or not items:
+        return []
+    if n >= len(items):
+        return list(items)
+    return [items[round(j * (len(items) - 1) / (n - 1))] for j in range(n)] if n > 1 else [items[len(items) // 2]]
+
+
+# -------------------------------------------------------------------------------------------- replay
+
+
+class Verifier:
+    """What each key should hold now: (version, size, xxh3 of the expected bytes)."""
+
+    def __init__(self, payloads: Payloads) -> None:
+        self.payloads = payloads
+        self.cur: dict[tuple[str, bytes], tuple[int, int, int]] = {}
+
+    def items(self, op: Put) -> list[tuple[bytes, memoryview]]:
+        out = []
+        for k, n in zip(op.keys, op.sizes):
+            version = self.cur.get((op.ns, k), (0, 0, 0))[0] + 1
+            v = self.payloads.view(op.ns, k, version, n)
+            self.cur[(op.ns, k)] = (version, n, xxhash.xxh3_64_intdigest(v))
+            out.append((k, v))
+        return out
+
+    def delete(self, op: Delete) -> None:
+        for k in op.keys:
+            self.cur.pop((op.ns, k), None)
+
+    def check(self, op: Request, views: list[Any], where: str) -> None:
+        for k, v in zip(op.keys, views):
+            want = self.cur.get((op.ns, k))
+            if want is None or v is None or len(v) != want[1] or xxhash.xxh3_64_intdigest(v) != want[2]:
+                raise RuntimeError(f"{where}: key {k!r} read back wrong (expected version {want and want[0]}, "
+                                   f"got {None if v is None else len(v)} bytes)")
+
+
+def policy_spec(text: str) -> dict[str, Any]:
+    """"NAME" or "NAME:KNOB=VALUE,KNOB=VALUE" (e.g. "full:relocation_budget=inf,min_hits=1") as the dict
+    `resolve` takes; values are parsed as JSON numbers/booleans where they can be ("inf" too)."""
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"policy": name}
+    for item in filter(None, rest.split(",")):
+        knob, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"policy knob {item!r} needs the form KNOB=VALUE")
+        low = raw.strip().lower()
+        if low == "inf":
+            spec[knob.strip()] = math.inf
+        elif low in ("true", "false"):
+            spec[knob.strip()] = low == "true"
+        else:
+            spec[knob.strip()] = json.loads(low)
+    return spec
+
+
+def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloads: Payloads, passes: int,
+           cold_samples: int, keep: bool = False) -> dict[str, Any]:
+    """Replay `trace` on a fresh store under `policy_name` (a spec `policy_spec` reads); the figures of
+    one (trace, policy) cell. `passes=0` runs no compaction at all (the compactor only learns); `keep`
+    leaves the closed store on disk and returns its path as "path"."""
+    policy = resolve(policy_spec(policy_name))
+    path = tempfile.mkdtemp(prefix=f"{trace.name}-{policy.name}-", dir=root)
+    ops = trace.ops
+    half = len(ops) // 2
+    every = max(1, len(ops) // passes) if passes > 0 else 0
+    measured = [i for i, o in enumerate(ops) if isinstance(o, Request) and i >= half]
+    cold_at = set(evenly(measured, cold_samples))
+    usable = block_size - BLOCK_HEADER_SIZE - 8192  # what relocation's placement counts as one block's room
+    verify = Verifier(payloads)
+    blocks_all: list[tuple[int, int]] = []  # (op index, blocks) of every request, for the plots
+    blocks: list[int] = []
+    floor: list[int] = []
+    cold_ms: list[float] = []
+    pass_s = 0.0
+    t_start = time.perf_counter()
+    store = blockstore.open(path, block_size=block_size, durability="cache")
+    try:
+        comp = attach(store, policy, background=False)
+        for i, op in enumerate(ops):
+            if every and i and i % every == 0:
+                t0 = time.perf_counter()
+                comp.run_pass()
+                pass_s += time.perf_counter() - t0
+            if isinstance(op, Put):
+                store.put_many(verify.items(op), ns=op.ns, partition=op.partition if policy.partitioned else None)
+            elif isinstance(op, Delete):
+                if not all(store.delete_many(op.keys, ns=op.ns)):
+                    raise RuntimeError(f"{trace.name}/{policy.name} op {i}: a delete found no record")
+                verify.delete(op)
+            else:
+                locs = store.locate_many(op.keys, ns=op.ns)
+                live = [loc for loc in locs if loc is not None]  # a missing key fails verify.check below
+                nb = len({loc.block_id for loc in live})
+                blocks_all.append((i, nb))
+                if i >= half:
+                    blocks.append(nb)
+                    floor.append(max(1, -(-sum(loc.record_len for loc in live) // usable)))
+                if i in cold_at:
+                    os.sync()
+                    store.drop_page_cache()
+                    t0 = time.perf_counter()
+                    views = store.get_many(op.keys, ns=op.ns)
+                    cold_ms.append((time.perf_counter() - t0) * 1e3)
+                else:
+                    views = store.get_many(op.keys, ns=op.ns)
+                verify.check(op, views, f"{trace.name}/{policy.name} op {i}")
+        if every:
+            t0 = time.perf_counter()
+            comp.run_pass()
+            pass_s += time.perf_counter() - t0
+        totals = comp.totals.as_dict()
+        status = comp.status()
+    finally:
+        store.close()  # stops the compactor (persisting what it learned), seals, flushes the directory
+    replay_s = time.perf_counter() - t_start
+    with blockstore.open(path, block_size=block_size) as store:
+        stats = store.stats()
+    logical = stats.live_logical_bytes or 1
+    put = stats.bytes_put or 1
+    moved = totals["relocated_bytes"] + totals["gc_bytes"]
+    out: dict[str, Any] = {
+        "policy": policy_name,
+        "blocks_per_request": statistics.fmean(blocks) if blocks else float("nan"),
+        "blocks_per_request_p95": pct(blocks, 95),
+        "blocks_floor": statistics.fmean(floor) if floor else float("nan"),
+        "requests_measured": len(blocks),
+        "space_amp": stats.space_amplification,
+        "write_amp": stats.write_amplification,
+        "cold_ms": {"p50": pct(cold_ms, 50), "p95": pct(cold_ms, 95), "p99": pct(cold_ms, 99), "n": len(cold_ms),
+                    "values": [round(v, 3) for v in cold_ms]},
+        # space_amp = 1 + these (as fractions of live logical bytes)
+        "space_breakdown": {
+            "record_layout": round((stats.live_bytes - stats.live_logical_bytes) / logical, 4),  # headers, padding
+            "dead_records": round((stats.written_bytes - stats.live_bytes) / logical, 4),  # incl. tombstones
+            "block_headers_footers": round((stats.block_file_bytes - stats.written_bytes) / logical, 4),
+            "directory": round(stats.directory_bytes / logical, 4),
+        },
+        # write_amp = 1 + these (as fractions of bytes put)
+        "write_breakdown": {
+            "user_layout": round((stats.bytes_appended - moved - stats.bytes_put) / put, 4),  # headers, tombstones
+            "relocation": round(totals["relocated_bytes"] / put, 4),
+            "gc": round(totals["gc_bytes"] / put, 4),
+        },
+        "stats": stats.as_dict(),
+        "compaction": {"passes": status["passes"], "pass_s": round(pass_s, 3),
+                       **{k: v for k, v in totals.items() if not k.startswith("planned") and k != "dry_run"}},
+        "replay_s": round(replay_s, 2),
+        "blocks_over_time": windows(blocks_all, len(ops)),
+    }
+    if keep:
+        out["path"] = path
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+def windows(points: list[tuple[int, int]], n_ops: int, n: int = 20) -> list[tuple[float, float]]:
+    """Mean blocks/request in `n` consecutive windows of requests: (trace progress, mean)."""
+    out = []
+    for w in range(n):
+        part = points[w * len(points) // n : (w + 1) * len(points) // n]
+        if part:
+            mid = part[len(part) // 2][0]
+            out.append((round(mid / n_ops, 4), round(statistics.fmean(b for _i, b in part), 3)))
+    return out
+
+
+# ------------------------------------------------------------------------ foreground vs background work
+
+
+def _warm(path: str) -> None:
+    """Read every block file once, so foreground timings compare CPU and lock contention, not disk."""
+    blocks = os.path.join(path, "blocks")
+    for name in sorted(os.listdir(blocks)):
+        with open(os.path.join(blocks, name), "rb", buffering=0) as f:
+            while f.read(8 * MiB):
+                pass
+
+
+def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Payloads, n_requests: int,
+                       policies: Sequence[str] = ("full", "aggressive")) -> dict[str, Any]:
+    """Foreground get_many latency while the background compactor works vs with no compactor.
+
+    The trace is replayed under the full policy with no compaction pass (the compactor only learns,
+    and persists its co-access groups at close), which leaves a backlog of scattered groups and dead
+    blocks. Copies of that store are then opened (block files read once first: warm) and `n_requests`
+    of the trace's second-half requests are timed one by one:
+      idle   opened without compaction;
+      busy   opened with compaction={"policy": P, "interval_s": 0.01}: its thread starts working at
+             once. Requests are repeated until the compactor has been quiet for QUIET_S (or for at
+             most BUSY_LIMIT_S: reads keep feeding it); a request counts as "during compaction" if it
+             overlaps a span of the compactor's scan/copy/re-point/reclaim hooks.
+    """
+    base = replay(trace, "full", block_size=block_size, root=root, payloads=payloads, passes=0, cold_samples=0,
+                  keep=True)["path"]
+    half = len(trace.ops) // 2
+    reqs = [trace.ops[i] for i in evenly([i for i, o in enumerate(trace.ops) if isinstance(o, Request) and i >= half],
+                                         n_requests)]
+    out: dict[str, Any] = {}
+    try:
+        idle_path = base + "-idle"
+        shutil.copytree(base, idle_path)
+        _warm(idle_path)
+        with blockstore.open(idle_path, block_size=block_size) as s:
+            lat = []
+            for op in reqs:
+                t0 = time.perf_counter()
+                s.get_many(op.keys, ns=op.ns)
+                lat.append((time.perf_counter() - t0) * 1e3)
+        shutil.rmtree(idle_path, ignore_errors=True)
+        out["idle"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": len(lat)}
+        for pol in policies:
+            busy_path = f"{base}-{pol}"
+            shutil.copytree(base, busy_path)
+            _warm(busy_path)
+            events = _Events()
+            timed: list[tuple[float, float]] = []
+            names = ("compact.scan", "compact.copy", "compact.repoint", "compact.reclaim")
+            for name in names:
+                hooks.register(name, events.mark)
+            try:
+                with blockstore.open(busy_path, block_size=block_size,
+                                     compaction={"policy": pol, "interval_s": 0.01}) as s:
+                    t_open = time.perf_counter()
+                    j = 0
+                    while True:
+                        op = reqs[j % len(reqs)]
+                        j += 1
+                        t0 = time.perf_counter()
+                        s.get_many(op.keys, ns=op.ns)
+                        t1 = time.perf_counter()
+                        timed.append((t0, t1))
+                        last = events.last(t_open)
+                        if j >= len(reqs) and t1 - last > QUIET_S or t1 - t_open > BUSY_LIMIT_S:
+                            break
+                    went_idle = t1 - last > QUIET_S
+                    status = s.compactor.status()
+            finally:
+                for name in names:
+                    hooks.unregister(name, events.mark)
+            shutil.rmtree(busy_path, ignore_errors=True)
+            spans = _spans(events.times, gap=0.05)
+            during = [(t1 - t0) * 1e3 for t0, t1 in timed if any(a <= t1 and t0 <= b for a, b in spans)]
+            after = [(t1 - t0) * 1e3 for t0, t1 in timed if not any(a <= t1 and t0 <= b for a, b in spans)]
+            out[pol] = {
+                "during": {"p50_ms": pct(during, 50), "p99_ms": pct(during, 99), "n": len(during)},
+                "after": {"p50_ms": pct(after, 50), "p99_ms": pct(after, 99), "n": len(after)},
+                "compaction_busy_s": round(sum(b - a for a, b in spans), 3),
+                "went_idle": went_idle,  # False: still copying after BUSY_LIMIT_S (reads keep re-arming it)
+                "moved_bytes": status["gc_bytes_total"] + status["relocated_bytes_total"],
+                "passes": status["passes"],
+            }
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+class _Events:
+    """Times of the compactor's hook calls (fired on its thread)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._lock = threading.Lock()
+
+    def mark(self, *_args: object) -> None:
+        with self._lock:
+            self.times.append(time.perf_counter())
+
+    def last(self, default: float) -> float:
+        with self._lock:
+            return self.times[-1] if self.times else default
+
+
+def _spans(ts: list[float], gap: float) -> list[tuple[float, float]]:
+    spans: list[tuple[float, float]] = []
+    for t in sorted(ts):
+        if spans and t - spans[-1][1] <= gap:
+            spans[-1] = (spans[-1][0], t)
+        else:
+            spans.append((t, t))
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def table(trace: Trace, cells: dict[str, dict[str, Any]], block_size: int) -> str:
+    s = trace.summary()
+    n = next(iter(cells.values()))["requests_measured"] if cells else 0
+    w = max([14] + [len(p) + 2 for p in cells])  # policy column: labels may carry knob overrides
+    lines = [f"{trace.name}: {s['ops']} ops, {s['bytes_put'] / 1e6:.1f} MB put, {s['requests']} requests "
+             f"({s['keys_per_request']} keys each; blocks/request over the last {n}), "
+             f"{block_size // MiB} MiB blocks",
+             f"  {'policy':<{w}}{'blk/req':>8}{'p95':>6}{'floor':>7}{'space':>7}{'write':>7}"
+             f"{'cold p50':>10}{'p95':>7}{'p99':>7}{'reloc MB':>10}{'gc MB':>7}{'freed':>6}{'pass s':>8}{'total s':>8}"]
+    for pol, c in cells.items():
+        k, cm = c["compaction"], c["cold_ms"]
+        lines.append(f"  {pol:<{w}}{c['blocks_per_request']:>8.2f}{c['blocks_per_request_p95']:>6.1f}"
+                     f"{c['blocks_floor']:>7.2f}{c['space_amp']:>7.3f}{c['write_amp']:>7.3f}"
+                     f"{cm['p50']:>10.2f}{cm['p95']:>7.2f}{cm['p99']:>7.2f}{k['relocated_bytes'] / 1e6:>10.2f}"
+                     f"{k['gc_bytes'] / 1e6:>7.2f}{k['reclaimed_blocks']:>6}{k['pass_s']:>8.2f}{c['replay_s']:>8.2f}")
+    lines.append(f"  {'bytes go to':<{w}}{'space = 1 + layout':>19}{'dead':>8}{'blocks':>8}{'dir':>7}"
+                 f"{'write = 1 + layout':>21}{'reloc':>8}{'gc':>8}")
+    for pol, c in cells.items():
+        sb, wb = c["space_breakdown"], c["write_breakdown"]
+        lines.append(f"  {pol:<{w}}{sb['record_layout']:>19.3f}{sb['dead_records']:>8.3f}"
+                     f"{sb['block_headers_footers']:>8.3f}{sb['directory']:>7.3f}{wb['user_layout']:>21.3f}"
+                     f"{wb['relocation']:>8.3f}{wb['gc']:>8.3f}")
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    lines = [f"targets: full/append-only blocks/request <= {TARGET_BLOCKS_RATIO}, p95 cold <= {TARGET_COLD_RATIO}; "
+             f"locomo full space amp <= {TARGET_LOCOMO_SPACE} and write amp <= {TARGET_LOCOMO_WRITE}"]
+    doc: dict[str, Any] = {}
+    for tr, cells in results.items():
+        if "full" not in cells or "append-only" not in cells:
+            continue
+        full, base = cells["full"], cells["append-only"]
+        br = full["blocks_per_request"] / base["blocks_per_request"]
+        cr = full["cold_ms"]["p95"] / base["cold_ms"]["p95"]
+        d = {"blocks_ratio": round(br, 3), "blocks_met": br <= TARGET_BLOCKS_RATIO,
+             "cold_p95_ratio": round(cr, 3), "cold_met": cr <= TARGET_COLD_RATIO}
+        line = (f"  {tr:<10} blocks/request {br:.2f} {'met' if d['blocks_met'] else 'MISSED'}; "
+                f"p95 cold {cr:.2f} {'met' if d['cold_met'] else 'MISSED'}")
+        if tr == "locomo":
+            sp, wr = full["space_amp"], full["write_amp"]
+            d.update(space_amp=round(sp, 3), write_amp=round(wr, 3),
+                     amp_met=sp <= TARGET_LOCOMO_SPACE and wr <= TARGET_LOCOMO_WRITE)
+            line += f"; space {sp:.3f} write {wr:.3f} {'met' if d['amp_met'] else 'MISSED'}"
+        doc[tr] = d
+        lines.append(line)
+    return "\n".join(lines), doc
+
+
+def plots(results: dict[str, dict[str, dict[str, Any]]], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(results)
+    policies = list(next(iter(results.values())))
+    width = 0.8 / len(policies)
+    files = []
+
+    def bars(ax: Any, metric: str, label: str, p95: str | None = None) -> None:
+        for j, pol in enumerate(policies):
+            xs = [i + (j - (len(policies) - 1) / 2) * width for i in range(len(traces))]
+            ys = [results[t][pol][metric] for t in traces]
+            drawn = ax.bar(xs, ys, width, label=pol)
+            ax.bar_label(drawn, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+            if p95:
+                ax.scatter(xs, [results[t][pol][p95] for t in traces], marker="_", color="black", s=60, zorder=3)
+        ax.set_xticks(range(len(traces)), traces)
+        ax.set_ylabel(label)
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    bars(ax, "blocks_per_request", "blocks / request (bar: mean, tick: p95)", "blocks_per_request_p95")
+    ax.set_title("Blocks touched per request, second half of each trace")
+    ax.legend(fontsize=8, ncol=3)
+    files.append(os.path.join(out_dir, "compaction_blocks_per_request.png"))
+    fig.tight_layout()
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    bars(axes[0], "space_amp", "space amplification")
+    bars(axes[1], "write_amp", "write amplification (log scale)")
+    axes[1].set_yscale("log")
+    axes[0].set_title("Space amplification at the end (after close and reopen)")
+    axes[1].set_title("Write amplification (bytes appended / bytes put)")
+    for ax in axes:
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylim(bottom=0.9)
+        ax.margins(y=0.15)
+    axes[0].legend(fontsize=8, ncol=2)
+    files.append(os.path.join(out_dir, "compaction_amplification.png"))
+    fig.tight_layout()
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(traces), figsize=(4.2 * len(traces), 4), squeeze=False)
+    for ax, t in zip(axes[0], traces):
+        for pol in policies:
+            pts = results[t][pol]["blocks_over_time"]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=pol, marker=".")
+        ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_title(t)
+        ax.set_xlabel("trace progress (fraction of ops)")
+    axes[0][0].set_ylabel("blocks / request (window mean)")
+    axes[0][0].legend(fontsize=7)
+    files.append(os.path.join(out_dir, "compaction_blocks_over_time.png"))
+    fig.tight_layout()
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.compaction", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="quick traces (the default mode)")
+    mode.add_argument("--full", action="store_true", help="4x bigger traces, background latency, PNG plots")
+    ap.add_argument("--traces", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), metavar="POLICY",
+                    help=f"policies to replay (default: all of {', '.join(POLICIES)}); each may carry knob "
+                    "overrides, as NAME:KNOB=VALUE,... (e.g. full:relocation_budget=inf)")
+    ap.add_argument("--block-size", type=int, default=MiB,
+                    help="block size in bytes, within the engine's limits (default 1 MiB)")
+    ap.add_argument("--scale", type=float, help="trace size multiplier (default: quick 1, full 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--passes", type=int, help="compaction passes spread over each replay (default 40)")
+    ap.add_argument("--cold-samples", type=int, help="cold-timed requests per cell (default: quick 50, full 200)")
+    ap.add_argument("--dir", default=DEFAULT_DIR, help="scratch root, on the disk under test (default bench/.scratch)")
+    ap.add_argument("--out", default=DEFAULT_JSON, help="results JSON (default bench/results/compaction.json)")
+    ap.add_argument("--no-plots", action="store_true", help="full mode: skip the PNG plots")
+    args = ap.parse_args(argv)
+    m = MODES["full" if args.full else "quick"]
+    args.mode = "full" if args.full else "quick"
+    args.scale = args.scale or m["scale"]
+    args.passes = m["passes"] if args.passes is None else args.passes
+    args.cold_samples = m["cold_samples"] if args.cold_samples is None else args.cold_samples
+    args.fg_requests = m["fg_requests"]
+    for p in args.policies:
+        try:
+            resolve(policy_spec(p))
+        except (ValueError, blockstore.BlockstoreError) as exc:
+            ap.error(f"--policies {p}: {exc}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    t_all = time.perf_counter()
+    engine = engine_state()
+    engine["compaction_uncommitted"] = _run(["git", "status", "--porcelain", "--", "compaction"]).splitlines()
+    machine = machine_info(args.dir)
+    traces = []
+    for name in args.traces:
+        t = generate(name, args.seed, args.scale)
+        check(t)
+        traces.append(t)
+    print(describe(traces), file=sys.stderr)
+    payloads = Payloads(args.seed, max(t.summary()["max_record_bytes"] for t in traces))
+    root = tempfile.mkdtemp(prefix="compaction-", dir=args.dir)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    fg: dict[str, Any] = {}
+    tables = []
+    try:
+        for t in traces:
+            cells = results.setdefault(t.name, {})
+            for pol in args.policies:
+                cells[pol] = replay(t, pol, block_size=args.block_size, root=root, payloads=payloads,
+                                    passes=args.passes, cold_samples=args.cold_samples)
+                print(f"{t.name}/{pol}: {cells[pol]['replay_s']:.1f} s ({time.perf_counter() - t_all:.0f} s in all)",
+                      file=sys.stderr)
+            tables.append(table(t, cells, args.block_size))
+            if args.fg_requests:
+                fg[t.name] = foreground_latency(t, block_size=args.block_size, root=root, payloads=payloads,
+                                                n_requests=args.fg_requests)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    target_text, target_doc = targets(results)
+    png = plots(results, os.path.dirname(os.path.abspath(args.out))) if args.mode == "full" and not args.no_plots \
+        else []
+    wall = time.perf_counter() - t_all
+    doc = {
+        "benchmark": "compaction",
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "config": {"mode": args.mode, "scale": args.scale, "seed": args.seed, "block_size": args.block_size,
+                   "passes_per_replay": args.passes, "cold_samples": args.cold_samples, "durability": "cache",
+                   "policies": {p: resolve(policy_spec(p)).as_dict() for p in args.policies},
+                   "measured": "blocks/request and cold latency over the second half of each trace; "
+                               "amplification after a final pass, close and reopen"},
+        "machine": machine,
+        "engine": engine,
+        "wall_s": round(wall, 1),
+        "traces": {t.name: {"params": t.params, "summary": t.summary()} for t in traces},
+        "results": results,
+        "targets": target_doc,
+        "foreground_latency": fg,
+        "plots": [os.path.relpath(p, REPO) for p in png],
+    }
+    write_json(args.out, finite(doc))
+    print("\n\n".join(tables))
+    if fg:
+        print("\nforeground get_many latency, warm, ms (idle: no compactor; during: overlapping compaction work)")
+        for tr, r in fg.items():
+            parts = [f"idle p50 {r['idle']['p50_ms']:.2f} p99 {r['idle']['p99_ms']:.2f}"]
+            for pol in ("full", "aggressive"):
+                if pol in r:
+                    d = r[pol]["during"]
+                    parts.append(f"{pol}: during p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} (n={d['n']}, "
+                                 f"{r[pol]['moved_bytes'] / 1e6:.1f} MB moved in {r[pol]['compaction_busy_s']:.2f} s"
+                                 f"{'' if r[pol]['went_idle'] else ', never idle'})")
+            print(f"  {tr:<10}" + "; ".join(parts))
+    print()
+    print(target_text)
+    print(f"(wall {wall:.1f} s; full results: {os.path.relpath(args.out)}"
+          + (f"; plots: {', '.join(os.path.relpath(p) for p in png)}" if png else "") + ")")
+    print(json.dumps(finite({"traces": {tr: {pol: {"blocks_per_request": round(c["blocks_per_request"], 3),
+                                                   "space_amp": round(c["space_amp"], 3),
+                                                   "write_amp": round(c["write_amp"], 3),
+                                                   "p95_cold_ms": round(c["cold_ms"]["p95"], 3)}
+                                             for pol, c in cells.items()} for tr, cells in results.items()}})))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""Seeded workload traces for the compaction benchmark (`bench/compaction.py`).
+
+Each generator returns a `Trace`: a list of operations a store replays in order.
+
+    Put(keys, sizes, partition, ns)   one put_many: records written together, in one placement partition
+    Delete(keys, ns)                  one delete_many
+    Request(keys, ns)                 one get_many: the records one inference request or one memory
+                                      retrieval needs (every key is live when the request is issued)
+
+The shapes follow the workloads of the Akashic paper (LoCoMo, WebArena, SWE-bench) plus a KV-cache
+workload shaped like LMCache under vLLM. They are synthetic: sizes, interleaving, reuse and churn are
+modelled, contents are not (the replay writes pseudo-random bytes of the given sizes).
+
+Every generator takes `seed` (same seed, same trace, on any machine and Python hash seed) and `scale`
+(1.0 is the quick size, about 10-30 MB put per trace; the benchmark's full mode uses 4.0). Scale
+multiplies the number of users / tasks / chats, so the interleaving and per-request shapes stay the
+same and only the amount of history grows. Every other keyword overrides one shape parameter.
+
+Requests of fewer than two keys are not emitted: one record always sits in one block, so such reads
+say nothing about placement.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+KiB = 1 << 10
+NS = "bench"
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    keys: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+    partition: str
+    ns: str = NS
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    keys: tuple[bytes, ...]
+    ns: str = NS
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    keys: tuple[bytes, ...]
+    ns: str = NS
+
+
+Op = Put | Delete | Request
+
+
+@dataclass(slots=True)
+class Trace:
+    name: str
+    ops: list[Op]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        puts = [o for o in self.ops if isinstance(o, Put)]
+        reqs = [o for o in self.ops if isinstance(o, Request)]
+        dels = [o for o in self.ops if isinstance(o, Delete)]
+        sizes: dict[tuple[str, bytes], int] = {}
+        for o in self.ops:  # request bytes: each key's size at the time of the request
+            if isinstance(o, Put):
+                for k, n in zip(o.keys, o.sizes):
+                    sizes[(o.ns, k)] = n
+        keys_put = sum(len(o.keys) for o in puts)
+        distinct = len({(o.ns, k) for o in puts for k in o.keys})
+        return {
+            "ops": len(self.ops),
+            "puts": len(puts),
+            "records_put": keys_put,
+            "distinct_keys": distinct,
+            "rewrites": keys_put - distinct,
+            "bytes_put": sum(sum(o.sizes) for o in puts),
+            "deletes": sum(len(o.keys) for o in dels),
+            "requests": len(reqs),
+            "keys_per_request": round(sum(len(r.keys) for r in reqs) / max(1, len(reqs)), 2),
+            "max_record_bytes": max((max(o.sizes) for o in puts), default=0),
+        }
+
+
+class _Zipf:
+    """Ranks 0..n-1 with P(rank r) proportional to 1 / (r + 1) ** s."""
+
+    def __init__(self, n: int, s: float, rng: random.Random) -> None:
+        self.rng = rng
+        self.cum = list(itertools.accumulate(1.0 / (r + 1) ** s for r in range(n)))
+
+    def __call__(self) -> int:
+        return bisect.bisect_left(self.cum, self.rng.random() * self.cum[-1])
+
+    def distinct(self, k: int) -> list[int]:
+        k = min(k, len(self.cum))
+        out: list[int] = []
+        while len(out) < k:
+            r = self()
+            if r not in out:
+                out.append(r)
+        return out
+
+
+class _Pool:
+    """A list with O(1) add, remove and uniform choice (random.choice on a set is not seed-stable)."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.pos: dict[Any, int] = {}
+
+    def add(self, x: Any) -> None:
+        if x not in self.pos:
+            self.pos[x] = len(self.items)
+            self.items.append(x)
+
+    def remove(self, x: Any) -> None:
+        i = self.pos.pop(x)
+        last = self.items.pop()
+        if i < len(self.items):
+            self.items[i] = last
+            self.pos[last] = i
+
+    def __contains__(self, x: Any) -> bool:
+        return x in self.pos
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def choice(self, rng: random.Random) -> Any:
+        return self.items[rng.randrange(len(self.items))]
+
+
+def _interleave(rng: random.Random, concurrent: int, start: Callable[[], Any | None],
+                step: Callable[[Any], bool]) -> None:
+    """Run up to `concurrent` actors at once, one step of a randomly chosen actor at a time (so their
+    writes interleave in time as concurrent users' do). `start()` returns a new actor or None when none
+    is left; `step(actor)` returns False once the actor is finished."""
+    active: list[Any] = []
+    while True:
+        while len(active) < concurrent:
+            a = start()
+            if a is None:
+                break
+            active.append(a)
+        if not active:
+            return
+        i = rng.randrange(len(active))
+        if not step(active[i]):
+            active[i] = active[-1]
+            active.pop()
+
+
+def _kib_rounded(rng: random.Random, lo: int, hi: int) -> int:
+    return rng.randint(lo // 64, hi // 64) * 64
+
+
+def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    import math
+
+    return int(math.exp(rng.uniform(math.log(lo), math.log(hi)))) // 64 * 64
+
+
+# ---------------------------------------------------------------------------------------------- LoCoMo
+
+
+def locomo(seed: int = 0, scale: float = 1.0, *, users: int | None = None, sessions: int = 10,
+           turns: tuple[int, int] = (8, 16), concurrent: int = 12, topics: int = 12, topic_zipf: float = 1.0,
+           session_topics: int = 3, focus: float = 0.7, chunk_bytes: tuple[int, int] = (1 * KiB, 3584),
+           chunk_p: float = 1.0, two_chunk_p: float = 0.25, request_p: float = 1.0, k: int = 8,
+           update_frac: float = 0.10, delete_frac: float = 0.05) -> Trace:
+    """Long multi-session chat memory (LoCoMo).
+
+    `users` users (default 20 x scale) each hold `sessions` sessions of `turns` turns. At most
+    `concurrent` sessions are active at once, always of different users, and a turn is taken by a
+    random active session, so the sessions of different users interleave in time; a user's sessions
+    are sequential but spread over the whole trace. (12 stays below the engine's 16 open blocks, one of
+    which the namespace's tombstones take: with more partitions active than open blocks, the engine
+    seals partially filled blocks early, which changes what is measured.)
+
+    A turn appends, with probability `chunk_p` (the chunk gate; a session writes at least one), one
+    chunk record (two with probability `two_chunk_p`) of `chunk_bytes` (1 to 3.5 KiB: below 4 KiB, so
+    records pack into pages rather than each taking one) to the partition f"u{user}/s{session}". Every chunk has a topic among the user's `topics`: user-level popularity
+    is Zipf(`topic_zipf`), and each session focuses on `session_topics` of them (a chunk's topic is
+    one of the session's focus topics with probability `focus`).
+
+    Churn: about `update_frac` of chunks are later rewritten (reconciliation refines a prior memory:
+    a live chunk of a previous session of the same user and of one of the current session's topics
+    gets a new version, written into the current session's partition) and about `delete_frac` are
+    deleted (a stale memory of a previous session dropped).
+
+    Requests: with probability `request_p` (default 1: Akashic retrieves at the admission of every
+    request) a turn first retrieves memory: a topic (a focus topic of the session with probability
+    `focus`, else the user's Zipf), then the `k` most recent live chunks of that topic from the user's
+    previous sessions (the current session is in the prompt already).
+    Topics recur within and across sessions, so the same groups are requested again and again; a group
+    shifts when a session of the user ends with new chunks of its topic.
+    """
+    rng = random.Random(f"locomo-{seed}")
+    n_users = users if users is not None else max(2, round(20 * scale))
+    zipf = _Zipf(topics, topic_zipf, rng)
+    next_session = [0] * n_users
+    waiting = _Pool()
+    for u in range(n_users):
+        waiting.add(u)
+    # per user: chunk id -> [session, topic, live]; per (user, topic) chunk ids in creation order
+    chunks: list[dict[int, list[int]]] = [{} for _ in range(n_users)]
+    by_topic: list[list[list[int]]] = [[[] for _ in range(topics)] for _ in range(n_users)]
+    alive: list[_Pool] = [_Pool() for _ in range(n_users)]
+    counter = [0] * n_users
+    ops: list[Op] = []
+
+    def key(u: int, cid: int) -> bytes:
+        return b"locomo/u%03d/s%02d/c%05d" % (u, chunks[u][cid][0], cid)
+
+    def start() -> dict[str, Any] | None:
+        if not len(waiting):
+            return None
+        u = waiting.choice(rng)
+        waiting.remove(u)
+        s = next_session[u]
+        next_session[u] += 1
+        return {"u": u, "s": s, "left": rng.randint(*turns), "focus": zipf.distinct(session_topics), "wrote": 0}
+
+    def topic_of(a: dict[str, Any]) -> int:
+        return rng.choice(a["focus"]) if rng.random() < focus else zipf()
+
+    def older_live(u: int, s: int, t: int) -> list[int]:
+        return [c for c in by_topic[u][t] if chunks[u][c][2] and chunks[u][c][0] < s]
+
+    def step(a: dict[str, Any]) -> bool:
+        u, s = a["u"], a["s"]
+        part = f"u{u:03d}/s{s:02d}"
+        if rng.random() < request_p:
+            t = topic_of(a)
+            got: list[int] = []
+            for c in reversed(by_topic[u][t]):
+                rec = chunks[u][c]
+                if rec[2] and rec[0] < s:
+                    got.append(c)
+                    if len(got) == k:
+                        break
+            if len(got) >= 2:
+                ops.append(Request(tuple(key(u, c) for c in reversed(got))))  # in temporal order
+        n = (2 if rng.random() < two_chunk_p else 1) if rng.random() < chunk_p or a["left"] == 1 and not a["wrote"] else 0
+        a["wrote"] += n
+        new = []
+        for _ in range(n):
+            cid = counter[u]
+            counter[u] += 1
+            t = topic_of(a)
+            chunks[u][cid] = [s, t, 1]
+            by_topic[u][t].append(cid)
+            alive[u].add(cid)
+            new.append(cid)
+        if new:
+            ops.append(Put(tuple(key(u, c) for c in new), tuple(_kib_rounded(rng, *chunk_bytes) for _ in new), part))
+        for _ in range(n):
+            if rng.random() < update_frac:
+                cands = older_live(u, s, rng.choice(a["focus"]))
+                if cands:
+                    c = rng.choice(cands)
+                    ops.append(Put((key(u, c),), (_kib_rounded(rng, *chunk_bytes),), part))
+            if rng.random() < delete_frac and len(alive[u]):
+                c = alive[u].choice(rng)
+                if chunks[u][c][0] < s:
+                    chunks[u][c][2] = 0
+                    alive[u].remove(c)
+                    ops.append(Delete((key(u, c),)))
+        a["left"] -= 1
+        if a["left"] == 0:
+            if next_session[u] < sessions:
+                waiting.add(u)
+            return False
+        return True
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, users=n_users, sessions=sessions, turns=turns, concurrent=concurrent,
+                  topics=topics, topic_zipf=topic_zipf, session_topics=session_topics, focus=focus,
+                  chunk_bytes=chunk_bytes, chunk_p=chunk_p, two_chunk_p=two_chunk_p, request_p=request_p, k=k,
+                  update_frac=update_frac, delete_frac=delete_frac)
+    return Trace("locomo", ops, params)
+
+
+# -------------------------------------------------------------------------------------------- WebArena
+
+
+def webarena(seed: int = 0, scale: float = 1.0, *, tasks: int | None = None, sites: int = 5,
+             steps: tuple[int, int] = (6, 16), concurrent: int = 10, out_bytes: tuple[int, int] = (4 * KiB, 64 * KiB),
+             two_output_p: float = 0.3, site_pages: int = 6, pages_per_task: tuple[int, int] = (1, 3),
+             page_zipf: float = 1.0, window: int = 10, refresh_p: float = 0.05, discard_p: float = 0.3) -> Trace:
+    """Web-agent trajectories (WebArena).
+
+    `tasks` tasks (default 60 x scale), each on one of `sites` sites, with `steps` steps; at most
+    `concurrent` tasks run at once and their steps interleave. Partition = the task id.
+
+    Each step writes its tool outputs (one; two with probability `two_output_p`), log-uniform in
+    `out_bytes` (4-64 KiB: page observations, API results). A step reads (one request) the task's
+    first output (the goal and first observation), its last `window` outputs, and the site's shared
+    pages the task uses (`pages_per_task` of the site's `site_pages`, Zipf(`page_zipf`): home, login,
+    navigation pages that every task of the site reuses). A shared page is written by the first task
+    that needs it (into that task's partition) and re-fetched (rewritten) with probability
+    `refresh_p` when a task starts using it. So a task's requests grow step by step (each one
+    contains the last) until the window slides, and site pages are requested by many tasks.
+
+    Churn: when a task ends, its own outputs are deleted with probability `discard_p` (a failed
+    trajectory dropped), besides the page refreshes.
+    """
+    rng = random.Random(f"webarena-{seed}")
+    n_tasks = tasks if tasks is not None else max(2, round(60 * scale))
+    pages = _Zipf(site_pages, page_zipf, rng)
+    stored_pages: dict[tuple[int, int], bool] = {}
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def page_key(site: int, p: int) -> bytes:
+        return b"web/site%d/page%02d" % (site, p)
+
+    def start() -> dict[str, Any] | None:
+        t = next(started)
+        if t >= n_tasks:
+            return None
+        site = rng.randrange(sites)
+        return {"t": t, "site": site, "left": rng.randint(*steps), "outs": [], "step": 0,
+                "pages": pages.distinct(rng.randint(*pages_per_task))}
+
+    def step(a: dict[str, Any]) -> bool:
+        t, site = a["t"], a["site"]
+        part = f"task{t:04d}"
+        if a["step"] == 0:
+            fetch = [p for p in a["pages"] if not stored_pages.get((site, p)) or rng.random() < refresh_p]
+            if fetch:
+                ops.append(Put(tuple(page_key(site, p) for p in fetch),
+                               tuple(_log_uniform(rng, *out_bytes) for _ in fetch), part))
+                for p in fetch:
+                    stored_pages[(site, p)] = True
+        outs: list[bytes] = a["outs"]
+        keys = [page_key(site, p) for p in a["pages"]]
+        if outs:
+            keys += [outs[0]] + [o for o in outs[-window:] if o != outs[0]]
+        if len(keys) >= 2:
+            ops.append(Request(tuple(keys)))
+        n = 2 if rng.random() < two_output_p else 1
+        new = [b"web/t%04d/o%03d" % (t, len(outs) + i) for i in range(n)]
+        outs.extend(new)
+        ops.append(Put(tuple(new), tuple(_log_uniform(rng, *out_bytes) for _ in new), part))
+        a["step"] += 1
+        a["left"] -= 1
+        if a["left"] == 0:
+            if rng.random() < discard_p:
+                ops.append(Delete(tuple(outs)))
+            return False
+        return True
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, tasks=n_tasks, sites=sites, steps=steps, concurrent=concurrent,
+                  out_bytes=out_bytes, two_output_p=two_output_p, site_pages=site_pages,
+                  pages_per_task=pages_per_task, page_zipf=page_zipf, window=window, refresh_p=refresh_p,
+                  discard_p=discard_p)
+    return Trace("webarena", ops, params)
+
+
+# ------------------------------------------------------------------------------------------------- SWE
+
+
+def swe(seed: int = 0, scale: float = 1.0, *, tasks: int | None = None, repos: int = 8, files: int = 48,
+        chunks_per_file: tuple[int, int] = (1, 3), chunk_bytes: tuple[int, int] = (8 * KiB, 32 * KiB),
+        concurrent: int = 4, steps: tuple[int, int] = (4, 10), file_zipf: float = 1.1,
+        start_files: tuple[int, int] = (2, 4), explore_p: float = 0.6, max_files: int = 10,
+        edit_p: float = 0.1) -> Trace:
+    """Repository tasks (SWE-bench).
+
+    `repos` repositories of `files` files, each file `chunks_per_file` chunk records of `chunk_bytes`
+    (8-32 KiB). `tasks` tasks (default 60 x scale), each on a random repository, run `steps` steps;
+    at most `concurrent` tasks run at once and their steps interleave. Partition = f"{repo}/{task}".
+
+    A task starts with `start_files` files and, at each later step with probability `explore_p`,
+    opens one more (up to `max_files`); files are drawn Zipf(`file_zipf`) by popularity within the
+    repository, so core files recur across the repository's tasks. Each step reads (one request) every
+    chunk of the task's open files: requests grow along a task and overlap between tasks of a repo.
+    A file's chunks are written the first time any task opens it (stored as the agent reads it, into
+    that task's partition), so a repository's files land in the store over time, among other
+    repositories' writes.
+
+    Churn: with probability `edit_p` a step edits one of its open files: all its chunks are rewritten
+    (new sizes) into the task's partition.
+    """
+    rng = random.Random(f"swe-{seed}")
+    n_tasks = tasks if tasks is not None else max(2, round(60 * scale))
+    zipf = _Zipf(files, file_zipf, rng)
+    n_chunks = [[rng.randint(*chunks_per_file) for _ in range(files)] for _ in range(repos)]
+    stored: set[tuple[int, int]] = set()  # only tested for membership: iteration order never matters
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def chunk_keys(r: int, f: int) -> list[bytes]:
+        return [b"swe/r%d/f%03d/c%d" % (r, f, j) for j in range(n_chunks[r][f])]
+
+    def start() -> dict[str, Any] | None:
+        t = next(started)
+        if t >= n_tasks:
+            return None
+        return {"t": t, "r": rng.randrange(repos), "left": rng.randint(*steps), "step": 0,
+                "files": zipf.distinct(rng.randint(*start_files))}
+
+    def step(a: dict[str, Any]) -> bool:
+        r, t = a["r"], a["t"]
+        part = f"r{r}/t{t:04d}"
+        fs: list[int] = a["files"]
+        if a["step"] > 0 and rng.random() < explore_p and len(fs) < max_files:
+            f = zipf()
+            if f not in fs:
+                fs.append(f)
+        missing = [f for f in fs if (r, f) not in stored]
+        if missing:
+            keys = [k for f in missing for k in chunk_keys(r, f)]
+            ops.append(Put(tuple(keys), tuple(_kib_rounded(rng, *chunk_bytes) for _ in keys), part))
+            stored.update((r, f) for f in missing)
+        req = [k for f in fs for k in chunk_keys(r, f)]
+        if len(req) >= 2:
+            ops.append(Request(tuple(req)))
+        if rng.random() < edit_p:
+            keys = chunk_keys(r, rng.choice(fs))
+            ops.append(Put(tuple(keys), tuple(_kib_rounded(rng, *chunk_bytes) for _ in keys), part))
+        a["step"] += 1
+        a["left"] -= 1
+        return a["left"] > 0
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, tasks=n_tasks, repos=repos, files=files, chunks_per_file=chunks_per_file,
+                  chunk_bytes=chunk_bytes, concurrent=concurrent, steps=steps, file_zipf=file_zipf,
+                  start_files=start_files, explore_p=explore_p, max_files=max_files, edit_p=edit_p)
+    return Trace("swe", ops, params)
+
+
+# --------------------------------------------------------------------------------------------- LMCache
+
+
+def lmcache(seed: int = 0, scale: float = 1.0, *, chats: int | None = None, tenants: int = 2,
+            turns: tuple[int, int] = (3, 8), concurrent: int = 8, kv_bytes: int = 256 * KiB,
+            chunks_per_turn: tuple[int, int] = (1, 2), docs: int = 6, doc_chunks: tuple[int, int] = (2, 3),
+            doc_p: float = 0.3, doc_zipf: float = 1.0, evict_p: float = 0.5) -> Trace:
+    """KV-cache chunks of multi-turn chats (LMCache under vLLM).
+
+    `chats` chats (default 12 x scale) of `tenants` tenants (models; each tenant is a namespace
+    f"model-{i}"), `turns` turns each; at most `concurrent` chats are active at once and their turns
+    interleave. Every KV record is one 256-token chunk of `kv_bytes` (256 KiB here; the real KV of
+    256 tokens is larger, which only scales bytes). Partition = the chat id (the request lineage).
+
+    A chat's prompt starts with its tenant's system-prompt chunk (shared by all chats of the tenant).
+    Each turn, with probability `doc_p`, a RAG document (Zipf(`doc_zipf`) over the tenant's `docs`
+    documents of `doc_chunks` chunks) is inserted into the prompt; document chunk keys are
+    position-independent (CacheBlend-style), so chats reuse one document's KV at different positions.
+    The turn's request is every stored chunk of its prompt (system prompt, earlier turns, documents):
+    a turn's request contains the previous turn's. Then the missing document chunks (first use in the
+    trace: written into this chat's partition) and the turn's new chunks (`chunks_per_turn`: the
+    user's message and the reply, position-dependent keys) are put.
+
+    Churn: when a chat ends, its own chunks are evicted (deleted) with probability `evict_p`; system
+    prompts and documents stay.
+    """
+    rng = random.Random(f"lmcache-{seed}")
+    n_chats = chats if chats is not None else max(2, round(12 * scale))
+    zipf = _Zipf(docs, doc_zipf, rng)
+    n_doc_chunks = [[rng.randint(*doc_chunks) for _ in range(docs)] for _ in range(tenants)]
+    stored: set[tuple[str, bytes]] = set()  # (namespace, key); only tested for membership
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def start() -> dict[str, Any] | None:
+        c = next(started)
+        if c >= n_chats:
+            return None
+        tenant = rng.randrange(tenants)
+        return {"c": c, "ns": f"model-{tenant}", "tenant": tenant, "left": rng.randint(*turns),
+                "prefix": [b"sys/prompt0"], "own": [], "docs": []}
+
+    def step(a: dict[str, Any]) -> bool:
+        c, ns, tenant = a["c"], a["ns"], a["tenant"]
+        part = f"chat{c:04d}"
+        prompt: list[bytes] = list(a["prefix"])
+        new_doc: list[bytes] = []
+        if rng.random() < doc_p:
+            d = zipf()
+            if d not in a["docs"]:
+                a["docs"].append(d)
+                keys = [b"doc/%02d/c%d" % (d, j) for j in range(n_doc_chunks[tenant][d])]
+                prompt += keys
+                new_doc = [k for k in keys if (ns, k) not in stored]
+        req = [k for k in prompt if (ns, k) in stored]
+        if len(req) >= 2:
+            ops.append(Request(tuple(req), ns))
+        fresh = [k for k in prompt if (ns, k) not in stored and k not in new_doc]  # the system prompt, once
+        if fresh or new_doc:
+            ops.append(Put(tuple(fresh + new_doc), tuple(kv_bytes for _ in fresh + new_doc), part, ns))
+            stored.update((ns, k) for k in fresh + new_doc)
+        n = rng.randint(*chunks_per_turn)
+        own = [b"chat%04d/p%03d" % (c, len(prompt) + i) for i in range(n)]
+        ops.append(Put(tuple(own), tuple(kv_bytes for _ in own), part, ns))
+        stored.update((ns, k) for k in own)
+        a["own"].extend(own)
+        a["prefix"] = prompt + own
+        a["left"] -= 1
+        if a["left"] == 0:
+            if rng.random() < evict_p:
+                ops.append(Delete(tuple(a["own"]), ns))
+                stored.difference_update((ns, k) for k in a["own"])
+            return False
+        return True
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, chats=n_chats, tenants=tenants, turns=turns, concurrent=concurrent,
+                  kv_bytes=kv_bytes, chunks_per_turn=chunks_per_turn, docs=docs, doc_chunks=doc_chunks,
+                  doc_p=doc_p, doc_zipf=doc_zipf, evict_p=evict_p)
+    return Trace("lmcache", ops, params)
+
+
+GENERATORS: dict[str, Callable[..., Trace]] = {
+    "locomo": locomo,
+    "webarena": webarena,
+    "swe": swe,
+    "lmcache": lmcache,
+}
+
+
+def check(trace: Trace) -> None:
+    """Replay the trace against a dict: every requested key is live, no delete misses (a generator bug
+    would otherwise show up as a benchmark figure)."""
+    live: set[tuple[str, bytes]] = set()
+    for i, o in enumerate(trace.ops):
+        if isinstance(o, Put):
+            if len(o.keys) != len(o.sizes) or any(n <= 0 for n in o.sizes):
+                raise AssertionError(f"{trace.name} op {i}: bad put")
+            live.update((o.ns, k) for k in o.keys)
+        elif isinstance(o, Delete):
+            for k in o.keys:
+                if (o.ns, k) not in live:
+                    raise AssertionError(f"{trace.name} op {i}: delete of a missing key {k!r}")
+                live.discard((o.ns, k))
+        else:
+            missing = [k for k in o.keys if (o.ns, k) not in live]
+            if missing or len(o.keys) < 2 or len(set(o.keys)) != len(o.keys):
+                raise AssertionError(f"{trace.name} op {i}: request of missing/duplicate keys {missing[:3]!r}")
+
+
+def generate(name: str, seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
+    return GENERATORS[name](seed, scale, **overrides)
+
+
+def describe(traces: Sequence[Trace]) -> str:
+    lines = [f"{'trace':<10}{'ops':>8}{'puts':>7}{'MB put':>8}{'rewrites':>9}{'deletes':>8}{'requests':>9}"
+             f"{'keys/req':>9}"]
+    for t in traces:
+        s = t.summary()
+        lines.append(f"{t.name:<10}{s['ops']:>8}{s['puts']:>7}{s['bytes_put'] / 1e6:>8.1f}{s['rewrites']:>9}"
+                     f"{s['deletes']:>8}{s['requests']:>9}{s['keys_per_request']:>9}")
+    return "\n".join(lines)
