@@ -34,6 +34,7 @@ SOURCE_READ = 1
 SOURCE_HINT = 2
 
 _GROUP = struct.Struct("<BBHdQdQ")  # version, source, key count, hits, last seen, hits at last move, bytes
+_GROUP_VERSION = 2  # version 1 (no bytes field) predates any release: such groups are skipped on load
 _GROUP_KEY_LEN = len(TAG_AFFINITY) + 8
 
 
@@ -61,19 +62,23 @@ class Group:
     nbytes: int = 0  # record bytes when last seen (what a merge may add up to)
 
     def encode(self) -> bytes:
-        out = [_GROUP.pack(1, self.source, len(self.keys), self.hits, self.last, self.hits_at_move, self.nbytes)]
+        out = [_GROUP.pack(_GROUP_VERSION, self.source, len(self.keys), self.hits, self.last, self.hits_at_move, self.nbytes)]
         for k in self.keys:
             out.append(len(k).to_bytes(2, "little") + k)
         return b"".join(out)
 
     @classmethod
     def decode(cls, gid: int, raw: bytes) -> Group:
-        _v, source, n, hits, last, moved, nbytes = _GROUP.unpack_from(raw)
+        version, source, n, hits, last, moved, nbytes = _GROUP.unpack_from(raw)
+        if version != _GROUP_VERSION:
+            raise ValueError(f"affinity group value version {version}")
         pos, keys = _GROUP.size, []
         for _ in range(n):
             ln = int.from_bytes(raw[pos : pos + 2], "little")
             keys.append(bytes(raw[pos + 2 : pos + 2 + ln]))
             pos += 2 + ln
+        if pos != len(raw) or any(len(k) < 6 for k in keys):
+            raise ValueError("affinity group value has the wrong length")
         return cls(gid, tuple(keys), hits, last, source, moved, nbytes)
 
 

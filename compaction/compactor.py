@@ -13,6 +13,7 @@ import logging
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("blockstore.compaction")
 _COUNTERS = TAG_AFFINITY + b"#counters"  # not 8 bytes long: never mistaken for a group key
 _COUNTERS_FMT = struct.Struct("<QQQQ")  # gc bytes, relocated bytes, blocks reclaimed, groups relocated
+MAX_GROUPS_PER_PASS = 1024  # the most valuable due groups looked at per pass (bounds a pass's cost)
 
 
 @dataclass(slots=True)
@@ -92,6 +94,8 @@ class Compactor:
         self.tracker.load(store.dir)
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)
+        # which group last rewrote each record (bounded, least recently claimed forgotten first)
+        self._claims: OrderedDict[bytes, int] = OrderedDict()
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,16 +196,25 @@ class Compactor:
 
     def _relocate(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
                   progress: Callable[[str, int, int], None] | None) -> None:
-        due = self.tracker.due(self.policy.min_hits)
+        due = self.tracker.due(self.policy.min_hits)[:MAX_GROUPS_PER_PASS]
         for i, group in enumerate(due):
             if self._stop.is_set():
                 return
+            left = self.budget_left(self.relocated_bytes, self.policy.relocation_budget)
+            if left <= 0:
+                rep.skipped_budget += len(due) - i
+                return
             if progress is not None:
                 progress("relocate", i, len(due))
-            where = relocation.placement(self.store, group)
+            gid = group.gid
+
+            def claimed(key: bytes, gid: int = gid) -> bool:
+                return self._claims.get(key, gid) != gid
+
+            where = relocation.placement(self.store, group, claimed)
             if where.blocks <= where.needed + self.policy.relocation_slack:
                 continue
-            if where.bytes > self.budget_left(self.relocated_bytes, self.policy.relocation_budget):
+            if where.bytes > left:
                 rep.skipped_budget += 1
                 continue
             rep.planned_groups.append(group.gid)
@@ -210,6 +223,11 @@ class Compactor:
                 continue
             res = relocation.relocate(self.store, group, where)
             self.tracker.moved(group.gid)
+            for k, _loc in where.live:
+                self._claims[k] = gid
+                self._claims.move_to_end(k)
+            while len(self._claims) > self.policy.max_tracked_keys:
+                self._claims.popitem(last=False)
             self.relocated_bytes += res.moved_bytes
             self.groups_moved += 1
             rep.relocated_groups += 1

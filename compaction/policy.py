@@ -94,6 +94,9 @@ def _validated(p: Policy) -> Policy:
     number("max_groups", 1, 1 << 24, integer=True)
     number("max_group_keys", 2, 1 << 16, integer=True)
     number("max_tracked_keys", 2, 1 << 26, integer=True)
+    if p.max_group_keys > p.max_tracked_keys:
+        raise InvalidArgument(f"compaction setting max_group_keys ({p.max_group_keys}) cannot exceed "
+                              f"max_tracked_keys ({p.max_tracked_keys}): one group would break the memory bound")
     number("interval_s", 0.001, 3600.0)
     number("rate_mb_s", 0.1, INF)
     return p

@@ -2,10 +2,15 @@
 is rewritten together, in temporal (sequence) order, into the relocation stream, so the next request
 for it touches one block and reads one contiguous run. Records are taken out of any block, including
 ones GC would not pick; what they leave behind is dead space GC reclaims later.
+
+A record shared by several groups (a system prompt, a popular document, a hot file) has one copy: the
+first group to rewrite it claims it, and later groups leave it where it is. Otherwise each group's
+rewrite would pull it away from the last one, and relocation would never settle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,9 +40,11 @@ class Placement:
         return self.blocks > self.needed
 
 
-def placement(store: Store, group: Group) -> Placement:
+def placement(store: Store, group: Group, claimed: Callable[[bytes], bool] | None = None) -> Placement:
+    """The group's live records, leaving out those `claimed` says another group owns."""
     locs = store.dir.get_locations(list(group.keys))
-    live = [(k, loc) for k, loc in zip(group.keys, locs) if loc is not None]
+    live = [(k, loc) for k, loc in zip(group.keys, locs)
+            if loc is not None and (claimed is None or not claimed(k))]
     size = sum(loc.record_len for _k, loc in live)
     usable = store.block_size - BLOCK_HEADER_SIZE - 8192
     return Placement(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable)), size)
