@@ -60,6 +60,10 @@ class Group:
     source: int = SOURCE_READ
     hits_at_move: float = 0.0  # hits when compaction last rewrote it together
     nbytes: int = 0  # record bytes when last seen (what a merge may add up to)
+    keyset: frozenset[bytes] = frozenset()  # the keys as a set (not stored; kept in step with keys)
+
+    def __post_init__(self) -> None:
+        self.keyset = frozenset(self.keys)
 
     def encode(self) -> bytes:
         out = [_GROUP.pack(_GROUP_VERSION, self.source, len(self.keys), self.hits, self.last, self.hits_at_move, self.nbytes)]
@@ -150,7 +154,7 @@ class AffinityTracker:
             related |= self._by_key.get(k, set())
         groups = [self._groups[r] for r in related]
         # a known group that holds all of this request: credit it (the smallest such group)
-        holders = [g for g in groups if mine <= set(g.keys)]
+        holders = [g for g in groups if mine <= g.keyset]
         if holders:
             g = min(holders, key=lambda h: len(h.keys))
             g.hits += weight
@@ -158,21 +162,21 @@ class AffinityTracker:
         # a known group sharing at least half of this request (a topic's retrievals slide as memories
         # are added; a RAG document's chunks come with different neighbours): the request joins it,
         # while the union stays within the size limits, so clusters form instead of near-duplicates
-        best = max(groups, key=lambda g: len(mine & set(g.keys)), default=None)
-        if best is not None and 2 * len(mine & set(best.keys)) >= len(mine):
-            union = tuple(sorted(mine | set(best.keys)))
-            extra = nbytes * len(mine - set(best.keys)) // len(mine)
+        best = max(groups, key=lambda g: len(mine & g.keyset), default=None)
+        if best is not None and 2 * len(mine & best.keyset) >= len(mine):
+            union = tuple(sorted(mine | best.keyset))
+            extra = nbytes * len(mine - best.keyset) // len(mine)
             if len(union) <= self.max_group_keys and best.nbytes + extra <= self.max_group_bytes:
                 for k in union:
                     self._by_key.setdefault(k, set()).add(best.gid)
-                best.keys = union
+                best.keys, best.keyset = union, frozenset(union)
                 best.nbytes += extra
                 best.hits += weight
                 return best
         # known groups this request holds (an earlier turn of a growing prompt): replace them
         g = Group(gid, ks, weight, self.clock, source, nbytes=nbytes)
         for old in groups:
-            if set(old.keys) <= mine:
+            if old.keyset <= mine:
                 g.hits += old.hits
                 g.hits_at_move = max(g.hits_at_move, old.hits_at_move)
                 self._remove(old.gid)

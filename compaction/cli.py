@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     co.add_argument("--policy", default="full", choices=list(POLICIES),
                     help="which parts run and how eagerly (default: full)")
     co.add_argument("--gc-invalid-ratio", type=float, metavar="PHI",
-                    help="GC blocks whose dead/written bytes ratio is at least this (policy default 0.3)")
+                    help="GC blocks whose dead/written bytes ratio is at least this (policy default 0.5)")
     co.add_argument("--no-budget", action="store_true",
                     help="ignore the write budgets (copy as much as the thresholds allow)")
     co.add_argument("--max-passes", type=int, default=100, metavar="N", help="stop after N passes (default 100)")

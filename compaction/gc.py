@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from blockstore.store import Store
 
 GC_PARTITION = b"\0compaction/gc"
-COPY_BATCH_BYTES = 8 << 20  # per re-point batch: bounds memory and how long one batch holds the writer
+COPY_BATCH_BYTES = 2 << 20  # per re-point batch: bounds memory and how long one batch holds the writer
 _SPACE_OF_META = {v: k for k, v in TOMBSTONE_META.items()}
 
 

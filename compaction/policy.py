@@ -19,23 +19,23 @@ class Policy:
     partitioned: bool = True
     # GC: sealed blocks whose invalid ratio (dead bytes / written bytes) reaches this are candidates
     gc: bool = True
-    gc_invalid_ratio: float = 0.3
+    gc_invalid_ratio: float = 0.5  # measured: bench/README.md (compaction), θ sweep on the LoCoMo trace
     # relocation: requests whose records sit in more blocks than their bytes need are rewritten together
     relocation: bool = True
     min_hits: int = 2  # times a group must be requested before it is worth a rewrite
     # blocks beyond the least a group needs that are tolerated before it is rewritten (0: any spill)
     relocation_slack: int = 1
     # extra bytes relocation may write, as a fraction of the bytes users put (caps write amplification)
-    relocation_budget: float = 0.15
+    relocation_budget: float = 0.1
     # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
-    gc_budget: float = 0.15
+    gc_budget: float = 0.1
     # affinity statistics kept (in memory and in the directory): groups, keys per group, keys in all
     max_groups: int = 4096
     max_group_keys: int = 256
     max_tracked_keys: int = 1 << 16
     # background pacing
     interval_s: float = 0.5
-    rate_mb_s: float = 200.0  # copy bandwidth; keeps foreground latency close to idle
+    rate_mb_s: float = 64.0  # copy bandwidth; keeps foreground latency close to idle
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
