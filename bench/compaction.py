@@ -25,7 +25,7 @@ background compactor thread works vs idle (see `foreground_latency`), and writes
 bench/results/. Every request's records are checked against what the trace last wrote to them (an
 xxh3 of the expected bytes): a lost, stale or resurrected record fails the run.
 
-    python -m bench.compaction --quick                 # all 4 traces x 6 policies, 1 MiB blocks
+    python -m bench.compaction --quick                 # all 4 traces x 6 policies, per-trace block sizes
     python -m bench.compaction --full                  # 4x bigger, plus background latency and plots
     python -m bench.compaction --quick --traces locomo --policies append-only full
 
@@ -61,6 +61,7 @@ from .throughput import _run, engine_state, machine_info, write_json
 from .traces import GENERATORS, Delete, Put, Request, Trace, check, describe, generate
 
 MiB = 1 << 20
+KiB = 1 << 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -411,7 +412,7 @@ def table(trace: Trace, cells: dict[str, dict[str, Any]], block_size: int) -> st
     w = max([14] + [len(p) + 2 for p in cells])  # policy column: labels may carry knob overrides
     lines = [f"{trace.name}: {s['ops']} ops, {s['bytes_put'] / 1e6:.1f} MB put, {s['requests']} requests "
              f"({s['keys_per_request']} keys each; blocks/request over the last {n}), "
-             f"{block_size // MiB} MiB blocks",
+             f"{block_size // KiB} KiB blocks",
              f"  {'policy':<{w}}{'blk/req':>8}{'p95':>6}{'floor':>7}{'space':>7}{'write':>7}"
              f"{'cold p50':>10}{'p95':>7}{'p99':>7}{'reloc MB':>10}{'gc MB':>7}{'freed':>6}{'pass s':>8}{'total s':>8}"]
     for pol, c in cells.items():
@@ -521,6 +522,13 @@ def plots(results: dict[str, dict[str, dict[str, Any]]], out_dir: str) -> list[s
 # ------------------------------------------------------------------------------------------------ main
 
 
+# Blocks sized to the records, as a deployment would: chunk-record stores get small blocks (a 1 MiB block
+# holds ~400 LoCoMo chunks, so everything a user said lands in one or two blocks whatever the policy),
+# KV stores large ones (a 1 MiB block holds three 256 KiB KV chunks, so no policy could put a
+# request's 8 chunks in fewer than 3 blocks).
+TRACE_BLOCK_SIZE = {"locomo": 256 * KiB, "webarena": 1024 * KiB, "swe": 1024 * KiB, "lmcache": 4096 * KiB}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.compaction", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -531,8 +539,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), metavar="POLICY",
                     help=f"policies to replay (default: all of {', '.join(POLICIES)}); each may carry knob "
                     "overrides, as NAME:KNOB=VALUE,... (e.g. full:relocation_budget=inf)")
-    ap.add_argument("--block-size", type=int, default=MiB,
-                    help="block size in bytes, within the engine's limits (default 1 MiB)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="block size in bytes for every trace, within the engine's limits (default: per trace, "
+                    + ", ".join(f"{t} {n // KiB} KiB" for t, n in TRACE_BLOCK_SIZE.items()) + ")")
     ap.add_argument("--scale", type=float, help="trace size multiplier (default: quick 1, full 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=int, help="compaction passes spread over each replay (default 40)")
@@ -576,14 +585,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for t in traces:
             cells = results.setdefault(t.name, {})
+            bs = args.block_size or TRACE_BLOCK_SIZE[t.name]
             for pol in args.policies:
-                cells[pol] = replay(t, pol, block_size=args.block_size, root=root, payloads=payloads,
+                cells[pol] = replay(t, pol, block_size=bs, root=root, payloads=payloads,
                                     passes=args.passes, cold_samples=args.cold_samples)
                 print(f"{t.name}/{pol}: {cells[pol]['replay_s']:.1f} s ({time.perf_counter() - t_all:.0f} s in all)",
                       file=sys.stderr)
-            tables.append(table(t, cells, args.block_size))
+            tables.append(table(t, cells, bs))
             if args.fg_requests:
-                fg[t.name] = foreground_latency(t, block_size=args.block_size, root=root, payloads=payloads,
+                fg[t.name] = foreground_latency(t, block_size=bs, root=root, payloads=payloads,
                                                 n_requests=args.fg_requests)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -594,7 +604,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = {
         "benchmark": "compaction",
         "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
-        "config": {"mode": args.mode, "scale": args.scale, "seed": args.seed, "block_size": args.block_size,
+        "config": {"mode": args.mode, "scale": args.scale, "seed": args.seed,
+                   "block_size": {t.name: args.block_size or TRACE_BLOCK_SIZE[t.name] for t in traces},
                    "passes_per_replay": args.passes, "cold_samples": args.cold_samples, "durability": "cache",
                    "policies": {p: resolve(policy_spec(p)).as_dict() for p in args.policies},
                    "measured": "blocks/request and cold latency over the second half of each trace; "
