@@ -66,6 +66,7 @@ from blockstore.records import (
     MAX_NAMESPACE,
     MAX_PAYLOAD,
     PAGE,
+    REC_ALIGNED,
     AppendRecord,
     Buffer,
     Kind,
@@ -83,6 +84,7 @@ DIRECTORY = "directory"
 _log = logging.getLogger("blockstore")
 
 DEFAULT_BLOCK_SIZE = 64 << 20
+_READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 DEFAULT_NAMESPACE = "default"
 
 
@@ -340,6 +342,9 @@ class Store(ChunkAPI, TensorAPI):
 
             self.recovery_report = recover(self, full=unclean)
             self._blocks = d.load_blocks()
+            for bid, e in list(self._blocks.items()):
+                if self._reclaimable(e):  # an open block whose records had all died before the crash
+                    self._delete_block(bid)
         self._next_seq = d.get_meta("next_seq") or 1
         self._next_block = d.get_meta("next_block") or 1
         self._next_ns = d.get_meta("next_ns") or 1
@@ -555,7 +560,9 @@ class Store(ChunkAPI, TensorAPI):
         placed: list[tuple[_Mutation, bytes, OpenBlock, AppendRecord]] = []
         touched: set[bytes] = set()  # keys a put or delete of this group changed
         retired_tombstones: list[int] = []  # old blocks of tombstone moves, carried or dropped
+        pending_need = 0  # a relocation set's size, carried to its first move that wins its CAS
         for m, suffix in zip(muts, suffixes):
+            pending_need = max(pending_need, m.group_need)
             if m.expected is not None and m.expected.kind == Kind.TOMBSTONE:
                 # a tombstone leaves its old block (compaction): carried only while the key stays
                 # deleted, since a newer put supersedes every older record anyway
@@ -577,7 +584,8 @@ class Store(ChunkAPI, TensorAPI):
                         continue  # deleting a missing key writes nothing
                 touched.add(suffix)
             plen = len(m.payload)  # type: ignore[arg-type]
-            need = max(len(m.key) + len(m.meta) + plen, m.group_need)
+            need = max(len(m.key) + len(m.meta) + plen, pending_need)
+            pending_need = 0
             ob = self._block_for(m.partition, need, tails, to_seal, batch)
             tail = tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
@@ -594,7 +602,10 @@ class Store(ChunkAPI, TensorAPI):
             live_after[suffix] = m.kind != Kind.TOMBSTONE
         # write: one C call per block; in sync mode it ends with that block's fdatasync
         placements: dict[int, list] = {}  # type: ignore[type-arg]
-        sync = self.durability == "sync"
+        # Moves (compaction) are durable whatever the mode: their source is deleted once the directory
+        # names the copy, and what a clean close made durable must not become volatile again.
+        moves = any(m.expected is not None for m in muts)
+        sync = self.durability == "sync" or moves
         for bid, pl in planned.items():
             ob = pl.block
             try:
@@ -678,7 +689,9 @@ class Store(ChunkAPI, TensorAPI):
             batch.put_meta("bytes_put", self._bytes_put + bytes_put)
             batch.put_meta("bytes_written", self._bytes_written + bytes_written)
             hooks.fire("write.before_directory")
-            self.dir.write(batch)
+            if moves and self.durability != "sync":
+                self.backend.dir_sync(self.blocks.dir)  # a block file created for the copies, too
+            self.dir.write(batch, force_sync=moves)
         except BaseException:
             for ob, tail, e, lo, hi, n in saved:
                 ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
@@ -844,7 +857,8 @@ class Store(ChunkAPI, TensorAPI):
             muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
                                   _payload_view(payload), xxh, suffix=suffix, expected=loc))
         if together and muts:
-            muts[0].group_need = sum(loc.record_len for _s, loc, _p in moves)
+            # a page-aligned record may need up to a page more where it lands than where it was
+            muts[0].group_need = sum(loc.record_len + (PAGE if loc.flags & REC_ALIGNED else 0) for _s, loc, _p in moves)
         for suffix, loc in drop_tombstones:
             if len(suffix) < 6 or loc.kind != Kind.TOMBSTONE:
                 raise InvalidArgument("relocate_many: drop_tombstones takes tombstone locations")
@@ -927,10 +941,10 @@ class Store(ChunkAPI, TensorAPI):
             yield k[cut:]
 
     def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
-              _retry: bool = True) -> list[Any]:
+              _attempt: int = 0) -> list[Any]:
         suffixes = [key_suffix(nid, space, k) for k in keys]
         locs = self.dir.get_locations(suffixes)
-        if _retry:
+        if _attempt == 0:
             for observe in self._read_observers:
                 try:
                     observe(suffixes, locs)
@@ -993,9 +1007,11 @@ class Store(ChunkAPI, TensorAPI):
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
-        if vanished and _retry:
+        if vanished and _attempt < _READ_ATTEMPTS:
+            # compaction moved these records and emptied their block between our lookup and our pin:
+            # look again (each round is a fresh lookup; a record is found unless moved every time)
             again = self._read(nid, space, [keys[i] for i in vanished],
-                               None if out is None else [out[i] for i in vanished], _retry=False)
+                               None if out is None else [out[i] for i in vanished], _attempt + 1)
             for i, r in zip(vanished, again):
                 results[i] = r
         for i, j in duplicates:
@@ -1048,6 +1064,29 @@ class Store(ChunkAPI, TensorAPI):
             space_amplification=(file_bytes + dir_bytes) / live_logical if live_logical else 0.0,
             write_amplification=bytes_written / bytes_put if bytes_put else 0.0,
         )
+
+    def hold_blocks(self, block_ids: Sequence[int]) -> Any:
+        """Context manager: these blocks' files outlive any deletion until it exits (a compactor holds
+        its sources between listing their records and reading them)."""
+        return self.blocks.pinned(block_ids)
+
+    def reclaim_empty_blocks(self) -> list[int]:
+        """Delete sealed blocks that hold nothing live and no tombstone (recovery can leave such a
+        block: one that was open at a crash and whose records had all died). Returns their ids."""
+        self._check_open(write=True)
+        with self._cv:
+            while self._leader:
+                self._cv.wait()
+            self._leader = True
+        try:
+            gone = [bid for bid, e in list(self._blocks.items()) if self._reclaimable(e)]
+            for bid in gone:
+                self._delete_block(bid)
+            return gone
+        finally:
+            with self._cv:
+                self._leader = False
+                self._cv.notify_all()
 
     def io_counters(self) -> tuple[int, int]:
         """(logical bytes users put, bytes appended to block files): write amplification's terms."""

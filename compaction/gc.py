@@ -138,6 +138,23 @@ def _batches(items: list[tuple[bytes, Location]], limit: int) -> Iterator[list[t
 def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[int], None] | None = None) -> Collected:
     """Copy block `e`'s live records (and the tombstones still needed) into the GC stream."""
     res = Collected(e.block_id)
+    # hold the block: a writer may empty it meanwhile (the engine then deletes it), and its records
+    # must stay readable between listing them and copying them
+    with store.hold_blocks([e.block_id]):
+        try:
+            _copy_out(store, e, min_seqs, res, pace)
+        except NotFound:  # deleted before we held it: everything in it died meanwhile
+            res.lost_race += 1
+    if res.moved == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
+        store.reclaim_empty_blocks()  # nothing was left to move: no batch deleted it; delete it here
+    res.reclaimed = all(b.block_id != e.block_id for b in store.block_table())
+    if res.reclaimed:
+        hooks.fire("compact.reclaim", "gc", e.block_id)
+    return res
+
+
+def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
+              pace: Callable[[int], None] | None) -> None:
     live = live_records(store, e.block_id)
     hooks.fire("compact.scan", "gc", e.block_id, len(live))
     for batch in _batches(live, COPY_BATCH_BYTES):
@@ -163,7 +180,3 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
         done = store.relocate_many(keep, partition=GC_PARTITION, drop_tombstones=drop)
         res.tombstones_carried = sum(done)
         res.tombstones_dropped = len(stones) - res.tombstones_carried
-    res.reclaimed = all(b.block_id != e.block_id for b in store.block_table())
-    if res.reclaimed:
-        hooks.fire("compact.reclaim", "gc", e.block_id)
-    return res

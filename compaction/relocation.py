@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blockstore import hooks
+from blockstore.errors import NotFound
 from blockstore.records import BLOCK_HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -64,10 +65,25 @@ def relocate(store: Store, group: Group, where: Placement) -> Relocated:
     res = Relocated(group.gid, blocks_before=where.blocks)
     live = sorted(where.live, key=lambda kl: kl[1].seq)  # temporal order inside the group
     hooks.fire("compact.scan", "relocate", group.gid, len(live))
-    payloads = store.read_locations([loc for _k, loc in live])
-    hooks.fire("compact.copy", "relocate", group.gid, len(live))
-    done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
-                               partition=RELOCATION_PARTITION, together=True)
+    # hold the sources: a writer may empty one meanwhile, and the engine would delete it under us
+    with store.hold_blocks([loc.block_id for _k, loc in live]):
+        try:
+            payloads = store.read_locations([loc for _k, loc in live])
+        except NotFound:
+            # a source went before we held it: the records it held were rewritten or deleted meanwhile
+            # (lost races); the ones still where we found them are copied
+            now = store.dir.get_locations([k for k, _loc in live])
+            still = [(k, loc) for (k, loc), cur in zip(live, now) if cur is not None and cur.same_place(loc)]
+            res.lost_race = len(live) - len(still)
+            live = still
+            try:
+                payloads = store.read_locations([loc for _k, loc in live])
+            except NotFound:
+                res.lost_race += len(live)
+                return res
+        hooks.fire("compact.copy", "relocate", group.gid, len(live))
+        done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
+                                   partition=RELOCATION_PARTITION, together=True)
     hooks.fire("compact.repoint", "relocate", group.gid, sum(done))
     for (_k, loc), ok in zip(live, done):
         if ok:

@@ -307,7 +307,7 @@ def test_tensor_out_mismatch_is_invalid(store: blockstore.Store) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"durability": "x"}, {"durability": None}, {"block_size": 1000}, {"block_size": (1 << 20) - 1},
+    {"durability": "x"}, {"durability": None}, {"block_size": 1000}, {"block_size": (64 << 10) - 1},
     {"block_size": 2.5 * (1 << 20)}, {"block_size": (1 << 40) + 1}, {"max_open_blocks": 0}, {"max_open_blocks": -3},
     {"on_corrupt": "x"}, {"backend": "x"}, {"read_gap": -1}, {"read_gap": (64 << 20) + 1},
 ], ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()))

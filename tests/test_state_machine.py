@@ -1,5 +1,13 @@
 """Stateful property test: the store against a dict, through puts, updates, deletes, batched reads,
-reopens and crashes, in both durability modes and on both backends.
+reopens, crashes and compaction passes, in both durability modes and on both backends.
+
+Compaction (blockstore.compaction): every store the machine opens has a compactor attached
+(background=False, aggressive thresholds) that learns co-access from every batched read; `compact` runs
+a pass, or passes until idle; `get_group` repeats a few overlapping key groups so that relocation has
+groups to co-locate; `reopen_after_compaction` compacts, closes, and reopens through
+`blockstore.open(..., compaction=...)`, which must load the affinity groups it persisted. After every
+compaction the model must hold exactly, and (unless a cache-mode power loss has dropped unsynced
+tombstones) a directory rebuilt from the block files alone must agree with the store's.
 
 Crash models:
 - `crash_kill`: the store is dropped without sealing or marking clean, as kill -9 leaves it (every
@@ -20,7 +28,9 @@ from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import settings
+from blockstore.compaction import Compactor, attach
+from compaction_helpers import AGGRESSIVE, rebuild_violations
+from hypothesis import event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import blockstore
@@ -35,6 +45,9 @@ def _sized(lo: int, hi: int) -> st.SearchStrategy[bytes]:
 
 
 VALUES = st.one_of(st.binary(max_size=64), _sized(4000, 5000), _sized(100_000, 300_000))
+# the requests a client repeats (a conversation's chunks): what relocation co-locates; they overlap
+GROUPS = st.sampled_from([[b"k0", b"k1", b"k2"], [b"k3", b"k4", b"k5", b"k6"], [b"k2", b"k7", b"k8", b"k9"],
+                          [b"k1", b"k10", b"k11"]])
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -48,13 +61,17 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="bs-sm-")
         self.model: dict[tuple[str, bytes], bytes] = {}
         self.faults = FaultInjector() if self.backend == "native" else None
+        self.unsynced_lost = False  # a cache-mode power loss may drop tombstones a rebuild needs
         if self.faults:
             self.faults.install()
         self.store = self._open()
 
     def _open(self) -> blockstore.Store:
-        return blockstore.open(self.dir, durability=self.durability, block_size=1 << 20,
-                               max_open_blocks=3, backend=self.backend)
+        s = blockstore.open(self.dir, durability=self.durability, block_size=1 << 20,
+                            max_open_blocks=3, backend=self.backend)
+        # a compactor that runs only when a rule asks, but learns from every read from the start
+        s.compactor = attach(s, AGGRESSIVE, background=False)
+        return s
 
     def teardown(self) -> None:
         try:
@@ -123,6 +140,47 @@ class StoreMachine(RuleBasedStateMachine):
             assert done[0] is False
         assert all(done[1:])
 
+    # ---- compaction ----
+
+    def _compactor(self) -> Compactor:
+        c = self.store.compactor  # close() and abandon() stop it
+        assert isinstance(c, Compactor)
+        return c
+
+    def _check_compacted(self) -> None:
+        self._check_all(exact=True)
+        if not self.unsynced_lost:
+            assert rebuild_violations(self.store) == []
+
+    @rule(until_idle=st.booleans())
+    def compact(self, until_idle: bool) -> None:
+        c = self._compactor()
+        rep = c.run_until_idle(max_passes=4) if until_idle else c.run_pass()
+        assert rep.lost_races == 0  # nothing races a pass run on this thread
+        for what in ("relocated_groups", "gc_blocks", "reclaimed_blocks", "tombstones_carried", "tombstones_dropped"):
+            if getattr(rep, what):
+                event(f"compaction: {what}")
+        self._check_compacted()
+
+    @rule(ns=NAMESPACES, keys=GROUPS)
+    def get_group(self, ns: str, keys: list[bytes]) -> None:
+        got = [None if v is None else bytes(v) for v in self.store.get_many(keys, ns=ns)]
+        assert got == [self.model.get((ns, k)) for k in keys]
+
+    @rule()
+    def reopen_after_compaction(self) -> None:
+        c = self._compactor()
+        c.run_pass()
+        groups = c.status()["groups_tracked"]
+        self.store.close()
+        self.store = blockstore.open(self.dir, durability=self.durability, block_size=1 << 20, max_open_blocks=3,
+                                     backend=self.backend, compaction={**AGGRESSIVE, "background": False})
+        assert self.store.recovery_report is None
+        assert self._compactor().status()["groups_tracked"] == groups  # what it learned was persisted
+        self._check_compacted()
+        self._compactor().run_pass()
+        self._check_compacted()
+
     @rule()
     def reopen(self) -> None:
         self.store.close()
@@ -141,6 +199,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.abandon()
         assert self.faults is not None
         self.faults.crash(torn_seed)
+        self.unsynced_lost |= self.durability == "cache"
         self.store = self._open()
         self._check_all(exact=self.durability == "sync")
 
