@@ -173,7 +173,7 @@ def locomo(seed: int = 0, scale: float = 1.0, *, users: int | None = None, sessi
            turns: tuple[int, int] = (8, 16), concurrent: int = 12, topics: int = 12, topic_zipf: float = 1.0,
            session_topics: int = 3, focus: float = 0.7, chunk_bytes: tuple[int, int] = (1 * KiB, 3584),
            chunk_p: float = 1.0, two_chunk_p: float = 0.25, request_p: float = 1.0, k: int = 8,
-           update_frac: float = 0.10, delete_frac: float = 0.05) -> Trace:
+           update_frac: float = 0.10, delete_frac: float = 0.05, partition_by: str = "user") -> Trace:
     """Long multi-session chat memory (LoCoMo).
 
     `users` users (default 20 x scale) each hold `sessions` sessions of `turns` turns. At most
@@ -235,7 +235,7 @@ def locomo(seed: int = 0, scale: float = 1.0, *, users: int | None = None, sessi
 
     def step(a: dict[str, Any]) -> bool:
         u, s = a["u"], a["s"]
-        part = f"u{u:03d}/s{s:02d}"
+        part = f"u{u:03d}/s{s:02d}" if partition_by == "session" else f"u{u:03d}"
         if rng.random() < request_p:
             t = topic_of(a)
             got: list[int] = []
@@ -283,7 +283,7 @@ def locomo(seed: int = 0, scale: float = 1.0, *, users: int | None = None, sessi
     params = dict(seed=seed, scale=scale, users=n_users, sessions=sessions, turns=turns, concurrent=concurrent,
                   topics=topics, topic_zipf=topic_zipf, session_topics=session_topics, focus=focus,
                   chunk_bytes=chunk_bytes, chunk_p=chunk_p, two_chunk_p=two_chunk_p, request_p=request_p, k=k,
-                  update_frac=update_frac, delete_frac=delete_frac)
+                  update_frac=update_frac, delete_frac=delete_frac, partition_by=partition_by)
     return Trace("locomo", ops, params)
 
 

@@ -203,6 +203,7 @@ class Compactor:
     def _relocate(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
                   progress: Callable[[str, int, int], None] | None) -> None:
         due = self.tracker.due(self.policy.min_hits)[:MAX_GROUPS_PER_PASS]
+        partitions = {e.block_id: e.partition for e in self.store.block_table()} if due else {}
         for i, group in enumerate(due):
             if self._stop.is_set():
                 return
@@ -229,7 +230,13 @@ class Compactor:
             rep.planned_bytes += where.bytes
             if dry_run:
                 continue
-            res = relocation.relocate(self.store, group, where)
+            if self.policy.copy_to == "partition":
+                home = relocation.main_block(where)
+                part = partitions.get(home, relocation.RELOCATION_PARTITION)
+            else:
+                part = relocation.RELOCATION_PARTITION
+            res = relocation.relocate(self.store, group, where, partition=part,
+                                      stragglers_only=self.policy.stragglers_only)
             self.tracker.moved(group.gid)
             for k, _loc in where.live:
                 self._claims[k] = gid
@@ -262,7 +269,7 @@ class Compactor:
             rep.planned_bytes += e.live_bytes
             if dry_run:
                 continue
-            res = gc.collect(self.store, e, self._min_seqs, pace=pacer)
+            res = gc.collect(self.store, e, self._min_seqs, pace=pacer, to_partition=self.policy.copy_to == "partition")
             self.gc_bytes += res.moved_bytes
             rep.gc_blocks += 1
             rep.gc_records += res.moved

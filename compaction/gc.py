@@ -135,14 +135,16 @@ def _batches(items: list[tuple[bytes, Location]], limit: int) -> Iterator[list[t
         yield cur
 
 
-def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[int], None] | None = None) -> Collected:
-    """Copy block `e`'s live records (and the tombstones still needed) into the GC stream."""
+def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[int], None] | None = None,
+            to_partition: bool = True) -> Collected:
+    """Copy block `e`'s live records (and the tombstones still needed) into the victim's own partition
+    (`to_partition`, so they stay with what their partition writes) or into the shared GC stream."""
     res = Collected(e.block_id)
     # hold the block: a writer may empty it meanwhile (the engine then deletes it), and its records
     # must stay readable between listing them and copying them
     with store.hold_blocks([e.block_id]):
         try:
-            _copy_out(store, e, min_seqs, res, pace)
+            _copy_out(store, e, min_seqs, res, pace, e.partition if to_partition else GC_PARTITION)
         except NotFound:  # deleted before we held it: everything in it died meanwhile
             res.lost_race += 1
     if res.moved == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
@@ -154,14 +156,14 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
 
 
 def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
-              pace: Callable[[int], None] | None) -> None:
+              pace: Callable[[int], None] | None, partition: bytes) -> None:
     live = live_records(store, e.block_id)
     hooks.fire("compact.scan", "gc", e.block_id, len(live))
     for batch in _batches(live, COPY_BATCH_BYTES):
         payloads = store.read_locations([loc for _s, loc in batch])
         hooks.fire("compact.copy", "gc", e.block_id, len(batch))
         done = store.relocate_many([(sfx, loc, p) for (sfx, loc), p in zip(batch, payloads)],
-                                   partition=GC_PARTITION)
+                                   partition=partition)
         hooks.fire("compact.repoint", "gc", e.block_id, sum(done))
         for (_sfx, loc), ok in zip(batch, done):
             if ok:
@@ -177,6 +179,6 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
         # needed while anything older may exist somewhere: carried; otherwise retired without a copy
         keep = [(sfx, loc, b"") for sfx, loc in stones if floor < loc.seq]
         drop = [(sfx, loc) for sfx, loc in stones if floor >= loc.seq]
-        done = store.relocate_many(keep, partition=GC_PARTITION, drop_tombstones=drop)
+        done = store.relocate_many(keep, partition=partition, drop_tombstones=drop)
         res.tombstones_carried = sum(done)
         res.tombstones_dropped = len(stones) - res.tombstones_carried

@@ -29,6 +29,12 @@ class Policy:
     relocation_budget: float = 0.1
     # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
     gc_budget: float = 0.1
+    # where copies go: "partition" (GC: the victim's partition; relocation: the partition of the block
+    # holding most of the group, so records rejoin the stream their neighbours are written to) or
+    # "stream" (one stream for GC copies and one for relocated groups, shared by all partitions)
+    copy_to: str = "partition"
+    # relocation moves only the records outside the group's main block (True), or the whole group
+    stragglers_only: bool = False
     # affinity statistics kept (in memory and in the directory): groups, keys per group, keys in all
     max_groups: int = 4096
     max_group_keys: int = 256
@@ -83,7 +89,9 @@ def _validated(p: Policy) -> Policy:
             kind = "an int" if integer else "a number"
             raise InvalidArgument(f"compaction setting {name} must be {kind} in [{lo}, {hi}], got {v!r}")
 
-    for flag in ("partitioned", "gc", "relocation"):
+    if p.copy_to not in ("partition", "stream"):
+        raise InvalidArgument(f"compaction setting copy_to must be 'partition' or 'stream', got {p.copy_to!r}")
+    for flag in ("partitioned", "gc", "relocation", "stragglers_only"):
         if not isinstance(getattr(p, flag), bool):
             raise InvalidArgument(f"compaction setting {flag} must be true or false, got {getattr(p, flag)!r}")
     number("gc_invalid_ratio", 0.01, 1.0)

@@ -60,10 +60,23 @@ class Relocated:
     blocks_before: int = 0
 
 
-def relocate(store: Store, group: Group, where: Placement) -> Relocated:
-    """Rewrite the group's live records together (one batch: one block unless it needs more)."""
+def main_block(where: Placement) -> int:
+    """The block holding most of the group's bytes."""
+    per: dict[int, int] = {}
+    for _k, loc in where.live:
+        per[loc.block_id] = per.get(loc.block_id, 0) + loc.record_len
+    return max(per, key=lambda b: per[b])
+
+
+def relocate(store: Store, group: Group, where: Placement, *, partition: bytes = RELOCATION_PARTITION,
+             stragglers_only: bool = False) -> Relocated:
+    """Rewrite the group's live records together (one batch: one block unless it needs more) into
+    `partition`; with `stragglers_only`, only those outside its main block."""
     res = Relocated(group.gid, blocks_before=where.blocks)
     live = sorted(where.live, key=lambda kl: kl[1].seq)  # temporal order inside the group
+    if stragglers_only:
+        home = main_block(where)
+        live = [(k, loc) for k, loc in live if loc.block_id != home]
     hooks.fire("compact.scan", "relocate", group.gid, len(live))
     # hold the sources: a writer may empty one meanwhile, and the engine would delete it under us
     with store.hold_blocks([loc.block_id for _k, loc in live]):
@@ -83,7 +96,7 @@ def relocate(store: Store, group: Group, where: Placement) -> Relocated:
                 return res
         hooks.fire("compact.copy", "relocate", group.gid, len(live))
         done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
-                                   partition=RELOCATION_PARTITION, together=True)
+                                   partition=partition, together=True)
     hooks.fire("compact.repoint", "relocate", group.gid, sum(done))
     for (_k, loc), ok in zip(live, done):
         if ok:
