@@ -36,10 +36,11 @@ __version__ = "0.1.0"
 
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - mirrors builtins.open on purpose
     """Open (by default, create) a store. Keyword arguments are those of `Store`:
-    create=True, read_only=False, durability="cache"|"sync", block_size=64 MiB,
+    create=True, read_only=False, durability="cache"|"sync",
+    block_size=None (a new store: 64 MiB; an existing one: the size it was created with),
     max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, read_ahead=True,
-    on_corrupt="raise"|"miss",
-    backend="native"|"python"."""
+    on_corrupt="raise"|"miss", backend="native"|"python",
+    compaction=None | a policy name ("full", ...) | {"policy": ..., knob: value} (starts the compactor)."""
     return Store(path, **kwargs)
 
 

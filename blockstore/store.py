@@ -84,6 +84,7 @@ DIRECTORY = "directory"
 _log = logging.getLogger("blockstore")
 
 DEFAULT_BLOCK_SIZE = 64 << 20
+_MIN_BLOCK, _MAX_BLOCK = 64 << 10, 1 << 40  # small blocks suit chunk-record stores; KV wants large ones
 _READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 DEFAULT_NAMESPACE = "default"
 
@@ -201,7 +202,7 @@ class Store(ChunkAPI, TensorAPI):
         create: bool = True,
         read_only: bool = False,
         durability: Durability = "cache",
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
         max_open_blocks: int = 16,
         idle_seal_seconds: float = 30.0,
         read_gap: int = 128 << 10,
@@ -212,8 +213,8 @@ class Store(ChunkAPI, TensorAPI):
     ) -> None:
         if durability not in ("cache", "sync"):
             raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
-        # small blocks suit stores of small chunk records (placement is per block); KV wants large ones
-        if not isinstance(block_size, int) or not (64 << 10) <= block_size <= (1 << 40):
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or not _MIN_BLOCK <= block_size <= _MAX_BLOCK):
             raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
         if not isinstance(max_open_blocks, int) or max_open_blocks < 1:
             raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
@@ -227,7 +228,10 @@ class Store(ChunkAPI, TensorAPI):
         self.path = os.fspath(path)
         self.read_only = read_only
         self.durability: Durability = durability
-        self.block_size = block_size
+        # None: the store's own (its MANIFEST records the size it was created with); a size given for an
+        # existing store applies to the blocks opened from now on
+        self._block_size_given = block_size is not None
+        self.block_size = block_size if block_size is not None else DEFAULT_BLOCK_SIZE
         self.max_open_blocks = max_open_blocks
         self.idle_seal_seconds = idle_seal_seconds
         self.read_gap = read_gap
@@ -274,6 +278,9 @@ class Store(ChunkAPI, TensorAPI):
         try:
             manifest = self._load_manifest(manifest_path) if exists else self._write_manifest(manifest_path)
             self.store_id = int(manifest["store_id"])
+            recorded = manifest.get("block_size")
+            if not self._block_size_given and isinstance(recorded, int) and _MIN_BLOCK <= recorded <= _MAX_BLOCK:
+                self.block_size = recorded
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
             self.dir = Directory(
                 os.path.join(self.path, DIRECTORY),

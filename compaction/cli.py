@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from tqdm import tqdm
 
 from blockstore.errors import BlockstoreError, InvalidArgument, StoreLocked
-from blockstore.store import Store
+from blockstore.store import MANIFEST, Store
 
 from .compactor import attach
-from .policy import POLICIES
+from .policy import POLICIES, resolve
 
 
 def add_parser(sub: Any) -> None:
@@ -45,8 +46,16 @@ def run(args: argparse.Namespace) -> int:
         spec["gc_invalid_ratio"] = args.gc_invalid_ratio
     if args.no_budget:
         spec["relocation_budget"] = spec["gc_budget"] = float("inf")
-    if args.max_passes < 1:
-        raise InvalidArgument("--max-passes must be at least 1")
+    try:
+        if args.max_passes < 1:
+            raise InvalidArgument("--max-passes must be at least 1")
+        resolve(spec)
+    except InvalidArgument as exc:  # a bad flag value is a usage error (exit 16), like a bad flag
+        flag = str(exc).replace("compaction setting gc_invalid_ratio", "--gc-invalid-ratio")
+        print(f"blockstore compact: {flag}", file=sys.stderr)
+        return 16
+    if not os.path.exists(os.path.join(args.path, MANIFEST)):
+        raise BlockstoreError(f"no blockstore store at {args.path!r} (no {MANIFEST} there)")
     try:
         store = Store(args.path, create=False)
     except StoreLocked as exc:

@@ -194,6 +194,7 @@ class Compactor:
                     setattr(total, name, getattr(total, name) + value)
             total.planned_groups += rep.planned_groups
             total.planned_victims += rep.planned_victims
+            total.skipped_budget = rep.skipped_budget  # what the last pass still had to leave (not a sum)
             if not rep.did_work:
                 break
         if not dry_run:
@@ -209,7 +210,8 @@ class Compactor:
                 return
             if pacer is not None:
                 _yield_gil()
-            left = self.budget_left(self.relocated_bytes, self.policy.relocation_budget)
+            spent = self.relocated_bytes + (rep.planned_bytes if dry_run else 0)
+            left = self.budget_left(spent, self.policy.relocation_budget)
             if left <= 0:
                 rep.skipped_budget += len(due) - i
                 return
@@ -262,7 +264,10 @@ class Compactor:
                 _yield_gil()
             if progress is not None:
                 progress("gc", i, len(chosen))
-            if e.live_bytes > self.budget_left(self.gc_bytes, self.policy.gc_budget):
+            if gc.only_needed_tombstones(e, self._min_seqs):
+                continue
+            planned_gc = sum(v.live_bytes for v in chosen if v.block_id in rep.planned_victims) if dry_run else 0
+            if e.live_bytes > self.budget_left(self.gc_bytes + planned_gc, self.policy.gc_budget):
                 rep.skipped_budget += 1
                 continue
             rep.planned_victims.append(e.block_id)

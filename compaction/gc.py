@@ -82,6 +82,11 @@ class MinSeqs:
             low = min(low, self._sealed[bid])
         return low
 
+    def own(self, bid: int) -> int:
+        if bid not in self._sealed:
+            self._sealed[bid] = self._footer_min(bid)
+        return self._sealed[bid]
+
     def _footer_min(self, bid: int) -> int:
         s = self.store
         try:
@@ -93,6 +98,14 @@ class MinSeqs:
         finally:
             s.backend.close(fd)
         return 0 if f is None else f.min_seq  # unreadable footer: assume it may hold anything
+
+
+def only_needed_tombstones(e: BlockEntry, min_seqs: MinSeqs) -> bool:
+    """A block of nothing but tombstones that all still have older records to cover: collecting it
+    would only copy them into another block, pass after pass. Left alone until they can go."""
+    if e.live_records or e.total_records != e.tombstones or not e.tombstones:
+        return False
+    return min_seqs.own(e.block_id) > min_seqs.lowest_elsewhere(e.block_id)
 
 
 def live_records(store: Store, bid: int) -> list[tuple[bytes, Location]]:
