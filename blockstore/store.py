@@ -247,6 +247,7 @@ class Store(ChunkAPI, TensorAPI):
         self._open: dict[bytes, OpenBlock] = {}
         self._retired: list[OpenBlock] = []
         self._sealed_unsynced: set[int] = set()
+        self._reclaim_after_sync: set[int] = set()  # sources emptied by moves, waiting for a synced directory
         self._ns_ids: dict[str, int] = {}
         self.recovery_report: dict[str, Any] | None = None
         self._read_observers: list[Callable[[Sequence[bytes], Sequence[Location | None]], None]] = []
@@ -698,7 +699,7 @@ class Store(ChunkAPI, TensorAPI):
             hooks.fire("write.before_directory")
             if moves and self.durability != "sync":
                 self.backend.dir_sync(self.blocks.dir)  # a block file created for the copies, too
-            self.dir.write(batch, force_sync=moves)
+            self.dir.write(batch)
         except BaseException:
             for ob, tail, e, lo, hi, n in saved:
                 ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
@@ -715,6 +716,11 @@ class Store(ChunkAPI, TensorAPI):
         to_seal.clear()
         for bid, e in entries.items():
             if self._reclaimable(e):
+                if moves and self.durability != "sync":
+                    # the copies are durable, the directory batch naming them is not yet: the source
+                    # goes only after a synced directory write (sync_moves, or close)
+                    self._reclaim_after_sync.add(bid)
+                    continue
                 try:
                     self._delete_block(bid)
                 except BlockstoreError:
@@ -1071,6 +1077,34 @@ class Store(ChunkAPI, TensorAPI):
             space_amplification=(file_bytes + dir_bytes) / live_logical if live_logical else 0.0,
             write_amplification=bytes_written / bytes_put if bytes_put else 0.0,
         )
+
+    def sync_moves(self) -> list[int]:
+        """Make the directory durable (one synced write) and delete the blocks that moves emptied
+        since the last call. Compaction calls it once per pass: moves are then durable at a cost of
+        one directory sync per pass rather than one per batch. Returns the blocks deleted."""
+        self._check_open(write=True)
+        with self._cv:
+            while self._leader:
+                self._cv.wait()
+            self._leader = True
+        try:
+            pending, self._reclaim_after_sync = self._reclaim_after_sync, set()
+            if not pending:
+                return []
+            b = DirectoryBatch()
+            b.put_meta("bytes_written", self._bytes_written)
+            self.dir.write(b, force_sync=True)
+            gone = []
+            for bid in sorted(pending):
+                e = self._blocks.get(bid)
+                if e is not None and self._reclaimable(e):
+                    self._delete_block(bid)
+                    gone.append(bid)
+            return gone
+        finally:
+            with self._cv:
+                self._leader = False
+                self._cv.notify_all()
 
     def hold_blocks(self, block_ids: Sequence[int]) -> Any:
         """Context manager: these blocks' files outlive any deletion until it exits (a compactor holds

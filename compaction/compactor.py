@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blockstore import hooks
 from blockstore.directory import TAG_AFFINITY, DirectoryBatch
 from blockstore.errors import BlockstoreError, StoreClosed
 
@@ -176,6 +177,13 @@ class Compactor:
                 self._relocate(rep, dry_run, pacer, progress)
             if self.policy.gc:
                 self._collect(rep, dry_run, pacer, progress)
+            if not dry_run:
+                # one synced directory write makes the pass's moves durable; the blocks they emptied go now
+                gone = self.store.sync_moves()
+                for bid in gone:
+                    hooks.fire("compact.reclaim", "gc", bid)
+                rep.reclaimed_blocks += len(gone)
+                self.reclaimed += len(gone)
             self.passes += 1
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",

@@ -608,6 +608,7 @@ def test_the_rebuild_check_catches_a_tombstone_dropped_too_early(tmp_path: Path)
         [stone] = [r for r in scan_blocks(s) if r.kind == Kind.TOMBSTONE]
         loc = _tombstone_location(s, stone.block_id)
         assert s.relocate_many([], partition=b"x", drop_tombstones=[(stone.suffix, loc)]) == []
+        assert s.sync_moves() == [stone.block_id]  # a source emptied by moves goes after a synced directory
         assert stone.block_id not in _block_ids(s)  # nothing left in it: deleted, tombstone and all
         [problem] = rebuild_violations(s)
         assert "resurrect" in problem and "k" in problem
@@ -880,3 +881,28 @@ def test_compaction_counters_survive_a_reopen(tmp_path: Path) -> None:
         again = s.compactor.status()
         assert again["blocks_reclaimed_total"] == st_["blocks_reclaimed_total"]
         assert again["gc_bytes_total"] == st_["gc_bytes_total"]
+
+
+@pytest.mark.parametrize("durability", ["cache", "sync"])
+def test_a_source_emptied_by_moves_goes_only_after_a_synced_directory(tmp_path: Path, durability: str) -> None:
+    """Moved copies are synced at once; the directory batch naming them is synced once per pass
+    (`sync_moves`) in cache mode, and only then may their emptied source go: a power loss before that
+    leaves the directory naming the source, which must still be there."""
+    with blockstore.open(tmp_path, block_size=MIB, durability=durability) as s:
+        s.put(b"k", value(b"k", 0, 5000))
+        s.put(b"other", b"o", partition="elsewhere")
+        s.put(b"k2", b"x", partition="elsewhere")
+        nid = s._ns_id("default")
+        assert nid is not None
+        sfx = key_suffix(nid, SPACE_KV, b"k")
+        loc = s.dir.get_locations([sfx])[0]
+        assert loc is not None
+    with blockstore.open(tmp_path, block_size=MIB, durability=durability) as s:  # k's block is sealed now
+        payload = s.read_locations([loc])[0]
+        assert s.relocate_many([(sfx, loc, payload)], partition=b"\0compaction/gc") == [True]
+        source = tmp_path / "blocks" / f"{loc.block_id:016x}.blk"
+        if durability == "cache":
+            assert source.exists() and loc.block_id in _block_ids(s)
+            assert s.sync_moves() == [loc.block_id]
+        assert not source.exists() and loc.block_id not in _block_ids(s)
+        assert s.get(b"k") == value(b"k", 0, 5000)

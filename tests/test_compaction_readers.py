@@ -184,6 +184,7 @@ def test_a_record_moved_twice_under_a_reader_is_still_found(tmp_path: Path) -> N
             assert loc is not None
             payload = s.read_locations([loc])[0]
             assert s.relocate_many([(sfx, loc, payload)], partition=moves.pop(0)) == [True]
+            assert s.sync_moves() == [loc.block_id]
             assert loc.block_id not in {e.block_id for e in s.block_table()}
 
         with hooks.installed("read.located", compact_under_the_reader):
