@@ -1,1 +1,9 @@
-"""LMCache and vLLM integration (its own issue). Speaks LMCache types on one side, the engine API on the other."""
+"""LMCache and vLLM integration. Speaks LMCache types on one side, the engine API on the other.
+
+- `blockstore.connector.l2_adapter`: the L2 adapter plugin for `lmcache server` (LMCache multiprocess
+  mode), loaded with `--l2-adapter '{"type": "plugin", "module_path": "blockstore.connector.l2_adapter",
+  "class_name": "BlockstoreL2Adapter", "adapter_params": {"path": ...}}'`.
+
+Nothing here imports LMCache or torch at package import time: only the adapter module does, so the engine
+installs and runs without them.
+"""

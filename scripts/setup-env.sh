@@ -24,6 +24,8 @@ WANT="$(cat requirements/*.txt pyproject.toml setup.py native/*.c native/*.h nat
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "setup: installing pinned dependencies and building the C core" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements/build.txt
+  # the LMCache/vLLM tier: an exact, verified set (requirements/serve.txt says how it was made)
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/serve.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation \
     -c requirements/pins.txt -e ".[dev]"
   echo "$WANT" > "$STAMP"

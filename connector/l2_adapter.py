@@ -1,0 +1,1019 @@
+"""blockstore as an L2 tier of `lmcache server` (LMCache 0.5.6 multiprocess mode, the route that serves
+vLLM on CPU):
+
+    lmcache server ... --l2-adapter '{"type": "plugin", "module_path": "blockstore.connector.l2_adapter",
+        "class_name": "BlockstoreL2Adapter", "adapter_params": {"path": "/data/kv"}}'
+
+LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_params` and calls
+`BlockstoreL2Adapter(config, l1_memory_desc=...)`. What the adapter promises (LMCache's
+`l2_adapters/base.py` contract, as the server's store, prefetch and eviction threads use it):
+
+- `submit_*` never raise and never block on I/O: work runs on the adapter's threads (one pool for
+  lookups and loads, one for stores, so a burst of stores never delays a lookup). Every task publishes
+  its result, then signals its kind's event fd exactly once, failures included (a task that never
+  signals hangs its prefetch request with its locks and L1 buffers).
+- Keys: an `ObjectKey` is stored as a length-prefixed binary serialization of all its fields
+  (`encode_object_key`) in the namespace of its (model_name, cache_salt) pair (`namespace_for`), so
+  salted tenants never share a record and every record can be turned back into its `ObjectKey`.
+- Store: one `Store.put_many` per task and namespace. Keys already present with the same layout are
+  duplicates (skipped, not counted in the bytes reported); a key present with another layout is
+  replaced unless a lookup holds it locked. Each record's meta is the object's layout fingerprint
+  (size, shapes, dtypes): keys name no dtype or layout, so a load whose buffer does not match the
+  fingerprint is a miss, never wrong KV.
+- Lookup-and-lock answers every key (a bitmap of len(keys)); each hit takes one reference on a
+  per-key lock count; `submit_unlock` drops one (unknown keys: no-op). A lookup is one request for
+  the compactor's affinity learning: it names the whole prefix, including what L1 already holds.
+- Load: one `Store.get_many(..., out=)` per task and namespace, straight into the L1 buffers. The store
+  is opened with on_corrupt="miss": a record whose bytes fail their checksum is a miss (bit 0) and is
+  deleted, so the next store of that key can write it again.
+- `delete` (LMCache's eviction, HTTP) skips locked keys and never raises; removals are reported with
+  the sizes that were stored. With `capacity_bytes` > 0 the adapter also keeps its own budget: a
+  store that would overflow it first deletes least recently used unlocked keys.
+- Restart: the records of the store are indexed at start-up (byte counters seeded, LRU in write
+  order) and replayed to every listener LMCache registers, so its eviction can manage them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import logging
+import re
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmcache.lmcache_native import Bitmap
+from lmcache.v1.distributed.api import KeyEntry, KeyListPage, ObjectKey
+from lmcache.v1.distributed.internal_api import L2StoreResult
+from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface, L2TaskId
+from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
+from lmcache.v1.platform import create_event_notifier
+
+import blockstore
+from blockstore.directory import SPACE_KV, TAG_KEY, Location, key_suffix
+from blockstore.records import MAX_KEY
+
+if TYPE_CHECKING:
+    from lmcache.v1.distributed.api import MemoryLayoutDesc
+    from lmcache.v1.distributed.internal_api import L1MemoryDesc, L2AdapterListener
+    from lmcache.v1.memory_management import MemoryObj
+
+_log = logging.getLogger("blockstore.connector")
+
+# ---------------------------------------------------------------------------------------------- keys
+
+KEY_VERSION = 1
+NS_PREFIX = "lmcache:"
+_U16 = struct.Struct(">H")
+_RANK_GROUP = struct.Struct(">qQ")  # kv_rank (signed: ObjectKey does not bound it), object_group_id (>= 0)
+
+
+def encode_object_key(key: ObjectKey) -> bytes:
+    """A stable, reversible byte form of every field of `key` (never Python's `hash`, which is salted
+    per process): version 1 | u16 len + model_name (UTF-8) | u16 len + chunk_hash | i64 kv_rank |
+    u64 object_group_id | u16 len + cache_salt (UTF-8), integers big-endian. ValueError if a field does
+    not fit or the result exceeds the store's key limit."""
+    model = key.model_name.encode("utf-8", "surrogatepass")
+    chunk = bytes(key.chunk_hash)
+    salt = key.cache_salt.encode("utf-8", "surrogatepass")
+    for name, part in (("model_name", model), ("chunk_hash", chunk), ("cache_salt", salt)):
+        if len(part) > 0xFFFF:
+            raise ValueError(f"ObjectKey.{name} of {len(part)} bytes is too long to store")
+    try:
+        ints = _RANK_GROUP.pack(key.kv_rank, key.object_group_id)
+    except struct.error as exc:
+        raise ValueError(f"ObjectKey kv_rank/object_group_id out of range: {exc}") from None
+    raw = b"".join((bytes((KEY_VERSION,)), _U16.pack(len(model)), model, _U16.pack(len(chunk)), chunk, ints,
+                    _U16.pack(len(salt)), salt))
+    if len(raw) > MAX_KEY:
+        raise ValueError(f"ObjectKey serializes to {len(raw)} bytes, more than the store's {MAX_KEY}-byte key limit")
+    return raw
+
+
+def decode_object_key(raw: bytes) -> ObjectKey:
+    """The `ObjectKey` that `encode_object_key` made `raw` from; ValueError if `raw` is not one."""
+    try:
+        if not raw or raw[0] != KEY_VERSION:
+            raise ValueError(f"unknown key version {raw[:1]!r}")
+        pos = 1
+        parts = []
+        for _ in range(2):
+            (n,) = _U16.unpack_from(raw, pos)
+            parts.append(bytes(raw[pos + 2 : pos + 2 + n]))
+            if len(parts[-1]) != n:
+                raise ValueError("key ends inside a field")
+            pos += 2 + n
+        rank, group = _RANK_GROUP.unpack_from(raw, pos)
+        pos += _RANK_GROUP.size
+        (n,) = _U16.unpack_from(raw, pos)
+        salt = bytes(raw[pos + 2 : pos + 2 + n])
+        if len(salt) != n or pos + 2 + n != len(raw):
+            raise ValueError("key length does not match its fields")
+        return ObjectKey(chunk_hash=parts[1], model_name=parts[0].decode("utf-8", "surrogatepass"), kv_rank=rank,
+                         object_group_id=group, cache_salt=salt.decode("utf-8", "surrogatepass"))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a serialized ObjectKey: {exc}") from None
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._/-]")
+
+
+def _readable(model_name: str) -> str:
+    return _UNSAFE.sub("_", model_name)[:96] or "_"
+
+
+@functools.lru_cache(maxsize=4096)
+def namespace_for(model_name: str, cache_salt: str) -> str:
+    """The store namespace of one (model_name, cache_salt) pair: `lmcache:<hash>:<model>`, where the hash
+    (BLAKE2b-80 of both fields, length-prefixed) tells pairs apart and the model part (sanitized, at most
+    96 characters) only helps a person reading `blockstore stats`. At most 128 ASCII bytes."""
+    h = hashlib.blake2b(digest_size=10)
+    for part in (model_name, cache_salt):
+        b = part.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(4, "big"))
+        h.update(b)
+    return f"{NS_PREFIX}{h.hexdigest()}:{_readable(model_name)}"
+
+
+def layout_fingerprint(obj: Any) -> bytes:
+    """Record meta naming the layout of a memory object: its byte size, shapes and dtypes (canonical JSON,
+    compared byte for byte). LMCache's keys carry no dtype or layout, so this is what keeps a buffer of
+    another layout from being filled with bytes that happen to fit."""
+    doc: dict[str, Any] = {"v": 1, "size": int(obj.get_size())}
+    try:
+        shapes, dtypes = obj.get_shapes(), obj.get_dtypes()
+    except (AssertionError, AttributeError, NotImplementedError):  # objects without per-group layouts
+        try:
+            shapes, dtypes = [obj.get_shape()], [obj.get_dtype()]
+        except (AssertionError, AttributeError, NotImplementedError):
+            shapes = dtypes = None
+    if shapes is not None and dtypes is not None:
+        doc["shapes"] = [[int(d) for d in s] for s in shapes]
+        doc["dtypes"] = [str(d) for d in dtypes]
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+# -------------------------------------------------------------------------------------------- config
+
+_DEFAULT_COMPACTION = "full"
+
+
+class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
+    """`adapter_params` of the blockstore L2 adapter (see `help()`)."""
+
+    FIELDS = ("path", "durability", "block_size", "capacity_bytes", "compaction", "workers", "lock_ttl_s")
+
+    def __init__(self, path: str, *, durability: str = "cache", block_size: int | None = None,
+                 capacity_bytes: int = 0, compaction: str | dict[str, Any] | None = _DEFAULT_COMPACTION,
+                 workers: int = 4, lock_ttl_s: float = 600.0) -> None:
+        self.path = path
+        self.durability = durability
+        self.block_size = block_size
+        self.capacity_bytes = capacity_bytes
+        self.compaction = compaction
+        self.workers = workers
+        self.lock_ttl_s = lock_ttl_s
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockstoreL2AdapterConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"blockstore adapter_params must be a JSON object, got {type(d).__name__}")
+        params = {k: v for k, v in d.items() if k != "type"}
+        unknown = sorted(set(params) - set(cls.FIELDS))
+        if unknown:
+            raise ValueError(f"blockstore adapter_params: unknown key(s) {unknown}; known: {list(cls.FIELDS)}")
+        path = params.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError("blockstore adapter_params: 'path' (the store directory) is required, a non-empty string")
+        durability = params.get("durability", "cache")
+        if durability not in ("cache", "sync"):
+            raise ValueError(f"blockstore adapter_params: 'durability' must be 'cache' or 'sync', got {durability!r}")
+        block_size = params.get("block_size")
+        if block_size is not None and (not _is_int(block_size) or not (64 << 10) <= block_size <= (1 << 40)):
+            raise ValueError("blockstore adapter_params: 'block_size' must be an integer number of bytes between "
+                             f"65536 (64 KiB) and 2**40 (1 TiB), got {block_size!r}")
+        capacity = params.get("capacity_bytes", 0)
+        if not _is_int(capacity) or capacity < 0:
+            raise ValueError("blockstore adapter_params: 'capacity_bytes' must be an integer >= 0 "
+                             f"(0 = unbounded), got {capacity!r}")
+        compaction = params.get("compaction", _DEFAULT_COMPACTION)
+        if compaction is False or compaction == "none":
+            compaction = None
+        if compaction is not None:
+            from blockstore.compaction import resolve
+
+            spec = compaction
+            if isinstance(spec, dict):  # "background" is attach()'s switch, not a policy knob
+                spec = {k: v for k, v in spec.items() if k != "background"}
+            try:
+                resolve(spec)
+            except ValueError as exc:  # InvalidArgument
+                raise ValueError(f"blockstore adapter_params: 'compaction': {exc}") from None
+        workers = params.get("workers", 4)
+        if not _is_int(workers) or not 1 <= workers <= 256:
+            raise ValueError(f"blockstore adapter_params: 'workers' must be an integer in 1..256, got {workers!r}")
+        ttl = params.get("lock_ttl_s", 600.0)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
+            raise ValueError(f"blockstore adapter_params: 'lock_ttl_s' must be a number >= 0 (0 = locks never "
+                             f"expire), got {ttl!r}")
+        return cls(path, durability=durability, block_size=block_size, capacity_bytes=capacity,
+                   compaction=compaction, workers=workers, lock_ttl_s=float(ttl))
+
+    @classmethod
+    def help(cls) -> str:
+        return (
+            "blockstore L2 adapter (type 'plugin', module_path 'blockstore.connector.l2_adapter', "
+            "class_name 'BlockstoreL2Adapter'); adapter_params:\n"
+            "- path (str, required): the store directory (created if missing; one server process per store)\n"
+            "- durability ('cache' | 'sync', default 'cache'): 'sync' makes every stored chunk survive a crash "
+            "before its store task completes\n"
+            "- block_size (int bytes, optional): size of new block files (64 KiB..1 TiB; default: the store's, "
+            "64 MiB for a new one)\n"
+            "- capacity_bytes (int, default 0 = unbounded): payload bytes the adapter may hold; > 0 enables "
+            "LMCache's global L2 eviction and the adapter deletes least recently used unlocked keys to stay "
+            "within it\n"
+            "- compaction (policy name or {\"policy\": name, knob: value}, default 'full'; null or 'none' = off): "
+            "background GC and affinity relocation (blockstore.compaction policies)\n"
+            "- workers (int, default 4): threads for lookups and loads; stores get a pool of the same size\n"
+            "- lock_ttl_s (number, default 600; 0 = never): a lookup's lock older than this no longer stops "
+            "delete (a backstop for locks whose unlock never comes)\n"
+            "Put eviction, serde, shared and affinity_tag at the top level of the --l2-adapter JSON, not here."
+        )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------------------------------- adapter
+
+@dataclass(slots=True)
+class _Put:
+    i: int  # index in the task
+    key: ObjectKey
+    kb: bytes
+    fp: bytes
+    size: int
+    old: Location | None  # the record it replaces (another layout), if any
+
+
+@dataclass
+class _Counters:
+    store_tasks: int = 0
+    store_failed_tasks: int = 0
+    keys_stored: int = 0
+    bytes_stored: int = 0
+    duplicates_skipped: int = 0
+    replaced_other_layout: int = 0
+    skipped_capacity: int = 0
+    skipped_locked: int = 0
+    lookup_tasks: int = 0
+    lookup_keys: int = 0
+    lookup_hits: int = 0
+    lookup_blocks: int = 0  # distinct blocks holding each lookup's hits, summed over lookups with a hit
+    lookup_requests_with_hits: int = 0
+    load_tasks: int = 0
+    load_keys: int = 0
+    load_hits: int = 0
+    load_bytes: int = 0
+    load_blocks: int = 0
+    load_requests_with_hits: int = 0
+    load_miss_absent: int = 0
+    load_miss_layout: int = 0
+    load_miss_corrupt: int = 0
+    load_miss_error: int = 0
+    keys_deleted: int = 0
+    delete_skipped_locked: int = 0
+    evicted_for_capacity: int = 0
+    locks_expired: int = 0
+    task_errors: int = 0
+
+
+class BlockstoreL2Adapter(L2AdapterInterface):
+    """An L2 adapter over one blockstore store. Thread-safe: entered from LMCache's store, prefetch,
+    eviction and HTTP threads and from its own worker threads; all shared state is under `_lock`."""
+
+    config_class_name = "BlockstoreL2AdapterConfig"
+
+    def __init__(self, config: BlockstoreL2AdapterConfig | dict[str, Any],
+                 l1_memory_desc: L1MemoryDesc | None = None) -> None:
+        if not isinstance(config, BlockstoreL2AdapterConfig):
+            config = BlockstoreL2AdapterConfig.from_dict(config)
+        super().__init__(max_capacity_bytes=config.capacity_bytes)
+        self.config = config
+        self._capacity = config.capacity_bytes
+        self._lock_ttl = config.lock_ttl_s
+        self._lock = threading.Lock()
+        self._closed = False
+        self._next_task_id: L2TaskId = 0
+        self._done_store: dict[L2TaskId, L2StoreResult] = {}
+        self._done_lookup: dict[L2TaskId, Bitmap] = {}
+        self._done_load: dict[L2TaskId, Bitmap] = {}
+        self._inflight = {"store": 0, "lookup": 0, "load": 0}
+        self._index: OrderedDict[ObjectKey, int] = OrderedDict()  # records -> payload size, least recent first
+        self._locks: dict[ObjectKey, list[float]] = {}  # key -> [lock references, time of the latest]
+        self._storing: set[ObjectKey] = set()
+        self._deleting: set[ObjectKey] = set()
+        self._used = 0  # payload bytes of the indexed records
+        self._reserved = 0  # payload bytes of stores under way (capacity budget)
+        self._counters = _Counters()
+        self._consecutive_failures = 0
+        self._last_error: str | None = None
+        self.recovered_keys = 0
+
+        self.store = blockstore.open(config.path, durability=config.durability, block_size=config.block_size,
+                                     on_corrupt="miss", compaction=config.compaction)
+        try:
+            compactor = self.store.compactor
+            if compactor is not None:
+                # Affinity is learned from lookups (each names a request's whole prefix, L1 hits included);
+                # a load is only the part L1 lacked, and counting it too would credit every request twice.
+                self.store.remove_read_observer(compactor.tracker.observe)
+            self._recover_index()
+            self._store_efd = create_event_notifier()
+            self._lookup_efd = create_event_notifier()
+            self._load_efd = create_event_notifier()
+        except BaseException:
+            self.store.close()
+            raise
+        self._io_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blockstore-l2-io")
+        self._store_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blockstore-l2-store")
+
+    # ---- event fds ----
+
+    def get_store_event_fd(self) -> int:
+        return self._store_efd.fileno()
+
+    def get_lookup_and_lock_event_fd(self) -> int:
+        return self._lookup_efd.fileno()
+
+    def get_load_event_fd(self) -> int:
+        return self._load_efd.fileno()
+
+    # ---- submit / collect ----
+
+    def submit_store_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
+        return self._submit("store", self._store_pool, self._run_store, keys, objects)
+
+    def pop_completed_store_tasks(self) -> dict[L2TaskId, L2StoreResult]:
+        with self._lock:
+            done, self._done_store = self._done_store, {}
+        return done
+
+    def submit_lookup_and_lock_task(self, keys: list[ObjectKey],
+                                    group_layout_descs: dict[int, MemoryLayoutDesc]) -> L2TaskId:
+        # group_layout_descs is advisory; the layout is checked against each record at load time
+        return self._submit("lookup", self._io_pool, self._run_lookup, keys)
+
+    def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
+        with self._lock:
+            return self._done_lookup.pop(task_id, None)
+
+    def submit_unlock(self, keys: list[ObjectKey]) -> None:
+        try:
+            with self._lock:
+                for k in keys:
+                    entry = self._locks.get(k)
+                    if entry is None:
+                        continue  # never locked, already released, or its lease expired: harmless
+                    entry[0] -= 1
+                    if entry[0] <= 0:
+                        del self._locks[k]
+        except Exception:  # never retried by LMCache: it must not fail
+            _log.exception("blockstore L2: unlock failed")
+
+    def submit_load_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
+        return self._submit("load", self._io_pool, self._run_load, keys, objects)
+
+    def query_load_result(self, task_id: L2TaskId) -> Bitmap | None:
+        with self._lock:
+            return self._done_load.pop(task_id, None)
+
+    def _submit(self, kind: str, pool: ThreadPoolExecutor, work: Callable[..., Any], keys: Sequence[ObjectKey],
+                *rest: Sequence[Any]) -> L2TaskId:
+        """Never raises: a task that cannot even start completes at once as a failure (and signals). The
+        lists are copied: the caller may reuse its own."""
+        with self._lock:
+            task_id = self._next_task_id
+            self._next_task_id += 1
+            self._inflight[kind] += 1
+            closed = self._closed
+        n = 0
+        try:
+            keys = list(keys)
+            n = len(keys)
+            if closed:
+                raise RuntimeError("the blockstore L2 adapter is closed")
+            pool.submit(self._task, kind, task_id, work, keys, *(list(r) for r in rest))
+        except Exception as exc:
+            _log.error("blockstore L2: %s task %d not started: %s", kind, task_id, exc)
+            self._complete(kind, task_id, self._failure(kind, n), f"{type(exc).__name__}: {exc}")
+        return task_id
+
+    def _task(self, kind: str, task_id: L2TaskId, work: Callable[..., Any], keys: list[ObjectKey],
+              *rest: Any) -> None:
+        result: Any = None
+        error: str | None = None
+        try:
+            result = work(keys, *rest)
+        except BaseException as exc:  # invisible to LMCache otherwise: record a failure and still signal
+            _log.exception("blockstore L2: %s task %d failed", kind, task_id)
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._complete(kind, task_id, self._failure(kind, len(keys)) if result is None else result, error)
+
+    @staticmethod
+    def _failure(kind: str, n: int) -> Any:
+        return L2StoreResult(False, 0) if kind == "store" else Bitmap(n)
+
+    def _complete(self, kind: str, task_id: L2TaskId, result: Any, error: str | None) -> None:
+        """Publish the result, then signal its fd: the controller reads results only after the fd fired."""
+        failed = error is not None or (kind == "store" and not result.is_successful())
+        with self._lock:
+            self._inflight[kind] -= 1
+            if error is not None:
+                self._counters.task_errors += 1
+                self._last_error = error
+            # health: a run of failed tasks (a full or failing disk) marks the adapter unhealthy
+            self._consecutive_failures = self._consecutive_failures + 1 if failed else 0
+            if kind == "store":
+                self._done_store[task_id] = result
+            elif kind == "lookup":
+                self._done_lookup[task_id] = result
+            else:
+                self._done_load[task_id] = result
+            notifier = {"store": self._store_efd, "lookup": self._lookup_efd, "load": self._load_efd}[kind]
+        try:
+            notifier.notify()
+        except (OSError, ValueError):  # closed (its fd is -1 then): nobody is listening any more
+            _log.debug("blockstore L2: %s fd closed before task %d signalled", kind, task_id)
+
+    # ---- keys ----
+
+    def _group(self, keys: Sequence[ObjectKey]) -> tuple[dict[str, list[tuple[int, bytes]]], list[int]]:
+        """Keys by namespace as (index, serialized key); indices of keys that cannot be stored at all."""
+        groups: dict[str, list[tuple[int, bytes]]] = {}
+        bad: list[int] = []
+        for i, k in enumerate(keys):
+            try:
+                groups.setdefault(namespace_for(k.model_name, k.cache_salt), []).append((i, encode_object_key(k)))
+            except (ValueError, AttributeError, TypeError) as exc:
+                _log.warning("blockstore L2: key %r cannot be stored: %s", k, exc)
+                bad.append(i)
+        return groups, bad
+
+    def _held(self, key: ObjectKey, now: float) -> bool:
+        """Whether a lookup's lock still protects `key` (caller holds _lock). Leases expire after lock_ttl_s."""
+        entry = self._locks.get(key)
+        if entry is None or entry[0] <= 0:
+            return False
+        if self._lock_ttl > 0 and now - entry[1] >= self._lock_ttl:
+            _log.warning("blockstore L2: lock on %r expired after %.0f s without an unlock", key, self._lock_ttl)
+            del self._locks[key]
+            self._counters.locks_expired += 1
+            return False
+        return True
+
+    # ---- store ----
+
+    def _run_store(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2StoreResult:
+        with self._lock:
+            self._counters.store_tasks += 1
+        if len(keys) != len(objects):
+            _log.error("blockstore L2: store task with %d keys and %d objects", len(keys), len(objects))
+            with self._lock:
+                self._counters.store_failed_tasks += 1
+            return L2StoreResult(False, 0)
+        groups, bad = self._group(keys)
+        ok = not bad
+        written = 0
+        for ns, items in groups.items():
+            try:
+                written += self._store_namespace(ns, items, keys, objects)
+            except Exception as exc:  # what did land was announced; the task reports a failure
+                _log.error("blockstore L2: store into %s failed: %s", ns, exc)
+                with self._lock:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                ok = False
+        if not ok:
+            with self._lock:
+                self._counters.store_failed_tasks += 1
+        return L2StoreResult(ok, written)
+
+    def _store_namespace(self, ns: str, items: list[tuple[int, bytes]], keys: list[ObjectKey],
+                         objects: list[MemoryObj]) -> int:
+        """Store one namespace's part of a task with one put_many; announce what was written (also when the
+        write fails part-way, before the error propagates). Returns the payload bytes written."""
+        locs = self.store.locate_many([kb for _, kb in items], ns=ns)
+        wanted: list[_Put] = []
+        seen: set[bytes] = set()
+        dups = 0
+        for (i, kb), loc in zip(items, locs):
+            if kb in seen:
+                dups += 1
+                continue
+            seen.add(kb)
+            fp = layout_fingerprint(objects[i])
+            size = int(objects[i].get_size())
+            if loc is not None and loc.meta == fp and loc.payload_len == size:
+                dups += 1
+                continue
+            wanted.append(_Put(i, keys[i], kb, fp, size, loc))
+        now = time.monotonic()
+        claimed: list[_Put] = []
+        with self._lock:
+            self._counters.duplicates_skipped += dups
+            for p in wanted:
+                if p.key in self._storing or p.key in self._deleting or (p.old is None and p.key in self._index):
+                    self._counters.duplicates_skipped += 1  # another task is writing it, or just wrote it
+                    continue
+                if p.old is not None and self._held(p.key, now):
+                    self._counters.skipped_locked += 1  # a lookup promised the old record to a load
+                    continue
+                self._storing.add(p.key)
+                claimed.append(p)
+        reserved = 0
+        written: list[_Put] = []
+        try:
+            if self._capacity > 0:
+                claimed, reserved = self._make_room(claimed)
+            if claimed:
+                try:
+                    self.store.put_many([(p.kb, objects[p.i].byte_array) for p in claimed], ns=ns,
+                                        metas=[p.fp for p in claimed])
+                    written = claimed
+                except Exception:
+                    # each record is atomic and a failed call leaves a prefix: find what did land
+                    try:
+                        after = self.store.locate_many([p.kb for p in claimed], ns=ns)
+                        written = [p for p, loc in zip(claimed, after)
+                                   if loc is not None and loc.meta == p.fp and loc.payload_len == p.size
+                                   and (p.old is None or not loc.same_place(p.old))]
+                    except Exception:
+                        written = []
+                    raise
+        finally:
+            stored: list[tuple[ObjectKey, int]] = []
+            replaced: list[tuple[ObjectKey, int]] = []
+            with self._lock:
+                self._reserved -= reserved
+                for p in claimed:
+                    self._storing.discard(p.key)
+                for p in written:
+                    old = self._index.pop(p.key, None)
+                    if old is not None:
+                        self._used -= old
+                        replaced.append((p.key, old))
+                        self._counters.replaced_other_layout += 1
+                    self._index[p.key] = p.size
+                    self._used += p.size
+                    stored.append((p.key, p.size))
+                self._counters.keys_stored += len(stored)
+                self._counters.bytes_stored += sum(s for _, s in stored)
+            if replaced:
+                self._notify("deleted", [k for k, _ in replaced], [s for _, s in replaced])
+            if stored:
+                self._notify("stored", [k for k, _ in stored], [s for _, s in stored])
+        return sum(s for _, s in stored)
+
+    def _make_room(self, claimed: list[_Put]) -> tuple[list[_Put], int]:
+        """Keep the adapter within capacity_bytes: delete least recently used unlocked keys first, then
+        keep the longest prefix of the task that fits (a prefix is what a later request can use).
+        Returns (what to write, bytes reserved for it)."""
+        need = sum(p.size for p in claimed)
+        victims: list[ObjectKey] = []
+        with self._lock:
+            excess = self._used + self._reserved + need - self._capacity
+            if excess > 0:
+                now = time.monotonic()
+                for k, size in self._index.items():
+                    if excess <= 0:
+                        break
+                    if k in self._deleting or k in self._storing or self._held(k, now):
+                        continue
+                    victims.append(k)
+                    self._deleting.add(k)
+                    excess -= size
+        if victims:
+            gone = self._delete_marked(victims)
+            with self._lock:
+                self._counters.evicted_for_capacity += len(gone)
+        with self._lock:
+            room = self._capacity - self._used - self._reserved
+            keep: list[_Put] = []
+            total = 0
+            for p in claimed:
+                if total + p.size > room:
+                    break
+                keep.append(p)
+                total += p.size
+            for p in claimed[len(keep):]:
+                self._storing.discard(p.key)
+            self._counters.skipped_capacity += len(claimed) - len(keep)
+            self._reserved += total
+        return keep, total
+
+    # ---- lookup ----
+
+    def _run_lookup(self, keys: list[ObjectKey]) -> Bitmap:
+        bitmap = Bitmap(len(keys))
+        groups, _bad = self._group(keys)
+        tracker = getattr(self.store.compactor, "tracker", None)
+        found: list[int] = []
+        blocks: set[int] = set()
+        seen_suffixes: list[bytes] = []
+        seen_locs: list[Location | None] = []
+        for ns, items in groups.items():
+            locs = self.store.locate_many([kb for _, kb in items], ns=ns)
+            for (i, _kb), loc in zip(items, locs):
+                if loc is not None:
+                    found.append(i)
+                    blocks.add(loc.block_id)
+            if tracker is not None and any(loc is not None for loc in locs):
+                nid = self.store._ns_id(ns)  # the directory's id of the namespace (as the compactor's hint does)
+                if nid is not None:
+                    seen_suffixes += [key_suffix(nid, SPACE_KV, kb) for _, kb in items]
+                    seen_locs += locs
+        if tracker is not None:
+            try:
+                tracker.observe(seen_suffixes, seen_locs)  # one lookup = one request
+            except Exception:
+                _log.exception("blockstore L2: affinity observation failed")
+        now = time.monotonic()
+        with self._lock:
+            hits = 0
+            for i in found:
+                k = keys[i]
+                # the index is the arbiter: a key being deleted, or not yet announced as stored, is a miss
+                if k not in self._index or k in self._deleting:
+                    continue
+                entry = self._locks.get(k)
+                if entry is None or not self._held(k, now):
+                    self._locks[k] = [1, now]
+                else:
+                    entry[0] += 1
+                    entry[1] = now
+                self._index.move_to_end(k)
+                bitmap.set(i)
+                hits += 1
+            c = self._counters
+            c.lookup_tasks += 1
+            c.lookup_keys += len(keys)
+            c.lookup_hits += hits
+            if hits:
+                c.lookup_requests_with_hits += 1
+                c.lookup_blocks += len(blocks)
+        return bitmap
+
+    # ---- load ----
+
+    def _run_load(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> Bitmap:
+        bitmap = Bitmap(len(keys))
+        if len(keys) != len(objects):
+            _log.error("blockstore L2: load task with %d keys and %d objects", len(keys), len(objects))
+            return bitmap
+        groups, bad = self._group(keys)
+        served: list[ObjectKey] = []
+        served_bytes = 0
+        blocks: set[int] = set()
+        absent = mismatched = corrupt = 0
+        failed = len(bad)
+        for ns, items in groups.items():
+            locs = self.store.locate_many([kb for _, kb in items], ns=ns)
+            want: list[tuple[int, bytes, Location]] = []
+            for (i, kb), loc in zip(items, locs):
+                if loc is None:
+                    absent += 1
+                    continue
+                obj = objects[i]
+                if loc.meta != layout_fingerprint(obj) or loc.payload_len != obj.get_size():
+                    mismatched += 1  # a record of another layout: never copied into this buffer
+                    continue
+                want.append((i, kb, loc))
+            got = self._read_into(ns, [kb for _, kb, _ in want], [objects[i] for i, _, _ in want])
+            suspects: list[tuple[int, bytes, Location]] = []
+            for (i, kb, loc), n in zip(want, got):
+                if n == loc.payload_len:
+                    bitmap.set(i)
+                    served.append(keys[i])
+                    served_bytes += n
+                    blocks.add(loc.block_id)
+                elif n is None:
+                    suspects.append((i, kb, loc))
+                else:
+                    failed += 1
+            if suspects:
+                bad_records, other = self._drop_unreadable(ns, suspects, keys)
+                corrupt += bad_records
+                failed += other
+        with self._lock:
+            for k in served:
+                if k in self._index:
+                    self._index.move_to_end(k)
+            c = self._counters
+            c.load_tasks += 1
+            c.load_keys += len(keys)
+            c.load_hits += len(served)
+            c.load_bytes += served_bytes
+            c.load_miss_absent += absent
+            c.load_miss_layout += mismatched
+            c.load_miss_corrupt += corrupt
+            c.load_miss_error += failed
+            if served:
+                c.load_requests_with_hits += 1
+                c.load_blocks += len(blocks)
+        if served:
+            self._notify("accessed", served)
+        return bitmap
+
+    def _read_into(self, ns: str, kbs: list[bytes], objs: list[MemoryObj]) -> list[int | None]:
+        """One batched read straight into the objects' memory; per key if the batch as a whole fails."""
+        if not kbs:
+            return []
+        try:
+            return list(self.store.get_many(kbs, ns=ns, out=[o.byte_array for o in objs]))
+        except Exception as exc:
+            _log.warning("blockstore L2: batched load from %s failed (%s); reading key by key", ns, exc)
+        out: list[int | None] = []
+        for kb, o in zip(kbs, objs):
+            try:
+                out.append(self.store.get_many([kb], ns=ns, out=[o.byte_array])[0])
+            except Exception as exc:
+                _log.warning("blockstore L2: load of one key from %s failed: %s", ns, exc)
+                out.append(-1)
+        return out
+
+    def _drop_unreadable(self, ns: str, suspects: list[tuple[int, bytes, Location]],
+                         keys: list[ObjectKey]) -> tuple[int, int]:
+        """Records that were located but read as a miss: if the directory still names the same place, the
+        bytes failed their checksum (on_corrupt="miss"): delete the record, else a later lookup would find
+        it again and a later store would skip it as a duplicate. Returns (corrupt, other misses)."""
+        try:
+            again = self.store.locate_many([kb for _, kb, _ in suspects], ns=ns)
+        except Exception:
+            return 0, len(suspects)
+        bad = [keys[i] for (i, _kb, loc), now in zip(suspects, again) if now is not None and now.same_place(loc)]
+        if bad:
+            _log.error("blockstore L2: %d record(s) in %s failed their checksum; deleting them", len(bad), ns)
+            with self._lock:
+                marked = [k for k in dict.fromkeys(bad) if k not in self._deleting and k not in self._storing]
+                self._deleting.update(marked)
+            self._delete_marked(marked)
+        return len(bad), len(suspects) - len(bad)
+
+    # ---- delete ----
+
+    def delete(self, keys: list[ObjectKey]) -> None:
+        """Remove keys (LMCache's L2 eviction, HTTP DELETE). Locked, unknown and in-flight keys are skipped.
+        Never raises: the eviction thread does not catch."""
+        try:
+            now = time.monotonic()
+            with self._lock:
+                marked = []
+                for k in dict.fromkeys(keys):
+                    if k not in self._index or k in self._deleting or k in self._storing:
+                        continue
+                    if self._held(k, now):
+                        self._counters.delete_skipped_locked += 1
+                        continue
+                    marked.append(k)
+                self._deleting.update(marked)
+            self._delete_marked(marked)
+        except Exception:
+            _log.exception("blockstore L2: delete failed")
+
+    def _delete_marked(self, marked: list[ObjectKey]) -> list[ObjectKey]:
+        """Delete keys the caller put in _deleting; report the ones gone with the sizes they were stored with."""
+        if not marked:
+            return []
+        groups, _bad = self._group(marked)
+        gone: list[ObjectKey] = []
+        try:
+            for ns, items in groups.items():
+                try:
+                    existed = self.store.delete_many([kb for _, kb in items], ns=ns)
+                    gone += [marked[i] for (i, _), _e in zip(items, existed)]  # absent ones are gone too
+                except Exception as exc:
+                    _log.error("blockstore L2: delete in %s failed: %s", ns, exc)
+                    try:  # a failed call leaves a prefix deleted: find out which
+                        after = self.store.locate_many([kb for _, kb in items], ns=ns)
+                        gone += [marked[i] for (i, _), loc in zip(items, after) if loc is None]
+                    except Exception:
+                        pass
+        finally:
+            announced: list[ObjectKey] = []  # only what was announced as stored (the counters hold it)
+            sizes: list[int] = []
+            with self._lock:
+                for k in marked:
+                    self._deleting.discard(k)
+                for k in gone:
+                    size = self._index.pop(k, None)
+                    if size is not None:
+                        self._used -= size
+                        announced.append(k)
+                        sizes.append(size)
+                self._counters.keys_deleted += len(gone)
+        if announced:
+            self._notify("deleted", announced, sizes)
+        return gone
+
+    # ---- listing, status, listeners ----
+
+    def _scan(self, ns: str, after: bytes | None = None) -> Iterator[tuple[bytes, Location]]:
+        """(serialized key, location) of a namespace's records in key order, starting after `after`."""
+        nid = self.store._ns_id(ns)
+        if nid is None:
+            return
+        prefix = TAG_KEY + key_suffix(nid, SPACE_KV, b"")
+        start = None if after is None else prefix + after + b"\x00"
+        for k, v in self.store.dir.scan_prefix(prefix, start):
+            yield k[len(prefix):], Location.decode(v)
+
+    def _namespaces(self) -> list[str]:
+        return sorted(ns for ns in self.store.namespaces() if ns.startswith(NS_PREFIX))
+
+    def _recover_index(self) -> None:
+        """Index the records already in the store (a restart), least recently written first, and seed the
+        base class's byte counters with them (listeners get them in register_listener)."""
+        found: list[tuple[int, ObjectKey, int]] = []
+        foreign = 0
+        for ns in self._namespaces():
+            for kb, loc in self._scan(ns):
+                try:
+                    key = decode_object_key(kb)
+                except ValueError:
+                    foreign += 1
+                    continue
+                if namespace_for(key.model_name, key.cache_salt) != ns:
+                    foreign += 1
+                    continue
+                found.append((loc.seq, key, loc.payload_len))
+        if foreign:
+            _log.warning("blockstore L2: %d record(s) in lmcache namespaces are not ObjectKeys; ignored", foreign)
+        found.sort(key=lambda t: t[0])
+        by_salt: dict[str, int] = {}
+        for _seq, key, size in found:
+            self._index[key] = size
+            self._used += size
+            by_salt[key.cache_salt] = by_salt.get(key.cache_salt, 0) + size
+        self.recovered_keys = len(found)
+        if found:
+            with self._usage_lock:
+                self._total_bytes_used += self._used
+                for salt, n in by_salt.items():
+                    self._bytes_by_cache_salt[salt] = self._bytes_by_cache_salt.get(salt, 0) + n
+            _log.info("blockstore L2: %d record(s), %d bytes recovered from %s", len(found), self._used,
+                      self.config.path)
+
+    def register_listener(self, listener: L2AdapterListener) -> None:
+        """Attach, then announce the records already held, so LMCache's eviction can evict them too."""
+        super().register_listener(listener)
+        with self._lock:
+            snapshot = list(self._index.items())
+        if snapshot:
+            try:
+                listener.on_l2_keys_stored([k for k, _ in snapshot], [s for _, s in snapshot])
+            except Exception:
+                _log.exception("blockstore L2: replaying recovered keys to a listener failed")
+
+    def _notify(self, what: str, keys: list[ObjectKey], sizes: list[int] | None = None) -> None:
+        try:
+            if what == "stored":
+                self._notify_keys_stored(keys, sizes or [])
+            elif what == "deleted":
+                self._notify_keys_deleted(keys, sizes or [])
+            else:
+                self._notify_keys_accessed(keys)
+        except Exception:  # a listener's failure must not fail the task that stored or loaded the data
+            _log.exception("blockstore L2: notifying listeners (%s) failed", what)
+
+    def list_l2_keys(self, model_name: str | None = None, page_size: int = 500,
+                     cursor: str | None = None) -> KeyListPage:
+        """Keys held, in (namespace, key) order; `cursor` is the opaque next_page_token of the previous page."""
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        start_ns, after = _decode_cursor(cursor)
+        want = None if model_name is None else _readable(model_name)
+        entries: list[KeyEntry] = []
+        last: tuple[str, bytes] | None = None
+        for ns in self._namespaces():
+            if start_ns is not None and ns < start_ns:
+                continue
+            if want is not None and ns.split(":", 2)[2] != want:
+                continue
+            for kb, loc in self._scan(ns, after if ns == start_ns else None):
+                try:
+                    key = decode_object_key(kb)
+                except ValueError:
+                    continue
+                if model_name is not None and key.model_name != model_name:
+                    continue
+                if len(entries) == page_size:
+                    assert last is not None
+                    return KeyListPage(entries=tuple(entries), next_page_token=_encode_cursor(*last))
+                entries.append(KeyEntry(key=key.to_encoded_object_key(), size_bytes=loc.payload_len))
+                last = (ns, kb)
+        return KeyListPage(entries=tuple(entries), next_page_token=None)
+
+    def report_status(self) -> dict[str, Any]:
+        """Embedded in the server's GET /status. Never raises (the caller does not catch)."""
+        status: dict[str, Any] = {"is_healthy": False, "type": "BlockstoreL2Adapter", "path": self.config.path}
+        try:
+            with self._lock:
+                closed = self._closed
+                c = dict(self._counters.__dict__)
+                status.update(
+                    records_indexed=len(self._index),
+                    used_bytes=self._used,
+                    capacity_bytes=self._capacity,
+                    locked_keys=sum(1 for e in self._locks.values() if e[0] > 0),
+                    inflight_tasks=dict(self._inflight),
+                    completed_unread={"store": len(self._done_store), "lookup": len(self._done_lookup),
+                                      "load": len(self._done_load)},
+                    last_error=self._last_error,
+                    consecutive_task_failures=self._consecutive_failures,
+                    recovered_keys=self.recovered_keys,
+                )
+                failures = self._consecutive_failures
+            status["counters"] = c
+            status["lookup_hit_ratio"] = c["lookup_hits"] / c["lookup_keys"] if c["lookup_keys"] else None
+            status["load_hit_ratio"] = c["load_hits"] / c["load_keys"] if c["load_keys"] else None
+            status["lookup_blocks_per_request"] = (c["lookup_blocks"] / c["lookup_requests_with_hits"]
+                                                   if c["lookup_requests_with_hits"] else None)
+            status["load_blocks_per_request"] = (c["load_blocks"] / c["load_requests_with_hits"]
+                                                 if c["load_requests_with_hits"] else None)
+            status["durability"] = self.config.durability
+            if closed:
+                status["error"] = "closed"
+                return status
+            status["store"] = self.store.stats().as_dict()
+            compactor = self.store.compactor
+            status["compaction"] = None if compactor is None else compactor.status()
+            status["is_healthy"] = failures < 3
+        except Exception as exc:
+            status["is_healthy"] = False
+            status["error"] = f"{type(exc).__name__}: {exc}"
+        return status
+
+    # ---- shutdown ----
+
+    def close(self) -> None:
+        """Finish every queued and running task (their L1 buffers are freed right after this returns),
+        then close the store and the event fds. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._io_pool.shutdown(wait=True)
+        self._store_pool.shutdown(wait=True)
+        try:
+            self.store.close()
+        finally:
+            for n in (self._store_efd, self._lookup_efd, self._load_efd):
+                try:
+                    n.close()
+                except OSError:
+                    pass
+
+
+# ------------------------------------------------------------------------------------------- cursors
+
+_CURSOR_TAG = "bs1."
+
+
+def _encode_cursor(ns: str, after: bytes) -> str:
+    raw = json.dumps([ns, after.hex()], separators=(",", ":")).encode()
+    return _CURSOR_TAG + base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_cursor(cursor: str | None) -> tuple[str | None, bytes | None]:
+    if cursor is None:
+        return None, None
+    try:
+        if not isinstance(cursor, str) or not cursor.startswith(_CURSOR_TAG):
+            raise ValueError("wrong tag")
+        ns, after = json.loads(base64.urlsafe_b64decode(cursor[len(_CURSOR_TAG):].encode()))
+        if not isinstance(ns, str) or not ns.startswith(NS_PREFIX) or not isinstance(after, str):
+            raise ValueError("wrong fields")
+        return ns, bytes.fromhex(after)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"malformed list_l2_keys cursor {cursor!r}: {exc}") from None
+
+
+__all__ = [
+    "BlockstoreL2Adapter",
+    "BlockstoreL2AdapterConfig",
+    "decode_object_key",
+    "encode_object_key",
+    "layout_fingerprint",
+    "namespace_for",
+]

@@ -1,0 +1,806 @@
+"""The LMCache MP-mode L2 adapter (connector/l2_adapter.py), driven the way `lmcache server` drives it:
+LMCache's own ObjectKeys, real TensorMemoryObj buffers from LMCache's TensorMemoryAllocator, event fds
+waited on with select, results collected after the fd fired. The last test builds a real
+StorageManager from `--l2-adapter` arguments and prefetches through the plugin.
+
+Skipped as a whole when lmcache is not installed (the engine's own suite runs without it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+
+pytest.importorskip("lmcache")
+torch = pytest.importorskip("torch")
+
+from blockstore.connector.l2_adapter import (  # noqa: E402
+    BlockstoreL2Adapter,
+    BlockstoreL2AdapterConfig,
+    decode_object_key,
+    encode_object_key,
+    layout_fingerprint,
+    namespace_for,
+)
+from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
+from lmcache.v1.distributed.internal_api import L2StoreResult  # noqa: E402
+from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface  # noqa: E402
+from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
+
+import blockstore  # noqa: E402
+
+RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
+SHAPE = torch.Size([2, 2, 64, 32])  # [kv, layers, tokens, hidden] float32: 32 KiB
+SIZE = 2 * 2 * 64 * 32 * 4
+TIMEOUT = 20.0
+
+
+def okey(i: int, model: str = "org/llama-test", salt: str = "", rank: int = RANK, group: int = 0) -> ObjectKey:
+    return ObjectKey(chunk_hash=i.to_bytes(4, "big") * 8, model_name=model, kv_rank=rank,
+                     object_group_id=group, cache_salt=salt)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+class Arena:
+    """LMCache memory objects over one CPU tensor, as the server's L1 hands them to adapters."""
+
+    def __init__(self) -> None:
+        self.alloc = TensorMemoryAllocator(torch.empty(64 << 20, dtype=torch.uint8))
+        self.objs: list[Any] = []
+
+    def new(self, shape: torch.Size = SHAPE, dtype: torch.dtype = torch.float32, fill: int | None = None) -> Any:
+        o = self.alloc.allocate(shape, dtype)
+        assert o is not None
+        if fill is None:
+            o.tensor.zero_()
+        else:
+            g = torch.Generator().manual_seed(fill)
+            o.tensor.copy_(torch.randint(-2**30, 2**30, tuple(shape), generator=g).to(dtype) / 7)
+        self.objs.append(o)
+        return o
+
+    def release(self) -> None:
+        for o in self.objs:
+            o.ref_count_down()
+        self.objs.clear()
+
+
+@pytest.fixture
+def arena() -> Iterator[Arena]:
+    a = Arena()
+    yield a
+    a.release()
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Callable[..., BlockstoreL2Adapter]]:
+    """make(**adapter_params) -> an adapter on tmp_path/"kv" (compaction off unless asked for)."""
+    made: list[BlockstoreL2Adapter] = []
+
+    def _make(**params: Any) -> BlockstoreL2Adapter:
+        params.setdefault("path", str(tmp_path / "kv"))
+        params.setdefault("compaction", None)
+        a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(params))
+        made.append(a)
+        return a
+
+    yield _make
+    for a in made:
+        a.close()
+
+
+def _drain(fd: int, timeout: float = TIMEOUT) -> int:
+    """Wait until fd is readable; return the eventfd counter (signals since the last read)."""
+    r, _, _ = select.select([fd], [], [], timeout)
+    assert r, "event fd was never signalled"
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def store(a: BlockstoreL2Adapter, keys: list[ObjectKey], objs: list[Any]) -> L2StoreResult:
+    tid = a.submit_store_task(keys, objs)
+    deadline = time.monotonic() + TIMEOUT
+    done: dict[int, L2StoreResult] = {}
+    while tid not in done:
+        assert time.monotonic() < deadline
+        _drain(a.get_store_event_fd())
+        done.update(a.pop_completed_store_tasks())
+    return done[tid]
+
+
+def _bits(bitmap: Any, n: int) -> list[bool]:
+    assert len(bitmap) == n
+    return [bitmap.test(i) for i in range(n)]
+
+
+def lookup(a: BlockstoreL2Adapter, keys: list[ObjectKey]) -> list[bool]:
+    tid = a.submit_lookup_and_lock_task(keys, {})
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        _drain(a.get_lookup_and_lock_event_fd())
+        got = a.query_lookup_and_lock_result(tid)
+        if got is not None:
+            assert a.query_lookup_and_lock_result(tid) is None  # exactly once
+            return _bits(got, len(keys))
+        assert time.monotonic() < deadline
+
+
+def load(a: BlockstoreL2Adapter, keys: list[ObjectKey], objs: list[Any]) -> list[bool]:
+    tid = a.submit_load_task(keys, objs)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        _drain(a.get_load_event_fd())
+        got = a.query_load_result(tid)
+        if got is not None:
+            assert a.query_load_result(tid) is None
+            return _bits(got, len(keys))
+        assert time.monotonic() < deadline
+
+
+def same(x: Any, y: Any) -> bool:
+    return bytes(x.byte_array) == bytes(y.byte_array)
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+def test_store_lookup_load_delete_bit_exact(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    assert isinstance(a, L2AdapterInterface)
+    keys = [okey(i) for i in range(4)]
+    src = [arena.new(fill=i) for i in range(4)]
+    res = store(a, keys, src)
+    assert res.is_successful() and res.bytes_transferred() == 4 * SIZE
+
+    absent = okey(99)
+    assert lookup(a, [keys[0], keys[1], absent, keys[2], keys[3]]) == [True, True, False, True, True]
+    dst = [arena.new() for _ in keys]
+    assert load(a, keys, dst) == [True] * 4
+    assert all(same(s, d) for s, d in zip(src, dst))
+    a.submit_unlock(keys)
+
+    usage = a.get_usage()
+    assert usage.total_bytes_used == 4 * SIZE and usage.total_capacity_bytes == 0
+    a.delete(keys[:2])
+    assert lookup(a, keys) == [False, False, True, True]
+    a.submit_unlock(keys[2:])
+    assert a.get_usage().total_bytes_used == 2 * SIZE
+    miss = [arena.new() for _ in keys[:2]]
+    assert load(a, keys[:2], miss) == [False, False]
+
+
+def test_empty_tasks_complete(make: Callable[..., BlockstoreL2Adapter]) -> None:
+    a = make()
+    res = store(a, [], [])
+    assert res.is_successful() and res.bytes_transferred() == 0
+    assert lookup(a, []) == []
+    assert load(a, [], []) == []
+
+
+def test_duplicates_are_skipped(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    keys = [okey(i) for i in range(3)]
+    src = [arena.new(fill=i) for i in range(3)]
+    assert store(a, keys, src).bytes_transferred() == 3 * SIZE
+    put_before = a.store.stats().bytes_put
+    again = store(a, keys, src)
+    assert again.is_successful() and again.bytes_transferred() == 0  # only bytes really written
+    # a key twice in one task is written once
+    k = okey(7)
+    twice = store(a, [k, k], [arena.new(fill=7), arena.new(fill=7)])
+    assert twice.bytes_transferred() == SIZE
+    st = a.report_status()
+    assert st["counters"]["duplicates_skipped"] == 4
+    assert a.store.stats().records == 4
+    assert a.store.stats().bytes_put - put_before == SIZE + len(encode_object_key(k))
+    assert a.get_usage().total_bytes_used == 4 * SIZE
+
+
+def test_lock_refcounts_guard_delete(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    k, other = okey(1), okey(2)
+    store(a, [k, other], [arena.new(fill=1), arena.new(fill=2)])
+    assert lookup(a, [k]) == [True]
+    assert lookup(a, [k]) == [True]  # two concurrent prefetches each hold a reference
+    a.delete([k, other])  # the eviction thread does not consult locks: the adapter does
+    assert lookup(a, [other]) == [False]
+    assert a.report_status()["counters"]["delete_skipped_locked"] == 1
+    a.submit_unlock([k])
+    a.delete([k])
+    assert a.report_status()["counters"]["delete_skipped_locked"] == 2
+    a.submit_unlock([k])
+    a.submit_unlock([k, okey(55)])  # one unlock too many, and a key never seen: harmless
+    a.delete([k])
+    assert a.report_status()["locked_keys"] == 0
+    assert lookup(a, [k]) == [False]
+    assert a.get_usage().total_bytes_used == 0
+
+
+def test_expired_lock_no_longer_blocks_delete(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make(lock_ttl_s=0.2)
+    k = okey(1)
+    store(a, [k], [arena.new(fill=1)])
+    assert lookup(a, [k]) == [True]
+    a.delete([k])
+    assert lookup(a, [k]) == [True]  # still there, now locked twice
+    time.sleep(0.3)
+    a.delete([k])  # the lease ran out: an unlock that never came no longer pins the key
+    assert lookup(a, [k]) == [False]
+    assert a.report_status()["counters"]["locks_expired"] == 1
+    a.submit_unlock([k, k])
+
+
+class Collector:
+    """Results of many threads' tasks on one adapter (pop_completed_store_tasks hands over all of them)."""
+
+    def __init__(self, a: BlockstoreL2Adapter) -> None:
+        self.a = a
+        self.lock = threading.Lock()
+        self.stores: dict[int, L2StoreResult] = {}
+
+    def store(self, keys: list[ObjectKey], objs: list[Any]) -> L2StoreResult:
+        tid = self.a.submit_store_task(keys, objs)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with self.lock:
+                self.stores.update(self.a.pop_completed_store_tasks())
+                if tid in self.stores:
+                    return self.stores.pop(tid)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    def poll(self, query: Callable[[int], Any], tid: int, n: int) -> list[bool]:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            got = query(tid)
+            if got is not None:
+                return _bits(got, n)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+
+def test_concurrent_tasks_from_many_threads(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make(compaction="full", workers=3)
+    c = Collector(a)
+    threads, per = 6, 5
+    srcs = {t: [arena.new(fill=100 * t + j) for j in range(per)] for t in range(threads)}
+    dsts = {t: [arena.new() for _ in range(per)] for t in range(threads)}
+    shared = [okey(10_000 + j) for j in range(per)]  # every thread stores these too: one copy wins
+    shared_src = [arena.new(fill=10_000 + j) for j in range(per)]
+    errors: list[BaseException] = []
+    bytes_reported = []
+
+    def worker(t: int) -> None:
+        try:
+            keys = [okey(100 * t + j) for j in range(per)]
+            for _ in range(3):
+                res = c.store(keys + shared, srcs[t] + shared_src)
+                assert res.is_successful()
+                bytes_reported.append(res.bytes_transferred())
+                tid = a.submit_lookup_and_lock_task(keys, {})
+                assert c.poll(a.query_lookup_and_lock_result, tid, per) == [True] * per
+                tid = a.submit_load_task(keys, dsts[t])
+                assert c.poll(a.query_load_result, tid, per) == [True] * per
+                assert all(same(s, d) for s, d in zip(srcs[t], dsts[t]))
+                a.submit_unlock(keys)
+                a.delete(keys[:1])  # churn: the next round stores it again
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    assert sum(bytes_reported) == (threads * per + per + threads * 2) * SIZE  # each write counted once
+    st = a.report_status()
+    assert st["locked_keys"] == 0 and st["inflight_tasks"] == {"store": 0, "lookup": 0, "load": 0}
+    assert a.get_usage().total_bytes_used == a.store.stats().records * SIZE == (threads * (per - 1) + per) * SIZE
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({}, "'path'"),
+        ({"path": ""}, "'path'"),
+        ({"path": 3}, "'path'"),
+        ({"path": "/tmp/x", "durability": "fsync"}, "'durability'"),
+        ({"path": "/tmp/x", "block_size": 1000}, "'block_size'"),
+        ({"path": "/tmp/x", "block_size": "64M"}, "'block_size'"),
+        ({"path": "/tmp/x", "capacity_bytes": -1}, "'capacity_bytes'"),
+        ({"path": "/tmp/x", "capacity_bytes": 1.5}, "'capacity_bytes'"),
+        ({"path": "/tmp/x", "capacity_bytes": True}, "'capacity_bytes'"),
+        ({"path": "/tmp/x", "compaction": "bogus"}, "unknown compaction policy"),
+        ({"path": "/tmp/x", "compaction": {"policy": "full", "gc_invalid_ratio": 7}}, "gc_invalid_ratio"),
+        ({"path": "/tmp/x", "compaction": 5}, "'compaction'"),
+        ({"path": "/tmp/x", "workers": 0}, "'workers'"),
+        ({"path": "/tmp/x", "workers": "4"}, "'workers'"),
+        ({"path": "/tmp/x", "lock_ttl_s": -1}, "'lock_ttl_s'"),
+        ({"path": "/tmp/x", "capacity_gb": 1}, "unknown key(s) ['capacity_gb']"),
+    ],
+)
+def test_bad_params_get_clear_errors(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        BlockstoreL2AdapterConfig.from_dict(params)
+    assert message in str(exc.value)
+    with pytest.raises(ValueError):  # a raw dict given to the adapter is validated the same way
+        BlockstoreL2Adapter(params)
+
+
+def test_config_defaults_and_help(tmp_path: Path) -> None:
+    cfg = BlockstoreL2AdapterConfig.from_dict({"type": "plugin", "path": str(tmp_path / "kv")})
+    assert (cfg.durability, cfg.block_size, cfg.capacity_bytes, cfg.compaction, cfg.workers) == \
+        ("cache", None, 0, "full", 4)
+    assert BlockstoreL2AdapterConfig.from_dict({"path": "p", "compaction": "none"}).compaction is None
+    assert BlockstoreL2AdapterConfig.from_dict({"path": "p", "compaction": None}).compaction is None
+    spec = {"policy": "no-gc", "min_hits": 3, "background": False}
+    assert BlockstoreL2AdapterConfig.from_dict({"path": "p", "compaction": spec}).compaction == spec
+    text = BlockstoreL2AdapterConfig.help()
+    for name in BlockstoreL2AdapterConfig.FIELDS:
+        assert name in text
+
+
+def test_store_already_open_is_a_clear_error(make: Callable[..., BlockstoreL2Adapter]) -> None:
+    make()
+    with pytest.raises(blockstore.StoreLocked):
+        make()
+
+
+def test_key_serialization_is_stable_and_complete() -> None:
+    keys = [
+        okey(1),
+        ObjectKey(chunk_hash=b"\x00" * 32, model_name="Qwen/Qwen2-ß", kv_rank=ObjectKey.ComputeKVRank(4, 3, 4, 3),
+                  object_group_id=7, cache_salt="tenant-ü"),
+        ObjectKey(chunk_hash=(-5).to_bytes(8, "big", signed=True), model_name="m", kv_rank=-1,
+                  object_group_id=2**40, cache_salt=""),
+        ObjectKey(chunk_hash=b"", model_name="", kv_rank=0),
+    ]
+    encoded = [encode_object_key(k) for k in keys]
+    assert len(set(encoded)) == len(keys)
+    assert [decode_object_key(e) for e in encoded] == keys
+    # the format is fixed (never Python's salted hash): pin one encoding
+    assert encode_object_key(ObjectKey(b"\xab", "m", 1, 2, "s")) == bytes.fromhex(
+        "01" "0001" "6d" "0001" "ab" "0000000000000001" "0000000000000002" "0001" "73")
+    # every field tells keys apart
+    base = ObjectKey(b"h", "m", 1, 0, "")
+    variants = [ObjectKey(b"i", "m", 1, 0, ""), ObjectKey(b"h", "n", 1, 0, ""), ObjectKey(b"h", "m", 2, 0, ""),
+                ObjectKey(b"h", "m", 1, 1, ""), ObjectKey(b"h", "m", 1, 0, "x")]
+    assert len({encode_object_key(k) for k in [base, *variants]}) == 6
+    for bad in (b"", b"\x02abc", encode_object_key(base)[:-1], encode_object_key(base) + b"\0"):
+        with pytest.raises(ValueError):
+            decode_object_key(bad)
+    with pytest.raises(ValueError, match="key limit"):
+        encode_object_key(ObjectKey(b"h", "m" * 5000, 1))
+
+
+def test_namespaces() -> None:
+    a, b = namespace_for("org/m", ""), namespace_for("org/m", "alice")
+    assert a != b and a.startswith("lmcache:") and a.endswith(":org/m")
+    assert namespace_for("org/m", "") == a  # stable
+    assert namespace_for("a", "bc") != namespace_for("ab", "c")  # length-prefixed, no ambiguity
+    long = namespace_for("ü" * 300, "s" * 128)
+    assert len(long.encode()) <= 255 and long.isascii()
+
+
+def test_salted_tenants_never_share(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    alice, bob, plain = okey(1, salt="alice"), okey(1, salt="bob"), okey(1)
+    assert store(a, [alice], [arena.new(fill=1)]).bytes_transferred() == SIZE
+    assert lookup(a, [bob, plain, alice]) == [False, False, True]
+    assert load(a, [bob, plain], [arena.new(), arena.new()]) == [False, False]
+    # bob stores the same chunk: his own record, in his own namespace
+    assert store(a, [bob], [arena.new(fill=2)]).bytes_transferred() == SIZE
+    ns = set(a.store.namespaces())
+    assert {namespace_for("org/llama-test", "alice"), namespace_for("org/llama-test", "bob")} <= ns
+    got_a, got_b = arena.new(), arena.new()
+    assert load(a, [alice, bob], [got_a, got_b]) == [True, True]
+    assert not same(got_a, got_b)
+    a.submit_unlock([alice])
+    assert dict(a.get_usage().bytes_by_cache_salt) == {"alice": SIZE, "bob": SIZE}
+
+
+def _flip_payload_byte(a: BlockstoreL2Adapter, key: ObjectKey, at: int = 100) -> None:
+    ns = namespace_for(key.model_name, key.cache_salt)
+    [loc] = a.store.locate_many([encode_object_key(key)], ns=ns)
+    assert loc is not None
+    with open(a.store.blocks.path(loc.block_id), "r+b") as f:
+        f.seek(loc.payload_offset + at)
+        b = f.read(1)
+        f.seek(loc.payload_offset + at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_corrupt_record_is_a_miss_never_wrong_kv(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    keys = [okey(i) for i in range(3)]
+    src = [arena.new(fill=i) for i in range(3)]
+    store(a, keys, src)
+    _flip_payload_byte(a, keys[1])
+    assert lookup(a, keys) == [True, True, True]  # the directory still names it
+    dst = [arena.new() for _ in keys]
+    assert load(a, keys, dst) == [True, False, True]
+    assert same(src[0], dst[0]) and same(src[2], dst[2])
+    a.submit_unlock(keys)
+    st = a.report_status()
+    assert st["counters"]["load_miss_corrupt"] == 1 and st["is_healthy"]
+    # the bad record is gone: a lookup misses it and the next store writes it again
+    assert lookup(a, [keys[1]]) == [False]
+    assert a.get_usage().total_bytes_used == 2 * SIZE
+    assert store(a, [keys[1]], [src[1]]).bytes_transferred() == SIZE
+    again = arena.new()
+    assert load(a, [keys[1]], [again]) == [True] and same(src[1], again)
+
+
+def test_layout_mismatch_is_a_miss(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    k = okey(1)
+    src = arena.new(fill=1)
+    store(a, [k], [src])
+    assert json.loads(layout_fingerprint(src)) == {"v": 1, "size": SIZE, "shapes": [list(SHAPE)],
+                                                   "dtypes": ["torch.float32"]}
+    same_bytes_other_dtype = arena.new(torch.Size([2, 2, 64, 64]), torch.float16)  # as many bytes
+    other_shape = arena.new(torch.Size([2, 2, 128, 16]), torch.float32)  # as many bytes
+    smaller = arena.new(torch.Size([2, 2, 32, 32]), torch.float32)
+    larger = arena.new(torch.Size([2, 2, 128, 32]), torch.float32)
+    for buf in (same_bytes_other_dtype, other_shape, smaller, larger):
+        assert load(a, [k], [buf]) == [False]
+        assert not any(bytes(buf.byte_array))  # not a byte written into it
+    assert a.report_status()["counters"]["load_miss_layout"] == 4
+    # a deployment that changed its KV layout stores the key again: the new layout replaces the old
+    new = arena.new(torch.Size([2, 2, 64, 64]), torch.float16, fill=5)
+    assert store(a, [k], [new]).bytes_transferred() == SIZE
+    out = arena.new(torch.Size([2, 2, 64, 64]), torch.float16)
+    assert load(a, [k], [out]) == [True] and same(new, out)
+    assert load(a, [k], [arena.new()]) == [False]
+    assert a.report_status()["counters"]["replaced_other_layout"] == 1
+    assert a.get_usage().total_bytes_used == SIZE and a.store.stats().records == 1
+
+
+def test_locked_key_is_not_replaced_by_another_layout(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    k = okey(1)
+    src = arena.new(fill=1)
+    store(a, [k], [src])
+    assert lookup(a, [k]) == [True]
+    other = arena.new(torch.Size([2, 2, 64, 64]), torch.float16, fill=2)
+    assert store(a, [k], [other]).bytes_transferred() == 0  # the lookup promised the old record to a load
+    dst = arena.new()
+    assert load(a, [k], [dst]) == [True] and same(src, dst)
+    a.submit_unlock([k])
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.stored: list[tuple[ObjectKey, int]] = []
+        self.deleted: list[ObjectKey] = []
+        self.accessed: list[ObjectKey] = []
+
+    def on_l2_keys_stored(self, keys: list[ObjectKey], sizes: list[int]) -> None:
+        self.stored += list(zip(keys, sizes))
+
+    def on_l2_keys_deleted(self, keys: list[ObjectKey]) -> None:
+        self.deleted += keys
+
+    def on_l2_keys_accessed(self, keys: list[ObjectKey]) -> None:
+        self.accessed += keys
+
+
+def test_restart_keeps_keys(make: Callable[..., BlockstoreL2Adapter], arena: Arena, tmp_path: Path) -> None:
+    path = str(tmp_path / "restart")
+    a = make(path=path, durability="sync", compaction="full")
+    keys = [okey(i, salt="s" if i % 2 else "") for i in range(5)]
+    src = [arena.new(fill=i) for i in range(5)]
+    store(a, keys, src)
+    a.delete([keys[4]])
+    a.close()
+    a.close()  # idempotent
+
+    b = make(path=path, durability="sync", compaction="full")
+    assert b.recovered_keys == 4
+    usage = b.get_usage()
+    assert usage.total_bytes_used == 4 * SIZE and dict(usage.bytes_by_cache_salt) == {"": 2 * SIZE, "s": 2 * SIZE}
+    listener = Listener()
+    b.register_listener(listener)  # recovered keys are announced, so LMCache's eviction knows them
+    assert sorted(listener.stored, key=lambda t: t[0].chunk_hash) == [(k, SIZE) for k in keys[:4]]
+    assert lookup(b, keys) == [True, True, True, True, False]
+    dst = [arena.new() for _ in keys[:4]]
+    assert load(b, keys[:4], dst) == [True] * 4
+    assert all(same(s, d) for s, d in zip(src, dst))
+    assert sorted(listener.accessed, key=encode_object_key) == sorted(keys[:4], key=encode_object_key)
+    b.submit_unlock(keys[:4])
+    b.delete(keys[:1])
+    assert listener.deleted == keys[:1]
+    assert b.get_usage().total_bytes_used == 3 * SIZE  # deleted with the size it was stored with
+
+
+def test_listener_sees_stores_and_deletes_with_sizes(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    listener = Listener()
+    a.register_listener(listener)
+    keys = [okey(i) for i in range(3)]
+    objs = [arena.new(fill=i) for i in range(3)]
+    store(a, keys, objs)
+    store(a, keys, objs)  # duplicates are not announced again
+    assert listener.stored == [(k, SIZE) for k in keys]
+    a.delete(keys + [okey(77)])  # unknown keys are skipped
+    assert listener.deleted == keys
+    assert a.get_usage().total_bytes_used == 0
+
+
+def test_list_l2_keys_paging(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    keys = [okey(i) for i in range(5)] + [okey(i, model="other/m") for i in range(3)] + [okey(9, salt="t")]
+    store(a, keys[:5], [arena.new(fill=i) for i in range(5)])
+    store(a, keys[5:8], [arena.new(fill=i) for i in range(3)])
+    store(a, keys[8:], [arena.new(fill=9)])
+
+    def all_pages(model: str | None = None, size: int = 2) -> list[Any]:
+        out, cursor, pages = [], None, 0
+        while True:
+            page = a.list_l2_keys(model_name=model, page_size=size, cursor=cursor)
+            assert len(page.entries) <= size
+            out += page.entries
+            pages += 1
+            cursor = page.next_page_token
+            if cursor is None:
+                return out
+            assert isinstance(cursor, str) and pages < 100
+
+    entries = all_pages()
+    assert len(entries) == len(keys)
+    assert sorted(e.key.to_object_key().chunk_hash + e.key.model_name.encode() + e.key.cache_salt.encode()
+                  for e in entries) == sorted(k.chunk_hash + k.model_name.encode() + k.cache_salt.encode()
+                                              for k in keys)
+    assert {e.key.to_object_key() for e in entries} == set(keys)
+    assert all(e.size_bytes == SIZE for e in entries)
+    assert {e.key.to_object_key() for e in all_pages("other/m", 1)} == set(keys[5:8])
+    assert {e.key.to_object_key() for e in all_pages("org/llama-test", 4)} == set(keys[:5]) | {keys[8]}
+    assert all_pages("nobody") == []
+    one = a.list_l2_keys(page_size=100)
+    assert len(one.entries) == len(keys) and one.next_page_token is None
+    for bad_size in (0, -3, True):
+        with pytest.raises(ValueError):
+            a.list_l2_keys(page_size=bad_size)
+    for bad_cursor in ("", "garbage", "bs1.!!!", "bs1." + "e30="):
+        with pytest.raises(ValueError):
+            a.list_l2_keys(cursor=bad_cursor)
+
+
+def test_report_status_fields(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make(compaction="full")
+    keys = [okey(i) for i in range(4)]
+    store(a, keys, [arena.new(fill=i) for i in range(4)])
+    assert lookup(a, keys + [okey(50)]) == [True] * 4 + [False]
+    load(a, keys, [arena.new() for _ in keys])
+    a.submit_unlock(keys)
+    st = a.report_status()
+    json.dumps(st)  # plain data, as /status embeds it
+    assert st["is_healthy"] is True and st["type"] == "BlockstoreL2Adapter"
+    assert st["store"]["records"] == 4 and st["records_indexed"] == 4 and st["used_bytes"] == 4 * SIZE
+    assert st["counters"]["lookup_hits"] == 4 and st["counters"]["lookup_keys"] == 5
+    assert st["lookup_hit_ratio"] == pytest.approx(0.8) and st["load_hit_ratio"] == 1.0
+    assert st["lookup_blocks_per_request"] == 1.0 and st["load_blocks_per_request"] == 1.0
+    assert st["compaction"]["policy"] == "full"
+    assert st["compaction"]["requests_observed"] == 1  # the lookup, not the load too
+    a.close()
+    st = a.report_status()  # after close: unhealthy, no exception
+    assert st["is_healthy"] is False
+
+
+def test_lookups_teach_the_compactor(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make(compaction={"policy": "full", "background": False})
+    keys = [okey(i) for i in range(4)]
+    store(a, keys, [arena.new(fill=i) for i in range(4)])
+    tracker = a.store.compactor.tracker
+    before = tracker.requests
+    for _ in range(3):
+        lookup(a, keys)
+        load(a, keys[:2], [arena.new(), arena.new()])
+        a.submit_unlock(keys)
+    assert tracker.requests - before == 3  # one request per lookup; loads are not counted again
+    assert len(tracker) == 1 and tracker.due(2)  # the four keys form one group, requested three times
+
+
+def test_event_fds_signalled_once_per_task(make: Callable[..., BlockstoreL2Adapter], arena: Arena,
+                                          tmp_path: Path) -> None:
+    a, b = make(), make(path=str(tmp_path / "second"))
+    fds = [x.get_store_event_fd() for x in (a, b)] + [x.get_lookup_and_lock_event_fd() for x in (a, b)] + \
+        [x.get_load_event_fd() for x in (a, b)]
+    assert len(set(fds)) == len(fds)  # distinct within and across adapters
+    n = 5
+    keys = [okey(i) for i in range(n)]
+    objs = [arena.new(fill=i) for i in range(n)]
+    store_ids = [a.submit_store_task([k], [o]) for k, o in zip(keys, objs)]
+    bad_store = a.submit_store_task(keys[:2], objs[:1])  # mismatched lengths: fails, never raises
+    done: dict[int, L2StoreResult] = {}
+    signals = 0
+    deadline = time.monotonic() + TIMEOUT
+    while len(done) < n + 1:
+        assert time.monotonic() < deadline
+        signals += _drain(a.get_store_event_fd())
+        done.update(a.pop_completed_store_tasks())
+    assert set(done) == {*store_ids, bad_store} and not done[bad_store].is_successful()
+    assert len(set(store_ids + [bad_store])) == n + 1
+
+    lookup_ids = [a.submit_lookup_and_lock_task([k], {}) for k in keys]
+    load_ids = [a.submit_load_task([k], [arena.new()]) for k in keys]
+    bad_load = a.submit_load_task(keys[:2], [arena.new()])
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + TIMEOUT
+    while len(results) < 2 * n + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+        for tid in lookup_ids:
+            r = a.query_lookup_and_lock_result(tid)
+            if r is not None:
+                results[tid] = r
+        for tid in [*load_ids, bad_load]:
+            r = a.query_load_result(tid)
+            if r is not None:
+                results[tid] = r
+    assert _bits(results[bad_load], 2) == [False, False]
+    time.sleep(0.2)  # a signal that came late would show up now
+    signals += _count_pending(a.get_store_event_fd())
+    assert signals == n + 1
+    assert _count_pending(a.get_lookup_and_lock_event_fd()) == n
+    assert _count_pending(a.get_load_event_fd()) == n + 1
+    a.submit_unlock(keys)
+
+
+def _count_pending(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_submit_after_close_never_raises(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    store(a, [okey(2)], [arena.new(fill=2)])
+    fds = (a.get_store_event_fd(), a.get_lookup_and_lock_event_fd(), a.get_load_event_fd())
+    a.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed with the adapter
+    t1 = a.submit_store_task([okey(1)], [arena.new()])
+    t2 = a.submit_lookup_and_lock_task([okey(1)], {})
+    t3 = a.submit_load_task([okey(1)], [arena.new()])
+    assert not a.pop_completed_store_tasks()[t1].is_successful()
+    assert _bits(a.query_lookup_and_lock_result(t2), 1) == [False]
+    assert _bits(a.query_load_result(t3), 1) == [False]
+    a.submit_unlock([okey(1)])
+    a.delete([okey(1), okey(2)])  # the store is closed: the error is caught, the key stays
+    assert a.report_status()["is_healthy"] is False
+    assert a.recovered_keys == 0 and a.get_usage().total_bytes_used == SIZE
+
+
+def test_bad_arguments_complete_as_failures(make: Callable[..., BlockstoreL2Adapter], arena: Arena) -> None:
+    a = make()
+    t1 = a.submit_lookup_and_lock_task(None, {})  # type: ignore[arg-type]
+    t2 = a.submit_load_task([okey(1)], None)  # type: ignore[arg-type]
+    t3 = a.submit_store_task([okey(1), "not a key"], [arena.new(), arena.new()])  # type: ignore[list-item]
+    assert _drain(a.get_lookup_and_lock_event_fd()) == 1
+    assert len(a.query_lookup_and_lock_result(t1)) == 0
+    deadline = time.monotonic() + TIMEOUT
+    while (r2 := a.query_load_result(t2)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert _bits(r2, 1) == [False]
+    done: dict[int, L2StoreResult] = {}
+    while t3 not in done:
+        assert time.monotonic() < deadline
+        _drain(a.get_store_event_fd())
+        done.update(a.pop_completed_store_tasks())
+    assert not done[t3].is_successful()  # the bad key fails the task...
+    assert lookup(a, [okey(1)]) == [True]  # ...and the good one was stored all the same
+    a.submit_unlock([okey(1)])
+    assert a.report_status()["counters"]["store_failed_tasks"] == 1
+
+
+def test_capacity_budget_evicts_least_recently_used_unlocked(make: Callable[..., BlockstoreL2Adapter],
+                                                             arena: Arena) -> None:
+    a = make(capacity_bytes=3 * SIZE)
+    assert a.supports_global_eviction and a.get_usage().total_capacity_bytes == 3 * SIZE
+    listener = Listener()
+    a.register_listener(listener)
+    k = [okey(i) for i in range(6)]
+    store(a, k[:3], [arena.new(fill=i) for i in range(3)])
+    assert lookup(a, [k[0]]) == [True]  # k0: locked and most recently used; k1 is now the oldest
+    res = store(a, k[3:5], [arena.new(fill=3), arena.new(fill=4)])
+    assert res.bytes_transferred() == 2 * SIZE
+    assert lookup(a, k[:5]) == [True, False, False, True, True]
+    assert listener.deleted == [k[1], k[2]]
+    assert a.get_usage().total_bytes_used == 3 * SIZE
+    # everything left is locked: a store that cannot make room keeps what fits (nothing) and succeeds
+    res = store(a, [k[5]], [arena.new(fill=5)])
+    assert res.is_successful() and res.bytes_transferred() == 0
+    assert a.report_status()["counters"]["skipped_capacity"] == 1
+    a.submit_unlock([k[0], k[0], k[3], k[4]])
+    assert store(a, [k[5]], [arena.new(fill=5)]).bytes_transferred() == SIZE
+    assert a.get_usage().total_bytes_used == 3 * SIZE
+    # an object larger than the whole budget is never stored
+    big = arena.new(torch.Size([2, 2, 256, 32]), torch.float32)
+    assert store(a, [okey(40)], [big]).bytes_transferred() == 0
+
+
+def test_plugin_loader_builds_the_adapter(tmp_path: Path) -> None:
+    """What `--l2-adapter '{"type": "plugin", ...}'` does: config class found by name, keyword l1_memory_desc."""
+    from lmcache.v1.distributed.internal_api import L1MemoryDesc
+    from lmcache.v1.distributed.l2_adapters.config import get_l2_adapter_config_class
+    from lmcache.v1.distributed.l2_adapters.factory import create_l2_adapter_from_registry
+
+    cfg = get_l2_adapter_config_class("plugin").from_dict({
+        "type": "plugin", "module_path": "blockstore.connector.l2_adapter", "class_name": "BlockstoreL2Adapter",
+        "adapter_params": {"path": str(tmp_path / "kv"), "compaction": None}})
+    a = create_l2_adapter_from_registry(cfg, L1MemoryDesc(ptr=4096, size=1 << 20, align_bytes=4096))
+    try:
+        assert isinstance(a, BlockstoreL2Adapter) and a.config.path == str(tmp_path / "kv")
+    finally:
+        a.close()
+
+
+def test_storage_manager_store_clear_prefetch(tmp_path: Path) -> None:
+    """The server's own StorageManager, built from --l2-adapter arguments: L1 write -> stored to blockstore by
+    the store controller -> L1 force-cleared -> prefetch loads it back from blockstore, bit-exact."""
+    from lmcache.v1.distributed.api import GroupedObjectKeys, MemoryLayoutDesc, PrefetchTaskSpec
+    from lmcache.v1.distributed.config import parse_args
+    from lmcache.v1.distributed.storage_manager import StorageManager
+
+    spec = {"type": "plugin", "module_path": "blockstore.connector.l2_adapter", "class_name": "BlockstoreL2Adapter",
+            "adapter_params": {"path": str(tmp_path / "kv")}}
+    sm = StorageManager(parse_args(["--l1-size-gb", "0.05", "--eviction-policy", "LRU",
+                                    "--l2-adapter", json.dumps(spec)]))
+    try:
+        [(_desc, adapter)] = sm.l2_adapters()
+        assert isinstance(adapter, BlockstoreL2Adapter)
+        layout = MemoryLayoutDesc(shapes=[SHAPE], dtypes=[torch.float32])
+        keys = [okey(i) for i in range(3)]
+        reserved = sm.reserve_write(keys, layout)
+        data = {}
+        for i, k in enumerate(keys):
+            data[k] = torch.full(tuple(SHAPE), float(i)) + torch.arange(SHAPE.numel()).reshape(SHAPE) / 1000
+            reserved[k].tensor.copy_(data[k])
+        sm.finish_write(keys)
+        deadline = time.monotonic() + TIMEOUT
+        while adapter.report_status()["counters"]["keys_stored"] < 3:
+            assert time.monotonic() < deadline, adapter.report_status()
+            time.sleep(0.02)
+        time.sleep(0.2)  # the store controller pops the result and releases its L1 read locks
+        sm.clear(force=True)
+        assert sm.get_l1_usage()[0] == 0
+
+        handle = sm.submit_prefetch_task(PrefetchTaskSpec(
+            key_groups=[GroupedObjectKeys(keys=keys + [okey(99)], object_group_id=0, layout_desc=layout)]))
+        assert sm.wait_prefetch_status(handle, TIMEOUT)
+        result = sm.query_prefetch_status(handle)
+        assert result is not None and result.l1_hit_count == 0 and result.l2_hit_count == 3
+        with sm.read_prefetched_results(keys, result.l1_owners) as objs:
+            assert objs is not None
+            for k, o in zip(keys, objs):
+                assert torch.equal(o.tensor, data[k])
+        sm.finish_read_prefetched(keys, 1, result.l1_owners)
+        deadline = time.monotonic() + TIMEOUT
+        while adapter.report_status()["locked_keys"]:  # every L2 lock granted was released by the server
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        st = sm.report_status()
+        assert st["is_healthy"] and st["l2_adapters"][0]["counters"]["load_hits"] == 3
+    finally:
+        sm.close()
+    assert adapter._closed
+    with blockstore.open(tmp_path / "kv", read_only=True) as s:  # closed cleanly, records kept
+        assert s.stats().records == 3
