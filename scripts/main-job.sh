@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The main job. Until the LMCache connector lands this is the embedded demo: it writes KV tensors and
-# agent-memory chunk records into a store, reopens it, reads everything back verified, and prints stats.
+# The main job: vLLM (CPU build) with an `lmcache server` whose disk tier is blockstore, on a tiny
+# Llama model built locally; replays after clearing the server's RAM tier and after restarting both
+# processes, and prints a report (tokens served from blockstore, hit rate, TTFT, outputs identical to a
+# no-cache run). Options: python -m blockstore.connector.main_job --help. The embedded engine demo
+# without vLLM is `python -m blockstore.demo`.
 source "$(dirname "$0")/setup-env.sh"
-exec python -m blockstore.demo "$@"
+export DO_NOT_TRACK=1 VLLM_NO_USAGE_STATS=1 LMCACHE_TRACK_USAGE=false PYTHONHASHSEED=0
+exec python -m blockstore.connector.main_job "$@"

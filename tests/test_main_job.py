@@ -1,0 +1,41 @@
+"""The main job end to end (slow): vLLM on CPU + lmcache server with blockstore as its L2 tier.
+
+After the server's RAM tier is cleared, and again after both processes restart, the prompt tokens vLLM
+takes from LMCache must come from blockstore (the server's L2 lookup counter), and the greedy token ids
+must equal the run without any cache."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("lmcache")
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW = re.compile(r"^(baseline \(no cache\)|cold \(server empty\)|L2 after L1 clear|L2 after restart)\s+(\d+)\s+"
+                 r"([\d.]+)%\s+(\S+)\s+(\S+)\s+.*\s(yes|no|\(ref\))\s+(\S+)\s*$")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_main_job_serves_identical_outputs_from_blockstore(tmp_path: Path) -> None:
+    env = dict(os.environ, DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1", LMCACHE_TRACK_USAGE="false",
+               PYTHONHASHSEED="0")
+    proc = subprocess.run([sys.executable, "-m", "blockstore.connector.main_job", "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    rows = {m.group(1): m.groups()[1:] for line in proc.stdout.splitlines() if (m := ROW.match(line))}
+    assert set(rows) >= {"baseline (no cache)", "L2 after L1 clear", "L2 after restart"}, proc.stdout
+    for name in ("L2 after L1 clear", "L2 after restart"):
+        served, _rate, from_l1, from_l2, identical, dlogp = rows[name]
+        assert int(served) > 0, (name, proc.stdout)
+        assert from_l1 in ("0", "n/a") and from_l2 not in ("0", "n/a") and int(from_l2) > 0, (name, proc.stdout)
+        assert identical == "yes", (name, proc.stdout)
+        assert float(dlogp) < 1e-4, (name, proc.stdout)
+    assert "blockstore" in proc.stdout and "space amplification" in proc.stdout
