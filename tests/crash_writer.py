@@ -43,6 +43,7 @@ def main() -> None:
     rng = random.Random(seed)
     versions: dict[int, int] = {}
     with open(journal, "a", buffering=1) as j, blockstore.open(path, durability=durability, block_size=1 << 20) as s:
+        print("opened", flush=True)  # the supervisor's kill timer starts here, not at process start
         # resume version numbers from the journal so values stay unique across cycles
         for line in Path(journal).read_text().splitlines():
             parts = line.split()

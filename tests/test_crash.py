@@ -90,7 +90,12 @@ def _run_cycles(tmp_path: Path, durability: str, cycles: int, seed: int) -> None
         at_hook = cycle % 2 == 1
         if at_hook:
             args += [rng.choice(HOOKS), str(rng.randint(1, 40))]
-        p = subprocess.Popen(args, stderr=subprocess.PIPE)
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # start the clock once the writer has the store open: on a loaded machine its start-up alone
+        # can outlast the delay, and a kill before the store is open tests nothing
+        assert p.stdout is not None
+        opened = p.stdout.readline().decode().strip()
+        assert opened == "opened" or p.poll() is not None, opened
         deadline = time.time() + (4 if at_hook else rng.uniform(0.3, 1.5))
         while time.time() < deadline and p.poll() is None:
             time.sleep(0.02)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +23,20 @@ ROW = re.compile(r"^(baseline \(no cache\)|cold \(server empty\)|L2 after L1 cle
                  r"([\d.]+)%\s+(\S+)\s+(\S+)\s+.*\s(yes|no|\(ref\))\s+(\S+)\s*$")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_main_job_serves_identical_outputs_from_blockstore(tmp_path: Path) -> None:
     env = dict(os.environ, DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1", LMCACHE_TRACK_USAGE="false",
                PYTHONHASHSEED="0")
-    proc = subprocess.run([sys.executable, "-m", "blockstore.connector.main_job", "--work", str(tmp_path / "work")],
+    # free ports: another server on the defaults (5555, 8085) must not fail the test
+    ports = ["--port", str(_free_port()), "--http-port", str(_free_port())]
+    proc = subprocess.run([sys.executable, "-m", "blockstore.connector.main_job", "--work", str(tmp_path / "work"), *ports],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     rows = {m.group(1): m.groups()[1:] for line in proc.stdout.splitlines() if (m := ROW.match(line))}
