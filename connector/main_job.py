@@ -43,9 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import tiny_model
@@ -73,7 +72,7 @@ def log(msg: str) -> None:
 
 
 class Interrupted(BaseException):
-    """SIGTERM turned into an exception so that every ``finally`` runs."""
+    """SIGINT or SIGTERM turned into an exception, so that every ``finally`` runs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +343,7 @@ class Pass:
     name: str
     results: list[Result]
     wall_s: float
-    server_delta: dict[str, float] | None = None
-    extra: dict = field(default_factory=dict)
+    server_delta: dict[str, float] | None = None  # the server's counters over the pass
 
 
 def run_pass(llm, workload: Workload, name: str, server: LMCacheServer | None = None) -> Pass:
@@ -442,6 +440,30 @@ def checks(workload: Workload, passes: list[Pass]) -> list[tuple[str, bool]]:
     return out
 
 
+def report_json(args, workload: Workload, passes: list[Pass], timings: list[tuple[str, float]]) -> dict:
+    base = passes[0]
+    out = {"adapter": args.adapter, "quick": args.quick, "requests": len(workload.requests),
+           "prompt_tokens": workload.prompt_tokens, "distinct_chunks": workload.distinct_chunks(), "passes": [],
+           "checks": [{"check": what, "ok": ok} for what, ok in checks(workload, passes)],
+           "timings_s": dict(timings)}
+    for p in passes:
+        ttfts = [r.ttft_s for r in p.results if r.ttft_s is not None]
+        differ, max_diff, set_diff = compare(base, p) if p is not base else (0, 0.0, 0)
+        d = p.server_delta
+        out["passes"].append({
+            "name": p.name, "served_tokens": sum(r.cached_tokens for r in p.results),
+            "from_l1_tokens": metric(d, M_HIT_L1), "from_l2_tokens": metric(d, M_HIT_L2),
+            "server_requested_tokens": metric(d, M_REQUESTED), "server_hit_tokens": metric(d, M_HIT),
+            "l2_chunks_loaded": metric(d, M_L2_LOADED), "l2_chunks_stored": metric(d, M_L2_STORED),
+            "ttft_ms_median": 1000 * statistics.median(ttfts) if ttfts else None,
+            "ttft_ms_mean": 1000 * statistics.mean(ttfts) if ttfts else None,
+            "latency_ms_mean": 1000 * statistics.mean(r.latency_s for r in p.results),
+            "requests_differing_from_baseline": differ, "max_top5_logprob_diff": max_diff,
+            "positions_with_different_top5": set_diff, "wall_s": p.wall_s,
+        })
+    return out
+
+
 def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str, float]], store_lines: list[str],
            model_dir: Path) -> str:
     base = passes[0]
@@ -449,9 +471,11 @@ def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str
     def n(x: float | None) -> str:
         return "n/a" if x is None else str(int(x))
 
-    head = (f"{'pass':<20}{'served':>8}{'hit':>7}{'srv hit':>9}{'from L1':>9}{'from L2':>9}{'L2 load/':>10}"
+    # Column order (served, hit rate, from L1, from L2 first; "(ref)" on the baseline row) is what
+    # tests/test_main_job.py parses; WORK/report.json holds the same numbers for machines.
+    head = (f"{'pass':<20}{'served':>8}{'hit':>7}{'from L1':>9}{'from L2':>9}{'srv hit':>9}{'L2 load/':>10}"
             f"{'TTFT p50':>10}{'TTFT mean':>11}{'lat mean':>10}{'ids =':>7}{'max |dlogp|':>13}")
-    head2 = (f"{'':<20}{'tokens':>8}{'rate':>7}{'rate':>9}{'tokens':>9}{'tokens':>9}{'store ch':>10}"
+    head2 = (f"{'':<20}{'tokens':>8}{'rate':>7}{'tokens':>9}{'tokens':>9}{'rate':>9}{'store ch':>10}"
              f"{'ms':>10}{'ms':>11}{'ms':>10}{'base':>7}{'top-5':>13}")
     lines = [
         f"== blockstore main job: vLLM {_version('vllm')} (CPU) + lmcache {_version('lmcache')} server, "
@@ -472,7 +496,7 @@ def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str
         srv_rate = f"{hit / req:.1%}" if hit is not None and req else "n/a"
         l2io = "n/a" if d is None else f"{n(metric(d, M_L2_LOADED))}/{n(metric(d, M_L2_STORED))}"
         if p is base:
-            same, dlp = "ref", "ref"
+            same, dlp = "(ref)", "(ref)"
         else:
             differ, max_diff, set_diff = compare(base, p)
             same = "yes" if differ == 0 else f"NO:{differ}"
@@ -480,14 +504,14 @@ def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str
         ttft_p50 = f"{1000 * statistics.median(ttfts):.1f}" if ttfts else "n/a"
         ttft_mean = f"{1000 * statistics.mean(ttfts):.1f}" if ttfts else "n/a"
         lines.append(
-            f"{p.name:<20}{served:>8}{served / workload.prompt_tokens:>7.1%}{srv_rate:>9}{n(metric(d, M_HIT_L1)):>9}"
-            f"{n(metric(d, M_HIT_L2)):>9}{l2io:>10}{ttft_p50:>10}{ttft_mean:>11}{1000 * statistics.mean(lat):>10.1f}"
-            f"{same:>7}{dlp:>13}")
+            f"{p.name:<20}{served:>8}{served / workload.prompt_tokens:>7.1%}{n(metric(d, M_HIT_L1)):>9}"
+            f"{n(metric(d, M_HIT_L2)):>9}{srv_rate:>9}{l2io:>10}{ttft_p50:>10}{ttft_mean:>11}"
+            f"{1000 * statistics.mean(lat):>10.1f}{same:>7}{dlp:>13}")
     lines += [
         "",
         "served: prompt tokens vLLM took from LMCache (RequestOutput.num_cached_tokens; prefix caching is off);",
-        "  hit rate = served / all prompt tokens. srv hit rate, from L1/L2, L2 load/store: the server's counters",
-        "  (lookup_hit / lookup_requested over full chunks; lookup_hit_l1/_l2 tokens; L2 chunks loaded / stored).",
+        "  hit rate = served / all prompt tokens. from L1/L2, srv hit rate, L2 load/store: the server's counters",
+        "  (lookup_hit_l1/_l2 tokens; lookup_hit / lookup_requested over full chunks; L2 chunks loaded / stored).",
         "TTFT: vLLM's first_token_latency, one request at a time, after one warm-up request per engine.",
         "ids = base: greedy token ids equal to the no-cache baseline's for every request; max |dlogp|: largest",
         "  difference of a top-5 log-probability present in both runs.",
@@ -562,6 +586,24 @@ def prepare_store(store: Path, explicit: bool, reset: bool) -> None:
     store.mkdir(parents=True, exist_ok=True)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_ports(args: argparse.Namespace) -> None:
+    """The note's ports unless taken (say, by a second job on the same machine); ports named on the
+    command line are used as given, and a busy one is an error at server start."""
+    for attr, default in (("port", 5555), ("http_port", 8085)):
+        if getattr(args, attr) is None:
+            port = default
+            if port_in_use(port):
+                port = free_port()
+                log(f"port {default} is taken; the server uses {port} instead (--{attr.replace('_', '-')})")
+            setattr(args, attr, port)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m blockstore.connector.main_job",
                                  description="vLLM on CPU + lmcache server with an L2 disk tier, end to end.")
@@ -572,8 +614,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--adapter", choices=("blockstore", "fs"), default="blockstore",
                     help="L2 tier: blockstore's plugin or LMCache's own fs adapter (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="smaller workload, no L1 replay pass")
-    ap.add_argument("--port", type=int, default=5555, help="lmcache server ZMQ port")
-    ap.add_argument("--http-port", type=int, default=8085, help="lmcache server HTTP port")
+    ap.add_argument("--port", type=int, help="lmcache server ZMQ port (default 5555, or a free one if taken)")
+    ap.add_argument("--http-port", type=int, help="lmcache server HTTP port (default 8085, or a free one if taken)")
     ap.add_argument("--no-metrics", action="store_true",
                     help="run the server with --disable-metrics (the note's exact flags; no L1/L2 split)")
     return ap.parse_args(argv)
@@ -583,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    choose_ports(args)
     work = Path(args.work).resolve()
     model_dir = work / "model"
     store = Path(args.store).resolve() if args.store else work / f"store-{args.adapter}"
@@ -683,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, h)
 
     print(report(args, workload, passes, timings, store_lines, model_dir), flush=True)
+    (work / "report.json").write_text(json.dumps(report_json(args, workload, passes, timings), indent=1) + "\n")
     failed = [what for what, ok in checks(workload, passes) if not ok]
     log(f"done in {time.monotonic() - T0:.1f}s" + (f"; {len(failed)} check(s) FAILED" if failed else ", all checks pass"))
     return 1 if failed else 0
