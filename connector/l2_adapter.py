@@ -28,9 +28,15 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
   deleted, so the next store of that key can write it again.
 - `delete` (LMCache's eviction, HTTP) skips locked keys and never raises; removals are reported with
   the sizes that were stored. With `capacity_bytes` > 0 the adapter also keeps its own budget: a
-  store that would overflow it first deletes least recently used unlocked keys.
-- Restart: the records of the store are indexed at start-up (byte counters seeded, LRU in write
-  order) and replayed to every listener LMCache registers, so its eviction can manage them.
+  store that would overflow it first evicts whole runs of the oldest blocks (FIFO by block, as a
+  log-structured cache does: the space comes back without copying), skipping locked keys and giving
+  keys read since the last eviction pass a second chance.
+- Memory: nothing is held per record. The directory (RocksDB) is the only index; the adapter keeps
+  counters, the keys that tasks are storing, deleting or hold locked right now, and a bounded set of
+  recently read keys (the second chance).
+- Restart: one streaming pass over the lmcache namespaces of the directory seeds the byte counters;
+  every listener LMCache registers gets the records replayed in batches, so its eviction can manage
+  them.
 """
 
 from __future__ import annotations
@@ -165,6 +171,9 @@ def layout_fingerprint(obj: Any) -> bytes:
 # -------------------------------------------------------------------------------------------- config
 
 _DEFAULT_COMPACTION = "full"
+RECENT_KEYS = 65536  # keys remembered as recently read (eviction's second chance): about 10 MB at most
+REPLAY_BATCH = 4096  # recovered keys per listener call
+EVICT_SCAN_BLOCKS = 1024  # oldest blocks one capacity eviction pass looks at
 
 
 class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
@@ -319,11 +328,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._done_lookup: dict[L2TaskId, Bitmap] = {}
         self._done_load: dict[L2TaskId, Bitmap] = {}
         self._inflight = {"store": 0, "lookup": 0, "load": 0}
-        self._index: OrderedDict[ObjectKey, int] = OrderedDict()  # records -> payload size, least recent first
+        # Per-key state only for keys in flight (bounded by the tasks LMCache has open) and a bounded set of
+        # recently read keys; the directory is the index of the records themselves.
         self._locks: dict[ObjectKey, list[float]] = {}  # key -> [lock references, time of the latest]
         self._storing: set[ObjectKey] = set()
         self._deleting: set[ObjectKey] = set()
-        self._used = 0  # payload bytes of the indexed records
+        self._recent: OrderedDict[ObjectKey, bool] = OrderedDict()  # read since the last eviction pass
+        self._records = 0  # records of the lmcache namespaces
+        self._used = 0  # their payload bytes
         self._reserved = 0  # payload bytes of stores under way (capacity budget)
         self._counters = _Counters()
         self._consecutive_failures = 0
@@ -338,7 +350,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 # Affinity is learned from lookups (each names a request's whole prefix, L1 hits included);
                 # a load is only the part L1 lacked, and counting it too would credit every request twice.
                 self.store.remove_read_observer(compactor.tracker.observe)
-            self._recover_index()
+            self._seed_counters()
             self._store_efd = create_event_notifier()
             self._lookup_efd = create_event_notifier()
             self._load_efd = create_event_notifier()
@@ -509,118 +521,149 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 self._counters.store_failed_tasks += 1
         return L2StoreResult(ok, written)
 
+    def _claim(self, items: list[tuple[int, bytes]], keys: list[ObjectKey]) -> list[tuple[int, bytes]]:
+        """Mark the keys of `items` as being stored by this task; returns those claimed. A key another task
+        is storing or deleting is left to it (and counted as a duplicate). Claiming before looking the keys
+        up is what makes the look-up race-free: a task that finished earlier is visible to it, and one that
+        has not started yet will see this task's claim."""
+        claimed: list[tuple[int, bytes]] = []
+        seen: set[bytes] = set()
+        with self._lock:
+            for i, kb in items:
+                k = keys[i]
+                if kb in seen or k in self._storing or k in self._deleting:
+                    self._counters.duplicates_skipped += 1
+                    continue
+                seen.add(kb)
+                self._storing.add(k)
+                claimed.append((i, kb))
+        return claimed
+
     def _store_namespace(self, ns: str, items: list[tuple[int, bytes]], keys: list[ObjectKey],
                          objects: list[MemoryObj]) -> int:
         """Store one namespace's part of a task with one put_many; announce what was written (also when the
         write fails part-way, before the error propagates). Returns the payload bytes written."""
-        locs = self.store.locate_many([kb for _, kb in items], ns=ns)
-        wanted: list[_Put] = []
-        seen: set[bytes] = set()
-        dups = 0
-        for (i, kb), loc in zip(items, locs):
-            if kb in seen:
-                dups += 1
-                continue
-            seen.add(kb)
-            fp = layout_fingerprint(objects[i])
-            size = int(objects[i].get_size())
-            if loc is not None and loc.meta == fp and loc.payload_len == size:
-                dups += 1
-                continue
-            wanted.append(_Put(i, keys[i], kb, fp, size, loc))
-        now = time.monotonic()
-        claimed: list[_Put] = []
-        with self._lock:
-            self._counters.duplicates_skipped += dups
-            for p in wanted:
-                if p.key in self._storing or p.key in self._deleting or (p.old is None and p.key in self._index):
-                    self._counters.duplicates_skipped += 1  # another task is writing it, or just wrote it
-                    continue
-                if p.old is not None and self._held(p.key, now):
-                    self._counters.skipped_locked += 1  # a lookup promised the old record to a load
-                    continue
-                self._storing.add(p.key)
-                claimed.append(p)
+        claimed = self._claim(items, keys)
+        puts: list[_Put] = []
         reserved = 0
         written: list[_Put] = []
         try:
-            if self._capacity > 0:
-                claimed, reserved = self._make_room(claimed)
-            if claimed:
+            locs = self.store.locate_many([kb for _, kb in claimed], ns=ns) if claimed else []
+            layouts = [(layout_fingerprint(objects[i]), int(objects[i].get_size())) for i, _ in claimed]
+            now = time.monotonic()
+            dups = locked = 0
+            with self._lock:
+                for (i, kb), loc, (fp, size) in zip(claimed, locs, layouts):
+                    if loc is not None and loc.meta == fp and loc.payload_len == size:
+                        dups += 1
+                    elif loc is not None and self._held(keys[i], now):
+                        locked += 1  # a lookup promised the record of the other layout to a load
+                    else:
+                        puts.append(_Put(i, keys[i], kb, fp, size, loc))
+                self._counters.duplicates_skipped += dups
+                self._counters.skipped_locked += locked
+            if self._capacity > 0 and puts:
+                puts, reserved = self._make_room(puts)
+            if puts:
                 try:
-                    self.store.put_many([(p.kb, objects[p.i].byte_array) for p in claimed], ns=ns,
-                                        metas=[p.fp for p in claimed])
-                    written = claimed
+                    self.store.put_many([(p.kb, objects[p.i].byte_array) for p in puts], ns=ns,
+                                        metas=[p.fp for p in puts])
+                    written = puts
                 except Exception:
                     # each record is atomic and a failed call leaves a prefix: find what did land
                     try:
-                        after = self.store.locate_many([p.kb for p in claimed], ns=ns)
-                        written = [p for p, loc in zip(claimed, after)
+                        after = self.store.locate_many([p.kb for p in puts], ns=ns)
+                        written = [p for p, loc in zip(puts, after)
                                    if loc is not None and loc.meta == p.fp and loc.payload_len == p.size
                                    and (p.old is None or not loc.same_place(p.old))]
                     except Exception:
                         written = []
                     raise
         finally:
-            stored: list[tuple[ObjectKey, int]] = []
-            replaced: list[tuple[ObjectKey, int]] = []
+            replaced = [p for p in written if p.old is not None]
             with self._lock:
                 self._reserved -= reserved
-                for p in claimed:
-                    self._storing.discard(p.key)
-                for p in written:
-                    old = self._index.pop(p.key, None)
-                    if old is not None:
-                        self._used -= old
-                        replaced.append((p.key, old))
-                        self._counters.replaced_other_layout += 1
-                    self._index[p.key] = p.size
-                    self._used += p.size
-                    stored.append((p.key, p.size))
-                self._counters.keys_stored += len(stored)
-                self._counters.bytes_stored += sum(s for _, s in stored)
+                for i, _kb in claimed:
+                    self._storing.discard(keys[i])
+                self._used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
+                self._records += len(written) - len(replaced)
+                self._counters.replaced_other_layout += len(replaced)
+                self._counters.keys_stored += len(written)
+                self._counters.bytes_stored += sum(p.size for p in written)
             if replaced:
-                self._notify("deleted", [k for k, _ in replaced], [s for _, s in replaced])
-            if stored:
-                self._notify("stored", [k for k, _ in stored], [s for _, s in stored])
-        return sum(s for _, s in stored)
+                self._notify("deleted", [p.key for p in replaced], [p.old.payload_len for p in replaced if p.old])
+            if written:
+                self._notify("stored", [p.key for p in written], [p.size for p in written])
+        return sum(p.size for p in written)
 
-    def _make_room(self, claimed: list[_Put]) -> tuple[list[_Put], int]:
-        """Keep the adapter within capacity_bytes: delete least recently used unlocked keys first, then
-        keep the longest prefix of the task that fits (a prefix is what a later request can use).
-        Returns (what to write, bytes reserved for it)."""
-        need = sum(p.size for p in claimed)
-        victims: list[ObjectKey] = []
+    def _make_room(self, puts: list[_Put]) -> tuple[list[_Put], int]:
+        """Keep the adapter within capacity_bytes: evict from the oldest blocks first, then keep the longest
+        prefix of the task that fits (a prefix is what a later request can use). Returns (what to write,
+        bytes reserved for it)."""
+        need = sum(p.size for p in puts) - sum(p.old.payload_len for p in puts if p.old is not None)
         with self._lock:
             excess = self._used + self._reserved + need - self._capacity
-            if excess > 0:
-                now = time.monotonic()
-                for k, size in self._index.items():
-                    if excess <= 0:
-                        break
-                    if k in self._deleting or k in self._storing or self._held(k, now):
-                        continue
-                    victims.append(k)
-                    self._deleting.add(k)
-                    excess -= size
-        if victims:
-            gone = self._delete_marked(victims)
+        if excess > 0:
+            gone = self._evict_oldest(excess)
             with self._lock:
-                self._counters.evicted_for_capacity += len(gone)
+                self._counters.evicted_for_capacity += gone
         with self._lock:
             room = self._capacity - self._used - self._reserved
             keep: list[_Put] = []
             total = 0
-            for p in claimed:
-                if total + p.size > room:
+            for p in puts:
+                grow = p.size - (p.old.payload_len if p.old is not None else 0)
+                if total + grow > room:
                     break
                 keep.append(p)
-                total += p.size
-            for p in claimed[len(keep):]:
-                self._storing.discard(p.key)
-            self._counters.skipped_capacity += len(claimed) - len(keep)
+                total += grow
+            self._counters.skipped_capacity += len(puts) - len(keep)
             self._reserved += total
         return keep, total
+
+    def _evict_oldest(self, excess: int) -> int:
+        """Delete at least `excess` payload bytes, walking blocks oldest first and each block's records in
+        file order, so the oldest blocks empty first and GC frees them without copying. Locked keys and
+        keys being stored are skipped; a key read since it was last passed over gets a second chance (it
+        leaves the recent set and is taken on the next pass). At most EVICT_SCAN_BLOCKS blocks are looked
+        at per pass, so a store full of locked keys costs a bounded scan. Returns the keys deleted."""
+        names = {nid: ns for ns, nid in self.store.dir.namespaces().items() if ns.startswith(NS_PREFIX)}
+        deleted = 0
+        for _second_chance in range(2):
+            for entry in self.store.block_table()[:EVICT_SCAN_BLOCKS]:
+                if excess <= 0:
+                    return deleted
+                found: list[tuple[str, ObjectKey]] = []
+                suffixes: list[bytes] = []
+                for _off, suffix in self.store.dir.block_records(entry.block_id):
+                    ns = names.get(int.from_bytes(suffix[:4], "big"))
+                    if ns is None or suffix[4] != SPACE_KV:
+                        continue
+                    try:
+                        found.append((ns, decode_object_key(suffix[5:])))
+                    except ValueError:
+                        continue
+                    suffixes.append(suffix)
+                sizes = [loc.payload_len if loc is not None else 0 for loc in self.store.dir.get_locations(suffixes)]
+                picked: dict[str, list[ObjectKey]] = {}
+                want = excess
+                now = time.monotonic()
+                with self._lock:
+                    for (ns, k), size in zip(found, sizes):
+                        if want <= 0:
+                            break
+                        if k in self._storing or k in self._deleting or self._held(k, now):
+                            continue
+                        if self._recent.pop(k, False):
+                            continue  # read since the last pass: a second chance
+                        self._deleting.add(k)
+                        picked.setdefault(ns, []).append(k)
+                        want -= size
+                for keys in picked.values():
+                    gone, freed = self._delete_marked(keys)
+                    deleted += len(gone)
+                    excess -= freed
+        return deleted
 
     # ---- lookup ----
 
@@ -653,16 +696,15 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             hits = 0
             for i in found:
                 k = keys[i]
-                # the index is the arbiter: a key being deleted, or not yet announced as stored, is a miss
-                if k not in self._index or k in self._deleting:
-                    continue
+                if k in self._deleting:
+                    continue  # on its way out: a lock would promise what is being removed
                 entry = self._locks.get(k)
                 if entry is None or not self._held(k, now):
                     self._locks[k] = [1, now]
                 else:
                     entry[0] += 1
                     entry[1] = now
-                self._index.move_to_end(k)
+                self._touch(k)
                 bitmap.set(i)
                 hits += 1
             c = self._counters
@@ -717,8 +759,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 failed += other
         with self._lock:
             for k in served:
-                if k in self._index:
-                    self._index.move_to_end(k)
+                self._touch(k)
             c = self._counters
             c.load_tasks += 1
             c.load_keys += len(keys)
@@ -773,14 +814,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     # ---- delete ----
 
     def delete(self, keys: list[ObjectKey]) -> None:
-        """Remove keys (LMCache's L2 eviction, HTTP DELETE). Locked, unknown and in-flight keys are skipped.
-        Never raises: the eviction thread does not catch."""
+        """Remove keys (LMCache's eviction, HTTP DELETE). Locked and in-flight keys are skipped, unknown ones
+        are no-ops. Never raises: the eviction thread does not catch."""
         try:
             now = time.monotonic()
             with self._lock:
                 marked = []
                 for k in dict.fromkeys(keys):
-                    if k not in self._index or k in self._deleting or k in self._storing:
+                    if k in self._deleting or k in self._storing:
                         continue
                     if self._held(k, now):
                         self._counters.delete_skipped_locked += 1
@@ -791,40 +832,42 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         except Exception:
             _log.exception("blockstore L2: delete failed")
 
-    def _delete_marked(self, marked: list[ObjectKey]) -> list[ObjectKey]:
-        """Delete keys the caller put in _deleting; report the ones gone with the sizes they were stored with."""
+    def _delete_marked(self, marked: list[ObjectKey]) -> tuple[list[ObjectKey], int]:
+        """Delete keys the caller put in _deleting; report those that existed, with the sizes they were
+        stored with (read from the directory just before). Returns (keys gone, payload bytes freed)."""
         if not marked:
-            return []
+            return [], 0
         groups, _bad = self._group(marked)
-        gone: list[ObjectKey] = []
+        gone: list[tuple[ObjectKey, int]] = []
         try:
             for ns, items in groups.items():
+                kbs = [kb for _, kb in items]
                 try:
-                    existed = self.store.delete_many([kb for _, kb in items], ns=ns)
-                    gone += [marked[i] for (i, _), _e in zip(items, existed)]  # absent ones are gone too
+                    before = self.store.locate_many(kbs, ns=ns)
+                    present = [(i, kb, loc) for (i, kb), loc in zip(items, before) if loc is not None]
+                    if not present:
+                        continue
+                    existed = self.store.delete_many([kb for _, kb, _ in present], ns=ns)
+                    gone += [(marked[i], loc.payload_len) for (i, _, loc), e in zip(present, existed) if e]
                 except Exception as exc:
                     _log.error("blockstore L2: delete in %s failed: %s", ns, exc)
                     try:  # a failed call leaves a prefix deleted: find out which
-                        after = self.store.locate_many([kb for _, kb in items], ns=ns)
-                        gone += [marked[i] for (i, _), loc in zip(items, after) if loc is None]
+                        after = self.store.locate_many([kb for _, kb, _ in present], ns=ns)
+                        gone += [(marked[i], loc.payload_len) for (i, _, loc), now in zip(present, after)
+                                 if now is None]
                     except Exception:
                         pass
         finally:
-            announced: list[ObjectKey] = []  # only what was announced as stored (the counters hold it)
-            sizes: list[int] = []
             with self._lock:
                 for k in marked:
                     self._deleting.discard(k)
-                for k in gone:
-                    size = self._index.pop(k, None)
-                    if size is not None:
-                        self._used -= size
-                        announced.append(k)
-                        sizes.append(size)
+                    self._recent.pop(k, None)
+                self._used -= sum(s for _, s in gone)
+                self._records -= len(gone)
                 self._counters.keys_deleted += len(gone)
-        if announced:
-            self._notify("deleted", announced, sizes)
-        return gone
+            if gone:
+                self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
+        return [k for k, _ in gone], sum(s for _, s in gone)
 
     # ---- listing, status, listeners ----
 
@@ -841,10 +884,15 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _namespaces(self) -> list[str]:
         return sorted(ns for ns in self.store.namespaces() if ns.startswith(NS_PREFIX))
 
-    def _recover_index(self) -> None:
-        """Index the records already in the store (a restart), least recently written first, and seed the
-        base class's byte counters with them (listeners get them in register_listener)."""
-        found: list[tuple[int, ObjectKey, int]] = []
+    def _touch(self, key: ObjectKey) -> None:
+        """Remember that `key` was read (caller holds _lock): eviction passes it over once. Bounded."""
+        self._recent[key] = True
+        self._recent.move_to_end(key)
+        if len(self._recent) > RECENT_KEYS:
+            self._recent.popitem(last=False)
+
+    def _records_held(self) -> Iterator[tuple[ObjectKey, int]]:
+        """(key, payload size) of every record in the lmcache namespaces, streamed from the directory."""
         foreign = 0
         for ns in self._namespaces():
             for kb, loc in self._scan(ns):
@@ -856,34 +904,44 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 if namespace_for(key.model_name, key.cache_salt) != ns:
                     foreign += 1
                     continue
-                found.append((loc.seq, key, loc.payload_len))
+                yield key, loc.payload_len
         if foreign:
             _log.warning("blockstore L2: %d record(s) in lmcache namespaces are not ObjectKeys; ignored", foreign)
-        found.sort(key=lambda t: t[0])
+
+    def _seed_counters(self) -> None:
+        """After a restart: count the records already in the store (one streaming pass over the directory,
+        nothing kept per record) and seed the base class's byte counters with them."""
         by_salt: dict[str, int] = {}
-        for _seq, key, size in found:
-            self._index[key] = size
+        for key, size in self._records_held():
+            self._records += 1
             self._used += size
             by_salt[key.cache_salt] = by_salt.get(key.cache_salt, 0) + size
-        self.recovered_keys = len(found)
-        if found:
+        self.recovered_keys = self._records
+        if self._records:
             with self._usage_lock:
                 self._total_bytes_used += self._used
                 for salt, n in by_salt.items():
                     self._bytes_by_cache_salt[salt] = self._bytes_by_cache_salt.get(salt, 0) + n
-            _log.info("blockstore L2: %d record(s), %d bytes recovered from %s", len(found), self._used,
+            _log.info("blockstore L2: %d record(s), %d bytes recovered from %s", self._records, self._used,
                       self.config.path)
 
     def register_listener(self, listener: L2AdapterListener) -> None:
-        """Attach, then announce the records already held, so LMCache's eviction can evict them too."""
+        """Attach, then announce the records already held (streamed in batches), so LMCache's eviction can
+        evict them too."""
         super().register_listener(listener)
-        with self._lock:
-            snapshot = list(self._index.items())
-        if snapshot:
-            try:
-                listener.on_l2_keys_stored([k for k, _ in snapshot], [s for _, s in snapshot])
-            except Exception:
-                _log.exception("blockstore L2: replaying recovered keys to a listener failed")
+        if not self.recovered_keys:
+            return
+        batch: list[tuple[ObjectKey, int]] = []
+        try:
+            for item in self._records_held():
+                batch.append(item)
+                if len(batch) == REPLAY_BATCH:
+                    listener.on_l2_keys_stored([k for k, _ in batch], [n for _, n in batch])
+                    batch.clear()
+            if batch:
+                listener.on_l2_keys_stored([k for k, _ in batch], [n for _, n in batch])
+        except Exception:
+            _log.exception("blockstore L2: replaying recovered keys to a listener failed")
 
     def _notify(self, what: str, keys: list[ObjectKey], sizes: list[int] | None = None) -> None:
         try:
@@ -932,7 +990,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 closed = self._closed
                 c = dict(self._counters.__dict__)
                 status.update(
-                    records_indexed=len(self._index),
+                    records=self._records,
+                    recent_keys=len(self._recent),
                     used_bytes=self._used,
                     capacity_bytes=self._capacity,
                     locked_keys=sum(1 for e in self._locks.values() if e[0] > 0),

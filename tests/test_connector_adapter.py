@@ -590,7 +590,7 @@ def test_report_status_fields(make: Callable[..., BlockstoreL2Adapter], arena: A
     st = a.report_status()
     json.dumps(st)  # plain data, as /status embeds it
     assert st["is_healthy"] is True and st["type"] == "BlockstoreL2Adapter"
-    assert st["store"]["records"] == 4 and st["records_indexed"] == 4 and st["used_bytes"] == 4 * SIZE
+    assert st["store"]["records"] == 4 and st["records"] == 4 and st["used_bytes"] == 4 * SIZE
     assert st["counters"]["lookup_hits"] == 4 and st["counters"]["lookup_keys"] == 5
     assert st["lookup_hit_ratio"] == pytest.approx(0.8) and st["load_hit_ratio"] == 1.0
     assert st["lookup_blocks_per_request"] == 1.0 and st["load_blocks_per_request"] == 1.0
@@ -711,7 +711,7 @@ def test_bad_arguments_complete_as_failures(make: Callable[..., BlockstoreL2Adap
     assert a.report_status()["counters"]["store_failed_tasks"] == 1
 
 
-def test_capacity_budget_evicts_least_recently_used_unlocked(make: Callable[..., BlockstoreL2Adapter],
+def test_capacity_budget_evicts_oldest_unlocked(make: Callable[..., BlockstoreL2Adapter],
                                                              arena: Arena) -> None:
     a = make(capacity_bytes=3 * SIZE)
     assert a.supports_global_eviction and a.get_usage().total_capacity_bytes == 3 * SIZE
@@ -804,3 +804,76 @@ def test_storage_manager_store_clear_prefetch(tmp_path: Path) -> None:
     assert adapter._closed
     with blockstore.open(tmp_path / "kv", read_only=True) as s:  # closed cleanly, records kept
         assert s.stats().records == 3
+
+
+def test_capacity_eviction_gives_recently_read_keys_a_second_chance(make: Callable[..., BlockstoreL2Adapter],
+                                                                   arena: Arena) -> None:
+    """Eviction walks the oldest block first, but a key read since the last pass is passed over once."""
+    a = make(capacity_bytes=4 * SIZE)
+    k = [okey(i) for i in range(6)]
+    store(a, k[:4], [arena.new(fill=i) for i in range(4)])
+    assert lookup(a, [k[0]]) == [True]
+    a.submit_unlock([k[0]])  # read and released: evictable, but recently read
+    store(a, [k[4]], [arena.new(fill=4)])
+    assert lookup(a, k[:5]) == [True, False, True, True, True]  # k1, not the older k0, made room
+    a.submit_unlock([k[0], k[2], k[3], k[4]])
+    assert a.report_status()["counters"]["evicted_for_capacity"] == 1
+
+
+def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], arena: Arena,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing per record stays in the adapter: the directory is the index. After stores, lookups, loads and
+    deletes, only the bounded recent-read set holds keys, and Python memory does not grow with the records."""
+    import tracemalloc
+
+    from blockstore.connector import l2_adapter
+
+    monkeypatch.setattr(l2_adapter, "RECENT_KEYS", 8)
+    a = make()
+    src = arena.new(fill=1)
+    dst = arena.new()
+
+    def round_of(start: int, n: int) -> None:
+        keys = [okey(start + i) for i in range(n)]
+        for j in range(0, n, 50):
+            part = keys[j:j + 50]
+            store(a, part, [src] * len(part))
+            assert lookup(a, part) == [True] * len(part)
+            assert load(a, part[:1], [dst]) == [True]
+            a.submit_unlock(part)
+
+    round_of(0, 100)  # warm up caches and lazily built state
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        round_of(1000, 1000)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(st.size_diff for st in after.compare_to(before, "filename"))
+    assert grown < 256 << 10, f"Python memory grew {grown} bytes over 1000 records"
+    assert not a._locks and not a._storing and not a._deleting and len(a._recent) == 8
+    st = a.report_status()
+    assert st["records"] == 1100 and st["used_bytes"] == 1100 * SIZE == a.get_usage().total_bytes_used
+
+
+def test_restart_replays_records_to_listeners_in_batches(make: Callable[..., BlockstoreL2Adapter], arena: Arena,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockstore.connector import l2_adapter
+
+    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 2)
+    path = str(tmp_path / "replay")
+    a = make(path=path)
+    keys = [okey(i) for i in range(5)]
+    store(a, keys, [arena.new(fill=i) for i in range(5)])
+    a.close()
+    b = make(path=path)
+    calls: list[int] = []
+
+    class Counting(Listener):
+        def on_l2_keys_stored(self, keys: list[ObjectKey], sizes: list[int]) -> None:
+            calls.append(len(keys))
+            super().on_l2_keys_stored(keys, sizes)
+
+    b.register_listener(Counting())
+    assert calls == [2, 2, 1] and b.report_status()["records"] == 5
