@@ -2,7 +2,8 @@
 
 After the server's RAM tier is cleared, and again after both processes restart, the prompt tokens vLLM
 takes from LMCache must come from blockstore (the server's L2 lookup counter), and the greedy token ids
-must equal the run without any cache."""
+must equal the run without any cache (top-5 log-probabilities within 1e-5); the adapter's status must
+show up in the server's GET /status."""
 
 from __future__ import annotations
 
@@ -46,5 +47,9 @@ def test_main_job_serves_identical_outputs_from_blockstore(tmp_path: Path) -> No
         assert int(served) > 0, (name, proc.stdout)
         assert from_l1 in ("0", "n/a") and from_l2 not in ("0", "n/a") and int(from_l2) > 0, (name, proc.stdout)
         assert identical == "yes", (name, proc.stdout)
-        assert float(dlogp) < 1e-4, (name, proc.stdout)
+        assert float(dlogp) <= 1e-5, (name, proc.stdout)
     assert "blockstore" in proc.stdout and "space amplification" in proc.stdout
+    # the adapter's own status, as the server's GET /status reports it
+    status = re.search(r"^  blockstore at .*: healthy (\w+), (\d+) records", proc.stdout, re.M)
+    assert status and status.group(1) == "True" and int(status.group(2)) > 0, proc.stdout
+    assert re.search(r"loads \d+ keys, hit ratio 1\.00", proc.stdout), proc.stdout
