@@ -69,7 +69,7 @@ def _decode(meta: bytes, text: bytes) -> Chunk:
         m = json.loads(meta)
         return Chunk(m["user"], m["session"], m["chunk"], bytes(text).decode(), int(m["ts_ns"]),
                      m.get("meta") or {}, tuple(bytes.fromhex(k) for k in m.get("kv_keys", ())))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # OverflowError: ts_ns Infinity
         raise CorruptionError(f"chunk record metadata unreadable: {exc}") from exc
 
 

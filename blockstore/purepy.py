@@ -117,7 +117,7 @@ class PythonBackend:
         ):
             raise CorruptionError("decode record header: CorruptionError")
         head = RECORD_HEADER_SIZE + key_len + meta_len
-        if poff < head or rlen < poff + plen or rlen % 8:
+        if poff < head or rlen < poff + plen or rlen % 8 or rlen - poff - plen >= PAGE:  # padding < a page
             raise CorruptionError("decode record header: CorruptionError")
         if len(buf) < head:
             raise TruncatedError("decode record header: TruncatedError")
@@ -261,6 +261,8 @@ class PythonBackend:
         return statuses
 
     def scan(self, fd: int, start: int, end: int, verify_payload: bool) -> ScanResult:
+        if start % 8 or start > end:  # as bs_scan_block: BS_EINVAL (found by fuzz/targets/block_scan.py)
+            raise InvalidArgument("scan block: InvalidArgument")
         records: list[ScannedRecord] = []
         off = start
         head_max = RECORD_HEADER_SIZE + MAX_KEY + MAX_META

@@ -78,6 +78,8 @@ class Group:
             raise ValueError(f"affinity group value version {version}")
         pos, keys = _GROUP.size, []
         for _ in range(n):
+            if pos + 2 > len(raw):  # not 65535 rounds over nothing (found by fuzz/targets/affinity_group.py)
+                raise ValueError("affinity group value ends inside its keys")
             ln = int.from_bytes(raw[pos : pos + 2], "little")
             keys.append(bytes(raw[pos + 2 : pos + 2 + ln]))
             pos += 2 + ln

@@ -1064,7 +1064,7 @@ def _decode_cursor(cursor: str | None) -> tuple[str | None, bytes | None]:
         if not isinstance(ns, str) or not ns.startswith(NS_PREFIX) or not isinstance(after, str):
             raise ValueError("wrong fields")
         return ns, bytes.fromhex(after)
-    except (ValueError, TypeError, binascii.Error) as exc:
+    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise ValueError(f"malformed list_l2_keys cursor {cursor!r}: {exc}") from None
 
 

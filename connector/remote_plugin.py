@@ -143,7 +143,7 @@ class BlockstorePluginConfig:
         if "{" in path:
             try:
                 path = path.format(worker_id=worker_id, world_size=world_size)
-            except (KeyError, IndexError, ValueError) as exc:
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # "{worker_id[0]}", ...
                 raise bad("path", f"may contain only the placeholders {{worker_id}} and {{world_size}}: "
                                   f"{type(exc).__name__}: {exc}") from None
         durability = mine.get("durability", "cache")
@@ -151,7 +151,10 @@ class BlockstorePluginConfig:
             raise bad("durability", f"must be 'cache' or 'sync', got {durability!r}")
         block_size = mine.get("block_size")
         if isinstance(block_size, str) and block_size.strip().isdigit():  # LMCACHE_EXTRA_CONFIG JSON may quote it
-            block_size = int(block_size)
+            try:
+                block_size = int(block_size)
+            except ValueError:  # digits int() refuses ("²", 5000 of them): stays a str, refused below
+                pass
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or not (64 << 10) <= block_size <= (1 << 40)):
             raise bad("block_size", f"must be an integer number of bytes in 65536..2**40, got {block_size!r}")
@@ -159,7 +162,7 @@ class BlockstorePluginConfig:
         if isinstance(compaction, str) and compaction.strip().startswith("{"):
             try:
                 compaction = json.loads(compaction)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than json can parse
                 raise bad("compaction", f"is not valid JSON: {exc}") from None
         if compaction is False or compaction in ("none", "off"):
             compaction = None

@@ -102,8 +102,11 @@ int bs_record_decode(const uint8_t *buf, size_t len, bs_record_info *out) {
         r.payload_len > BS_MAX_PAYLOAD)
         return BS_ECORRUPT;
     uint64_t head = (uint64_t)BS_RECORD_HEADER_SIZE + r.key_len + r.meta_len;
+    /* the record ends at the payload's end rounded up to 8 (or 4096 if ALIGNED): less than a page of
+     * padding. Bounding record_len keeps a scan's offsets near the file (found by fuzz/: a valid
+     * header claiming a 2^63-byte record sent the next pread to a negative offset). */
     if (r.payload_off < head || r.record_len < (uint64_t)r.payload_off + r.payload_len ||
-        (r.record_len % 8) != 0)
+        (r.record_len % 8) != 0 || r.record_len - r.payload_off - r.payload_len >= BS_PAGE)
         return BS_ECORRUPT;
     if (len < head) return BS_ETRUNCATED;
     uint64_t want = header_checksum(buf, buf + BS_RECORD_HEADER_SIZE, r.key_len,

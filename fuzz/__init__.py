@@ -1,0 +1,1 @@
+"""Fuzzing of every parser of untrusted bytes (atheris + libFuzzer): see fuzz/README.md."""

@@ -1,0 +1,7 @@
+"""`python -m fuzz`: the runner (fuzz/run.py)."""
+
+import sys
+
+from fuzz.run import main
+
+sys.exit(main())
