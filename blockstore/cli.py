@@ -1,7 +1,6 @@
-"""`blockstore` command line. `stats` and `dump` open the store read-only, so they are safe beside a
-live writer (they see the directory as of the moment they opened); `compact` takes the writer lock.
-
-fsck arrives with its own issue as a further subcommand of the same parser.
+"""`blockstore` command line. `stats`, `dump` and `fsck` open the store read-only, so they are safe
+beside a live writer (they see the directory as of the moment they opened); `compact` and
+`fsck --repair` take the writer lock.
 """
 
 from __future__ import annotations
@@ -9,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from typing import Any
 
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, StoreLocked
 from blockstore.records import Kind
 from blockstore.store import Store
 
@@ -108,12 +108,92 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fsck_epilog() -> str:
+    from blockstore.fsck import KINDS
+
+    out = ["Findings, one per line: <kind> <block>[:<offset>] <detail> (block as in `blockstore dump`, '-' for",
+           "the store as a whole); OK when there are none. Kinds, and what --repair does:", ""]
+    for kind, (meaning, action) in KINDS.items():
+        out.append(kind)
+        out += textwrap.wrap(meaning, 96, initial_indent="    ", subsequent_indent="    ")
+        out += textwrap.wrap("repair: " + action, 96, initial_indent="    ", subsequent_indent="            ")
+    out += ["", "Exit codes (a bitmask): 0 clean, 1 findings corrected, 4 findings left uncorrected (every finding",
+            "of a check without --repair), 8 operational error (not a store, I/O error, store locked by a",
+            "writer for --repair), 16 usage error. Repair leaves what it cannot re-attach in PATH/lost+found/",
+            "(fsck-log.jsonl there says what and why); docs/fsck.md has the details."]
+    return "\n".join(out)
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from blockstore import fsck
+
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if args.quiet or args.json:
+            return
+        if bar is None:  # disable=None: only on a terminal
+            bar = tqdm(total=total, desc="fsck", unit="B", unit_scale=True, file=sys.stderr, leave=False,
+                       disable=None)
+        elif done < bar.n or total != bar.total:  # --repair checks again after each phase
+            bar.reset(total=total)
+        bar.n = min(done, total)
+        bar.refresh()
+
+    refused = None
+    lost_found: list[str] = []
+    try:
+        if args.repair:
+            from blockstore.repair import repair
+
+            try:
+                res = repair(args.path, namespaces=args.namespace or (), progress=progress)
+            except StoreLocked as exc:
+                raise BlockstoreError(f"{exc}. --repair needs the store to itself; fsck without --repair is "
+                                      "safe beside a writer") from None
+            findings, final, refused, lost_found = res.findings, res.final, res.refused, res.lost_found
+        else:
+            final = fsck.check(args.path, progress=progress)
+            findings = final.findings
+    finally:
+        if bar is not None:
+            bar.close()
+    corrected = sum(1 for f in findings if f.corrected)
+    left = len(findings) - corrected
+    code = (fsck.EXIT_CORRECTED if corrected else 0) | (fsck.EXIT_UNCORRECTED if left else 0)
+    if args.json:
+        doc = {"path": args.path, "mode": "repair" if args.repair else "check",
+               "findings": [f.as_dict() for f in findings],
+               "summary": {**final.summary(), "findings": len(findings), "corrected": corrected,
+                           "uncorrected": left, "refused": refused, "lost_found": lost_found},
+               "exit_code": code}
+        print(json.dumps(doc, indent=2))
+    else:
+        for f in findings:
+            print(f.line())
+        if not findings:
+            print("OK")
+    if not args.json:
+        for note in final.notes:
+            print(f"blockstore fsck: note: {note}", file=sys.stderr)
+        if refused:
+            print(f"blockstore fsck: repair refused: {refused}", file=sys.stderr)
+        if findings:
+            print(f"blockstore fsck: {len(findings)} findings, {corrected} corrected, {left} left"
+                  + (f"; {len(lost_found)} files written to lost+found/" if lost_found else ""), file=sys.stderr)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blockstore",
         description="Inspect and maintain blockstore stores (log-structured block stores of KV and chunk "
-        "records). stats and dump open the store read-only and are safe beside a running writer; compact "
-        "needs the store to itself. Exit codes: 0 ok, 8 operational error, 16 usage error.",
+        "records). stats, dump and fsck open the store read-only and are safe beside a running writer; compact "
+        "and fsck --repair need the store to itself. Exit codes: 0 ok, 8 operational error, 16 usage error "
+        "(fsck adds 1 corrected and 4 left uncorrected).",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     st = sub.add_parser("stats", help="record counts, bytes, blocks, space and write amplification")
@@ -127,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keys", action="store_true", help="list every live KV key of every namespace (hex)")
     du.add_argument("--json", action="store_true", help="print a JSON array")
     du.set_defaults(func=cmd_dump)
+    fs = sub.add_parser(
+        "fsck", help="check every block, record and directory entry; --repair fixes what it can",
+        description="Check the store against docs/format.md: block headers and footers, every record's header "
+        "and payload checksum, directory entries against the records they name, reverse and listing indexes, "
+        "block-table counters, namespaces, counters, MANIFEST. Read-only unless --repair: safe beside a running "
+        "writer (blocks it has open are checked up to their committed end).",
+        epilog=_fsck_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fs.add_argument("path", help="store directory")
+    fs.add_argument("--repair", action="store_true",
+                    help="fix what can be fixed (needs the writer lock); what cannot be saved goes to lost+found/")
+    fs.add_argument("--namespace", action="append", metavar="NAME",
+                    help="with --repair, when the directory is lost: a namespace name to try for the namespace ids "
+                    "found in the blocks (repeatable; 'default' is always tried)")
+    fs.add_argument("--json", action="store_true", help="print one JSON document (findings and summary)")
+    fs.add_argument("--quiet", action="store_true", help="no progress bar")
+    fs.set_defaults(func=cmd_fsck)
     # the compaction package owns its command (the engine's own modules never import it)
     from blockstore.compaction.cli import add_parser as add_compact_parser
 
@@ -138,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "namespace", None) and not args.repair:
+            parser.error("fsck: --namespace applies only with --repair")
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
     try:
@@ -147,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # fsck reads and moves files itself: an OS error is an operational error too
+        print(f"blockstore {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -41,3 +41,50 @@ class WriterLock:
                 pass
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def held_by(root: str) -> int | None:
+    """The pid of the process holding the store's writer lock (0 when its pid cannot be seen), or None
+    when no writer holds it. Never takes the lock itself: even a brief test-lock would make a writer
+    that starts at that moment fail with StoreLocked. On Linux /proc/locks names every flock holder by
+    the locked file's device and inode; elsewhere the pid the holder wrote into the file is trusted if
+    that process is alive (a crashed writer's pid, reused since, makes this say "held": the cautious way)."""
+    path = os.path.join(root, LOCK_FILE)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode(errors="replace").strip()
+        recorded = int(text) if text.isdigit() else 0
+    except OSError:
+        recorded = 0
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        if not recorded:
+            return None
+        try:
+            os.kill(recorded, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return recorded
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 6262 fe:00:2228314 0 EOF"; a blocked waiter's line has "->" after "1:"
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        try:
+            major, minor, ino = parts[5].split(":")
+            where = (int(major, 16), int(minor, 16), int(ino))
+            pid = int(parts[4])
+        except ValueError:
+            continue
+        if where == want:
+            return pid or recorded
+    return None
