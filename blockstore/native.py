@@ -246,14 +246,22 @@ class NativeBackend:
 
 
 class FaultInjector:
-    """Test-only control of the C core's fault-injecting file layer (native/fault_io.c)."""
+    """Test-only control of the C core's fault-injecting file layer (native/fault_io.c).
+
+    Faults: `arm` fails the nth operation of some kinds (once, or from then on) with an errno;
+    `arm_torn` tears the nth write at a 512-byte sector (then fails it, or reports a short write).
+    Power loss: `crash` cuts the live files back to what was synced (or tears their unsynced tails);
+    `power_image` writes that state into another directory and leaves the live files alone, and
+    `arm_images` takes such images just before and just after the nth operation."""
 
     WRITE = 1
     READ = 2
     SYNC = 4
     OPEN = 8
-    OTHER = 16
+    OTHER = 16  # ftruncate, unlink
     ALL = 31
+    TEAR_EIO = 1
+    TEAR_SHORT = 2
 
     def install(self) -> None:
         lib.bs_fault_install()
@@ -267,5 +275,33 @@ class FaultInjector:
     def op_count(self) -> int:
         return int(lib.bs_fault_op_count())
 
+    def fired(self) -> int:
+        """Operations the armed fault has failed or torn since it was armed."""
+        return int(lib.bs_fault_fired())
+
+    def arm_torn(self, nth: int, *, short: bool = False, err: int = 0, seed: int = 1) -> None:
+        """Tear the nth write from now at a sector boundary: it fails with `err` (EIO if 0) after a
+        prefix reached the file, the next sector garbled; or, with `short`, it reports the prefix as
+        a short write. Counts writes only (`op_count`)."""
+        lib.bs_fault_arm_torn(nth, self.TEAR_SHORT if short else self.TEAR_EIO, err, seed)
+
     def crash(self, torn_seed: int = 0) -> None:
         _check(lib.bs_fault_crash(torn_seed), "simulated crash")
+
+    def power_image(self, root: str | os.PathLike[str], dst: str | os.PathLike[str], torn_seed: int = 0) -> None:
+        """Write into `dst` (new) the tree under `root` as a power loss now would leave it. Spell
+        `root` as the store's path: tracked files are matched by the path the store opened them by."""
+        _check(lib.bs_fault_power_image(os.fsencode(root), os.fsencode(dst), torn_seed), "power image")
+
+    def arm_images(self, op_mask: int, nth: int, root: str | os.PathLike[str], dst: str | os.PathLike[str],
+                   torn_seed: int = 0) -> None:
+        """Take power images of `root` at the nth operation of `op_mask` from now: `dst`/before and
+        `dst`/after (and, with a seed, `dst`/before-torn and `dst`/after-torn). `dst` must exist."""
+        lib.bs_fault_arm_images(op_mask, nth, os.fsencode(root), os.fsencode(dst), torn_seed)
+
+    def images_taken(self) -> int:
+        return int(lib.bs_fault_images_taken())
+
+    def image_op_count(self) -> int:
+        """Operations of the images' mask counted since `arm_images`."""
+        return int(lib.bs_fault_image_op_count())

@@ -273,24 +273,39 @@ class Store(ChunkAPI, TensorAPI):
         if not exists:
             if not create or self.read_only:
                 raise NotFound(f"no store at {self.path!r} (no {MANIFEST}); pass create=True to make one")
-            os.makedirs(os.path.join(self.path, BLOCKS_DIR), exist_ok=True)
+            blocks_dir = os.path.join(self.path, BLOCKS_DIR)
+            if os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir)):
+                # A creation cut short leaves no block file (blocks are made only by an open store), so
+                # these belong to a store whose MANIFEST was lost: creating over it would reuse block ids
+                # and overwrite acknowledged data.
+                raise CorruptionError(f"{self.path!r} has block files but no {MANIFEST}: its MANIFEST was lost; "
+                                      "`blockstore fsck --repair` re-creates it from the block headers")
+            os.makedirs(blocks_dir, exist_ok=True)
         if not self.read_only:
             self._lock.acquire(self.path)
+        directory: Directory | None = None
         try:
-            manifest = self._load_manifest(manifest_path) if exists else self._write_manifest(manifest_path)
+            # A new store's MANIFEST is written last, once its directory exists: a creation cut short
+            # (kill -9, an I/O error) then leaves no MANIFEST, and the next open simply creates again.
+            # Written first, it made a store that no open could ever load (found by tests/test_faults.py).
+            manifest = self._load_manifest(manifest_path) if exists else self._new_manifest()
             self.store_id = int(manifest["store_id"])
             recorded = manifest.get("block_size")
             if not self._block_size_given and isinstance(recorded, int) and _MIN_BLOCK <= recorded <= _MAX_BLOCK:
                 self.block_size = recorded
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
-            self.dir = Directory(
+            self.dir = directory = Directory(
                 os.path.join(self.path, DIRECTORY),
                 read_only=self.read_only,
                 sync=self.durability == "sync",
                 create=not exists,
             )
             self._load_state(fresh=not exists)
+            if not exists:
+                self._write_manifest(manifest_path, manifest)
         except BaseException:
+            if directory is not None:
+                directory.close()  # else RocksDB's lock outlives the failed open inside this process
             self._lock.release()
             raise
 
@@ -298,10 +313,12 @@ class Store(ChunkAPI, TensorAPI):
         try:
             with open(p, encoding="utf-8") as f:
                 m = json.load(f)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
             raise CorruptionError(f"{p}: unreadable manifest ({exc})") from exc
         if not isinstance(m, dict) or m.get("magic") != "blockstore" or not isinstance(m.get("store_id"), int):
             raise CorruptionError(f"{p}: not a blockstore manifest")
+        if not 0 <= m["store_id"] < 1 << 64:  # block headers hold it as a u64
+            raise CorruptionError(f"{p}: store_id {m['store_id']} is not a u64")
         if not isinstance(m.get("format_version"), int) or m["format_version"] < 1:
             raise CorruptionError(f"{p}: format_version must be a positive integer, got {m.get('format_version')!r}")
         if m["format_version"] > FORMAT_VERSION:
@@ -310,14 +327,16 @@ class Store(ChunkAPI, TensorAPI):
             )
         return m
 
-    def _write_manifest(self, p: str) -> dict[str, Any]:
-        m = {
+    def _new_manifest(self) -> dict[str, Any]:
+        return {
             "magic": "blockstore",
             "format_version": FORMAT_VERSION,
             "store_id": secrets.randbits(63),
             "block_size": self.block_size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def _write_manifest(self, p: str, m: dict[str, Any]) -> None:
         tmp = p + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(m, f, indent=2)
@@ -325,7 +344,6 @@ class Store(ChunkAPI, TensorAPI):
             os.fsync(f.fileno())
         os.replace(tmp, p)
         self.backend.dir_sync(self.path)
-        return m
 
     def _load_state(self, fresh: bool) -> None:
         d = self.dir
@@ -373,6 +391,7 @@ class Store(ChunkAPI, TensorAPI):
                 compactor.stop()
             except BlockstoreError as exc:  # its copies are committed or not: nothing acknowledged is at stake
                 _log.warning("compactor stop failed: %s", exc)
+        failed: BlockstoreError | None = None
         try:
             if not self.read_only:
                 with self._cv:
@@ -380,9 +399,9 @@ class Store(ChunkAPI, TensorAPI):
                         self._cv.wait()
                     self._leader = True
                 try:
-                    clean = self._seal_all()
+                    failed = self._seal_all()
                     self.dir.flush()
-                    if clean:
+                    if failed is None:
                         b = DirectoryBatch()
                         b.put_meta("clean", 1)
                         self.dir.write(b, force_sync=True)
@@ -395,18 +414,25 @@ class Store(ChunkAPI, TensorAPI):
             self.blocks.close()
             self.dir.close()
             self._lock.release()
+        if failed is not None:
+            # the store is closed but not clean (the next open recovers it); the caller must hear that
+            # what it wrote is not known to be durable. Swallowed, a cache-mode store lost puts made
+            # before a close that had returned normally (found by tests/test_faults.py).
+            raise failed
 
-    def _seal_all(self) -> bool:
-        """Seal every open and retired block; True if all of them are sealed and durable."""
-        ok = True
+    def _seal_all(self) -> BlockstoreError | None:
+        """Seal every open and retired block; None if all of them are sealed and durable, else the
+        first error (the others are attempted anyway)."""
+        errors: list[BlockstoreError] = []
         batch = DirectoryBatch()
         for ob in list(self._open.values()) + self._retired:
             try:
                 self._seal(ob, batch)
                 self.backend.sync(ob.fd)
-                self.backend.close(ob.fd)
-            except BlockstoreError:
-                ok = False
+            except BlockstoreError as exc:
+                errors.append(exc)
+            finally:
+                self._close_fd(ob)
         self._open.clear()
         self._retired.clear()
         # cache mode seals rotated blocks without fdatasync: a clean close must not leave any block
@@ -418,20 +444,20 @@ class Store(ChunkAPI, TensorAPI):
                 continue  # reclaimed since
             try:
                 self.backend.sync(fd)
-            except BlockstoreError:
-                ok = False
+            except BlockstoreError as exc:
+                errors.append(exc)
             finally:
                 self.backend.close(fd)
         self._sealed_unsynced.clear()
         try:
             self.backend.dir_sync(self.blocks.dir)  # the block files' names, too
-        except BlockstoreError:
-            ok = False
+        except BlockstoreError as exc:
+            errors.append(exc)
         self.dir.write(batch, force_sync=True)
         for bid, e in list(self._blocks.items()):
             if self._reclaimable(e):
                 self._delete_block(bid)
-        return ok
+        return errors[0] if errors else None
 
     def abandon(self) -> None:
         """Drop the store without sealing or marking it clean, as a crash would (tests only).
@@ -1042,9 +1068,10 @@ class Store(ChunkAPI, TensorAPI):
         user, session, cid = decode_chunk_key(key)
         try:
             ts = int(json.loads(old.meta)["ts_ns"])
-        except (ValueError, KeyError, TypeError) as exc:
+            skey = session_key(nid, user, session, ts, cid)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # ts_ns Infinity or not a u64
             raise CorruptionError(f"chunk record meta unreadable: {exc}") from exc
-        batch.delete(session_key(nid, user, session, ts, cid))
+        batch.delete(skey)
 
     # ------------------------------------------------------------------ stats
 

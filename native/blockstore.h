@@ -220,5 +220,30 @@ uint64_t bs_fault_op_count(void);
  * torn_seed != 0 keeps a random 512-byte-granular prefix of the unsynced bytes instead (a torn
  * write); files created since the last sync of their directory vanish when torn_seed == 0. */
 int bs_fault_crash(uint64_t torn_seed);
+/* How many operations the armed fault has failed (or torn) since it was armed. */
+uint64_t bs_fault_fired(void);
+
+/* Tear the nth write (pwritev) from now instead of refusing it: a prefix of the bytes ending on a
+ * 512-byte file offset, chosen from `seed`, reaches the file. BS_FAULT_TEAR_EIO: then the call fails
+ * with err (EIO if 0) and the sector after the prefix holds garbage; BS_FAULT_TEAR_SHORT: the call
+ * returns the prefix's length, a legal short write the caller must continue. nth == 0 disarms. */
+#define BS_FAULT_TEAR_EIO 1
+#define BS_FAULT_TEAR_SHORT 2
+void bs_fault_arm_torn(uint64_t nth, int mode, int err, uint64_t seed);
+
+/* Write into dst (created; must not exist; its parent must) the tree under root as a power loss now
+ * would leave it, without touching root: tracked files cut to their synced length (or, with a seed,
+ * torn at a random sector of their unsynced tail, sometimes followed by a garbage sector), files
+ * whose creation was never made durable left out (with a seed: at random), untracked files whole.
+ * Paths are matched as the store opened them: pass root spelled as the store's path. */
+int bs_fault_power_image(const char *root, const char *dst, uint64_t torn_seed);
+/* Take power images of root at the nth operation (1-based, from now) whose kind is in op_mask:
+ * dst/before (just before it runs) and dst/after (once it has run); with torn_seed != 0 also
+ * dst/before-torn and dst/after-torn. dst must exist. nth == 0 disarms. Counted apart from
+ * bs_fault_arm, so both can be armed at once. */
+void bs_fault_arm_images(int op_mask, uint64_t nth, const char *root, const char *dst, uint64_t torn_seed);
+/* Images written since bs_fault_arm_images, and operations of its mask counted since then. */
+int bs_fault_images_taken(void);
+uint64_t bs_fault_image_op_count(void);
 
 #endif

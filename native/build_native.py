@@ -21,7 +21,7 @@ static const int BS_APPEND_HAVE_CHECKSUMS, BS_APPEND_SYNC, BS_READ_VERIFY, BS_RE
     BS_SCAN_VERIFY_PAYLOAD;
 static const int BS_SCAN_END, BS_SCAN_MORE, BS_SCAN_INVALID;
 static const int BS_FAULT_OP_WRITE, BS_FAULT_OP_READ, BS_FAULT_OP_SYNC, BS_FAULT_OP_OPEN,
-    BS_FAULT_OP_OTHER;
+    BS_FAULT_OP_OTHER, BS_FAULT_TEAR_EIO, BS_FAULT_TEAR_SHORT;
 
 int bs_last_errno(void);
 
@@ -89,6 +89,12 @@ void bs_fault_arm(int op_mask, uint64_t nth, int err, int persistent);
 uint64_t bs_fault_op_count(void);
 int bs_fault_crash(uint64_t torn_seed);
 void bs_fault_uninstall(void);
+uint64_t bs_fault_fired(void);
+void bs_fault_arm_torn(uint64_t nth, int mode, int err, uint64_t seed);
+int bs_fault_power_image(const char *root, const char *dst, uint64_t torn_seed);
+void bs_fault_arm_images(int op_mask, uint64_t nth, const char *root, const char *dst, uint64_t torn_seed);
+int bs_fault_images_taken(void);
+uint64_t bs_fault_image_op_count(void);
 """
 
 # BLOCKSTORE_SANITIZE=1 builds the core with AddressSanitizer and UBSan (fuzz and sanitizer runs).

@@ -732,3 +732,19 @@ def test_text_output_one_finding_per_line(store: tuple[Path, dict[str, Rec]]) ->
     loc = recs["a6"].loc
     assert loc is not None
     assert f"payload {loc.block_id:016x}:{loc.offset} " in r.stdout
+
+
+def test_open_refuses_to_create_over_a_store_that_lost_its_manifest(tmp_path: Path) -> None:
+    """Blocks but no MANIFEST: opening must not create a new store over them (it would reuse block ids and
+    overwrite acknowledged records); fsck --repair re-creates the MANIFEST and every record reads back."""
+    path = tmp_path / "s"
+    with blockstore.open(path, durability="sync") as s:
+        s.put(b"k", b"v" * 5000)
+    (path / "MANIFEST.json").unlink()
+    with pytest.raises(blockstore.CorruptionError, match="MANIFEST"):
+        blockstore.open(path)
+    rc = subprocess.run([sys.executable, "-m", "blockstore.cli", "fsck", "--repair", str(path)],
+                        capture_output=True, text=True).returncode
+    assert rc & 1 and not rc & 4
+    with blockstore.open(path) as s:
+        assert s.get(b"k") == b"v" * 5000
