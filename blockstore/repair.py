@@ -90,7 +90,7 @@ from blockstore.records import (
     aligned_flags,
     record_layout,
 )
-from blockstore.store import _MAX_BLOCK, _MIN_BLOCK, DEFAULT_BLOCK_SIZE, DIRECTORY, MANIFEST
+from blockstore.store import _MAX_BLOCK, _MIN_BLOCK, DEFAULT_BLOCK_SIZE, DIRECTORY, MANIFEST, write_manifest_file
 
 REPAIR_PARTITION = b"\0fsck/repair"  # the stream of blocks repair writes (copies, tombstones)
 RECOVERED_PARTITION = b"\0fsck/recovered"  # the partition of a block-table entry re-created from its file
@@ -310,12 +310,7 @@ class _Repairer:
             "created": old.get("created") if isinstance(old.get("created"), str) else
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = p + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(m, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        write_manifest_file(p, m)
         _fsync_dir(self.root)
         self.done[("manifest", None, None)] = f"rewritten (store {m['store_id']}, format version {FORMAT_VERSION})"
 

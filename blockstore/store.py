@@ -337,12 +337,7 @@ class Store(ChunkAPI, TensorAPI):
         }
 
     def _write_manifest(self, p: str, m: dict[str, Any]) -> None:
-        tmp = p + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(m, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        write_manifest_file(p, m)
         self.backend.dir_sync(self.path)
 
     def _load_state(self, fresh: bool) -> None:
@@ -1182,6 +1177,17 @@ class Store(ChunkAPI, TensorAPI):
                 self.backend.drop_cache(fd)
             finally:
                 self.backend.close(fd)
+
+
+def write_manifest_file(p: str, m: dict[str, Any]) -> None:
+    """Write a MANIFEST atomically: a synced temp file renamed over `p`. The caller syncs the directory
+    (the rename is durable only then)."""
+    tmp = p + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(m, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
 
 
 def open_store(path: str | os.PathLike[str], **kwargs: Any) -> Store:
