@@ -26,6 +26,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 NATIVE_ENV = "BLOCKSTORE_FUZZ_NATIVE"
 BLIND_ENV = "BLOCKSTORE_FUZZ_BLIND"
@@ -88,3 +89,20 @@ def split_control(data: bytes) -> tuple[int, bytes]:
     if not data:
         return 0, b""
     return data[0], data[1:]
+
+
+def decode_both(native: object, python: object, method: str, raw: bytes, error: type[BaseException]) -> Any:
+    """Differential decode: the C core's `method` and its Python twin's on the same bytes must agree,
+    both raising `error` (of one class: None is returned) or both returning equal values (returned)."""
+    got = []
+    for backend, buf in ((native, raw), (python, memoryview(raw))):
+        try:
+            got.append(getattr(backend, method)(buf))
+        except error as exc:
+            got.append(exc)
+    got_c, got_py = got
+    if isinstance(got_c, BaseException) or isinstance(got_py, BaseException):
+        assert type(got_c) is type(got_py), f"native {got_c!r} != python {got_py!r}"
+        return None
+    assert got_c == got_py, f"native {got_c} != python {got_py}"
+    return got_c
