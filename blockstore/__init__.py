@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blockstore.chunks import Chunk
+from blockstore.chunks import Chunk, ChunkWrite
 from blockstore.errors import (
     BlockstoreError,
     ChecksumMismatch,
@@ -45,7 +45,7 @@ def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - 
 
 
 __all__ = [
-    "DEFAULT_BLOCK_SIZE", "BlockstoreError", "ChecksumMismatch", "Chunk", "CorruptionError",
+    "DEFAULT_BLOCK_SIZE", "BlockstoreError", "ChecksumMismatch", "Chunk", "ChunkWrite", "CorruptionError",
     "FormatVersionError", "IOErrorBS", "InvalidArgument", "NoSpace", "NotFound", "OutOfMemory",
     "ReadOnlyStore", "Store", "StoreClosed", "StoreLocked", "StoreStats", "TruncatedError", "open",
 ]

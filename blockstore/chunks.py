@@ -34,6 +34,19 @@ class Chunk:
     kv_keys: tuple[bytes, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkWrite:
+    """One chunk record to write with `put_chunks` (ts_ns None: now)."""
+
+    user_id: str
+    session_id: str
+    chunk_id: str
+    text: str
+    meta: Mapping[str, Any] | None = None
+    kv_keys: tuple[bytes, ...] = ()
+    ts_ns: int | None = None
+
+
 def _id(name: str, value: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
@@ -73,6 +86,30 @@ def _decode(meta: bytes, text: bytes) -> Chunk:
         raise CorruptionError(f"chunk record metadata unreadable: {exc}") from exc
 
 
+def _chunk_mutation(ns: str, c: ChunkWrite) -> Any:
+    from blockstore.store import _check_meta, _Mutation
+
+    u, s, cid = _id("user_id", c.user_id), _id("session_id", c.session_id), _id("chunk_id", c.chunk_id)
+    if not isinstance(c.text, str):
+        raise InvalidArgument(f"text must be a str, not {type(c.text).__name__}")
+    try:
+        encoded_text = c.text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument("text must be valid UTF-8 (it holds a lone surrogate)") from None
+    ts = time.time_ns() if c.ts_ns is None else int(c.ts_ns)
+    if not 0 <= ts < 1 << 64:
+        raise InvalidArgument("ts_ns must fit in an unsigned 64-bit integer")
+    try:
+        body = json.dumps({"user": c.user_id, "session": c.session_id, "chunk": c.chunk_id, "ts_ns": ts,
+                           "meta": dict(c.meta or {}), "kv_keys": [bytes(k).hex() for k in c.kv_keys]},
+                          separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
+    partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
+    return _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, cid), Kind.CHUNK, partition,
+                     _check_meta(body), encoded_text, chunk_index=(u, s, ts, cid))
+
+
 class ChunkAPI:
     """Mixed into Store."""
 
@@ -80,30 +117,21 @@ class ChunkAPI:
                   meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
                   ts_ns: int | None = None, ns: str = "default") -> None:
         """Write (or update: the old record becomes dead) one chunk record."""
-        from blockstore.store import _check_meta, _check_ns, _Mutation
+        from blockstore.store import _check_ns
 
         self._check_open(write=True)
         _check_ns(ns)
-        u, s, c = _id("user_id", user_id), _id("session_id", session_id), _id("chunk_id", chunk_id)
-        if not isinstance(text, str):
-            raise InvalidArgument(f"text must be a str, not {type(text).__name__}")
-        try:
-            encoded_text = text.encode()
-        except UnicodeEncodeError:
-            raise InvalidArgument("text must be valid UTF-8 (it holds a lone surrogate)") from None
-        ts = time.time_ns() if ts_ns is None else int(ts_ns)
-        if not 0 <= ts < 1 << 64:
-            raise InvalidArgument("ts_ns must fit in an unsigned 64-bit integer")
-        try:
-            body = json.dumps({"user": user_id, "session": session_id, "chunk": chunk_id, "ts_ns": ts,
-                               "meta": dict(meta or {}), "kv_keys": [bytes(k).hex() for k in kv_keys]},
-                              separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
-        partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
-        m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.CHUNK, partition,
-                      _check_meta(body), encoded_text, chunk_index=(u, s, ts, c))
-        self._submit([m])
+        self._submit([_chunk_mutation(ns, ChunkWrite(user_id, session_id, chunk_id, text, meta, tuple(kv_keys), ts_ns))])
+
+    def put_chunks(self: StoreCore, chunks: Sequence[ChunkWrite], *, ns: str = "default") -> None:
+        """Write many chunk records in one group commit (each record is atomic, the call is not: a
+        failure part-way leaves a prefix). One call per chunk costs a directory write each; an agent
+        saving a turn's memories, or an import, should batch them here."""
+        from blockstore.store import _check_ns
+
+        self._check_open(write=True)
+        _check_ns(ns)
+        self._submit([_chunk_mutation(ns, c) for c in chunks])
 
     def get_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:
         got = self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)
@@ -117,7 +145,7 @@ class ChunkAPI:
             return [None] * len(ids)
         keys = [encode_chunk_key(_id("user_id", u), _id("session_id", s), _id("chunk_id", c)) for u, s, c in ids]
         locs = self.dir.get_locations([key_suffix(nid, SPACE_CHUNK, k) for k in keys])
-        texts = self._read(nid, SPACE_CHUNK, keys, None)
+        texts = self._read(nid, SPACE_CHUNK, keys, None, located=locs)
         return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, locs)]
 
     def list_chunks(self: StoreCore, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:

@@ -13,6 +13,7 @@ xxh3 before it is returned (invariant 1).
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
@@ -85,6 +86,9 @@ _log = logging.getLogger("blockstore")
 
 DEFAULT_BLOCK_SIZE = 64 << 20
 _MIN_BLOCK, _MAX_BLOCK = 64 << 10, 1 << 40  # small blocks suit chunk-record stores; KV wants large ones
+# Where a write goes when every open block belongs to another partition and holds almost nothing (_block_for).
+OVERFLOW_PARTITION = b"\0overflow"
+_OVERFLOW_MIN_RECORDS = 2
 _READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 DEFAULT_NAMESPACE = "default"
 
@@ -184,8 +188,18 @@ def _check_ns(ns: str) -> str:
     return ns
 
 
+_SMALL_ARENA = 64 << 10
+
+
 def aligned_buffer(size: int) -> memoryview:
-    """Page-aligned anonymous memory (reads into it run ~2x faster than into a bytearray)."""
+    """Page-aligned anonymous memory (reads into it run ~2x faster than into a bytearray). Small
+    buffers are a page-aligned slice of a bytearray instead: an mmap per small read cost ~15 us, more
+    than the read of a chunk record itself (bench/scaling.py)."""
+    if size <= _SMALL_ARENA:
+        raw = bytearray(size + PAGE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+        start = -addr % PAGE
+        return memoryview(raw)[start : start + size]
     return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
 
 
@@ -615,7 +629,7 @@ class Store(ChunkAPI, TensorAPI):
             plen = len(m.payload)  # type: ignore[arg-type]
             need = max(len(m.key) + len(m.meta) + plen, pending_need)
             pending_need = 0
-            ob = self._block_for(m.partition, need, tails, to_seal, batch)
+            ob = self._block_for(m.partition, need, tails, to_seal, batch, may_overflow=m.expected is None)
             tail = tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
             tails[ob.entry.block_id] = tail + rlen
@@ -780,7 +794,7 @@ class Store(ChunkAPI, TensorAPI):
         raise CorruptionError(f"internal: block {bid} is neither known nor open")
 
     def _block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
-                   batch: DirectoryBatch) -> OpenBlock:
+                   batch: DirectoryBatch, *, may_overflow: bool = False) -> OpenBlock:
         ob = self._open.get(partition)
         if ob is not None:
             tail = tails.get(ob.entry.block_id, ob.tail)
@@ -791,11 +805,27 @@ class Store(ChunkAPI, TensorAPI):
         if ob is None:
             if len(self._open) >= self.max_open_blocks:
                 lru = min(self._open.items(), key=lambda kv: kv[1].entry.last_append_ns)
+                if may_overflow and partition != OVERFLOW_PARTITION and self._still_filling(lru[1], tails):
+                    # More partitions are being written than blocks may be open (thousands of agent
+                    # sessions at once): sealing a block that holds almost nothing to open one for this record
+                    # made a block file per record (found by bench/scaling.py: 20,000 chunk puts over
+                    # 3,500 sessions made 20,000 blocks). Such records share one overflow stream
+                    # instead; compaction's relocation later brings each partition's records together.
+                    return self._block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
                 to_seal.append(lru[1])
                 del self._open[lru[0]]
             ob = self._new_block(partition, batch)
             self._open[partition] = ob
         return ob
+
+    def _still_filling(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
+        """Whether sealing this open block now would leave a block of almost nothing: fewer than
+        _OVERFLOW_MIN_RECORDS records (those of the group being planned count too) and under a quarter
+        full. A count, not a clock, so that placement is the same on every replay of a workload."""
+        tail = tails.get(ob.entry.block_id, ob.tail)
+        if tail >= self.block_size // 4:
+            return False
+        return ob.entry.total_records + (1 if tail > ob.tail else 0) < _OVERFLOW_MIN_RECORDS
 
     def _new_block(self, partition: bytes, batch: DirectoryBatch) -> OpenBlock:
         bid = self._next_block
@@ -975,9 +1005,11 @@ class Store(ChunkAPI, TensorAPI):
             yield k[cut:]
 
     def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
-              _attempt: int = 0) -> list[Any]:
+              _attempt: int = 0, located: list[Location | None] | None = None) -> list[Any]:
+        """`located`: the keys' locations if the caller has just looked them up (get_chunks needs their
+        meta), saving the second lookup."""
         suffixes = [key_suffix(nid, space, k) for k in keys]
-        locs = self.dir.get_locations(suffixes)
+        locs = located if located is not None else self.dir.get_locations(suffixes)
         if _attempt == 0:
             for observe in self._read_observers:
                 try:

@@ -398,6 +398,62 @@ def test_chunk_unicode_and_default_timestamp(store: blockstore.Store) -> None:
     assert c is not None and c.text == "texte ünïcode ✓" and c.ts_ns > 1_600_000_000 * 10**9
 
 
+def test_put_chunks_writes_a_batch_in_one_commit(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    writes = [blockstore.ChunkWrite(f"u{i % 3}", "s", f"c{i}", f"text {i}", meta={"i": i}, kv_keys=(b"k%d" % i,),
+                                    ts_ns=1000 - i) for i in range(50)]
+    with blockstore.open(path, backend=backend) as s:
+        s.put_chunks(writes)
+        s.put_chunks([])
+        assert s.stats().records == 50
+        got = s.get_chunks([(w.user_id, w.session_id, w.chunk_id) for w in writes])
+        assert [(c.text, c.meta, c.kv_keys, c.ts_ns) for c in got if c is not None] == \
+            [(w.text, w.meta, w.kv_keys, w.ts_ns) for w in writes]
+        # listed in time order within each session; an update replaces, a bad item is refused whole
+        assert [c.chunk_id for c in s.list_chunks("u0", "s")][:2] == ["c48", "c45"]
+        with pytest.raises(blockstore.InvalidArgument):
+            s.put_chunks([blockstore.ChunkWrite("u0", "s", "c0", "x", meta={"bad": object()})])
+        assert s.get_chunk("u0", "s", "c0").text == "text 0"  # type: ignore[union-attr]
+    with blockstore.open(path, backend=backend) as s:
+        assert s.stats().records == 50 and s.get_chunk("u2", "s", "c47").text == "text 47"  # type: ignore[union-attr]
+
+
+def test_more_sessions_than_open_blocks_share_an_overflow_block(tmp_path: Path, backend: str) -> None:
+    """Writes interleaved over many partitions must not seal a block per record (each record of 3,500
+    sessions written round-robin made a block file of its own before the overflow stream)."""
+    from blockstore.store import OVERFLOW_PARTITION
+
+    path = tmp_path / "s"
+    with blockstore.open(path, backend=backend, max_open_blocks=4) as s:
+        for rnd in range(3):
+            s.put_chunks([blockstore.ChunkWrite(f"user{u}", "s", f"c{rnd}", "memory " * 20) for u in range(200)])
+        blocks = s.block_table()
+        # at most a block per open slot per round, plus the overflow's (a block per record made 600)
+        assert len(blocks) <= 3 * (4 + 1), [(b.block_id, b.partition) for b in blocks]
+        assert any(b.partition == OVERFLOW_PARTITION for b in blocks)
+        assert [c.chunk_id for c in s.list_chunks("user150", "s")] == ["c0", "c1", "c2"]
+    with blockstore.open(path, backend=backend, max_open_blocks=4) as s:
+        assert s.stats().records == 600
+        # a partition written alone still gets its own block: the overflow only takes what cannot fit
+        s.put_many([(b"k%d" % i, b"v" * 100) for i in range(10)], partition="lonely")
+        assert any(b.partition == b"default\0lonely" for b in s.block_table())
+
+
+def test_small_reads_are_page_aligned_and_independent(store: blockstore.Store) -> None:
+    import ctypes
+
+    from blockstore.store import aligned_buffer
+
+    for size in (1, 100, 4096, 5000, 64 << 10, (64 << 10) + 1):
+        buf = aligned_buffer(size)
+        assert len(buf) == size and not buf.readonly
+        assert ctypes.addressof(ctypes.c_char.from_buffer(buf)) % 4096 == 0
+    store.put_many([(b"a", b"1" * 10), (b"b", b"2" * 10)])
+    first = store.get_many([b"a"])[0]
+    second = store.get_many([b"b"])[0]
+    assert bytes(first) == b"1" * 10 and bytes(second) == b"2" * 10  # no shared arena between calls
+
+
 # ---------------------------------------------------------------------------------------------
 # concurrency
 
