@@ -20,10 +20,12 @@ writes everything to one stream). Compaction runs deterministically: `Compactor.
                      get_many, timed. p50/p95/p99 in ms. Only block files are evicted: the directory
                      (RocksDB) stays warm.
 
-Full mode (`--full`) replays traces 4x bigger and also measures foreground get latency while the
-background compactor thread works vs idle (see `foreground_latency`), and writes PNG plots to
-bench/results/. Every request's records are checked against what the trace last wrote to them (an
-xxh3 of the expected bytes): a lost, stale or resurrected record fails the run.
+Full mode (`--full`) replays traces 4x bigger and writes PNG plots to bench/results/. Both modes also
+measure foreground get latency while the background compactor thread works vs idle, with a timeline of
+every request (see `foreground_latency`; quick: 100 requests under the full policy, full: 400 under full
+and aggressive, `--fg-requests 0` turns it off). Every request's records are checked against what the
+trace last wrote to them (an xxh3 of the expected bytes): a lost, stale or resurrected record fails the
+run.
 
     python -m bench.compaction --quick                 # all 4 traces x 6 policies, per-trace block sizes
     python -m bench.compaction --full                  # 4x bigger, plus background latency and plots
@@ -36,6 +38,7 @@ The last line of stdout is one JSON object:
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -57,7 +60,7 @@ import blockstore
 from blockstore import hooks
 from blockstore.records import BLOCK_HEADER_SIZE
 
-from .throughput import _run, engine_state, machine_info, write_json
+from .throughput import _run, engine_state, machine_info
 from .traces import GENERATORS, Delete, Put, Request, Trace, check, describe, generate
 
 MiB = 1 << 20
@@ -67,8 +70,9 @@ DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
 RESULTS = os.path.join(REPO, "bench", "results")
 DEFAULT_JSON = os.path.join(RESULTS, "compaction.json")
 MODES: dict[str, dict[str, Any]] = {
-    "quick": {"scale": 1.0, "cold_samples": 50, "passes": 40, "fg_requests": 0},
-    "full": {"scale": 4.0, "cold_samples": 200, "passes": 40, "fg_requests": 400},
+    "quick": {"scale": 1.0, "cold_samples": 50, "passes": 40, "fg_requests": 100, "fg_policies": ("full",)},
+    "full": {"scale": 4.0, "cold_samples": 200, "passes": 40, "fg_requests": 400,
+             "fg_policies": ("full", "aggressive")},
 }
 # targets from the compaction issue: full vs append-only on every trace, and LoCoMo amplification
 TARGET_BLOCKS_RATIO = 0.40
@@ -77,6 +81,8 @@ TARGET_LOCOMO_SPACE = 1.15
 TARGET_LOCOMO_WRITE = 1.25
 QUIET_S = 0.5  # background run: the compactor counts as idle after this long without copying
 BUSY_LIMIT_S = 10.0  # ... and the run stops after this long even if it never goes idle
+TIMELINE_POINTS = 2000  # foreground timeline: at most this many requests kept per phase (the JSON stays small)
+TIMELINE_SPANS = 300  # ... and at most this many compaction-active spans
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -312,6 +318,9 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
              once. Requests are repeated until the compactor has been quiet for QUIET_S (or for at
              most BUSY_LIMIT_S: reads keep feeding it); a request counts as "during compaction" if it
              overlaps a span of the compactor's scan/copy/re-point/reclaim hooks.
+    Each phase also keeps a timeline (`_timeline`): every request's start time since the phase began,
+    its latency and whether it overlapped compaction work, plus the compaction-active spans, bounded to
+    TIMELINE_POINTS requests and TIMELINE_SPANS spans.
     """
     base = replay(trace, "full", block_size=block_size, root=root, payloads=payloads, passes=0, cold_samples=0,
                   keep=True)["path"]
@@ -325,12 +334,17 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
         _warm(idle_path)
         with blockstore.open(idle_path, block_size=block_size) as s:
             lat = []
+            idle_timed: list[tuple[float, float]] = []
+            t_idle = time.perf_counter()
             for op in reqs:
                 t0 = time.perf_counter()
                 s.get_many(op.keys, ns=op.ns)
-                lat.append((time.perf_counter() - t0) * 1e3)
+                t1 = time.perf_counter()
+                idle_timed.append((t0, t1))
+                lat.append((t1 - t0) * 1e3)
         shutil.rmtree(idle_path, ignore_errors=True)
-        out["idle"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": len(lat)}
+        out["idle"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": len(lat),
+                       "timeline": _timeline(idle_timed, [False] * len(idle_timed), [], t_idle)}
         for pol in policies:
             busy_path = f"{base}-{pol}"
             shutil.copytree(base, busy_path)
@@ -362,8 +376,9 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
                     hooks.unregister(name, events.mark)
             shutil.rmtree(busy_path, ignore_errors=True)
             spans = _spans(events.times, gap=0.05)
-            during = [(t1 - t0) * 1e3 for t0, t1 in timed if any(a <= t1 and t0 <= b for a, b in spans)]
-            after = [(t1 - t0) * 1e3 for t0, t1 in timed if not any(a <= t1 and t0 <= b for a, b in spans)]
+            active = _overlaps(timed, spans)
+            during = [(t1 - t0) * 1e3 for (t0, t1), on in zip(timed, active) if on]
+            after = [(t1 - t0) * 1e3 for (t0, t1), on in zip(timed, active) if not on]
             out[pol] = {
                 "during": {"p50_ms": pct(during, 50), "p99_ms": pct(during, 99), "n": len(during)},
                 "after": {"p50_ms": pct(after, 50), "p99_ms": pct(after, 99), "n": len(after)},
@@ -371,10 +386,33 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
                 "went_idle": went_idle,  # False: still copying after BUSY_LIMIT_S (reads keep re-arming it)
                 "moved_bytes": status["gc_bytes_total"] + status["relocated_bytes_total"],
                 "passes": status["passes"],
+                "timeline": _timeline(timed, active, spans, t_open),
             }
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return out
+
+
+def _dumps(x: Any, indent: int = 0) -> str:
+    """JSON like json.dumps(indent=2), but a list of plain numbers/booleans stays on one line: the timelines
+    and per-sample values would otherwise take a line per number (5-10x the bytes)."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(x, dict) and x:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, indent + 2)}" for k, v in x.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(x, (list, tuple)) and x:
+        if all(v is None or isinstance(v, (int, float, bool)) for v in x):
+            return json.dumps(list(x), separators=(",", ":"))
+        return "[\n" + ",\n".join(f"{inner}{_dumps(v, indent + 2)}" for v in x) + f"\n{pad}]"
+    return json.dumps(x)
+
+
+def write_json_compact(path: str, doc: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"  # never leave a half-written results file behind
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(_dumps(doc) + "\n")
+    os.replace(tmp, path)
 
 
 class _Events:
@@ -391,6 +429,48 @@ class _Events:
     def last(self, default: float) -> float:
         with self._lock:
             return self.times[-1] if self.times else default
+
+
+def _overlaps(timed: list[tuple[float, float]], spans: list[tuple[float, float]]) -> list[bool]:
+    """For each (t0, t1): whether it overlaps one of the sorted, disjoint `spans`."""
+    ends = [b for _a, b in spans]
+    out = []
+    for t0, t1 in timed:
+        k = bisect.bisect_left(ends, t0)  # the first span that does not end before t0
+        out.append(k < len(spans) and spans[k][0] <= t1)
+    return out
+
+
+def _timeline(timed: list[tuple[float, float]], active: list[bool], spans: list[tuple[float, float]],
+              t_ref: float) -> dict[str, Any]:
+    """The phase's requests as columns (start s since t_ref, latency ms, overlapped compaction work) and the
+    compaction-active spans (s since t_ref). Above TIMELINE_POINTS requests, evenly spaced ones are kept plus
+    the slowest tenth of the budget (so the spikes stay); above TIMELINE_SPANS spans, neighbours are merged."""
+    n = len(timed)
+    keep: list[int] = list(range(n))
+    if n > TIMELINE_POINTS:
+        slow = TIMELINE_POINTS // 10
+        top = sorted(range(n), key=lambda i: timed[i][1] - timed[i][0])[-slow:]
+        keep = sorted(set(evenly(range(n), TIMELINE_POINTS - slow)) | set(top))
+    merged = list(spans)
+    gap = 0.1
+    while len(merged) > TIMELINE_SPANS:  # join spans less than `gap` apart, doubling it until few enough
+        joined: list[tuple[float, float]] = []
+        for a, b in merged:
+            if joined and a - joined[-1][1] <= gap:
+                joined[-1] = (joined[-1][0], max(joined[-1][1], b))
+            else:
+                joined.append((a, b))
+        merged, gap = joined, gap * 2
+    return {
+        "t_s": [round(timed[i][0] - t_ref, 4) for i in keep],
+        "latency_ms": [round((timed[i][1] - timed[i][0]) * 1e3, 3) for i in keep],
+        "compacting": [bool(active[i]) for i in keep],
+        "n": n,
+        "kept": len(keep),
+        "phase_s": round(timed[-1][1] - t_ref, 3) if timed else 0.0,
+        "spans_s": [[round(a - t_ref, 4), round(b - t_ref, 4)] for a, b in merged],
+    }
 
 
 def _spans(ts: list[float], gap: float) -> list[tuple[float, float]]:
@@ -455,12 +535,20 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict[st
     return "\n".join(lines), doc
 
 
-def plots(results: dict[str, dict[str, dict[str, Any]]], out_dir: str) -> list[str]:
+def plots(doc: dict[str, Any], out_dir: str) -> list[str]:
+    """PNGs from the results document: blocks/request and amplification per (trace, policy), blocks/request
+    over each trace, and (when the document has foreground timelines) latency over time during compaction.
+    Files compaction[_quick]_*.png in out_dir."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.report import png_path
+
+    results: dict[str, dict[str, dict[str, Any]]] = {
+        t: {p: {k: (math.nan if v is None else v) for k, v in c.items()} for p, c in cells.items()}
+        for t, cells in doc["results"].items()}  # JSON null (no samples) as NaN: a gap in the plot
     traces = list(results)
     policies = list(next(iter(results.values())))
     width = 0.8 / len(policies)
@@ -481,7 +569,7 @@ def plots(results: dict[str, dict[str, dict[str, Any]]], out_dir: str) -> list[s
     bars(ax, "blocks_per_request", "blocks / request (bar: mean, tick: p95)", "blocks_per_request_p95")
     ax.set_title("Blocks touched per request, second half of each trace")
     ax.legend(fontsize=8, ncol=3)
-    files.append(os.path.join(out_dir, "compaction_blocks_per_request.png"))
+    files.append(png_path(doc, out_dir, "blocks_per_request"))
     fig.tight_layout()
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
@@ -497,7 +585,7 @@ def plots(results: dict[str, dict[str, dict[str, Any]]], out_dir: str) -> list[s
         ax.set_ylim(bottom=0.9)
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8, ncol=2)
-    files.append(os.path.join(out_dir, "compaction_amplification.png"))
+    files.append(png_path(doc, out_dir, "amplification"))
     fig.tight_layout()
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
@@ -512,11 +600,129 @@ def plots(results: dict[str, dict[str, dict[str, Any]]], out_dir: str) -> list[s
         ax.set_xlabel("trace progress (fraction of ops)")
     axes[0][0].set_ylabel("blocks / request (window mean)")
     axes[0][0].legend(fontsize=7)
-    files.append(os.path.join(out_dir, "compaction_blocks_over_time.png"))
+    files.append(png_path(doc, out_dir, "blocks_over_time"))
     fig.tight_layout()
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
-    return files
+    timeline = latency_timeline_plot(doc, out_dir)
+    return files + ([timeline] if timeline else [])
+
+
+def latency_timeline_plot(doc: dict[str, Any], out_dir: str) -> str | None:
+    """compaction[_quick]_latency_timeline.png: foreground get_many latency over time with the background
+    compactor working (one row per policy, one column per trace), compaction-active spans shaded, and the
+    same requests' idle p50/p99 (no compactor) as reference lines. None if the document has no timelines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from bench.report import png_path
+
+    fg = {t: r for t, r in (doc.get("foreground_latency") or {}).items()
+          if any(isinstance(v, dict) and "timeline" in v for k, v in r.items() if k != "idle")}
+    if not fg:
+        return None
+    traces = list(fg)
+    policies = [p for p in ("full", "aggressive") if any(p in r for r in fg.values())]
+    policies += sorted({p for r in fg.values() for p in r if p not in ("idle", *policies)})
+    fig, axes = plt.subplots(len(policies), len(traces), figsize=(4.2 * len(traces), 3.3 * len(policies)),
+                             squeeze=False)
+    for row, pol in enumerate(policies):
+        for col, tr in enumerate(traces):
+            ax = axes[row][col]
+            r = fg[tr].get(pol)
+            if not r or "timeline" not in r:
+                ax.set_visible(False)
+                continue
+            tl = r["timeline"]
+            for a, b in tl["spans_s"]:
+                ax.axvspan(a, max(b, a + 0.004), color="#ffbb78", alpha=0.5, lw=0)
+            ts, ms, on = tl["t_s"], tl["latency_ms"], tl["compacting"]
+            for flag, color, label in ((False, "#1f77b4", "no compaction work"), (True, "#d62728", "overlaps compaction")):
+                xs = [t for t, f in zip(ts, on) if f == flag]
+                ys = [m for m, f in zip(ms, on) if f == flag]
+                ax.scatter(xs, ys, s=4, color=color, label=f"{label} ({len(xs)})", alpha=0.7, lw=0)
+            idle = fg[tr].get("idle") or {}
+            for q, ls in (("p50_ms", ":"), ("p99_ms", "--")):
+                if idle.get(q) is not None:
+                    ax.axhline(idle[q], color="black", lw=0.8, ls=ls, label=f"idle {q[:3]} {idle[q]:.2f} ms")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{tr}, {pol}: {r['moved_bytes'] / 1e6:.1f} MB moved"
+                         + ("" if r.get("went_idle", True) else ", never idle"), fontsize=9)
+            ax.set_xlabel("seconds since the store opened")
+            if col == 0:
+                ax.set_ylabel("get_many latency, ms (log)")
+            ax.legend(fontsize=6, loc="upper right")
+            if tl["kept"] < tl["n"]:
+                ax.text(0.01, 0.01, f"{tl['kept']} of {tl['n']} requests shown", transform=ax.transAxes, fontsize=6)
+    fig.suptitle("Foreground get_many latency (warm) while the background compactor works; shaded: compaction "
+                 "active", fontsize=10)
+    path = png_path(doc, out_dir, "latency_timeline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(doc: dict[str, Any]) -> str:
+    """Per (trace, policy): blocks/request, amplification, cold latency; the targets; foreground latency
+    idle vs during compaction; then the machine and the command."""
+    from bench.report import fmt, machine_line, md_table, reproduce_line
+
+    bsz = doc.get("config", {}).get("block_size", {})
+    rows = []
+    for tr, cells in doc["results"].items():
+        for i, (pol, c) in enumerate(cells.items()):
+            cm = c["cold_ms"]
+            label = f"{tr} ({bsz[tr] // KiB} KiB)" if i == 0 and tr in bsz else ("" if i else tr)
+            rows.append([label, f"**{pol}**" if pol == "full" else pol,
+                         f"{fmt(c['blocks_per_request'])} ({fmt(c['blocks_per_request_p95'], 0)})",
+                         fmt(c["space_amp"], 3), fmt(c["write_amp"], 3),
+                         f"{fmt(cm['p50'])} / {fmt(cm['p95'])} / {fmt(cm['p99'])}"])
+    out = [md_table(["trace (block size)", "policy", "blocks/request (p95)", "space amp", "write amp",
+                     "cold p50 / p95 / p99 ms"], rows)]
+    tg = doc.get("targets") or {}
+    if tg:
+        parts = []
+        for tr, d in tg.items():
+            t = (f"{tr} blocks/request {fmt(d['blocks_ratio'])} {'met' if d['blocks_met'] else 'missed'}, "
+                 f"p95 cold {fmt(d['cold_p95_ratio'])} {'met' if d['cold_met'] else 'missed'}")
+            if "amp_met" in d:
+                t += f", space {fmt(d['space_amp'], 3)} / write {fmt(d['write_amp'], 3)} " \
+                     f"{'met' if d['amp_met'] else 'missed'}"
+            parts.append(t)
+        out.append(f"Targets (full ÷ append-only blocks/request ≤ {TARGET_BLOCKS_RATIO}, p95 cold ≤ "
+                   f"{TARGET_COLD_RATIO}; LoCoMo space ≤ {TARGET_LOCOMO_SPACE} and write ≤ {TARGET_LOCOMO_WRITE}): "
+                   + "; ".join(parts) + ".")
+    fg = doc.get("foreground_latency") or {}
+    if fg:
+        frows = []
+        for tr, r in fg.items():
+            idle = r.get("idle", {})
+            for pol, v in r.items():
+                if pol == "idle":
+                    continue
+                d = v["during"]
+                frows.append([tr, pol, f"{fmt(idle.get('p50_ms'))} / {fmt(idle.get('p99_ms'))}",
+                              f"{fmt(d['p50_ms'])} / {fmt(d['p99_ms'])} (n={d['n']})",
+                              f"{fmt(v['after']['p50_ms'])} / {fmt(v['after']['p99_ms'])}",
+                              f"{v['moved_bytes'] / 1e6:.1f} MB in {fmt(v['compaction_busy_s'])} s"
+                              + ("" if v.get("went_idle", True) else ", never idle")])
+        out.append("Foreground `get_many` latency (warm, ms) with the background compactor working through a "
+                   "backlog vs the same requests with no compactor:\n\n"
+                   + md_table(["trace", "policy", "idle p50 / p99", "during compaction p50 / p99",
+                               "not during p50 / p99", "compaction work"], frows))
+    cfg = doc.get("config", {})
+    out.append(f"{cfg.get('mode', '?')} mode: traces at scale {cfg.get('scale')}, seed {cfg.get('seed')}, "
+               f"{cfg.get('passes_per_replay')} passes per replay, {cfg.get('cold_samples')} cold samples per cell.")
+    out.append(machine_line(doc))
+    out.append(reproduce_line(doc))
+    return "\n\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -549,13 +755,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", default=DEFAULT_DIR, help="scratch root, on the disk under test (default bench/.scratch)")
     ap.add_argument("--out", default=DEFAULT_JSON, help="results JSON (default bench/results/compaction.json)")
     ap.add_argument("--no-plots", action="store_true", help="full mode: skip the PNG plots")
+    ap.add_argument("--fg-requests", type=int, help="foreground latency under background compaction: requests "
+                    "per trace (default: quick 100 with the full policy, full 400 with full and aggressive; 0: off)")
     args = ap.parse_args(argv)
     m = MODES["full" if args.full else "quick"]
     args.mode = "full" if args.full else "quick"
     args.scale = args.scale or m["scale"]
     args.passes = m["passes"] if args.passes is None else args.passes
     args.cold_samples = m["cold_samples"] if args.cold_samples is None else args.cold_samples
-    args.fg_requests = m["fg_requests"]
+    args.fg_requests = m["fg_requests"] if args.fg_requests is None else args.fg_requests
+    args.fg_policies = m["fg_policies"]
     for p in args.policies:
         try:
             resolve(policy_spec(p))
@@ -594,12 +803,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             tables.append(table(t, cells, bs))
             if args.fg_requests:
                 fg[t.name] = foreground_latency(t, block_size=bs, root=root, payloads=payloads,
-                                                n_requests=args.fg_requests)
+                                                n_requests=args.fg_requests, policies=args.fg_policies)
+                print(f"{t.name}: foreground latency ({time.perf_counter() - t_all:.0f} s in all)", file=sys.stderr)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     target_text, target_doc = targets(results)
-    png = plots(results, os.path.dirname(os.path.abspath(args.out))) if args.mode == "full" and not args.no_plots \
-        else []
     wall = time.perf_counter() - t_all
     doc = {
         "benchmark": "compaction",
@@ -608,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "block_size": {t.name: args.block_size or TRACE_BLOCK_SIZE[t.name] for t in traces},
                    "passes_per_replay": args.passes, "cold_samples": args.cold_samples, "durability": "cache",
                    "policies": {p: resolve(policy_spec(p)).as_dict() for p in args.policies},
+                   "foreground": {"requests": args.fg_requests, "policies": list(args.fg_policies)},
                    "measured": "blocks/request and cold latency over the second half of each trace; "
                                "amplification after a final pass, close and reopen"},
         "machine": machine,
@@ -617,9 +826,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "results": results,
         "targets": target_doc,
         "foreground_latency": fg,
-        "plots": [os.path.relpath(p, REPO) for p in png],
     }
-    write_json(args.out, finite(doc))
+    doc = finite(doc)
+    png = plots(doc, os.path.dirname(os.path.abspath(args.out))) if args.mode == "full" and not args.no_plots \
+        else []
+    doc["plots"] = [os.path.relpath(p, REPO) for p in png]
+    write_json_compact(args.out, doc)
     print("\n\n".join(tables))
     if fg:
         print("\nforeground get_many latency, warm, ms (idle: no compactor; during: overlapping compaction work)")

@@ -485,6 +485,111 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# (group label, raw ceiling, blockstore figure, fs figure or None) of the plot
+GROUPS = [
+    ("store", "raw_write", "bs_store", "fs_store"),
+    ("warm load", "raw_read_warm", "bs_load_warm", "fs_load_warm"),
+    ("cold load", "raw_read_cold", "bs_load_cold", "fs_load_cold"),
+    ("durable store", "raw_durable_write", "bs_store_sync", None),
+]
+HEADLINE_FIGURES = ["raw_write", "bs_store", "fs_store", "raw_read_warm", "raw_read_warm_xxh3", "bs_load_warm",
+                    "fs_load_warm", "raw_read_cold", "bs_load_cold", "fs_load_cold", "raw_durable_write",
+                    "bs_store_sync"]
+
+
+def plots(doc: dict[str, Any], out_dir: str) -> list[str]:
+    """lmcache_peer[_quick]_vs_fs_and_ceiling.png: blockstore's adapter, LMCache's fs adapter and the raw
+    ceilings (median GB/s, min-max bars), and the ratios against their targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report import png_path
+
+    figs = doc["figures"]
+    groups = [g for g in GROUPS if g[1] in figs and g[2] in figs]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    w = 0.27
+    sides = (("raw-disk ceiling (same run)", 1, "#9e9e9e"), ("blockstore L2 adapter", 2, "#1f77b4"),
+             ("LMCache fs L2 adapter", 3, "#ff7f0e"))
+    for k, (label, col, color) in enumerate(sides):
+        xs, med, lo, hi = [], [], [], []
+        for i, g in enumerate(groups):
+            name = g[col]
+            if name is None or name not in figs:
+                continue
+            s = figs[name]["gb_per_s"]
+            xs.append(i + (k - 1) * w)
+            med.append(s["median"])
+            lo.append(s["median"] - s["min"])
+            hi.append(s["max"] - s["median"])
+        bars = ax.bar(xs, med, w, yerr=[lo, hi], capsize=3, color=color, label=label)
+        ax.bar_label(bars, labels=[f"{m:.2f}" for m in med], fontsize=7, label_type="center", color="white")
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+    ax.set_ylabel("GB/s (median; bars: min-max over repeats)")
+    ax.set_title("1 MiB LMCache KV objects, driven as lmcache server does")
+    ax.legend(fontsize=8)
+    ax.margins(y=0.1)
+    ratios = doc["ratios"]
+    keys = list(ratios)
+    med = [ratios[k]["median"] for k in keys]
+    err = [[m - ratios[k]["min"] for m, k in zip(med, keys)], [ratios[k]["max"] - m for m, k in zip(med, keys)]]
+    bars = ax2.bar(range(len(keys)), med, 0.6, yerr=err, capsize=3,
+                   color=["#2ca02c" if ratios[k].get("met") else "#d62728" for k in keys])
+    ax2.bar_label(bars, labels=[f"{m:.2f}" for m in med], fontsize=7, label_type="center", color="white")
+    ax2.scatter(range(len(keys)), [ratios[k].get("target") for k in keys], marker="_", s=400, color="black",
+                zorder=3, label="target")
+    ax2.set_xticks(range(len(keys)), [k.replace("_bs_vs_", "\nbs / ").replace("_", " ") for k in keys],
+                   fontsize=7)
+    ax2.set_yscale("log")
+    ax2.minorticks_off()
+    ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 3, 5, 8) if 0.5 * min(med + [1]) <= t <= 2 * max(med + [5])]
+    ax2.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax2.set_ylabel("ratio of throughputs (median, min-max; log)")
+    ax2.set_title("Ratios (green: target met)")
+    ax2.legend(fontsize=8)
+    cfg = doc.get("config", {})
+    fig.suptitle(f"bench.lmcache_peer: {cfg.get('records')} objects x {cfg.get('repeats')} repeats", fontsize=9)
+    path = png_path(doc, out_dir, "vs_fs_and_ceiling")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def summary_markdown(doc: dict[str, Any]) -> str:
+    """The target ratios, the headline figures, then the machine and the command."""
+    from bench.report import fmt, machine_line, md_table, reproduce_line
+
+    rows = []
+    for k, r in doc["ratios"].items():
+        fig, ref, _target = RATIOS.get(k, (None, None, None))
+        rows.append([f"`{k}`" + (f" ({fig} / {ref})" if fig else ""), f"**{r['median']:.3f}**",
+                     f"{r['min']:.3f} – {r['max']:.3f}", f"≥ {r['target']}: " + ("met" if r["met"] else "**not met**")])
+    for k in ("store_sync_bs_vs_raw_durable_write", "warm_load_bs_vs_raw_read_xxh3"):
+        r = doc.get("diagnostics", {}).get(k)
+        if r:
+            rows.append([f"`{k}`", f"{r['median']:.3f}", f"{r['min']:.3f} – {r['max']:.3f}", "(diagnostic)"])
+    out = [md_table(["ratio", "median", "min – max", "target"], rows)]
+    figs = doc["figures"]
+    frows = []
+    for name in [n for n in HEADLINE_FIGURES if n in figs]:
+        f = figs[name]
+        g = f["gb_per_s"]
+        frows.append([f"`{name}`", fmt(g["median"]), f"{g['min']:.2f} – {g['max']:.2f}",
+                      fmt(f["objects_per_s"]["median"], 0), fmt(f.get("cpu_s_per_gib", {}).get("median"))])
+    out.append(md_table(["figure", "median GB/s", "min – max", "objects/s", "CPU s / GiB"], frows))
+    cfg = doc.get("config", {})
+    v = doc.get("verification", {})
+    out.append(f"{cfg.get('records')} objects × 1 MiB, {cfg.get('repeats')} repeats, {cfg.get('task_keys')} keys per "
+               f"task, {cfg.get('inflight')} in flight; lmcache {doc.get('code', {}).get('lmcache', '?')}; "
+               f"{v.get('verified_objects', '?')} loaded objects verified, {v.get('mismatches', '?')} mismatches.")
+    out.append(machine_line(doc))
+    out.append(reproduce_line(doc))
+    return "\n\n".join(out)
+
+
 def other_pytest() -> list[str]:
     """Test runs going on beside this one (the machine is shared): recorded, and warned about."""
     me = os.getpid()
@@ -517,7 +622,9 @@ def code_state() -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.lmcache_peer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="256 objects, 3 repeats (explicit flags still win)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="256 objects, 3 repeats (explicit flags still win)")
+    mode.add_argument("--full", action="store_true", help="2048 objects, 5 repeats (the default)")
     ap.add_argument("--records", type=int, help="number of 1 MiB objects (default 2048, --quick 256)")
     ap.add_argument("--repeats", type=int, help="repeats, each on a fresh directory (default 5, --quick 3)")
     ap.add_argument("--dir", default=DEFAULT_DIR, help="scratch root on the disk under test (default bench/.scratch)")

@@ -562,10 +562,9 @@ def summary_markdown(doc: dict[str, Any]) -> str:
             else:
                 out.append(f"| {kind} | {labels[field]} | last/first {x['ratio']:.2f} | >= 0.5 | "
                            f"{'yes' if x['ok'] else '**no**'} |")
-    m = doc.get("machine", {})
-    out.append("")
-    out.append(f"Machine: {m.get('cpu_count', '?')} CPUs, {m.get('kernel', '?')}, scratch filesystem "
-               f"{m.get('scratch_fs', m.get('df', '?'))}, {m.get('date', '?')}. Command: `{doc.get('command')}`")
+    from bench.report import machine_line, reproduce_line
+
+    out += ["", machine_line(doc), "", reproduce_line(doc)]
     return "\n".join(out)
 
 

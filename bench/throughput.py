@@ -394,6 +394,97 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# (label, store figure, ceiling figure, ratio) of the plot and the summary table
+PAIRS = [
+    ("put, cache mode", "store_put_cache", "raw_write (a)", "raw_write", "put_cache_vs_write"),
+    ("put, sync mode", "store_put_sync", "raw_durable_write (b)", "raw_durable_write", "put_sync_vs_durable_write"),
+    ("warm get", "store_get_warm", "raw_read_warm_xxh3 (c)", "raw_read_warm_xxh3", "warm_get_vs_read_xxh3"),
+    ("cold get", "store_get_cold", "raw_read_cold (d)", "raw_read_cold", "cold_get_vs_cold_read"),
+]
+
+
+def plots(doc: dict[str, Any], out_dir: str) -> list[str]:
+    """throughput[_quick]_vs_ceiling.png: each store figure next to its ceiling (median GB/s, min-max bars),
+    and the per-repeat ratios against the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report import png_path
+
+    figs = doc["figures"]
+    pairs = [p for p in PAIRS if p[1] in figs and p[3] in figs]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    w = 0.38
+    for k, (side, color, dx) in enumerate((("ceiling", "#9e9e9e", -w / 2), ("blockstore", "#1f77b4", w / 2))):
+        names = [p[3] if side == "ceiling" else p[1] for p in pairs]
+        g = [figs[n]["gb_per_s"] for n in names]
+        med = [x["median"] for x in g]
+        err = [[m - x["min"] for m, x in zip(med, g)], [x["max"] - m for m, x in zip(med, g)]]
+        bars = ax.bar([i + dx for i in range(len(pairs))], med, w, yerr=err, capsize=4, color=color,
+                      label="raw-disk ceiling (same run)" if k == 0 else "blockstore")
+        ax.bar_label(bars, labels=[f"{m:.2f}" for m in med], fontsize=7, label_type="center", color="white")
+    ax.set_xticks(range(len(pairs)), [f"{p[0]}\nvs {p[2]}" for p in pairs], fontsize=8)
+    ax.set_ylabel("GB/s (median; bars: min-max over repeats)")
+    ax.set_title("Throughput vs ceiling, 1 MiB records")
+    ax.legend(fontsize=8)
+    ax.margins(y=0.12)
+    ratios = doc["ratios"]
+    keys = [p[4] for p in pairs if p[4] in ratios]
+    med = [ratios[k]["median"] for k in keys]
+    err = [[m - ratios[k]["min"] for m, k in zip(med, keys)], [ratios[k]["max"] - m for m, k in zip(med, keys)]]
+    colors = ["#2ca02c" if ratios[k].get("met") else "#d62728" for k in keys]
+    bars = ax2.bar(range(len(keys)), med, 0.6, yerr=err, capsize=4, color=colors)
+    ax2.bar_label(bars, labels=[f"{m:.2f}" for m in med], fontsize=7, label_type="center", color="white")
+    target = ratios[keys[0]].get("target", TARGET) if keys else TARGET
+    ax2.axhline(target, color="black", ls="--", lw=0.8, label=f"target {target}")
+    ax2.set_xticks(range(len(keys)), [k.replace("_vs_", "\nvs ") for k in keys], fontsize=8)
+    ax2.set_ylabel("store / ceiling (median, min-max)")
+    ax2.set_title("Ratio per repeat (green: target met)")
+    ax2.legend(fontsize=8)
+    ax2.margins(y=0.12)
+    cfg = doc.get("config", {})
+    fig.suptitle(f"bench.throughput: {cfg.get('records')} records x {cfg.get('repeats')} repeats", fontsize=9)
+    path = png_path(doc, out_dir, "vs_ceiling")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def summary_markdown(doc: dict[str, Any]) -> str:
+    """Store figures next to their ceilings and the target ratios; then the machine and the command."""
+    from bench.report import fmt, machine_line, md_table, reproduce_line
+
+    figs, ratios = doc["figures"], doc["ratios"]
+
+    def gb(name: str) -> str:
+        g = figs.get(name, {}).get("gb_per_s")
+        return f"{g['median']:.2f} ({g['min']:.2f} – {g['max']:.2f})" if g else "–"
+
+    rows = []
+    for label, store, _ceil_label, ceil, ratio in PAIRS:
+        r = ratios.get(ratio)
+        if r is None:
+            continue
+        verdict = "met" if r.get("met") else "**not met**"
+        rows.append([f"{label}: `{store}`", gb(store), f"`{ceil}`", gb(ceil),
+                     f"**{r['median']:.3f}** ({r['min']:.3f} – {r['max']:.3f})", f"≥ {r.get('target', TARGET)}: {verdict}"])
+    out = [md_table(["figure", "GB/s median (min – max)", "ceiling", "GB/s median (min – max)",
+                     "ratio median (min – max)", "target"], rows)]
+    extra = [f"`{k}` {fmt(v['median'], 3)}" for k, v in doc.get("diagnostics", {}).items()]
+    extra += [f"`{k}` {fmt(v['median'], 2)}×" for k, v in doc.get("speedups", {}).items()]
+    close = [f"`{k}` {v['seconds']['median'] * 1e3:.0f} ms" for k, v in figs.items() if k.endswith("_close")]
+    cfg = doc.get("config", {})
+    out.append(f"{cfg.get('records')} records × 1 MiB, {cfg.get('repeats')} repeats, ratios per repeat (GB/s: 10^9 "
+               f"bytes of payload per second). Diagnostics and speedups: {', '.join(extra) or 'none'}. "
+               f"close(): {', '.join(close) or '–'}.")
+    out.append(machine_line(doc))
+    out.append(reproduce_line(doc))
+    return "\n\n".join(out)
+
+
 def _run(cmd: list[str]) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
@@ -454,7 +545,9 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="256 records and 3 repeats (explicit flags still win)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="256 records and 3 repeats (explicit flags still win)")
+    mode.add_argument("--full", action="store_true", help="1000 records and 5 repeats (the default)")
     ap.add_argument("--records", type=int, help="number of 1 MiB records (default 1000, --quick 256)")
     ap.add_argument("--repeats", type=int, help="repeats, each on a fresh directory (default 5, --quick 3)")
     ap.add_argument("--dir", default=DEFAULT_DIR,
@@ -501,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = {
         "benchmark": "throughput",
         "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
-        "config": {"records": args.records, "record_bytes": RECORD, "repeats": args.repeats,
+        "config": {"mode": "quick" if args.quick else "full",
+                   "records": args.records, "record_bytes": RECORD, "repeats": args.repeats,
                    "recycle_memory": not args.no_recycle, "batch_records": BATCH,
                    "durable_batch_records": DURABLE_BATCH, "payload_pool": POOL,
                    "pair_order": "ceiling, store, store, ceiling; each figure the mean time of its two runs",
