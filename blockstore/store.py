@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -86,9 +87,9 @@ _log = logging.getLogger("blockstore")
 
 DEFAULT_BLOCK_SIZE = 64 << 20
 _MIN_BLOCK, _MAX_BLOCK = 64 << 10, 1 << 40  # small blocks suit chunk-record stores; KV wants large ones
-# Where a write goes when every open block belongs to another partition and holds almost nothing (_block_for).
+# Where a lone write goes when every open block belongs to another partition (_block_for).
 OVERFLOW_PARTITION = b"\0overflow"
-_OVERFLOW_MIN_RECORDS = 2
+_RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (_block_for)
 _READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 DEFAULT_NAMESPACE = "default"
 
@@ -259,6 +260,7 @@ class Store(ChunkAPI, TensorAPI):
         self._queue: list[_Group] = []
         self._leader = False
         self._open: dict[bytes, OpenBlock] = {}
+        self._recent_partitions: OrderedDict[bytes, None] = OrderedDict()  # bounded: see _block_for
         self._retired: list[OpenBlock] = []
         self._sealed_unsynced: set[int] = set()
         self._reclaim_after_sync: set[int] = set()  # sources emptied by moves, waiting for a synced directory
@@ -604,6 +606,7 @@ class Store(ChunkAPI, TensorAPI):
         touched: set[bytes] = set()  # keys a put or delete of this group changed
         retired_tombstones: list[int] = []  # old blocks of tombstone moves, carried or dropped
         pending_need = 0  # a relocation set's size, carried to its first move that wins its CAS
+        per_partition = Counter(m.partition for m in muts if m.expected is None)
         for m, suffix in zip(muts, suffixes):
             pending_need = max(pending_need, m.group_need)
             if m.expected is not None and m.expected.kind == Kind.TOMBSTONE:
@@ -629,7 +632,8 @@ class Store(ChunkAPI, TensorAPI):
             plen = len(m.payload)  # type: ignore[arg-type]
             need = max(len(m.key) + len(m.meta) + plen, pending_need)
             pending_need = 0
-            ob = self._block_for(m.partition, need, tails, to_seal, batch, may_overflow=m.expected is None)
+            ob = self._block_for(m.partition, need, tails, to_seal, batch,
+                                 lone=m.expected is None and per_partition[m.partition] == 1)
             tail = tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
             tails[ob.entry.block_id] = tail + rlen
@@ -794,7 +798,9 @@ class Store(ChunkAPI, TensorAPI):
         raise CorruptionError(f"internal: block {bid} is neither known nor open")
 
     def _block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
-                   batch: DirectoryBatch, *, may_overflow: bool = False) -> OpenBlock:
+                   batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
+        """The open block a record of `partition` goes to. `lone`: a user write that is the only record
+        of its partition in its group."""
         ob = self._open.get(partition)
         if ob is not None:
             tail = tails.get(ob.entry.block_id, ob.tail)
@@ -803,14 +809,17 @@ class Store(ChunkAPI, TensorAPI):
                 del self._open[partition]
                 ob = None
         if ob is None:
+            recent = partition == OVERFLOW_PARTITION or self._written_recently(partition)
             if len(self._open) >= self.max_open_blocks:
                 lru = min(self._open.items(), key=lambda kv: kv[1].entry.last_append_ns)
-                if may_overflow and partition != OVERFLOW_PARTITION and self._still_filling(lru[1], tails):
+                if lone and not recent and self._holds_one_record(lru[1], tails):
                     # More partitions are being written than blocks may be open (thousands of agent
-                    # sessions at once): sealing a block that holds almost nothing to open one for this record
-                    # made a block file per record (found by bench/scaling.py: 20,000 chunk puts over
-                    # 3,500 sessions made 20,000 blocks). Such records share one overflow stream
-                    # instead; compaction's relocation later brings each partition's records together.
+                    # sessions at once). Sealing the least recently used block, itself opened for one
+                    # record, to open one for another lone record made a block file per record (found
+                    # by bench/scaling.py: 10,000 sessions written round-robin). A lone record of a
+                    # partition not written lately then goes to one shared overflow stream; a partition
+                    # that writes again soon, or several records at once, gets a block of its own, and
+                    # compaction's relocation later brings records read together into one block.
                     return self._block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
                 to_seal.append(lru[1])
                 del self._open[lru[0]]
@@ -818,14 +827,21 @@ class Store(ChunkAPI, TensorAPI):
             self._open[partition] = ob
         return ob
 
-    def _still_filling(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
-        """Whether sealing this open block now would leave a block of almost nothing: fewer than
-        _OVERFLOW_MIN_RECORDS records (those of the group being planned count too) and under a quarter
-        full. A count, not a clock, so that placement is the same on every replay of a workload."""
-        tail = tails.get(ob.entry.block_id, ob.tail)
-        if tail >= self.block_size // 4:
-            return False
-        return ob.entry.total_records + (1 if tail > ob.tail else 0) < _OVERFLOW_MIN_RECORDS
+    def _holds_one_record(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
+        """Whether an open block holds a single record (counting one planned in this group)."""
+        planned = 1 if tails.get(ob.entry.block_id, ob.tail) > ob.tail else 0
+        return ob.entry.total_records + planned <= 1
+
+    def _written_recently(self, partition: bytes) -> bool:
+        """Whether `partition` needed a block among the last _RECENT_PARTITIONS_PER_SLOT x max_open_blocks
+        partitions that did (a bounded LRU of partition names); notes that it needs one now."""
+        recent = self._recent_partitions
+        seen = partition in recent
+        recent[partition] = None
+        recent.move_to_end(partition)
+        while len(recent) > _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks:
+            recent.popitem(last=False)
+        return seen
 
     def _new_block(self, partition: bytes, batch: DirectoryBatch) -> OpenBlock:
         bid = self._next_block

@@ -85,12 +85,6 @@ class _Pacer:
                 time.sleep(ahead)
 
 
-def _yield_gil() -> None:
-    """Let waiting foreground threads run: a pure-Python stretch on this thread would otherwise hold
-    the GIL for up to the interpreter's switch interval (5 ms), which is what a reader's p99 sees."""
-    time.sleep(0.0002)
-
-
 class Compactor:
     def __init__(self, store: Store, policy: Policy, *, judge: AffinityJudge | None = None) -> None:
         self.store = store
@@ -217,7 +211,7 @@ class Compactor:
             if self._stop.is_set():
                 return
             if pacer is not None:
-                _yield_gil()
+                gc.yield_gil()
             spent = self.relocated_bytes + (rep.planned_bytes if dry_run else 0)
             left = self.budget_left(spent, self.policy.relocation_budget)
             if left <= 0:
@@ -269,7 +263,7 @@ class Compactor:
             if self._stop.is_set():
                 return
             if pacer is not None:
-                _yield_gil()
+                gc.yield_gil()
             if progress is not None:
                 progress("gc", i, len(chosen))
             if gc.only_needed_tombstones(e, self._min_seqs):

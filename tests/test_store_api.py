@@ -419,24 +419,34 @@ def test_put_chunks_writes_a_batch_in_one_commit(tmp_path: Path, backend: str) -
 
 
 def test_more_sessions_than_open_blocks_share_an_overflow_block(tmp_path: Path, backend: str) -> None:
-    """Writes interleaved over many partitions must not seal a block per record (each record of 3,500
-    sessions written round-robin made a block file of its own before the overflow stream)."""
+    """Lone writes interleaved over many partitions must not seal a block per record (each chunk record
+    of 10,000 sessions written round-robin made a block file of its own before the overflow stream),
+    while a partition that writes several records at once, or again soon, still gets a block."""
     from blockstore.store import OVERFLOW_PARTITION
 
     path = tmp_path / "s"
+    users = 400  # more than the partitions remembered as written lately (64 per open slot: 256)
     with blockstore.open(path, backend=backend, max_open_blocks=4) as s:
         for rnd in range(3):
-            s.put_chunks([blockstore.ChunkWrite(f"user{u}", "s", f"c{rnd}", "memory " * 20) for u in range(200)])
+            for u in range(users):  # one chunk per call, as an agent saves a memory
+                s.put_chunk(f"user{u}", "s", f"c{rnd}", "memory " * 20)
         blocks = s.block_table()
-        # at most a block per open slot per round, plus the overflow's (a block per record made 600)
-        assert len(blocks) <= 3 * (4 + 1), [(b.block_id, b.partition) for b in blocks]
+        # each round re-opens at most one block per slot (for the first sessions of the round, once the
+        # previous round left every open block with two records), plus the overflow's; a block per
+        # record made 1,200
+        assert len(blocks) <= 3 * 4 + 1 + 2, [(b.block_id, b.partition) for b in blocks]
         assert any(b.partition == OVERFLOW_PARTITION for b in blocks)
         assert [c.chunk_id for c in s.list_chunks("user150", "s")] == ["c0", "c1", "c2"]
+        # several records of one partition in one call: a block of its own
+        s.put_many([(b"k%d" % i, b"v" * 100) for i in range(10)], partition="burst")
+        # a lone record of a partition that wrote just before: a block of its own too
+        s.put_chunk("alice", "s", "c0", "x")
+        s.put_many([(b"filler%d" % i, b"f") for i in range(5)], partition="other")
+        s.put_chunk("alice", "s", "c1", "y")
+        parts = [b.partition for b in s.block_table()]
+        assert b"default\0burst" in parts and sum(p.endswith(b"alice\x00\x01s") for p in parts) == 1, parts
     with blockstore.open(path, backend=backend, max_open_blocks=4) as s:
-        assert s.stats().records == 600
-        # a partition written alone still gets its own block: the overflow only takes what cannot fit
-        s.put_many([(b"k%d" % i, b"v" * 100) for i in range(10)], partition="lonely")
-        assert any(b.partition == b"default\0lonely" for b in s.block_table())
+        assert s.stats().records == 3 * users + 10 + 5 + 2
 
 
 def test_small_reads_are_page_aligned_and_independent(store: blockstore.Store) -> None:
