@@ -90,6 +90,8 @@ _MIN_BLOCK, _MAX_BLOCK = 64 << 10, 1 << 40  # small blocks suit chunk-record sto
 # Where a lone write goes when every open block belongs to another partition (_block_for).
 OVERFLOW_PARTITION = b"\0overflow"
 _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (_block_for)
+# ...and the least share of the writes placed since it opened that keeps an open block worth its slot
+# for a lone newcomer: 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks)
 _READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 DEFAULT_NAMESPACE = "default"
 
@@ -261,6 +263,7 @@ class Store(ChunkAPI, TensorAPI):
         self._leader = False
         self._open: dict[bytes, OpenBlock] = {}
         self._recent_partitions: OrderedDict[bytes, None] = OrderedDict()  # bounded: see _block_for
+        self._writes_placed = 0  # user records placed since open (_block_for's measure of a block's share)
         self._retired: list[OpenBlock] = []
         self._sealed_unsynced: set[int] = set()
         self._reclaim_after_sync: set[int] = set()  # sources emptied by moves, waiting for a synced directory
@@ -632,6 +635,8 @@ class Store(ChunkAPI, TensorAPI):
             plen = len(m.payload)  # type: ignore[arg-type]
             need = max(len(m.key) + len(m.meta) + plen, pending_need)
             pending_need = 0
+            if m.expected is None:
+                self._writes_placed += 1
             ob = self._block_for(m.partition, need, tails, to_seal, batch,
                                  lone=m.expected is None and per_partition[m.partition] == 1)
             tail = tails.get(ob.entry.block_id, ob.tail)
@@ -812,13 +817,15 @@ class Store(ChunkAPI, TensorAPI):
             recent = partition == OVERFLOW_PARTITION or self._written_recently(partition)
             if len(self._open) >= self.max_open_blocks:
                 lru = min(self._open.items(), key=lambda kv: kv[1].entry.last_append_ns)
-                if lone and not recent and self._holds_one_record(lru[1], tails):
+                if lone and not recent and self._starved(lru[1], tails):
                     # More partitions are being written than blocks may be open (thousands of agent
-                    # sessions at once). Sealing the least recently used block, itself opened for one
-                    # record, to open one for another lone record made a block file per record (found
-                    # by bench/scaling.py: 10,000 sessions written round-robin). A lone record of a
-                    # partition not written lately then goes to one shared overflow stream; a partition
-                    # that writes again soon, or several records at once, gets a block of its own, and
+                    # sessions at once). Sealing the least recently used block to open one for a lone
+                    # record made a block file per record (found by bench/scaling.py: 10,000 sessions
+                    # written round-robin), and sealing only blocks of two or more records still one
+                    # block per two records. When the block that would be sealed holds one record or
+                    # took almost none of the writes since it opened, a lone record of a partition not
+                    # written lately goes to one shared overflow stream instead; a partition that
+                    # writes again soon, or several records at once, gets a block of its own, and
                     # compaction's relocation later brings records read together into one block.
                     return self._block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
                 to_seal.append(lru[1])
@@ -827,10 +834,13 @@ class Store(ChunkAPI, TensorAPI):
             self._open[partition] = ob
         return ob
 
-    def _holds_one_record(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
-        """Whether an open block holds a single record (counting one planned in this group)."""
-        planned = 1 if tails.get(ob.entry.block_id, ob.tail) > ob.tail else 0
-        return ob.entry.total_records + planned <= 1
+    def _starved(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
+        """Whether an open block has not earned its slot: it holds a single record (counting one planned
+        in this group), or took less than 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks) of the user
+        writes placed since it opened."""
+        records = ob.entry.total_records + (1 if tails.get(ob.entry.block_id, ob.tail) > ob.tail else 0)
+        since = self._writes_placed - ob.opened_at_write
+        return records <= 1 or records * _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks < since
 
     def _written_recently(self, partition: bytes) -> bool:
         """Whether `partition` needed a block among the last _RECENT_PARTITIONS_PER_SLOT x max_open_blocks
@@ -850,7 +860,7 @@ class Store(ChunkAPI, TensorAPI):
         now = time.time_ns()
         e = BlockEntry(bid, BLOCK_OPEN, partition, created_ns=now, last_append_ns=now)
         batch.put_block(e)
-        return OpenBlock(e, fd, BLOCK_HEADER_SIZE)
+        return OpenBlock(e, fd, BLOCK_HEADER_SIZE, opened_at_write=self._writes_placed)
 
     def _idle_blocks(self) -> list[OpenBlock]:
         if self.idle_seal_seconds <= 0:
