@@ -271,6 +271,15 @@ class Gpu:
         with self.torch.cuda.stream(self.stream):
             self.arena[dst_offset : dst_offset + nbytes].copy_(src.tensor[:nbytes], non_blocking=True)
 
+    def timed_copy(self, src: HostBuf, nbytes: int, dst_offset: int) -> tuple[Any, Any, Any]:
+        """copy() between two timing events, then a completion event: (start, end, done)."""
+        c0, c1, ev = self.event(True), self.event(True), self.event()
+        c0.record(self.stream)
+        self.copy(src, nbytes, dst_offset)
+        c1.record(self.stream)
+        ev.record(self.stream)
+        return c0, c1, ev
+
     def clear(self) -> None:
         self.arena.zero_()  # a pass that lands nothing must not verify against the previous pass
         self.torch.cuda.synchronize()
@@ -368,11 +377,7 @@ def pipeline(read_batch: ReadBatch, n: int, per_batch: int, size: int, slots: li
             verified += verify(checksums(words, weights), expected, first, "host slot")
             check_s += time.perf_counter() - tc
             continue
-        c0, c1, ev = gpu.event(True), gpu.event(True), gpu.event()
-        c0.record(gpu.stream)
-        gpu.copy(slot, count * size, first * size)
-        c1.record(gpu.stream)
-        ev.record(gpu.stream)
+        c0, c1, ev = gpu.timed_copy(slot, count * size, first * size)
         copies.append((c0, c1))
         if len(slots) == 1:  # serial: wait for this copy now
             tw = time.perf_counter()
@@ -455,11 +460,7 @@ def pipeline_threaded(read_batch: ReadBatch, n: int, per_batch: int, size: int, 
                 errors.append(exc)
             free.put((slot, None))
             continue
-        c0, c1, ev = gpu.event(True), gpu.event(True), gpu.event()
-        c0.record(gpu.stream)
-        gpu.copy(slot, count * size, first * size)
-        c1.record(gpu.stream)
-        ev.record(gpu.stream)
+        c0, c1, ev = gpu.timed_copy(slot, count * size, first * size)
         copies.append((c0, c1))
         free.put((slot, ev))
     for t in threads:
