@@ -30,8 +30,8 @@ At each stage (every figure comes from a process that did only that work):
                  during compaction vs the same number of gets just before it (idle). The get latencies
                  over time at the largest stage are kept for the timeline plot.
 
-    python -m bench.scaling --quick             # about 5 minutes here
-    python -m bench.scaling --full              # 50 GB and 10 million records: about an hour here
+    python -m bench.scaling --quick             # about 2 minutes here
+    python -m bench.scaling --full              # 50 GB and 10 million records: 16-20 minutes here
     python -m bench.scaling --series records --stages 10000,100000
 
 The store grows by its own writes, so the disk under --dir needs room for the largest stage (the full
