@@ -454,7 +454,7 @@ def plots(doc: dict[str, Any], out_dir: str) -> list[str]:
     suffix = "" if doc.get("config", {}).get("mode") == "full" else "_quick"
     files = []
     series = doc["series"]
-    panels = [f for f in FIGURES]
+    panels = FIGURES
     cols = 4
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.3 * rows_n), squeeze=False)

@@ -117,11 +117,7 @@ class ChunkAPI:
                   meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
                   ts_ns: int | None = None, ns: str = "default") -> None:
         """Write (or update: the old record becomes dead) one chunk record."""
-        from blockstore.store import _check_ns
-
-        self._check_open(write=True)
-        _check_ns(ns)
-        self._submit([_chunk_mutation(ns, ChunkWrite(user_id, session_id, chunk_id, text, meta, tuple(kv_keys), ts_ns))])
+        self.put_chunks([ChunkWrite(user_id, session_id, chunk_id, text, meta, tuple(kv_keys), ts_ns)], ns=ns)
 
     def put_chunks(self: StoreCore, chunks: Sequence[ChunkWrite], *, ns: str = "default") -> None:
         """Write many chunk records in one group commit (each record is atomic, the call is not: a
