@@ -34,15 +34,21 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
 - Memory: nothing is held per record. The directory (RocksDB) is the only index; the adapter keeps
   counters, the keys that tasks are storing, deleting or hold locked right now, and a bounded set of
   recently read keys (the second chance).
-- Restart: one streaming pass over the lmcache namespaces of the directory seeds the byte counters;
-  every listener LMCache registers gets the records replayed in batches, so its eviction can manage
-  them.
+- Restart: one streaming pass over the lmcache namespaces of the directory seeds the byte counters.
+- Listeners (LMCache's eviction): one registered at any time, on a fresh or a recovered store, hears
+  exactly once of every record held: those already held are replayed to it in batches streamed from the
+  directory (nothing kept per record), later changes as they happen; a store or delete that ends while
+  the replay runs is told to it by the replay or by the task, never both (`register_listener`).
+- Config: `BlockstoreL2AdapterConfig` is a frozen dataclass validated in `__post_init__`, however it is
+  built; bad values raise `InvalidArgument` naming the field. A constructor that fails closes all it
+  opened (store, fds, pools), so the store is never left locked by the process that failed to start.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import json
@@ -54,8 +60,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lmcache.lmcache_native import Bitmap
 from lmcache.v1.distributed.api import KeyEntry, KeyListPage, ObjectKey
@@ -66,6 +72,7 @@ from lmcache.v1.platform import create_event_notifier
 
 import blockstore
 from blockstore.directory import SPACE_KV, TAG_KEY, Location, key_suffix
+from blockstore.errors import InvalidArgument
 from blockstore.records import MAX_KEY
 
 if TYPE_CHECKING:
@@ -172,49 +179,45 @@ def layout_fingerprint(obj: Any) -> bytes:
 
 _DEFAULT_COMPACTION = "full"
 RECENT_KEYS = 65536  # keys remembered as recently read (eviction's second chance): about 10 MB at most
-REPLAY_BATCH = 4096  # recovered keys per listener call
+REPLAY_BATCH = 1024  # records per replay step and listener call (a step holds _deliver_lock: ~5-10 ms)
 EVICT_SCAN_BLOCKS = 1024  # oldest blocks one capacity eviction pass looks at
 
 
+@dataclass(frozen=True)
 class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
-    """`adapter_params` of the blockstore L2 adapter (see `help()`)."""
+    """`adapter_params` of the blockstore L2 adapter (see `help()`). Validated by `__post_init__`, however it is
+    built (directly, `from_dict`, `dataclasses.replace`): a bad value raises blockstore's `InvalidArgument` (a
+    ValueError) naming the field. Frozen, so a validated config stays valid."""
 
-    FIELDS = ("path", "durability", "block_size", "capacity_bytes", "compaction", "workers", "lock_ttl_s")
+    FIELDS: ClassVar[tuple[str, ...]] = ("path", "durability", "block_size", "capacity_bytes", "compaction",
+                                         "workers", "lock_ttl_s")
 
-    def __init__(self, path: str, *, durability: str = "cache", block_size: int | None = None,
-                 capacity_bytes: int = 0, compaction: str | dict[str, Any] | None = _DEFAULT_COMPACTION,
-                 workers: int = 4, lock_ttl_s: float = 600.0) -> None:
-        self.path = path
-        self.durability = durability
-        self.block_size = block_size
-        self.capacity_bytes = capacity_bytes
-        self.compaction = compaction
-        self.workers = workers
-        self.lock_ttl_s = lock_ttl_s
+    path: str
+    _: KW_ONLY
+    durability: str = "cache"
+    block_size: int | None = None
+    capacity_bytes: int = 0
+    compaction: str | dict[str, Any] | None = _DEFAULT_COMPACTION
+    workers: int = 4
+    lock_ttl_s: float = 600.0
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockstoreL2AdapterConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"blockstore adapter_params must be a JSON object, got {type(d).__name__}")
-        params = {k: v for k, v in d.items() if k != "type"}
-        unknown = sorted(set(params) - set(cls.FIELDS))
-        if unknown:
-            raise ValueError(f"blockstore adapter_params: unknown key(s) {unknown}; known: {list(cls.FIELDS)}")
-        path = params.get("path")
+    def __post_init__(self) -> None:
+        """The one validator (normalizes compaction False/'none' to None and lock_ttl_s to a float)."""
+        def bad(name: str, why: str) -> InvalidArgument:
+            return InvalidArgument(f"blockstore adapter_params: {name!r} {why}")
+
+        path = self.path
         if not isinstance(path, str) or not path.strip():
-            raise ValueError("blockstore adapter_params: 'path' (the store directory) is required, a non-empty string")
-        durability = params.get("durability", "cache")
-        if durability not in ("cache", "sync"):
-            raise ValueError(f"blockstore adapter_params: 'durability' must be 'cache' or 'sync', got {durability!r}")
-        block_size = params.get("block_size")
+            raise bad("path", f"(the store directory) is required, a non-empty string, got {path!r}")
+        if self.durability not in ("cache", "sync"):
+            raise bad("durability", f"must be 'cache' or 'sync', got {self.durability!r}")
+        block_size = self.block_size
         if block_size is not None and (not _is_int(block_size) or not (64 << 10) <= block_size <= (1 << 40)):
-            raise ValueError("blockstore adapter_params: 'block_size' must be an integer number of bytes between "
-                             f"65536 (64 KiB) and 2**40 (1 TiB), got {block_size!r}")
-        capacity = params.get("capacity_bytes", 0)
-        if not _is_int(capacity) or capacity < 0:
-            raise ValueError("blockstore adapter_params: 'capacity_bytes' must be an integer >= 0 "
-                             f"(0 = unbounded), got {capacity!r}")
-        compaction = params.get("compaction", _DEFAULT_COMPACTION)
+            raise bad("block_size", "must be an integer number of bytes between 65536 (64 KiB) and 2**40 (1 TiB), "
+                      f"got {block_size!r}")
+        if not _is_int(self.capacity_bytes) or self.capacity_bytes < 0:
+            raise bad("capacity_bytes", f"must be an integer >= 0 (0 = unbounded), got {self.capacity_bytes!r}")
+        compaction = self.compaction
         if compaction is False or compaction == "none":
             compaction = None
         if compaction is not None:
@@ -222,20 +225,30 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
 
             spec = compaction
             if isinstance(spec, dict):  # "background" is attach()'s switch, not a policy knob
+                compaction = dict(spec)  # a copy: the caller's dict cannot change it afterwards
                 spec = {k: v for k, v in spec.items() if k != "background"}
             try:
                 resolve(spec)
-            except ValueError as exc:  # InvalidArgument
-                raise ValueError(f"blockstore adapter_params: 'compaction': {exc}") from None
-        workers = params.get("workers", 4)
-        if not _is_int(workers) or not 1 <= workers <= 256:
-            raise ValueError(f"blockstore adapter_params: 'workers' must be an integer in 1..256, got {workers!r}")
-        ttl = params.get("lock_ttl_s", 600.0)
+            except (ValueError, TypeError) as exc:  # InvalidArgument
+                raise bad("compaction", f"is not a usable policy: {exc}") from None
+        if not _is_int(self.workers) or not 1 <= self.workers <= 256:
+            raise bad("workers", f"must be an integer in 1..256, got {self.workers!r}")
+        ttl = self.lock_ttl_s
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
-            raise ValueError(f"blockstore adapter_params: 'lock_ttl_s' must be a number >= 0 (0 = locks never "
-                             f"expire), got {ttl!r}")
-        return cls(path, durability=durability, block_size=block_size, capacity_bytes=capacity,
-                   compaction=compaction, workers=workers, lock_ttl_s=float(ttl))
+            raise bad("lock_ttl_s", f"must be a number >= 0 (0 = locks never expire), got {ttl!r}")
+        object.__setattr__(self, "compaction", compaction)
+        object.__setattr__(self, "lock_ttl_s", float(ttl))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockstoreL2AdapterConfig:
+        """From the `adapter_params` JSON object: unknown keys are refused, values go through the validator."""
+        if not isinstance(d, dict):
+            raise InvalidArgument(f"blockstore adapter_params must be a JSON object, got {type(d).__name__}")
+        params = {k: v for k, v in d.items() if k != "type"}
+        unknown = sorted(set(params) - set(cls.FIELDS), key=str)
+        if unknown:
+            raise InvalidArgument(f"blockstore adapter_params: unknown key(s) {unknown}; known: {list(cls.FIELDS)}")
+        return cls(params.pop("path", None), **params)
 
     @classmethod
     def help(cls) -> str:
@@ -307,9 +320,24 @@ class _Counters:
     task_errors: int = 0
 
 
+class _Sub:
+    """A registered listener and how far the replay of the records already held has reached for it."""
+
+    __slots__ = ("listener", "cursor", "deferred")
+
+    def __init__(self, listener: L2AdapterListener) -> None:
+        self.listener = listener
+        # (namespace, serialized key) of the last position the replay covered; None once it covered everything
+        self.cursor: tuple[str, bytes] | None = ("", b"")
+        # keys the replay passed while a task was storing or deleting them: that task's end announces their
+        # final state to this listener (bounded by the keys in flight)
+        self.deferred: set[ObjectKey] = set()
+
+
 class BlockstoreL2Adapter(L2AdapterInterface):
     """An L2 adapter over one blockstore store. Thread-safe: entered from LMCache's store, prefetch,
-    eviction and HTTP threads and from its own worker threads; all shared state is under `_lock`."""
+    eviction and HTTP threads and from its own worker threads; all shared state is under `_lock`, listener
+    state and deliveries under `_deliver_lock` (taken first)."""
 
     config_class_name = "BlockstoreL2AdapterConfig"
 
@@ -341,9 +369,21 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._consecutive_failures = 0
         self._last_error: str | None = None
         self.recovered_keys = 0
+        # Listeners are the adapter's own (the base class's list stays empty: its _notify_keys_* only keep the
+        # usage counters and publish events). Every listener delivery, every replay step and the end of every
+        # store or delete (its counters and its announcement) happen under _deliver_lock, so a replay step sees
+        # each key either before or after a task's end, never in between. Lock order: _deliver_lock, then _lock;
+        # reentrant, so a listener may call back into the adapter.
+        self._deliver_lock = threading.RLock()
+        self._subs: list[_Sub] = []
+        self._ends_queued = 0  # task ends that asked for _deliver_lock (see _task_end)
+        self._ends_admitted = 0  # ... and got it
 
         self.store = blockstore.open(config.path, durability=config.durability, block_size=config.block_size,
                                      on_corrupt="miss", compaction=config.compaction)
+        # A constructor that fails releases everything it made, newest first, so that the store is not left
+        # locked by this very process (LMCache aborts start-up; a retry or a second adapter must open it).
+        undo: list[Callable[[], None]] = [self.store.close]
         try:
             compactor = self.store.compactor
             if compactor is not None:
@@ -352,13 +392,24 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 self.store.remove_read_observer(compactor.tracker.observe)
             self._seed_counters()
             self._store_efd = create_event_notifier()
+            undo.append(self._store_efd.close)
             self._lookup_efd = create_event_notifier()
+            undo.append(self._lookup_efd.close)
             self._load_efd = create_event_notifier()
+            undo.append(self._load_efd.close)
+            self._io_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blockstore-l2-io")
+            undo.append(self._io_pool.shutdown)
+            self._store_pool = ThreadPoolExecutor(max_workers=config.workers,
+                                                  thread_name_prefix="blockstore-l2-store")
+            undo.append(self._store_pool.shutdown)
         except BaseException:
-            self.store.close()
+            self._closed = True
+            for release in reversed(undo):
+                try:
+                    release()
+                except Exception:  # keep releasing the rest; the original error is what the caller sees
+                    _log.exception("blockstore L2: cleanup after a failed start failed")
             raise
-        self._io_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blockstore-l2-io")
-        self._store_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blockstore-l2-store")
 
     # ---- event fds ----
 
@@ -581,19 +632,23 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     raise
         finally:
             replaced = [p for p in written if p.old is not None]
-            with self._lock:
-                self._reserved -= reserved
-                for i, _kb in claimed:
-                    self._storing.discard(keys[i])
-                self._used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
-                self._records += len(written) - len(replaced)
-                self._counters.replaced_other_layout += len(replaced)
-                self._counters.keys_stored += len(written)
-                self._counters.bytes_stored += sum(p.size for p in written)
-            if replaced:
-                self._notify("deleted", [p.key for p in replaced], [p.old.payload_len for p in replaced if p.old])
-            if written:
-                self._notify("stored", [p.key for p in written], [p.size for p in written])
+            with self._task_end():
+                finals = self._settle([keys[i] for i, _ in claimed])
+                with self._lock:
+                    self._reserved -= reserved
+                    for i, _kb in claimed:
+                        self._storing.discard(keys[i])
+                    self._used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
+                    self._records += len(written) - len(replaced)
+                    self._counters.replaced_other_layout += len(replaced)
+                    self._counters.keys_stored += len(written)
+                    self._counters.bytes_stored += sum(p.size for p in written)
+                if replaced:
+                    self._notify("deleted", [p.key for p in replaced],
+                                 [p.old.payload_len for p in replaced if p.old])
+                if written:
+                    self._notify("stored", [p.key for p in written], [p.size for p in written])
+                self._resolve(finals)
         return sum(p.size for p in written)
 
     def _make_room(self, puts: list[_Put]) -> tuple[list[_Put], int]:
@@ -865,15 +920,18 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     except Exception:
                         pass
         finally:
-            with self._lock:
-                for k in marked:
-                    self._deleting.discard(k)
-                    self._recent.pop(k, None)
-                self._used -= sum(s for _, s in gone)
-                self._records -= len(gone)
-                self._counters.keys_deleted += len(gone)
-            if gone:
-                self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
+            with self._task_end():
+                finals = self._settle(marked)
+                with self._lock:
+                    for k in marked:
+                        self._deleting.discard(k)
+                        self._recent.pop(k, None)
+                    self._used -= sum(s for _, s in gone)
+                    self._records -= len(gone)
+                    self._counters.keys_deleted += len(gone)
+                if gone:
+                    self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
+                self._resolve(finals)
         return [k for k, _ in gone], sum(s for _, s in gone)
 
     # ---- listing, status, listeners ----
@@ -933,33 +991,181 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                       self.config.path)
 
     def register_listener(self, listener: L2AdapterListener) -> None:
-        """Attach, then announce the records already held (streamed in batches), so LMCache's eviction can
-        evict them too."""
-        super().register_listener(listener)
-        if not self.recovered_keys:
-            return
-        batch: list[tuple[ObjectKey, int]] = []
+        """Attach a listener at any time: it hears exactly once of every record the adapter holds. The records
+        already held are replayed to it (streamed from the directory, REPLAY_BATCH keys per call, nothing kept
+        per record); records stored, replaced or deleted meanwhile reach it as they happen once the replay has
+        passed their position, and through the replay (their state when it gets there) before that. A key that
+        a task is storing or deleting when the replay passes it is announced by that task's end instead."""
+        sub = _Sub(listener)
+        with self._deliver_lock:
+            self._subs.append(sub)
         try:
-            for item in self._records_held():
-                batch.append(item)
-                if len(batch) == REPLAY_BATCH:
-                    listener.on_l2_keys_stored([k for k, _ in batch], [n for _, n in batch])
-                    batch.clear()
-            if batch:
-                listener.on_l2_keys_stored([k for k, _ in batch], [n for _, n in batch])
+            while self._replay_step(sub):
+                self._let_task_ends_pass()
         except Exception:
-            _log.exception("blockstore L2: replaying recovered keys to a listener failed")
+            _log.exception("blockstore L2: replaying the records held to a listener failed; it hears of changes "
+                           "from now on")
+            with self._deliver_lock:
+                sub.cursor = None
+
+    @contextlib.contextmanager
+    def _task_end(self) -> Iterator[None]:
+        """_deliver_lock for the end of a task (or a delivery), counted so that a replay can let the ends
+        waiting for it go between two steps (Python's locks are not fair: without this, a long replay could
+        keep the lock to itself and hold up every store and delete for its whole length)."""
+        with self._lock:
+            self._ends_queued += 1
+        with self._deliver_lock:
+            with self._lock:
+                self._ends_admitted += 1
+            yield
+
+    def _let_task_ends_pass(self) -> None:
+        """Between two replay steps: wait (briefly, bounded) until the task ends already waiting got the lock."""
+        with self._lock:
+            target = self._ends_queued
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._ends_admitted >= target:
+                    return
+            time.sleep(0.0002)
+
+    def _replay_step(self, sub: _Sub) -> bool:
+        """Announce the next batch of records after `sub.cursor` to `sub`; False once the replay is complete.
+        Runs under _deliver_lock, so no store or delete ends during the step: a key no task holds in flight
+        when the step has read the directory is what the step read, and stays so until a task that claims it
+        later ends, when the advanced cursor makes that task announce the change. Keys in flight in the range
+        read are deferred to their task's end (`_settle`, `_resolve`)."""
+        with self._deliver_lock:
+            lo = sub.cursor
+            assert lo is not None
+            found: list[tuple[str, bytes, int]] = []
+            full = False
+            for ns in self._namespaces():  # read now: namespaces created since the last step are included
+                if ns < lo[0]:
+                    continue
+                for kb, loc in self._scan(ns, lo[1] if ns == lo[0] else None):
+                    found.append((ns, kb, loc.payload_len))
+                    if len(found) >= REPLAY_BATCH:
+                        full = True
+                        break
+                if full:
+                    break
+            hi = (found[-1][0], found[-1][1]) if full else None  # None: read to the end of the directory
+            with self._lock:
+                inflight = [*self._storing, *self._deleting]
+            skip: set[tuple[str, bytes]] = set()
+            for k in inflight:
+                try:
+                    pos = self._pos(k)
+                except (ValueError, AttributeError, TypeError):
+                    continue
+                if pos > lo and (hi is None or pos <= hi):
+                    sub.deferred.add(k)
+                    skip.add(pos)
+            keys: list[ObjectKey] = []
+            sizes: list[int] = []
+            for ns, kb, size in found:
+                if (ns, kb) in skip:
+                    continue
+                try:
+                    key = decode_object_key(kb)
+                except ValueError:
+                    continue  # not an ObjectKey (see _records_held)
+                if namespace_for(key.model_name, key.cache_salt) == ns:
+                    keys.append(key)
+                    sizes.append(size)
+            sub.cursor = hi
+            if keys:
+                self._call(sub, "stored", keys, sizes)
+            return hi is not None
+
+    @staticmethod
+    def _pos(key: ObjectKey) -> tuple[str, bytes]:
+        """A key's place in the replay's order (namespaces by name, then keys bytewise, as the directory)."""
+        return namespace_for(key.model_name, key.cache_salt), encode_object_key(key)
+
+    def _knows(self, sub: _Sub, key: ObjectKey) -> bool:
+        """Whether `sub` has been told the current state of `key`'s record (caller holds _deliver_lock): the
+        replay has passed it and no task's end still owes it the key's final state."""
+        if key in sub.deferred:
+            return False
+        if sub.cursor is None:
+            return True
+        try:
+            return self._pos(key) <= sub.cursor
+        except (ValueError, AttributeError, TypeError):
+            return False
+
+    def _settle(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int | None]:
+        """At the end of a task (caller holds _deliver_lock, the keys are still claimed by the task, so their
+        records cannot change): the payload size (None: no record) of those of `keys` that a replay deferred.
+        Empty, without touching the directory, unless a replay passed one of them in flight (rare)."""
+        if not any(sub.deferred for sub in self._subs):
+            return {}
+        want = [k for k in dict.fromkeys(keys) if any(k in sub.deferred for sub in self._subs)]
+        if not want:
+            return {}
+        finals: dict[ObjectKey, int | None] = dict.fromkeys(want)
+        groups, _bad = self._group(want)
+        for ns, items in groups.items():
+            try:
+                locs = self.store.locate_many([kb for _, kb in items], ns=ns)
+            except Exception as exc:
+                _log.error("blockstore L2: cannot tell a replaying listener about %d key(s) in %s: %s",
+                           len(items), ns, exc)
+                continue
+            for (i, _kb), loc in zip(items, locs):
+                finals[want[i]] = None if loc is None else loc.payload_len
+        return finals
+
+    def _resolve(self, finals: dict[ObjectKey, int | None]) -> None:
+        """Announce the final state of deferred keys to the listeners that deferred them (caller holds
+        _deliver_lock, after the task's own announcements, which skipped them)."""
+        if not finals:
+            return
+        for sub in list(self._subs):
+            keys = [k for k in finals if k in sub.deferred]
+            if not keys:
+                continue
+            sub.deferred.difference_update(keys)
+            held = [(k, n) for k in keys if (n := finals[k]) is not None]
+            if held:
+                self._call(sub, "stored", [k for k, _ in held], [n for _, n in held])
 
     def _notify(self, what: str, keys: list[ObjectKey], sizes: list[int] | None = None) -> None:
+        """Usage counters and LMCache's event bus (the base class), then each listener, told only of keys whose
+        state it knows (`_knows`): the others reach it through its replay."""
+        with self._task_end():
+            try:
+                if what == "stored":
+                    self._notify_keys_stored(keys, sizes or [])
+                elif what == "deleted":
+                    self._notify_keys_deleted(keys, sizes or [])
+                else:
+                    self._notify_keys_accessed(keys)
+            except Exception:  # a failure here must not fail the task that stored or loaded the data
+                _log.exception("blockstore L2: usage accounting (%s) failed", what)
+            for sub in list(self._subs):
+                if sub.cursor is None and not sub.deferred:
+                    self._call(sub, what, keys, sizes)
+                    continue
+                idx = [i for i, k in enumerate(keys) if self._knows(sub, k)]
+                if idx:
+                    self._call(sub, what, [keys[i] for i in idx], None if sizes is None else [sizes[i] for i in idx])
+
+    @staticmethod
+    def _call(sub: _Sub, what: str, keys: list[ObjectKey], sizes: list[int] | None) -> None:
         try:
             if what == "stored":
-                self._notify_keys_stored(keys, sizes or [])
+                sub.listener.on_l2_keys_stored(keys, sizes or [])
             elif what == "deleted":
-                self._notify_keys_deleted(keys, sizes or [])
+                sub.listener.on_l2_keys_deleted(keys)
             else:
-                self._notify_keys_accessed(keys)
-        except Exception:  # a listener's failure must not fail the task that stored or loaded the data
-            _log.exception("blockstore L2: notifying listeners (%s) failed", what)
+                sub.listener.on_l2_keys_accessed(keys)
+        except Exception:  # one listener's failure must neither fail the task nor keep the others uninformed
+            _log.exception("blockstore L2: a listener failed on %d %s key(s)", len(keys), what)
 
     def list_l2_keys(self, model_name: str | None = None, page_size: int = 500,
                      cursor: str | None = None) -> KeyListPage:

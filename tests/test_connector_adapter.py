@@ -947,3 +947,312 @@ def test_storage_manager_l2_eviction_under_load(tmp_path: Path) -> None:
         assert sm.report_status()["is_healthy"]
     finally:
         sm.close()
+
+
+# ------------------------------------------- issue 13, item 8: listener replay, failed constructor, config
+
+class Exact(Listener):
+    """A listener that checks it hears of each record exactly once: a second "stored" for a key it holds, or a
+    "deleted" for a key it never heard of, is recorded as an error."""
+
+    def __init__(self, slow: float = 0.0) -> None:
+        super().__init__()
+        self.held: dict[ObjectKey, int] = {}
+        self.errors: list[str] = []
+        self.calls: list[int] = []
+        self.slow = slow
+        self._mu = threading.Lock()
+
+    def on_l2_keys_stored(self, keys: list[ObjectKey], sizes: list[int]) -> None:
+        with self._mu:
+            self.calls.append(len(keys))
+            for k, n in zip(keys, sizes):
+                if k in self.held:
+                    self.errors.append(f"stored twice: {k.chunk_hash[:4].hex()}")
+                self.held[k] = n
+        if self.slow:
+            time.sleep(self.slow)  # widens the window in which stores and deletes race the replay
+        super().on_l2_keys_stored(keys, sizes)
+
+    def on_l2_keys_deleted(self, keys: list[ObjectKey]) -> None:
+        with self._mu:
+            for k in keys:
+                if self.held.pop(k, None) is None:
+                    self.errors.append(f"deleted but never stored: {k.chunk_hash[:4].hex()}")
+        super().on_l2_keys_deleted(keys)
+
+
+def held_records(a: BlockstoreL2Adapter) -> dict[ObjectKey, int]:
+    return dict(a._records_held())
+
+
+def test_listener_registered_after_stores_hears_every_record(make: Callable[..., BlockstoreL2Adapter],
+                                                            arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh store (nothing recovered at start): a listener registered after records were stored hears of each
+    of them once, streamed in REPLAY_BATCH batches, then of later stores and deletes as they happen."""
+    from blockstore.connector import l2_adapter
+
+    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 2)
+    a = make()
+    assert a.recovered_keys == 0
+    keys = [okey(i, salt="s" if i % 3 == 0 else "") for i in range(6)]
+    store(a, keys, [arena.new(fill=i) for i in range(6)])
+    a.delete([keys[5]])
+    first = Exact()
+    a.register_listener(first)
+    assert first.held == {k: SIZE for k in keys[:5]} and first.calls == [2, 2, 1] and not first.errors
+
+    store(a, [okey(10)], [arena.new(fill=10)])  # after registration: reported normally
+    store(a, keys[:2], [arena.new(fill=i) for i in range(2)])  # duplicates: not reported again
+    a.delete([keys[0]])
+    second = Exact()  # registered later still: hears what is held now
+    a.register_listener(second)
+    store(a, [okey(11)], [arena.new(fill=11)])
+    a.delete([keys[1], okey(10)])
+    for lst in (first, second):
+        assert not lst.errors
+        assert lst.held == held_records(a) == {k: SIZE for k in [keys[2], keys[3], keys[4], okey(11)]}
+    assert first.deleted == [keys[0], keys[1], okey(10)]
+    assert second.deleted == [keys[1], okey(10)]
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["fresh", "restarted"])
+def test_replay_races_in_flight_stores_and_deletes_exactly_once(make: Callable[..., BlockstoreL2Adapter],
+                                                               arena: Arena, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               restarted: bool) -> None:
+    """A listener registered while store and delete tasks are in flight hears of every record exactly once: a
+    new record already written but not yet announced, a new record written after the replay passed it, a
+    duplicate store of a record the replay reaches while the duplicate is in flight, a replacement by another
+    layout, and a delete already done but not yet announced (never reported: the listener never heard of it)."""
+    from blockstore.connector import l2_adapter
+
+    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 2)
+    path = str(tmp_path / "race")
+    a = make(path=path)
+    base = [okey(i) for i in range(8)]
+    store(a, base, [arena.new(fill=i) for i in range(8)])
+    if restarted:  # the old code replayed only after a restart, and then reported in-flight keys twice
+        a.close()
+        a = make(path=path)
+        assert a.recovered_keys == 8
+
+    kb = {encode_object_key(k): k for k in [*base, okey(20), okey(21)]}
+    write_then_wait, wait_then_write = okey(20), okey(21)
+    dup, replaced, deleted = base[3], base[5], base[6]
+    release = threading.Event()
+    parked: list[str] = []
+    parked_cv = threading.Condition()
+
+    def park(what: str) -> None:
+        with parked_cv:
+            parked.append(what)
+            parked_cv.notify_all()
+        assert release.wait(TIMEOUT)
+
+    real_put, real_delete, real_locate = a.store.put_many, a.store.delete_many, a.store.locate_many
+
+    def put_many(items: Any, **kw: Any) -> Any:
+        names = {kb.get(bytes(k)) for k, _ in items}
+        if wait_then_write in names:
+            park("put-before")
+            return real_put(items, **kw)
+        out = real_put(items, **kw)
+        if write_then_wait in names or replaced in names:
+            park("put-after")
+        return out
+
+    def delete_many(keys: Any, **kw: Any) -> Any:
+        out = real_delete(keys, **kw)
+        if deleted in {kb.get(bytes(k)) for k in keys}:
+            park("delete-after")
+        return out
+
+    def locate_many(keys: Any, **kw: Any) -> Any:
+        out = real_locate(keys, **kw)
+        if (threading.current_thread().name.startswith("blockstore-l2-store") and not release.is_set()
+                and [kb.get(bytes(k)) for k in keys] == [dup]):
+            park("dup-located")  # the store task holds its claim on a key the replay is about to reach
+        return out
+
+    monkeypatch.setattr(a.store, "put_many", put_many)
+    monkeypatch.setattr(a.store, "delete_many", delete_many)
+    monkeypatch.setattr(a.store, "locate_many", locate_many)
+
+    other = arena.new(shape=torch.Size([2, 2, 32, 32]), fill=55)  # another layout: replaces base[5]
+    tids = [a.submit_store_task([write_then_wait], [arena.new(fill=20)]),
+            a.submit_store_task([wait_then_write], [arena.new(fill=21)]),
+            a.submit_store_task([dup], [arena.new(fill=3)]),
+            a.submit_store_task([replaced], [other])]
+    deleter = threading.Thread(target=a.delete, args=([deleted],))
+    deleter.start()
+    with parked_cv:
+        assert parked_cv.wait_for(lambda: len(parked) == 5, TIMEOUT), parked
+    listener = Exact()
+    a.register_listener(listener)  # replays while all five tasks are in flight
+    untouched = {k for k in base if k not in (dup, replaced, deleted)}
+    assert not listener.errors and untouched <= set(listener.held) <= set(base)
+    release.set()
+    deleter.join(TIMEOUT)
+    results: dict[int, L2StoreResult] = {}
+    deadline = time.monotonic() + TIMEOUT
+    while not set(tids) <= set(results):
+        assert time.monotonic() < deadline
+        _drain(a.get_store_event_fd())
+        results.update(a.pop_completed_store_tasks())
+    assert all(results[t].is_successful() for t in tids)
+
+    assert not listener.errors, listener.errors
+    want = held_records(a)
+    assert deleted not in want and want[replaced] == other.get_size() and dup in want
+    assert write_then_wait in want and wait_then_write in want
+    assert listener.held == want
+    assert deleted not in listener.deleted  # it was gone before the listener could hear of it
+    a.delete([write_then_wait, dup])
+    assert listener.held == held_records(a) and not listener.errors
+
+
+def test_listeners_registered_under_concurrent_stores_and_deletes(make: Callable[..., BlockstoreL2Adapter],
+                                                                  arena: Arena,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores and deletes from several threads while listeners register at different times (small replay
+    batches, a slow listener): each ends holding exactly the records the store holds, with no double report."""
+    from blockstore.connector import l2_adapter
+
+    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 3)
+    a = make(workers=4)
+    c = Collector(a)
+    src = [arena.new(fill=i) for i in range(8)]
+    store(a, [okey(i) for i in range(40)], [src[i % 8] for i in range(40)])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn(t: int) -> None:
+        try:
+            i = 0
+            while not stop.is_set() and i < 60:
+                ks = [okey(1000 * (t + 1) + i + j) for j in range(3)]
+                assert c.store(ks, [src[(i + j) % 8] for j in range(3)]).is_successful()
+                a.delete([ks[0], okey((i * 7 + t) % 40)])
+                i += 3
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    listeners = []
+    for _ in range(3):
+        time.sleep(0.02)
+        lst = Exact(slow=0.002)
+        a.register_listener(lst)
+        listeners.append(lst)
+    stop.set()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert not errors
+    want = held_records(a)
+    for lst in listeners:
+        assert not lst.errors, lst.errors[:5]
+        assert lst.held == want
+
+
+def test_failed_validation_opens_nothing(tmp_path: Path) -> None:
+    """workers=0 used to pass a directly built config, open (and lock) the store, then fail creating the pool,
+    leaving the store locked by this very process."""
+    from blockstore.errors import InvalidArgument
+
+    path = tmp_path / "kv"
+    with pytest.raises(InvalidArgument, match="'workers'"):
+        BlockstoreL2Adapter(BlockstoreL2AdapterConfig(str(path), workers=0, compaction=None))
+    with pytest.raises(InvalidArgument, match="'workers'"):
+        BlockstoreL2Adapter({"path": str(path), "workers": 0})
+    assert not path.exists()  # validated before anything was opened
+    a = BlockstoreL2Adapter({"path": str(path), "compaction": None})
+    a.close()
+
+
+@pytest.mark.parametrize("where", ["seed", "third_fd", "second_pool"])
+def test_failed_constructor_closes_what_it_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  where: str) -> None:
+    """An exception anywhere after the store was opened: the store (and its compaction thread), the event fds
+    made so far and the thread pools are closed, so another adapter opens the same path straight away."""
+    from blockstore.connector import l2_adapter
+
+    path = str(tmp_path / "kv")
+    notifiers: list[Any] = []
+    pools: list[Any] = []
+    real_notifier, real_pool = l2_adapter.create_event_notifier, l2_adapter.ThreadPoolExecutor
+
+    def notifier() -> Any:
+        if where == "third_fd" and len(notifiers) == 2:
+            raise OSError(24, "Too many open files")
+        notifiers.append(real_notifier())
+        return notifiers[-1]
+
+    def pool(*args: Any, **kw: Any) -> Any:
+        if where == "second_pool" and len(pools) == 1:
+            raise RuntimeError("can't start new thread")
+        pools.append(real_pool(*args, **kw))
+        return pools[-1]
+
+    def seed(self: BlockstoreL2Adapter) -> None:
+        raise RuntimeError("directory read failed")
+
+    monkeypatch.setattr(l2_adapter, "create_event_notifier", notifier)
+    monkeypatch.setattr(l2_adapter, "ThreadPoolExecutor", pool)
+    if where == "seed":
+        monkeypatch.setattr(BlockstoreL2Adapter, "_seed_counters", seed)
+    threads_before = set(threading.enumerate())
+    with pytest.raises((OSError, RuntimeError)):
+        BlockstoreL2Adapter({"path": path, "compaction": "full"})
+    assert all(n.fileno() == -1 for n in notifiers)  # every fd made so far is closed
+    assert all(p._shutdown for p in pools)
+    deadline = time.monotonic() + TIMEOUT
+    while set(threading.enumerate()) - threads_before:  # the compactor's thread, if any, has ended
+        assert time.monotonic() < deadline, set(threading.enumerate()) - threads_before
+        time.sleep(0.01)
+    monkeypatch.undo()
+    b = BlockstoreL2Adapter({"path": path, "compaction": None})  # not locked by the failed attempt
+    b.close()
+
+
+BAD_FIELDS = [
+    ("path", ""), ("path", "   "), ("path", 3), ("path", None),
+    ("durability", "fsync"), ("durability", None),
+    ("block_size", 1000), ("block_size", "64M"), ("block_size", 1 << 41), ("block_size", True),
+    ("capacity_bytes", -1), ("capacity_bytes", 1.5), ("capacity_bytes", True), ("capacity_bytes", None),
+    ("compaction", "bogus"), ("compaction", 5), ("compaction", {"policy": "full", "gc_invalid_ratio": 7}),
+    ("workers", 0), ("workers", "4"), ("workers", 257), ("workers", 2.0), ("workers", False),
+    ("lock_ttl_s", -1), ("lock_ttl_s", "10"), ("lock_ttl_s", True), ("lock_ttl_s", float("nan")),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_FIELDS, ids=[f"{f}={v!r}" for f, v in BAD_FIELDS])
+def test_config_is_validated_however_it_is_built(field: str, value: Any) -> None:
+    """One validator: direct construction, from_dict and dataclasses.replace all reject a bad value with
+    blockstore's InvalidArgument naming the field."""
+    import dataclasses
+
+    from blockstore.errors import InvalidArgument
+
+    params: dict[str, Any] = {"path": "/tmp/kv", field: value}
+    path = params.pop("path")
+    with pytest.raises(InvalidArgument, match=f"'{field}'"):
+        BlockstoreL2AdapterConfig(path, **params)
+    with pytest.raises(InvalidArgument, match=f"'{field}'"):
+        BlockstoreL2AdapterConfig.from_dict({"path": path, **params})
+    good = BlockstoreL2AdapterConfig("/tmp/kv")
+    with pytest.raises(InvalidArgument, match=f"'{field}'"):
+        dataclasses.replace(good, **{field: value})
+
+
+def test_config_direct_construction_normalizes_and_is_immutable() -> None:
+    import dataclasses
+
+    cfg = BlockstoreL2AdapterConfig("/tmp/kv", compaction="none", lock_ttl_s=5)
+    assert cfg.compaction is None and cfg.lock_ttl_s == 5.0 and isinstance(cfg.lock_ttl_s, float)
+    assert BlockstoreL2AdapterConfig("/tmp/kv", compaction=False).compaction is None
+    assert cfg == BlockstoreL2AdapterConfig.from_dict({"path": "/tmp/kv", "compaction": "none", "lock_ttl_s": 5})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workers = 0  # type: ignore[misc]
