@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from blockstore.directory import SPACE_CHUNK, TOMBSTONE_META, key_suffix, session_prefix
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.records import Kind
+from blockstore.validate import check_int, check_keys, check_seq
 
 if TYPE_CHECKING:
     from blockstore.protocols import StoreCore
@@ -96,18 +97,30 @@ def _chunk_mutation(ns: str, c: ChunkWrite) -> Any:
         encoded_text = c.text.encode()
     except UnicodeEncodeError:
         raise InvalidArgument("text must be valid UTF-8 (it holds a lone surrogate)") from None
-    ts = time.time_ns() if c.ts_ns is None else int(c.ts_ns)
+    ts = time.time_ns() if c.ts_ns is None else check_int("ts_ns", c.ts_ns)
     if not 0 <= ts < 1 << 64:
         raise InvalidArgument("ts_ns must fit in an unsigned 64-bit integer")
+    if c.meta is not None and not isinstance(c.meta, Mapping):
+        raise InvalidArgument(f"meta must be a mapping (a dict) or None, not {type(c.meta).__name__}")
+    kv_keys = check_keys(c.kv_keys, "kv_keys")
     try:
         body = json.dumps({"user": c.user_id, "session": c.session_id, "chunk": c.chunk_id, "ts_ns": ts,
-                           "meta": dict(c.meta or {}), "kv_keys": [bytes(k).hex() for k in c.kv_keys]},
+                           "meta": dict(c.meta or {}), "kv_keys": [k.hex() for k in kv_keys]},
                           separators=(",", ":")).encode()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: meta nested too deep
         raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
     partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
     return _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, cid), Kind.CHUNK, partition,
                      _check_meta(body), encoded_text, chunk_index=(u, s, ts, cid))
+
+
+def _chunk_ids(ids: Any) -> list[tuple[str, str, str]]:
+    """get_chunks' `ids`: a sequence of (user_id, session_id, chunk_id) triples."""
+    out = check_seq("ids", ids, "(user_id, session_id, chunk_id) triples")
+    for i, t in enumerate(out):
+        if not isinstance(t, (tuple, list)) or len(t) != 3:
+            raise InvalidArgument(f"ids[{i}] must be a (user_id, session_id, chunk_id) triple, not {type(t).__name__}")
+    return [(u, s, c) for u, s, c in out]
 
 
 class ChunkAPI:
@@ -117,7 +130,8 @@ class ChunkAPI:
                   meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
                   ts_ns: int | None = None, ns: str = "default") -> None:
         """Write (or update: the old record becomes dead) one chunk record."""
-        self.put_chunks([ChunkWrite(user_id, session_id, chunk_id, text, meta, tuple(kv_keys), ts_ns)], ns=ns)
+        kv = tuple(check_seq("kv_keys", kv_keys, "bytes keys"))  # kv_keys=b"k" is not the keys 107 and so on
+        self.put_chunks([ChunkWrite(user_id, session_id, chunk_id, text, meta, kv, ts_ns)], ns=ns)
 
     def put_chunks(self: StoreCore, chunks: Sequence[ChunkWrite], *, ns: str = "default") -> None:
         """Write many chunk records in one group commit (each record is atomic, the call is not: a
@@ -127,7 +141,11 @@ class ChunkAPI:
 
         self._check_open(write=True)
         _check_ns(ns)
-        self._submit([_chunk_mutation(ns, c) for c in chunks])
+        writes = check_seq("chunks", chunks, "ChunkWrite")
+        for i, c in enumerate(writes):
+            if not isinstance(c, ChunkWrite):
+                raise InvalidArgument(f"chunks[{i}] must be a ChunkWrite, not {type(c).__name__}")
+        self._submit([_chunk_mutation(ns, c) for c in writes])  # all checked before any is queued
 
     def get_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:
         got = self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)
@@ -137,9 +155,10 @@ class ChunkAPI:
         """Batched read of chunk records (one request)."""
         self._check_open()
         nid = self._ns_id(ns)
+        triples = _chunk_ids(ids)
+        keys = [encode_chunk_key(_id("user_id", u), _id("session_id", s), _id("chunk_id", c)) for u, s, c in triples]
         if nid is None:
-            return [None] * len(ids)
-        keys = [encode_chunk_key(_id("user_id", u), _id("session_id", s), _id("chunk_id", c)) for u, s, c in ids]
+            return [None] * len(keys)
         locs = self.dir.get_locations([key_suffix(nid, SPACE_CHUNK, k) for k in keys])
         texts = self._read(nid, SPACE_CHUNK, keys, None, located=locs)
         return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, locs)]
@@ -148,9 +167,9 @@ class ChunkAPI:
         """A session's chunks in temporal order (timestamp, then chunk id)."""
         self._check_open()
         nid = self._ns_id(ns)
+        u, s = _id("user_id", user_id), _id("session_id", session_id)
         if nid is None:
             return []
-        u, s = _id("user_id", user_id), _id("session_id", session_id)
         prefix = session_prefix(nid, u, s)
         ids = [(user_id, session_id, k[len(prefix) + 8 :].decode()) for k, _ in self.dir.scan_prefix(prefix)]
         return [c for c in self.get_chunks(ids, ns=ns) if c is not None]

@@ -8,10 +8,12 @@ meta is `{"lib": "numpy"|"torch", "dtype": ..., "shape": [...]}` (docs/format.md
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from blockstore.errors import CorruptionError, InvalidArgument
+from blockstore.errors import InvalidArgument
+from blockstore.validate import check_key, check_keys, check_pairs, check_seq
 
 if TYPE_CHECKING:
     from blockstore.protocols import StoreCore
@@ -26,6 +28,8 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
     if _is_torch(t):
         import torch
 
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgument(f"expected a numpy array or torch tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
             raise InvalidArgument("only CPU tensors can be stored; copy GPU tensors to pinned host memory first")
         c = t.detach().contiguous()
@@ -38,19 +42,52 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
         raise InvalidArgument("storing tensors needs numpy or torch") from exc
     if not isinstance(t, np.ndarray):
         raise InvalidArgument(f"expected a numpy array or torch tensor, got {type(t).__name__}")
+    if t.dtype.hasobject:
+        raise InvalidArgument(f"a tensor of dtype {t.dtype} holds Python objects, not raw bytes: it cannot be stored")
     a = np.ascontiguousarray(t)
     meta = {"lib": "numpy", "dtype": a.dtype.str, "shape": list(t.shape)}  # ascontiguousarray makes 0-d 1-d
     return a.reshape(-1).view(np.uint8).data, json.dumps(meta, separators=(",", ":")).encode()
 
 
-def _parse_meta(meta: bytes) -> dict[str, Any]:
+def _itemsize(m: dict[str, Any]) -> int:
+    """Bytes per element of the meta's dtype (raises if it names none this library can allocate)."""
+    if m["lib"] == "torch":
+        import torch
+
+        dt = getattr(torch, m["dtype"], None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"no torch dtype {m['dtype']!r}")
+        return int(torch.empty(0, dtype=dt).element_size())
+    import numpy as np
+
+    dt = np.dtype(m["dtype"])
+    if dt.hasobject:
+        raise ValueError("object dtype")
+    return int(dt.itemsize)
+
+
+def _parse_meta(key: bytes, meta: bytes, payload_len: int) -> dict[str, Any]:
+    """The tensor meta of a record. A record whose meta is not put_tensor's {lib, dtype, shape} for
+    exactly its payload's size was written by a plain put (or holds someone else's meta): nothing is
+    corrupt (the directory entry and payload are checksummed), it just is not a tensor record."""
+    m: Any
     try:
         m = json.loads(meta)
-        if m["lib"] not in ("numpy", "torch") or not isinstance(m["shape"], list):
-            raise ValueError("bad lib or shape")
-        return m  # type: ignore[no-any-return]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptionError(f"tensor record metadata unreadable: {exc}") from exc
+    except (ValueError, RecursionError):  # ValueError: not JSON, or not UTF-8
+        m = None
+    ok = (isinstance(m, dict) and m.get("lib") in ("numpy", "torch") and isinstance(m.get("dtype"), str)
+          and isinstance(m.get("shape"), list) and all(type(d) is int and d >= 0 for d in m["shape"]))
+    if ok:
+        try:
+            ok = math.prod(m["shape"]) * _itemsize(m) == payload_len
+        except ImportError as exc:
+            raise InvalidArgument(f"key {key!r} holds a {m['lib']} tensor: reading it needs {m['lib']}") from exc
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise InvalidArgument(f"key {key!r} does not hold a tensor record (its meta is not put_tensor's "
+                              f"lib, dtype and shape for its {payload_len}-byte payload): read it with get()")
+    return m  # type: ignore[no-any-return]
 
 
 def _empty_like_meta(m: dict[str, Any]) -> Any:
@@ -77,12 +114,20 @@ def _writable_bytes(t: Any) -> memoryview:
     return t.reshape(-1).view(np.uint8).data
 
 
-def _describe(t: Any) -> tuple[str, list[int]]:
+def _describe(t: Any, name: str) -> tuple[str, list[int]]:
     """(dtype name both libraries agree on, shape): a numpy float16 array may receive a record
     written from a torch float16 tensor and vice versa."""
     if _is_torch(t):
-        return str(t.dtype).removeprefix("torch."), list(t.shape)
-    return t.dtype.name, list(t.shape)
+        import torch
+
+        if isinstance(t, torch.Tensor):
+            return str(t.dtype).removeprefix("torch."), list(t.shape)
+    else:
+        import numpy as np
+
+        if isinstance(t, np.ndarray):
+            return t.dtype.name, list(t.shape)
+    raise InvalidArgument(f"{name} must be a numpy array or torch tensor, not {type(t).__name__}")
 
 
 def _canonical_dtype(m: dict[str, Any]) -> str:
@@ -98,34 +143,41 @@ class TensorAPI:
 
     def put_tensor(self: StoreCore, key: bytes, tensor: Any, *, ns: str = "default",
                    partition: bytes | str | None = None) -> None:
-        self.put_tensors([(key, tensor)], ns=ns, partition=partition)
+        self.put_tensors([(check_key(key), tensor)], ns=ns, partition=partition)
 
     def put_tensors(self: StoreCore, items: Sequence[tuple[bytes, Any]], *, ns: str = "default",
                     partition: bytes | str | None = None) -> None:
         """Store tensors next to each other (one partition, one batch)."""
         pairs, metas = [], []
-        for key, t in items:
+        for key, t in check_pairs("items", items, "(key, tensor)"):
             raw, meta = tensor_bytes(t)
             pairs.append((key, raw))
             metas.append(meta)
         self.put_many(pairs, ns=ns, metas=metas, partition=partition)
 
     def get_tensor(self: StoreCore, key: bytes, *, ns: str = "default", out: Any = None) -> Any:
-        return self.get_tensors([key], ns=ns, out=None if out is None else [out])[0]
+        return self.get_tensors([check_key(key)], ns=ns, out=None if out is None else [out])[0]
 
     def get_tensors(self: StoreCore, keys: Sequence[bytes], *, ns: str = "default",
                     out: Sequence[Any] | None = None) -> list[Any]:
         """Read tensors (one request). With `out`, reads straight into the given tensors, which must
         match the stored dtype and shape; otherwise allocates them. None for a miss."""
+        keys = check_keys(keys)
+        if out is not None:
+            out = check_seq("out", out, "arrays or tensors (one per key)")
+            if len(out) != len(keys):
+                raise InvalidArgument(f"out has {len(out)} tensors for {len(keys)} keys")
+            for i, t in enumerate(out):
+                _describe(t, f"out[{i}]")
         locs = self.locate_many(keys, ns=ns)
         targets: list[Any] = []
         for i, loc in enumerate(locs):
             if loc is None:
                 targets.append(None)
                 continue
-            m = _parse_meta(loc.meta)
+            m = _parse_meta(keys[i], loc.meta, loc.payload_len)
             if out is not None:
-                got = _describe(out[i])
+                got = _describe(out[i], f"out[{i}]")
                 if got != (_canonical_dtype(m), m["shape"]):
                     raise InvalidArgument(
                         f"out[{i}] is {got[0]}{got[1]}; key {keys[i]!r} holds {m['dtype']}{m['shape']}"
