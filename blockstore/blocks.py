@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from blockstore.backend import Backend
 from blockstore.directory import BlockEntry
-from blockstore.errors import NotFound
+from blockstore.errors import CorruptionError, NotFound
 from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer
 
 BLOCKS_DIR = "blocks"
@@ -55,6 +55,9 @@ class BlockFiles:
     def path(self, block_id: int) -> str:
         return os.path.join(self.dir, block_file_name(block_id))
 
+    def exists(self, block_id: int) -> bool:
+        return os.path.exists(self.path(block_id))
+
     def list_files(self) -> dict[int, str]:
         out = {}
         for name in os.listdir(self.dir):
@@ -67,7 +70,12 @@ class BlockFiles:
 
     # ---- writer side ----
     def create(self, block_id: int, partition_hash: int) -> int:
-        """Create the file with its header; durable before any record can point into it."""
+        """Create the file with its header; durable before any record can point into it. Refuses an id
+        whose file exists (the writer holds the store's lock, so nothing races this check): such a
+        file is one the directory lost track of, and overwriting it would destroy its records."""
+        if self.exists(block_id):
+            raise CorruptionError(f"block file {self.path(block_id)} exists but the directory does not name it; "
+                                  "run `blockstore fsck --repair`")
         fd = self.backend.open(self.path(block_id), True)
         try:
             header = self.backend.encode_block_header(

@@ -6,14 +6,19 @@ and written atomically, so a location and the block-table counters it affects ne
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, TypeVar, cast
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
 
-from blockstore.errors import CorruptionError, FormatVersionError, IOErrorBS, NoSpace
+from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionError, IOErrorBS, NoSpace
+
+_T = TypeVar("_T")
 
 TAG_META = b"M"
 TAG_NS = b"N"
@@ -195,60 +200,178 @@ class DirectoryBatch:
         self.delete(block_key(block_id))
 
 
+def repair_hint(store_path: str) -> str:
+    return f"run `blockstore fsck --repair {store_path}` to rebuild it from the block files"
+
+
+def translate_rocksdb_error(exc: BaseException, what: str, path: str) -> BlockstoreError:
+    """RocksDB's failures as ours. rocksdict raises a bare Exception carrying RocksDB's status text
+    ("Corruption: ...", "IO error: No space left ...", "Invalid argument: ... does not exist"); a caller
+    must never see it, and damage must name the repair (docs/fsck.md)."""
+    text = str(exc)
+    store = os.path.dirname(os.path.abspath(path))
+    if "No space" in text or "Disk quota" in text:
+        return NoSpace(errno.ENOSPC, f"{what}: the disk is full ({text})")
+    if "Corruption" in text or "does not exist" in text or "checksum" in text.lower() \
+            or "CURRENT" in text or "MANIFEST" in text or "bad magic" in text.lower():
+        return CorruptionError(f"{what}: the directory {path!r} is damaged ({text}); {repair_hint(store)}")
+    return IOErrorBS(errno.EIO, f"{what}: {text}")
+
+
 class Directory:
-    """The RocksDB instance. Thread-safe for reads; writes are serialized by the store."""
+    """The RocksDB instance. Thread-safe for reads; writes are serialized by the store.
+
+    Every call into RocksDB goes through this class, and a failure of any of them raises inside the
+    BlockstoreError hierarchy. Scans check the iterator's status when they end: RocksDB's iterator
+    turns invalid on a read error as it does at the end of the table, so an unchecked scan of a
+    damaged table looked complete, and an open once deleted every block file the short table did not
+    name (issue 13).
+    """
 
     def __init__(self, path: str, *, read_only: bool, sync: bool, create: bool) -> None:
+        self.path = path
         opts = Options(raw_mode=True)
         opts.create_if_missing(create and not read_only)
+        # fail on damage RocksDB can see at open (a bad MANIFEST-*, an SST whose footer is wrong)
+        # instead of opening what is left
+        opts.set_paranoid_checks(True)
         # No allow_mmap_reads: measured with bench/directory_mmap.py (200k keys, 3 repeats, 2026-11-23)
         # it gave +11 % on single gets but -11 % on 64-key multi-gets, and every read path here batches.
         self.read_only = read_only
+        if not create and not os.path.isdir(path):
+            raise CorruptionError(f"the directory {path!r} is missing; "
+                                  f"{repair_hint(os.path.dirname(os.path.abspath(path)))}")
         try:
             if read_only:
                 self._db = Rdict(path, opts, access_type=AccessType.read_only())
             else:
                 self._db = Rdict(path, opts)
         except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
-            raise IOErrorBS(5, f"cannot open directory {path!r}: {exc}") from exc
+            raise translate_rocksdb_error(exc, "cannot open the directory", path) from exc
         self._wo = WriteOptions()
         self._wo.sync = sync
         self._wo_sync = WriteOptions()
         self._wo_sync.sync = True
+        self._opts = opts  # to reopen the handle after a failed write (resume)
+        self._failed: BlockstoreError | None = None  # set by a failed write or flush until resume() succeeds
+        self._resume_tried = (0.0, -1)  # (monotonic time, free bytes) of the last failure, to pace reopens
+
+    def _fail(self, exc: BaseException, what: str) -> NoReturn:
+        if isinstance(exc, BlockstoreError):
+            raise exc
+        raise translate_rocksdb_error(exc, what, self.path) from exc
+
+    def _call(self, what: str, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except Exception as exc:
+            self._fail(exc, what)
 
     # ---- raw ----
     def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)
+        return self._call("directory read", lambda: self._db.get(key))
 
     def multi_get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
-        return cast("list[bytes | None]", self._db.get(list(keys)))
+        return cast("list[bytes | None]", self._call("directory read", lambda: self._db.get(list(keys))))
 
     def scan_prefix(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        it = self._db.iter()
-        it.seek(start or prefix)
-        while it.valid():
-            k = it.key()
-            if not k.startswith(prefix):
-                break
-            yield k, it.value()
-            it.next()
+        """Every (key, value) under `prefix` in key order, from `start`. Raises CorruptionError (or
+        IOErrorBS) if the scan cannot read the whole range: never a short answer."""
+        it = None
+        try:
+            it = self._db.iter()
+            it.seek(start or prefix)
+            while it.valid():
+                k = it.key()
+                if not k.startswith(prefix):
+                    return
+                v = it.value()
+                yield k, v
+                it.next()
+            it.status()  # invalid because the table ended, or because a read failed: this tells which
+        except GeneratorExit:
+            raise
+        except Exception as exc:
+            # drop the iterator first: the traceback keeps this frame alive, and a live iterator keeps
+            # RocksDB's LOCK held in this process (a repair after a failed open could not open it)
+            it = None  # noqa: F841
+            self._fail(exc, f"directory scan of prefix {prefix[:1]!r}")
 
     def write(self, batch: DirectoryBatch, *, force_sync: bool = False) -> None:
         if batch.empty:
             return
+        if self._failed is not None:
+            self.resume()
         try:
             self._db.write(batch._wb, self._wo_sync if force_sync else self._wo)
         except Exception as exc:  # rocksdict raises plain Exception carrying RocksDB's status text
-            if "No space" in str(exc):
-                raise NoSpace(28, f"directory write failed: {exc}") from exc
-            raise IOErrorBS(5, f"directory write failed: {exc}") from exc
+            self._failed_now(exc, "directory write failed")
+
+    def _failed_now(self, exc: BaseException, what: str) -> NoReturn:
+        """A write or flush failed. RocksDB then refuses every later write with the same error (a
+        background error that only DB::Resume() clears, and rocksdict has no Resume): after the first
+        ENOSPC a store failed every write, even a delete, until it was closed (issue 13). So the next
+        write reopens the handle first (resume)."""
+        err = exc if isinstance(exc, BlockstoreError) else translate_rocksdb_error(exc, what, self.path)
+        self._failed = err
+        self._resume_tried = (time.monotonic(), _free_bytes(self.path))
+        if err is exc:
+            raise err
+        raise err from exc
+
+    def resume(self) -> None:
+        """Make the directory take writes again after a failed write or flush; a no-op otherwise. The
+        handle is closed and reopened: the reopen replays the WAL, so every write RocksDB acknowledged is
+        there and the torn record of a failed one is dropped (RocksDB's point-in-time WAL recovery).
+        Readers go on meanwhile with a read-only handle (it takes no LOCK). Raises NoSpace (or the
+        reopen's other error) while the reopen cannot write its files; an attempt is made at once when
+        the filesystem has more free space than at the last failure, else at most once a second."""
+        failed = self._failed
+        if failed is None or self.read_only:
+            return
+        free = _free_bytes(self.path)
+        when, free_then = self._resume_tried
+        if free <= free_then and time.monotonic() - when < 1.0:
+            raise type(failed)(*failed.args)  # nothing was freed since the last try: don't reopen again
+        stale = self._db
+        try:
+            self._db = Rdict(self.path, self._opts, access_type=AccessType.read_only())
+        except Exception:
+            pass  # readers get an error from the closed handle until the reopen below
+        try:
+            stale.close()
+        except Exception:
+            pass  # RocksDB reports the error that stopped it; the handle is closed all the same
+        try:
+            db = Rdict(self.path, self._opts)
+        except Exception as exc:
+            # still full; or a directory scan (an unfinished iter_keys/list_chunks) keeps the old
+            # handle alive and with it RocksDB's LOCK: the next write tries again
+            if "lock hold by current process" not in str(exc):
+                self._failed_now(exc, "the directory cannot take writes again yet (reopening it after a failed write)")
+            self._failed = IOErrorBS(errno.EBUSY, "the directory cannot take writes again yet: an unfinished "
+                                     "iter_keys() or list_chunks() iterator still holds the handle that failed; "
+                                     f"run it to its end or close it, then write again ({exc})")
+            self._resume_tried = (0.0, -1)  # not a matter of space: try again at the next write
+            raise type(self._failed)(*self._failed.args) from None
+        ro, self._db = self._db, db
+        if ro is not stale:
+            try:
+                ro.close()
+            except Exception:
+                pass
+        self._failed = None
 
     # ---- typed ----
     def get_meta(self, name: str) -> int | None:
-        raw = self._db.get(TAG_META + name.encode())
-        return None if raw is None else _U64.unpack(raw)[0]
+        raw = self.get(TAG_META + name.encode())
+        if raw is None:
+            return None
+        if len(raw) != _U64.size:
+            raise CorruptionError(f"directory counter {name!r} has {len(raw)} bytes, not {_U64.size}")
+        return cast(int, _U64.unpack(raw)[0])
 
     def get_locations(self, suffixes: Sequence[bytes]) -> list[Location | None]:
         raws = self.multi_get([location_key(s) for s in suffixes])
@@ -257,6 +380,8 @@ class Directory:
     def load_blocks(self) -> dict[int, BlockEntry]:
         out = {}
         for k, v in self.scan_prefix(TAG_BLOCK):
+            if len(k) != 9:
+                raise CorruptionError(f"block table key {k!r} is not 9 bytes")
             bid = int.from_bytes(k[1:9], "big")
             out[bid] = BlockEntry.decode(bid, v)
         return out
@@ -268,11 +393,15 @@ class Directory:
             yield int.from_bytes(k[9:17], "big"), v
 
     def namespaces(self) -> dict[str, int]:
-        return {k[1:].decode(): int.from_bytes(v, "little") for k, v in self.scan_prefix(TAG_NS)}
+        out = {}
+        for k, v in self.scan_prefix(TAG_NS):
+            try:
+                out[k[1:].decode()] = int.from_bytes(v, "little")
+            except UnicodeDecodeError as exc:
+                raise CorruptionError(f"namespace name {k[1:]!r} is not UTF-8") from exc
+        return out
 
     def size_on_disk(self, path: str) -> int:
-        import os
-
         total = 0
         for root, _dirs, files in os.walk(path):
             for f in files:
@@ -283,17 +412,28 @@ class Directory:
         return total
 
     def flush(self) -> None:
+        if self._failed is not None:
+            self.resume()
         try:
             self._db.flush()
             self._db.flush_wal(True)
         except Exception as exc:
-            raise IOErrorBS(5, f"directory flush failed: {exc}") from exc
+            self._failed_now(exc, "directory flush failed")
 
     def close(self) -> None:
         try:
             self._db.close()
         except Exception:
             pass
+
+
+def _free_bytes(path: str) -> int:
+    """Bytes free to an unprivileged writer on the filesystem holding `path` (-1 if unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 def salvage(path: str) -> list[tuple[bytes, bytes]]:

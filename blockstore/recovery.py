@@ -1,14 +1,21 @@
 """Crash recovery (docs/format.md §4): runs when a writer opens a store that was not closed cleanly,
 or that has blocks left in state `open`.
 
-Cost is bounded by what a crash can have touched: only blocks in state `open` (and sealed blocks
-whose footer does not verify, which an unsynced seal in cache mode can leave) are scanned; every other
-block costs one 64-byte footer read. Nothing is scanned after a clean close.
+Cost is bounded by what a crash can have touched: only blocks in state `open`, sealed blocks whose
+footer does not verify, and in cache mode the blocks the crashed session created (a power cut can take
+any unsynced page of them) are scanned; every other block costs one 64-byte footer read. Nothing is
+scanned after a clean close.
+
+Nothing here deletes a block file the directory does not name: since blocks are named in the
+directory (synced) before their files exist, such a file means the directory lost writes, and the
+open stops with a CorruptionError naming `blockstore fsck --repair` before it changes anything
+(invariant 4).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,26 +36,39 @@ from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer, Kind
 if TYPE_CHECKING:
     from blockstore.store import Store
 
+_log = logging.getLogger("blockstore")
+
 
 def recover(store: Store, *, full: bool = True) -> dict[str, Any]:
     """Bring directory and blocks back into agreement. `full=False` only handles blocks left open."""
     report: dict[str, Any] = {
         "scanned_blocks": [], "truncated_bytes": 0, "dropped_entries": 0,
-        "orphan_files_removed": [], "missing_blocks": [], "max_seq": 0,
+        "missing_blocks": [], "forgotten_blocks": [], "max_seq": 0,
     }
     d, files = store.dir, store.blocks.list_files()
     entries = d.load_blocks()
+    # In cache mode nothing the crashed session wrote was synced before its close: any page of its
+    # blocks may be gone after a power cut, so each is verified (sync mode syncs before it acknowledges).
+    session_first = d.get_meta("session_first_block") or 0
+    recent_unsynced = store.durability == "cache" and full
     if full:
-        for bid, path in sorted(files.items()):
-            if bid not in entries:
-                # created, but no directory batch ever named it: nothing in it was acknowledged
-                store.backend.unlink(path)
-                report["orphan_files_removed"].append(bid)
+        orphans = sorted(bid for bid in files if bid not in entries)
+        if orphans:
+            # Blocks are named (synced) before their files exist, so a file the directory does not name
+            # means the directory lost writes (a truncated or lost WAL, a restored old copy...). Its
+            # open blocks' committed ends may be stale too, and recovering them would cut acknowledged
+            # records: stop before changing anything.
+            raise CorruptionError(
+                f"{store.path}: {len(orphans)} block file(s) the directory does not name "
+                f"({', '.join(f'{b:016x}' for b in orphans[:8])}): the directory lost writes; "
+                f"run `blockstore fsck --repair {store.path}` (it rebuilds what the blocks hold)")
+
     for bid, e in sorted(entries.items()):
+        recent = recent_unsynced and bid >= session_first
         if bid not in files:
-            _forget_block(store, e, report)
+            _missing_block(store, e, recent, report)
             continue
-        if e.state == BLOCK_OPEN or (full and not _footer_ok(store, files[bid], e)):
+        if e.state == BLOCK_OPEN or (full and (recent or not _footer_ok(store, files[bid], e))):
             _recover_block(store, e, files[bid], report)
     if report["max_seq"] >= (d.get_meta("next_seq") or 1):
         b = DirectoryBatch()
@@ -81,8 +101,23 @@ def _drop_location(batch: DirectoryBatch, store: Store, suffix: bytes, loc: Loca
             pass
 
 
+def _missing_block(store: Store, e: BlockEntry, recent: bool, report: dict[str, Any]) -> None:
+    """A block the directory names has no file. Legitimate only when nothing in it was committed (a
+    crash between naming the block and creating its file) or, in cache mode, when the crashed session
+    created it (a power cut may lose what was never synced): then the directory forgets it. Otherwise
+    the file was lost by damage: its entries stay, reads of its records raise CorruptionError, and
+    `blockstore fsck --repair` decides (an open does not turn damage into silent misses)."""
+    if e.data_end <= BLOCK_HEADER_SIZE or e.total_records == 0 or recent:
+        _forget_block(store, e, report)
+        return
+    report["missing_blocks"].append(e.block_id)
+    _log.warning("%s: block %016x holds %d live record(s) but its file is missing; reads of them raise "
+                 "CorruptionError; run `blockstore fsck --repair %s`", store.path, e.block_id,
+                 e.live_records, store.path)
+
+
 def _forget_block(store: Store, e: BlockEntry, report: dict[str, Any]) -> None:
-    """The block file is gone: its records are lost; the directory must stop naming them."""
+    """The block file is gone and nothing acknowledged depended on it: the directory stops naming it."""
     batch = DirectoryBatch()
     for off, suffix in store.dir.block_records(e.block_id):
         loc = store.dir.get_locations([suffix])[0]
@@ -92,7 +127,7 @@ def _forget_block(store: Store, e: BlockEntry, report: dict[str, Any]) -> None:
         batch.delete(reverse_key(e.block_id, off))
     batch.delete_block(e.block_id)
     store.dir.write(batch, force_sync=True)
-    report["missing_blocks"].append(e.block_id)
+    report["forgotten_blocks"].append(e.block_id)
 
 
 def _recover_block(store: Store, e: BlockEntry, path: str, report: dict[str, Any]) -> None:

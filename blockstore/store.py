@@ -14,6 +14,7 @@ xxh3 before it is returned (invariant 1).
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib
 import json
 import logging
@@ -31,10 +32,11 @@ import xxhash
 
 from blockstore import hooks
 from blockstore.backend import Backend, get_backend
-from blockstore.blocks import BLOCKS_DIR, BlockFiles, OpenBlock
+from blockstore.blocks import BLOCKS_DIR, BlockFiles, OpenBlock, block_file_name
 from blockstore.chunks import ChunkAPI
 from blockstore.directory import (
     BLOCK_OPEN,
+    BLOCK_RECLAIMING,
     BLOCK_SEALED,
     SPACE_KV,
     TAG_KEY,
@@ -45,6 +47,7 @@ from blockstore.directory import (
     Directory,
     DirectoryBatch,
     Location,
+    block_key,
     key_suffix,
     session_key,
 )
@@ -54,16 +57,17 @@ from blockstore.errors import (
     CorruptionError,
     FormatVersionError,
     InvalidArgument,
+    NoSpace,
     NotFound,
     ReadOnlyStore,
     StoreClosed,
     error_for_code,
+    error_for_os,
 )
-from blockstore.lock import WriterLock
+from blockstore.lock import LOCK_FILE, WriterLock
 from blockstore.records import (
     BLOCK_HEADER_SIZE,
     FORMAT_VERSION,
-    MAX_KEY,
     MAX_META,
     MAX_NAMESPACE,
     MAX_PAYLOAD,
@@ -77,6 +81,8 @@ from blockstore.records import (
     record_layout,
 )
 from blockstore.tensors import TensorAPI
+from blockstore.validate import check_bool, check_keys, check_out, check_pairs, check_seq
+from blockstore.validate import check_key as _check_key
 
 Durability = Literal["cache", "sync"]
 OnCorrupt = Literal["raise", "miss"]
@@ -151,15 +157,6 @@ class _Planned:
     records: list[AppendRecord] = field(default_factory=list)
 
 
-def _check_key(key: bytes) -> bytes:
-    if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(f"key must be bytes, not {type(key).__name__}")
-    key = bytes(key)
-    if not 1 <= len(key) <= MAX_KEY:
-        raise InvalidArgument(f"key length {len(key)} outside 1..{MAX_KEY} bytes")
-    return key
-
-
 def _payload_view(value: Buffer) -> memoryview:
     try:
         view = memoryview(value)
@@ -173,11 +170,12 @@ def _payload_view(value: Buffer) -> memoryview:
     return view
 
 
-def _check_meta(meta: bytes) -> bytes:
+def _check_meta(meta: bytes, name: str = "meta") -> bytes:
     if not isinstance(meta, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(f"meta must be bytes, not {type(meta).__name__}")
+        raise InvalidArgument(f"{name} must be bytes, not {type(meta).__name__}")
+    meta = bytes(meta)
     if len(meta) > MAX_META:
-        raise InvalidArgument(f"metadata of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
+        raise InvalidArgument(f"{name}: metadata of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
     return meta
 
 
@@ -187,7 +185,7 @@ def _check_ns(ns: str) -> str:
     except UnicodeEncodeError:  # lone surrogates: not UTF-8
         ok = False
     if not ok:
-        raise InvalidArgument(f"namespace must be a str of 1..{MAX_NAMESPACE} UTF-8 bytes, got {ns!r}")
+        raise InvalidArgument(f"ns (the namespace) must be a str of 1..{MAX_NAMESPACE} UTF-8 bytes, got {ns!r}")
     return ns
 
 
@@ -206,11 +204,49 @@ def aligned_buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
 
 
+# What a creation of ours cut short leaves before the MANIFEST is written (Store._open_files), and
+# lost+found (fsck --repair's, or a file system's root when a store is made at a mount point): a
+# directory holding nothing else may be created into.
+_CREATION_LEFTOVERS = frozenset({BLOCKS_DIR, DIRECTORY, LOCK_FILE, MANIFEST + ".tmp", "lost+found"})
+
+
+def _check_store_path(path: str, create: bool, read_only: bool, allow_non_empty: bool) -> None:
+    """Refuse, before anything is written, a path that cannot be a store: a file (or a path through
+    one), or, where a store would be created, a non-empty directory that is not a store (unless
+    `allow_non_empty`): creating into someone's data directory must never happen by mistake."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return  # created (with its parents) by _open_files
+    except NotADirectoryError:
+        raise InvalidArgument(f"path {path!r} is not a directory: a component of it is a file") from None
+    except OSError as exc:
+        raise error_for_os(exc, f"open store {path!r}") from exc
+    if not os.path.isdir(path):
+        raise InvalidArgument(f"path {path!r} is not a directory (a store is a directory)")
+    if not create or read_only or allow_non_empty or os.path.lexists(os.path.join(path, MANIFEST)):
+        return
+    try:
+        foreign = sorted(set(os.listdir(path)) - _CREATION_LEFTOVERS)
+        blocks_dir = os.path.join(path, BLOCKS_DIR)
+        lost_manifest = os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir))
+    except OSError as exc:
+        raise error_for_os(exc, f"list {path!r}") from exc
+    if foreign and not lost_manifest:  # a lost MANIFEST: _open_files says so (CorruptionError)
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise InvalidArgument(
+            f"path {path!r} is a non-empty directory that is not a store (no {MANIFEST}; it holds {shown}): "
+            "pass allow_non_empty=True to create a store in it anyway"
+        )
+
+
 class Store(ChunkAPI, TensorAPI):
     """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
 
     Thread-safe: any number of threads may read and write concurrently.
     """
+
+    _unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (_settle_failed_commit)
 
     def __init__(
         self,
@@ -227,22 +263,33 @@ class Store(ChunkAPI, TensorAPI):
         on_corrupt: OnCorrupt = "raise",
         backend: str | None = None,
         compaction: str | dict[str, Any] | None = None,
+        allow_non_empty: bool = False,
     ) -> None:
+        for flag, value in (("create", create), ("read_only", read_only), ("read_ahead", read_ahead),
+                            ("allow_non_empty", allow_non_empty)):
+            check_bool(flag, value)
+        try:
+            fs_path = os.fspath(path)
+        except TypeError:
+            raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
+        if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
+            raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
         if durability not in ("cache", "sync"):
             raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or not _MIN_BLOCK <= block_size <= _MAX_BLOCK):
             raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
-        if not isinstance(max_open_blocks, int) or max_open_blocks < 1:
+        if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
             raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
         if on_corrupt not in ("raise", "miss"):
             raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
         if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
                 or not idle_seal_seconds >= 0:
             raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
-        if not 0 <= read_gap <= (64 << 20):
-            raise InvalidArgument(f"read_gap must be within 0..64 MiB, got {read_gap!r}")
-        self.path = os.fspath(path)
+        if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
+            raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
+        self.path = fs_path
+        self._allow_non_empty = allow_non_empty
         self.read_only = read_only
         self.durability: Durability = durability
         # None: the store's own (its MANIFEST records the size it was created with); a size given for an
@@ -267,6 +314,7 @@ class Store(ChunkAPI, TensorAPI):
         self._retired: list[OpenBlock] = []
         self._sealed_unsynced: set[int] = set()
         self._reclaim_after_sync: set[int] = set()  # sources emptied by moves, waiting for a synced directory
+        self._reclaiming: set[int] = set()  # marked reclaiming in the directory; entry dropped once the file is gone
         self._ns_ids: dict[str, int] = {}
         self.recovery_report: dict[str, Any] | None = None
         self._read_observers: list[Callable[[Sequence[bytes], Sequence[Location | None]], None]] = []
@@ -287,6 +335,7 @@ class Store(ChunkAPI, TensorAPI):
     # ------------------------------------------------------------------ open / close
 
     def _open_files(self, create: bool) -> None:
+        _check_store_path(self.path, create, self.read_only, self._allow_non_empty)
         manifest_path = os.path.join(self.path, MANIFEST)
         exists = os.path.exists(manifest_path)
         if not exists:
@@ -299,7 +348,17 @@ class Store(ChunkAPI, TensorAPI):
                 # and overwrite acknowledged data.
                 raise CorruptionError(f"{self.path!r} has block files but no {MANIFEST}: its MANIFEST was lost; "
                                       "`blockstore fsck --repair` re-creates it from the block headers")
+            # Each directory made here is durable before anything is put in it: a new name survives a
+            # power cut only once its parent directory is fsynced, and a store made at a new path was
+            # otherwise lost whole (the next open then made an empty one; tests/power_loss.py).
+            made = []
+            d = os.path.abspath(blocks_dir)
+            while not os.path.isdir(d):
+                made.append(d)
+                d = os.path.dirname(d)
             os.makedirs(blocks_dir, exist_ok=True)
+            for d in made:  # bottom-up: each new directory's parent
+                self.backend.dir_sync(os.path.dirname(d))
         if not self.read_only:
             self._lock.acquire(self.path)
         directory: Directory | None = None
@@ -321,6 +380,9 @@ class Store(ChunkAPI, TensorAPI):
             )
             self._load_state(fresh=not exists)
             if not exists:
+                # blocks/ and directory/ are named durably before the MANIFEST can be: a rename may
+                # reach the disk before an earlier mkdir (POSIX orders neither)
+                self.backend.dir_sync(self.path)
                 self._write_manifest(manifest_path, manifest)
         except BaseException:
             if directory is not None:
@@ -375,13 +437,18 @@ class Store(ChunkAPI, TensorAPI):
             raise FormatVersionError(f"directory format version {version} is newer than this build ({FORMAT_VERSION})")
         self._ns_ids = d.namespaces()
         self._blocks: dict[int, BlockEntry] = d.load_blocks()
+        reclaiming = [bid for bid, e in self._blocks.items() if e.state == BLOCK_RECLAIMING]
+        for bid in reclaiming:
+            del self._blocks[bid]
+        if reclaiming and not self.read_only:
+            self._finish_reclaims(reclaiming)
         unclean = d.get_meta("clean") != 1
         left_open = any(e.state == BLOCK_OPEN for e in self._blocks.values())
         if not self.read_only and (unclean or left_open):
             from blockstore.recovery import recover
 
             self.recovery_report = recover(self, full=unclean)
-            self._blocks = d.load_blocks()
+            self._blocks = {bid: e for bid, e in d.load_blocks().items() if e.state != BLOCK_RECLAIMING}
             for bid, e in list(self._blocks.items()):
                 if self._reclaimable(e):  # an open block whose records had all died before the crash
                     self._delete_block(bid)
@@ -393,7 +460,21 @@ class Store(ChunkAPI, TensorAPI):
         if not self.read_only:
             b = DirectoryBatch()
             b.put_meta("clean", 0)
+            # recovery after a power cut in cache mode verifies the blocks made from here on
+            b.put_meta("session_first_block", self._next_block)
             d.write(b, force_sync=True)
+
+    def _finish_reclaims(self, block_ids: list[int]) -> None:
+        """Blocks marked reclaiming before a crash: the durable mark is the proof that nothing in them is
+        live, so their files go, then their entries."""
+        for bid in block_ids:
+            if self.blocks.exists(bid):
+                self.blocks.delete(bid)
+        self.backend.dir_sync(self.blocks.dir)
+        b = DirectoryBatch()
+        for bid in block_ids:
+            b.delete_block(bid)
+        self.dir.write(b, force_sync=True)
 
     def close(self) -> None:
         """Stop compaction, seal open blocks, make everything durable, mark the store clean. Idempotent."""
@@ -413,6 +494,7 @@ class Store(ChunkAPI, TensorAPI):
                         self._cv.wait()
                     self._leader = True
                 try:
+                    self._settle_failed_commit()  # before a footer goes where a replayed commit put records
                     failed = self._seal_all()
                     self.dir.flush()
                     if failed is None:
@@ -423,6 +505,8 @@ class Store(ChunkAPI, TensorAPI):
                     with self._cv:
                         self._leader = False
                         self._cv.notify_all()
+        except NoSpace as exc:
+            raise self._no_space(exc, closing=True) from exc
         finally:
             self._closed = True
             self.blocks.close()
@@ -432,7 +516,7 @@ class Store(ChunkAPI, TensorAPI):
             # the store is closed but not clean (the next open recovers it); the caller must hear that
             # what it wrote is not known to be durable. Swallowed, a cache-mode store lost puts made
             # before a close that had returned normally (found by tests/test_faults.py).
-            raise failed
+            raise self._no_space(failed, closing=True) if isinstance(failed, NoSpace) else failed
 
     def _seal_all(self) -> BlockstoreError | None:
         """Seal every open and retired block; None if all of them are sealed and durable, else the
@@ -471,6 +555,10 @@ class Store(ChunkAPI, TensorAPI):
         for bid, e in list(self._blocks.items()):
             if self._reclaimable(e):
                 self._delete_block(bid)
+        if self._reclaiming:
+            b = DirectoryBatch()
+            self._forget_reclaimed(b)
+            self.dir.write(b, force_sync=True)
         return errors[0] if errors else None
 
     def abandon(self) -> None:
@@ -514,6 +602,8 @@ class Store(ChunkAPI, TensorAPI):
     def put(self, key: bytes, value: Buffer, *, ns: str = DEFAULT_NAMESPACE, meta: bytes = b"",
             partition: bytes | str | None = None) -> None:
         """Store `value` under `key` (replacing any previous value: the old record becomes dead)."""
+        _check_key(key)
+        meta = _check_meta(meta)
         self.put_many([(key, value)], ns=ns, metas=[meta] if meta else None, partition=partition)
 
     def put_many(self, items: Sequence[tuple[bytes, Buffer]], *, ns: str = DEFAULT_NAMESPACE,
@@ -526,21 +616,27 @@ class Store(ChunkAPI, TensorAPI):
         self._check_open(write=True)
         _check_ns(ns)
         part = self._partition(ns, partition)
-        muts = []
-        for i, (key, value) in enumerate(items):
-            meta = _check_meta(bytes(metas[i])) if metas else b""
-            muts.append(_Mutation(ns, SPACE_KV, _check_key(key), Kind.KV, part, meta, _payload_view(value)))
+        pairs = check_pairs("items", items, "(key, value)")
+        if metas is not None:
+            metas = check_seq("metas", metas, "bytes (one per item)")
+            if len(metas) != len(pairs):
+                raise InvalidArgument(f"metas has {len(metas)} entries for {len(pairs)} items: give one per item")
+        muts = []  # every item is checked before any is queued: a bad one writes nothing of this call
+        for i, (key, value) in enumerate(pairs):
+            meta = _check_meta(metas[i], f"metas[{i}]") if metas else b""
+            muts.append(_Mutation(ns, SPACE_KV, _check_key(key, f"items[{i}] key"), Kind.KV, part, meta,
+                                  _payload_view(value)))
         self._submit(muts)
 
     def delete(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bool:
         """Delete `key`: writes a tombstone. Returns whether the key existed."""
-        return self.delete_many([key], ns=ns)[0]
+        return self.delete_many([_check_key(key)], ns=ns)[0]
 
     def delete_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
         self._check_open(write=True)
         _check_ns(ns)
         part = self._partition(ns, None)
-        muts = [_Mutation(ns, SPACE_KV, _check_key(k), Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in keys]
+        muts = [_Mutation(ns, SPACE_KV, k, Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in check_keys(keys)]
         self._submit(muts)
         return [bool(m.result) for m in muts]
 
@@ -548,7 +644,15 @@ class Store(ChunkAPI, TensorAPI):
         base = ns.encode()
         if partition is None:
             return base
-        p = partition.encode() if isinstance(partition, str) else bytes(partition)
+        if isinstance(partition, str):
+            try:
+                p = partition.encode()
+            except UnicodeEncodeError:
+                raise InvalidArgument("partition must be valid UTF-8 (it holds a lone surrogate)") from None
+        elif isinstance(partition, (bytes, bytearray, memoryview)):
+            p = bytes(partition)
+        else:
+            raise InvalidArgument(f"partition must be bytes, a str or None, not {type(partition).__name__}")
         if len(p) > 4096:
             raise InvalidArgument("partition must be at most 4096 bytes")
         return base + b"\0" + p
@@ -587,12 +691,56 @@ class Store(ChunkAPI, TensorAPI):
         to_seal: list[OpenBlock] = []
         try:
             self._apply_group(muts, to_seal)
-        except BaseException:
+        except BaseException as exc:
             # blocks taken out of rotation but not sealed: seal them at close (or recovery does)
             self._retired.extend(ob for ob in to_seal if ob not in self._retired)
+            if isinstance(exc, NoSpace):
+                raise self._no_space(exc) from exc
             raise
 
+    def _no_space(self, exc: NoSpace, *, closing: bool = False) -> NoSpace:
+        """The NoSpace a caller sees: what happened and what to do (it used to name neither)."""
+        if "free space" in str(exc):
+            return exc  # explained already
+        code = exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.ENOSPC
+        state = "over its disk quota (EDQUOT)" if code == errno.EDQUOT else "full (ENOSPC)"
+        if closing:
+            then = ("close() could not finish: the store is closed but not marked clean, and the next open "
+                    "recovers it (nothing acknowledged is lost); free space before reopening it")
+        else:
+            then = ("this write failed and was not acknowledged, and every write acknowledged before it is intact; "
+                    "free space there and retry: the store resumes writing by itself once there is room (no reopen "
+                    "needed)")
+        return NoSpace(code, f"{exc.strerror or exc} -- the filesystem holding store {self.path!r} is {state}: {then}")
+
+    def _settle_failed_commit(self) -> None:
+        """The last group's directory write failed, yet RocksDB may hold its batch whole (a WAL sync that
+        failed after the write), and the reopen that resumes the directory replays it. Before anything is
+        appended again (an append at the restored tail would overwrite records the directory names),
+        resume the directory and look: if the batch is there, adopt what it committed (its records were
+        never acknowledged, but they are stored now); else forget it."""
+        u = self._unsure
+        if u is None:
+            return
+        self.dir.resume()  # NoSpace while the disk is still full: nothing is appended, the next write looks
+        bid, total, post, created_ns, seq, bytes_put, bytes_written, entries = u
+        raw = self.dir.get(block_key(bid))
+        self._unsure = None
+        if raw is None or BlockEntry.decode(bid, raw).total_records != total:
+            return
+        _log.warning("%s: a directory write reported as failed was found committed after the directory "
+                     "was reopened; its %d bytes of records are kept", self.path, bytes_written)
+        for ob, tail, e, lo, hi, n in post:
+            ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
+        with self._state_lock:
+            self._ns_ids.update(created_ns)
+            self._next_seq = max(self._next_seq, seq)
+            self._bytes_put += bytes_put
+            self._bytes_written += bytes_written
+            self._blocks.update(entries)
+
     def _apply_group(self, muts: list[_Mutation], to_seal: list[OpenBlock]) -> None:
+        self._settle_failed_commit()
         hooks.fire("write.begin")
         batch = DirectoryBatch()
         ns_ids, created_ns = self._resolve_namespaces(muts, batch)
@@ -657,13 +805,20 @@ class Store(ChunkAPI, TensorAPI):
         # Moves (compaction) are durable whatever the mode: their source is deleted once the directory
         # names the copy, and what a clean close made durable must not become volatile again.
         moves = any(m.expected is not None for m in muts)
-        sync = self.durability == "sync" or moves
+        # A delete is durable when it returns, whatever the mode: in cache mode a power cut may lose
+        # recent puts, but never bring back a key whose delete was acknowledged (docs/durability).
+        deletes = any(m.kind == Kind.TOMBSTONE and m.expected is None and m.result for m in muts)
+        sync = self.durability == "sync" or moves or deletes
         for bid, pl in planned.items():
             ob = pl.block
             try:
                 pls, end = self.backend.append(ob.fd, ob.tail, pl.records, sync)
-            except BlockstoreError:
-                self._retire(ob)
+            except BlockstoreError as exc:
+                # NoSpace keeps the block in rotation at its last good tail (the next append overwrites
+                # the failed bytes): retiring it opened a new block file, holding its descriptor, for
+                # every retry while the disk stayed full
+                if not isinstance(exc, NoSpace):
+                    self._retire(ob)
                 raise
             placements[bid] = pls
         hooks.fire("write.appended")
@@ -741,9 +896,17 @@ class Store(ChunkAPI, TensorAPI):
             batch.put_meta("bytes_put", self._bytes_put + bytes_put)
             batch.put_meta("bytes_written", self._bytes_written + bytes_written)
             hooks.fire("write.before_directory")
-            if moves and self.durability != "sync":
-                self.backend.dir_sync(self.blocks.dir)  # a block file created for the copies, too
-            self.dir.write(batch)
+            if (moves or deletes) and self.durability != "sync":
+                self.backend.dir_sync(self.blocks.dir)  # a block file created for them, too
+            try:
+                self.dir.write(batch, force_sync=deletes)
+            except BlockstoreError:
+                if planned:  # what it would have committed, for _settle_failed_commit
+                    first = next(iter(planned))
+                    self._unsure = (first, entries[first].total_records,
+                                    [(ob, ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records) for ob, *_ in saved],
+                                    dict(created_ns), seq, bytes_put, bytes_written, dict(entries))
+                raise
         except BaseException:
             for ob, tail, e, lo, hi, n in saved:
                 ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
@@ -854,11 +1017,27 @@ class Store(ChunkAPI, TensorAPI):
         return seen
 
     def _new_block(self, partition: bytes, batch: DirectoryBatch) -> OpenBlock:
+        """A new open block. Its entry and the next_block counter are durable in the directory before
+        the file exists, so every block file an open finds is accounted for: a file the directory does
+        not name is then damage (kept and reported, never deleted), and an empty open block left by a
+        crash is removed on the proof of its entry (invariant 4)."""
+        while self.blocks.exists(self._next_block):
+            # a file the directory does not name (kept by recovery; fsck reports it): never reuse its id
+            _log.warning("%s: block file %s exists but the directory does not name it; skipping its id",
+                         self.path, block_file_name(self._next_block))
+            self._next_block += 1
         bid = self._next_block
         self._next_block += 1
-        fd = self.blocks.create(bid, xxhash.xxh3_64_intdigest(partition))
         now = time.time_ns()
         e = BlockEntry(bid, BLOCK_OPEN, partition, created_ns=now, last_append_ns=now)
+        first = DirectoryBatch()
+        first.put_block(e)
+        first.put_meta("next_block", self._next_block)
+        self.dir.write(first, force_sync=True)
+        # If the create fails, the entry stays: the next open's recovery seals the empty file (then
+        # reclaims it on that proof) or forgets the entry if no file was left. Dropping the entry here
+        # could leave a file it no longer names (an unlink that failed too).
+        fd = self.blocks.create(bid, xxhash.xxh3_64_intdigest(partition))
         batch.put_block(e)
         return OpenBlock(e, fd, BLOCK_HEADER_SIZE, opened_at_write=self._writes_placed)
 
@@ -902,14 +1081,36 @@ class Store(ChunkAPI, TensorAPI):
         return e.state == BLOCK_SEALED and e.live_records == 0 and e.tombstones == 0
 
     def _delete_block(self, bid: int) -> None:
-        """Directory first (a crash then leaves an orphan file that recovery removes), file second."""
+        """Delete a block that holds nothing live, on durable proof (invariant 4): its entry is marked
+        `reclaiming` in a synced directory write first, then the file is unlinked (now, or when its last
+        reader lets go), then the entry goes (at the next deletion, close or open). A crash in between
+        leaves a `reclaiming` entry, and the next open finishes the job; a file the directory does not
+        name is never deleted."""
         hooks.fire("block.delete", bid)
+        with self._state_lock:
+            e = self._blocks.get(bid)
         b = DirectoryBatch()
-        b.delete_block(bid)
-        self.dir.write(b)
+        if e is not None:
+            e = e.copy()
+            e.state = BLOCK_RECLAIMING
+            b.put_block(e)
+        self._forget_reclaimed(b)
+        self.dir.write(b, force_sync=True)
         with self._state_lock:
             self._blocks.pop(bid, None)
+            self._reclaiming.add(bid)
         self.blocks.delete(bid)
+
+    def _forget_reclaimed(self, batch: DirectoryBatch) -> None:
+        """Drop the entries of reclaimed blocks whose files are gone (the unlink waits for readers). The
+        unlinks are made durable first (cache mode does not fsync blocks/ at each one): else a power cut
+        brings back a file whose entry is gone, which the next open cannot account for (tests/power_loss.py)."""
+        gone = [rid for rid in list(self._reclaiming) if not self.blocks.exists(rid)]
+        if gone and not self.blocks.sync:
+            self.backend.dir_sync(self.blocks.dir)
+        for rid in gone:
+            batch.delete_block(rid)
+            self._reclaiming.discard(rid)
 
     # ------------------------------------------------------------------ observation and relocation
 
@@ -917,6 +1118,8 @@ class Store(ChunkAPI, TensorAPI):
         """Call `observe(key suffixes, locations)` with every batched read (one request), after its
         lookup. Compaction learns co-access this way. Observers run on the reader's thread: keep them
         cheap; their exceptions are logged, never raised into the read."""
+        if not callable(observe):
+            raise InvalidArgument(f"observe must be callable, not {type(observe).__name__}")
         self._read_observers.append(observe)
 
     def remove_read_observer(self, observe: Callable[[Sequence[bytes], Sequence[Location | None]], None]) -> None:
@@ -939,6 +1142,9 @@ class Store(ChunkAPI, TensorAPI):
         that no older record of the key is left anywhere. `together=True` keeps the moves in one block:
         if the open block cannot take all of them, a fresh one is started first."""
         self._check_open(write=True)
+        if not isinstance(partition, (bytes, bytearray)):
+            raise InvalidArgument(f"relocate_many: partition must be bytes, not {type(partition).__name__}")
+        check_bool("together", together)
         muts = []
         for suffix, loc, payload in moves:
             if len(suffix) < 6:
@@ -963,6 +1169,10 @@ class Store(ChunkAPI, TensorAPI):
         """Read and verify the payloads at these places (raises on corruption whatever on_corrupt says:
         a relocation must never copy bad bytes)."""
         self._check_open()
+        locs = check_seq("locs", locs, "Locations")
+        for i, loc in enumerate(locs):
+            if not isinstance(loc, Location):
+                raise InvalidArgument(f"locs[{i}] must be a Location, not {type(loc).__name__}")
         out: list[memoryview] = []
         by_block: dict[int, list[int]] = {}
         for i, loc in enumerate(locs):
@@ -985,7 +1195,7 @@ class Store(ChunkAPI, TensorAPI):
 
     def get(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bytes | None:
         """The value stored under `key`, or None."""
-        got = self.get_many([key], ns=ns)[0]
+        got = self.get_many([_check_key(key)], ns=ns)[0]
         return None if got is None else bytes(got)
 
     def get_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE,
@@ -995,7 +1205,8 @@ class Store(ChunkAPI, TensorAPI):
         and returns each payload's length (None for a miss)."""
         self._check_open()
         nid = self._ns_id(ns)
-        keys = [_check_key(k) for k in keys]
+        keys = check_keys(keys)
+        out = check_out(out, len(keys))
         if nid is None:
             return [None] * len(keys)
         return self._read(nid, SPACE_KV, keys, out)
@@ -1003,7 +1214,7 @@ class Store(ChunkAPI, TensorAPI):
     def contains_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
         self._check_open()
         nid = self._ns_id(ns)
-        keys = [_check_key(k) for k in keys]
+        keys = check_keys(keys)
         if nid is None:
             return [False] * len(keys)
         return [loc is not None for loc in self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])]
@@ -1012,7 +1223,7 @@ class Store(ChunkAPI, TensorAPI):
         """Where each key's live record is (for tools, compaction and benchmarks)."""
         self._check_open()
         nid = self._ns_id(ns)
-        keys = [_check_key(k) for k in keys]
+        keys = check_keys(keys)
         if nid is None:
             return [None] * len(keys)
         return self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])
@@ -1085,7 +1296,17 @@ class Store(ChunkAPI, TensorAPI):
                 try:
                     fd = self.blocks.read_fd(bid)
                 except NotFound:
-                    vanished.extend(idxs)  # deleted after our lookup: look again
+                    with self._state_lock:
+                        still_named = bid in self._blocks
+                    if not still_named:
+                        vanished.extend(idxs)  # compaction deleted it after our lookup: look again
+                        continue
+                    # The block table still names the block (a deletion leaves the table before its
+                    # file goes), so its file is missing by damage: corruption, not a miss.
+                    if self.on_corrupt == "raise":
+                        raise CorruptionError(
+                            f"read of key {keys[idxs[0]]!r}: block file {block_file_name(bid)} is missing; "
+                            f"run `blockstore fsck {self.path}` (--repair drops the records it held)") from None
                     continue
                 reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i],  # type: ignore[union-attr,arg-type]
                                     locs[i].payload_xxh3) for i in idxs]  # type: ignore[union-attr]
