@@ -106,7 +106,9 @@ KINDS: dict[str, tuple[str, str]] = {
         "rewrites it (store id from the block headers, format version 1; the old file goes to lost+found); "
         "refuses when the blocks or the directory are of a newer format version too"),
     "directory": (
-        "the RocksDB directory is missing, cannot be opened, or fails while being read",
+        "the RocksDB directory is missing, cannot be opened, or fails while being read (block files are then "
+        "not judged against it: none is reported as an orphan); or it reads in full but lost writes: block "
+        "files of this store that it does not name hold records (a lost or truncated WAL, an old copy)",
         "moves it to lost+found and rebuilds it from the block files: the newest record of each key wins, a "
         "tombstone means absent, a newest record that is damaged means absent; namespace names come from "
         "what RocksDB can salvage of the old directory, else from --namespace names that match the blocks' "
@@ -127,7 +129,8 @@ KINDS: dict[str, tuple[str, str]] = {
         "makes the id index mirror the name index; an id in use with no name gets recovered-ns-<id>; a key "
         "entry naming a record of another namespace is handled as dangling"),
     "block-header": (
-        "a block header does not verify (magic, version, checksum), or names another block id or store",
+        "a block header does not verify (magic, version, checksum), or names another store, or names another "
+        "block id whose file is there (a duplicate)",
         "rewrites the header when the file is this store's block (the old header page goes to lost+found); "
         "a block of another store, or of another id, is moved to lost+found"),
     "footer": (
@@ -137,8 +140,10 @@ KINDS: dict[str, tuple[str, str]] = {
         "a record header does not verify (magic, version, kind, lengths, or the checksum over header, key and "
         "meta) inside a block's data, or a record runs past it",
         "evacuates the block: every record the directory names there that verifies, and every tombstone, is "
-        "copied to a new block with its sequence number; keys whose record is damaged are dropped (reads "
-        "miss); the block file is moved to lost+found"),
+        "copied to a new block with its sequence number; a record whose header is damaged is copied too when "
+        "the payload at the place its key entry names matches the entry's length and checksum (key, meta and "
+        "sequence number from the entry); keys whose payload is damaged are dropped (reads miss); the block "
+        "file is moved to lost+found"),
     "payload": (
         "a record's payload does not match its checksum (reads of it raise ChecksumMismatch)",
         "evacuates the block (see record)"),
@@ -146,15 +151,29 @@ KINDS: dict[str, tuple[str, str]] = {
         "a sealed block file ends before its data end (records are cut off)",
         "evacuates the block (see record)"),
     "unsealed": (
-        "a block left open by a writer that stopped without closing: its tail may be torn",
+        "a block left open by a writer that stopped without closing: its tail may be torn (or its file was "
+        "never created, or has no header yet: the writer stopped between naming the block and writing its "
+        "header, nothing was committed in it)",
         "truncates it after its last committed record that verifies (the bytes cut go to lost+found), drops "
-        "directory entries naming what was cut, writes the footer and marks the block sealed"),
+        "directory entries naming what was cut, writes the footer and marks the block sealed; when a committed "
+        "record before the committed end is damaged, the block is evacuated instead (see record), so that the "
+        "committed records after it are kept; a block whose file was never created, or has no header, loses its "
+        "entry (the file goes to lost+found)"),
     "missing-block": (
         "the block table names a block whose file is missing (its records are lost)",
         "drops the block's entry and every directory entry naming it (reads miss)"),
     "orphan-block": (
-        "a block file that no block-table entry names and no directory entry points into",
-        "moves it to lost+found"),
+        "a block file that no block-table entry names and no directory entry points into (blocks are named "
+        "in the directory before their files exist, so this is never a normal state)",
+        "a file that holds records of this store that verify means the directory lost writes: the directory "
+        "is rebuilt (see directory); any other file (no valid header of this store, or no valid record) is "
+        "moved to lost+found"),
+    "misnamed-block": (
+        "a block file whose verified header names another block of this store than its file name does (files "
+        "renamed or swapped): the file is checked as the block its header names",
+        "renames it to the name its header gives (a swap or a cycle goes through a temporary name); when that "
+        "name is taken by a file that rightly carries it, the file is not renamed and is reported as "
+        "block-header instead"),
     "block-entry": (
         "a block-table entry that does not decode, or a block file that directory entries point into but no "
         "block-table entry names",
@@ -230,6 +249,7 @@ class BlockFacts:
     header: BlockHeader | None = None
     header_problem: str | None = None  # the header does not verify (rewrite it)
     foreign: str | None = None  # a verified header of another store or block id (not ours)
+    misnamed: int | None = None  # the file's name says this block id; its verified header says `block_id`
     footer: Footer | None = None  # a valid footer at the end of the file
     footer_problem: str | None = None
     sealed: bool = False  # per the block table (per the footer without a table entry)
@@ -247,11 +267,17 @@ class BlockFacts:
     named: int = 0  # key entries naming the block
     live: tuple[int, int, int] = (0, 0, 0)  # (records, bytes, logical bytes) the key entries name in it
     derived: BlockEntry | None = None  # the table entry as it should be (healthy blocks only)
+    orphan_records: int = 0  # an orphan file of this store: records in it that verify (the directory lost them)
+    committed: int = BLOCK_HEADER_SIZE  # an unsealed block's committed data end (its block-table entry's)
+    stillborn: bool = False  # an open block with nothing committed whose file a crash left without a header
 
     @property
     def needs_evacuation(self) -> bool:
-        return self.path is not None and not self.foreign and not self.unsealed and (
-            bool(self.damaged) or bool(self.bad_payloads) or self.truncated)
+        if self.path is None or self.foreign or self.stillborn:
+            return False
+        if self.unsealed:  # damage inside the committed data: sealing would cut the committed records after it
+            return self.valid_end < self.committed
+        return bool(self.damaged) or bool(self.bad_payloads) or self.truncated
 
 
 @dataclass(slots=True)
@@ -279,6 +305,8 @@ class Report:
     store_id: int | None = None  # the manifest's, unless the block headers all say otherwise
     newer_format: bool = False  # a block or the directory is of a newer format version than this build
     directory_ok: bool = False
+    lost_writes: bool = False  # the directory reads in full but does not name block files holding our records
+    reclaiming: dict[int, BlockEntry] = field(default_factory=dict)  # entries marked for deletion (not judged)
     blocks: dict[int, BlockFacts] = field(default_factory=dict)
     meta: dict[str, int | None] = field(default_factory=dict)
     max_seq: int = 0
@@ -606,6 +634,15 @@ def _fresh_snapshot(root: str) -> Directory | None:
         return None
 
 
+def _reclaiming(bid: int, raw: bytes) -> bool:
+    """Whether a block-table value says the block is being deleted (the writer's deletion in progress)."""
+    try:
+        e = decode_block_entry(bid, bytes(raw))
+    except BlockstoreError:
+        return False
+    return isinstance(e, BlockEntry) and e.state == BLOCK_RECLAIMING
+
+
 def _settle(root: str, be: Backend, rep: Report) -> None:
     """After a pass beside a live writer: a block whose file is missing is a finding only if a fresh
     snapshot still names it (else the writer deleted it: compaction, or all its records died). Such a
@@ -632,7 +669,7 @@ def _settle(root: str, be: Backend, rep: Report) -> None:
         finally:
             fresh.close()
         files = list_block_files(root)
-        gone |= {b for b, v in zip(ids, still) if v is None or b in files}
+        gone |= {b for b, v in zip(ids, still) if v is None or b in files or _reclaiming(b, v)}
         if gone == missing:
             break
     if not gone:
@@ -707,7 +744,10 @@ class _Pass:
         self.progress = progress
         self.rep = Report(root, writer_pid=writer_pid)
         self.entries: dict[int, BlockEntry] = {}
-        self.files: dict[int, str] = {}
+        self.reclaiming: dict[int, BlockEntry] = {}  # entries marked reclaiming: a normal state, not judged
+        self.files: dict[int, str] = {}  # block id -> its file (by the id its verified header gives, see _names)
+        self.headers: dict[str, BlockHeader | None] = {}  # file -> its header, where it verifies
+        self.misnamed: dict[int, int] = {}  # block id -> the id its file's name says (files to rename)
         # per block: the key entries that name it (from the K stream) whose reverse entry is missing
         self.unindexed: dict[int, list[tuple[bytes, Location]]] = {}
         self.named_sums: dict[int, list[int]] = {}  # block -> [records, bytes, logical bytes] named by K
@@ -752,6 +792,7 @@ class _Pass:
             rep.add("manifest", None, None, problem)
         self.files = list_block_files(self.root)
         self._store_id(m)
+        self._names()
         try:
             self._open_directory()
             if self.dir is not None:
@@ -761,11 +802,12 @@ class _Pass:
                 self._reverse_stream()
             self._blocks()
             if self.dir is not None and rep.directory_ok:
+                self._lost_writes()
                 self._resolve_unreferenced()
                 self._namespaces()
                 self._counters()
         except DirectoryUnreadable as exc:
-            self._directory_failed(f"the directory failed while being read: {exc}")
+            self._directory_failed(f"the directory ({DIRECTORY}/) failed while being read: {exc}")
             self._blocks()
         finally:
             if self.own_dir and self.dir is not None:
@@ -785,7 +827,9 @@ class _Pass:
                 with open(path, "rb") as f:
                     h = self.be.decode_block_header(f.read(64))
             except (OSError, BlockstoreError):
+                self.headers[path] = None
                 continue
+            self.headers[path] = h
             votes[h.store_id] = votes.get(h.store_id, 0) + 1
         mine = m.get("store_id") if m is not None else None
         if votes and mine not in votes:
@@ -796,6 +840,33 @@ class _Pass:
             rep.store_id = top if mine is None or len(votes) == 1 else mine
         else:
             rep.store_id = mine
+
+    def _names(self) -> None:
+        """Files are the blocks their verified headers name, not what their names say: a file whose header
+        names another block of this store is checked as that block (and renamed by repair) when that
+        block has no rightful file of its own; two files swapped are each the other's."""
+        sid = self.rep.store_id
+        by_name = dict(self.files)
+        claims: dict[int, list[int]] = {}  # header id -> names of the files whose header claims it
+        for name_id, path in by_name.items():
+            h = self.headers.get(path)
+            if h is not None and sid is not None and h.store_id == sid and h.block_id != name_id:
+                claims.setdefault(h.block_id, []).append(name_id)
+        for hid, names in sorted(claims.items()):
+            if len(names) != 1:
+                continue  # two files claim the block: neither is renamed (both reported as block-header)
+            holder = by_name.get(hid)
+            if holder is not None:
+                h = self.headers.get(holder)
+                if h is None or h.store_id != sid or h.block_id == hid:
+                    continue  # its name is taken by its own file (or one that cannot say): a duplicate
+            self.misnamed[hid] = names[0]
+        if not self.misnamed:
+            return
+        files = {b: p for b, p in by_name.items() if b not in self.misnamed.values()}
+        for hid, name_id in self.misnamed.items():
+            files[hid] = by_name[name_id]
+        self.files = files
 
     def _open_directory(self) -> None:
         if self.dir is not None:
@@ -808,7 +879,7 @@ class _Pass:
         try:
             self.dir = Directory(p, read_only=True, sync=False, create=False)
         except BlockstoreError as exc:
-            self.rep.add("directory", None, None, f"the directory cannot be opened: {exc}")
+            self.rep.add("directory", None, None, f"the directory ({DIRECTORY}/) cannot be opened: {exc}")
             return
         self.rep.directory_ok = True
 
@@ -821,7 +892,9 @@ class _Pass:
         if self.own_dir and self.dir is not None:
             self.dir.close()
         self.dir = None
-        self.entries = {}
+        self.entries, self.reclaiming = {}, {}
+        rep.reclaiming.clear()
+        rep.lost_writes = False
         self.unindexed, self.named_sums, self.missing_named, self.nowhere_named = {}, {}, {}, {}
         self.tomb_max, self.newest_unnamed, self.broken = {}, {}, {}
         for name in ("dangling", "copies", "broken_newest", "bad_keys", "bad_reverse", "missing_reverse",
@@ -859,6 +932,9 @@ class _Pass:
             if isinstance(e, str):
                 rep.add("block-entry", bid, None, f"block table entry does not decode: {e}")
                 rep.bad_block_values.append(bid)
+                continue
+            if e.state == BLOCK_RECLAIMING:  # being deleted on durable proof; file there or not: normal
+                self.reclaiming[bid] = rep.reclaiming[bid] = e
                 continue
             self.entries[bid] = e
 
@@ -904,7 +980,7 @@ class _Pass:
                 rep.missing_session.append((sk, suffix))
         for (suffix, loc), r in zip(good, rkeys):
             bid = loc.block_id
-            if bid not in self.entries and bid not in self.files:
+            if bid not in self.entries and bid not in self.files and bid not in self.reclaiming:
                 self.nowhere_named[bid] = self.nowhere_named.get(bid, 0) + 1
                 rep.dangling[suffix] = (loc, f"names block {block_label(bid)}, which does not exist")
                 rep.add("dangling", bid, loc.offset,
@@ -963,7 +1039,7 @@ class _Pass:
                 rep.bad_reverse.append(bytes(k))
                 continue
             bid = int.from_bytes(k[1:9], "big")
-            if bid not in self.entries and bid not in self.files:
+            if bid not in self.entries and bid not in self.files and bid not in self.reclaiming:
                 stray[bid] = stray.get(bid, 0) + 1
                 rep.bad_reverse.append(bytes(k))
         for bid, n in sorted(stray.items()):
@@ -972,7 +1048,10 @@ class _Pass:
     # ---- blocks ----
     def _blocks(self) -> None:
         rep = self.rep
-        ids = sorted(set(self.entries) | set(self.files) | set(self.missing_named))
+        named = set(self.named_sums) | set(self.unindexed) | set(self.missing_named)
+        # a block marked reclaiming is not judged (unless key entries still name it)
+        ids = sorted((set(self.entries) | set(self.files) | set(self.missing_named)) - (set(self.reclaiming) - named))
+        rep.max_block = max([rep.max_block, *self.reclaiming])
         total = 0
         for bid in ids:
             p = self.files.get(bid)
@@ -986,8 +1065,23 @@ class _Pass:
             path = self.files.get(bid)
             facts = BlockFacts(bid, path, entry=self.entries.get(bid))
             rep.blocks[bid] = facts
-            rep.max_block = max(rep.max_block, bid) if (self.writer is None or bid in self.entries) else rep.max_block
+            if bid in self.entries or bid in named or bid in self.reclaiming:
+                # what the directory accounts for; a file it does not name is an orphan, not a counter finding
+                rep.max_block = max(rep.max_block, bid)
+            if bid in self.misnamed:
+                facts.misnamed = self.misnamed[bid]
+                rep.add("misnamed-block", self.misnamed[bid], None,
+                        f"file {block_label(self.misnamed[bid])}.blk holds block {block_label(bid)} (its verified "
+                        f"header says so): checked as {block_label(bid)}.blk")
             if path is None:
+                e = facts.entry
+                if e is not None and e.state == BLOCK_OPEN and e.data_end <= BLOCK_HEADER_SIZE \
+                        and e.total_records == 0 and bid not in self.missing_named:
+                    # named (synced) before its file is created: a writer stopped in between
+                    if self.writer is None:
+                        rep.add("unsealed", bid, None, "left open by a writer that stopped between naming the "
+                                "block and creating its file: nothing was committed in it")
+                    continue
                 if facts.entry is not None or bid in self.missing_named:
                     n = self.missing_named.get(bid, 0)
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk is missing; "
@@ -1013,6 +1107,15 @@ class _Pass:
             self._header(bf, fd)
             e = bf.entry
             referenced = bid in self.named_sums or bid in self.unindexed
+            if e is not None and bf.header is None and not bf.foreign and e.state == BLOCK_OPEN \
+                    and e.data_end <= BLOCK_HEADER_SIZE and e.total_records == 0 and not referenced:
+                # named (synced) before its file is created, and the header written after: a writer that
+                # stopped (or is) in between left a file without a valid header and nothing committed
+                if self.writer is None:
+                    bf.stillborn = True
+                    rep.add("unsealed", bid, None, f"left open by a writer that stopped while creating its file "
+                            f"({bf.size} bytes, no valid header): nothing was committed in it")
+                return
             if self.dir is not None and e is None and bid not in rep.bad_block_values:
                 if self.writer is not None and not referenced:
                     rep.notes.append(f"block {block_label(bid)} is not in the directory snapshot (created by the "
@@ -1033,7 +1136,7 @@ class _Pass:
                 live_open = e.state == BLOCK_OPEN and self.writer is not None
                 bf.sealed = e.state != BLOCK_OPEN
                 bf.unsealed = e.state == BLOCK_OPEN and self.writer is None
-                committed = e.data_end
+                committed = bf.committed = e.data_end
                 if live_open:
                     end = min(committed, bf.size)
                     bf.truncated = bf.size < committed
@@ -1091,12 +1194,32 @@ class _Pass:
             bf.footer = f
 
     def _orphan(self, bf: BlockFacts, fd: int) -> None:
-        scan = scan_records(self.be, fd, BLOCK_HEADER_SIZE, bf.size, resynchronize=False) \
-            if bf.size > BLOCK_HEADER_SIZE else Scan([], [])
+        scan = scan_records(self.be, fd, BLOCK_HEADER_SIZE, bf.size) if bf.size > BLOCK_HEADER_SIZE else Scan([], [])
+        good = sum(1 for r in scan.records if r.payload_ok)
         bf.records = len(scan.records)
-        self.rep.add("orphan-block", bf.block_id, None,
-                     f"no block-table entry names block {block_label(bf.block_id)} and no directory entry points "
-                     f"into it ({bf.size} bytes, {len(scan.records)} records that verify)")
+        ours = bf.header is not None and not bf.foreign
+        detail = (f"no block-table entry names block {block_label(bf.block_id)} and no directory entry points "
+                  f"into it ({bf.size} bytes, {good} records that verify)")
+        if ours and good:
+            bf.orphan_records = good
+            detail += ": a block of this store, so the directory lost writes"
+        self.rep.add("orphan-block", bf.block_id, None, detail)
+
+    def _lost_writes(self) -> None:
+        """Blocks are named in the directory (synced) before their files are created, and their entries
+        go only after their files: a file of this store holding records that the directory does not name
+        means the directory lost writes (a lost or truncated WAL, an old copy of it put back). It reads
+        in full, but it is not the truth: repair rebuilds it from the blocks."""
+        rep = self.rep
+        lost = [bf for bf in rep.blocks.values() if bf.orphan_records]
+        if not lost:
+            return
+        rep.lost_writes = True
+        shown = ", ".join(block_label(bf.block_id) for bf in lost[:8]) + (", ..." if len(lost) > 8 else "")
+        rep.add("directory", None, None,
+                f"the directory ({DIRECTORY}/) lost writes: it does not name {len(lost)} block files of this store "
+                f"that hold {sum(bf.orphan_records for bf in lost)} records that verify ({shown}); it is rebuilt "
+                "from the block files")
 
     def _records(self, bf: BlockFacts, scan: Scan, committed: int) -> None:
         rep = self.rep

@@ -4,12 +4,15 @@ STORE/lost+found/ instead of deleting it (docs/fsck.md lists what is done for ea
 It needs the writer lock (a store in use is refused, StoreLocked). Then it alternates checking and
 fixing, one phase at a time, until a check finds nothing or a phase can change nothing more:
 
-0. store level: a MANIFEST that cannot be trusted is rewritten; a directory that cannot be read is
-   moved to lost+found and rebuilt from the block files;
+0. store level: a MANIFEST that cannot be trusted is rewritten; block files whose verified headers
+   name another block are renamed to their own names; a directory that cannot be read, or that lost
+   writes (it does not name block files of this store that hold records), is moved to lost+found and
+   rebuilt from the block files;
 1. files: foreign and orphan block files go to lost+found; damaged block headers and footers are
    rewritten; blocks a crashed writer left open are sealed (their torn tails saved); blocks with
    damaged records are evacuated (verified records copied to a new block, keeping their sequence
-   numbers, the file moved to lost+found); the entries of blocks whose file is missing are dropped;
+   numbers, a record with a damaged header too when its key entry's payload checksum verifies; the
+   file moved to lost+found); the entries of blocks whose file is missing are dropped;
 2. directory: key entries are re-derived, re-pointed or dropped; reverse and listing entries made to
    mirror the key entries; block-table entries re-created; namespace ids made to mirror names;
 3. counters: block-table counters re-derived, store counters raised above what is on disk;
@@ -40,8 +43,10 @@ from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR, block_file_name
 from blockstore.directory import (
     BLOCK_OPEN,
+    BLOCK_RECLAIMING,
     BLOCK_SEALED,
     SPACE_CHUNK,
+    SPACE_KV,
     TAG_AFFINITY,
     TAG_BLOCK,
     TAG_META,
@@ -96,6 +101,7 @@ REPAIR_PARTITION = b"\0fsck/repair"  # the stream of blocks repair writes (copie
 RECOVERED_PARTITION = b"\0fsck/recovered"  # the partition of a block-table entry re-created from its file
 _MAX_ROUNDS = 16
 _LOG = "fsck-log.jsonl"
+RENAMING = ".fsck-renaming"  # a block file on its way to the name its header gives (blocks/ID.blk.fsck-renaming)
 
 # short words for "[corrected: ...]" where no block-specific action was recorded
 _DONE = {
@@ -104,7 +110,7 @@ _DONE = {
     "counter": "counter raised", "namespace": "namespace index rewritten", "block-header": "header rewritten",
     "footer": "footer rewritten", "record": "block evacuated", "payload": "block evacuated",
     "truncated": "block evacuated", "unsealed": "block sealed", "missing-block": "entries dropped",
-    "orphan-block": "moved to lost+found", "block-entry": "entry re-derived", "block-counts": "counters re-derived",
+    "orphan-block": "moved to lost+found", "misnamed-block": "renamed", "block-entry": "entry re-derived", "block-counts": "counters re-derived",
     "dangling": "entry fixed", "reverse": "reverse index fixed", "session-index": "listing fixed",
     "unreferenced": "superseded",
 }
@@ -212,6 +218,7 @@ class _Repairer:
 
     # ---- the loop ----
     def run(self) -> RepairResult:
+        self._finish_renames()
         rep = check(self.root, backend=self.be, writer_pid=None)
         self._remember(rep)
         self.initially_unclean = any(f.kind == "unclean" for f in rep.findings)
@@ -222,7 +229,11 @@ class _Repairer:
             self._fix_manifest(rep)
         self._learn_manifest()
         os.makedirs(os.path.join(self.root, BLOCKS_DIR), exist_ok=True)
-        if not rep.directory_ok:
+        if any(bf.misnamed is not None for bf in rep.blocks.values()):
+            self._fix_names(rep)
+            rep = check(self.root, backend=self.be, writer_pid=None)
+            self._remember(rep)
+        if not rep.directory_ok or rep.lost_writes:
             self._rebuild_directory(rep)
         try:
             self.dir = Directory(os.path.join(self.root, DIRECTORY), read_only=False, sync=True, create=False)
@@ -314,12 +325,57 @@ class _Repairer:
         _fsync_dir(self.root)
         self.done[("manifest", None, None)] = f"rewritten (store {m['store_id']}, format version {FORMAT_VERSION})"
 
+    def _fix_names(self, rep: Report) -> None:
+        """Rename each misnamed block file to the name its verified header gives. Every file first goes
+        to a temporary name, then to its own, so swaps and cycles need no free name; a repair cut short
+        finishes the renames when it runs again (_finish_renames)."""
+        d = os.path.join(self.root, BLOCKS_DIR)
+        moving: list[tuple[int, int, str]] = []  # (block id, id its file's name said, temporary path)
+        for bid, bf in sorted(rep.blocks.items()):
+            if bf.misnamed is None or bf.path is None:
+                continue
+            tmp = os.path.join(d, block_file_name(bid) + RENAMING)
+            os.rename(bf.path, tmp)
+            moving.append((bid, bf.misnamed, tmp))
+        _fsync_dir(d)
+        for bid, was, tmp in moving:
+            self._settle_rename(tmp, bid)
+            self.done[("misnamed-block", was, None)] = (f"renamed {block_label(was)}.blk to "
+                                                        f"{block_file_name(bid)} (the id in its verified header)")
+        _fsync_dir(d)
+
+    def _settle_rename(self, tmp: str, bid: int) -> None:
+        final = os.path.join(self.root, BLOCKS_DIR, block_file_name(bid))
+        if os.path.lexists(final):  # cannot happen unless something else made that file meanwhile
+            self.lf.move(tmp, os.path.basename(tmp), f"its name {block_file_name(bid)} is taken",
+                         block=block_label(bid))
+        else:
+            os.rename(tmp, final)
+
+    def _finish_renames(self) -> None:
+        """Renames a repair that was cut short left half done (files under their temporary names)."""
+        d = os.path.join(self.root, BLOCKS_DIR)
+        if not os.path.isdir(d):
+            return
+        pending = sorted(n for n in os.listdir(d) if n.endswith(".blk" + RENAMING))
+        for name in pending:
+            try:
+                bid = int(name[:16], 16)
+            except ValueError:
+                continue
+            self._settle_rename(os.path.join(d, name), bid)
+        if pending:
+            _fsync_dir(d)
+
     def _rebuild_directory(self, rep: Report) -> None:
-        """The directory cannot be read: move it away and rebuild it from the block files."""
+        """The directory cannot be read, or lost writes: move it away and rebuild it from the block files."""
         dpath = os.path.join(self.root, DIRECTORY)
         salvaged: dict[bytes, bytes] = {}
         if os.path.lexists(dpath):
-            moved = self.lf.move(dpath, DIRECTORY, "the directory could not be read; rebuilt from the blocks")
+            why = ("the directory does not name block files of this store that hold records (it lost writes); "
+                   "rebuilt from the blocks" if rep.directory_ok else
+                   "the directory could not be read; rebuilt from the blocks")
+            moved = self.lf.move(dpath, DIRECTORY, why)
             tmp = os.path.join(self.root, ".fsck-salvage")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -352,6 +408,16 @@ class _Repairer:
                     self._touch()
                     self._forget(rep, bid)
                     did = True
+                continue
+            if bf.orphan_records:
+                continue  # the directory lost them: only a rebuild (at the start of a repair) takes them back
+            if bf.stillborn:  # nothing committed in it, and no header: the entry goes, the file to lost+found
+                self._touch()
+                self._forget(rep, bid)
+                moved = self.lf.move(bf.path, block_file_name(bid), "a block a crash left without its header; "
+                                     "nothing was committed in it", block=block_label(bid))
+                self.block_done[bid] = f"entry dropped; file moved to lost+found/{os.path.basename(moved)}"
+                did = True
                 continue
             if bf.foreign or (bf.entry is None and any(f.kind == "orphan-block" and f.block == bid
                                                         for f in rep.findings)):
@@ -507,34 +573,45 @@ class _Repairer:
         try:
             size = self.be.size(fd)
             end = min(max(bf.scan_end, BLOCK_HEADER_SIZE), size)
+            if bf.unsealed:  # past the committed end nothing was acknowledged (tombstones included)
+                end = min(end, max(bf.committed, BLOCK_HEADER_SIZE))
             scan = scan_records(self.be, fd, BLOCK_HEADER_SIZE, end) if end > BLOCK_HEADER_SIZE else None
             by_off = {r.offset: r for r in (scan.records if scan else []) if r.payload_ok}
+            starts = {r.offset for r in (scan.records if scan else [])}
             named = self._named_in(rep, bid)
-            copies: list[tuple[bytes | None, ScannedRecord, bytes]] = []
+            copies: list[tuple[int, bytes | None, AppendRecord]] = []  # (offset, key suffix or None, record)
             lost: list[tuple[bytes, Location]] = []
+            salvaged = 0
             for sfx, loc in sorted(named.items(), key=lambda kv: kv[1].offset):
                 r = by_off.get(loc.offset)
-                payload = self._payload(fd, r) if r is not None and r.info.kind != Kind.TOMBSTONE \
-                    and record_suffix(r) == sfx else None
-                if r is None or payload is None:
+                rec = None
+                if r is not None and r.info.kind != Kind.TOMBSTONE and record_suffix(r) == sfx:
+                    payload = self._payload(fd, r)
+                    if payload is not None:
+                        rec = AppendRecord(r.info.kind, r.info.ns, bytes(r.key), bytes(r.meta), payload, r.info.seq,
+                                           r.info.payload_xxh3)
+                elif loc.offset not in starts:  # no record header verifies there: the entry may name the payload
+                    rec = self._from_entry(fd, sfx, loc, end)
+                    salvaged += rec is not None
+                if rec is None:
                     lost.append((sfx, loc))
                 else:
-                    copies.append((sfx, r, payload))
+                    copies.append((loc.offset, sfx, rec))
             for r in by_off.values():
                 if r.info.kind == Kind.TOMBSTONE:
-                    copies.append((None, r, b""))
+                    copies.append((r.offset, None, AppendRecord(r.info.kind, r.info.ns, bytes(r.key), bytes(r.meta),
+                                                                b"", r.info.seq, r.info.payload_xxh3)))
         finally:
             self.be.close(fd)
-        copies.sort(key=lambda c: c[1].offset)
-        recs = [AppendRecord(r.info.kind, r.info.ns, bytes(r.key), bytes(r.meta), p, r.info.seq, r.info.payload_xxh3)
-                for _s, r, p in copies]
+        copies.sort(key=lambda c: c[0])
+        recs = [rec for _o, _s, rec in copies]
         placed, entries = self._append(recs)
         batch = DirectoryBatch()
-        for (csfx, r, _p), (nbid, pl) in zip(copies, placed):
+        for (_o, csfx, rec), (nbid, pl) in zip(copies, placed):
             if csfx is None:
                 continue
-            loc = Location(r.info.kind, pl.flags, pl.payload_off, nbid, pl.offset, pl.record_len,
-                           r.info.payload_len, r.info.seq, pl.payload_xxh3, bytes(r.meta))
+            loc = Location(rec.kind, pl.flags, pl.payload_off, nbid, pl.offset, pl.record_len,
+                           len(rec.payload), rec.seq, pl.payload_xxh3, rec.meta)  # type: ignore[arg-type]
             batch.put_location(csfx, loc)
         for sfx, loc in lost:
             self._drop_key(batch, sfx, loc)
@@ -546,11 +623,29 @@ class _Repairer:
         batch.put_meta("next_block", self.next_block)
         self.dir.write(batch, force_sync=True)
         moved = self.lf.move(bf.path, block_file_name(bid), "damaged block, evacuated", block=block_label(bid),
-                             copied=len(copies), lost_keys=[key_text(s) for s, _l in lost],
+                             copied=len(copies), salvaged_by_entry=salvaged, lost_keys=[key_text(s) for s, _l in lost],
                              new_blocks=[block_label(e.block_id) for e in entries])
         self.block_done[bid] = (f"evacuated: {len(copies)} records copied to "
-                                f"{', '.join(block_label(e.block_id) for e in entries) or 'nothing'}, "
+                                f"{', '.join(block_label(e.block_id) for e in entries) or 'nothing'}"
+                                f"{f' ({salvaged} with a damaged header, by their key entry)' if salvaged else ''}, "
                                 f"{len(lost)} keys lost; file moved to lost+found/{os.path.basename(moved)}")
+
+    def _from_entry(self, fd: int, sfx: bytes, loc: Location, end: int) -> AppendRecord | None:
+        """A record whose header is damaged, rebuilt from its key entry: the entry has its key (the
+        suffix), kind, meta and sequence number, and names its payload by offset, length and xxh3. It is
+        salvaged only when the bytes there match that length and checksum (a 64-bit hash over exactly
+        the bytes the entry names: damage does not pass)."""
+        space = SPACE_CHUNK if loc.kind == Kind.CHUNK else SPACE_KV
+        if loc.kind not in (Kind.KV, Kind.CHUNK) or len(sfx) < 6 or sfx[4] != space:
+            return None
+        start = loc.payload_offset
+        if loc.offset < BLOCK_HEADER_SIZE or start < loc.offset or start + loc.payload_len > end:
+            return None
+        data = self.be.pread(fd, loc.payload_len, start) if loc.payload_len else b""
+        if len(data) != loc.payload_len or self.be.xxh3(data) != loc.payload_xxh3:
+            return None
+        return AppendRecord(loc.kind, int.from_bytes(sfx[:4], "big"), sfx[5:], loc.meta, data, loc.seq,
+                            loc.payload_xxh3)
 
     def _payload(self, fd: int, r: ScannedRecord) -> bytes | None:
         """The payload, verified again as it is read for the copy (never copy bytes that fail)."""
@@ -842,6 +937,17 @@ class _Repairer:
         return True
 
 
+def _old_entry(bid: int, raw: bytes | None) -> BlockEntry | None:
+    """A block-table entry salvaged from the old directory, if it decodes."""
+    if raw is None:
+        return None
+    try:
+        e = decode_block_entry(bid, raw)
+    except BlockstoreError:
+        return None
+    return e if isinstance(e, BlockEntry) else None
+
+
 def _block_files(root: str) -> list[str]:
     d = os.path.join(root, BLOCKS_DIR)
     return [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".blk")] if os.path.isdir(d) else []
@@ -883,6 +989,12 @@ class _Rebuild:
                 bid = int(name[:16], 16)
             except ValueError:
                 continue
+            old = _old_entry(bid, old_blocks.get(bid))
+            if old is not None and old.state == BLOCK_RECLAIMING:
+                # being deleted on durable proof (its live records were moved, or all died): its records
+                # must not count, and the engine's next open finishes the deletion
+                blocks[bid] = old
+                continue
             fd = be.open_ro(path)
             try:
                 size = be.size(fd)
@@ -917,11 +1029,10 @@ class _Rebuild:
                 recs, data_end = kept, valid_end
             else:
                 data_end = footer.data_end
-            old = decode_block_entry(bid, old_blocks[bid]) if bid in old_blocks else None
             now = time.time_ns()
             blocks[bid] = BlockEntry(
                 bid, BLOCK_SEALED if footer is not None else BLOCK_OPEN,
-                old.partition if isinstance(old, BlockEntry) else RECOVERED_PARTITION,
+                old.partition if old is not None else RECOVERED_PARTITION,
                 written_bytes=sum(x.info.record_len for x in recs), total_records=len(recs),
                 tombstones=sum(1 for x in recs if x.info.kind == Kind.TOMBSTONE), data_end=data_end,
                 created_ns=header.created_ns if header else now, last_append_ns=now,
