@@ -303,5 +303,37 @@ class FaultInjector:
         return int(lib.bs_fault_images_taken())
 
     def image_op_count(self) -> int:
-        """Operations of the images' mask counted since `arm_images`."""
+        """Operations of the images' mask counted since `arm_images` (or `arm_image_points`)."""
         return int(lib.bs_fault_image_op_count())
+
+    def arm_image_points(self, op_mask: int, points: Sequence[int], seeds: Sequence[int],
+                         root: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        """Take one power image of `root` just before each of the operations `points` (1-based, strictly
+        increasing, counted from now over `op_mask`): `dst`/p00000, p00001, ... (`dst` must exist), torn
+        where the matching seed is not 0. Empty `points`: just count (`image_op_count`)."""
+        pts = [int(p) for p in points]
+        if any(b <= a for a, b in zip(pts, pts[1:])) or any(p < 1 for p in pts) or len(seeds) != len(pts):
+            raise ValueError("points must be strictly increasing and >= 1, with one seed each")
+        arr = ffi.new("uint64_t[]", pts or [0])
+        sds = ffi.new("uint64_t[]", [int(s) & (2**64 - 1) for s in seeds] or [0])
+        lib.bs_fault_arm_image_points(op_mask, arr, sds, len(pts), os.fsencode(root), os.fsencode(dst))
+
+    def track(self, root: str | os.PathLike[str] | None, shadow: str | os.PathLike[str] | None = None) -> None:
+        """The strict model of directory entries for images under `root` (native/fault_io.c): what is
+        under `root` now is durable; from here on a name (file or directory, made by anyone) survives a
+        power loss only as of its parent directory's last fsync through this layer, and an unlinked
+        durable file comes back until then (kept as a hard link in `shadow`: an existing directory
+        outside `root` on the same file system). Spell paths as os.path.realpath does. None: off."""
+        if root is None or shadow is None:
+            _check(lib.bs_fault_power_track(ffi.NULL, ffi.NULL), "power track")
+        else:
+            _check(lib.bs_fault_power_track(os.fsencode(root), os.fsencode(shadow)), "power track")
+
+    def snapshot_dir(self, path: str | os.PathLike[str]) -> None:
+        """Directory `path` (RocksDB's) is durable as it is now, as a whole: images take it from here
+        (in torn images with a random part of its newest WAL's tail). Only under the tracked root."""
+        _check(lib.bs_fault_power_snapshot(os.fsencode(path)), "power snapshot")
+
+    def unmodelled(self) -> int:
+        """Durable entries images could not reproduce (renamed over outside the layer)."""
+        return int(lib.bs_fault_power_unmodelled())

@@ -245,5 +245,24 @@ void bs_fault_arm_images(int op_mask, uint64_t nth, const char *root, const char
 /* Images written since bs_fault_arm_images, and operations of its mask counted since then. */
 int bs_fault_images_taken(void);
 uint64_t bs_fault_image_op_count(void);
+/* Take one power image of root at each of the n operations points[0] < points[1] < ... (1-based,
+ * counted from now over op_mask), just before it runs: dst/pNNNNN for points[NNNNN], torn (with a
+ * garbage sector at random) when seeds[i] != 0. n == 0 disarms them and just resets the count.
+ * Disarms bs_fault_arm_images. */
+void bs_fault_arm_image_points(int op_mask, const uint64_t *points, const uint64_t *seeds, int n, const char *root,
+                               const char *dst);
+/* The strict model of directory entries for images of paths under root (fault_io.c's header says it
+ * all): every directory under root is durable as it is now; from then on a name is durable only as of
+ * its parent's last fsync through this layer. Unlinked durable files are kept as hard links in shadow
+ * (an existing directory outside root, on the same file system) until their unlink is durable.
+ * root == NULL turns the model off (images as bs_fault_power_image describes). Paths must be spelled
+ * as realpath() spells them. */
+int bs_fault_power_track(const char *root, const char *shadow);
+/* Directory dir (RocksDB's) is durable as it is now (empty if it is not there yet), as a whole:
+ * later images take it from here (hard links into shadow and the files' current sizes; in torn
+ * images a random part of its newest WAL's later tail). No effect outside the tracked root. */
+int bs_fault_power_snapshot(const char *dir);
+/* Durable entries an image could not reproduce (renamed over outside this layer): the live file was used. */
+uint64_t bs_fault_power_unmodelled(void);
 
 #endif

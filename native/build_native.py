@@ -95,6 +95,11 @@ int bs_fault_power_image(const char *root, const char *dst, uint64_t torn_seed);
 void bs_fault_arm_images(int op_mask, uint64_t nth, const char *root, const char *dst, uint64_t torn_seed);
 int bs_fault_images_taken(void);
 uint64_t bs_fault_image_op_count(void);
+void bs_fault_arm_image_points(int op_mask, const uint64_t *points, const uint64_t *seeds, int n, const char *root,
+                               const char *dst);
+int bs_fault_power_track(const char *root, const char *shadow);
+int bs_fault_power_snapshot(const char *dir);
+uint64_t bs_fault_power_unmodelled(void);
 """
 
 # BLOCKSTORE_SANITIZE=1 builds the core with AddressSanitizer and UBSan (fuzz and sanitizer runs).
