@@ -1015,3 +1015,26 @@ def test_a_block_file_a_crash_left_without_its_header_is_a_crash_state(tmp_path:
     assert not _block_path(path, nxt).exists()
     with blockstore.open(path) as s:
         assert s.get(b"k") == b"v" * 3000
+
+
+def test_an_unsealed_block_with_a_damaged_committed_record_is_evacuated(tmp_path: Path) -> None:
+    """A crash left a block open, and a committed record in it has a damaged header: sealing after the
+    last good record would drop every committed record after it; the block is evacuated instead and
+    the damaged record is salvaged by its key entry. Every key reads back."""
+    path = tmp_path / "s"
+    vals = {b"k%d" % i: random.Random(i).randbytes(3000) for i in range(8)}
+    s = blockstore.open(path, block_size=BLOCK, durability="sync")
+    for k, v in vals.items():
+        s.put(k, v)
+    loc = s.locate_many([b"k2"])[0]
+    assert loc is not None
+    s.abandon()
+    _flip(_block_path(path, loc.block_id), loc.offset + 24)
+    code, doc = fsck_json(path)
+    assert code == 4 and ("unsealed", f"{loc.block_id:016x}") in {(f["kind"], f["block"]) for f in doc["findings"]}
+    code, doc = fsck_json(path, "--repair")
+    assert code == 1 and all(f["corrected"] for f in doc["findings"]), doc["findings"]
+    assert any("evacuated" in (f["action"] or "") for f in doc["findings"])
+    assert fsck(path)[:2] == (0, "OK\n")
+    with blockstore.open(path) as s:
+        assert {k: s.get(k) for k in vals} == vals
