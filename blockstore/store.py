@@ -247,6 +247,7 @@ class Store(ChunkAPI, TensorAPI):
     """
 
     _unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (_settle_failed_commit)
+    _names_durable_below = 0  # cache mode: block files with a lower id have durable names (blocks/ fsynced)
 
     def __init__(
         self,
@@ -808,7 +809,13 @@ class Store(ChunkAPI, TensorAPI):
         # A delete is durable when it returns, whatever the mode: in cache mode a power cut may lose
         # recent puts, but never bring back a key whose delete was acknowledged (docs/durability).
         deletes = any(m.kind == Kind.TOMBSTONE and m.expected is None and m.result for m in muts)
-        sync = self.durability == "sync" or moves or deletes
+        # An overwrite's new bytes are synced before the directory batch names them, in cache mode
+        # too: the kernel may write the directory's WAL back before the block's pages, and a power
+        # cut must then leave the key with its new value or its old one, never neither (found by
+        # tests/power_loss.py). The directory write itself stays unsynced: losing it keeps the old value.
+        overwrites = any(m.expected is None and m.kind != Kind.TOMBSTONE and current[s] is not None
+                         for m, s, _ob, _rec in placed)
+        sync = self.durability == "sync" or moves or deletes or overwrites
         for bid, pl in planned.items():
             ob = pl.block
             try:
@@ -896,8 +903,16 @@ class Store(ChunkAPI, TensorAPI):
             batch.put_meta("bytes_put", self._bytes_put + bytes_put)
             batch.put_meta("bytes_written", self._bytes_written + bytes_written)
             hooks.fire("write.before_directory")
-            if (moves or deletes) and self.durability != "sync":
+            # An overwrite's synced record may sit in a block file made this session whose name is not
+            # durable yet: a later synced directory write (or the WAL written back) makes the entry durable,
+            # a power cut loses the file, recovery forgets the block and drops the key's entry, and the
+            # key reads absent while its old value is intact on disk (found by tests/power_loss.py). So
+            # blocks/ is fsynced first, as for moves and deletes (once per new block file).
+            if self.durability != "sync" and (moves or deletes or (
+                    overwrites and any(b >= self._names_durable_below for b in planned))):
+                names_below = self._next_block
                 self.backend.dir_sync(self.blocks.dir)  # a block file created for them, too
+                self._names_durable_below = names_below
             try:
                 self.dir.write(batch, force_sync=deletes)
             except BlockstoreError:
@@ -1087,6 +1102,7 @@ class Store(ChunkAPI, TensorAPI):
         leaves a `reclaiming` entry, and the next open finishes the job; a file the directory does not
         name is never deleted."""
         hooks.fire("block.delete", bid)
+        self._sync_dirty_blocks()
         with self._state_lock:
             e = self._blocks.get(bid)
         b = DirectoryBatch()
@@ -1100,6 +1116,34 @@ class Store(ChunkAPI, TensorAPI):
             self._blocks.pop(bid, None)
             self._reclaiming.add(bid)
         self.blocks.delete(bid)
+
+    def _sync_dirty_blocks(self) -> None:
+        """Cache mode, before a block file is deleted: make this session's unsynced block data (open and
+        retired blocks, blocks sealed unsynced) and the block files' names durable. What emptied the
+        block can be such data: a newer put that let compaction drop the key's tombstone (then deleted
+        with its block), or an overwrite. Lost to a power cut after the unlink, it leaves the key's
+        older record on disk with nothing newer: the directory has no entry for it (fsck:
+        `unreferenced`), and a rebuild from blocks brings a deleted key back (found by
+        tests/power_loss.py). Deletions are rare (a compaction pass, a delete that empties a block),
+        so the cost is small."""
+        if self.durability == "sync":
+            return
+        for ob in list(self._open.values()) + self._retired:
+            self.backend.sync(ob.fd)
+        for sid in sorted(self._sealed_unsynced):
+            try:
+                fd = self.backend.open(self.blocks.path(sid), False)
+            except NotFound:
+                self._sealed_unsynced.discard(sid)  # reclaimed since
+                continue
+            try:
+                self.backend.sync(fd)
+            finally:
+                self.backend.close(fd)
+            self._sealed_unsynced.discard(sid)
+        names_below = getattr(self, "_next_block", 0)  # unset while an open finishes reclaims
+        self.backend.dir_sync(self.blocks.dir)
+        self._names_durable_below = max(self._names_durable_below, names_below)
 
     def _forget_reclaimed(self, batch: DirectoryBatch) -> None:
         """Drop the entries of reclaimed blocks whose files are gone (the unlink waits for readers). The

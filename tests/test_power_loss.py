@@ -9,10 +9,10 @@ strict model of directory entries it relies on.
 - `test_power_loss_quick`: one run per mode, for `-m "not slow"`.
 - The seam model (`FaultInjector.track`): what survives a cut, one rule at a time; and the bugs the
   loop found, each as a small case of its own: a store made at a new path lost whole (fixed), a
-  reclaimed block file brought back (fixed), and two cache-mode losses of a value a clean close made
-  durable (NOT FIXED at the time of writing: the last two tests, and the loop's cache-mode runs, fail
-  until recovery falls back to the key's older intact record and a reclaim waits for the data that
-  emptied the block).
+  reclaimed block file brought back (fixed), and cache-mode losses of a value a clean close made
+  durable or of a delete (fixed: an overwrite's record is synced, and so is blocks/ when its block
+  file is new, before its directory batch; a block is deleted only after the session's unsynced
+  block data and blocks/ are synced).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from power_loss import (  # noqa: E402
+    AGGRESSIVE,
     BLOCK,
     Stats,
     rocksdb_sync_points,
@@ -254,18 +255,84 @@ def test_a_reclaimed_block_file_stays_deleted(seam: Seam) -> None:
     assert not fsck.check(img / "store").findings
 
 
+def test_cache_overwrite_into_a_new_block_file_keeps_its_name(seam: Seam) -> None:
+    """Cache mode synced an overwrite's record (so the directory, once durable, never names lost bytes)
+    but not blocks/: the record sat in a block file created this session whose name was not durable.
+    A later synced directory write (here a new block's pre-registration) made the overwrite's entry
+    durable; a power cut then lost the file, recovery forgot the block and dropped the key's entry, and
+    the key read absent although its old value (durable since the clean close) is intact on disk
+    (fsck: `unreferenced ... is its key's newest on disk`; the loop's runs 3, 9, 14, 19, 23 of seed
+    20261206). Fixed: such an overwrite fsyncs blocks/ before its directory batch."""
+    p = seam.root / "store"
+    opts = dict(durability="cache", block_size=BLOCK, backend="native", idle_seal_seconds=0)
+    with rocksdb_sync_points(seam.fi):
+        s = blockstore.open(p, **opts)  # type: ignore[arg-type]
+        s.put(b"k", b"1" * 3000)
+        s.put(b"other", b"o" * 3000)  # keeps v1's block alive
+        s.close()  # v1 is durable
+        s = blockstore.open(p, **opts)  # type: ignore[arg-type]
+        s.put(b"k", b"2" * 3000)  # an overwrite, in a block file made this session
+        s.put(b"new", b"n" * 100, partition=b"p")  # a new block: a synced directory write
+        img = seam.image()
+        s.abandon()
+    r = blockstore.open(img / "store", create=False, **opts)  # type: ignore[arg-type]
+    try:
+        got = r.get(b"k")
+        assert got in (b"1" * 3000, b"2" * 3000), \
+            f"k reads {'absent' if got is None else got[:8]!r}, not v1 or v2; recovery: {r.recovery_report}"
+    finally:
+        r.close()
+    assert not [f.line() for f in fsck.check(img / "store").findings]
+
+
+def test_cache_compaction_does_not_drop_a_tombstone_for_a_lost_put(seam: Seam) -> None:
+    """Cache mode: a key deleted (its tombstone durable), then put again (not synced). Compaction drops
+    the tombstone, since the key is live, and deletes the tombstone's block. A power cut then lost the
+    new put: the key read absent (allowed: the put came after the last durable point), but its older
+    record, still on disk in a block kept alive by another key, was now its newest (fsck:
+    `unreferenced ... is its key's newest on disk`; a rebuild from blocks brings the deleted key back;
+    the loop's seed 5 run 31). Fixed: a block is deleted only after the session's unsynced block
+    data (and blocks/) is synced, so what emptied it survives the cut."""
+    from blockstore.compaction import attach
+
+    p = seam.root / "store"
+    opts = dict(durability="cache", block_size=BLOCK, backend="native", idle_seal_seconds=0)
+    with rocksdb_sync_points(seam.fi):
+        s = blockstore.open(p, **opts)  # type: ignore[arg-type]
+        for i in range(3):  # keep the block of k's first value alive (and out of compaction's reach)
+            s.put(b"keep%d" % i, b"o" * 18000, partition=b"a")
+        s.put(b"k", b"1" * 64, partition=b"a")
+        s.put(b"x", b"x" * 3000)  # dead bytes beside k's tombstone: compaction collects that block
+        s.delete(b"x")
+        s.delete(b"k")  # durable
+        s.close()
+        s = blockstore.open(p, **opts)  # type: ignore[arg-type]
+        s.put(b"k", b"2" * 3000, partition=b"b")  # not synced
+        attach(s, AGGRESSIVE, background=False).run_until_idle()
+        img = seam.image()
+        s.abandon()
+    r = blockstore.open(img / "store", create=False, **opts)  # type: ignore[arg-type]
+    try:
+        assert r.get(b"k") in (None, b"2" * 3000)
+        assert r.get(b"keep2") == b"o" * 18000
+    finally:
+        r.close()
+    assert not [f.line() for f in fsck.check(img / "store").findings]
+
+
 def _cache_store(p: Path) -> blockstore.Store:
     return blockstore.open(p, durability="cache", block_size=BLOCK, backend="native", idle_seal_seconds=0)
 
 
 def test_cache_recovery_keeps_the_value_a_clean_close_made_durable(work: Path) -> None:
-    """NOT FIXED (found by the loop). Cache mode: a directory write can reach the disk before the
+    """Fixed (found by the loop). Cache mode: a directory write can reach the disk before the
     record it names (RocksDB writes its WAL with write(): the OS writes it back whenever it likes, and
     any later synced directory write takes it along). Recovery then drops the entry of the record
     that did not survive and leaves the key absent, although the value a clean close made durable is
     intact on disk: it is lost (the promise: only puts since the last clean close may be), and fsck
     reports it as `unreferenced`. `crash()` models the written-back WAL: it cuts block files to what
-    was synced and leaves RocksDB's files as the OS has them."""
+    was synced and leaves RocksDB's files as the OS has them. The fix: an overwrite syncs its record,
+    and blocks/ when the record's block file is new this session (the file's name was lost too)."""
     fi = FaultInjector()
     fi.install()
     p = work / "store"
@@ -291,12 +358,13 @@ def test_cache_recovery_keeps_the_value_a_clean_close_made_durable(work: Path) -
 
 
 def test_cache_reclaim_does_not_outrun_the_data_that_emptied_the_block(work: Path) -> None:
-    """NOT FIXED (found by the loop). Cache mode: an overwrite whose record is not synced empties the
+    """Fixed (found by the loop). Cache mode: an overwrite whose record is not synced empties the
     block of the key's old value; the block is reclaimed at once (a synced `reclaiming` mark, which
     also makes the overwrite's directory entry durable, then an unlink). A power cut then loses the
     new record, and the old one is gone with its file: a value a clean close made durable is lost,
     whatever recovery does. The data a synced directory write names must be synced first (at least
-    before a reclaim)."""
+    before a reclaim): an overwrite's record (and its new block file's name) is synced before its
+    directory batch, and a block deletion first syncs the session's unsynced block data."""
     fi = FaultInjector()
     fi.install()
     p = work / "store"
