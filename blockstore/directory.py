@@ -7,6 +7,7 @@ and written atomically, so a location and the block-table counters it affects ne
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar, cast
 
-from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteBatch, WriteOptions
 
 from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionError, IOErrorBS, NoSpace
 
@@ -200,6 +201,18 @@ class DirectoryBatch:
         self.delete(block_key(block_id))
 
 
+def last_writer_synced(store_root: str, *, default: bool) -> bool:
+    """Whether the store's last writer ran in sync mode (MANIFEST.json "durability", docs/format.md §1):
+    its WAL must then read to its end. `default` when the MANIFEST does not say (older stores, or a
+    MANIFEST that is missing or unreadable: fsck reports that on its own)."""
+    try:
+        with open(os.path.join(store_root, "MANIFEST.json"), encoding="utf-8") as f:
+            value = json.load(f).get("durability")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return default
+    return value == "sync" if value in ("sync", "cache") else default
+
+
 def repair_hint(store_path: str) -> str:
     return f"run `blockstore fsck --repair {store_path}` to rebuild it from the block files"
 
@@ -228,13 +241,23 @@ class Directory:
     name (issue 13).
     """
 
-    def __init__(self, path: str, *, read_only: bool, sync: bool, create: bool) -> None:
+    def __init__(self, path: str, *, read_only: bool, sync: bool, create: bool, strict_wal: bool | None = None) -> None:
         self.path = path
         opts = Options(raw_mode=True)
         opts.create_if_missing(create and not read_only)
         # fail on damage RocksDB can see at open (a bad MANIFEST-*, an SST whose footer is wrong)
         # instead of opening what is left
         opts.set_paranoid_checks(True)
+        if strict_wal is None:
+            strict_wal = last_writer_synced(os.path.dirname(os.path.abspath(path)), default=sync)
+        if strict_wal:
+            # A WAL written in sync mode holds only synced, acknowledged writes, so one that does not
+            # read to its end lost acknowledged writes: point-in-time recovery would open the older
+            # state silently, and recovery would then cut acknowledged records at stale committed ends
+            # (tests/test_directory_damage.py, truncate-tail). Fail instead; fsck --repair rebuilds.
+            # A cache-mode WAL may end torn after a power cut (its tail was never synced): that is the
+            # loss cache mode allows, and point-in-time recovery is right for it.
+            opts.set_wal_recovery_mode(DBRecoveryMode.absolute_consistency())
         # No allow_mmap_reads: measured with bench/directory_mmap.py (200k keys, 3 repeats, 2026-11-23)
         # it gave +11 % on single gets but -11 % on 64-key multi-gets, and every read path here batches.
         self.read_only = read_only
@@ -338,30 +361,32 @@ class Directory:
         stale = self._db
         try:
             self._db = Rdict(self.path, self._opts, access_type=AccessType.read_only())
-        except Exception:
-            pass  # readers get an error from the closed handle until the reopen below
-        try:
-            stale.close()
-        except Exception:
-            pass  # RocksDB reports the error that stopped it; the handle is closed all the same
-        try:
-            db = Rdict(self.path, self._opts)
-        except Exception as exc:
-            # still full; or a directory scan (an unfinished iter_keys/list_chunks) keeps the old
-            # handle alive and with it RocksDB's LOCK: the next write tries again
-            if "lock hold by current process" not in str(exc):
-                self._failed_now(exc, "the directory cannot take writes again yet (reopening it after a failed write)")
-            self._failed = IOErrorBS(errno.EBUSY, "the directory cannot take writes again yet: an unfinished "
-                                     "iter_keys() or list_chunks() iterator still holds the handle that failed; "
-                                     f"run it to its end or close it, then write again ({exc})")
-            self._resume_tried = (0.0, -1)  # not a matter of space: try again at the next write
-            raise type(self._failed)(*self._failed.args) from None
-        ro, self._db = self._db, db
-        if ro is not stale:
+        except Exception:  # readers get an error from the closed handle until the reopen below
             try:
-                ro.close()
+                stale.close()
             except Exception:
-                pass
+                pass  # RocksDB reports the error that stopped it; the handle is closed all the same
+        # Not closed under a reader still in a call on it (it would fail, or raise DbClosedError): the
+        # failed handle goes, and its LOCK with it, when the last reference to it does.
+        del stale
+        deadline = time.monotonic() + 0.5
+        while True:
+            try:
+                db = Rdict(self.path, self._opts)
+                break
+            except Exception as exc:
+                if "lock hold by current process" not in str(exc):  # still full, most likely
+                    self._failed_now(exc, "the directory cannot take writes again yet "
+                                          "(reopening it after a failed write)")
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)  # a reader's call on the failed handle is ending
+                    continue
+                self._failed = IOErrorBS(errno.EBUSY, "the directory cannot take writes again yet: an unfinished "
+                                         "iter_keys() or list_chunks() iterator still holds the handle that "
+                                         f"failed; run it to its end or close it, then write again ({exc})")
+                self._resume_tried = (0.0, -1)  # not a matter of space: try again at the next write
+                raise type(self._failed)(*self._failed.args) from None
+        self._db = db  # a read-only handle in use by a reader closes when the reader is done with it
         self._failed = None
 
     # ---- typed ----

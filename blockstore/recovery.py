@@ -8,8 +8,7 @@ scanned after a clean close.
 
 Nothing here deletes a block file the directory does not name: since blocks are named in the
 directory (synced) before their files exist, such a file means the directory lost writes, and the
-open stops with a CorruptionError naming `blockstore fsck --repair` before it changes anything
-(invariant 4).
+store's open refuses (Store._refuse_unnamed_block_files) before recovery runs (invariant 4).
 """
 
 from __future__ import annotations
@@ -51,25 +50,13 @@ def recover(store: Store, *, full: bool = True) -> dict[str, Any]:
     # blocks may be gone after a power cut, so each is verified (sync mode syncs before it acknowledges).
     session_first = d.get_meta("session_first_block") or 0
     recent_unsynced = store.durability == "cache" and full
-    if full:
-        orphans = sorted(bid for bid in files if bid not in entries)
-        if orphans:
-            # Blocks are named (synced) before their files exist, so a file the directory does not name
-            # means the directory lost writes (a truncated or lost WAL, a restored old copy...). Its
-            # open blocks' committed ends may be stale too, and recovering them would cut acknowledged
-            # records: stop before changing anything.
-            raise CorruptionError(
-                f"{store.path}: {len(orphans)} block file(s) the directory does not name "
-                f"({', '.join(f'{b:016x}' for b in orphans[:8])}): the directory lost writes; "
-                f"run `blockstore fsck --repair {store.path}` (it rebuilds what the blocks hold)")
-
     for bid, e in sorted(entries.items()):
         recent = recent_unsynced and bid >= session_first
         if bid not in files:
             _missing_block(store, e, recent, report)
             continue
         if e.state == BLOCK_OPEN or (full and (recent or not _footer_ok(store, files[bid], e))):
-            _recover_block(store, e, files[bid], report)
+            _recover_block(store, e, files[bid], report, recent=recent)
     if report["max_seq"] >= (d.get_meta("next_seq") or 1):
         b = DirectoryBatch()
         b.put_meta("next_seq", report["max_seq"] + 1)
@@ -130,7 +117,10 @@ def _forget_block(store: Store, e: BlockEntry, report: dict[str, Any]) -> None:
     report["forgotten_blocks"].append(e.block_id)
 
 
-def _recover_block(store: Store, e: BlockEntry, path: str, report: dict[str, Any]) -> None:
+def _recover_block(store: Store, e: BlockEntry, path: str, report: dict[str, Any], *, recent: bool = False) -> None:
+    """Cut the block after its last committed record that verifies, drop the entries naming what was
+    cut, seal it. `recent`: a cache-mode block of the crashed session, whose unsynced pages a power cut
+    may have taken (then its committed records may be lost too, like any recent put)."""
     b = store.backend
     fd = b.open(path, False)
     try:
@@ -159,6 +149,14 @@ def _recover_block(store: Store, e: BlockEntry, path: str, report: dict[str, Any
                 valid[r.offset] = r
                 valid_end = r.offset + r.info.record_len
         hooks.fire("recovery.scanned", e.block_id)
+        if valid_end < committed_end and not recent and (header_ok or e.total_records):
+            # Committed data that does not verify, in a block whose data was synced before its directory
+            # batch: damage, not a crash. Cutting here would drop acknowledged records after it; leave
+            # the block as it is and let fsck --repair evacuate what verifies.
+            raise CorruptionError(
+                f"{store.path}: block {e.block_id:016x} has committed records that do not verify "
+                f"(at offset {valid_end}, committed up to {committed_end}); "
+                f"run `blockstore fsck --repair {store.path}`")
         batch = DirectoryBatch()
         live_bytes = live_records = live_logical = 0
         for off, suffix in list(store.dir.block_records(e.block_id)):

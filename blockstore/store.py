@@ -248,6 +248,7 @@ class Store(ChunkAPI, TensorAPI):
 
     _unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (_settle_failed_commit)
     _names_durable_below = 0  # cache mode: block files with a lower id have durable names (blocks/ fsynced)
+    _unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
 
     def __init__(
         self,
@@ -373,12 +374,19 @@ class Store(ChunkAPI, TensorAPI):
             if not self._block_size_given and isinstance(recorded, int) and _MIN_BLOCK <= recorded <= _MAX_BLOCK:
                 self.block_size = recorded
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
+            # the WAL on disk was written under the last writer's durability (MANIFEST "durability")
+            last_durability = manifest.get("durability", self.durability)
             self.dir = directory = Directory(
                 os.path.join(self.path, DIRECTORY),
                 read_only=self.read_only,
                 sync=self.durability == "sync",
                 create=not exists,
+                strict_wal=last_durability == "sync",
             )
+            if exists and not self.read_only and last_durability != self.durability:
+                # before this session writes: its WAL is read back under this mode's rule
+                manifest["durability"] = self.durability
+                self._write_manifest(manifest_path, manifest)
             self._load_state(fresh=not exists)
             if not exists:
                 # blocks/ and directory/ are named durably before the MANIFEST can be: a rename may
@@ -415,6 +423,7 @@ class Store(ChunkAPI, TensorAPI):
             "format_version": FORMAT_VERSION,
             "store_id": secrets.randbits(63),
             "block_size": self.block_size,
+            "durability": self.durability,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -445,6 +454,8 @@ class Store(ChunkAPI, TensorAPI):
             self._finish_reclaims(reclaiming)
         unclean = d.get_meta("clean") != 1
         left_open = any(e.state == BLOCK_OPEN for e in self._blocks.values())
+        if not self.read_only:
+            self._refuse_unnamed_block_files(set(self._blocks) | set(reclaiming))
         if not self.read_only and (unclean or left_open):
             from blockstore.recovery import recover
 
@@ -464,6 +475,18 @@ class Store(ChunkAPI, TensorAPI):
             # recovery after a power cut in cache mode verifies the blocks made from here on
             b.put_meta("session_first_block", self._next_block)
             d.write(b, force_sync=True)
+
+    def _refuse_unnamed_block_files(self, named: set[int]) -> None:
+        """Blocks are named in the directory (synced) before their files exist, so a block file the
+        directory does not name means the directory lost writes (a lost or truncated WAL, an old copy
+        put back): writing on would reuse sequence numbers the lost records hold, and recovery would
+        cut acknowledged records at stale committed ends. One listdir per writable open."""
+        unnamed = sorted(set(self.blocks.list_files()) - named)
+        if unnamed:
+            raise CorruptionError(
+                f"{self.path}: {len(unnamed)} block file(s) the directory does not name "
+                f"({', '.join(block_file_name(b) for b in unnamed[:8])}): the directory lost writes; "
+                f"run `blockstore fsck --repair {self.path}` (it rebuilds what the blocks hold)")
 
     def _finish_reclaims(self, block_ids: list[int]) -> None:
         """Blocks marked reclaiming before a crash: the durable mark is the proof that nothing in them is
@@ -703,7 +726,7 @@ class Store(ChunkAPI, TensorAPI):
         """The NoSpace a caller sees: what happened and what to do (it used to name neither)."""
         if "free space" in str(exc):
             return exc  # explained already
-        code = exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.ENOSPC
+        code = errno.EDQUOT if exc.errno == errno.EDQUOT or "quota" in str(exc).lower() else errno.ENOSPC
         state = "over its disk quota (EDQUOT)" if code == errno.EDQUOT else "full (ENOSPC)"
         if closing:
             then = ("close() could not finish: the store is closed but not marked clean, and the next open "
@@ -902,6 +925,10 @@ class Store(ChunkAPI, TensorAPI):
             batch.put_meta("next_block", self._next_block)
             batch.put_meta("bytes_put", self._bytes_put + bytes_put)
             batch.put_meta("bytes_written", self._bytes_written + bytes_written)
+            unnamed = self._unnamed
+            for bid in unnamed:
+                if not self.blocks.exists(bid):
+                    batch.delete_block(bid)
             hooks.fire("write.before_directory")
             # An overwrite's synced record may sit in a block file made this session whose name is not
             # durable yet: a later synced directory write (or the WAL written back) makes the entry durable,
@@ -933,6 +960,7 @@ class Store(ChunkAPI, TensorAPI):
             self._bytes_put += bytes_put
             self._bytes_written += bytes_written
             self._blocks.update(entries)
+        self._unnamed = self._unnamed - unnamed
         for ob in to_seal:
             self._close_fd(ob)
         to_seal.clear()
@@ -1008,7 +1036,15 @@ class Store(ChunkAPI, TensorAPI):
                     return self._block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
                 to_seal.append(lru[1])
                 del self._open[lru[0]]
-            ob = self._new_block(partition, batch)
+            first_id = self._next_block
+            try:
+                ob = self._new_block(partition, batch)
+            except BlockstoreError:
+                # a full disk fails the file's creation after its entry is committed; the next group that
+                # commits drops such an entry if no file exists (else recovery and fsck judge it), so a
+                # clean close does not leave one per retry made while the disk was full
+                self._unnamed = self._unnamed | frozenset(range(first_id, self._next_block))
+                raise
             self._open[partition] = ob
         return ob
 

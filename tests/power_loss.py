@@ -101,11 +101,11 @@ def rocksdb_sync_points(fi: FaultInjector) -> Iterator[None]:
     synced: weakref.WeakKeyDictionary[Directory, bool] = weakref.WeakKeyDictionary()
     known: set[str] = set()
 
-    def init(self: Directory, path: str, *, read_only: bool, sync: bool, create: bool) -> None:
+    def init(self: Directory, path: str, *, read_only: bool, sync: bool, create: bool, **kw: Any) -> None:
         if path not in known:  # durable as it is before RocksDB first opens it (or empty, if not made yet)
             fi.snapshot_dir(path)
             known.add(path)
-        orig_init(self, path, read_only=read_only, sync=sync, create=create)
+        orig_init(self, path, read_only=read_only, sync=sync, create=create, **kw)
         synced[self] = sync and not read_only
 
     def write(self: Directory, batch: Any, *, force_sync: bool = False) -> None:

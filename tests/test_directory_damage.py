@@ -18,11 +18,6 @@ by flipping bytes, zeroing them, truncating the file to half or deleting it. The
 (d) `fsck --repair` brings back every acknowledged record (deleted keys stay deleted, overwritten
     keys keep their newest value); a second `fsck` exits 0; the store opens and reads them all.
 
-Cases where RocksDB's own recovery makes the directory silently older than what was acknowledged
-(the engine's open then reads an old state: KNOWN_OPEN_LOSS, KNOWN_BLOCK_LOSS) end in xfail with the
-reason, so that they are visible, after checking everything else; each fails once the engine stops
-losing records there.
-
 With BLOCKSTORE_DAMAGE_REPORT=PATH the outcome of every case run is written there as a markdown table.
 `python tests/test_directory_damage.py writer ...` is the second session's subprocess.
 """
@@ -434,29 +429,11 @@ FAST = {("clean", "sst-data", "flip"), ("unclean", "sst-data", "flip"), ("unclea
         ("clean", "OPTIONS", "delete"), ("unclean", "sst-index", "flip")}
 # Known engine-side losses (issue 13; the engine decides). Each case fails once it stops losing records.
 #
-# The whole WAL of the unclean session lost (deleted, or its first record damaged or zeroed: RocksDB's
-# point-in-time WAL recovery stops at the first bad record and opens what came before, silently): the
-# directory is the first session's, which closed cleanly (clean = 1), so the open runs no recovery and
-# never looks at the block files the second session made; it reads the old state without an error.
-# fsck (bit 4, `directory ... lost writes`) and --repair (rebuild: every record back) handle these; the
-# open does not (e.g. it could compare the block files with the block table at every writable open).
-_STALE_OPEN = ("open silently reads a directory older than what was acknowledged (the unclean session's WAL "
-               "is lost; the old state says clean): engine side, issue 13")
-KNOWN_OPEN_LOSS: dict[tuple[str, str, str], str] = {
-    ("unclean", "WAL", "delete"): _STALE_OPEN,
-    ("unclean", "WAL", "flip"): _STALE_OPEN,
-    ("unclean", "WAL", "zero"): _STALE_OPEN,
-}
-# The WAL's last batches cut off, and no block was created after them: point-in-time recovery opens
-# the directory as it was before them, without an error; the open's recovery then truncates the blocks
-# left open to their (stale) committed ends, cutting acknowledged records out of the block files for
-# good. Nothing can bring them back. RocksDB's absolute_consistency WAL recovery mode makes this open
-# fail instead (measured: this corpus then loses nothing on this case; 60 kill -9 cycles never tripped it).
-KNOWN_BLOCK_LOSS: dict[tuple[str, str, str], str] = {
-    ("unclean", "WAL", "truncate-tail"): (
-        "a WAL cut at its tail opens silently as an older directory, and recovery truncates open blocks to "
-        "stale committed ends: acknowledged records are cut from the block files (engine side, issue 13)"),
-}
+# The WAL cases are the ones RocksDB's own recovery could make silently older than what was
+# acknowledged: a lost or damaged WAL of the unclean session leaves block files the directory does not
+# name, which every writable open refuses (Store._refuse_unnamed_block_files); a WAL written in sync
+# mode that does not read to its end fails the open (absolute-consistency WAL recovery, chosen by the
+# MANIFEST's "durability"). Each of them ended in silent loss before (issue 13).
 OPEN_LOSS = "the open lost acknowledged records"
 
 
@@ -498,17 +475,7 @@ def test_directory_damage(templates: dict[str, tuple[Path, Model]], tmp_path: Pa
     shutil.copytree(src, path)
     out = run_case(path, model, stop, kind, op)
     RESULTS.append(out)
-    case = (stop, kind, op)
-    if case in KNOWN_BLOCK_LOSS:
-        assert out.problems, f"no loss any more: drop the case from KNOWN_BLOCK_LOSS: {out.row()}"
-        pytest.xfail(KNOWN_BLOCK_LOSS[case])
-    if case not in KNOWN_OPEN_LOSS:
-        assert not out.problems, out.row()
-        return
-    # fsck and repair must handle it all the same; only the open's loss is known (and must still happen)
-    assert [p for p in out.problems if p != OPEN_LOSS] == [], out.row()
-    assert OPEN_LOSS in out.problems, f"the open no longer loses records: drop the case from KNOWN_OPEN_LOSS: {out.row()}"
-    pytest.xfail(KNOWN_OPEN_LOSS[case])
+    assert not out.problems, out.row()
 
 
 # ------------------------------------------------------------------------------------------ issue 13, exactly
