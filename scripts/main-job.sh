@@ -2,8 +2,8 @@
 # The main job: vLLM (CPU build) with an `lmcache server` whose disk tier is blockstore, on a tiny
 # Llama model built locally; replays after clearing the server's RAM tier and after restarting both
 # processes, and prints a report (tokens served from blockstore, hit rate, TTFT, outputs identical to a
-# no-cache run). Options: python -m blockstore.connector.main_job --help. The embedded engine demo
-# without vLLM is `python -m blockstore.demo`.
+# no-cache run). Options: python -m jobs.main_job --help. The embedded engine demo
+# without vLLM is `python -m jobs.demo`.
 source "$(dirname "$0")/setup-env.sh"
 export DO_NOT_TRACK=1 VLLM_NO_USAGE_STATS=1 LMCACHE_TRACK_USAGE=false PYTHONHASHSEED=0
-exec python -m blockstore.connector.main_job "$@"
+exec python -m jobs.main_job "$@"

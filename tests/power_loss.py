@@ -68,12 +68,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from blockstore.compaction import Compactor, attach  # noqa: E402
 from compaction_helpers import AGGRESSIVE, parse_value, value  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError, NotFound  # noqa: E402
 from blockstore import fsck as fsck_mod  # noqa: E402
+from blockstore.compaction import Compactor, attach  # noqa: E402
 from blockstore.directory import Directory  # noqa: E402
 from blockstore.native import FaultInjector  # noqa: E402
 

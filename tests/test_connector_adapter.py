@@ -1,4 +1,4 @@
-"""The LMCache MP-mode L2 adapter (connector/l2_adapter.py), driven the way `lmcache server` drives it:
+"""The LMCache MP-mode L2 adapter (blockstore/connector/l2_adapter.py), driven the way `lmcache server` drives it:
 LMCache's own ObjectKeys, real TensorMemoryObj buffers from LMCache's TensorMemoryAllocator, event fds
 waited on with select, results collected after the fd fired. The last test builds a real
 StorageManager from `--l2-adapter` arguments and prefetches through the plugin.
@@ -25,6 +25,12 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
+from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
+from lmcache.v1.distributed.internal_api import L2StoreResult  # noqa: E402
+from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface  # noqa: E402
+from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
+
+import blockstore  # noqa: E402
 from blockstore.connector.l2_adapter import (  # noqa: E402
     BlockstoreL2Adapter,
     BlockstoreL2AdapterConfig,
@@ -33,12 +39,6 @@ from blockstore.connector.l2_adapter import (  # noqa: E402
     layout_fingerprint,
     namespace_for,
 )
-from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
-from lmcache.v1.distributed.internal_api import L2StoreResult  # noqa: E402
-from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface  # noqa: E402
-from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
-
-import blockstore  # noqa: E402
 
 RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
 SHAPE = torch.Size([2, 2, 64, 32])  # [kv, layers, tokens, hidden] float32: 32 KiB

@@ -37,7 +37,7 @@ def test_main_job_serves_identical_outputs_from_blockstore(tmp_path: Path) -> No
                PYTHONHASHSEED="0")
     # free ports: another server on the defaults (5555, 8085) must not fail the test
     ports = ["--port", str(_free_port()), "--http-port", str(_free_port())]
-    proc = subprocess.run([sys.executable, "-m", "blockstore.connector.main_job", "--work", str(tmp_path / "work"), *ports],
+    proc = subprocess.run([sys.executable, "-m", "jobs.main_job", "--work", str(tmp_path / "work"), *ports],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     rows = {m.group(1): m.groups()[1:] for line in proc.stdout.splitlines() if (m := ROW.match(line))}

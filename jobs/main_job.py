@@ -1,6 +1,6 @@
 """The main job: vLLM (CPU) on the project's tiny model, with `lmcache server` and an L2 disk tier.
 
-    python -m blockstore.connector.main_job [--store DIR] [--work DIR] [--adapter blockstore|fs] [--quick]
+    python -m jobs.main_job [--store DIR] [--work DIR] [--adapter blockstore|fs] [--quick]
 
 What it does, in order (each step timed; progress on stderr, the report on stdout):
 
@@ -316,15 +316,15 @@ class LMCacheServer:
 def make_llm(model_dir: Path, server_port: int | None):
     from vllm import LLM
 
-    kw = {}
+    transfer = None
     if server_port is not None:
         from vllm.config import KVTransferConfig
 
-        kw["kv_transfer_config"] = KVTransferConfig(
+        transfer = KVTransferConfig(
             kv_connector="LMCacheMPConnector", kv_role="kv_both",
             kv_connector_extra_config={"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": server_port})
     return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
-               enable_prefix_caching=False, disable_log_stats=False, seed=0, **kw)
+               enable_prefix_caching=False, disable_log_stats=False, seed=0, kv_transfer_config=transfer)
 
 
 @dataclass
@@ -639,7 +639,7 @@ def choose_ports(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m blockstore.connector.main_job",
+    ap = argparse.ArgumentParser(prog="python -m jobs.main_job",
                                  description="vLLM on CPU + lmcache server with an L2 disk tier, end to end.")
     ap.add_argument("--work", default=os.environ.get("BLOCKSTORE_MAIN_JOB_WORK", "/tmp/blockstore-main-job"),
                     help="working directory: the tiny model, logs, default store (default %(default)s)")
