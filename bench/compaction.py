@@ -54,13 +54,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import xxhash
-from blockstore.compaction import POLICIES, attach, resolve
 
 import blockstore
 from blockstore import hooks
+from blockstore.compaction import POLICIES, attach, resolve
 from blockstore.records import BLOCK_HEADER_SIZE
 
-from .throughput import _run, engine_state, machine_info
+from .common import engine_state, machine_info, run_quiet
 from .traces import GENERATORS, Delete, Put, Request, Trace, check, describe, generate
 
 MiB = 1 << 20
@@ -778,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.makedirs(args.dir, exist_ok=True)
     t_all = time.perf_counter()
     engine = engine_state()
-    engine["compaction_uncommitted"] = _run(["git", "status", "--porcelain", "--", "compaction"]).splitlines()
+    compaction_status = run_quiet(["git", "status", "--porcelain", "--", "blockstore/compaction"])
+    engine["compaction_uncommitted"] = compaction_status.splitlines()
     machine = machine_info(args.dir)
     traces = []
     for name in args.traces:

@@ -31,10 +31,10 @@ def measure(keys: int, mmap: bool, seed: int) -> dict[str, float]:
             wb.put(k, rng.randbytes(80))  # a location value with a small meta
         db.write(wb)
     db.flush()
-    sample = rng.sample(names, 50_000)
+    sample: list[str | int | float | bytes | bool] = list(rng.sample(names, 50_000))  # rocksdict's key type
     t = time.perf_counter()
-    for k in sample:
-        db.get(k)
+    for key in sample:
+        db.get(key)
     single = len(sample) / (time.perf_counter() - t)
     t = time.perf_counter()
     for i in range(0, len(sample), 64):
@@ -60,8 +60,8 @@ def main() -> None:
         for mode, m in out.items()
     }
     for mode, m in summary.items():
-        for k, v in m.items():
-            print(f"{mode:<6} {k:<24} median {v['median']:>10,.0f}  [{v['min']:,.0f} .. {v['max']:,.0f}]")
+        for k, s in m.items():
+            print(f"{mode:<6} {k:<24} median {s['median']:>10,.0f}  [{s['min']:,.0f} .. {s['max']:,.0f}]")
     print(json.dumps({"keys": args.keys, "repeats": args.repeats, "results": summary}))
 
 

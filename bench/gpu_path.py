@@ -94,20 +94,8 @@ from typing import Any
 import numpy as np
 
 import blockstore
-from bench.throughput import (
-    REPO,
-    _run,
-    cpu_busy_s,
-    engine_state,
-    keys_for,
-    machine_info,
-    preadv_all,
-    pwritev_all,
-    raw_read,
-    read_files_cold,
-    spread,
-    write_json,
-)
+from bench.ceilings import preadv_all, pwritev_all, raw_read, read_files_cold
+from bench.common import REPO, cpu_busy_s, engine_state, keys_for, machine_info, run_quiet, spread, write_json
 from blockstore.store import aligned_buffer
 
 MiB = 1 << 20
@@ -117,7 +105,7 @@ REPEATS, REPEATS_QUICK = 5, 3
 BATCH_MIB = 64  # bytes of records per get_many call (and per H2D copy)
 SLOTS = 3  # pinned host staging slots of the overlapped pipeline (readers + 1 with reader threads)
 READERS = 2  # reader threads of the *_par figures
-CEIL_CALL = 64 * MiB  # disk ceiling: bytes per preadv call (throughput.raw_read: 64 x 1 MiB)
+CEIL_CALL = 64 * MiB  # disk ceiling: bytes per preadv call (ceilings.raw_read: 64 x 1 MiB)
 H2D_CHUNK = 64 * MiB
 H2D_MIN_BYTES = 2 << 30  # the H2D ceiling copies at least this much (a few hundred MiB take ~10 ms)
 POOL = 8  # distinct random records; record i is pool[i % POOL] xor a 64-bit key of i (all distinct)
@@ -326,7 +314,7 @@ def cuda_or_reason(want_gpu: bool) -> tuple[Any, str | None]:
 
 def gpu_info(torch_mod: Any) -> dict[str, Any]:
     p = torch_mod.cuda.get_device_properties(torch_mod.cuda.current_device())
-    smi = _run(["nvidia-smi", "--query-gpu=name,pci.bus_id,pcie.link.gen.current,pcie.link.width.current,"
+    smi = run_quiet(["nvidia-smi", "--query-gpu=name,pci.bus_id,pcie.link.gen.current,pcie.link.width.current,"
                 "driver_version,memory.total,clocks.max.memory", "--format=csv,noheader"])
     return {
         "name": torch_mod.cuda.get_device_name(),
@@ -543,7 +531,7 @@ def write_data(work: str, recs: Records, per_batch: int) -> tuple[str, str, list
         for first in range(0, recs.n, per_batch):
             count = min(per_batch, recs.n - first)
             recs.fill(first, buf[:count])
-            pwritev_all(fd, [memoryview(buf[:count]).cast("B")], first * recs.size)
+            pwritev_all(fd, [buf[:count].data.cast("B")], first * recs.size)
     finally:
         os.close(fd)
     t1 = time.perf_counter()
@@ -576,7 +564,7 @@ def one_repeat(ctx: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict[st
     gpu: Gpu | None = ctx["gpu"]
     slots: list[HostBuf] = ctx["slots"]
     store, raw = ctx["store"], ctx["raw"]
-    ceil_dst = ctx["ceil_buf"].records(CEIL_CALL // MiB, MiB)  # 64 x 1 MiB views: throughput.raw_read's call
+    ceil_dst = ctx["ceil_buf"].records(CEIL_CALL // MiB, MiB)  # 64 x 1 MiB views: ceilings.raw_read's call
     runs: dict[str, list[float]] = {}
     parts: dict[str, list[dict[str, float]]] = {}
     verified = 0
@@ -967,8 +955,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"GPU part skipped: {skipped}", file=sys.stderr)
     engine = engine_state()
     machine = machine_info(args.dir)
-    machine["mount"] = _run(["findmnt", "-no", "SOURCE,FSTYPE,OPTIONS", "-T", args.dir])
-    machine["memlock_limit"] = _run(["sh", "-c", "ulimit -l"])
+    machine["mount"] = run_quiet(["findmnt", "-no", "SOURCE,FSTYPE,OPTIONS", "-T", args.dir])
+    machine["memlock_limit"] = run_quiet(["sh", "-c", "ulimit -l"])
     load = os.getloadavg()[0]
     busy0, own0 = cpu_busy_s()
     probe = {"skipped": "--no-lmcache-probe"} if args.no_lmcache_probe else lmcache_probe(args.lmcache_site)

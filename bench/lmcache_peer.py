@@ -14,7 +14,7 @@ Driving, as the server's controllers do (lmcache 0.5.6 store_controller.py / pre
           `query_lookup_and_lock_result`, then `submit_load_task` into the staging buffers, wait on the
           load fd, `query_load_result`, then `submit_unlock` of the planned keys; INFLIGHT requests at once
 
-Every repeat, on a fresh directory (ceilings from throughput.py, same payload bytes):
+Every repeat, on a fresh directory (ceilings from bench/ceilings.py, same payload bytes):
 
   raw_write            pwritev of the N objects' bytes into one file, 64 MiB per call, no sync
   raw_read_warm        sequential preadv of that file into 1 MiB staging buffers, page cache hot
@@ -30,7 +30,7 @@ Every repeat, on a fresh directory (ceilings from throughput.py, same payload by
 
 Each group runs in the order raw, blockstore, fs, fs, blockstore, raw, and each figure is the mean of its
 two runs (a linear drift of the shared disk cancels out). os.sync() before every timed phase, a ballast
-file before every write phase (throughput.Settle). Every loaded object is checked against the xxh3 of what
+file before every write phase (ceilings.Settle). Every loaded object is checked against the xxh3 of what
 was stored (the staging arena is zeroed before each timed load), every store result must report the bytes
 of every object, every lookup and load bitmap must be all ones. Ratios are per repeat; medians and spreads
 over repeats. Results: bench/results/lmcache_peer.json (--quick: lmcache_peer_quick.json); the last line
@@ -65,7 +65,6 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import xxhash  # noqa: E402
-from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
 from lmcache.v1.distributed.l2_adapters.fs_l2_adapter import (  # noqa: E402
     FSL2Adapter,
@@ -75,18 +74,9 @@ from lmcache.v1.distributed.l2_adapters.fs_l2_adapter import (  # noqa: E402
 from lmcache.v1.memory_allocators.mixed_memory_allocator import MixedMemoryAllocator  # noqa: E402
 from lmcache.v1.platform import consume_fd  # noqa: E402
 
-from bench.throughput import (  # noqa: E402
-    REPO,
-    Settle,
-    _run,
-    cpu_busy_s,
-    machine_info,
-    raw_read,
-    raw_write,
-    read_files_cold,
-    spread,
-    write_json,
-)
+from bench.ceilings import Settle, raw_read, raw_write, read_files_cold  # noqa: E402
+from bench.common import REPO, cpu_busy_s, machine_info, run_quiet, spread, write_json  # noqa: E402
+from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 
 MiB = 1 << 20
 RECORD = MiB
@@ -94,7 +84,7 @@ SHAPE = torch.Size([2, 8, 256, 128])  # [K/V, layers, tokens, hidden]
 DTYPE = torch.float16
 TASK_KEYS = 32  # keys per store task and per prefetch request (one 8k-token prompt of 256-token chunks)
 INFLIGHT = 4  # store tasks / prefetch requests in flight at once
-RAW_BATCH = 64  # raw ceilings: records per pwritev/preadv call (throughput.py's unit)
+RAW_BATCH = 64  # raw ceilings: records per pwritev/preadv call (ceilings.BATCH)
 MODEL = "bench-org/llama-kv-1mib"
 RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
 WAIT_S = 300.0  # no task of this benchmark may take longer: a silent adapter fails the run, never hangs it
@@ -183,7 +173,7 @@ class Objects:
 
 
 class Sources:
-    """What throughput.raw_write and Settle index: record i is object i % n (Settle's ballast runs past n)."""
+    """What ceilings.raw_write and Settle index: record i is object i % n (Settle's ballast runs past n)."""
 
     def __init__(self, views: list[memoryview]) -> None:
         self.views = views
@@ -341,11 +331,11 @@ def one_repeat(root: str, src: Objects, dst: Objects, digests: list[int], keys: 
     raw, raw_durable = os.path.join(work, "raw.bin"), os.path.join(work, "raw-durable.bin")
     sources = Sources(src.views)
     staging = dst.views[:RAW_BATCH]  # raw reads: 64 of the same staging buffers the adapters load into
-    settle = Settle(work, sources, n, not args.no_recycle)  # type: ignore[arg-type]
+    settle = Settle(work, sources, n, not args.no_recycle)
     ad = Adapters(work, args.compaction_param)
     seconds: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
-    checks = {"verified_objects": 0, "verified_bytes": 0, "store_tasks_ok": 0, "load_passes": 0}
+    checks: dict[str, Any] = {"verified_objects": 0, "verified_bytes": 0, "store_tasks_ok": 0, "load_passes": 0}
 
     def record(name: str, wall_cpu: tuple[float, float]) -> None:
         seconds.setdefault(name, []).append(wall_cpu[0])
@@ -395,9 +385,13 @@ def one_repeat(root: str, src: Objects, dst: Objects, digests: list[int], keys: 
         return phase
 
     def raw_write_phase() -> None:
-        record("raw_write", timed_raw(lambda: raw_write(raw, sources, n, durable=False)))  # type: ignore[arg-type]
+        record("raw_write", timed_raw(lambda: raw_write(raw, sources, n, durable=False)))
 
-    raw_write_phase.prepare = lambda: os.path.exists(raw) and os.unlink(raw)  # type: ignore[attr-defined]
+    def unlink_raw() -> None:
+        if os.path.exists(raw):
+            os.unlink(raw)
+
+    raw_write_phase.prepare = unlink_raw  # type: ignore[attr-defined]
 
     def raw_warm_phase() -> None:
         raw_read(raw, n, staging, cold=False, verify=False)  # untimed: make sure all is cached
@@ -424,7 +418,7 @@ def one_repeat(root: str, src: Objects, dst: Objects, digests: list[int], keys: 
             # the extra line: one run each, the order alternating between repeats
             def raw_durable_phase() -> None:
                 record("raw_durable_write", timed_raw(
-                    lambda: raw_write(raw_durable, sources, n, durable=True)))  # type: ignore[arg-type]
+                    lambda: raw_write(raw_durable, sources, n, durable=True)))
 
             pair = [raw_durable_phase, store("bs_sync", "bs_store_sync")]
             for phase in pair if rep % 2 == 0 else pair[::-1]:
@@ -593,23 +587,23 @@ def summary_markdown(doc: dict[str, Any]) -> str:
 def other_pytest() -> list[str]:
     """Test runs going on beside this one (the machine is shared): recorded, and warned about."""
     me = os.getpid()
-    out = _run(["pgrep", "-af", "pytest"])
+    out = run_quiet(["pgrep", "-af", "pytest"])
     return [ln for ln in out.splitlines() if ln and int(ln.split()[0]) not in (me, os.getppid())]
 
 
 def busiest_processes(k: int = 4) -> list[str]:
     """The k processes using the most CPU (lifetime average), for the record: on 2 cores they move figures."""
-    lines = _run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"]).splitlines()[1 : k + 1]
+    lines = run_quiet(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"]).splitlines()[1 : k + 1]
     return [ln.strip()[:160] for ln in lines]
 
 
 def code_state() -> dict[str, Any]:
     """The engine and adapter measured: commit plus a digest of uncommitted changes if any."""
     paths = ["blockstore", "native", "compaction", "connector"]
-    diff = _run(["git", "diff", "HEAD", "--", *paths])
+    diff = run_quiet(["git", "diff", "HEAD", "--", *paths])
     return {
-        "commit": _run(["git", "rev-parse", "HEAD"]),
-        "uncommitted": _run(["git", "status", "--porcelain", "--", *paths]).splitlines(),
+        "commit": run_quiet(["git", "rev-parse", "HEAD"]),
+        "uncommitted": run_quiet(["git", "status", "--porcelain", "--", *paths]).splitlines(),
         "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
         "lmcache": importlib.metadata.version("lmcache"),
         "torch": torch.__version__,

@@ -138,7 +138,7 @@ def _gpu_text(g: Any) -> str:
 
 def machine_line(doc: dict[str, Any]) -> str:
     """One line: CPUs and model, RAM, GPU (if the document names one), kernel, the scratch directory's
-    filesystem and device, load at start, date of the run. From doc["machine"] (throughput.machine_info)."""
+    filesystem and device, load at start, date of the run. From doc["machine"] (common.machine_info)."""
     m = doc.get("machine") or {}
     parts = []
     cpus = m.get("cpu_affinity") or m.get("cpu_count")

@@ -59,7 +59,7 @@ from typing import Any
 
 import xxhash
 
-from bench.throughput import engine_state, machine_info, write_json
+from bench.common import engine_state, machine_info, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
@@ -229,7 +229,6 @@ def job_crash(a: dict[str, Any]) -> dict[str, Any]:
 
 def job_compact(a: dict[str, Any]) -> dict[str, Any]:
     from blockstore.compaction import attach
-
     from blockstore.store import open_store
 
     series = Series(a["kind"])

@@ -12,7 +12,8 @@ Every repeat measures, on a fresh directory and with the same payload bytes:
 
 Each store figure is paired with its ceiling from the same repeat (put/cache vs a, put/sync vs b,
 warm get vs c with xxh3, cold get vs d), measured in the order ceiling, store, store, ceiling;
-medians and spreads are taken over the per-repeat ratios.
+medians and spreads are taken over the per-repeat ratios. The ceilings and Settle are bench/ceilings.py's
+(lmcache_peer and gpu_path measure theirs with the same functions).
 Writes the full results to bench/results/throughput.json; the last line of stdout is a one-line
 JSON summary of the ratios.
 
@@ -23,33 +24,34 @@ JSON summary of the ratios.
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import xxhash
-
 import blockstore
+from bench.ceilings import (
+    BATCH,
+    DURABLE_BATCH,
+    POOL,
+    RECORD,
+    Payloads,
+    Settle,
+    raw_read,
+    raw_write,
+    read_files_cold,
+    time_batches,
+)
+from bench.common import REPO, cpu_busy_s, engine_state, keys_for, machine_info, spread, write_json
 from blockstore.store import aligned_buffer
 
-MiB = 1 << 20
-RECORD = MiB
-BATCH = 64  # records per put_many/get_many call, and per raw pwritev/preadv: the same unit of work
-DURABLE_BATCH = 32  # raw durable write: fdatasync after every 32 x 1 MiB
-POOL = 64  # distinct payloads, reused round-robin: 64 MiB of sources instead of N MiB
 TARGET = 0.85
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
 DEFAULT_JSON = os.path.join(REPO, "bench", "results", "throughput.json")
 
@@ -72,132 +74,7 @@ SPEEDUPS = {
 }
 
 
-# ---------------------------------------------------------------------------- data and timing
-
-
-class Payloads:
-    """POOL random page-aligned 1 MiB payloads; record i is payload i % POOL. Page-aligned because
-    that is what a KV-cache producer hands over (and unaligned sources would slow both sides)."""
-
-    def __init__(self) -> None:
-        arena = aligned_buffer(POOL * RECORD)
-        arena[:] = os.urandom(POOL * RECORD)
-        self.views = [arena[i * RECORD : (i + 1) * RECORD] for i in range(POOL)]
-
-    def __getitem__(self, i: int) -> memoryview:
-        return self.views[i % POOL]
-
-
-def time_batches(n: int, per_call: int, op: Callable[[range], None]) -> float:
-    """Seconds to run `op` over records [0, n) in consecutive ranges of `per_call` records.
-    The one timing loop of every figure, raw or store, so all pay the same loop overhead."""
-    t0 = time.perf_counter()
-    for start in range(0, n, per_call):
-        op(range(start, min(start + per_call, n)))
-    return time.perf_counter() - t0
-
-
-class Settle:
-    """Run before every timed phase, so that each starts from the same state of the machine.
-
-    1. os.sync(): write back what the previous phase left dirty, or its writeback runs inside the
-       next timed phase (on a 1 GiB write that alone moves a result by tens of percent).
-    2. Before a phase that writes (and so allocates page cache), write and delete a ballast file
-       slightly larger than the phase's data. This VM (Firecracker, nested PVM, free page reporting)
-       hands guest memory that has been free for a few seconds back to the host, and touching it
-       again costs more than the copy itself: a 1 GiB buffered write measured 0.6-1.3 GB/s on such
-       pages and 3.6-3.9 GB/s on pages freed a moment before (bench/README.md). Deleting the ballast
-       frees host-backed pages that the phase then reuses, raw and store alike, as on a machine
-       whose RAM stays backed. `--no-recycle` turns this off.
-    """
-
-    def __init__(self, work: str, payloads: Payloads, records: int, recycle: bool) -> None:
-        self.ballast = os.path.join(work, "ballast.bin")
-        self.payloads = payloads
-        self.records = records + records // 32 + 32  # + record header pages, directory, slack
-        self.recycle = recycle
-
-    def __call__(self, writes: bool) -> None:
-        os.sync()
-        if writes and self.recycle:
-            raw_write(self.ballast, self.payloads, self.records, durable=False)
-            os.unlink(self.ballast)  # dirty, never synced: deleting it costs no I/O
-
-
-def pwritev_all(fd: int, bufs: Sequence[memoryview], offset: int) -> None:
-    n = os.pwritev(fd, bufs, offset)
-    if n != sum(len(b) for b in bufs):  # never short for a regular file below 2 GiB, but be sure
-        raise OSError(f"short pwritev: {n} bytes")
-
-
-def preadv_all(fd: int, bufs: Sequence[memoryview], offset: int) -> None:
-    n = os.preadv(fd, bufs, offset)
-    if n != sum(len(b) for b in bufs):
-        raise OSError(f"short preadv: {n} bytes")
-
-
-# ---------------------------------------------------------------------------- raw ceilings
-
-
-def raw_write(path: str, payloads: Payloads, n: int, durable: bool) -> float:
-    """(a) buffered sequential write, no sync; (b) durable: fdatasync after every DURABLE_BATCH."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-
-        def write(r: range) -> None:
-            pwritev_all(fd, [payloads[i] for i in r], r.start * RECORD)
-            if durable:
-                os.fdatasync(fd)
-
-        return time_batches(n, DURABLE_BATCH if durable else BATCH, write)
-    finally:
-        os.close(fd)
-
-
-def raw_read(path: str, n: int, dst: list[memoryview], *, cold: bool, verify: bool) -> float:
-    """(c) warm / (d) cold sequential read into page-aligned buffers, optionally xxh3 of each MiB
-    (the least work a store that verifies what it returns must do)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if cold:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drops only clean pages: Settle synced
-
-        def read(r: range) -> None:
-            bufs = dst[: len(r)]
-            preadv_all(fd, bufs, r.start * RECORD)
-            if verify:
-                for b in bufs:
-                    xxhash.xxh3_64_intdigest(b)
-
-        return time_batches(n, BATCH, read)
-    finally:
-        os.close(fd)
-
-
-def read_files_cold(paths: list[str], dst: list[memoryview]) -> float:
-    """Diagnostic ceiling: plain sequential cold read of these files (a store's block files), no
-    store code involved. Separates what the on-disk layout costs (many 64 MiB files instead of one
-    file) from what the store's read path costs."""
-    fds = [os.open(p, os.O_RDONLY) for p in paths]
-    try:
-        for fd in fds:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        for fd in fds:
-            offset = 0
-            while n := os.preadv(fd, dst, offset):
-                offset += n
-        return time.perf_counter() - t0
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------- blockstore
-
-
-def keys_for(n: int) -> list[bytes]:
-    return [b"bench-kv-%012d" % i for i in range(n)]  # 21 bytes, sorted in put order
 
 
 def store_put(path: str, payloads: Payloads, keys: list[bytes], durability: str, backend: str) -> dict[str, Any]:
@@ -329,20 +206,6 @@ def one_repeat(root: str, payloads: Payloads, n: int, rep: int, skip_python: boo
 
 
 # ---------------------------------------------------------------------------- statistics and report
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    q1, _q2, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "q1": q1,
-        "q3": q3,
-        "iqr": q3 - q1,
-        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
 
 
 def summarize(runs: list[dict[str, float]], n: int) -> dict[str, Any]:
@@ -483,60 +346,6 @@ def summary_markdown(doc: dict[str, Any]) -> str:
     out.append(machine_line(doc))
     out.append(reproduce_line(doc))
     return "\n\n".join(out)
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def machine_info(scratch: str) -> dict[str, Any]:
-    cpu_model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    mem_kib = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), 0)
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "scratch_dir": scratch,
-        "fs_type_stat": _run(["stat", "-f", "-c", "%T", scratch]),
-        "df": _run(["df", "-PT", scratch]).splitlines()[-1:],
-        "vm_dirty_ratio": open("/proc/sys/vm/dirty_ratio").read().strip(),
-        "vm_dirty_background_ratio": open("/proc/sys/vm/dirty_background_ratio").read().strip(),
-    }
-
-
-def cpu_busy_s() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds of this process) so far."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    t = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), t.user + t.system
-
-
-def engine_state() -> dict[str, Any]:
-    """Which engine was measured: the commit, plus a digest of uncommitted engine changes if any."""
-    diff = _run(["git", "diff", "HEAD", "--", "blockstore", "native"])
-    return {
-        "commit": _run(["git", "rev-parse", "HEAD"]),
-        "engine_uncommitted": _run(["git", "status", "--porcelain", "--", "blockstore", "native"]).splitlines(),
-        "engine_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
-    }
-
-
-def write_json(path: str, doc: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"  # never leave a half-written results file behind
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- main
