@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blockstore.directory import SPACE_CHUNK, TOMBSTONE_META, key_suffix, session_prefix
+from blockstore.keys import SPACE_CHUNK, TOMBSTONE_META, encode_chunk_key, key_suffix, session_prefix
+
+# decode_chunk_key: blockstore/fsck.py imports it from here until it moves to blockstore/tools/ (issue 14)
+from blockstore.keys import decode_chunk_key as decode_chunk_key  # isort: skip
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.records import Kind
 from blockstore.validate import check_int, check_keys, check_seq
@@ -58,24 +61,6 @@ def _id(name: str, value: str) -> bytes:
     if not 1 <= len(raw) <= MAX_ID:
         raise InvalidArgument(f"{name} must be 1..{MAX_ID} UTF-8 bytes, got {len(raw)}")
     return raw
-
-
-def encode_chunk_key(user: bytes, session: bytes, chunk_id: bytes) -> bytes:
-    return len(user).to_bytes(2, "big") + user + len(session).to_bytes(2, "big") + session + chunk_id
-
-
-def decode_chunk_key(key: bytes) -> tuple[bytes, bytes, bytes]:
-    try:
-        ul = int.from_bytes(key[0:2], "big")
-        user = key[2 : 2 + ul]
-        sl = int.from_bytes(key[2 + ul : 4 + ul], "big")
-        session = key[4 + ul : 4 + ul + sl]
-        cid = key[4 + ul + sl :]
-    except IndexError as exc:
-        raise CorruptionError(f"malformed chunk key {key!r}") from exc
-    if len(user) != ul or len(session) != sl or not cid:
-        raise CorruptionError(f"malformed chunk key {key!r}")
-    return user, session, cid
 
 
 def _decode(meta: bytes, text: bytes) -> Chunk:

@@ -1,7 +1,7 @@
 """The directory: RocksDB (through rocksdict, raw mode) mapping keys to places (docs/format.md §5).
 
-This module owns every directory key and value encoding. Changes are staged in a `DirectoryBatch`
-and written atomically, so a location and the block-table counters it affects never disagree.
+This module owns every directory value encoding (the key layout is blockstore/keys.py). Changes are
+staged in a `DirectoryBatch` and written atomically, so a location and the block-table counters it affects never disagree.
 """
 
 from __future__ import annotations
@@ -18,22 +18,16 @@ from typing import NoReturn, TypeVar, cast
 from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteBatch, WriteOptions
 
 from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionError, IOErrorBS, NoSpace
+from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
+
+# Re-exported only for blockstore/fsck.py and blockstore/repair.py, which still import the key layout from
+# here (issue 14: they move to blockstore/tools/ and import blockstore.keys); nothing else may use these.
+from blockstore.keys import (  # noqa: F401  isort: skip
+    SPACE_CHUNK, SPACE_KV, TAG_AFFINITY, TAG_KEY, TAG_META, TAG_NS_ID, TAG_REVERSE, TAG_SESSION, TOMBSTONE_META,
+    key_suffix, session_key,
+)
 
 _T = TypeVar("_T")
-
-TAG_META = b"M"
-TAG_NS = b"N"
-TAG_NS_ID = b"I"
-TAG_KEY = b"K"
-TAG_BLOCK = b"B"
-TAG_REVERSE = b"R"
-TAG_SESSION = b"S"
-TAG_AFFINITY = b"A"  # compaction's co-access statistics (docs/format.md §5.3)
-
-SPACE_KV = 1
-SPACE_CHUNK = 2
-# a tombstone's meta names the key space of the record it deletes (so a rebuild can tell them apart)
-TOMBSTONE_META = {SPACE_KV: b"\x01", SPACE_CHUNK: b"\x02"}
 
 BLOCK_OPEN = 1
 BLOCK_SEALED = 2
@@ -137,33 +131,6 @@ class BlockEntry:
         return self.dead_bytes / self.written_bytes if self.written_bytes else 0.0
 
 
-# ---- key encodings ----
-
-def key_suffix(ns_id: int, space: int, key: bytes) -> bytes:
-    return ns_id.to_bytes(4, "big") + bytes((space,)) + key
-
-
-def location_key(suffix: bytes) -> bytes:
-    return TAG_KEY + suffix
-
-
-def reverse_key(block_id: int, offset: int) -> bytes:
-    return TAG_REVERSE + block_id.to_bytes(8, "big") + offset.to_bytes(8, "big")
-
-
-def block_key(block_id: int) -> bytes:
-    return TAG_BLOCK + block_id.to_bytes(8, "big")
-
-
-def session_prefix(ns_id: int, user: bytes, session: bytes) -> bytes:
-    return (TAG_SESSION + ns_id.to_bytes(4, "big") + len(user).to_bytes(2, "big") + user
-            + len(session).to_bytes(2, "big") + session)
-
-
-def session_key(ns_id: int, user: bytes, session: bytes, ts_ns: int, chunk_id: bytes) -> bytes:
-    return session_prefix(ns_id, user, session) + ts_ns.to_bytes(8, "big") + chunk_id
-
-
 class DirectoryBatch:
     """Changes to be written atomically. Collects puts/deletes; `Directory.write` applies them."""
 
@@ -180,7 +147,7 @@ class DirectoryBatch:
         self.empty = False
 
     def put_meta(self, name: str, value: int) -> None:
-        self.put(TAG_META + name.encode(), _U64.pack(value))
+        self.put(meta_key(name), _U64.pack(value))
 
     def put_location(self, suffix: bytes, loc: Location) -> None:
         self.put(location_key(suffix), loc.encode())
@@ -391,7 +358,7 @@ class Directory:
 
     # ---- typed ----
     def get_meta(self, name: str) -> int | None:
-        raw = self.get(TAG_META + name.encode())
+        raw = self.get(meta_key(name))
         if raw is None:
             return None
         if len(raw) != _U64.size:
@@ -413,8 +380,7 @@ class Directory:
 
     def block_records(self, block_id: int) -> Iterator[tuple[int, bytes]]:
         """(offset, key suffix) of every live record in a block, in offset order."""
-        prefix = TAG_REVERSE + block_id.to_bytes(8, "big")
-        for k, v in self.scan_prefix(prefix):
+        for k, v in self.scan_prefix(reverse_prefix(block_id)):
             yield int.from_bytes(k[9:17], "big"), v
 
     def namespaces(self) -> dict[str, int]:

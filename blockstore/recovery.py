@@ -13,23 +13,14 @@ store's open refuses (Store._refuse_unnamed_block_files) before recovery runs (i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks
-from blockstore.directory import (
-    BLOCK_OPEN,
-    BLOCK_SEALED,
-    BlockEntry,
-    DirectoryBatch,
-    Location,
-    location_key,
-    reverse_key,
-    session_key,
-)
+from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, DirectoryBatch, Location
 from blockstore.errors import CorruptionError
+from blockstore.keys import chunk_session_key, location_key, reverse_key
 from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer, Kind
 
 if TYPE_CHECKING:
@@ -75,17 +66,12 @@ def _footer_ok(store: Store, path: str, e: BlockEntry) -> bool:
     return f is not None and f.block_id == e.block_id and f.data_end == e.data_end
 
 
-def _drop_location(batch: DirectoryBatch, store: Store, suffix: bytes, loc: Location | None) -> None:
+def _drop_location(batch: DirectoryBatch, suffix: bytes, loc: Location | None) -> None:
     batch.delete(location_key(suffix))
     if loc is not None and loc.kind == Kind.CHUNK:
-        from blockstore.chunks import decode_chunk_key
-
-        try:
-            user, session, cid = decode_chunk_key(suffix[5:])
-            ts = int(json.loads(loc.meta)["ts_ns"])
-            batch.delete(session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid))
-        except (ValueError, KeyError, TypeError, OverflowError, RecursionError, CorruptionError):  # ts_ns not a u64
-            pass
+        skey = chunk_session_key(suffix, loc)
+        if skey is not None:  # an unreadable meta only leaves a stale session entry (fsck reports it)
+            batch.delete(skey)
 
 
 def _missing_block(store: Store, e: BlockEntry, recent: bool, report: dict[str, Any]) -> None:
@@ -109,7 +95,7 @@ def _forget_block(store: Store, e: BlockEntry, report: dict[str, Any]) -> None:
     for off, suffix in store.dir.block_records(e.block_id):
         loc = store.dir.get_locations([suffix])[0]
         if loc is not None and loc.block_id == e.block_id and loc.offset == off:
-            _drop_location(batch, store, suffix, loc)
+            _drop_location(batch, suffix, loc)
             report["dropped_entries"] += 1
         batch.delete(reverse_key(e.block_id, off))
     batch.delete_block(e.block_id)
@@ -169,7 +155,7 @@ def _recover_block(store: Store, e: BlockEntry, path: str, report: dict[str, Any
                 live_logical += rec.info.key_len + rec.info.payload_len
                 continue
             if names_it:
-                _drop_location(batch, store, suffix, loc)
+                _drop_location(batch, suffix, loc)
                 report["dropped_entries"] += 1
             batch.delete(reverse_key(e.block_id, off))
         recs = list(valid.values())

@@ -38,18 +38,10 @@ from blockstore.directory import (
     BLOCK_OPEN,
     BLOCK_RECLAIMING,
     BLOCK_SEALED,
-    SPACE_KV,
-    TAG_KEY,
-    TAG_NS,
-    TAG_NS_ID,
-    TOMBSTONE_META,
     BlockEntry,
     Directory,
     DirectoryBatch,
     Location,
-    block_key,
-    key_suffix,
-    session_key,
 )
 from blockstore.errors import (
     BlockstoreError,
@@ -63,6 +55,18 @@ from blockstore.errors import (
     StoreClosed,
     error_for_code,
     error_for_os,
+)
+from blockstore.keys import (
+    SPACE_KV,
+    TOMBSTONE_META,
+    block_key,
+    chunk_session_key_strict,
+    key_suffix,
+    keys_prefix,
+    namespace_id_key,
+    namespace_key,
+    session_key,
+    suffix_ns_id,
 )
 from blockstore.lock import LOCK_FILE, WriterLock
 from blockstore.records import (
@@ -887,7 +891,7 @@ class Store(ChunkAPI, TensorAPI):
                     oe.live_logical_bytes -= len(m.key) + old.payload_len
                     batch.forget_reverse(old)
                     if old.kind == Kind.CHUNK and m.expected is None:
-                        self._unindex_chunk(batch, int.from_bytes(suffix[:4], "big"), m.key, old)
+                        batch.delete(chunk_session_key_strict(suffix, old))
                 if m.kind == Kind.TOMBSTONE:
                     e.tombstones += 1
                     batch.delete_location(suffix, None)
@@ -905,7 +909,7 @@ class Store(ChunkAPI, TensorAPI):
                         bytes_put += len(m.key) + plen
                     if m.chunk_index is not None:
                         user, session, ts, cid = m.chunk_index
-                        batch.put(session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid), b"")
+                        batch.put(session_key(suffix_ns_id(suffix), user, session, ts, cid), b"")
                 ob.min_seq = min(ob.min_seq or rec.seq, rec.seq)
                 ob.max_seq = max(ob.max_seq, rec.seq)
                 ob.records += 1
@@ -991,8 +995,8 @@ class Store(ChunkAPI, TensorAPI):
             if nid is None:
                 nid = self._next_ns
                 self._next_ns += 1  # never reused, even if this batch fails
-                batch.put(TAG_NS + m.ns.encode(), nid.to_bytes(4, "little"))
-                batch.put(TAG_NS_ID + nid.to_bytes(4, "big"), m.ns.encode())
+                batch.put(namespace_key(m.ns), nid.to_bytes(4, "little"))
+                batch.put(namespace_id_key(nid), m.ns.encode())
                 batch.put_meta("next_ns", self._next_ns)
                 created[m.ns] = nid
             out[m.ns] = nid
@@ -1316,9 +1320,8 @@ class Store(ChunkAPI, TensorAPI):
         nid = self._ns_id(ns)
         if nid is None:
             return
-        p = TAG_KEY + key_suffix(nid, SPACE_KV, b"")
-        cut = len(p)
-        for k, _v in self.dir.scan_prefix(p + prefix):
+        cut = len(keys_prefix(nid, SPACE_KV))
+        for k, _v in self.dir.scan_prefix(keys_prefix(nid, SPACE_KV, bytes(prefix))):
             yield k[cut:]
 
     def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
@@ -1415,17 +1418,6 @@ class Store(ChunkAPI, TensorAPI):
         return results
 
     # ------------------------------------------------------------------ chunk records
-
-    def _unindex_chunk(self, batch: DirectoryBatch, nid: int, key: bytes, old: Location) -> None:
-        from blockstore.chunks import decode_chunk_key
-
-        user, session, cid = decode_chunk_key(key)
-        try:
-            ts = int(json.loads(old.meta)["ts_ns"])
-            skey = session_key(nid, user, session, ts, cid)
-        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # ts_ns Infinity or not a u64
-            raise CorruptionError(f"chunk record meta unreadable: {exc}") from exc
-        batch.delete(skey)
 
     # ------------------------------------------------------------------ stats
 

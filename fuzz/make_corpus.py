@@ -44,10 +44,11 @@ def _clear_generated(target: str) -> None:
 
 def store_seeds() -> None:
     import numpy as np
-    from blockstore.compaction.affinity import SOURCE_HINT, Group, group_id
 
     import blockstore
-    from blockstore.directory import SPACE_KV, TAG_BLOCK, TAG_KEY, Location, key_suffix
+    from blockstore.compaction.affinity import SOURCE_HINT, Group, group_id
+    from blockstore.directory import Location
+    from blockstore.keys import SPACE_KV, TAG_BLOCK, TAG_KEY, key_suffix
     from blockstore.purepy import PythonBackend
 
     for t in ("record_header", "block_footer", "block_header", "block_scan", "directory_values", "affinity_group",
@@ -116,8 +117,9 @@ def store_seeds() -> None:
 
 
 def connector_seeds() -> None:
-    from blockstore.connector.l2_adapter import _CURSOR_TAG, _encode_cursor, encode_object_key, namespace_for
     from lmcache.v1.distributed.api import ObjectKey
+
+    from blockstore.connector.l2_adapter import _CURSOR_TAG, _encode_cursor, encode_object_key, namespace_for
 
     for t in ("object_key", "l2_cursor", "l2_config", "plugin_config"):
         _clear_generated(t)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from blockstore.directory import SPACE_CHUNK, SPACE_KV, TAG_KEY, TOMBSTONE_META, Location, key_suffix
+from blockstore.directory import Location
+from blockstore.keys import SPACE_CHUNK, SPACE_KV, TAG_KEY, TOMBSTONE_META, key_suffix
 from blockstore.records import BLOCK_HEADER_SIZE, Kind
 from blockstore.store import Store
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blockstore.compaction import POLICIES
 
 import blockstore
 from blockstore.blocks import BLOCKS_DIR
 from blockstore.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from blockstore.compaction import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

@@ -17,6 +17,12 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
+from compaction_helpers import AGGRESSIVE, MIB, directory_locations, rebuild_violations, scan_blocks, value
+from hypothesis import given, settings
+
+import blockstore
+from blockstore import InvalidArgument, hooks
+from blockstore.cli import main as cli_main
 from blockstore.compaction import (
     POLICIES,
     AffinityTracker,
@@ -26,13 +32,8 @@ from blockstore.compaction import (
     resolve,
 )
 from blockstore.compaction.affinity import SOURCE_HINT, Group
-from compaction_helpers import AGGRESSIVE, MIB, directory_locations, rebuild_violations, scan_blocks, value
-from hypothesis import given, settings
-
-import blockstore
-from blockstore import InvalidArgument, hooks
-from blockstore.cli import main as cli_main
-from blockstore.directory import SPACE_KV, TAG_AFFINITY, BlockEntry, key_suffix
+from blockstore.directory import BlockEntry
+from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 from blockstore.native import FaultInjector
 from blockstore.records import Kind
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blockstore.compaction import Compactor, PassReport, attach
 from compaction_helpers import AGGRESSIVE, MIB, rebuild_violations, value
 
 import blockstore
 from blockstore import hooks
+from blockstore.compaction import Compactor, PassReport, attach
 
 GC_ONLY = {**AGGRESSIVE, "relocation": False}
 RELOCATE_ONLY = {**AGGRESSIVE, "gc": False}

@@ -21,7 +21,7 @@ from compaction_helpers import AGGRESSIVE, MIB, parse_value, rebuild_violations,
 
 import blockstore
 from blockstore import hooks
-from blockstore.directory import SPACE_KV, key_suffix
+from blockstore.keys import SPACE_KV, key_suffix
 
 KEYS = [b"key-%02d" % i for i in range(40)]
 STABLE = set(KEYS[:8])  # overwritten, never deleted

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 import blockstore
 from blockstore import ChecksumMismatch, CorruptionError, NotFound, TruncatedError
 from blockstore.chunks import encode_chunk_key
-from blockstore.directory import SPACE_CHUNK, Location, key_suffix
+from blockstore.directory import Location
+from blockstore.keys import SPACE_CHUNK, key_suffix
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent

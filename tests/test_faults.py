@@ -54,11 +54,11 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blockstore.compaction import Compactor, attach  # noqa: E402
 from compaction_helpers import AGGRESSIVE, parse_value, rebuild_violations, value  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError  # noqa: E402
+from blockstore.compaction import Compactor, attach  # noqa: E402
 from blockstore.native import FaultInjector  # noqa: E402
 
 F = FaultInjector

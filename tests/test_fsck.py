@@ -38,19 +38,9 @@ from test_corruption import _block_path, _flip
 import blockstore
 from blockstore import BlockstoreError, cli
 from blockstore.chunks import encode_chunk_key
-from blockstore.directory import (
-    SPACE_CHUNK,
-    TAG_META,
-    TAG_NS_ID,
-    Directory,
-    DirectoryBatch,
-    Location,
-    block_key,
-    key_suffix,
-    location_key,
-    reverse_key,
-)
+from blockstore.directory import Directory, DirectoryBatch, Location
 from blockstore.fsck import KINDS
+from blockstore.keys import SPACE_CHUNK, TAG_META, TAG_NS_ID, block_key, key_suffix, location_key, reverse_key
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 256 << 10
@@ -495,7 +485,7 @@ def block_entry_garbled(p: Path, recs: dict[str, Rec]) -> Case:
 
 
 def listing_without_chunk(p: Path, recs: dict[str, Rec]) -> Case:
-    from blockstore.directory import session_key
+    from blockstore.keys import session_key
 
     edit_directory(p, lambda d, b: b.put(session_key(1, b"alice", b"s1", 7, b"ghost"), b""))
     return Case("session-index")
@@ -507,7 +497,7 @@ def namespace_id_lost(p: Path, recs: dict[str, Rec]) -> Case:
 
 
 def session_listing_lost(p: Path, recs: dict[str, Rec]) -> Case:
-    from blockstore.directory import session_key
+    from blockstore.keys import session_key
 
     loc = recs["alice/c2"].loc
     assert loc is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import blockstore
 from blockstore import hooks
-from blockstore.directory import SPACE_KV, key_suffix
+from blockstore.keys import SPACE_KV, key_suffix
 
 
 def _victims(s: blockstore.Store, bid: int) -> list[tuple[bytes, object]]:

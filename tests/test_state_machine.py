@@ -28,12 +28,12 @@ from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
-from blockstore.compaction import Compactor, attach
 from compaction_helpers import AGGRESSIVE, rebuild_violations
 from hypothesis import event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import blockstore
+from blockstore.compaction import Compactor, attach
 from blockstore.native import FaultInjector
 
 KEYS = st.sampled_from([b"k%d" % i for i in range(12)])

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
-from blockstore.directory import TAG_AFFINITY, DirectoryBatch
+from blockstore.directory import DirectoryBatch
+from blockstore.keys import TAG_AFFINITY
 
 if TYPE_CHECKING:
     from blockstore.directory import Directory, Location

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks
-from blockstore.directory import TAG_AFFINITY, DirectoryBatch
+from blockstore.directory import DirectoryBatch
 from blockstore.errors import BlockstoreError, StoreClosed
+from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 
 from . import gc, relocation
 from .affinity import AffinityJudge, AffinityTracker
@@ -148,8 +149,6 @@ class Compactor:
 
     def hint(self, keys: list[bytes], *, ns: str = "default", weight: float = 1.0) -> None:
         """Tell the compactor these KV keys of namespace `ns` are used together."""
-        from blockstore.directory import SPACE_KV, key_suffix
-
         nid = self.store._ns_id(ns)
         if nid is not None:
             self.tracker.hint([key_suffix(nid, SPACE_KV, k) for k in keys], weight)

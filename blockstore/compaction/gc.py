@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blockstore import hooks
-from blockstore.directory import BLOCK_SEALED, SPACE_KV, TOMBSTONE_META, BlockEntry, Location, key_suffix
+from blockstore.directory import BLOCK_SEALED, BlockEntry, Location
 from blockstore.errors import NotFound
+from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix
 from blockstore.records import BLOCK_HEADER_SIZE, Kind
 
 if TYPE_CHECKING:

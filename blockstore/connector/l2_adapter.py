@@ -71,8 +71,9 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 import blockstore
-from blockstore.directory import SPACE_KV, TAG_KEY, Location, key_suffix
+from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
+from blockstore.keys import SPACE_KV, TAG_KEY, key_suffix
 from blockstore.records import MAX_KEY
 
 if TYPE_CHECKING:

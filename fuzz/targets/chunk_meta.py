@@ -1,14 +1,14 @@
 """Chunk record metadata and keys (docs/format.md §2.2, §5): what the engine parses out of a chunk
 record's meta JSON and its user key, wherever it does so -- `chunks._decode` (get_chunk),
-`Store._unindex_chunk` (overwrite/delete of a chunk), `recovery._drop_location` (recovery dropping a
-torn chunk record) -- and `chunks.decode_chunk_key`. The meta read is the copy in the directory's
+`keys.chunk_session_key_strict` (overwrite/delete of a chunk), `keys.chunk_session_key` (recovery
+dropping a torn chunk record, fsck) -- and `keys.decode_chunk_key`. The meta read is the copy in the directory's
 location value, which no checksum covers.
 
 Input: one control byte, then the meta (control bit 0 clear) or a chunk user key (bit 0 set).
 
 Contract: `_decode` returns a Chunk with an integer ts_ns or raises CorruptionError;
-`_unindex_chunk` stages its delete or raises CorruptionError; `_drop_location` never raises (an
-unreadable meta only leaves a stale session entry); `decode_chunk_key` returns (user, session, chunk
+`chunk_session_key_strict` returns the session key or raises CorruptionError; `chunk_session_key` never
+raises (None: an unreadable meta only leaves a stale session entry); `decode_chunk_key` returns (user, session, chunk
 id) that re-encode to the key, or raises CorruptionError.
 """
 
@@ -19,16 +19,21 @@ import sys
 from fuzz import harness
 
 with harness.instrumented(__name__):
-    from blockstore.chunks import _decode, decode_chunk_key, encode_chunk_key
-    from blockstore.directory import SPACE_CHUNK, DirectoryBatch, Location, key_suffix
+    from blockstore.chunks import _decode
+    from blockstore.directory import Location
     from blockstore.errors import CorruptionError
+    from blockstore.keys import (
+        SPACE_CHUNK,
+        chunk_session_key,
+        chunk_session_key_strict,
+        decode_chunk_key,
+        encode_chunk_key,
+        key_suffix,
+    )
     from blockstore.records import Kind
-    from blockstore.recovery import _drop_location
-    from blockstore.store import Store
 
 KEY = encode_chunk_key(b"alice", b"s1", b"c7")
 SUFFIX = key_suffix(1, SPACE_CHUNK, KEY)
-_STORE = object.__new__(Store)  # _unindex_chunk uses only its arguments
 
 
 def test_one_input(data: bytes) -> None:
@@ -47,10 +52,10 @@ def test_one_input(data: bytes) -> None:
         pass
     loc = Location(Kind.CHUNK, 0, 128, 1, 4096, 256, 10, 1, 0, body)
     try:
-        _STORE._unindex_chunk(DirectoryBatch(), 1, KEY, loc)
+        chunk_session_key_strict(SUFFIX, loc)
     except CorruptionError:
         pass
-    _drop_location(DirectoryBatch(), _STORE, SUFFIX, loc)
+    assert chunk_session_key(SUFFIX, loc) is None or isinstance(chunk_session_key(SUFFIX, loc), bytes)
 
 
 if __name__ == "__main__":
