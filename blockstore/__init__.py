@@ -29,7 +29,8 @@ from blockstore.errors import (
     StoreLocked,
     TruncatedError,
 )
-from blockstore.store import DEFAULT_BLOCK_SIZE, Store, StoreStats
+from blockstore.manifest import DEFAULT_BLOCK_SIZE
+from blockstore.store import Store, StoreStats
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,6 @@ staged in a `DirectoryBatch` and written atomically, so a location and the block
 from __future__ import annotations
 
 import errno
-import json
 import os
 import struct
 import time
@@ -19,6 +18,7 @@ from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteBatch, Wr
 
 from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionError, IOErrorBS, NoSpace
 from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
+from blockstore.manifest import last_writer_synced
 
 # Re-exported only for blockstore/fsck.py and blockstore/repair.py, which still import the key layout from
 # here (issue 14: they move to blockstore/tools/ and import blockstore.keys); nothing else may use these.
@@ -166,18 +166,6 @@ class DirectoryBatch:
 
     def delete_block(self, block_id: int) -> None:
         self.delete(block_key(block_id))
-
-
-def last_writer_synced(store_root: str, *, default: bool) -> bool:
-    """Whether the store's last writer ran in sync mode (MANIFEST.json "durability", docs/format.md §1):
-    its WAL must then read to its end. `default` when the MANIFEST does not say (older stores, or a
-    MANIFEST that is missing or unreadable: fsck reports that on its own)."""
-    try:
-        with open(os.path.join(store_root, "MANIFEST.json"), encoding="utf-8") as f:
-            value = json.load(f).get("durability")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return default
-    return value == "sync" if value in ("sync", "cache") else default
 
 
 def repair_hint(store_path: str) -> str:

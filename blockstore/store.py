@@ -16,11 +16,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib
-import json
 import logging
 import mmap
 import os
-import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -69,6 +67,19 @@ from blockstore.keys import (
     suffix_ns_id,
 )
 from blockstore.lock import LOCK_FILE, WriterLock
+from blockstore.manifest import (
+    DEFAULT_BLOCK_SIZE,
+    MANIFEST,
+    load_manifest,
+    new_manifest,
+    valid_block_size,
+    write_manifest_file,
+)
+
+# Re-exported only for blockstore/tools/ (fsck, repair), which import them from here until they import
+# blockstore.manifest (issue 14); nothing else may use these names.
+from blockstore.manifest import MAX_BLOCK as _MAX_BLOCK  # noqa: F401  isort: skip
+from blockstore.manifest import MIN_BLOCK as _MIN_BLOCK  # noqa: F401  isort: skip
 from blockstore.records import (
     BLOCK_HEADER_SIZE,
     FORMAT_VERSION,
@@ -91,12 +102,9 @@ from blockstore.validate import check_key as _check_key
 Durability = Literal["cache", "sync"]
 OnCorrupt = Literal["raise", "miss"]
 
-MANIFEST = "MANIFEST.json"
 DIRECTORY = "directory"
 _log = logging.getLogger("blockstore")
 
-DEFAULT_BLOCK_SIZE = 64 << 20
-_MIN_BLOCK, _MAX_BLOCK = 64 << 10, 1 << 40  # small blocks suit chunk-record stores; KV wants large ones
 # Where a lone write goes when every open block belongs to another partition (_block_for).
 OVERFLOW_PARTITION = b"\0overflow"
 _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (_block_for)
@@ -282,8 +290,7 @@ class Store(ChunkAPI, TensorAPI):
             raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
         if durability not in ("cache", "sync"):
             raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or not _MIN_BLOCK <= block_size <= _MAX_BLOCK):
+        if block_size is not None and not valid_block_size(block_size):
             raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
         if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
             raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
@@ -372,10 +379,11 @@ class Store(ChunkAPI, TensorAPI):
             # A new store's MANIFEST is written last, once its directory exists: a creation cut short
             # (kill -9, an I/O error) then leaves no MANIFEST, and the next open simply creates again.
             # Written first, it made a store that no open could ever load (found by tests/test_faults.py).
-            manifest = self._load_manifest(manifest_path) if exists else self._new_manifest()
+            manifest = (load_manifest(self.path) if exists
+                        else new_manifest(block_size=self.block_size, durability=self.durability))
             self.store_id = int(manifest["store_id"])
             recorded = manifest.get("block_size")
-            if not self._block_size_given and isinstance(recorded, int) and _MIN_BLOCK <= recorded <= _MAX_BLOCK:
+            if not self._block_size_given and valid_block_size(recorded):
                 self.block_size = recorded
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
             # the WAL on disk was written under the last writer's durability (MANIFEST "durability")
@@ -402,34 +410,6 @@ class Store(ChunkAPI, TensorAPI):
                 directory.close()  # else RocksDB's lock outlives the failed open inside this process
             self._lock.release()
             raise
-
-    def _load_manifest(self, p: str) -> dict[str, Any]:
-        try:
-            with open(p, encoding="utf-8") as f:
-                m = json.load(f)
-        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
-            raise CorruptionError(f"{p}: unreadable manifest ({exc})") from exc
-        if not isinstance(m, dict) or m.get("magic") != "blockstore" or not isinstance(m.get("store_id"), int):
-            raise CorruptionError(f"{p}: not a blockstore manifest")
-        if not 0 <= m["store_id"] < 1 << 64:  # block headers hold it as a u64
-            raise CorruptionError(f"{p}: store_id {m['store_id']} is not a u64")
-        if not isinstance(m.get("format_version"), int) or m["format_version"] < 1:
-            raise CorruptionError(f"{p}: format_version must be a positive integer, got {m.get('format_version')!r}")
-        if m["format_version"] > FORMAT_VERSION:
-            raise FormatVersionError(
-                f"{p}: format version {m.get('format_version')} is newer than this build ({FORMAT_VERSION})"
-            )
-        return m
-
-    def _new_manifest(self) -> dict[str, Any]:
-        return {
-            "magic": "blockstore",
-            "format_version": FORMAT_VERSION,
-            "store_id": secrets.randbits(63),
-            "block_size": self.block_size,
-            "durability": self.durability,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
 
     def _write_manifest(self, p: str, m: dict[str, Any]) -> None:
         write_manifest_file(p, m)
@@ -1528,17 +1508,6 @@ class Store(ChunkAPI, TensorAPI):
                 self.backend.drop_cache(fd)
             finally:
                 self.backend.close(fd)
-
-
-def write_manifest_file(p: str, m: dict[str, Any]) -> None:
-    """Write a MANIFEST atomically: a synced temp file renamed over `p`. The caller syncs the directory
-    (the rename is durable only then)."""
-    tmp = p + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(m, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 def open_store(path: str | os.PathLike[str], **kwargs: Any) -> Store:

@@ -130,7 +130,7 @@ def test_regress_affinity_group_claiming_65535_keys_in_no_bytes_fails_fast() -> 
 
 def test_regress_manifest_store_id_must_be_a_u64_and_deep_json_is_corruption(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from blockstore.errors import CorruptionError
-    from blockstore.store import Store
+    from blockstore.manifest import load_manifest
 
     p = tmp_path / "MANIFEST.json"
     for body in (b'{"magic": "blockstore", "format_version": 1, "store_id": -1}',
@@ -138,7 +138,7 @@ def test_regress_manifest_store_id_must_be_a_u64_and_deep_json_is_corruption(tmp
                  b"[" * 5000):
         p.write_bytes(body)
         with pytest.raises(CorruptionError):
-            Store._load_manifest(object.__new__(Store), str(p))
+            load_manifest(str(tmp_path))
 
 
 @pytest.mark.parametrize("ts", ["-5", "Infinity", "18446744073709551616"])

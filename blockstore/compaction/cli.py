@@ -11,7 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from blockstore.errors import BlockstoreError, InvalidArgument, StoreLocked
-from blockstore.store import MANIFEST, Store
+from blockstore.manifest import MANIFEST
+from blockstore.store import Store
 
 from .compactor import attach
 from .policy import POLICIES, resolve

@@ -74,6 +74,7 @@ import blockstore
 from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
 from blockstore.keys import SPACE_KV, TAG_KEY, key_suffix
+from blockstore.manifest import valid_block_size
 from blockstore.records import MAX_KEY
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
         if self.durability not in ("cache", "sync"):
             raise bad("durability", f"must be 'cache' or 'sync', got {self.durability!r}")
         block_size = self.block_size
-        if block_size is not None and (not _is_int(block_size) or not (64 << 10) <= block_size <= (1 << 40)):
+        if block_size is not None and not valid_block_size(block_size):
             raise bad("block_size", "must be an integer number of bytes between 65536 (64 KiB) and 2**40 (1 TiB), "
                       f"got {block_size!r}")
         if not _is_int(self.capacity_bytes) or self.capacity_bytes < 0:

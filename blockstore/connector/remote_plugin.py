@@ -83,6 +83,7 @@ from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 import blockstore
 from blockstore.directory import Location
+from blockstore.manifest import valid_block_size
 from blockstore.records import MAX_KEY
 
 if TYPE_CHECKING:
@@ -155,8 +156,7 @@ class BlockstorePluginConfig:
                 block_size = int(block_size)
             except ValueError:  # digits int() refuses ("²", 5000 of them): stays a str, refused below
                 pass
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or not (64 << 10) <= block_size <= (1 << 40)):
+        if block_size is not None and not valid_block_size(block_size):
             raise bad("block_size", f"must be an integer number of bytes in 65536..2**40, got {block_size!r}")
         compaction = mine.get("compaction", "full")
         if isinstance(compaction, str) and compaction.strip().startswith("{"):

@@ -1,4 +1,4 @@
-"""Store manifest loading (docs/format.md §1): `Store._load_manifest`, which parses STORE/MANIFEST.json
+"""Store manifest loading (docs/format.md §1): `manifest.load_manifest`, which parses STORE/MANIFEST.json
 when a store is opened (a file on disk: corrupt, truncated, or written by another version).
 
 Input: the file's bytes (written to a file on tmpfs, read by the real code path).
@@ -19,21 +19,20 @@ from fuzz import harness
 
 with harness.instrumented(__name__):
     from blockstore.errors import CorruptionError
+    from blockstore.manifest import load_manifest
     from blockstore.native import NativeBackend
     from blockstore.records import FORMAT_VERSION, BlockHeader
-    from blockstore.store import Store
 
 NATIVE = NativeBackend()
 _DIR = tempfile.mkdtemp(prefix="blockstore-fuzz-manifest-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 PATH = os.path.join(_DIR, "MANIFEST.json")
-_STORE = object.__new__(Store)  # _load_manifest reads only its argument
 
 
 def test_one_input(data: bytes) -> None:
     with open(PATH, "wb") as f:
         f.write(data)
     try:
-        m = _STORE._load_manifest(PATH)
+        m = load_manifest(_DIR)
     except CorruptionError:
         return
     assert isinstance(m, dict) and m["magic"] == "blockstore"
