@@ -552,7 +552,7 @@ def blockstore_store_lines(path: Path) -> list[str]:
     """``blockstore stats PATH`` (it opens the store read-only), captured for the report."""
     import io
 
-    from blockstore import cli
+    from blockstore.tools import cli
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

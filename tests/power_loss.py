@@ -38,7 +38,7 @@ that recovery (and the close after it). Each cut is checked:
   lost, an acknowledged delete never comes back) the value at the last durable point (the last clean
   close, or the key's last acknowledged delete) or any written since; nothing else, nothing corrupt;
 - `iter_keys` lists exactly the readable keys and `stats().records` counts the readable records;
-- then close, and `blockstore.fsck.check` on the closed store has no finding.
+- then close, and `blockstore.tools.fsck.check` on the closed store has no finding.
 
 Usage (standalone, with a summary; exit status 1 on a violation):
 
@@ -72,10 +72,10 @@ from compaction_helpers import AGGRESSIVE, parse_value, value  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError, NotFound  # noqa: E402
-from blockstore import fsck as fsck_mod  # noqa: E402
 from blockstore.compaction import Compactor, attach  # noqa: E402
 from blockstore.directory import Directory  # noqa: E402
 from blockstore.native import FaultInjector  # noqa: E402
+from blockstore.tools import fsck as fsck_mod  # noqa: E402
 
 F = FaultInjector
 MASK = F.WRITE | F.SYNC | F.OPEN | F.OTHER  # reads change nothing on disk: no cut points there

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockstore.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "blockstore.tools.cli", *args], capture_output=True, text=True,
                           cwd=str(ROOT), timeout=120)
 
 

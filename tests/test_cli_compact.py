@@ -1,6 +1,6 @@
 """`blockstore compact PATH`: GC and relocation run from the command line on a store no process holds.
 
-Most tests call the CLI in-process (`blockstore.cli.main`, output through capsys); a few run it as a
+Most tests call the CLI in-process (`blockstore.tools.cli.main`, output through capsys); a few run it as a
 separate process, the way a user does, to check exit codes and stderr end to end. Every store is built
 once per module and copied per test, so each test starts from the same bytes.
 """
@@ -22,8 +22,8 @@ import pytest
 
 import blockstore
 from blockstore.blocks import BLOCKS_DIR
-from blockstore.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from blockstore.compaction import POLICIES
+from blockstore.tools.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -37,7 +37,7 @@ def payload(key: bytes, version: int, size: int = VALUE_SIZE) -> bytes:
 
 
 def cli_process(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockstore.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "blockstore.tools.cli", *args], capture_output=True, text=True,
                           cwd=str(ROOT), timeout=60)
 
 

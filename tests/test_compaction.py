@@ -22,7 +22,6 @@ from hypothesis import given, settings
 
 import blockstore
 from blockstore import InvalidArgument, hooks
-from blockstore.cli import main as cli_main
 from blockstore.compaction import (
     POLICIES,
     AffinityTracker,
@@ -36,6 +35,7 @@ from blockstore.directory import BlockEntry
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 from blockstore.native import FaultInjector
 from blockstore.records import Kind
+from blockstore.tools.cli import main as cli_main
 
 GC_ONLY = {**AGGRESSIVE, "relocation": False}
 RELOCATE_ONLY = {**AGGRESSIVE, "gc": False}
@@ -577,7 +577,7 @@ def test_compact_command_line(tmp_path: Path) -> None:
     model, a, b = _two_blocks(tmp_path)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "blockstore.cli", "compact", str(tmp_path), *args],
+        return subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "compact", str(tmp_path), *args],
                               capture_output=True, text=True, timeout=120,
                               cwd=str(Path(__file__).resolve().parent.parent))
 

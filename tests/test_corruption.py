@@ -364,7 +364,7 @@ def test_recovery_of_a_block_with_a_damaged_footer_keeps_its_records(
 
 
 def _dump(path: Path, bid: int) -> list[dict[str, Any]]:
-    r = subprocess.run([sys.executable, "-m", "blockstore.cli", "dump", str(path), "--block", f"{bid:x}", "--json"],
+    r = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "dump", str(path), "--block", f"{bid:x}", "--json"],
                        capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)  # type: ignore[no-any-return]
@@ -411,7 +411,7 @@ def test_dump_of_a_deleted_block_is_a_clean_error(damaged_store: tuple[Path, str
     path, _backend, recs = damaged_store
     bid = recs["k1-1"].loc.block_id
     os.unlink(_block_path(path, bid))
-    r = subprocess.run([sys.executable, "-m", "blockstore.cli", "dump", str(path), "--block", f"{bid:x}"],
+    r = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "dump", str(path), "--block", f"{bid:x}"],
                        capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert r.returncode == 8 and "NotFound" in r.stderr and "Traceback" not in r.stderr
     # the KV space index survives: other tools still list the keys

@@ -43,11 +43,13 @@ import pytest
 import xxhash
 
 import blockstore
-from blockstore import BlockstoreError, cli
+from blockstore import BlockstoreError
 from blockstore.backend import get_backend
 from blockstore.errors import CorruptionError
-from blockstore.fsck import record_suffix, scan_records
 from blockstore.records import BLOCK_HEADER_SIZE, Kind
+from blockstore.tools import cli
+from blockstore.tools.fsck_decode import record_suffix
+from blockstore.tools.fsck_scan import scan_records
 
 BLOCK = 64 << 10
 VALUE = 3000

@@ -26,7 +26,7 @@ import pytest
 
 import blockstore
 from blockstore.errors import BlockstoreError, NoSpace, StoreClosed
-from blockstore.fsck import check
+from blockstore.tools.fsck import check
 
 MiB = 1 << 20
 FS_SIZE = "8m"

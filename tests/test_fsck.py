@@ -36,11 +36,12 @@ from compaction_helpers import rebuild_violations
 from test_corruption import _block_path, _flip
 
 import blockstore
-from blockstore import BlockstoreError, cli
+from blockstore import BlockstoreError
 from blockstore.chunks import encode_chunk_key
 from blockstore.directory import Directory, DirectoryBatch, Location
-from blockstore.fsck import KINDS
 from blockstore.keys import SPACE_CHUNK, TAG_META, TAG_NS_ID, block_key, key_suffix, location_key, reverse_key
+from blockstore.tools import cli
+from blockstore.tools.fsck_report import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 256 << 10
@@ -727,13 +728,13 @@ def test_help_explains_every_kind_and_the_exit_codes() -> None:
 
 @pytest.mark.parametrize("argv", [["fsck"], ["fsck", "x", "--bogus"], ["fsck", "x", "--namespace", "n"]])
 def test_usage_errors_exit_16(argv: list[str]) -> None:
-    r = subprocess.run([sys.executable, "-m", "blockstore.cli", *argv], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", *argv], capture_output=True, text=True,
                        cwd=str(ROOT), timeout=60)
     assert r.returncode == 16 and "usage" in r.stderr
 
 
 def test_a_path_that_is_not_a_store_exits_8(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "blockstore.cli", "fsck", str(tmp_path / "nothing")],
+    r = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "fsck", str(tmp_path / "nothing")],
                        capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert r.returncode == 8 and "no store" in r.stderr and "Traceback" not in r.stderr
     code, _out, err = fsck(tmp_path)  # a directory, but not a store
@@ -744,7 +745,7 @@ def test_text_output_one_finding_per_line(store: tuple[Path, dict[str, Rec]]) ->
     path, recs = store
     payload_kv(path, recs)
     footer(path, recs)
-    r = subprocess.run([sys.executable, "-m", "blockstore.cli", "fsck", str(path)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "fsck", str(path)], capture_output=True, text=True,
                        cwd=str(ROOT), timeout=60)
     assert r.returncode == 4
     lines = r.stdout.splitlines()
@@ -763,7 +764,7 @@ def test_open_refuses_to_create_over_a_store_that_lost_its_manifest(tmp_path: Pa
     (path / "MANIFEST.json").unlink()
     with pytest.raises(blockstore.CorruptionError, match="MANIFEST"):
         blockstore.open(path)
-    rc = subprocess.run([sys.executable, "-m", "blockstore.cli", "fsck", "--repair", str(path)],
+    rc = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "fsck", "--repair", str(path)],
                         capture_output=True, text=True).returncode
     assert rc & 1 and not rc & 4
     with blockstore.open(path) as s:

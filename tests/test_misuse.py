@@ -18,8 +18,8 @@ from hypothesis import event, given
 
 import blockstore
 from blockstore import BlockstoreError, Chunk, ChunkWrite, CorruptionError, InvalidArgument
-from blockstore.fsck import check
 from blockstore.records import MAX_KEY, MAX_META, MAX_NAMESPACE
+from blockstore.tools.fsck import check
 
 # Known records. Their keys, namespace and user are longer than any junk the random test draws
 # (binary and text of at most 5), and the random writes use other keys: nothing may touch them.

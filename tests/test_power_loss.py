@@ -39,8 +39,9 @@ from power_loss import (  # noqa: E402
 )
 
 import blockstore  # noqa: E402
-from blockstore import NotFound, fsck  # noqa: E402
+from blockstore import NotFound  # noqa: E402
 from blockstore.native import FaultInjector, NativeBackend  # noqa: E402
+from blockstore.tools import fsck  # noqa: E402
 
 SEED = int(os.environ.get("BLOCKSTORE_POWER_SEED", "20261206"))
 RUNS = int(os.environ.get("BLOCKSTORE_POWER_RUNS", "24"))

@@ -11,10 +11,15 @@ import sys
 import textwrap
 from typing import Any
 
+from tqdm import tqdm
+
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED
 from blockstore.errors import BlockstoreError, StoreLocked
 from blockstore.records import Kind
 from blockstore.store import Store
+from blockstore.tools import fsck
+from blockstore.tools.fsck_report import EXIT_CORRECTED, EXIT_UNCORRECTED, KINDS
+from blockstore.tools.repair import repair
 
 EXIT_OK = 0
 EXIT_ERROR = 8  # operational error (the fsck convention: bitmask, 8 = operational)
@@ -109,8 +114,6 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _fsck_epilog() -> str:
-    from blockstore.fsck import KINDS
-
     out = ["Findings, one per line: <kind> <block>[:<offset>] <detail> (block as in `blockstore dump`, '-' for",
            "the store as a whole); OK when there are none. Kinds, and what --repair does:", ""]
     for kind, (meaning, action) in KINDS.items():
@@ -125,10 +128,6 @@ def _fsck_epilog() -> str:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from blockstore import fsck
-
     bar: Any = None
 
     def progress(done: int, total: int) -> None:
@@ -147,8 +146,6 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     lost_found: list[str] = []
     try:
         if args.repair:
-            from blockstore.repair import repair
-
             try:
                 res = repair(args.path, namespaces=args.namespace or (), progress=progress)
             except StoreLocked as exc:
@@ -163,7 +160,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             bar.close()
     corrected = sum(1 for f in findings if f.corrected)
     left = len(findings) - corrected
-    code = (fsck.EXIT_CORRECTED if corrected else 0) | (fsck.EXIT_UNCORRECTED if left else 0)
+    code = (EXIT_CORRECTED if corrected else 0) | (EXIT_UNCORRECTED if left else 0)
     if args.json:
         doc = {"path": args.path, "mode": "repair" if args.repair else "check",
                "findings": [f.as_dict() for f in findings],

@@ -1,0 +1,200 @@
+"""Tolerant readers for fsck and repair: each says what is wrong with a value instead of raising
+(directory values, key suffixes, the MANIFEST), and how findings name blocks and keys."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from blockstore.blocks import BLOCKS_DIR
+from blockstore.chunks import decode_chunk_key, encode_chunk_key
+from blockstore.directory import (
+    BLOCK_OPEN,
+    BLOCK_RECLAIMING,
+    BLOCK_SEALED,
+    SPACE_CHUNK,
+    SPACE_KV,
+    TOMBSTONE_META,
+    BlockEntry,
+    Location,
+    key_suffix,
+    session_key,
+)
+from blockstore.errors import CorruptionError, NotFound
+from blockstore.records import FORMAT_VERSION, MAX_KEY, REC_ALIGNED, Kind, ScannedRecord
+from blockstore.store import DIRECTORY, MANIFEST
+
+
+class DirectoryUnreadable(Exception):
+    """RocksDB failed while the directory was being read (rocksdict raises plain Exception)."""
+
+
+
+def block_label(bid: int) -> str:
+    return f"{bid:016x}"
+
+
+
+def key_text(suffix: bytes) -> str:
+    """A key suffix (ns id + space + user key) for a message: namespace id, space and key."""
+    if len(suffix) < 6:
+        return f"malformed key {suffix.hex()}"
+    nid, space, key = int.from_bytes(suffix[:4], "big"), suffix[4], suffix[5:]
+    if space == SPACE_CHUNK:
+        try:
+            u, s, c = decode_chunk_key(key)
+            shown = "/".join(x.decode("utf-8", "backslashreplace") for x in (u, s, c))
+            return f"chunk {shown[:80]!r} (ns {nid})"
+        except CorruptionError:
+            pass
+    try:
+        text = key.decode("ascii")
+        shown = repr(text[:60]) if text.isprintable() else "0x" + key[:40].hex()
+    except UnicodeDecodeError:
+        shown = "0x" + key[:40].hex()
+    return f"key {shown} (ns {nid})"
+
+
+
+def record_suffix(r: ScannedRecord) -> bytes:
+    """The directory key suffix of a scanned record (a tombstone's meta names its key space)."""
+    if r.info.kind == Kind.TOMBSTONE:
+        space = SPACE_CHUNK if bytes(r.meta) == TOMBSTONE_META[SPACE_CHUNK] else SPACE_KV
+    else:
+        space = SPACE_CHUNK if r.info.kind == Kind.CHUNK else SPACE_KV
+    return key_suffix(r.info.ns, space, bytes(r.key))
+
+
+
+def location_of(r: ScannedRecord, block_id: int) -> Location:
+    """The directory location a record's entry should hold."""
+    return Location(r.info.kind, r.info.flags, r.info.payload_off, block_id, r.offset, r.info.record_len,
+                    r.info.payload_len, r.info.seq, r.info.payload_xxh3, bytes(r.meta))
+
+
+
+def decode_location(raw: bytes) -> Location | str:
+    """The location, or why it is not one."""
+    if len(raw) < 56:
+        return f"location value of {len(raw)} bytes (at least 56 expected)"
+    if raw[0] != 1:
+        return f"location value version {raw[0]} (1 expected)"
+    loc = Location.decode(raw)
+    if loc.kind not in (Kind.KV, Kind.CHUNK):
+        return f"location value of record kind {loc.kind}"
+    if loc.flags & ~REC_ALIGNED:
+        return f"location value with flags {loc.flags:#x}"
+    return loc
+
+
+
+def decode_block_entry(bid: int, raw: bytes) -> BlockEntry | str:
+    if len(raw) < 88:
+        return f"block entry of {len(raw)} bytes (at least 88 expected)"
+    if raw[0] != 1:
+        return f"block entry version {raw[0]} (1 expected)"
+    e = BlockEntry.decode(bid, raw)
+    if e.state not in (BLOCK_OPEN, BLOCK_SEALED, BLOCK_RECLAIMING):
+        return f"block entry state {e.state}"
+    if len(raw) < 88 + int.from_bytes(raw[4:8], "little"):
+        return "block entry partition runs past the value"
+    return e
+
+
+
+def suffix_space_ok(suffix: bytes) -> bool:
+    if len(suffix) < 6 or suffix[4] not in (SPACE_KV, SPACE_CHUNK) or len(suffix) - 5 > MAX_KEY:
+        return False
+    if suffix[4] == SPACE_CHUNK:
+        try:
+            decode_chunk_key(suffix[5:])
+        except CorruptionError:
+            return False
+    return True
+
+
+
+def chunk_session_key(suffix: bytes, loc: Location) -> bytes | None:
+    """The S key listing this chunk (None: its key or meta cannot say)."""
+    try:
+        user, session, cid = decode_chunk_key(suffix[5:])
+        ts = int(json.loads(loc.meta)["ts_ns"])
+    except (CorruptionError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        return None
+    if not 0 <= ts < 1 << 64:
+        return None
+    return session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid)
+
+
+
+def parse_session_key(k: bytes) -> tuple[bytes, int] | None:
+    """(chunk key suffix, ts_ns) of an S key, or None when it does not parse."""
+    try:
+        nid = int.from_bytes(k[1:5], "big")
+        pos = 5
+        ul = int.from_bytes(k[pos : pos + 2], "big")
+        user = k[pos + 2 : pos + 2 + ul]
+        pos += 2 + ul
+        sl = int.from_bytes(k[pos : pos + 2], "big")
+        session = k[pos + 2 : pos + 2 + sl]
+        pos += 2 + sl
+        ts = int.from_bytes(k[pos : pos + 8], "big")
+        cid = k[pos + 8 :]
+    except IndexError:
+        return None
+    if len(k) < 5 or len(user) != ul or len(session) != sl or len(k) < pos + 8 or not cid:
+        return None
+    return key_suffix(nid, SPACE_CHUNK, encode_chunk_key(user, session, cid)), ts
+
+
+
+def read_manifest(root: str) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """(manifest, problem, newer): the manifest as far as it can be trusted, why it cannot be, and
+    whether it claims a format version newer than this build."""
+    p = os.path.join(root, MANIFEST)
+    if not os.path.exists(p):
+        return None, f"{MANIFEST} is missing", False
+    try:
+        with open(p, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError) as exc:
+        return None, f"{MANIFEST} is unreadable ({exc})", False
+    if not isinstance(m, dict) or m.get("magic") != "blockstore":
+        return None, f"{MANIFEST} is not a blockstore manifest", False
+    if not isinstance(m.get("store_id"), int) or isinstance(m.get("store_id"), bool):
+        return None, f"{MANIFEST} has no integer store_id", False
+    v = m.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        return m, f"{MANIFEST} format_version must be a positive integer, got {v!r}", False
+    if v > FORMAT_VERSION:
+        return m, f"{MANIFEST} says format version {v}, newer than this build ({FORMAT_VERSION})", True
+    return m, None, False
+
+
+
+def list_block_files(root: str) -> dict[int, str]:
+    d = os.path.join(root, BLOCKS_DIR)
+    out: dict[int, str] = {}
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name.endswith(".blk") and len(name) == 20:
+            try:
+                out[int(name[:16], 16)] = os.path.join(d, name)
+            except ValueError:
+                continue
+    return out
+
+
+
+def require_store(path: str | os.PathLike[str]) -> str:
+    """`path` as a str if it looks like a store (any of its three parts is there), else NotFound."""
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise NotFound(f"no store at {root!r}: not a directory")
+    if not any(os.path.exists(os.path.join(root, p)) for p in (MANIFEST, BLOCKS_DIR, DIRECTORY)):
+        raise NotFound(f"no store at {root!r}: none of {MANIFEST}, {BLOCKS_DIR}/, {DIRECTORY}/ is there")
+    return root
