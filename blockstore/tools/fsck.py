@@ -35,18 +35,19 @@ from typing import Any
 
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR
-from blockstore.directory import BLOCK_RECLAIMING, TAG_BLOCK, TAG_KEY, BlockEntry, Directory, Location, block_key
+from blockstore.directory import BLOCK_RECLAIMING, BlockEntry, Directory, Location
 from blockstore.errors import BlockstoreError, NotFound
+from blockstore.keys import TAG_BLOCK, block_key, location_key
 from blockstore.lock import held_by
+from blockstore.manifest import MANIFEST, read_manifest
 from blockstore.records import BLOCK_HEADER_SIZE, Kind
-from blockstore.store import DIRECTORY, MANIFEST
+from blockstore.store import DIRECTORY
 from blockstore.tools.fsck_blocks import BlockChecks
 from blockstore.tools.fsck_decode import (
     DirectoryUnreadable,
     decode_block_entry,
     decode_location,
     list_block_files,
-    read_manifest,
     record_suffix,
     require_store,
 )
@@ -82,13 +83,11 @@ def check(path: str | os.PathLike[str], *, backend: Backend | None = None, direc
     return rep
 
 
-
 def _fresh_snapshot(root: str) -> Directory | None:
     try:
         return Directory(os.path.join(root, DIRECTORY), read_only=True, sync=False, create=False)
     except BlockstoreError:
         return None
-
 
 
 def _reclaiming(bid: int, raw: bytes) -> bool:
@@ -98,7 +97,6 @@ def _reclaiming(bid: int, raw: bytes) -> bool:
     except BlockstoreError:
         return False
     return isinstance(e, BlockEntry) and e.state == BLOCK_RECLAIMING
-
 
 
 def _settle(root: str, be: Backend, rep: Report) -> None:
@@ -140,7 +138,6 @@ def _settle(root: str, be: Backend, rep: Report) -> None:
         _confirm_unreferenced(root, be, rep)
 
 
-
 def _confirm_unreferenced(root: str, be: Backend, rep: Report) -> None:
     pending = {u.suffix: u for u in rep.unreferenced}
     scanned = set(rep.blocks)
@@ -150,7 +147,7 @@ def _confirm_unreferenced(root: str, be: Backend, rep: Report) -> None:
             return
         vanished = False
         try:
-            raws = fresh.multi_get([TAG_KEY + s for s in pending])
+            raws = fresh.multi_get([location_key(s) for s in pending])
             for (sfx, u), raw in zip(list(pending.items()), raws):
                 loc = None if raw is None else decode_location(bytes(raw))
                 if isinstance(loc, Location) and loc.seq >= u.seq:
@@ -198,7 +195,8 @@ class _Pass(DirectoryChecks, BlockChecks):
     # ---- the pass ----
     def run(self) -> Report:
         rep = self.rep
-        m, problem, newer = read_manifest(self.root)
+        got = read_manifest(self.root)
+        m, problem, newer = got.manifest, got.problem, got.newer
         rep.manifest, rep.manifest_problem, rep.manifest_newer = m, problem, newer
         if problem:
             rep.add("manifest", None, None, problem)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from blockstore.directory import BLOCK_OPEN, TAG_REVERSE, Location, reverse_key
+from blockstore.directory import BLOCK_OPEN, Location
 from blockstore.errors import CorruptionError, FormatVersionError, NotFound
+from blockstore.keys import reverse_key, reverse_prefix, suffix_ns_id
 from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE, Kind, ScannedRecord
 from blockstore.tools.fsck_decode import block_label, key_text, location_of, record_suffix
 from blockstore.tools.fsck_pass import BATCH, PassBase
@@ -322,7 +323,7 @@ class BlockChecks(PassBase):
                     self._newest(Unreferenced(sfx, bid, r.offset, r.info.seq, r.info.kind, loc))
 
     def _reverse_of(self, bid: int) -> Iterator[tuple[int, bytes]]:
-        prefix = TAG_REVERSE + bid.to_bytes(8, "big")
+        prefix = reverse_prefix(bid)
         for k, v in self._iter(prefix):
             if len(k) == 17:
                 yield int.from_bytes(k[9:17], "big"), bytes(v)
@@ -338,7 +339,7 @@ class BlockChecks(PassBase):
             return f"names a tombstone (seq {r.info.seq})"
         got = record_suffix(r)
         if got[4:] == sfx[4:] and got[:4] != sfx[:4]:
-            return f"the record carries namespace {r.info.ns}, not {int.from_bytes(sfx[:4], 'big')}"
+            return f"the record carries namespace {r.info.ns}, not {suffix_ns_id(sfx)}"
         if got != sfx:
             return f"names a record of {key_text(got)}"
         want = location_of(r, loc.block_id)

@@ -1,46 +1,33 @@
 """Tolerant readers for fsck and repair: each says what is wrong with a value instead of raising
-(directory values, key suffixes, the MANIFEST), and how findings name blocks and keys."""
+(directory values, key suffixes; the MANIFEST's is blockstore.manifest.read_manifest), and how findings
+name blocks and keys."""
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 from blockstore.blocks import BLOCKS_DIR
-from blockstore.chunks import decode_chunk_key, encode_chunk_key
-from blockstore.directory import (
-    BLOCK_OPEN,
-    BLOCK_RECLAIMING,
-    BLOCK_SEALED,
-    SPACE_CHUNK,
-    SPACE_KV,
-    TOMBSTONE_META,
-    BlockEntry,
-    Location,
-    key_suffix,
-    session_key,
-)
+from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED, BlockEntry, Location
 from blockstore.errors import CorruptionError, NotFound
-from blockstore.records import FORMAT_VERSION, MAX_KEY, REC_ALIGNED, Kind, ScannedRecord
-from blockstore.store import DIRECTORY, MANIFEST
+from blockstore.keys import SPACE_CHUNK, SPACE_KV, TOMBSTONE_META, decode_chunk_key, key_suffix, suffix_ns_id
+from blockstore.manifest import MANIFEST
+from blockstore.records import MAX_KEY, REC_ALIGNED, Kind, ScannedRecord
+from blockstore.store import DIRECTORY
 
 
 class DirectoryUnreadable(Exception):
     """RocksDB failed while the directory was being read (rocksdict raises plain Exception)."""
 
 
-
 def block_label(bid: int) -> str:
     return f"{bid:016x}"
-
 
 
 def key_text(suffix: bytes) -> str:
     """A key suffix (ns id + space + user key) for a message: namespace id, space and key."""
     if len(suffix) < 6:
         return f"malformed key {suffix.hex()}"
-    nid, space, key = int.from_bytes(suffix[:4], "big"), suffix[4], suffix[5:]
+    nid, space, key = suffix_ns_id(suffix), suffix[4], suffix[5:]
     if space == SPACE_CHUNK:
         try:
             u, s, c = decode_chunk_key(key)
@@ -56,7 +43,6 @@ def key_text(suffix: bytes) -> str:
     return f"key {shown} (ns {nid})"
 
 
-
 def record_suffix(r: ScannedRecord) -> bytes:
     """The directory key suffix of a scanned record (a tombstone's meta names its key space)."""
     if r.info.kind == Kind.TOMBSTONE:
@@ -66,12 +52,10 @@ def record_suffix(r: ScannedRecord) -> bytes:
     return key_suffix(r.info.ns, space, bytes(r.key))
 
 
-
 def location_of(r: ScannedRecord, block_id: int) -> Location:
     """The directory location a record's entry should hold."""
     return Location(r.info.kind, r.info.flags, r.info.payload_off, block_id, r.offset, r.info.record_len,
                     r.info.payload_len, r.info.seq, r.info.payload_xxh3, bytes(r.meta))
-
 
 
 def decode_location(raw: bytes) -> Location | str:
@@ -88,7 +72,6 @@ def decode_location(raw: bytes) -> Location | str:
     return loc
 
 
-
 def decode_block_entry(bid: int, raw: bytes) -> BlockEntry | str:
     if len(raw) < 88:
         return f"block entry of {len(raw)} bytes (at least 88 expected)"
@@ -102,7 +85,6 @@ def decode_block_entry(bid: int, raw: bytes) -> BlockEntry | str:
     return e
 
 
-
 def suffix_space_ok(suffix: bytes) -> bool:
     if len(suffix) < 6 or suffix[4] not in (SPACE_KV, SPACE_CHUNK) or len(suffix) - 5 > MAX_KEY:
         return False
@@ -112,65 +94,6 @@ def suffix_space_ok(suffix: bytes) -> bool:
         except CorruptionError:
             return False
     return True
-
-
-
-def chunk_session_key(suffix: bytes, loc: Location) -> bytes | None:
-    """The S key listing this chunk (None: its key or meta cannot say)."""
-    try:
-        user, session, cid = decode_chunk_key(suffix[5:])
-        ts = int(json.loads(loc.meta)["ts_ns"])
-    except (CorruptionError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
-        return None
-    if not 0 <= ts < 1 << 64:
-        return None
-    return session_key(int.from_bytes(suffix[:4], "big"), user, session, ts, cid)
-
-
-
-def parse_session_key(k: bytes) -> tuple[bytes, int] | None:
-    """(chunk key suffix, ts_ns) of an S key, or None when it does not parse."""
-    try:
-        nid = int.from_bytes(k[1:5], "big")
-        pos = 5
-        ul = int.from_bytes(k[pos : pos + 2], "big")
-        user = k[pos + 2 : pos + 2 + ul]
-        pos += 2 + ul
-        sl = int.from_bytes(k[pos : pos + 2], "big")
-        session = k[pos + 2 : pos + 2 + sl]
-        pos += 2 + sl
-        ts = int.from_bytes(k[pos : pos + 8], "big")
-        cid = k[pos + 8 :]
-    except IndexError:
-        return None
-    if len(k) < 5 or len(user) != ul or len(session) != sl or len(k) < pos + 8 or not cid:
-        return None
-    return key_suffix(nid, SPACE_CHUNK, encode_chunk_key(user, session, cid)), ts
-
-
-
-def read_manifest(root: str) -> tuple[dict[str, Any] | None, str | None, bool]:
-    """(manifest, problem, newer): the manifest as far as it can be trusted, why it cannot be, and
-    whether it claims a format version newer than this build."""
-    p = os.path.join(root, MANIFEST)
-    if not os.path.exists(p):
-        return None, f"{MANIFEST} is missing", False
-    try:
-        with open(p, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError) as exc:
-        return None, f"{MANIFEST} is unreadable ({exc})", False
-    if not isinstance(m, dict) or m.get("magic") != "blockstore":
-        return None, f"{MANIFEST} is not a blockstore manifest", False
-    if not isinstance(m.get("store_id"), int) or isinstance(m.get("store_id"), bool):
-        return None, f"{MANIFEST} has no integer store_id", False
-    v = m.get("format_version")
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        return m, f"{MANIFEST} format_version must be a positive integer, got {v!r}", False
-    if v > FORMAT_VERSION:
-        return m, f"{MANIFEST} says format version {v}, newer than this build ({FORMAT_VERSION})", True
-    return m, None, False
-
 
 
 def list_block_files(root: str) -> dict[int, str]:

@@ -7,30 +7,29 @@ from __future__ import annotations
 import os
 import struct
 
-from blockstore.directory import (
-    BLOCK_RECLAIMING,
+from blockstore.directory import BLOCK_RECLAIMING, Directory, Location
+from blockstore.errors import BlockstoreError
+from blockstore.keys import (
     SPACE_CHUNK,
     TAG_BLOCK,
     TAG_KEY,
-    TAG_META,
     TAG_NS,
     TAG_NS_ID,
     TAG_REVERSE,
     TAG_SESSION,
-    Directory,
-    Location,
+    chunk_session_key,
+    meta_key,
+    parse_session_key,
     reverse_key,
+    suffix_ns_id,
 )
-from blockstore.errors import BlockstoreError
 from blockstore.records import FORMAT_VERSION, Kind
 from blockstore.store import DIRECTORY
 from blockstore.tools.fsck_decode import (
     block_label,
-    chunk_session_key,
     decode_block_entry,
     decode_location,
     key_text,
-    parse_session_key,
     suffix_space_ok,
 )
 from blockstore.tools.fsck_pass import BATCH, PassBase
@@ -79,7 +78,7 @@ class DirectoryChecks(PassBase):
     def _load_small(self) -> None:
         rep = self.rep
         for name in _META_NAMES:
-            raw = self._mget([TAG_META + name.encode()])[0]
+            raw = self._mget([meta_key(name)])[0]
             rep.meta[name] = None if raw is None or len(raw) != 8 else struct.unpack("<Q", raw)[0]
         for k, v in self._iter(TAG_NS):
             name_ok = True
@@ -138,7 +137,7 @@ class DirectoryChecks(PassBase):
                 rep.add("dangling", None, None, f"entry of {key_text(suffix)} does not decode: {loc}")
                 rep.dangling[suffix] = (None, loc)
                 continue
-            rep.ns_used.add(int.from_bytes(suffix[:4], "big"))
+            rep.ns_used.add(suffix_ns_id(suffix))
             good.append((suffix, loc))
         rkeys = self._mget([reverse_key(loc.block_id, loc.offset) for _s, loc in good])
         chunk_idx = [(i, chunk_session_key(s, loc)) for i, (s, loc) in enumerate(good) if s[4] == SPACE_CHUNK]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from blockstore.backend import Backend
-from blockstore.directory import TAG_KEY, BlockEntry, Directory, Location
+from blockstore.directory import BlockEntry, Directory, Location
+from blockstore.keys import location_key
 from blockstore.records import BlockHeader
 from blockstore.tools.fsck_decode import DirectoryUnreadable, decode_location
 from blockstore.tools.fsck_report import Report, Unreferenced
@@ -64,5 +65,5 @@ class PassBase:
             raise DirectoryUnreadable(str(exc)) from exc
 
     def _locs(self, suffixes: Sequence[bytes]) -> list[Location | str | None]:
-        raws = self._mget([TAG_KEY + s for s in suffixes])
+        raws = self._mget([location_key(s) for s in suffixes])
         return [None if r is None else decode_location(bytes(r)) for r in raws]

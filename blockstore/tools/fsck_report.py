@@ -153,7 +153,6 @@ class Finding:
                 "action": self.action or None}
 
 
-
 @dataclass(slots=True)
 class BlockFacts:
     """What one pass learned about one block (small: no record list)."""
@@ -196,7 +195,6 @@ class BlockFacts:
         return bool(self.damaged) or bool(self.bad_payloads) or self.truncated
 
 
-
 @dataclass(slots=True)
 class Unreferenced:
     suffix: bytes
@@ -205,7 +203,6 @@ class Unreferenced:
     seq: int
     kind: int
     entry: Location | None  # the key's entry (older) or None (absent)
-
 
 
 @dataclass

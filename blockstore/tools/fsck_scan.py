@@ -21,7 +21,6 @@ class Scan:
     damaged: list[tuple[int, int, str]]  # (offset of the bad record, where the scan resumed or `end`, why)
 
 
-
 def why_invalid(backend: Backend, fd: int, off: int, end: int) -> str:
     """Why the record at `off` does not verify, in words."""
     head = backend.pread(fd, max(0, min(HEAD_MAX, end - off)), off)
@@ -42,7 +41,6 @@ def why_invalid(backend: Backend, fd: int, off: int, end: int) -> str:
     if info.record_len > end - off:
         return f"a record of {info.record_len} bytes runs past the end of the data ({end - off} bytes left)"
     return "invalid record"
-
 
 
 def resync(backend: Backend, fd: int, pos: int, end: int) -> int | None:
@@ -70,7 +68,6 @@ def resync(backend: Backend, fd: int, pos: int, end: int) -> int | None:
     return None
 
 
-
 def scan_records(backend: Backend, fd: int, start: int, end: int, *, resynchronize: bool = True) -> Scan:
     """Every record in [start, end) whose header verifies (payloads verified too), resuming after damage."""
     records: list[ScannedRecord] = []
@@ -89,7 +86,6 @@ def scan_records(backend: Backend, fd: int, start: int, end: int, *, resynchroni
             break
         off = nxt
     return Scan(records, damaged)
-
 
 
 def record_at(backend: Backend, fd: int, off: int, end: int) -> ScannedRecord | None:

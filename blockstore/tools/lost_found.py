@@ -56,7 +56,6 @@ class LostFound:
             os.fsync(f.fileno())
 
 
-
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -28,7 +28,6 @@ stop naming is moved), so a crash during repair leaves a store that recovery or 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -38,10 +37,19 @@ from dataclasses import dataclass, field
 
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR, block_file_name
-from blockstore.directory import TAG_AFFINITY, TAG_BLOCK, TAG_META, TAG_NS, TAG_NS_ID, Directory, salvage
+from blockstore.directory import Directory, salvage
+from blockstore.keys import TAG_AFFINITY, TAG_BLOCK, TAG_META, TAG_NS, TAG_NS_ID
 from blockstore.lock import WriterLock
+from blockstore.manifest import (
+    DEFAULT_BLOCK_SIZE,
+    MAGIC,
+    MANIFEST,
+    load_manifest,
+    valid_block_size,
+    write_manifest_file,
+)
 from blockstore.records import FORMAT_VERSION
-from blockstore.store import _MAX_BLOCK, _MIN_BLOCK, DEFAULT_BLOCK_SIZE, DIRECTORY, MANIFEST, write_manifest_file
+from blockstore.store import DIRECTORY
 from blockstore.tools.fsck import check
 from blockstore.tools.fsck_decode import block_label, require_store
 from blockstore.tools.fsck_report import Finding, Report
@@ -79,7 +87,6 @@ class RepairResult:
     @property
     def uncorrected(self) -> int:
         return sum(1 for f in self.findings if not f.corrected)
-
 
 
 def repair(path: str | os.PathLike[str], *, backend: Backend | None = None, namespaces: Sequence[str] = (),
@@ -165,11 +172,10 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         return False
 
     def _learn_manifest(self) -> None:
-        with open(os.path.join(self.root, MANIFEST), encoding="utf-8") as f:
-            m = json.load(f)
+        m = load_manifest(self.root)  # phase 0 has rewritten one that could not be trusted
         self.store_id = int(m["store_id"])
         bs = m.get("block_size")
-        if isinstance(bs, int) and _MIN_BLOCK <= bs <= _MAX_BLOCK:
+        if valid_block_size(bs):
             self.block_size = bs
 
     # ---- phase 0: the manifest and the directory ----
@@ -180,10 +186,10 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             self.lf.move(p, MANIFEST, rep.manifest_problem or "")
         bs = old.get("block_size")
         m = {
-            "magic": "blockstore",
+            "magic": MAGIC,
             "format_version": FORMAT_VERSION,
             "store_id": rep.store_id if rep.store_id is not None else secrets.randbits(63),
-            "block_size": bs if isinstance(bs, int) and _MIN_BLOCK <= bs <= _MAX_BLOCK else DEFAULT_BLOCK_SIZE,
+            "block_size": bs if valid_block_size(bs) else DEFAULT_BLOCK_SIZE,
             "created": old.get("created") if isinstance(old.get("created"), str) else
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -12,17 +12,9 @@ import xxhash
 
 from blockstore.backend import Backend
 from blockstore.blocks import BLOCKS_DIR, block_file_name
-from blockstore.directory import (
-    BLOCK_SEALED,
-    SPACE_CHUNK,
-    TAG_REVERSE,
-    BlockEntry,
-    Directory,
-    DirectoryBatch,
-    Location,
-    location_key,
-    reverse_key,
-)
+from blockstore.directory import BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
+from blockstore.keys import SPACE_CHUNK, chunk_session_key, location_key, reverse_key, reverse_prefix
+from blockstore.manifest import DEFAULT_BLOCK_SIZE
 from blockstore.records import (
     BLOCK_HEADER_SIZE,
     PAGE,
@@ -35,8 +27,7 @@ from blockstore.records import (
     aligned_flags,
     record_layout,
 )
-from blockstore.store import DEFAULT_BLOCK_SIZE
-from blockstore.tools.fsck_decode import chunk_session_key, decode_location
+from blockstore.tools.fsck_decode import decode_location
 from blockstore.tools.fsck_report import Finding, Report
 from blockstore.tools.lost_found import LostFound
 
@@ -87,7 +78,7 @@ class RepairBase:
         assert self.dir is not None
         out: dict[bytes, Location] = {}
         rev = [(int.from_bytes(k[9:17], "big"), bytes(v))
-               for k, v in self.dir.scan_prefix(TAG_REVERSE + bid.to_bytes(8, "big")) if len(k) == 17]
+               for k, v in self.dir.scan_prefix(reverse_prefix(bid)) if len(k) == 17]
         raws = self.dir.multi_get([location_key(s) for _o, s in rev])
         for (off, sfx), raw in zip(rev, raws):
             loc = None if raw is None else decode_location(bytes(raw))
@@ -172,7 +163,6 @@ class RepairBase:
 def block_files(root: str) -> list[str]:
     d = os.path.join(root, BLOCKS_DIR)
     return [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".blk")] if os.path.isdir(d) else []
-
 
 
 def unused_name(base: str, taken: dict[str, int]) -> str:

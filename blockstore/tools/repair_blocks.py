@@ -9,7 +9,8 @@ import time
 import xxhash
 
 from blockstore.blocks import BLOCKS_DIR, block_file_name
-from blockstore.directory import BLOCK_SEALED, SPACE_CHUNK, SPACE_KV, TAG_REVERSE, DirectoryBatch, Location
+from blockstore.directory import BLOCK_SEALED, DirectoryBatch, Location
+from blockstore.keys import SPACE_CHUNK, SPACE_KV, reverse_prefix, suffix_ns_id
 from blockstore.records import BLOCK_HEADER_SIZE, AppendRecord, BlockHeader, Footer, Kind, ScannedRecord
 from blockstore.tools.fsck_decode import block_label, key_text, record_suffix
 from blockstore.tools.fsck_report import BlockFacts, Report
@@ -73,7 +74,7 @@ class BlockRepairs(RepairBase):
         named = self._named_in(rep, bid)
         for sfx, loc in named.items():
             self._drop_key(batch, sfx, loc)
-        for k, _v in self.dir.scan_prefix(TAG_REVERSE + bid.to_bytes(8, "big")):
+        for k, _v in self.dir.scan_prefix(reverse_prefix(bid)):
             batch.delete(bytes(k))
         batch.delete_block(bid)
         self.dir.write(batch, force_sync=True)
@@ -206,7 +207,7 @@ class BlockRepairs(RepairBase):
             batch.put_location(csfx, loc)
         for sfx, loc in lost:
             self._drop_key(batch, sfx, loc)
-        for k, _v in self.dir.scan_prefix(TAG_REVERSE + bid.to_bytes(8, "big")):
+        for k, _v in self.dir.scan_prefix(reverse_prefix(bid)):
             batch.delete(bytes(k))
         batch.delete_block(bid)
         for ne in entries:
@@ -235,5 +236,5 @@ class BlockRepairs(RepairBase):
         data = self.be.pread(fd, loc.payload_len, start) if loc.payload_len else b""
         if len(data) != loc.payload_len or self.be.xxh3(data) != loc.payload_xxh3:
             return None
-        return AppendRecord(loc.kind, int.from_bytes(sfx[:4], "big"), sfx[5:], loc.meta, data, loc.seq,
+        return AppendRecord(loc.kind, suffix_ns_id(sfx), sfx[5:], loc.meta, data, loc.seq,
                             loc.payload_xxh3)

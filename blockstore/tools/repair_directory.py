@@ -7,17 +7,15 @@ import os
 import time
 
 from blockstore.blocks import BLOCKS_DIR
-from blockstore.directory import (
-    BLOCK_OPEN,
-    BLOCK_SEALED,
+from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, DirectoryBatch, Location
+from blockstore.keys import (
     TAG_NS,
-    TAG_NS_ID,
     TOMBSTONE_META,
-    BlockEntry,
-    DirectoryBatch,
-    Location,
     block_key,
+    namespace_id_key,
+    namespace_key,
     reverse_key,
+    suffix_ns_id,
 )
 from blockstore.records import FORMAT_VERSION, AppendRecord, Kind, ScannedRecord
 from blockstore.tools.fsck_decode import block_label, location_of, record_suffix
@@ -119,7 +117,7 @@ class DirectoryRepairs(RepairBase):
         if len(ids) != len(names):  # two names share an id: keep the one the id entry names
             for name, nid in list(names.items()):
                 if rep.ns_ids.get(nid, b"") != name.encode() and list(names.values()).count(nid) > 1:
-                    batch.delete(TAG_NS + name.encode())
+                    batch.delete(namespace_key(name))
                     del names[name]
             ids = {nid: name for name, nid in names.items()}
         for nid, raw in rep.ns_ids.items():
@@ -134,16 +132,16 @@ class DirectoryRepairs(RepairBase):
                 ids[nid] = name
                 batch.put(TAG_NS + raw, nid.to_bytes(4, "little"))
             else:
-                batch.delete(TAG_NS_ID + nid.to_bytes(4, "big"))
+                batch.delete(namespace_id_key(nid))
         for nid in sorted(rep.ns_used | rep.ns_records):
             if nid not in ids:
                 name = unused_name(f"recovered-ns-{nid}", names)
                 names[name] = nid
                 ids[nid] = name
-                batch.put(TAG_NS + name.encode(), nid.to_bytes(4, "little"))
+                batch.put(namespace_key(name), nid.to_bytes(4, "little"))
         for nid, name in ids.items():
             if rep.ns_ids.get(nid) != name.encode():
-                batch.put(TAG_NS_ID + nid.to_bytes(4, "big"), name.encode())
+                batch.put(namespace_id_key(nid), name.encode())
 
     # ---- phase 3: counters ----
     def _phase_counters(self, rep: Report) -> bool:
@@ -184,7 +182,7 @@ class DirectoryRepairs(RepairBase):
         what: list[tuple[bytes, Location | None, ScannedRecord | None]] = []
         for u in rep.unreferenced:
             sfx = u.suffix
-            nid, space, key = int.from_bytes(sfx[:4], "big"), sfx[4], sfx[5:]
+            nid, space, key = suffix_ns_id(sfx), sfx[4], sfx[5:]
             seq = self.next_seq
             self.next_seq += 1
             if u.entry is None:

@@ -7,24 +7,23 @@ import time
 
 import xxhash
 
-from blockstore.chunks import decode_chunk_key, encode_chunk_key
-from blockstore.directory import (
-    BLOCK_OPEN,
-    BLOCK_RECLAIMING,
-    BLOCK_SEALED,
+from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch
+from blockstore.errors import BlockstoreError, FormatVersionError
+from blockstore.keys import (
     SPACE_CHUNK,
     TAG_AFFINITY,
     TAG_BLOCK,
     TAG_META,
     TAG_NS,
     TAG_NS_ID,
-    BlockEntry,
-    Directory,
-    DirectoryBatch,
+    chunk_session_key,
+    decode_chunk_key,
+    encode_chunk_key,
+    namespace_id_key,
+    namespace_key,
 )
-from blockstore.errors import BlockstoreError, FormatVersionError
 from blockstore.records import BLOCK_HEADER_SIZE, FORMAT_VERSION, BlockHeader, Footer, Kind, ScannedRecord
-from blockstore.tools.fsck_decode import chunk_session_key, decode_block_entry, location_of, record_suffix
+from blockstore.tools.fsck_decode import decode_block_entry, location_of, record_suffix
 from blockstore.tools.fsck_scan import scan_records
 from blockstore.tools.repair_base import RECOVERED_PARTITION, RepairBase, block_files, unused_name
 
@@ -168,8 +167,8 @@ class Rebuild:
             batch.put_block(e)
         names = self._names(ns_used, self.phash)
         for nid, name in names.items():
-            batch.put(TAG_NS + name.encode(), nid.to_bytes(4, "little"))
-            batch.put(TAG_NS_ID + nid.to_bytes(4, "big"), name.encode())
+            batch.put(namespace_key(name), nid.to_bytes(4, "little"))
+            batch.put(namespace_id_key(nid), name.encode())
         for k, v in self.salvaged.items():
             if k[:1] == TAG_AFFINITY:
                 batch.put(k, v)  # co-access hints: harmless if stale (versioned, skipped when unknown)
