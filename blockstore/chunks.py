@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockstore.keys import SPACE_CHUNK, TOMBSTONE_META, encode_chunk_key, key_suffix, session_prefix
 
 # decode_chunk_key: blockstore/fsck.py imports it from here until it moves to blockstore/tools/ (issue 14)
 from blockstore.keys import decode_chunk_key as decode_chunk_key  # isort: skip
+from blockstore.directory import Directory
 from blockstore.errors import CorruptionError, InvalidArgument
+from blockstore.mutations import Mutation
 from blockstore.records import Kind
-from blockstore.validate import check_int, check_keys, check_seq
-
-if TYPE_CHECKING:
-    from blockstore.protocols import StoreCore
+from blockstore.validate import check_int, check_keys, check_meta, check_ns, check_seq
 
 MAX_ID = 1024
 
@@ -72,9 +71,7 @@ def _decode(meta: bytes, text: bytes) -> Chunk:
         raise CorruptionError(f"chunk record metadata unreadable: {exc}") from exc
 
 
-def _chunk_mutation(ns: str, c: ChunkWrite) -> Any:
-    from blockstore.store import _check_meta, _Mutation
-
+def _chunk_mutation(ns: str, c: ChunkWrite) -> Mutation:
     u, s, cid = _id("user_id", c.user_id), _id("session_id", c.session_id), _id("chunk_id", c.chunk_id)
     if not isinstance(c.text, str):
         raise InvalidArgument(f"text must be a str, not {type(c.text).__name__}")
@@ -95,8 +92,8 @@ def _chunk_mutation(ns: str, c: ChunkWrite) -> Any:
     except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: meta nested too deep
         raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
     partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
-    return _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, cid), Kind.CHUNK, partition,
-                     _check_meta(body), encoded_text, chunk_index=(u, s, ts, cid))
+    return Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, cid), Kind.CHUNK, partition,
+                    check_meta(body), encoded_text, chunk_index=(u, s, ts, cid))
 
 
 def _chunk_ids(ids: Any) -> list[tuple[str, str, str]]:
@@ -108,65 +105,54 @@ def _chunk_ids(ids: Any) -> list[tuple[str, str, str]]:
     return [(u, s, c) for u, s, c in out]
 
 
-class ChunkAPI:
-    """Mixed into Store."""
+class ChunkRecords:
+    """The chunk-record API of a Store (Store.put_chunk and the rest delegate here). It is given the
+    engine's parts it uses, so it needs no import of the store."""
 
-    def put_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, text: str, *,
-                  meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
-                  ts_ns: int | None = None, ns: str = "default") -> None:
-        """Write (or update: the old record becomes dead) one chunk record."""
-        kv = tuple(check_seq("kv_keys", kv_keys, "bytes keys"))  # kv_keys=b"k" is not the keys 107 and so on
-        self.put_chunks([ChunkWrite(user_id, session_id, chunk_id, text, meta, kv, ts_ns)], ns=ns)
+    def __init__(self, *, check_open: Callable[..., None], namespace_id: Callable[[str], int | None],
+                 submit: Callable[[list[Mutation]], None], read: Callable[..., list[Any]],
+                 directory: Directory) -> None:
+        self._check_open = check_open
+        self._namespace_id = namespace_id
+        self._submit = submit
+        self._read = read
+        self._dir = directory
 
-    def put_chunks(self: StoreCore, chunks: Sequence[ChunkWrite], *, ns: str = "default") -> None:
-        """Write many chunk records in one group commit (each record is atomic, the call is not: a
-        failure part-way leaves a prefix). One call per chunk costs a directory write each; an agent
-        saving a turn's memories, or an import, should batch them here."""
-        from blockstore.store import _check_ns
-
+    def put_chunks(self, chunks: Sequence[ChunkWrite], *, ns: str = "default") -> None:
         self._check_open(write=True)
-        _check_ns(ns)
+        check_ns(ns)
         writes = check_seq("chunks", chunks, "ChunkWrite")
         for i, c in enumerate(writes):
             if not isinstance(c, ChunkWrite):
                 raise InvalidArgument(f"chunks[{i}] must be a ChunkWrite, not {type(c).__name__}")
         self._submit([_chunk_mutation(ns, c) for c in writes])  # all checked before any is queued
 
-    def get_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> Chunk | None:
-        got = self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)
-        return got[0]
-
-    def get_chunks(self: StoreCore, ids: Sequence[tuple[str, str, str]], *, ns: str = "default") -> list[Chunk | None]:
-        """Batched read of chunk records (one request)."""
+    def get_chunks(self, ids: Sequence[tuple[str, str, str]], *, ns: str = "default") -> list[Chunk | None]:
         self._check_open()
-        nid = self._ns_id(ns)
+        nid = self._namespace_id(ns)
         triples = _chunk_ids(ids)
         keys = [encode_chunk_key(_id("user_id", u), _id("session_id", s), _id("chunk_id", c)) for u, s, c in triples]
         if nid is None:
             return [None] * len(keys)
-        locs = self.dir.get_locations([key_suffix(nid, SPACE_CHUNK, k) for k in keys])
+        locs = self._dir.get_locations([key_suffix(nid, SPACE_CHUNK, k) for k in keys])
         texts = self._read(nid, SPACE_CHUNK, keys, None, located=locs)
         return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, locs)]
 
-    def list_chunks(self: StoreCore, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:
-        """A session's chunks in temporal order (timestamp, then chunk id)."""
+    def list_chunks(self, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:
         self._check_open()
-        nid = self._ns_id(ns)
+        nid = self._namespace_id(ns)
         u, s = _id("user_id", user_id), _id("session_id", session_id)
         if nid is None:
             return []
         prefix = session_prefix(nid, u, s)
-        ids = [(user_id, session_id, k[len(prefix) + 8 :].decode()) for k, _ in self.dir.scan_prefix(prefix)]
+        ids = [(user_id, session_id, k[len(prefix) + 8 :].decode()) for k, _ in self._dir.scan_prefix(prefix)]
         return [c for c in self.get_chunks(ids, ns=ns) if c is not None]
 
-    def delete_chunk(self: StoreCore, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> bool:
-        """Delete a chunk record (tombstone). Returns whether it existed."""
-        from blockstore.store import _check_ns, _Mutation
-
+    def delete_chunk(self, user_id: str, session_id: str, chunk_id: str, *, ns: str = "default") -> bool:
         self._check_open(write=True)
-        _check_ns(ns)
+        check_ns(ns)
         u, s, c = _id("user_id", user_id), _id("session_id", session_id), _id("chunk_id", chunk_id)
         partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")
-        m = _Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.TOMBSTONE, partition, TOMBSTONE_META[SPACE_CHUNK])
+        m = Mutation(ns, SPACE_CHUNK, encode_chunk_key(u, s, c), Kind.TOMBSTONE, partition, TOMBSTONE_META[SPACE_CHUNK])
         self._submit([m])
         return bool(m.result)

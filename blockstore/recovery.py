@@ -15,21 +15,38 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from blockstore import hooks
-from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, DirectoryBatch, Location
+from blockstore.backend import Backend
+from blockstore.blocks import BlockFiles
+from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
 from blockstore.errors import CorruptionError
 from blockstore.keys import chunk_session_key, location_key, reverse_key
 from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer, Kind
 
-if TYPE_CHECKING:
-    from blockstore.store import Store
+
+class RecoveringStore(Protocol):
+    """What recovery needs of the store it recovers: public attributes only (a blockstore.Store is one),
+    so recovery does not import the store."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def store_id(self) -> int: ...
+    @property
+    def durability(self) -> str: ...
+    @property
+    def dir(self) -> Directory: ...
+    @property
+    def blocks(self) -> BlockFiles: ...
+    @property
+    def backend(self) -> Backend: ...
 
 _log = logging.getLogger("blockstore")
 
 
-def recover(store: Store, *, full: bool = True) -> dict[str, Any]:
+def recover(store: RecoveringStore, *, full: bool = True) -> dict[str, Any]:
     """Bring directory and blocks back into agreement. `full=False` only handles blocks left open."""
     report: dict[str, Any] = {
         "scanned_blocks": [], "truncated_bytes": 0, "dropped_entries": 0,
@@ -57,7 +74,7 @@ def recover(store: Store, *, full: bool = True) -> dict[str, Any]:
     return report
 
 
-def _footer_ok(store: Store, path: str, e: BlockEntry) -> bool:
+def _footer_ok(store: RecoveringStore, path: str, e: BlockEntry) -> bool:
     fd = store.backend.open_ro(path)
     try:
         f = store.blocks.read_footer(fd)
@@ -74,7 +91,7 @@ def _drop_location(batch: DirectoryBatch, suffix: bytes, loc: Location | None) -
             batch.delete(skey)
 
 
-def _missing_block(store: Store, e: BlockEntry, recent: bool, report: dict[str, Any]) -> None:
+def _missing_block(store: RecoveringStore, e: BlockEntry, recent: bool, report: dict[str, Any]) -> None:
     """A block the directory names has no file. Legitimate only when nothing in it was committed (a
     crash between naming the block and creating its file) or, in cache mode, when the crashed session
     created it (a power cut may lose what was never synced): then the directory forgets it. Otherwise
@@ -89,7 +106,7 @@ def _missing_block(store: Store, e: BlockEntry, recent: bool, report: dict[str, 
                  e.live_records, store.path)
 
 
-def _forget_block(store: Store, e: BlockEntry, report: dict[str, Any]) -> None:
+def _forget_block(store: RecoveringStore, e: BlockEntry, report: dict[str, Any]) -> None:
     """The block file is gone and nothing acknowledged depended on it: the directory stops naming it."""
     batch = DirectoryBatch()
     for off, suffix in store.dir.block_records(e.block_id):
@@ -103,7 +120,7 @@ def _forget_block(store: Store, e: BlockEntry, report: dict[str, Any]) -> None:
     report["forgotten_blocks"].append(e.block_id)
 
 
-def _recover_block(store: Store, e: BlockEntry, path: str, report: dict[str, Any], *, recent: bool = False) -> None:
+def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dict[str, Any], *, recent: bool = False) -> None:
     """Cut the block after its last committed record that verifies, drop the entries naming what was
     cut, seal it. `recent`: a cache-mode block of the crashed session, whose unsynced pages a power cut
     may have taken (then its committed records may be lost too, like any recent put)."""

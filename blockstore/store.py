@@ -13,16 +13,14 @@ xxh3 before it is returned (invariant 1).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib
 import logging
-import mmap
 import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,7 +29,7 @@ import xxhash
 from blockstore import hooks
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR, BlockFiles, OpenBlock, block_file_name
-from blockstore.chunks import ChunkAPI
+from blockstore.chunks import Chunk, ChunkRecords, ChunkWrite
 from blockstore.directory import (
     BLOCK_OPEN,
     BLOCK_RECLAIMING,
@@ -43,7 +41,6 @@ from blockstore.directory import (
 )
 from blockstore.errors import (
     BlockstoreError,
-    ChecksumMismatch,
     CorruptionError,
     FormatVersionError,
     InvalidArgument,
@@ -51,7 +48,6 @@ from blockstore.errors import (
     NotFound,
     ReadOnlyStore,
     StoreClosed,
-    error_for_code,
     error_for_os,
 )
 from blockstore.keys import (
@@ -80,23 +76,35 @@ from blockstore.manifest import (
 # blockstore.manifest (issue 14); nothing else may use these names.
 from blockstore.manifest import MAX_BLOCK as _MAX_BLOCK  # noqa: F401  isort: skip
 from blockstore.manifest import MIN_BLOCK as _MIN_BLOCK  # noqa: F401  isort: skip
+from blockstore.mutations import Mutation
+from blockstore.reader import Reader, ReadObserver
+
+# Re-exported only for bench/ (gpu_path, ceilings, throughput, scaling), which import it from here until
+# they import blockstore.reader (issue 14); nothing else may use the name.
+from blockstore.reader import aligned_buffer as aligned_buffer  # noqa: F401  isort: skip
 from blockstore.records import (
     BLOCK_HEADER_SIZE,
     FORMAT_VERSION,
-    MAX_META,
-    MAX_NAMESPACE,
-    MAX_PAYLOAD,
     PAGE,
     REC_ALIGNED,
     AppendRecord,
     Buffer,
     Kind,
-    ReadRequest,
     aligned_flags,
     record_layout,
 )
-from blockstore.tensors import TensorAPI
-from blockstore.validate import check_bool, check_keys, check_out, check_pairs, check_seq
+from blockstore.recovery import recover
+from blockstore.tensors import TensorRecords
+from blockstore.validate import (
+    check_bool,
+    check_keys,
+    check_meta,
+    check_ns,
+    check_out,
+    check_pairs,
+    check_seq,
+    payload_view,
+)
 from blockstore.validate import check_key as _check_key
 
 Durability = Literal["cache", "sync"]
@@ -110,7 +118,6 @@ OVERFLOW_PARTITION = b"\0overflow"
 _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (_block_for)
 # ...and the least share of the writes placed since it opened that keeps an open block worth its slot
 # for a lone newcomer: 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks)
-_READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 DEFAULT_NAMESPACE = "default"
 
 
@@ -134,31 +141,8 @@ class StoreStats:
 
 
 @dataclass(slots=True)
-class _Mutation:
-    ns: str
-    space: int
-    key: bytes
-    kind: int  # Kind.KV / Kind.CHUNK for puts, Kind.TOMBSTONE for deletes
-    partition: bytes
-    meta: bytes = b""
-    payload: Buffer = b""
-    payload_xxh3: int | None = None
-    chunk_index: tuple[bytes, bytes, int, bytes] | None = None  # user, session, ts_ns, chunk id
-    # a move (relocation): the directory suffix and the place it must still name (compare-and-swap)
-    suffix: bytes | None = None
-    expected: Location | None = None
-    # a relocation set's first move: bytes the whole set needs, so it starts a fresh block rather than
-    # straddling two when the open one is too short (one request's records stay in one block)
-    group_need: int = 0
-    # a tombstone move that only retires the tombstone from its old block (compaction decided no older
-    # record of the key is left anywhere, so nothing needs it)
-    drop: bool = False
-    result: Any = None
-
-
-@dataclass(slots=True)
 class _Group:
-    mutations: list[_Mutation]
+    mutations: list[Mutation]
     done: bool = False
     error: BaseException | None = None
 
@@ -167,53 +151,6 @@ class _Group:
 class _Planned:
     block: OpenBlock
     records: list[AppendRecord] = field(default_factory=list)
-
-
-def _payload_view(value: Buffer) -> memoryview:
-    try:
-        view = memoryview(value)
-    except TypeError:
-        raise InvalidArgument(f"value must support the buffer protocol, not {type(value).__name__}") from None
-    if not view.c_contiguous:
-        raise InvalidArgument("value must be C-contiguous")
-    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    if len(view) > MAX_PAYLOAD:
-        raise InvalidArgument(f"value of {len(view)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    return view
-
-
-def _check_meta(meta: bytes, name: str = "meta") -> bytes:
-    if not isinstance(meta, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(f"{name} must be bytes, not {type(meta).__name__}")
-    meta = bytes(meta)
-    if len(meta) > MAX_META:
-        raise InvalidArgument(f"{name}: metadata of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
-    return meta
-
-
-def _check_ns(ns: str) -> str:
-    try:
-        ok = isinstance(ns, str) and 1 <= len(ns.encode()) <= MAX_NAMESPACE
-    except UnicodeEncodeError:  # lone surrogates: not UTF-8
-        ok = False
-    if not ok:
-        raise InvalidArgument(f"ns (the namespace) must be a str of 1..{MAX_NAMESPACE} UTF-8 bytes, got {ns!r}")
-    return ns
-
-
-_SMALL_ARENA = 64 << 10
-
-
-def aligned_buffer(size: int) -> memoryview:
-    """Page-aligned anonymous memory (reads into it run ~2x faster than into a bytearray). Small
-    buffers are a page-aligned slice of a bytearray instead: an mmap per small read cost ~15 us, more
-    than the read of a chunk record itself (bench/scaling.py)."""
-    if size <= _SMALL_ARENA:
-        raw = bytearray(size + PAGE)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-        start = -addr % PAGE
-        return memoryview(raw)[start : start + size]
-    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
 
 
 # What a creation of ours cut short leaves before the MANIFEST is written (Store._open_files), and
@@ -252,7 +189,7 @@ def _check_store_path(path: str, create: bool, read_only: bool, allow_non_empty:
         )
 
 
-class Store(ChunkAPI, TensorAPI):
+class Store:
     """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
 
     Thread-safe: any number of threads may read and write concurrently.
@@ -330,8 +267,9 @@ class Store(ChunkAPI, TensorAPI):
         self._reclaiming: set[int] = set()  # marked reclaiming in the directory; entry dropped once the file is gone
         self._ns_ids: dict[str, int] = {}
         self.recovery_report: dict[str, Any] | None = None
-        self._read_observers: list[Callable[[Sequence[bytes], Sequence[Location | None]], None]] = []
+        self._read_observers: list[ReadObserver] = []  # the Reader's (tests look at it)
         self.compactor: Any = None
+        self._tensors = TensorRecords(self)
 
         self._open_files(create)
         if compaction is not None:
@@ -395,6 +333,12 @@ class Store(ChunkAPI, TensorAPI):
                 create=not exists,
                 strict_wal=last_durability == "sync",
             )
+            self._reader = Reader(path=self.path, directory=directory, blocks=self.blocks, backend=self.backend,
+                                  read_gap=self.read_gap, read_ahead=self.read_ahead, on_corrupt=self.on_corrupt,
+                                  block_named=self._block_named)
+            self._reader.observers = self._read_observers
+            self._chunks = ChunkRecords(check_open=self._check_open, namespace_id=self.namespace_id,
+                                        submit=self._submit, read=self._reader.read, directory=directory)
             if exists and not self.read_only and last_durability != self.durability:
                 # before this session writes: its WAL is read back under this mode's rule
                 manifest["durability"] = self.durability
@@ -441,8 +385,6 @@ class Store(ChunkAPI, TensorAPI):
         if not self.read_only:
             self._refuse_unnamed_block_files(set(self._blocks) | set(reclaiming))
         if not self.read_only and (unclean or left_open):
-            from blockstore.recovery import recover
-
             self.recovery_report = recover(self, full=unclean)
             self._blocks = {bid: e for bid, e in d.load_blocks().items() if e.state != BLOCK_RECLAIMING}
             for bid, e in list(self._blocks.items()):
@@ -602,8 +544,17 @@ class Store(ChunkAPI, TensorAPI):
     def namespaces(self) -> list[str]:
         return sorted(self._ns_ids)
 
-    def _ns_id(self, ns: str) -> int | None:
-        return self._ns_ids.get(_check_ns(ns))
+    def namespace_id(self, ns: str) -> int | None:
+        """The directory's id of namespace `ns`, None if it does not exist yet. It is the first part of
+        every directory key suffix of the namespace's records (`blockstore.keys.key_suffix`), as read
+        observers and `Directory.block_records` give them; an id is never reused."""
+        return self._ns_ids.get(check_ns(ns))
+
+    _ns_id = namespace_id  # the engine's own spelling
+
+    def _block_named(self, bid: int) -> bool:
+        with self._state_lock:
+            return bid in self._blocks
 
     # ------------------------------------------------------------------ writes
 
@@ -611,7 +562,7 @@ class Store(ChunkAPI, TensorAPI):
             partition: bytes | str | None = None) -> None:
         """Store `value` under `key` (replacing any previous value: the old record becomes dead)."""
         _check_key(key)
-        meta = _check_meta(meta)
+        meta = check_meta(meta)
         self.put_many([(key, value)], ns=ns, metas=[meta] if meta else None, partition=partition)
 
     def put_many(self, items: Sequence[tuple[bytes, Buffer]], *, ns: str = DEFAULT_NAMESPACE,
@@ -622,7 +573,7 @@ class Store(ChunkAPI, TensorAPI):
         In `sync` mode every record is durable when this returns.
         """
         self._check_open(write=True)
-        _check_ns(ns)
+        check_ns(ns)
         part = self._partition(ns, partition)
         pairs = check_pairs("items", items, "(key, value)")
         if metas is not None:
@@ -631,9 +582,9 @@ class Store(ChunkAPI, TensorAPI):
                 raise InvalidArgument(f"metas has {len(metas)} entries for {len(pairs)} items: give one per item")
         muts = []  # every item is checked before any is queued: a bad one writes nothing of this call
         for i, (key, value) in enumerate(pairs):
-            meta = _check_meta(metas[i], f"metas[{i}]") if metas else b""
-            muts.append(_Mutation(ns, SPACE_KV, _check_key(key, f"items[{i}] key"), Kind.KV, part, meta,
-                                  _payload_view(value)))
+            meta = check_meta(metas[i], f"metas[{i}]") if metas else b""
+            muts.append(Mutation(ns, SPACE_KV, _check_key(key, f"items[{i}] key"), Kind.KV, part, meta,
+                                  payload_view(value)))
         self._submit(muts)
 
     def delete(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bool:
@@ -642,9 +593,9 @@ class Store(ChunkAPI, TensorAPI):
 
     def delete_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
         self._check_open(write=True)
-        _check_ns(ns)
+        check_ns(ns)
         part = self._partition(ns, None)
-        muts = [_Mutation(ns, SPACE_KV, k, Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in check_keys(keys)]
+        muts = [Mutation(ns, SPACE_KV, k, Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in check_keys(keys)]
         self._submit(muts)
         return [bool(m.result) for m in muts]
 
@@ -665,7 +616,7 @@ class Store(ChunkAPI, TensorAPI):
             raise InvalidArgument("partition must be at most 4096 bytes")
         return base + b"\0" + p
 
-    def _submit(self, muts: list[_Mutation]) -> None:
+    def _submit(self, muts: list[Mutation]) -> None:
         """Group commit: queue, and either lead a group or wait for a leader to apply ours."""
         group = _Group(muts)
         with self._cv:
@@ -695,7 +646,7 @@ class Store(ChunkAPI, TensorAPI):
 
     # ---- the leader's work ----
 
-    def _apply(self, muts: list[_Mutation]) -> None:
+    def _apply(self, muts: list[Mutation]) -> None:
         to_seal: list[OpenBlock] = []
         try:
             self._apply_group(muts, to_seal)
@@ -747,7 +698,7 @@ class Store(ChunkAPI, TensorAPI):
             self._bytes_written += bytes_written
             self._blocks.update(entries)
 
-    def _apply_group(self, muts: list[_Mutation], to_seal: list[OpenBlock]) -> None:
+    def _apply_group(self, muts: list[Mutation], to_seal: list[OpenBlock]) -> None:
         self._settle_failed_commit()
         hooks.fire("write.begin")
         batch = DirectoryBatch()
@@ -761,7 +712,7 @@ class Store(ChunkAPI, TensorAPI):
         to_seal.extend(self._idle_blocks())
         live_after: dict[bytes, bool] = {s: current[s] is not None for s in current}
         seq = self._next_seq
-        placed: list[tuple[_Mutation, bytes, OpenBlock, AppendRecord]] = []
+        placed: list[tuple[Mutation, bytes, OpenBlock, AppendRecord]] = []
         touched: set[bytes] = set()  # keys a put or delete of this group changed
         retired_tombstones: list[int] = []  # old blocks of tombstone moves, carried or dropped
         pending_need = 0  # a relocation set's size, carried to its first move that wins its CAS
@@ -960,7 +911,7 @@ class Store(ChunkAPI, TensorAPI):
                 except BlockstoreError:
                     pass  # the group is committed; an empty block left behind is reclaimed at close
 
-    def _resolve_namespaces(self, muts: list[_Mutation], batch: DirectoryBatch) -> tuple[dict[str, int], dict[str, int]]:
+    def _resolve_namespaces(self, muts: list[Mutation], batch: DirectoryBatch) -> tuple[dict[str, int], dict[str, int]]:
         """(id of every namespace the group names, the ones this group creates). A delete never creates
         a namespace: in one that does not exist it gets id 0, which names nothing, so it is a miss."""
         out: dict[str, int] = {}
@@ -1214,15 +1165,15 @@ class Store(ChunkAPI, TensorAPI):
             if len(suffix) < 6:
                 raise InvalidArgument("relocate_many: malformed key suffix")
             xxh = None if loc.kind == Kind.TOMBSTONE else loc.payload_xxh3
-            muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
-                                  _payload_view(payload), xxh, suffix=suffix, expected=loc))
+            muts.append(Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
+                                  payload_view(payload), xxh, suffix=suffix, expected=loc))
         if together and muts:
             # a page-aligned record may need up to a page more where it lands than where it was
             muts[0].group_need = sum(loc.record_len + (PAGE if loc.flags & REC_ALIGNED else 0) for _s, loc, _p in moves)
         for suffix, loc in drop_tombstones:
             if len(suffix) < 6 or loc.kind != Kind.TOMBSTONE:
                 raise InvalidArgument("relocate_many: drop_tombstones takes tombstone locations")
-            muts.append(_Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta, b"",
+            muts.append(Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta, b"",
                                   suffix=suffix, expected=loc, drop=True))
         if not muts:
             return []
@@ -1237,23 +1188,7 @@ class Store(ChunkAPI, TensorAPI):
         for i, loc in enumerate(locs):
             if not isinstance(loc, Location):
                 raise InvalidArgument(f"locs[{i}] must be a Location, not {type(loc).__name__}")
-        out: list[memoryview] = []
-        by_block: dict[int, list[int]] = {}
-        for i, loc in enumerate(locs):
-            by_block.setdefault(loc.block_id, []).append(i)
-        dsts = [aligned_buffer(loc.payload_len) for loc in locs]
-        with self.blocks.pinned(by_block):
-            for bid, idxs in by_block.items():
-                idxs.sort(key=lambda i: locs[i].offset)
-                fd = self.blocks.read_fd(bid)
-                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i], locs[i].payload_xxh3)
-                        for i in idxs]
-                for i, st in zip(idxs, self.backend.read_many(fd, reqs, self.read_gap, True)):
-                    if st != 0:
-                        raise error_for_code(st, f"read of block {bid:016x} offset {locs[i].offset}",
-                                             self.backend.last_errno())
-        out.extend(dsts)
-        return out
+        return self._reader.read_locations(locs)
 
     # ------------------------------------------------------------------ reads
 
@@ -1273,7 +1208,27 @@ class Store(ChunkAPI, TensorAPI):
         out = check_out(out, len(keys))
         if nid is None:
             return [None] * len(keys)
-        return self._read(nid, SPACE_KV, keys, out)
+        return self._reader.read(nid, SPACE_KV, keys, out)
+
+    def read_located(self, keys: Sequence[bytes], locs: Sequence[Location | None], *, ns: str = DEFAULT_NAMESPACE,
+                     out: Sequence[Buffer] | None = None) -> list[Any]:
+        """`get_many(keys, ns=ns, out=out)` for keys the caller has just looked up with `locate_many`
+        (`locs`, one per key): reads these located records into these buffers without a second directory
+        lookup. Read observers see it as a read; a record that compaction moved since the lookup is
+        looked up again, so the result is what get_many would have returned at some point since."""
+        self._check_open()
+        nid = self._ns_id(ns)
+        keys = check_keys(keys)
+        locs = check_seq("locs", locs, "Locations or None (one per key)")
+        if len(locs) != len(keys):
+            raise InvalidArgument(f"locs has {len(locs)} entries for {len(keys)} keys")
+        for i, loc in enumerate(locs):
+            if loc is not None and not isinstance(loc, Location):
+                raise InvalidArgument(f"locs[{i}] must be a Location or None, not {type(loc).__name__}")
+        out = check_out(out, len(keys))
+        if nid is None:
+            return [None] * len(keys)
+        return self._reader.read(nid, SPACE_KV, keys, out, located=locs)
 
     def contains_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
         self._check_open()
@@ -1304,100 +1259,67 @@ class Store(ChunkAPI, TensorAPI):
         for k, _v in self.dir.scan_prefix(keys_prefix(nid, SPACE_KV, bytes(prefix))):
             yield k[cut:]
 
-    def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
-              _attempt: int = 0, located: list[Location | None] | None = None) -> list[Any]:
-        """`located`: the keys' locations if the caller has just looked them up (get_chunks needs their
-        meta), saving the second lookup."""
-        suffixes = [key_suffix(nid, space, k) for k in keys]
-        locs = located if located is not None else self.dir.get_locations(suffixes)
-        if _attempt == 0:
-            for observe in self._read_observers:
-                try:
-                    observe(suffixes, locs)
-                except Exception:  # an observer (affinity learning) must never fail a read
-                    _log.exception("read observer failed")
-        hooks.fire("read.located")
-        results: list[Any] = [None] * len(keys)
-        if out is not None and len(out) != len(keys):
-            raise InvalidArgument(f"out has {len(out)} buffers for {len(keys)} keys")
-        dsts: list[memoryview | None] = [None] * len(keys)
-        if out is None:
-            total = sum(-(-loc.payload_len // PAGE) * PAGE for loc in locs if loc is not None)
-            arena = aligned_buffer(total)
-            pos = 0
-            for i, loc in enumerate(locs):
-                if loc is not None:
-                    dsts[i] = arena[pos : pos + loc.payload_len]
-                    pos += -(-loc.payload_len // PAGE) * PAGE
-        else:
-            for i, loc in enumerate(locs):
-                if loc is not None:
-                    view = memoryview(out[i])
-                    if view.readonly or not view.c_contiguous:
-                        raise InvalidArgument(f"out[{i}] must be a writable C-contiguous buffer")
-                    view = view.cast("B")
-                    if len(view) < loc.payload_len:
-                        raise InvalidArgument(
-                            f"out[{i}] has {len(view)} bytes; the record for key {keys[i]!r} has {loc.payload_len}"
-                        )
-                    dsts[i] = view[: loc.payload_len]
-        by_block: dict[int, list[int]] = {}
-        first_of: dict[bytes, int] = {}
-        duplicates: list[tuple[int, int]] = []  # (index, index of the same key read once)
-        for i, loc in enumerate(locs):
-            if loc is None:
-                continue
-            if suffixes[i] in first_of:
-                duplicates.append((i, first_of[suffixes[i]]))
-                continue
-            first_of[suffixes[i]] = i
-            by_block.setdefault(loc.block_id, []).append(i)
-        vanished: list[int] = []
-        with self.blocks.pinned(by_block):
-            for bid, idxs in by_block.items():
-                idxs.sort(key=lambda i: locs[i].offset)  # type: ignore[union-attr]
-                try:
-                    fd = self.blocks.read_fd(bid)
-                except NotFound:
-                    with self._state_lock:
-                        still_named = bid in self._blocks
-                    if not still_named:
-                        vanished.extend(idxs)  # compaction deleted it after our lookup: look again
-                        continue
-                    # The block table still names the block (a deletion leaves the table before its
-                    # file goes), so its file is missing by damage: corruption, not a miss.
-                    if self.on_corrupt == "raise":
-                        raise CorruptionError(
-                            f"read of key {keys[idxs[0]]!r}: block file {block_file_name(bid)} is missing; "
-                            f"run `blockstore fsck {self.path}` (--repair drops the records it held)") from None
-                    continue
-                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i],  # type: ignore[union-attr,arg-type]
-                                    locs[i].payload_xxh3) for i in idxs]  # type: ignore[union-attr]
-                statuses = self.backend.read_many(fd, reqs, self.read_gap, True, self.read_ahead)
-                for i, st in zip(idxs, statuses):
-                    if st == 0:
-                        results[i] = dsts[i] if out is None else locs[i].payload_len  # type: ignore[union-attr]
-                    elif self.on_corrupt == "raise":
-                        err = error_for_code(st, f"read of key {keys[i]!r} in block {bid:016x}",
-                                             self.backend.last_errno())
-                        if isinstance(err, ChecksumMismatch):
-                            err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
-                        raise err
-        if vanished and _attempt < _READ_ATTEMPTS:
-            # compaction moved these records and emptied their block between our lookup and our pin:
-            # look again (each round is a fresh lookup; a record is found unless moved every time)
-            again = self._read(nid, space, [keys[i] for i in vanished],
-                               None if out is None else [out[i] for i in vanished], _attempt + 1)
-            for i, r in zip(vanished, again):
-                results[i] = r
-        for i, j in duplicates:
-            if results[j] is not None:
-                if out is not None:
-                    memoryview(out[i]).cast("B")[: results[j]] = memoryview(out[j]).cast("B")[: results[j]]
-                results[i] = results[j]
-        return results
+    def iter_locations(self, *, ns: str = DEFAULT_NAMESPACE, after: bytes | None = None) -> Iterator[tuple[bytes, Location]]:
+        """(key, location) of one namespace's KV records in key byte order, starting just after the key
+        `after` (None: from the first). One directory scan; a cursor for listings and tools."""
+        self._check_open()
+        if after is not None and not isinstance(after, (bytes, bytearray)):
+            raise InvalidArgument(f"after must be bytes or None, not {type(after).__name__}")
+        nid = self._ns_id(ns)
+        if nid is None:
+            return
+        prefix = keys_prefix(nid, SPACE_KV)
+        start = None if after is None else prefix + bytes(after) + b"\x00"
+        for k, v in self.dir.scan_prefix(prefix, start):
+            yield k[len(prefix):], Location.decode(v)
 
-    # ------------------------------------------------------------------ chunk records
+    # ------------------------------------------------------------------ chunk and tensor records
+
+    def put_chunk(self, user_id: str, session_id: str, chunk_id: str, text: str, *,
+                  meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
+                  ts_ns: int | None = None, ns: str = DEFAULT_NAMESPACE) -> None:
+        """Write (or update: the old record becomes dead) one chunk record."""
+        kv = tuple(check_seq("kv_keys", kv_keys, "bytes keys"))  # kv_keys=b"k" is not the keys 107 and so on
+        self.put_chunks([ChunkWrite(user_id, session_id, chunk_id, text, meta, kv, ts_ns)], ns=ns)
+
+    def put_chunks(self, chunks: Sequence[ChunkWrite], *, ns: str = DEFAULT_NAMESPACE) -> None:
+        """Write many chunk records in one group commit (each record is atomic, the call is not: a
+        failure part-way leaves a prefix). One call per chunk costs a directory write each; an agent
+        saving a turn's memories, or an import, should batch them here."""
+        self._chunks.put_chunks(chunks, ns=ns)
+
+    def get_chunk(self, user_id: str, session_id: str, chunk_id: str, *, ns: str = DEFAULT_NAMESPACE) -> Chunk | None:
+        return self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)[0]
+
+    def get_chunks(self, ids: Sequence[tuple[str, str, str]], *, ns: str = DEFAULT_NAMESPACE) -> list[Chunk | None]:
+        """Batched read of chunk records (one request)."""
+        return self._chunks.get_chunks(ids, ns=ns)
+
+    def list_chunks(self, user_id: str, session_id: str, *, ns: str = DEFAULT_NAMESPACE) -> list[Chunk]:
+        """A session's chunks in temporal order (timestamp, then chunk id)."""
+        return self._chunks.list_chunks(user_id, session_id, ns=ns)
+
+    def delete_chunk(self, user_id: str, session_id: str, chunk_id: str, *, ns: str = DEFAULT_NAMESPACE) -> bool:
+        """Delete a chunk record (tombstone). Returns whether it existed."""
+        return self._chunks.delete_chunk(user_id, session_id, chunk_id, ns=ns)
+
+    def put_tensor(self, key: bytes, tensor: Any, *, ns: str = DEFAULT_NAMESPACE,
+                   partition: bytes | str | None = None) -> None:
+        self.put_tensors([(_check_key(key), tensor)], ns=ns, partition=partition)
+
+    def put_tensors(self, items: Sequence[tuple[bytes, Any]], *, ns: str = DEFAULT_NAMESPACE,
+                    partition: bytes | str | None = None) -> None:
+        """Store tensors (numpy arrays, CPU torch tensors) next to each other (one partition, one batch)."""
+        self._tensors.put_tensors(items, ns=ns, partition=partition)
+
+    def get_tensor(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE, out: Any = None) -> Any:
+        return self.get_tensors([_check_key(key)], ns=ns, out=None if out is None else [out])[0]
+
+    def get_tensors(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE,
+                    out: Sequence[Any] | None = None) -> list[Any]:
+        """Read tensors (one request). With `out`, reads straight into the given tensors, which must
+        match the stored dtype and shape; otherwise allocates them. None for a miss."""
+        return self._tensors.get_tensors(keys, ns=ns, out=out)
 
     # ------------------------------------------------------------------ stats
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blockstore.errors import InvalidArgument
-from blockstore.validate import check_key, check_keys, check_pairs, check_seq
+from blockstore.validate import check_keys, check_pairs, check_seq
 
 if TYPE_CHECKING:
-    from blockstore.protocols import StoreCore
+    from blockstore.directory import Location
+    from blockstore.records import Buffer
 
 
 def _is_torch(x: Any) -> bool:
@@ -138,14 +139,22 @@ def _canonical_dtype(m: dict[str, Any]) -> str:
     return np.dtype(m["dtype"]).name
 
 
-class TensorAPI:
-    """Mixed into Store."""
+class KVStore(Protocol):
+    """The public KV calls tensor records are built on (a Store is one)."""
 
-    def put_tensor(self: StoreCore, key: bytes, tensor: Any, *, ns: str = "default",
-                   partition: bytes | str | None = None) -> None:
-        self.put_tensors([(check_key(key), tensor)], ns=ns, partition=partition)
+    def put_many(self, items: Sequence[tuple[bytes, Buffer]], *, ns: str = ..., metas: Sequence[bytes] | None = ...,
+                 partition: bytes | str | None = ...) -> None: ...
+    def get_many(self, keys: Sequence[bytes], *, ns: str = ..., out: Sequence[Buffer] | None = ...) -> list[Any]: ...
+    def locate_many(self, keys: Sequence[bytes], *, ns: str = ...) -> list[Location | None]: ...
 
-    def put_tensors(self: StoreCore, items: Sequence[tuple[bytes, Any]], *, ns: str = "default",
+
+class TensorRecords:
+    """The tensor API of a Store (Store.put_tensor and the rest delegate here)."""
+
+    def __init__(self, store: KVStore) -> None:
+        self._store = store
+
+    def put_tensors(self, items: Sequence[tuple[bytes, Any]], *, ns: str = "default",
                     partition: bytes | str | None = None) -> None:
         """Store tensors next to each other (one partition, one batch)."""
         pairs, metas = [], []
@@ -153,12 +162,9 @@ class TensorAPI:
             raw, meta = tensor_bytes(t)
             pairs.append((key, raw))
             metas.append(meta)
-        self.put_many(pairs, ns=ns, metas=metas, partition=partition)
+        self._store.put_many(pairs, ns=ns, metas=metas, partition=partition)
 
-    def get_tensor(self: StoreCore, key: bytes, *, ns: str = "default", out: Any = None) -> Any:
-        return self.get_tensors([check_key(key)], ns=ns, out=None if out is None else [out])[0]
-
-    def get_tensors(self: StoreCore, keys: Sequence[bytes], *, ns: str = "default",
+    def get_tensors(self, keys: Sequence[bytes], *, ns: str = "default",
                     out: Sequence[Any] | None = None) -> list[Any]:
         """Read tensors (one request). With `out`, reads straight into the given tensors, which must
         match the stored dtype and shape; otherwise allocates them. None for a miss."""
@@ -169,7 +175,7 @@ class TensorAPI:
                 raise InvalidArgument(f"out has {len(out)} tensors for {len(keys)} keys")
             for i, t in enumerate(out):
                 _describe(t, f"out[{i}]")
-        locs = self.locate_many(keys, ns=ns)
+        locs = self._store.locate_many(keys, ns=ns)
         targets: list[Any] = []
         for i, loc in enumerate(locs):
             if loc is None:
@@ -186,5 +192,5 @@ class TensorAPI:
             else:
                 targets.append(_empty_like_meta(m))
         bufs = [_writable_bytes(t) if t is not None else bytearray(0) for t in targets]
-        lens = self.get_many(keys, ns=ns, out=bufs)
+        lens = self._store.get_many(keys, ns=ns, out=bufs)
         return [t if n is not None else None for t, n in zip(targets, lens)]

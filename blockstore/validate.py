@@ -1,4 +1,4 @@
-"""Argument checks shared by the Store and its record-kind mixins (chunks.py, tensors.py): a wrong
+"""Argument checks shared by the Store and its record-kind helpers (chunks.py, tensors.py): a wrong
 type, size or sequence length raises InvalidArgument naming the argument, before anything is queued."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from blockstore.errors import InvalidArgument
-from blockstore.records import MAX_KEY
+from blockstore.records import MAX_KEY, MAX_META, MAX_NAMESPACE, MAX_PAYLOAD, Buffer
 
 
 def check_key(key: bytes, name: str = "key") -> bytes:
@@ -78,3 +78,35 @@ def check_int(name: str, value: Any) -> int:
         return operator.index(value)
     except TypeError:
         raise InvalidArgument(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def payload_view(value: Buffer) -> memoryview:
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise InvalidArgument(f"value must support the buffer protocol, not {type(value).__name__}") from None
+    if not view.c_contiguous:
+        raise InvalidArgument("value must be C-contiguous")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if len(view) > MAX_PAYLOAD:
+        raise InvalidArgument(f"value of {len(view)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    return view
+
+
+def check_meta(meta: bytes, name: str = "meta") -> bytes:
+    if not isinstance(meta, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{name} must be bytes, not {type(meta).__name__}")
+    meta = bytes(meta)
+    if len(meta) > MAX_META:
+        raise InvalidArgument(f"{name}: metadata of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
+    return meta
+
+
+def check_ns(ns: str) -> str:
+    try:
+        ok = isinstance(ns, str) and 1 <= len(ns.encode()) <= MAX_NAMESPACE
+    except UnicodeEncodeError:  # lone surrogates: not UTF-8
+        ok = False
+    if not ok:
+        raise InvalidArgument(f"ns (the namespace) must be a str of 1..{MAX_NAMESPACE} UTF-8 bytes, got {ns!r}")
+    return ns

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from .affinity import AffinityJudge, AffinityTracker
 from .policy import Policy, resolve
 
 if TYPE_CHECKING:
+    from blockstore.directory import Location
     from blockstore.store import Store
 
 _log = logging.getLogger("blockstore.compaction")
@@ -105,6 +106,7 @@ class Compactor:
         self.last_error: str | None = None
         self.totals = PassReport()
         store.add_read_observer(self.tracker.observe)
+        self._learns_from_reads = True
 
     # ---- lifecycle ----
 
@@ -119,7 +121,8 @@ class Compactor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.store.remove_read_observer(self.tracker.observe)
+        if self._learns_from_reads:
+            self.store.remove_read_observer(self.tracker.observe)
         if flush:
             self.flush()
 
@@ -145,13 +148,39 @@ class Compactor:
                 self.last_error = str(exc)
                 _log.warning("compaction pass failed: %s", exc)
 
-    # ---- hints (the explicit affinity seam for callers) ----
+    # ---- hints and observations (the explicit affinity seams for callers) ----
 
     def hint(self, keys: list[bytes], *, ns: str = "default", weight: float = 1.0) -> None:
         """Tell the compactor these KV keys of namespace `ns` are used together."""
-        nid = self.store._ns_id(ns)
+        nid = self.store.namespace_id(ns)
         if nid is not None:
             self.tracker.hint([key_suffix(nid, SPACE_KV, k) for k in keys], weight)
+
+    def learn_from_lookups(self) -> None:
+        """Stop learning co-access from the store's reads; the caller reports each request's lookup with
+        `observe_lookup` instead. For a tiered cache (the LMCache connector) whose lookups name a
+        request's whole prefix while a load reads only what the tier above lacked: counting both would
+        credit every request twice."""
+        self.store.remove_read_observer(self.tracker.observe)
+        self._learns_from_reads = False
+
+    @property
+    def learns_from_reads(self) -> bool:
+        return self._learns_from_reads
+
+    def observe_lookup(self, found: Sequence[tuple[str, Sequence[bytes], Sequence[Location | None]]]) -> None:
+        """One request's lookup, as (namespace, KV keys, their locations from `Store.locate_many`) per
+        namespace: one co-access observation, as a read observer makes of one batched read."""
+        suffixes: list[bytes] = []
+        locs: list[Location | None] = []
+        for ns, keys, located in found:
+            if not any(loc is not None for loc in located):
+                continue
+            nid = self.store.namespace_id(ns)
+            if nid is not None:
+                suffixes += [key_suffix(nid, SPACE_KV, k) for k in keys]
+                locs += located
+        self.tracker.observe(suffixes, locs)
 
     # ---- work ----
 

@@ -73,7 +73,7 @@ from lmcache.v1.platform import create_event_notifier
 import blockstore
 from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
-from blockstore.keys import SPACE_KV, TAG_KEY, key_suffix
+from blockstore.keys import SPACE_KV
 from blockstore.manifest import valid_block_size
 from blockstore.records import MAX_KEY
 
@@ -391,7 +391,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             if compactor is not None:
                 # Affinity is learned from lookups (each names a request's whole prefix, L1 hits included);
                 # a load is only the part L1 lacked, and counting it too would credit every request twice.
-                self.store.remove_read_observer(compactor.tracker.observe)
+                compactor.learn_from_lookups()
             self._seed_counters()
             self._store_efd = create_event_notifier()
             undo.append(self._store_efd.close)
@@ -727,25 +727,21 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _run_lookup(self, keys: list[ObjectKey]) -> Bitmap:
         bitmap = Bitmap(len(keys))
         groups, _bad = self._group(keys)
-        tracker = getattr(self.store.compactor, "tracker", None)
+        compactor = self.store.compactor
         found: list[int] = []
         blocks: set[int] = set()
-        seen_suffixes: list[bytes] = []
-        seen_locs: list[Location | None] = []
+        seen: list[tuple[str, list[bytes], list[Location | None]]] = []
         for ns, items in groups.items():
-            locs = self.store.locate_many([kb for _, kb in items], ns=ns)
+            kbs = [kb for _, kb in items]
+            locs = self.store.locate_many(kbs, ns=ns)
             for (i, _kb), loc in zip(items, locs):
                 if loc is not None:
                     found.append(i)
                     blocks.add(loc.block_id)
-            if tracker is not None and any(loc is not None for loc in locs):
-                nid = self.store._ns_id(ns)  # the directory's id of the namespace (as the compactor's hint does)
-                if nid is not None:
-                    seen_suffixes += [key_suffix(nid, SPACE_KV, kb) for _, kb in items]
-                    seen_locs += locs
-        if tracker is not None:
+            seen.append((ns, kbs, locs))
+        if compactor is not None:
             try:
-                tracker.observe(seen_suffixes, seen_locs)  # one lookup = one request
+                compactor.observe_lookup(seen)  # one lookup = one request
             except Exception:
                 _log.exception("blockstore L2: affinity observation failed")
         now = time.monotonic()
@@ -842,10 +838,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         if not kbs:
             return []
         try:
-            nid = self.store._ns_id(ns)
-            if nid is None:
-                return [None] * len(kbs)
-            return list(self.store._read(nid, SPACE_KV, kbs, [o.byte_array for o in objs], located=located))
+            return list(self.store.read_located(kbs, located, ns=ns, out=[o.byte_array for o in objs]))
         except Exception as exc:
             _log.warning("blockstore L2: batched load from %s failed (%s); reading key by key", ns, exc)
         out: list[int | None] = []
@@ -940,13 +933,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
     def _scan(self, ns: str, after: bytes | None = None) -> Iterator[tuple[bytes, Location]]:
         """(serialized key, location) of a namespace's records in key order, starting after `after`."""
-        nid = self.store._ns_id(ns)
-        if nid is None:
-            return
-        prefix = TAG_KEY + key_suffix(nid, SPACE_KV, b"")
-        start = None if after is None else prefix + after + b"\x00"
-        for k, v in self.store.dir.scan_prefix(prefix, start):
-            yield k[len(prefix):], Location.decode(v)
+        yield from self.store.iter_locations(ns=ns, after=after)
 
     def _namespaces(self) -> list[str]:
         return sorted(ns for ns in self.store.namespaces() if ns.startswith(NS_PREFIX))

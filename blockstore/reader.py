@@ -1,0 +1,187 @@
+"""The read path: from directory locations to verified payloads in caller (or page-aligned) memory.
+
+One directory multi-get, then per block one backend call that coalesces neighbouring records into one
+`preadv` straight into the destination buffers and verifies each payload's xxh3 before it is returned
+(invariant 1). Blocks are pinned for the length of a read, so a deletion waits for the reader; a block
+deleted between the lookup and the pin (compaction moved its records) makes the read look again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from blockstore import hooks
+from blockstore.backend import Backend
+from blockstore.blocks import BlockFiles, block_file_name
+from blockstore.directory import Directory, Location
+from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument, NotFound, error_for_code
+from blockstore.keys import key_suffix
+from blockstore.records import PAGE, Buffer, ReadRequest
+
+_log = logging.getLogger("blockstore")
+
+READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
+_SMALL_ARENA = 64 << 10
+
+ReadObserver = Callable[[Sequence[bytes], Sequence[Location | None]], None]
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """Page-aligned anonymous memory (reads into it run ~2x faster than into a bytearray). Small
+    buffers are a page-aligned slice of a bytearray instead: an mmap per small read cost ~15 us, more
+    than the read of a chunk record itself (bench/scaling.py)."""
+    if size <= _SMALL_ARENA:
+        raw = bytearray(size + PAGE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+        start = -addr % PAGE
+        return memoryview(raw)[start : start + size]
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+
+
+def _destinations(keys: Sequence[bytes], locs: Sequence[Location | None],
+                  out: Sequence[Buffer] | None) -> list[memoryview | None]:
+    """Where each located payload goes: a slice of one page-aligned arena, or the caller's buffer."""
+    dsts: list[memoryview | None] = [None] * len(keys)
+    if out is None:
+        total = sum(-(-loc.payload_len // PAGE) * PAGE for loc in locs if loc is not None)
+        arena = aligned_buffer(total)
+        pos = 0
+        for i, loc in enumerate(locs):
+            if loc is not None:
+                dsts[i] = arena[pos : pos + loc.payload_len]
+                pos += -(-loc.payload_len // PAGE) * PAGE
+        return dsts
+    for i, loc in enumerate(locs):
+        if loc is not None:
+            view = memoryview(out[i])
+            if view.readonly or not view.c_contiguous:
+                raise InvalidArgument(f"out[{i}] must be a writable C-contiguous buffer")
+            view = view.cast("B")
+            if len(view) < loc.payload_len:
+                raise InvalidArgument(
+                    f"out[{i}] has {len(view)} bytes; the record for key {keys[i]!r} has {loc.payload_len}"
+                )
+            dsts[i] = view[: loc.payload_len]
+    return dsts
+
+
+class Reader:
+    """Reads records of one store. Thread-safe. `block_named(bid)`: whether the block table still names
+    a block (a missing file of a named block is damage; of an unnamed one, a deletion that raced us)."""
+
+    def __init__(self, *, path: str, directory: Directory, blocks: BlockFiles, backend: Backend,
+                 read_gap: int, read_ahead: bool, on_corrupt: Literal["raise", "miss"],
+                 block_named: Callable[[int], bool]) -> None:
+        self.path = path
+        self.directory = directory
+        self.blocks = blocks
+        self.backend = backend
+        self.read_gap = read_gap
+        self.read_ahead = read_ahead
+        self.on_corrupt = on_corrupt
+        self.block_named = block_named
+        self.observers: list[ReadObserver] = []
+
+    def read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
+             located: Sequence[Location | None] | None = None, *, attempt: int = 0) -> list[Any]:
+        """The payloads of `keys` (key space `space` of namespace id `nid`): a memoryview each, or with
+        `out` each payload's length, written into out[i]; None for a miss. `located`: the keys' locations
+        if the caller has just looked them up (saves the second lookup)."""
+        suffixes = [key_suffix(nid, space, k) for k in keys]
+        locs = list(located) if located is not None else self.directory.get_locations(suffixes)
+        if attempt == 0:
+            self._observe(suffixes, locs)
+        hooks.fire("read.located")
+        if out is not None and len(out) != len(keys):
+            raise InvalidArgument(f"out has {len(out)} buffers for {len(keys)} keys")
+        dsts = _destinations(keys, locs, out)
+        by_block: dict[int, list[int]] = {}
+        first_of: dict[bytes, int] = {}
+        duplicates: list[tuple[int, int]] = []  # (index, index of the same key read once)
+        for i, loc in enumerate(locs):
+            if loc is None:
+                continue
+            if suffixes[i] in first_of:
+                duplicates.append((i, first_of[suffixes[i]]))
+                continue
+            first_of[suffixes[i]] = i
+            by_block.setdefault(loc.block_id, []).append(i)
+        results, vanished = self._read_blocks(keys, locs, dsts, by_block, out is not None)
+        if vanished and attempt < READ_ATTEMPTS:
+            # compaction moved these records and emptied their block between our lookup and our pin:
+            # look again (each round is a fresh lookup; a record is found unless moved every time)
+            again = self.read(nid, space, [keys[i] for i in vanished],
+                              None if out is None else [out[i] for i in vanished], attempt=attempt + 1)
+            for i, r in zip(vanished, again):
+                results[i] = r
+        for i, j in duplicates:
+            if results[j] is not None:
+                if out is not None:
+                    memoryview(out[i]).cast("B")[: results[j]] = memoryview(out[j]).cast("B")[: results[j]]
+                results[i] = results[j]
+        return results
+
+    def _observe(self, suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
+        for observe in self.observers:
+            try:
+                observe(suffixes, locs)
+            except Exception:  # an observer (affinity learning) must never fail a read
+                _log.exception("read observer failed")
+
+    def _read_blocks(self, keys: Sequence[bytes], locs: Sequence[Location | None], dsts: list[memoryview | None],
+                     by_block: dict[int, list[int]], lengths: bool) -> tuple[list[Any], list[int]]:
+        """(results, indexes whose block vanished under the read)."""
+        results: list[Any] = [None] * len(keys)
+        vanished: list[int] = []
+        with self.blocks.pinned(by_block):
+            for bid, idxs in by_block.items():
+                idxs.sort(key=lambda i: locs[i].offset)  # type: ignore[union-attr]
+                try:
+                    fd = self.blocks.read_fd(bid)
+                except NotFound:
+                    if not self.block_named(bid):
+                        vanished.extend(idxs)  # compaction deleted it after our lookup: look again
+                        continue
+                    # The block table still names the block (a deletion leaves the table before its
+                    # file goes), so its file is missing by damage: corruption, not a miss.
+                    if self.on_corrupt == "raise":
+                        raise CorruptionError(
+                            f"read of key {keys[idxs[0]]!r}: block file {block_file_name(bid)} is missing; "
+                            f"run `blockstore fsck {self.path}` (--repair drops the records it held)") from None
+                    continue
+                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i],  # type: ignore[union-attr,arg-type]
+                                    locs[i].payload_xxh3) for i in idxs]  # type: ignore[union-attr]
+                statuses = self.backend.read_many(fd, reqs, self.read_gap, True, self.read_ahead)
+                for i, st in zip(idxs, statuses):
+                    if st == 0:
+                        results[i] = locs[i].payload_len if lengths else dsts[i]  # type: ignore[union-attr]
+                    elif self.on_corrupt == "raise":
+                        err = error_for_code(st, f"read of key {keys[i]!r} in block {bid:016x}",
+                                             self.backend.last_errno())
+                        if isinstance(err, ChecksumMismatch):
+                            err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
+                        raise err
+        return results, vanished
+
+    def read_locations(self, locs: Sequence[Location]) -> list[memoryview]:
+        """Read and verify the payloads at these places; raises on corruption whatever on_corrupt says
+        (a relocation must never copy bad bytes)."""
+        by_block: dict[int, list[int]] = {}
+        for i, loc in enumerate(locs):
+            by_block.setdefault(loc.block_id, []).append(i)
+        dsts = [aligned_buffer(loc.payload_len) for loc in locs]
+        with self.blocks.pinned(by_block):
+            for bid, idxs in by_block.items():
+                idxs.sort(key=lambda i: locs[i].offset)
+                fd = self.blocks.read_fd(bid)
+                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i], locs[i].payload_xxh3)
+                        for i in idxs]
+                for i, st in zip(idxs, self.backend.read_many(fd, reqs, self.read_gap, True)):
+                    if st != 0:
+                        raise error_for_code(st, f"read of block {bid:016x} offset {locs[i].offset}",
+                                             self.backend.last_errno())
+        return dsts
