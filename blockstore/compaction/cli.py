@@ -18,7 +18,8 @@ from .compactor import attach
 from .policy import POLICIES, resolve
 
 
-def add_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
+    """Add `compact` to the `blockstore` command (pyproject: the "blockstore.commands" entry point)."""
     co = sub.add_parser(
         "compact",
         help="reclaim dead space (GC) and co-locate records read together (relocation)",

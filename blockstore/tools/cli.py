@@ -1,6 +1,7 @@
 """`blockstore` command line. `stats`, `dump` and `fsck` open the store read-only, so they are safe
 beside a live writer (they see the directory as of the moment they opened); `compact` and
-`fsck --repair` take the writer lock.
+`fsck --repair` take the writer lock. `compact` is compaction's: blockstore.compaction.cli registers it
+through the "blockstore.commands" entry point (see _add_registered_commands).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 import sys
 import textwrap
+from importlib.metadata import entry_points
 from typing import Any
 
 from tqdm import tqdm
@@ -20,6 +22,8 @@ from blockstore.store import Store
 from blockstore.tools import fsck
 from blockstore.tools.fsck_report import EXIT_CORRECTED, EXIT_UNCORRECTED, KINDS
 from blockstore.tools.repair import repair
+
+COMMANDS = "blockstore.commands"  # the entry-point group of commands other packages add
 
 EXIT_OK = 0
 EXIT_ERROR = 8  # operational error (the fsck convention: bitmask, 8 = operational)
@@ -221,11 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--json", action="store_true", help="print one JSON document (findings and summary)")
     fs.add_argument("--quiet", action="store_true", help="no progress bar")
     fs.set_defaults(func=cmd_fsck)
-    # the compaction package owns its command (the engine's own modules never import it)
-    from blockstore.compaction.cli import add_parser as add_compact_parser
-
-    add_compact_parser(sub)
+    _add_registered_commands(sub)
     return p
+
+
+def _add_registered_commands(sub: Any) -> None:
+    """Commands other packages register as entry points of the group COMMANDS (pyproject.toml's
+    [project.entry-points."blockstore.commands"]): each names a function that adds its subparser to
+    `sub`. Compaction's `compact` comes this way, so neither the engine nor its tools import compaction.
+    A command that fails to load is left out with a warning: stats, dump and fsck must keep working."""
+    for ep in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # a broken plugin must not take fsck down with it
+            print(f"blockstore: command {ep.name!r} ({ep.value}) is unavailable: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
