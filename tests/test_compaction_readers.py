@@ -135,7 +135,12 @@ def test_readers_never_see_errors_or_foreign_bytes_while_gc_and_relocation_run(t
         threads += [threading.Thread(target=w.reader, args=(seed * 10 + i,), name=f"reader-{i}") for i in range(3)]
         for t in threads:
             t.start()
+        # at least 1.5 s and 100 writes and reads under compaction: on a loaded machine (or where
+        # overwrites and deletes sync, as in cache mode since issue 13) 1.5 s alone gave ~70 writes
         time.sleep(1.5)
+        deadline = time.monotonic() + 20
+        while (w.ops <= 100 or w.reads <= 100) and time.monotonic() < deadline and not w.stop.is_set():
+            time.sleep(0.1)
         w.stop.set()
         for t in threads:
             t.join(30)
