@@ -18,7 +18,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-/* ---- error codes (mapped one-to-one to Python exceptions in blockstore/native.py) ---- */
+/* ---- error codes (mapped one-to-one to Python exceptions by blockstore/errors.py CODE_TO_ERROR) ---- */
 #define BS_OK 0
 #define BS_EINVAL -1     /* InvalidArgument: a caller's argument breaks a documented limit */
 #define BS_EIO -2        /* IOErrorBS: the OS reported an I/O error (errno in bs_last_errno) */
