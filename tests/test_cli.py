@@ -39,6 +39,21 @@ def test_help() -> None:
         assert r.returncode == 0 and "path" in r.stdout
 
 
+def test_version() -> None:
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"blockstore {blockstore.__version__}"
+
+
+def test_compact_is_a_registered_command() -> None:
+    """compaction adds `compact` through the blockstore.commands entry point: the CLI lists it without
+    importing compaction itself."""
+    assert "compact" in cli("--help").stdout
+    code = ("import sys, blockstore.tools.cli; "
+            "assert not [m for m in sys.modules if m.startswith('blockstore.compaction')], sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_stats_text(store: Path) -> None:
     r = cli("stats", str(store))
     assert r.returncode == 0, r.stderr

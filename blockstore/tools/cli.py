@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from blockstore import __version__
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED
 from blockstore.errors import BlockstoreError, StoreLocked
 from blockstore.records import Kind
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and fsck --repair need the store to itself. Exit codes: 0 ok, 8 operational error, 16 usage error "
         "(fsck adds 1 corrected and 4 left uncorrected).",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     st = sub.add_parser("stats", help="record counts, bytes, blocks, space and write amplification")
     st.add_argument("path", help="store directory")
