@@ -97,6 +97,8 @@ def suffix_space_ok(suffix: bytes) -> bool:
 
 
 def list_block_files(root: str) -> dict[int, str]:
+    """Block id -> path of every block file name (blocks.BlockFiles.list_files's rule, which needs the
+    writer's BlockFiles and raises without blocks/: one owner once blocks.py lists files on a bare root)."""
     d = os.path.join(root, BLOCKS_DIR)
     out: dict[int, str] = {}
     try:

@@ -138,6 +138,7 @@ class RepairBase:
             fd = self.be.open(path, True)
             try:
                 now = time.time_ns()
+                # header and footer as blocks.BlockFiles.create/seal write them (see BlockRepairs._write_footer)
                 raw = self.be.encode_block_header(BlockHeader(bid, self.store_id, now,
                                                               xxhash.xxh3_64_intdigest(REPAIR_PARTITION)))
                 self.be.pwrite(fd, raw + bytes(BLOCK_HEADER_SIZE - len(raw)), 0)

@@ -90,6 +90,7 @@ class BlockRepairs(RepairBase):
                          block=block_label(bf.block_id))
             h = BlockHeader(bf.block_id, self.store_id, (e.created_ns if e else 0) or time.time_ns(),
                             xxhash.xxh3_64_intdigest(e.partition) if e else 0)
+            # the header page as blocks.BlockFiles.create writes it (see _write_footer)
             raw = self.be.encode_block_header(h)
             self.be.pwrite(fd, raw + bytes(BLOCK_HEADER_SIZE - len(raw)), 0)
             self.be.sync(fd)
@@ -116,6 +117,8 @@ class BlockRepairs(RepairBase):
         self.block_done[bf.block_id] = "footer rewritten (old bytes in lost+found)"
 
     def _write_footer(self, fd: int, bid: int, data_end: int, recs: list[ScannedRecord]) -> None:
+        # What blocks.BlockFiles.seal does (truncate, footer, sync); it takes the writer's OpenBlock, so the
+        # footer is written here until blocks.py offers header/footer writes on a bare fd (issue 14).
         seqs = [r.info.seq for r in recs]
         self.be.truncate(fd, data_end)
         footer = Footer(bid, data_end, len(recs), min(seqs, default=0), max(seqs, default=0))
