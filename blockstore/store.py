@@ -19,12 +19,10 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import xxhash
 
 from blockstore import hooks
 from blockstore.backend import Backend, get_backend
@@ -77,6 +75,7 @@ from blockstore.manifest import (
 from blockstore.manifest import MAX_BLOCK as _MAX_BLOCK  # noqa: F401  isort: skip
 from blockstore.manifest import MIN_BLOCK as _MIN_BLOCK  # noqa: F401  isort: skip
 from blockstore.mutations import Mutation
+from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
 from blockstore.writer import GroupPlan, LeaderSlot, Planned, takes_effect
 
@@ -84,7 +83,6 @@ from blockstore.writer import GroupPlan, LeaderSlot, Planned, takes_effect
 # they import blockstore.reader (issue 14); nothing else may use the name.
 from blockstore.reader import aligned_buffer as aligned_buffer  # noqa: F401  isort: skip
 from blockstore.records import (
-    BLOCK_HEADER_SIZE,
     FORMAT_VERSION,
     PAGE,
     REC_ALIGNED,
@@ -114,11 +112,6 @@ OnCorrupt = Literal["raise", "miss"]
 DIRECTORY = "directory"
 _log = logging.getLogger("blockstore")
 
-# Where a lone write goes when every open block belongs to another partition (_block_for).
-OVERFLOW_PARTITION = b"\0overflow"
-_RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (_block_for)
-# ...and the least share of the writes placed since it opened that keeps an open block worth its slot
-# for a lone newcomer: 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks)
 DEFAULT_NAMESPACE = "default"
 
 
@@ -177,6 +170,31 @@ def _check_store_path(path: str, create: bool, read_only: bool, allow_non_empty:
         )
 
 
+def _check_options(path: Any, *, durability: Any, block_size: Any, max_open_blocks: Any, idle_seal_seconds: Any,
+                   read_gap: Any, on_corrupt: Any) -> str:
+    """Store()'s arguments checked before anything is touched; the path as a str."""
+    try:
+        fs_path = os.fspath(path)
+    except TypeError:
+        raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
+    if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
+        raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
+    if durability not in ("cache", "sync"):
+        raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
+    if block_size is not None and not valid_block_size(block_size):
+        raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
+    if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
+        raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
+    if on_corrupt not in ("raise", "miss"):
+        raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+    if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
+            or not idle_seal_seconds >= 0:
+        raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
+    if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
+        raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
+    return fs_path
+
+
 class Store:
     """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
 
@@ -185,7 +203,6 @@ class Store:
 
     _unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (_settle_failed_commit)
     _names_durable_below = 0  # cache mode: block files with a lower id have durable names (blocks/ fsynced)
-    _unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
 
     def __init__(
         self,
@@ -207,25 +224,8 @@ class Store:
         for flag, value in (("create", create), ("read_only", read_only), ("read_ahead", read_ahead),
                             ("allow_non_empty", allow_non_empty)):
             check_bool(flag, value)
-        try:
-            fs_path = os.fspath(path)
-        except TypeError:
-            raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
-        if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
-            raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
-        if durability not in ("cache", "sync"):
-            raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
-        if block_size is not None and not valid_block_size(block_size):
-            raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
-        if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
-            raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
-        if on_corrupt not in ("raise", "miss"):
-            raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
-        if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
-                or not idle_seal_seconds >= 0:
-            raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
-        if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
-            raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
+        fs_path = _check_options(path, durability=durability, block_size=block_size, max_open_blocks=max_open_blocks,
+                                 idle_seal_seconds=idle_seal_seconds, read_gap=read_gap, on_corrupt=on_corrupt)
         self.path = fs_path
         self._allow_non_empty = allow_non_empty
         self.read_only = read_only
@@ -244,10 +244,6 @@ class Store:
         self._lock = WriterLock(self.path)
         self._state_lock = threading.Lock()  # guards _blocks, _open, counters
         self._slot = LeaderSlot()
-        self._open: dict[bytes, OpenBlock] = {}
-        self._recent_partitions: OrderedDict[bytes, None] = OrderedDict()  # bounded: see _block_for
-        self._writes_placed = 0  # user records placed since open (_block_for's measure of a block's share)
-        self._retired: list[OpenBlock] = []
         self._sealed_unsynced: set[int] = set()
         self._reclaim_after_sync: set[int] = set()  # sources emptied by moves, waiting for a synced directory
         self._reclaiming: set[int] = set()  # marked reclaiming in the directory; entry dropped once the file is gone
@@ -323,6 +319,9 @@ class Store:
                                   read_gap=self.read_gap, read_ahead=self.read_ahead, on_corrupt=self.on_corrupt,
                                   block_named=self._block_named)
             self._reader.observers = self._read_observers
+            self._placement = OpenBlocks(path=self.path, directory=directory, blocks=self.blocks,
+                                         block_size=self.block_size, max_open_blocks=self.max_open_blocks,
+                                         idle_seal_seconds=self.idle_seal_seconds)
             self._chunks = ChunkRecords(check_open=self._check_open, namespace_id=self.namespace_id,
                                         submit=self._submit, read=self._reader.read, directory=directory)
             if exists and not self.read_only and last_durability != self.durability:
@@ -377,7 +376,7 @@ class Store:
                 if self._reclaimable(e):  # an open block whose records had all died before the crash
                     self._delete_block(bid)
         self._next_seq = d.get_meta("next_seq") or 1
-        self._next_block = d.get_meta("next_block") or 1
+        self._placement.next_block = d.get_meta("next_block") or 1
         self._next_ns = d.get_meta("next_ns") or 1
         self._bytes_put = d.get_meta("bytes_put") or 0
         self._bytes_written = d.get_meta("bytes_written") or 0
@@ -385,7 +384,7 @@ class Store:
             b = DirectoryBatch()
             b.put_meta("clean", 0)
             # recovery after a power cut in cache mode verifies the blocks made from here on
-            b.put_meta("session_first_block", self._next_block)
+            b.put_meta("session_first_block", self._placement.next_block)
             d.write(b, force_sync=True)
 
     def _refuse_unnamed_block_files(self, named: set[int]) -> None:
@@ -451,7 +450,7 @@ class Store:
         first error (the others are attempted anyway)."""
         errors: list[BlockstoreError] = []
         batch = DirectoryBatch()
-        for ob in list(self._open.values()) + self._retired:
+        for ob in list(self._placement.open.values()) + self._placement.retired:
             try:
                 self._seal(ob, batch)
                 self.backend.sync(ob.fd)
@@ -459,8 +458,8 @@ class Store:
                 errors.append(exc)
             finally:
                 self._close_fd(ob)
-        self._open.clear()
-        self._retired.clear()
+        self._placement.open.clear()
+        self._placement.retired.clear()
         # cache mode seals rotated blocks without fdatasync: a clean close must not leave any block
         # unsynced, or a power loss after it would go unnoticed (recovery is skipped when clean)
         for bid in sorted(self._sealed_unsynced):
@@ -496,7 +495,7 @@ class Store:
             self.compactor.stop(flush=False)
             self.compactor = None
         self._closed = True
-        for ob in list(self._open.values()) + self._retired:
+        for ob in list(self._placement.open.values()) + self._placement.retired:
             try:
                 self.backend.close(ob.fd)
             except BlockstoreError:
@@ -606,7 +605,7 @@ class Store:
             self._apply_group(muts, to_seal)
         except BaseException as exc:
             # blocks taken out of rotation but not sealed: seal them at close (or recovery does)
-            self._retired.extend(ob for ob in to_seal if ob not in self._retired)
+            self._placement.retired.extend(ob for ob in to_seal if ob not in self._placement.retired)
             if isinstance(exc, NoSpace):
                 raise self._no_space(exc) from exc
             raise
@@ -670,7 +669,7 @@ class Store:
         suffixes = [m.suffix or key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
         unique = list(dict.fromkeys(suffixes))
         plan = GroupPlan(batch, created_ns, dict(zip(unique, self.dir.get_locations(unique))), self._next_seq)
-        to_seal.extend(self._idle_blocks())
+        to_seal.extend(self._placement.idle_blocks())
         live_after: dict[bytes, bool] = {s: plan.current[s] is not None for s in plan.current}
         touched: set[bytes] = set()  # keys a put or delete of this group changed
         pending_need = 0  # a relocation set's size, carried to its first move that wins its CAS
@@ -683,8 +682,8 @@ class Store:
             need = max(len(m.key) + len(m.meta) + plen, pending_need)
             pending_need = 0
             if m.expected is None:
-                self._writes_placed += 1
-            ob = self._block_for(m.partition, need, plan.tails, to_seal, batch,
+                self._placement.writes_placed += 1
+            ob = self._placement.block_for(m.partition, need, plan.tails, to_seal, batch,
                                  lone=m.expected is None and per_partition[m.partition] == 1)
             tail = plan.tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
@@ -726,7 +725,7 @@ class Store:
                 # the failed bytes): retiring it opened a new block file, holding its descriptor, for
                 # every retry while the disk stayed full
                 if not isinstance(exc, NoSpace):
-                    self._retire(ob)
+                    self._placement.retire(ob)
                 raise
             placements[bid] = pls
         return placements
@@ -734,7 +733,7 @@ class Store:
     def _group_entry(self, entries: dict[int, BlockEntry], bid: int, to_seal: list[OpenBlock]) -> BlockEntry:
         """The block entry this group changes, copied once per group."""
         if bid not in entries:
-            entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._open_entry(bid, to_seal)
+            entries[bid] = self._blocks[bid].copy() if bid in self._blocks else self._placement.open_entry(bid, to_seal)
         return entries[bid]
 
     def _stage_records(self, plan: GroupPlan, placements: dict[int, list[Any]], entries: dict[int, BlockEntry],
@@ -808,14 +807,14 @@ class Store:
             # seal what rotated out (footer after its last records, before the batch names them)
             for ob in to_seal:
                 self._seal(ob, batch, entries)
-                self._open = {k: v for k, v in self._open.items() if v is not ob}
+                self._placement.open = {k: v for k, v in self._placement.open.items() if v is not ob}
             for e in entries.values():
                 batch.put_block(e)
             batch.put_meta("next_seq", plan.seq)
-            batch.put_meta("next_block", self._next_block)
+            batch.put_meta("next_block", self._placement.next_block)
             batch.put_meta("bytes_put", self._bytes_put + bytes_put)
             batch.put_meta("bytes_written", self._bytes_written + bytes_written)
-            unnamed = self._unnamed
+            unnamed = self._placement.unnamed
             for bid in unnamed:
                 if not self.blocks.exists(bid):
                     batch.delete_block(bid)
@@ -837,7 +836,7 @@ class Store:
         # blocks/ is fsynced first, as for moves and deletes (once per new block file).
         if self.durability != "sync" and (plan.moves or plan.deletes or (
                 plan.overwrites and any(b >= self._names_durable_below for b in plan.planned))):
-            names_below = self._next_block
+            names_below = self._placement.next_block
             self.backend.dir_sync(self.blocks.dir)  # a block file created for them, too
             self._names_durable_below = names_below
         try:
@@ -859,7 +858,7 @@ class Store:
             self._bytes_put += bytes_put
             self._bytes_written += bytes_written
             self._blocks.update(entries)
-        self._unnamed = self._unnamed - unnamed
+        self._placement.unnamed = self._placement.unnamed - unnamed
         for ob in to_seal:
             self._close_fd(ob)
         to_seal.clear()
@@ -900,106 +899,6 @@ class Store:
                 out[m.ns] = 0
         return out, created
 
-    def _open_entry(self, bid: int, rotating: list[OpenBlock]) -> BlockEntry:
-        """The entry of a block created in this session whose entry is not committed yet."""
-        for ob in [*self._open.values(), *rotating, *self._retired]:
-            if ob.entry.block_id == bid:
-                return ob.entry.copy()
-        raise CorruptionError(f"internal: block {bid} is neither known nor open")
-
-    def _block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
-                   batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
-        """The open block a record of `partition` goes to. `lone`: a user write that is the only record
-        of its partition in its group."""
-        ob = self._open.get(partition)
-        if ob is not None:
-            tail = tails.get(ob.entry.block_id, ob.tail)
-            if tail > BLOCK_HEADER_SIZE and tail + need + 2 * PAGE > self.block_size:
-                to_seal.append(ob)
-                del self._open[partition]
-                ob = None
-        if ob is None:
-            recent = partition == OVERFLOW_PARTITION or self._written_recently(partition)
-            if len(self._open) >= self.max_open_blocks:
-                lru = min(self._open.items(), key=lambda kv: kv[1].entry.last_append_ns)
-                if lone and not recent and self._starved(lru[1], tails):
-                    # More partitions are being written than blocks may be open (thousands of agent
-                    # sessions at once). Sealing the least recently used block to open one for a lone
-                    # record made a block file per record (found by bench/scaling.py: 10,000 sessions
-                    # written round-robin), and sealing only blocks of two or more records still one
-                    # block per two records. When the block that would be sealed holds one record or
-                    # took almost none of the writes since it opened, a lone record of a partition not
-                    # written lately goes to one shared overflow stream instead; a partition that
-                    # writes again soon, or several records at once, gets a block of its own, and
-                    # compaction's relocation later brings records read together into one block.
-                    return self._block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
-                to_seal.append(lru[1])
-                del self._open[lru[0]]
-            first_id = self._next_block
-            try:
-                ob = self._new_block(partition, batch)
-            except BlockstoreError:
-                # a full disk fails the file's creation after its entry is committed; the next group that
-                # commits drops such an entry if no file exists (else recovery and fsck judge it), so a
-                # clean close does not leave one per retry made while the disk was full
-                self._unnamed = self._unnamed | frozenset(range(first_id, self._next_block))
-                raise
-            self._open[partition] = ob
-        return ob
-
-    def _starved(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
-        """Whether an open block has not earned its slot: it holds a single record (counting one planned
-        in this group), or took less than 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks) of the user
-        writes placed since it opened."""
-        records = ob.entry.total_records + (1 if tails.get(ob.entry.block_id, ob.tail) > ob.tail else 0)
-        since = self._writes_placed - ob.opened_at_write
-        return records <= 1 or records * _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks < since
-
-    def _written_recently(self, partition: bytes) -> bool:
-        """Whether `partition` needed a block among the last _RECENT_PARTITIONS_PER_SLOT x max_open_blocks
-        partitions that did (a bounded LRU of partition names); notes that it needs one now."""
-        recent = self._recent_partitions
-        seen = partition in recent
-        recent[partition] = None
-        recent.move_to_end(partition)
-        while len(recent) > _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks:
-            recent.popitem(last=False)
-        return seen
-
-    def _new_block(self, partition: bytes, batch: DirectoryBatch) -> OpenBlock:
-        """A new open block. Its entry and the next_block counter are durable in the directory before
-        the file exists, so every block file an open finds is accounted for: a file the directory does
-        not name is then damage (kept and reported, never deleted), and an empty open block left by a
-        crash is removed on the proof of its entry (invariant 4)."""
-        while self.blocks.exists(self._next_block):
-            # a file the directory does not name (kept by recovery; fsck reports it): never reuse its id
-            _log.warning("%s: block file %s exists but the directory does not name it; skipping its id",
-                         self.path, block_file_name(self._next_block))
-            self._next_block += 1
-        bid = self._next_block
-        self._next_block += 1
-        now = time.time_ns()
-        e = BlockEntry(bid, BLOCK_OPEN, partition, created_ns=now, last_append_ns=now)
-        first = DirectoryBatch()
-        first.put_block(e)
-        first.put_meta("next_block", self._next_block)
-        self.dir.write(first, force_sync=True)
-        # If the create fails, the entry stays: the next open's recovery seals the empty file (then
-        # reclaims it on that proof) or forgets the entry if no file was left. Dropping the entry here
-        # could leave a file it no longer names (an unlink that failed too).
-        fd = self.blocks.create(bid, xxhash.xxh3_64_intdigest(partition))
-        batch.put_block(e)
-        return OpenBlock(e, fd, BLOCK_HEADER_SIZE, opened_at_write=self._writes_placed)
-
-    def _idle_blocks(self) -> list[OpenBlock]:
-        if self.idle_seal_seconds <= 0:
-            return []
-        cutoff = time.time_ns() - int(self.idle_seal_seconds * 1e9)
-        idle = [(p, ob) for p, ob in self._open.items() if ob.entry.last_append_ns < cutoff]
-        for p, _ob in idle:
-            del self._open[p]
-        return [ob for _p, ob in idle]
-
     def _seal(self, ob: OpenBlock, batch: DirectoryBatch, entries: dict[int, BlockEntry] | None = None) -> None:
         self.blocks.seal(ob)
         if self.durability == "cache":
@@ -1020,12 +919,6 @@ class Store:
             self.backend.close(ob.fd)
         except BlockstoreError:
             pass
-
-    def _retire(self, ob: OpenBlock) -> None:
-        """An append to this block failed: stop using it; it is sealed at its last good tail on close
-        (and, if we crash first, recovery truncates it there)."""
-        self._open = {k: v for k, v in self._open.items() if v is not ob}
-        self._retired.append(ob)
 
     def _reclaimable(self, e: BlockEntry) -> bool:
         return e.state == BLOCK_SEALED and e.live_records == 0 and e.tombstones == 0
@@ -1063,7 +956,7 @@ class Store:
         so the cost is small."""
         if self.durability == "sync":
             return
-        for ob in list(self._open.values()) + self._retired:
+        for ob in list(self._placement.open.values()) + self._placement.retired:
             self.backend.sync(ob.fd)
         for sid in sorted(self._sealed_unsynced):
             try:
@@ -1076,7 +969,7 @@ class Store:
             finally:
                 self.backend.close(fd)
             self._sealed_unsynced.discard(sid)
-        names_below = getattr(self, "_next_block", 0)  # unset while an open finishes reclaims
+        names_below = self._placement.next_block  # 0 while an open finishes reclaims
         self.backend.dir_sync(self.blocks.dir)
         self._names_durable_below = max(self._names_durable_below, names_below)
 
@@ -1360,7 +1253,7 @@ class Store:
     def open_block_min_seqs(self) -> dict[int, int]:
         """Lowest sequence number in each block still being appended (0: nothing in it yet). With the
         sealed blocks' footers, this tells compaction whether any record older than a tombstone is left."""
-        return {ob.entry.block_id: ob.min_seq for ob in [*self._open.values(), *self._retired]}
+        return self._placement.min_seqs()
 
     def block_table(self) -> list[BlockEntry]:
         """A snapshot of the block table (for tools and compaction)."""

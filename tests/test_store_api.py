@@ -422,7 +422,7 @@ def test_more_sessions_than_open_blocks_share_an_overflow_block(tmp_path: Path, 
     """Lone writes interleaved over many partitions must not seal a block per record (each chunk record
     of 10,000 sessions written round-robin made a block file of its own before the overflow stream),
     while a partition that writes several records at once, or again soon, still gets a block."""
-    from blockstore.store import OVERFLOW_PARTITION
+    from blockstore.placement import OVERFLOW_PARTITION
 
     path = tmp_path / "s"
     users = 400  # more than the partitions remembered as written lately (64 per open slot: 256)
@@ -452,7 +452,7 @@ def test_more_sessions_than_open_blocks_share_an_overflow_block(tmp_path: Path, 
 def test_small_reads_are_page_aligned_and_independent(store: blockstore.Store) -> None:
     import ctypes
 
-    from blockstore.store import aligned_buffer
+    from blockstore.reader import aligned_buffer
 
     for size in (1, 100, 4096, 5000, 64 << 10, (64 << 10) + 1):
         buf = aligned_buffer(size)

@@ -28,7 +28,7 @@ RELOCATION_PARTITION = b"\0compaction/relocate"
 
 
 @dataclass(slots=True)
-class Placement:
+class GroupLayout:
     """Where a group's live records are now."""
 
     live: list[tuple[bytes, Location]]
@@ -41,14 +41,14 @@ class Placement:
         return self.blocks > self.needed
 
 
-def placement(store: Store, group: Group, claimed: Callable[[bytes], bool] | None = None) -> Placement:
+def placement(store: Store, group: Group, claimed: Callable[[bytes], bool] | None = None) -> GroupLayout:
     """The group's live records, leaving out those `claimed` says another group owns."""
     locs = store.dir.get_locations(list(group.keys))
     live = [(k, loc) for k, loc in zip(group.keys, locs)
             if loc is not None and (claimed is None or not claimed(k))]
     size = sum(loc.record_len for _k, loc in live)
     usable = store.block_size - BLOCK_HEADER_SIZE - 8192
-    return Placement(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable)), size)
+    return GroupLayout(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable)), size)
 
 
 @dataclass(slots=True)
@@ -60,7 +60,7 @@ class Relocated:
     blocks_before: int = 0
 
 
-def main_block(where: Placement) -> int:
+def main_block(where: GroupLayout) -> int:
     """The block holding most of the group's bytes."""
     per: dict[int, int] = {}
     for _k, loc in where.live:
@@ -68,7 +68,7 @@ def main_block(where: Placement) -> int:
     return max(per, key=lambda b: per[b])
 
 
-def relocate(store: Store, group: Group, where: Placement, *, partition: bytes = RELOCATION_PARTITION,
+def relocate(store: Store, group: Group, where: GroupLayout, *, partition: bytes = RELOCATION_PARTITION,
              stragglers_only: bool = False) -> Relocated:
     """Rewrite the group's live records together (one batch: one block unless it needs more) into
     `partition`; with `stragglers_only`, only those outside its main block."""

@@ -1,0 +1,159 @@
+"""Placement: which open block a record goes to, and when an open block is rotated out.
+
+One open block per partition (a namespace, a user session, a compaction stream), at most
+`max_open_blocks` of them; a block is rotated out when the next record would not fit, when it is the
+least recently used and a new partition needs its slot, or when it has been idle `idle_seal_seconds`.
+Lone records of partitions not written lately share one overflow stream instead of a block each.
+The group-commit leader (store.py `_plan_group`) is the only caller: nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+import xxhash
+
+from blockstore.blocks import BlockFiles, OpenBlock, block_file_name
+from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, DirectoryBatch
+from blockstore.errors import BlockstoreError, CorruptionError
+from blockstore.records import BLOCK_HEADER_SIZE, PAGE
+
+_log = logging.getLogger("blockstore")
+
+# Where a lone write goes when every open block belongs to another partition (block_for).
+OVERFLOW_PARTITION = b"\0overflow"
+_RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (block_for)
+# ...and the least share of the writes placed since it opened that keeps an open block worth its slot
+# for a lone newcomer: 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks)
+
+
+class OpenBlocks:
+    """The blocks being appended to (`open`, by partition), those taken out of rotation after a failed
+    append (`retired`, sealed at close), and the next block id."""
+
+    def __init__(self, *, path: str, directory: Directory, blocks: BlockFiles, block_size: int,
+                 max_open_blocks: int, idle_seal_seconds: float) -> None:
+        self.path = path
+        self.dir = directory
+        self.blocks = blocks
+        self.block_size = block_size
+        self.max_open_blocks = max_open_blocks
+        self.idle_seal_seconds = idle_seal_seconds
+        self.open: dict[bytes, OpenBlock] = {}
+        self.retired: list[OpenBlock] = []
+        self.recent: OrderedDict[bytes, None] = OrderedDict()  # bounded: see block_for
+        self.writes_placed = 0  # user records placed since open (block_for's measure of a block's share)
+        self.unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
+        self.next_block = 0  # set from the directory by the open (0 until then)
+
+    def min_seqs(self) -> dict[int, int]:
+        """Lowest sequence number in each block still being appended (0: nothing in it yet)."""
+        return {ob.entry.block_id: ob.min_seq for ob in [*self.open.values(), *self.retired]}
+
+    def open_entry(self, bid: int, rotating: list[OpenBlock]) -> BlockEntry:
+        """The entry of a block created in this session whose entry is not committed yet."""
+        for ob in [*self.open.values(), *rotating, *self.retired]:
+            if ob.entry.block_id == bid:
+                return ob.entry.copy()
+        raise CorruptionError(f"internal: block {bid} is neither known nor open")
+
+    def block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
+                   batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
+        """The open block a record of `partition` goes to. `lone`: a user write that is the only record
+        of its partition in its group."""
+        ob = self.open.get(partition)
+        if ob is not None:
+            tail = tails.get(ob.entry.block_id, ob.tail)
+            if tail > BLOCK_HEADER_SIZE and tail + need + 2 * PAGE > self.block_size:
+                to_seal.append(ob)
+                del self.open[partition]
+                ob = None
+        if ob is None:
+            recent = partition == OVERFLOW_PARTITION or self.written_recently(partition)
+            if len(self.open) >= self.max_open_blocks:
+                lru = min(self.open.items(), key=lambda kv: kv[1].entry.last_append_ns)
+                if lone and not recent and self.starved(lru[1], tails):
+                    # More partitions are being written than blocks may be open (thousands of agent
+                    # sessions at once). Sealing the least recently used block to open one for a lone
+                    # record made a block file per record (found by bench/scaling.py: 10,000 sessions
+                    # written round-robin), and sealing only blocks of two or more records still one
+                    # block per two records. When the block that would be sealed holds one record or
+                    # took almost none of the writes since it opened, a lone record of a partition not
+                    # written lately goes to one shared overflow stream instead; a partition that
+                    # writes again soon, or several records at once, gets a block of its own, and
+                    # compaction's relocation later brings records read together into one block.
+                    return self.block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
+                to_seal.append(lru[1])
+                del self.open[lru[0]]
+            first_id = self.next_block
+            try:
+                ob = self.new_block(partition, batch)
+            except BlockstoreError:
+                # a full disk fails the file's creation after its entry is committed; the next group that
+                # commits drops such an entry if no file exists (else recovery and fsck judge it), so a
+                # clean close does not leave one per retry made while the disk was full
+                self.unnamed = self.unnamed | frozenset(range(first_id, self.next_block))
+                raise
+            self.open[partition] = ob
+        return ob
+
+    def starved(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
+        """Whether an open block has not earned its slot: it holds a single record (counting one planned
+        in this group), or took less than 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks) of the user
+        writes placed since it opened."""
+        records = ob.entry.total_records + (1 if tails.get(ob.entry.block_id, ob.tail) > ob.tail else 0)
+        since = self.writes_placed - ob.opened_at_write
+        return records <= 1 or records * _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks < since
+
+    def written_recently(self, partition: bytes) -> bool:
+        """Whether `partition` needed a block among the last _RECENT_PARTITIONS_PER_SLOT x max_open_blocks
+        partitions that did (a bounded LRU of partition names); notes that it needs one now."""
+        recent = self.recent
+        seen = partition in recent
+        recent[partition] = None
+        recent.move_to_end(partition)
+        while len(recent) > _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks:
+            recent.popitem(last=False)
+        return seen
+
+    def new_block(self, partition: bytes, batch: DirectoryBatch) -> OpenBlock:
+        """A new open block. Its entry and the next_block counter are durable in the directory before
+        the file exists, so every block file an open finds is accounted for: a file the directory does
+        not name is then damage (kept and reported, never deleted), and an empty open block left by a
+        crash is removed on the proof of its entry (invariant 4)."""
+        while self.blocks.exists(self.next_block):
+            # a file the directory does not name (kept by recovery; fsck reports it): never reuse its id
+            _log.warning("%s: block file %s exists but the directory does not name it; skipping its id",
+                         self.path, block_file_name(self.next_block))
+            self.next_block += 1
+        bid = self.next_block
+        self.next_block += 1
+        now = time.time_ns()
+        e = BlockEntry(bid, BLOCK_OPEN, partition, created_ns=now, last_append_ns=now)
+        first = DirectoryBatch()
+        first.put_block(e)
+        first.put_meta("next_block", self.next_block)
+        self.dir.write(first, force_sync=True)
+        # If the create fails, the entry stays: the next open's recovery seals the empty file (then
+        # reclaims it on that proof) or forgets the entry if no file was left. Dropping the entry here
+        # could leave a file it no longer names (an unlink that failed too).
+        fd = self.blocks.create(bid, xxhash.xxh3_64_intdigest(partition))
+        batch.put_block(e)
+        return OpenBlock(e, fd, BLOCK_HEADER_SIZE, opened_at_write=self.writes_placed)
+
+    def idle_blocks(self) -> list[OpenBlock]:
+        if self.idle_seal_seconds <= 0:
+            return []
+        cutoff = time.time_ns() - int(self.idle_seal_seconds * 1e9)
+        idle = [(p, ob) for p, ob in self.open.items() if ob.entry.last_append_ns < cutoff]
+        for p, _ob in idle:
+            del self.open[p]
+        return [ob for _p, ob in idle]
+
+    def retire(self, ob: OpenBlock) -> None:
+        """An append to this block failed: stop using it; it is sealed at its last good tail on close
+        (and, if we crash first, recovery truncates it there)."""
+        self.open = {k: v for k, v in self.open.items() if v is not ob}
+        self.retired.append(ob)
