@@ -15,9 +15,9 @@ Each run is
 so it measures that commit's engine with that commit's bench code, and the same interpreter and
 dependencies on both sides. `-P` keeps the current directory off sys.path (the worktree's own blockstore/
 has no compiled core), and a sitecustomize.py in the site folder drops the editable finder of the
-main checkout's install, so nothing can resolve to the working tree. Before measuring, each side reports
-where blockstore, its compaction package and its native module come from; any outside its site folder
-stops the A/B.
+main checkout's install, so nothing can resolve to the working tree. Before measuring, each side opens and
+writes a store with the native backend and lists every blockstore module loaded: any from outside its site
+folder, or no native module, stops the A/B.
 
 Order: every round runs each bench on OLD then on NEW (A B A B ...). Headline figures are taken from each
 run's results JSON; the report gives per commit the median over rounds and the min-max, and the ratio
@@ -54,10 +54,14 @@ sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f,
 sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
 '''
 WHERE = """
-import json, blockstore, blockstore.compaction
-from blockstore import _native
-print(json.dumps({"blockstore": blockstore.__file__, "compaction": blockstore.compaction.__file__,
-                  "native": _native.__file__}))
+import json, os, sys, tempfile
+import blockstore, blockstore.compaction
+with tempfile.TemporaryDirectory() as d:  # a store opened and written: the native core is loaded
+    s = blockstore.open(os.path.join(d, "s"), backend="native")
+    s.put_many([(b"k", b"v")])
+    s.close()
+print(json.dumps({n: getattr(m, "__file__", None) for n, m in sys.modules.items()
+                  if n == "blockstore" or n.startswith("blockstore.")}))
 """
 
 
@@ -110,10 +114,13 @@ def prepare(label: str, rev: str, log: Callable[[str], None]) -> Side:
     side = Side(label, rev, sha, git("log", "-1", "--format=%s", sha)[:100], tree, site)
     where = json.loads(subprocess.run([sys.executable, "-P", "-c", WHERE], env=side.env, cwd=tree, check=True,
                                       capture_output=True, text=True).stdout)
-    bad = {k: v for k, v in where.items() if not os.path.realpath(v).startswith(os.path.realpath(site) + os.sep)}
-    if bad:
-        raise SystemExit(f"{label} ({sha[:12]}): imported from outside {site}: {bad}")
-    log(f"{label}: {sha[:12]} engine from {where['blockstore']}, native {os.path.basename(where['native'])}")
+    inside = os.path.realpath(site) + os.sep
+    bad = {k: v for k, v in where.items() if v is not None and not os.path.realpath(v).startswith(inside)}
+    native = [v for v in where.values() if v and v.endswith(".so")]
+    if bad or not native:
+        raise SystemExit(f"{label} ({sha[:12]}): modules from outside {site}: {bad}; native modules: {native}")
+    log(f"{label}: {sha[:12]}: {len(where)} blockstore modules, all from {site}; native "
+        f"{', '.join(os.path.relpath(v, site) for v in native)}")
     return side
 
 
