@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from importlib.metadata import entry_points
@@ -17,10 +18,12 @@ from tqdm import tqdm
 
 from blockstore import __version__
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED
-from blockstore.errors import BlockstoreError, StoreLocked
+from blockstore.errors import BlockstoreError, NotFound, StoreLocked
+from blockstore.manifest import MANIFEST
 from blockstore.records import Kind
 from blockstore.store import Store
 from blockstore.tools import fsck
+from blockstore.tools.fsck_decode import require_store
 from blockstore.tools.fsck_report import EXIT_CORRECTED, EXIT_UNCORRECTED, KINDS
 from blockstore.tools.repair import repair
 
@@ -41,8 +44,17 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _open_read_only(path: str) -> Store:
+    """The store at `path`, read-only. A path that is not a store is said as fsck says it, "no store at
+    PATH (why)", without the engine's hint to pass create=True (no command takes it)."""
+    root = require_store(path)
+    if not os.path.exists(os.path.join(root, MANIFEST)):
+        raise NotFound(f"no store at {root!r} (no {MANIFEST} there; `blockstore fsck` checks a damaged one)")
+    return Store(root, create=False, read_only=True)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    with Store(args.path, create=False, read_only=True) as s:
+    with _open_read_only(args.path) as s:
         st = s.stats().as_dict()
         st["namespaces"] = s.namespaces()
     if args.json:
@@ -103,7 +115,7 @@ def _record_rows(s: Store, block_hex: str) -> list[dict[str, Any]]:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    with Store(args.path, create=False, read_only=True) as s:
+    with _open_read_only(args.path) as s:
         if args.keys:
             rows = [{"ns": ns, "key": k.hex()} for ns in s.namespaces() for k in s.iter_keys(ns=ns)]
         elif args.block:

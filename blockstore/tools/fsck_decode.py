@@ -119,7 +119,7 @@ def require_store(path: str | os.PathLike[str]) -> str:
     """`path` as a str if it looks like a store (any of its three parts is there), else NotFound."""
     root = os.fspath(path)
     if not os.path.isdir(root):
-        raise NotFound(f"no store at {root!r}: not a directory")
+        raise NotFound(f"no store at {root!r} (not a directory)")
     if not any(os.path.exists(os.path.join(root, p)) for p in (MANIFEST, BLOCKS_DIR, DIRECTORY)):
-        raise NotFound(f"no store at {root!r}: none of {MANIFEST}, {BLOCKS_DIR}/, {DIRECTORY}/ is there")
+        raise NotFound(f"no store at {root!r} (none of {MANIFEST}, {BLOCKS_DIR}/, {DIRECTORY}/ is there)")
     return root
