@@ -1,84 +1,39 @@
-"""Group commit (docs/format.md §3): the queue and the leader slot, and what a group's plan holds.
+"""The write engine (docs/format.md §3): what the group-commit leader does with a group.
 
-Callers enqueue mutations; one thread at a time holds the leader slot and applies everything queued
-(the store's `_apply_group`: plan, append, publish), then wakes every caller of the group. In `sync`
-mode concurrent writers so share fsyncs, and a put is acknowledged only after its bytes and its
-directory entry are durable. Work that must not interleave with a group (close, a synced directory
-write for moves, reclaiming blocks) takes the same slot with `exclusive()`.
+The leader (leader.py) applies a group in four steps: plan (each record's block and sequence number,
+deletes and compare-and-swap moves decided against the directory), append (one backend call per block,
+synced when the group must be durable), publish (one directory batch), adopt (in-memory state follows
+what committed; emptied blocks go). A put is acknowledged only after its bytes and its directory entry
+are written (and in `sync` mode, durable).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import errno
+import logging
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+from blockstore import hooks
+from blockstore.blocklife import BlockLifecycle
 from blockstore.blocks import OpenBlock
-from blockstore.directory import DirectoryBatch, Location
+from blockstore.directory import BlockEntry, DirectoryBatch, Location
+from blockstore.errors import BlockstoreError, NoSpace
+from blockstore.keys import (
+    block_key,
+    chunk_session_key_strict,
+    key_suffix,
+    namespace_id_key,
+    namespace_key,
+    session_key,
+    suffix_ns_id,
+)
 from blockstore.mutations import Mutation
-from blockstore.records import AppendRecord, Kind
+from blockstore.records import AppendRecord, Kind, aligned_flags, record_layout
 
-
-@dataclass(slots=True)
-class _Group:
-    mutations: list[Mutation]
-    done: bool = False
-    error: BaseException | None = None
-
-
-class LeaderSlot:
-    """The group-commit queue and its one leader slot."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._queue: list[_Group] = []
-        self._leader = False
-
-    def submit(self, muts: list[Mutation], apply: Callable[[list[Mutation]], None],
-               may_lead: Callable[[], None]) -> None:
-        """Queue `muts`, and either lead a group (`apply` all that is queued) or wait for the leader that
-        applies ours. `may_lead()` raises if this caller must not lead (the store was closed meanwhile).
-        A group's error is raised in every caller of the group."""
-        group = _Group(muts)
-        with self._cv:
-            self._queue.append(group)
-            while not group.done:
-                if self._leader:
-                    self._cv.wait()
-                    continue
-                may_lead()
-                self._leader = True
-                batch, self._queue = self._queue, []
-                self._cv.release()
-                error: BaseException | None = None
-                try:
-                    apply([m for g in batch for m in g.mutations])
-                except BaseException as exc:  # delivered to every caller of the group
-                    error = exc
-                finally:
-                    self._cv.acquire()
-                    self._leader = False
-                    for g in batch:
-                        g.done = True
-                        g.error = error
-                    self._cv.notify_all()
-        if group.error is not None:
-            raise group.error
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the leader slot: no group is applied meanwhile."""
-        with self._cv:
-            while self._leader:
-                self._cv.wait()
-            self._leader = True
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._leader = False
-                self._cv.notify_all()
+_log = logging.getLogger("blockstore")
 
 
 @dataclass(slots=True)
@@ -129,3 +84,313 @@ def takes_effect(m: Mutation, suffix: bytes, plan: GroupPlan, live_after: dict[b
             return False  # deleting a missing key writes nothing
     touched.add(suffix)
     return True
+
+
+class WriteEngine(BlockLifecycle):
+    """The engine behind a writable Store: group commit over the block lifecycle (blocklife.py)."""
+
+    def submit(self, muts: list[Mutation]) -> None:
+        """Group commit: queue, and either lead a group or wait for a leader to apply ours."""
+        self.slot.submit(muts, self._apply, lambda: self.check_open(write=True))
+
+    # ---- the leader's work ----
+
+    def _apply(self, muts: list[Mutation]) -> None:
+        to_seal: list[OpenBlock] = []
+        try:
+            self._apply_group(muts, to_seal)
+        except BaseException as exc:
+            # blocks taken out of rotation but not sealed: seal them at close (or recovery does)
+            self._placement.retired.extend(ob for ob in to_seal if ob not in self._placement.retired)
+            if isinstance(exc, NoSpace):
+                raise self.no_space(exc) from exc
+            raise
+
+    def no_space(self, exc: NoSpace, *, closing: bool = False) -> NoSpace:
+        """The NoSpace a caller sees: what happened and what to do (it used to name neither)."""
+        if "free space" in str(exc):
+            return exc  # explained already
+        code = errno.EDQUOT if exc.errno == errno.EDQUOT or "quota" in str(exc).lower() else errno.ENOSPC
+        state = "over its disk quota (EDQUOT)" if code == errno.EDQUOT else "full (ENOSPC)"
+        if closing:
+            then = ("close() could not finish: the store is closed but not marked clean, and the next open "
+                    "recovers it (nothing acknowledged is lost); free space before reopening it")
+        else:
+            then = ("this write failed and was not acknowledged, and every write acknowledged before it is intact; "
+                    "free space there and retry: the store resumes writing by itself once there is room (no reopen "
+                    "needed)")
+        return NoSpace(code, f"{exc.strerror or exc} -- the filesystem holding store {self.path!r} is {state}: {then}")
+
+    def settle_failed_commit(self) -> None:
+        """The last group's directory write failed, yet RocksDB may hold its batch whole (a WAL sync that
+        failed after the write), and the reopen that resumes the directory replays it. Before anything is
+        appended again (an append at the restored tail would overwrite records the directory names),
+        resume the directory and look: if the batch is there, adopt what it committed (its records were
+        never acknowledged, but they are stored now); else forget it."""
+        u = self._unsure
+        if u is None:
+            return
+        self.dir.resume()  # NoSpace while the disk is still full: nothing is appended, the next write looks
+        bid, total, post, created_ns, seq, bytes_put, bytes_written, entries = u
+        raw = self.dir.get(block_key(bid))
+        self._unsure = None
+        if raw is None or BlockEntry.decode(bid, raw).total_records != total:
+            return
+        _log.warning("%s: a directory write reported as failed was found committed after the directory "
+                     "was reopened; its %d bytes of records are kept", self.path, bytes_written)
+        for ob, tail, e, lo, hi, n in post:
+            ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
+        with self.state_lock:
+            self.ns_ids.update(created_ns)
+            self.next_seq = max(self.next_seq, seq)
+            self.bytes_put_total += bytes_put
+            self.bytes_written_total += bytes_written
+            self.table.update(entries)
+
+    def _apply_group(self, muts: list[Mutation], to_seal: list[OpenBlock]) -> None:
+        """Apply one group: plan (blocks, sequence numbers, compare-and-swap), append (one backend call
+        per block), publish (one directory batch), then update the in-memory state it committed."""
+        self.settle_failed_commit()
+        hooks.fire("write.begin")
+        plan = self._plan_group(muts, to_seal)
+        placements = self._append_group(plan)
+        hooks.fire("write.appended")
+        self._publish_group(plan, placements, to_seal)
+
+    def _plan_group(self, muts: list[Mutation], to_seal: list[OpenBlock]) -> GroupPlan:
+        """Pick each record's block, rotating full and idle blocks out (into `to_seal`), and assign
+        sequence numbers; decide each delete and move against the directory as it is now."""
+        batch = DirectoryBatch()
+        ns_ids, created_ns = self._resolve_namespaces(muts, batch)
+        suffixes = [m.suffix or key_suffix(ns_ids[m.ns], m.space, m.key) for m in muts]
+        unique = list(dict.fromkeys(suffixes))
+        plan = GroupPlan(batch, created_ns, dict(zip(unique, self.dir.get_locations(unique))), self.next_seq)
+        to_seal.extend(self._placement.idle_blocks())
+        live_after: dict[bytes, bool] = {s: plan.current[s] is not None for s in plan.current}
+        touched: set[bytes] = set()  # keys a put or delete of this group changed
+        pending_need = 0  # a relocation set's size, carried to its first move that wins its CAS
+        per_partition = Counter(m.partition for m in muts if m.expected is None)
+        for m, suffix in zip(muts, suffixes):
+            pending_need = max(pending_need, m.group_need)
+            if not takes_effect(m, suffix, plan, live_after, touched):
+                continue
+            plen = len(m.payload)  # type: ignore[arg-type]
+            need = max(len(m.key) + len(m.meta) + plen, pending_need)
+            pending_need = 0
+            if m.expected is None:
+                self._placement.writes_placed += 1
+            ob = self._placement.block_for(m.partition, need, plan.tails, to_seal, batch,
+                                 lone=m.expected is None and per_partition[m.partition] == 1)
+            tail = plan.tails.get(ob.entry.block_id, ob.tail)
+            _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
+            plan.tails[ob.entry.block_id] = tail + rlen
+            nid = suffix_ns_id(suffix)
+            if m.expected is not None:  # a relocated copy keeps its sequence number: same record, new place
+                rec = AppendRecord(m.kind, nid, m.key, m.meta, m.payload, m.expected.seq, m.payload_xxh3)
+            else:
+                rec = AppendRecord(m.kind, nid, m.key, m.meta, m.payload, plan.seq, m.payload_xxh3)
+                plan.seq += 1
+            plan.planned.setdefault(ob.entry.block_id, Planned(ob)).records.append(rec)
+            plan.placed.append((m, suffix, ob, rec))
+            live_after[suffix] = m.kind != Kind.TOMBSTONE
+        # Moves (compaction) are durable whatever the mode: their source is deleted once the directory
+        # names the copy, and what a clean close made durable must not become volatile again.
+        plan.moves = any(m.expected is not None for m in muts)
+        # A delete is durable when it returns, whatever the mode: in cache mode a power cut may lose
+        # recent puts, but never bring back a key whose delete was acknowledged (docs/durability).
+        plan.deletes = any(m.kind == Kind.TOMBSTONE and m.expected is None and m.result for m in muts)
+        # An overwrite's new bytes are synced before the directory batch names them, in cache mode
+        # too: the kernel may write the directory's WAL back before the block's pages, and a power
+        # cut must then leave the key with its new value or its old one, never neither (found by
+        # tests/power_loss.py). The directory write itself stays unsynced: losing it keeps the old value.
+        plan.overwrites = any(m.expected is None and m.kind != Kind.TOMBSTONE and plan.current[s] is not None
+                              for m, s, _ob, _rec in plan.placed)
+        return plan
+
+    def _append_group(self, plan: GroupPlan) -> dict[int, list[Any]]:
+        """Write: one backend call per block; it ends with that block's fdatasync when the group must
+        be durable. The placements (where each record landed) by block id."""
+        placements: dict[int, list[Any]] = {}
+        sync = self.durability == "sync" or plan.moves or plan.deletes or plan.overwrites
+        for bid, pl in plan.planned.items():
+            ob = pl.block
+            try:
+                pls, _end = self.backend.append(ob.fd, ob.tail, pl.records, sync)
+            except BlockstoreError as exc:
+                # NoSpace keeps the block in rotation at its last good tail (the next append overwrites
+                # the failed bytes): retiring it opened a new block file, holding its descriptor, for
+                # every retry while the disk stayed full
+                if not isinstance(exc, NoSpace):
+                    self._placement.retire(ob)
+                raise
+            placements[bid] = pls
+        return placements
+
+    def _group_entry(self, entries: dict[int, BlockEntry], bid: int, to_seal: list[OpenBlock]) -> BlockEntry:
+        """The block entry this group changes, copied once per group."""
+        if bid not in entries:
+            entries[bid] = self.table[bid].copy() if bid in self.table else self._placement.open_entry(bid, to_seal)
+        return entries[bid]
+
+    def _stage_records(self, plan: GroupPlan, placements: dict[int, list[Any]], entries: dict[int, BlockEntry],
+                       to_seal: list[OpenBlock]) -> tuple[int, int]:
+        """Stage each placed record in the batch: its location, the old one dead, both blocks' counters,
+        the chunk session index. Returns (logical bytes put, bytes appended)."""
+        batch, current = plan.batch, plan.current
+        now = time.time_ns()
+        bytes_put = bytes_written = 0
+        index: dict[int, int] = {bid: 0 for bid in plan.planned}
+        for m, suffix, ob, rec in plan.placed:
+            bid = ob.entry.block_id
+            p = placements[bid][index[bid]]
+            index[bid] += 1
+            old = current[suffix]
+            e = self._group_entry(entries, bid, to_seal)
+            e.written_bytes += p.record_len
+            e.total_records += 1
+            e.data_end = p.offset + p.record_len
+            e.last_append_ns = now
+            bytes_written += p.record_len
+            if old is not None:
+                oe = self._group_entry(entries, old.block_id, to_seal)
+                oe.live_bytes -= old.record_len
+                oe.live_records -= 1
+                oe.live_logical_bytes -= len(m.key) + old.payload_len
+                batch.forget_reverse(old)
+                if old.kind == Kind.CHUNK and m.expected is None:
+                    batch.delete(chunk_session_key_strict(suffix, old))
+            if m.kind == Kind.TOMBSTONE:
+                e.tombstones += 1
+                batch.delete_location(suffix, None)
+                current[suffix] = None
+            else:
+                plen = len(m.payload)  # type: ignore[arg-type]
+                loc = Location(m.kind, p.flags, p.payload_off, bid, p.offset, p.record_len, plen,
+                               rec.seq, p.payload_xxh3, m.meta)
+                batch.put_location(suffix, loc)
+                current[suffix] = loc
+                e.live_bytes += p.record_len
+                e.live_records += 1
+                e.live_logical_bytes += len(m.key) + plen
+                if m.expected is None:
+                    bytes_put += len(m.key) + plen
+                if m.chunk_index is not None:
+                    user, session, ts, cid = m.chunk_index
+                    batch.put(session_key(suffix_ns_id(suffix), user, session, ts, cid), b"")
+            ob.min_seq = min(ob.min_seq or rec.seq, rec.seq)
+            ob.max_seq = max(ob.max_seq, rec.seq)
+            ob.records += 1
+        return bytes_put, bytes_written
+
+    def _publish_group(self, plan: GroupPlan, placements: dict[int, list[Any]], to_seal: list[OpenBlock]) -> None:
+        """Write the group's one directory batch (new locations, old ones dead, block counters, counters,
+        the footers of blocks rotated out), then adopt what it committed."""
+        planned, batch = plan.planned, plan.batch
+        # Everything below changes in-memory block state before the directory write, which can still
+        # fail: keep what to restore, so failed records never count (they are dead bytes past the tail).
+        saved = [(pl.block, pl.block.tail, pl.block.entry, pl.block.min_seq, pl.block.max_seq, pl.block.records)
+                 for pl in planned.values()] + [(ob, ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records)
+                                                 for ob in to_seal]
+        entries: dict[int, BlockEntry] = {}
+        try:
+            bytes_put, bytes_written = self._stage_records(plan, placements, entries, to_seal)
+            for bid in plan.retired_tombstones:
+                e = self._group_entry(entries, bid, to_seal)
+                e.tombstones = max(0, e.tombstones - 1)
+            for bid, pl in planned.items():
+                pl.block.tail = plan.tails[bid]
+                pl.block.entry = self._group_entry(entries, bid, to_seal)
+            # seal what rotated out (footer after its last records, before the batch names them)
+            for ob in to_seal:
+                self._seal(ob, batch, entries)
+                self._placement.open = {k: v for k, v in self._placement.open.items() if v is not ob}
+            for e in entries.values():
+                batch.put_block(e)
+            batch.put_meta("next_seq", plan.seq)
+            batch.put_meta("next_block", self._placement.next_block)
+            batch.put_meta("bytes_put", self.bytes_put_total + bytes_put)
+            batch.put_meta("bytes_written", self.bytes_written_total + bytes_written)
+            unnamed = self._placement.unnamed
+            for bid in unnamed:
+                if not self.blocks.exists(bid):
+                    batch.delete_block(bid)
+            hooks.fire("write.before_directory")
+            self._write_group_batch(plan, saved, entries, bytes_put, bytes_written)
+        except BaseException:
+            for ob, tail, e, lo, hi, n in saved:
+                ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records = tail, e, lo, hi, n
+            raise
+        hooks.fire("write.committed")
+        self._adopt_group(plan, entries, unnamed, bytes_put, bytes_written, to_seal)
+
+    def _write_group_batch(self, plan: GroupPlan, saved: list[Any], entries: dict[int, BlockEntry],
+                           bytes_put: int, bytes_written: int) -> None:
+        # An overwrite's synced record may sit in a block file made this session whose name is not
+        # durable yet: a later synced directory write (or the WAL written back) makes the entry durable,
+        # a power cut loses the file, recovery forgets the block and drops the key's entry, and the
+        # key reads absent while its old value is intact on disk (found by tests/power_loss.py). So
+        # blocks/ is fsynced first, as for moves and deletes (once per new block file).
+        if self.durability != "sync" and (plan.moves or plan.deletes or (
+                plan.overwrites and any(b >= self._names_durable_below for b in plan.planned))):
+            names_below = self._placement.next_block
+            self.backend.dir_sync(self.blocks.dir)  # a block file created for them, too
+            self._names_durable_below = names_below
+        try:
+            self.dir.write(plan.batch, force_sync=plan.deletes)
+        except BlockstoreError:
+            if plan.planned:  # what it would have committed, for _settle_failed_commit
+                first = next(iter(plan.planned))
+                self._unsure = (first, entries[first].total_records,
+                                [(ob, ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records) for ob, *_ in saved],
+                                dict(plan.created_ns), plan.seq, bytes_put, bytes_written, dict(entries))
+            raise
+
+    def _adopt_group(self, plan: GroupPlan, entries: dict[int, BlockEntry], unnamed: frozenset[int],
+                     bytes_put: int, bytes_written: int, to_seal: list[OpenBlock]) -> None:
+        """The group committed: the in-memory state follows, and blocks it emptied go."""
+        with self.state_lock:
+            self.ns_ids.update(plan.created_ns)  # only now: a failed batch must not leave a phantom namespace
+            self.next_seq = plan.seq
+            self.bytes_put_total += bytes_put
+            self.bytes_written_total += bytes_written
+            self.table.update(entries)
+        self._placement.unnamed = self._placement.unnamed - unnamed
+        for ob in to_seal:
+            self._close_fd(ob)
+        to_seal.clear()
+        for bid, e in entries.items():
+            if self.reclaimable(e):
+                if plan.moves and self.durability != "sync":
+                    # the copies are durable, the directory batch naming them is not yet: the source
+                    # goes only after a synced directory write (sync_moves, or close)
+                    self._reclaim_after_sync.add(bid)
+                    continue
+                try:
+                    self.delete_block(bid)
+                except BlockstoreError:
+                    pass  # the group is committed; an empty block left behind is reclaimed at close
+
+    def _resolve_namespaces(self, muts: list[Mutation], batch: DirectoryBatch) -> tuple[dict[str, int], dict[str, int]]:
+        """(id of every namespace the group names, the ones this group creates). A delete never creates
+        a namespace: in one that does not exist it gets id 0, which names nothing, so it is a miss."""
+        out: dict[str, int] = {}
+        created: dict[str, int] = {}
+        for m in muts:
+            if m.ns in out or m.suffix is not None:
+                continue
+            nid = self.ns_ids.get(m.ns)
+            if nid is None and m.kind == Kind.TOMBSTONE and not any(
+                    x.ns == m.ns and x.kind != Kind.TOMBSTONE for x in muts):
+                continue
+            if nid is None:
+                nid = self.next_ns
+                self.next_ns += 1  # never reused, even if this batch fails
+                batch.put(namespace_key(m.ns), nid.to_bytes(4, "little"))
+                batch.put(namespace_id_key(nid), m.ns.encode())
+                batch.put_meta("next_ns", self.next_ns)
+                created[m.ns] = nid
+            out[m.ns] = nid
+        for m in muts:
+            if m.suffix is None and m.ns not in out:
+                out[m.ns] = 0
+        return out, created

@@ -1,0 +1,77 @@
+"""The group-commit queue and its one leader slot (docs/format.md §3).
+
+Callers enqueue mutations; one thread at a time holds the leader slot and applies everything queued,
+then wakes every caller of the group: in `sync` mode concurrent writers so share fsyncs. Work that
+must not interleave with a group (close, a synced directory write for moves, reclaiming blocks)
+takes the same slot with `exclusive()`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from blockstore.mutations import Mutation
+
+
+@dataclass(slots=True)
+class _Group:
+    mutations: list[Mutation]
+    done: bool = False
+    error: BaseException | None = None
+
+
+class LeaderSlot:
+    """The group-commit queue and its one leader slot."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._queue: list[_Group] = []
+        self._leader = False
+
+    def submit(self, muts: list[Mutation], apply: Callable[[list[Mutation]], None],
+               may_lead: Callable[[], None]) -> None:
+        """Queue `muts`, and either lead a group (`apply` all that is queued) or wait for the leader that
+        applies ours. `may_lead()` raises if this caller must not lead (the store was closed meanwhile).
+        A group's error is raised in every caller of the group."""
+        group = _Group(muts)
+        with self._cv:
+            self._queue.append(group)
+            while not group.done:
+                if self._leader:
+                    self._cv.wait()
+                    continue
+                may_lead()
+                self._leader = True
+                batch, self._queue = self._queue, []
+                self._cv.release()
+                error: BaseException | None = None
+                try:
+                    apply([m for g in batch for m in g.mutations])
+                except BaseException as exc:  # delivered to every caller of the group
+                    error = exc
+                finally:
+                    self._cv.acquire()
+                    self._leader = False
+                    for g in batch:
+                        g.done = True
+                        g.error = error
+                    self._cv.notify_all()
+        if group.error is not None:
+            raise group.error
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the leader slot: no group is applied meanwhile."""
+        with self._cv:
+            while self._leader:
+                self._cv.wait()
+            self._leader = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._leader = False
+                self._cv.notify_all()
