@@ -115,6 +115,18 @@ class BlockFiles:
             return None
         return f if f.data_end == size - 64 else None
 
+    def drop_page_cache(self) -> None:
+        """Evict the block files from the OS page cache (cold-read benchmarks)."""
+        for p in self.list_files().values():
+            try:
+                fd = self.backend.open_ro(p)
+            except NotFound:
+                continue
+            try:
+                self.backend.drop_cache(fd)
+            finally:
+                self.backend.close(fd)
+
     # ---- reader side ----
     @contextmanager
     def pinned(self, block_ids: Iterable[int]) -> Iterator[None]:

@@ -13,12 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockstore.keys import SPACE_CHUNK, TOMBSTONE_META, encode_chunk_key, key_suffix, session_prefix
-
-# decode_chunk_key: blockstore/fsck.py imports it from here until it moves to blockstore/tools/ (issue 14)
-from blockstore.keys import decode_chunk_key as decode_chunk_key  # isort: skip
 from blockstore.directory import Directory
 from blockstore.errors import CorruptionError, InvalidArgument
+from blockstore.keys import SPACE_CHUNK, TOMBSTONE_META, encode_chunk_key, key_suffix, session_prefix
 from blockstore.mutations import Mutation
 from blockstore.records import Kind
 from blockstore.validate import check_int, check_keys, check_meta, check_ns, check_seq

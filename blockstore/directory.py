@@ -20,13 +20,6 @@ from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionErr
 from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
 from blockstore.manifest import last_writer_synced
 
-# Re-exported only for blockstore/fsck.py and blockstore/repair.py, which still import the key layout from
-# here (issue 14: they move to blockstore/tools/ and import blockstore.keys); nothing else may use these.
-from blockstore.keys import (  # noqa: F401  isort: skip
-    SPACE_CHUNK, SPACE_KV, TAG_AFFINITY, TAG_KEY, TAG_META, TAG_NS_ID, TAG_REVERSE, TAG_SESSION, TOMBSTONE_META,
-    key_suffix, session_key,
-)
-
 _T = TypeVar("_T")
 
 BLOCK_OPEN = 1

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import xxhash
 
+from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, OpenBlock, block_file_name
 from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, DirectoryBatch
 from blockstore.errors import BlockstoreError, CorruptionError
@@ -47,6 +48,14 @@ class OpenBlocks:
         self.writes_placed = 0  # user records placed since open (block_for's measure of a block's share)
         self.unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
         self.next_block = 0  # set from the directory by the open (0 until then)
+
+    def drop_fds(self, backend: Backend) -> None:
+        """Close the open and retired blocks' descriptors without sealing them (a simulated crash)."""
+        for ob in [*self.open.values(), *self.retired]:
+            try:
+                backend.close(ob.fd)
+            except BlockstoreError:
+                pass
 
     def min_seqs(self) -> dict[int, int]:
         """Lowest sequence number in each block still being appended (0: nothing in it yet)."""

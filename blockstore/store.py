@@ -1,14 +1,12 @@
-"""The Store: the engine's public API over blocks, the directory and the I/O backend.
+"""The Store: the engine's public API. It checks arguments and delegates to the engine's parts:
 
-Write path (docs/format.md §3): callers enqueue mutations; one thread at a time becomes the group
-leader, appends everything queued to the right blocks (one `pwritev` per block, and in `sync` mode
-one fdatasync per block), then writes one directory batch, then wakes every caller of the group.
-So in `sync` mode concurrent writers share fsyncs (group commit), and a put is acknowledged only
-after its bytes and its directory entry are durable.
+- opening.py and manifest.py open (or create) the store; blocks.py and directory.py own its files;
+- writer.py (WriteEngine, over blocklife.py and leader.py) applies writes by group commit, placing
+  records with placement.py; recovery.py runs at an open after a crash;
+- reader.py reads located records into page-aligned or caller-owned buffers, verified;
+- chunks.py and tensors.py are the chunk-record and tensor APIs, composed here.
 
-Read path: one directory multi-get, then per block one C call that coalesces neighbouring records
-into one `preadv` straight into page-aligned (or caller-owned) buffers and verifies each payload's
-xxh3 before it is returned (invariant 1).
+Compaction (blockstore.compaction) is a plugin started by name; the engine never imports it.
 """
 
 from __future__ import annotations
@@ -17,36 +15,15 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from blockstore.backend import Backend, get_backend
-from blockstore.blocks import BLOCKS_DIR, BlockFiles
+from blockstore.blocks import BlockFiles
 from blockstore.chunks import Chunk, ChunkRecords, ChunkWrite
-from blockstore.directory import (
-    BLOCK_OPEN,
-    BlockEntry,
-    Directory,
-    DirectoryBatch,
-    Location,
-)
-from blockstore.errors import (
-    BlockstoreError,
-    CorruptionError,
-    InvalidArgument,
-    NoSpace,
-    NotFound,
-    ReadOnlyStore,
-    StoreClosed,
-    error_for_os,
-)
-from blockstore.keys import (
-    SPACE_KV,
-    TOMBSTONE_META,
-    key_suffix,
-    keys_prefix,
-)
-from blockstore.lock import LOCK_FILE, WriterLock
+from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, Location
+from blockstore.errors import BlockstoreError, InvalidArgument, NoSpace, NotFound, ReadOnlyStore, StoreClosed
+from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix, keys_prefix
+from blockstore.lock import WriterLock
 from blockstore.manifest import (
     DEFAULT_BLOCK_SIZE,
     MANIFEST,
@@ -55,125 +32,27 @@ from blockstore.manifest import (
     valid_block_size,
     write_manifest_file,
 )
-
-# Re-exported only for blockstore/tools/ (fsck, repair), which import them from here until they import
-# blockstore.manifest (issue 14); nothing else may use these names.
-from blockstore.manifest import MAX_BLOCK as _MAX_BLOCK  # noqa: F401  isort: skip
-from blockstore.manifest import MIN_BLOCK as _MIN_BLOCK  # noqa: F401  isort: skip
-from blockstore.mutations import Mutation
+from blockstore.mutations import Mutation, kv_mutations, partition_of, relocation_mutations
+from blockstore.opening import DIRECTORY, check_options, check_store_path, make_store_dirs
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
+from blockstore.stats import StoreStats, measure
 from blockstore.writer import WriteEngine
 
 # Re-exported only for bench/ (gpu_path, ceilings, throughput, scaling), which import it from here until
 # they import blockstore.reader (issue 14); nothing else may use the name.
 from blockstore.reader import aligned_buffer as aligned_buffer  # noqa: F401  isort: skip
-from blockstore.records import (
-    PAGE,
-    REC_ALIGNED,
-    Buffer,
-    Kind,
-)
+from blockstore.records import Buffer, Kind
 from blockstore.tensors import TensorRecords
-from blockstore.validate import (
-    check_bool,
-    check_keys,
-    check_meta,
-    check_ns,
-    check_out,
-    check_pairs,
-    check_seq,
-    payload_view,
-)
+from blockstore.validate import check_bool, check_keys, check_locations, check_meta, check_ns, check_out, check_seq
 from blockstore.validate import check_key as _check_key
 
 Durability = Literal["cache", "sync"]
 OnCorrupt = Literal["raise", "miss"]
 
-DIRECTORY = "directory"
 _log = logging.getLogger("blockstore")
 
 DEFAULT_NAMESPACE = "default"
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    records: int
-    live_bytes: int
-    live_logical_bytes: int
-    written_bytes: int
-    blocks: int
-    open_blocks: int
-    block_file_bytes: int
-    directory_bytes: int
-    bytes_put: int
-    bytes_appended: int
-    space_amplification: float
-    write_amplification: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
-
-
-# What a creation of ours cut short leaves before the MANIFEST is written (Store._open_files), and
-# lost+found (fsck --repair's, or a file system's root when a store is made at a mount point): a
-# directory holding nothing else may be created into.
-_CREATION_LEFTOVERS = frozenset({BLOCKS_DIR, DIRECTORY, LOCK_FILE, MANIFEST + ".tmp", "lost+found"})
-
-
-def _check_store_path(path: str, create: bool, read_only: bool, allow_non_empty: bool) -> None:
-    """Refuse, before anything is written, a path that cannot be a store: a file (or a path through
-    one), or, where a store would be created, a non-empty directory that is not a store (unless
-    `allow_non_empty`): creating into someone's data directory must never happen by mistake."""
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return  # created (with its parents) by _open_files
-    except NotADirectoryError:
-        raise InvalidArgument(f"path {path!r} is not a directory: a component of it is a file") from None
-    except OSError as exc:
-        raise error_for_os(exc, f"open store {path!r}") from exc
-    if not os.path.isdir(path):
-        raise InvalidArgument(f"path {path!r} is not a directory (a store is a directory)")
-    if not create or read_only or allow_non_empty or os.path.lexists(os.path.join(path, MANIFEST)):
-        return
-    try:
-        foreign = sorted(set(os.listdir(path)) - _CREATION_LEFTOVERS)
-        blocks_dir = os.path.join(path, BLOCKS_DIR)
-        lost_manifest = os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir))
-    except OSError as exc:
-        raise error_for_os(exc, f"list {path!r}") from exc
-    if foreign and not lost_manifest:  # a lost MANIFEST: _open_files says so (CorruptionError)
-        shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise InvalidArgument(
-            f"path {path!r} is a non-empty directory that is not a store (no {MANIFEST}; it holds {shown}): "
-            "pass allow_non_empty=True to create a store in it anyway"
-        )
-
-
-def _check_options(path: Any, *, durability: Any, block_size: Any, max_open_blocks: Any, idle_seal_seconds: Any,
-                   read_gap: Any, on_corrupt: Any) -> str:
-    """Store()'s arguments checked before anything is touched; the path as a str."""
-    try:
-        fs_path = os.fspath(path)
-    except TypeError:
-        raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
-    if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
-        raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
-    if durability not in ("cache", "sync"):
-        raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
-    if block_size is not None and not valid_block_size(block_size):
-        raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
-    if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
-        raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
-    if on_corrupt not in ("raise", "miss"):
-        raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
-    if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
-            or not idle_seal_seconds >= 0:
-        raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
-    if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
-        raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
-    return fs_path
 
 
 class Store:
@@ -203,7 +82,7 @@ class Store:
         for flag, value in (("create", create), ("read_only", read_only), ("read_ahead", read_ahead),
                             ("allow_non_empty", allow_non_empty)):
             check_bool(flag, value)
-        fs_path = _check_options(path, durability=durability, block_size=block_size, max_open_blocks=max_open_blocks,
+        fs_path = check_options(path, durability=durability, block_size=block_size, max_open_blocks=max_open_blocks,
                                  idle_seal_seconds=idle_seal_seconds, read_gap=read_gap, on_corrupt=on_corrupt)
         self.path = fs_path
         self._allow_non_empty = allow_non_empty
@@ -241,30 +120,13 @@ class Store:
     # ------------------------------------------------------------------ open / close
 
     def _open_files(self, create: bool) -> None:
-        _check_store_path(self.path, create, self.read_only, self._allow_non_empty)
+        check_store_path(self.path, create, self.read_only, self._allow_non_empty)
         manifest_path = os.path.join(self.path, MANIFEST)
         exists = os.path.exists(manifest_path)
         if not exists:
             if not create or self.read_only:
                 raise NotFound(f"no store at {self.path!r} (no {MANIFEST}); pass create=True to make one")
-            blocks_dir = os.path.join(self.path, BLOCKS_DIR)
-            if os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir)):
-                # A creation cut short leaves no block file (blocks are made only by an open store), so
-                # these belong to a store whose MANIFEST was lost: creating over it would reuse block ids
-                # and overwrite acknowledged data.
-                raise CorruptionError(f"{self.path!r} has block files but no {MANIFEST}: its MANIFEST was lost; "
-                                      "`blockstore fsck --repair` re-creates it from the block headers")
-            # Each directory made here is durable before anything is put in it: a new name survives a
-            # power cut only once its parent directory is fsynced, and a store made at a new path was
-            # otherwise lost whole (the next open then made an empty one; tests/power_loss.py).
-            made = []
-            d = os.path.abspath(blocks_dir)
-            while not os.path.isdir(d):
-                made.append(d)
-                d = os.path.dirname(d)
-            os.makedirs(blocks_dir, exist_ok=True)
-            for d in made:  # bottom-up: each new directory's parent
-                self.backend.dir_sync(os.path.dirname(d))
+            make_store_dirs(self.path, self.backend)
         if not self.read_only:
             self._lock.acquire(self.path)
         directory: Directory | None = None
@@ -281,23 +143,19 @@ class Store:
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
             # the WAL on disk was written under the last writer's durability (MANIFEST "durability")
             last_durability = manifest.get("durability", self.durability)
-            self.dir = directory = Directory(
-                os.path.join(self.path, DIRECTORY),
-                read_only=self.read_only,
-                sync=self.durability == "sync",
-                create=not exists,
-                strict_wal=last_durability == "sync",
-            )
-            self._reader = Reader(path=self.path, directory=directory, blocks=self.blocks, backend=self.backend,
-                                  read_gap=self.read_gap, read_ahead=self.read_ahead, on_corrupt=self.on_corrupt,
-                                  block_named=self._block_named)
-            self._reader.observers = self._read_observers
+            self.dir = directory = Directory(os.path.join(self.path, DIRECTORY), read_only=self.read_only,
+                                             sync=self.durability == "sync", create=not exists,
+                                             strict_wal=last_durability == "sync")
             self._placement = OpenBlocks(path=self.path, directory=directory, blocks=self.blocks,
                                          block_size=self.block_size, max_open_blocks=self.max_open_blocks,
                                          idle_seal_seconds=self.idle_seal_seconds)
             self._engine = WriteEngine(path=self.path, read_only=self.read_only, durability=self.durability,
                                        backend=self.backend, directory=directory, blocks=self.blocks,
                                        store_id=self.store_id, placement=self._placement, check_open=self._check_open)
+            self._reader = Reader(path=self.path, directory=directory, blocks=self.blocks, backend=self.backend,
+                                  read_gap=self.read_gap, read_ahead=self.read_ahead, on_corrupt=self.on_corrupt,
+                                  block_named=self._engine.block_named)
+            self._reader.observers = self._read_observers
             self._chunks = ChunkRecords(check_open=self._check_open, namespace_id=self.namespace_id,
                                         submit=self._engine.submit, read=self._reader.read, directory=directory)
             if exists and not self.read_only and last_durability != self.durability:
@@ -334,14 +192,7 @@ class Store:
         failed: BlockstoreError | None = None
         try:
             if not self.read_only:
-                with self._engine.slot.exclusive():
-                    self._engine.settle_failed_commit()  # before a footer goes where a replayed commit put records
-                    failed = self._engine.seal_all()
-                    self.dir.flush()
-                    if failed is None:
-                        b = DirectoryBatch()
-                        b.put_meta("clean", 1)
-                        self.dir.write(b, force_sync=True)
+                failed = self._engine.close_writes()
         except NoSpace as exc:
             raise self._engine.no_space(exc, closing=True) from exc
         finally:
@@ -362,11 +213,7 @@ class Store:
             self.compactor.stop(flush=False)
             self.compactor = None
         self._closed = True
-        for ob in list(self._placement.open.values()) + self._placement.retired:
-            try:
-                self.backend.close(ob.fd)
-            except BlockstoreError:
-                pass
+        self._placement.drop_fds(self.backend)
         self.blocks.close()
         self.dir.close()
         self._lock.release()
@@ -396,10 +243,6 @@ class Store:
 
     _ns_id = namespace_id  # the engine's own spelling
 
-    def _block_named(self, bid: int) -> bool:
-        with self._engine.state_lock:
-            return bid in self._engine.table
-
     # ------------------------------------------------------------------ writes
 
     def put(self, key: bytes, value: Buffer, *, ns: str = DEFAULT_NAMESPACE, meta: bytes = b"",
@@ -418,18 +261,8 @@ class Store:
         """
         self._check_open(write=True)
         check_ns(ns)
-        part = self._partition(ns, partition)
-        pairs = check_pairs("items", items, "(key, value)")
-        if metas is not None:
-            metas = check_seq("metas", metas, "bytes (one per item)")
-            if len(metas) != len(pairs):
-                raise InvalidArgument(f"metas has {len(metas)} entries for {len(pairs)} items: give one per item")
-        muts = []  # every item is checked before any is queued: a bad one writes nothing of this call
-        for i, (key, value) in enumerate(pairs):
-            meta = check_meta(metas[i], f"metas[{i}]") if metas else b""
-            muts.append(Mutation(ns, SPACE_KV, _check_key(key, f"items[{i}] key"), Kind.KV, part, meta,
-                                  payload_view(value)))
-        self._engine.submit(muts)
+        part = partition_of(ns, partition)
+        self._engine.submit(kv_mutations(ns, part, items, metas))
 
     def delete(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bool:
         """Delete `key`: writes a tombstone. Returns whether the key existed."""
@@ -438,27 +271,10 @@ class Store:
     def delete_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
         self._check_open(write=True)
         check_ns(ns)
-        part = self._partition(ns, None)
+        part = partition_of(ns, None)
         muts = [Mutation(ns, SPACE_KV, k, Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in check_keys(keys)]
         self._engine.submit(muts)
         return [bool(m.result) for m in muts]
-
-    def _partition(self, ns: str, partition: bytes | str | None) -> bytes:
-        base = ns.encode()
-        if partition is None:
-            return base
-        if isinstance(partition, str):
-            try:
-                p = partition.encode()
-            except UnicodeEncodeError:
-                raise InvalidArgument("partition must be valid UTF-8 (it holds a lone surrogate)") from None
-        elif isinstance(partition, (bytes, bytearray, memoryview)):
-            p = bytes(partition)
-        else:
-            raise InvalidArgument(f"partition must be bytes, a str or None, not {type(partition).__name__}")
-        if len(p) > 4096:
-            raise InvalidArgument("partition must be at most 4096 bytes")
-        return base + b"\0" + p
 
     # ------------------------------------------------------------------ observation and relocation
 
@@ -493,21 +309,7 @@ class Store:
         if not isinstance(partition, (bytes, bytearray)):
             raise InvalidArgument(f"relocate_many: partition must be bytes, not {type(partition).__name__}")
         check_bool("together", together)
-        muts = []
-        for suffix, loc, payload in moves:
-            if len(suffix) < 6:
-                raise InvalidArgument("relocate_many: malformed key suffix")
-            xxh = None if loc.kind == Kind.TOMBSTONE else loc.payload_xxh3
-            muts.append(Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta,
-                                  payload_view(payload), xxh, suffix=suffix, expected=loc))
-        if together and muts:
-            # a page-aligned record may need up to a page more where it lands than where it was
-            muts[0].group_need = sum(loc.record_len + (PAGE if loc.flags & REC_ALIGNED else 0) for _s, loc, _p in moves)
-        for suffix, loc in drop_tombstones:
-            if len(suffix) < 6 or loc.kind != Kind.TOMBSTONE:
-                raise InvalidArgument("relocate_many: drop_tombstones takes tombstone locations")
-            muts.append(Mutation("", suffix[4], suffix[5:], loc.kind, bytes(partition), loc.meta, b"",
-                                  suffix=suffix, expected=loc, drop=True))
+        muts = relocation_mutations(moves, bytes(partition), together, drop_tombstones)
         if not muts:
             return []
         self._engine.submit(muts)
@@ -517,11 +319,7 @@ class Store:
         """Read and verify the payloads at these places (raises on corruption whatever on_corrupt says:
         a relocation must never copy bad bytes)."""
         self._check_open()
-        locs = check_seq("locs", locs, "Locations")
-        for i, loc in enumerate(locs):
-            if not isinstance(loc, Location):
-                raise InvalidArgument(f"locs[{i}] must be a Location, not {type(loc).__name__}")
-        return self._reader.read_locations(locs)
+        return self._reader.read_locations(check_locations(locs))
 
     # ------------------------------------------------------------------ reads
 
@@ -552,12 +350,7 @@ class Store:
         self._check_open()
         nid = self._ns_id(ns)
         keys = check_keys(keys)
-        locs = check_seq("locs", locs, "Locations or None (one per key)")
-        if len(locs) != len(keys):
-            raise InvalidArgument(f"locs has {len(locs)} entries for {len(keys)} keys")
-        for i, loc in enumerate(locs):
-            if loc is not None and not isinstance(loc, Location):
-                raise InvalidArgument(f"locs[{i}] must be a Location or None, not {type(loc).__name__}")
+        locs = check_locations(locs, len(keys))
         out = check_out(out, len(keys))
         if nid is None:
             return [None] * len(keys)
@@ -662,29 +455,8 @@ class Store:
             blocks = list(self._engine.table.values())
             open_blocks = sum(1 for e in blocks if e.state == BLOCK_OPEN)
             bytes_put, bytes_written = self._engine.bytes_put_total, self._engine.bytes_written_total
-        files = self.blocks.list_files()
-        file_bytes = 0
-        for p in files.values():
-            try:
-                file_bytes += os.path.getsize(p)
-            except OSError:
-                pass
-        dir_bytes = self.dir.size_on_disk(os.path.join(self.path, DIRECTORY))
-        live_logical = sum(e.live_logical_bytes for e in blocks)
-        return StoreStats(
-            records=sum(e.live_records for e in blocks),
-            live_bytes=sum(e.live_bytes for e in blocks),
-            live_logical_bytes=live_logical,
-            written_bytes=sum(e.written_bytes for e in blocks),
-            blocks=len(files),
-            open_blocks=open_blocks,
-            block_file_bytes=file_bytes,
-            directory_bytes=dir_bytes,
-            bytes_put=bytes_put,
-            bytes_appended=bytes_written,
-            space_amplification=(file_bytes + dir_bytes) / live_logical if live_logical else 0.0,
-            write_amplification=bytes_written / bytes_put if bytes_put else 0.0,
-        )
+        return measure(blocks, open_blocks, bytes_put, bytes_written, self.blocks.list_files(),
+                       self.dir.size_on_disk(os.path.join(self.path, DIRECTORY)))
 
     def sync_moves(self) -> list[int]:
         """Make the directory durable (one synced write) and delete the blocks that moves emptied
@@ -704,8 +476,7 @@ class Store:
 
     def io_counters(self) -> tuple[int, int]:
         """(logical bytes users put, bytes appended to block files): write amplification's terms."""
-        with self._engine.state_lock:
-            return self._engine.bytes_put_total, self._engine.bytes_written_total
+        return self._engine.io_counters()
 
     def open_block_min_seqs(self) -> dict[int, int]:
         """Lowest sequence number in each block still being appended (0: nothing in it yet). With the
@@ -719,15 +490,7 @@ class Store:
 
     def drop_page_cache(self) -> None:
         """Evict this store's block files from the OS page cache (cold-read benchmarks)."""
-        for p in self.blocks.list_files().values():
-            try:
-                fd = self.backend.open_ro(p)
-            except NotFound:
-                continue
-            try:
-                self.backend.drop_cache(fd)
-            finally:
-                self.backend.close(fd)
+        self.blocks.drop_page_cache()
 
 
 def open_store(path: str | os.PathLike[str], **kwargs: Any) -> Store:

@@ -7,6 +7,7 @@ import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
 from blockstore.records import MAX_KEY, MAX_META, MAX_NAMESPACE, MAX_PAYLOAD, Buffer
 
@@ -78,6 +79,19 @@ def check_int(name: str, value: Any) -> int:
         return operator.index(value)
     except TypeError:
         raise InvalidArgument(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def check_locations(locs: Any, n: int | None = None) -> list[Any]:
+    """A sequence of directory Locations (with `n`: one per key, None for a key not found)."""
+    from_lookup = n is not None
+    out = check_seq("locs", locs, "Locations or None (one per key)" if from_lookup else "Locations")
+    if from_lookup and len(out) != n:
+        raise InvalidArgument(f"locs has {len(out)} entries for {n} keys")
+    for i, loc in enumerate(out):
+        if not isinstance(loc, Location) and not (from_lookup and loc is None):
+            kind = "a Location or None" if from_lookup else "a Location"
+            raise InvalidArgument(f"locs[{i}] must be {kind}, not {type(loc).__name__}")
+    return out
 
 
 def payload_view(value: Buffer) -> memoryview:

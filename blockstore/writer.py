@@ -89,6 +89,20 @@ def takes_effect(m: Mutation, suffix: bytes, plan: GroupPlan, live_after: dict[b
 class WriteEngine(BlockLifecycle):
     """The engine behind a writable Store: group commit over the block lifecycle (blocklife.py)."""
 
+    def close_writes(self) -> BlockstoreError | None:
+        """The writing part of a close, with the leader slot held: seal every open block, make everything
+        durable, mark the store clean. None if all of it happened, else the first error (the store is then
+        not marked clean, and the next open recovers it)."""
+        with self.slot.exclusive():
+            self.settle_failed_commit()  # before a footer goes where a replayed commit put records
+            failed = self.seal_all()
+            self.dir.flush()
+            if failed is None:
+                b = DirectoryBatch()
+                b.put_meta("clean", 1)
+                self.dir.write(b, force_sync=True)
+        return failed
+
     def submit(self, muts: list[Mutation]) -> None:
         """Group commit: queue, and either lead a group or wait for a leader to apply ours."""
         self.slot.submit(muts, self._apply, lambda: self.check_open(write=True))

@@ -1,0 +1,103 @@
+"""Opening a store: the checks made before anything is touched, and a new store's folders.
+
+    STORE/MANIFEST.json   (manifest.py)
+    STORE/directory/      the RocksDB directory (directory.py)
+    STORE/blocks/         the block files (blocks.py)
+    STORE/LOCK            the writer's lock (lock.py)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from blockstore.backend import Backend
+from blockstore.blocks import BLOCKS_DIR
+from blockstore.errors import CorruptionError, InvalidArgument, error_for_os
+from blockstore.lock import LOCK_FILE
+from blockstore.manifest import MANIFEST, valid_block_size
+
+DIRECTORY = "directory"
+
+# What a creation of ours cut short leaves before the MANIFEST is written (make_store_dirs, Store._open_files), and
+# lost+found (fsck --repair's, or a file system's root when a store is made at a mount point): a
+# directory holding nothing else may be created into.
+_CREATION_LEFTOVERS = frozenset({BLOCKS_DIR, DIRECTORY, LOCK_FILE, MANIFEST + ".tmp", "lost+found"})
+
+
+def check_store_path(path: str, create: bool, read_only: bool, allow_non_empty: bool) -> None:
+    """Refuse, before anything is written, a path that cannot be a store: a file (or a path through
+    one), or, where a store would be created, a non-empty directory that is not a store (unless
+    `allow_non_empty`): creating into someone's data directory must never happen by mistake."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return  # created (with its parents) by make_store_dirs
+    except NotADirectoryError:
+        raise InvalidArgument(f"path {path!r} is not a directory: a component of it is a file") from None
+    except OSError as exc:
+        raise error_for_os(exc, f"open store {path!r}") from exc
+    if not os.path.isdir(path):
+        raise InvalidArgument(f"path {path!r} is not a directory (a store is a directory)")
+    if not create or read_only or allow_non_empty or os.path.lexists(os.path.join(path, MANIFEST)):
+        return
+    try:
+        foreign = sorted(set(os.listdir(path)) - _CREATION_LEFTOVERS)
+        blocks_dir = os.path.join(path, BLOCKS_DIR)
+        lost_manifest = os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir))
+    except OSError as exc:
+        raise error_for_os(exc, f"list {path!r}") from exc
+    if foreign and not lost_manifest:  # a lost MANIFEST: _open_files says so (CorruptionError)
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise InvalidArgument(
+            f"path {path!r} is a non-empty directory that is not a store (no {MANIFEST}; it holds {shown}): "
+            "pass allow_non_empty=True to create a store in it anyway"
+        )
+
+
+def check_options(path: Any, *, durability: Any, block_size: Any, max_open_blocks: Any, idle_seal_seconds: Any,
+                   read_gap: Any, on_corrupt: Any) -> str:
+    """Store()'s arguments checked before anything is touched; the path as a str."""
+    try:
+        fs_path = os.fspath(path)
+    except TypeError:
+        raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
+    if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
+        raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
+    if durability not in ("cache", "sync"):
+        raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
+    if block_size is not None and not valid_block_size(block_size):
+        raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
+    if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
+        raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
+    if on_corrupt not in ("raise", "miss"):
+        raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+    if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
+            or not idle_seal_seconds >= 0:
+        raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
+    if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
+        raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
+    return fs_path
+
+
+def make_store_dirs(path: str, backend: Backend) -> None:
+    """Create a new store's folders (blocks/ and any missing parent), each durable before anything is
+    put in it. Refuses block files without a MANIFEST."""
+    blocks_dir = os.path.join(path, BLOCKS_DIR)
+    if os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir)):
+        # A creation cut short leaves no block file (blocks are made only by an open store), so
+        # these belong to a store whose MANIFEST was lost: creating over it would reuse block ids
+        # and overwrite acknowledged data.
+        raise CorruptionError(f"{path!r} has block files but no {MANIFEST}: its MANIFEST was lost; "
+                              "`blockstore fsck --repair` re-creates it from the block headers")
+    # Each directory made here is durable before anything is put in it: a new name survives a
+    # power cut only once its parent directory is fsynced, and a store made at a new path was
+    # otherwise lost whole (the next open then made an empty one; tests/power_loss.py).
+    made = []
+    d = os.path.abspath(blocks_dir)
+    while not os.path.isdir(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(blocks_dir, exist_ok=True)
+    for d in made:  # bottom-up: each new directory's parent
+        backend.dir_sync(os.path.dirname(d))
