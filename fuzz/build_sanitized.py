@@ -50,12 +50,13 @@ def build(verbose: bool = False) -> str:
     os.chdir(ROOT)  # build_native.py names its sources relative to the project root
     try:
         spec.loader.exec_module(mod)
-        # cffi compiles from inside tmpdir: make the project-relative sources and includes absolute
-        name, source, ext, kwds = mod.ffibuilder._assigned_source
+        # cffi compiles from inside tmpdir: make the project-relative sources and includes absolute (cffi
+        # has no public way to rewrite what set_source() recorded)
+        name, source, ext, kwds = mod.ffibuilder._assigned_source  # noqa: SLF001
         kwds = dict(kwds)
         for key in ("sources", "include_dirs"):
             kwds[key] = [os.path.join(ROOT, p) for p in kwds.get(key, [])]
-        mod.ffibuilder._assigned_source = (name, source, ext, kwds)
+        mod.ffibuilder._assigned_source = (name, source, ext, kwds)  # noqa: SLF001
         os.makedirs(OUT, exist_ok=True)
         path = mod.ffibuilder.compile(tmpdir=OUT, verbose=verbose)
     finally:

@@ -215,7 +215,8 @@ def segment_of(key: CacheEngineKey) -> str | None:
     """For a per-layer key, the identity of its chunk or segment (the key without its layer); else None."""
     if not isinstance(key, LayerCacheEngineKey):
         return None
-    return f"seg/{key.world_size}/{key.worker_id}/{key.chunk_hash_hex}/{key._dtype_str}"
+    # LMCache spells a key's dtype only in its private _dtype_str (what its own to_string() writes)
+    return f"seg/{key.world_size}/{key.worker_id}/{key.chunk_hash_hex}/{key._dtype_str}"  # noqa: SLF001
 
 
 # ------------------------------------------------------------------------------------------- layout

@@ -93,14 +93,15 @@ def check_scan(res: ScanResult, file: bytes, end: int, verify: bool) -> None:
 def small_scan_buffers() -> Iterator[None]:
     """The C scan then runs out of entries or arena on small files too, so its resume path
     (BS_SCAN_MORE, continued by NativeBackend.scan) is fuzzed; and no 8 MiB arena per call. Restored
-    after each input, so a test process importing this module keeps the real sizes elsewhere."""
-    saved = native_module._SCAN_CAP, native_module._SCAN_ARENA
-    native_module._SCAN_CAP = 3
-    native_module._SCAN_ARENA = RECORD_HEADER_SIZE + 4096 + 65536 + 1024  # room for one record's key + meta
+    after each input, so a test process importing this module keeps the real sizes elsewhere. The sizes
+    are the native backend's own tuning, deliberately not API: this harness is the one place that shrinks them."""
+    saved = native_module._SCAN_CAP, native_module._SCAN_ARENA  # noqa: SLF001
+    native_module._SCAN_CAP = 3  # noqa: SLF001
+    native_module._SCAN_ARENA = RECORD_HEADER_SIZE + 4096 + 65536 + 1024  # noqa: SLF001  (one record's key + meta)
     try:
         yield
     finally:
-        native_module._SCAN_CAP, native_module._SCAN_ARENA = saved
+        native_module._SCAN_CAP, native_module._SCAN_ARENA = saved  # noqa: SLF001
 
 
 def test_one_input(data: bytes) -> None:
