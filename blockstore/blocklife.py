@@ -132,7 +132,7 @@ class BlockLifecycle:
         for bid in block_ids:
             if self.blocks.exists(bid):
                 self.blocks.delete(bid)
-        self.backend.dir_sync(self.blocks.dir)
+        self.backend.dir_sync(self.blocks.folder)
         b = DirectoryBatch()
         for bid in block_ids:
             b.delete_block(bid)
@@ -168,7 +168,7 @@ class BlockLifecycle:
                 self.backend.close(fd)
         self._sealed_unsynced.clear()
         try:
-            self.backend.dir_sync(self.blocks.dir)  # the block files' names, too
+            self.backend.dir_sync(self.blocks.folder)  # the block files' names, too
         except BlockstoreError as exc:
             errors.append(exc)
         self.dir.write(batch, force_sync=True)
@@ -252,7 +252,7 @@ class BlockLifecycle:
                 self.backend.close(fd)
             self._sealed_unsynced.discard(sid)
         names_below = self._placement.next_block  # 0 while an open finishes reclaims
-        self.backend.dir_sync(self.blocks.dir)
+        self.backend.dir_sync(self.blocks.folder)
         self._names_durable_below = max(self._names_durable_below, names_below)
 
     def _forget_reclaimed(self, batch: DirectoryBatch) -> None:
@@ -261,7 +261,7 @@ class BlockLifecycle:
         brings back a file whose entry is gone, which the next open cannot account for (tests/power_loss.py)."""
         gone = [rid for rid in list(self._reclaiming) if not self.blocks.exists(rid)]
         if gone and not self.blocks.sync:
-            self.backend.dir_sync(self.blocks.dir)
+            self.backend.dir_sync(self.blocks.folder)
         for rid in gone:
             batch.delete_block(rid)
             self._reclaiming.discard(rid)

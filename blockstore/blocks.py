@@ -42,7 +42,7 @@ class OpenBlock:
 
 class BlockFiles:
     def __init__(self, root: str, backend: Backend, store_id: int, *, sync: bool, max_read_fds: int = 256) -> None:
-        self.dir = os.path.join(root, BLOCKS_DIR)
+        self.folder = os.path.join(root, BLOCKS_DIR)  # a path (Store.dir is the RocksDB directory)
         self.backend = backend
         self.store_id = store_id
         self.sync = sync
@@ -53,17 +53,17 @@ class BlockFiles:
         self._doomed: set[int] = set()
 
     def path(self, block_id: int) -> str:
-        return os.path.join(self.dir, block_file_name(block_id))
+        return os.path.join(self.folder, block_file_name(block_id))
 
     def exists(self, block_id: int) -> bool:
         return os.path.exists(self.path(block_id))
 
     def list_files(self) -> dict[int, str]:
         out = {}
-        for name in os.listdir(self.dir):
+        for name in os.listdir(self.folder):
             if name.endswith(".blk") and len(name) == 20:
                 try:
-                    out[int(name[:16], 16)] = os.path.join(self.dir, name)
+                    out[int(name[:16], 16)] = os.path.join(self.folder, name)
                 except ValueError:
                     continue
         return out
@@ -84,7 +84,7 @@ class BlockFiles:
             self.backend.pwrite(fd, header + bytes(BLOCK_HEADER_SIZE - len(header)), 0)
             if self.sync:
                 self.backend.sync(fd)
-                self.backend.dir_sync(self.dir)
+                self.backend.dir_sync(self.folder)
         except BaseException:
             self.backend.close(fd)
             try:
@@ -200,7 +200,7 @@ class BlockFiles:
         except NotFound:
             pass
         if self.sync:
-            self.backend.dir_sync(self.dir)
+            self.backend.dir_sync(self.folder)
 
     def close(self) -> None:
         with self._lock:

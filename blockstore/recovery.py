@@ -70,7 +70,7 @@ def recover(store: RecoveringStore, *, full: bool = True) -> dict[str, Any]:
         b.put_meta("next_seq", report["max_seq"] + 1)
         d.write(b, force_sync=True)
     if full:
-        store.backend.dir_sync(store.blocks.dir)
+        store.backend.dir_sync(store.blocks.folder)
     return report
 
 

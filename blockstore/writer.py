@@ -347,7 +347,7 @@ class WriteEngine(BlockLifecycle):
         if self.durability != "sync" and (plan.moves or plan.deletes or (
                 plan.overwrites and any(b >= self._names_durable_below for b in plan.planned))):
             names_below = self._placement.next_block
-            self.backend.dir_sync(self.blocks.dir)  # a block file created for them, too
+            self.backend.dir_sync(self.blocks.folder)  # a block file created for them, too
             self._names_durable_below = names_below
         try:
             self.dir.write(plan.batch, force_sync=plan.deletes)

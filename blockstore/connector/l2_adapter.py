@@ -291,7 +291,7 @@ class _Put:
 
 
 @dataclass
-class _Counters:
+class _AdapterCounters:
     store_tasks: int = 0
     store_failed_tasks: int = 0
     keys_stored: int = 0
@@ -367,7 +367,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._records = 0  # records of the lmcache namespaces
         self._used = 0  # their payload bytes
         self._reserved = 0  # payload bytes of stores under way (capacity budget)
-        self._counters = _Counters()
+        self._counters = _AdapterCounters()
         self._consecutive_failures = 0
         self._last_error: str | None = None
         self.recovered_keys = 0

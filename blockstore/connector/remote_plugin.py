@@ -272,7 +272,7 @@ def _decode_positions(doc: dict[str, Any]) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------- connector
 
 @dataclass
-class _Counters:
+class _PluginCounters:
     put_calls: int = 0
     keys_written: int = 0
     bytes_written: int = 0
@@ -317,7 +317,7 @@ class BlockstoreConnector(RemoteConnector):
         self._closed = False
         self._inflight = 0
         self._idle = threading.Condition(self._lock)
-        self.counters = _Counters()
+        self.counters = _PluginCounters()
         self.store = blockstore.open(settings.path, durability=settings.durability, block_size=settings.block_size,
                                      on_corrupt="miss", compaction=settings.compaction)
         self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix=f"blockstore-{plugin_name}")
@@ -446,7 +446,7 @@ class BlockstoreConnector(RemoteConnector):
         then check that each record read is still the one the buffer was shaped for. With
         `prefix_only`, nothing after the first miss is allocated or returned."""
         result: list[MemoryObj | None] = [None] * len(keys)
-        c = _Counters()
+        c = _PluginCounters()
         held: list[MemoryObj] = []  # allocated and not yet in result: released if anything raises
         try:
             wants: dict[str, list[_Want]] = {}
@@ -509,7 +509,7 @@ class BlockstoreConnector(RemoteConnector):
         return result
 
     def _read_namespace(self, ns: str, got: list[_Want], result: list[MemoryObj | None], held: list[MemoryObj],
-                        c: _Counters) -> None:
+                        c: _PluginCounters) -> None:
         """One get_many into the buffers of `got`; each buffer moves from `held` to `result` or is released."""
         try:
             sizes: list[Any] = self.store.get_many([w.kb for w in got], ns=ns,
