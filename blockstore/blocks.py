@@ -27,6 +27,51 @@ def block_file_name(block_id: int) -> str:
     return f"{block_id:016x}.blk"
 
 
+def block_id_of(name: str) -> int | None:
+    """The block id a file name in blocks/ names, None if it is not a block file's name."""
+    if name.endswith(".blk") and len(name) == 20:
+        try:
+            return int(name[:16], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _block_files(folder: str, names: Iterable[str]) -> dict[int, str]:
+    out = {}
+    for name in names:
+        bid = block_id_of(name)
+        if bid is not None:
+            out[bid] = os.path.join(folder, name)
+    return out
+
+
+def list_block_files(root: str) -> dict[int, str]:
+    """Block id -> path of every block file of the store at `root` ({} when it has no blocks/): for
+    tools that look at a store without opening it."""
+    folder = os.path.join(root, BLOCKS_DIR)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return {}
+    return _block_files(folder, names)
+
+
+def write_block_header(backend: Backend, fd: int, header: BlockHeader) -> None:
+    """Write a block's header page (the encoded header, zero-padded to BLOCK_HEADER_SIZE) at offset 0."""
+    raw = backend.encode_block_header(header)
+    backend.pwrite(fd, raw + bytes(BLOCK_HEADER_SIZE - len(raw)), 0)
+
+
+def seal_block_file(backend: Backend, fd: int, footer: Footer, *, sync: bool) -> None:
+    """Seal a block file: cut it at `footer.data_end` (the end of its last good record), write the footer
+    there, and fdatasync it if `sync` (docs/format.md §2.3). Used by the writer, recovery and repair."""
+    backend.truncate(fd, footer.data_end)
+    backend.pwrite(fd, backend.encode_footer(footer), footer.data_end)
+    if sync:
+        backend.sync(fd)
+
+
 @dataclass(slots=True)
 class OpenBlock:
     """A block being appended to, owned by the writer."""
@@ -59,14 +104,7 @@ class BlockFiles:
         return os.path.exists(self.path(block_id))
 
     def list_files(self) -> dict[int, str]:
-        out = {}
-        for name in os.listdir(self.folder):
-            if name.endswith(".blk") and len(name) == 20:
-                try:
-                    out[int(name[:16], 16)] = os.path.join(self.folder, name)
-                except ValueError:
-                    continue
-        return out
+        return _block_files(self.folder, os.listdir(self.folder))
 
     # ---- writer side ----
     def create(self, block_id: int, partition_hash: int) -> int:
@@ -78,10 +116,7 @@ class BlockFiles:
                                   "run `blockstore fsck --repair`")
         fd = self.backend.open(self.path(block_id), True)
         try:
-            header = self.backend.encode_block_header(
-                BlockHeader(block_id, self.store_id, time.time_ns(), partition_hash)
-            )
-            self.backend.pwrite(fd, header + bytes(BLOCK_HEADER_SIZE - len(header)), 0)
+            write_block_header(self.backend, fd, BlockHeader(block_id, self.store_id, time.time_ns(), partition_hash))
             if self.sync:
                 self.backend.sync(fd)
                 self.backend.dir_sync(self.folder)
@@ -97,12 +132,8 @@ class BlockFiles:
     def seal(self, block: OpenBlock) -> None:
         """Truncate to the last good record and write the footer; durable now in sync mode, and in
         cache mode by the store's close() (which syncs every block sealed in the session)."""
-        b = self.backend
-        b.truncate(block.fd, block.tail)
         footer = Footer(block.entry.block_id, block.tail, block.records, block.min_seq, block.max_seq)
-        b.pwrite(block.fd, b.encode_footer(footer), block.tail)
-        if self.sync:
-            b.sync(block.fd)
+        seal_block_file(self.backend, block.fd, footer, sync=self.sync)
 
     def read_footer(self, fd: int) -> Footer | None:
         """The footer if the file is a validly sealed block, else None."""

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from blockstore import hooks
 from blockstore.backend import Backend
-from blockstore.blocks import BlockFiles
+from blockstore.blocks import BlockFiles, seal_block_file, write_block_header
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
 from blockstore.errors import CorruptionError
 from blockstore.keys import chunk_session_key, location_key, reverse_key
@@ -179,13 +179,10 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
         seqs = [r.info.seq for r in recs]
         report["max_seq"] = max([report["max_seq"], *seqs])
         if not header_ok:
-            hdr = b.encode_block_header(BlockHeader(e.block_id, store.store_id, e.created_ns or time.time_ns(), 0))
-            b.pwrite(fd, hdr + bytes(BLOCK_HEADER_SIZE - len(hdr)), 0)
+            write_block_header(b, fd, BlockHeader(e.block_id, store.store_id, e.created_ns or time.time_ns(), 0))
         report["truncated_bytes"] += max(0, size - valid_end)
-        b.truncate(fd, valid_end)
         footer = Footer(e.block_id, valid_end, len(recs), min(seqs, default=0), max(seqs, default=0))
-        b.pwrite(fd, b.encode_footer(footer), valid_end)
-        b.sync(fd)
+        seal_block_file(b, fd, footer, sync=True)
         ne = BlockEntry(
             e.block_id, BLOCK_SEALED, e.partition,
             written_bytes=sum(r.info.record_len for r in recs),
