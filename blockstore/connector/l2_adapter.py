@@ -71,6 +71,7 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 import blockstore
+from blockstore.compaction import resolve
 from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
 from blockstore.keys import SPACE_KV
@@ -223,8 +224,6 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
         if compaction is False or compaction == "none":
             compaction = None
         if compaction is not None:
-            from blockstore.compaction import resolve
-
             spec = compaction
             if isinstance(spec, dict):  # "background" is attach()'s switch, not a policy knob
                 compaction = dict(spec)  # a copy: the caller's dict cannot change it afterwards

@@ -82,6 +82,7 @@ from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorCont
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 import blockstore
+from blockstore.compaction import resolve
 from blockstore.directory import Location
 from blockstore.manifest import valid_block_size
 from blockstore.records import MAX_KEY
@@ -167,8 +168,6 @@ class BlockstorePluginConfig:
         if compaction is False or compaction in ("none", "off"):
             compaction = None
         if compaction is not None:
-            from blockstore.compaction import resolve
-
             spec = {k: v for k, v in compaction.items() if k != "background"} if isinstance(compaction, dict) \
                 else compaction
             try:
