@@ -7,6 +7,7 @@ errors raised on the Python side use the same classes, so callers catch one fami
 from __future__ import annotations
 
 import errno as _errno
+import os
 
 
 class BlockstoreError(Exception):
@@ -111,6 +112,4 @@ def error_for_os(exc: OSError, what: str) -> BlockstoreError:
 
 
 def _os_strerror(code: int) -> str:
-    import os
-
     return os.strerror(code)
