@@ -241,8 +241,6 @@ class Store:
         observers and `Directory.block_records` give them; an id is never reused."""
         return self._engine.ns_ids.get(check_ns(ns))
 
-    _ns_id = namespace_id  # the engine's own spelling
-
     # ------------------------------------------------------------------ writes
 
     def put(self, key: bytes, value: Buffer, *, ns: str = DEFAULT_NAMESPACE, meta: bytes = b"",
@@ -334,7 +332,7 @@ class Store:
         for a miss). With `out` (one writable buffer per key, large enough), fills them without a copy
         and returns each payload's length (None for a miss)."""
         self._check_open()
-        nid = self._ns_id(ns)
+        nid = self.namespace_id(ns)
         keys = check_keys(keys)
         out = check_out(out, len(keys))
         if nid is None:
@@ -348,7 +346,7 @@ class Store:
         lookup. Read observers see it as a read; a record that compaction moved since the lookup is
         looked up again, so the result is what get_many would have returned at some point since."""
         self._check_open()
-        nid = self._ns_id(ns)
+        nid = self.namespace_id(ns)
         keys = check_keys(keys)
         locs = check_locations(locs, len(keys))
         out = check_out(out, len(keys))
@@ -358,7 +356,7 @@ class Store:
 
     def contains_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
         self._check_open()
-        nid = self._ns_id(ns)
+        nid = self.namespace_id(ns)
         keys = check_keys(keys)
         if nid is None:
             return [False] * len(keys)
@@ -367,7 +365,7 @@ class Store:
     def locate_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[Location | None]:
         """Where each key's live record is (for tools, compaction and benchmarks)."""
         self._check_open()
-        nid = self._ns_id(ns)
+        nid = self.namespace_id(ns)
         keys = check_keys(keys)
         if nid is None:
             return [None] * len(keys)
@@ -378,7 +376,7 @@ class Store:
         self._check_open()
         if not isinstance(prefix, (bytes, bytearray)):
             raise InvalidArgument(f"prefix must be bytes, not {type(prefix).__name__}")
-        nid = self._ns_id(ns)
+        nid = self.namespace_id(ns)
         if nid is None:
             return
         cut = len(keys_prefix(nid, SPACE_KV))
@@ -391,7 +389,7 @@ class Store:
         self._check_open()
         if after is not None and not isinstance(after, (bytes, bytearray)):
             raise InvalidArgument(f"after must be bytes or None, not {type(after).__name__}")
-        nid = self._ns_id(ns)
+        nid = self.namespace_id(ns)
         if nid is None:
             return
         prefix = keys_prefix(nid, SPACE_KV)

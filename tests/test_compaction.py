@@ -42,7 +42,7 @@ RELOCATE_ONLY = {**AGGRESSIVE, "gc": False}
 
 
 def _sfx(s: blockstore.Store, key: bytes, ns: str = "default") -> bytes:
-    nid = s._ns_id(ns)
+    nid = s.namespace_id(ns)
     assert nid is not None
     return key_suffix(nid, SPACE_KV, key)
 
@@ -893,7 +893,7 @@ def test_a_source_emptied_by_moves_goes_only_after_a_synced_directory(tmp_path: 
         s.put(b"k", value(b"k", 0, 5000))
         s.put(b"other", b"o", partition="elsewhere")
         s.put(b"k2", b"x", partition="elsewhere")
-        nid = s._ns_id("default")
+        nid = s.namespace_id("default")
         assert nid is not None
         sfx = key_suffix(nid, SPACE_KV, b"k")
         loc = s.dir.get_locations([sfx])[0]

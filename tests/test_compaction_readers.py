@@ -175,7 +175,7 @@ def test_a_record_moved_twice_under_a_reader_is_still_found(tmp_path: Path) -> N
     with blockstore.open(tmp_path, block_size=MIB, max_open_blocks=1) as s:
         s.put(b"k", b"v" * 5000)
         s.put(b"other", b"o", partition="elsewhere")  # max_open_blocks=1: k's block is sealed now
-        nid = s._ns_id("default")
+        nid = s.namespace_id("default")
         assert nid is not None
         sfx = key_suffix(nid, SPACE_KV, b"k")
         moves = [b"\0compaction/gc", b"\0compaction/relocate"]

@@ -62,7 +62,7 @@ def _build(path: Path, backend: str) -> dict[str, Rec]:
         s.put_many(items[5:], partition="B")
         for cid, text in CHUNKS.items():
             s.put_chunk("user", "sess", cid, text, meta={"turn": cid}, kv_keys=[b"k0-0"], ts_ns=len(out))
-        nid = s._ns_id("default")
+        nid = s.namespace_id("default")
         assert nid is not None
         for k, loc in zip(kv, s.locate_many(list(kv))):
             assert loc is not None

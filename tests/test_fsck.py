@@ -91,7 +91,7 @@ def _build(path: Path) -> dict[str, Rec]:
             out[k.decode()] = Rec(k.decode(), ns, k, v, loc)
         for ns, user, session, cid, text in [("default", "alice", "s1", c, t) for c, t in CHUNKS.items()] + [
                 ("tenant-b", "bob", "s2", "c1", "a tenant's memory")]:
-            nid = s._ns_id(ns)
+            nid = s.namespace_id(ns)
             assert nid is not None
             sfx = key_suffix(nid, SPACE_CHUNK, encode_chunk_key(user.encode(), session.encode(), cid.encode()))
             loc = s.dir.get_locations([sfx])[0]
@@ -194,7 +194,7 @@ def edit_directory(path: Path, change: Callable[[Directory, DirectoryBatch], Non
 
 def suffix_of(path: Path, r: Rec) -> bytes:
     with blockstore.open(path, read_only=True) as s:
-        nid = s._ns_id(r.ns)
+        nid = s.namespace_id(r.ns)
     assert nid is not None
     if r.chunk is None:
         return key_suffix(nid, 1, r.key)
@@ -503,7 +503,7 @@ def session_listing_lost(p: Path, recs: dict[str, Rec]) -> Case:
     loc = recs["alice/c2"].loc
     assert loc is not None
     with blockstore.open(p, read_only=True) as s:
-        nid = s._ns_id("default")
+        nid = s.namespace_id("default")
     assert nid is not None
     edit_directory(p, lambda d, b: b.delete(session_key(nid, b"alice", b"s1", 1001, b"c2")))
     return Case("session-index", loc.block_id, loc.offset)

@@ -49,7 +49,7 @@ def test_relocation_of_a_key_deleted_meanwhile_does_not_resurrect_it(tmp_path: P
     with blockstore.open(tmp_path) as s:
         s.put(b"victim", b"old bytes")
         s.put(b"bystander", b"stays")
-        sfx = key_suffix(s._ns_id("default"), SPACE_KV, b"victim")  # type: ignore[arg-type]
+        sfx = key_suffix(s.namespace_id("default"), SPACE_KV, b"victim")  # type: ignore[arg-type]
         loc = s.dir.get_locations([sfx])[0]
         payload = s.read_locations([loc])[0]  # the compactor has copied the bytes ...
         assert s.delete(b"victim")  # ... and now the key is deleted
@@ -65,7 +65,7 @@ def test_relocation_racing_an_overwrite_in_another_thread(tmp_path: Path) -> Non
     meanwhile; the overwrite must win whichever order the group commit picks."""
     with blockstore.open(tmp_path) as s:
         s.put(b"k", b"v1")
-        sfx = key_suffix(s._ns_id("default"), SPACE_KV, b"k")  # type: ignore[arg-type]
+        sfx = key_suffix(s.namespace_id("default"), SPACE_KV, b"k")  # type: ignore[arg-type]
         loc = s.dir.get_locations([sfx])[0]
         payload = s.read_locations([loc])[0]
         paused, resume = threading.Event(), threading.Event()

@@ -131,7 +131,7 @@ class StoreMachine(RuleBasedStateMachine):
         moves = [(sfx, loc, p) for (_o, sfx), loc, p in zip(entries, locs, payloads)]
         if stale and moves:
             sfx = moves[0][0]
-            ns = "default" if self.store._ns_id("default") == int.from_bytes(sfx[:4], "big") else "tenant-b"
+            ns = "default" if self.store.namespace_id("default") == int.from_bytes(sfx[:4], "big") else "tenant-b"
             if sfx[4] == 1:  # a KV record: overwrite it under the compactor's feet
                 self.store.put(sfx[5:], b"newer", ns=ns)
                 self.model[(ns, sfx[5:])] = b"newer"
