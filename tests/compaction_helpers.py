@@ -96,6 +96,20 @@ def value(key: bytes, version: int, size: int) -> bytes:
     return (head * (size // len(head) + 1))[:size]
 
 
+def describe_value(v: Any) -> str:
+    """A read result as a failure message shows it: absent, a chunk's text, a `value` payload by key and
+    version, or bytes no put wrote."""
+    if v is None:
+        return "absent"
+    if isinstance(v, str):
+        return f"chunk text {v[:28]!r}"
+    try:
+        k, ver = parse_value(v)
+        return f"{k.decode()} v{ver} ({len(v)} B)"
+    except (AssertionError, ValueError):
+        return f"{len(v)} bytes that no put wrote"
+
+
 def parse_value(raw: bytes) -> tuple[bytes, int]:
     """(key, version) a `value` payload was made from; raises if the bytes are not such a payload."""
     key, ver, _rest = bytes(raw[:200]).split(b"|", 2)

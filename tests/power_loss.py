@@ -68,7 +68,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from compaction_helpers import AGGRESSIVE, parse_value, value  # noqa: E402
+from compaction_helpers import AGGRESSIVE, describe_value, value  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError, NotFound  # noqa: E402
@@ -239,7 +239,7 @@ class Workload:
             op.ack = n1
         if self.trace:
             print(f"  ops {n0 + 1}..{n1}: {what or ''} "
-                  + ", ".join(f"{n[1]}={_describe(v)}" for n, v in intents), file=sys.stderr)
+                  + ", ".join(f"{n[1]}={describe_value(v)}" for n, v in intents), file=sys.stderr)
 
     def _kv(self, key: bytes) -> tuple[Name, bytes]:
         name = ("kv", key.decode())
@@ -311,18 +311,6 @@ class Workload:
 # checking a cut
 
 
-def _describe(v: Any) -> str:
-    if v is None:
-        return "absent"
-    if isinstance(v, str):
-        return f"chunk text {v[:28]!r}"
-    try:
-        k, ver = parse_value(v)
-        return f"{k.decode()} v{ver} ({len(v)} B)"
-    except (AssertionError, ValueError):
-        return f"{len(v)} bytes that no put wrote"
-
-
 def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> list[str]:
     bad: list[str] = []
     present: list[bytes] = []
@@ -337,7 +325,7 @@ def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> lis
         allowed = journal.allowed(name, n, mode)
         if raw not in allowed:
             what = "resurrected" if allowed == {None} else "lost" if raw is None else "wrong value"
-            bad.append(f"{what}: {k!r} holds {_describe(raw)}, allowed {sorted(map(_describe, allowed))}")
+            bad.append(f"{what}: {k!r} holds {describe_value(raw)}, allowed {sorted(map(describe_value, allowed))}")
         if raw is not None:
             present.append(k)
             records += 1
@@ -352,7 +340,7 @@ def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> lis
         allowed = journal.allowed(name, n, mode)
         if text not in allowed:
             what = "resurrected" if allowed == {None} else "lost" if text is None else "wrong value"
-            bad.append(f"{what}: chunk {cid} holds {_describe(text)}, allowed {sorted(map(_describe, allowed))}")
+            bad.append(f"{what}: chunk {cid} holds {describe_value(text)}, allowed {sorted(map(describe_value, allowed))}")
         if c is not None:
             records += 1
     try:

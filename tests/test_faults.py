@@ -54,7 +54,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compaction_helpers import AGGRESSIVE, parse_value, rebuild_violations, value  # noqa: E402
+from compaction_helpers import AGGRESSIVE, describe_value, parse_value, rebuild_violations, value  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError  # noqa: E402
@@ -190,7 +190,7 @@ def read(ctx: Ctx, keys: list[bytes]) -> None:
         for k, got in zip(keys, s.get_many(keys)):
             g = None if got is None else bytes(got)
             if g not in ctx.model.get(("kv", k.decode())):
-                ctx.read_violations.append(f"read during the workload: {k!r} returned {_describe(g)}")
+                ctx.read_violations.append(f"read during the workload: {k!r} returned {describe_value(g)}")
     _op(ctx, [], fn)
 
 
@@ -281,18 +281,6 @@ def workload(ctx: Ctx, *, final_close: bool = True) -> None:
 # checking a store against the model
 
 
-def _describe(v: Any) -> str:
-    if v is None:
-        return "absent"
-    if isinstance(v, str):
-        return f"chunk text {v[:24]!r}"
-    try:
-        k, ver = parse_value(v)
-        return f"{k.decode()} v{ver} ({len(v)} bytes)"
-    except (AssertionError, ValueError):
-        return f"{len(v)} bytes that no put wrote"
-
-
 def _classify(name: Name, got: Any, allowed: Allowed) -> str:
     if allowed == {None}:
         return "resurrected"  # deleted (or never written), yet something is there
@@ -320,8 +308,8 @@ def check_store(s: blockstore.Store, model: Model, *, rebuild: bool = True) -> l
             continue
         allowed = model.get(name)
         if got not in allowed:
-            bad.append(f"{_classify(name, got, allowed)}: {k!r} holds {_describe(got)}, allowed "
-                       f"{sorted(_describe(a) for a in allowed)}")
+            bad.append(f"{_classify(name, got, allowed)}: {k!r} holds {describe_value(got)}, allowed "
+                       f"{sorted(describe_value(a) for a in allowed)}")
         if got is not None:
             present_kv.append(k)
     present_chunks: set[str] = set()
@@ -335,7 +323,7 @@ def check_store(s: blockstore.Store, model: Model, *, rebuild: bool = True) -> l
         text = None if c is None else c.text
         allowed = model.get(name)
         if text not in allowed:
-            bad.append(f"{_classify(name, text, allowed)}: chunk {cid} holds {_describe(text)}")
+            bad.append(f"{_classify(name, text, allowed)}: chunk {cid} holds {describe_value(text)}")
         if c is not None:
             present_chunks.add(cid)
     try:

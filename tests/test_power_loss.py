@@ -256,6 +256,19 @@ def test_a_reclaimed_block_file_stays_deleted(seam: Seam) -> None:
     assert not fsck.check(img / "store").findings
 
 
+def _assert_k_is_v1_or_v2_and_fsck_clean(p: Path) -> None:
+    """After the cut: key k holds its durable old value (v1, 3000 x "1") or its new one (v2), never
+    neither, and the recovered store, closed, passes fsck."""
+    s = _cache_store(p)
+    try:
+        got = s.get(b"k")
+        assert got in (b"1" * 3000, b"2" * 3000), \
+            f"k reads {'absent' if got is None else got[:8]!r}, not v1 or v2; recovery: {s.recovery_report}"
+    finally:
+        s.close()
+    assert not [f.line() for f in fsck.check(p).findings]
+
+
 def test_cache_overwrite_into_a_new_block_file_keeps_its_name(seam: Seam) -> None:
     """Cache mode synced an overwrite's record (so the directory, once durable, never names lost bytes)
     but not blocks/: the record sat in a block file created this session whose name was not durable.
@@ -348,14 +361,7 @@ def test_cache_recovery_keeps_the_value_a_clean_close_made_durable(work: Path) -
         s.abandon()
     finally:
         fi.uninstall()
-    s = _cache_store(p)
-    try:
-        got = s.get(b"k")
-        assert got in (b"1" * 3000, b"2" * 3000), \
-            f"k reads {'absent' if got is None else got[:8]!r}, not v1 or v2; recovery: {s.recovery_report}"
-    finally:
-        s.close()
-    assert not [f.line() for f in fsck.check(p).findings]
+    _assert_k_is_v1_or_v2_and_fsck_clean(p)
 
 
 def test_cache_reclaim_does_not_outrun_the_data_that_emptied_the_block(work: Path) -> None:
@@ -379,11 +385,4 @@ def test_cache_reclaim_does_not_outrun_the_data_that_emptied_the_block(work: Pat
         s.abandon()
     finally:
         fi.uninstall()
-    s = _cache_store(p)
-    try:
-        got = s.get(b"k")
-        assert got in (b"1" * 3000, b"2" * 3000), \
-            f"k reads {'absent' if got is None else got[:8]!r}, not v1 or v2; recovery: {s.recovery_report}"
-    finally:
-        s.close()
-    assert not [f.line() for f in fsck.check(p).findings]
+    _assert_k_is_v1_or_v2_and_fsck_clean(p)
