@@ -1,4 +1,4 @@
-"""Embedded demo (the main job until the LMCache connector lands): KV tensors and agent memory.
+"""The engine demo without vLLM or LMCache (`python -m jobs.demo`): KV tensors and agent memory.
 
 Writes the KV cache of a few multi-turn conversations (one tensor per 256-token chunk, as LMCache
 stores them) and the chunk records of their sessions, closes the store, reopens it, reads every
