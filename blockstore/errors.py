@@ -108,6 +108,11 @@ def error_for_os(exc: OSError, what: str) -> BlockstoreError:
         return NoSpace(code, f"{what}: NoSpace ({exc.strerror})")
     if code == _errno.ENOENT:
         return NotFound(f"{what}: NotFound ({exc.strerror})")
+    # as bs_os_error (native/io.c) maps them: both backends raise the same class for the same errno
+    if code == _errno.ENOMEM:
+        return OutOfMemory(f"{what}: OutOfMemory ({exc.strerror})")
+    if code == _errno.EINVAL:
+        return InvalidArgument(f"{what}: InvalidArgument ({exc.strerror})")
     return IOErrorBS(code or _errno.EIO, f"{what}: IOErrorBS ({exc.strerror})")
 
 

@@ -8,6 +8,8 @@ that is not made on the other fails the suite instead of corrupting data.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
@@ -92,3 +94,15 @@ def test_cdef_prototypes_are_the_headers() -> None:
     assert not missing, f"the cdef declares functions the header does not: {missing}"
     for name, decl in in_cdef.items():
         assert decl == in_header[name], f"{name}: cdef {decl!r} != header {in_header[name]!r}"
+
+
+@pytest.mark.parametrize(("os_errno", "code"), [
+    ("ENOSPC", "BS_ENOSPC"), ("EDQUOT", "BS_ENOSPC"), ("ENOENT", "BS_ENOENT"), ("ENOMEM", "BS_ENOMEM"),
+    ("EINVAL", "BS_EINVAL"), ("EIO", "BS_EIO"), ("EACCES", "BS_EIO"),
+])
+def test_both_backends_map_an_os_error_to_the_same_class(os_errno: str, code: str) -> None:
+    """native/io.c's bs_os_error and errors.error_for_os (the Python backend) agree errno by errno."""
+    n = getattr(errno, os_errno)
+    from_c = errors.error_for_code(DEFINES[code], "op", n)
+    from_python = errors.error_for_os(OSError(n, os.strerror(n)), "op")
+    assert type(from_python) is type(from_c), f"{os_errno}: C {type(from_c).__name__}, Python {type(from_python).__name__}"

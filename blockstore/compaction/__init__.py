@@ -9,10 +9,11 @@ background thread) or run passes with `blockstore compact PATH`.
 from .affinity import AffinityJudge, AffinityTracker, CoAccessJudge, Group
 from .compactor import Compactor, PassReport, attach
 from .gc import GC_PARTITION
-from .policy import POLICIES, Policy, resolve
+from .policy import DISABLED, POLICIES, Policy, disabled, resolve
 from .relocation import RELOCATION_PARTITION
 
 __all__ = [
+    "DISABLED",
     "GC_PARTITION",
     "POLICIES",
     "RELOCATION_PARTITION",
@@ -24,5 +25,6 @@ __all__ = [
     "PassReport",
     "Policy",
     "attach",
+    "disabled",
     "resolve",
 ]

@@ -60,6 +60,16 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+# What a configuration (the connectors' `compaction` parameter) may say for "no compaction". One list,
+# so the two connectors cannot disagree again (one took "off", the other did not).
+DISABLED = (False, "none", "off")
+
+
+def disabled(spec: object) -> bool:
+    """Whether a compaction setting means "no compaction" (None is the caller's default, not this)."""
+    return isinstance(spec, (bool, str)) and spec in DISABLED
+
+
 def resolve(spec: str | Policy | dict[str, Any] | None) -> Policy:
     """A Policy from a name, a Policy, or a dict {"policy": name, knob: value, ...}; clear errors."""
     if spec is None:

@@ -71,7 +71,7 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 import blockstore
-from blockstore.compaction import resolve
+from blockstore.compaction import disabled, resolve
 from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
 from blockstore.keys import SPACE_KV
@@ -205,7 +205,7 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
     lock_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
-        """The one validator (normalizes compaction False/'none' to None and lock_ttl_s to a float)."""
+        """The one validator (normalizes compaction False/'none'/'off' to None and lock_ttl_s to a float)."""
         def bad(name: str, why: str) -> InvalidArgument:
             return InvalidArgument(f"blockstore adapter_params: {name!r} {why}")
 
@@ -221,7 +221,7 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
         if not _is_int(self.capacity_bytes) or self.capacity_bytes < 0:
             raise bad("capacity_bytes", f"must be an integer >= 0 (0 = unbounded), got {self.capacity_bytes!r}")
         compaction = self.compaction
-        if compaction is False or compaction == "none":
+        if disabled(compaction):
             compaction = None
         if compaction is not None:
             spec = compaction
@@ -264,7 +264,7 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
             "- capacity_bytes (int, default 0 = unbounded): payload bytes the adapter may hold; > 0 enables "
             "LMCache's global L2 eviction and the adapter deletes least recently used unlocked keys to stay "
             "within it\n"
-            "- compaction (policy name or {\"policy\": name, knob: value}, default 'full'; null or 'none' = off): "
+            "- compaction (policy name or {\"policy\": name, knob: value}, default 'full'; null, 'none' or 'off' = no compaction): "
             "background GC and affinity relocation (blockstore.compaction policies)\n"
             "- workers (int, default 4): threads for lookups and loads; stores get a pool of the same size\n"
             "- lock_ttl_s (number, default 600; 0 = never): a lookup's lock older than this no longer stops "

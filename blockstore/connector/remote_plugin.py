@@ -82,7 +82,7 @@ from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorCont
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 import blockstore
-from blockstore.compaction import resolve
+from blockstore.compaction import disabled, resolve
 from blockstore.directory import Location
 from blockstore.manifest import valid_block_size
 from blockstore.records import MAX_KEY
@@ -165,7 +165,7 @@ class BlockstorePluginConfig:
                 compaction = json.loads(compaction)
             except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than json can parse
                 raise bad("compaction", f"is not valid JSON: {exc}") from None
-        if compaction is False or compaction in ("none", "off"):
+        if disabled(compaction):
             compaction = None
         if compaction is not None:
             spec = {k: v for k, v in compaction.items() if k != "background"} if isinstance(compaction, dict) \
