@@ -240,7 +240,7 @@ def exact_lines(sides: list[Side], rs: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(sides: list[Side], runs: list[dict[str, Any]], argv: list[str], started: str, finished: str,
-             machine: dict[str, Any]) -> str:
+             machine: dict[str, Any], note: str = "") -> str:
     old, new = sides
     lines = [f"# A/B: {old.sha[:7]} (OLD) vs {new.sha[:7]} (NEW)", "",
              f"- OLD `{old.sha[:12]}` ({old.rev}): {old.subject}",
@@ -249,6 +249,7 @@ def markdown(sides: list[Side], runs: list[dict[str, Any]], argv: list[str], sta
              f"{machine.get('mem_gib')} GiB, {machine.get('fs_type_stat')} scratch `{machine.get('scratch_dir')}`, "
              f"Python {machine.get('python')}; shared with other sessions, so figures are noisy",
              f"- runs {started} – {finished} UTC; order per round: each bench on OLD, then on NEW", "",
+             *([note, ""] if note else []),
              "Each cell: median over rounds (min – max over rounds); each run's figure is what the bench itself "
              "prints (for throughput, the median over its repeats). NEW/OLD: ratio of the medians. "
              "'overlap': the two min–max ranges overlap (within the noise these runs show).", ""]
@@ -306,6 +307,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--remove-worktrees", action="store_true", help="git worktree remove both at the end")
     ap.add_argument("--stop-by", metavar="HH:MM",
                     help="UTC: after 2 rounds, start no round that the rounds so far say would end later")
+    ap.add_argument("--note", default="", help="a paragraph for the report's head (how the commits were chosen)")
     ap.add_argument("--from-json", metavar="PATH", help="no runs: render the report again from a companion .json")
     args = ap.parse_args(argv)
     args.bench_args = dict(a.split("=", 1) for a in args.bench_arg)
@@ -366,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for side in sides:
                     runs.append(run_one(side, BENCHES[name], rnd, args, log))
         finished = f"{datetime.datetime.now(datetime.UTC):%H:%M}"
-    text = markdown(sides, runs, argv, started, finished, machine)
+    text = markdown(sides, runs, argv, started, finished, machine, args.note)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
