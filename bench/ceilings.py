@@ -20,7 +20,7 @@ from typing import Protocol
 
 import xxhash
 
-from blockstore.store import aligned_buffer
+from blockstore.reader import aligned_buffer
 
 MiB = 1 << 20
 RECORD = MiB

@@ -96,7 +96,7 @@ import numpy as np
 import blockstore
 from bench.ceilings import preadv_all, pwritev_all, raw_read, read_files_cold
 from bench.common import REPO, cpu_busy_s, engine_state, keys_for, machine_info, run_quiet, spread, write_json
-from blockstore.store import aligned_buffer
+from blockstore.reader import aligned_buffer
 
 MiB = 1 << 20
 RECORD_MIB = 8  # a KV chunk: [2, 8 layers, 256 tokens, 8 kv heads, 128] float16

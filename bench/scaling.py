@@ -126,7 +126,7 @@ class Series:
         buffer, as LMCache's adapter reads into its memory objects."""
         if self.kind == "bytes":
             if self.out is None:
-                from blockstore.store import aligned_buffer
+                from blockstore.reader import aligned_buffer
 
                 self.out = aligned_buffer(KV_RECORD)
             n = store.get_many([self.kv_key(i)], out=[self.out])[0]

@@ -49,7 +49,7 @@ from bench.ceilings import (
     time_batches,
 )
 from bench.common import REPO, cpu_busy_s, engine_state, keys_for, machine_info, spread, write_json
-from blockstore.store import aligned_buffer
+from blockstore.reader import aligned_buffer
 
 TARGET = 0.85
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")

@@ -36,16 +36,15 @@ from blockstore.mutations import Mutation, kv_mutations, partition_of, relocatio
 from blockstore.opening import DIRECTORY, check_options, check_store_path, make_store_dirs
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
-from blockstore.stats import StoreStats, measure
-from blockstore.writer import WriteEngine
 
 # Re-exported only for bench/ (gpu_path, ceilings, throughput, scaling), which import it from here until
 # they import blockstore.reader (issue 14); nothing else may use the name.
-from blockstore.reader import aligned_buffer as aligned_buffer  # noqa: F401  isort: skip
 from blockstore.records import Buffer, Kind
+from blockstore.stats import StoreStats, measure
 from blockstore.tensors import TensorRecords
 from blockstore.validate import check_bool, check_keys, check_locations, check_meta, check_ns, check_out, check_seq
 from blockstore.validate import check_key as _check_key
+from blockstore.writer import WriteEngine
 
 Durability = Literal["cache", "sync"]
 OnCorrupt = Literal["raise", "miss"]
