@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockstore.backend import Backend, get_backend
-from blockstore.blocks import BLOCKS_DIR
+from blockstore.blocks import BLOCKS_DIR, list_block_files
 from blockstore.directory import BLOCK_RECLAIMING, BlockEntry, Directory, Location
 from blockstore.errors import BlockstoreError, NotFound
 from blockstore.keys import TAG_BLOCK, block_key, location_key
@@ -47,7 +47,6 @@ from blockstore.tools.fsck_decode import (
     DirectoryUnreadable,
     decode_block_entry,
     decode_location,
-    list_block_files,
     record_suffix,
     require_store,
 )

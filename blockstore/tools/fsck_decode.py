@@ -96,25 +96,6 @@ def suffix_space_ok(suffix: bytes) -> bool:
     return True
 
 
-def list_block_files(root: str) -> dict[int, str]:
-    """Block id -> path of every block file name (blocks.BlockFiles.list_files's rule, which needs the
-    writer's BlockFiles and raises without blocks/: one owner once blocks.py lists files on a bare root)."""
-    d = os.path.join(root, BLOCKS_DIR)
-    out: dict[int, str] = {}
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return out
-    for name in names:
-        if name.endswith(".blk") and len(name) == 20:
-            try:
-                out[int(name[:16], 16)] = os.path.join(d, name)
-            except ValueError:
-                continue
-    return out
-
-
-
 def require_store(path: str | os.PathLike[str]) -> str:
     """`path` as a str if it looks like a store (any of its three parts is there), else NotFound."""
     root = os.fspath(path)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import xxhash
 
 from blockstore.backend import Backend
-from blockstore.blocks import BLOCKS_DIR, block_file_name
+from blockstore.blocks import BLOCKS_DIR, block_file_name, seal_block_file, write_block_header
 from blockstore.directory import BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
 from blockstore.keys import SPACE_CHUNK, chunk_session_key, location_key, reverse_key, reverse_prefix
 from blockstore.manifest import DEFAULT_BLOCK_SIZE
@@ -138,14 +138,11 @@ class RepairBase:
             fd = self.be.open(path, True)
             try:
                 now = time.time_ns()
-                # header and footer as blocks.BlockFiles.create/seal write them (see BlockRepairs._write_footer)
-                raw = self.be.encode_block_header(BlockHeader(bid, self.store_id, now,
-                                                              xxhash.xxh3_64_intdigest(REPAIR_PARTITION)))
-                self.be.pwrite(fd, raw + bytes(BLOCK_HEADER_SIZE - len(raw)), 0)
+                write_block_header(self.be, fd, BlockHeader(bid, self.store_id, now,
+                                                             xxhash.xxh3_64_intdigest(REPAIR_PARTITION)))
                 pls, end = self.be.append(fd, BLOCK_HEADER_SIZE, group, True)
                 seqs = [r.seq for r in group]
-                self.be.pwrite(fd, self.be.encode_footer(Footer(bid, end, len(group), min(seqs), max(seqs))), end)
-                self.be.sync(fd)
+                seal_block_file(self.be, fd, Footer(bid, end, len(group), min(seqs), max(seqs)), sync=True)
             finally:
                 self.be.close(fd)
             live = [(r, p) for r, p in zip(group, pls) if r.kind != Kind.TOMBSTONE]

@@ -8,7 +8,7 @@ import time
 
 import xxhash
 
-from blockstore.blocks import BLOCKS_DIR, block_file_name
+from blockstore.blocks import BLOCKS_DIR, block_file_name, seal_block_file, write_block_header
 from blockstore.directory import BLOCK_SEALED, DirectoryBatch, Location
 from blockstore.keys import SPACE_CHUNK, SPACE_KV, reverse_prefix, suffix_ns_id
 from blockstore.records import BLOCK_HEADER_SIZE, AppendRecord, BlockHeader, Footer, Kind, ScannedRecord
@@ -90,9 +90,7 @@ class BlockRepairs(RepairBase):
                          block=block_label(bf.block_id))
             h = BlockHeader(bf.block_id, self.store_id, (e.created_ns if e else 0) or time.time_ns(),
                             xxhash.xxh3_64_intdigest(e.partition) if e else 0)
-            # the header page as blocks.BlockFiles.create writes it (see _write_footer)
-            raw = self.be.encode_block_header(h)
-            self.be.pwrite(fd, raw + bytes(BLOCK_HEADER_SIZE - len(raw)), 0)
+            write_block_header(self.be, fd, h)
             self.be.sync(fd)
         finally:
             self.be.close(fd)
@@ -117,13 +115,9 @@ class BlockRepairs(RepairBase):
         self.block_done[bf.block_id] = "footer rewritten (old bytes in lost+found)"
 
     def _write_footer(self, fd: int, bid: int, data_end: int, recs: list[ScannedRecord]) -> None:
-        # What blocks.BlockFiles.seal does (truncate, footer, sync); it takes the writer's OpenBlock, so the
-        # footer is written here until blocks.py offers header/footer writes on a bare fd (issue 14).
         seqs = [r.info.seq for r in recs]
-        self.be.truncate(fd, data_end)
         footer = Footer(bid, data_end, len(recs), min(seqs, default=0), max(seqs, default=0))
-        self.be.pwrite(fd, self.be.encode_footer(footer), data_end)
-        self.be.sync(fd)
+        seal_block_file(self.be, fd, footer, sync=True)
 
     def _seal(self, rep: Report, bf: BlockFacts) -> None:
         """What recovery does to a block a crash left open, keeping what it cuts in lost+found: the
