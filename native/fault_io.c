@@ -830,6 +830,9 @@ static void strict_after_unlink(grave g, int ok) {
     pthread_mutex_unlock(&mu);
 }
 
+/* Every unlink in this layer removes one of its own shadow hard links (under shadow_root, made by
+   this file to model an undone unlink or a snapshot): never a file of the store under test, whose
+   names it only reads. The store's data stays reachable through its own name. */
 static void free_snapdir(snapdir *sd, int unlink_shadows) {
     for (int i = 0; i < sd->n; i++) {
         if (unlink_shadows) unlink(sd->files[i].shadow);

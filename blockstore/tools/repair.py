@@ -248,6 +248,9 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
                    "rebuilt from the blocks" if rep.directory_ok else
                    "the directory could not be read; rebuilt from the blocks")
             moved = self.lf.move(dpath, DIRECTORY, why)
+            # .fsck-salvage is repair's own scratch copy of the damaged directory (RepairDB rewrites what it
+            # reads, so it works on a copy); the original is kept in lost+found, so removing the copy, or
+            # one an interrupted repair left, deletes nothing that exists only there.
             tmp = os.path.join(self.root, ".fsck-salvage")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
