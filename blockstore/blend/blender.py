@@ -1,0 +1,229 @@
+"""The CacheBlend-style blender: a prompt made of stored chunks (in any order, at any position) gets
+KV for every token from the chunks' stored KV plus a small recompute, instead of a full prefill.
+
+Per prompt: find the chunks (separator tokens or explicit spans) and load their KV (one batched read,
+or layer by layer on a loader thread); re-rotate each chunk's K from the positions it was computed at
+to its place in this prompt; run the layers before `check_layer` fully; at the check layer, pick the
+covered tokens whose fresh K deviates most from the cached K (or, with selector "epic", the first
+tokens of each chunk: the same budget); from then on compute only those tokens, every token no chunk
+covers and the last token, attending over the cached KV merged with theirs under an explicit
+position mask. Chunks not in the store are computed on their own and stored on the way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, chunk_id
+from blockstore.blend.compute import Prefill, apply_rope, attend, finish_layer, full_prefill, logits_of, qkv
+from blockstore.blend.llama import LlamaWeights
+from blockstore.errors import CorruptionError, InvalidArgument
+
+SELECTORS = ("deviation", "epic")
+
+
+@dataclass
+class BlendResult:
+    """KV for every prompt token (keys[l], values[l]: [N, kv_heads, head_dim], K after RoPE at the
+    prompt positions 0..N-1), the last token's logits (float32), and what was reused."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+    spans: list[tuple[int, int]]
+    reused_tokens: int  # covered tokens whose cached KV was kept in the layers after the check layer
+    recomputed: torch.Tensor  # sorted indices of the tokens computed in every layer
+    missing_chunks: list[bytes]  # chunk ids that were not in the store (computed here; stored if asked)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Span:
+    start: int
+    end: int
+    cid: bytes
+    chunk: ChunkKV | None = None  # computed here, or loaded in one read; None while streamed
+
+
+class Blender:
+    def __init__(self, weights: LlamaWeights, kv: ChunkKVStore, ratio: float = 0.15, selector: str = "deviation",
+                 check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True) -> None:
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise InvalidArgument(f"ratio must be in [0, 1], not {ratio!r}")
+        if selector not in SELECTORS:
+            raise InvalidArgument(f"selector must be one of {SELECTORS}, not {selector!r}")
+        if not 0 <= check_layer < weights.config.num_hidden_layers:
+            raise InvalidArgument(f"check_layer {check_layer} is not a layer of a "
+                                  f"{weights.config.num_hidden_layers}-layer model")
+        self.w, self.kv, self.ratio, self.selector = weights, kv, float(ratio), selector
+        self.check_layer, self.separator_ids, self.overlap = check_layer, tuple(separator_ids), overlap
+        c = weights.config
+        expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                            str(weights.dtype).removeprefix("torch."))
+        if kv.layout is None:
+            kv.layout = expected
+        elif kv.layout != expected:
+            raise InvalidArgument(f"the chunk KV store expects layout {kv.layout}, the model makes {expected}")
+        if kv.model_id != weights.model_id:
+            raise InvalidArgument(f"the chunk KV store is for model {kv.model_id!r}, the weights are {weights.model_id!r}")
+
+    def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)
+        if ids.dim() != 1 or ids.shape[0] == 0:
+            raise InvalidArgument(f"token_ids must be a non-empty 1-d sequence, got shape {tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.w.config.vocab_size:
+            raise InvalidArgument(f"token ids must be in [0, {self.w.config.vocab_size})")
+        return ids.to(self.w.device)
+
+    def prefill(self, token_ids: Sequence[int] | torch.Tensor) -> Prefill:
+        """Full prefill (the reference): K, V of every token in every layer and the last-token logits."""
+        return full_prefill(self.w, self._ids(token_ids))
+
+    def split(self, token_ids: Sequence[int] | torch.Tensor) -> list[tuple[int, int]]:
+        """Chunk spans: the runs of tokens between separator tokens. What follows the last separator
+        is the query, computed every time, so it is not a chunk (nor are the separators)."""
+        ids = torch.as_tensor(token_ids).tolist()
+        cuts = [i for i, t in enumerate(ids) if t in self.separator_ids]
+        spans, start = [], 0
+        for cut in cuts:
+            if cut > start:
+                spans.append((start, cut))
+            start = cut + 1
+        return spans
+
+    def store_chunk(self, token_ids: Sequence[int] | torch.Tensor, *, text: str | None = None) -> bytes:
+        """Compute a chunk on its own (positions 0..n-1) and store its KV; returns its chunk id."""
+        ids = self._ids(token_ids)
+        return self._compute_and_store(ids, text=text).chunk_id
+
+    def _compute_and_store(self, ids: torch.Tensor, *, store: bool = True, text: str | None = None) -> ChunkKV:
+        ref = full_prefill(self.w, ids)
+        pos = torch.arange(ids.shape[0], device=self.w.device)
+        cid = chunk_id(ids)
+        if store:
+            self.kv.put(ids, ref.keys, ref.values, pos, text=text)
+        return ChunkKV(cid, ids.to("cpu", torch.int32), pos, ref.keys, ref.values)
+
+    def _check_spans(self, spans: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+        out, last = [], 0
+        for s, e in spans:
+            if not (isinstance(s, int) and isinstance(e, int)) or not last <= s < e <= n:
+                raise InvalidArgument(f"spans must be sorted, non-overlapping (start, end) pairs within the "
+                                      f"{n}-token prompt; got {list(spans)}")
+            out.append((s, e))
+            last = e
+        return out
+
+    @torch.inference_mode()
+    def blend(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[tuple[int, int]] | None = None,
+              store_missing: bool = True) -> BlendResult:
+        t0 = time.perf_counter()
+        ids = self._ids(token_ids)
+        n = int(ids.shape[0])
+        spans = self._check_spans(self.split(ids) if spans is None else spans, n)
+        parts = [_Span(s, e, chunk_id(ids[s:e])) for s, e in spans]
+        timings: dict[str, float] = {}
+        stream = (self.kv.stream_layers([p.cid for p in parts], device=self.w.device, first_layer=self.check_layer)
+                  if self.overlap else None)
+        if stream is not None:
+            found = [loc is not None for loc in stream.located]
+        else:  # one batched read of every layer of every chunk
+            for p, got in zip(parts, self.kv.load_many([p.cid for p in parts], device=self.w.device)):
+                p.chunk = got
+            found = [p.chunk is not None for p in parts]
+        timings["load_s"] = time.perf_counter() - t0
+        missing = [p for p, ok in zip(parts, found) if not ok]
+        for p in missing:
+            p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
+        timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
+        try:
+            result = self._run_layers(ids, parts, stream, timings)
+        finally:
+            if stream is not None:
+                stream.close()
+                timings["load_s"] = stream.load_s
+        result.missing_chunks = [p.cid for p in missing]
+        timings["total_s"] = time.perf_counter() - t0
+        result.timings = timings
+        return result
+
+    def _layer_chunks(self, parts: list[_Span], stream: object, layer: int) -> list[tuple[_Span, ChunkKV, int]]:
+        """(span, chunk, index of this layer in chunk.keys) for every span."""
+        streamed = iter(stream.layer(layer)) if stream is not None and stream.plan else iter(())  # type: ignore[attr-defined]
+        out = []
+        for p in parts:
+            if p.chunk is not None:
+                out.append((p, p.chunk, layer))
+            else:
+                out.append((p, next(streamed), 0))
+        return out
+
+    def _cached_kv(self, parts: list[_Span], stream: object, layer: int, n: int,
+                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cached K (re-rotated to the prompt positions) and V for every covered token;
+        rows no chunk covers are zero (they are always recomputed)."""
+        c = self.w.config
+        k_all = torch.zeros(n, c.num_key_value_heads, c.head_dim, device=self.w.device, dtype=self.w.dtype)
+        v_all = torch.zeros_like(k_all)
+        for p, chunk, j in self._layer_chunks(parts, stream, layer):
+            if chunk.num_tokens != p.end - p.start:
+                raise CorruptionError(f"chunk {p.cid.hex()} holds {chunk.num_tokens} tokens, its span has "
+                                      f"{p.end - p.start}")
+            delta = positions[p.start:p.end] - chunk.positions.to(positions.device)
+            k_all[p.start:p.end] = apply_rope(chunk.keys[j], delta, c.rope_theta)
+            v_all[p.start:p.end] = chunk.values[j]
+        return k_all, v_all
+
+    def _select(self, k_fresh: torch.Tensor, k_cached: torch.Tensor, parts: list[_Span], n: int) -> torch.Tensor:
+        """Sorted row indices to recompute from the check layer on: the selected covered tokens, every
+        uncovered token, and the last token (its hidden state gives the logits)."""
+        covered = torch.zeros(n, dtype=torch.bool, device=k_fresh.device)
+        for p in parts:
+            covered[p.start:p.end] = True
+        keep = ~covered
+        keep[-1] = True
+        n_cov = int(covered.sum())
+        budget = int(round(self.ratio * n_cov))
+        if budget and self.selector == "deviation":
+            dev = (k_fresh.float() - k_cached.float()).pow(2).sum(dim=(1, 2))
+            dev[~covered] = -1.0
+            keep[torch.topk(dev, budget).indices] = True
+        elif budget:  # EPIC: the first tokens of each chunk, the same share of each
+            for p in parts:
+                keep[p.start:p.start + int(round(self.ratio * (p.end - p.start)))] = True
+        return keep.nonzero().squeeze(1)
+
+    def _run_layers(self, ids: torch.Tensor, parts: list[_Span], stream: object,
+                    timings: dict[str, float]) -> BlendResult:
+        n = int(ids.shape[0])
+        pos = torch.arange(n, device=self.w.device)
+        hidden = self.w.embed[ids]
+        active = pos  # rows whose hidden state is carried
+        keys, values = [], []
+        for layer_index, layer in enumerate(self.w.layers):
+            q, k, v = qkv(self.w, layer, hidden, pos[active])
+            if layer_index < self.check_layer:  # every row fresh: these layers are a full prefill
+                keys.append(k)
+                values.append(v)
+                hidden = finish_layer(self.w, layer, hidden, attend(q, k, v, pos, pos, causal_all_rows=True))
+                continue
+            t_wait = time.perf_counter()
+            k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos)
+            timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait
+            if layer_index == self.check_layer:
+                chosen = self._select(k, k_all, parts, n)
+                q, k, v, hidden = q[chosen], k[chosen], v[chosen], hidden[chosen]
+                active = chosen
+            k_all[active] = k
+            v_all[active] = v
+            keys.append(k_all)
+            values.append(v_all)
+            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, pos[active], pos))
+        covered = sum(p.end - p.start for p in parts)
+        in_chunks = int(sum(((active >= p.start) & (active < p.end)).sum() for p in parts)) if parts else 0
+        return BlendResult(keys, values, logits_of(self.w, hidden[-1]), [(p.start, p.end) for p in parts],
+                           covered - in_chunks, active, [])

@@ -1,0 +1,320 @@
+"""Chunk KV records: the per-layer KV of a chunk of tokens (a document, a memory item, a tool output),
+computed once and reused at whatever position a later prompt puts the chunk.
+
+A chunk is named by the hash of its token ids alone (`chunk_id`), so the same text has the same id
+wherever it appears. Its records, all in one partition (the chunk id) so that they share a block:
+
+    key  b"kvb1" + model tag (8) + chunk id (16) + b"L" + layer (u16 BE)
+         payload: K then V of that layer, each [tokens, kv_heads, head_dim] in the model's dtype;
+         K is after RoPE at the positions the chunk was computed at
+    key  b"kvb1" + model tag (8) + chunk id (16) + b"M"
+         payload: token ids then those positions (int32 LE each); record meta: JSON naming the model
+         and the layout (layers, tokens, kv_heads, head_dim, dtype)
+
+written in one put_many in layer order, the M record last: put_many may stop part-way leaving a
+prefix, so an M record proves every layer record before it was written. The model tag keeps two
+models' KV of the same tokens apart; the M record's model name is checked on every load too.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from blockstore.chunks import ChunkWrite
+from blockstore.errors import BlockstoreError, CorruptionError, InvalidArgument
+from blockstore.reader import aligned_buffer
+from blockstore.store import Store
+
+KEY_TAG = b"kvb1"
+PAGE = 4096
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def chunk_id(token_ids: Sequence[int] | torch.Tensor) -> bytes:
+    """16 bytes: xxh3-128 of the token ids as int32 little-endian. Position-independent by design."""
+    ids = token_ids.cpu().numpy() if isinstance(token_ids, torch.Tensor) else token_ids
+    return xxhash.xxh3_128_digest(np.asarray(ids, dtype="<i4").tobytes())
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of one model's KV: what a chunk record must match to be used with it."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str  # a key of _DTYPES
+
+    def layer_bytes(self, tokens: int) -> int:
+        return 2 * tokens * self.kv_heads * self.head_dim * _DTYPES[self.dtype].itemsize
+
+
+@dataclass
+class ChunkKV:
+    """One chunk's KV as loaded: keys[l], values[l] [tokens, kv_heads, head_dim] on the load device
+    (views of one buffer per load); K at `positions`."""
+
+    chunk_id: bytes
+    token_ids: torch.Tensor  # int32, CPU
+    positions: torch.Tensor  # int64, on the load device
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass
+class _Located:
+    """A chunk found in the directory: its layout and every record's location (layers, then M)."""
+
+    chunk_id: bytes
+    tokens: int
+    layout: KVLayout
+    keys: list[bytes]
+    locs: list[Any]
+
+
+def _round_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+class ChunkKVStore:
+    """Chunk KV records of one model in one namespace of a Store."""
+
+    def __init__(self, store: Store, ns: str = "kv-blend", model_id: str = "", *,
+                 layout: KVLayout | None = None) -> None:
+        if not isinstance(model_id, str) or not model_id:
+            raise InvalidArgument("ChunkKVStore needs the model_id its KV was computed with (a non-empty str)")
+        self.store, self.ns, self.model_id, self.layout = store, ns, model_id, layout
+        self._tag = KEY_TAG + xxhash.xxh3_64_digest(model_id.encode())
+
+    def layer_key(self, cid: bytes, layer: int) -> bytes:
+        return self._tag + cid + b"L" + struct.pack(">H", layer)
+
+    def meta_key(self, cid: bytes) -> bytes:
+        return self._tag + cid + b"M"
+
+    # ------------------------------------------------------------------ writes
+
+    def put(self, token_ids: Sequence[int] | torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+            positions: torch.Tensor | Sequence[int], *, text: str | None = None, user_id: str = "kv-blend",
+            session_id: str = "chunks") -> bytes:
+        """Store a chunk's KV (keys[l], values[l]: [tokens, kv_heads, head_dim], K after RoPE at
+        `positions`) and return its chunk id. With `text`, a chunk record (user_id, session_id, the
+        chunk id in hex) holds the text and links to the KV records through its kv_keys."""
+        ids = torch.as_tensor(token_ids, dtype=torch.int32).cpu()
+        pos = torch.as_tensor(positions, dtype=torch.int32).cpu()
+        layout = self._check_put(ids, keys, values, pos)
+        cid = chunk_id(ids)
+        items: list[tuple[bytes, Any]] = []
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            kv = torch.stack((k.detach(), v.detach())).to("cpu").contiguous()
+            items.append((self.layer_key(cid, layer), kv.view(-1).view(torch.uint8).numpy()))
+        meta = {"v": FORMAT_VERSION, "model": self.model_id, "tokens": int(ids.shape[0]), "layers": layout.layers,
+                "kv_heads": layout.kv_heads, "head_dim": layout.head_dim, "dtype": layout.dtype}
+        items.append((self.meta_key(cid), ids.numpy().astype("<i4").tobytes() + pos.numpy().astype("<i4").tobytes()))
+        metas = [b""] * (len(items) - 1) + [json.dumps(meta, separators=(",", ":")).encode()]
+        self.store.put_many(items, ns=self.ns, metas=metas, partition=cid)
+        if text is not None:
+            self.store.put_chunks([ChunkWrite(user_id, session_id, cid.hex(), text, {"model": self.model_id},
+                                              tuple(k for k, _ in items))], ns=self.ns)
+        return cid
+
+    def _check_put(self, ids: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                   pos: torch.Tensor) -> KVLayout:
+        n = int(ids.shape[0])
+        if ids.dim() != 1 or n == 0 or pos.shape != ids.shape:
+            raise InvalidArgument(f"a chunk needs 1-d token ids and one position each (got {tuple(ids.shape)} ids, "
+                                  f"{tuple(pos.shape)} positions)")
+        if not keys or len(keys) != len(values):
+            raise InvalidArgument(f"{len(keys)} key layers and {len(values)} value layers")
+        shape = tuple(keys[0].shape)
+        dtype = str(keys[0].dtype).removeprefix("torch.")
+        if len(shape) != 3 or shape[0] != n or dtype not in _DTYPES:
+            raise InvalidArgument(f"keys[0] must be [{n}, kv_heads, head_dim] of {sorted(_DTYPES)}, "
+                                  f"not {list(shape)} {dtype}")
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            if tuple(k.shape) != shape or tuple(v.shape) != shape or k.dtype != keys[0].dtype or v.dtype != k.dtype:
+                raise InvalidArgument(f"layer {layer}: K {list(k.shape)} {k.dtype} and V {list(v.shape)} {v.dtype} "
+                                      f"differ from layer 0's {list(shape)} {keys[0].dtype}")
+        layout = KVLayout(len(keys), shape[1], shape[2], dtype)
+        if self.layout is not None and layout != self.layout:
+            raise InvalidArgument(f"chunk KV of layout {layout} does not fit this model's {self.layout}")
+        return layout
+
+    # ------------------------------------------------------------------ reads
+
+    def contains(self, chunk_ids: Sequence[bytes]) -> list[bool]:
+        return self.store.contains_many([self.meta_key(c) for c in chunk_ids], ns=self.ns)
+
+    def locate(self, chunk_ids: Sequence[bytes]) -> list[_Located | None]:
+        """One directory lookup for every record of every chunk; checks each M record's model and
+        layout. None for a chunk not (or not completely) stored."""
+        metas = self.store.locate_many([self.meta_key(c) for c in chunk_ids], ns=self.ns)
+        meta_of = {c: loc for c, loc in zip(chunk_ids, metas) if loc is not None}
+        found = [(c, self._parse_meta(c, loc)) for c, loc in meta_of.items()]
+        layer_keys = [self.layer_key(c, i) for c, (layout, _) in found for i in range(layout.layers)]
+        layer_locs = iter(self.store.locate_many(layer_keys, ns=self.ns))
+        by_id: dict[bytes, _Located | None] = {}
+        for cid, (layout, tokens) in found:
+            maybe = [next(layer_locs) for _ in range(layout.layers)]
+            locs = [loc for loc in maybe if loc is not None]
+            if len(locs) != layout.layers:  # a layer deleted since: the chunk is no longer whole
+                by_id[cid] = None
+                continue
+            for i, loc in enumerate(locs):
+                if loc.payload_len != layout.layer_bytes(tokens):
+                    raise CorruptionError(f"chunk {cid.hex()} layer {i}: {loc.payload_len} bytes, "
+                                          f"expected {layout.layer_bytes(tokens)} for {tokens} tokens of {layout}")
+            keys = [self.layer_key(cid, i) for i in range(layout.layers)] + [self.meta_key(cid)]
+            by_id[cid] = _Located(cid, tokens, layout, keys, [*locs, meta_of[cid]])
+        return [by_id.get(c) for c in chunk_ids]
+
+    def _parse_meta(self, cid: bytes, loc: Any) -> tuple[KVLayout, int]:
+        try:
+            m = json.loads(loc.meta)
+            layout = KVLayout(int(m["layers"]), int(m["kv_heads"]), int(m["head_dim"]), str(m["dtype"]))
+            tokens, model = int(m["tokens"]), m["model"]
+            ok = (m.get("v") == FORMAT_VERSION and layout.dtype in _DTYPES
+                  and min(layout.layers, layout.kv_heads, layout.head_dim) > 0)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"chunk {cid.hex()}: its M record is not a chunk KV record ({exc})") from exc
+        if not ok or tokens <= 0 or loc.payload_len != 8 * tokens:
+            raise InvalidArgument(f"chunk {cid.hex()}: its M record is not a version-{FORMAT_VERSION} chunk KV record")
+        if model != self.model_id:
+            raise InvalidArgument(f"chunk {cid.hex()} holds KV of model {model!r}, not {self.model_id!r}")
+        if self.layout is not None and layout != self.layout:
+            raise InvalidArgument(f"chunk {cid.hex()}: layout {layout} does not fit this model's {self.layout}")
+        return layout, tokens
+
+    def load_many(self, chunk_ids: Sequence[bytes], *, device: str | torch.device = "cpu") -> list[ChunkKV | None]:
+        """Every layer of every chunk in ONE batched read (read_located after one lookup), straight into
+        one page-aligned buffer (CPU) or one pinned buffer copied to the GPU in one transfer."""
+        located = self.locate(chunk_ids)
+        plan = [p for p in located if p is not None]
+        if not plan:
+            return [None] * len(chunk_ids)
+        reader = _BufferPlan(plan, range(plan[0].layout.layers), device)
+        reader.read(self.store, self.ns)
+        loaded = {p.chunk_id: reader.chunk(p) for p in plan}
+        return [loaded.get(c) if c is not None else None for c in chunk_ids]
+
+    def stream_layers(self, chunk_ids: Sequence[bytes], *, device: str | torch.device = "cpu",
+                      first_layer: int = 0) -> LayerStream:
+        """Start loading these chunks layer by layer, from `first_layer` on, on a loader thread (layer
+        l + 1 is read while the caller computes layer l). Chunks not stored are None in `stream.located`."""
+        return LayerStream(self, self.locate(chunk_ids), device, first_layer)
+
+
+class _BufferPlan:
+    """Where each record of a set of layers lands: page-aligned slices of one host buffer (pinned
+    when the destination is a GPU), and the tensors viewing them."""
+
+    def __init__(self, plan: Sequence[_Located], layers: range, device: str | torch.device) -> None:
+        self.plan, self.layers, self.device = plan, layers, torch.device(device)
+        self.keys: list[bytes] = []
+        self.locs: list[Any] = []
+        self.offsets: list[int] = []
+        size = 0
+        for p in plan:
+            for i in list(layers) + [p.layout.layers]:  # layer records, then the M record
+                self.keys.append(p.keys[i])
+                self.locs.append(p.locs[i])
+                self.offsets.append(size)
+                size += _round_up(p.locs[i].payload_len)
+        if self.device.type == "cuda":
+            self.host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        else:
+            self.host = torch.frombuffer(aligned_buffer(size), dtype=torch.uint8) if size else torch.empty(0)
+        self.on_device = self.host
+
+    def read(self, store: Store, ns: str) -> None:
+        raw = self.host.numpy()
+        out = [raw[o : o + loc.payload_len].data for o, loc in zip(self.offsets, self.locs)]
+        got = store.read_located(self.keys, self.locs, ns=ns, out=out)
+        if any(n is None for n in got):  # deleted between the lookup and the read
+            raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
+        if self.device.type == "cuda":
+            self.on_device = self.host.to(self.device, non_blocking=True)
+
+    def _view(self, index: int, dtype: torch.dtype, shape: tuple[int, ...], device_side: bool = True) -> torch.Tensor:
+        src = self.on_device if device_side else self.host
+        n = self.locs[index].payload_len
+        return src[self.offsets[index] : self.offsets[index] + n].view(dtype).view(shape)
+
+    def chunk(self, p: _Located) -> ChunkKV:
+        per_chunk = len(self.layers) + 1
+        base = self.plan.index(p) * per_chunk
+        shape = (2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
+        kvs = [self._view(base + j, _DTYPES[p.layout.dtype], shape) for j in range(len(self.layers))]
+        ids_pos = self._view(base + len(self.layers), torch.int32, (2, p.tokens), device_side=False)
+        return ChunkKV(p.chunk_id, ids_pos[0].clone(), ids_pos[1].to(self.device, torch.int64),
+                       [kv[0] for kv in kvs], [kv[1] for kv in kvs])
+
+
+class LayerStream:
+    """Chunk KV loaded one layer at a time on a loader thread: `layer(l)` waits for layer l's K and V
+    of every located chunk. Reading layer l + 1 overlaps the caller's compute of layer l."""
+
+    def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
+                 first_layer: int = 0) -> None:
+        self.located = located
+        self.first_layer = first_layer
+        self.load_s = 0.0  # from the start to the last layer in memory
+        self._t0 = time.perf_counter()
+        self.plan = [p for p in located if p is not None]
+        self.layers = self.plan[0].layout.layers if self.plan else 0
+        self.device = torch.device(device)
+        self._ready = [threading.Event() for _ in range(self.layers)]
+        self._loaded: list[list[ChunkKV] | None] = [None] * self.layers
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(kv,), name="blend-loader", daemon=True)
+        if self.plan:
+            self._thread.start()
+
+    def _run(self, kv: ChunkKVStore) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            for layer in range(self.first_layer, self.layers):
+                buffers = _BufferPlan(self.plan, range(layer, layer + 1), "cpu")
+                buffers.read(kv.store, kv.ns)
+                chunks = [buffers.chunk(p) for p in self.plan]
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        for c in chunks:
+                            c.keys = [k.to(self.device, non_blocking=False) for k in c.keys]
+                            c.values = [v.to(self.device, non_blocking=False) for v in c.values]
+                            c.positions = c.positions.to(self.device)
+                    stream.synchronize()
+                self._loaded[layer] = chunks
+                self.load_s = time.perf_counter() - self._t0
+                self._ready[layer].set()
+        except BaseException as exc:  # handed to the caller's next layer()
+            self._error = exc
+            for ev in self._ready:
+                ev.set()
+
+    def layer(self, layer: int) -> list[ChunkKV]:
+        """The located chunks (in order, misses left out) with keys/values holding only this layer."""
+        self._ready[layer].wait()
+        got = self._loaded[layer]
+        if got is None:
+            raise self._error if self._error is not None else BlockstoreError("chunk KV loader stopped")
+        return got
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._thread.join()
