@@ -1,0 +1,230 @@
+"""blockstore.blend: chunk KV records, the Llama forward, and the blender, on tiny random models (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blockstore
+from blockstore import BlockstoreError, CorruptionError, InvalidArgument
+from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, chunk_id, full_prefill, greedy_decode
+from blockstore.blend.compute import apply_rope, attend, position_mask, qkv
+
+SEP = 127
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def weights() -> LlamaWeights:
+    return LlamaWeights.random(CFG, seed=7, std=0.2)  # std 0.2: tokens' KV differ visibly between contexts
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with blockstore.open(tmp_path / "s") as s:
+        yield s
+
+
+def _chunks(n: int, length: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SEP, (length,), generator=g) for _ in range(n)]
+
+
+def _prompt(chunks: list[torch.Tensor], suffix: tuple[int, ...] = (3, 4, 5, 6)) -> torch.Tensor:
+    parts = [torch.cat((c, torch.tensor([SEP]))) for c in chunks]
+    return torch.cat([*parts, torch.tensor(suffix)])
+
+
+def test_chunk_id_depends_on_the_tokens_only(weights: LlamaWeights, store: blockstore.Store) -> None:
+    a, b = _chunks(2)
+    assert chunk_id(a) == chunk_id(a.tolist()) == chunk_id(a.to(torch.int32))
+    assert chunk_id(a) != chunk_id(b) and chunk_id(a) != chunk_id(a.flip(0)) and len(chunk_id(a)) == 16
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    blender = Blender(weights, kv, separator_ids=(SEP,))
+    res_ab = blender.blend(_prompt([a, b]))  # a at position 0, then a at position 25: one record serves both
+    res_ba = blender.blend(_prompt([b, a]))
+    assert res_ab.missing_chunks == [chunk_id(a), chunk_id(b)] and res_ba.missing_chunks == []
+
+
+def test_records_round_trip_in_one_partition_in_layer_order(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    ids = _chunks(1)[0]
+    ref = full_prefill(weights, ids)
+    cid = kv.put(ids, ref.keys, ref.values, torch.arange(len(ids)) + 5, text="some text")
+    [got] = kv.load_many([cid])
+    assert got is not None and torch.equal(got.token_ids, ids.to(torch.int32))
+    assert torch.equal(got.positions, torch.arange(len(ids)) + 5)
+    for layer in range(CFG.num_hidden_layers):
+        assert torch.equal(got.keys[layer], ref.keys[layer]) and torch.equal(got.values[layer], ref.values[layer])
+    keys = [kv.layer_key(cid, i) for i in range(CFG.num_hidden_layers)] + [kv.meta_key(cid)]
+    locs = store.locate_many(keys, ns="kv-blend")
+    assert len({loc.block_id for loc in locs}) == 1  # one block: one read covers the chunk
+    assert [loc.offset for loc in locs] == sorted(loc.offset for loc in locs)  # layer order, M record last
+    chunk = store.get_chunk("kv-blend", "chunks", cid.hex(), ns="kv-blend")
+    assert chunk is not None and chunk.text == "some text" and chunk.kv_keys == tuple(keys)
+    assert kv.contains([cid, b"\0" * 16]) == [True, False]
+    assert kv.load_many([b"\0" * 16, cid])[0] is None
+
+
+def test_layer_stream_gives_what_load_many_gives(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    cids = [kv.put(c, (r := full_prefill(weights, c)).keys, r.values, torch.arange(len(c))) for c in _chunks(3)]
+    whole = kv.load_many(cids)
+    stream = kv.stream_layers([cids[2], b"\1" * 16, cids[0]], first_layer=1)
+    assert [loc is not None for loc in stream.located] == [True, False, True]
+    for layer in range(1, CFG.num_hidden_layers):
+        got = stream.layer(layer)
+        for c, want in zip(got, (whole[2], whole[0])):
+            assert want is not None and torch.equal(c.keys[0], want.keys[layer])
+            assert torch.equal(c.values[0], want.values[layer])
+    stream.close()
+
+
+def test_rerotation_equals_computing_at_the_new_positions(weights: LlamaWeights) -> None:
+    hidden = torch.randn(10, CFG.hidden_size)
+    old, new = torch.arange(10), torch.arange(10) + 37
+    _, k_old, _ = qkv(weights, weights.layers[1], hidden, old)
+    _, k_new, _ = qkv(weights, weights.layers[1], hidden, new)
+    moved = apply_rope(k_old, new - old, CFG.rope_theta)
+    torch.testing.assert_close(moved, k_new, atol=1e-5, rtol=1e-5)
+    assert (k_old - k_new).abs().max() > 0.1  # the positions do matter
+
+
+def test_llama_forward_matches_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (40,))
+    with torch.no_grad():
+        want = model(ids[None]).logits[0, -1]
+    w = LlamaWeights.from_pretrained(str(tmp_path))
+    got = full_prefill(w, ids)
+    torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        hf_tokens = model.generate(ids[None], max_new_tokens=6, do_sample=False)[0, 40:].tolist()
+    assert greedy_decode(w, got.keys, got.values, got.logits, 6) == hf_tokens
+
+
+def test_ratio_one_is_a_full_prefill(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    prompt = _prompt(_chunks(3))
+    Blender(weights, kv, separator_ids=(SEP,)).blend(prompt)  # stores the chunks
+    res = Blender(weights, kv, ratio=1.0, separator_ids=(SEP,)).blend(prompt)
+    ref = full_prefill(weights, prompt)
+    assert res.missing_chunks == [] and res.reused_tokens == 0 and len(res.recomputed) == len(prompt)
+    torch.testing.assert_close(res.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    for layer in range(CFG.num_hidden_layers):
+        torch.testing.assert_close(res.keys[layer], ref.keys[layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(res.values[layer], ref.values[layer], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ratio_zero_is_pure_reuse(weights: LlamaWeights, store: blockstore.Store, overlap: bool) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    chunks = _chunks(3)
+    prompt = _prompt(chunks)
+    blender = Blender(weights, kv, ratio=0.0, separator_ids=(SEP,), overlap=overlap)
+    res = blender.blend(prompt)
+    spans = blender.split(prompt)
+    covered = torch.zeros(len(prompt), dtype=torch.bool)
+    for s, e in spans:
+        covered[s:e] = True
+    assert torch.equal(res.recomputed, (~covered).nonzero().squeeze(1))  # the separators and the question
+    assert res.reused_tokens == int(covered.sum())
+    for layer in range(1, CFG.num_hidden_layers):  # after the check layer: the stored KV, moved
+        for c, (s, e) in zip(chunks, spans):
+            own = full_prefill(weights, c)
+            torch.testing.assert_close(res.keys[layer][s:e], apply_rope(own.keys[layer], torch.full((e - s,), s),
+                                                                       CFG.rope_theta), atol=1e-5, rtol=1e-5)
+            assert torch.equal(res.values[layer][s:e], own.values[layer])
+    full = full_prefill(weights, prompt)
+    assert (res.logits - full.logits).abs().max() > 1e-3  # reuse across chunks is not exact ...
+    prefix = Blender(weights, kv, ratio=0.0, check_layer=0).blend(prompt, spans=[spans[0]])
+    torch.testing.assert_close(prefix.logits, full.logits, atol=1e-4, rtol=1e-4)  # ... a reused prefix is
+
+
+def test_blending_recovers_most_of_the_gap(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    prompt = _prompt(_chunks(3))
+    full = full_prefill(weights, prompt)
+    err = {}
+    for ratio in (0.0, 0.5):
+        for selector in ("deviation", "epic"):
+            res = Blender(weights, kv, ratio=ratio, selector=selector, separator_ids=(SEP,)).blend(prompt)
+            err[ratio, selector] = float((F.log_softmax(res.logits, -1) - F.log_softmax(full.logits, -1)).abs().max())
+            covered = sum(e - s for s, e in res.spans)
+            assert res.reused_tokens == covered - round(ratio * covered) or selector == "epic"
+    assert err[0.5, "deviation"] < err[0.0, "deviation"]
+
+
+def test_explicit_mask_is_right_where_a_bottom_right_one_is_not() -> None:
+    torch.manual_seed(0)
+    n, rows = 12, torch.tensor([1, 5, 9])
+    q, k, v = torch.randn(n, 2, 8), torch.randn(n, 2, 8), torch.randn(n, 2, 8)
+    pos = torch.arange(n)
+    full = attend(q, k, v, pos, pos, causal_all_rows=True)
+    scattered = attend(q[rows], k, v, pos[rows], pos)
+    torch.testing.assert_close(scattered, full[rows], atol=1e-5, rtol=1e-5)
+    explicit = position_mask(pos[rows], pos)
+    bottom_right = torch.ones(len(rows), n, dtype=torch.bool).tril(diagonal=n - len(rows))
+    assert not torch.equal(explicit, bottom_right)
+    wrong = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=bottom_right).transpose(0, 1).reshape(len(rows), -1)
+    assert (wrong - full[rows]).abs().max() > 1e-2
+
+
+def test_missing_chunks_are_computed_and_stored(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    chunks = _chunks(3, seed=5)
+    blender = Blender(weights, kv, separator_ids=(SEP,))
+    first = blender.blend(_prompt(chunks[:2]), store_missing=False)
+    assert first.missing_chunks == [chunk_id(c) for c in chunks[:2]] and kv.contains(first.missing_chunks) == [False] * 2
+    second = blender.blend(_prompt(chunks[:2]))
+    assert second.missing_chunks == first.missing_chunks and kv.contains(second.missing_chunks) == [True] * 2
+    third = blender.blend(_prompt([chunks[2], chunks[1], chunks[0]]))
+    assert third.missing_chunks == [chunk_id(chunks[2])]
+    torch.testing.assert_close(third.logits, blender.blend(_prompt([chunks[2], chunks[1], chunks[0]])).logits)
+
+
+def test_bad_records_and_arguments_are_refused(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    blender = Blender(weights, kv, separator_ids=(SEP,))  # sets kv.layout to the model's
+    ids = _chunks(1)[0]
+    ref = full_prefill(weights, ids)
+    with pytest.raises(InvalidArgument, match="layout"):
+        kv.put(ids, [k[:, :1] for k in ref.keys], [v[:, :1] for v in ref.values], torch.arange(len(ids)))
+    with pytest.raises(InvalidArgument, match="position"):
+        kv.put(ids, ref.keys, ref.values, torch.arange(3))
+    cid = kv.put(ids, ref.keys, ref.values, torch.arange(len(ids)))
+    # a record of another model under this model's key: refused, not used
+    other = ChunkKVStore(store, model_id="another-model")
+    [meta_loc] = store.locate_many([kv.meta_key(cid)], ns="kv-blend")
+    foreign = json.loads(meta_loc.meta) | {"model": "another-model"}
+    store.put(kv.meta_key(cid), store.get(kv.meta_key(cid), ns="kv-blend") or b"", ns="kv-blend",
+              meta=json.dumps(foreign).encode())
+    with pytest.raises(InvalidArgument, match="another-model"):
+        kv.load_many([cid])
+    assert other.load_many([cid]) == [None]  # its own key space holds nothing
+    # a layer record of the wrong size
+    kv.put(ids, ref.keys, ref.values, torch.arange(len(ids)))
+    store.put(kv.layer_key(cid, 2), b"\0" * 64, ns="kv-blend")
+    with pytest.raises(CorruptionError, match="layer 2"):
+        blender.blend(_prompt([ids]))
+    for bad in (dict(ratio=1.5), dict(selector="random"), dict(check_layer=9)):
+        with pytest.raises(InvalidArgument):
+            Blender(weights, kv, **bad)  # type: ignore[arg-type]
+    with pytest.raises(BlockstoreError):
+        blender.blend(_prompt([ids]), spans=[(5, 3)])
+    with pytest.raises(BlockstoreError):
+        blender.blend([0, 1, 500])
+    with pytest.raises(InvalidArgument, match="model"):
+        Blender(weights, ChunkKVStore(store, model_id="x"))
