@@ -1,0 +1,498 @@
+"""vLLM v1 KV connector that serves blended chunk KV from blockstore (issue 15, item 4).
+
+    KVTransferConfig(kv_connector="BlockstoreBlendConnector",
+                     kv_connector_module_path="blockstore.connector.blend_connector", kv_role="kv_both",
+                     kv_connector_extra_config={"blend.store_path": DIR, "blend.separator": " # # ", ...})
+
+A prompt in blend form is ``seg_0 SEP seg_1 SEP ... SEP question`` (``blend_spans``). The **scheduler
+side** looks every chunk up in the store (``ChunkKVStore.contains``); when stored chunks cover at least
+``blend.min_reused_tokens`` prompt tokens it claims the prompt up to its last whole vLLM block (never
+the last token). The **worker side** runs the blender (its own torch forward of the same weights: chunk
+KV loaded in one batched read, re-rotated to the new positions, the most deviating tokens and every
+token outside a chunk recomputed) and writes the result into vLLM's paged KV cache at the request's
+blocks (``paged_kv``); vLLM computes the rest of the prompt and decodes. Chunks a prompt brings that
+the store lacks are computed on their own and stored after the step's forward, so the next prompt
+that carries them, in any order, is served blended.
+
+It composes with the LMCache prefix tier through vLLM's ``MultiConnector`` (``multi_connector_config``
+below): the first connector that claims tokens for a request serves it, so this one goes first and
+claims only prompts with stored chunks; every other prompt falls through to LMCache.
+
+The scheduler and the worker run in different processes: the worker holds the store (its one writer);
+the scheduler knows which chunks are stored from a read-only scan at start plus what the worker
+reports storing after each step (``ChunkIndex``). Failures never give wrong KV: a chunk the index names
+but the store no longer has is computed by the blender on the spot; a blend that fails (a store read
+error, anything else raised) reports the request's claimed blocks as load errors, and vLLM recomputes
+them, with ``kv_load_failure_policy="recompute"`` (``multi_connector_config`` sets it; vLLM's default,
+"fail", would fail the request instead).
+
+Extra config keys (all optional but the store path):
+``blend.store_path`` store directory (created if absent); ``blend.model_dir`` weights for the blender
+(default: vLLM's model folder); ``blend.separator`` separator string (default ``" # # "``, LMCache's
+``blend_special_str``), tokenized with the model's tokenizer, or ``blend.separator_ids``;
+``blend.ratio`` (0.15), ``blend.selector`` ("deviation"), ``blend.check_layer`` (1);
+``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
+``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
+of another checkpoint are never used); ``blend.stats_path`` a JSON file the worker rewrites after each
+request it served or stored (the counters of ``BlendCounters``), for callers in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tokenizers import Tokenizer
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+import blockstore
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, chunk_id
+from blockstore.connector import blend_spans, paged_kv
+from blockstore.errors import BlockstoreError, InvalidArgument
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
+CONNECTOR_MODULE = __name__
+CONNECTOR_CLASS = "BlockstoreBlendConnector"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration; the worker's runtime (store, weights, blender) and the scheduler's chunk index
+
+
+@dataclass(frozen=True)
+class BlendSettings:
+    store_path: str
+    model_dir: str
+    separator_ids: tuple[int, ...]
+    ratio: float = 0.15
+    selector: str = "deviation"
+    check_layer: int = 1
+    min_chunk_tokens: int = 16
+    min_reused_tokens: int = 0  # 0: one vLLM block
+    namespace: str = "kv-blend"
+    stats_path: str | None = None
+    model_id: str | None = None
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any], default_model_dir: str) -> BlendSettings:
+        known = {"blend.store_path", "blend.model_dir", "blend.separator", "blend.separator_ids", "blend.ratio",
+                 "blend.selector", "blend.check_layer", "blend.min_chunk_tokens", "blend.min_reused_tokens",
+                 "blend.namespace", "blend.stats_path", "blend.model_id"}
+        ours = {k: v for k, v in extra.items() if k.startswith("blend.")}
+        unknown = sorted(set(ours) - known)
+        if unknown:
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: unknown kv_connector_extra_config key(s) {unknown}; "
+                                  f"known: {sorted(known)}")
+        if not ours.get("blend.store_path"):
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: kv_connector_extra_config needs 'blend.store_path' "
+                                  "(the blockstore directory holding chunk KV)")
+        model_dir = str(ours.get("blend.model_dir") or default_model_dir)
+        if "blend.separator_ids" in ours:
+            sep = tuple(int(t) for t in ours["blend.separator_ids"])
+        else:
+            sep = separator_token_ids(model_dir, str(ours.get("blend.separator", DEFAULT_SEPARATOR)))
+        if not sep:
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: the separator tokenizes to no token ids")
+        ratio = float(ours.get("blend.ratio", 0.15))
+        if not 0.0 <= ratio <= 1.0:
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.ratio must be in [0, 1], got {ratio}")
+        return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
+                   selector=str(ours.get("blend.selector", "deviation")),
+                   check_layer=int(ours.get("blend.check_layer", 1)),
+                   min_chunk_tokens=int(ours.get("blend.min_chunk_tokens", 16)),
+                   min_reused_tokens=int(ours.get("blend.min_reused_tokens", 0)),
+                   namespace=str(ours.get("blend.namespace", "kv-blend")),
+                   stats_path=ours.get("blend.stats_path"), model_id=ours.get("blend.model_id"))
+
+
+def separator_token_ids(model_dir: str, separator: str) -> tuple[int, ...]:
+    """The separator as the model's tokenizer writes it (no special tokens): prompts must carry exactly
+    these ids between chunks."""
+    path = Path(model_dir) / "tokenizer.json"
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type
+        raise InvalidArgument(f"{CONNECTOR_CLASS}: cannot read the tokenizer at {path} to tokenize the blend "
+                              f"separator {separator!r} ({exc}); give blend.separator_ids instead") from exc
+    return tuple(tok.encode(separator, add_special_tokens=False).ids)
+
+
+def weights_model_id(settings: BlendSettings) -> str:
+    """The model id chunk KV records are keyed under (``blend.model_id``, or the weights' content hash)."""
+    if settings.model_id:
+        return settings.model_id
+    return LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32).model_id
+
+
+class BlendRuntime:
+    """The worker's store (the one writer: its LOCK), weights and blender."""
+
+    def __init__(self, settings: BlendSettings) -> None:
+        self.settings = settings
+        self.store = blockstore.open(settings.store_path)
+        try:
+            self.weights = LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32,
+                                                        model_id=settings.model_id)
+            self.kv = ChunkKVStore(self.store, ns=settings.namespace, model_id=self.weights.model_id)
+            # Spans are always given (blend_spans finds them, multi-token separators included), so the
+            # blender's own single-token separator split is not used.
+            self.blender = Blender(self.weights, self.kv, ratio=settings.ratio, selector=settings.selector,
+                                   check_layer=settings.check_layer)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class ChunkIndex:
+    """The scheduler's set of stored chunk ids.
+
+    vLLM runs the worker in another process than the scheduler, and the worker holds the store's one
+    writer lock; a read-only open sees the store as it was when opened. So the scheduler reads the chunk
+    ids once at start (a read-only open, one key scan of the namespace) and then learns each chunk the
+    worker stores from the worker's per-step metadata (``BlendWorkerMetadata``). 16 bytes a chunk.
+    """
+
+    def __init__(self, settings: BlendSettings, model_id: str) -> None:
+        self.ids: set[bytes] = set()
+        if not os.path.isdir(settings.store_path) or not os.listdir(settings.store_path):
+            return  # the worker creates it
+        store = blockstore.open(settings.store_path, read_only=True, create=False)
+        try:
+            kv = ChunkKVStore(store, ns=settings.namespace, model_id=model_id)
+            probe = kv.meta_key(chunk_id([0]))
+            prefix, tail = probe[:-len(chunk_id([0])) - 1], probe[-1:]
+            for key in store.iter_keys(ns=settings.namespace, prefix=prefix):
+                if len(key) == len(probe) and key.endswith(tail):
+                    self.ids.add(key[len(prefix):-1])
+        finally:
+            store.close()
+
+    def contains(self, chunk_ids: list[bytes]) -> list[bool]:
+        return [c in self.ids for c in chunk_ids]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the scheduler tells the worker
+
+
+@dataclass
+class BlendLoad:
+    """Blend the prompt and write positions ``start..end-1`` into ``block_ids``."""
+
+    req_id: str
+    token_ids: list[int]
+    spans: list[tuple[int, int]]
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class ChunkSave:
+    """Compute and store the chunks of a prompt the store lacks (``spans``)."""
+
+    req_id: str
+    token_ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class BlendConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlendLoad] = field(default_factory=list)
+    saves: list[ChunkSave] = field(default_factory=list)
+
+
+@dataclass
+class BlendWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, once per step: the chunk ids the worker stored in it."""
+
+    stored_chunks: tuple[bytes, ...] = ()
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, BlendWorkerMetadata)
+        return BlendWorkerMetadata(self.stored_chunks + other.stored_chunks)
+
+
+@dataclass
+class _Plan:
+    """The scheduler's view of one request, from its lookup until its metadata is sent."""
+
+    token_ids: list[int]
+    spans: list[tuple[int, int]]
+    present: list[bool]
+    num_computed: int = 0
+    claimed: int = 0
+    block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BlendCounters:
+    """What the worker side did (written to blend.stats_path): counts, not assumptions."""
+
+    requests_blended: int = 0
+    tokens_written: int = 0  # prompt tokens whose KV this connector wrote into vLLM's cache
+    tokens_reused: int = 0  # of the blended prompts' tokens, those whose KV came from stored chunks
+    tokens_recomputed: int = 0  # tokens the blender recomputed in its later layers
+    chunks_hit: int = 0
+    chunks_missing: int = 0
+    chunks_stored: int = 0
+    load_failures: int = 0
+    blend_seconds: float = 0.0
+    write_seconds: float = 0.0
+    store_seconds: float = 0.0
+    last_error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The connector
+
+
+class BlockstoreBlendConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.settings = BlendSettings.from_extra_config(extra, str(vllm_config.model_config.model))
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.min_reused = self.settings.min_reused_tokens or self.block_size
+        self.runtime: BlendRuntime | None = None
+        self.index: ChunkIndex | None = None
+        if role == KVConnectorRole.WORKER:
+            self.runtime = BlendRuntime(self.settings)
+        else:
+            self.index = ChunkIndex(self.settings, weights_model_id(self.settings))
+        # scheduler side
+        self._plans: dict[str, _Plan] = {}
+        self._ready: dict[str, _Plan] = {}
+        # worker side
+        self._new_chunks: list[bytes] = []
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_of: dict[str, int] = {}
+        self._failed_blocks: set[int] = set()
+        self.counters = BlendCounters()
+        log.info("%s (%s): store %s, model %s, separator ids %s, ratio %.2f", CONNECTOR_CLASS, role.name,
+                 self.settings.store_path, self.settings.model_dir, self.settings.separator_ids, self.settings.ratio)
+
+    # ----------------------------------------------------------------- scheduler side
+
+    def _lookup(self, request: Request) -> _Plan:
+        plan = self._plans.get(request.request_id)
+        if plan is None:
+            ids = list(request.prompt_token_ids or [])
+            spans = blend_spans.find_chunk_spans(ids, self.settings.separator_ids, self.settings.min_chunk_tokens)
+            present = [False] * len(spans)
+            if spans:
+                assert self.index is not None
+                present = self.index.contains([chunk_id(ids[s:e]) for s, e in spans])
+            plan = _Plan(ids, spans, present)
+            self._plans[request.request_id] = plan
+        return plan
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        plan = self._lookup(request)
+        plan.num_computed = num_computed_tokens
+        if blend_spans.covered_tokens(plan.spans, plan.present) < self.min_reused:
+            return 0, False
+        return blend_spans.claimable_tokens(len(plan.token_ids), num_computed_tokens, self.block_size), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        plan = self._lookup(request)
+        plan.claimed = num_external_tokens
+        plan.block_ids = list(blocks.get_block_ids()[0]) if num_external_tokens else []
+        self._ready[request.request_id] = plan
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = BlendConnectorMetadata()
+        scheduled: dict[str, list[int] | None] = {r.req_id: list(r.block_ids[0]) for r in
+                                                  scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in cached.resumed_req_ids and req_id in self._ready:
+                new_ids = cached.new_block_ids[i]
+                scheduled[req_id] = list(new_ids[0]) if new_ids is not None else None
+        for req_id, block_ids in scheduled.items():
+            plan = self._ready.pop(req_id, None)
+            if plan is None:
+                continue
+            self._plans.pop(req_id, None)
+            if plan.claimed > 0:
+                start = plan.num_computed
+                meta.loads.append(BlendLoad(req_id, plan.token_ids, plan.spans, block_ids or plan.block_ids,
+                                            start, start + plan.claimed))
+            missing = [s for s, ok in zip(plan.spans, plan.present, strict=True) if not ok]
+            if plan.claimed == 0 and missing:
+                meta.saves.append(ChunkSave(req_id, plan.token_ids, missing))
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._plans.pop(request.request_id, None)
+        self._ready.pop(request.request_id, None)
+        return False, None
+
+    # ----------------------------------------------------------------- worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+        self._layer_of = {name: paged_kv.layer_index(name) for name in kv_caches}
+        assert self.runtime is not None
+        n = self.runtime.weights.config.num_hidden_layers
+        if sorted(self._layer_of.values()) != list(range(n)):
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: vLLM's attention layers {sorted(self._layer_of)} do not "
+                                  f"match the blender's model ({n} layers from {self.settings.model_dir})")
+        shape = tuple(next(iter(kv_caches.values())).shape)
+        log.info("%s: %d KV cache tensors of shape %s", CONNECTOR_CLASS, len(kv_caches), shape)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, BlendConnectorMetadata)
+        layers = getattr(forward_context, "no_compile_layers", {}) or {}
+        for load in meta.loads:
+            try:
+                self._serve(load, layers)
+            except (BlockstoreError, RuntimeError, ValueError) as exc:
+                # Nothing half-written is read: vLLM recomputes every block reported here.
+                self.counters.load_failures += 1
+                self.counters.last_error = f"{type(exc).__name__}: {exc}"
+                self._failed_blocks.update(load.block_ids[load.start // self.block_size:
+                                                          -(-load.end // self.block_size)])
+                log.warning("%s: blending %s failed, vLLM recomputes it: %s", CONNECTOR_CLASS, load.req_id, exc)
+            self._write_stats()
+
+    def _serve(self, load: BlendLoad, layers: dict[str, Any]) -> None:
+        assert self.runtime is not None
+        t0 = time.perf_counter()
+        res = self.runtime.blender.blend(load.token_ids, spans=load.spans, store_missing=True)
+        self._new_chunks += res.missing_chunks
+        t1 = time.perf_counter()
+        slots = paged_kv.slot_mapping(load.block_ids, load.start, load.end, self.block_size)
+        for name, cache in self._kv_caches.items():
+            layer = self._layer_of[name]
+            paged_kv.write_kv(cache, res.keys[layer][load.start:load.end], res.values[layer][load.start:load.end],
+                              slots, paged_kv.attention_isa(cache, layers.get(name)))
+        c = self.counters
+        c.requests_blended += 1
+        c.tokens_written += load.end - load.start
+        c.tokens_reused += int(res.reused_tokens)
+        c.tokens_recomputed += len(res.recomputed)
+        c.chunks_missing += len(res.missing_chunks)
+        c.chunks_hit += len(load.spans) - len(res.missing_chunks)
+        c.chunks_stored += len(res.missing_chunks)
+        c.blend_seconds += t1 - t0
+        c.write_seconds += time.perf_counter() - t1
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv writes every layer before the forward starts
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+                      **kwargs: Any) -> None:
+        return  # chunk KV is computed position-independently in wait_for_save, not taken from vLLM's cache
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, BlendConnectorMetadata)
+        for save in meta.saves:
+            t0 = time.perf_counter()
+            try:
+                stored = self._store_chunks(save)
+            except BlockstoreError as exc:  # a cache that could not grow is a future miss, not an error
+                self.counters.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: storing chunks of %s failed: %s", CONNECTOR_CLASS, save.req_id, exc)
+                stored = 0
+            self.counters.chunks_stored += stored
+            self.counters.store_seconds += time.perf_counter() - t0
+        if meta.saves:
+            self._write_stats()
+
+    def _store_chunks(self, save: ChunkSave) -> int:
+        """Each missing chunk's KV computed on its own (positions 0..T-1) and stored; returns how many."""
+        assert self.runtime is not None
+        chunks = [save.token_ids[s:e] for s, e in save.spans]
+        present = self.runtime.kv.contains([chunk_id(c) for c in chunks])  # an earlier prompt may have stored it
+        todo = [c for c, ok in zip(chunks, present, strict=True) if not ok]
+        for chunk in todo:
+            self._new_chunks.append(self.runtime.blender.store_chunk(chunk))
+        return len(todo)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._new_chunks:
+            return None
+        meta, self._new_chunks = BlendWorkerMetadata(tuple(self._new_chunks)), []
+        return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, BlendWorkerMetadata) and self.index is not None:
+            self.index.ids.update(meta.stored_chunks)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def _write_stats(self) -> None:
+        path = self.settings.stats_path
+        if not path:
+            return
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self.counters), f)
+        os.replace(tmp, path)
+
+    def shutdown(self) -> None:
+        self._write_stats()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            runtime.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations for callers
+
+
+def kv_transfer_extra_config(store_path: str | os.PathLike[str], **settings: Any) -> dict[str, Any]:
+    """``kv_connector_extra_config`` for this connector: ``blend.store_path`` plus ``blend.<key>`` for
+    each keyword (``ratio=0.15, separator=" # # ", stats_path=...``)."""
+    return {"blend.store_path": str(store_path), **{f"blend.{k}": v for k, v in settings.items() if v is not None}}
+
+
+def multi_connector_config(store_path: str | os.PathLike[str], lmcache_port: int | None,
+                           **settings: Any) -> dict[str, Any]:
+    """Arguments of ``KVTransferConfig`` for vLLM's ``MultiConnector``: this connector first (it claims
+    only prompts with stored chunks), then LMCache's MP connector for prefix reuse, when a port is given."""
+    connectors: list[dict[str, Any]] = [{
+        "kv_connector": CONNECTOR_CLASS, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both",
+        "kv_connector_extra_config": kv_transfer_extra_config(store_path, **settings)}]
+    if lmcache_port is not None:
+        connectors.append({"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
+                                                         "lmcache.mp.port": lmcache_port}})
+    # "recompute": blocks this connector reports as failed are computed by vLLM (the default, "fail",
+    # fails the request)
+    return {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"connectors": connectors}}

@@ -1,0 +1,128 @@
+"""The vLLM blend connector (issue 15, item 4).
+
+Fast: the scheduler side's span finding and claim arithmetic; the paged-cache writer against a real
+tensor of the CPU backend's shape, checked through vLLM's own CPU attention kernel (an independent
+reader of the layout). Slow: a real vLLM engine on the trained model with the connector (inside vLLM's
+MultiConnector), whose own counters must show blended tokens served, and whose greedy outputs must agree
+with vLLM's full prefill at the floor measured for it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from blockstore.connector import blend_spans
+from blockstore.errors import BlockstoreError
+
+SEP = [7, 8]
+
+
+def test_chunk_spans_cut_at_the_separator_and_leave_the_question_out() -> None:
+    ids = [1] * 20 + SEP + [2] * 30 + SEP + [3] * 5
+    assert blend_spans.find_chunk_spans(ids, SEP) == [(0, 20), (22, 52)]
+
+
+def test_chunk_spans_skip_short_segments_and_need_a_separator() -> None:
+    ids = [1] * 20 + SEP + SEP + [2, 2] + SEP + [4] * 17 + SEP + [9]
+    assert blend_spans.find_chunk_spans(ids, SEP, min_chunk_tokens=3) == [(0, 20), (28, 45)]
+    assert blend_spans.find_chunk_spans([1, 2, 3, 7, 9, 8], SEP) == []  # 7 without 8 is no separator
+    assert blend_spans.find_chunk_spans(SEP + [5] * 4, SEP) == []  # an empty first segment is no chunk
+
+
+def test_partial_separator_at_the_end_is_not_a_match() -> None:
+    assert blend_spans.find_separator([1, 2, 7], SEP) == -1
+    assert blend_spans.find_separator([7, 7, 8], SEP) == 1
+
+
+def test_bad_arguments_raise_blockstore_errors() -> None:
+    with pytest.raises(BlockstoreError, match="separator is empty"):
+        blend_spans.find_chunk_spans([1, 2], [])
+    with pytest.raises(BlockstoreError, match="min_chunk_tokens"):
+        blend_spans.find_chunk_spans([1, 2], SEP, min_chunk_tokens=0)
+    with pytest.raises(BlockstoreError, match="block_size"):
+        blend_spans.claimable_tokens(100, 0, 0)
+
+
+def test_claims_whole_blocks_and_never_the_last_token() -> None:
+    assert blend_spans.claimable_tokens(1000, 0, 128) == 896
+    assert blend_spans.claimable_tokens(1025, 0, 128) == 1024
+    assert blend_spans.claimable_tokens(1024, 0, 128) == 896  # 1024 would leave vLLM nothing to compute
+    assert blend_spans.claimable_tokens(1000, 256, 128) == 640
+    assert blend_spans.claimable_tokens(100, 0, 128) == 0
+    assert blend_spans.claimable_tokens(1000, 896, 128) == 0
+
+
+def test_covered_tokens_counts_only_present_chunks() -> None:
+    assert blend_spans.covered_tokens([(0, 20), (22, 52), (54, 60)], [True, False, True]) == 26
+    with pytest.raises(ValueError):
+        blend_spans.covered_tokens([(0, 20)], [True, False])
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged-cache writer, on a real CPU-backend cache tensor
+
+
+def _attend_through_vllm(cache, block_ids: list[int], seq_len: int, query):
+    """One decode query over the first ``seq_len`` positions of a request, by vLLM's CPU kernel."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from blockstore.connector import paged_kv
+
+    nb, kv_heads, block_size, two_hd = cache.shape
+    hd, heads = two_hd // 2, query.shape[1]
+    isa = paged_kv.attention_isa(cache)
+    qsl = torch.tensor([0, 1], dtype=torch.int32)
+    seq = torch.tensor([seq_len], dtype=torch.int32)
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, seq_lens=seq, dtype=cache.dtype,
+        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+    key_cache, value_cache = cache.view(nb, kv_heads, 2 * block_size, hd).chunk(2, dim=2)
+    out = torch.zeros(1, heads * hd, dtype=cache.dtype)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=qsl, seq_lens=seq,
+        scale=hd ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+        block_table=torch.tensor([block_ids], dtype=torch.int32), softcap=0.0, scheduler_metadata=sched, s_aux=None)
+    return out
+
+
+def test_writer_puts_kv_where_vllms_cpu_attention_reads_it() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from blockstore.connector import paged_kv
+
+    gen = torch.Generator().manual_seed(0)
+    blocks, kv_heads, block_size, hd, heads, n = 8, 2, 128, 64, 4, 300
+    cache = torch.zeros(blocks, kv_heads, block_size, 2 * hd)  # the CPU backend's per-layer shape
+    keys, values = torch.randn(n, kv_heads, hd, generator=gen), torch.randn(n, kv_heads, hd, generator=gen)
+    block_ids = [5, 2, 7]  # scattered, out of order
+    isa = paged_kv.attention_isa(cache)
+    # two writes, as a connector and vLLM's own forward split a prompt: 0..255 from us, the rest later
+    paged_kv.write_kv(cache, keys[:256], values[:256], paged_kv.slot_mapping(block_ids, 0, 256, block_size), isa)
+    paged_kv.write_kv(cache, keys[256:], values[256:], paged_kv.slot_mapping(block_ids, 256, n, block_size), isa)
+    query = torch.randn(1, heads, hd, generator=gen)
+    got = _attend_through_vllm(cache, block_ids, n, query)
+    k = keys.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    v = values.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(query.transpose(0, 1), k, v).transpose(0, 1).reshape(1, -1)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # block 0 (not the request's) was never touched
+    assert not cache[0].any() and cache[5].any()
+
+
+def test_writer_refuses_what_does_not_fit() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from blockstore.connector import paged_kv
+
+    cache = torch.zeros(4, 2, 32, 128)
+    ok = torch.zeros(10, 2, 64)
+    with pytest.raises(BlockstoreError, match="do not fit"):
+        paged_kv.write_kv(cache, torch.zeros(10, 4, 64), ok, paged_kv.slot_mapping([0], 0, 10, 32), "vec")
+    with pytest.raises(BlockstoreError, match="outside the cache"):
+        paged_kv.write_kv(cache, ok, ok, torch.arange(120, 130), "vec")
+    with pytest.raises(BlockstoreError, match="the request holds 1"):
+        paged_kv.slot_mapping([3], 0, 40, 32)
+    assert paged_kv.layer_index("model.layers.11.self_attn.attn") == 11
+    with pytest.raises(BlockstoreError, match="layer index"):
+        paged_kv.layer_index("lm_head")
