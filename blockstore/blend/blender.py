@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, chunk_id
-from blockstore.blend.compute import Prefill, apply_rope, attend, finish_layer, full_prefill, logits_of, qkv
+from blockstore.blend.compute import Prefill, attend, finish_layer, full_prefill, logits_of, qkv, rope_cos_sin, rotate
 from blockstore.blend.llama import LlamaWeights
 from blockstore.errors import CorruptionError, InvalidArgument
 
@@ -47,6 +47,7 @@ class _Span:
     end: int
     cid: bytes
     chunk: ChunkKV | None = None  # computed here, or loaded in one read; None while streamed
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of (prompt - stored) positions
 
 
 class Blender:
@@ -173,8 +174,10 @@ class Blender:
             if chunk.num_tokens != p.end - p.start:
                 raise CorruptionError(f"chunk {p.cid.hex()} holds {chunk.num_tokens} tokens, its span has "
                                       f"{p.end - p.start}")
-            delta = positions[p.start:p.end] - chunk.positions.to(positions.device)
-            k_all[p.start:p.end] = apply_rope(chunk.keys[j], delta, c.rope_theta)
+            if p.rotation is None:  # the same delta in every layer: angles computed once per blend
+                delta = positions[p.start:p.end] - chunk.positions.to(positions.device)
+                p.rotation = rope_cos_sin(delta, c.head_dim, c.rope_theta)
+            k_all[p.start:p.end] = rotate(chunk.keys[j], *p.rotation)
             v_all[p.start:p.end] = chunk.values[j]
         return k_all, v_all
 

@@ -29,14 +29,19 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [n, heads, head_dim] rotated by `positions` [n]. RoPE composes (R(a) R(b) = R(a + b)), so
-    rotating a K computed at old positions by (new - old) gives K at the new positions."""
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave."""
     xf = x.to(torch.float32)
     half = x.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [n, heads, head_dim] rotated by `positions` [n]. RoPE composes (R(a) R(b) = R(a + b)), so
+    rotating a K computed at old positions by (new - old) gives K at the new positions."""
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+    return rotate(x, cos, sin)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,7 +59,8 @@ def qkv(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor,
     q = (x @ layer.q_proj.T).view(n, c.num_attention_heads, c.head_dim)
     k = (x @ layer.k_proj.T).view(n, c.num_key_value_heads, c.head_dim)
     v = (x @ layer.v_proj.T).view(n, c.num_key_value_heads, c.head_dim)
-    return apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta), v
+    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,365 @@
+"""Blended chunk KV (issue 15): fidelity on the trained model, and time to first token against full
+prefill and prefix-only reuse, with the chunk KV read through the store warm and cold beside the disk.
+
+    python -m bench.blend [--quick]                      # fidelity + CPU speed -> bench/results/blend[_quick].json
+    python -m bench.blend --speed-only --device cuda --shape llama-8b --machine h100 --json OUT.json
+    python -m bench.blend --merge OUT.json               # put a GPU run's "ttft" entry into blend.json
+
+Fidelity: prompts of 3-5 held-out chunks (jobs.trained_model.heldout_chunks) in shuffled orders, joined by
+a blank line, after <s>, with a question-like suffix; chunk KV is computed once per chunk (on its own, at
+positions 0..n-1) and stored; each prompt is blended from the store with explicit spans and compared
+with its full prefill: first-token top-1 agreement, 16-token greedy sequence agreement (decoded with
+the same forward from the blended KV: all 16 tokens equal), token agreement (share of the 16 positions
+equal), and KL(full || blended) of the first token, at each ratio for the deviation selector and, as
+"epic-<ratio>", for the first-tokens-of-each-chunk selector at the same budget.
+
+Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LENGTH tokens made of
+512-token chunks and a 32-token suffix, chunk KV stored beforehand (os.sync after). Per repeat, in
+this order: full prefill; blend at 0.15 with the store's files in the page cache (warm) and after
+Store.drop_page_cache() (cold), both with the layer-by-layer loader; cold without it (one batched read,
+then compute: what the overlap buys); prefix-only reuse (the first chunk reused in place, everything
+after it computed: what a prefix cache gives the same prompt); the load alone, warm and cold (request
+to all chunk KV in memory, ChunkKVStore.load_many); and the disk's cold read ceiling
+(bench.ceilings.raw_read of a file of the same size). The floor a cold blend cannot beat is KV bytes /
+that ceiling. Medians over repeats, with the spread. Progress goes to stderr; the last stdout line is
+the JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import blockstore
+from bench.ceilings import MiB, Payloads, raw_read, raw_write
+from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, greedy_decode
+from blockstore.reader import aligned_buffer
+
+RATIOS = (0.0, 0.05, 0.15, 0.30, 1.0)
+EPIC_RATIOS = (0.05, 0.15, 0.30)
+DECODE = 16
+QUESTIONS = (
+    "\n\nQuestion: What is the main point of the text above?\nAnswer:",
+    "\n\nQ: Which of the passages above explains how to use something, and how?\nA:",
+    "\n\nSummarize the passages above in one sentence:\n",
+    "\n\nQuestion: What does the second passage say?\nAnswer: The second passage",
+)
+CHUNK_TOKENS = 512
+SUFFIX_TOKENS = 32
+
+
+def _say(msg: str) -> None:
+    print(f"[blend {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- fidelity
+
+
+def _prompts(model_dir: str, n: int, seed: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    from jobs.trained_model import heldout_chunks, load_tokenizer  # noqa: PLC0415 - the model folder is optional
+
+    tok = load_tokenizer(model_dir)
+    pool = heldout_chunks(max(40, n // 4), 128, seed, model_dir)
+    join = tok.encode("\n\n").ids
+    questions = [tok.encode(q).ids for q in QUESTIONS]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids, spans = [0], []  # <s>
+        for c in rng.sample(pool, rng.randint(3, 5)):  # a random subset in a random order
+            spans.append((len(ids), len(ids) + len(c)))
+            ids += list(c) + join
+        out.append((ids[: -len(join)] + rng.choice(questions), spans))
+    return out
+
+
+def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str) -> dict[str, Any]:
+    w = LlamaWeights.from_pretrained(model_dir)
+    prompts = _prompts(model_dir, n_prompts, seed)
+    configs = [(f"{r:g}", r, "deviation") for r in RATIOS] + [(f"epic-{r:g}", r, "epic") for r in EPIC_RATIOS]
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configs}
+    t0 = time.perf_counter()
+    with blockstore.open(os.path.join(scratch, "fidelity-store")) as store:
+        kv = ChunkKVStore(store, model_id=w.model_id)
+        blenders = {name: Blender(w, kv, ratio=r, selector=sel) for name, r, sel in configs}
+        for i, (ids, spans) in enumerate(prompts):
+            ref = full_prefill(w, torch.tensor(ids))
+            ref_seq = greedy_decode(w, ref.keys, ref.values, ref.logits, DECODE)
+            ref_logp = F.log_softmax(ref.logits, -1)
+            for name, blender in blenders.items():
+                res = blender.blend(ids, spans=spans)
+                seq = greedy_decode(w, res.keys, res.values, res.logits, DECODE)
+                logp = F.log_softmax(res.logits, -1)
+                rows[name].append({
+                    "top1": float(seq[0] == ref_seq[0]),
+                    "seq": float(seq == ref_seq),
+                    "tokens": sum(a == b for a, b in zip(seq, ref_seq)) / DECODE,
+                    "kl": float((ref_logp.exp() * (ref_logp - logp)).sum()),
+                    "recomputed_share": len(res.recomputed) / len(ids),
+                })
+            if (i + 1) % 25 == 0:
+                _say(f"fidelity {i + 1}/{len(prompts)} prompts ({time.perf_counter() - t0:.0f} s)")
+    out: dict[str, Any] = {}
+    for name, got in rows.items():
+        out[name] = {
+            "top1_agreement": statistics.fmean(r["top1"] for r in got),
+            "seq_agreement": statistics.fmean(r["seq"] for r in got),
+            "token_agreement": statistics.fmean(r["tokens"] for r in got),
+            "kl": statistics.fmean(r["kl"] for r in got),
+            "kl_median": statistics.median(r["kl"] for r in got),
+            "recomputed_share": statistics.fmean(r["recomputed_share"] for r in got),
+            "prompts": len(got),
+        }
+    out["_setup"] = {"model_dir": os.path.relpath(model_dir, REPO), "model_id": w.model_id, "prompts": len(prompts),
+                     "mean_prompt_tokens": statistics.fmean(len(p[0]) for p in prompts),
+                     "chunks_per_prompt": "3-5", "tokens_per_chunk": "64-128", "decode_tokens": DECODE,
+                     "seconds": time.perf_counter() - t0}
+    return out
+
+
+# ----------------------------------------------------------------------------------------- speed
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    def timed(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    return timed
+
+
+def _disk_ceiling(scratch: str, nbytes: int) -> float:
+    """Cold sequential read of a raw file of `nbytes` (rounded up to MiB): bytes per second."""
+    n = -(-nbytes // MiB)
+    path = os.path.join(scratch, "ceiling.bin")
+    raw_write(path, Payloads(), n, durable=False)
+    os.sync()
+    arena = aligned_buffer(64 * MiB)
+    dst = [arena[i * MiB : (i + 1) * MiB] for i in range(64)]
+    seconds = raw_read(path, n, dst, cold=True, verify=False)
+    os.unlink(path)
+    return n * MiB / seconds
+
+
+def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: int, scratch: str,
+                seed: int) -> dict[str, Any]:
+    device, timed = w.device, _timer(w.device)
+    g = torch.Generator().manual_seed(seed + length)
+    n_chunks = (length - SUFFIX_TOKENS) // CHUNK_TOKENS
+    chunks = [torch.randint(3, w.config.vocab_size, (CHUNK_TOKENS,), generator=g) for _ in range(n_chunks)]
+    prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (SUFFIX_TOKENS,), generator=g)])
+    spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
+    kv = ChunkKVStore(store, model_id=w.model_id)
+    blend = Blender(w, kv, ratio=0.15)
+    serial = Blender(w, kv, ratio=0.15, overlap=False)
+    prefix = Blender(w, kv, ratio=0.0, check_layer=0)
+    cids = [blend.store_chunk(c) for c in chunks]
+    os.sync()
+    locs = store.locate_many([kv.layer_key(c, i) for c in cids for i in range(w.config.num_hidden_layers)], ns=kv.ns)
+    kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
+    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_warm", "blend_cold", "blend_cold_serial",
+                                                    "prefix_warm", "load_warm", "load_cold", "disk_ceiling_Bps")}
+    timed(lambda: blend.blend(prompt, spans=spans))  # warm-up: kernels, allocator, page cache
+    timed(lambda: full_prefill(w, prompt))
+    for rep in range(repeats):
+        runs["full"].append(timed(lambda: full_prefill(w, prompt)))
+        runs["blend_warm"].append(timed(lambda: blend.blend(prompt, spans=spans)))
+        store.drop_page_cache()
+        runs["blend_cold"].append(timed(lambda: blend.blend(prompt, spans=spans)))
+        store.drop_page_cache()
+        runs["blend_cold_serial"].append(timed(lambda: serial.blend(prompt, spans=spans)))
+        runs["prefix_warm"].append(timed(lambda: prefix.blend(prompt, spans=spans[:1])))
+        runs["load_warm"].append(timed(lambda: kv.load_many(cids, device=device)))
+        store.drop_page_cache()
+        runs["load_cold"].append(timed(lambda: kv.load_many(cids, device=device)))
+        runs["disk_ceiling_Bps"].append(_disk_ceiling(scratch, kv_bytes))
+        _say(f"  {length} tokens, repeat {rep + 1}/{repeats}: full {runs['full'][-1]:.3f} s, blend warm "
+             f"{runs['blend_warm'][-1]:.3f} s, cold {runs['blend_cold'][-1]:.3f} s")
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    floor = kv_bytes / med["disk_ceiling_Bps"]
+    return {
+        "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes,
+        "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
+        "speedup_prefix": med["full"] / med["prefix_warm"],
+        "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],
+        "cold_floor_s": floor, "blend_cold_vs_floor": med["blend_cold"] / floor,
+        "load_cold_vs_floor": med["load_cold"] / floor,
+        "store_cold_GBps": kv_bytes / med["load_cold"] / 1e9, "disk_ceiling_GBps": med["disk_ceiling_Bps"] / 1e9,
+        "seconds": {k: spread(v) for k, v in runs.items() if k != "disk_ceiling_Bps"},
+    }
+
+
+def speed(device: str, shape: str, dtype: torch.dtype, lengths: Sequence[int], repeats: int, scratch: str,
+          seed: int = 0) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    w = LlamaWeights.random(shape, seed, device=device, dtype=dtype)
+    params = sum(t.numel() for lw in w.layers for t in vars(lw).values()) + w.embed.numel() + w.lm_head.numel()
+    _say(f"speed: {shape} ({params / 1e6:.0f} M parameters, {dtype}) on {device}, lengths {list(lengths)}")
+    per_length = []
+    with blockstore.open(os.path.join(scratch, f"speed-store-{shape}")) as store:
+        for length in lengths:
+            per_length.append(_one_length(w, store, length, repeats, scratch, seed))
+    at = [r for r in per_length if r["tokens"] >= 4096] or per_length
+    best = at[0]
+    cross = next((r["tokens"] for r in per_length if r["speedup_cold"] > 1.0), None)
+    return {
+        "speedup_vs_full_prefill": best["speedup_warm"], "speedup_cold_vs_full_prefill": best["speedup_cold"],
+        "speedup_prefix_only": best["speedup_prefix"], "at_tokens": best["tokens"], "ratio": 0.15,
+        "cold_floor_s": best["cold_floor_s"], "blend_cold_vs_floor": best["blend_cold_vs_floor"],
+        "cold_crossover_tokens": cross, "model": {"shape": shape, "parameters": params, "dtype": str(dtype)},
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "per_length": per_length, "seconds": time.perf_counter() - t0,
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def plot(doc: dict[str, Any], stem: str) -> list[str]:
+    """Fidelity vs ratio and TTFT vs prompt length, next to the JSON."""
+    import matplotlib  # noqa: PLC0415 - optional, plots only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    written = []
+    fid = {k: v for k, v in doc.get("fidelity", {}).items() if not k.startswith("_")}
+    if fid:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for prefix, label in (("", "deviation (CacheBlend)"), ("epic-", "first tokens (EPIC)")):
+            pts = sorted((float(k.removeprefix(prefix)), v) for k, v in fid.items()
+                         if (k.startswith("epic-") == bool(prefix)))
+            for metric, style in (("top1_agreement", "-o"), ("seq_agreement", "--s")):
+                ax.plot([p[0] for p in pts], [p[1][metric] for p in pts], style, label=f"{label}: {metric}")
+        ax.set_xlabel("recompute ratio")
+        ax.set_ylabel("agreement with full prefill")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(f"{stem}_fidelity.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    ttft = doc.get("ttft", {})
+    if ttft:
+        fig, axes = plt.subplots(1, len(ttft), figsize=(5 * len(ttft), 4), squeeze=False)
+        for ax, (machine, res) in zip(axes[0], ttft.items()):
+            rows = res["per_length"]
+            xs = [r["tokens"] for r in rows]
+            for key, label in (("full", "full prefill"), ("blend_warm", "blend 0.15 warm"),
+                               ("blend_cold", "blend 0.15 cold"), ("prefix_warm", "prefix-only reuse")):
+                ax.plot(xs, [r["seconds"][key]["median"] for r in rows], "-o", label=label)
+            ax.plot(xs, [r["cold_floor_s"] for r in rows], ":", label="cold floor (KV bytes / disk)")
+            ax.set_title(f"{machine}: {res['model']['shape']}")
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel("time to first token (s)")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(f"{stem}_ttft.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def summary(doc: dict[str, Any]) -> dict[str, Any]:
+    fid = {k: {m: round(v[m], 4) for m in ("top1_agreement", "seq_agreement", "kl")}
+           for k, v in doc.get("fidelity", {}).items() if not k.startswith("_")}
+    ttft = {machine: {k: v for k, v in res.items() if k not in ("per_length", "seconds")}
+            for machine, res in doc.get("ttft", {}).items()}
+    return {"fidelity": fid, "ttft": ttft}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.blend", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer prompts, shorter and fewer speed prompts")
+    ap.add_argument("--json", help="results file (default bench/results/blend.json, --quick: blend_quick.json)")
+    ap.add_argument("--model", default=None, help="trained model folder (default jobs.trained_model's)")
+    ap.add_argument("--prompts", type=int, default=None, help="fidelity prompts (default 200, --quick 200)")
+    ap.add_argument("--fidelity-only", action="store_true")
+    ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default="cpu-125m", help="speed model shape (blockstore.blend.SHAPES)")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--machine", default=None, help="name of the ttft entry (default cpu-2core or the GPU's)")
+    ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default a temp dir in build/)")
+    ap.add_argument("--merge", default=None, help="merge this file's ttft entries into --json and exit")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def _merge(path: str, into: str) -> dict[str, Any]:
+    with open(path) as f:
+        new = json.load(f)
+    doc = json.load(open(into)) if os.path.exists(into) else {}
+    for machine, res in new.get("ttft", {}).items():
+        doc.setdefault("ttft", {})[machine] = res
+        doc.setdefault("runs", {})[f"ttft.{machine}"] = new.get("run", {})
+    return doc
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    out_path = args.json or os.path.join(REPO, "bench", "results", "blend_quick.json" if args.quick else "blend.json")
+    if args.merge:
+        merged = _merge(args.merge, out_path)
+        write_json(out_path, merged)
+        plot(merged, os.path.splitext(out_path)[0])
+        print(json.dumps(summary(merged)))
+        return
+    os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
+    scratch = args.dir or tempfile.mkdtemp(prefix="blend-", dir=os.path.join(REPO, "build"))
+    torch.manual_seed(args.seed)
+    busy0 = cpu_busy_s()
+    doc: dict[str, Any] = json.load(open(out_path)) if os.path.exists(out_path) else {}
+    run = {"command": shlex.join(getattr(sys, "orig_argv", sys.argv)), "machine": machine_info(scratch),
+           "engine": engine_state(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if not args.speed_only:
+        from jobs.trained_model import DEFAULT_MODEL_DIR  # noqa: PLC0415 - jobs/ is the repository's, optional here
+
+        model = args.model or str(DEFAULT_MODEL_DIR)
+        _say(f"fidelity on {model}")
+        doc["fidelity"] = fidelity(model, args.prompts or 200, args.seed, scratch)
+        doc.setdefault("runs", {})["fidelity"] = run
+    if not args.fidelity_only:
+        cuda = args.device.startswith("cuda")
+        dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+        default_lengths = "1024,2048" if args.quick else ("2048,4096,8192")
+        lengths = [int(x) for x in (args.lengths or default_lengths).split(",")]
+        machine = args.machine or ("cpu-2core" if not cuda else torch.cuda.get_device_name(0).split()[1].lower())
+        doc.setdefault("ttft", {})[machine] = speed(args.device, args.shape, dtype, lengths,
+                                                    args.repeats or (2 if args.quick else 3), scratch, args.seed)
+        doc.setdefault("runs", {})[f"ttft.{machine}"] = run
+    busy1 = cpu_busy_s()
+    run["cpu_busy_s"] = {"machine": busy1[0] - busy0[0], "this_process": busy1[1] - busy0[1]}
+    doc["run"] = run
+    write_json(out_path, doc)
+    try:
+        _say(f"plots: {plot(doc, os.path.splitext(out_path)[0])}")
+    except Exception as exc:  # noqa: BLE001 - a plot must not lose the results
+        _say(f"plot failed: {exc}")
+    _say(f"reproduce: {run['command']}")
+    print(json.dumps(summary(doc)))
+
+
+if __name__ == "__main__":
+    main()
