@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from blockstore import logs, metrics
 from blockstore.backend import Backend
 from blockstore.blocks import BLOCKS_DIR
 from blockstore.errors import CorruptionError, InvalidArgument, error_for_os
 from blockstore.lock import LOCK_FILE
 from blockstore.manifest import MANIFEST, valid_block_size
+from blockstore.metrics import MeasuredStore
 
 DIRECTORY = "directory"
+
+_log = logs.get("open")
 
 # What a creation of ours cut short leaves before the MANIFEST is written (make_store_dirs, Store._open_files), and
 # lost+found (fsck --repair's, or a file system's root when a store is made at a mount point): a
@@ -101,3 +105,21 @@ def make_store_dirs(path: str, backend: Backend) -> None:
     os.makedirs(blocks_dir, exist_ok=True)
     for d in made:  # bottom-up: each new directory's parent
         backend.dir_sync(os.path.dirname(d))
+
+
+def announce_open(store: MeasuredStore, *, created: bool) -> None:
+    """What an open tells the outside once it succeeded: its INFO line (created, clean, after recovery,
+    or read-only; recovery logs what it did itself), and the store's metrics become scrapeable while it
+    lives (blockstore.metrics.track: a weak reference, nothing counted on the hot path)."""
+    report = store.recovery_report
+    if created:
+        how = "created"
+    elif store.read_only:
+        how = "opened read-only"
+    elif report is not None:
+        how = (f"opened after recovery ({len(report['scanned_blocks'])} block(s) scanned, "
+               f"{report['dropped_entries']} entr(ies) dropped)")
+    else:
+        how = "opened clean"
+    _log.info("%s: %s (durability %s, %d block(s))", store.path, how, store.durability, len(store.block_table()))
+    metrics.track(store)

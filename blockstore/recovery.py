@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from blockstore import hooks
+from blockstore import hooks, logs
 from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, seal_block_file, write_block_header
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
@@ -43,7 +43,7 @@ class RecoveringStore(Protocol):
     @property
     def backend(self) -> Backend: ...
 
-_log = logging.getLogger("blockstore")
+_log = logs.get("recovery")
 
 
 def recover(store: RecoveringStore, *, full: bool = True) -> dict[str, Any]:
@@ -71,7 +71,25 @@ def recover(store: RecoveringStore, *, full: bool = True) -> dict[str, Any]:
         d.write(b, force_sync=True)
     if full:
         store.backend.dir_sync(store.blocks.folder)
+    lost = report["dropped_entries"] or report["missing_blocks"]
+    _log.log(logging.WARNING if lost else logging.INFO, "%s: recovered %s: %s", store.path,
+             "after an unclean stop" if full else "the blocks a clean close left open", describe(report))
     return report
+
+
+def describe(report: dict[str, Any]) -> str:
+    """What a recovery report says, in words (for the log and for tools)."""
+    scanned = report["scanned_blocks"]
+    parts = [f"scanned {len(scanned)} block(s)" + (f" ({', '.join(f'{b:016x}' for b in scanned[:8])}"
+                                                  + (", ...)" if len(scanned) > 8 else ")") if scanned else "")]
+    parts.append(f"cut {report['truncated_bytes']} byte(s) of unacknowledged or torn tail")
+    parts.append(f"dropped {report['dropped_entries']} directory entr(ies) naming records that were lost")
+    if report["forgotten_blocks"]:
+        parts.append(f"forgot {len(report['forgotten_blocks'])} block(s) whose files a crash left uncreated or lost")
+    if report["missing_blocks"]:
+        parts.append(f"{len(report['missing_blocks'])} block file(s) missing with live records "
+                     "(reads of them raise CorruptionError; run `blockstore fsck --repair`)")
+    return "; ".join(parts)
 
 
 def _footer_ok(store: RecoveringStore, path: str, e: BlockEntry) -> bool:

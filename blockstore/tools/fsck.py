@@ -51,19 +51,28 @@ from blockstore.tools.fsck_decode import (
     require_store,
 )
 from blockstore.tools.fsck_directory import DirectoryChecks
-from blockstore.tools.fsck_report import Report
+from blockstore.tools.fsck_report import Report, log_findings
 
 _LIVE_WRITER_PASSES = 5  # passes tried before giving up on a store that keeps changing under the check
 
 
 def check(path: str | os.PathLike[str], *, backend: Backend | None = None, directory: Directory | None = None,
-          writer_pid: int | None = -1, progress: Callable[[int, int], None] | None = None) -> Report:
+          writer_pid: int | None = -1, progress: Callable[[int, int], None] | None = None,
+          log: bool = True) -> Report:
     """Check the store at `path` (read-only). `directory`: an open directory to use (repair passes its
     own); else it is opened read-only. `writer_pid`: -1 asks the lock; None asserts that no writer runs
     (repair holds the lock). `progress(done_bytes, total_bytes)` is called as block files are read.
+    `log`: the findings go to the `blockstore.fsck` logger (INFO); repair's own checks do not log them.
 
     Raises BlockstoreError when `path` is not a store at all (the caller's operational error)."""
-    root = require_store(path)
+    rep = _check(require_store(path), backend, directory, writer_pid, progress)
+    if log:
+        log_findings(rep)
+    return rep
+
+
+def _check(root: str, backend: Backend | None, directory: Directory | None, writer_pid: int | None,
+           progress: Callable[[int, int], None] | None) -> Report:
     be = backend or get_backend()
     pid = held_by(root) if writer_pid == -1 else writer_pid
     if pid is None or directory is not None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockstore import logs
 from blockstore.directory import BlockEntry, Location
 from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer
+
+_log = logs.get("fsck")
+LOGGED_FINDINGS = 100  # a store damaged all over logs this many finding lines, then a count
 
 # exit codes (a bitmask, as e2fsck's)
 EXIT_CLEAN = 0
@@ -254,3 +258,18 @@ class Report:
             by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
         return {**self.stats, "findings": len(self.findings), "by_kind": by_kind, "writer_pid": self.writer_pid,
                 "passes": self.passes, "notes": self.notes}
+
+
+def log_findings(rep: Report) -> None:
+    """A check's result on the `blockstore.fsck` logger (INFO): a summary by kind, then one line per
+    finding as `blockstore fsck` prints it (the first LOGGED_FINDINGS)."""
+    if not rep.findings:
+        _log.info("fsck %s: clean (%d block(s) checked)", rep.path, len(rep.blocks))
+        return
+    by_kind = rep.summary()["by_kind"]
+    _log.info("fsck %s: %d finding(s): %s", rep.path, len(rep.findings),
+              ", ".join(f"{kind} {n}" for kind, n in sorted(by_kind.items())))
+    for f in rep.findings[:LOGGED_FINDINGS]:
+        _log.info("fsck %s: %s", rep.path, f.line())
+    if len(rep.findings) > LOGGED_FINDINGS:
+        _log.info("fsck %s: ... and %d more finding(s)", rep.path, len(rep.findings) - LOGGED_FINDINGS)

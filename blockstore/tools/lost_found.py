@@ -8,6 +8,10 @@ import os
 import time
 from typing import Any
 
+from blockstore import logs
+
+_log = logs.get("repair")
+
 LOST_FOUND = "lost+found"
 _LOG = "fsck-log.jsonl"
 
@@ -48,6 +52,7 @@ class LostFound:
 
     def _note(self, path: str, why: str, info: dict[str, Any]) -> None:
         self.written.append(path)
+        _log.warning("%s: put %s in lost+found: %s", self.root, os.path.basename(path), why)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "file": os.path.basename(path),
                  "why": why, **info}
         with open(os.path.join(self.dir, _LOG), "a", encoding="utf-8") as f:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from blockstore import logs
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR, block_file_name
 from blockstore.directory import Directory, salvage
@@ -58,6 +59,7 @@ from blockstore.tools.repair_blocks import BlockRepairs
 from blockstore.tools.repair_directory import DirectoryRepairs
 from blockstore.tools.repair_rebuild import Rebuild
 
+_log = logs.get("repair")
 _MAX_ROUNDS = 16
 RENAMING = ".fsck-renaming"  # a block file on its way to the name its header gives (blocks/ID.blk.fsck-renaming)
 
@@ -108,11 +110,12 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
     # ---- the loop ----
     def run(self) -> RepairResult:
         self._finish_renames()
-        rep = check(self.root, backend=self.be, writer_pid=None)
+        rep = check(self.root, backend=self.be, writer_pid=None, log=False)
         self._remember(rep)
         self.initially_unclean = any(f.kind == "unclean" for f in rep.findings)
         refused = self._refusal(rep)
         if refused:
+            _log.warning("repair %s refused, nothing changed: %s", self.root, refused)
             return RepairResult(list(self.seen.values()), rep, [], refused)
         if rep.manifest_problem:
             self._fix_manifest(rep)
@@ -120,14 +123,15 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         os.makedirs(os.path.join(self.root, BLOCKS_DIR), exist_ok=True)
         if any(bf.misnamed is not None for bf in rep.blocks.values()):
             self._fix_names(rep)
-            rep = check(self.root, backend=self.be, writer_pid=None)
+            rep = check(self.root, backend=self.be, writer_pid=None, log=False)
             self._remember(rep)
         if not rep.directory_ok or rep.lost_writes:
             self._rebuild_directory(rep)
         try:
             self.dir = Directory(os.path.join(self.root, DIRECTORY), read_only=False, sync=True, create=False)
             for _ in range(_MAX_ROUNDS):
-                rep = check(self.root, backend=self.be, directory=self.dir, writer_pid=None, progress=self.progress)
+                rep = check(self.root, backend=self.be, directory=self.dir, writer_pid=None, progress=self.progress,
+                           log=False)
                 self._remember(rep)
                 if not rep.findings or not self._round(rep):
                     break
@@ -135,7 +139,7 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             if self.dir is not None:
                 self.dir.close()
                 self.dir = None
-        final = check(self.root, backend=self.be, writer_pid=None)
+        final = check(self.root, backend=self.be, writer_pid=None, log=False)
         self._remember(final)
         left = {f.ident for f in final.findings}
         out = []
@@ -145,6 +149,10 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
                 f.action = self.done.get(ident[:3]) or (self.block_done.get(f.block, "") if f.block is not None else "") \
                     or _DONE.get(f.kind, "")
             out.append(f)
+            if f.corrected:
+                _log.info("repair %s: %s", self.root, f.line())
+            else:
+                _log.warning("repair %s: left as it is: %s", self.root, f.line())
         return RepairResult(out, final, self.lf.written)
 
     def _remember(self, rep: Report) -> None:
