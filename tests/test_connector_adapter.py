@@ -713,7 +713,7 @@ def test_bad_arguments_complete_as_failures(make: Callable[..., BlockstoreL2Adap
 
 def test_capacity_budget_evicts_oldest_unlocked(make: Callable[..., BlockstoreL2Adapter],
                                                              arena: Arena) -> None:
-    a = make(capacity_bytes=3 * SIZE)
+    a = make(capacity_bytes=3 * SIZE, block_size=65536)
     assert a.supports_global_eviction and a.get_usage().total_capacity_bytes == 3 * SIZE
     listener = Listener()
     a.register_listener(listener)
@@ -808,8 +808,9 @@ def test_storage_manager_store_clear_prefetch(tmp_path: Path) -> None:
 
 def test_capacity_eviction_gives_recently_read_keys_a_second_chance(make: Callable[..., BlockstoreL2Adapter],
                                                                    arena: Arena) -> None:
-    """Eviction walks the oldest block first, but a key read since the last pass is passed over once."""
-    a = make(capacity_bytes=4 * SIZE)
+    """Eviction walks the oldest block first, but a key read since it was written is kept (moved to the head
+    of the log, spending one read of credit) and the next unread one goes."""
+    a = make(capacity_bytes=4 * SIZE, block_size=65536)
     k = [okey(i) for i in range(6)]
     store(a, k[:4], [arena.new(fill=i) for i in range(4)])
     assert lookup(a, [k[0]]) == [True]
@@ -823,13 +824,11 @@ def test_capacity_eviction_gives_recently_read_keys_a_second_chance(make: Callab
 def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], arena: Arena,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing per record stays in the adapter: the directory is the index. After stores, lookups, loads and
-    deletes, only the bounded recent-read set holds keys, and Python memory does not grow with the records."""
+    deletes, only the bounded read statistics hold keys, and Python memory does not grow with the records."""
     import tracemalloc
 
-    from blockstore.connector import l2_adapter
-
-    monkeypatch.setattr(l2_adapter, "RECENT_KEYS", 8)
     a = make()
+    a._stats.limit = a._ghost.limit = a._sightings.limit = 8  # the bounded per-key caches, made small
     src = arena.new(fill=1)
     dst = arena.new()
 
@@ -852,7 +851,7 @@ def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], aren
         tracemalloc.stop()
     grown = sum(st.size_diff for st in after.compare_to(before, "filename"))
     assert grown < 256 << 10, f"Python memory grew {grown} bytes over 1000 records"
-    assert not a._locks and not a._storing and not a._deleting and len(a._recent) == 8
+    assert not a._locks and not a._storing and not a._deleting and len(a._stats) == 8
     st = a.report_status()
     assert st["records"] == 1100 and st["used_bytes"] == 1100 * SIZE == a.get_usage().total_bytes_used
 
@@ -890,7 +889,7 @@ def test_storage_manager_l2_eviction_under_load(tmp_path: Path) -> None:
 
     capacity = 24 * SIZE
     spec = {"type": "plugin", "module_path": "blockstore.connector.l2_adapter", "class_name": "BlockstoreL2Adapter",
-            "adapter_params": {"path": str(tmp_path / "kv"), "capacity_bytes": capacity},
+            "adapter_params": {"path": str(tmp_path / "kv"), "capacity_bytes": capacity, "block_size": 65536},
             "eviction": {"eviction_policy": "LRU", "trigger_watermark": 0.5, "eviction_ratio": 0.3}}
     sm = StorageManager(parse_args(["--l1-size-gb", "0.05", "--eviction-policy", "LRU",
                                     "--l2-adapter", json.dumps(spec)]))

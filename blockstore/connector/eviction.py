@@ -1,0 +1,141 @@
+"""What the L2 adapter's capacity eviction knows and decides: the value of a record, from a bounded cache of
+per-key read statistics, and the log walk that frees whole blocks (issue 16).
+
+The rule is the KV-reuse seed's: value = relevance x recency x reuse - size.
+
+- reuse: reads (lookup hits) since the record was written or last kept by eviction, capped at MAX_REUSE;
+  each time eviction keeps a record it spends one (S3-FIFO's main queue, Yang et al., SOSP '23), so a record
+  read once long ago does not stay for ever;
+- recency: 0.5 ** (age / horizon), age counted in payload bytes stored since the last read (a clock that
+  moves with the work, not with wall time) and horizon = capacity_bytes: a record not read within one turnover
+  of the cache is worth half as much;
+- relevance: 1 if the last lookup that found the record found every key before it too (LMCache loads only
+  the hit prefix of a request, so a hit behind a miss is not used), RELEVANCE_BEHIND_MISS otherwise;
+- size: SIZE_WEIGHT x size / mean record size, so among records of equal use the larger goes first and a
+  record never read (reuse 0) always has a negative value.
+
+Eviction walks the log oldest block first (a log-structured cache: space comes back a whole block at a time,
+without GC). Each record of the oldest block is either deleted (value <= 0) or, if worth keeping, moved to the
+head of the log with the store's compare-and-swap relocation (a concurrent write or delete wins), which is
+what frees the block while keeping what is read. A block left with only tombstones is reclaimed here too: its
+tombstones are dropped when no other block can hold anything older (the rule compaction's GC uses), else
+carried to the head. So the disk stays within capacity with any compaction setting, including none.
+
+Memory: the statistics are kept for at most HOT_KEYS keys (least recently read dropped first: those are the
+ones eviction takes anyway); keys evicted unread are remembered in a bounded ghost set (their hash only), so a
+key that comes back after eviction starts with the reuse it has shown. Nothing else is kept per record: the
+directory (RocksDB) is the index the walk reads.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+HOT_KEYS = 1 << 17  # keys with read statistics in RAM: ~130 k x ~200 B = ~26 MB at most
+GHOST_KEYS = 1 << 17  # hashes of keys evicted unread / offered once (admission): ~130 k x ~80 B
+MAX_REUSE = 3  # reads counted per record (S3-FIFO's 2-bit frequency)
+SIZE_WEIGHT = 0.1
+RELEVANCE_BEHIND_MISS = 0.5
+
+
+@dataclass(slots=True)
+class KeyStat:
+    reuse: int = 0  # reads since written or last kept by eviction (<= MAX_REUSE)
+    last: int = 0  # the clock (payload bytes stored) at the last read
+    usable: bool = True  # the last lookup found every key before this one too
+
+
+class KeyStats:
+    """Read statistics of at most `limit` keys, least recently read dropped first. Not thread-safe: the
+    adapter calls it under its lock."""
+
+    def __init__(self, limit: int = HOT_KEYS) -> None:
+        self.limit = limit
+        self._stats: OrderedDict[Any, KeyStat] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def get(self, key: Any) -> KeyStat | None:
+        return self._stats.get(key)
+
+    def read(self, key: Any, clock: int, usable: bool = True) -> None:
+        st = self._stats.get(key)
+        if st is None:
+            st = self._stats[key] = KeyStat()
+            if len(self._stats) > self.limit:
+                self._stats.popitem(last=False)
+        else:
+            self._stats.move_to_end(key)
+        st.reuse = min(MAX_REUSE, st.reuse + 1)
+        st.last = clock
+        st.usable = usable
+
+    def seed(self, key: Any, clock: int, reuse: int) -> None:
+        """A key stored again after it was evicted: it starts with the reuse it showed by coming back."""
+        st = self._stats.get(key)
+        if st is None:
+            st = self._stats[key] = KeyStat(reuse=0, last=clock)
+            if len(self._stats) > self.limit:
+                self._stats.popitem(last=False)
+        st.reuse = max(st.reuse, min(MAX_REUSE, reuse))
+        st.last = clock
+
+    def spend(self, key: Any) -> None:
+        """Eviction kept the key: one read of credit is used up."""
+        st = self._stats.get(key)
+        if st is not None:
+            st.reuse = max(0, st.reuse - 1)
+
+    def forget(self, key: Any) -> None:
+        self._stats.pop(key, None)
+
+
+class HashSet:
+    """A bounded set of key hashes, oldest forgotten first (the ghost of evicted keys; admission's sightings).
+    A hash collision only makes a key look seen: it changes a decision's quality, never correctness."""
+
+    def __init__(self, limit: int = GHOST_KEYS) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def __contains__(self, key: Any) -> bool:
+        return hash(key) in self._seen
+
+    def add(self, key: Any) -> None:
+        h = hash(key)
+        self._seen[h] = None
+        self._seen.move_to_end(h)
+        if len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+
+    def pop(self, key: Any) -> bool:
+        return self._seen.pop(hash(key), False) is None
+
+
+def value(st: KeyStat | None, size: int, clock: int, horizon: int, mean_size: float) -> float:
+    """relevance x recency x reuse - size (see the module's docstring)."""
+    cost = SIZE_WEIGHT * size / max(1.0, mean_size)
+    if st is None or st.reuse == 0:
+        return -cost
+    recency = 0.5 ** (max(0, clock - st.last) / max(1, horizon))
+    relevance = 1.0 if st.usable else RELEVANCE_BEHIND_MISS
+    return relevance * recency * st.reuse - cost
+
+
+def usable_hits(found: list[bool]) -> list[bool]:
+    """Per key of one lookup: whether it lies in the request's hit prefix (all keys before it found)."""
+    out = []
+    ok = True
+    for f in found:
+        ok = ok and f
+        out.append(ok)
+    return out
+
+
+ADMISSION = ("always", "second_sighting")
