@@ -3,15 +3,21 @@
 Two implementations: `native` (the C core, default) and `python` (the pure-Python twin, for the
 benchmark and as a cross-check in tests). Select with `blockstore.open(..., backend="python")` or the
 BLOCKSTORE_BACKEND environment variable.
+
+When neither names one and the C core cannot be loaded (a wheel or build without it, a missing shared
+library), the store runs on the Python backend, same format and same results, slower, and says so once
+with a RuntimeWarning. Naming `native` (argument or BLOCKSTORE_BACKEND=native) makes a C core that does not
+load an error instead: a deployment that asks for the fast path is told it does not have it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
-from blockstore.errors import InvalidArgument
+from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.records import (
     AppendRecord,
     BlockHeader,
@@ -51,14 +57,44 @@ class Backend(Protocol):
     def scan(self, fd: int, start: int, end: int, verify_payload: bool) -> ScanResult: ...
 
 
+ENV = "BLOCKSTORE_BACKEND"
+NAMES = ("native", "python")
+
+# Why the C core did not load, once known (None: not tried or loaded): the fallback warns once per process.
+_native_failure: str | None = None
+
+
+def _load_native() -> Backend:
+    # imported here, not at the top: the C core is optional at run time (see the module docstring)
+    from blockstore.native import NativeBackend
+
+    return NativeBackend()
+
+
+def _python() -> Backend:
+    from blockstore.purepy import PythonBackend
+
+    return PythonBackend()
+
+
 def get_backend(name: str | None = None) -> Backend:
-    name = name or os.environ.get("BLOCKSTORE_BACKEND") or "native"
-    if name == "native":
-        from blockstore.native import NativeBackend
-
-        return NativeBackend()
-    if name == "python":
-        from blockstore.purepy import PythonBackend
-
-        return PythonBackend()
-    raise InvalidArgument(f"unknown backend {name!r}: expected 'native' or 'python'")
+    """The backend `name` names, else BLOCKSTORE_BACKEND's, else the C core, falling back to Python."""
+    global _native_failure
+    chosen = name or os.environ.get(ENV)
+    if chosen not in (None, "", *NAMES):
+        raise InvalidArgument(f"unknown backend {chosen!r}: expected 'native' or 'python'")
+    if chosen == "python":
+        return _python()
+    try:
+        return _load_native()
+    except (ImportError, OSError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        if chosen == "native":
+            raise BlockstoreError(f"the C core (blockstore._native) did not load ({why}); unset {ENV} or set "
+                                  f"{ENV}=python to run on the pure-Python backend") from exc
+        if _native_failure is None:
+            warnings.warn(f"blockstore: the C core (blockstore._native) did not load ({why}); using the slower "
+                          f"pure-Python backend. Set {ENV}=native to make this an error.", RuntimeWarning,
+                          stacklevel=2)
+        _native_failure = why
+        return _python()

@@ -1,11 +1,16 @@
 """cffi build script (out-of-line API mode) for blockstore._native.
 
-Run by setuptools through `cffi_modules` in setup.py; it is not part of the installed package.
+Run by setuptools through `cffi_modules` in setup.py; it is not part of the installed package. setup.py calls
+require_xxhash() before compiling (not at import: an sdist builds without a compiler or xxHash).
 The cdef below is the ABI Python sees: it repeats native/blockstore.h without the comments, and the
 constants as `static const` so cffi takes their values from the compiled header.
 """
 
 import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
 
 from cffi import FFI
 
@@ -105,6 +110,35 @@ uint64_t bs_fault_power_unmodelled(void);
 # BLOCKSTORE_SANITIZE=1 builds the core with AddressSanitizer and UBSan (fuzz and sanitizer runs).
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if os.environ.get("BLOCKSTORE_SANITIZE") else []
 
+XXHASH_PACKAGES = "install libxxhash-dev (Debian, Ubuntu) or xxhash-devel (Fedora, RHEL), or xxhash (Homebrew, conda-forge)"
+
+
+def _compiler() -> list[str]:
+    return (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+
+
+def _compiles(source: str, link: bool) -> bool:
+    """Whether the C compiler setuptools will use compiles (and with `link`, links with -lxxhash) `source`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [*_compiler(), src, "-o", os.path.join(tmp, "probe")] + (["-lxxhash"] if link else ["-c"])
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        except OSError:
+            return True  # no compiler found here: let setuptools report that in its own words
+
+
+def require_xxhash() -> None:
+    """Stop the build with one line naming the package when xxHash's header or library is missing: without
+    this, the build ends in a raw compiler error ("xxhash.h: No such file") that names no package."""
+    if not _compiles("#include <xxhash.h>\n", link=False):
+        sys.exit(f"blockstore build: xxhash.h not found: {XXHASH_PACKAGES}")
+    if not _compiles("#include <xxhash.h>\nint main(void) { return (int)XXH64(\"\", 0, 0); }\n", link=True):
+        sys.exit(f"blockstore build: the xxHash library (libxxhash) not found: {XXHASH_PACKAGES}")
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
@@ -119,4 +153,5 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
+    require_xxhash()
     ffibuilder.compile(verbose=True)

@@ -131,20 +131,68 @@ def test_missing_store_is_exit_8(tmp_path: Path) -> None:
     assert not (tmp_path / "nope").exists()
 
 
-def test_bad_block_ids_are_exit_8(store: Path) -> None:
-    for bad in ("zz", "ffffffff"):
-        r = cli("dump", str(store), "--block", bad)
-        assert r.returncode == 8 and r.stderr.strip() and "Traceback" not in r.stderr
+def test_a_block_id_that_is_not_hex_is_a_usage_error_and_a_missing_block_operational(store: Path) -> None:
+    r = cli("dump", str(store), "--block", "zz")
+    assert r.returncode == 16 and r.stdout == ""
+    assert r.stderr.startswith("usage: blockstore dump ") and "argument --block: a block id is hex" in r.stderr
+    r = cli("dump", str(store), "--block", "ffffffff")
+    assert r.returncode == 8 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "blockstore dump: no block 00000000ffffffff in the block table (`blockstore dump` lists them)"
 
 
 @pytest.mark.parametrize("args", [(), ("bogus",), ("stats",), ("dump",), ("stats", "p", "--nope"),
-                                  ("dump", "p", "--keys", "--block", "1")],
+                                  ("dump", "p", "--keys", "--block", "1"), ("dump", "p", "--block", "-1"),
+                                  ("fsck", "p", "--namespace", "foo"), ("scan", "p", "--limit", "0"),
+                                  ("get", "p", "zz", "--hex"), ("get", "p", "a\\qb"), ("get", "p")],
                          ids=["none", "unknown-command", "stats-no-path", "dump-no-path", "unknown-flag",
-                              "exclusive-flags"])
+                              "exclusive-flags", "negative-block", "fsck-namespace-without-repair", "scan-limit-0",
+                              "get-bad-hex", "get-bad-escape", "get-no-key"])
 def test_bad_usage_is_exit_16(args: tuple[str, ...]) -> None:
+    """Every usage error exits 16 with the usage of the command it was for, before touching the path."""
     r = cli(*args)
-    assert r.returncode == 16
-    assert "usage" in r.stderr
+    assert r.returncode == 16, r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    prog = f"blockstore {args[0]}" if args and args[0] != "bogus" else "blockstore"
+    assert r.stderr.startswith(f"usage: {prog} "), r.stderr
+    assert f"\n{prog}: error: " in r.stderr, r.stderr
+
+
+def test_every_command_explains_itself() -> None:
+    top = cli("--help").stdout
+    for command in ("get", "scan", "stats", "dump", "fsck", "compact"):
+        assert command in top, command
+        r = cli(command, "--help")
+        assert r.returncode == 0 and "--json" in r.stdout, command
+        assert len(r.stdout.split("options:")[0]) > 200, f"{command} --help says too little:\n{r.stdout}"
+
+
+def test_not_a_store_is_said_one_way(tmp_path: Path) -> None:
+    """Every command words a path that is not a store the same way, never with the engine's create=True."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "damaged" / "blocks").mkdir(parents=True)
+    for name, why in (("nope", "not a directory"), ("empty", "none of MANIFEST.json, blocks/, directory/ is there"),
+                      ("damaged", "no MANIFEST.json there; `blockstore fsck` checks a damaged one")):
+        path = tmp_path / name
+        for command in ("stats", "dump", "scan", "compact"):
+            r = cli(command, str(path))
+            assert r.returncode == 8, (command, name, r.stderr)
+            assert r.stderr.strip() == f"blockstore {command}: no store at {str(path)!r} ({why})", r.stderr
+        r = cli("get", str(path), "k")
+        assert r.stderr.strip() == f"blockstore get: no store at {str(path)!r} ({why})"
+        assert "create=True" not in r.stderr
+    assert not (tmp_path / "nope").exists() and not any((tmp_path / "empty").iterdir())
+
+
+def test_text_dump_prints_no_control_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with blockstore.open(path) as s:
+        s.put(b"k", b"v", partition=b"p\x00\x1b[31m")
+    r = cli("dump", str(path))
+    assert r.returncode == 0, r.stderr
+    assert all(ch.isprintable() for ch in r.stdout.replace("\n", "")), repr(r.stdout)
+    assert "\\x00p\\x00\\x1b[31m" in r.stdout  # partition = namespace + NUL + partition, escaped
+    rows = json.loads(cli("dump", str(path), "--json").stdout)
+    assert any(row["partition"].endswith("p\\x00\\x1b[31m") for row in rows)
 
 
 def test_stats_beside_a_live_writer(tmp_path: Path) -> None:
