@@ -211,21 +211,31 @@ class BlockLifecycle:
         reader lets go), then the entry goes (at the next deletion, close or open). A crash in between
         leaves a `reclaiming` entry, and the next open finishes the job; a file the directory does not
         name is never deleted."""
-        hooks.fire("block.delete", bid)
+        self.delete_blocks([bid])
+
+    def delete_blocks(self, bids: list[int]) -> None:
+        """delete_block for several blocks at the cost of one: one sync of dirty blocks and one synced
+        directory write for all of them (a compaction pass empties many; per block, the syncs were
+        most of a pass's time)."""
+        for bid in bids:
+            hooks.fire("block.delete", bid)
         self._sync_dirty_blocks()
-        with self.state_lock:
-            e = self.table.get(bid)
         b = DirectoryBatch()
-        if e is not None:
-            e = e.copy()
-            e.state = BLOCK_RECLAIMING
-            b.put_block(e)
+        with self.state_lock:
+            for bid in bids:
+                e = self.table.get(bid)
+                if e is not None:
+                    e = e.copy()
+                    e.state = BLOCK_RECLAIMING
+                    b.put_block(e)
         self._forget_reclaimed(b)
         self.dir.write(b, force_sync=True)
         with self.state_lock:
-            self.table.pop(bid, None)
-            self._reclaiming.add(bid)
-        self.blocks.delete(bid)
+            for bid in bids:
+                self.table.pop(bid, None)
+                self._reclaiming.add(bid)
+        for bid in bids:
+            self.blocks.delete(bid)
 
     def _sync_dirty_blocks(self) -> None:
         """Cache mode, before a block file is deleted: make this session's unsynced block data (open and
@@ -278,12 +288,9 @@ class BlockLifecycle:
             b = DirectoryBatch()
             b.put_meta("bytes_written", self.bytes_written_total)
             self.dir.write(b, force_sync=True)
-            gone = []
-            for bid in sorted(pending):
-                e = self.table.get(bid)
-                if e is not None and self.reclaimable(e):
-                    self.delete_block(bid)
-                    gone.append(bid)
+            gone = [bid for bid in sorted(pending) if bid in self.table and self.reclaimable(self.table[bid])]
+            if gone:
+                self.delete_blocks(gone)
             return gone
 
     def reclaim_empty_blocks(self) -> list[int]:
@@ -292,6 +299,6 @@ class BlockLifecycle:
         self.check_open(write=True)
         with self.slot.exclusive():
             gone = [bid for bid, e in list(self.table.items()) if self.reclaimable(e)]
-            for bid in gone:
-                self.delete_block(bid)
+            if gone:
+                self.delete_blocks(gone)
             return gone

@@ -82,7 +82,6 @@ class OpenBlock:
     min_seq: int = 0
     max_seq: int = 0
     records: int = 0  # appended and committed, for the footer
-    opened_at_write: int = 0  # the store's count of user writes placed when this block was opened
 
 
 class BlockFiles:

@@ -1,9 +1,10 @@
 """Placement: which open block a record goes to, and when an open block is rotated out.
 
 One open block per partition (a namespace, a user session, a compaction stream), at most
-`max_open_blocks` of them; a block is rotated out when the next record would not fit, when it is the
-least recently used and a new partition needs its slot, or when it has been idle `idle_seal_seconds`.
-Lone records of partitions not written lately share one overflow stream instead of a block each.
+`max_open_blocks` of them; a block is rotated out (sealed) only when the next record would not fit,
+or when it has been idle `idle_seal_seconds`. A partition that needs a block while all are taken takes
+over the least recently appended one (block_for). Lone records of partitions not written lately share
+one overflow stream instead.
 The group-commit leader (store.py `_plan_group`) is the only caller: nothing here is thread-safe.
 """
 
@@ -26,8 +27,6 @@ _log = logging.getLogger("blockstore")
 # Where a lone write goes when every open block belongs to another partition (block_for).
 OVERFLOW_PARTITION = b"\0overflow"
 _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (block_for)
-# ...and the least share of the writes placed since it opened that keeps an open block worth its slot
-# for a lone newcomer: 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks)
 
 
 class OpenBlocks:
@@ -45,7 +44,6 @@ class OpenBlocks:
         self.open: dict[bytes, OpenBlock] = {}
         self.retired: list[OpenBlock] = []
         self.recent: OrderedDict[bytes, None] = OrderedDict()  # bounded: see block_for
-        self.writes_placed = 0  # user records placed since open (block_for's measure of a block's share)
         self.unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
         self.next_block = 0  # set from the directory by the open (0 until then)
 
@@ -71,50 +69,55 @@ class OpenBlocks:
     def block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
                    batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
         """The open block a record of `partition` goes to. `lone`: a user write that is the only record
-        of its partition in its group."""
+        of its partition in its group.
+
+        A block is sealed only when the next record would not fit (or when idle, or at close), so
+        blocks are full at seal however many partitions write at once. When more partitions write
+        than blocks may be open, a partition without a block takes over the least recently appended
+        open block that has room (no seal): the block goes on filling with that partition's records,
+        in runs. Sealing the least recently used block instead made a block file per one or two
+        records with 380 partitions competing for 16 open blocks (issue 16). Locality across such
+        interleaving comes from compaction relocating what is read together, not from a block each."""
         ob = self.open.get(partition)
         if ob is not None:
-            tail = tails.get(ob.entry.block_id, ob.tail)
-            if tail > BLOCK_HEADER_SIZE and tail + need + 2 * PAGE > self.block_size:
-                to_seal.append(ob)
-                del self.open[partition]
-                ob = None
-        if ob is None:
-            recent = partition == OVERFLOW_PARTITION or self.written_recently(partition)
-            if len(self.open) >= self.max_open_blocks:
-                lru = min(self.open.items(), key=lambda kv: kv[1].entry.last_append_ns)
-                if lone and not recent and self.starved(lru[1], tails):
-                    # More partitions are being written than blocks may be open (thousands of agent
-                    # sessions at once). Sealing the least recently used block to open one for a lone
-                    # record made a block file per record (found by bench/scaling.py: 10,000 sessions
-                    # written round-robin), and sealing only blocks of two or more records still one
-                    # block per two records. When the block that would be sealed holds one record or
-                    # took almost none of the writes since it opened, a lone record of a partition not
-                    # written lately goes to one shared overflow stream instead; a partition that
-                    # writes again soon, or several records at once, gets a block of its own, and
-                    # compaction's relocation later brings records read together into one block.
-                    return self.block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
-                to_seal.append(lru[1])
-                del self.open[lru[0]]
-            first_id = self.next_block
-            try:
-                ob = self.new_block(partition, batch)
-            except BlockstoreError:
-                # a full disk fails the file's creation after its entry is committed; the next group that
-                # commits drops such an entry if no file exists (else recovery and fsck judge it), so a
-                # clean close does not leave one per retry made while the disk was full
-                self.unnamed = self.unnamed | frozenset(range(first_id, self.next_block))
-                raise
-            self.open[partition] = ob
+            if self._fits(ob, need, tails):
+                return ob
+            to_seal.append(ob)
+            del self.open[partition]
+        recent = partition == OVERFLOW_PARTITION or self.written_recently(partition)
+        if len(self.open) >= self.max_open_blocks:
+            if lone and not recent:
+                # a lone record of a partition not written lately (one of thousands of sessions each
+                # saving a memory now and then) joins the shared overflow stream: giving it a block of
+                # its own would take one from a partition that writes again soon
+                return self.block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
+            roomy = [(p, o) for p, o in self.open.items() if self._fits(o, need, tails)]
+            if roomy:
+                lru_part, ob = min(roomy, key=lambda kv: kv[1].entry.last_append_ns)
+                del self.open[lru_part]
+                ob.entry.partition = partition  # the block's entry names the stream writing it now
+                self.open[partition] = ob
+                return ob
+            # nothing open can take it (a relocated group of up to half a block): the fullest goes
+            fullest_part, fullest = max(self.open.items(), key=lambda kv: tails.get(kv[1].entry.block_id, kv[1].tail))
+            to_seal.append(fullest)
+            del self.open[fullest_part]
+        first_id = self.next_block
+        try:
+            ob = self.new_block(partition, batch)
+        except BlockstoreError:
+            # a full disk fails the file's creation after its entry is committed; the next group that
+            # commits drops such an entry if no file exists (else recovery and fsck judge it), so a
+            # clean close does not leave one per retry made while the disk was full
+            self.unnamed = self.unnamed | frozenset(range(first_id, self.next_block))
+            raise
+        self.open[partition] = ob
         return ob
 
-    def starved(self, ob: OpenBlock, tails: dict[int, int]) -> bool:
-        """Whether an open block has not earned its slot: it holds a single record (counting one planned
-        in this group), or took less than 1 / (_RECENT_PARTITIONS_PER_SLOT x max_open_blocks) of the user
-        writes placed since it opened."""
-        records = ob.entry.total_records + (1 if tails.get(ob.entry.block_id, ob.tail) > ob.tail else 0)
-        since = self.writes_placed - ob.opened_at_write
-        return records <= 1 or records * _RECENT_PARTITIONS_PER_SLOT * self.max_open_blocks < since
+    def _fits(self, ob: OpenBlock, need: int, tails: dict[int, int]) -> bool:
+        """Whether a record of `need` bytes fits in the open block (an empty block takes anything)."""
+        tail = tails.get(ob.entry.block_id, ob.tail)
+        return tail <= BLOCK_HEADER_SIZE or tail + need + 2 * PAGE <= self.block_size
 
     def written_recently(self, partition: bytes) -> bool:
         """Whether `partition` needed a block among the last _RECENT_PARTITIONS_PER_SLOT x max_open_blocks
@@ -150,7 +153,7 @@ class OpenBlocks:
         # could leave a file it no longer names (an unlink that failed too).
         fd = self.blocks.create(bid, xxhash.xxh3_64_intdigest(partition))
         batch.put_block(e)
-        return OpenBlock(e, fd, BLOCK_HEADER_SIZE, opened_at_write=self.writes_placed)
+        return OpenBlock(e, fd, BLOCK_HEADER_SIZE)
 
     def idle_blocks(self) -> list[OpenBlock]:
         if self.idle_seal_seconds <= 0:

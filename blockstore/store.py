@@ -456,14 +456,11 @@ class Store:
                        self.dir.size_on_disk(os.path.join(self.path, DIRECTORY)))
 
     def sync_moves(self) -> list[int]:
-        """Make the directory durable (one synced write) and delete the blocks that moves emptied
-        since the last call. Compaction calls it once per pass: moves are then durable at a cost of
-        one directory sync per pass rather than one per batch. Returns the blocks deleted."""
+        """One synced directory write, then delete the blocks moves emptied (blocklife.sync_moves)."""
         return self._engine.sync_moves()
 
     def reclaim_empty_blocks(self) -> list[int]:
-        """Delete sealed blocks that hold nothing live and no tombstone (recovery can leave such a
-        block: one that was open at a crash and whose records had all died). Returns their ids."""
+        """Delete sealed blocks that hold nothing live and no tombstone; returns their ids."""
         return self._engine.reclaim_empty_blocks()
 
     def hold_blocks(self, block_ids: Sequence[int]) -> Any:
@@ -476,9 +473,12 @@ class Store:
         return self._engine.io_counters()
 
     def open_block_min_seqs(self) -> dict[int, int]:
-        """Lowest sequence number in each block still being appended (0: nothing in it yet). With the
-        sealed blocks' footers, this tells compaction whether any record older than a tombstone is left."""
+        """Lowest sequence number in each block still being appended (0: nothing in it yet)."""
         return self._placement.min_seqs()
+
+    def has_block(self, block_id: int) -> bool:
+        """Whether the block table names this block (O(1): compaction asks it per victim)."""
+        return self._engine.block_named(block_id)
 
     def block_table(self) -> list[BlockEntry]:
         """A snapshot of the block table (for tools and compaction)."""

@@ -191,8 +191,6 @@ class WriteEngine(BlockLifecycle):
             plen = len(m.payload)  # type: ignore[arg-type]
             need = max(len(m.key) + len(m.meta) + plen, pending_need)
             pending_need = 0
-            if m.expected is None:
-                self._placement.writes_placed += 1
             ob = self._placement.block_for(m.partition, need, plan.tails, to_seal, batch,
                                  lone=m.expected is None and per_partition[m.partition] == 1)
             tail = plan.tails.get(ob.entry.block_id, ob.tail)
@@ -264,6 +262,7 @@ class WriteEngine(BlockLifecycle):
             e.total_records += 1
             e.data_end = p.offset + p.record_len
             e.last_append_ns = now
+            e.partition = ob.entry.partition  # a block taken over by another partition names its new writer
             bytes_written += p.record_len
             if old is not None:
                 oe = self._group_entry(entries, old.block_id, to_seal)

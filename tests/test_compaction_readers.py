@@ -173,16 +173,17 @@ def test_readers_never_see_errors_or_foreign_bytes_while_gc_and_relocation_run(t
 
 def test_a_record_moved_twice_under_a_reader_is_still_found(tmp_path: Path) -> None:
     with blockstore.open(tmp_path, block_size=MIB, max_open_blocks=1) as s:
-        s.put(b"k", b"v" * 5000)
-        s.put(b"other", b"o", partition="elsewhere")  # max_open_blocks=1: k's block is sealed now
+        s.put(b"k", b"v" * (600 << 10))
+        s.put(b"other", b"o" * (600 << 10), partition="elsewhere")  # does not fit: k's block is sealed now
         nid = s.namespace_id("default")
         assert nid is not None
         sfx = key_suffix(nid, SPACE_KV, b"k")
         moves = [b"\0compaction/gc", b"\0compaction/relocate"]
 
         def compact_under_the_reader(*_a: object) -> None:
-            # what GC (or relocation) does to k between the reader's lookup and its read; with one open
-            # block, each move seals the block the previous one went to, so it is emptied and deleted
+            # what GC (or relocation) does to k between the reader's lookup and its read; a block holds
+            # one such record, so each move seals the block the previous one went to, and it is
+            # emptied and deleted
             if not moves:
                 return
             loc = s.dir.get_locations([sfx])[0]
@@ -195,4 +196,4 @@ def test_a_record_moved_twice_under_a_reader_is_still_found(tmp_path: Path) -> N
         with hooks.installed("read.located", compact_under_the_reader):
             got = s.get(b"k")
         assert not moves
-        assert got == b"v" * 5000, "a live key read as a miss"
+        assert got == b"v" * (600 << 10), "a live key read as a miss"

@@ -286,7 +286,11 @@ class Compactor:
 
     def _collect(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
                  progress: Callable[[str, int, int], None] | None) -> None:
-        chosen = gc.victims(self.store.block_table(), self.policy.gc_invalid_ratio)
+        # one copy of the block table per pass: victims and the tombstone floor (MinSeqs) both use it
+        table = self.store.block_table()
+        self._min_seqs.snapshot(table)
+        chosen = gc.victims(table, self.policy.gc_invalid_ratio)
+        planned_gc = 0  # a dry run's planned copies, counted against the budget as real ones would be
         for i, e in enumerate(chosen):
             if self._stop.is_set():
                 return
@@ -296,13 +300,13 @@ class Compactor:
                 progress("gc", i, len(chosen))
             if gc.only_needed_tombstones(e, self._min_seqs):
                 continue
-            planned_gc = sum(v.live_bytes for v in chosen if v.block_id in rep.planned_victims) if dry_run else 0
             if e.live_bytes > self.budget_left(self.gc_bytes + planned_gc, self.policy.gc_budget):
                 rep.skipped_budget += 1
                 continue
             rep.planned_victims.append(e.block_id)
             rep.planned_bytes += e.live_bytes
             if dry_run:
+                planned_gc += e.live_bytes
                 continue
             res = gc.collect(self.store, e, self._min_seqs, pace=pacer, to_partition=self.policy.copy_to == "partition")
             self.gc_bytes += res.moved_bytes

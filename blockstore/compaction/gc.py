@@ -15,6 +15,7 @@ records. Its key written again since also retires it (the newer record wins any 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,27 +66,54 @@ class Collected:
 
 
 class MinSeqs:
-    """Each block's lowest sequence number (sealed: from its footer, read once; open: from memory)."""
+    """Each block's lowest sequence number (sealed: from its footer, read once per block; open: from
+    memory), and the two lowest of a snapshot of the block table, so the floor under a victim's
+    tombstones is O(1) per victim (it copied and scanned the whole table per victim: 4.3 of a 5.4 s
+    GC pass with 3,000 blocks, issue 16).
+
+    Why a snapshot is enough: a tombstone may go when no block but its own holds anything older.
+    An older record of its key is dead, and dead records are never copied, so it sits in a block
+    that existed when the tombstone was written. For a victim already sealed when the snapshot was
+    taken, every such block is in the snapshot (those deleted since only make the floor lower: safe).
+    A victim sealed after the snapshot may hold newer tombstones: it gets a fresh snapshot."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._sealed: dict[int, int] = {}
+        self._snapshot_sealed: frozenset[int] = frozenset()
+        self._table: list[BlockEntry] | None = None  # taken, lowest two not computed yet
+        self._low: list[tuple[int, int]] = []  # (min seq, block id), the two lowest of the snapshot
+
+    def snapshot(self, table: list[BlockEntry] | None = None) -> None:
+        """Take the block table as it is now (a pass's own copy, or a fresh one); the footers of blocks
+        not seen before are read when a floor is first asked for."""
+        table = self.store.block_table() if table is None else table
+        self._table = table
+        self._snapshot_sealed = frozenset(e.block_id for e in table if e.state == BLOCK_SEALED)
+
+    def _lowest_two(self) -> list[tuple[int, int]]:
+        if self._table is not None:
+            table, self._table = self._table, None
+            live = {e.block_id for e in table}
+            for bid in [b for b in self._sealed if b not in live]:
+                del self._sealed[bid]
+            opened = self.store.open_block_min_seqs()
+            seqs = []
+            for bid in live:
+                if bid in opened and bid not in self._snapshot_sealed:
+                    if opened[bid]:  # 0: nothing appended yet
+                        seqs.append((opened[bid], bid))
+                else:
+                    seqs.append((self.own(bid), bid))  # 0 (an unreadable footer) counts: it may hold anything
+            self._low = heapq.nsmallest(2, seqs)
+        return self._low
 
     def lowest_elsewhere(self, exclude: int) -> int:
-        s = self.store
-        live = {e.block_id for e in s.block_table()}
-        for bid in list(self._sealed):
-            if bid not in live:
-                del self._sealed[bid]
-        opened = s.open_block_min_seqs()
-        low = min((v for b, v in opened.items() if b != exclude and v), default=1 << 64)
-        for bid in live:
-            if bid == exclude or bid in opened:
-                continue
-            if bid not in self._sealed:
-                self._sealed[bid] = self._footer_min(bid)
-            low = min(low, self._sealed[bid])
-        return low
+        if exclude not in self._snapshot_sealed:
+            self.snapshot()
+        low = min((v for v, b in self._lowest_two() if b != exclude), default=1 << 64)
+        opened = self.store.open_block_min_seqs()  # blocks opened since the snapshot (conservative)
+        return min([low, *(v for b, v in opened.items() if b != exclude and v)])
 
     def own(self, bid: int) -> int:
         if bid not in self._sealed:
@@ -174,7 +202,7 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
             res.lost_race += 1
     if res.moved == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
         store.reclaim_empty_blocks()  # nothing was left to move: no batch deleted it; delete it here
-    res.reclaimed = all(b.block_id != e.block_id for b in store.block_table())
+    res.reclaimed = not store.has_block(e.block_id)
     if res.reclaimed:
         hooks.fire("compact.reclaim", "gc", e.block_id)
     return res
