@@ -480,9 +480,7 @@ def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str
     lines = [
         f"== blockstore main job: vLLM {_version('vllm')} (CPU) + lmcache {_version('lmcache')} server, "
         f"L2 adapter: {args.adapter} ==",
-        f"model: tiny Llama ({tiny_model.NUM_LAYERS} layers, hidden {tiny_model.HIDDEN}, vocab "
-        f"{json.loads((model_dir / 'config.json').read_text())['vocab_size']}, float32) at {model_dir}; "
-        f"chunk {CHUNK} tokens = 1 MiB of KV",
+        model_line(args.model_shape, model_dir),
         f"workload: {workload.description}; {workload.prompt_tokens} prompt tokens, "
         f"{workload.distinct_chunks()} distinct full chunks; greedy, max_tokens {MAX_TOKENS}, logprobs {TOP_LOGPROBS}",
         "", head, head2,
@@ -531,6 +529,14 @@ def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str
     lines.append("")
     lines.append("phase timings: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in timings))
     return "\n".join(lines)
+
+
+def model_line(shape_name: str, model_dir: Path) -> str:
+    shape = tiny_model.SHAPES[shape_name]
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    return (f"model: {shape_name} random-weights Llama ({shape.num_layers} layers, hidden {shape.hidden}, "
+            f"{shape.num_heads} heads / {shape.num_kv_heads} KV heads, {shape.params(vocab) / 1e6:.0f} M parameters, "
+            f"float32) at {model_dir}; chunk {CHUNK} tokens = {CHUNK * shape.kv_bytes_per_token() / 2**20:g} MiB of KV")
 
 
 def _version(pkg: str) -> str:
@@ -648,6 +654,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--adapter", choices=("blockstore", "fs"), default="blockstore",
                     help="L2 tier: blockstore's plugin or LMCache's own fs adapter (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="smaller workload, no L1 replay pass")
+    ap.add_argument("--model-shape", choices=sorted(tiny_model.SHAPES), default="speed",
+                    help="random-weights model of the prefix-reuse passes: speed (~100 M parameters, where "
+                         "reusing KV beats recomputing it on a CPU) or tiny (4 M); default %(default)s")
     ap.add_argument("--port", type=int, help="lmcache server ZMQ port (default 5555, or a free one if taken)")
     ap.add_argument("--http-port", type=int, help="lmcache server HTTP port (default 8085, or a free one if taken)")
     ap.add_argument("--no-metrics", action="store_true",
@@ -661,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     choose_ports(args)
     work = Path(args.work).resolve()
-    model_dir = work / "model"
+    model_dir = work / f"model-{args.model_shape}"
     store = Path(args.store).resolve() if args.store else work / f"store-{args.adapter}"
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -692,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     server_status: dict | None = None
     try:
         with phase("build model"):
-            tiny_model.build(model_dir, log=log)
+            tiny_model.build(model_dir, log=log, shape=args.model_shape)
             workload = build_workload(model_dir, args.quick)
             log(f"workload: {workload.description}")
         prepare_store(store, explicit=bool(args.store), reset=args.reset_store)

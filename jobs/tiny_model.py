@@ -1,4 +1,4 @@
-"""A tiny Llama-architecture model with random weights and a locally trained tokenizer.
+"""Llama-architecture models with random weights and a locally trained tokenizer: ``tiny`` and ``speed``.
 
 No model hub is reachable from the machines this project runs on, so the vLLM runs use a model the
 project builds itself (``shared/notes/vllm-cpu.md``): 4 layers, hidden 256, intermediate 512, 4
@@ -9,12 +9,19 @@ move with the logits' scale (3.6e-5 at std 0.2, measured); at 0.02 they stay wit
 end-to-end test asks for, while the top tokens are still far apart compared with that. One 256-token chunk of its KV is 4 layers x 2 (K, V) x 256 x 2 heads x 64 x 4 bytes
 = 1 MiB.
 
+The ``speed`` shape (``--shape speed``) is the same recipe at about 100 M parameters (8 layers, hidden
+1024, intermediate 2816, 16 attention heads, 2 KV heads of 64): prefill costs about 88 M multiply-adds a
+token while a token's KV is 8 KiB (GQA), so on a 2-core CPU recomputing a 256-token chunk takes far
+longer than moving its 2 MiB of KV; that is the shape where reusing KV pays (issue 15). Its projection
+weights are drawn with std 0.2 * sqrt(256 / 1024) = 0.1 (lm_head 0.01), so activations keep the tiny
+model's scale.
+
 Everything is deterministic: the training text comes from a seeded generator in this file, the
 byte-level BPE tokenizer is trained on it with ``tokenizers``, and the weights come from a seeded
 NumPy generator, so every run writes the same bytes. ``OUT_DIR/.tiny-model-stamp`` records the hash
 of this file; a directory whose stamp matches is left alone.
 
-    python -m jobs.tiny_model OUT_DIR [--force] [--check]
+    python -m jobs.tiny_model OUT_DIR [--shape tiny|speed] [--force] [--check]
 
 ``--check`` loads the result in vLLM (needs ``vllm-cpu``) and generates greedily.
 """
@@ -29,6 +36,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # Architecture (shared/notes/vllm-cpu.md). The vocabulary size comes from the trained tokenizer.
@@ -42,6 +50,33 @@ MAX_POSITIONS = 4096
 WEIGHT_STD = 0.2
 LM_HEAD_STD = 0.02  # logits of std ~0.3 (see the module docstring)
 TARGET_VOCAB = 4096
+
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    weight_std: float
+    lm_head_std: float
+
+    def params(self, vocab_size: int) -> int:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        layer = self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.num_layers * layer + 2 * vocab_size * self.hidden + self.hidden
+
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4  # float32
+
+
+SHAPES = {
+    "tiny": Shape(NUM_LAYERS, HIDDEN, INTERMEDIATE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, WEIGHT_STD, LM_HEAD_STD),
+    "speed": Shape(8, 1024, 2816, 16, 2, 64, 0.1, 0.01),
+}
 
 TEXT_SEED = 20261123
 WEIGHT_SEED = 1234
@@ -68,9 +103,9 @@ _CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
 _PUNCT = [".", ".", ".", "?", "!", ";"]
 
 
-def script_hash() -> str:
-    """Hash of this file: the version a stamp records (any edit rebuilds the model)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+def script_hash(shape: str = "tiny") -> str:
+    """Hash of this file and the shape: the version a stamp records (any edit rebuilds the model)."""
+    return hashlib.sha256(Path(__file__).read_bytes() + shape.encode()).hexdigest()[:16]
 
 
 class TextGenerator:
@@ -131,17 +166,17 @@ def train_tokenizer():  # -> tokenizers.Tokenizer
     return tok
 
 
-def model_config(vocab_size: int) -> dict:
+def model_config(vocab_size: int, shape: Shape = SHAPES["tiny"]) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": NUM_LAYERS,
-        "num_attention_heads": NUM_HEADS,
-        "num_key_value_heads": NUM_KV_HEADS,
-        "head_dim": HEAD_DIM,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": MAX_POSITIONS,
         "rms_norm_eps": 1e-6,
@@ -159,30 +194,31 @@ def model_config(vocab_size: int) -> dict:
     }
 
 
-def random_weights(vocab_size: int) -> dict:
-    """HF Llama tensor names -> float32 arrays; projections ~ N(0, WEIGHT_STD^2), norms = 1."""
+def random_weights(vocab_size: int, shape: Shape = SHAPES["tiny"]) -> dict:
+    """HF Llama tensor names -> float32 arrays; projections ~ N(0, weight_std^2), norms = 1."""
     import numpy as np
 
     rng = np.random.default_rng(WEIGHT_SEED)
+    hidden, inter = shape.hidden, shape.intermediate
 
-    def normal(*shape: int, std: float = WEIGHT_STD):
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+    def normal(*dims: int, std: float = shape.weight_std):
+        return (rng.standard_normal(dims, dtype=np.float32) * np.float32(std)).astype(np.float32)
 
-    q_out, kv_out = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
-    t = {"model.embed_tokens.weight": normal(vocab_size, HIDDEN)}
-    for i in range(NUM_LAYERS):
+    q_out, kv_out = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    t = {"model.embed_tokens.weight": normal(vocab_size, hidden)}
+    for i in range(shape.num_layers):
         p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = normal(q_out, HIDDEN)
-        t[p + "self_attn.k_proj.weight"] = normal(kv_out, HIDDEN)
-        t[p + "self_attn.v_proj.weight"] = normal(kv_out, HIDDEN)
-        t[p + "self_attn.o_proj.weight"] = normal(HIDDEN, q_out)
-        t[p + "mlp.gate_proj.weight"] = normal(INTERMEDIATE, HIDDEN)
-        t[p + "mlp.up_proj.weight"] = normal(INTERMEDIATE, HIDDEN)
-        t[p + "mlp.down_proj.weight"] = normal(HIDDEN, INTERMEDIATE)
-        t[p + "input_layernorm.weight"] = np.ones(HIDDEN, np.float32)
-        t[p + "post_attention_layernorm.weight"] = np.ones(HIDDEN, np.float32)
-    t["model.norm.weight"] = np.ones(HIDDEN, np.float32)
-    t["lm_head.weight"] = normal(vocab_size, HIDDEN, std=LM_HEAD_STD)
+        t[p + "self_attn.q_proj.weight"] = normal(q_out, hidden)
+        t[p + "self_attn.k_proj.weight"] = normal(kv_out, hidden)
+        t[p + "self_attn.v_proj.weight"] = normal(kv_out, hidden)
+        t[p + "self_attn.o_proj.weight"] = normal(hidden, q_out)
+        t[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
+        t[p + "mlp.up_proj.weight"] = normal(inter, hidden)
+        t[p + "mlp.down_proj.weight"] = normal(hidden, inter)
+        t[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
+        t[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
+    t["model.norm.weight"] = np.ones(hidden, np.float32)
+    t["lm_head.weight"] = normal(vocab_size, hidden, std=shape.lm_head_std)
     return t
 
 
@@ -190,21 +226,23 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def is_built(out_dir: str | os.PathLike) -> bool:
+def is_built(out_dir: str | os.PathLike, shape: str = "tiny") -> bool:
     out = Path(out_dir)
     try:
         stamp = (out / STAMP_NAME).read_text().strip()
     except OSError:
         return False
-    return stamp == script_hash() and all((out / f).is_file() for f in MODEL_FILES)
+    return stamp == script_hash(shape) and all((out / f).is_file() for f in MODEL_FILES)
 
 
-def build(out_dir: str | os.PathLike, force: bool = False, log=None) -> Path:
-    """Write the model into ``out_dir`` unless a stamp from this version of the script is there."""
+def build(out_dir: str | os.PathLike, force: bool = False, log=None, shape: str = "tiny") -> Path:
+    """Write the model of ``shape`` into ``out_dir`` unless a stamp from this version of the script is there."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {sorted(SHAPES)}")
     out = Path(out_dir)
-    if not force and is_built(out):
+    if not force and is_built(out, shape):
         if log:
-            log(f"tiny model: {out} already built by this version ({script_hash()}), skipped")
+            log(f"{shape} model: {out} already built by this version ({script_hash(shape)}), skipped")
         return out
     from safetensors.numpy import save_file
     from transformers import PreTrainedTokenizerFast
@@ -226,16 +264,17 @@ def build(out_dir: str | os.PathLike, force: bool = False, log=None) -> Path:
         _write_json(tmp / "tokenizer_config.json", tc)
         if not (tmp / "special_tokens_map.json").exists():  # newer transformers fold it into the config
             _write_json(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
-        _write_json(tmp / "config.json", model_config(vocab_size))
+        _write_json(tmp / "config.json", model_config(vocab_size, SHAPES[shape]))
         _write_json(tmp / "generation_config.json",
                     {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "do_sample": False})
-        save_file(random_weights(vocab_size), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(random_weights(vocab_size, SHAPES[shape]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in sorted(tmp.iterdir()):
             f.chmod(0o644)  # safetensors creates its file 0600
             os.replace(f, out / f.name)
-    (out / STAMP_NAME).write_text(script_hash() + "\n")
+    (out / STAMP_NAME).write_text(script_hash(shape) + "\n")
     if log:
-        log(f"tiny model: built in {out} (vocab {vocab_size}, version {script_hash()})")
+        log(f"{shape} model: built in {out} (vocab {vocab_size}, "
+            f"{SHAPES[shape].params(vocab_size) / 1e6:.0f} M parameters, version {script_hash(shape)})")
     return out
 
 
@@ -276,6 +315,8 @@ def check(out_dir: str | os.PathLike) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.tiny_model", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="tiny (4 layers, hidden 256) or speed (about 100 M parameters); default %(default)s")
     ap.add_argument("--force", action="store_true", help="rebuild even when the stamp matches")
     ap.add_argument("--check", action="store_true", help="load the model in vLLM and generate greedily")
     args = ap.parse_args(argv)
@@ -283,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    build(args.out_dir, force=args.force, log=log)
+    build(args.out_dir, force=args.force, log=log, shape=args.shape)
     if args.check:
         check(args.out_dir)
         log("tiny model: vLLM generated non-constant greedy output")

@@ -126,3 +126,45 @@ def test_writer_refuses_what_does_not_fit() -> None:
     assert paged_kv.layer_index("model.layers.11.self_attn.attn") == 11
     with pytest.raises(BlockstoreError, match="layer index"):
         paged_kv.layer_index("lm_head")
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a real vLLM engine with the connector, on the trained model
+
+# Greedy agreement of blended (ratio 0.15) with full prefill that the quick blend scenario must reach.
+# Measured on the trained model (jobs/models/trained-llama): see the floors' note in the final line of
+# the test's failure message; the floors sit below the measured rates so that run-to-run noise in
+# float32 sums does not flip them, and far above what an unblended or misplaced KV gives.
+FIRST_TOKEN_FLOOR = 0.75
+TOKEN_FLOOR = 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_serves_blended_kv_that_agrees_with_full_prefill(tmp_path) -> None:
+    """Seed prompts store 6 chunks; 4 mixes bring them back in new orders: the connector's own counters
+    must show it blended every mix and wrote exactly the tokens vLLM took from it, and greedy outputs
+    must agree with a vLLM engine without any connector."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("vllm")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "blend.json"
+    env = dict(os.environ, DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1", PYTHONHASHSEED="0")
+    proc = subprocess.run([sys.executable, "-m", "jobs.blend_scenario", "--quick", "--store", str(tmp_path / "kv"),
+                           "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=560)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r = json.loads(out.read_text())
+    c = r["connector"]
+    msg = proc.stdout
+    assert c["requests_blended"] == r["mixes"] == 4, msg  # every mix claimed and blended
+    assert c["load_failures"] == 0 and c["last_error"] is None, msg
+    assert c["tokens_written"] == r["served_blended_tokens"] > 0, msg  # what vLLM took is what we wrote
+    assert c["tokens_reused"] > c["tokens_recomputed"] > 0, msg  # reuse, with some tokens recomputed
+    assert c["chunks_stored"] == 6 and c["chunks_hit"] > 0, msg  # seeds stored each chunk once
+    assert r["first_token_agreement"] >= FIRST_TOKEN_FLOOR, msg
+    assert r["token_agreement"] >= TOKEN_FLOOR, msg

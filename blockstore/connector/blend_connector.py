@@ -457,7 +457,7 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
 
     def _write_stats(self) -> None:
         path = self.settings.stats_path
-        if not path:
+        if not path or self.runtime is None:  # the worker's counters; the scheduler side has none to write
             return
         tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:
