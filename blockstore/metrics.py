@@ -7,16 +7,18 @@ Two kinds of metric, so that a store costs nothing for them while nobody collect
   invalid ratio of sealed blocks), its last `recovery_report`, its compactor's `status()`, and an L2
   adapter's `report_status()` counters. The engine keeps these numbers anyway; `track(store)` and
   `track_adapter(adapter)` only hold a weak reference.
-- **Counted on the hot path** (operations, keys, bytes read, latency histograms, seals, compaction passes
-  and pacing): the engine calls `done`/`read_done`/... only `if metrics.enabled`, which `enable()` or
-  `serve()` sets. Until then each operation pays one `time.perf_counter()` and one attribute test.
+- **Counted on the hot path** (keys, bytes read, hits, latency histograms whose `_count` is the number
+  of calls, errors; seals, compaction passes and pacing), only while metrics are enabled (`enable()`,
+  which `serve()` calls). Store's put_many/get_many/delete_many are decorated with `timed`: disabled,
+  the class holds the undecorated methods themselves (nothing to pay); enable() switches in counting
+  versions. The other engine calls (`sealed_done`, `compaction_pass_done`, `compaction_paced`) are made
+  only `if metrics.enabled`.
 
 Everything is registered in this module's own `REGISTRY` (not prometheus-client's global one, which a
 host process such as vLLM or LMCache fills with its own metrics). `serve(port)` exposes it over HTTP;
 `blockstore metrics PATH` (tools/metrics_cmd.py) prints one store's scrape-time metrics once.
 
-The engine's calls (a put, a get, a seal, a compaction pass) are the `*_done` functions below; every
-metric name starts with `blockstore_`. prometheus-client is a core dependency: it is pure Python with
+Every metric name starts with `blockstore_`. prometheus-client is a core dependency: it is pure Python with
 no dependencies of its own, and `blockstore metrics` must work in any installation.
 """
 
@@ -50,13 +52,13 @@ PASS_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0)
 PHI_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 OPS = ("put", "get", "delete")
 
-_operations = Counter("blockstore_operations", "Store API calls (a batched call is one operation)", ["op"],
-                      registry=REGISTRY)
 _op_keys = Counter("blockstore_operation_keys", "Keys named by store API calls", ["op"], registry=REGISTRY)
-_op_seconds = Histogram("blockstore_operation_seconds", "Latency of store API calls", ["op"],
+_op_seconds = Histogram("blockstore_operation_seconds", "Latency of store API calls (_count: the calls; a "
+                        "batched call is one)", ["op"],
                         buckets=LATENCY_BUCKETS, registry=REGISTRY)
 _op_errors = Counter("blockstore_operation_errors", "Store API calls that raised", ["op"], registry=REGISTRY)
-_read_keys = Counter("blockstore_read_keys", "Keys read, by result", ["result"], registry=REGISTRY)
+_read_hits = Counter("blockstore_read_hits", "Keys reads found (misses: operation_keys{op=\"get\"} - this)",
+                     registry=REGISTRY)
 _read_bytes = Counter("blockstore_read_bytes", "Payload bytes returned by reads", registry=REGISTRY)
 _sealed = Counter("blockstore_blocks_sealed", "Blocks sealed (rotated out, idle, or at close)", registry=REGISTRY)
 _sealed_bytes = Counter("blockstore_sealed_block_bytes", "Data bytes of the blocks sealed", registry=REGISTRY)
@@ -69,61 +71,90 @@ _paced = Counter("blockstore_compaction_paced_seconds",
                  registry=REGISTRY)
 
 # bound once: a labelled child looked up per call would cost a dict lookup and a lock
-_by_op = {op: (_operations.labels(op), _op_keys.labels(op), _op_seconds.labels(op)) for op in OPS}
+_by_op = {op: (_op_keys.labels(op), _op_seconds.labels(op)) for op in OPS}
 _failed = {op: _op_errors.labels(op) for op in OPS}
-_hits, _misses = _read_keys.labels("hit"), _read_keys.labels("miss")
 _moved_gc, _moved_relocation = _pass_moved.labels("gc"), _pass_moved.labels("relocation")
 
 
 def enable() -> None:
-    """Start counting on the hot path (serve() calls it)."""
+    """Start counting on the hot path (serve() calls it): the `timed` methods are switched in."""
     global enabled
     enabled = True
+    for owner, name, _plain, counted in _switched:
+        setattr(owner, name, counted)
 
 
 def disable() -> None:
-    """Stop counting on the hot path (scrape-time metrics stay). For benchmarks and tests."""
+    """Stop counting on the hot path (scrape-time metrics stay): the plain methods are switched back."""
     global enabled
     enabled = False
+    for owner, name, plain, _counted in _switched:
+        setattr(owner, name, plain)
 
 
 # ------------------------------------------------------------------------------ hot path (engine calls)
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+_switched: list[tuple[type, str, Any, Any]] = []  # (class, method name, plain method, counting method)
+
+
+class _Switch:
+    """What `timed` puts in a class body: when the class is made (__set_name__), it replaces itself with
+    the plain method or the counting one, whichever `enabled` says, and enable()/disable() switch them."""
+
+    def __init__(self, op: str, method: Callable[..., Any]) -> None:
+        self.plain = method
+        self.counted = _counting(op, method)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        _switched.append((owner, name, self.plain, self.counted))
+        setattr(owner, name, self.counted if enabled else self.plain)
 
 
 def timed(op: str) -> Callable[[_Method], _Method]:
-    """Decorate a Store method of operation `op` ("put", "get", "delete") whose first argument is its
-    items or keys: while `enabled`, each call is counted, timed (and a get's hits and bytes counted);
-    otherwise the call goes straight through (one extra call frame, no clock read)."""
+    """Decorate a method of a class (Store's put_many, get_many, delete_many) of operation `op` ("put",
+    "get", "delete") whose first argument is its items or keys. While metrics are disabled the class holds
+    the method itself: a call costs exactly what it cost without metrics. enable() switches in a version
+    that counts and times each call (a get's hits and bytes too), and its exceptions."""
 
     def decorate(method: _Method) -> _Method:
-        @functools.wraps(method)
-        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not enabled:
-                return method(self, *args, **kwargs)
-            started = time.perf_counter()
-            try:
-                result = method(self, *args, **kwargs)
-            except BaseException:
-                _failed[op].inc()
-                raise
-            if op == "get":
-                read_done(result, started)
-            else:
-                items = args[0] if args else kwargs.get("items", kwargs.get("keys", ()))
-                done(op, len(items) if hasattr(items, "__len__") else 0, started)
-            return result
-
-        return cast(_Method, call)
+        return cast(_Method, _Switch(op, method))
 
     return decorate
 
 
+def is_timed(owner: type, name: str) -> bool:
+    """Whether `owner.name` was decorated by timed (in `owner` itself)."""
+    return any(o is owner and n == name for o, n, _p, _c in _switched)
+
+
+def plain_method(owner: type, name: str) -> Callable[..., Any]:
+    """`owner.name` without its metrics (for benchmarks: the baseline)."""
+    return next((p for o, n, p, _c in _switched if o is owner and n == name), getattr(owner, name))
+
+
+def _counting(op: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            result = method(self, *args, **kwargs)
+        except BaseException:
+            _failed[op].inc()
+            raise
+        if op == "get":
+            read_done(result, started)
+        else:
+            items = args[0] if args else kwargs.get("items", kwargs.get("keys", ()))
+            done(op, len(items) if hasattr(items, "__len__") else 0, started)
+        return result
+
+    return counted
+
+
 def done(op: str, keys: int, started: float) -> None:
-    """A store call `op` ("put", "delete") for `keys` keys returned; `started` is its perf_counter()."""
-    ops, nkeys, seconds = _by_op[op]
-    ops.inc()
+    """A store call `op` for `keys` keys returned; `started` is its perf_counter()."""
+    nkeys, seconds = _by_op[op]
     nkeys.inc(keys)
     seconds.observe(time.perf_counter() - started)
 
@@ -136,8 +167,7 @@ def read_done(results: Sequence[Any], started: float) -> None:
         if r is not None:
             hits += 1
             nbytes += r if isinstance(r, int) else len(r)
-    _hits.inc(hits)
-    _misses.inc(len(results) - hits)
+    _read_hits.inc(hits)
     _read_bytes.inc(nbytes)
 
 

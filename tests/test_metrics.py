@@ -58,8 +58,8 @@ def endpoint() -> Iterator[metrics.Endpoint]:
 
 def _timed_store_class() -> type[Store]:
     """Store with its put/get/delete decorated by metrics.timed, as store.py decorates them. Once store.py
-    carries the decorators itself, Store is used as it is (wrapping again would count every call twice)."""
-    if hasattr(Store.put_many, "__wrapped__"):
+    carries the decorators itself, Store is used as it is (decorating again would count every call twice)."""
+    if metrics.is_timed(Store, "put_many"):
         return Store
     return type("TimedStore", (Store,), {
         "put_many": metrics.timed("put")(Store.put_many),
@@ -112,38 +112,43 @@ def test_operation_counters_move_by_the_operations_done(tmp_path: Path, endpoint
         assert s.get_many([b"c1"], out=[buf]) == [30]
         assert s.delete(b"a")
         with pytest.raises(InvalidArgument):
-            s.put(b"", b"empty key")
+            s.put(b"", b"empty key")  # put() checks the key itself: not a put_many call
+        with pytest.raises(InvalidArgument):
+            s.put_many([(b"", b"empty key")])  # a put_many that raised
         after = scrape(endpoint.port)
 
     def delta(name: str, **labels: str) -> float:
         return get(after, name, **labels) - get(before, name, **labels)
 
-    assert delta("blockstore_operations_total", op="put") == 3  # put() is a put_many of one
+    assert delta("blockstore_operation_seconds_count", op="put") == 3  # put() is a put_many of one
     assert delta("blockstore_operation_keys_total", op="put") == 6
-    assert delta("blockstore_operations_total", op="get") == 3
-    assert delta("blockstore_operation_keys_total", op="get") == 5
-    assert delta("blockstore_read_keys_total", result="hit") == 4
-    assert delta("blockstore_read_keys_total", result="miss") == 1
-    assert delta("blockstore_read_bytes_total") == 10 + 20 + 30 + 30
-    assert delta("blockstore_operations_total", op="delete") == 1
-    assert delta("blockstore_operation_seconds_count", op="put") == 3
     assert delta("blockstore_operation_seconds_count", op="get") == 3
+    assert delta("blockstore_operation_keys_total", op="get") == 5
+    assert delta("blockstore_read_hits_total") == 4
+    assert delta("blockstore_read_bytes_total") == 10 + 20 + 30 + 30
+    assert delta("blockstore_operation_seconds_count", op="delete") == 1
+    assert delta("blockstore_operation_keys_total", op="delete") == 1
     assert delta("blockstore_operation_seconds_sum", op="get") > 0
-    assert delta("blockstore_operation_errors_total", op="put") == 0  # put() checks the key before put_many
+    assert delta("blockstore_operation_errors_total", op="put") == 1
 
 
-def test_nothing_is_counted_on_the_hot_path_while_disabled(tmp_path: Path) -> None:
+def test_nothing_is_counted_or_paid_on_the_hot_path_while_disabled(tmp_path: Path) -> None:
     was = metrics.enabled
+    cls = _timed_store_class()
     metrics.disable()
     try:
-        with _timed_store_class()(str(tmp_path / "s")) as s:
-            before = metrics.REGISTRY.get_sample_value("blockstore_operations_total", {"op": "put"})
+        assert not hasattr(cls.put_many, "__wrapped__")  # the plain method: a call costs what it did
+        with cls(str(tmp_path / "s")) as s:
+            before = metrics.REGISTRY.get_sample_value("blockstore_operation_seconds_count", {"op": "put"})
             s.put_many([(b"k", b"v")])
             s.get(b"k")
-            assert metrics.REGISTRY.get_sample_value("blockstore_operations_total", {"op": "put"}) == before
-    finally:
-        if was:
+            assert metrics.REGISTRY.get_sample_value("blockstore_operation_seconds_count", {"op": "put"}) == before
             metrics.enable()
+            assert hasattr(cls.put_many, "__wrapped__")
+            s.put_many([(b"k", b"v")])
+            assert metrics.REGISTRY.get_sample_value("blockstore_operation_seconds_count", {"op": "put"}) == before + 1
+    finally:
+        (metrics.enable if was else metrics.disable)()
 
 
 def test_compaction_metrics(tmp_path: Path, endpoint: metrics.Endpoint) -> None:
@@ -234,7 +239,7 @@ def test_metrics_command_dumps_a_store_beside_its_writer(tmp_path: Path) -> None
         assert get(got, "blockstore_records", store=path) == 30
         assert get(got, "blockstore_read_only", store=path) == 1
         assert get(got, "blockstore_put_bytes_total", store=path) == writer.stats().bytes_put
-        assert not [k for k in got if k[0].startswith("blockstore_operations")]  # the writer's, not a dump's
+        assert not [k for k in got if k[0].startswith("blockstore_operation")]  # the writer's, not a dump's
 
         code, text = _run_metrics_cmd(path, "--json")
         doc: dict[str, Any] = json.loads(text)

@@ -38,7 +38,7 @@ WRITER = textwrap.dedent("""
     import blockstore
     from blockstore import metrics
     from blockstore.store import Store
-    if not hasattr(Store.put_many, "__wrapped__"):
+    if not metrics.is_timed(Store, "put_many"):
         Store = type("TimedStore", (Store,), {"put_many": metrics.timed("put")(Store.put_many),
                                                "get_many": metrics.timed("get")(Store.get_many)})
     store = Store(sys.argv[1], block_size=64 << 10)

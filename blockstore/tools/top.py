@@ -98,13 +98,12 @@ def with_rates(cur: Frame, prev: Frame | None) -> Frame:
         "records_s": rate(c["records"], p.get("records")),
     }
     for op in ("put", "get", "delete"):
-        cur.rates[f"{op}_ops_s"] = rate(_total(cs, "blockstore_operations_total", op=op),
-                                        _total(ps, "blockstore_operations_total", op=op))
         n = (_total(cs, "blockstore_operation_seconds_count", op=op), _total(ps, "blockstore_operation_seconds_count", op=op))
+        cur.rates[f"{op}_ops_s"] = rate(*n)
         s = (_total(cs, "blockstore_operation_seconds_sum", op=op), _total(ps, "blockstore_operation_seconds_sum", op=op))
         cur.rates[f"{op}_mean_s"] = ratio(s, n)
-    hit = (_total(cs, "blockstore_read_keys_total", result="hit"), _total(ps, "blockstore_read_keys_total", result="hit"))
-    keys = (_total(cs, "blockstore_read_keys_total"), _total(ps, "blockstore_read_keys_total"))
+    hit = (_total(cs, "blockstore_read_hits_total"), _total(ps, "blockstore_read_hits_total"))
+    keys = (_total(cs, "blockstore_operation_keys_total", op="get"), _total(ps, "blockstore_operation_keys_total", op="get"))
     cur.rates["get_hit_ratio"] = ratio(hit, keys)
     for stage, total_kind in (("lookup", "lookup"), ("load", "load")):
         h = (_total(cs, "blockstore_adapter_hits_total", stage=stage), _total(ps, "blockstore_adapter_hits_total", stage=stage))
