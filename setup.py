@@ -20,4 +20,9 @@ class CheckedBuildExt(build_ext):
         super().run()
 
 
-setup(cffi_modules=["native/build_native.py:ffibuilder"], cmdclass={"build_ext": CheckedBuildExt})
+setup(
+    cffi_modules=["native/build_native.py:ffibuilder"],
+    cmdclass={"build_ext": CheckedBuildExt},
+    # cffi builds the C core against the stable ABI (_native.abi3.so): one wheel serves CPython 3.11 and later
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

@@ -156,3 +156,20 @@ def test_backend_falls_back_to_python_with_one_warning(monkeypatch: pytest.Monke
     monkeypatch.setenv("BLOCKSTORE_BACKEND", "rust")
     with pytest.raises(blockstore.InvalidArgument, match="unknown backend 'rust'"):
         blockstore.open(tmp_path / "bad")
+
+
+def test_a_missing_xxhash_header_is_named_in_one_line(tmp_path: Path) -> None:
+    """Building the C core without xxhash.h stops with one line that names the package to install, not with
+    the compiler's own error. A compiler that searches no system folder (-nostdinc) stands in for a machine
+    without libxxhash-dev; the check runs before anything is compiled."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "native", tmp_path / "native")
+    env = {**os.environ, "CC": "gcc -nostdinc"}
+    r = run(sys.executable, "setup.py", "-q", "build_ext", "--inplace", env=env, cwd=tmp_path, ok=False)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == ("blockstore build: xxhash.h not found: install libxxhash-dev (Debian, "
+                                                 "Ubuntu) or xxhash-devel (Fedora, RHEL), or xxhash (Homebrew, "
+                                                 "conda-forge)"), r.stderr
+    assert "No such file" not in r.stderr and "error:" not in r.stderr
+    assert not list(tmp_path.rglob("*.so"))
