@@ -16,7 +16,7 @@ import pytest
 
 import blockstore
 from blockstore.tools.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
-from blockstore.tools.cli_common import escape, parse_key
+from blockstore.tools.cli_common import escape, parse_key, terminal_text
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD_KEYS = [b"\x00\xff", b"a b", b"back\\slash", b"\x1b[31mred", "caf\u00e9".encode(), b"\\x41"]
@@ -143,3 +143,14 @@ def test_scan_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
                        capture_output=True, text=True, cwd=str(ROOT), timeout=120)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
     assert r.stderr == "", r.stderr
+
+
+def test_get_on_a_terminal_escapes_control_bytes(store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """Raw bytes go to a pipe or file untouched (above); on a terminal an escape sequence in a value is
+    shown, not obeyed."""
+    assert terminal_text(b"line 1\n\tcaf\xc3\xa9 \x1b[2J\x00\xff") == "line 1\n\tcaf\u00e9 \\x1b[2J\\x00\\xff"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    rc, out, err = run_cli(capfd, "get", str(store), "\\x1b[31mred", "--ns", "other")
+    assert rc == EXIT_OK, err
+    assert out == "odd:\\x1b[31mred\n"

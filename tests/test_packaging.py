@@ -8,7 +8,9 @@ C core against the libxxhash inside the wheel (no system library), and, with the
 to the Python backend with one warning unless BLOCKSTORE_BACKEND=native asks for the C core.
 
 Nothing is installed into the repository's .venv: the build tools (requirements/dist.txt) go into a
-throwaway venv. Packages come from pip's configured sources with requirements/pins.txt as constraints.
+throwaway venv. Packages come from pip's configured sources with requirements/pins.txt as constraints, and
+pip's cache makes a second run fast; every pip here (build isolation's too) reads PIP_* settings from the
+environment, so a machine without an index runs it with PIP_NO_INDEX=1 PIP_FIND_LINKS=<a wheel folder>.
 """
 
 from __future__ import annotations

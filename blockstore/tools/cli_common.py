@@ -56,6 +56,13 @@ def escape(data: bytes) -> str:
     return "".join(chr(b) if b in _PRINTABLE else "\\\\" if b == 0x5C else f"\\x{b:02x}" for b in data)
 
 
+def terminal_text(value: bytes) -> str:
+    """A value shown on a terminal: UTF-8 text as is (newlines and tabs too), every other control character or
+    undecodable byte escaped, so an escape sequence in a value cannot take over the user's terminal."""
+    text = value.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c in "\n\t" else escape(c.encode()) for c in text)
+
+
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|\\)")
 
 

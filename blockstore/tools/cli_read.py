@@ -24,6 +24,7 @@ from blockstore.tools.cli_common import (
     parse_key,
     print_json,
     print_json_rows,
+    terminal_text,
 )
 
 KEY_FORMS = ("KEY is text, with \\xNN for a byte and \\\\ for a backslash (the form `blockstore scan` prints), "
@@ -34,7 +35,8 @@ _BATCH = 1024  # keys located per directory read while scanning (bounds memory w
 def register_get(sub: Any) -> None:
     ge = sub.add_parser(
         "get", help="print one key's value (or write it to --out FILE)",
-        description="Write the value stored under KEY to standard output as raw bytes, or to --out FILE. "
+        description="Write the value stored under KEY to standard output as raw bytes (on a terminal: as text, "
+        "control bytes escaped), or to --out FILE. "
         + KEY_FORMS + " A key that is not there is an error (exit 8). Read-only.")
     add_path(ge)
     ge.add_argument("key", metavar="KEY", help="the key (see above for its forms)")
@@ -69,6 +71,9 @@ def cmd_get(args: argparse.Namespace) -> int:
         doc: dict[str, Any] = {"ns": args.ns, "key": key.hex(), "size": len(value), **_where(loc)}
         doc["out" if args.out else "value_base64"] = args.out or base64.b64encode(value).decode("ascii")
         print_json(doc)
+    elif not args.out and sys.stdout.isatty():  # raw bytes could drive the terminal: show them escaped
+        text = terminal_text(value)
+        print(text, end="" if text.endswith("\n") else "\n")
     elif not args.out:
         sys.stdout.flush()
         sys.stdout.buffer.write(value)
