@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,13 @@ def test_sdist_and_wheel_install_and_run(tmp_path: Path) -> None:
     assert any(n.endswith("/native/build_native.py") for n in listing)
     assert any(n.endswith("/native/blockstore.h") for n in listing)
     assert not any("/tests/" in n for n in listing), "the sdist ships tests/ without the bench/ they import"
+
+    with zipfile.ZipFile(raw_wheel) as zf:
+        meta = zf.read(f"blockstore-{blockstore.__version__}.dist-info/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in meta and "Classifier: Operating System :: POSIX :: Linux" in meta
+    for extra in ("test", "numpy", "torch", "lmcache", "vllm", "dev"):
+        assert f"Provides-Extra: {extra}\n" in meta, extra
+    assert "abi3" in raw_wheel.name  # one wheel for CPython 3.11 and later
 
     wheels = tmp_path / "wheelhouse"
     run(tools / "auditwheel", "repair", "-w", wheels, raw_wheel, env=clean_env(tools))

@@ -105,10 +105,12 @@ def _require_store(path: str) -> None:
         raise NotFound(f"no store at {path!r} (no {MANIFEST} there; `blockstore fsck` checks a damaged one)")
 
 
-def _progress_bars(args: argparse.Namespace) -> tuple[Any, dict[str, tqdm]]:
+def _progress_bars(args: argparse.Namespace, prefix: str = "") -> tuple[Any, dict[str, tqdm]]:
+    """A progress callback for the compactor's passes (one tqdm bar a phase, on stderr, only on a terminal)."""
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, done: int, total: int) -> None:
+        phase = prefix + phase
         if args.quiet or args.json:
             return
         bar = bars.get(phase)
@@ -127,9 +129,12 @@ def _plan(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     """One dry-run pass on the store opened read-only, and the facts that explain it."""
     with Store(args.path, create=False, read_only=True) as store:
         c = attach(store, spec, background=False)
+        progress, bars = _progress_bars(args, prefix="plan ")
         try:
-            rep = c.run_until_idle(dry_run=True)
+            rep = c.run_until_idle(dry_run=True, progress=progress)
         finally:
+            for bar in bars.values():
+                bar.close()
             c.stop(flush=False)  # a read-only store: nothing learned, nothing to write
         return {"report": rep, "facts": _facts(store, c, rep), "stats": store.stats()}
 
