@@ -93,6 +93,12 @@ def _chunk_mutation(ns: str, c: ChunkWrite) -> Mutation:
                     check_meta(body), encoded_text, chunk_index=(u, s, ts, cid))
 
 
+def session_partition(user_id: str, session_id: str) -> bytes:
+    """A chunk session's partition as `put_many(partition=...)` spells it: KV records put with it share
+    the session's block stream (partition_of prefixes the namespace, as the chunk records' is)."""
+    return b"u" + encode_chunk_key(_id("user_id", user_id), _id("session_id", session_id), b"")
+
+
 def _chunk_ids(ids: Any) -> list[tuple[str, str, str]]:
     """get_chunks' `ids`: a sequence of (user_id, session_id, chunk_id) triples."""
     out = check_seq("ids", ids, "(user_id, session_id, chunk_id) triples")

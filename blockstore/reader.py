@@ -8,10 +8,12 @@ deleted between the lookup and the pin (compaction moved its records) makes the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from blockstore import hooks
@@ -85,6 +87,7 @@ class Reader:
         self.on_corrupt = on_corrupt
         self.block_named = block_named
         self.observers: list[ReadObserver] = []
+        self._grouping = threading.local()  # .reads: this thread's reads inside request() (else unset)
 
     def read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
              located: Sequence[Location | None] | None = None, *, attempt: int = 0) -> list[Any]:
@@ -125,7 +128,32 @@ class Reader:
                 results[i] = results[j]
         return results
 
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Observers see every read this thread makes inside the block as one request (a caller whose
+        request reads chunk records and KV records in two calls, or in several batches): one co-access
+        observation, delivered when the outermost block exits. Nested blocks join the outer one."""
+        if getattr(self._grouping, "reads", None) is not None:
+            yield
+            return
+        self._grouping.reads = ([], [])
+        try:
+            yield
+        finally:
+            suffixes, locs = self._grouping.reads
+            self._grouping.reads = None
+            if suffixes:
+                self._notify(suffixes, locs)
+
     def _observe(self, suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
+        grouped = getattr(self._grouping, "reads", None)
+        if grouped is not None:
+            grouped[0].extend(suffixes)
+            grouped[1].extend(locs)
+            return
+        self._notify(suffixes, locs)
+
+    def _notify(self, suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
         for observe in self.observers:
             try:
                 observe(suffixes, locs)

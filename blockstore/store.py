@@ -15,11 +15,12 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BlockFiles
-from blockstore.chunks import Chunk, ChunkRecords, ChunkWrite
+from blockstore.chunks import Chunk, ChunkRecords, ChunkWrite, session_partition
 from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, Location
 from blockstore.errors import BlockstoreError, InvalidArgument, NoSpace, NotFound, ReadOnlyStore, StoreClosed
 from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix, keys_prefix
@@ -36,9 +37,6 @@ from blockstore.mutations import Mutation, kv_mutations, partition_of, relocatio
 from blockstore.opening import DIRECTORY, check_options, check_store_path, make_store_dirs
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
-
-# Re-exported only for bench/ (gpu_path, ceilings, throughput, scaling), which import it from here until
-# they import blockstore.reader (issue 14); nothing else may use the name.
 from blockstore.records import Buffer, Kind
 from blockstore.stats import StoreStats, measure
 from blockstore.tensors import TensorRecords
@@ -283,6 +281,17 @@ class Store:
             raise InvalidArgument(f"observe must be callable, not {type(observe).__name__}")
         self._read_observers.append(observe)
 
+    def request(self) -> AbstractContextManager[None]:
+        """`with store.request():` every read this thread makes inside (get_many, get_chunks, ...) is one
+        request to the read observers: compaction learns a request that reads chunk and KV records as one."""
+        return self._reader.request()
+
+    @staticmethod
+    def session_partition(user_id: str, session_id: str) -> bytes:
+        """The `partition` (put_many, put_tensors) that writes KV records into the block stream of chunk
+        session (user_id, session_id): a session's chunk and KV records then share blocks."""
+        return session_partition(user_id, session_id)
+
     def remove_read_observer(self, observe: Callable[[Sequence[bytes], Sequence[Location | None]], None]) -> None:
         if observe in self._read_observers:
             self._read_observers.remove(observe)
@@ -290,18 +299,14 @@ class Store:
     def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
                       together: bool = False, drop_tombstones: Sequence[tuple[bytes, Location]] = ()) -> list[bool]:
         """Copy records to the open block of `partition` and re-point each key only if the directory
-        still names its old place, in the same atomic batch that updates both blocks' counters.
-
-        `moves` are (directory key suffix, the location read, its verified payload), as
-        `Directory.block_records` and `read_locations` give them. Returns, per move, whether it
-        happened (False: the key was overwritten or deleted meanwhile, and stays so). This is the
-        compare-and-swap compaction is built on (docs/format.md §5.2).
-
-        A move whose location is a tombstone's (kind `tombstone`, empty payload) carries the tombstone
-        to the new block, keeping its sequence number, unless the key was written again since.
-        `drop_tombstones` retires tombstones from their block without a copy: the caller has proved
-        that no older record of the key is left anywhere. `together=True` keeps the moves in one block:
-        if the open block cannot take all of them, a fresh one is started first."""
+        still names its old place, in the atomic batch that updates both blocks' counters: the
+        compare-and-swap compaction is built on (docs/format.md §5.2). `moves` are (directory key
+        suffix, the location read, its verified payload), as `Directory.block_records` and
+        `read_locations` give them. Returns, per move, whether it happened (False: the key was
+        overwritten or deleted meanwhile, and stays so). A tombstone's move (empty payload) carries it,
+        keeping its sequence number, unless the key was written again since. `drop_tombstones` retires
+        tombstones without a copy (the caller proved no older record of the key is left anywhere).
+        `together=True` keeps the moves in one block (a fresh one if the open block cannot take all)."""
         self._check_open(write=True)
         if not isinstance(partition, (bytes, bytearray)):
             raise InvalidArgument(f"relocate_many: partition must be bytes, not {type(partition).__name__}")

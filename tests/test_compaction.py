@@ -134,7 +134,7 @@ def test_open_attaches_a_compactor_and_close_stops_it(tmp_path: Path) -> None:
     assert c.status()["running"] is False  # background=False: passes only on demand
     s.close()
     assert s.compactor is None
-    assert c.tracker.observe not in s._read_observers
+    assert c.tracker.observe not in s._read_observers and c._observe_read not in s._read_observers
 
 
 # ---------------------------------------------------------------------------------------------- affinity

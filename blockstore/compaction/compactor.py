@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("blockstore.compaction")
 _COUNTERS = TAG_AFFINITY + b"#counters"  # not 8 bytes long: never mistaken for a group key
-_COUNTERS_FMT = struct.Struct("<QQQQ")  # gc bytes, relocated bytes, blocks reclaimed, groups relocated
+# gc bytes, relocated bytes, blocks reclaimed, groups relocated, bytes of records read in observed requests
+_COUNTERS_FMT = struct.Struct("<QQQQQ")
+_COUNTERS_FMT_V1 = struct.Struct("<QQQQ")  # before read bytes were counted: they start at 0
 MAX_GROUPS_PER_PASS = 1024  # the most valuable due groups looked at per pass (bounds a pass's cost)
 
 
@@ -95,6 +97,7 @@ class Compactor:
                                        max_keys=policy.max_tracked_keys, max_group_bytes=store.block_size // 2,
                                        judge=judge)
         self.tracker.load(store.dir)
+        self._flushed_counters: bytes | None = None  # the counters as the directory holds them
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)
         # which group last rewrote each record (bounded, least recently claimed forgotten first)
@@ -105,7 +108,7 @@ class Compactor:
         self.passes = 0
         self.last_error: str | None = None
         self.totals = PassReport()
-        store.add_read_observer(self.tracker.observe)
+        store.add_read_observer(self._observe_read)
         self._learns_from_reads = True
 
     # ---- lifecycle ----
@@ -122,20 +125,30 @@ class Compactor:
             self._thread.join()
             self._thread = None
         if self._learns_from_reads:
-            self.store.remove_read_observer(self.tracker.observe)
+            self.store.remove_read_observer(self._observe_read)
         if flush:
             self.flush()
 
     def flush(self) -> None:
         self.tracker.flush(self.store.dir)
         b = DirectoryBatch()
-        b.put(_COUNTERS, _COUNTERS_FMT.pack(self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved))
-        self.store.dir.write(b)
+        counters = _COUNTERS_FMT.pack(self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved,
+                                      self.read_bytes)
+        if counters != self._flushed_counters:
+            b.put(_COUNTERS, counters)
+        if not b.empty:  # a pass that did nothing writes nothing (issue 17: a no-op compact grew the directory)
+            self.store.dir.write(b)
+        self._flushed_counters = counters
 
     def _load_counters(self) -> None:
         raw = self.store.dir.get(_COUNTERS)
-        vals = _COUNTERS_FMT.unpack(raw) if raw is not None and len(raw) == _COUNTERS_FMT.size else (0, 0, 0, 0)
-        self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved = vals
+        vals: tuple[int, ...] = (0, 0, 0, 0, 0)
+        if raw is not None and len(raw) == _COUNTERS_FMT.size:
+            vals = _COUNTERS_FMT.unpack(raw)
+        elif raw is not None and len(raw) == _COUNTERS_FMT_V1.size:
+            vals = (*_COUNTERS_FMT_V1.unpack(raw), 0)
+        self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved, self.read_bytes = vals
+        self._flushed_counters = raw
 
     def _loop(self) -> None:
         while not self._stop.wait(self.policy.interval_s):
@@ -161,7 +174,7 @@ class Compactor:
         `observe_lookup` instead. For a tiered cache (the LMCache connector) whose lookups name a
         request's whole prefix while a load reads only what the tier above lacked: counting both would
         credit every request twice."""
-        self.store.remove_read_observer(self.tracker.observe)
+        self.store.remove_read_observer(self._observe_read)
         self._learns_from_reads = False
 
     @property
@@ -180,14 +193,24 @@ class Compactor:
             if nid is not None:
                 suffixes += [key_suffix(nid, SPACE_KV, k) for k in keys]
                 locs += located
+        self._observe_read(suffixes, locs)
+
+    def _observe_read(self, suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
+        """One request: learned from, and its bytes refill relocation's budget (budget_left)."""
+        self.read_bytes += sum(loc.record_len for loc in locs if loc is not None)
         self.tracker.observe(suffixes, locs)
 
     # ---- work ----
 
-    def budget_left(self, spent: int, fraction: float) -> float:
+    def budget_left(self, spent: int, fraction: float, *, reads: bool = False) -> float:
+        """What a budget of `fraction` x the bytes users put (`reads`: and the bytes their requests
+        read) allows beyond `spent`. Relocation's refills with reads as well as writes: a store that is
+        read keeps earning moves, and a reopened store relocates again once it is read (with the
+        writes alone, a read-mostly store spent its budget once and relocated nothing after)."""
         if fraction == float("inf"):
             return fraction
-        return fraction * self.store.io_counters()[0] - spent
+        earned = self.store.io_counters()[0] + (self.read_bytes if reads else 0)
+        return fraction * earned - spent
 
     def run_pass(self, *, dry_run: bool = False, pace: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> PassReport:
@@ -241,7 +264,7 @@ class Compactor:
             if pacer is not None:
                 gc.yield_gil()
             spent = self.relocated_bytes + (rep.planned_bytes if dry_run else 0)
-            left = self.budget_left(spent, self.policy.relocation_budget)
+            left = self.budget_left(spent, self.policy.relocation_budget, reads=True)
             if left <= 0:
                 rep.skipped_budget += len(due) - i
                 return
