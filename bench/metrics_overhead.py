@@ -101,24 +101,25 @@ def added_cost(calls: int = 200_000, repeats: int = 7) -> dict[str, Any]:
     of a store operation): disabled (put), enabled for a put of one key and for a get of one key (a hit).
     The minimum over repeats is the cost itself; the rest is other processes on the cores."""
     probe, one = _Probe(), [b"x"]
+    best: dict[str, float] = {}
 
-    def per_call(name: str) -> float:
-        call = operator.methodcaller(name, one)
-        best = float("inf")
+    def measure(names: list[str]) -> None:  # interleaved, so a busy spell of the machine hits all alike
         for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(calls):
-                call(probe)
-            best = min(best, time.perf_counter() - t)
-        return best / calls * 1e9
+            for name in names:
+                call = operator.methodcaller(name, one)
+                t = time.perf_counter()
+                for _ in range(calls):
+                    call(probe)
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t) / calls * 1e9)
 
     metrics.disable()
-    base = per_call("bare")
-    off = per_call("put") - base
+    measure(["bare", "put"])
+    off = best.pop("put") - best["bare"]
     metrics.enable()
-    on_put, on_get = per_call("put") - base, per_call("get") - base
+    measure(["bare", "put", "get"])
     metrics.disable()
-    return {"off": off, "on_put": on_put, "on_get": on_get, "bare_call": base}
+    return {"off": off, "on_put": best["put"] - best["bare"], "on_get": best["get"] - best["bare"],
+            "bare_call": best["bare"]}
 
 
 def scrape_cost(scratch: str, n: int, repeats: int) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"command": command, "rounds": rounds, "ops_per_kind": n, "value_bytes": len(VALUE),
            "ns_per_op": {v: {op: spread(xs) for op, xs in ops.items()} for v, ops in per.items()},
            "ratio_to_baseline": {v: {op: spread(xs) for op, xs in ops.items()} for v, ops in ratios.items()},
-           "scrape": scraped, "added_ns_per_call": added_cost(), "machine": machine_info(tempfile.gettempdir()), "engine": engine_state()}
+           "scrape": scraped, "added_ns_per_call": added_cost(), "loadavg_after": os.getloadavg(), "machine": machine_info(tempfile.gettempdir()), "engine": engine_state()}
     print(f"# {command}")
     print(f"{'op':<12} {'baseline ns':>12} {'off ns':>10} {'on ns':>10} {'off/base':>22} {'on/base':>22}")
     for op in per["baseline"]:
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
           f"[{sc['min'] * 1e3:.2f}-{sc['max'] * 1e3:.2f}]")
     if args.json:
         write_json(args.json, doc)
+    print(f"load average after: {doc['loadavg_after'][0]:.1f} (cores: {os.cpu_count()}): the end-to-end ratios "
+          "of 'off' compare the same code, so their spread is this machine's noise")
     summary = {"bench": "metrics_overhead", "rounds": rounds, "ops_per_kind": n, "scrape_ms": sc["median"] * 1e3,
                **{f"added_ns_{k}": round(v) for k, v in added.items()},
                **{f"{v}/{op}": round(s["median"], 4) for v, ops in doc["ratio_to_baseline"].items()
