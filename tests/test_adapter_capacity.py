@@ -1,6 +1,7 @@
 """The L2 adapter's capacity promise and eviction by value (issue 16; blockstore/connector/eviction.py):
 
-- block files on disk stay within capacity_bytes + (open blocks + 1) x block_size under every compaction
+- block files on disk stay within capacity_bytes + RECORD_FRAMING per record + (open blocks + 1) x block_size
+  under every compaction
   setting, none included, when a store is filled far past its capacity (measured on disk, not from counters);
 - eviction keeps what is read: a frequently re-read key survives a scan of one-off keys that FIFO would keep;
 - admission ('second_sighting') stores a key the second time it is offered;
@@ -20,7 +21,11 @@ torch = pytest.importorskip("torch")
 
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
-from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
+from blockstore.connector.l2_adapter import (  # noqa: E402
+    RECORD_FRAMING,
+    BlockstoreL2Adapter,
+    BlockstoreL2AdapterConfig,
+)
 from blockstore.errors import InvalidArgument  # noqa: E402
 
 BLOCK = 65536
@@ -64,7 +69,7 @@ def test_disk_stays_within_capacity_plus_slack(make: Callable[..., BlockstoreL2A
     """Ten times the capacity stored in tasks of 8, a third of the recent keys re-read (their locks released
     after the check, as a prefetch releases them after its load), a few deleted by LMCache's eviction (holes
     that no GC fills without compaction): after every task the block files on disk are within
-    capacity + (open blocks + 1) x block_size."""
+    capacity + RECORD_FRAMING per record + (open blocks + 1) x block_size."""
     capacity = 8 * BLOCK
     a = make(capacity_bytes=capacity, compaction=compaction)
     src = arena.new(SMALL, fill=1)
@@ -79,7 +84,7 @@ def test_disk_stays_within_capacity_plus_slack(make: Callable[..., BlockstoreL2A
             a.delete([okey(j) for j in range(max(0, t - 40), t, 5)])
         st = a.store.stats()
         on_disk = block_file_bytes(a.config.path)
-        bound = capacity + (st.open_blocks + 1) * BLOCK
+        bound = capacity + st.records * RECORD_FRAMING + (st.open_blocks + 1) * BLOCK
         worst = max(worst, on_disk / bound)
         assert on_disk <= bound, (t, on_disk, bound, st.as_dict(), a.report_status()["counters"])
         a.submit_unlock(reread)
@@ -104,7 +109,8 @@ def test_tombstone_only_blocks_are_reclaimed_without_compaction(make: Callable[.
     table = a.store.block_table()
     only_tombstones = [e for e in table if e.live_records == 0 and e.tombstones and e.state != 1]
     assert len(only_tombstones) <= 1, only_tombstones
-    assert block_file_bytes(a.config.path) <= capacity + (a.store.stats().open_blocks + 1) * BLOCK
+    st = a.store.stats()
+    assert block_file_bytes(a.config.path) <= capacity + st.records * RECORD_FRAMING + (st.open_blocks + 1) * BLOCK
 
 
 def test_a_reread_key_survives_a_scan_that_fifo_would_keep(make: Callable[..., BlockstoreL2Adapter],

@@ -193,6 +193,7 @@ EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by v
 # table snapshot costs O(blocks)); see BlockstoreL2Adapter._disk_excess for the slack.
 DISK_CHECK_FRACTION = 4
 TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
+MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,9 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+RECORD_FRAMING = 8192  # a record's header, key and page alignment in its block file, at most (beside payload)
 
 
 def _record_bytes(payload: int) -> int:
@@ -740,7 +744,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     excess = self._used + self._reserved + need - self._capacity
                     self._disk_checked_at = self._clock
                 table = self.store.block_table()
-                disk = self._disk_excess(table, sum(_record_bytes(p.size) for p in puts))
+                disk = self._disk_excess(table, puts)
                 if excess > 0 or disk > 0:
                     gone = self._evict(excess, disk, table)
                     with self._lock:
@@ -759,36 +763,50 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._reserved += total
         return keep, total
 
-    def _disk_excess(self, table: list[BlockEntry], incoming: int) -> int:
-        """Bytes by which block files would exceed capacity_bytes + one block once `incoming` record bytes are
-        written. The promise: block files on disk stay within capacity_bytes + (open blocks + 1) x block_size;
-        the slack is the open blocks (dead records in them go only once they are sealed) and the one block
-        eviction is emptying. Record headers and page alignment count against the capacity (small records hold
-        less payload than capacity_bytes). Blocks that hold keys a lookup has locked (LMCache holds such a lock
-        for one prefetch) or records that are not the adapter's are never emptied and can exceed it."""
-        return sum(e.data_end for e in table) + incoming - self._capacity - self.store.block_size
+    def _disk_excess(self, table: list[BlockEntry], puts: list[_Put]) -> int:
+        """Bytes by which block files would exceed their bound once `puts` are written. The promise: block files
+        on disk stay within capacity_bytes + RECORD_FRAMING per record held + (open blocks + 1) x block_size:
+        the payload budget, each record's header and page alignment, the open blocks (dead records in them go
+        only once they are sealed) and the one block eviction is emptying. Blocks that hold keys a lookup has
+        locked (LMCache holds such a lock for one prefetch) or records that are not the adapter's are never
+        emptied and can exceed it."""
+        with self._lock:
+            framing = (self._records + len(puts)) * RECORD_FRAMING
+        incoming = sum(_record_bytes(p.size) for p in puts)
+        return sum(e.data_end for e in table) + incoming - self._capacity - framing - self.store.block_size
 
     def _evict(self, excess: int, disk_excess: int, table: list[BlockEntry]) -> int:
         """Free `excess` payload bytes and `disk_excess` bytes of sealed block files: empty sealed blocks oldest
         first (each record deleted or, if worth keeping, moved to the head of the log, within a budget of
         moved bytes so that a pass ends), then, if payload is still over, delete the least valuable records of
-        the open blocks. Returns the keys deleted."""
-        deleted = 0
+        the open blocks. A pass decides first and then writes in batches (one delete per namespace, moves 256
+        at a time, one synced directory write): each relocation and each block deletion costs the engine a
+        sync, so batching is what keeps eviction at the speed of the store. Returns the keys deleted."""
         budget = 2 * max(excess, disk_excess, 0) + self.store.block_size
-        moved_any = False
+        drop: dict[str, list[ObjectKey]] = {}
+        keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
+        emptied: list[BlockEntry] = []
         for e in table:
             if excess <= 0 and disk_excess <= 0:
                 break
             if e.state != BLOCK_SEALED:
                 continue
-            gone, freed, moved, emptied = self._empty_block(e, budget)
-            deleted += gone
+            freed, moved, blocked = self._plan_block(e, budget, drop, keep)
             excess -= freed
             budget -= moved
-            moved_any = moved_any or bool(moved) or bool(e.tombstones)
-            if emptied:  # the block's file goes; what was moved out of it is written again at the head
-                disk_excess -= e.data_end - moved
-        if moved_any:
+            if not blocked:
+                emptied.append(e)
+                disk_excess -= e.data_end - moved  # the file goes; what moves is written again at the head
+        deleted = 0
+        for keys in drop.values():
+            gone, _freed = self._delete_marked(keys)
+            deleted += len(gone)
+        for ns, items in keep.items():
+            deleted += self._move_to_head(ns, items)
+        stones = [e for e in emptied if e.tombstones]
+        if stones:
+            self._retire_tombstones(stones)
+        if keep or stones:
             self.store.sync_moves()  # moved records' and dropped tombstones' blocks go after one synced write
         if excess > 0:
             deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
@@ -816,13 +834,15 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 foreign += 1
         return out, foreign
 
-    def _empty_block(self, e: BlockEntry, budget: int) -> tuple[int, int, int, bool]:
-        """Delete or keep every record of sealed block `e` by value, then retire its tombstones. Returns (keys
-        deleted, payload bytes freed, bytes moved, whether nothing is left to hold the block)."""
+    def _plan_block(self, e: BlockEntry, budget: int, drop: dict[str, list[ObjectKey]],
+                    keep: dict[str, list[tuple[ObjectKey, bytes, Location]]]) -> tuple[int, int, bool]:
+        """Decide for every record of sealed block `e`: delete (value <= 0, or the pass's budget of moved bytes
+        is spent) or keep (moved to the head). Keys to delete are claimed in _deleting. Returns (payload bytes
+        the deletions free, record bytes the moves write, whether something holds the block: a locked or
+        in-flight key, or a record that is not the adapter's)."""
         records, blocked = self._block_records(e.block_id)
         now = time.monotonic()
-        drop: dict[str, list[ObjectKey]] = {}
-        keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
+        freed = moved = 0
         with self._lock:
             mean = self._used / self._records if self._records else 1.0
             for ns, k, sfx, loc in records:
@@ -830,37 +850,25 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     blocked += 1
                     continue
                 v = value(self._stats.get(k), loc.payload_len, self._clock, self._capacity, mean)
-                if v > 0 and budget >= loc.record_len:
-                    budget -= loc.record_len
+                if v > 0 and budget - moved >= loc.record_len:
+                    moved += loc.record_len
                     self._stats.spend(k)
                     keep.setdefault(ns, []).append((k, sfx, loc))
                 else:
                     self._deleting.add(k)
                     self._ghost.add(k)
                     drop.setdefault(ns, []).append(k)
-        gone = freed = 0
-        for keys in drop.values():
-            g, f = self._delete_marked(keys)
-            gone += len(g)
-            freed += f
-        moved = 0
-        for ns, items in keep.items():
-            m, n, f = self._move_to_head(ns, items)
-            moved += m
-            gone += n
-            freed += f
-        if not blocked and e.tombstones:
-            self._retire_tombstones(e)
-        return gone, freed, moved, not blocked
+                    freed += loc.payload_len
+        return freed, moved, bool(blocked)
 
-    def _move_to_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]) -> tuple[int, int, int]:
+    def _move_to_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]) -> int:
         """Copy records worth keeping to the head of the log (the namespace's open block) with the store's
-        compare-and-swap relocation: a key written or deleted meanwhile stays as that write left it. A record
-        that cannot be read back is deleted instead. Returns (bytes moved, keys deleted, bytes freed)."""
-        moved = 0
+        compare-and-swap relocation: a key written or deleted meanwhile stays as that write left it. A batch
+        that cannot be read back or moved is deleted instead. Returns the keys deleted."""
         part = partition_of(ns, None)
-        for start in range(0, len(items), 64):
-            batch = items[start : start + 64]
+        deleted = 0
+        for start in range(0, len(items), MOVE_BATCH):
+            batch = items[start : start + MOVE_BATCH]
             try:
                 payloads = self.store.read_locations([loc for _k, _s, loc in batch])
                 done = self.store.relocate_many([(sfx, loc, p) for (_k, sfx, loc), p in zip(batch, payloads)],
@@ -871,15 +879,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 with self._lock:
                     marked = [k for k, _s, _l in batch if k not in self._deleting and k not in self._storing]
                     self._deleting.update(marked)
-                gone, freed = self._delete_marked(marked)
-                return moved, len(gone), freed
-            moved += sum(loc.record_len for (_k, _s, loc), ok in zip(batch, done) if ok)
+                deleted += len(self._delete_marked(marked)[0])
+                continue
             with self._lock:
                 self._counters.kept_by_value += sum(done)
-        return moved, 0, 0
+        return deleted
 
-    def _data_floor(self, exclude: int) -> int:
-        """The lowest sequence number of any block but `exclude` that has held a record other than a tombstone
+    def _data_floor(self, exclude: set[int]) -> int:
+        """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
         (footers for sealed blocks, read once each; the engine for open ones). A tombstone older than every
         such block covers no record that is left: it can go. Blocks of nothing but tombstones are left out:
         they hold no record a tombstone must cover, and counting the old sequence numbers that carried
@@ -888,32 +895,42 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         opened = self.store.open_block_min_seqs()
         low = 1 << 64
         for e in self.store.block_table():
-            if e.block_id == exclude or e.total_records == e.tombstones:
+            if e.block_id in exclude or e.total_records == e.tombstones:
                 continue
             seq = opened.get(e.block_id) if e.block_id in opened else self._min_seqs.own(e.block_id)
             if seq:
                 low = min(low, seq)
         return low
 
-    def _retire_tombstones(self, e: BlockEntry) -> None:
-        """Block `e` holds nothing live: its tombstones are what keeps it. Each is dropped when no other block
-        of records can hold anything older (`_data_floor`), else carried to the namespace's stream of
-        tombstones (blocks of nothing else, which the floor leaves out); the block goes at the next
-        sync_moves."""
+    def _retire_tombstones(self, blocks: list[BlockEntry]) -> None:
+        """These blocks hold nothing live any more: their tombstones are what keeps them. Each is dropped when
+        no other block of records can hold anything older (`_data_floor`: every block being emptied here is
+        left out too, as it goes at the same sync), else carried to the namespace's stream of tombstones (blocks
+        of nothing else, which the floor leaves out); the blocks go at the next sync_moves."""
+        ids = [e.block_id for e in blocks]
         try:
-            with self.store.hold_blocks([e.block_id]):
-                stones = tombstones(self.store, e)
-                floor = self._data_floor(e.block_id)
-                keep = [(sfx, loc, b"") for sfx, loc in stones if floor < loc.seq]
-                drop = [(sfx, loc) for sfx, loc in stones if floor >= loc.seq]
-                part = e.partition if e.partition.endswith(TOMBSTONE_STREAM) else e.partition + TOMBSTONE_STREAM
-                done = self.store.relocate_many(keep, partition=part, drop_tombstones=drop)
+            with self.store.hold_blocks(ids):
+                floor = self._data_floor(set(ids))
+                carry: dict[bytes, list[tuple[bytes, Location, bytes]]] = {}
+                drop: dict[bytes, list[tuple[bytes, Location]]] = {}
+                for e in blocks:
+                    part = e.partition if e.partition.endswith(TOMBSTONE_STREAM) else e.partition + TOMBSTONE_STREAM
+                    for sfx, loc in tombstones(self.store, e):
+                        if floor < loc.seq:
+                            carry.setdefault(part, []).append((sfx, loc, b""))
+                        else:
+                            drop.setdefault(part, []).append((sfx, loc))
+                carried = 0
+                for part in {*carry, *drop}:
+                    carried += sum(self.store.relocate_many(carry.get(part, []), partition=part,
+                                                            drop_tombstones=drop.get(part, [])))
+                dropped = sum(len(v) for v in drop.values())
         except Exception as exc:  # gone meanwhile (compaction collected it) or unreadable: GC's job then
-            _log.debug("blockstore L2: tombstones of block %d not retired: %s", e.block_id, exc)
+            _log.debug("blockstore L2: tombstones of blocks %s not retired: %s", ids, exc)
             return
         with self._lock:
-            self._counters.tombstones_carried += sum(done)
-            self._counters.tombstones_dropped += len(stones) - sum(done)
+            self._counters.tombstones_carried += carried
+            self._counters.tombstones_dropped += dropped
 
     def _evict_open(self, excess: int, open_ids: list[int]) -> int:
         """Payload still over capacity and no sealed block left to empty: delete the least valuable records of
