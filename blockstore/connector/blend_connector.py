@@ -42,7 +42,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -290,7 +292,11 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         self._plans: dict[str, _Plan] = {}
         self._ready: dict[str, _Plan] = {}
         # worker side
-        self._new_chunks: list[bytes] = []
+        self._new_chunks: list[bytes] = []  # stored since the last step's worker metadata
+        self._lock = threading.Lock()  # the saver thread and the step share _new_chunks and the counters
+        # Chunks are computed and stored off the step: the request that brought them gets its first
+        # token without waiting for them (the one thread keeps the store's writes in order).
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend-chunk-save")
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_of: dict[str, int] = {}
         self._failed_blocks: set[int] = set()
@@ -376,24 +382,31 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
                 self._serve(load, layers)
             except (BlockstoreError, RuntimeError, ValueError) as exc:
                 # Nothing half-written is read: vLLM recomputes every block reported here.
-                self.counters.load_failures += 1
-                self.counters.last_error = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.counters.load_failures += 1
+                    self.counters.last_error = f"{type(exc).__name__}: {exc}"
                 self._failed_blocks.update(load.block_ids[load.start // self.block_size:
                                                           -(-load.end // self.block_size)])
                 log.warning("%s: blending %s failed, vLLM recomputes it: %s", CONNECTOR_CLASS, load.req_id, exc)
-            self._write_stats()
+            with self._lock:
+                self._write_stats()
 
     def _serve(self, load: BlendLoad, layers: dict[str, Any]) -> None:
         assert self.runtime is not None
         t0 = time.perf_counter()
         res = self.runtime.blender.blend(load.token_ids, spans=load.spans, store_missing=True)
-        self._new_chunks += res.missing_chunks
+        with self._lock:
+            self._new_chunks += res.missing_chunks
         t1 = time.perf_counter()
         slots = paged_kv.slot_mapping(load.block_ids, load.start, load.end, self.block_size)
         for name, cache in self._kv_caches.items():
             layer = self._layer_of[name]
             paged_kv.write_kv(cache, res.keys[layer][load.start:load.end], res.values[layer][load.start:load.end],
                               slots, paged_kv.attention_isa(cache, layers.get(name)))
+        with self._lock:
+            self._count_blend(load, res, t1 - t0, time.perf_counter() - t1)
+
+    def _count_blend(self, load: BlendLoad, res: Any, blend_s: float, write_s: float) -> None:
         c = self.counters
         c.requests_blended += 1
         c.tokens_written += load.end - load.start
@@ -402,8 +415,8 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         c.chunks_missing += len(res.missing_chunks)
         c.chunks_hit += len(load.spans) - len(res.missing_chunks)
         c.chunks_stored += len(res.missing_chunks)
-        c.blend_seconds += t1 - t0
-        c.write_seconds += time.perf_counter() - t1
+        c.blend_seconds += blend_s
+        c.write_seconds += write_s
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv writes every layer before the forward starts
@@ -418,32 +431,34 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, BlendConnectorMetadata)
         for save in meta.saves:
-            t0 = time.perf_counter()
-            try:
-                stored = self._store_chunks(save)
-            except BlockstoreError as exc:  # a cache that could not grow is a future miss, not an error
+            self._saver.submit(self._store_chunks, save)
+
+    def _store_chunks(self, save: ChunkSave) -> None:
+        """(saver thread) Each missing chunk's KV computed on its own (positions 0..T-1) and stored."""
+        assert self.runtime is not None
+        t0 = time.perf_counter()
+        stored: list[bytes] = []
+        try:
+            chunks = [save.token_ids[s:e] for s, e in save.spans]
+            present = self.runtime.kv.contains([chunk_id(c) for c in chunks])  # an earlier prompt may have
+            for chunk, ok in zip(chunks, present, strict=True):
+                if not ok:
+                    stored.append(self.runtime.blender.store_chunk(chunk))
+        except BlockstoreError as exc:  # a cache that could not grow is a future miss, not an error
+            with self._lock:
                 self.counters.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("%s: storing chunks of %s failed: %s", CONNECTOR_CLASS, save.req_id, exc)
-                stored = 0
-            self.counters.chunks_stored += stored
+            log.warning("%s: storing chunks of %s failed: %s", CONNECTOR_CLASS, save.req_id, exc)
+        with self._lock:
+            self._new_chunks += stored
+            self.counters.chunks_stored += len(stored)
             self.counters.store_seconds += time.perf_counter() - t0
-        if meta.saves:
             self._write_stats()
 
-    def _store_chunks(self, save: ChunkSave) -> int:
-        """Each missing chunk's KV computed on its own (positions 0..T-1) and stored; returns how many."""
-        assert self.runtime is not None
-        chunks = [save.token_ids[s:e] for s, e in save.spans]
-        present = self.runtime.kv.contains([chunk_id(c) for c in chunks])  # an earlier prompt may have stored it
-        todo = [c for c, ok in zip(chunks, present, strict=True) if not ok]
-        for chunk in todo:
-            self._new_chunks.append(self.runtime.blender.store_chunk(chunk))
-        return len(todo)
-
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if not self._new_chunks:
-            return None
-        meta, self._new_chunks = BlendWorkerMetadata(tuple(self._new_chunks)), []
+        with self._lock:
+            if not self._new_chunks:
+                return None
+            meta, self._new_chunks = BlendWorkerMetadata(tuple(self._new_chunks)), []
         return meta
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -465,7 +480,9 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         os.replace(tmp, path)
 
     def shutdown(self) -> None:
-        self._write_stats()
+        self._saver.shutdown(wait=True)  # chunks being stored are finished, then the store closes
+        with self._lock:
+            self._write_stats()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             runtime.close()
