@@ -8,7 +8,9 @@ Each generator returns a `Trace`: a list of operations a store replays in order.
                                       retrieval needs (every key is live when the request is issued)
 
 The shapes follow the workloads of the Akashic paper (LoCoMo, WebArena, SWE-bench) plus a KV-cache
-workload shaped like LMCache under vLLM. They are synthetic: sizes, interleaving, reuse and churn are
+workload shaped like LMCache under vLLM, and two families of our own (issue 16): `shared` (heavy
+sharing of documents between tenants) and `sessions` (many concurrent sessions, mixed chunk and KV
+requests, Zipf-skewed tenant activity, updates and deletes). They are synthetic: sizes, interleaving, reuse and churn are
 modelled, contents are not (the replay writes pseudo-random bytes of the given sizes).
 
 Every generator takes `seed` (same seed, same trace, on any machine and Python hash seed) and `scale`
@@ -520,11 +522,156 @@ def lmcache(seed: int = 0, scale: float = 1.0, *, chats: int | None = None, tena
     return Trace("lmcache", ops, params)
 
 
+# ------------------------------------------------------------------------------- new families (issue 16)
+
+
+def shared(seed: int = 0, scale: float = 1.0, *, sessions: int | None = None, tenants: int = 16,
+           steps: tuple[int, int] = (6, 12), concurrent: int = 12, docs: int = 40, doc_chunks: tuple[int, int] = (2, 4),
+           doc_bytes: tuple[int, int] = (8 * KiB, 64 * KiB), doc_zipf: float = 1.1, docs_per_request: tuple[int, int] = (2, 3),
+           own_bytes: tuple[int, int] = (4 * KiB, 32 * KiB), own_per_request: int = 4, revise_p: float = 0.03,
+           delete_p: float = 0.3) -> Trace:
+    """Heavy sharing between tenants: every request reads shared documents most tenants read too.
+
+    `sessions` sessions (default 60 x scale) of `tenants` tenants, `steps` steps each, `concurrent` at
+    once, interleaved. A corpus of `docs` documents of `doc_chunks` records of `doc_bytes` (log-uniform)
+    is read by all: each step's request is `docs_per_request` documents drawn Zipf(`doc_zipf`) (all
+    their records) plus the session's last `own_per_request` private records; a document is written
+    by the first session that needs it, into that session's partition (a cache fills on first use).
+    Then the step writes 1-2 private records of `own_bytes` into its partition (tenant/session). With
+    probability `revise_p` a step first revises one record of a document (rewritten, same size, into
+    the step's partition: whoever edits it). A finished session's private records are deleted with
+    probability `delete_p`. The same document record is in many tenants' requests: one placement
+    cannot sit next to all of them, which is what this family measures.
+    """
+    rng = random.Random(f"shared-{seed}")
+    n_sessions = sessions if sessions is not None else max(2, round(60 * scale))
+    zipf = _Zipf(docs, doc_zipf, rng)
+    doc_sizes = [[_log_uniform(rng, *doc_bytes) for _ in range(rng.randint(*doc_chunks))] for _ in range(docs)]
+    written: set[int] = set()
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def start() -> dict[str, Any] | None:
+        i = next(started)
+        if i >= n_sessions:
+            return None
+        return {"i": i, "tenant": rng.randrange(tenants), "left": rng.randint(*steps), "own": []}
+
+    def step(a: dict[str, Any]) -> bool:
+        part = f"t{a['tenant']:02d}/s{a['i']:04d}"
+        if written and rng.random() < revise_p:
+            d = sorted(written)[rng.randrange(len(written))]
+            j = rng.randrange(len(doc_sizes[d]))
+            ops.append(Put((b"doc/%02d/%d" % (d, j),), (doc_sizes[d][j],), part))
+        chosen = [zipf() for _ in range(rng.randint(*docs_per_request))]
+        fresh = [d for d in dict.fromkeys(chosen) if d not in written]
+        if fresh:
+            keys = [b"doc/%02d/%d" % (d, j) for d in fresh for j in range(len(doc_sizes[d]))]
+            ops.append(Put(tuple(keys), tuple(doc_sizes[d][j] for d in fresh for j in range(len(doc_sizes[d]))), part))
+            written.update(fresh)
+        req = [b"doc/%02d/%d" % (d, j) for d in dict.fromkeys(chosen) for j in range(len(doc_sizes[d]))]
+        req += a["own"][-own_per_request:]
+        if len(req) >= 2:
+            ops.append(Request(tuple(req)))
+        own = [b"s%04d/r%02d" % (a["i"], len(a["own"]) + j) for j in range(rng.randint(1, 2))]
+        ops.append(Put(tuple(own), tuple(_kib_rounded(rng, *own_bytes) for _ in own), part))
+        a["own"].extend(own)
+        a["left"] -= 1
+        if a["left"] == 0:
+            if rng.random() < delete_p:
+                ops.append(Delete(tuple(a["own"])))
+            return False
+        return True
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, sessions=n_sessions, tenants=tenants, steps=steps, concurrent=concurrent,
+                  docs=docs, doc_chunks=doc_chunks, doc_bytes=doc_bytes, doc_zipf=doc_zipf,
+                  docs_per_request=docs_per_request, own_bytes=own_bytes, own_per_request=own_per_request,
+                  revise_p=revise_p, delete_p=delete_p)
+    return Trace("shared", ops, params)
+
+
+def sessions(seed: int = 0, scale: float = 1.0, *, n_sessions: int | None = None, tenants: int = 50,
+             tenant_zipf: float = 1.0, steps: tuple[int, int] = (3, 8), concurrent: int = 24,
+             chunk_bytes: tuple[int, int] = (2 * KiB, 64 * KiB), kv_bytes: tuple[int, int] = (256 * KiB, 1024 * KiB),
+             kv_p: float = 0.12, request_keys: tuple[int, int] = (4, 12), noise_p: float = 0.2,
+             update_p: float = 0.15, delete_p: float = 0.08) -> Trace:
+    """Many concurrent sessions with mixed chunk and KV requests and Zipf-skewed activity.
+
+    `n_sessions` sessions (default 40 x scale), `concurrent` at once, interleaved; each belongs to one
+    of `tenants` tenants drawn Zipf(`tenant_zipf`) (a few tenants are most of the traffic) and runs
+    `steps` steps. A step writes 1-3 chunk records of `chunk_bytes` (log-uniform) and, with
+    probability `kv_p`, one KV record of `kv_bytes` (64 KiB steps), all into the session's partition
+    (`Store.session_partition` lets a real caller put both kinds there). Before writing, the step
+    issues a topic request of `request_keys` records mixing the kinds: half from the session's own
+    most recent records, the rest from the tenant's earlier sessions; with probability `noise_p` a
+    noise request instead (records of the tenant drawn uniformly). With probability `update_p` the
+    step rewrites one of the tenant's records (into this session's partition) and with `delete_p`
+    deletes one.
+    """
+    rng = random.Random(f"sessions-{seed}")
+    total = n_sessions if n_sessions is not None else max(2, round(40 * scale))
+    zipf = _Zipf(tenants, tenant_zipf, rng)
+    pools = [_Pool() for _ in range(tenants)]  # each tenant's live keys
+    size: dict[bytes, int] = {}
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def start() -> dict[str, Any] | None:
+        i = next(started)
+        if i >= total:
+            return None
+        return {"i": i, "tenant": zipf(), "left": rng.randint(*steps), "own": []}
+
+    def request(a: dict[str, Any], pool: _Pool) -> list[bytes]:
+        want = rng.randint(*request_keys)
+        if rng.random() < noise_p:
+            return list(dict.fromkeys(pool.choice(rng) for _ in range(want))) if len(pool) else []
+        own = [k for k in a["own"] if k in pool][-(want // 2):]
+        rest = [pool.choice(rng) for _ in range(want - len(own))] if len(pool) else []
+        return list(dict.fromkeys(own + rest))
+
+    def step(a: dict[str, Any]) -> bool:
+        pool = pools[a["tenant"]]
+        part = f"t{a['tenant']:02d}/s{a['i']:04d}"
+        req = request(a, pool)
+        if len(req) >= 2:
+            ops.append(Request(tuple(req)))
+        if len(pool) and rng.random() < update_p:
+            k = pool.choice(rng)
+            ops.append(Put((k,), (size[k],), part))
+        if len(pool) > 1 and rng.random() < delete_p:
+            k = pool.choice(rng)
+            ops.append(Delete((k,)))
+            pool.remove(k)
+        base = len(a["own"])
+        keys = [b"s%04d/c%02d" % (a["i"], base + j) for j in range(rng.randint(1, 3))]
+        sizes = [_log_uniform(rng, *chunk_bytes) for _ in keys]
+        if rng.random() < kv_p:
+            keys.append(b"s%04d/kv%02d" % (a["i"], base))
+            sizes.append(rng.randint(kv_bytes[0] // (64 * KiB), kv_bytes[1] // (64 * KiB)) * 64 * KiB)
+        ops.append(Put(tuple(keys), tuple(sizes), part))
+        for k, n in zip(keys, sizes):
+            size[k] = n
+            pool.add(k)
+        a["own"].extend(keys)
+        a["left"] -= 1
+        return a["left"] > 0
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, n_sessions=total, tenants=tenants, tenant_zipf=tenant_zipf, steps=steps,
+                  concurrent=concurrent, chunk_bytes=chunk_bytes, kv_bytes=kv_bytes, kv_p=kv_p,
+                  request_keys=request_keys, noise_p=noise_p, update_p=update_p, delete_p=delete_p)
+    return Trace("sessions", ops, params)
+
+
 GENERATORS: dict[str, Callable[..., Trace]] = {
     "locomo": locomo,
     "webarena": webarena,
     "swe": swe,
     "lmcache": lmcache,
+    "shared": shared,
+    "sessions": sessions,
 }
 
 

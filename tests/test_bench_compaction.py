@@ -21,7 +21,7 @@ def test_quick_replay_prints_the_json_contract_as_its_last_line(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(last) == {"traces"}
-    assert set(last["traces"]) == {"locomo", "webarena", "swe", "lmcache"}
+    assert set(last["traces"]) == {"locomo", "webarena", "swe", "lmcache", "shared", "sessions"}
     for trace, cells in last["traces"].items():
         assert set(cells) == {"append-only", "full"}, trace
         for policy, cell in cells.items():
@@ -32,3 +32,8 @@ def test_quick_replay_prints_the_json_contract_as_its_last_line(tmp_path: Path) 
         assert cells["append-only"]["write_amp"] <= cells["full"]["write_amp"] + 1e-9
     doc = json.loads(out.read_text())
     assert doc["config"]["mode"] == "quick" and doc["results"]["locomo"]["full"]["requests_measured"] > 0
+    # every figure has its floor (the offline lower bound), and no placement beats it
+    for trace, cells in doc["results"].items():
+        for policy, cell in cells.items():
+            assert 1.0 <= cell["blocks_floor"] <= cell["blocks_per_request"] + 1e-9, (trace, policy)
+        assert doc["targets"][trace]["blocks_floor_ratio"] <= doc["targets"][trace]["blocks_ratio"] + 1e-9
