@@ -87,6 +87,9 @@ def smoke(venv_bin: Path, work: Path) -> str:
     assert "backend native" in r.stdout, r.stdout + r.stderr
     assert "Warning" not in r.stderr, r.stderr
     assert run(venv_bin / "blockstore", "get", store, "key", env=env, cwd=work).stdout == "value" * 1000
+    assert run(venv_bin / "blockstore", "scan", store, env=env, cwd=work).stdout.splitlines() == [
+        "ns=default  key=key  size=5000  block=0000000000000001  offset=4096",
+        "ns=other  key=\\x00bin  size=1  block=0000000000000002  offset=4096"]
     assert run(venv_bin / "blockstore", "fsck", store, env=env, cwd=work).stdout.strip() == "OK"
     module = r.stdout.split("module ", 1)[1].strip()
     assert str(ROOT) not in module, f"imported the checkout, not the installed copy: {module}"
