@@ -336,7 +336,8 @@ def test_a_dry_run_works_beside_a_writer_and_writes_nothing(gc_store: GCStore,
     assert rep["wrote"] is False and rep["dry_run"] is True
     assert len(rep["planned_victims"]) == 1 and rep["skipped_budget"] == 1  # the budget holds one back
     assert len(rep["gc_left_over_budget"]) == 1 and len(rep["gc_left_for_tombstones"]) == 1
-    assert rep["gc_budget"]["allowed_bytes"] == int(0.1 * rep["gc_budget"]["bytes_put"])
+    assert rep["gc_budget"]["allowed_bytes"] == int(0.1 * rep["gc_budget"]["earned_bytes"])
+    assert rep["gc_budget"]["earned_by"] == "put" and rep["relocation_budget"]["earned_by"] == "put and read"
 
 
 # ---------------------------------------------------------------- relocation

@@ -152,11 +152,11 @@ def _facts(store: Store, c: Compactor, rep: PassReport) -> dict[str, Any]:
     over_budget = [e for e in candidates if e not in tombstones and e.block_id not in chosen]
     sealed = [e for e in table if e.state == BLOCK_SEALED and e.written_bytes]
     worst = max(sealed, key=lambda e: e.invalid_ratio, default=None)
-    put = store.io_counters()[0]
-
-    def budget(fraction: float, spent: int) -> dict[str, Any]:
-        allowed = None if math.isinf(fraction) else int(fraction * put)
-        return {"fraction": None if allowed is None else fraction, "bytes_put": put, "allowed_bytes": allowed,
+    def budget(fraction: float, spent: int, reads: bool) -> dict[str, Any]:
+        """A write budget as the compactor counts it (Compactor.budget_left): a share of what was earned."""
+        allowed = None if math.isinf(fraction) else int(c.budget_left(0, fraction, reads=reads))
+        return {"fraction": None if allowed is None else fraction, "earned_by": "put and read" if reads else "put",
+                "earned_bytes": store.io_counters()[0] + (c.read_bytes if reads else 0), "allowed_bytes": allowed,
                 "spent_bytes": spent}
 
     return {
@@ -167,8 +167,8 @@ def _facts(store: Store, c: Compactor, rep: PassReport) -> dict[str, Any]:
         "most_dead_block": None if worst is None else {"block": f"{worst.block_id:016x}",
                                                        "invalid_ratio": round(worst.invalid_ratio, 4)},
         "relocation": p.relocation, "gc": p.gc,
-        "gc_budget": budget(p.gc_budget, c.gc_bytes),
-        "relocation_budget": budget(p.relocation_budget, c.relocated_bytes),
+        "gc_budget": budget(p.gc_budget, c.gc_bytes, reads=False),
+        "relocation_budget": budget(p.relocation_budget, c.relocated_bytes, reads=True),
     }
 
 
@@ -283,6 +283,6 @@ def _describe_budget(out: dict[str, Any]) -> str:
     for name in ("gc", "relocation"):
         b = out[f"{name}_budget"]
         if out[name] and b["allowed_bytes"] is not None:
-            parts.append(f"{name} may copy {b['fraction']:.0%} of the {b['bytes_put']:,} bytes put "
+            parts.append(f"{name} may copy {b['fraction']:.0%} of the {b['earned_bytes']:,} bytes {b['earned_by']} "
                          f"({b['allowed_bytes']:,} bytes) and has copied {b['spent_bytes']:,}")
     return f"write budget: {'; '.join(parts)}; use --no-budget to ignore it"
