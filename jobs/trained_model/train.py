@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def _step(model, opt, data, gen, step, steps, s, use_bf16) -> torch.Tensor:
     return loss.detach()
 
 
-def calibrate(raw, data, s, use_bf16, log) -> tuple[object, float]:
+def calibrate(raw, data, s, use_bf16, log) -> tuple[Any, float]:
     """Seconds per step, measured on a throw-away optimizer; returns the model to use (compiled if it ran)."""
     initial = {k: v.clone() for k, v in raw.state_dict().items()}
     candidates = [torch.compile(raw), raw] if data.is_cuda else [raw]
@@ -139,13 +140,16 @@ def sync(t: torch.Tensor) -> None:
 
 
 def run_training(corpus: Path, out: Path, steps: int | None, time_budget: float | None,
-                 s: TrainSettings, log=print) -> dict:
-    """Train and write the model folder (module docstring); returns the loss-curve record."""
+                 s: TrainSettings, log=print, shape: LlamaShape | None = None) -> dict:
+    """Train and write the model folder (module docstring); returns the loss-curve record.
+
+    ``shape`` defaults to the committed model's (LlamaShape's defaults, the corpus's vocabulary).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = device.type == "cuda"
     torch.manual_seed(s.seed)
     vocab = json.loads((corpus / "corpus.json").read_text())["vocab_size"]
-    shape = LlamaShape(vocab_size=vocab)
+    shape = shape or LlamaShape(vocab_size=vocab)
     raw = LlamaForCausalLM(shape)
     raw.init_weights(s.seed)
     raw.to(device)
@@ -153,9 +157,10 @@ def run_training(corpus: Path, out: Path, steps: int | None, time_budget: float 
     held = load_tokens(corpus / "heldout.u16", device)
     log(f"train: {shape.parameter_count() / 1e6:.2f} M parameters, {train_data.numel()} train tokens, "
         f"{held.numel()} held-out tokens, device {device}")
-    model, per_step = calibrate(raw, train_data, s, use_bf16, log)
-    if steps is None:
-        steps = max(20, int((time_budget or 60) / per_step))
+    model: Any = raw  # the module, or its torch.compile wrapper
+    if steps is None or device.type == "cuda":  # on CUDA also to learn whether torch.compile works
+        model, per_step = calibrate(raw, train_data, s, use_bf16, log)
+        steps = steps or max(20, int((time_budget or 60) / per_step))
     log(f"train: {steps} steps of {s.batch} x {s.seq_len} tokens")
     opt = make_optimizer(raw, s)
     gen = torch.Generator().manual_seed(s.seed)
