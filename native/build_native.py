@@ -117,25 +117,29 @@ def _compiler() -> list[str]:
     return (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
 
 
-def _compiles(source: str, link: bool) -> bool:
-    """Whether the C compiler setuptools will use compiles (and with `link`, links with -lxxhash) `source`."""
+def _builds(source: str, link: list[str] | None = None) -> bool:
+    """Whether the C compiler setuptools will use compiles `source` (with `link`: links it, with those flags)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
             f.write(source)
-        cmd = [*_compiler(), src, "-o", os.path.join(tmp, "probe")] + (["-lxxhash"] if link else ["-c"])
+        cmd = [*_compiler(), src, "-o", os.path.join(tmp, "probe"), *(["-c"] if link is None else link)]
         try:
             return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
         except OSError:
-            return True  # no compiler found here: let setuptools report that in its own words
+            return False
 
 
 def require_xxhash() -> None:
     """Stop the build with one line naming the package when xxHash's header or library is missing: without
-    this, the build ends in a raw compiler error ("xxhash.h: No such file") that names no package."""
-    if not _compiles("#include <xxhash.h>\n", link=False):
+    this, the build ends in a raw compiler error ("xxhash.h: No such file") that names no package. Each probe
+    is checked against one without xxHash, so a compiler that cannot build anything is left for setuptools
+    to report in its own words rather than blamed on xxHash."""
+    main = "int main(void) { return 0; }\n"
+    if _builds(main) and not _builds("#include <xxhash.h>\n" + main):
         sys.exit(f"blockstore build: xxhash.h not found: {XXHASH_PACKAGES}")
-    if not _compiles("#include <xxhash.h>\nint main(void) { return (int)XXH64(\"\", 0, 0); }\n", link=True):
+    use = "#include <xxhash.h>\nint main(void) { return (int)XXH64(\"\", 0, 0); }\n"
+    if _builds(main, link=[]) and not _builds(use, link=["-lxxhash"]):
         sys.exit(f"blockstore build: the xxHash library (libxxhash) not found: {XXHASH_PACKAGES}")
 
 

@@ -171,18 +171,30 @@ def test_backend_falls_back_to_python_with_one_warning(monkeypatch: pytest.Monke
         blockstore.open(tmp_path / "bad")
 
 
-def test_a_missing_xxhash_header_is_named_in_one_line(tmp_path: Path) -> None:
-    """Building the C core without xxhash.h stops with one line that names the package to install, not with
-    the compiler's own error. A compiler that searches no system folder (-nostdinc) stands in for a machine
-    without libxxhash-dev; the check runs before anything is compiled."""
+PACKAGES = "install libxxhash-dev (Debian, Ubuntu) or xxhash-devel (Fedora, RHEL), or xxhash (Homebrew, conda-forge)"
+# A linker without libxxhash (a machine with the header but not the library): a unit-test stand-in for one.
+NO_LIBRARY_CC = """#!/bin/sh
+for a in "$@"; do [ "$a" = "-lxxhash" ] && { echo "ld: cannot find -lxxhash" >&2; exit 1; }; done
+exec gcc "$@"
+"""
+
+
+@pytest.mark.parametrize(("missing", "line"), [("header", f"xxhash.h not found: {PACKAGES}"),
+                                               ("library", f"the xxHash library (libxxhash) not found: {PACKAGES}")])
+def test_missing_xxhash_is_named_in_one_line(missing: str, line: str, tmp_path: Path) -> None:
+    """Building the C core without xxHash stops with one line that names the package to install, not with
+    the compiler's or linker's own error. For the header, a compiler that searches no system folder
+    (-nostdinc) stands in for a machine without libxxhash-dev; for the library, a wrapper whose linker
+    finds no -lxxhash. The check runs before anything is compiled."""
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "native", tmp_path / "native")
-    env = {**os.environ, "CC": "gcc -nostdinc"}
+    cc = tmp_path / "cc-without-libxxhash"
+    cc.write_text(NO_LIBRARY_CC)
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": "gcc -nostdinc" if missing == "header" else str(cc)}
     r = run(sys.executable, "setup.py", "-q", "build_ext", "--inplace", env=env, cwd=tmp_path, ok=False)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1] == ("blockstore build: xxhash.h not found: install libxxhash-dev (Debian, "
-                                                 "Ubuntu) or xxhash-devel (Fedora, RHEL), or xxhash (Homebrew, "
-                                                 "conda-forge)"), r.stderr
-    assert "No such file" not in r.stderr and "error:" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"blockstore build: {line}", r.stderr
+    assert "No such file" not in r.stderr and "error:" not in r.stderr and "cannot find" not in r.stderr
     assert not list(tmp_path.rglob("*.so"))
