@@ -149,13 +149,13 @@ def test_once_and_json_print_one_frame(tmp_path: Path) -> None:
 def test_errors(tmp_path: Path) -> None:
     assert _main(str(tmp_path / "missing"), "--once")[0] == 8
     blockstore.open(tmp_path / "s").close()
-    assert _main(str(tmp_path / "s"), "--once", "--interval", "0")[0] == 8
+    assert _main(str(tmp_path / "s"), "--once", "--interval", "0")[0] == 16  # usage errors, as every command's
     assert _main(str(tmp_path / "s"), "--interval", "x")[0] == 16
     code, text = _main(str(tmp_path / "s"), "--once", "--interval", "0.01", "--metrics", "http://127.0.0.1:1/metrics")
     assert code == 0 and "Connection refused" in text.replace("\n", " ")
 
 
-@pytest.mark.parametrize("interval", ["nan", "-1"])
+@pytest.mark.parametrize("interval", ["nan", "-1", "inf"])
 def test_interval_must_be_positive(tmp_path: Path, interval: str) -> None:
     blockstore.open(tmp_path / "s").close()
-    assert _main(str(tmp_path / "s"), "--once", "--interval", interval)[0] == 8
+    assert _main(str(tmp_path / "s"), "--once", "--interval", interval)[0] == 16

@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from blockstore.errors import BlockstoreError, NotFound
-from blockstore.manifest import MANIFEST
+from blockstore.errors import BlockstoreError
 from blockstore.metrics import StoreCollector
 from blockstore.store import Store
-from blockstore.tools.fsck_decode import require_store
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 8, 16  # as tools/cli.py's
-
-
-def open_read_only(path: str) -> Store:
-    """The store at `path`, opened read-only; "no store at PATH (why)" as the other commands say it.
-    A read-only open sees the directory as of the moment it opened: reopen to see newer writes."""
-    root = require_store(path)
-    if not os.path.exists(os.path.join(root, MANIFEST)):
-        raise NotFound(f"no store at {root!r} (no {MANIFEST} there; `blockstore fsck` checks a damaged one)")
-    return Store(root, create=False, read_only=True)
+from blockstore.tools.cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError, open_read_only
 
 
 def store_registry(store: Store) -> CollectorRegistry:
@@ -70,20 +58,28 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_metrics)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m blockstore.tools.metrics_cmd PATH`: the command on its own (the same exit codes)."""
+def run_alone(command: str, register_command: Callable[[Any], None], argv: list[str] | None) -> int:
+    """`python -m blockstore.tools.<module> ARGS`: one command on its own, with `blockstore`'s exit codes
+    (0 ok, 8 operational error, 16 usage error)."""
     parser = argparse.ArgumentParser(prog="blockstore")
     sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
+    register_command(sub)
     try:
-        args = parser.parse_args(["metrics", *(sys.argv[1:] if argv is None else argv)])
+        args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
     except SystemExit as exc:
-        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        print(f"blockstore {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BlockstoreError as exc:
-        print(f"blockstore metrics: {exc}", file=sys.stderr)
+        print(f"blockstore {command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_alone("metrics", register, argv)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from rich.live import Live
 from rich.table import Table
 
 from blockstore.directory import BLOCK_SEALED
-from blockstore.errors import BlockstoreError, InvalidArgument
-from blockstore.tools.metrics_cmd import EXIT_ERROR, EXIT_OK, EXIT_USAGE, open_read_only
+from blockstore.errors import BlockstoreError
+from blockstore.tools.cli_common import EXIT_OK, open_read_only
+from blockstore.tools.metrics_cmd import run_alone
 
 GC_PHI = 0.5  # the default GC threshold (compaction policy "full"): sealed blocks at or past it are GC's work
 
@@ -184,8 +185,6 @@ def as_json(path: str, f: Frame) -> dict[str, Any]:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    if not args.interval > 0:
-        raise InvalidArgument(f"--interval must be a positive number of seconds, got {args.interval}")
     path = os.path.abspath(args.path)
     prev = with_rates(look(path, args.metrics), None)  # a path that is no store fails here (exit 8)
     if args.once:  # one frame, with rates over one interval
@@ -236,7 +235,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("top", help="a live view of a store (read-only; safe beside its writer)",
                        description=__doc__.split("\n\n", 1)[0].replace("\n", " ") if __doc__ else None)
     p.add_argument("path", help="store directory")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one frame (rates over one interval) and exit")
     p.add_argument("--metrics", metavar="URL",
                    help="the writing process's metrics endpoint (e.g. http://127.0.0.1:9100/metrics): adds "
@@ -245,20 +244,19 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_top)
 
 
+def _seconds(text: str) -> float:
+    """argparse type of --interval: a positive, finite number of seconds (else a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m blockstore.tools.top PATH`: the command on its own (the same exit codes)."""
-    parser = argparse.ArgumentParser(prog="blockstore")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    try:
-        args = parser.parse_args(["top", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as exc:
-        return EXIT_OK if exc.code == 0 else EXIT_USAGE
-    try:
-        return int(args.func(args))
-    except BlockstoreError as exc:
-        print(f"blockstore top: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_alone("top", register, argv)
 
 
 if __name__ == "__main__":
