@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "blockstore"
-PLUGINS = ("compaction", "connector", "blend")  # packages inside blockstore/ that are not the engine
+PLUGINS = ("compaction", "connector", "blend", "remote")  # packages inside blockstore/ that are not the engine
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 
@@ -55,7 +55,8 @@ def test_engine_never_imports_its_plugins_or_their_dependencies(path: Path) -> N
     """The engine installs and runs without compaction, the connector, LMCache, vLLM or torch: it never
     imports the plugins (the store loads compaction by name, only when asked), and torch only lazily,
     when the caller hands it a tensor."""
-    plugins = ("blockstore.compaction", "blockstore.connector", "blockstore.blend", "lmcache", "vllm")
+    plugins = ("blockstore.compaction", "blockstore.connector", "blockstore.blend", "blockstore.remote", "lmcache",
+               "vllm")
     for module, line, in_function in _imports(ast.parse(path.read_text())):
         assert not module.startswith(plugins), f"{path.name}:{line} imports {module}"
         assert in_function or not module.startswith("torch"), f"{path.name}:{line} imports torch at load time"
@@ -83,8 +84,8 @@ with blockstore.open({str(tmp_path / 's')!r}) as s:
     assert s.get(b"k") == b"v"
     s.put_chunk("u", "s", "c", "text")
 loaded = sorted(m for m in sys.modules
-                if m.startswith(("blockstore.compaction", "blockstore.connector", "blockstore.blend", "lmcache",
-                                  "torch", "vllm")))
+                if m.startswith(("blockstore.compaction", "blockstore.connector", "blockstore.blend", "blockstore.remote",
+                                  "lmcache", "torch", "vllm")))
 print(loaded)
 assert not loaded, loaded
 """
