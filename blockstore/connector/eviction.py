@@ -7,8 +7,8 @@ The rule is the KV-reuse seed's: value = relevance x recency x reuse - size.
   each time eviction keeps a record it spends one (S3-FIFO's main queue, Yang et al., SOSP '23), so a record
   read once long ago does not stay for ever;
 - recency: 0.5 ** (age / horizon), age counted in payload bytes stored since the last read (a clock that
-  moves with the work, not with wall time) and horizon = capacity_bytes: a record not read within one turnover
-  of the cache is worth half as much;
+  moves with the work, not with wall time) and horizon = RECENCY_HALF_LIFE x capacity_bytes: a record not read
+  within one turnover of the cache keeps a quarter of its reuse;
 - relevance: 1 if the last lookup that found the record found every key before it too (LMCache loads only
   the hit prefix of a request, so a hit behind a miss is not used), RELEVANCE_BEHIND_MISS otherwise;
 - size: SIZE_WEIGHT x size / mean record size, so among records of equal use the larger goes first and a
@@ -37,6 +37,7 @@ HOT_KEYS = 1 << 17  # keys with read statistics in RAM: ~130 k x ~200 B = ~26 MB
 GHOST_KEYS = 1 << 17  # hashes of keys evicted unread / offered once (admission): ~130 k x ~80 B
 MAX_REUSE = 3  # reads counted per record (S3-FIFO's 2-bit frequency)
 SIZE_WEIGHT = 0.1
+RECENCY_HALF_LIFE = 0.5  # of the capacity: a record unread for a whole turnover keeps a quarter of its reuse
 RELEVANCE_BEHIND_MISS = 0.5
 
 
@@ -123,7 +124,7 @@ def value(st: KeyStat | None, size: int, clock: int, horizon: int, mean_size: fl
     cost = SIZE_WEIGHT * size / max(1.0, mean_size)
     if st is None or st.reuse == 0:
         return -cost
-    recency = 0.5 ** (max(0, clock - st.last) / max(1, horizon))
+    recency = 0.5 ** (max(0, clock - st.last) / max(1.0, horizon * RECENCY_HALF_LIFE))
     relevance = 1.0 if st.usable else RELEVANCE_BEHIND_MISS
     return relevance * recency * st.reuse - cost
 

@@ -193,6 +193,7 @@ EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by v
 # table snapshot costs O(blocks)); see BlockstoreL2Adapter._disk_excess for the slack.
 DISK_CHECK_FRACTION = 4
 TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
+EVICT_AHEAD = 16  # a pass frees at least capacity / EVICT_AHEAD (measured in bench/eviction.py)
 MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
 
 
@@ -746,7 +747,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 table = self.store.block_table()
                 disk = self._disk_excess(table, puts)
                 if excess > 0 or disk > 0:
-                    gone = self._evict(excess, disk, table)
+                    # a pass frees at least 1/EVICT_AHEAD of the capacity: each pass pays the engine's syncs
+                    # (block deletions, relocations) once, so fewer, larger passes keep eviction off the
+                    # store's critical path
+                    ahead = self._capacity // EVICT_AHEAD
+                    gone = self._evict(max(excess, ahead) if excess > 0 else excess,
+                                       max(disk, ahead) if disk > 0 else disk, table)
                     with self._lock:
                         self._counters.evicted_for_capacity += gone
         with self._lock:

@@ -1,0 +1,463 @@
+"""Capacity eviction of the LMCache L2 adapter (issue 16): hit rate of its eviction by value against LRU, FIFO and
+the offline optimum (Belady) on the same request sequences, and store throughput with capacity eviction active
+against the same store without a capacity limit.
+
+Request sequences of prefix-block reuse, seeded, four families built for this benchmark (not tuned to the
+policy): a request is a list of blocks whose keys are chained as LMCache chains chunk hashes (a block's key
+names its whole prefix, so the same document after another prefix is another key).
+
+  zipf        300 prefixes of 2-12 blocks, popularity Zipf(0.9), plus 0-2 one-off blocks per request
+  shifting    a working set of 120 prefixes, half of it replaced every sixth of the run, and every 40 requests
+              a scan: one long document of 30 blocks read once
+  multiturn   60 live conversations (Zipf activity) that extend their prefix by 1-3 blocks a turn, end after
+              3-15 turns and are replaced; each starts with one of 8 system prompts of 4 blocks
+  sharing     40 tenants over 6 system prompts, a corpus of 200 documents of 3-8 blocks read by all tenants
+              (global Zipf(1.0) mixed with each tenant's own favourites), plus 1-2 private one-off blocks
+
+Capacity: 10 % and 30 % of each trace's working set (its distinct keys), in records of RECORD bytes.
+
+  adapter      the real BlockstoreL2Adapter (compaction off, durability cache, block_size BLOCK): per request a
+               lookup-and-lock, a load of the hits, an unlock, a store of the misses (as LMCache's
+               controllers drive it); hit rate = keys found / keys asked
+  adapter+adm  the same with admission 'second_sighting'
+  LRU, FIFO    key-level simulations of the same sequence and capacity (store every miss)
+  Belady       the offline optimum for equal-size records: evict the key used farthest in the future, and do
+               not store a key used later than everything held (MIN with bypass)
+
+Throughput: the adapter storing a stream of new 64 KiB records (4 x the capacity, tasks of 8; blocks of 8 MiB,
+16 MiB in full mode) with capacity_bytes a quarter of the stream against capacity 0 (no eviction), alternating,
+3 (quick) or 5 times; ratio of records/s per repeat, median and spread. Results: bench/results/eviction[_quick].json and .png; the last stdout line is a one-line JSON.
+
+    python -m bench.eviction            # 4 traces x 2 capacities, 1,200 requests each, 5 throughput repeats
+    python -m bench.eviction --quick    # 500 requests each, 3 repeats
+"""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in (("DO_NOT_TRACK", "1"), ("VLLM_NO_USAGE_STATS", "1"), ("LMCACHE_TRACK_USAGE", "false"),
+               ("LMCACHE_LOG_LEVEL", "WARNING")):
+    os.environ.setdefault(_k, _v)
+
+import argparse  # noqa: E402
+import heapq  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import select  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
+from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
+
+from bench.common import REPO, engine_state, machine_info, spread, write_json  # noqa: E402
+from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
+
+RECORD_SHAPE = (2, 4, 32, 32)  # float32: 32 KiB per record
+RECORD = 2 * 4 * 32 * 32 * 4
+BLOCK = 512 << 10  # 16 records per block
+FRACTIONS = (0.10, 0.30)
+# Throughput: records of 64 KiB (the production trace's size in issue 16) in blocks of 8 / 16 MiB, so that the
+# engine's fixed cost per block deletion (a handful of syncs) weighs as it does with real chunk and block sizes
+THROUGHPUT_SHAPE = (2, 8, 32, 32)
+THROUGHPUT_RECORD = 2 * 8 * 32 * 32 * 4
+RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
+
+Trace = list[list[int]]
+
+# ------------------------------------------------------------------------------------------- traces
+
+
+class Chains:
+    """Keys of blocks chained as LMCache chains chunk hashes: a key names its whole prefix."""
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[int, Any], int] = {}
+
+    def request(self, labels: Sequence[Any]) -> list[int]:
+        out, prev = [], -1
+        for label in labels:
+            prev = self.ids.setdefault((prev, label), len(self.ids))
+            out.append(prev)
+        return out
+
+
+def _zipf_weights(n: int, alpha: float) -> list[float]:
+    return [1.0 / (i + 1) ** alpha for i in range(n)]
+
+
+def trace_zipf(rng: random.Random, n_req: int) -> Trace:
+    ch, n = Chains(), 300
+    lens = [rng.randint(2, 12) for _ in range(n)]
+    w = _zipf_weights(n, 0.9)
+    out = []
+    for r in range(n_req):
+        p = rng.choices(range(n), w)[0]
+        out.append(ch.request([("p", p, j) for j in range(lens[p])] + [("q", r, j) for j in range(rng.randint(0, 2))]))
+    return out
+
+
+def trace_shifting(rng: random.Random, n_req: int) -> Trace:
+    ch = Chains()
+    live = list(range(120))
+    fresh = 120
+    lens: dict[int, int] = {}
+    out = []
+    for r in range(n_req):
+        if r and r % max(1, n_req // 6) == 0:  # half of the working set moves on
+            for i in rng.sample(range(len(live)), len(live) // 2):
+                live[i] = fresh
+                fresh += 1
+        if r % 40 == 39:
+            out.append(ch.request([("scan", r, j) for j in range(30)]))
+            continue
+        p = live[min(len(live) - 1, int(rng.expovariate(1 / 40)))]
+        n = lens.setdefault(p, rng.randint(2, 10))
+        out.append(ch.request([("s", p, j) for j in range(n)]))
+    return out
+
+
+def trace_multiturn(rng: random.Random, n_req: int) -> Trace:
+    ch = Chains()
+    convs: list[list[Any]] = []
+    ends: list[int] = []
+    serial = 0
+
+    def new() -> list[Any]:
+        nonlocal serial
+        serial += 1
+        ends.append(rng.randint(3, 15))
+        return [("sys", rng.randrange(8), j) for j in range(4)] + [("c", serial, 0)]
+
+    for _ in range(60):
+        convs.append(new())
+    w = _zipf_weights(60, 0.8)
+    out = []
+    for _r in range(n_req):
+        i = rng.choices(range(60), w)[0]
+        conv = convs[i]
+        out.append(ch.request(conv))
+        conv += [("c", conv[-1][1], len(conv) + j) for j in range(rng.randint(1, 3))]  # the answer and next turn
+        ends[i] -= 1
+        if ends[i] <= 0:
+            ends[i] = 0
+            convs[i] = new()
+            ends[i] = ends.pop()
+    return out
+
+
+def trace_sharing(rng: random.Random, n_req: int) -> Trace:
+    ch = Chains()
+    tenants, docs = 40, 200
+    sys_of = [rng.randrange(6) for _ in range(tenants)]
+    doc_len = [rng.randint(3, 8) for _ in range(docs)]
+    favourites = [rng.sample(range(docs), 5) for _ in range(tenants)]
+    w_global = _zipf_weights(docs, 1.0)
+    w_tenant = _zipf_weights(tenants, 0.7)
+    out = []
+    for r in range(n_req):
+        t = rng.choices(range(tenants), w_tenant)[0]
+        labels: list[Any] = [("sys", sys_of[t], j) for j in range(4)]
+        for _ in range(rng.randint(1, 2)):
+            d = rng.choice(favourites[t]) if rng.random() < 0.4 else rng.choices(range(docs), w_global)[0]
+            labels += [("d", d, j) for j in range(doc_len[d])]
+        labels += [("u", r, j) for j in range(rng.randint(1, 2))]
+        out.append(ch.request(labels))
+    return out
+
+
+FAMILIES: dict[str, Callable[[random.Random, int], Trace]] = {
+    "zipf": trace_zipf, "shifting": trace_shifting, "multiturn": trace_multiturn, "sharing": trace_sharing}
+
+
+# --------------------------------------------------------------------------------------- simulators
+
+
+def sim_lru(trace: Trace, cap: int, fifo: bool = False) -> float:
+    held: OrderedDict[int, None] = OrderedDict()
+    hits = total = 0
+    for req in trace:
+        miss = []
+        for k in req:
+            total += 1
+            if k in held:
+                hits += 1
+                if not fifo:
+                    held.move_to_end(k)
+            else:
+                miss.append(k)
+        for k in miss:
+            held[k] = None
+            if len(held) > cap:
+                held.popitem(last=False)
+    return hits / total
+
+
+def sim_belady(trace: Trace, cap: int) -> float:
+    """MIN with bypass: the most hits any eviction of equal-size records can get."""
+    flat = [k for req in trace for k in req]
+    nxt = [0] * len(flat)
+    last: dict[int, int] = {}
+    for i in range(len(flat) - 1, -1, -1):
+        nxt[i] = last.get(flat[i], 1 << 62)
+        last[flat[i]] = i
+    held: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key), stale entries skipped
+    hits = total = pos = 0
+    for req in trace:
+        miss = []
+        for k in req:
+            total += 1
+            if k in held:
+                hits += 1
+                held[k] = nxt[pos]
+                heapq.heappush(heap, (-nxt[pos], k))
+            else:
+                miss.append((k, nxt[pos]))
+            pos += 1
+        for k, use in miss:
+            if use >= 1 << 62:
+                continue  # never asked again
+            if len(held) >= cap:
+                while heap and held.get(heap[0][1]) != -heap[0][0]:
+                    heapq.heappop(heap)
+                if -heap[0][0] <= use:
+                    continue  # bypass: everything held is needed sooner
+                _, far = heapq.heappop(heap)
+                del held[far]
+            held[k] = use
+            heapq.heappush(heap, (-use, k))
+    return hits / total
+
+
+# ------------------------------------------------------------------------------------------ adapter
+
+
+class Driver:
+    """Drives a BlockstoreL2Adapter the way LMCache's controllers do, one request at a time."""
+
+    def __init__(self, path: str, capacity: int, admission: str = "always", block_size: int = BLOCK,
+                 shape: tuple[int, ...] = RECORD_SHAPE) -> None:
+        self.adapter = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(
+            {"path": path, "capacity_bytes": capacity, "block_size": block_size, "compaction": None,
+             "admission": admission}))
+        self.shape = shape
+        self.alloc = TensorMemoryAllocator(torch.empty(64 << 20, dtype=torch.uint8))
+        self.src = self._obj()
+        self.staging = [self._obj() for _ in range(16)]
+
+    def _obj(self) -> Any:
+        o = self.alloc.allocate(torch.Size(self.shape), torch.float32)
+        assert o is not None
+        o.tensor.fill_(1.0)
+        return o
+
+    @staticmethod
+    def key(k: int) -> ObjectKey:
+        return ObjectKey(chunk_hash=k.to_bytes(8, "big") * 4, model_name="bench/evict", kv_rank=RANK,
+                         object_group_id=0, cache_salt="")
+
+    @staticmethod
+    def _wait(fd: int) -> None:
+        r, _, _ = select.select([fd], [], [], 60)
+        if not r:
+            raise TimeoutError("adapter event fd never fired")
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+
+    def _result(self, fd: int, query: Callable[[int], Any], tid: int) -> Any:
+        while True:
+            got = query(tid)
+            if got is not None:
+                return got
+            self._wait(fd)
+
+    def store(self, keys: list[ObjectKey]) -> None:
+        a = self.adapter
+        tid = a.submit_store_task(keys, [self.src] * len(keys))
+        done: dict[int, Any] = {}
+        while tid not in done:
+            self._wait(a.get_store_event_fd())
+            done.update(a.pop_completed_store_tasks())
+
+    def request(self, ks: list[int]) -> int:
+        a = self.adapter
+        keys = [self.key(k) for k in ks]
+        bits = self._result(a.get_lookup_and_lock_event_fd(), a.query_lookup_and_lock_result,
+                            a.submit_lookup_and_lock_task(keys, {}))
+        found = [bits.test(i) for i in range(len(keys))]
+        hit = [k for k, f in zip(keys, found) if f]
+        if hit:
+            for start in range(0, len(hit), len(self.staging)):
+                part = hit[start : start + len(self.staging)]
+                self._result(a.get_load_event_fd(), a.query_load_result,
+                             a.submit_load_task(part, self.staging[: len(part)]))
+            a.submit_unlock(hit)
+        miss = [k for k, f in zip(keys, found) if not f]
+        for start in range(0, len(miss), 16):
+            self.store(miss[start : start + 16])
+        return len(hit)
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str) -> dict[str, Any]:
+    path = tempfile.mkdtemp(dir=root)
+    d = Driver(os.path.join(path, "kv"), cap * RECORD, admission)
+    try:
+        t0 = time.perf_counter()
+        hits = sum(d.request(req) for req in trace)
+        wall = time.perf_counter() - t0
+        counters = d.adapter.report_status()["counters"]
+    finally:
+        d.close()
+        shutil.rmtree(path, ignore_errors=True)
+    total = sum(len(r) for r in trace)
+    return {"hit_rate": hits / total, "wall_s": wall, "requests_per_s": len(trace) / wall,
+            "evicted": counters["evicted_for_capacity"], "kept_by_value": counters["kept_by_value"],
+            "tombstones_dropped": counters["tombstones_dropped"]}
+
+
+def store_throughput(root: str, n_records: int, capacity: int, block_size: int) -> float:
+    """Records/s storing n_records new keys of THROUGHPUT_SHAPE in tasks of 8 (capacity 0: no eviction)."""
+    path = tempfile.mkdtemp(dir=root)
+    d = Driver(os.path.join(path, "kv"), capacity, block_size=block_size, shape=THROUGHPUT_SHAPE)
+    try:
+        keys = [d.key(1_000_000 + i) for i in range(n_records)]
+        t0 = time.perf_counter()
+        for start in range(0, n_records, 8):
+            d.store(keys[start : start + 8])
+        return n_records / (time.perf_counter() - t0)
+    finally:
+        d.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    n_req = 500 if args.quick else 1200
+    repeats = 3 if args.quick else 5
+    root = tempfile.mkdtemp(prefix="bench-eviction-", dir=args.scratch)
+    results: dict[str, Any] = {}
+    try:
+        for name, build in FAMILIES.items():
+            trace = build(random.Random(args.seed), n_req)
+            distinct = len({k for r in trace for k in r})
+            for frac in FRACTIONS:
+                cap = max(BLOCK // RECORD, int(distinct * frac))
+                row: dict[str, Any] = {"trace": name, "fraction": frac, "working_set": distinct,
+                                       "capacity_records": cap, "requests": len(trace),
+                                       "keys_asked": sum(len(r) for r in trace)}
+                row["LRU"] = sim_lru(trace, cap)
+                row["FIFO"] = sim_lru(trace, cap, fifo=True)
+                row["Belady"] = sim_belady(trace, cap)
+                row["adapter"] = adapter_hit_rate(root, trace, cap, "always")
+                row["adapter_admission"] = adapter_hit_rate(root, trace, cap, "second_sighting")
+                results[f"{name}@{int(frac * 100)}%"] = row
+                print(f"{name:10s} {int(frac * 100):3d}%  ws {distinct:5d}  LRU {row['LRU']:.3f}  FIFO "
+                      f"{row['FIFO']:.3f}  Belady {row['Belady']:.3f}  adapter {row['adapter']['hit_rate']:.3f}"
+                      f"  +admission {row['adapter_admission']['hit_rate']:.3f}", flush=True)
+        n_rec = 2048 if args.quick else 4096
+        block = (8 if args.quick else 16) << 20
+        cap_bytes = n_rec * THROUGHPUT_RECORD // 4  # the stream is 4x the capacity: eviction runs 3/4 of it
+        ratios, with_cap, without = [], [], []
+        for _ in range(repeats):
+            free = store_throughput(root, n_rec, 0, block)
+            capped = store_throughput(root, n_rec, cap_bytes, block)
+            with_cap.append(capped)
+            without.append(free)
+            ratios.append(capped / free)
+        throughput: dict[str, Any] = {"records": n_rec, "record_bytes": THROUGHPUT_RECORD, "block_size": block,
+                                      "capacity_bytes": cap_bytes, "ratio": spread(ratios),
+                                      "with_capacity_records_per_s": spread(with_cap), "without_records_per_s": spread(without)}
+        print(f"store throughput with capacity / without: median {throughput['ratio']['median']:.2f} "
+              f"(min {throughput['ratio']['min']:.2f}, max {throughput['ratio']['max']:.2f})", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"hit_rates": results, "throughput": throughput, "repeats": repeats, "seed": args.seed,
+            "record_bytes": RECORD, "block_size": BLOCK}
+
+
+def verdicts(doc: dict[str, Any]) -> dict[str, Any]:
+    rows = doc["hit_rates"].values()
+    ge_lru = {f"{r['trace']}@{int(r['fraction'] * 100)}%": r["adapter"]["hit_rate"] >= r["LRU"] - 1e-9 for r in rows}
+    near = {f"{r['trace']}@{int(r['fraction'] * 100)}%": r["adapter"]["hit_rate"] >= 0.9 * r["Belady"] for r in rows}
+    traces_near = sorted({k.split("@")[0] for k, ok in near.items() if ok})
+    return {"hit_rate_ge_lru_everywhere": all(ge_lru.values()), "ge_lru": ge_lru,
+            "within_10pct_of_belady": near, "traces_within_10pct_of_belady": traces_near,
+            "belady_target_met": len(traces_near) >= 2,
+            "throughput_target_met": doc["throughput"]["ratio"]["median"] >= 0.8}
+
+
+def plot(doc: dict[str, Any], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(doc["hit_rates"].values())
+    labels = [f"{r['trace']}\n{int(r['fraction'] * 100)}%" for r in rows]
+    series = (("FIFO", "#9e9e9e"), ("LRU", "#ff7f0e"), ("adapter", "#1f77b4"), ("adapter_admission", "#17becf"),
+              ("Belady", "#2ca02c"))
+    fig, ax = plt.subplots(figsize=(13, 4.8))
+    w = 0.16
+    for j, (name, color) in enumerate(series):
+        vals = [r[name]["hit_rate"] if isinstance(r[name], dict) else r[name] for r in rows]
+        ax.bar([i + (j - 2) * w for i in range(len(rows))], vals, w, label=name.replace("_", " + "), color=color)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("key hit rate")
+    ratio = doc["throughput"]["ratio"]
+    ax.set_title(f"L2 adapter eviction by value vs FIFO / LRU / Belady (capacity = 10 % and 30 % of the working "
+                 f"set); store throughput with/without capacity {ratio['median']:.2f}")
+    ax.legend(ncol=5, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter traces, 3 throughput repeats")
+    p.add_argument("--seed", type=int, default=16)
+    p.add_argument("--scratch", default=None, help="where the stores go (default: the system temp dir)")
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/eviction[_quick].json)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    cmd = "python -m bench.eviction" + ("".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:])))
+    print(f"reproduce: {cmd}", flush=True)
+    doc = run(args)
+    doc["verdicts"] = verdicts(doc)
+    doc["command"] = cmd
+    doc["machine"] = machine_info(args.scratch or tempfile.gettempdir())
+    doc["engine"] = engine_state()
+    out = args.out or os.path.join(REPO, "bench", "results", "eviction_quick.json" if args.quick else "eviction.json")
+    write_json(out, doc)
+    plot(doc, out[:-5] + ".png")
+    v = doc["verdicts"]
+    print(json.dumps({"results": os.path.relpath(out, REPO), "ge_lru_everywhere": v["hit_rate_ge_lru_everywhere"],
+                      "traces_within_10pct_of_belady": v["traces_within_10pct_of_belady"],
+                      "throughput_ratio_median": round(doc["throughput"]["ratio"]["median"], 3),
+                      "hit_rates": {k: {"adapter": round(r["adapter"]["hit_rate"], 4), "LRU": round(r["LRU"], 4),
+                                        "FIFO": round(r["FIFO"], 4), "Belady": round(r["Belady"], 4),
+                                        "adapter_admission": round(r["adapter_admission"]["hit_rate"], 4)}
+                                    for k, r in doc["hit_rates"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
