@@ -53,12 +53,13 @@ def test_relocation_budget_refills_with_reads_and_survives_a_reopen(tmp_path: Pa
         s.put_many([(b"a%d" % i, b"x" * 10_000) for i in range(10)])
         c = s.compactor
         assert isinstance(c, Compactor)
-        fraction = c.policy.relocation_budget
+        fraction, per_read = c.policy.relocation_budget, c.policy.relocation_read_budget
+        assert per_read > 0
         before = c.budget_left(0, fraction, reads=True)
         assert before == pytest.approx(fraction * s.io_counters()[0])
         s.get_many([b"a%d" % i for i in range(10)])
         read = sum(loc.record_len for loc in s.locate_many([b"a%d" % i for i in range(10)]) if loc is not None)
-        assert c.budget_left(0, fraction, reads=True) == pytest.approx(before + fraction * read)
+        assert c.budget_left(0, fraction, reads=True) == pytest.approx(before + per_read * read)
         assert c.budget_left(0, fraction) == pytest.approx(before)  # GC's budget: writes only
     with blockstore.open(tmp_path, compaction=spec) as s:
         c = s.compactor

@@ -203,14 +203,15 @@ class Compactor:
     # ---- work ----
 
     def budget_left(self, spent: int, fraction: float, *, reads: bool = False) -> float:
-        """What a budget of `fraction` x the bytes users put (`reads`: and the bytes their requests
-        read) allows beyond `spent`. Relocation's refills with reads as well as writes: a store that is
-        read keeps earning moves, and a reopened store relocates again once it is read (with the
-        writes alone, a read-mostly store spent its budget once and relocated nothing after)."""
-        if fraction == float("inf"):
-            return fraction
-        earned = self.store.io_counters()[0] + (self.read_bytes if reads else 0)
-        return fraction * earned - spent
+        """What a budget of `fraction` x the bytes users put allows beyond `spent`; with `reads`, plus
+        the policy's `relocation_read_budget` x the bytes observed requests read. Relocation's refills
+        with reads as well as writes: a store that is read keeps earning moves, and a reopened store
+        relocates again once it is read (with the writes alone, a read-mostly store spent its budget
+        once and relocated nothing after)."""
+        per_read = self.policy.relocation_read_budget if reads else 0.0
+        if fraction == float("inf") or per_read == float("inf"):
+            return float("inf")
+        return fraction * self.store.io_counters()[0] + per_read * self.read_bytes - spent
 
     def run_pass(self, *, dry_run: bool = False, pace: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> PassReport:

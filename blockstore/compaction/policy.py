@@ -27,6 +27,9 @@ class Policy:
     relocation_slack: int = 1
     # extra bytes relocation may write, as a fraction of the bytes users put (caps write amplification)
     relocation_budget: float = 0.1
+    # ...plus this fraction of the bytes read by the requests compaction observes: reads earn moves,
+    # so a read-mostly or reopened store keeps relocating (0: writes alone refill the budget)
+    relocation_read_budget: float = 0.02
     # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
     gc_budget: float = 0.1
     # where copies go: "partition" (GC: the victim's partition; relocation: the partition of the block
@@ -108,6 +111,7 @@ def _validated(p: Policy) -> Policy:
     number("min_hits", 1, 1 << 30, integer=True)
     number("relocation_budget", 0.0, INF)
     number("relocation_slack", 0, 1 << 20, integer=True)
+    number("relocation_read_budget", 0.0, INF)
     number("gc_budget", 0.0, INF)
     number("max_groups", 1, 1 << 24, integer=True)
     number("max_group_keys", 2, 1 << 16, integer=True)
