@@ -9,10 +9,10 @@ Two kinds of metric, so that a store costs nothing for them while nobody collect
   `track_adapter(adapter)` only hold a weak reference.
 - **Counted on the hot path** (keys, bytes read, hits, latency histograms whose `_count` is the number
   of calls, errors; seals, compaction passes and pacing), only while metrics are enabled (`enable()`,
-  which `serve()` calls). Store's put_many/get_many/delete_many are decorated with `timed`: disabled,
-  the class holds the undecorated methods themselves (nothing to pay); enable() switches in counting
-  versions. The other engine calls (`sealed_done`, `compaction_pass_done`, `compaction_paced`) are made
-  only `if metrics.enabled`.
+  which `serve()` calls). Store's put_many/get_many/delete_many are made countable by `instrument`
+  (track() does it): disabled, the class holds its plain methods (nothing to pay); enable() switches in
+  counting versions. The other engine calls (`sealed_done`, `compaction_pass_done`, `compaction_paced`)
+  are made only `if metrics.enabled`.
 
 Everything is registered in this module's own `REGISTRY` (not prometheus-client's global one, which a
 host process such as vLLM or LMCache fills with its own metrics). `serve(port)` exposes it over HTTP;
@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -77,7 +77,7 @@ _moved_gc, _moved_relocation = _pass_moved.labels("gc"), _pass_moved.labels("rel
 
 
 def enable() -> None:
-    """Start counting on the hot path (serve() calls it): the `timed` methods are switched in."""
+    """Start counting on the hot path (serve() calls it): the instrumented methods are switched in."""
     global enabled
     enabled = True
     for owner, name, _plain, counted in _switched:
@@ -94,37 +94,29 @@ def disable() -> None:
 
 # ------------------------------------------------------------------------------ hot path (engine calls)
 
-_Method = TypeVar("_Method", bound=Callable[..., Any])
+# The Store methods counted on the hot path: name -> operation. Each takes its items or keys first.
+TIMED_METHODS = {"put_many": "put", "get_many": "get", "delete_many": "delete"}
 _switched: list[tuple[type, str, Any, Any]] = []  # (class, method name, plain method, counting method)
 
 
-class _Switch:
-    """What `timed` puts in a class body: when the class is made (__set_name__), it replaces itself with
-    the plain method or the counting one, whichever `enabled` says, and enable()/disable() switch them."""
-
-    def __init__(self, op: str, method: Callable[..., Any]) -> None:
-        self.plain = method
-        self.counted = _counting(op, method)
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        _switched.append((owner, name, self.plain, self.counted))
-        setattr(owner, name, self.counted if enabled else self.plain)
-
-
-def timed(op: str) -> Callable[[_Method], _Method]:
-    """Decorate a method of a class (Store's put_many, get_many, delete_many) of operation `op` ("put",
-    "get", "delete") whose first argument is its items or keys. While metrics are disabled the class holds
-    the method itself: a call costs exactly what it cost without metrics. enable() switches in a version
-    that counts and times each call (a get's hits and bytes too), and its exceptions."""
-
-    def decorate(method: _Method) -> _Method:
-        return cast(_Method, _Switch(op, method))
-
-    return decorate
+def instrument(cls: type, methods: dict[str, str] | None = None) -> None:
+    """Make `methods` (TIMED_METHODS: Store's put_many, get_many, delete_many) of `cls` countable, once
+    per class that defines them; track() does it for the class of each store it is given. While metrics
+    are disabled the class keeps its plain methods (a call costs exactly what it did); enable() switches
+    in versions that count and time each call (a get's hits and bytes too) and its exceptions."""
+    for name, op in (methods or TIMED_METHODS).items():
+        owner = next(c for c in cls.__mro__ if name in vars(c))
+        if is_instrumented(owner, name):
+            continue
+        plain = vars(owner)[name]
+        counted = _counting(op, plain)
+        _switched.append((owner, name, plain, counted))
+        if enabled:
+            setattr(owner, name, counted)
 
 
-def is_timed(owner: type, name: str) -> bool:
-    """Whether `owner.name` was decorated by timed (in `owner` itself)."""
+def is_instrumented(owner: type, name: str) -> bool:
+    """Whether instrument() made `owner.name` (defined in `owner` itself) countable."""
     return any(o is owner and n == name for o, n, _p, _c in _switched)
 
 
@@ -415,7 +407,9 @@ REGISTRY.register(AdapterCollector(lambda: list(_adapters)))
 
 def track(store: MeasuredStore) -> None:
     """Expose this store's scrape-time metrics while it lives (a weak reference: it never keeps a store
-    open or alive). The Store calls it when it opens."""
+    open or alive), and make its class's operations countable (instrument). A Store calls it when it
+    opens (opening.announce_open)."""
+    instrument(type(store))
     _stores.add(store)
 
 

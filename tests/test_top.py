@@ -31,18 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 # A writer process: serves its metrics, then puts a batch of records and reads some (hits and misses) every
-# 50 ms until its stdin closes. Store's put/get/delete carry metrics.timed once store.py is wired; until then
-# the writer decorates them in a subclass, as store.py will.
+# 50 ms until its stdin closes.
 WRITER = textwrap.dedent("""
     import sys, threading, time
     import blockstore
     from blockstore import metrics
-    from blockstore.store import Store
-    if not metrics.is_timed(Store, "put_many"):
-        Store = type("TimedStore", (Store,), {"put_many": metrics.timed("put")(Store.put_many),
-                                               "get_many": metrics.timed("get")(Store.get_many)})
-    store = Store(sys.argv[1], block_size=64 << 10)
-    metrics.track(store)
+    store = blockstore.open(sys.argv[1], block_size=64 << 10)
+    metrics.track(store)  # what Store's open does: its operations become countable
     endpoint = metrics.serve(0, addr="127.0.0.1")
     print(endpoint.port, flush=True)
     stop = threading.Event()
