@@ -13,6 +13,8 @@ import ctypes
 import logging
 import mmap
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ _log = logging.getLogger("blockstore")
 
 READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
 _SMALL_ARENA = 64 << 10
+_TIMED_READS = 1024  # the most recent reads' (end, seconds) kept for pacing background work
 
 ReadObserver = Callable[[Sequence[bytes], Sequence[Location | None]], None]
 
@@ -88,12 +91,28 @@ class Reader:
         self.block_named = block_named
         self.observers: list[ReadObserver] = []
         self._grouping = threading.local()  # .reads: this thread's reads inside request() (else unset)
+        self.timed: deque[tuple[float, float]] = deque(maxlen=_TIMED_READS)  # (perf_counter at end, seconds)
 
     def read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
-             located: Sequence[Location | None] | None = None, *, attempt: int = 0) -> list[Any]:
+             located: Sequence[Location | None] | None = None) -> list[Any]:
         """The payloads of `keys` (key space `space` of namespace id `nid`): a memoryview each, or with
         `out` each payload's length, written into out[i]; None for a miss. `located`: the keys' locations
-        if the caller has just looked them up (saves the second lookup)."""
+        if the caller has just looked them up (saves the second lookup). Each read is timed (`timed`):
+        compaction paces itself by what the foreground sees."""
+        t0 = time.perf_counter()
+        try:
+            return self._read(nid, space, keys, out, located)
+        finally:
+            t1 = time.perf_counter()
+            self.timed.append((t1, t1 - t0))
+
+    def recent_reads(self, since: float) -> list[float]:
+        """Durations (seconds) of the reads that ended after perf_counter() time `since`, oldest first."""
+        timed = list(self.timed)  # one C-level copy: appends from other threads cannot interleave
+        return [dt for end, dt in timed if end > since]
+
+    def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
+              located: Sequence[Location | None] | None = None, *, attempt: int = 0) -> list[Any]:
         suffixes = [key_suffix(nid, space, k) for k in keys]
         locs = list(located) if located is not None else self.directory.get_locations(suffixes)
         if attempt == 0:
@@ -117,7 +136,7 @@ class Reader:
         if vanished and attempt < READ_ATTEMPTS:
             # compaction moved these records and emptied their block between our lookup and our pin:
             # look again (each round is a fresh lookup; a record is found unless moved every time)
-            again = self.read(nid, space, [keys[i] for i in vanished],
+            again = self._read(nid, space, [keys[i] for i in vanished],
                               None if out is None else [out[i] for i in vanished], attempt=attempt + 1)
             for i, r in zip(vanished, again):
                 results[i] = r

@@ -359,12 +359,12 @@ class Store:
         return self._reader.read(nid, SPACE_KV, keys, out, located=locs)
 
     def contains_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[bool]:
-        self._check_open()
-        nid = self.namespace_id(ns)
-        keys = check_keys(keys)
-        if nid is None:
-            return [False] * len(keys)
-        return [loc is not None for loc in self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])]
+        return [loc is not None for loc in self.locate_many(keys, ns=ns)]
+
+    def recent_reads(self, since: float) -> list[float]:
+        """Seconds each read took (get_many, read_located, get_chunks, ...) among the last 1,024 that
+        ended after `time.perf_counter()` was `since`: compaction paces itself by them."""
+        return self._reader.recent_reads(since)
 
     def locate_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[Location | None]:
         """Where each key's live record is (for tools, compaction and benchmarks)."""

@@ -13,7 +13,7 @@ import logging
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,23 +70,57 @@ class PassReport:
         return d
 
 
-class _Pacer:
-    """Token bucket on copied bytes: the background thread sleeps so its copies average `rate` B/s."""
+FG_P99_TARGET = 1.5  # foreground read p99 during compaction / while idle that pacing aims under
+_IDLE_READS = 2048  # durations of reads made while no pass ran, kept as the foreground's idle reference
+_MIN_READS = 8  # reads needed before a p99 is trusted (fewer: pacing keeps its rate)
 
-    def __init__(self, rate_bytes_s: float, stop: threading.Event | None) -> None:
-        self.rate = rate_bytes_s
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.99 * (len(ordered) - 1))]
+
+
+class _Pacer:
+    """Token bucket on copied bytes: the background thread sleeps so its copies average `rate` B/s,
+    and `rate` follows what the foreground sees (issue 16): after each batch, the reads made since the
+    last one are compared with the reads made while no pass ran; while their p99 is above
+    FG_P99_TARGET x the idle p99 the rate halves (down to 1/64 of the policy's), else it climbs back
+    (x1.25, up to the policy's). A fixed rate either slowed compaction for nothing on an idle store
+    or let a busy one's get p99 reach 3-13x idle (bench/README.md, compaction)."""
+
+    def __init__(self, rate_bytes_s: float, stop: threading.Event | None, *, start_rate: float | None = None,
+                 reads: Callable[[float], list[float]] | None = None, idle_p99: float | None = None) -> None:
+        self.max_rate = rate_bytes_s
+        self.rate = min(start_rate or rate_bytes_s, rate_bytes_s)
         self.stop = stop
-        self.t0 = time.monotonic()
-        self.sent = 0
+        self.reads = reads
+        self.idle_p99 = idle_p99
+        self.checked = time.perf_counter()
+        self.free_at = time.monotonic()  # when the bucket has room for the next batch
 
     def __call__(self, nbytes: int) -> None:
-        self.sent += nbytes
-        ahead = self.sent / self.rate - (time.monotonic() - self.t0)
+        self._follow_foreground()
+        now = time.monotonic()
+        self.free_at = max(self.free_at, now) + nbytes / self.rate
+        ahead = self.free_at - now
         if ahead > 0:
             if self.stop is not None:
                 self.stop.wait(ahead)
             else:
                 time.sleep(ahead)
+
+    def _follow_foreground(self) -> None:
+        if self.reads is None or self.idle_p99 is None:
+            return
+        now = time.perf_counter()
+        recent = self.reads(self.checked)
+        if len(recent) < _MIN_READS:
+            return  # too few reads to judge: keep the rate, and judge these with the next ones
+        self.checked = now
+        if _p99(recent) > FG_P99_TARGET * self.idle_p99:
+            self.rate = max(self.rate / 2, self.max_rate / 64)
+        else:
+            self.rate = min(self.rate * 1.25, self.max_rate)
 
 
 class Compactor:
@@ -103,6 +137,9 @@ class Compactor:
         # which group last rewrote each record (bounded, least recently claimed forgotten first)
         self._claims: OrderedDict[bytes, int] = OrderedDict()
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
+        self._idle_reads: deque[float] = deque(maxlen=_IDLE_READS)  # read seconds while no pass ran
+        self._idle_since = time.perf_counter()
+        self._paced_rate: float | None = None  # the copy rate the last background pass ended with
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
@@ -218,7 +255,7 @@ class Compactor:
         """One pass: relocate scattered groups that are due, then GC victims past the threshold."""
         with self._pass_lock:
             rep = PassReport(dry_run=dry_run)
-            pacer = _Pacer(self.policy.rate_mb_s * 1e6, self._stop if pace else None) if pace else None
+            pacer = self._pacer() if pace else None
             if self.policy.relocation:
                 self._relocate(rep, dry_run, pacer, progress)
             if self.policy.gc:
@@ -231,12 +268,25 @@ class Compactor:
                 rep.reclaimed_blocks += len(gone)
                 self.reclaimed += len(gone)
             self.passes += 1
+            if pacer is not None:
+                self._paced_rate = pacer.rate
+            self._idle_since = time.perf_counter()
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
                              "tombstones_dropped", "skipped_budget"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
             return rep
+
+    def _pacer(self) -> _Pacer:
+        """A background pass's pacer: it starts at the rate the last pass ended with, judged against the
+        reads made since then (no pass ran meanwhile: the foreground's idle latency)."""
+        now = time.perf_counter()
+        self._idle_reads.extend(self.store.recent_reads(self._idle_since))
+        self._idle_since = now
+        idle = _p99(self._idle_reads) if len(self._idle_reads) >= _MIN_READS else None
+        return _Pacer(self.policy.rate_mb_s * 1e6, self._stop, start_rate=self._paced_rate,
+                      reads=self.store.recent_reads, idle_p99=idle)
 
     def run_until_idle(self, *, max_passes: int = 100, dry_run: bool = False,
                        progress: Callable[[str, int, int], None] | None = None) -> PassReport:
