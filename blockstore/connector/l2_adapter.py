@@ -30,9 +30,11 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
   the sizes that were stored. With `capacity_bytes` > 0 the adapter also keeps its own budget, by
   value (`eviction.py`: relevance x recency x reuse - size): a store that would overflow it empties
   the oldest blocks, deleting each record or moving it to the head of the log if it is worth keeping,
-  so the space comes back a whole block at a time with any compaction setting (block files stay
-  within capacity_bytes + (open blocks + 1) x block_size); locked keys are never evicted. Optional
-  admission: a key is stored on its second sighting.
+  so the space comes back a whole block at a time with any compaction setting: block files stay
+  within capacity_bytes + RECORD_FRAMING (8 KiB) per record + (open blocks + 1) x block_size, blocks
+  holding locked keys aside (never evicted). Settings that cannot keep this are refused: a capacity
+  below one block, compaction with an unbounded copy budget. Optional admission: a key is stored on
+  its second sighting.
 - Memory: nothing is held per record that the directory holds. The directory (RocksDB) is the only
   index; the adapter keeps counters, the keys that tasks are storing, deleting or hold locked right
   now, and bounded caches for eviction (read statistics of the most recently read keys, hashes of
@@ -287,8 +289,9 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
             "64 MiB for a new one)\n"
             "- capacity_bytes (int, default 0 = unbounded): payload bytes the adapter may hold, at least one "
             "block; > 0 enables LMCache's global L2 eviction, and the adapter evicts by value (reads, recency, "
-            "size) whole blocks at a time, so that the disk stays within capacity_bytes plus the open blocks "
-            "and one block, with any compaction setting\n"
+            "size) whole blocks at a time, so that block files stay within capacity_bytes + 8 KiB per record + "
+            "the open blocks + one block, with any compaction setting (compaction with an unbounded "
+            "relocation_budget or gc_budget, such as 'aggressive', is refused)\n"
             "- admission ('always' | 'second_sighting', default 'always'): with 'second_sighting' a key is "
             "stored only when it is offered a second time (one-off keys never displace reused ones)\n"
             "- compaction (policy name or {\"policy\": name, knob: value}, default 'full'; null, 'none' or 'off' = no compaction): "
