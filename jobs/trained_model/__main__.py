@@ -19,7 +19,7 @@ Build, train, check and verify the small trained Llama model used to measure ble
                         then MANIFEST.sha256
   check DIR             load DIR in vLLM (CPU) and transformers, greedy-generate from a held-out prompt,
                         and require their first-token log-probabilities to agree
-  verify DIR            re-hash DIR's files against its MANIFEST.sha256
+  verify DIR            re-hash DIR's files against its MANIFEST.sha256 (--rewrite: write a new one)
 """
 
 
@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("dir", type=Path, nargs="?", default=DEFAULT_MODEL_DIR)
     v = sub.add_parser("verify", help="files match MANIFEST.sha256")
     v.add_argument("dir", type=Path, nargs="?", default=DEFAULT_MODEL_DIR)
+    v.add_argument("--rewrite", action="store_true", help="re-hash every file into a new manifest instead "
+                   "(after an intended change, e.g. to README.md)")
     return ap
 
 
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.trained_model.check import check
 
         check(args.dir, log=log)
+    elif args.rewrite:
+        from jobs.trained_model.manifest import write_manifest
+
+        log(f"verify: {len(write_manifest(args.dir))} files hashed into {args.dir / 'MANIFEST.sha256'}")
     else:
         from jobs.trained_model.manifest import verify_manifest
 
