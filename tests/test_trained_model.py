@@ -124,6 +124,12 @@ def test_heldout_chunks_are_heldout_text_deterministic_and_sized():
         assert any(tok.decode(c) in t for t in texts)  # cut from a held-out document, as written
     with pytest.raises(ValueError):
         heldout_chunks(10**6, 128, seed=0)
+    with pytest.raises(ValueError):
+        heldout_chunks(3, 128, seed=0, sources=("nonsense",))
+    code = [t for label, t in heldout_documents() if label.startswith("stdlib:")]
+    prose = heldout_chunks(10, 128, seed=5, sources=("doc", "dist"))
+    assert not any(tok.decode(c) in t for c in prose for t in code)
+    assert all(any(tok.decode(c) in t for t in code) for c in heldout_chunks(5, 128, seed=5, sources=("stdlib",)))
 
 
 def test_heldout_loss_far_below_a_unigram_model(hf_model):

@@ -19,6 +19,7 @@ from jobs.trained_model.manifest import ModelFilesError
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "trained-llama"
 _PARAGRAPH_END = re.compile(r"(?<=\n)\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
+SOURCES = ("doc", "dist", "stdlib")  # the label prefixes corpus.py gives documents
 
 
 def load_tokenizer(model_dir: str | Path = DEFAULT_MODEL_DIR):  # -> tokenizers.Tokenizer
@@ -77,17 +78,22 @@ def _chunk_text(segs: list[tuple[str, int]], start: int, budget: int) -> str:
     return "".join(text)
 
 
-def heldout_chunks(n: int, tokens_per_chunk: int, seed: int,
-                   model_dir: str | Path = DEFAULT_MODEL_DIR) -> list[list[int]]:
+def heldout_chunks(n: int, tokens_per_chunk: int, seed: int, model_dir: str | Path = DEFAULT_MODEL_DIR,
+                   sources: tuple[str, ...] = SOURCES) -> list[list[int]]:
     """``n`` distinct token-id chunks of held-out text, each between half of ``tokens_per_chunk`` and
     ``tokens_per_chunk`` tokens, starting at a paragraph or sentence start and ending at one where the
     text allows (a single sentence longer than the budget is cut at a token). Same arguments, same chunks.
+    ``sources`` picks documents by origin: ``"doc"`` (/usr/share/doc), ``"dist"`` (package READMEs) are
+    mostly prose, ``"stdlib"`` is Python code.
     """
-    if n < 0 or tokens_per_chunk < 8:
-        raise ValueError(f"heldout_chunks: need n >= 0 and tokens_per_chunk >= 8, got {n}, {tokens_per_chunk}")
+    if n < 0 or tokens_per_chunk < 8 or not set(sources) <= set(SOURCES) or not sources:
+        raise ValueError(f"heldout_chunks: need n >= 0, tokens_per_chunk >= 8 and sources from {SOURCES}, "
+                         f"got {n}, {tokens_per_chunk}, {sources}")
     tok = load_tokenizer(model_dir)
     docs = _segments(str(model_dir))
-    starts = [(d, i) for d, segs in enumerate(docs) for i, (piece, _) in enumerate(segs) if piece.strip()]
+    wanted = [label.split(":", 1)[0] in sources for label, _ in heldout_documents(model_dir)]
+    starts = [(d, i) for d, segs in enumerate(docs) if wanted[d]
+              for i, (piece, _) in enumerate(segs) if piece.strip()]
     rng = random.Random(seed)
     rng.shuffle(starts)
     chunks: list[list[int]] = []
