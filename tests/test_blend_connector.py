@@ -9,10 +9,15 @@ with vLLM's full prefill at the floor measured for it.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from blockstore.connector import blend_spans
 from blockstore.errors import BlockstoreError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # jobs/ is a folder of the repo, not installed
 
 SEP = [7, 8]
 
@@ -129,6 +134,100 @@ def test_writer_refuses_what_does_not_fit() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The connector's two sides driven by hand (no engine): scheduler claims, worker blends and writes,
+# worker metadata teaches the scheduler new chunks, and a failing store read becomes load errors
+
+
+def _connectors(store, block_size: int = 32):
+    from types import SimpleNamespace
+
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from blockstore.connector.blend_connector import BlockstoreBlendConnector
+    from jobs.trained_model import DEFAULT_MODEL_DIR
+
+    transfer = KVTransferConfig(kv_connector="BlockstoreBlendConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"blend.store_path": str(store)})
+    cfg = SimpleNamespace(kv_transfer_config=transfer, model_config=SimpleNamespace(model=str(DEFAULT_MODEL_DIR)),
+                          cache_config=SimpleNamespace(block_size=block_size))
+    worker = BlockstoreBlendConnector(cfg, KVConnectorRole.WORKER, None)  # type: ignore[arg-type]
+    scheduler = BlockstoreBlendConnector(cfg, KVConnectorRole.SCHEDULER, None)  # type: ignore[arg-type]
+    return scheduler, worker
+
+
+def _step(scheduler, worker, req_id: str, ids: list[int], block_ids: list[int]):
+    """One scheduler step for a new request, then the worker's load and save; returns the claim."""
+    from types import SimpleNamespace
+
+    req = SimpleNamespace(request_id=req_id, prompt_token_ids=ids)
+    claimed, is_async = scheduler.get_num_new_matched_tokens(req, 0)
+    assert is_async is False
+    scheduler.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (block_ids,)), claimed)
+    out = SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=req_id, block_ids=(block_ids,))],
+                          scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[]))
+    worker.bind_connector_metadata(scheduler.build_connector_meta(out))
+    worker.start_load_kv(SimpleNamespace(no_compile_layers={}))
+    worker.wait_for_save()
+    worker._saver.submit(lambda: None).result()  # noqa: SLF001 - wait for the saver thread in a test
+    worker.clear_connector_metadata()
+    scheduler.update_connector_output(SimpleNamespace(kv_connector_worker_meta=worker.build_connector_worker_meta()))
+    return claimed
+
+
+def test_connector_sides_claim_blend_write_and_fall_back(tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from blockstore.connector import paged_kv
+    from jobs.trained_model import heldout_chunks
+
+    scheduler, worker = _connectors(tmp_path / "kv")
+    try:
+        sep = list(worker.settings.separator_ids)
+        a, b, c, q = heldout_chunks(4, 120, seed=7)
+        cfg = worker.runtime.weights.config
+        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim)
+                  for i in range(cfg.num_hidden_layers)}
+        worker.register_kv_caches(caches)
+        # first sight of a and b: nothing claimed; the worker stores them and tells the scheduler
+        seed = a + sep + b + sep + q[:20]
+        assert _step(scheduler, worker, "seed", seed, list(range(12))) == 0
+        assert worker.counters.chunks_stored == 2 and len(scheduler.index.ids) == 2
+        assert not any(t.any() for t in caches.values())  # nothing written for an unclaimed request
+        # b, c, a in a new order: claimed up to the last whole block, c computed and stored on the way
+        mix = b + sep + c + sep + a + sep + q
+        blocks = list(range(23, 23 - (len(mix) + 31) // 32, -1))  # scattered, descending
+        claimed = _step(scheduler, worker, "mix", mix, blocks)
+        assert claimed == (len(mix) - 1) // 32 * 32 > 0
+        assert worker.counters.requests_blended == 1 and worker.counters.tokens_written == claimed
+        assert worker.counters.chunks_missing == 1 and worker.get_block_ids_with_load_errors() == set()
+        # the cache holds the blend's K/V: vLLM's attention over it equals attention over the blend's own
+        res = worker.runtime.blender.blend(mix, spans=blend_spans.find_chunk_spans(mix, sep, 16))
+        layer = cfg.num_hidden_layers - 1
+        query = torch.randn(1, cfg.num_attention_heads, cfg.head_dim, generator=torch.Generator().manual_seed(1))
+        got = _attend_through_vllm(caches[f"model.layers.{layer}.self_attn.attn"], blocks, claimed, query)
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        k = res.keys[layer][:claimed].repeat_interleave(group, dim=1).transpose(0, 1)
+        v = res.values[layer][:claimed].repeat_interleave(group, dim=1).transpose(0, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(query.transpose(0, 1), k, v)
+        assert torch.allclose(got, want.transpose(0, 1).reshape(1, -1), atol=1e-4)
+        # a store that fails to read: nothing claimed is served, every claimed block goes back to vLLM
+        for t in caches.values():
+            t.zero_()
+        worker.runtime.store.close()
+        other = c + sep + a + sep + q[:30]
+        claimed = _step(scheduler, worker, "broken", other, list(range(12)))
+        assert claimed > 0 and worker.counters.load_failures == 1
+        assert worker.get_block_ids_with_load_errors() == set(range(claimed // 32))
+        assert "StoreClosed" in (worker.counters.last_error or "")
+        assert not any(t.any() for t in caches.values())
+        assert paged_kv.layer_index(next(iter(caches))) == 0
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end: a real vLLM engine with the connector, on the trained model
 
 # Greedy agreement of blended (ratio 0.15) with vLLM's full prefill that the quick blend scenario must
@@ -150,8 +249,6 @@ def test_vllm_serves_blended_kv_that_agrees_with_full_prefill(tmp_path) -> None:
     import json
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     pytest.importorskip("vllm")
     root = Path(__file__).resolve().parent.parent
