@@ -6,16 +6,18 @@ prefill and prefix-only reuse, with the chunk KV read through the store warm and
     python -m bench.blend --merge OUT.json               # put a GPU run's "ttft" entry into blend.json
 
 Fidelity: prompts of 3-5 held-out chunks (jobs.trained_model.heldout_chunks) in shuffled orders, joined by
-a blank line, after <s>, with a question-like suffix; chunk KV is computed once per chunk (on its own, at
-positions 0..n-1) and stored; each prompt is blended from the store with explicit spans and compared
+a blank line, after <s>, with a question-like suffix; chunk KV is computed once per chunk (on its own
+after <s>, at positions 1..n; "0.15-no-chunk-prefix": without <s>, at 0..n-1) and stored; each prompt is blended from the store with explicit spans and compared
 with its full prefill: first-token top-1 agreement, 16-token greedy sequence agreement (decoded with
-the same forward from the blended KV: all 16 tokens equal), token agreement (share of the 16 positions
-equal), and KL(full || blended) of the first token, at each ratio for the deviation selector and, as
+the same forward from the blended KV: all 16 tokens equal), prefix agreement (how many of the 16 tokens
+agree before the first difference, as a share of 16), and KL(full || blended) of the first token, at each ratio for the deviation selector and, as
 "epic-<ratio>", for the first-tokens-of-each-chunk selector at the same budget.
 
 Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LENGTH tokens made of
 512-token chunks and a 32-token suffix, chunk KV stored beforehand (os.sync after). Per repeat, in
-this order: full prefill; blend at 0.15 with the store's files in the page cache (warm) and after
+this order: full prefill; blend at 0.15 with the chunk KV already on the device (hot: a memory tier in front
+of the store, read once before the repeats); blend at 0.15 with the store's files in the page cache (warm; also with one
+loader thread instead of chunk_kv.DEFAULT_READERS: what parallel reads buy) and after
 Store.drop_page_cache() (cold), both with the layer-by-layer loader; cold without it (one batched read,
 then compute: what the overlap buys); prefix-only reuse (the first chunk reused in place, everything
 after it computed: what a prefix cache gives the same prompt); the load alone, warm and cold (request
@@ -58,6 +60,7 @@ QUESTIONS = (
     "\n\nQuestion: What does the second passage say?\nAnswer: The second passage",
 )
 CHUNK_TOKENS = 512
+CHUNK_PREFIX = (0,)  # <s>: fidelity's chunk KV is computed after it (Blender's chunk_prefix)
 SUFFIX_TOKENS = 32
 
 
@@ -86,38 +89,41 @@ def _prompts(model_dir: str, n: int, seed: int) -> list[tuple[list[int], list[tu
     return out
 
 
-def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str) -> dict[str, Any]:
-    w = LlamaWeights.from_pretrained(model_dir)
+def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: str = "cpu") -> dict[str, Any]:
+    w = LlamaWeights.from_pretrained(model_dir, device=device)  # float32 on any device
     prompts = _prompts(model_dir, n_prompts, seed)
     configs = [(f"{r:g}", r, "deviation") for r in RATIOS] + [(f"epic-{r:g}", r, "epic") for r in EPIC_RATIOS]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configs}
+    rows["0.15-no-chunk-prefix"] = []
     t0 = time.perf_counter()
     with blockstore.open(os.path.join(scratch, "fidelity-store")) as store:
-        kv = ChunkKVStore(store, model_id=w.model_id)
-        blenders = {name: Blender(w, kv, ratio=r, selector=sel) for name, r, sel in configs}
+        # chunks are computed after <s> (CHUNK_PREFIX), as the prompt's own chunks are read after it
+        kv = ChunkKVStore(store, model_id=Blender.kv_model_id(w, CHUNK_PREFIX))
+        blenders = {name: Blender(w, kv, ratio=r, selector=sel, chunk_prefix=CHUNK_PREFIX) for name, r, sel in configs}
+        blenders["0.15-no-chunk-prefix"] = Blender(w, ChunkKVStore(store, model_id=w.model_id), ratio=0.15)
         for i, (ids, spans) in enumerate(prompts):
             ref = full_prefill(w, torch.tensor(ids))
             ref_seq = greedy_decode(w, ref.keys, ref.values, ref.logits, DECODE)
             ref_logp = F.log_softmax(ref.logits, -1)
             for name, blender in blenders.items():
                 res = blender.blend(ids, spans=spans)
-                seq = greedy_decode(w, res.keys, res.values, res.logits, DECODE)
+                seq = greedy_decode(w, res.keys, res.values, res.logits, DECODE, until_differs=ref_seq)
                 logp = F.log_softmax(res.logits, -1)
                 rows[name].append({
                     "top1": float(seq[0] == ref_seq[0]),
                     "seq": float(seq == ref_seq),
-                    "tokens": sum(a == b for a, b in zip(seq, ref_seq)) / DECODE,
+                    "tokens": next((i for i, (a, b) in enumerate(zip(seq, ref_seq)) if a != b), len(seq)) / DECODE,
                     "kl": float((ref_logp.exp() * (ref_logp - logp)).sum()),
                     "recomputed_share": len(res.recomputed) / len(ids),
                 })
-            if (i + 1) % 25 == 0:
+            if (i + 1) % 10 == 0:
                 _say(f"fidelity {i + 1}/{len(prompts)} prompts ({time.perf_counter() - t0:.0f} s)")
     out: dict[str, Any] = {}
     for name, got in rows.items():
         out[name] = {
             "top1_agreement": statistics.fmean(r["top1"] for r in got),
             "seq_agreement": statistics.fmean(r["seq"] for r in got),
-            "token_agreement": statistics.fmean(r["tokens"] for r in got),
+            "prefix_agreement": statistics.fmean(r["tokens"] for r in got),
             "kl": statistics.fmean(r["kl"] for r in got),
             "kl_median": statistics.median(r["kl"] for r in got),
             "recomputed_share": statistics.fmean(r["recomputed_share"] for r in got),
@@ -126,6 +132,7 @@ def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str) -> dict[st
     out["_setup"] = {"model_dir": os.path.relpath(model_dir, REPO), "model_id": w.model_id, "prompts": len(prompts),
                      "mean_prompt_tokens": statistics.fmean(len(p[0]) for p in prompts),
                      "chunks_per_prompt": "3-5", "tokens_per_chunk": "64-128", "decode_tokens": DECODE,
+                     "device": str(w.device), "dtype": str(w.dtype), "chunk_prefix": list(CHUNK_PREFIX),
                      "seconds": time.perf_counter() - t0}
     return out
 
@@ -174,15 +181,21 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     os.sync()
     locs = store.locate_many([kv.layer_key(c, i) for c in cids for i in range(w.config.num_hidden_layers)], ns=kv.ns)
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
-    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_warm", "blend_cold", "blend_cold_serial",
-                                                    "prefix_warm", "load_warm", "load_cold", "disk_ceiling_Bps")}
+    one_reader = Blender(w, kv, ratio=0.15, readers=1)
+    resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
+    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_cold",
+                                                    "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
+                                                    "disk_ceiling_Bps")}
+    last: dict[str, Any] = {}
     timed(lambda: blend.blend(prompt, spans=spans))  # warm-up: kernels, allocator, page cache
     timed(lambda: full_prefill(w, prompt))
     for rep in range(repeats):
         runs["full"].append(timed(lambda: full_prefill(w, prompt)))
-        runs["blend_warm"].append(timed(lambda: blend.blend(prompt, spans=spans)))
+        runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
+        runs["blend_warm"].append(timed(lambda: last.update(warm=blend.blend(prompt, spans=spans))))
+        runs["blend_warm_1reader"].append(timed(lambda: one_reader.blend(prompt, spans=spans)))
         store.drop_page_cache()
-        runs["blend_cold"].append(timed(lambda: blend.blend(prompt, spans=spans)))
+        runs["blend_cold"].append(timed(lambda: last.update(cold=blend.blend(prompt, spans=spans))))
         store.drop_page_cache()
         runs["blend_cold_serial"].append(timed(lambda: serial.blend(prompt, spans=spans)))
         runs["prefix_warm"].append(timed(lambda: prefix.blend(prompt, spans=spans[:1])))
@@ -196,12 +209,14 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     floor = kv_bytes / med["disk_ceiling_Bps"]
     return {
         "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes,
-        "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
+        "speedup_hot": med["full"] / med["blend_hot"], "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
         "speedup_prefix": med["full"] / med["prefix_warm"],
         "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],
         "cold_floor_s": floor, "blend_cold_vs_floor": med["blend_cold"] / floor,
         "load_cold_vs_floor": med["load_cold"] / floor,
         "store_cold_GBps": kv_bytes / med["load_cold"] / 1e9, "disk_ceiling_GBps": med["disk_ceiling_Bps"] / 1e9,
+        "readers_gain_warm": med["blend_warm_1reader"] / med["blend_warm"],
+        "blend_timings_last": {k: v.timings for k, v in last.items()},  # load_s, load_wait_s, ... of one run
         "seconds": {k: spread(v) for k, v in runs.items() if k != "disk_ceiling_Bps"},
     }
 
@@ -216,16 +231,23 @@ def speed(device: str, shape: str, dtype: torch.dtype, lengths: Sequence[int], r
     with blockstore.open(os.path.join(scratch, f"speed-store-{shape}")) as store:
         for length in lengths:
             per_length.append(_one_length(w, store, length, repeats, scratch, seed))
-    at = [r for r in per_length if r["tokens"] >= 4096] or per_length
-    best = at[0]
-    cross = next((r["tokens"] for r in per_length if r["speedup_cold"] > 1.0), None)
+    return {**headline(per_length), "model": {"shape": shape, "parameters": params, "dtype": str(dtype)},
+            "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+            "seconds": time.perf_counter() - t0}
+
+
+def headline(per_length: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures the issue asks for, at the shortest length >= 4k tokens (else the longest), and
+    the shortest length where a cold blend beats a full prefill."""
+    per_length = sorted(per_length, key=lambda r: r["tokens"])
+    best = next((r for r in per_length if r["tokens"] >= 4096), per_length[-1])
     return {
         "speedup_vs_full_prefill": best["speedup_warm"], "speedup_cold_vs_full_prefill": best["speedup_cold"],
+        "speedup_hot_vs_full_prefill": best["speedup_hot"],
         "speedup_prefix_only": best["speedup_prefix"], "at_tokens": best["tokens"], "ratio": 0.15,
         "cold_floor_s": best["cold_floor_s"], "blend_cold_vs_floor": best["blend_cold_vs_floor"],
-        "cold_crossover_tokens": cross, "model": {"shape": shape, "parameters": params, "dtype": str(dtype)},
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-        "per_length": per_length, "seconds": time.perf_counter() - t0,
+        "cold_crossover_tokens": next((r["tokens"] for r in per_length if r["speedup_cold"] > 1.0), None),
+        "per_length": per_length,
     }
 
 
@@ -245,7 +267,7 @@ def plot(doc: dict[str, Any], stem: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for prefix, label in (("", "deviation (CacheBlend)"), ("epic-", "first tokens (EPIC)")):
             pts = sorted((float(k.removeprefix(prefix)), v) for k, v in fid.items()
-                         if (k.startswith("epic-") == bool(prefix)))
+                         if k.startswith("epic-") == bool(prefix) and "no-chunk-prefix" not in k)
             for metric, style in (("top1_agreement", "-o"), ("seq_agreement", "--s")):
                 ax.plot([p[0] for p in pts], [p[1][metric] for p in pts], style, label=f"{label}: {metric}")
         ax.set_xlabel("recompute ratio")
@@ -262,7 +284,8 @@ def plot(doc: dict[str, Any], stem: str) -> list[str]:
         for ax, (machine, res) in zip(axes[0], ttft.items()):
             rows = res["per_length"]
             xs = [r["tokens"] for r in rows]
-            for key, label in (("full", "full prefill"), ("blend_warm", "blend 0.15 warm"),
+            for key, label in (("full", "full prefill"), ("blend_hot", "blend 0.15 hot (KV in memory)"),
+                               ("blend_warm", "blend 0.15 warm"),
                                ("blend_cold", "blend 0.15 cold"), ("prefix_warm", "prefix-only reuse")):
                 ax.plot(xs, [r["seconds"][key]["median"] for r in rows], "-o", label=label)
             ax.plot(xs, [r["cold_floor_s"] for r in rows], ":", label="cold floor (KV bytes / disk)")
@@ -292,17 +315,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="fewer prompts, shorter and fewer speed prompts")
     ap.add_argument("--json", help="results file (default bench/results/blend.json, --quick: blend_quick.json)")
     ap.add_argument("--model", default=None, help="trained model folder (default jobs.trained_model's)")
-    ap.add_argument("--prompts", type=int, default=None, help="fidelity prompts (default 200, --quick 200)")
+    ap.add_argument("--prompts", type=int, default=None, help="fidelity prompts (default 200, --quick 40)")
     ap.add_argument("--fidelity-only", action="store_true")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fidelity-device", default=None, help="device of the fidelity part (default --device)")
     ap.add_argument("--shape", default="cpu-125m", help="speed model shape (blockstore.blend.SHAPES)")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--machine", default=None, help="name of the ttft entry (default cpu-2core or the GPU's)")
     ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default a temp dir in build/)")
-    ap.add_argument("--merge", default=None, help="merge this file's ttft entries into --json and exit")
+    ap.add_argument("--merge", default=None, help="merge this file's fidelity and ttft entries into --json and exit")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -311,9 +335,15 @@ def _merge(path: str, into: str) -> dict[str, Any]:
     with open(path) as f:
         new = json.load(f)
     doc = json.load(open(into)) if os.path.exists(into) else {}
+    if new.get("fidelity"):
+        doc["fidelity"] = new["fidelity"]
+        doc.setdefault("runs", {})["fidelity"] = new.get("run", {})
     for machine, res in new.get("ttft", {}).items():
-        doc.setdefault("ttft", {})[machine] = res
-        doc.setdefault("runs", {})[f"ttft.{machine}"] = new.get("run", {})
+        # runs of one length each (a GPU lease runs them one by one) add up to one entry per machine
+        old = doc.get("ttft", {}).get(machine, {})
+        lengths = {r["tokens"]: r for r in old.get("per_length", []) + res["per_length"]}
+        doc.setdefault("ttft", {})[machine] = {**res, **headline(list(lengths.values()))}
+        doc.setdefault("runs", {})[f"ttft.{machine}.{','.join(str(n) for n in sorted(lengths))}"] = new.get("run", {})
     return doc
 
 
@@ -338,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         model = args.model or str(DEFAULT_MODEL_DIR)
         _say(f"fidelity on {model}")
-        doc["fidelity"] = fidelity(model, args.prompts or 200, args.seed, scratch)
+        doc["fidelity"] = fidelity(model, args.prompts or (40 if args.quick else 200), args.seed, scratch,
+                                   args.fidelity_device or args.device)
         doc.setdefault("runs", {})["fidelity"] = run
     if not args.fidelity_only:
         cuda = args.device.startswith("cuda")

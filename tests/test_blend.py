@@ -193,6 +193,9 @@ def test_missing_chunks_are_computed_and_stored(weights: LlamaWeights, store: bl
     third = blender.blend(_prompt([chunks[2], chunks[1], chunks[0]]))
     assert third.missing_chunks == [chunk_id(chunks[2])]
     torch.testing.assert_close(third.logits, blender.blend(_prompt([chunks[2], chunks[1], chunks[0]])).logits)
+    resident = dict(zip(second.missing_chunks, kv.load_many(second.missing_chunks)))  # a hot tier: no read
+    hot = blender.blend(_prompt([chunks[2], chunks[1], chunks[0]]), resident=resident)
+    assert hot.missing_chunks == [] and torch.equal(hot.logits, third.logits)
 
 
 def test_bad_records_and_arguments_are_refused(weights: LlamaWeights, store: blockstore.Store) -> None:
@@ -226,5 +229,19 @@ def test_bad_records_and_arguments_are_refused(weights: LlamaWeights, store: blo
         blender.blend(_prompt([ids]), spans=[(5, 3)])
     with pytest.raises(BlockstoreError):
         blender.blend([0, 1, 500])
-    with pytest.raises(InvalidArgument, match="model"):
+    with pytest.raises(InvalidArgument, match="chunk KV store is for"):
         Blender(weights, ChunkKVStore(store, model_id="x"))
+
+
+def test_chunks_computed_after_a_prefix_keep_only_their_own_rows(weights: LlamaWeights, store: blockstore.Store) -> None:
+    with pytest.raises(InvalidArgument, match="chunk-prefix"):
+        Blender(weights, ChunkKVStore(store, model_id=weights.model_id), chunk_prefix=(0,))
+    kv = ChunkKVStore(store, model_id=Blender.kv_model_id(weights, (0,)))
+    chunks = _chunks(2, seed=9)
+    prompt = torch.cat((torch.tensor([0]), _prompt(chunks)))
+    res = Blender(weights, kv, ratio=1.0, separator_ids=(SEP,), chunk_prefix=(0,)).blend(prompt, spans=[(1, 25), (26, 50)])
+    torch.testing.assert_close(res.logits, full_prefill(weights, prompt).logits, atol=1e-4, rtol=1e-4)
+    [got] = kv.load_many([chunk_id(chunks[0])])
+    assert got is not None and torch.equal(got.positions, torch.arange(1, 25))
+    with_prefix = full_prefill(weights, torch.cat((torch.tensor([0]), chunks[0])))
+    assert torch.equal(got.keys[2], with_prefix.keys[2][1:])  # the chunk's rows, computed after <s>

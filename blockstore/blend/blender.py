@@ -13,7 +13,7 @@ position mask. Chunks not in the store are computed on their own and stored on t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +47,25 @@ class _Span:
     end: int
     cid: bytes
     chunk: ChunkKV | None = None  # computed here, or loaded in one read; None while streamed
-    rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of (prompt - stored) positions
+
+
+@dataclass
+class _Moves:
+    """Where a blend's covered rows are and the cos/sin of their re-rotation (the same in every layer)."""
+
+    rows: torch.Tensor | None = None  # None until the first layer that uses cached KV
+    cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 class Blender:
     def __init__(self, weights: LlamaWeights, kv: ChunkKVStore, ratio: float = 0.15, selector: str = "deviation",
-                 check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True) -> None:
+                 check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
+                 readers: int | None = None, chunk_prefix: Sequence[int] = ()) -> None:
+        """`chunk_prefix`: tokens (say <s>) a missing chunk is computed after, so that its first token
+        is not a false attention sink; only the chunk's own rows are stored, at positions after the
+        prefix. KV computed so differs from KV computed without: its store's model_id says so
+        (`Blender.kv_model_id`)."""
         if not 0.0 <= float(ratio) <= 1.0:
             raise InvalidArgument(f"ratio must be in [0, 1], not {ratio!r}")
         if selector not in SELECTORS:
@@ -62,6 +75,7 @@ class Blender:
                                   f"{weights.config.num_hidden_layers}-layer model")
         self.w, self.kv, self.ratio, self.selector = weights, kv, float(ratio), selector
         self.check_layer, self.separator_ids, self.overlap = check_layer, tuple(separator_ids), overlap
+        self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                             str(weights.dtype).removeprefix("torch."))
@@ -69,8 +83,16 @@ class Blender:
             kv.layout = expected
         elif kv.layout != expected:
             raise InvalidArgument(f"the chunk KV store expects layout {kv.layout}, the model makes {expected}")
-        if kv.model_id != weights.model_id:
-            raise InvalidArgument(f"the chunk KV store is for model {kv.model_id!r}, the weights are {weights.model_id!r}")
+        self.chunk_prefix = tuple(int(t) for t in chunk_prefix)
+        if kv.model_id != self.kv_model_id(weights, self.chunk_prefix):
+            raise InvalidArgument(f"the chunk KV store is for {kv.model_id!r}, this blender makes KV of "
+                                  f"{self.kv_model_id(weights, self.chunk_prefix)!r}")
+
+    @staticmethod
+    def kv_model_id(weights: LlamaWeights, chunk_prefix: Sequence[int] = ()) -> str:
+        """The model_id of the ChunkKVStore a Blender of these weights and chunk prefix uses."""
+        return weights.model_id + (f"|chunk-prefix={','.join(str(int(t)) for t in chunk_prefix)}"
+                                   if chunk_prefix else "")
 
     def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.int64)
@@ -102,12 +124,15 @@ class Blender:
         return self._compute_and_store(ids, text=text).chunk_id
 
     def _compute_and_store(self, ids: torch.Tensor, *, store: bool = True, text: str | None = None) -> ChunkKV:
-        ref = full_prefill(self.w, ids)
-        pos = torch.arange(ids.shape[0], device=self.w.device)
+        skip = len(self.chunk_prefix)
+        prefix = torch.tensor(self.chunk_prefix, dtype=ids.dtype, device=ids.device)
+        ref = full_prefill(self.w, torch.cat((prefix, ids)))
+        keys, values = [k[skip:] for k in ref.keys], [v[skip:] for v in ref.values]
+        pos = torch.arange(skip, skip + ids.shape[0], device=self.w.device)
         cid = chunk_id(ids)
         if store:
-            self.kv.put(ids, ref.keys, ref.values, pos, text=text)
-        return ChunkKV(cid, ids.to("cpu", torch.int32), pos, ref.keys, ref.values)
+            self.kv.put(ids, keys, values, pos, text=text)
+        return ChunkKV(cid, ids.to("cpu", torch.int32), pos, keys, values)
 
     def _check_spans(self, spans: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
         out, last = [], 0
@@ -121,23 +146,26 @@ class Blender:
 
     @torch.inference_mode()
     def blend(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[tuple[int, int]] | None = None,
-              store_missing: bool = True) -> BlendResult:
+              store_missing: bool = True, *, resident: Mapping[bytes, ChunkKV] | None = None) -> BlendResult:
+        """Blend a prompt. `resident`: chunk KV already in memory on the model's device (chunk id ->
+        ChunkKV, as load_many returns it), used without a read: a hot tier in front of the store."""
         t0 = time.perf_counter()
         ids = self._ids(token_ids)
         n = int(ids.shape[0])
         spans = self._check_spans(self.split(ids) if spans is None else spans, n)
-        parts = [_Span(s, e, chunk_id(ids[s:e])) for s, e in spans]
+        parts = [_Span(s, e, cid, (resident or {}).get(cid)) for s, e in spans for cid in [chunk_id(ids[s:e])]]
+        to_read = [p for p in parts if p.chunk is None]
         timings: dict[str, float] = {}
-        stream = (self.kv.stream_layers([p.cid for p in parts], device=self.w.device, first_layer=self.check_layer)
-                  if self.overlap else None)
+        stream = (self.kv.stream_layers([p.cid for p in to_read], device=self.w.device, first_layer=self.check_layer,
+                                        readers=self.readers) if self.overlap and to_read else None)
         if stream is not None:
             found = [loc is not None for loc in stream.located]
         else:  # one batched read of every layer of every chunk
-            for p, got in zip(parts, self.kv.load_many([p.cid for p in parts], device=self.w.device)):
+            for p, got in zip(to_read, self.kv.load_many([p.cid for p in to_read], device=self.w.device)):
                 p.chunk = got
-            found = [p.chunk is not None for p in parts]
+            found = [p.chunk is not None for p in to_read]
         timings["load_s"] = time.perf_counter() - t0
-        missing = [p for p, ok in zip(parts, found) if not ok]
+        missing = [p for p, ok in zip(to_read, found) if not ok]
         for p in missing:
             p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
         timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
@@ -163,22 +191,26 @@ class Blender:
                 out.append((p, next(streamed), 0))
         return out
 
-    def _cached_kv(self, parts: list[_Span], stream: object, layer: int, n: int,
-                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached_kv(self, parts: list[_Span], stream: object, layer: int, n: int, positions: torch.Tensor,
+                   moves: _Moves) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cached K (re-rotated to the prompt positions) and V for every covered token;
-        rows no chunk covers are zero (they are always recomputed)."""
+        rows no chunk covers are zero (they are always recomputed). One rotation for all chunks."""
         c = self.w.config
         k_all = torch.zeros(n, c.num_key_value_heads, c.head_dim, device=self.w.device, dtype=self.w.dtype)
         v_all = torch.zeros_like(k_all)
-        for p, chunk, j in self._layer_chunks(parts, stream, layer):
+        got = self._layer_chunks(parts, stream, layer)
+        if not got:
+            return k_all, v_all
+        for p, chunk, _ in got:
             if chunk.num_tokens != p.end - p.start:
                 raise CorruptionError(f"chunk {p.cid.hex()} holds {chunk.num_tokens} tokens, its span has "
                                       f"{p.end - p.start}")
-            if p.rotation is None:  # the same delta in every layer: angles computed once per blend
-                delta = positions[p.start:p.end] - chunk.positions.to(positions.device)
-                p.rotation = rope_cos_sin(delta, c.head_dim, c.rope_theta)
-            k_all[p.start:p.end] = rotate(chunk.keys[j], *p.rotation)
-            v_all[p.start:p.end] = chunk.values[j]
+        if moves.rows is None:  # the same rows and deltas in every layer: computed once per blend
+            moves.rows = torch.cat([positions[p.start:p.end] for p, _, _ in got])
+            delta = moves.rows - torch.cat([chunk.positions.to(positions.device) for _, chunk, _ in got])
+            moves.cos, moves.sin = rope_cos_sin(delta, c.head_dim, c.rope_theta)
+        k_all[moves.rows] = rotate(torch.cat([chunk.keys[j] for _, chunk, j in got]), moves.cos, moves.sin)
+        v_all[moves.rows] = torch.cat([chunk.values[j] for _, chunk, j in got])
         return k_all, v_all
 
     def _select(self, k_fresh: torch.Tensor, k_cached: torch.Tensor, parts: list[_Span], n: int) -> torch.Tensor:
@@ -204,6 +236,7 @@ class Blender:
                     timings: dict[str, float]) -> BlendResult:
         n = int(ids.shape[0])
         pos = torch.arange(n, device=self.w.device)
+        moves = _Moves()
         hidden = self.w.embed[ids]
         active = pos  # rows whose hidden state is carried
         keys, values = [], []
@@ -215,7 +248,7 @@ class Blender:
                 hidden = finish_layer(self.w, layer, hidden, attend(q, k, v, pos, pos, causal_all_rows=True))
                 continue
             t_wait = time.perf_counter()
-            k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos)
+            k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos, moves)
             timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait
             if layer_index == self.check_layer:
                 chosen = self._select(k, k_all, parts, n)

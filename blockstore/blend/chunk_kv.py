@@ -19,6 +19,7 @@ models' KV of the same tokens apart; the M record's model name is checked on eve
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -38,6 +39,9 @@ from blockstore.store import Store
 KEY_TAG = b"kvb1"
 PAGE = 4096
 FORMAT_VERSION = 1
+# loader threads of a LayerStream: a page-cache copy runs at a few GB/s per core, so a GPU host's 8B-model
+# KV (128 KiB a token) needs several in flight to keep up with its prefill; on 2 cores, 2
+DEFAULT_READERS = max(2, min(8, (os.cpu_count() or 2) // 2))
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -213,10 +217,10 @@ class ChunkKVStore:
         return [loaded.get(c) if c is not None else None for c in chunk_ids]
 
     def stream_layers(self, chunk_ids: Sequence[bytes], *, device: str | torch.device = "cpu",
-                      first_layer: int = 0) -> LayerStream:
+                      first_layer: int = 0, readers: int | None = None) -> LayerStream:
         """Start loading these chunks layer by layer, from `first_layer` on, on a loader thread (layer
         l + 1 is read while the caller computes layer l). Chunks not stored are None in `stream.located`."""
-        return LayerStream(self, self.locate(chunk_ids), device, first_layer)
+        return LayerStream(self, self.locate(chunk_ids), device, first_layer, readers)
 
 
 class _BufferPlan:
@@ -266,11 +270,13 @@ class _BufferPlan:
 
 
 class LayerStream:
-    """Chunk KV loaded one layer at a time on a loader thread: `layer(l)` waits for layer l's K and V
-    of every located chunk. Reading layer l + 1 overlaps the caller's compute of layer l."""
+    """Chunk KV loaded one layer at a time by `readers` loader threads, each claiming the next layer in
+    order: `layer(l)` waits for layer l's K and V of every located chunk. Reading layers l + 1 ... runs
+    while the caller computes layer l, and several reads in flight use more than one core's memory copy
+    bandwidth (warm) and the disk's queue depth (cold)."""
 
     def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
-                 first_layer: int = 0) -> None:
+                 first_layer: int = 0, readers: int | None = None) -> None:
         self.located = located
         self.first_layer = first_layer
         self.load_s = 0.0  # from the start to the last layer in memory
@@ -281,26 +287,34 @@ class LayerStream:
         self._ready = [threading.Event() for _ in range(self.layers)]
         self._loaded: list[list[ChunkKV] | None] = [None] * self.layers
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(kv,), name="blend-loader", daemon=True)
-        if self.plan:
-            self._thread.start()
+        self._claim = threading.Lock()
+        self._next = first_layer
+        n = readers or DEFAULT_READERS
+        self._threads = [threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
+                         for i in range(max(1, min(n, self.layers - first_layer)) if self.plan else 0)]
+        for t in self._threads:
+            t.start()
+
+    def _claim_layer(self) -> int | None:
+        with self._claim:
+            if self._next >= self.layers or self._error is not None:
+                return None
+            self._next += 1
+            return self._next - 1
 
     def _run(self, kv: ChunkKVStore) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            for layer in range(self.first_layer, self.layers):
-                buffers = _BufferPlan(self.plan, range(layer, layer + 1), "cpu")
-                buffers.read(kv.store, kv.ns)
-                chunks = [buffers.chunk(p) for p in self.plan]
-                if stream is not None:
+            while (layer := self._claim_layer()) is not None:
+                buffers = _BufferPlan(self.plan, range(layer, layer + 1), self.device)
+                if stream is not None:  # read into pinned memory, copy on this reader's stream, wait for it
                     with torch.cuda.stream(stream):
-                        for c in chunks:
-                            c.keys = [k.to(self.device, non_blocking=False) for k in c.keys]
-                            c.values = [v.to(self.device, non_blocking=False) for v in c.values]
-                            c.positions = c.positions.to(self.device)
+                        buffers.read(kv.store, kv.ns)
                     stream.synchronize()
-                self._loaded[layer] = chunks
-                self.load_s = time.perf_counter() - self._t0
+                else:
+                    buffers.read(kv.store, kv.ns)
+                self._loaded[layer] = [buffers.chunk(p) for p in self.plan]
+                self.load_s = max(self.load_s, time.perf_counter() - self._t0)
                 self._ready[layer].set()
         except BaseException as exc:  # handed to the caller's next layer()
             self._error = exc
@@ -316,5 +330,5 @@ class LayerStream:
         return got
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._thread.join()
+        for t in self._threads:
+            t.join()

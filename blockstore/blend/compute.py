@@ -8,6 +8,7 @@ Shapes: hidden rows [n, hidden]; q [n, heads, head_dim]; k, v [n, kv_heads, head
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,13 +133,17 @@ def full_prefill(w: LlamaWeights, token_ids: torch.Tensor, positions: torch.Tens
 
 @torch.inference_mode()
 def greedy_decode(w: LlamaWeights, keys: list[torch.Tensor], values: list[torch.Tensor], first_logits: torch.Tensor,
-                  steps: int) -> list[int]:
+                  steps: int, *, until_differs: Sequence[int] | None = None) -> list[int]:
     """`steps` greedy tokens continuing a prefill whose KV is `keys`/`values` (positions 0..n-1) and
-    whose last-token logits are `first_logits`. The caches are not modified."""
+    whose last-token logits are `first_logits`. The caches are not modified. `until_differs`: stop
+    after the first token that differs from this reference sequence (an agreement measurement needs
+    no more)."""
     n = keys[0].shape[0]
     ks, vs = list(keys), list(values)
     out = [int(first_logits.argmax())]
     for step in range(steps - 1):
+        if until_differs is not None and out[-1] != until_differs[len(out) - 1]:
+            break
         pos = torch.tensor([n + step], device=w.device)
         hidden = w.embed[torch.tensor([out[-1]], device=w.device)]
         all_pos = torch.arange(n + step + 1, device=w.device)
