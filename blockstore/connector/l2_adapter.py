@@ -196,6 +196,7 @@ EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by v
 DISK_CHECK_FRACTION = 4
 TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
 EVICT_AHEAD = 16  # a pass frees at least capacity / EVICT_AHEAD (measured in bench/eviction.py)
+BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
 MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
 
 
@@ -791,7 +792,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         the open blocks. A pass decides first and then writes in batches (one delete per namespace, moves 256
         at a time, one synced directory write): each relocation and each block deletion costs the engine a
         sync, so batching is what keeps eviction at the speed of the store. Returns the keys deleted."""
-        budget = 2 * max(excess, disk_excess, 0) + self.store.block_size
+        budget = BUDGET_K * max(excess, disk_excess, 0) + self.store.block_size
         drop: dict[str, list[ObjectKey]] = {}
         keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
         emptied: list[BlockEntry] = []
