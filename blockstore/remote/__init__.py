@@ -1,0 +1,19 @@
+"""The object-store tier (issue 18): sealed blocks uploaded to any S3-compatible store, read back by
+ranged GETs verified like any read, and a pool through which every node finds what the others sealed.
+
+A plugin: it uses the Store's public API only (`block_table`, `namespaces`, `namespace_id`, the block
+files of sealed blocks, which are immutable and only read here), and the engine never imports it.
+docs/remote.md says what exists, what survives the loss of a node, and what the engine still has to
+grow (seal notification, a read fallback for dropped blocks, a `remote` durability mode)."""
+
+from blockstore.remote.errors import RemoteError, RemoteUnavailable
+from blockstore.remote.layout import IndexEntry
+from blockstore.remote.objects import ObjectStore, S3Settings, make_object_store
+from blockstore.remote.pool import RemotePool
+from blockstore.remote.reader import RemoteReader
+from blockstore.remote.uploader import Uploader, UploadStatus
+
+__all__ = [
+    "IndexEntry", "ObjectStore", "RemoteError", "RemotePool", "RemoteReader", "RemoteUnavailable", "S3Settings",
+    "Uploader", "UploadStatus", "make_object_store",
+]

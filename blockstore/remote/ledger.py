@@ -1,0 +1,76 @@
+"""The uploader's durable local record, in its own RocksDB (never the engine's directory): which blocks
+are uploaded, which publication number each block reserved, and the cursor below which every sealed
+block is settled. A crash between any two steps leaves a record the next run finishes idempotently."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rocksdict import Options, Rdict, WriteOptions
+
+_CURSOR = b"cursor"  # every block id <= cursor is uploaded, deleted, or was never sealed here
+_NEXT_SEQ = b"next_seq"  # the next publication number of this node's index objects
+_UPLOADED = b"up/"
+_RESERVED = b"res/"
+
+
+def _bid(block_id: int) -> bytes:
+    return block_id.to_bytes(8, "big")
+
+
+class Ledger:
+    def __init__(self, path: str) -> None:
+        opts = Options()
+        opts.create_if_missing(True)
+        self._db = Rdict(path, opts)
+        self._sync = WriteOptions()
+        self._sync.sync = True  # what the ledger says was uploaded must survive a power loss
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _put(self, key: bytes, value: Any) -> None:
+        self._db.put(key, json.dumps(value).encode(), self._sync)
+
+    def _get(self, key: bytes) -> Any:
+        raw = self._db.get(key)
+        return None if raw is None else json.loads(raw)
+
+    @property
+    def cursor(self) -> int:
+        got = self._get(_CURSOR)
+        return -1 if got is None else int(got)
+
+    def set_cursor(self, block_id: int) -> None:
+        self._put(_CURSOR, block_id)
+
+    def next_seq(self) -> int | None:
+        got = self._get(_NEXT_SEQ)
+        return None if got is None else int(got)
+
+    def uploaded(self, block_id: int) -> dict[str, Any] | None:
+        got = self._get(_UPLOADED + _bid(block_id))
+        return None if got is None else dict(got)
+
+    def reservation(self, block_id: int) -> dict[str, Any] | None:
+        got = self._get(_RESERVED + _bid(block_id))
+        return None if got is None else dict(got)
+
+    def reserve(self, block_id: int, record: dict[str, Any], next_seq: int) -> None:
+        """Before any PUT: the block's object names and publication number, so a retry reuses them."""
+        self._put(_RESERVED + _bid(block_id), record)
+        self._put(_NEXT_SEQ, next_seq)
+
+    def mark_uploaded(self, block_id: int, record: dict[str, Any]) -> None:
+        self._put(_UPLOADED + _bid(block_id), record)
+        self._db.delete(_RESERVED + _bid(block_id), self._sync)
+
+    def uploaded_blocks(self) -> dict[int, dict[str, Any]]:
+        out = {}
+        for k, v in self._db.items(from_key=_UPLOADED):
+            assert isinstance(k, bytes) and isinstance(v, bytes)  # this DB holds bytes keys and values only
+            if not k.startswith(_UPLOADED):
+                break
+            out[int.from_bytes(k[len(_UPLOADED):], "big")] = json.loads(v)
+        return out

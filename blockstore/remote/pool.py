@@ -1,0 +1,102 @@
+"""Many nodes, one pool: a node ingests every node's key-index objects (list-after from a cursor per
+node) into its own RocksDB under its own folder, and reads what any node sealed through RemoteReader.
+
+Lookup keys carry the namespace's name, so a key is only ever found in the namespace it was written
+in, on every node. Within one origin node the higher sequence number wins (a KV tombstone removes the
+key); between nodes the index ingested last wins (KV-cache keys name their content, so both are right)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from blockstore.errors import InvalidArgument
+from blockstore.records import Kind
+from blockstore.remote.layout import INDEX, BlockIndex, IndexEntry
+from blockstore.remote.objects import ObjectStore
+from blockstore.remote.reader import RemoteReader
+
+_CURSOR = b"c/"  # + node id -> the last index object name ingested from that node
+_KEY = b"k/"  # + namespace length, namespace, key -> the entry
+
+
+def _lookup_key(ns: str, key: bytes) -> bytes:
+    raw = ns.encode()
+    if not 0 < len(raw) < 256:
+        raise InvalidArgument(f"namespace name must be 1-255 bytes, not {ns!r}")
+    return _KEY + bytes([len(raw)]) + raw + key
+
+
+def _encode(e: IndexEntry) -> bytes:
+    return json.dumps([e.data_key, e.node, e.kind, e.offset, e.payload_off, e.record_len, e.payload_len, e.seq,
+                       e.payload_xxh3]).encode()
+
+
+def _decode(ns: str, key: bytes, raw: bytes) -> IndexEntry:
+    dkey, node, kind, off, poff, rlen, plen, seq, cks = json.loads(raw)
+    return IndexEntry(ns, key, kind, off, poff, rlen, plen, seq, cks, dkey, node)
+
+
+class RemotePool:
+    def __init__(self, objects: ObjectStore, path: str, *, reader: RemoteReader | None = None) -> None:
+        self.objects = objects
+        opts = Options()
+        opts.create_if_missing(True)
+        self._db = Rdict(path, opts)
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        self.reader = reader or RemoteReader(objects)
+        self.ingested_objects = 0
+
+    def close(self) -> None:
+        self.reader.close()
+        self._db.close()
+
+    def poll(self) -> int:
+        """Ingest every index object published since the last poll; returns how many. One LIST for the
+        nodes, one LIST-after per node, one GET per new index (cost proportional to what is new)."""
+        n = 0
+        for prefix in self.objects.list_children(INDEX):
+            node = prefix[len(INDEX):].rstrip("/")
+            raw_cursor = self._db.get(_CURSOR + node.encode())
+            after = None if raw_cursor is None else bytes(raw_cursor).decode()
+            for name in self.objects.list_after(prefix, after):
+                self._ingest(node, name, BlockIndex.decode(self.objects.get(name)))
+                n += 1
+        self.ingested_objects += n
+        return n
+
+    def _ingest(self, node: str, name: str, index: BlockIndex) -> None:
+        """The index's entries and the node's new cursor in one synced batch."""
+        batch = WriteBatch()
+        for e in index.entries:
+            lk = _lookup_key(e.ns, e.key)
+            old_raw = self._db.get(lk)
+            if old_raw is not None:
+                old = _decode(e.ns, e.key, bytes(old_raw))
+                if old.node == index.node and old.seq > e.seq:
+                    continue  # an older record of the same node's key: the newer one stays
+            if e.kind == Kind.TOMBSTONE:
+                if old_raw is not None:
+                    batch.delete(lk)
+                continue
+            batch.put(lk, _encode(IndexEntry(e.ns, e.key, e.kind, e.offset, e.payload_off, e.record_len,
+                                             e.payload_len, e.seq, e.payload_xxh3, index.data_key, index.node)))
+        batch.put(_CURSOR + node.encode(), name.encode())
+        self._db.write(batch, self._sync)
+
+    def locate_many(self, keys: Sequence[bytes], *, ns: str) -> list[IndexEntry | None]:
+        out: list[IndexEntry | None] = []
+        for k in keys:
+            raw = self._db.get(_lookup_key(ns, bytes(k)))
+            out.append(None if raw is None else _decode(ns, bytes(k), bytes(raw)))
+        return out
+
+    def get_many(self, keys: Sequence[bytes], *, ns: str) -> list[bytes | None]:
+        """Each key's payload from the bucket (None: no node published it in namespace `ns`)."""
+        located = self.locate_many(keys, ns=ns)
+        found = [e for e in located if e is not None]
+        payloads = iter(self.reader.read(found))
+        return [None if e is None else next(payloads) for e in located]

@@ -1,0 +1,156 @@
+"""Sealed blocks to the object store, each once: data object first, then its key index, then the
+ledger. Blocks are found through `Store.block_table()` from a cursor and uploaded in block order; a
+failure stops the pass (the block stays pending, later ones wait) so one node's index objects are
+published in the order their names sort, which is what other nodes' list-after cursors rely on."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from blockstore import hooks
+from blockstore.directory import BLOCK_SEALED
+from blockstore.records import BLOCK_HEADER_SIZE, Kind
+from blockstore.remote.errors import RemoteError, RemoteUnavailable
+from blockstore.remote.layout import INDEX, BlockIndex, IndexEntry, check_node_id, data_key, object_name
+from blockstore.remote.ledger import Ledger
+from blockstore.remote.objects import ObjectStore
+from blockstore.store import Store
+
+LEDGER_DIR = "remote-ledger"  # under the store's folder; the engine ignores folders it does not own
+_KV_TOMBSTONE_META = b"\x01"  # keys.TOMBSTONE_META[SPACE_KV]: a KV key's tombstone (the others are chunks')
+
+
+@dataclass
+class UploadStatus:
+    """What is uploaded and what is still pending (the object store may be unreachable)."""
+
+    uploaded_blocks: int
+    pending_blocks: list[int]
+    pending_bytes: int
+    last_error: str | None = None
+    uploaded_bytes_this_pass: int = 0
+    published: list[str] = field(default_factory=list)
+
+
+class Uploader:
+    def __init__(self, store: Store, objects: ObjectStore, node_id: str, *, ledger_path: str | None = None) -> None:
+        self.store = store
+        self.objects = objects
+        self.node_id = check_node_id(node_id)
+        self.ledger = Ledger(ledger_path or os.path.join(store.path, LEDGER_DIR))
+        self._lock = threading.Lock()  # one pass at a time: publication order is the block order
+        self.last_error: str | None = None
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def pending(self) -> list[Any]:
+        """Sealed blocks after the cursor that are not uploaded yet, in block order (one table snapshot)."""
+        cur = self.ledger.cursor
+        return [e for e in self.store.block_table()
+                if e.block_id > cur and e.state == BLOCK_SEALED and self.ledger.uploaded(e.block_id) is None]
+
+    def status(self) -> UploadStatus:
+        pend = self.pending()
+        return UploadStatus(len(self.ledger.uploaded_blocks()), [e.block_id for e in pend],
+                            sum(e.data_end for e in pend), self.last_error)
+
+    def run_once(self) -> UploadStatus:
+        """Upload every pending block in order; stop at the first one the store will not take (it and
+        the rest stay pending: `status()` names them). Never raises RemoteUnavailable."""
+        with self._lock:
+            sent = 0
+            published: list[str] = []
+            try:
+                for e in self._in_publication_order(self.pending()):
+                    if not self.store.has_block(e.block_id):
+                        continue  # deleted since the snapshot (compaction emptied it): nothing to keep
+                    sent += self._upload(e.block_id, e.data_end, published)
+                self.last_error = None
+            except RemoteUnavailable as exc:
+                self.last_error = str(exc)
+            self._advance_cursor()
+            st = self.status()
+            st.uploaded_bytes_this_pass, st.published = sent, published
+            return st
+
+    def _in_publication_order(self, pending: list[Any]) -> list[Any]:
+        """Blocks that reserved a publication number before a crash go first, in that order: publishing
+        a later number before them would let a reader's cursor step over them."""
+        def order(e: Any) -> tuple[int, int]:
+            res = self.ledger.reservation(e.block_id)
+            return (int(res["seq"]) if res is not None else 1 << 62, e.block_id)
+        return sorted(pending, key=order)
+
+    def _advance_cursor(self) -> None:
+        """Move the cursor to just below the lowest block that is not settled (open or pending)."""
+        table = self.store.block_table()
+        unsettled = [e.block_id for e in table if e.block_id > self.ledger.cursor and (
+            e.state != BLOCK_SEALED or self.ledger.uploaded(e.block_id) is None)]
+        top = max((e.block_id for e in table), default=self.ledger.cursor)
+        new = (min(unsettled) - 1) if unsettled else top
+        if new > self.ledger.cursor:
+            self.ledger.set_cursor(new)
+
+    def _read_sealed(self, block_id: int, data_end: int) -> tuple[bytes, list[IndexEntry]]:
+        """The sealed file's bytes and its KV records and KV tombstones, read under a hold so the file
+        outlives a concurrent deletion; records come from the engine's own scanner (records.py format)."""
+        s = self.store
+        names = {s.namespace_id(n): n for n in s.namespaces()}
+        with s.hold_blocks([block_id]):
+            path = s.blocks.path(block_id)
+            with open(path, "rb") as f:
+                data = f.read()
+            fd = s.backend.open_ro(path)
+            try:
+                scanned = s.backend.scan(fd, BLOCK_HEADER_SIZE, data_end, False)
+            finally:
+                s.backend.close(fd)
+        entries = []
+        for r in scanned.records:
+            i = r.info
+            if i.kind == Kind.CHUNK or (i.kind == Kind.TOMBSTONE and bytes(r.meta) != _KV_TOMBSTONE_META):
+                continue  # chunk records stay local for now (docs/remote.md: what remains)
+            if i.ns not in names:
+                raise RemoteError(f"block {block_id}: record at {r.offset} names unknown namespace id {i.ns}")
+            entries.append(IndexEntry(names[i.ns], bytes(r.key), i.kind, r.offset, i.payload_off, i.record_len,
+                                      i.payload_len, i.seq, i.payload_xxh3))
+        return data, entries
+
+    def _first_free_seq(self) -> int:
+        """A fresh ledger (new node, or a wiped disk under the same node id) continues after the last
+        index this node id published, so readers' cursors never skip what it publishes next."""
+        seq = self.ledger.next_seq()
+        if seq is not None:
+            return seq
+        names = self.objects.list_after(f"{INDEX}{self.node_id}/", None)
+        return 1 + max((int(n.rsplit("/", 1)[1].split("-", 1)[0], 16) for n in names), default=-1)
+
+    def _upload(self, block_id: int, data_end: int, published: list[str]) -> int:
+        """One block: reserve names, PUT data unless already there, PUT index unless there, ledger."""
+        data, entries = self._read_sealed(block_id, data_end)
+        file_xxh3 = xxhash.xxh3_64_intdigest(data)
+        res = self.ledger.reservation(block_id)
+        if res is None or res["file_xxh3"] != file_xxh3:
+            seq = self._first_free_seq()
+            name = object_name(self.node_id, block_id, file_xxh3)
+            res = {"data_key": data_key(name), "index_key": f"{INDEX}{self.node_id}/{seq:016x}-{block_id:016x}-"
+                   f"{file_xxh3:016x}", "file_xxh3": file_xxh3, "size": len(data), "seq": seq}
+            self.ledger.reserve(block_id, res, seq + 1)
+        sent = 0
+        if self.objects.size(res["data_key"]) != len(data):  # HEAD before PUT: a retry sends nothing twice
+            self.objects.put(res["data_key"], data)
+            sent = len(data)
+        hooks.fire("remote.data_put", block_id)
+        index = BlockIndex(self.node_id, block_id, res["data_key"], file_xxh3, len(data), entries)
+        if self.objects.size(res["index_key"]) is None:
+            self.objects.put(res["index_key"], index.encode())
+        hooks.fire("remote.index_put", block_id)
+        self.ledger.mark_uploaded(block_id, res)
+        published.append(res["index_key"])
+        return sent
