@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -67,8 +67,12 @@ _pass_seconds = Histogram("blockstore_compaction_pass_seconds", "Duration of com
 _pass_moved = Counter("blockstore_compaction_pass_moved_bytes", "Bytes compaction passes copied, by kind",
                       ["kind"], registry=REGISTRY)
 _paced = Counter("blockstore_compaction_paced_seconds",
-                 "Time compaction's copies slept to stay under their copy rate (the foreground-latency guard)",
-                 registry=REGISTRY)
+                 "Time compaction's copies slept to stay under their copy rate", registry=REGISTRY)
+_copy_rate = Gauge("blockstore_compaction_copy_rate_bytes",
+                   "Compaction's copy rate as the foreground-latency guard last set it (bytes/s)", registry=REGISTRY)
+_slowed = Counter("blockstore_compaction_slowed",
+                  "Times the foreground-latency guard halved compaction's copy rate (foreground p99 over target)",
+                  registry=REGISTRY)
 
 # bound once: a labelled child looked up per call would cost a dict lookup and a lock
 _by_op = {op: (_op_keys.labels(op), _op_seconds.labels(op)) for op in OPS}
@@ -179,6 +183,14 @@ def compaction_pass_done(seconds: float, gc_bytes: int, relocated_bytes: int) ->
 def compaction_paced(seconds: float) -> None:
     """Compaction slept `seconds` to keep its copy rate (and so the foreground's latency) in bounds."""
     _paced.inc(seconds)
+
+
+def compaction_guard(rate_bytes_s: float, slowed: bool) -> None:
+    """The foreground-latency guard judged the reads since its last look: the copy rate is now
+    `rate_bytes_s`; `slowed`: it was halved because the foreground's p99 was over its target."""
+    _copy_rate.set(rate_bytes_s)
+    if slowed:
+        _slowed.inc()
 
 
 # ------------------------------------------------------------------------------ scrape time

@@ -171,7 +171,10 @@ def render(path: str, f: Frame, interval: float) -> Table:
     passes = _total(f.scraped, "blockstore_compaction_passes_total")
     t.add_row("compaction", _bytes(r.get("compaction_moved_bytes_s"), True),
               f"{_num(passes, '{:,.0f}')} pass(es); paced "
-              f"{_num(_total(f.scraped, 'blockstore_compaction_paced_seconds_total'), '{:.1f} s')}")
+              f"{_num(_total(f.scraped, 'blockstore_compaction_paced_seconds_total'), '{:.1f} s')}; copy rate "
+              f"{_bytes(_total(f.scraped, 'blockstore_compaction_copy_rate_bytes'), True)}, slowed "
+              f"{_num(_total(f.scraped, 'blockstore_compaction_slowed_total'), '{:,.0f}')} time(s) for the "
+              "foreground")
     if f.scrape_error:
         t.add_row("writer", "-", f.scrape_error)
     return t
