@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
+from bench.eviction import sim_belady, sim_lru  # noqa: E402
 from blockstore.connector.l2_adapter import (  # noqa: E402
     RECORD_FRAMING,
     BlockstoreL2Adapter,
@@ -177,3 +180,39 @@ def test_config_refuses_what_cannot_keep_the_promise(make: Callable[..., Blockst
         BlockstoreL2AdapterConfig(str(tmp_path / "x"), capacity_bytes=BLOCK, block_size=BLOCK,
                                   compaction={"policy": "full", "gc_budget": float("inf")})
     assert BlockstoreL2AdapterConfig(str(tmp_path / "x"), compaction="aggressive").compaction == "aggressive"
+
+
+def test_bench_belady_is_the_optimum_the_online_policies_stay_under() -> None:
+    """bench/eviction.py's floor is right: on small random traces its Belady (MIN with bypass) equals an
+    exhaustive search over every eviction and bypass choice, and LRU and FIFO never beat it."""
+
+    def best(trace: list[list[int]], cap: int) -> int:
+        @functools.cache
+        def go(ri: int, held: frozenset[int]) -> int:
+            if ri == len(trace):
+                return 0
+            req = trace[ri]
+            hits = sum(1 for k in req if k in held)
+            options = {held}
+            for k in [k for k in req if k not in held]:  # each miss may be stored, evicting any held key
+                grown = set()
+                for h in options:
+                    grown.add(h)
+                    if len(h) < cap:
+                        grown.add(h | {k})
+                    else:
+                        grown.update((h - {v}) | {k} for v in h)
+                options = grown
+            return hits + max(go(ri + 1, h) for h in options)
+
+        return go(0, frozenset())
+
+    rng = random.Random(7)
+    for _ in range(25):
+        trace = [[rng.randrange(6) for _ in range(rng.randint(1, 2))] for _ in range(8)]
+        trace = [list(dict.fromkeys(r)) for r in trace]
+        total = sum(len(r) for r in trace)
+        for cap in (1, 2, 3):
+            opt = best(trace, cap) / total
+            assert sim_belady(trace, cap) == pytest.approx(opt)
+            assert sim_lru(trace, cap) <= opt + 1e-12 and sim_lru(trace, cap, fifo=True) <= opt + 1e-12
