@@ -813,7 +813,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             deleted += len(gone)
         for ns, items in keep.items():
             deleted += self._move_to_head(ns, items)
-        stones = [e for e in emptied if e.tombstones]
+        # only blocks that really hold nothing live now (a move can lose its race, a delete can fail): the floor
+        # leaves them out, which is safe only because they go at the same sync
+        now_table = {x.block_id: x for x in self.store.block_table()} if emptied else {}
+        stones = [now_table[e.block_id] for e in emptied
+                  if e.block_id in now_table and now_table[e.block_id].tombstones
+                  and now_table[e.block_id].live_records == 0]
         if stones:
             self._retire_tombstones(stones)
         if keep or stones:
