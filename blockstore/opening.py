@@ -121,5 +121,5 @@ def announce_open(store: MeasuredStore, *, created: bool) -> None:
                f"{report['dropped_entries']} entr(ies) dropped)")
     else:
         how = "opened clean"
-    _log.info("%s: %s (durability %s, %d block(s))", store.path, how, store.durability, len(store.block_table()))
+    _log.info("%s: %s; durability %s, %d block(s)", store.path, how, store.durability, len(store.block_table()))
     metrics.track(store)
