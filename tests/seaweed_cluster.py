@@ -61,7 +61,9 @@ class Proc:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             # own session: a test's kill -9 of this server cannot reach the test runner's group
-            self.popen = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # cwd: the log's folder, so nothing a server writes by default lands in the caller's directory
+            self.popen = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                          cwd=self.log.parent)
 
     @property
     def pid(self) -> int:
@@ -141,7 +143,7 @@ class SeaweedCluster:
         fport = free_port(fip)
         self.filer = Proc("filer", fip, fport, [
             weed, "filer", f"-ip={fip}", f"-port={fport}", f"-port.grpc={free_port(fip)}", f"-master={master_addr}",
-            f"-defaultReplicaPlacement={REPLICATION}",
+            f"-defaultReplicaPlacement={REPLICATION}", f"-defaultStoreDir={self._folder('filer')}",
         ], self.root / "filer.log")
         self.filer.start()
         # the S3 gateway in front of the filer, on the filer's address (`weed filer -s3` did not start it)
@@ -158,6 +160,11 @@ class SeaweedCluster:
             raise
         self.startup_s = time.monotonic() - t0
         return self
+
+    def _folder(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(exist_ok=True)
+        return path
 
     @staticmethod
     def _grpc_of(p: Proc) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 _CURSOR = b"cursor"  # every block id <= cursor is uploaded, deleted, or was never sealed here
 _NEXT_SEQ = b"next_seq"  # the next publication number of this node's index objects
@@ -59,12 +59,16 @@ class Ledger:
 
     def reserve(self, block_id: int, record: dict[str, Any], next_seq: int) -> None:
         """Before any PUT: the block's object names and publication number, so a retry reuses them."""
-        self._put(_RESERVED + _bid(block_id), record)
-        self._put(_NEXT_SEQ, next_seq)
+        batch = WriteBatch()  # one synced write: both or neither
+        batch.put(_RESERVED + _bid(block_id), json.dumps(record).encode())
+        batch.put(_NEXT_SEQ, json.dumps(next_seq).encode())
+        self._db.write(batch, self._sync)
 
     def mark_uploaded(self, block_id: int, record: dict[str, Any]) -> None:
-        self._put(_UPLOADED + _bid(block_id), record)
-        self._db.delete(_RESERVED + _bid(block_id), self._sync)
+        batch = WriteBatch()
+        batch.put(_UPLOADED + _bid(block_id), json.dumps(record).encode())
+        batch.delete(_RESERVED + _bid(block_id))
+        self._db.write(batch, self._sync)
 
     def uploaded_blocks(self) -> dict[int, dict[str, Any]]:
         out = {}

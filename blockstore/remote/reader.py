@@ -15,7 +15,8 @@ from blockstore.remote.layout import IndexEntry
 from blockstore.remote.objects import ObjectStore
 
 DEFAULT_MAX_GAP = 64 << 10  # read through a gap this small rather than pay another request
-DEFAULT_MAX_RUN = 8 << 20  # split longer runs so a batch still fans out over connections
+DEFAULT_MAX_RUN = 2 << 20  # split longer runs so a batch still fans out over connections (8 MiB runs
+# read 1 MiB records at 0.45 of plain GETs in bench/remote.py: 2 requests in flight instead of 8)
 
 
 def plan_runs(entries: Sequence[IndexEntry], max_gap: int, max_run: int) -> list[tuple[str, int, int, list[int]]]:
@@ -57,18 +58,23 @@ class RemoteReader:
         self._pool.shutdown(wait=True)
 
     def read(self, entries: Sequence[IndexEntry]) -> list[bytes]:
-        """Each entry's verified payload, in the order given."""
+        """Each entry's verified payload, in the order given. Each worker fetches one run and verifies
+        its records (the checksum code releases the GIL), so verification overlaps the transfers."""
         runs = plan_runs(entries, self.max_gap, self.max_run)
         self.requests += len(runs)
-        fetched = list(self._pool.map(lambda r: self.objects.get_ranges(r[0], [(r[1], r[2])])[0], runs))
-        out: list[bytes | None] = [None] * len(entries)
-        for (key, start, end, members), raw in zip(runs, fetched):
-            if len(raw) != end - start:
-                raise CorruptionError(f"{key}: asked bytes [{start}, {end}), got {len(raw)}")
-            for i in members:
-                e = entries[i]
-                out[i] = self.verify(e, memoryview(raw)[e.offset - start : e.offset - start + e.record_len])
-        return [b for b in out if b is not None]
+        out: list[bytes] = [b""] * len(entries)
+        for done in self._pool.map(lambda r: self._fetch_run(entries, *r), runs):
+            for i, payload in done:
+                out[i] = payload
+        return out
+
+    def _fetch_run(self, entries: Sequence[IndexEntry], key: str, start: int, end: int,
+                   members: list[int]) -> list[tuple[int, bytes]]:
+        raw = self.objects.get_ranges(key, [(start, end)])[0]
+        if len(raw) != end - start:
+            raise CorruptionError(f"{key}: asked bytes [{start}, {end}), got {len(raw)}")
+        return [(i, self.verify(entries[i], raw[entries[i].offset - start : entries[i].offset - start
+                                                 + entries[i].record_len])) for i in members]
 
     def verify(self, e: IndexEntry, rec: memoryview) -> bytes:
         """The payload of record bytes `rec` if they are the record `e` names (header checksum, key,
@@ -78,7 +84,7 @@ class RemoteReader:
         if (key != e.key or info.seq != e.seq or info.kind != e.kind or info.payload_len != e.payload_len
                 or info.payload_off != e.payload_off or info.payload_xxh3 != e.payload_xxh3):
             raise CorruptionError(f"{e.data_key}@{e.offset}: the record there is not the one the index names")
-        payload = bytes(rec[e.payload_off : e.payload_off + e.payload_len])
+        payload = rec[e.payload_off : e.payload_off + e.payload_len]
         if self.backend.xxh3(payload) != e.payload_xxh3:
             raise ChecksumMismatch(f"{e.data_key}@{e.offset}: payload checksum mismatch")
-        return payload
+        return bytes(payload)  # the one copy: out of the transfer buffer, after it was verified

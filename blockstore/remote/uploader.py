@@ -132,23 +132,27 @@ class Uploader:
         return 1 + max((int(n.rsplit("/", 1)[1].split("-", 1)[0], 16) for n in names), default=-1)
 
     def _upload(self, block_id: int, data_end: int, published: list[str]) -> int:
-        """One block: reserve names, PUT data unless already there, PUT index unless there, ledger."""
+        """One block: reserve names (synced), PUT data, PUT index, mark uploaded (synced). On a retry
+        (a reservation from an earlier pass) each PUT is skipped if a HEAD finds it already done."""
         data, entries = self._read_sealed(block_id, data_end)
         file_xxh3 = xxhash.xxh3_64_intdigest(data)
         res = self.ledger.reservation(block_id)
-        if res is None or res["file_xxh3"] != file_xxh3:
+        retry = res is not None and res["file_xxh3"] == file_xxh3  # a pass before this one may have PUT
+        if not retry:
             seq = self._first_free_seq()
             name = object_name(self.node_id, block_id, file_xxh3)
             res = {"data_key": data_key(name), "index_key": f"{INDEX}{self.node_id}/{seq:016x}-{block_id:016x}-"
                    f"{file_xxh3:016x}", "file_xxh3": file_xxh3, "size": len(data), "seq": seq}
             self.ledger.reserve(block_id, res, seq + 1)
+        assert res is not None
         sent = 0
-        if self.objects.size(res["data_key"]) != len(data):  # HEAD before PUT: a retry sends nothing twice
+        # HEAD before PUT only on a retry: a first attempt's names were never used (reserved just now)
+        if not retry or self.objects.size(res["data_key"]) != len(data):
             self.objects.put(res["data_key"], data)
             sent = len(data)
         hooks.fire("remote.data_put", block_id)
         index = BlockIndex(self.node_id, block_id, res["data_key"], file_xxh3, len(data), entries)
-        if self.objects.size(res["index_key"]) is None:
+        if not retry or self.objects.size(res["index_key"]) is None:
             self.objects.put(res["index_key"], index.encode())
         hooks.fire("remote.index_put", block_id)
         self.ledger.mark_uploaded(block_id, res)

@@ -1,0 +1,186 @@
+"""The object-store tier against the raw S3 ceiling, on a real SeaweedFS cluster started for the run
+(tests/seaweed_cluster.py: master, 3 volume servers with replication 001, filer, S3 gateway).
+
+For each client (boto3, obstore), on fresh buckets, `--repeats` times:
+- upload: `Uploader.run_once()` of a store of 1 MiB KV records (sealed blocks: block file PUT after a HEAD,
+  then the key index, then the ledger) vs plain PutObject of the same block files' bytes, same client;
+- ranged read: `RemotePool.get_many` of every record in batches of `--batch` (coalesced ranged GETs,
+  verified record by record) vs plain GetObject of the same payloads stored as objects of their own,
+  with the same parallelism (8 requests in flight), same client;
+- cross-node hit: node A seals one record and uploads it; node B's first read of it (poll + read).
+Median and spread per figure; the ratios are medians of per-repeat ratios.
+
+    python -m bench.remote            # 128 x 1 MiB records, 5 repeats
+    python -m bench.remote --quick    # 32 x 1 MiB records, 3 repeats
+
+Last stdout line: {"ratios": {"upload_vs_raw_put": ..., "ranged_read_vs_raw_get": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import blockstore
+from bench.common import engine_state, keys_for, machine_info, spread, write_json
+from blockstore.remote import ObjectStore, RemotePool, S3Settings, Uploader, make_object_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from seaweed_cluster import SeaweedCluster  # type: ignore[import-not-found]  # noqa: E402
+
+MIB = 1 << 20
+BLOCK_SIZE = 16 * MIB
+CLIENTS = ("boto3", "obstore")
+
+
+def new_settings(cluster: Any) -> S3Settings:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    cluster.client().create_bucket(Bucket=name)
+    s = cluster.s3_settings()
+    return S3Settings(s["endpoint"], name, s["access_key"], s["secret_key"], s["region"])
+
+
+def build_store(path: str, n: int) -> dict[bytes, bytes]:
+    kv = {k: os.urandom(MIB) for k in keys_for(n)}
+    with blockstore.open(path, block_size=BLOCK_SIZE) as s:
+        items = list(kv.items())
+        for i in range(0, len(items), 16):
+            s.put_many(items[i:i + 16])
+    return kv
+
+
+def time_raw_put(objects: ObjectStore, files: list[bytes]) -> float:
+    t = time.perf_counter()
+    for i, data in enumerate(files):  # the ceiling: the same bytes, plain PutObject, same client
+        objects.put(f"raw/block-{i}", data)
+    return time.perf_counter() - t
+
+
+def one_repeat(cluster: Any, client: str, scratch: str, n: int, batch: int, raw_first: bool) -> dict[str, float]:
+    objects = make_object_store(new_settings(cluster), client)
+    for i in range(4):  # a new bucket grows its volumes on its first writes: not part of either figure
+        objects.put(f"warm/{i}", os.urandom(MIB))
+    path = os.path.join(scratch, f"store-{uuid.uuid4().hex[:8]}")
+    kv = build_store(path, n)
+    with blockstore.open(path) as s:
+        files = [Path(s.blocks.path(e.block_id)).read_bytes() for e in s.block_table() if e.state == 2]
+        raw_put_s = time_raw_put(objects, files) if raw_first else 0.0  # alternate who goes first
+        up = Uploader(s, objects, f"node-{uuid.uuid4().hex[:6]}")
+        t = time.perf_counter()
+        st = up.run_once()
+        upload_s = time.perf_counter() - t
+        up.close()
+        assert not st.pending_blocks, st.last_error
+    if not raw_first:
+        raw_put_s = time_raw_put(objects, files)
+    block_bytes = sum(len(d) for d in files)
+
+    pool = RemotePool(objects, os.path.join(scratch, f"pool-{uuid.uuid4().hex[:8]}"))
+    pool.poll()
+    keys = sorted(kv)
+    for i, k in enumerate(keys):
+        objects.put(f"raw/record-{i}", kv[k])
+    read_s = raw_get_s = 0.0
+    # batch by batch, alternating which goes first: on a shared machine the load drifts within seconds,
+    # and interleaving puts both sides under the same drift
+    with ThreadPoolExecutor(max_workers=8) as ex:  # the reader's parallelism
+        for b, i in enumerate(range(0, len(keys), batch)):
+            for side in ((0, 1) if b % 2 == 0 else (1, 0)):
+                t = time.perf_counter()
+                if side == 0:
+                    got = pool.get_many(keys[i:i + batch], ns="default")
+                    read_s += time.perf_counter() - t
+                    assert got == [kv[k] for k in keys[i:i + batch]]
+                else:
+                    raw = list(ex.map(objects.get, [f"raw/record-{j}" for j in range(i, min(i + batch, len(keys)))]))
+                    raw_get_s += time.perf_counter() - t
+                    assert all(len(r) == MIB for r in raw)
+    pool.close()
+    shutil.rmtree(path)
+    payload = n * MIB
+    return {
+        "upload_MBps": block_bytes / upload_s / 1e6, "raw_put_MBps": block_bytes / raw_put_s / 1e6,
+        "ranged_read_MBps": payload / read_s / 1e6, "raw_get_MBps": payload / raw_get_s / 1e6,
+        "upload_vs_raw_put": raw_put_s / upload_s, "ranged_read_vs_raw_get": raw_get_s / read_s,
+    }
+
+
+def cross_node_hit(cluster: Any, objects: ObjectStore, scratch: str, tries: int) -> list[float]:
+    """Seconds from node A's upload finishing to node B holding the bytes (B polls, then reads)."""
+    pool = RemotePool(objects, os.path.join(scratch, f"pool-x-{uuid.uuid4().hex[:8]}"))
+    pool.poll()
+    out = []
+    for i in range(tries):
+        path = os.path.join(scratch, f"node-x-{i}")
+        value = os.urandom(MIB)
+        with blockstore.open(path, block_size=BLOCK_SIZE) as s:
+            s.put(b"hit-%d" % i, value)
+        with blockstore.open(path) as s:
+            up = Uploader(s, objects, f"node-x{i}")
+            up.run_once()
+            up.close()
+        t = time.perf_counter()
+        pool.poll()
+        got = pool.get_many([b"hit-%d" % i], ns="default")
+        out.append(time.perf_counter() - t)
+        assert got == [value]
+        shutil.rmtree(path)
+    pool.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="32 records, 3 repeats")
+    ap.add_argument("--records", type=int, default=None, help="1 MiB records per repeat (default 128, quick 32)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=16, help="records per read batch")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/remote[_quick].json)")
+    a = ap.parse_args(argv)
+    n = a.records or (32 if a.quick else 128)
+    repeats = a.repeats or (3 if a.quick else 5)
+    out = a.out or os.path.join("bench", "results", "remote_quick.json" if a.quick else "remote.json")
+    scratch = tempfile.mkdtemp(prefix="bench-remote-")
+    cluster = SeaweedCluster(Path(scratch) / "seaweed")
+    try:
+        cluster.start()
+        print(f"cluster up in {cluster.startup_s:.1f} s", flush=True)
+        per_client: dict[str, Any] = {}
+        for client in CLIENTS:
+            runs = []
+            for r in range(repeats):
+                runs.append(one_repeat(cluster, client, scratch, n, a.batch, raw_first=r % 2 == 1))
+                print(client, r, json.dumps({k: round(v, 3) for k, v in runs[-1].items()}), flush=True)
+            per_client[client] = {k: spread([x[k] for x in runs]) for k in runs[0]}
+        hit = cross_node_hit(cluster, make_object_store(new_settings(cluster)), scratch, 3 if a.quick else 5)
+    finally:
+        cluster.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    best = max(CLIENTS, key=lambda c: per_client[c]["ranged_read_MBps"]["median"] + per_client[c]["upload_MBps"]["median"])
+    ratios = {k: round(per_client[best][k]["median"], 3) for k in ("upload_vs_raw_put", "ranged_read_vs_raw_get")}
+    cmd = "python -m bench.remote" + (" --quick" if a.quick else "") + (f" --records {a.records}" if a.records else "")
+    doc = {
+        "ratios": ratios, "client": best, "records": n, "record_bytes": MIB, "batch": a.batch, "repeats": repeats,
+        "per_client": per_client, "cross_node_hit_s": spread(hit), "cluster_startup_s": cluster.startup_s,
+        "command": cmd, "argv": shlex.join(sys.argv), "machine": machine_info(tempfile.gettempdir()),
+        "engine": engine_state(),
+    }
+    write_json(out, doc)
+    print(f"results in {out}; reproduce with: {cmd}")
+    print(json.dumps({"ratios": ratios, "client": best, "cross_node_hit_ms": round(1000 * spread(hit)["median"], 1),
+                      "results": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
