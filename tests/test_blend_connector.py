@@ -160,6 +160,8 @@ def _step(scheduler, worker, req_id: str, ids: list[int], block_ids: list[int]):
     """One scheduler step for a new request, then the worker's load and save; returns the claim."""
     from types import SimpleNamespace
 
+    from blockstore.connector.blend_connector import BlendConnectorMetadata
+
     req = SimpleNamespace(request_id=req_id, prompt_token_ids=ids)
     claimed, is_async = scheduler.get_num_new_matched_tokens(req, 0)
     assert is_async is False
@@ -169,9 +171,17 @@ def _step(scheduler, worker, req_id: str, ids: list[int], block_ids: list[int]):
     worker.bind_connector_metadata(scheduler.build_connector_meta(out))
     worker.start_load_kv(SimpleNamespace(no_compile_layers={}))
     worker.wait_for_save()
-    worker._saver.submit(lambda: None).result()  # noqa: SLF001 - wait for the saver thread in a test
     worker.clear_connector_metadata()
+    stored_now = worker.build_connector_worker_meta()
+    # the next (decode) step: chunks the prompt brought are stored at its end, after the first token
+    worker.bind_connector_metadata(BlendConnectorMetadata())
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+    if not claimed:
+        assert stored_now is None  # an unclaimed prompt's chunks wait for the next step, off its first token
     scheduler.update_connector_output(SimpleNamespace(kv_connector_worker_meta=worker.build_connector_worker_meta()))
+    if stored_now is not None:
+        scheduler.update_connector_output(SimpleNamespace(kv_connector_worker_meta=stored_now))
     return claimed
 
 

@@ -42,9 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,10 +291,11 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         self._ready: dict[str, _Plan] = {}
         # worker side
         self._new_chunks: list[bytes] = []  # stored since the last step's worker metadata
-        self._lock = threading.Lock()  # the saver thread and the step share _new_chunks and the counters
-        # Chunks are computed and stored off the step: the request that brought them gets its first
-        # token without waiting for them (the one thread keeps the store's writes in order).
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend-chunk-save")
+        # Chunks a step's prompts brought are computed and stored at the end of the *next* step, so the
+        # request that brought them gets its first token without waiting for them. (A thread beside the
+        # step was tried: on a 2-core CPU its torch work and vLLM's fight over the cores, and the first
+        # token of the request came 2-6x later than without the connector.)
+        self._deferred: list[ChunkSave] = []
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_of: dict[str, int] = {}
         self._failed_blocks: set[int] = set()
@@ -382,29 +381,25 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
                 self._serve(load, layers)
             except (BlockstoreError, RuntimeError, ValueError) as exc:
                 # Nothing half-written is read: vLLM recomputes every block reported here.
-                with self._lock:
-                    self.counters.load_failures += 1
-                    self.counters.last_error = f"{type(exc).__name__}: {exc}"
+                self.counters.load_failures += 1
+                self.counters.last_error = f"{type(exc).__name__}: {exc}"
                 self._failed_blocks.update(load.block_ids[load.start // self.block_size:
                                                           -(-load.end // self.block_size)])
                 log.warning("%s: blending %s failed, vLLM recomputes it: %s", CONNECTOR_CLASS, load.req_id, exc)
-            with self._lock:
-                self._write_stats()
+            self._write_stats()
 
     def _serve(self, load: BlendLoad, layers: dict[str, Any]) -> None:
         assert self.runtime is not None
         t0 = time.perf_counter()
         res = self.runtime.blender.blend(load.token_ids, spans=load.spans, store_missing=True)
-        with self._lock:
-            self._new_chunks += res.missing_chunks
+        self._new_chunks += res.missing_chunks
         t1 = time.perf_counter()
         slots = paged_kv.slot_mapping(load.block_ids, load.start, load.end, self.block_size)
         for name, cache in self._kv_caches.items():
             layer = self._layer_of[name]
             paged_kv.write_kv(cache, res.keys[layer][load.start:load.end], res.values[layer][load.start:load.end],
                               slots, paged_kv.attention_isa(cache, layers.get(name)))
-        with self._lock:
-            self._count_blend(load, res, t1 - t0, time.perf_counter() - t1)
+        self._count_blend(load, res, t1 - t0, time.perf_counter() - t1)
 
     def _count_blend(self, load: BlendLoad, res: Any, blend_s: float, write_s: float) -> None:
         c = self.counters
@@ -426,15 +421,16 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         return  # chunk KV is computed position-independently in wait_for_save, not taken from vLLM's cache
 
     def wait_for_save(self) -> None:
-        if not self.has_connector_metadata():
-            return
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, BlendConnectorMetadata)
-        for save in meta.saves:
-            self._saver.submit(self._store_chunks, save)
+        due, self._deferred = self._deferred, []
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, BlendConnectorMetadata)
+            self._deferred = list(meta.saves)
+        for save in due:
+            self._store_chunks(save)
 
     def _store_chunks(self, save: ChunkSave) -> None:
-        """(saver thread) Each missing chunk's KV computed on its own (positions 0..T-1) and stored."""
+        """Each missing chunk's KV computed on its own (positions 0..T-1) and stored."""
         assert self.runtime is not None
         t0 = time.perf_counter()
         stored: list[bytes] = []
@@ -445,20 +441,17 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
                 if not ok:
                     stored.append(self.runtime.blender.store_chunk(chunk))
         except BlockstoreError as exc:  # a cache that could not grow is a future miss, not an error
-            with self._lock:
-                self.counters.last_error = f"{type(exc).__name__}: {exc}"
+            self.counters.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("%s: storing chunks of %s failed: %s", CONNECTOR_CLASS, save.req_id, exc)
-        with self._lock:
-            self._new_chunks += stored
-            self.counters.chunks_stored += len(stored)
-            self.counters.store_seconds += time.perf_counter() - t0
-            self._write_stats()
+        self._new_chunks += stored
+        self.counters.chunks_stored += len(stored)
+        self.counters.store_seconds += time.perf_counter() - t0
+        self._write_stats()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        with self._lock:
-            if not self._new_chunks:
-                return None
-            meta, self._new_chunks = BlendWorkerMetadata(tuple(self._new_chunks)), []
+        if not self._new_chunks:
+            return None
+        meta, self._new_chunks = BlendWorkerMetadata(tuple(self._new_chunks)), []
         return meta
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -480,9 +473,10 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         os.replace(tmp, path)
 
     def shutdown(self) -> None:
-        self._saver.shutdown(wait=True)  # chunks being stored are finished, then the store closes
-        with self._lock:
-            self._write_stats()
+        for save in self._deferred:  # chunks seen in the last step are stored before the store closes
+            self._store_chunks(save)
+        self._deferred = []
+        self._write_stats()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             runtime.close()
