@@ -6,7 +6,8 @@ For each client (boto3, obstore), on fresh buckets, `--repeats` times:
   then the key index, then the ledger) vs plain PutObject of the same block files' bytes, same client;
 - ranged read: `RemotePool.get_many` of every record in batches of `--batch` (coalesced ranged GETs,
   verified record by record) vs plain GetObject of the same payloads stored as objects of their own,
-  with the same parallelism (8 requests in flight), same client;
+  with the same parallelism (8 requests in flight), same client; and vs plain ranged GETs of the same
+  record spans in the block objects (what the store itself charges for a range);
 - cross-node hit: node A seals one record and uploads it; node B's first read of it (poll + read).
 Median and spread per figure; the ratios are medians of per-repeat ratios.
 
@@ -90,28 +91,37 @@ def one_repeat(cluster: Any, client: str, scratch: str, n: int, batch: int, raw_
     keys = sorted(kv)
     for i, k in enumerate(keys):
         objects.put(f"raw/record-{i}", kv[k])
-    read_s = raw_get_s = 0.0
-    # batch by batch, alternating which goes first: on a shared machine the load drifts within seconds,
-    # and interleaving puts both sides under the same drift
+    spans = [(e.data_key, e.offset, e.offset + e.record_len)
+             for e in pool.locate_many(keys, ns="default") if e is not None]
+    read_s = raw_get_s = raw_range_s = 0.0
+    # batch by batch, rotating which goes first: on a shared machine the load drifts within seconds,
+    # and interleaving puts every side under the same drift
     with ThreadPoolExecutor(max_workers=8) as ex:  # the reader's parallelism
         for b, i in enumerate(range(0, len(keys), batch)):
-            for side in ((0, 1) if b % 2 == 0 else (1, 0)):
+            for side in [(0, 1, 2), (1, 2, 0), (2, 0, 1)][b % 3]:
                 t = time.perf_counter()
-                if side == 0:
+                if side == 0:  # the tier: lookup, coalesced ranged GETs, verified records
                     got = pool.get_many(keys[i:i + batch], ns="default")
                     read_s += time.perf_counter() - t
                     assert got == [kv[k] for k in keys[i:i + batch]]
-                else:
+                elif side == 1:  # the ceiling: plain GetObject of the same payloads
                     raw = list(ex.map(objects.get, [f"raw/record-{j}" for j in range(i, min(i + batch, len(keys)))]))
                     raw_get_s += time.perf_counter() - t
                     assert all(len(r) == MIB for r in raw)
+                else:  # what the object store charges for ranges: the same spans, no lookup, no checks
+                    got_spans = list(ex.map(lambda sp: objects.get_ranges(sp[0], [(sp[1], sp[2])])[0],
+                                            spans[i:i + batch]))
+                    raw_range_s += time.perf_counter() - t
+                    assert all(len(g) == sp[2] - sp[1] for g, sp in zip(got_spans, spans[i:i + batch]))
     pool.close()
     shutil.rmtree(path)
     payload = n * MIB
     return {
         "upload_MBps": block_bytes / upload_s / 1e6, "raw_put_MBps": block_bytes / raw_put_s / 1e6,
         "ranged_read_MBps": payload / read_s / 1e6, "raw_get_MBps": payload / raw_get_s / 1e6,
+        "raw_ranged_get_MBps": payload / raw_range_s / 1e6,
         "upload_vs_raw_put": raw_put_s / upload_s, "ranged_read_vs_raw_get": raw_get_s / read_s,
+        "ranged_read_vs_raw_ranged_get": raw_range_s / read_s,
     }
 
 
@@ -171,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m bench.remote" + (" --quick" if a.quick else "") + (f" --records {a.records}" if a.records else "")
     doc = {
         "ratios": ratios, "client": best, "records": n, "record_bytes": MIB, "batch": a.batch, "repeats": repeats,
-        "per_client": per_client, "cross_node_hit_s": spread(hit), "cluster_startup_s": cluster.startup_s,
+        "per_client": per_client, "cross_node_hit_s": spread(hit),
+        # try i runs with i + 1 publishing nodes in the bucket (each try adds a node): one more LIST per poll
+        "cross_node_hit_s_by_nodes": [[i + 1, h] for i, h in enumerate(hit)], "cluster_startup_s": cluster.startup_s,
         "command": cmd, "argv": shlex.join(sys.argv), "machine": machine_info(tempfile.gettempdir()),
         "engine": engine_state(),
     }

@@ -21,12 +21,15 @@ import pytest
 import blockstore
 from blockstore.errors import ChecksumMismatch, CorruptionError
 from blockstore.remote import (
+    IndexEntry,
+    RemoteError,
     RemotePool,
     S3Settings,
     Uploader,
     make_object_store,
 )
-from blockstore.remote.layout import BLOCKS, INDEX
+from blockstore.remote.layout import BLOCKS, INDEX, BlockIndex, check_node_id
+from blockstore.remote.reader import plan_runs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from seaweed_cluster import SeaweedCluster  # noqa: E402
@@ -300,3 +303,34 @@ def test_volume_server_killed_mid_read_reads_come_from_the_replica(cluster: Seaw
         pool.close()
         if not victim.alive():
             victim.start()  # later tests get the full cluster back
+
+
+# ---------------------------------------------------------------- pure parts (no cluster)
+
+
+def _entry(key: str, off: int, rlen: int, data_key: str = "blocks/n/1-2") -> IndexEntry:
+    return IndexEntry("default", key.encode(), 1, off, 64, rlen, rlen - 64, 1, 0, data_key, "n")
+
+
+def test_plan_runs_coalesces_neighbours_within_gap_and_run_bounds() -> None:
+    es = [_entry("c", 20_000, 1000), _entry("a", 4096, 1000), _entry("b", 5096, 1000), _entry("d", 9_000_000, 100),
+          _entry("e", 4096, 1000, data_key="blocks/n/2-3")]
+    runs = plan_runs(es, max_gap=64 << 10, max_run=2 << 20)
+    assert sorted((k, s, e, sorted(m)) for k, s, e, m in runs) == [
+        ("blocks/n/1-2", 4096, 21_000, [0, 1, 2]),  # a, b adjacent, c 13.9 KB further: one GET
+        ("blocks/n/1-2", 9_000_000, 9_000_100, [3]),  # far away: its own GET
+        ("blocks/n/2-3", 4096, 5096, [4]),  # another object: its own GET
+    ]
+    assert len(plan_runs(es[1:3], max_gap=0, max_run=1500)) == 2  # the run bound splits even neighbours
+
+
+def test_bad_index_objects_and_node_ids_are_clear_errors() -> None:
+    for raw in (b"", b"{}", b'{"v": 99}', b"\xff\x00", b'{"v": 1, "node": "n", "data_key": "k", "block_id": 1, '
+                b'"file_xxh3": 0, "size": 1, "entries": [["ns", "zz", 1, 0, 0, 0, 0, 0, 0]]}'):
+        with pytest.raises(RemoteError):
+            BlockIndex.decode(raw)
+    for bad in ("", "a/b", "x" * 64, "-lead"):
+        with pytest.raises(RemoteError):
+            check_node_id(bad)
+    one = BlockIndex("n", 7, "blocks/n/7-0", 5, 100, [_entry("k", 4096, 200, "blocks/n/7-0")])
+    assert BlockIndex.decode(one.encode()) == one

@@ -94,8 +94,9 @@ class RemotePool:
             out.append(None if raw is None else _decode(ns, bytes(k), bytes(raw)))
         return out
 
-    def get_many(self, keys: Sequence[bytes], *, ns: str) -> list[bytes | None]:
-        """Each key's payload from the bucket (None: no node published it in namespace `ns`)."""
+    def get_many(self, keys: Sequence[bytes], *, ns: str) -> list[memoryview | None]:
+        """Each key's verified payload from the bucket, as a read-only view (None: no node published it
+        in namespace `ns`)."""
         located = self.locate_many(keys, ns=ns)
         found = [e for e in located if e is not None]
         payloads = iter(self.reader.read(found))
