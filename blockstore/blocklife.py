@@ -8,13 +8,12 @@ forgotten once the file is gone. Cache mode syncs what a deletion could otherwis
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from blockstore import hooks
+from blockstore import hooks, logs, metrics
 from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, OpenBlock, block_file_name
 from blockstore.directory import (
@@ -31,7 +30,7 @@ from blockstore.placement import OpenBlocks
 from blockstore.records import FORMAT_VERSION
 from blockstore.recovery import recover
 
-_log = logging.getLogger("blockstore")
+_log = logs.get("blocks")
 
 
 class BlockLifecycle:
@@ -190,6 +189,9 @@ class BlockLifecycle:
         e.state = BLOCK_SEALED
         e.sealed_ns = time.time_ns()
         e.data_end = ob.tail
+        _log.info("%s: sealed block %016x (%d bytes of records)", self.path, e.block_id, ob.tail)
+        if metrics.enabled:
+            metrics.sealed_done(ob.tail)
         if entries is not None:
             entries[e.block_id] = e
         else:

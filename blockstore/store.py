@@ -34,7 +34,7 @@ from blockstore.manifest import (
     write_manifest_file,
 )
 from blockstore.mutations import Mutation, kv_mutations, partition_of, relocation_mutations
-from blockstore.opening import DIRECTORY, check_options, check_store_path, make_store_dirs
+from blockstore.opening import DIRECTORY, announce_open, check_options, check_store_path, make_store_dirs
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
 from blockstore.records import Buffer, Kind
@@ -57,7 +57,6 @@ class Store:
 
     Thread-safe: any number of threads may read and write concurrently.
     """
-
 
     def __init__(
         self,
@@ -166,6 +165,7 @@ class Store:
                 # reach the disk before an earlier mkdir (POSIX orders neither)
                 self.backend.dir_sync(self.path)
                 self._write_manifest(manifest_path, manifest)
+            announce_open(self, created=not exists)
         except BaseException:
             if directory is not None:
                 directory.close()  # else RocksDB's lock outlives the failed open inside this process

@@ -129,3 +129,15 @@ def test_fsck_logs_findings_and_repair_warns_of_quarantine(tmp_path: Path, caplo
     infos = [r.getMessage() for r in caplog.records if r.name == "blockstore.repair" and r.levelno == logging.INFO]
     assert infos == [f"repair {path}: {res.findings[0].line()}"]
     assert not [r for r in caplog.records if r.name == "blockstore.fsck"]  # repair's own checks stay quiet
+
+
+def test_open_and_seal_log_one_line_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _crash(tmp_path / "s")
+    with caplog.at_level(logging.INFO, logger="blockstore"):
+        with blockstore.open(tmp_path / "s") as s:
+            s.put(b"after", b"v")  # a new block, sealed at close
+    opened = [r.getMessage() for r in caplog.records if r.name == "blockstore.open"]
+    assert opened == [f"{tmp_path / 's'}: opened after recovery (1 block(s) scanned, 0 entr(ies) dropped); "
+                      "durability cache, 1 block(s)"]
+    sealed = [r.getMessage() for r in caplog.records if r.name == "blockstore.blocks"]
+    assert len(sealed) == 1 and "sealed block 0000000000000002" in sealed[0]

@@ -17,11 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import blockstore
-from blockstore import metrics
+from blockstore import logs, metrics
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.store import Store
-from blockstore.tools import metrics_cmd
+from blockstore.tools import cli, metrics_cmd
 
 BLOCK = 64 << 10  # the smallest block: a few dozen 3000-byte records fill one
 VALUE = 3000
@@ -245,3 +245,96 @@ def test_metrics_command_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert _run_metrics_cmd(str(tmp_path / "empty"))[0] == metrics_cmd.EXIT_ERROR
     assert _run_metrics_cmd()[0] == metrics_cmd.EXIT_USAGE
+
+
+def test_an_open_store_is_tracked_and_counted(tmp_path: Path, endpoint: metrics.Endpoint) -> None:
+    """Store's own wiring: tracked from its open (opening.announce_open), its put/get/delete instrumented."""
+    path = str(tmp_path / "s")
+    before = scrape(endpoint.port)
+    with blockstore.open(path) as s:
+        assert metrics.is_instrumented(Store, "put_many") and metrics.is_instrumented(Store, "get_many")
+        s.put(b"k", b"v" * 100)
+        assert s.get(b"k") is not None and s.get(b"nope") is None
+        got = scrape(endpoint.port)
+        assert get(got, "blockstore_records", store=path) == 1
+    after = scrape(endpoint.port)
+    assert get(got, "blockstore_operation_seconds_count", op="put") - get(before, "blockstore_operation_seconds_count", op="put") == 1
+    assert get(got, "blockstore_read_hits_total") - get(before, "blockstore_read_hits_total") == 1
+    assert get(after, "blockstore_blocks_sealed_total") - get(before, "blockstore_blocks_sealed_total") == 1
+
+
+def test_compaction_passes_are_timed(tmp_path: Path, endpoint: metrics.Endpoint) -> None:
+    with blockstore.open(str(tmp_path / "s"), block_size=BLOCK,
+                         compaction={"policy": "full", "background": False, "gc_budget": 10.0}) as s:
+        for i in range(60):
+            s.put(b"k%02d" % i, bytes([i]) * VALUE)
+        first = min(e.block_id for e in s.block_table() if e.state == BLOCK_SEALED)
+        keys = [k for k, loc in s.iter_locations() if loc.block_id == first]
+        s.delete_many(keys[: len(keys) * 3 // 4])
+        before = scrape(endpoint.port)
+        rep = s.compactor.run_pass()
+        got = scrape(endpoint.port)
+    assert rep.gc_bytes > 0
+    assert get(got, "blockstore_compaction_pass_seconds_count") - get(before, "blockstore_compaction_pass_seconds_count") == 1
+    assert (get(got, "blockstore_compaction_pass_moved_bytes_total", kind="gc")
+            - get(before, "blockstore_compaction_pass_moved_bytes_total", kind="gc")) == rep.gc_bytes
+
+
+def test_cli_metrics_and_top_with_log_levels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "s")
+    blockstore.open(path).close()
+    try:
+        assert cli.main(["-v", "metrics", path]) == 0
+        out, err = capsys.readouterr()
+        assert f'blockstore_records{{store="{path}"}} 0.0' in out
+        assert f"INFO blockstore.open: {path}: opened read-only" in err
+        assert cli.main(["top", path, "--once", "--interval", "0.01"]) == 0
+        out, err = capsys.readouterr()
+        assert f"blockstore top {path}" in out and err == ""  # no INFO lines without -v
+    finally:
+        logs.unconfigure()
+
+
+def test_the_foreground_latency_guard_is_reported(endpoint: metrics.Endpoint) -> None:
+    from blockstore.compaction.compactor import _Pacer
+
+    slow_reads = _Pacer(64e6, None, reads=lambda since: [0.010] * 10, idle_p99=0.001)  # p99 10x idle
+    before = scrape(endpoint.port)
+    slow_reads(0)
+    got = scrape(endpoint.port)
+    assert get(got, "blockstore_compaction_slowed_total") - get(before, "blockstore_compaction_slowed_total") == 1
+    assert get(got, "blockstore_compaction_copy_rate_bytes") == 32e6
+    _Pacer(64e6, None, start_rate=32e6, reads=lambda since: [0.001] * 10, idle_p99=0.001)(0)  # at idle: climbs
+    assert get(scrape(endpoint.port), "blockstore_compaction_copy_rate_bytes") == 40e6
+
+
+def test_adapter_metrics_port_serves_the_adapter_and_its_store(tmp_path: Path) -> None:
+    pytest.importorskip("lmcache")
+    pytest.importorskip("torch")
+    from test_connector_adapter import Arena, lookup, okey, store  # lmcache's types: optional here
+
+    from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig
+
+    with pytest.raises(InvalidArgument, match="metrics_port"):
+        BlockstoreL2AdapterConfig.from_dict({"path": str(tmp_path / "kv"), "metrics_port": 70000})
+    was = metrics.enabled
+    a = BlockstoreL2Adapter({"path": str(tmp_path / "kv"), "compaction": None, "metrics_port": 0})
+    arena = Arena()
+    try:
+        assert a.metrics_endpoint is not None and metrics.enabled
+        keys = [okey(i) for i in range(2)]
+        assert store(a, keys, [arena.new(fill=i) for i in range(2)]).is_successful()
+        assert lookup(a, keys + [okey(9)]) == [True, True, False]
+        a.submit_unlock(keys)
+        got = scrape(a.metrics_endpoint.port)
+        label = str(tmp_path / "kv")
+        assert get(got, "blockstore_adapter_hits_total", store=label, tier="l2", stage="lookup") == 2
+        assert get(got, "blockstore_records", store=label) == 2
+        assert get(got, "blockstore_operation_keys_total", op="put") >= 2
+    finally:
+        a.close()
+        arena.release()
+        if not was:
+            metrics.disable()
+    with pytest.raises(OSError):
+        scrape(a.metrics_endpoint.port)  # closed with the adapter

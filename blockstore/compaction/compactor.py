@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blockstore import hooks
+from blockstore import hooks, metrics
 from blockstore.directory import DirectoryBatch
 from blockstore.errors import BlockstoreError, StoreClosed
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
@@ -104,6 +104,8 @@ class _Pacer:
         self.free_at = max(self.free_at, now) + nbytes / self.rate
         ahead = self.free_at - now
         if ahead > 0:
+            if metrics.enabled:
+                metrics.compaction_paced(ahead)
             if self.stop is not None:
                 self.stop.wait(ahead)
             else:
@@ -117,10 +119,13 @@ class _Pacer:
         if len(recent) < _MIN_READS:
             return  # too few reads to judge: keep the rate, and judge these with the next ones
         self.checked = now
-        if _p99(recent) > FG_P99_TARGET * self.idle_p99:
+        slow = _p99(recent) > FG_P99_TARGET * self.idle_p99
+        if slow:
             self.rate = max(self.rate / 2, self.max_rate / 64)
         else:
             self.rate = min(self.rate * 1.25, self.max_rate)
+        if metrics.enabled:
+            metrics.compaction_guard(self.rate, slowed=slow)
 
 
 class Compactor:
@@ -254,6 +259,7 @@ class Compactor:
                  progress: Callable[[str, int, int], None] | None = None) -> PassReport:
         """One pass: relocate scattered groups that are due, then GC victims past the threshold."""
         with self._pass_lock:
+            started = time.monotonic()
             rep = PassReport(dry_run=dry_run)
             pacer = self._pacer() if pace else None
             if self.policy.relocation:
@@ -276,6 +282,14 @@ class Compactor:
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
                              "tombstones_dropped", "skipped_budget"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
+                if metrics.enabled:
+                    metrics.compaction_pass_done(time.monotonic() - started, rep.gc_bytes, rep.relocated_bytes)
+                if rep.did_work or rep.reclaimed_blocks:
+                    _log.info("%s: compaction pass: relocated %d group(s) (%d records, %d bytes); GC copied %d "
+                              "block(s) (%d records, %d bytes); reclaimed %d block(s); %d lost race(s); %d "
+                              "skipped over budget", self.store.path, rep.relocated_groups, rep.relocated_records,
+                              rep.relocated_bytes, rep.gc_blocks, rep.gc_records, rep.gc_bytes,
+                              rep.reclaimed_blocks, rep.lost_races, rep.skipped_budget)
             return rep
 
     def _pacer(self) -> _Pacer:

@@ -76,6 +76,7 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 import blockstore
+from blockstore import metrics
 from blockstore.compaction import disabled, resolve
 from blockstore.compaction.gc import MinSeqs, tombstones
 from blockstore.connector.eviction import ADMISSION, HashSet, KeyStats, usable_hits, value
@@ -207,7 +208,7 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
     ValueError) naming the field. Frozen, so a validated config stays valid."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ("path", "durability", "block_size", "capacity_bytes", "compaction",
-                                         "workers", "lock_ttl_s", "admission")
+                                         "workers", "lock_ttl_s", "admission", "metrics_port")
 
     path: str
     _: KW_ONLY
@@ -218,6 +219,7 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
     workers: int = 4
     lock_ttl_s: float = 600.0
     admission: str = "always"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         """The one validator (normalizes compaction False/'none'/'off' to None and lock_ttl_s to a float)."""
@@ -264,6 +266,9 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
         ttl = self.lock_ttl_s
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
             raise bad("lock_ttl_s", f"must be a number >= 0 (0 = locks never expire), got {ttl!r}")
+        port = self.metrics_port
+        if port is not None and (not _is_int(port) or not 0 <= port <= 65535):
+            raise bad("metrics_port", f"must be a TCP port 0..65535 (0: any free one) or null, got {port!r}")
         object.__setattr__(self, "compaction", compaction)
         object.__setattr__(self, "lock_ttl_s", float(ttl))
 
@@ -300,6 +305,8 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
             "- workers (int, default 4): threads for lookups and loads; stores get a pool of the same size\n"
             "- lock_ttl_s (number, default 600; 0 = never): a lookup's lock older than this no longer stops "
             "delete (a backstop for locks whose unlock never comes)\n"
+            "- metrics_port (int, optional): serve blockstore's Prometheus metrics (engine, compaction, this "
+            "adapter) at http://HOST:PORT/metrics from the server process\n"
             "Put eviction, serde, shared and affinity_tag at the top level of the --l2-adapter JSON, not here."
         )
 
@@ -468,6 +475,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._store_pool = ThreadPoolExecutor(max_workers=config.workers,
                                                   thread_name_prefix="blockstore-l2-store")
             undo.append(self._store_pool.shutdown)
+            metrics.track_adapter(self)  # its report_status() counters, read at each scrape
+            self.metrics_endpoint = None if config.metrics_port is None else metrics.serve(config.metrics_port)
         except BaseException:
             self._closed = True
             for release in reversed(undo):
@@ -1491,6 +1500,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._closed = True
         self._io_pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         try:
             self.store.close()
         finally:

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from blockstore import __version__
+from blockstore import __version__, logs
 from blockstore.errors import BlockstoreError
-from blockstore.tools import cli_fsck, cli_inspect, cli_read
+from blockstore.tools import cli_fsck, cli_inspect, cli_read, metrics_cmd, top
 from blockstore.tools.cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError
 
 __all__ = ["BUILTIN", "COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -35,6 +35,8 @@ BUILTIN: tuple[Callable[[Any], None], ...] = (
     cli_inspect.register_stats,
     cli_inspect.register_dump,
     cli_fsck.register,
+    metrics_cmd.register,
+    top.register,
 )
 
 
@@ -48,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         "uncorrected).",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", dest="log_verbose", action="count", default=0,
+                   help="log what the store does to stderr: -v INFO (opens, recovery, seals, compaction passes, "
+                   "fsck findings, repair actions), -vv DEBUG; warnings are shown unless -q")
+    p.add_argument("-q", "--quiet", dest="log_quiet", action="count", default=0,
+                   help="log errors only (no warnings)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in BUILTIN:
         register(sub)
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse has printed the usage of the (sub)command it was parsing
         return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    logs.configure(args.log_verbose - args.log_quiet)
     try:
         return int(args.func(args))
     except UsageError as exc:
