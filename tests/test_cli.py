@@ -159,7 +159,7 @@ def test_bad_usage_is_exit_16(args: tuple[str, ...]) -> None:
 
 def test_every_command_explains_itself() -> None:
     top = cli("--help").stdout
-    for command in ("get", "scan", "stats", "dump", "fsck", "compact"):
+    for command in ("get", "scan", "stats", "dump", "fsck", "compact", "metrics", "top"):
         assert command in top, command
         r = cli(command, "--help")
         assert r.returncode == 0 and "--json" in r.stdout, command

@@ -91,6 +91,8 @@ def smoke(venv_bin: Path, work: Path) -> str:
         "ns=default  key=key  size=5000  block=0000000000000001  offset=4096",
         "ns=other  key=\\x00bin  size=1  block=0000000000000002  offset=4096"]
     assert run(venv_bin / "blockstore", "fsck", store, env=env, cwd=work).stdout.strip() == "OK"
+    metrics = run(venv_bin / "blockstore", "metrics", store, env=env, cwd=work).stdout
+    assert "blockstore_records" in metrics, metrics  # prometheus-client came with the install
     module = r.stdout.split("module ", 1)[1].strip()
     assert str(ROOT) not in module, f"imported the checkout, not the installed copy: {module}"
     return module
