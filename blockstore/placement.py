@@ -92,10 +92,12 @@ class OpenBlocks:
             del self.open[partition]
         recent = partition == OVERFLOW_PARTITION or self.written_recently(partition)
         if len(self.open) >= self.max_open_blocks:
-            if lone and not recent:
+            if lone and not recent and many:
                 # a lone record of a partition not written lately (one of thousands of sessions each
                 # saving a memory now and then) joins the shared overflow stream: giving it a block of
-                # its own would take one from a partition that writes again soon
+                # its own would take one from a partition that writes again soon. Only while many
+                # partitions write: with few, a new chat's or task's first record sent there split it
+                # from the rest of its records (LMCache-shaped full mode: 2.81 -> 3.23 blocks/request)
                 return self.block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
             roomy = [(p, o) for p, o in self.open.items() if self._fits(o, need, tails)] if many else []
             if roomy:
