@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     best = max(CLIENTS, key=lambda c: per_client[c]["ranged_read_MBps"]["median"] + per_client[c]["upload_MBps"]["median"])
-    ratios = {k: round(per_client[best][k]["median"], 3) for k in ("upload_vs_raw_put", "ranged_read_vs_raw_get")}
+    ratios = {k: round(per_client[best][k]["median"], 3)
+              for k in ("upload_vs_raw_put", "ranged_read_vs_raw_get", "ranged_read_vs_raw_ranged_get")}
     cmd = "python -m bench.remote" + (" --quick" if a.quick else "") + (f" --records {a.records}" if a.records else "")
     doc = {
         "ratios": ratios, "client": best, "records": n, "record_bytes": MIB, "batch": a.batch, "repeats": repeats,

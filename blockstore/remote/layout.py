@@ -1,11 +1,12 @@
 """Object names and the key-index format: the only place that knows how the bucket is laid out.
 
   blocks/<node>/<block id, 16 hex>-<xxh3 of the file, 16 hex>   the sealed block file, byte for byte
-  index/<node>/<block id, 16 hex>-<xxh3 of the file, 16 hex>    its key index (JSON), written after it
+  index/<node>/<publication number, 16 hex>-<block id, 16 hex>  its key index (JSON), written after it
 
-A name never repeats: a node id is unique, a block id is never reused by its store, and the content hash
-makes even a reused id (a wiped node starting over under the same name) a different object. Block ids
-grow, so one node's index names sort in publication order and a reader lists them with a cursor."""
+A data name never repeats: a node id is unique, a block id is never reused by its store, and the content
+hash makes even a reused id (a wiped node starting over under the same name) a different object. The
+publication number grows per node (the uploader's ledger, continued from the bucket by a fresh ledger),
+so one node's index names sort in publication order and a reader lists them with a cursor."""
 
 from __future__ import annotations
 

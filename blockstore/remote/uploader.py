@@ -67,10 +67,12 @@ class Uploader:
             sent = 0
             published: list[str] = []
             try:
-                for e in self._in_publication_order(self.pending()):
+                order = self._in_publication_order(self.pending())
+                fresh = self._reserve([e.block_id for e in order])
+                for e in order:
                     if not self.store.has_block(e.block_id):
                         continue  # deleted since the snapshot (compaction emptied it): nothing to keep
-                    sent += self._upload(e.block_id, e.data_end, published)
+                    sent += self._upload(e.block_id, e.data_end, published, retry=e.block_id not in fresh)
                 self.last_error = None
             except RemoteUnavailable as exc:
                 self.last_error = str(exc)
@@ -78,6 +80,15 @@ class Uploader:
             st = self.status()
             st.uploaded_bytes_this_pass, st.published = sent, published
             return st
+
+    def _reserve(self, block_ids: list[int]) -> set[int]:
+        """Publication numbers for the blocks that have none, in one synced ledger write for the whole
+        pass (not one per block); returns those blocks: their names were never used, so no HEAD."""
+        new = [b for b in block_ids if self.ledger.reservation(b) is None]
+        if new:
+            first = self._first_free_seq()
+            self.ledger.reserve_many({b: first + i for i, b in enumerate(new)}, first + len(new))
+        return set(new)
 
     def _in_publication_order(self, pending: list[Any]) -> list[Any]:
         """Blocks that reserved a publication number before a crash go first, in that order: publishing
@@ -131,30 +142,25 @@ class Uploader:
         names = self.objects.list_after(f"{INDEX}{self.node_id}/", None)
         return 1 + max((int(n.rsplit("/", 1)[1].split("-", 1)[0], 16) for n in names), default=-1)
 
-    def _upload(self, block_id: int, data_end: int, published: list[str]) -> int:
-        """One block: reserve names (synced), PUT data, PUT index, mark uploaded (synced). On a retry
-        (a reservation from an earlier pass) each PUT is skipped if a HEAD finds it already done."""
+    def _upload(self, block_id: int, data_end: int, published: list[str], *, retry: bool) -> int:
+        """One block: PUT data, PUT index, mark uploaded. On a retry (its number was reserved by an
+        earlier, interrupted pass) each PUT is skipped if a HEAD finds it already done."""
+        res = self.ledger.reservation(block_id)
+        assert res is not None
         data, entries = self._read_sealed(block_id, data_end)
         file_xxh3 = xxhash.xxh3_64_intdigest(data)
-        res = self.ledger.reservation(block_id)
-        retry = res is not None and res["file_xxh3"] == file_xxh3  # a pass before this one may have PUT
-        if not retry:
-            seq = self._first_free_seq()
-            name = object_name(self.node_id, block_id, file_xxh3)
-            res = {"data_key": data_key(name), "index_key": f"{INDEX}{self.node_id}/{seq:016x}-{block_id:016x}-"
-                   f"{file_xxh3:016x}", "file_xxh3": file_xxh3, "size": len(data), "seq": seq}
-            self.ledger.reserve(block_id, res, seq + 1)
-        assert res is not None
+        dkey = data_key(object_name(self.node_id, block_id, file_xxh3))
+        ikey = f"{INDEX}{self.node_id}/{int(res['seq']):016x}-{block_id:016x}"
         sent = 0
-        # HEAD before PUT only on a retry: a first attempt's names were never used (reserved just now)
-        if not retry or self.objects.size(res["data_key"]) != len(data):
-            self.objects.put(res["data_key"], data)
+        if not retry or self.objects.size(dkey) != len(data):
+            self.objects.put(dkey, data)
             sent = len(data)
         hooks.fire("remote.data_put", block_id)
-        index = BlockIndex(self.node_id, block_id, res["data_key"], file_xxh3, len(data), entries)
-        if not retry or self.objects.size(res["index_key"]) is None:
-            self.objects.put(res["index_key"], index.encode())
+        index = BlockIndex(self.node_id, block_id, dkey, file_xxh3, len(data), entries)
+        if not retry or self.objects.size(ikey) is None:
+            self.objects.put(ikey, index.encode())
         hooks.fire("remote.index_put", block_id)
-        self.ledger.mark_uploaded(block_id, res)
-        published.append(res["index_key"])
+        self.ledger.mark_uploaded(block_id, {"data_key": dkey, "index_key": ikey, "file_xxh3": file_xxh3,
+                                             "size": len(data)})
+        published.append(ikey)
         return sent
