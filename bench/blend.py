@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import blockstore
 from bench.ceilings import MiB, Payloads, raw_read, raw_write
 from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
+from bench.report import machine_line, reproduce_line
 from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, greedy_decode
 from blockstore.reader import aligned_buffer
 
@@ -303,6 +304,26 @@ def plot(doc: dict[str, Any], stem: str) -> list[str]:
     return written
 
 
+def plots(doc: dict[str, Any], out_dir: str) -> list[str]:
+    """bench.report's hook: the PNGs of a results document."""
+    return plot(doc, os.path.join(out_dir, "blend_quick" if doc.get("mode") == "quick" else "blend"))
+
+
+def summary_markdown(doc: dict[str, Any]) -> str:
+    """bench.report's hook: the headline tables, the machine and the command."""
+    lines = ["| config | top-1 agreement | 16-token sequence agreement | KL |", "|---|---|---|---|"]
+    for k, v in doc.get("fidelity", {}).items():
+        if not k.startswith("_"):
+            lines.append(f"| {k} | {v['top1_agreement']:.3f} | {v['seq_agreement']:.3f} | {v['kl']:.4f} |")
+    lines += ["", "| machine | model | at tokens | blend 0.15 warm vs full | cold vs full | hot vs full | cold vs floor |",
+              "|---|---|---|---|---|---|---|"]
+    for machine, r in doc.get("ttft", {}).items():
+        lines.append(f"| {machine} | {r['model']['shape']} | {r['at_tokens']} | {r['speedup_vs_full_prefill']:.2f}x | "
+                     f"{r['speedup_cold_vs_full_prefill']:.2f}x | {r.get('speedup_hot_vs_full_prefill', 0):.2f}x | "
+                     f"{r['blend_cold_vs_floor']:.2f}x |")
+    return "\n".join([*lines, "", machine_line(doc), "", reproduce_line(doc)])
+
+
 def summary(doc: dict[str, Any]) -> dict[str, Any]:
     fid = {k: {m: round(v[m], 4) for m in ("top1_agreement", "seq_agreement", "kl")}
            for k, v in doc.get("fidelity", {}).items() if not k.startswith("_")}
@@ -315,6 +336,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.blend", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="30 fidelity prompts; CPU speed at 1024 tokens only")
+    ap.add_argument("--full", action="store_true", help="the default mode (bench.report passes it)")
     ap.add_argument("--json", help="results file (default bench/results/blend.json, --quick: blend_quick.json)")
     ap.add_argument("--model", default=None, help="trained model folder (default jobs.trained_model's)")
     ap.add_argument("--prompts", type=int, default=None, help="fidelity prompts (default 200, --quick 30)")
@@ -337,6 +359,9 @@ def _merge(path: str, into: str) -> dict[str, Any]:
     with open(path) as f:
         new = json.load(f)
     doc = json.load(open(into)) if os.path.exists(into) else {}
+    for key in ("machine", "command", "mode"):  # bench.report's machine and reproduce lines: the first run merged
+        if key in new and key not in doc:
+            doc[key] = new[key]
     if new.get("fidelity"):
         doc["fidelity"] = new["fidelity"]
         doc.setdefault("runs", {})["fidelity"] = new.get("run", {})
@@ -387,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     busy1 = cpu_busy_s()
     run["cpu_busy_s"] = {"machine": busy1[0] - busy0[0], "this_process": busy1[1] - busy0[1]}
     doc["run"] = run
+    doc.update(machine=run["machine"], command=run["command"], mode="quick" if args.quick else "full")
     write_json(out_path, doc)
     try:
         _say(f"plots: {plot(doc, os.path.splitext(out_path)[0])}")
