@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import xxhash
 
 from blockstore import hooks
 from blockstore.directory import BLOCK_SEALED
-from blockstore.records import BLOCK_HEADER_SIZE, Kind
+from blockstore.records import BLOCK_HEADER_SIZE, Kind, ScanStop
 from blockstore.remote.errors import RemoteError, RemoteUnavailable
 from blockstore.remote.layout import INDEX, BlockIndex, IndexEntry, check_node_id, data_key, object_name
 from blockstore.remote.ledger import Ledger
@@ -66,16 +67,29 @@ class Uploader:
         with self._lock:
             sent = 0
             published: list[str] = []
+            # Index PUTs (and the ledger marks) run on one worker, in submission order, overlapping the
+            # next block's data PUT: at most one data and one index request in flight, and each index
+            # still goes after its own data and after every earlier index.
+            indexes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="remote-index")
+            failed: list[BaseException] = []
             try:
                 order = self._in_publication_order(self.pending())
                 fresh = self._reserve([e.block_id for e in order])
                 for e in order:
+                    if failed:
+                        break
                     if not self.store.has_block(e.block_id):
                         continue  # deleted since the snapshot (compaction emptied it): nothing to keep
-                    sent += self._upload(e.block_id, e.data_end, published, retry=e.block_id not in fresh)
+                    sent += self._upload(e.block_id, e.data_end, published, failed, indexes,
+                                         retry=e.block_id not in fresh)
+                indexes.shutdown(wait=True)
+                if failed:
+                    raise failed[0]
                 self.last_error = None
             except RemoteUnavailable as exc:
                 self.last_error = str(exc)
+            finally:
+                indexes.shutdown(wait=True)
             self._advance_cursor()
             st = self.status()
             st.uploaded_bytes_this_pass, st.published = sent, published
@@ -122,6 +136,8 @@ class Uploader:
                 scanned = s.backend.scan(fd, BLOCK_HEADER_SIZE, data_end, False)
             finally:
                 s.backend.close(fd)
+        if scanned.stop != ScanStop.END:  # a sealed block that does not scan to its end is not uploaded
+            raise RemoteError(f"block {block_id}: invalid record at {scanned.next_offset}: run fsck; not uploaded")
         entries = []
         for r in scanned.records:
             i = r.info
@@ -142,9 +158,11 @@ class Uploader:
         names = self.objects.list_after(f"{INDEX}{self.node_id}/", None)
         return 1 + max((int(n.rsplit("/", 1)[1].split("-", 1)[0], 16) for n in names), default=-1)
 
-    def _upload(self, block_id: int, data_end: int, published: list[str], *, retry: bool) -> int:
-        """One block: PUT data, PUT index, mark uploaded. On a retry (its number was reserved by an
-        earlier, interrupted pass) each PUT is skipped if a HEAD finds it already done."""
+    def _upload(self, block_id: int, data_end: int, published: list[str], failed: list[BaseException],
+                indexes: ThreadPoolExecutor, *, retry: bool) -> int:
+        """One block: PUT data here, then hand its index PUT and ledger mark to the index worker. On a
+        retry (its number was reserved by an earlier, interrupted pass) each PUT is skipped if a HEAD
+        finds it already done."""
         res = self.ledger.reservation(block_id)
         assert res is not None
         data, entries = self._read_sealed(block_id, data_end)
@@ -156,11 +174,19 @@ class Uploader:
             self.objects.put(dkey, data)
             sent = len(data)
         hooks.fire("remote.data_put", block_id)
-        index = BlockIndex(self.node_id, block_id, dkey, file_xxh3, len(data), entries)
-        if not retry or self.objects.size(ikey) is None:
-            self.objects.put(ikey, index.encode())
-        hooks.fire("remote.index_put", block_id)
-        self.ledger.mark_uploaded(block_id, {"data_key": dkey, "index_key": ikey, "file_xxh3": file_xxh3,
-                                             "size": len(data)})
-        published.append(ikey)
+        index = BlockIndex(self.node_id, block_id, dkey, file_xxh3, len(data), entries).encode()
+        mark = {"data_key": dkey, "index_key": ikey, "file_xxh3": file_xxh3, "size": len(data)}
+
+        def publish() -> None:
+            if failed:
+                return  # an earlier index failed: publishing this one would let a cursor skip it
+            try:
+                if not retry or self.objects.size(ikey) is None:
+                    self.objects.put(ikey, index)
+                hooks.fire("remote.index_put", block_id)
+                self.ledger.mark_uploaded(block_id, mark)
+                published.append(ikey)
+            except BaseException as exc:  # handed to run_once, which reports it
+                failed.append(exc)
+        indexes.submit(publish)
         return sent
