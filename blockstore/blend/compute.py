@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from blockstore.blend.llama import LayerWeights, LlamaWeights
 
@@ -86,12 +87,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
         out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True)[0]
         return out.transpose(0, 1).reshape(q.shape[0], -1)
     block = CPU_QUERY_BLOCK if q.device.type == "cpu" else 4096
+    if q.shape[0] <= block and _is_tail(q_pos, k_pos):
+        # the query rows are the last rows of a contiguous run of keys (a prefix reused, the rest
+        # computed): here the position mask IS the bottom-right causal one, which fused kernels take
+        # without materialising it
+        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None],
+                                             attn_mask=causal_lower_right(q.shape[0], k.shape[0]))[0]
+        return out.transpose(0, 1).reshape(q.shape[0], -1)
     parts = []
     for start in range(0, q.shape[0], block):
         rows = slice(start, start + block)
         mask = position_mask(q_pos[rows], k_pos)
         parts.append(F.scaled_dot_product_attention(qh[None, :, rows], kh[None], vh[None], attn_mask=mask)[0])
     return torch.cat(parts, dim=1).transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def _is_tail(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+    """Whether keys are positions k0..k0+n-1 in order and the queries the last len(q_pos) of them (rows
+    are sorted and distinct, so first, last and count decide it)."""
+    nq, nk = q_pos.shape[0], k_pos.shape[0]
+    ends = torch.stack((q_pos[0], q_pos[-1], k_pos[0], k_pos[-1], k_pos[nk - nq])).tolist()  # one sync
+    return bool(ends[1] - ends[0] == nq - 1 and ends[3] - ends[2] == nk - 1 and ends[1] == ends[3]
+                and ends[4] == ends[0])
 
 
 def finish_layer(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
