@@ -19,6 +19,7 @@ import pytest
 
 # no importorskip: without requirements/remote.txt installed these tests fail, they never skip silently
 import blockstore
+from bench import remote as bench_remote
 from blockstore.errors import ChecksumMismatch, CorruptionError
 from blockstore.remote import (
     IndexEntry,
@@ -337,3 +338,13 @@ def test_bad_index_objects_and_node_ids_are_clear_errors() -> None:
             check_node_id(bad)
     one = BlockIndex("n", 7, "blocks/n/7-0", 5, 100, [_entry("k", 4096, 200, "blocks/n/7-0")])
     assert BlockIndex.decode(one.encode()) == one
+
+
+def test_bench_remote_measures_both_sides_on_the_shared_cluster(cluster: SeaweedCluster, tmp_path: Path) -> None:
+    """bench/remote.py's pieces on this module's cluster (one cluster at a time): every figure is
+    measured and positive, the reads were checked byte for byte inside (asserts), the hit is timed."""
+    got = bench_remote.one_repeat(cluster, "obstore", str(tmp_path), 4, 2, raw_first=True)
+    assert set(got) >= {"upload_vs_raw_put", "ranged_read_vs_raw_get", "ranged_read_vs_raw_ranged_get"}
+    assert all(v > 0 for v in got.values())
+    hits = bench_remote.cross_node_hit(cluster, make_object_store(new_bucket(cluster)), str(tmp_path), 2)
+    assert len(hits) == 2 and all(h > 0 for h in hits)
