@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 import torch
 
 from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, chunk_id
-from blockstore.blend.compute import Prefill, attend, finish_layer, full_prefill, logits_of, qkv, rope_cos_sin, rotate
+from blockstore.blend.compute import (
+    Prefill,
+    attend,
+    finish_layer,
+    full_prefill,
+    is_tail,
+    logits_of,
+    qkv,
+    rope_cos_sin,
+    rotate,
+)
 from blockstore.blend.llama import LlamaWeights
 from blockstore.errors import CorruptionError, InvalidArgument
 
@@ -239,6 +249,7 @@ class Blender:
         moves = _Moves()
         hidden = self.w.embed[ids]
         active = pos  # rows whose hidden state is carried
+        tail = False
         keys, values = [], []
         for layer_index, layer in enumerate(self.w.layers):
             q, k, v = qkv(self.w, layer, hidden, pos[active])
@@ -254,11 +265,12 @@ class Blender:
                 chosen = self._select(k, k_all, parts, n)
                 q, k, v, hidden = q[chosen], k[chosen], v[chosen], hidden[chosen]
                 active = chosen
+                tail = is_tail(chosen, pos)  # once per blend: a reused prefix and the rest computed
             k_all[active] = k
             v_all[active] = v
             keys.append(k_all)
             values.append(v_all)
-            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, pos[active], pos))
+            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, pos[active], pos, tail_rows=tail))
         covered = sum(p.end - p.start for p in parts)
         in_chunks = int(sum(((active >= p.start) & (active < p.end)).sum() for p in parts)) if parts else 0
         return BlendResult(keys, values, logits_of(self.w, hidden[-1]), [(p.start, p.end) for p in parts],

@@ -71,11 +71,13 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *,
-           causal_all_rows: bool = False) -> torch.Tensor:
+           causal_all_rows: bool = False, tail_rows: bool = False) -> torch.Tensor:
     """Attention of these query rows over all keys, masked by position -> [n_q, heads * head_dim].
 
     `causal_all_rows`: the caller promises q and k are the same rows in position order (a full
-    prefill), so the fused causal kernel may be used instead of an explicit mask."""
+    prefill), so the fused causal kernel may be used instead of an explicit mask. `tail_rows`: the
+    caller has checked (`is_tail`) that the query rows are the last rows of a contiguous run of keys.
+    Both are promises, not checks: a check here would wait for the GPU in every layer."""
     heads, kv_heads = q.shape[1], k.shape[1]
     qh = q.transpose(0, 1)  # [heads, n_q, d]
     kh = k.transpose(0, 1)
@@ -87,7 +89,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
         out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True)[0]
         return out.transpose(0, 1).reshape(q.shape[0], -1)
     block = CPU_QUERY_BLOCK if q.device.type == "cpu" else 4096
-    if q.shape[0] <= block and _is_tail(q_pos, k_pos):
+    if tail_rows and q.shape[0] <= block:
         # the query rows are the last rows of a contiguous run of keys (a prefix reused, the rest
         # computed): here the position mask IS the bottom-right causal one, which fused kernels take
         # without materialising it
@@ -102,7 +104,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     return torch.cat(parts, dim=1).transpose(0, 1).reshape(q.shape[0], -1)
 
 
-def _is_tail(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+def is_tail(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
     """Whether keys are positions k0..k0+n-1 in order and the queries the last len(q_pos) of them (rows
     are sorted and distinct, so first, last and count decide it)."""
     nq, nk = q_pos.shape[0], k_pos.shape[0]
