@@ -68,6 +68,7 @@ SUITE: tuple[Bench, ...] = (
     Bench("lmcache_peer", "--json", (75, 780), title="LMCache L2 adapter vs LMCache's fs adapter"),
     Bench("scaling", "--json", (300, 1200), title="scaling curves"),
     Bench("gpu_path", "--json", (120, 600), needs_cuda=True, title="GPU KV-cache path"),
+    Bench("blend", "--json", (270, 1800), title="blended chunk KV: fidelity and TTFT"),
 )
 NAMES = [b.name for b in SUITE]
 
