@@ -135,7 +135,7 @@ def _plan(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             for bar in bars.values():
                 bar.close()
-            c.stop(flush=False)  # a read-only store: nothing learned, nothing to write
+            c.stop()  # the store is read-only: stop() writes nothing
         return {"report": rep, "facts": _facts(store, c, rep), "stats": store.stats()}
 
 

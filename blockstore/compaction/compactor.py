@@ -161,14 +161,15 @@ class Compactor:
             self._thread.start()
 
     def stop(self, flush: bool = True) -> None:
-        """Stop the thread after its current batch; persist what was learned (unless `flush=False`)."""
+        """Stop the thread after its current batch; persist what was learned (unless `flush=False`, or the
+        store is read-only: a planning or inspecting opener has nothing of its own to write)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._learns_from_reads:
             self.store.remove_read_observer(self._observe_read)
-        if flush:
+        if flush and not self.store.read_only:
             self.flush()
 
     def flush(self) -> None:
