@@ -152,12 +152,16 @@ def _facts(store: Store, c: Compactor, rep: PassReport) -> dict[str, Any]:
     over_budget = [e for e in candidates if e not in tombstones and e.block_id not in chosen]
     sealed = [e for e in table if e.state == BLOCK_SEALED and e.written_bytes]
     worst = max(sealed, key=lambda e: e.invalid_ratio, default=None)
-    def budget(fraction: float, spent: int, reads: bool) -> dict[str, Any]:
-        """A write budget as the compactor counts it (Compactor.budget_left): a share of what was earned."""
+    def budget(fraction: float, spent: int, read_fraction: float | None) -> dict[str, Any]:
+        """A write budget as the compactor counts it (Compactor.budget_left): a share of the bytes put, plus
+        (relocation) a share of the bytes read, each with its own fraction."""
+        reads = read_fraction is not None
         allowed = None if math.isinf(fraction) else int(c.budget_left(0, fraction, reads=reads))
-        return {"fraction": None if allowed is None else fraction, "earned_by": "put and read" if reads else "put",
-                "earned_bytes": store.io_counters()[0] + (c.read_bytes if reads else 0), "allowed_bytes": allowed,
-                "spent_bytes": spent}
+        put_bytes, read_bytes = store.io_counters()[0], (c.read_bytes if reads else 0)
+        return {"fraction": None if allowed is None else fraction,
+                "read_fraction": None if allowed is None else read_fraction,
+                "earned_by": "put and read" if reads else "put", "put_bytes": put_bytes, "read_bytes": read_bytes,
+                "earned_bytes": put_bytes + read_bytes, "allowed_bytes": allowed, "spent_bytes": spent}
 
     return {
         "gc_invalid_ratio": p.gc_invalid_ratio if p.gc else None,
@@ -167,8 +171,8 @@ def _facts(store: Store, c: Compactor, rep: PassReport) -> dict[str, Any]:
         "most_dead_block": None if worst is None else {"block": f"{worst.block_id:016x}",
                                                        "invalid_ratio": round(worst.invalid_ratio, 4)},
         "relocation": p.relocation, "gc": p.gc,
-        "gc_budget": budget(p.gc_budget, c.gc_bytes, reads=False),
-        "relocation_budget": budget(p.relocation_budget, c.relocated_bytes, reads=True),
+        "gc_budget": budget(p.gc_budget, c.gc_bytes, None),
+        "relocation_budget": budget(p.relocation_budget, c.relocated_bytes, p.relocation_read_budget),
     }
 
 
@@ -283,6 +287,9 @@ def _describe_budget(out: dict[str, Any]) -> str:
     for name in ("gc", "relocation"):
         b = out[f"{name}_budget"]
         if out[name] and b["allowed_bytes"] is not None:
-            parts.append(f"{name} may copy {b['fraction']:.0%} of the {b['earned_bytes']:,} bytes {b['earned_by']} "
-                         f"({b['allowed_bytes']:,} bytes) and has copied {b['spent_bytes']:,}")
+            earned = f"{b['fraction']:.0%} of the {b['put_bytes']:,} bytes put"
+            if b["read_fraction"] is not None:
+                earned += f" and {b['read_fraction']:.0%} of the {b['read_bytes']:,} bytes read"
+            parts.append(f"{name} may copy {earned} ({b['allowed_bytes']:,} bytes) and has copied "
+                         f"{b['spent_bytes']:,}")
     return f"write budget: {'; '.join(parts)}; use --no-budget to ignore it"
