@@ -453,10 +453,13 @@ def blend_checks(blend: blend_scenario.BlendOutcome) -> list[tuple[str, bool]]:
     ]
 
 
-def checks(workload: Workload, passes: list[Pass],
-           blend: blend_scenario.BlendOutcome | None = None) -> list[tuple[str, bool]]:
+def checks(workload: Workload, passes: list[Pass], blend: blend_scenario.BlendOutcome | None = None,
+           scraped: dict[str, float] | None = None) -> list[tuple[str, bool]]:
     """What the run must show; the job exits 1 if any fails."""
     base, out = passes[0], blend_checks(blend) if blend is not None else []
+    if scraped is not None:
+        out.append(("blockstore's metrics endpoint scraped during the job shows L2 hits and records",
+                    scraped.get("blockstore_adapter_hits_total", 0) > 0 and scraped.get("blockstore_records", 0) > 0))
     # Only full chunks are stored, and vLLM computes at least the prompt's last token itself.
     servable = sum((len(r.ids) - 1) // CHUNK * CHUNK for r in workload.requests)
     for p in passes[1:]:
@@ -474,12 +477,12 @@ def checks(workload: Workload, passes: list[Pass],
 
 
 def report_json(args, workload: Workload, passes: list[Pass], timings: list[tuple[str, float]],
-                blend: blend_scenario.BlendOutcome | None = None) -> dict:
+                blend: blend_scenario.BlendOutcome | None = None, scraped: dict[str, float] | None = None) -> dict:
     base = passes[0]
     out: dict = {"adapter": args.adapter, "quick": args.quick, "model_shape": args.model_shape,
            "requests": len(workload.requests),
            "prompt_tokens": workload.prompt_tokens, "distinct_chunks": workload.distinct_chunks(), "passes": [],
-           "checks": [{"check": what, "ok": ok} for what, ok in checks(workload, passes)],
+           "checks": [{"check": what, "ok": ok} for what, ok in checks(workload, passes, blend, scraped)],
            "timings_s": dict(timings)}
     for p in passes:
         ttfts = [r.ttft_s for r in p.results if r.ttft_s is not None]
@@ -502,7 +505,8 @@ def report_json(args, workload: Workload, passes: list[Pass], timings: list[tupl
 
 
 def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str, float]], store_lines: list[str],
-           model_dir: Path, blend: blend_scenario.BlendOutcome | None = None) -> str:
+           model_dir: Path, blend: blend_scenario.BlendOutcome | None = None,
+           scraped: dict[str, float] | None = None) -> str:
     base = passes[0]
 
     def n(x: float | None) -> str:
@@ -567,7 +571,7 @@ def report(args, workload: Workload, passes: list[Pass], timings: list[tuple[str
         lines += [f"== blend scenario: {TRAINED_MODEL_DIR.name} (trained) with the blend connector before LMCache's "
                   f"in vLLM's MultiConnector, ratio {blend_scenario.RATIO} =="]
         lines += blend_scenario.report_lines(blend) + [""]
-    lines += [f"check: {'PASS' if ok else 'FAIL'}  {what}" for what, ok in checks(workload, passes, blend)]
+    lines += [f"check: {'PASS' if ok else 'FAIL'}  {what}" for what, ok in checks(workload, passes, blend, scraped)]
     lines.append("")
     lines.append("phase timings: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in timings))
     return "\n".join(lines)
@@ -650,11 +654,21 @@ def adapter_status_lines(status: dict | None) -> list[str]:
 # Main
 
 
-def l2_adapter_config(adapter: str, store: Path) -> dict:
+def l2_adapter_config(adapter: str, store: Path, metrics_port: int | None = None) -> dict:
     if adapter == "fs":
         return {"type": "fs", "base_path": str(store)}
+    params: dict = {"path": str(store)}
+    if metrics_port is not None:  # blockstore's Prometheus endpoint, served from the server process
+        params["metrics_port"] = metrics_port
     return {"type": "plugin", "module_path": "blockstore.connector.l2_adapter",
-            "class_name": "BlockstoreL2Adapter", "adapter_params": {"path": str(store)}}
+            "class_name": "BlockstoreL2Adapter", "adapter_params": params}
+
+
+def scrape_blockstore_metrics(port: int) -> dict[str, float]:
+    """blockstore's own Prometheus endpoint in the lmcache server (the adapter's metrics_port), read while
+    the server runs: the figures an operator's Prometheus would see."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return parse_prometheus(resp.read().decode())
 
 
 def prepare_store(store: Path, explicit: bool, reset: bool) -> None:
@@ -677,7 +691,7 @@ def free_port() -> int:
 def choose_ports(args: argparse.Namespace) -> None:
     """The note's ports unless taken (say, by a second job on the same machine); ports named on the
     command line are used as given, and a busy one is an error at server start."""
-    for attr, default in (("port", 5555), ("http_port", 8085)):
+    for attr, default in (("port", 5555), ("http_port", 8085), ("metrics_port", 9464)):
         if getattr(args, attr) is None:
             port = default
             if port_in_use(port):
@@ -703,6 +717,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the blend scenario (trained model, blend connector + LMCache via MultiConnector)")
     ap.add_argument("--port", type=int, help="lmcache server ZMQ port (default 5555, or a free one if taken)")
     ap.add_argument("--http-port", type=int, help="lmcache server HTTP port (default 8085, or a free one if taken)")
+    ap.add_argument("--metrics-port", type=int,
+                    help="blockstore's Prometheus endpoint in the server (default 9464, or a free one if taken)")
     ap.add_argument("--no-metrics", action="store_true",
                     help="run the server with --disable-metrics (the note's exact flags; no L1/L2 split)")
     return ap.parse_args(argv)
@@ -741,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"phase: {name} done in {timings[-1][1]:.1f}s")
 
     passes: list[Pass] = []
+    scraped: dict[str, float] | None = None
     store_lines: list[str] = []
     blend: blend_scenario.BlendOutcome | None = None
     server_status: dict | None = None
@@ -750,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
             workload = build_workload(model_dir, args.quick)
             log(f"workload: {workload.description}")
         prepare_store(store, explicit=bool(args.store), reset=args.reset_store)
-        adapter_cfg = l2_adapter_config(args.adapter, store)
+        adapter_cfg = l2_adapter_config(args.adapter, store,
+                                        args.metrics_port if args.adapter == "blockstore" else None)
 
         with phase("baseline (no cache; server starting meanwhile)"):
             server = LMCacheServer(args, adapter_cfg, logs / "server-1.log")
@@ -776,6 +794,12 @@ def main(argv: list[str] | None = None) -> int:
             n = server.status()["storage_manager"]["l1_manager"]["total_object_count"]
             log(f"L1 cleared ({n} objects left)")
             passes.append(run_pass(llm, workload, "L2 after L1 clear", server))
+            if args.adapter == "blockstore":
+                scraped = scrape_blockstore_metrics(args.metrics_port)
+                log(f"blockstore metrics (scraped at :{args.metrics_port} during the job): "
+                    f"{int(scraped.get('blockstore_adapter_hits_total', 0))} L2 hits, "
+                    f"{int(scraped.get('blockstore_records', 0))} records, "
+                    f"{int(scraped.get('blockstore_operation_seconds_count', 0))} store calls")
         with phase("restart server and vLLM"):
             tiny_model.close_llm(llm)
             llm = None
@@ -826,9 +850,10 @@ def main(argv: list[str] | None = None) -> int:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
 
-    print(report(args, workload, passes, timings, store_lines, model_dir, blend), flush=True)
-    (work / "report.json").write_text(json.dumps(report_json(args, workload, passes, timings, blend), indent=1) + "\n")
-    failed = [what for what, ok in checks(workload, passes, blend) if not ok]
+    print(report(args, workload, passes, timings, store_lines, model_dir, blend, scraped), flush=True)
+    (work / "report.json").write_text(
+        json.dumps(report_json(args, workload, passes, timings, blend, scraped), indent=1) + "\n")
+    failed = [what for what, ok in checks(workload, passes, blend, scraped) if not ok]
     log(f"done in {time.monotonic() - T0:.1f}s" + (f"; {len(failed)} check(s) FAILED" if failed else ", all checks pass"))
     return 1 if failed else 0
 

@@ -41,7 +41,7 @@ def test_main_job_serves_identical_outputs_from_blockstore(tmp_path: Path) -> No
     env = dict(os.environ, DO_NOT_TRACK="1", VLLM_NO_USAGE_STATS="1", LMCACHE_TRACK_USAGE="false",
                PYTHONHASHSEED="0")
     # free ports: another server on the defaults (5555, 8085) must not fail the test
-    ports = ["--port", str(_free_port()), "--http-port", str(_free_port())]
+    ports = ["--port", str(_free_port()), "--http-port", str(_free_port()), "--metrics-port", str(_free_port())]
     proc = subprocess.run([sys.executable, "-m", "jobs.main_job", "--quick", "--work", str(tmp_path / "work"), *ports],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
@@ -65,5 +65,10 @@ def test_main_job_serves_identical_outputs_from_blockstore(tmp_path: Path) -> No
     served = re.search(r"^mixes: (\d+)/(\d+) prompt tokens served blended .*connector: (\d+) requests blended, "
                        r"(\d+) tokens written", proc.stdout, re.M)
     assert served and int(served.group(1)) == int(served.group(4)) > 0 and int(served.group(3)) > 0, proc.stdout
+    # blockstore's Prometheus endpoint in the server, scraped while the job ran (issue 17)
+    scraped = re.search(r"blockstore metrics \(scraped at :\d+ during the job\): (\d+) L2 hits, (\d+) records",
+                        proc.stderr)
+    assert scraped and int(scraped.group(1)) > 0 and int(scraped.group(2)) > 0, proc.stderr[-4000:]
+    assert re.search(r"^check: PASS  blockstore's metrics endpoint scraped", proc.stdout, re.M), proc.stdout
     blend_checks = re.findall(r"^check: (PASS|FAIL)  blend: ", proc.stdout, re.M)
     assert len(blend_checks) == 3 and set(blend_checks) == {"PASS"}, proc.stdout
