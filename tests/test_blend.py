@@ -11,7 +11,17 @@ import torch.nn.functional as F
 
 import blockstore
 from blockstore import BlockstoreError, CorruptionError, InvalidArgument
-from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, chunk_id, full_prefill, greedy_decode
+from blockstore.blend import (
+    Blender,
+    ChunkKV,
+    ChunkKVStore,
+    LlamaConfig,
+    LlamaWeights,
+    chunk_id,
+    full_prefill,
+    greedy_decode,
+)
+from blockstore.blend.blender import _deviation
 from blockstore.blend.compute import apply_rope, attend, position_mask, qkv
 
 SEP = 127
@@ -245,3 +255,61 @@ def test_chunks_computed_after_a_prefix_keep_only_their_own_rows(weights: LlamaW
     assert got is not None and torch.equal(got.positions, torch.arange(1, 25))
     with_prefix = full_prefill(weights, torch.cat((torch.tensor([0]), chunks[0])))
     assert torch.equal(got.keys[2], with_prefix.keys[2][1:])  # the chunk's rows, computed after <s>
+
+
+def test_ratio_zero_with_kv_from_the_prompt_itself_is_exact(weights: LlamaWeights, store: blockstore.Store) -> None:
+    # chunk KV computed in its original position and context (rows of this prompt's own full prefill):
+    # re-rotation by zero, the merge and the position mask must give the full prefill back
+    prompt = _prompt(_chunks(3))
+    full = full_prefill(weights, prompt)
+    blender = Blender(weights, ChunkKVStore(store, model_id=weights.model_id), ratio=0.0, separator_ids=(SEP,))
+    spans = blender.split(prompt)
+    resident = {chunk_id(prompt[s:e]): ChunkKV(chunk_id(prompt[s:e]), prompt[s:e].to(torch.int32), torch.arange(s, e),
+                                               [k[s:e] for k in full.keys], [v[s:e] for v in full.values])
+                for s, e in spans}
+    res = blender.blend(prompt, resident=resident)
+    assert res.missing_chunks == [] and res.reused_tokens == sum(e - s for s, e in spans)
+    torch.testing.assert_close(res.logits, full.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_deviation_sees_what_k_alone_misses() -> None:
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(6, 2, 4, generator=g), torch.randn(6, 2, 4, generator=g) * 10  # V on a larger scale
+    covered = torch.tensor([True] * 5 + [False])
+    k_cached, v_cached = k.clone(), v.clone()
+    k_cached[:3] += torch.tensor([0.3, 0.5, 0.3])[:, None, None]  # K moved on rows 0-2, most on 1
+    v_cached[3] += 3.0  # V moved on row 3 only
+    on_k, on_v, on_kv = (_deviation((k, v), (k_cached, v_cached), covered, on) for on in ("k", "v", "kv"))
+    assert int(on_k.argmax()) == 1 and float(on_k[3]) == 0.0
+    assert int(on_v.argmax()) == 3 and float(on_v[1]) == 0.0
+    assert int(on_kv.argmax()) == 3 and float(on_kv[1]) > float(on_kv[0]) > 0.0
+    # each term is scaled by its mean over the covered rows: scaling V by 100 changes nothing
+    scaled = _deviation((k, v * 100), (k_cached, v_cached * 100), covered, "kv")
+    torch.testing.assert_close(scaled, on_kv, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("deviation", ["v", "k", "kv"])
+def test_sink_tokens_are_recomputed_inside_the_budget(weights: LlamaWeights, store: blockstore.Store,
+                                                       deviation: str) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    prompt = _prompt(_chunks(3))
+    plain = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), deviation=deviation).blend(prompt)
+    sinks = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), deviation=deviation, sink_tokens=2).blend(prompt)
+    covered = sum(e - s for s, e in sinks.spans)
+    assert sinks.reused_tokens == plain.reused_tokens == covered - round(0.25 * covered)  # the same budget
+    chosen = set(sinks.recomputed.tolist())
+    assert all({s, s + 1} <= chosen for s, _ in sinks.spans)
+    assert not all({s, s + 1} <= set(plain.recomputed.tolist()) for s, _ in plain.spans)  # not chosen anyway
+    # sinks never take more than the budget: 1 token of budget over 3 chunks gives no sinks
+    tiny = Blender(weights, kv, ratio=1 / covered, separator_ids=(SEP,), sink_tokens=4).blend(prompt)
+    assert tiny.reused_tokens == covered - 1
+
+
+def test_selection_options_are_checked(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    with pytest.raises(InvalidArgument, match="deviation"):
+        Blender(weights, kv, deviation="q")
+    with pytest.raises(InvalidArgument, match="sink_tokens"):
+        Blender(weights, kv, sink_tokens=-1)
+    with pytest.raises(InvalidArgument, match="check_layer"):
+        Blender(weights, kv, check_layer=CFG.num_hidden_layers)
