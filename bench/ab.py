@@ -171,7 +171,7 @@ def compaction_exact(doc: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Bench:
     name: str
-    out_flag: str
+    legacy_out_flag: str  # its results flag in commits from before bench.common.standard_args
     headline: Callable[[dict[str, Any]], dict[str, float]]
     exact: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
@@ -182,11 +182,18 @@ BENCHES = {
 }
 
 
+def out_flag(side: Side, bench: Bench) -> str:
+    """--json, the one results flag of every bench (bench.common.standard_args), unless the commit measured
+    predates it: an A/B run may reach back to commits whose benches still had their own flag."""
+    with open(os.path.join(side.tree, "bench", f"{bench.name}.py"), encoding="utf-8") as f:
+        return "--json" if "standard_args(" in f.read() else bench.legacy_out_flag
+
+
 def run_one(side: Side, bench: Bench, rnd: int, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     out_dir = os.path.join(args.results, side.label.lower())
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{bench.name}-r{rnd}.json")
-    bench_args = ["--quick", "--dir", args.dir, bench.out_flag, out, *shlex.split(args.bench_args.get(bench.name, ""))]
+    bench_args = ["--quick", "--dir", args.dir, out_flag(side, bench), out, *shlex.split(args.bench_args.get(bench.name, ""))]
     cmd = [sys.executable, "-P", "-m", f"bench.{bench.name}", *bench_args]
     load = os.getloadavg()
     t0 = time.perf_counter()

@@ -7,10 +7,15 @@ others, spreads over repeats, and an atomic write of the results JSON.
     spread(values)         median, min, max, quartiles, IQR, stdev and the values themselves
     write_json(path, doc)  never a half-written results file
     run_quiet(cmd)         a command's stdout in the repository, or "" if it fails
+    standard_args(ap, name)  the four flags every bench takes: --quick, --full, --dir, --json PATH
+    bench_mode(args)       "quick" or "full", from those flags and the bench's documented default
+    results_path(args, name)  --json, else bench/results/NAME.json (full) or NAME_quick.json (quick), so a
+                           quick run never overwrites the committed full results
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -93,3 +98,38 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
         json.dump(doc, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+RESULTS = os.path.join(REPO, "bench", "results")
+
+
+def standard_args(ap: argparse.ArgumentParser, name: str, *, default_mode: str = "full", quick: str = "",
+                  full: str = "", dir_default: str | None = None, dir_help: str = "") -> None:
+    """Add --quick, --full (mutually exclusive), --dir and --json PATH with one help text each; `quick` and
+    `full` say what the mode measures, `default_mode` which one runs without either flag."""
+    if default_mode not in ("quick", "full"):
+        raise ValueError(f"default_mode {default_mode!r}: must be 'quick' or 'full'")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help=f"short run{': ' + quick if quick else ''}" + (" (the default)" if default_mode == "quick"
+                                                                         else ""))
+    mode.add_argument("--full", action="store_true",
+                      help=f"full run{': ' + full if full else ''}" + (" (the default)" if
+                                                                                  default_mode == "full" else ""))
+    ap.add_argument("--dir", default=dir_default, metavar="PATH",
+                    help="scratch root, on the disk under test " + (dir_help or f"(default {dir_default or 'a new temporary folder'})"))
+    ap.add_argument("--json", metavar="PATH", help=f"results file (default bench/results/{name}.json; "
+                    f"--quick: bench/results/{name}_quick.json)")
+    ap.set_defaults(default_mode=default_mode)
+
+
+def bench_mode(args: argparse.Namespace) -> str:
+    if args.quick:
+        return "quick"
+    return "full" if args.full else str(args.default_mode)
+
+
+def results_path(args: argparse.Namespace, name: str) -> str:
+    if args.json:
+        return str(args.json)
+    return os.path.join(RESULTS, f"{name}_quick.json" if bench_mode(args) == "quick" else f"{name}.json")

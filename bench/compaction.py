@@ -62,15 +62,13 @@ from blockstore import hooks
 from blockstore.compaction import POLICIES, attach, resolve
 from blockstore.records import BLOCK_HEADER_SIZE
 
-from .common import engine_state, machine_info, run_quiet
+from .common import bench_mode, engine_state, machine_info, results_path, run_quiet, standard_args
 from .traces import GENERATORS, Delete, Put, Request, Trace, check, describe, generate
 
 MiB = 1 << 20
 KiB = 1 << 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
-RESULTS = os.path.join(REPO, "bench", "results")
-DEFAULT_JSON = os.path.join(RESULTS, "compaction.json")
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"scale": 1.0, "cold_samples": 50, "passes": 40, "fg_requests": 100, "fg_policies": ("full",)},
     "full": {"scale": 4.0, "cold_samples": 200, "passes": 40, "fg_requests": 400,
@@ -754,9 +752,9 @@ TRACE_BLOCK_SIZE = {"locomo": 256 * KiB, "webarena": 1024 * KiB, "swe": 1024 * K
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.compaction", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="quick traces (the default mode)")
-    mode.add_argument("--full", action="store_true", help="4x bigger traces, background latency, PNG plots")
+    standard_args(ap, "compaction", default_mode="quick", quick="quick traces",
+                  full="4x bigger traces, background latency, PNG plots", dir_default=DEFAULT_DIR,
+                  dir_help="(default bench/.scratch)")
     ap.add_argument("--traces", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), metavar="POLICY",
                     help=f"policies to replay (default: all of {', '.join(POLICIES)}); each may carry knob "
@@ -768,14 +766,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=int, help="compaction passes spread over each replay (default 40)")
     ap.add_argument("--cold-samples", type=int, help="cold-timed requests per cell (default: quick 50, full 200)")
-    ap.add_argument("--dir", default=DEFAULT_DIR, help="scratch root, on the disk under test (default bench/.scratch)")
-    ap.add_argument("--out", default=DEFAULT_JSON, help="results JSON (default bench/results/compaction.json)")
     ap.add_argument("--no-plots", action="store_true", help="full mode: skip the PNG plots")
     ap.add_argument("--fg-requests", type=int, help="foreground latency under background compaction: requests "
                     "per trace (default: quick 100 with the full policy, full 400 with full and aggressive; 0: off)")
     args = ap.parse_args(argv)
-    m = MODES["full" if args.full else "quick"]
-    args.mode = "full" if args.full else "quick"
+    args.mode = bench_mode(args)
+    args.json = results_path(args, "compaction")
+    m = MODES[args.mode]
     args.scale = args.scale or m["scale"]
     args.passes = m["passes"] if args.passes is None else args.passes
     args.cold_samples = m["cold_samples"] if args.cold_samples is None else args.cold_samples
@@ -845,10 +842,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "foreground_latency": fg,
     }
     doc = finite(doc)
-    png = plots(doc, os.path.dirname(os.path.abspath(args.out))) if args.mode == "full" and not args.no_plots \
+    png = plots(doc, os.path.dirname(os.path.abspath(args.json))) if args.mode == "full" and not args.no_plots \
         else []
     doc["plots"] = [os.path.relpath(p, REPO) for p in png]
-    write_json_compact(args.out, doc)
+    write_json_compact(args.json, doc)
     print("\n\n".join(tables))
     if fg:
         print("\nforeground get_many latency, warm, ms (idle: no compactor; during: overlapping compaction work)")
@@ -863,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {tr:<10}" + "; ".join(parts))
     print()
     print(target_text)
-    print(f"(wall {wall:.1f} s; full results: {os.path.relpath(args.out)}"
+    print(f"(wall {wall:.1f} s; full results: {os.path.relpath(args.json)}"
           + (f"; plots: {', '.join(os.path.relpath(p) for p in png)}" if png else "") + ")")
     print(json.dumps(finite({"traces": {tr: {pol: {"blocks_per_request": round(c["blocks_per_request"], 3),
                                                    "space_amp": round(c["space_amp"], 3),

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
 from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
 
-from bench.common import REPO, engine_state, machine_info, spread, write_json  # noqa: E402
+from bench.common import REPO, engine_state, machine_info, results_path, spread, standard_args, write_json  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 
 RECORD_SHAPE = (2, 4, 32, 32)  # float32: 32 KiB per record
@@ -350,7 +350,7 @@ def store_throughput(root: str, n_records: int, capacity: int, block_size: int) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     n_req = 500 if args.quick else 1200
     repeats = 3 if args.quick else 5
-    root = tempfile.mkdtemp(prefix="bench-eviction-", dir=args.scratch)
+    root = tempfile.mkdtemp(prefix="bench-eviction-", dir=args.dir)
     results: dict[str, Any] = {}
     try:
         for name, build in FAMILIES.items():
@@ -429,11 +429,11 @@ def plot(doc: dict[str, Any], out: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shorter traces, 3 throughput repeats")
+    p = argparse.ArgumentParser(prog="python -m bench.eviction", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    standard_args(p, "eviction", quick="500 requests per trace, 3 throughput repeats",
+                  full="1,200 requests per trace, 5 throughput repeats", dir_help="(default: the system temp dir)")
     p.add_argument("--seed", type=int, default=16)
-    p.add_argument("--scratch", default=None, help="where the stores go (default: the system temp dir)")
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/eviction[_quick].json)")
     return p.parse_args(argv)
 
 
@@ -444,9 +444,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = run(args)
     doc["verdicts"] = verdicts(doc)
     doc["command"] = cmd
-    doc["machine"] = machine_info(args.scratch or tempfile.gettempdir())
+    doc["machine"] = machine_info(args.dir or tempfile.gettempdir())
     doc["engine"] = engine_state()
-    out = args.out or os.path.join(REPO, "bench", "results", "eviction_quick.json" if args.quick else "eviction.json")
+    out = results_path(args, "eviction")
     write_json(out, doc)
     plot(doc, out[:-5] + ".png")
     v = doc["verdicts"]

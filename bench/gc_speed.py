@@ -7,6 +7,7 @@ pass the GC threshold. Then `Compactor.run_until_idle()` (GC only, no budget, no
 the figure is GC bytes copied / seconds. Repeated `--repeats` times on fresh stores: median and spread.
 
     python -m bench.gc_speed                      # 120 MB, 380 partitions, 4 MiB blocks, 3 repeats
+    python -m bench.gc_speed --quick              # 30 MB, 3 repeats (bench/results/gc_speed_quick.json)
     python -m bench.gc_speed --profile            # plus the top of a cProfile of one pass
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 import blockstore
 from blockstore.compaction import Compactor, resolve
 
-from .common import machine_info, spread
+from .common import REPO, engine_state, machine_info, results_path, spread, standard_args, write_json
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -91,17 +92,18 @@ def measure(args: argparse.Namespace, root: str, rep: int, profile: bool) -> dic
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.gc_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=int, default=120, help="MB put before the overwrites")
+    standard_args(ap, "gc_speed", quick="30 MB per repeat", full="120 MB per repeat")
+    ap.add_argument("--mb", type=int, help="MB put before the overwrites (default 120, --quick 30)")
     ap.add_argument("--partitions", type=int, default=380)
     ap.add_argument("--block-size", type=int, default=4 * MiB)
     ap.add_argument("--overwrite", type=float, default=0.6, help="share of the keys rewritten")
     ap.add_argument("--delete", type=float, default=0.1, help="share of the keys deleted")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--profile", action="store_true", help="cProfile the first repeat's GC (stderr)")
-    ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args(argv)
+    args.mb = args.mb or (30 if args.quick else 120)
+    out = results_path(args, "gc_speed")
     root = args.dir or tempfile.mkdtemp(prefix="gc_speed")
     os.makedirs(root, exist_ok=True)
     runs = [measure(args, root, r, args.profile and r == 0) for r in range(args.repeats)]
@@ -112,13 +114,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"GC MB/s median {rates['median']:.1f} (min {rates['min']:.1f}, max {rates['max']:.1f})")
     cmd = "python -m bench.gc_speed " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"reproduce: {cmd}")
-    doc = {"runs": runs, "gc_mb_s": rates, "args": vars(args), "machine": machine_info(root), "command": cmd}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+    doc = {"runs": runs, "gc_mb_s": rates, "args": vars(args), "machine": machine_info(root), "engine": engine_state(),
+           "command": cmd}
+    write_json(out, doc)
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps({"gc_mb_s": rates["median"]}))
+    print(json.dumps({"gc_mb_s": rates["median"], "results": os.path.relpath(out, REPO)}))
 
 
 if __name__ == "__main__":

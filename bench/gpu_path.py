@@ -95,7 +95,18 @@ import numpy as np
 
 import blockstore
 from bench.ceilings import preadv_all, pwritev_all, raw_read, read_files_cold
-from bench.common import REPO, cpu_busy_s, engine_state, keys_for, machine_info, run_quiet, spread, write_json
+from bench.common import (
+    REPO,
+    cpu_busy_s,
+    engine_state,
+    keys_for,
+    machine_info,
+    results_path,
+    run_quiet,
+    spread,
+    standard_args,
+    write_json,
+)
 from blockstore.reader import aligned_buffer
 
 MiB = 1 << 20
@@ -111,8 +122,6 @@ H2D_MIN_BYTES = 2 << 30  # the H2D ceiling copies at least this much (a few hund
 POOL = 8  # distinct random records; record i is pool[i % POOL] xor a 64-bit key of i (all distinct)
 TARGET = 0.8
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
-DEFAULT_JSON = os.path.join(REPO, "bench", "results", "gpu_path.json")
-DEFAULT_JSON_QUICK = os.path.join(REPO, "bench", "results", "gpu_path_quick.json")
 
 DESCRIPTIONS = {
     "disk_cold": "ceiling: raw file, fadvise DONTNEED, sequential preadv 64 MiB/call into pinned host memory",
@@ -915,16 +924,14 @@ def summary_markdown(doc: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_path", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help=f"{RECORDS_QUICK} records and {REPEATS_QUICK} repeats (explicit flags still win)")
+    standard_args(ap, "gpu_path", quick=f"{RECORDS_QUICK} records and {REPEATS_QUICK} repeats (explicit flags still win)",
+                  full=f"{RECORDS} records and {REPEATS} repeats", dir_default=DEFAULT_DIR,
+                  dir_help="(default bench/.scratch)")
     ap.add_argument("--records", type=int, help=f"number of records (default {RECORDS}, --quick {RECORDS_QUICK})")
     ap.add_argument("--record-mib", type=int, default=RECORD_MIB, help=f"MiB per record (default {RECORD_MIB})")
     ap.add_argument("--batch-mib", type=int, default=BATCH_MIB,
                     help=f"MiB of records per get_many call and per H2D copy (default {BATCH_MIB})")
     ap.add_argument("--repeats", type=int, help=f"repeats (default {REPEATS}, --quick {REPEATS_QUICK})")
-    ap.add_argument("--dir", default=DEFAULT_DIR,
-                    help="scratch root; must be on the disk under test (default: bench/.scratch in the repo)")
-    ap.add_argument("--json", help="results file (default bench/results/gpu_path[_quick].json)")
     ap.add_argument("--readers", type=int, default=READERS,
                     help=f"reader threads of the *_par figures, and streams of disk_*_par (default {READERS}; "
                          "1 leaves them out)")
@@ -934,7 +941,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.records = args.records or (RECORDS_QUICK if args.quick else RECORDS)
     args.repeats = args.repeats or (REPEATS_QUICK if args.quick else REPEATS)
-    args.json = args.json or (DEFAULT_JSON_QUICK if args.quick else DEFAULT_JSON)
+    args.json = results_path(args, "gpu_path")
     if min(args.records, args.repeats, args.record_mib, args.batch_mib, args.readers) < 1:
         ap.error("--records, --repeats, --record-mib, --batch-mib and --readers must be positive")
     return args

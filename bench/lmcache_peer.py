@@ -75,7 +75,7 @@ from lmcache.v1.memory_allocators.mixed_memory_allocator import MixedMemoryAlloc
 from lmcache.v1.platform import consume_fd  # noqa: E402
 
 from bench.ceilings import Settle, raw_read, raw_write, read_files_cold  # noqa: E402
-from bench.common import REPO, cpu_busy_s, machine_info, run_quiet, spread, write_json  # noqa: E402
+from bench.common import REPO, cpu_busy_s, machine_info, results_path, run_quiet, spread, standard_args, write_json  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 
 MiB = 1 << 20
@@ -89,8 +89,6 @@ MODEL = "bench-org/llama-kv-1mib"
 RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
 WAIT_S = 300.0  # no task of this benchmark may take longer: a silent adapter fails the run, never hangs it
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
-DEFAULT_JSON = os.path.join(REPO, "bench", "results", "lmcache_peer.json")
-DEFAULT_JSON_QUICK = os.path.join(REPO, "bench", "results", "lmcache_peer_quick.json")
 
 # (numerator figure, denominator figure, target): ratio of throughputs = denominator time / numerator time
 RATIOS: dict[str, tuple[str, str, float]] = {
@@ -616,13 +614,10 @@ def code_state() -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.lmcache_peer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="256 objects, 3 repeats (explicit flags still win)")
-    mode.add_argument("--full", action="store_true", help="2048 objects, 5 repeats (the default)")
+    standard_args(ap, "lmcache_peer", quick="256 objects, 3 repeats (explicit flags still win)",
+                  full="2048 objects, 5 repeats", dir_default=DEFAULT_DIR, dir_help="(default bench/.scratch)")
     ap.add_argument("--records", type=int, help="number of 1 MiB objects (default 2048, --quick 256)")
     ap.add_argument("--repeats", type=int, help="repeats, each on a fresh directory (default 5, --quick 3)")
-    ap.add_argument("--dir", default=DEFAULT_DIR, help="scratch root on the disk under test (default bench/.scratch)")
-    ap.add_argument("--json", help="results file (default bench/results/lmcache_peer[_quick].json)")
     ap.add_argument("--task-keys", type=int, default=TASK_KEYS, help=f"keys per task/request (default {TASK_KEYS})")
     ap.add_argument("--inflight", type=int, default=INFLIGHT, help=f"tasks/requests in flight (default {INFLIGHT})")
     ap.add_argument("--compaction", default="none",
@@ -632,7 +627,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.records = args.records or (256 if args.quick else 2048)
     args.repeats = args.repeats or (3 if args.quick else 5)
-    args.json = args.json or (DEFAULT_JSON_QUICK if args.quick else DEFAULT_JSON)
+    args.json = results_path(args, "lmcache_peer")
     if args.records < 1 or args.repeats < 1 or args.task_keys < 1 or args.inflight < 1:
         ap.error("--records, --repeats, --task-keys and --inflight must be positive")
     args.compaction_param = None if args.compaction == "none" else args.compaction

@@ -4,9 +4,9 @@ and with metrics on (a process serving /metrics), in the same run, rounds altern
 plus the time one scrape of a store takes. Small records (128 B) make the per-call cost as visible as it
 can be; a 1 MiB KV record costs hundreds of microseconds, next to which none of this shows.
 
-    python -m bench.metrics_overhead --quick          # 3 rounds of 3000 ops per kind
-    python -m bench.metrics_overhead                  # 7 rounds of 20000 ops per kind
-    python -m bench.metrics_overhead --full --json bench/results/metrics_overhead.json
+    python -m bench.metrics_overhead --quick          # 3 rounds of 3000 ops per kind (metrics_overhead_quick.json)
+    python -m bench.metrics_overhead                  # full: 7 rounds of 20000 ops per kind (metrics_overhead.json)
+    python -m bench.metrics_overhead --rounds 11 --ops 50000 --json PATH   # longer, elsewhere
 
 Prints ns per operation (median and spread over rounds) and the ratios to the baseline of the same round;
 its one-line JSON summary last.
@@ -30,7 +30,7 @@ from prometheus_client import generate_latest
 from blockstore import metrics
 from blockstore.store import Store
 
-from .common import engine_state, machine_info, spread, write_json
+from .common import engine_state, machine_info, results_path, spread, standard_args, write_json
 
 VALUE = b"v" * 128
 BATCH = 32
@@ -132,14 +132,18 @@ def scrape_cost(scratch: str, n: int, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="3 rounds of 3000 ops per kind")
-    size.add_argument("--full", action="store_true", help="11 rounds of 50000 ops per kind")
-    ap.add_argument("--dir", help="scratch directory (default: a new one under the system temp dir)")
-    ap.add_argument("--json", metavar="PATH", help="write the results document here")
+    ap = argparse.ArgumentParser(prog="python -m bench.metrics_overhead",
+                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
+    standard_args(ap, "metrics_overhead", quick="3 rounds of 3000 ops per kind", full="7 rounds of 20000 ops per kind",
+                  dir_help="(default: a new folder under the system temp dir)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 7, --quick 3)")
+    ap.add_argument("--ops", type=int, help="operations per kind and round (default 20000, --quick 3000)")
     args = ap.parse_args(argv)
-    rounds, n = (3, 3000) if args.quick else (11, 50000) if args.full else (7, 20000)
+    rounds = args.rounds or (3 if args.quick else 7)
+    n = args.ops or (3000 if args.quick else 20000)
+    if rounds < 1 or n < 1:
+        ap.error("--rounds and --ops must be positive")
+    out = results_path(args, "metrics_overhead")
     scratch = tempfile.mkdtemp(prefix="bs-metrics-", dir=args.dir)
     command = "python -m bench.metrics_overhead " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
@@ -179,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = scraped["seconds"]
     print(f"scrape of one store ({scraped['blocks']} blocks): median {sc['median'] * 1e3:.2f} ms "
           f"[{sc['min'] * 1e3:.2f}-{sc['max'] * 1e3:.2f}]")
-    if args.json:
-        write_json(args.json, doc)
+    write_json(out, doc)
     print(f"load average after: {doc['loadavg_after'][0]:.1f} (cores: {os.cpu_count()}): the end-to-end ratios "
           "of 'off' compare the same code, so their spread is this machine's noise")
     summary = {"bench": "metrics_overhead", "rounds": rounds, "ops_per_kind": n, "scrape_ms": sc["median"] * 1e3,

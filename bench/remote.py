@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import blockstore
-from bench.common import engine_state, keys_for, machine_info, spread, write_json
+from bench.common import engine_state, keys_for, machine_info, results_path, spread, standard_args, write_json
 from blockstore.remote import ObjectStore, RemotePool, S3Settings, Uploader, make_object_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -150,17 +150,19 @@ def cross_node_hit(cluster: Any, objects: ObjectStore, scratch: str, tries: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="32 records, 3 repeats")
+    ap = argparse.ArgumentParser(prog="python -m bench.remote", description=__doc__.split("\n\n")[0])
+    standard_args(ap, "remote", quick="32 records, 3 repeats", full="128 records, 5 repeats",
+                  dir_help="(the local stores and the SeaweedFS cluster; default: the system temp dir)")
     ap.add_argument("--records", type=int, default=None, help="1 MiB records per repeat (default 128, quick 32)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16, help="records per read batch")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/remote[_quick].json)")
     a = ap.parse_args(argv)
     n = a.records or (32 if a.quick else 128)
     repeats = a.repeats or (3 if a.quick else 5)
-    out = a.out or os.path.join("bench", "results", "remote_quick.json" if a.quick else "remote.json")
-    scratch = tempfile.mkdtemp(prefix="bench-remote-")
+    out = results_path(a, "remote")
+    if a.dir:
+        os.makedirs(a.dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="bench-remote-", dir=a.dir)
     cluster = SeaweedCluster(Path(scratch) / "seaweed")
     try:
         cluster.start()
@@ -185,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         "per_client": per_client, "cross_node_hit_s": spread(hit),
         # try i runs with i + 1 publishing nodes in the bucket (each try adds a node): one more LIST per poll
         "cross_node_hit_s_by_nodes": [[i + 1, h] for i, h in enumerate(hit)], "cluster_startup_s": cluster.startup_s,
-        "command": cmd, "argv": shlex.join(sys.argv), "machine": machine_info(tempfile.gettempdir()),
+        "command": cmd, "argv": shlex.join(sys.argv), "machine": machine_info(a.dir or tempfile.gettempdir()),
         "engine": engine_state(),
     }
     write_json(out, doc)
     print(f"results in {out}; reproduce with: {cmd}")
     print(json.dumps({"ratios": ratios, "client": best, "cross_node_hit_ms": round(1000 * spread(hit)["median"], 1),
-                      "results": out}))
+                      "results": os.path.relpath(out)}))
     return 0
 
 

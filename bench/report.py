@@ -3,8 +3,8 @@
     python -m bench.report [--quick | --full] [--only NAME ...] [--skip NAME ...] [--dir SCRATCH] [--no-run]
     scripts/bench.sh [the same arguments]       # from a fresh clone: makes .venv first; default --quick
 
-Each bench of SUITE runs in turn as `python -m bench.NAME --quick|--full JSONFLAG bench/results/FILE [--dir
-SCRATCH]` (FILE: NAME_quick.json in quick mode, NAME.json in full mode), with progress on stderr. A bench
+Each bench of SUITE runs in turn as `python -m bench.NAME --quick|--full --json bench/results/FILE --dir
+SCRATCH` (FILE: NAME_quick.json in quick mode, NAME.json in full mode), with progress on stderr. A bench
 that fails fails the report (exit status 1 at the end) but the others still run. `gpu_path` needs CUDA:
 where `torch.cuda.is_available()` is false it is not run, and the latest bench/results/gpu_path.json (made
 on a GPU machine) is shown, labelled with the machine it ran on.
@@ -17,9 +17,9 @@ them (the markers are added under a "## Latest results" heading if absent; nothi
 and bench/results/report.json indexes what was shown: which JSON, its mode, wall times, the commit.
 
 The contract of a bench module bench/NAME.py the report knows (SUITE):
-    main(argv)                       writes its JSON document to the path given by its JSON flag; takes
-                                     --quick (and --full, or runs its full mode without a flag), and
-                                     --dir SCRATCH if it uses a scratch directory (its source names the flag)
+    main(argv)                       takes bench.common.standard_args' flags (--quick, --full, --dir PATH,
+                                     --json PATH), writes its JSON document to --json's path and prints
+                                     its one-line JSON summary last
     plots(doc, out_dir) -> [paths]   PNG files written (matplotlib Agg), from the document alone
     summary_markdown(doc) -> str     a markdown table of the headline figures, then `machine_line(doc)`
                                      and `reproduce_line(doc)` (helpers below, importable by the modules)
@@ -56,19 +56,18 @@ ENV = {"DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "LMCACHE_TRACK_USAGE": "
 @dataclass(frozen=True)
 class Bench:
     name: str
-    json_flag: str  # the bench's own flag for its results file
     estimate_s: tuple[float, float]  # (quick, full) wall seconds on the 2-core dev VM, until a report.json says
     needs_cuda: bool = False
     title: str = ""
 
 
 SUITE: tuple[Bench, ...] = (
-    Bench("throughput", "--json-out", (45, 300), title="put and get throughput vs raw-disk ceilings"),
-    Bench("compaction", "--out", (75, 360), title="compaction policies on workload traces"),
-    Bench("lmcache_peer", "--json", (75, 780), title="LMCache L2 adapter vs LMCache's fs adapter"),
-    Bench("scaling", "--json", (300, 1200), title="scaling curves"),
-    Bench("gpu_path", "--json", (120, 600), needs_cuda=True, title="GPU KV-cache path"),
-    Bench("blend", "--json", (270, 1800), title="blended chunk KV: fidelity and TTFT"),
+    Bench("throughput", (45, 300), title="put and get throughput vs raw-disk ceilings"),
+    Bench("compaction", (75, 360), title="compaction policies on workload traces"),
+    Bench("lmcache_peer", (75, 780), title="LMCache L2 adapter vs LMCache's fs adapter"),
+    Bench("scaling", (300, 1200), title="scaling curves"),
+    Bench("gpu_path", (120, 600), needs_cuda=True, title="GPU KV-cache path"),
+    Bench("blend", (270, 1800), title="blended chunk KV: fidelity and TTFT"),
 )
 NAMES = [b.name for b in SUITE]
 
@@ -206,17 +205,6 @@ def module_file(name: str) -> str | None:
     return spec.origin if spec is not None and spec.origin else None
 
 
-def _accepts(name: str, flag: str) -> bool:
-    """Whether bench/NAME.py's command line has `flag` (its source names it): --dir only goes to the benches
-    that take a scratch directory."""
-    path = module_file(name)
-    if path is None:
-        return False
-    with open(path, encoding="utf-8") as f:
-        src = f.read()
-    return f'"{flag}"' in src or f"'{flag}'" in src
-
-
 def cuda_available() -> bool:
     try:
         import torch
@@ -242,12 +230,8 @@ def _say(msg: str) -> None:
 
 
 def bench_command(b: Bench, mode: str, out: str, scratch: str, extra: Sequence[str]) -> list[str]:
-    cmd = [sys.executable, "-m", f"bench.{b.name}"]
-    if mode == "quick" or _accepts(b.name, "--full"):  # a bench without --full runs its full mode by default
-        cmd.append(f"--{mode}")
-    cmd += [b.json_flag, _rel(out)]
-    if _accepts(b.name, "--dir"):
-        cmd += ["--dir", _rel(scratch)]
+    # every bench takes bench.common.standard_args' flags (tests/test_bench_interface.py checks)
+    cmd = [sys.executable, "-m", f"bench.{b.name}", f"--{mode}", "--json", _rel(out), "--dir", _rel(scratch)]
     return cmd + list(extra)
 
 

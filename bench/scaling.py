@@ -59,11 +59,10 @@ from typing import Any
 
 import xxhash
 
-from bench.common import engine_state, machine_info, write_json
+from bench.common import bench_mode, engine_state, machine_info, results_path, standard_args, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
-RESULTS = os.path.join(REPO, "bench", "results")
 MiB = 1 << 20
 KV_RECORD = MiB
 CHUNK_TEXT = 256
@@ -573,20 +572,17 @@ def summary_markdown(doc: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small stages (the default mode)")
-    mode.add_argument("--full", action="store_true", help="up to 50 GB and 10 million records")
+    standard_args(ap, "scaling", default_mode="quick", quick="small stages", full="up to 50 GB and 10 million records",
+                  dir_default=DEFAULT_DIR, dir_help="(default bench/.scratch)")
     ap.add_argument("--series", nargs="+", choices=["bytes", "records"], default=["bytes", "records"])
     ap.add_argument("--stages", help="comma-separated stages for the one series given (GB for bytes, records for "
                     "records)")
     ap.add_argument("--gets", type=int, help="timed gets per probe (default: quick 300, full 1000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dir", default=DEFAULT_DIR, help="scratch root on the disk under test (default bench/.scratch)")
-    ap.add_argument("--json", help="results file (default bench/results/scaling[_quick].json)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--job-args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.mode = "full" if args.full else "quick"
+    args.mode = bench_mode(args)
     if args.stages and len(args.series) != 1:
         ap.error("--stages needs exactly one --series")
     return args
@@ -613,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
     machine = machine_info(args.dir)
-    out = args.json or os.path.join(RESULTS, "scaling.json" if args.mode == "full" else "scaling_quick.json")
+    out = results_path(args, "scaling")
     series: dict[str, list[dict[str, Any]]] = {}
 
     def document(partial: bool) -> dict[str, Any]:

@@ -14,8 +14,8 @@ Each store figure is paired with its ceiling from the same repeat (put/cache vs 
 warm get vs c with xxh3, cold get vs d), measured in the order ceiling, store, store, ceiling;
 medians and spreads are taken over the per-repeat ratios. The ceilings and Settle are bench/ceilings.py's
 (lmcache_peer and gpu_path measure theirs with the same functions).
-Writes the full results to bench/results/throughput.json; the last line of stdout is a one-line
-JSON summary of the ratios.
+Writes the full results to bench/results/throughput.json (--quick: throughput_quick.json); the last
+line of stdout is a one-line JSON summary of the ratios.
 
     python -m bench.throughput            # 1000 records (~1 GiB), 5 repeats
     python -m bench.throughput --quick    # 256 records, 3 repeats
@@ -48,12 +48,21 @@ from bench.ceilings import (
     read_files_cold,
     time_batches,
 )
-from bench.common import REPO, cpu_busy_s, engine_state, keys_for, machine_info, spread, write_json
+from bench.common import (
+    REPO,
+    cpu_busy_s,
+    engine_state,
+    keys_for,
+    machine_info,
+    results_path,
+    spread,
+    standard_args,
+    write_json,
+)
 from blockstore.reader import aligned_buffer
 
 TARGET = 0.85
 DEFAULT_DIR = os.path.join(REPO, "bench", ".scratch")
-DEFAULT_JSON = os.path.join(REPO, "bench", "results", "throughput.json")
 
 # (store figure, ceiling figure) whose per-repeat quotient is a target ratio
 RATIOS = {
@@ -354,18 +363,15 @@ def summary_markdown(doc: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="256 records and 3 repeats (explicit flags still win)")
-    mode.add_argument("--full", action="store_true", help="1000 records and 5 repeats (the default)")
+    standard_args(ap, "throughput", quick="256 records and 3 repeats (explicit flags still win)",
+                  full="1000 records and 5 repeats", dir_default=DEFAULT_DIR, dir_help="(default bench/.scratch)")
     ap.add_argument("--records", type=int, help="number of 1 MiB records (default 1000, --quick 256)")
     ap.add_argument("--repeats", type=int, help="repeats, each on a fresh directory (default 5, --quick 3)")
-    ap.add_argument("--dir", default=DEFAULT_DIR,
-                    help="scratch root; must be on the disk under test (default: bench/.scratch in the repo)")
-    ap.add_argument("--json-out", default=DEFAULT_JSON, help="results file (default: bench/results/throughput.json)")
     ap.add_argument("--skip-python", action="store_true", help="leave out the pure-Python backend figures")
     ap.add_argument("--no-recycle", action="store_true",
                     help="no ballast file before write phases (figures then depend on the VM's memory backing)")
     args = ap.parse_args(argv)
+    args.json = results_path(args, "throughput")
     args.records = args.records or (256 if args.quick else 1000)
     args.repeats = args.repeats or (3 if args.quick else 5)
     if args.records < 1 or args.repeats < 1:
@@ -418,9 +424,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "store_stats_last_repeat": stats,
         "runs_seconds": runs,
     }
-    write_json(args.json_out, doc)
+    write_json(args.json, doc)
     print(table(summary))
-    print(f"(full results: {os.path.relpath(args.json_out)})")
+    print(f"(full results: {os.path.relpath(args.json)})")
     print(json.dumps({
         "benchmark": "throughput", "records": args.records, "repeats": args.repeats,
         "ratios": {k: round(v["median"], 3) for k, v in summary["ratios"].items()},

@@ -15,7 +15,7 @@ def test_quick_replay_prints_the_json_contract_as_its_last_line(tmp_path: Path) 
     out = tmp_path / "compaction.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.compaction", "--quick", "--scale", "0.25", "--policies", "append-only", "full",
-         "--cold-samples", "3", "--dir", str(tmp_path / "scratch"), "--out", str(out)],
+         "--cold-samples", "3", "--dir", str(tmp_path / "scratch"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -167,13 +167,13 @@ def test_splice_adds_markers_under_a_heading_before_the_first_section() -> None:
 
 
 def test_reproduce_command_and_machine_line() -> None:
-    doc = {"command": f"/tmp/v/bin/python -m bench.compaction --quick --out {ROOT}/bench/results/x.json "
+    doc = {"command": f"/tmp/v/bin/python -m bench.compaction --quick --json {ROOT}/bench/results/x.json "
                       f"--dir={ROOT}/bench/.scratch --policies 'full:relocation_budget=inf'",
            "wall_s": 61.5,
            "machine": {"date": "2026-11-23T13:41:31+00:00", "cpu_count": 2, "cpu_affinity": 2, "cpu_model": "AMD EPYC",
                        "mem_gib": 23.5, "kernel": "6.18.44", "df": ["/dev/vda ext4 1 2 3 26% /"],
                        "fs_type_stat": "ext2/ext3", "gpu": {"name": "NVIDIA H100", "count": 1}}}
-    assert report.reproduce_command(doc) == ("python -m bench.compaction --quick --out bench/results/x.json "
+    assert report.reproduce_command(doc) == ("python -m bench.compaction --quick --json bench/results/x.json "
                                              "--dir=bench/.scratch --policies full:relocation_budget=inf")
     line = report.machine_line(doc)
     assert line == ("Machine: 2 CPUs (AMD EPYC), 23.5 GiB RAM, GPU 1 x NVIDIA H100, kernel 6.18.44, "
@@ -186,10 +186,10 @@ def test_reproduce_command_and_machine_line() -> None:
 
 
 def test_missing_module_or_functions_are_skipped_with_a_message(tmp_path: Path) -> None:
-    body, files, error = report.render_bench(report.Bench("no_such_bench", "--json", (1, 1)), {}, "",
+    body, files, error = report.render_bench(report.Bench("no_such_bench", (1, 1)), {}, "",
                                              str(tmp_path), str(tmp_path))
     assert "`bench/no_such_bench.py` is not in this checkout" in body and files == [] and error is None
-    body, files, error = report.render_bench(report.Bench("traces", "--json", (1, 1)), {}, "",
+    body, files, error = report.render_bench(report.Bench("traces", (1, 1)), {}, "",
                                              str(tmp_path), str(tmp_path))  # a module with neither function
     assert "has no `plots`/`summary_markdown`" in body and files == [] and error is None
 
@@ -238,7 +238,7 @@ def test_quick_report_runs_a_bench_end_to_end(tmp_path: Path) -> None:
     assert "step 1/1: throughput (quick)" in proc.stderr
     doc = json.loads((res / "throughput_quick.json").read_text())
     assert doc["config"]["records"] == 16 and doc["config"]["mode"] == "quick"
-    assert "--quick --json-out" in doc["command"] and "--records 16" in doc["command"]
+    assert "--quick --json " in doc["command"] and "--records 16" in doc["command"]
     assert_valid_png(res / "throughput_quick_vs_ceiling.png")
     text = readme.read_text()
     assert text.startswith(BEFORE + "## Latest results\n\n" + report.BEGIN)
