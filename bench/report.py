@@ -163,8 +163,13 @@ def machine_line(doc: dict[str, Any]) -> str:
     return f"Machine: {', '.join(parts) or 'not recorded'}; run {_date(m.get('date'))}{wall}."
 
 
+# flags of the benches before bench.common.standard_args, which older results documents still record
+LEGACY_FLAGS = {"--json-out": "--json", "--out": "--json", "--scratch": "--dir"}
+
+
 def reproduce_command(doc: dict[str, Any]) -> str:
-    """doc["command"] as someone would type it in the repository: `python`, paths relative to it."""
+    """doc["command"] as someone would type it in the repository today: `python`, paths relative to it,
+    legacy flag names replaced by the ones the benches take now."""
     try:
         argv = shlex.split(str(doc.get("command") or ""))
     except ValueError:
@@ -176,6 +181,9 @@ def reproduce_command(doc: dict[str, Any]) -> str:
     out = []
     for a in argv:
         head, eq, tail = a.partition("=")
+        if a.startswith("-"):
+            head = LEGACY_FLAGS.get(head, head)
+            a = f"{head}={tail}" if eq else head
         val = tail if eq and a.startswith("-") else a
         if os.path.isabs(val) and (val == REPO or val.startswith(REPO + os.sep)):
             val = os.path.relpath(val, REPO)

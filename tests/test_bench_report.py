@@ -175,6 +175,8 @@ def test_reproduce_command_and_machine_line() -> None:
                        "fs_type_stat": "ext2/ext3", "gpu": {"name": "NVIDIA H100", "count": 1}}}
     assert report.reproduce_command(doc) == ("python -m bench.compaction --quick --json bench/results/x.json "
                                              "--dir=bench/.scratch --policies full:relocation_budget=inf")
+    legacy = {"command": "python -m bench.eviction --quick --scratch /tmp/s --out=x.json"}  # before one interface
+    assert report.reproduce_command(legacy) == "python -m bench.eviction --quick --dir /tmp/s --json=x.json"
     line = report.machine_line(doc)
     assert line == ("Machine: 2 CPUs (AMD EPYC), 23.5 GiB RAM, GPU 1 x NVIDIA H100, kernel 6.18.44, "
                     "scratch on ext4 (/dev/vda); run 2026-11-23 13:41 UTC, 62 s.")
