@@ -11,7 +11,10 @@ after <s>, at positions 1..n; "0.15-no-chunk-prefix": without <s>, at 0..n-1) an
 with its full prefill: first-token top-1 agreement, 16-token greedy sequence agreement (decoded with
 the same forward from the blended KV: all 16 tokens equal), prefix agreement (how many of the 16 tokens
 agree before the first difference, as a share of 16), and KL(full || blended) of the first token, at each ratio for the deviation selector and, as
-"epic-<ratio>", for the first-tokens-of-each-chunk selector at the same budget.
+"epic-<ratio>", for the first-tokens-of-each-chunk selector at the same budget; without --quick also
+ratios 0.5-0.85 (where top-1 reaches 0.98) and other selections at 0.15 ("0.15-k": CacheBlend's deviation
+on K, "0.15-kv", "0.15-sink2", "0.15-check2", ...). Per config, the top-1 flips that are near ties (the
+reference's top two logits < NEAR_TIE apart) are counted, and top-1 agreement on the other prompts given.
 
 Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LENGTH tokens made of
 512-token chunks and a 32-token suffix, chunk KV stored beforehand (os.sync after). Per repeat, in
@@ -23,7 +26,9 @@ then compute: what the overlap buys); prefix-only reuse (the first chunk reused 
 after it computed: what a prefix cache gives the same prompt); the load alone, warm and cold (request
 to all chunk KV in memory, ChunkKVStore.load_many); and the disk's cold read ceiling
 (bench.ceilings.raw_read of a file of the same size). The floor a cold blend cannot beat is KV bytes /
-that ceiling. Medians over repeats, with the spread. Progress goes to stderr; the last stdout line is
+that ceiling. The warm floor: the bytes the warm blend reads, read from a file in the page cache by the
+same number of threads, no store (the page cache's read ceiling), plus the hot blend's compute;
+warm_floor_speedup = full prefill / that. Medians over repeats, with the spread. Progress goes to stderr; the last stdout line is
 the JSON summary.
 """
 

@@ -4,8 +4,9 @@ KV for every token from the chunks' stored KV plus a small recompute, instead of
 Per prompt: find the chunks (separator tokens or explicit spans) and load their KV (one batched read,
 or layer by layer on a loader thread); re-rotate each chunk's K from the positions it was computed at
 to its place in this prompt; run the layers before `check_layer` fully; at the check layer, pick the
-covered tokens whose fresh K deviates most from the cached K (or, with selector "epic", the first
-tokens of each chunk: the same budget); from then on compute only those tokens, every token no chunk
+covered tokens whose fresh V (or K, or both: `deviation`) deviates most from the cached one, after
+`sink_tokens` first tokens of each chunk (or, with selector "epic", the first tokens of each chunk: the
+same budget); from then on compute only those tokens, every token no chunk
 covers and the last token, attending over the cached KV merged with theirs under an explicit
 position mask. Chunks not in the store are computed on their own and stored on the way.
 """
