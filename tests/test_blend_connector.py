@@ -278,3 +278,18 @@ def test_vllm_serves_blended_kv_that_agrees_with_full_prefill(tmp_path) -> None:
     assert r["first_token_agreement"] >= FIRST_TOKEN_FLOOR, msg
     assert r["sequence_agreement"] >= SEQUENCE_FLOOR, msg
     assert r["token_agreement"] >= TOKEN_FLOOR, msg
+
+
+def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: Path) -> None:
+    """The deviation selector's options reach the blender from vLLM's kv_connector_extra_config; a key
+    the connector does not know stops vLLM at start instead of being ignored."""
+    pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from blockstore.connector.blend_connector import BlendSettings
+
+    base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": [7, 7]}
+    s = BlendSettings.from_extra_config({**base, "blend.deviation": "k", "blend.sink_tokens": 2}, str(tmp_path))
+    assert (s.deviation, s.sink_tokens, s.separator_ids) == ("k", 2, (7, 7))
+    assert BlendSettings.from_extra_config(base, str(tmp_path)).deviation == "v"  # the measured default
+    with pytest.raises(BlockstoreError, match="unknown kv_connector_extra_config"):
+        BlendSettings.from_extra_config({**base, "blend.deviaton": "k"}, str(tmp_path))

@@ -30,7 +30,9 @@ Extra config keys (all optional but the store path):
 ``blend.store_path`` store directory (created if absent); ``blend.model_dir`` weights for the blender
 (default: vLLM's model folder); ``blend.separator`` separator string (default ``" # # "``, LMCache's
 ``blend_special_str``), tokenized with the model's tokenizer, or ``blend.separator_ids``;
-``blend.ratio`` (0.15), ``blend.selector`` ("deviation"), ``blend.check_layer`` (1);
+``blend.ratio`` (0.15), ``blend.selector`` ("deviation"), ``blend.check_layer`` (1), ``blend.deviation``
+("v": what the deviation selector compares, "v", "k" or "kv"), ``blend.sink_tokens`` (0: first tokens of
+each chunk always recomputed, inside the budget);
 ``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
 ``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
 of another checkpoint are never used); ``blend.stats_path`` a JSON file the worker rewrites after each
@@ -90,6 +92,8 @@ class BlendSettings:
     ratio: float = 0.15
     selector: str = "deviation"
     check_layer: int = 1
+    deviation: str = "v"
+    sink_tokens: int = 0
     min_chunk_tokens: int = 16
     min_reused_tokens: int = 0  # 0: one vLLM block
     namespace: str = "kv-blend"
@@ -99,7 +103,7 @@ class BlendSettings:
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any], default_model_dir: str) -> BlendSettings:
         known = {"blend.store_path", "blend.model_dir", "blend.separator", "blend.separator_ids", "blend.ratio",
-                 "blend.selector", "blend.check_layer", "blend.min_chunk_tokens", "blend.min_reused_tokens",
+                 "blend.selector", "blend.check_layer", "blend.deviation", "blend.sink_tokens", "blend.min_chunk_tokens", "blend.min_reused_tokens",
                  "blend.namespace", "blend.stats_path", "blend.model_id"}
         ours = {k: v for k, v in extra.items() if k.startswith("blend.")}
         unknown = sorted(set(ours) - known)
@@ -122,6 +126,7 @@ class BlendSettings:
         return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
                    selector=str(ours.get("blend.selector", "deviation")),
                    check_layer=int(ours.get("blend.check_layer", 1)),
+                   deviation=str(ours.get("blend.deviation", "v")), sink_tokens=int(ours.get("blend.sink_tokens", 0)),
                    min_chunk_tokens=int(ours.get("blend.min_chunk_tokens", 16)),
                    min_reused_tokens=int(ours.get("blend.min_reused_tokens", 0)),
                    namespace=str(ours.get("blend.namespace", "kv-blend")),
@@ -160,7 +165,8 @@ class BlendRuntime:
             # Spans are always given (blend_spans finds them, multi-token separators included), so the
             # blender's own single-token separator split is not used.
             self.blender = Blender(self.weights, self.kv, ratio=settings.ratio, selector=settings.selector,
-                                   check_layer=settings.check_layer)
+                                   check_layer=settings.check_layer, deviation=settings.deviation,
+                                   sink_tokens=settings.sink_tokens)
         except BaseException:
             self.store.close()
             raise
