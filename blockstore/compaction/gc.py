@@ -75,7 +75,13 @@ class MinSeqs:
     An older record of its key is dead, and dead records are never copied, so it sits in a block
     that existed when the tombstone was written. For a victim already sealed when the snapshot was
     taken, every such block is in the snapshot (those deleted since only make the floor lower: safe).
-    A victim sealed after the snapshot may hold newer tombstones: it gets a fresh snapshot."""
+    A victim sealed after the snapshot may hold newer tombstones: it gets a fresh snapshot.
+
+    One exception to "dead records are never copied": a copy made while its key was live, whose
+    compare-and-swap then lost to a delete, stays in its new block as a dead record older than the
+    key's tombstone. That block is newer than the snapshot, so any block made since the snapshot also
+    gets a fresh one (found by fsck beside a live writer: a dropped tombstone left such a copy as its
+    key's newest record on disk, which a rebuild from the blocks would bring back)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -83,6 +89,7 @@ class MinSeqs:
         self._snapshot_sealed: frozenset[int] = frozenset()
         self._table: list[BlockEntry] | None = None  # taken, lowest two not computed yet
         self._low: list[tuple[int, int]] = []  # (min seq, block id), the two lowest of the snapshot
+        self._top = 0  # the snapshot's highest block id: block ids only grow
 
     def snapshot(self, table: list[BlockEntry] | None = None) -> None:
         """Take the block table as it is now (a pass's own copy, or a fresh one); the footers of blocks
@@ -90,6 +97,14 @@ class MinSeqs:
         table = self.store.block_table() if table is None else table
         self._table = table
         self._snapshot_sealed = frozenset(e.block_id for e in table if e.state == BLOCK_SEALED)
+        self._top = max((e.block_id for e in table), default=0)
+
+    def _blocks_made_since_snapshot(self) -> bool:
+        """Open ones are listed; sealed ones are probed above the snapshot's highest id (16 ids, to see
+        past a block made and already emptied and reclaimed in between)."""
+        if any(b > self._top for b in self.store.open_block_min_seqs()):
+            return True
+        return any(self.store.has_block(b) for b in range(self._top + 1, self._top + 17))
 
     def _lowest_two(self) -> list[tuple[int, int]]:
         if self._table is not None:
@@ -109,7 +124,7 @@ class MinSeqs:
         return self._low
 
     def lowest_elsewhere(self, exclude: int) -> int:
-        if exclude not in self._snapshot_sealed:
+        if exclude not in self._snapshot_sealed or self._blocks_made_since_snapshot():
             self.snapshot()
         low = min((v for v, b in self._lowest_two() if b != exclude), default=1 << 64)
         opened = self.store.open_block_min_seqs()  # blocks opened since the snapshot (conservative)
