@@ -231,7 +231,9 @@ def report_json(o: BlendOutcome) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.blend_scenario",
                                  description="The main job's blend scenario on its own (no LMCache server).")
-    ap.add_argument("--store", required=True, help="chunk KV store directory (emptied first)")
+    ap.add_argument("--store", required=True,
+                    help="chunk KV store directory; must be absent or empty unless --reset-store")
+    ap.add_argument("--reset-store", action="store_true", help="allow emptying a non-empty --store")
     ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="trained model folder (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="6 chunks, 4 mixes")
     ap.add_argument("--json", help="also write the numbers here")
@@ -241,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                  "VLLM_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(k, v)
     store = Path(args.store)
-    shutil.rmtree(store, ignore_errors=True)
+    # a folder the user named may hold a store they keep: emptied only when asked (as the main job's --store)
+    if store.exists() and any(store.iterdir()):
+        if not args.reset_store:
+            raise SystemExit(f"--store {store} is not empty; pass --reset-store to let the scenario empty it")
+        shutil.rmtree(store)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
