@@ -14,3 +14,8 @@ class RemoteError(BlockstoreError):
 class RemoteUnavailable(IOErrorBS):
     """The object store did not answer (connection refused, timeout, 5xx after retries): nothing was
     lost, the work stays pending and is retried."""
+
+
+class RemoteObjectMissing(RemoteError):
+    """The object a pointer names is not in the bucket (reclaimed by remote GC after its grace period, or
+    lost): a pool re-polls, which moves or drops the pointer, and never returns bytes for it."""

@@ -2,6 +2,8 @@
 
   blocks/<node>/<block id, 16 hex>-<xxh3 of the file, 16 hex>   the sealed block file, byte for byte
   index/<node>/<publication number, 16 hex>-<block id, 16 hex>  its key index (JSON), written after it
+  gc/<node>/<gc number, 16 hex>-<block id, 16 hex>            a "superseded" marker (JSON): the block's
+                                                              object is being reclaimed (reclaim.py)
 
 A data name never repeats: a node id is unique, a block id is never reused by its store, and the content
 hash makes even a reused id (a wiped node starting over under the same name) a different object. The
@@ -19,6 +21,7 @@ from blockstore.remote.errors import RemoteError
 INDEX_VERSION = 1
 BLOCKS = "blocks/"
 INDEX = "index/"
+GC = "gc/"
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -38,6 +41,15 @@ def data_key(name: str) -> str:
 
 def index_key(name: str) -> str:
     return INDEX + name
+
+
+def gc_key(node_id: str, gc_seq: int, block_id: int) -> str:
+    return f"{GC}{node_id}/{gc_seq:016x}-{block_id:016x}"
+
+
+def name_seq(name: str) -> int:
+    """The publication (or gc) number an index or gc object's name starts its last part with."""
+    return int(name.rsplit("/", 1)[1].split("-", 1)[0], 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +104,39 @@ class BlockIndex:
             raise
         except (ValueError, KeyError, TypeError) as e:
             raise RemoteError(f"not a key-index object: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """A block object of `node` that its node no longer holds (compaction moved its live records into
+    later blocks, or they died): pools drop every pointer of `keys` that still names `data_key`. Applied
+    by a pool only once it has ingested `after_index` (the node's index that holds the moved records'
+    new places; "" when none was needed), so no pool loses a live record's pointer on the way."""
+
+    node: str
+    block_id: int
+    data_key: str
+    index_key: str
+    after_index: str
+    keys: list[tuple[str, bytes]]
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "v": INDEX_VERSION, "node": self.node, "block_id": self.block_id, "data_key": self.data_key,
+            "index_key": self.index_key, "after_index": self.after_index,
+            "keys": [[ns, k.hex()] for ns, k in self.keys],
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Superseded:
+        """RemoteError if `raw` is not a gc marker this version reads."""
+        try:
+            d = json.loads(raw)
+            if d["v"] != INDEX_VERSION:
+                raise RemoteError(f"gc marker version {d['v']} (this build reads {INDEX_VERSION})")
+            return cls(str(d["node"]), int(d["block_id"]), str(d["data_key"]), str(d["index_key"]),
+                       str(d["after_index"]), [(str(ns), bytes.fromhex(k)) for ns, k in d["keys"]])
+        except RemoteError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise RemoteError(f"not a gc marker object: {e}") from e

@@ -16,7 +16,7 @@ import obstore
 from botocore.config import Config
 from obstore.store import S3Store
 
-from blockstore.remote.errors import RemoteError, RemoteUnavailable
+from blockstore.remote.errors import RemoteError, RemoteObjectMissing, RemoteUnavailable
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ class Boto3Objects:
             except (self._bx.ReadTimeoutError, self._bx.ResponseStreamingError) as e:
                 raise RemoteUnavailable(f"get {key}: body cut short: {e}") from e
         except self._bx.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise RemoteObjectMissing(f"get {key}: no such object") from e
             raise RemoteError(f"get {key}: {e}") from e
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
@@ -168,14 +170,14 @@ class ObstoreObjects:
         try:
             return bytes(self._call(f"get {key}", lambda s, k: self._obs.get(s, k).bytes(), key))
         except FileNotFoundError as e:
-            raise RemoteError(f"get {key}: no such object") from e
+            raise RemoteObjectMissing(f"get {key}: no such object") from e
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         try:
             got = self._call(f"get {key}", self._obs.get_ranges, key, starts=[s for s, _ in ranges],
                              ends=[e for _, e in ranges])
         except FileNotFoundError as e:
-            raise RemoteError(f"get {key}: no such object") from e
+            raise RemoteObjectMissing(f"get {key}: no such object") from e
         return [memoryview(b) for b in got]  # obstore's Bytes: Rust-owned, exposed without a copy
 
     def list_after(self, prefix: str, after: str | None) -> list[str]:

@@ -3,7 +3,12 @@ node) into its own RocksDB under its own folder, and reads what any node sealed 
 
 Lookup keys carry the namespace's name, so a key is only ever found in the namespace it was written
 in, on every node. Within one origin node the higher sequence number wins (a KV tombstone removes the
-key); between nodes the index ingested last wins (KV-cache keys name their content, so both are right)."""
+key); between nodes the index ingested last wins (KV-cache keys name their content, so both are right).
+
+Remote GC (reclaim.py): a node's "superseded" markers are listed after its indexes, with a cursor of their
+own, and applied only once this pool has ingested the index the marker waits for: every pointer that
+still names the reclaimed object is dropped (the moved records' new places are already in). A read that
+finds an object gone (this pool polled too late for the grace period) re-polls once and reads again."""
 
 from __future__ import annotations
 
@@ -14,12 +19,14 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from blockstore.errors import InvalidArgument
 from blockstore.records import Kind
-from blockstore.remote.layout import INDEX, BlockIndex, IndexEntry
+from blockstore.remote.errors import RemoteObjectMissing
+from blockstore.remote.layout import GC, INDEX, BlockIndex, IndexEntry, Superseded
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.reader import RemoteReader
 
 _CURSOR = b"c/"  # + node id -> the last index object name ingested from that node
 _KEY = b"k/"  # + namespace length, namespace, key -> the entry
+_GC_CURSOR = b"g/"  # + node id -> the last gc marker name applied from that node
 
 
 def _lookup_key(ns: str, key: bytes) -> bytes:
@@ -55,18 +62,40 @@ class RemotePool:
         self._db.close()
 
     def poll(self) -> int:
-        """Ingest every index object published since the last poll; returns how many. One LIST for the
-        nodes, one LIST-after per node, one GET per new index (cost proportional to what is new)."""
+        """Ingest every index object published since the last poll, then apply the gc markers whose
+        indexes are in; returns how many objects were taken. One LIST for the nodes, one LIST-after per
+        node, one GET per new object, for indexes and markers alike (cost proportional to what is new)."""
         n = 0
         for prefix in self.objects.list_children(INDEX):
             node = prefix[len(INDEX):].rstrip("/")
-            raw_cursor = self._db.get(_CURSOR + node.encode())
-            after = None if raw_cursor is None else bytes(raw_cursor).decode()
-            for name in self.objects.list_after(prefix, after):
+            for name in self.objects.list_after(prefix, self._cursor(_CURSOR, node)):
                 self._ingest(node, name, BlockIndex.decode(self.objects.get(name)))
+                n += 1
+        for prefix in self.objects.list_children(GC):
+            node = prefix[len(GC):].rstrip("/")
+            for name in self.objects.list_after(prefix, self._cursor(_GC_CURSOR, node)):
+                marker = Superseded.decode(self.objects.get(name))
+                if marker.after_index and marker.after_index > (self._cursor(_CURSOR, node) or ""):
+                    break  # its moved records' index is not in yet: the next poll applies it, in order
+                self._apply(node, name, marker)
                 n += 1
         self.ingested_objects += n
         return n
+
+    def _cursor(self, kind: bytes, node: str) -> str | None:
+        raw = self._db.get(kind + node.encode())
+        return None if raw is None else bytes(raw).decode()
+
+    def _apply(self, node: str, name: str, marker: Superseded) -> None:
+        """Drop the marker's keys whose pointer still names its object, and move the cursor, in one batch."""
+        batch = WriteBatch()
+        for ns, key in marker.keys:
+            lk = _lookup_key(ns, key)
+            raw = self._db.get(lk)
+            if raw is not None and _decode(ns, key, bytes(raw)).data_key == marker.data_key:
+                batch.delete(lk)
+        batch.put(_GC_CURSOR + node.encode(), name.encode())
+        self._db.write(batch, self._sync)
 
     def _ingest(self, node: str, name: str, index: BlockIndex) -> None:
         """The index's entries and the node's new cursor in one synced batch."""
@@ -96,8 +125,26 @@ class RemotePool:
 
     def get_many(self, keys: Sequence[bytes], *, ns: str) -> list[memoryview | None]:
         """Each key's verified payload from the bucket, as a read-only view (None: no node published it
-        in namespace `ns`)."""
+        in namespace `ns`). An object found gone (reclaimed after a grace period this pool overslept)
+        makes it poll once and look again; a key whose object is still gone after that is a miss."""
+        try:
+            return self._read(keys, ns)
+        except RemoteObjectMissing:
+            self.poll()
+        try:
+            return self._read(keys, ns)
+        except RemoteObjectMissing:
+            return [None if p is None else p[0] for p in (self._read_one(k, ns) for k in keys)]
+
+    def _read(self, keys: Sequence[bytes], ns: str) -> list[memoryview | None]:
         located = self.locate_many(keys, ns=ns)
         found = [e for e in located if e is not None]
         payloads = iter(self.reader.read(found))
         return [None if e is None else next(payloads) for e in located]
+
+    def _read_one(self, key: bytes, ns: str) -> list[memoryview] | None:
+        try:
+            got = self._read([key], ns)[0]
+        except RemoteObjectMissing:
+            return None
+        return None if got is None else [got]
