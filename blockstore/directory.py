@@ -27,7 +27,7 @@ BLOCK_SEALED = 2
 BLOCK_RECLAIMING = 3
 
 _LOC = struct.Struct("<BBHIQQQQQQ")  # 56 bytes, then meta
-_BLOCK = struct.Struct("<BBHIQQQQQQQQQQ")  # 88 bytes, then partition
+_BLOCK = struct.Struct("<BBHIQQQQQQQQQQ")  # 88 bytes, then partition, then remote name (its length in the H)
 _U64 = struct.Struct("<Q")
 VALUE_VERSION = 1
 
@@ -94,23 +94,32 @@ class BlockEntry:
     last_append_ns: int = 0
     sealed_ns: int = 0
     live_logical_bytes: int = 0
+    # the object the remote tier confirmed holds this block's file (empty: local only). Only a block with
+    # one may lose its local file (Store.drop_local_copy); reads then fetch from the object. Stored after
+    # the partition, its length in the formerly reserved 16-bit field, so older readers ignore it.
+    remote_name: bytes = b""
 
     def encode(self) -> bytes:
         return _BLOCK.pack(
-            1, self.state, 0, len(self.partition), self.written_bytes, self.live_bytes, self.live_records,
-            self.total_records, self.tombstones, self.data_end, self.created_ns, self.last_append_ns,
-            self.sealed_ns, self.live_logical_bytes,
-        ) + self.partition
+            1, self.state, len(self.remote_name), len(self.partition), self.written_bytes, self.live_bytes,
+            self.live_records, self.total_records, self.tombstones, self.data_end, self.created_ns,
+            self.last_append_ns, self.sealed_ns, self.live_logical_bytes,
+        ) + self.partition + self.remote_name
 
     @classmethod
     def decode(cls, block_id: int, raw: bytes) -> BlockEntry:
         """CorruptionError (FormatVersionError for a newer value_version) if `raw` is not a block entry."""
         _check_value(raw, _BLOCK.size, "block entry")
         f = _BLOCK.unpack_from(raw)
-        plen = f[3]
+        rlen, plen = f[2], f[3]
         if len(raw) < _BLOCK.size + plen:
             raise CorruptionError(f"block entry value of {len(raw)} bytes ends inside its {plen}-byte partition")
-        return cls(block_id, f[1], bytes(raw[_BLOCK.size : _BLOCK.size + plen]), *f[4:])
+        if len(raw) < _BLOCK.size + plen + rlen:
+            raise CorruptionError(f"block entry value of {len(raw)} bytes ends inside its {rlen}-byte remote name")
+        end = _BLOCK.size + plen
+        e = cls(block_id, f[1], bytes(raw[_BLOCK.size : end]), *f[4:])
+        e.remote_name = bytes(raw[end : end + rlen])
+        return e
 
     def copy(self) -> BlockEntry:
         return BlockEntry(**{k: getattr(self, k) for k in self.__slots__})  # type: ignore[attr-defined]

@@ -60,7 +60,7 @@ def check_store_path(path: str, create: bool, read_only: bool, allow_non_empty: 
 
 
 def check_options(path: Any, *, durability: Any, block_size: Any, max_open_blocks: Any, idle_seal_seconds: Any,
-                   read_gap: Any, on_corrupt: Any) -> str:
+                   read_gap: Any, on_corrupt: Any, remote_seal_seconds: Any = 0.2, remote_timeout: Any = 30.0) -> str:
     """Store()'s arguments checked before anything is touched; the path as a str."""
     try:
         fs_path = os.fspath(path)
@@ -68,8 +68,8 @@ def check_options(path: Any, *, durability: Any, block_size: Any, max_open_block
         raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
     if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
         raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
-    if durability not in ("cache", "sync"):
-        raise InvalidArgument(f"durability must be 'cache' or 'sync', got {durability!r}")
+    if durability not in ("cache", "sync", "remote"):
+        raise InvalidArgument(f"durability must be 'cache', 'sync' or 'remote', got {durability!r}")
     if block_size is not None and not valid_block_size(block_size):
         raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
     if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
@@ -81,6 +81,9 @@ def check_options(path: Any, *, durability: Any, block_size: Any, max_open_block
         raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
     if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
         raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
+    for name, value in (("remote_seal_seconds", remote_seal_seconds), ("remote_timeout", remote_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+            raise InvalidArgument(f"{name} must be a number of seconds within 0..86400, got {value!r}")
     return fs_path
 
 

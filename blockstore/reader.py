@@ -90,6 +90,10 @@ class Reader:
         self.on_corrupt = on_corrupt
         self.block_named = block_named
         self.observers: list[ReadObserver] = []
+        # the remote tier's read fallback (tiering.py): a block's confirmed object name (b"": none), and the
+        # fetcher of byte ranges of a block file from it (None: no tier attached)
+        self.remote_name_of: Callable[[int], bytes] = lambda _bid: b""
+        self.fetch: Callable[[int, bytes, Sequence[tuple[int, int]]], Sequence[Buffer]] | None = None
         self._grouping = threading.local()  # .reads: this thread's reads inside request() (else unset)
         self.timed: deque[tuple[float, float]] = deque(maxlen=_TIMED_READS)  # (perf_counter at end, seconds)
 
@@ -184,6 +188,7 @@ class Reader:
         """(results, indexes whose block vanished under the read)."""
         results: list[Any] = [None] * len(keys)
         vanished: list[int] = []
+        dropped: list[tuple[int, list[int]]] = []
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
                 idxs.sort(key=lambda i: locs[i].offset)  # type: ignore[union-attr]
@@ -192,6 +197,9 @@ class Reader:
                 except NotFound:
                     if not self.block_named(bid):
                         vanished.extend(idxs)  # compaction deleted it after our lookup: look again
+                        continue
+                    if self.remote_name_of(bid) and self.fetch is not None:
+                        dropped.append((bid, idxs))  # the remote tier dropped its local copy: fetched below
                         continue
                     # The block table still names the block (a deletion leaves the table before its
                     # file goes), so its file is missing by damage: corruption, not a miss.
@@ -212,7 +220,49 @@ class Reader:
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
+        for bid, idxs in dropped:
+            self._read_dropped(bid, idxs, keys, locs, dsts, results, lengths)
         return results, vanished
+
+    def _read_dropped(self, bid: int, idxs: list[int], keys: Sequence[bytes], locs: Sequence[Location | None],
+                      dsts: list[memoryview | None], results: list[Any], lengths: bool) -> None:
+        """The records `idxs` of a block whose local copy the remote tier dropped, from its object,
+        verified as a local read is; a mismatch raises (or, on_corrupt="miss", leaves a miss)."""
+        verified = self._read_remote(bid, [locs[i] for i in idxs],  # type: ignore[misc]
+                                     [dsts[i] for i in idxs])  # type: ignore[misc]
+        for i, ok in zip(idxs, verified):
+            if ok:
+                results[i] = locs[i].payload_len if lengths else dsts[i]  # type: ignore[union-attr]
+            elif self.on_corrupt == "raise":
+                raise ChecksumMismatch(f"read of key {keys[i]!r} in block {bid:016x} (fetched from its remote "
+                                       "copy): payload does not match its checksum; not returned")
+
+    def _read_remote(self, bid: int, locs: Sequence[Location], dsts: Sequence[memoryview]) -> list[bool]:
+        """Read these records (sorted by offset) of a block whose local copy was dropped from its object:
+        neighbours closer than read_gap coalesced into one ranged GET, as the local path coalesces its
+        preadv; each payload checked against its xxh3 before it is copied to its destination. Whether
+        each verified. The fetcher's own failures (the object store unreachable) propagate."""
+        runs: list[tuple[int, int, list[int]]] = []
+        for i, loc in enumerate(locs):
+            start, end = loc.payload_offset, loc.payload_offset + loc.payload_len
+            if runs and start - runs[-1][1] <= self.read_gap:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], end), runs[-1][2] + [i])
+            else:
+                runs.append((start, end, [i]))
+        assert self.fetch is not None
+        got = self.fetch(bid, self.remote_name_of(bid), [(s, e) for s, e, _m in runs])
+        ok = [False] * len(locs)
+        for (start, end, members), raw in zip(runs, got):
+            view = memoryview(raw).cast("B")
+            if len(view) != end - start:
+                raise CorruptionError(f"block {bid:016x}: its remote copy gave {len(view)} bytes for [{start}, {end})")
+            for i in members:
+                loc = locs[i]
+                payload = view[loc.payload_offset - start : loc.payload_offset - start + loc.payload_len]
+                if self.backend.xxh3(payload) == loc.payload_xxh3:
+                    dsts[i][:] = payload
+                    ok[i] = True
+        return ok
 
     def read_locations(self, locs: Sequence[Location]) -> list[memoryview]:
         """Read and verify the payloads at these places; raises on corruption whatever on_corrupt says
@@ -224,6 +274,12 @@ class Reader:
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
                 idxs.sort(key=lambda i: locs[i].offset)
+                if self.fetch is not None and self.remote_name_of(bid) and not self.blocks.exists(bid):
+                    verified = self._read_remote(bid, [locs[i] for i in idxs], [dsts[i] for i in idxs])
+                    if not all(verified):
+                        raise ChecksumMismatch(f"read of block {bid:016x} (from its remote copy): a payload does "
+                                               "not match its checksum")
+                    continue
                 fd = self.blocks.read_fd(bid)
                 reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i], locs[i].payload_xxh3)
                         for i in idxs]

@@ -115,6 +115,8 @@ def _missing_block(store: RecoveringStore, e: BlockEntry, recent: bool, report: 
     created it (a power cut may lose what was never synced): then the directory forgets it. Otherwise
     the file was lost by damage: its entries stay, reads of its records raise CorruptionError, and
     `blockstore fsck --repair` decides (an open does not turn damage into silent misses)."""
+    if e.remote_name and e.state == BLOCK_SEALED:
+        return  # the remote tier dropped its local copy once its object was confirmed: reads fetch from it
     if e.data_end <= BLOCK_HEADER_SIZE or e.total_records == 0 or recent:
         _forget_block(store, e, report)
         return
@@ -208,6 +210,8 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
             tombstones=sum(1 for r in recs if r.info.kind == Kind.TOMBSTONE),
             data_end=valid_end, created_ns=e.created_ns, last_append_ns=e.last_append_ns,
             sealed_ns=time.time_ns(), live_logical_bytes=live_logical,
+            # the confirmed object still holds the file as it was: the flag stays only if nothing was cut
+            remote_name=e.remote_name if valid_end == committed_end else b"",
         )
         batch.put_block(ne)
         store.dir.write(batch, force_sync=True)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BlockFiles
-from blockstore.chunks import Chunk, ChunkRecords, ChunkWrite, session_partition
+from blockstore.chunks import ChunkRecords
 from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, Location
 from blockstore.errors import BlockstoreError, InvalidArgument, NoSpace, NotFound, ReadOnlyStore, StoreClosed
 from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix, keys_prefix
@@ -39,20 +39,21 @@ from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
 from blockstore.records import Buffer, Kind
 from blockstore.stats import StoreStats, measure
+from blockstore.store_records import DEFAULT_NAMESPACE, RecordConveniences
+from blockstore.store_remote import RemoteSeams
 from blockstore.tensors import TensorRecords
-from blockstore.validate import check_bool, check_keys, check_locations, check_meta, check_ns, check_out, check_seq
+from blockstore.tiering import Tiering
+from blockstore.validate import check_bool, check_keys, check_locations, check_meta, check_ns, check_out
 from blockstore.validate import check_key as _check_key
 from blockstore.writer import WriteEngine
 
-Durability = Literal["cache", "sync"]
+Durability = Literal["cache", "sync", "remote"]
 OnCorrupt = Literal["raise", "miss"]
 
 _log = logging.getLogger("blockstore")
 
-DEFAULT_NAMESPACE = "default"
 
-
-class Store:
+class Store(RecordConveniences, RemoteSeams):
     """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
 
     Thread-safe: any number of threads may read and write concurrently.
@@ -74,16 +75,22 @@ class Store:
         backend: str | None = None,
         compaction: str | dict[str, Any] | None = None,
         allow_non_empty: bool = False,
+        remote_seal_seconds: float = 0.2,
+        remote_timeout: float = 30.0,
     ) -> None:
         for flag, value in (("create", create), ("read_only", read_only), ("read_ahead", read_ahead),
                             ("allow_non_empty", allow_non_empty)):
             check_bool(flag, value)
         fs_path = check_options(path, durability=durability, block_size=block_size, max_open_blocks=max_open_blocks,
-                                 idle_seal_seconds=idle_seal_seconds, read_gap=read_gap, on_corrupt=on_corrupt)
+                                 idle_seal_seconds=idle_seal_seconds, read_gap=read_gap, on_corrupt=on_corrupt,
+                                 remote_seal_seconds=remote_seal_seconds, remote_timeout=remote_timeout)
         self.path = fs_path
         self._allow_non_empty = allow_non_empty
         self.read_only = read_only
         self.durability: Durability = durability
+        # "remote" is "sync" on the local disk, plus the wait for the object store (tiering.py)
+        self._local_durability = "sync" if durability == "remote" else durability
+        self._remote_waits = (remote_seal_seconds, remote_timeout)
         # None: the store's own (its MANIFEST records the size it was created with); a size given for an
         # existing store applies to the blocks opened from now on
         self._block_size_given = block_size is not None
@@ -131,32 +138,36 @@ class Store:
             # (kill -9, an I/O error) then leaves no MANIFEST, and the next open simply creates again.
             # Written first, it made a store that no open could ever load (found by tests/test_faults.py).
             manifest = (load_manifest(self.path) if exists
-                        else new_manifest(block_size=self.block_size, durability=self.durability))
+                        else new_manifest(block_size=self.block_size, durability=self._local_durability))
             self.store_id = int(manifest["store_id"])
             recorded = manifest.get("block_size")
             if not self._block_size_given and valid_block_size(recorded):
                 self.block_size = recorded
-            self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=self.durability == "sync")
+            local = self._local_durability
+            self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=local == "sync")
             # the WAL on disk was written under the last writer's durability (MANIFEST "durability")
-            last_durability = manifest.get("durability", self.durability)
+            last_durability = manifest.get("durability", local)
             self.dir = directory = Directory(os.path.join(self.path, DIRECTORY), read_only=self.read_only,
-                                             sync=self.durability == "sync", create=not exists,
+                                             sync=local == "sync", create=not exists,
                                              strict_wal=last_durability == "sync")
             self._placement = OpenBlocks(path=self.path, directory=directory, blocks=self.blocks,
                                          block_size=self.block_size, max_open_blocks=self.max_open_blocks,
                                          idle_seal_seconds=self.idle_seal_seconds)
-            self._engine = WriteEngine(path=self.path, read_only=self.read_only, durability=self.durability,
+            self._engine = WriteEngine(path=self.path, read_only=self.read_only, durability=local,
                                        backend=self.backend, directory=directory, blocks=self.blocks,
                                        store_id=self.store_id, placement=self._placement, check_open=self._check_open)
             self._reader = Reader(path=self.path, directory=directory, blocks=self.blocks, backend=self.backend,
                                   read_gap=self.read_gap, read_ahead=self.read_ahead, on_corrupt=self.on_corrupt,
                                   block_named=self._engine.block_named)
             self._reader.observers = self._read_observers
+            self._tiering = Tiering(self._engine, remote_seal_seconds=self._remote_waits[0],
+                                    remote_timeout=self._remote_waits[1])
+            self._reader.remote_name_of = self._tiering.remote_name
             self._chunks = ChunkRecords(check_open=self._check_open, namespace_id=self.namespace_id,
-                                        submit=self._engine.submit, read=self._reader.read, directory=directory)
-            if exists and not self.read_only and last_durability != self.durability:
+                                        submit=self._submit, read=self._reader.read, directory=directory)
+            if exists and not self.read_only and last_durability != local:
                 # before this session writes: its WAL is read back under this mode's rule
-                manifest["durability"] = self.durability
+                manifest["durability"] = local
                 self._write_manifest(manifest_path, manifest)
             self._engine.load_state(fresh=not exists)
             self.recovery_report = self._engine.recovery_report
@@ -257,7 +268,7 @@ class Store:
         self._check_open(write=True)
         check_ns(ns)
         part = partition_of(ns, partition)
-        self._engine.submit(kv_mutations(ns, part, items, metas))
+        self._submit(kv_mutations(ns, part, items, metas))
 
     def delete(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE) -> bool:
         """Delete `key`: writes a tombstone. Returns whether the key existed."""
@@ -268,8 +279,19 @@ class Store:
         check_ns(ns)
         part = partition_of(ns, None)
         muts = [Mutation(ns, SPACE_KV, k, Kind.TOMBSTONE, part, TOMBSTONE_META[SPACE_KV]) for k in check_keys(keys)]
-        self._engine.submit(muts)
+        self._submit(muts)
         return [bool(m.result) for m in muts]
+
+    def _submit(self, muts: list[Mutation]) -> None:
+        """A user write (put, delete, chunk records): group commit, then in `remote` mode the wait until
+        its block's object is confirmed (tiering.py). Relocation's copies do not wait: not acknowledged
+        to anyone, and their source's object already holds the record."""
+        if self.durability != "remote":
+            self._engine.submit(muts)
+            return
+        self._tiering.check_attached()  # before anything is written: a put that can never be confirmed
+        self._engine.submit(muts)
+        self._tiering.wait_confirmed(self._tiering.newest_block())
 
     # ------------------------------------------------------------------ observation and relocation
 
@@ -285,12 +307,6 @@ class Store:
         """`with store.request():` every read this thread makes inside (get_many, get_chunks, ...) is one
         request to the read observers: compaction learns a request that reads chunk and KV records as one."""
         return self._reader.request()
-
-    @staticmethod
-    def session_partition(user_id: str, session_id: str) -> bytes:
-        """The `partition` (put_many, put_tensors) that writes KV records into the block stream of chunk
-        session (user_id, session_id): a session's chunk and KV records then share blocks."""
-        return session_partition(user_id, session_id)
 
     def remove_read_observer(self, observe: Callable[[Sequence[bytes], Sequence[Location | None]], None]) -> None:
         if observe in self._read_observers:
@@ -400,54 +416,6 @@ class Store:
         start = None if after is None else prefix + bytes(after) + b"\x00"
         for k, v in self.dir.scan_prefix(prefix, start):
             yield k[len(prefix):], Location.decode(v)
-
-    # ------------------------------------------------------------------ chunk and tensor records
-
-    def put_chunk(self, user_id: str, session_id: str, chunk_id: str, text: str, *,
-                  meta: Mapping[str, Any] | None = None, kv_keys: Sequence[bytes] = (),
-                  ts_ns: int | None = None, ns: str = DEFAULT_NAMESPACE) -> None:
-        """Write (or update: the old record becomes dead) one chunk record."""
-        kv = tuple(check_seq("kv_keys", kv_keys, "bytes keys"))  # kv_keys=b"k" is not the keys 107 and so on
-        self.put_chunks([ChunkWrite(user_id, session_id, chunk_id, text, meta, kv, ts_ns)], ns=ns)
-
-    def put_chunks(self, chunks: Sequence[ChunkWrite], *, ns: str = DEFAULT_NAMESPACE) -> None:
-        """Write many chunk records in one group commit (each record is atomic, the call is not: a
-        failure part-way leaves a prefix). One call per chunk costs a directory write each; an agent
-        saving a turn's memories, or an import, should batch them here."""
-        self._chunks.put_chunks(chunks, ns=ns)
-
-    def get_chunk(self, user_id: str, session_id: str, chunk_id: str, *, ns: str = DEFAULT_NAMESPACE) -> Chunk | None:
-        return self.get_chunks([(user_id, session_id, chunk_id)], ns=ns)[0]
-
-    def get_chunks(self, ids: Sequence[tuple[str, str, str]], *, ns: str = DEFAULT_NAMESPACE) -> list[Chunk | None]:
-        """Batched read of chunk records (one request)."""
-        return self._chunks.get_chunks(ids, ns=ns)
-
-    def list_chunks(self, user_id: str, session_id: str, *, ns: str = DEFAULT_NAMESPACE) -> list[Chunk]:
-        """A session's chunks in temporal order (timestamp, then chunk id)."""
-        return self._chunks.list_chunks(user_id, session_id, ns=ns)
-
-    def delete_chunk(self, user_id: str, session_id: str, chunk_id: str, *, ns: str = DEFAULT_NAMESPACE) -> bool:
-        """Delete a chunk record (tombstone). Returns whether it existed."""
-        return self._chunks.delete_chunk(user_id, session_id, chunk_id, ns=ns)
-
-    def put_tensor(self, key: bytes, tensor: Any, *, ns: str = DEFAULT_NAMESPACE,
-                   partition: bytes | str | None = None) -> None:
-        self.put_tensors([(_check_key(key), tensor)], ns=ns, partition=partition)
-
-    def put_tensors(self, items: Sequence[tuple[bytes, Any]], *, ns: str = DEFAULT_NAMESPACE,
-                    partition: bytes | str | None = None) -> None:
-        """Store tensors (numpy arrays, CPU torch tensors) next to each other (one partition, one batch)."""
-        self._tensors.put_tensors(items, ns=ns, partition=partition)
-
-    def get_tensor(self, key: bytes, *, ns: str = DEFAULT_NAMESPACE, out: Any = None) -> Any:
-        return self.get_tensors([_check_key(key)], ns=ns, out=None if out is None else [out])[0]
-
-    def get_tensors(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE,
-                    out: Sequence[Any] | None = None) -> list[Any]:
-        """Read tensors (one request). With `out`, reads straight into the given tensors, which must
-        match the stored dtype and shape; otherwise allocates them. None for a miss."""
-        return self._tensors.get_tensors(keys, ns=ns, out=out)
 
     # ------------------------------------------------------------------ stats
 

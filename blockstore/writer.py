@@ -13,13 +13,14 @@ import errno
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from blockstore import hooks
 from blockstore.blocklife import BlockLifecycle
 from blockstore.blocks import OpenBlock
-from blockstore.directory import BlockEntry, DirectoryBatch, Location
+from blockstore.directory import BLOCK_SEALED, BlockEntry, DirectoryBatch, Location
 from blockstore.errors import BlockstoreError, NoSpace
 from blockstore.keys import (
     block_key,
@@ -89,19 +90,68 @@ def takes_effect(m: Mutation, suffix: bytes, plan: GroupPlan, live_after: dict[b
 class WriteEngine(BlockLifecycle):
     """The engine behind a writable Store: group commit over the block lifecycle (blocklife.py)."""
 
+    seal_observers: list[Callable[[int], None]]  # called with each block id once its seal is committed
+
     def close_writes(self) -> BlockstoreError | None:
         """The writing part of a close, with the leader slot held: seal every open block, make everything
         durable, mark the store clean. None if all of it happened, else the first error (the store is then
         not marked clean, and the next open recovers it)."""
         with self.slot.exclusive():
             self.settle_failed_commit()  # before a footer goes where a replayed commit put records
+            sealing = [ob.entry.block_id for ob in list(self._placement.open.values()) + self._placement.retired]
             failed = self.seal_all()
             self.dir.flush()
             if failed is None:
                 b = DirectoryBatch()
                 b.put_meta("clean", 1)
                 self.dir.write(b, force_sync=True)
+        with self.state_lock:
+            sealed = [bid for bid in sealing if bid in self.table and self.table[bid].state == BLOCK_SEALED]
+        self.announce_sealed(sealed)
         return failed
+
+    def announce_sealed(self, block_ids: list[int]) -> None:
+        """Tell the seal observers (the remote tier's uploader) about blocks whose seal just committed.
+        An observer's exception is logged, never raised into the write that sealed the block."""
+        for bid in block_ids:
+            for observe in list(getattr(self, "seal_observers", ())):
+                try:
+                    observe(bid)
+                except Exception:
+                    _log.exception("seal observer failed for block %016x", bid)
+
+    def seal_open_blocks(self, up_to: int) -> list[int]:
+        """Seal every open block with an id <= `up_to` now, whatever its size and age (remote durability:
+        a put waits for its block's upload, so its block must not wait to fill). One synced directory
+        write; returns the blocks sealed."""
+        self.check_open(write=True)
+        with self.slot.exclusive():
+            self.settle_failed_commit()
+            obs = [ob for ob in list(self._placement.open.values()) + self._placement.retired
+                   if ob.entry.block_id <= up_to]
+            if not obs:
+                return []
+            batch = DirectoryBatch()
+            entries: dict[int, BlockEntry] = {}
+            for ob in obs:
+                self._seal(ob, batch, entries)
+            for e in entries.values():
+                batch.put_block(e)
+            self.dir.write(batch, force_sync=True)
+            # committed: the blocks leave rotation (a failure above leaves them open, to be sealed later)
+            gone = {id(ob) for ob in obs}
+            self._placement.open = {k: v for k, v in self._placement.open.items() if id(v) not in gone}
+            self._placement.retired = [ob for ob in self._placement.retired if id(ob) not in gone]
+            with self.state_lock:
+                self.table.update(entries)
+            for ob in obs:
+                self._close_fd(ob)
+            empty = [bid for bid, e in entries.items() if self.reclaimable(e)]
+            if empty:
+                self.delete_blocks(empty)
+        sealed = [bid for bid in entries if bid not in empty]
+        self.announce_sealed(sealed)
+        return sealed
 
     def submit(self, muts: list[Mutation]) -> None:
         """Group commit: queue, and either lead a group or wait for a leader to apply ours."""
@@ -370,6 +420,7 @@ class WriteEngine(BlockLifecycle):
         self._placement.unnamed = self._placement.unnamed - unnamed
         for ob in to_seal:
             self._close_fd(ob)
+        sealed = [ob.entry.block_id for ob in to_seal]
         to_seal.clear()
         for bid, e in entries.items():
             if self.reclaimable(e):
@@ -382,6 +433,8 @@ class WriteEngine(BlockLifecycle):
                     self.delete_block(bid)
                 except BlockstoreError:
                     pass  # the group is committed; an empty block left behind is reclaimed at close
+        if sealed:
+            self.announce_sealed([bid for bid in sealed if self.block_named(bid)])
 
     def _resolve_namespaces(self, muts: list[Mutation], batch: DirectoryBatch) -> tuple[dict[str, int], dict[str, int]]:
         """(id of every namespace the group names, the ones this group creates). A delete never creates

@@ -55,6 +55,8 @@ class BlockChecks(PassBase):
                         rep.add("unsealed", bid, None, "left open by a writer that stopped between naming the "
                                 "block and creating its file: nothing was committed in it")
                     continue
+                if e is not None and e.remote_name and bid not in self.missing_named:
+                    continue  # dropped once its object was confirmed (docs/remote.md): not damage
                 if facts.entry is not None or bid in self.missing_named:
                     n = self.missing_named.get(bid, 0)
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk is missing; "

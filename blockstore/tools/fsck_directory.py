@@ -159,6 +159,8 @@ class DirectoryChecks(PassBase):
                 rep.add("dangling", bid, loc.offset,
                         f"entry of {key_text(suffix)} names block {block_label(bid)}, which does not exist")
                 continue
+            if bid not in self.files and bid in self.entries and self.entries[bid].remote_name:
+                continue  # its local copy was dropped once its object was confirmed: reads fetch from there
             if bid not in self.files:
                 self.missing_named[bid] = self.missing_named.get(bid, 0) + 1
                 rep.dangling[suffix] = (loc, f"names block {block_label(bid)}, whose file is missing")

@@ -1,0 +1,166 @@
+"""The engine's side of the object-store tier (docs/remote.md): the remote flag of sealed blocks, dropping
+a local copy only once its object is confirmed, the read fallback's fetcher, and `durability="remote"`'s
+wait for confirmation.
+
+The engine never imports the tier (blockstore.remote): the tier registers a seal observer, confirms blocks
+with `mark_remote` and hands a fetcher for the read path; everything here works on the block table.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from blockstore import logs
+from blockstore.directory import BLOCK_SEALED, DirectoryBatch
+from blockstore.errors import InvalidArgument, IOErrorBS, NotFound
+from blockstore.writer import WriteEngine
+
+_log = logs.get("tiering")
+
+# fetch(block id, its remote name, [(start, end)] byte ranges of the block file) -> the bytes of each range
+BlockFetcher = Callable[[int, bytes, Sequence[tuple[int, int]]], Sequence[bytes | bytearray | memoryview]]
+
+MAX_REMOTE_NAME = 1024
+
+
+class RemoteNotConfirmed(IOErrorBS):
+    """`durability="remote"`: the object store did not confirm a write's block in time (unreachable, or
+    slower than `remote_timeout`). The write is durable locally and stays queued for upload; it is not
+    acknowledged as remote (the remote tier's status() says what is pending)."""
+
+
+class Tiering:
+    """Remote flags and remote durability for one writable (or read-only) store's engine."""
+
+    def __init__(self, engine: WriteEngine, *, remote_seal_seconds: float, remote_timeout: float) -> None:
+        self.engine = engine
+        self.seal_observers: list[Callable[[int], None]] = []
+        engine.seal_observers = self.seal_observers
+        self.fetcher: BlockFetcher | None = None
+        self.remote_seal_seconds = remote_seal_seconds
+        self.remote_timeout = remote_timeout
+        self._cv = threading.Condition()
+        self._changes = 0  # bumped by every confirmation and seal: a waiter wakes only on news
+        self.seal_observers.append(self._note_seal)
+
+    def _note_seal(self, _block_id: int) -> None:
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._changes += 1
+            self._cv.notify_all()
+
+    # ---- the remote flag ----
+
+    def mark_remote(self, block_id: int, name: bytes) -> bool:
+        """Record that the object `name` holds sealed block `block_id` (one synced directory write).
+        False if the block is gone (compaction emptied it: nothing to record). Idempotent."""
+        if not isinstance(name, (bytes, bytearray)) or not name or len(name) > MAX_REMOTE_NAME:
+            raise InvalidArgument(f"remote name must be 1 to {MAX_REMOTE_NAME} bytes, got {name!r:.80}")
+        eng = self.engine
+        eng.check_open(write=True)
+        # with the leader slot held: a group copies the entry it changes and writes the copy back, so a
+        # flag set beside a group in flight would be overwritten by the group's older copy
+        with eng.slot.exclusive():
+            with eng.state_lock:
+                e = eng.table.get(block_id)
+            if e is None:
+                return False
+            if e.state != BLOCK_SEALED:
+                raise InvalidArgument(f"block {block_id:016x} is not sealed: only a sealed block's object is final")
+            if e.remote_name == bytes(name):
+                return True
+            e = e.copy()
+            e.remote_name = bytes(name)
+            b = DirectoryBatch()
+            b.put_block(e)
+            eng.dir.write(b, force_sync=True)
+            with eng.state_lock:
+                eng.table[block_id] = e
+        self._notify()
+        return True
+
+    def remote_name(self, block_id: int) -> bytes:
+        """The confirmed object of a block (b"" if none, or if the table does not name the block)."""
+        with self.engine.state_lock:
+            e = self.engine.table.get(block_id)
+        return b"" if e is None else e.remote_name
+
+    def has_local_copy(self, block_id: int) -> bool:
+        return self.engine.blocks.exists(block_id)
+
+    def drop_local_copy(self, block_id: int) -> int:
+        """Delete a sealed block's local file once its object is confirmed (the block stays in the table;
+        reads fetch from the object). Returns the bytes freed (0 if already dropped). Refuses a block
+        that is not flagged remote: nothing deletes data it cannot prove is kept elsewhere."""
+        eng = self.engine
+        eng.check_open(write=True)
+        with eng.slot.exclusive():
+            with eng.state_lock:
+                e = eng.table.get(block_id)
+            if e is None:
+                raise NotFound(f"block {block_id:016x} is not in the block table")
+            if not e.remote_name:
+                raise InvalidArgument(f"block {block_id:016x} has no confirmed remote copy: its local file is the "
+                                      "only one and is kept (mark_block_remote comes after the upload)")
+            try:
+                fd = eng.backend.open_ro(eng.blocks.path(block_id))
+            except NotFound:
+                return 0
+            try:
+                size = eng.backend.size(fd)
+            finally:
+                eng.backend.close(fd)
+            eng.blocks.delete(block_id)  # now, or when the last reader lets go of it
+        _log.info("%s: dropped the local copy of block %016x (%d bytes; its object is %r)", eng.path, block_id,
+                  size, e.remote_name)
+        return size
+
+    # ---- remote durability ----
+
+    def _unconfirmed(self, up_to: int) -> tuple[list[int], bool]:
+        """Blocks with id <= up_to not confirmed remote yet, and whether one of them is still open."""
+        eng = self.engine
+        with eng.state_lock:
+            pend = [e for bid, e in eng.table.items() if bid <= up_to and not e.remote_name]
+        return [e.block_id for e in pend], any(e.state != BLOCK_SEALED for e in pend)
+
+    def newest_block(self) -> int:
+        with self.engine.state_lock:
+            return max(self.engine.table, default=0)
+
+    def check_attached(self) -> None:
+        """A remote-mode write needs something that uploads sealed blocks (a seal observer besides ours)."""
+        if not self.seal_observers[1:]:
+            raise InvalidArgument("durability='remote' acknowledges a write only once the remote tier confirms "
+                                  "its block, and no remote tier is attached (blockstore.remote.RemoteTier)")
+
+    def wait_confirmed(self, up_to: int) -> None:
+        """Return once every block with id <= up_to (a write that just returned locally is in one of them)
+        is sealed and confirmed remote, or deleted. Open ones are sealed after remote_seal_seconds, so the
+        wait is bounded by that plus the uploads; RemoteNotConfirmed after remote_timeout."""
+        start = time.monotonic()
+        seal_at, deadline = start + self.remote_seal_seconds, start + self.remote_timeout
+        while True:
+            with self._cv:
+                seen = self._changes
+            pend, still_open = self._unconfirmed(up_to)
+            if not pend:
+                return
+            now = time.monotonic()
+            if still_open and now >= seal_at:
+                self.engine.seal_open_blocks(up_to)
+                continue
+            if now >= deadline:
+                raise RemoteNotConfirmed(
+                    errno.ETIMEDOUT, f"{self.engine.path}: the object store did not confirm block(s) "
+                    f"{', '.join(f'{b:016x}' for b in pend[:8])} within {self.remote_timeout} s: the write is durable "
+                    "locally and queued for upload, not acknowledged as remote (see the remote tier's status())")
+            until = min(deadline, seal_at) if still_open else deadline
+            with self._cv:
+                if self._changes == seen:
+                    self._cv.wait(max(0.0, until - now))
