@@ -4,13 +4,20 @@ hold nothing live on durable proof (invariant 4); the store's write engine (writ
 A block is named in the directory (synced) before its file exists, sealed with a footer when it rotates
 out or at close, marked `reclaiming` in a synced directory write before its file is unlinked, and
 forgotten once the file is gone. Cache mode syncs what a deletion could otherwise lose first.
+
+Eviction (`evict_blocks`, a cache's capacity path) removes sealed blocks together with every key the
+directory still places in them, in one synced directory write and without tombstones. Why that is safe
+is in its docstring; in short: a key goes without a tombstone only when no block that stays can hold
+any older record of it, so nothing evicted can come back, and only records the directory places in
+the evicted blocks are touched, so nothing live elsewhere is lost.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockstore import hooks, logs, metrics
@@ -23,14 +30,28 @@ from blockstore.directory import (
     BlockEntry,
     Directory,
     DirectoryBatch,
+    Location,
 )
 from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionError, NotFound
+from blockstore.keys import chunk_session_key_strict
 from blockstore.leader import LeaderSlot
 from blockstore.placement import OpenBlocks
-from blockstore.records import FORMAT_VERSION
+from blockstore.records import FORMAT_VERSION, Kind
 from blockstore.recovery import recover
 
 _log = logs.get("blocks")
+NO_FLOOR = 1 << 64  # the floor when no block that stays holds a record other than a tombstone
+
+
+@dataclass(slots=True)
+class Evicted:
+    """What `evict_blocks` did: the blocks it removed, the keys that went with them (key suffix and the
+    location they had), and the blocks it left as they were (not sealed, gone, or holding a record that
+    some block that stays may hold an older version of: those keys need tombstones)."""
+
+    blocks: list[int] = field(default_factory=list)
+    records: list[tuple[bytes, Location]] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
 
 
 class BlockLifecycle:
@@ -61,6 +82,7 @@ class BlockLifecycle:
         self._reclaiming: set[int] = set()  # marked reclaiming in the directory; entry dropped once the file is gone
         self._unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (settle_failed_commit)
         self._names_durable_below = 0  # cache mode: block files with a lower id have durable names (blocks/ fsynced)
+        self._sealed_seqs: dict[int, tuple[int, int]] = {}  # sealed blocks' footers' (min, max) sequence numbers
 
     def block_named(self, bid: int) -> bool:
         with self.state_lock:
@@ -236,6 +258,7 @@ class BlockLifecycle:
             for bid in bids:
                 self.table.pop(bid, None)
                 self._reclaiming.add(bid)
+                self._sealed_seqs.pop(bid, None)
         for bid in bids:
             self.blocks.delete(bid)
 
@@ -304,3 +327,145 @@ class BlockLifecycle:
             if gone:
                 self.delete_blocks(gone)
             return gone
+
+    # ---- eviction (a cache's capacity path) ----
+
+    def evict_blocks(self, block_ids: Sequence[int]) -> Evicted:
+        """Remove sealed blocks and every key whose current location is in one of them, in one synced
+        directory write (locations, reverse entries, chunk session entries, blocks marked `reclaiming`),
+        then unlink the files (now, or when their last reader lets go). No tombstone is written.
+
+        Why no tombstone is needed: a tombstone exists to cover older records of its key. A key is
+        removed here only if its record's sequence number is below the floor: the lowest sequence number
+        of any record (tombstones aside) in every block that stays, open blocks included, taken under the
+        leader slot so that no write lands meanwhile. Every older record of the key has a lower sequence
+        number (relocated copies keep theirs), so none is left on disk: fsck finds nothing unreferenced
+        and a rebuild from the blocks cannot bring the key back. A block holding a record at or above the
+        floor is refused whole (its keys need tombstones: the caller deletes them), and so is a block
+        that is not sealed. A block's tombstones go with it when every record it holds (its footer's
+        highest sequence number) is below the floor: whatever older records they cover are in blocks
+        evicted with it (the rule compaction's GC drops tombstones by).
+
+        Why nothing live is lost: under the leader slot the directory is what every write left it, and
+        only keys it places in these blocks go (compare-and-swap on the location: a key overwritten or
+        relocated since the caller chose the blocks has left them and stays). A relocation racing this
+        call loses its compare-and-swap and writes nothing. A crash before the synced write changes
+        nothing; after it, the `reclaiming` marks make the next open finish the unlinks (the proof that
+        nothing in the blocks is live is durable). Unsynced data of other blocks needs no sync first:
+        no record removed here has an older version anywhere that such data could have superseded."""
+        self.check_open(write=True)
+        out = Evicted()
+        with self.slot.exclusive():
+            hooks.fire("evict.begin", list(block_ids))
+            chosen: dict[int, list[tuple[bytes, Location]]] = {}
+            for bid in dict.fromkeys(block_ids):
+                records = self._evictable_records(bid)
+                if records is None:
+                    out.refused.append(bid)
+                else:
+                    chosen[bid] = records
+            while chosen:  # a refused block stays, so it may lower the floor under the others
+                floor = self._data_floor(set(chosen))
+                late = [bid for bid, recs in chosen.items() if any(loc.seq >= floor for _s, loc in recs)
+                        or (self._has_tombstones(bid) and self._footer_seqs(bid)[1] >= floor)]
+                if not late:
+                    break
+                for bid in late:
+                    out.refused.append(bid)
+                    del chosen[bid]
+            if chosen:
+                self._write_eviction(chosen, out)
+        return out
+
+    def _evictable_records(self, bid: int) -> list[tuple[bytes, Location]] | None:
+        """(key suffix, location) of every key the directory places in block `bid`, or None when the block
+        cannot be evicted (not sealed, a chunk record whose session entry cannot be named)."""
+        with self.state_lock:
+            e = self.table.get(bid)
+            if e is None or e.state != BLOCK_SEALED:
+                return None
+        pairs = list(self.dir.block_records(bid))
+        locs = self.dir.get_locations([sfx for _off, sfx in pairs])
+        records = [(sfx, loc) for (off, sfx), loc in zip(pairs, locs)
+                   if loc is not None and loc.block_id == bid and loc.offset == off]
+        for sfx, loc in records:
+            if loc.kind == Kind.CHUNK:
+                try:
+                    chunk_session_key_strict(sfx, loc)
+                except CorruptionError:
+                    return None
+        return records
+
+    def _data_floor(self, exclude: set[int]) -> int:
+        """The lowest sequence number of any record other than a tombstone in a block not in `exclude`:
+        open blocks from memory, sealed ones from their footers (read once per block; 0, i.e. anything,
+        when a footer cannot be read). Blocks of nothing but tombstones are left out: a tombstone older
+        than an evicted record is a delete the record already superseded, never a value to come back."""
+        opened = self._placement.min_seqs()
+        low = NO_FLOOR
+        with self.state_lock:
+            entries = [(bid, e) for bid, e in self.table.items() if bid not in exclude]
+        for bid, e in entries:
+            if bid in opened or e.state == BLOCK_OPEN:
+                seq = opened.get(bid, 0)
+                if not seq and e.total_records == 0:
+                    continue  # nothing appended yet
+            elif e.total_records == e.tombstones:
+                continue  # nothing but tombstones (or nothing at all)
+            else:
+                seq = self._footer_seqs(bid)[0]
+            low = min(low, seq)
+        for bid, seq in opened.items():  # open blocks the table does not name yet
+            if bid not in exclude and seq:
+                low = min(low, seq)
+        return low
+
+    def _has_tombstones(self, bid: int) -> bool:
+        with self.state_lock:
+            e = self.table.get(bid)
+            return e is None or e.tombstones > 0
+
+    def _footer_seqs(self, bid: int) -> tuple[int, int]:
+        """A sealed block's (lowest, highest) sequence number from its footer, read once. Unknown (no
+        local file: held remotely, or damaged; an unreadable footer): (0, NO_FLOOR), i.e. anything."""
+        seqs = self._sealed_seqs.get(bid)
+        if seqs is None:
+            try:
+                fd = self.backend.open_ro(self.blocks.path(bid))
+            except NotFound:
+                return 0, NO_FLOOR
+            try:
+                footer = self.blocks.read_footer(fd)
+            finally:
+                self.backend.close(fd)
+            seqs = (0, NO_FLOOR) if footer is None else (footer.min_seq, footer.max_seq)
+            self._sealed_seqs[bid] = seqs
+        return seqs
+
+    def _write_eviction(self, chosen: dict[int, list[tuple[bytes, Location]]], out: Evicted) -> None:
+        """The synced directory write that removes the keys and marks the blocks reclaiming, then the
+        unlinks (with the slot held, as delete_blocks)."""
+        b = DirectoryBatch()
+        with self.state_lock:
+            for bid, records in chosen.items():
+                for sfx, loc in records:
+                    b.delete_location(sfx, loc)
+                    if loc.kind == Kind.CHUNK:
+                        b.delete(chunk_session_key_strict(sfx, loc))
+                e = self.table[bid].copy()
+                e.state = BLOCK_RECLAIMING
+                b.put_block(e)
+        self._forget_reclaimed(b)
+        self.dir.write(b, force_sync=True)
+        hooks.fire("evict.written", list(chosen))
+        with self.state_lock:
+            for bid in chosen:
+                self.table.pop(bid, None)
+                self._reclaiming.add(bid)
+                self._sealed_unsynced.discard(bid)
+                self._reclaim_after_sync.discard(bid)
+                self._sealed_seqs.pop(bid, None)
+        for bid, records in chosen.items():
+            out.blocks.append(bid)
+            out.records += records
+            self.blocks.delete(bid)
