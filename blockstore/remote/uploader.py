@@ -51,10 +51,28 @@ class Uploader:
         self.ledger.close()
 
     def pending(self) -> list[Any]:
-        """Sealed blocks after the cursor that are not uploaded yet, in block order (one table snapshot)."""
+        """Sealed blocks after the cursor that are not uploaded yet, in block order (one table snapshot).
+        A block the store flags remote is uploaded (the flag is set after its index PUT), whatever the
+        ledger says: a crash between the flag and the ledger's mark must not upload it twice."""
         cur = self.ledger.cursor
         return [e for e in self.store.block_table()
-                if e.block_id > cur and e.state == BLOCK_SEALED and self.ledger.uploaded(e.block_id) is None]
+                if e.block_id > cur and e.state == BLOCK_SEALED and not self._settled(e)]
+
+    def _settled(self, e: Any) -> bool:
+        return bool(e.remote_name) or self.ledger.uploaded(e.block_id) is not None
+
+    def confirm_uploaded(self) -> list[int]:
+        """Flag in the store every block the ledger says is uploaded but the store does not know of (a
+        crash between the ledger's mark and the flag; or blocks uploaded before the flag existed), so
+        remote durability's waits and capacity drops see them. Returns the blocks flagged."""
+        if self.store.read_only:
+            return []
+        done = []
+        for e in self.store.block_table():
+            rec = None if e.remote_name or e.state != BLOCK_SEALED else self.ledger.uploaded(e.block_id)
+            if rec is not None and self.store.mark_block_remote(e.block_id, str(rec["data_key"]).encode()):
+                done.append(e.block_id)
+        return done
 
     def status(self) -> UploadStatus:
         pend = self.pending()
@@ -116,7 +134,7 @@ class Uploader:
         """Move the cursor to just below the lowest block that is not settled (open or pending)."""
         table = self.store.block_table()
         unsettled = [e.block_id for e in table if e.block_id > self.ledger.cursor and (
-            e.state != BLOCK_SEALED or self.ledger.uploaded(e.block_id) is None)]
+            e.state != BLOCK_SEALED or not self._settled(e))]
         top = max((e.block_id for e in table), default=self.ledger.cursor)
         new = (min(unsettled) - 1) if unsettled else top
         if new > self.ledger.cursor:
@@ -184,6 +202,11 @@ class Uploader:
                 if not retry or self.objects.size(ikey) is None:
                     self.objects.put(ikey, index)
                 hooks.fire("remote.index_put", block_id)
+                # the store's flag first (one synced directory write): a crash before the ledger's mark
+                # then only makes the next pass skip the block (pending() trusts the flag)
+                if not self.store.read_only:
+                    self.store.mark_block_remote(block_id, dkey.encode())
+                hooks.fire("remote.flagged", block_id)
                 self.ledger.mark_uploaded(block_id, mark)
                 published.append(ikey)
             except BaseException as exc:  # handed to run_once, which reports it

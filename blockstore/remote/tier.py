@@ -1,0 +1,173 @@
+"""The automatic remote tier: a store's sealed blocks uploaded in the background as they seal, retried with
+backoff while the object store is unreachable, local copies dropped under capacity pressure once their
+objects are confirmed, and reads of dropped blocks served from the objects (docs/remote.md).
+
+    tier = RemoteTier(store, make_object_store(settings), "node-a", local_capacity_bytes=64 << 30)
+    ...                     # puts; with durability="remote" each returns once its block is confirmed
+    tier.status()           # what is pending, the last error, when the next retry is
+    tier.close()            # seals what is open, uploads it (bounded wait), stops
+
+It uses the Store's public seams only: add_seal_observer (wakes the uploader), mark_block_remote (the
+uploader, after each index PUT), drop_local_copy, set_block_fetcher."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blockstore.directory import BLOCK_SEALED
+from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.remote.objects import ObjectStore
+from blockstore.remote.uploader import Uploader
+from blockstore.store import Store
+
+_log = logging.getLogger("blockstore.remote")
+
+
+@dataclass
+class TierStatus:
+    """What the tier has done and what waits (`pending_blocks`: sealed, not confirmed remote yet)."""
+
+    running: bool
+    uploaded_blocks: int
+    pending_blocks: list[int]
+    pending_bytes: int
+    last_error: str | None
+    failures_in_a_row: int
+    next_retry_s: float | None  # seconds until the next attempt while failing, else None
+    local_bytes: int  # bytes of block files on the local disk
+    dropped_blocks: int  # blocks whose local copy was dropped (their reads go to the object store)
+    over_capacity_bytes: int  # local bytes above local_capacity_bytes that no confirmed block could free
+
+
+class RemoteTier:
+    """Runs an Uploader on its own thread for `store`. `local_capacity_bytes`: drop the oldest confirmed
+    blocks' local copies while the store's block files exceed it (None: keep every local copy).
+    `poll_s`: a pass at least this often even without a seal; retries back off from `retry_min_s`,
+    doubling, to `retry_max_s`."""
+
+    def __init__(self, store: Store, objects: ObjectStore, node_id: str, *, local_capacity_bytes: int | None = None,
+                 poll_s: float = 5.0, retry_min_s: float = 0.2, retry_max_s: float = 10.0,
+                 ledger_path: str | None = None) -> None:
+        if local_capacity_bytes is not None and (isinstance(local_capacity_bytes, bool)
+                                                 or not isinstance(local_capacity_bytes, int)
+                                                 or local_capacity_bytes < 0):
+            raise InvalidArgument(f"local_capacity_bytes must be an int >= 0 or None, got {local_capacity_bytes!r}")
+        if not 0 < retry_min_s <= retry_max_s or poll_s <= 0:
+            raise InvalidArgument("need poll_s > 0 and 0 < retry_min_s <= retry_max_s")
+        self.store, self.objects = store, objects
+        self.local_capacity_bytes = local_capacity_bytes
+        self.poll_s, self.retry_min_s, self.retry_max_s = poll_s, retry_min_s, retry_max_s
+        self.uploader = Uploader(store, objects, node_id, ledger_path=ledger_path)
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._error: str | None = None
+        self._over = 0
+        try:
+            self.uploader.confirm_uploaded()
+        except BaseException:
+            self.uploader.close()
+            raise
+        store.set_block_fetcher(self._fetch)
+        store.add_seal_observer(self._on_seal)
+        self._thread = threading.Thread(target=self._run, name=f"remote-tier-{node_id}", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> RemoteTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the store's seams ----
+
+    def _on_seal(self, _block_id: int) -> None:
+        self._wake.set()  # on the writer's thread: only wake the uploader
+
+    def _fetch(self, _block_id: int, name: bytes, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        return self.objects.get_ranges(name.decode(), ranges)
+
+    # ---- the background pass ----
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                st = self.uploader.run_once()
+                error = st.last_error
+                if error is None:
+                    self._enforce_capacity()
+            except BlockstoreError as exc:  # not the store being unreachable (that is last_error): logged too
+                error = f"{type(exc).__name__}: {exc}"
+            if error is None:
+                self._failures, self._retry_at, self._error = 0, None, None
+                self._wake.wait(self.poll_s)
+                continue
+            self._failures += 1
+            delay = min(self.retry_max_s, self.retry_min_s * 2 ** (self._failures - 1))
+            if self._failures == 1 or self._error != error:
+                _log.warning("%s: remote tier: uploads pending (%s); retrying in %.1f s", self.store.path, error, delay)
+            self._error, self._retry_at = error, time.monotonic() + delay
+            self._stop.wait(delay)  # not woken by seals: an unreachable store is not asked again sooner
+
+    def _enforce_capacity(self) -> None:
+        """Drop the oldest confirmed blocks' local copies while the block files exceed the capacity."""
+        cap = self.local_capacity_bytes
+        if cap is None:
+            return
+        local = set(self.store.blocks.list_files())
+        table = [e for e in self.store.block_table() if e.block_id in local]
+        used = sum(e.data_end for e in table)
+        for e in table:  # block order: the oldest first
+            if used <= cap:
+                break
+            if e.state == BLOCK_SEALED and e.remote_name and self.store.drop_local_copy(e.block_id):
+                used -= e.data_end
+        self._over = max(0, used - cap)
+
+    # ---- what callers see ----
+
+    def status(self) -> TierStatus:
+        st = self.uploader.status()
+        local = set(self.store.blocks.list_files())
+        table = self.store.block_table()
+        retry_at = self._retry_at
+        return TierStatus(
+            running=self._thread.is_alive(), uploaded_blocks=st.uploaded_blocks, pending_blocks=st.pending_blocks,
+            pending_bytes=st.pending_bytes, last_error=self._error or st.last_error,
+            failures_in_a_row=self._failures,
+            next_retry_s=None if retry_at is None else max(0.0, retry_at - time.monotonic()),
+            local_bytes=sum(e.data_end for e in table if e.block_id in local),
+            dropped_blocks=sum(1 for e in table if e.remote_name and e.block_id not in local),
+            over_capacity_bytes=self._over)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Seal the open blocks and wait until every sealed block is uploaded; whether it got there."""
+        if not self.store.read_only:
+            self.store.seal_open_blocks()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._wake.set()
+            if not self.uploader.pending():
+                return True
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.05)
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> bool:
+        """Stop the tier (after `drain(timeout)` unless drain=False) and detach it from the store. Whether
+        nothing was left pending; what is left is uploaded by the next tier on this store."""
+        if self._stop.is_set():
+            return True
+        done = self.drain(timeout) if drain else not self.uploader.pending()
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        self.store.remove_seal_observer(self._on_seal)
+        self.store.set_block_fetcher(None)
+        self.uploader.close()
+        return done
