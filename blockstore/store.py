@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 from blockstore.backend import Backend, get_backend
+from blockstore.blocklife import Evicted
 from blockstore.blocks import BlockFiles
 from blockstore.chunks import ChunkRecords
 from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, Location
@@ -435,6 +436,15 @@ class Store(RecordConveniences, RemoteSeams):
     def reclaim_empty_blocks(self) -> list[int]:
         """Delete sealed blocks that hold nothing live and no tombstone; returns their ids."""
         return self._engine.reclaim_empty_blocks()
+
+    def evict_blocks(self, block_ids: Sequence[int]) -> Evicted:
+        """A cache's capacity path: remove these sealed blocks and every key the directory still places in
+        them (compare-and-swap on the location: a key overwritten or moved since stays) in one synced
+        directory write, without tombstones; refuses a block when a block that stays may hold an older
+        record of one of its keys (blocklife.evict_blocks says why that is safe). Returns the blocks
+        removed, the (key suffix, location) of each key removed, and the blocks refused."""
+        self._check_open(write=True)
+        return self._engine.evict_blocks(list(block_ids))
 
     def hold_blocks(self, block_ids: Sequence[int]) -> Any:
         """Context manager: these blocks' files outlive any deletion until it exits (a compactor holds
