@@ -35,6 +35,7 @@ the JSON summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -236,8 +237,101 @@ def _warm_read_ceiling(scratch: str, nbytes: int, threads: int, pieces: int) -> 
         os.unlink(path)
 
 
+def _h2d_ceiling(nbytes: int, device: torch.device) -> float | None:
+    """Host->GPU copy of `nbytes` from pinned memory, one copy after a warm-up: bytes per second (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return nbytes / (time.perf_counter() - t0)
+
+
+def _stream_all(kv: ChunkKVStore, cids: Sequence[bytes], device: torch.device, first_layer: int) -> None:
+    """The warm blend's loads alone: every layer from `first_layer` through the layer-by-layer loader
+    to the device, no compute (what the loader moves when nothing waits on it)."""
+    stream = kv.stream_layers(cids, device=device, first_layer=first_layer)
+    try:
+        for layer in range(first_layer, stream.layers):
+            stream.layer(layer)
+    finally:
+        stream.close()
+
+
+def _profile_hot(blend: Blender, prompt: torch.Tensor, spans: list[tuple[int, int]],
+                 resident: dict[bytes, Any]) -> dict[str, Any]:
+    """One hot blend under torch.profiler: wall time, the GPU's busy time (sum of kernel times), the
+    number of kernels and of top-level torch ops. Wall far above kernel time = the blend is bound by
+    the CPU issuing ops (Python and dispatch), not by the GPU."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
+
+    cuda = blend.w.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        blend.blend(prompt, spans=spans, resident=resident)
+        if cuda:
+            torch.cuda.synchronize(blend.w.device)
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    top_ops = [e for e in events if e.name.startswith("aten::") and (e.cpu_parent is None or
+                                                                      not e.cpu_parent.name.startswith("aten::"))]
+    avg = prof.key_averages()
+    by_device = sorted(avg, key=lambda e: -getattr(e, "self_device_time_total", 0))[:12]
+    by_count = sorted((e for e in avg if e.key.startswith("aten::")), key=lambda e: -e.count)[:12]
+    return {
+        "wall_s_profiled": wall,
+        "gpu_kernel_s": sum(getattr(e, "device_time", 0) for e in kernels) / 1e6,
+        "kernels": len(kernels), "top_level_ops": len(top_ops),
+        "top_kernels_ms": {e.key[:80]: round(getattr(e, "self_device_time_total", 0) / 1e3, 3) for e in by_device},
+        "top_op_counts": {e.key: e.count for e in by_count},
+    }
+
+
+def _attention_backends(w: LlamaWeights, n_rows: int, n_keys: int) -> dict[str, float | str]:
+    """ms per masked attention call of `n_rows` scattered query rows over `n_keys` keys (the blend's
+    later layers) with each SDPA backend allowed alone, and the causal full-prefill call for scale."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415 - only with --profile
+
+    from blockstore.blend.compute import attend  # noqa: PLC0415
+
+    c, dev = w.config, w.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(n_rows, c.num_attention_heads, c.head_dim, device=dev, dtype=w.dtype, generator=g)
+    k = torch.randn(n_keys, c.num_key_value_heads, c.head_dim, device=dev, dtype=w.dtype, generator=g)
+    v = torch.randn_like(k)
+    k_pos = torch.arange(n_keys, device=dev)
+    q_pos = torch.randperm(n_keys, device=dev, generator=g)[:n_rows].sort().values
+    out: dict[str, float | str] = {}
+
+    def ms(fn: Callable[[], Any]) -> float:
+        fn()
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize(dev)
+        return (time.perf_counter() - t0) * 100
+
+    for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH", "FLASH_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                out[name] = ms(lambda: attend(q, k, v, q_pos, k_pos))
+        except (RuntimeError, AttributeError) as exc:
+            out[name] = f"unavailable: {str(exc)[:120]}"
+    out["default"] = ms(lambda: attend(q, k, v, q_pos, k_pos))
+    qf = torch.randn(n_keys, c.num_attention_heads, c.head_dim, device=dev, dtype=w.dtype, generator=g)
+    out["full_prefill_causal"] = ms(lambda: attend(qf, k, v, k_pos, k_pos, causal_all_rows=True))
+    return out
+
+
 def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: int, scratch: str,
-                seed: int) -> dict[str, Any]:
+                seed: int, profile: bool = False) -> dict[str, Any]:
     device, timed = w.device, _timer(w.device)
     g = torch.Generator().manual_seed(seed + length)
     n_chunks = (length - SUFFIX_TOKENS) // CHUNK_TOKENS
@@ -256,10 +350,12 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
-                                                    "disk_ceiling_Bps", "warm_read_ceiling_Bps")}
+                                                    "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
+                                                    "h2d_Bps")}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
     threads = max(1, min(DEFAULT_READERS, pieces))
+    read_bytes = kv_bytes * pieces // w.config.num_hidden_layers
     last: dict[str, Any] = {}
     timed(lambda: blend.blend(prompt, spans=spans))  # warm-up: kernels, allocator, page cache
     timed(lambda: full_prefill(w, prompt))
@@ -274,18 +370,31 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         runs["blend_cold_serial"].append(timed(lambda: serial.blend(prompt, spans=spans)))
         runs["prefix_warm"].append(timed(lambda: prefix.blend(prompt, spans=spans[:1])))
         runs["load_warm"].append(timed(lambda: kv.load_many(cids, device=device)))
+        runs["stream_warm"].append(timed(lambda: _stream_all(kv, cids, device, blend.check_layer)))
         store.drop_page_cache()
         runs["load_cold"].append(timed(lambda: kv.load_many(cids, device=device)))
         runs["disk_ceiling_Bps"].append(_disk_ceiling(scratch, kv_bytes))
-        runs["warm_read_ceiling_Bps"].append(_warm_read_ceiling(scratch, kv_bytes * pieces // w.config.num_hidden_layers,
-                                                                 threads, pieces))
+        runs["warm_read_ceiling_Bps"].append(_warm_read_ceiling(scratch, read_bytes, threads, pieces))
+        runs["h2d_Bps"].append(_h2d_ceiling(read_bytes, device) or 0.0)
         _say(f"  {length} tokens, repeat {rep + 1}/{repeats}: full {runs['full'][-1]:.3f} s, blend warm "
              f"{runs['blend_warm'][-1]:.3f} s, cold {runs['blend_cold'][-1]:.3f} s")
+    prof: dict[str, Any] = {}
+    if profile:
+        prof = {"blend_hot": _profile_hot(blend, prompt, spans, resident),
+                "full_prefill_s": timed(lambda: full_prefill(w, prompt))}
+        if device.type == "cuda":
+            rows = len(last["warm"].recomputed) if "warm" in last else int(0.15 * length)
+            prof["attention_ms_by_backend"] = _attention_backends(w, rows, length)
     med = {k: statistics.median(v) for k, v in runs.items()}
     floor = kv_bytes / med["disk_ceiling_Bps"]
     # the best any design could do warm on this machine: the bytes the blend reads (the layers from the
-    # check layer on) at the page cache's read ceiling, then the blend's compute with the KV in memory
-    warm_floor = kv_bytes * pieces / w.config.num_hidden_layers / med["warm_read_ceiling_Bps"] + med["blend_hot"]
+    # check layer on) at the page cache's read ceiling, over the host->GPU link at its pinned-copy
+    # ceiling, and the blend's compute with the KV in memory (hot), all three overlapped (layer by
+    # layer: the floor is the slowest of them), or one after another (the serial floor)
+    read_s = read_bytes / med["warm_read_ceiling_Bps"]
+    h2d_s = read_bytes / med["h2d_Bps"] if med["h2d_Bps"] else 0.0
+    warm_floor = max(read_s, h2d_s, med["blend_hot"])
+    warm_floor_serial = read_s + h2d_s + med["blend_hot"]
     return {
         "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes,
         "speedup_hot": med["full"] / med["blend_hot"], "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
@@ -297,23 +406,30 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         "readers_gain_warm": med["blend_warm_1reader"] / med["blend_warm"],
         "warm_read_ceiling_GBps": med["warm_read_ceiling_Bps"] / 1e9, "warm_read_threads": threads,
         "store_warm_GBps": kv_bytes / med["load_warm"] / 1e9,
+        "stream_warm_GBps": read_bytes / med["stream_warm"] / 1e9, "read_bytes": read_bytes,
+        "h2d_GBps": med["h2d_Bps"] / 1e9 if med["h2d_Bps"] else None,
         "warm_floor_s": warm_floor, "warm_floor_speedup": med["full"] / warm_floor,
+        "warm_floor_serial_s": warm_floor_serial, "warm_floor_serial_speedup": med["full"] / warm_floor_serial,
+        "warm_floor_parts_s": {"read_at_page_cache_ceiling": read_s, "h2d_at_pinned_ceiling": h2d_s,
+                               "blend_hot": med["blend_hot"]},
         "blend_warm_vs_floor": med["blend_warm"] / warm_floor,
+        **({"profile": prof} if prof else {}),
         "blend_timings_last": {k: v.timings for k, v in last.items()},  # load_s, load_wait_s, ... of one run
         "seconds": {k: spread(v) for k, v in runs.items() if not k.endswith("_Bps")},
     }
 
 
 def speed(device: str, shape: str, dtype: torch.dtype, lengths: Sequence[int], repeats: int, scratch: str,
-          seed: int = 0) -> dict[str, Any]:
+          seed: int = 0, profile: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     w = LlamaWeights.random(shape, seed, device=device, dtype=dtype)
-    params = sum(t.numel() for lw in w.layers for t in vars(lw).values()) + w.embed.numel() + w.lm_head.numel()
+    params = (sum(getattr(lw, f.name).numel() for lw in w.layers for f in dataclasses.fields(lw) if f.init)
+              + w.embed.numel() + w.lm_head.numel())
     _say(f"speed: {shape} ({params / 1e6:.0f} M parameters, {dtype}) on {device}, lengths {list(lengths)}")
     per_length = []
     with blockstore.open(os.path.join(scratch, f"speed-store-{shape}")) as store:
         for length in lengths:
-            per_length.append(_one_length(w, store, length, repeats, scratch, seed))
+            per_length.append(_one_length(w, store, length, repeats, scratch, seed, profile))
     return {**headline(per_length), "model": {"shape": shape, "parameters": params, "dtype": str(dtype)},
             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
             "seconds": time.perf_counter() - t0}
@@ -434,6 +550,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default a temp dir in build/)")
     ap.add_argument("--merge", default=None, help="merge this file's fidelity and ttft entries into --json and exit")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one hot blend per length (kernels, ops) and time the attention backends")
     return ap.parse_args(argv)
 
 
@@ -489,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         lengths = [int(x) for x in (args.lengths or default_lengths).split(",")]
         machine = args.machine or ("cpu-2core" if not cuda else torch.cuda.get_device_name(0).split()[1].lower())
         doc.setdefault("ttft", {})[machine] = speed(args.device, args.shape, dtype, lengths,
-                                                    args.repeats or (2 if args.quick else 3), scratch, args.seed)
+                                                    args.repeats or (2 if args.quick else 3), scratch, args.seed,
+                                                    args.profile)
         doc.setdefault("runs", {})[f"ttft.{machine}"] = run
     busy1 = cpu_busy_s()
     run["cpu_busy_s"] = {"machine": busy1[0] - busy0[0], "this_process": busy1[1] - busy0[1]}

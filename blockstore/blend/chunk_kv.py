@@ -265,35 +265,60 @@ class _BufferPlan:
         shape = (2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
         kvs = [self._view(base + j, _DTYPES[p.layout.dtype], shape) for j in range(len(self.layers))]
         ids_pos = self._view(base + len(self.layers), torch.int32, (2, p.tokens), device_side=False)
-        return ChunkKV(p.chunk_id, ids_pos[0].clone(), ids_pos[1].to(self.device, torch.int64),
+        # non-blocking: a blocking copy on the default stream would wait for all GPU work queued before it
+        return ChunkKV(p.chunk_id, ids_pos[0].clone(), ids_pos[1].to(torch.int64).to(self.device, non_blocking=True),
                        [kv[0] for kv in kvs], [kv[1] for kv in kvs])
 
 
 class LayerStream:
     """Chunk KV loaded one layer at a time by `readers` loader threads, each claiming the next layer in
-    order: `layer(l)` waits for layer l's K and V of every located chunk. Reading layers l + 1 ... runs
+    order: `layer(l)` gives layer l's K and V of every located chunk. Reading layers l + 1 ... runs
     while the caller computes layer l, and several reads in flight use more than one core's memory copy
-    bandwidth (warm) and the disk's queue depth (cold)."""
+    bandwidth (warm) and the disk's queue depth (cold).
+
+    On a GPU each reader reads a layer into its own pinned slot (one layer's bytes, reused: torch caches
+    pinned blocks) and copies it to the device on its own CUDA stream; `layer(l)` makes the caller's
+    stream wait for that copy's event, never the CPU, so the caller keeps queueing compute while loads
+    land. Token ids and positions (the M records) are read once, not with every layer."""
 
     def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
                  first_layer: int = 0, readers: int | None = None) -> None:
         self.located = located
         self.first_layer = first_layer
-        self.load_s = 0.0  # from the start to the last layer in memory
+        self.load_s = 0.0  # from the start to the last layer in memory (on the device)
         self._t0 = time.perf_counter()
         self.plan = [p for p in located if p is not None]
         self.layers = self.plan[0].layout.layers if self.plan else 0
         self.device = torch.device(device)
         self._ready = [threading.Event() for _ in range(self.layers)]
         self._loaded: list[list[ChunkKV] | None] = [None] * self.layers
+        self._events: list[Any] = [None] * self.layers
         self._error: BaseException | None = None
         self._claim = threading.Lock()
         self._next = first_layer
+        self._meta = self._read_meta(kv) if self.plan else []
+        # every layer's records have the same sizes: one set of page-aligned offsets serves them all
+        self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
+        self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens))]
+        self._layer_bytes = sum(_round_up(n) for n in self._lens)
+        self._device_buf = (torch.empty((self.layers - first_layer, self._layer_bytes), dtype=torch.uint8,
+                                        device=self.device) if self.device.type == "cuda" and self._lens else None)
         n = readers or DEFAULT_READERS
         self._threads = [threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
-                         for i in range(max(1, min(n, self.layers - first_layer)) if self.plan else 0)]
+                         for i in range(max(1, min(n, self.layers - first_layer)) if self._lens else 0)]
         for t in self._threads:
             t.start()
+
+    def _read_meta(self, kv: ChunkKVStore) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(token ids int32 on the CPU, positions int64 on the device) of every located chunk."""
+        got = kv.store.read_located([p.keys[-1] for p in self.plan], [p.locs[-1] for p in self.plan], ns=kv.ns)
+        out = []
+        for p, raw in zip(self.plan, got):
+            if raw is None:
+                raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
+            ids_pos = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(2, p.tokens)
+            out.append((ids_pos[0], ids_pos[1].to(torch.int64).to(self.device, non_blocking=True)))
+        return out
 
     def _claim_layer(self) -> int | None:
         with self._claim:
@@ -302,31 +327,63 @@ class LayerStream:
             self._next += 1
             return self._next - 1
 
+    def _chunks(self, raw: torch.Tensor) -> list[ChunkKV]:
+        """ChunkKVs viewing one layer's bytes (`raw`, laid out by self._offsets)."""
+        out = []
+        for p, (ids, pos), off, n in zip(self.plan, self._meta, self._offsets, self._lens):
+            kv = raw[off : off + n].view(_DTYPES[p.layout.dtype]).view(2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
+            out.append(ChunkKV(p.chunk_id, ids, pos, [kv[0]], [kv[1]]))
+        return out
+
+    def _read_layer(self, kv: ChunkKVStore, layer: int, dst: torch.Tensor) -> None:
+        raw = dst.numpy()
+        out = [raw[o : o + n].data for o, n in zip(self._offsets, self._lens)]
+        got = kv.store.read_located([p.keys[layer] for p in self.plan], [p.locs[layer] for p in self.plan],
+                                    ns=kv.ns, out=out)
+        if any(n is None for n in got):  # deleted between the lookup and the read
+            raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
+
     def _run(self, kv: ChunkKVStore) -> None:
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self._device_buf is not None
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        slot = torch.empty(self._layer_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
         try:
             while (layer := self._claim_layer()) is not None:
-                buffers = _BufferPlan(self.plan, range(layer, layer + 1), self.device)
-                if stream is not None:  # read into pinned memory, copy on this reader's stream, wait for it
-                    with torch.cuda.stream(stream):
-                        buffers.read(kv.store, kv.ns)
-                    stream.synchronize()
-                else:
-                    buffers.read(kv.store, kv.ns)
-                self._loaded[layer] = [buffers.chunk(p) for p in self.plan]
-                self.load_s = max(self.load_s, time.perf_counter() - self._t0)
+                if stream is None or slot is None or self._device_buf is None:
+                    host = torch.frombuffer(aligned_buffer(self._layer_bytes), dtype=torch.uint8)
+                    self._read_layer(kv, layer, host)
+                    self._loaded[layer] = self._chunks(host)
+                    self._ready[layer].set()
+                    self.load_s = max(self.load_s, time.perf_counter() - self._t0)
+                    continue
+                self._read_layer(kv, layer, slot)
+                dst = self._device_buf[layer - self.first_layer]
+                with torch.cuda.stream(stream):
+                    dst.copy_(slot, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                self._events[layer] = event
+                self._loaded[layer] = self._chunks(dst)
                 self._ready[layer].set()
+                event.synchronize()  # the slot is free again once its copy has landed (GIL released)
+                self.load_s = max(self.load_s, time.perf_counter() - self._t0)
         except BaseException as exc:  # handed to the caller's next layer()
             self._error = exc
             for ev in self._ready:
                 ev.set()
+        finally:
+            if stream is not None:
+                stream.synchronize()  # no copy of ours may land after close() (the caller frees the buffer)
 
     def layer(self, layer: int) -> list[ChunkKV]:
-        """The located chunks (in order, misses left out) with keys/values holding only this layer."""
+        """The located chunks (in order, misses left out) with keys/values holding only this layer. On a
+        GPU the caller's current stream is made to wait for the layer's copy (no CPU wait for it)."""
         self._ready[layer].wait()
         got = self._loaded[layer]
         if got is None:
             raise self._error if self._error is not None else BlockstoreError("chunk KV loader stopped")
+        if self._events[layer] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._events[layer])
         return got
 
     def close(self) -> None:

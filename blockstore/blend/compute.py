@@ -8,7 +8,8 @@ Shapes: hidden rows [n, hidden]; q [n, heads, head_dim]; k, v [n, kv_heads, head
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,36 @@ from blockstore.blend.llama import LayerWeights, LlamaWeights
 CPU_QUERY_BLOCK = 512
 
 
+class _PerTensorMemo:
+    """Values derived from tensors that every layer of a forward passes again (the rows' positions):
+    computed once per tensor object while it is unchanged (same object, same version counter). On a GPU
+    each op costs ~10 us of Python and dispatch whatever its size, so the 8-10 small ops of RoPE tables
+    and a mask per layer were a large part of a blend's time. Holds its keys, so an id is never reused
+    while cached; a few entries bound the memory."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...], object, object]] = []
+        self._lock = threading.Lock()
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: object, make: Callable[[], object]) -> object:
+        # inference tensors keep no version counter: for them the object alone is the key (nothing here
+        # changes a positions tensor in place)
+        versions = tuple(-1 if t.is_inference() else t._version for t in tensors)
+        with self._lock:
+            for keys, vers, ext, value in self._entries:
+                if ext == extra and vers == versions and all(a is b for a, b in zip(keys, tensors)):
+                    return value
+        value = make()
+        with self._lock:
+            self._entries = [(tensors, versions, extra, value), *self._entries[: self.size - 1]]
+        return value
+
+
+_ROPE = _PerTensorMemo(8)
+_MASKS = _PerTensorMemo(2)
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [n, head_dim] in float32 for these (possibly negative: a delta) positions, in the
     half-split layout Hugging Face's Llama uses (rotate_half)."""
@@ -31,12 +62,30 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave."""
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(half) * signed_sin, one op
+    fewer on every row than building rotate_half (the two halves of `sin` are equal)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def _rope_of(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) of these positions, once per positions tensor (every layer rotates by the same)."""
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_cos_sin(positions, head_dim, theta)
+        return cos, _signed_sin(sin)
+    return _ROPE.get((positions,), (head_dim, theta), make)  # type: ignore[return-value]
+
+
+def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     xf = x.to(torch.float32)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    return torch.addcmul(xf * cos[:, None, :], xf.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None, :]).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave
+    (in float32, then back to x's dtype)."""
+    return _rotate_signed(x, cos, _signed_sin(sin))
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -47,27 +96,52 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """Llama's RMSNorm (statistics in float32): one fused op where torch has one."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def qkv(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor,
         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fresh q, k (both after RoPE at `positions`) and v of these rows."""
+    """Fresh q, k (both after RoPE at `positions`) and v of these rows. q and k come from one matmul
+    (LayerWeights.qk_proj); v from its own, so that a kept V does not hold q's memory."""
     c = w.config
     x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
-    n = x.shape[0]
-    q = (x @ layer.q_proj.T).view(n, c.num_attention_heads, c.head_dim)
-    k = (x @ layer.k_proj.T).view(n, c.num_key_value_heads, c.head_dim)
+    n, q_width = x.shape[0], c.num_attention_heads * c.head_dim
+    qk = x @ layer.qk_proj.T
     v = (x @ layer.v_proj.T).view(n, c.num_key_value_heads, c.head_dim)
-    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
-    return rotate(q, cos, sin), rotate(k, cos, sin), v
+    cos, signed_sin = _rope_of(positions, c.head_dim, c.rope_theta)
+    q = _rotate_signed(qk[:, :q_width].view(n, c.num_attention_heads, c.head_dim), cos, signed_sin)
+    k = _rotate_signed(qk[:, q_width:].view(n, c.num_key_value_heads, c.head_dim), cos, signed_sin)
+    return q, k, v
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """[n_q, n_k] True where query i may attend key j: the key is at or before the query's position."""
     return k_pos[None, :] <= q_pos[:, None]
+
+
+def _folded_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The position mask of `group` copies of the query rows (see _fold) as an additive bias in the
+    attention's dtype (0 or -inf; what SDPA would convert a boolean mask to on every call): built once
+    per (q_pos, k_pos) pair, the same in every layer of a blend."""
+    def make() -> torch.Tensor:
+        allowed = position_mask(q_pos.repeat(group), k_pos)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return _MASKS.get((q_pos, k_pos), (group, dtype), make)  # type: ignore[return-value]
+
+
+def _fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q [n, heads, d] -> [kv_heads, group * n, d]: the query heads that share a KV head become more
+    query rows of that head (query head h uses KV head h // group, as repeat_interleave pairs them),
+    so grouped-query attention needs no copy of K and V per query head."""
+    n, heads, d = q.shape
+    return q.view(n, kv_heads, heads // kv_heads, d).permute(1, 2, 0, 3).reshape(kv_heads, -1, d)
+
+
+def _unfold(out: torch.Tensor, n: int) -> torch.Tensor:
+    """_fold's inverse on the attention output: [kv_heads, group * n, d] -> [n, heads * d]."""
+    kv_heads, rows, d = out.shape
+    return out.view(kv_heads, rows // n, n, d).permute(2, 0, 1, 3).reshape(n, -1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *,
@@ -79,29 +153,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     caller has checked (`is_tail`) that the query rows are the last rows of a contiguous run of keys.
     Both are promises, not checks: a check here would wait for the GPU in every layer."""
     heads, kv_heads = q.shape[1], k.shape[1]
-    qh = q.transpose(0, 1)  # [heads, n_q, d]
-    kh = k.transpose(0, 1)
-    vh = v.transpose(0, 1)
-    if kv_heads != heads:  # grouped-query attention: each KV head serves heads // kv_heads query heads
-        kh = kh.repeat_interleave(heads // kv_heads, dim=0)
-        vh = vh.repeat_interleave(heads // kv_heads, dim=0)
-    if causal_all_rows:  # fused kernels (flash on CUDA and CPU) never materialise the scores
-        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True)[0]
-        return out.transpose(0, 1).reshape(q.shape[0], -1)
+    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, n_k, d]
     block = CPU_QUERY_BLOCK if q.device.type == "cpu" else 4096
-    if tail_rows and q.shape[0] <= block:
-        # the query rows are the last rows of a contiguous run of keys (a prefix reused, the rest
-        # computed): here the position mask IS the bottom-right causal one, which fused kernels take
-        # without materialising it
-        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None],
-                                             attn_mask=causal_lower_right(q.shape[0], k.shape[0]))[0]
+    if causal_all_rows or (tail_rows and q.shape[0] <= block):
+        qh = q.transpose(0, 1)  # [heads, n_q, d]
+        if kv_heads != heads:  # fused kernels take one KV head per query head
+            kh = kh.repeat_interleave(heads // kv_heads, dim=0)
+            vh = vh.repeat_interleave(heads // kv_heads, dim=0)
+        # fused kernels (flash on CUDA and CPU) never materialise the scores; the query rows of
+        # `tail_rows` are the last rows of a contiguous run of keys, where the position mask IS the
+        # bottom-right causal one
+        mask = None if causal_all_rows else causal_lower_right(q.shape[0], k.shape[0])
+        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
+                                             is_causal=causal_all_rows)[0]
         return out.transpose(0, 1).reshape(q.shape[0], -1)
+    n, group = q.shape[0], heads // kv_heads
+    if q.device.type != "cpu":  # all rows in one call, the mask built once per blend
+        bias = _folded_mask(q_pos, k_pos, group, q.dtype)
+        out = F.scaled_dot_product_attention(_fold(q, kv_heads)[None], kh[None], vh[None], attn_mask=bias[None, None])
+        return _unfold(out[0], n)
     parts = []
-    for start in range(0, q.shape[0], block):
+    for start in range(0, n, block):
         rows = slice(start, start + block)
-        mask = position_mask(q_pos[rows], k_pos)
-        parts.append(F.scaled_dot_product_attention(qh[None, :, rows], kh[None], vh[None], attn_mask=mask)[0])
-    return torch.cat(parts, dim=1).transpose(0, 1).reshape(q.shape[0], -1)
+        allowed = position_mask(q_pos[rows].repeat(group), k_pos)
+        got = F.scaled_dot_product_attention(_fold(q[rows], kv_heads)[None], kh[None], vh[None], attn_mask=allowed)
+        parts.append(_unfold(got[0], q[rows].shape[0]))
+    return torch.cat(parts)
 
 
 def is_tail(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
@@ -114,10 +191,12 @@ def is_tail(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
 
 
 def finish_layer(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Residual, o_proj and the MLP of these rows: the layer's output hidden states."""
-    h = hidden + attn @ layer.o_proj.T
+    """Residual, o_proj and the MLP of these rows: the layer's output hidden states (gate and up in one
+    matmul, each residual add fused into its matmul)."""
+    h = torch.addmm(hidden, attn, layer.o_proj.T)
     x = rms_norm(h, layer.post_norm, w.config.rms_norm_eps)
-    return h + (F.silu(x @ layer.gate_proj.T) * (x @ layer.up_proj.T)) @ layer.down_proj.T
+    gate, up = (x @ layer.gate_up_proj.T).chunk(2, dim=-1)
+    return torch.addmm(h, F.silu(gate) * up, layer.down_proj.T)
 
 
 def logits_of(w: LlamaWeights, hidden_row: torch.Tensor) -> torch.Tensor:
