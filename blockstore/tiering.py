@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from blockstore import logs
-from blockstore.directory import BLOCK_SEALED, DirectoryBatch
+from blockstore.directory import BLOCK_SEALED, BlockEntry, DirectoryBatch
 from blockstore.errors import InvalidArgument, IOErrorBS, NotFound
 from blockstore.writer import WriteEngine
 
@@ -44,6 +44,8 @@ class Tiering:
         self.remote_timeout = remote_timeout
         self._cv = threading.Condition()
         self._changes = 0  # bumped by every confirmation and seal: a waiter wakes only on news
+        self._unconfirmed: set[int] = set()  # blocks in the table not confirmed remote (remote waits)
+        self._newest = 0  # the highest block id committed to the table
         self.seal_observers.append(self._note_seal)
 
     def _note_seal(self, _block_id: int) -> None:
@@ -122,16 +124,40 @@ class Tiering:
 
     # ---- remote durability ----
 
-    def _unconfirmed(self, up_to: int) -> tuple[list[int], bool]:
-        """Blocks with id <= up_to not confirmed remote yet, and whether one of them is still open."""
+    def adopt_table(self) -> None:
+        """After the open loaded the block table: every block not confirmed yet, and the newest id."""
         eng = self.engine
         with eng.state_lock:
-            pend = [e for bid, e in eng.table.items() if bid <= up_to and not e.remote_name]
+            self._note_entries(eng.table)
+        eng.table_observer = self._note_entries
+
+    def _note_entries(self, entries: dict[int, BlockEntry]) -> None:
+        """The entries a commit put in the table (the state lock is held): a block enters the table only
+        this way, so a write that returned is in a block noted here, at or below `_newest`."""
+        for bid, e in entries.items():
+            if not e.remote_name:
+                self._unconfirmed.add(bid)
+            self._newest = max(self._newest, bid)
+
+    def _pending(self, up_to: int) -> tuple[list[int], bool]:
+        """Blocks with id <= up_to not confirmed remote yet, and whether one of them is still open. Costs
+        the number of unconfirmed blocks, not the size of the table."""
+        eng = self.engine
+        with eng.state_lock:
+            pend = []
+            for bid in list(self._unconfirmed):
+                e = eng.table.get(bid)
+                if e is None or e.remote_name:
+                    self._unconfirmed.discard(bid)  # deleted (nothing left in it), or confirmed
+                elif bid <= up_to:
+                    pend.append(e)
+        pend.sort(key=lambda e: e.block_id)
         return [e.block_id for e in pend], any(e.state != BLOCK_SEALED for e in pend)
 
     def newest_block(self) -> int:
+        """The highest block id committed to the table so far: a write that returned is at or below it."""
         with self.engine.state_lock:
-            return max(self.engine.table, default=0)
+            return self._newest
 
     def check_attached(self) -> None:
         """A remote-mode write needs something that uploads sealed blocks (a seal observer besides ours)."""
@@ -148,7 +174,7 @@ class Tiering:
         while True:
             with self._cv:
                 seen = self._changes
-            pend, still_open = self._unconfirmed(up_to)
+            pend, still_open = self._pending(up_to)
             if not pend:
                 return
             now = time.monotonic()

@@ -91,6 +91,9 @@ class WriteEngine(BlockLifecycle):
     """The engine behind a writable Store: group commit over the block lifecycle (blocklife.py)."""
 
     seal_observers: list[Callable[[int], None]]  # called with each block id once its seal is committed
+    # called (with the state lock held) with the entries each commit put in the block table: the remote
+    # tier's waits track the blocks not yet confirmed this way, at a cost per commit, not per table size
+    table_observer: Callable[[dict[int, BlockEntry]], None] | None = None
 
     def close_writes(self) -> BlockstoreError | None:
         """The writing part of a close, with the leader slot held: seal every open block, make everything
@@ -144,6 +147,8 @@ class WriteEngine(BlockLifecycle):
             self._placement.retired = [ob for ob in self._placement.retired if id(ob) not in gone]
             with self.state_lock:
                 self.table.update(entries)
+                if self.table_observer is not None:
+                    self.table_observer(entries)
             for ob in obs:
                 self._close_fd(ob)
             empty = [bid for bid, e in entries.items() if self.reclaimable(e)]
@@ -210,6 +215,8 @@ class WriteEngine(BlockLifecycle):
             self.bytes_put_total += bytes_put
             self.bytes_written_total += bytes_written
             self.table.update(entries)
+            if self.table_observer is not None:
+                self.table_observer(entries)
 
     def _apply_group(self, muts: list[Mutation], to_seal: list[OpenBlock]) -> None:
         """Apply one group: plan (blocks, sequence numbers, compare-and-swap), append (one backend call
@@ -417,6 +424,8 @@ class WriteEngine(BlockLifecycle):
             self.bytes_put_total += bytes_put
             self.bytes_written_total += bytes_written
             self.table.update(entries)
+            if self.table_observer is not None:
+                self.table_observer(entries)
         self._placement.unnamed = self._placement.unnamed - unnamed
         for ob in to_seal:
             self._close_fd(ob)

@@ -187,3 +187,27 @@ def test_remote_durability_waits_for_confirmation_and_fails_clearly(tmp_path: Pa
         s.put(b"k3", b"v3")  # the queue drains: later puts are confirmed again
     with blockstore.open(path) as s:  # reopened in cache mode: nothing is lost
         assert s.get(b"k2") == b"v2" and s.get(b"k3") == b"v3" and s.get(b"k1") is None
+
+
+def test_remote_puts_from_many_threads_each_return_only_once_their_block_is_confirmed(tmp_path: Path) -> None:
+    unconfirmed_at_ack: list[bytes] = []
+    with blockstore.open(tmp_path / "s", durability="remote", block_size=BLOCK, remote_seal_seconds=0.01,
+                         remote_timeout=20.0) as s:
+        s.add_seal_observer(Confirmer(s))
+
+        def writer(t: int) -> None:
+            for i in range(15):
+                key = f"t{t}-{i}".encode()
+                s.put(key, os.urandom(2000), partition=f"p{t % 3}")
+                loc = s.locate_many([key])[0]
+                table = {e.block_id: e for e in s.block_table()}
+                if loc is None or not table[loc.block_id].remote_name:
+                    unconfirmed_at_ack.append(key)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert unconfirmed_at_ack == []
+        assert len(list(s.iter_keys())) == 90
