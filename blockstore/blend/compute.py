@@ -84,8 +84,9 @@ def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor)
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave
-    (in float32, then back to x's dtype)."""
-    return _rotate_signed(x, cos, _signed_sin(sin))
+    (in float32, then back to x's dtype). A blend re-rotates every layer's cached K by the same
+    angles, so the signed sin is made once per `sin` tensor."""
+    return _rotate_signed(x, cos, _ROPE.get((sin,), "signed", lambda: _signed_sin(sin)))  # type: ignore[arg-type]
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
