@@ -41,6 +41,10 @@ from blockstore.recovery import recover
 
 _log = logs.get("blocks")
 NO_FLOOR = 1 << 64  # the floor when no block that stays holds a record other than a tombstone
+# Evicted blocks' `reclaiming` entries are dropped once this many wait (dropping them costs a sync of the
+# blocks/ folder, which would double an eviction's cost; an entry left is finished by any later deletion,
+# the close or the next open)
+FORGET_RECLAIMED_EVERY = 64
 
 
 @dataclass(slots=True)
@@ -455,7 +459,8 @@ class BlockLifecycle:
                 e = self.table[bid].copy()
                 e.state = BLOCK_RECLAIMING
                 b.put_block(e)
-        self._forget_reclaimed(b)
+        if len(self._reclaiming) >= FORGET_RECLAIMED_EVERY:
+            self._forget_reclaimed(b)  # a sync of blocks/ first: once per so many blocks, not per eviction
         self.dir.write(b, force_sync=True)
         hooks.fire("evict.written", list(chosen))
         with self.state_lock:

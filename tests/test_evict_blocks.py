@@ -1,4 +1,5 @@
-"""Eviction of whole blocks without tombstones (`BlockLifecycle.evict_blocks`, a cache's capacity path).
+"""Eviction of whole blocks without tombstones (`Store.evict_blocks`, engine side
+`BlockLifecycle.evict_blocks`: a cache's capacity path).
 
 What must hold: the keys the directory places in the evicted blocks are gone, and nothing else is;
 a key overwritten or relocated before the call stays as that write left it (compare-and-swap on the
@@ -72,7 +73,7 @@ def test_evicting_the_oldest_blocks_removes_their_keys_and_nothing_else(tmp_path
         victims = _sealed(s)[:3]
         gone = _keys_in(s, victims)
         assert len(gone) >= 9
-        out = s._engine.evict_blocks(victims)
+        out = s.evict_blocks(victims)
         assert out.blocks == victims and out.refused == []
         assert {sfx[5:] for sfx, _loc in out.records} == gone
         assert all(loc.block_id in victims for _sfx, loc in out.records)
@@ -96,7 +97,7 @@ def test_a_key_overwritten_before_the_eviction_keeps_its_new_value(tmp_path: Pat
         victim = _sealed(s)[0]
         [moved, *_] = sorted(_keys_in(s, [victim]))
         s.put(moved, value(moved, 2, SIZE))  # lands in the open block; the victim keeps a dead copy
-        out = s._engine.evict_blocks([victim])
+        out = s.evict_blocks([victim])
         assert out.blocks == [victim]
         assert moved not in {sfx[5:] for sfx, _loc in out.records}
         got = s.get(moved)
@@ -117,7 +118,7 @@ def test_overwrites_racing_the_eviction_all_win(tmp_path: Path) -> None:
 
         t = threading.Thread(target=overwrite)
         t.start()
-        out = s._engine.evict_blocks(victims)
+        out = s.evict_blocks(victims)
         t.join()
         assert out.blocks == victims
         for k, got in zip(racing, s.get_many(racing)):
@@ -139,20 +140,20 @@ def test_a_block_whose_key_has_an_older_version_elsewhere_is_refused(tmp_path: P
         assert {first, second} <= set(_sealed(s))
         before = {e.block_id for e in s.block_table()}
         # the first block stays and holds an older k: evicting k without a tombstone would bring it back
-        out = s._engine.evict_blocks([second])
+        out = s.evict_blocks([second])
         assert out.blocks == [] and out.refused == [second]
         assert {e.block_id for e in s.block_table()} == before
         got = s.get(b"k")
         assert got is not None and bytes(got) == value(b"k", 2, SIZE)
         # the first block goes (its records are older than everything that stays; its k was dead anyway)
-        out = s._engine.evict_blocks([first])
+        out = s.evict_blocks([first])
         assert out.blocks == [first] and b"k" not in {sfx[5:] for sfx, _l in out.records}
         got = s.get(b"k")
         assert got is not None and bytes(got) == value(b"k", 2, SIZE)
         _assert_consistent(s)
     with _open(p) as s:  # every block sealed at close: all of them together leave nothing behind
         everything = _sealed(s)
-        out = s._engine.evict_blocks(everything)
+        out = s.evict_blocks(everything)
         assert sorted(out.blocks) == sorted(everything) and out.refused == []
         assert s.get(b"k") is None and s.get(b"a-5") is None
         _assert_consistent(s)
@@ -173,7 +174,7 @@ def test_a_block_of_relocated_copies_is_refused_while_their_sources_remain(tmp_p
             assert s.relocate_many([(key_suffix(nid, SPACE_KV, k), loc, payload)], partition=b"copies") == [True]
         copies = [e.block_id for e in s.block_table() if e.partition == b"copies" and e.state == BLOCK_SEALED]
         assert copies
-        out = s._engine.evict_blocks(copies)
+        out = s.evict_blocks(copies)
         assert out.blocks == [] and out.refused == copies
         assert all(g is not None for g in s.get_many(keys))
         _assert_consistent(s)
@@ -184,7 +185,7 @@ def test_open_and_unknown_blocks_are_refused(tmp_path: Path) -> None:
         _fill(s, "k", 10)
         opened = [e.block_id for e in s.block_table() if e.state == BLOCK_OPEN]
         assert opened
-        out = s._engine.evict_blocks([*opened, 999_999])
+        out = s.evict_blocks([*opened, 999_999])
         assert out.blocks == [] and sorted(out.refused) == sorted([*opened, 999_999])
         _assert_consistent(s)
 
@@ -198,11 +199,11 @@ def test_a_tombstone_goes_with_its_block_only_with_the_records_it_covers(tmp_pat
         _fill(s, "m", 30)  # ... which is sealed by now
         [stones] = [e.block_id for e in s.block_table() if e.tombstones and e.state == BLOCK_SEALED]
         # alone, the tombstone's block would take the only thing that keeps k-0's older record dead
-        out = s._engine.evict_blocks([stones])
+        out = s.evict_blocks([stones])
         assert out.refused == [stones]
         older = sorted(b for b in _sealed(s) if b <= stones)
         assert old.block_id in older
-        out = s._engine.evict_blocks(older)
+        out = s.evict_blocks(older)
         assert sorted(out.blocks) == older and out.refused == []
         assert sum(e.tombstones for e in s.block_table()) == 0
         assert s.get(keys[0]) is None
@@ -216,7 +217,7 @@ def test_chunk_records_go_with_their_session_entries(tmp_path: Path) -> None:
             s.put_chunk("alice", "s1", f"c{i}", "t" * 6000, meta={"turn": i})
         victim = _sealed(s)[0]
         gone = {sfx for _off, sfx in s.dir.block_records(victim)}
-        out = s._engine.evict_blocks([victim])
+        out = s.evict_blocks([victim])
         assert out.blocks == [victim] and len(out.records) == len(gone) > 0
         listed = s.list_chunks("alice", "s1")
         assert len(listed) == 30 - len(gone)
@@ -256,7 +257,7 @@ def test_a_random_history_never_resurrects_an_evicted_key(tmp_path: Path) -> Non
                 s.relocate_many([(key_suffix(nid, SPACE_KV, k), loc, payload)], partition=b"moves")
             elif r < 0.85:
                 sealed = sorted(_sealed(s))
-                out = s._engine.evict_blocks(sealed[: rng.randint(1, max(1, len(sealed)))])
+                out = s.evict_blocks(sealed[: rng.randint(1, max(1, len(sealed)))])
                 evicted += len(out.blocks)
                 refused += len(out.refused)
                 for sfx, _loc in out.records:
@@ -289,7 +290,7 @@ _VICTIM = textwrap.dedent("""
     with open({path!r} + ".plan", "w") as f:
         f.write(" ".join(str(b) for b in victims) + "\\n" + " ".join(k.decode() for k in gone))
     hooks.register({hook!r}, lambda *a: os.kill(os.getpid(), signal.SIGKILL))
-    s._engine.evict_blocks(victims)
+    s.evict_blocks(victims)
     print("not killed")
 """)
 

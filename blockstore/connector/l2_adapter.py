@@ -84,7 +84,6 @@ from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
 from blockstore.errors import InvalidArgument
 from blockstore.keys import SPACE_KV
 from blockstore.manifest import valid_block_size
-from blockstore.mutations import partition_of
 from blockstore.records import MAX_KEY
 
 if TYPE_CHECKING:
@@ -375,6 +374,7 @@ class _AdapterCounters:
     delete_skipped_locked: int = 0
     evicted_for_capacity: int = 0
     kept_by_value: int = 0  # records eviction moved to the head of the log instead of deleting them
+    blocks_evicted: int = 0  # blocks eviction removed whole with their keys (Store.evict_blocks: no tombstones)
     tombstones_dropped: int = 0
     tombstones_carried: int = 0
     skipped_admission: int = 0
@@ -796,13 +796,15 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
     def _evict(self, excess: int, disk_excess: int, table: list[BlockEntry]) -> int:
         """Free `excess` payload bytes and `disk_excess` bytes of sealed block files: empty sealed blocks oldest
-        first (each record deleted or, if worth keeping, moved to the head of the log, within a budget of
-        moved bytes so that a pass ends), then, if payload is still over, delete the least valuable records of
-        the open blocks. A pass decides first and then writes in batches (one delete per namespace, moves 256
-        at a time, one synced directory write): each relocation and each block deletion costs the engine a
-        sync, so batching is what keeps eviction at the speed of the store. Returns the keys deleted."""
+        first (each record deleted or, if worth keeping, written again at the head of the log, within a budget
+        of moved bytes so that a pass ends), then, if payload is still over, delete the least valuable records
+        of the open blocks. A pass decides first and then writes in batches: the records kept in one put per
+        namespace and MOVE_BATCH, then every emptied block with the keys left in it in one engine call
+        (`Store.evict_blocks`: one synced directory write, no tombstones). Blocks the engine refuses (a block
+        that stays may hold an older version of one of their keys) and blocks something holds lose their
+        deleted keys to tombstones, as a delete does. Returns the keys deleted."""
         budget = BUDGET_K * max(excess, disk_excess, 0) + self.store.block_size
-        drop: dict[str, list[ObjectKey]] = {}
+        drop: dict[int, dict[str, list[ObjectKey]]] = {}
         keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
         emptied: list[BlockEntry] = []
         for e in table:
@@ -810,31 +812,97 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 break
             if e.state != BLOCK_SEALED:
                 continue
-            freed, moved, blocked = self._plan_block(e, budget, drop, keep)
+            freed, moved, blocked = self._plan_block(e, budget, drop.setdefault(e.block_id, {}), keep)
             excess -= freed
             budget -= moved
             if not blocked:
                 emptied.append(e)
                 disk_excess -= e.data_end - moved  # the file goes; what moves is written again at the head
-        deleted = 0
-        for keys in drop.values():
-            gone, _freed = self._delete_marked(keys)
-            deleted += len(gone)
         for ns, items in keep.items():
-            deleted += self._move_to_head(ns, items)
-        # only blocks that really hold nothing live now (a move can lose its race, a delete can fail): the floor
-        # leaves them out, which is safe only because they go at the same sync
-        now_table = {x.block_id: x for x in self.store.block_table()} if emptied else {}
-        stones = [now_table[e.block_id] for e in emptied
-                  if e.block_id in now_table and now_table[e.block_id].tombstones
-                  and now_table[e.block_id].live_records == 0]
+            for k in self._rewrite_at_head(ns, items):  # not kept after all: it goes with its block
+                drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
+        deleted, refused = self._evict_emptied([e.block_id for e in emptied], drop)
+        for bid, by_ns in drop.items():  # held or refused blocks: their deleted keys need tombstones
+            if bid in refused or bid not in {e.block_id for e in emptied}:
+                for keys in by_ns.values():
+                    deleted += len(self._delete_marked(keys)[0])
+        # refused blocks that hold nothing live now and keep their tombstones: those go as compaction's GC
+        # drops them (or carried to the tombstone stream), the blocks at the next sync_moves
+        now_table = {x.block_id: x for x in self.store.block_table()} if refused else {}
+        stones = [now_table[bid] for bid in refused
+                  if bid in now_table and now_table[bid].tombstones and now_table[bid].live_records == 0]
         if stones:
             self._retire_tombstones(stones)
-        if keep or stones:
-            self.store.sync_moves()  # moved records' and dropped tombstones' blocks go after one synced write
+            self.store.sync_moves()
         if excess > 0:
             deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
         return deleted
+
+    @staticmethod
+    def _home_block(items: list[tuple[ObjectKey, bytes, Location]], key: ObjectKey) -> int:
+        return next(loc.block_id for k, _sfx, loc in items if k == key)
+
+    def _evict_emptied(self, block_ids: list[int], drop: dict[int, dict[str, list[ObjectKey]]]) -> tuple[int, set[int]]:
+        """Remove emptied blocks with the keys still in them (Store.evict_blocks) and account for the keys as
+        deleted. Returns (keys deleted, the blocks refused)."""
+        if not block_ids:
+            return 0, set()
+        try:
+            done = self.store.evict_blocks(block_ids)
+        except Exception as exc:  # nothing removed: the tombstone path deletes them instead
+            _log.warning("blockstore L2: evicting %d block(s) failed (%s); deleting their keys", len(block_ids), exc)
+            return 0, set(block_ids)
+        marked = [k for bid in done.blocks for keys in drop.get(bid, {}).values() for k in keys]
+        gone: list[tuple[ObjectKey, int]] = []
+        names: dict[int, str] | None = None
+        for sfx, loc in done.records:
+            if names is None:
+                names = {nid: ns for ns, nid in self.store.dir.namespaces().items() if ns.startswith(NS_PREFIX)}
+            try:
+                if names.get(int.from_bytes(sfx[:4], "big")) is None or sfx[4] != SPACE_KV:
+                    raise ValueError("not an lmcache namespace")
+                gone.append((decode_object_key(sfx[5:]), loc.payload_len))
+            except ValueError:
+                continue  # a record the adapter did not write: a block holding one is never emptied
+        self._end_delete(marked, gone)
+        with self._lock:
+            self._counters.blocks_evicted += len(done.blocks)
+        return len(gone), set(done.refused)
+
+    def _rewrite_at_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]) -> list[ObjectKey]:
+        """Write records worth keeping again at the head of the log (one put per MOVE_BATCH, the namespace's
+        block stream), each with a new sequence number: a copy that kept its old one (relocation) would hold
+        the engine's eviction floor down, and every later block would need tombstones. The keys are claimed
+        as a store claims them, so a store or delete of the same key meanwhile leaves them to this write (a
+        delete skips in-flight keys, as it skips locked ones). Returns the keys of batches that failed, now
+        claimed for deletion (they go with their block)."""
+        with self._lock:  # a key another task claimed is left to it (and to the block's eviction)
+            mine = [it for it in items if it[0] not in self._storing and it[0] not in self._deleting]
+            self._storing.update(k for k, _s, _l in mine)
+        lost: list[ObjectKey] = []
+        kept = 0
+        try:
+            for start in range(0, len(mine), MOVE_BATCH):
+                batch = mine[start : start + MOVE_BATCH]
+                try:
+                    payloads = self.store.read_locations([loc for _k, _s, loc in batch])
+                    self.store.put_many([(sfx[5:], p) for (_k, sfx, _l), p in zip(batch, payloads)], ns=ns,
+                                        metas=[loc.meta for _k, _s, loc in batch])
+                    kept += len(batch)
+                except Exception as exc:
+                    _log.warning("blockstore L2: keeping %d record(s) of %s failed (%s); evicting them",
+                                 len(batch), ns, exc)
+                    lost += [k for k, _s, _l in batch]
+        finally:
+            with self._task_end():
+                finals = self._settle([k for k, _s, _l in mine])
+                with self._lock:
+                    for k, _s, _l in mine:
+                        self._storing.discard(k)
+                    self._deleting.update(lost)
+                    self._counters.kept_by_value += kept
+                self._resolve(finals)
+        return lost
 
     def _block_records(self, bid: int) -> tuple[list[tuple[str, ObjectKey, bytes, Location]], int]:
         """The records the directory names in block `bid` as (namespace, key, suffix, location), and how many
@@ -884,30 +952,6 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     drop.setdefault(ns, []).append(k)
                     freed += loc.payload_len
         return freed, moved, bool(blocked)
-
-    def _move_to_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]) -> int:
-        """Copy records worth keeping to the head of the log (the namespace's open block) with the store's
-        compare-and-swap relocation: a key written or deleted meanwhile stays as that write left it. A batch
-        that cannot be read back or moved is deleted instead. Returns the keys deleted."""
-        part = partition_of(ns, None)
-        deleted = 0
-        for start in range(0, len(items), MOVE_BATCH):
-            batch = items[start : start + MOVE_BATCH]
-            try:
-                payloads = self.store.read_locations([loc for _k, _s, loc in batch])
-                done = self.store.relocate_many([(sfx, loc, p) for (_k, sfx, loc), p in zip(batch, payloads)],
-                                                partition=part)
-            except Exception as exc:
-                _log.warning("blockstore L2: keeping %d record(s) of %s failed (%s); evicting them", len(batch),
-                             ns, exc)
-                with self._lock:
-                    marked = [k for k, _s, _l in batch if k not in self._deleting and k not in self._storing]
-                    self._deleting.update(marked)
-                deleted += len(self._delete_marked(marked)[0])
-                continue
-            with self._lock:
-                self._counters.kept_by_value += sum(done)
-        return deleted
 
     def _data_floor(self, exclude: set[int]) -> int:
         """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
@@ -1185,19 +1229,26 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     except Exception:
                         pass
         finally:
-            with self._task_end():
-                finals = self._settle(marked)
-                with self._lock:
-                    for k in marked:
-                        self._deleting.discard(k)
-                        self._stats.forget(k)
-                    self._used -= sum(s for _, s in gone)
-                    self._records -= len(gone)
-                    self._counters.keys_deleted += len(gone)
-                if gone:
-                    self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
-                self._resolve(finals)
+            self._end_delete(marked, gone)
         return [k for k, _ in gone], sum(s for _, s in gone)
+
+    def _end_delete(self, marked: list[ObjectKey], gone: list[tuple[ObjectKey, int]]) -> None:
+        """The end of a deletion: release the keys this task claimed (`marked`), account for and announce those
+        that went (`gone`, with their payload sizes; eviction may remove keys it did not claim)."""
+        with self._task_end():
+            finals = self._settle(marked)
+            with self._lock:
+                for k in marked:
+                    self._deleting.discard(k)
+                    self._stats.forget(k)
+                for k, _size in gone:
+                    self._stats.forget(k)
+                self._used -= sum(s for _, s in gone)
+                self._records -= len(gone)
+                self._counters.keys_deleted += len(gone)
+            if gone:
+                self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
+            self._resolve(finals)
 
     # ---- listing, status, listeners ----
 
