@@ -171,7 +171,7 @@ class Store(RecordConveniences, RemoteSeams):
                 manifest["durability"] = local
                 self._write_manifest(manifest_path, manifest)
             self._engine.load_state(fresh=not exists)
-            self._tiering.adopt_table()
+            self._tiering.adopt_table(remote_durability=self.durability == "remote")
             self.recovery_report = self._engine.recovery_report
             if not exists:
                 # blocks/ and directory/ are named durably before the MANIFEST can be: a rename may

@@ -124,8 +124,12 @@ class Tiering:
 
     # ---- remote durability ----
 
-    def adopt_table(self) -> None:
-        """After the open loaded the block table: every block not confirmed yet, and the newest id."""
+    def adopt_table(self, *, remote_durability: bool) -> None:
+        """After the open loaded the block table: every block not confirmed yet, and the newest id. Only
+        `remote` mode waits, so only it tracks them (pruned at each wait; else the set would keep the id of
+        every block ever made)."""
+        if not remote_durability:
+            return
         eng = self.engine
         with eng.state_lock:
             self._note_entries(eng.table)
