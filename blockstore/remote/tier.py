@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from blockstore.directory import BLOCK_SEALED
-from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.uploader import Uploader
 from blockstore.store import Store
@@ -101,6 +101,10 @@ class RemoteTier:
                 error = st.last_error
                 if error is None:
                     self._enforce_capacity()
+            except StoreClosed:
+                _log.warning("%s: remote tier: the store was closed under it (close the tier first); stopping",
+                             self.store.path)
+                return
             except BlockstoreError as exc:  # not the store being unreachable (that is last_error): logged too
                 error = f"{type(exc).__name__}: {exc}"
             if error is None:
