@@ -13,16 +13,20 @@ finds an object gone (this pool polled too late for the grace period) re-polls o
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from blockstore.errors import InvalidArgument
-from blockstore.records import Kind
+from blockstore.errors import CorruptionError, InvalidArgument
+from blockstore.records import RECORD_HEADER_SIZE, Kind
 from blockstore.remote.errors import RemoteObjectMissing
 from blockstore.remote.layout import GC, INDEX, BlockIndex, IndexEntry, Superseded
 from blockstore.remote.objects import ObjectStore
-from blockstore.remote.reader import RemoteReader
+from blockstore.remote.reader import RemoteReader, plan_runs
+
+T = TypeVar("T")
 
 _CURSOR = b"c/"  # + node id -> the last index object name ingested from that node
 _KEY = b"k/"  # + namespace length, namespace, key -> the entry
@@ -55,10 +59,13 @@ class RemotePool:
         self._sync = WriteOptions()
         self._sync.sync = True
         self.reader = reader or RemoteReader(objects)
+        self._fetch_pool: ThreadPoolExecutor | None = None  # read_records' workers, made on first use
         self.ingested_objects = 0
 
     def close(self) -> None:
         self.reader.close()
+        if self._fetch_pool is not None:
+            self._fetch_pool.shutdown(wait=True)
         self._db.close()
 
     def poll(self) -> int:
@@ -127,24 +134,59 @@ class RemotePool:
         """Each key's verified payload from the bucket, as a read-only view (None: no node published it
         in namespace `ns`). An object found gone (reclaimed after a grace period this pool overslept)
         makes it poll once and look again; a key whose object is still gone after that is a miss."""
+        return self._with_repoll(keys, ns, lambda found: self.reader.read(found))
+
+    def read_records(self, keys: Sequence[bytes], *, ns: str) -> list[tuple[memoryview, bytes] | None]:
+        """As get_many, with each record's meta (the bytes between its key and its payload, checked by the
+        header's xxh3 like the rest: the L2 adapter keeps its layout fingerprint there)."""
+        return self._with_repoll(keys, ns, self._fetch_with_meta)
+
+    def _with_repoll(self, keys: Sequence[bytes], ns: str,
+                     fetch: Callable[[list[IndexEntry]], Sequence[T]]) -> list[T | None]:
         try:
-            return self._read(keys, ns)
+            return self._read(keys, ns, fetch)
         except RemoteObjectMissing:
             self.poll()
         try:
-            return self._read(keys, ns)
+            return self._read(keys, ns, fetch)
         except RemoteObjectMissing:
-            return [None if p is None else p[0] for p in (self._read_one(k, ns) for k in keys)]
+            out: list[T | None] = []
+            for k in keys:
+                try:
+                    out.append(self._read([k], ns, fetch)[0])
+                except RemoteObjectMissing:
+                    out.append(None)
+            return out
 
-    def _read(self, keys: Sequence[bytes], ns: str) -> list[memoryview | None]:
+    def _read(self, keys: Sequence[bytes], ns: str,
+              fetch: Callable[[list[IndexEntry]], Sequence[T]]) -> list[T | None]:
         located = self.locate_many(keys, ns=ns)
-        found = [e for e in located if e is not None]
-        payloads = iter(self.reader.read(found))
-        return [None if e is None else next(payloads) for e in located]
+        got = iter(fetch([e for e in located if e is not None]))
+        return [None if e is None else next(got) for e in located]
 
-    def _read_one(self, key: bytes, ns: str) -> list[memoryview] | None:
-        try:
-            got = self._read([key], ns)[0]
-        except RemoteObjectMissing:
-            return None
-        return None if got is None else [got]
+    def _fetch_with_meta(self, entries: list[IndexEntry]) -> list[tuple[memoryview, bytes]]:
+        """The reader's coalesced runs, fetched in parallel, each record verified by the reader."""
+        reader = self.reader
+        runs = plan_runs(entries, reader.max_gap, reader.max_run)
+        if self._fetch_pool is None:
+            self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="remote-pool-read")
+        out: list[tuple[memoryview, bytes]] = [(memoryview(b""), b"")] * len(entries)
+
+        def one(run: tuple[str, int, int, list[int]]) -> list[tuple[int, tuple[memoryview, bytes]]]:
+            key, start, end, members = run
+            raw = self.objects.get_ranges(key, [(start, end)])[0]
+            if len(raw) != end - start:
+                raise CorruptionError(f"{key}: asked bytes [{start}, {end}), got {len(raw)}")
+            done = []
+            for i in members:
+                e = entries[i]
+                rec = raw[e.offset - start: e.offset - start + e.record_len]
+                payload = reader.verify(e, rec)  # the engine's corruption errors on any mismatch or short read
+                info = reader.backend.decode_record(rec[: e.payload_off])
+                meta_at = RECORD_HEADER_SIZE + info.key_len
+                done.append((i, (payload, bytes(rec[meta_at: meta_at + info.meta_len]))))
+            return done
+        for part in self._fetch_pool.map(one, runs):
+            for i, item in part:
+                out[i] = item
+        return out
