@@ -50,6 +50,12 @@ class RemoteSeams:
         self._check_open(write=True)
         return self._tiering.drop_local_copy(int(block_id))
 
+    def restore_local_copy(self, block_id: int, data: bytes | bytearray | memoryview) -> bool:
+        """Put a dropped block's file back from its object's bytes (checked to be that block's sealed
+        file; reads then go to the local disk again). False if the block is gone or its file is there."""
+        self._check_open(write=True)
+        return self._tiering.restore_local_copy(int(block_id), data)
+
     def has_local_copy(self, block_id: int) -> bool:
         return self._tiering.has_local_copy(int(block_id))
 

@@ -9,13 +9,15 @@ with `mark_remote` and hands a fetcher for the read path; everything here works 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from blockstore import logs
 from blockstore.directory import BLOCK_SEALED, BlockEntry, DirectoryBatch
-from blockstore.errors import InvalidArgument, IOErrorBS, NotFound
+from blockstore.errors import CorruptionError, InvalidArgument, IOErrorBS, NotFound
+from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE
 from blockstore.writer import WriteEngine
 
 _log = logs.get("tiering")
@@ -121,6 +123,51 @@ class Tiering:
         _log.info("%s: dropped the local copy of block %016x (%d bytes; its object is %r)", eng.path, block_id,
                   size, e.remote_name)
         return size
+
+    def restore_local_copy(self, block_id: int, data: bytes | bytearray | memoryview) -> bool:
+        """Put a dropped block's file back from its object's bytes (the read fallback's "keep it locally
+        again"). The bytes must be that block's sealed file (its header names the block and this store,
+        its footer the block and its committed end, the size matches the table); written to a temporary
+        name, synced, renamed, the folder synced. False if the block is gone or its file is there."""
+        eng = self.engine
+        eng.check_open(write=True)
+        view = memoryview(data).cast("B")
+        with eng.slot.exclusive():
+            with eng.state_lock:
+                e = eng.table.get(block_id)
+            if e is None:
+                return False
+            if not e.remote_name:
+                raise InvalidArgument(f"block {block_id:016x} is not flagged remote: it was never dropped")
+            if eng.blocks.exists(block_id):
+                return False
+            self._check_block_bytes(block_id, e.data_end, view)
+            path = eng.blocks.path(block_id)
+            tmp = path + ".restore"  # not a block file's name: an open ignores what a crash leaves of it
+            fd = eng.backend.open(tmp, True)
+            try:
+                eng.backend.truncate(fd, 0)
+                eng.backend.pwrite(fd, bytes(view), 0)
+                eng.backend.sync(fd)
+            finally:
+                eng.backend.close(fd)
+            os.rename(tmp, path)
+            eng.backend.dir_sync(eng.blocks.folder)
+        _log.info("%s: restored the local copy of block %016x from %r", eng.path, block_id, e.remote_name)
+        return True
+
+    def _check_block_bytes(self, block_id: int, data_end: int, view: memoryview) -> None:
+        be = self.engine.backend
+        if len(view) != data_end + FOOTER_SIZE:
+            raise CorruptionError(f"block {block_id:016x}: {len(view)} bytes given, its sealed file has "
+                                  f"{data_end + FOOTER_SIZE}")
+        if data_end < BLOCK_HEADER_SIZE:
+            raise CorruptionError(f"block {block_id:016x}: its committed end {data_end} is inside its header")
+        header = be.decode_block_header(bytes(view[:64]))
+        footer = be.decode_footer(bytes(view[data_end:]))
+        if header.block_id != block_id or header.store_id != self.engine.store_id \
+                or footer.block_id != block_id or footer.data_end != data_end:
+            raise CorruptionError(f"block {block_id:016x}: the bytes given are another block's file")
 
     # ---- remote durability ----
 

@@ -211,3 +211,32 @@ def test_remote_puts_from_many_threads_each_return_only_once_their_block_is_conf
             t.join()
         assert unconfirmed_at_ack == []
         assert len(list(s.iter_keys())) == 90
+
+
+def test_restore_local_copy_checks_the_bytes_and_reads_go_local_again(tmp_path: Path) -> None:
+    vals = _values(20)
+    fetch = CopyFetcher(tmp_path)
+    with blockstore.open(tmp_path / "s", block_size=BLOCK) as s:
+        s.put_many(list(vals.items()))
+        s.seal_open_blocks()
+        bid, other = s.block_table()[0].block_id, s.block_table()[1].block_id
+        with pytest.raises(InvalidArgument, match="never dropped"):
+            s.restore_local_copy(bid, b"")
+        name = fetch.keep(s, bid)
+        s.mark_block_remote(bid, name)
+        s.mark_block_remote(other, fetch.keep(s, other))
+        s.drop_local_copy(bid)
+        s.set_block_fetcher(fetch)
+        good = (tmp_path / name.decode()).read_bytes()
+        with pytest.raises(CorruptionError):
+            s.restore_local_copy(bid, good[:-1])  # short
+        with pytest.raises(CorruptionError):  # another block's bytes
+            s.restore_local_copy(bid, (tmp_path / f"obj-{other:016x}").read_bytes()[: len(good)].ljust(len(good),
+                                                                                                      b"\0"))
+        assert not s.has_local_copy(bid)
+        assert s.restore_local_copy(bid, good)
+        assert s.has_local_copy(bid) and not s.restore_local_copy(bid, good)  # already there
+        fetch.calls.clear()
+        assert [bytes(v) for v in s.get_many(list(vals))] == list(vals.values())
+        assert fetch.calls == []  # read from the local disk again
+    assert not check(tmp_path / "s").findings
