@@ -176,8 +176,16 @@ def test_dropped_local_copies_read_through_the_fallback_and_a_corrupt_object(clu
         tier.close()
     with blockstore.open(tmp_path / "s") as s:  # reopened: the dropped blocks are not damage
         assert s.recovery_report is None or not s.recovery_report["missing_blocks"]
-        with RemoteTier(s, objects, "node-d"):
+        with RemoteTier(s, objects, "node-d", restore_after_reads=2) as tier:
+            loc = s.locate_many([b"d29"])[0]
+            assert loc is not None and not s.has_local_copy(loc.block_id)
+            assert s.get(b"d29") == kv[b"d29"] and s.get(b"d29") == kv[b"d29"]  # read twice: hot
+            deadline = time.monotonic() + 20
+            while not s.has_local_copy(loc.block_id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.has_local_copy(loc.block_id)  # kept locally again (no capacity bound here)
             assert s.get(b"d29") == kv[b"d29"]
+            assert tier.status().dropped_blocks == len(s.block_table()) - 1
 
 
 class CountingObjects:

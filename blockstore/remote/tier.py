@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
@@ -25,6 +27,8 @@ from blockstore.remote.uploader import Uploader
 from blockstore.store import Store
 
 _log = logging.getLogger("blockstore.remote")
+
+_RECENT_BLOCKS = 4096  # blocks whose last read time the tier remembers (bounded memory)
 
 
 @dataclass
@@ -51,13 +55,23 @@ class RemoteTier:
 
     def __init__(self, store: Store, objects: ObjectStore, node_id: str, *, local_capacity_bytes: int | None = None,
                  poll_s: float = 5.0, retry_min_s: float = 0.2, retry_max_s: float = 10.0,
-                 ledger_path: str | None = None) -> None:
+                 restore_after_reads: int | None = None, ledger_path: str | None = None) -> None:
         if local_capacity_bytes is not None and (isinstance(local_capacity_bytes, bool)
                                                  or not isinstance(local_capacity_bytes, int)
                                                  or local_capacity_bytes < 0):
             raise InvalidArgument(f"local_capacity_bytes must be an int >= 0 or None, got {local_capacity_bytes!r}")
         if not 0 < retry_min_s <= retry_max_s or poll_s <= 0:
             raise InvalidArgument("need poll_s > 0 and 0 < retry_min_s <= retry_max_s")
+        if restore_after_reads is not None and (isinstance(restore_after_reads, bool)
+                                                or not isinstance(restore_after_reads, int) or restore_after_reads < 1):
+            raise InvalidArgument(f"restore_after_reads must be an int >= 1 or None, got {restore_after_reads!r}")
+        self.restore_after_reads = restore_after_reads
+        # when each block was last read (bounded: the most recent _RECENT_BLOCKS): capacity drops the
+        # blocks read least recently first; and how often each dropped block was fetched since its drop
+        self._last_read: OrderedDict[int, float] = OrderedDict()
+        self._fetches: dict[int, int] = {}
+        self._restore: set[int] = set()
+        self._stat_lock = threading.Lock()
         self.store, self.objects = store, objects
         self.local_capacity_bytes = local_capacity_bytes
         self.poll_s, self.retry_min_s, self.retry_max_s = poll_s, retry_min_s, retry_max_s
@@ -74,6 +88,7 @@ class RemoteTier:
             raise
         store.set_block_fetcher(self._fetch)
         store.add_seal_observer(self._on_seal)
+        store.add_read_observer(self._on_read)
         self._thread = threading.Thread(target=self._run, name=f"remote-tier-{node_id}", daemon=True)
         self._thread.start()
 
@@ -88,8 +103,27 @@ class RemoteTier:
     def _on_seal(self, _block_id: int) -> None:
         self._wake.set()  # on the writer's thread: only wake the uploader
 
-    def _fetch(self, _block_id: int, name: bytes, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-        return self.objects.get_ranges(name.decode(), ranges)
+    def _fetch(self, block_id: int, name: bytes, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        got = self.objects.get_ranges(name.decode(), ranges)
+        if self.restore_after_reads is not None:
+            with self._stat_lock:
+                if len(self._fetches) > _RECENT_BLOCKS:
+                    self._fetches.clear()  # bounded memory: counting starts over
+                n = self._fetches[block_id] = self._fetches.get(block_id, 0) + 1
+                if n >= self.restore_after_reads and len(self._restore) < _RECENT_BLOCKS:
+                    self._restore.add(block_id)
+                    self._wake.set()  # the tier's thread fetches the whole object, off the read path
+        return got
+
+    def _on_read(self, _suffixes: Sequence[bytes], locs: Sequence[Any]) -> None:
+        now = time.monotonic()
+        with self._stat_lock:
+            for loc in locs:
+                if loc is not None:
+                    self._last_read[loc.block_id] = now
+                    self._last_read.move_to_end(loc.block_id)
+            while len(self._last_read) > _RECENT_BLOCKS:
+                self._last_read.popitem(last=False)
 
     # ---- the background pass ----
 
@@ -100,6 +134,7 @@ class RemoteTier:
                 st = self.uploader.run_once()
                 error = st.last_error
                 if error is None:
+                    self._restore_hot()
                     self._enforce_capacity()
             except StoreClosed:
                 _log.warning("%s: remote tier: the store was closed under it (close the tier first); stopping",
@@ -118,19 +153,48 @@ class RemoteTier:
             self._error, self._retry_at = error, time.monotonic() + delay
             self._stop.wait(delay)  # not woken by seals: an unreachable store is not asked again sooner
 
+    def _restore_hot(self) -> None:
+        """Keep locally again the dropped blocks read `restore_after_reads` times since their drop, while
+        the capacity has room for them without dropping another (no thrashing)."""
+        with self._stat_lock:
+            todo, self._restore = sorted(self._restore), set()
+        if not todo:
+            return
+        local = set(self.store.blocks.list_files())
+        table = {e.block_id: e for e in self.store.block_table()}
+        used = sum(e.data_end for bid, e in table.items() if bid in local)
+        for bid in todo:
+            e = table.get(bid)
+            if e is None or not e.remote_name or bid in local:
+                continue
+            if self.local_capacity_bytes is not None and used + e.data_end > self.local_capacity_bytes:
+                continue
+            if self.store.restore_local_copy(bid, self.objects.get(e.remote_name.decode())):
+                used += e.data_end
+                with self._stat_lock:
+                    self._fetches.pop(bid, None)
+                    self._last_read[bid] = time.monotonic()
+                    self._last_read.move_to_end(bid)
+
     def _enforce_capacity(self) -> None:
-        """Drop the oldest confirmed blocks' local copies while the block files exceed the capacity."""
+        """Drop confirmed blocks' local copies, those read least recently first (then the oldest), while
+        the block files exceed the capacity."""
         cap = self.local_capacity_bytes
         if cap is None:
             return
         local = set(self.store.blocks.list_files())
         table = [e for e in self.store.block_table() if e.block_id in local]
         used = sum(e.data_end for e in table)
-        for e in table:  # block order: the oldest first
+        with self._stat_lock:
+            last = dict(self._last_read)
+        table.sort(key=lambda e: (last.get(e.block_id, 0.0), e.block_id))
+        for e in table:
             if used <= cap:
                 break
             if e.state == BLOCK_SEALED and e.remote_name and self.store.drop_local_copy(e.block_id):
                 used -= e.data_end
+                with self._stat_lock:
+                    self._fetches.pop(e.block_id, None)
         self._over = max(0, used - cap)
 
     # ---- what callers see ----
@@ -172,6 +236,7 @@ class RemoteTier:
         self._wake.set()
         self._thread.join()
         self.store.remove_seal_observer(self._on_seal)
+        self.store.remove_read_observer(self._on_read)
         self.store.set_block_fetcher(None)
         self.uploader.close()
         return done
