@@ -13,9 +13,11 @@ from blockstore.remote.objects import ObjectStore, S3Settings, make_object_store
 from blockstore.remote.pool import RemotePool
 from blockstore.remote.reader import RemoteReader
 from blockstore.remote.reclaim import Reclaimer, ReclaimStatus
+from blockstore.remote.tier import RemoteTier, TierStatus
 from blockstore.remote.uploader import Uploader, UploadStatus
 
 __all__ = [
     "IndexEntry", "ObjectStore", "ReclaimStatus", "Reclaimer", "RemoteError", "RemoteObjectMissing", "RemotePool",
-    "RemoteReader", "RemoteUnavailable", "S3Settings", "Uploader", "UploadStatus", "make_object_store",
+    "RemoteReader", "RemoteTier", "RemoteUnavailable", "S3Settings", "TierStatus", "Uploader", "UploadStatus",
+    "make_object_store",
 ]

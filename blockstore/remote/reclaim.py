@@ -204,8 +204,13 @@ class Reclaimer:
         ledger numbers its next index after it (the marker, which stays, drops its pointers anyway)."""
         newest_index = max((r["index_key"] for r in uploaded.values()), default="")
         now = self.clock()
-        for b, rec in sorted(self._on_list().items()):
-            if rec["state"] != "published" or now - float(rec["published_at"]) < self.grace_s:
+        expired = [(b, rec) for b, rec in sorted(self._on_list().items())
+                   if rec["state"] == "published" and now - float(rec["published_at"]) >= self.grace_s]
+        # never an object the store itself still reads from (a block whose local copy was dropped)
+        named = {e.remote_name.decode() for e in self.store.block_table() if e.remote_name} if expired else set()
+        for b, rec in expired:
+            if rec["data_key"] in named:
+                st.waiting[b] = "its object is still named by a block of this store"
                 continue
             self.objects.delete(rec["data_key"])
             st.deleted.append(rec["data_key"])
