@@ -26,6 +26,7 @@ class Ledger:
         self._db = Rdict(path, opts)
         self._sync = WriteOptions()
         self._sync.sync = True  # what the ledger says was uploaded must survive a power loss
+        self._uploaded_count: int | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -69,10 +70,27 @@ class Ledger:
     def mark_uploaded(self, block_id: int, record: dict[str, Any]) -> None:
         """Not synced: a mark lost to a power cut only turns the next pass into a retry, whose HEADs
         find both objects and send nothing (a process kill loses nothing: the WAL is written)."""
+        fresh = self._db.get(_UPLOADED + _bid(block_id)) is None
         batch = WriteBatch()
         batch.put(_UPLOADED + _bid(block_id), json.dumps(record).encode())
         batch.delete(_RESERVED + _bid(block_id))
         self._db.write(batch)
+        if fresh and self._uploaded_count is not None:
+            self._uploaded_count += 1
+
+    def uploaded_count(self) -> int:
+        """How many blocks are marked uploaded: counted once per process, then kept up to date by
+        mark_uploaded (a status() per pass must not read every mark ever made)."""
+        if self._uploaded_count is None:
+            self._uploaded_count = sum(1 for _ in self._keys(_UPLOADED))
+        return self._uploaded_count
+
+    def _keys(self, prefix: bytes) -> Any:
+        for k in self._db.keys(from_key=prefix):
+            assert isinstance(k, bytes)
+            if not k.startswith(prefix):
+                return
+            yield k
 
     def uploaded_blocks(self) -> dict[int, dict[str, Any]]:
         out = {}

@@ -76,7 +76,7 @@ class Uploader:
 
     def status(self) -> UploadStatus:
         pend = self.pending()
-        return UploadStatus(len(self.ledger.uploaded_blocks()), [e.block_id for e in pend],
+        return UploadStatus(self.ledger.uploaded_count(), [e.block_id for e in pend],
                             sum(e.data_end for e in pend), self.last_error)
 
     def run_once(self) -> UploadStatus:
