@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import blockstore
+from bench.blend_fidelity import oracle_rows, oracle_scores
 from blockstore import BlockstoreError, CorruptionError, InvalidArgument
 from blockstore.blend import (
     Blender,
@@ -21,7 +22,7 @@ from blockstore.blend import (
     full_prefill,
     greedy_decode,
 )
-from blockstore.blend.blender import _deviation
+from blockstore.blend.blender import _deviation, _query_attention
 from blockstore.blend.compute import apply_rope, attend, position_mask, qkv
 
 SEP = 127
@@ -313,3 +314,66 @@ def test_selection_options_are_checked(weights: LlamaWeights, store: blockstore.
         Blender(weights, kv, sink_tokens=-1)
     with pytest.raises(InvalidArgument, match="check_layer"):
         Blender(weights, kv, check_layer=CFG.num_hidden_layers)
+
+
+def test_rows_chosen_by_the_caller_are_the_ones_recomputed(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    prompt = _prompt(_chunks(3))
+    blender = Blender(weights, kv, ratio=0.15, separator_ids=(SEP,))
+    spans = blender.split(prompt)
+    covered = torch.zeros(len(prompt), dtype=torch.bool)
+    for s, e in spans:
+        covered[s:e] = True
+    always = set((~covered).nonzero().squeeze(1).tolist()) | {len(prompt) - 1}
+    res = blender.blend(prompt, recompute=[30, 3, 55])  # any order; the ratio's budget does not apply
+    assert res.recomputed.tolist() == sorted(always | {3, 30, 55})
+    assert res.reused_tokens == int(covered.sum()) - 3
+    everything = blender.blend(prompt, recompute=covered.nonzero().squeeze(1))
+    torch.testing.assert_close(everything.logits, full_prefill(weights, prompt).logits, atol=1e-4, rtol=1e-4)
+    nothing = blender.blend(prompt, recompute=[])
+    assert torch.equal(nothing.logits, Blender(weights, kv, ratio=0.0, separator_ids=(SEP,)).blend(prompt).logits)
+    for bad in ([len(prompt)], [-1], [[1, 2]]):
+        with pytest.raises(InvalidArgument, match="recompute"):
+            blender.blend(prompt, recompute=bad)
+
+
+def test_query_attention_weighs_what_the_question_reads() -> None:
+    q, k = torch.zeros(6, 2, 4), torch.zeros(6, 1, 4)  # 2 query heads sharing 1 KV head (GQA)
+    k[2, 0, 0] = 8.0  # row 2's key lines up with the question's query
+    q[4:, :, 0] = 1.0  # the question: rows 4-5, after the chunk rows 0-3
+    covered = torch.tensor([True] * 4 + [False] * 2)
+    att = _query_attention(q, k, covered)
+    assert int(att[:4].argmax()) == 2 and float(att[2]) > 0.5
+    torch.testing.assert_close(att.sum(), torch.tensor(1.0))
+    q[:, :, 0] = 0.0
+    q[5, :, 0] = 1.0
+    k[5, 0, 0] = -8.0
+    att = _query_attention(q, k, torch.tensor([True] * 6))  # no question rows: the last row asks
+    assert float(att[5]) < float(att[0]) and int(att.argmax()) == 2
+
+
+def test_query_weighted_selection_keeps_the_budget(weights: LlamaWeights, store: blockstore.Store) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    prompt = _prompt(_chunks(3))
+    plain = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,)).blend(prompt)
+    weighted = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), query_weighted=True).blend(prompt)
+    covered = sum(e - s for s, e in weighted.spans)
+    assert weighted.reused_tokens == plain.reused_tokens == covered - round(0.25 * covered)
+    assert weighted.recomputed.tolist() != plain.recomputed.tolist()  # the question's attention moved the choice
+
+
+def test_oracle_picks_the_rows_whose_kv_is_off(weights: LlamaWeights) -> None:
+    n, layers = 10, 3
+    ref = ([torch.zeros(n, 2, 4) for _ in range(layers)], [torch.zeros(n, 2, 4) for _ in range(layers)])
+    reuse = ([t.clone() for t in ref[0]], [t.clone() for t in ref[1]])
+    covered = torch.tensor([True] * 8 + [False] * 2)
+    reuse[1][2][5] += 1.0  # V of row 5 is off in the last layer
+    reuse[0][0][1] += 9.0  # K of row 1 is off in layer 0 only: before first_layer, not counted
+    reuse[0][2][7] += 0.1  # K of row 7 is off a little
+    score = oracle_scores(ref, reuse, covered, first_layer=1)
+    assert int(score.argmax()) == 5 and float(score[1]) == 0.0 and float(score[7]) > 0.0
+    assert sorted(oracle_rows(score, covered, 0.25).tolist()) == [5, 7]  # round(0.25 * 8) = 2 rows
+    assert oracle_rows(score, covered, 0.0).numel() == 0
+    attention = [torch.zeros(n) for _ in range(layers)]
+    attention[2][7] = 1.0  # the last token reads only row 7
+    assert int(oracle_scores(ref, reuse, covered, 1, attention).argmax()) == 7

@@ -6,9 +6,10 @@ or layer by layer on a loader thread); re-rotate each chunk's K from the positio
 to its place in this prompt; run the layers before `check_layer` fully; at the check layer, pick the
 covered tokens whose fresh V (or K, or both: `deviation`) deviates most from the cached one, after
 `sink_tokens` first tokens of each chunk (or, with selector "epic", the first tokens of each chunk: the
-same budget); from then on compute only those tokens, every token no chunk
-covers and the last token, attending over the cached KV merged with theirs under an explicit
-position mask. Chunks not in the store are computed on their own and stored on the way.
+same budget; with `query_weighted`, each deviation weighed by the attention the question pays the token
+there; or rows the caller names, `recompute`, as an offline oracle does); from then on compute only those
+tokens, every token no chunk covers and the last token, attending over the cached KV merged with theirs
+under an explicit position mask. Chunks not in the store are computed on their own and stored on the way.
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ def _deviation(fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Ten
     return sum(t / t[covered].mean().clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
 
 
+def _query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Per row: the attention the query rows after the last chunk (the question; at least the last row)
+    pay it at this layer, averaged over their rows and heads, from their fresh q over every row's fresh K
+    under the position mask. Where the first answer token reads from, as far as this layer can tell."""
+    n = q.shape[0]
+    rows = torch.arange(n, device=q.device)
+    after = int(rows[covered].max()) + 1 if bool(covered.any()) else n - 1
+    tail = rows[min(after, n - 1):]
+    group = q.shape[1] // k.shape[1]
+    scores = torch.einsum("thd,nhd->htn", q[tail].float(), k.float().repeat_interleave(group, dim=1))
+    scores = scores / q.shape[2] ** 0.5
+    scores.masked_fill_(rows[None, None, :] > tail[None, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+
+
 @dataclass
 class BlendResult:
     """KV for every prompt token (keys[l], values[l]: [N, kv_heads, head_dim], K after RoPE at the
@@ -89,8 +105,11 @@ class Blender:
     def __init__(self, weights: LlamaWeights, kv: ChunkKVStore, ratio: float = 0.15, selector: str = "deviation",
                  check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
                  readers: int | None = None, chunk_prefix: Sequence[int] = (), deviation: str = "v",
-                 sink_tokens: int = 0) -> None:
+                 sink_tokens: int = 0, query_weighted: bool = False) -> None:
         """`deviation`: what the deviation selector measures at the check layer (DEVIATIONS).
+        `query_weighted`: the deviation selector weighs each token's deviation by the attention the
+        question (the rows after the last chunk) pays it at the check layer: a token the answer does not
+        read matters little however far its KV moved.
         `sink_tokens`: the deviation selector always recomputes this many first tokens of each chunk
         (attention sinks, as EPIC does), counted inside the ratio's budget. `chunk_prefix`: tokens (say <s>) a missing chunk is computed after, so that its first token
         is not a false attention sink; only the chunk's own rows are stored, at positions after the
@@ -109,7 +128,7 @@ class Blender:
                                   f"{weights.config.num_hidden_layers}-layer model")
         self.w, self.kv, self.ratio, self.selector = weights, kv, float(ratio), selector
         self.check_layer, self.separator_ids, self.overlap = check_layer, tuple(separator_ids), overlap
-        self.deviation, self.sink_tokens = deviation, sink_tokens
+        self.deviation, self.sink_tokens, self.query_weighted = deviation, sink_tokens, bool(query_weighted)
         self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
@@ -181,9 +200,13 @@ class Blender:
 
     @torch.inference_mode()
     def blend(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[tuple[int, int]] | None = None,
-              store_missing: bool = True, *, resident: Mapping[bytes, ChunkKV] | None = None) -> BlendResult:
+              store_missing: bool = True, *, resident: Mapping[bytes, ChunkKV] | None = None,
+              recompute: Sequence[int] | torch.Tensor | None = None) -> BlendResult:
         """Blend a prompt. `resident`: chunk KV already in memory on the model's device (chunk id ->
-        ChunkKV, as load_many returns it), used without a read: a hot tier in front of the store."""
+        ChunkKV, as load_many returns it), used without a read: a hot tier in front of the store.
+        `recompute`: the covered rows to recompute from the check layer on, chosen by the caller instead
+        of the selector (an offline oracle that knows the full prefill); the uncovered rows and the last
+        row are added as always."""
         t0 = time.perf_counter()
         ids = self._ids(token_ids)
         n = int(ids.shape[0])
@@ -204,8 +227,13 @@ class Blender:
         for p in missing:
             p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
         timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
+        forced = None
+        if recompute is not None:
+            forced = torch.as_tensor(recompute, dtype=torch.int64).to(self.w.device)
+            if forced.dim() != 1 or (forced.numel() and not 0 <= int(forced.min()) <= int(forced.max()) < n):
+                raise InvalidArgument(f"recompute must be a 1-d sequence of row indices in [0, {n})")
         try:
-            result = self._run_layers(ids, parts, stream, timings)
+            result = self._run_layers(ids, parts, stream, timings, forced)
         finally:
             if stream is not None:
                 stream.close()
@@ -249,10 +277,11 @@ class Blender:
         return k_all, v_all
 
     def _select(self, fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
-                parts: list[_Span], n: int) -> torch.Tensor:
-        """Sorted row indices to recompute from the check layer on: the selected covered tokens, every
-        uncovered token, and the last token (its hidden state gives the logits). `fresh`, `cached`:
-        the check layer's (K, V) of every row, computed here and read from the chunks."""
+                parts: list[_Span], n: int, forced: torch.Tensor | None = None,
+                q: torch.Tensor | None = None) -> torch.Tensor:
+        """Sorted row indices to recompute from the check layer on: the selected covered tokens (or the
+        `forced` ones), every uncovered token, and the last token (its hidden state gives the logits).
+        `fresh`, `cached`: the check layer's (K, V) of every row, computed here and read from the chunks."""
         covered = torch.zeros(n, dtype=torch.bool, device=fresh[0].device)
         for p in parts:
             covered[p.start:p.end] = True
@@ -260,13 +289,17 @@ class Blender:
         keep[-1] = True
         n_cov = int(covered.sum())
         budget = int(round(self.ratio * n_cov))
-        if budget and self.selector == "deviation":
+        if forced is not None:
+            keep[forced] = True
+        elif budget and self.selector == "deviation":
             sinks = min(self.sink_tokens, budget // max(1, len(parts)))  # inside the budget, never over it
             for p in parts:
                 keep[p.start:p.start + sinks] = True
             left = budget - int((keep & covered).sum())
             if left > 0:
                 dev = _deviation(fresh, cached, covered, self.deviation)
+                if self.query_weighted and q is not None:  # first order: the answer's error is sum a_j dV_j
+                    dev = dev.sqrt() * _query_attention(q, fresh[0], covered)
                 dev[~covered | keep] = -1.0
                 keep[torch.topk(dev, left).indices] = True
         elif budget:  # EPIC: the first tokens of each chunk, the same share of each
@@ -275,7 +308,7 @@ class Blender:
         return keep.nonzero().squeeze(1)
 
     def _run_layers(self, ids: torch.Tensor, parts: list[_Span], stream: object,
-                    timings: dict[str, float]) -> BlendResult:
+                    timings: dict[str, float], forced: torch.Tensor | None = None) -> BlendResult:
         n = int(ids.shape[0])
         pos = torch.arange(n, device=self.w.device)
         moves = _Moves()
@@ -284,7 +317,8 @@ class Blender:
         tail = False
         keys, values = [], []
         for layer_index, layer in enumerate(self.w.layers):
-            q, k, v = qkv(self.w, layer, hidden, pos[active])
+            q, k, v = qkv(self.w, layer, hidden, active)  # == pos[active] (pos is arange); one tensor object
+            # per blend lets compute.py reuse its RoPE tables and mask (H1's request)
             if layer_index < self.check_layer:  # every row fresh: these layers are a full prefill
                 keys.append(k)
                 values.append(v)
@@ -294,7 +328,7 @@ class Blender:
             k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos, moves)
             timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait
             if layer_index == self.check_layer:
-                chosen = self._select((k, v), (k_all, v_all), parts, n)
+                chosen = self._select((k, v), (k_all, v_all), parts, n, forced, q)
                 q, k, v, hidden = q[chosen], k[chosen], v[chosen], hidden[chosen]
                 active = chosen
                 tail = is_tail(chosen, pos)  # once per blend: a reused prefix and the rest computed
@@ -302,7 +336,7 @@ class Blender:
             v_all[active] = v
             keys.append(k_all)
             values.append(v_all)
-            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, pos[active], pos, tail_rows=tail))
+            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, active, pos, tail_rows=tail))
         covered = sum(p.end - p.start for p in parts)
         in_chunks = int(sum(((active >= p.start) & (active < p.end)).sum() for p in parts)) if parts else 0
         return BlendResult(keys, values, logits_of(self.w, hidden[-1]), [(p.start, p.end) for p in parts],
