@@ -464,10 +464,12 @@ class Store(RecordConveniences, RemoteSeams):
         """Whether the block table names this block (O(1): compaction asks it per victim)."""
         return self._engine.block_named(block_id)
 
-    def block_table(self) -> list[BlockEntry]:
-        """A snapshot of the block table (for tools and compaction)."""
+    def block_table(self, *, after: int | None = None) -> list[BlockEntry]:
+        """A snapshot of the block table in block order (for tools and compaction); `after`: only the
+        blocks with a higher id (the remote uploader's cursor: it copies what it looks at, not the table)."""
         with self._engine.state_lock:
-            return [e.copy() for e in sorted(self._engine.table.values(), key=lambda e: e.block_id)]
+            entries = [e for bid, e in self._engine.table.items() if after is None or bid > after]
+        return [e.copy() for e in sorted(entries, key=lambda e: e.block_id)]
 
     def drop_page_cache(self) -> None:
         """Evict this store's block files from the OS page cache (cold-read benchmarks)."""

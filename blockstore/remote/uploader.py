@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +55,7 @@ class Uploader:
         A block the store flags remote is uploaded (the flag is set after its index PUT), whatever the
         ledger says: a crash between the flag and the ledger's mark must not upload it twice."""
         cur = self.ledger.cursor
-        return [e for e in self.store.block_table()
-                if e.block_id > cur and e.state == BLOCK_SEALED and not self._settled(e)]
+        return [e for e in self.store.block_table(after=cur) if e.state == BLOCK_SEALED and not self._settled(e)]
 
     def _settled(self, e: Any) -> bool:
         return bool(e.remote_name) or self.ledger.uploaded(e.block_id) is not None
@@ -93,12 +92,17 @@ class Uploader:
             try:
                 order = self._in_publication_order(self.pending())
                 fresh = self._reserve([e.block_id for e in order])
+                inflight: list[Future[None]] = []
                 for e in order:
+                    # at most one index PUT still running while the next data PUT goes: the data of
+                    # later blocks never runs far ahead of what is published (nor of a kill's leftovers)
+                    while len(inflight) > 1:
+                        inflight.pop(0).result()
                     if failed:
                         break
                     if not self.store.has_block(e.block_id):
                         continue  # deleted since the snapshot (compaction emptied it): nothing to keep
-                    sent += self._upload(e.block_id, e.data_end, published, failed, indexes,
+                    sent += self._upload(e.block_id, e.data_end, published, failed, indexes, inflight,
                                          retry=e.block_id not in fresh)
                 indexes.shutdown(wait=True)
                 if failed:
@@ -132,9 +136,8 @@ class Uploader:
 
     def _advance_cursor(self) -> None:
         """Move the cursor to just below the lowest block that is not settled (open or pending)."""
-        table = self.store.block_table()
-        unsettled = [e.block_id for e in table if e.block_id > self.ledger.cursor and (
-            e.state != BLOCK_SEALED or not self._settled(e))]
+        table = self.store.block_table(after=self.ledger.cursor)
+        unsettled = [e.block_id for e in table if e.state != BLOCK_SEALED or not self._settled(e)]
         top = max((e.block_id for e in table), default=self.ledger.cursor)
         new = (min(unsettled) - 1) if unsettled else top
         if new > self.ledger.cursor:
@@ -177,7 +180,7 @@ class Uploader:
         return 1 + max((int(n.rsplit("/", 1)[1].split("-", 1)[0], 16) for n in names), default=-1)
 
     def _upload(self, block_id: int, data_end: int, published: list[str], failed: list[BaseException],
-                indexes: ThreadPoolExecutor, *, retry: bool) -> int:
+                indexes: ThreadPoolExecutor, inflight: list[Future[None]], *, retry: bool) -> int:
         """One block: PUT data here, then hand its index PUT and ledger mark to the index worker. On a
         retry (its number was reserved by an earlier, interrupted pass) each PUT is skipped if a HEAD
         finds it already done."""
@@ -211,5 +214,5 @@ class Uploader:
                 published.append(ikey)
             except BaseException as exc:  # handed to run_once, which reports it
                 failed.append(exc)
-        indexes.submit(publish)
+        inflight.append(indexes.submit(publish))
         return sent
