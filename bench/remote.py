@@ -156,19 +156,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=None, help="1 MiB records per repeat (default 128, quick 32)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16, help="records per read batch")
+    ap.add_argument("--clients", default=",".join(CLIENTS), help="S3 clients to measure, comma-separated")
+    ap.add_argument("--filer-max-mb", type=int, default=None,
+                    help="SeaweedFS filer chunk size for large objects (weed filer -maxMB; its default 4)")
+    ap.add_argument("--s3-cache-mb", type=int, default=None,
+                    help="SeaweedFS S3 gateway in-memory chunk cache (weed s3 -cacheCapacityMB; default: its own)")
     a = ap.parse_args(argv)
+    clients = [c for c in a.clients.split(",") if c]
+    if not clients or set(clients) - set(CLIENTS):
+        ap.error(f"--clients: a comma-separated subset of {','.join(CLIENTS)}")
     n = a.records or (32 if a.quick else 128)
     repeats = a.repeats or (3 if a.quick else 5)
     out = results_path(a, "remote")
     if a.dir:
         os.makedirs(a.dir, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="bench-remote-", dir=a.dir)
-    cluster = SeaweedCluster(Path(scratch) / "seaweed")
+    cluster = SeaweedCluster(Path(scratch) / "seaweed", filer_max_mb=a.filer_max_mb, s3_cache_mb=a.s3_cache_mb)
     try:
         cluster.start()
         print(f"cluster up in {cluster.startup_s:.1f} s", flush=True)
         per_client: dict[str, Any] = {}
-        for client in CLIENTS:
+        for client in clients:
             runs = []
             for r in range(repeats):
                 runs.append(one_repeat(cluster, client, scratch, n, a.batch, raw_first=r % 2 == 1))
@@ -178,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    best = max(CLIENTS, key=lambda c: per_client[c]["ranged_read_MBps"]["median"] + per_client[c]["upload_MBps"]["median"])
+    best = max(clients, key=lambda c: per_client[c]["ranged_read_MBps"]["median"] + per_client[c]["upload_MBps"]["median"])
     ratios = {k: round(per_client[best][k]["median"], 3)
               for k in ("upload_vs_raw_put", "ranged_read_vs_raw_get", "ranged_read_vs_raw_ranged_get")}
     cmd = "python -m bench.remote" + (" --quick" if a.quick else "") + (f" --records {a.records}" if a.records else "")
+    for flag, v in (("--clients", None if clients == list(CLIENTS) else a.clients),
+                    ("--filer-max-mb", a.filer_max_mb), ("--s3-cache-mb", a.s3_cache_mb)):
+        cmd += "" if v is None else f" {flag} {v}"
     doc = {
-        "ratios": ratios, "client": best, "records": n, "record_bytes": MIB, "batch": a.batch, "repeats": repeats,
+        "ratios": ratios, "client": best, "filer_max_mb": a.filer_max_mb, "s3_cache_mb": a.s3_cache_mb, "records": n, "record_bytes": MIB, "batch": a.batch, "repeats": repeats,
         "per_client": per_client, "cross_node_hit_s": spread(hit),
         # try i runs with i + 1 publishing nodes in the bucket (each try adds a node): one more LIST per poll
         "cross_node_hit_s_by_nodes": [[i + 1, h] for i, h in enumerate(hit)], "cluster_startup_s": cluster.startup_s,

@@ -95,6 +95,10 @@ class Proc:
 class SeaweedCluster:
     root: Path
     volumes: int = 3
+    # operator settings the bench tries (bench/remote.py): the filer's chunk size for large objects (`weed filer
+    # -maxMB`, SeaweedFS's default 4) and the S3 gateway's in-memory chunk cache (`weed s3 -cacheCapacityMB`)
+    filer_max_mb: int | None = None
+    s3_cache_mb: int | None = None
     master: Proc | None = None
     volume_servers: list[Proc] = field(default_factory=list)
     filer: Proc | None = None
@@ -144,6 +148,7 @@ class SeaweedCluster:
         self.filer = Proc("filer", fip, fport, [
             weed, "filer", f"-ip={fip}", f"-port={fport}", f"-port.grpc={free_port(fip)}", f"-master={master_addr}",
             f"-defaultReplicaPlacement={REPLICATION}", f"-defaultStoreDir={self._folder('filer')}",
+            *([] if self.filer_max_mb is None else [f"-maxMB={self.filer_max_mb}"]),
         ], self.root / "filer.log")
         self.filer.start()
         # the S3 gateway in front of the filer, on the filer's address (`weed filer -s3` did not start it)
@@ -151,6 +156,7 @@ class SeaweedCluster:
             weed, "s3", f"-ip.bind={fip}", f"-port={self.s3_port}", f"-port.grpc={free_port(fip)}",
             f"-filer={fip}:{fport}.{self._grpc_of(self.filer)}", "-port.iceberg=0", "-port.lance=0",
             f"-config={self._s3_config()}",
+            *([] if self.s3_cache_mb is None else [f"-cacheCapacityMB={self.s3_cache_mb}"]),
         ], self.root / "s3.log")
         self.gateway.start()
         try:
