@@ -94,7 +94,7 @@ def test_rope_tables_follow_the_positions_tensor(weights: LlamaWeights) -> None:
                                    qkv(weights, weights.layers[0], hidden, a + 3)[0])
 
 
-def test_the_layer_loader_reads_token_ids_and_positions_once(weights: LlamaWeights, tmp_path: Path,
+def test_the_layer_loader_reads_token_ids_and_positions_once_and_layers_in_pieces(weights: LlamaWeights, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
     chunks = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in (5, 9)]
@@ -104,10 +104,12 @@ def test_the_layer_loader_reads_token_ids_and_positions_once(weights: LlamaWeigh
                 for c in chunks]
         whole = kv.load_many(cids)
         keys_read: list[bytes] = []
+        calls: list[int] = []
         real = store.read_located
 
         def counting(keys, locs, **kw):  # type: ignore[no-untyped-def]
             keys_read.extend(keys)
+            calls.append(len(keys))
             return real(keys, locs, **kw)
 
         monkeypatch.setattr(store, "read_located", counting)
@@ -123,6 +125,8 @@ def test_the_layer_loader_reads_token_ids_and_positions_once(weights: LlamaWeigh
     metas = [k for k in keys_read if k.endswith(b"M")]
     assert sorted(metas) == sorted(kv.meta_key(c) for c in cids)  # each M record once, not once a layer
     assert len(keys_read) == len(cids) * (CFG.num_hidden_layers - 1) + len(cids)  # layer 0 never read
+    # each layer is read in pieces (here one chunk each), so several threads share the next layer
+    assert sorted(calls) == [1] * (len(cids) * (CFG.num_hidden_layers - 1)) + [len(cids)]
 
 
 def test_blend_is_unchanged_by_the_fast_paths(weights: LlamaWeights) -> None:

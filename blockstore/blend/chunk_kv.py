@@ -271,15 +271,20 @@ class _BufferPlan:
 
 
 class LayerStream:
-    """Chunk KV loaded one layer at a time by `readers` loader threads, each claiming the next layer in
-    order: `layer(l)` gives layer l's K and V of every located chunk. Reading layers l + 1 ... runs
-    while the caller computes layer l, and several reads in flight use more than one core's memory copy
-    bandwidth (warm) and the disk's queue depth (cold).
+    """Chunk KV loaded one layer at a time by `readers` loader threads: `layer(l)` gives layer l's K and
+    V of every located chunk. Reading layers l + 1 ... runs while the caller computes layer l, and
+    several reads in flight use more than one core's memory copy bandwidth (warm) and the disk's queue
+    depth (cold).
 
-    On a GPU each reader reads a layer into its own pinned slot (one layer's bytes, reused: torch caches
-    pinned blocks) and copies it to the device on its own CUDA stream; `layer(l)` makes the caller's
-    stream wait for that copy's event, never the CPU, so the caller keeps queueing compute while loads
-    land. Token ids and positions (the M records) are read once, not with every layer."""
+    Each layer is cut into up to PIECES groups of chunks, claimed in layer order, so the layer the
+    caller waits for next is read by several threads at once (one thread per layer made the first
+    layers arrive one whole layer's read after the start). On a CPU a piece lands in its layer's
+    page-aligned buffer. On a GPU a reader reads its piece into its own pinned slot (reused: torch
+    caches pinned blocks), copies it to the device on its own CUDA stream and waits for that copy, so a
+    layer is ready for the caller only when its bytes are on the device: the caller never waits on the
+    GPU for it. Token ids and positions (the M records) are read once."""
+
+    PIECES = 4
 
     def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
                  first_layer: int = 0, readers: int | None = None) -> None:
@@ -292,20 +297,25 @@ class LayerStream:
         self.device = torch.device(device)
         self._ready = [threading.Event() for _ in range(self.layers)]
         self._loaded: list[list[ChunkKV] | None] = [None] * self.layers
-        self._events: list[Any] = [None] * self.layers
         self._error: BaseException | None = None
         self._claim = threading.Lock()
-        self._next = first_layer
         self._meta = self._read_meta(kv) if self.plan else []
         # every layer's records have the same sizes: one set of page-aligned offsets serves them all
         self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
-        self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens))]
-        self._layer_bytes = sum(_round_up(n) for n in self._lens)
-        self._device_buf = (torch.empty((self.layers - first_layer, self._layer_bytes), dtype=torch.uint8,
-                                        device=self.device) if self.device.type == "cuda" and self._lens else None)
+        self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens) + 1)]
+        cuda = self.device.type == "cuda" and bool(self._lens)
+        self._device_buf = (torch.empty((self.layers - first_layer, self._offsets[-1]), dtype=torch.uint8,
+                                        device=self.device) if cuda else None)
+        pieces = min(self.PIECES, len(self._lens))
+        self._host: dict[int, torch.Tensor] = {}  # CPU: each layer's buffer, made by its first piece's reader
+        groups = [(len(self._lens) * i // pieces, len(self._lens) * (i + 1) // pieces) for i in range(pieces)]
+        self._items = [(layer, lo, hi) for layer in range(first_layer, self.layers) for lo, hi in groups if hi > lo]
+        self._items.reverse()  # popped from the end: layer order
+        self._pending = {layer: sum(1 for g in groups if g[1] > g[0]) for layer in range(first_layer, self.layers)}
+        self._slot_bytes = max((self._offsets[hi] - self._offsets[lo] for lo, hi in groups), default=0)
         n = readers or DEFAULT_READERS
         self._threads = [threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
-                         for i in range(max(1, min(n, self.layers - first_layer)) if self._lens else 0)]
+                         for i in range(max(1, min(n, len(self._items))) if self._items else 0)]
         for t in self._threads:
             t.start()
 
@@ -320,12 +330,14 @@ class LayerStream:
             out.append((ids_pos[0], ids_pos[1].to(torch.int64).to(self.device, non_blocking=True)))
         return out
 
-    def _claim_layer(self) -> int | None:
+    def _claim_item(self) -> tuple[int, int, int] | None:
         with self._claim:
-            if self._next >= self.layers or self._error is not None:
+            if not self._items or self._error is not None:
                 return None
-            self._next += 1
-            return self._next - 1
+            item = self._items.pop()
+            if self._device_buf is None and item[0] not in self._host:
+                self._host[item[0]] = torch.frombuffer(aligned_buffer(self._offsets[-1]), dtype=torch.uint8)
+            return item
 
     def _chunks(self, raw: torch.Tensor) -> list[ChunkKV]:
         """ChunkKVs viewing one layer's bytes (`raw`, laid out by self._offsets)."""
@@ -335,38 +347,49 @@ class LayerStream:
             out.append(ChunkKV(p.chunk_id, ids, pos, [kv[0]], [kv[1]]))
         return out
 
-    def _read_layer(self, kv: ChunkKVStore, layer: int, dst: torch.Tensor) -> None:
-        raw = dst.numpy()
-        out = [raw[o : o + n].data for o, n in zip(self._offsets, self._lens)]
-        got = kv.store.read_located([p.keys[layer] for p in self.plan], [p.locs[layer] for p in self.plan],
-                                    ns=kv.ns, out=out)
+    def _read_piece(self, kv: ChunkKVStore, layer: int, lo: int, hi: int, dst: torch.Tensor) -> None:
+        """Records of chunks lo..hi-1 of this layer into `dst`, laid out from chunk lo's offset."""
+        raw, base = dst.numpy(), self._offsets[lo]
+        out = [raw[self._offsets[i] - base : self._offsets[i] - base + self._lens[i]].data for i in range(lo, hi)]
+        got = kv.store.read_located([p.keys[layer] for p in self.plan[lo:hi]],
+                                    [p.locs[layer] for p in self.plan[lo:hi]], ns=kv.ns, out=out)
         if any(n is None for n in got):  # deleted between the lookup and the read
             raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
 
+    def _piece_done(self, layer: int) -> None:
+        """The layer is ready once its last piece is in: the caller gets views of its buffer."""
+        with self._claim:
+            self._pending[layer] -= 1
+            if self._pending[layer]:
+                return
+            raw = self._host.pop(layer) if self._device_buf is None else self._device_buf[layer - self.first_layer]
+        self._loaded[layer] = self._chunks(raw)
+        self._ready[layer].set()
+        self.load_s = max(self.load_s, time.perf_counter() - self._t0)
+
     def _run(self, kv: ChunkKVStore) -> None:
-        cuda = self._device_buf is not None
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        slot = torch.empty(self._layer_bytes, dtype=torch.uint8, pin_memory=True) if cuda else None
+        # the device buffer was made under the caller's inference mode, which is per thread: writing
+        # into it needs the same mode here
+        with torch.inference_mode():
+            self._load_pieces(kv)
+
+    def _load_pieces(self, kv: ChunkKVStore) -> None:
+        stream = torch.cuda.Stream(self.device) if self._device_buf is not None else None
+        slot = torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=True) if stream is not None else None
         try:
-            while (layer := self._claim_layer()) is not None:
-                if stream is None or slot is None or self._device_buf is None:
-                    host = torch.frombuffer(aligned_buffer(self._layer_bytes), dtype=torch.uint8)
-                    self._read_layer(kv, layer, host)
-                    self._loaded[layer] = self._chunks(host)
-                    self._ready[layer].set()
-                    self.load_s = max(self.load_s, time.perf_counter() - self._t0)
+            while (item := self._claim_item()) is not None:
+                layer, lo, hi = item
+                if stream is None or slot is None or self._device_buf is None:  # CPU: straight into place
+                    self._read_piece(kv, layer, lo, hi, self._host[layer][self._offsets[lo] :])
+                    self._piece_done(layer)
                     continue
-                self._read_layer(kv, layer, slot)
+                size = self._offsets[hi] - self._offsets[lo]
+                self._read_piece(kv, layer, lo, hi, slot)
                 dst = self._device_buf[layer - self.first_layer]
                 with torch.cuda.stream(stream):
-                    dst.copy_(slot, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                self._events[layer] = event
-                self._loaded[layer] = self._chunks(dst)
-                self._ready[layer].set()
-                event.synchronize()  # the slot is free again once its copy has landed (GIL released)
-                self.load_s = max(self.load_s, time.perf_counter() - self._t0)
+                    dst[self._offsets[lo] : self._offsets[lo] + size].copy_(slot[:size], non_blocking=True)
+                stream.synchronize()  # on the device, and the slot free again (GIL released while waiting)
+                self._piece_done(layer)
         except BaseException as exc:  # handed to the caller's next layer()
             self._error = exc
             for ev in self._ready:
@@ -376,14 +399,11 @@ class LayerStream:
                 stream.synchronize()  # no copy of ours may land after close() (the caller frees the buffer)
 
     def layer(self, layer: int) -> list[ChunkKV]:
-        """The located chunks (in order, misses left out) with keys/values holding only this layer. On a
-        GPU the caller's current stream is made to wait for the layer's copy (no CPU wait for it)."""
+        """The located chunks (in order, misses left out) with keys/values holding only this layer."""
         self._ready[layer].wait()
         got = self._loaded[layer]
         if got is None:
             raise self._error if self._error is not None else BlockstoreError("chunk KV loader stopped")
-        if self._events[layer] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._events[layer])
         return got
 
     def close(self) -> None:

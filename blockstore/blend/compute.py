@@ -69,24 +69,32 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def _rope_of(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, signed sin) of these positions, once per positions tensor (every layer rotates by the same)."""
+def _rope_of(positions: torch.Tensor, head_dim: int, theta: float,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) of these positions in `dtype`, once per positions tensor (every layer
+    rotates by the same)."""
     def make() -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope_cos_sin(positions, head_dim, theta)
-        return cos, _signed_sin(sin)
-    return _ROPE.get((positions,), (head_dim, theta), make)  # type: ignore[return-value]
+        return cos.to(dtype), _signed_sin(sin).to(dtype)
+    return _ROPE.get((positions,), (head_dim, theta, dtype), make)  # type: ignore[return-value]
 
 
 def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    xf = x.to(torch.float32)
-    return torch.addcmul(xf * cos[:, None, :], xf.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None, :]).to(x.dtype)
+    """x * cos + rotate_half(x) * sin, in x's dtype (cos, signed_sin already in it): three kernels.
+    Hugging Face's Llama and vLLM's rotary kernel also rotate a bf16 model's q and k in bf16."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos[:, None, :], swapped, signed_sin[:, None, :])
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave
-    (in float32, then back to x's dtype). A blend re-rotates every layer's cached K by the same
-    angles, so the signed sin is made once per `sin` tensor."""
-    return _rotate_signed(x, cos, _ROPE.get((sin,), "signed", lambda: _signed_sin(sin)))  # type: ignore[arg-type]
+    """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave,
+    in x's dtype. A blend re-rotates every layer's cached K by the same angles, so the tables in x's
+    dtype (and the signed sin) are made once per (cos, sin) pair."""
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        return cos.to(x.dtype), _signed_sin(sin).to(x.dtype)
+    tables: tuple[torch.Tensor, torch.Tensor] = _ROPE.get((cos, sin), ("signed", x.dtype), make)  # type: ignore[assignment]
+    return _rotate_signed(x, *tables)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -110,7 +118,7 @@ def qkv(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor,
     n, q_width = x.shape[0], c.num_attention_heads * c.head_dim
     qk = x @ layer.qk_proj.T
     v = (x @ layer.v_proj.T).view(n, c.num_key_value_heads, c.head_dim)
-    cos, signed_sin = _rope_of(positions, c.head_dim, c.rope_theta)
+    cos, signed_sin = _rope_of(positions, c.head_dim, c.rope_theta, x.dtype)
     q = _rotate_signed(qk[:, :q_width].view(n, c.num_attention_heads, c.head_dim), cos, signed_sin)
     k = _rotate_signed(qk[:, q_width:].view(n, c.num_key_value_heads, c.head_dim), cos, signed_sin)
     return q, k, v
