@@ -18,7 +18,8 @@ the first-tokens-of-each-chunk selector at the same budget, and the oracles, whi
   what a selector that could see the final layers would recompute;
 - "oracle-attn-<r>": the same deviation weighted by the attention the last token pays each token in the
   full prefill, layer by layer: the deviations the first token actually reads.
-Without --quick also ratios past 0.30 (where top-1 reaches 0.98) and other selections at 0.15 (VARIANTS_015).
+Without --quick also ratios past 0.30 (where top-1 reaches 0.98; the attention oracle at 0.5 and 0.7) and
+other selections at 0.15 (VARIANTS_015).
 Per config, the top-1 flips that are near ties (the reference's top two logits < NEAR_TIE apart) are
 counted, and top-1 agreement on the other prompts given. Progress goes to stderr; the last stdout line is
 the JSON summary. bench.blend runs the same fidelity() into blend.json's "fidelity".
@@ -137,6 +138,7 @@ def _configs(variants: bool, only: Sequence[str] | None) -> dict[str, dict[str, 
     configs.update({f"epic-{r:g}": {"ratio": r, "selector": "epic"} for r in EPIC_RATIOS})
     configs.update({f"{o}-{r:g}": {"ratio": r, "oracle": o} for o in ORACLES for r in ORACLE_RATIOS})
     if variants:
+        configs.update({f"oracle-attn-{r:g}": {"ratio": r, "oracle": "oracle-attn"} for r in CURVE_RATIOS[:2]})
         configs.update({f"0.15-{name}": {"ratio": 0.15, **opts} for name, opts in VARIANTS_015.items()})
     configs["0.15-no-chunk-prefix"] = {"ratio": 0.15, "chunk_prefix": ()}
     if only:
@@ -196,7 +198,8 @@ def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: st
             prefix = tuple(opts.pop("chunk_prefix", CHUNK_PREFIX))
             if prefix not in stores:  # one chunk KV store per chunk prefix (its model_id says which)
                 stores[prefix] = ChunkKVStore(store, model_id=Blender.kv_model_id(w, prefix))
-            blenders[name] = Blender(w, stores[prefix], chunk_prefix=prefix, **opts)
+            # one batched read per blend: fidelity times nothing, and the result is the same either way
+            blenders[name] = Blender(w, stores[prefix], chunk_prefix=prefix, overlap=False, **opts)
         for i, (ids, spans) in enumerate(all_prompts):
             ref = full_prefill(w, torch.tensor(ids))
             ref_seq = greedy_decode(w, ref.keys, ref.values, ref.logits, DECODE)
@@ -237,6 +240,48 @@ def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: st
     return out
 
 
+def _curve(fid: dict[str, Any], prefix: str) -> list[tuple[float, dict[str, Any]]]:
+    """(ratio, results) of the configs named "<prefix><ratio>", in ratio order."""
+    out = []
+    for name, res in fid.items():
+        rest = name.removeprefix(prefix)
+        if name.startswith(prefix) and rest.replace(".", "", 1).isdigit():
+            out.append((float(rest), res))
+    return sorted(out, key=lambda p: p[0])
+
+
+def plot_fidelity(fid: dict[str, Any], path: str) -> str:
+    """Top-1 agreement vs recompute ratio: the selectors, the oracles and the 0.98 target; 16-token
+    sequence agreement of the default selector beside them."""
+    import matplotlib  # noqa: PLC0415 - optional, plots only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for prefix, label, style in (("", "deviation on V (default)", "-o"), ("epic-", "first tokens (EPIC)", "-^"),
+                                 ("oracle-", "oracle: KV off most (final layers)", ":x"),
+                                 ("oracle-attn-", "oracle: KV off x last-token attention", ":D")):
+        pts = _curve(fid, prefix)
+        if pts and prefix:  # at ratio 0 every selection is pure reuse, at 1 a full prefill
+            pts = sorted(pts + [(r, fid[k]) for r, k in ((0.0, "0"), (1.0, "1")) if k in fid], key=lambda p: p[0])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1]["top1_agreement"] for p in pts], style, ms=4, label=f"{label}: top-1")
+    pts = _curve(fid, "")
+    ax.plot([p[0] for p in pts], [p[1]["seq_agreement"] for p in pts], "--s", ms=3, label="deviation on V: 16 tokens")
+    ax.axhline(0.98, color="grey", lw=0.8, ls="--", label="target 0.98 (top-1 at 0.15)")
+    ax.set_xlabel("recompute ratio (share of chunk tokens)")
+    ax.set_ylabel("agreement with full prefill")
+    setup = fid.get("_setup", {})
+    ax.set_title(f"{setup.get('model_dir', '')}, {setup.get('prompts', '?')} prompts", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def summary(fid: dict[str, Any]) -> dict[str, Any]:
     return {k: {m: round(v[m], 4) for m in ("top1_agreement", "seq_agreement", "kl")}
             for k, v in fid.items() if not k.startswith("_")}
@@ -267,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    variants=not args.quick, only=args.only.split(",") if args.only else None)
     doc = {"fidelity": fid, "command": command, "machine": machine_info(scratch), "torch": torch.__version__,
            "mode": "quick" if args.quick else "full"}
-    write_json(results_path(args, "blend_fidelity"), doc)
+    out = results_path(args, "blend_fidelity")
+    write_json(out, doc)
+    _say(f"plot: {plot_fidelity(fid, os.path.splitext(out)[0] + '.png')}")
     _say(f"reproduce: {command}")
     print(json.dumps(summary(fid)))
 
