@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import mmap
 import threading
@@ -22,7 +23,7 @@ from blockstore import hooks
 from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, block_file_name
 from blockstore.directory import Directory, Location
-from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument, NotFound, error_for_code
+from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument, IOErrorBS, NotFound, error_for_code
 from blockstore.keys import key_suffix
 from blockstore.records import PAGE, Buffer, ReadRequest
 
@@ -198,7 +199,7 @@ class Reader:
                     if not self.block_named(bid):
                         vanished.extend(idxs)  # compaction deleted it after our lookup: look again
                         continue
-                    if self.remote_name_of(bid) and self.fetch is not None:
+                    if self.remote_name_of(bid):
                         dropped.append((bid, idxs))  # the remote tier dropped its local copy: fetched below
                         continue
                     # The block table still names the block (a deletion leaves the table before its
@@ -228,6 +229,10 @@ class Reader:
                       dsts: list[memoryview | None], results: list[Any], lengths: bool) -> None:
         """The records `idxs` of a block whose local copy the remote tier dropped, from its object,
         verified as a local read is; a mismatch raises (or, on_corrupt="miss", leaves a miss)."""
+        if self.fetch is None:
+            raise IOErrorBS(errno.ENOENT, f"read of key {keys[idxs[0]]!r}: the local copy of block {bid:016x} was "
+                            f"dropped once its object {self.remote_name_of(bid)!r} was confirmed, and no remote tier "
+                            "is attached to read it (blockstore.remote.RemoteTier, or Store.set_block_fetcher)")
         verified = self._read_remote(bid, [locs[i] for i in idxs],  # type: ignore[misc]
                                      [dsts[i] for i in idxs])  # type: ignore[misc]
         for i, ok in zip(idxs, verified):
@@ -274,7 +279,10 @@ class Reader:
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
                 idxs.sort(key=lambda i: locs[i].offset)
-                if self.fetch is not None and self.remote_name_of(bid) and not self.blocks.exists(bid):
+                if self.remote_name_of(bid) and not self.blocks.exists(bid):
+                    if self.fetch is None:
+                        raise IOErrorBS(errno.ENOENT, f"block {bid:016x}'s local copy was dropped and no remote "
+                                        "tier is attached to read it")
                     verified = self._read_remote(bid, [locs[i] for i in idxs], [dsts[i] for i in idxs])
                     if not all(verified):
                         raise ChecksumMismatch(f"read of block {bid:016x} (from its remote copy): a payload does "

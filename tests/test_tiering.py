@@ -15,7 +15,7 @@ import pytest
 
 import blockstore
 from blockstore.directory import BLOCK_SEALED, BlockEntry
-from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument
+from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument, IOErrorBS
 from blockstore.tiering import RemoteNotConfirmed
 from blockstore.tools.fsck import check
 
@@ -101,8 +101,8 @@ def test_drop_local_copy_only_when_flagged_and_read_back_through_the_fetcher(tmp
         assert not s.has_local_copy(bid) and s.drop_local_copy(bid) == 0
         in_dropped = [k for k, loc in zip(vals, s.locate_many(list(vals))) if loc is not None and loc.block_id == bid]
         assert in_dropped
-        with pytest.raises(CorruptionError, match="missing"):
-            s.get_many(in_dropped)  # no fetcher attached: the file is missing, and says so
+        with pytest.raises(IOErrorBS, match="dropped .* no remote tier"):
+            s.get_many(in_dropped)  # no fetcher attached: says what happened and what to do
         s.set_block_fetcher(fetch)
         got = s.get_many(in_dropped)
         assert [bytes(g) for g in got] == [vals[k] for k in in_dropped]
