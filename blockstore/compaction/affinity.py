@@ -17,6 +17,7 @@ request into the groups it believes in, or join it with related keys, without ch
 
 from __future__ import annotations
 
+import heapq
 import struct
 import threading
 from collections.abc import Iterable, Sequence
@@ -221,6 +222,28 @@ class AffinityTracker:
                    for g in self._groups.values() if g.hits - g.hits_at_move >= min_hits]
             out.sort(key=self._score, reverse=True)
         return out
+
+    def ranked(self, limit: int, min_hits: float) -> list[tuple[Group, bool]]:
+        """The `limit` most valuable groups (copies), most valuable first, each with whether it is due
+        (requested `min_hits` times since its last rewrite); nothing when no group is due, so an idle
+        store's pass costs nothing here."""
+        with self._lock:
+            if not any(g.hits - g.hits_at_move >= min_hits for g in self._groups.values()):
+                return []
+            top = heapq.nlargest(limit, self._groups.values(), key=self._score)
+            return [(Group(g.gid, g.keys, g.hits, g.last, g.source, g.hits_at_move, g.nbytes),
+                     g.hits - g.hits_at_move >= min_hits) for g in top]
+
+    def settled(self, gids: Sequence[int], *, persist: bool) -> None:
+        """These groups were rewritten together (`persist`: remember it in the directory) or found
+        together already (kept in memory only: a pass that changed nothing writes nothing)."""
+        with self._lock:
+            for gid in gids:
+                g = self._groups.get(gid)
+                if g is not None:
+                    g.hits_at_move = g.hits
+                    if persist:
+                        self._dirty.add(gid)
 
     def moved(self, gid: int) -> None:
         with self._lock:

@@ -13,18 +13,18 @@ import logging
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks, metrics
-from blockstore.directory import DirectoryBatch
+from blockstore.directory import BLOCK_OPEN, BlockEntry, DirectoryBatch
 from blockstore.errors import BlockstoreError, StoreClosed
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 
-from . import gc, relocation
-from .affinity import AffinityJudge, AffinityTracker
+from . import clusters, gc, relocation
+from .affinity import AffinityJudge, AffinityTracker, Group
 from .policy import Policy, resolve
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ _COUNTERS = TAG_AFFINITY + b"#counters"  # not 8 bytes long: never mistaken for 
 # gc bytes, relocated bytes, blocks reclaimed, groups relocated, bytes of records read in observed requests
 _COUNTERS_FMT = struct.Struct("<QQQQQ")
 _COUNTERS_FMT_V1 = struct.Struct("<QQQQ")  # before read bytes were counted: they start at 0
-MAX_GROUPS_PER_PASS = 1024  # the most valuable due groups looked at per pass (bounds a pass's cost)
+MAX_GROUPS_PER_PASS = 1024  # the most valuable groups clustered per pass (bounds a pass's cost)
 
 
 @dataclass(slots=True)
@@ -139,8 +139,6 @@ class Compactor:
         self._flushed_counters: bytes | None = None  # the counters as the directory holds them
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)
-        # which group last rewrote each record (bounded, least recently claimed forgotten first)
-        self._claims: OrderedDict[bytes, int] = OrderedDict()
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
         self._idle_reads: deque[float] = deque(maxlen=_IDLE_READS)  # read seconds while no pass ran
         self._idle_since = time.perf_counter()
@@ -245,16 +243,18 @@ class Compactor:
 
     # ---- work ----
 
-    def budget_left(self, spent: int, fraction: float, *, reads: bool = False) -> float:
+    def budget_left(self, spent: int, fraction: float, *, reads: bool = False, relocated: bool = False) -> float:
         """What a budget of `fraction` x the bytes users put allows beyond `spent`; with `reads`, plus
         the policy's `relocation_read_budget` x the bytes observed requests read. Relocation's refills
         with reads as well as writes: a store that is read keeps earning moves, and a reopened store
         relocates again once it is read (with the writes alone, a read-mostly store spent its budget
-        once and relocated nothing after)."""
+        once and relocated nothing after). With `relocated` (GC's), the bytes relocation rewrote count
+        as put: every byte it moved left a dead one behind, which GC must be able to reclaim."""
         per_read = self.policy.relocation_read_budget if reads else 0.0
         if fraction == float("inf") or per_read == float("inf"):
             return float("inf")
-        return fraction * self.store.io_counters()[0] + per_read * self.read_bytes - spent
+        base = self.store.io_counters()[0] + (self.relocated_bytes if relocated else 0)
+        return fraction * base + per_read * self.read_bytes - spent
 
     def run_pass(self, *, dry_run: bool = False, pace: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> PassReport:
@@ -322,9 +322,19 @@ class Compactor:
 
     def _relocate(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
                   progress: Callable[[str, int, int], None] | None) -> None:
-        due = self.tracker.due(self.policy.min_hits)[:MAX_GROUPS_PER_PASS]
-        partitions = {e.block_id: e.partition for e in self.store.block_table()} if due else {}
-        for i, group in enumerate(due):
+        """Rewrite, most valuable first, each due cluster (clusters.py) that sits in more blocks than its
+        bytes need (plus the policy's slack) into one block, within the relocation budget."""
+        ranked = self.tracker.ranked(MAX_GROUPS_PER_PASS, self.policy.min_hits)
+        if not ranked:
+            return
+        keys = list(dict.fromkeys(k for g, _due in ranked for k in g.keys))
+        locs = {k: loc for k, loc in zip(keys, self.store.dir.get_locations(keys)) if loc is not None}
+        sizes = {k: loc.record_len for k, loc in locs.items()}
+        groups = {g.gid: g for g, _due in ranked}
+        due = {g.gid for g, is_due in ranked if is_due}
+        todo = [c for c in clusters.build(ranked, sizes, relocation.usable_bytes(self.store.block_size)) if c.due]
+        table = {e.block_id: e for e in self.store.block_table()} if todo else {}
+        for i, cluster in enumerate(todo):
             if self._stop.is_set():
                 return
             if pacer is not None:
@@ -332,38 +342,25 @@ class Compactor:
             spent = self.relocated_bytes + (rep.planned_bytes if dry_run else 0)
             left = self.budget_left(spent, self.policy.relocation_budget, reads=True)
             if left <= 0:
-                rep.skipped_budget += len(due) - i
+                rep.skipped_budget += len(todo) - i
                 return
             if progress is not None:
-                progress("relocate", i, len(due))
-            gid = group.gid
-
-            def claimed(key: bytes, gid: int = gid) -> bool:
-                return self._claims.get(key, gid) != gid
-
-            where = relocation.placement(self.store, group, claimed)
-            if where.blocks <= where.needed + self.policy.relocation_slack:
+                progress("relocate", i, len(todo))
+            where = relocation.layout([(k, locs[k]) for k in cluster.keys], self.store.block_size)
+            if not any(self._scattered(groups[gid], locs) for gid in cluster.gids if gid in due):
+                if not dry_run:
+                    self.tracker.settled(cluster.gids, persist=False)  # together already: not due again
                 continue
             if where.bytes > left:
                 rep.skipped_budget += 1
                 continue
-            rep.planned_groups.append(group.gid)
+            rep.planned_groups.append(cluster.gid)
             rep.planned_bytes += where.bytes
             if dry_run:
                 continue
-            if self.policy.copy_to == "partition":
-                home = relocation.main_block(where)
-                part = partitions.get(home, relocation.RELOCATION_PARTITION)
-            else:
-                part = relocation.RELOCATION_PARTITION
-            res = relocation.relocate(self.store, group, where, partition=part,
-                                      stragglers_only=self.policy.stragglers_only)
-            self.tracker.moved(group.gid)
-            for k, _loc in where.live:
-                self._claims[k] = gid
-                self._claims.move_to_end(k)
-            while len(self._claims) > self.policy.max_tracked_keys:
-                self._claims.popitem(last=False)
+            part, stragglers = self._destination(where, table)
+            res = relocation.relocate(self.store, cluster.gid, where, partition=part, stragglers_only=stragglers)
+            self.tracker.settled(cluster.gids, persist=True)
             self.relocated_bytes += res.moved_bytes
             self.groups_moved += 1
             rep.relocated_groups += 1
@@ -372,6 +369,30 @@ class Compactor:
             rep.lost_races += res.lost_race
             if pacer is not None:
                 pacer(res.moved_bytes)
+
+    def _scattered(self, group: Group, locs: dict[bytes, Location]) -> bool:
+        """Whether the group's live records sit in more blocks than their bytes need plus the slack: what
+        makes its cluster worth a rewrite. A cluster is judged by its requests, not as a whole: one whose
+        groups each read one block stays put however its records spread (rewriting it would buy no
+        request a block, and clusters that shift by a record would be rewritten pass after pass)."""
+        where = relocation.layout([(k, locs[k]) for k in group.keys if k in locs], self.store.block_size)
+        return where.blocks > where.needed + self.policy.relocation_slack
+
+    def _destination(self, where: relocation.GroupLayout, table: dict[int, BlockEntry]) -> tuple[bytes, bool]:
+        """Where a scattered cluster goes, and whether only its records outside its main block move. When
+        its main block is still open with room for the rest, the rest joins it there: a cluster that
+        gained a record since its last rewrite costs that record, not the cluster again. (Only when
+        that block holds most of it: else the whole cluster is rewritten, in sequence order.)"""
+        home = table.get(relocation.main_block(where))
+        part = relocation.RELOCATION_PARTITION
+        if self.policy.copy_to == "partition" and home is not None:
+            part = home.partition
+        if self.policy.stragglers_only:
+            return part, True
+        if home is None or home.state != BLOCK_OPEN or self.policy.copy_to != "partition":
+            return part, False
+        rest = sum(loc.record_len for _k, loc in where.live if loc.block_id != home.block_id)
+        return part, rest <= where.bytes - rest and rest <= self.store.block_size - home.data_end - 8192
 
     def _collect(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
                  progress: Callable[[str, int, int], None] | None) -> None:
@@ -389,7 +410,7 @@ class Compactor:
                 progress("gc", i, len(chosen))
             if gc.only_needed_tombstones(e, self._min_seqs):
                 continue
-            if e.live_bytes > self.budget_left(self.gc_bytes + planned_gc, self.policy.gc_budget):
+            if e.live_bytes > self.budget_left(self.gc_bytes + planned_gc, self.policy.gc_budget, relocated=True):
                 rep.skipped_budget += 1
                 continue
             rep.planned_victims.append(e.block_id)

@@ -1,16 +1,15 @@
-"""Affinity relocation: a group of records read together that sits in more blocks than its bytes need
-is rewritten together, in temporal (sequence) order, into the relocation stream, so the next request
-for it touches one block and reads one contiguous run. Records are taken out of any block, including
-ones GC would not pick; what they leave behind is dead space GC reclaims later.
-
-A record shared by several groups (a system prompt, a popular document, a hot file) has one copy: the
-first group to rewrite it claims it, and later groups leave it where it is. Otherwise each group's
-rewrite would pull it away from the last one, and relocation would never settle.
+"""Affinity relocation: a cluster of records read together (clusters.py: the tracker's groups merged
+into disjoint sets that fit one block) that sits in more blocks than its bytes need is rewritten
+together, in temporal (sequence) order, into one block of the relocation stream, so the next request
+for any of its groups touches one block and reads one contiguous run. Records are taken out of any
+block, including ones GC would not pick; what they leave behind is dead space GC reclaims later.
+Clusters are disjoint, so a record shared by several groups moves with the cluster they all joined
+and relocation never pulls a record back and forth between them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,8 +20,6 @@ from blockstore.records import BLOCK_HEADER_SIZE
 if TYPE_CHECKING:
     from blockstore.directory import Location
     from blockstore.store import Store
-
-    from .affinity import Group
 
 RELOCATION_PARTITION = b"\0compaction/relocate"
 
@@ -41,14 +38,22 @@ class GroupLayout:
         return self.blocks > self.needed
 
 
-def placement(store: Store, group: Group, claimed: Callable[[bytes], bool] | None = None) -> GroupLayout:
-    """The group's live records, leaving out those `claimed` says another group owns."""
-    locs = store.dir.get_locations(list(group.keys))
-    live = [(k, loc) for k, loc in zip(group.keys, locs)
-            if loc is not None and (claimed is None or not claimed(k))]
+def usable_bytes(block_size: int) -> int:
+    """What one block holds of record bytes, as relocation counts it (header and a margin left out)."""
+    return block_size - BLOCK_HEADER_SIZE - 8192
+
+
+def layout(live: list[tuple[bytes, Location]], block_size: int) -> GroupLayout:
+    """Where these live records are, and the least blocks their bytes need."""
     size = sum(loc.record_len for _k, loc in live)
-    usable = store.block_size - BLOCK_HEADER_SIZE - 8192
-    return GroupLayout(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable)), size)
+    return GroupLayout(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable_bytes(block_size))),
+                       size)
+
+
+def placement(store: Store, keys: Sequence[bytes]) -> GroupLayout:
+    """The live records of `keys` (looked up now) and where they are."""
+    locs = store.dir.get_locations(list(keys))
+    return layout([(k, loc) for k, loc in zip(keys, locs) if loc is not None], store.block_size)
 
 
 @dataclass(slots=True)
@@ -68,16 +73,16 @@ def main_block(where: GroupLayout) -> int:
     return max(per, key=lambda b: per[b])
 
 
-def relocate(store: Store, group: Group, where: GroupLayout, *, partition: bytes = RELOCATION_PARTITION,
+def relocate(store: Store, gid: int, where: GroupLayout, *, partition: bytes = RELOCATION_PARTITION,
              stragglers_only: bool = False) -> Relocated:
-    """Rewrite the group's live records together (one batch: one block unless it needs more) into
-    `partition`; with `stragglers_only`, only those outside its main block."""
-    res = Relocated(group.gid, blocks_before=where.blocks)
+    """Rewrite the live records of cluster `gid` together (one batch: one block unless it needs more)
+    into `partition`; with `stragglers_only`, only those outside its main block."""
+    res = Relocated(gid, blocks_before=where.blocks)
     live = sorted(where.live, key=lambda kl: kl[1].seq)  # temporal order inside the group
     if stragglers_only:
         home = main_block(where)
         live = [(k, loc) for k, loc in live if loc.block_id != home]
-    hooks.fire("compact.scan", "relocate", group.gid, len(live))
+    hooks.fire("compact.scan", "relocate", gid, len(live))
     # hold the sources: a writer may empty one meanwhile, and the engine would delete it under us
     with store.hold_blocks([loc.block_id for _k, loc in live]):
         try:
@@ -94,10 +99,10 @@ def relocate(store: Store, group: Group, where: GroupLayout, *, partition: bytes
             except NotFound:
                 res.lost_race += len(live)
                 return res
-        hooks.fire("compact.copy", "relocate", group.gid, len(live))
+        hooks.fire("compact.copy", "relocate", gid, len(live))
         done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
                                    partition=partition, together=True)
-    hooks.fire("compact.repoint", "relocate", group.gid, sum(done))
+    hooks.fire("compact.repoint", "relocate", gid, sum(done))
     for (_k, loc), ok in zip(live, done):
         if ok:
             res.moved += 1

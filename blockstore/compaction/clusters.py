@@ -1,0 +1,99 @@
+"""Clusters: the tracker's co-access groups merged into disjoint sets of records that fit one block.
+
+Relocating each learned group on its own (the first design) left most locality on the table wherever
+requests overlap (issue 16: SWE, LMCache-shaped, shared documents, mixed sessions reached 0.84-1.11 of
+append-only against floors of 0.27-0.36): a record read by several groups could be in only one of
+them, so each group's rewrite either pulled it away from the last one or, with first-claim-wins,
+left every later group spread over the claimant's block and its own.
+
+Here groups are merged greedily, the most valuable first (hits decayed by age, the tracker's score),
+while the merged set's live bytes still fit one block: groups that share records, and groups that
+share records with those, end up in one cluster, so the records they read land in one block together,
+whichever of them comes next. A group too big to join its neighbours brings its new records to the
+cluster holding most of its records if they fit, else starts a cluster of its own. Every record
+belongs to at most one cluster, so relocation never fights over a record, and a cluster already in
+one block is left alone: placement settles instead of churning.
+
+Nothing here depends on a workload's shape: the only size is the block's usable bytes (what the
+offline floor in bench/compaction.py counts as one block), and the only order is the tracker's score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .affinity import Group
+
+
+@dataclass(slots=True, eq=False)
+class Cluster:
+    """Records to keep in one block: `keys` in the order their groups joined (the hottest first)."""
+
+    gid: int  # the id of its most valuable group (names the cluster in hooks and logs)
+    keys: list[bytes] = field(default_factory=list)
+    gids: list[int] = field(default_factory=list)  # every group merged into it
+    nbytes: int = 0
+    due: bool = False  # one of its groups was requested min_hits times since it was last rewritten
+
+
+def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capacity: int) -> list[Cluster]:
+    """Disjoint clusters of at most `capacity` live bytes from (group, due) pairs, most valuable first;
+    `sizes` holds each live record's length (records without one are gone and left out). Clusters of
+    fewer than two records are dropped: one record is always in one block."""
+    owner: dict[bytes, Cluster] = {}
+    made: list[Cluster] = []
+    degree: Counter[bytes] = Counter(k for g, _due in groups for k in set(g.keys))
+    # records several groups read are clustered first, then each group whole: a record many requests
+    # share (a popular document, a system prompt, a core file) is placed with the others they share, not
+    # in whichever private cluster happened to be hottest, and every sharer then finds it in one place;
+    # a group's private records join its shared ones where they fit
+    parts = [(g, due, [k for k in dict.fromkeys(g.keys) if k in sizes and degree[k] > 1]) for g, due in groups]
+    parts += [(g, due, [k for k in dict.fromkeys(g.keys) if k in sizes]) for g, due in groups]
+    for g, due, live in parts:
+        if len(live) < 2:
+            continue
+        homes = list({id(owner[k]): owner[k] for k in live if k in owner}.values())
+        new = [k for k in live if k not in owner]
+        add = sum(sizes[k] for k in new)
+        target: Cluster | None
+        if sum(c.nbytes for c in homes) + add <= capacity:
+            target = homes[0] if homes else _new(g.gid, made)
+            for other in homes[1:]:
+                _merge(target, other, owner)
+        else:
+            # the group spans more than a block: its new records join the cluster that holds most of
+            # its records if they fit there, else they form their own cluster
+            best = max(homes, key=lambda c: sum(owner.get(k) is c for k in live), default=None)
+            if best is not None and best.nbytes + add <= capacity:
+                target = best
+            elif len(new) >= 2 and add <= capacity:
+                target = _new(g.gid, made)
+            else:
+                continue
+        for k in new:
+            owner[k] = target
+            target.keys.append(k)
+        target.nbytes += add
+        target.gids.append(g.gid)
+        target.due = target.due or due
+    return [c for c in made if c.keys and len(c.keys) >= 2]
+
+
+def _new(gid: int, made: list[Cluster]) -> Cluster:
+    c = Cluster(gid)
+    made.append(c)
+    return c
+
+
+def _merge(into: Cluster, other: Cluster, owner: dict[bytes, Cluster]) -> None:
+    for k in other.keys:
+        owner[k] = into
+    into.keys += other.keys
+    into.gids += other.gids
+    into.nbytes += other.nbytes
+    into.due = into.due or other.due
+    other.keys, other.gids, other.nbytes = [], [], 0  # emptied: dropped from build's result
