@@ -56,7 +56,7 @@ from bench.ceilings import MiB, Payloads, raw_read, raw_write
 from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
 from bench.report import machine_line, reproduce_line
 from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, greedy_decode
-from blockstore.blend.chunk_kv import DEFAULT_READERS
+from blockstore.blend.chunk_kv import DEFAULT_READERS, LayerStream
 from blockstore.reader import aligned_buffer
 
 RATIOS = (0.0, 0.05, 0.15, 0.30, 1.0)
@@ -78,6 +78,7 @@ QUESTIONS = (
 CHUNK_TOKENS = 512
 CHUNK_PREFIX = (0,)  # <s>: fidelity's chunk KV is computed after it (Blender's chunk_prefix)
 SUFFIX_TOKENS = 32
+PIECES_TRIED = (2, 4)  # besides the loader's default (LayerStream.PIECES): a diagnostic of the warm blend
 
 
 def _say(msg: str) -> None:
@@ -251,6 +252,16 @@ def _h2d_ceiling(nbytes: int, device: torch.device) -> float | None:
     return nbytes / (time.perf_counter() - t0)
 
 
+def _with_pieces(pieces: int, fn: Callable[[], Any]) -> Any:
+    """fn() with the layer loader cutting each layer into `pieces` reads (LayerStream.PIECES)."""
+    default = getattr(LayerStream, "PIECES", 1)
+    LayerStream.PIECES = pieces
+    try:
+        return fn()
+    finally:
+        LayerStream.PIECES = default
+
+
 def _stream_all(kv: ChunkKVStore, cids: Sequence[bytes], device: torch.device, first_layer: int) -> None:
     """The warm blend's loads alone: every layer from `first_layer` through the layer-by-layer loader
     to the device, no compute (what the loader moves when nothing waits on it)."""
@@ -347,11 +358,12 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     locs = store.locate_many([kv.layer_key(c, i) for c in cids for i in range(w.config.num_hidden_layers)], ns=kv.ns)
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
     one_reader = Blender(w, kv, ratio=0.15, readers=1)
+    four_readers = Blender(w, kv, ratio=0.15, readers=4)
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
-    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_cold",
+    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_4readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
-                                                    "h2d_Bps")}
+                                                    "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
     threads = max(1, min(DEFAULT_READERS, pieces))
@@ -364,6 +376,10 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
         runs["blend_warm"].append(timed(lambda: last.update(warm=blend.blend(prompt, spans=spans))))
         runs["blend_warm_1reader"].append(timed(lambda: one_reader.blend(prompt, spans=spans)))
+        runs["blend_warm_4readers"].append(timed(lambda: four_readers.blend(prompt, spans=spans)))
+        for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
+            runs[f"blend_warm_pieces{pieces}"].append(
+                timed(lambda n=pieces: _with_pieces(n, lambda: blend.blend(prompt, spans=spans))))  # type: ignore[misc]
         store.drop_page_cache()
         runs["blend_cold"].append(timed(lambda: last.update(cold=blend.blend(prompt, spans=spans))))
         store.drop_page_cache()

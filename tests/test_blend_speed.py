@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import blockstore
-from blockstore.blend import ChunkKVStore, LlamaConfig, LlamaWeights, compute, full_prefill
+from blockstore.blend import ChunkKVStore, LayerStream, LlamaConfig, LlamaWeights, compute, full_prefill
 from blockstore.blend.compute import apply_rope, attend, position_mask, qkv, rms_norm, rope_cos_sin, rotate
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
@@ -113,6 +113,7 @@ def test_the_layer_loader_reads_token_ids_and_positions_once_and_layers_in_piece
             return real(keys, locs, **kw)
 
         monkeypatch.setattr(store, "read_located", counting)
+        monkeypatch.setattr(LayerStream, "PIECES", 2)  # two chunks: one read each
         stream = kv.stream_layers(cids, first_layer=1, readers=2)
         try:
             for layer in range(1, CFG.num_hidden_layers):

@@ -284,7 +284,8 @@ class LayerStream:
     layer is ready for the caller only when its bytes are on the device: the caller never waits on the
     GPU for it. Token ids and positions (the M records) are read once."""
 
-    PIECES = 4
+    PIECES = 1  # measured on H100 hosts (bench.blend, blend_warm_pieces*): more pieces mean more reader
+    # Python between C reads, which the GIL takes from the compute thread; 1 was the fastest warm blend
 
     def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
                  first_layer: int = 0, readers: int | None = None) -> None:

@@ -75,16 +75,17 @@ def _rope_of(positions: torch.Tensor, head_dim: int, theta: float,
     rotates by the same)."""
     def make() -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope_cos_sin(positions, head_dim, theta)
-        return cos.to(dtype), _signed_sin(sin).to(dtype)
+        return cos.to(dtype)[:, None, :], _signed_sin(sin).to(dtype)[:, None, :]
     return _ROPE.get((positions,), (head_dim, theta, dtype), make)  # type: ignore[return-value]
 
 
 def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, in x's dtype (cos, signed_sin already in it): three kernels.
-    Hugging Face's Llama and vLLM's rotary kernel also rotate a bf16 model's q and k in bf16."""
+    """x * cos + rotate_half(x) * sin, in x's dtype (cos, signed_sin [n, 1, head_dim], already in it):
+    three kernels. Hugging Face's Llama and vLLM's rotary kernel also rotate a bf16 model's q and k
+    in bf16."""
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos[:, None, :], swapped, signed_sin[:, None, :])
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     in x's dtype. A blend re-rotates every layer's cached K by the same angles, so the tables in x's
     dtype (and the signed sin) are made once per (cos, sin) pair."""
     def make() -> tuple[torch.Tensor, torch.Tensor]:
-        return cos.to(x.dtype), _signed_sin(sin).to(x.dtype)
+        return cos.to(x.dtype)[:, None, :], _signed_sin(sin).to(x.dtype)[:, None, :]
     tables: tuple[torch.Tensor, torch.Tensor] = _ROPE.get((cos, sin), ("signed", x.dtype), make)  # type: ignore[assignment]
     return _rotate_signed(x, *tables)
 
@@ -116,8 +117,8 @@ def qkv(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor,
     c = w.config
     x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
     n, q_width = x.shape[0], c.num_attention_heads * c.head_dim
-    qk = x @ layer.qk_proj.T
-    v = (x @ layer.v_proj.T).view(n, c.num_key_value_heads, c.head_dim)
+    qk = F.linear(x, layer.qk_proj)  # x @ W.T in one op
+    v = F.linear(x, layer.v_proj).view(n, c.num_key_value_heads, c.head_dim)
     cos, signed_sin = _rope_of(positions, c.head_dim, c.rope_theta, x.dtype)
     q = _rotate_signed(qk[:, :q_width].view(n, c.num_attention_heads, c.head_dim), cos, signed_sin)
     k = _rotate_signed(qk[:, q_width:].view(n, c.num_key_value_heads, c.head_dim), cos, signed_sin)
@@ -204,7 +205,7 @@ def finish_layer(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor, att
     matmul, each residual add fused into its matmul)."""
     h = torch.addmm(hidden, attn, layer.o_proj.T)
     x = rms_norm(h, layer.post_norm, w.config.rms_norm_eps)
-    gate, up = (x @ layer.gate_up_proj.T).chunk(2, dim=-1)
+    gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)
     return torch.addmm(h, F.silu(gate) * up, layer.down_proj.T)
 
 
