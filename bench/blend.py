@@ -5,31 +5,29 @@ prefill and prefix-only reuse, with the chunk KV read through the store warm and
     python -m bench.blend --speed-only --device cuda --shape llama-8b --machine h100 --json OUT.json
     python -m bench.blend --merge OUT.json               # put a GPU run's "ttft" entry into blend.json
 
-Fidelity: prompts of 3-5 held-out chunks (jobs.trained_model.heldout_chunks) in shuffled orders, joined by
-a blank line, after <s>, with a question-like suffix; chunk KV is computed once per chunk (on its own
-after <s>, at positions 1..n; "0.15-no-chunk-prefix": without <s>, at 0..n-1) and stored; each prompt is blended from the store with explicit spans and compared
-with its full prefill: first-token top-1 agreement, 16-token greedy sequence agreement (decoded with
-the same forward from the blended KV: all 16 tokens equal), prefix agreement (how many of the 16 tokens
-agree before the first difference, as a share of 16), and KL(full || blended) of the first token, at each ratio for the deviation selector and, as
-"epic-<ratio>", for the first-tokens-of-each-chunk selector at the same budget; without --quick also
-ratios 0.5-0.85 (where top-1 reaches 0.98) and other selections at 0.15 ("0.15-k": CacheBlend's deviation
-on K, "0.15-kv", "0.15-sink2", "0.15-check2", ...). Per config, the top-1 flips that are near ties (the
-reference's top two logits < NEAR_TIE apart) are counted, and top-1 agreement on the other prompts given.
+Fidelity: bench.blend_fidelity.fidelity (see its docstring: prompts, metrics, the selectors and the
+offline oracles).
 
 Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LENGTH tokens made of
 512-token chunks and a 32-token suffix, chunk KV stored beforehand (os.sync after). Per repeat, in
-this order: full prefill; blend at 0.15 with the chunk KV already on the device (hot: a memory tier in front
-of the store, read once before the repeats); blend at 0.15 with the store's files in the page cache (warm; also with one
-loader thread instead of chunk_kv.DEFAULT_READERS: what parallel reads buy) and after
-Store.drop_page_cache() (cold), both with the layer-by-layer loader; cold without it (one batched read,
-then compute: what the overlap buys); prefix-only reuse (the first chunk reused in place, everything
-after it computed: what a prefix cache gives the same prompt); the load alone, warm and cold (request
-to all chunk KV in memory, ChunkKVStore.load_many); and the disk's cold read ceiling
-(bench.ceilings.raw_read of a file of the same size). The floor a cold blend cannot beat is KV bytes /
-that ceiling. The warm floor: the bytes the warm blend reads, read from a file in the page cache by the
-same number of threads, no store (the page cache's read ceiling), plus the hot blend's compute;
-warm_floor_speedup = full prefill / that. Medians over repeats, with the spread. Progress goes to stderr; the last stdout line is
-the JSON summary.
+this order: full prefill; blend at 0.15 with the chunk KV already on the device (hot: a memory tier in
+front of the store, read once before the repeats); blend at 0.15 with the store's files in the page
+cache (warm; also with 1 and 4 loader threads instead of chunk_kv.DEFAULT_READERS, and with each layer
+read in 2 and 4 pieces: diagnostics of the loader) and after Store.drop_page_cache() (cold), both with
+the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
+prefix-only reuse (the first chunk reused in place, everything after it computed: what a prefix cache
+gives the same prompt); the load alone, warm and cold (request to all chunk KV in memory,
+ChunkKVStore.load_many) and the layer loader alone, warm (stream_warm: every layer from the check
+layer to the device, no compute); and three ceilings: the disk's cold read (bench.ceilings.raw_read of a
+file of the same size), the page cache's (the bytes the warm blend reads, from a cached file into
+page-aligned memory by the loader's thread count, no store) and host->GPU (one pinned copy of those
+bytes). The floor a cold blend cannot beat is KV bytes / the disk ceiling. The warm floor is the best
+any design could do warm on that machine, loads overlapped with compute layer by layer: the slowest of
+(read at the page-cache ceiling, host->GPU at the pinned ceiling, the hot blend's compute);
+warm_floor_speedup = full prefill / that (warm_floor_serial_*: the three one after another).
+--profile adds, per length, one hot blend under torch.profiler (wall vs summed kernel time, kernel and
+op counts, the top kernels) and the masked attention call timed with each SDPA backend. Medians over
+repeats, with the spread. Progress goes to stderr; the last stdout line is the JSON summary.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import shlex
 import statistics
 import sys
@@ -49,135 +46,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import blockstore
+from bench.blend_fidelity import fidelity, plot_fidelity
 from bench.ceilings import MiB, Payloads, raw_read, raw_write
 from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
 from bench.report import machine_line, reproduce_line
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, greedy_decode
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill
 from blockstore.blend.chunk_kv import DEFAULT_READERS, LayerStream
 from blockstore.reader import aligned_buffer
 
-RATIOS = (0.0, 0.05, 0.15, 0.30, 1.0)
-EPIC_RATIOS = (0.05, 0.15, 0.30)
-CURVE_RATIOS = (0.5, 0.7, 0.85)  # past 0.30: where top-1 agreement reaches the 0.98 target
-# other selections at the 0.15 budget (name suffix -> Blender options; the plain ratios use Blender's
-# defaults: deviation on V, check layer 1): CacheBlend's deviation on K, K and V together, two attention
-# sinks per chunk inside the budget, and later check layers
-VARIANTS_015: dict[str, dict[str, Any]] = {"k": {"deviation": "k"}, "kv": {"deviation": "kv"}, "sink2": {"sink_tokens": 2},
-                "check2": {"check_layer": 2}, "check3": {"check_layer": 3}, "k-check3": {"deviation": "k", "check_layer": 3}}
-NEAR_TIE = 0.5  # logits: a reference whose top two first tokens are closer than this is a near tie
-DECODE = 16
-QUESTIONS = (
-    "\n\nQuestion: What is the main point of the text above?\nAnswer:",
-    "\n\nQ: Which of the passages above explains how to use something, and how?\nA:",
-    "\n\nSummarize the passages above in one sentence:\n",
-    "\n\nQuestion: What does the second passage say?\nAnswer: The second passage",
-)
 CHUNK_TOKENS = 512
-CHUNK_PREFIX = (0,)  # <s>: fidelity's chunk KV is computed after it (Blender's chunk_prefix)
 SUFFIX_TOKENS = 32
 PIECES_TRIED = (2, 4)  # besides the loader's default (LayerStream.PIECES): a diagnostic of the warm blend
 
 
 def _say(msg: str) -> None:
     print(f"[blend {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------- fidelity
-
-
-def _prompts(model_dir: str, n: int, seed: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    from jobs.trained_model import heldout_chunks, load_tokenizer  # noqa: PLC0415 - the model folder is optional
-
-    tok = load_tokenizer(model_dir)
-    pool = heldout_chunks(max(40, n // 4), 128, seed, model_dir)
-    join = tok.encode("\n\n").ids
-    questions = [tok.encode(q).ids for q in QUESTIONS]
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ids, spans = [0], []  # <s>
-        for c in rng.sample(pool, rng.randint(3, 5)):  # a random subset in a random order
-            spans.append((len(ids), len(ids) + len(c)))
-            ids += list(c) + join
-        out.append((ids[: -len(join)] + rng.choice(questions), spans))
-    return out
-
-
-def _is_ratio(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: str = "cpu",
-             variants: bool = True) -> dict[str, Any]:
-    """`variants`: also the ratios past 0.30 and the other selections at 0.15 (--quick leaves them out)."""
-    w = LlamaWeights.from_pretrained(model_dir, device=device)  # float32 on any device
-    if device == "cpu":  # an 11 M model's ops are too small for two threads to pay (2x slower on a busy VM)
-        torch.set_num_threads(1)
-    prompts = _prompts(model_dir, n_prompts, seed)
-    configs: dict[str, dict[str, Any]] = {f"{r:g}": {"ratio": r} for r in RATIOS + (CURVE_RATIOS if variants else ())}
-    configs.update({f"epic-{r:g}": {"ratio": r, "selector": "epic"} for r in EPIC_RATIOS})
-    if variants:
-        configs.update({f"0.15-{name}": {"ratio": 0.15, **opts} for name, opts in VARIANTS_015.items()})
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
-    rows["0.15-no-chunk-prefix"] = []
-    t0 = time.perf_counter()
-    with blockstore.open(os.path.join(scratch, "fidelity-store")) as store:
-        # chunks are computed after <s> (CHUNK_PREFIX), as the prompt's own chunks are read after it
-        kv = ChunkKVStore(store, model_id=Blender.kv_model_id(w, CHUNK_PREFIX))
-        blenders = {name: Blender(w, kv, chunk_prefix=CHUNK_PREFIX, **opts) for name, opts in configs.items()}
-        blenders["0.15-no-chunk-prefix"] = Blender(w, ChunkKVStore(store, model_id=w.model_id), ratio=0.15)
-        for i, (ids, spans) in enumerate(prompts):
-            ref = full_prefill(w, torch.tensor(ids))
-            ref_seq = greedy_decode(w, ref.keys, ref.values, ref.logits, DECODE)
-            ref_logp = F.log_softmax(ref.logits, -1)
-            top2 = ref.logits.topk(2).values
-            margin = float(top2[0] - top2[1])
-            for name, blender in blenders.items():
-                res = blender.blend(ids, spans=spans)
-                seq = greedy_decode(w, res.keys, res.values, res.logits, DECODE, until_differs=ref_seq)
-                logp = F.log_softmax(res.logits, -1)
-                rows[name].append({
-                    "top1": float(seq[0] == ref_seq[0]),
-                    "seq": float(seq == ref_seq),
-                    "tokens": next((i for i, (a, b) in enumerate(zip(seq, ref_seq)) if a != b), len(seq)) / DECODE,
-                    "kl": float((ref_logp.exp() * (ref_logp - logp)).sum()),
-                    "recomputed_share": len(res.recomputed) / len(ids),
-                    "margin": margin, "ref_p1": float(ref_logp.max().exp()),
-                })
-            if (i + 1) % 10 == 0:
-                _say(f"fidelity {i + 1}/{len(prompts)} prompts ({time.perf_counter() - t0:.0f} s)")
-    out: dict[str, Any] = {}
-    for name, got in rows.items():
-        decided = [r["top1"] for r in got if r["margin"] >= NEAR_TIE]
-        out[name] = {
-            "top1_agreement": statistics.fmean(r["top1"] for r in got),
-            # the same, on the prompts whose reference is not a near tie (a flip there needs a real error)
-            "top1_agreement_decided": statistics.fmean(decided) if decided else None,
-            "top1_misses_near_tie": sum(1 for r in got if not r["top1"] and r["margin"] < NEAR_TIE),
-            "top1_misses": sum(1 for r in got if not r["top1"]),
-            "seq_agreement": statistics.fmean(r["seq"] for r in got),
-            "prefix_agreement": statistics.fmean(r["tokens"] for r in got),
-            "kl": statistics.fmean(r["kl"] for r in got),
-            "kl_median": statistics.median(r["kl"] for r in got),
-            "recomputed_share": statistics.fmean(r["recomputed_share"] for r in got),
-            "prompts": len(got),
-        }
-    out["_setup"] = {"model_dir": os.path.relpath(model_dir, REPO), "model_id": w.model_id, "prompts": len(prompts),
-                     "mean_prompt_tokens": statistics.fmean(len(p[0]) for p in prompts),
-                     "chunks_per_prompt": "3-5", "tokens_per_chunk": "64-128", "decode_tokens": DECODE,
-                     "device": str(w.device), "dtype": str(w.dtype), "chunk_prefix": list(CHUNK_PREFIX),
-                     "near_tie_logits": NEAR_TIE,
-                     "near_tie_share": statistics.fmean(r["margin"] < NEAR_TIE for r in rows["1"]),
-                     "reference_top1_prob_median": statistics.median(r["ref_p1"] for r in rows["1"]),
-                     "seconds": time.perf_counter() - t0}
-    return out
 
 
 # ----------------------------------------------------------------------------------------- speed
@@ -478,22 +363,8 @@ def plot(doc: dict[str, Any], stem: str) -> list[str]:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     written = []
-    fid = {k: v for k, v in doc.get("fidelity", {}).items() if not k.startswith("_")}
-    if fid:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for prefix, label in (("", "deviation (CacheBlend)"), ("epic-", "first tokens (EPIC)")):
-            pts = sorted((float(k.removeprefix(prefix)), v) for k, v in fid.items()
-                         if k.startswith("epic-") == bool(prefix) and _is_ratio(k.removeprefix(prefix)))
-            for metric, style in (("top1_agreement", "-o"), ("seq_agreement", "--s")):
-                ax.plot([p[0] for p in pts], [p[1][metric] for p in pts], style, label=f"{label}: {metric}")
-        ax.set_xlabel("recompute ratio")
-        ax.set_ylabel("agreement with full prefill")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(f"{stem}_fidelity.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+    if any(not k.startswith("_") for k in doc.get("fidelity", {})):  # bench.blend_fidelity draws it
+        written.append(plot_fidelity(doc["fidelity"], f"{stem}_fidelity.png"))
     ttft = doc.get("ttft", {})
     if ttft:
         fig, axes = plt.subplots(1, len(ttft), figsize=(5 * len(ttft), 4), squeeze=False)
