@@ -15,11 +15,15 @@ The rule is the KV-reuse seed's: value = relevance x recency x reuse - size.
   record never read (reuse 0) always has a negative value.
 
 Eviction walks the log oldest block first (a log-structured cache: space comes back a whole block at a time,
-without GC). Each record of the oldest block is either deleted (value <= 0) or, if worth keeping, moved to the
-head of the log with the store's compare-and-swap relocation (a concurrent write or delete wins), which is
-what frees the block while keeping what is read. A block left with only tombstones is reclaimed here too: its
-tombstones are dropped when no other block can hold anything older (the rule compaction's GC uses), else
-carried to the head. So the disk stays within capacity with any compaction setting, including none.
+without GC). Each record of the oldest block is either deleted (value <= 0) or, if worth keeping, written again
+at the head of the log (a put of the same bytes with a new sequence number, the key claimed as a store claims it,
+so a concurrent store or delete is left to it); then the emptied blocks go with the keys still in them in one
+engine call (`Store.evict_blocks`: one synced directory write, no tombstones, safe because the engine removes a
+key only when no block that stays can hold an older record of it). A kept record is not relocated with its old
+sequence number: such a copy would hold that floor down and every later block would need tombstones. A block
+the engine refuses loses its keys to tombstones (a delete), and once it holds only tombstones they are dropped
+when no other block can hold anything older (the rule compaction's GC uses), else carried to the head. So
+the disk stays within capacity with any compaction setting, including none.
 
 Memory: the statistics are kept for at most HOT_KEYS keys (least recently read dropped first: those are the
 ones eviction takes anyway); keys evicted unread are remembered in a bounded ghost set (their hash only), so a

@@ -29,8 +29,9 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
 - `delete` (LMCache's eviction, HTTP) skips locked keys and never raises; removals are reported with
   the sizes that were stored. With `capacity_bytes` > 0 the adapter also keeps its own budget, by
   value (`eviction.py`: relevance x recency x reuse - size): a store that would overflow it empties
-  the oldest blocks, deleting each record or moving it to the head of the log if it is worth keeping,
-  so the space comes back a whole block at a time with any compaction setting: block files stay
+  the oldest blocks, deleting each record or writing it again at the head of the log if it is worth
+  keeping, and removes the emptied blocks with their keys in one engine call (`Store.evict_blocks`, no
+  tombstones), so the space comes back a whole block at a time with any compaction setting: block files stay
   within capacity_bytes + RECORD_FRAMING (8 KiB) per record + (open blocks + 1) x block_size, blocks
   holding locked keys aside (never evicted). Settings that cannot keep this are refused: a capacity
   below one block, compaction with an unbounded copy budget. Optional admission: a key is stored on
@@ -821,9 +822,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         for ns, items in keep.items():
             for k in self._rewrite_at_head(ns, items):  # not kept after all: it goes with its block
                 drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
+        emptied_ids = {e.block_id for e in emptied}
         deleted, refused = self._evict_emptied([e.block_id for e in emptied], drop)
         for bid, by_ns in drop.items():  # held or refused blocks: their deleted keys need tombstones
-            if bid in refused or bid not in {e.block_id for e in emptied}:
+            if bid in refused or bid not in emptied_ids:
                 for keys in by_ns.values():
                     deleted += len(self._delete_marked(keys)[0])
         # refused blocks that hold nothing live now and keep their tombstones: those go as compaction's GC
