@@ -12,7 +12,7 @@ Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LEN
 512-token chunks and a 32-token suffix, chunk KV stored beforehand (os.sync after). Per repeat, in
 this order: full prefill; blend at 0.15 with the chunk KV already on the device (hot: a memory tier in
 front of the store, read once before the repeats); blend at 0.15 with the store's files in the page
-cache (warm; also with 1 and 4 loader threads instead of chunk_kv.DEFAULT_READERS, and with each layer
+cache (warm; also with 1 and 8 loader threads instead of chunk_kv.DEFAULT_READERS, and with each layer
 read in 2 and 4 pieces: diagnostics of the loader) and after Store.drop_page_cache() (cold), both with
 the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
 prefix-only reuse (the first chunk reused in place, everything after it computed: what a prefix cache
@@ -20,7 +20,7 @@ gives the same prompt); the load alone, warm and cold (request to all chunk KV i
 ChunkKVStore.load_many) and the layer loader alone, warm (stream_warm: every layer from the check
 layer to the device, no compute); and three ceilings: the disk's cold read (bench.ceilings.raw_read of a
 file of the same size), the page cache's (the bytes the warm blend reads, from a cached file into
-page-aligned memory by the loader's thread count, no store) and host->GPU (one pinned copy of those
+page-aligned memory by up to 8 threads, no store) and host->GPU (one pinned copy of those
 bytes). The floor a cold blend cannot beat is KV bytes / the disk ceiling. The warm floor is the best
 any design could do warm on that machine, loads overlapped with compute layer by layer: the slowest of
 (read at the page-cache ceiling, host->GPU at the pinned ceiling, the hot blend's compute);
@@ -243,15 +243,17 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     locs = store.locate_many([kv.layer_key(c, i) for c in cids for i in range(w.config.num_hidden_layers)], ns=kv.ns)
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
     one_reader = Blender(w, kv, ratio=0.15, readers=1)
-    four_readers = Blender(w, kv, ratio=0.15, readers=4)
+    eight_readers = Blender(w, kv, ratio=0.15, readers=8)
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
-    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_4readers", "blend_cold",
+    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_8readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
-    threads = max(1, min(DEFAULT_READERS, pieces))
+    # the page-cache ceiling's threads: at least the loader's, up to 8 (a floor must not be set low by
+    # reading with fewer threads than the machine could use)
+    threads = max(1, min(max(DEFAULT_READERS, min(8, os.cpu_count() or 1)), pieces))
     read_bytes = kv_bytes * pieces // w.config.num_hidden_layers
     last: dict[str, Any] = {}
     timed(lambda: blend.blend(prompt, spans=spans))  # warm-up: kernels, allocator, page cache
@@ -261,7 +263,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
         runs["blend_warm"].append(timed(lambda: last.update(warm=blend.blend(prompt, spans=spans))))
         runs["blend_warm_1reader"].append(timed(lambda: one_reader.blend(prompt, spans=spans)))
-        runs["blend_warm_4readers"].append(timed(lambda: four_readers.blend(prompt, spans=spans)))
+        runs["blend_warm_8readers"].append(timed(lambda: eight_readers.blend(prompt, spans=spans)))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
             runs[f"blend_warm_pieces{pieces}"].append(
                 timed(lambda n=pieces: _with_pieces(n, lambda: blend.blend(prompt, spans=spans))))  # type: ignore[misc]

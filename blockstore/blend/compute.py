@@ -83,9 +83,9 @@ def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor)
     """x * cos + rotate_half(x) * sin, in x's dtype (cos, signed_sin [n, 1, head_dim], already in it):
     three kernels. Hugging Face's Llama and vLLM's rotary kernel also rotate a bf16 model's q and k
     in bf16."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, signed_sin)
+    # roll: one op where slicing both halves and a cat are three (each op costs the CPU ~10-20 us on a
+    # GPU host, where a blend's later layers are bound by issuing ops)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -136,22 +136,28 @@ def _folded_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, group: int, dtype: to
     per (q_pos, k_pos) pair, the same in every layer of a blend."""
     def make() -> torch.Tensor:
         allowed = position_mask(q_pos.repeat(group), k_pos)
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return bias[None, None]  # [1, 1, rows, keys]: as SDPA takes it
     return _MASKS.get((q_pos, k_pos), (group, dtype), make)  # type: ignore[return-value]
 
 
 def _fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """q [n, heads, d] -> [kv_heads, group * n, d]: the query heads that share a KV head become more
+    """q [n, heads, d] -> [1, kv_heads, group * n, d]: the query heads that share a KV head become more
     query rows of that head (query head h uses KV head h // group, as repeat_interleave pairs them),
     so grouped-query attention needs no copy of K and V per query head."""
     n, heads, d = q.shape
-    return q.view(n, kv_heads, heads // kv_heads, d).permute(1, 2, 0, 3).reshape(kv_heads, -1, d)
+    return q.view(n, kv_heads, heads // kv_heads, d).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, d)
 
 
 def _unfold(out: torch.Tensor, n: int) -> torch.Tensor:
-    """_fold's inverse on the attention output: [kv_heads, group * n, d] -> [n, heads * d]."""
-    kv_heads, rows, d = out.shape
+    """_fold's inverse on the attention output: [1, kv_heads, group * n, d] -> [n, heads * d]."""
+    _, kv_heads, rows, d = out.shape
     return out.view(kv_heads, rows // n, n, d).permute(2, 0, 1, 3).reshape(n, -1)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """k or v [n, kv_heads, d] -> [1, kv_heads, n, d] (a view), as SDPA takes them."""
+    return x.view(1, *x.shape).transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *,
@@ -163,31 +169,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     caller has checked (`is_tail`) that the query rows are the last rows of a contiguous run of keys.
     Both are promises, not checks: a check here would wait for the GPU in every layer."""
     heads, kv_heads = q.shape[1], k.shape[1]
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, n_k, d]
+    kh, vh = _heads_first(k), _heads_first(v)  # [1, kv_heads, n_k, d]
     block = CPU_QUERY_BLOCK if q.device.type == "cpu" else 4096
     if causal_all_rows or (tail_rows and q.shape[0] <= block):
-        qh = q.transpose(0, 1)  # [heads, n_q, d]
+        qh = _heads_first(q)  # [1, heads, n_q, d]
         if kv_heads != heads:  # fused kernels take one KV head per query head
-            kh = kh.repeat_interleave(heads // kv_heads, dim=0)
-            vh = vh.repeat_interleave(heads // kv_heads, dim=0)
+            kh = kh.repeat_interleave(heads // kv_heads, dim=1)
+            vh = vh.repeat_interleave(heads // kv_heads, dim=1)
         # fused kernels (flash on CUDA and CPU) never materialise the scores; the query rows of
         # `tail_rows` are the last rows of a contiguous run of keys, where the position mask IS the
         # bottom-right causal one
         mask = None if causal_all_rows else causal_lower_right(q.shape[0], k.shape[0])
-        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
-                                             is_causal=causal_all_rows)[0]
-        return out.transpose(0, 1).reshape(q.shape[0], -1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal_all_rows)
+        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
     n, group = q.shape[0], heads // kv_heads
     if q.device.type != "cpu":  # all rows in one call, the mask built once per blend
-        bias = _folded_mask(q_pos, k_pos, group, q.dtype)
-        out = F.scaled_dot_product_attention(_fold(q, kv_heads)[None], kh[None], vh[None], attn_mask=bias[None, None])
-        return _unfold(out[0], n)
+        out = F.scaled_dot_product_attention(_fold(q, kv_heads), kh, vh,
+                                             attn_mask=_folded_mask(q_pos, k_pos, group, q.dtype))
+        return _unfold(out, n)
     parts = []
     for start in range(0, n, block):
         rows = slice(start, start + block)
         allowed = position_mask(q_pos[rows].repeat(group), k_pos)
-        got = F.scaled_dot_product_attention(_fold(q[rows], kv_heads)[None], kh[None], vh[None], attn_mask=allowed)
-        parts.append(_unfold(got[0], q[rows].shape[0]))
+        got = F.scaled_dot_product_attention(_fold(q[rows], kv_heads), kh, vh, attn_mask=allowed)
+        parts.append(_unfold(got, q[rows].shape[0]))
     return torch.cat(parts)
 
 
@@ -203,10 +208,10 @@ def is_tail(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
 def finish_layer(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Residual, o_proj and the MLP of these rows: the layer's output hidden states (gate and up in one
     matmul, each residual add fused into its matmul)."""
-    h = torch.addmm(hidden, attn, layer.o_proj.T)
+    h = torch.addmm(hidden, attn, layer.o_proj_t)
     x = rms_norm(h, layer.post_norm, w.config.rms_norm_eps)
     gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)
-    return torch.addmm(h, F.silu(gate) * up, layer.down_proj.T)
+    return torch.addmm(h, F.silu(gate) * up, layer.down_proj_t)
 
 
 def logits_of(w: LlamaWeights, hidden_row: torch.Tensor) -> torch.Tensor:

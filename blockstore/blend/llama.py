@@ -82,12 +82,15 @@ class LayerWeights:
     down_proj: torch.Tensor
     qk_proj: torch.Tensor = field(init=False, repr=False)  # [(heads + kv_heads) * head_dim, hidden]
     gate_up_proj: torch.Tensor = field(init=False, repr=False)  # [2 * intermediate, hidden]
+    o_proj_t: torch.Tensor = field(init=False, repr=False)  # o_proj.T and down_proj.T: views made once,
+    down_proj_t: torch.Tensor = field(init=False, repr=False)  # not one transpose op a layer a forward
 
     def __post_init__(self) -> None:
         self.qk_proj = torch.cat((self.q_proj, self.k_proj))
         self.q_proj, self.k_proj = self.qk_proj.split((self.q_proj.shape[0], self.k_proj.shape[0]))
         self.gate_up_proj = torch.cat((self.gate_proj, self.up_proj))
         self.gate_proj, self.up_proj = self.gate_up_proj.chunk(2)
+        self.o_proj_t, self.down_proj_t = self.o_proj.T, self.down_proj.T
 
 
 _LAYER_NAMES = {
