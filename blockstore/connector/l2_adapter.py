@@ -808,12 +808,13 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         drop: dict[int, dict[str, list[ObjectKey]]] = {}
         keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
         emptied: list[BlockEntry] = []
+        known: dict[bytes, ObjectKey] = {}  # key suffix -> key, of every record planned (decoded once)
         for e in table:
             if excess <= 0 and disk_excess <= 0:
                 break
             if e.state != BLOCK_SEALED:
                 continue
-            freed, moved, blocked = self._plan_block(e, budget, drop.setdefault(e.block_id, {}), keep)
+            freed, moved, blocked = self._plan_block(e, budget, drop.setdefault(e.block_id, {}), keep, known)
             excess -= freed
             budget -= moved
             if not blocked:
@@ -823,7 +824,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             for k in self._rewrite_at_head(ns, items):  # not kept after all: it goes with its block
                 drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
         emptied_ids = {e.block_id for e in emptied}
-        deleted, refused = self._evict_emptied([e.block_id for e in emptied], drop)
+        deleted, refused = self._evict_emptied([e.block_id for e in emptied], drop, known)
         for bid, by_ns in drop.items():  # held or refused blocks: their deleted keys need tombstones
             if bid in refused or bid not in emptied_ids:
                 for keys in by_ns.values():
@@ -844,7 +845,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _home_block(items: list[tuple[ObjectKey, bytes, Location]], key: ObjectKey) -> int:
         return next(loc.block_id for k, _sfx, loc in items if k == key)
 
-    def _evict_emptied(self, block_ids: list[int], drop: dict[int, dict[str, list[ObjectKey]]]) -> tuple[int, set[int]]:
+    def _evict_emptied(self, block_ids: list[int], drop: dict[int, dict[str, list[ObjectKey]]],
+                       known: dict[bytes, ObjectKey]) -> tuple[int, set[int]]:
         """Remove emptied blocks with the keys still in them (Store.evict_blocks) and account for the keys as
         deleted. Returns (keys deleted, the blocks refused)."""
         if not block_ids:
@@ -858,6 +860,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         gone: list[tuple[ObjectKey, int]] = []
         names: dict[int, str] | None = None
         for sfx, loc in done.records:
+            k = known.get(sfx)
+            if k is not None:
+                gone.append((k, loc.payload_len))
+                continue
             if names is None:
                 names = {nid: ns for ns, nid in self.store.dir.namespaces().items() if ns.startswith(NS_PREFIX)}
             try:
@@ -929,7 +935,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return out, foreign
 
     def _plan_block(self, e: BlockEntry, budget: int, drop: dict[str, list[ObjectKey]],
-                    keep: dict[str, list[tuple[ObjectKey, bytes, Location]]]) -> tuple[int, int, bool]:
+                    keep: dict[str, list[tuple[ObjectKey, bytes, Location]]],
+                    known: dict[bytes, ObjectKey]) -> tuple[int, int, bool]:
         """Decide for every record of sealed block `e`: delete (value <= 0, or the pass's budget of moved bytes
         is spent) or keep (moved to the head). Keys to delete are claimed in _deleting. Returns (payload bytes
         the deletions free, record bytes the moves write, whether something holds the block: a locked or
@@ -940,6 +947,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         with self._lock:
             mean = self._used / self._records if self._records else 1.0
             for ns, k, sfx, loc in records:
+                known[sfx] = k
                 if k in self._storing or k in self._deleting or self._held(k, now):
                     blocked += 1
                     continue
