@@ -28,6 +28,7 @@ from typing import Any
 
 import blockstore
 from bench.common import engine_state, machine_info, results_path, spread, standard_args, write_json
+from blockstore import hooks
 from blockstore.remote import S3Settings, make_object_store
 from blockstore.remote.tier import RemoteTier
 
@@ -79,6 +80,40 @@ def run_mode(mode: str, cluster: Any, scratch: str, threads: int, puts: int, siz
             "latency_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
+def breakdown(cluster: Any, scratch: str, puts: int, size: int, seal_s: float) -> dict[str, Any]:
+    """One writer, one put at a time: the median milliseconds from a put's call to each step of its way
+    (its block sealed, the data PUT done, the index PUT done, the block flagged, the put returned)."""
+    marks: dict[str, float] = {}
+    steps = ("remote.data_put", "remote.index_put", "remote.flagged")
+    callbacks = {step: (lambda _bid, step=step: marks.setdefault(step, time.perf_counter())) for step in steps}
+    for step, cb in callbacks.items():
+        hooks.register(step, cb)
+    path = os.path.join(scratch, f"breakdown-{uuid.uuid4().hex[:8]}")
+    store = blockstore.open(path, durability="remote", block_size=BLOCK_SIZE, remote_seal_seconds=seal_s)
+    sealed: list[float] = []
+    store.add_seal_observer(lambda _bid: sealed.append(time.perf_counter()))
+    tier = RemoteTier(store, make_object_store(new_settings(cluster)), "bench")
+    value = os.urandom(size)
+    rows = []
+    try:
+        for i in range(puts):
+            marks.clear()
+            sealed.clear()
+            t0 = time.perf_counter()
+            store.put(b"b%06d" % i, value)
+            t1 = time.perf_counter()
+            rows.append([1000 * (x - t0) for x in (sealed[0] if sealed else t1, *(marks.get(s, t1) for s in steps), t1)])
+    finally:
+        for step, cb in callbacks.items():
+            hooks.unregister(step, cb)
+        tier.close()
+        store.close()
+        shutil.rmtree(path, ignore_errors=True)
+    rows = rows[min(3, len(rows) - 1):]  # the first puts also open the connections
+    names = ("sealed", "data_put_done", "index_put_done", "flagged", "returned")
+    return {n: round(spread([r[j] for r in rows])["median"], 2) for j, n in enumerate(names)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.remote_durability", description=__doc__.split("\n\n")[0])
     standard_args(ap, "remote_durability", quick="4 writers x 20 puts, 3 repeats",
@@ -102,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster.start()
         print(f"cluster up in {cluster.startup_s:.1f} s", flush=True)
+        steps_ms = breakdown(cluster, scratch, 10 if a.quick else 30, a.size, a.seal_seconds)
+        print("one writer, ms after the call:", json.dumps(steps_ms), flush=True)
         for r in range(repeats):
             for mode in (("sync", "remote") if r % 2 == 0 else ("remote", "sync")):
                 runs[mode].append(run_mode(mode, cluster, scratch, threads, puts, a.size, a.seal_seconds))
@@ -120,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, v, default in (("--threads", a.threads, None), ("--puts", a.puts, None), ("--size", a.size, 64 << 10),
                              ("--seal-seconds", a.seal_seconds, 0.05), ("--repeats", a.repeats, None)):
         cmd += "" if v == default else f" {flag} {v}"
-    doc = {"ratios": ratios, "ratio_spread": {k: spread(v) for k, v in ratio_runs.items()}, "per_mode": per_mode,
+    doc = {"ratios": ratios, "one_writer_steps_ms": steps_ms, "ratio_spread": {k: spread(v) for k, v in ratio_runs.items()}, "per_mode": per_mode,
            "threads": threads, "puts_per_thread": puts, "record_bytes": a.size, "block_size": BLOCK_SIZE,
            "remote_seal_seconds": a.seal_seconds, "repeats": repeats, "cluster_startup_s": cluster.startup_s,
            "command": cmd, "argv": shlex.join(sys.argv), "machine": machine_info(a.dir or tempfile.gettempdir()),
