@@ -120,6 +120,7 @@ def test_drop_local_copy_only_when_flagged_and_read_back_through_the_fetcher(tmp
     # the flag and the dropped copy survive a reopen and a recovery; fsck calls neither damage
     rep = check(path)
     assert not rep.findings, [f.message for f in rep.findings]
+    assert any("dropped" in n and name.decode() in n for n in rep.notes), rep.notes
     with blockstore.open(path, block_size=BLOCK) as s:
         assert not s.has_local_copy(bid) and s.block_table()[0].remote_name == name
         s.set_block_fetcher(fetch)

@@ -56,7 +56,10 @@ class BlockChecks(PassBase):
                                 "block and creating its file: nothing was committed in it")
                     continue
                 if e is not None and e.remote_name and bid not in self.missing_named:
-                    continue  # dropped once its object was confirmed (docs/remote.md): not damage
+                    # dropped once its object was confirmed (docs/remote.md): not damage, and not checked here
+                    rep.notes.append(f"block {block_label(bid)}: its local copy was dropped; its records are in "
+                                     f"object {e.remote_name.decode(errors='replace')!r} (not checked here)")
+                    continue
                 if facts.entry is not None or bid in self.missing_named:
                     n = self.missing_named.get(bid, 0)
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk is missing; "
