@@ -378,6 +378,10 @@ def plot(doc: dict[str, Any], stem: str) -> list[str]:
                                ("blend_cold", "blend 0.15 cold"), ("prefix_warm", "prefix-only reuse")):
                 ax.plot(xs, [r["seconds"][key]["median"] for r in rows], "-o", label=label)
             ax.plot(xs, [r["cold_floor_s"] for r in rows], ":", label="cold floor (KV bytes / disk)")
+            floored = [r for r in rows if r.get("warm_floor_s") and r.get("h2d_GBps") is not None]
+            if floored:  # the overlapped warm floor: max(page-cache read, host->GPU, hot compute)
+                ax.plot([r["tokens"] for r in floored], [r["warm_floor_s"] for r in floored], "--",
+                        label="warm floor (overlapped: max of read, H2D, hot)")
             ax.set_title(f"{machine}: {res['model']['shape']}")
             ax.set_xlabel("prompt tokens")
             ax.set_ylabel("time to first token (s)")
