@@ -77,8 +77,9 @@ def no_dangling_pointer(objects: Any) -> int:
 def test_remote_mode_while_the_object_store_is_unreachable(cluster: SeaweedCluster, tmp_path: Path) -> None:
     objects = make_object_store(new_bucket(cluster, timeout_s=1.0, retries=0))
     acked: dict[bytes, bytes] = {}
+    # remote_timeout long enough for the outage below and the gateway's recovery on a loaded machine
     with blockstore.open(tmp_path / "s", durability="remote", block_size=BLOCK, remote_seal_seconds=0.05,
-                         remote_timeout=6.0) as s:
+                         remote_timeout=30.0) as s:
         tier = RemoteTier(s, objects, "node-r", retry_min_s=0.1, retry_max_s=0.5)
         for i in range(4):
             s.put(f"a{i}".encode(), value(i))
@@ -90,17 +91,20 @@ def test_remote_mode_while_the_object_store_is_unreachable(cluster: SeaweedClust
             waiter = threading.Thread(target=lambda: done.append(_put(s, b"w", value(50))))
             t0 = time.monotonic()
             waiter.start()
-            time.sleep(1.5)
+            wait_until("the tier sees the outage", lambda: tier.status().last_error is not None)
             assert not done  # the put waits: its block is not confirmed
             assert s.get(b"a1") == value(1) and s.get(b"w") == value(50)  # local reads keep working
             st = tier.status()
-            assert st.pending_blocks and st.pending_bytes > 0 and st.last_error is not None, st
+            assert st.pending_blocks and st.pending_bytes > 0 and st.failures_in_a_row >= 1, st
         finally:
             cluster.resume_s3()
         waiter.join()
         assert done == [None], done  # confirmed once the store came back, within remote_timeout
         acked[b"w"] = value(50)
         print(f"put waited {time.monotonic() - t0:.1f} s across the outage")
+        tier.close()
+    with blockstore.open(tmp_path / "s", durability="remote", remote_seal_seconds=0.05, remote_timeout=3.0) as s:
+        tier = RemoteTier(s, objects, "node-r", retry_min_s=0.1, retry_max_s=0.5)
         cluster.pause_s3()
         try:
             with pytest.raises(RemoteNotConfirmed, match="durable locally"):
@@ -109,10 +113,17 @@ def test_remote_mode_while_the_object_store_is_unreachable(cluster: SeaweedClust
             assert tier.status().pending_blocks
         finally:
             cluster.resume_s3()
-        assert tier.close(timeout=30.0)  # uploads resume and drain
+        assert tier.close(timeout=60.0)  # uploads resume and drain
     keys = sorted(acked) + [b"late"]
     assert from_bucket(objects, tmp_path / "pool", keys) == [acked.get(k, value(60)) for k in keys]
     assert no_dangling_pointer(objects)
+
+
+def wait_until(what: str, ok: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
 
 
 def _put(s: blockstore.Store, key: bytes, val: bytes) -> BaseException | None:
