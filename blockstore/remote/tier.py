@@ -29,6 +29,7 @@ from blockstore.store import Store
 _log = logging.getLogger("blockstore.remote")
 
 _RECENT_BLOCKS = 4096  # blocks whose last read time the tier remembers (bounded memory)
+_CAPACITY_CHECK_S = 1.0
 
 
 @dataclass
@@ -81,6 +82,7 @@ class RemoteTier:
         self._retry_at: float | None = None
         self._error: str | None = None
         self._over = 0
+        self._next_capacity_check = 0.0
         try:
             self.uploader.confirm_uploaded()
         except BaseException:
@@ -180,8 +182,11 @@ class RemoteTier:
         """Drop confirmed blocks' local copies, those read least recently first (then the oldest), while
         the block files exceed the capacity."""
         cap = self.local_capacity_bytes
-        if cap is None:
+        if cap is None or time.monotonic() < self._next_capacity_check:
             return
+        # at most once a second: the check lists blocks/ and copies the block table (a cost that grows
+        # with the store), so the disk may overshoot the capacity by about a second of writes
+        self._next_capacity_check = time.monotonic() + _CAPACITY_CHECK_S
         local = set(self.store.blocks.list_files())
         table = [e for e in self.store.block_table() if e.block_id in local]
         used = sum(e.data_end for e in table)
