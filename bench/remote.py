@@ -67,8 +67,27 @@ def time_raw_put(objects: ObjectStore, files: list[bytes]) -> float:
     return time.perf_counter() - t
 
 
+def drop_bucket(cluster: Any, bucket: str) -> None:
+    """Empty and delete a repeat's bucket: each bucket is a SeaweedFS collection with volumes of its own, and
+    a run of 7+ repeats per client otherwise fills every volume slot (PUTs then fail with 500)."""
+    c = cluster.client()
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            c.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    c.delete_bucket(Bucket=bucket)
+
+
 def one_repeat(cluster: Any, client: str, scratch: str, n: int, batch: int, raw_first: bool) -> dict[str, float]:
-    objects = make_object_store(new_settings(cluster), client)
+    settings = new_settings(cluster)
+    try:
+        return measure_repeat(make_object_store(settings, client), scratch, n, batch, raw_first)
+    finally:
+        drop_bucket(cluster, settings.bucket)
+
+
+def measure_repeat(objects: ObjectStore, scratch: str, n: int, batch: int,
+                   raw_first: bool) -> dict[str, float]:
     for i in range(4):  # a new bucket grows its volumes on its first writes: not part of either figure
         objects.put(f"warm/{i}", os.urandom(MIB))
     path = os.path.join(scratch, f"store-{uuid.uuid4().hex[:8]}")
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {k: round(per_client[best][k]["median"], 3)
               for k in ("upload_vs_raw_put", "ranged_read_vs_raw_get", "ranged_read_vs_raw_ranged_get")}
     cmd = "python -m bench.remote" + (" --quick" if a.quick else "") + (f" --records {a.records}" if a.records else "")
-    for flag, v in (("--clients", None if clients == list(CLIENTS) else a.clients),
+    for flag, v in (("--repeats", a.repeats), ("--clients", None if clients == list(CLIENTS) else a.clients),
                     ("--filer-max-mb", a.filer_max_mb), ("--s3-cache-mb", a.s3_cache_mb)):
         cmd += "" if v is None else f" {flag} {v}"
     doc = {
