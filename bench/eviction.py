@@ -29,7 +29,9 @@ Capacity: 10 % and 30 % of each trace's working set (its distinct keys), in reco
 
 Throughput: the adapter storing a stream of new 64 KiB records (4 x the capacity, tasks of 8; blocks of 8 MiB,
 16 MiB in full mode) with capacity_bytes a quarter of the stream against capacity 0 (no eviction), alternating,
-3 (quick) or 5 times; ratio of records/s per repeat, median and spread. Results: bench/results/eviction[_quick].json and .png; the last stdout line is a one-line JSON.
+3 (quick) or 5 times; ratio of records/s per repeat, median and spread. Its floor: each block eviction frees
+costs one synced directory write and one unlink (measured on the same disk, median of 9), against the time
+the store without a capacity takes to write a block's records: ratio_floor = block / (block + sync + unlink). Results: bench/results/eviction[_quick].json and .png; the last stdout line is a one-line JSON.
 
     python -m bench.eviction            # 4 traces x 2 capacities, 1,200 requests each, 5 throughput repeats
     python -m bench.eviction --quick    # 500 requests each, 3 repeats
@@ -61,8 +63,10 @@ import torch  # noqa: E402
 from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
 from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
 
+import blockstore  # noqa: E402
 from bench.common import REPO, engine_state, machine_info, results_path, spread, standard_args, write_json  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
+from blockstore.directory import DirectoryBatch  # noqa: E402
 
 RECORD_SHAPE = (2, 4, 32, 32)  # float32: 32 KiB per record
 RECORD = 2 * 4 * 32 * 32 * 4
@@ -353,6 +357,44 @@ def store_throughput(root: str, n_records: int, capacity: int, block_size: int) 
         shutil.rmtree(path, ignore_errors=True)
 
 
+def pass_fixed_cost(root: str, block_size: int, repeats: int = 9) -> dict[str, Any]:
+    """What one eviction pass costs whatever it evicts, measured on this disk: the synced directory write
+    (the durable proof that the evicted keys are gone) with a block's worth of unsynced data written since
+    the last one (what a pass finds: the journal commit of a sync waits for it), and the unlink of one
+    written-back block-size file (median of `repeats`)."""
+    path = tempfile.mkdtemp(dir=root)
+    syncs, unlinks = [], []
+    chunk = b"\1" * (1 << 20)
+
+    def block_file(name: str) -> str:
+        """A block's worth of unsynced writes, as a pass finds them (the records stored since the last)."""
+        f = os.path.join(path, name)
+        with open(f, "wb") as out:
+            for _ in range(max(1, block_size >> 20)):
+                out.write(chunk)
+        return f
+
+    try:
+        with blockstore.open(os.path.join(path, "s"), durability="cache") as s:
+            for i in range(repeats):
+                b = DirectoryBatch()
+                b.put_meta("bench_pass_floor", i)
+                f = block_file(f"dirty-{i}")
+                t0 = time.perf_counter()
+                s.dir.write(b, force_sync=True)
+                syncs.append(time.perf_counter() - t0)
+                os.unlink(f)
+        for i in range(repeats):
+            f = block_file(f"block-{i}")
+            os.sync()
+            t0 = time.perf_counter()
+            os.unlink(f)
+            unlinks.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return {"directory_sync_s": spread(syncs), "unlink_s": spread(unlinks)}
+
+
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -396,8 +438,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         throughput: dict[str, Any] = {"records": n_rec, "record_bytes": THROUGHPUT_RECORD, "block_size": block,
                                       "capacity_bytes": cap_bytes, "ratio": spread(ratios),
                                       "with_capacity_records_per_s": spread(with_cap), "without_records_per_s": spread(without)}
+        # the floor: a pass frees one block and pays one synced directory write and one unlink, against the
+        # time the store without a capacity takes to write that block's records
+        fixed = pass_fixed_cost(root, block)
+        per_pass = fixed["directory_sync_s"]["median"] + fixed["unlink_s"]["median"]
+        block_s = (block // THROUGHPUT_RECORD) / throughput["without_records_per_s"]["median"]
+        throughput["pass_fixed_cost"] = fixed
+        throughput["ratio_floor"] = block_s / (block_s + per_pass)
         print(f"store throughput with capacity / without: median {throughput['ratio']['median']:.2f} "
-              f"(min {throughput['ratio']['min']:.2f}, max {throughput['ratio']['max']:.2f})", flush=True)
+              f"(min {throughput['ratio']['min']:.2f}, max {throughput['ratio']['max']:.2f}); floor of one sync "
+              f"and one unlink per block freed: {throughput['ratio_floor']:.2f} (sync {fixed['directory_sync_s']['median'] * 1e3:.1f} ms, "
+              f"unlink {fixed['unlink_s']['median'] * 1e3:.1f} ms, a block's records {block_s * 1e3:.1f} ms)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"hit_rates": results, "throughput": throughput, "repeats": repeats, "seed": args.seed,
