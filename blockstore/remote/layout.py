@@ -43,6 +43,11 @@ def index_key(name: str) -> str:
     return INDEX + name
 
 
+def index_name(node_id: str, seq: int, block_id: int) -> str:
+    """The name (under INDEX) of the index that node `node_id` publishes as number `seq` for `block_id`."""
+    return f"{node_id}/{seq:016x}-{block_id:016x}"
+
+
 def gc_key(node_id: str, gc_seq: int, block_id: int) -> str:
     return f"{GC}{node_id}/{gc_seq:016x}-{block_id:016x}"
 

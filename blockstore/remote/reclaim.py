@@ -32,13 +32,14 @@ from blockstore import hooks
 from blockstore.errors import InvalidArgument
 from blockstore.records import Kind
 from blockstore.remote.errors import RemoteUnavailable
-from blockstore.remote.layout import GC, BlockIndex, Superseded, gc_key, name_seq
+from blockstore.remote.layout import GC, BlockIndex, Superseded, gc_key, index_key, index_name, name_seq
 from blockstore.remote.uploader import Uploader
 
 RECLAIM_DIR = "remote-reclaim"  # under the store's folder, beside the uploader's remote-ledger
 _NEXT_GC = b"next_gc"
 _LIVE = b"r/"  # + block id: a block on its way (state gone / reserved / published)
 _DONE = b"d/"  # + block id: its object is deleted; never looked at again
+_FLAGGED = b"f/"  # + block id: uploaded per the store's flag, its ledger mark cut by a crash (see _uploaded)
 
 
 def _bid(block_id: int) -> bytes:
@@ -120,8 +121,8 @@ class Reclaimer:
         list keeps every block's step, so the next pass goes on from there. Never raises RemoteUnavailable."""
         with self._lock:
             st = ReclaimStatus()
-            uploaded = self.uploader.ledger.uploaded_blocks()
             try:
+                uploaded = self._uploaded()
                 self._find_gone(uploaded)
                 self._publish(uploaded, st)
                 self._delete_expired(uploaded, st)
@@ -133,6 +134,28 @@ class Reclaimer:
             st.waiting = {b: st.waiting.get(b, r["state"]) for b, r in live.items() if r["state"] != "published"}
             st.done_blocks, st.last_error = self._done_count(), self.last_error
             return st
+
+    def _uploaded(self) -> dict[int, dict[str, Any]]:
+        """Block id -> {data_key, index_key} of every block whose index is published: the uploader ledger's
+        marks, plus blocks the store flags remote whose mark a crash cut (the uploader flags first, then
+        marks, and trusts the flag after): their names come from the flag and the ledger's reservation, and
+        are remembered here, since once such a block leaves the table nothing else would name it."""
+        uploaded = self.uploader.ledger.uploaded_blocks()
+        for k, v in self._db.items(from_key=_FLAGGED):
+            assert isinstance(k, bytes) and isinstance(v, bytes)  # this DB holds bytes keys and values only
+            if not k.startswith(_FLAGGED):
+                break
+            uploaded.setdefault(int.from_bytes(k[len(_FLAGGED):], "big"), json.loads(v))
+        found = {}
+        for e in self.store.block_table():
+            res = None if not e.remote_name or e.block_id in uploaded else self.uploader.ledger.reservation(e.block_id)
+            if res is not None:
+                found[e.block_id] = {"data_key": e.remote_name.decode(),
+                                     "index_key": index_key(index_name(self.node_id, int(res["seq"]), e.block_id))}
+        if found:
+            self._write({_FLAGGED + _bid(b): r for b, r in found.items()})
+            uploaded.update(found)
+        return uploaded
 
     def _find_gone(self, uploaded: dict[int, dict[str, Any]]) -> None:
         """Uploaded blocks missing from the block table (read after the ledger: a block is in the table
