@@ -63,7 +63,7 @@ from blockstore.compaction import POLICIES, attach, resolve
 from blockstore.records import BLOCK_HEADER_SIZE
 
 from .common import bench_mode, engine_state, machine_info, results_path, run_quiet, standard_args
-from .traces import GENERATORS, Delete, Put, Request, Trace, check, describe, generate
+from .traces import FAMILIES, GENERATORS, Delete, Put, Request, Trace, check, describe, generate
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -746,7 +746,7 @@ def summary_markdown(doc: dict[str, Any]) -> str:
 # KV stores large ones (a 1 MiB block holds three 256 KiB KV chunks, so no policy could put a
 # request's 8 chunks in fewer than 3 blocks).
 TRACE_BLOCK_SIZE = {"locomo": 256 * KiB, "webarena": 1024 * KiB, "swe": 1024 * KiB, "lmcache": 4096 * KiB,
-                    "shared": 1024 * KiB, "sessions": 4096 * KiB}
+                    "shared": 1024 * KiB, "sessions": 4096 * KiB, "heldout": 4096 * KiB}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -755,7 +755,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     standard_args(ap, "compaction", default_mode="quick", quick="quick traces",
                   full="4x bigger traces, background latency, PNG plots", dir_default=DEFAULT_DIR,
                   dir_help="(default bench/.scratch)")
-    ap.add_argument("--traces", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
+    ap.add_argument("--traces", nargs="+", choices=list(GENERATORS), default=list(FAMILIES),
+                    help="traces to replay (default: the six families; heldout, the issue's independent workload, "
+                    "when named)")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), metavar="POLICY",
                     help=f"policies to replay (default: all of {', '.join(POLICIES)}); each may carry knob "
                     "overrides, as NAME:KNOB=VALUE,... (e.g. full:relocation_budget=inf)")

@@ -665,6 +665,24 @@ def sessions(seed: int = 0, scale: float = 1.0, *, n_sessions: int | None = None
     return Trace("sessions", ops, params)
 
 
+def heldout(seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
+    """A held-out check (issue 16), never used to choose a design or a constant: the independent workload
+    the issue describes (200 tenants with Zipf-skewed activity, interleaved sessions, chunk records of
+    2-64 KiB and KV records of 256 KiB-1 MiB, 15 % updates, 8 % deletes, topic requests of 4-12 records
+    mixing both kinds, 20 % noise requests), built by the `sessions` generator with other parameters
+    (more tenants, more skew, more KV, longer and more concurrent sessions) and its own seeds."""
+    knobs: dict[str, Any] = dict(n_sessions=max(2, round(60 * scale)), tenants=200, tenant_zipf=1.2, concurrent=40,
+                                 steps=(2, 10), kv_p=0.3, chunk_bytes=(2 * KiB, 64 * KiB),
+                                 kv_bytes=(256 * KiB, 1024 * KiB), request_keys=(4, 12), noise_p=0.2, update_p=0.15,
+                                 delete_p=0.08)
+    knobs.update(overrides)
+    t = sessions(1000 + seed, scale, **knobs)
+    return Trace("heldout", t.ops, {**t.params, "seed": seed, "generator_seed": 1000 + seed})
+
+
+# the families the benchmark replays by default; `heldout` runs when named (--traces ... heldout)
+FAMILIES = ("locomo", "webarena", "swe", "lmcache", "shared", "sessions")
+
 GENERATORS: dict[str, Callable[..., Trace]] = {
     "locomo": locomo,
     "webarena": webarena,
@@ -672,6 +690,7 @@ GENERATORS: dict[str, Callable[..., Trace]] = {
     "lmcache": lmcache,
     "shared": shared,
     "sessions": sessions,
+    "heldout": heldout,
 }
 
 

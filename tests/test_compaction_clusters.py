@@ -99,3 +99,16 @@ def test_a_cluster_that_gained_a_record_moves_only_that_record(tmp_path: Path) -
         assert late is not None and rep.relocated_bytes == late.record_len
         assert {loc.block_id for loc in s.locate_many([*keys, b"late"]) if loc is not None} == home
         assert s.get(b"late") == value(b"late", 0, 50_000)
+
+
+def test_last_passes_clusters_keep_their_make_up_when_the_groups_order_changes() -> None:
+    sizes = {k: 10 for k in (b"a", b"b", b"c", b"x", b"y", b"old")}
+    groups = [(_g(1, b"a", b"x", b"y"), True), (_g(2, b"a", b"b", b"c"), True)]
+    fresh = build(groups, sizes, capacity=30)
+    assert sorted(sorted(c.keys) for c in fresh) == [[b"a", b"x", b"y"], [b"b", b"c"]]
+    # the same groups, with {a, b, c} clustered by the last pass: it stays whole (and keeps its id);
+    # a record no group reads any more leaves it
+    kept = build(groups, sizes, capacity=30, previous=[(7, (b"a", b"b", b"old", b"c"))])
+    assert [(c.gid, sorted(c.keys)) for c in kept if b"b" in c.keys] == [(7, [b"a", b"b", b"c"])]
+    assert all(b"old" not in c.keys for c in kept)
+    assert sorted(sorted(c.keys) for c in kept) == [[b"a", b"b", b"c"], [b"x", b"y"]]

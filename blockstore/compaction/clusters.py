@@ -40,13 +40,25 @@ class Cluster:
     due: bool = False  # one of its groups was requested min_hits times since it was last rewritten
 
 
-def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capacity: int) -> list[Cluster]:
+def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capacity: int,
+          previous: Sequence[tuple[int, Sequence[bytes]]] = ()) -> list[Cluster]:
     """Disjoint clusters of at most `capacity` live bytes from (group, due) pairs, most valuable first;
     `sizes` holds each live record's length (records without one are gone and left out). Clusters of
-    fewer than two records are dropped: one record is always in one block."""
+    fewer than two records are dropped: one record is always in one block. `previous` (id, keys) are
+    the clusters the last build made: each starts out as it was (less its records no group reads any
+    more), and groups join them as they join any cluster. Without that, a cluster's make-up followed
+    the groups' order by score, which shifts with every request: the same records were regrouped pass
+    after pass, and each regrouping was a rewrite (aggressive compaction wrote 5-13x the bytes put)."""
     owner: dict[bytes, Cluster] = {}
     made: list[Cluster] = []
     degree: Counter[bytes] = Counter(k for g, _due in groups for k in set(g.keys))
+    for gid, keys in previous:
+        seed = _new(gid, made)
+        for k in keys:
+            if k in sizes and degree[k] and k not in owner and seed.nbytes + sizes[k] <= capacity:
+                owner[k] = seed
+                seed.keys.append(k)
+                seed.nbytes += sizes[k]
     # records several groups read are clustered first, then each group whole: a record many requests
     # share (a popular document, a system prompt, a core file) is placed with the others they share, not
     # in whichever private cluster happened to be hottest, and every sharer then finds it in one place;

@@ -1,5 +1,6 @@
-"""The compactor: learns affinity from the store's reads, and in passes relocates scattered groups and
-garbage-collects blocks past the invalid-ratio threshold, within write budgets, paced to a copy rate.
+"""The compactor: learns affinity from the store's reads, and in passes relocates scattered clusters (groups
+read together, merged while they fit a block: clusters.py) and garbage-collects blocks past the
+invalid-ratio threshold, within write budgets, paced to a copy rate.
 
 It runs as a background thread inside the store's process (`blockstore.open(..., compaction="full")`)
 or one pass at a time (`blockstore compact PATH`). Every move goes through the engine's compare-and-swap
@@ -44,7 +45,7 @@ class PassReport:
     """What one pass did (or, in a dry run, would do)."""
 
     dry_run: bool = False
-    relocated_groups: int = 0
+    relocated_groups: int = 0  # clusters rewritten (clusters.py), each named by its most valuable group
     relocated_records: int = 0
     relocated_bytes: int = 0
     gc_blocks: int = 0
@@ -139,6 +140,7 @@ class Compactor:
         self._flushed_counters: bytes | None = None  # the counters as the directory holds them
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)
+        self._clusters: list[tuple[int, tuple[bytes, ...]]] = []  # the last pass's clusters (clusters.build)
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
         self._idle_reads: deque[float] = deque(maxlen=_IDLE_READS)  # read seconds while no pass ran
         self._idle_since = time.perf_counter()
@@ -332,7 +334,10 @@ class Compactor:
         sizes = {k: loc.record_len for k, loc in locs.items()}
         groups = {g.gid: g for g, _due in ranked}
         due = {g.gid for g, is_due in ranked if is_due}
-        todo = [c for c in clusters.build(ranked, sizes, relocation.usable_bytes(self.store.block_size)) if c.due]
+        built = clusters.build(ranked, sizes, relocation.usable_bytes(self.store.block_size), self._clusters)
+        if not dry_run:
+            self._clusters = [(c.gid, tuple(c.keys)) for c in built]
+        todo = [c for c in built if c.due]
         table = {e.block_id: e for e in self.store.block_table()} if todo else {}
         for i, cluster in enumerate(todo):
             if self._stop.is_set():

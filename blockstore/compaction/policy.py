@@ -20,10 +20,11 @@ class Policy:
     # GC: sealed blocks whose invalid ratio (dead bytes / written bytes) reaches this are candidates
     gc: bool = True
     gc_invalid_ratio: float = 0.5  # measured: bench/README.md (compaction), θ sweep on the LoCoMo trace
-    # relocation: requests whose records sit in more blocks than their bytes need are rewritten together
+    # relocation: clusters of records read together (clusters.py: requests merged while they fit a block)
+    # are rewritten together when one of their requests sits in more blocks than its bytes need
     relocation: bool = True
-    min_hits: int = 2  # times a group must be requested before it is worth a rewrite
-    # blocks beyond the least a group needs that are tolerated before it is rewritten (0: any spill)
+    min_hits: int = 2  # times a group must be requested (since its last rewrite) before it is worth one
+    # blocks beyond the least a group needs that are tolerated before its cluster is rewritten (0: any spill)
     relocation_slack: int = 1
     # extra bytes relocation may write, as a fraction of the bytes users put (caps write amplification)
     relocation_budget: float = 0.1
