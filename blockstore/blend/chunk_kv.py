@@ -286,8 +286,11 @@ class LayerStream:
     layer is ready for the caller only when its bytes are on the device: the caller never waits on the
     GPU for it. Token ids and positions (the M records) are read once."""
 
-    PIECES = 1  # measured on H100 hosts (bench.blend, blend_warm_pieces*): more pieces mean more reader
-    # Python between C reads, which the GIL takes from the compute thread; 1 was the fastest warm blend
+    # measured on two H100 hosts (bench.blend, blend_warm_pieces*; ms, 1 / 2 / 4 pieces): 4k warm blend
+    # 60 / 63 / 72 and 52 / 67 / 91; 8k 86 / 80 / 98 and 103 / 96 / 91. More pieces mean more reader Python
+    # between C reads, which the GIL takes from the thread issuing the GPU ops: one read a layer is best
+    # at 4k and within noise at 8k
+    PIECES = 1
 
     def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
                  first_layer: int = 0, readers: int | None = None) -> None:
