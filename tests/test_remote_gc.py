@@ -228,3 +228,24 @@ def test_kill9_during_remote_gc_leaves_no_dangling_pointer_and_no_leak(cluster: 
         no_dangling_pointer(pool, kv, objects)
     finally:
         pool.close()
+
+
+def test_an_unreadable_old_index_holds_back_its_block_only(cluster: SeaweedCluster, tmp_path: Path) -> None:
+    """A block whose old index object cannot be read waits (its keys are unknown, so no marker could drop
+    their pointers); the pass goes on and nothing is deleted."""
+    settings = new_bucket(cluster)
+    objects = make_object_store(settings)
+    store = tmp_path / "s"
+    _kv, old_key, first = uploaded_store_with_a_collected_block(store, settings)
+    with blockstore.open(store, block_size=BLOCK) as s:
+        up = Uploader(s, objects, "node-a")
+        old_index = up.ledger.uploaded(first)["index_key"]  # type: ignore[index]
+        objects.delete(old_index)
+        s.seal_open_blocks()
+        assert up.run_once().pending_blocks == []
+        rec = Reclaimer(up, grace_s=GRACE_S, max_poll_interval_s=POLL_S)
+        st = rec.run_once()
+        assert "could not be read" in st.waiting[first] and st.last_error is None and st.published == []
+        assert old_key in keys_of(objects, BLOCKS) and not keys_of(objects, GC)
+        rec.close()
+        up.close()

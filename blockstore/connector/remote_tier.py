@@ -165,7 +165,7 @@ class SharedPool:
                    for e in self.store.block_table()):
                 self.store.seal_open_blocks()  # its seal observer wakes the tier's uploader
             self.last_error = None if self.reclaimer is None else self.reclaimer.run_once().last_error
-        except BlockstoreError as exc:
+        except Exception as exc:  # a background loop: kept for status and retried, never the thread's end
             self.last_error = f"{type(exc).__name__}: {exc}"
             _log.warning("blockstore remote pool: pass failed: %s", exc)
 

@@ -31,7 +31,7 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 from blockstore import hooks
 from blockstore.errors import InvalidArgument
 from blockstore.records import Kind
-from blockstore.remote.errors import RemoteUnavailable
+from blockstore.remote.errors import RemoteError, RemoteUnavailable
 from blockstore.remote.layout import GC, BlockIndex, Superseded, gc_key, index_key, index_name, name_seq
 from blockstore.remote.uploader import Uploader
 
@@ -177,7 +177,10 @@ class Reclaimer:
             self._put_marker(b, on_list[b])
         for b in sorted(b for b, r in on_list.items() if r["state"] == "gone"):
             rec = on_list[b]
-            ready = self._safe_marker(b, rec, uploaded)
+            try:
+                ready = self._safe_marker(b, rec, uploaded)
+            except RemoteError as exc:  # its old index unreadable: this block waits, the others go on
+                ready = f"its index object could not be read: {exc}"
             if isinstance(ready, str):
                 st.waiting[b] = ready
                 continue
