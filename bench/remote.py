@@ -13,6 +13,7 @@ Median and spread per figure; the ratios are medians of per-repeat ratios.
 
     python -m bench.remote            # 128 x 1 MiB records, 5 repeats
     python -m bench.remote --quick    # 32 x 1 MiB records, 3 repeats
+    python -m bench.remote --repeats 7 --filer-max-mb 2   # the filer's chunks at 2 MiB (docs/remote-scale.md)
 
 Last stdout line: {"ratios": {"upload_vs_raw_put": ..., "ranged_read_vs_raw_get": ...}, ...}
 """
