@@ -56,11 +56,13 @@ CURVE_RATIOS = (0.5, 0.7, 0.85)  # past 0.30: where top-1 agreement reaches the 
 # other selections at the 0.15 budget (name suffix -> Blender options; the plain ratios use Blender's
 # defaults: deviation on V, check layer 1): CacheBlend's deviation on K, K and V together, two attention
 # sinks per chunk inside the budget, later check layers, and the deviation weighted by the question's
-# attention at the check layer (query_weighted)
+# attention at the check layer (query_weighted), and gradual filtering (twice the budget at the check layer,
+# narrowed at the next)
 VARIANTS_015: dict[str, dict[str, Any]] = {
     "k": {"deviation": "k"}, "kv": {"deviation": "kv"}, "sink2": {"sink_tokens": 2},
     "check2": {"check_layer": 2}, "check3": {"check_layer": 3}, "k-check3": {"deviation": "k", "check_layer": 3},
-    "qw": {"query_weighted": True}, "kv-qw": {"deviation": "kv", "query_weighted": True}}
+    "qw": {"query_weighted": True}, "kv-qw": {"deviation": "kv", "query_weighted": True},
+    "g2": {"gradual": 2.0}, "kv-qw-g2": {"deviation": "kv", "query_weighted": True, "gradual": 2.0}}
 NEAR_TIE = 0.5  # logits: a reference whose top two first tokens are closer than this is a near tie
 DECODE = 16
 QUESTIONS = (

@@ -362,6 +362,24 @@ def test_query_weighted_selection_keeps_the_budget(weights: LlamaWeights, store:
     assert weighted.recomputed.tolist() != plain.recomputed.tolist()  # the question's attention moved the choice
 
 
+@pytest.mark.parametrize("opts", [{}, {"query_weighted": True, "deviation": "kv"}])
+def test_gradual_filtering_narrows_to_the_budget(weights: LlamaWeights, store: blockstore.Store,
+                                                 opts: dict[str, object]) -> None:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    prompt = _prompt(_chunks(3))
+    one = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), **opts).blend(prompt)  # type: ignore[arg-type]
+    two = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), gradual=2.0, **opts).blend(prompt)  # type: ignore[arg-type]
+    covered = sum(e - s for s, e in two.spans)
+    assert two.reused_tokens == one.reused_tokens == covered - round(0.25 * covered)  # the same budget at the end
+    wide = Blender(weights, kv, ratio=0.5, separator_ids=(SEP,), **opts).blend(prompt)  # type: ignore[arg-type]
+    # the check layer (1) recomputed twice the budget, as ratio 0.5 does; the next layer kept half of them
+    assert torch.equal(two.keys[1], wide.keys[1]) and torch.equal(two.values[1], wide.values[1])
+    assert not torch.equal(two.keys[2], wide.keys[2])
+    assert set(two.recomputed.tolist()) < set(wide.recomputed.tolist())
+    with pytest.raises(InvalidArgument, match="gradual"):
+        Blender(weights, kv, gradual=0.5)
+
+
 def test_oracle_picks_the_rows_whose_kv_is_off(weights: LlamaWeights) -> None:
     n, layers = 10, 3
     ref = ([torch.zeros(n, 2, 4) for _ in range(layers)], [torch.zeros(n, 2, 4) for _ in range(layers)])

@@ -54,18 +54,21 @@ def _deviation(fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Ten
     return sum(t / t[covered].mean().clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
 
 
-def _query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
-    """Per row: the attention the query rows after the last chunk (the question; at least the last row)
-    pay it at this layer, averaged over their rows and heads, from their fresh q over every row's fresh K
-    under the position mask. Where the first answer token reads from, as far as this layer can tell."""
-    n = q.shape[0]
-    rows = torch.arange(n, device=q.device)
-    after = int(rows[covered].max()) + 1 if bool(covered.any()) else n - 1
-    tail = rows[min(after, n - 1):]
+def _query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per key row (all N): the attention the query rows after the last chunk (the question; at least
+    the last row) pay it at this layer, averaged over their rows and heads, from their fresh q over the
+    keys `k` [N, ...] under the position mask. `rows`: the prompt rows of q's rows (default: all N).
+    Where the first answer token reads from, as far as this layer can tell."""
+    n = k.shape[0]
+    keys = torch.arange(n, device=k.device)
+    rows = keys if rows is None else rows
+    after = int(keys[covered].max()) + 1 if bool(covered.any()) else n - 1
+    tail = rows >= min(after, n - 1)  # the last row is always among q's rows
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("thd,nhd->htn", q[tail].float(), k.float().repeat_interleave(group, dim=1))
     scores = scores / q.shape[2] ** 0.5
-    scores.masked_fill_(rows[None, None, :] > tail[None, :, None], float("-inf"))
+    scores.masked_fill_(keys[None, None, :] > rows[tail][None, :, None], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
 
 
@@ -105,11 +108,14 @@ class Blender:
     def __init__(self, weights: LlamaWeights, kv: ChunkKVStore, ratio: float = 0.15, selector: str = "deviation",
                  check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
                  readers: int | None = None, chunk_prefix: Sequence[int] = (), deviation: str = "v",
-                 sink_tokens: int = 0, query_weighted: bool = False) -> None:
+                 sink_tokens: int = 0, query_weighted: bool = False, gradual: float = 1.0) -> None:
         """`deviation`: what the deviation selector measures at the check layer (DEVIATIONS).
         `query_weighted`: the deviation selector weighs each token's deviation by the attention the
         question (the rows after the last chunk) pays it at the check layer: a token the answer does not
         read matters little however far its KV moved.
+        `gradual` (CacheBlend's gradual filtering): the deviation selector picks `gradual` times the
+        ratio's tokens at the check layer and keeps the ratio's share of them from the next layer on, those
+        whose K/V deviate most there (weighted as at the check layer).
         `sink_tokens`: the deviation selector always recomputes this many first tokens of each chunk
         (attention sinks, as EPIC does), counted inside the ratio's budget. `chunk_prefix`: tokens (say <s>) a missing chunk is computed after, so that its first token
         is not a false attention sink; only the chunk's own rows are stored, at positions after the
@@ -121,6 +127,8 @@ class Blender:
             raise InvalidArgument(f"selector must be one of {SELECTORS}, not {selector!r}")
         if deviation not in DEVIATIONS:
             raise InvalidArgument(f"deviation must be one of {DEVIATIONS}, not {deviation!r}")
+        if not 1.0 <= float(gradual) <= 100.0:
+            raise InvalidArgument(f"gradual must be in [1, 100], not {gradual!r}")
         if not (isinstance(sink_tokens, int) and sink_tokens >= 0):
             raise InvalidArgument(f"sink_tokens must be a non-negative int, not {sink_tokens!r}")
         if not 0 <= check_layer < weights.config.num_hidden_layers:
@@ -129,6 +137,7 @@ class Blender:
         self.w, self.kv, self.ratio, self.selector = weights, kv, float(ratio), selector
         self.check_layer, self.separator_ids, self.overlap = check_layer, tuple(separator_ids), overlap
         self.deviation, self.sink_tokens, self.query_weighted = deviation, sink_tokens, bool(query_weighted)
+        self.gradual = float(gradual)
         self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
@@ -278,7 +287,7 @@ class Blender:
 
     def _select(self, fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
                 parts: list[_Span], n: int, forced: torch.Tensor | None = None,
-                q: torch.Tensor | None = None) -> torch.Tensor:
+                q: torch.Tensor | None = None, widen: float = 1.0) -> torch.Tensor:
         """Sorted row indices to recompute from the check layer on: the selected covered tokens (or the
         `forced` ones), every uncovered token, and the last token (its hidden state gives the logits).
         `fresh`, `cached`: the check layer's (K, V) of every row, computed here and read from the chunks."""
@@ -288,7 +297,7 @@ class Blender:
         keep = ~covered
         keep[-1] = True
         n_cov = int(covered.sum())
-        budget = int(round(self.ratio * n_cov))
+        budget = int(round(min(1.0, self.ratio * widen) * n_cov))
         if forced is not None:
             keep[forced] = True
         elif budget and self.selector == "deviation":
@@ -307,6 +316,24 @@ class Blender:
                 keep[p.start:p.start + int(round(self.ratio * (p.end - p.start)))] = True
         return keep.nonzero().squeeze(1)
 
+    def _narrow(self, fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
+                q: torch.Tensor, active: torch.Tensor, covered: torch.Tensor, k_merged: torch.Tensor) -> torch.Tensor:
+        """Gradual filtering, the layer after the check layer: indices into `active` to carry on — every
+        uncovered row, the last row, and the ratio's share of the covered rows whose fresh K/V (`fresh`,
+        `cached`: of the active rows) deviate most here. `k_merged`: this layer's K of every row, fresh
+        where active (what the question attends over)."""
+        cov = covered[active]
+        keep = ~cov
+        keep[-1] = True
+        left = int(round(self.ratio * int(covered.sum()))) - int((keep & cov).sum())
+        if left > 0:
+            dev = _deviation(fresh, cached, cov, self.deviation)
+            if self.query_weighted:
+                dev = dev.sqrt() * _query_attention(q, k_merged, covered, active)[active]
+            dev[~cov | keep] = -1.0
+            keep[torch.topk(dev, min(left, int(cov.sum()))).indices] = True
+        return keep.nonzero().squeeze(1)
+
     def _run_layers(self, ids: torch.Tensor, parts: list[_Span], stream: object,
                     timings: dict[str, float], forced: torch.Tensor | None = None) -> BlendResult:
         n = int(ids.shape[0])
@@ -315,6 +342,8 @@ class Blender:
         hidden = self.w.embed[ids]
         active = pos  # rows whose hidden state is carried
         tail = False
+        # already narrowed, or nothing to narrow: no gradual filtering, the caller's rows, or EPIC
+        narrowed = self.gradual <= 1.0 or forced is not None or self.selector != "deviation"
         keys, values = [], []
         for layer_index, layer in enumerate(self.w.layers):
             q, k, v = qkv(self.w, layer, hidden, active)  # == pos[active] (pos is arange); one tensor object
@@ -328,10 +357,19 @@ class Blender:
             k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos, moves)
             timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait
             if layer_index == self.check_layer:
-                chosen = self._select((k, v), (k_all, v_all), parts, n, forced, q)
+                chosen = self._select((k, v), (k_all, v_all), parts, n, forced, q, widen=1.0 if narrowed else self.gradual)
                 q, k, v, hidden = q[chosen], k[chosen], v[chosen], hidden[chosen]
                 active = chosen
                 tail = is_tail(chosen, pos)  # once per blend: a reused prefix and the rest computed
+            elif not narrowed and layer_index == self.check_layer + 1:  # gradual filtering: narrow once
+                covered_rows = torch.zeros(n, dtype=torch.bool, device=pos.device)
+                for p in parts:
+                    covered_rows[p.start:p.end] = True
+                k_merged = k_all.clone()
+                k_merged[active] = k
+                kept = self._narrow((k, v), (k_all[active], v_all[active]), q, active, covered_rows, k_merged)
+                q, k, v, hidden, active = q[kept], k[kept], v[kept], hidden[kept], active[kept]
+                tail = is_tail(active, pos)
             k_all[active] = k
             v_all[active] = v
             keys.append(k_all)
