@@ -258,6 +258,9 @@ def test_kill9_during_upload_in_remote_mode(cluster: SeaweedCluster, tmp_path: P
             assert tier.drain()
             flagged = {e.remote_name.decode() for e in s.block_table() if e.remote_name}
             assert tier.status().pending_blocks == []
+            # the ledger is whole again: a flag whose ledger mark the kill cut off got its mark back
+            marks = tier.uploader.ledger.uploaded_blocks()
+            assert {str(marks[e.block_id]["data_key"]) for e in s.block_table() if e.remote_name} == flagged
     n = no_dangling_pointer(objects)
     assert all(objects.size(name) is not None for name in flagged)
     assert n == len(objects.list_after("blocks/", None))  # one index per data object: no object sent twice

@@ -17,7 +17,16 @@ from blockstore import hooks
 from blockstore.directory import BLOCK_SEALED
 from blockstore.records import BLOCK_HEADER_SIZE, Kind, ScanStop
 from blockstore.remote.errors import RemoteError, RemoteUnavailable
-from blockstore.remote.layout import INDEX, BlockIndex, IndexEntry, check_node_id, data_key, object_name
+from blockstore.remote.layout import (
+    INDEX,
+    BlockIndex,
+    IndexEntry,
+    check_node_id,
+    data_key,
+    index_key,
+    index_name,
+    object_name,
+)
 from blockstore.remote.ledger import Ledger
 from blockstore.remote.objects import ObjectStore
 from blockstore.store import Store
@@ -68,10 +77,25 @@ class Uploader:
             return []
         done = []
         for e in self.store.block_table():
-            rec = None if e.remote_name or e.state != BLOCK_SEALED else self.ledger.uploaded(e.block_id)
-            if rec is not None and self.store.mark_block_remote(e.block_id, str(rec["data_key"]).encode()):
+            if e.state != BLOCK_SEALED:
+                continue
+            rec = self.ledger.uploaded(e.block_id)
+            if e.remote_name and rec is None:
+                self._mark_from_flag(e.block_id, e.remote_name.decode())
+            elif not e.remote_name and rec is not None \
+                    and self.store.mark_block_remote(e.block_id, str(rec["data_key"]).encode()):
                 done.append(e.block_id)
         return done
+
+    def _mark_from_flag(self, block_id: int, dkey: str) -> None:
+        """A crash between the store's flag and the ledger's mark (H4's request): complete the ledger from
+        the flag (the data key) and the reservation (the index key), so its record of uploads is whole."""
+        res = self.ledger.reservation(block_id)
+        if res is None:
+            return  # uploaded before this ledger (a wiped disk): nothing names its index here
+        self.ledger.mark_uploaded(block_id, {
+            "data_key": dkey, "index_key": index_key(index_name(self.node_id, int(res["seq"]), block_id)),
+            "file_xxh3": int(dkey.rsplit("-", 1)[1], 16)})
 
     def status(self) -> UploadStatus:
         pend = self.pending()
@@ -189,7 +213,7 @@ class Uploader:
         data, entries = self._read_sealed(block_id, data_end)
         file_xxh3 = xxhash.xxh3_64_intdigest(data)
         dkey = data_key(object_name(self.node_id, block_id, file_xxh3))
-        ikey = f"{INDEX}{self.node_id}/{int(res['seq']):016x}-{block_id:016x}"
+        ikey = index_key(index_name(self.node_id, int(res["seq"]), block_id))
         sent = 0
         if not retry or self.objects.size(dkey) != len(data):
             self.objects.put(dkey, data)
