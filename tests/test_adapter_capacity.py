@@ -2,7 +2,8 @@
 
 - block files on disk stay within capacity_bytes + RECORD_FRAMING per record + (open blocks + 1) x block_size
   under every compaction
-  setting, none included, when a store is filled far past its capacity (measured on disk, not from counters);
+  setting, none included, when a store is filled far past its capacity (measured on disk, not from counters),
+  and afterwards fsck finds nothing and a directory rebuilt from the blocks agrees (no evicted key comes back);
 - eviction keeps what is read: a frequently re-read key survives a scan of one-off keys that FIFO would keep;
 - admission ('second_sighting') stores a key the second time it is offered;
 - settings that cannot keep the promise are refused when the adapter is configured or opened."""
@@ -21,8 +22,10 @@ import pytest
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
+from compaction_helpers import rebuild_violations  # noqa: E402
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
+import blockstore  # noqa: E402
 from bench.eviction import sim_belady, sim_lru  # noqa: E402
 from blockstore.connector.l2_adapter import (  # noqa: E402
     RECORD_FRAMING,
@@ -30,6 +33,7 @@ from blockstore.connector.l2_adapter import (  # noqa: E402
     BlockstoreL2AdapterConfig,
 )
 from blockstore.errors import InvalidArgument  # noqa: E402
+from blockstore.tools import fsck  # noqa: E402
 
 BLOCK = 65536
 SMALL = torch.Size([2, 2, 16, 32])  # float32: 8 KiB, ~7 records per 64 KiB block
@@ -95,6 +99,13 @@ def test_disk_stays_within_capacity_plus_slack(make: Callable[..., BlockstoreL2A
     c = a.report_status()["counters"]
     assert c["evicted_for_capacity"] > n_keys // 2  # the budget was really exercised
     assert worst > 0.5  # and the disk was really filled up to near the bound
+    assert c["blocks_evicted"] > 0, c  # whole blocks went through Store.evict_blocks (no tombstones)
+    # nothing evicted can come back: fsck finds nothing unreferenced, a directory rebuilt from the blocks agrees
+    a.close()
+    findings = [f.line() for f in fsck.check(a.config.path, log=False).findings]
+    assert not findings, findings
+    with blockstore.open(a.config.path, create=False) as s:
+        assert rebuild_violations(s) == []
 
 
 def test_eviction_writes_no_tombstones_and_leaves_no_tombstone_only_blocks(make: Callable[..., BlockstoreL2Adapter],
