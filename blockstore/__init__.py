@@ -25,6 +25,7 @@ from blockstore.errors import (
     NotFound,
     OutOfMemory,
     ReadOnlyStore,
+    RemoteNotConfirmed,
     StoreClosed,
     StoreLocked,
     TruncatedError,
@@ -37,7 +38,8 @@ __version__ = "0.1.0"
 
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - mirrors builtins.open on purpose
     """Open (by default, create) a store. Keyword arguments are those of `Store`:
-    create=True, read_only=False, durability="cache"|"sync",
+    create=True, read_only=False, durability="cache"|"sync"|"remote" (remote: a write returns once its block is sealed and
+    confirmed in the object store by an attached blockstore.remote.RemoteTier; docs/remote.md),
     block_size=None (a new store: 64 MiB; an existing one: the size it was created with),
     max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, read_ahead=True,
     on_corrupt="raise"|"miss", backend="native"|"python",
@@ -49,5 +51,5 @@ def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "BlockstoreError", "ChecksumMismatch", "Chunk", "ChunkWrite", "CorruptionError",
     "FormatVersionError", "IOErrorBS", "InvalidArgument", "NoSpace", "NotFound", "OutOfMemory",
-    "ReadOnlyStore", "Store", "StoreClosed", "StoreLocked", "StoreStats", "TruncatedError", "open",
+    "ReadOnlyStore", "RemoteNotConfirmed", "Store", "StoreClosed", "StoreLocked", "StoreStats", "TruncatedError", "open",
 ]

@@ -26,6 +26,12 @@ class NoSpace(IOErrorBS):
     """The disk is full (ENOSPC/EDQUOT). The failed operation was not acknowledged; earlier ones stand."""
 
 
+class RemoteNotConfirmed(IOErrorBS):
+    """`durability="remote"`: the object store did not confirm a write's block in time (unreachable, or
+    slower than `remote_timeout`). The write is durable locally and stays queued for upload; it is not
+    acknowledged as remote (the remote tier's status() says what is pending)."""
+
+
 class CorruptionError(BlockstoreError):
     """Bytes on disk do not parse as docs/format.md says."""
 

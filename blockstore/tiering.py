@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from blockstore import logs
 from blockstore.directory import BLOCK_SEALED, BlockEntry, DirectoryBatch
-from blockstore.errors import CorruptionError, InvalidArgument, IOErrorBS, NotFound
+from blockstore.errors import CorruptionError, InvalidArgument, NotFound, RemoteNotConfirmed
 from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE
 from blockstore.writer import WriteEngine
 
@@ -26,12 +26,6 @@ _log = logs.get("tiering")
 BlockFetcher = Callable[[int, bytes, Sequence[tuple[int, int]]], Sequence[bytes | bytearray | memoryview]]
 
 MAX_REMOTE_NAME = 1024
-
-
-class RemoteNotConfirmed(IOErrorBS):
-    """`durability="remote"`: the object store did not confirm a write's block in time (unreachable, or
-    slower than `remote_timeout`). The write is durable locally and stays queued for upload; it is not
-    acknowledged as remote (the remote tier's status() says what is pending)."""
 
 
 class Tiering:

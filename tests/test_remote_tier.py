@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 import blockstore
+from blockstore import RemoteNotConfirmed
 from blockstore.errors import ChecksumMismatch
 from blockstore.remote import RemotePool, S3Settings, make_object_store
 from blockstore.remote.layout import INDEX, BlockIndex
 from blockstore.remote.tier import RemoteTier
-from blockstore.tiering import RemoteNotConfirmed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seaweed_cluster import SeaweedCluster  # noqa: E402

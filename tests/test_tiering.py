@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import blockstore
+from blockstore import RemoteNotConfirmed
 from blockstore.directory import BLOCK_SEALED, BlockEntry
 from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument, IOErrorBS
-from blockstore.tiering import RemoteNotConfirmed
 from blockstore.tools.fsck import check
 
 BLOCK = 64 << 10
