@@ -1,0 +1,87 @@
+"""Review (H7) of blockstore.remote.tier: the tier drops local copies on the strength of the directory's
+remote flag alone. A damaged or forged entry (a remote name on a block that was never uploaded) must not
+make it delete the only copy of acknowledged records. In-memory object store (a unit-test aid; the tier
+on a real SeaweedFS cluster: tests/test_remote_tier.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+import blockstore
+from blockstore.directory import Directory, DirectoryBatch
+from blockstore.remote.objects import S3Settings
+from blockstore.remote.tier import RemoteTier
+from blockstore.store import DIRECTORY
+
+BLOCK = 64 << 10
+
+
+class MemoryObjects:
+    """The ObjectStore interface over a dict."""
+
+    def __init__(self) -> None:
+        self.settings = S3Settings("memory://", "b", "", "")
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes) -> None:
+        self.objects[key] = bytes(data)
+
+    def size(self, key: str) -> int | None:
+        got = self.objects.get(key)
+        return None if got is None else len(got)
+
+    def get(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        return [memoryview(self.objects[key][a:b]) for a, b in ranges]
+
+    def list_after(self, prefix: str, after: str | None) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix) and (after is None or k > after))
+
+    def list_children(self, prefix: str) -> list[str]:
+        return sorted({k[len(prefix):].split("/", 1)[0] + "/" for k in self.objects if k.startswith(prefix)})
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+@pytest.mark.xfail(strict=True, reason="H3: the tier drops a flagged block without checking its object exists "
+                                       "(inbox-H3, H7 review)")
+def test_tier_keeps_a_block_whose_remote_flag_names_no_object(tmp_path: Path) -> None:
+    """A block entry whose remote name was set by damage (the block was never uploaded): the uploader
+    skips it (pending() trusts the flag), and with a local capacity the tier drops its local file, the
+    only copy; every read of its records then fails. Expected: before a drop, the tier checks that the
+    object exists with the block file's size (one HEAD), and keeps the local copy otherwise."""
+    vals = {f"k{i:03d}".encode(): os.urandom(20_000) for i in range(6)}
+    path = tmp_path / "s"
+    with blockstore.open(path, block_size=BLOCK) as s:
+        s.put_many(list(vals.items()))
+        s.seal_open_blocks()
+        forged = s.block_table()[0].block_id
+    d = Directory(str(path / DIRECTORY), read_only=False, sync=True, create=False)
+    try:
+        e = d.load_blocks()[forged]
+        e.remote_name = b"blocks/node-x/never-uploaded"
+        b = DirectoryBatch()
+        b.put_block(e)
+        d.write(b, force_sync=True)
+    finally:
+        d.close()
+    objects = MemoryObjects()
+    with blockstore.open(path, block_size=BLOCK) as s:
+        tier = RemoteTier(s, objects, "node-x", poll_s=0.05, local_capacity_bytes=0)
+        try:
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and s.has_local_copy(forged) and tier.uploader.pending():
+                time.sleep(0.05)
+            time.sleep(1.2)  # the capacity check runs at most once a second
+            assert s.has_local_copy(forged), "the tier deleted the only copy of a block it never uploaded"
+            assert [s.get(k) for k in vals] == list(vals.values())
+        finally:
+            tier.close(drain=False)
