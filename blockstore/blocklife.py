@@ -355,7 +355,8 @@ class BlockLifecycle:
         relocated since the caller chose the blocks has left them and stays). A relocation racing this
         call loses its compare-and-swap and writes nothing. A crash before the synced write changes
         nothing; after it, the `reclaiming` marks make the next open finish the unlinks (the proof that
-        nothing in the blocks is live is durable). Unsynced data of other blocks needs no sync first:
+        nothing in the blocks is live is durable), which is also why the unlinks may follow after the
+        leader slot is released. Unsynced data of other blocks needs no sync first:
         no record removed here has an older version anywhere that such data could have superseded."""
         self.check_open(write=True)
         out = Evicted()
@@ -379,6 +380,8 @@ class BlockLifecycle:
                     del chosen[bid]
             if chosen:
                 self._write_eviction(chosen, out)
+        for bid in out.blocks:  # outside the slot: writers need not wait for the file system to free extents
+            self.blocks.delete(bid)
         return out
 
     def _evictable_records(self, bid: int) -> list[tuple[bytes, Location]] | None:
@@ -447,8 +450,9 @@ class BlockLifecycle:
         return seqs
 
     def _write_eviction(self, chosen: dict[int, list[tuple[bytes, Location]]], out: Evicted) -> None:
-        """The synced directory write that removes the keys and marks the blocks reclaiming, then the
-        unlinks (with the slot held, as delete_blocks)."""
+        """The synced directory write that removes the keys and marks the blocks reclaiming (the caller
+        unlinks the files once it has let the slot go: the durable mark already proves them dead, and an
+        entry whose file is still there is only forgotten after the file is gone)."""
         b = DirectoryBatch()
         with self.state_lock:
             for bid, records in chosen.items():
@@ -473,4 +477,3 @@ class BlockLifecycle:
         for bid, records in chosen.items():
             out.blocks.append(bid)
             out.records += records
-            self.blocks.delete(bid)
