@@ -143,7 +143,11 @@ def _configs(variants: bool, only: Sequence[str] | None) -> dict[str, dict[str, 
         configs.update({f"oracle-attn-{r:g}": {"ratio": r, "oracle": "oracle-attn"} for r in CURVE_RATIOS[:2]})
         configs.update({f"0.15-{name}": {"ratio": 0.15, **opts} for name, opts in VARIANTS_015.items()})
     configs["0.15-no-chunk-prefix"] = {"ratio": 0.15, "chunk_prefix": ()}
-    if only:
+    if only:  # any ratio with a variant's options too: "0.3-kv-qw-g2"
+        for name in set(only) - set(configs):
+            ratio, _, variant = name.partition("-")
+            if ratio.replace(".", "", 1).isdigit() and variant in VARIANTS_015:
+                configs[name] = {"ratio": float(ratio), **VARIANTS_015[variant]}
         unknown = sorted(set(only) - set(configs))
         if unknown:
             raise SystemExit(f"unknown configs {unknown}; known: {sorted(configs)}")
@@ -242,12 +246,12 @@ def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: st
     return out
 
 
-def _curve(fid: dict[str, Any], prefix: str) -> list[tuple[float, dict[str, Any]]]:
-    """(ratio, results) of the configs named "<prefix><ratio>", in ratio order."""
+def _curve(fid: dict[str, Any], prefix: str, suffix: str = "") -> list[tuple[float, dict[str, Any]]]:
+    """(ratio, results) of the configs named "<prefix><ratio><suffix>", in ratio order."""
     out = []
     for name, res in fid.items():
-        rest = name.removeprefix(prefix)
-        if name.startswith(prefix) and rest.replace(".", "", 1).isdigit():
+        rest = name.removeprefix(prefix).removesuffix(suffix)
+        if name.startswith(prefix) and name.endswith(suffix) and rest.replace(".", "", 1).isdigit():
             out.append((float(rest), res))
     return sorted(out, key=lambda p: p[0])
 
@@ -261,11 +265,13 @@ def plot_fidelity(fid: dict[str, Any], path: str) -> str:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for prefix, label, style in (("", "deviation on V (default)", "-o"), ("epic-", "first tokens (EPIC)", "-^"),
-                                 ("oracle-", "oracle: KV off most (final layers)", ":x"),
-                                 ("oracle-attn-", "oracle: KV off x last-token attention", ":D")):
-        pts = _curve(fid, prefix)
-        if pts and prefix:  # at ratio 0 every selection is pure reuse, at 1 a full prefill
+    for prefix, suffix, label, style in (
+            ("", "", "deviation on V (default)", "-o"), ("epic-", "", "first tokens (EPIC)", "-^"),
+            ("", "-kv-qw-g2", "K+V, question-weighted, gradual", "-v"),
+            ("oracle-", "", "oracle: KV off most (final layers)", ":x"),
+            ("oracle-attn-", "", "oracle: KV off x last-token attention", ":D")):
+        pts = _curve(fid, prefix, suffix)
+        if pts and (prefix or suffix):  # at ratio 0 every selection is pure reuse, at 1 a full prefill
             pts = sorted(pts + [(r, fid[k]) for r, k in ((0.0, "0"), (1.0, "1")) if k in fid], key=lambda p: p[0])
         if pts:
             ax.plot([p[0] for p in pts], [p[1]["top1_agreement"] for p in pts], style, ms=4, label=f"{label}: top-1")
