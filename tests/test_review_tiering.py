@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 import blockstore
+from blockstore.directory import Directory, DirectoryBatch
 from blockstore.errors import BlockstoreError, ChecksumMismatch, CorruptionError
+from blockstore.keys import SPACE_KV, block_key, key_suffix
+from blockstore.store import DIRECTORY
 from blockstore.tools.repair import repair
 
 BLOCK = 64 << 10
@@ -110,3 +113,41 @@ def test_repair_rebuild_does_not_bring_back_an_older_value_over_a_dropped_block(
         assert got is not None and got[:4] != b"old-", "repair brought back the value the dropped block replaced"
         assert got == new
         assert any(x.block_id == bid and x.remote_name for x in s.block_table())
+
+
+@pytest.mark.xfail(strict=True, reason="H3: fsck drops keys naming a block whose damaged entry was its only flag "
+                                       "(inbox-H3, H7 review)")
+def test_repair_of_a_damaged_entry_keeps_a_dropped_blocks_records(tmp_path: Path) -> None:
+    """The block-table entry of a dropped block is damaged (its value no longer decodes): the flag, the
+    only sign that the block's records are in an object, is lost with it. fsck --repair then calls the
+    key entries naming it `dangling` (no file, no entry) and drops them: the newest value of k is
+    deleted from the directory (and once the block leaves the table, remote GC deletes its object).
+    Expected: the key entries stay (the open may refuse until the entry is restored: a clear error that
+    loses nothing); if the store opens, k reads its newest value from the object."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    path = tmp_path / "s"
+    fetch, bid, _old, new = _dropped_block_store(path, objects)
+    d = Directory(str(path / DIRECTORY), read_only=False, sync=True, create=False)
+    try:
+        sfx = key_suffix(d.namespaces()["default"], SPACE_KV, b"k")
+        (before,) = d.get_locations([sfx])
+        b = DirectoryBatch()
+        b.put(block_key(bid), b"\x01\x02\x03")  # an entry that does not decode
+        d.write(b, force_sync=True)
+    finally:
+        d.close()
+    assert before is not None and before.block_id == bid
+    repair(path)
+    d = Directory(str(path / DIRECTORY), read_only=True, sync=True, create=False)
+    try:
+        assert d.get_locations([sfx]) == [before], "repair dropped the key of a record that is in its object"
+    finally:
+        d.close()
+    try:
+        s = blockstore.open(path)
+    except BlockstoreError:
+        return  # refused until the entry is restored: nothing lost
+    with s:
+        s.set_block_fetcher(fetch)
+        assert s.get(b"k") == new
