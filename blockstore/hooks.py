@@ -6,6 +6,7 @@ harness can kill a writer at a precise point. Names in use:
 - write.begin, write.appended, write.before_directory, write.committed   (the write path)
 - read.located                                                             (between lookup and read)
 - block.delete                                                             (before a block is removed)
+- evict.begin, evict.written                                                (Store.evict_blocks: before its directory write, after it)
 - recovery.scanned                                                         (after a block's scan)
 - compact.scan, compact.copy, compact.repoint, compact.reclaim             (compaction's phases; args:
   "gc" or "relocate", the block or group id, a count)
