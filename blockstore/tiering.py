@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from blockstore import logs
 from blockstore.directory import BLOCK_SEALED, BlockEntry, DirectoryBatch
 from blockstore.errors import CorruptionError, InvalidArgument, NotFound, RemoteNotConfirmed
-from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE
+from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE, ScanStop
 from blockstore.writer import WriteEngine
 
 _log = logs.get("tiering")
@@ -42,6 +42,9 @@ class Tiering:
         self._changes = 0  # bumped by every confirmation and seal: a waiter wakes only on news
         self._unconfirmed: set[int] = set()  # blocks in the table not confirmed remote (remote waits)
         self._newest = 0  # the highest block id committed to the table
+        # unconfirmed blocks that left the table -> the newest block id when that was seen: compaction may
+        # have moved their records to any block up to it, which a write they held must wait for too
+        self._vanished: dict[int, int] = {}
         self.seal_observers.append(self._note_seal)
 
     def _note_seal(self, _block_id: int) -> None:
@@ -142,9 +145,18 @@ class Tiering:
             try:
                 eng.backend.truncate(fd, 0)
                 eng.backend.pwrite(fd, bytes(view), 0)
+                # every record must scan and verify, as a read would: a bad copy written here would
+                # shadow the intact object (reads go local again) and look like local damage to fsck
+                scan = eng.backend.scan(fd, BLOCK_HEADER_SIZE, e.data_end, True)
+                if scan.stop != ScanStop.END or not all(r.payload_ok for r in scan.records):
+                    raise CorruptionError(f"block {block_id:016x}: the bytes given do not verify (a record "
+                                          f"at or after offset {scan.next_offset} is damaged); not restored")
                 eng.backend.sync(fd)
-            finally:
+            except BaseException:
                 eng.backend.close(fd)
+                eng.backend.unlink(tmp)
+                raise
+            eng.backend.close(fd)
             os.rename(tmp, path)
             eng.backend.dir_sync(eng.blocks.folder)
         _log.info("%s: restored the local copy of block %016x from %r", eng.path, block_id, e.remote_name)
@@ -184,20 +196,42 @@ class Tiering:
                 self._unconfirmed.add(bid)
             self._newest = max(self._newest, bid)
 
-    def _pending(self, up_to: int) -> tuple[list[int], bool]:
+    def _pending(self, up_to: int) -> tuple[list[int], bool, int]:
         """Blocks with id <= up_to not confirmed remote yet, and whether one of them is still open. Costs
-        the number of unconfirmed blocks, not the size of the table."""
+        the number of unconfirmed blocks, not the size of the table. Also the horizon: up_to, raised past
+        the blocks that moves out of a vanished block may have filled."""
         eng = self.engine
         with eng.state_lock:
             pend = []
             for bid in list(self._unconfirmed):
                 e = eng.table.get(bid)
+                if e is None:  # deleted: its records died, or were moved to a block committed since
+                    self._vanished[bid] = self._newest
                 if e is None or e.remote_name:
-                    self._unconfirmed.discard(bid)  # deleted (nothing left in it), or confirmed
-                elif bid <= up_to:
-                    pend.append(e)
+                    self._unconfirmed.discard(bid)
+            up_to = self._horizon(up_to)
+            pend = [e for bid in self._unconfirmed if bid <= up_to and (e := eng.table.get(bid)) is not None]
+            self._prune_vanished()
         pend.sort(key=lambda e: e.block_id)
-        return [e.block_id for e in pend], any(e.state != BLOCK_SEALED for e in pend)
+        return [e.block_id for e in pend], any(e.state != BLOCK_SEALED for e in pend), up_to
+
+    def _horizon(self, up_to: int) -> int:
+        """The highest block a record of a block <= up_to may be in now: moves out of vanished blocks
+        followed (a moved record may move again; moves only go to newer blocks)."""
+        for bid in sorted(self._vanished):
+            if bid <= up_to:
+                up_to = max(up_to, self._vanished[bid])
+        return up_to
+
+    def _prune_vanished(self) -> None:
+        """Forget a vanished block once every block its records may be in is confirmed: its horizon below
+        the lowest unconfirmed block and below every vanished block still kept (a chain through it)."""
+        floor = min(self._unconfirmed, default=1 << 64)
+        for bid in sorted(self._vanished, reverse=True):
+            if self._vanished[bid] < floor:
+                del self._vanished[bid]
+            else:
+                floor = min(floor, bid)
 
     def newest_block(self) -> int:
         """The highest block id committed to the table so far: a write that returned is at or below it."""
@@ -219,12 +253,11 @@ class Tiering:
         while True:
             with self._cv:
                 seen = self._changes
-            pend, still_open = self._pending(up_to)
+            pend, still_open, horizon = self._pending(up_to)
             if not pend:
                 return
             now = time.monotonic()
-            if still_open and now >= seal_at:
-                self.engine.seal_open_blocks(up_to)
+            if still_open and now >= seal_at and self.engine.seal_open_blocks(horizon):
                 continue
             if now >= deadline:
                 raise RemoteNotConfirmed(

@@ -10,16 +10,12 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import blockstore
 from blockstore.directory import BLOCK_SEALED
 
 BLOCK = 64 << 10
 
 
-@pytest.mark.xfail(strict=True, reason="H3: a remote wait counts a block compaction emptied by moves as done "
-                                       "(inbox-H3, H7 review)")
 def test_a_remote_put_is_not_acknowledged_when_compaction_moves_its_record_before_the_upload(tmp_path: Path) -> None:
     """A put in remote mode; its block is sealed, then, before any upload (the seal observer confirms
     nothing), compaction's relocation moves the record to a new block and sync_moves deletes the emptied

@@ -61,7 +61,6 @@ def _dropped_block_store(path: Path, objects: Path) -> tuple[CopyFetcher, int, b
     return fetch, bid, old, new
 
 
-@pytest.mark.xfail(strict=True, reason="H3: restore_local_copy does not verify the records (inbox-H3, H7 review)")
 def test_restore_local_copy_refuses_a_payload_that_does_not_verify(tmp_path: Path) -> None:
     """restore_local_copy checks the size, header and footer of the bytes it is given, not the records:
     an object with a flipped payload byte (bit rot, a bad transfer) is written as the block's local file.
@@ -89,7 +88,6 @@ def test_restore_local_copy_refuses_a_payload_that_does_not_verify(tmp_path: Pat
         assert s.get(b"k") == new
 
 
-@pytest.mark.xfail(strict=True, reason="H3: a rebuild forgets dropped blocks (inbox-H3, H7 review)")
 def test_repair_rebuild_does_not_bring_back_an_older_value_over_a_dropped_block(tmp_path: Path) -> None:
     """A directory that cannot be read is rebuilt from the local block files alone. A block whose local
     copy was dropped (flagged remote, its entry salvaged from the damaged directory) is not a local file,
@@ -115,8 +113,6 @@ def test_repair_rebuild_does_not_bring_back_an_older_value_over_a_dropped_block(
         assert any(x.block_id == bid and x.remote_name for x in s.block_table())
 
 
-@pytest.mark.xfail(strict=True, reason="H3: fsck drops keys naming a block whose damaged entry was its only flag "
-                                       "(inbox-H3, H7 review)")
 def test_repair_of_a_damaged_entry_keeps_a_dropped_blocks_records(tmp_path: Path) -> None:
     """The block-table entry of a dropped block is damaged (its value no longer decodes): the flag, the
     only sign that the block's records are in an object, is lost with it. fsck --repair then calls the

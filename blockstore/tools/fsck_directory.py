@@ -151,8 +151,13 @@ class DirectoryChecks(PassBase):
             elif sfound.get(sk) is None:
                 rep.add("session-index", loc.block_id, loc.offset, f"{key_text(suffix)} has no listing entry")
                 rep.missing_session.append((sk, suffix))
+        damaged = set(rep.bad_block_values)
         for (suffix, loc), r in zip(good, rkeys):
             bid = loc.block_id
+            if bid in damaged and bid not in self.files:
+                # no file and an entry that does not decode: it may be a block whose local copy was dropped
+                # (the flag went with the entry), its records in an object: not dangling, nothing dropped
+                continue
             if bid not in self.entries and bid not in self.files and bid not in self.reclaiming:
                 self.nowhere_named[bid] = self.nowhere_named.get(bid, 0) + 1
                 rep.dangling[suffix] = (loc, f"names block {block_label(bid)}, which does not exist")

@@ -57,7 +57,7 @@ from blockstore.tools.fsck_report import Finding, Report
 from blockstore.tools.lost_found import fsync_dir
 from blockstore.tools.repair_blocks import BlockRepairs
 from blockstore.tools.repair_directory import DirectoryRepairs
-from blockstore.tools.repair_rebuild import Rebuild
+from blockstore.tools.repair_rebuild import Rebuild, dropped_blocks
 
 _log = logs.get("repair")
 _MAX_ROUNDS = 16
@@ -126,7 +126,10 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             rep = check(self.root, backend=self.be, writer_pid=None, log=False)
             self._remember(rep)
         if not rep.directory_ok or rep.lost_writes:
-            self._rebuild_directory(rep)
+            dropped = self._rebuild_directory(rep)
+            if dropped:
+                _log.warning("repair %s refused a rebuild: %s", self.root, dropped)
+                return RepairResult(list(self.seen.values()), rep, [], dropped)
         try:
             self.dir = Directory(os.path.join(self.root, DIRECTORY), read_only=False, sync=True, create=False)
             for _ in range(_MAX_ROUNDS):
@@ -247,28 +250,36 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         if pending:
             fsync_dir(d)
 
-    def _rebuild_directory(self, rep: Report) -> None:
-        """The directory cannot be read, or lost writes: move it away and rebuild it from the block files."""
+    def _rebuild_directory(self, rep: Report) -> str | None:
+        """The directory cannot be read, or lost writes: move it away and rebuild it from the block files.
+        Refused (why returned, the directory left as it is) when it names blocks whose local copy was dropped."""
         dpath = os.path.join(self.root, DIRECTORY)
         salvaged: dict[bytes, bytes] = {}
         if os.path.lexists(dpath):
-            why = ("the directory does not name block files of this store that hold records (it lost writes); "
-                   "rebuilt from the blocks" if rep.directory_ok else
-                   "the directory could not be read; rebuilt from the blocks")
-            moved = self.lf.move(dpath, DIRECTORY, why)
             # .fsck-salvage is repair's own scratch copy of the damaged directory (RepairDB rewrites what it
-            # reads, so it works on a copy); the original is kept in lost+found, so removing the copy, or
-            # one an interrupted repair left, deletes nothing that exists only there.
+            # reads, so it works on a copy); the original stays, then goes to lost+found, so removing the
+            # copy, or one an interrupted repair left, deletes nothing that exists only there.
             tmp = os.path.join(self.root, ".fsck-salvage")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                shutil.copytree(moved, tmp)
+                shutil.copytree(dpath, tmp)
                 salvaged = {k: v for k, v in salvage(tmp) if k[:1] in (TAG_NS, TAG_NS_ID, TAG_BLOCK, TAG_AFFINITY,
                                                                       TAG_META)}
             except OSError:
                 salvaged = {}
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            dropped = dropped_blocks(self.root, salvaged)
+            if dropped:
+                # their records are only in their objects: a rebuild from the local files would forget them,
+                # and older values of their keys in local blocks would become current
+                return (f"the directory names {len(dropped)} block(s) whose local copy was dropped once its object "
+                        f"was confirmed ({', '.join(block_label(b) for b in dropped[:8])}): restore their files "
+                        "from their objects (Store.restore_local_copy) before a rebuild from the blocks")
+            why = ("the directory does not name block files of this store that hold records (it lost writes); "
+                   "rebuilt from the blocks" if rep.directory_ok else
+                   "the directory could not be read; rebuilt from the blocks")
+            self.lf.move(dpath, DIRECTORY, why)
         d = Directory(dpath, read_only=False, sync=True, create=True)
         try:
             rb = Rebuild(self, d, salvaged)
@@ -280,3 +291,4 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         names = ", ".join(f"{nid}={name} ({how})" for nid, (name, how) in sorted(rb.named.items()))
         self.done[("directory", None, None)] = (f"rebuilt from the blocks: {n} keys, {len(salvaged)} entries "
                                                 f"salvaged from the old directory; namespaces {names or 'none'}")
+        return None

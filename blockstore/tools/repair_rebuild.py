@@ -7,6 +7,7 @@ import time
 
 import xxhash
 
+from blockstore.blocks import BLOCKS_DIR, block_file_name
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch
 from blockstore.errors import BlockstoreError, FormatVersionError
 from blockstore.keys import (
@@ -37,6 +38,18 @@ def _old_entry(bid: int, raw: bytes | None) -> BlockEntry | None:
     except BlockstoreError:
         return None
     return e if isinstance(e, BlockEntry) else None
+
+
+def dropped_blocks(root: str, salvaged: dict[bytes, bytes]) -> list[int]:
+    """Blocks the salvaged directory flags remote whose local file is gone (the remote tier dropped it)."""
+    out = []
+    for k, v in salvaged.items():
+        if k[:1] == TAG_BLOCK and len(k) == 9:
+            e = _old_entry(int.from_bytes(k[1:9], "big"), v)
+            if e is not None and e.remote_name and e.state == BLOCK_SEALED and \
+                    not os.path.exists(os.path.join(root, BLOCKS_DIR, block_file_name(e.block_id))):
+                out.append(e.block_id)
+    return sorted(out)
 
 
 class Rebuild:
