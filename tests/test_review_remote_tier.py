@@ -10,8 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 import blockstore
 from blockstore.directory import Directory, DirectoryBatch
 from blockstore.remote.objects import S3Settings
@@ -51,8 +49,6 @@ class MemoryObjects:
         self.objects.pop(key, None)
 
 
-@pytest.mark.xfail(strict=True, reason="H3: the tier drops a flagged block without checking its object exists "
-                                       "(inbox-H3, H7 review)")
 def test_tier_keeps_a_block_whose_remote_flag_names_no_object(tmp_path: Path) -> None:
     """A block entry whose remote name was set by damage (the block was never uploaded): the uploader
     skips it (pending() trusts the flag), and with a local capacity the tier drops its local file, the

@@ -22,6 +22,7 @@ from typing import Any
 
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
+from blockstore.records import FOOTER_SIZE
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.uploader import Uploader
 from blockstore.store import Store
@@ -196,11 +197,23 @@ class RemoteTier:
         for e in table:
             if used <= cap:
                 break
-            if e.state == BLOCK_SEALED and e.remote_name and self.store.drop_local_copy(e.block_id):
+            if e.state == BLOCK_SEALED and e.remote_name and self._object_holds(e) \
+                    and self.store.drop_local_copy(e.block_id):
                 used -= e.data_end
                 with self._stat_lock:
                     self._fetches.pop(e.block_id, None)
         self._over = max(0, used - cap)
+
+    def _object_holds(self, e: Any) -> bool:
+        """Whether the object the block's flag names is in the bucket with the sealed file's size (one HEAD
+        per drop): the flag is read from the directory, and a damaged or forged one must not cost the only
+        copy of the block's records."""
+        size = self.objects.size(e.remote_name.decode(errors="replace"))
+        if size == e.data_end + FOOTER_SIZE:
+            return True
+        _log.warning("%s: block %016x is flagged remote as %r, but the bucket holds %s: its local copy is kept",
+                     self.store.path, e.block_id, e.remote_name, "no such object" if size is None else f"{size} bytes")
+        return False
 
     # ---- what callers see ----
 
