@@ -6,6 +6,7 @@ on a real SeaweedFS cluster: tests/test_remote_tier.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from blockstore.directory import Directory, DirectoryBatch
 from blockstore.remote.objects import S3Settings
 from blockstore.remote.tier import RemoteTier
 from blockstore.store import DIRECTORY
+from blockstore.tools.repair import repair
 
 BLOCK = 64 << 10
 
@@ -79,5 +81,43 @@ def test_tier_keeps_a_block_whose_remote_flag_names_no_object(tmp_path: Path) ->
             time.sleep(1.2)  # the capacity check runs at most once a second
             assert s.has_local_copy(forged), "the tier deleted the only copy of a block it never uploaded"
             assert [s.get(k) for k in vals] == list(vals.values())
+        finally:
+            tier.close(drain=False)
+
+
+def test_a_lost_directory_is_not_rebuilt_under_a_remote_tier(tmp_path: Path) -> None:
+    """The directory of a store whose tier dropped its newest block is lost whole, and fsck --repair rebuilds
+    it from the local block files: the dropped block's records are forgotten and its id is free again. The
+    next block takes that id; the uploader's ledger says the id is uploaded, so the tier flags the new block
+    with the old block's object, never uploads it, and drops its local copy: a put acknowledged after the
+    repair is lost (its reads fetch the old object's bytes and fail their checksum). Expected: repair
+    refuses a rebuild from the local blocks while the store has a remote ledger, saying why."""
+    vals = {f"k{i:03d}".encode(): os.urandom(20_000) for i in range(9)}
+    path = tmp_path / "s"
+    objects = MemoryObjects()
+    with blockstore.open(path, block_size=BLOCK) as s:
+        s.put_many(list(vals.items()))
+        s.seal_open_blocks()
+        tier = RemoteTier(s, objects, "node-x", poll_s=0.05)
+        try:
+            assert tier.drain(20.0)
+            top = max(e.block_id for e in s.block_table())
+            assert s.drop_local_copy(top) > 0
+        finally:
+            tier.close(drain=False)
+    shutil.rmtree(path / DIRECTORY)
+    result = repair(path)
+    if result.refused:
+        assert "remote" in result.refused, result.refused
+        assert not (path / DIRECTORY).exists() and sorted(os.listdir(path / "blocks"))  # nothing changed
+        return
+    fresh = os.urandom(20_000)
+    with blockstore.open(path, block_size=BLOCK) as s:
+        s.put(b"fresh", fresh)
+        s.seal_open_blocks()
+        tier = RemoteTier(s, objects, "node-x", poll_s=0.05, local_capacity_bytes=0)
+        try:
+            time.sleep(1.5)  # an upload pass and a capacity check
+            assert s.get(b"fresh") == fresh
         finally:
             tier.close(drain=False)

@@ -61,6 +61,9 @@ from blockstore.tools.repair_rebuild import Rebuild, dropped_blocks
 
 _log = logs.get("repair")
 _MAX_ROUNDS = 16
+# the remote tier's uploader ledger under a store (blockstore.remote.uploader.LEDGER_DIR; the tools are
+# engine-side and do not import the tier)
+REMOTE_LEDGER = "remote-ledger"
 RENAMING = ".fsck-renaming"  # a block file on its way to the name its header gives (blocks/ID.blk.fsck-renaming)
 
 _DONE = {
@@ -252,7 +255,15 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
 
     def _rebuild_directory(self, rep: Report) -> str | None:
         """The directory cannot be read, or lost writes: move it away and rebuild it from the block files.
-        Refused (why returned, the directory left as it is) when it names blocks whose local copy was dropped."""
+        Refused (why returned, the directory left as it is) when blocks may exist only in an object store."""
+        if os.path.isdir(os.path.join(self.root, REMOTE_LEDGER)):
+            # a tier uploads this store's blocks and may have dropped local copies: a rebuild from the local
+            # files would forget their records (older values coming back) and hand their ids out again,
+            # which the tier's ledger still names as uploaded (a new block flagged with an old object)
+            return (f"this store's blocks are uploaded to an object store ({REMOTE_LEDGER}/ is here), and a rebuild "
+                    "from the local block files cannot see the blocks whose local copies were dropped: restore "
+                    "their files from their objects first, then move remote-ledger/ (and remote-reclaim/) aside "
+                    "and repair again (the tier then uploads every block again)")
         dpath = os.path.join(self.root, DIRECTORY)
         salvaged: dict[bytes, bytes] = {}
         if os.path.lexists(dpath):
