@@ -1,9 +1,9 @@
 """Compaction policies replayed on workload traces: blocks/request, space and write amplification,
 cold retrieval latency (DESIGN.md §6), per (trace, policy).
 
-Each trace of `bench/traces.py` (locomo, webarena, swe, lmcache, shared, sessions) is replayed under each policy of
-`blockstore.compaction.POLICIES` on a fresh store (same engine, same block size, cache durability).
-Writers pass the trace's partition to put_many only when the policy is partitioned (append-only
+Each trace of `bench/traces.py` (locomo, webarena, swe, lmcache, shared, sessions; heldout when named) is
+replayed under each policy of `blockstore.compaction.POLICIES` on a fresh store (same engine, same block
+size, cache durability). Writers pass the trace's partition to put_many only when the policy is partitioned (append-only
 writes everything to one stream). Compaction runs deterministically: `Compactor.run_pass()` every
 1/`--passes` of the trace's operations, plus one final pass, in the replaying thread.
 

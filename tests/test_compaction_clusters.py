@@ -112,3 +112,32 @@ def test_last_passes_clusters_keep_their_make_up_when_the_groups_order_changes()
     assert [(c.gid, sorted(c.keys)) for c in kept if b"b" in c.keys] == [(7, [b"a", b"b", b"c"])]
     assert all(b"old" not in c.keys for c in kept)
     assert sorted(sorted(c.keys) for c in kept) == [[b"a", b"b", b"c"], [b"x", b"y"]]
+
+
+def test_a_group_bigger_than_a_block_is_clustered_in_block_sized_runs() -> None:
+    keys = [b"k%d" % i for i in range(7)]
+    out = build([(_g(1, *keys), True)], {k: 30 for k in keys}, capacity=100)
+    assert [c.keys for c in out] == [keys[:3], keys[3:6]]  # the last run of one record is left out
+    assert all(c.nbytes == 90 and c.gids == [1] and c.due for c in out)
+
+
+def test_only_the_cluster_that_holds_a_group_apart_is_rewritten(tmp_path: Path) -> None:
+    # a request of 1.5 MB in 1 MiB blocks: two clusters, (a, b, c) and (d, e). a, b, c already share a
+    # block: rewriting their cluster would buy the request nothing; d and e sit in two blocks, and e joins
+    # d's block (still open, with room: one record moves)
+    size = 300_000
+    with blockstore.open(tmp_path, block_size=MIB) as s:
+        s.put_many([(k, value(k, 0, size)) for k in (b"a", b"b", b"c")], partition="home")
+        s.put(b"d", value(b"d", 0, size), partition="p-d")
+        s.put(b"e", value(b"e", 0, size), partition="p-e")
+        keys = [b"a", b"b", b"c", b"d", b"e"]
+        home = {loc.block_id for loc in s.locate_many(keys[:3]) if loc is not None}
+        assert len(home) == 1
+        c = attach(s, RELOCATE_ONLY, background=False)
+        s.get_many(keys)
+        rep = c.run_pass()
+        assert (rep.relocated_groups, rep.relocated_records) == (1, 1)
+        assert {loc.block_id for loc in s.locate_many(keys[:3]) if loc is not None} == home
+        assert len({loc.block_id for loc in s.locate_many(keys) if loc is not None}) == 2
+        for k in keys:
+            assert s.get(k) == value(k, 0, size)

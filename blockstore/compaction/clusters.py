@@ -85,6 +85,9 @@ def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capa
             elif len(new) >= 2 and add <= capacity:
                 target = _new(g.gid, made)
             else:
+                # more new records than one block holds (a long prompt's KV chunks): block-sized runs of
+                # them, each a cluster; dropped, the group was never relocated at all
+                _runs(g.gid, due, new, sizes, capacity, owner, made)
                 continue
         for k in new:
             owner[k] = target
@@ -93,6 +96,24 @@ def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capa
         target.gids.append(g.gid)
         target.due = target.due or due
     return [c for c in made if c.keys and len(c.keys) >= 2]
+
+
+def _runs(gid: int, due: bool, new: list[bytes], sizes: Mapping[bytes, int], capacity: int,
+          owner: dict[bytes, Cluster], made: list[Cluster]) -> None:
+    """Records of group `gid` in consecutive clusters of at most `capacity` bytes each."""
+    run: list[bytes] = []
+    nbytes = 0
+    for k in [*new, None]:
+        if k is None or (run and nbytes + sizes[k] > capacity):
+            if len(run) >= 2:
+                c = _new(gid, made)  # each run is named by the group (a name, not a key: it may repeat)
+                for r in run:
+                    owner[r] = c
+                c.keys, c.nbytes, c.gids, c.due = run, nbytes, [gid], due
+            run, nbytes = [], 0
+        if k is not None and sizes[k] <= capacity:
+            run.append(k)
+            nbytes += sizes[k]
 
 
 def _new(gid: int, made: list[Cluster]) -> Cluster:

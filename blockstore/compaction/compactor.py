@@ -352,7 +352,8 @@ class Compactor:
             if progress is not None:
                 progress("relocate", i, len(todo))
             where = relocation.layout([(k, locs[k]) for k in cluster.keys], self.store.block_size)
-            if not any(self._scattered(groups[gid], locs) for gid in cluster.gids if gid in due):
+            mine = set(cluster.keys)
+            if not any(self._scattered(groups[gid], locs, mine) for gid in cluster.gids if gid in due):
                 if not dry_run:
                     self.tracker.settled(cluster.gids, persist=False)  # together already: not due again
                 continue
@@ -375,13 +376,17 @@ class Compactor:
             if pacer is not None:
                 pacer(res.moved_bytes)
 
-    def _scattered(self, group: Group, locs: dict[bytes, Location]) -> bool:
-        """Whether the group's live records sit in more blocks than their bytes need plus the slack: what
-        makes its cluster worth a rewrite. A cluster is judged by its requests, not as a whole: one whose
-        groups each read one block stays put however its records spread (rewriting it would buy no
-        request a block, and clusters that shift by a record would be rewritten pass after pass)."""
-        where = relocation.layout([(k, locs[k]) for k in group.keys if k in locs], self.store.block_size)
-        return where.blocks > where.needed + self.policy.relocation_slack
+    def _scattered(self, group: Group, locs: dict[bytes, Location], cluster: set[bytes]) -> bool:
+        """Whether rewriting `cluster` would buy the group a block: its live records sit in more blocks than
+        their bytes need plus the slack, and its records in this cluster in more than one. A cluster is
+        judged by its requests, not as a whole: one whose groups each read one block stays put however
+        its records spread (clusters that shift by a record would be rewritten pass after pass), and one
+        that holds its part of a scattered group in one block already is left too (the group is spread
+        over other clusters: rewriting this one moved bytes for nothing)."""
+        live = [(k, locs[k]) for k in group.keys if k in locs]
+        where = relocation.layout(live, self.store.block_size)
+        inside = {loc.block_id for k, loc in live if k in cluster}
+        return where.blocks > where.needed + self.policy.relocation_slack and len(inside) > 1
 
     def _destination(self, where: relocation.GroupLayout, table: dict[int, BlockEntry]) -> tuple[bytes, bool]:
         """Where a scattered cluster goes, and whether only its records outside its main block move. When
