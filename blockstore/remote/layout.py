@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockstore.remote.errors import RemoteError
 
@@ -86,11 +86,16 @@ class BlockIndex:
     file_xxh3: int
     size: int
     entries: list[IndexEntry]
+    # name -> the node's id of every namespace the block's records use, chunk records' included: a
+    # restore (restore.py) names the namespaces of a directory rebuilt from the block files with it.
+    # Optional (indexes published before it have none; readers of this version ignore what they lack)
+    namespaces: dict[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return json.dumps({
             "v": INDEX_VERSION, "node": self.node, "block_id": self.block_id, "data_key": self.data_key,
             "file_xxh3": self.file_xxh3, "size": self.size, "entries": [e.row() for e in self.entries],
+            "namespaces": self.namespaces,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -104,10 +109,11 @@ class BlockIndex:
             entries = [IndexEntry(str(ns), bytes.fromhex(k), int(kind), int(off), int(poff), int(rlen), int(plen),
                                   int(seq), int(cks), dkey, node)
                        for ns, k, kind, off, poff, rlen, plen, seq, cks in d["entries"]]
-            return cls(node, int(d["block_id"]), dkey, int(d["file_xxh3"]), int(d["size"]), entries)
+            namespaces = {str(n): int(i) for n, i in d.get("namespaces", {}).items()}
+            return cls(node, int(d["block_id"]), dkey, int(d["file_xxh3"]), int(d["size"]), entries, namespaces)
         except RemoteError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RemoteError(f"not a key-index object: {e}") from e
 
 

@@ -167,9 +167,10 @@ class Uploader:
         if new > self.ledger.cursor:
             self.ledger.set_cursor(new)
 
-    def _read_sealed(self, block_id: int, data_end: int) -> tuple[bytes, list[IndexEntry]]:
-        """The sealed file's bytes and its KV records and KV tombstones, read under a hold so the file
-        outlives a concurrent deletion; records come from the engine's own scanner (records.py format)."""
+    def _read_sealed(self, block_id: int, data_end: int) -> tuple[bytes, list[IndexEntry], dict[str, int]]:
+        """The sealed file's bytes, its KV records and KV tombstones, and the namespaces (name -> id) of all
+        its records, read under a hold so the file outlives a concurrent deletion; records come from the
+        engine's own scanner (records.py format)."""
         s = self.store
         names = {s.namespace_id(n): n for n in s.namespaces()}
         with s.hold_blocks([block_id]):
@@ -184,15 +185,17 @@ class Uploader:
         if scanned.stop != ScanStop.END:  # a sealed block that does not scan to its end is not uploaded
             raise RemoteError(f"block {block_id}: invalid record at {scanned.next_offset}: run fsck; not uploaded")
         entries = []
+        used: dict[str, int] = {}
         for r in scanned.records:
             i = r.info
-            if i.kind == Kind.CHUNK or (i.kind == Kind.TOMBSTONE and bytes(r.meta) != _KV_TOMBSTONE_META):
-                continue  # chunk records stay local for now (docs/remote.md: what remains)
             if i.ns not in names:
                 raise RemoteError(f"block {block_id}: record at {r.offset} names unknown namespace id {i.ns}")
+            used[names[i.ns]] = i.ns
+            if i.kind == Kind.CHUNK or (i.kind == Kind.TOMBSTONE and bytes(r.meta) != _KV_TOMBSTONE_META):
+                continue  # chunk records are not indexed: a restore (restore.py) brings them back
             entries.append(IndexEntry(names[i.ns], bytes(r.key), i.kind, r.offset, i.payload_off, i.record_len,
                                       i.payload_len, i.seq, i.payload_xxh3))
-        return data, entries
+        return data, entries, used
 
     def _first_free_seq(self) -> int:
         """A fresh ledger (new node, or a wiped disk under the same node id) continues after the last
@@ -210,7 +213,7 @@ class Uploader:
         finds it already done."""
         res = self.ledger.reservation(block_id)
         assert res is not None
-        data, entries = self._read_sealed(block_id, data_end)
+        data, entries, namespaces = self._read_sealed(block_id, data_end)
         file_xxh3 = xxhash.xxh3_64_intdigest(data)
         dkey = data_key(object_name(self.node_id, block_id, file_xxh3))
         ikey = index_key(index_name(self.node_id, int(res["seq"]), block_id))
@@ -219,7 +222,7 @@ class Uploader:
             self.objects.put(dkey, data)
             sent = len(data)
         hooks.fire("remote.data_put", block_id)
-        index = BlockIndex(self.node_id, block_id, dkey, file_xxh3, len(data), entries).encode()
+        index = BlockIndex(self.node_id, block_id, dkey, file_xxh3, len(data), entries, namespaces).encode()
         mark = {"data_key": dkey, "index_key": ikey, "file_xxh3": file_xxh3, "size": len(data)}
 
         def publish() -> None:
