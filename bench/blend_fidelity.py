@@ -62,7 +62,8 @@ VARIANTS_015: dict[str, dict[str, Any]] = {
     "k": {"deviation": "k"}, "kv": {"deviation": "kv"}, "sink2": {"sink_tokens": 2},
     "check2": {"check_layer": 2}, "check3": {"check_layer": 3}, "k-check3": {"deviation": "k", "check_layer": 3},
     "qw": {"query_weighted": True}, "kv-qw": {"deviation": "kv", "query_weighted": True},
-    "g2": {"gradual": 2.0}, "kv-qw-g2": {"deviation": "kv", "query_weighted": True, "gradual": 2.0}}
+    "g2": {"gradual": 2.0}, "kv-qw-g2": {"deviation": "kv", "query_weighted": True, "gradual": 2.0},
+    "kv-g2": {"deviation": "kv", "gradual": 2.0}, "kv-qw-g3": {"deviation": "kv", "query_weighted": True, "gradual": 3.0}}
 NEAR_TIE = 0.5  # logits: a reference whose top two first tokens are closer than this is a near tie
 DECODE = 16
 QUESTIONS = (
