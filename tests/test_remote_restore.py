@@ -148,7 +148,8 @@ def test_a_wiped_node_comes_back_kv_and_chunk_records(cluster: SeaweedCluster, t
     with pytest.raises(RestoreError, match="empty"):
         restore_node(objects, "node-a", node)
     res = restore_node(objects, "node-a", tmp_path / "again")
-    assert res.fsck_findings == [] and res.corrupt == {} and "mem" in res.namespaces
+    assert res.fsck_findings == [] and res.corrupt == {} and res.unnamed_namespaces == []
+    assert res.namespaces == ["alpha", "default", "mem"] and res.flagged == len(res.blocks) and res.unindexed == []
     with blockstore.open(tmp_path / "again") as s:
         assert bytes(s.get(b"after")) == b"restore"  # type: ignore[arg-type]
         assert [c.chunk_id for c in s.list_chunks("u1", "s1", ns="mem")][-1] == "c7"
