@@ -20,10 +20,10 @@ import blockstore
 from blockstore.chunks import ChunkWrite
 from blockstore.compaction.gc import MinSeqs, collect
 from blockstore.directory import BLOCK_SEALED
-from blockstore.remote import RemotePool, S3Settings, Uploader, make_object_store, restore
+from blockstore.remote import RemotePool, S3Settings, Uploader, make_object_store, restoring
 from blockstore.remote.layout import BLOCKS, GC
 from blockstore.remote.reclaim import Reclaimer
-from blockstore.remote.restore import RestoreError, restore_node
+from blockstore.remote.restoring import RestoreError, restore_node
 from blockstore.remote.tier import RemoteTier
 from blockstore.tools.fsck import check
 
@@ -246,7 +246,7 @@ def test_restore_after_remote_gc_gives_the_newest_values(cluster: SeaweedCluster
         # blind to the markers would bring k01's old value back from block 1's superseded object
         second_key = next(k for k in superseded if int(k.rsplit("/", 1)[1].split("-")[0], 16) == second)
         with monkeypatch.context() as m:
-            m.setattr(restore, "GC", "no-markers/")
+            m.setattr(restoring, "GC", "no-markers/")
             blind = restore_node(Hiding(objects, second_key), "node-g", tmp_path / "blind")  # type: ignore[arg-type]
             assert blind.skipped_superseded == []
         with blockstore.open(tmp_path / "blind") as b:
