@@ -293,3 +293,9 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
     assert BlendSettings.from_extra_config(base, str(tmp_path)).deviation == "v"  # the measured default
     with pytest.raises(BlockstoreError, match="unknown kv_connector_extra_config"):
         BlendSettings.from_extra_config({**base, "blend.deviaton": "k"}, str(tmp_path))
+    s = BlendSettings.from_extra_config({**base, "blend.query_weighted": True, "blend.gradual": 2}, str(tmp_path))
+    assert (s.query_weighted, s.gradual) == (True, 2.0)
+    with pytest.raises(BlockstoreError, match="blend.gradual must be >= 1"):
+        BlendSettings.from_extra_config({**base, "blend.gradual": 0.5}, str(tmp_path))
+    with pytest.raises(BlockstoreError, match="blend.query_weighted must be true or false"):
+        BlendSettings.from_extra_config({**base, "blend.query_weighted": "yes"}, str(tmp_path))

@@ -32,7 +32,9 @@ Extra config keys (all optional but the store path):
 ``blend_special_str``), tokenized with the model's tokenizer, or ``blend.separator_ids``;
 ``blend.ratio`` (0.15), ``blend.selector`` ("deviation"), ``blend.check_layer`` (1), ``blend.deviation``
 ("v": what the deviation selector compares, "v", "k" or "kv"), ``blend.sink_tokens`` (0: first tokens of
-each chunk always recomputed, inside the budget);
+each chunk always recomputed, inside the budget), ``blend.query_weighted`` (false: weigh each token's
+deviation by the question's attention at the check layer), ``blend.gradual`` (1.0: CacheBlend's gradual
+filtering selects this many times the budget at the check layer and narrows it at the next one);
 ``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
 ``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
 of another checkpoint are never used); ``blend.stats_path`` a JSON file the worker rewrites after each
@@ -94,6 +96,8 @@ class BlendSettings:
     check_layer: int = 1
     deviation: str = "v"
     sink_tokens: int = 0
+    query_weighted: bool = False
+    gradual: float = 1.0
     min_chunk_tokens: int = 16
     min_reused_tokens: int = 0  # 0: one vLLM block
     namespace: str = "kv-blend"
@@ -103,7 +107,8 @@ class BlendSettings:
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any], default_model_dir: str) -> BlendSettings:
         known = {"blend.store_path", "blend.model_dir", "blend.separator", "blend.separator_ids", "blend.ratio",
-                 "blend.selector", "blend.check_layer", "blend.deviation", "blend.sink_tokens", "blend.min_chunk_tokens", "blend.min_reused_tokens",
+                 "blend.selector", "blend.check_layer", "blend.deviation", "blend.sink_tokens", "blend.query_weighted", "blend.gradual",
+                 "blend.min_chunk_tokens", "blend.min_reused_tokens",
                  "blend.namespace", "blend.stats_path", "blend.model_id"}
         ours = {k: v for k, v in extra.items() if k.startswith("blend.")}
         unknown = sorted(set(ours) - known)
@@ -123,10 +128,17 @@ class BlendSettings:
         ratio = float(ours.get("blend.ratio", 0.15))
         if not 0.0 <= ratio <= 1.0:
             raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.ratio must be in [0, 1], got {ratio}")
+        gradual = float(ours.get("blend.gradual", 1.0))
+        if gradual < 1.0:
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.gradual must be >= 1, got {gradual}")
+        qw = ours.get("blend.query_weighted", False)
+        if not isinstance(qw, bool):
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.query_weighted must be true or false, got {qw!r}")
         return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
                    selector=str(ours.get("blend.selector", "deviation")),
                    check_layer=int(ours.get("blend.check_layer", 1)),
                    deviation=str(ours.get("blend.deviation", "v")), sink_tokens=int(ours.get("blend.sink_tokens", 0)),
+                   query_weighted=qw, gradual=gradual,
                    min_chunk_tokens=int(ours.get("blend.min_chunk_tokens", 16)),
                    min_reused_tokens=int(ours.get("blend.min_reused_tokens", 0)),
                    namespace=str(ours.get("blend.namespace", "kv-blend")),
@@ -166,7 +178,8 @@ class BlendRuntime:
             # blender's own single-token separator split is not used.
             self.blender = Blender(self.weights, self.kv, ratio=settings.ratio, selector=settings.selector,
                                    check_layer=settings.check_layer, deviation=settings.deviation,
-                                   sink_tokens=settings.sink_tokens)
+                                   sink_tokens=settings.sink_tokens, query_weighted=settings.query_weighted,
+                                   gradual=settings.gradual)
         except BaseException:
             self.store.close()
             raise
