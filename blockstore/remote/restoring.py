@@ -98,6 +98,9 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
     check_node_id(node_id)
     res = RestoreResult(root)
     live, res.skipped_superseded = _live_objects(objects, node_id)
+    if not live:
+        raise RestoreError(f"no live block objects of node {node_id!r} in bucket {objects.settings.bucket!r} "
+                           f"({len(res.skipped_superseded)} superseded): check the node id and the bucket")
     indexes = _indexes(objects, node_id, live)
     say(f"{len(live)} block object(s) to restore, {len(res.skipped_superseded)} superseded skipped, "
         f"{len(indexes)} index object(s)")
@@ -164,8 +167,11 @@ def _indexes(objects: ObjectStore, node_id: str, live: list[_Object]) -> dict[st
     live_keys = {o.key for o in live}
     out: dict[str, tuple[str, BlockIndex]] = {}
     for key in objects.list_after(f"{INDEX}{node_id}/", None):
-        if int(key.rsplit("-", 1)[1], 16) not in live_ids:
-            continue
+        try:
+            if int(key.rsplit("-", 1)[1], 16) not in live_ids:
+                continue
+        except ValueError as exc:
+            raise RestoreError(f"{key} is not an index object name (index/<node>/<number>-<block id>)") from exc
         try:
             ix = BlockIndex.decode(objects.get(key))
         except RemoteError as exc:
