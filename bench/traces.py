@@ -666,7 +666,7 @@ def sessions(seed: int = 0, scale: float = 1.0, *, n_sessions: int | None = None
 
 
 def heldout(seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
-    """A held-out check (issue 16), never used to choose a design or a constant: the independent workload
+    """A held-out check (issue 16), to which no constant is tuned: the independent workload
     the issue describes (200 tenants with Zipf-skewed activity, interleaved sessions, chunk records of
     2-64 KiB and KV records of 256 KiB-1 MiB, 15 % updates, 8 % deletes, topic requests of 4-12 records
     mixing both kinds, 20 % noise requests), built by the `sessions` generator with other parameters
