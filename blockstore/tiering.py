@@ -62,6 +62,10 @@ class Tiering:
         False if the block is gone (compaction emptied it: nothing to record). Idempotent."""
         if not isinstance(name, (bytes, bytearray)) or not name or len(name) > MAX_REMOTE_NAME:
             raise InvalidArgument(f"remote name must be 1 to {MAX_REMOTE_NAME} bytes, got {name!r:.80}")
+        try:
+            bytes(name).decode()
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"remote name must be an object key (UTF-8), got {name!r:.80}") from None
         eng = self.engine
         eng.check_open(write=True)
         # with the leader slot held: a group copies the entry it changes and writes the copy back, so a

@@ -11,8 +11,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 import blockstore
 from blockstore.directory import Directory, DirectoryBatch
+from blockstore.errors import CorruptionError
 from blockstore.remote.objects import S3Settings
 from blockstore.remote.tier import RemoteTier
 from blockstore.store import DIRECTORY
@@ -119,5 +122,42 @@ def test_a_lost_directory_is_not_rebuilt_under_a_remote_tier(tmp_path: Path) -> 
         try:
             time.sleep(1.5)  # an upload pass and a capacity check
             assert s.get(b"fresh") == fresh
+        finally:
+            tier.close(drain=False)
+
+
+def test_a_damaged_remote_name_reads_as_a_blockstore_error(tmp_path: Path) -> None:
+    """A dropped block's remote name damaged into bytes that are not UTF-8: a read of its records raised
+    UnicodeDecodeError out of the tier's fetcher (not a BlockstoreError). Expected: CorruptionError naming
+    the block, and the tier keeps running."""
+    vals = {f"k{i:03d}".encode(): os.urandom(20_000) for i in range(6)}
+    path = tmp_path / "s"
+    objects = MemoryObjects()
+    with blockstore.open(path, block_size=BLOCK) as s:
+        s.put_many(list(vals.items()))
+        s.seal_open_blocks()
+        tier = RemoteTier(s, objects, "node-x", poll_s=0.05)
+        try:
+            assert tier.drain(20.0)
+            loc = s.locate_many([b"k000"])[0]
+            assert loc is not None and s.drop_local_copy(loc.block_id) > 0
+        finally:
+            tier.close(drain=False)
+    d = Directory(str(path / DIRECTORY), read_only=False, sync=True, create=False)
+    try:
+        e = d.load_blocks()[loc.block_id]
+        e.remote_name = b"\xff" * len(e.remote_name)
+        b = DirectoryBatch()
+        b.put_block(e)
+        d.write(b, force_sync=True)
+    finally:
+        d.close()
+    with blockstore.open(path, block_size=BLOCK) as s:
+        tier = RemoteTier(s, objects, "node-x", poll_s=0.05)
+        try:
+            with pytest.raises(CorruptionError, match=f"{loc.block_id:016x}"):
+                s.get(b"k000")
+            time.sleep(0.3)
+            assert tier.status().running
         finally:
             tier.close(drain=False)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockstore.directory import BLOCK_SEALED
-from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
+from blockstore.errors import BlockstoreError, CorruptionError, InvalidArgument, StoreClosed
 from blockstore.records import FOOTER_SIZE
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.uploader import Uploader
@@ -47,6 +47,16 @@ class TierStatus:
     local_bytes: int  # bytes of block files on the local disk
     dropped_blocks: int  # blocks whose local copy was dropped (their reads go to the object store)
     over_capacity_bytes: int  # local bytes above local_capacity_bytes that no confirmed block could free
+
+
+def _object_key(block_id: int, name: bytes) -> str:
+    """The object key a block's remote flag names; CorruptionError if the flag is not one (a damaged block
+    entry: the tier writes UTF-8 keys only)."""
+    try:
+        return name.decode()
+    except UnicodeDecodeError:
+        raise CorruptionError(f"block {block_id:016x}: its remote flag {name!r:.80} is not an object key (a damaged "
+                              "block entry); run `blockstore fsck`") from None
 
 
 class RemoteTier:
@@ -107,7 +117,7 @@ class RemoteTier:
         self._wake.set()  # on the writer's thread: only wake the uploader
 
     def _fetch(self, block_id: int, name: bytes, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-        got = self.objects.get_ranges(name.decode(), ranges)
+        got = self.objects.get_ranges(_object_key(block_id, name), ranges)
         if self.restore_after_reads is not None:
             with self._stat_lock:
                 if len(self._fetches) > _RECENT_BLOCKS:
@@ -172,7 +182,7 @@ class RemoteTier:
                 continue
             if self.local_capacity_bytes is not None and used + e.data_end > self.local_capacity_bytes:
                 continue
-            if self.store.restore_local_copy(bid, self.objects.get(e.remote_name.decode())):
+            if self.store.restore_local_copy(bid, self.objects.get(_object_key(bid, e.remote_name))):
                 used += e.data_end
                 with self._stat_lock:
                     self._fetches.pop(bid, None)
