@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-flag", action="store_true",
                     help="do not flag the restored blocks remote (a tier on the restored store then uploads them "
                          "again as new objects)")
+    ap.add_argument("--parallel", type=int, default=4,
+                    help="objects fetched at once (default 4; each is held in memory whole until written)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the summary")
     a = ap.parse_args(argv)
     if not a.access_key or not a.secret_key:
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     objects = make_object_store(S3Settings(a.endpoint, a.bucket, a.access_key, a.secret_key, a.region), a.client)
     try:
         res = restore_node(objects, a.node, a.target, skip_corrupt=a.skip_corrupt, flag_remote=not a.no_flag,
+                           parallel=a.parallel,
                            progress=None if a.quiet else (lambda m: print(m, flush=True)))
     except BlockstoreError as exc:
         print(f"restore failed: {exc}", file=sys.stderr)

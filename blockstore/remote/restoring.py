@@ -28,7 +28,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import xxhash
@@ -87,9 +89,11 @@ def _parse(key: str) -> _Object | None:
 
 
 def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[str], *, skip_corrupt: bool = False,
-                 flag_remote: bool = True, progress: Callable[[str], None] | None = None) -> RestoreResult:
+                 flag_remote: bool = True, parallel: int = 4,
+                 progress: Callable[[str], None] | None = None) -> RestoreResult:
     """Bring back into `target` (absent or an empty folder) every record node `node_id`'s live block
-    objects hold; see the module docstring. Raises RestoreError (target left empty) when it cannot."""
+    objects hold; see the module docstring. `parallel`: objects fetched at once (each is held in memory
+    whole until written). Raises RestoreError (target left empty) when it cannot."""
     t0 = time.monotonic()
     say = progress or (lambda _msg: None)
     root = os.fspath(target)
@@ -107,7 +111,7 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
     os.makedirs(root, exist_ok=True)
     scratch = os.path.join(root, _DOWNLOADING)
     try:
-        kept = _download(objects, live, scratch, res, say)
+        kept = _download(objects, live, scratch, res, say, max(1, parallel))
         if res.corrupt and not skip_corrupt:
             raise RestoreError(f"{len(res.corrupt)} corrupt object(s), not used; nothing restored (rerun with "
                                "skip_corrupt / --skip-corrupt to restore without them): " +
@@ -182,28 +186,42 @@ def _indexes(objects: ObjectStore, node_id: str, live: list[_Object]) -> dict[st
 
 
 def _download(objects: ObjectStore, live: list[_Object], scratch: str, res: RestoreResult,
-              say: Callable[[str], None]) -> list[_Object]:
-    """GET each object (one in memory at a time), verify it, write and sync it under `scratch`."""
+              say: Callable[[str], None], parallel: int) -> list[_Object]:
+    """GET, verify, write and sync each object under `scratch`, `parallel` at a time (so at most that many
+    objects are in memory); results are taken in order, so the progress lines follow the block ids."""
     os.makedirs(scratch)
     be = get_backend()
-    store_ids: dict[int, str] = {}
-    kept = []
-    for n, o in enumerate(live, 1):
+
+    def fetch(o: _Object) -> tuple[str | None, int, int]:
+        """(why it is corrupt or None, its store id, its size)."""
         data = objects.get(o.key)
         why = _corrupt(be, data, o)
         if why is not None:
-            res.corrupt[o.key] = why
-            say(f"[{n}/{len(live)}] {o.key}: CORRUPT, not used: {why}")
-            continue
-        store_ids.setdefault(be.decode_block_header(data[:BLOCK_HEADER_SIZE]).store_id, o.key)
-        path = os.path.join(scratch, block_file_name(o.block_id))
-        with open(path, "wb") as f:
+            return why, -1, len(data)
+        with open(os.path.join(scratch, block_file_name(o.block_id)), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        res.bytes_downloaded += len(data)
-        kept.append(o)
-        say(f"[{n}/{len(live)}] {o.key}: {len(data)} bytes verified")
+        return None, be.decode_block_header(data[:BLOCK_HEADER_SIZE]).store_id, len(data)
+
+    store_ids: dict[int, str] = {}
+    kept = []
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="restore") as pool:
+        window: deque[tuple[_Object, Future[tuple[str | None, int, int]]]] = deque()
+        for n in range(1, len(live) + 1):
+            while len(window) < parallel and n - 1 + len(window) < len(live):
+                o = live[n - 1 + len(window)]
+                window.append((o, pool.submit(fetch, o)))
+            o, fut = window.popleft()
+            why, store_id, size = fut.result()
+            if why is not None:
+                res.corrupt[o.key] = why
+                say(f"[{n}/{len(live)}] {o.key}: CORRUPT, not used: {why}")
+                continue
+            store_ids.setdefault(store_id, o.key)
+            res.bytes_downloaded += size
+            kept.append(o)
+            say(f"[{n}/{len(live)}] {o.key}: {size} bytes verified")
     if len(store_ids) > 1:
         raise RestoreError(f"the node's objects belong to {len(store_ids)} different stores (e.g. "
                            f"{sorted(store_ids.values())[:4]}): the node id was reused; restore is refused")
