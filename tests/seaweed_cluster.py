@@ -15,11 +15,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import boto3
 from botocore.config import Config
+
+from blockstore.remote import S3Settings
 
 # Replication 001: one extra copy on another server of the same rack (one host has one rack).
 REPLICATION = "001"
@@ -272,3 +278,30 @@ class SeaweedCluster:
                 p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill(signal.SIGKILL)
+
+
+@contextmanager
+def running_cluster(root: Path) -> Iterator[SeaweedCluster]:
+    """A started cluster for a test module's fixture; stopped afterwards, every process checked gone."""
+    c = SeaweedCluster(root)
+    c.start()
+    print(f"SeaweedFS cluster up in {c.startup_s:.1f} s: {[p.name for p in c.processes()]}")
+    try:
+        yield c
+    finally:
+        c.stop()
+    assert not any(p.alive() for p in c.processes())
+
+
+def new_bucket(cluster: SeaweedCluster, prefix: str = "t", **kw: Any) -> S3Settings:
+    """A bucket of its own per test, so one test's objects never count in another's; `kw` are
+    S3Settings fields (timeout_s, retries...)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    cluster.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
+    s = cluster.s3_settings()
+    return S3Settings(s["endpoint"], name, s["access_key"], s["secret_key"], s["region"], **kw)
+
+
+def value(i: int, n: int = 40_000) -> bytes:
+    """A payload that names its record: `i` repeated."""
+    return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]

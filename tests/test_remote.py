@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from blockstore.remote import (
     IndexEntry,
     RemoteError,
     RemotePool,
-    S3Settings,
     Uploader,
     make_object_store,
 )
@@ -33,7 +31,7 @@ from blockstore.remote.layout import BLOCKS, INDEX, BlockIndex, check_node_id
 from blockstore.remote.reader import plan_runs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from seaweed_cluster import SeaweedCluster  # noqa: E402
+from seaweed_cluster import SeaweedCluster, new_bucket, running_cluster, value  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 256 << 10
@@ -41,26 +39,8 @@ BLOCK = 256 << 10
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedCluster]:
-    c = SeaweedCluster(tmp_path_factory.mktemp("seaweed"))
-    c.start()
-    print(f"SeaweedFS cluster up in {c.startup_s:.1f} s: {[p.name for p in c.processes()]}")
-    try:
+    with running_cluster(tmp_path_factory.mktemp("seaweed")) as c:
         yield c
-    finally:
-        c.stop()
-    assert not any(p.alive() for p in c.processes())
-
-
-def new_bucket(cluster: SeaweedCluster, **kw: object) -> S3Settings:
-    """A bucket of its own per test, so one test's objects never count in another's."""
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    cluster.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
-    s = cluster.s3_settings()
-    return S3Settings(s["endpoint"], name, s["access_key"], s["secret_key"], s["region"], **kw)  # type: ignore[arg-type]
-
-
-def value(i: int, n: int = 40_000) -> bytes:
-    return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
 
 
 def sealed_store(path: Path, items: dict[str, dict[bytes, bytes]]) -> None:

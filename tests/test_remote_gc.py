@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from blockstore.remote.layout import BLOCKS, GC, INDEX, Superseded
 from blockstore.remote.reclaim import Reclaimer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from seaweed_cluster import SeaweedCluster  # noqa: E402
+from seaweed_cluster import SeaweedCluster, running_cluster, value  # noqa: E402
+from seaweed_cluster import new_bucket as seaweed_new_bucket
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 256 << 10
@@ -36,25 +36,12 @@ TIMEOUT_S, POLL_S, GRACE_S = 1.0, 0.2, 1.5
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedCluster]:
-    c = SeaweedCluster(tmp_path_factory.mktemp("seaweed"))
-    c.start()
-    try:
+    with running_cluster(tmp_path_factory.mktemp("seaweed")) as c:
         yield c
-    finally:
-        c.stop()
-    assert not any(p.alive() for p in c.processes())
 
 
 def new_bucket(cluster: SeaweedCluster) -> S3Settings:
-    name = f"gc-{uuid.uuid4().hex[:12]}"
-    cluster.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
-    s = cluster.s3_settings()
-    return S3Settings(s["endpoint"], name, s["access_key"], s["secret_key"], s["region"], timeout_s=TIMEOUT_S,
-                      retries=0)
-
-
-def value(i: int, n: int = 40_000) -> bytes:
-    return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
+    return seaweed_new_bucket(cluster, "gc", timeout_s=TIMEOUT_S, retries=0)
 
 
 def uploaded_store_with_a_collected_block(path: Path, settings: S3Settings) -> tuple[dict[bytes, bytes], str, int]:

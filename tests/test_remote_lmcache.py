@@ -34,7 +34,7 @@ from blockstore.connector.remote_tier import RemoteTierL2Adapter, RemoteTierL2Ad
 from blockstore.errors import InvalidArgument  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from seaweed_cluster import SeaweedCluster  # noqa: E402
+from seaweed_cluster import SeaweedCluster, running_cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
@@ -44,12 +44,8 @@ TIMEOUT = 30.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedCluster]:
-    c = SeaweedCluster(tmp_path_factory.mktemp("seaweed"))
-    c.start()
-    try:
+    with running_cluster(tmp_path_factory.mktemp("seaweed")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def remote_params(cluster: SeaweedCluster, bucket: str, node: str) -> dict[str, Any]:

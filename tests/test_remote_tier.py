@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ import pytest
 import blockstore
 from blockstore import RemoteNotConfirmed
 from blockstore.errors import ChecksumMismatch
-from blockstore.remote import RemotePool, S3Settings, make_object_store
+from blockstore.remote import RemotePool, make_object_store
 from blockstore.remote.layout import INDEX, BlockIndex
 from blockstore.remote.tier import RemoteTier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seaweed_cluster import SeaweedCluster  # noqa: E402
+from seaweed_cluster import SeaweedCluster, new_bucket, running_cluster, value  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 256 << 10
@@ -35,24 +34,8 @@ BLOCK = 256 << 10
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedCluster]:
-    c = SeaweedCluster(tmp_path_factory.mktemp("seaweed"))
-    c.start()
-    try:
+    with running_cluster(tmp_path_factory.mktemp("seaweed")) as c:
         yield c
-    finally:
-        c.stop()
-    assert not any(p.alive() for p in c.processes())
-
-
-def new_bucket(cluster: SeaweedCluster, **kw: object) -> S3Settings:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    cluster.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
-    s = cluster.s3_settings()
-    return S3Settings(s["endpoint"], name, s["access_key"], s["secret_key"], s["region"], **kw)  # type: ignore[arg-type]
-
-
-def value(i: int, n: int = 40_000) -> bytes:
-    return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
 
 
 def from_bucket(objects: Any, folder: Path, keys: list[bytes]) -> list[Any]:
