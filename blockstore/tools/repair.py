@@ -32,13 +32,14 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from blockstore import logs
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR, block_file_name
 from blockstore.directory import Directory, salvage
+from blockstore.errors import InvalidArgument
 from blockstore.keys import TAG_AFFINITY, TAG_BLOCK, TAG_META, TAG_NS, TAG_NS_ID
 from blockstore.lock import WriterLock
 from blockstore.manifest import (
@@ -95,14 +96,22 @@ class RepairResult:
 
 
 def repair(path: str | os.PathLike[str], *, backend: Backend | None = None, namespaces: Sequence[str] = (),
+           namespace_ids: Mapping[int, str] | None = None,
            progress: Callable[[int, int], None] | None = None) -> RepairResult:
     """Repair the store at `path` (see the module docstring). `namespaces`: names to try for namespace
-    ids whose names are lost with the directory. Raises StoreLocked if a writer holds the store."""
+    ids whose names are lost with the directory. `namespace_ids`: id -> name known for certain (a restore
+    from the bucket's index objects): a rebuild uses them before matching partition hashes, never over
+    names salvaged from the directory. Raises StoreLocked if a writer holds the store."""
+    known = dict(namespace_ids or {})
+    for nid, name in known.items():
+        if isinstance(nid, bool) or not isinstance(nid, int) or not 0 < nid < 1 << 32 \
+                or not isinstance(name, str) or not name:
+            raise InvalidArgument(f"namespace_ids maps ids (1 to 2^32-1) to names, got {nid!r}: {name!r}")
     root = require_store(path)
     lock = WriterLock(root)
     lock.acquire(root)
     try:
-        return _Repairer(root, backend or get_backend(), list(namespaces), progress).run()
+        return _Repairer(root, backend or get_backend(), list(namespaces), progress, known).run()
     finally:
         lock.release()
 

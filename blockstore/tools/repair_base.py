@@ -40,8 +40,9 @@ class RepairBase:
     which finding), and the steps its phases share."""
 
     def __init__(self, root: str, backend: Backend, namespaces: list[str],
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: Callable[[int, int], None] | None, namespace_ids: dict[int, str] | None = None) -> None:
         self.root = root
+        self.known_names = namespace_ids or {}  # id -> name known for certain (a restore's index objects)
         self.be = backend
         self.candidates = ["default", *[n for n in namespaces if n != "default"]]
         self.progress = progress

@@ -198,8 +198,8 @@ class Rebuild:
         return n
 
     def _names(self, used: set[int], phash: dict[int, tuple[int, set[int], bytes | None]]) -> dict[int, str]:
-        """A name for every namespace id in use: salvaged, else a candidate whose partition hash some
-        block of that namespace alone carries, else recovered-ns-<id>."""
+        """A name for every namespace id in use: salvaged, else given (namespace_ids), else a candidate whose
+        partition hash some block of that namespace alone carries, else recovered-ns-<id>."""
         names: dict[int, str] = {}
         how: dict[int, str] = {}
         for k, v in self.salvaged.items():
@@ -215,6 +215,10 @@ class Rebuild:
                 except UnicodeDecodeError:
                     pass
         how.update({nid: "salvaged" for nid in names})
+        for nid, name in self.r.known_names.items():
+            if nid not in names and name not in names.values():
+                names[nid] = name
+                how[nid] = "given"
         for cand in self.r.candidates:
             if cand in names.values():
                 continue
