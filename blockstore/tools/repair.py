@@ -271,8 +271,9 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             # which the tier's ledger still names as uploaded (a new block flagged with an old object)
             return (f"this store's blocks are uploaded to an object store ({REMOTE_LEDGER}/ is here), and a rebuild "
                     "from the local block files cannot see the blocks whose local copies were dropped: restore "
-                    "their files from their objects first, then move remote-ledger/ (and remote-reclaim/) aside "
-                    "and repair again (the tier then uploads every block again)")
+                    "the node from the bucket into a new folder (python -m blockstore.remote.restore), or restore "
+                    "the dropped blocks' files from their objects, move remote-ledger/ (and remote-reclaim/) "
+                    "aside and repair again (the tier then uploads every block again)")
         dpath = os.path.join(self.root, DIRECTORY)
         salvaged: dict[bytes, bytes] = {}
         if os.path.lexists(dpath):
