@@ -5,6 +5,7 @@ block is settled. A crash between any two steps leaves a record the next run fin
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -13,6 +14,10 @@ _CURSOR = b"cursor"  # every block id <= cursor is uploaded, deleted, or was nev
 _NEXT_SEQ = b"next_seq"  # the next publication number of this node's index objects
 _UPLOADED = b"up/"
 _RESERVED = b"res/"
+# mk/<mark number, 8 bytes big-endian> -> block id: the order in which blocks were first marked uploaded, so
+# a reader (remote GC) reads only the marks made since its last look (block ids do not give that order:
+# blocks of different partitions seal, and so upload, out of id order; a crash's mark comes later still)
+_MARKS = b"mk/"
 
 
 def _bid(block_id: int) -> bytes:
@@ -27,6 +32,8 @@ class Ledger:
         self._sync = WriteOptions()
         self._sync.sync = True  # what the ledger says was uploaded must survive a power loss
         self._uploaded_count: int | None = None
+        self._marks_lock = threading.Lock()  # a mark's number and its write go together (see uploaded_since)
+        self._next_mark: int | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -69,14 +76,53 @@ class Ledger:
 
     def mark_uploaded(self, block_id: int, record: dict[str, Any]) -> None:
         """Not synced: a mark lost to a power cut only turns the next pass into a retry, whose HEADs
-        find both objects and send nothing (a process kill loses nothing: the WAL is written)."""
-        fresh = self._db.get(_UPLOADED + _bid(block_id)) is None
-        batch = WriteBatch()
-        batch.put(_UPLOADED + _bid(block_id), json.dumps(record).encode())
-        batch.delete(_RESERVED + _bid(block_id))
-        self._db.write(batch)
-        if fresh and self._uploaded_count is not None:
-            self._uploaded_count += 1
+        find both objects and send nothing (a process kill loses nothing: the WAL is written). A block's
+        first mark also gets the next mark number (uploaded_since)."""
+        with self._marks_lock:
+            fresh = self._db.get(_UPLOADED + _bid(block_id)) is None
+            batch = WriteBatch()
+            batch.put(_UPLOADED + _bid(block_id), json.dumps(record).encode())
+            batch.delete(_RESERVED + _bid(block_id))
+            if fresh:
+                n = self._mark_count()
+                batch.put(_MARKS + n.to_bytes(8, "big"), _bid(block_id))
+            self._db.write(batch)
+            if fresh:
+                self._next_mark = n + 1
+                if self._uploaded_count is not None:
+                    self._uploaded_count += 1
+
+    def _mark_count(self) -> int:
+        """The next mark number: found once per process (the last mk/ key), then kept in memory."""
+        if self._next_mark is None:
+            last = -1
+            for k in self._keys(_MARKS):  # one per block; read once per process, like uploaded_count
+                last = int.from_bytes(k[len(_MARKS):], "big")
+            self._next_mark = last + 1
+        return self._next_mark
+
+    def next_mark(self) -> int:
+        """The number the next first mark will get: read it before uploaded_blocks() to follow on with
+        uploaded_since() (a mark made in between shows in both, harmlessly)."""
+        with self._marks_lock:
+            return self._mark_count()
+
+    def uploaded_since(self, mark: int) -> tuple[dict[int, dict[str, Any]], int]:
+        """The blocks first marked uploaded at mark number `mark` or later, and the number to pass next
+        time: a caller that keeps what it read costs the new marks only. Marks made before mark numbers
+        existed have none: read uploaded_blocks() once first (mark 0 then still returns only numbered ones)."""
+        with self._marks_lock:  # a number is only ever seen with its mark written
+            out: dict[int, dict[str, Any]] = {}
+            nxt = mark
+            for k, v in self._db.items(from_key=_MARKS + mark.to_bytes(8, "big")):
+                assert isinstance(k, bytes) and isinstance(v, bytes)  # this DB holds bytes keys and values only
+                if not k.startswith(_MARKS):
+                    break
+                rec = self.uploaded(int.from_bytes(v, "big"))
+                if rec is not None:
+                    out[int.from_bytes(v, "big")] = rec
+                nxt = int.from_bytes(k[len(_MARKS):], "big") + 1
+            return out, nxt
 
     def uploaded_count(self) -> int:
         """How many blocks are marked uploaded: counted once per process, then kept up to date by

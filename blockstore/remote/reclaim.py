@@ -77,6 +77,10 @@ class Reclaimer:
         self._sync.sync = True
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        # the uploader ledger's marks, read whole on the first pass, then only those made since
+        # (Ledger.uploaded_since): a pass costs the new uploads, not every upload ever made
+        self._marks: dict[int, dict[str, Any]] | None = None
+        self._mark_no = 0
 
     def close(self) -> None:
         self._db.close()
@@ -140,7 +144,7 @@ class Reclaimer:
         marks, plus blocks the store flags remote whose mark a crash cut (the uploader flags first, then
         marks, and trusts the flag after): their names come from the flag and the ledger's reservation, and
         are remembered here, since once such a block leaves the table nothing else would name it."""
-        uploaded = self.uploader.ledger.uploaded_blocks()
+        uploaded = self._ledger_marks()
         for k, v in self._db.items(from_key=_FLAGGED):
             assert isinstance(k, bytes) and isinstance(v, bytes)  # this DB holds bytes keys and values only
             if not k.startswith(_FLAGGED):
@@ -156,6 +160,18 @@ class Reclaimer:
             self._write({_FLAGGED + _bid(b): r for b, r in found.items()})
             uploaded.update(found)
         return uploaded
+
+    def _ledger_marks(self) -> dict[int, dict[str, Any]]:
+        """Block id -> ledger mark of every uploaded block, kept between passes (what _uploaded adds from
+        the store's flags is as permanent, and stays in it too)."""
+        ledger = self.uploader.ledger
+        if self._marks is None:
+            self._mark_no = ledger.next_mark()
+            self._marks = ledger.uploaded_blocks()
+        else:
+            new, self._mark_no = ledger.uploaded_since(self._mark_no)
+            self._marks.update(new)
+        return self._marks
 
     def _find_gone(self, uploaded: dict[int, dict[str, Any]]) -> None:
         """Uploaded blocks missing from the block table (read after the ledger: a block is in the table
