@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from blockstore.remote.tier import RemoteTier
 from blockstore.tools.fsck import check
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seaweed_cluster import SeaweedCluster  # noqa: E402
+from seaweed_cluster import SeaweedCluster, new_bucket, running_cluster, value  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 256 << 10
@@ -37,25 +36,12 @@ TIMEOUT_S, POLL_S, GRACE_S = 1.0, 0.2, 1.5  # as tests/test_remote_gc.py: a grac
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedCluster]:
-    c = SeaweedCluster(tmp_path_factory.mktemp("seaweed"))
-    c.start()
-    try:
+    with running_cluster(tmp_path_factory.mktemp("seaweed")) as c:
         yield c
-    finally:
-        c.stop()
-    assert not any(p.alive() for p in c.processes())
 
 
-def new_bucket(cluster: SeaweedCluster) -> S3Settings:
-    name = f"r-{uuid.uuid4().hex[:12]}"
-    cluster.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
-    s = cluster.s3_settings()
-    return S3Settings(s["endpoint"], name, s["access_key"], s["secret_key"], s["region"], timeout_s=TIMEOUT_S,
-                      retries=0)
-
-
-def value(i: int, n: int = 30_000) -> bytes:
-    return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
+def bucket(cluster: SeaweedCluster) -> S3Settings:
+    return new_bucket(cluster, prefix="r", timeout_s=TIMEOUT_S, retries=0)
 
 
 def chunk_state(s: blockstore.Store, ns: str, user: str, session: str) -> list[tuple[str, str, int, dict[str, object]]]:
@@ -81,6 +67,10 @@ def write_node(path: Path, objects: object) -> tuple[dict[tuple[str, bytes], byt
             for ns, user, session in SESSIONS:
                 s.put_chunks([ChunkWrite(user, session, f"c{c}", f"{ns}/{user}/{session} memory {c}",
                                          meta={"turn": c}, ts_ns=1_000 + (c * 7) % 5) for c in range(6)], ns=ns)
+            for ns in ("beta", "gamma"):  # a partition of their own: no block hash names them, the index does
+                items = [(f"p{i}".encode(), f"{ns} {i}".encode()) for i in range(3)]
+                s.put_many(items, ns=ns, partition="shared")
+                kv.update({(ns, k): v for k, v in items})
             s.put(b"k03", b"overwritten", ns="default")
             kv[("default", b"k03")] = b"overwritten"
             s.delete(b"k04", ns="alpha")
@@ -108,7 +98,7 @@ def restored_reads(path: Path, kv: dict[tuple[str, bytes], bytes | None],
 
 
 def test_a_wiped_node_comes_back_kv_and_chunk_records(cluster: SeaweedCluster, tmp_path: Path) -> None:
-    settings = new_bucket(cluster)
+    settings = bucket(cluster)
     objects = make_object_store(settings)
     node = tmp_path / "node"
     kv, chunks = write_node(node, objects)
@@ -149,14 +139,14 @@ def test_a_wiped_node_comes_back_kv_and_chunk_records(cluster: SeaweedCluster, t
         restore_node(objects, "node-a", node)
     res = restore_node(objects, "node-a", tmp_path / "again")
     assert res.fsck_findings == [] and res.corrupt == {} and res.unnamed_namespaces == []
-    assert res.namespaces == ["alpha", "default", "mem"] and res.flagged == len(res.blocks) and res.unindexed == []
+    assert res.namespaces == ["alpha", "beta", "default", "gamma", "mem"] and res.flagged == len(res.blocks) and res.unindexed == []
     with blockstore.open(tmp_path / "again") as s:
         assert bytes(s.get(b"after")) == b"restore"  # type: ignore[arg-type]
         assert [c.chunk_id for c in s.list_chunks("u1", "s1", ns="mem")][-1] == "c7"
 
 
 def test_a_corrupt_object_is_refused(cluster: SeaweedCluster, tmp_path: Path) -> None:
-    settings = new_bucket(cluster)
+    settings = bucket(cluster)
     objects = make_object_store(settings)
     with blockstore.open(tmp_path / "node", block_size=BLOCK) as s:
         s.put_many([(f"k{i:02d}".encode(), value(i)) for i in range(30)])
@@ -222,7 +212,7 @@ def test_restore_after_remote_gc_gives_the_newest_values(cluster: SeaweedCluster
     locally), and both markers are published. Their objects stay for the grace: a restore that used them
     would give k01's old value back; the restore skips them and gives the newest values, before and after
     their deletion."""
-    settings = new_bucket(cluster)
+    settings = bucket(cluster)
     objects = make_object_store(settings)
     path = tmp_path / "node"
     kv: dict[bytes, bytes | None] = {f"k{i:02d}".encode(): value(i, 10_000) for i in range(2)}

@@ -124,7 +124,8 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
     names = {ns: nid for _k, ix in indexes.values() for ns, nid in ix.namespaces.items()}
     names.update({e.ns: names.get(e.ns, -1) for _k, ix in indexes.values() for e in ix.entries})
     say(f"rebuilding the directory from {len(kept)} block file(s)")
-    rep = repair(root, namespaces=sorted({*names, DEFAULT_NAMESPACE}))
+    rep = repair(root, namespaces=sorted({*names, DEFAULT_NAMESPACE}),
+                 namespace_ids={nid: ns for ns, nid in names.items() if nid > 0})
     if rep.refused:
         raise RestoreError(f"the rebuild from the downloaded blocks was refused: {rep.refused}")
     _finish(root, kept, indexes, names, res, flag_remote)
