@@ -189,7 +189,7 @@ class Reader:
         """(results, indexes whose block vanished under the read)."""
         results: list[Any] = [None] * len(keys)
         vanished: list[int] = []
-        dropped: list[tuple[int, list[int]]] = []
+        dropped: list[tuple[int, bytes, list[int]]] = []
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
                 idxs.sort(key=lambda i: locs[i].offset)  # type: ignore[union-attr]
@@ -199,8 +199,10 @@ class Reader:
                     if not self.block_named(bid):
                         vanished.extend(idxs)  # compaction deleted it after our lookup: look again
                         continue
-                    if self.remote_name_of(bid):
-                        dropped.append((bid, idxs))  # the remote tier dropped its local copy: fetched below
+                    name = self.remote_name_of(bid)
+                    if name:  # the remote tier dropped its local copy: fetched below, from the object named
+                        # now (compaction may delete the block meanwhile; GC keeps its object a grace period)
+                        dropped.append((bid, name, idxs))
                         continue
                     # The block table still names the block (a deletion leaves the table before its
                     # file goes), so its file is missing by damage: corruption, not a miss.
@@ -221,19 +223,20 @@ class Reader:
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
-        for bid, idxs in dropped:
-            self._read_dropped(bid, idxs, keys, locs, dsts, results, lengths)
+        for bid, name, idxs in dropped:
+            self._read_dropped(bid, name, idxs, keys, locs, dsts, results, lengths)
         return results, vanished
 
-    def _read_dropped(self, bid: int, idxs: list[int], keys: Sequence[bytes], locs: Sequence[Location | None],
+    def _read_dropped(self, bid: int, name: bytes, idxs: list[int], keys: Sequence[bytes],
+                      locs: Sequence[Location | None],
                       dsts: list[memoryview | None], results: list[Any], lengths: bool) -> None:
         """The records `idxs` of a block whose local copy the remote tier dropped, from its object,
         verified as a local read is; a mismatch raises (or, on_corrupt="miss", leaves a miss)."""
         if self.fetch is None:
             raise IOErrorBS(errno.ENOENT, f"read of key {keys[idxs[0]]!r}: the local copy of block {bid:016x} was "
-                            f"dropped once its object {self.remote_name_of(bid)!r} was confirmed, and no remote tier "
+                            f"dropped once its object {name!r} was confirmed, and no remote tier "
                             "is attached to read it (blockstore.remote.RemoteTier, or Store.set_block_fetcher)")
-        verified = self._read_remote(bid, [locs[i] for i in idxs],  # type: ignore[misc]
+        verified = self._read_remote(bid, name, [locs[i] for i in idxs],  # type: ignore[misc]
                                      [dsts[i] for i in idxs])  # type: ignore[misc]
         for i, ok in zip(idxs, verified):
             if ok:
@@ -242,7 +245,7 @@ class Reader:
                 raise ChecksumMismatch(f"read of key {keys[i]!r} in block {bid:016x} (fetched from its remote "
                                        "copy): payload does not match its checksum; not returned")
 
-    def _read_remote(self, bid: int, locs: Sequence[Location], dsts: Sequence[memoryview]) -> list[bool]:
+    def _read_remote(self, bid: int, name: bytes, locs: Sequence[Location], dsts: Sequence[memoryview]) -> list[bool]:
         """Read these records (sorted by offset) of a block whose local copy was dropped from its object:
         neighbours closer than read_gap coalesced into one ranged GET, as the local path coalesces its
         preadv; each payload checked against its xxh3 before it is copied to its destination. Whether
@@ -255,7 +258,7 @@ class Reader:
             else:
                 runs.append((start, end, [i]))
         assert self.fetch is not None
-        got = self.fetch(bid, self.remote_name_of(bid), [(s, e) for s, e, _m in runs])
+        got = self.fetch(bid, name, [(s, e) for s, e, _m in runs])
         ok = [False] * len(locs)
         for (start, end, members), raw in zip(runs, got):
             view = memoryview(raw).cast("B")
@@ -279,11 +282,12 @@ class Reader:
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
                 idxs.sort(key=lambda i: locs[i].offset)
-                if self.remote_name_of(bid) and not self.blocks.exists(bid):
+                name = self.remote_name_of(bid)
+                if name and not self.blocks.exists(bid):
                     if self.fetch is None:
                         raise IOErrorBS(errno.ENOENT, f"block {bid:016x}'s local copy was dropped and no remote "
                                         "tier is attached to read it")
-                    verified = self._read_remote(bid, [locs[i] for i in idxs], [dsts[i] for i in idxs])
+                    verified = self._read_remote(bid, name, [locs[i] for i in idxs], [dsts[i] for i in idxs])
                     if not all(verified):
                         raise ChecksumMismatch(f"read of block {bid:016x} (from its remote copy): a payload does "
                                                "not match its checksum")

@@ -147,3 +147,37 @@ def test_repair_of_a_damaged_entry_keeps_a_dropped_blocks_records(tmp_path: Path
     with s:
         s.set_block_fetcher(fetch)
         assert s.get(b"k") == new
+
+
+def test_a_read_of_a_dropped_block_survives_compaction_deleting_it_meanwhile(tmp_path: Path) -> None:
+    """A read finds block B dropped (flagged, no file) and fetches from its object after the pinned part of
+    the read; compaction moved B's records out and deleted B in between (found by a stress run of reads,
+    drops, restores and relocations). The read asked the table for B's remote name a second time, got b""
+    (B is no longer in the table) and handed the fetcher an empty object name: an error (the tier asks the
+    object store for key "") instead of the value, which B's object still holds (remote GC keeps it through
+    its grace period). Expected: the value."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    path = tmp_path / "s"
+    fetch, bid, _old, new = _dropped_block_store(path, objects)
+    with blockstore.open(path) as s:
+        s.set_block_fetcher(fetch)
+        reader = s._reader  # the read path's seam: compaction is made to run inside the read's window
+        real = reader.remote_name_of
+        moving = [False]
+
+        def name_then_compact(b: int) -> bytes:
+            name = real(b)
+            if b == bid and name and not moving[0] and s.has_block(bid):
+                moving[0] = True
+                loc = s.locate_many([b"k"])[0]
+                assert loc is not None
+                (sfx,) = [sx for off, sx in s.dir.block_records(bid) if off == loc.offset]
+                payload = s.read_locations([loc])[0]
+                assert s.relocate_many([(sfx, loc, payload)], partition=b"elsewhere") == [True]
+                s.sync_moves()
+                assert not s.has_block(bid)  # B emptied and deleted while the read is under way
+            return name
+
+        reader.remote_name_of = name_then_compact
+        assert s.get(b"k") == new

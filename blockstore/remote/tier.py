@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockstore.directory import BLOCK_SEALED
-from blockstore.errors import BlockstoreError, CorruptionError, InvalidArgument, StoreClosed
+from blockstore.errors import BlockstoreError, CorruptionError, InvalidArgument, NotFound, StoreClosed
 from blockstore.records import FOOTER_SIZE
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.uploader import Uploader
@@ -207,12 +207,19 @@ class RemoteTier:
         for e in table:
             if used <= cap:
                 break
-            if e.state == BLOCK_SEALED and e.remote_name and self._object_holds(e) \
-                    and self.store.drop_local_copy(e.block_id):
+            if e.state == BLOCK_SEALED and e.remote_name and self._object_holds(e) and self._drop(e.block_id):
                 used -= e.data_end
                 with self._stat_lock:
                     self._fetches.pop(e.block_id, None)
         self._over = max(0, used - cap)
+
+    def _drop(self, block_id: int) -> int:
+        """Bytes freed by dropping the block's local copy; 0 if compaction deleted the block since the
+        table was copied (not an error: its file goes with it)."""
+        try:
+            return self.store.drop_local_copy(block_id)
+        except NotFound:
+            return 0
 
     def _object_holds(self, e: Any) -> bool:
         """Whether the object the block's flag names is in the bucket with the sealed file's size (one HEAD
