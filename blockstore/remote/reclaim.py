@@ -261,3 +261,30 @@ class Reclaimer:
                 self.objects.delete(rec["index_key"])
                 st.deleted.append(rec["index_key"])
             self._write({_DONE + _bid(b): {"data_key": rec["data_key"]}}, (_LIVE + _bid(b),))
+
+
+def adopt_published(store_path: str, markers: dict[str, Superseded], *, clock: Callable[[], float] = time.time,
+                    path: str | None = None) -> int:
+    """For a node restored from the bucket (restoring.py): the markers its lost disk had published, whose
+    objects are still there, go on the new reclaim list as published now, so a Reclaimer on the restored
+    store deletes them once `grace_s` has passed from here (the old publication time was lost with the disk;
+    restarting the grace only waits longer) instead of leaving them in the bucket for good. `markers`: gc
+    key -> its marker. Returns how many were added (a block already on the list or done is left alone)."""
+    opts = Options()
+    opts.create_if_missing(True)
+    db = Rdict(path or os.path.join(store_path, RECLAIM_DIR), opts)
+    try:
+        batch, added, now = WriteBatch(), 0, clock()
+        for key, m in markers.items():
+            if db.get(_LIVE + _bid(m.block_id)) is not None or db.get(_DONE + _bid(m.block_id)) is not None:
+                continue
+            rec = {"state": "published", "data_key": m.data_key, "index_key": m.index_key, "gc_seq": name_seq(key),
+                   "marker": m.encode().decode(), "published_at": now}
+            batch.put(_LIVE + _bid(m.block_id), json.dumps(rec).encode())
+            added += 1
+        sync = WriteOptions()
+        sync.sync = True
+        db.write(batch, sync)
+        return added
+    finally:
+        db.close()

@@ -44,6 +44,7 @@ from blockstore.remote.errors import RemoteError
 from blockstore.remote.layout import BLOCKS, GC, INDEX, BlockIndex, Superseded, check_node_id, name_seq
 from blockstore.remote.ledger import Ledger
 from blockstore.remote.objects import ObjectStore
+from blockstore.remote.reclaim import adopt_published
 from blockstore.remote.uploader import LEDGER_DIR
 from blockstore.store_records import DEFAULT_NAMESPACE
 from blockstore.tools.fsck import check
@@ -62,6 +63,7 @@ class RestoreResult:
     target: str
     blocks: list[int] = field(default_factory=list)  # restored block ids
     skipped_superseded: list[str] = field(default_factory=list)  # objects a remote-GC marker names
+    superseded_adopted: int = 0  # of those, put on the restored node's reclaim list (deleted after its grace)
     corrupt: dict[str, str] = field(default_factory=dict)  # object -> why it was not used
     bytes_downloaded: int = 0
     flagged: int = 0  # blocks flagged remote (their object and index are in the bucket)
@@ -101,7 +103,8 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
         raise RestoreError(f"restore target {root!r} must be an empty folder or not exist")
     check_node_id(node_id)
     res = RestoreResult(root)
-    live, res.skipped_superseded = _live_objects(objects, node_id)
+    live, markers = _live_objects(objects, node_id)
+    res.skipped_superseded = sorted(m.data_key for m in markers.values())
     if not live:
         raise RestoreError(f"no live block objects of node {node_id!r} in bucket {objects.settings.bucket!r} "
                            f"({len(res.skipped_superseded)} superseded): check the node id and the bucket")
@@ -129,6 +132,8 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
     if rep.refused:
         raise RestoreError(f"the rebuild from the downloaded blocks was refused: {rep.refused}")
     _finish(root, kept, indexes, names, res, flag_remote)
+    if flag_remote:  # the restored node's remote GC deletes them after its grace, instead of their leaking
+        res.superseded_adopted = adopt_published(root, markers)
     res.fsck_findings = [f"{f.kind}: {f.detail}" for f in check(root, log=False).findings]
     res.seconds = time.monotonic() - t0
     say(f"restored {len(res.blocks)} block(s), {res.bytes_downloaded} bytes, namespaces {res.namespaces}; "
@@ -136,24 +141,27 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
     return res
 
 
-def _live_objects(objects: ObjectStore, node_id: str) -> tuple[list[_Object], list[str]]:
+def _live_objects(objects: ObjectStore, node_id: str) -> tuple[list[_Object], dict[str, Superseded]]:
     """The node's block objects that no superseded marker names (a marker that cannot be read stops the
-    restore: without it, what it supersedes could resurrect older values)."""
-    superseded: set[str] = set()
+    restore: without it, what it supersedes could resurrect older values), and the markers whose objects
+    are still in the bucket (gc key -> marker)."""
+    superseded: dict[str, tuple[str, Superseded]] = {}  # data key -> (gc key, marker)
     for key in objects.list_after(f"{GC}{node_id}/", None):
         try:
-            superseded.add(Superseded.decode(objects.get(key)).data_key)
+            m = Superseded.decode(objects.get(key))
+            superseded[m.data_key] = (key, m)
         except RemoteError as exc:
             raise RestoreError(f"gc marker {key} cannot be read ({exc}): which object it supersedes is unknown, "
                                "and restoring that object could bring back dead values") from exc
     live: list[_Object] = []
-    skipped: list[str] = []
+    skipped: dict[str, Superseded] = {}
     for key in objects.list_after(f"{BLOCKS}{node_id}/", None):
         o = _parse(key)
         if o is None:
             raise RestoreError(f"{key} is not a block object name (blocks/<node>/<block id>-<xxh3>)")
         if key in superseded:
-            skipped.append(key)
+            gc_key, marker = superseded[key]
+            skipped[gc_key] = marker
         else:
             live.append(o)
     ids = [o.block_id for o in live]
@@ -161,7 +169,7 @@ def _live_objects(objects: ObjectStore, node_id: str) -> tuple[list[_Object], li
         dup = sorted({b for b in ids if ids.count(b) > 1})
         raise RestoreError(f"block id(s) {dup[:8]} have more than one live object: the node id was reused by a "
                            "store that was not restored from this one; restore is refused")
-    return sorted(live, key=lambda o: o.block_id), sorted(skipped)
+    return sorted(live, key=lambda o: o.block_id), skipped
 
 
 def _indexes(objects: ObjectStore, node_id: str, live: list[_Object]) -> dict[str, tuple[str, BlockIndex]]:
