@@ -18,6 +18,7 @@ from blockstore.directory import Directory, DirectoryBatch
 from blockstore.errors import CorruptionError, NotFound
 from blockstore.remote.objects import S3Settings
 from blockstore.remote.tier import RemoteTier
+from blockstore.remote.uploader import Uploader
 from blockstore.store import DIRECTORY
 from blockstore.tools.repair import repair
 
@@ -195,3 +196,36 @@ def test_a_block_deleted_under_the_capacity_check_is_not_a_tier_error(tmp_path: 
             assert st.local_bytes <= sum(e.data_end for e in s.block_table() if e.block_id == first)
         finally:
             tier.close(drain=False)
+
+
+def test_a_block_recovery_cut_after_its_upload_is_not_flagged_again(tmp_path: Path) -> None:
+    """Cache mode: a sealed block is uploaded and flagged, then a power cut loses its last page; recovery
+    cuts the block to what verifies and clears the flag (the object holds another file now). The next
+    tier's confirm_uploaded flagged it again from the ledger's mark, naming an object of another size:
+    the capacity check would drop the only copy of the cut block for it, a remote wait counts it as
+    confirmed, and restoring it from that object always fails. Expected: not flagged."""
+    path = tmp_path / "s"
+    objects = MemoryObjects()
+    s = blockstore.open(path, block_size=BLOCK, durability="cache")
+    s.put_many([(f"k{i}".encode(), os.urandom(9_000)) for i in range(5)])
+    (bid,) = s.seal_open_blocks()
+    up = Uploader(s, objects, "node-x")
+    try:
+        up.run_once()
+        assert [e.remote_name for e in s.block_table()][0]
+    finally:
+        up.close()
+    s.abandon()  # a power cut
+    blk = s.blocks.path(bid)
+    with open(blk, "r+b") as f:
+        f.truncate(os.path.getsize(blk) - 64 - 100)  # the footer and a record's tail lost
+    with blockstore.open(path, block_size=BLOCK, durability="cache") as s:
+        (e,) = [x for x in s.block_table() if x.block_id == bid]
+        assert not e.remote_name  # recovery cut it and cleared the flag
+        up = Uploader(s, objects, "node-x")
+        try:
+            up.confirm_uploaded()
+            (e,) = [x for x in s.block_table() if x.block_id == bid]
+            assert not e.remote_name, "flagged remote under an object that holds another file"
+        finally:
+            up.close()

@@ -5,6 +5,7 @@ published in the order their names sort, which is what other nodes' list-after c
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +16,7 @@ import xxhash
 
 from blockstore import hooks
 from blockstore.directory import BLOCK_SEALED
-from blockstore.records import BLOCK_HEADER_SIZE, Kind, ScanStop
+from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE, Kind, ScanStop
 from blockstore.remote.errors import RemoteError, RemoteUnavailable
 from blockstore.remote.layout import (
     INDEX,
@@ -31,6 +32,7 @@ from blockstore.remote.ledger import Ledger
 from blockstore.remote.objects import ObjectStore
 from blockstore.store import Store
 
+_log = logging.getLogger("blockstore.remote")
 LEDGER_DIR = "remote-ledger"  # under the store's folder; the engine ignores folders it does not own
 _KV_TOMBSTONE_META = b"\x01"  # keys.TOMBSTONE_META[SPACE_KV]: a KV key's tombstone (the others are chunks')
 
@@ -82,10 +84,21 @@ class Uploader:
             rec = self.ledger.uploaded(e.block_id)
             if e.remote_name and rec is None:
                 self._mark_from_flag(e.block_id, e.remote_name.decode())
-            elif not e.remote_name and rec is not None \
+            elif not e.remote_name and rec is not None and self._same_file(e, rec) \
                     and self.store.mark_block_remote(e.block_id, str(rec["data_key"]).encode()):
                 done.append(e.block_id)
         return done
+
+    def _same_file(self, e: Any, rec: dict[str, Any]) -> bool:
+        """Whether the ledger's mark is of this block's sealed file (its size). Else the mark is of another
+        file under this id (recovery cut the block after its upload, or the id was handed out again):
+        flagged, its local copy could be dropped for an object that does not hold it, so it stays local
+        (a remote wait on it times out: honest)."""
+        if rec.get("size") == e.data_end + FOOTER_SIZE:
+            return True
+        _log.warning("%s: block %016x: the ledger's upload mark is of a file of %s bytes, the block's has %d: "
+                     "not flagged remote", self.store.path, e.block_id, rec.get("size"), e.data_end + FOOTER_SIZE)
+        return False
 
     def _mark_from_flag(self, block_id: int, dkey: str) -> None:
         """A crash between the store's flag and the ledger's mark (H4's request): complete the ledger from
