@@ -278,8 +278,9 @@ def adopt_published(store_path: str, markers: dict[str, Superseded], *, clock: C
         for key, m in markers.items():
             if db.get(_LIVE + _bid(m.block_id)) is not None or db.get(_DONE + _bid(m.block_id)) is not None:
                 continue
+            # no "marker": it is in the bucket already and is never put again (only a reserved one is)
             rec = {"state": "published", "data_key": m.data_key, "index_key": m.index_key, "gc_seq": name_seq(key),
-                   "marker": m.encode().decode(), "published_at": now}
+                   "published_at": now}
             batch.put(_LIVE + _bid(m.block_id), json.dumps(rec).encode())
             added += 1
         sync = WriteOptions()

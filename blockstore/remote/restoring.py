@@ -95,7 +95,8 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
                  progress: Callable[[str], None] | None = None) -> RestoreResult:
     """Bring back into `target` (absent or an empty folder) every record node `node_id`'s live block
     objects hold; see the module docstring. `parallel`: objects fetched at once (each is held in memory
-    whole until written). Raises RestoreError (target left empty) when it cannot."""
+    whole until written). Raises RestoreError when it cannot: a refusal over the bucket's objects (corrupt,
+    two stores, an unreadable marker or index) leaves the target empty."""
     t0 = time.monotonic()
     say = progress or (lambda _msg: None)
     root = os.fspath(target)
@@ -108,7 +109,7 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
     if not live:
         raise RestoreError(f"no live block objects of node {node_id!r} in bucket {objects.settings.bucket!r} "
                            f"({len(res.skipped_superseded)} superseded): check the node id and the bucket")
-    indexes = _indexes(objects, node_id, live)
+    indexes, names = _indexes(objects, node_id, live)
     say(f"{len(live)} block object(s) to restore, {len(res.skipped_superseded)} superseded skipped, "
         f"{len(indexes)} index object(s)")
     os.makedirs(root, exist_ok=True)
@@ -124,8 +125,6 @@ def restore_node(objects: ObjectStore, node_id: str, target: str | os.PathLike[s
         shutil.rmtree(scratch, ignore_errors=True)  # copies of bucket objects only: the bucket keeps them
         raise
     res.blocks = sorted(o.block_id for o in kept)
-    names = {ns: nid for _k, ix in indexes.values() for ns, nid in ix.namespaces.items()}
-    names.update({e.ns: names.get(e.ns, -1) for _k, ix in indexes.values() for e in ix.entries})
     say(f"rebuilding the directory from {len(kept)} block file(s)")
     rep = repair(root, namespaces=sorted({*names, DEFAULT_NAMESPACE}),
                  namespace_ids={nid: ns for ns, nid in names.items() if nid > 0})
@@ -149,7 +148,9 @@ def _live_objects(objects: ObjectStore, node_id: str) -> tuple[list[_Object], di
     for key in objects.list_after(f"{GC}{node_id}/", None):
         try:
             m = Superseded.decode(objects.get(key))
-            superseded[m.data_key] = (key, m)
+            # its key list is not needed here (a published marker's pools already applied it): not kept,
+            # so memory follows the number of markers, not of the keys they name
+            superseded[m.data_key] = (key, Superseded(m.node, m.block_id, m.data_key, m.index_key, m.after_index, []))
         except RemoteError as exc:
             raise RestoreError(f"gc marker {key} cannot be read ({exc}): which object it supersedes is unknown, "
                                "and restoring that object could bring back dead values") from exc
@@ -172,13 +173,16 @@ def _live_objects(objects: ObjectStore, node_id: str) -> tuple[list[_Object], di
     return sorted(live, key=lambda o: o.block_id), skipped
 
 
-def _indexes(objects: ObjectStore, node_id: str, live: list[_Object]) -> dict[str, tuple[str, BlockIndex]]:
-    """Data key -> (index key, its index) for the live objects (the newest publication wins if a block was
-    published twice). One GET per index object of the node: indexes of superseded objects are skipped by
-    their name's block id only when no live object has that block id."""
+def _indexes(objects: ObjectStore, node_id: str,
+             live: list[_Object]) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
+    """Data key -> (index key, object size) for the live objects (the newest publication wins if a block
+    was published twice), and namespace name -> id (-1: the name only, from an index without the list).
+    One GET per index object of a live block id; the entries themselves are not kept (memory stays
+    proportional to the number of blocks, not of records)."""
     live_ids = {o.block_id for o in live}
     live_keys = {o.key for o in live}
-    out: dict[str, tuple[str, BlockIndex]] = {}
+    out: dict[str, tuple[str, int]] = {}
+    names: dict[str, int] = {}
     for key in objects.list_after(f"{INDEX}{node_id}/", None):
         try:
             if int(key.rsplit("-", 1)[1], 16) not in live_ids:
@@ -189,9 +193,12 @@ def _indexes(objects: ObjectStore, node_id: str, live: list[_Object]) -> dict[st
             ix = BlockIndex.decode(objects.get(key))
         except RemoteError as exc:
             raise RestoreError(f"index object {key} cannot be read: {exc}") from exc
+        names.update(ix.namespaces)
+        for e in ix.entries:
+            names.setdefault(e.ns, -1)
         if ix.data_key in live_keys and (ix.data_key not in out or name_seq(out[ix.data_key][0]) < name_seq(key)):
-            out[ix.data_key] = (key, ix)
-    return out
+            out[ix.data_key] = (key, ix.size)
+    return out, names
 
 
 def _download(objects: ObjectStore, live: list[_Object], scratch: str, res: RestoreResult,
@@ -250,7 +257,7 @@ def _corrupt(be: object, data: bytes, o: _Object) -> str | None:
     return None
 
 
-def _finish(root: str, kept: list[_Object], indexes: dict[str, tuple[str, BlockIndex]], names: dict[str, int],
+def _finish(root: str, kept: list[_Object], indexes: dict[str, tuple[str, int]], names: dict[str, int],
             res: RestoreResult, flag_remote: bool) -> None:
     """Flag each restored block whose index is published as remote (and mark it in a fresh uploader
     ledger), so a tier on the restored store does not upload it again; check the namespaces' names."""
@@ -268,12 +275,12 @@ def _finish(root: str, kept: list[_Object], indexes: dict[str, tuple[str, BlockI
                 if got is None:
                     res.unindexed.append(o.block_id)
                     continue
-                ikey, ix = got
+                ikey, size = got
                 if ledger is not None and store.has_block(o.block_id):
                     store.mark_block_remote(o.block_id, o.key.encode())
                     ledger.mark_uploaded(o.block_id, {
                         "data_key": o.key, "index_key": ikey,
-                        "file_xxh3": o.file_xxh3, "size": ix.size})
+                        "file_xxh3": o.file_xxh3, "size": size})
                     res.flagged += 1
         finally:
             if ledger is not None:
