@@ -229,3 +229,36 @@ def test_a_block_recovery_cut_after_its_upload_is_not_flagged_again(tmp_path: Pa
             assert not e.remote_name, "flagged remote under an object that holds another file"
         finally:
             up.close()
+
+
+@pytest.mark.parametrize("flag", [b"blocks/node-x/never-uploaded", b"\xff\xfe"])
+def test_a_damaged_flag_on_a_reserved_block_does_not_stop_the_tier(tmp_path: Path, flag: bytes) -> None:
+    """A block that has a publication number reserved but no upload mark (a pass cut short), whose remote
+    flag is damaged: confirm_uploaded (run when a tier starts) completed the ledger from the flag by
+    parsing the name's xxh3 and raised ValueError (or UnicodeDecodeError), so no tier could start on the
+    store. Expected: the flag is not trusted for the ledger, the tier starts."""
+    path = tmp_path / "s"
+    with blockstore.open(path, block_size=BLOCK) as s:
+        s.put_many([(f"k{i}".encode(), os.urandom(9_000)) for i in range(5)])
+        (bid,) = s.seal_open_blocks()
+        up = Uploader(s, MemoryObjects(), "node-x")
+        try:
+            up.ledger.reserve_many({bid: 1}, 2)
+        finally:
+            up.close()
+    d = Directory(str(path / DIRECTORY), read_only=False, sync=True, create=False)
+    try:
+        e = d.load_blocks()[bid]
+        e.remote_name = flag
+        b = DirectoryBatch()
+        b.put_block(e)
+        d.write(b, force_sync=True)
+    finally:
+        d.close()
+    with blockstore.open(path, block_size=BLOCK) as s:
+        tier = RemoteTier(s, MemoryObjects(), "node-x", poll_s=0.05)
+        try:
+            assert tier.status().running
+            assert tier.uploader.ledger.uploaded(bid) is None
+        finally:
+            tier.close(drain=False)

@@ -83,7 +83,7 @@ class Uploader:
                 continue
             rec = self.ledger.uploaded(e.block_id)
             if e.remote_name and rec is None:
-                self._mark_from_flag(e.block_id, e.remote_name.decode())
+                self._mark_from_flag(e.block_id, e.remote_name.decode(errors="replace"))
             elif not e.remote_name and rec is not None and self._same_file(e, rec) \
                     and self.store.mark_block_remote(e.block_id, str(rec["data_key"]).encode()):
                 done.append(e.block_id)
@@ -106,9 +106,15 @@ class Uploader:
         res = self.ledger.reservation(block_id)
         if res is None:
             return  # uploaded before this ledger (a wiped disk): nothing names its index here
+        try:
+            file_xxh3 = int(dkey.rsplit("-", 1)[1], 16)
+        except (IndexError, ValueError):  # not a name this uploader gives: a damaged flag, left to fsck
+            _log.warning("%s: block %016x is flagged remote as %r, not a data object's name: the ledger is not "
+                         "completed from it", self.store.path, block_id, dkey)
+            return
         self.ledger.mark_uploaded(block_id, {
             "data_key": dkey, "index_key": index_key(index_name(self.node_id, int(res["seq"]), block_id)),
-            "file_xxh3": int(dkey.rsplit("-", 1)[1], 16)})
+            "file_xxh3": file_xxh3})
 
     def status(self) -> UploadStatus:
         pend = self.pending()
