@@ -120,6 +120,9 @@ class Tiering:
                 size = eng.backend.size(fd)
             finally:
                 eng.backend.close(fd)
+            # the footer's sequence numbers, read while the file is here: eviction's floor needs them, and
+            # without a local file it would count the block as holding anything (refusing every eviction)
+            eng._footer_seqs(block_id)
             eng.blocks.delete(block_id)  # now, or when the last reader lets go of it
         _log.info("%s: dropped the local copy of block %016x (%d bytes; its object is %r)", eng.path, block_id,
                   size, e.remote_name)
