@@ -83,6 +83,23 @@ def _screen(fd: int, seconds: float) -> str:
     return ANSI.sub("", out.decode("utf-8", "replace"))
 
 
+def _wait_reading(proc: subprocess.Popen[bytes], fd: int, seconds: float) -> int | None:
+    """Wait for `proc` to exit while reading its terminal, as a real terminal would: a child blocked
+    writing its last frames into a full pseudo-terminal buffer never exits otherwise."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if ready:
+            try:
+                os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def test_top_in_a_terminal_shows_numbers_that_change_while_a_writer_writes(tmp_path: Path) -> None:
     path = tmp_path / "s"
     with writer(path) as port:
@@ -99,7 +116,7 @@ def test_top_in_a_terminal_shows_numbers_that_change_while_a_writer_writes(tmp_p
         try:
             screen = _screen(master, 6.0)
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=10) == 0
+            assert _wait_reading(proc, master, 20.0) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
