@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 from test_review_remote_tier import BLOCK, MemoryObjects
 
 import blockstore
@@ -18,7 +17,6 @@ from blockstore.remote.uploader import Uploader
 from blockstore.store import DIRECTORY
 
 
-@pytest.mark.xfail(strict=True, reason="H4: reclaim decodes remote flags with a bare .decode() (inbox-H4, H7 review)")
 def test_a_damaged_remote_flag_does_not_break_remote_gc(tmp_path: Path) -> None:
     path = tmp_path / "s"
     objects = MemoryObjects()

@@ -42,6 +42,15 @@ _DONE = b"d/"  # + block id: its object is deleted; never looked at again
 _FLAGGED = b"f/"  # + block id: uploaded per the store's flag, its ledger mark cut by a crash (see _uploaded)
 
 
+def _is_key(flag: bytes) -> bool:
+    """Whether a block's remote flag is an object key (UTF-8); a damaged one is not."""
+    try:
+        flag.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _bid(block_id: int) -> bytes:
     return block_id.to_bytes(8, "big")
 
@@ -153,7 +162,7 @@ class Reclaimer:
         found = {}
         for e in self.store.block_table():
             res = None if not e.remote_name or e.block_id in uploaded else self.uploader.ledger.reservation(e.block_id)
-            if res is not None:
+            if res is not None and _is_key(e.remote_name):  # a damaged flag names nothing to reclaim
                 found[e.block_id] = {"data_key": e.remote_name.decode(),
                                      "index_key": index_key(index_name(self.node_id, int(res["seq"]), e.block_id))}
         if found:
@@ -249,7 +258,11 @@ class Reclaimer:
         expired = [(b, rec) for b, rec in sorted(self._on_list().items())
                    if rec["state"] == "published" and now - float(rec["published_at"]) >= self.grace_s]
         # never an object the store itself still reads from (a block whose local copy was dropped)
-        named = {e.remote_name.decode() for e in self.store.block_table() if e.remote_name} if expired else set()
+        flags = [e.remote_name for e in self.store.block_table() if e.remote_name] if expired else []
+        if not all(_is_key(f) for f in flags):  # a damaged flag could name any of them: nothing goes until fsck
+            st.waiting.update({b: "a block's remote flag does not decode (run blockstore fsck)" for b, _r in expired})
+            return
+        named = {f.decode() for f in flags}
         for b, rec in expired:
             if rec["data_key"] in named:
                 st.waiting[b] = "its object is still named by a block of this store"
