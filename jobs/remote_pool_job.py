@@ -37,6 +37,9 @@ T0 = time.monotonic()
 CHUNKS = 3  # the prompt's whole LMCache chunks (vLLM stores only whole chunks)
 
 
+WORK_MARK = ".remote-pool-job"  # marks --work as this job's scratch, so a later run may empty it
+
+
 def log(msg: str) -> None:
     print(f"[remote-pool-job {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -79,16 +82,23 @@ def generate(llm: Any, ids: list[int], salt: str | None = None) -> tuple[list[in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.remote_pool_job", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default="/tmp/blockstore-remote-pool-job", help="scratch folder (emptied first)")
+    ap.add_argument("--work", default="/tmp/blockstore-remote-pool-job",
+                    help="scratch folder: absent, empty, or one an earlier run of this job made (its stores and "
+                         "cluster are emptied first; any other non-empty folder is refused)")
     args = ap.parse_args(argv)
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     work = Path(args.work).resolve()
-    if work.exists():
+    if work.exists() and any(work.iterdir()):
+        # only a folder this job marked as its own is emptied: a store someone keeps there is never deleted
+        if not (work / WORK_MARK).is_file():
+            raise SystemExit(f"--work {work} is not empty and was not made by this job; give an empty folder")
         shutil.rmtree(work / "seaweed", ignore_errors=True)
         for node in ("a", "b"):
             shutil.rmtree(work / f"store-{node}", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARK).write_text("scratch of python -m jobs.remote_pool_job: its stores and cluster are emptied "
+                                  "by the next run\n")
     model_dir = tiny_model.build(work / "model-tiny", log=log, shape="tiny")
     rng = random.Random(18)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
