@@ -10,14 +10,14 @@ from pathlib import Path
 
 import blockstore
 from blockstore.compaction import Compactor
-from blockstore.compaction.compactor import FG_P99_TARGET, _Pacer
+from blockstore.compaction.pacing import FG_P99_TARGET, Pacer
 
 
 def test_the_copy_rate_follows_foreground_latency() -> None:
     durations: list[float] = []
     stop = threading.Event()
     stop.set()  # the bucket's waits return at once
-    pacer = _Pacer(64e6, stop, reads=lambda since: list(durations), idle_p99=0.001)
+    pacer = Pacer(64e6, stop, reads=lambda since: list(durations), idle_p99=0.001)
     durations[:] = [0.001 * FG_P99_TARGET * 3] * 20
     for _ in range(3):
         pacer(1 << 20)
@@ -46,7 +46,7 @@ def test_reads_are_timed_and_a_background_pass_judges_against_idle_reads(tmp_pat
         assert s.recent_reads(time.perf_counter()) == []
         c = s.compactor
         assert isinstance(c, Compactor)
-        pacer = c._pacer()
+        pacer = c.pacing.pacer(64e6, None)
         assert pacer.idle_p99 is not None and min(recent) <= pacer.idle_p99 <= max(recent)
         c.run_pass(pace=True)
-        assert c._paced_rate is not None
+        assert c.pacing.paced_rate is not None

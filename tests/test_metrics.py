@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import blockstore
 from blockstore import logs, metrics
+from blockstore.compaction.pacing import Pacer
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.store import Store
@@ -296,15 +297,13 @@ def test_cli_metrics_and_top_with_log_levels(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_the_foreground_latency_guard_is_reported(endpoint: metrics.Endpoint) -> None:
-    from blockstore.compaction.compactor import _Pacer
-
-    slow_reads = _Pacer(64e6, None, reads=lambda since: [0.010] * 10, idle_p99=0.001)  # p99 10x idle
+    slow_reads = Pacer(64e6, None, reads=lambda since: [0.010] * 10, idle_p99=0.001)  # p99 10x idle
     before = scrape(endpoint.port)
     slow_reads(0)
     got = scrape(endpoint.port)
     assert get(got, "blockstore_compaction_slowed_total") - get(before, "blockstore_compaction_slowed_total") == 1
     assert get(got, "blockstore_compaction_copy_rate_bytes") == 32e6
-    _Pacer(64e6, None, start_rate=32e6, reads=lambda since: [0.001] * 10, idle_p99=0.001)(0)  # at idle: climbs
+    Pacer(64e6, None, start_rate=32e6, reads=lambda since: [0.001] * 10, idle_p99=0.001)(0)  # at idle: climbs
     assert get(scrape(endpoint.port), "blockstore_compaction_copy_rate_bytes") == 40e6
 
 

@@ -14,7 +14,6 @@ import logging
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 
 from . import clusters, gc, relocation
 from .affinity import AffinityJudge, AffinityTracker, Group
+from .pacing import ForegroundPacing, Pacer
 from .policy import Policy, resolve
 
 if TYPE_CHECKING:
@@ -71,64 +71,6 @@ class PassReport:
         return d
 
 
-FG_P99_TARGET = 1.5  # foreground read p99 during compaction / while idle that pacing aims under
-_IDLE_READS = 2048  # durations of reads made while no pass ran, kept as the foreground's idle reference
-_MIN_READS = 8  # reads needed before a p99 is trusted (fewer: pacing keeps its rate)
-
-
-def _p99(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[int(0.99 * (len(ordered) - 1))]
-
-
-class _Pacer:
-    """Token bucket on copied bytes: the background thread sleeps so its copies average `rate` B/s,
-    and `rate` follows what the foreground sees (issue 16): after each batch, the reads made since the
-    last one are compared with the reads made while no pass ran; while their p99 is above
-    FG_P99_TARGET x the idle p99 the rate halves (down to 1/64 of the policy's), else it climbs back
-    (x1.25, up to the policy's). A fixed rate either slowed compaction for nothing on an idle store
-    or let a busy one's get p99 reach 3-13x idle (bench/README.md, compaction)."""
-
-    def __init__(self, rate_bytes_s: float, stop: threading.Event | None, *, start_rate: float | None = None,
-                 reads: Callable[[float], list[float]] | None = None, idle_p99: float | None = None) -> None:
-        self.max_rate = rate_bytes_s
-        self.rate = min(start_rate or rate_bytes_s, rate_bytes_s)
-        self.stop = stop
-        self.reads = reads
-        self.idle_p99 = idle_p99
-        self.checked = time.perf_counter()
-        self.free_at = time.monotonic()  # when the bucket has room for the next batch
-
-    def __call__(self, nbytes: int) -> None:
-        self._follow_foreground()
-        now = time.monotonic()
-        self.free_at = max(self.free_at, now) + nbytes / self.rate
-        ahead = self.free_at - now
-        if ahead > 0:
-            if metrics.enabled:
-                metrics.compaction_paced(ahead)
-            if self.stop is not None:
-                self.stop.wait(ahead)
-            else:
-                time.sleep(ahead)
-
-    def _follow_foreground(self) -> None:
-        if self.reads is None or self.idle_p99 is None:
-            return
-        now = time.perf_counter()
-        recent = self.reads(self.checked)
-        if len(recent) < _MIN_READS:
-            return  # too few reads to judge: keep the rate, and judge these with the next ones
-        self.checked = now
-        slow = _p99(recent) > FG_P99_TARGET * self.idle_p99
-        if slow:
-            self.rate = max(self.rate / 2, self.max_rate / 64)
-        else:
-            self.rate = min(self.rate * 1.25, self.max_rate)
-        if metrics.enabled:
-            metrics.compaction_guard(self.rate, slowed=slow)
-
-
 class Compactor:
     def __init__(self, store: Store, policy: Policy, *, judge: AffinityJudge | None = None) -> None:
         self.store = store
@@ -142,9 +84,7 @@ class Compactor:
         self._min_seqs = gc.MinSeqs(store)
         self._clusters: list[tuple[int, tuple[bytes, ...]]] = []  # the last pass's clusters (clusters.build)
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
-        self._idle_reads: deque[float] = deque(maxlen=_IDLE_READS)  # read seconds while no pass ran
-        self._idle_since = time.perf_counter()
-        self._paced_rate: float | None = None  # the copy rate the last background pass ended with
+        self.pacing = ForegroundPacing(store.recent_reads)  # the foreground's idle reads, the last pass's rate
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
@@ -264,7 +204,7 @@ class Compactor:
         with self._pass_lock:
             started = time.monotonic()
             rep = PassReport(dry_run=dry_run)
-            pacer = self._pacer() if pace else None
+            pacer = self.pacing.pacer(self.policy.rate_mb_s * 1e6, self._stop) if pace else None
             if self.policy.relocation:
                 self._relocate(rep, dry_run, pacer, progress)
             if self.policy.gc:
@@ -277,9 +217,7 @@ class Compactor:
                 rep.reclaimed_blocks += len(gone)
                 self.reclaimed += len(gone)
             self.passes += 1
-            if pacer is not None:
-                self._paced_rate = pacer.rate
-            self._idle_since = time.perf_counter()
+            self.pacing.pass_done(pacer)
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
@@ -294,16 +232,6 @@ class Compactor:
                               rep.relocated_bytes, rep.gc_blocks, rep.gc_records, rep.gc_bytes,
                               rep.reclaimed_blocks, rep.lost_races, rep.skipped_budget)
             return rep
-
-    def _pacer(self) -> _Pacer:
-        """A background pass's pacer: it starts at the rate the last pass ended with, judged against the
-        reads made since then (no pass ran meanwhile: the foreground's idle latency)."""
-        now = time.perf_counter()
-        self._idle_reads.extend(self.store.recent_reads(self._idle_since))
-        self._idle_since = now
-        idle = _p99(self._idle_reads) if len(self._idle_reads) >= _MIN_READS else None
-        return _Pacer(self.policy.rate_mb_s * 1e6, self._stop, start_rate=self._paced_rate,
-                      reads=self.store.recent_reads, idle_p99=idle)
 
     def run_until_idle(self, *, max_passes: int = 100, dry_run: bool = False,
                        progress: Callable[[str, int, int], None] | None = None) -> PassReport:
@@ -322,7 +250,7 @@ class Compactor:
             self.flush()
         return total
 
-    def _relocate(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
+    def _relocate(self, rep: PassReport, dry_run: bool, pacer: Pacer | None,
                   progress: Callable[[str, int, int], None] | None) -> None:
         """Rewrite, most valuable first, each due cluster (clusters.py) that sits in more blocks than its
         bytes need (plus the policy's slack) into one block, within the relocation budget."""
@@ -404,7 +332,7 @@ class Compactor:
         rest = sum(loc.record_len for _k, loc in where.live if loc.block_id != home.block_id)
         return part, rest <= where.bytes - rest and rest <= self.store.block_size - home.data_end - 8192
 
-    def _collect(self, rep: PassReport, dry_run: bool, pacer: _Pacer | None,
+    def _collect(self, rep: PassReport, dry_run: bool, pacer: Pacer | None,
                  progress: Callable[[str, int, int], None] | None) -> None:
         # one copy of the block table per pass: victims and the tombstone floor (MinSeqs) both use it
         table = self.store.block_table()
