@@ -680,7 +680,98 @@ def heldout(seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
     return Trace("heldout", t.ops, {**t.params, "seed": seed, "generator_seed": 1000 + seed})
 
 
-# the families the benchmark replays by default; `heldout` runs when named (--traces ... heldout)
+def agents(seed: int = 0, scale: float = 1.0, *, conversations: int | None = None, tenants: int = 200,
+           tenant_zipf: float = 0.9, turns: tuple[int, int] = (3, 10), concurrent: int = 48,
+           kv_bytes: tuple[int, int] = (64 * KiB, 256 * KiB), kv_p: float = 0.7, note_bytes: tuple[int, int] = (1 * KiB, 32 * KiB),
+           note_p: float = 0.5, topics: int = 8, topic_zipf: float = 1.0, prefix_keys: int = 8,
+           notes_per_request: tuple[int, int] = (2, 5), noise_p: float = 0.1, update_p: float = 0.1,
+           delete_p: float = 0.05, evict_p: float = 0.7) -> Trace:
+    """A second held-out workload (issue 16), written once and frozen: no constant of the engine or of
+    compaction is chosen by its figures; it is replayed only when named (--traces ... agents).
+
+    Agent conversations of `tenants` tenants (each its own namespace f"tenant{i:03d}", activity
+    Zipf(`tenant_zipf`)); `conversations` of them (default 40 x scale), `turns` turns each, `concurrent`
+    at once, interleaved; partition = the conversation. A turn first issues one request: the
+    conversation's last `prefix_keys` KV records (its cached prefix) plus `notes_per_request` memory
+    notes of the tenant on one topic (Zipf(`topic_zipf`) over `topics`), newest first, written by any
+    of the tenant's conversations; with probability `noise_p` instead a request of 2-6 notes of the
+    tenant drawn uniformly. Then the turn writes, with probability `kv_p`, one KV record of `kv_bytes`
+    (64 KiB steps) and, with probability `note_p`, 1-3 notes of `note_bytes` (log-uniform) with topics;
+    with probability `update_p` it rewrites one of the tenant's notes and with `delete_p` deletes one.
+    When a conversation ends its KV records are deleted with probability `evict_p`.
+    """
+    rng = random.Random(f"agents-{seed}")
+    total = conversations if conversations is not None else max(2, round(40 * scale))
+    pick_tenant = _Zipf(tenants, tenant_zipf, rng)
+    pick_topic = _Zipf(topics, topic_zipf, rng)
+    notes: list[list[list[bytes]]] = [[[] for _ in range(topics)] for _ in range(tenants)]  # live, by topic
+    pools = [_Pool() for _ in range(tenants)]
+    size: dict[tuple[int, bytes], int] = {}
+    made = [0] * tenants
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def start() -> dict[str, Any] | None:
+        c = next(started)
+        return None if c >= total else {"c": c, "t": pick_tenant(), "left": rng.randint(*turns), "kv": []}
+
+    def drop_note(t: int, k: bytes, ns: str) -> None:
+        ops.append(Delete((k,), ns))
+        pools[t].remove(k)
+        for lst in notes[t]:
+            if k in lst:
+                lst.remove(k)
+
+    def step(a: dict[str, Any]) -> bool:
+        t, ns, part = a["t"], f"tenant{a['t']:03d}", f"conv{a['c']:05d}"
+        pool = pools[t]
+        if rng.random() < noise_p and len(pool) >= 2:
+            req = list(dict.fromkeys(pool.choice(rng) for _ in range(rng.randint(2, 6))))
+        else:
+            topic = notes[t][pick_topic()]
+            req = a["kv"][-prefix_keys:] + topic[-rng.randint(*notes_per_request):][::-1]
+        if len(req) >= 2:
+            ops.append(Request(tuple(req), ns))
+        keys: list[bytes] = []
+        sizes: list[int] = []
+        if rng.random() < kv_p:
+            keys.append(b"conv%05d/kv%03d" % (a["c"], len(a["kv"])))
+            sizes.append(rng.randint(kv_bytes[0] // (64 * KiB), kv_bytes[1] // (64 * KiB)) * 64 * KiB)
+            a["kv"].append(keys[-1])
+        if rng.random() < note_p:
+            for _ in range(rng.randint(1, 3)):
+                k = b"note/%06d" % made[t]
+                made[t] += 1
+                keys.append(k)
+                sizes.append(_log_uniform(rng, *note_bytes))
+                notes[t][pick_topic()].append(k)
+                pool.add(k)
+        if len(pool) and rng.random() < update_p:
+            k = pool.choice(rng)
+            if k not in keys:
+                keys.append(k)
+                sizes.append(size[(t, k)])
+        if keys:
+            ops.append(Put(tuple(keys), tuple(sizes), part, ns))
+            size.update(((t, k), n) for k, n in zip(keys, sizes))
+        if len(pool) > 2 and rng.random() < delete_p:
+            drop_note(t, pool.choice(rng), ns)
+        a["left"] -= 1
+        if a["left"] > 0:
+            return True
+        if a["kv"] and rng.random() < evict_p:
+            ops.append(Delete(tuple(a["kv"]), ns))
+        return False
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, conversations=total, tenants=tenants, tenant_zipf=tenant_zipf, turns=turns,
+                  concurrent=concurrent, kv_bytes=kv_bytes, kv_p=kv_p, note_bytes=note_bytes, note_p=note_p,
+                  topics=topics, topic_zipf=topic_zipf, prefix_keys=prefix_keys, notes_per_request=notes_per_request,
+                  noise_p=noise_p, update_p=update_p, delete_p=delete_p, evict_p=evict_p)
+    return Trace("agents", ops, params)
+
+
+# the families the benchmark replays by default; the held-out `heldout` and `agents` run when named
 FAMILIES = ("locomo", "webarena", "swe", "lmcache", "shared", "sessions")
 
 GENERATORS: dict[str, Callable[..., Trace]] = {
@@ -691,6 +782,7 @@ GENERATORS: dict[str, Callable[..., Trace]] = {
     "shared": shared,
     "sessions": sessions,
     "heldout": heldout,
+    "agents": agents,
 }
 
 
