@@ -1,7 +1,8 @@
 """The directory: RocksDB (through rocksdict, raw mode) mapping keys to places (docs/format.md §5).
 
-This module owns every directory value encoding (the key layout is blockstore/keys.py). Changes are
-staged in a `DirectoryBatch` and written atomically, so a location and the block-table counters it affects never disagree.
+The value encodings are in blockstore/directory_values.py (re-exported here), the key layout in keys.py.
+Changes are staged in a `DirectoryBatch` and written atomically, so a location and the block-table
+counters it affects never disagree.
 """
 
 from __future__ import annotations
@@ -11,126 +12,32 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import NoReturn, TypeVar, cast
 
 from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteBatch, WriteOptions
 
-from blockstore.errors import BlockstoreError, CorruptionError, FormatVersionError, IOErrorBS, NoSpace
+from blockstore.directory_values import (
+    BLOCK_OPEN,
+    BLOCK_RECLAIMING,
+    BLOCK_SEALED,
+    LOCATION_VERSION,
+    MAX_COPIES,
+    VALUE_VERSION,
+    BlockEntry,
+    CopyPlace,
+    Location,
+)
+from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace
 from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
 from blockstore.manifest import last_writer_synced
 
 _T = TypeVar("_T")
+# the value types, for the modules that import them from here
+__all__ = ["BLOCK_OPEN", "BLOCK_RECLAIMING", "BLOCK_SEALED", "LOCATION_VERSION", "MAX_COPIES", "VALUE_VERSION",
+           "BlockEntry", "CopyPlace", "Directory", "DirectoryBatch", "Location", "repair_hint", "salvage",
+           "translate_rocksdb_error"]
 
-BLOCK_OPEN = 1
-BLOCK_SEALED = 2
-BLOCK_RECLAIMING = 3
-
-_LOC = struct.Struct("<BBHIQQQQQQ")  # 56 bytes, then meta
-_BLOCK = struct.Struct("<BBHIQQQQQQQQQQ")  # 88 bytes, then partition, then remote name (its length in the H)
 _U64 = struct.Struct("<Q")
-VALUE_VERSION = 1
-
-
-def _check_value(raw: bytes, size: int, what: str) -> None:
-    """A value shorter than its fixed part, or of version 0, is corrupt; a newer version is not guessed
-    at (docs/format.md §7). Found by fuzz/targets/directory_values.py: these raised struct.error."""
-    if len(raw) < size:
-        raise CorruptionError(f"{what} value of {len(raw)} bytes is shorter than {size}")
-    if raw[0] == 0:
-        raise CorruptionError(f"{what} value has version 0")
-    if raw[0] > VALUE_VERSION:
-        raise FormatVersionError(f"{what} value version {raw[0]} is newer than this build ({VALUE_VERSION})")
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where a live record is, plus what a read needs without touching the header."""
-
-    kind: int
-    flags: int
-    payload_off: int
-    block_id: int
-    offset: int
-    record_len: int
-    payload_len: int
-    seq: int
-    payload_xxh3: int
-    meta: bytes
-
-    def encode(self) -> bytes:
-        return _LOC.pack(1, self.kind, self.flags, self.payload_off, self.block_id, self.offset,
-                         self.record_len, self.payload_len, self.seq, self.payload_xxh3) + self.meta
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Location:
-        """CorruptionError (FormatVersionError for a newer value_version) if `raw` is not a location."""
-        _check_value(raw, _LOC.size, "location")
-        (_v, kind, flags, poff, bid, off, rlen, plen, seq, cks) = _LOC.unpack_from(raw)
-        return cls(kind, flags, poff, bid, off, rlen, plen, seq, cks, bytes(raw[_LOC.size :]))
-
-    @property
-    def payload_offset(self) -> int:
-        return self.offset + self.payload_off
-
-    def same_place(self, other: Location) -> bool:
-        return (self.block_id, self.offset, self.seq) == (other.block_id, other.offset, other.seq)
-
-
-@dataclass(slots=True)
-class BlockEntry:
-    """One row of the block table. Mutated only on copies that are then written in a batch."""
-
-    block_id: int
-    state: int
-    partition: bytes
-    written_bytes: int = 0
-    live_bytes: int = 0
-    live_records: int = 0
-    total_records: int = 0
-    tombstones: int = 0
-    data_end: int = 4096
-    created_ns: int = 0
-    last_append_ns: int = 0
-    sealed_ns: int = 0
-    live_logical_bytes: int = 0
-    # the object the remote tier confirmed holds this block's file (empty: local only). Only a block with
-    # one may lose its local file (Store.drop_local_copy); reads then fetch from the object. Stored after
-    # the partition, its length in the formerly reserved 16-bit field, so older readers ignore it.
-    remote_name: bytes = b""
-
-    def encode(self) -> bytes:
-        return _BLOCK.pack(
-            1, self.state, len(self.remote_name), len(self.partition), self.written_bytes, self.live_bytes,
-            self.live_records, self.total_records, self.tombstones, self.data_end, self.created_ns,
-            self.last_append_ns, self.sealed_ns, self.live_logical_bytes,
-        ) + self.partition + self.remote_name
-
-    @classmethod
-    def decode(cls, block_id: int, raw: bytes) -> BlockEntry:
-        """CorruptionError (FormatVersionError for a newer value_version) if `raw` is not a block entry."""
-        _check_value(raw, _BLOCK.size, "block entry")
-        f = _BLOCK.unpack_from(raw)
-        rlen, plen = f[2], f[3]
-        if len(raw) < _BLOCK.size + plen:
-            raise CorruptionError(f"block entry value of {len(raw)} bytes ends inside its {plen}-byte partition")
-        if len(raw) < _BLOCK.size + plen + rlen:
-            raise CorruptionError(f"block entry value of {len(raw)} bytes ends inside its {rlen}-byte remote name")
-        end = _BLOCK.size + plen
-        e = cls(block_id, f[1], bytes(raw[_BLOCK.size : end]), *f[4:])
-        e.remote_name = bytes(raw[end : end + rlen])
-        return e
-
-    def copy(self) -> BlockEntry:
-        return BlockEntry(**{k: getattr(self, k) for k in self.__slots__})  # type: ignore[attr-defined]
-
-    @property
-    def dead_bytes(self) -> int:
-        return self.written_bytes - self.live_bytes
-
-    @property
-    def invalid_ratio(self) -> float:
-        return self.dead_bytes / self.written_bytes if self.written_bytes else 0.0
 
 
 class DirectoryBatch:
@@ -152,16 +59,26 @@ class DirectoryBatch:
         self.put(meta_key(name), _U64.pack(value))
 
     def put_location(self, suffix: bytes, loc: Location) -> None:
+        """The value and a reverse entry for each place it names (the primary and every copy)."""
         self.put(location_key(suffix), loc.encode())
         self.put(reverse_key(loc.block_id, loc.offset), suffix)
+        for c in loc.copies:
+            self.put(reverse_key(c.block_id, c.offset), suffix)
 
     def delete_location(self, suffix: bytes, old: Location | None) -> None:
         self.delete(location_key(suffix))
         if old is not None:
-            self.delete(reverse_key(old.block_id, old.offset))
+            self.forget_reverse(old)
 
     def forget_reverse(self, loc: Location) -> None:
+        """The reverse entries of every place `loc` names (its copies retire with it)."""
         self.delete(reverse_key(loc.block_id, loc.offset))
+        for c in loc.copies:
+            self.delete(reverse_key(c.block_id, c.offset))
+
+    def forget_place(self, place: Location) -> None:
+        """The reverse entry of one place only (a copy dropped or moved, the value kept)."""
+        self.delete(reverse_key(place.block_id, place.offset))
 
     def put_block(self, entry: BlockEntry) -> None:
         self.put(block_key(entry.block_id), entry.encode())

@@ -7,7 +7,7 @@ fills in `result` (a delete: whether the key existed; a move: whether its compar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from blockstore.directory import Location
@@ -39,7 +39,43 @@ class Mutation:
     # a tombstone move that only retires the tombstone from its old block (compaction decided no older
     # record of the key is left anywhere, so nothing needs it)
     drop: bool = False
+    # copies (docs/copies.md): COPY_ADD writes the record `expected` names once more and adds the new
+    # place to the value; COPY_DROP writes nothing and takes `place` out of it. Both compare the whole
+    # value with `expected` (its copies included), so a put, a delete or another copy change meanwhile
+    # makes them write nothing.
+    copy_op: int = 0
+    place: Location | None = None
     result: Any = None
+
+
+COPY_ADD = 1
+COPY_DROP = 2
+
+
+def retired_places(m: Mutation, old: Location | None) -> list[Location]:
+    """The places of the key's old value that mutation `m` retires (each one's bytes turn dead in its
+    block and its reverse entry goes): all of them for a put or delete (invariant 8: no copy outlives
+    its key's value), the primary only for a move (the copies stay where they are), none for a copy
+    added, the dropped place for a copy dropped."""
+    if old is None or m.copy_op == COPY_ADD:
+        return []
+    if m.copy_op == COPY_DROP:
+        return [] if m.place is None else [m.place]
+    if m.expected is not None:
+        return [old.primary()]
+    return old.places()
+
+
+def value_after(m: Mutation, old: Location | None, placed: Location) -> Location:
+    """The value a placed record of `m` leaves: its place; for a move, its place and the copies the old
+    value had; for a copy added, the old value with one more copy."""
+    if old is None:
+        return placed
+    if m.copy_op == COPY_ADD:
+        return old.with_copy(placed)
+    if m.expected is not None and old.copies:
+        return replace(placed, copies=old.copies)
+    return placed
 
 
 def partition_of(ns: str, partition: bytes | str | None) -> bytes:
@@ -81,6 +117,39 @@ def relocation_mutations(moves: Sequence[tuple[bytes, Location, Buffer]], partit
         muts.append(Mutation("", suffix[4], suffix[5:], loc.kind, partition, loc.meta, b"",
                               suffix=suffix, expected=loc, drop=True))
     return muts
+
+
+def copy_mutations(adds: Sequence[tuple[bytes, Location, Buffer]], drops: Sequence[tuple[bytes, Location, Location]],
+                   partition: bytes) -> list[Mutation]:
+    """The mutations of `Store.place_copies`: a copy added per (suffix, value, payload) of `adds`, then a
+    copy dropped per (suffix, value, place) of `drops`. A key appears once in all: two changes of one
+    value in one call would compare with the same old value."""
+    muts = []
+    seen: set[bytes] = set()
+    for suffix, value, payload in adds:
+        _check_copy_key(suffix, value, seen)
+        muts.append(Mutation("", suffix[4], suffix[5:], value.kind, partition, value.meta, payload_view(payload),
+                             value.payload_xxh3, suffix=suffix, expected=value, copy_op=COPY_ADD))
+    if muts:  # the copies go to one block (a fresh one if the open block cannot take them all)
+        muts[0].group_need = sum(v.record_len + (PAGE if v.flags & REC_ALIGNED else 0) for _s, v, _p in adds)
+    for suffix, value, place in drops:
+        _check_copy_key(suffix, value, seen)
+        if not value.copies or not value.holds(place.block_id, place.offset):
+            raise InvalidArgument("place_copies: a dropped place must be one of a value's places, and the value "
+                                  "must keep one")
+        muts.append(Mutation("", suffix[4], suffix[5:], value.kind, partition, value.meta, b"",
+                             suffix=suffix, expected=value, copy_op=COPY_DROP, place=place))
+    return muts
+
+
+def _check_copy_key(suffix: bytes, value: Location, seen: set[bytes]) -> None:
+    if len(suffix) < 6:
+        raise InvalidArgument("place_copies: malformed key suffix")
+    if value.kind == Kind.TOMBSTONE:
+        raise InvalidArgument("place_copies: a tombstone has no copies")
+    if suffix in seen:
+        raise InvalidArgument("place_copies: one change per key in a call")
+    seen.add(suffix)
 
 
 def kv_mutations(ns: str, partition: bytes, items: Sequence[tuple[bytes, Buffer]],

@@ -15,7 +15,7 @@ import logging
 import mmap
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -75,6 +75,33 @@ def _destinations(keys: Sequence[bytes], locs: Sequence[Location | None],
     return dsts
 
 
+def choose_places(locs: Sequence[Location | None]) -> list[Location | None]:
+    """The place each record of one request is read from: a record with copies (docs/copies.md) is read
+    where the request goes anyway. Greedy: the blocks of records without copies are touched; a record
+    with a place in a touched block reads it there; of the rest, the block that holds a place of most of
+    them is touched next (ties: the primary's), until every record has its place."""
+    if not any(loc is not None and loc.copies for loc in locs):
+        return list(locs)
+    out = list(locs)
+    touched = {loc.block_id for loc in locs if loc is not None and not loc.copies}
+    pending = [i for i, loc in enumerate(locs) if loc is not None and loc.copies]
+    places = {i: locs[i].places() for i in pending}  # type: ignore[union-attr]
+    while pending:
+        rest = []
+        for i in pending:
+            here = next((p for p in places[i] if p.block_id in touched), None)
+            if here is None:
+                rest.append(i)
+            else:
+                out[i] = here
+        if not rest:
+            break
+        votes = Counter(p.block_id for i in rest for p in places[i])
+        touched.add(max(votes, key=lambda b: votes[b]))  # the first counted wins a tie: a primary
+        pending = rest
+    return out
+
+
 class Reader:
     """Reads records of one store. Thread-safe. `block_named(bid)`: whether the block table still names
     a block (a missing file of a named block is damage; of an unnamed one, a deletion that raced us)."""
@@ -119,9 +146,10 @@ class Reader:
     def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
               located: Sequence[Location | None] | None = None, *, attempt: int = 0) -> list[Any]:
         suffixes = [key_suffix(nid, space, k) for k in keys]
-        locs = list(located) if located is not None else self.directory.get_locations(suffixes)
+        found = list(located) if located is not None else self.directory.get_locations(suffixes)
         if attempt == 0:
-            self._observe(suffixes, locs)
+            self._observe(suffixes, found)
+        locs = choose_places(found)
         hooks.fire("read.located")
         if out is not None and len(out) != len(keys):
             raise InvalidArgument(f"out has {len(out)} buffers for {len(keys)} keys")

@@ -126,13 +126,32 @@ def _missing_block(store: RecoveringStore, e: BlockEntry, recent: bool, report: 
                  e.live_records, store.path)
 
 
+def _drop_place(batch: DirectoryBatch, suffix: bytes, loc: Location, block_id: int, offset: int,
+                staged: dict[bytes, Location | None]) -> None:
+    """The value stops naming the place (block_id, offset): a key with copies keeps its other places
+    (each in a block whose counters already count it), one without loses its entry. `staged`: values
+    this batch already changed (a key may have two places in one block)."""
+    if loc.copies:
+        rest = loc.without(block_id, offset)
+        batch.put_location(suffix, rest)
+        staged[suffix] = rest
+    else:
+        _drop_location(batch, suffix, loc)
+        staged[suffix] = None
+
+
+def _current(store: RecoveringStore, suffix: bytes, staged: dict[bytes, Location | None]) -> Location | None:
+    return staged[suffix] if suffix in staged else store.dir.get_locations([suffix])[0]
+
+
 def _forget_block(store: RecoveringStore, e: BlockEntry, report: dict[str, Any]) -> None:
     """The block file is gone and nothing acknowledged depended on it: the directory stops naming it."""
     batch = DirectoryBatch()
+    staged: dict[bytes, Location | None] = {}
     for off, suffix in store.dir.block_records(e.block_id):
-        loc = store.dir.get_locations([suffix])[0]
-        if loc is not None and loc.block_id == e.block_id and loc.offset == off:
-            _drop_location(batch, suffix, loc)
+        loc = _current(store, suffix, staged)
+        if loc is not None and loc.holds(e.block_id, off):
+            _drop_place(batch, suffix, loc, e.block_id, off, staged)
             report["dropped_entries"] += 1
         batch.delete(reverse_key(e.block_id, off))
     batch.delete_block(e.block_id)
@@ -182,17 +201,18 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
                 f"run `blockstore fsck --repair {store.path}`")
         batch = DirectoryBatch()
         live_bytes = live_records = live_logical = 0
+        staged: dict[bytes, Location | None] = {}
         for off, suffix in list(store.dir.block_records(e.block_id)):
-            loc = store.dir.get_locations([suffix])[0]
+            loc = _current(store, suffix, staged)
             rec = valid.get(off)
-            names_it = loc is not None and loc.block_id == e.block_id and loc.offset == off
+            names_it = loc is not None and loc.holds(e.block_id, off)  # its primary or one of its copies
             if rec is not None and names_it and loc.seq == rec.info.seq:  # type: ignore[union-attr]
                 live_bytes += rec.info.record_len
                 live_records += 1
                 live_logical += rec.info.key_len + rec.info.payload_len
                 continue
             if names_it:
-                _drop_location(batch, suffix, loc)
+                _drop_place(batch, suffix, loc, e.block_id, off, staged)  # type: ignore[arg-type]
                 report["dropped_entries"] += 1
             batch.delete(reverse_key(e.block_id, off))
         recs = list(valid.values())

@@ -34,7 +34,7 @@ from blockstore.manifest import (
     valid_block_size,
     write_manifest_file,
 )
-from blockstore.mutations import Mutation, kv_mutations, partition_of, relocation_mutations
+from blockstore.mutations import Mutation, copy_mutations, kv_mutations, partition_of, relocation_mutations
 from blockstore.opening import DIRECTORY, announce_open, check_options, check_store_path, make_store_dirs
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
@@ -334,6 +334,23 @@ class Store(RecordConveniences, RemoteSeams):
             return []
         self._engine.submit(muts)
         return [bool(m.result) for m in muts[: len(moves)]]
+
+    def place_copies(self, adds: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
+                     drops: Sequence[tuple[bytes, Location, Location]] = ()) -> list[bool]:
+        """Extra copies of shared records (docs/copies.md). `adds`: (key suffix, its whole current value,
+        the verified payload) each written once more to `partition`'s open block (one block, as
+        `together`) and added to the value; `drops`: (key suffix, its whole current value, one of its
+        places) taken out of the value, writing nothing. Each is a compare-and-swap on the whole value,
+        copies included: True per change (adds first) if the value was unchanged, else nothing happened."""
+        self._check_open(write=True)
+        if not getattr(self._engine, "supports_copies", False):
+            raise InvalidArgument("place_copies: this build's writer does not retire copies yet (docs/copies.md)")
+        if not isinstance(partition, (bytes, bytearray)):
+            raise InvalidArgument(f"place_copies: partition must be bytes, not {type(partition).__name__}")
+        muts = copy_mutations(adds, drops, bytes(partition))
+        if muts:
+            self._engine.submit(muts)
+        return [bool(m.result) for m in muts]
 
     def read_locations(self, locs: Sequence[Location]) -> list[memoryview]:
         """Read and verify the payloads at these places (raises on corruption whatever on_corrupt says:

@@ -60,6 +60,7 @@ class Collected:
     moved: int = 0
     moved_bytes: int = 0
     lost_race: int = 0  # keys changed while being copied: left as the writer made them
+    copies_dropped: int = 0  # places of keys with copies taken out of their values (nothing written)
     tombstones_carried: int = 0
     tombstones_dropped: int = 0
     reclaimed: bool = False
@@ -156,12 +157,25 @@ def only_needed_tombstones(e: BlockEntry, min_seqs: MinSeqs) -> bool:
     return min_seqs.own(e.block_id) > min_seqs.lowest_elsewhere(e.block_id)
 
 
-def live_records(store: Store, bid: int) -> list[tuple[bytes, Location]]:
-    """(key suffix, location) of each record of block `bid` the directory still names, in offset order."""
+def records_here(store: Store, bid: int) -> tuple[list[tuple[bytes, Location]], list[tuple[bytes, Location, Location]]]:
+    """What block `bid` holds that the directory names: (suffix, location) of records that have no copy,
+    to be moved; (suffix, whole value, the place here) of keys with copies (docs/copies.md), whose place
+    here is dropped instead (the key stays readable at its other places, and nothing is written). One
+    place per key: a second place of a key in the same block waits for the next pass."""
     pairs = list(store.dir.block_records(bid))
     locs = store.dir.get_locations([sfx for _off, sfx in pairs])
-    return [(sfx, loc) for (off, sfx), loc in zip(pairs, locs)
-            if loc is not None and loc.block_id == bid and loc.offset == off]
+    moves: list[tuple[bytes, Location]] = []
+    drops: list[tuple[bytes, Location, Location]] = []
+    dropping: set[bytes] = set()
+    for (off, sfx), loc in zip(pairs, locs):
+        if loc is None or not loc.holds(bid, off):
+            continue
+        if not loc.copies:
+            moves.append((sfx, loc))
+        elif sfx not in dropping:
+            dropping.add(sfx)
+            drops.append((sfx, loc, next(p for p in loc.places() if (p.block_id, p.offset) == (bid, off))))
+    return moves, drops
 
 
 def tombstones(store: Store, e: BlockEntry) -> list[tuple[bytes, Location]]:
@@ -215,7 +229,7 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
             _copy_out(store, e, min_seqs, res, pace, e.partition if to_partition else GC_PARTITION)
         except NotFound:  # deleted before we held it: everything in it died meanwhile
             res.lost_race += 1
-    if res.moved == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
+    if res.moved == 0 and res.copies_dropped == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
         store.reclaim_empty_blocks()  # nothing was left to move: no batch deleted it; delete it here
     res.reclaimed = not store.has_block(e.block_id)
     if res.reclaimed:
@@ -225,8 +239,12 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
 
 def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
               pace: Callable[[int], None] | None, partition: bytes) -> None:
-    live = live_records(store, e.block_id)
-    hooks.fire("compact.scan", "gc", e.block_id, len(live))
+    live, copies = records_here(store, e.block_id)
+    hooks.fire("compact.scan", "gc", e.block_id, len(live) + len(copies))
+    for i in range(0, len(copies), COPY_BATCH_RECORDS):
+        done = store.place_copies([], partition=partition, drops=copies[i : i + COPY_BATCH_RECORDS])
+        res.copies_dropped += sum(done)
+        res.lost_race += len(done) - sum(done)
     for batch in _batches(live, COPY_BATCH_BYTES):
         payloads = store.read_locations([loc for _s, loc in batch])
         hooks.fire("compact.copy", "gc", e.block_id, len(batch))

@@ -266,9 +266,13 @@ class BlockChecks(PassBase):
         rev = [(off, bytes(sfx)) for off, sfx in self._reverse_of(bid)]
         locs = self._locs([s for _o, s in rev])
         named: dict[int, tuple[bytes, Location]] = {}
+        values: dict[bytes, Location] = {}  # keys with copies: the whole value, for the findings
         for (off, sfx), loc in zip(rev, locs):
-            if isinstance(loc, Location) and loc.block_id == bid and loc.offset == off:
-                named[off] = (sfx, loc)
+            if isinstance(loc, Location) and loc.holds(bid, off):
+                # the primary, or one of the key's copies (docs/copies.md): checked against its record alike
+                named[off] = (sfx, next(p for p in loc.places() if (p.block_id, p.offset) == (bid, off)))
+                if loc.copies:
+                    values[sfx] = loc
                 continue
             if isinstance(loc, str):
                 continue  # reported with the entry; the reverse entry goes with its repair
@@ -278,9 +282,10 @@ class BlockChecks(PassBase):
         for sfx, loc in self.unindexed.get(bid, []):
             named.setdefault(loc.offset, (sfx, loc))
         damaged_at = [(a, b) for a, b, _w in scan.damaged]
-        for off, (sfx, loc) in sorted(named.items()):
+        for off, (sfx, place) in sorted(named.items()):
             bf.named += 1
             r = by_off.get(off)
+            loc = values.get(sfx, place)  # a finding names the whole value: its repair tries every place
             if r is None:
                 if bf.unsealed and off >= min(bf.valid_end, committed):
                     rep.dangling[sfx] = (loc, "names a record the seal cuts")
@@ -291,7 +296,7 @@ class BlockChecks(PassBase):
                 rep.dangling[sfx] = (loc, f"names offset {off}, where no record starts")
                 rep.add("dangling", bid, off, f"entry of {key_text(sfx)} names offset {off}, where no record starts")
                 continue
-            why = self._disagreement(sfx, loc, r)
+            why = self._disagreement(sfx, place, r)
             if why is None and r.payload_ok is False:
                 rep.dangling[sfx] = (loc, "names a record whose payload is damaged")
                 continue  # the payload finding says it

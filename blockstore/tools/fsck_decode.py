@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from blockstore.blocks import BLOCKS_DIR
-from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED, BlockEntry, Location
+from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED, LOCATION_VERSION, BlockEntry, Location
 from blockstore.errors import CorruptionError, NotFound
 from blockstore.keys import SPACE_CHUNK, SPACE_KV, TOMBSTONE_META, decode_chunk_key, key_suffix, suffix_ns_id
 from blockstore.manifest import MANIFEST
@@ -62,13 +62,18 @@ def decode_location(raw: bytes) -> Location | str:
     """The location, or why it is not one."""
     if len(raw) < 56:
         return f"location value of {len(raw)} bytes (at least 56 expected)"
-    if raw[0] != 1:
-        return f"location value version {raw[0]} (1 expected)"
-    loc = Location.decode(raw)
+    if raw[0] not in (1, LOCATION_VERSION):
+        return f"location value version {raw[0]} (1 or {LOCATION_VERSION} expected)"
+    try:
+        loc = Location.decode(raw)
+    except CorruptionError as exc:
+        return str(exc)
     if loc.kind not in (Kind.KV, Kind.CHUNK):
         return f"location value of record kind {loc.kind}"
-    if loc.flags & ~REC_ALIGNED:
+    if loc.flags & ~REC_ALIGNED or any(c.flags & ~REC_ALIGNED for c in loc.copies):
         return f"location value with flags {loc.flags:#x}"
+    if len({(p.block_id, p.offset) for p in loc.places()}) != len(loc.copies) + 1:
+        return "location value names one place twice"
     return loc
 
 

@@ -139,7 +139,9 @@ class DirectoryChecks(PassBase):
                 continue
             rep.ns_used.add(suffix_ns_id(suffix))
             good.append((suffix, loc))
-        rkeys = self._mget([reverse_key(loc.block_id, loc.offset) for _s, loc in good])
+        # one check per place: a key with copies (docs/copies.md) names a record in each of their blocks
+        placed = [(s, loc, place) for s, loc in good for place in loc.places()]
+        rkeys = self._mget([reverse_key(place.block_id, place.offset) for _s, _loc, place in placed])
         chunk_idx = [(i, chunk_session_key(s, loc)) for i, (s, loc) in enumerate(good) if s[4] == SPACE_CHUNK]
         skeys = [sk for _i, sk in chunk_idx if sk is not None]
         sfound = dict(zip(skeys, self._mget(skeys)))
@@ -152,7 +154,7 @@ class DirectoryChecks(PassBase):
                 rep.add("session-index", loc.block_id, loc.offset, f"{key_text(suffix)} has no listing entry")
                 rep.missing_session.append((sk, suffix))
         damaged = set(rep.bad_block_values)
-        for (suffix, loc), r in zip(good, rkeys):
+        for (suffix, value, loc), r in zip(placed, rkeys):
             bid = loc.block_id
             if bid in damaged and bid not in self.files:
                 # no file and an entry that does not decode: it may be a block whose local copy was dropped
@@ -160,7 +162,7 @@ class DirectoryChecks(PassBase):
                 continue
             if bid not in self.entries and bid not in self.files and bid not in self.reclaiming:
                 self.nowhere_named[bid] = self.nowhere_named.get(bid, 0) + 1
-                rep.dangling[suffix] = (loc, f"names block {block_label(bid)}, which does not exist")
+                rep.dangling[suffix] = (value, f"names block {block_label(bid)}, which does not exist")
                 rep.add("dangling", bid, loc.offset,
                         f"entry of {key_text(suffix)} names block {block_label(bid)}, which does not exist")
                 continue
@@ -168,7 +170,7 @@ class DirectoryChecks(PassBase):
                 continue  # its local copy was dropped once its object was confirmed: reads fetch from there
             if bid not in self.files:
                 self.missing_named[bid] = self.missing_named.get(bid, 0) + 1
-                rep.dangling[suffix] = (loc, f"names block {block_label(bid)}, whose file is missing")
+                rep.dangling[suffix] = (value, f"names block {block_label(bid)}, whose file is missing")
                 continue  # one missing-block finding per block says it
             sums = self.named_sums.setdefault(bid, [0, 0, 0])
             sums[0] += 1

@@ -83,8 +83,8 @@ class RepairBase:
         raws = self.dir.multi_get([location_key(s) for _o, s in rev])
         for (off, sfx), raw in zip(rev, raws):
             loc = None if raw is None else decode_location(bytes(raw))
-            if isinstance(loc, Location) and loc.block_id == bid and loc.offset == off:
-                out[sfx] = loc
+            if isinstance(loc, Location) and loc.holds(bid, off):  # the primary or a copy (docs/copies.md)
+                out[sfx] = next(p for p in loc.places() if (p.block_id, p.offset) == (bid, off))
         for sfx, loc in rep.missing_reverse:
             if loc.block_id == bid:
                 out.setdefault(sfx, loc)
@@ -103,6 +103,25 @@ class RepairBase:
                 sk = chunk_session_key(sfx, loc)
                 if sk is not None:
                     batch.delete(sk)
+
+    def _has_copies(self, sfx: bytes) -> bool:
+        assert self.dir is not None
+        raw = self.dir.get(location_key(sfx))
+        value = None if raw is None else decode_location(bytes(raw))
+        return isinstance(value, Location) and bool(value.copies)
+
+    def _drop_place(self, batch: DirectoryBatch, sfx: bytes, place: Location) -> bool:
+        """The key's entry stops naming `place`: a key with copies keeps its other places (True), one
+        without is dropped (False). Reads the entry as the directory holds it now."""
+        assert self.dir is not None
+        raw = self.dir.get(location_key(sfx))
+        value = None if raw is None else decode_location(bytes(raw))
+        if isinstance(value, Location) and value.copies and value.holds(place.block_id, place.offset):
+            batch.put_location(sfx, value.without(place.block_id, place.offset))
+            batch.forget_place(place)
+            return True
+        self._drop_key(batch, sfx, place)
+        return False
 
     def _reverse_names(self, loc: Location, sfx: bytes) -> bool:
         assert self.dir is not None

@@ -73,7 +73,7 @@ class BlockRepairs(RepairBase):
         batch = DirectoryBatch()
         named = self._named_in(rep, bid)
         for sfx, loc in named.items():
-            self._drop_key(batch, sfx, loc)
+            self._drop_place(batch, sfx, loc)
         for k, _v in self.dir.scan_prefix(reverse_prefix(bid)):
             batch.delete(bytes(k))
         batch.delete_block(bid)
@@ -129,7 +129,7 @@ class BlockRepairs(RepairBase):
         dropped = 0
         for sfx, loc in self._named_in(rep, bid).items():
             if loc.offset >= cut:
-                self._drop_key(batch, sfx, loc)
+                self._drop_place(batch, sfx, loc)
                 dropped += 1
         fd = self.be.open(bf.path, False)
         try:
@@ -172,6 +172,9 @@ class BlockRepairs(RepairBase):
             lost: list[tuple[bytes, Location]] = []
             salvaged = 0
             for sfx, loc in sorted(named.items(), key=lambda kv: kv[1].offset):
+                if self._has_copies(sfx):  # its other places keep it (docs/copies.md): this one is dropped
+                    lost.append((sfx, loc))
+                    continue
                 r = by_off.get(loc.offset)
                 rec = None
                 if r is not None and r.info.kind != Kind.TOMBSTONE and record_suffix(r) == sfx:
@@ -202,8 +205,7 @@ class BlockRepairs(RepairBase):
             loc = Location(rec.kind, pl.flags, pl.payload_off, nbid, pl.offset, pl.record_len,
                            len(rec.payload), rec.seq, pl.payload_xxh3, rec.meta)  # type: ignore[arg-type]
             batch.put_location(csfx, loc)
-        for sfx, loc in lost:
-            self._drop_key(batch, sfx, loc)
+        lost = [(sfx, loc) for sfx, loc in lost if not self._drop_place(batch, sfx, loc)]
         for k, _v in self.dir.scan_prefix(reverse_prefix(bid)):
             batch.delete(bytes(k))
         batch.delete_block(bid)

@@ -62,6 +62,7 @@ class DirectoryRepairs(RepairBase):
         places: list[tuple[int, int]] = []
         if loc is not None:
             places.append((loc.block_id, loc.offset))
+            places += [(c.block_id, c.offset) for c in loc.copies]  # docs/copies.md: any place that verifies
             if sfx in rep.copies:
                 places.append(rep.copies[sfx])
         elif sfx in rep.broken_newest:
@@ -79,10 +80,10 @@ class DirectoryRepairs(RepairBase):
                 continue
             if loc is not None and r.info.seq != loc.seq and (bid, off) != (loc.block_id, loc.offset):
                 continue  # another version: not the record the entry meant
-            new = location_of(r, bid)
-            if loc is not None and (loc.block_id, loc.offset) != (bid, off) and \
-                    self._reverse_names(loc, sfx):
-                batch.delete(reverse_key(loc.block_id, loc.offset))
+            new = location_of(r, bid)  # one place: the value's copies are dropped with their reverse entries
+            for other in [] if loc is None else loc.places():
+                if (other.block_id, other.offset) != (bid, off) and self._reverse_names(other, sfx):
+                    batch.delete(reverse_key(other.block_id, other.offset))
             batch.put_location(sfx, new)
             return "entry re-derived from its record" if (bid, off) == places[0] and loc is not None \
                 else f"entry re-pointed to {block_label(bid)}:{off}"
@@ -214,13 +215,14 @@ class DirectoryRepairs(RepairBase):
                 continue
             new = Location(rec.kind, pl.flags, pl.payload_off, nbid, pl.offset, pl.record_len, r.info.payload_len,
                            rec.seq, pl.payload_xxh3, bytes(r.meta))
-            if self._reverse_names(old, sfx):
-                batch.delete(reverse_key(old.block_id, old.offset))
             batch.put_location(sfx, new)
-            d = moved_from.setdefault(old.block_id, [0, 0, 0])
-            d[0] += 1
-            d[1] += old.record_len
-            d[2] += len(sfx) - 5 + old.payload_len
+            for place in old.places():  # its copies retire with it (docs/copies.md)
+                if self._reverse_names(place, sfx):
+                    batch.delete(reverse_key(place.block_id, place.offset))
+                d = moved_from.setdefault(place.block_id, [0, 0, 0])
+                d[0] += 1
+                d[1] += place.record_len
+                d[2] += len(sfx) - 5 + place.payload_len
         for bid, (n, b, lg) in moved_from.items():
             bf = rep.blocks.get(bid)
             if bf is not None and bf.entry is not None:
