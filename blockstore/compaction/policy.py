@@ -39,6 +39,10 @@ class Policy:
     copy_to: str = "partition"
     # relocation moves only the records outside the group's main block (True), or the whole group
     stragglers_only: bool = False
+    # copies (docs/copies.md): the most extra placed copies of one record. A record read by several clusters
+    # gets a copy in another cluster's block instead of being pulled away from the first; copies count in
+    # space amplification and die with their key. 0: never copy
+    max_copies: int = 0
     # affinity statistics kept (in memory and in the directory): groups, keys per group, keys in all
     max_groups: int = 4096
     max_group_keys: int = 256
@@ -115,6 +119,7 @@ def _validated(p: Policy) -> Policy:
     number("relocation_read_budget", 0.0, INF)
     number("gc_budget", 0.0, INF)
     number("max_groups", 1, 1 << 24, integer=True)
+    number("max_copies", 0, 3, integer=True)
     number("max_group_keys", 2, 1 << 16, integer=True)
     number("max_tracked_keys", 2, 1 << 26, integer=True)
     if p.max_group_keys > p.max_tracked_keys:
