@@ -80,7 +80,15 @@ import blockstore
 from blockstore import metrics
 from blockstore.compaction import disabled, resolve
 from blockstore.compaction.gc import MinSeqs, tombstones
-from blockstore.connector.eviction import ADMISSION, HashSet, KeyStats, usable_hits, value
+from blockstore.connector.eviction import (
+    ADMISSION,
+    RETURN_SPANS,
+    ClockHistory,
+    HashMarks,
+    KeyStats,
+    usable_hits,
+    value,
+)
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
 from blockstore.errors import InvalidArgument
 from blockstore.keys import SPACE_KV
@@ -196,8 +204,9 @@ EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by v
 # table snapshot costs O(blocks)); see BlockstoreL2Adapter._disk_excess for the slack.
 DISK_CHECK_FRACTION = 4
 TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
-EVICT_AHEAD = 16  # a pass frees at least capacity / EVICT_AHEAD (measured in bench/eviction.py)
+EVICT_AHEAD = 64  # a pass frees at least capacity / EVICT_AHEAD (hit rate vs passes: bench/eviction.py)
 BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
+CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
 MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
 
 
@@ -427,9 +436,11 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         # Eviction by value (eviction.py): bounded read statistics, the ghost of keys evicted unread, the keys
         # offered once (admission), a clock in payload bytes stored; one eviction pass at a time.
         self._stats = KeyStats()
-        self._ghost = HashSet()
-        self._sightings = HashSet()
+        self._ghost = HashMarks()  # hash of an evicted key -> the clock at its eviction
+        self._sightings = HashMarks()
+        self._span = config.capacity_bytes  # the log's span at the last eviction (eviction.py), in clock bytes
         self._clock = 0
+        self._history = ClockHistory(config.capacity_bytes // CLOCK_STEPS)  # a block's creation -> the clock then
         self._disk_checked_at = 0
         self._evict_lock = threading.Lock()
         self._admit_all = config.admission == "always"
@@ -718,6 +729,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                         self._storing.discard(keys[i])
                     self._used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
                     self._clock += sum(p.size for p in written)
+                    if written and self._capacity:
+                        self._history.record(time.time_ns(), self._clock)
                     self._records += len(written) - len(replaced)
                     self._counters.replaced_other_layout += len(replaced)
                     self._counters.keys_stored += len(written)
@@ -731,16 +744,22 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return sum(p.size for p in written)
 
     def _admit(self, puts: list[_Put]) -> list[_Put]:
-        """Admission ('second_sighting': a new key is stored the second time it is offered) and the ghost: a
-        key evicted earlier that is stored again starts with one read of credit (coming back is reuse)."""
+        """Admission ('second_sighting': a new key is stored the second time it is offered) and the ghost
+        (eviction.py): a key evicted earlier that is stored again within RETURN_SPANS spans starts with one
+        read of credit (coming back is reuse); one that comes back later is not stored this time."""
         keep: list[_Put] = []
         with self._lock:
             for p in puts:
-                if p.old is None and not self._admit_all and not self._sightings.pop(p.key):
+                if p.old is None and not self._admit_all and self._sightings.pop(p.key) is None:
                     self._sightings.add(p.key)
                     self._counters.skipped_admission += 1
                     continue
-                if self._ghost.pop(p.key):
+                evicted_at = self._ghost.pop(p.key) if p.old is None else None
+                if evicted_at is not None:
+                    if self._clock - evicted_at > RETURN_SPANS * self._span:
+                        self._ghost.add(p.key, self._clock)
+                        self._counters.skipped_admission += 1
+                        continue
                     self._stats.seed(p.key, self._clock, 1)
                 keep.append(p)
         return keep
@@ -946,19 +965,24 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         freed = moved = 0
         with self._lock:
             mean = self._used / self._records if self._records else 1.0
+            # recency against the log's span: the clock's advance since this block, the oldest, was created
+            # (the capacity when that is older than the samples, e.g. written before a restart)
+            then = self._history.clock_at(e.created_ns)
+            span = self._capacity if then is None else max(self.store.block_size, self._clock - then)
+            self._span = span
             for ns, k, sfx, loc in records:
                 known[sfx] = k
                 if k in self._storing or k in self._deleting or self._held(k, now):
                     blocked += 1
                     continue
-                v = value(self._stats.get(k), loc.payload_len, self._clock, self._capacity, mean)
+                v = value(self._stats.get(k), loc.payload_len, self._clock, span, mean)
                 if v > 0 and budget - moved >= loc.record_len:
                     moved += loc.record_len
                     self._stats.spend(k)
                     keep.setdefault(ns, []).append((k, sfx, loc))
                 else:
                     self._deleting.add(k)
-                    self._ghost.add(k)
+                    self._ghost.add(k, self._clock)
                     drop.setdefault(ns, []).append(k)
                     freed += loc.payload_len
         return freed, moved, bool(blocked)
@@ -1035,7 +1059,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 if k in self._storing or k in self._deleting or self._held(k, now):
                     continue
                 self._deleting.add(k)
-                self._ghost.add(k)
+                self._ghost.add(k, self._clock)
                 picked.setdefault(ns, []).append(k)
                 want -= loc.payload_len
         deleted = 0
