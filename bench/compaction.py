@@ -251,6 +251,7 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
     replay_s = time.perf_counter() - t_start
     with blockstore.open(path, block_size=block_size) as store:
         stats = store.stats()
+        copies = placed_copies(store, {o.ns for o in ops})
     logical = stats.live_logical_bytes or 1
     put = stats.bytes_put or 1
     moved = totals["relocated_bytes"] + totals["gc_bytes"]
@@ -262,6 +263,7 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
         "requests_measured": len(blocks),
         "sealed_fill": fill.mean(),  # mean data_end / block size of the blocks sealed during the replay
         "sealed_blocks": len(fill.fills),
+        "copies_per_key": copies,  # extra placed copies of shared records / live keys (in space_amp too)
         "space_amp": stats.space_amplification,
         "write_amp": stats.write_amplification,
         "cold_ms": {"p50": pct(cold_ms, 50), "p95": pct(cold_ms, 95), "p99": pct(cold_ms, 99), "n": len(cold_ms),
@@ -290,6 +292,17 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
     else:
         shutil.rmtree(path, ignore_errors=True)
     return out
+
+
+def placed_copies(store: blockstore.Store, namespaces: set[str]) -> float:
+    """Extra placed copies (a record's copies beyond its first place, for records read by several
+    clusters) per live key; they are live bytes, so space amplification counts them too."""
+    keys = extra = 0
+    for ns in sorted(namespaces):
+        for _k, loc in store.iter_locations(ns=ns):
+            keys += 1
+            extra += len(getattr(loc, "copies", ()))  # Location.copies: none before copies existed
+    return extra / keys if keys else 0.0
 
 
 class SealFill:
@@ -526,12 +539,13 @@ def table(trace: Trace, cells: dict[str, dict[str, Any]], block_size: int) -> st
     lines = [f"{trace.name}: {s['ops']} ops, {s['bytes_put'] / 1e6:.1f} MB put, {s['requests']} requests "
              f"({s['keys_per_request']} keys each; blocks/request over the last {n}), "
              f"{block_size // KiB} KiB blocks",
-             f"  {'policy':<{w}}{'blk/req':>8}{'p95':>6}{'floor':>7}{'fill':>6}{'space':>7}{'write':>7}"
+             f"  {'policy':<{w}}{'blk/req':>8}{'p95':>6}{'floor':>7}{'fill':>6}{'copies':>7}{'space':>7}{'write':>7}"
              f"{'cold p50':>10}{'p95':>7}{'p99':>7}{'reloc MB':>10}{'gc MB':>7}{'freed':>6}{'pass s':>8}{'total s':>8}"]
     for pol, c in cells.items():
         k, cm = c["compaction"], c["cold_ms"]
         lines.append(f"  {pol:<{w}}{c['blocks_per_request']:>8.2f}{c['blocks_per_request_p95']:>6.1f}"
-                     f"{c['blocks_floor']:>7.2f}{c['sealed_fill']:>6.2f}{c['space_amp']:>7.3f}{c['write_amp']:>7.3f}"
+                     f"{c['blocks_floor']:>7.2f}{c['sealed_fill']:>6.2f}{c['copies_per_key']:>7.3f}{c['space_amp']:>7.3f}"
+                     f"{c['write_amp']:>7.3f}"
                      f"{cm['p50']:>10.2f}{cm['p95']:>7.2f}{cm['p99']:>7.2f}{k['relocated_bytes'] / 1e6:>10.2f}"
                      f"{k['gc_bytes'] / 1e6:>7.2f}{k['reclaimed_blocks']:>6}{k['pass_s']:>8.2f}{c['replay_s']:>8.2f}")
     lines.append(f"  {'bytes go to':<{w}}{'space = 1 + layout':>19}{'dead':>8}{'blocks':>8}{'dir':>7}"
