@@ -14,7 +14,7 @@ import tempfile
 
 from cffi import FFI
 
-SOURCES = ["record.c", "io.c", "batch.c", "scan.c", "fault_io.c"]
+SOURCES = ["record.c", "io.c", "batch.c", "multi.c", "scan.c", "fault_io.c"]
 
 CDEF = """
 static const int BS_OK, BS_EINVAL, BS_EIO, BS_ENOSPC, BS_ECORRUPT, BS_ECHECKSUM, BS_EVERSION,
@@ -81,6 +81,8 @@ typedef struct bs_read_item {
     uint64_t offset; uint64_t len; uint8_t *dst; uint64_t expect_xxh3; int32_t status;
 } bs_read_item;
 int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int flags);
+int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_item *items, uint64_t max_gap,
+                  int flags);
 
 typedef struct bs_scan_entry {
     uint64_t offset; bs_record_info info; uint64_t arena_off; int32_t payload_status;

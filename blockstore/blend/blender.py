@@ -103,6 +103,35 @@ class _Moves:
     rows: torch.Tensor | None = None  # None until the first layer that uses cached KV
     cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    run: tuple[int, int] | None = None  # the covered rows are this one range, chunk after chunk
+
+
+def _one_buffer(got: list[tuple[_Span, ChunkKV, int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """K and V of every chunk as two [chunks, tokens, kv_heads, head_dim] views, when the chunks hold
+    equally many tokens and their K and V lie one after another in one buffer at equal strides (as
+    the layer loader reads a layer: K then V of each chunk, back to back). Re-rotating and placing
+    them then takes 4 GPU ops a layer instead of two concatenations, the rotation and two scatters."""
+    first = got[0][1]
+    k0, v0 = first.keys[got[0][2]], first.values[got[0][2]]
+    if not (k0.is_contiguous() and v0.is_contiguous()):
+        return None
+    item = k0.element_size()
+    size = k0.numel() * item
+    if v0.data_ptr() != k0.data_ptr() + size:
+        return None
+    # bytes from one chunk's K to the next chunk's: K and V, then padding to the loader's page alignment
+    stride = got[1][1].keys[got[1][2]].data_ptr() - k0.data_ptr() if len(got) > 1 else 2 * size
+    if stride < 2 * size or stride % item:
+        return None
+    for i, (_, chunk, j) in enumerate(got):
+        k, v = chunk.keys[j], chunk.values[j]
+        if (k.shape != k0.shape or k.dtype != k0.dtype or not (k.is_contiguous() and v.is_contiguous())
+                or k.untyped_storage().data_ptr() != k0.untyped_storage().data_ptr()
+                or k.data_ptr() != k0.data_ptr() + i * stride or v.data_ptr() != k.data_ptr() + size):
+            return None
+    shape = (len(got), *k0.shape)
+    strides = (stride // item, *k0.stride())
+    return k0.as_strided(shape, strides), v0.as_strided(shape, strides)
 
 
 class Blender:
@@ -269,8 +298,9 @@ class Blender:
         """This layer's cached K (re-rotated to the prompt positions) and V for every covered token;
         rows no chunk covers are zero (they are always recomputed). One rotation for all chunks."""
         c = self.w.config
-        k_all = torch.zeros(n, c.num_key_value_heads, c.head_dim, device=self.w.device, dtype=self.w.dtype)
-        v_all = torch.zeros_like(k_all)
+        # every row is written below or, not covered by a chunk, is recomputed (always active): no fill
+        k_all = torch.empty(n, c.num_key_value_heads, c.head_dim, device=self.w.device, dtype=self.w.dtype)
+        v_all = torch.empty_like(k_all)
         got = self._layer_chunks(parts, stream, layer)
         if not got:
             return k_all, v_all
@@ -282,6 +312,14 @@ class Blender:
             moves.rows = torch.cat([positions[p.start:p.end] for p, _, _ in got])
             delta = moves.rows - torch.cat([chunk.positions.to(positions.device) for _, chunk, _ in got])
             moves.cos, moves.sin = rope_cos_sin(delta, c.head_dim, c.rope_theta)
+            adjacent = all(a.end == b.start for (a, _, _), (b, _, _) in zip(got, got[1:]))
+            moves.run = (got[0][0].start, got[-1][0].end) if adjacent else None
+        views = _one_buffer(got) if moves.run is not None else None
+        if views is not None and moves.run is not None:  # one range of rows, one buffer of KV
+            (start, end), shape = moves.run, views[0].shape
+            rotate(views[0], moves.cos, moves.sin, out=k_all[start:end].view(shape))
+            v_all[start:end].view(shape).copy_(views[1])
+            return k_all, v_all
         k_all[moves.rows] = rotate(torch.cat([chunk.keys[j] for _, chunk, j in got]), moves.cos, moves.sin)
         v_all[moves.rows] = torch.cat([chunk.values[j] for _, chunk, j in got])
         return k_all, v_all

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import xxhash
 
+from blockstore.blend.layer_reads import LayerReads
 from blockstore.chunks import ChunkWrite
 from blockstore.errors import BlockstoreError, CorruptionError, InvalidArgument
 from blockstore.reader import aligned_buffer
@@ -306,6 +307,8 @@ class LayerStream:
         self._error: BaseException | None = None
         self._claim = threading.Lock()
         self._meta = self._read_meta(kv) if self.plan else []
+        # whole layers in one C call each (layer_reads.py); None: through read_located
+        self._fast = LayerReads.open(kv.store, self.plan, range(first_layer, self.layers)) if self.plan else None
         # every layer's records have the same sizes: one set of page-aligned offsets serves them all
         self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
         self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens) + 1)]
@@ -357,6 +360,9 @@ class LayerStream:
         """Records of chunks lo..hi-1 of this layer into `dst`, laid out from chunk lo's offset."""
         raw, base = dst.numpy(), self._offsets[lo]
         out = [raw[self._offsets[i] - base : self._offsets[i] - base + self._lens[i]].data for i in range(lo, hi)]
+        if self._fast is not None and hi - lo == len(self.plan):
+            self._fast.read_layer(layer, out)
+            return
         got = kv.store.read_located([p.keys[layer] for p in self.plan[lo:hi]],
                                     [p.locs[layer] for p in self.plan[lo:hi]], ns=kv.ns, out=out)
         if any(n is None for n in got):  # deleted between the lookup and the read
@@ -415,3 +421,6 @@ class LayerStream:
     def close(self) -> None:
         for t in self._threads:
             t.join()
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from blockstore.blend import flex
 from blockstore.blend.llama import LayerWeights, LlamaWeights
 
 # Query rows per attention call on CPU: the math kernel materialises [heads, rows, keys] scores,
@@ -50,7 +51,7 @@ class _PerTensorMemo:
 
 
 _ROPE = _PerTensorMemo(8)
-_MASKS = _PerTensorMemo(2)
+_MASKS = _PerTensorMemo(4)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,23 +80,30 @@ def _rope_of(positions: torch.Tensor, head_dim: int, theta: float,
     return _ROPE.get((positions,), (head_dim, theta, dtype), make)  # type: ignore[return-value]
 
 
-def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, in x's dtype (cos, signed_sin [n, 1, head_dim], already in it):
     three kernels. Hugging Face's Llama and vLLM's rotary kernel also rotate a bf16 model's q and k
     in bf16."""
     # roll: one op where slicing both halves and a cat are three (each op costs the CPU ~10-20 us on a
     # GPU host, where a blend's later layers are bound by issuing ops)
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    if out is None:
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin, out=out)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [n, heads, head_dim] rotated by the angles whose cos, sin [n, head_dim] rope_cos_sin gave,
-    in x's dtype. A blend re-rotates every layer's cached K by the same angles, so the tables in x's
-    dtype (and the signed sin) are made once per (cos, sin) pair."""
+    in x's dtype (into `out` if given). x may also be [chunks, tokens, heads, head_dim], n = chunks *
+    tokens rows in that order (a strided view of a loaded layer). A blend re-rotates every layer's
+    cached K by the same angles, so the tables in x's dtype (and the signed sin) are made once per
+    (cos, sin) pair."""
     def make() -> tuple[torch.Tensor, torch.Tensor]:
         return cos.to(x.dtype)[:, None, :], _signed_sin(sin).to(x.dtype)[:, None, :]
     tables: tuple[torch.Tensor, torch.Tensor] = _ROPE.get((cos, sin), ("signed", x.dtype), make)  # type: ignore[assignment]
-    return _rotate_signed(x, *tables)
+    if x.dim() == 4:
+        tables = (tables[0].view(*x.shape[:2], 1, -1), tables[1].view(*x.shape[:2], 1, -1))
+    return _rotate_signed(x, *tables, out=out)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -183,6 +191,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal_all_rows)
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
     n, group = q.shape[0], heads // kv_heads
+    if flex.usable(q.device):  # the key tiles no row of a tile may see are skipped (flex.py)
+        tiles = _MASKS.get((q_pos, k_pos), "flex", lambda: flex.block_mask(q_pos, k_pos))
+        got = flex.attend(q, k, v, tiles)  # type: ignore[arg-type]
+        if got is not None:
+            return got
     if q.device.type != "cpu":  # all rows in one call, the mask built once per blend
         out = F.scaled_dot_product_attention(_fold(q, kv_heads), kh, vh,
                                              attn_mask=_folded_mask(q_pos, k_pos, group, q.dtype))

@@ -1,0 +1,205 @@
+"""The blend's second round of GPU speed paths give what the plain paths give (CPU only; timings are
+bench/blend.py's, never asserted here): a layer read as one C call over every chunk's block
+(layer_reads.py, native bs_read_files), the cached KV of adjacent chunks re-rotated straight from the
+loaded layer buffer, and scattered-row attention through FlexAttention's block mask (flex.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockstore
+from blockstore import ChecksumMismatch
+from blockstore import native as native_mod
+from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, flex, full_prefill
+from blockstore.blend import blender as blender_mod
+from blockstore.blend.blender import _one_buffer, _Span
+from blockstore.blend.compute import position_mask
+from blockstore.records import ReadRequest
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def weights() -> LlamaWeights:
+    return LlamaWeights.random(CFG, seed=5, std=0.2)
+
+
+def _stored(weights: LlamaWeights, store: blockstore.Store, sizes: tuple[int, ...] = (16, 16, 16),
+            seed: int = 0) -> tuple[ChunkKVStore, list[torch.Tensor], list[bytes]]:
+    g = torch.Generator().manual_seed(seed)
+    chunks = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in sizes]
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    cids = [kv.put(c, (r := full_prefill(weights, c)).keys, r.values, torch.arange(len(c))) for c in chunks]
+    return kv, chunks, cids
+
+
+def test_a_layer_is_one_c_call_over_every_chunks_block(weights: LlamaWeights, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with blockstore.open(tmp_path / "s") as store:
+        if store.backend.name != "native":
+            pytest.skip("the C core is not loaded")
+        kv, _, cids = _stored(weights, store)
+        assert len({loc.block_id for loc in store.locate_many([kv.layer_key(c, 1) for c in cids], ns=kv.ns)}) == 3
+        whole = kv.load_many(cids)
+        files_calls: list[int] = []
+        real = type(store.backend).read_files
+
+        def counting(self, files, *a, **kw):  # type: ignore[no-untyped-def]
+            files_calls.append(len(files))
+            return real(self, files, *a, **kw)
+
+        monkeypatch.setattr(type(store.backend), "read_files", counting)
+        stream = kv.stream_layers(cids, first_layer=1, readers=2)
+        try:
+            for layer in range(1, CFG.num_hidden_layers):
+                for got, want in zip(stream.layer(layer), whole):
+                    assert want is not None
+                    assert torch.equal(got.keys[0], want.keys[layer]) and torch.equal(got.values[0], want.values[layer])
+        finally:
+            stream.close()
+    # one call a layer, each over the three chunks' three blocks
+    assert files_calls == [3] * (CFG.num_hidden_layers - 1)
+
+
+def test_read_files_equals_read_many_and_an_older_core_falls_back(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = native_mod.NativeBackend()
+    paths = [tmp_path / f"f{i}" for i in range(3)]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes((i * 7 + j) % 251 for j in range(20000)))
+    fds = [backend.open_ro(str(p)) for p in paths]
+    try:
+        spans = [[(100, 300), (5000, 4096)], [(0, 10)], [(19000, 1000)]]
+
+        def requests(bad: bool = False) -> tuple[list[tuple[int, list[ReadRequest]]], list[list[bytearray]]]:
+            bufs = [[bytearray(n) for _, n in s] for s in spans]
+            files = []
+            for fd, s, bs, p in zip(fds, spans, bufs, paths):
+                data = p.read_bytes()
+                reqs = [ReadRequest(off, n, b, backend.xxh3(data[off:off + n]) ^ (1 if bad and off == 0 else 0))
+                        for (off, n), b in zip(s, bs)]
+                files.append((fd, reqs))
+            return files, bufs
+
+        files, bufs = requests()
+        assert backend.read_files(files, 0, True) == [[0, 0], [0], [0]]
+        for p, s, bs in zip(paths, spans, bufs):
+            assert [bytes(b) for b in bs] == [p.read_bytes()[off:off + n] for off, n in s]
+        files, _ = requests(bad=True)  # the (0, 10) record's checksum is wrong: only it fails
+        statuses = backend.read_files(files, 0, True)
+        assert statuses[0] == [0, 0] and statuses[1][0] != 0 and statuses[2] == [0]
+        monkeypatch.setattr(native_mod, "_HAS_READ_FILES", False)
+        files, _ = requests(bad=True)
+        assert backend.read_files(files, 0, True) == statuses
+    finally:
+        for fd in fds:
+            backend.close(fd)
+
+
+def test_a_corrupt_layer_record_is_never_handed_to_the_blend(weights: LlamaWeights, tmp_path: Path) -> None:
+    with blockstore.open(tmp_path / "s") as store:
+        kv, chunks, cids = _stored(weights, store)
+        loc = store.locate_many([kv.layer_key(cids[1], 2)], ns=kv.ns)[0]
+        assert loc is not None
+        fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
+        try:
+            byte = os.pread(fd, 1, loc.payload_offset + 5)
+            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 5)
+        finally:
+            os.close(fd)
+        prompt = torch.cat([*chunks, torch.tensor([1, 2, 3])])
+        spans = [(0, 16), (16, 32), (32, 48)]
+        with pytest.raises(ChecksumMismatch):
+            Blender(weights, kv, ratio=0.2).blend(prompt, spans=spans)
+
+
+def test_the_pure_python_backend_reads_through_read_located(weights: LlamaWeights, tmp_path: Path) -> None:
+    with blockstore.open(tmp_path / "s", backend="python") as store:
+        kv, _, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        stream = kv.stream_layers(cids, first_layer=1)
+        try:
+            assert stream._fast is None
+            for got, want in zip(stream.layer(3), whole):
+                assert want is not None and torch.equal(got.keys[0], want.keys[3])
+        finally:
+            stream.close()
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_cached_kv_from_one_buffer_equals_the_concatenated_path(weights: LlamaWeights, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, adjacent: bool) -> None:
+    """Adjacent chunks read into one buffer at equal strides take the 4-op path; chunks with a gap
+    between them in the prompt take the general one: same KV, bit for bit, and the same logits, as the
+    blend of the same chunks read by load_many."""
+    with blockstore.open(tmp_path / "s") as store:
+        kv, chunks, cids = _stored(weights, store)
+        gap = [] if adjacent else [torch.tensor([7])]
+        prompt = torch.cat([chunks[0], *gap, chunks[1], chunks[2], torch.tensor([1, 2, 3])])
+        off = len(gap)
+        spans = [(0, 16), (16 + off, 32 + off), (32 + off, 48 + off)]
+        stream = kv.stream_layers(cids, first_layer=1)
+        try:
+            got = [(_Span(s, e, c), ch, 0) for (s, e), c, ch in zip(spans, cids, stream.layer(2))]
+            assert _one_buffer(got) is not None  # the loader's layout: K, V of each chunk back to back
+        finally:
+            stream.close()
+        # load_many's buffer (each chunk's layers together) has equal strides between chunks too
+        loaded = kv.load_many(cids)
+        assert _one_buffer([(_Span(s, e, c), ch, 2) for (s, e), c, ch in zip(spans, cids, loaded)]) is not None  # type: ignore[misc]
+        _, _, odd = _stored(weights, store, sizes=(16, 12), seed=1)  # chunks of unequal sizes: no common view
+        assert _one_buffer([(_Span(0, 1, c), ch, 2) for c, ch in zip(odd, kv.load_many(odd))]) is None  # type: ignore[misc]
+        streamed = Blender(weights, kv, ratio=0.25).blend(prompt, spans=spans)
+        whole = Blender(weights, kv, ratio=0.25, overlap=False).blend(prompt, spans=spans)
+        monkeypatch.setattr(blender_mod, "_one_buffer", lambda got: None)  # the general path alone
+        general = Blender(weights, kv, ratio=0.25).blend(prompt, spans=spans)
+        for res in (whole, general):
+            for a, b in zip(streamed.keys + streamed.values, res.keys + res.values):
+                assert torch.equal(a, b)
+            assert torch.equal(streamed.logits, res.logits) and torch.equal(streamed.recomputed, res.recomputed)
+
+
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                         k_pos: torch.Tensor) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    kh, vh = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, kh) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~position_mask(q_pos, k_pos)[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vh).reshape(q.shape[0], -1)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_attention_equals_the_explicit_mask() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 300  # keys over 2 tiles and a partial one; 70 scattered rows: a partial query tile
+    q, k, v = (torch.randn(n, h, 16, generator=g) for h in (6, 2, 2))
+    pos = torch.arange(n)
+    rows = torch.randperm(n, generator=g)[:70].sort().values
+    mask = flex.block_mask(pos[rows], pos)
+    got = flex.attend(q[rows], k, v, mask, compiled=False)
+    assert got is not None
+    torch.testing.assert_close(got, _reference_attention(q[rows], k, v, pos[rows], pos), atol=1e-5, rtol=1e-5)
+    # the mask really is by position: a query row at position 10 sees no key after it
+    early = flex.attend(q[rows[:1]], k, v, flex.block_mask(pos[rows[:1]], pos), compiled=False)
+    assert early is not None
+    keys_seen = int(rows[0]) + 1
+    torch.testing.assert_close(early, _reference_attention(q[rows[:1]], k[:keys_seen], v[:keys_seen],
+                                                           pos[rows[:1]], pos[:keys_seen]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_flex_failure_falls_back_to_sdpa_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(flex._state, "failed", None)
+
+    def broken(*a, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(flex, "flex_attention", broken)
+    q, k, v = torch.randn(4, 6, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    with pytest.warns(RuntimeWarning, match="no Triton here"):
+        assert flex.attend(q, k, v, None, compiled=False) is None  # type: ignore[arg-type]
+    assert flex.failure() is not None and not flex.usable(torch.device("cuda"))
