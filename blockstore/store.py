@@ -34,12 +34,13 @@ from blockstore.manifest import (
     valid_block_size,
     write_manifest_file,
 )
-from blockstore.mutations import Mutation, copy_mutations, kv_mutations, partition_of, relocation_mutations
+from blockstore.mutations import Mutation, kv_mutations, partition_of
 from blockstore.opening import DIRECTORY, announce_open, check_options, check_store_path, make_store_dirs
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
 from blockstore.records import Buffer, Kind
 from blockstore.stats import StoreStats, measure
+from blockstore.store_compaction import CompactionSeams
 from blockstore.store_records import DEFAULT_NAMESPACE, RecordConveniences
 from blockstore.store_remote import RemoteSeams
 from blockstore.tensors import TensorRecords
@@ -54,7 +55,7 @@ OnCorrupt = Literal["raise", "miss"]
 _log = logging.getLogger("blockstore")
 
 
-class Store(RecordConveniences, RemoteSeams):
+class Store(RecordConveniences, RemoteSeams, CompactionSeams):
     """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
 
     Thread-safe: any number of threads may read and write concurrently.
@@ -313,44 +314,6 @@ class Store(RecordConveniences, RemoteSeams):
     def remove_read_observer(self, observe: Callable[[Sequence[bytes], Sequence[Location | None]], None]) -> None:
         if observe in self._read_observers:
             self._read_observers.remove(observe)
-
-    def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
-                      together: bool = False, drop_tombstones: Sequence[tuple[bytes, Location]] = ()) -> list[bool]:
-        """Copy records to the open block of `partition` and re-point each key only if the directory
-        still names its old place, in the atomic batch that updates both blocks' counters: the
-        compare-and-swap compaction is built on (docs/format.md §5.2). `moves` are (directory key
-        suffix, the location read, its verified payload), as `Directory.block_records` and
-        `read_locations` give them. Returns, per move, whether it happened (False: the key was
-        overwritten or deleted meanwhile, and stays so). A tombstone's move (empty payload) carries it,
-        keeping its sequence number, unless the key was written again since. `drop_tombstones` retires
-        tombstones without a copy (the caller proved no older record of the key is left anywhere).
-        `together=True` keeps the moves in one block (a fresh one if the open block cannot take all)."""
-        self._check_open(write=True)
-        if not isinstance(partition, (bytes, bytearray)):
-            raise InvalidArgument(f"relocate_many: partition must be bytes, not {type(partition).__name__}")
-        check_bool("together", together)
-        muts = relocation_mutations(moves, bytes(partition), together, drop_tombstones)
-        if not muts:
-            return []
-        self._engine.submit(muts)
-        return [bool(m.result) for m in muts[: len(moves)]]
-
-    def place_copies(self, adds: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
-                     drops: Sequence[tuple[bytes, Location, Location]] = ()) -> list[bool]:
-        """Extra copies of shared records (docs/copies.md). `adds`: (key suffix, its whole current value,
-        the verified payload) each written once more to `partition`'s open block (one block, as
-        `together`) and added to the value; `drops`: (key suffix, its whole current value, one of its
-        places) taken out of the value, writing nothing. Each is a compare-and-swap on the whole value,
-        copies included: True per change (adds first) if the value was unchanged, else nothing happened."""
-        self._check_open(write=True)
-        if not getattr(self._engine, "supports_copies", False):
-            raise InvalidArgument("place_copies: this build's writer does not retire copies yet (docs/copies.md)")
-        if not isinstance(partition, (bytes, bytearray)):
-            raise InvalidArgument(f"place_copies: partition must be bytes, not {type(partition).__name__}")
-        muts = copy_mutations(adds, drops, bytes(partition))
-        if muts:
-            self._engine.submit(muts)
-        return [bool(m.result) for m in muts]
 
     def read_locations(self, locs: Sequence[Location]) -> list[memoryview]:
         """Read and verify the payloads at these places (raises on corruption whatever on_corrupt says:

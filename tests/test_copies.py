@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import blockstore
-from blockstore.compaction import gc
+from blockstore.compaction import attach, clusters, gc
+from blockstore.compaction.affinity import Group
 from blockstore.directory import CopyPlace, Location
 from blockstore.errors import CorruptionError, FormatVersionError, InvalidArgument
 from blockstore.keys import SPACE_KV, key_suffix
@@ -209,3 +210,52 @@ def test_place_copies_refuses_while_the_writer_cannot_retire_them(tmp_path: Path
         with pytest.raises(InvalidArgument):
             s.place_copies([(sfx, value, b"v")], partition=COPIES)
         assert s.locate_many([b"k"])[0] == value
+
+
+def test_a_cluster_borrows_the_records_its_groups_read_elsewhere_within_its_bounds() -> None:
+    """Two groups share record s; each cluster is full enough that they cannot merge. The second
+    group's cluster borrows s (a copy rides with its next rewrite), within capacity and copies left."""
+    g1 = Group(1, (b"a1", b"a2", b"s"), 5.0, 0)
+    g2 = Group(2, (b"b1", b"b2", b"s"), 4.0, 0)
+    sizes = {b"a1": 300, b"a2": 300, b"s": 200, b"b1": 300, b"b2": 300}
+    built = clusters.build([(g1, True), (g2, True)], sizes, 1000)
+    owner = {k: c for c in built for k in c.keys}
+    assert owner[b"s"] is not owner[b"b1"]  # the tug-of-war copies are for
+    clusters.borrow(built, [(g1, True), (g2, True)], sizes, 1000, {k: 1 for k in sizes})
+    assert owner[b"b1"].borrowed == [b"s"] and owner[b"b1"].borrowed_bytes == 200
+    assert owner[b"s"].borrowed == []
+    # no copy left to give, or no room: nothing borrowed
+    again = clusters.build([(g1, True), (g2, True)], sizes, 1000)
+    clusters.borrow(again, [(g1, True), (g2, True)], sizes, 1000, {k: 0 for k in sizes})
+    assert all(not c.borrowed for c in again)
+    tight = clusters.build([(g1, True), (g2, True)], sizes, 700)
+    clusters.borrow(tight, [(g1, True), (g2, True)], sizes, 700, {k: 1 for k in sizes})
+    assert all(not c.borrowed for c in tight)
+
+
+@needs_copy_writer
+def test_compaction_places_a_copy_so_each_request_reads_one_block(tmp_path: Path, backend: str) -> None:
+    """Two requests share record s and cannot share a block (each is most of one): with max_copies=1
+    each ends in one block, s read from the one it touches; an overwrite of s then retires its copy."""
+    big = 150_000
+    first = [b"a%d" % i for i in range(4)]
+    second = [b"b%d" % i for i in range(4)]
+    with blockstore.open(tmp_path, block_size=1 << 20, backend=backend) as s:
+        for i, k in enumerate([*first, b"s", *second]):  # each in its own stream: scattered
+            s.put_many([(k, bytes([i]) * big)], partition=f"p{i}")
+        comp = attach(s, {"policy": "full", "max_copies": 1, "min_hits": 1, "relocation_slack": 0,
+                          "relocation_budget": 1e9, "gc_invalid_ratio": 0.3}, background=False)
+        for _ in range(3):
+            for req in ([*first, b"s"], [*second, b"s"]):
+                s.get_many(req)
+            comp.run_pass()
+        placed = comp.totals.copies_placed
+        shared = s.locate_many([b"s"])[0]
+        assert placed >= 1 and shared is not None and len(shared.copies) == 1
+        for req in ([*first, b"s"], [*second, b"s"]):
+            assert len({loc.block_id for loc in choose_places(s.locate_many(req)) if loc is not None}) == 1
+        assert s.get_many([*first, b"s"]) == [bytes([i]) * big for i in range(5)]
+        s.put(b"s", b"new")
+        assert s.get(b"s") == b"new" and not s.locate_many([b"s"])[0].copies  # type: ignore[union-attr]
+        comp.stop()
+    _clean(tmp_path)

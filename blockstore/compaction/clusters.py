@@ -38,6 +38,10 @@ class Cluster:
     gids: list[int] = field(default_factory=list)  # every group merged into it
     nbytes: int = 0
     due: bool = False  # one of its groups was requested min_hits times since it was last rewritten
+    # records other clusters own that its groups also read: copies of them go with its next rewrite
+    # (docs/copies.md), so those groups find them in its block too
+    borrowed: list[bytes] = field(default_factory=list)
+    borrowed_bytes: int = 0
 
 
 def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capacity: int,
@@ -96,6 +100,35 @@ def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capa
         target.gids.append(g.gid)
         target.due = target.due or due
     return [c for c in made if c.keys and len(c.keys) >= 2]
+
+
+def borrow(made: Sequence[Cluster], groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int],
+           capacity: int, copies_left: Mapping[bytes, int]) -> None:
+    """Copies instead of tug-of-war (docs/copies.md): a group whose records are split over clusters,
+    most valuable first, has the cluster holding most of its bytes borrow the others, while that
+    cluster's bytes and borrowed bytes still fit `capacity` and the record may get another copy
+    (`copies_left`: how many more each record may have, after those its value lists already). Borrowing
+    does not make a cluster due: its copies ride along with a rewrite its own groups call for."""
+    owner = {k: c for c in made for k in c.keys}
+    left = dict(copies_left)
+    for g, _due in groups:
+        live = [k for k in dict.fromkeys(g.keys) if k in sizes]
+        weight: dict[int, int] = {}
+        for k in live:
+            if k in owner:
+                weight[id(owner[k])] = weight.get(id(owner[k]), 0) + sizes[k]
+        if not weight or len(live) < 2:
+            continue
+        home = max(weight, key=lambda c: weight[c])
+        target = next(owner[k] for k in live if id(owner.get(k)) == home)
+        for k in live:
+            if owner.get(k) is target or k in target.borrowed or left.get(k, 0) <= 0:
+                continue
+            if target.nbytes + target.borrowed_bytes + sizes[k] > capacity:
+                continue
+            target.borrowed.append(k)
+            target.borrowed_bytes += sizes[k]
+            left[k] -= 1
 
 
 def _runs(gid: int, due: bool, new: list[bytes], sizes: Mapping[bytes, int], capacity: int,

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks, metrics
 from blockstore.directory import BLOCK_OPEN, BlockEntry, DirectoryBatch
-from blockstore.errors import BlockstoreError, StoreClosed
+from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
+from blockstore.reader import choose_places
 
 from . import clusters, gc, relocation
 from .affinity import AffinityJudge, AffinityTracker, Group
@@ -55,6 +56,8 @@ class PassReport:
     lost_races: int = 0
     tombstones_carried: int = 0
     tombstones_dropped: int = 0
+    copies_placed: int = 0  # copies of shared records placed with cluster rewrites (docs/copies.md)
+    copies_dropped: int = 0  # places GC took out of values instead of copying them
     skipped_budget: int = 0
     planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
     planned_groups: list[int] = field(default_factory=list)
@@ -221,7 +224,7 @@ class Compactor:
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
-                             "tombstones_dropped", "skipped_budget"):
+                             "tombstones_dropped", "copies_placed", "copies_dropped", "skipped_budget"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
                 if metrics.enabled:
                     metrics.compaction_pass_done(time.monotonic() - started, rep.gc_bytes, rep.relocated_bytes)
@@ -265,6 +268,9 @@ class Compactor:
         built = clusters.build(ranked, sizes, relocation.usable_bytes(self.store.block_size), self._clusters)
         if not dry_run:
             self._clusters = [(c.gid, tuple(c.keys)) for c in built]
+        if self.policy.max_copies:
+            clusters.borrow(built, ranked, sizes, relocation.usable_bytes(self.store.block_size),
+                            {k: self.policy.max_copies - len(loc.copies) for k, loc in locs.items()})
         todo = [c for c in built if c.due]
         table = {e.block_id: e for e in self.store.block_table()} if todo else {}
         for i, cluster in enumerate(todo):
@@ -288,14 +294,20 @@ class Compactor:
             if where.bytes > left:
                 rep.skipped_budget += 1
                 continue
+            # copies ride along with a rewrite that happens anyway, while the budget covers them
+            # (measured: copies that made a cluster due on their own spent the budget on rewrites that
+            # bought less than the scattered clusters they displaced; docs/copies.md)
+            borrowed = [(k, locs[k]) for k in cluster.borrowed] if where.bytes + cluster.borrowed_bytes <= left else []
             rep.planned_groups.append(cluster.gid)
-            rep.planned_bytes += where.bytes
+            rep.planned_bytes += where.bytes + sum(v.record_len for _k, v in borrowed)
             if dry_run:
                 continue
             part, stragglers = self._destination(where, table)
-            res = relocation.relocate(self.store, cluster.gid, where, partition=part, stragglers_only=stragglers)
+            res = relocation.relocate(self.store, cluster.gid, where, partition=part, stragglers_only=stragglers,
+                                      borrowed=borrowed)
             self.tracker.settled(cluster.gids, persist=True)
-            self.relocated_bytes += res.moved_bytes
+            self.relocated_bytes += res.moved_bytes + res.copied_bytes
+            rep.copies_placed += res.copied
             self.groups_moved += 1
             rep.relocated_groups += 1
             rep.relocated_records += res.moved
@@ -311,7 +323,9 @@ class Compactor:
         its records spread (clusters that shift by a record would be rewritten pass after pass), and one
         that holds its part of a scattered group in one block already is left too (the group is spread
         over other clusters: rewriting this one moved bytes for nothing)."""
-        live = [(k, locs[k]) for k in group.keys if k in locs]
+        keys = [k for k in group.keys if k in locs]
+        # each record where a read of the group finds it: a record with copies counts in one of its blocks
+        live = [(k, loc) for k, loc in zip(keys, choose_places([locs[k] for k in keys])) if loc is not None]
         where = relocation.layout(live, self.store.block_size)
         inside = {loc.block_id for k, loc in live if k in cluster}
         return where.blocks > where.needed + self.policy.relocation_slack and len(inside) > 1
@@ -364,6 +378,7 @@ class Compactor:
             rep.lost_races += res.lost_race
             rep.tombstones_carried += res.tombstones_carried
             rep.tombstones_dropped += res.tombstones_dropped
+            rep.copies_dropped += res.copies_dropped
             if res.reclaimed:
                 self.reclaimed += 1
                 rep.reclaimed_blocks += 1
@@ -392,7 +407,11 @@ def attach(store: Store, spec: str | Policy | dict[str, Any] | None, *, judge: A
     if isinstance(spec, dict) and "background" in spec:
         spec = dict(spec)
         background = bool(spec.pop("background"))
-    c = Compactor(store, resolve(spec), judge=judge)
+    policy = resolve(spec)
+    if policy.max_copies and not store.copies_supported:
+        raise InvalidArgument("compaction setting max_copies needs a writer that retires copies (docs/copies.md); "
+                              "this build's does not: use max_copies=0")
+    c = Compactor(store, policy, judge=judge)
     if background:
         c.start()
     return c

@@ -63,6 +63,8 @@ class Relocated:
     moved_bytes: int = 0
     lost_race: int = 0
     blocks_before: int = 0
+    copied: int = 0  # copies placed with the cluster (docs/copies.md)
+    copied_bytes: int = 0
 
 
 def main_block(where: GroupLayout) -> int:
@@ -74,14 +76,28 @@ def main_block(where: GroupLayout) -> int:
 
 
 def relocate(store: Store, gid: int, where: GroupLayout, *, partition: bytes = RELOCATION_PARTITION,
-             stragglers_only: bool = False) -> Relocated:
+             stragglers_only: bool = False, borrowed: Sequence[tuple[bytes, Location]] = ()) -> Relocated:
     """Rewrite the live records of cluster `gid` together (one batch: one block unless it needs more)
-    into `partition`; with `stragglers_only`, only those outside its main block."""
+    into `partition`; with `stragglers_only`, only those outside its main block. `borrowed`: records
+    other clusters own that this one's groups read (key, whole value): a copy of each goes with it."""
     res = Relocated(gid, blocks_before=where.blocks)
     live = sorted(where.live, key=lambda kl: kl[1].seq)  # temporal order inside the group
     if stragglers_only:
         home = main_block(where)
         live = [(k, loc) for k, loc in live if loc.block_id != home]
+        borrowed = [(k, v) for k, v in borrowed if all(p.block_id != home for p in v.places())]
+    if borrowed:
+        # as they are now: a cluster rewritten earlier in the pass may have moved them (a copy computed from
+        # the value read at the pass's start would lose its compare-and-swap); one copied meanwhile is left
+        now = store.dir.get_locations([k for k, _v in borrowed])
+        borrowed = [(k, cur) for (k, v), cur in zip(borrowed, now) if cur is not None and len(cur.copies) <= len(v.copies)]
+    done = _with_copies(store, gid, live, borrowed, partition) if borrowed else None
+    if done is not None:  # moved and copied in one group commit
+        for (_k, v), ok in zip(borrowed, done[len(live):]):
+            res.copied += ok
+            res.copied_bytes += v.record_len if ok else 0
+        _count(res, live, done)
+        return res
     hooks.fire("compact.scan", "relocate", gid, len(live))
     # hold the sources: a writer may empty one meanwhile, and the engine would delete it under us
     with store.hold_blocks([loc.block_id for _k, loc in live]):
@@ -102,11 +118,32 @@ def relocate(store: Store, gid: int, where: GroupLayout, *, partition: bytes = R
         hooks.fire("compact.copy", "relocate", gid, len(live))
         done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
                                    partition=partition, together=True)
-    hooks.fire("compact.repoint", "relocate", gid, sum(done))
+    _count(res, live, done)
+    return res
+
+
+def _count(res: Relocated, live: list[tuple[bytes, Location]], done: Sequence[bool]) -> None:
+    hooks.fire("compact.repoint", "relocate", res.gid, sum(done[: len(live)]))
     for (_k, loc), ok in zip(live, done):
         if ok:
             res.moved += 1
             res.moved_bytes += loc.record_len
         else:
             res.lost_race += 1
-    return res
+
+
+def _with_copies(store: Store, gid: int, live: list[tuple[bytes, Location]], borrowed: Sequence[tuple[bytes, Location]],
+                 partition: bytes) -> list[bool] | None:
+    """Move `live` and place a copy of each `borrowed` record, in one group commit into one block: the
+    moves' results, then the copies'. None, with nothing written, when a source went meanwhile (the
+    caller then moves without copies, through its lost-race path)."""
+    hooks.fire("compact.scan", "relocate", gid, len(live) + len(borrowed))
+    with store.hold_blocks([loc.block_id for _k, loc in live] + [v.block_id for _k, v in borrowed]):
+        try:
+            payloads = store.read_locations([loc for _k, loc in live] + [v.primary() for _k, v in borrowed])
+        except NotFound:
+            return None
+        hooks.fire("compact.copy", "relocate", gid, len(live) + len(borrowed))
+        moves = [(k, loc, p) for (k, loc), p in zip(live, payloads)]
+        copies = [(k, v, p) for (k, v), p in zip(borrowed, payloads[len(live):])]
+        return store.relocate_many(moves, partition=partition, together=True, copies=copies)

@@ -1,0 +1,77 @@
+"""The compaction seams of `Store` (a base class of it): moves and copies, each a compare-and-swap in
+the group commit (docs/format.md §5.2, docs/copies.md). blockstore.compaction uses them; nothing here
+can lose a live record: a change whose old value is gone writes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from blockstore.directory import Location
+from blockstore.errors import InvalidArgument
+from blockstore.mutations import copy_mutations, relocation_mutations
+from blockstore.records import Buffer
+from blockstore.validate import check_bool
+from blockstore.writer import WriteEngine
+
+
+class CompactionSeams:
+    """Relocation and copies over the Store's group commit."""
+
+    _engine: WriteEngine
+    _check_open: Callable[..., None]
+
+    def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
+                      together: bool = False, drop_tombstones: Sequence[tuple[bytes, Location]] = (),
+                      copies: Sequence[tuple[bytes, Location, Buffer]] = ()) -> list[bool]:
+        """Copy records to the open block of `partition` and re-point each key only if the directory
+        still names its old place, in the atomic batch that updates both blocks' counters: the
+        compare-and-swap compaction is built on (docs/format.md §5.2). `moves` are (directory key
+        suffix, the location read, its verified payload), as `Directory.block_records` and
+        `read_locations` give them. Returns, per move, whether it happened (False: the key was
+        overwritten or deleted meanwhile, and stays so). A tombstone's move (empty payload) carries it,
+        keeping its sequence number, unless the key was written again since. `drop_tombstones` retires
+        tombstones without a copy (the caller proved no older record of the key is left anywhere).
+        `together=True` keeps the moves in one block (a fresh one if the open block cannot take all).
+        `copies`: copies placed with the moves, in the same block (see `place_copies`); their results
+        follow the moves'."""
+        self._check_open(write=True)
+        if not isinstance(partition, (bytes, bytearray)):
+            raise InvalidArgument(f"relocate_many: partition must be bytes, not {type(partition).__name__}")
+        check_bool("together", together)
+        muts = relocation_mutations(moves, bytes(partition), together, drop_tombstones)
+        if copies:
+            self._check_copies()
+            added = copy_mutations(copies, (), bytes(partition))
+            if together and muts and moves:
+                muts[0].group_need += added[0].group_need
+                added[0].group_need = 0
+            muts = muts[: len(moves)] + added + muts[len(moves) :]
+        if not muts:
+            return []
+        self._engine.submit(muts)
+        return [bool(m.result) for m in muts[: len(moves) + len(copies)]]
+
+    def place_copies(self, adds: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
+                     drops: Sequence[tuple[bytes, Location, Location]] = ()) -> list[bool]:
+        """Extra copies of shared records (docs/copies.md). `adds`: (key suffix, its whole current value,
+        the verified payload) each written once more to `partition`'s open block (one block, as
+        `together`) and added to the value; `drops`: (key suffix, its whole current value, one of its
+        places) taken out of the value, writing nothing. Each is a compare-and-swap on the whole value,
+        copies included: True per change (adds first) if the value was unchanged, else nothing happened."""
+        self._check_open(write=True)
+        self._check_copies()
+        if not isinstance(partition, (bytes, bytearray)):
+            raise InvalidArgument(f"place_copies: partition must be bytes, not {type(partition).__name__}")
+        muts = copy_mutations(adds, drops, bytes(partition))
+        if muts:
+            self._engine.submit(muts)
+        return [bool(m.result) for m in muts]
+
+    @property
+    def copies_supported(self) -> bool:
+        """Whether this store's writer retires copies with their key (docs/copies.md)."""
+        return bool(getattr(self._engine, "supports_copies", False))
+
+    def _check_copies(self) -> None:
+        if not self.copies_supported:
+            raise InvalidArgument("copies: this build's writer does not retire copies yet (docs/copies.md)")
