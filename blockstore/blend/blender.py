@@ -385,8 +385,9 @@ class Blender:
         narrowed = self.gradual <= 1.0 or forced is not None or self.selector != "deviation"
         keys, values = [], []
         for layer_index, layer in enumerate(self.w.layers):
-            q, k, v = qkv(self.w, layer, hidden, active)  # == pos[active] (pos is arange); one tensor object
-            # per blend lets compute.py reuse its RoPE tables and mask (H1's request)
+            # active == pos[active] (pos is arange); one tensor object per blend lets compute.py reuse its
+            # RoPE tables and mask (H1's request). Only the full layers keep k itself
+            q, k, v = qkv(self.w, layer, hidden, active, own_k=layer_index < self.check_layer)
             if layer_index < self.check_layer:  # every row fresh: these layers are a full prefill
                 keys.append(k)
                 values.append(v)

@@ -118,19 +118,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def qkv(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor,
-        positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv(w: LlamaWeights, layer: LayerWeights, hidden: torch.Tensor, positions: torch.Tensor, *,
+        own_k: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh q, k (both after RoPE at `positions`) and v of these rows. q and k come from one matmul
-    (LayerWeights.qk_proj); v from its own, so that a kept V does not hold q's memory."""
+    (LayerWeights.qk_proj) and are rotated together (3 kernels for both heads' kinds: the tables are the
+    same); v from its own matmul, so that a kept V does not hold q's memory. q is a view of the rotated
+    q|k rows; so is k with `own_k=False` (a caller that only copies k out of it this layer: one copy
+    kernel fewer), else k is its own tensor (one that is kept, as a prefill keeps its keys, must not
+    hold q's memory)."""
     c = w.config
     x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
-    n, q_width = x.shape[0], c.num_attention_heads * c.head_dim
+    n, heads = x.shape[0], c.num_attention_heads
     qk = F.linear(x, layer.qk_proj)  # x @ W.T in one op
     v = F.linear(x, layer.v_proj).view(n, c.num_key_value_heads, c.head_dim)
     cos, signed_sin = _rope_of(positions, c.head_dim, c.rope_theta, x.dtype)
-    q = _rotate_signed(qk[:, :q_width].view(n, c.num_attention_heads, c.head_dim), cos, signed_sin)
-    k = _rotate_signed(qk[:, q_width:].view(n, c.num_key_value_heads, c.head_dim), cos, signed_sin)
-    return q, k, v
+    rotated = _rotate_signed(qk.view(n, heads + c.num_key_value_heads, c.head_dim), cos, signed_sin)
+    k = rotated[:, heads:]
+    return rotated[:, :heads], (k.contiguous() if own_k else k), v
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
