@@ -5,15 +5,14 @@ A block is named in the directory (synced) before its file exists, sealed with a
 out or at close, marked `reclaiming` in a synced directory write before its file is unlinked, and
 forgotten once the file is gone. Cache mode syncs what a deletion could otherwise lose first.
 
-Eviction (`evict_blocks`, a cache's capacity path) removes sealed blocks together with every key the
-directory still places in them, in one synced directory write and without tombstones. Why that is safe
-is in its docstring; in short: a key goes without a tombstone only when no block that stays can hold
-any older record of it, so nothing evicted can come back, and only records the directory places in
-the evicted blocks are touched, so nothing live elsewhere is lost.
+Eviction (`evict_blocks`, a cache's capacity path) removes sealed blocks with every key the directory still places
+in them, in one synced directory write, no tombstones: a key goes only when no block that stays can hold an older
+record of it, and only records the directory places in the evicted blocks are touched (its docstring says why).
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,17 +40,15 @@ from blockstore.recovery import recover
 
 _log = logs.get("blocks")
 NO_FLOOR = 1 << 64  # the floor when no block that stays holds a record other than a tombstone
-# Evicted blocks' `reclaiming` entries are dropped once this many wait (dropping them costs a sync of the
-# blocks/ folder, which would double an eviction's cost; an entry left is finished by any later deletion,
-# the close or the next open)
+# Evicted blocks' `reclaiming` entries are dropped once this many wait (dropping costs a sync of blocks/;
+# an entry left is finished by any later deletion, the close or the next open)
 FORGET_RECLAIMED_EVERY = 64
 
 
 @dataclass(slots=True)
 class Evicted:
-    """What `evict_blocks` did: the blocks it removed, the keys that went with them (key suffix and the
-    location they had), and the blocks it left as they were (not sealed, gone, or holding a record that
-    some block that stays may hold an older version of: those keys need tombstones)."""
+    """What `evict_blocks` did: the blocks it removed, the keys that went with them (key suffix, location),
+    and the blocks it left (not sealed, gone, or with a key older versions of which may stay: tombstones)."""
 
     blocks: list[int] = field(default_factory=list)
     records: list[tuple[bytes, Location]] = field(default_factory=list)
@@ -87,6 +84,8 @@ class BlockLifecycle:
         self._unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (settle_failed_commit)
         self._names_durable_below = 0  # cache mode: block files with a lower id have durable names (blocks/ fsynced)
         self._sealed_seqs: dict[int, tuple[int, int]] = {}  # sealed blocks' footers' (min, max) sequence numbers
+        # eviction's floor: (min seq, block) of blocks holding more than tombstones; see _floor_index, _data_floor
+        self._floor_heap: list[tuple[int, int]] | None = None
 
     def block_named(self, bid: int) -> bool:
         with self.state_lock:
@@ -140,10 +139,10 @@ class BlockLifecycle:
             d.write(b, force_sync=True)
 
     def _refuse_unnamed_block_files(self, named: set[int]) -> None:
-        """Blocks are named in the directory (synced) before their files exist, so a block file the
-        directory does not name means the directory lost writes (a lost or truncated WAL, an old copy
-        put back): writing on would reuse sequence numbers the lost records hold, and recovery would
-        cut acknowledged records at stale committed ends. One listdir per writable open."""
+        """Blocks are named in the directory (synced) before their files exist, so a block file the directory does not
+        name means the directory lost writes (a lost or truncated WAL, an old copy put back): writing on would reuse
+        sequence numbers the lost records hold, and recovery would cut acknowledged records at stale committed ends.
+        One listdir per writable open."""
         unnamed = sorted(set(self.blocks.list_files()) - named)
         if unnamed:
             raise CorruptionError(
@@ -215,6 +214,9 @@ class BlockLifecycle:
         e.state = BLOCK_SEALED
         e.sealed_ns = time.time_ns()
         e.data_end = ob.tail
+        self._sealed_seqs[e.block_id] = (ob.min_seq, ob.max_seq)  # what its footer says: no read needed later
+        if self._floor_heap is not None:
+            heapq.heappush(self._floor_heap, (ob.min_seq, e.block_id))
         _log.info("%s: sealed block %016x (%d bytes of records)", self.path, e.block_id, ob.tail)
         if metrics.enabled:
             metrics.sealed_done(ob.tail)
@@ -234,17 +236,15 @@ class BlockLifecycle:
         return e.state == BLOCK_SEALED and e.live_records == 0 and e.tombstones == 0
 
     def delete_block(self, bid: int) -> None:
-        """Delete a block that holds nothing live, on durable proof (invariant 4): its entry is marked
-        `reclaiming` in a synced directory write first, then the file is unlinked (now, or when its last
-        reader lets go), then the entry goes (at the next deletion, close or open). A crash in between
-        leaves a `reclaiming` entry, and the next open finishes the job; a file the directory does not
-        name is never deleted."""
+        """Delete a block that holds nothing live, on durable proof (invariant 4): its entry is marked `reclaiming` in a
+        synced directory write first, then the file is unlinked (now, or when its last reader lets go), then the entry
+        goes (at the next deletion, close or open). A crash in between leaves a `reclaiming` entry, and the next open
+        finishes the job; a file the directory does not name is never deleted."""
         self.delete_blocks([bid])
 
     def delete_blocks(self, bids: list[int]) -> None:
-        """delete_block for several blocks at the cost of one: one sync of dirty blocks and one synced
-        directory write for all of them (a compaction pass empties many; per block, the syncs were
-        most of a pass's time)."""
+        """delete_block for several blocks at the cost of one: one sync of dirty blocks and one synced directory write
+        for all of them (a compaction pass empties many; per block, the syncs were most of a pass's time)."""
         for bid in bids:
             hooks.fire("block.delete", bid)
         self._sync_dirty_blocks()
@@ -267,14 +267,13 @@ class BlockLifecycle:
             self.blocks.delete(bid)
 
     def _sync_dirty_blocks(self) -> None:
-        """Cache mode, before a block file is deleted: make this session's unsynced block data (open and
-        retired blocks, blocks sealed unsynced) and the block files' names durable. What emptied the
-        block can be such data: a newer put that let compaction drop the key's tombstone (then deleted
-        with its block), or an overwrite. Lost to a power cut after the unlink, it leaves the key's
-        older record on disk with nothing newer: the directory has no entry for it (fsck:
-        `unreferenced`), and a rebuild from blocks brings a deleted key back (found by
-        tests/power_loss.py). Deletions are rare (a compaction pass, a delete that empties a block),
-        so the cost is small."""
+        """Cache mode, before a block file is deleted: make this session's unsynced block data (open and retired blocks,
+        blocks sealed unsynced) and the block files' names durable. What emptied the block can be such data: a newer
+        put that let compaction drop the key's tombstone (then deleted with its block), or an overwrite. Lost to a
+        power cut after the unlink, it leaves the key's older record on disk with nothing newer: the directory has no
+        entry for it (fsck: `unreferenced`), and a rebuild from blocks brings a deleted key back (found by
+        tests/power_loss.py). Deletions are rare (a compaction pass, a delete that empties a block), so the cost is
+        small."""
         if self.durability == "sync":
             return
         for ob in list(self._placement.open.values()) + self._placement.retired:
@@ -295,9 +294,9 @@ class BlockLifecycle:
         self._names_durable_below = max(self._names_durable_below, names_below)
 
     def _forget_reclaimed(self, batch: DirectoryBatch) -> None:
-        """Drop the entries of reclaimed blocks whose files are gone (the unlink waits for readers). The
-        unlinks are made durable first (cache mode does not fsync blocks/ at each one): else a power cut
-        brings back a file whose entry is gone, which the next open cannot account for (tests/power_loss.py)."""
+        """Drop the entries of reclaimed blocks whose files are gone (the unlink waits for readers). The unlinks are made
+        durable first (cache mode does not fsync blocks/ at each one): else a power cut brings back a file whose entry
+        is gone, which the next open cannot account for (tests/power_loss.py)."""
         gone = [rid for rid in list(self._reclaiming) if not self.blocks.exists(rid)]
         if gone and not self.blocks.sync:
             self.backend.dir_sync(self.blocks.folder)
@@ -306,9 +305,9 @@ class BlockLifecycle:
             self._reclaiming.discard(rid)
 
     def sync_moves(self) -> list[int]:
-        """Make the directory durable (one synced write) and delete the blocks that moves emptied
-        since the last call. Compaction calls it once per pass: moves are then durable at a cost of
-        one directory sync per pass rather than one per batch. Returns the blocks deleted."""
+        """Make the directory durable (one synced write) and delete the blocks that moves emptied since the last call.
+        Compaction calls it once per pass: moves are then durable at a cost of one directory sync per pass rather than
+        one per batch. Returns the blocks deleted."""
         self.check_open(write=True)
         with self.slot.exclusive():
             pending, self._reclaim_after_sync = self._reclaim_after_sync, set()
@@ -335,29 +334,27 @@ class BlockLifecycle:
     # ---- eviction (a cache's capacity path) ----
 
     def evict_blocks(self, block_ids: Sequence[int]) -> Evicted:
-        """Remove sealed blocks and every key whose current location is in one of them, in one synced
-        directory write (locations, reverse entries, chunk session entries, blocks marked `reclaiming`),
-        then unlink the files (now, or when their last reader lets go). No tombstone is written.
+        """Remove sealed blocks and every key whose current location is in one of them, in one synced directory write
+        (locations, reverse entries, chunk session entries, blocks marked `reclaiming`), then unlink the files (now,
+        or when their last reader lets go). No tombstone is written.
 
-        Why no tombstone is needed: a tombstone exists to cover older records of its key. A key is
-        removed here only if its record's sequence number is below the floor: the lowest sequence number
-        of any record (tombstones aside) in every block that stays, open blocks included, taken under the
-        leader slot so that no write lands meanwhile. Every older record of the key has a lower sequence
-        number (relocated copies keep theirs), so none is left on disk: fsck finds nothing unreferenced
-        and a rebuild from the blocks cannot bring the key back. A block holding a record at or above the
-        floor is refused whole (its keys need tombstones: the caller deletes them), and so is a block
-        that is not sealed. A block's tombstones go with it when every record it holds (its footer's
-        highest sequence number) is below the floor: whatever older records they cover are in blocks
-        evicted with it (the rule compaction's GC drops tombstones by).
+        Why no tombstone is needed: a tombstone exists to cover older records of its key. A key is removed here only
+        if its record's sequence number is below the floor: the lowest sequence number of any record (tombstones
+        aside) in every block that stays, open blocks included, taken under the leader slot so that no write lands
+        meanwhile. Every older record of the key has a lower sequence number (relocated copies keep theirs), so none
+        is left on disk: fsck finds nothing unreferenced and a rebuild from the blocks cannot bring the key back. A
+        block holding a record at or above the floor is refused whole (its keys need tombstones: the caller deletes
+        them), and so is a block that is not sealed. A block's tombstones go with it when every record it holds (its
+        footer's highest sequence number) is below the floor: whatever older records they cover are in blocks evicted
+        with it (the rule compaction's GC drops tombstones by).
 
-        Why nothing live is lost: under the leader slot the directory is what every write left it, and
-        only keys it places in these blocks go (compare-and-swap on the location: a key overwritten or
-        relocated since the caller chose the blocks has left them and stays). A relocation racing this
-        call loses its compare-and-swap and writes nothing. A crash before the synced write changes
-        nothing; after it, the `reclaiming` marks make the next open finish the unlinks (the proof that
-        nothing in the blocks is live is durable), which is also why the unlinks may follow after the
-        leader slot is released. Unsynced data of other blocks needs no sync first:
-        no record removed here has an older version anywhere that such data could have superseded."""
+        Why nothing live is lost: under the leader slot the directory is what every write left it, and only keys it
+        places in these blocks go (compare-and-swap on the location: a key overwritten or relocated since the caller
+        chose the blocks has left them and stays). A relocation racing this call loses its compare-and-swap and writes
+        nothing. A crash before the synced write changes nothing; after it, the `reclaiming` marks make the next open
+        finish the unlinks (the proof that nothing in the blocks is live is durable), which is also why the unlinks
+        may follow after the leader slot is released. Unsynced data of other blocks needs no sync first: no record
+        removed here has an older version anywhere that such data could have superseded."""
         self.check_open(write=True)
         out = Evicted()
         with self.slot.exclusive():
@@ -372,7 +369,7 @@ class BlockLifecycle:
             while chosen:  # a refused block stays, so it may lower the floor under the others
                 floor = self._data_floor(set(chosen))
                 late = [bid for bid, recs in chosen.items() if any(loc.seq >= floor for _s, loc in recs)
-                        or (self._has_tombstones(bid) and self._footer_seqs(bid)[1] >= floor)]
+                        or (self._tombstones_in(bid) and self._footer_seqs(bid)[1] >= floor)]
                 if not late:
                     break
                 for bid in late:
@@ -385,8 +382,8 @@ class BlockLifecycle:
         return out
 
     def _evictable_records(self, bid: int) -> list[tuple[bytes, Location]] | None:
-        """(key suffix, location) of every key the directory places in block `bid`, or None when the block
-        cannot be evicted (not sealed, a chunk record whose session entry cannot be named)."""
+        """(key suffix, location) of every key the directory places in block `bid`, or None when the block cannot be
+        evicted (not sealed, a chunk record whose session entry cannot be named)."""
         with self.state_lock:
             e = self.table.get(bid)
             if e is None or e.state != BLOCK_SEALED:
@@ -395,6 +392,8 @@ class BlockLifecycle:
         locs = self.dir.get_locations([sfx for _off, sfx in pairs])
         records = [(sfx, loc) for (off, sfx), loc in zip(pairs, locs)
                    if loc is not None and loc.block_id == bid and loc.offset == off]
+        if any(loc is not None and loc.copies and loc.holds(bid, off) for (off, _sfx), loc in zip(pairs, locs)):
+            return None  # a key with placed copies (docs/copies.md): its copies' blocks would keep counting it
         for sfx, loc in records:
             if loc.kind == Kind.CHUNK:
                 try:
@@ -404,37 +403,59 @@ class BlockLifecycle:
         return records
 
     def _data_floor(self, exclude: set[int]) -> int:
-        """The lowest sequence number of any record other than a tombstone in a block not in `exclude`:
-        open blocks from memory, sealed ones from their footers (read once per block; 0, i.e. anything,
-        when a footer cannot be read). Blocks of nothing but tombstones are left out: a tombstone older
-        than an evicted record is a delete the record already superseded, never a value to come back."""
-        opened = self._placement.min_seqs()
+        """The lowest sequence number of any record other than a tombstone in a block not in `exclude`: open blocks from
+        memory, sealed ones from their footers (0, i.e. anything, when one cannot be read). Blocks of nothing but
+        tombstones are left out: a tombstone older than an evicted record is a delete the record already superseded.
+        Cost: the blocks excluded or gone since, not the table."""
         low = NO_FLOOR
-        with self.state_lock:
-            entries = [(bid, e) for bid, e in self.table.items() if bid not in exclude]
-        for bid, e in entries:
-            if bid in opened or e.state == BLOCK_OPEN:
-                seq = opened.get(bid, 0)
-                if not seq and e.total_records == 0:
-                    continue  # nothing appended yet
-            elif e.total_records == e.tombstones:
-                continue  # nothing but tombstones (or nothing at all)
-            else:
-                seq = self._footer_seqs(bid)[0]
-            low = min(low, seq)
-        for bid, seq in opened.items():  # open blocks the table does not name yet
+        for bid, seq in self._placement.min_seqs().items():
             if bid not in exclude and seq:
                 low = min(low, seq)
+        heap = self._floor_index()
+        skipped: list[tuple[int, int]] = []
+        with self.state_lock:
+            while heap:
+                seq, bid = heap[0]
+                e = self.table.get(bid)
+                if e is None or (e.state == BLOCK_SEALED and e.total_records == e.tombstones):
+                    heapq.heappop(heap)  # gone, or nothing but tombstones: for good
+                elif bid in exclude:
+                    skipped.append(heapq.heappop(heap))  # being evicted now: back in the heap if refused
+                else:
+                    low = min(low, seq)
+                    break
+            for item in skipped:
+                heapq.heappush(heap, item)
         return low
 
-    def _has_tombstones(self, bid: int) -> bool:
+    def _tombstones_in(self, bid: int) -> bool:
         with self.state_lock:
             e = self.table.get(bid)
             return e is None or e.tombstones > 0
 
+    def _floor_index(self) -> list[tuple[int, int]]:
+        """The floor's heap, built at the first call after an open: each sealed block's footer's lowest sequence number
+        (read once), 0 for a block left open that no open block stands for (none after recovery)."""
+        if self._floor_heap is None:
+            opened = self._placement.min_seqs()
+            with self.state_lock:
+                entries = list(self.table.items())
+            heap: list[tuple[int, int]] = []
+            for bid, e in entries:
+                if bid in opened:
+                    continue  # min_seqs() stands for it; _seal adds it once sealed
+                if e.state == BLOCK_OPEN:
+                    if e.total_records:
+                        heap.append((0, bid))
+                elif e.total_records != e.tombstones:
+                    heap.append((self._footer_seqs(bid)[0], bid))
+            heapq.heapify(heap)
+            self._floor_heap = heap
+        return self._floor_heap
+
     def _footer_seqs(self, bid: int) -> tuple[int, int]:
-        """A sealed block's (lowest, highest) sequence number from its footer, read once. Unknown (no
-        local file: held remotely, or damaged; an unreadable footer): (0, NO_FLOOR), i.e. anything."""
+        """A sealed block's (lowest, highest) sequence number from its footer, read once. Unknown (no local file: held
+        remotely, or damaged; an unreadable footer): (0, NO_FLOOR), i.e. anything."""
         seqs = self._sealed_seqs.get(bid)
         if seqs is None:
             try:
@@ -450,9 +471,9 @@ class BlockLifecycle:
         return seqs
 
     def _write_eviction(self, chosen: dict[int, list[tuple[bytes, Location]]], out: Evicted) -> None:
-        """The synced directory write that removes the keys and marks the blocks reclaiming (the caller
-        unlinks the files once it has let the slot go: the durable mark already proves them dead, and an
-        entry whose file is still there is only forgotten after the file is gone)."""
+        """The synced directory write that removes the keys and marks the blocks reclaiming (the caller unlinks the files
+        once it has let the slot go: the durable mark already proves them dead, and an entry whose file is still there
+        is only forgotten after the file is gone)."""
         b = DirectoryBatch()
         with self.state_lock:
             for bid, records in chosen.items():
