@@ -1,12 +1,21 @@
 """Pacing of background compaction by what the foreground sees (issue 16).
 
 A background pass copies at most the policy's rate, and less while the store's reads are slower than
-they were while no pass ran: `ForegroundPacing` keeps those idle read durations between passes and
-hands each background pass a `Pacer`, which the pass calls with the bytes of each copied batch.
+they are while nothing is copied: `ForegroundPacing` keeps those idle read durations between passes
+and hands each background pass a `Pacer`, which the pass calls with the bytes of each copied batch.
+Three things keep a reader from noticing a pass:
+- the reference: the reads made while no pass ran, and those made while a pass waited between batches
+  (so it follows the machine's load as it drifts); a pass that finds none first waits up to PROBE_S
+  for some, rather than copying blind at full rate (a store opened with a backlog did exactly that);
+- the rate: halved while the reads since the last batch have a p99 over FG_P99_TARGET x the idle p99,
+  climbing back (x1.25) while they do not;
+- the interpreter's switch interval, FAST_SWITCH_S while a paced pass runs: a reader waiting for the
+  GIL held by the copying thread waited up to the default 5 ms, which is what its p99 saw.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -15,8 +24,12 @@ from collections.abc import Callable, Sequence
 from blockstore import metrics
 
 FG_P99_TARGET = 1.5  # foreground read p99 during compaction / while idle that pacing aims under
-IDLE_READS = 2048  # durations of reads made while no pass ran, kept as the foreground's idle reference
+IDLE_READS = 2048  # durations of reads made while nothing was copied, kept as the foreground's idle reference
 MIN_READS = 8  # reads needed before a p99 is trusted (fewer: pacing keeps its rate)
+PROBE_S = 0.25  # the longest a pass with no idle reference waits, before copying, to see the foreground
+SETTLE_S = 0.002  # a read ending this soon after a copy may have waited on it: not an idle reference
+FAST_SWITCH_S = 0.0005  # the interpreter's switch interval while a paced pass runs
+_REFRESH_EVERY = 64  # new idle reads between two computations of the idle p99 (a sort of up to 2,048)
 
 RecentReads = Callable[[float], list[float]]  # durations of the reads made since a perf_counter() time
 
@@ -26,21 +39,51 @@ def p99(values: Sequence[float]) -> float:
     return ordered[int(0.99 * (len(ordered) - 1))]
 
 
+class _SwitchInterval:
+    """Process-wide: the interpreter switches threads every FAST_SWITCH_S while any paced pass runs (of
+    any store in the process), and goes back to what it was when the last one ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, FAST_SWITCH_S))
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+SWITCH_INTERVAL = _SwitchInterval()
+
+
 class Pacer:
     """Token bucket on copied bytes: the background thread sleeps so its copies average `rate` B/s,
     and `rate` follows what the foreground sees (issue 16): after each batch, the reads made since the
-    last one are compared with the reads made while no pass ran; while their p99 is above
-    FG_P99_TARGET x the idle p99 the rate halves (down to 1/64 of the policy's), else it climbs back
-    (x1.25, up to the policy's). A fixed rate either slowed compaction for nothing on an idle store
-    or let a busy one's get p99 reach 3-13x idle (bench/README.md, compaction)."""
+    last one are compared with the idle reads; while their p99 is above FG_P99_TARGET x the idle p99
+    the rate halves (down to 1/64 of the policy's), else it climbs back (x1.25, up to the policy's).
+    Reads that end while the bucket waits join the idle reference. A fixed rate either slowed
+    compaction for nothing on an idle store or let a busy one's get p99 reach 3-13x idle
+    (bench/README.md, compaction)."""
 
     def __init__(self, rate_bytes_s: float, stop: threading.Event | None, *, start_rate: float | None = None,
-                 reads: RecentReads | None = None, idle_p99: float | None = None) -> None:
+                 reads: RecentReads | None = None, idle_p99: float | None = None,
+                 idle: deque[float] | None = None) -> None:
         self.max_rate = rate_bytes_s
         self.rate = min(start_rate or rate_bytes_s, rate_bytes_s)
         self.stop = stop
         self.reads = reads
+        self.idle = idle if idle is not None else deque(maxlen=IDLE_READS)
         self.idle_p99 = idle_p99
+        self._new_idle = 0
         self.checked = time.perf_counter()
         self.free_at = time.monotonic()  # when the bucket has room for the next batch
 
@@ -52,10 +95,40 @@ class Pacer:
         if ahead > 0:
             if metrics.enabled:
                 metrics.compaction_paced(ahead)
-            if self.stop is not None:
-                self.stop.wait(ahead)
-            else:
-                time.sleep(ahead)
+            self.wait(ahead)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep (until `stop` is set at most); the reads that end meanwhile, nothing being copied, are
+        idle references."""
+        began = time.perf_counter()
+        if self.stop is not None:
+            self.stop.wait(seconds)
+        else:
+            time.sleep(seconds)
+        if self.reads is not None and time.perf_counter() - began >= 5 * SETTLE_S:  # long enough to settle
+            self.note_idle(self.reads(began + SETTLE_S))
+            self.checked = max(self.checked, time.perf_counter())  # judged: those reads saw no copy
+
+    def note_idle(self, durations: list[float]) -> None:
+        self.idle.extend(durations)
+        self._new_idle += len(durations)
+        if len(self.idle) >= MIN_READS and (self.idle_p99 is None or self._new_idle >= _REFRESH_EVERY):
+            self.idle_p99 = p99(self.idle)
+            self._new_idle = 0
+
+    def probe(self) -> None:
+        """With no idle reference yet, wait up to PROBE_S for MIN_READS reads before the first copy
+        (none come: nobody is reading, nothing to protect)."""
+        if self.reads is None or self.idle_p99 is not None:
+            return
+        began = deadline = time.perf_counter()
+        deadline += PROBE_S
+        while time.perf_counter() < deadline and not (self.stop is not None and self.stop.is_set()):
+            if len(self.reads(began)) >= MIN_READS:
+                break
+            time.sleep(PROBE_S / 10)
+        self.note_idle(self.reads(began))
+        self.checked = time.perf_counter()
 
     def _follow_foreground(self) -> None:
         if self.reads is None or self.idle_p99 is None:
@@ -75,7 +148,7 @@ class Pacer:
 
 
 class ForegroundPacing:
-    """What pacing remembers between passes: the durations of reads made while no pass ran (the
+    """What pacing remembers between passes: the durations of reads made while nothing was copied (the
     foreground's idle latency) and the rate the last background pass ended with."""
 
     def __init__(self, reads: RecentReads) -> None:
@@ -83,9 +156,10 @@ class ForegroundPacing:
         self.idle_reads: deque[float] = deque(maxlen=IDLE_READS)
         self.idle_since = time.perf_counter()
         self.paced_rate: float | None = None  # the copy rate the last background pass ended with
+        self._fast_switch = False
 
     def idle_p99(self) -> float | None:
-        """The p99 of the reads made while no pass ran (None until MIN_READS were seen)."""
+        """The p99 of the reads made while nothing was copied (None until MIN_READS were seen)."""
         now = time.perf_counter()
         self.idle_reads.extend(self.reads(self.idle_since))
         self.idle_since = now
@@ -93,11 +167,21 @@ class ForegroundPacing:
 
     def pacer(self, rate_bytes_s: float, stop: threading.Event | None) -> Pacer:
         """A background pass's pacer: it starts at the rate the last pass ended with, judged against the
-        reads made since then (no pass ran meanwhile: the foreground's idle latency)."""
-        return Pacer(rate_bytes_s, stop, start_rate=self.paced_rate, reads=self.reads, idle_p99=self.idle_p99())
+        idle reads (probed for first if there are none yet); the fast switch interval holds until
+        pass_done."""
+        pacer = Pacer(rate_bytes_s, stop, start_rate=self.paced_rate, reads=self.reads, idle_p99=self.idle_p99(),
+                      idle=self.idle_reads)
+        pacer.probe()
+        if not self._fast_switch:
+            SWITCH_INTERVAL.enter()
+            self._fast_switch = True
+        return pacer
 
     def pass_done(self, pacer: Pacer | None) -> None:
         """A pass ended: reads from now on are idle ones again."""
+        if self._fast_switch:
+            SWITCH_INTERVAL.leave()
+            self._fast_switch = False
         if pacer is not None:
             self.paced_rate = pacer.rate
         self.idle_since = time.perf_counter()
