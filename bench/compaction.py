@@ -359,7 +359,7 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
     and persists its co-access groups at close), which leaves a backlog of scattered groups and dead
     blocks. Copies of that store are then opened (block files read once first: warm) and `n_requests`
     of the trace's second-half requests are timed one by one:
-      idle   opened without compaction;
+      idle   opened without compaction, before and after the busy phases (pooled: the load drifts);
       busy   opened with compaction={"policy": P, "interval_s": 0.01}: its thread starts working at
              once. Requests are repeated until the compactor has been quiet for QUIET_S (or for at
              most BUSY_LIMIT_S: reads keep feeding it); a request counts as "during compaction" if it
@@ -371,24 +371,11 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
     base = replay(trace, "full", block_size=block_size, root=root, payloads=payloads, passes=0, cold_samples=0,
                   keep=True)["path"]
     half = len(trace.ops) // 2
-    reqs = [trace.ops[i] for i in evenly([i for i, o in enumerate(trace.ops) if isinstance(o, Request) and i >= half],
-                                         n_requests)]
+    picked = evenly([i for i, o in enumerate(trace.ops) if isinstance(o, Request) and i >= half], n_requests)
+    reqs = [op for op in (trace.ops[i] for i in picked) if isinstance(op, Request)]
     out: dict[str, Any] = {}
     try:
-        idle_path = base + "-idle"
-        shutil.copytree(base, idle_path)
-        _warm(idle_path)
-        with blockstore.open(idle_path, block_size=block_size) as s:
-            lat = []
-            idle_timed: list[tuple[float, float]] = []
-            t_idle = time.perf_counter()
-            for op in reqs:
-                t0 = time.perf_counter()
-                s.get_many(op.keys, ns=op.ns)
-                t1 = time.perf_counter()
-                idle_timed.append((t0, t1))
-                lat.append((t1 - t0) * 1e3)
-        shutil.rmtree(idle_path, ignore_errors=True)
+        lat, idle_timed, t_idle = _idle_phase(base, block_size, reqs)
         out["idle"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": len(lat),
                        "timeline": _timeline(idle_timed, [False] * len(idle_timed), [], t_idle)}
         for pol in policies:
@@ -434,9 +421,35 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
                 "passes": status["passes"],
                 "timeline": _timeline(timed, active, spans, t_open),
             }
+        # idle again after the busy phases, pooled with the first: the machine's load drifts (other
+        # processes), and one idle phase before them all made the ratio follow that drift
+        after, _timed, _t = _idle_phase(base, block_size, reqs)
+        out["idle"].update(p99_before_ms=out["idle"]["p99_ms"], p99_after_ms=pct(after, 99))
+        lat += after
+        out["idle"].update(p50_ms=pct(lat, 50), p99_ms=pct(lat, 99), n=len(lat))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return out
+
+
+def _idle_phase(base: str, block_size: int, reqs: list[Request]) -> tuple[list[float], list[tuple[float, float]], float]:
+    """The requests timed one by one on a warm copy of `base` opened without compaction: latencies (ms),
+    (start, end) times, and when the phase began."""
+    idle_path = base + "-idle"
+    shutil.copytree(base, idle_path)
+    _warm(idle_path)
+    lat: list[float] = []
+    timed: list[tuple[float, float]] = []
+    with blockstore.open(idle_path, block_size=block_size) as s:
+        t_idle = time.perf_counter()
+        for op in reqs:
+            t0 = time.perf_counter()
+            s.get_many(op.keys, ns=op.ns)
+            t1 = time.perf_counter()
+            timed.append((t0, t1))
+            lat.append((t1 - t0) * 1e3)
+    shutil.rmtree(idle_path, ignore_errors=True)
+    return lat, timed, t_idle
 
 
 def _dumps(x: Any, indent: int = 0) -> str:
