@@ -60,6 +60,7 @@ import xxhash
 import blockstore
 from blockstore import hooks
 from blockstore.compaction import POLICIES, attach, resolve
+from blockstore.reader import choose_places
 from blockstore.records import BLOCK_HEADER_SIZE
 
 from .common import bench_mode, engine_state, machine_info, results_path, run_quiet, standard_args
@@ -224,7 +225,8 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
                 verify.delete(op)
             else:
                 locs = store.locate_many(op.keys, ns=op.ns)
-                live = [loc for loc in locs if loc is not None]  # a missing key fails verify.check below
+                # where a read finds each record: a record with copies counts in the block the read takes
+                live = [loc for loc in choose_places(locs) if loc is not None]  # a missing key fails verify.check
                 nb = len({loc.block_id for loc in live})
                 blocks_all.append((i, nb))
                 if i >= half:
@@ -301,7 +303,7 @@ def placed_copies(store: blockstore.Store, namespaces: set[str]) -> float:
     for ns in sorted(namespaces):
         for _k, loc in store.iter_locations(ns=ns):
             keys += 1
-            extra += len(getattr(loc, "copies", ()))  # Location.copies: none before copies existed
+            extra += len(loc.copies)
     return extra / keys if keys else 0.0
 
 
