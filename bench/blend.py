@@ -52,13 +52,15 @@ from bench.blend_fidelity import fidelity, plot_fidelity
 from bench.ceilings import MiB, Payloads, raw_read, raw_write
 from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
 from bench.report import machine_line, reproduce_line
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, flex, full_prefill
 from blockstore.blend.chunk_kv import DEFAULT_READERS, LayerStream
 from blockstore.reader import aligned_buffer
 
 CHUNK_TOKENS = 512
 SUFFIX_TOKENS = 32
-PIECES_TRIED = (2, 4)  # besides the loader's default (LayerStream.PIECES): a diagnostic of the warm blend
+# besides the loader's default (LayerStream.PIECES): a diagnostic of the warm blend, measured on two H100
+# hosts (bench/README.md) and settled; () saves the device time
+PIECES_TRIED: tuple[int, ...] = ()
 
 
 def _say(msg: str) -> None:
@@ -145,6 +147,19 @@ def _with_pieces(pieces: int, fn: Callable[[], Any]) -> Any:
         return fn()
     finally:
         LayerStream.PIECES = default
+
+
+def _with_flex(on: bool, fn: Callable[[], Any]) -> Any:
+    """fn() with scattered-row attention through FlexAttention (blockstore/blend/flex.py) on or off."""
+    before = os.environ.get("BLOCKSTORE_BLEND_FLEX")
+    os.environ["BLOCKSTORE_BLEND_FLEX"] = "1" if on else "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["BLOCKSTORE_BLEND_FLEX"]
+        else:
+            os.environ["BLOCKSTORE_BLEND_FLEX"] = before
 
 
 def _stream_all(kv: ChunkKVStore, cids: Sequence[bytes], device: torch.device, first_layer: int) -> None:
@@ -248,7 +263,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_8readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
-                                                    "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED))}
+                                                    "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
+                                                    *(("blend_hot_flex", "blend_warm_flex") if device.type == "cuda" else ()))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
     # the page-cache ceiling's threads: at least the loader's, up to 8 (a floor must not be set low by
@@ -258,12 +274,18 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     last: dict[str, Any] = {}
     timed(lambda: blend.blend(prompt, spans=spans))  # warm-up: kernels, allocator, page cache
     timed(lambda: full_prefill(w, prompt))
+    flex_warmup = ([timed(lambda: _with_flex(True, lambda: blend.blend(prompt, spans=spans))) for _ in range(2)]
+                   if device.type == "cuda" else [])  # the first compiles FlexAttention, the second may again
     for rep in range(repeats):
         runs["full"].append(timed(lambda: full_prefill(w, prompt)))
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
         runs["blend_warm"].append(timed(lambda: last.update(warm=blend.blend(prompt, spans=spans))))
         runs["blend_warm_1reader"].append(timed(lambda: one_reader.blend(prompt, spans=spans)))
         runs["blend_warm_8readers"].append(timed(lambda: eight_readers.blend(prompt, spans=spans)))
+        if device.type == "cuda":  # scattered-row attention through FlexAttention's block mask
+            runs["blend_hot_flex"].append(timed(lambda: _with_flex(True, lambda: blend.blend(
+                prompt, spans=spans, resident=resident))))
+            runs["blend_warm_flex"].append(timed(lambda: _with_flex(True, lambda: blend.blend(prompt, spans=spans))))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
             runs[f"blend_warm_pieces{pieces}"].append(
                 timed(lambda n=pieces: _with_pieces(n, lambda: blend.blend(prompt, spans=spans))))  # type: ignore[misc]
@@ -302,6 +324,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes,
         "speedup_hot": med["full"] / med["blend_hot"], "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
         "speedup_prefix": med["full"] / med["prefix_warm"],
+        **({"speedup_hot_flex": med["full"] / med["blend_hot_flex"], "speedup_warm_flex": med["full"] / med["blend_warm_flex"],
+            "flex_warmup_s": flex_warmup, "flex_failure": flex.failure()} if "blend_hot_flex" in med else {}),
         "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],
         "cold_floor_s": floor, "blend_cold_vs_floor": med["blend_cold"] / floor,
         "load_cold_vs_floor": med["load_cold"] / floor,

@@ -199,6 +199,10 @@ def test_a_flex_failure_falls_back_to_sdpa_for_good(monkeypatch: pytest.MonkeyPa
         raise RuntimeError("no Triton here")
 
     monkeypatch.setattr(flex, "flex_attention", broken)
+    monkeypatch.delenv("BLOCKSTORE_BLEND_FLEX", raising=False)
+    assert not flex.usable(torch.device("cuda"))  # off until a GPU run shows it pays
+    monkeypatch.setenv("BLOCKSTORE_BLEND_FLEX", "1")
+    assert flex.usable(torch.device("cuda")) and not flex.usable(torch.device("cpu"))
     q, k, v = torch.randn(4, 6, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
     with pytest.warns(RuntimeWarning, match="no Triton here"):
         assert flex.attend(q, k, v, None, compiled=False) is None  # type: ignore[arg-type]

@@ -10,7 +10,11 @@ prompt. Grouped-query attention is native to it (no copy of K and V per query he
 Compiled by torch.compile (Triton) on first use: the first blend of a process pays the compile (seconds;
 a later new shape compiles again once, then runs with dynamic shapes). If the compile or a call fails,
 a warning says why and every later call goes back to SDPA (`compute.attend`), whose results are the
-same up to float rounding. `BLOCKSTORE_BLEND_FLEX=0` turns it off.
+same up to float rounding.
+
+Off unless `BLOCKSTORE_BLEND_FLEX=1`: it has not yet been timed on a GPU (the session that wrote it had
+no device time left); `python -m bench.blend` times the blend both ways (the `*_flex` rows), and the
+default flips once a run shows it pays.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ _lock = threading.Lock()
 def usable(device: torch.device) -> bool:
     """Whether scattered-row attention on `device` goes through FlexAttention."""
     return (device.type == "cuda" and flex_attention is not None and _state["failed"] is None
-            and os.environ.get("BLOCKSTORE_BLEND_FLEX", "1") != "0")
+            and os.environ.get("BLOCKSTORE_BLEND_FLEX", "0") == "1")
 
 
 def _padded(x: torch.Tensor, fill: int) -> torch.Tensor:
