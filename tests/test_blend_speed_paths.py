@@ -14,7 +14,7 @@ import torch
 import blockstore
 from blockstore import ChecksumMismatch
 from blockstore import native as native_mod
-from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, flex, full_prefill
+from blockstore.blend import Blender, ChunkKVStore, LayerStream, LlamaConfig, LlamaWeights, flex, full_prefill
 from blockstore.blend import blender as blender_mod
 from blockstore.blend.blender import _one_buffer, _Span
 from blockstore.blend.compute import position_mask
@@ -147,6 +147,10 @@ def test_cached_kv_from_one_buffer_equals_the_concatenated_path(weights: LlamaWe
         try:
             got = [(_Span(s, e, c), ch, 0) for (s, e), c, ch in zip(spans, cids, stream.layer(2))]
             assert _one_buffer(got) is not None  # the loader's layout: K, V of each chunk back to back
+            views = stream.layer_kv(2)  # the same, straight from the loader's buffer
+            assert views is not None
+            for i, (_, ch, _) in enumerate(got):
+                assert torch.equal(views[0][i], ch.keys[0]) and torch.equal(views[1][i], ch.values[0])
         finally:
             stream.close()
         # load_many's buffer (each chunk's layers together) has equal strides between chunks too
@@ -154,9 +158,25 @@ def test_cached_kv_from_one_buffer_equals_the_concatenated_path(weights: LlamaWe
         assert _one_buffer([(_Span(s, e, c), ch, 2) for (s, e), c, ch in zip(spans, cids, loaded)]) is not None  # type: ignore[misc]
         _, _, odd = _stored(weights, store, sizes=(16, 12), seed=1)  # chunks of unequal sizes: no common view
         assert _one_buffer([(_Span(0, 1, c), ch, 2) for c, ch in zip(odd, kv.load_many(odd))]) is None  # type: ignore[misc]
+        odd_stream = kv.stream_layers(odd, first_layer=1)
+        try:
+            assert odd_stream.layer_kv(2) is None and len(odd_stream.layer(2)) == 2
+        finally:
+            odd_stream.close()
+        used: list[int] = []
+        real_layer_kv = LayerStream.layer_kv
+
+        def counting(self, layer):  # type: ignore[no-untyped-def]
+            used.append(layer)
+            return real_layer_kv(self, layer)
+
+        monkeypatch.setattr(LayerStream, "layer_kv", counting)
         streamed = Blender(weights, kv, ratio=0.25).blend(prompt, spans=spans)
+        # the loader's views from the layer after the check layer on, when the chunks' rows are one range
+        assert used == (list(range(2, CFG.num_hidden_layers)) if adjacent else [])
         whole = Blender(weights, kv, ratio=0.25, overlap=False).blend(prompt, spans=spans)
         monkeypatch.setattr(blender_mod, "_one_buffer", lambda got: None)  # the general path alone
+        monkeypatch.setattr(LayerStream, "layer_kv", lambda self, layer: None)
         general = Blender(weights, kv, ratio=0.25).blend(prompt, spans=spans)
         for res in (whole, general):
             for a, b in zip(streamed.keys + streamed.values, res.keys + res.values):

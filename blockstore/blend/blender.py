@@ -104,6 +104,7 @@ class _Moves:
     cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     run: tuple[int, int] | None = None  # the covered rows are this one range, chunk after chunk
+    streamed: bool = False  # every chunk comes from the layer loader
 
 
 def _one_buffer(got: list[tuple[_Span, ChunkKV, int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -296,11 +297,15 @@ class Blender:
     def _cached_kv(self, parts: list[_Span], stream: object, layer: int, n: int, positions: torch.Tensor,
                    moves: _Moves) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cached K (re-rotated to the prompt positions) and V for every covered token;
-        rows no chunk covers are zero (they are always recomputed). One rotation for all chunks."""
+        rows no chunk covers are left unset (they are always recomputed). One rotation for all chunks."""
         c = self.w.config
         # every row is written below or, not covered by a chunk, is recomputed (always active): no fill
         k_all = torch.empty(n, c.num_key_value_heads, c.head_dim, device=self.w.device, dtype=self.w.dtype)
         v_all = torch.empty_like(k_all)
+        if moves.run is not None and moves.streamed:  # after the first layer: the loader's buffer as it is
+            views = stream.layer_kv(layer)  # type: ignore[attr-defined]
+            if views is not None:
+                return self._place(views, moves, k_all, v_all)
         got = self._layer_chunks(parts, stream, layer)
         if not got:
             return k_all, v_all
@@ -314,14 +319,24 @@ class Blender:
             moves.cos, moves.sin = rope_cos_sin(delta, c.head_dim, c.rope_theta)
             adjacent = all(a.end == b.start for (a, _, _), (b, _, _) in zip(got, got[1:]))
             moves.run = (got[0][0].start, got[-1][0].end) if adjacent else None
+            # every span streamed (none resident or computed here): later layers take the loader's views
+            moves.streamed = stream is not None and all(p.chunk is None for p in parts)
         views = _one_buffer(got) if moves.run is not None else None
-        if views is not None and moves.run is not None:  # one range of rows, one buffer of KV
-            (start, end), shape = moves.run, views[0].shape
-            rotate(views[0], moves.cos, moves.sin, out=k_all[start:end].view(shape))
-            v_all[start:end].view(shape).copy_(views[1])
-            return k_all, v_all
+        if views is not None:  # one range of rows, one buffer of KV
+            return self._place(views, moves, k_all, v_all)
         k_all[moves.rows] = rotate(torch.cat([chunk.keys[j] for _, chunk, j in got]), moves.cos, moves.sin)
         v_all[moves.rows] = torch.cat([chunk.values[j] for _, chunk, j in got])
+        return k_all, v_all
+
+    @staticmethod
+    def _place(views: tuple[torch.Tensor, torch.Tensor], moves: _Moves, k_all: torch.Tensor,
+               v_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached K ([chunks, tokens, kv_heads, head_dim], the chunks' rows one range: moves.run)
+        re-rotated straight into its rows of k_all, V copied into v_all's: 4 ops."""
+        assert moves.run is not None
+        (start, end), shape = moves.run, views[0].shape
+        rotate(views[0], moves.cos, moves.sin, out=k_all[start:end].view(shape))
+        v_all[start:end].view(shape).copy_(views[1])
         return k_all, v_all
 
     def _select(self, fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],

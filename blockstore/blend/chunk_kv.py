@@ -303,7 +303,7 @@ class LayerStream:
         self.layers = self.plan[0].layout.layers if self.plan else 0
         self.device = torch.device(device)
         self._ready = [threading.Event() for _ in range(self.layers)]
-        self._loaded: list[list[ChunkKV] | None] = [None] * self.layers
+        self._loaded: list[torch.Tensor | None] = [None] * self.layers  # each layer's bytes, once read
         self._error: BaseException | None = None
         self._claim = threading.Lock()
         self._meta = self._read_meta(kv) if self.plan else []
@@ -375,7 +375,7 @@ class LayerStream:
             if self._pending[layer]:
                 return
             raw = self._host.pop(layer) if self._device_buf is None else self._device_buf[layer - self.first_layer]
-        self._loaded[layer] = self._chunks(raw)
+        self._loaded[layer] = raw  # views of it are made by the caller: no Python here while it waits for the GIL
         self._ready[layer].set()
         self.load_s = max(self.load_s, time.perf_counter() - self._t0)
 
@@ -410,13 +410,32 @@ class LayerStream:
             if stream is not None:
                 stream.synchronize()  # no copy of ours may land after close() (the caller frees the buffer)
 
-    def layer(self, layer: int) -> list[ChunkKV]:
-        """The located chunks (in order, misses left out) with keys/values holding only this layer."""
+    def _raw(self, layer: int) -> torch.Tensor:
         self._ready[layer].wait()
         got = self._loaded[layer]
         if got is None:
             raise self._error if self._error is not None else BlockstoreError("chunk KV loader stopped")
         return got
+
+    def layer(self, layer: int) -> list[ChunkKV]:
+        """The located chunks (in order, misses left out) with keys/values holding only this layer."""
+        return self._chunks(self._raw(layer))
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's K and V of every located chunk (in order) as two [chunks, tokens, kv_heads,
+        head_dim] views of its buffer, when the chunks hold equally many tokens (their records then lie
+        at equal strides); else None (use `layer`). Two ops, where `layer` makes a few per chunk."""
+        first = self.plan[0] if self.plan else None
+        if first is None or any(p.tokens != first.tokens for p in self.plan):
+            return None
+        dtype = _DTYPES[first.layout.dtype]
+        flat = self._raw(layer).view(dtype)
+        item = flat.element_size()
+        row = first.layout.kv_heads * first.layout.head_dim
+        stride = (self._offsets[1] - self._offsets[0]) // item  # page-rounded record size, the same for all
+        shape, strides = (len(self.plan), first.tokens, first.layout.kv_heads, first.layout.head_dim), (stride, row, first.layout.head_dim, 1)
+        base = flat.storage_offset()
+        return (flat.as_strided(shape, strides, base), flat.as_strided(shape, strides, base + first.tokens * row))
 
     def close(self) -> None:
         for t in self._threads:
