@@ -340,7 +340,8 @@ def test_a_dry_run_works_beside_a_writer_and_writes_nothing(gc_store: GCStore,
     assert rep["gc_budget"]["earned_by"] == "put" and rep["relocation_budget"]["earned_by"] == "put and read"
     # relocation earns from puts and reads at two separate rates, and says both
     rb = rep["relocation_budget"]
-    assert rb["read_fraction"] == 0.02 and rb["earned_bytes"] == rb["put_bytes"] + rb["read_bytes"]
+    assert rb["read_fraction"] == POLICIES["full"].relocation_read_budget
+    assert rb["earned_bytes"] == rb["put_bytes"] + rb["read_bytes"]
     assert rb["allowed_bytes"] == int(rb["fraction"] * rb["put_bytes"] + rb["read_fraction"] * rb["read_bytes"])
 
 
