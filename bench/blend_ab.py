@@ -37,7 +37,7 @@ import torch
 import blockstore
 from bench.blend import CHUNK_TOKENS, SUFFIX_TOKENS, _disk_ceiling, _h2d_ceiling, _timer, _warm_read_ceiling, _with_flex
 from bench.common import REPO, machine_info, results_path, spread, standard_args, write_json
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, flex, full_prefill
+from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, flex, full_prefill
 
 BASELINE_DIR = os.path.join(REPO, "build", "blend-baseline")
 PACKAGE = "blend_baseline"
@@ -149,10 +149,55 @@ def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int
     }
 
 
+# ops that make no kernel (views, allocations, metadata): left out of the count of compute ops
+_NO_KERNEL = {"aten::view", "aten::as_strided", "aten::slice", "aten::select", "aten::transpose", "aten::reshape",
+              "aten::expand", "aten::unsqueeze", "aten::empty", "aten::empty_like", "aten::detach", "aten::alias",
+              "aten::t", "aten::permute", "aten::split", "aten::chunk", "aten::narrow", "aten::lift_fresh",
+              "aten::_reshape_alias", "aten::squeeze", "aten::empty_strided", "aten::result_type", "aten::item",
+              "aten::_local_scalar_dense", "aten::is_nonzero", "aten::unbind", "aten::split_with_sizes", "aten::to",
+              "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous"}
+
+
+def op_counts(base: Any, scratch: str) -> dict[str, Any]:
+    """Top-level torch ops of one hot and one warm blend, both codes, on the CPU, for a model of the 8B's
+    structure (32 layers, 32 query heads over 8 KV heads) at toy widths and 7 chunks of 64 tokens: the
+    count follows the structure, not the widths, and on a GPU each compute op is at least one kernel
+    launch (what bounds the blend's later layers: bench/README.md)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only for this count
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=16)
+    w = LlamaWeights.random(cfg, 0)
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randint(3, 256, (64,), generator=g) for _ in range(7)]
+    prompt = torch.cat([*chunks, torch.randint(3, 256, (32,), generator=g)])
+    spans = [(i * 64, (i + 1) * 64) for i in range(7)]
+    out: dict[str, Any] = {}
+    with blockstore.open(os.path.join(scratch, "ops")) as store:
+        kv, kv_old = ChunkKVStore(store, model_id=w.model_id), base.ChunkKVStore(store, model_id=w.model_id)
+        codes = {"new": (Blender(w, kv, ratio=0.15), kv), "old": (base.Blender(w, kv_old, ratio=0.15), kv_old)}
+        cids = [codes["new"][0].store_chunk(c) for c in chunks]
+        logits = {}
+        for code, (blender, store_kv) in codes.items():
+            hot = dict(zip(cids, store_kv.load_many(cids)))
+            for kind, resident in (("hot", hot), ("warm", None)):
+                blender.blend(prompt, spans=spans, resident=resident)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    logits[code, kind] = blender.blend(prompt, spans=spans, resident=resident).logits
+                top = [e.name for e in prof.events() if e.name.startswith("aten::")
+                       and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+                out[f"{code}_{kind}"] = {"top_level_ops": len(top),
+                                         "compute_ops": sum(1 for name in top if name not in _NO_KERNEL)}
+    out["logits_equal"] = all(torch.equal(logits["new", k], logits["old", k]) for k in ("hot", "warm"))
+    return out
+
+
 def run(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
     sys.path.insert(0, args.baseline)
     base = importlib.import_module(PACKAGE)
     revision = open(os.path.join(args.baseline, PACKAGE, "REVISION"), encoding="utf-8").read().strip()
+    if args.op_count:
+        return {"baseline_revision": revision, "op_counts": op_counts(base, scratch)}
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     w = LlamaWeights.random(args.shape, 0, device=device, dtype=dtype)
@@ -176,6 +221,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", default="cpu-125m", help="model shape (blockstore.blend.SHAPES)")
     ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 4096,8192; --quick 1056)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--op-count", action="store_true",
+                    help="count torch ops per blend of both codes on the CPU instead of timing (-> blend_ab_ops.json)")
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in (args.lengths or ("1056" if args.quick else "4096,8192")).split(",")]
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -191,11 +238,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         doc = {"bench": "blend_ab", "machine": machine_info(scratch),
                "command": "python -m bench.blend_ab " + shlex.join(sys.argv[1:] if argv is None else argv),
                **run(args, scratch)}
-    out = results_path(args, "blend_ab")
+    out = results_path(args, "blend_ab_ops" if args.op_count else "blend_ab")
     write_json(out, doc)
     _say(f"wrote {out}; reproduce: {doc['command']}")
-    print({p["tokens"]: {"speedup": p["speedup_vs_full_prefill"], "new_vs_old": p["new_vs_old"]}
-           for p in doc["per_length"]})
+    print(doc["op_counts"] if args.op_count else {p["tokens"]: {"speedup": p["speedup_vs_full_prefill"],
+                                                                "new_vs_old": p["new_vs_old"]} for p in doc["per_length"]})
 
 
 if __name__ == "__main__":
