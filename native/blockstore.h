@@ -183,7 +183,8 @@ int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int fl
 /* bs_read_many over several files in one call: items[0 .. counts[0]) from fds[0], the next counts[1]
  * items from fds[1], and so on (each file's items sorted by offset, as bs_read_many wants). Per-item
  * status; returns BS_OK, or the first failure of a whole file's call (then later files are not read).
- * Blocking. */
+ * BS_READ_WILLNEED announces every item of each file whose first item's page is not cached before the
+ * first read (cold reads get depth; warm ones no syscalls). Blocking. */
 int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_item *items, uint64_t max_gap,
                   int flags);
 

@@ -90,6 +90,9 @@ def test_read_files_equals_read_many_and_an_older_core_falls_back(tmp_path: Path
         assert backend.read_files(files, 0, True) == [[0, 0], [0], [0]]
         for p, s, bs in zip(paths, spans, bufs):
             assert [bytes(b) for b in bs] == [p.read_bytes()[off:off + n] for off, n in s]
+        files, bufs = requests()
+        assert backend.read_files(files, 0, True, willneed=True) == [[0, 0], [0], [0]]  # announced first
+        assert [bytes(b) for b in bufs[2]] == [paths[2].read_bytes()[19000:20000]]
         files, _ = requests(bad=True)  # the (0, 10) record's checksum is wrong: only it fails
         statuses = backend.read_files(files, 0, True)
         assert statuses[0] == [0, 0] and statuses[1][0] != 0 and statuses[2] == [0]
@@ -116,6 +119,26 @@ def test_a_corrupt_layer_record_is_never_handed_to_the_blend(weights: LlamaWeigh
         spans = [(0, 16), (16, 32), (32, 48)]
         with pytest.raises(ChecksumMismatch):
             Blender(weights, kv, ratio=0.2).blend(prompt, spans=spans)
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_cold_layers_read_the_same_bytes(weights: LlamaWeights, tmp_path: Path, read_ahead: bool) -> None:
+    """After the page cache is dropped (read_ahead: every record of an uncached block announced before
+    the first read) the one-call path reads what load_many read warm."""
+    with blockstore.open(tmp_path / "s", read_ahead=read_ahead) as store:
+        kv, _, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        os.sync()  # dirty pages are not dropped
+        store.drop_page_cache()
+        stream = kv.stream_layers(cids, first_layer=1)
+        try:
+            assert stream._fast is not None or store.backend.name != "native"
+            for layer in range(1, CFG.num_hidden_layers):
+                for got, want in zip(stream.layer(layer), whole):
+                    assert want is not None and torch.equal(got.keys[0], want.keys[layer])
+                    assert torch.equal(got.values[0], want.values[layer])
+        finally:
+            stream.close()
 
 
 def test_the_pure_python_backend_reads_through_read_located(weights: LlamaWeights, tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ blend's GPU ops holds the GIL almost all the time, and a loader thread coming ba
 for it (up to the interpreter's switch interval, 5 ms) once per block. Here the blocks are pinned and
 their descriptors taken once per prompt, so a layer's read is one `bs_read_files` call that reads and
 verifies every record of the layer with the GIL released, and the loader needs the GIL about once a
-layer.
+layer. With the store's `read_ahead`, a cold layer's records are announced together before the first
+read; cached ones are not announced (no syscalls a warm read does not need).
 
 Same guarantees as `read_located`: every payload's xxh3 is checked before the caller sees it, a
 mismatch raises `ChecksumMismatch`, and the blocks cannot be deleted while pinned. When this path
@@ -72,7 +73,9 @@ class LayerReads:
         each verified; raises on any failure (nothing partly read is handed on)."""
         files = [(fd, [ReadRequest(loc.payload_offset, loc.payload_len, dsts[i], loc.payload_xxh3) for i, loc in recs])
                  for fd, recs in self._files[layer]]
-        statuses = self.store.backend.read_files(files, _MAX_GAP, True)  # type: ignore[attr-defined]
+        # read_ahead: records of blocks not in the page cache are announced first (a cold prompt's layer is
+        # then in flight at once); cached ones are not (native/multi.c)
+        statuses = self.store.backend.read_files(files, _MAX_GAP, True, self.store.read_ahead)  # type: ignore[attr-defined]
         for (_fd, recs), codes in zip(self._files[layer], statuses):
             for (i, loc), code in zip(recs, codes):
                 if code:
