@@ -34,7 +34,15 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 import blockstore
 from blockstore.compaction import Compactor, attach
+from blockstore.directory import Location
+from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.native import FaultInjector
+from blockstore.writer import WriteEngine
+
+# copies of shared records (docs/copies.md): placed by the compactor and by the copy rules below, once the
+# writer retires them with their key (H13's writer change, issue 16)
+COPIES = bool(getattr(WriteEngine, "supports_copies", False))
+COMPACTION = {**AGGRESSIVE, "max_copies": 1} if COPIES else AGGRESSIVE
 
 KEYS = st.sampled_from([b"k%d" % i for i in range(12)])
 NAMESPACES = st.sampled_from(["default", "tenant-b"])
@@ -70,7 +78,7 @@ class StoreMachine(RuleBasedStateMachine):
         s = blockstore.open(self.dir, durability=self.durability, block_size=1 << 20,
                             max_open_blocks=3, backend=self.backend)
         # a compactor that runs only when a rule asks, but learns from every read from the start
-        s.compactor = attach(s, AGGRESSIVE, background=False)
+        s.compactor = attach(s, COMPACTION, background=False)
         return s
 
     def teardown(self) -> None:
@@ -125,7 +133,8 @@ class StoreMachine(RuleBasedStateMachine):
         if not blocks:
             return
         bid = blocks[pick % len(blocks)]
-        entries = list(self.store.dir.block_records(bid))
+        # a key with two places in the block (a copy beside its primary) is moved once
+        entries = list({sfx: (off, sfx) for off, sfx in self.store.dir.block_records(bid)}.values())
         locs = self.store.dir.get_locations([sfx for _off, sfx in entries])
         payloads = self.store.read_locations([loc for loc in locs if loc is not None])
         moves = [(sfx, loc, p) for (_o, sfx), loc, p in zip(entries, locs, payloads)]
@@ -139,6 +148,63 @@ class StoreMachine(RuleBasedStateMachine):
         if stale and moves and moves[0][0][4] == 1:
             assert done[0] is False
         assert all(done[1:])
+
+    # ---- copies (docs/copies.md) ----
+
+    def _value(self, ns: str, key: bytes) -> tuple[bytes, Location | None]:
+        nid = self.store.namespace_id(ns)
+        sfx = key_suffix(nid or 0, SPACE_KV, key)
+        return sfx, (self.store.dir.get_locations([sfx])[0] if nid else None)
+
+    @precondition(lambda self: COPIES)
+    @rule(ns=NAMESPACES, key=KEYS)
+    def place_copy(self, ns: str, key: bytes) -> None:
+        sfx, value = self._value(ns, key)
+        if value is None or len(value.copies) >= 2:
+            return
+        payload = self.store.read_locations([value.primary()])[0]
+        assert self.store.place_copies([(sfx, value, payload)], partition=b"copies") == [True]
+        event("copies: placed")
+
+    @precondition(lambda self: COPIES)
+    @rule(ns=NAMESPACES, key=KEYS, value=VALUES, delete=st.booleans())
+    def copy_racing_a_write(self, ns: str, key: bytes, value: bytes, delete: bool) -> None:
+        """A copy computed from the value as it was, after a put or delete of the key: it must write
+        nothing, and no read may ever return the old bytes (invariant 8)."""
+        sfx, old = self._value(ns, key)
+        if old is None:
+            return
+        payload = self.store.read_locations([old.primary()])[0]
+        if delete:
+            self.store.delete(key, ns=ns)
+            self.model.pop((ns, key), None)
+        else:
+            self.store.put(key, value, ns=ns)
+            self.model[(ns, key)] = value
+        assert self.store.place_copies([(sfx, old, payload)], partition=b"copies") == [False]
+        assert self.store.get(key, ns=ns) == self.model.get((ns, key))
+
+    @precondition(lambda self: COPIES)
+    @rule(ns=NAMESPACES, key=KEYS, which=st.integers(0, 3))
+    def drop_copy(self, ns: str, key: bytes, which: int) -> None:
+        sfx, value = self._value(ns, key)
+        if value is None or not value.copies:
+            return
+        place = value.places()[which % len(value.places())]
+        assert self.store.place_copies([], partition=b"copies", drops=[(sfx, value, place)]) == [True]
+        event("copies: dropped")
+
+    @invariant()
+    def every_place_holds_the_value(self) -> None:
+        """Each place a value names (primary and copies) reads back as the model's bytes."""
+        if not COPIES:
+            return
+        for ns in ("default", "tenant-b"):
+            for k in [b"k%d" % i for i in range(12)]:
+                _sfx, value = self._value(ns, k)
+                if value is not None and value.copies:
+                    got = self.store.read_locations(value.places())
+                    assert all(bytes(g) == self.model[(ns, k)] for g in got), (ns, k, "a stale copy")
 
     # ---- compaction ----
 
@@ -174,7 +240,7 @@ class StoreMachine(RuleBasedStateMachine):
         groups = c.status()["groups_tracked"]
         self.store.close()
         self.store = blockstore.open(self.dir, durability=self.durability, block_size=1 << 20, max_open_blocks=3,
-                                     backend=self.backend, compaction={**AGGRESSIVE, "background": False})
+                                     backend=self.backend, compaction={**COMPACTION, "background": False})
         assert self.store.recovery_report is None
         assert self._compactor().status()["groups_tracked"] == groups  # what it learned was persisted
         self._check_compacted()
@@ -219,7 +285,9 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def stats_agree_with_model(self) -> None:
         st_ = self.store.stats()
-        assert st_.records == len(self.model)
+        copies = sum(len(loc.copies) for ns in ("default", "tenant-b") if self.store.namespace_id(ns)
+                     for _k, loc in self.store.iter_locations(ns=ns))
+        assert st_.records == len(self.model) + copies  # stats count places (docs/copies.md)
         assert st_.live_logical_bytes == sum(len(k) + len(v) for (_ns, k), v in self.model.items())
 
     @invariant()
