@@ -356,10 +356,15 @@ class LayerStream:
             out.append(ChunkKV(p.chunk_id, ids, pos, [kv[0]], [kv[1]]))
         return out
 
-    def _read_piece(self, kv: ChunkKVStore, layer: int, lo: int, hi: int, dst: torch.Tensor) -> None:
-        """Records of chunks lo..hi-1 of this layer into `dst`, laid out from chunk lo's offset."""
+    def _piece_views(self, dst: torch.Tensor, lo: int, hi: int) -> list[memoryview]:
+        """Where chunks lo..hi-1's records land in `dst`, laid out from chunk lo's offset."""
         raw, base = dst.numpy(), self._offsets[lo]
-        out = [raw[self._offsets[i] - base : self._offsets[i] - base + self._lens[i]].data for i in range(lo, hi)]
+        return [raw[self._offsets[i] - base : self._offsets[i] - base + self._lens[i]].data for i in range(lo, hi)]
+
+    def _read_piece(self, kv: ChunkKVStore, layer: int, lo: int, hi: int, dst: torch.Tensor,
+                    out: list[memoryview] | None = None) -> None:
+        """Records of chunks lo..hi-1 of this layer into `dst` (at `out`, its _piece_views if given)."""
+        out = self._piece_views(dst, lo, hi) if out is None else out
         if self._fast is not None and hi - lo == len(self.plan):
             self._fast.read_layer(layer, out)
             return
@@ -388,6 +393,9 @@ class LayerStream:
     def _load_pieces(self, kv: ChunkKVStore) -> None:
         stream = torch.cuda.Stream(self.device) if self._device_buf is not None else None
         slot = torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=True) if stream is not None else None
+        # the slot's views per piece, made once: each torch op or view made here holds the GIL that the
+        # thread issuing the blend's GPU ops is waiting for
+        views: dict[tuple[int, int], tuple[list[memoryview], torch.Tensor]] = {}
         try:
             while (item := self._claim_item()) is not None:
                 layer, lo, hi = item
@@ -396,10 +404,13 @@ class LayerStream:
                     self._piece_done(layer)
                     continue
                 size = self._offsets[hi] - self._offsets[lo]
-                self._read_piece(kv, layer, lo, hi, slot)
+                if (lo, hi) not in views:
+                    views[lo, hi] = (self._piece_views(slot, lo, hi), slot[:size])
+                out, part = views[lo, hi]
+                self._read_piece(kv, layer, lo, hi, slot, out)
                 dst = self._device_buf[layer - self.first_layer]
                 with torch.cuda.stream(stream):
-                    dst[self._offsets[lo] : self._offsets[lo] + size].copy_(slot[:size], non_blocking=True)
+                    dst[self._offsets[lo] : self._offsets[lo] + size].copy_(part, non_blocking=True)
                 stream.synchronize()  # on the device, and the slot free again (GIL released while waiting)
                 self._piece_done(layer)
         except BaseException as exc:  # handed to the caller's next layer()
