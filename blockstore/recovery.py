@@ -209,7 +209,8 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
             if rec is not None and names_it and loc.seq == rec.info.seq:  # type: ignore[union-attr]
                 live_bytes += rec.info.record_len
                 live_records += 1
-                live_logical += rec.info.key_len + rec.info.payload_len
+                if (loc.block_id, loc.offset) == (e.block_id, off):  # type: ignore[union-attr]
+                    live_logical += rec.info.key_len + rec.info.payload_len  # once per key: its primary's block
                 continue
             if names_it:
                 _drop_place(batch, suffix, loc, e.block_id, off, staged)  # type: ignore[arg-type]

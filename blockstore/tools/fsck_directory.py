@@ -175,7 +175,8 @@ class DirectoryChecks(PassBase):
             sums = self.named_sums.setdefault(bid, [0, 0, 0])
             sums[0] += 1
             sums[1] += loc.record_len
-            sums[2] += len(suffix) - 5 + loc.payload_len
+            if (loc.block_id, loc.offset) == (value.block_id, value.offset):  # a key's bytes count once, with
+                sums[2] += len(suffix) - 5 + loc.payload_len  # its primary (docs/copies.md)
             if r is None or bytes(r) != suffix:
                 rep.add("reverse", bid, loc.offset, f"entry of {key_text(suffix)} has no reverse entry")
                 rep.missing_reverse.append((suffix, loc))

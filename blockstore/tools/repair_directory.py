@@ -222,7 +222,8 @@ class DirectoryRepairs(RepairBase):
                 d = moved_from.setdefault(place.block_id, [0, 0, 0])
                 d[0] += 1
                 d[1] += place.record_len
-                d[2] += len(sfx) - 5 + place.payload_len
+                if (place.block_id, place.offset) == (old.block_id, old.offset):  # logical: primary only
+                    d[2] += len(sfx) - 5 + place.payload_len
         for bid, (n, b, lg) in moved_from.items():
             bf = rep.blocks.get(bid)
             if bf is not None and bf.entry is not None:
