@@ -12,7 +12,7 @@ read; cached ones are not announced (no syscalls a warm read does not need).
 
 Same guarantees as `read_located`: every payload's xxh3 is checked before the caller sees it, a
 mismatch raises `ChecksumMismatch`, and the blocks cannot be deleted while pinned. When this path
-cannot serve (the pure-Python backend, a block whose local copy the remote tier dropped, a block
+cannot serve (a block whose local copy the remote tier dropped, a block
 compaction deleted after the lookup) `LayerReads.open` returns None and the loader reads through
 `read_located`, which handles each of those.
 """
@@ -43,8 +43,7 @@ class LayerReads:
     def open(cls, store: Store, plan: Sequence[Any], layers: range) -> LayerReads | None:
         """Pin every block the plan's layer records are in and take their descriptors; None when this
         path cannot serve the plan (see the module's docstring)."""
-        read_files = getattr(store.backend, "read_files", None)
-        if read_files is None or not plan or not layers:
+        if not plan or not layers:
             return None
         blocks = {p.locs[layer].block_id for p in plan for layer in layers}
         pins = contextlib.ExitStack()
@@ -75,7 +74,7 @@ class LayerReads:
                  for fd, recs in self._files[layer]]
         # read_ahead: records of blocks not in the page cache are announced first (a cold prompt's layer is
         # then in flight at once); cached ones are not (native/multi.c)
-        statuses = self.store.backend.read_files(files, _MAX_GAP, True, self.store.read_ahead)  # type: ignore[attr-defined]
+        statuses = self.store.backend.read_files(files, _MAX_GAP, True, self.store.read_ahead)
         for (_fd, recs), codes in zip(self._files[layer], statuses):
             for (i, loc), code in zip(recs, codes):
                 if code:
