@@ -29,15 +29,15 @@ Capacity: 10 % and 30 % of each trace's working set (its distinct keys), in reco
 
 Throughput: the adapter storing a stream of new 64 KiB records (4 x the capacity, tasks of 8; blocks of 8 MiB,
 16 MiB in full mode) with capacity_bytes a quarter of the stream against capacity 0 (no eviction): two stores
-in one process fed in turn, task by task, each task timed (so load from elsewhere hits both alike), 3 (quick)
-or 5 times; ratio of records/s per repeat, median and spread. Beside it, a pass's fixed cost: one
+in one process fed in turn, task by task, each task timed (so load from elsewhere hits both alike), 5 (quick)
+or 7 times; ratio of records/s per repeat, median and spread. Beside it, a pass's fixed cost: one
 synced directory write (with a block's worth of unsynced data behind it) and one unlink of a block file per
 block freed, measured on the same disk (median of 9), and the ratio they would leave if they added serially
 to the time the store without a capacity takes to write a block's records (not a bound: writeback throttles
 that store too). Results: bench/results/eviction[_quick].json and .png; the last stdout line is a one-line JSON.
 
-    python -m bench.eviction            # 4 traces x 2 capacities, 1,200 requests each, 5 throughput repeats
-    python -m bench.eviction --quick    # 500 requests each, 3 repeats
+    python -m bench.eviction            # 4 traces x 2 capacities, 1,200 requests each, 7 throughput repeats
+    python -m bench.eviction --quick    # 500 requests each, 5 repeats
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAll
 
 import blockstore  # noqa: E402
 from bench.common import REPO, engine_state, machine_info, results_path, spread, standard_args, write_json  # noqa: E402
+from blockstore.blocklife import BlockLifecycle  # noqa: E402
+from blockstore.blocks import BlockFiles  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from blockstore.directory import DirectoryBatch  # noqa: E402
 
@@ -372,6 +374,61 @@ def store_throughput_paired(root: str, n_records: int, capacity: int, block_size
         shutil.rmtree(path, ignore_errors=True)
 
 
+# What a pass pays for: the adapter's and the engine's eviction steps, timed by name (wall time, nested: a step's
+# time includes the steps it calls), on the throughput run with a capacity
+PASS_STEPS = (("adapter", ("_make_room", "_evict", "_plan_block", "_block_records", "_rewrite_at_head",
+                           "_evict_emptied", "_end_delete")),
+              ("engine", ("evict_blocks", "_evictable_records", "_data_floor", "_write_eviction")),
+              ("files", ("delete",)))
+
+
+def profile_passes(root: str, n_records: int, capacity: int, block_size: int) -> dict[str, Any]:
+    """One throughput run with a capacity, each eviction step wrapped in a timer (names in PASS_STEPS): calls
+    and seconds per step, against the run's wall time."""
+    owners = {"adapter": BlockstoreL2Adapter, "engine": BlockLifecycle, "files": BlockFiles}
+    spent: dict[str, list[float]] = {}
+    saved: list[tuple[type, str, Any]] = []
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent.setdefault(name, []).append(time.perf_counter() - t0)
+        return wrapper
+
+    for part, names in PASS_STEPS:
+        for name in names:
+            fn = getattr(owners[part], name)
+            saved.append((owners[part], name, fn))
+            setattr(owners[part], name, timed(f"{part}.{name}", fn))
+    try:
+        t0 = time.perf_counter()
+        rate = store_throughput_alone(root, n_records, capacity, block_size)
+        wall = time.perf_counter() - t0
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    return {"records_per_s": rate, "wall_s": wall,
+            "steps": {k: {"calls": len(v), "total_s": sum(v), "mean_ms": 1e3 * sum(v) / len(v)} for k, v in spent.items()}}
+
+
+def store_throughput_alone(root: str, n_records: int, capacity: int, block_size: int) -> float:
+    """Records/s of one store alone (the profiled run)."""
+    path = tempfile.mkdtemp(dir=root)
+    d = Driver(os.path.join(path, "kv"), capacity, block_size=block_size, shape=THROUGHPUT_SHAPE)
+    try:
+        keys = [d.key(1_000_000 + i) for i in range(n_records)]
+        t0 = time.perf_counter()
+        for start in range(0, n_records, 8):
+            d.store(keys[start : start + 8])
+        return n_records / (time.perf_counter() - t0)
+    finally:
+        d.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def pass_fixed_cost(root: str, block_size: int, repeats: int = 9) -> dict[str, Any]:
     """What one eviction pass costs whatever it evicts, measured on this disk: the synced directory write
     (the durable proof that the evicted keys are gone) with a block's worth of unsynced data written since
@@ -415,7 +472,7 @@ def pass_fixed_cost(root: str, block_size: int, repeats: int = 9) -> dict[str, A
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     n_req = 500 if args.quick else 1200
-    repeats = 3 if args.quick else 5
+    repeats = 5 if args.quick else 7
     root = tempfile.mkdtemp(prefix="bench-eviction-", dir=args.dir)
     results: dict[str, Any] = {}
     try:
@@ -460,6 +517,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_pass = fixed["directory_sync_s"]["median"] + fixed["unlink_s"]["median"]
         block_s = (block // THROUGHPUT_RECORD) / throughput["without_records_per_s"]["median"]
         throughput["pass_fixed_cost"] = fixed
+        prof = throughput["pass_profile"] = profile_passes(root, n_rec, cap_bytes, block)
+        steps = prof["steps"]
+        print("a pass's steps, profiled run (calls, ms each): " + ", ".join(
+            f"{k} {v['calls']} x {v['mean_ms']:.2f}" for k, v in steps.items()), flush=True)
         throughput["ratio_if_pass_cost_serial"] = block_s / (block_s + per_pass)
         print(f"store throughput with capacity / without: median {throughput['ratio']['median']:.2f} "
               f"(min {throughput['ratio']['min']:.2f}, max {throughput['ratio']['max']:.2f}); with one sync and "
@@ -511,8 +572,8 @@ def plot(doc: dict[str, Any], out: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.eviction", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    standard_args(p, "eviction", quick="500 requests per trace, 3 throughput repeats",
-                  full="1,200 requests per trace, 5 throughput repeats", dir_help="(default: the system temp dir)")
+    standard_args(p, "eviction", quick="500 requests per trace, 5 throughput repeats",
+                  full="1,200 requests per trace, 7 throughput repeats", dir_help="(default: the system temp dir)")
     p.add_argument("--seed", type=int, default=16)
     return p.parse_args(argv)
 
