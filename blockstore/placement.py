@@ -31,6 +31,12 @@ _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes 
 _WRITER_WINDOW_PER_SLOT = 8  # records placed per open slot over which concurrent writers are counted
 
 
+def _namespace(partition: bytes) -> bytes:
+    """The namespace part of a partition (`mutations.partition_of`: the namespace, then NUL and the
+    caller's partition; compaction's own streams start with NUL)."""
+    return partition.split(b"\0", 1)[0]
+
+
 class OpenBlocks:
     """The blocks being appended to (`open`, by partition), those taken out of rotation after a failed
     append (`retired`, sealed at close), and the next block id."""
@@ -48,6 +54,7 @@ class OpenBlocks:
         self.recent: OrderedDict[bytes, None] = OrderedDict()  # bounded: see block_for
         self._writers: OrderedDict[bytes, int] = OrderedDict()  # partition -> when it last wrote (_note_writer)
         self._guests: OrderedDict[bytes, bytes] = OrderedDict()  # partition -> the slot whose block it joined
+        self._block_ns: dict[int, set[bytes]] = {}  # open block -> namespaces writing into it (block_for)
         self._placed = 0
         self.unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
         self.next_block = 0  # set from the directory by the open (0 until then)
@@ -108,7 +115,10 @@ class OpenBlocks:
                 return self.block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
             roomy = [(p, o) for p, o in self.open.items() if self._fits(o, need, tails)]
             if roomy:
-                host, ob = min(roomy, key=lambda kv: kv[1].entry.last_append_ns)
+                # a request reads one namespace: a block its namespace writes already is the one to share
+                ns = _namespace(partition)
+                kin = [(p, o) for p, o in roomy if ns in self._block_ns.get(o.entry.block_id, ())]
+                host, ob = min(kin or roomy, key=lambda kv: kv[1].entry.last_append_ns)
                 self._join(partition, host, ob)
                 return ob
             # nothing open can take the record (a relocated group of up to half a block): the fullest goes
@@ -125,13 +135,23 @@ class OpenBlocks:
             self.unnamed = self.unnamed | frozenset(range(first_id, self.next_block))
             raise
         self.open[partition] = ob
+        self._note_ns(ob, partition)
         return ob
+
+    def _note_ns(self, ob: OpenBlock, partition: bytes) -> None:
+        """Remember that `partition`'s namespace writes into `ob` (entries of sealed blocks are dropped
+        once they outnumber the open blocks: bounded)."""
+        self._block_ns.setdefault(ob.entry.block_id, set()).add(_namespace(partition))
+        if len(self._block_ns) > 2 * self.max_open_blocks + 2:
+            live = {o.entry.block_id for o in self.open.values()}
+            self._block_ns = {b: n for b, n in self._block_ns.items() if b in live}
 
     def _join(self, partition: bytes, host: bytes, ob: OpenBlock) -> None:
         """`partition` writes into `host`'s open block from now on, until that block is sealed. The
         block's entry names the partition that joined it last (the stream GC and relocation copy its
         records back to); the guest list is a bounded LRU (a forgotten guest just joins again)."""
         ob.entry.partition = partition
+        self._note_ns(ob, partition)
         guests = self._guests
         guests[partition] = host
         guests.move_to_end(partition)

@@ -39,3 +39,18 @@ def test_a_guest_stays_in_the_block_it_joined(tmp_path: Path) -> None:
         assert all(len(b) == 1 for b in blocks.values()), blocks
         assert blocks["a"] != blocks["b"] and blocks["c"] in (blocks["a"], blocks["b"])
         assert not [e for e in s.block_table() if e.state == BLOCK_SEALED]  # nothing sealed to free a slot
+
+
+def test_a_guest_shares_a_block_with_its_own_namespace(tmp_path: Path) -> None:
+    """A request reads one namespace: a partition without a slot joins a block its namespace writes,
+    even when another namespace's block is the least recently appended."""
+    with blockstore.open(tmp_path, block_size=BLOCK, max_open_blocks=2, idle_seal_seconds=0) as s:
+        s.put_many([(b"a1", b"x" * 100)], ns="tenant-a", partition="conv1")
+        s.put_many([(b"b1", b"x" * 100)], ns="tenant-b", partition="conv1")
+        s.put_many([(b"a1", b"y" * 100)], ns="tenant-a", partition="conv1")  # tenant-b's block is now the LRU
+        s.put_many([(b"a2", b"x" * 100), (b"a3", b"x" * 100)], ns="tenant-a", partition="conv2")
+        (a1,) = s.locate_many([b"a1"], ns="tenant-a")
+        (a2,) = s.locate_many([b"a2"], ns="tenant-a")
+        (b1,) = s.locate_many([b"b1"], ns="tenant-b")
+        assert a1 is not None and a2 is not None and b1 is not None
+        assert a2.block_id == a1.block_id != b1.block_id
