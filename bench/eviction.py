@@ -72,6 +72,7 @@ from blockstore.blocklife import BlockLifecycle  # noqa: E402
 from blockstore.blocks import BlockFiles  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from blockstore.directory import DirectoryBatch  # noqa: E402
+from blockstore.seqfloor import SeqFloor  # noqa: E402
 
 RECORD_SHAPE = (2, 4, 32, 32)  # float32: 32 KiB per record
 RECORD = 2 * 4 * 32 * 32 * 4
@@ -378,14 +379,15 @@ def store_throughput_paired(root: str, n_records: int, capacity: int, block_size
 # time includes the steps it calls), on the throughput run with a capacity
 PASS_STEPS = (("adapter", ("_make_room", "_evict", "_plan_block", "_block_records", "_rewrite_at_head",
                            "_evict_emptied", "_end_delete")),
-              ("engine", ("evict_blocks", "_evictable_records", "_data_floor", "_write_eviction")),
+              ("engine", ("evict_blocks", "_evictable_records", "_write_eviction")),
+              ("floor", ("floor",)),
               ("files", ("delete",)))
 
 
 def profile_passes(root: str, n_records: int, capacity: int, block_size: int) -> dict[str, Any]:
     """One throughput run with a capacity, each eviction step wrapped in a timer (names in PASS_STEPS): calls
     and seconds per step, against the run's wall time."""
-    owners = {"adapter": BlockstoreL2Adapter, "engine": BlockLifecycle, "files": BlockFiles}
+    owners = {"adapter": BlockstoreL2Adapter, "engine": BlockLifecycle, "floor": SeqFloor, "files": BlockFiles}
     spent: dict[str, list[float]] = {}
     saved: list[tuple[type, str, Any]] = []
 

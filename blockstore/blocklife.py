@@ -12,7 +12,6 @@ record of it, and only records the directory places in the evicted blocks are to
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +36,9 @@ from blockstore.leader import LeaderSlot
 from blockstore.placement import OpenBlocks
 from blockstore.records import FORMAT_VERSION, Kind
 from blockstore.recovery import recover
+from blockstore.seqfloor import SeqFloor
 
 _log = logs.get("blocks")
-NO_FLOOR = 1 << 64  # the floor when no block that stays holds a record other than a tombstone
 # Evicted blocks' `reclaiming` entries are dropped once this many wait (dropping costs a sync of blocks/;
 # an entry left is finished by any later deletion, the close or the next open)
 FORGET_RECLAIMED_EVERY = 64
@@ -83,9 +82,7 @@ class BlockLifecycle:
         self._reclaiming: set[int] = set()  # marked reclaiming in the directory; entry dropped once the file is gone
         self._unsure: tuple[Any, ...] | None = None  # a group whose directory write failed (settle_failed_commit)
         self._names_durable_below = 0  # cache mode: block files with a lower id have durable names (blocks/ fsynced)
-        self._sealed_seqs: dict[int, tuple[int, int]] = {}  # sealed blocks' footers' (min, max) sequence numbers
-        # eviction's floor: (min seq, block) of blocks holding more than tombstones; see _floor_index, _data_floor
-        self._floor_heap: list[tuple[int, int]] | None = None
+        self.seq_floor = SeqFloor(self)  # eviction's floor and the sealed blocks' sequence numbers (seqfloor.py)
 
     def block_named(self, bid: int) -> bool:
         with self.state_lock:
@@ -214,9 +211,7 @@ class BlockLifecycle:
         e.state = BLOCK_SEALED
         e.sealed_ns = time.time_ns()
         e.data_end = ob.tail
-        self._sealed_seqs[e.block_id] = (ob.min_seq, ob.max_seq)  # what its footer says: no read needed later
-        if self._floor_heap is not None:
-            heapq.heappush(self._floor_heap, (ob.min_seq, e.block_id))
+        self.seq_floor.sealed(e.block_id, ob.min_seq, ob.max_seq, batch)  # what its footer says
         _log.info("%s: sealed block %016x (%d bytes of records)", self.path, e.block_id, ob.tail)
         if metrics.enabled:
             metrics.sealed_done(ob.tail)
@@ -256,13 +251,13 @@ class BlockLifecycle:
                     e = e.copy()
                     e.state = BLOCK_RECLAIMING
                     b.put_block(e)
+                    self.seq_floor.deleted(bid, b)
         self._forget_reclaimed(b)
         self.dir.write(b, force_sync=True)
         with self.state_lock:
             for bid in bids:
                 self.table.pop(bid, None)
                 self._reclaiming.add(bid)
-                self._sealed_seqs.pop(bid, None)
         for bid in bids:
             self.blocks.delete(bid)
 
@@ -367,9 +362,9 @@ class BlockLifecycle:
                 else:
                     chosen[bid] = records
             while chosen:  # a refused block stays, so it may lower the floor under the others
-                floor = self._data_floor(set(chosen))
+                floor = self.seq_floor.floor(set(chosen))
                 late = [bid for bid, recs in chosen.items() if any(loc.seq >= floor for _s, loc in recs)
-                        or (self._tombstones_in(bid) and self._footer_seqs(bid)[1] >= floor)]
+                        or (self._tombstones_in(bid) and self.seq_floor.footer_seqs(bid)[1] >= floor)]
                 if not late:
                     break
                 for bid in late:
@@ -402,73 +397,15 @@ class BlockLifecycle:
                     return None
         return records
 
-    def _data_floor(self, exclude: set[int]) -> int:
-        """The lowest sequence number of any record other than a tombstone in a block not in `exclude`: open blocks from
-        memory, sealed ones from their footers (0, i.e. anything, when one cannot be read). Blocks of nothing but
-        tombstones are left out: a tombstone older than an evicted record is a delete the record already superseded.
-        Cost: the blocks excluded or gone since, not the table."""
-        low = NO_FLOOR
-        for bid, seq in self._placement.min_seqs().items():
-            if bid not in exclude and seq:
-                low = min(low, seq)
-        heap = self._floor_index()
-        skipped: list[tuple[int, int]] = []
-        with self.state_lock:
-            while heap:
-                seq, bid = heap[0]
-                e = self.table.get(bid)
-                if e is None or (e.state == BLOCK_SEALED and e.total_records == e.tombstones):
-                    heapq.heappop(heap)  # gone, or nothing but tombstones: for good
-                elif bid in exclude:
-                    skipped.append(heapq.heappop(heap))  # being evicted now: back in the heap if refused
-                else:
-                    low = min(low, seq)
-                    break
-            for item in skipped:
-                heapq.heappush(heap, item)
-        return low
-
     def _tombstones_in(self, bid: int) -> bool:
         with self.state_lock:
             e = self.table.get(bid)
             return e is None or e.tombstones > 0
 
-    def _floor_index(self) -> list[tuple[int, int]]:
-        """The floor's heap, built at the first call after an open: each sealed block's footer's lowest sequence number
-        (read once), 0 for a block left open that no open block stands for (none after recovery)."""
-        if self._floor_heap is None:
-            opened = self._placement.min_seqs()
-            with self.state_lock:
-                entries = list(self.table.items())
-            heap: list[tuple[int, int]] = []
-            for bid, e in entries:
-                if bid in opened:
-                    continue  # min_seqs() stands for it; _seal adds it once sealed
-                if e.state == BLOCK_OPEN:
-                    if e.total_records:
-                        heap.append((0, bid))
-                elif e.total_records != e.tombstones:
-                    heap.append((self._footer_seqs(bid)[0], bid))
-            heapq.heapify(heap)
-            self._floor_heap = heap
-        return self._floor_heap
-
     def _footer_seqs(self, bid: int) -> tuple[int, int]:
-        """A sealed block's (lowest, highest) sequence number from its footer, read once. Unknown (no local file: held
-        remotely, or damaged; an unreadable footer): (0, NO_FLOOR), i.e. anything."""
-        seqs = self._sealed_seqs.get(bid)
-        if seqs is None:
-            try:
-                fd = self.backend.open_ro(self.blocks.path(bid))
-            except NotFound:
-                return 0, NO_FLOOR
-            try:
-                footer = self.blocks.read_footer(fd)
-            finally:
-                self.backend.close(fd)
-            seqs = (0, NO_FLOOR) if footer is None else (footer.min_seq, footer.max_seq)
-            self._sealed_seqs[bid] = seqs
-        return seqs
+        """A sealed block's (lowest, highest) sequence number (seqfloor.SeqFloor.footer_seqs); the remote tier reads
+        it before it drops a block's local copy."""
+        return self.seq_floor.footer_seqs(bid)
 
     def _write_eviction(self, chosen: dict[int, list[tuple[bytes, Location]]], out: Evicted) -> None:
         """The synced directory write that removes the keys and marks the blocks reclaiming (the caller unlinks the files
@@ -484,6 +421,7 @@ class BlockLifecycle:
                 e = self.table[bid].copy()
                 e.state = BLOCK_RECLAIMING
                 b.put_block(e)
+                self.seq_floor.deleted(bid, b)
         if len(self._reclaiming) >= FORGET_RECLAIMED_EVERY:
             self._forget_reclaimed(b)  # a sync of blocks/ first: once per so many blocks, not per eviction
         self.dir.write(b, force_sync=True)
@@ -494,7 +432,6 @@ class BlockLifecycle:
                 self._reclaiming.add(bid)
                 self._sealed_unsynced.discard(bid)
                 self._reclaim_after_sync.discard(bid)
-                self._sealed_seqs.pop(bid, None)
         for bid, records in chosen.items():
             out.blocks.append(bid)
             out.records += records

@@ -1,10 +1,12 @@
-"""Eviction's sequence floor from its index (blocklife.BlockLifecycle._data_floor, _floor_index; issue 16):
+"""Eviction's sequence floor (blockstore/seqfloor.py; issue 16):
 
 - the floor equals the one computed the slow way (every block of the table: open blocks' lowest sequence
   numbers, sealed blocks' footers read from disk, blocks of nothing but tombstones left out) after any history
   of puts, overwrites, deletes, relocations, evictions and reopens;
 - its cost follows the work: with hundreds of sealed blocks, a floor looks at the blocks it excludes and
-  those gone since, not at the table, and no footer is read again for a block sealed in this session."""
+  those gone since, not at the table, and no footer is read again for a block sealed in this session;
+- a block whose local copy the remote tier dropped keeps its lowest sequence number across a reopen (a
+  directory counter written at its seal, deleted with it): eviction of older blocks is not refused for it."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from compaction_helpers import value
+from test_review_tiering import CopyFetcher
 
 import blockstore
-from blockstore.blocklife import NO_FLOOR
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED
 from blockstore.keys import SPACE_KV, key_suffix
+from blockstore.seqfloor import NO_FLOOR, min_seq_name
 from blockstore.store import Store
 
 BLOCK = 64 << 10
@@ -60,7 +63,7 @@ def _check_floor(s: Store, rng: random.Random) -> None:
     sealed = sorted(e.block_id for e in s.block_table() if e.state == BLOCK_SEALED)
     for exclude in (set(), set(sealed[: rng.randint(0, len(sealed))]), set(rng.sample(sealed, len(sealed) // 2))):
         with s._engine.slot.exclusive():
-            assert s._engine._data_floor(exclude) == _floor_the_slow_way(s, exclude), sorted(exclude)
+            assert s._engine.seq_floor.floor(exclude) == _floor_the_slow_way(s, exclude), sorted(exclude)
 
 
 def test_the_indexed_floor_equals_the_slow_one_through_a_random_history(tmp_path: Path) -> None:
@@ -135,9 +138,34 @@ def test_a_floor_costs_the_blocks_it_excludes_not_the_table(tmp_path: Path, monk
             victims = sorted(e.block_id for e in s.block_table() if e.state == BLOCK_SEALED)[:n]
             _CountingTable.gets = 0
             with eng.slot.exclusive():
-                floor = eng._data_floor(set(victims))
+                floor = eng.seq_floor.floor(set(victims))
             assert _CountingTable.gets <= n + 4, (n, _CountingTable.gets)  # the excluded, one more, stale ones
             assert floor == _floor_the_slow_way(s, set(victims))
             assert s.evict_blocks(victims).blocks == victims
     finally:
         s.close()
+
+
+def test_a_dropped_block_does_not_stop_eviction_after_a_reopen(tmp_path: Path) -> None:
+    (tmp_path / "objects").mkdir()
+    fetch = CopyFetcher(tmp_path / "objects")
+    path = tmp_path / "s"
+    with blockstore.open(path, block_size=BLOCK) as s:
+        for j in range(3):
+            s.put_many([(f"b{j}-{i}".encode(), value(b"%d" % i, j, SIZE)) for i in range(6)])
+            s.seal_open_blocks()
+        blocks_of = [sorted({loc.block_id for loc in s.locate_many([f"b{j}-{i}".encode() for i in range(6)])
+                             if loc is not None}) for j in range(3)]
+        s.set_block_fetcher(fetch)
+        for bid in blocks_of[1]:  # newer blocks dropped: their records are all newer than b0's
+            s.mark_block_remote(bid, fetch.keep(s, bid))
+            assert s.drop_local_copy(bid) > 0
+    with blockstore.open(path, block_size=BLOCK) as s:  # the footers of the dropped blocks are not on disk
+        s.set_block_fetcher(fetch)
+        assert all(s.dir.get_meta(min_seq_name(bid)) for bid in blocks_of[1])
+        out = s.evict_blocks(blocks_of[0])
+        assert sorted(out.blocks) == blocks_of[0] and not out.refused, out
+        assert s.get(b"b0-0") is None and s.get(b"b1-0") is not None
+        assert all(s.dir.get_meta(min_seq_name(bid)) is None for bid in blocks_of[0])  # gone with their blocks
+        out = s.evict_blocks(blocks_of[2])  # newer than a dropped block that stays: its number says so
+        assert out.refused == blocks_of[2]

@@ -35,7 +35,8 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
   within capacity_bytes + RECORD_FRAMING (8 KiB) per record + (open blocks + 1) x block_size, blocks
   holding locked keys aside (never evicted). Settings that cannot keep this are refused: a capacity
   below one block, compaction with an unbounded copy budget. Optional admission: a key is stored on
-  its second sighting.
+  its second sighting. Always: a key eviction deleted that is stored again more than RETURN_SPANS turnovers
+  of the log later is not stored that time (eviction.py: it would be evicted again before its next use).
 - Memory: nothing is held per record that the directory holds. The directory (RocksDB) is the only
   index; the adapter keeps counters, the keys that tasks are storing, deleting or hold locked right
   now, and bounded caches for eviction (read statistics of the most recently read keys, hashes of
