@@ -98,7 +98,7 @@ def test_finetune_runs_and_writes_a_model_folder(tmp_path: Path) -> None:
     (corpus / "heldout.u16").write_bytes(rng.integers(3, 4096, 8000).astype("<u2").tobytes())
     out = tmp_path / "out"
     assert main([str(corpus), str(out), "--base", str(base), "--steps", "3", "--seq-len", "64",
-                 "--causal-batch", "2", "--block-batch", "2", "--eval-every", "2", "--eval-windows", "2",
+                 "--causal-batch", "2", "--block-batch", "2", "--eval-every", "2", "--eval-windows", "2", "--eval-seq-len", "64",
                  "--eval-blocks", "16", "--warmup", "1", "--lr", "1e-3"]) == 0
     record = json.loads((out / "loss_curve.json").read_text())
     assert [e["step"] for e in record["evaluations"]] == [0, 2, 3]

@@ -61,7 +61,8 @@ class FinetuneSettings:
     block_batch: int = 32
     kl_weight: float = 1.0
     eval_every: int = 100
-    eval_windows: int = 32  # held-out windows of seq_len for the full-attention loss (the base's 32 x 2048)
+    eval_windows: int = 32  # held-out windows for the full-attention loss: the base's 32 x 2048
+    eval_seq_len: int = 2048
     eval_blocks: int = 128  # held-out block sequences
     seed: int = 0
     time_budget: float = 0.0  # seconds of training (0: none): fixes `steps` once the warm-up's steps are timed
@@ -100,7 +101,7 @@ def evaluate(model: LlamaForCausalLM, held: torch.Tensor, blocks: list, s: Finet
              use_bf16: bool) -> dict[str, float]:
     """Held-out loss under full causal attention and the block-vs-full figures (module docstring)."""
     model.eval()
-    causal = heldout_loss(model, held, TrainSettings(seq_len=s.seq_len, eval_windows=s.eval_windows), use_bf16)
+    causal = heldout_loss(model, held, TrainSettings(seq_len=s.eval_seq_len, eval_windows=s.eval_windows), use_bf16)
     sums = {"block_ce": 0.0, "full_ce": 0.0, "kl": 0.0, "top1": 0.0}
     rows = 0
     for batch in blocks:
