@@ -111,7 +111,9 @@ def test_regress_directory_values_that_do_not_parse_are_corruption() -> None:
         with pytest.raises(CorruptionError):
             Location.decode(raw)
     with pytest.raises(FormatVersionError):
-        Location.decode(b"\x02" + bytes(55))
+        Location.decode(b"\x03" + bytes(55))  # version 2 is a location with copies (docs/copies.md)
+    with pytest.raises(CorruptionError):
+        Location.decode(b"\x02" + bytes(55))  # ...and one without its copy count is damage
     entry = struct.pack("<BBHIQQQQQQQQQQ", 1, 2, 0, 50, *([0] * 10))
     for raw in (b"", entry[:87], entry + b"short partition"):
         with pytest.raises(CorruptionError):

@@ -4,8 +4,9 @@ the values RocksDB hands back for `K` (location) and `B` (block entry) keys.
 Input: one control byte, then the value. Control bit 0: 0 = a location, 1 = a block entry.
 
 Contract: a Location / BlockEntry, or CorruptionError (FormatVersionError for a value_version newer
-than 1, docs/format.md §7) -- never struct.error or another class. A decoded value survives
-encode + decode unchanged; a version-1 location re-encodes to exactly its bytes; a block entry's
+than 1 -- 2 for a location, which lists copies from version 2 on, docs/copies.md -- docs/format.md §7)
+-- never struct.error or another class. A decoded value survives encode + decode unchanged; a
+location re-encodes to exactly its bytes (version 1 without copies, 2 with); a block entry's
 partition is exactly `partition_len` bytes (a value too short to hold it is corrupt, not a shorter
 partition).
 """
@@ -38,7 +39,7 @@ def test_one_input(data: bytes) -> None:
         loc = Location.decode(raw)
     except CorruptionError:
         return
-    assert raw[0] == 1, f"value_version {raw[0]} accepted"
+    assert raw[0] == (2 if loc.copies else 1), f"value_version {raw[0]} accepted"
     assert loc.encode() == raw, "re-encoded location differs"
     assert Location.decode(loc.encode()) == loc
 
