@@ -40,7 +40,6 @@ class CompactionSeams:
         check_bool("together", together)
         muts = relocation_mutations(moves, bytes(partition), together, drop_tombstones)
         if copies:
-            self._check_copies()
             added = copy_mutations(copies, (), bytes(partition))
             if together and muts and moves:
                 muts[0].group_need += added[0].group_need
@@ -59,19 +58,9 @@ class CompactionSeams:
         places) taken out of the value, writing nothing. Each is a compare-and-swap on the whole value,
         copies included: True per change (adds first) if the value was unchanged, else nothing happened."""
         self._check_open(write=True)
-        self._check_copies()
         if not isinstance(partition, (bytes, bytearray)):
             raise InvalidArgument(f"place_copies: partition must be bytes, not {type(partition).__name__}")
         muts = copy_mutations(adds, drops, bytes(partition))
         if muts:
             self._engine.submit(muts)
         return [bool(m.result) for m in muts]
-
-    @property
-    def copies_supported(self) -> bool:
-        """Whether this store's writer retires copies with their key (docs/copies.md)."""
-        return bool(getattr(self._engine, "supports_copies", False))
-
-    def _check_copies(self) -> None:
-        if not self.copies_supported:
-            raise InvalidArgument("copies: this build's writer does not retire copies yet (docs/copies.md)")

@@ -31,7 +31,7 @@ from blockstore.keys import (
     session_key,
     suffix_ns_id,
 )
-from blockstore.mutations import Mutation
+from blockstore.mutations import COPY_ADD, COPY_DROP, Mutation, retired_places, value_after
 from blockstore.records import AppendRecord, Kind, aligned_flags, record_layout
 
 _log = logging.getLogger("blockstore")
@@ -57,6 +57,7 @@ class GroupPlan:
     tails: dict[int, int] = field(default_factory=dict)  # each planned block's tail after the group
     placed: list[tuple[Mutation, bytes, OpenBlock, AppendRecord]] = field(default_factory=list)
     retired_tombstones: list[int] = field(default_factory=list)  # old blocks of tombstone moves
+    dropped: list[tuple[Mutation, bytes]] = field(default_factory=list)  # copies dropped (no record written)
     moves: bool = False  # compaction moves: durable whatever the mode
     deletes: bool = False  # a delete is durable when it returns, whatever the mode
     overwrites: bool = False  # an overwrite's new bytes are synced before the directory names them
@@ -73,11 +74,22 @@ def takes_effect(m: Mutation, suffix: bytes, plan: GroupPlan, live_after: dict[b
         plan.retired_tombstones.append(m.expected.block_id)
         m.result = not m.drop and suffix not in touched and not live_after[suffix]
         return bool(m.result)
+    if m.copy_op:
+        # a copy added or dropped: compare-and-swap on the whole value, copies included (docs/copies.md);
+        # one compaction change per key in a group (a second would compare with the same old value)
+        cur = plan.current[suffix]
+        m.result = suffix not in touched and cur is not None and cur == m.expected
+        touched.add(suffix)
+        if m.result and m.copy_op == COPY_DROP:
+            plan.dropped.append((m, suffix))  # writes no record: staged before the group's records
+            return False
+        return bool(m.result)
     if m.expected is not None:
         # compare-and-swap: move only if the directory still names the old place (invariant 3;
         # Badger issue 2310 resurrected deleted keys by skipping this check)
         cur = plan.current[suffix]
         m.result = suffix not in touched and cur is not None and cur.same_place(m.expected)
+        touched.add(suffix)
         return bool(m.result)
     if m.kind == Kind.TOMBSTONE:
         m.result = live_after[suffix]
@@ -308,6 +320,14 @@ class WriteEngine(BlockLifecycle):
         batch, current = plan.batch, plan.current
         now = time.time_ns()
         bytes_put = bytes_written = 0
+        for m, suffix in plan.dropped:  # first: a later put of the key in the group retires what is left
+            old = current[suffix]
+            assert old is not None and m.place is not None
+            self._retire_places(m, old, entries, to_seal, batch)
+            kept = current[suffix] = old.without(m.place.block_id, m.place.offset)
+            batch.put_location(suffix, kept)
+            if (kept.block_id, kept.offset) != (old.block_id, old.offset):  # a copy is the primary: its block
+                self._group_entry(entries, kept.block_id, to_seal).live_logical_bytes += len(m.key) + kept.payload_len  # (even the same one) takes the key's bytes
         index: dict[int, int] = {bid: 0 for bid in plan.planned}
         for m, suffix, ob, rec in plan.placed:
             bid = ob.entry.block_id
@@ -321,27 +341,23 @@ class WriteEngine(BlockLifecycle):
             e.last_append_ns = now
             e.partition = ob.entry.partition  # a block taken over by another partition names its new writer
             bytes_written += p.record_len
-            if old is not None:
-                oe = self._group_entry(entries, old.block_id, to_seal)
-                oe.live_bytes -= old.record_len
-                oe.live_records -= 1
-                oe.live_logical_bytes -= len(m.key) + old.payload_len
-                batch.forget_reverse(old)
-                if old.kind == Kind.CHUNK and m.expected is None:
-                    batch.delete(chunk_session_key_strict(suffix, old))
+            self._retire_places(m, old, entries, to_seal, batch)
+            if old is not None and old.kind == Kind.CHUNK and m.expected is None:
+                batch.delete(chunk_session_key_strict(suffix, old))
             if m.kind == Kind.TOMBSTONE:
                 e.tombstones += 1
                 batch.delete_location(suffix, None)
                 current[suffix] = None
             else:
                 plen = len(m.payload)  # type: ignore[arg-type]
-                loc = Location(m.kind, p.flags, p.payload_off, bid, p.offset, p.record_len, plen,
-                               rec.seq, p.payload_xxh3, m.meta)
+                loc = value_after(m, old, Location(m.kind, p.flags, p.payload_off, bid, p.offset, p.record_len,
+                                                   plen, rec.seq, p.payload_xxh3, m.meta))
                 batch.put_location(suffix, loc)
                 current[suffix] = loc
                 e.live_bytes += p.record_len
                 e.live_records += 1
-                e.live_logical_bytes += len(m.key) + plen
+                if m.copy_op != COPY_ADD:  # logical bytes count once per key, in its primary's block
+                    e.live_logical_bytes += len(m.key) + plen
                 if m.expected is None:
                     bytes_put += len(m.key) + plen
                 if m.chunk_index is not None:
@@ -351,6 +367,17 @@ class WriteEngine(BlockLifecycle):
             ob.max_seq = max(ob.max_seq, rec.seq)
             ob.records += 1
         return bytes_put, bytes_written
+
+    def _retire_places(self, m: Mutation, old: Location | None, entries: dict[int, BlockEntry],
+                       to_seal: list[OpenBlock], batch: DirectoryBatch) -> None:
+        """The old value's places `m` retires turn dead in their blocks (a put or delete: all, invariant 8)."""
+        for gone in retired_places(m, old):
+            oe = self._group_entry(entries, gone.block_id, to_seal)
+            oe.live_bytes -= gone.record_len
+            oe.live_records -= 1
+            if old is not None and (gone.block_id, gone.offset) == (old.block_id, old.offset):
+                oe.live_logical_bytes -= len(m.key) + gone.payload_len  # counted in the primary's block only
+            batch.forget_place(gone)
 
     def _publish_group(self, plan: GroupPlan, placements: dict[int, list[Any]], to_seal: list[OpenBlock]) -> None:
         """Write the group's one directory batch (new locations, old ones dead, block counters, counters,

@@ -38,6 +38,8 @@ from typing import Any
 
 import blockstore
 from blockstore import hooks
+from blockstore.errors import BlockstoreError
+from blockstore.keys import SPACE_KV, key_suffix
 
 KEYS = 40
 CHUNKS = 8
@@ -49,6 +51,8 @@ USER, SESSION = "u", "s"
 COMPACTION: dict[str, Any] = {
     "policy": "full", "gc_invalid_ratio": 0.1, "min_hits": 1, "relocation_slack": 0,
     "relocation_budget": float("inf"), "gc_budget": float("inf"), "interval_s": 0.05, "rate_mb_s": 10_000.0,
+    # copies of records several groups read (docs/copies.md), wherever the writer retires them with their key
+    "max_copies": 1,
 }
 OPEN_KW: dict[str, Any] = {"block_size": BLOCK_SIZE, "max_open_blocks": 4, "idle_seal_seconds": 1.0}
 # groups read together (key numbers); each thread reads only the groups of the keys it owns
@@ -231,8 +235,33 @@ def main() -> None:
                 os.write(1, f"compaction {c.passes} {c.gc_bytes} {c.relocated_bytes} {c.reclaimed}\n".encode())
             threading.Event().wait(0.1)
 
+    def place_copies() -> None:
+        # copies of any key (docs/copies.md), racing the writers' puts and deletes and the compactor: a
+        # copy computed from a value a writer replaced meanwhile must write nothing, and the writers'
+        # reads must never see its bytes (invariant 8); some copies are dropped again, as GC does
+        crng = random.Random(args.seed ^ 0x5EED)
+        nid = store.namespace_id("default") or 0
+        try:
+            while True:
+                sfx = key_suffix(nid, SPACE_KV, b"k%d" % crng.randrange(KEYS))
+                value = store.dir.get_locations([sfx])[0]
+                if value is not None and not value.copies:
+                    try:
+                        payload = store.read_locations([value.primary()])[0]
+                    except BlockstoreError:
+                        continue  # its block went (a writer or GC emptied it): nothing to copy
+                    store.place_copies([(sfx, value, payload)], partition=b"copies")
+                elif value is not None and crng.random() < 0.3:
+                    store.place_copies([], partition=b"copies", drops=[(sfx, value, value.places()[-1])])
+                threading.Event().wait(0.005)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(2)
+
     threads = [threading.Thread(target=thread_main, args=(t,), daemon=True) for t in range(args.threads)]
     threads.append(threading.Thread(target=report_compaction, daemon=True))
+    threads.append(threading.Thread(target=place_copies, daemon=True))
     for th in threads:
         th.start()
     for th in threads:

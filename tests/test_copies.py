@@ -20,13 +20,8 @@ from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.reader import choose_places
 from blockstore.tools import fsck
 from blockstore.tools.repair import repair
-from blockstore.writer import WriteEngine
 
 COPIES = b"\0compaction/copies"
-# The group-commit writer retires copies only with H13's writer change (/tmp/lead/h13_writer.diff, issue 16);
-# without it Store.place_copies refuses, and these tests cannot place a copy.
-needs_copy_writer = pytest.mark.skipif(not getattr(WriteEngine, "supports_copies", False),
-                                       reason="the writer does not retire copies yet (docs/copies.md)")
 
 
 def _loc(bid: int, off: int, seq: int = 7) -> Location:
@@ -101,7 +96,6 @@ def _live(s: blockstore.Store) -> dict[int, int]:
     return {e.block_id: e.live_records for e in s.block_table()}
 
 
-@needs_copy_writer
 def test_a_copy_is_counted_read_and_retired_by_a_put(tmp_path: Path, backend: str) -> None:
     with _store(tmp_path, backend) as s:
         s.put_many([(b"shared", b"S" * 5000), (b"a", b"A" * 5000)], partition="one")
@@ -122,7 +116,6 @@ def test_a_copy_is_counted_read_and_retired_by_a_put(tmp_path: Path, backend: st
     _clean(tmp_path)
 
 
-@needs_copy_writer
 def test_a_delete_retires_every_copy(tmp_path: Path, backend: str) -> None:
     with _store(tmp_path, backend) as s:
         s.put(b"k", b"v" * 3000)
@@ -135,7 +128,6 @@ def test_a_delete_retires_every_copy(tmp_path: Path, backend: str) -> None:
         assert s.get(b"k") is None
 
 
-@needs_copy_writer
 def test_copy_changes_compare_the_whole_value(tmp_path: Path, backend: str) -> None:
     with _store(tmp_path, backend) as s:
         s.put(b"k", b"v1" * 1000)
@@ -157,7 +149,6 @@ def test_copy_changes_compare_the_whole_value(tmp_path: Path, backend: str) -> N
     _clean(tmp_path)
 
 
-@needs_copy_writer
 def test_gc_drops_copies_instead_of_copying_them(tmp_path: Path, backend: str) -> None:
     with _store(tmp_path, backend) as s:
         s.put_many([(b"k%d" % i, bytes([i]) * 20_000) for i in range(8)], partition="p")
@@ -184,7 +175,6 @@ def test_gc_drops_copies_instead_of_copying_them(tmp_path: Path, backend: str) -
     _clean(tmp_path)
 
 
-@needs_copy_writer
 def test_fsck_flags_a_copy_whose_bytes_differ_and_repair_keeps_the_key(tmp_path: Path, backend: str) -> None:
     with _store(tmp_path, backend) as s:
         s.put(b"k", b"x" * 10_000)
@@ -199,18 +189,6 @@ def test_fsck_flags_a_copy_whose_bytes_differ_and_repair_keeps_the_key(tmp_path:
     _clean(tmp_path)
     with _store(tmp_path, backend) as s:
         assert s.get(b"k") == b"x" * 10_000
-
-
-@pytest.mark.skipif(getattr(WriteEngine, "supports_copies", False), reason="the writer retires copies")
-def test_place_copies_refuses_while_the_writer_cannot_retire_them(tmp_path: Path, backend: str) -> None:
-    with _store(tmp_path, backend) as s:
-        s.put(b"k", b"v")
-        sfx = _sfx(s, b"k")
-        value = s.dir.get_locations([sfx])[0]
-        assert value is not None
-        with pytest.raises(InvalidArgument):
-            s.place_copies([(sfx, value, b"v")], partition=COPIES)
-        assert s.locate_many([b"k"])[0] == value
 
 
 def test_a_cluster_borrows_the_records_its_groups_read_elsewhere_within_its_bounds() -> None:
@@ -234,7 +212,6 @@ def test_a_cluster_borrows_the_records_its_groups_read_elsewhere_within_its_boun
     assert all(not c.borrowed for c in tight)
 
 
-@needs_copy_writer
 def test_compaction_places_a_copy_so_each_request_reads_one_block(tmp_path: Path, backend: str) -> None:
     """Two requests share record s and cannot share a block (each is most of one): with max_copies=1
     each ends in one block, s read from the one it touches; an overwrite of s then retires its copy."""
@@ -262,7 +239,6 @@ def test_compaction_places_a_copy_so_each_request_reads_one_block(tmp_path: Path
     _clean(tmp_path)
 
 
-@needs_copy_writer
 def test_copies_racing_writers_and_gc_in_threads_never_serve_old_bytes(tmp_path: Path, backend: str) -> None:
     """A writer overwrites and deletes keys while another thread places copies of them and a third
     drops places and runs GC: every read returns the writer's latest bytes (or a miss after a delete),

@@ -37,12 +37,9 @@ from blockstore.compaction import Compactor, attach
 from blockstore.directory import Location
 from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.native import FaultInjector
-from blockstore.writer import WriteEngine
 
-# copies of shared records (docs/copies.md): placed by the compactor and by the copy rules below, once the
-# writer retires them with their key (H13's writer change, issue 16)
-COPIES = bool(getattr(WriteEngine, "supports_copies", False))
-COMPACTION = {**AGGRESSIVE, "max_copies": 1} if COPIES else AGGRESSIVE
+# copies of shared records (docs/copies.md): placed by the compactor and by the copy rules below
+COMPACTION = {**AGGRESSIVE, "max_copies": 1}
 
 KEYS = st.sampled_from([b"k%d" % i for i in range(12)])
 NAMESPACES = st.sampled_from(["default", "tenant-b"])
@@ -156,7 +153,6 @@ class StoreMachine(RuleBasedStateMachine):
         sfx = key_suffix(nid or 0, SPACE_KV, key)
         return sfx, (self.store.dir.get_locations([sfx])[0] if nid else None)
 
-    @precondition(lambda self: COPIES)
     @rule(ns=NAMESPACES, key=KEYS)
     def place_copy(self, ns: str, key: bytes) -> None:
         sfx, value = self._value(ns, key)
@@ -166,7 +162,6 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.place_copies([(sfx, value, payload)], partition=b"copies") == [True]
         event("copies: placed")
 
-    @precondition(lambda self: COPIES)
     @rule(ns=NAMESPACES, key=KEYS, value=VALUES, delete=st.booleans())
     def copy_racing_a_write(self, ns: str, key: bytes, value: bytes, delete: bool) -> None:
         """A copy computed from the value as it was, after a put or delete of the key: it must write
@@ -184,7 +179,6 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.place_copies([(sfx, old, payload)], partition=b"copies") == [False]
         assert self.store.get(key, ns=ns) == self.model.get((ns, key))
 
-    @precondition(lambda self: COPIES)
     @rule(ns=NAMESPACES, key=KEYS, which=st.integers(0, 3))
     def drop_copy(self, ns: str, key: bytes, which: int) -> None:
         sfx, value = self._value(ns, key)
@@ -197,8 +191,6 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def every_place_holds_the_value(self) -> None:
         """Each place a value names (primary and copies) reads back as the model's bytes."""
-        if not COPIES:
-            return
         for ns in ("default", "tenant-b"):
             for k in [b"k%d" % i for i in range(12)]:
                 _sfx, value = self._value(ns, k)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks, metrics
 from blockstore.directory import BLOCK_OPEN, BlockEntry, DirectoryBatch
-from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
+from blockstore.errors import BlockstoreError, StoreClosed
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 from blockstore.reader import choose_places
 
@@ -407,11 +407,7 @@ def attach(store: Store, spec: str | Policy | dict[str, Any] | None, *, judge: A
     if isinstance(spec, dict) and "background" in spec:
         spec = dict(spec)
         background = bool(spec.pop("background"))
-    policy = resolve(spec)
-    if policy.max_copies and not store.copies_supported:
-        raise InvalidArgument("compaction setting max_copies needs a writer that retires copies (docs/copies.md); "
-                              "this build's does not: use max_copies=0")
-    c = Compactor(store, policy, judge=judge)
+    c = Compactor(store, resolve(spec), judge=judge)
     if background:
         c.start()
     return c
