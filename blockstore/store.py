@@ -432,6 +432,16 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
         its sources between listing their records and reading them)."""
         return self.blocks.pinned(block_ids)
 
+    def block_read_fd(self, block_id: int) -> int | None:
+        """A read-only descriptor of a block held with `hold_blocks`, for a caller that reads and verifies
+        records itself with `backend.read_files` (the blend's one-call layer loader); None when the block
+        has no local file (deleted, or dropped to the remote tier: read through `read_located`). The
+        descriptor belongs to the store: valid while the hold lasts, never closed by the caller."""
+        try:
+            return self.blocks.read_fd(block_id)
+        except NotFound:
+            return None
+
     def io_counters(self) -> tuple[int, int]:
         """(logical bytes users put, bytes appended to block files): write amplification's terms."""
         return self._engine.io_counters()

@@ -251,3 +251,18 @@ def test_a_flex_failure_falls_back_to_sdpa_for_good(monkeypatch: pytest.MonkeyPa
     with pytest.warns(RuntimeWarning, match="no Triton here"):
         assert flex.attend(q, k, v, None, compiled=False) is None  # type: ignore[arg-type]
     assert flex.failure() is not None and not flex.usable(torch.device("cuda"))
+
+
+def test_block_read_fd_names_a_held_local_block_and_none_otherwise(tmp_path: Path) -> None:
+    """The one-call loader's descriptor comes from the public API: a held block's file reads its bytes;
+    a block id with no local file gives None (the loader then reads through read_located)."""
+    with blockstore.open(tmp_path / "s") as store:
+        store.put(b"k", b"v" * 4096)
+        store.seal_open_blocks()
+        (loc,) = store.locate_many([b"k"])
+        assert loc is not None
+        with store.hold_blocks([loc.block_id]):
+            fd = store.block_read_fd(loc.block_id)
+            assert fd is not None
+            assert os.pread(fd, 4096, loc.payload_offset) == b"v" * 4096
+        assert store.block_read_fd(loc.block_id + 1000) is None

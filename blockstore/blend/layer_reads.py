@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from blockstore.errors import ChecksumMismatch, NotFound, error_for_code
+from blockstore.errors import ChecksumMismatch, error_for_code
 from blockstore.records import ReadRequest
 from blockstore.store import Store
 
@@ -48,9 +48,9 @@ class LayerReads:
         blocks = {p.locs[layer].block_id for p in plan for layer in layers}
         pins = contextlib.ExitStack()
         pins.enter_context(store.hold_blocks(sorted(blocks)))
-        try:
-            fds = {bid: store.blocks.read_fd(bid) for bid in blocks}
-        except NotFound:  # deleted since the lookup, or dropped to the remote tier: read_located copes
+        held = {bid: store.block_read_fd(bid) for bid in blocks}
+        fds = {bid: fd for bid, fd in held.items() if fd is not None}
+        if len(fds) < len(held):  # deleted since the lookup, or dropped to the remote tier: read_located copes
             pins.close()
             return None
         files: list[list[tuple[int, list[tuple[int, Any]]]]] = []
