@@ -22,7 +22,7 @@ from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, seal_block_file, write_block_header
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
 from blockstore.errors import CorruptionError
-from blockstore.keys import chunk_session_key, location_key, reverse_key
+from blockstore.keys import block_key, chunk_session_key, location_key, reverse_key
 from blockstore.records import BLOCK_HEADER_SIZE, BlockHeader, Footer, Kind
 
 
@@ -127,17 +127,47 @@ def _missing_block(store: RecoveringStore, e: BlockEntry, recent: bool, report: 
 
 
 def _drop_place(batch: DirectoryBatch, suffix: bytes, loc: Location, block_id: int, offset: int,
-                staged: dict[bytes, Location | None]) -> None:
+                staged: dict[bytes, Location | None], promoted: list[tuple[bytes, Location, int]]) -> None:
     """The value stops naming the place (block_id, offset): a key with copies keeps its other places
     (each in a block whose counters already count it), one without loses its entry. `staged`: values
-    this batch already changed (a key may have two places in one block)."""
+    this batch already changed (a key may have two places in one block). A dropped primary's promoted
+    copy is listed in `promoted` (suffix, new value, the dropped offset): its block takes the key's
+    logical bytes (`_give_logical`)."""
     if loc.copies:
         rest = loc.without(block_id, offset)
         batch.put_location(suffix, rest)
         staged[suffix] = rest
+        if (loc.block_id, loc.offset) == (block_id, offset):
+            promoted.append((suffix, rest, offset))
     else:
         _drop_location(batch, suffix, loc)
         staged[suffix] = None
+
+
+def _give_logical(store: RecoveringStore, batch: DirectoryBatch, block_id: int,
+                  promoted: list[tuple[bytes, Location, int]]) -> int:
+    """A key's logical bytes count once, in its primary's block (docs/copies.md): each copy promoted to
+    primary by this batch gives its block the key's bytes. Another block's entry is read as the directory
+    holds it now and written in this batch (a block recovered later recounts from scratch). Returns the
+    bytes owed to `block_id` itself: a promoted place there at an offset the caller's pass already
+    counted as a copy (one at a later offset is counted as the primary when the pass reaches it)."""
+    own = 0
+    others: dict[int, int] = {}
+    for suffix, rest, dropped_off in promoted:
+        nbytes = len(suffix) - 5 + rest.payload_len
+        if rest.block_id == block_id:
+            if rest.offset < dropped_off:
+                own += nbytes
+        else:
+            others[rest.block_id] = others.get(rest.block_id, 0) + nbytes
+    for bid, nbytes in others.items():
+        raw = store.dir.get(block_key(bid))
+        if raw is None:
+            continue
+        entry = BlockEntry.decode(bid, bytes(raw))
+        entry.live_logical_bytes += nbytes
+        batch.put_block(entry)
+    return own
 
 
 def _current(store: RecoveringStore, suffix: bytes, staged: dict[bytes, Location | None]) -> Location | None:
@@ -148,12 +178,15 @@ def _forget_block(store: RecoveringStore, e: BlockEntry, report: dict[str, Any])
     """The block file is gone and nothing acknowledged depended on it: the directory stops naming it."""
     batch = DirectoryBatch()
     staged: dict[bytes, Location | None] = {}
+    promoted: list[tuple[bytes, Location, int]] = []
     for off, suffix in store.dir.block_records(e.block_id):
         loc = _current(store, suffix, staged)
         if loc is not None and loc.holds(e.block_id, off):
-            _drop_place(batch, suffix, loc, e.block_id, off, staged)
+            _drop_place(batch, suffix, loc, e.block_id, off, staged, promoted)
             report["dropped_entries"] += 1
         batch.delete(reverse_key(e.block_id, off))
+    # every place in this block was dropped: only promotions to other blocks remain to count
+    _give_logical(store, batch, e.block_id, [p for p in promoted if p[1].block_id != e.block_id])
     batch.delete_block(e.block_id)
     store.dir.write(batch, force_sync=True)
     report["forgotten_blocks"].append(e.block_id)
@@ -202,6 +235,7 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
         batch = DirectoryBatch()
         live_bytes = live_records = live_logical = 0
         staged: dict[bytes, Location | None] = {}
+        promoted: list[tuple[bytes, Location, int]] = []
         for off, suffix in list(store.dir.block_records(e.block_id)):
             loc = _current(store, suffix, staged)
             rec = valid.get(off)
@@ -213,9 +247,10 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
                     live_logical += rec.info.key_len + rec.info.payload_len  # once per key: its primary's block
                 continue
             if names_it:
-                _drop_place(batch, suffix, loc, e.block_id, off, staged)  # type: ignore[arg-type]
+                _drop_place(batch, suffix, loc, e.block_id, off, staged, promoted)  # type: ignore[arg-type]
                 report["dropped_entries"] += 1
             batch.delete(reverse_key(e.block_id, off))
+        live_logical += _give_logical(store, batch, e.block_id, promoted)
         recs = list(valid.values())
         seqs = [r.info.seq for r in recs]
         report["max_seq"] = max([report["max_seq"], *seqs])
