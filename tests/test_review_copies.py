@@ -194,3 +194,24 @@ def test_recovery_that_cuts_a_primary_gives_its_logical_bytes_to_the_promoted_co
         now = s.locate_many([b"k"])[0]
         assert now is not None and now.block_id == value.copies[0].block_id and not now.copies
     assert _findings(tmp_path) == []
+
+
+def test_recovery_that_cuts_a_primary_after_its_copy_in_the_same_block(tmp_path: Path, backend: str) -> None:
+    """The copy is placed first and the primary then moved into the same open block (a later offset):
+    a power cut takes the primary; the copy, counted as a copy earlier in the pass, becomes the primary
+    and its block must count the key's logical bytes."""
+    s = _store(tmp_path, backend)
+    s.put(b"k", b"x" * 10_000, partition="p")
+    value = _place_copy(s, b"k")
+    sfx = _sfx(s, b"k")
+    payload = s.read_locations([value.primary()])[0]
+    assert s.relocate_many([(sfx, value, payload)], partition=COPIES) == [True]
+    moved = s.dir.get_locations([sfx])[0]
+    assert moved is not None and moved.block_id == moved.copies[0].block_id
+    assert moved.offset > moved.copies[0].offset
+    s.abandon()
+    with open(_blk(tmp_path, moved.block_id), "r+b") as f:
+        f.truncate(moved.offset + 100)
+    with _store(tmp_path, backend) as s:
+        assert s.get(b"k") == b"x" * 10_000
+    assert _findings(tmp_path) == []
