@@ -215,3 +215,24 @@ def test_recovery_that_cuts_a_primary_after_its_copy_in_the_same_block(tmp_path:
     with _store(tmp_path, backend) as s:
         assert s.get(b"k") == b"x" * 10_000
     assert _findings(tmp_path) == []
+
+
+def test_repair_salvages_a_record_whose_copy_is_lost_too(tmp_path: Path, backend: str) -> None:
+    """k's primary sits, intact, in a damaged block (another record's payload is bad) and its only copy
+    in a block whose file is lost. Evacuating the damaged block must not drop k's intact record on the
+    word of a copy that is itself gone: k must read its bytes after repair."""
+    with _store(tmp_path, backend) as s:
+        s.put(b"k", b"x" * 10_000, partition="p")
+        s.put(b"bad", b"b" * 10_000, partition="p")
+        value = _place_copy(s, b"k")
+        bad = s.locate_many([b"bad"])[0]
+        assert bad is not None and bad.block_id == value.block_id
+    with open(_blk(tmp_path, bad.block_id), "r+b") as f:
+        f.seek(bad.payload_offset + 100)
+        f.write(b"!")
+    os.unlink(_blk(tmp_path, value.copies[0].block_id))
+    assert _findings(tmp_path)
+    repair(tmp_path)
+    assert _findings(tmp_path) == []
+    with _store(tmp_path, backend) as s:
+        assert s.get(b"k") == b"x" * 10_000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import xxhash
 
@@ -104,11 +105,18 @@ class RepairBase:
                 if sk is not None:
                     batch.delete(sk)
 
-    def _has_copies(self, sfx: bytes) -> bool:
+    def _replace_place(self, sfx: bytes, place: Location, new: Location) -> Location:
+        """The key's value with `place` (evacuated from a damaged block) replaced by `new`, the same record
+        copied out: a key with copies (docs/copies.md) keeps them, the salvaged place staying primary if
+        `place` was. Reads the entry as the directory holds it now."""
         assert self.dir is not None
         raw = self.dir.get(location_key(sfx))
         value = None if raw is None else decode_location(bytes(raw))
-        return isinstance(value, Location) and bool(value.copies)
+        if not isinstance(value, Location) or not value.copies or not value.holds(place.block_id, place.offset):
+            return new
+        if (value.block_id, value.offset) == (place.block_id, place.offset):
+            return replace(new, copies=value.copies)
+        return value.without(place.block_id, place.offset).with_copy(new)
 
     def _drop_place(self, batch: DirectoryBatch, sfx: bytes, place: Location) -> bool:
         """The key's entry stops naming `place`: a key with copies keeps its other places (True), one

@@ -172,9 +172,8 @@ class BlockRepairs(RepairBase):
             lost: list[tuple[bytes, Location]] = []
             salvaged = 0
             for sfx, loc in sorted(named.items(), key=lambda kv: kv[1].offset):
-                if self._has_copies(sfx):  # its other places keep it (docs/copies.md): this one is dropped
-                    lost.append((sfx, loc))
-                    continue
+                # a place of a key with copies (docs/copies.md) is salvaged too: its other places may be
+                # lost as well (a missing or damaged block repaired after this one); it keeps them
                 r = by_off.get(loc.offset)
                 rec = None
                 if r is not None and r.info.kind != Kind.TOMBSTONE and record_suffix(r) == sfx:
@@ -204,7 +203,7 @@ class BlockRepairs(RepairBase):
                 continue
             loc = Location(rec.kind, pl.flags, pl.payload_off, nbid, pl.offset, pl.record_len,
                            len(rec.payload), rec.seq, pl.payload_xxh3, rec.meta)  # type: ignore[arg-type]
-            batch.put_location(csfx, loc)
+            batch.put_location(csfx, self._replace_place(csfx, named[csfx], loc))
         lost = [(sfx, loc) for sfx, loc in lost if not self._drop_place(batch, sfx, loc)]
         for k, _v in self.dir.scan_prefix(reverse_prefix(bid)):
             batch.delete(bytes(k))
