@@ -236,3 +236,21 @@ def test_repair_salvages_a_record_whose_copy_is_lost_too(tmp_path: Path, backend
     assert _findings(tmp_path) == []
     with _store(tmp_path, backend) as s:
         assert s.get(b"k") == b"x" * 10_000
+
+
+def test_recovery_that_forgets_a_lost_primary_block_gives_its_logical_bytes_to_the_copy(
+        tmp_path: Path, backend: str) -> None:
+    """Cache mode, kill -9 and a power cut that took a whole new block file (nothing acknowledged
+    depended on it): recovery forgets it; a key whose primary was there reads its copy, and the copy's
+    block counts the key's logical bytes."""
+    s = _store(tmp_path, backend)
+    s.put(b"z", b"z" * 3000, partition="zp")
+    _place_copy(s, b"z")
+    s.put(b"k", b"x" * 10_000, partition="p")
+    value = _place_copy(s, b"k")
+    s.abandon()
+    os.unlink(_blk(tmp_path, value.block_id))
+    with _store(tmp_path, backend) as s:
+        assert s.recovery_report is not None and value.block_id in s.recovery_report["forgotten_blocks"]
+        assert s.get(b"k") == b"x" * 10_000
+    assert _findings(tmp_path) == []
