@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 import blockstore
 from blockstore.directory import Location
 from blockstore.keys import SPACE_KV, key_suffix
@@ -254,3 +256,55 @@ def test_recovery_that_forgets_a_lost_primary_block_gives_its_logical_bytes_to_t
         assert s.recovery_report is not None and value.block_id in s.recovery_report["forgotten_blocks"]
         assert s.get(b"k") == b"x" * 10_000
     assert _findings(tmp_path) == []
+
+
+@pytest.mark.xfail(strict=True, reason="copies + remote pools: the pool's pointer to a live key goes with the "
+                   "superseded copy block's marker (pool.py keeps the later of equal-seq entries; the marker only "
+                   "deletes). Not a small fix: the marker would have to carry the key's surviving place, or the "
+                   "reclaimer re-point pools; H16")
+def test_a_pool_still_finds_a_key_after_gc_drops_its_copy_and_the_copy_block_is_superseded(tmp_path: Path) -> None:
+    """Remote tier with copies: a pool ingests k's primary block, then the copy's block (same sequence
+    number: the later index wins, pool.py). GC drops the copy (k stays live at its primary, already
+    uploaded) and the copy's block goes; remote GC's marker for it then deletes the pool's only pointer to
+    k, a live key: every pool read of k is a miss from then on."""
+    from test_review_remote_tier import BLOCK, MemoryObjects
+
+    from blockstore.compaction import gc
+    from blockstore.remote.pool import RemotePool
+    from blockstore.remote.reclaim import Reclaimer
+    from blockstore.remote.uploader import Uploader
+
+    class Objects(MemoryObjects):  # list_children as S3 answers it: full prefixes (pool.py strips `top`)
+        def list_children(self, prefix: str) -> list[str]:
+            return [prefix + c for c in super().list_children(prefix)]
+
+    objects = Objects()
+    now = [1000.0]
+    path = tmp_path / "s"
+    with blockstore.open(path, block_size=BLOCK) as s:
+        s.put_many([(b"k", b"x" * 9000), (b"pin", b"y" * 9000)], partition="p")
+        s.seal_open_blocks()
+        up = Uploader(s, objects, "node-x")
+        pool = RemotePool(objects, str(tmp_path / "pool"))
+        rec = Reclaimer(up, grace_s=200.0, max_poll_interval_s=10.0, clock=lambda: now[0])
+        try:
+            up.run_once()
+            value = _place_copy(s, b"k")
+            copy_block = value.copies[0].block_id
+            s.seal_open_blocks()
+            up.run_once()
+            pool.poll()
+            assert bytes(pool.get_many([b"k"], ns="default")[0] or b"") == b"x" * 9000
+            entry = next(e for e in s.block_table() if e.block_id == copy_block)
+            assert gc.collect(s, entry, gc.MinSeqs(s)).copies_dropped == 1
+            s.sync_moves()
+            assert not s.has_block(copy_block)
+            assert s.get(b"k") == b"x" * 9000
+            rec.run_once()  # the copy's block: gone, its marker published
+            pool.poll()
+            got = pool.get_many([b"k"], ns="default")[0]
+            assert got is not None and bytes(got) == b"x" * 9000
+        finally:
+            rec.close()
+            pool.close()
+            up.close()
