@@ -192,6 +192,18 @@ def _forget_block(store: RecoveringStore, e: BlockEntry, report: dict[str, Any])
     report["forgotten_blocks"].append(e.block_id)
 
 
+def _header_ok(store: RecoveringStore, fd: int, e: BlockEntry) -> bool:
+    """Whether the block file's header parses and names this block of this store."""
+    try:
+        h = store.backend.decode_block_header(store.backend.pread(fd, 64, 0))
+    except CorruptionError:
+        # a header that does not parse: nothing in the block can be trusted. An I/O error is not that:
+        # it propagates (the next open retries) instead of dropping every record the block holds, as it
+        # did before (found by tests/test_faults.py, recovery-eio)
+        return False
+    return bool(h.block_id == e.block_id and h.store_id == store.store_id)
+
+
 def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dict[str, Any], *, recent: bool = False) -> None:
     """Cut the block after its last committed record that verifies, drop the entries naming what was
     cut, seal it. `recent`: a cache-mode block of the crashed session, whose unsynced pages a power cut
@@ -200,15 +212,7 @@ def _recover_block(store: RecoveringStore, e: BlockEntry, path: str, report: dic
     fd = b.open(path, False)
     try:
         size = b.size(fd)
-        header_ok = True
-        try:
-            h = b.decode_block_header(b.pread(fd, 64, 0))
-            header_ok = h.block_id == e.block_id and h.store_id == store.store_id
-        except CorruptionError:
-            # a header that does not parse: nothing in the block can be trusted. An I/O error is not
-            # that: it propagates (the next open retries) instead of dropping every record the block
-            # holds, as it did before (found by tests/test_faults.py, recovery-eio)
-            header_ok = False
+        header_ok = _header_ok(store, fd, e)
         valid: dict[int, Any] = {}
         valid_end = BLOCK_HEADER_SIZE
         # Records past the block's committed end were appended by a group whose directory batch never

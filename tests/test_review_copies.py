@@ -308,3 +308,21 @@ def test_a_pool_still_finds_a_key_after_gc_drops_its_copy_and_the_copy_block_is_
             rec.close()
             pool.close()
             up.close()
+
+
+def test_the_remote_tier_refuses_a_store_whose_compaction_places_copies(tmp_path: Path) -> None:
+    """Until a superseded marker carries a key's surviving place (the xfail above), copies and the remote
+    tier do not go together: attaching a tier to a store with max_copies > 0 is refused, with copies off
+    (the default) it attaches."""
+    from test_review_remote_tier import BLOCK, MemoryObjects
+
+    from blockstore.errors import InvalidArgument
+    from blockstore.remote.tier import RemoteTier
+
+    spec = {"background": False, "max_copies": 1}
+    with blockstore.open(tmp_path / "a", block_size=BLOCK, compaction=spec) as s:
+        with pytest.raises(InvalidArgument, match="max_copies=0"):
+            RemoteTier(s, MemoryObjects(), "node-a")
+    with blockstore.open(tmp_path / "b", block_size=BLOCK, compaction={"background": False}) as s:
+        tier = RemoteTier(s, MemoryObjects(), "node-b")
+        tier.close()
