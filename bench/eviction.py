@@ -335,6 +335,10 @@ def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str) -> dict[
         hits = 0
         for i, req in enumerate(trace):
             hits += d.request(req)
+            # eviction runs ahead in the background (l2_adapter._make_room); a real server's requests are
+            # milliseconds to seconds apart, so a pass started by one request ends before the next: waiting for
+            # it here measures the policy, deterministically, not this loop's race with the eviction thread
+            d.adapter.wait_for_eviction()
             if i >= len(trace) // 5:
                 occupancy.append(d.adapter.get_usage().total_bytes_used / (cap * RECORD))
         wall = time.perf_counter() - t0

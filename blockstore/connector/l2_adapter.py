@@ -206,6 +206,11 @@ EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by v
 DISK_CHECK_FRACTION = 4
 TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
 EVICT_AHEAD = 64  # a pass frees at least capacity / EVICT_AHEAD (hit rate vs passes: bench/eviction.py)
+# A pass starts in the background once the room left is under block_size / LEAD_BLOCK: it must end before the
+# stores that go on meanwhile use that room up (a pass empties a whole block: ~7 ms for a 16 MiB block here, while
+# ~4 MiB are stored), else they wait for it; more room kept free is less cache (bench/eviction.py: hit rate and
+# throughput)
+LEAD_BLOCK = 4
 BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
 CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
 MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
@@ -384,6 +389,8 @@ class _AdapterCounters:
     keys_deleted: int = 0
     delete_skipped_locked: int = 0
     evicted_for_capacity: int = 0
+    eviction_passes: int = 0  # passes run ahead, in the background (a store did not wait for them)
+    eviction_passes_waited: int = 0  # passes a store ran itself: the payload would have exceeded capacity_bytes
     kept_by_value: int = 0  # records eviction moved to the head of the log instead of deleting them
     blocks_evicted: int = 0  # blocks eviction removed whole with their keys (Store.evict_blocks: no tombstones)
     tombstones_dropped: int = 0
@@ -444,6 +451,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._history = ClockHistory(config.capacity_bytes // CLOCK_STEPS)  # a block's creation -> the clock then
         self._disk_checked_at = 0
         self._evict_lock = threading.Lock()
+        self._evict_queued = False  # a background pass is submitted and has not started its work yet
         self._ns_names: dict[int, str | None] = {}  # namespace id -> its name if an lmcache namespace (eviction)
         self._admit_all = config.admission == "always"
         self._records = 0  # records of the lmcache namespaces
@@ -489,6 +497,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._store_pool = ThreadPoolExecutor(max_workers=config.workers,
                                                   thread_name_prefix="blockstore-l2-store")
             undo.append(self._store_pool.shutdown)
+            # eviction ahead of need: one pass at a time, off the stores' path (_make_room)
+            self._evict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-l2-evict")
+            undo.append(self._evict_pool.shutdown)
             metrics.track_adapter(self)  # its report_status() counters, read at each scrape
             self.metrics_endpoint = None if config.metrics_port is None else metrics.serve(config.metrics_port)
         except BaseException:
@@ -769,27 +780,28 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _make_room(self, puts: list[_Put]) -> tuple[list[_Put], int]:
         """Keep the adapter within capacity_bytes: evict by value (one pass at a time), then keep the longest
         prefix of the task that fits (a prefix is what a later request can use). Returns (what to write,
-        bytes reserved for it)."""
+        bytes reserved for it). A store waits for a pass only when its payload would exceed capacity_bytes or
+        the block files their bound; when either is merely near (within `_lead()`), a pass is started on the
+        eviction thread (`_evict_ahead`) and the store goes on."""
         need = sum(p.size for p in puts) - sum(p.old.payload_len for p in puts if p.old is not None)
+        lead = self._lead()
         with self._lock:
             excess = self._used + self._reserved + need - self._capacity
             disk_due = self._clock - self._disk_checked_at >= self.store.block_size // DISK_CHECK_FRACTION
-        if excess > 0 or disk_due:
+            if disk_due:
+                self._disk_checked_at = self._clock
+        disk = self._disk_excess(self.store.block_table(), puts) if disk_due else -lead - 1  # (not near)
+        if excess > 0 or disk > 0:
             with self._evict_lock:
                 with self._lock:  # another pass may have made the room meanwhile
                     excess = self._used + self._reserved + need - self._capacity
-                    self._disk_checked_at = self._clock
-                table = self.store.block_table()
-                disk = self._disk_excess(table, puts)
-                if excess > 0 or disk > 0:
-                    # a pass frees at least 1/EVICT_AHEAD of the capacity: each pass pays the engine's syncs
-                    # (block deletions, relocations) once, so fewer, larger passes keep eviction off the
-                    # store's critical path
-                    ahead = self._capacity // EVICT_AHEAD
-                    gone = self._evict(max(excess, ahead) if excess > 0 else excess,
-                                       max(disk, ahead) if disk > 0 else disk, table)
+                # a store that waits frees at least capacity / EVICT_AHEAD: it pays the engine's syncs (block
+                # deletions, relocations) once for several blocks' worth of stores
+                if self._pass(excess, puts, self._capacity // EVICT_AHEAD):
                     with self._lock:
-                        self._counters.evicted_for_capacity += gone
+                        self._counters.eviction_passes_waited += 1
+        elif excess >= -lead or disk >= -lead:
+            self._start_pass_ahead()
         with self._lock:
             room = self._capacity - self._used - self._reserved
             keep: list[_Put] = []
@@ -803,6 +815,61 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._counters.skipped_capacity += len(puts) - len(keep)
             self._reserved += total
         return keep, total
+
+    def _lead(self) -> int:
+        """The room left at which a pass starts in the background (LEAD_BLOCK says why)."""
+        return self.store.block_size // LEAD_BLOCK
+
+    def _pass(self, excess: int, puts: list[_Put], ahead: int, lead: int = 0) -> bool:
+        """One eviction pass (the caller holds _evict_lock) if payload (`excess`) or block files (their bound
+        with `puts` to come, less `lead`) are over: frees at least `ahead` (space coming back a block at a
+        time: usually a block). Returns whether it ran."""
+        table = self.store.block_table()
+        disk = self._disk_excess(table, puts) + lead
+        if excess <= 0 and disk <= 0:
+            return False
+        gone = self._evict(max(excess, ahead) if excess > 0 else excess,
+                           max(disk, ahead) if disk > 0 else disk, table)
+        with self._lock:
+            self._counters.evicted_for_capacity += gone
+        return True
+
+    def _start_pass_ahead(self) -> None:
+        with self._lock:
+            if self._evict_queued or self._closed:
+                return
+            self._evict_queued = True
+        try:
+            self._evict_pool.submit(self._evict_ahead)
+        except RuntimeError:  # shut down meanwhile (close)
+            with self._lock:
+                self._evict_queued = False
+
+    def _evict_ahead(self) -> None:
+        """The background pass: make the room left at least `_lead()` again, so that stores need not wait.
+        Never raises (nobody waits for it); a failure is logged and the next store's own pass tries again."""
+        try:
+            with self._evict_lock:
+                with self._lock:
+                    self._evict_queued = False
+                    # room left <= the lead: a pass (the trigger in _make_room is the same test)
+                    excess = self._used + self._reserved + self._lead() - self._capacity + 1
+                if self._pass(excess, [], 0, self._lead() + 1):  # just the lead: room kept free is cache lost
+                    with self._lock:
+                        self._counters.eviction_passes += 1
+        except Exception as exc:
+            _log.warning("blockstore L2: background eviction pass failed: %s", exc)
+            with self._lock:
+                self._evict_queued = False
+                self._last_error = f"{type(exc).__name__}: {exc}"
+
+    def wait_for_eviction(self) -> None:
+        """Return once no eviction pass is queued or running (tests and benches that need a settled state)."""
+        while True:
+            with self._evict_lock, self._lock:
+                if not self._evict_queued:
+                    return
+            time.sleep(0.001)
 
     def _disk_excess(self, table: list[BlockEntry], puts: list[_Put]) -> int:
         """Bytes by which block files would exceed their bound once `puts` are written. The promise: block files
@@ -1590,6 +1657,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._closed = True
         self._io_pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
+        self._evict_pool.shutdown(wait=True)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         try:
