@@ -21,6 +21,7 @@ from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, OpenBlock, block_file_name
 from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, DirectoryBatch
 from blockstore.errors import BlockstoreError, CorruptionError
+from blockstore.placement_choice import PlacementChoice, namespace_of
 from blockstore.records import BLOCK_HEADER_SIZE, PAGE
 
 _log = logging.getLogger("blockstore")
@@ -29,12 +30,6 @@ _log = logging.getLogger("blockstore")
 OVERFLOW_PARTITION = b"\0overflow"
 _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (block_for)
 _WRITER_WINDOW_PER_SLOT = 8  # records placed per open slot over which concurrent writers are counted
-
-
-def _namespace(partition: bytes) -> bytes:
-    """The namespace part of a partition (`mutations.partition_of`: the namespace, then NUL and the
-    caller's partition; compaction's own streams start with NUL)."""
-    return partition.split(b"\0", 1)[0]
 
 
 class OpenBlocks:
@@ -56,6 +51,9 @@ class OpenBlocks:
         self._guests: OrderedDict[bytes, bytes] = OrderedDict()  # partition -> the slot whose block it joined
         self._block_ns: dict[int, set[bytes]] = {}  # open block -> namespaces writing into it (block_for)
         self._placed = 0
+        # whether a namespace is placed by its callers' partitions or as one (placement_choice.py); the
+        # store registers `choice.observe` as a read observer
+        self.choice = PlacementChoice(block_size=block_size, max_names=_RECENT_PARTITIONS_PER_SLOT * max_open_blocks)
         self.unnamed: frozenset[int] = frozenset()  # blocks named whose file a full disk kept from being created
         self.next_block = 0  # set from the directory by the open (0 until then)
 
@@ -79,9 +77,17 @@ class OpenBlocks:
         raise CorruptionError(f"internal: block {bid} is neither known nor open")
 
     def block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
-                   batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
+                  batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
         """The open block a record of `partition` goes to. `lone`: a user write that is the only record
-        of its partition in its group.
+        of its partition in its group. A namespace whose requests read across its partitions is placed
+        as one lineage (placement_choice.py); the record's place is labelled with the caller's partition."""
+        ob = self._block_for(self.choice.resolve(partition), need, tails, to_seal, batch, lone=lone)
+        self.choice.note_append(ob.entry.block_id, tails.get(ob.entry.block_id, ob.tail), partition, need)
+        return ob
+
+    def _block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
+                   batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
+        """The open block a record of (the resolved) `partition` goes to.
 
         A block is sealed only when the next record would not fit (or idle, or at close), never to free
         a slot: with every one of the max_open_blocks slots taken, a partition without a block joins
@@ -112,11 +118,11 @@ class OpenBlocks:
                 # block would mix it into a stream that writes again soon. Only while many partitions
                 # write: with few, a new chat's or task's first record sent there split it from the
                 # rest of its records (LMCache-shaped full mode: 2.81 -> 3.23 blocks/request)
-                return self.block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
+                return self._block_for(OVERFLOW_PARTITION, need, tails, to_seal, batch)
             roomy = [(p, o) for p, o in self.open.items() if self._fits(o, need, tails)]
             if roomy:
                 # a request reads one namespace: a block its namespace writes already is the one to share
-                ns = _namespace(partition)
+                ns = namespace_of(partition)
                 kin = [(p, o) for p, o in roomy if ns in self._block_ns.get(o.entry.block_id, ())]
                 host, ob = min(kin or roomy, key=lambda kv: kv[1].entry.last_append_ns)
                 self._join(partition, host, ob)
@@ -141,7 +147,7 @@ class OpenBlocks:
     def _note_ns(self, ob: OpenBlock, partition: bytes) -> None:
         """Remember that `partition`'s namespace writes into `ob` (entries of sealed blocks are dropped
         once they outnumber the open blocks: bounded)."""
-        self._block_ns.setdefault(ob.entry.block_id, set()).add(_namespace(partition))
+        self._block_ns.setdefault(ob.entry.block_id, set()).add(namespace_of(partition))
         if len(self._block_ns) > 2 * self.max_open_blocks + 2:
             live = {o.entry.block_id for o in self.open.values()}
             self._block_ns = {b: n for b, n in self._block_ns.items() if b in live}

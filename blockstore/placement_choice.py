@@ -1,0 +1,194 @@
+"""Placement choice: whether a namespace's writes follow the callers' partitions or the namespace, judged
+on the store's own reads.
+
+A caller's partition (a conversation, a session, a task) is a guess at what is read together. Where
+requests read records that several partitions of a namespace wrote (a conversation's cached prefix
+plus memory notes its tenant's other conversations just wrote), placing by partition spreads each
+request over those partitions' blocks, and relocation cannot repair records that are read while they
+are fresh (issue 16, `agents`: 1.15x the blocks/request of placing by namespace in full mode, and
+relocation with an unlimited budget did not close it). Where requests read mostly what one partition
+wrote (a task's own outputs, a chat's own prefix), placing by namespace interleaves every partition's
+records, and the partition is the better guess.
+
+So both are scored on the requests the store serves, against a shadow of each placement: each record
+appended lately is labelled with the block it would sit in if its namespace were one lineage and the
+block it would sit in if its partition were (each lineage filling blocks of the store's size in append
+order). A request's labelled records touch some number of shadow blocks under each; a namespace whose
+requests would touch at most _ENTER of the partitions' blocks under one lineage (a running mean over
+its recent requests) is placed by namespace until that share passes _EXIT. Namespaces with fewer than
+_MIN_REQUESTS scored requests follow the verdict of all namespaces' requests together (a tenant that
+reads rarely is still a tenant). A namespace that writes more than half of the bytes is never scored:
+one lineage for it is a plain log of the whole store, which the shadow (blind to relocation, which
+regroups what partitions spread) judges too kindly (sessions-shaped traces in one namespace: 0.70 of the
+partitions' shadow blocks early on, yet 1.3x their blocks/request once relocation ran).
+
+The coarsest this gets is what a caller that names no partition gets. Nothing here knows a workload:
+the evidence is the store's reads, the only size the block size. Compaction's own streams (partition
+names starting with NUL) are never redirected or scored. Memory: at most `max_labels` labels and
+`max_names` lineages, scores and byte counts.
+
+Not thread-safe except `observe`: the group-commit leader (placement.py) calls everything else.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blockstore.directory import Location
+
+_MAX_LABELS = 1 << 16  # records whose shadow places are kept (about 150 bytes each)
+_PENDING_REQUESTS = 1024  # requests waiting for the leader to score them
+_WEIGHT = 1 / 128  # weight of one request in a running score (about the last 128 requests)
+_MIN_REQUESTS = 16  # requests scored before a namespace (or the store) may change how it is placed
+_ENTER = 0.75  # place by namespace once its shadow touches at most this share of the partitions' blocks
+_EXIT = 0.9  # ... and by partition again once it touches more than this share
+_MAX_SHARE = 2  # a namespace writing more than 1/_MAX_SHARE of the bytes is not scored (see _learn)
+_ALL = b"\0all"  # the score of every namespace's requests together (not a namespace: starts with NUL)
+
+
+def namespace_of(partition: bytes) -> bytes:
+    """The namespace part of a partition (`mutations.partition_of`: the namespace, then NUL and the
+    caller's partition; compaction's own streams start with NUL)."""
+    return partition.split(b"\0", 1)[0]
+
+
+class _Lineages:
+    """Shadow lineages: each name fills blocks of `capacity` bytes in append order (bounded LRU)."""
+
+    def __init__(self, capacity: int, max_names: int) -> None:
+        self.capacity = capacity
+        self.max_names = max_names
+        self.state: OrderedDict[bytes, list[int]] = OrderedDict()  # name -> [shadow block, bytes in it]
+        self.next_block = 0
+
+    def place(self, name: bytes, nbytes: int) -> int:
+        """The shadow block a record of `nbytes` appended to `name`'s lineage lands in."""
+        st = self.state.get(name)
+        if st is None or (st[1] and st[1] + nbytes > self.capacity):
+            st = [self.next_block, 0]
+            self.next_block += 1
+            self.state[name] = st
+            while len(self.state) > self.max_names:
+                self.state.popitem(last=False)
+        self.state.move_to_end(name)
+        st[1] += nbytes
+        return st[0]
+
+
+class PlacementChoice:
+    """Per namespace: by partition (the default) or by namespace, whichever its reads favour."""
+
+    def __init__(self, *, block_size: int, max_names: int, max_labels: int = _MAX_LABELS) -> None:
+        self.max_names = max_names
+        self._by_ns = _Lineages(block_size, max_names)
+        self._by_partition = _Lineages(block_size, max_names)
+        # (block, offset) of a record appended lately -> (namespace, shadow block by namespace, by
+        # partition); `observe` on reader threads only tests membership, the leader changes it
+        self._labels: OrderedDict[tuple[int, int], tuple[bytes, int, int]] = OrderedDict()
+        self.max_labels = max_labels
+        self._pending: deque[list[tuple[int, int]]] = deque(maxlen=_PENDING_REQUESTS)
+        # namespace (and _ALL) -> [requests, mean shadow blocks by namespace, mean by partition]
+        self._score: OrderedDict[bytes, list[float]] = OrderedDict()
+        self.by_namespace: set[bytes] = set()  # namespaces placed by namespace now
+        self.default_by_namespace = False  # the verdict of all requests, for namespaces with few of their own
+        # bytes each namespace appended lately (an LRU of max_names namespaces), and all of them
+        self._written: OrderedDict[bytes, int] = OrderedDict()
+        self._written_all = 0
+        self.switches = 0  # changes of mode (for tests and the benchmark's profile)
+
+    # ---- reader side (any thread) ----
+
+    def observe(self, _suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
+        """A read observer: queue the places of this request's labelled records, if two or more are."""
+        labels = self._labels
+        places = [(loc.block_id, loc.offset) for loc in locs if loc is not None and (loc.block_id, loc.offset) in labels]
+        if len(places) >= 2:
+            self._pending.append(places)  # deque.append is atomic: no lock on the read path
+
+    # ---- leader side ----
+
+    def resolve(self, partition: bytes) -> bytes:
+        """The partition a record of `partition` is placed by: its namespace while the namespace is
+        placed by namespace, else itself. Scores the requests read since the last call first."""
+        if self._pending:
+            self._learn()
+        if not (self.by_namespace or self.default_by_namespace) or partition.startswith(b"\0"):
+            return partition
+        ns = namespace_of(partition)
+        if ns in self.by_namespace or (self.default_by_namespace and ns not in self._score):
+            return ns
+        return partition
+
+    def note_append(self, block_id: int, offset: int, partition: bytes, nbytes: int) -> None:
+        """A record of the caller's `partition` (`nbytes` long) is appended at `offset` of block
+        `block_id`: label it with its shadow blocks (the last `max_labels` records keep theirs)."""
+        if partition.startswith(b"\0"):
+            return
+        ns = namespace_of(partition)
+        written = self._written
+        written[ns] = written.get(ns, 0) + nbytes
+        written.move_to_end(ns)
+        while len(written) > self.max_names:
+            written.popitem(last=False)
+        self._written_all += nbytes
+        labels = self._labels
+        labels[(block_id, offset)] = (ns, self._by_ns.place(ns, nbytes), self._by_partition.place(partition, nbytes))
+        while len(labels) > self.max_labels:
+            labels.popitem(last=False)
+
+    def _learn(self) -> None:
+        touched: set[bytes] = set()
+        while self._pending:
+            found: dict[bytes, list[tuple[int, int]]] = {}
+            for bid, off in self._pending.popleft():
+                lab = self._labels.get((bid, off))
+                if lab is not None:
+                    found.setdefault(lab[0], []).append((lab[1], lab[2]))
+            for ns, shadows in found.items():
+                if len(shadows) >= 2 and self._written.get(ns, 0) * _MAX_SHARE <= self._written_all:
+                    by_ns, by_part = len({n for n, _p in shadows}), len({p for _n, p in shadows})
+                    self._note(ns, by_ns, by_part)
+                    self._note(_ALL, by_ns, by_part)
+                    touched.add(ns)
+        if touched:
+            self._decide(touched)
+
+    def _note(self, ns: bytes, by_ns: int, by_part: int) -> None:
+        """One request of `ns` would touch `by_ns` shadow blocks placed by namespace, `by_part` by partition."""
+        score = self._score.get(ns)
+        if score is None:
+            score = self._score[ns] = [0.0, 0.0, 0.0]
+            while len(self._score) > self.max_names:
+                gone, _old = self._score.popitem(last=False)
+                self.by_namespace.discard(gone)
+        self._score.move_to_end(ns)
+        score[0] += 1
+        w = max(_WEIGHT, 1 / score[0])
+        score[1] += (by_ns - score[1]) * w
+        score[2] += (by_part - score[2]) * w
+
+    def _decide(self, touched: set[bytes]) -> None:
+        """Which namespaces are placed by namespace now: those whose own requests favour it clearly, and
+        those with too few requests of their own while the store's requests as a whole favour it. Only
+        the namespaces just scored are judged again, unless the overall verdict changed."""
+        def verdict(score: list[float], was: bool) -> bool:
+            return score[1] <= score[2] * (_EXIT if was else _ENTER)
+
+        overall = self._score.get(_ALL)
+        default = overall is not None and overall[0] >= _MIN_REQUESTS and verdict(overall, self.default_by_namespace)
+        if default != self.default_by_namespace:
+            self.default_by_namespace = default
+            self.switches += 1
+            touched = set(self._score)
+        for ns in touched:
+            score = self._score.get(ns)
+            if ns == _ALL or score is None:
+                continue
+            was = ns in self.by_namespace
+            now = verdict(score, was) if score[0] >= _MIN_REQUESTS else default
+            if now != was:
+                (self.by_namespace.add if now else self.by_namespace.discard)(ns)
+                self.switches += 1

@@ -1,0 +1,118 @@
+"""Placement choice (blockstore/placement_choice.py, issue 16): a namespace whose requests read what
+several of its partitions wrote is placed as one lineage; one whose requests read what one partition
+wrote keeps its partitions; a namespace writing most of the store never becomes one stream; memory
+stays bounded. The unit tests drive the scorer with appends and reads directly (the store's leader and
+reader do the same); the store test goes through the public API."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from blockstore.placement_choice import PlacementChoice
+
+BLOCK = 4 << 20
+
+
+@dataclass
+class Place:  # what observe reads of a Location
+    block_id: int
+    offset: int
+
+
+class Replay:
+    """Appends in a fake block space (each partition's own block, as placement by partition does) and
+    reads through `observe`, as the store's leader and reader call the scorer."""
+
+    def __init__(self, choice: PlacementChoice) -> None:
+        self.choice = choice
+        self.where: dict[bytes, Place] = {}
+        self.offsets: dict[bytes, int] = {}
+        self.block_of: dict[bytes, int] = {}
+
+    def put(self, key: bytes, partition: bytes, nbytes: int) -> None:
+        placed = self.choice.resolve(partition)
+        bid = self.block_of.setdefault(placed, len(self.block_of))
+        off = self.offsets.get(placed, 4096)
+        self.offsets[placed] = off + nbytes
+        self.where[key] = Place(bid, off)
+        self.choice.note_append(bid, off, partition, nbytes)
+
+    def read(self, keys: list[bytes]) -> None:
+        self.choice.observe(keys, [self.where[k] for k in keys])  # type: ignore[misc]
+
+
+def tenants_reading_across_conversations(choice: PlacementChoice, tenants: int = 20, rounds: int = 40) -> Replay:
+    """Each tenant (namespace) has conversations (partitions); each turn reads the conversation's last
+    records plus notes other conversations of the tenant just wrote."""
+    rng = random.Random(3)
+    r = Replay(choice)
+    notes: dict[int, list[bytes]] = {t: [] for t in range(tenants)}
+    own: dict[tuple[int, int], list[bytes]] = {}
+    for i in range(rounds * tenants):
+        t, c = rng.randrange(tenants), rng.randrange(4)
+        part = b"tenant%03d\0conv%d" % (t, c)
+        mine = own.setdefault((t, c), [])
+        if len(mine) + len(notes[t]) >= 2:
+            r.read(mine[-3:] + notes[t][-3:])
+        kv, note = b"%d/kv%d" % (t, i), b"%d/note%d" % (t, i)
+        r.put(kv, part, 100_000)
+        r.put(note, part, 4_000)
+        mine.append(kv)
+        notes[t].append(note)
+    return r
+
+
+def test_a_namespace_read_across_its_partitions_is_placed_as_one() -> None:
+    choice = PlacementChoice(block_size=BLOCK, max_names=1024)
+    tenants_reading_across_conversations(choice)
+    assert choice.default_by_namespace
+    assert choice.resolve(b"tenant001\0conv2") == b"tenant001"
+    assert choice.resolve(b"tenant999\0new") == b"tenant999"  # a tenant never read yet follows the rest
+    assert choice.resolve(b"\0compaction/relocate") == b"\0compaction/relocate"  # compaction's streams stay
+
+
+def test_partitions_read_on_their_own_keep_their_lineages() -> None:
+    """Tasks that read their own outputs (and one page another task wrote) stay placed by partition."""
+    choice = PlacementChoice(block_size=BLOCK, max_names=1024)
+    rng = random.Random(5)
+    r = Replay(choice)
+    outs: dict[bytes, list[bytes]] = {}
+    for i in range(3000):
+        ns = b"site%d" % rng.randrange(10)
+        part = ns + b"\0task%d" % rng.randrange(8)
+        mine = outs.setdefault(part, [])
+        if len(mine) >= 2:
+            r.read(mine[-8:])
+        key = b"%s/o%d" % (part, i)
+        r.put(key, part, 20_000)
+        mine.append(key)
+    assert not choice.default_by_namespace and not choice.by_namespace
+    assert choice.resolve(b"site1\0task3") == b"site1\0task3"
+
+
+def test_a_namespace_writing_most_of_the_store_is_never_one_stream() -> None:
+    """One namespace for everything (what a caller gets without namespaces): placing it as one lineage
+    would be a plain log; however its requests cross partitions, its partitions stay."""
+    choice = PlacementChoice(block_size=BLOCK, max_names=1024)
+    rng = random.Random(9)
+    r = Replay(choice)
+    keys: list[bytes] = []
+    for i in range(3000):
+        part = b"bench\0s%d" % rng.randrange(30)
+        if len(keys) >= 4:
+            r.read(rng.sample(keys[-40:], 4))
+        keys.append(b"k%d" % i)
+        r.put(keys[-1], part, 8_000)
+    assert not choice.default_by_namespace and not choice.by_namespace
+    assert choice.resolve(b"bench\0s1") == b"bench\0s1"
+
+
+def test_memory_stays_bounded() -> None:
+    choice = PlacementChoice(block_size=BLOCK, max_names=64, max_labels=500)
+    r = tenants_reading_across_conversations(choice, tenants=300, rounds=10)
+    assert len(choice._labels) <= 500
+    assert len(choice._by_ns.state) <= 64 and len(choice._by_partition.state) <= 64
+    assert len(choice._score) <= 64 and len(choice._written) <= 64
+    assert choice.by_namespace <= set(choice._score)
+    assert len(r.where) == 2 * 300 * 10  # every record was written (the bounds only forget evidence)
