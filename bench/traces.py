@@ -771,7 +771,114 @@ def agents(seed: int = 0, scale: float = 1.0, *, conversations: int | None = Non
     return Trace("agents", ops, params)
 
 
-# the families the benchmark replays by default; the held-out `heldout` and `agents` run when named
+def workspaces(seed: int = 0, scale: float = 1.0, *, sessions: int | None = None, workspaces: int = 120,
+               workspace_zipf: float = 1.1, turns: tuple[int, int] = (2, 12), concurrent: int = 32,
+               kv_bytes: tuple[int, int] = (128 * KiB, 768 * KiB), kv_p: float = 0.6,
+               message_bytes: tuple[int, int] = (1 * KiB, 8 * KiB), docs: tuple[int, int] = (2, 30),
+               doc_chunks: tuple[int, int] = (3, 20), chunk_bytes: tuple[int, int] = (4 * KiB, 48 * KiB),
+               doc_zipf: float = 0.8, docs_per_request: tuple[int, int] = (1, 2), chunks_per_doc: tuple[int, int] = (2, 4),
+               history_kv: int = 6, reingest_p: float = 0.04, noise_p: float = 0.15, evict_p: float = 0.5,
+               delete_doc_p: float = 0.01) -> Trace:
+    """A third held-out workload (issue 16), written and frozen before its first measurement: no constant
+    of the engine or of compaction is chosen by its figures; replayed only when named.
+
+    Retrieval-augmented chat over shared workspaces. `workspaces` workspaces (each its own namespace
+    f"ws{i:03d}", activity Zipf(`workspace_zipf`)) each hold a corpus of `docs` documents of
+    `doc_chunks` chunk records (`chunk_bytes`, log-uniform), ingested by the workspace's ingest
+    partition when the workspace is first used. `sessions` user sessions (default 50 x scale),
+    `concurrent` at once, interleaved, `turns` turns each; partition = the user's session. A turn reads
+    (one request) the session's last `history_kv` KV records and last 2 messages plus
+    `chunks_per_doc` chunks of each of `docs_per_request` documents drawn Zipf(`doc_zipf`) from the
+    workspace's corpus; with probability `noise_p` instead 2-8 records of the workspace drawn
+    uniformly. Then it writes one message (`message_bytes`) and, with probability `kv_p`, one KV record
+    (`kv_bytes`, 64 KiB steps). With probability `reingest_p` a turn first re-ingests one document (all
+    its chunks rewritten by the ingest partition) and with `delete_doc_p` deletes one. A finished
+    session's KV records are deleted with probability `evict_p`.
+    """
+    rng = random.Random(f"workspaces-{seed}")
+    total = sessions if sessions is not None else max(2, round(50 * scale))
+    pick_ws = _Zipf(workspaces, workspace_zipf, rng)
+    corpus: dict[int, list[list[bytes]]] = {}  # workspace -> live documents' chunk keys
+    sizes: dict[tuple[int, bytes], int] = {}
+    pools: dict[int, _Pool] = {}
+    made_docs: dict[int, int] = {}
+    ops: list[Op] = []
+    started = itertools.count()
+
+    def ingest(w: int, ns: str) -> None:
+        d = made_docs.get(w, 0)
+        made_docs[w] = d + 1
+        keys = tuple(b"doc%04d/c%02d" % (d, j) for j in range(rng.randint(*doc_chunks)))
+        lens = tuple(_log_uniform(rng, *chunk_bytes) for _ in keys)
+        ops.append(Put(keys, lens, "ingest", ns))
+        corpus[w].append(list(keys))
+        for k, n in zip(keys, lens):
+            sizes[(w, k)] = n
+            pools[w].add(k)
+
+    def start() -> dict[str, Any] | None:
+        i = next(started)
+        if i >= total:
+            return None
+        w = pick_ws()
+        ns = f"ws{w:03d}"
+        if w not in corpus:
+            corpus[w], pools[w] = [], _Pool()
+            for _ in range(rng.randint(*docs)):
+                ingest(w, ns)
+        return {"i": i, "w": w, "ns": ns, "left": rng.randint(*turns), "kv": [], "msg": []}
+
+    def step(a: dict[str, Any]) -> bool:
+        w, ns, part = a["w"], a["ns"], f"user{a['i']:04d}"
+        pool, docs_now = pools[w], corpus[w]
+        if docs_now and rng.random() < reingest_p:
+            doc = docs_now[rng.randrange(len(docs_now))]
+            ops.append(Put(tuple(doc), tuple(sizes[(w, k)] for k in doc), "ingest", ns))
+        if len(docs_now) > 1 and rng.random() < delete_doc_p:
+            doc = docs_now.pop(rng.randrange(len(docs_now)))
+            ops.append(Delete(tuple(doc), ns))
+            for k in doc:
+                pool.remove(k)
+        if rng.random() < noise_p and len(pool) >= 2:
+            req = list(dict.fromkeys(pool.choice(rng) for _ in range(rng.randint(2, 8))))
+        else:
+            req = a["kv"][-history_kv:] + a["msg"][-2:]
+            if docs_now:
+                ranks = _Zipf(len(docs_now), doc_zipf, rng)
+                for d in dict.fromkeys(ranks() for _ in range(rng.randint(*docs_per_request))):
+                    doc = docs_now[d]
+                    req += rng.sample(doc, min(len(doc), rng.randint(*chunks_per_doc)))
+        if len(req) >= 2:
+            ops.append(Request(tuple(dict.fromkeys(req)), ns))
+        n = len(a["msg"])
+        keys, lens = [b"%s/m%03d" % (part.encode(), n)], [_log_uniform(rng, *message_bytes)]
+        a["msg"].append(keys[0])
+        if rng.random() < kv_p:
+            keys.append(b"%s/kv%03d" % (part.encode(), n))
+            lens.append(rng.randint(kv_bytes[0] // (64 * KiB), kv_bytes[1] // (64 * KiB)) * 64 * KiB)
+            a["kv"].append(keys[-1])
+        ops.append(Put(tuple(keys), tuple(lens), part, ns))
+        for k in keys:
+            pool.add(k)
+        a["left"] -= 1
+        if a["left"] > 0:
+            return True
+        if a["kv"] and rng.random() < evict_p:
+            ops.append(Delete(tuple(a["kv"]), ns))
+            for k in a["kv"]:
+                pool.remove(k)
+        return False
+
+    _interleave(rng, concurrent, start, step)
+    params = dict(seed=seed, scale=scale, sessions=total, workspaces=workspaces, workspace_zipf=workspace_zipf,
+                  turns=turns, concurrent=concurrent, kv_bytes=kv_bytes, kv_p=kv_p, message_bytes=message_bytes,
+                  docs=docs, doc_chunks=doc_chunks, chunk_bytes=chunk_bytes, doc_zipf=doc_zipf,
+                  docs_per_request=docs_per_request, chunks_per_doc=chunks_per_doc, history_kv=history_kv,
+                  reingest_p=reingest_p, noise_p=noise_p, evict_p=evict_p, delete_doc_p=delete_doc_p)
+    return Trace("workspaces", ops, params)
+
+
+# the families the benchmark replays by default; the held-out `heldout`, `agents` and `workspaces` run when named
 FAMILIES = ("locomo", "webarena", "swe", "lmcache", "shared", "sessions")
 
 GENERATORS: dict[str, Callable[..., Trace]] = {
@@ -783,6 +890,7 @@ GENERATORS: dict[str, Callable[..., Trace]] = {
     "sessions": sessions,
     "heldout": heldout,
     "agents": agents,
+    "workspaces": workspaces,
 }
 
 
