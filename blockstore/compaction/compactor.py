@@ -137,6 +137,7 @@ class Compactor:
         self._flushed_counters = raw
 
     def _loop(self) -> None:
+        self.pacing.background_thread(self._stop, self.policy.interval_s)  # CPU priority below the foreground's
         while not self._stop.wait(self.policy.interval_s):
             try:
                 self.run_pass(pace=True)
