@@ -162,6 +162,8 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
                                   read_gap=self.read_gap, read_ahead=self.read_ahead, on_corrupt=self.on_corrupt,
                                   block_named=self._engine.block_named)
             self._reader.observers = self._read_observers
+            # placement scores its two ways of placing a namespace on the requests served (placement_choice.py)
+            self._read_observers.append(self._placement.choice.observe)
             self._tiering = Tiering(self._engine, remote_seal_seconds=self._remote_waits[0],
                                     remote_timeout=self._remote_waits[1])
             self._reader.remote_name_of = self._tiering.remote_name
