@@ -13,6 +13,10 @@ names its whole prefix, so the same document after another prefix is another key
               3-15 turns and are replaced; each starts with one of 8 system prompts of 4 blocks
   sharing     40 tenants over 6 system prompts, a corpus of 200 documents of 3-8 blocks read by all tenants
               (global Zipf(1.0) mixed with each tenant's own favourites), plus 1-2 private one-off blocks
+  agents      held out (frozen before its first run, never used to choose rules or weights): 5 apps' system
+              prompts and tool definitions, 80 live sessions with Pareto activity and growing histories,
+              retrieved documents half from a trending set that changes every eighth of the run; a fifth of the
+              ended sessions come back later
 
 Capacity: 10 % and 30 % of each trace's working set (its distinct keys), in records of RECORD bytes.
 
@@ -188,8 +192,54 @@ def trace_sharing(rng: random.Random, n_req: int) -> Trace:
     return out
 
 
+def trace_agents(rng: random.Random, n_req: int) -> Trace:
+    """Held out (written and frozen before its first run; never tuned on): tool-using agents. 5 apps, each a
+    system prompt of 3 blocks and tool definitions of 2; 80 live sessions with Pareto-skewed activity, each turn
+    the app's prefix, the session's history (growing 1-2 blocks a turn) and 0-2 retrieved documents of 2-5 blocks
+    from a corpus of 400 (half the time from a trending set of 20 that changes every eighth of the run, else a
+    global Zipf(1.1)); a session ends after a geometric number of turns (mean ~7), and a fifth of the ended ones
+    come back later where they left off."""
+    ch = Chains()
+    apps = 5
+    doc_len = [rng.randint(2, 5) for _ in range(400)]
+    w_docs = _zipf_weights(400, 1.1)
+    serial = 0
+    parked: list[tuple[int, int, int]] = []  # ended sessions that may come back: (app, id, turns so far)
+
+    def fresh() -> list[int]:
+        nonlocal serial
+        if parked and rng.random() < 0.2:
+            return list(parked.pop(rng.randrange(len(parked))))
+        serial += 1
+        return [rng.randrange(apps), serial, 0]
+
+    live = [fresh() for _ in range(80)]
+    weight = [rng.paretovariate(1.2) for _ in range(80)]
+    trending = rng.sample(range(400), 20)
+    out = []
+    for r in range(n_req):
+        if r and r % max(1, n_req // 8) == 0:
+            trending = rng.sample(range(400), 20)
+        i = rng.choices(range(80), weight)[0]
+        app, sid, turns = live[i]
+        labels: list[Any] = [("app", app, j) for j in range(3)] + [("tools", app, j) for j in range(2)]
+        labels += [("h", sid, j) for j in range(turns)]
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            d = rng.choice(trending) if rng.random() < 0.5 else rng.choices(range(400), w_docs)[0]
+            labels += [("doc", d, j) for j in range(doc_len[d])]
+        out.append(ch.request(labels))
+        live[i][2] = turns + rng.randint(1, 2)
+        if rng.random() < 0.15:
+            parked.append((app, sid, live[i][2]))
+            live[i] = fresh()
+            weight[i] = rng.paretovariate(1.2)
+    return out
+
+
 FAMILIES: dict[str, Callable[[random.Random, int], Trace]] = {
     "zipf": trace_zipf, "shifting": trace_shifting, "multiturn": trace_multiturn, "sharing": trace_sharing}
+# held out: run and reported with the others, never used to choose the policy's rules or weights
+HELD_OUT: dict[str, Callable[[random.Random, int], Trace]] = {"agents": trace_agents}
 
 
 # --------------------------------------------------------------------------------------- simulators
@@ -482,7 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="bench-eviction-", dir=args.dir)
     results: dict[str, Any] = {}
     try:
-        for name, build in FAMILIES.items():
+        for name, build in {**FAMILIES, **HELD_OUT}.items():
             trace = build(random.Random(args.seed), n_req)
             distinct = len({k for r in trace for k in r})
             for frac in FRACTIONS:
