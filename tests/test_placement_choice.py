@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+import blockstore
 from blockstore.placement_choice import PlacementChoice
 
 BLOCK = 4 << 20
@@ -120,3 +122,31 @@ def test_memory_stays_bounded() -> None:
     assert len(choice._score) <= 64 and len(choice._written) <= 64
     assert choice.by_namespace <= set(choice._score)
     assert len(r.where) == 2 * 300 * 10  # every record was written (the bounds only forget evidence)
+
+
+def test_a_store_places_a_tenant_read_across_partitions_as_one(tmp_path: Path) -> None:
+    """Through the public API: tenants' conversations whose requests read each other's notes end up
+    writing into one lineage per tenant (a new conversation's records land in its tenant's block), and
+    every record reads back."""
+    rng = random.Random(11)
+    written: dict[tuple[str, bytes], bytes] = {}
+    with blockstore.open(tmp_path, block_size=4 << 20, max_open_blocks=64, idle_seal_seconds=0) as s:
+        notes: dict[str, list[bytes]] = {}
+        for i in range(600):
+            ns = f"tenant{rng.randrange(8)}"
+            conv = f"conv{rng.randrange(6)}"
+            mine = notes.setdefault(ns, [])
+            if len(mine) >= 3:
+                got = s.get_many(mine[-4:], ns=ns)
+                assert [bytes(g) for g in got if g is not None] == [written[(ns, k)] for k in mine[-4:]]
+            key, value = b"note%d" % i, rng.randbytes(rng.randint(1000, 8000))
+            s.put_many([(key, value)], ns=ns, partition=conv)
+            written[(ns, key)] = value
+            mine.append(key)
+        # two new conversations of one tenant: their records go where the tenant writes
+        s.put_many([(b"new-a", b"a" * 3000)], ns="tenant0", partition="fresh-a")
+        s.put_many([(b"new-b", b"b" * 3000)], ns="tenant0", partition="fresh-b")
+        a, b = s.locate_many([b"new-a", b"new-b"], ns="tenant0")
+        assert a is not None and b is not None and a.block_id == b.block_id
+        for (ns, key), value in written.items():
+            assert s.get(key, ns=ns) == value
