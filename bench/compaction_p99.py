@@ -13,6 +13,8 @@ when it overlaps the compactor's hook activity, gaps under 50 ms merged) and add
                compaction, after the paced background run, and after an unpaced `run_until_idle` of
                the same backlog (after the same reads as the busy phase made) (pacing that starved compaction would leave the second above the third)
 
+With `--hog`, the idle requests are also timed beside a thread of GIL-free C work (hashing), at normal
+priority and under SCHED_IDLE: what any background thread's CPU use costs the foreground on this machine.
 With `--profile`, the busy phase also records where the foreground's slow requests went: a probe thread
 (0.2 ms sleeps; its lateness is the time a thread waits for the GIL) and timed spans of every engine call
 the compactor makes (`Store.relocate_many`, `read_locations`, `place_copies`, `block_table`,
@@ -22,6 +24,7 @@ share of their time that overlapped each kind of span, beside the same share ove
     python -m bench.compaction_p99 --quick                       # 8 traces, 3 repeats, full policy
     python -m bench.compaction_p99 --full                        # traces 4x bigger, 400 requests
     python -m bench.compaction_p99 --quick --traces webarena shared --repeats 1 --profile
+    python -m bench.compaction_p99 --quick --hog                 # plus the CPU-hog floor
 
 The last line of stdout is one JSON object: {"traces": {TRACE: {"ratio", "noise", "gc_mb_s"}}} (medians).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
 import os
 import shlex
@@ -209,23 +213,43 @@ class Profile:
 # ----------------------------------------------------------------------------------------------- phases
 
 
-def idle_phase(base: str, block_size: int, reqs: Sequence[Request], probe: bool) -> dict[str, Any]:
+def cpu_hog(stop: threading.Event, sched_idle: bool) -> None:
+    """C work with the GIL released (hashlib hashes large buffers without it), until `stop`: what any
+    background thread's CPU use does to the foreground, GIL aside."""
+    if sched_idle:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    buf = bytes(8 * MiB)
+    while not stop.is_set():
+        hashlib.sha256(buf).digest()
+
+
+def idle_phase(base: str, block_size: int, reqs: Sequence[Request], probe: bool,
+               hog: str | None = None) -> dict[str, Any]:
     """The requests timed one by one on a warm copy opened without compaction (ms); with `probe`, the GIL
-    probe runs beside them (as in a profiled busy phase)."""
+    probe runs beside them (as in a profiled busy phase); with `hog` ("normal" or "sched_idle"), a
+    GIL-free CPU hog thread at that priority."""
     path = warm_copy(base, "idle")
     prof = Profile()
     lat: list[float] = []
+    stop = threading.Event()
+    hogger = threading.Thread(target=cpu_hog, args=(stop, hog == "sched_idle"), daemon=True) if hog else None
     try:
         with blockstore.open(path, block_size=block_size) as s:
             if probe:
                 prof.start_probe()
+            if hogger is not None:
+                hogger.start()
             for op in reqs:
                 t0 = time.perf_counter()
                 s.get_many(op.keys, ns=op.ns)
                 lat.append((time.perf_counter() - t0) * 1e3)
+            stop.set()
             bpr = blocks_per_request(s, reqs)
             prof.undo()
     finally:
+        stop.set()
+        if hogger is not None and hogger.is_alive():
+            hogger.join()
         shutil.rmtree(path, ignore_errors=True)
     late = [lt * 1e3 for _t, lt in prof.probe]
     return {"lat_ms": lat, "blocks_per_request": bpr,
@@ -259,10 +283,11 @@ def busy_phase(base: str, block_size: int, reqs: Sequence[Request], policy: str,
                 s.get_many(op.keys, ns=op.ns)
                 t1 = time.perf_counter()
                 timed.append((t0, t1))
-                last = events[-1] if events else t_open
-                if (j >= len(reqs) and t1 - last > QUIET_S) or t1 - t_open > BUSY_LIMIT_S:
+                # quiet only once it has worked: a compactor that yields its CPU may start late
+                last = events[-1] if events else None
+                if (j >= len(reqs) and last is not None and t1 - last > QUIET_S) or t1 - t_open > BUSY_LIMIT_S:
                     break
-            went_idle = t1 - last > QUIET_S
+            went_idle = last is not None and t1 - last > QUIET_S
             comp.stop()
             prof.undo()
             status = comp.status()
@@ -306,7 +331,7 @@ def unpaced(base: str, block_size: int, reqs: Sequence[Request], policy: str, re
 
 
 def measure(trace: Trace, *, root: str, payloads: Payloads, n_requests: int, policy: str,
-            profile: bool) -> dict[str, Any]:
+            profile: bool, hog: bool) -> dict[str, Any]:
     """One trace, one repeat: idle, busy, idle again, and the unpaced reference."""
     bs = TRACE_BLOCK_SIZE[trace.name]
     base = replay(trace, "full", block_size=bs, root=root, payloads=payloads, passes=0, cold_samples=0,
@@ -319,6 +344,7 @@ def measure(trace: Trace, *, root: str, payloads: Payloads, n_requests: int, pol
         busy = busy_phase(base, bs, reqs, policy, profile, pct(before["lat_ms"], 99))
         after = idle_phase(base, bs, reqs, profile)
         ref = unpaced(base, bs, reqs, policy, busy["reads"])
+        hogs = {h: idle_phase(base, bs, reqs, False, h)["lat_ms"] for h in (("normal", "sched_idle") if hog else ())}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     idle = before["lat_ms"] + after["lat_ms"]
@@ -337,6 +363,8 @@ def measure(trace: Trace, *, root: str, payloads: Payloads, n_requests: int, pol
                                "unpaced": ref["blocks_per_request"]},
         "unpaced": ref,
         "probe_idle_ms": before["probe_late_ms"],
+        # idle reads beside a GIL-free CPU hog thread, p99 / idle p99: the machine's floor for background work
+        "hog_ratio": {h: pct(lat, 99) / idle_p99 for h, lat in hogs.items()},
         "profile": busy.get("profile"),
     }
 
@@ -368,11 +396,17 @@ def report(per_trace: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, A
         s["unpaced_mb_s"] = summary([r["unpaced"]["mb_s"] for r in runs])
         bpr = {k: statistics.median(r["blocks_per_request"][k] for r in runs) for k in ("before", "paced", "unpaced")}
         idle_runs = sum(bool(r["went_idle"]) for r in runs)
+        for h in ("normal", "sched_idle"):
+            s[f"hog_{h}"] = summary([r["hog_ratio"].get(h) for r in runs])
         doc[tr] = s | {"blocks_per_request": bpr, "went_idle": f"{idle_runs}/{len(runs)}"}
         rows.append(f"| {tr} | {fmt(s['ratio'])} | {fmt(s['noise'])} "
                     f"| {fmt(s['idle_p99_ms'])} | {fmt(s['during_p99_ms'])} | {fmt(s['gc_mb_s'], 1)} "
                     f"({fmt(s['unpaced_mb_s'], 1)}) | {idle_runs}/{len(runs)} | {bpr['before']:.2f} → "
                     f"{bpr['paced']:.2f} ({bpr['unpaced']:.2f}) |")
+    if any(s["hog_normal"]["n"] for s in doc.values()):
+        rows += ["", "Idle reads beside a GIL-free CPU hog thread, p99 ÷ idle p99 (the machine's floor for any "
+                 "background work):", "", "| trace | hog at normal priority | hog under SCHED_IDLE |", "|---|---|---|"]
+        rows += [f"| {tr} | {fmt(s['hog_normal'])} | {fmt(s['hog_sched_idle'])} |" for tr, s in doc.items()]
     return "\n".join(rows), doc
 
 
@@ -388,6 +422,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, help="timed requests per phase")
     ap.add_argument("--policy", default="full", help="the background compactor's policy (default full)")
     ap.add_argument("--profile", action="store_true", help="GIL probe and timed compactor calls (changes timings)")
+    ap.add_argument("--hog", action="store_true", help="also time the idle requests beside a GIL-free CPU hog "
+                    "thread, at normal priority and under SCHED_IDLE (Linux)")
     args = ap.parse_args(argv)
     args.mode = bench_mode(args)
     args.json = results_path(args, "compaction_p99")
@@ -415,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for t in traces:
                 load.append(os.getloadavg()[0])
                 res = measure(t, root=root, payloads=payloads, n_requests=args.requests, policy=args.policy,
-                              profile=args.profile)
+                              profile=args.profile, hog=args.hog)
                 per_trace[t.name].append(res)
                 print(f"seed {args.seed + r} {t.name}: p99 during {res['during_p99_ms']:.2f} ms (n={res['during_n']})"
                       f" / idle {res['idle_p99_ms']:.2f} = {res['ratio']:.2f}; idle/idle {res['noise']:.2f}; "
