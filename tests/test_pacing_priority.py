@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import blockstore
-from blockstore.compaction.pacing import STARVE_S, ForegroundPacing, Pacer, ThreadPriority
+from blockstore.compaction import pacing as pacing_mod
+from blockstore.compaction.pacing import STARVE_S, ForegroundPacing, Pacer, ThreadPriority, spare_cpu
 
 linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 
@@ -47,6 +48,32 @@ def test_idle_then_normal_changes_only_the_calling_thread() -> None:
     assert during == os.SCHED_IDLE
     assert (after, mode, held) == (os.SCHED_OTHER, "normal", True)
     assert os.sched_getscheduler(me) == os.SCHED_OTHER  # the caller was never touched
+
+
+@linux_only
+def test_sched_idle_only_while_the_machine_is_not_oversubscribed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle-priority thread on an oversubscribed machine starves, and starved while holding the GIL it
+    stalls the reader: a pass starts at normal priority there, and under SCHED_IDLE otherwise."""
+    cpus = len(os.sched_getaffinity(0))
+    stop = threading.Event()
+    load = [cpus + 3.0]
+    monkeypatch.setattr(pacing_mod.os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+
+    def body() -> list[tuple[str, int]]:
+        p = ThreadPriority(stop)
+        seen = []
+        for value in (cpus + 3.0, cpus - 0.5, cpus + 0.5):
+            load[0] = value
+            p.choose()
+            seen.append((p.mode, os.sched_getscheduler(p.tid)))
+        return seen
+
+    try:
+        assert not spare_cpu()
+        seen = _in_thread(body)
+    finally:
+        stop.set()
+    assert seen == [("normal", os.SCHED_OTHER), ("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)]
 
 
 @linux_only
@@ -124,7 +151,9 @@ class _Recorder:
 
 
 @linux_only
-def test_the_background_thread_runs_its_passes_under_sched_idle(tmp_path: Path) -> None:
+def test_the_background_thread_runs_its_passes_under_sched_idle(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pacing_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
     with blockstore.open(str(tmp_path / "s"), block_size=1 << 20,
                          compaction={"policy": "full", "interval_s": 0.01}) as s:
         s.put_many([(b"k%03d" % i, os.urandom(4096)) for i in range(64)])

@@ -12,9 +12,10 @@ Four things keep a reader from noticing a pass:
 - the interpreter's switch interval, FAST_SWITCH_S while a paced pass runs: a reader waiting for the
   GIL held by the copying thread waited up to the default 5 ms, which is what its p99 saw (and at
   0.5 ms, a read that takes the GIL back after each of its C calls still waited that long each time);
-- the background thread's CPU priority (`ThreadPriority`): SCHED_IDLE, so on a machine with no core to
-  spare the copying waits for the reader instead of the reader for the copying; a pass starved of CPU
-  for STARVE_S goes on at normal priority.
+- the background thread's CPU priority (`ThreadPriority`): SCHED_IDLE while the machine is not
+  oversubscribed, so the copying takes only CPU time nothing else wants and waits for the reader rather
+  than the reader for it; normal priority on an oversubscribed machine, and for a pass starved of CPU
+  for STARVE_S.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ class _SwitchInterval:
 SWITCH_INTERVAL = _SwitchInterval()
 
 
+def spare_cpu() -> bool:
+    """Whether the machine is not oversubscribed: a 1-minute load average below the CPUs this process may
+    use, so an idle-priority thread still finds CPU time. False where either is unknown."""
+    try:
+        return os.getloadavg()[0] < len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return False
+
+
 class ThreadPriority:
     """The background compactor thread's CPU priority (Linux; a no-op elsewhere). `idle()`: SCHED_IDLE, so
     the thread runs only on a CPU nothing else wants: on this project's 2-core VM one thread of C work
@@ -93,6 +103,16 @@ class ThreadPriority:
         self.starved = 0  # passes put back to normal priority
         self._stop = stop
         self._watchdog: threading.Thread | None = None
+
+    def choose(self) -> None:
+        """At a pass's start: SCHED_IDLE while the machine has a CPU to spare (`spare_cpu`) and no starved
+        pass was put back within HOLD_S; else normal priority. Without a spare CPU an idle thread starves,
+        and one starved while it holds the GIL stalls the reader waiting for it (measured: single reads
+        of 14-270 ms at a load average of 5 on 2 cores)."""
+        if spare_cpu():
+            self.idle()
+        elif self.mode == "idle" and self._set(getattr(os, "SCHED_OTHER", None)):
+            self.mode = "normal"
 
     def idle(self) -> None:
         """SCHED_IDLE (unless a starved pass put the thread back less than HOLD_S ago); starts the watchdog."""
@@ -265,7 +285,7 @@ class ForegroundPacing:
         on_thread = self.priority is not None and self.priority.tid == threading.get_native_id()
         priority = self.priority if on_thread else None
         if priority is not None:
-            priority.idle()
+            priority.choose()
             priority.working()
         pacer = Pacer(rate_bytes_s, stop, start_rate=self.paced_rate, reads=self.reads, idle_p99=self.idle_p99(),
                       idle=self.idle_reads, priority=priority)
