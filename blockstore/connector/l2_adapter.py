@@ -361,6 +361,18 @@ class _Put:
     old: Location | None  # the record it replaces (another layout), if any
 
 
+@dataclass(slots=True)
+class _Keep:
+    """A record an eviction pass would keep (write again at the head), with its value (eviction.py)."""
+
+    value: float
+    block: int
+    ns: str
+    key: ObjectKey
+    sfx: bytes
+    loc: Location
+
+
 @dataclass
 class _AdapterCounters:
     store_tasks: int = 0
@@ -892,22 +904,25 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         (`Store.evict_blocks`: one synced directory write, no tombstones). Blocks the engine refuses (a block
         that stays may hold an older version of one of their keys) and blocks something holds lose their
         deleted keys to tombstones, as a delete does. Returns the keys deleted."""
-        budget = BUDGET_K * max(excess, disk_excess, 0) + self.store.block_size
+        budget = BUDGET_K * max(excess, disk_excess, self._capacity // EVICT_AHEAD) + self.store.block_size
         drop: dict[int, dict[str, list[ObjectKey]]] = {}
-        keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
+        wanted: list[_Keep] = []
         emptied: list[BlockEntry] = []
         known: dict[bytes, ObjectKey] = {}  # key suffix -> key, of every record planned (decoded once)
-        for e in table:
-            if excess <= 0 and disk_excess <= 0:
+        moved = 0
+        for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too
+            if excess - max(0, moved - budget) <= 0 and disk_excess <= 0:
                 break
             if e.state != BLOCK_SEALED:
                 continue
-            freed, moved, blocked = self._plan_block(e, budget, drop.setdefault(e.block_id, {}), keep, known)
+            freed, block_moved, blocked = self._plan_block(e, drop.setdefault(e.block_id, {}), wanted, known)
             excess -= freed
-            budget -= moved
+            moved += block_moved
             if not blocked:
                 emptied.append(e)
-                disk_excess -= e.data_end - moved  # the file goes; what moves is written again at the head
+                disk_excess -= e.data_end - block_moved  # the file goes; what moves is written again at the head
+        keep, trimmed = self._keep_within(wanted, budget, drop)
+        excess -= trimmed
         for ns, items in keep.items():
             for k in self._rewrite_at_head(ns, items):  # not kept after all: it goes with its block
                 drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
@@ -1025,13 +1040,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 foreign += 1
         return out, foreign
 
-    def _plan_block(self, e: BlockEntry, budget: int, drop: dict[str, list[ObjectKey]],
-                    keep: dict[str, list[tuple[ObjectKey, bytes, Location]]],
+    def _plan_block(self, e: BlockEntry, drop: dict[str, list[ObjectKey]], wanted: list[_Keep],
                     known: dict[bytes, ObjectKey]) -> tuple[int, int, bool]:
-        """Decide for every record of sealed block `e`: delete (value <= 0, or the pass's budget of moved bytes
-        is spent) or keep (moved to the head). Keys to delete are claimed in _deleting. Returns (payload bytes
-        the deletions free, record bytes the moves write, whether something holds the block: a locked or
-        in-flight key, or a record that is not the adapter's)."""
+        """Decide for every record of sealed block `e`: delete (value <= 0) or keep (moved to the head; appended
+        to `wanted` with its value, for `_keep_within`). Keys to delete are claimed in _deleting. Returns
+        (payload bytes the deletions free, record bytes the moves would write, whether something holds the
+        block: a locked or in-flight key, or a record that is not the adapter's)."""
         records, blocked = self._block_records(e.block_id)
         now = time.monotonic()
         freed = moved = 0
@@ -1048,16 +1062,41 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     blocked += 1
                     continue
                 v = value(self._stats.get(k), loc.payload_len, self._clock, span, mean)
-                if v > 0 and budget - moved >= loc.record_len:
+                if v > 0:
                     moved += loc.record_len
-                    self._stats.spend(k)
-                    keep.setdefault(ns, []).append((k, sfx, loc))
+                    wanted.append(_Keep(v, e.block_id, ns, k, sfx, loc))
                 else:
                     self._deleting.add(k)
                     self._ghost.add(k, self._clock)
                     drop.setdefault(ns, []).append(k)
                     freed += loc.payload_len
         return freed, moved, bool(blocked)
+
+    def _keep_within(self, wanted: list[_Keep], budget: int, drop: dict[int, dict[str, list[ObjectKey]]]
+                     ) -> tuple[dict[str, list[tuple[ObjectKey, bytes, Location]]], int]:
+        """The records worth keeping that the pass's budget of moved bytes allows, most valuable first; the rest
+        are deleted with their blocks (claimed in _deleting, added to `drop`). When the oldest blocks hold more
+        that is worth keeping than the budget moves, the cache is too small for all of it, and what goes is what
+        is worth least, not what the walk reached last. Returns (the keys to keep by namespace, the payload
+        bytes the others free)."""
+        keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
+        trimmed = 0
+        moved = 0
+        now = time.monotonic()
+        with self._lock:
+            for w in sorted(wanted, key=lambda w: -w.value):
+                if moved + w.loc.record_len <= budget:
+                    moved += w.loc.record_len
+                    self._stats.spend(w.key)
+                    keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
+                    continue
+                trimmed += w.loc.payload_len
+                if w.key in self._storing or w.key in self._deleting or self._held(w.key, now):
+                    continue  # claimed since: left to that task (and to its block's eviction)
+                self._deleting.add(w.key)
+                self._ghost.add(w.key, self._clock)
+                drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
+        return keep, trimmed
 
     def _data_floor(self, exclude: set[int]) -> int:
         """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
