@@ -37,12 +37,12 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from blockstore.directory import Location
 
-_MAX_LABELS = 1 << 16  # records whose shadow places are kept (about 150 bytes each)
+_MAX_LABELS = 1 << 16  # records whose shadow places are kept (about 200 bytes each)
 _PENDING_REQUESTS = 1024  # requests waiting for the leader to score them
 _WEIGHT = 1 / 128  # weight of one request in a running score (about the last 128 requests)
 _MIN_REQUESTS = 16  # requests scored before a namespace (or the store) may change how it is placed
@@ -50,6 +50,11 @@ _ENTER = 0.75  # place by namespace once its shadow touches at most this share o
 _EXIT = 0.9  # ... and by partition again once it touches more than this share
 _MAX_SHARE = 4  # a namespace writing more than 1/_MAX_SHARE of the bytes is not scored (module docstring)
 _ALL = b"\0all"  # the score of every namespace's requests together (not a namespace: starts with NUL)
+
+
+def _place(block_id: int, offset: int) -> int:
+    """A record's place as one int (a label's key: a tuple took twice the memory)."""
+    return block_id << 40 | offset
 
 
 def namespace_of(partition: bytes) -> bytes:
@@ -88,17 +93,17 @@ class PlacementChoice:
         self.max_names = max_names
         self._by_ns = _Lineages(block_size, max_names)
         self._by_partition = _Lineages(block_size, max_names)
-        # (block, offset) of a record appended lately -> (namespace, shadow block by namespace, by
+        # place (_place) of a record appended lately -> (namespace, shadow block by namespace, by
         # partition); `observe` on reader threads only tests membership, the leader changes it
-        self._labels: OrderedDict[tuple[int, int], tuple[bytes, int, int]] = OrderedDict()
+        self._labels: OrderedDict[int, tuple[bytes, int, int]] = OrderedDict()
         self.max_labels = max_labels
         self._pending: deque[list[tuple[int, int]]] = deque(maxlen=_PENDING_REQUESTS)
         # namespace (and _ALL) -> [requests, mean shadow blocks by namespace, mean by partition]
         self._score: OrderedDict[bytes, list[float]] = OrderedDict()
         self.by_namespace: set[bytes] = set()  # namespaces placed by namespace now
         self.default_by_namespace = False  # the verdict of all requests, for namespaces with few of their own
-        # bytes each namespace appended lately (an LRU of max_names namespaces), and all of them
-        self._written: OrderedDict[bytes, int] = OrderedDict()
+        # namespace -> [bytes it appended, the name itself] (an LRU of max_names namespaces), and all bytes
+        self._written: OrderedDict[bytes, list[Any]] = OrderedDict()
         self._written_all = 0
         self.switches = 0  # changes of mode (for tests and the benchmark's profile)
 
@@ -107,7 +112,7 @@ class PlacementChoice:
     def observe(self, _suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
         """A read observer: queue the places of this request's labelled records, if two or more are."""
         labels = self._labels
-        places = [(loc.block_id, loc.offset) for loc in locs if loc is not None and (loc.block_id, loc.offset) in labels]
+        places = [(loc.block_id, loc.offset) for loc in locs if loc is not None and _place(loc.block_id, loc.offset) in labels]
         if len(places) >= 2:
             self._pending.append(places)  # deque.append is atomic: no lock on the read path
 
@@ -127,31 +132,43 @@ class PlacementChoice:
 
     def note_append(self, block_id: int, offset: int, partition: bytes, nbytes: int) -> None:
         """A record of the caller's `partition` (`nbytes` long) is appended at `offset` of block
-        `block_id`: label it with its shadow blocks (the last `max_labels` records keep theirs)."""
+        `block_id`: label it with its shadow blocks (the last `max_labels` records keep theirs). A store
+        of one namespace labels nothing: its namespace is never scored (more than its share)."""
         if partition.startswith(b"\0"):
             return
         ns = namespace_of(partition)
         written = self._written
-        written[ns] = written.get(ns, 0) + nbytes
+        seen = written.get(ns)
+        if seen is None:
+            seen = written[ns] = [0, ns]
+            while len(written) > self.max_names:
+                written.popitem(last=False)
         written.move_to_end(ns)
-        while len(written) > self.max_names:
-            written.popitem(last=False)
+        seen[0] += nbytes
         self._written_all += nbytes
+        if len(written) < 2:
+            return  # one namespace so far: nothing to choose between, so nothing kept per record
+        ns = seen[1]  # one bytes object per namespace, shared by its labels
         labels = self._labels
-        labels[(block_id, offset)] = (ns, self._by_ns.place(ns, nbytes), self._by_partition.place(partition, nbytes))
+        labels[_place(block_id, offset)] = (ns, self._by_ns.place(ns, nbytes), self._by_partition.place(partition, nbytes))
         while len(labels) > self.max_labels:
             labels.popitem(last=False)
+
+    def _eligible(self, ns: bytes) -> bool:
+        """Whether `ns` writes at most 1/_MAX_SHARE of the bytes (module docstring)."""
+        seen = self._written.get(ns)
+        return (seen[0] if seen is not None else 0) * _MAX_SHARE <= self._written_all
 
     def _learn(self) -> None:
         touched: set[bytes] = set()
         while self._pending:
             found: dict[bytes, list[tuple[int, int]]] = {}
             for bid, off in self._pending.popleft():
-                lab = self._labels.get((bid, off))
+                lab = self._labels.get(_place(bid, off))
                 if lab is not None:
                     found.setdefault(lab[0], []).append((lab[1], lab[2]))
             for ns, shadows in found.items():
-                if len(shadows) >= 2 and self._written.get(ns, 0) * _MAX_SHARE <= self._written_all:
+                if len(shadows) >= 2 and self._eligible(ns):
                     by_ns, by_part = len({n for n, _p in shadows}), len({p for _n, p in shadows})
                     self._note(ns, by_ns, by_part)
                     self._note(_ALL, by_ns, by_part)

@@ -114,6 +114,15 @@ def test_a_namespace_writing_a_large_share_of_the_store_is_never_one_stream(name
     assert choice.resolve(b"ns0\0s1") == b"ns0\0s1"
 
 
+def test_a_store_of_one_namespace_labels_nothing() -> None:
+    """Nothing per record is kept for a namespace that is never scored (the adapter's store: one
+    namespace; per-record state there failed tests/test_connector_adapter.py's memory bound)."""
+    choice = PlacementChoice(block_size=BLOCK, max_names=1024)
+    for i in range(2000):
+        choice.note_append(i // 100, 4096 + (i % 100) * 8192, b"lmcache\0chat%d" % (i % 7), 8000)
+    assert not choice._labels and not choice._by_ns.state and not choice._by_partition.state
+
+
 def test_memory_stays_bounded() -> None:
     choice = PlacementChoice(block_size=BLOCK, max_names=64, max_labels=500)
     r = tenants_reading_across_conversations(choice, tenants=300, rounds=10)
