@@ -206,10 +206,10 @@ EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by v
 DISK_CHECK_FRACTION = 4
 TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
 EVICT_AHEAD = 64  # a pass frees at least capacity / EVICT_AHEAD (hit rate vs passes: bench/eviction.py)
-# A pass starts in the background once the room left is under block_size / LEAD_BLOCK: it must end before the
-# stores that go on meanwhile use that room up (a pass empties a whole block: ~7 ms for a 16 MiB block here, while
-# ~4 MiB are stored), else they wait for it; more room kept free is less cache (bench/eviction.py: hit rate and
-# throughput)
+# A pass starts in the background once the room left is under min(block_size / LEAD_BLOCK, capacity / EVICT_AHEAD):
+# it must end before the stores that go on meanwhile use that room up (a pass empties a whole block: 7-13 ms for a
+# 16 MiB block here, while 2-10 MiB are stored), else they wait for the rest of it; room kept free is cache lost,
+# so at most 1/64 of it (bench/eviction.py: hit rate and throughput)
 LEAD_BLOCK = 4
 BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
 CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
@@ -830,7 +830,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
     def _lead(self) -> int:
         """The room left at which a pass starts in the background (LEAD_BLOCK says why)."""
-        return self.store.block_size // LEAD_BLOCK
+        return min(self.store.block_size // LEAD_BLOCK, self._capacity // EVICT_AHEAD)
 
     def _pass(self, excess: int, puts: list[_Put], ahead: int, lead: int = 0) -> bool:
         """One eviction pass (the caller holds _evict_lock) if payload (`excess`) or block files (their bound
