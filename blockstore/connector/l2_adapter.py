@@ -28,10 +28,13 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
   deleted, so the next store of that key can write it again.
 - `delete` (LMCache's eviction, HTTP) skips locked keys and never raises; removals are reported with
   the sizes that were stored. With `capacity_bytes` > 0 the adapter also keeps its own budget, by
-  value (`eviction.py`: relevance x recency x reuse - size): a store that would overflow it empties
-  the oldest blocks, deleting each record or writing it again at the head of the log if it is worth
-  keeping, and removes the emptied blocks with their keys in one engine call (`Store.evict_blocks`, no
-  tombstones), so the space comes back a whole block at a time with any compaction setting: block files stay
+  value (`eviction.py`: relevance x recency x reuse - size): a pass empties the oldest blocks, deleting
+  each record or writing it again at the head of the log if it is worth keeping (the most valuable
+  first when more is worth keeping than a pass may move), and removes the emptied blocks with their keys
+  in one engine call (`Store.evict_blocks`, no tombstones). Passes run ahead of need on the adapter's
+  eviction thread once the room left is within min(block_size / 4, capacity / 64); a store runs (and waits
+  for) one itself only when it would not fit. The space comes back a whole block at a time with any
+  compaction setting: block files stay
   within capacity_bytes + RECORD_FRAMING (8 KiB) per record + (open blocks + 1) x block_size, blocks
   holding locked keys aside (never evicted). Settings that cannot keep this are refused: a capacity
   below one block, compaction with an unbounded copy budget. Optional admission: a key is stored on
