@@ -1093,9 +1093,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     self._stats.spend(w.key)
                     keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
                     continue
-                trimmed += w.loc.payload_len
                 if w.key in self._storing or w.key in self._deleting or self._held(w.key, now):
                     continue  # claimed since: left to that task (and to its block's eviction)
+                trimmed += w.loc.payload_len
                 self._deleting.add(w.key)
                 self._ghost.add(w.key, self._clock)
                 drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
