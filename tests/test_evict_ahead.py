@@ -124,3 +124,35 @@ def test_close_waits_for_a_pass_under_way(tmp_path: Path, arena: Arena) -> None:
     assert a.report_status()["error"] == "closed"
     findings = [f.line() for f in fsck.check(str(tmp_path / "kv"), log=False).findings]
     assert not findings, findings
+
+
+def test_when_more_is_worth_keeping_than_a_pass_may_move_the_least_valuable_go(tmp_path: Path,
+                                                                                arena: Arena) -> None:
+    """Every record of the oldest blocks was read just now, the even keys three times, the odd ones once: all are
+    worth keeping, more than a pass may move (about one block). What goes are odd keys (read once), never an
+    even one; before, the pass kept in block order until its budget ran out and dropped the rest, whatever their
+    value."""
+    capacity = 8 * BLOCK
+    a = adapter(tmp_path / "kv", capacity)
+    try:
+        src = arena.new(SMALL, fill=4)
+        n = capacity // SMALL_SIZE - 8  # just under the capacity and its lead: no pass yet
+        for i in range(n):
+            store(a, [okey(i)], [src])
+        assert a.report_status()["counters"]["evicted_for_capacity"] == 0
+        for times in range(3):
+            keys = [okey(i) for i in range(n) if i % 2 == 0 or times == 0]
+            assert lookup(a, keys) == [True] * len(keys)
+            a.submit_unlock(keys)
+        for j in range(BLOCK // SMALL_SIZE):  # one block of new keys: passes must make room
+            store(a, [okey(100_000 + j)], [src])
+            a.wait_for_eviction()
+        old = [okey(i) for i in range(n)]
+        found = lookup(a, old)
+        a.submit_unlock([k for k, f in zip(old, found) if f])
+        lost = [i for i, f in enumerate(found) if not f]
+        c = a.report_status()["counters"]
+        assert lost and c["kept_by_value"] > 0, c
+        assert all(i % 2 == 1 for i in lost), lost
+    finally:
+        a.close()
