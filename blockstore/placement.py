@@ -5,7 +5,8 @@ One open block per partition (a namespace, a user session, a compaction stream),
 when it has been idle `idle_seal_seconds`, or at close. A partition that finds every slot taken joins
 the least recently appended open block with room and stays with it until it is full (block_for), so
 blocks are full at seal however many partitions write. Lone records of partitions not written lately,
-while many partitions write, share one overflow stream.
+while many partitions write, share one overflow stream. Whether a namespace's records follow their
+callers' partitions or the namespace as one lineage is chosen from the store's reads (placement_choice.py).
 The group-commit leader (store.py `_plan_group`) is the only caller: nothing here is thread-safe.
 """
 
