@@ -402,9 +402,10 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
                         t1 = time.perf_counter()
                         timed.append((t0, t1))
                         last = events.last(t_open)
-                        if j >= len(reqs) and t1 - last > QUIET_S or t1 - t_open > BUSY_LIMIT_S:
+                        worked = bool(events.times)  # quiet only once it has worked: it may start late
+                        if (j >= len(reqs) and worked and t1 - last > QUIET_S) or t1 - t_open > BUSY_LIMIT_S:
                             break
-                    went_idle = t1 - last > QUIET_S
+                    went_idle = worked and t1 - last > QUIET_S
                     status = s.compactor.status()
             finally:
                 for name in names:
