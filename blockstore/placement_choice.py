@@ -112,6 +112,8 @@ class PlacementChoice:
     def observe(self, _suffixes: Sequence[bytes], locs: Sequence[Location | None]) -> None:
         """A read observer: queue the places of this request's labelled records, if two or more are."""
         labels = self._labels
+        if not labels:
+            return  # a store of one namespace: nothing is labelled, nothing to score
         places = [(loc.block_id, loc.offset) for loc in locs if loc is not None and _place(loc.block_id, loc.offset) in labels]
         if len(places) >= 2:
             self._pending.append(places)  # deque.append is atomic: no lock on the read path
