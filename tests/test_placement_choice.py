@@ -95,7 +95,7 @@ def test_partitions_read_on_their_own_keep_their_lineages() -> None:
     assert choice.resolve(b"site1\0task3") == b"site1\0task3"
 
 
-@pytest.mark.parametrize("namespaces", [1, 2, 3])
+@pytest.mark.parametrize("namespaces", [1, 2, 3, 5])
 def test_a_namespace_writing_a_large_share_of_the_store_is_never_one_stream(namespaces: int) -> None:
     """One namespace for everything (what a caller gets without namespaces), or a few sharing the
     bytes: placing one as a lineage comes close to a plain log; however its requests cross partitions,
