@@ -924,11 +924,17 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             if not blocked:
                 emptied.append(e)
                 disk_excess -= e.data_end - block_moved  # the file goes; what moves is written again at the head
-        keep, trimmed = self._keep_within(wanted, budget, drop)
+        keep, trimmed, held = self._keep_within(wanted, budget, drop)
         excess -= trimmed
         for ns, items in keep.items():
-            for k in self._rewrite_at_head(ns, items):  # not kept after all: it goes with its block
+            lost, taken = self._rewrite_at_head(ns, items)
+            held |= taken
+            for k in lost:  # not kept after all: it goes with its block
                 drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
+        # a block holding a key that a lookup locked or a store claimed since it was planned stays (its keys to
+        # delete get tombstones): evicting it whole would remove a locked key, or the record a store is replacing
+        # (the store then counts its old bytes as freed a second time)
+        emptied = [e for e in emptied if e.block_id not in held]
         emptied_ids = {e.block_id for e in emptied}
         deleted, refused = self._evict_emptied([e.block_id for e in emptied], drop, known)
         for bid, by_ns in drop.items():  # held or refused blocks: their deleted keys need tombstones
@@ -980,19 +986,33 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._counters.blocks_evicted += len(done.blocks)
         return len(gone), set(done.refused)
 
-    def _rewrite_at_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]) -> list[ObjectKey]:
+    def _rewrite_at_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]
+                         ) -> tuple[list[ObjectKey], set[int]]:
         """Write records worth keeping again at the head of the log (one put per MOVE_BATCH, the namespace's
         block stream), each with a new sequence number: a copy that kept its old one (relocation) would hold
         the engine's eviction floor down, and every later block would need tombstones. The keys are claimed
         as a store claims them, so a store or delete of the same key meanwhile leaves them to this write (a
-        delete skips in-flight keys, as it skips locked ones). Returns the keys of batches that failed, now
-        claimed for deletion (they go with their block)."""
-        with self._lock:  # a key another task claimed is left to it (and to the block's eviction)
+        delete skips in-flight keys, as it skips locked ones); once claimed, only those the directory still
+        places where the pass found them are written (a key deleted or stored again since the pass planned is
+        not brought back, nor its new record overwritten with the old). Returns (the keys of batches that
+        failed, now claimed for deletion: they go with their block; the blocks of keys a store claimed
+        meanwhile: those must stay)."""
+        with self._lock:  # a key another task claimed is left to it
             mine = [it for it in items if it[0] not in self._storing and it[0] not in self._deleting]
+            taken = {loc.block_id for k, _s, loc in items if k in self._storing}
             self._storing.update(k for k, _s, _l in mine)
         lost: list[ObjectKey] = []
         kept = 0
+        claimed = mine
         try:
+            try:
+                now = self.store.locate_many([sfx[5:] for _k, sfx, _l in mine], ns=ns) if mine else []
+                mine = [it for it, loc in zip(mine, now) if loc is not None and loc.same_place(it[2])]
+            except Exception as exc:  # unknown whether they are still there: keep none, they go with their block
+                _log.warning("blockstore L2: locating %d record(s) of %s to keep failed (%s); evicting them",
+                             len(mine), ns, exc)
+                lost += [k for k, _s, _l in mine]
+                mine = []
             for start in range(0, len(mine), MOVE_BATCH):
                 batch = mine[start : start + MOVE_BATCH]
                 try:
@@ -1006,14 +1026,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     lost += [k for k, _s, _l in batch]
         finally:
             with self._task_end():
-                finals = self._settle([k for k, _s, _l in mine])
+                finals = self._settle([k for k, _s, _l in claimed])
                 with self._lock:
-                    for k, _s, _l in mine:
+                    for k, _s, _l in claimed:
                         self._storing.discard(k)
                     self._deleting.update(lost)
                     self._counters.kept_by_value += kept
                 self._resolve(finals)
-        return lost
+        return lost, taken
 
     def _lmcache_namespace(self, ns_id: int) -> str | None:
         """The lmcache namespace of a namespace id (None: another namespace). The names are read from the directory
@@ -1076,15 +1096,16 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return freed, moved, bool(blocked)
 
     def _keep_within(self, wanted: list[_Keep], budget: int, drop: dict[int, dict[str, list[ObjectKey]]]
-                     ) -> tuple[dict[str, list[tuple[ObjectKey, bytes, Location]]], int]:
+                     ) -> tuple[dict[str, list[tuple[ObjectKey, bytes, Location]]], int, set[int]]:
         """The records worth keeping that the pass's budget of moved bytes allows, most valuable first; the rest
         are deleted with their blocks (claimed in _deleting, added to `drop`). When the oldest blocks hold more
         that is worth keeping than the budget moves, the cache is too small for all of it, and what goes is what
         is worth least, not what the walk reached last. Returns (the keys to keep by namespace, the payload
-        bytes the others free)."""
+        bytes the others free, the blocks of keys a lookup locked or a store claimed since: they must stay)."""
         keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
         trimmed = 0
         moved = 0
+        held: set[int] = set()
         now = time.monotonic()
         with self._lock:
             for w in sorted(wanted, key=lambda w: -w.value):
@@ -1093,13 +1114,16 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     self._stats.spend(w.key)
                     keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
                     continue
-                if w.key in self._storing or w.key in self._deleting or self._held(w.key, now):
-                    continue  # claimed since: left to that task (and to its block's eviction)
+                if w.key in self._deleting:
+                    continue  # a delete claimed it since: it goes anyway
+                if w.key in self._storing or self._held(w.key, now):
+                    held.add(w.block)  # a promise to a load, or a store replacing it: its block stays
+                    continue
                 trimmed += w.loc.payload_len
                 self._deleting.add(w.key)
                 self._ghost.add(w.key, self._clock)
                 drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
-        return keep, trimmed
+        return keep, trimmed, held
 
     def _data_floor(self, exclude: set[int]) -> int:
         """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
