@@ -913,24 +913,33 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         emptied: list[BlockEntry] = []
         known: dict[bytes, ObjectKey] = {}  # key suffix -> key, of every record planned (decoded once)
         moved = 0
-        for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too
-            if excess - max(0, moved - budget) <= 0 and disk_excess <= 0:
-                break
-            if e.state != BLOCK_SEALED:
-                continue
-            freed, block_moved, blocked = self._plan_block(e, drop.setdefault(e.block_id, {}), wanted, known)
-            excess -= freed
-            moved += block_moved
-            if not blocked:
-                emptied.append(e)
-                disk_excess -= e.data_end - block_moved  # the file goes; what moves is written again at the head
-        keep, trimmed, held = self._keep_within(wanted, budget, drop)
-        excess -= trimmed
-        for ns, items in keep.items():
-            lost, taken = self._rewrite_at_head(ns, items)
-            held |= taken
-            for k in lost:  # not kept after all: it goes with its block
-                drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
+        try:
+            for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too
+                if excess - max(0, moved - budget) <= 0 and disk_excess <= 0:
+                    break
+                if e.state != BLOCK_SEALED:
+                    continue
+                freed, block_moved, blocked = self._plan_block(e, drop.setdefault(e.block_id, {}), wanted, known)
+                excess -= freed
+                moved += block_moved
+                if not blocked:
+                    emptied.append(e)
+                    disk_excess -= e.data_end - block_moved  # the file goes; what moves is written again at the head
+            keep, trimmed, held = self._keep_within(wanted, budget, drop)
+            excess -= trimmed
+            for ns, items in keep.items():
+                lost, taken = self._rewrite_at_head(ns, items)
+                held |= taken
+                for k in lost:  # not kept after all: it goes with its block
+                    drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
+        except BaseException:
+            # nothing deleted yet: the keys claimed for deletion are released, else they stayed claimed for ever
+            # (missed by lookups, skipped by stores and deletes, their blocks never emptied by a later pass)
+            with self._lock:
+                for by_ns in drop.values():
+                    for keys in by_ns.values():
+                        self._deleting.difference_update(keys)
+            raise
         # a block holding a key that a lookup locked or a store claimed since it was planned stays (its keys to
         # delete get tombstones): evicting it whole would remove a locked key, or the record a store is replacing
         # (the store then counts its old bytes as freed a second time)
