@@ -841,7 +841,7 @@ def summary_markdown(doc: dict[str, Any]) -> str:
 # KV stores large ones (a 1 MiB block holds three 256 KiB KV chunks, so no policy could put a
 # request's 8 chunks in fewer than 3 blocks).
 TRACE_BLOCK_SIZE = {"locomo": 256 * KiB, "webarena": 1024 * KiB, "swe": 1024 * KiB, "lmcache": 4096 * KiB,
-                    "shared": 1024 * KiB, "sessions": 4096 * KiB, "heldout": 4096 * KiB, "agents": 4096 * KiB,
+                    "shared": 1024 * KiB, "sessions": 4096 * KiB, "heldout": 4096 * KiB, "heldout_ns": 4096 * KiB, "agents": 4096 * KiB,
                     "workspaces": 4096 * KiB}
 
 

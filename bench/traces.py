@@ -680,6 +680,27 @@ def heldout(seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
     return Trace("heldout", t.ops, {**t.params, "seed": seed, "generator_seed": 1000 + seed})
 
 
+def heldout_ns(seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
+    """`heldout` as a caller using namespaces for tenants would write it through the public API: each
+    tenant its own namespace f"t{i:03d}", partition = the session (issue 16: the outside party's
+    workload has 200 tenants; with one namespace for all, placing by namespace is a plain log, with a
+    namespace each it is placing by tenant). Same operations, sizes and seeds as `heldout`."""
+    t = heldout(seed, scale, **overrides)
+    owner: dict[bytes, str] = {}
+    ops: list[Op] = []
+    for o in t.ops:
+        if isinstance(o, Put):
+            tenant, session = o.partition.split("/", 1)
+            for k in o.keys:
+                owner.setdefault(k, tenant)
+            ops.append(Put(o.keys, o.sizes, session, tenant))
+        elif isinstance(o, Delete):
+            ops.append(Delete(o.keys, owner[o.keys[0]]))
+        else:
+            ops.append(Request(o.keys, owner[o.keys[0]]))
+    return Trace("heldout_ns", ops, {**t.params, "namespaces": "tenant"})
+
+
 def agents(seed: int = 0, scale: float = 1.0, *, conversations: int | None = None, tenants: int = 200,
            tenant_zipf: float = 0.9, turns: tuple[int, int] = (3, 10), concurrent: int = 48,
            kv_bytes: tuple[int, int] = (64 * KiB, 256 * KiB), kv_p: float = 0.7, note_bytes: tuple[int, int] = (1 * KiB, 32 * KiB),
@@ -889,6 +910,7 @@ GENERATORS: dict[str, Callable[..., Trace]] = {
     "shared": shared,
     "sessions": sessions,
     "heldout": heldout,
+    "heldout_ns": heldout_ns,
     "agents": agents,
     "workspaces": workspaces,
 }
