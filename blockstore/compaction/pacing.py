@@ -20,6 +20,7 @@ Four things keep a reader from noticing a pass:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -85,6 +86,30 @@ def spare_cpu() -> bool:
         return False
 
 
+@functools.cache
+def idle_reversible() -> bool:
+    """Whether a thread of this process put under SCHED_IDLE can be put back to normal priority: leaving
+    SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE that allows nice 0 (sched(7)), which a server run by an
+    ordinary user lacks (RLIMIT_NICE is 0 by default). Tried once, on a thread of its own that ends
+    (H24's finding and fix)."""
+    if not hasattr(os, "sched_setscheduler") or not hasattr(os, "SCHED_IDLE"):
+        return False
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, name="blockstore-priority-probe")
+    t.start()
+    t.join()
+    return ok[0]
+
+
 class ThreadPriority:
     """The background compactor thread's CPU priority (Linux; a no-op elsewhere). `idle()`: SCHED_IDLE, so
     the thread runs only on a CPU nothing else wants: on this project's 2-core VM one thread of C work
@@ -116,7 +141,9 @@ class ThreadPriority:
 
     def idle(self) -> None:
         """SCHED_IDLE (unless a starved pass put the thread back less than HOLD_S ago); starts the watchdog."""
-        if self.mode != "idle" and time.monotonic() >= self.normal_until and self._set(getattr(os, "SCHED_IDLE", None)):
+        # never a priority the thread could not leave: the watchdog and an oversubscribed machine need normal()
+        if (self.mode != "idle" and time.monotonic() >= self.normal_until and idle_reversible()
+                and self._set(getattr(os, "SCHED_IDLE", None))):
             self.mode = "idle"
             if self._watchdog is None:
                 self._watchdog = threading.Thread(target=self._watch, name="blockstore-compactor-watchdog",
