@@ -914,8 +914,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         known: dict[bytes, ObjectKey] = {}  # key suffix -> key, of every record planned (decoded once)
         moved = 0
         try:
-            for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too
-                if excess - max(0, moved - budget) <= 0 and disk_excess <= 0:
+            for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too,
+                over = max(0, moved - budget)  # and their blocks' bytes (else a pass for the block files went on over
+                if excess - over <= 0 and disk_excess - over <= 0:  # every block, and evicted most of the cache)
                     break
                 if e.state != BLOCK_SEALED:
                     continue
