@@ -14,9 +14,13 @@ import pytest
 
 import blockstore
 from blockstore.compaction import pacing as pacing_mod
-from blockstore.compaction.pacing import STARVE_S, ForegroundPacing, Pacer, ThreadPriority, spare_cpu
+from blockstore.compaction.pacing import STARVE_S, ForegroundPacing, Pacer, ThreadPriority, idle_reversible, spare_cpu
 
 linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+# leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE (sched(7)); without them the thread keeps normal
+# priority (tests/test_review_session23.py checks that case)
+reversible = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or not idle_reversible(),
+                                reason="this process cannot leave SCHED_IDLE again")
 
 
 def _in_thread(fn):  # type: ignore[no-untyped-def]
@@ -28,7 +32,7 @@ def _in_thread(fn):  # type: ignore[no-untyped-def]
     return out[0]
 
 
-@linux_only
+@reversible
 def test_idle_then_normal_changes_only_the_calling_thread() -> None:
     me = threading.get_native_id()
     stop = threading.Event()
@@ -50,7 +54,7 @@ def test_idle_then_normal_changes_only_the_calling_thread() -> None:
     assert os.sched_getscheduler(me) == os.SCHED_OTHER  # the caller was never touched
 
 
-@linux_only
+@reversible
 def test_sched_idle_only_while_the_machine_is_not_oversubscribed(monkeypatch: pytest.MonkeyPatch) -> None:
     """An idle-priority thread on an oversubscribed machine starves, and starved while holding the GIL it
     stalls the reader: a pass starts at normal priority there, and under SCHED_IDLE otherwise."""
@@ -76,7 +80,7 @@ def test_sched_idle_only_while_the_machine_is_not_oversubscribed(monkeypatch: py
     assert seen == [("normal", os.SCHED_OTHER), ("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)]
 
 
-@linux_only
+@reversible
 def test_the_watchdog_puts_a_starved_pass_back_to_normal_priority() -> None:
     """A pass that shows no progress for STARVE_S (outside the pacer's waits) under SCHED_IDLE: the
     watchdog, a thread of normal priority, puts it back. Starvation is simulated by a thread that
@@ -150,7 +154,7 @@ class _Recorder:
         self.calls.append("rest")
 
 
-@linux_only
+@reversible
 def test_the_background_thread_runs_its_passes_under_sched_idle(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pacing_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
