@@ -24,8 +24,10 @@ torch = pytest.importorskip("torch")
 
 from test_connector_adapter import Arena, load, lookup, okey, same, store  # noqa: E402
 
+import blockstore  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from blockstore.directory import BLOCK_SEALED  # noqa: E402
+from blockstore.errors import BlockstoreError  # noqa: E402
 
 BLOCK = 65536
 CAPACITY = 8 * BLOCK
@@ -250,3 +252,30 @@ def test_a_thread_is_put_under_sched_idle_only_if_it_can_come_back() -> None:
                          cwd=str(Path(__file__).resolve().parent.parent))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True", "the thread is stuck under SCHED_IDLE"
+
+
+@pytest.mark.xfail(strict=True, reason="H23: Compactor.run_pass must call pacing.pass_done in a finally "
+                   "(diff in /tmp/lead/inbox-H23.md)")
+def test_a_paced_pass_that_fails_gives_the_switch_interval_back(tmp_path: Path) -> None:
+    """The interpreter's switch interval is process-wide: a paced pass sets it to FAST_SWITCH_S and pass_done puts
+    it back. Before: a pass that raised (a full disk during GC: the background loop logs BlockstoreError and goes
+    on) skipped pass_done, so every thread of the process (a whole vLLM server) kept switching 40x as often, for
+    good if the store then closed."""
+    before = sys.getswitchinterval()
+    with blockstore.open(str(tmp_path / "s"), block_size=1 << 20,
+                         compaction={"policy": "full", "interval_s": 3600}) as s:
+        s.put_many([(b"k%03d" % i, os.urandom(4096)) for i in range(16)])
+        c = s.compactor
+        assert c is not None
+
+        def disk_full(*_args: Any) -> None:
+            assert sys.getswitchinterval() < before  # the pass is paced
+            raise BlockstoreError("injected: no space left on device")
+
+        c._collect = disk_full  # type: ignore[method-assign]
+        with pytest.raises(BlockstoreError):
+            c.run_pass(pace=True)
+        after = sys.getswitchinterval()
+        if c.pacing._fast_switch:  # (before the fix) give it back here, so that later tests run as usual
+            c.pacing.pass_done(None)
+    assert after == before
