@@ -28,6 +28,7 @@ import blockstore  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from blockstore.directory import BLOCK_SEALED  # noqa: E402
 from blockstore.errors import BlockstoreError  # noqa: E402
+from blockstore.placement_choice import PlacementChoice  # noqa: E402
 
 BLOCK = 65536
 CAPACITY = 8 * BLOCK
@@ -279,3 +280,33 @@ def test_a_paced_pass_that_fails_gives_the_switch_interval_back(tmp_path: Path) 
         if c.pacing._fast_switch:  # (before the fix) give it back here, so that later tests run as usual
             c.pacing.pass_done(None)
     assert after == before
+
+
+# --------------------------------------------------------------------------------------- placement choice
+
+class _Place:
+    """What a read observer looks at in a Location: its block and offset."""
+
+    __slots__ = ("block_id", "offset")
+
+    def __init__(self, block_id: int, offset: int) -> None:
+        self.block_id, self.offset = block_id, offset
+
+
+@pytest.mark.xfail(strict=True, reason="H21: PlacementChoice._learn must score a bounded number of places per "
+                   "resolve() (diff in /tmp/lead/inbox-H21.md)")
+def test_one_write_group_scores_a_bounded_number_of_reads() -> None:
+    """resolve() runs on the group-commit leader's path (every writer of the store waits for it) and scored every
+    read queued since the last write: 1,024 requests of 256 labelled records (LMCache: a 64k-token prompt in
+    256-token chunks) took 85 ms on this VM in one write group. The reads are a sample (the queue drops the
+    oldest), so one write scores a bounded share and leaves the rest to the next."""
+    c = PlacementChoice(block_size=1 << 20, max_names=64)
+    for i in range(4096):
+        c.note_append(i // 16, (i % 16) * 65536, b"ns%d\0p%d" % (i % 5, i % 50), 65536)
+    per_request = 256
+    for r in range(1024):
+        c.observe([], [_Place((r + j) // 16 % 256, (r + j) % 16 * 65536) for j in range(per_request)])
+    queued = len(c._pending)
+    c.resolve(b"ns1\0p1")
+    scored = (queued - len(c._pending)) * per_request
+    assert 0 < scored <= 16384, scored
