@@ -255,8 +255,6 @@ def test_a_thread_is_put_under_sched_idle_only_if_it_can_come_back() -> None:
     assert res.stdout.strip() == "True", "the thread is stuck under SCHED_IDLE"
 
 
-@pytest.mark.xfail(strict=True, reason="H23: Compactor.run_pass must call pacing.pass_done in a finally "
-                   "(diff in /tmp/lead/inbox-H23.md)")
 def test_a_paced_pass_that_fails_gives_the_switch_interval_back(tmp_path: Path) -> None:
     """The interpreter's switch interval is process-wide: a paced pass sets it to FAST_SWITCH_S and pass_done puts
     it back. Before: a pass that raised (a full disk during GC: the background loop logs BlockstoreError and goes

@@ -215,19 +215,21 @@ class Compactor:
             started = time.monotonic()
             rep = PassReport(dry_run=dry_run)
             pacer = self.pacing.pacer(self.policy.rate_mb_s * 1e6, self._stop) if pace else None
-            if self.policy.relocation and (pacer is None or time.monotonic() >= self._plan_after):
-                self._relocate(rep, dry_run, pacer, progress)
-            if self.policy.gc:
-                self._collect(rep, dry_run, pacer, progress)
-            if not dry_run:
-                # one synced directory write makes the pass's moves durable; the blocks they emptied go now
-                gone = self.store.sync_moves()
-                for bid in gone:
-                    hooks.fire("compact.reclaim", "gc", bid)
-                rep.reclaimed_blocks += len(gone)
-                self.reclaimed += len(gone)
-            self.passes += 1
-            self.pacing.pass_done(pacer)
+            try:
+                if self.policy.relocation and (pacer is None or time.monotonic() >= self._plan_after):
+                    self._relocate(rep, dry_run, pacer, progress)
+                if self.policy.gc:
+                    self._collect(rep, dry_run, pacer, progress)
+                if not dry_run:
+                    # one synced directory write makes the pass's moves durable; the blocks they emptied go now
+                    gone = self.store.sync_moves()
+                    for bid in gone:
+                        hooks.fire("compact.reclaim", "gc", bid)
+                    rep.reclaimed_blocks += len(gone)
+                    self.reclaimed += len(gone)
+                self.passes += 1
+            finally:  # a failed pass too: the switch interval is the whole process's (and the thread rests now)
+                self.pacing.pass_done(pacer)
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
