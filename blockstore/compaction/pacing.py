@@ -130,10 +130,11 @@ class ThreadPriority:
         self._watchdog: threading.Thread | None = None
 
     def choose(self) -> None:
-        """At a pass's start: SCHED_IDLE while the machine has a CPU to spare (`spare_cpu`) and no starved
-        pass was put back within HOLD_S; else normal priority. Without a spare CPU an idle thread starves,
-        and one starved while it holds the GIL stalls the reader waiting for it (measured: single reads
-        of 14-270 ms at a load average of 5 on 2 cores)."""
+        """At a pass's start: SCHED_IDLE while the machine is not oversubscribed (`spare_cpu`) and no
+        starved pass was put back within HOLD_S; else normal priority. On an oversubscribed machine an
+        idle thread starves, and one starved while it holds the GIL stalls the reader waiting for it
+        (measured with a first version at a load average of 3-6 on 2 cores: busy phases with no
+        compaction at all, others with a get p99 of 14-272 ms)."""
         if spare_cpu():
             self.idle()
         elif self.mode == "idle" and self._set(getattr(os, "SCHED_OTHER", None)):
