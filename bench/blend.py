@@ -259,16 +259,16 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
     one_reader = Blender(w, kv, ratio=0.15, readers=1)
     eight_readers = Blender(w, kv, ratio=0.15, readers=8)
-    # the selector that is best on the trained model (K+V deviation weighted by the question's attention):
-    # what it costs against the default, before it could become the default
-    kv_qw = Blender(w, kv, ratio=0.15, deviation="kv", query_weighted=True)
+    # the default selection before 2026-12-06 (V deviation alone): what the default (K+V deviation weighted
+    # by the question's attention, the better one on the trained model) costs against it
+    v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_8readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
-                                                    *(("blend_hot_flex", "blend_warm_flex", "blend_hot_kv_qw",
-                                                       "blend_warm_kv_qw") if device.type == "cuda" else ()))}
+                                                    *(("blend_hot_flex", "blend_warm_flex", "blend_hot_v",
+                                                       "blend_warm_v") if device.type == "cuda" else ()))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
     # the page-cache ceiling's threads: at least the loader's, up to 8 (a floor must not be set low by
@@ -290,8 +290,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
             runs["blend_hot_flex"].append(timed(lambda: _with_flex(True, lambda: blend.blend(
                 prompt, spans=spans, resident=resident))))
             runs["blend_warm_flex"].append(timed(lambda: _with_flex(True, lambda: blend.blend(prompt, spans=spans))))
-            runs["blend_hot_kv_qw"].append(timed(lambda: kv_qw.blend(prompt, spans=spans, resident=resident)))
-            runs["blend_warm_kv_qw"].append(timed(lambda: kv_qw.blend(prompt, spans=spans)))
+            runs["blend_hot_v"].append(timed(lambda: v_only.blend(prompt, spans=spans, resident=resident)))
+            runs["blend_warm_v"].append(timed(lambda: v_only.blend(prompt, spans=spans)))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
             runs[f"blend_warm_pieces{pieces}"].append(
                 timed(lambda n=pieces: _with_pieces(n, lambda: blend.blend(prompt, spans=spans))))  # type: ignore[misc]

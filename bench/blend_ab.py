@@ -41,6 +41,9 @@ from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, f
 
 BASELINE_DIR = os.path.join(REPO, "build", "blend-baseline")
 PACKAGE = "blend_baseline"
+# this code's blender with the baseline's selection (V deviation, no question weighting: the default
+# before 2026-12-06), so the two codes pick the same rows and only the code differs
+SAME_SELECTION: dict[str, Any] = {"deviation": "v", "query_weighted": False}
 
 
 def _say(msg: str) -> None:
@@ -95,7 +98,7 @@ def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int
     prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (SUFFIX_TOKENS,), generator=g)])
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
     kv, kv_old = ChunkKVStore(store, model_id=w.model_id), base.ChunkKVStore(store, model_id=w.model_id)
-    new, old = Blender(w, kv, ratio=0.15), base.Blender(w, kv_old, ratio=0.15)
+    new, old = Blender(w, kv, ratio=0.15, **SAME_SELECTION), base.Blender(w, kv_old, ratio=0.15)
     cids = [new.store_chunk(c) for c in chunks]
     os.sync()
     kv_bytes = sum(loc.payload_len for loc in store.locate_many(
@@ -175,7 +178,7 @@ def op_counts(base: Any, scratch: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with blockstore.open(os.path.join(scratch, "ops")) as store:
         kv, kv_old = ChunkKVStore(store, model_id=w.model_id), base.ChunkKVStore(store, model_id=w.model_id)
-        codes = {"new": (Blender(w, kv, ratio=0.15), kv), "old": (base.Blender(w, kv_old, ratio=0.15), kv_old)}
+        codes = {"new": (Blender(w, kv, ratio=0.15, **SAME_SELECTION), kv), "old": (base.Blender(w, kv_old, ratio=0.15), kv_old)}
         cids = [codes["new"][0].store_chunk(c) for c in chunks]
         logits = {}
         for code, (blender, store_kv) in codes.items():

@@ -53,11 +53,14 @@ EPIC_RATIOS = (0.05, 0.15, 0.30)
 ORACLE_RATIOS = (0.05, 0.15, 0.30)
 ORACLES = ("oracle", "oracle-attn")
 CURVE_RATIOS = (0.5, 0.7, 0.85)  # past 0.30: where top-1 agreement reaches the 0.98 target
-# other selections at the 0.15 budget (name suffix -> Blender options; the plain ratios use Blender's
-# defaults: deviation on V, check layer 1): CacheBlend's deviation on K, K and V together, two attention
+# other selections at the 0.15 budget (name suffix -> Blender options; the plain ratios use V_SELECTION,
+# deviation on V, and check layer 1): CacheBlend's deviation on K, K and V together, two attention
 # sinks per chunk inside the budget, later check layers, and the deviation weighted by the question's
 # attention at the check layer (query_weighted), and gradual filtering (twice the budget at the check layer,
 # narrowed at the next)
+# The plain ratios and the variants are pinned to the V deviation without question weighting (Blender's
+# default until 2026-12-06, when "kv-qw" became it), so every recorded row keeps its meaning.
+V_SELECTION: dict[str, Any] = {"deviation": "v", "query_weighted": False}
 VARIANTS_015: dict[str, dict[str, Any]] = {
     "k": {"deviation": "k"}, "kv": {"deviation": "kv"}, "sink2": {"sink_tokens": 2},
     "check2": {"check_layer": 2}, "check3": {"check_layer": 3}, "k-check3": {"deviation": "k", "check_layer": 3},
@@ -137,23 +140,24 @@ def oracle_rows(score: torch.Tensor, covered: torch.Tensor, ratio: float) -> tor
 
 
 def _configs(variants: bool, only: Sequence[str] | None) -> dict[str, dict[str, Any]]:
-    configs: dict[str, dict[str, Any]] = {f"{r:g}": {"ratio": r} for r in RATIOS + (CURVE_RATIOS if variants else ())}
+    configs: dict[str, dict[str, Any]] = {f"{r:g}": {"ratio": r, **V_SELECTION}
+                                          for r in RATIOS + (CURVE_RATIOS if variants else ())}
     configs.update({f"epic-{r:g}": {"ratio": r, "selector": "epic"} for r in EPIC_RATIOS})
     configs.update({f"{o}-{r:g}": {"ratio": r, "oracle": o} for o in ORACLES for r in ORACLE_RATIOS})
     if variants:
         configs.update({f"oracle-attn-{r:g}": {"ratio": r, "oracle": "oracle-attn"} for r in CURVE_RATIOS[:2]})
-        configs.update({f"0.15-{name}": {"ratio": 0.15, **opts} for name, opts in VARIANTS_015.items()})
-    configs["0.15-no-chunk-prefix"] = {"ratio": 0.15, "chunk_prefix": ()}
+        configs.update({f"0.15-{name}": {"ratio": 0.15, **V_SELECTION, **opts} for name, opts in VARIANTS_015.items()})
+    configs["0.15-no-chunk-prefix"] = {"ratio": 0.15, **V_SELECTION, "chunk_prefix": ()}
     if only:  # any ratio with a variant's options too: "0.3-kv-qw-g2"
         for name in set(only) - set(configs):
             ratio, _, variant = name.partition("-")
             if ratio.replace(".", "", 1).isdigit() and variant in VARIANTS_015:
-                configs[name] = {"ratio": float(ratio), **VARIANTS_015[variant]}
+                configs[name] = {"ratio": float(ratio), **V_SELECTION, **VARIANTS_015[variant]}
         unknown = sorted(set(only) - set(configs))
         if unknown:
             raise SystemExit(f"unknown configs {unknown}; known: {sorted(configs)}")
         configs = {name: configs[name] for name in only}
-    return {"0": {"ratio": 0.0}, **configs}  # the oracles need pure reuse's KV
+    return {"0": {"ratio": 0.0, **V_SELECTION}, **configs}  # the oracles need pure reuse's KV
 
 
 def _row(ids: list[int], res: Any, seq: list[int], ref_seq: list[int], ref_logp: torch.Tensor,

@@ -355,7 +355,7 @@ def test_query_attention_weighs_what_the_question_reads() -> None:
 def test_query_weighted_selection_keeps_the_budget(weights: LlamaWeights, store: blockstore.Store) -> None:
     kv = ChunkKVStore(store, model_id=weights.model_id)
     prompt = _prompt(_chunks(3))
-    plain = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,)).blend(prompt)
+    plain = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), query_weighted=False).blend(prompt)
     weighted = Blender(weights, kv, ratio=0.25, separator_ids=(SEP,), query_weighted=True).blend(prompt)
     covered = sum(e - s for s, e in weighted.spans)
     assert weighted.reused_tokens == plain.reused_tokens == covered - round(0.25 * covered)

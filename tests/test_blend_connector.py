@@ -290,7 +290,10 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
     base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": [7, 7]}
     s = BlendSettings.from_extra_config({**base, "blend.deviation": "k", "blend.sink_tokens": 2}, str(tmp_path))
     assert (s.deviation, s.sink_tokens, s.separator_ids) == ("k", 2, (7, 7))
-    assert BlendSettings.from_extra_config(base, str(tmp_path)).deviation == "v"  # the measured default
+    default = BlendSettings.from_extra_config(base, str(tmp_path))
+    assert (default.deviation, default.query_weighted) == ("kv", True)  # the measured default
+    s = BlendSettings.from_extra_config({**base, "blend.query_weighted": False}, str(tmp_path))
+    assert s.query_weighted is False
     with pytest.raises(BlockstoreError, match="unknown kv_connector_extra_config"):
         BlendSettings.from_extra_config({**base, "blend.deviaton": "k"}, str(tmp_path))
     s = BlendSettings.from_extra_config({**base, "blend.query_weighted": True, "blend.gradual": 2}, str(tmp_path))

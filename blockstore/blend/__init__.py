@@ -10,12 +10,12 @@ A plugin like blockstore.compaction: it uses the engine's public API only and im
 module level; the engine never imports it.
 """
 
-from blockstore.blend.blender import SELECTORS, Blender, BlendResult
+from blockstore.blend.blender import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED, SELECTORS, Blender, BlendResult
 from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, LayerStream, chunk_id
 from blockstore.blend.compute import Prefill, full_prefill, greedy_decode
 from blockstore.blend.llama import SHAPES, LlamaConfig, LlamaWeights
 
 __all__ = [
-    "SELECTORS", "SHAPES", "BlendResult", "Blender", "ChunkKV", "ChunkKVStore", "KVLayout", "LayerStream",
+    "DEFAULT_DEVIATION", "DEFAULT_QUERY_WEIGHTED", "SELECTORS", "SHAPES", "BlendResult", "Blender", "ChunkKV", "ChunkKVStore", "KVLayout", "LayerStream",
     "LlamaConfig", "LlamaWeights", "Prefill", "chunk_id", "full_prefill", "greedy_decode",
 ]

@@ -31,8 +31,8 @@ Extra config keys (all optional but the store path):
 (default: vLLM's model folder); ``blend.separator`` separator string (default ``" # # "``, LMCache's
 ``blend_special_str``), tokenized with the model's tokenizer, or ``blend.separator_ids``;
 ``blend.ratio`` (0.15), ``blend.selector`` ("deviation"), ``blend.check_layer`` (1), ``blend.deviation``
-("v": what the deviation selector compares, "v", "k" or "kv"), ``blend.sink_tokens`` (0: first tokens of
-each chunk always recomputed, inside the budget), ``blend.query_weighted`` (false: weigh each token's
+("kv": what the deviation selector compares, "v", "k" or "kv"), ``blend.sink_tokens`` (0: first tokens of
+each chunk always recomputed, inside the budget), ``blend.query_weighted`` (true: weigh each token's
 deviation by the question's attention at the check layer), ``blend.gradual`` (1.0: CacheBlend's gradual
 filtering selects this many times the budget at the check layer and narrows it at the next one);
 ``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
@@ -61,7 +61,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 import blockstore
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, chunk_id
+from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED, Blender, ChunkKVStore, LlamaWeights, chunk_id
 from blockstore.connector import blend_spans, paged_kv
 from blockstore.errors import BlockstoreError, InvalidArgument
 
@@ -94,9 +94,9 @@ class BlendSettings:
     ratio: float = 0.15
     selector: str = "deviation"
     check_layer: int = 1
-    deviation: str = "v"
+    deviation: str = DEFAULT_DEVIATION
     sink_tokens: int = 0
-    query_weighted: bool = False
+    query_weighted: bool = DEFAULT_QUERY_WEIGHTED
     gradual: float = 1.0
     min_chunk_tokens: int = 16
     min_reused_tokens: int = 0  # 0: one vLLM block
@@ -131,13 +131,13 @@ class BlendSettings:
         gradual = float(ours.get("blend.gradual", 1.0))
         if gradual < 1.0:
             raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.gradual must be >= 1, got {gradual}")
-        qw = ours.get("blend.query_weighted", False)
+        qw = ours.get("blend.query_weighted", DEFAULT_QUERY_WEIGHTED)
         if not isinstance(qw, bool):
             raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.query_weighted must be true or false, got {qw!r}")
         return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
                    selector=str(ours.get("blend.selector", "deviation")),
                    check_layer=int(ours.get("blend.check_layer", 1)),
-                   deviation=str(ours.get("blend.deviation", "v")), sink_tokens=int(ours.get("blend.sink_tokens", 0)),
+                   deviation=str(ours.get("blend.deviation", DEFAULT_DEVIATION)), sink_tokens=int(ours.get("blend.sink_tokens", 0)),
                    query_weighted=qw, gradual=gradual,
                    min_chunk_tokens=int(ours.get("blend.min_chunk_tokens", 16)),
                    min_reused_tokens=int(ours.get("blend.min_reused_tokens", 0)),
