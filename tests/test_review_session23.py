@@ -355,8 +355,6 @@ class _Place:
         self.block_id, self.offset = block_id, offset
 
 
-@pytest.mark.xfail(strict=True, reason="H21: PlacementChoice._learn must score a bounded number of places per "
-                   "resolve() (diff in /tmp/lead/inbox-H21.md)")
 def test_one_write_group_scores_a_bounded_number_of_reads() -> None:
     """resolve() runs on the group-commit leader's path (every writer of the store waits for it) and scored every
     read queued since the last write: 1,024 requests of 256 labelled records (LMCache: a 64k-token prompt in
