@@ -129,7 +129,10 @@ class PlacementChoice:
         placed by namespace, else itself. Scores the requests read since the last call first."""
         if self._pending:
             self._learn()
-        if not (self.by_namespace or self.default_by_namespace) or partition.startswith(b"\0"):
+        # compaction's streams ("\0...") and the L2 adapter's tombstone streams ("...\0tombstones": tombstones
+        # kept out of the data blocks so that evicting those stays whole-block) keep their own lineage
+        if (not (self.by_namespace or self.default_by_namespace) or partition.startswith(b"\0")
+                or partition.endswith(b"\0tombstones")):
             return partition
         ns = namespace_of(partition)
         if ns in self.by_namespace or (self.default_by_namespace and ns not in self._score):

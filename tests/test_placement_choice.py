@@ -74,6 +74,8 @@ def test_a_namespace_read_across_its_partitions_is_placed_as_one() -> None:
     assert choice.resolve(b"tenant001\0conv2") == b"tenant001"
     assert choice.resolve(b"tenant999\0new") == b"tenant999"  # a tenant never read yet follows the rest
     assert choice.resolve(b"\0compaction/relocate") == b"\0compaction/relocate"  # compaction's streams stay
+    # the L2 adapter's tombstone stream stays out of the namespace's data blocks (H24's review)
+    assert choice.resolve(b"tenant001\0conv2\0tombstones") == b"tenant001\0conv2\0tombstones"
 
 
 def test_partitions_read_on_their_own_keep_their_lineages() -> None:
