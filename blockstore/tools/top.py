@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -198,14 +200,31 @@ def cmd_top(args: argparse.Namespace) -> int:
         else:
             Console().print(render(path, cur, args.interval))
         return EXIT_OK
+    stop = _stop_on_interrupt()
     try:
         if args.json:
-            _json_loop(path, args, prev)
+            _json_loop(path, args, prev, stop)
         else:
-            _live_loop(path, args, prev)
+            _live_loop(path, args, prev, stop)
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _stop_on_interrupt() -> threading.Event:
+    """An event Ctrl-C sets, besides raising KeyboardInterrupt as usual: an interrupt that lands inside a
+    refresh's store open (a C call that may turn it into an error the refresh reports and survives) still
+    ends the view at the next refresh."""
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        stop.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    return stop
 
 
 def _next_frame(path: str, args: argparse.Namespace, prev: Frame) -> Frame:
@@ -218,18 +237,18 @@ def _next_frame(path: str, args: argparse.Namespace, prev: Frame) -> Frame:
                      prev.scraped, f"refresh failed: {exc}", prev.rates)
 
 
-def _live_loop(path: str, args: argparse.Namespace, prev: Frame) -> None:
+def _live_loop(path: str, args: argparse.Namespace, prev: Frame, stop: threading.Event) -> None:
     with Live(render(path, prev, args.interval), auto_refresh=False, redirect_stderr=False) as live:
-        while True:
-            time.sleep(args.interval)
+        while not stop.wait(args.interval):
             prev = _next_frame(path, args, prev)
             live.update(render(path, prev, args.interval), refresh=True)
 
 
-def _json_loop(path: str, args: argparse.Namespace, prev: Frame) -> None:
+def _json_loop(path: str, args: argparse.Namespace, prev: Frame, stop: threading.Event) -> None:
     while True:
         print(json.dumps(as_json(path, prev)), flush=True)
-        time.sleep(args.interval)
+        if stop.wait(args.interval):
+            return
         prev = _next_frame(path, args, prev)
 
 
