@@ -9,6 +9,7 @@ while an older record of its key is still on disk would show up here as a resurr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,3 +118,10 @@ def parse_value(raw: bytes) -> tuple[bytes, int]:
     v = int(ver[1:])
     assert bytes(raw) == value(key, v, len(raw)), "payload is not one that was ever written"
     return key, v
+
+
+def block_file_bytes(path: str) -> int:
+    """What a store's block files take on disk, measured with stat (not from the store's or an adapter's
+    counters)."""
+    folder = os.path.join(path, "blocks")
+    return sum(os.stat(os.path.join(folder, n)).st_size for n in os.listdir(folder))

@@ -41,3 +41,43 @@ def faults() -> Iterator[object]:
     finally:
         f.arm(0, 0, 0)
         f.uninstall()
+
+
+# --- the LMCache L2 adapter's tests (lmcache is optional: imported only by the tests that ask for these)
+
+@pytest.fixture
+def arena() -> Iterator[object]:
+    """LMCache memory objects over one CPU tensor (test_connector_adapter.Arena), released after the test."""
+    from test_connector_adapter import Arena
+
+    a = Arena()
+    yield a
+    a.release()
+
+
+@pytest.fixture
+def adapter_block_size() -> int | None:
+    """The block size `make` gives adapters (None: the adapter's default); a module overrides it."""
+    return None
+
+
+@pytest.fixture
+def make(tmp_path: object, adapter_block_size: int | None) -> Iterator[object]:
+    """make(**adapter_params) -> an L2 adapter on tmp_path/"kv" (compaction off unless asked for), closed
+    after the test."""
+    from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig
+
+    made: list[BlockstoreL2Adapter] = []
+
+    def _make(**params: object) -> BlockstoreL2Adapter:
+        params.setdefault("path", os.path.join(str(tmp_path), "kv"))
+        params.setdefault("compaction", None)
+        if adapter_block_size is not None:
+            params.setdefault("block_size", adapter_block_size)
+        a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(params))
+        made.append(a)
+        return a
+
+    yield _make
+    for a in made:
+        a.close()

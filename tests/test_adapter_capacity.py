@@ -11,18 +11,16 @@
 from __future__ import annotations
 
 import functools
-import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
-from compaction_helpers import rebuild_violations  # noqa: E402
+from compaction_helpers import block_file_bytes, rebuild_violations  # noqa: E402
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
 import blockstore  # noqa: E402
@@ -41,33 +39,9 @@ SMALL_SIZE = 8192
 
 
 @pytest.fixture
-def arena() -> Iterator[Arena]:
-    a = Arena()
-    yield a
-    a.release()
-
-
-@pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[..., BlockstoreL2Adapter]]:
-    made: list[BlockstoreL2Adapter] = []
-
-    def _make(**params: Any) -> BlockstoreL2Adapter:
-        params.setdefault("path", str(tmp_path / "kv"))
-        params.setdefault("compaction", None)
-        params.setdefault("block_size", BLOCK)
-        a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(params))
-        made.append(a)
-        return a
-
-    yield _make
-    for a in made:
-        a.close()
-
-
-def block_file_bytes(path: str) -> int:
-    """What the block files take on disk, measured with stat (not the adapter's or the store's counters)."""
-    folder = os.path.join(path, "blocks")
-    return sum(os.stat(os.path.join(folder, n)).st_size for n in os.listdir(folder))
+def adapter_block_size() -> int:
+    """`make` (conftest.py) gives this module's adapters 64 KiB blocks."""
+    return BLOCK
 
 
 @pytest.mark.parametrize("compaction", [None, "append-only", "semantic-only", "no-gc", "no-relocation", "full"])

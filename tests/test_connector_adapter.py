@@ -12,7 +12,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,30 +75,6 @@ class Arena:
         for o in self.objs:
             o.ref_count_down()
         self.objs.clear()
-
-
-@pytest.fixture
-def arena() -> Iterator[Arena]:
-    a = Arena()
-    yield a
-    a.release()
-
-
-@pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[..., BlockstoreL2Adapter]]:
-    """make(**adapter_params) -> an adapter on tmp_path/"kv" (compaction off unless asked for)."""
-    made: list[BlockstoreL2Adapter] = []
-
-    def _make(**params: Any) -> BlockstoreL2Adapter:
-        params.setdefault("path", str(tmp_path / "kv"))
-        params.setdefault("compaction", None)
-        a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(params))
-        made.append(a)
-        return a
-
-    yield _make
-    for a in made:
-        a.close()
 
 
 def _drain(fd: int, timeout: float = TIMEOUT) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
-from compaction_helpers import rebuild_violations  # noqa: E402
+from compaction_helpers import block_file_bytes, rebuild_violations  # noqa: E402
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
 import blockstore  # noqa: E402
@@ -29,21 +28,9 @@ SMALL = torch.Size([2, 2, 16, 32])  # float32: 8 KiB
 SMALL_SIZE = 8192
 
 
-@pytest.fixture
-def arena() -> Iterator[Arena]:
-    a = Arena()
-    yield a
-    a.release()
-
-
 def adapter(path: Path, capacity: int) -> BlockstoreL2Adapter:
     return BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(
         {"path": str(path), "capacity_bytes": capacity, "block_size": BLOCK, "compaction": None}))
-
-
-def block_file_bytes(path: str) -> int:
-    folder = os.path.join(path, "blocks")
-    return sum(os.stat(os.path.join(folder, n)).st_size for n in os.listdir(folder))
 
 
 def test_stores_with_gaps_between_them_never_wait_for_a_pass(tmp_path: Path, arena: Arena) -> None:

@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -20,7 +18,7 @@ torch = pytest.importorskip("torch")
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
 from blockstore.connector.eviction import RETURN_SPANS, ClockHistory, HashMarks  # noqa: E402
-from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
+from blockstore.connector.l2_adapter import BlockstoreL2Adapter  # noqa: E402
 
 BLOCK = 65536
 SMALL = torch.Size([2, 2, 16, 32])  # float32: 8 KiB, ~7 records per 64 KiB block
@@ -28,27 +26,9 @@ SMALL_SIZE = 8192
 
 
 @pytest.fixture
-def arena() -> Iterator[Arena]:
-    a = Arena()
-    yield a
-    a.release()
-
-
-@pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[..., BlockstoreL2Adapter]]:
-    made: list[BlockstoreL2Adapter] = []
-
-    def _make(**params: Any) -> BlockstoreL2Adapter:
-        params.setdefault("path", str(tmp_path / "kv"))
-        params.setdefault("compaction", None)
-        params.setdefault("block_size", BLOCK)
-        a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(params))
-        made.append(a)
-        return a
-
-    yield _make
-    for a in made:
-        a.close()
+def adapter_block_size() -> int:
+    """`make` (conftest.py) gives this module's adapters 64 KiB blocks."""
+    return BLOCK
 
 
 def test_clock_history_maps_times_to_clocks_within_its_bound() -> None:

@@ -43,13 +43,6 @@ SMALL_SIZE = 8192
 
 
 @pytest.fixture
-def arena() -> Iterator[Arena]:
-    a = Arena()
-    yield a
-    a.release()
-
-
-@pytest.fixture
 def adapter(tmp_path: Path) -> Iterator[BlockstoreL2Adapter]:
     a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(
         {"path": str(tmp_path / "kv"), "capacity_bytes": CAPACITY, "block_size": BLOCK, "compaction": None}))
