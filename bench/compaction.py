@@ -52,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import xxhash
@@ -393,19 +393,7 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
                 with blockstore.open(busy_path, block_size=block_size,
                                      compaction={"policy": pol, "interval_s": 0.01}) as s:
                     t_open = time.perf_counter()
-                    j = 0
-                    while True:
-                        op = reqs[j % len(reqs)]
-                        j += 1
-                        t0 = time.perf_counter()
-                        s.get_many(op.keys, ns=op.ns)
-                        t1 = time.perf_counter()
-                        timed.append((t0, t1))
-                        last = events.last(t_open)
-                        worked = bool(events.times)  # quiet only once it has worked: it may start late
-                        if (j >= len(reqs) and worked and t1 - last > QUIET_S) or t1 - t_open > BUSY_LIMIT_S:
-                            break
-                    went_idle = worked and t1 - last > QUIET_S
+                    went_idle = read_until_quiet(s, reqs, events.last_or_none, timed)
                     status = s.compactor.status()
             finally:
                 for name in names:
@@ -488,9 +476,30 @@ class _Events:
         with self._lock:
             self.times.append(time.perf_counter())
 
-    def last(self, default: float) -> float:
+    def last_or_none(self) -> float | None:
         with self._lock:
-            return self.times[-1] if self.times else default
+            return self.times[-1] if self.times else None
+
+
+def read_until_quiet(s: Any, reqs: Sequence[Request], last_event: Callable[[], float | None],
+                     timed: list[tuple[float, float]]) -> bool:
+    """Read `reqs` round and round (each read's start and end appended to `timed`) until every request
+    was read once and the compactor, whose last hook event `last_event` gives, has been quiet QUIET_S,
+    or for BUSY_LIMIT_S; whether it went quiet. Quiet counts only once it has worked: a compactor that
+    yields its CPU may start late."""
+    t_open = time.perf_counter()
+    j, t1, last = 0, t_open, None
+    while True:
+        op = reqs[j % len(reqs)]
+        j += 1
+        t0 = time.perf_counter()
+        s.get_many(op.keys, ns=op.ns)
+        t1 = time.perf_counter()
+        timed.append((t0, t1))
+        last = last_event()
+        if (j >= len(reqs) and last is not None and t1 - last > QUIET_S) or t1 - t_open > BUSY_LIMIT_S:
+            break
+    return last is not None and t1 - last > QUIET_S
 
 
 def _overlaps(timed: list[tuple[float, float]], spans: list[tuple[float, float]]) -> list[bool]:

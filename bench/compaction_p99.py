@@ -53,12 +53,20 @@ from blockstore.compaction import clusters, gc, pacing, relocation
 from blockstore.reader import choose_places
 
 from .common import bench_mode, engine_state, machine_info, results_path, standard_args
-from .compaction import DEFAULT_DIR, TRACE_BLOCK_SIZE, Payloads, evenly, finite, pct, replay, write_json_compact
+from .compaction import (
+    DEFAULT_DIR,
+    TRACE_BLOCK_SIZE,
+    Payloads,
+    evenly,
+    finite,
+    pct,
+    read_until_quiet,
+    replay,
+    write_json_compact,
+)
 from .traces import FAMILIES, GENERATORS, Request, Trace, check, generate
 
 MiB = 1 << 20
-QUIET_S = 0.5  # the compactor counts as done after this long without a hook event (as bench.compaction)
-BUSY_LIMIT_S = 10.0  # ... and the busy phase ends after this long even if it never goes quiet
 GAP_S = 0.05  # hook events closer than this are one span of compaction work
 SLOW_X = 1.5  # a "slow" request, for the profile: above this x the idle p99
 PROBE_SLEEP_S = 0.0002
@@ -259,7 +267,7 @@ def idle_phase(base: str, block_size: int, reqs: Sequence[Request], probe: bool,
 def busy_phase(base: str, block_size: int, reqs: Sequence[Request], policy: str, profile: bool,
                idle_p99_ms: float) -> dict[str, Any]:
     """The requests repeated on a warm copy whose background compactor works through the backlog, until it
-    has been quiet QUIET_S (at most BUSY_LIMIT_S)."""
+    has been quiet (bench.compaction.read_until_quiet)."""
     path = warm_copy(base, "busy")
     events: list[float] = []
     mark = lambda *_a: events.append(time.perf_counter())  # noqa: E731 (list.append is atomic)
@@ -273,21 +281,8 @@ def busy_phase(base: str, block_size: int, reqs: Sequence[Request], policy: str,
             comp = s.compactor
             if profile:
                 prof.install(s, comp)
-            t_open = time.perf_counter()
             comp.start()
-            j = 0
-            while True:
-                op = reqs[j % len(reqs)]
-                j += 1
-                t0 = time.perf_counter()
-                s.get_many(op.keys, ns=op.ns)
-                t1 = time.perf_counter()
-                timed.append((t0, t1))
-                # quiet only once it has worked: a compactor that yields its CPU may start late
-                last = events[-1] if events else None
-                if (j >= len(reqs) and last is not None and t1 - last > QUIET_S) or t1 - t_open > BUSY_LIMIT_S:
-                    break
-            went_idle = last is not None and t1 - last > QUIET_S
+            went_idle = read_until_quiet(s, reqs, lambda: events[-1] if events else None, timed)
             comp.stop()
             prof.undo()
             status = comp.status()
@@ -304,7 +299,7 @@ def busy_phase(base: str, block_size: int, reqs: Sequence[Request], policy: str,
     out = {"during_ms": [(b - a) * 1e3 for (a, b), on in zip(timed, during) if on],
            "not_during_ms": [(b - a) * 1e3 for (a, b), on in zip(timed, during) if not on],
            "busy_s": busy_s, "moved_mb": moved / 1e6, "mb_s": moved / 1e6 / busy_s if busy_s else None,
-           "went_idle": went_idle, "passes": status["passes"], "blocks_per_request": bpr, "reads": j}
+           "went_idle": went_idle, "passes": status["passes"], "blocks_per_request": bpr, "reads": len(timed)}
     if profile:
         out["profile"] = prof.attribute(timed, during, idle_p99_ms)
     return out
