@@ -13,7 +13,8 @@ Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LEN
 this order: full prefill; blend at 0.15 with the chunk KV already on the device (hot: a memory tier in
 front of the store, read once before the repeats); blend at 0.15 with the store's files in the page
 cache (warm; also with 1 and 8 loader threads instead of chunk_kv.DEFAULT_READERS, and with each layer
-read in 2 and 4 pieces: diagnostics of the loader) and after Store.drop_page_cache() (cold), both with
+read in 2 and 4 pieces: diagnostics of the loader; on CUDA also hot and warm with V selection, `*_v`, and
+without CUDA graphs, `*_eager`, whose capture cost per bucket is reported under `cuda_graphs`) and after Store.drop_page_cache() (cold), both with
 the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
 prefix-only reuse (the first chunk reused in place, everything after it computed: what a prefix cache
 gives the same prompt); the load alone, warm and cold (request to all chunk KV in memory,
@@ -52,7 +53,7 @@ from bench.blend_fidelity import fidelity, plot_fidelity
 from bench.ceilings import MiB, Payloads, raw_read, raw_write
 from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
 from bench.report import machine_line, reproduce_line
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, flex, full_prefill
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, graphs
 from blockstore.blend.chunk_kv import DEFAULT_READERS, LayerStream
 from blockstore.reader import aligned_buffer
 
@@ -262,12 +263,13 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     # the default selection before 2026-12-06 (V deviation alone): what the default (K+V deviation weighted
     # by the question's attention, the better one on the trained model) costs against it
     v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)
+    eager = Blender(w, kv, ratio=0.15, cuda_graphs=False)  # the later layers issued op by op (before graphs.py)
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_8readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
-                                                    *(("blend_hot_flex", "blend_warm_flex", "blend_hot_v",
+                                                    *(("blend_hot_eager", "blend_warm_eager", "blend_hot_v",
                                                        "blend_warm_v") if device.type == "cuda" else ()))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
@@ -276,20 +278,22 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     threads = max(1, min(max(DEFAULT_READERS, min(8, os.cpu_count() or 1)), pieces))
     read_bytes = kv_bytes * pieces // w.config.num_hidden_layers
     last: dict[str, Any] = {}
-    timed(lambda: blend.blend(prompt, spans=spans))  # warm-up: kernels, allocator, page cache
+    first = [blend.blend(prompt, spans=spans)]  # warm-up: kernels, allocator, page cache, CUDA graph capture
     timed(lambda: full_prefill(w, prompt))
-    flex_warmup = ([timed(lambda: _with_flex(True, lambda: blend.blend(prompt, spans=spans))) for _ in range(2)]
-                   if device.type == "cuda" else [])  # the first compiles FlexAttention, the second may again
+    first_s = [timed(lambda fn=fn: first.append(fn(prompt, spans=spans))) for fn in (v_only.blend, eager.blend)]  # type: ignore[misc]
+    # what capturing the graphs of each (tokens, rows) bucket cost, once (the default and V selections
+    # may recompute different numbers of rows: two buckets)
+    capture = {"capture_s": [r.timings.get("graph_capture_s") for r in first], "first_blend_s": first_s,
+               "buckets": [f"{k[0]}x{k[1]}" for k in w.graph_buckets], "failure": graphs.failure()}
     for rep in range(repeats):
         runs["full"].append(timed(lambda: full_prefill(w, prompt)))
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
         runs["blend_warm"].append(timed(lambda: last.update(warm=blend.blend(prompt, spans=spans))))
         runs["blend_warm_1reader"].append(timed(lambda: one_reader.blend(prompt, spans=spans)))
         runs["blend_warm_8readers"].append(timed(lambda: eight_readers.blend(prompt, spans=spans)))
-        if device.type == "cuda":  # scattered-row attention through FlexAttention's block mask
-            runs["blend_hot_flex"].append(timed(lambda: _with_flex(True, lambda: blend.blend(
-                prompt, spans=spans, resident=resident))))
-            runs["blend_warm_flex"].append(timed(lambda: _with_flex(True, lambda: blend.blend(prompt, spans=spans))))
+        if device.type == "cuda":  # the same blend without CUDA graphs: what they buy, in this run
+            runs["blend_hot_eager"].append(timed(lambda: eager.blend(prompt, spans=spans, resident=resident)))
+            runs["blend_warm_eager"].append(timed(lambda: eager.blend(prompt, spans=spans)))
             runs["blend_hot_v"].append(timed(lambda: v_only.blend(prompt, spans=spans, resident=resident)))
             runs["blend_warm_v"].append(timed(lambda: v_only.blend(prompt, spans=spans)))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
@@ -330,8 +334,10 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes,
         "speedup_hot": med["full"] / med["blend_hot"], "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
         "speedup_prefix": med["full"] / med["prefix_warm"],
-        **({"speedup_hot_flex": med["full"] / med["blend_hot_flex"], "speedup_warm_flex": med["full"] / med["blend_warm_flex"],
-            "flex_warmup_s": flex_warmup, "flex_failure": flex.failure()} if "blend_hot_flex" in med else {}),
+        **({"speedup_hot_eager": med["full"] / med["blend_hot_eager"],
+            "speedup_warm_eager": med["full"] / med["blend_warm_eager"],
+            "speedup_hot_v": med["full"] / med["blend_hot_v"], "speedup_warm_v": med["full"] / med["blend_warm_v"],
+            "cuda_graphs": capture} if "blend_hot_eager" in med else {}),
         "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],
         "cold_floor_s": floor, "blend_cold_vs_floor": med["blend_cold"] / floor,
         "load_cold_vs_floor": med["load_cold"] / floor,

@@ -11,8 +11,8 @@ machine gets a copy of the working tree without its git history:
                                                            # build/blend-baseline
 
 Per length: full prefill; hot (chunk KV already on the device), warm (page cache) and cold (after
-`drop_page_cache`) blends of both codes at ratio 0.15, and on CUDA this tree's with FlexAttention on (the
-`*_flex` rows); each code's loader alone; the page-cache, host->device and disk ceilings; and whether
+`drop_page_cache`) blends of both codes at ratio 0.15, and on CUDA this tree's without CUDA graphs (the
+`*_eager` rows; what capturing each bucket cost is under `cuda_graphs`); each code's loader alone; the page-cache, host->device and disk ceilings; and whether
 both codes pick the same rows and how far their logits and last-layer K are apart. Medians of the
 repeats, min-max beside them.
 """
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 import blockstore
-from bench.blend import CHUNK_TOKENS, SUFFIX_TOKENS, _disk_ceiling, _h2d_ceiling, _timer, _warm_read_ceiling, _with_flex
+from bench.blend import CHUNK_TOKENS, SUFFIX_TOKENS, _disk_ceiling, _h2d_ceiling, _timer, _warm_read_ceiling
 from bench.common import REPO, machine_info, results_path, spread, standard_args, write_json
-from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, flex, full_prefill
+from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, full_prefill, graphs
 
 BASELINE_DIR = os.path.join(REPO, "build", "blend-baseline")
 PACKAGE = "blend_baseline"
@@ -99,6 +99,7 @@ def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
     kv, kv_old = ChunkKVStore(store, model_id=w.model_id), base.ChunkKVStore(store, model_id=w.model_id)
     new, old = Blender(w, kv, ratio=0.15, **SAME_SELECTION), base.Blender(w, kv_old, ratio=0.15)
+    eager = Blender(w, kv, ratio=0.15, cuda_graphs=False, **SAME_SELECTION)
     cids = [new.store_chunk(c) for c in chunks]
     os.sync()
     kv_bytes = sum(loc.payload_len for loc in store.locate_many(
@@ -111,15 +112,17 @@ def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int
         "new_hot": lambda: new.blend(prompt, spans=spans, resident=hot_new),
         "old_warm": lambda: old.blend(prompt, spans=spans),
         "new_warm": lambda: new.blend(prompt, spans=spans),
-        **({"new_hot_flex": lambda: _with_flex(True, lambda: new.blend(prompt, spans=spans, resident=hot_new)),
-            "new_warm_flex": lambda: _with_flex(True, lambda: new.blend(prompt, spans=spans))} if cuda else {}),
+        **({"new_hot_eager": lambda: eager.blend(prompt, spans=spans, resident=hot_new),
+            "new_warm_eager": lambda: eager.blend(prompt, spans=spans)} if cuda else {}),
         "old_loader": lambda: _stream_all(kv_old, cids, dev, old.check_layer),
         "new_loader": lambda: _stream_all(kv, cids, dev, new.check_layer),
     }
-    warmup = {name: [timed(fn) for _ in range(2)] for name, fn in calls.items()}  # flex compiles here
-    agreement = {"new": _agreement(calls["new_hot"](), calls["old_hot"]())}
+    capture = new.blend(prompt, spans=spans, resident=hot_new).timings.get("graph_capture_s")  # once per bucket
+    warmup = {name: [timed(fn) for _ in range(2)] for name, fn in calls.items()}
+    agreement = {"new": _agreement(calls["new_hot"](), calls["old_hot"]()),
+                 "new_warm": _agreement(calls["new_warm"](), calls["old_warm"]())}
     if cuda:
-        agreement["new_flex"] = _agreement(calls["new_hot_flex"](), calls["old_hot"]())
+        agreement["new_eager"] = _agreement(calls["new_hot_eager"](), calls["old_hot"]())
     runs: dict[str, list[float]] = {name: [] for name in [*calls, "old_cold", "new_cold"]}
     for rep in range(repeats):
         order = list(calls) if rep % 2 == 0 else list(calls)[::-1]
@@ -145,9 +148,11 @@ def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int
         "page_cache_GBps": page_cache / 1e9, "h2d_GBps": h2d / 1e9, "disk_GBps": disk / 1e9,
         # the best a loader overlapped layer by layer could do warm with each code's hot compute (bench/blend.py)
         "warm_floor_speedup": {k: med["full"] / max(read_s, h2d_s, med[k])
-                               for k in ("old_hot", "new_hot", "new_hot_flex") if k in med},
+                               for k in ("old_hot", "new_hot", "new_hot_eager") if k in med},
         "cold_vs_floor": {k: med[k] / (kv_bytes / disk) for k in ("old_cold", "new_cold")},
-        "agreement": agreement, "flex_failure": flex.failure(), "warmup_s": warmup,
+        "agreement": agreement, "warmup_s": warmup,
+        "cuda_graphs": {"capture_s": capture, "buckets": [f"{k[0]}x{k[1]}" for k in w.graph_buckets],
+                        "failure": graphs.failure()},
         "seconds": {k: spread(v) for k, v in runs.items()},
     }
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockstore.blend import graphs
 from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, chunk_id
 from blockstore.blend.compute import (
     Prefill,
@@ -145,7 +146,8 @@ class Blender:
     def __init__(self, weights: LlamaWeights, kv: ChunkKVStore, ratio: float = 0.15, selector: str = "deviation",
                  check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
                  readers: int | None = None, chunk_prefix: Sequence[int] = (), deviation: str = DEFAULT_DEVIATION,
-                 sink_tokens: int = 0, query_weighted: bool = DEFAULT_QUERY_WEIGHTED, gradual: float = 1.0) -> None:
+                 sink_tokens: int = 0, query_weighted: bool = DEFAULT_QUERY_WEIGHTED, gradual: float = 1.0,
+                 cuda_graphs: bool = True) -> None:
         """`deviation`: what the deviation selector measures at the check layer (DEVIATIONS).
         `query_weighted`: the deviation selector weighs each token's deviation by the attention the
         question (the rows after the last chunk) pays it at the check layer: a token the answer does not
@@ -157,7 +159,8 @@ class Blender:
         (attention sinks, as EPIC does), counted inside the ratio's budget. `chunk_prefix`: tokens (say <s>) a missing chunk is computed after, so that its first token
         is not a false attention sink; only the chunk's own rows are stored, at positions after the
         prefix. KV computed so differs from KV computed without: its store's model_id says so
-        (`Blender.kv_model_id`)."""
+        (`Blender.kv_model_id`). `cuda_graphs`: on a GPU, the layers after the selection replay CUDA
+        graphs captured once per (tokens, rows) bucket (graphs.py); the CPU path is the same either way."""
         if not 0.0 <= float(ratio) <= 1.0:
             raise InvalidArgument(f"ratio must be in [0, 1], not {ratio!r}")
         if selector not in SELECTORS:
@@ -175,6 +178,7 @@ class Blender:
         self.check_layer, self.separator_ids, self.overlap = check_layer, tuple(separator_ids), overlap
         self.deviation, self.sink_tokens, self.query_weighted = deviation, sink_tokens, bool(query_weighted)
         self.gradual = float(gradual)
+        self.cuda_graphs = bool(cuda_graphs)
         self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
@@ -301,13 +305,16 @@ class Blender:
         return out
 
     def _cached_kv(self, parts: list[_Span], stream: object, layer: int, n: int, positions: torch.Tensor,
-                   moves: _Moves) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's cached K (re-rotated to the prompt positions) and V for every covered token;
-        rows no chunk covers are left unset (they are always recomputed). One rotation for all chunks."""
+                   moves: _Moves, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cached K (re-rotated to the prompt positions) and V for every covered token (into
+        `out` if given); rows no chunk covers are left unset (they are always recomputed). One rotation
+        for all chunks."""
         c = self.w.config
         # every row is written below or, not covered by a chunk, is recomputed (always active): no fill
-        k_all = torch.empty(n, c.num_key_value_heads, c.head_dim, device=self.w.device, dtype=self.w.dtype)
-        v_all = torch.empty_like(k_all)
+        k_all = torch.empty(n, c.num_key_value_heads, c.head_dim, device=self.w.device,
+                            dtype=self.w.dtype) if out is None else out[0]
+        v_all = torch.empty_like(k_all) if out is None else out[1]
         if moves.run is not None and moves.streamed:  # after the first layer: the loader's buffer as it is
             views = stream.layer_kv(layer)  # type: ignore[attr-defined]
             if views is not None:
@@ -394,6 +401,29 @@ class Blender:
             keep[torch.topk(dev, min(left, int(cov.sum()))).indices] = True
         return keep.nonzero().squeeze(1)
 
+    def _replay_layers(self, captured: graphs.LayerGraphs, parts: list[_Span], stream: object, hidden: torch.Tensor,
+                       active: torch.Tensor, moves: _Moves, keys: list[torch.Tensor], values: list[torch.Tensor],
+                       timings: dict[str, float]) -> torch.Tensor:
+        """The layers from `captured.first` on through their CUDA graphs: each layer's cached KV placed
+        into the graphs' buffers as it arrives, the layer replayed, its KV copied out for the result.
+        Returns the last row's hidden state."""
+        n, rows = int(keys[0].shape[0]), int(active.shape[0])
+        pos = torch.arange(n, device=self.w.device)
+        with captured.lock:
+            if captured.replays == 0:  # this blend paid for the capture
+                timings["graph_capture_s"] = captured.capture_s
+            captured.replays += 1
+            captured.begin(hidden, active, n)
+            out = (captured.k_all[:n], captured.v_all[:n])
+            for layer_index in range(captured.first, len(self.w.layers)):
+                t_wait = time.perf_counter()
+                self._cached_kv(parts, stream, layer_index, n, pos, moves, out)
+                timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait
+                captured.run(layer_index)
+                keys.append(out[0].clone())
+                values.append(out[1].clone())
+            return captured.hidden[rows - 1 : rows].clone()
+
     def _run_layers(self, ids: torch.Tensor, parts: list[_Span], stream: object,
                     timings: dict[str, float], forced: torch.Tensor | None = None) -> BlendResult:
         n = int(ids.shape[0])
@@ -436,6 +466,11 @@ class Blender:
             keys.append(k_all)
             values.append(v_all)
             hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, active, pos, tail_rows=tail))
+            if layer_index == self.check_layer + (0 if narrowed else 1) and not tail and self.cuda_graphs:
+                captured = graphs.layer_graphs(self.w, n, int(active.shape[0]), layer_index + 1)
+                if captured is not None:  # the rows are final: the later layers replay graphs
+                    hidden = self._replay_layers(captured, parts, stream, hidden, active, moves, keys, values, timings)
+                    break
         covered = sum(p.end - p.start for p in parts)
         in_chunks = int(sum(((active >= p.start) & (active < p.end)).sum() for p in parts)) if parts else 0
         return BlendResult(keys, values, logits_of(self.w, hidden[-1]), [(p.start, p.end) for p in parts],

@@ -108,6 +108,9 @@ class LlamaWeights:
     norm: torch.Tensor
     lm_head: torch.Tensor  # [vocab, hidden]
     model_id: str
+    # CUDA graphs of blends on these weights (graphs.py), by bucket, oldest first: they bake in these
+    # tensors' addresses, so they live and die with them
+    graph_buckets: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

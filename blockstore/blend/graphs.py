@@ -1,0 +1,165 @@
+"""CUDA graphs of a blend's later layers (GPU only): one graph per layer, replayed as that layer's cached
+KV is placed, so the CPU issues one replay where it issued ~25 ops.
+
+After the check layer a blend computes a few hundred scattered rows per layer: each of its ~25 ops a layer
+is a small kernel, and on an H100 the 8B shape's hot blend at 4k tokens spent 45.6 ms of wall time issuing
+27.2 ms of kernels on one host (bench/README.md, blend TTFT). A CUDA graph replays a layer's kernels from
+one call. A graph bakes in shapes and addresses, so it is captured per bucket: keys rounded up to
+KEY_STEP (with at least one spare row) and recomputed rows rounded up to ROW_STEP, over static buffers
+(the rows' hidden states, RoPE tables, scatter indices, this layer's K and V of every row, the position
+mask). Padding rows sit at position 0 and write their K/V into a spare key row that the mask hides from
+every real row, so they change nothing a real row computes; they see key 0 only, so they stay finite.
+
+The ops are those of the eager path (compute.qkv, attend's masked SDPA, finish_layer) on the padded
+shapes: a real row's results are the eager ones up to the rounding a different kernel shape gives
+(bf16 noise; bench.blend_ab reports the largest difference). The CPU path never comes here.
+
+A bucket's capture (a warm-up pass and one capture per layer) is paid once and reported
+(`capture_s`); the last CACHED_BUCKETS buckets per model are kept (at 8k tokens of the 8B shape a bucket
+holds ~0.3 GB: this layer's K/V, the mask, the graphs' memory). If a capture fails, a warning says why and
+blends run eagerly from then on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from blockstore.blend.compute import _fold, _heads_first, _rope_of, _rotate_signed, _unfold, finish_layer, rms_norm
+from blockstore.blend.llama import LlamaWeights
+
+KEY_STEP = 128  # keys bucket: the mask's rows stay 16-element aligned (SDPA copies a misaligned mask each call)
+ROW_STEP = 64  # recomputed-rows bucket: at most 63 padding rows, a few % of a 4k blend's rows
+CACHED_BUCKETS = 4
+
+_state: dict[str, Any] = {"failed": None}
+_lock = threading.Lock()
+
+
+def usable(device: torch.device) -> bool:
+    """Whether blends on `device` replay captured layers (CUDA, and no capture has failed)."""
+    return device.type == "cuda" and _state["failed"] is None
+
+
+def failure() -> str | None:
+    """Why graphs were turned off in this process (None: they were not)."""
+    return _state["failed"]  # type: ignore[no-any-return]
+
+
+def bucket_of(keys: int, rows: int) -> tuple[int, int]:
+    """(keys, rows) of the bucket a blend of `keys` prompt tokens and `rows` recomputed rows runs in."""
+    return -(-(keys + 1) // KEY_STEP) * KEY_STEP, -(-rows // ROW_STEP) * ROW_STEP
+
+
+class LayerGraphs:
+    """Static buffers of one (keys, rows) bucket and a graph per layer from `first` on. With
+    `capture=False` (tests on a CPU) `run` calls the same padded layer eagerly."""
+
+    def __init__(self, w: LlamaWeights, keys: int, rows: int, first: int, *, capture: bool = True) -> None:
+        c, dev, dt = w.config, w.device, w.dtype
+        self.w, self.keys, self.rows, self.first = w, keys, rows, first
+        group = c.num_attention_heads // c.num_key_value_heads
+        self.hidden = torch.zeros(rows, c.hidden_size, device=dev, dtype=dt)
+        self.dest = torch.full((rows,), keys - 1, device=dev, dtype=torch.int64)  # where each row's K/V goes
+        self.cos = torch.ones(rows, 1, c.head_dim, device=dev, dtype=dt)
+        self.sin = torch.zeros(rows, 1, c.head_dim, device=dev, dtype=dt)
+        # this layer's K and V of every row: the spare rows stay finite (a masked key still enters q.k)
+        self.k_all = torch.zeros(keys, c.num_key_value_heads, c.head_dim, device=dev, dtype=dt)
+        self.v_all = torch.zeros_like(self.k_all)
+        self.bias = torch.zeros(1, 1, group * rows, keys, device=dev, dtype=dt)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lock = threading.Lock()  # one blend at a time fills and replays the buffers
+        self.capture_s = 0.0
+        self.replays = 0  # blends that ran in this bucket (the first paid for the capture)
+        if capture:
+            t0 = time.perf_counter()
+            self._capture()
+            self.capture_s = time.perf_counter() - t0
+
+    def _layer(self, index: int) -> None:
+        """Layer `index` on the static buffers: compute.qkv, the scatter of the fresh K/V into the
+        layer's KV, the masked attention and finish_layer, as the eager path runs them."""
+        w, layer, c, n = self.w, self.w.layers[index], self.w.config, self.rows
+        heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+        x = rms_norm(self.hidden, layer.input_norm, c.rms_norm_eps)
+        qk = F.linear(x, layer.qk_proj)
+        v = F.linear(x, layer.v_proj).view(n, kv_heads, c.head_dim)
+        rotated = _rotate_signed(qk.view(n, heads + kv_heads, c.head_dim), self.cos, self.sin)
+        self.k_all.index_copy_(0, self.dest, rotated[:, heads:])
+        self.v_all.index_copy_(0, self.dest, v)
+        out = F.scaled_dot_product_attention(_fold(rotated[:, :heads], kv_heads), _heads_first(self.k_all),
+                                             _heads_first(self.v_all), attn_mask=self.bias)
+        self.hidden.copy_(finish_layer(w, layer, self.hidden, _unfold(out, n)))
+
+    def _capture(self) -> None:
+        dev = self.w.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # a warm-up pass off the capture (cuBLAS and cuDNN set up lazily)
+            for index in range(self.first, len(self.w.layers)):
+                self._layer(index)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()  # one memory pool: the layers replay one after another
+        for index in range(self.first, len(self.w.layers)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._layer(index)
+            self.graphs[index] = graph
+
+    def begin(self, hidden: torch.Tensor, active: torch.Tensor, n: int) -> None:
+        """Fill the buffers for a blend of `n` tokens whose recomputed rows are `active` (sorted prompt
+        positions) with hidden states `hidden`: padding rows at position 0, writing to the spare key row."""
+        c, rows = self.w.config, active.shape[0]
+        group = c.num_attention_heads // c.num_key_value_heads
+        self.hidden[:rows].copy_(hidden)
+        self.hidden[rows:].zero_()
+        self.dest[:rows].copy_(active)
+        self.dest[rows:].fill_(self.keys - 1)
+        q_pos = torch.cat((active, active.new_zeros(self.rows - rows)))
+        cos, signed_sin = _rope_of(q_pos, c.head_dim, c.rope_theta, self.hidden.dtype)
+        self.cos.copy_(cos)
+        self.sin.copy_(signed_sin)
+        k_pos = torch.arange(self.keys, device=active.device)
+        k_pos[n:] = torch.iinfo(torch.int64).max  # spare rows: no query may see them
+        hidden_keys = k_pos[None, :] > q_pos.repeat(group)[:, None]
+        self.bias[0, 0].zero_().masked_fill_(hidden_keys, float("-inf"))
+
+    def run(self, index: int) -> None:
+        """Layer `index` on the buffers (its cached K/V already placed in k_all, v_all)."""
+        graph = self.graphs.get(index)
+        if graph is None:
+            self._layer(index)
+        else:
+            graph.replay()
+
+
+def layer_graphs(w: LlamaWeights, n: int, rows: int, first: int) -> LayerGraphs | None:
+    """The captured layers of this model for a blend of `n` tokens and `rows` recomputed rows from
+    layer `first` on (captured now if new: LayerGraphs.capture_s says what it cost), or None when
+    graphs are off or the capture failed (the caller runs eagerly)."""
+    if not usable(w.device):
+        return None
+    key = (*bucket_of(n, rows), first)
+    cache = w.graph_buckets
+    with _lock:
+        got = cache.pop(key, None)
+        if got is not None:
+            cache[key] = got  # the most recently used last
+            return got  # type: ignore[no-any-return]
+    try:
+        got = LayerGraphs(w, key[0], key[1], first, capture=w.device.type == "cuda")
+    except Exception as exc:  # a kernel that cannot be captured here: eager from now on, said once
+        _state["failed"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"blockstore.blend: CUDA graph capture failed ({_state['failed'][:300]}); blends run "
+                      "their layers eagerly from now on", RuntimeWarning, stacklevel=2)
+        return None
+    with _lock:
+        cache[key] = got
+        while len(cache) > CACHED_BUCKETS:
+            del cache[next(iter(cache))]
+    return got

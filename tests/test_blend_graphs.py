@@ -1,0 +1,102 @@
+"""blockstore.blend.graphs: the padded, static-buffer layers the CUDA graphs capture, run eagerly on a CPU
+(graphs.usable forced on): the same rows, logits and KV as the eager blend, padding that changes
+nothing, buckets reused without touching an earlier blend's result. The capture itself needs a GPU
+(bench.blend_ab compares both paths there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockstore
+from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, graphs
+
+SEP = 127
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@pytest.fixture
+def weights() -> LlamaWeights:
+    return LlamaWeights.random(CFG, seed=3, std=0.2)
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with blockstore.open(tmp_path / "s") as s:
+        yield s
+
+
+@pytest.fixture
+def forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph path on a CPU: buffers and padding as on a GPU, each layer called instead of replayed."""
+    monkeypatch.setattr(graphs, "usable", lambda device: True)
+
+
+def _prompt(seed: int, chunks: int = 3, length: int = 40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.cat((torch.randint(0, SEP, (length,), generator=g), torch.tensor([SEP]))) for _ in range(chunks)]
+    return torch.cat([*parts, torch.tensor([3, 4, 5, 6, 7])])
+
+
+def _blenders(weights: LlamaWeights, store: blockstore.Store, **kw: object) -> tuple[Blender, Blender]:
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    return (Blender(weights, kv, separator_ids=(SEP,), **kw),  # type: ignore[arg-type]
+            Blender(weights, kv, separator_ids=(SEP,), cuda_graphs=False, **kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw", [{}, {"deviation": "v", "query_weighted": False}, {"gradual": 2.0},
+                                {"check_layer": 2, "overlap": False}])
+def test_padded_layers_give_the_eager_blend(weights: LlamaWeights, store: blockstore.Store, forced: None,
+                                            kw: dict[str, object]) -> None:
+    with_graphs, eager = _blenders(weights, store, **kw)
+    prompt = _prompt(0)
+    eager.blend(prompt)  # stores the chunks
+    ref, got = eager.blend(prompt), with_graphs.blend(prompt)
+    assert torch.equal(got.recomputed, ref.recomputed)
+    n, rows = prompt.shape[0], got.recomputed.shape[0]
+    buckets = list(weights.graph_buckets.values())
+    assert len(buckets) == 1 and buckets[0].replays == 1
+    bucket = buckets[0]
+    assert bucket.keys > n and bucket.rows > rows  # padding rows and spare keys were really there
+    assert len(got.keys) == len(ref.keys) == CFG.num_hidden_layers
+    for k, r in zip(got.keys + got.values, ref.keys + ref.values):
+        assert k.shape == r.shape and k.is_contiguous()
+        torch.testing.assert_close(k, r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bucket_is_reused_and_an_earlier_result_is_not_overwritten(weights: LlamaWeights, store: blockstore.Store,
+                                                                     forced: None) -> None:
+    with_graphs, eager = _blenders(weights, store)
+    first, second = _prompt(1), _prompt(2)
+    eager.blend(first)
+    eager.blend(second)
+    a = with_graphs.blend(first)
+    kept = [k.clone() for k in a.keys]
+    b = with_graphs.blend(second)
+    assert graphs.bucket_of(first.shape[0], a.recomputed.shape[0]) == graphs.bucket_of(
+        second.shape[0], b.recomputed.shape[0])
+    assert len(weights.graph_buckets) == 1 and next(iter(weights.graph_buckets.values())).replays == 2
+    assert "graph_capture_s" in a.timings and "graph_capture_s" not in b.timings
+    assert all(torch.equal(k, c) for k, c in zip(a.keys, kept))  # b's blend wrote its own copies
+    torch.testing.assert_close(b.logits, eager.blend(second).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_buckets_are_bounded_and_the_cpu_path_never_captures(weights: LlamaWeights, store: blockstore.Store,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    with_graphs, _ = _blenders(weights, store)
+    with_graphs.blend(_prompt(0))
+    assert not weights.graph_buckets and not graphs.usable(weights.device)  # CPU: graphs off, nothing kept
+    monkeypatch.setattr(graphs, "usable", lambda device: True)
+    monkeypatch.setattr(graphs, "CACHED_BUCKETS", 2)
+    for length in (30, 200, 330):  # three key buckets
+        with_graphs.blend(_prompt(4, length=length))
+    assert [k[0] for k in weights.graph_buckets] == [graphs.bucket_of(3 * (length + 1) + 5, 1)[0] for length in (200, 330)]
+
+
+def test_bucket_shapes() -> None:
+    assert graphs.bucket_of(4096, 642) == (4224, 704)  # a spare key row even at a multiple of the step
+    assert graphs.bucket_of(100, 64) == (128, 64)
