@@ -90,6 +90,7 @@ from blockstore.connector.eviction import (
     ClockHistory,
     HashMarks,
     KeyStats,
+    spare_value,
     usable_hits,
     value,
 )
@@ -374,6 +375,7 @@ class _Keep:
     key: ObjectKey
     sfx: bytes
     loc: Location
+    spare: bool = False  # value <= 0: kept only in the room the pass frees beyond its need (eviction.spare_value)
 
 
 @dataclass
@@ -926,7 +928,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 if not blocked:
                     emptied.append(e)
                     disk_excess -= e.data_end - block_moved  # the file goes; what moves is written again at the head
-            keep, trimmed, held = self._keep_within(wanted, budget, drop)
+            # the room freed beyond the need (a block's worth at most: space comes back a block at a time) is
+            # held by records that have been read, most recently read first, rather than left empty
+            surplus = max(0, min(-excess, -disk_excess))
+            keep, trimmed, held = self._keep_within([w for w in wanted if not w.spare], budget, drop)
+            self._keep_spares([w for w in wanted if w.spare], min(surplus, budget - sum(
+                loc.record_len for items in keep.values() for _k, _s, loc in items)), keep, drop, held)
             excess -= trimmed
             for ns, items in keep.items():
                 lost, taken = self._rewrite_at_head(ns, items)
@@ -1094,10 +1101,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 if k in self._storing or k in self._deleting or self._held(k, now):
                     blocked += 1
                     continue
-                v = value(self._stats.get(k), loc.payload_len, self._clock, span, mean)
+                st = self._stats.get(k)
+                v = value(st, loc.payload_len, self._clock, span, mean)
                 if v > 0:
                     moved += loc.record_len
                     wanted.append(_Keep(v, e.block_id, ns, k, sfx, loc))
+                elif (sv := spare_value(st, self._clock, span)) is not None:
+                    freed += loc.payload_len  # deleted unless the pass frees more than it needs
+                    wanted.append(_Keep(sv, e.block_id, ns, k, sfx, loc, spare=True))
                 else:
                     self._deleting.add(k)
                     self._ghost.add(k, self._clock)
@@ -1134,6 +1145,29 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 self._ghost.add(w.key, self._clock)
                 drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
         return keep, trimmed, held
+
+    def _keep_spares(self, spares: list[_Keep], room: int, keep: dict[str, list[tuple[ObjectKey, bytes, Location]]],
+                     drop: dict[int, dict[str, list[ObjectKey]]], held: set[int]) -> None:
+        """Records not worth keeping that have been read (`eviction.spare_value`), most recently read first, are
+        kept (added to `keep`) within `room`: the payload the pass frees beyond its need, a block's worth at most
+        (space comes back a whole block at a time), which would otherwise stay empty until the stores fill it.
+        The others are deleted with their blocks (claimed in _deleting, added to `drop`; the walk counted their
+        bytes as freed already); a key a lookup locked or a store claimed since holds its block (`held`)."""
+        now = time.monotonic()
+        with self._lock:
+            for w in sorted(spares, key=lambda w: -w.value):
+                if w.loc.record_len <= room:
+                    room -= w.loc.record_len
+                    keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
+                    continue
+                if w.key in self._deleting:
+                    continue
+                if w.key in self._storing or self._held(w.key, now):
+                    held.add(w.block)
+                    continue
+                self._deleting.add(w.key)
+                self._ghost.add(w.key, self._clock)
+                drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
 
     def _data_floor(self, exclude: set[int]) -> int:
         """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
