@@ -12,7 +12,7 @@ Speed: a random model of a named shape (blockstore.blend.SHAPES), prompts of LEN
 512-token chunks and a 32-token suffix, chunk KV stored beforehand (os.sync after). Per repeat, in
 this order: full prefill; blend at 0.15 with the chunk KV already on the device (hot: a memory tier in
 front of the store, read once before the repeats); blend at 0.15 with the store's files in the page
-cache (warm; also with 1 and 8 loader threads instead of chunk_kv.DEFAULT_READERS, and with each layer
+cache (warm; also with 1, 4 and 8 loader threads instead of chunk_kv's default, and with each layer
 read in 2 and 4 pieces: diagnostics of the loader; on CUDA also hot and warm with V selection, `*_v`, and
 without CUDA graphs, `*_eager`, whose capture cost per bucket is reported under `cuda_graphs`) and after Store.drop_page_cache() (cold), both with
 the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
@@ -260,12 +260,14 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
     one_reader = Blender(w, kv, ratio=0.15, readers=1)
     eight_readers = Blender(w, kv, ratio=0.15, readers=8)
+    four_readers = Blender(w, kv, ratio=0.15, readers=4)  # chunk_kv's default before GPU_READERS
     # the default selection before 2026-12-06 (V deviation alone): what the default (K+V deviation weighted
     # by the question's attention, the better one on the trained model) costs against it
     v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)
     eager = Blender(w, kv, ratio=0.15, cuda_graphs=False)  # the later layers issued op by op (before graphs.py)
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
-    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_8readers", "blend_cold",
+    runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_4readers",
+                                                    "blend_warm_8readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
@@ -290,6 +292,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
         runs["blend_warm"].append(timed(lambda: last.update(warm=blend.blend(prompt, spans=spans))))
         runs["blend_warm_1reader"].append(timed(lambda: one_reader.blend(prompt, spans=spans)))
+        runs["blend_warm_4readers"].append(timed(lambda: four_readers.blend(prompt, spans=spans)))
         runs["blend_warm_8readers"].append(timed(lambda: eight_readers.blend(prompt, spans=spans)))
         if device.type == "cuda":  # the same blend without CUDA graphs: what they buy, in this run
             runs["blend_hot_eager"].append(timed(lambda: eager.blend(prompt, spans=spans, resident=resident)))

@@ -52,31 +52,40 @@ DEVIATIONS = ("v", "k", "kv")
 
 
 def _deviation(fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
-               covered: torch.Tensor, on: str) -> torch.Tensor:
+               covered: torch.Tensor, on: str, n_cov: int | None = None) -> torch.Tensor:
     """Per row: squared distance of the fresh K, V or both from the cached ones, in float32. With "kv"
     each term is divided by its mean over the covered rows, so K and V weigh the same
-    whatever their scales (V's often differ from K's by an order of magnitude)."""
+    whatever their scales (V's often differ from K's by an order of magnitude). `n_cov`: the number of
+    covered rows, if the caller knows it: on a GPU the mean is then a masked sum over it, where boolean
+    indexing would wait for the device to count the rows (the CPU keeps the indexed mean, bit for bit)."""
     terms = [(f.float() - c.float()).pow(2).sum(dim=(1, 2)) for f, c in zip(fresh, cached)]
     if on != "kv":
         return terms["kv".index(on)]
+    if n_cov and covered.device.type != "cpu":
+        return sum(t / (t.masked_fill(~covered, 0.0).sum() / n_cov).clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
     return sum(t / t[covered].mean().clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
 
 
 def _query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
+                     rows: torch.Tensor | None = None, after: int | None = None) -> torch.Tensor:
     """Per key row (all N): the attention the query rows after the last chunk (the question; at least
     the last row) pay it at this layer, averaged over their rows and heads, from their fresh q over the
     keys `k` [N, ...] under the position mask. `rows`: the prompt rows of q's rows (default: all N).
+    `after`: the row after the last covered one, if the caller knows it (n - 1 when none is covered).
     Where the first answer token reads from, as far as this layer can tell."""
     n = k.shape[0]
     keys = torch.arange(n, device=k.device)
-    rows = keys if rows is None else rows
-    after = int(keys[covered].max()) + 1 if bool(covered.any()) else n - 1
-    tail = rows >= min(after, n - 1)  # the last row is always among q's rows
+    if after is None:
+        after = int(keys[covered].max()) + 1 if bool(covered.any()) else n - 1
+    if rows is None:  # q's rows are all N: the question is a slice (a boolean index would wait for a GPU)
+        asking, tail_rows = q[min(after, n - 1):].contiguous(), keys[min(after, n - 1):]
+    else:
+        tail = rows >= min(after, n - 1)  # the last row is always among q's rows
+        asking, tail_rows = q[tail], rows[tail]
     group = q.shape[1] // k.shape[1]
-    scores = torch.einsum("thd,nhd->htn", q[tail].float(), k.float().repeat_interleave(group, dim=1))
+    scores = torch.einsum("thd,nhd->htn", asking.float(), k.float().repeat_interleave(group, dim=1))
     scores = scores / q.shape[2] ** 0.5
-    scores.masked_fill_(keys[None, None, :] > rows[tail][None, :, None], float("-inf"))
+    scores.masked_fill_(keys[None, None, :] > tail_rows[None, :, None], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
 
 
@@ -179,7 +188,7 @@ class Blender:
         self.deviation, self.sink_tokens, self.query_weighted = deviation, sink_tokens, bool(query_weighted)
         self.gradual = float(gradual)
         self.cuda_graphs = bool(cuda_graphs)
-        self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
+        self.readers = readers  # loader threads when overlap is on (None: chunk_kv's DEFAULT_READERS, GPU_READERS)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                             str(weights.dtype).removeprefix("torch."))
@@ -261,7 +270,8 @@ class Blender:
         ids = self._ids(token_ids)
         n = int(ids.shape[0])
         spans = self._check_spans(self.split(ids) if spans is None else spans, n)
-        parts = [_Span(s, e, cid, (resident or {}).get(cid)) for s, e in spans for cid in [chunk_id(ids[s:e])]]
+        host_ids = ids.cpu()  # one copy back: chunk ids hash the tokens on the CPU
+        parts = [_Span(s, e, cid, (resident or {}).get(cid)) for s, e in spans for cid in [chunk_id(host_ids[s:e])]]
         to_read = [p for p in parts if p.chunk is None]
         timings: dict[str, float] = {}
         stream = (self.kv.stream_layers([p.cid for p in to_read], device=self.w.device, first_layer=self.check_layer,
@@ -363,7 +373,8 @@ class Blender:
             covered[p.start:p.end] = True
         keep = ~covered
         keep[-1] = True
-        n_cov = int(covered.sum())
+        # counts from the spans (sorted, disjoint), not from the masks: reading a count off a GPU waits for it
+        n_cov = sum(p.end - p.start for p in parts)
         budget = int(round(min(1.0, self.ratio * widen) * n_cov))
         if forced is not None:
             keep[forced] = True
@@ -371,12 +382,14 @@ class Blender:
             sinks = min(self.sink_tokens, budget // max(1, len(parts)))  # inside the budget, never over it
             for p in parts:
                 keep[p.start:p.start + sinks] = True
-            left = budget - int((keep & covered).sum())
+            # covered rows kept so far: the sinks, and the last row if a chunk ends the prompt past its sinks
+            last_kept = bool(parts) and parts[-1].end == n and n - 1 >= parts[-1].start + sinks
+            left = budget - sum(min(sinks, p.end - p.start) for p in parts) - int(last_kept)
             if left > 0:
-                dev = _deviation(fresh, cached, covered, self.deviation)
+                dev = _deviation(fresh, cached, covered, self.deviation, n_cov)
                 if self.query_weighted and q is not None:  # first order: the answer's error is sum a_j dV_j
-                    dev = dev.sqrt() * _query_attention(q, fresh[0], covered)
-                dev[~covered | keep] = -1.0
+                    dev = dev.sqrt() * _query_attention(q, fresh[0], covered, after=parts[-1].end)
+                dev.masked_fill_(~covered | keep, -1.0)
                 keep[torch.topk(dev, left).indices] = True
         elif budget:  # EPIC: the first tokens of each chunk, the same share of each
             for p in parts:

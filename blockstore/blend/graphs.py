@@ -22,6 +22,7 @@ blends run eagerly from then on.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -29,10 +30,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from blockstore.blend.compute import _fold, _heads_first, _rope_of, _rotate_signed, _unfold, finish_layer, rms_norm
 from blockstore.blend.llama import LlamaWeights
 
+# SDPA kernels a capture may use, tried in turn: whatever SDPA picks (cuDNN's on an H100), else the
+# memory-efficient kernel alone (should a cuDNN kernel refuse to be captured)
+CAPTURE_BACKENDS: tuple[tuple[SDPBackend, ...] | None, ...] = (None, (SDPBackend.EFFICIENT_ATTENTION,))
 KEY_STEP = 128  # keys bucket: the mask's rows stay 16-element aligned (SDPA copies a misaligned mask each call)
 ROW_STEP = 64  # recomputed-rows bucket: at most 63 padding rows, a few % of a 4k blend's rows
 CACHED_BUCKETS = 4
@@ -47,8 +52,13 @@ def usable(device: torch.device) -> bool:
 
 
 def failure() -> str | None:
-    """Why graphs were turned off in this process (None: they were not)."""
-    return _state["failed"]  # type: ignore[no-any-return]
+    """Why graphs were turned off in this process, or why a capture fell back to the memory-efficient
+    attention kernel (None: neither happened)."""
+    return _state["failed"] or _state.get("fallback")  # type: ignore[no-any-return]
+
+
+def _no_context() -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
 
 
 def bucket_of(keys: int, rows: int) -> tuple[int, int]:
@@ -60,9 +70,10 @@ class LayerGraphs:
     """Static buffers of one (keys, rows) bucket and a graph per layer from `first` on. With
     `capture=False` (tests on a CPU) `run` calls the same padded layer eagerly."""
 
-    def __init__(self, w: LlamaWeights, keys: int, rows: int, first: int, *, capture: bool = True) -> None:
+    def __init__(self, w: LlamaWeights, keys: int, rows: int, first: int, *, capture: bool = True,
+                 backends: tuple[SDPBackend, ...] | None = None) -> None:
         c, dev, dt = w.config, w.device, w.dtype
-        self.w, self.keys, self.rows, self.first = w, keys, rows, first
+        self.w, self.keys, self.rows, self.first, self.backends = w, keys, rows, first, backends
         group = c.num_attention_heads // c.num_key_value_heads
         self.hidden = torch.zeros(rows, c.hidden_size, device=dev, dtype=dt)
         self.dest = torch.full((rows,), keys - 1, device=dev, dtype=torch.int64)  # where each row's K/V goes
@@ -92,8 +103,9 @@ class LayerGraphs:
         rotated = _rotate_signed(qk.view(n, heads + kv_heads, c.head_dim), self.cos, self.sin)
         self.k_all.index_copy_(0, self.dest, rotated[:, heads:])
         self.v_all.index_copy_(0, self.dest, v)
-        out = F.scaled_dot_product_attention(_fold(rotated[:, :heads], kv_heads), _heads_first(self.k_all),
-                                             _heads_first(self.v_all), attn_mask=self.bias)
+        with sdpa_kernel(list(self.backends)) if self.backends else _no_context():
+            out = F.scaled_dot_product_attention(_fold(rotated[:, :heads], kv_heads), _heads_first(self.k_all),
+                                                 _heads_first(self.v_all), attn_mask=self.bias)
         self.hidden.copy_(finish_layer(w, layer, self.hidden, _unfold(out, n)))
 
     def _capture(self) -> None:
@@ -151,13 +163,20 @@ def layer_graphs(w: LlamaWeights, n: int, rows: int, first: int) -> LayerGraphs 
         if got is not None:
             cache[key] = got  # the most recently used last
             return got  # type: ignore[no-any-return]
-    try:
-        got = LayerGraphs(w, key[0], key[1], first, capture=w.device.type == "cuda")
-    except Exception as exc:  # a kernel that cannot be captured here: eager from now on, said once
-        _state["failed"] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"blockstore.blend: CUDA graph capture failed ({_state['failed'][:300]}); blends run "
+    errors = []
+    for backends in CAPTURE_BACKENDS:
+        try:
+            got = LayerGraphs(w, key[0], key[1], first, capture=w.device.type == "cuda", backends=backends)
+            break
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured here: the next backends
+            errors.append(f"{backends}: {type(exc).__name__}: {exc}"[:300])
+    else:  # eager from now on, said once
+        _state["failed"] = "; ".join(errors)
+        warnings.warn(f"blockstore.blend: CUDA graph capture failed ({_state['failed']}); blends run "
                       "their layers eagerly from now on", RuntimeWarning, stacklevel=2)
         return None
+    if errors:
+        _state["fallback"] = "; ".join(errors)
     with _lock:
         cache[key] = got
         while len(cache) > CACHED_BUCKETS:
