@@ -30,6 +30,8 @@ Capacity: 10 % and 30 % of each trace's working set (its distinct keys), in reco
   LRU at the adapter's occupancy   LRU with the payload the adapter held on average (sampled after each
                request past the first fifth): eviction frees whole blocks, so a log-structured cache holds
                less than its capacity on average; this is what LRU would score with the same space
+  prefix hits  beside the hit rate, LRU's and the adapter's hits before each request's first miss / keys asked:
+               LMCache loads only a request's hit prefix, so a hit behind a miss saves nothing in a server
   Belady       the offline optimum for equal-size records: evict the key used farthest in the future, and do
                not store a key used later than everything held (MIN with bypass)
 
@@ -248,15 +250,17 @@ HELD_OUT: dict[str, Callable[[random.Random, int], Trace]] = {"agents": trace_ag
 # --------------------------------------------------------------------------------------- simulators
 
 
-def sim_lru(trace: Trace, cap: int, fifo: bool = False) -> float:
+def sim_lru(trace: Trace, cap: int, fifo: bool = False, prefix: bool = False) -> float:
+    """LRU's (FIFO's) key hit rate; with `prefix`, only the hits in each request's hit prefix count (the keys
+    before its first miss: what LMCache loads)."""
     held: OrderedDict[int, None] = OrderedDict()
     hits = total = 0
     for req in trace:
-        miss = []
+        miss: list[int] = []
         for k in req:
             total += 1
             if k in held:
-                hits += 1
+                hits += 0 if prefix and miss else 1
                 if not fifo:
                     held.move_to_end(k)
             else:
@@ -320,6 +324,7 @@ class Driver:
         self.alloc = TensorMemoryAllocator(torch.empty(64 << 20, dtype=torch.uint8))
         self.src = self._obj()
         self.staging = [self._obj() for _ in range(16)]
+        self.prefix_hits = 0  # hits before each request's first miss (what LMCache loads)
 
     def _obj(self) -> Any:
         o = self.alloc.allocate(torch.Size(self.shape), torch.float32)
@@ -363,6 +368,7 @@ class Driver:
         bits = self._result(a.get_lookup_and_lock_event_fd(), a.query_lookup_and_lock_result,
                             a.submit_lookup_and_lock_task(keys, {}))
         found = [bits.test(i) for i in range(len(keys))]
+        self.prefix_hits += next((i for i, f in enumerate(found) if not f), len(found))
         hit = [k for k, f in zip(keys, found) if f]
         if hit:
             for start in range(0, len(hit), len(self.staging)):
@@ -400,7 +406,8 @@ def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str) -> dict[
         d.close()
         shutil.rmtree(path, ignore_errors=True)
     total = sum(len(r) for r in trace)
-    return {"hit_rate": hits / total, "mean_occupancy": sum(occupancy) / max(1, len(occupancy)),
+    return {"hit_rate": hits / total, "prefix_hit_rate": d.prefix_hits / total,
+            "mean_occupancy": sum(occupancy) / max(1, len(occupancy)),
             "wall_s": wall, "requests_per_s": len(trace) / wall,
             "evicted": counters["evicted_for_capacity"], "kept_by_value": counters["kept_by_value"],
             "tombstones_dropped": counters["tombstones_dropped"]}
@@ -553,11 +560,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["adapter_admission"] = adapter_hit_rate(root, trace, cap, "second_sighting")
                 # the floor of whole-block eviction: LRU given only the payload the adapter held on average
                 row["LRU_at_adapter_occupancy"] = sim_lru(trace, int(cap * row["adapter"]["mean_occupancy"]))
+                row["LRU_prefix"] = sim_lru(trace, cap, prefix=True)  # hits before a request's first miss
                 results[f"{name}@{int(frac * 100)}%"] = row
                 print(f"{name:10s} {int(frac * 100):3d}%  ws {distinct:5d}  LRU {row['LRU']:.3f}  FIFO "
                       f"{row['FIFO']:.3f}  Belady {row['Belady']:.3f}  adapter {row['adapter']['hit_rate']:.3f}"
                       f"  +admission {row['adapter_admission']['hit_rate']:.3f}  (occupancy "
-                      f"{row['adapter']['mean_occupancy']:.3f}; LRU at it {row['LRU_at_adapter_occupancy']:.3f})",
+                      f"{row['adapter']['mean_occupancy']:.3f}; LRU at it {row['LRU_at_adapter_occupancy']:.3f}; "
+                      f"prefix hits: LRU {row['LRU_prefix']:.3f} adapter {row['adapter']['prefix_hit_rate']:.3f})",
                       flush=True)
         n_rec = 4096 if args.quick else 8192
         block = (8 if args.quick else 16) << 20
@@ -660,7 +669,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "throughput_ratio_median": round(doc["throughput"]["ratio"]["median"], 3),
                       "hit_rates": {k: {"adapter": round(r["adapter"]["hit_rate"], 4), "LRU": round(r["LRU"], 4),
                                         "FIFO": round(r["FIFO"], 4), "Belady": round(r["Belady"], 4),
-                                        "adapter_admission": round(r["adapter_admission"]["hit_rate"], 4)}
+                                        "adapter_admission": round(r["adapter_admission"]["hit_rate"], 4),
+                                        "LRU_prefix": round(r["LRU_prefix"], 4),
+                                        "adapter_prefix": round(r["adapter"]["prefix_hit_rate"], 4)}
                                     for k, r in doc["hit_rates"].items()}}))
 
 
