@@ -131,7 +131,8 @@ def test_a_namespace_whose_lineage_stops_paying_goes_back_to_its_partitions() ->
         if i % 20 == 0:
             r.put(b"small%d" % i, b"small\0s0", 2_000)  # a second namespace: the store has a choice
     assert b"big" in choice.by_namespace
-    assert choice.resolve(b"big\0s3") == b"big"
+    one = choice.resolve(b"big\0s3")  # one lineage (the store's first namespace continues a partition's block)
+    assert one != b"big\0s3" and choice.resolve(b"big\0s5") == one
     for i in range(3000):  # phase 2: each request reads one partition's last 8 records
         p = rng.randrange(8)
         part = b"big\0s%d" % p
@@ -190,3 +191,50 @@ def test_a_store_places_a_tenant_read_across_partitions_as_one(tmp_path: Path) -
         assert a is not None and b is not None and a.block_id == b.block_id
         for (ns, key), value in written.items():
             assert s.get(key, ns=ns) == value
+
+
+def test_a_small_namespace_is_one_lineage_until_it_has_written_a_block() -> None:
+    """Before any read: in a store of several namespaces, a namespace's partitions share one lineage
+    until the namespace has written a block (split, they could only spread what fits one block). The
+    store's first namespace keeps its partitions while it is the only one; if a second comes while it
+    is still small, it continues the block its last partition writes to."""
+    choice = PlacementChoice(block_size=BLOCK, max_names=1024)
+    r = Replay(choice)
+    r.put(b"a0", b"first\0s0", 100_000)
+    r.put(b"a1", b"first\0s1", 100_000)
+    assert r.where[b"a0"].block_id != r.where[b"a1"].block_id  # one namespace: its partitions' own lineages
+    for i in range(30):  # a second namespace: 3 MB over three conversations
+        r.put(b"t%d" % i, b"tenant\0conv%d" % (i % 3), 100_000)
+    assert len({r.where[b"t%d" % i].block_id for i in range(30)}) == 1
+    r.put(b"a2", b"first\0s0", 100_000)
+    assert r.where[b"a2"].block_id == r.where[b"a1"].block_id
+    for i in range(30, 50):  # past a block: each conversation its own lineage again
+        r.put(b"t%d" % i, b"tenant\0conv%d" % (i % 3), 100_000)
+    assert choice.resolve(b"tenant\0conv1") == b"tenant\0conv1"
+    assert len({r.where[b"t%d" % i].block_id for i in range(45, 50)}) == 3
+
+
+def test_a_first_namespace_past_a_block_keeps_its_partitions() -> None:
+    choice = PlacementChoice(block_size=BLOCK, max_names=1024)
+    r = Replay(choice)
+    for i in range(50):
+        r.put(b"a%d" % i, b"first\0s%d" % (i % 2), 100_000)
+    r.put(b"t0", b"tenant\0conv0", 100_000)
+    assert choice.resolve(b"first\0s0") == b"first\0s0"
+    assert choice.resolve(b"tenant\0conv1") == b"tenant"
+
+
+def test_many_small_tenants_write_each_tenant_into_one_block(tmp_path: Path) -> None:
+    """Through the public API, no reads: 40 tenants (namespaces) of 4 conversations each, interleaved,
+    160 partitions on 64 open blocks. Each tenant's records land in one block (its namespace's
+    lineage), not in a block per conversation (by partition: 2.6 blocks a tenant)."""
+    rng = random.Random(17)
+    with blockstore.open(tmp_path, block_size=4 << 20, max_open_blocks=64, idle_seal_seconds=0) as s:
+        keys: dict[str, list[bytes]] = {}
+        for i in range(1600):
+            t = rng.randrange(40)
+            key = b"k%d" % i
+            s.put_many([(key, rng.randbytes(rng.randint(2000, 30000)))], ns=f"t{t}", partition=f"c{rng.randrange(4)}")
+            keys.setdefault(f"t{t}", []).append(key)
+        spread = [len({loc.block_id for loc in s.locate_many(ks, ns=ns) if loc is not None}) for ns, ks in keys.items()]
+    assert sum(spread) / len(spread) <= 1.2, spread
