@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import struct
 import threading
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -116,6 +117,11 @@ class AffinityTracker:
         self._gone: set[int] = set()
         self.clock = 0
         self.requests = 0
+        # the latest requests as they were (groups fold many requests into one union, which overstates
+        # what one request reads together): what shadow.py replays before a move; bounded like the
+        # groups, by keys (a quarter of max_keys); in memory only
+        self._recent: deque[tuple[bytes, ...]] = deque()
+        self._recent_keys = 0
 
     # ---- learning ----
 
@@ -125,6 +131,11 @@ class AffinityTracker:
         self.requests += 1
         if len(sizes) < 2:
             return  # one record is always in one block: nothing to learn
+        with self._lock:
+            self._recent.append(tuple(sizes))
+            self._recent_keys += len(sizes)
+            while self._recent_keys > self.max_keys // 4 and len(self._recent) > 1:
+                self._recent_keys -= len(self._recent.popleft())
         for g in self.judge.groups(list(sizes)):
             self.add(g, 1.0, SOURCE_READ, sum(sizes.get(k, 0) for k in g))
 
@@ -188,6 +199,16 @@ class AffinityTracker:
         for k in ks:
             self._by_key.setdefault(k, set()).add(gid)
         return g
+
+    def recent(self) -> list[tuple[bytes, ...]]:
+        """The latest observed requests' keys (of two or more live records), oldest first."""
+        with self._lock:
+            return list(self._recent)
+
+    def weight(self, g: Group) -> float:
+        """How much a group counts (its hits decayed by age): what shadow.py weighs its blocks by."""
+        with self._lock:
+            return self._score(g)
 
     def _score(self, g: Group) -> float:
         # hits, decayed by how many observations ago the group was last seen (a logical clock, so

@@ -24,7 +24,7 @@ from blockstore.errors import BlockstoreError, StoreClosed
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 from blockstore.reader import choose_places
 
-from . import clusters, gc, relocation
+from . import clusters, gc, relocation, shadow
 from .affinity import AffinityJudge, AffinityTracker, Group
 from .pacing import ForegroundPacing, Pacer
 from .policy import Policy, resolve
@@ -64,6 +64,7 @@ class PassReport:
     copies_placed: int = 0  # copies of shared records placed with cluster rewrites (docs/copies.md)
     copies_dropped: int = 0  # places GC took out of values instead of copying them
     skipped_budget: int = 0
+    skipped_shadow: int = 0  # scattered clusters left alone: moving them would not save their readers blocks
     planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
     planned_groups: list[int] = field(default_factory=list)
     planned_victims: list[int] = field(default_factory=list)
@@ -79,6 +80,17 @@ class PassReport:
         return d
 
 
+@dataclass(slots=True)
+class _Move:
+    """A planned relocation: the cluster, the records of it that move, where to, and the readers' blocks
+    saved per byte moved (shadow.py)."""
+
+    cluster: clusters.Cluster
+    where: relocation.GroupLayout
+    partition: bytes
+    value: float
+
+
 class Compactor:
     def __init__(self, store: Store, policy: Policy, *, judge: AffinityJudge | None = None) -> None:
         self.store = store
@@ -91,6 +103,7 @@ class Compactor:
         self._load_counters()
         self._min_seqs = gc.MinSeqs(store)
         self._clusters: list[tuple[int, tuple[bytes, ...]]] = []  # the last pass's clusters (clusters.build)
+        self._open: dict[bytes, int] = {}  # this pass's open block of each partition (where moves land)
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
         self._plan_after = 0.0  # monotonic time before which a paced pass plans no relocation
         self.pacing = ForegroundPacing(store.recent_reads)  # the foreground's idle reads, the last pass's rate
@@ -233,7 +246,8 @@ class Compactor:
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
-                             "tombstones_dropped", "copies_placed", "copies_dropped", "skipped_budget"):
+                             "tombstones_dropped", "copies_placed", "copies_dropped", "skipped_budget",
+                             "skipped_shadow"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
                 if metrics.enabled:
                     metrics.compaction_pass_done(time.monotonic() - started, rep.gc_bytes, rep.relocated_bytes)
@@ -264,8 +278,9 @@ class Compactor:
 
     def _relocate(self, rep: PassReport, dry_run: bool, pacer: Pacer | None,
                   progress: Callable[[str, int, int], None] | None) -> None:
-        """Rewrite, most valuable first, each due cluster (clusters.py) that sits in more blocks than its
-        bytes need (plus the policy's slack) into one block, within the relocation budget."""
+        """Rewrite each due cluster (clusters.py) that sits in more blocks than its bytes need (plus the
+        policy's slack), less the records whose move would not pay (shadow.py), into one block, the
+        moves saving most blocks per byte first, within the relocation budget."""
         planning = time.monotonic()
         ranked = self.tracker.ranked(MAX_GROUPS_PER_PASS, self.policy.min_hits)
         if not ranked:
@@ -273,19 +288,16 @@ class Compactor:
         keys = list(dict.fromkeys(k for g, _due in ranked for k in g.keys))
         locs = {k: loc for k, loc in zip(keys, self.store.dir.get_locations(keys)) if loc is not None}
         sizes = {k: loc.record_len for k, loc in locs.items()}
-        groups = {g.gid: g for g, _due in ranked}
-        due = {g.gid for g, is_due in ranked if is_due}
         built = clusters.build(ranked, sizes, relocation.usable_bytes(self.store.block_size), self._clusters)
         if not dry_run:
             self._clusters = [(c.gid, tuple(c.keys)) for c in built]
         if self.policy.max_copies:
             clusters.borrow(built, ranked, sizes, relocation.usable_bytes(self.store.block_size),
                             {k: self.policy.max_copies - len(loc.copies) for k, loc in locs.items()})
-        todo = [c for c in built if c.due]
+        moves = self._plan_moves(ranked, [c for c in built if c.due], locs, rep, dry_run)
         if pacer is not None:
             self._plan_after = time.monotonic() + min(PLAN_SPACING * (time.monotonic() - planning), PLAN_WAIT_MAX_S)
-        table = {e.block_id: e for e in self.store.block_table()} if todo else {}
-        for i, cluster in enumerate(todo):
+        for i, m in enumerate(moves):
             if self._stop.is_set():
                 return
             if pacer is not None:
@@ -293,31 +305,24 @@ class Compactor:
             spent = self.relocated_bytes + (rep.planned_bytes if dry_run else 0)
             left = self.budget_left(spent, self.policy.relocation_budget, reads=True)
             if left <= 0:
-                rep.skipped_budget += len(todo) - i
+                rep.skipped_budget += len(moves) - i
                 return
             if progress is not None:
-                progress("relocate", i, len(todo))
-            where = relocation.layout([(k, locs[k]) for k in cluster.keys], self.store.block_size)
-            mine = set(cluster.keys)
-            if not any(self._scattered(groups[gid], locs, mine) for gid in cluster.gids if gid in due):
-                if not dry_run:
-                    self.tracker.settled(cluster.gids, persist=False)  # together already: not due again
-                continue
-            if where.bytes > left:
+                progress("relocate", i, len(moves))
+            if m.where.bytes > left:
                 rep.skipped_budget += 1
                 continue
             # copies ride along with a rewrite that happens anyway, while the budget covers them
             # (measured: copies that made a cluster due on their own spent the budget on rewrites that
             # bought less than the scattered clusters they displaced; docs/copies.md)
-            borrowed = [(k, locs[k]) for k in cluster.borrowed] if where.bytes + cluster.borrowed_bytes <= left else []
-            rep.planned_groups.append(cluster.gid)
-            rep.planned_bytes += where.bytes + sum(v.record_len for _k, v in borrowed)
+            c = m.cluster
+            borrowed = [(k, locs[k]) for k in c.borrowed] if m.where.bytes + c.borrowed_bytes <= left else []
+            rep.planned_groups.append(c.gid)
+            rep.planned_bytes += m.where.bytes + sum(v.record_len for _k, v in borrowed)
             if dry_run:
                 continue
-            part, stragglers = self._destination(where, table)
-            res = relocation.relocate(self.store, cluster.gid, where, partition=part, stragglers_only=stragglers,
-                                      borrowed=borrowed)
-            self.tracker.settled(cluster.gids, persist=True)
+            res = relocation.relocate(self.store, c.gid, m.where, partition=m.partition, borrowed=borrowed)
+            self.tracker.settled(c.gids, persist=True)
             self.relocated_bytes += res.moved_bytes + res.copied_bytes
             rep.copies_placed += res.copied
             self.groups_moved += 1
@@ -327,6 +332,48 @@ class Compactor:
             rep.lost_races += res.lost_race
             if pacer is not None:
                 pacer(res.moved_bytes)
+
+    def _plan_moves(self, ranked: Sequence[tuple[Group, bool]], todo: Sequence[clusters.Cluster],
+                    locs: dict[bytes, Location], rep: PassReport, dry_run: bool) -> list[_Move]:
+        """The moves worth making among the due clusters, the most blocks saved per byte first. A cluster
+        none of whose due groups is scattered, or whose move the shadow says saves nothing, is settled
+        (not due again until it is read `min_hits` more times)."""
+        if not todo:
+            return []
+        if self.budget_left(self.relocated_bytes, self.policy.relocation_budget, reads=True) <= 0:
+            rep.skipped_budget += len(todo)  # nothing planned or settled: they stay due for the next budget
+            return []
+        groups = {g.gid: g for g, _due in ranked}
+        due = {g.gid for g, is_due in ranked if is_due}
+        seen = shadow.Shadow(shadow.readers(self.tracker, ranked), {k: [p.block_id for p in loc.places()] for k, loc in locs.items()})
+        fan_in: dict[bytes, set[int]] = {}  # the groups that read each record
+        for g, _due in ranked:
+            for k in g.keys:
+                fan_in.setdefault(k, set()).add(g.gid)
+        table = {e.block_id: e for e in self.store.block_table()}
+        self._open = {e.partition: e.block_id for e in table.values() if e.state == BLOCK_OPEN}
+        prior = shadow.WriteNeighbours(self.store)
+        out: list[_Move] = []
+        for cluster in todo:
+            where = relocation.layout([(k, locs[k]) for k in cluster.keys], self.store.block_size)
+            mine = set(cluster.keys)
+            skip = not any(self._scattered(groups[gid], locs, mine) for gid in cluster.gids if gid in due)
+            if not skip:
+                # a record several groups read has readers to come that no request has shown yet: they
+                # are expected to read it with the records it was written beside (shadow.WriteNeighbours)
+                prior.add_to(seen, [(k, loc) for k, loc in where.live if len(fan_in.get(k, ())) > 1])
+                part, dest, moving = self._shadowed(where, table, seen)
+                if moving is None:
+                    rep.skipped_shadow += 1
+                    skip = True
+                else:
+                    saved = seen.saving([k for k, _loc in moving.live], dest)
+                    seen.moved([k for k, _loc in moving.live], dest)
+                    out.append(_Move(cluster, moving, part, saved / max(1, moving.bytes)))
+            if skip and not dry_run:
+                self.tracker.settled(cluster.gids, persist=False)  # together already, or not worth it
+        out.sort(key=lambda m: -m.value)
+        return out
 
     def _scattered(self, group: Group, locs: dict[bytes, Location], cluster: set[bytes]) -> bool:
         """Whether rewriting `cluster` would buy the group a block: its live records sit in more blocks than
@@ -341,6 +388,29 @@ class Compactor:
         where = relocation.layout(live, self.store.block_size)
         inside = {loc.block_id for k, loc in live if k in cluster}
         return where.blocks > where.needed + self.policy.relocation_slack and len(inside) > 1
+
+    def _shadowed(self, where: relocation.GroupLayout, table: dict[int, BlockEntry],
+                  seen: shadow.Shadow) -> tuple[bytes, int, relocation.GroupLayout | None]:
+        """Where a scattered cluster goes (partition, and the block in the shadow) and which of its records
+        move there: those whose move saves the requests that read them blocks (shadow.py); None when
+        none does."""
+        part, stragglers = self._destination(where, table)
+        home = relocation.main_block(where) if stragglers else None
+        entry = table.get(home) if home is not None else None
+        # stragglers join their main block when it is open in the partition they go to; else a block anew
+        joins = entry is not None and entry.state == BLOCK_OPEN and entry.partition == part
+        # else the partition's open block while it has the room (the engine keeps a move together there)
+        room = table.get(self._open.get(part, 0))
+        fits = room is not None and room.data_end + where.bytes <= self.store.block_size - 8192
+        dest = home if joins and home is not None else room.block_id if fits and room else seen.new_block()
+        live = [(k, loc) for k, loc in where.live if loc.block_id != home]
+        keep = set(seen.worth_moving([k for k, _loc in live], dest))
+        if not keep:
+            return part, dest, None
+        # a whole cluster's rewrite takes the records already in that block too: it keeps them in
+        # temporal (sequence) order
+        keep |= {k for k, loc in live if loc.block_id == dest}
+        return part, dest, relocation.layout([(k, loc) for k, loc in live if k in keep], self.store.block_size)
 
     def _destination(self, where: relocation.GroupLayout, table: dict[int, BlockEntry]) -> tuple[bytes, bool]:
         """Where a scattered cluster goes, and whether only its records outside its main block move. When
