@@ -14,7 +14,9 @@ this order: full prefill; blend at 0.15 with the chunk KV already on the device 
 front of the store, read once before the repeats); blend at 0.15 with the store's files in the page
 cache (warm; also with 1, 4 and 8 loader threads instead of chunk_kv's default, and with each layer
 read in 2 and 4 pieces: diagnostics of the loader; on CUDA also hot and warm with V selection, `*_v`, and
-without CUDA graphs, `*_eager`, whose capture cost per bucket is reported under `cuda_graphs`) and after Store.drop_page_cache() (cold), both with
+without CUDA graphs, `*_eager`, whose capture cost per bucket is reported under `cuda_graphs`, and warm
+without them on 4 loader threads, `blend_warm_before`: the code before both; `graphs_vs_eager`: how far
+the two hot blends' rows, logits and last-layer K are apart) and after Store.drop_page_cache() (cold), both with
 the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
 prefix-only reuse (the first chunk reused in place, everything after it computed: what a prefix cache
 gives the same prompt); the load alone, warm and cold (request to all chunk KV in memory,
@@ -265,13 +267,14 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     # by the question's attention, the better one on the trained model) costs against it
     v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)
     eager = Blender(w, kv, ratio=0.15, cuda_graphs=False)  # the later layers issued op by op (before graphs.py)
+    before = Blender(w, kv, ratio=0.15, cuda_graphs=False, readers=4)  # and the loader's threads before GPU_READERS
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_4readers",
                                                     "blend_warm_8readers", "blend_cold",
                                                     "blend_cold_serial", "prefix_warm", "load_warm", "load_cold",
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
-                                                    *(("blend_hot_eager", "blend_warm_eager", "blend_hot_v",
+                                                    *(("blend_hot_eager", "blend_warm_eager", "blend_warm_before", "blend_hot_v",
                                                        "blend_warm_v") if device.type == "cuda" else ()))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
@@ -297,6 +300,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         if device.type == "cuda":  # the same blend without CUDA graphs: what they buy, in this run
             runs["blend_hot_eager"].append(timed(lambda: eager.blend(prompt, spans=spans, resident=resident)))
             runs["blend_warm_eager"].append(timed(lambda: eager.blend(prompt, spans=spans)))
+            runs["blend_warm_before"].append(timed(lambda: before.blend(prompt, spans=spans)))
             runs["blend_hot_v"].append(timed(lambda: v_only.blend(prompt, spans=spans, resident=resident)))
             runs["blend_warm_v"].append(timed(lambda: v_only.blend(prompt, spans=spans)))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
@@ -324,6 +328,12 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
             rows = len(last["warm"].recomputed) if "warm" in last else int(0.15 * length)
             prof["attention_ms_by_backend"] = _attention_backends(w, rows, length)
     med = {k: statistics.median(v) for k, v in runs.items()}
+    # the graphs' blend against the eager one, hot, default selection: rows, logits, last layer's K
+    got, ref = blend.blend(prompt, spans=spans, resident=resident), eager.blend(prompt, spans=spans, resident=resident)
+    agreement = {"same_rows": bool(torch.equal(got.recomputed.cpu(), ref.recomputed.cpu())),
+                 "logits_max_diff": float((got.logits - ref.logits).abs().max()), "logits_abs_max": float(ref.logits.abs().max()),
+                 "last_k_max_diff": float((got.keys[-1].float() - ref.keys[-1].float()).abs().max()),
+                 "last_k_abs_max": float(ref.keys[-1].float().abs().max())}
     floor = kv_bytes / med["disk_ceiling_Bps"]
     # the best any design could do warm on this machine: the bytes the blend reads (the layers from the
     # check layer on) at the page cache's read ceiling, over the host->GPU link at its pinned-copy
@@ -340,7 +350,9 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
         **({"speedup_hot_eager": med["full"] / med["blend_hot_eager"],
             "speedup_warm_eager": med["full"] / med["blend_warm_eager"],
             "speedup_hot_v": med["full"] / med["blend_hot_v"], "speedup_warm_v": med["full"] / med["blend_warm_v"],
+            "speedup_warm_before": med["full"] / med["blend_warm_before"],
             "cuda_graphs": capture} if "blend_hot_eager" in med else {}),
+        "graphs_vs_eager": agreement,
         "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],
         "cold_floor_s": floor, "blend_cold_vs_floor": med["blend_cold"] / floor,
         "load_cold_vs_floor": med["load_cold"] / floor,
