@@ -8,6 +8,8 @@ window by wrapping `_keep_within` (tests/test_review_session23.py's way)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from test_review_session23 import (  # noqa: E402
     store_new_block_of_keys,
 )
 
+from blockstore.blend import LlamaConfig, LlamaWeights, graphs  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 
 
@@ -85,3 +88,36 @@ def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(adap
     assert load(a, victim, [out]) == [True]
     a.submit_unlock(victim)
     assert same(out, newer)
+
+
+# ---- blend on the GPU (graphs.py): run on a CPU with graphs.usable forced on, each layer called eagerly
+
+
+@pytest.mark.xfail(strict=True, reason="H33: layer_graphs builds (captures) a new bucket once per caller at a time")
+def test_two_blends_needing_the_same_new_bucket_capture_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads blend at once and both need a bucket not captured yet. Before: both built it, i.e. on a GPU
+    two CUDA graph captures ran at once in two threads; in torch's default ("global") capture mode each forbids
+    the other thread's unsafe calls, so a capture fails, and one failure turns graphs off for the process
+    (graphs._state["failed"]). Here the build is slowed so that the two calls overlap deterministically."""
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    w = LlamaWeights.random(cfg, seed=1, std=0.2)
+    monkeypatch.setattr(graphs, "usable", lambda device: True)
+    built: list[int] = []
+    original = graphs.LayerGraphs.__init__
+
+    def slow_build(self: Any, *args: Any, **kw: Any) -> None:
+        built.append(1)
+        time.sleep(0.3)  # a capture takes ~seconds on a GPU
+        original(self, *args, **kw)
+
+    monkeypatch.setattr(graphs.LayerGraphs, "__init__", slow_build)
+    got: list[Any] = []
+    threads = [threading.Thread(target=lambda: got.append(graphs.layer_graphs(w, 100, 10, 1))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 2 and got[0] is not None
+    assert len(built) == 1, "the same bucket was captured twice at once"
+    assert got[0] is got[1]
