@@ -30,7 +30,9 @@ from test_review_session23 import (  # noqa: E402
     store_new_block_of_keys,
 )
 
+import blockstore  # noqa: E402
 from blockstore.blend import LlamaConfig, LlamaWeights, graphs  # noqa: E402
+from blockstore.compaction import attach  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 
 
@@ -121,3 +123,38 @@ def test_two_blends_needing_the_same_new_bucket_capture_it_once(monkeypatch: pyt
     assert len(got) == 2 and got[0] is not None
     assert len(built) == 1, "the same bucket was captured twice at once"
     assert got[0] is got[1]
+
+
+# ---- relocation judged by a shadow (compactor.py, shadow.py)
+
+KB = 1000
+
+
+@pytest.mark.xfail(strict=True, reason="H31: borrowed records get a copy in the block that already holds them")
+def test_stragglers_joining_their_open_block_place_no_copy_where_the_record_is(tmp_path: Path) -> None:
+    """Copies on (max_copies=1). Cluster B = {b1, b2} sits mostly in an open block that also holds s; s belongs
+    to cluster A (read more often with a1, a2) and B borrows it (a copy rides with B's rewrite). B's straggler b2
+    joins that open block. Before c305860, relocate(stragglers_only=True) dropped borrowed records that already
+    have a place in the main block; the shadow's subset move dropped that filter: s got a copy in its own block
+    (space and a copy of max_copies spent for no read saved)."""
+    with blockstore.open(tmp_path, block_size=1 << 20) as s:
+        s.put_many([(b"b1", b"1" * 300 * KB), (b"s", b"s" * 200 * KB)], partition="home")
+        s.put_many([(b"b2", b"2" * 200 * KB)], partition="x")
+        s.put_many([(b"a1", b"a" * 300 * KB)], partition="y")
+        s.put_many([(b"a2", b"A" * 300 * KB)], partition="z")
+        comp = attach(s, {"policy": "full", "max_copies": 1, "min_hits": 1, "relocation_slack": 0,
+                          "relocation_budget": 1e9, "gc": False}, background=False)
+        for _ in range(3):
+            s.get_many([b"a1", b"a2", b"s"])
+        for _ in range(2):
+            s.get_many([b"b1", b"b2", b"s"])
+        home = s.locate_many([b"b1"])[0].block_id  # type: ignore[union-attr]
+        rep = comp.run_pass()
+        comp.stop()
+        assert rep.relocated_groups >= 1
+        b2, shared = s.locate_many([b"b2", b"s"])
+        assert b2 is not None and b2.block_id == home  # the straggler joined its open main block
+        assert shared is not None
+        places = [p.block_id for p in shared.places()]
+        assert len(places) == len(set(places)), f"s has two places in one block: {places}"
+        assert s.get(b"s") == b"s" * 200 * KB
