@@ -19,12 +19,13 @@ import pytest
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
-from test_connector_adapter import Arena, load, lookup, same  # noqa: E402
+from test_connector_adapter import Arena, load, lookup, okey, same, store  # noqa: E402
 from test_review_session23 import (  # noqa: E402
     BLOCK,
     CAPACITY,
     OTHER,
     SMALL,
+    SMALL_SIZE,
     fill_with_records_worth_keeping,
     race_between_decision_and_writes,
     store_new_block_of_keys,
@@ -158,3 +159,52 @@ def test_stragglers_joining_their_open_block_place_no_copy_where_the_record_is(t
         places = [p.block_id for p in shared.places()]
         assert len(places) == len(set(places)), f"s has two places in one block: {places}"
         assert s.get(b"s") == b"s" * 200 * KB
+
+
+@pytest.mark.xfail(strict=True, reason="H34: a held block's spare keys are deleted wherever they are now")
+def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(adapter: BlockstoreL2Adapter,
+                                                                         arena: Arena) -> None:
+    """The same race through the spare room (`_keep_spares`, new this session): spares (records read, not worth
+    a keep of their own) are not claimed while the pass decides. A store replaces one the pass then leaves out,
+    and a lookup locks another of the same block, so the block stays and its spares get tombstones. Before: the
+    tombstone deleted the acknowledged new record. (The wrapper gives the spares no room: a pass whose need
+    takes all that it frees.)"""
+    a = adapter
+    src = arena.new(SMALL, fill=5)
+    n = CAPACITY // SMALL_SIZE - 8
+    keys = [okey(i) for i in range(n)]
+    for k in keys:
+        store(a, [k], [src])
+    assert lookup(a, keys) == [True] * n
+    a.submit_unlock(keys)
+    with a._lock:  # read, the read spent (as one keep by value leaves it): worth no keep of its own, a spare
+        for k in keys:
+            a._stats.spend(k)
+    newer = arena.new(OTHER, fill=6)
+    victim: list[Any] = []
+    locked: list[Any] = []
+    original = a._keep_spares
+
+    def wrapped(spares: list[Any], room: int, keep: Any, drop: Any, held: Any) -> None:
+        by_block: dict[int, list[Any]] = {}
+        for w in spares:
+            by_block.setdefault(w.block, []).append(w)
+        pair = next((ws for ws in by_block.values() if len(ws) >= 2), None)
+        if not victim and pair is not None and threading.current_thread().name.startswith("blockstore-l2-evict"):
+            assert lookup(a, [pair[0].key]) == [True]  # held by a lookup: its block stays
+            locked.append(pair[0].key)
+            a._disk_checked_at = a._clock  # this store of no new bytes does not wait for the pass under way
+            assert a._run_store([pair[1].key], [newer]).is_successful()
+            victim.append(pair[1].key)
+            room = 0
+        original(spares, room, keep, drop, held)
+
+    a._keep_spares = wrapped  # type: ignore[method-assign]
+    store_new_block_of_keys(a, src)
+    assert victim, "no pass had two spares in one block"
+    a.submit_unlock(locked)
+    out = arena.new(OTHER)
+    assert lookup(a, victim) == [True], "the acknowledged store was deleted by a decision about its old record"
+    assert load(a, victim, [out]) == [True]
+    a.submit_unlock(victim)
+    assert same(out, newer)
