@@ -56,7 +56,6 @@ def trimmed(wanted: list[Any], budget: int) -> list[Any]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="H34: a held block's trimmed keys are deleted wherever they are now")
 def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(adapter: BlockstoreL2Adapter,
                                                                            arena: Arena) -> None:
     """Between a pass's decision and its trim, a store replaces a key the trim will evict (acknowledged: a new
@@ -161,7 +160,6 @@ def test_stragglers_joining_their_open_block_place_no_copy_where_the_record_is(t
         assert s.get(b"s") == b"s" * 200 * KB
 
 
-@pytest.mark.xfail(strict=True, reason="H34: a held block's spare keys are deleted wherever they are now")
 def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(adapter: BlockstoreL2Adapter,
                                                                          arena: Arena) -> None:
     """The same race through the spare room (`_keep_spares`, new this session): spares (records read, not worth

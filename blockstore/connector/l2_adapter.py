@@ -957,7 +957,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         for bid, by_ns in drop.items():  # held or refused blocks: their deleted keys need tombstones
             if bid in refused or bid not in emptied_ids:
                 for keys in by_ns.values():
-                    deleted += len(self._delete_marked(keys)[0])
+                    deleted += len(self._delete_marked(self._still_in(bid, keys))[0])
         # refused blocks that hold nothing live now and keep their tombstones: those go as compaction's GC
         # drops them (or carried to the tombstone stream), the blocks at the next sync_moves
         now_table = {x.block_id: x for x in self.store.block_table()} if refused else {}
@@ -969,6 +969,30 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         if excess > 0:
             deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
         return deleted
+
+    def _still_in(self, bid: int, keys: list[ObjectKey]) -> list[ObjectKey]:
+        """Of keys claimed for deletion with block `bid`, those the directory still places in it. The others are
+        released: a store replaced them after the pass planned and before it claimed them (keys it trims or
+        leaves out of the spare room are claimed late), and its decision was about the old record, not the
+        acknowledged new one. A failed look-up keeps them all (as before: deleted)."""
+        groups, _bad = self._group(keys)
+        stay: list[ObjectKey] = []
+        try:
+            for ns, items in groups.items():
+                locs = self.store.locate_many([kb for _i, kb in items], ns=ns)
+                stay += [keys[i] for (i, _kb), loc in zip(items, locs) if loc is not None and loc.block_id == bid]
+        except Exception as exc:
+            _log.warning("blockstore L2: locating %d key(s) to delete failed (%s); deleting them", len(keys), exc)
+            return keys
+        staying = set(stay)
+        gone_elsewhere = [k for k in keys if k not in staying]
+        if gone_elsewhere:
+            with self._task_end():
+                finals = self._settle(gone_elsewhere)
+                with self._lock:
+                    self._deleting.difference_update(gone_elsewhere)
+                self._resolve(finals)
+        return stay
 
     @staticmethod
     def _home_block(items: list[tuple[ObjectKey, bytes, Location]], key: ObjectKey) -> int:
