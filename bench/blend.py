@@ -15,8 +15,8 @@ front of the store, read once before the repeats); blend at 0.15 with the store'
 cache (warm; also with 1, 4 and 8 loader threads instead of chunk_kv's default, and with each layer
 read in 2 and 4 pieces: diagnostics of the loader; on CUDA also hot and warm with V selection, `*_v`, and
 without CUDA graphs, `*_eager`, whose capture cost per bucket is reported under `cuda_graphs`, and warm
-without them on 4 loader threads, `blend_warm_before`: the code before both; `graphs_vs_eager`: how far
-the two hot blends' rows, logits and last-layer K are apart) and after Store.drop_page_cache() (cold), both with
+without them on 4 loader threads, `blend_warm_before`; `graphs_vs_eager`: how far the two hot blends'
+rows, logits and last-layer K are apart) and after Store.drop_page_cache() (cold), both with
 the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
 prefix-only reuse (the first chunk reused in place, everything after it computed: what a prefix cache
 gives the same prompt); the load alone, warm and cold (request to all chunk KV in memory,
@@ -262,12 +262,12 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
     one_reader = Blender(w, kv, ratio=0.15, readers=1)
     eight_readers = Blender(w, kv, ratio=0.15, readers=8)
-    four_readers = Blender(w, kv, ratio=0.15, readers=4)  # chunk_kv's default before GPU_READERS
+    four_readers = Blender(w, kv, ratio=0.15, readers=4)  # chunk_kv.DEFAULT_READERS on 16 cores, pinned
     # the default selection before 2026-12-06 (V deviation alone): what the default (K+V deviation weighted
     # by the question's attention, the better one on the trained model) costs against it
     v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)
     eager = Blender(w, kv, ratio=0.15, cuda_graphs=False)  # the later layers issued op by op (before graphs.py)
-    before = Blender(w, kv, ratio=0.15, cuda_graphs=False, readers=4)  # and the loader's threads before GPU_READERS
+    before = Blender(w, kv, ratio=0.15, cuda_graphs=False, readers=4)  # the loader's default threads, as before graphs
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_4readers",
                                                     "blend_warm_8readers", "blend_cold",

@@ -188,7 +188,7 @@ class Blender:
         self.deviation, self.sink_tokens, self.query_weighted = deviation, sink_tokens, bool(query_weighted)
         self.gradual = float(gradual)
         self.cuda_graphs = bool(cuda_graphs)
-        self.readers = readers  # loader threads when overlap is on (None: chunk_kv's DEFAULT_READERS, GPU_READERS)
+        self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                             str(weights.dtype).removeprefix("torch."))

@@ -45,10 +45,11 @@ FORMAT_VERSION = 1
 # between C reads takes the GIL from the thread issuing the blend's GPU ops. On 16-core H100 hosts
 # (bench.blend, blend_warm_4readers) 4 readers beat 8 (warm 4k blend 69 vs 76 ms, 8k 93 vs 121 ms)
 DEFAULT_READERS = max(2, min(4, (os.cpu_count() or 2) // 4))
-# ... unless the blend's later layers replay CUDA graphs (graphs.py): the thread issuing them then holds the
-# GIL a few ops a layer and waits for the loader with it released, and more readers pay. The loader alone on
-# a 16-core H100 host (4k / 8k tokens of the 8B shape): 16.4 / 15.0 GB/s with 4 readers, 22.3 / 21.2 with 8
-GPU_READERS = max(2, min(8, (os.cpu_count() or 2) // 2))
+# With the blend's later layers replayed as CUDA graphs (graphs.py) the loader alone reads 16.4 GB/s with 4
+# readers and 22.3 with 8 on an H100 host (4k tokens of the 8B shape), but inside a warm blend 8 readers were
+# slower at 4k on every host timed (42.2 vs 40.0 ms with graphs, in a run whose loader handed copies over as
+# CUDA events, since reverted; 48.2 vs 41.1 without graphs) and faster at 8k (75.9 vs 80.4; 74.8 vs 93.3):
+# the default stays 4 (bench.blend times 4 and 8)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -326,7 +327,7 @@ class LayerStream:
         self._items.reverse()  # popped from the end: layer order
         self._pending = {layer: sum(1 for g in groups if g[1] > g[0]) for layer in range(first_layer, self.layers)}
         self._slot_bytes = max((self._offsets[hi] - self._offsets[lo] for lo, hi in groups), default=0)
-        n = readers or (GPU_READERS if self.device.type == "cuda" else DEFAULT_READERS)
+        n = readers or DEFAULT_READERS
         self._threads = [threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
                          for i in range(max(1, min(n, len(self._items))) if self._items else 0)]
         for t in self._threads:
