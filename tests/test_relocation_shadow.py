@@ -103,3 +103,24 @@ def test_a_chunk_without_neighbours_moves_with_its_readers(tmp_path: Path) -> No
         (mid,) = _doc_and_two_readers(s, chunks=1)
         assert _relocate_after(s, mid, reads=1) == (1, 0)
         assert len({loc.block_id for loc in s.locate_many([mid, b"p", b"q"]) if loc}) == 1
+
+
+def test_the_prior_takes_records_out_of_a_move_but_does_not_veto_it() -> None:
+    # a session's records a, b (blocks 1, 2) are read together twice with chunk c (block 3); c was
+    # written beside d, which stays: the prior's readers (c, d) keep c home, and a, b still move
+    shadow = Shadow([((b"a", b"b", b"c"), 1.0)] * 2, {b"a": [1], b"b": [2], b"c": [3], b"d": [3]})
+    for _ in range(2):
+        shadow.add_reader((b"c", b"d"), 1.0, {})
+    assert shadow.worth_moving([b"a", b"b", b"c"], NEW) == [b"a", b"b"]
+    # a and b each have a neighbour too (x, y): each is worth moving (the two requests outweigh one
+    # neighbour), and the move saves the requests seen two blocks while costing the prior's readers two.
+    # Judged with the prior the move is a wash and was vetoed; judged by the requests seen it is made
+    both = Shadow([((b"a", b"b"), 1.0)] * 2, {b"a": [1], b"b": [2], b"x": [1], b"y": [2]})
+    both.add_reader((b"a", b"x"), 1.0, {})
+    both.add_reader((b"b", b"y"), 1.0, {})
+    assert both.saving([b"a", b"b"], NEW) == 0
+    assert both.worth_moving([b"a", b"b"], NEW) == [b"a", b"b"]
+    # the prior's readers alone never make a move: with nothing seen to save, nothing moves
+    lone = Shadow([], {b"c": [3], b"d": [3]})
+    lone.add_reader((b"c", b"d"), 1.0, {})
+    assert lone.worth_moving([b"c"], NEW) == []

@@ -4,11 +4,12 @@ A cluster's rewrite helps the requests that read its records together and can hu
 record that several requests read (a document's chunk that many sessions retrieve, a file many tasks
 open) leaves the block where its usual neighbours stay, so each request that reads it with them now
 touches one block more (issue 16, `workspaces`: document chunks sat in 1.31 blocks a request without
-relocation and in 1.53 with it). Before a cluster moves, the tracker's groups that read any of its
-records (weighted by the tracker's score) are counted in blocks before and after the move; a record
-whose move costs those readers more than it saves stays where it is, and a cluster whose move saves
-nothing is left alone. No constant of a workload enters: only the groups observed and where their
-records are.
+relocation and in 1.53 with it). Before a cluster moves, the latest requests that read any of its
+records (the tracker's groups while none has been seen) are counted in blocks before and after the
+move, with one reader more for each record several groups read and each neighbour it was written
+beside (WriteNeighbours: the readers to come); a record whose move costs those readers as much as it
+saves stays where it is, and a cluster whose move saves the requests seen nothing is left alone. No constant of a workload
+enters: only the requests observed and where their records are.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Shadow:
     def __init__(self, readers: Sequence[Reader], places: dict[bytes, list[int]]) -> None:
         self.places = places
         self.readers = list(readers)
+        self.observed = len(self.readers)  # readers past these are the prior's (WriteNeighbours)
         self._by_key: dict[bytes, list[int]] = {}
         for i, (keys, _w) in enumerate(readers):
             for k in keys:
@@ -98,16 +100,18 @@ class Shadow:
     def _cost(self, readers: Iterable[int], moving: Container[bytes], dest: int) -> float:
         return sum(self.readers[i][1] * self._blocks(i, moving, dest) for i in readers)
 
-    def saving(self, moving: Collection[bytes], dest: int) -> float:
-        """Weighted blocks the readers of `moving` save (negative: lose) if those records move to `dest`."""
-        readers = {i for k in moving for i in self._by_key.get(k, ())}
+    def saving(self, moving: Collection[bytes], dest: int, *, observed: bool = False) -> float:
+        """Weighted blocks the readers of `moving` save (negative: lose) if those records move to `dest`;
+        with `observed`, only the requests seen count (not the prior's readers)."""
+        readers = {i for k in moving for i in self._by_key.get(k, ()) if not observed or i < self.observed}
         return self._cost(readers, (), dest) - self._cost(readers, moving, dest)
 
     def worth_moving(self, moving: Sequence[bytes], dest: int, sweeps: int = 3) -> list[bytes]:
         """The records of `moving` worth moving to `dest`: a record is left where it is when its readers
         touch no more blocks with it staying than with it moving (it buys them nothing, or pulls it away
         from neighbours other groups read it with), one at a time while the others move; then nothing
-        unless the rest saves blocks (a single record may move: a straggler joining its cluster's block)."""
+        unless the rest saves the requests seen blocks (the prior's readers only take records out; a
+        single record may move: a straggler joining its cluster's block)."""
         keep = dict.fromkeys(k for k in moving if k in self.places)
         for _ in range(sweeps):
             dropped = False
@@ -122,7 +126,7 @@ class Shadow:
             if not dropped:
                 break
         out = list(keep)
-        return out if out and self.saving(out, dest) > 0 else []
+        return out if out and self.saving(out, dest, observed=True) > 0 else []
 
     def moved(self, keys: Iterable[bytes], dest: int) -> None:
         for k in keys:
