@@ -35,7 +35,13 @@ on average, and lost 1-3 % of LRU's hit rate to that alone (bench/eviction.py, "
 of the emptied blocks not worth a keep of their own but read within RETURN_SPANS spans (`spare_value`) now hold
 that room, most recently read first, instead of being deleted; one never read (a one-off, a scan, the store-only
 stream of the throughput run) never does. They are kept only within what the pass frees beyond its need, so the
-payload stays within capacity_bytes and the block files within their bound.
+payload stays within capacity_bytes and the block files within their bound. The price (review, H35): the room
+filled, the next pass comes sooner, and spares are written again at the head: the records kept (rewritten) rise
+1.4-2.0x on bench/eviction.py's quick traces (seed 16; hit rate +0.3 to +1.5 points, multiturn -0.3/-0.4), and on
+a sliding working set (each request reads 4 of the last capacity's worth stored; a record that has left the
+window was still "read within RETURN_SPANS spans") the hit rate falls 0.882 -> 0.852 (3 seeds), with 1.55x the
+records kept and 1.35x the passes (32 MiB capacity, 1 MiB blocks, 8 KiB records; a trace bench/eviction.py
+does not have yet). Whether the spares pay is workload-dependent; bench/eviction.py does not report the rewrites.
 
 Admission by return (always on): keys eviction deletes are remembered in a bounded ghost (their hash and the
 clock then). A key stored again within RETURN_SPANS spans of its eviction starts with one read of credit
