@@ -130,7 +130,6 @@ def test_two_blends_needing_the_same_new_bucket_capture_it_once(monkeypatch: pyt
 KB = 1000
 
 
-@pytest.mark.xfail(strict=True, reason="H31: borrowed records get a copy in the block that already holds them")
 def test_stragglers_joining_their_open_block_place_no_copy_where_the_record_is(tmp_path: Path) -> None:
     """Copies on (max_copies=1). Cluster B = {b1, b2} sits mostly in an open block that also holds s; s belongs
     to cluster A (read more often with a1, a2) and B borrows it (a copy rides with B's rewrite). B's straggler b2

@@ -89,6 +89,7 @@ class _Move:
     where: relocation.GroupLayout
     partition: bytes
     value: float
+    dest: int  # the block the shadow puts it in (negative: a block the move writes anew)
 
 
 class Compactor:
@@ -317,6 +318,9 @@ class Compactor:
             # bought less than the scattered clusters they displaced; docs/copies.md)
             c = m.cluster
             borrowed = [(k, locs[k]) for k in c.borrowed] if m.where.bytes + c.borrowed_bytes <= left else []
+            # no copy into the block the move lands in where the record has a place already (stragglers
+            # joining their open main block; H35's review)
+            borrowed = [(k, v) for k, v in borrowed if all(p.block_id != m.dest for p in v.places())]
             rep.planned_groups.append(c.gid)
             rep.planned_bytes += m.where.bytes + sum(v.record_len for _k, v in borrowed)
             if dry_run:
@@ -369,7 +373,7 @@ class Compactor:
                 else:
                     saved = seen.saving([k for k, _loc in moving.live], dest)
                     seen.moved([k for k, _loc in moving.live], dest)
-                    out.append(_Move(cluster, moving, part, saved / max(1, moving.bytes)))
+                    out.append(_Move(cluster, moving, part, saved / max(1, moving.bytes), dest))
             if skip and not dry_run:
                 self.tracker.settled(cluster.gids, persist=False)  # together already, or not worth it
         out.sort(key=lambda m: -m.value)

@@ -52,11 +52,12 @@ def blocks_read(keys: Iterable[bytes], places: Mapping[bytes, Sequence[int]]) ->
 
 
 def readers(tracker: AffinityTracker, ranked: Sequence[tuple[Group, bool]]) -> list[Reader]:
-    """Whose blocks a move is judged by: the latest requests, each once; the groups (weighted by their
+    """Whose blocks a move is judged by: the latest requests, each once (the same request seen n times is
+    one reader of weight n: the same sums, for a fraction of the work); the groups (weighted by their
     score) only while none has been seen since the store opened."""
-    recent = tracker.recent()
+    recent = Counter(tracker.recent())
     if recent:
-        return [(keys, 1.0) for keys in recent]
+        return [(keys, float(n)) for keys, n in recent.items()]
     return [(g.keys, tracker.weight(g)) for g, _due in ranked]
 
 
