@@ -283,12 +283,15 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     threads = max(1, min(max(DEFAULT_READERS, min(8, os.cpu_count() or 1)), pieces))
     read_bytes = kv_bytes * pieces // w.config.num_hidden_layers
     last: dict[str, Any] = {}
-    first = [blend.blend(prompt, spans=spans)]  # warm-up: kernels, allocator, page cache, CUDA graph capture
+    # warm-up: kernels, allocator, page cache; the graphs of a bucket are captured on its CAPTURE_AFTER-th blend
+    first = [blend.blend(prompt, spans=spans) for _ in range(graphs.CAPTURE_AFTER)]
     timed(lambda: full_prefill(w, prompt))
-    first_s = [timed(lambda fn=fn: first.append(fn(prompt, spans=spans))) for fn in (v_only.blend, eager.blend)]  # type: ignore[misc]
+    first_s = [timed(lambda fn=fn: first.append(fn(prompt, spans=spans)))  # type: ignore[misc]
+               for fn in [v_only.blend] * graphs.CAPTURE_AFTER + [eager.blend]]
     # what capturing the graphs of each (tokens, rows) bucket cost, once (the default and V selections
     # may recompute different numbers of rows: two buckets)
-    capture = {"capture_s": [r.timings.get("graph_capture_s") for r in first], "first_blend_s": first_s,
+    capture = {"capture_s": [r.timings["graph_capture_s"] for r in first if "graph_capture_s" in r.timings],
+               "first_blend_s": first_s,
                "buckets": [f"{k[0]}x{k[1]}" for k in w.graph_buckets], "failure": graphs.failure()}
     for rep in range(repeats):
         runs["full"].append(timed(lambda: full_prefill(w, prompt)))

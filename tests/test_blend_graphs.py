@@ -33,6 +33,7 @@ def store(tmp_path: Path):  # type: ignore[no-untyped-def]
 def forced(monkeypatch: pytest.MonkeyPatch) -> None:
     """The graph path on a CPU: buffers and padding as on a GPU, each layer called instead of replayed."""
     monkeypatch.setattr(graphs, "usable", lambda device: True)
+    monkeypatch.setattr(graphs, "CAPTURE_AFTER", 1)
 
 
 def _prompt(seed: int, chunks: int = 3, length: int = 40) -> torch.Tensor:
@@ -91,6 +92,7 @@ def test_buckets_are_bounded_and_the_cpu_path_never_captures(weights: LlamaWeigh
     with_graphs.blend(_prompt(0))
     assert not weights.graph_buckets and not graphs.usable(weights.device)  # CPU: graphs off, nothing kept
     monkeypatch.setattr(graphs, "usable", lambda device: True)
+    monkeypatch.setattr(graphs, "CAPTURE_AFTER", 1)
     monkeypatch.setattr(graphs, "CACHED_BUCKETS", 2)
     for length in (30, 200, 330):  # three key buckets
         with_graphs.blend(_prompt(4, length=length))
@@ -100,3 +102,22 @@ def test_buckets_are_bounded_and_the_cpu_path_never_captures(weights: LlamaWeigh
 def test_bucket_shapes() -> None:
     assert graphs.bucket_of(4096, 642) == (4224, 704)  # a spare key row even at a multiple of the step
     assert graphs.bucket_of(100, 64) == (128, 64)
+
+
+def test_a_bucket_is_captured_once_seen_often_enough(weights: LlamaWeights, store: blockstore.Store,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of ever new lengths run eagerly (no capture per blend); a length that comes back gets graphs
+    on its CAPTURE_AFTER-th blend among the last SIGHTINGS."""
+    monkeypatch.setattr(graphs, "usable", lambda device: True)
+    monkeypatch.setattr(graphs, "SIGHTINGS", 4)
+    with_graphs, eager = _blenders(weights, store)
+    prompt = _prompt(0)
+    eager.blend(prompt)
+    captures = []
+    for length in (30, 200, 330, 500, 700):  # a new bucket each time (none the one below): none captured
+        captures.append(with_graphs.blend(_prompt(5, length=length)).timings.get("graph_capture_s"))
+    assert captures == [None] * 5 and not weights.graph_buckets
+    runs = [with_graphs.blend(prompt) for _ in range(graphs.CAPTURE_AFTER + 1)]
+    assert ["graph_capture_s" in r.timings for r in runs] == [False] * (graphs.CAPTURE_AFTER - 1) + [True, False]
+    assert len(weights.graph_buckets) == 1 and next(iter(weights.graph_buckets.values())).replays == 2
+    torch.testing.assert_close(runs[-1].logits, runs[0].logits, rtol=1e-4, atol=1e-4)

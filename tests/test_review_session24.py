@@ -95,7 +95,6 @@ def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(adap
 # ---- blend on the GPU (graphs.py): run on a CPU with graphs.usable forced on, each layer called eagerly
 
 
-@pytest.mark.xfail(strict=True, reason="H33: layer_graphs builds (captures) a new bucket once per caller at a time")
 def test_two_blends_needing_the_same_new_bucket_capture_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two threads blend at once and both need a bucket not captured yet. Before: both built it, i.e. on a GPU
     two CUDA graph captures ran at once in two threads; in torch's default ("global") capture mode each forbids

@@ -41,9 +41,18 @@ CAPTURE_BACKENDS: tuple[tuple[SDPBackend, ...] | None, ...] = (None, (SDPBackend
 KEY_STEP = 128  # keys bucket: the mask's rows stay 16-element aligned (SDPA copies a misaligned mask each call)
 ROW_STEP = 64  # recomputed-rows bucket: at most 63 padding rows, a few % of a 4k blend's rows
 CACHED_BUCKETS = 4
+# a bucket is captured once it has been seen this many times among the last SIGHTINGS blends' buckets (the
+# blends before run eagerly): a capture costs 0.2-0.3 s on an H100, several blends, so prompts of ever new
+# lengths must not pay one each (H35's review: with lengths uniform in 1k-8k, capturing on sight and keeping
+# 4 buckets captured on 96 % of blends); a workload that repeats its lengths gets its graphs
+CAPTURE_AFTER = 3
+SIGHTINGS = 128
 
 _state: dict[str, Any] = {"failed": None}
 _lock = threading.Lock()
+# one capture at a time in the process (H35's review): two threads each needing a new bucket would capture
+# at once, and a failed capture turns graphs off for the process
+_capture_lock = threading.Lock()
 
 
 def usable(device: torch.device) -> bool:
@@ -119,7 +128,9 @@ class LayerGraphs:
         pool = torch.cuda.graph_pool_handle()  # one memory pool: the layers replay one after another
         for index in range(self.first, len(self.w.layers)):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: the blend's loader threads keep copying and synchronizing their own streams
+            # meanwhile; the default ("global") mode forbids them those calls (H35's review)
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self._layer(index)
             self.graphs[index] = graph
 
@@ -132,6 +143,10 @@ class LayerGraphs:
         self.hidden[rows:].zero_()
         self.dest[:rows].copy_(active)
         self.dest[rows:].fill_(self.keys - 1)
+        # rows past this prompt hold an earlier blend's K/V: masked, but a non-finite one would still make
+        # NaN of q.k + (-inf) (H35's review)
+        self.k_all[n:].zero_()
+        self.v_all[n:].zero_()
         q_pos = torch.cat((active, active.new_zeros(self.rows - rows)))
         cos, signed_sin = _rope_of(q_pos, c.head_dim, c.rope_theta, self.hidden.dtype)
         self.cos.copy_(cos)
@@ -150,6 +165,22 @@ class LayerGraphs:
             graph.replay()
 
 
+def wanted(w: LlamaWeights, n: int, rows: int, first: int) -> bool:
+    """Whether a blend of `n` tokens recomputing `rows` rows from layer `first` on should replay graphs:
+    its bucket is captured, or has now been seen CAPTURE_AFTER times among the last SIGHTINGS blends
+    (this call counts as one)."""
+    if not usable(w.device):
+        return False
+    key = (*bucket_of(n, rows), first)
+    with _lock:
+        if key in w.graph_buckets:
+            return True
+        seen = w.graph_sightings
+        seen.append(key)
+        del seen[:-SIGHTINGS]
+        return seen.count(key) >= CAPTURE_AFTER
+
+
 def layer_graphs(w: LlamaWeights, n: int, rows: int, first: int) -> LayerGraphs | None:
     """The captured layers of this model for a blend of `n` tokens and `rows` recomputed rows from
     layer `first` on (captured now if new: LayerGraphs.capture_s says what it cost), or None when
@@ -163,15 +194,27 @@ def layer_graphs(w: LlamaWeights, n: int, rows: int, first: int) -> LayerGraphs 
         if got is not None:
             cache[key] = got  # the most recently used last
             return got  # type: ignore[no-any-return]
-    errors = []
+    with _capture_lock:
+        with _lock:  # another caller may have captured it while this one waited
+            got = cache.get(key)
+        return got if got is not None else _capture(w, key)
+
+
+def _capture(w: LlamaWeights, key: tuple[int, int, int]) -> LayerGraphs | None:
+    """Build and cache the bucket `key` (the caller holds _capture_lock); None when every backend failed."""
+    cache = w.graph_buckets
+    errors, out_of_memory = [], True
     for backends in CAPTURE_BACKENDS:
         try:
-            got = LayerGraphs(w, key[0], key[1], first, capture=w.device.type == "cuda", backends=backends)
+            got = LayerGraphs(w, key[0], key[1], key[2], capture=w.device.type == "cuda", backends=backends)
             break
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured here: the next backends
             errors.append(f"{backends}: {type(exc).__name__}: {exc}"[:300])
-    else:  # eager from now on, said once
-        _state["failed"] = "; ".join(errors)
+            out_of_memory = out_of_memory and isinstance(exc, torch.OutOfMemoryError)
+    else:
+        if out_of_memory:  # this bucket does not fit now: eager for it, graphs stay on (H35's review)
+            return None
+        _state["failed"] = "; ".join(errors)  # eager from now on, said once
         warnings.warn(f"blockstore.blend: CUDA graph capture failed ({_state['failed']}); blends run "
                       "their layers eagerly from now on", RuntimeWarning, stacklevel=2)
         return None

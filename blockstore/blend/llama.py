@@ -111,6 +111,7 @@ class LlamaWeights:
     # CUDA graphs of blends on these weights (graphs.py), by bucket, oldest first: they bake in these
     # tensors' addresses, so they live and die with them
     graph_buckets: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    graph_sightings: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)  # graphs.wanted
 
     @property
     def device(self) -> torch.device:
