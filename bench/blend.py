@@ -14,7 +14,7 @@ this order: full prefill; blend at 0.15 with the chunk KV already on the device 
 front of the store, read once before the repeats); blend at 0.15 with the store's files in the page
 cache (warm; also with 1, 4 and 8 loader threads instead of chunk_kv's default, and with each layer
 read in 2 and 4 pieces: diagnostics of the loader; on CUDA also hot and warm with V selection, `*_v`, and
-without CUDA graphs, `*_eager`, whose capture cost per bucket is reported under `cuda_graphs`, and warm
+without CUDA graphs, `*_eager` (the blender's default: graphs are opt-in; the `blend_*` rows use them), whose capture cost per bucket is reported under `cuda_graphs`, and warm
 without them on 4 loader threads, `blend_warm_before`; `graphs_vs_eager`: how far the two hot blends'
 rows, logits and last-layer K are apart) and after Store.drop_page_cache() (cold), both with
 the layer-by-layer loader; cold without it (one batched read, then compute: what the overlap buys);
@@ -253,7 +253,9 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (SUFFIX_TOKENS,), generator=g)])
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
     kv = ChunkKVStore(store, model_id=w.model_id)
-    blend = Blender(w, kv, ratio=0.15)
+    # the blend_* rows replay CUDA graphs on a GPU (opt-in: blender.DEFAULT_CUDA_GRAPHS is off); the *_eager
+    # rows are the default path
+    blend = Blender(w, kv, ratio=0.15, cuda_graphs=True)
     serial = Blender(w, kv, ratio=0.15, overlap=False)
     prefix = Blender(w, kv, ratio=0.0, check_layer=0)
     cids = [blend.store_chunk(c) for c in chunks]

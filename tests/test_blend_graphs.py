@@ -44,7 +44,7 @@ def _prompt(seed: int, chunks: int = 3, length: int = 40) -> torch.Tensor:
 
 def _blenders(weights: LlamaWeights, store: blockstore.Store, **kw: object) -> tuple[Blender, Blender]:
     kv = ChunkKVStore(store, model_id=weights.model_id)
-    return (Blender(weights, kv, separator_ids=(SEP,), **kw),  # type: ignore[arg-type]
+    return (Blender(weights, kv, separator_ids=(SEP,), cuda_graphs=True, **kw),  # type: ignore[arg-type]
             Blender(weights, kv, separator_ids=(SEP,), cuda_graphs=False, **kw))  # type: ignore[arg-type]
 
 

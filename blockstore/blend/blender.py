@@ -44,6 +44,11 @@ SELECTORS = ("deviation", "epic")
 # vs 2.69-2.70x of full prefill at 4k, two runs).
 DEFAULT_DEVIATION = "kv"
 DEFAULT_QUERY_WEIGHTED = True
+# CUDA graphs for the layers after the selection (graphs.py): opt-in. Timed on two H100 hosts (8B shape,
+# 4k/8k tokens, bench/README.md) the eager path was as fast or faster there (hot 30.0 vs 31.0 ms and
+# 30.8 vs 34.0 ms at 4k; both hosts were GPU-bound); graphs are for hosts where issuing the kernels, not
+# running them, limits a blend (one host this morning: 45.6 ms of wall time for 27.2 ms of kernels).
+DEFAULT_CUDA_GRAPHS = False
 # what the deviation selector compares at the check layer: K alone (CacheBlend), V alone, or both.
 # V is the default: on the trained model (200 prompts, ratio 0.15, bench/README.md) it gave top-1 0.855
 # and KL 0.049 where K gave 0.830 and 0.060 and both 0.840 and 0.057; a token's V is what it hands the
@@ -156,7 +161,7 @@ class Blender:
                  check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
                  readers: int | None = None, chunk_prefix: Sequence[int] = (), deviation: str = DEFAULT_DEVIATION,
                  sink_tokens: int = 0, query_weighted: bool = DEFAULT_QUERY_WEIGHTED, gradual: float = 1.0,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = DEFAULT_CUDA_GRAPHS) -> None:
         """`deviation`: what the deviation selector measures at the check layer (DEVIATIONS).
         `query_weighted`: the deviation selector weighs each token's deviation by the attention the
         question (the rows after the last chunk) pays it at the check layer: a token the answer does not
@@ -169,7 +174,8 @@ class Blender:
         is not a false attention sink; only the chunk's own rows are stored, at positions after the
         prefix. KV computed so differs from KV computed without: its store's model_id says so
         (`Blender.kv_model_id`). `cuda_graphs`: on a GPU, the layers after the selection replay CUDA
-        graphs captured once per (tokens, rows) bucket (graphs.py); the CPU path is the same either way."""
+        graphs captured once per (tokens, rows) bucket (graphs.py; off by default: DEFAULT_CUDA_GRAPHS);
+        the CPU path is the same either way."""
         if not 0.0 <= float(ratio) <= 1.0:
             raise InvalidArgument(f"ratio must be in [0, 1], not {ratio!r}")
         if selector not in SELECTORS:
