@@ -45,6 +45,15 @@ def adapter(tmp_path: Path) -> Iterator[BlockstoreL2Adapter]:
     a.close()
 
 
+def assert_replaced_key_survives(a: BlockstoreL2Adapter, arena: Any, victim: list[Any], newer: Any) -> None:
+    """The key a store replaced during the pass is still found, and holds the store's new bytes."""
+    out = arena.new(OTHER)
+    assert lookup(a, victim) == [True], "the acknowledged store was deleted by a decision about its old record"
+    assert load(a, victim, [out]) == [True]
+    a.submit_unlock(victim)
+    assert same(out, newer)
+
+
 def trimmed(wanted: list[Any], budget: int) -> list[Any]:
     """The records `_keep_within` will not keep: beyond the budget, most valuable kept first."""
     moved, out = 0, []
@@ -85,11 +94,7 @@ def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(adap
     store_new_block_of_keys(a, src)
     assert acted, "no pass had more worth keeping than it may move"
     a.submit_unlock(locked)
-    out = arena.new(OTHER)
-    assert lookup(a, victim) == [True], "the acknowledged store was deleted by a decision about its old record"
-    assert load(a, victim, [out]) == [True]
-    a.submit_unlock(victim)
-    assert same(out, newer)
+    assert_replaced_key_survives(a, arena, victim, newer)
 
 
 # ---- blend on the GPU (graphs.py): run on a CPU with graphs.usable forced on, each layer called eagerly
@@ -199,8 +204,4 @@ def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(adapte
     store_new_block_of_keys(a, src)
     assert victim, "no pass had two spares in one block"
     a.submit_unlock(locked)
-    out = arena.new(OTHER)
-    assert lookup(a, victim) == [True], "the acknowledged store was deleted by a decision about its old record"
-    assert load(a, victim, [out]) == [True]
-    a.submit_unlock(victim)
-    assert same(out, newer)
+    assert_replaced_key_survives(a, arena, victim, newer)
