@@ -1159,16 +1159,24 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     self._stats.spend(w.key)
                     keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
                     continue
-                if w.key in self._deleting:
-                    continue  # a delete claimed it since: it goes anyway
-                if w.key in self._storing or self._held(w.key, now):
-                    held.add(w.block)  # a promise to a load, or a store replacing it: its block stays
-                    continue
-                trimmed += w.loc.payload_len
-                self._deleting.add(w.key)
-                self._ghost.add(w.key, self._clock)
-                drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
+                if self._claim_for_drop(w, now, held, drop):
+                    trimmed += w.loc.payload_len
         return keep, trimmed, held
+
+    def _claim_for_drop(self, w: _Keep, now: float, held: set[int], drop: dict[int, dict[str, list[ObjectKey]]]
+                        ) -> bool:
+        """Claim a record the pass does not keep for deletion with its block (in _deleting, the ghost and `drop`);
+        whether it was claimed here. Under self._lock. A key a delete claimed since goes anyway; one a lookup
+        locked or a store claimed since holds its block (`held`)."""
+        if w.key in self._deleting:
+            return False
+        if w.key in self._storing or self._held(w.key, now):
+            held.add(w.block)  # a promise to a load, or a store replacing it: its block stays
+            return False
+        self._deleting.add(w.key)
+        self._ghost.add(w.key, self._clock)
+        drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
+        return True
 
     def _keep_spares(self, spares: list[_Keep], room: int, keep: dict[str, list[tuple[ObjectKey, bytes, Location]]],
                      drop: dict[int, dict[str, list[ObjectKey]]], held: set[int]) -> None:
@@ -1184,14 +1192,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     room -= w.loc.record_len
                     keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
                     continue
-                if w.key in self._deleting:
-                    continue
-                if w.key in self._storing or self._held(w.key, now):
-                    held.add(w.block)
-                    continue
-                self._deleting.add(w.key)
-                self._ghost.add(w.key, self._clock)
-                drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
+                self._claim_for_drop(w, now, held, drop)
 
     def _data_floor(self, exclude: set[int]) -> int:
         """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
