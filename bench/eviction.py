@@ -2,7 +2,7 @@
 the offline optimum (Belady) on the same request sequences, and store throughput with capacity eviction active
 against the same store without a capacity limit.
 
-Request sequences of prefix-block reuse, seeded, four families built for this benchmark (not tuned to the
+Request sequences of prefix-block reuse, seeded, five families built for this benchmark (not tuned to the
 policy): a request is a list of blocks whose keys are chained as LMCache chains chunk hashes (a block's key
 names its whole prefix, so the same document after another prefix is another key).
 
@@ -13,6 +13,11 @@ names its whole prefix, so the same document after another prefix is another key
               3-15 turns and are replaced; each starts with one of 8 system prompts of 4 blocks
   sharing     40 tenants over 6 system prompts, a corpus of 200 documents of 3-8 blocks read by all tenants
               (global Zipf(1.0) mixed with each tenant's own favourites), plus 1-2 private one-off blocks
+  sliding     a working set that slides steadily, where recency is everything (a yardstick, written before its
+              first run and never tuned to): a request re-reads the whole key list of one of the last 100
+              requests (uniform) and extends it by 1-3 new blocks; a list that would pass 12 blocks, and a fifth
+              of the requests, start a new document of 2-4 blocks instead. Keys no request of the last 100
+              asked for are never asked again
   agents      held out (frozen before its first run, never used to choose rules or weights): 5 apps' system
               prompts and tool definitions, 80 live sessions with Pareto activity and growing histories,
               retrieved documents half from a trending set that changes every eighth of the run; a fifth of the
@@ -45,7 +50,7 @@ block freed, measured on the same disk (median of 9), and the ratio they would l
 to the time the store without a capacity takes to write a block's records (not a bound: writeback throttles
 that store too). Results: bench/results/eviction[_quick].json and .png; the last stdout line is a one-line JSON.
 
-    python -m bench.eviction            # 4 traces x 2 capacities, 1,200 requests each, 7 throughput repeats
+    python -m bench.eviction            # 6 traces x 2 capacities, 1,200 requests each, 7 throughput repeats
     python -m bench.eviction --quick    # 500 requests each, 5 repeats
 """
 
@@ -197,6 +202,27 @@ def trace_sharing(rng: random.Random, n_req: int) -> Trace:
     return out
 
 
+def trace_sliding(rng: random.Random, n_req: int) -> Trace:
+    """A yardstick where recency is everything (written before its first run, never tuned to): each request
+    re-reads the key list of one of the last WINDOW requests and extends it by 1-3 new blocks, so the keys read
+    are exactly those some request of the window asked for, and a key none of them asked for is never asked
+    again."""
+    window, longest = 100, 12
+    ch = Chains()
+    asked: list[list[Any]] = []  # each request's labels
+    out = []
+    for r in range(n_req):
+        grow = rng.randint(1, 3)
+        src = asked[r - rng.randint(1, min(window, r))] if r else None
+        if src is None or rng.random() < 0.2 or len(src) + grow > longest:
+            labels: list[Any] = [("doc", r, j) for j in range(rng.randint(2, 4))]
+        else:
+            labels = src + [("turn", r, j) for j in range(grow)]
+        asked.append(labels)
+        out.append(ch.request(labels))
+    return out
+
+
 def trace_agents(rng: random.Random, n_req: int) -> Trace:
     """Held out (written and frozen before its first run; never tuned on): tool-using agents. 5 apps, each a
     system prompt of 3 blocks and tool definitions of 2; 80 live sessions with Pareto-skewed activity, each turn
@@ -242,7 +268,8 @@ def trace_agents(rng: random.Random, n_req: int) -> Trace:
 
 
 FAMILIES: dict[str, Callable[[random.Random, int], Trace]] = {
-    "zipf": trace_zipf, "shifting": trace_shifting, "multiturn": trace_multiturn, "sharing": trace_sharing}
+    "zipf": trace_zipf, "shifting": trace_shifting, "multiturn": trace_multiturn, "sharing": trace_sharing,
+    "sliding": trace_sliding}
 # held out: run and reported with the others, never used to choose the policy's rules or weights
 HELD_OUT: dict[str, Callable[[random.Random, int], Trace]] = {"agents": trace_agents}
 
@@ -410,7 +437,10 @@ def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str) -> dict[
             "mean_occupancy": sum(occupancy) / max(1, len(occupancy)),
             "wall_s": wall, "requests_per_s": len(trace) / wall,
             "evicted": counters["evicted_for_capacity"], "kept_by_value": counters["kept_by_value"],
-            "tombstones_dropped": counters["tombstones_dropped"]}
+            # the cost of keeping: records written again at the head, per request and per record stored
+            "kept_per_request": counters["kept_by_value"] / max(1, len(trace)),
+            "kept_per_stored": counters["kept_by_value"] / max(1, counters["keys_stored"]),
+            "keys_stored": counters["keys_stored"], "tombstones_dropped": counters["tombstones_dropped"]}
 
 
 def store_throughput_paired(root: str, n_records: int, capacity: int, block_size: int) -> tuple[float, float]:
@@ -566,7 +596,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"{row['FIFO']:.3f}  Belady {row['Belady']:.3f}  adapter {row['adapter']['hit_rate']:.3f}"
                       f"  +admission {row['adapter_admission']['hit_rate']:.3f}  (occupancy "
                       f"{row['adapter']['mean_occupancy']:.3f}; LRU at it {row['LRU_at_adapter_occupancy']:.3f}; "
-                      f"prefix hits: LRU {row['LRU_prefix']:.3f} adapter {row['adapter']['prefix_hit_rate']:.3f})",
+                      f"prefix hits: LRU {row['LRU_prefix']:.3f} adapter {row['adapter']['prefix_hit_rate']:.3f}; "
+                      f"kept per request {row['adapter']['kept_per_request']:.2f}, per record stored "
+                      f"{row['adapter']['kept_per_stored']:.2f})",
                       flush=True)
         n_rec = 4096 if args.quick else 8192
         block = (8 if args.quick else 16) << 20
@@ -671,7 +703,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         "FIFO": round(r["FIFO"], 4), "Belady": round(r["Belady"], 4),
                                         "adapter_admission": round(r["adapter_admission"]["hit_rate"], 4),
                                         "LRU_prefix": round(r["LRU_prefix"], 4),
-                                        "adapter_prefix": round(r["adapter"]["prefix_hit_rate"], 4)}
+                                        "adapter_prefix": round(r["adapter"]["prefix_hit_rate"], 4),
+                                        "kept_per_request": round(r["adapter"]["kept_per_request"], 3)}
                                     for k, r in doc["hit_rates"].items()}}))
 
 
