@@ -30,6 +30,7 @@ lib = _native.lib
 _SCAN_CAP = 4096
 # a C core built before bs_read_files (an older build in place) still loads: read_files falls back
 _HAS_READ_FILES = hasattr(lib, "bs_read_files")
+_HAS_LAYER_READ = hasattr(lib, "bs_layer_read")
 _SCAN_ARENA = 8 << 20
 
 
@@ -67,6 +68,71 @@ def _info(c) -> RecordInfo:  # type: ignore[no-untyped-def]
         c.kind, c.flags, c.key_len, c.meta_len, c.payload_off, c.ns,
         c.payload_len, c.record_len, c.seq, c.payload_xxh3,
     )
+
+
+class LayerJobs:
+    """Reads of several layers' records (each layer: (fd, its requests sorted by offset) per file, as
+    `read_files` takes them), done by reader threads in C (native/layers.c): each reader thread makes ONE
+    call, `run()`, that claims layer after layer in order and publishes each; `wait(i)` blocks (GIL
+    released) until layer i is done and gives its per-request statuses per file, or None if it was
+    cancelled. The destination buffers stay lent until `close()`, which cancels what is unclaimed: call it
+    after the reader threads have returned."""
+
+    def __init__(self, layers: Sequence[Sequence[tuple[int, Sequence[ReadRequest]]]], max_gap: int, verify: bool,
+                 willneed: bool = False) -> None:
+        self._pinned = _Pinned()
+        self._keep: list[object] = []
+        self._shapes = [[len(reqs) for _, reqs in files] for files in layers]
+        self._jobs = ffi.new("bs_layer_job[]", max(len(layers), 1))
+        self._queue = ffi.new("bs_layer_queue *")
+        for job, files in zip(self._jobs, layers):
+            items = ffi.new("bs_read_item[]", max(sum(len(r) for _, r in files), 1))
+            at = 0
+            for _, reqs in files:
+                for r in reqs:
+                    it = items[at]
+                    it.offset, it.len, it.expect_xxh3 = r.offset, r.length, r.expect_xxh3
+                    it.dst = self._pinned.lend(r.dst, writable=True)
+                    at += 1
+            fds = ffi.new("int[]", [fd for fd, _ in files] or [0])
+            counts = ffi.new("size_t[]", [len(reqs) for _, reqs in files] or [0])
+            self._keep += [items, fds, counts]
+            job.fds, job.counts, job.files, job.items = fds, counts, len(files), items
+        self._n = len(layers)
+        self._args = (max_gap, (lib.BS_READ_VERIFY if verify else 0) | (lib.BS_READ_WILLNEED if willneed else 0))
+
+    def run(self) -> None:
+        """One reader: returns when no layer is left to claim, or after a failure (raised by `wait`)."""
+        _check(lib.bs_layer_read(self._jobs, self._n, self._queue, *self._args), "read layers")
+
+    def done(self, index: int) -> bool:
+        """Whether layer `index` is read, every request of it without failure (no wait)."""
+        return int(lib.bs_layer_poll(self._jobs + index)) == lib.BS_LAYER_DONE
+
+    def wait(self, index: int) -> list[list[int]] | None:
+        """Layer `index`'s per-request statuses per file once it is done (an item not read after a
+        whole-call failure reads as that failure's code); None if it was cancelled."""
+        job = self._jobs[index]
+        state = lib.bs_layer_wait(self._jobs + index)
+        if state == lib.BS_LAYER_CANCELLED:
+            return None
+        out, at = [], 0
+        for n in self._shapes[index]:
+            out.append([int(job.items[at + i].status) or int(job.rc) for i in range(n)])
+            at += n
+        return out
+
+    def errno(self, index: int) -> int:
+        """The errno the reader of a failed layer saw."""
+        return int(self._jobs[index].err)
+
+    def cancel(self) -> None:
+        """Readers claim no more layers; unclaimed ones read as cancelled."""
+        lib.bs_layer_cancel(self._jobs, self._n, self._queue)
+
+    def close(self) -> None:
+        self.cancel()
+        self._pinned.__exit__()
 
 
 class NativeBackend:
@@ -250,6 +316,11 @@ class NativeBackend:
             out.append([items[at + i].status for i in range(len(reqs))])
             at += len(reqs)
         return out
+
+    def layer_jobs(self, layers: Sequence[Sequence[tuple[int, Sequence[ReadRequest]]]], max_gap: int, verify: bool,
+                   willneed: bool = False) -> LayerJobs | None:
+        """Layers of reads for reader threads in C (`LayerJobs`); None from a C core built without them."""
+        return LayerJobs(layers, max_gap, verify, willneed) if _HAS_LAYER_READ else None
 
     def scan(self, fd: int, start: int, end: int, verify_payload: bool) -> ScanResult:
         entries = ffi.new("bs_scan_entry[]", _SCAN_CAP)

@@ -188,6 +188,38 @@ int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int fl
 int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_item *items, uint64_t max_gap,
                   int flags);
 
+/* ---- the blend's layer loader (layers.c): readers in C, each one call, claiming layers in order ---- */
+#define BS_LAYER_PENDING 0
+#define BS_LAYER_DONE 1
+#define BS_LAYER_FAILED 2    /* a whole-call failure (rc) or an item's status; err: bs_last_errno then */
+#define BS_LAYER_CANCELLED 3 /* never read: an earlier layer failed, or the caller cancelled */
+
+typedef struct bs_layer_job {
+    const int *fds;        /* one layer's reads, as bs_read_files takes them */
+    const size_t *counts;
+    size_t files;
+    bs_read_item *items;
+    int32_t state;         /* BS_LAYER_*: written once by the reader that claimed it */
+    int32_t rc;            /* bs_read_files' return */
+    int32_t err;           /* the reader's bs_last_errno() when FAILED */
+} bs_layer_job;
+
+typedef struct bs_layer_queue {
+    uint64_t next;         /* the next job to claim (zero to start) */
+    int32_t stop;          /* set by a failure or bs_layer_cancel: claim no more */
+} bs_layer_queue;
+
+/* One reader: claims jobs in index order (shared with every other reader of `q`) and reads each with
+ * bs_read_files(flags), publishing its state; returns when none is left, or after the first failure
+ * (then every unclaimed job is CANCELLED). Several threads call it at once on the same jobs. Blocking. */
+int bs_layer_read(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q, uint64_t max_gap, int flags);
+/* A job's state now (no wait). */
+int bs_layer_poll(const bs_layer_job *job);
+/* Waits until the job is no longer PENDING; returns its state. */
+int bs_layer_wait(bs_layer_job *job);
+/* Readers claim no more; every unclaimed job becomes CANCELLED (claimed ones finish as they would). */
+void bs_layer_cancel(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q);
+
 /* ---- block scan (recovery, fsck) ---- */
 typedef struct bs_scan_entry {
     uint64_t offset;       /* record start */

@@ -14,7 +14,7 @@ import tempfile
 
 from cffi import FFI
 
-SOURCES = ["record.c", "io.c", "batch.c", "multi.c", "scan.c", "fault_io.c"]
+SOURCES = ["record.c", "io.c", "batch.c", "multi.c", "layers.c", "scan.c", "fault_io.c"]
 
 CDEF = """
 static const int BS_OK, BS_EINVAL, BS_EIO, BS_ENOSPC, BS_ECORRUPT, BS_ECHECKSUM, BS_EVERSION,
@@ -25,6 +25,7 @@ static const int BS_KIND_KV, BS_KIND_CHUNK, BS_KIND_TOMBSTONE, BS_REC_ALIGNED;
 static const int BS_APPEND_HAVE_CHECKSUMS, BS_APPEND_SYNC, BS_READ_VERIFY, BS_READ_WILLNEED,
     BS_SCAN_VERIFY_PAYLOAD;
 static const int BS_SCAN_END, BS_SCAN_MORE, BS_SCAN_INVALID;
+static const int BS_LAYER_PENDING, BS_LAYER_DONE, BS_LAYER_FAILED, BS_LAYER_CANCELLED;
 static const int BS_FAULT_OP_WRITE, BS_FAULT_OP_READ, BS_FAULT_OP_SYNC, BS_FAULT_OP_OPEN,
     BS_FAULT_OP_OTHER, BS_FAULT_TEAR_EIO, BS_FAULT_TEAR_SHORT;
 
@@ -83,6 +84,16 @@ typedef struct bs_read_item {
 int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int flags);
 int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_item *items, uint64_t max_gap,
                   int flags);
+
+typedef struct bs_layer_job {
+    const int *fds; const size_t *counts; size_t files; bs_read_item *items;
+    int32_t state; int32_t rc; int32_t err;
+} bs_layer_job;
+typedef struct bs_layer_queue { uint64_t next; int32_t stop; } bs_layer_queue;
+int bs_layer_read(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q, uint64_t max_gap, int flags);
+int bs_layer_poll(const bs_layer_job *job);
+int bs_layer_wait(bs_layer_job *job);
+void bs_layer_cancel(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q);
 
 typedef struct bs_scan_entry {
     uint64_t offset; bs_record_info info; uint64_t arena_off; int32_t payload_status;

@@ -18,6 +18,7 @@ from blockstore.blend import Blender, ChunkKVStore, LayerStream, LlamaConfig, Ll
 from blockstore.blend import blender as blender_mod
 from blockstore.blend.blender import _one_buffer, _Span
 from blockstore.blend.compute import position_mask
+from blockstore.blend.layer_loader import LayerLoader
 from blockstore.records import ReadRequest
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
@@ -38,8 +39,11 @@ def _stored(weights: LlamaWeights, store: blockstore.Store, sizes: tuple[int, ..
     return kv, chunks, cids
 
 
+@pytest.mark.parametrize("c_readers", [True, False])
 def test_a_layer_is_one_c_call_over_every_chunks_block(weights: LlamaWeights, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch, c_readers: bool) -> None:
+    """Python readers: one read_files call a layer. C readers (layer_loader.py): every layer handed to C
+    at once, each as one bs_read_files over the three blocks."""
     with blockstore.open(tmp_path / "s") as store:
         if store.backend.name != "native":
             pytest.skip("the C core is not loaded")
@@ -47,13 +51,21 @@ def test_a_layer_is_one_c_call_over_every_chunks_block(weights: LlamaWeights, tm
         assert len({loc.block_id for loc in store.locate_many([kv.layer_key(c, 1) for c in cids], ns=kv.ns)}) == 3
         whole = kv.load_many(cids)
         files_calls: list[int] = []
-        real = type(store.backend).read_files
+        jobs_calls: list[list[int]] = []
+        real, real_jobs = type(store.backend).read_files, type(store.backend).layer_jobs
 
         def counting(self, files, *a, **kw):  # type: ignore[no-untyped-def]
             files_calls.append(len(files))
             return real(self, files, *a, **kw)
 
+        def counting_jobs(self, layers, *a, **kw):  # type: ignore[no-untyped-def]
+            jobs_calls.append([len(files) for files in layers])
+            return real_jobs(self, layers, *a, **kw)
+
         monkeypatch.setattr(type(store.backend), "read_files", counting)
+        monkeypatch.setattr(type(store.backend), "layer_jobs", counting_jobs)
+        if not c_readers:
+            monkeypatch.setattr(LayerLoader, "wanted", classmethod(lambda cls, reads: False))
         stream = kv.stream_layers(cids, first_layer=1, readers=2)
         try:
             for layer in range(1, CFG.num_hidden_layers):
@@ -63,7 +75,10 @@ def test_a_layer_is_one_c_call_over_every_chunks_block(weights: LlamaWeights, tm
         finally:
             stream.close()
     # one call a layer, each over the three chunks' three blocks
-    assert files_calls == [3] * (CFG.num_hidden_layers - 1)
+    if c_readers:
+        assert (files_calls, jobs_calls) == ([], [[3] * (CFG.num_hidden_layers - 1)])
+    else:
+        assert (files_calls, jobs_calls) == ([3] * (CFG.num_hidden_layers - 1), [])
 
 
 def test_read_files_equals_read_many_and_an_older_core_falls_back(tmp_path: Path,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import xxhash
 
+from blockstore.blend.layer_loader import LayerLoader
 from blockstore.blend.layer_reads import LayerReads
 from blockstore.chunks import ChunkWrite
 from blockstore.errors import BlockstoreError, CorruptionError, InvalidArgument
@@ -317,17 +318,20 @@ class LayerStream:
         # every layer's records have the same sizes: one set of page-aligned offsets serves them all
         self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
         self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens) + 1)]
-        cuda = self.device.type == "cuda" and bool(self._lens)
+        n = readers or DEFAULT_READERS
+        # readers in C (layer_loader.py) where the C core has them; else Python readers, below
+        self._c = (LayerLoader(self._fast, range(first_layer, self.layers), self._offsets, self._lens, self.device, n)
+                   if self._fast is not None and self.PIECES == 1 and LayerLoader.wanted(self._fast) else None)
+        cuda = self.device.type == "cuda" and bool(self._lens) and self._c is None
         self._device_buf = (torch.empty((self.layers - first_layer, self._offsets[-1]), dtype=torch.uint8,
                                         device=self.device) if cuda else None)
-        pieces = min(self.PIECES, len(self._lens))
+        pieces = min(self.PIECES, len(self._lens)) if self._c is None else 0
         self._host: dict[int, torch.Tensor] = {}  # CPU: each layer's buffer, made by its first piece's reader
         groups = [(len(self._lens) * i // pieces, len(self._lens) * (i + 1) // pieces) for i in range(pieces)]
         self._items = [(layer, lo, hi) for layer in range(first_layer, self.layers) for lo, hi in groups if hi > lo]
         self._items.reverse()  # popped from the end: layer order
         self._pending = {layer: sum(1 for g in groups if g[1] > g[0]) for layer in range(first_layer, self.layers)}
         self._slot_bytes = max((self._offsets[hi] - self._offsets[lo] for lo, hi in groups), default=0)
-        n = readers or DEFAULT_READERS
         self._threads = [threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
                          for i in range(max(1, min(n, len(self._items))) if self._items else 0)]
         for t in self._threads:
@@ -427,6 +431,11 @@ class LayerStream:
                 stream.synchronize()  # no copy of ours may land after close() (the caller frees the buffer)
 
     def _raw(self, layer: int) -> torch.Tensor:
+        if self._c is not None:
+            ready = self._c.layer(layer)
+            if layer == self.layers - 1:  # the C readers publish no times: the last layer as the caller got it
+                self.load_s = time.perf_counter() - self._t0
+            return ready
         self._ready[layer].wait()
         got = self._loaded[layer]
         if got is None:
@@ -454,6 +463,9 @@ class LayerStream:
         return (flat.as_strided(shape, strides, base), flat.as_strided(shape, strides, base + first.tokens * row))
 
     def close(self) -> None:
+        if self._c is not None:
+            self._c.close()
+            self._c = None
         for t in self._threads:
             t.join()
         if self._fast is not None:

@@ -67,22 +67,30 @@ class LayerReads:
             keys.append([p.keys[layer] for p in plan])
         return cls(store, pins, files, keys)
 
-    def read_layer(self, layer: int, dsts: Sequence[Any]) -> None:
-        """Layer `layer`'s record of chunk i into dsts[i] (a writable buffer of its payload's size),
-        each verified; raises on any failure (nothing partly read is handed on)."""
-        files = [(fd, [ReadRequest(loc.payload_offset, loc.payload_len, dsts[i], loc.payload_xxh3) for i, loc in recs])
-                 for fd, recs in self._files[layer]]
-        # read_ahead: records of blocks not in the page cache are announced first (a cold prompt's layer is
-        # then in flight at once); cached ones are not (native/multi.c)
-        statuses = self.store.backend.read_files(files, _MAX_GAP, True, self.store.read_ahead)
+    def requests(self, layer: int, dsts: Sequence[Any]) -> list[tuple[int, list[ReadRequest]]]:
+        """Layer `layer`'s reads as `read_files` takes them: chunk i's record into dsts[i] (a writable
+        buffer of its payload's size)."""
+        return [(fd, [ReadRequest(loc.payload_offset, loc.payload_len, dsts[i], loc.payload_xxh3) for i, loc in recs])
+                for fd, recs in self._files[layer]]
+
+    def check(self, layer: int, statuses: Sequence[Sequence[int]], errno: int) -> None:
+        """Raise the first failure among a layer's per-request statuses (as `read_files` returns them)."""
         for (_fd, recs), codes in zip(self._files[layer], statuses):
             for (i, loc), code in zip(recs, codes):
                 if code:
                     err = error_for_code(code, f"read of chunk KV key {self._keys[layer][i]!r} in block "
-                                         f"{loc.block_id:016x}", self.store.backend.last_errno())
+                                         f"{loc.block_id:016x}", errno)
                     if isinstance(err, ChecksumMismatch):
                         err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                     raise err
+
+    def read_layer(self, layer: int, dsts: Sequence[Any]) -> None:
+        """Layer `layer`'s record of chunk i into dsts[i] (a writable buffer of its payload's size),
+        each verified; raises on any failure (nothing partly read is handed on)."""
+        # read_ahead: records of blocks not in the page cache are announced first (a cold prompt's layer is
+        # then in flight at once); cached ones are not (native/multi.c)
+        statuses = self.store.backend.read_files(self.requests(layer, dsts), _MAX_GAP, True, self.store.read_ahead)
+        self.check(layer, statuses, self.store.backend.last_errno())
 
     def close(self) -> None:
         """Unpin the blocks (a deletion that waited for them goes ahead)."""

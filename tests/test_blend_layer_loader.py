@@ -1,0 +1,136 @@
+"""The blend's C readers (native/layers.c through native.LayerJobs, blockstore/blend/layer_loader.py):
+every layer's bytes verified and in order, a failed layer raised at that layer with nothing after it read,
+and a stream closed early or cancelled never hangs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+
+import blockstore
+from blockstore import BlockstoreError, ChecksumMismatch
+from blockstore.blend import ChunkKVStore, LlamaConfig, LlamaWeights, full_prefill
+from blockstore.native import lib
+from blockstore.records import ReadRequest
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def weights() -> LlamaWeights:
+    return LlamaWeights.random(CFG, seed=3)
+
+
+def _native(store: blockstore.Store) -> None:
+    if store.backend.name != "native" or not hasattr(store.backend, "layer_jobs"):
+        pytest.skip("the C core is not loaded")
+
+
+def _stored(weights: LlamaWeights, store: blockstore.Store) -> tuple[ChunkKVStore, list[bytes]]:
+    g = torch.Generator().manual_seed(0)
+    kv = ChunkKVStore(store, model_id=weights.model_id)
+    chunks = [torch.randint(0, CFG.vocab_size, (12,), generator=g) for _ in range(3)]
+    return kv, [kv.put(c, (r := full_prefill(weights, c)).keys, r.values, torch.arange(len(c))) for c in chunks]
+
+
+def test_layers_read_by_several_c_readers_are_every_byte_verified(tmp_path: Path) -> None:
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        path = tmp_path / "payloads"
+        rng = torch.Generator().manual_seed(1)
+        payloads = [bytes(torch.randint(0, 256, (1000 + 37 * i,), generator=rng, dtype=torch.uint8).tolist())
+                    for i in range(24)]
+        path.write_bytes(b"".join(payloads))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offsets = [sum(len(p) for p in payloads[:i]) for i in range(len(payloads))]
+            dsts = [bytearray(len(p)) for p in payloads]
+            # 12 layers of two records each; layer 7's second record expects another checksum
+            layers = [[(fd, [ReadRequest(offsets[i], len(payloads[i]), dsts[i],
+                                         xxhash.xxh3_64_intdigest(payloads[i]) ^ (1 if i == 15 else 0))
+                             for i in (2 * j, 2 * j + 1)])] for j in range(12)]
+            jobs = store.backend.layer_jobs(layers, 0, True)  # type: ignore[attr-defined]
+            readers = [threading.Thread(target=jobs.run) for _ in range(4)]
+            for t in readers:
+                t.start()
+            got = [jobs.wait(j) for j in range(12)]
+            for t in readers:
+                t.join()
+            jobs.close()
+        finally:
+            os.close(fd)
+        failed = [j for j, s in enumerate(got) if s is not None and any(any(f) for f in s)]
+        assert failed == [7] and got[7] == [[0, lib.BS_ECHECKSUM]]
+        done = [j for j, s in enumerate(got) if s == [[0, 0]]]
+        assert set(range(7)) <= set(done)  # every layer before the failure is read; later ones may be cancelled
+        for j in done:
+            assert dsts[2 * j] == payloads[2 * j] and dsts[2 * j + 1] == payloads[2 * j + 1]
+
+
+def test_cancelled_layers_wait_no_more(tmp_path: Path) -> None:
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        path = tmp_path / "p"
+        path.write_bytes(b"x" * 64)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            dst = bytearray(64)
+            jobs = store.backend.layer_jobs([[(fd, [ReadRequest(0, 64, dst, xxhash.xxh3_64_intdigest(b"x" * 64))])]] * 3,
+                                            0, True)  # type: ignore[attr-defined]
+            jobs.cancel()
+            jobs.run()  # claims nothing
+            assert [jobs.wait(j) for j in range(3)] == [None, None, None]
+            jobs.close()
+        finally:
+            os.close(fd)
+
+
+def test_a_corrupt_layer_raises_at_that_layer_and_the_stream_closes(weights: LlamaWeights, tmp_path: Path) -> None:
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        kv, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        loc = store.locate_many([kv.layer_key(cids[1], 3)], ns=kv.ns)[0]
+        assert loc is not None
+        fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
+        try:
+            byte = os.pread(fd, 1, loc.payload_offset + 3)
+            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 3)
+        finally:
+            os.close(fd)
+        stream = kv.stream_layers(cids, first_layer=1, readers=3)
+        try:
+            assert stream._c is not None
+            for layer in (1, 2):
+                for got, want in zip(stream.layer(layer), whole):
+                    assert want is not None and torch.equal(got.keys[0], want.keys[layer])
+            with pytest.raises(ChecksumMismatch, match="not returned"):
+                stream.layer(3)
+            with pytest.raises(BlockstoreError):
+                stream.layer(5)  # read or cancelled, never handed on after the failure
+        finally:
+            stream.close()
+
+
+def test_a_stream_closed_after_its_first_layer_stops_its_readers(weights: LlamaWeights, tmp_path: Path) -> None:
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        kv, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        for _ in range(5):
+            stream = kv.stream_layers(cids, first_layer=1, readers=8)
+            stream.layer(1)
+            stream.close()
+            assert all(not t.is_alive() for t in stream._threads)
+        stream = kv.stream_layers(cids, first_layer=1, readers=2)
+        try:
+            for got, want in zip(stream.layer(CFG.num_hidden_layers - 1), whole):
+                assert want is not None and torch.equal(got.values[0], want.values[CFG.num_hidden_layers - 1])
+        finally:
+            stream.close()
