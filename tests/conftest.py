@@ -4,7 +4,7 @@ core and its pure-Python twin), so the two cannot drift apart."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -81,3 +81,12 @@ def make(tmp_path: object, adapter_block_size: int | None) -> Iterator[object]:
     yield _make
     for a in made:
         a.close()
+
+
+@pytest.fixture
+def capped_adapter(make: Callable[..., object]) -> object:
+    """An L2 adapter with capacity eviction on: CAPACITY of tests/test_review_session23.py (8 blocks of BLOCK),
+    compaction off (the review tests of eviction's races)."""
+    from test_review_session23 import BLOCK, CAPACITY
+
+    return make(capacity_bytes=CAPACITY, block_size=BLOCK)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,6 @@ CAPACITY = 8 * BLOCK
 SMALL = torch.Size([2, 2, 16, 32])  # float32: 8 KiB
 OTHER = torch.Size([4, 1, 16, 32])  # the same 8 KiB in another layout
 SMALL_SIZE = 8192
-
-
-@pytest.fixture
-def adapter(tmp_path: Path) -> Iterator[BlockstoreL2Adapter]:
-    a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(
-        {"path": str(tmp_path / "kv"), "capacity_bytes": CAPACITY, "block_size": BLOCK, "compaction": None}))
-    yield a
-    a.close()
 
 
 def fill_with_records_worth_keeping(a: BlockstoreL2Adapter, src: Any) -> int:
@@ -88,12 +80,12 @@ def store_new_block_of_keys(a: BlockstoreL2Adapter, src: Any) -> None:
         a.wait_for_eviction()
 
 
-def test_a_key_deleted_while_a_pass_decides_to_keep_it_stays_deleted(adapter: BlockstoreL2Adapter,
+def test_a_key_deleted_while_a_pass_decides_to_keep_it_stays_deleted(capped_adapter: BlockstoreL2Adapter,
                                                                        arena: Arena) -> None:
     """LMCache deletes a key that the pass running meanwhile chose to keep (write again at the head). Before:
     the pass wrote the old bytes again after the delete: the deleted key came back, and the adapter's byte count
     (the delete subtracted it) no longer covered what it held, so capacity_bytes was no longer a bound."""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=5)
     fill_with_records_worth_keeping(a, src)
     victim: list[Any] = []
@@ -112,11 +104,11 @@ def test_a_key_deleted_while_a_pass_decides_to_keep_it_stays_deleted(adapter: Bl
 
 
 def test_a_store_of_another_layout_while_a_pass_decides_to_keep_the_old_one_is_not_undone(
-        adapter: BlockstoreL2Adapter, arena: Arena) -> None:
+        capped_adapter: BlockstoreL2Adapter, arena: Arena) -> None:
     """A store replaces a key with another layout (acknowledged) while the pass chose to keep the key's old
     record. Before: the pass wrote the old record again over the new one: the acknowledged store was lost and a
     load of the new layout missed."""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=6)
     fill_with_records_worth_keeping(a, src)
     newer = arena.new(OTHER, fill=7)
@@ -140,12 +132,12 @@ def test_a_store_of_another_layout_while_a_pass_decides_to_keep_the_old_one_is_n
     assert same(out, newer)
 
 
-def test_a_key_locked_while_a_pass_trims_what_it_keeps_is_not_evicted(adapter: BlockstoreL2Adapter,
+def test_a_key_locked_while_a_pass_trims_what_it_keeps_is_not_evicted(capped_adapter: BlockstoreL2Adapter,
                                                                        arena: Arena) -> None:
     """A lookup locks a key (a promise to the load that follows) after the pass chose to keep it but before the
     pass trims what it keeps to its budget, least valuable first. Before: the trim left the locked key to 'its
     block's eviction', which removed the block with the key in it: the locked key's load missed."""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=8)
     fill_with_records_worth_keeping(a, src)
     victim: list[Any] = []
@@ -164,13 +156,13 @@ def test_a_key_locked_while_a_pass_trims_what_it_keeps_is_not_evicted(adapter: B
     a.submit_unlock(victim)
 
 
-def test_a_pass_that_fails_before_it_writes_leaves_no_key_claimed(adapter: BlockstoreL2Adapter,
+def test_a_pass_that_fails_before_it_writes_leaves_no_key_claimed(capped_adapter: BlockstoreL2Adapter,
                                                                    arena: Arena) -> None:
     """A pass fails after it planned (a directory read error, here injected into the step after planning): it
     deleted nothing, so every key is still held and usable. Before: the keys it had claimed for deletion stayed
     claimed for ever: a lookup missed them (on their way out), a delete or store skipped them, and every later
     pass left their blocks alone, so the block files outgrew their bound."""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=9)
     n = CAPACITY // SMALL_SIZE - 8  # just under the capacity and its lead; never read: not worth keeping
     for i in range(n):
@@ -199,14 +191,14 @@ def test_a_pass_that_fails_before_it_writes_leaves_no_key_claimed(adapter: Block
     assert found == held, "keys held in the store are missed: still claimed by the failed pass"
 
 
-def test_a_pass_for_the_block_files_bound_evicts_about_what_it_must_free(adapter: BlockstoreL2Adapter,
+def test_a_pass_for_the_block_files_bound_evicts_about_what_it_must_free(capped_adapter: BlockstoreL2Adapter,
                                                                         arena: Arena) -> None:
     """A pass run because the block files are over their bound (`disk_excess`, here one block) while every
     record is worth keeping: what the pass cannot move within its budget goes with its block, and that frees the
     files too. Before (since the keep was trimmed after the walk, 3334e44), the walk counted only dead bytes as
     freed, so it went on over every sealed block and then evicted all but the budget's worth: most of the cache
     for one block of files."""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=10)
     fill_with_records_worth_keeping(a, src)
     before = a.get_usage().total_bytes_used

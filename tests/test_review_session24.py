@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ torch = pytest.importorskip("torch")
 
 from test_connector_adapter import Arena, load, lookup, okey, same, store  # noqa: E402
 from test_review_session23 import (  # noqa: E402
-    BLOCK,
     CAPACITY,
     OTHER,
     SMALL,
@@ -34,15 +32,7 @@ from test_review_session23 import (  # noqa: E402
 import blockstore  # noqa: E402
 from blockstore.blend import LlamaConfig, LlamaWeights, graphs  # noqa: E402
 from blockstore.compaction import attach  # noqa: E402
-from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
-
-
-@pytest.fixture
-def adapter(tmp_path: Path) -> Iterator[BlockstoreL2Adapter]:
-    a = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict(
-        {"path": str(tmp_path / "kv"), "capacity_bytes": CAPACITY, "block_size": BLOCK, "compaction": None}))
-    yield a
-    a.close()
+from blockstore.connector.l2_adapter import BlockstoreL2Adapter  # noqa: E402
 
 
 def assert_replaced_key_survives(a: BlockstoreL2Adapter, arena: Any, victim: list[Any], newer: Any) -> None:
@@ -65,13 +55,13 @@ def trimmed(wanted: list[Any], budget: int) -> list[Any]:
     return out
 
 
-def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(adapter: BlockstoreL2Adapter,
+def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(capped_adapter: BlockstoreL2Adapter,
                                                                            arena: Arena) -> None:
     """Between a pass's decision and its trim, a store replaces a key the trim will evict (acknowledged: a new
     record in a new block), and a lookup locks another trimmed key of the same block, so that block stays and
     its trimmed keys get tombstones. Before: the tombstone deleted the key wherever it was, i.e. the new record
     of the acknowledged store, for a decision taken about its old record; a whole-block eviction leaves it."""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=3)
     fill_with_records_worth_keeping(a, src)
     newer = arena.new(OTHER, fill=4)
@@ -163,14 +153,14 @@ def test_stragglers_joining_their_open_block_place_no_copy_where_the_record_is(t
         assert s.get(b"s") == b"s" * 200 * KB
 
 
-def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(adapter: BlockstoreL2Adapter,
+def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(capped_adapter: BlockstoreL2Adapter,
                                                                          arena: Arena) -> None:
     """The same race through the spare room (`_keep_spares`, new this session): spares (records read, not worth
     a keep of their own) are not claimed while the pass decides. A store replaces one the pass then leaves out,
     and a lookup locks another of the same block, so the block stays and its spares get tombstones. Before: the
     tombstone deleted the acknowledged new record. (The wrapper gives the spares no room: a pass whose need
     takes all that it frees.)"""
-    a = adapter
+    a = capped_adapter
     src = arena.new(SMALL, fill=5)
     n = CAPACITY // SMALL_SIZE - 8
     keys = [okey(i) for i in range(n)]
