@@ -90,6 +90,7 @@ from blockstore.connector.eviction import (
     ClockHistory,
     HashMarks,
     KeyStats,
+    ReturnDistances,
     spare_value,
     usable_hits,
     value,
@@ -463,6 +464,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._stats = KeyStats()
         self._ghost = HashMarks()  # hash of an evicted key -> the clock at its eviction
         self._sightings = HashMarks()
+        self._returns = ReturnDistances()  # how soon evicted keys come back: the spare room's window
         self._span = config.capacity_bytes  # the log's span at the last eviction (eviction.py), in clock bytes
         self._clock = 0
         self._history = ClockHistory(config.capacity_bytes // CLOCK_STEPS)  # a block's creation -> the clock then
@@ -786,6 +788,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     continue
                 evicted_at = self._ghost.pop(p.key) if p.old is None else None
                 if evicted_at is not None:
+                    self._returns.add((self._clock - evicted_at) / max(1, self._span))
                     if self._clock - evicted_at > RETURN_SPANS * self._span:
                         self._ghost.add(p.key, self._clock)
                         self._counters.skipped_admission += 1
@@ -1120,6 +1123,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             then = self._history.clock_at(e.created_ns)
             span = self._capacity if then is None else max(self.store.block_size, self._clock - then)
             self._span = span
+            window = self._returns.window()  # how long ago a spare may have been read (eviction.ReturnDistances)
             for ns, k, sfx, loc in records:
                 known[sfx] = k
                 if k in self._storing or k in self._deleting or self._held(k, now):
@@ -1130,7 +1134,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 if v > 0:
                     moved += loc.record_len
                     wanted.append(_Keep(v, e.block_id, ns, k, sfx, loc))
-                elif (sv := spare_value(st, self._clock, span)) is not None:
+                elif (sv := spare_value(st, self._clock, span, window)) is not None:
                     freed += loc.payload_len  # deleted unless the pass frees more than it needs
                     wanted.append(_Keep(sv, e.block_id, ns, k, sfx, loc, spare=True))
                 else:
