@@ -205,6 +205,8 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
     blocks: list[int] = []
     floor: list[int] = []
     cold_ms: list[float] = []
+    floor_ms: list[float] = []  # the same requests' bytes read cold from one extent of one block (ColdFloor)
+    cold_floor = ColdFloor(root) if cold_at else None
     pass_s = 0.0
     t_start = time.perf_counter()
     store = blockstore.open(path, block_size=block_size, durability="cache")
@@ -238,6 +240,8 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
                     t0 = time.perf_counter()
                     views = store.get_many(op.keys, ns=op.ns)
                     cold_ms.append((time.perf_counter() - t0) * 1e3)
+                    if cold_floor is not None:
+                        floor_ms.append(cold_floor.measure(views))
                 else:
                     views = store.get_many(op.keys, ns=op.ns)
                 verify.check(op, views, f"{trace.name}/{policy.name} op {i}")
@@ -250,6 +254,8 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
         fill.note()  # blocks sealed by the close (the open ones, whatever their size) are not counted
     finally:
         store.close()  # stops the compactor (persisting what it learned), seals, flushes the directory
+        if cold_floor is not None:
+            cold_floor.close()
     replay_s = time.perf_counter() - t_start
     with blockstore.open(path, block_size=block_size) as store:
         stats = store.stats()
@@ -269,7 +275,10 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
         "space_amp": stats.space_amplification,
         "write_amp": stats.write_amplification,
         "cold_ms": {"p50": pct(cold_ms, 50), "p95": pct(cold_ms, 95), "p99": pct(cold_ms, 99), "n": len(cold_ms),
-                    "values": [round(v, 3) for v in cold_ms]},
+                    "values": [round(v, 3) for v in cold_ms],
+                    # the measured floor: the same requests' bytes in one extent of one block (ColdFloor)
+                    "floor_p50": pct(floor_ms, 50), "floor_p95": pct(floor_ms, 95),
+                    "floor_values": [round(v, 3) for v in floor_ms]},
         # space_amp = 1 + these (as fractions of live logical bytes)
         "space_breakdown": {
             "record_layout": round((stats.live_bytes - stats.live_logical_bytes) / logical, 4),  # headers, padding
@@ -305,6 +314,43 @@ def placed_copies(store: blockstore.Store, namespaces: set[str]) -> float:
             keys += 1
             extra += len(loc.copies)
     return extra / keys if keys else 0.0
+
+
+FLOOR_BLOCK = 64 * MiB  # the floor store's block: the largest request of any trace (~12 MB) fits one
+
+
+class ColdFloor:
+    """The measured floor of a cold read (issue 16: where a target is out of reach, show the measured
+    floor): each sampled request's payloads, as the replayed store just returned them (verified), are
+    written together (one group, one partition: one extent of one block) into a store of their own, and
+    read back cold the same way (os.sync, drop_page_cache, get_many, verified). No placement of the same
+    bytes touches less; what it costs is the disk's time for those bytes plus the per-request cost of
+    the read path. Its directory is small and warm, as the replayed store's is (only block files are
+    evicted), so the floor is if anything optimistic."""
+
+    def __init__(self, root: str) -> None:
+        self.path = tempfile.mkdtemp(prefix="floor-", dir=root)
+        self.store = blockstore.open(self.path, block_size=FLOOR_BLOCK, durability="cache")
+        self.n = 0
+
+    def measure(self, views: Sequence[Any]) -> float:
+        """Milliseconds of a cold get_many of these payloads from one extent (None entries: misses, skipped)."""
+        values = [bytes(v) for v in views if v is not None]
+        keys = [b"%d/%d" % (self.n, i) for i in range(len(values))]
+        self.n += 1
+        self.store.put_many(list(zip(keys, values)), partition="floor")
+        os.sync()
+        self.store.drop_page_cache()
+        t0 = time.perf_counter()
+        got = self.store.get_many(keys)
+        ms = (time.perf_counter() - t0) * 1e3
+        if [bytes(v) if v is not None else None for v in got] != values:
+            raise RuntimeError("cold floor: the one-extent copy did not read back what was written")
+        return ms
+
+    def close(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 class SealFill:
@@ -624,15 +670,18 @@ def targets(runs: list[dict[str, dict[str, dict[str, Any]]]],
         br = spread([f["blocks_per_request"] / b["blocks_per_request"] for f, b in pairs])
         floor = spread([f["blocks_floor"] / b["blocks_per_request"] for f, b in pairs])
         cr = spread([f["cold_ms"]["p95"] / b["cold_ms"]["p95"] for f, b in pairs])
+        # the measured floor: the full cell's requests read cold from one extent each, / append-only's p95
+        cf = spread([f["cold_ms"].get("floor_p95", float("nan")) / b["cold_ms"]["p95"] for f, b in pairs])
         fill = spread([f["sealed_fill"] for f, _b in pairs])
         target = TARGET_BLOCKS_RATIO.get(tr, TARGET_BLOCKS_OTHER)
         d = {"blocks_ratio": br["median"], "blocks_ratio_spread": br, "blocks_target": target,
              "blocks_met": br["median"] <= target, "never_worse": br["max"] <= 1.0,
              "blocks_floor_ratio": floor["median"], "sealed_fill": fill,
-             "cold_p95_ratio": cr["median"], "cold_met": cr["median"] <= TARGET_COLD_RATIO}
+             "cold_p95_ratio": cr["median"], "cold_p95_ratio_spread": cr, "cold_floor_ratio": cf,
+             "cold_met": cr["median"] <= TARGET_COLD_RATIO}
         line = (f"  {tr:<10} blocks/request {_range(br)} (target {target}, floor {floor['median']:.2f}) "
                 f"{'met' if d['blocks_met'] else 'MISSED'}; fill at seal {_range(fill)}; "
-                f"p95 cold {cr['median']:.2f} {'met' if d['cold_met'] else 'MISSED'}")
+                f"p95 cold {_range(cr)} (floor {_range(cf)}) {'met' if d['cold_met'] else 'MISSED'}")
         if tr == "locomo":
             sp = spread([f["space_amp"] for f, _b in pairs])
             wr = spread([f["write_amp"] for f, _b in pairs])
@@ -807,14 +856,17 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         for tr, d in tg.items():
             t = (f"{tr} blocks/request {fmt(d['blocks_ratio'])} (target {d.get('blocks_target', '?')}, floor "
                  f"{fmt(d.get('blocks_floor_ratio'))}) {'met' if d['blocks_met'] else 'missed'}, "
-                 f"p95 cold {fmt(d['cold_p95_ratio'])} {'met' if d['cold_met'] else 'missed'}")
+                 f"p95 cold {fmt(d['cold_p95_ratio'])} (floor {fmt((d.get('cold_floor_ratio') or {}).get('median'))}) "
+                 f"{'met' if d['cold_met'] else 'missed'}")
             if "amp_met" in d:
                 t += f", space {fmt(d['space_amp'], 3)} / write {fmt(d['write_amp'], 3)} " \
                      f"{'met' if d['amp_met'] else 'missed'}"
             parts.append(t)
         out.append(f"Targets (full ÷ append-only blocks/request ≤ {_targets_text()}; floor = the offline lower "
                    f"bound ÷ append-only, the least any placement of the same bytes could give; p95 cold ≤ "
-                   f"{TARGET_COLD_RATIO}; LoCoMo space ≤ {TARGET_LOCOMO_SPACE} and write ≤ {TARGET_LOCOMO_WRITE}): "
+                   f"{TARGET_COLD_RATIO} (floor: the same requests read cold from one extent of one block, ÷ "
+                   f"append-only); "
+                   f"LoCoMo space ≤ {TARGET_LOCOMO_SPACE} and write ≤ {TARGET_LOCOMO_WRITE}): "
                    + "; ".join(parts) + ".")
     fg = doc.get("foreground_latency") or {}
     if fg:
