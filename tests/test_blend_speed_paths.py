@@ -6,6 +6,7 @@ loaded layer buffer, and scattered-row attention through FlexAttention's block m
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_a_layer_is_one_c_call_over_every_chunks_block(weights: LlamaWeights, tm
         real, real_jobs = type(store.backend).read_files, type(store.backend).layer_jobs
 
         def counting(self, files, *a, **kw):  # type: ignore[no-untyped-def]
-            files_calls.append(len(files))
+            if sys._getframe(1).f_code.co_name != "_read_blocks":  # the store's own get_many reads by read_files too
+                files_calls.append(len(files))
             return real(self, files, *a, **kw)
 
         def counting_jobs(self, layers, *a, **kw):  # type: ignore[no-untyped-def]
