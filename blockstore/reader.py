@@ -218,6 +218,7 @@ class Reader:
         results: list[Any] = [None] * len(keys)
         vanished: list[int] = []
         dropped: list[tuple[int, bytes, list[int]]] = []
+        files: list[tuple[int, list[int], list[ReadRequest]]] = []  # (block, record indexes, their reads)
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
                 idxs.sort(key=lambda i: locs[i].offset)  # type: ignore[union-attr]
@@ -239,13 +240,19 @@ class Reader:
                             f"read of key {keys[idxs[0]]!r}: block file {block_file_name(bid)} is missing; "
                             f"run `blockstore fsck {self.path}` (--repair drops the records it held)") from None
                     continue
-                reqs = [ReadRequest(locs[i].payload_offset, locs[i].payload_len, dsts[i],  # type: ignore[union-attr,arg-type]
-                                    locs[i].payload_xxh3) for i in idxs]  # type: ignore[union-attr]
-                statuses = self.backend.read_many(fd, reqs, self.read_gap, True, self.read_ahead)
-                for i, st in zip(idxs, statuses):
+                files.append((fd, idxs, [ReadRequest(locs[i].payload_offset, locs[i].payload_len,  # type: ignore[union-attr]
+                                                     dsts[i], locs[i].payload_xxh3) for i in idxs]))  # type: ignore[union-attr,arg-type]
+            # every block's reads in one call: a cold read announces all of its blocks' ranges before the
+            # first read (bs_read_files), so the disk has them in flight at once instead of one block's
+            # at a time, and the GIL is released once
+            statuses = self.backend.read_files([(fd, reqs) for fd, _idxs, reqs in files], self.read_gap, True,
+                                               self.read_ahead)
+            for (_fd, idxs, _reqs), sts in zip(files, statuses):
+                for i, st in zip(idxs, sts):
                     if st == 0:
                         results[i] = locs[i].payload_len if lengths else dsts[i]  # type: ignore[union-attr]
                     elif self.on_corrupt == "raise":
+                        bid = locs[i].block_id  # type: ignore[union-attr]
                         err = error_for_code(st, f"read of key {keys[i]!r} in block {bid:016x}",
                                              self.backend.last_errno())
                         if isinstance(err, ChecksumMismatch):
