@@ -778,15 +778,17 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _admit(self, puts: list[_Put]) -> list[_Put]:
         """Admission ('second_sighting': a new key is stored the second time it is offered) and the ghost
         (eviction.py): a key evicted earlier that is stored again within RETURN_SPANS spans starts with one
-        read of credit (coming back is reuse); one that comes back later is not stored this time."""
+        read of credit (coming back is reuse); one that comes back later is not stored this time. A key the ghost
+        remembers has been sighted (stored, then evicted): admission does not ask for two more sightings of it."""
         keep: list[_Put] = []
         with self._lock:
             for p in puts:
-                if p.old is None and not self._admit_all and self._sightings.pop(p.key) is None:
+                evicted_at = self._ghost.pop(p.key) if p.old is None else None
+                if (evicted_at is None and p.old is None and not self._admit_all
+                        and self._sightings.pop(p.key) is None):
                     self._sightings.add(p.key)
                     self._counters.skipped_admission += 1
                     continue
-                evicted_at = self._ghost.pop(p.key) if p.old is None else None
                 if evicted_at is not None:
                     self._returns.add((self._clock - evicted_at) / max(1, self._span))
                     if self._clock - evicted_at > RETURN_SPANS * self._span:
