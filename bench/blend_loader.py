@@ -3,11 +3,14 @@
 A warm blend on a GPU host loads each layer's chunk KV on loader threads while the main thread issues the
 blend's GPU ops, holding the GIL almost all the time. A loader thread coming back from a C read waits for
 the GIL (up to the interpreter's switch interval, 5 ms), so what matters is how often it needs it. This
-bench compares two read paths of `LayerStream` on the same records in one run:
+bench compares three read paths of `LayerStream` on the same records in one run:
 
 - `read_located`: a layer through `Store.read_located` (one C call per block, Python between them: the
   loader before this change);
-- `one_call`: a layer as one `bs_read_files` call over every chunk's block (blockstore/blend/layer_reads.py).
+- `one_call`: a layer as one `bs_read_files` call over every chunk's block (blockstore/blend/layer_reads.py),
+  by Python reader threads;
+- `c_readers`: every layer by reader threads each in ONE C call (`bs_layer_read`, blockstore/blend/layer_loader.py),
+  no Python between layers: the loader's default.
 
 Each is timed alone and beside a "contender" thread that runs Python without pause (a stand-in for the
 op-issuing thread), whose progress during the load is also reported against its progress alone: what the
@@ -43,7 +46,7 @@ from blockstore.blend.chunk_kv import KVLayout
 LAYOUT = KVLayout(32, 8, 128, "bfloat16")  # Llama-3-8B's KV
 CHUNK_TOKENS = 512
 FIRST_LAYER = 1  # the blend's check layer: layers from it on are streamed
-PATHS = ("read_located", "one_call")
+PATHS = ("read_located", "one_call", "c_readers")
 
 
 def _say(msg: str) -> None:
@@ -78,14 +81,18 @@ def _contender_rate(seconds: float) -> float:
 
 @contextlib.contextmanager
 def _path(name: str) -> Iterator[None]:
-    """LayerStream reads through `name`: one_call is the default; read_located turns the one-call path off."""
-    real = chunk_kv.LayerReads.open
+    """LayerStream reads through `name`: c_readers is the default; one_call turns the C readers off
+    (Python readers, a C call a layer), read_located the one-call path too."""
+    real, real_wanted = chunk_kv.LayerReads.open, chunk_kv.LayerLoader.wanted
     if name == "read_located":
         chunk_kv.LayerReads.open = classmethod(lambda cls, *a, **k: None)  # type: ignore[assignment]
+    if name != "c_readers":
+        chunk_kv.LayerLoader.wanted = classmethod(lambda cls, reads: False)  # type: ignore[assignment]
     try:
         yield
     finally:
         chunk_kv.LayerReads.open = real  # type: ignore[method-assign]
+        chunk_kv.LayerLoader.wanted = real_wanted  # type: ignore[method-assign]
 
 
 def _stream(kv: ChunkKVStore, cids: Sequence[bytes], readers: int) -> float:
@@ -158,6 +165,8 @@ def run(tokens: int, repeats: int, readers: int, scratch: str) -> dict[str, Any]
         "page_cache_ceiling_GBps": ceiling / 1e9,
         "one_call_speedup": med["read_located"] / med["one_call"],
         "one_call_speedup_contended": med["read_located_contended"] / med["one_call_contended"],
+        "c_readers_speedup": med["one_call"] / med["c_readers"],
+        "c_readers_speedup_contended": med["one_call_contended"] / med["c_readers_contended"],
         "contention_slowdown": {p: med[f"{p}_contended"] / med[p] for p in PATHS},
         # the contender's progress during the load, as a share of its progress alone: 1.0 = the loader took
         # nothing from it
@@ -190,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = results_path(args, "blend_loader")
     write_json(out, doc)
     _say(f"wrote {out}; reproduce: {doc['command']}")
-    print({k: doc[k] for k in ("one_call_speedup", "one_call_speedup_contended", "contention_slowdown",
+    print({k: doc[k] for k in ("one_call_speedup", "one_call_speedup_contended", "c_readers_speedup",
+                                "c_readers_speedup_contended", "contention_slowdown",
                                 "contender_share", "GBps", "page_cache_ceiling_GBps")})
 
 

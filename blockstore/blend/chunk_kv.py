@@ -463,9 +463,8 @@ class LayerStream:
         return (flat.as_strided(shape, strides, base), flat.as_strided(shape, strides, base + first.tokens * row))
 
     def close(self) -> None:
-        if self._c is not None:
+        if self._c is not None:  # kept: its buffer goes with the stream, as the Python readers' layers do
             self._c.close()
-            self._c = None
         for t in self._threads:
             t.join()
         if self._fast is not None:

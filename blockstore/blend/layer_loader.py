@@ -53,6 +53,7 @@ class LayerLoader:
         self._copied: list[torch.cuda.Event | None] = [None] * len(layers)
         self._next = 0  # the first layer (index into `layers`) not handed on yet: copied, or checked on a CPU
         self._error: BaseException | None = None
+        self._closed = False
         self._threads = [threading.Thread(target=self._read, name=f"blend-reader-{i}", daemon=True)
                          for i in range(max(1, min(readers, len(layers))))]
         for t in self._threads:
@@ -97,7 +98,11 @@ class LayerLoader:
         return self._dev[j]
 
     def close(self) -> None:
-        """Stop the readers (unclaimed layers are not read), wait for them and for the copies, unlend."""
+        """Stop the readers (unclaimed layers are not read), wait for them and for the copies, unlend.
+        Idempotent; the buffers stay until the loader is dropped."""
+        if self._closed:
+            return
+        self._closed = True
         self._jobs.cancel()
         for t in self._threads:
             t.join()
