@@ -2,8 +2,8 @@
 `ReturnDistances`, l2_adapter `_admit` and `_plan_block`, issue 16). A record not worth a keep of its own may hold
 the room a pass frees beyond its need if it was read recently enough; how recently is learned from the ghost's
 returns (keys evicted and stored again): one span plus the median distance, in spans, between an eviction and the
-key's return. Where keys come back soon after their eviction or never (a sliding working set), a record read two
-spans ago is not kept; where they come back late (a stable working set larger than the cache), it is.
+key's return. Where evicted keys come back soon (a sliding working set), a record read two spans ago is not
+kept; where they come back late, it is; where none has come back yet, the window is RETURN_SPANS.
 
 - `ReturnDistances.window()`: RETURN_SPANS until MIN_RETURNS returns were seen, then 1 + their median, never
   more than RETURN_SPANS; it remembers at most RETURN_SAMPLES returns;
