@@ -125,3 +125,26 @@ def test_a_refused_blend_lets_go_of_the_blocks_its_stream_pinned(weights: LlamaW
             blender.blend(prompt, recompute=[len(prompt) + 5])
         assert store.blocks._pins == {}, "the refused blend's layer stream still pins its blocks"
         del refused
+
+
+@pytest.mark.xfail(strict=True, reason="sent to H41: LayerLoader.wanted() checks only that the backend has a "
+                   "layer_jobs method (always, on NativeBackend), not that the C core has bs_layer_read")
+def test_a_c_core_without_layer_readers_streams_through_the_python_readers(
+        weights: LlamaWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """native.py keeps loading a C core built before a function existed (an older build in place:
+    _HAS_READ_FILES, _HAS_LAYER_READ), and layer_jobs() returns None without bs_layer_read. But
+    LayerLoader.wanted() asks only hasattr(backend, "layer_jobs"), true for every NativeBackend, so the
+    LayerLoader is built, gets None, and raises "rebuild it": every streamed blend fails, where the Python
+    readers (chunk_kv.LayerStream's own path) would serve it."""
+    import blockstore.native as native
+
+    with blockstore.open(tmp_path / "s") as store:
+        kv, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        monkeypatch.setattr(native, "_HAS_LAYER_READ", False)
+        stream = kv.stream_layers(cids, first_layer=1, readers=2)
+        try:
+            for got, want in zip(stream.layer(2), whole):
+                assert want is not None and torch.equal(got.keys[0], want.keys[2])
+        finally:
+            stream.close()
