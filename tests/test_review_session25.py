@@ -148,3 +148,30 @@ def test_a_c_core_without_layer_readers_streams_through_the_python_readers(
                 assert want is not None and torch.equal(got.keys[0], want.keys[2])
         finally:
             stream.close()
+
+
+def test_the_replays_time_leaves_out_the_cold_floors_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.compaction.replay measures each cold sample's floor (ColdFloor.measure: a put into a store of its own,
+    os.sync, a page-cache drop, a cold read) inside the window it reports as the cell's "replay_s", so a cell's
+    replay time grew with its cold samples by work that is not the replay's (bench.ab compares "replay s, all
+    cells" between two builds). A floor made to take 1,000 s on a shifted clock must not show in replay_s."""
+    import bench.compaction as bc
+    from bench.traces import generate
+
+    shift = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(bc.time, "perf_counter", lambda: real_clock() + shift[0])
+    real_measure = bc.ColdFloor.measure
+
+    def slow_floor(self: bc.ColdFloor, views: list[object]) -> float:
+        got = real_measure(self, views)
+        shift[0] += 1000.0
+        return got
+
+    monkeypatch.setattr(bc.ColdFloor, "measure", slow_floor)
+    trace = generate("locomo", 0, 0.1)
+    payloads = bc.Payloads(0, trace.summary()["max_record_bytes"])
+    cell = bc.replay(trace, "append-only", block_size=bc.TRACE_BLOCK_SIZE["locomo"], root=str(tmp_path),
+                     payloads=payloads, passes=0, cold_samples=2)
+    assert len(cell["cold_ms"]["floor_values"]) == 2
+    assert cell["replay_s"] < 1000.0, f"replay_s {cell['replay_s']} counts the cold floor's measurement"
