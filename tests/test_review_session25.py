@@ -175,3 +175,61 @@ def test_the_replays_time_leaves_out_the_cold_floors_measurement(tmp_path: Path,
                      payloads=payloads, passes=0, cold_samples=2)
     assert len(cell["cold_ms"]["floor_values"]) == 2
     assert cell["replay_s"] < 1000.0, f"replay_s {cell['replay_s']} counts the cold floor's measurement"
+
+
+_PARTLY_CACHED = """
+import os, sys
+import blockstore
+path = sys.argv[1]
+s = blockstore.open(path, block_size=1 << 20)
+if s.backend.name != "native":
+    sys.exit(3)
+for i in range(60):
+    s.put_many([(b"k%03d" % i, os.urandom(32 << 10))])
+keys = [b"k%03d" % i for i in range(60)]
+by_block = {}
+for k, loc in zip(keys, s.locate_many(keys)):
+    by_block.setdefault(loc.block_id, []).append((loc.offset, k))
+rows = [sorted(v) for v in by_block.values()]
+s.close()
+s = blockstore.open(path)
+os.sync()
+s.drop_page_cache()
+s.get_many([r[0][1] for r in rows])  # each block's first record read lately: in the page cache
+print(len(rows), flush=True)
+os.write(2, b"==start")
+s.get_many([k for r in rows for _o, k in r[::3]])  # that record and cold ones after it, in each block
+os.write(2, b"==end")
+s.close()
+"""
+
+
+def test_a_block_whose_first_record_is_cached_still_has_its_cold_records_announced(tmp_path: Path) -> None:
+    """bs_read_files (native/multi.c) asked the page cache about a file's FIRST record only, and announced
+    none of the file's runs when that one was cached. Since a get_many reads all its blocks through it
+    (d632ba8), a block whose first requested record was read lately and whose others are cold got no
+    POSIX_FADV_WILLNEED (the read_many per block before announced every run): its cold records were read
+    one block after another, not in flight together. Seen with strace: the fadvise64 calls of the read."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    script = tmp_path / "partly_cached.py"
+    script.write_text(_PARTLY_CACHED)
+    log = tmp_path / "strace.log"
+    proc = subprocess.run(["strace", "-f", "-e", "trace=fadvise64,write", "-o", str(log), sys.executable, str(script),
+                           str(tmp_path / "s")], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode == 3:
+        pytest.skip("the C core is not loaded")
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    blocks = int(proc.stdout.split()[0])
+    assert blocks >= 2
+    trace = log.read_text()
+    during = trace[trace.index("==start") : trace.index("==end")]
+    announced = [line for line in during.splitlines() if "fadvise64" in line and "WILLNEED" in line]
+    assert len(announced) >= blocks, f"{len(announced)} announcements for {blocks} partly cached blocks"
