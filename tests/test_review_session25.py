@@ -4,15 +4,22 @@ against; one whose fix belongs to an engineer still working is xfail(strict) unt
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from test_tiering import CopyFetcher
 
+import bench.compaction as bc
 import blockstore
-from blockstore import BlockstoreError, InvalidArgument
+from bench.traces import generate
+from blockstore import BlockstoreError, InvalidArgument, hooks
 from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, full_prefill
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
@@ -155,9 +162,6 @@ def test_the_replays_time_leaves_out_the_cold_floors_measurement(tmp_path: Path,
     os.sync, a page-cache drop, a cold read) inside the window it reports as the cell's "replay_s", so a cell's
     replay time grew with its cold samples by work that is not the replay's (bench.ab compares "replay s, all
     cells" between two builds). A floor made to take 1,000 s on a shifted clock must not show in replay_s."""
-    import bench.compaction as bc
-    from bench.traces import generate
-
     shift = [0.0]
     real_clock = time.perf_counter
     monkeypatch.setattr(bc.time, "perf_counter", lambda: real_clock() + shift[0])
@@ -210,10 +214,6 @@ def test_a_block_whose_first_record_is_cached_still_has_its_cold_records_announc
     (d632ba8), a block whose first requested record was read lately and whose others are cold got no
     POSIX_FADV_WILLNEED (the read_many per block before announced every run): its cold records were read
     one block after another, not in flight together. Seen with strace: the fadvise64 calls of the read."""
-    import shutil
-    import subprocess
-    import sys
-
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
     script = tmp_path / "partly_cached.py"
@@ -233,3 +233,31 @@ def test_a_block_whose_first_record_is_cached_still_has_its_cold_records_announc
     during = trace[trace.index("==start") : trace.index("==end")]
     announced = [line for line in during.splitlines() if "fadvise64" in line and "WILLNEED" in line]
     assert len(announced) >= blocks, f"{len(announced)} announcements for {blocks} partly cached blocks"
+
+
+def test_a_block_dropped_to_the_remote_tier_between_lookup_and_the_one_call_read(tmp_path: Path) -> None:
+    """The one-call read (reader.py, d632ba8) takes every block's descriptor first and reads them all after: a
+    block whose local copy the remote tier drops after the lookup (before the pin) is read from its object,
+    the other blocks of the same get_many from their files, each payload verified, every value right."""
+    vals = {b"k%03d" % i: os.urandom(3000 + 7 * i) for i in range(60)}
+    with blockstore.open(tmp_path / "s", block_size=64 << 10, durability="sync") as s:
+        s.put_many(list(vals.items()))
+        s.seal_open_blocks()
+        fetch = CopyFetcher(tmp_path)
+        keys = list(vals)
+        blocks = sorted({loc.block_id for loc in s.locate_many(keys) if loc is not None})
+        assert len(blocks) >= 3
+        victim = blocks[1]
+        assert s.mark_block_remote(victim, fetch.keep(s, victim))
+        s.set_block_fetcher(fetch)
+        dropped: list[int] = []
+
+        def drop_now() -> None:
+            if not dropped:
+                dropped.append(s.drop_local_copy(victim))
+
+        with hooks.installed("read.located", drop_now):
+            got = s.get_many(keys)
+        assert dropped and dropped[0] > 0 and not s.has_local_copy(victim)
+        assert [bytes(g) for g in got] == [vals[k] for k in keys]
+        assert [bid for bid, _r in fetch.calls] == [victim]  # only the dropped block came from its object
