@@ -4,6 +4,7 @@ against; one whose fix belongs to an engineer still working is xfail(strict) unt
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import blockstore
 from bench.traces import generate
 from blockstore import BlockstoreError, InvalidArgument, hooks
 from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights, full_prefill
+from blockstore.errors import IOErrorBS
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -261,3 +263,40 @@ def test_a_block_dropped_to_the_remote_tier_between_lookup_and_the_one_call_read
         assert dropped and dropped[0] > 0 and not s.has_local_copy(victim)
         assert [bytes(g) for g in got] == [vals[k] for k in keys]
         assert [bid for bid, _r in fetch.calls] == [victim]  # only the dropped block came from its object
+
+
+def test_an_io_error_in_a_c_reader_raises_at_its_layer_and_nothing_hangs(weights: LlamaWeights,
+                                                                        tmp_path: Path) -> None:
+    """A reader whose read fails mid-way (EIO from the disk, through the C core's fault layer) publishes
+    its layer FAILED and cancels the rest: the caller gets an IOErrorBS at that layer or earlier, never bytes
+    of a layer not read, and close() returns with every reader stopped."""
+    from blockstore.native import FaultInjector  # the C core's: optional
+
+    with blockstore.open(tmp_path / "s") as store:
+        kv, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        faults = FaultInjector()
+        faults.install()
+        try:
+            faults.arm(FaultInjector.READ, 4, errno.EIO, persistent=True)  # the 4th read from now on
+            stream = kv.stream_layers(cids, first_layer=1, readers=3)
+            failed_at = None
+            try:
+                for layer in range(1, CFG.num_hidden_layers):
+                    try:
+                        got = stream.layer(layer)
+                    except IOErrorBS:
+                        failed_at = layer
+                        break
+                    for g, want in zip(got, whole):
+                        assert want is not None and torch.equal(g.keys[0], want.keys[layer])
+                later = []
+                for layer in range((failed_at or CFG.num_hidden_layers) + 1, CFG.num_hidden_layers):
+                    with pytest.raises(BlockstoreError):
+                        later.append(stream.layer(layer))  # never handed on after the failure
+            finally:
+                stream.close()
+            assert faults.fired() > 0 and failed_at is not None
+            assert stream._c is not None and all(not t.is_alive() for t in stream._c._threads)
+        finally:
+            faults.uninstall()
