@@ -30,6 +30,11 @@ from blockstore.records import PAGE, Buffer, ReadRequest
 _log = logging.getLogger("blockstore")
 
 READ_ATTEMPTS = 16  # lookups a read retries when its records' block vanished under it (compaction moved them)
+# blocks a read holds (pinned, a descriptor open each) at once: a get_many over more is read in groups of this
+# many, one read_files call each, so its descriptors stay within the fd cache's bound (BlockFiles'
+# max_read_fds) and the process's open-file limit however many blocks it spans (all at once, as before, a
+# get_many over 700 blocks failed with EMFILE under a 512-file limit: tests/test_review_session25.py)
+READ_BLOCKS_AT_ONCE = 128
 _SMALL_ARENA = 64 << 10
 _TIMED_READS = 1024  # the most recent reads' (end, seconds) kept for pacing background work
 
@@ -165,7 +170,7 @@ class Reader:
                 continue
             first_of[suffixes[i]] = i
             by_block.setdefault(loc.block_id, []).append(i)
-        results, vanished = self._read_blocks(keys, locs, dsts, by_block, out is not None)
+        results, vanished = self._read_in_groups(keys, locs, dsts, by_block, out is not None)
         if vanished and attempt < READ_ATTEMPTS:
             # compaction moved these records and emptied their block between our lookup and our pin:
             # look again (each round is a fresh lookup; a record is found unless moved every time)
@@ -212,12 +217,25 @@ class Reader:
             except Exception:  # an observer (affinity learning) must never fail a read
                 _log.exception("read observer failed")
 
-    def _read_blocks(self, keys: Sequence[bytes], locs: Sequence[Location | None], dsts: list[memoryview | None],
-                     by_block: dict[int, list[int]], lengths: bool) -> tuple[list[Any], list[int]]:
+    def _read_in_groups(self, keys: Sequence[bytes], locs: Sequence[Location | None], dsts: list[memoryview | None],
+                        by_block: dict[int, list[int]], lengths: bool) -> tuple[list[Any], list[int]]:
         """(results, indexes whose block vanished under the read)."""
         results: list[Any] = [None] * len(keys)
         vanished: list[int] = []
         dropped: list[tuple[int, bytes, list[int]]] = []
+        groups = list(by_block.items())
+        for at in range(0, len(groups), READ_BLOCKS_AT_ONCE):
+            self._read_blocks(dict(groups[at : at + READ_BLOCKS_AT_ONCE]), keys, locs, dsts, lengths, results,
+                              vanished, dropped)
+        for bid, name, idxs in dropped:
+            self._read_dropped(bid, name, idxs, keys, locs, dsts, results, lengths)
+        return results, vanished
+
+    def _read_blocks(self, by_block: dict[int, list[int]], keys: Sequence[bytes], locs: Sequence[Location | None],
+                     dsts: list[memoryview | None], lengths: bool, results: list[Any], vanished: list[int],
+                     dropped: list[tuple[int, bytes, list[int]]]) -> None:
+        """Read up to READ_BLOCKS_AT_ONCE blocks' records (pinned, one read_files call) into `results`; a block
+        deleted since the lookup goes to `vanished`, one dropped to the remote tier to `dropped`."""
         files: list[tuple[int, list[int], list[ReadRequest]]] = []  # (block, record indexes, their reads)
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
@@ -258,9 +276,6 @@ class Reader:
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
-        for bid, name, idxs in dropped:
-            self._read_dropped(bid, name, idxs, keys, locs, dsts, results, lengths)
-        return results, vanished
 
     def _read_dropped(self, bid: int, name: bytes, idxs: list[int], keys: Sequence[bytes],
                       locs: Sequence[Location | None],

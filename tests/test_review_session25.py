@@ -300,3 +300,36 @@ def test_an_io_error_in_a_c_reader_raises_at_its_layer_and_nothing_hangs(weights
             assert stream._c is not None and all(not t.is_alive() for t in stream._c._threads)
         finally:
             faults.uninstall()
+
+
+_MANY_BLOCKS = """
+import os, resource, sys
+import blockstore
+path = sys.argv[1]
+s = blockstore.open(path, block_size=64 << 10)
+keys = [b"k%05d" % i for i in range(700)]
+values = {k: os.urandom(40000) for k in keys}  # one record a block
+for k in keys:
+    s.put_many([(k, values[k])])
+s.close()
+s = blockstore.open(path)
+blocks = len({loc.block_id for loc in s.locate_many(keys)})
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(512, hard), hard))
+got = s.get_many(keys)
+assert [bytes(g) for g in got] == [values[k] for k in keys]
+print(blocks)
+"""
+
+
+def test_a_get_many_over_more_blocks_than_the_open_file_limit_reads(tmp_path: Path) -> None:
+    """Reader._read_blocks pinned every block of a get_many and took a descriptor of each before reading any
+    (pinned descriptors are never closed by the fd cache, whose bound is max_read_fds = 256): a request over
+    more blocks than the process may open files failed with EMFILE (700 blocks under a 512-file limit). It is
+    read in groups of READ_BLOCKS_AT_ONCE blocks now, each pinned and read by one read_files call."""
+    script = tmp_path / "many_blocks.py"
+    script.write_text(_MANY_BLOCKS)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert int(proc.stdout.split()[-1]) >= 700
