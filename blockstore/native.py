@@ -317,6 +317,11 @@ class NativeBackend:
             at += len(reqs)
         return out
 
+    @property
+    def has_layer_readers(self) -> bool:
+        """Whether this C core has the blend loader's C readers (`bs_layer_read`); an older build lacks them."""
+        return _HAS_LAYER_READ
+
     def layer_jobs(self, layers: Sequence[Sequence[tuple[int, Sequence[ReadRequest]]]], max_gap: int, verify: bool,
                    willneed: bool = False) -> LayerJobs | None:
         """Layers of reads for reader threads in C (`LayerJobs`); None from a C core built without them."""

@@ -42,8 +42,6 @@ def _stored(weights: LlamaWeights, store: blockstore.Store) -> tuple[ChunkKVStor
     return kv, [kv.put(c, (r := full_prefill(weights, c)).keys, r.values, torch.arange(len(c))) for c in chunks]
 
 
-@pytest.mark.xfail(strict=True, reason="sent to H41: LayerLoader.layer() indexes its rows with layer - first_layer "
-                   "unchecked, so a layer below first_layer reads row -1 (the LAST layer's row, maybe not read yet)")
 def test_a_layer_the_stream_does_not_load_is_refused_not_another_layers_bytes(
         weights: LlamaWeights, tmp_path: Path) -> None:
     """LayerStream.layer(l) for l < first_layer: the C loader's row index l - first_layer is negative, and a
@@ -107,8 +105,6 @@ def test_close_while_the_caller_waits_does_not_hang(weights: LlamaWeights, tmp_p
         assert done, "a layer asked for after close() hung"
 
 
-@pytest.mark.xfail(strict=True, reason="sent to H41: Blender.blend opens the layer stream (pins its blocks, starts its "
-                   "readers) before the try/finally that closes it; a recompute refused in between leaves it open")
 def test_a_refused_blend_lets_go_of_the_blocks_its_stream_pinned(weights: LlamaWeights, tmp_path: Path) -> None:
     """Blender.blend starts the layer stream (LayerReads.open pins every block of the plan; the readers start),
     then checks `recompute` (and computes missing chunks), and only then enters the try whose finally closes the
@@ -136,8 +132,6 @@ def test_a_refused_blend_lets_go_of_the_blocks_its_stream_pinned(weights: LlamaW
         del refused
 
 
-@pytest.mark.xfail(strict=True, reason="sent to H41: LayerLoader.wanted() checks only that the backend has a "
-                   "layer_jobs method (always, on NativeBackend), not that the C core has bs_layer_read")
 def test_a_c_core_without_layer_readers_streams_through_the_python_readers(
         weights: LlamaWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """native.py keeps loading a C core built before a function existed (an older build in place:

@@ -280,25 +280,25 @@ class Blender:
         parts = [_Span(s, e, cid, (resident or {}).get(cid)) for s, e in spans for cid in [chunk_id(host_ids[s:e])]]
         to_read = [p for p in parts if p.chunk is None]
         timings: dict[str, float] = {}
-        stream = (self.kv.stream_layers([p.cid for p in to_read], device=self.w.device, first_layer=self.check_layer,
-                                        readers=self.readers) if self.overlap and to_read else None)
-        if stream is not None:
-            found = [loc is not None for loc in stream.located]
-        else:  # one batched read of every layer of every chunk
-            for p, got in zip(to_read, self.kv.load_many([p.cid for p in to_read], device=self.w.device)):
-                p.chunk = got
-            found = [p.chunk is not None for p in to_read]
-        timings["load_s"] = time.perf_counter() - t0
-        missing = [p for p, ok in zip(to_read, found) if not ok]
-        for p in missing:
-            p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
-        timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
-        forced = None
+        forced = None  # checked before the stream pins blocks and starts readers: a refusal leaves nothing held
         if recompute is not None:
             forced = torch.as_tensor(recompute, dtype=torch.int64).to(self.w.device)
             if forced.dim() != 1 or (forced.numel() and not 0 <= int(forced.min()) <= int(forced.max()) < n):
                 raise InvalidArgument(f"recompute must be a 1-d sequence of row indices in [0, {n})")
-        try:
+        stream = (self.kv.stream_layers([p.cid for p in to_read], device=self.w.device, first_layer=self.check_layer,
+                                        readers=self.readers) if self.overlap and to_read else None)
+        try:  # from here on any failure (a missing chunk's store: DiskFull, ...) closes the stream
+            if stream is not None:
+                found = [loc is not None for loc in stream.located]
+            else:  # one batched read of every layer of every chunk
+                for p, got in zip(to_read, self.kv.load_many([p.cid for p in to_read], device=self.w.device)):
+                    p.chunk = got
+                found = [p.chunk is not None for p in to_read]
+            timings["load_s"] = time.perf_counter() - t0
+            missing = [p for p, ok in zip(to_read, found) if not ok]
+            for p in missing:
+                p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
+            timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
             result = self._run_layers(ids, parts, stream, timings, forced)
         finally:
             if stream is not None:

@@ -291,7 +291,10 @@ class LayerStream:
     page-aligned buffer. On a GPU a reader reads its piece into its own pinned slot (reused: torch
     caches pinned blocks), copies it to the device on its own CUDA stream and waits for that copy, so a
     layer is ready for the caller only when its bytes are on the device: the caller never waits on the
-    GPU for it. Token ids and positions (the M records) are read once."""
+    GPU for it. Token ids and positions (the M records) are read once.
+
+    Where the C core has layer readers (`bs_layer_read`) and PIECES is 1, these Python readers are not
+    used: `layer_loader.LayerLoader`'s readers run in C, into one host buffer of every layer."""
 
     # measured on two H100 hosts (bench.blend, blend_warm_pieces*; ms, 1 / 2 / 4 pieces): 4k warm blend
     # 60 / 63 / 72 and 52 / 67 / 91; 8k 86 / 80 / 98 and 103 / 96 / 91. More pieces mean more reader Python
@@ -325,6 +328,7 @@ class LayerStream:
         cuda = self.device.type == "cuda" and bool(self._lens) and self._c is None
         self._device_buf = (torch.empty((self.layers - first_layer, self._offsets[-1]), dtype=torch.uint8,
                                         device=self.device) if cuda else None)
+        self._alloc_stream = torch.cuda.current_stream(self.device) if cuda else None
         pieces = min(self.PIECES, len(self._lens)) if self._c is None else 0
         self._host: dict[int, torch.Tensor] = {}  # CPU: each layer's buffer, made by its first piece's reader
         groups = [(len(self._lens) * i // pieces, len(self._lens) * (i + 1) // pieces) for i in range(pieces)]
@@ -401,6 +405,8 @@ class LayerStream:
 
     def _load_pieces(self, kv: ChunkKVStore) -> None:
         stream = torch.cuda.Stream(self.device) if self._device_buf is not None else None
+        if stream is not None and self._alloc_stream is not None:  # the buffer's memory may still be read by
+            stream.wait_stream(self._alloc_stream)  # work queued on the stream that allocated it
         slot = torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=True) if stream is not None else None
         # the slot's views per piece, made once: each torch op or view made here holds the GIL that the
         # thread issuing the blend's GPU ops is waiting for
@@ -431,6 +437,9 @@ class LayerStream:
                 stream.synchronize()  # no copy of ours may land after close() (the caller frees the buffer)
 
     def _raw(self, layer: int) -> torch.Tensor:
+        if not self.first_layer <= layer < self.layers:  # a negative index would give another layer's bytes
+            raise InvalidArgument(f"layer {layer} is not loaded by this stream (layers {self.first_layer}.."
+                                  f"{self.layers - 1})")
         if self._c is not None:
             ready = self._c.layer(layer)
             if layer == self.layers - 1:  # the C readers publish no times: the last layer as the caller got it

@@ -11,7 +11,9 @@ copies of every layer read so far on a side stream (copies are in layer order) a
 wait for that layer's copy: no host sync, and the readers never need the GIL until they return.
 
 Same guarantees as `LayerReads.read_layer`: each payload's xxh3 is checked before the caller sees it, and
-a failed layer raises at that layer (`LayerReads.check`); layers after a failure are not read.
+a failed layer raises at that layer (`LayerReads.check`); no layer after it is handed on (those no reader
+had claimed yet are not read). On a GPU the host buffer is pinned and holds every layer of the prompt (torch's
+caching host allocator keeps it for reuse), where the Python readers pinned one slot per reader.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from blockstore.blend.layer_reads import LayerReads
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.reader import aligned_buffer
 
 _MAX_GAP = 0  # as LayerReads: records are read exactly, nothing between them
@@ -50,6 +52,8 @@ class LayerLoader:
             raise BlockstoreError("the C core has no layer readers (bs_layer_read); rebuild it")
         self._jobs = jobs
         self._side = torch.cuda.Stream(device) if cuda else None
+        if self._side is not None:  # self._dev's memory may still be read by work queued on the caller's stream
+            self._side.wait_stream(torch.cuda.current_stream(device))
         self._copied: list[torch.cuda.Event | None] = [None] * len(layers)
         self._next = 0  # the first layer (index into `layers`) not handed on yet: copied, or checked on a CPU
         self._error: BaseException | None = None
@@ -62,7 +66,7 @@ class LayerLoader:
     @classmethod
     def wanted(cls, reads: LayerReads | None) -> bool:
         """Whether this loader can serve: the one-call reads are open and the C core has layer readers."""
-        return reads is not None and hasattr(reads.store.backend, "layer_jobs")
+        return reads is not None and bool(getattr(reads.store.backend, "has_layer_readers", False))
 
     def _read(self) -> None:
         try:
@@ -87,6 +91,9 @@ class LayerLoader:
 
     def layer(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s bytes, ready for work queued on the caller's current stream from now on."""
+        if layer not in self._layers:
+            raise InvalidArgument(f"layer {layer} is not loaded by this stream (layers {self._layers.start}.."
+                                  f"{self._layers.stop - 1})")
         j = layer - self._layers.start
         while self._next < len(self._layers) and (self._next <= j or self._jobs.done(self._next)):
             self._hand_on(self._next)  # waits (GIL released) only for layers up to j; later ones if read well
