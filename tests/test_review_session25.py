@@ -327,3 +327,24 @@ def test_a_get_many_over_more_blocks_than_the_open_file_limit_reads(tmp_path: Pa
                           timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert int(proc.stdout.split()[-1]) >= 700
+
+
+def test_a_plan_over_more_blocks_than_a_read_group_streams_through_read_located(
+        weights: LlamaWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LayerReads.open holds a descriptor of every block of the plan for the stream's life; past the reader's
+    group size (READ_BLOCKS_AT_ONCE) it serves nothing and the stream reads block by block (read_located), so a
+    prompt of very many chunks cannot run the process out of file descriptors. Here the group is 1 block."""
+    import blockstore.blend.layer_reads as layer_reads  # noqa: PLC0415 - the module whose constant is patched
+
+    with blockstore.open(tmp_path / "s", block_size=1 << 16) as store:
+        kv, cids = _stored(weights, store)
+        whole = kv.load_many(cids)
+        monkeypatch.setattr(layer_reads, "READ_BLOCKS_AT_ONCE", 1)
+        stream = kv.stream_layers(cids, first_layer=1, readers=2)
+        try:
+            assert stream._fast is None and stream._c is None, "a plan over more blocks than a group took the one-call path"
+            for layer in range(1, CFG.num_hidden_layers):
+                for got, want in zip(stream.layer(layer), whole):
+                    assert want is not None and torch.equal(got.keys[0], want.keys[layer])
+        finally:
+            stream.close()

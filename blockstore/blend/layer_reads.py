@@ -13,7 +13,8 @@ read; cached ones are not announced (no syscalls a warm read does not need).
 Same guarantees as `read_located`: every payload's xxh3 is checked before the caller sees it, a
 mismatch raises `ChecksumMismatch`, and the blocks cannot be deleted while pinned. When this path
 cannot serve (a block whose local copy the remote tier dropped, a block
-compaction deleted after the lookup) `LayerReads.open` returns None and the loader reads through
+compaction deleted after the lookup, a plan over more blocks than the reader reads at once:
+`READ_BLOCKS_AT_ONCE`, a descriptor each) `LayerReads.open` returns None and the loader reads through
 `read_located`, which handles each of those.
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blockstore.errors import ChecksumMismatch, error_for_code
+from blockstore.reader import READ_BLOCKS_AT_ONCE
 from blockstore.records import ReadRequest
 from blockstore.store import Store
 
@@ -46,6 +48,8 @@ class LayerReads:
         if not plan or not layers:
             return None
         blocks = {p.locs[layer].block_id for p in plan for layer in layers}
+        if len(blocks) > READ_BLOCKS_AT_ONCE:  # a descriptor held per block for the stream's life: past the
+            return None  # reader's group size, read_located (a block at a time) cannot run out of them
         pins = contextlib.ExitStack()
         pins.enter_context(store.hold_blocks(sorted(blocks)))
         held = {bid: store.block_read_fd(bid) for bid in blocks}
