@@ -21,21 +21,11 @@ import pytest
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
+from eviction_sizes import BLOCK, CAPACITY, SMALL, SMALL_SIZE, adapter_block_size  # noqa: E402, F401
 from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
 from blockstore.connector.eviction import RETURN_SPANS, KeyStat, spare_value  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter  # noqa: E402
-
-BLOCK = 65536
-SMALL = torch.Size([2, 2, 16, 32])  # float32: 8 KiB, ~7 records per 64 KiB block
-SMALL_SIZE = 8192
-CAPACITY = 6 * BLOCK
-
-
-@pytest.fixture
-def adapter_block_size() -> int:
-    """`make` (conftest.py) gives this module's adapters 64 KiB blocks."""
-    return BLOCK
 
 
 def test_spare_value_ranks_read_records_by_recency_and_never_spares_unread() -> None:

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("lmcache")
 torch = pytest.importorskip("torch")
 
+from eviction_sizes import BLOCK, CAPACITY, SMALL, SMALL_SIZE, adapter_block_size  # noqa: E402, F401
 from test_connector_adapter import Arena, okey, store  # noqa: E402
 
 from blockstore.connector.eviction import (  # noqa: E402
@@ -30,17 +31,6 @@ from blockstore.connector.eviction import (  # noqa: E402
     spare_value,
 )
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter  # noqa: E402
-
-BLOCK = 65536
-SMALL = torch.Size([2, 2, 16, 32])  # float32: 8 KiB
-SMALL_SIZE = 8192
-CAPACITY = 6 * BLOCK
-
-
-@pytest.fixture
-def adapter_block_size() -> int:
-    """`make` (conftest.py) gives this module's adapters 64 KiB blocks."""
-    return BLOCK
 
 
 def test_window_is_return_spans_until_enough_returns_then_one_span_past_their_median() -> None:
