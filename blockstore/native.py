@@ -70,6 +70,26 @@ def _info(c) -> RecordInfo:  # type: ignore[no-untyped-def]
     )
 
 
+def _read_flags(verify: bool, willneed: bool) -> int:
+    return (lib.BS_READ_VERIFY if verify else 0) | (lib.BS_READ_WILLNEED if willneed else 0)
+
+
+def _file_reads(files: Sequence[tuple[int, Sequence[ReadRequest]]], pinned: _Pinned):  # type: ignore[no-untyped-def]
+    """The arrays `bs_read_files` (and a layer job) take: every request of every file as one
+    bs_read_item array, its destination lent through `pinned`; each file's fd; each file's request count."""
+    items = ffi.new("bs_read_item[]", max(sum(len(reqs) for _, reqs in files), 1))
+    at = 0
+    for _, reqs in files:
+        for r in reqs:
+            it = items[at]
+            it.offset, it.len, it.expect_xxh3 = r.offset, r.length, r.expect_xxh3
+            it.dst = pinned.lend(r.dst, writable=True)
+            at += 1
+    fds = ffi.new("int[]", [fd for fd, _ in files] or [0])
+    counts = ffi.new("size_t[]", [len(reqs) for _, reqs in files] or [0])
+    return items, fds, counts
+
+
 class LayerJobs:
     """Reads of several layers' records (each layer: (fd, its requests sorted by offset) per file, as
     `read_files` takes them), done by reader threads in C (native/layers.c): each reader thread makes ONE
@@ -86,20 +106,11 @@ class LayerJobs:
         self._jobs = ffi.new("bs_layer_job[]", max(len(layers), 1))
         self._queue = ffi.new("bs_layer_queue *")
         for job, files in zip(self._jobs, layers):
-            items = ffi.new("bs_read_item[]", max(sum(len(r) for _, r in files), 1))
-            at = 0
-            for _, reqs in files:
-                for r in reqs:
-                    it = items[at]
-                    it.offset, it.len, it.expect_xxh3 = r.offset, r.length, r.expect_xxh3
-                    it.dst = self._pinned.lend(r.dst, writable=True)
-                    at += 1
-            fds = ffi.new("int[]", [fd for fd, _ in files] or [0])
-            counts = ffi.new("size_t[]", [len(reqs) for _, reqs in files] or [0])
+            items, fds, counts = _file_reads(files, self._pinned)
             self._keep += [items, fds, counts]
             job.fds, job.counts, job.files, job.items = fds, counts, len(files), items
         self._n = len(layers)
-        self._args = (max_gap, (lib.BS_READ_VERIFY if verify else 0) | (lib.BS_READ_WILLNEED if willneed else 0))
+        self._args = (max_gap, _read_flags(verify, willneed))
 
     def run(self) -> None:
         """One reader: returns when no layer is left to claim, or after a failure (raised by `wait`)."""
@@ -283,8 +294,7 @@ class NativeBackend:
                 it.len = r.length
                 it.dst = p.lend(r.dst, writable=True)
                 it.expect_xxh3 = r.expect_xxh3
-            flags = (lib.BS_READ_VERIFY if verify else 0) | (lib.BS_READ_WILLNEED if willneed else 0)
-            rc = lib.bs_read_many(fd, items, n, max_gap, flags)
+            rc = lib.bs_read_many(fd, items, n, max_gap, _read_flags(verify, willneed))
         _check(rc, "read records")
         return [items[i].status for i in range(n)]
 
@@ -296,19 +306,9 @@ class NativeBackend:
         built before bs_read_files existed gets one read_many per file (same results)."""
         if not _HAS_READ_FILES:
             return [self.read_many(fd, reqs, max_gap, verify, willneed) for fd, reqs in files]
-        n = sum(len(reqs) for _, reqs in files)
-        items = ffi.new("bs_read_item[]", max(n, 1))
-        fds = ffi.new("int[]", [fd for fd, _ in files] or [0])
-        counts = ffi.new("size_t[]", [len(reqs) for _, reqs in files] or [0])
         with _Pinned() as p:
-            at = 0
-            for _, reqs in files:
-                for r in reqs:
-                    it = items[at]
-                    it.offset, it.len, it.expect_xxh3 = r.offset, r.length, r.expect_xxh3
-                    it.dst = p.lend(r.dst, writable=True)
-                    at += 1
-            flags = (lib.BS_READ_VERIFY if verify else 0) | (lib.BS_READ_WILLNEED if willneed else 0)
+            items, fds, counts = _file_reads(files, p)
+            flags = _read_flags(verify, willneed)
             rc = lib.bs_read_files(fds, counts, len(files), items, max_gap, flags)
         _check(rc, "read records")
         out, at = [], 0
