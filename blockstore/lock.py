@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from blockstore.errors import StoreLocked
+from blockstore.errors import StoreLocked, error_for_os
 
 LOCK_FILE = "LOCK"
 
@@ -19,7 +19,10 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self, root: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a directory or a dangling link where LOCK belongs, a read-only file system
+            raise error_for_os(exc, f"cannot take the writer lock {self.path!r}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -29,8 +32,11 @@ class WriterLock:
                 pid = None
             os.close(fd)
             raise StoreLocked(root, pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid only words StoreLocked's message (held_by reads /proc/locks); a full disk must not stop an open
         self._fd = fd
 
     def release(self) -> None:

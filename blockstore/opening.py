@@ -59,6 +59,19 @@ def check_store_path(path: str, create: bool, read_only: bool, allow_non_empty: 
         )
 
 
+def check_store_layout(path: str) -> None:
+    """An existing store (it has a MANIFEST) whose blocks/ folder is missing or is not a folder: refused
+    before the directory is opened, naming the folder. A store's blocks/ is made before its MANIFEST, so
+    only damage (a deleted or replaced folder, a half-restored copy) gets here; opening anyway would have
+    raised a bare OSError or, worse, let the directory name records in files that are not there."""
+    blocks_dir = os.path.join(path, BLOCKS_DIR)
+    if os.path.isdir(blocks_dir):
+        return
+    what = "is not a folder" if os.path.lexists(blocks_dir) else "is missing"
+    raise CorruptionError(f"{blocks_dir!r} {what}: the store's block files are not there (restore the folder; "
+                          f"`blockstore fsck {path}` lists the records the directory names in it)")
+
+
 def check_options(path: Any, *, durability: Any, block_size: Any, max_open_blocks: Any, idle_seal_seconds: Any,
                    read_gap: Any, on_corrupt: Any, remote_seal_seconds: Any = 0.2, remote_timeout: Any = 30.0) -> str:
     """Store()'s arguments checked before anything is touched; the path as a str."""

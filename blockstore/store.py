@@ -35,7 +35,14 @@ from blockstore.manifest import (
     write_manifest_file,
 )
 from blockstore.mutations import Mutation, kv_mutations, partition_of
-from blockstore.opening import DIRECTORY, announce_open, check_options, check_store_path, make_store_dirs
+from blockstore.opening import (
+    DIRECTORY,
+    announce_open,
+    check_options,
+    check_store_layout,
+    check_store_path,
+    make_store_dirs,
+)
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
 from blockstore.records import Buffer, Kind
@@ -132,6 +139,8 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             if not create or self.read_only:
                 raise NotFound(f"no store at {self.path!r} (no {MANIFEST}); pass create=True to make one")
             make_store_dirs(self.path, self.backend)
+        else:
+            check_store_layout(self.path)
         if not self.read_only:
             self._lock.acquire(self.path)
         directory: Directory | None = None

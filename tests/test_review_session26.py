@@ -1,0 +1,75 @@
+"""Outside examination of session 26 (H53): damage to every file a store holds, bad input, a full disk, the
+README followed as written. Each test is a finding that failed on the HEAD it was found on; what it damages is
+undone where the test says so, to check that nothing acknowledged was lost meanwhile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import blockstore
+from blockstore import BlockstoreError
+from blockstore.errors import CorruptionError
+
+BLOCK = 64 << 10
+VALUE = 5000
+
+
+def make_store(path: Path, n: int = 30) -> dict[bytes, bytes]:
+    """A closed sync store of several sealed blocks; returns what it acknowledged."""
+    acked = {}
+    with blockstore.open(path, durability="sync", block_size=BLOCK) as s:
+        for i in range(n):
+            key, value = b"k%03d" % i, bytes([i]) * VALUE
+            s.put(key, value)
+            acked[key] = value
+    return acked
+
+
+def block_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((path / "blocks").iterdir()) if p.is_file()}
+
+
+def assert_all_read(path: Path, acked: dict[bytes, bytes]) -> None:
+    with blockstore.open(path, read_only=True) as s:
+        for key, value in acked.items():
+            got = s.get(key)
+            assert got is not None and bytes(got) == value, key
+
+
+# ------------------------------------------------------------------ the store's own files
+
+
+def test_a_folder_where_the_writer_lock_belongs_is_a_blockstore_error_naming_it(tmp_path: Path) -> None:
+    """STORE/LOCK replaced by a folder: the open raised a bare IsADirectoryError."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    (store / "LOCK").unlink()
+    (store / "LOCK").mkdir()
+    with pytest.raises(BlockstoreError, match="LOCK"):
+        blockstore.open(store)
+    (store / "LOCK").rmdir()
+    assert_all_read(store, acked)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "a file"])
+def test_a_store_without_its_blocks_folder_is_refused_naming_it(tmp_path: Path, damage: str) -> None:
+    """STORE/blocks deleted (moved away) or replaced by a file: the open raised a bare FileNotFoundError /
+    NotADirectoryError from deep in recovery. Refused before the directory is opened, naming the folder, and
+    the store reads whole once the folder is back."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    kept = tmp_path / "blocks-aside"
+    shutil.move(store / "blocks", kept)
+    if damage == "a file":
+        (store / "blocks").write_bytes(b"x")
+    for read_only in (False, True):
+        with pytest.raises(CorruptionError, match="blocks"):
+            blockstore.open(store, read_only=read_only)
+    if damage == "a file":
+        (store / "blocks").unlink()
+    shutil.move(kept, store / "blocks")
+    assert_all_read(store, acked)
