@@ -8,14 +8,16 @@ counters it affects never disagree.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NoReturn, TypeVar, cast
 
 from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteBatch, WriteOptions
 
+from blockstore import logs
 from blockstore.directory_values import (
     BLOCK_OPEN,
     BLOCK_RECLAIMING,
@@ -38,6 +40,7 @@ __all__ = ["BLOCK_OPEN", "BLOCK_RECLAIMING", "BLOCK_SEALED", "LOCATION_VERSION",
            "translate_rocksdb_error"]
 
 _U64 = struct.Struct("<Q")
+_log = logs.get("directory")
 
 
 class DirectoryBatch:
@@ -115,7 +118,10 @@ class Directory:
     name (issue 13).
     """
 
-    def __init__(self, path: str, *, read_only: bool, sync: bool, create: bool, strict_wal: bool | None = None) -> None:
+    def __init__(self, path: str, *, read_only: bool, sync: bool, create: bool, strict_wal: bool | None = None,
+                 block_files: Callable[[], Iterable[int]] | None = None) -> None:
+        """`block_files` (the store's block ids on disk) lets a writable open refuse a directory whose MANIFEST
+        lost edits before RocksDB deletes the tables it no longer names (`_keep_unnamed_tables`)."""
         self.path = path
         opts = Options(raw_mode=True)
         opts.create_if_missing(create and not read_only)
@@ -138,6 +144,8 @@ class Directory:
         if not create and not os.path.isdir(path):
             raise CorruptionError(f"the directory {path!r} is missing; "
                                   f"{repair_hint(os.path.dirname(os.path.abspath(path)))}")
+        if not read_only and not create:
+            _keep_unnamed_tables(path, strict_wal, block_files)
         try:
             if read_only:
                 self._db = Rdict(path, opts, access_type=AccessType.read_only())
@@ -323,6 +331,57 @@ class Directory:
             self._db.close()
         except Exception:
             pass
+
+
+def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], Iterable[int]] | None) -> None:
+    """A writable RocksDB open deletes every table file (*.sst) its MANIFEST does not name. A MANIFEST cut short
+    (truncated, an old copy put back) names fewer than the folder holds, and that open deleted the directory's
+    own data: found by damaging MANIFEST-* (tests/test_review_session26.py). So a read-only open looks first
+    (it deletes nothing). Tables it does not name are either left by a flush or compaction a crash cut short
+    (their rows are in the WAL or the tables they were made from) or the data of lost edits. When the
+    directory also fails to name block files on disk it lost edits: refused here, every file as it was, so
+    `fsck --repair` salvages from all the tables (RepairDB). Otherwise the unnamed tables are moved to
+    STORE/lost+found/ (never deleted: nothing proves them dead) and the open goes on."""
+    tables = [n for n in os.listdir(path) if n.endswith(".sst")]
+    if not tables:
+        return
+    try:
+        probe = Directory(path, read_only=True, sync=False, create=False, strict_wal=strict_wal)
+    except BlockstoreError:
+        return  # the writable open meets the same damage and says so itself
+    try:
+        named = {os.path.basename(f["name"]) for f in probe._db.live_files()}
+        blocks_named = set(probe.load_blocks()) if block_files is not None else set()
+    except Exception:  # rocksdict raises plain Exception with RocksDB's message
+        return
+    finally:
+        probe.close()
+    unnamed = sorted(set(tables) - named)
+    if not unnamed:
+        return
+    store = os.path.dirname(os.path.abspath(path))
+    if block_files is not None:
+        orphans = sorted(set(block_files()) - blocks_named)
+        if orphans:
+            raise CorruptionError(
+                f"the directory {path!r} lost edits: its MANIFEST names neither {len(unnamed)} of its table files "
+                f"({', '.join(unnamed[:8])}) nor {len(orphans)} block file(s) on disk; nothing was changed "
+                f"(a writable open would have deleted those tables); {repair_hint(store)}")
+    aside = os.path.join(store, "lost+found", f"directory-tables-{time.time_ns()}")
+    os.makedirs(aside)
+    for name in unnamed:
+        os.rename(os.path.join(path, name), os.path.join(aside, name))
+    for folder in (path, aside, os.path.dirname(aside)):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    why = "table files the directory's MANIFEST does not name (a flush or compaction cut short, or lost edits)"
+    with open(os.path.join(os.path.dirname(aside), "fsck-log.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "file": os.path.basename(aside), "why": why, "from": unnamed}) + "\n")
+    _log.warning("%s: moved %d table file(s) to %s: %s", store, len(unnamed), aside, why)
 
 
 def _free_bytes(path: str) -> int:

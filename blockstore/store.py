@@ -160,7 +160,7 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             last_durability = manifest.get("durability", local)
             self.dir = directory = Directory(os.path.join(self.path, DIRECTORY), read_only=self.read_only,
                                              sync=local == "sync", create=not exists,
-                                             strict_wal=last_durability == "sync")
+                                             strict_wal=last_durability == "sync", block_files=self.blocks.list_files)
             self._placement = OpenBlocks(path=self.path, directory=directory, blocks=self.blocks,
                                          block_size=self.block_size, max_open_blocks=self.max_open_blocks,
                                          idle_seal_seconds=self.idle_seal_seconds)

@@ -73,3 +73,49 @@ def test_a_store_without_its_blocks_folder_is_refused_naming_it(tmp_path: Path, 
         (store / "blocks").unlink()
     shutil.move(kept, store / "blocks")
     assert_all_read(store, acked)
+
+
+def rocksdb_manifest(store: Path) -> Path:
+    (manifest,) = (store / "directory").glob("MANIFEST-*")
+    return manifest
+
+
+def test_a_cut_rocksdb_manifest_is_refused_before_its_tables_are_deleted(tmp_path: Path) -> None:
+    """directory/MANIFEST-* truncated to half: RocksDB recovered the edits before the cut and its writable
+    open deleted the tables the lost edits had added (and the WAL and the cut MANIFEST), so putting the
+    MANIFEST back no longer helped: the store stayed unopenable. Now the open is refused before anything is
+    touched, and undoing the damage gives every acknowledged record back."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    manifest = rocksdb_manifest(store)
+    whole = manifest.read_bytes()
+    files_before = sorted(p.name for p in (store / "directory").iterdir())
+    blocks_before = block_files(store)
+    manifest.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CorruptionError, match="fsck --repair"):
+        blockstore.open(store)
+    assert sorted(p.name for p in (store / "directory").iterdir()) == files_before
+    assert block_files(store) == blocks_before
+    manifest.write_bytes(whole)
+    assert_all_read(store, acked)
+    with blockstore.open(store) as s:  # writable again, and whole
+        assert bytes(s.get(b"k007") or b"") == acked[b"k007"]
+
+
+def test_a_table_the_manifest_does_not_name_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    """A table file the MANIFEST does not name while every block file is named (what a flush cut short by
+    kill -9 leaves): the open goes on, as RocksDB's would, but the table goes to lost+found instead of being
+    deleted by RocksDB."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    tables = sorted((store / "directory").glob("*.sst"))
+    stray = store / "directory" / "999999.sst"
+    shutil.copyfile(tables[0], stray)
+    table = stray.read_bytes()
+    with blockstore.open(store) as s:
+        assert bytes(s.get(b"k003") or b"") == acked[b"k003"]
+    assert not stray.exists()
+    kept = list((store / "lost+found").glob("directory-tables-*/999999.sst"))
+    assert len(kept) == 1 and kept[0].read_bytes() == table
+    assert "999999.sst" in (store / "lost+found" / "fsck-log.jsonl").read_text()
+    assert_all_read(store, acked)
