@@ -78,6 +78,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
+from lmcache.v1.distributed.internal_api import L2AdapterListener  # noqa: E402
 from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator  # noqa: E402
 
 import blockstore  # noqa: E402
@@ -336,6 +337,83 @@ def sim_belady(trace: Trace, cap: int) -> float:
     return hits / total
 
 
+# ------------------------------------------------------------------------------------ miss attribution
+
+
+class MissAttribution(L2AdapterListener):
+    """Where the hits go that LRU gets and the adapter misses: LRU replayed beside the adapter on the same
+    requests, and for every key the adapter deletes (its listener's events) whether it had been read since it
+    was stored, whether LRU still held it at that moment, and how many requests had passed since its last store
+    or read. A key LRU hits and the adapter misses is then counted by what the adapter knew when it dropped it
+    ('evicted_unread', 'evicted_read'; 'not_stored': skipped by admission or capacity), with how many of those
+    LRU still held when the adapter dropped them and the median age (requests) at eviction. Bench-side only:
+    the adapter keeps nothing for it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.now = 0  # requests seen
+        self.touched: dict[int, int] = {}  # key -> the request of its last store or read
+        self.read: dict[int, bool] = {}  # key -> read since stored
+        self.gone: dict[int, tuple[bool, bool, int]] = {}  # key -> (read, LRU held it, age) when deleted
+        self.lost: dict[str, int] = {"evicted_unread": 0, "evicted_read": 0, "not_stored": 0}
+        self.lost_lru_held = 0  # of the evicted ones: LRU still held them when the adapter dropped them
+        self.ages: list[int] = []  # requests between last touch and eviction, of the evicted ones
+        self.won = 0  # keys the adapter hit and LRU missed
+
+    @staticmethod
+    def number(key: ObjectKey) -> int:
+        return int.from_bytes(key.chunk_hash[:8], "big")
+
+    def on_l2_keys_stored(self, keys: list[ObjectKey], sizes: list[int]) -> None:
+        for key in keys:
+            k = self.number(key)
+            self.touched[k] = self.now
+            self.read[k] = False
+            self.gone.pop(k, None)
+
+    def on_l2_keys_accessed(self, keys: list[ObjectKey]) -> None:
+        pass  # reads are counted from the lookups' results (request)
+
+    def on_l2_keys_deleted(self, keys: list[ObjectKey]) -> None:
+        for key in keys:
+            k = self.number(key)
+            self.gone[k] = (self.read.get(k, False), k in self.lru, self.now - self.touched.get(k, self.now))
+
+    def request(self, ks: list[int], found: list[bool]) -> None:
+        """One request's keys and which of them the adapter found (before the adapter stores its misses)."""
+        miss: list[int] = []
+        for k, f in zip(ks, found):
+            held = k in self.lru
+            if held and not f:
+                why = self.gone.get(k)
+                if why is None:
+                    self.lost["not_stored"] += 1
+                else:
+                    self.lost["evicted_read" if why[0] else "evicted_unread"] += 1
+                    self.lost_lru_held += why[1]
+                    self.ages.append(why[2])
+            self.won += f and not held
+            if f:
+                self.read[k] = True
+                self.touched[k] = self.now
+            if held:
+                self.lru.move_to_end(k)
+            else:
+                miss.append(k)
+        for k in miss:  # as sim_lru: every miss stored, oldest dropped
+            self.lru[k] = None
+            if len(self.lru) > self.cap:
+                self.lru.popitem(last=False)
+        self.now += 1
+
+    def summary(self) -> dict[str, Any]:
+        ages = sorted(self.ages)
+        return {"lost": dict(self.lost), "lost_total": sum(self.lost.values()), "lost_lru_held_at_eviction":
+                self.lost_lru_held, "lost_age_requests_median": ages[len(ages) // 2] if ages else None,
+                "won": self.won}
+
+
 # ------------------------------------------------------------------------------------------ adapter
 
 
@@ -352,6 +430,7 @@ class Driver:
         self.src = self._obj()
         self.staging = [self._obj() for _ in range(16)]
         self.prefix_hits = 0  # hits before each request's first miss (what LMCache loads)
+        self.attribution: MissAttribution | None = None
 
     def _obj(self) -> Any:
         o = self.alloc.allocate(torch.Size(self.shape), torch.float32)
@@ -389,12 +468,19 @@ class Driver:
             self._wait(a.get_store_event_fd())
             done.update(a.pop_completed_store_tasks())
 
+    def attribute(self, cap: int) -> None:
+        """Replay LRU beside the adapter and attribute the misses LRU would have hit (MissAttribution)."""
+        self.attribution = MissAttribution(cap)
+        self.adapter.register_listener(self.attribution)
+
     def request(self, ks: list[int]) -> int:
         a = self.adapter
         keys = [self.key(k) for k in ks]
         bits = self._result(a.get_lookup_and_lock_event_fd(), a.query_lookup_and_lock_result,
                             a.submit_lookup_and_lock_task(keys, {}))
         found = [bits.test(i) for i in range(len(keys))]
+        if self.attribution is not None:
+            self.attribution.request(ks, found)
         self.prefix_hits += next((i for i, f in enumerate(found) if not f), len(found))
         hit = [k for k, f in zip(keys, found) if f]
         if hit:
@@ -412,9 +498,11 @@ class Driver:
         self.adapter.close()
 
 
-def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str) -> dict[str, Any]:
+def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str, attribute: bool = False) -> dict[str, Any]:
     path = tempfile.mkdtemp(dir=root)
     d = Driver(os.path.join(path, "kv"), cap * RECORD, admission)
+    if attribute:
+        d.attribute(cap)
     occupancy = []  # payload held / capacity after each request, once the cache has filled (after a fifth)
     try:
         t0 = time.perf_counter()
@@ -440,7 +528,8 @@ def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str) -> dict[
             # the cost of keeping: records written again at the head, per request and per record stored
             "kept_per_request": counters["kept_by_value"] / max(1, len(trace)),
             "kept_per_stored": counters["kept_by_value"] / max(1, counters["keys_stored"]),
-            "keys_stored": counters["keys_stored"], "tombstones_dropped": counters["tombstones_dropped"]}
+            "keys_stored": counters["keys_stored"], "tombstones_dropped": counters["tombstones_dropped"],
+            **({"against_lru": d.attribution.summary()} if d.attribution is not None else {})}
 
 
 def store_throughput_paired(root: str, n_records: int, capacity: int, block_size: int) -> tuple[float, float]:
@@ -586,7 +675,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["LRU"] = sim_lru(trace, cap)
                 row["FIFO"] = sim_lru(trace, cap, fifo=True)
                 row["Belady"] = sim_belady(trace, cap)
-                row["adapter"] = adapter_hit_rate(root, trace, cap, "always")
+                row["adapter"] = adapter_hit_rate(root, trace, cap, "always", attribute=True)
                 row["adapter_admission"] = adapter_hit_rate(root, trace, cap, "second_sighting")
                 # the floor of whole-block eviction: LRU given only the payload the adapter held on average
                 row["LRU_at_adapter_occupancy"] = sim_lru(trace, int(cap * row["adapter"]["mean_occupancy"]))
@@ -600,6 +689,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"kept per request {row['adapter']['kept_per_request']:.2f}, per record stored "
                       f"{row['adapter']['kept_per_stored']:.2f})",
                       flush=True)
+                vs = row["adapter"]["against_lru"]
+                print(f"{'':15s}LRU hits the adapter missed {vs['lost_total']} ({vs['lost']}; LRU still held "
+                      f"{vs['lost_lru_held_at_eviction']} of the evicted ones when the adapter dropped them, median "
+                      f"age {vs['lost_age_requests_median']} requests); adapter hits LRU missed {vs['won']}", flush=True)
         n_rec = 4096 if args.quick else 8192
         block = (8 if args.quick else 16) << 20
         cap_bytes = n_rec * THROUGHPUT_RECORD // 4  # the stream is 4x the capacity: eviction runs 3/4 of it
