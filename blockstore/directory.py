@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NoReturn, TypeVar, cast
@@ -160,6 +161,8 @@ class Directory:
         self._opts = opts  # to reopen the handle after a failed write (resume)
         self._failed: BlockstoreError | None = None  # set by a failed write or flush until resume() succeeds
         self._resume_tried = (0.0, -1)  # (monotonic time, free bytes) of the last failure, to pace reopens
+        self._scans = 0  # scans under way (`scanning`)
+        self._scans_lock = threading.Lock()
 
     def _fail(self, exc: BaseException, what: str) -> NoReturn:
         if isinstance(exc, BlockstoreError):
@@ -185,6 +188,8 @@ class Directory:
         """Every (key, value) under `prefix` in key order, from `start`. Raises CorruptionError (or
         IOErrorBS) if the scan cannot read the whole range: never a short answer."""
         it = None
+        with self._scans_lock:
+            self._scans += 1
         try:
             it = self._db.iter()
             it.seek(start or prefix)
@@ -203,6 +208,15 @@ class Directory:
             # RocksDB's LOCK held in this process (a repair after a failed open could not open it)
             it = None  # noqa: F841
             self._fail(exc, f"directory scan of prefix {prefix[:1]!r}")
+        finally:
+            with self._scans_lock:
+                self._scans -= 1
+
+    @property
+    def scanning(self) -> bool:
+        """Whether a scan is under way (an iter_keys() or list_chunks() iterator may be paused in one): it holds
+        the handle it began on, so a failed handle cannot be reopened until it ends."""
+        return self._scans > 0
 
     def write(self, batch: DirectoryBatch, *, force_sync: bool = False) -> None:
         if batch.empty:

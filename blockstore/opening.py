@@ -18,6 +18,7 @@ from blockstore.errors import CorruptionError, InvalidArgument, error_for_os
 from blockstore.lock import LOCK_FILE
 from blockstore.manifest import MANIFEST, valid_block_size
 from blockstore.metrics import MeasuredStore
+from blockstore.reserve import RESERVE
 
 DIRECTORY = "directory"
 
@@ -26,7 +27,7 @@ _log = logs.get("open")
 # What a creation of ours cut short leaves before the MANIFEST is written (make_store_dirs, Store._open_files), and
 # lost+found (fsck --repair's, or a file system's root when a store is made at a mount point): a
 # directory holding nothing else may be created into.
-_CREATION_LEFTOVERS = frozenset({BLOCKS_DIR, DIRECTORY, LOCK_FILE, MANIFEST + ".tmp", "lost+found"})
+_CREATION_LEFTOVERS = frozenset({BLOCKS_DIR, DIRECTORY, LOCK_FILE, MANIFEST + ".tmp", "lost+found", RESERVE})
 
 
 def check_store_path(path: str, create: bool, read_only: bool, allow_non_empty: bool) -> None:

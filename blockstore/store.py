@@ -46,6 +46,7 @@ from blockstore.opening import (
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
 from blockstore.records import Buffer, Kind
+from blockstore.reserve import SpaceReserve
 from blockstore.stats import StoreStats, measure
 from blockstore.store_compaction import CompactionSeams
 from blockstore.store_records import DEFAULT_NAMESPACE, RecordConveniences
@@ -154,10 +155,13 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             recorded = manifest.get("block_size")
             if not self._block_size_given and valid_block_size(recorded):
                 self.block_size = recorded
+            self._reserve = SpaceReserve(self.path, self.block_size)
             local = self._local_durability
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=local == "sync")
             # the WAL on disk was written under the last writer's durability (MANIFEST "durability")
             last_durability = manifest.get("durability", local)
+            if not self.read_only:
+                self._reserve.before_open()  # a full disk: the directory's recovery takes the reserve's room
             self.dir = directory = Directory(os.path.join(self.path, DIRECTORY), read_only=self.read_only,
                                              sync=local == "sync", create=not exists,
                                              strict_wal=last_durability == "sync", block_files=self.blocks.list_files)
@@ -299,12 +303,20 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
     def _submit(self, muts: list[Mutation]) -> None:
         """A user write (put, delete, chunk records): group commit, then in `remote` mode the wait until
         its block's object is confirmed (tiering.py). Relocation's copies do not wait: not acknowledged
-        to anyone, and their source's object already holds the record."""
-        if self.durability != "remote":
+        to anyone, and their source's object already holds the record. A write that adds data waits for room
+        while the space reserve is given up; the first NoSpace gives it up (reserve.py)."""
+        if self._reserve.pending and any(m.kind != Kind.TOMBSTONE for m in muts):
+            self._reserve.admit()
+        try:
+            if self.durability != "remote":
+                self._engine.submit(muts)
+                return
+            self._tiering.check_attached()  # before anything is written: a put that can never be confirmed
             self._engine.submit(muts)
-            return
-        self._tiering.check_attached()  # before anything is written: a put that can never be confirmed
-        self._engine.submit(muts)
+        except NoSpace:
+            if not self.dir.scanning:  # a paused scan pins the failed directory handle: no write could use the room
+                self._reserve.give_up("a write found the disk full")
+            raise
         self._tiering.wait_confirmed(self._tiering.newest_block())
 
     # ------------------------------------------------------------------ observation and relocation

@@ -14,6 +14,7 @@ from test_enospc import SmallFs, small_fs  # noqa: F401 - small_fs is a fixture 
 import blockstore
 from blockstore import BlockstoreError
 from blockstore.errors import CorruptionError, NoSpace
+from blockstore.tools.fsck import check
 
 BLOCK = 64 << 10
 VALUE = 5000
@@ -125,15 +126,13 @@ def test_a_table_the_manifest_does_not_name_is_moved_aside_not_deleted(tmp_path:
 # ------------------------------------------------------------------ a full disk
 
 
-@pytest.mark.xfail(strict=True, reason="a store that fills its own disk is a dead end: its deletes need room (a "
-                   "tombstone, the directory's WAL), and so do close, reopen and compaction; the engine keeps no "
-                   "reserve to release (design proposal in H53's report)")
 def test_a_store_that_filled_its_disk_is_made_writable_again_by_deletes_and_gc(
         small_fs: SmallFs) -> None:  # noqa: F811 - the fixture imported above
     """Only the store on an 8 MiB filesystem, filled by puts until NoSpace: deleting half its records and
     collecting the emptied blocks must make it writable again, with every acknowledged record intact. On
-    HEAD the 11th delete raises NoSpace, close and reopen raise NoSpace (RocksDB needs room to recover its
-    WAL), and so does `blockstore compact`: no API call frees a byte; only files outside the store can."""
+    HEAD the 11th delete raised NoSpace, close and reopen raised NoSpace (RocksDB needs room to recover its
+    WAL), and so did `blockstore compact`: no API call freed a byte; only files outside the store could.
+    Now the store holds a reserve (STORE/RESERVE) that the first NoSpace gives up for exactly that."""
     acked: dict[bytes, bytes] = {}
     with small_fs.open(durability="sync", block_size=BLOCK) as s:
         for i in range(100_000):
@@ -144,11 +143,21 @@ def test_a_store_that_filled_its_disk_is_made_writable_again_by_deletes_and_gc(
             except NoSpace:
                 break
             acked[key] = value
+        assert len(acked) > 100
+        assert (small_fs.root / "store" / "RESERVE").stat().st_size == 0  # given up by the first NoSpace
+        with pytest.raises(NoSpace, match="reserve"):  # the room given up is kept for deletes and GC
+            s.put(b"more", b"x" * 20_000)
         for key in list(acked)[::2]:
-            assert s.delete(key)  # NoSpace on HEAD
+            assert s.delete(key)
             del acked[key]
-    with small_fs.open(durability="sync", compaction={"policy": "full", "gc_invalid_ratio": 0.3}) as s:
+    with small_fs.open(durability="sync") as s:  # a reopen on the full disk
+        with pytest.raises(NoSpace):
+            s.put(b"more", b"x" * 20_000)  # deletes alone free nothing
+    with small_fs.open(durability="sync", compaction={"policy": "aggressive", "gc_invalid_ratio": 0.3}) as s:
         s.compactor.run_until_idle()
         s.put(b"after", b"x" * 20_000)
         for key, value in acked.items():
             assert bytes(s.get(key) or b"") == value
+    assert (small_fs.root / "store" / "RESERVE").stat().st_size > 0  # taken back
+    report = check(small_fs.root / "store")
+    assert report.findings == [], [f.line() for f in report.findings]
