@@ -14,6 +14,7 @@ from test_enospc import SmallFs, small_fs  # noqa: F401 - small_fs is a fixture 
 import blockstore
 from blockstore import BlockstoreError
 from blockstore.errors import CorruptionError, NoSpace
+from blockstore.tools import cli
 from blockstore.tools.fsck import check
 
 BLOCK = 64 << 10
@@ -74,6 +75,24 @@ def test_a_store_without_its_blocks_folder_is_refused_naming_it(tmp_path: Path, 
     if damage == "a file":
         (store / "blocks").unlink()
     shutil.move(kept, store / "blocks")
+    assert_all_read(store, acked)
+
+
+def test_fsck_names_a_block_file_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder where a block file belongs: fsck (and --repair) stopped with "pread: IOErrorBS (EISDIR)", naming
+    no file. Now the operational error (exit 8) names the block file, and repair changes nothing."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    victim = sorted((store / "blocks").iterdir())[1]
+    kept = victim.read_bytes()
+    victim.unlink()
+    victim.mkdir()
+    for args in ([str(store)], [str(store), "--repair"]):
+        assert cli.main(["fsck", *args]) == 8
+        err = capsys.readouterr().err
+        assert victim.name in err and "Traceback" not in err, err
+    victim.rmdir()
+    victim.write_bytes(kept)
     assert_all_read(store, acked)
 
 

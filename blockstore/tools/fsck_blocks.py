@@ -3,11 +3,12 @@ that name its records, the records no entry names, and its block-table counters.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
 from blockstore.directory import BLOCK_OPEN, Location
-from blockstore.errors import CorruptionError, FormatVersionError, NotFound
+from blockstore.errors import CorruptionError, FormatVersionError, IOErrorBS, NotFound
 from blockstore.keys import reverse_key, reverse_prefix, suffix_ns_id
 from blockstore.records import BLOCK_HEADER_SIZE, FOOTER_SIZE, Kind, ScannedRecord
 from blockstore.tools.fsck_decode import block_label, key_text, location_of, record_suffix
@@ -71,6 +72,8 @@ class BlockChecks(PassBase):
                 facts.path = None
                 if facts.entry is not None:
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk vanished during the check")
+            except IOErrorBS as exc:  # a folder where the file belongs, a failing disk: say which file, check no further
+                raise IOErrorBS(exc.errno or errno.EIO, f"cannot read block file {facts.path}: {exc}") from exc
             done += facts.size
             if self.progress is not None:
                 self.progress(done, total)
