@@ -38,6 +38,7 @@ from blockstore.mutations import Mutation, kv_mutations, partition_of
 from blockstore.opening import (
     DIRECTORY,
     announce_open,
+    check_manifest_names_the_blocks,
     check_options,
     check_store_layout,
     check_store_path,
@@ -156,6 +157,8 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             if not self._block_size_given and valid_block_size(recorded):
                 self.block_size = recorded
             self._reserve = SpaceReserve(self.path, self.block_size)
+            if exists and not self.read_only:
+                check_manifest_names_the_blocks(self.path, self.store_id, self.backend)
             local = self._local_durability
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=local == "sync")
             # the WAL on disk was written under the last writer's durability (MANIFEST "durability")

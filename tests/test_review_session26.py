@@ -4,6 +4,7 @@ undone where the test says so, to check that nothing acknowledged was lost meanw
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -93,6 +94,29 @@ def test_fsck_names_a_block_file_it_cannot_read(tmp_path: Path, capsys: pytest.C
         assert victim.name in err and "Traceback" not in err, err
     victim.rmdir()
     victim.write_bytes(kept)
+    assert_all_read(store, acked)
+
+
+def test_a_manifest_naming_another_store_id_is_refused_before_a_write(tmp_path: Path) -> None:
+    """One digit of MANIFEST.json's store_id changed (it has no checksum: the JSON stays valid): a writable open
+    took it and wrote new blocks under the wrong id; `fsck --repair` then moved every earlier block to
+    lost+found as another store's and dropped their keys (0 of 30 readable). Now the open is refused naming
+    the MANIFEST, and repair rewrites the MANIFEST from the blocks, which all agree."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    path = store / "MANIFEST.json"
+    manifest = json.loads(path.read_text())
+    right = manifest["store_id"]
+    manifest["store_id"] = right ^ 1
+    path.write_text(json.dumps(manifest))
+    blocks_before = block_files(store)
+    with pytest.raises(CorruptionError, match="MANIFEST"):
+        blockstore.open(store)
+    assert block_files(store) == blocks_before
+    assert cli.main(["fsck", str(store), "--repair"]) == 1
+    assert json.loads(path.read_text())["store_id"] == right
+    with blockstore.open(store) as s:
+        s.put(b"after", b"x")
     assert_all_read(store, acked)
 
 
