@@ -56,8 +56,12 @@ def recover(store: RecoveringStore, *, full: bool = True) -> dict[str, Any]:
     entries = d.load_blocks()
     # In cache mode nothing the crashed session wrote was synced before its close: any page of its
     # blocks may be gone after a power cut, so each is verified (sync mode syncs before it acknowledges).
+    # The crashed session's mode is the last writer's (the MANIFEST's), not this opener's: a cache-mode
+    # open after a sync session's crash took damage to that session's blocks for unsynced pages and dropped
+    # acknowledged records, silently and for good (tests/test_review_session26.py).
     session_first = d.get_meta("session_first_block") or 0
-    recent_unsynced = store.durability == "cache" and full
+    promised = getattr(store, "last_durability", None) or store.durability
+    recent_unsynced = promised == "cache" and full
     for bid, e in sorted(entries.items()):
         recent = recent_unsynced and bid >= session_first
         if bid not in files:

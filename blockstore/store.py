@@ -189,6 +189,7 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
                 # before this session writes: its WAL is read back under this mode's rule
                 manifest["durability"] = local
                 self._write_manifest(manifest_path, manifest)
+            self._engine.last_durability = last_durability  # recovery: what a crashed session promised
             self._engine.load_state(fresh=not exists)
             self._tiering.adopt_table(remote_durability=self.durability == "remote")
             self.recovery_report = self._engine.recovery_report

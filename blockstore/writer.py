@@ -106,6 +106,8 @@ class WriteEngine(BlockLifecycle):
     # called (with the state lock held) with the entries each commit put in the block table: the remote
     # tier's waits track the blocks not yet confirmed this way, at a cost per commit, not per table size
     table_observer: Callable[[dict[int, BlockEntry]], None] | None = None
+    # the durability the last writer ran under (the MANIFEST's, set before load_state): what recovery holds a crashed session to
+    last_durability: str | None = None
 
     def close_writes(self) -> BlockstoreError | None:
         """The writing part of a close, with the leader slot held: seal every open block, make everything

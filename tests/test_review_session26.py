@@ -120,6 +120,32 @@ def test_a_manifest_naming_another_store_id_is_refused_before_a_write(tmp_path: 
     assert_all_read(store, acked)
 
 
+def test_a_cache_open_after_a_sync_session_crashed_does_not_drop_its_damaged_records(tmp_path: Path) -> None:
+    """A sync-mode session stops without closing; one of its sealed blocks is then cut short. The next open in
+    cache mode (the default) verified that session's blocks as if they were cache-mode pages a power cut may
+    have taken, and dropped the directory entries of acknowledged, synced records: silently (fsck then said OK)
+    and for good (putting the block back did not bring them back). Recovery now holds the crashed session to
+    the durability it ran under (the MANIFEST's), so the open is refused as a sync open's is, and undoing the
+    damage gives every record back."""
+    store = tmp_path / "s"
+    acked = make_store(store, n=8)
+    s = blockstore.open(store, durability="sync", block_size=BLOCK)
+    for i in range(8, 24):
+        key, value = b"k%03d" % i, bytes([i]) * VALUE
+        s.put(key, value)
+        acked[key] = value
+    s.abandon()  # as kill -9 leaves it
+    victim = sorted((store / "blocks").iterdir())[-3]  # a sealed block the crashed session wrote
+    kept = victim.read_bytes()
+    os.truncate(victim, len(kept) // 2)
+    with pytest.raises(CorruptionError, match="fsck --repair"):
+        blockstore.open(store)  # cache mode
+    victim.write_bytes(kept)
+    with blockstore.open(store) as s:
+        for key, value in acked.items():
+            assert bytes(s.get(key) or b"") == value, key
+
+
 def rocksdb_manifest(store: Path) -> Path:
     (manifest,) = (store / "directory").glob("MANIFEST-*")
     return manifest
