@@ -188,10 +188,12 @@ def policy_spec(text: str) -> dict[str, Any]:
 
 
 def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloads: Payloads, passes: int,
-           cold_samples: int, keep: bool = False) -> dict[str, Any]:
+           cold_samples: int, keep: bool = False, max_open_blocks: int | None = None) -> dict[str, Any]:
     """Replay `trace` on a fresh store under `policy_name` (a spec `policy_spec` reads); the figures of
     one (trace, policy) cell. `passes=0` runs no compaction at all (the compactor only learns); `keep`
-    leaves the closed store on disk and returns its path as "path"."""
+    leaves the closed store on disk and returns its path as "path"; `max_open_blocks`: the store's
+    option (None: its default)."""
+    opts = open_options(max_open_blocks)
     policy = resolve(policy_spec(policy_name))
     path = tempfile.mkdtemp(prefix=f"{trace.name}-{policy.name}-", dir=root)
     ops = trace.ops
@@ -210,7 +212,7 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
     floor_s = 0.0
     pass_s = 0.0
     t_start = time.perf_counter()
-    store = blockstore.open(path, block_size=block_size, durability="cache")
+    store = blockstore.open(path, block_size=block_size, durability="cache", **opts)
     fill = SealFill(store, block_size)
     try:
         comp = attach(store, policy, background=False)
@@ -262,7 +264,7 @@ def replay(trace: Trace, policy_name: str, *, block_size: int, root: str, payloa
             cold_floor.close()
             floor_s += time.perf_counter() - t0
     replay_s = time.perf_counter() - t_start - floor_s
-    with blockstore.open(path, block_size=block_size) as store:
+    with blockstore.open(path, block_size=block_size, **opts) as store:
         stats = store.stats()
         copies = placed_copies(store, {o.ns for o in ops})
     logical = stats.live_logical_bytes or 1
@@ -395,6 +397,12 @@ def windows(points: list[tuple[int, int]], n_ops: int, n: int = 20) -> list[tupl
 # ------------------------------------------------------------------------ foreground vs background work
 
 
+def open_options(max_open_blocks: int | None) -> dict[str, Any]:
+    """The store options a replay opens with beyond the block size: only what the command line set, so
+    a run without them measures the engine's defaults."""
+    return {} if max_open_blocks is None else {"max_open_blocks": max_open_blocks}
+
+
 def _warm(path: str) -> None:
     """Read every block file once, so foreground timings compare CPU and lock contention, not disk."""
     blocks = os.path.join(path, "blocks")
@@ -405,7 +413,8 @@ def _warm(path: str) -> None:
 
 
 def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Payloads, n_requests: int,
-                       policies: Sequence[str] = ("full", "aggressive")) -> dict[str, Any]:
+                       policies: Sequence[str] = ("full", "aggressive"),
+                       max_open_blocks: int | None = None) -> dict[str, Any]:
     """Foreground get_many latency while the background compactor works vs with no compactor.
 
     The trace is replayed under the full policy with no compaction pass (the compactor only learns,
@@ -421,14 +430,15 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
     its latency and whether it overlapped compaction work, plus the compaction-active spans, bounded to
     TIMELINE_POINTS requests and TIMELINE_SPANS spans.
     """
+    opts = open_options(max_open_blocks)
     base = replay(trace, "full", block_size=block_size, root=root, payloads=payloads, passes=0, cold_samples=0,
-                  keep=True)["path"]
+                  keep=True, max_open_blocks=max_open_blocks)["path"]
     half = len(trace.ops) // 2
     picked = evenly([i for i, o in enumerate(trace.ops) if isinstance(o, Request) and i >= half], n_requests)
     reqs = [op for op in (trace.ops[i] for i in picked) if isinstance(op, Request)]
     out: dict[str, Any] = {}
     try:
-        lat, idle_timed, t_idle = _idle_phase(base, block_size, reqs)
+        lat, idle_timed, t_idle = _idle_phase(base, block_size, reqs, opts)
         out["idle"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": len(lat),
                        "timeline": _timeline(idle_timed, [False] * len(idle_timed), [], t_idle)}
         for pol in policies:
@@ -442,7 +452,7 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
                 hooks.register(name, events.mark)
             try:
                 with blockstore.open(busy_path, block_size=block_size,
-                                     compaction={"policy": pol, "interval_s": 0.01}) as s:
+                                     compaction={"policy": pol, "interval_s": 0.01}, **opts) as s:
                     t_open = time.perf_counter()
                     went_idle = read_until_quiet(s, reqs, events.last_or_none, timed)
                     status = s.compactor.status()
@@ -465,7 +475,7 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
             }
         # idle again after the busy phases, pooled with the first: the machine's load drifts (other
         # processes), and one idle phase before them all made the ratio follow that drift
-        after, _timed, _t = _idle_phase(base, block_size, reqs)
+        after, _timed, _t = _idle_phase(base, block_size, reqs, opts)
         out["idle"].update(p99_before_ms=out["idle"]["p99_ms"], p99_after_ms=pct(after, 99))
         lat += after
         out["idle"].update(p50_ms=pct(lat, 50), p99_ms=pct(lat, 99), n=len(lat))
@@ -474,7 +484,8 @@ def foreground_latency(trace: Trace, *, block_size: int, root: str, payloads: Pa
     return out
 
 
-def _idle_phase(base: str, block_size: int, reqs: list[Request]) -> tuple[list[float], list[tuple[float, float]], float]:
+def _idle_phase(base: str, block_size: int, reqs: list[Request],
+                opts: dict[str, Any]) -> tuple[list[float], list[tuple[float, float]], float]:
     """The requests timed one by one on a warm copy of `base` opened without compaction: latencies (ms),
     (start, end) times, and when the phase began."""
     idle_path = base + "-idle"
@@ -482,7 +493,7 @@ def _idle_phase(base: str, block_size: int, reqs: list[Request]) -> tuple[list[f
     _warm(idle_path)
     lat: list[float] = []
     timed: list[tuple[float, float]] = []
-    with blockstore.open(idle_path, block_size=block_size) as s:
+    with blockstore.open(idle_path, block_size=block_size, **opts) as s:
         t_idle = time.perf_counter()
         for op in reqs:
             t0 = time.perf_counter()
@@ -926,6 +937,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=None,
                     help="block size in bytes for every trace, within the engine's limits (default: per trace, "
                     + ", ".join(f"{t} {n // KiB} KiB" for t, n in TRACE_BLOCK_SIZE.items()) + ")")
+    ap.add_argument("--max-open-blocks", type=int, default=None,
+                    help="the stores' max_open_blocks (default: the engine's default); both baselines and every "
+                    "policy get the same")
     ap.add_argument("--scale", type=float, help="trace size multiplier (default: quick 1, full 4)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first repeat (repeat r uses seed + r)")
     ap.add_argument("--repeats", type=int, help="repeats, each with its own traces (seed + r) and baselines; "
@@ -947,6 +961,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.repeats = m["repeats"] if args.repeats is None else args.repeats
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.max_open_blocks is not None and args.max_open_blocks < 1:
+        ap.error("--max-open-blocks must be at least 1")
     for p in args.policies:
         try:
             resolve(policy_spec(p))
@@ -973,13 +989,15 @@ def run_repeat(args: argparse.Namespace, seed: int, root: str, t_all: float, run
         bs = args.block_size or TRACE_BLOCK_SIZE[t.name]
         for pol in args.policies:
             cells[pol] = replay(t, pol, block_size=bs, root=root, payloads=payloads,
-                                passes=args.passes, cold_samples=args.cold_samples)
+                                passes=args.passes, cold_samples=args.cold_samples,
+                                max_open_blocks=args.max_open_blocks)
             print(f"seed {seed} {t.name}/{pol}: {cells[pol]['replay_s']:.1f} s "
                   f"({time.perf_counter() - t_all:.0f} s in all)", file=sys.stderr)
         tables.append(table(t, cells, bs))
         if args.fg_requests:
             fg[t.name] = foreground_latency(t, block_size=bs, root=root, payloads=payloads,
-                                            n_requests=args.fg_requests, policies=args.fg_policies)
+                                            n_requests=args.fg_requests, policies=args.fg_policies,
+                                            max_open_blocks=args.max_open_blocks)
             print(f"seed {seed} {t.name}: foreground latency ({time.perf_counter() - t_all:.0f} s in all)",
                   file=sys.stderr)
     runs.append(results)
@@ -1022,6 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "config": {"mode": args.mode, "scale": args.scale, "seed": args.seed,
                    "block_size": {t.name: args.block_size or TRACE_BLOCK_SIZE[t.name] for t in traces},
                    "passes_per_replay": args.passes, "cold_samples": args.cold_samples, "durability": "cache",
+                   "max_open_blocks": args.max_open_blocks or "default",
                    "repeats": args.repeats, "seeds": [args.seed + r for r in range(args.repeats)],
                    "policies": {p: resolve(policy_spec(p)).as_dict() for p in args.policies},
                    "foreground": {"requests": args.fg_requests, "policies": list(args.fg_policies)},
