@@ -77,6 +77,9 @@ RELEVANCE_BEHIND_MISS = 0.5
 RETURN_SAMPLES = 256  # ghost returns ReturnDistances remembers
 MIN_RETURNS = 32  # returns seen before the spare window follows them
 RETURN_QUANTILE = 0.5  # the median
+LEAD_PASSES = 16  # background passes PassLead remembers
+LEAD_MIN_PASSES = 4  # passes seen before the lead follows them
+LEAD_FACTOR = 2  # the lead: this many times the most the stores asked for during one pass, plus a record
 
 
 @dataclass(slots=True)
@@ -232,6 +235,34 @@ def spare_value(st: KeyStat | None, clock: int, horizon: int, window: float = RE
     if st is None or st.last <= 0 or clock - st.last > window * horizon:
         return None
     return 0.5 ** (max(0, clock - st.last) / max(1.0, horizon * RECENCY_HALF_LIFE))
+
+
+class PassLead:
+    """How much room a background pass must leave for the stores that arrive while it runs (the adapter's lead:
+    a pass starts once the room left is within it). The room kept free is cache lost: with a fixed lead of a
+    quarter block (the most a store may need during a pass of a 16 MiB block here) the adapter held 0.96-0.98
+    of its capacity in bench/eviction.py's runs, where stores come one request at a time and ask for nothing
+    while a pass runs. So the lead follows what the stores asked for while each of the last LEAD_PASSES
+    background passes ran: LEAD_FACTOR x the most of those plus one mean record, never more than `limit` (the
+    fixed lead, which it is until LEAD_MIN_PASSES passes were seen). Stores that arrive during a pass count
+    whether they waited for it or not, so a burst raises the lead at the next pass. Not thread-safe: the adapter
+    calls it under its lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._asked: deque[int] = deque(maxlen=LEAD_PASSES)
+
+    def __len__(self) -> int:
+        return len(self._asked)
+
+    def passed(self, asked: int) -> None:
+        """One background pass ended; the stores asked for `asked` payload bytes while it ran."""
+        self._asked.append(max(0, asked))
+
+    def lead(self, record: int) -> int:
+        if len(self._asked) < LEAD_MIN_PASSES:
+            return self.limit
+        return min(self.limit, LEAD_FACTOR * max(self._asked) + max(0, record))
 
 
 def usable_hits(found: list[bool]) -> list[bool]:

@@ -32,8 +32,9 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
   each record or writing it again at the head of the log if it is worth keeping (the most valuable
   first when more is worth keeping than a pass may move), and removes the emptied blocks with their keys
   in one engine call (`Store.evict_blocks`, no tombstones). Passes run ahead of need on the adapter's
-  eviction thread once the room left is within min(block_size / 4, capacity / 64); a store runs (and waits
-  for) one itself only when it would not fit. The space comes back a whole block at a time with any
+  eviction thread once the room left is within a lead: at most min(block_size / 4, capacity / 64), less
+  where stores ask for less while passes run (`eviction.PassLead`); a store runs (and waits for) one itself
+  only when it would not fit. The space comes back a whole block at a time with any
   compaction setting: block files stay
   within capacity_bytes + RECORD_FRAMING (8 KiB) per record + (open blocks + 1) x block_size, blocks
   holding locked keys aside (never evicted). Settings that cannot keep this are refused: a capacity
@@ -90,6 +91,7 @@ from blockstore.connector.eviction import (
     ClockHistory,
     HashMarks,
     KeyStats,
+    PassLead,
     ReturnDistances,
     spare_value,
     usable_hits,
@@ -214,7 +216,8 @@ EVICT_AHEAD = 64  # a pass frees at least capacity / EVICT_AHEAD (hit rate vs pa
 # A pass starts in the background once the room left is under min(block_size / LEAD_BLOCK, capacity / EVICT_AHEAD):
 # it must end before the stores that go on meanwhile use that room up (a pass empties a whole block: 7-13 ms for a
 # 16 MiB block here, while 2-10 MiB are stored), else they wait for the rest of it; room kept free is cache lost,
-# so at most 1/64 of it (bench/eviction.py: hit rate and throughput)
+# so at most 1/64 of it (bench/eviction.py: hit rate and throughput), and only what stores ask for while passes
+# run (eviction.PassLead)
 LEAD_BLOCK = 4
 BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
 CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
@@ -471,6 +474,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._disk_checked_at = 0
         self._evict_lock = threading.Lock()
         self._evict_queued = False  # a background pass is submitted and has not started its work yet
+        self._asked = 0  # payload bytes stores asked room for (PassLead: what arrives while a pass runs)
         self._ns_names: dict[int, str | None] = {}  # namespace id -> its name if an lmcache namespace (eviction)
         self._admit_all = config.admission == "always"
         self._records = 0  # records of the lmcache namespaces
@@ -492,6 +496,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
         self.store = blockstore.open(config.path, durability=config.durability, block_size=config.block_size,
                                      on_corrupt="miss", compaction=config.compaction)
+        # the room at which a pass starts ahead (_lead): follows what stores ask for while passes run (PassLead)
+        self._pass_lead = PassLead(min(self.store.block_size // LEAD_BLOCK, self._capacity // EVICT_AHEAD))
+        self._lead_bytes = self._pass_lead.limit  # read by stores without the lock (one int)
         # A constructor that fails releases everything it made, newest first, so that the store is not left
         # locked by this very process (LMCache aborts start-up; a retry or a second adapter must open it).
         undo: list[Callable[[], None]] = [self.store.close]
@@ -808,6 +815,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         need = sum(p.size for p in puts) - sum(p.old.payload_len for p in puts if p.old is not None)
         lead = self._lead()
         with self._lock:
+            self._asked += max(0, need)  # counted before any wait: a store a pass holds up still asked during it
             excess = self._used + self._reserved + need - self._capacity
             disk_due = self._clock - self._disk_checked_at >= self.store.block_size // DISK_CHECK_FRACTION
             if disk_due:
@@ -839,8 +847,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return keep, total
 
     def _lead(self) -> int:
-        """The room left at which a pass starts in the background (LEAD_BLOCK says why)."""
-        return min(self.store.block_size // LEAD_BLOCK, self._capacity // EVICT_AHEAD)
+        """The room left at which a pass starts in the background: at most min(block_size / LEAD_BLOCK,
+        capacity / EVICT_AHEAD) (LEAD_BLOCK says why), less where stores ask for less while passes run
+        (eviction.PassLead)."""
+        return self._lead_bytes
 
     def _pass(self, excess: int, puts: list[_Put], ahead: int, lead: int = 0) -> bool:
         """One eviction pass (the caller holds _evict_lock) if payload (`excess`) or block files (their bound
@@ -876,9 +886,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     self._evict_queued = False
                     # room left <= the lead: a pass (the trigger in _make_room is the same test)
                     excess = self._used + self._reserved + self._lead() - self._capacity + 1
+                    asked = self._asked
                 if self._pass(excess, [], 0, self._lead() + 1):  # just the lead: room kept free is cache lost
                     with self._lock:
                         self._counters.eviction_passes += 1
+                        self._pass_lead.passed(self._asked - asked)
+                        self._lead_bytes = self._pass_lead.lead(self._used // max(1, self._records))
         except Exception as exc:
             _log.warning("blockstore L2: background eviction pass failed: %s", exc)
             with self._lock:
