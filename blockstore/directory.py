@@ -348,17 +348,16 @@ class Directory:
 
 
 def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], Iterable[int]] | None) -> None:
-    """A writable RocksDB open deletes every table file (*.sst) its MANIFEST does not name. A MANIFEST cut short
-    (truncated, an old copy put back) names fewer than the folder holds, and that open deleted the directory's
-    own data: found by damaging MANIFEST-* (tests/test_review_session26.py). So a read-only open looks first
-    (it deletes nothing). Tables it does not name are either left by a flush or compaction a crash cut short
-    (their rows are in the WAL or the tables they were made from) or the data of lost edits. When the
-    directory also fails to name block files on disk it lost edits: refused here, every file as it was, so
-    `fsck --repair` salvages from all the tables (RepairDB). Otherwise the unnamed tables are moved to
-    STORE/lost+found/ (never deleted: nothing proves them dead) and the open goes on."""
-    tables = [n for n in os.listdir(path) if n.endswith(".sst")]
-    if not tables:
-        return
+    """A writable RocksDB open changes the directory for good: it deletes every table file (*.sst) its MANIFEST
+    does not name, and starts a new MANIFEST and WAL past the old ones. A MANIFEST cut short (or an old copy put
+    back) names fewer tables than the folder holds, and a WAL cut short holds fewer writes: that open deleted
+    the directory's own data, or made putting the WAL back useless (tests/test_review_session26.py). So a
+    read-only open looks first (it changes nothing). A directory that does not name every block file on disk
+    lost edits (blocks are named, synced, before their files exist): refused here, every file as it was, so
+    undoing the damage restores the store and `fsck --repair` salvages from all the tables (RepairDB); the
+    store's own check (blocklife.py) came only after the writable open. Otherwise tables it does not name were
+    left by a flush or compaction a crash cut short (their rows are in the WAL or the tables they were made
+    from): they are moved to STORE/lost+found/ (never deleted: nothing proves them dead) and the open goes on."""
     try:
         probe = Directory(path, read_only=True, sync=False, create=False, strict_wal=strict_wal)
     except BlockstoreError:
@@ -370,17 +369,16 @@ def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], 
         return
     finally:
         probe.close()
-    unnamed = sorted(set(tables) - named)
+    store = os.path.dirname(os.path.abspath(path))
+    orphans = sorted(set(block_files()) - blocks_named) if block_files is not None else []
+    if orphans:
+        raise CorruptionError(
+            f"{store}: {len(orphans)} block file(s) the directory does not name "
+            f"({', '.join(f'{b:016x}.blk' for b in orphans[:8])}): the directory lost writes (a WAL or MANIFEST-* "
+            f"cut short, an old copy put back); nothing was changed; {repair_hint(store)}")
+    unnamed = sorted(set(n for n in os.listdir(path) if n.endswith(".sst")) - named)
     if not unnamed:
         return
-    store = os.path.dirname(os.path.abspath(path))
-    if block_files is not None:
-        orphans = sorted(set(block_files()) - blocks_named)
-        if orphans:
-            raise CorruptionError(
-                f"the directory {path!r} lost edits: its MANIFEST names neither {len(unnamed)} of its table files "
-                f"({', '.join(unnamed[:8])}) nor {len(orphans)} block file(s) on disk; nothing was changed "
-                f"(a writable open would have deleted those tables); {repair_hint(store)}")
     aside = os.path.join(store, "lost+found", f"directory-tables-{time.time_ns()}")
     os.makedirs(aside)
     for name in unnamed:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,30 @@ def test_a_store_that_filled_its_disk_is_made_writable_again_by_deletes_and_gc(
     assert (small_fs.root / "store" / "RESERVE").stat().st_size > 0  # taken back
     report = check(small_fs.root / "store")
     assert report.findings == [], [f.line() for f in report.findings]
+
+
+def test_a_cut_wal_is_refused_before_the_directory_moves_past_it(tmp_path: Path) -> None:
+    """A sync session stops without closing; its directory WAL is then emptied. The open refused (the directory
+    does not name the session's block files) but only after RocksDB's writable open had started a new MANIFEST
+    and WAL past the old one, so putting the WAL back no longer helped: the store stayed unopenable. Now the
+    check runs on a read-only look first, and undoing the damage gives every record back."""
+    store = tmp_path / "s"
+    acked = make_store(store, n=8)
+    session = ("import os, sys, blockstore\n"
+               "s = blockstore.open(sys.argv[1], durability='sync', block_size=65536)\n"
+               "for i in range(8, 24): s.put(b'k%03d' % i, bytes([i]) * 5000)\n"
+               "os._exit(0)  # as kill -9 leaves it: the session is in the directory's WAL only\n")
+    subprocess.run([sys.executable, "-c", session, str(store)], check=True)
+    acked.update({b"k%03d" % i: bytes([i]) * VALUE for i in range(8, 24)})
+    (wal,) = [p for p in (store / "directory").glob("*.log") if p.stat().st_size > 0]
+    kept = wal.read_bytes()
+    files_before = sorted(p.name for p in (store / "directory").iterdir())
+    wal.write_bytes(b"")
+    for durability in ("cache", "sync"):
+        with pytest.raises(CorruptionError, match="fsck --repair"):
+            blockstore.open(store, durability=durability)
+    assert sorted(p.name for p in (store / "directory").iterdir()) == files_before
+    wal.write_bytes(kept)
+    with blockstore.open(store, durability="sync") as s:
+        for key, value in acked.items():
+            assert bytes(s.get(key) or b"") == value, key
