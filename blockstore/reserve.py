@@ -1,16 +1,18 @@
-"""STORE/RESERVE: disk space a writable store holds back, so that a disk the store itself filled is not a
-dead end. Deleting needs room (a tombstone, the directory's WAL), and so do close, the next open (RocksDB
-recovers its WAL into a table) and compaction (GC copies a block's live records before the block goes):
-without room held back, a store alone on its disk could never free a byte through its own API, only by files
-removed elsewhere (tests/test_review_session26.py).
+"""STORE/RESERVE: disk space a writable store holds back when its disk runs low, so that a disk the store
+itself filled is not a dead end. Deleting needs room (a tombstone, the directory's WAL), and so do close, the
+next open (RocksDB recovers its WAL into a table) and compaction (GC copies a block's live records before the
+block goes): without room held back, a store alone on its disk could never free a byte through its own API,
+only by files removed elsewhere (tests/test_review_session26.py).
 
-The reserve is a file of `size` bytes, allocated (posix_fallocate, so the blocks really are taken) by the
-first write of a session that adds data when the disk has room for it twice over. The first
-NoSpace of a user write gives it up (truncated to 0 bytes, so the file says so across a reopen), and from then
-on writes that add data are refused with NoSpace while deletes, close, reopen and compaction use the room;
-once the disk has room for the reserve twice over (deletes and GC freed it, or files went elsewhere), the
-next write takes the reserve back and goes on. Without the file (an old store, or a disk too full when it
-was opened) nothing is refused: the store behaves as it did before there was a reserve."""
+The reserve is `size` bytes (one block plus 4 MiB, at most a sixteenth of the file system), taken only while
+the disk is low: free space below `low` (8 reserves or 2 % of the file system, whichever is more), looked at
+(one statvfs) every quarter reserve of bytes put, never per put. It is a file allocated with posix_fallocate,
+so the blocks really are taken; on a roomy disk there is no file at all, and a reserve held is removed again
+once free space is above twice `low`. The first NoSpace of a user write gives it up (truncated to 0 bytes,
+so the file says so across a reopen), and from then on writes that add data are refused with NoSpace while
+deletes, close, reopen and compaction use the room; once the disk has room for the reserve twice over
+(deletes and GC freed it, or files went elsewhere), the next write takes it back (or drops the file, on a
+disk that is roomy again) and goes on."""
 
 from __future__ import annotations
 
@@ -41,37 +43,40 @@ def reserve_size(root: str, block_size: int) -> int:
 
 
 class SpaceReserve:
-    """The reserve of one writable store. `pending` says whether the next write that adds data must call
-    `admit` (the reserve is not made yet this session, or it is given up); `admit` and `give_up` are idempotent,
-    and a race between two writers at worst refuses one more put or takes the reserve back one write late."""
+    """The reserve of one writable store. `check_at` is the store's bytes-put count at which the next write that
+    adds data must call `admit` (at once while the reserve is given up); `admit` and `give_up` are idempotent,
+    and a race between two writers at worst refuses one more put or takes the reserve one write late."""
 
     def __init__(self, root: str, block_size: int) -> None:
         self.root = root
         self.path = os.path.join(root, RESERVE)
         try:
+            st = os.statvfs(root)
             self.size = reserve_size(root, block_size)
+            self.low = max(8 * self.size, st.f_blocks * st.f_frsize // 50)
         except OSError:
-            self.size = 0
+            self.size = self.low = 0
         self.given_up = False
-        self.pending = False
+        self.held = False
+        self.check_at = 0 if self.size else 1 << 62
 
     def before_open(self) -> None:
-        """Before the directory is opened: on a disk with less free than the reserve, give it up now (the
-        open needs room to recover the directory's WAL); a reserve given up earlier stays given up."""
+        """Before the directory is opened: what the file says (none, held, given up); on a disk with less free
+        than the reserve, a reserve held is given up now (the open needs room to recover the directory's WAL)."""
         if not self.size:
             return
-        self.pending = True  # made, if there is none, by the first write that adds data (an empty store holds none)
         try:
             held = os.path.getsize(self.path)
         except OSError:
             return
         self.given_up = held < self.size
-        if not self.given_up and free_bytes(self.root) < self.size:
+        self.held = not self.given_up
+        if self.held and free_bytes(self.root) < self.size:
             self.give_up("the disk has less free space than the reserve at open")
 
     def give_up(self, why: str) -> None:
         """Free the reserve (truncate, so the file says it was given up) for deletes, close and compaction."""
-        if self.given_up or not self.size:
+        if not self.held:
             return
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -84,30 +89,21 @@ class SpaceReserve:
             return
         finally:
             os.close(fd)
-        self.given_up = self.pending = True
+        self.held, self.given_up, self.check_at = False, True, 0
         _log.warning("%s: gave up its %d-byte space reserve (%s): writes that add data are refused until the "
                      "disk has room for it again; deletes, close and compaction go on", self.root, self.size, why)
 
-    def admit(self) -> None:
-        """Before a write that adds data, while `pending`: the reserve is made if there is none and the disk has
-        room for it twice over (else the store goes without); one given up is taken back when there is that
-        room, and the write is refused (NoSpace) while there is not."""
-        if not self.given_up:
-            self.pending = False
-            if not os.path.lexists(self.path):
-                try:
-                    if free_bytes(self.root) >= 2 * self.size:
-                        self._take(self.size)
-                except OSError:
-                    pass  # no reserve on this disk: the store behaves as it did before there was one
-            return
+    def admit(self, bytes_put: int) -> None:
+        """Before a write that adds data, once the store has put `check_at` bytes: the reserve is taken while the
+        disk is low and dropped while it is roomy; one given up is taken back (or dropped) once the disk has room
+        for it twice over, and the write is refused (NoSpace) while it has not."""
         try:
-            room = free_bytes(self.root) >= 2 * self.size
-            if room:
-                self._take(self.size)
+            free = free_bytes(self.root)
         except OSError:
-            room = False
-        if not room:
+            return
+        self.check_at = bytes_put + max(256 << 10, self.size // 4)
+        if self.given_up and free < 2 * self.size:
+            self.check_at = 0
             raise NoSpace(errno.ENOSPC, f"No space left on device (ENOSPC) -- the filesystem holding store "
                           f"{self.root!r} is full but for the store's space reserve ({RESERVE}, {self.size} bytes), "
                           "given up so that deletes, close and compaction can still write: this write failed and was "
@@ -115,8 +111,18 @@ class SpaceReserve:
                           "records and let compaction collect their blocks, or remove files elsewhere) and retry: "
                           "the store resumes writing by itself once there is room for the reserve again (no reopen "
                           "needed)")
-        self.given_up = self.pending = False
-        _log.info("%s: took its %d-byte space reserve back", self.root, self.size)
+        try:
+            if free < self.low and not self.held and free >= 2 * self.size:
+                self._take(self.size)
+                self.held = True
+                _log.info("%s: the disk is low (%d bytes free): took a %d-byte space reserve", self.root, free,
+                          self.size)
+            elif free >= self.low and self.given_up or free >= 2 * self.low and self.held:
+                os.unlink(self.path)  # roomy again: no reserve needed
+                self.held = False
+        except OSError:
+            pass  # no reserve on this disk now: the store behaves as it did before there was one
+        self.given_up = False
 
     def _take(self, size: int) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -124,7 +130,7 @@ class SpaceReserve:
             os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
         except OSError:
-            os.ftruncate(fd, 0)  # a partial allocation is no reserve: keep the file as given up
+            os.ftruncate(fd, 0)  # a partial allocation is no reserve
             raise
         finally:
             os.close(fd)

@@ -309,8 +309,8 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
         its block's object is confirmed (tiering.py). Relocation's copies do not wait: not acknowledged
         to anyone, and their source's object already holds the record. A write that adds data waits for room
         while the space reserve is given up; the first NoSpace gives it up (reserve.py)."""
-        if self._reserve.pending and any(m.kind != Kind.TOMBSTONE for m in muts):
-            self._reserve.admit()
+        if self._engine.bytes_put_total >= self._reserve.check_at and any(m.kind != Kind.TOMBSTONE for m in muts):
+            self._reserve.admit(self._engine.bytes_put_total)
         try:
             if self.durability != "remote":
                 self._engine.submit(muts)

@@ -192,6 +192,7 @@ def test_a_table_the_manifest_does_not_name_is_moved_aside_not_deleted(tmp_path:
     assert len(kept) == 1 and kept[0].read_bytes() == table
     assert "999999.sst" in (store / "lost+found" / "fsck-log.jsonl").read_text()
     assert_all_read(store, acked)
+    assert check(store).findings == []  # what was set aside is not damage
 
 
 # ------------------------------------------------------------------ a full disk
@@ -229,7 +230,8 @@ def test_a_store_that_filled_its_disk_is_made_writable_again_by_deletes_and_gc(
         s.put(b"after", b"x" * 20_000)
         for key, value in acked.items():
             assert bytes(s.get(key) or b"") == value
-    assert (small_fs.root / "store" / "RESERVE").stat().st_size > 0  # taken back
+    reserve = small_fs.root / "store" / "RESERVE"
+    assert not reserve.exists() or reserve.stat().st_size > 0  # taken back, or dropped on a disk roomy again
     report = check(small_fs.root / "store")
     assert report.findings == [], [f.line() for f in report.findings]
 
@@ -259,3 +261,21 @@ def test_a_cut_wal_is_refused_before_the_directory_moves_past_it(tmp_path: Path)
     with blockstore.open(store, durability="sync") as s:
         for key, value in acked.items():
             assert bytes(s.get(key) or b"") == value, key
+
+
+def test_a_store_on_a_roomy_disk_holds_no_reserve(tmp_path: Path) -> None:
+    """The reserve is taken only while the disk is low: a store on a roomy disk (every store of the test
+    suite, or an operator's many small stores) holds no bytes for it; a read-only open and stats() never make
+    one, and fsck does not count the file as damage where there is one."""
+    store = tmp_path / "s"
+    make_store(store)
+    reserve = store / "RESERVE"
+    assert not reserve.exists()
+    with blockstore.open(store, read_only=True) as s:
+        s.stats()
+    assert not reserve.exists()
+    reserve.write_bytes(b"")  # as a reserve given up leaves it
+    assert check(store).findings == []
+    with blockstore.open(store) as s:
+        s.put(b"more", b"x" * 100)  # roomy: the given-up reserve is dropped, the put goes through
+    assert not reserve.exists()
