@@ -10,6 +10,7 @@ See README.md for the overview and docs/format.md for the on-disk format.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -33,6 +34,9 @@ from blockstore.errors import (
 from blockstore.manifest import DEFAULT_BLOCK_SIZE
 from blockstore.store import Store, StoreStats
 
+# the keyword options of Store, for open()'s check (a misspelt option must not pass silently or as TypeError)
+_STORE_OPTIONS = frozenset(inspect.signature(Store).parameters) - {"path"}
+
 __version__ = "0.1.0"
 
 
@@ -44,7 +48,12 @@ def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - 
     max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, read_ahead=True,
     on_corrupt="raise"|"miss", backend="native"|"python",
     compaction=None | a policy name ("full", ...) | {"policy": ..., knob: value} (starts the compactor),
-    allow_non_empty=False (create a store in a non-empty directory that is not one: refused by default)."""
+    allow_non_empty=False (create a store in a non-empty directory that is not one: refused by default).
+    An option `Store` does not take raises InvalidArgument naming it (Python's own TypeError is outside the
+    BlockstoreError hierarchy)."""
+    unknown = sorted(set(kwargs) - _STORE_OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"unknown option(s) {unknown}; known: {sorted(_STORE_OPTIONS)}")
     return Store(path, **kwargs)
 
 

@@ -434,3 +434,11 @@ def test_random_misuse_raises_only_blockstore_errors(tmp_path: Path) -> None:
     assert report.findings == [], report.findings
     with blockstore.open(path, create=False) as s:
         assert _known(s) == known
+
+
+def test_open_unknown_option_is_invalid_argument_naming_it(tmp_path: Path) -> None:
+    """A misspelt option (`max_open_block=`) raised Python's TypeError, outside the BlockstoreError hierarchy;
+    nothing is created in the store's place."""
+    with pytest.raises(blockstore.InvalidArgument, match="max_open_block"):
+        blockstore.open(tmp_path / "s", max_open_block=4)
+    assert not (tmp_path / "s").exists()
