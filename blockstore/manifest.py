@@ -69,6 +69,33 @@ def read_manifest(root: str) -> ManifestRead:
     return ManifestRead(m, None)
 
 
+RECORDED_DURABILITIES = ("sync", "cache")  # what a writer records (remote mode records "sync", its local part)
+
+
+def field_problem(m: dict[str, Any]) -> str | None:
+    """A field an open can do without but fsck must report: a `block_size` or `durability` that is present but
+    not one a writer records (a damaged file that is still valid JSON). The open then uses its own block size
+    and judges a crashed session as synced (the strict reading: refuse rather than drop); None when both are
+    absent (older stores) or valid."""
+    bs = m.get("block_size", MIN_BLOCK)
+    if not valid_block_size(bs):
+        return f"{MANIFEST} block_size {bs!r} is not a block size ({MIN_BLOCK}..{MAX_BLOCK} bytes)"
+    d = m.get("durability", "sync")
+    if d not in RECORDED_DURABILITIES:
+        return f"{MANIFEST} durability {d!r} is not one of {list(RECORDED_DURABILITIES)}"
+    return None
+
+
+def recorded_durability(m: dict[str, Any], default: str) -> str:
+    """The durability the last writer ran under: `default` when the MANIFEST does not say (older stores),
+    "sync" when it says something no writer records (damage: the strict reading keeps a crashed sync
+    session's acknowledged records from being judged as unsynced pages and dropped)."""
+    if "durability" not in m:
+        return default
+    d = m["durability"]
+    return d if d in RECORDED_DURABILITIES else "sync"
+
+
 def load_manifest(root: str) -> dict[str, Any]:
     """The strict loader (the store's open): the MANIFEST, or CorruptionError (FormatVersionError for a
     newer format version) naming the file and what is wrong."""
@@ -110,7 +137,9 @@ def last_writer_synced(store_root: str, *, default: bool) -> bool:
     MANIFEST that is missing or unreadable: fsck reports that on its own)."""
     try:
         with open(os.path.join(store_root, MANIFEST), encoding="utf-8") as f:
-            value = json.load(f).get("durability")
-    except (OSError, ValueError, AttributeError, RecursionError):
+            m = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return default
-    return value == "sync" if value in ("sync", "cache") else default
+    if not isinstance(m, dict):
+        return default
+    return recorded_durability(m, "sync" if default else "cache") == "sync"

@@ -31,6 +31,7 @@ from blockstore.manifest import (
     MANIFEST,
     load_manifest,
     new_manifest,
+    recorded_durability,
     valid_block_size,
     write_manifest_file,
 )
@@ -162,7 +163,7 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             local = self._local_durability
             self.blocks = BlockFiles(self.path, self.backend, self.store_id, sync=local == "sync")
             # the WAL on disk was written under the last writer's durability (MANIFEST "durability")
-            last_durability = manifest.get("durability", local)
+            last_durability = recorded_durability(manifest, local)
             if not self.read_only:
                 self._reserve.before_open()  # a full disk: the directory's recovery takes the reserve's room
             self.dir = directory = Directory(os.path.join(self.path, DIRECTORY), read_only=self.read_only,

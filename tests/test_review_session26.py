@@ -279,3 +279,47 @@ def test_a_store_on_a_roomy_disk_holds_no_reserve(tmp_path: Path) -> None:
     with blockstore.open(store) as s:
         s.put(b"more", b"x" * 100)  # roomy: the given-up reserve is dropped, the put goes through
     assert not reserve.exists()
+
+
+@pytest.mark.parametrize("field,value", [("durability", "zync"), ("block_size", 0), ("block_size", "64MiB")])
+def test_a_manifest_field_no_writer_records_is_an_fsck_finding(tmp_path: Path, field: str, value: object) -> None:
+    """A damaged `durability` or `block_size` that is still valid JSON was ignored by the open and passed by fsck
+    (H53's finding). fsck now reports it as a manifest finding; the store still opens and reads."""
+    store = tmp_path / "s"
+    acked = make_store(store, n=8)
+    p = store / "MANIFEST.json"
+    m = json.loads(p.read_text())
+    m[field] = value
+    p.write_text(json.dumps(m))
+    rep = check(str(store))
+    assert [f.kind for f in rep.findings] == ["manifest"], rep.findings
+    assert field in rep.findings[0].detail
+    assert_all_read(store, acked)
+
+
+def test_a_damaged_durability_is_read_as_sync_after_a_crash(tmp_path: Path) -> None:
+    """The crashed session of the test above, with its MANIFEST's durability then damaged ("zync"): an unknown
+    value reads as sync everywhere (`manifest.recorded_durability`: recovery's block checks, which already took
+    anything but "cache" as sync, and now the directory's WAL reading too), so the open refuses and drops
+    nothing."""
+    store = tmp_path / "s"
+    acked = make_store(store, n=8)
+    s = blockstore.open(store, durability="sync", block_size=BLOCK)
+    for i in range(8, 24):
+        key, value = b"k%03d" % i, bytes([i]) * VALUE
+        s.put(key, value)
+        acked[key] = value
+    s.abandon()
+    p = store / "MANIFEST.json"
+    m = json.loads(p.read_text())
+    m["durability"] = "zync"
+    p.write_text(json.dumps(m))
+    victim = sorted((store / "blocks").iterdir())[-3]
+    kept = victim.read_bytes()
+    os.truncate(victim, len(kept) // 2)
+    with pytest.raises(CorruptionError, match="fsck --repair"):
+        blockstore.open(store)
+    victim.write_bytes(kept)
+    with blockstore.open(store) as s:
+        for key, value in acked.items():
+            assert bytes(s.get(key) or b"") == value, key

@@ -39,7 +39,7 @@ from blockstore.directory import BLOCK_RECLAIMING, BlockEntry, Directory, Locati
 from blockstore.errors import BlockstoreError, NotFound
 from blockstore.keys import TAG_BLOCK, block_key, location_key
 from blockstore.lock import held_by
-from blockstore.manifest import MANIFEST, read_manifest
+from blockstore.manifest import MANIFEST, field_problem, read_manifest
 from blockstore.records import BLOCK_HEADER_SIZE, Kind
 from blockstore.store import DIRECTORY
 from blockstore.tools.fsck_blocks import BlockChecks
@@ -206,6 +206,8 @@ class _Pass(DirectoryChecks, BlockChecks):
         got = read_manifest(self.root)
         m, problem, newer = got.manifest, got.problem, got.newer
         rep.manifest, rep.manifest_problem, rep.manifest_newer = m, problem, newer
+        if problem is None and m is not None:
+            problem = rep.manifest_problem = field_problem(m)
         if problem:
             rep.add("manifest", None, None, problem)
         self.files = list_block_files(self.root)
