@@ -69,7 +69,9 @@ class SpaceReserve:
             held = os.path.getsize(self.path)
         except OSError:
             return
-        self.given_up = held < self.size
+        # only give_up's truncation to 0 says given up: a held file sized for another block_size option or file
+        # system size is still held (read as given up, it refused every put and was never released)
+        self.given_up = held == 0
         self.held = not self.given_up
         if self.held and free_bytes(self.root) < self.size:
             self.give_up("the disk has less free space than the reserve at open")
@@ -130,7 +132,7 @@ class SpaceReserve:
             os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
         except OSError:
-            os.ftruncate(fd, 0)  # a partial allocation is no reserve
-            raise
-        finally:
             os.close(fd)
+            os.unlink(self.path)  # a partial allocation is no reserve; a 0-byte file would read as one given up
+            raise
+        os.close(fd)

@@ -4,6 +4,8 @@ engineer would. Each test is a finding: fixed (the test passes) or xfail(strict=
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,63 @@ def test_a_power_cut_cache_session_still_opens_after_a_sync_open_was_killed_in_r
         for key, value in acked.items():  # the closed session's records are intact
             assert bytes(s.get(key) or b"") == value, key
     assert report, "recovery ran"
+
+
+@pytest.fixture
+def fs96(tmp_path: Path) -> Iterator[Path]:
+    """A 96 MiB tmpfs: big enough that the reserve is one block + 4 MiB, not capped at a sixteenth of it."""
+    if os.environ.get("BLOCKSTORE_NO_MOUNT") == "1":
+        pytest.skip("BLOCKSTORE_NO_MOUNT=1: needs `mount -t tmpfs` (root)")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_until_free(root: Path, free: int) -> None:
+    st = os.statvfs(root)
+    with open(root / "filler", "wb") as f:
+        f.truncate(0)
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - free)
+
+
+def test_a_held_reserve_is_not_taken_for_given_up_when_the_block_size_changes(fs96: Path) -> None:
+    """A store on a low disk holds its reserve (one block + 4 MiB) across a clean close; reopened with a larger
+    block_size option, the file (sized for the old block) was shorter than the new reserve, and before_open took
+    any file shorter than that for one given up: every put was refused with NoSpace while the disk had 5 MiB
+    free and the store itself held 4 MiB back, never released (give_up frees only a reserve held). Only a
+    truncated (0-byte) file says given up; a held one of another size is still held."""
+    store = fs96 / "s"
+    with blockstore.open(store, durability="sync", block_size=BLOCK) as s:
+        fill_until_free(fs96, 9_600 << 10)
+        s.put(b"first", b"x" * 100)  # the disk is low: the reserve is taken
+    held = (store / "RESERVE").stat().st_size
+    assert held > 4 << 20
+    with blockstore.open(store, durability="sync", block_size=1 << 20) as s:
+        s.put(b"second", b"x" * 100)  # was: NoSpace (the reserve read as given up)
+        assert bytes(s.get(b"first") or b"") == b"x" * 100
+    assert (store / "RESERVE").stat().st_size >= held
+
+
+def test_a_reserve_whose_allocation_failed_does_not_read_as_given_up(
+        fs96: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocation of a reserve fails (ENOSPC from a racing writer, a file system without fallocate): _take left
+    RESERVE as a 0-byte file, which the next open reads as a reserve given up, so puts were refused with NoSpace
+    while the disk was below twice the reserve though the store never held or gave up anything. A failed take
+    now leaves no file."""
+    store = fs96 / "s"
+
+    def no_room(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+    with blockstore.open(store, durability="sync", block_size=BLOCK) as s:
+        fill_until_free(fs96, 9_600 << 10)
+        monkeypatch.setattr(os, "posix_fallocate", no_room)
+        s.put(b"first", b"x" * 100)  # the take fails: no reserve, the put goes on
+        monkeypatch.undo()
+    assert not (store / "RESERVE").exists()
+    fill_until_free(fs96, 6 << 20)  # below twice the reserve
+    with blockstore.open(store, durability="sync", block_size=BLOCK) as s:
+        s.put(b"second", b"x" * 100)  # was: NoSpace (the 0-byte file read as a reserve given up)
