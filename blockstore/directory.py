@@ -30,7 +30,7 @@ from blockstore.directory_values import (
     CopyPlace,
     Location,
 )
-from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace
+from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace, error_for_os
 from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
 from blockstore.manifest import last_writer_synced
 
@@ -380,19 +380,22 @@ def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], 
     if not unnamed:
         return
     aside = os.path.join(store, "lost+found", f"directory-tables-{time.time_ns()}")
-    os.makedirs(aside)
-    for name in unnamed:
-        os.rename(os.path.join(path, name), os.path.join(aside, name))
-    for folder in (path, aside, os.path.dirname(aside)):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     why = "table files the directory's MANIFEST does not name (a flush or compaction cut short, or lost edits)"
-    with open(os.path.join(os.path.dirname(aside), "fsck-log.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "file": os.path.basename(aside), "why": why, "from": unnamed}) + "\n")
+    try:  # a full disk or a read-only file system: NoSpace / IOErrorBS, and what moved stays moved (re-done next open)
+        os.makedirs(aside)
+        for name in unnamed:
+            os.rename(os.path.join(path, name), os.path.join(aside, name))
+        for folder in (path, aside, os.path.dirname(aside)):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with open(os.path.join(os.path.dirname(aside), "fsck-log.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "file": os.path.basename(aside), "why": why, "from": unnamed}) + "\n")
+    except OSError as exc:
+        raise error_for_os(exc, f"{store}: moving {len(unnamed)} unnamed table file(s) to {aside}") from exc
     _log.warning("%s: moved %d table file(s) to %s: %s", store, len(unnamed), aside, why)
 
 

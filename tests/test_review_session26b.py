@@ -120,3 +120,30 @@ def test_a_reserve_whose_allocation_failed_does_not_read_as_given_up(
     fill_until_free(fs96, 6 << 20)  # below twice the reserve
     with blockstore.open(store, durability="sync", block_size=BLOCK) as s:
         s.put(b"second", b"x" * 100)  # was: NoSpace (the 0-byte file read as a reserve given up)
+
+
+def test_moving_unnamed_tables_aside_on_a_full_disk_is_a_blockstore_error(fs96: Path) -> None:
+    """A flush cut short leaves a table file its MANIFEST does not name; the next writable open moves it to
+    lost+found/ (f8aaeb9) and logs that in fsck-log.jsonl. On a full disk that log append raised a bare OSError
+    (outside the BlockstoreError hierarchy) out of blockstore.open. Now NoSpace, and the open works once there
+    is room, the table kept in lost+found/."""
+    store = fs96 / "s"
+    with blockstore.open(store, durability="sync", block_size=BLOCK) as s:
+        for i in range(8):
+            s.put(b"k%03d" % i, bytes([i]) * VALUE)
+    tables = sorted((store / "directory").glob("*.sst"))
+    assert tables, "a closed store has a table file"
+    (store / "directory" / "999999.sst").write_bytes(tables[0].read_bytes())  # a flush cut short left it
+    fill_until_free(fs96, 0)
+    with open(fs96 / "filler2", "wb", buffering=0) as f:  # the last pages too
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    with pytest.raises(blockstore.BlockstoreError):
+        blockstore.open(store, durability="sync")
+    os.unlink(fs96 / "filler")
+    with blockstore.open(store, durability="sync") as s:
+        assert bytes(s.get(b"k003") or b"") == bytes([3]) * VALUE
+    assert list((store / "lost+found").glob("directory-tables-*/999999.sst"))
