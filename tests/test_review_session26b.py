@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_enospc import SmallFs, small_fs  # noqa: F401 - small_fs is a fixture used by name
 
 import blockstore
 from blockstore import blocklife
+from blockstore.errors import NoSpace
+from blockstore.tools.fsck import check
 
 BLOCK = 64 << 10
 VALUE = 5000
@@ -147,3 +151,40 @@ def test_moving_unnamed_tables_aside_on_a_full_disk_is_a_blockstore_error(fs96: 
     with blockstore.open(store, durability="sync") as s:
         assert bytes(s.get(b"k003") or b"") == bytes([3]) * VALUE
     assert list((store / "lost+found").glob("directory-tables-*/999999.sst"))
+
+
+def test_a_store_killed_right_after_giving_up_its_reserve_reopens_and_recovers_room(
+        small_fs: SmallFs) -> None:  # noqa: F811 - the fixture imported above
+    """Sound (checked, passes as the change landed): a writer fills its disk until NoSpace gives the reserve up,
+    and is killed at once (no close: the directory's WAL holds the session). The next open, on the full disk,
+    reads the 0-byte RESERVE as given up, recovers (the room given up is what RocksDB's WAL recovery needs),
+    refuses puts with NoSpace, takes deletes, and after GC takes puts again with every acknowledged record
+    intact and fsck clean."""
+    store = small_fs.root / "store"
+    writer = ("import os, sys, blockstore\n"
+              "from blockstore.errors import NoSpace\n"
+              "s = blockstore.open(sys.argv[1], create=True, durability='sync', block_size=65536)\n"
+              "n = 0\n"
+              "try:\n"
+              "    while True:\n"
+              "        s.put(b'k%05d' % n, bytes([n % 251]) * 20000)\n"
+              "        n += 1\n"
+              "except NoSpace:\n"
+              "    print(n, flush=True)\n"
+              "    os._exit(0)  # as kill -9 leaves it\n")
+    out = subprocess.run([sys.executable, "-c", writer, str(store)], check=True, capture_output=True, text=True)
+    acked = {b"k%05d" % i: bytes([i % 251]) * 20000 for i in range(int(out.stdout))}
+    assert len(acked) > 100
+    assert (store / "RESERVE").stat().st_size == 0
+    with small_fs.open(durability="sync") as s:
+        with pytest.raises(NoSpace):
+            s.put(b"more", b"x" * 20000)
+        for key in list(acked)[::2]:
+            assert s.delete(key)
+            del acked[key]
+    with small_fs.open(durability="sync", compaction={"policy": "aggressive", "gc_invalid_ratio": 0.3}) as s:
+        s.compactor.run_until_idle()
+        s.put(b"after", b"x" * 20000)
+        for key, value in acked.items():
+            assert bytes(s.get(key) or b"") == value, key
+    assert check(store).findings == []
