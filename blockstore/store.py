@@ -186,13 +186,12 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             self._reader.remote_name_of = self._tiering.remote_name
             self._chunks = ChunkRecords(check_open=self._check_open, namespace_id=self.namespace_id,
                                         submit=self._submit, read=self._reader.read, directory=directory)
-            relabel = exists and not self.read_only and last_durability != local  # its WAL's rule for the next open:
-            if relabel and local == "cache":  # before this session's unsynced writes (read back leniently)
-                self._write_manifest(manifest_path, {**manifest, "durability": local})
             self._engine.last_durability = last_durability  # recovery: what a crashed session promised
-            self._engine.load_state(fresh=not exists)
-            if relabel and local != "cache":  # after recovery: killed in it, a crashed cache session read as synced
-                self._write_manifest(manifest_path, {**manifest, "durability": local})  # was refused (session 26b)
+            self._engine.load_state(fresh=not exists)  # its directory writes are all synced, in either mode
+            if exists and not self.read_only and last_durability != local:
+                # this session's mode, for how the next open reads its WAL: only once recovery is done (written
+                # before, a refused or killed open left the crashed session judged by the wrong mode: session 26b)
+                self._write_manifest(manifest_path, {**manifest, "durability": local})
             self._tiering.adopt_table(remote_durability=self.durability == "remote")
             self.recovery_report = self._engine.recovery_report
             if not exists:
