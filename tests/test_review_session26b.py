@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,40 @@ def test_a_store_killed_right_after_giving_up_its_reserve_reopens_and_recovers_r
         for key, value in acked.items():
             assert bytes(s.get(key) or b"") == value, key
     assert check(store).findings == []
+
+
+def test_threads_filling_the_disk_together_give_the_reserve_up_once_and_lose_nothing(
+        small_fs: SmallFs) -> None:  # noqa: F811 - the fixture imported above
+    """Sound (checked, passes as the change landed): four threads put until each has seen NoSpace, racing the
+    reserve's admit and give_up. Every put acknowledged reads back; the reserve ends given up (0 bytes), so
+    deletes and GC make the store writable again, and fsck is clean."""
+    s = small_fs.open(durability="sync", block_size=BLOCK)
+    acked: dict[bytes, bytes] = {}
+    lock = threading.Lock()
+
+    def writer(t: int) -> None:
+        for i in range(100_000):
+            key, value = b"t%d-%05d" % (t, i), bytes([t * 37 + i % 199]) * 15_000
+            try:
+                s.put(key, value)
+            except NoSpace:
+                return
+            with lock:
+                acked[key] = value
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(acked) > 100
+    assert (small_fs.root / "store" / "RESERVE").stat().st_size == 0
+    for key in list(acked)[::2]:
+        assert s.delete(key)
+        del acked[key]
+    s.close()
+    with small_fs.open(durability="sync", compaction={"policy": "aggressive", "gc_invalid_ratio": 0.3}) as s2:
+        s2.compactor.run_until_idle()
+        s2.put(b"after", b"x" * 15_000)
+        for key, value in acked.items():
+            assert bytes(s2.get(key) or b"") == value, key
+    assert check(small_fs.root / "store").findings == []
