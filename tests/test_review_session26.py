@@ -122,15 +122,9 @@ def test_a_manifest_naming_another_store_id_is_refused_before_a_write(tmp_path: 
     assert_all_read(store, acked)
 
 
-def test_a_cache_open_after_a_sync_session_crashed_does_not_drop_its_damaged_records(tmp_path: Path) -> None:
-    """A sync-mode session stops without closing; one of its sealed blocks is then cut short. The next open in
-    cache mode (the default) verified that session's blocks as if they were cache-mode pages a power cut may
-    have taken, and dropped the directory entries of acknowledged, synced records: silently (fsck then said OK)
-    and for good (putting the block back did not bring them back). Recovery now holds the crashed session to
-    the durability it ran under (the MANIFEST's), so the open is refused as a sync open's is, and undoing the
-    damage gives every record back."""
-    store = tmp_path / "s"
-    acked = make_store(store, n=8)
+def crash_a_sync_session(store: Path, acked: dict[bytes, bytes]) -> tuple[Path, bytes]:
+    """A sync-mode session writes 16 more records (added to `acked`) and stops as kill -9 leaves it; then one of
+    the sealed blocks it wrote is cut to half. Returns that block file and its bytes, to undo the damage."""
     s = blockstore.open(store, durability="sync", block_size=BLOCK)
     for i in range(8, 24):
         key, value = b"k%03d" % i, bytes([i]) * VALUE
@@ -140,6 +134,19 @@ def test_a_cache_open_after_a_sync_session_crashed_does_not_drop_its_damaged_rec
     victim = sorted((store / "blocks").iterdir())[-3]  # a sealed block the crashed session wrote
     kept = victim.read_bytes()
     os.truncate(victim, len(kept) // 2)
+    return victim, kept
+
+
+def test_a_cache_open_after_a_sync_session_crashed_does_not_drop_its_damaged_records(tmp_path: Path) -> None:
+    """A sync-mode session stops without closing; one of its sealed blocks is then cut short. The next open in
+    cache mode (the default) verified that session's blocks as if they were cache-mode pages a power cut may
+    have taken, and dropped the directory entries of acknowledged, synced records: silently (fsck then said OK)
+    and for good (putting the block back did not bring them back). Recovery now holds the crashed session to
+    the durability it ran under (the MANIFEST's), so the open is refused as a sync open's is, and undoing the
+    damage gives every record back."""
+    store = tmp_path / "s"
+    acked = make_store(store, n=8)
+    victim, kept = crash_a_sync_session(store, acked)
     with pytest.raises(CorruptionError, match="fsck --repair"):
         blockstore.open(store)  # cache mode
     victim.write_bytes(kept)
@@ -304,19 +311,11 @@ def test_a_damaged_durability_is_read_as_sync_after_a_crash(tmp_path: Path) -> N
     nothing."""
     store = tmp_path / "s"
     acked = make_store(store, n=8)
-    s = blockstore.open(store, durability="sync", block_size=BLOCK)
-    for i in range(8, 24):
-        key, value = b"k%03d" % i, bytes([i]) * VALUE
-        s.put(key, value)
-        acked[key] = value
-    s.abandon()
+    victim, kept = crash_a_sync_session(store, acked)
     p = store / "MANIFEST.json"
     m = json.loads(p.read_text())
     m["durability"] = "zync"
     p.write_text(json.dumps(m))
-    victim = sorted((store / "blocks").iterdir())[-3]
-    kept = victim.read_bytes()
-    os.truncate(victim, len(kept) // 2)
     with pytest.raises(CorruptionError, match="fsck --repair"):
         blockstore.open(store)
     victim.write_bytes(kept)
