@@ -12,6 +12,7 @@ A host where mount is not permitted fails these tests; BLOCKSTORE_NO_MOUNT=1 ski
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -72,35 +73,44 @@ class SmallFs:
         return st.f_bavail * st.f_frsize
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `mnt` (made here) for the with block. Skipped on request
+    (BLOCKSTORE_NO_MOUNT=1); a host where it cannot be mounted fails the test, naming why."""
     if os.environ.get("BLOCKSTORE_NO_MOUNT") == "1":
         pytest.skip("BLOCKSTORE_NO_MOUNT=1: the ENOSPC tests need `mount -t tmpfs` (root) and were skipped on request")
-    mnt = tmp_path / "fs"
     mnt.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE}", "tmpfs", str(mnt)],
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                            capture_output=True, text=True, timeout=60)
         why = (r.stderr or r.stdout).strip() or f"exit status {r.returncode}"
         ok = r.returncode == 0
     except (OSError, subprocess.SubprocessError) as exc:
         why, ok = str(exc), False
     if not ok:
-        pytest.fail(f"cannot mount a tmpfs of {FS_SIZE} at {mnt} for the ENOSPC tests ({why}). They need root, "
+        pytest.fail(f"cannot mount a tmpfs of {size} at {mnt} for the ENOSPC tests ({why}). They need root, "
                     "as CI has (`mount -t tmpfs` inside the container); set BLOCKSTORE_NO_MOUNT=1 to skip them "
                     "explicitly on a host that does not allow it.", pytrace=False)
-    fs = SmallFs(mnt)
     try:
-        yield fs
+        yield mnt
     finally:
-        for s in fs.stores:
-            try:
-                s.close()
-            except BlockstoreError:
-                pass  # closed all the same
         r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
         if r.returncode != 0:  # something still holds it (a failed test's open files): detach it anyway
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+    with mounted_tmpfs(tmp_path / "fs", FS_SIZE) as mnt:
+        fs = SmallFs(mnt)
+        try:
+            yield fs
+        finally:
+            for s in fs.stores:
+                try:
+                    s.close()
+                except BlockstoreError:
+                    pass  # closed all the same
 
 
 def _value(key: bytes, size: int) -> bytes:

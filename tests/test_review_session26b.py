@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_enospc import SmallFs, small_fs  # noqa: F401 - small_fs is a fixture used by name
+from test_enospc import SmallFs, mounted_tmpfs, small_fs  # noqa: F401 - small_fs is a fixture used by name
+from test_review_session26 import crash_a_sync_session, make_store
 
 import blockstore
 from blockstore import blocklife
@@ -74,17 +75,8 @@ def test_a_refused_cache_open_does_not_relabel_a_crashed_sync_session(tmp_path: 
     the damaged block's acknowledged records, silently (3 of 24 keys gone, the open succeeded). The MANIFEST now
     changes mode only once recovery is done; every retry is refused until the damage is undone or repaired."""
     store = tmp_path / "s"
-    acked = {b"k%03d" % i: bytes([i]) * VALUE for i in range(24)}
-    with blockstore.open(store, durability="sync", block_size=BLOCK) as s:
-        for i in range(8):
-            s.put(b"k%03d" % i, acked[b"k%03d" % i])
-    s = blockstore.open(store, durability="sync", block_size=BLOCK)
-    for i in range(8, 24):
-        s.put(b"k%03d" % i, bytes([i]) * VALUE)
-    s.abandon()  # as kill -9 leaves it
-    victim = sorted((store / "blocks").iterdir())[-3]
-    kept = victim.read_bytes()
-    os.truncate(victim, len(kept) // 2)
+    acked = make_store(store, n=8)
+    victim, kept = crash_a_sync_session(store, acked)
     for _attempt in range(2):  # the second was: opened, 3 acknowledged keys gone
         with pytest.raises(CorruptionError, match="fsck --repair"):
             blockstore.open(store)  # cache mode
@@ -97,15 +89,8 @@ def test_a_refused_cache_open_does_not_relabel_a_crashed_sync_session(tmp_path: 
 @pytest.fixture
 def fs96(tmp_path: Path) -> Iterator[Path]:
     """A 96 MiB tmpfs: big enough that the reserve is one block + 4 MiB, not capped at a sixteenth of it."""
-    if os.environ.get("BLOCKSTORE_NO_MOUNT") == "1":
-        pytest.skip("BLOCKSTORE_NO_MOUNT=1: needs `mount -t tmpfs` (root)")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "96m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill_until_free(root: Path, free: int) -> None:
