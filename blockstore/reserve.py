@@ -4,9 +4,9 @@ next open (RocksDB recovers its WAL into a table) and compaction (GC copies a bl
 block goes): without room held back, a store alone on its disk could never free a byte through its own API,
 only by files removed elsewhere (tests/test_review_session26.py).
 
-The reserve is `size` bytes (one block plus 4 MiB, at most a sixteenth of the file system), taken only while
-the disk is low: free space below `low` (8 reserves or 2 % of the file system, whichever is more), looked at
-(one statvfs) every quarter reserve of bytes put, never per put. It is a file allocated with posix_fallocate,
+The reserve is `size` bytes (one block, counted as at most 1 GiB, plus 4 MiB; at most a sixteenth of the
+file system), taken only while the disk is low: free space below `low` (4 reserves or 2 % of the file system,
+whichever is more), looked at (one statvfs) every quarter reserve of bytes put, never per put. It is a file allocated with posix_fallocate,
 so the blocks really are taken; on a roomy disk there is no file at all, and a reserve held is removed again
 once free space is above twice `low`. The first NoSpace of a user write gives it up (truncated to 0 bytes,
 so the file says so across a reopen), and from then on writes that add data are refused with NoSpace while
@@ -25,6 +25,11 @@ from blockstore.errors import NoSpace
 RESERVE = "RESERVE"
 _MIN_RESERVE = 64 << 10  # smaller than this holds back too little to be worth a file
 _HEADROOM = 4 << 20  # the directory's share: a WAL recovered into a table, a new MANIFEST and WAL
+# a huge block_size option (up to 1 TiB) must not hold back its own size: 2**40 took a 16.9 GB RESERVE on a 252 GB
+# disk, which was "low" at once (8 such reserves were more than it had free)
+_MAX_BLOCK_SHARE = 1 << 30
+_FS_SHARE = 16  # at most this fraction of the file system (a 64th was too little to recover an 8 MiB tmpfs)
+_LOW_RESERVES = 4  # the disk is low below this many reserves free (or 2 % of it)
 
 _log = logs.get("blocks")
 
@@ -38,7 +43,7 @@ def reserve_size(root: str, block_size: int) -> int:
     """One block (what GC may copy before it frees one) plus the directory's headroom, but never more than a
     sixteenth of the file system; 0 (no reserve) when that is too small to matter."""
     st = os.statvfs(root)
-    size = min(block_size + _HEADROOM, st.f_blocks * st.f_frsize // 16)
+    size = min(min(block_size, _MAX_BLOCK_SHARE) + _HEADROOM, st.f_blocks * st.f_frsize // _FS_SHARE)
     return size if size >= _MIN_RESERVE else 0
 
 
@@ -53,7 +58,7 @@ class SpaceReserve:
         try:
             st = os.statvfs(root)
             self.size = reserve_size(root, block_size)
-            self.low = max(8 * self.size, st.f_blocks * st.f_frsize // 50)
+            self.low = max(_LOW_RESERVES * self.size, st.f_blocks * st.f_frsize // 50)
         except OSError:
             self.size = self.low = 0
         self.given_up = False

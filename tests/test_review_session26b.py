@@ -17,6 +17,7 @@ from test_review_session26 import crash_a_sync_session, make_store
 import blockstore
 from blockstore import blocklife
 from blockstore.errors import CorruptionError, NoSpace
+from blockstore.reserve import SpaceReserve, reserve_size
 from blockstore.tools.fsck import check
 
 BLOCK = 64 << 10
@@ -238,3 +239,21 @@ def test_threads_filling_the_disk_together_give_the_reserve_up_once_and_lose_not
         for key, value in acked.items():
             assert bytes(s2.get(key) or b"") == value, key
     assert check(small_fs.root / "store").findings == []
+
+
+def test_a_huge_block_size_holds_back_at_most_a_gib_and_nothing_on_a_roomy_disk(tmp_path: Path) -> None:
+    """block_size=2**40 (the largest allowed) took a 16.9 GB STORE/RESERVE on a 252 GB disk: the reserve was one
+    block + 4 MiB (capped only at a sixteenth of the file system) and the disk counted as low below 8 of those,
+    more than it had free. A block now counts as at most 1 GiB, and low is 4 reserves or 2 % of the disk."""
+    store = tmp_path / "s"
+    store.mkdir()
+    size = reserve_size(str(store), 1 << 40)
+    assert size <= (1 << 30) + (4 << 20)
+    low = SpaceReserve(str(store), 1 << 40).low
+    st = os.statvfs(store)
+    if st.f_bavail * st.f_frsize <= 2 * low:
+        pytest.skip(f"this disk is not roomy for a 2**40-byte block size ({st.f_bavail * st.f_frsize} bytes free, "
+                    f"low is {low}): a reserve would rightly be taken")
+    with blockstore.open(store, create=True, allow_non_empty=True, block_size=1 << 40) as s:
+        s.put(b"k", b"x" * 100)
+    assert not (store / "RESERVE").exists()
