@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 from test_enospc import SmallFs, mounted_tmpfs, small_fs  # noqa: F401 - small_fs is a fixture used by name
-from test_review_session26 import crash_a_sync_session, make_store
 
 import blockstore
 from blockstore import blocklife
-from blockstore.errors import CorruptionError, NoSpace
+from blockstore.errors import NoSpace
 from blockstore.reserve import SpaceReserve, reserve_size
 from blockstore.tools.fsck import check
 
@@ -67,24 +66,6 @@ def test_a_power_cut_cache_session_still_opens_after_a_sync_open_was_killed_in_r
         for key, value in acked.items():  # the closed session's records are intact
             assert bytes(s.get(key) or b"") == value, key
     assert report, "recovery ran"
-
-
-def test_a_refused_cache_open_does_not_relabel_a_crashed_sync_session(tmp_path: Path) -> None:
-    """5e0ad1a refuses a cache open after a sync session's crash when that session's blocks are damaged (rather
-    than drop its acknowledged records). But the refused open had already rewritten the MANIFEST's durability
-    to "cache" (before recovery), so simply opening again judged the sync session as a cache one and dropped
-    the damaged block's acknowledged records, silently (3 of 24 keys gone, the open succeeded). The MANIFEST now
-    changes mode only once recovery is done; every retry is refused until the damage is undone or repaired."""
-    store = tmp_path / "s"
-    acked = make_store(store, n=8)
-    victim, kept = crash_a_sync_session(store, acked)
-    for _attempt in range(2):  # the second was: opened, 3 acknowledged keys gone
-        with pytest.raises(CorruptionError, match="fsck --repair"):
-            blockstore.open(store)  # cache mode
-    victim.write_bytes(kept)
-    with blockstore.open(store) as s:
-        for key, value in acked.items():
-            assert bytes(s.get(key) or b"") == value, key
 
 
 @pytest.fixture
