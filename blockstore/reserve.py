@@ -125,7 +125,9 @@ class SpaceReserve:
                 _log.info("%s: the disk is low (%d bytes free): took a %d-byte space reserve", self.root, free,
                           self.size)
             elif free >= self.low and self.given_up or free >= 2 * self.low and self.held:
-                os.unlink(self.path)  # roomy again: no reserve needed
+                # roomy again: no reserve needed. Dead by construction (invariant 4): RESERVE holds no record, only
+                # space _take allocated; no block, directory or fsck path reads or counts it
+                os.unlink(self.path)
                 self.held = False
         except OSError:
             pass  # no reserve on this disk now: the store behaves as it did before there was one
@@ -138,6 +140,8 @@ class SpaceReserve:
             os.fsync(fd)
         except OSError:
             os.close(fd)
-            os.unlink(self.path)  # a partial allocation is no reserve; a 0-byte file would read as one given up
+            # a partial allocation is no reserve (a 0-byte file would read as one given up); it holds no record,
+            # only the space this call allocated, so removing it loses nothing (invariant 4)
+            os.unlink(self.path)
             raise
         os.close(fd)
