@@ -121,9 +121,11 @@ def check_options(path: Any, *, durability: Any, block_size: Any, max_open_block
         raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
     if on_corrupt not in ("raise", "miss"):
         raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+    # bounded: inf (or an int too large for a float) passed here and then made every write raise OverflowError
     if isinstance(idle_seal_seconds, bool) or not isinstance(idle_seal_seconds, (int, float)) \
-            or not idle_seal_seconds >= 0:
-        raise InvalidArgument(f"idle_seal_seconds must be a number >= 0 (0 disables), got {idle_seal_seconds!r}")
+            or not 0 <= idle_seal_seconds <= 1e9:
+        raise InvalidArgument(f"idle_seal_seconds must be a number of seconds within 0..1e9 (0 disables idle "
+                              f"sealing), got {idle_seal_seconds!r}")
     if isinstance(read_gap, bool) or not isinstance(read_gap, int) or not 0 <= read_gap <= (64 << 20):
         raise InvalidArgument(f"read_gap must be an int within 0..64 MiB, got {read_gap!r}")
     for name, value in (("remote_seal_seconds", remote_seal_seconds), ("remote_timeout", remote_timeout)):
