@@ -119,7 +119,7 @@ def store_seeds() -> None:
 def connector_seeds() -> None:
     from lmcache.v1.distributed.api import ObjectKey
 
-    from blockstore.connector.l2_adapter import _CURSOR_TAG, _encode_cursor, encode_object_key, namespace_for
+    from blockstore.connector.l2_keys import CURSOR_TAG, encode_cursor, encode_object_key, namespace_for
 
     for t in ("object_key", "l2_cursor", "l2_config", "plugin_config"):
         _clear_generated(t)
@@ -131,9 +131,9 @@ def connector_seeds() -> None:
     for i, k in enumerate(keys):
         _write("object_key", f"key{i}", encode_object_key(k))
     ns = namespace_for("tiny", "tenant-7")
-    cursor = _encode_cursor(ns, encode_object_key(keys[1]))
+    cursor = encode_cursor(ns, encode_object_key(keys[1]))
     _write("l2_cursor", "cursor", b"\x00" + cursor.encode())
-    _write("l2_cursor", "cursor-json", b"\x01" + base64.urlsafe_b64decode(cursor[len(_CURSOR_TAG):]))
+    _write("l2_cursor", "cursor-json", b"\x01" + base64.urlsafe_b64decode(cursor[len(CURSOR_TAG):]))
 
     configs = [
         {"path": "/data/kv", "capacity_bytes": 200000000000},

@@ -163,11 +163,11 @@ def test_regress_chunk_meta_ts_ns_outside_u64_is_corruption_not_overflow(ts: str
 
 
 def test_regress_l2_cursor_with_deeply_nested_json_is_a_valueerror() -> None:
-    l2 = pytest.importorskip("blockstore.connector.l2_adapter")
+    l2 = pytest.importorskip("blockstore.connector.l2_keys")
     import base64
 
     with pytest.raises(ValueError, match="malformed list_l2_keys cursor"):
-        l2._decode_cursor(l2._CURSOR_TAG + base64.urlsafe_b64encode(b"[" * 5000).decode())
+        l2.decode_cursor(l2.CURSOR_TAG + base64.urlsafe_b64encode(b"[" * 5000).decode())
 
 
 @pytest.mark.parametrize("setting", [

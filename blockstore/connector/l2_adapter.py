@@ -57,36 +57,25 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import functools
-import hashlib
-import json
 import logging
-import math
-import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lmcache.lmcache_native import Bitmap
 from lmcache.v1.distributed.api import KeyEntry, KeyListPage, ObjectKey
 from lmcache.v1.distributed.internal_api import L2StoreResult
 from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface, L2TaskId
-from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 import blockstore
 from blockstore import metrics
-from blockstore.compaction import disabled, resolve
 from blockstore.compaction.gc import MinSeqs, tombstones
 from blockstore.connector.eviction import (
-    ADMISSION,
     RETURN_SPANS,
     ClockHistory,
     HashMarks,
@@ -97,11 +86,26 @@ from blockstore.connector.eviction import (
     usable_hits,
     value,
 )
+from blockstore.connector.l2_config import (
+    RECORD_FRAMING,
+    BlockstoreL2AdapterConfig,
+    check_capacity_fits,
+    record_bytes,
+)
+from blockstore.connector.l2_keys import (
+    NS_PREFIX,
+    decode_cursor,
+    decode_object_key,
+    encode_cursor,
+    encode_object_key,
+    group_by_namespace,
+    layout_fingerprint,
+    lmcache_namespaces,
+    namespace_for,
+    readable_model,
+)
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
-from blockstore.errors import InvalidArgument
 from blockstore.keys import SPACE_KV
-from blockstore.manifest import valid_block_size
-from blockstore.records import MAX_KEY
 
 if TYPE_CHECKING:
     from lmcache.v1.distributed.api import MemoryLayoutDesc
@@ -110,102 +114,8 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("blockstore.connector")
 
-# ---------------------------------------------------------------------------------------------- keys
-
-KEY_VERSION = 1
-NS_PREFIX = "lmcache:"
-_U16 = struct.Struct(">H")
-_RANK_GROUP = struct.Struct(">qQ")  # kv_rank (signed: ObjectKey does not bound it), object_group_id (>= 0)
-
-
-def encode_object_key(key: ObjectKey) -> bytes:
-    """A stable, reversible byte form of every field of `key` (never Python's `hash`, which is salted
-    per process): version 1 | u16 len + model_name (UTF-8) | u16 len + chunk_hash | i64 kv_rank |
-    u64 object_group_id | u16 len + cache_salt (UTF-8), integers big-endian. ValueError if a field does
-    not fit or the result exceeds the store's key limit."""
-    model = key.model_name.encode("utf-8", "surrogatepass")
-    chunk = bytes(key.chunk_hash)
-    salt = key.cache_salt.encode("utf-8", "surrogatepass")
-    for name, part in (("model_name", model), ("chunk_hash", chunk), ("cache_salt", salt)):
-        if len(part) > 0xFFFF:
-            raise ValueError(f"ObjectKey.{name} of {len(part)} bytes is too long to store")
-    try:
-        ints = _RANK_GROUP.pack(key.kv_rank, key.object_group_id)
-    except struct.error as exc:
-        raise ValueError(f"ObjectKey kv_rank/object_group_id out of range: {exc}") from None
-    raw = b"".join((bytes((KEY_VERSION,)), _U16.pack(len(model)), model, _U16.pack(len(chunk)), chunk, ints,
-                    _U16.pack(len(salt)), salt))
-    if len(raw) > MAX_KEY:
-        raise ValueError(f"ObjectKey serializes to {len(raw)} bytes, more than the store's {MAX_KEY}-byte key limit")
-    return raw
-
-
-def decode_object_key(raw: bytes) -> ObjectKey:
-    """The `ObjectKey` that `encode_object_key` made `raw` from; ValueError if `raw` is not one."""
-    try:
-        if not raw or raw[0] != KEY_VERSION:
-            raise ValueError(f"unknown key version {raw[:1]!r}")
-        pos = 1
-        parts = []
-        for _ in range(2):
-            (n,) = _U16.unpack_from(raw, pos)
-            parts.append(bytes(raw[pos + 2 : pos + 2 + n]))
-            if len(parts[-1]) != n:
-                raise ValueError("key ends inside a field")
-            pos += 2 + n
-        rank, group = _RANK_GROUP.unpack_from(raw, pos)
-        pos += _RANK_GROUP.size
-        (n,) = _U16.unpack_from(raw, pos)
-        salt = bytes(raw[pos + 2 : pos + 2 + n])
-        if len(salt) != n or pos + 2 + n != len(raw):
-            raise ValueError("key length does not match its fields")
-        return ObjectKey(chunk_hash=parts[1], model_name=parts[0].decode("utf-8", "surrogatepass"), kv_rank=rank,
-                         object_group_id=group, cache_salt=salt.decode("utf-8", "surrogatepass"))
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"not a serialized ObjectKey: {exc}") from None
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._/-]")
-
-
-def _readable(model_name: str) -> str:
-    return _UNSAFE.sub("_", model_name)[:96] or "_"
-
-
-@functools.lru_cache(maxsize=4096)
-def namespace_for(model_name: str, cache_salt: str) -> str:
-    """The store namespace of one (model_name, cache_salt) pair: `lmcache:<hash>:<model>`, where the hash
-    (BLAKE2b-80 of both fields, length-prefixed) tells pairs apart and the model part (sanitized, at most
-    96 characters) only helps a person reading `blockstore stats`. At most 128 ASCII bytes."""
-    h = hashlib.blake2b(digest_size=10)
-    for part in (model_name, cache_salt):
-        b = part.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(4, "big"))
-        h.update(b)
-    return f"{NS_PREFIX}{h.hexdigest()}:{_readable(model_name)}"
-
-
-def layout_fingerprint(obj: Any) -> bytes:
-    """Record meta naming the layout of a memory object: its byte size, shapes and dtypes (canonical JSON,
-    compared byte for byte). LMCache's keys carry no dtype or layout, so this is what keeps a buffer of
-    another layout from being filled with bytes that happen to fit."""
-    doc: dict[str, Any] = {"v": 1, "size": int(obj.get_size())}
-    try:
-        shapes, dtypes = obj.get_shapes(), obj.get_dtypes()
-    except (AssertionError, AttributeError, NotImplementedError):  # objects without per-group layouts
-        try:
-            shapes, dtypes = [obj.get_shape()], [obj.get_dtype()]
-        except (AssertionError, AttributeError, NotImplementedError):
-            shapes = dtypes = None
-    if shapes is not None and dtypes is not None:
-        doc["shapes"] = [[int(d) for d in s] for s in shapes]
-        doc["dtypes"] = [str(d) for d in dtypes]
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-
-
 # -------------------------------------------------------------------------------------------- config
 
-_DEFAULT_COMPACTION = "full"
 REPLAY_BATCH = 1024  # records per replay step and listener call (a step holds _deliver_lock: ~5-10 ms)
 EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by value (bounds its cost)
 # Disk use is checked against capacity_bytes + slack after every DISK_CHECK_FRACTION of a block stored (a block
@@ -222,139 +132,6 @@ LEAD_BLOCK = 4
 BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
 CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
 MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
-
-
-@dataclass(frozen=True)
-class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
-    """`adapter_params` of the blockstore L2 adapter (see `help()`). Validated by `__post_init__`, however it is
-    built (directly, `from_dict`, `dataclasses.replace`): a bad value raises blockstore's `InvalidArgument` (a
-    ValueError) naming the field. Frozen, so a validated config stays valid."""
-
-    FIELDS: ClassVar[tuple[str, ...]] = ("path", "durability", "block_size", "capacity_bytes", "compaction",
-                                         "workers", "lock_ttl_s", "admission", "metrics_port")
-
-    path: str
-    _: KW_ONLY
-    durability: str = "cache"
-    block_size: int | None = None
-    capacity_bytes: int = 0
-    compaction: str | dict[str, Any] | None = _DEFAULT_COMPACTION
-    workers: int = 4
-    lock_ttl_s: float = 600.0
-    admission: str = "always"
-    metrics_port: int | None = None
-
-    def __post_init__(self) -> None:
-        """The one validator (normalizes compaction False/'none'/'off' to None and lock_ttl_s to a float)."""
-        def bad(name: str, why: str) -> InvalidArgument:
-            return InvalidArgument(f"blockstore adapter_params: {name!r} {why}")
-
-        path = self.path
-        if not isinstance(path, str) or not path.strip():
-            raise bad("path", f"(the store directory) is required, a non-empty string, got {path!r}")
-        if self.durability not in ("cache", "sync"):
-            raise bad("durability", f"must be 'cache' or 'sync', got {self.durability!r}")
-        block_size = self.block_size
-        if block_size is not None and not valid_block_size(block_size):
-            raise bad("block_size", "must be an integer number of bytes between 65536 (64 KiB) and 2**40 (1 TiB), "
-                      f"got {block_size!r}")
-        if not _is_int(self.capacity_bytes) or self.capacity_bytes < 0:
-            raise bad("capacity_bytes", f"must be an integer >= 0 (0 = unbounded), got {self.capacity_bytes!r}")
-        if self.capacity_bytes and block_size is not None:
-            check_capacity_fits(self.capacity_bytes, block_size)
-        if self.admission not in ADMISSION:
-            raise bad("admission", f"must be one of {list(ADMISSION)}, got {self.admission!r}")
-        compaction = self.compaction
-        if disabled(compaction):
-            compaction = None
-        if compaction is not None:
-            spec = compaction
-            if isinstance(spec, dict):  # "background" is attach()'s switch, not a policy knob
-                compaction = dict(spec)  # a copy: the caller's dict cannot change it afterwards
-                spec = {k: v for k, v in spec.items() if k != "background"}
-            try:
-                policy = resolve(spec)
-            except (ValueError, TypeError) as exc:  # InvalidArgument
-                raise bad("compaction", f"is not a usable policy: {exc}") from None
-            unbounded = [n for n, on in (("relocation_budget", policy.relocation), ("gc_budget", policy.gc))
-                         if on and math.isinf(getattr(policy, n))]
-            if self.capacity_bytes and unbounded:
-                # measured (tests/test_adapter_capacity.py): 'aggressive' took the disk to 1.2-1.35x the
-                # bound, its copies outrunning eviction between two checks
-                raise bad("compaction", f"with unbounded {' and '.join(unbounded)} (policy {policy.name!r}) may "
-                          "write copies without limit between two evictions, so capacity_bytes could not be "
-                          "kept; use a policy with finite budgets (e.g. 'full') or capacity_bytes 0")
-        if not _is_int(self.workers) or not 1 <= self.workers <= 256:
-            raise bad("workers", f"must be an integer in 1..256, got {self.workers!r}")
-        ttl = self.lock_ttl_s
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
-            raise bad("lock_ttl_s", f"must be a number >= 0 (0 = locks never expire), got {ttl!r}")
-        port = self.metrics_port
-        if port is not None and (not _is_int(port) or not 0 <= port <= 65535):
-            raise bad("metrics_port", f"must be a TCP port 0..65535 (0: any free one) or null, got {port!r}")
-        object.__setattr__(self, "compaction", compaction)
-        object.__setattr__(self, "lock_ttl_s", float(ttl))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockstoreL2AdapterConfig:
-        """From the `adapter_params` JSON object: unknown keys are refused, values go through the validator."""
-        if not isinstance(d, dict):
-            raise InvalidArgument(f"blockstore adapter_params must be a JSON object, got {type(d).__name__}")
-        params = {k: v for k, v in d.items() if k != "type"}
-        unknown = sorted(set(params) - set(cls.FIELDS), key=str)
-        if unknown:
-            raise InvalidArgument(f"blockstore adapter_params: unknown key(s) {unknown}; known: {list(cls.FIELDS)}")
-        return cls(params.pop("path", None), **params)
-
-    @classmethod
-    def help(cls) -> str:
-        return (
-            "blockstore L2 adapter (type 'plugin', module_path 'blockstore.connector.l2_adapter', "
-            "class_name 'BlockstoreL2Adapter'); adapter_params:\n"
-            "- path (str, required): the store directory (created if missing; one server process per store)\n"
-            "- durability ('cache' | 'sync', default 'cache'): 'sync' makes every stored chunk survive a crash "
-            "before its store task completes\n"
-            "- block_size (int bytes, optional): size of new block files (64 KiB..1 TiB; default: the store's, "
-            "64 MiB for a new one)\n"
-            "- capacity_bytes (int, default 0 = unbounded): payload bytes the adapter may hold, at least one "
-            "block; > 0 enables LMCache's global L2 eviction, and the adapter evicts by value (reads, recency, "
-            "size) whole blocks at a time, so that block files stay within capacity_bytes + 8 KiB per record + "
-            "the open blocks + one block, with any compaction setting (compaction with an unbounded "
-            "relocation_budget or gc_budget, such as 'aggressive', is refused)\n"
-            "- admission ('always' | 'second_sighting', default 'always'): with 'second_sighting' a key is "
-            "stored only when it is offered a second time (one-off keys never displace reused ones)\n"
-            "- compaction (policy name or {\"policy\": name, knob: value}, default 'full'; null, 'none' or 'off' = no compaction): "
-            "background GC and affinity relocation (blockstore.compaction policies)\n"
-            "- workers (int, default 4): threads for lookups and loads; stores get a pool of the same size\n"
-            "- lock_ttl_s (number, default 600; 0 = never): a lookup's lock older than this no longer stops "
-            "delete (a backstop for locks whose unlock never comes)\n"
-            "- metrics_port (int, optional): serve blockstore's Prometheus metrics (engine, compaction, this "
-            "adapter) at http://HOST:PORT/metrics from the server process\n"
-            "Put eviction, serde, shared and affinity_tag at the top level of the --l2-adapter JSON, not here."
-        )
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-RECORD_FRAMING = 8192  # a record's header, key and page alignment in its block file, at most (beside payload)
-
-
-def _record_bytes(payload: int) -> int:
-    """An upper estimate of a record's bytes in its block file: payload page-aligned plus a page of header and
-    key (the exact layout is the engine's)."""
-    return -(-payload // 4096) * 4096 + 4096
-
-
-def check_capacity_fits(capacity: int, block_size: int) -> None:
-    """Eviction frees space a whole block at a time and every open block is slack on top of the capacity: a
-    capacity smaller than one block could not be kept within any stated bound of itself."""
-    if capacity < block_size:
-        raise InvalidArgument(
-            f"blockstore adapter_params: 'capacity_bytes' ({capacity}) must be at least one block "
-            f"({block_size} bytes): eviction frees whole blocks, and open blocks are slack on top of the "
-            "capacity; set a smaller 'block_size' or a larger capacity")
 
 
 # ------------------------------------------------------------------------------------------- adapter
@@ -648,18 +425,6 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
     # ---- keys ----
 
-    def _group(self, keys: Sequence[ObjectKey]) -> tuple[dict[str, list[tuple[int, bytes]]], list[int]]:
-        """Keys by namespace as (index, serialized key); indices of keys that cannot be stored at all."""
-        groups: dict[str, list[tuple[int, bytes]]] = {}
-        bad: list[int] = []
-        for i, k in enumerate(keys):
-            try:
-                groups.setdefault(namespace_for(k.model_name, k.cache_salt), []).append((i, encode_object_key(k)))
-            except (ValueError, AttributeError, TypeError) as exc:
-                _log.warning("blockstore L2: key %r cannot be stored: %s", k, exc)
-                bad.append(i)
-        return groups, bad
-
     def _held(self, key: ObjectKey, now: float) -> bool:
         """Whether a lookup's lock still protects `key` (caller holds _lock). Leases expire after lock_ttl_s."""
         entry = self._locks.get(key)
@@ -682,7 +447,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             with self._lock:
                 self._counters.store_failed_tasks += 1
             return L2StoreResult(False, 0)
-        groups, bad = self._group(keys)
+        groups, bad = group_by_namespace(keys)
         ok = not bad
         written = 0
         for ns, items in groups.items():
@@ -915,7 +680,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         emptied and can exceed it."""
         with self._lock:
             framing = (self._records + len(puts)) * RECORD_FRAMING
-        incoming = sum(_record_bytes(p.size) for p in puts)
+        incoming = sum(record_bytes(p.size) for p in puts)
         return sum(e.data_end for e in table) + incoming - self._capacity - framing - self.store.block_size
 
     def _evict(self, excess: int, disk_excess: int, table: list[BlockEntry]) -> int:
@@ -993,7 +758,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         released: a store replaced them after the pass planned and before it claimed them (keys it trims or
         leaves out of the spare room are claimed late), and its decision was about the old record, not the
         acknowledged new one. A failed look-up keeps them all (as before: deleted)."""
-        groups, _bad = self._group(keys)
+        groups, _bad = group_by_namespace(keys)
         stay: list[ObjectKey] = []
         try:
             for ns, items in groups.items():
@@ -1298,7 +1063,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
     def _run_lookup(self, keys: list[ObjectKey]) -> Bitmap:
         bitmap = Bitmap(len(keys))
-        groups, _bad = self._group(keys)
+        groups, _bad = group_by_namespace(keys)
         compactor = self.store.compactor
         found: list[int] = []
         blocks: set[int] = set()
@@ -1352,7 +1117,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         if len(keys) != len(objects):
             _log.error("blockstore L2: load task with %d keys and %d objects", len(keys), len(objects))
             return bitmap
-        groups, bad = self._group(keys)
+        groups, bad = group_by_namespace(keys)
         served: list[ObjectKey] = []
         served_bytes = 0
         blocks: set[int] = set()
@@ -1468,7 +1233,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         stored with (read from the directory just before). Returns (keys gone, payload bytes freed)."""
         if not marked:
             return [], 0
-        groups, _bad = self._group(marked)
+        groups, _bad = group_by_namespace(marked)
         gone: list[tuple[ObjectKey, int]] = []
         try:
             for ns, items in groups.items():
@@ -1516,13 +1281,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         """(serialized key, location) of a namespace's records in key order, starting after `after`."""
         yield from self.store.iter_locations(ns=ns, after=after)
 
-    def _namespaces(self) -> list[str]:
-        return sorted(ns for ns in self.store.namespaces() if ns.startswith(NS_PREFIX))
-
     def _records_held(self) -> Iterator[tuple[ObjectKey, int]]:
         """(key, payload size) of every record in the lmcache namespaces, streamed from the directory."""
         foreign = 0
-        for ns in self._namespaces():
+        for ns in lmcache_namespaces(self.store):
             for kb, loc in self._scan(ns):
                 try:
                     key = decode_object_key(kb)
@@ -1605,7 +1367,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             assert lo is not None
             found: list[tuple[str, bytes, int]] = []
             full = False
-            for ns in self._namespaces():  # read now: namespaces created since the last step are included
+            for ns in lmcache_namespaces(self.store):  # read now: namespaces created since the last step are included
                 if ns < lo[0]:
                     continue
                 for kb, loc in self._scan(ns, lo[1] if ns == lo[0] else None):
@@ -1671,7 +1433,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         if not want:
             return {}
         finals: dict[ObjectKey, int | None] = dict.fromkeys(want)
-        groups, _bad = self._group(want)
+        groups, _bad = group_by_namespace(want)
         for ns, items in groups.items():
             try:
                 locs = self.store.locate_many([kb for _, kb in items], ns=ns)
@@ -1735,11 +1497,11 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         """Keys held, in (namespace, key) order; `cursor` is the opaque next_page_token of the previous page."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-        start_ns, after = _decode_cursor(cursor)
-        want = None if model_name is None else _readable(model_name)
+        start_ns, after = decode_cursor(cursor)
+        want = None if model_name is None else readable_model(model_name)
         entries: list[KeyEntry] = []
         last: tuple[str, bytes] | None = None
-        for ns in self._namespaces():
+        for ns in lmcache_namespaces(self.store):
             if start_ns is not None and ns < start_ns:
                 continue
             if want is not None and ns.split(":", 2)[2] != want:
@@ -1753,7 +1515,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     continue
                 if len(entries) == page_size:
                     assert last is not None
-                    return KeyListPage(entries=tuple(entries), next_page_token=_encode_cursor(*last))
+                    return KeyListPage(entries=tuple(entries), next_page_token=encode_cursor(*last))
                 entries.append(KeyEntry(key=key.to_encoded_object_key(), size_bytes=loc.payload_len))
                 last = (ns, kb)
         return KeyListPage(entries=tuple(entries), next_page_token=None)
@@ -1824,33 +1586,13 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     pass
 
 
-# ------------------------------------------------------------------------------------------- cursors
-
-_CURSOR_TAG = "bs1."
-
-
-def _encode_cursor(ns: str, after: bytes) -> str:
-    raw = json.dumps([ns, after.hex()], separators=(",", ":")).encode()
-    return _CURSOR_TAG + base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_cursor(cursor: str | None) -> tuple[str | None, bytes | None]:
-    if cursor is None:
-        return None, None
-    try:
-        if not isinstance(cursor, str) or not cursor.startswith(_CURSOR_TAG):
-            raise ValueError("wrong tag")
-        ns, after = json.loads(base64.urlsafe_b64decode(cursor[len(_CURSOR_TAG):].encode()))
-        if not isinstance(ns, str) or not ns.startswith(NS_PREFIX) or not isinstance(after, str):
-            raise ValueError("wrong fields")
-        return ns, bytes.fromhex(after)
-    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:  # RecursionError: deeply nested JSON
-        raise ValueError(f"malformed list_l2_keys cursor {cursor!r}: {exc}") from None
-
-
 __all__ = [
+    "EVICT_AHEAD",
+    "LEAD_BLOCK",
+    "RECORD_FRAMING",
     "BlockstoreL2Adapter",
     "BlockstoreL2AdapterConfig",
+    "check_capacity_fits",
     "decode_object_key",
     "encode_object_key",
     "layout_fingerprint",

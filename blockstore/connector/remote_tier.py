@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from lmcache.lmcache_native import Bitmap
 from lmcache.v1.distributed.api import ObjectKey
 
-from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig, layout_fingerprint
+from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig
+from blockstore.connector.l2_keys import group_by_namespace, layout_fingerprint
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.remote import Reclaimer, RemoteError, RemotePool, S3Settings, make_object_store
@@ -213,7 +214,7 @@ class RemoteTierL2Adapter(BlockstoreL2Adapter):
 
     def _run_lookup(self, keys: list[ObjectKey]) -> Bitmap:
         bitmap = super()._run_lookup(keys)
-        groups, _bad = self._group(keys)
+        groups, _bad = group_by_namespace(keys)
         hits = 0
         for ns, items in groups.items():
             todo = [(i, kb) for i, kb in items if not bitmap.test(i)]
@@ -230,7 +231,7 @@ class RemoteTierL2Adapter(BlockstoreL2Adapter):
         bitmap = super()._run_load(keys, objects)
         if len(keys) != len(objects):
             return bitmap
-        groups, _bad = self._group(keys)
+        groups, _bad = group_by_namespace(keys)
         for ns, items in groups.items():
             todo = [(i, kb) for i, kb in items if not bitmap.test(i)]
             if todo:

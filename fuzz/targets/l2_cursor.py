@@ -1,4 +1,4 @@
-"""LMCache adapter listing cursor: `connector.l2_adapter._decode_cursor`, the page token a client of
+"""LMCache adapter listing cursor: `connector.l2_keys.decode_cursor`, the page token a client of
 `list_l2_keys` hands back (through LMCache's HTTP API, so untrusted).
 
 Input: one control byte, then the rest. Control bit 0: the rest is the cursor's JSON body, wrapped
@@ -17,7 +17,7 @@ import sys
 from fuzz import harness
 
 with harness.instrumented(__name__):
-    from blockstore.connector.l2_adapter import _CURSOR_TAG, NS_PREFIX, _decode_cursor, _encode_cursor
+    from blockstore.connector.l2_keys import CURSOR_TAG, NS_PREFIX, decode_cursor, encode_cursor
 
 WRAP = 1
 
@@ -25,15 +25,15 @@ WRAP = 1
 def test_one_input(data: bytes) -> None:
     ctl, body = harness.split_control(data)
     if ctl & WRAP:
-        cursor = _CURSOR_TAG + base64.urlsafe_b64encode(body).decode()
+        cursor = CURSOR_TAG + base64.urlsafe_b64encode(body).decode()
     else:
         cursor = body.decode("utf-8", "surrogateescape")
     try:
-        ns, after = _decode_cursor(cursor)
+        ns, after = decode_cursor(cursor)
     except ValueError:
         return
     assert isinstance(ns, str) and ns.startswith(NS_PREFIX) and isinstance(after, bytes), (ns, after)
-    assert _decode_cursor(_encode_cursor(ns, after)) == (ns, after)
+    assert decode_cursor(encode_cursor(ns, after)) == (ns, after)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""LMCache adapter key decoding: `connector.l2_adapter.decode_object_key`, which turns the user keys of
+"""LMCache adapter key decoding: `connector.l2_keys.decode_object_key`, which turns the user keys of
 the store's lmcache namespaces back into LMCache `ObjectKey`s (listing, restart replay, eviction).
 
 Input: the raw key bytes.
@@ -15,7 +15,7 @@ import sys
 from fuzz import harness
 
 with harness.instrumented(__name__):
-    from blockstore.connector.l2_adapter import decode_object_key, encode_object_key
+    from blockstore.connector.l2_keys import decode_object_key, encode_object_key
 
 
 def test_one_input(data: bytes) -> None:
