@@ -23,3 +23,44 @@ def test_a_large_finite_idle_seal_seconds_still_writes(tmp_path: Path) -> None:
     with blockstore.open(tmp_path / "s", idle_seal_seconds=1e9) as s:
         s.put(b"k", b"v")
         assert s.get(b"k") == b"v"
+
+
+BLEND_BAD = [
+    ("blend.min_chunk_tokens", 0),  # before: accepted, then find_chunk_spans raised in the scheduler at each prompt
+    ("blend.min_chunk_tokens", -4),
+    ("blend.min_reused_tokens", -1),  # before: accepted; every prompt with any stored chunk was claimed
+    ("blend.check_layer", 1.7),  # before: silently int() -> 1
+    ("blend.check_layer", "abc"),  # before: a bare ValueError without the key
+    ("blend.sink_tokens", None),  # before: TypeError
+    ("blend.ratio", "abc"),  # before: ValueError "could not convert string to float"
+    ("blend.ratio", [0.1]),  # before: TypeError
+    ("blend.gradual", float("nan")),  # before: accepted (nan < 1 is False)
+    ("blend.gradual", float("inf")),
+    ("blend.separator_ids", "128000"),  # before: (1, 2, 8, 0, 0, 0): no prompt ever matched, silently
+    ("blend.separator_ids", 5),  # before: TypeError 'int' object is not iterable
+    ("blend.separator_ids", [7, -1]),
+    ("blend.namespace", 5),  # before: str(5)
+    ("blend.store_path", 5),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BLEND_BAD, ids=[f"{k}={v!r}" for k, v in BLEND_BAD])
+def test_blend_settings_refuse_bad_values_naming_the_key(tmp_path: Path, key: str, value: object) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from blockstore.connector.blend_connector import BlendSettings
+
+    base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": [7, 7]}
+    with pytest.raises(blockstore.InvalidArgument, match=key.replace(".", r"\.")):
+        BlendSettings.from_extra_config({**base, key: value}, str(tmp_path))
+
+
+def test_blend_settings_keep_accepting_good_values(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from blockstore.connector.blend_connector import BlendSettings
+
+    base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": (7, 8)}
+    s = BlendSettings.from_extra_config({**base, "blend.ratio": 1, "blend.check_layer": "2", "blend.gradual": 100,
+                                         "blend.min_chunk_tokens": 1, "blend.min_reused_tokens": 0}, str(tmp_path))
+    assert (s.separator_ids, s.ratio, s.check_layer, s.gradual, s.min_chunk_tokens) == ((7, 8), 1.0, 2, 100.0, 1)

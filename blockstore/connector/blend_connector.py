@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -120,29 +121,65 @@ class BlendSettings:
                                   "(the blockstore directory holding chunk KV)")
         model_dir = str(ours.get("blend.model_dir") or default_model_dir)
         if "blend.separator_ids" in ours:
-            sep = tuple(int(t) for t in ours["blend.separator_ids"])
+            sep = _token_ids(ours["blend.separator_ids"])
         else:
             sep = separator_token_ids(model_dir, str(ours.get("blend.separator", DEFAULT_SEPARATOR)))
         if not sep:
             raise InvalidArgument(f"{CONNECTOR_CLASS}: the separator tokenizes to no token ids")
-        ratio = float(ours.get("blend.ratio", 0.15))
-        if not 0.0 <= ratio <= 1.0:
-            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.ratio must be in [0, 1], got {ratio}")
-        gradual = float(ours.get("blend.gradual", 1.0))
-        if gradual < 1.0:
-            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.gradual must be >= 1, got {gradual}")
+        ratio = _number(ours, "blend.ratio", 0.15, 0.0, 1.0)
+        gradual = _number(ours, "blend.gradual", 1.0, 1.0, 100.0)
         qw = ours.get("blend.query_weighted", DEFAULT_QUERY_WEIGHTED)
         if not isinstance(qw, bool):
             raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.query_weighted must be true or false, got {qw!r}")
+        for key in ("blend.store_path", "blend.namespace", "blend.selector", "blend.deviation", "blend.stats_path",
+                    "blend.model_id"):
+            if key in ours and not isinstance(ours[key], (str, os.PathLike)) \
+                    and not (ours[key] is None and key in ("blend.stats_path", "blend.model_id")):
+                raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be a string, got {ours[key]!r}")
         return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
                    selector=str(ours.get("blend.selector", "deviation")),
-                   check_layer=int(ours.get("blend.check_layer", 1)),
-                   deviation=str(ours.get("blend.deviation", DEFAULT_DEVIATION)), sink_tokens=int(ours.get("blend.sink_tokens", 0)),
+                   check_layer=_count(ours, "blend.check_layer", 1, 0),
+                   deviation=str(ours.get("blend.deviation", DEFAULT_DEVIATION)),
+                   sink_tokens=_count(ours, "blend.sink_tokens", 0, 0),
                    query_weighted=qw, gradual=gradual,
-                   min_chunk_tokens=int(ours.get("blend.min_chunk_tokens", 16)),
-                   min_reused_tokens=int(ours.get("blend.min_reused_tokens", 0)),
+                   min_chunk_tokens=_count(ours, "blend.min_chunk_tokens", 16, 1),
+                   min_reused_tokens=_count(ours, "blend.min_reused_tokens", 0, 0),
                    namespace=str(ours.get("blend.namespace", "kv-blend")),
                    stats_path=ours.get("blend.stats_path"), model_id=ours.get("blend.model_id"))
+
+
+# Each setting is checked here, at vLLM's start, naming its key: a value that only failed later (min_chunk_tokens 0
+# raised in the scheduler at the first prompt; a separator_ids string was split into its characters' digits, so no
+# prompt ever matched) or raised a bare ValueError/TypeError without the key.
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) \
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.separator_ids must be a list of token ids (ints >= 0), "
+                              f"got {value!r}")
+    return tuple(value)
+
+
+def _number(ours: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    raw = ours.get(key, default)
+    try:
+        value = float(raw) if not isinstance(raw, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be >= {lo:g} and <= {hi:g}, got {raw!r}")
+    return value
+
+
+def _count(ours: dict[str, Any], key: str, default: int, lo: int) -> int:
+    raw = ours.get(key, default)
+    if isinstance(raw, str):
+        try:
+            raw = int(raw)
+        except ValueError:
+            pass  # refused below, as the str it is
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < lo:
+        raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be an int >= {lo}, got {raw!r}")
+    return raw
 
 
 def separator_token_ids(model_dir: str, separator: str) -> tuple[int, ...]:
