@@ -3,7 +3,10 @@ misuse, and close racing background work. Each test failed on the code before it
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,3 +67,55 @@ def test_blend_settings_keep_accepting_good_values(tmp_path: Path) -> None:
     s = BlendSettings.from_extra_config({**base, "blend.ratio": 1, "blend.check_layer": "2", "blend.gradual": 100,
                                          "blend.min_chunk_tokens": 1, "blend.min_reused_tokens": 0}, str(tmp_path))
     assert (s.separator_ids, s.ratio, s.check_layer, s.gradual, s.min_chunk_tokens) == ((7, 8), 1.0, 2, 100.0, 1)
+
+
+def _memory_objects() -> Any:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_remote_tier_memory import MemoryObjects
+
+    return MemoryObjects
+
+
+def test_remote_tier_survives_more_than_1024_failed_uploads_in_a_row(tmp_path: Path) -> None:
+    # Before: the backoff computed retry_min_s * 2 ** (failures - 1); at 1025 failures in a row (under 3 hours of
+    # an unreachable bucket at the default 10 s cap) that overflowed a float, the tier's thread died of
+    # OverflowError, and nothing was uploaded again until a restart, even once the bucket came back.
+    from blockstore.remote import RemoteTier
+    from blockstore.remote.errors import RemoteUnavailable
+
+    class FlakyObjects(_memory_objects()):  # type: ignore[misc]
+        down = True
+
+        def put(self, key: str, data: bytes) -> None:
+            if self.down:
+                raise RemoteUnavailable("bucket down")
+            super().put(key, data)
+
+    objects = FlakyObjects()
+    with blockstore.open(tmp_path / "s", block_size=1 << 16) as s:
+        tier = RemoteTier(s, objects, "n1", retry_min_s=1e-6, retry_max_s=1e-6)
+        try:
+            for i in range(100):
+                s.put(b"k%d" % i, b"x" * 1000)
+            s.seal_open_blocks()
+            deadline = time.monotonic() + 60
+            while tier.status().failures_in_a_row < 1100 and tier.status().running:
+                assert time.monotonic() < deadline, "the tier did not fail 1100 times in 60 s"
+                time.sleep(0.01)
+            objects.down = False
+            assert tier.drain(30), tier.status()
+            assert tier.status().running
+        finally:
+            tier.close(drain=False)
+
+
+@pytest.mark.parametrize("kw", [{"poll_s": float("inf")}, {"poll_s": float("nan")}, {"poll_s": "5"},
+                                {"retry_min_s": "1"}, {"retry_max_s": 10**400}, {"retry_min_s": 2, "retry_max_s": 1}])
+def test_remote_tier_refuses_unusable_timings(tmp_path: Path, kw: dict[str, Any]) -> None:
+    # Before: poll_s inf or 10**400 was accepted and the tier's thread died at its first wait (OverflowError),
+    # silently (status().running False, nothing uploaded); nan was accepted; a str raised TypeError.
+    from blockstore.remote import RemoteTier
+
+    with blockstore.open(tmp_path / "s") as s:
+        with pytest.raises(blockstore.InvalidArgument, match=next(iter(kw)).split("_s")[0]):
+            RemoteTier(s, _memory_objects()(), "n1", **kw)

@@ -72,8 +72,13 @@ class RemoteTier:
                                                  or not isinstance(local_capacity_bytes, int)
                                                  or local_capacity_bytes < 0):
             raise InvalidArgument(f"local_capacity_bytes must be an int >= 0 or None, got {local_capacity_bytes!r}")
-        if not 0 < retry_min_s <= retry_max_s or poll_s <= 0:
-            raise InvalidArgument("need poll_s > 0 and 0 < retry_min_s <= retry_max_s")
+        for name, value in (("poll_s", poll_s), ("retry_min_s", retry_min_s), ("retry_max_s", retry_max_s)):
+            # bounded: inf (or an int too large for a float) passed, and the tier's thread then died at its first
+            # wait with OverflowError, silently: nothing was ever uploaded
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+                raise InvalidArgument(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+        if retry_min_s > retry_max_s:
+            raise InvalidArgument(f"retry_min_s ({retry_min_s}) must not exceed retry_max_s ({retry_max_s})")
         if restore_after_reads is not None and (isinstance(restore_after_reads, bool)
                                                 or not isinstance(restore_after_reads, int) or restore_after_reads < 1):
             raise InvalidArgument(f"restore_after_reads must be an int >= 1 or None, got {restore_after_reads!r}")
@@ -167,7 +172,9 @@ class RemoteTier:
                 self._wake.wait(self.poll_s)
                 continue
             self._failures += 1
-            delay = min(self.retry_max_s, self.retry_min_s * 2 ** (self._failures - 1))
+            # the exponent capped: 2 ** 1024 is past a float, and the thread died of OverflowError after ~1024
+            # failures in a row (hours of an unreachable bucket), never to upload again
+            delay = min(self.retry_max_s, self.retry_min_s * 2.0 ** min(self._failures - 1, 64))
             if self._failures == 1 or self._error != error:
                 _log.warning("%s: remote tier: uploads pending (%s); retrying in %.1f s", self.store.path, error, delay)
             self._error, self._retry_at = error, time.monotonic() + delay
