@@ -21,7 +21,7 @@ What it saw becomes the expected state (pending operations settled) and is hande
 which checks its own reads against it. The store itself is never opened by the supervisor, so every
 writer recovers what its predecessor left, including a recovery that was itself killed.
 
-    .venv/bin/python tests/crash_loop.py --cycles 1000 --mode sync [--dir DIR] [--seed N]
+    .venv/bin/python tests/crash_loop.py --cycles 1000 --mode sync [--dir DIR] [--seed N]   # or cache, mixed
 
 prints progress and a summary (cycles, acknowledged operations, checks, lost, corrupt reads,
 resurrections, invariant violations, kills per hook point, compaction totals); exit status 1 if any
@@ -84,6 +84,7 @@ HOOKS: dict[str, tuple[int, int]] = {
 HOOK_SHARE = 0.6  # cycles killed at a hook point; the rest at a random moment
 EARLY_SHARE = 0.05  # timer kills timed from the writer's start, not from its open: during open or recovery
 OPEN_TIMEOUT_S = 120.0  # a writer that has not opened the store by then is hung: a failure
+MODES = ("sync", "cache")
 HOOK_DEADLINE_S = 3.0  # a hook not reached by then: killed by the timer (counted apart)
 
 
@@ -295,8 +296,11 @@ def run(work: Path, mode: str, cycles: int, *, seed: int = 1, threads: int = 2,
     for cycle in range(1, cycles + 1):
         hook, after = _plan(rng, hook_cycles)
         hook_cycles += hook is not None
+        # mixed: each writer, and each check's open, picks its durability, so every recovery may run in the
+        # other mode than the session it recovers (recovery must hold that session to its own mode)
+        writer_mode, verify_mode = (mode, mode) if mode != "mixed" else (rng.choice(MODES), rng.choice(MODES))
         expected.write_text(json.dumps(oracle.expected()))
-        args = [sys.executable, WRITER, "--store", str(store), "--journal", str(journal), "--mode", mode,
+        args = [sys.executable, WRITER, "--store", str(store), "--journal", str(journal), "--mode", writer_mode,
                 "--seed", str(rng.randrange(2**31)), "--cycle", str(cycle), "--expected", str(expected),
                 "--threads", str(threads)]
         if hook:
@@ -326,7 +330,7 @@ def run(work: Path, mode: str, cycles: int, *, seed: int = 1, threads: int = 2,
         p.stdout.close()
         p.stderr.close()
         timer = "timer (from start)" if early else "timer"
-        where = f"cycle {cycle} ({hook or timer})"
+        where = f"cycle {cycle} ({hook or timer})" + (f" [{writer_mode} -> {verify_mode}]" if mode == "mixed" else "")
         _compaction(rest, summary)
         at_hook = f"killed-at {hook}" in (first + "\n" + rest) if hook else False
         if hung:
@@ -353,7 +357,7 @@ def run(work: Path, mode: str, cycles: int, *, seed: int = 1, threads: int = 2,
         copy = work / "verify"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(store, copy)
-        verify(copy, mode, oracle, summary, where)
+        verify(copy, verify_mode, oracle, summary, where)
         shutil.rmtree(copy, ignore_errors=True)
         summary.cycles = cycle
         summary.seconds = time.monotonic() - t0
@@ -370,7 +374,8 @@ def run(work: Path, mode: str, cycles: int, *, seed: int = 1, threads: int = 2,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="kill -9 crash loop with an expected-state oracle")
     ap.add_argument("--cycles", type=int, default=100)
-    ap.add_argument("--mode", choices=["sync", "cache"], default="sync")
+    ap.add_argument("--mode", choices=[*MODES, "mixed"], default="sync",
+                    help="the writers' and the checks' durability; mixed: each picks one at random")
     ap.add_argument("--dir", help="work directory (store, journal); default: a new temporary one, "
                                   "removed after a clean run")
     ap.add_argument("--seed", type=int, default=None)

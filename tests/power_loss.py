@@ -36,13 +36,16 @@ that recovery (and the close after it). Each cut is checked:
 - every KV key and chunk record holds a value the model allows: sync mode, the last acknowledged one
   (or one of an operation in flight at the cut); cache mode (the promise as stated: recent puts may be
   lost, an acknowledged delete never comes back) the value at the last durable point (the last clean
-  close, or the key's last acknowledged delete) or any written since; nothing else, nothing corrupt;
+  close, or the key's last acknowledged delete) or any written since; nothing else, nothing corrupt. Mode
+  `mixed`: each open of the workload and each reopen of an image picks sync or cache at random, so a
+  recovery often runs in the other mode than the session it recovers; a value is durable from its
+  acknowledgement if a sync session acknowledged it, else as in cache mode;
 - `iter_keys` lists exactly the readable keys and `stats().records` counts the readable records;
 - then close, and `blockstore.tools.fsck.check` on the closed store has no finding.
 
 Usage (standalone, with a summary; exit status 1 on a violation):
 
-    .venv/bin/python tests/power_loss.py --mode both --runs 20 --seed 7
+    .venv/bin/python tests/power_loss.py --mode both --runs 20 --seed 7     # or sync, cache, mixed, all
     .venv/bin/python tests/power_loss.py --mode cache --seed 7 --only-run 3 --keep /tmp/pl   # rerun one
 
 A violation prints the seed, the run and the cut, keeps the image (under --keep, default a temporary
@@ -84,6 +87,7 @@ KV_KEYS = [b"k%d" % i for i in range(16)]
 CHUNKS = [f"c{i}" for i in range(5)]
 USER, SESSION = "u", "s"
 SIZES = [64, 700, 3000, 9000, 20000]
+MODES = ("sync", "cache")
 STORE_REL = Path("data") / "nested" / "store"  # parents made by open(): store creation is cut too
 
 Name = tuple[str, str]
@@ -157,6 +161,7 @@ class Op:
     value: Any  # bytes (kv), str (chunk text), None (deleted)
     intent: int  # seam operations counted before the call
     ack: int | None = None  # counted when it returned (None: it raised)
+    synced: bool = False  # acknowledged by a sync-mode session: durable from its ack on
 
 
 @dataclass
@@ -170,16 +175,16 @@ class Journal:
         self.ops.setdefault(name, []).append(op)
         return op
 
-    def allowed(self, name: Name, n: int, mode: str) -> set[Any]:
-        """Values `name` may hold after a cut just before seam operation n (n - 1 operations done)."""
+    def allowed(self, name: Name, n: int) -> set[Any]:
+        """Values `name` may hold after a cut just before seam operation n (n - 1 operations done): the value
+        of its last durable operation (acknowledged by a sync session; a delete, synced in both modes; or
+        acknowledged before a clean close), or any written since."""
         ops = [o for o in self.ops.get(name, []) if o.intent < n]
         acked = [i for i, o in enumerate(ops) if o.ack is not None and o.ack < n]
-        if mode == "sync":
-            barrier = acked[-1] if acked else None
-        else:
-            close = max((c for c in self.closes if c < n), default=-1)
-            durable = [i for i in acked if ops[i].value is None or ops[i].ack < close]  # type: ignore[operator]
-            barrier = durable[-1] if durable else None
+        close = max((c for c in self.closes if c < n), default=-1)
+        durable = [i for i in acked
+                   if ops[i].synced or ops[i].value is None or ops[i].ack < close]  # type: ignore[operator]
+        barrier = durable[-1] if durable else None
         base = ops[barrier].value if barrier is not None else None
         rest = ops[barrier + 1 :] if barrier is not None else ops
         return {base} | {o.value for o in rest}
@@ -201,6 +206,7 @@ class Workload:
     rng: random.Random
     journal: Journal = field(default_factory=Journal)
     store: blockstore.Store | None = None
+    session_mode: str = ""  # the open session's durability (mode "mixed": each open picks one)
     compactor: Compactor | None = None
     windows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # phase -> op count ranges
     versions: dict[Name, int] = field(default_factory=dict)
@@ -218,9 +224,10 @@ class Workload:
             self.windows.setdefault(phase, []).append((lo + 1, self.count()))
 
     def open(self, first: bool) -> None:
+        self.session_mode = self.rng.choice(MODES) if self.mode == "mixed" else self.mode
         with self.window("create" if first else "open"):
             try:
-                self.store = blockstore.open(self.store_path, durability=self.mode, block_size=BLOCK,
+                self.store = blockstore.open(self.store_path, durability=self.session_mode, block_size=BLOCK,
                                              max_open_blocks=3, idle_seal_seconds=0, backend="native")
             except BlockstoreError:
                 self.store = None
@@ -236,7 +243,7 @@ class Workload:
         fn(self.store)  # no faults are injected: an exception is a bug the run reports
         n1 = self.count()
         for op in ops:
-            op.ack = n1
+            op.ack, op.synced = n1, self.session_mode == "sync"
         if self.trace:
             print(f"  ops {n0 + 1}..{n1}: {what or ''} "
                   + ", ".join(f"{n[1]}={describe_value(v)}" for n, v in intents), file=sys.stderr)
@@ -322,7 +329,7 @@ def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> lis
         except BlockstoreError as exc:
             bad.append(f"read of {k!r} raised {exc!r}")
             continue
-        allowed = journal.allowed(name, n, mode)
+        allowed = journal.allowed(name, n)
         if raw not in allowed:
             what = "resurrected" if allowed == {None} else "lost" if raw is None else "wrong value"
             bad.append(f"{what}: {k!r} holds {describe_value(raw)}, allowed {sorted(map(describe_value, allowed))}")
@@ -337,7 +344,7 @@ def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> lis
             bad.append(f"read of chunk {cid} raised {exc!r}")
             continue
         text = None if c is None else c.text
-        allowed = journal.allowed(name, n, mode)
+        allowed = journal.allowed(name, n)
         if text not in allowed:
             what = "resurrected" if allowed == {None} else "lost" if text is None else "wrong value"
             bad.append(f"{what}: chunk {cid} holds {describe_value(text)}, allowed {sorted(map(describe_value, allowed))}")
@@ -533,6 +540,8 @@ def run_one(seed: int, mode: str, index: int, work: Path, stats: Stats, *, steps
         if not img.exists():
             continue
         phase = _phase_of(n, w.windows) if name != "end" else "end"
+        # mixed: the reopen picks its own durability, often not the cut session's
+        vmode = rng.choice(MODES) if mode == "mixed" else mode
         # 3. reopen the image (recovery) under the seam, counting its operations
         vroot = _fresh(work / "verify")
         shutil.copytree(img, vroot / "base", symlinks=True)
@@ -544,7 +553,7 @@ def run_one(seed: int, mode: str, index: int, work: Path, stats: Stats, *, steps
         counted_ops: list[int] = []
         with tracked(fi, vroot, shadow):
             fi.arm_image_points(MASK, [], [], str(vroot), str(images))
-            bad = check_cut(store, w.journal, n, mode, closed=partial(_append_count, counted_ops, fi))
+            bad = check_cut(store, w.journal, n, vmode, closed=partial(_append_count, counted_ops, fi))
         rec_total = counted_ops[0] if counted_ops else 0
         stats.add(phase, torn)
         if bad:
@@ -560,7 +569,7 @@ def run_one(seed: int, mode: str, index: int, work: Path, stats: Stats, *, steps
         shutil.copytree(pristine, vroot, symlinks=True)
         with tracked(fi, vroot, shadow):
             fi.arm_image_points(MASK, rpoints, rseeds, str(vroot), str(rimages))
-            again = check_cut(store, w.journal, n, mode)  # the same recovery, now with cuts inside
+            again = check_cut(store, w.journal, n, vmode)  # the same recovery, now with cuts inside
             stats.unmodelled += fi.unmodelled()
         if again:
             fail(name, pristine, [f"the same recovery, run again: {v}" for v in again])
@@ -574,8 +583,9 @@ def run_one(seed: int, mode: str, index: int, work: Path, stats: Stats, *, steps
                 shutil.rmtree(rroot)
             shutil.copytree(rimg, rroot, symlinks=True)  # an image of vroot: base/... inside
             rstore = Path(os.path.realpath(rroot / "base")) / STORE_REL
+            rmode = rng.choice(MODES) if mode == "mixed" else mode
             with tracked(fi, rroot, shadow):
-                rbad = check_cut(rstore, w.journal, n, mode)
+                rbad = check_cut(rstore, w.journal, n, rmode)
             stats.add("recovery", rs != 0)
             if rbad:
                 fail(f"{name}-recovery{ri}@{rp}", rimg, rbad)
@@ -610,7 +620,9 @@ def summary(stats: Stats, elapsed: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["sync", "cache", "both"], default="both")
+    ap.add_argument("--mode", choices=[*MODES, "mixed", "both", "all"], default="both",
+                    help="durability of the workload's sessions and of the reopens: mixed picks one for each "
+                         "at random; both = sync and cache; all = sync, cache and mixed")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only-run", type=int, default=None)
@@ -621,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None, help="where violating images are kept")
     ap.add_argument("--trace", action="store_true", help="print each operation with its seam operation counts")
     args = ap.parse_args(argv)
-    modes = ["sync", "cache"] if args.mode == "both" else [args.mode]
+    modes = {"both": [*MODES], "all": [*MODES, "mixed"]}.get(args.mode, [args.mode])
     keep = args.keep or Path(tempfile.mkdtemp(prefix="power-loss-kept-"))
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="power-loss-", dir=work_dir()) as tmp:

@@ -27,10 +27,12 @@ def _run(tmp_path: Path, mode: str, cycles: int, seed: int) -> Summary:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("durability", ["sync", "cache"])
+@pytest.mark.parametrize("durability", ["sync", "cache", "mixed"])
 def test_kill9_loop(tmp_path: Path, durability: str) -> None:
+    """mixed: each writer and each check opens in sync or cache mode at random, so recoveries run in the other
+    mode than the killed session (the MANIFEST's durability must hold the session to its own)."""
     cycles = int(os.environ.get("BLOCKSTORE_CRASH_CYCLES", "30"))
-    s = _run(tmp_path, durability, cycles, seed=20261123 + (durability == "cache"))
+    s = _run(tmp_path, durability, cycles, seed=20261123 + ["sync", "cache", "mixed"].index(durability))
     # the loop is only worth its time if it kills inside the write path and compaction, and if
     # compaction moved records while the writers ran
     at_hooks = sum(v for k, v in s.kills.items() if not k.startswith("timer"))

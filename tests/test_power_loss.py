@@ -86,7 +86,7 @@ def _loop(mode: str, runs: int, work: Path, capsys: pytest.CaptureFixture[str], 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sync", "cache"])
+@pytest.mark.parametrize("mode", ["sync", "cache", "mixed"])
 def test_power_loss_loop(mode: str, work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stats = _loop(mode, RUNS, work, capsys, tmp_path)
     assert not stats.failures, f"{len(stats.failures)} of {stats.cuts} power cuts violated the model:\n" \
@@ -98,7 +98,7 @@ def test_power_loss_loop(mode: str, work: Path, tmp_path: Path, capsys: pytest.C
     assert stats.torn > stats.cuts // 4, "too few torn images"
 
 
-@pytest.mark.parametrize("mode", ["sync", "cache"])
+@pytest.mark.parametrize("mode", ["sync", "cache", "mixed"])
 def test_power_loss_quick(mode: str, work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stats = _loop(mode, 1, work, capsys, tmp_path)
     assert stats.cuts >= 15
