@@ -777,7 +777,7 @@ def test_storage_manager_store_clear_prefetch(tmp_path: Path) -> None:
         assert st["is_healthy"] and st["l2_adapters"][0]["counters"]["load_hits"] == 3
     finally:
         sm.close()
-    assert adapter._closed
+    assert adapter._state.closed
     with blockstore.open(tmp_path / "kv", read_only=True) as s:  # closed cleanly, records kept
         assert s.stats().records == 3
 
@@ -827,16 +827,16 @@ def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], aren
         tracemalloc.stop()
     grown = sum(st.size_diff for st in after.compare_to(before, "filename"))
     assert grown < 256 << 10, f"Python memory grew {grown} bytes over 1000 records"
-    assert not a._locks and not a._storing and not a._deleting and len(a._stats) == 8
+    assert not a._state.locks and not a._state.storing and not a._state.deleting and len(a._stats) == 8
     st = a.report_status()
     assert st["records"] == 1100 and st["used_bytes"] == 1100 * SIZE == a.get_usage().total_bytes_used
 
 
 def test_restart_replays_records_to_listeners_in_batches(make: Callable[..., BlockstoreL2Adapter], arena: Arena,
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockstore.connector import l2_adapter
+    from blockstore.connector import l2_listeners
 
-    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 2)
+    monkeypatch.setattr(l2_listeners, "REPLAY_BATCH", 2)
     path = str(tmp_path / "replay")
     a = make(path=path)
     keys = [okey(i) for i in range(5)]
@@ -965,9 +965,9 @@ def test_listener_registered_after_stores_hears_every_record(make: Callable[...,
                                                             arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh store (nothing recovered at start): a listener registered after records were stored hears of each
     of them once, streamed in REPLAY_BATCH batches, then of later stores and deletes as they happen."""
-    from blockstore.connector import l2_adapter
+    from blockstore.connector import l2_listeners
 
-    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 2)
+    monkeypatch.setattr(l2_listeners, "REPLAY_BATCH", 2)
     a = make()
     assert a.recovered_keys == 0
     keys = [okey(i, salt="s" if i % 3 == 0 else "") for i in range(6)]
@@ -1000,9 +1000,9 @@ def test_replay_races_in_flight_stores_and_deletes_exactly_once(make: Callable[.
     new record already written but not yet announced, a new record written after the replay passed it, a
     duplicate store of a record the replay reaches while the duplicate is in flight, a replacement by another
     layout, and a delete already done but not yet announced (never reported: the listener never heard of it)."""
-    from blockstore.connector import l2_adapter
+    from blockstore.connector import l2_listeners
 
-    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 2)
+    monkeypatch.setattr(l2_listeners, "REPLAY_BATCH", 2)
     path = str(tmp_path / "race")
     a = make(path=path)
     base = [okey(i) for i in range(8)]
@@ -1092,9 +1092,9 @@ def test_listeners_registered_under_concurrent_stores_and_deletes(make: Callable
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Stores and deletes from several threads while listeners register at different times (small replay
     batches, a slow listener): each ends holding exactly the records the store holds, with no double report."""
-    from blockstore.connector import l2_adapter
+    from blockstore.connector import l2_listeners
 
-    monkeypatch.setattr(l2_adapter, "REPLAY_BATCH", 3)
+    monkeypatch.setattr(l2_listeners, "REPLAY_BATCH", 3)
     a = make(workers=4)
     c = Collector(a)
     src = [arena.new(fill=i) for i in range(8)]

@@ -41,10 +41,10 @@ def test_a_key_evicted_and_offered_again_soon_is_stored_at_once(
         filler = [okey(1000 * (round_ + 1) + i) for i in range(CAPACITY // SMALL_SIZE // 2)]
         _offer(a, filler, src)
         _offer(a, filler, src)
-        with a._lock:
+        with a._state.lock:
             if first in a._ghost:
                 break
-    with a._lock:
+    with a._state.lock:
         assert first in a._ghost  # evicted, and remembered
     assert lookup(a, [first]) == [False]
     skipped = a.report_status()["counters"]["skipped_admission"]

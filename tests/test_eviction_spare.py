@@ -50,7 +50,7 @@ def _fill_then_push(a: BlockstoreL2Adapter, src: Any, read: bool) -> tuple[int, 
     if read:
         held = [k for k, found in zip(first, lookup(a, first)) if found]
         a.submit_unlock(held)
-        with a._lock:  # the state one keep by value leaves: read recently, its read spent
+        with a._state.lock:  # the state one keep by value leaves: read recently, its read spent
             for k in held:
                 a._stats.spend(k)
     before = a.get_usage().total_bytes_used

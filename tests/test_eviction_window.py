@@ -71,7 +71,7 @@ def test_a_key_evicted_and_stored_again_is_a_return_at_its_distance(
         a.wait_for_eviction()
     assert a.report_status()["counters"]["evicted_for_capacity"] > 0
     assert len(a._returns) == 0  # nothing came back yet
-    with a._lock:
+    with a._state.lock:
         clock, span = a._clock, a._span
         evicted_at = a._ghost.pop(keys[0])
         assert evicted_at is not None  # the first key was evicted (and remembered by the ghost)

@@ -30,6 +30,7 @@ from test_connector_adapter import Arena, load, lookup, okey, same, store  # noq
 
 import blockstore  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
+from blockstore.connector.l2_keys import lmcache_namespaces  # noqa: E402
 from blockstore.directory import BLOCK_SEALED  # noqa: E402
 from blockstore.errors import BlockstoreError  # noqa: E402
 from blockstore.placement_choice import PlacementChoice  # noqa: E402
@@ -99,7 +100,7 @@ def test_a_key_deleted_while_a_pass_decides_to_keep_it_stays_deleted(capped_adap
     store_new_block_of_keys(a, src)
     assert acted, "no pass had more worth keeping than it may move"
     assert lookup(a, victim) == [False], "a deleted key came back"
-    held = sum(loc.payload_len for ns in a._namespaces() for _kb, loc in a._scan(ns))
+    held = sum(loc.payload_len for ns in lmcache_namespaces(a.store) for _kb, loc in a._scan(ns))
     assert a.get_usage().total_bytes_used == held  # the capacity bound counts what is held
 
 
@@ -185,7 +186,7 @@ def test_a_pass_that_fails_before_it_writes_leaves_no_key_claimed(capped_adapter
     assert failed, "no pass ran"
     a._keep_within = original  # type: ignore[method-assign]
     keys = [okey(i) for i in range(n)]
-    held = [kb is not None for kb in a.store.locate_many([a._pos(k)[1] for k in keys], ns=a._pos(keys[0])[0])]
+    held = [kb is not None for kb in a.store.locate_many([a._hub._pos(k)[1] for k in keys], ns=a._hub._pos(keys[0])[0])]
     found = lookup(a, keys)
     a.submit_unlock([k for k, f in zip(keys, found) if f])
     assert found == held, "keys held in the store are missed: still claimed by the failed pass"

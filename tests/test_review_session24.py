@@ -168,7 +168,7 @@ def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(capped
         store(a, [k], [src])
     assert lookup(a, keys) == [True] * n
     a.submit_unlock(keys)
-    with a._lock:  # read, the read spent (as one keep by value leaves it): worth no keep of its own, a spare
+    with a._state.lock:  # read, the read spent (as one keep by value leaves it): worth no keep of its own, a spare
         for k in keys:
             a._stats.spend(k)
     newer = arena.new(OTHER, fill=6)

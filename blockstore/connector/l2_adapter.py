@@ -57,7 +57,6 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -104,6 +103,8 @@ from blockstore.connector.l2_keys import (
     namespace_for,
     readable_model,
 )
+from blockstore.connector.l2_listeners import ListenerHub
+from blockstore.connector.l2_state import AdapterState, PendingPut
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
 from blockstore.keys import SPACE_KV
 
@@ -116,7 +117,6 @@ _log = logging.getLogger("blockstore.connector")
 
 # -------------------------------------------------------------------------------------------- config
 
-REPLAY_BATCH = 1024  # records per replay step and listener call (a step holds _deliver_lock: ~5-10 ms)
 EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by value (bounds its cost)
 # Disk use is checked against capacity_bytes + slack after every DISK_CHECK_FRACTION of a block stored (a block
 # table snapshot costs O(blocks)); see BlockstoreL2Adapter._disk_excess for the slack.
@@ -137,16 +137,6 @@ MOVE_BATCH = 256  # records per relocation call when eviction keeps records (eac
 # ------------------------------------------------------------------------------------------- adapter
 
 @dataclass(slots=True)
-class _Put:
-    i: int  # index in the task
-    key: ObjectKey
-    kb: bytes
-    fp: bytes
-    size: int
-    old: Location | None  # the record it replaces (another layout), if any
-
-
-@dataclass(slots=True)
 class _Keep:
     """A record an eviction pass would keep (write again at the head), with its value (eviction.py)."""
 
@@ -159,63 +149,10 @@ class _Keep:
     spare: bool = False  # value <= 0: kept only in the room the pass frees beyond its need (eviction.spare_value)
 
 
-@dataclass
-class _AdapterCounters:
-    store_tasks: int = 0
-    store_failed_tasks: int = 0
-    keys_stored: int = 0
-    bytes_stored: int = 0
-    duplicates_skipped: int = 0
-    replaced_other_layout: int = 0
-    skipped_capacity: int = 0
-    skipped_locked: int = 0
-    lookup_tasks: int = 0
-    lookup_keys: int = 0
-    lookup_hits: int = 0
-    lookup_blocks: int = 0  # distinct blocks holding each lookup's hits, summed over lookups with a hit
-    lookup_requests_with_hits: int = 0
-    load_tasks: int = 0
-    load_keys: int = 0
-    load_hits: int = 0
-    load_bytes: int = 0
-    load_blocks: int = 0
-    load_requests_with_hits: int = 0
-    load_miss_absent: int = 0
-    load_miss_layout: int = 0
-    load_miss_corrupt: int = 0
-    load_miss_error: int = 0
-    keys_deleted: int = 0
-    delete_skipped_locked: int = 0
-    evicted_for_capacity: int = 0
-    eviction_passes: int = 0  # passes run ahead, in the background (a store did not wait for them)
-    eviction_passes_waited: int = 0  # passes a store ran itself: the payload would have exceeded capacity_bytes
-    kept_by_value: int = 0  # records eviction moved to the head of the log instead of deleting them
-    blocks_evicted: int = 0  # blocks eviction removed whole with their keys (Store.evict_blocks: no tombstones)
-    tombstones_dropped: int = 0
-    tombstones_carried: int = 0
-    skipped_admission: int = 0
-    locks_expired: int = 0
-    task_errors: int = 0
-
-
-class _Sub:
-    """A registered listener and how far the replay of the records already held has reached for it."""
-
-    __slots__ = ("listener", "cursor", "deferred")
-
-    def __init__(self, listener: L2AdapterListener) -> None:
-        self.listener = listener
-        # (namespace, serialized key) of the last position the replay covered; None once it covered everything
-        self.cursor: tuple[str, bytes] | None = ("", b"")
-        # keys the replay passed while a task was storing or deleting them: that task's end announces their
-        # final state to this listener (bounded by the keys in flight)
-        self.deferred: set[ObjectKey] = set()
-
-
 class BlockstoreL2Adapter(L2AdapterInterface):
     """An L2 adapter over one blockstore store. Thread-safe: entered from LMCache's store, prefetch,
-    eviction and HTTP threads and from its own worker threads; all shared state is under `_lock`, listener
-    state and deliveries under `_deliver_lock` (taken first)."""
+    eviction and HTTP threads and from its own worker threads; all shared state is under the lock of
+    `AdapterState` (l2_state.py), listener state and deliveries under `ListenerHub.deliver_lock` (taken first)."""
 
     config_class_name = "BlockstoreL2AdapterConfig"
 
@@ -225,20 +162,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             config = BlockstoreL2AdapterConfig.from_dict(config)
         super().__init__(max_capacity_bytes=config.capacity_bytes)
         self.config = config
-        self._capacity = config.capacity_bytes
-        self._lock_ttl = config.lock_ttl_s
-        self._lock = threading.Lock()
-        self._closed = False
+        self._state = AdapterState(config.capacity_bytes, config.lock_ttl_s)
         self._next_task_id: L2TaskId = 0
         self._done_store: dict[L2TaskId, L2StoreResult] = {}
         self._done_lookup: dict[L2TaskId, Bitmap] = {}
         self._done_load: dict[L2TaskId, Bitmap] = {}
         self._inflight = {"store": 0, "lookup": 0, "load": 0}
-        # Per-key state only for keys in flight (bounded by the tasks LMCache has open) and a bounded set of
-        # recently read keys; the directory is the index of the records themselves.
-        self._locks: dict[ObjectKey, list[float]] = {}  # key -> [lock references, time of the latest]
-        self._storing: set[ObjectKey] = set()
-        self._deleting: set[ObjectKey] = set()
         # Eviction by value (eviction.py): bounded read statistics, the ghost of keys evicted unread, the keys
         # offered once (admission), a clock in payload bytes stored; one eviction pass at a time.
         self._stats = KeyStats()
@@ -254,27 +183,13 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._asked = 0  # payload bytes stores asked room for (PassLead: what arrives while a pass runs)
         self._ns_names: dict[int, str | None] = {}  # namespace id -> its name if an lmcache namespace (eviction)
         self._admit_all = config.admission == "always"
-        self._records = 0  # records of the lmcache namespaces
-        self._used = 0  # their payload bytes
-        self._reserved = 0  # payload bytes of stores under way (capacity budget)
-        self._counters = _AdapterCounters()
-        self._consecutive_failures = 0
-        self._last_error: str | None = None
         self.recovered_keys = 0
-        # Listeners are the adapter's own (the base class's list stays empty: its _notify_keys_* only keep the
-        # usage counters and publish events). Every listener delivery, every replay step and the end of every
-        # store or delete (its counters and its announcement) happen under _deliver_lock, so a replay step sees
-        # each key either before or after a task's end, never in between. Lock order: _deliver_lock, then _lock;
-        # reentrant, so a listener may call back into the adapter.
-        self._deliver_lock = threading.RLock()
-        self._subs: list[_Sub] = []
-        self._ends_queued = 0  # task ends that asked for _deliver_lock (see _task_end)
-        self._ends_admitted = 0  # ... and got it
 
         self.store = blockstore.open(config.path, durability=config.durability, block_size=config.block_size,
                                      on_corrupt="miss", compaction=config.compaction)
+        self._hub = ListenerHub(self.store, self._state)
         # the room at which a pass starts ahead (_lead): follows what stores ask for while passes run (PassLead)
-        self._pass_lead = PassLead(min(self.store.block_size // LEAD_BLOCK, self._capacity // EVICT_AHEAD))
+        self._pass_lead = PassLead(min(self.store.block_size // LEAD_BLOCK, self._state.capacity // EVICT_AHEAD))
         self._lead_bytes = self._pass_lead.limit  # read by stores without the lock (one int)
         # A constructor that fails releases everything it made, newest first, so that the store is not left
         # locked by this very process (LMCache aborts start-up; a retry or a second adapter must open it).
@@ -285,8 +200,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 # Affinity is learned from lookups (each names a request's whole prefix, L1 hits included);
                 # a load is only the part L1 lacked, and counting it too would credit every request twice.
                 compactor.learn_from_lookups()
-            if self._capacity:
-                check_capacity_fits(self._capacity, self.store.block_size)  # the store's, if not configured
+            if self._state.capacity:
+                check_capacity_fits(self._state.capacity, self.store.block_size)  # the store's, if not configured
             self._min_seqs = MinSeqs(self.store)
             self._seed_counters()
             self._store_efd = create_event_notifier()
@@ -306,7 +221,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             metrics.track_adapter(self)  # its report_status() counters, read at each scrape
             self.metrics_endpoint = None if config.metrics_port is None else metrics.serve(config.metrics_port)
         except BaseException:
-            self._closed = True
+            self._state.closed = True
             for release in reversed(undo):
                 try:
                     release()
@@ -331,7 +246,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return self._submit("store", self._store_pool, self._run_store, keys, objects)
 
     def pop_completed_store_tasks(self) -> dict[L2TaskId, L2StoreResult]:
-        with self._lock:
+        with self._state.lock:
             done, self._done_store = self._done_store, {}
         return done
 
@@ -341,19 +256,19 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return self._submit("lookup", self._io_pool, self._run_lookup, keys)
 
     def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
-        with self._lock:
+        with self._state.lock:
             return self._done_lookup.pop(task_id, None)
 
     def submit_unlock(self, keys: list[ObjectKey]) -> None:
         try:
-            with self._lock:
+            with self._state.lock:
                 for k in keys:
-                    entry = self._locks.get(k)
+                    entry = self._state.locks.get(k)
                     if entry is None:
                         continue  # never locked, already released, or its lease expired: harmless
                     entry[0] -= 1
                     if entry[0] <= 0:
-                        del self._locks[k]
+                        del self._state.locks[k]
         except Exception:  # never retried by LMCache: it must not fail
             _log.exception("blockstore L2: unlock failed")
 
@@ -361,18 +276,18 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         return self._submit("load", self._io_pool, self._run_load, keys, objects)
 
     def query_load_result(self, task_id: L2TaskId) -> Bitmap | None:
-        with self._lock:
+        with self._state.lock:
             return self._done_load.pop(task_id, None)
 
     def _submit(self, kind: str, pool: ThreadPoolExecutor, work: Callable[..., Any], keys: Sequence[ObjectKey],
                 *rest: Sequence[Any]) -> L2TaskId:
         """Never raises: a task that cannot even start completes at once as a failure (and signals). The
         lists are copied: the caller may reuse its own."""
-        with self._lock:
+        with self._state.lock:
             task_id = self._next_task_id
             self._next_task_id += 1
             self._inflight[kind] += 1
-            closed = self._closed
+            closed = self._state.closed
         n = 0
         try:
             keys = list(keys)
@@ -404,13 +319,13 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _complete(self, kind: str, task_id: L2TaskId, result: Any, error: str | None) -> None:
         """Publish the result, then signal its fd: the controller reads results only after the fd fired."""
         failed = error is not None or (kind == "store" and not result.is_successful())
-        with self._lock:
+        with self._state.lock:
             self._inflight[kind] -= 1
             if error is not None:
-                self._counters.task_errors += 1
-                self._last_error = error
+                self._state.counters.task_errors += 1
+                self._state.last_error = error
             # health: a run of failed tasks (a full or failing disk) marks the adapter unhealthy
-            self._consecutive_failures = self._consecutive_failures + 1 if failed else 0
+            self._state.consecutive_failures = self._state.consecutive_failures + 1 if failed else 0
             if kind == "store":
                 self._done_store[task_id] = result
             elif kind == "lookup":
@@ -425,27 +340,15 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
     # ---- keys ----
 
-    def _held(self, key: ObjectKey, now: float) -> bool:
-        """Whether a lookup's lock still protects `key` (caller holds _lock). Leases expire after lock_ttl_s."""
-        entry = self._locks.get(key)
-        if entry is None or entry[0] <= 0:
-            return False
-        if self._lock_ttl > 0 and now - entry[1] >= self._lock_ttl:
-            _log.warning("blockstore L2: lock on %r expired after %.0f s without an unlock", key, self._lock_ttl)
-            del self._locks[key]
-            self._counters.locks_expired += 1
-            return False
-        return True
-
     # ---- store ----
 
     def _run_store(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2StoreResult:
-        with self._lock:
-            self._counters.store_tasks += 1
+        with self._state.lock:
+            self._state.counters.store_tasks += 1
         if len(keys) != len(objects):
             _log.error("blockstore L2: store task with %d keys and %d objects", len(keys), len(objects))
-            with self._lock:
-                self._counters.store_failed_tasks += 1
+            with self._state.lock:
+                self._state.counters.store_failed_tasks += 1
             return L2StoreResult(False, 0)
         groups, bad = group_by_namespace(keys)
         ok = not bad
@@ -455,12 +358,12 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 written += self._store_namespace(ns, items, keys, objects)
             except Exception as exc:  # what did land was announced; the task reports a failure
                 _log.error("blockstore L2: store into %s failed: %s", ns, exc)
-                with self._lock:
-                    self._last_error = f"{type(exc).__name__}: {exc}"
+                with self._state.lock:
+                    self._state.last_error = f"{type(exc).__name__}: {exc}"
                 ok = False
         if not ok:
-            with self._lock:
-                self._counters.store_failed_tasks += 1
+            with self._state.lock:
+                self._state.counters.store_failed_tasks += 1
         return L2StoreResult(ok, written)
 
     def _claim(self, items: list[tuple[int, bytes]], keys: list[ObjectKey]) -> list[tuple[int, bytes]]:
@@ -470,14 +373,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         has not started yet will see this task's claim."""
         claimed: list[tuple[int, bytes]] = []
         seen: set[bytes] = set()
-        with self._lock:
+        with self._state.lock:
             for i, kb in items:
                 k = keys[i]
-                if kb in seen or k in self._storing or k in self._deleting:
-                    self._counters.duplicates_skipped += 1
+                if kb in seen or k in self._state.storing or k in self._state.deleting:
+                    self._state.counters.duplicates_skipped += 1
                     continue
                 seen.add(kb)
-                self._storing.add(k)
+                self._state.storing.add(k)
                 claimed.append((i, kb))
         return claimed
 
@@ -486,27 +389,27 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         """Store one namespace's part of a task with one put_many; announce what was written (also when the
         write fails part-way, before the error propagates). Returns the payload bytes written."""
         claimed = self._claim(items, keys)
-        puts: list[_Put] = []
+        puts: list[PendingPut] = []
         reserved = 0
-        written: list[_Put] = []
+        written: list[PendingPut] = []
         try:
             locs = self.store.locate_many([kb for _, kb in claimed], ns=ns) if claimed else []
             layouts = [(layout_fingerprint(objects[i]), int(objects[i].get_size())) for i, _ in claimed]
             now = time.monotonic()
             dups = locked = 0
-            with self._lock:
+            with self._state.lock:
                 for (i, kb), loc, (fp, size) in zip(claimed, locs, layouts):
                     if loc is not None and loc.meta == fp and loc.payload_len == size:
                         dups += 1
-                    elif loc is not None and self._held(keys[i], now):
+                    elif loc is not None and self._state.held(keys[i], now):
                         locked += 1  # a lookup promised the record of the other layout to a load
                     else:
-                        puts.append(_Put(i, keys[i], kb, fp, size, loc))
-                self._counters.duplicates_skipped += dups
-                self._counters.skipped_locked += locked
+                        puts.append(PendingPut(i, keys[i], kb, fp, size, loc))
+                self._state.counters.duplicates_skipped += dups
+                self._state.counters.skipped_locked += locked
             if puts:
                 puts = self._admit(puts)
-            if self._capacity > 0 and puts:
+            if self._state.capacity > 0 and puts:
                 puts, reserved = self._make_room(puts)
             if puts:
                 try:
@@ -525,53 +428,53 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     raise
         finally:
             replaced = [p for p in written if p.old is not None]
-            with self._task_end():
-                finals = self._settle([keys[i] for i, _ in claimed])
-                with self._lock:
-                    self._reserved -= reserved
+            with self._hub.task_end():
+                finals = self._hub.settle([keys[i] for i, _ in claimed])
+                with self._state.lock:
+                    self._state.reserved -= reserved
                     for i, _kb in claimed:
-                        self._storing.discard(keys[i])
-                    self._used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
+                        self._state.storing.discard(keys[i])
+                    self._state.used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
                     self._clock += sum(p.size for p in written)
-                    if written and self._capacity:
+                    if written and self._state.capacity:
                         self._history.record(time.time_ns(), self._clock)
-                    self._records += len(written) - len(replaced)
-                    self._counters.replaced_other_layout += len(replaced)
-                    self._counters.keys_stored += len(written)
-                    self._counters.bytes_stored += sum(p.size for p in written)
+                    self._state.records += len(written) - len(replaced)
+                    self._state.counters.replaced_other_layout += len(replaced)
+                    self._state.counters.keys_stored += len(written)
+                    self._state.counters.bytes_stored += sum(p.size for p in written)
                 if replaced:
                     self._notify("deleted", [p.key for p in replaced],
                                  [p.old.payload_len for p in replaced if p.old])
                 if written:
                     self._notify("stored", [p.key for p in written], [p.size for p in written])
-                self._resolve(finals)
+                self._hub.resolve(finals)
         return sum(p.size for p in written)
 
-    def _admit(self, puts: list[_Put]) -> list[_Put]:
+    def _admit(self, puts: list[PendingPut]) -> list[PendingPut]:
         """Admission ('second_sighting': a new key is stored the second time it is offered) and the ghost
         (eviction.py): a key evicted earlier that is stored again within RETURN_SPANS spans starts with one
         read of credit (coming back is reuse); one that comes back later is not stored this time. A key the ghost
         remembers has been sighted (stored, then evicted): admission does not ask for two more sightings of it."""
-        keep: list[_Put] = []
-        with self._lock:
+        keep: list[PendingPut] = []
+        with self._state.lock:
             for p in puts:
                 evicted_at = self._ghost.pop(p.key) if p.old is None else None
                 if (evicted_at is None and p.old is None and not self._admit_all
                         and self._sightings.pop(p.key) is None):
                     self._sightings.add(p.key)
-                    self._counters.skipped_admission += 1
+                    self._state.counters.skipped_admission += 1
                     continue
                 if evicted_at is not None:
                     self._returns.add((self._clock - evicted_at) / max(1, self._span))
                     if self._clock - evicted_at > RETURN_SPANS * self._span:
                         self._ghost.add(p.key, self._clock)
-                        self._counters.skipped_admission += 1
+                        self._state.counters.skipped_admission += 1
                         continue
                     self._stats.seed(p.key, self._clock, 1)
                 keep.append(p)
         return keep
 
-    def _make_room(self, puts: list[_Put]) -> tuple[list[_Put], int]:
+    def _make_room(self, puts: list[PendingPut]) -> tuple[list[PendingPut], int]:
         """Keep the adapter within capacity_bytes: evict by value (one pass at a time), then keep the longest
         prefix of the task that fits (a prefix is what a later request can use). Returns (what to write,
         bytes reserved for it). A store waits for a pass only when its payload would exceed capacity_bytes or
@@ -579,27 +482,27 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         eviction thread (`_evict_ahead`) and the store goes on."""
         need = sum(p.size for p in puts) - sum(p.old.payload_len for p in puts if p.old is not None)
         lead = self._lead()
-        with self._lock:
+        with self._state.lock:
             self._asked += max(0, need)  # counted before any wait: a store a pass holds up still asked during it
-            excess = self._used + self._reserved + need - self._capacity
+            excess = self._state.used + self._state.reserved + need - self._state.capacity
             disk_due = self._clock - self._disk_checked_at >= self.store.block_size // DISK_CHECK_FRACTION
             if disk_due:
                 self._disk_checked_at = self._clock
         disk = self._disk_excess(self.store.block_table(), puts) if disk_due else -lead - 1  # (not near)
         if excess > 0 or disk > 0:
             with self._evict_lock:
-                with self._lock:  # another pass may have made the room meanwhile
-                    excess = self._used + self._reserved + need - self._capacity
+                with self._state.lock:  # another pass may have made the room meanwhile
+                    excess = self._state.used + self._state.reserved + need - self._state.capacity
                 # a store that waits frees at least capacity / EVICT_AHEAD: it pays the engine's syncs (block
                 # deletions, relocations) once for several blocks' worth of stores
-                if self._pass(excess, puts, self._capacity // EVICT_AHEAD):
-                    with self._lock:
-                        self._counters.eviction_passes_waited += 1
+                if self._pass(excess, puts, self._state.capacity // EVICT_AHEAD):
+                    with self._state.lock:
+                        self._state.counters.eviction_passes_waited += 1
         elif excess >= -lead or disk >= -lead:
             self._start_pass_ahead()
-        with self._lock:
-            room = self._capacity - self._used - self._reserved
-            keep: list[_Put] = []
+        with self._state.lock:
+            room = self._state.capacity - self._state.used - self._state.reserved
+            keep: list[PendingPut] = []
             total = 0
             for p in puts:
                 grow = p.size - (p.old.payload_len if p.old is not None else 0)
@@ -607,8 +510,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     break
                 keep.append(p)
                 total += grow
-            self._counters.skipped_capacity += len(puts) - len(keep)
-            self._reserved += total
+            self._state.counters.skipped_capacity += len(puts) - len(keep)
+            self._state.reserved += total
         return keep, total
 
     def _lead(self) -> int:
@@ -617,7 +520,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         (eviction.PassLead)."""
         return self._lead_bytes
 
-    def _pass(self, excess: int, puts: list[_Put], ahead: int, lead: int = 0) -> bool:
+    def _pass(self, excess: int, puts: list[PendingPut], ahead: int, lead: int = 0) -> bool:
         """One eviction pass (the caller holds _evict_lock) if payload (`excess`) or block files (their bound
         with `puts` to come, less `lead`) are over: frees at least `ahead` (space coming back a block at a
         time: usually a block). Returns whether it ran."""
@@ -627,19 +530,19 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             return False
         gone = self._evict(max(excess, ahead) if excess > 0 else excess,
                            max(disk, ahead) if disk > 0 else disk, table)
-        with self._lock:
-            self._counters.evicted_for_capacity += gone
+        with self._state.lock:
+            self._state.counters.evicted_for_capacity += gone
         return True
 
     def _start_pass_ahead(self) -> None:
-        with self._lock:
-            if self._evict_queued or self._closed:
+        with self._state.lock:
+            if self._evict_queued or self._state.closed:
                 return
             self._evict_queued = True
         try:
             self._evict_pool.submit(self._evict_ahead)
         except RuntimeError:  # shut down meanwhile (close)
-            with self._lock:
+            with self._state.lock:
                 self._evict_queued = False
 
     def _evict_ahead(self) -> None:
@@ -647,41 +550,41 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         Never raises (nobody waits for it); a failure is logged and the next store's own pass tries again."""
         try:
             with self._evict_lock:
-                with self._lock:
+                with self._state.lock:
                     self._evict_queued = False
                     # room left <= the lead: a pass (the trigger in _make_room is the same test)
-                    excess = self._used + self._reserved + self._lead() - self._capacity + 1
+                    excess = self._state.used + self._state.reserved + self._lead() - self._state.capacity + 1
                     asked = self._asked
                 if self._pass(excess, [], 0, self._lead() + 1):  # just the lead: room kept free is cache lost
-                    with self._lock:
-                        self._counters.eviction_passes += 1
+                    with self._state.lock:
+                        self._state.counters.eviction_passes += 1
                         self._pass_lead.passed(self._asked - asked)
-                        self._lead_bytes = self._pass_lead.lead(self._used // max(1, self._records))
+                        self._lead_bytes = self._pass_lead.lead(self._state.used // max(1, self._state.records))
         except Exception as exc:
             _log.warning("blockstore L2: background eviction pass failed: %s", exc)
-            with self._lock:
+            with self._state.lock:
                 self._evict_queued = False
-                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._state.last_error = f"{type(exc).__name__}: {exc}"
 
     def wait_for_eviction(self) -> None:
         """Return once no eviction pass is queued or running (tests and benches that need a settled state)."""
         while True:
-            with self._evict_lock, self._lock:
+            with self._evict_lock, self._state.lock:
                 if not self._evict_queued:
                     return
             time.sleep(0.001)
 
-    def _disk_excess(self, table: list[BlockEntry], puts: list[_Put]) -> int:
+    def _disk_excess(self, table: list[BlockEntry], puts: list[PendingPut]) -> int:
         """Bytes by which block files would exceed their bound once `puts` are written. The promise: block files
         on disk stay within capacity_bytes + RECORD_FRAMING per record held + (open blocks + 1) x block_size:
         the payload budget, each record's header and page alignment, the open blocks (dead records in them go
         only once they are sealed) and the one block eviction is emptying. Blocks that hold keys a lookup has
         locked (LMCache holds such a lock for one prefetch) or records that are not the adapter's are never
         emptied and can exceed it."""
-        with self._lock:
-            framing = (self._records + len(puts)) * RECORD_FRAMING
+        with self._state.lock:
+            framing = (self._state.records + len(puts)) * RECORD_FRAMING
         incoming = sum(record_bytes(p.size) for p in puts)
-        return sum(e.data_end for e in table) + incoming - self._capacity - framing - self.store.block_size
+        return sum(e.data_end for e in table) + incoming - self._state.capacity - framing - self.store.block_size
 
     def _evict(self, excess: int, disk_excess: int, table: list[BlockEntry]) -> int:
         """Free `excess` payload bytes and `disk_excess` bytes of sealed block files: empty sealed blocks oldest
@@ -692,7 +595,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         (`Store.evict_blocks`: one synced directory write, no tombstones). Blocks the engine refuses (a block
         that stays may hold an older version of one of their keys) and blocks something holds lose their
         deleted keys to tombstones, as a delete does. Returns the keys deleted."""
-        budget = BUDGET_K * max(excess, disk_excess, self._capacity // EVICT_AHEAD) + self.store.block_size
+        budget = BUDGET_K * max(excess, disk_excess, self._state.capacity // EVICT_AHEAD) + self.store.block_size
         drop: dict[int, dict[str, list[ObjectKey]]] = {}
         wanted: list[_Keep] = []
         emptied: list[BlockEntry] = []
@@ -726,10 +629,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         except BaseException:
             # nothing deleted yet: the keys claimed for deletion are released, else they stayed claimed for ever
             # (missed by lookups, skipped by stores and deletes, their blocks never emptied by a later pass)
-            with self._lock:
+            with self._state.lock:
                 for by_ns in drop.values():
                     for keys in by_ns.values():
-                        self._deleting.difference_update(keys)
+                        self._state.deleting.difference_update(keys)
             raise
         # a block holding a key that a lookup locked or a store claimed since it was planned stays (its keys to
         # delete get tombstones): evicting it whole would remove a locked key, or the record a store is replacing
@@ -770,11 +673,11 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         staying = set(stay)
         gone_elsewhere = [k for k in keys if k not in staying]
         if gone_elsewhere:
-            with self._task_end():
-                finals = self._settle(gone_elsewhere)
-                with self._lock:
-                    self._deleting.difference_update(gone_elsewhere)
-                self._resolve(finals)
+            with self._hub.task_end():
+                finals = self._hub.settle(gone_elsewhere)
+                with self._state.lock:
+                    self._state.deleting.difference_update(gone_elsewhere)
+                self._hub.resolve(finals)
         return stay
 
     @staticmethod
@@ -806,8 +709,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             except ValueError:
                 continue  # a record the adapter did not write: a block holding one is never emptied
         self._end_delete(marked, gone)
-        with self._lock:
-            self._counters.blocks_evicted += len(done.blocks)
+        with self._state.lock:
+            self._state.counters.blocks_evicted += len(done.blocks)
         return len(gone), set(done.refused)
 
     def _rewrite_at_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]
@@ -821,10 +724,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         not brought back, nor its new record overwritten with the old). Returns (the keys of batches that
         failed, now claimed for deletion: they go with their block; the blocks of keys a store claimed
         meanwhile: those must stay)."""
-        with self._lock:  # a key another task claimed is left to it
-            mine = [it for it in items if it[0] not in self._storing and it[0] not in self._deleting]
-            taken = {loc.block_id for k, _s, loc in items if k in self._storing}
-            self._storing.update(k for k, _s, _l in mine)
+        with self._state.lock:  # a key another task claimed is left to it
+            mine = [it for it in items if it[0] not in self._state.storing and it[0] not in self._state.deleting]
+            taken = {loc.block_id for k, _s, loc in items if k in self._state.storing}
+            self._state.storing.update(k for k, _s, _l in mine)
         lost: list[ObjectKey] = []
         kept = 0
         claimed = mine
@@ -849,14 +752,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                                  len(batch), ns, exc)
                     lost += [k for k, _s, _l in batch]
         finally:
-            with self._task_end():
-                finals = self._settle([k for k, _s, _l in claimed])
-                with self._lock:
+            with self._hub.task_end():
+                finals = self._hub.settle([k for k, _s, _l in claimed])
+                with self._state.lock:
                     for k, _s, _l in claimed:
-                        self._storing.discard(k)
-                    self._deleting.update(lost)
-                    self._counters.kept_by_value += kept
-                self._resolve(finals)
+                        self._state.storing.discard(k)
+                    self._state.deleting.update(lost)
+                    self._state.counters.kept_by_value += kept
+                self._hub.resolve(finals)
         return lost, taken
 
     def _lmcache_namespace(self, ns_id: int) -> str | None:
@@ -864,7 +767,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         again only for an id not seen yet (an id never changes its name; reading them all cost ~0.2 ms a block)."""
         if ns_id not in self._ns_names:
             names = {nid: ns for ns, nid in self.store.dir.namespaces().items()}
-            with self._lock:
+            with self._state.lock:
                 self._ns_names = {nid: (ns if ns.startswith(NS_PREFIX) else None) for nid, ns in names.items()}
         return self._ns_names.get(ns_id)
 
@@ -896,17 +799,17 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         records, blocked = self._block_records(e.block_id)
         now = time.monotonic()
         freed = moved = 0
-        with self._lock:
-            mean = self._used / self._records if self._records else 1.0
+        with self._state.lock:
+            mean = self._state.used / self._state.records if self._state.records else 1.0
             # recency against the log's span: the clock's advance since this block, the oldest, was created
             # (the capacity when that is older than the samples, e.g. written before a restart)
             then = self._history.clock_at(e.created_ns)
-            span = self._capacity if then is None else max(self.store.block_size, self._clock - then)
+            span = self._state.capacity if then is None else max(self.store.block_size, self._clock - then)
             self._span = span
             window = self._returns.window()  # how long ago a spare may have been read (eviction.ReturnDistances)
             for ns, k, sfx, loc in records:
                 known[sfx] = k
-                if k in self._storing or k in self._deleting or self._held(k, now):
+                if k in self._state.storing or k in self._state.deleting or self._state.held(k, now):
                     blocked += 1
                     continue
                 st = self._stats.get(k)
@@ -918,7 +821,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     freed += loc.payload_len  # deleted unless the pass frees more than it needs
                     wanted.append(_Keep(sv, e.block_id, ns, k, sfx, loc, spare=True))
                 else:
-                    self._deleting.add(k)
+                    self._state.deleting.add(k)
                     self._ghost.add(k, self._clock)
                     drop.setdefault(ns, []).append(k)
                     freed += loc.payload_len
@@ -936,7 +839,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         moved = 0
         held: set[int] = set()
         now = time.monotonic()
-        with self._lock:
+        with self._state.lock:
             for w in sorted(wanted, key=lambda w: -w.value):
                 if moved + w.loc.record_len <= budget:
                     moved += w.loc.record_len
@@ -950,14 +853,14 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _claim_for_drop(self, w: _Keep, now: float, held: set[int], drop: dict[int, dict[str, list[ObjectKey]]]
                         ) -> bool:
         """Claim a record the pass does not keep for deletion with its block (in _deleting, the ghost and `drop`);
-        whether it was claimed here. Under self._lock. A key a delete claimed since goes anyway; one a lookup
+        whether it was claimed here. Under self._state.lock. A key a delete claimed since goes anyway; one a lookup
         locked or a store claimed since holds its block (`held`)."""
-        if w.key in self._deleting:
+        if w.key in self._state.deleting:
             return False
-        if w.key in self._storing or self._held(w.key, now):
+        if w.key in self._state.storing or self._state.held(w.key, now):
             held.add(w.block)  # a promise to a load, or a store replacing it: its block stays
             return False
-        self._deleting.add(w.key)
+        self._state.deleting.add(w.key)
         self._ghost.add(w.key, self._clock)
         drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
         return True
@@ -970,7 +873,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         The others are deleted with their blocks (claimed in _deleting, added to `drop`; the walk counted their
         bytes as freed already); a key a lookup locked or a store claimed since holds its block (`held`)."""
         now = time.monotonic()
-        with self._lock:
+        with self._state.lock:
             for w in sorted(spares, key=lambda w: -w.value):
                 if w.loc.record_len <= room:
                     room -= w.loc.record_len
@@ -1021,9 +924,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         except Exception as exc:  # gone meanwhile (compaction collected it) or unreadable: GC's job then
             _log.debug("blockstore L2: tombstones of blocks %s not retired: %s", ids, exc)
             return
-        with self._lock:
-            self._counters.tombstones_carried += carried
-            self._counters.tombstones_dropped += dropped
+        with self._state.lock:
+            self._state.counters.tombstones_carried += carried
+            self._state.counters.tombstones_dropped += dropped
 
     def _evict_open(self, excess: int, open_ids: list[int]) -> int:
         """Payload still over capacity and no sealed block left to empty: delete the least valuable records of
@@ -1037,19 +940,19 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 break
         now = time.monotonic()
         picked: dict[str, list[ObjectKey]] = {}
-        with self._lock:
-            mean = self._used / self._records if self._records else 1.0
+        with self._state.lock:
+            mean = self._state.used / self._state.records if self._state.records else 1.0
             ranked = sorted(range(len(candidates)), key=lambda i: (value(
-                self._stats.get(candidates[i][1]), candidates[i][2].payload_len, self._clock, self._capacity, mean),
+                self._stats.get(candidates[i][1]), candidates[i][2].payload_len, self._clock, self._state.capacity, mean),
                 i))
             want = excess
             for i in ranked:
                 if want <= 0:
                     break
                 ns, k, loc = candidates[i]
-                if k in self._storing or k in self._deleting or self._held(k, now):
+                if k in self._state.storing or k in self._state.deleting or self._state.held(k, now):
                     continue
-                self._deleting.add(k)
+                self._state.deleting.add(k)
                 self._ghost.add(k, self._clock)
                 picked.setdefault(ns, []).append(k)
                 want -= loc.payload_len
@@ -1086,22 +989,22 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             hit[i] = True
         usable = usable_hits(hit)  # LMCache loads only a request's hit prefix: a hit behind a miss is unused
         now = time.monotonic()
-        with self._lock:
+        with self._state.lock:
             hits = 0
             for i in found:
                 k = keys[i]
-                if k in self._deleting:
+                if k in self._state.deleting:
                     continue  # on its way out: a lock would promise what is being removed
-                entry = self._locks.get(k)
-                if entry is None or not self._held(k, now):
-                    self._locks[k] = [1, now]
+                entry = self._state.locks.get(k)
+                if entry is None or not self._state.held(k, now):
+                    self._state.locks[k] = [1, now]
                 else:
                     entry[0] += 1
                     entry[1] = now
                 self._stats.read(k, self._clock, usable[i])  # eviction's reuse, recency and relevance
                 bitmap.set(i)
                 hits += 1
-            c = self._counters
+            c = self._state.counters
             c.lookup_tasks += 1
             c.lookup_keys += len(keys)
             c.lookup_hits += hits
@@ -1152,8 +1055,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 bad_records, other = self._drop_unreadable(ns, suspects, keys)
                 corrupt += bad_records
                 failed += other
-        with self._lock:  # reads are counted at the lookup (one per request): a load is its second half
-            c = self._counters
+        with self._state.lock:  # reads are counted at the lookup (one per request): a load is its second half
+            c = self._state.counters
             c.load_tasks += 1
             c.load_keys += len(keys)
             c.load_hits += len(served)
@@ -1201,9 +1104,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         bad = [keys[i] for (i, _kb, loc), now in zip(suspects, again) if now is not None and now.same_place(loc)]
         if bad:
             _log.error("blockstore L2: %d record(s) in %s failed their checksum; deleting them", len(bad), ns)
-            with self._lock:
-                marked = [k for k in dict.fromkeys(bad) if k not in self._deleting and k not in self._storing]
-                self._deleting.update(marked)
+            with self._state.lock:
+                marked = [k for k in dict.fromkeys(bad) if k not in self._state.deleting and k not in self._state.storing]
+                self._state.deleting.update(marked)
             self._delete_marked(marked)
         return len(bad), len(suspects) - len(bad)
 
@@ -1214,16 +1117,16 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         are no-ops. Never raises: the eviction thread does not catch."""
         try:
             now = time.monotonic()
-            with self._lock:
+            with self._state.lock:
                 marked = []
                 for k in dict.fromkeys(keys):
-                    if k in self._deleting or k in self._storing:
+                    if k in self._state.deleting or k in self._state.storing:
                         continue
-                    if self._held(k, now):
-                        self._counters.delete_skipped_locked += 1
+                    if self._state.held(k, now):
+                        self._state.counters.delete_skipped_locked += 1
                         continue
                     marked.append(k)
-                self._deleting.update(marked)
+                self._state.deleting.update(marked)
             self._delete_marked(marked)
         except Exception:
             _log.exception("blockstore L2: delete failed")
@@ -1260,20 +1163,20 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def _end_delete(self, marked: list[ObjectKey], gone: list[tuple[ObjectKey, int]]) -> None:
         """The end of a deletion: release the keys this task claimed (`marked`), account for and announce those
         that went (`gone`, with their payload sizes; eviction may remove keys it did not claim)."""
-        with self._task_end():
-            finals = self._settle(marked)
-            with self._lock:
+        with self._hub.task_end():
+            finals = self._hub.settle(marked)
+            with self._state.lock:
                 for k in marked:
-                    self._deleting.discard(k)
+                    self._state.deleting.discard(k)
                     self._stats.forget(k)
                 for k, _size in gone:
                     self._stats.forget(k)
-                self._used -= sum(s for _, s in gone)
-                self._records -= len(gone)
-                self._counters.keys_deleted += len(gone)
+                self._state.used -= sum(s for _, s in gone)
+                self._state.records -= len(gone)
+                self._state.counters.keys_deleted += len(gone)
             if gone:
                 self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
-            self._resolve(finals)
+            self._hub.resolve(finals)
 
     # ---- listing, status, listeners ----
 
@@ -1303,166 +1206,26 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         nothing kept per record) and seed the base class's byte counters with them."""
         by_salt: dict[str, int] = {}
         for key, size in self._records_held():
-            self._records += 1
-            self._used += size
+            self._state.records += 1
+            self._state.used += size
             by_salt[key.cache_salt] = by_salt.get(key.cache_salt, 0) + size
-        self.recovered_keys = self._records
-        if self._records:
+        self.recovered_keys = self._state.records
+        if self._state.records:
             with self._usage_lock:
-                self._total_bytes_used += self._used
+                self._total_bytes_used += self._state.used
                 for salt, n in by_salt.items():
                     self._bytes_by_cache_salt[salt] = self._bytes_by_cache_salt.get(salt, 0) + n
-            _log.info("blockstore L2: %d record(s), %d bytes recovered from %s", self._records, self._used,
+            _log.info("blockstore L2: %d record(s), %d bytes recovered from %s", self._state.records, self._state.used,
                       self.config.path)
 
     def register_listener(self, listener: L2AdapterListener) -> None:
-        """Attach a listener at any time: it hears exactly once of every record the adapter holds. The records
-        already held are replayed to it (streamed from the directory, REPLAY_BATCH keys per call, nothing kept
-        per record); records stored, replaced or deleted meanwhile reach it as they happen once the replay has
-        passed their position, and through the replay (their state when it gets there) before that. A key that
-        a task is storing or deleting when the replay passes it is announced by that task's end instead."""
-        sub = _Sub(listener)
-        with self._deliver_lock:
-            self._subs.append(sub)
-        try:
-            while self._replay_step(sub):
-                self._let_task_ends_pass()
-        except Exception:
-            _log.exception("blockstore L2: replaying the records held to a listener failed; it hears of changes "
-                           "from now on")
-            with self._deliver_lock:
-                sub.cursor = None
-
-    @contextlib.contextmanager
-    def _task_end(self) -> Iterator[None]:
-        """_deliver_lock for the end of a task (or a delivery), counted so that a replay can let the ends
-        waiting for it go between two steps (Python's locks are not fair: without this, a long replay could
-        keep the lock to itself and hold up every store and delete for its whole length)."""
-        with self._lock:
-            self._ends_queued += 1
-        with self._deliver_lock:
-            with self._lock:
-                self._ends_admitted += 1
-            yield
-
-    def _let_task_ends_pass(self) -> None:
-        """Between two replay steps: wait (briefly, bounded) until the task ends already waiting got the lock."""
-        with self._lock:
-            target = self._ends_queued
-        deadline = time.monotonic() + 0.05
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._ends_admitted >= target:
-                    return
-            time.sleep(0.0002)
-
-    def _replay_step(self, sub: _Sub) -> bool:
-        """Announce the next batch of records after `sub.cursor` to `sub`; False once the replay is complete.
-        Runs under _deliver_lock, so no store or delete ends during the step: a key no task holds in flight
-        when the step has read the directory is what the step read, and stays so until a task that claims it
-        later ends, when the advanced cursor makes that task announce the change. Keys in flight in the range
-        read are deferred to their task's end (`_settle`, `_resolve`)."""
-        with self._deliver_lock:
-            lo = sub.cursor
-            assert lo is not None
-            found: list[tuple[str, bytes, int]] = []
-            full = False
-            for ns in lmcache_namespaces(self.store):  # read now: namespaces created since the last step are included
-                if ns < lo[0]:
-                    continue
-                for kb, loc in self._scan(ns, lo[1] if ns == lo[0] else None):
-                    found.append((ns, kb, loc.payload_len))
-                    if len(found) >= REPLAY_BATCH:
-                        full = True
-                        break
-                if full:
-                    break
-            hi = (found[-1][0], found[-1][1]) if full else None  # None: read to the end of the directory
-            with self._lock:
-                inflight = [*self._storing, *self._deleting]
-            skip: set[tuple[str, bytes]] = set()
-            for k in inflight:
-                try:
-                    pos = self._pos(k)
-                except (ValueError, AttributeError, TypeError):
-                    continue
-                if pos > lo and (hi is None or pos <= hi):
-                    sub.deferred.add(k)
-                    skip.add(pos)
-            keys: list[ObjectKey] = []
-            sizes: list[int] = []
-            for ns, kb, size in found:
-                if (ns, kb) in skip:
-                    continue
-                try:
-                    key = decode_object_key(kb)
-                except ValueError:
-                    continue  # not an ObjectKey (see _records_held)
-                if namespace_for(key.model_name, key.cache_salt) == ns:
-                    keys.append(key)
-                    sizes.append(size)
-            sub.cursor = hi
-            if keys:
-                self._call(sub, "stored", keys, sizes)
-            return hi is not None
-
-    @staticmethod
-    def _pos(key: ObjectKey) -> tuple[str, bytes]:
-        """A key's place in the replay's order (namespaces by name, then keys bytewise, as the directory)."""
-        return namespace_for(key.model_name, key.cache_salt), encode_object_key(key)
-
-    def _knows(self, sub: _Sub, key: ObjectKey) -> bool:
-        """Whether `sub` has been told the current state of `key`'s record (caller holds _deliver_lock): the
-        replay has passed it and no task's end still owes it the key's final state."""
-        if key in sub.deferred:
-            return False
-        if sub.cursor is None:
-            return True
-        try:
-            return self._pos(key) <= sub.cursor
-        except (ValueError, AttributeError, TypeError):
-            return False
-
-    def _settle(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int | None]:
-        """At the end of a task (caller holds _deliver_lock, the keys are still claimed by the task, so their
-        records cannot change): the payload size (None: no record) of those of `keys` that a replay deferred.
-        Empty, without touching the directory, unless a replay passed one of them in flight (rare)."""
-        if not any(sub.deferred for sub in self._subs):
-            return {}
-        want = [k for k in dict.fromkeys(keys) if any(k in sub.deferred for sub in self._subs)]
-        if not want:
-            return {}
-        finals: dict[ObjectKey, int | None] = dict.fromkeys(want)
-        groups, _bad = group_by_namespace(want)
-        for ns, items in groups.items():
-            try:
-                locs = self.store.locate_many([kb for _, kb in items], ns=ns)
-            except Exception as exc:
-                _log.error("blockstore L2: cannot tell a replaying listener about %d key(s) in %s: %s",
-                           len(items), ns, exc)
-                continue
-            for (i, _kb), loc in zip(items, locs):
-                finals[want[i]] = None if loc is None else loc.payload_len
-        return finals
-
-    def _resolve(self, finals: dict[ObjectKey, int | None]) -> None:
-        """Announce the final state of deferred keys to the listeners that deferred them (caller holds
-        _deliver_lock, after the task's own announcements, which skipped them)."""
-        if not finals:
-            return
-        for sub in list(self._subs):
-            keys = [k for k in finals if k in sub.deferred]
-            if not keys:
-                continue
-            sub.deferred.difference_update(keys)
-            held = [(k, n) for k in keys if (n := finals[k]) is not None]
-            if held:
-                self._call(sub, "stored", [k for k, _ in held], [n for _, n in held])
+        """Attach a listener at any time: it hears exactly once of every record the adapter holds
+        (`ListenerHub.register`: those held now are replayed to it, later changes reach it as they happen)."""
+        self._hub.register(listener)
 
     def _notify(self, what: str, keys: list[ObjectKey], sizes: list[int] | None = None) -> None:
-        """Usage counters and LMCache's event bus (the base class), then each listener, told only of keys whose
-        state it knows (`_knows`): the others reach it through its replay."""
-        with self._task_end():
+        """Usage counters and LMCache's event bus (the base class), then each listener (`ListenerHub.deliver`)."""
+        with self._hub.task_end():
             try:
                 if what == "stored":
                     self._notify_keys_stored(keys, sizes or [])
@@ -1472,25 +1235,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     self._notify_keys_accessed(keys)
             except Exception:  # a failure here must not fail the task that stored or loaded the data
                 _log.exception("blockstore L2: usage accounting (%s) failed", what)
-            for sub in list(self._subs):
-                if sub.cursor is None and not sub.deferred:
-                    self._call(sub, what, keys, sizes)
-                    continue
-                idx = [i for i, k in enumerate(keys) if self._knows(sub, k)]
-                if idx:
-                    self._call(sub, what, [keys[i] for i in idx], None if sizes is None else [sizes[i] for i in idx])
-
-    @staticmethod
-    def _call(sub: _Sub, what: str, keys: list[ObjectKey], sizes: list[int] | None) -> None:
-        try:
-            if what == "stored":
-                sub.listener.on_l2_keys_stored(keys, sizes or [])
-            elif what == "deleted":
-                sub.listener.on_l2_keys_deleted(keys)
-            else:
-                sub.listener.on_l2_keys_accessed(keys)
-        except Exception:  # one listener's failure must neither fail the task nor keep the others uninformed
-            _log.exception("blockstore L2: a listener failed on %d %s key(s)", len(keys), what)
+            self._hub.deliver(what, keys, sizes)
 
     def list_l2_keys(self, model_name: str | None = None, page_size: int = 500,
                      cursor: str | None = None) -> KeyListPage:
@@ -1524,24 +1269,24 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         """Embedded in the server's GET /status. Never raises (the caller does not catch)."""
         status: dict[str, Any] = {"is_healthy": False, "type": "BlockstoreL2Adapter", "path": self.config.path}
         try:
-            with self._lock:
-                closed = self._closed
-                c = dict(self._counters.__dict__)
+            with self._state.lock:
+                closed = self._state.closed
+                c = dict(self._state.counters.__dict__)
                 status.update(
-                    records=self._records,
+                    records=self._state.records,
                     hot_keys=len(self._stats),
                     ghost_keys=len(self._ghost),
-                    used_bytes=self._used,
-                    capacity_bytes=self._capacity,
-                    locked_keys=sum(1 for e in self._locks.values() if e[0] > 0),
+                    used_bytes=self._state.used,
+                    capacity_bytes=self._state.capacity,
+                    locked_keys=sum(1 for e in self._state.locks.values() if e[0] > 0),
                     inflight_tasks=dict(self._inflight),
                     completed_unread={"store": len(self._done_store), "lookup": len(self._done_lookup),
                                       "load": len(self._done_load)},
-                    last_error=self._last_error,
-                    consecutive_task_failures=self._consecutive_failures,
+                    last_error=self._state.last_error,
+                    consecutive_task_failures=self._state.consecutive_failures,
                     recovered_keys=self.recovered_keys,
                 )
-                failures = self._consecutive_failures
+                failures = self._state.consecutive_failures
             status["counters"] = c
             status["lookup_hit_ratio"] = c["lookup_hits"] / c["lookup_keys"] if c["lookup_keys"] else None
             status["load_hit_ratio"] = c["load_hits"] / c["load_keys"] if c["load_keys"] else None
@@ -1567,10 +1312,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def close(self) -> None:
         """Finish every queued and running task (their L1 buffers are freed right after this returns),
         then close the store and the event fds. Idempotent."""
-        with self._lock:
-            if self._closed:
+        with self._state.lock:
+            if self._state.closed:
                 return
-            self._closed = True
+            self._state.closed = True
         self._io_pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
         self._evict_pool.shutdown(wait=True)

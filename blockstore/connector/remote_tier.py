@@ -223,7 +223,7 @@ class RemoteTierL2Adapter(BlockstoreL2Adapter):
                     if there:
                         bitmap.set(i)
                         hits += 1
-        with self._lock:
+        with self._state.lock:
             self._remote_counts["lookup_hits"] += hits
         return bitmap
 
@@ -257,7 +257,7 @@ class RemoteTierL2Adapter(BlockstoreL2Adapter):
             bitmap.set(i)
             counts["load_hits"] += 1
             counts["load_bytes"] += len(payload)
-        with self._lock:
+        with self._state.lock:
             for k, v in counts.items():
                 self._remote_counts[k] += v
 
@@ -265,7 +265,7 @@ class RemoteTierL2Adapter(BlockstoreL2Adapter):
         """The blockstore adapter's status plus `remote`: this node's uploads, the pool, the remote hits.
         Never raises (the server does not catch)."""
         status = super().report_status()
-        with self._lock:
+        with self._state.lock:
             counts = dict(self._remote_counts)
         try:
             status["remote"] = {**self.remote.status(), **counts}
@@ -275,6 +275,6 @@ class RemoteTierL2Adapter(BlockstoreL2Adapter):
 
     def close(self) -> None:
         remote = getattr(self, "remote", None)
-        if remote is not None and not self._closed:
+        if remote is not None and not self._state.closed:
             remote.close()
         super().close()
