@@ -119,3 +119,41 @@ def test_remote_tier_refuses_unusable_timings(tmp_path: Path, kw: dict[str, Any]
     with blockstore.open(tmp_path / "s") as s:
         with pytest.raises(blockstore.InvalidArgument, match=next(iter(kw)).split("_s")[0]):
             RemoteTier(s, _memory_objects()(), "n1", **kw)
+
+
+def test_remote_tier_thread_outlives_a_failed_ledger_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: rocksdict raises a bare Exception (a ledger write on a full disk: "IO error: No space left on
+    # device"); it went through the tier's `except BlockstoreError` and killed its thread: nothing was uploaded
+    # (nor any local copy dropped under local_capacity_bytes) again until a restart.
+    from blockstore.remote import RemoteTier
+    from blockstore.remote.ledger import Ledger
+
+    real = Ledger.reserve_many
+    fails = {"left": 3}
+
+    def flaky(self: Ledger, seqs: dict[int, int], next_seq: int) -> None:
+        if fails["left"]:
+            fails["left"] -= 1
+            raise Exception("IO error: No space left on device")  # what rocksdict raises
+        real(self, seqs, next_seq)
+
+    monkeypatch.setattr(Ledger, "reserve_many", flaky)
+    with blockstore.open(tmp_path / "s", block_size=1 << 16) as s:
+        tier = RemoteTier(s, _memory_objects()(), "n1", retry_min_s=0.01, retry_max_s=0.05)
+        try:
+            for i in range(100):
+                s.put(b"k%d" % i, b"x" * 1000)
+            assert tier.drain(30), tier.status()
+            assert tier.status().running and fails["left"] == 0
+        finally:
+            tier.close(drain=False)
+
+
+def test_remote_tier_ledger_under_a_file_is_a_blockstore_error(tmp_path: Path) -> None:
+    # Before: a bare `Exception: ... Not a directory (os error 20)` from rocksdict.
+    from blockstore.remote import RemoteTier
+
+    (tmp_path / "file").write_bytes(b"x")
+    with blockstore.open(tmp_path / "s") as s:
+        with pytest.raises(blockstore.BlockstoreError, match="ledger"):
+            RemoteTier(s, _memory_objects()(), "n1", ledger_path=str(tmp_path / "file" / "ledger"))

@@ -4,11 +4,14 @@ block is settled. A crash between any two steps leaves a record the next run fin
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from blockstore.errors import IOErrorBS, NoSpace
 
 _CURSOR = b"cursor"  # every block id <= cursor is uploaded, deleted, or was never sealed here
 _NEXT_SEQ = b"next_seq"  # the next publication number of this node's index objects
@@ -28,7 +31,13 @@ class Ledger:
     def __init__(self, path: str) -> None:
         opts = Options()
         opts.create_if_missing(True)
-        self._db = Rdict(path, opts)
+        try:
+            self._db = Rdict(path, opts)
+        except Exception as exc:  # rocksdict raises a bare Exception carrying RocksDB's status text
+            text = str(exc)
+            if "No space" in text or "Disk quota" in text:
+                raise NoSpace(errno.ENOSPC, f"open the remote tier's ledger {path!r}: the disk is full ({text})") from exc
+            raise IOErrorBS(errno.EIO, f"open the remote tier's ledger {path!r}: {text}") from exc
         self._sync = WriteOptions()
         self._sync.sync = True  # what the ledger says was uploaded must survive a power loss
         self._uploaded_count: int | None = None

@@ -167,6 +167,12 @@ class RemoteTier:
                 return
             except BlockstoreError as exc:  # not the store being unreachable (that is last_error): logged too
                 error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - this thread is the only uploader: it must outlive any failure
+                # (a ledger write on a full disk raised rocksdict's bare Exception, and the thread died: nothing was
+                # uploaded again and no local copy dropped until a restart); retried with backoff like the rest
+                error = f"{type(exc).__name__}: {exc}"
+                if self._error != error:
+                    _log.error("%s: remote tier: unexpected failure of a pass", self.store.path, exc_info=True)
             if error is None:
                 self._failures, self._retry_at, self._error = 0, None, None
                 self._wake.wait(self.poll_s)
