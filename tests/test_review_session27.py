@@ -157,3 +157,13 @@ def test_remote_tier_ledger_under_a_file_is_a_blockstore_error(tmp_path: Path) -
     with blockstore.open(tmp_path / "s") as s:
         with pytest.raises(blockstore.BlockstoreError, match="ledger"):
             RemoteTier(s, _memory_objects()(), "n1", ledger_path=str(tmp_path / "file" / "ledger"))
+
+
+@pytest.mark.parametrize("spec", [{"policy": "full", "background": "false"}, {"policy": "full", "background": 0},
+                                  {"policy": {"policy": "aggressive"}}, {"policy": {}}])
+def test_compaction_spec_refuses_a_background_that_is_not_a_bool_and_a_nested_policy(tmp_path: Path,
+                                                                                      spec: dict[str, Any]) -> None:
+    # Before: background went through bool(), so "false" started the background thread; a dict as "policy" was
+    # resolved as a spec of its own (its knobs applied, or 'full' for {}), silently.
+    with pytest.raises(blockstore.InvalidArgument, match="background|policy"):
+        blockstore.open(tmp_path / "s", compaction=spec)

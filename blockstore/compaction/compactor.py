@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks, metrics
 from blockstore.directory import BLOCK_OPEN, BlockEntry, DirectoryBatch
-from blockstore.errors import BlockstoreError, StoreClosed
+from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
 from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
 from blockstore.reader import choose_places
 
@@ -492,7 +492,9 @@ def attach(store: Store, spec: str | Policy | dict[str, Any] | None, *, judge: A
     """What `blockstore.open(..., compaction=spec)` calls: a compactor bound to the store, started."""
     if isinstance(spec, dict) and "background" in spec:
         spec = dict(spec)
-        background = bool(spec.pop("background"))
+        background = spec.pop("background")
+        if not isinstance(background, bool):  # bool("false") is True: a str here ran the thread it meant to stop
+            raise InvalidArgument(f"compaction setting background must be true or false, got {background!r}")
     c = Compactor(store, resolve(spec), judge=judge)
     if background:
         c.start()

@@ -94,7 +94,10 @@ def resolve(spec: str | Policy | dict[str, Any] | None) -> Policy:
     if not isinstance(spec, dict):
         raise InvalidArgument(f"compaction must be a policy name or a dict, not {type(spec).__name__}")
     knobs = dict(spec)
-    base = resolve(knobs.pop("policy", "full"))
+    name = knobs.pop("policy", "full")
+    if not isinstance(name, str):  # a nested dict was resolved as a policy of its own, its knobs applied unseen
+        raise InvalidArgument(f"compaction setting policy must be a policy name, got {name!r}")
+    base = resolve(name)
     known = {f.name for f in fields(Policy)} - {"name"}
     unknown = set(knobs) - known
     if unknown:
