@@ -804,7 +804,7 @@ def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], aren
     import tracemalloc
 
     a = make()
-    a._stats.limit = a._ghost.limit = a._sightings.limit = 8  # the bounded per-key caches, made small
+    a._memory.stats.limit = a._memory.ghost.limit = a._memory.sightings.limit = 8  # the bounded per-key caches, made small
     src = arena.new(fill=1)
     dst = arena.new()
 
@@ -827,7 +827,7 @@ def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], aren
         tracemalloc.stop()
     grown = sum(st.size_diff for st in after.compare_to(before, "filename"))
     assert grown < 256 << 10, f"Python memory grew {grown} bytes over 1000 records"
-    assert not a._state.locks and not a._state.storing and not a._state.deleting and len(a._stats) == 8
+    assert not a._state.locks and not a._state.storing and not a._state.deleting and len(a._memory.stats) == 8
     st = a.report_status()
     assert st["records"] == 1100 and st["used_bytes"] == 1100 * SIZE == a.get_usage().total_bytes_used
 

@@ -42,10 +42,10 @@ def test_a_key_evicted_and_offered_again_soon_is_stored_at_once(
         _offer(a, filler, src)
         _offer(a, filler, src)
         with a._state.lock:
-            if first in a._ghost:
+            if first in a._memory.ghost:
                 break
     with a._state.lock:
-        assert first in a._ghost  # evicted, and remembered
+        assert first in a._memory.ghost  # evicted, and remembered
     assert lookup(a, [first]) == [False]
     skipped = a.report_status()["counters"]["skipped_admission"]
     store(a, [first], [src])  # it comes back soon: stored, not taken for a first sighting

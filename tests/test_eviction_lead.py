@@ -61,4 +61,4 @@ def test_an_adapter_fed_one_store_at_a_time_keeps_less_room_free_than_the_fixed_
     settled = rooms[len(rooms) // 2 :]  # once the lead follows the passes
     # a room within the lead starts a pass, so with the fixed lead every settled room was above it
     assert min(settled) <= fixed
-    assert a._lead() < fixed
+    assert a._eviction.lead() < fixed

@@ -52,7 +52,7 @@ def _fill_then_push(a: BlockstoreL2Adapter, src: Any, read: bool) -> tuple[int, 
         a.submit_unlock(held)
         with a._state.lock:  # the state one keep by value leaves: read recently, its read spent
             for k in held:
-                a._stats.spend(k)
+                a._memory.stats.spend(k)
     before = a.get_usage().total_bytes_used
     store(a, [okey(10_000)], [src])  # over capacity: a pass empties the oldest block
     a.wait_for_eviction()
@@ -76,7 +76,7 @@ def test_room_a_pass_frees_beyond_its_need_holds_records_that_were_read(
     assert held_read <= CAPACITY and held_unread <= CAPACITY
     # the room the unread adapter's pass left empty (a block's records less the one stored) is held here
     assert held_unread <= CAPACITY - 2 * SMALL_SIZE, held_unread
-    assert held_read >= CAPACITY - SMALL_SIZE - a._lead(), held_read
+    assert held_read >= CAPACITY - SMALL_SIZE - a._eviction.lead(), held_read
     # a key is found exactly when the directory holds it (nothing evicted comes back), and the records held add
     # up to the adapter's own count
     found = lookup(a, first)

@@ -70,15 +70,15 @@ def test_a_key_evicted_and_stored_again_is_a_return_at_its_distance(
         store(a, keys[s : s + 4], [src] * 4)
         a.wait_for_eviction()
     assert a.report_status()["counters"]["evicted_for_capacity"] > 0
-    assert len(a._returns) == 0  # nothing came back yet
+    assert len(a._memory.returns) == 0  # nothing came back yet
     with a._state.lock:
-        clock, span = a._clock, a._span
-        evicted_at = a._ghost.pop(keys[0])
+        clock, span = a._memory.clock, a._memory.span
+        evicted_at = a._memory.ghost.pop(keys[0])
         assert evicted_at is not None  # the first key was evicted (and remembered by the ghost)
-        a._ghost.add(keys[0], evicted_at)
+        a._memory.ghost.add(keys[0], evicted_at)
     store(a, [keys[0]], [src])  # it comes back
     a.wait_for_eviction()
-    assert len(a._returns) == 1
-    assert a._returns._seen[0] == pytest.approx(min(RETURN_SPANS, (clock - evicted_at) / span))
+    assert len(a._memory.returns) == 1
+    assert a._memory.returns._seen[0] == pytest.approx(min(RETURN_SPANS, (clock - evicted_at) / span))
     store(a, [okey(10**6)], [src])  # a key never evicted is no return
-    assert len(a._returns) == 1
+    assert len(a._memory.returns) == 1

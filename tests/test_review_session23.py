@@ -60,7 +60,7 @@ def fill_with_records_worth_keeping(a: BlockstoreL2Adapter, src: Any) -> int:
 def race_between_decision_and_writes(a: BlockstoreL2Adapter, act: Callable[[list[Any], int], None]) -> list[int]:
     """Run `act(wanted, budget)` once, in the first background pass whose records worth keeping exceed its move budget,
     after the pass decided which blocks to empty and before it keeps or evicts anything. Returns [calls]."""
-    original = a._keep_within
+    original = a._eviction._walk._keep_within
     acted: list[int] = []
 
     def wrapped(wanted: list[Any], budget: int, drop: dict[int, Any]) -> Any:
@@ -71,7 +71,7 @@ def race_between_decision_and_writes(a: BlockstoreL2Adapter, act: Callable[[list
             acted.append(1)
         return original(wanted, budget, drop)
 
-    a._keep_within = wrapped  # type: ignore[method-assign]
+    a._eviction._walk._keep_within = wrapped  # type: ignore[method-assign]
     return acted
 
 
@@ -119,7 +119,7 @@ def test_a_store_of_another_layout_while_a_pass_decides_to_keep_the_old_one_is_n
         w = max(wanted, key=lambda w: w.value)
         # a store task's work, run here (the test's own store() would race the main thread's for the task results);
         # the block files' check is not due, so this store (of no new bytes) never waits for the pass under way
-        a._disk_checked_at = a._clock
+        a._eviction._disk_checked_at = a._memory.clock
         assert a._run_store([w.key], [newer]).is_successful()
         victim.append(w.key)
 
@@ -168,7 +168,7 @@ def test_a_pass_that_fails_before_it_writes_leaves_no_key_claimed(capped_adapter
     n = CAPACITY // SMALL_SIZE - 8  # just under the capacity and its lead; never read: not worth keeping
     for i in range(n):
         store(a, [okey(i)], [src])
-    original = a._keep_within
+    original = a._eviction._walk._keep_within
     failed: list[int] = []
 
     def fail_once(*args: Any) -> Any:
@@ -177,14 +177,14 @@ def test_a_pass_that_fails_before_it_writes_leaves_no_key_claimed(capped_adapter
             raise OSError("injected: directory read failed")
         return original(*args)
 
-    a._keep_within = fail_once  # type: ignore[method-assign]
+    a._eviction._walk._keep_within = fail_once  # type: ignore[method-assign]
     for j in range(BLOCK // SMALL_SIZE * 2):  # the first pass fails; stores go on
         store(a, [okey(100_000 + j)], [src])
         a.wait_for_eviction()
         if failed:
             break
     assert failed, "no pass ran"
-    a._keep_within = original  # type: ignore[method-assign]
+    a._eviction._walk._keep_within = original  # type: ignore[method-assign]
     keys = [okey(i) for i in range(n)]
     held = [kb is not None for kb in a.store.locate_many([a._hub._pos(k)[1] for k in keys], ns=a._hub._pos(keys[0])[0])]
     found = lookup(a, keys)
@@ -204,8 +204,8 @@ def test_a_pass_for_the_block_files_bound_evicts_about_what_it_must_free(capped_
     fill_with_records_worth_keeping(a, src)
     before = a.get_usage().total_bytes_used
     sealed = [e for e in a.store.block_table() if e.state == BLOCK_SEALED]
-    with a._evict_lock:
-        a._evict(-CAPACITY, BLOCK, a.store.block_table())
+    with a._eviction._evict_lock:
+        a._eviction._walk.evict(-CAPACITY, BLOCK, a.store.block_table())
     evicted = before - a.get_usage().total_bytes_used
     assert len(sealed) >= 6
     assert 0 < evicted <= 2 * BLOCK, (evicted, "payload bytes evicted to free one block of files")

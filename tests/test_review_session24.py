@@ -76,7 +76,7 @@ def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(capp
         assert pair is not None, "no block with two trimmed records"
         assert lookup(a, [pair[0].key]) == [True]  # held by a lookup: its block stays
         locked.append(pair[0].key)
-        a._disk_checked_at = a._clock  # this store of no new bytes does not wait for the pass under way
+        a._eviction._disk_checked_at = a._memory.clock  # this store of no new bytes does not wait for the pass under way
         assert a._run_store([pair[1].key], [newer]).is_successful()
         victim.append(pair[1].key)
 
@@ -170,11 +170,11 @@ def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(capped
     a.submit_unlock(keys)
     with a._state.lock:  # read, the read spent (as one keep by value leaves it): worth no keep of its own, a spare
         for k in keys:
-            a._stats.spend(k)
+            a._memory.stats.spend(k)
     newer = arena.new(OTHER, fill=6)
     victim: list[Any] = []
     locked: list[Any] = []
-    original = a._keep_spares
+    original = a._eviction._walk._keep_spares
 
     def wrapped(spares: list[Any], room: int, keep: Any, drop: Any, held: Any) -> None:
         by_block: dict[int, list[Any]] = {}
@@ -184,13 +184,13 @@ def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(capped
         if not victim and pair is not None and threading.current_thread().name.startswith("blockstore-l2-evict"):
             assert lookup(a, [pair[0].key]) == [True]  # held by a lookup: its block stays
             locked.append(pair[0].key)
-            a._disk_checked_at = a._clock  # this store of no new bytes does not wait for the pass under way
+            a._eviction._disk_checked_at = a._memory.clock  # this store of no new bytes does not wait for the pass under way
             assert a._run_store([pair[1].key], [newer]).is_successful()
             victim.append(pair[1].key)
             room = 0
         original(spares, room, keep, drop, held)
 
-    a._keep_spares = wrapped  # type: ignore[method-assign]
+    a._eviction._walk._keep_spares = wrapped  # type: ignore[method-assign]
     store_new_block_of_keys(a, src)
     assert victim, "no pass had two spares in one block"
     a.submit_unlock(locked)

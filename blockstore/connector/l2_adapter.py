@@ -58,11 +58,9 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lmcache.lmcache_native import Bitmap
@@ -73,26 +71,16 @@ from lmcache.v1.platform import create_event_notifier
 
 import blockstore
 from blockstore import metrics
-from blockstore.compaction.gc import MinSeqs, tombstones
 from blockstore.connector.eviction import (
-    RETURN_SPANS,
-    ClockHistory,
-    HashMarks,
-    KeyStats,
-    PassLead,
-    ReturnDistances,
-    spare_value,
     usable_hits,
-    value,
 )
+from blockstore.connector.l2_capacity import EVICT_AHEAD, LEAD_BLOCK, CapacityEviction
 from blockstore.connector.l2_config import (
     RECORD_FRAMING,
     BlockstoreL2AdapterConfig,
     check_capacity_fits,
-    record_bytes,
 )
 from blockstore.connector.l2_keys import (
-    NS_PREFIX,
     decode_cursor,
     decode_object_key,
     encode_cursor,
@@ -104,9 +92,8 @@ from blockstore.connector.l2_keys import (
     readable_model,
 )
 from blockstore.connector.l2_listeners import ListenerHub
-from blockstore.connector.l2_state import AdapterState, PendingPut
-from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
-from blockstore.keys import SPACE_KV
+from blockstore.connector.l2_state import AdapterState, EvictionMemory, PendingPut
+from blockstore.directory import Location
 
 if TYPE_CHECKING:
     from lmcache.v1.distributed.api import MemoryLayoutDesc
@@ -117,36 +104,8 @@ _log = logging.getLogger("blockstore.connector")
 
 # -------------------------------------------------------------------------------------------- config
 
-EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by value (bounds its cost)
-# Disk use is checked against capacity_bytes + slack after every DISK_CHECK_FRACTION of a block stored (a block
-# table snapshot costs O(blocks)); see BlockstoreL2Adapter._disk_excess for the slack.
-DISK_CHECK_FRACTION = 4
-TOMBSTONE_STREAM = b"\0tombstones"  # partition suffix of the blocks that carried tombstones go to
-EVICT_AHEAD = 64  # a pass frees at least capacity / EVICT_AHEAD (hit rate vs passes: bench/eviction.py)
-# A pass starts in the background once the room left is under min(block_size / LEAD_BLOCK, capacity / EVICT_AHEAD):
-# it must end before the stores that go on meanwhile use that room up (a pass empties a whole block: 7-13 ms for a
-# 16 MiB block here, while 2-10 MiB are stored), else they wait for the rest of it; room kept free is cache lost,
-# so at most 1/64 of it (bench/eviction.py: hit rate and throughput), and only what stores ask for while passes
-# run (eviction.PassLead)
-LEAD_BLOCK = 4
-BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
-CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
-MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
-
-
 # ------------------------------------------------------------------------------------------- adapter
 
-@dataclass(slots=True)
-class _Keep:
-    """A record an eviction pass would keep (write again at the head), with its value (eviction.py)."""
-
-    value: float
-    block: int
-    ns: str
-    key: ObjectKey
-    sfx: bytes
-    loc: Location
-    spare: bool = False  # value <= 0: kept only in the room the pass frees beyond its need (eviction.spare_value)
 
 
 class BlockstoreL2Adapter(L2AdapterInterface):
@@ -168,29 +127,13 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self._done_lookup: dict[L2TaskId, Bitmap] = {}
         self._done_load: dict[L2TaskId, Bitmap] = {}
         self._inflight = {"store": 0, "lookup": 0, "load": 0}
-        # Eviction by value (eviction.py): bounded read statistics, the ghost of keys evicted unread, the keys
-        # offered once (admission), a clock in payload bytes stored; one eviction pass at a time.
-        self._stats = KeyStats()
-        self._ghost = HashMarks()  # hash of an evicted key -> the clock at its eviction
-        self._sightings = HashMarks()
-        self._returns = ReturnDistances()  # how soon evicted keys come back: the spare room's window
-        self._span = config.capacity_bytes  # the log's span at the last eviction (eviction.py), in clock bytes
-        self._clock = 0
-        self._history = ClockHistory(config.capacity_bytes // CLOCK_STEPS)  # a block's creation -> the clock then
-        self._disk_checked_at = 0
-        self._evict_lock = threading.Lock()
-        self._evict_queued = False  # a background pass is submitted and has not started its work yet
-        self._asked = 0  # payload bytes stores asked room for (PassLead: what arrives while a pass runs)
-        self._ns_names: dict[int, str | None] = {}  # namespace id -> its name if an lmcache namespace (eviction)
-        self._admit_all = config.admission == "always"
+        # eviction's memory of reads and evictions (its clock advances with every byte stored)
+        self._memory = EvictionMemory(config.capacity_bytes)
         self.recovered_keys = 0
 
         self.store = blockstore.open(config.path, durability=config.durability, block_size=config.block_size,
                                      on_corrupt="miss", compaction=config.compaction)
         self._hub = ListenerHub(self.store, self._state)
-        # the room at which a pass starts ahead (_lead): follows what stores ask for while passes run (PassLead)
-        self._pass_lead = PassLead(min(self.store.block_size // LEAD_BLOCK, self._state.capacity // EVICT_AHEAD))
-        self._lead_bytes = self._pass_lead.limit  # read by stores without the lock (one int)
         # A constructor that fails releases everything it made, newest first, so that the store is not left
         # locked by this very process (LMCache aborts start-up; a retry or a second adapter must open it).
         undo: list[Callable[[], None]] = [self.store.close]
@@ -202,7 +145,6 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 compactor.learn_from_lookups()
             if self._state.capacity:
                 check_capacity_fits(self._state.capacity, self.store.block_size)  # the store's, if not configured
-            self._min_seqs = MinSeqs(self.store)
             self._seed_counters()
             self._store_efd = create_event_notifier()
             undo.append(self._store_efd.close)
@@ -215,9 +157,11 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._store_pool = ThreadPoolExecutor(max_workers=config.workers,
                                                   thread_name_prefix="blockstore-l2-store")
             undo.append(self._store_pool.shutdown)
-            # eviction ahead of need: one pass at a time, off the stores' path (_make_room)
-            self._evict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-l2-evict")
-            undo.append(self._evict_pool.shutdown)
+            # eviction ahead of need: one pass at a time, off the stores' path (CapacityEviction.make_room)
+            evict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-l2-evict")
+            undo.append(evict_pool.shutdown)
+            self._eviction = CapacityEviction(self.store, self._state, self._memory, self._hub, self._delete_marked,
+                                              self._end_delete, config.admission == "always", evict_pool)
             metrics.track_adapter(self)  # its report_status() counters, read at each scrape
             self.metrics_endpoint = None if config.metrics_port is None else metrics.serve(config.metrics_port)
         except BaseException:
@@ -408,9 +352,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 self._state.counters.duplicates_skipped += dups
                 self._state.counters.skipped_locked += locked
             if puts:
-                puts = self._admit(puts)
+                puts = self._eviction.admit(puts)
             if self._state.capacity > 0 and puts:
-                puts, reserved = self._make_room(puts)
+                puts, reserved = self._eviction.make_room(puts)
             if puts:
                 try:
                     self.store.put_many([(p.kb, objects[p.i].byte_array) for p in puts], ns=ns,
@@ -435,9 +379,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     for i, _kb in claimed:
                         self._state.storing.discard(keys[i])
                     self._state.used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
-                    self._clock += sum(p.size for p in written)
+                    self._memory.clock += sum(p.size for p in written)
                     if written and self._state.capacity:
-                        self._history.record(time.time_ns(), self._clock)
+                        self._memory.history.record(time.time_ns(), self._memory.clock)
                     self._state.records += len(written) - len(replaced)
                     self._state.counters.replaced_other_layout += len(replaced)
                     self._state.counters.keys_stored += len(written)
@@ -450,517 +394,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 self._hub.resolve(finals)
         return sum(p.size for p in written)
 
-    def _admit(self, puts: list[PendingPut]) -> list[PendingPut]:
-        """Admission ('second_sighting': a new key is stored the second time it is offered) and the ghost
-        (eviction.py): a key evicted earlier that is stored again within RETURN_SPANS spans starts with one
-        read of credit (coming back is reuse); one that comes back later is not stored this time. A key the ghost
-        remembers has been sighted (stored, then evicted): admission does not ask for two more sightings of it."""
-        keep: list[PendingPut] = []
-        with self._state.lock:
-            for p in puts:
-                evicted_at = self._ghost.pop(p.key) if p.old is None else None
-                if (evicted_at is None and p.old is None and not self._admit_all
-                        and self._sightings.pop(p.key) is None):
-                    self._sightings.add(p.key)
-                    self._state.counters.skipped_admission += 1
-                    continue
-                if evicted_at is not None:
-                    self._returns.add((self._clock - evicted_at) / max(1, self._span))
-                    if self._clock - evicted_at > RETURN_SPANS * self._span:
-                        self._ghost.add(p.key, self._clock)
-                        self._state.counters.skipped_admission += 1
-                        continue
-                    self._stats.seed(p.key, self._clock, 1)
-                keep.append(p)
-        return keep
-
-    def _make_room(self, puts: list[PendingPut]) -> tuple[list[PendingPut], int]:
-        """Keep the adapter within capacity_bytes: evict by value (one pass at a time), then keep the longest
-        prefix of the task that fits (a prefix is what a later request can use). Returns (what to write,
-        bytes reserved for it). A store waits for a pass only when its payload would exceed capacity_bytes or
-        the block files their bound; when either is merely near (within `_lead()`), a pass is started on the
-        eviction thread (`_evict_ahead`) and the store goes on."""
-        need = sum(p.size for p in puts) - sum(p.old.payload_len for p in puts if p.old is not None)
-        lead = self._lead()
-        with self._state.lock:
-            self._asked += max(0, need)  # counted before any wait: a store a pass holds up still asked during it
-            excess = self._state.used + self._state.reserved + need - self._state.capacity
-            disk_due = self._clock - self._disk_checked_at >= self.store.block_size // DISK_CHECK_FRACTION
-            if disk_due:
-                self._disk_checked_at = self._clock
-        disk = self._disk_excess(self.store.block_table(), puts) if disk_due else -lead - 1  # (not near)
-        if excess > 0 or disk > 0:
-            with self._evict_lock:
-                with self._state.lock:  # another pass may have made the room meanwhile
-                    excess = self._state.used + self._state.reserved + need - self._state.capacity
-                # a store that waits frees at least capacity / EVICT_AHEAD: it pays the engine's syncs (block
-                # deletions, relocations) once for several blocks' worth of stores
-                if self._pass(excess, puts, self._state.capacity // EVICT_AHEAD):
-                    with self._state.lock:
-                        self._state.counters.eviction_passes_waited += 1
-        elif excess >= -lead or disk >= -lead:
-            self._start_pass_ahead()
-        with self._state.lock:
-            room = self._state.capacity - self._state.used - self._state.reserved
-            keep: list[PendingPut] = []
-            total = 0
-            for p in puts:
-                grow = p.size - (p.old.payload_len if p.old is not None else 0)
-                if total + grow > room:
-                    break
-                keep.append(p)
-                total += grow
-            self._state.counters.skipped_capacity += len(puts) - len(keep)
-            self._state.reserved += total
-        return keep, total
-
-    def _lead(self) -> int:
-        """The room left at which a pass starts in the background: at most min(block_size / LEAD_BLOCK,
-        capacity / EVICT_AHEAD) (LEAD_BLOCK says why), less where stores ask for less while passes run
-        (eviction.PassLead)."""
-        return self._lead_bytes
-
-    def _pass(self, excess: int, puts: list[PendingPut], ahead: int, lead: int = 0) -> bool:
-        """One eviction pass (the caller holds _evict_lock) if payload (`excess`) or block files (their bound
-        with `puts` to come, less `lead`) are over: frees at least `ahead` (space coming back a block at a
-        time: usually a block). Returns whether it ran."""
-        table = self.store.block_table()
-        disk = self._disk_excess(table, puts) + lead
-        if excess <= 0 and disk <= 0:
-            return False
-        gone = self._evict(max(excess, ahead) if excess > 0 else excess,
-                           max(disk, ahead) if disk > 0 else disk, table)
-        with self._state.lock:
-            self._state.counters.evicted_for_capacity += gone
-        return True
-
-    def _start_pass_ahead(self) -> None:
-        with self._state.lock:
-            if self._evict_queued or self._state.closed:
-                return
-            self._evict_queued = True
-        try:
-            self._evict_pool.submit(self._evict_ahead)
-        except RuntimeError:  # shut down meanwhile (close)
-            with self._state.lock:
-                self._evict_queued = False
-
-    def _evict_ahead(self) -> None:
-        """The background pass: make the room left at least `_lead()` again, so that stores need not wait.
-        Never raises (nobody waits for it); a failure is logged and the next store's own pass tries again."""
-        try:
-            with self._evict_lock:
-                with self._state.lock:
-                    self._evict_queued = False
-                    # room left <= the lead: a pass (the trigger in _make_room is the same test)
-                    excess = self._state.used + self._state.reserved + self._lead() - self._state.capacity + 1
-                    asked = self._asked
-                if self._pass(excess, [], 0, self._lead() + 1):  # just the lead: room kept free is cache lost
-                    with self._state.lock:
-                        self._state.counters.eviction_passes += 1
-                        self._pass_lead.passed(self._asked - asked)
-                        self._lead_bytes = self._pass_lead.lead(self._state.used // max(1, self._state.records))
-        except Exception as exc:
-            _log.warning("blockstore L2: background eviction pass failed: %s", exc)
-            with self._state.lock:
-                self._evict_queued = False
-                self._state.last_error = f"{type(exc).__name__}: {exc}"
-
     def wait_for_eviction(self) -> None:
         """Return once no eviction pass is queued or running (tests and benches that need a settled state)."""
-        while True:
-            with self._evict_lock, self._state.lock:
-                if not self._evict_queued:
-                    return
-            time.sleep(0.001)
-
-    def _disk_excess(self, table: list[BlockEntry], puts: list[PendingPut]) -> int:
-        """Bytes by which block files would exceed their bound once `puts` are written. The promise: block files
-        on disk stay within capacity_bytes + RECORD_FRAMING per record held + (open blocks + 1) x block_size:
-        the payload budget, each record's header and page alignment, the open blocks (dead records in them go
-        only once they are sealed) and the one block eviction is emptying. Blocks that hold keys a lookup has
-        locked (LMCache holds such a lock for one prefetch) or records that are not the adapter's are never
-        emptied and can exceed it."""
-        with self._state.lock:
-            framing = (self._state.records + len(puts)) * RECORD_FRAMING
-        incoming = sum(record_bytes(p.size) for p in puts)
-        return sum(e.data_end for e in table) + incoming - self._state.capacity - framing - self.store.block_size
-
-    def _evict(self, excess: int, disk_excess: int, table: list[BlockEntry]) -> int:
-        """Free `excess` payload bytes and `disk_excess` bytes of sealed block files: empty sealed blocks oldest
-        first (each record deleted or, if worth keeping, written again at the head of the log, within a budget
-        of moved bytes so that a pass ends), then, if payload is still over, delete the least valuable records
-        of the open blocks. A pass decides first and then writes in batches: the records kept in one put per
-        namespace and MOVE_BATCH, then every emptied block with the keys left in it in one engine call
-        (`Store.evict_blocks`: one synced directory write, no tombstones). Blocks the engine refuses (a block
-        that stays may hold an older version of one of their keys) and blocks something holds lose their
-        deleted keys to tombstones, as a delete does. Returns the keys deleted."""
-        budget = BUDGET_K * max(excess, disk_excess, self._state.capacity // EVICT_AHEAD) + self.store.block_size
-        drop: dict[int, dict[str, list[ObjectKey]]] = {}
-        wanted: list[_Keep] = []
-        emptied: list[BlockEntry] = []
-        known: dict[bytes, ObjectKey] = {}  # key suffix -> key, of every record planned (decoded once)
-        moved = 0
-        try:
-            for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too,
-                over = max(0, moved - budget)  # and their blocks' bytes (else a pass for the block files went on over
-                if excess - over <= 0 and disk_excess - over <= 0:  # every block, and evicted most of the cache)
-                    break
-                if e.state != BLOCK_SEALED:
-                    continue
-                freed, block_moved, blocked = self._plan_block(e, drop.setdefault(e.block_id, {}), wanted, known)
-                excess -= freed
-                moved += block_moved
-                if not blocked:
-                    emptied.append(e)
-                    disk_excess -= e.data_end - block_moved  # the file goes; what moves is written again at the head
-            # the room freed beyond the need (a block's worth at most: space comes back a block at a time) is
-            # held by records that have been read, most recently read first, rather than left empty
-            surplus = max(0, min(-excess, -disk_excess))
-            keep, trimmed, held = self._keep_within([w for w in wanted if not w.spare], budget, drop)
-            self._keep_spares([w for w in wanted if w.spare], min(surplus, budget - sum(
-                loc.record_len for items in keep.values() for _k, _s, loc in items)), keep, drop, held)
-            excess -= trimmed
-            for ns, items in keep.items():
-                lost, taken = self._rewrite_at_head(ns, items)
-                held |= taken
-                for k in lost:  # not kept after all: it goes with its block
-                    drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
-        except BaseException:
-            # nothing deleted yet: the keys claimed for deletion are released, else they stayed claimed for ever
-            # (missed by lookups, skipped by stores and deletes, their blocks never emptied by a later pass)
-            with self._state.lock:
-                for by_ns in drop.values():
-                    for keys in by_ns.values():
-                        self._state.deleting.difference_update(keys)
-            raise
-        # a block holding a key that a lookup locked or a store claimed since it was planned stays (its keys to
-        # delete get tombstones): evicting it whole would remove a locked key, or the record a store is replacing
-        # (the store then counts its old bytes as freed a second time)
-        emptied = [e for e in emptied if e.block_id not in held]
-        emptied_ids = {e.block_id for e in emptied}
-        deleted, refused = self._evict_emptied([e.block_id for e in emptied], drop, known)
-        for bid, by_ns in drop.items():  # held or refused blocks: their deleted keys need tombstones
-            if bid in refused or bid not in emptied_ids:
-                for keys in by_ns.values():
-                    deleted += len(self._delete_marked(self._still_in(bid, keys))[0])
-        # refused blocks that hold nothing live now and keep their tombstones: those go as compaction's GC
-        # drops them (or carried to the tombstone stream), the blocks at the next sync_moves
-        now_table = {x.block_id: x for x in self.store.block_table()} if refused else {}
-        stones = [now_table[bid] for bid in refused
-                  if bid in now_table and now_table[bid].tombstones and now_table[bid].live_records == 0]
-        if stones:
-            self._retire_tombstones(stones)
-            self.store.sync_moves()
-        if excess > 0:
-            deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
-        return deleted
-
-    def _still_in(self, bid: int, keys: list[ObjectKey]) -> list[ObjectKey]:
-        """Of keys claimed for deletion with block `bid`, those the directory still places in it. The others are
-        released: a store replaced them after the pass planned and before it claimed them (keys it trims or
-        leaves out of the spare room are claimed late), and its decision was about the old record, not the
-        acknowledged new one. A failed look-up keeps them all (as before: deleted)."""
-        groups, _bad = group_by_namespace(keys)
-        stay: list[ObjectKey] = []
-        try:
-            for ns, items in groups.items():
-                locs = self.store.locate_many([kb for _i, kb in items], ns=ns)
-                stay += [keys[i] for (i, _kb), loc in zip(items, locs) if loc is not None and loc.block_id == bid]
-        except Exception as exc:
-            _log.warning("blockstore L2: locating %d key(s) to delete failed (%s); deleting them", len(keys), exc)
-            return keys
-        staying = set(stay)
-        gone_elsewhere = [k for k in keys if k not in staying]
-        if gone_elsewhere:
-            with self._hub.task_end():
-                finals = self._hub.settle(gone_elsewhere)
-                with self._state.lock:
-                    self._state.deleting.difference_update(gone_elsewhere)
-                self._hub.resolve(finals)
-        return stay
-
-    @staticmethod
-    def _home_block(items: list[tuple[ObjectKey, bytes, Location]], key: ObjectKey) -> int:
-        return next(loc.block_id for k, _sfx, loc in items if k == key)
-
-    def _evict_emptied(self, block_ids: list[int], drop: dict[int, dict[str, list[ObjectKey]]],
-                       known: dict[bytes, ObjectKey]) -> tuple[int, set[int]]:
-        """Remove emptied blocks with the keys still in them (Store.evict_blocks) and account for the keys as
-        deleted. Returns (keys deleted, the blocks refused)."""
-        if not block_ids:
-            return 0, set()
-        try:
-            done = self.store.evict_blocks(block_ids)
-        except Exception as exc:  # nothing removed: the tombstone path deletes them instead
-            _log.warning("blockstore L2: evicting %d block(s) failed (%s); deleting their keys", len(block_ids), exc)
-            return 0, set(block_ids)
-        marked = [k for bid in done.blocks for keys in drop.get(bid, {}).values() for k in keys]
-        gone: list[tuple[ObjectKey, int]] = []
-        for sfx, loc in done.records:
-            k = known.get(sfx)
-            if k is not None:
-                gone.append((k, loc.payload_len))
-                continue
-            try:
-                if self._lmcache_namespace(int.from_bytes(sfx[:4], "big")) is None or sfx[4] != SPACE_KV:
-                    raise ValueError("not an lmcache namespace")
-                gone.append((decode_object_key(sfx[5:]), loc.payload_len))
-            except ValueError:
-                continue  # a record the adapter did not write: a block holding one is never emptied
-        self._end_delete(marked, gone)
-        with self._state.lock:
-            self._state.counters.blocks_evicted += len(done.blocks)
-        return len(gone), set(done.refused)
-
-    def _rewrite_at_head(self, ns: str, items: list[tuple[ObjectKey, bytes, Location]]
-                         ) -> tuple[list[ObjectKey], set[int]]:
-        """Write records worth keeping again at the head of the log (one put per MOVE_BATCH, the namespace's
-        block stream), each with a new sequence number: a copy that kept its old one (relocation) would hold
-        the engine's eviction floor down, and every later block would need tombstones. The keys are claimed
-        as a store claims them, so a store or delete of the same key meanwhile leaves them to this write (a
-        delete skips in-flight keys, as it skips locked ones); once claimed, only those the directory still
-        places where the pass found them are written (a key deleted or stored again since the pass planned is
-        not brought back, nor its new record overwritten with the old). Returns (the keys of batches that
-        failed, now claimed for deletion: they go with their block; the blocks of keys a store claimed
-        meanwhile: those must stay)."""
-        with self._state.lock:  # a key another task claimed is left to it
-            mine = [it for it in items if it[0] not in self._state.storing and it[0] not in self._state.deleting]
-            taken = {loc.block_id for k, _s, loc in items if k in self._state.storing}
-            self._state.storing.update(k for k, _s, _l in mine)
-        lost: list[ObjectKey] = []
-        kept = 0
-        claimed = mine
-        try:
-            try:
-                now = self.store.locate_many([sfx[5:] for _k, sfx, _l in mine], ns=ns) if mine else []
-                mine = [it for it, loc in zip(mine, now) if loc is not None and loc.same_place(it[2])]
-            except Exception as exc:  # unknown whether they are still there: keep none, they go with their block
-                _log.warning("blockstore L2: locating %d record(s) of %s to keep failed (%s); evicting them",
-                             len(mine), ns, exc)
-                lost += [k for k, _s, _l in mine]
-                mine = []
-            for start in range(0, len(mine), MOVE_BATCH):
-                batch = mine[start : start + MOVE_BATCH]
-                try:
-                    payloads = self.store.read_locations([loc for _k, _s, loc in batch])
-                    self.store.put_many([(sfx[5:], p) for (_k, sfx, _l), p in zip(batch, payloads)], ns=ns,
-                                        metas=[loc.meta for _k, _s, loc in batch])
-                    kept += len(batch)
-                except Exception as exc:
-                    _log.warning("blockstore L2: keeping %d record(s) of %s failed (%s); evicting them",
-                                 len(batch), ns, exc)
-                    lost += [k for k, _s, _l in batch]
-        finally:
-            with self._hub.task_end():
-                finals = self._hub.settle([k for k, _s, _l in claimed])
-                with self._state.lock:
-                    for k, _s, _l in claimed:
-                        self._state.storing.discard(k)
-                    self._state.deleting.update(lost)
-                    self._state.counters.kept_by_value += kept
-                self._hub.resolve(finals)
-        return lost, taken
-
-    def _lmcache_namespace(self, ns_id: int) -> str | None:
-        """The lmcache namespace of a namespace id (None: another namespace). The names are read from the directory
-        again only for an id not seen yet (an id never changes its name; reading them all cost ~0.2 ms a block)."""
-        if ns_id not in self._ns_names:
-            names = {nid: ns for ns, nid in self.store.dir.namespaces().items()}
-            with self._state.lock:
-                self._ns_names = {nid: (ns if ns.startswith(NS_PREFIX) else None) for nid, ns in names.items()}
-        return self._ns_names.get(ns_id)
-
-    def _block_records(self, bid: int) -> tuple[list[tuple[str, ObjectKey, bytes, Location]], int]:
-        """The records the directory names in block `bid` as (namespace, key, suffix, location), and how many
-        are not the adapter's (never evicted by it)."""
-        pairs = list(self.store.dir.block_records(bid))
-        locs = self.store.dir.get_locations([sfx for _off, sfx in pairs])
-        out: list[tuple[str, ObjectKey, bytes, Location]] = []
-        foreign = 0
-        for (off, sfx), loc in zip(pairs, locs):
-            if loc is None or loc.block_id != bid or loc.offset != off:
-                continue  # moved or deleted since the listing
-            ns = self._lmcache_namespace(int.from_bytes(sfx[:4], "big"))
-            try:
-                if ns is None or sfx[4] != SPACE_KV:
-                    raise ValueError("not an lmcache namespace")
-                out.append((ns, decode_object_key(sfx[5:]), sfx, loc))
-            except ValueError:
-                foreign += 1
-        return out, foreign
-
-    def _plan_block(self, e: BlockEntry, drop: dict[str, list[ObjectKey]], wanted: list[_Keep],
-                    known: dict[bytes, ObjectKey]) -> tuple[int, int, bool]:
-        """Decide for every record of sealed block `e`: delete (value <= 0) or keep (moved to the head; appended
-        to `wanted` with its value, for `_keep_within`). Keys to delete are claimed in _deleting. Returns
-        (payload bytes the deletions free, record bytes the moves would write, whether something holds the
-        block: a locked or in-flight key, or a record that is not the adapter's)."""
-        records, blocked = self._block_records(e.block_id)
-        now = time.monotonic()
-        freed = moved = 0
-        with self._state.lock:
-            mean = self._state.used / self._state.records if self._state.records else 1.0
-            # recency against the log's span: the clock's advance since this block, the oldest, was created
-            # (the capacity when that is older than the samples, e.g. written before a restart)
-            then = self._history.clock_at(e.created_ns)
-            span = self._state.capacity if then is None else max(self.store.block_size, self._clock - then)
-            self._span = span
-            window = self._returns.window()  # how long ago a spare may have been read (eviction.ReturnDistances)
-            for ns, k, sfx, loc in records:
-                known[sfx] = k
-                if k in self._state.storing or k in self._state.deleting or self._state.held(k, now):
-                    blocked += 1
-                    continue
-                st = self._stats.get(k)
-                v = value(st, loc.payload_len, self._clock, span, mean)
-                if v > 0:
-                    moved += loc.record_len
-                    wanted.append(_Keep(v, e.block_id, ns, k, sfx, loc))
-                elif (sv := spare_value(st, self._clock, span, window)) is not None:
-                    freed += loc.payload_len  # deleted unless the pass frees more than it needs
-                    wanted.append(_Keep(sv, e.block_id, ns, k, sfx, loc, spare=True))
-                else:
-                    self._state.deleting.add(k)
-                    self._ghost.add(k, self._clock)
-                    drop.setdefault(ns, []).append(k)
-                    freed += loc.payload_len
-        return freed, moved, bool(blocked)
-
-    def _keep_within(self, wanted: list[_Keep], budget: int, drop: dict[int, dict[str, list[ObjectKey]]]
-                     ) -> tuple[dict[str, list[tuple[ObjectKey, bytes, Location]]], int, set[int]]:
-        """The records worth keeping that the pass's budget of moved bytes allows, most valuable first; the rest
-        are deleted with their blocks (claimed in _deleting, added to `drop`). When the oldest blocks hold more
-        that is worth keeping than the budget moves, the cache is too small for all of it, and what goes is what
-        is worth least, not what the walk reached last. Returns (the keys to keep by namespace, the payload
-        bytes the others free, the blocks of keys a lookup locked or a store claimed since: they must stay)."""
-        keep: dict[str, list[tuple[ObjectKey, bytes, Location]]] = {}
-        trimmed = 0
-        moved = 0
-        held: set[int] = set()
-        now = time.monotonic()
-        with self._state.lock:
-            for w in sorted(wanted, key=lambda w: -w.value):
-                if moved + w.loc.record_len <= budget:
-                    moved += w.loc.record_len
-                    self._stats.spend(w.key)
-                    keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
-                    continue
-                if self._claim_for_drop(w, now, held, drop):
-                    trimmed += w.loc.payload_len
-        return keep, trimmed, held
-
-    def _claim_for_drop(self, w: _Keep, now: float, held: set[int], drop: dict[int, dict[str, list[ObjectKey]]]
-                        ) -> bool:
-        """Claim a record the pass does not keep for deletion with its block (in _deleting, the ghost and `drop`);
-        whether it was claimed here. Under self._state.lock. A key a delete claimed since goes anyway; one a lookup
-        locked or a store claimed since holds its block (`held`)."""
-        if w.key in self._state.deleting:
-            return False
-        if w.key in self._state.storing or self._state.held(w.key, now):
-            held.add(w.block)  # a promise to a load, or a store replacing it: its block stays
-            return False
-        self._state.deleting.add(w.key)
-        self._ghost.add(w.key, self._clock)
-        drop.setdefault(w.block, {}).setdefault(w.ns, []).append(w.key)
-        return True
-
-    def _keep_spares(self, spares: list[_Keep], room: int, keep: dict[str, list[tuple[ObjectKey, bytes, Location]]],
-                     drop: dict[int, dict[str, list[ObjectKey]]], held: set[int]) -> None:
-        """Records not worth keeping that have been read (`eviction.spare_value`), most recently read first, are
-        kept (added to `keep`) within `room`: the payload the pass frees beyond its need, a block's worth at most
-        (space comes back a whole block at a time), which would otherwise stay empty until the stores fill it.
-        The others are deleted with their blocks (claimed in _deleting, added to `drop`; the walk counted their
-        bytes as freed already); a key a lookup locked or a store claimed since holds its block (`held`)."""
-        now = time.monotonic()
-        with self._state.lock:
-            for w in sorted(spares, key=lambda w: -w.value):
-                if w.loc.record_len <= room:
-                    room -= w.loc.record_len
-                    keep.setdefault(w.ns, []).append((w.key, w.sfx, w.loc))
-                    continue
-                self._claim_for_drop(w, now, held, drop)
-
-    def _data_floor(self, exclude: set[int]) -> int:
-        """The lowest sequence number of any block not in `exclude` that has held a record other than a tombstone
-        (footers for sealed blocks, read once each; the engine for open ones). A tombstone older than every
-        such block covers no record that is left: it can go. Blocks of nothing but tombstones are left out:
-        they hold no record a tombstone must cover, and counting the old sequence numbers that carried
-        tombstones keep would pin the floor for ever (found by tests/test_adapter_capacity.py: 27,000 carries
-        and 100 drops in 640 stores)."""
-        opened = self.store.open_block_min_seqs()
-        low = 1 << 64
-        for e in self.store.block_table():
-            if e.block_id in exclude or e.total_records == e.tombstones:
-                continue
-            seq = opened.get(e.block_id) if e.block_id in opened else self._min_seqs.own(e.block_id)
-            if seq:
-                low = min(low, seq)
-        return low
-
-    def _retire_tombstones(self, blocks: list[BlockEntry]) -> None:
-        """These blocks hold nothing live any more: their tombstones are what keeps them. Each is dropped when
-        no other block of records can hold anything older (`_data_floor`: every block being emptied here is
-        left out too, as it goes at the same sync), else carried to the namespace's stream of tombstones (blocks
-        of nothing else, which the floor leaves out); the blocks go at the next sync_moves."""
-        ids = [e.block_id for e in blocks]
-        try:
-            with self.store.hold_blocks(ids):
-                floor = self._data_floor(set(ids))
-                carry: dict[bytes, list[tuple[bytes, Location, bytes]]] = {}
-                drop: dict[bytes, list[tuple[bytes, Location]]] = {}
-                for e in blocks:
-                    part = e.partition if e.partition.endswith(TOMBSTONE_STREAM) else e.partition + TOMBSTONE_STREAM
-                    for sfx, loc in tombstones(self.store, e):
-                        if floor < loc.seq:
-                            carry.setdefault(part, []).append((sfx, loc, b""))
-                        else:
-                            drop.setdefault(part, []).append((sfx, loc))
-                carried = 0
-                for part in {*carry, *drop}:
-                    carried += sum(self.store.relocate_many(carry.get(part, []), partition=part,
-                                                            drop_tombstones=drop.get(part, [])))
-                dropped = sum(len(v) for v in drop.values())
-        except Exception as exc:  # gone meanwhile (compaction collected it) or unreadable: GC's job then
-            _log.debug("blockstore L2: tombstones of blocks %s not retired: %s", ids, exc)
-            return
-        with self._state.lock:
-            self._state.counters.tombstones_carried += carried
-            self._state.counters.tombstones_dropped += dropped
-
-    def _evict_open(self, excess: int, open_ids: list[int]) -> int:
-        """Payload still over capacity and no sealed block left to empty: delete the least valuable records of
-        the open blocks (at most EVICT_OPEN_RECORDS ranked per pass, oldest blocks first). Their space on disk
-        comes back when the block, sealed, is emptied by a later pass."""
-        candidates: list[tuple[str, ObjectKey, Location]] = []
-        for bid in open_ids:
-            records, _foreign = self._block_records(bid)
-            candidates += [(ns, k, loc) for ns, k, _sfx, loc in records]
-            if len(candidates) >= EVICT_OPEN_RECORDS:
-                break
-        now = time.monotonic()
-        picked: dict[str, list[ObjectKey]] = {}
-        with self._state.lock:
-            mean = self._state.used / self._state.records if self._state.records else 1.0
-            ranked = sorted(range(len(candidates)), key=lambda i: (value(
-                self._stats.get(candidates[i][1]), candidates[i][2].payload_len, self._clock, self._state.capacity, mean),
-                i))
-            want = excess
-            for i in ranked:
-                if want <= 0:
-                    break
-                ns, k, loc = candidates[i]
-                if k in self._state.storing or k in self._state.deleting or self._state.held(k, now):
-                    continue
-                self._state.deleting.add(k)
-                self._ghost.add(k, self._clock)
-                picked.setdefault(ns, []).append(k)
-                want -= loc.payload_len
-        deleted = 0
-        for keys in picked.values():
-            gone, _freed = self._delete_marked(keys)
-            deleted += len(gone)
-        return deleted
+        self._eviction.wait()
 
     # ---- lookup ----
 
@@ -1001,7 +437,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 else:
                     entry[0] += 1
                     entry[1] = now
-                self._stats.read(k, self._clock, usable[i])  # eviction's reuse, recency and relevance
+                self._memory.stats.read(k, self._memory.clock, usable[i])  # eviction's reuse, recency and relevance
                 bitmap.set(i)
                 hits += 1
             c = self._state.counters
@@ -1168,9 +604,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             with self._state.lock:
                 for k in marked:
                     self._state.deleting.discard(k)
-                    self._stats.forget(k)
+                    self._memory.stats.forget(k)
                 for k, _size in gone:
-                    self._stats.forget(k)
+                    self._memory.stats.forget(k)
                 self._state.used -= sum(s for _, s in gone)
                 self._state.records -= len(gone)
                 self._state.counters.keys_deleted += len(gone)
@@ -1274,8 +710,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 c = dict(self._state.counters.__dict__)
                 status.update(
                     records=self._state.records,
-                    hot_keys=len(self._stats),
-                    ghost_keys=len(self._ghost),
+                    hot_keys=len(self._memory.stats),
+                    ghost_keys=len(self._memory.ghost),
                     used_bytes=self._state.used,
                     capacity_bytes=self._state.capacity,
                     locked_keys=sum(1 for e in self._state.locks.values() if e[0] > 0),
@@ -1318,7 +754,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             self._state.closed = True
         self._io_pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
-        self._evict_pool.shutdown(wait=True)
+        self._eviction.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         try:

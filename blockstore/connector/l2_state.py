@@ -3,7 +3,8 @@ being deleted, locked by a lookup) and the byte totals of the capacity budget.
 
 A module of its own because three parts write it: the adapter's task paths (store, lookup, load, delete), its
 listener replay (`l2_listeners.py`: which keys are in flight when a step reads the directory) and its capacity
-eviction (`l2_capacity.py`: claims keys for deletion, reserves and frees bytes). Each gets this one object
+eviction (`l2_capacity.py`, `l2_evict_walk.py`: claims keys for deletion, reserves and frees bytes). The
+memory eviction keeps of reads and evictions (`EvictionMemory`) is here too: lookups write it, eviction reads it. Each gets this one object
 instead of reaching into the adapter; what it promises is in `AdapterState`'s docstring.
 """
 
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 
 from lmcache.v1.distributed.api import ObjectKey
 
+from blockstore.connector.eviction import ClockHistory, HashMarks, KeyStats, ReturnDistances
 from blockstore.directory import Location
 
 _log = logging.getLogger("blockstore.connector")
+
+CLOCK_STEPS = 256  # clock samples per capacity of bytes stored (eviction's span: ClockHistory)
 
 
 @dataclass
@@ -106,3 +110,18 @@ class AdapterState:
             self.counters.locks_expired += 1
             return False
         return True
+
+
+class EvictionMemory:
+    """Eviction by value (eviction.py): bounded read statistics, the ghost of keys evicted unread, the keys
+    offered once (admission), how soon evicted keys come back, and a clock in payload bytes stored. Written by
+    the adapter's stores (the clock) and lookups (reads) and by eviction; under `AdapterState.lock`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.stats = KeyStats()
+        self.ghost = HashMarks()  # hash of an evicted key -> the clock at its eviction
+        self.sightings = HashMarks()
+        self.returns = ReturnDistances()  # how soon evicted keys come back: the spare room's window
+        self.span = capacity  # the log's span at the last eviction (eviction.py), in clock bytes
+        self.clock = 0
+        self.history = ClockHistory(capacity // CLOCK_STEPS)  # a block's creation -> the clock then
