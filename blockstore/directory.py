@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -142,6 +144,7 @@ class Directory:
         # No allow_mmap_reads: measured with bench/directory_mmap.py (200k keys, 3 repeats, 2026-11-23)
         # it gave +11 % on single gets but -11 % on 64-key multi-gets, and every read path here batches.
         self.read_only = read_only
+        self._shadow: str | None = None
         if not create and not os.path.isdir(path):
             raise CorruptionError(f"the directory {path!r} is missing; "
                                   f"{repair_hint(os.path.dirname(os.path.abspath(path)))}")
@@ -149,7 +152,7 @@ class Directory:
             _keep_unnamed_tables(path, strict_wal, block_files)
         try:
             if read_only:
-                self._db = Rdict(path, opts, access_type=AccessType.read_only())
+                self._db, self._shadow = _open_read_only(path, opts)
             else:
                 self._db = Rdict(path, opts)
         except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
@@ -345,6 +348,34 @@ class Directory:
             self._db.close()
         except Exception:
             pass
+        if self._shadow is not None:
+            shutil.rmtree(self._shadow, ignore_errors=True)  # links only: rmtree never follows them
+            self._shadow = None
+
+
+def _open_read_only(path: str, opts: Options) -> tuple[Rdict, str | None]:
+    """A read-only open, and the shadow folder it needed (None: none). rocksdict rewrites its
+    rocksdict-config.json at every open, read-only ones too, so on a read-only file system (a snapshot, a
+    backup mounted ro) every read-only open failed with EROFS, and fsck reported the intact directory as one
+    that "cannot be opened". There the open goes through a temporary folder of links to the directory's files,
+    with its own copy of that config (RocksDB opens by name and writes nothing else in read-only mode but its
+    LOG, which then goes to the temporary folder)."""
+    try:
+        return Rdict(path, opts, access_type=AccessType.read_only()), None
+    except Exception as exc:
+        if "os error 30" not in str(exc):  # EROFS
+            raise
+    shadow = tempfile.mkdtemp(prefix="blockstore-ro-directory-")
+    try:
+        for name in os.listdir(path):
+            if name == "rocksdict-config.json":
+                shutil.copyfile(os.path.join(path, name), os.path.join(shadow, name))
+            elif name != "LOCK" and not name.startswith("LOG"):
+                os.symlink(os.path.join(os.path.abspath(path), name), os.path.join(shadow, name))
+        return Rdict(shadow, opts, access_type=AccessType.read_only()), shadow
+    except BaseException:
+        shutil.rmtree(shadow, ignore_errors=True)
+        raise
 
 
 def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], Iterable[int]] | None) -> None:

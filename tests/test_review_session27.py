@@ -3,6 +3,7 @@ misuse, and close racing background work. Each test failed on the code before it
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,3 +168,24 @@ def test_compaction_spec_refuses_a_background_that_is_not_a_bool_and_a_nested_po
     # resolved as a spec of its own (its knobs applied, or 'full' for {}), silently.
     with pytest.raises(blockstore.InvalidArgument, match="background|policy"):
         blockstore.open(tmp_path / "s", compaction=spec)
+
+
+def test_a_store_on_a_read_only_file_system_reads_and_checks(tmp_path: Path) -> None:
+    # Before: rocksdict rewrites its rocksdict-config.json at every open, read-only ones too, so a store on a
+    # read-only mount (a snapshot, a backup) could not be opened read_only=True, `blockstore get/scan/stats`
+    # failed, and `blockstore fsck` reported the intact directory as "cannot be opened" (exit 4).
+    from test_enospc import mounted_tmpfs
+
+    from blockstore.tools.cli import main
+
+    with mounted_tmpfs(tmp_path / "mnt", "16m") as mnt:
+        path = mnt / "s"
+        with blockstore.open(path) as s:
+            s.put_many([(b"k%d" % i, b"v%d" % i) for i in range(100)])
+        r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with blockstore.open(path, read_only=True) as s:
+            assert [bytes(v) for v in s.get_many([b"k0", b"k99"])] == [b"v0", b"v99"]
+        assert main(["fsck", "--quiet", str(path)]) == 0
+        with pytest.raises(blockstore.BlockstoreError):
+            blockstore.open(path)  # a writer: a clear error, not a silent read-only store
