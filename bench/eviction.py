@@ -87,6 +87,7 @@ from blockstore.blocklife import BlockLifecycle  # noqa: E402
 from blockstore.blocks import BlockFiles  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from blockstore.connector.l2_capacity import CapacityEviction  # noqa: E402
+from blockstore.connector.l2_deletes import Deleter  # noqa: E402
 from blockstore.connector.l2_evict_walk import EvictionWalk  # noqa: E402
 from blockstore.directory import DirectoryBatch  # noqa: E402
 from blockstore.seqfloor import SeqFloor  # noqa: E402
@@ -511,7 +512,7 @@ def adapter_hit_rate(root: str, trace: Trace, cap: int, admission: str, attribut
         hits = 0
         for i, req in enumerate(trace):
             hits += d.request(req)
-            # eviction runs ahead in the background (l2_capacity.CapacityEviction.make_room); a real server's requests are
+            # eviction runs ahead in the background (CapacityEviction.make_room); a real server's requests are
             # milliseconds to seconds apart, so a pass started by one request ends before the next: waiting for
             # it here measures the policy, deterministically, not this loop's race with the eviction thread
             d.adapter.wait_for_eviction()
@@ -564,7 +565,7 @@ def store_throughput_paired(root: str, n_records: int, capacity: int, block_size
 # time includes the steps it calls), on the throughput run with a capacity
 PASS_STEPS = (("capacity", ("make_room",)),
               ("walk", ("evict", "_plan_block", "_block_records", "_rewrite_at_head", "_evict_emptied")),
-              ("adapter", ("_end_delete",)),
+              ("deletes", ("end_delete",)),
               ("engine", ("evict_blocks", "_evictable_records", "_write_eviction")),
               ("floor", ("floor",)),
               ("files", ("delete",)))
@@ -573,8 +574,8 @@ PASS_STEPS = (("capacity", ("make_room",)),
 def profile_passes(root: str, n_records: int, capacity: int, block_size: int) -> dict[str, Any]:
     """One throughput run with a capacity, each eviction step wrapped in a timer (names in PASS_STEPS): calls
     and seconds per step, against the run's wall time."""
-    owners = {"capacity": CapacityEviction, "walk": EvictionWalk, "adapter": BlockstoreL2Adapter,
-              "engine": BlockLifecycle, "floor": SeqFloor, "files": BlockFiles}
+    owners = {"capacity": CapacityEviction, "walk": EvictionWalk, "deletes": Deleter, "engine": BlockLifecycle,
+              "floor": SeqFloor, "files": BlockFiles}
     spent: dict[str, list[float]] = {}
     saved: list[tuple[type, str, Any]] = []
 

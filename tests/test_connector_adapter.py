@@ -39,6 +39,7 @@ from blockstore.connector.l2_adapter import (  # noqa: E402
     layout_fingerprint,
     namespace_for,
 )
+from blockstore.connector.l2_listing import records_held  # noqa: E402
 
 RANK = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
 SHAPE = torch.Size([2, 2, 64, 32])  # [kv, layers, tokens, hidden] float32: 32 KiB
@@ -804,7 +805,8 @@ def test_per_key_state_is_bounded(make: Callable[..., BlockstoreL2Adapter], aren
     import tracemalloc
 
     a = make()
-    a._memory.stats.limit = a._memory.ghost.limit = a._memory.sightings.limit = 8  # the bounded per-key caches, made small
+    # the bounded per-key caches, made small
+    a._memory.stats.limit = a._memory.ghost.limit = a._memory.sightings.limit = 8
     src = arena.new(fill=1)
     dst = arena.new()
 
@@ -958,7 +960,7 @@ class Exact(Listener):
 
 
 def held_records(a: BlockstoreL2Adapter) -> dict[ObjectKey, int]:
-    return dict(a._records_held())
+    return dict(records_held(a.store))
 
 
 def test_listener_registered_after_stores_hears_every_record(make: Callable[..., BlockstoreL2Adapter],

@@ -26,6 +26,7 @@ from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 
 from blockstore.connector.eviction import RETURN_SPANS, KeyStat, spare_value  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter  # noqa: E402
+from blockstore.connector.l2_listing import records_held  # noqa: E402
 
 
 def test_spare_value_ranks_read_records_by_recency_and_never_spares_unread() -> None:
@@ -81,7 +82,7 @@ def test_room_a_pass_frees_beyond_its_need_holds_records_that_were_read(
     # up to the adapter's own count
     found = lookup(a, first)
     a.submit_unlock([k for k, f in zip(first, found) if f])
-    held = dict(a._records_held())
+    held = dict(records_held(a.store))
     assert [k in held for k in first] == found
     assert sum(held.values()) == held_read
     assert not all(found)  # the pass did evict some of the first records

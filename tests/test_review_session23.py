@@ -31,6 +31,7 @@ from test_connector_adapter import Arena, load, lookup, okey, same, store  # noq
 import blockstore  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig  # noqa: E402
 from blockstore.connector.l2_keys import lmcache_namespaces  # noqa: E402
+from blockstore.connector.l2_listing import records_held  # noqa: E402
 from blockstore.directory import BLOCK_SEALED  # noqa: E402
 from blockstore.errors import BlockstoreError  # noqa: E402
 from blockstore.placement_choice import PlacementChoice  # noqa: E402
@@ -100,7 +101,7 @@ def test_a_key_deleted_while_a_pass_decides_to_keep_it_stays_deleted(capped_adap
     store_new_block_of_keys(a, src)
     assert acted, "no pass had more worth keeping than it may move"
     assert lookup(a, victim) == [False], "a deleted key came back"
-    held = sum(loc.payload_len for ns in lmcache_namespaces(a.store) for _kb, loc in a._scan(ns))
+    held = sum(loc.payload_len for ns in lmcache_namespaces(a.store) for _kb, loc in a.store.iter_locations(ns=ns))
     assert a.get_usage().total_bytes_used == held  # the capacity bound counts what is held
 
 
@@ -262,7 +263,7 @@ def test_kill9_while_passes_run_ahead_leaves_a_store_that_checks_clean(tmp_path:
             {"path": str(path), "capacity_bytes": CAPACITY, "block_size": BLOCK, "compaction": None}))
         try:
             assert 0 < a.get_usage().total_bytes_used <= CAPACITY, round_
-            held = [k for k, _size in a._records_held()]
+            held = [k for k, _size in records_held(a.store)]
             outs = [arena.new(SMALL) for _ in held]
             assert load(a, held, outs) == [True] * len(held), round_
             assert all(same(o, src) for o in outs), round_

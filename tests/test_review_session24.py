@@ -76,7 +76,8 @@ def test_a_store_that_replaces_a_trimmed_key_of_a_held_block_is_not_deleted(capp
         assert pair is not None, "no block with two trimmed records"
         assert lookup(a, [pair[0].key]) == [True]  # held by a lookup: its block stays
         locked.append(pair[0].key)
-        a._eviction._disk_checked_at = a._memory.clock  # this store of no new bytes does not wait for the pass under way
+        # this store of no new bytes does not wait for the pass under way
+        a._eviction._disk_checked_at = a._memory.clock
         assert a._run_store([pair[1].key], [newer]).is_successful()
         victim.append(pair[1].key)
 
@@ -184,7 +185,8 @@ def test_a_store_that_replaces_a_spare_key_of_a_held_block_is_not_deleted(capped
         if not victim and pair is not None and threading.current_thread().name.startswith("blockstore-l2-evict"):
             assert lookup(a, [pair[0].key]) == [True]  # held by a lookup: its block stays
             locked.append(pair[0].key)
-            a._eviction._disk_checked_at = a._memory.clock  # this store of no new bytes does not wait for the pass under way
+            # this store of no new bytes does not wait for the pass under way
+            a._eviction._disk_checked_at = a._memory.clock
             assert a._run_store([pair[1].key], [newer]).is_successful()
             victim.append(pair[1].key)
             room = 0

@@ -59,12 +59,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from lmcache.lmcache_native import Bitmap
-from lmcache.v1.distributed.api import KeyEntry, KeyListPage, ObjectKey
+from lmcache.v1.distributed.api import KeyListPage, ObjectKey
 from lmcache.v1.distributed.internal_api import L2StoreResult
 from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface, L2TaskId
 from lmcache.v1.platform import create_event_notifier
@@ -80,19 +80,19 @@ from blockstore.connector.l2_config import (
     BlockstoreL2AdapterConfig,
     check_capacity_fits,
 )
+from blockstore.connector.l2_deletes import Deleter
 from blockstore.connector.l2_keys import (
-    decode_cursor,
     decode_object_key,
-    encode_cursor,
     encode_object_key,
     group_by_namespace,
     layout_fingerprint,
-    lmcache_namespaces,
     namespace_for,
-    readable_model,
 )
 from blockstore.connector.l2_listeners import ListenerHub
-from blockstore.connector.l2_state import AdapterState, EvictionMemory, PendingPut
+from blockstore.connector.l2_listing import list_keys, records_held
+from blockstore.connector.l2_state import AdapterState, EvictionMemory
+from blockstore.connector.l2_tasks import TaskBoard
+from blockstore.connector.l2_writes import StoreWriter
 from blockstore.directory import Location
 
 if TYPE_CHECKING:
@@ -122,11 +122,6 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         super().__init__(max_capacity_bytes=config.capacity_bytes)
         self.config = config
         self._state = AdapterState(config.capacity_bytes, config.lock_ttl_s)
-        self._next_task_id: L2TaskId = 0
-        self._done_store: dict[L2TaskId, L2StoreResult] = {}
-        self._done_lookup: dict[L2TaskId, Bitmap] = {}
-        self._done_load: dict[L2TaskId, Bitmap] = {}
-        self._inflight = {"store": 0, "lookup": 0, "load": 0}
         # eviction's memory of reads and evictions (its clock advances with every byte stored)
         self._memory = EvictionMemory(config.capacity_bytes)
         self.recovered_keys = 0
@@ -134,6 +129,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
         self.store = blockstore.open(config.path, durability=config.durability, block_size=config.block_size,
                                      on_corrupt="miss", compaction=config.compaction)
         self._hub = ListenerHub(self.store, self._state)
+        self._deletes = Deleter(self.store, self._state, self._memory, self._hub, self._notify)
         # A constructor that fails releases everything it made, newest first, so that the store is not left
         # locked by this very process (LMCache aborts start-up; a retry or a second adapter must open it).
         undo: list[Callable[[], None]] = [self.store.close]
@@ -152,6 +148,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             undo.append(self._lookup_efd.close)
             self._load_efd = create_event_notifier()
             undo.append(self._load_efd.close)
+            self._tasks = TaskBoard(self._state, {"store": self._store_efd, "lookup": self._lookup_efd,
+                                                  "load": self._load_efd})
             self._io_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blockstore-l2-io")
             undo.append(self._io_pool.shutdown)
             self._store_pool = ThreadPoolExecutor(max_workers=config.workers,
@@ -160,8 +158,10 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             # eviction ahead of need: one pass at a time, off the stores' path (CapacityEviction.make_room)
             evict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-l2-evict")
             undo.append(evict_pool.shutdown)
-            self._eviction = CapacityEviction(self.store, self._state, self._memory, self._hub, self._delete_marked,
-                                              self._end_delete, config.admission == "always", evict_pool)
+            self._eviction = CapacityEviction(self.store, self._state, self._memory, self._hub,
+                                              self._deletes.delete_marked, self._deletes.end_delete,
+                                              config.admission == "always", evict_pool)
+            self._writer = StoreWriter(self.store, self._state, self._memory, self._hub, self._eviction, self._notify)
             metrics.track_adapter(self)  # its report_status() counters, read at each scrape
             self.metrics_endpoint = None if config.metrics_port is None else metrics.serve(config.metrics_port)
         except BaseException:
@@ -187,21 +187,19 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     # ---- submit / collect ----
 
     def submit_store_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
-        return self._submit("store", self._store_pool, self._run_store, keys, objects)
+        return self._tasks.submit("store", self._store_pool, self._run_store, keys, objects)
 
     def pop_completed_store_tasks(self) -> dict[L2TaskId, L2StoreResult]:
-        with self._state.lock:
-            done, self._done_store = self._done_store, {}
-        return done
+        return self._tasks.pop_all("store")
 
     def submit_lookup_and_lock_task(self, keys: list[ObjectKey],
                                     group_layout_descs: dict[int, MemoryLayoutDesc]) -> L2TaskId:
         # group_layout_descs is advisory; the layout is checked against each record at load time
-        return self._submit("lookup", self._io_pool, self._run_lookup, keys)
+        return self._tasks.submit("lookup", self._io_pool, self._run_lookup, keys)
 
     def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
-        with self._state.lock:
-            return self._done_lookup.pop(task_id, None)
+        result: Bitmap | None = self._tasks.pop("lookup", task_id)
+        return result
 
     def submit_unlock(self, keys: list[ObjectKey]) -> None:
         try:
@@ -217,182 +215,16 @@ class BlockstoreL2Adapter(L2AdapterInterface):
             _log.exception("blockstore L2: unlock failed")
 
     def submit_load_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
-        return self._submit("load", self._io_pool, self._run_load, keys, objects)
+        return self._tasks.submit("load", self._io_pool, self._run_load, keys, objects)
 
     def query_load_result(self, task_id: L2TaskId) -> Bitmap | None:
-        with self._state.lock:
-            return self._done_load.pop(task_id, None)
-
-    def _submit(self, kind: str, pool: ThreadPoolExecutor, work: Callable[..., Any], keys: Sequence[ObjectKey],
-                *rest: Sequence[Any]) -> L2TaskId:
-        """Never raises: a task that cannot even start completes at once as a failure (and signals). The
-        lists are copied: the caller may reuse its own."""
-        with self._state.lock:
-            task_id = self._next_task_id
-            self._next_task_id += 1
-            self._inflight[kind] += 1
-            closed = self._state.closed
-        n = 0
-        try:
-            keys = list(keys)
-            n = len(keys)
-            if closed:
-                raise RuntimeError("the blockstore L2 adapter is closed")
-            pool.submit(self._task, kind, task_id, work, keys, *(list(r) for r in rest))
-        except Exception as exc:
-            _log.error("blockstore L2: %s task %d not started: %s", kind, task_id, exc)
-            self._complete(kind, task_id, self._failure(kind, n), f"{type(exc).__name__}: {exc}")
-        return task_id
-
-    def _task(self, kind: str, task_id: L2TaskId, work: Callable[..., Any], keys: list[ObjectKey],
-              *rest: Any) -> None:
-        result: Any = None
-        error: str | None = None
-        try:
-            result = work(keys, *rest)
-        except BaseException as exc:  # invisible to LMCache otherwise: record a failure and still signal
-            _log.exception("blockstore L2: %s task %d failed", kind, task_id)
-            error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._complete(kind, task_id, self._failure(kind, len(keys)) if result is None else result, error)
-
-    @staticmethod
-    def _failure(kind: str, n: int) -> Any:
-        return L2StoreResult(False, 0) if kind == "store" else Bitmap(n)
-
-    def _complete(self, kind: str, task_id: L2TaskId, result: Any, error: str | None) -> None:
-        """Publish the result, then signal its fd: the controller reads results only after the fd fired."""
-        failed = error is not None or (kind == "store" and not result.is_successful())
-        with self._state.lock:
-            self._inflight[kind] -= 1
-            if error is not None:
-                self._state.counters.task_errors += 1
-                self._state.last_error = error
-            # health: a run of failed tasks (a full or failing disk) marks the adapter unhealthy
-            self._state.consecutive_failures = self._state.consecutive_failures + 1 if failed else 0
-            if kind == "store":
-                self._done_store[task_id] = result
-            elif kind == "lookup":
-                self._done_lookup[task_id] = result
-            else:
-                self._done_load[task_id] = result
-            notifier = {"store": self._store_efd, "lookup": self._lookup_efd, "load": self._load_efd}[kind]
-        try:
-            notifier.notify()
-        except (OSError, ValueError):  # closed (its fd is -1 then): nobody is listening any more
-            _log.debug("blockstore L2: %s fd closed before task %d signalled", kind, task_id)
-
-    # ---- keys ----
+        result: Bitmap | None = self._tasks.pop("load", task_id)
+        return result
 
     # ---- store ----
 
     def _run_store(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2StoreResult:
-        with self._state.lock:
-            self._state.counters.store_tasks += 1
-        if len(keys) != len(objects):
-            _log.error("blockstore L2: store task with %d keys and %d objects", len(keys), len(objects))
-            with self._state.lock:
-                self._state.counters.store_failed_tasks += 1
-            return L2StoreResult(False, 0)
-        groups, bad = group_by_namespace(keys)
-        ok = not bad
-        written = 0
-        for ns, items in groups.items():
-            try:
-                written += self._store_namespace(ns, items, keys, objects)
-            except Exception as exc:  # what did land was announced; the task reports a failure
-                _log.error("blockstore L2: store into %s failed: %s", ns, exc)
-                with self._state.lock:
-                    self._state.last_error = f"{type(exc).__name__}: {exc}"
-                ok = False
-        if not ok:
-            with self._state.lock:
-                self._state.counters.store_failed_tasks += 1
-        return L2StoreResult(ok, written)
-
-    def _claim(self, items: list[tuple[int, bytes]], keys: list[ObjectKey]) -> list[tuple[int, bytes]]:
-        """Mark the keys of `items` as being stored by this task; returns those claimed. A key another task
-        is storing or deleting is left to it (and counted as a duplicate). Claiming before looking the keys
-        up is what makes the look-up race-free: a task that finished earlier is visible to it, and one that
-        has not started yet will see this task's claim."""
-        claimed: list[tuple[int, bytes]] = []
-        seen: set[bytes] = set()
-        with self._state.lock:
-            for i, kb in items:
-                k = keys[i]
-                if kb in seen or k in self._state.storing or k in self._state.deleting:
-                    self._state.counters.duplicates_skipped += 1
-                    continue
-                seen.add(kb)
-                self._state.storing.add(k)
-                claimed.append((i, kb))
-        return claimed
-
-    def _store_namespace(self, ns: str, items: list[tuple[int, bytes]], keys: list[ObjectKey],
-                         objects: list[MemoryObj]) -> int:
-        """Store one namespace's part of a task with one put_many; announce what was written (also when the
-        write fails part-way, before the error propagates). Returns the payload bytes written."""
-        claimed = self._claim(items, keys)
-        puts: list[PendingPut] = []
-        reserved = 0
-        written: list[PendingPut] = []
-        try:
-            locs = self.store.locate_many([kb for _, kb in claimed], ns=ns) if claimed else []
-            layouts = [(layout_fingerprint(objects[i]), int(objects[i].get_size())) for i, _ in claimed]
-            now = time.monotonic()
-            dups = locked = 0
-            with self._state.lock:
-                for (i, kb), loc, (fp, size) in zip(claimed, locs, layouts):
-                    if loc is not None and loc.meta == fp and loc.payload_len == size:
-                        dups += 1
-                    elif loc is not None and self._state.held(keys[i], now):
-                        locked += 1  # a lookup promised the record of the other layout to a load
-                    else:
-                        puts.append(PendingPut(i, keys[i], kb, fp, size, loc))
-                self._state.counters.duplicates_skipped += dups
-                self._state.counters.skipped_locked += locked
-            if puts:
-                puts = self._eviction.admit(puts)
-            if self._state.capacity > 0 and puts:
-                puts, reserved = self._eviction.make_room(puts)
-            if puts:
-                try:
-                    self.store.put_many([(p.kb, objects[p.i].byte_array) for p in puts], ns=ns,
-                                        metas=[p.fp for p in puts])
-                    written = puts
-                except Exception:
-                    # each record is atomic and a failed call leaves a prefix: find what did land
-                    try:
-                        after = self.store.locate_many([p.kb for p in puts], ns=ns)
-                        written = [p for p, loc in zip(puts, after)
-                                   if loc is not None and loc.meta == p.fp and loc.payload_len == p.size
-                                   and (p.old is None or not loc.same_place(p.old))]
-                    except Exception:
-                        written = []
-                    raise
-        finally:
-            replaced = [p for p in written if p.old is not None]
-            with self._hub.task_end():
-                finals = self._hub.settle([keys[i] for i, _ in claimed])
-                with self._state.lock:
-                    self._state.reserved -= reserved
-                    for i, _kb in claimed:
-                        self._state.storing.discard(keys[i])
-                    self._state.used += sum(p.size for p in written) - sum(p.old.payload_len for p in replaced if p.old)
-                    self._memory.clock += sum(p.size for p in written)
-                    if written and self._state.capacity:
-                        self._memory.history.record(time.time_ns(), self._memory.clock)
-                    self._state.records += len(written) - len(replaced)
-                    self._state.counters.replaced_other_layout += len(replaced)
-                    self._state.counters.keys_stored += len(written)
-                    self._state.counters.bytes_stored += sum(p.size for p in written)
-                if replaced:
-                    self._notify("deleted", [p.key for p in replaced],
-                                 [p.old.payload_len for p in replaced if p.old])
-                if written:
-                    self._notify("stored", [p.key for p in written], [p.size for p in written])
-                self._hub.resolve(finals)
-        return sum(p.size for p in written)
+        return self._writer.run(keys, objects)
 
     def wait_for_eviction(self) -> None:
         """Return once no eviction pass is queued or running (tests and benches that need a settled state)."""
@@ -488,7 +320,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 else:
                     failed += 1
             if suspects:
-                bad_records, other = self._drop_unreadable(ns, suspects, keys)
+                bad_records, other = self._deletes.drop_unreadable(ns, suspects, keys)
                 corrupt += bad_records
                 failed += other
         with self._state.lock:  # reads are counted at the lookup (one per request): a load is its second half
@@ -528,120 +360,19 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                 out.append(-1)
         return out
 
-    def _drop_unreadable(self, ns: str, suspects: list[tuple[int, bytes, Location]],
-                         keys: list[ObjectKey]) -> tuple[int, int]:
-        """Records that were located but read as a miss: if the directory still names the same place, the
-        bytes failed their checksum (on_corrupt="miss"): delete the record, else a later lookup would find
-        it again and a later store would skip it as a duplicate. Returns (corrupt, other misses)."""
-        try:
-            again = self.store.locate_many([kb for _, kb, _ in suspects], ns=ns)
-        except Exception:
-            return 0, len(suspects)
-        bad = [keys[i] for (i, _kb, loc), now in zip(suspects, again) if now is not None and now.same_place(loc)]
-        if bad:
-            _log.error("blockstore L2: %d record(s) in %s failed their checksum; deleting them", len(bad), ns)
-            with self._state.lock:
-                marked = [k for k in dict.fromkeys(bad) if k not in self._state.deleting and k not in self._state.storing]
-                self._state.deleting.update(marked)
-            self._delete_marked(marked)
-        return len(bad), len(suspects) - len(bad)
-
     # ---- delete ----
 
     def delete(self, keys: list[ObjectKey]) -> None:
-        """Remove keys (LMCache's eviction, HTTP DELETE). Locked and in-flight keys are skipped, unknown ones
-        are no-ops. Never raises: the eviction thread does not catch."""
-        try:
-            now = time.monotonic()
-            with self._state.lock:
-                marked = []
-                for k in dict.fromkeys(keys):
-                    if k in self._state.deleting or k in self._state.storing:
-                        continue
-                    if self._state.held(k, now):
-                        self._state.counters.delete_skipped_locked += 1
-                        continue
-                    marked.append(k)
-                self._state.deleting.update(marked)
-            self._delete_marked(marked)
-        except Exception:
-            _log.exception("blockstore L2: delete failed")
-
-    def _delete_marked(self, marked: list[ObjectKey]) -> tuple[list[ObjectKey], int]:
-        """Delete keys the caller put in _deleting; report those that existed, with the sizes they were
-        stored with (read from the directory just before). Returns (keys gone, payload bytes freed)."""
-        if not marked:
-            return [], 0
-        groups, _bad = group_by_namespace(marked)
-        gone: list[tuple[ObjectKey, int]] = []
-        try:
-            for ns, items in groups.items():
-                kbs = [kb for _, kb in items]
-                try:
-                    before = self.store.locate_many(kbs, ns=ns)
-                    present = [(i, kb, loc) for (i, kb), loc in zip(items, before) if loc is not None]
-                    if not present:
-                        continue
-                    existed = self.store.delete_many([kb for _, kb, _ in present], ns=ns)
-                    gone += [(marked[i], loc.payload_len) for (i, _, loc), e in zip(present, existed) if e]
-                except Exception as exc:
-                    _log.error("blockstore L2: delete in %s failed: %s", ns, exc)
-                    try:  # a failed call leaves a prefix deleted: find out which
-                        after = self.store.locate_many([kb for _, kb, _ in present], ns=ns)
-                        gone += [(marked[i], loc.payload_len) for (i, _, loc), now in zip(present, after)
-                                 if now is None]
-                    except Exception:
-                        pass
-        finally:
-            self._end_delete(marked, gone)
-        return [k for k, _ in gone], sum(s for _, s in gone)
-
-    def _end_delete(self, marked: list[ObjectKey], gone: list[tuple[ObjectKey, int]]) -> None:
-        """The end of a deletion: release the keys this task claimed (`marked`), account for and announce those
-        that went (`gone`, with their payload sizes; eviction may remove keys it did not claim)."""
-        with self._hub.task_end():
-            finals = self._hub.settle(marked)
-            with self._state.lock:
-                for k in marked:
-                    self._state.deleting.discard(k)
-                    self._memory.stats.forget(k)
-                for k, _size in gone:
-                    self._memory.stats.forget(k)
-                self._state.used -= sum(s for _, s in gone)
-                self._state.records -= len(gone)
-                self._state.counters.keys_deleted += len(gone)
-            if gone:
-                self._notify("deleted", [k for k, _ in gone], [s for _, s in gone])
-            self._hub.resolve(finals)
+        """Remove keys (LMCache's eviction, HTTP DELETE): `Deleter.delete`. Never raises."""
+        self._deletes.delete(keys)
 
     # ---- listing, status, listeners ----
-
-    def _scan(self, ns: str, after: bytes | None = None) -> Iterator[tuple[bytes, Location]]:
-        """(serialized key, location) of a namespace's records in key order, starting after `after`."""
-        yield from self.store.iter_locations(ns=ns, after=after)
-
-    def _records_held(self) -> Iterator[tuple[ObjectKey, int]]:
-        """(key, payload size) of every record in the lmcache namespaces, streamed from the directory."""
-        foreign = 0
-        for ns in lmcache_namespaces(self.store):
-            for kb, loc in self._scan(ns):
-                try:
-                    key = decode_object_key(kb)
-                except ValueError:
-                    foreign += 1
-                    continue
-                if namespace_for(key.model_name, key.cache_salt) != ns:
-                    foreign += 1
-                    continue
-                yield key, loc.payload_len
-        if foreign:
-            _log.warning("blockstore L2: %d record(s) in lmcache namespaces are not ObjectKeys; ignored", foreign)
 
     def _seed_counters(self) -> None:
         """After a restart: count the records already in the store (one streaming pass over the directory,
         nothing kept per record) and seed the base class's byte counters with them."""
         by_salt: dict[str, int] = {}
-        for key, size in self._records_held():
+        for key, size in records_held(self.store):
             self._state.records += 1
             self._state.used += size
             by_salt[key.cache_salt] = by_salt.get(key.cache_salt, 0) + size
@@ -676,30 +407,7 @@ class BlockstoreL2Adapter(L2AdapterInterface):
     def list_l2_keys(self, model_name: str | None = None, page_size: int = 500,
                      cursor: str | None = None) -> KeyListPage:
         """Keys held, in (namespace, key) order; `cursor` is the opaque next_page_token of the previous page."""
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
-            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-        start_ns, after = decode_cursor(cursor)
-        want = None if model_name is None else readable_model(model_name)
-        entries: list[KeyEntry] = []
-        last: tuple[str, bytes] | None = None
-        for ns in lmcache_namespaces(self.store):
-            if start_ns is not None and ns < start_ns:
-                continue
-            if want is not None and ns.split(":", 2)[2] != want:
-                continue
-            for kb, loc in self._scan(ns, after if ns == start_ns else None):
-                try:
-                    key = decode_object_key(kb)
-                except ValueError:
-                    continue
-                if model_name is not None and key.model_name != model_name:
-                    continue
-                if len(entries) == page_size:
-                    assert last is not None
-                    return KeyListPage(entries=tuple(entries), next_page_token=encode_cursor(*last))
-                entries.append(KeyEntry(key=key.to_encoded_object_key(), size_bytes=loc.payload_len))
-                last = (ns, kb)
-        return KeyListPage(entries=tuple(entries), next_page_token=None)
+        return list_keys(self.store, model_name, page_size, cursor)
 
     def report_status(self) -> dict[str, Any]:
         """Embedded in the server's GET /status. Never raises (the caller does not catch)."""
@@ -715,9 +423,8 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     used_bytes=self._state.used,
                     capacity_bytes=self._state.capacity,
                     locked_keys=sum(1 for e in self._state.locks.values() if e[0] > 0),
-                    inflight_tasks=dict(self._inflight),
-                    completed_unread={"store": len(self._done_store), "lookup": len(self._done_lookup),
-                                      "load": len(self._done_load)},
+                    inflight_tasks=dict(self._tasks.inflight),
+                    completed_unread=self._tasks.unread(),
                     last_error=self._state.last_error,
                     consecutive_task_failures=self._state.consecutive_failures,
                     recovered_keys=self.recovered_keys,

@@ -380,8 +380,9 @@ class EvictionWalk:
         picked: dict[str, list[ObjectKey]] = {}
         with self._state.lock:
             mean = self._state.used / self._state.records if self._state.records else 1.0
+            mem = self._memory
             ranked = sorted(range(len(candidates)), key=lambda i: (value(
-                self._memory.stats.get(candidates[i][1]), candidates[i][2].payload_len, self._memory.clock, self._state.capacity, mean),
+                mem.stats.get(candidates[i][1]), candidates[i][2].payload_len, mem.clock, self._state.capacity, mean),
                 i))
             want = excess
             for i in ranked:

@@ -4,8 +4,8 @@ being deleted, locked by a lookup) and the byte totals of the capacity budget.
 A module of its own because three parts write it: the adapter's task paths (store, lookup, load, delete), its
 listener replay (`l2_listeners.py`: which keys are in flight when a step reads the directory) and its capacity
 eviction (`l2_capacity.py`, `l2_evict_walk.py`: claims keys for deletion, reserves and frees bytes). The
-memory eviction keeps of reads and evictions (`EvictionMemory`) is here too: lookups write it, eviction reads it. Each gets this one object
-instead of reaching into the adapter; what it promises is in `AdapterState`'s docstring.
+memory eviction keeps of reads and evictions (`EvictionMemory`) is here too: lookups write it, eviction reads
+it. Each gets this one object instead of reaching into the adapter; what it promises is in `AdapterState`'s docstring.
 """
 
 from __future__ import annotations
