@@ -189,3 +189,21 @@ def test_a_store_on_a_read_only_file_system_reads_and_checks(tmp_path: Path) -> 
         assert main(["fsck", "--quiet", str(path)]) == 0
         with pytest.raises(blockstore.BlockstoreError):
             blockstore.open(path)  # a writer: a clear error, not a silent read-only store
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: Ctrl-C during `blockstore fsck --repair` or `compact` printed a Python traceback and the process
+    # died of SIGINT (status -2 / 130), outside the documented exit codes.
+    from blockstore.tools.cli import main
+
+    with blockstore.open(tmp_path / "s") as s:
+        s.put(b"k", b"v")
+
+    def interrupted(self: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blockstore.Store, "stats", interrupted)
+    assert main(["stats", str(tmp_path / "s")]) == 8
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
