@@ -103,6 +103,17 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
 RESULTS = os.path.join(REPO, "bench", "results")
 
 
+def _scratch_root(value: str) -> str:
+    """--dir: a folder, or a path one can be made at; a file there (or on the way) is a usage error at once,
+    not a FileExistsError traceback once the bench has started."""
+    probe = os.path.abspath(value)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise argparse.ArgumentTypeError(f"{value!r}: {probe!r} is a file, not a folder (--dir is a scratch folder)")
+    return value
+
+
 def standard_args(ap: argparse.ArgumentParser, name: str, *, default_mode: str = "full", quick: str = "",
                   full: str = "", dir_default: str | None = None, dir_help: str = "") -> None:
     """Add --quick, --full (mutually exclusive), --dir and --json PATH with one help text each; `quick` and
@@ -116,7 +127,7 @@ def standard_args(ap: argparse.ArgumentParser, name: str, *, default_mode: str =
     mode.add_argument("--full", action="store_true",
                       help=f"full run{': ' + full if full else ''}" + (" (the default)" if
                                                                                   default_mode == "full" else ""))
-    ap.add_argument("--dir", default=dir_default, metavar="PATH",
+    ap.add_argument("--dir", default=dir_default, metavar="PATH", type=_scratch_root,
                     help="scratch root, on the disk under test " + (dir_help or f"(default {dir_default or 'a new temporary folder'})"))
     ap.add_argument("--json", metavar="PATH", help=f"results file (default bench/results/{name}.json; "
                     f"--quick: bench/results/{name}_quick.json)")

@@ -207,3 +207,20 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_8(tmp_path: Path, monkeypatch:
     assert main(["stats", str(tmp_path / "s")]) == 8
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_bench_dir_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   where: str) -> None:
+    # Before: `python -m bench.throughput --dir FILE` started, then died of a FileExistsError traceback.
+    import argparse
+
+    from bench.common import standard_args
+
+    (tmp_path / "file").write_bytes(b"x")
+    ap = argparse.ArgumentParser()
+    standard_args(ap, "x")
+    with pytest.raises(SystemExit) as exc:
+        ap.parse_args(["--dir", str(tmp_path / where)])
+    assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert ap.parse_args(["--dir", str(tmp_path / "new" / "deeper")]).dir == str(tmp_path / "new" / "deeper")
