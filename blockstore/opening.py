@@ -113,6 +113,11 @@ def check_options(path: Any, *, durability: Any, block_size: Any, max_open_block
         raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}") from None
     if not isinstance(fs_path, str) or not fs_path or "\0" in fs_path:
         raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {fs_path!r}")
+    try:  # RocksDB (rocksdict) takes UTF-8 paths only: a store made at another path failed half-created
+        fs_path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"path {fs_path!r} is not valid UTF-8 (its bytes: {os.fsencode(fs_path)!r}); the "
+                              "store's RocksDB directory needs a UTF-8 path") from None
     if durability not in ("cache", "sync", "remote"):
         raise InvalidArgument(f"durability must be 'cache', 'sync' or 'remote', got {durability!r}")
     if block_size is not None and not valid_block_size(block_size):

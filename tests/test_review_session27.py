@@ -3,6 +3,7 @@ misuse, and close racing background work. Each test failed on the code before it
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -224,3 +225,12 @@ def test_bench_dir_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytes
         ap.parse_args(["--dir", str(tmp_path / where)])
     assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert ap.parse_args(["--dir", str(tmp_path / "new" / "deeper")]).dir == str(tmp_path / "new" / "deeper")
+
+
+def test_a_path_that_is_not_utf8_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    # Before: open made blocks/ and then failed in rocksdict with an IOErrorBS "[Errno 5] ... can't encode
+    # character '\udcff'": an I/O error that was none, and a half-made store left behind.
+    path = os.path.join(os.fsdecode(bytes(tmp_path)), os.fsdecode(b"\xffstore"))
+    with pytest.raises(blockstore.InvalidArgument, match="UTF-8"):
+        blockstore.open(path)
+    assert not os.path.lexists(path)
