@@ -40,14 +40,51 @@ def _imports(tree: ast.AST) -> list[tuple[str, int, bool]]:
     return out
 
 
+def plugin_modules() -> list[Path]:
+    """Every module of the plugin packages (compaction, connector, blend, remote)."""
+    return sorted(p for name in PLUGINS for p in (ENGINE / name).rglob("*.py"))
+
+
+# Plugin modules still over the limits, each named: the limits hold for every other plugin module, and a file
+# listed here that comes within them fails test_plugins_over_the_limits_are_still_over (take it off the list).
+# Not exemptions to grow: split these when they are next reworked.
+PLUGINS_OVER_LIMITS = {
+    "connector/remote_plugin.py",  # 744 lines: the in-process remote-storage plugin (vLLM workers), one class
+    "connector/blend_connector.py",  # 565 lines: vLLM's KV connector for blended chunks
+    "compaction/compactor.py",  # 501 lines (499 when the limit was first applied to the plugins)
+}
+
+
+def _over_limits(path: Path) -> list[str]:
+    """What of the limits `path` breaks: its length, and each function over MAX_FUNCTION_LINES."""
+    src = path.read_text()
+    over = [f"{len(src.splitlines())} lines"] if len(src.splitlines()) > MAX_MODULE_LINES else []
+    over += [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(src))
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and (n.end_lineno or n.lineno) - n.lineno + 1 > MAX_FUNCTION_LINES]
+    return over
+
+
 @pytest.mark.parametrize("path", engine_modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_engine_module_size_and_function_length(path: Path) -> None:
-    src = path.read_text()
-    assert len(src.splitlines()) <= MAX_MODULE_LINES, f"{path.name}: over {MAX_MODULE_LINES} lines"
-    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(src))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and (n.end_lineno or n.lineno) - n.lineno + 1 > MAX_FUNCTION_LINES]
-    assert not long, f"{path.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+    over = _over_limits(path)
+    assert not over, f"{path.name}: over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: {over}"
+
+
+@pytest.mark.parametrize("path", [p for p in plugin_modules() if str(p.relative_to(ENGINE)) not in PLUGINS_OVER_LIMITS],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_plugin_module_size_and_function_length(path: Path) -> None:
+    """The plugins are held to the engine's limits (the L2 adapter was one 1,858-line module before its split)."""
+    over = _over_limits(path)
+    assert not over, f"{path.name}: over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: {over}"
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS_OVER_LIMITS))
+def test_plugins_over_the_limits_are_still_over(name: str) -> None:
+    """The allow-list names only files that exist and are still over: one that was split or shrunk leaves it."""
+    path = ENGINE / name
+    assert path.is_file(), f"{name} is gone: take it off PLUGINS_OVER_LIMITS"
+    assert _over_limits(path), f"{name} is within the limits now: take it off PLUGINS_OVER_LIMITS"
 
 
 @pytest.mark.parametrize("path", engine_modules(), ids=lambda p: str(p.relative_to(ROOT)))

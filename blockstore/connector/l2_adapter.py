@@ -53,6 +53,12 @@ LMCache finds `BlockstoreL2AdapterConfig` by name, builds it from `adapter_param
 - Config: `BlockstoreL2AdapterConfig` is a frozen dataclass validated in `__post_init__`, however it is
   built; bad values raise `InvalidArgument` naming the field. A constructor that fails closes all it
   opened (store, fds, pools), so the store is never left locked by the process that failed to start.
+
+This module is LMCache's interface and the wiring; each part is a module of its own, given only the objects it
+needs (never the adapter): `l2_keys` (key, namespace, layout and cursor codecs), `l2_config`, `l2_state` (what
+the parts share), `l2_tasks` (task ids, results, fds), `l2_writes` (store), `l2_deletes` (every removal),
+`l2_listing`, `l2_listeners` (replay and delivery), `l2_capacity`, `l2_evict_walk` and `l2_tombstones`
+(eviction). Every public name of the adapter is importable from here.
 """
 
 from __future__ import annotations
@@ -71,27 +77,25 @@ from lmcache.v1.platform import create_event_notifier
 
 import blockstore
 from blockstore import metrics
-from blockstore.connector.eviction import (
-    usable_hits,
-)
-from blockstore.connector.l2_capacity import EVICT_AHEAD, LEAD_BLOCK, CapacityEviction
-from blockstore.connector.l2_config import (
-    RECORD_FRAMING,
-    BlockstoreL2AdapterConfig,
-    check_capacity_fits,
-)
+from blockstore.connector.eviction import usable_hits
+from blockstore.connector.l2_capacity import DISK_CHECK_FRACTION, EVICT_AHEAD, LEAD_BLOCK, CapacityEviction
+from blockstore.connector.l2_config import RECORD_FRAMING, BlockstoreL2AdapterConfig, check_capacity_fits
 from blockstore.connector.l2_deletes import Deleter
+from blockstore.connector.l2_evict_walk import BUDGET_K, EVICT_OPEN_RECORDS, MOVE_BATCH
 from blockstore.connector.l2_keys import (
+    KEY_VERSION,
+    NS_PREFIX,
     decode_object_key,
     encode_object_key,
     group_by_namespace,
     layout_fingerprint,
     namespace_for,
 )
-from blockstore.connector.l2_listeners import ListenerHub
+from blockstore.connector.l2_listeners import REPLAY_BATCH, ListenerHub
 from blockstore.connector.l2_listing import list_keys, records_held
-from blockstore.connector.l2_state import AdapterState, EvictionMemory
+from blockstore.connector.l2_state import CLOCK_STEPS, AdapterState, EvictionMemory
 from blockstore.connector.l2_tasks import TaskBoard
+from blockstore.connector.l2_tombstones import TOMBSTONE_STREAM
 from blockstore.connector.l2_writes import StoreWriter
 from blockstore.directory import Location
 
@@ -474,15 +478,11 @@ class BlockstoreL2Adapter(L2AdapterInterface):
                     pass
 
 
+# The public names this module had before its parts moved out, still importable from here (LMCache, tests,
+# benches and users import them by this path). The constants are bound from their homes: patch them there.
 __all__ = [
-    "EVICT_AHEAD",
-    "LEAD_BLOCK",
-    "RECORD_FRAMING",
-    "BlockstoreL2Adapter",
-    "BlockstoreL2AdapterConfig",
-    "check_capacity_fits",
-    "decode_object_key",
-    "encode_object_key",
-    "layout_fingerprint",
-    "namespace_for",
+    "BUDGET_K", "CLOCK_STEPS", "DISK_CHECK_FRACTION", "EVICT_AHEAD", "EVICT_OPEN_RECORDS", "KEY_VERSION", "LEAD_BLOCK",
+    "MOVE_BATCH", "NS_PREFIX", "RECORD_FRAMING", "REPLAY_BATCH", "TOMBSTONE_STREAM",
+    "BlockstoreL2Adapter", "BlockstoreL2AdapterConfig", "check_capacity_fits", "decode_object_key",
+    "encode_object_key", "layout_fingerprint", "namespace_for",
 ]
