@@ -234,3 +234,25 @@ def test_a_path_that_is_not_utf8_is_refused_before_anything_is_made(tmp_path: Pa
     with pytest.raises(blockstore.InvalidArgument, match="UTF-8"):
         blockstore.open(path)
     assert not os.path.lexists(path)
+
+
+S3_BAD = [("endpoint", "127.0.0.1:9000"), ("endpoint", "http://"), ("endpoint", 5), ("bucket", "a b"), ("bucket", ""),
+          ("timeout_s", "30"), ("timeout_s", float("inf")), ("timeout_s", -1), ("retries", -1), ("retries", "3"),
+          ("secret_key", None)]
+
+
+@pytest.mark.parametrize("client", ["obstore", "boto3"])
+@pytest.mark.parametrize(("field", "value"), S3_BAD, ids=[f"{f}={v!r}" for f, v in S3_BAD])
+def test_s3_settings_a_client_cannot_use_are_refused_naming_the_field(client: str, field: str, value: Any) -> None:
+    # Before: accepted; an endpoint without a scheme or a bucket with a space made obstore panic at the first
+    # request (pyo3's PanicException is a BaseException: it ended the remote tier's upload thread); the others
+    # raised TypeError/OverflowError/ValueError/botocore errors from inside the clients.
+    pytest.importorskip("obstore")
+    from blockstore.remote.errors import RemoteError
+    from blockstore.remote.objects import S3Settings, make_object_store
+
+    good = {"endpoint": "http://127.0.0.1:1", "bucket": "b", "access_key": "a", "secret_key": "s"}
+    with pytest.raises(RemoteError, match=field) as exc:
+        make_object_store(S3Settings(**{**good, field: value}), client)
+    assert "'s'" not in str(exc.value)  # the secret is never shown
+    make_object_store(S3Settings(**good), client)

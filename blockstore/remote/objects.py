@@ -5,10 +5,12 @@ RemoteUnavailable, so callers keep the work pending instead of guessing."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as bx
@@ -43,6 +45,38 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def check_settings(settings: S3Settings) -> None:
+    """Before a client is made: settings a client cannot use, refused naming the field. Unchecked, an endpoint
+    without a scheme ("127.0.0.1:9000") or a bucket with a space made obstore panic at the first request (a
+    pyo3 PanicException, a BaseException: it ended the tier's upload thread), and a str or negative timeout or
+    retries raised TypeError/OverflowError/ValueError from inside the client."""
+    def bad(name: str, why: str) -> RemoteError:
+        got = getattr(settings, name)
+        shown = f"a {type(got).__name__}" if name == "secret_key" else repr(got)  # never a secret in a message
+        return RemoteError(f"S3 settings: {name} {why}, got {shown}")
+
+    endpoint = settings.endpoint
+    if not isinstance(endpoint, str):
+        raise bad("endpoint", "must be a URL string")
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() or ord(c) < 32 for c in endpoint):
+        raise bad("endpoint", "must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:8333)")
+    if not isinstance(settings.bucket, str) or not _BUCKET.fullmatch(settings.bucket):
+        raise bad("bucket", "must be 1-255 characters of [A-Za-z0-9._-], starting with a letter or digit")
+    for name in ("access_key", "secret_key", "region"):
+        if not isinstance(getattr(settings, name), str):
+            raise bad(name, "must be a string")
+    t = settings.timeout_s
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:
+        raise bad("timeout_s", "must be a number of seconds in (0, 3600]")
+    r = settings.retries
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 100:
+        raise bad("retries", "must be an int in 0..100")
+
+
 def make_object_store(settings: S3Settings, client: str = "obstore") -> ObjectStore:
     """`client`: "obstore" (the default: bench/remote.py measures both; obstore's ranged reads ran 2-3x
     boto3's on the same cluster, uploads were even; docs/remote.md gives the numbers) or "boto3"."""
@@ -55,6 +89,7 @@ def make_object_store(settings: S3Settings, client: str = "obstore") -> ObjectSt
 
 class Boto3Objects:
     def __init__(self, settings: S3Settings) -> None:
+        check_settings(settings)
         self.settings = settings
         self._bx = bx
         self._client = boto3.client(
@@ -137,6 +172,7 @@ class Boto3Objects:
 
 class ObstoreObjects:
     def __init__(self, settings: S3Settings) -> None:
+        check_settings(settings)
         self.settings = settings
         self._obs = obstore
         self._store = S3Store(
