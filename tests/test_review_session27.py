@@ -256,3 +256,15 @@ def test_s3_settings_a_client_cannot_use_are_refused_naming_the_field(client: st
         make_object_store(S3Settings(**{**good, field: value}), client)
     assert "'s'" not in str(exc.value)  # the secret is never shown
     make_object_store(S3Settings(**good), client)
+
+
+def test_restore_command_with_an_unusable_endpoint_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: make_object_store ran outside the command's error handling (with the settings check of this session,
+    # a RemoteError traceback; before that check, obstore's panic at the first request).
+    pytest.importorskip("obstore")
+    from blockstore.remote.restore import main
+
+    rc = main(["--endpoint", "127.0.0.1:8333", "--bucket", "b", "--access-key", "a", "--secret-key", "s",
+               "--node", "n1", "--target", "/nonexistent/never-made"])
+    assert rc == 2
+    assert "restore failed: S3 settings: endpoint" in capsys.readouterr().err

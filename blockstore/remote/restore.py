@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not a.access_key or not a.secret_key:
         ap.error("S3 credentials needed: --access-key/--secret-key or $BLOCKSTORE_S3_ACCESS_KEY/_SECRET_KEY")
-    objects = make_object_store(S3Settings(a.endpoint, a.bucket, a.access_key, a.secret_key, a.region), a.client)
-    try:
+    try:  # the settings' own check too (RemoteError): one line, not a traceback
+        objects = make_object_store(S3Settings(a.endpoint, a.bucket, a.access_key, a.secret_key, a.region), a.client)
         res = restore_node(objects, a.node, a.target, skip_corrupt=a.skip_corrupt, flag_remote=not a.no_flag,
                            parallel=a.parallel,
                            progress=None if a.quiet else (lambda m: print(m, flush=True)))
