@@ -84,7 +84,8 @@ def get_backend(name: str | None = None) -> Backend:
     global _native_failure
     chosen = name or os.environ.get(ENV)
     if chosen not in (None, "", *NAMES):
-        raise InvalidArgument(f"unknown backend {chosen!r}: expected 'native' or 'python'")
+        source = "backend=" if name else f"${ENV}"  # the environment's value surprised callers who passed none
+        raise InvalidArgument(f"unknown backend {chosen!r} (from {source}): expected 'native' or 'python'")
     if chosen == "python":
         return _python()
     try:

@@ -268,3 +268,13 @@ def test_restore_command_with_an_unusable_endpoint_is_one_line(capsys: pytest.Ca
                "--node", "n1", "--target", "/nonexistent/never-made"])
     assert rc == 2
     assert "restore failed: S3 settings: endpoint" in capsys.readouterr().err
+
+
+def test_a_bad_backend_from_the_environment_names_the_variable(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: "unknown backend 'bogus'" to a caller (or a `blockstore` command) that passed no backend at all.
+    monkeypatch.setenv("BLOCKSTORE_BACKEND", "bogus")
+    with pytest.raises(blockstore.InvalidArgument, match=r"\$BLOCKSTORE_BACKEND"):
+        blockstore.open(tmp_path / "s")
+    with pytest.raises(blockstore.InvalidArgument, match="from backend="):
+        blockstore.open(tmp_path / "s", backend="other")
