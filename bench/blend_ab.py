@@ -243,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.prepare:
         _say(f"baseline written to {prepare(args.prepare, args.baseline)}")
         return
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)  # --dir names where scratch goes: made if missing, as the other benches do
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         doc = {"bench": "blend_ab", "machine": machine_info(scratch),
                "command": "python -m bench.blend_ab " + shlex.join(sys.argv[1:] if argv is None else argv),

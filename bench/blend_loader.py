@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokens = args.tokens or (2048 if args.quick else 4096)
     repeats = args.repeats or (3 if args.quick else 7)
     readers = args.readers or chunk_kv.DEFAULT_READERS
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)  # --dir names where scratch goes: made if missing, as the other benches do
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         doc = {"bench": "blend_loader", "machine": machine_info(scratch),
                "command": "python -m bench.blend_loader " + shlex.join(sys.argv[1:] if argv is None else argv),
