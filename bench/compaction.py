@@ -170,7 +170,7 @@ class Verifier:
 
 def policy_spec(text: str) -> dict[str, Any]:
     """"NAME" or "NAME:KNOB=VALUE,KNOB=VALUE" (e.g. "full:relocation_budget=inf,min_hits=1") as the dict
-    `resolve` takes; values are parsed as JSON numbers/booleans where they can be ("inf" too)."""
+    `resolve` takes; values are parsed as JSON numbers/booleans where they can be ("inf" too), else kept as words."""
     name, _, rest = text.partition(":")
     spec: dict[str, Any] = {"policy": name}
     for item in filter(None, rest.split(",")):
@@ -183,7 +183,10 @@ def policy_spec(text: str) -> dict[str, Any]:
         elif low in ("true", "false"):
             spec[knob.strip()] = low == "true"
         else:
-            spec[knob.strip()] = json.loads(low)
+            try:
+                spec[knob.strip()] = json.loads(low)
+            except ValueError:  # a word: the knob's str value (copy_to=stream), judged by resolve() naming the knob
+                spec[knob.strip()] = raw.strip()
     return spec
 
 
