@@ -284,7 +284,6 @@ def test_bench_policy_knob_takes_a_word_and_names_a_bad_value() -> None:
     # Before: NAME:KNOB=VALUE ran json.loads on the value, so `full:copy_to=stream` (the knob's documented value)
     # failed with "Expecting value: line 1 column 1 (char 0)", and so did `full:min_hits=abc`, naming nothing.
     from bench.compaction import policy_spec
-
     from blockstore.compaction.policy import resolve
 
     assert resolve(policy_spec("full:copy_to=stream")).copy_to == "stream"
