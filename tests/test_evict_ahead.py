@@ -1,4 +1,4 @@
-"""Eviction ahead of need (blockstore/connector/l2_adapter.py, `_make_room`): once the room left under capacity_bytes
+"""Eviction ahead of need (blockstore/connector/l2_capacity.py, `make_room`): once the room left under capacity_bytes
 is less than block_size / LEAD_BLOCK, a pass starts on the adapter's eviction thread and the store goes on; a store
 waits for a pass only when its payload would not fit. The promise is unchanged: payload within capacity_bytes,
 block files within the stated slack, nothing evicted comes back (fsck, a rebuild from the blocks)."""

@@ -1,4 +1,4 @@
-"""Admission 'second_sighting' with the ghost (blockstore/connector/l2_adapter.py `_admit`, issue 16): a new key
+"""Admission 'second_sighting' with the ghost (blockstore/connector/l2_capacity.py `admit`, issue 16): a new key
 is stored the second time it is offered; a key eviction removed and the ghost still remembers has been sighted
 already (offered twice, stored, evicted), so when it comes back within RETURN_SPANS spans it is stored at once,
 as with admission 'always', instead of being made to wait for two more offers (bench/eviction.py, full, with

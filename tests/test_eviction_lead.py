@@ -1,5 +1,5 @@
 """The room a pass leaves ahead of the stores follows what they ask for while passes run (blockstore/connector/
-eviction.py `PassLead`, l2_adapter `_make_room`, `_evict_ahead`, `_lead`; issue 16). A fixed lead of a quarter
+eviction.py `PassLead`, l2_capacity `make_room`, `_evict_ahead`, `lead`; issue 16). A fixed lead of a quarter
 block (at most capacity / 64) kept that room empty on average, and bench/eviction.py's adapter held 0.96-0.98 of
 its capacity where stores come one request at a time; the lead is now LEAD_FACTOR x the most the stores asked for
 while one of the last LEAD_PASSES background passes ran, plus a record, never above the fixed one.

@@ -1,4 +1,4 @@
-"""The room a pass frees beyond its need (blockstore/connector/eviction.py `spare_value`, l2_adapter
+"""The room a pass frees beyond its need (blockstore/connector/eviction.py `spare_value`, l2_evict_walk
 `_keep_spares`, issue 16): space comes back a whole block at a time, so a pass usually frees more than the stores
 need; that room holds records that have been read (most recently read first) rather than staying empty until
 the stores fill it, and never a record nothing has read (a one-off or a scan: the store-only stream of

@@ -1,6 +1,6 @@
 """The spare room's window follows how soon evicted keys come back (blockstore/connector/eviction.py
-`ReturnDistances`, l2_adapter `_admit` and `_plan_block`, issue 16). A record not worth a keep of its own may hold
-the room a pass frees beyond its need if it was read recently enough; how recently is learned from the ghost's
+`ReturnDistances`, l2_capacity `admit`, l2_evict_walk `_plan_block`, issue 16). A record not worth a keep of its
+own may hold the room a pass frees beyond its need if it was read recently enough; how recently is learned from the ghost's
 returns (keys evicted and stored again): one span plus the median distance, in spans, between an eviction and the
 key's return. Where evicted keys come back soon (a sliding working set), a record read two spans ago is not
 kept; where they come back late, it is; where none has come back yet, the window is RETURN_SPANS.

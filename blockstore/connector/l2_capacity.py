@@ -143,7 +143,7 @@ class CapacityEviction:
         if excess <= 0 and disk <= 0:
             return False
         gone = self._walk.evict(max(excess, ahead) if excess > 0 else excess,
-                           max(disk, ahead) if disk > 0 else disk, table)
+                                max(disk, ahead) if disk > 0 else disk, table)
         with self._state.lock:
             self._state.counters.evicted_for_capacity += gone
         return True

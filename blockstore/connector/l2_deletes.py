@@ -57,7 +57,7 @@ class Deleter:
             _log.exception("blockstore L2: delete failed")
 
     def delete_marked(self, marked: list[ObjectKey]) -> tuple[list[ObjectKey], int]:
-        """Delete keys the caller put in _deleting; report those that existed, with the sizes they were
+        """Delete keys the caller put in `AdapterState.deleting`; report those that existed, with the sizes they were
         stored with (read from the directory just before). Returns (keys gone, payload bytes freed)."""
         if not marked:
             return [], 0

@@ -278,7 +278,7 @@ class EvictionWalk:
     def _plan_block(self, e: BlockEntry, drop: dict[str, list[ObjectKey]], wanted: list[_Keep],
                     known: dict[bytes, ObjectKey]) -> tuple[int, int, bool]:
         """Decide for every record of sealed block `e`: delete (value <= 0) or keep (moved to the head; appended
-        to `wanted` with its value, for `_keep_within`). Keys to delete are claimed in _deleting. Returns
+        to `wanted` with its value, for `_keep_within`). Keys to delete are claimed in `deleting`. Returns
         (payload bytes the deletions free, record bytes the moves would write, whether something holds the
         block: a locked or in-flight key, or a record that is not the adapter's)."""
         records, blocked = self._block_records(e.block_id)
@@ -315,7 +315,7 @@ class EvictionWalk:
     def _keep_within(self, wanted: list[_Keep], budget: int, drop: dict[int, dict[str, list[ObjectKey]]]
                      ) -> tuple[dict[str, list[tuple[ObjectKey, bytes, Location]]], int, set[int]]:
         """The records worth keeping that the pass's budget of moved bytes allows, most valuable first; the rest
-        are deleted with their blocks (claimed in _deleting, added to `drop`). When the oldest blocks hold more
+        are deleted with their blocks (claimed in `deleting`, added to `drop`). When the oldest blocks hold more
         that is worth keeping than the budget moves, the cache is too small for all of it, and what goes is what
         is worth least, not what the walk reached last. Returns (the keys to keep by namespace, the payload
         bytes the others free, the blocks of keys a lookup locked or a store claimed since: they must stay)."""
@@ -337,7 +337,7 @@ class EvictionWalk:
 
     def _claim_for_drop(self, w: _Keep, now: float, held: set[int], drop: dict[int, dict[str, list[ObjectKey]]]
                         ) -> bool:
-        """Claim a record the pass does not keep for deletion with its block (in _deleting, the ghost and `drop`);
+        """Claim a record the pass does not keep for deletion with its block (in `deleting`, the ghost and `drop`);
         whether it was claimed here. Under self._state.lock. A key a delete claimed since goes anyway; one a lookup
         locked or a store claimed since holds its block (`held`)."""
         if w.key in self._state.deleting:
@@ -355,7 +355,7 @@ class EvictionWalk:
         """Records not worth keeping that have been read (`eviction.spare_value`), most recently read first, are
         kept (added to `keep`) within `room`: the payload the pass frees beyond its need, a block's worth at most
         (space comes back a whole block at a time), which would otherwise stay empty until the stores fill it.
-        The others are deleted with their blocks (claimed in _deleting, added to `drop`; the walk counted their
+        The others are deleted with their blocks (claimed in `deleting`, added to `drop`; the walk counted their
         bytes as freed already); a key a lookup locked or a store claimed since holds its block (`held`)."""
         now = time.monotonic()
         with self._state.lock:

@@ -149,7 +149,7 @@ class ListenerHub:
                 try:
                     key = decode_object_key(kb)
                 except ValueError:
-                    continue  # not an ObjectKey (see _records_held)
+                    continue  # not an ObjectKey (see l2_listing.records_held)
                 if namespace_for(key.model_name, key.cache_salt) == ns:
                     keys.append(key)
                     sizes.append(size)

@@ -60,7 +60,7 @@ def retire_tombstones(store: Store, min_seqs: MinSeqs, state: AdapterState, bloc
             carried = 0
             for part in {*carry, *drop}:
                 carried += sum(store.relocate_many(carry.get(part, []), partition=part,
-                                                        drop_tombstones=drop.get(part, [])))
+                                                   drop_tombstones=drop.get(part, [])))
             dropped = sum(len(v) for v in drop.values())
     except Exception as exc:  # gone meanwhile (compaction collected it) or unreadable: GC's job then
         _log.debug("blockstore L2: tombstones of blocks %s not retired: %s", ids, exc)
