@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,11 +198,25 @@ def _table(results: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """--runs/--seconds: a finite number > 0. libFuzzer reads -runs=-1 as "forever" and took -max_total_time=-1
+    silently, and nan or inf raised a traceback once the run had started."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="all", help=f"all, or comma-separated names: {', '.join(TARGETS)}")
-    p.add_argument("--runs", type=int, help="executions per target (libFuzzer -runs)")
-    p.add_argument("--seconds", type=float, help="time per target (libFuzzer -max_total_time)")
+    p.add_argument("--runs", type=_positive(int), help="executions per target (libFuzzer -runs)")
+    p.add_argument("--seconds", type=_positive(float), help="time per target (libFuzzer -max_total_time)")
     p.add_argument("--sanitize", action="store_true", help="the C core built with ASan + UBSan (blind loop)")
     p.add_argument("--seed", type=int, help="random seed (libFuzzer -seed)")
     p.add_argument("--summary", default=os.path.join(OUT, "summary.json"), help="where to write the JSON summary")
@@ -221,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reproduce:
         if len(names) != 1:
             p.error("--reproduce needs exactly one --target")
+        not_files = [f for f in args.reproduce if not os.path.isfile(f)]
+        if not_files:  # libFuzzer takes a folder as a corpus to fuzz from: a "reproduce" that never ended
+            p.error(f"--reproduce takes input files; not files: {not_files}")
         return reproduce(TARGETS[names[0]], args.reproduce, args.sanitize)
     if args.runs is None and args.seconds is None:
         p.error("give --runs N or --seconds N (or both: whichever comes first)")

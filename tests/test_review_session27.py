@@ -289,3 +289,15 @@ def test_bench_policy_knob_takes_a_word_and_names_a_bad_value() -> None:
     assert resolve(policy_spec("full:copy_to=stream")).copy_to == "stream"
     with pytest.raises(blockstore.InvalidArgument, match="min_hits"):
         resolve(policy_spec("full:min_hits=abc"))
+
+
+@pytest.mark.parametrize("args", [["--runs", "-5"], ["--runs", "0"], ["--seconds", "nan"], ["--seconds", "inf"],
+                                  ["--seconds", "-1"], ["--reproduce", "/"]])
+def test_fuzz_runner_refuses_counts_that_never_end_or_crash(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: --runs -5 became libFuzzer's -runs=-5 ("forever"), --seconds nan/inf raised a traceback once the
+    # run had started, and --reproduce DIR fuzzed from that folder as a corpus, never ending.
+    from fuzz.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--target", "manifest", *args])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
