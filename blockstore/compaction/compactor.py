@@ -11,7 +11,6 @@ it; the engine deletes a block once nothing live is left in it and no reader hol
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from blockstore import hooks, metrics
 from blockstore.directory import BLOCK_OPEN, BlockEntry, DirectoryBatch
 from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
-from blockstore.keys import SPACE_KV, TAG_AFFINITY, key_suffix
+from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.reader import choose_places
 
-from . import clusters, gc, relocation, shadow
+from . import clusters, counters, gc, relocation, shadow
 from .affinity import AffinityJudge, AffinityTracker, Group
 from .pacing import ForegroundPacing, Pacer
 from .policy import Policy, resolve
@@ -34,10 +33,6 @@ if TYPE_CHECKING:
     from blockstore.store import Store
 
 _log = logging.getLogger("blockstore.compaction")
-_COUNTERS = TAG_AFFINITY + b"#counters"  # not 8 bytes long: never mistaken for a group key
-# gc bytes, relocated bytes, blocks reclaimed, groups relocated, bytes of records read in observed requests
-_COUNTERS_FMT = struct.Struct("<QQQQQ")
-_COUNTERS_FMT_V1 = struct.Struct("<QQQQ")  # before read bytes were counted: they start at 0
 MAX_GROUPS_PER_PASS = 1024  # the most valuable groups clustered per pass (bounds a pass's cost)
 # A paced (background) pass plans relocation again only after this many times its last planning took:
 # planning is Python holding the GIL, and a foreground that never pauses makes groups due again within
@@ -138,23 +133,17 @@ class Compactor:
     def flush(self) -> None:
         self.tracker.flush(self.store.dir)
         b = DirectoryBatch()
-        counters = _COUNTERS_FMT.pack(self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved,
-                                      self.read_bytes)
-        if counters != self._flushed_counters:
-            b.put(_COUNTERS, counters)
+        totals = counters.encode(self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved,
+                                 self.read_bytes)
+        if totals != self._flushed_counters:
+            b.put(counters.KEY, totals)
         if not b.empty:  # a pass that did nothing writes nothing (issue 17: a no-op compact grew the directory)
             self.store.dir.write(b)
-        self._flushed_counters = counters
+        self._flushed_counters = totals
 
     def _load_counters(self) -> None:
-        raw = self.store.dir.get(_COUNTERS)
-        vals: tuple[int, ...] = (0, 0, 0, 0, 0)
-        if raw is not None and len(raw) == _COUNTERS_FMT.size:
-            vals = _COUNTERS_FMT.unpack(raw)
-        elif raw is not None and len(raw) == _COUNTERS_FMT_V1.size:
-            vals = (*_COUNTERS_FMT_V1.unpack(raw), 0)
+        vals, self._flushed_counters = counters.load(self.store.dir)
         self.gc_bytes, self.relocated_bytes, self.reclaimed, self.groups_moved, self.read_bytes = vals
-        self._flushed_counters = raw
 
     def _loop(self) -> None:
         self.pacing.background_thread(self._stop, self.policy.interval_s)  # CPU priority below the foreground's
