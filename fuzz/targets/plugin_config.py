@@ -1,4 +1,4 @@
-"""In-process LMCache plugin settings: `connector.remote_plugin.BlockstorePluginConfig.from_extra_config`,
+"""In-process LMCache plugin settings: `connector.plugin_config.BlockstorePluginConfig.from_extra_config`,
 fed LMCache's `extra_config` (YAML or the LMCACHE_EXTRA_CONFIG environment variable's JSON).
 
 Input: one control byte, then JSON text for extra_config (an object or null; other JSON and non-JSON
@@ -21,7 +21,7 @@ from fuzz import harness
 
 with harness.instrumented(__name__):
     from blockstore.compaction import resolve
-    from blockstore.connector.remote_plugin import BlockstorePluginConfig, BlockstorePluginConfigError
+    from blockstore.connector.plugin_config import BlockstorePluginConfig, BlockstorePluginConfigError
 
 PLUGIN_B, ADD_PREFIX = 1, 2
 
