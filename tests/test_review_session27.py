@@ -3,6 +3,7 @@ misuse, and close racing background work. Each test failed on the code before it
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -301,3 +302,54 @@ def test_fuzz_runner_refuses_counts_that_never_end_or_crash(args: list[str], cap
     with pytest.raises(SystemExit) as exc:
         main(["--target", "manifest", *args])
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_l2_config_lock_ttl_too_large_for_a_float_names_the_key() -> None:
+    # Before: a bare OverflowError from float(ttl) (JSON carries such an int), outside BlockstoreError.
+    pytest.importorskip("lmcache")
+    from blockstore.connector.l2_adapter import BlockstoreL2AdapterConfig
+
+    with pytest.raises(blockstore.InvalidArgument, match="lock_ttl_s"):
+        BlockstoreL2AdapterConfig.from_dict({"path": "/tmp/x", "lock_ttl_s": 10**400})
+    assert BlockstoreL2AdapterConfig.from_dict({"path": "/tmp/x", "lock_ttl_s": float("inf")}).lock_ttl_s == math.inf
+
+
+def test_l2_config_refuses_a_compaction_background_that_is_not_a_bool() -> None:
+    # Before: accepted by the validator; at start, bool("no") ran the background compactor it meant to stop (the
+    # engine refuses it since ca6fc25, but only once the adapter opens its store).
+    pytest.importorskip("lmcache")
+    from blockstore.connector.l2_adapter import BlockstoreL2AdapterConfig
+
+    with pytest.raises(blockstore.InvalidArgument, match="background"):
+        BlockstoreL2AdapterConfig.from_dict({"path": "/tmp/x", "compaction": {"policy": "full", "background": "no"}})
+
+
+REMOTE_BAD = [("poll_interval_s", float("inf")), ("seal_after_s", float("inf")), ("upload_interval_s", 10**400),
+              ("timeout_s", float("inf")), ("retries", 10**6), ("gc_grace_s", "x"), ("gc_grace_s", -1),
+              ("local_capacity_bytes", "1G"), ("client", "s3cmd")]
+
+
+@pytest.mark.parametrize(("key", "value"), REMOTE_BAD, ids=[f"{k}={v!r}"[:40] for k, v in REMOTE_BAD])
+def test_l2_remote_config_refuses_values_that_fail_later(key: str, value: Any) -> None:
+    # Before: accepted. poll_interval_s inf killed the pool thread at its first wait (OverflowError): no polling,
+    # no idle sealing, stored KV never uploaded; gc_grace_s "x" raised TypeError from the Reclaimer at start; the
+    # others failed at start inside RemoteTier or the S3 client instead of naming the key.
+    pytest.importorskip("lmcache")
+    from blockstore.connector.remote_tier import RemoteTierConfig
+
+    base = {"endpoint": "http://127.0.0.1:8333", "bucket": "b", "access_key": "a", "secret_key": "s", "node_id": "n1"}
+    with pytest.raises(blockstore.InvalidArgument, match=key):
+        RemoteTierConfig.from_dict({**base, key: value})
+    RemoteTierConfig.from_dict(base)
+
+
+def test_remote_plugin_refuses_a_compaction_background_that_is_not_a_bool() -> None:
+    # Before: accepted; the store's open then refused it with InvalidArgument, which LMCache retries every 10 s
+    # (only BlockstorePluginConfigError is irrecoverable for it).
+    pytest.importorskip("lmcache")
+    from blockstore.connector.remote_plugin import BlockstorePluginConfig, BlockstorePluginConfigError
+
+    p = "remote_storage_plugin.blockstore."
+    with pytest.raises(BlockstorePluginConfigError, match="background"):
+        BlockstorePluginConfig.from_extra_config({p + "path": "/tmp/x", p + "compaction": '{"policy": "full", '
+                                                  '"background": "no"}'}, "blockstore")

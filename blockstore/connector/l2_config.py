@@ -70,6 +70,8 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
             if isinstance(spec, dict):  # "background" is attach()'s switch, not a policy knob
                 compaction = dict(spec)  # a copy: the caller's dict cannot change it afterwards
                 spec = {k: v for k, v in spec.items() if k != "background"}
+                if not isinstance(compaction.get("background", True), bool):  # bool("no") would be True
+                    raise bad("compaction", f"'background' must be true or false, got {compaction['background']!r}")
             try:
                 policy = resolve(spec)
             except (ValueError, TypeError) as exc:  # InvalidArgument
@@ -85,8 +87,9 @@ class BlockstoreL2AdapterConfig(L2AdapterConfigBase):
         if not _is_int(self.workers) or not 1 <= self.workers <= 256:
             raise bad("workers", f"must be an integer in 1..256, got {self.workers!r}")
         ttl = self.lock_ttl_s
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
-            raise bad("lock_ttl_s", f"must be a number >= 0 (0 = locks never expire), got {ttl!r}")
+        # bounded: an int too large for a float (JSON allows one) raised OverflowError below; inf means "never", as 0
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not (ttl == math.inf or 0 <= ttl <= 1e9):
+            raise bad("lock_ttl_s", f"must be a number of seconds within 0..1e9 (0 = locks never expire), got {ttl!r}")
         port = self.metrics_port
         if port is not None and (not _is_int(port) or not 0 <= port <= 65535):
             raise bad("metrics_port", f"must be a TCP port 0..65535 (0: any free one) or null, got {port!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -74,13 +75,27 @@ class RemoteTierConfig:
             check_node_id(self.node_id)
         except RemoteError as exc:
             raise InvalidArgument(f"blockstore adapter_params.remote: {exc}") from None
-        for name in ("upload_interval_s", "poll_interval_s", "seal_after_s", "timeout_s"):
+        # bounded: inf (JSON's 1e999) passed `> 0`, and the pool thread then died at its first wait (OverflowError):
+        # no more polling of other nodes, no idle sealing, so stored KV was never uploaded
+        for name, most in (("upload_interval_s", 86400), ("poll_interval_s", 86400), ("seal_after_s", 86400),
+                           ("timeout_s", 3600)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise InvalidArgument(f"blockstore adapter_params.remote: {name!r} must be a number > 0, got {v!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise InvalidArgument(f"blockstore adapter_params.remote: 'retries' must be an integer >= 0, "
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= most:
+                raise InvalidArgument(f"blockstore adapter_params.remote: {name!r} must be a number of seconds in "
+                                      f"(0, {most}], got {v!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= 100:
+            raise InvalidArgument(f"blockstore adapter_params.remote: 'retries' must be an integer in 0..100, "
                                   f"got {self.retries!r}")
+        grace, cap = self.gc_grace_s, self.local_capacity_bytes
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 < grace < math.inf):
+            raise InvalidArgument(f"blockstore adapter_params.remote: 'gc_grace_s' must be a number of seconds > 0 or "
+                                  f"null (off), got {grace!r}")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise InvalidArgument(f"blockstore adapter_params.remote: 'local_capacity_bytes' must be an integer >= 0 "
+                                  f"or null, got {cap!r}")
+        if self.client not in ("obstore", "boto3"):
+            raise InvalidArgument(f"blockstore adapter_params.remote: 'client' must be 'obstore' or 'boto3', "
+                                  f"got {self.client!r}")
 
     @classmethod
     def from_dict(cls, d: Any) -> RemoteTierConfig:
