@@ -26,11 +26,9 @@ from blockstore.store import Store
 
 _log = logging.getLogger("blockstore.connector")
 
-# records of open blocks one eviction pass ranks by value (bounds its cost)
 # Disk use is checked against capacity_bytes + slack after every DISK_CHECK_FRACTION of a block stored (a block
 # table snapshot costs O(blocks)); see CapacityEviction._disk_excess for the slack.
 DISK_CHECK_FRACTION = 4
-# a pass frees at least capacity / EVICT_AHEAD (hit rate vs passes: bench/eviction.py)
 # A pass starts in the background once the room left is under min(block_size / LEAD_BLOCK, capacity / EVICT_AHEAD):
 # it must end before the stores that go on meanwhile use that room up (a pass empties a whole block: 7-13 ms for a
 # 16 MiB block here, while 2-10 MiB are stored), else they wait for the rest of it; room kept free is cache lost,

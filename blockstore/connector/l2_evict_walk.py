@@ -32,10 +32,8 @@ from blockstore.store import Store
 _log = logging.getLogger("blockstore.connector")
 
 EVICT_OPEN_RECORDS = 4096  # records of open blocks one eviction pass ranks by value (bounds its cost)
-# partition suffix of the blocks that carried tombstones go to
 EVICT_AHEAD = 64  # a pass frees at least capacity / EVICT_AHEAD (hit rate vs passes: bench/eviction.py)
 BUDGET_K = 2  # a pass may move (keep) at most BUDGET_K x the bytes it must free + one block (8: same hit rates)
-# clock samples per capacity of bytes stored (eviction's span: ClockHistory)
 MOVE_BATCH = 256  # records per relocation call when eviction keeps records (each call is one synced group)
 
 DeleteMarked = Callable[[list[ObjectKey]], tuple[list[ObjectKey], int]]
