@@ -353,3 +353,24 @@ def test_remote_plugin_refuses_a_compaction_background_that_is_not_a_bool() -> N
     with pytest.raises(BlockstorePluginConfigError, match="background"):
         BlockstorePluginConfig.from_extra_config({p + "path": "/tmp/x", p + "compaction": '{"policy": "full", '
                                                   '"background": "no"}'}, "blockstore")
+
+
+def test_remote_tier_closed_after_its_store_still_releases_its_ledger(tmp_path: Path) -> None:
+    # Before: tier.close() after the store's close (the natural order with a `with blockstore.open(...)` block)
+    # raised StoreClosed from its drain, leaving the tier's thread running and its ledger open: a tier for the
+    # reopened store could not open the ledger again in this process ("lock hold by current process").
+    from blockstore.remote import RemoteTier
+
+    objects = _memory_objects()()
+    with blockstore.open(tmp_path / "s", block_size=1 << 16) as s:
+        tier = RemoteTier(s, objects, "n1")
+        for i in range(50):
+            s.put(b"k%d" % i, b"v" * 2000)
+    assert tier.close() in (True, False)
+    assert not tier._thread.is_alive()
+    with blockstore.open(tmp_path / "s") as s:
+        again = RemoteTier(s, objects, "n1")
+        try:
+            assert again.drain(30) and not again.status().pending_blocks
+        finally:
+            again.close()

@@ -286,7 +286,13 @@ class RemoteTier:
         nothing was left pending; what is left is uploaded by the next tier on this store."""
         if self._stop.is_set():
             return True
-        done = self.drain(timeout) if drain else not self.uploader.pending()
+        try:
+            done = self.drain(timeout) if drain else not self.uploader.pending()
+        except StoreClosed:
+            # the store was closed first (a `with blockstore.open(...)` block around the tier): nothing more can be
+            # sealed or uploaded from it, but the tier must still stop and release its ledger, or no tier could
+            # open that ledger again in this process (RocksDB's lock) once the store is reopened
+            done = False
         self._stop.set()
         self._wake.set()
         self._thread.join()
