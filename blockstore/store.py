@@ -228,6 +228,7 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
             raise self._engine.no_space(exc, closing=True) from exc
         finally:
             self._closed = True
+            self._tiering.store_closed()
             self.blocks.close()
             self.dir.close()
             self._lock.release()

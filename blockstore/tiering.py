@@ -45,9 +45,15 @@ class Tiering:
         # unconfirmed blocks that left the table -> the newest block id when that was seen: compaction may
         # have moved their records to any block up to it, which a write they held must wait for too
         self._vanished: dict[int, int] = {}
+        self._closed = False  # the store closed: a remote wait can no longer be confirmed through it
         self.seal_observers.append(self._note_seal)
 
     def _note_seal(self, _block_id: int) -> None:
+        self._notify()
+
+    def store_closed(self) -> None:
+        """At the store's close: wake the remote waits, which end at once instead of at remote_timeout."""
+        self._closed = True
         self._notify()
 
     def _notify(self) -> None:
@@ -263,6 +269,11 @@ class Tiering:
             pend, still_open, horizon = self._pending(up_to)
             if not pend:
                 return
+            if self._closed:  # a waiter woken by close: before, it slept out remote_timeout (30 s) for nothing
+                raise RemoteNotConfirmed(
+                    errno.ECANCELED, f"{self.engine.path}: the store was closed before the object store confirmed "
+                    f"block(s) {', '.join(f'{b:016x}' for b in pend[:8])}: the write is durable locally and queued "
+                    "for upload (the next remote tier on this store sends it), not acknowledged as remote")
             now = time.monotonic()
             if still_open and now >= seal_at and self.engine.seal_open_blocks(horizon):
                 continue

@@ -374,3 +374,38 @@ def test_remote_tier_closed_after_its_store_still_releases_its_ledger(tmp_path: 
             assert again.drain(30) and not again.status().pending_blocks
         finally:
             again.close()
+
+
+def test_a_remote_wait_ends_when_the_store_is_closed(tmp_path: Path) -> None:
+    # Before: store.close() returned at once, but a durability="remote" put waiting for its block's confirmation
+    # slept out the whole remote_timeout (30 s by default) before raising RemoteNotConfirmed.
+    import threading
+
+    from blockstore.remote import RemoteTier
+
+    class SlowObjects(_memory_objects()):  # type: ignore[misc]
+        def put(self, key: str, data: bytes) -> None:
+            time.sleep(1.5)
+            super().put(key, data)
+
+    s = blockstore.open(tmp_path / "s", durability="remote", block_size=1 << 16, remote_timeout=60)
+    tier = RemoteTier(s, SlowObjects(), "n1")
+    got: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            s.put(b"k", b"v" * 100)
+            got.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the writer saw is the assertion
+            got.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.5)
+    s.close()
+    writer.join(10)
+    tier.close(drain=False)
+    assert not writer.is_alive(), "the waiting put outlived its store's close by 10 s"
+    assert got and (got[0] is None or isinstance(got[0], blockstore.RemoteNotConfirmed)), got
+    with blockstore.open(tmp_path / "s", read_only=True) as s:
+        assert s.get(b"k") == b"v" * 100  # durable locally either way
