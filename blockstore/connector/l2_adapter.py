@@ -477,7 +477,9 @@ class BlockstoreL2Adapter(L2AdapterInterface):
 
 
 # The public names this module had before its parts moved out, still importable from here (LMCache, tests,
-# benches and users import them by this path). The constants are bound from their homes: patch them there.
+# benches and users import them by this path). The constants are copies: patch a constant in each module that
+# reads it, not here (EVICT_AHEAD: l2_evict_walk and l2_capacity; NS_PREFIX: l2_keys and l2_evict_walk;
+# RECORD_FRAMING: l2_capacity only, not l2_config where it is defined; the others only where they are defined).
 __all__ = [
     "BUDGET_K", "CLOCK_STEPS", "DISK_CHECK_FRACTION", "EVICT_AHEAD", "EVICT_OPEN_RECORDS", "KEY_VERSION", "LEAD_BLOCK",
     "MOVE_BATCH", "NS_PREFIX", "RECORD_FRAMING", "REPLAY_BATCH", "TOMBSTONE_STREAM",
