@@ -80,6 +80,9 @@ class BlockstorePluginConfig:
         if compaction is not None:
             spec = {k: v for k, v in compaction.items() if k != "background"} if isinstance(compaction, dict) \
                 else compaction
+            if isinstance(compaction, dict) and not isinstance(compaction.get("background", True), bool):
+                # bool("no") is True; the store's open refuses it too, but as an error LMCache retries every 10 s
+                raise bad("compaction", f"'background' must be true or false, got {compaction['background']!r}")
             try:
                 resolve(spec)
             except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
