@@ -409,3 +409,15 @@ def test_a_remote_wait_ends_when_the_store_is_closed(tmp_path: Path) -> None:
     assert got and (got[0] is None or isinstance(got[0], blockstore.RemoteNotConfirmed)), got
     with blockstore.open(tmp_path / "s", read_only=True) as s:
         assert s.get(b"k") == b"v" * 100  # durable locally either way
+
+
+def test_remote_tier_status_after_close_is_store_closed(tmp_path: Path) -> None:
+    # Before: rocksdict.DbClosedError ("DB instance already closed"), outside BlockstoreError, for a monitor that
+    # asks a closed tier for its status.
+    from blockstore.remote import RemoteTier
+
+    with blockstore.open(tmp_path / "s") as s:
+        tier = RemoteTier(s, _memory_objects()(), "n1")
+        tier.close()
+        with pytest.raises(blockstore.StoreClosed, match="remote tier is closed"):
+            tier.status()

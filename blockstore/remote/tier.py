@@ -101,6 +101,7 @@ class RemoteTier:
         self.poll_s, self.retry_min_s, self.retry_max_s = poll_s, retry_min_s, retry_max_s
         self.uploader = Uploader(store, objects, node_id, ledger_path=ledger_path)
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._closed = False
         self._failures = 0
         self._retry_at: float | None = None
         self._error: str | None = None
@@ -255,6 +256,8 @@ class RemoteTier:
     # ---- what callers see ----
 
     def status(self) -> TierStatus:
+        if self._closed:  # its ledger is closed: rocksdict raised a bare DbClosedError
+            raise StoreClosed(f"{self.store.path}: the remote tier is closed")
         st = self.uploader.status()
         local = set(self.store.blocks.list_files())
         table = self.store.block_table()
@@ -300,4 +303,5 @@ class RemoteTier:
         self.store.remove_read_observer(self._on_read)
         self.store.set_block_fetcher(None)
         self.uploader.close()
+        self._closed = True
         return done
