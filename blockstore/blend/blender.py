@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blockstore.blend import graphs
+from blockstore.blend import graphs, options
 from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, chunk_id
 from blockstore.blend.compute import (
     Prefill,
@@ -176,25 +176,18 @@ class Blender:
         (`Blender.kv_model_id`). `cuda_graphs`: on a GPU, the layers after the selection replay CUDA
         graphs captured once per (tokens, rows) bucket (graphs.py; off by default: DEFAULT_CUDA_GRAPHS);
         the CPU path is the same either way."""
-        if not 0.0 <= float(ratio) <= 1.0:
-            raise InvalidArgument(f"ratio must be in [0, 1], not {ratio!r}")
-        if selector not in SELECTORS:
-            raise InvalidArgument(f"selector must be one of {SELECTORS}, not {selector!r}")
-        if deviation not in DEVIATIONS:
-            raise InvalidArgument(f"deviation must be one of {DEVIATIONS}, not {deviation!r}")
-        if not 1.0 <= float(gradual) <= 100.0:
-            raise InvalidArgument(f"gradual must be in [1, 100], not {gradual!r}")
-        if not (isinstance(sink_tokens, int) and sink_tokens >= 0):
-            raise InvalidArgument(f"sink_tokens must be a non-negative int, not {sink_tokens!r}")
-        if not 0 <= check_layer < weights.config.num_hidden_layers:
-            raise InvalidArgument(f"check_layer {check_layer} is not a layer of a "
-                                  f"{weights.config.num_hidden_layers}-layer model")
-        self.w, self.kv, self.ratio, self.selector = weights, kv, float(ratio), selector
-        self.check_layer, self.separator_ids, self.overlap = check_layer, tuple(separator_ids), overlap
-        self.deviation, self.sink_tokens, self.query_weighted = deviation, sink_tokens, bool(query_weighted)
-        self.gradual = float(gradual)
-        self.cuda_graphs = bool(cuda_graphs)
-        self.readers = readers  # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
+        layers = weights.config.num_hidden_layers
+        self.w, self.kv, self.ratio = weights, kv, options.real_in("ratio", ratio, 0.0, 1.0)
+        self.selector = options.one_of("selector", selector, SELECTORS)
+        self.deviation = options.one_of("deviation", deviation, DEVIATIONS)
+        self.gradual = options.real_in("gradual", gradual, 1.0, 100.0)
+        self.sink_tokens = options.count("sink_tokens", sink_tokens, 0)
+        self.check_layer = options.count("check_layer", check_layer, 0, layers, what=f"a {layers}-layer model")
+        self.separator_ids, self.overlap = tuple(separator_ids), options.flag("overlap", overlap)
+        self.query_weighted = options.flag("query_weighted", query_weighted)
+        self.cuda_graphs = options.flag("cuda_graphs", cuda_graphs)
+        # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
+        self.readers = None if readers is None else options.count("readers", readers, 1)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                             str(weights.dtype).removeprefix("torch."))

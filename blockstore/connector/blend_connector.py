@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +62,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 import blockstore
 from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED, Blender, ChunkKVStore, LlamaWeights, chunk_id
+from blockstore.blend import options as blend_options
 from blockstore.connector import blend_spans, paged_kv
 from blockstore.errors import BlockstoreError, InvalidArgument
 
@@ -128,9 +128,8 @@ class BlendSettings:
             raise InvalidArgument(f"{CONNECTOR_CLASS}: the separator tokenizes to no token ids")
         ratio = _number(ours, "blend.ratio", 0.15, 0.0, 1.0)
         gradual = _number(ours, "blend.gradual", 1.0, 1.0, 100.0)
-        qw = ours.get("blend.query_weighted", DEFAULT_QUERY_WEIGHTED)
-        if not isinstance(qw, bool):
-            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.query_weighted must be true or false, got {qw!r}")
+        qw = blend_options.flag("blend.query_weighted", ours.get("blend.query_weighted", DEFAULT_QUERY_WEIGHTED),
+                          where=CONNECTOR_CLASS)
         for key in ("blend.store_path", "blend.namespace", "blend.selector", "blend.deviation", "blend.stats_path",
                     "blend.model_id"):
             if key in ours and not isinstance(ours[key], (str, os.PathLike)) \
@@ -161,13 +160,12 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 
 def _number(ours: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
     raw = ours.get(key, default)
-    try:
-        value = float(raw) if not isinstance(raw, bool) else math.nan
-    except (TypeError, ValueError):
-        value = math.nan
-    if not lo <= value <= hi:
-        raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be >= {lo:g} and <= {hi:g}, got {raw!r}")
-    return value
+    if isinstance(raw, str):  # a number written as a JSON string; what does not parse is refused below, as a str
+        try:
+            raw = float(raw)
+        except ValueError:
+            pass
+    return blend_options.real_in(key, raw, lo, hi, where=CONNECTOR_CLASS)
 
 
 def _count(ours: dict[str, Any], key: str, default: int, lo: int) -> int:
@@ -177,9 +175,7 @@ def _count(ours: dict[str, Any], key: str, default: int, lo: int) -> int:
             raw = int(raw)
         except ValueError:
             pass  # refused below, as the str it is
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < lo:
-        raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be an int >= {lo}, got {raw!r}")
-    return raw
+    return blend_options.count(key, raw, lo, where=CONNECTOR_CLASS)
 
 
 def separator_token_ids(model_dir: str, separator: str) -> tuple[int, ...]:

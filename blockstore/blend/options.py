@@ -1,0 +1,52 @@
+"""Checks of the blender's options, in a module of their own so that each rule has one owner: `Blender(...)`
+(blender.py) and the vLLM blend connector's ``blend.*`` settings (connector/blend_connector.py) both check
+through these functions, so a value one refuses the other refuses too, in the same words. Each returns the
+value as the type it promises and raises InvalidArgument naming the option and what is allowed; none
+converts a value of another type (a str, or a bool for a number: bool is an int to Python), because
+float("0.5x") or bool("no") either fail without the option's name or pass as something the caller did
+not mean. The connector parses a str from its JSON config before it calls them."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from blockstore.errors import InvalidArgument
+
+
+def _refuse(where: str, name: str, allowed: str, value: Any) -> InvalidArgument:
+    return InvalidArgument(f"{where + ': ' if where else ''}{name} must be {allowed}, got {value!r}")
+
+
+def real_in(name: str, value: Any, lo: float, hi: float, *, where: str = "") -> float:
+    """`value` as a float: a real number (not a bool, not a str) with lo <= value <= hi (NaN is refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not lo <= float(value) <= hi:
+        raise _refuse(where, name, f">= {lo:g} and <= {hi:g} (a number)", value)
+    return float(value)
+
+
+def count(name: str, value: Any, lo: int, hi: int | None = None, *, where: str = "", what: str = "") -> int:
+    """`value` as an int: an integer (not a bool, not a float, not a str) with lo <= value (< hi if given).
+    `what`: words on the upper bound for the message (say "the model's layers")."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or int(value) < lo \
+            or (hi is not None and int(value) >= hi):
+        bound = f" and < {hi}" + (f" ({what})" if what else "") if hi is not None else ""
+        raise _refuse(where, name, f"an int >= {lo}{bound}", value)
+    return int(value)
+
+
+def flag(name: str, value: Any, *, where: str = "") -> bool:
+    """`value` as a bool: True or False (numpy's bools too), never another value's truth."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise _refuse(where, name, "true or false (a bool)", value)
+    return bool(value)
+
+
+def one_of(name: str, value: Any, allowed: Sequence[str], *, where: str = "") -> str:
+    """`value`, one of the strings `allowed`."""
+    if not isinstance(value, str) or value not in allowed:
+        raise _refuse(where, name, f"one of {tuple(allowed)}", value)
+    return value
