@@ -285,8 +285,12 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
     the connector does not know stops vLLM at start instead of being ignored."""
     pytest.importorskip("torch")
     pytest.importorskip("vllm")
+    from blockstore.connector import blend_connector
     from blockstore.connector.blend_connector import BlendSettings
 
+    # the settings live in blend_config.py; the configurations they build name the module vLLM loads
+    assert blend_connector.CONNECTOR_MODULE == blend_connector.__name__
+    assert blend_connector.BlockstoreBlendConnector.__name__ == blend_connector.CONNECTOR_CLASS
     base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": [7, 7]}
     s = BlendSettings.from_extra_config({**base, "blend.deviation": "k", "blend.sink_tokens": 2}, str(tmp_path))
     assert (s.deviation, s.sink_tokens, s.separator_ids) == ("k", 2, (7, 7))

@@ -14,8 +14,8 @@ blocks (``paged_kv``); vLLM computes the rest of the prompt and decodes. Chunks 
 the store lacks are computed on their own and stored after the step's forward, so the next prompt
 that carries them, in any order, is served blended.
 
-It composes with the LMCache prefix tier through vLLM's ``MultiConnector`` (``multi_connector_config``
-below): the first connector that claims tokens for a request serves it, so this one goes first and
+It composes with the LMCache prefix tier through vLLM's ``MultiConnector`` (``multi_connector_config``,
+``blend_config.py``): the first connector that claims tokens for a request serves it, so this one goes first and
 claims only prompts with stored chunks; every other prompt falls through to LMCache.
 
 The scheduler and the worker run in different processes: the worker holds the store (its one writer);
@@ -26,19 +26,7 @@ error, anything else raised) reports the request's claimed blocks as load errors
 them, with ``kv_load_failure_policy="recompute"`` (``multi_connector_config`` sets it; vLLM's default,
 "fail", would fail the request instead).
 
-Extra config keys (all optional but the store path):
-``blend.store_path`` store directory (created if absent); ``blend.model_dir`` weights for the blender
-(default: vLLM's model folder); ``blend.separator`` separator string (default ``" # # "``, LMCache's
-``blend_special_str``), tokenized with the model's tokenizer, or ``blend.separator_ids``;
-``blend.ratio`` (0.15), ``blend.selector`` ("deviation"), ``blend.check_layer`` (1), ``blend.deviation``
-("kv": what the deviation selector compares, "v", "k" or "kv"), ``blend.sink_tokens`` (0: first tokens of
-each chunk always recomputed, inside the budget), ``blend.query_weighted`` (true: weigh each token's
-deviation by the question's attention at the check layer), ``blend.gradual`` (1.0: CacheBlend's gradual
-filtering selects this many times the budget at the check layer and narrows it at the next one);
-``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
-``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
-of another checkpoint are never used); ``blend.stats_path`` a JSON file the worker rewrites after each
-request it served or stored (the counters of ``BlendCounters``), for callers in another process.
+Extra config keys: ``blend_config.py``; the checks they share with ``Blender(...)``: ``blockstore.blend.options``.
 """
 
 from __future__ import annotations
@@ -48,11 +36,9 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tokenizers import Tokenizer
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -60,10 +46,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-import blockstore
-from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED, Blender, ChunkKVStore, LlamaWeights, chunk_id
-from blockstore.blend import options as blend_options
+from blockstore.blend import chunk_id
 from blockstore.connector import blend_spans, paged_kv
+from blockstore.connector.blend_config import (
+    CONNECTOR_CLASS,
+    CONNECTOR_MODULE,
+    DEFAULT_SEPARATOR,
+    BlendSettings,
+    kv_transfer_extra_config,
+    multi_connector_config,
+    separator_token_ids,
+)
+from blockstore.connector.blend_runtime import BlendRuntime, ChunkIndex, weights_model_id
 from blockstore.errors import BlockstoreError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -78,175 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
-CONNECTOR_MODULE = __name__
-CONNECTOR_CLASS = "BlockstoreBlendConnector"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration; the worker's runtime (store, weights, blender) and the scheduler's chunk index
-
-
-@dataclass(frozen=True)
-class BlendSettings:
-    store_path: str
-    model_dir: str
-    separator_ids: tuple[int, ...]
-    ratio: float = 0.15
-    selector: str = "deviation"
-    check_layer: int = 1
-    deviation: str = DEFAULT_DEVIATION
-    sink_tokens: int = 0
-    query_weighted: bool = DEFAULT_QUERY_WEIGHTED
-    gradual: float = 1.0
-    min_chunk_tokens: int = 16
-    min_reused_tokens: int = 0  # 0: one vLLM block
-    namespace: str = "kv-blend"
-    stats_path: str | None = None
-    model_id: str | None = None
-
-    @classmethod
-    def from_extra_config(cls, extra: dict[str, Any], default_model_dir: str) -> BlendSettings:
-        known = {"blend.store_path", "blend.model_dir", "blend.separator", "blend.separator_ids", "blend.ratio",
-                 "blend.selector", "blend.check_layer", "blend.deviation", "blend.sink_tokens", "blend.query_weighted", "blend.gradual",
-                 "blend.min_chunk_tokens", "blend.min_reused_tokens",
-                 "blend.namespace", "blend.stats_path", "blend.model_id"}
-        ours = {k: v for k, v in extra.items() if k.startswith("blend.")}
-        unknown = sorted(set(ours) - known)
-        if unknown:
-            raise InvalidArgument(f"{CONNECTOR_CLASS}: unknown kv_connector_extra_config key(s) {unknown}; "
-                                  f"known: {sorted(known)}")
-        if not ours.get("blend.store_path"):
-            raise InvalidArgument(f"{CONNECTOR_CLASS}: kv_connector_extra_config needs 'blend.store_path' "
-                                  "(the blockstore directory holding chunk KV)")
-        model_dir = str(ours.get("blend.model_dir") or default_model_dir)
-        if "blend.separator_ids" in ours:
-            sep = _token_ids(ours["blend.separator_ids"])
-        else:
-            sep = separator_token_ids(model_dir, str(ours.get("blend.separator", DEFAULT_SEPARATOR)))
-        if not sep:
-            raise InvalidArgument(f"{CONNECTOR_CLASS}: the separator tokenizes to no token ids")
-        ratio = _number(ours, "blend.ratio", 0.15, 0.0, 1.0)
-        gradual = _number(ours, "blend.gradual", 1.0, 1.0, 100.0)
-        qw = blend_options.flag("blend.query_weighted", ours.get("blend.query_weighted", DEFAULT_QUERY_WEIGHTED),
-                          where=CONNECTOR_CLASS)
-        for key in ("blend.store_path", "blend.namespace", "blend.selector", "blend.deviation", "blend.stats_path",
-                    "blend.model_id"):
-            if key in ours and not isinstance(ours[key], (str, os.PathLike)) \
-                    and not (ours[key] is None and key in ("blend.stats_path", "blend.model_id")):
-                raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be a string, got {ours[key]!r}")
-        return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
-                   selector=str(ours.get("blend.selector", "deviation")),
-                   check_layer=_count(ours, "blend.check_layer", 1, 0),
-                   deviation=str(ours.get("blend.deviation", DEFAULT_DEVIATION)),
-                   sink_tokens=_count(ours, "blend.sink_tokens", 0, 0),
-                   query_weighted=qw, gradual=gradual,
-                   min_chunk_tokens=_count(ours, "blend.min_chunk_tokens", 16, 1),
-                   min_reused_tokens=_count(ours, "blend.min_reused_tokens", 0, 0),
-                   namespace=str(ours.get("blend.namespace", "kv-blend")),
-                   stats_path=ours.get("blend.stats_path"), model_id=ours.get("blend.model_id"))
-
-
-# Each setting is checked here, at vLLM's start, naming its key: a value that only failed later (min_chunk_tokens 0
-# raised in the scheduler at the first prompt; a separator_ids string was split into its characters' digits, so no
-# prompt ever matched) or raised a bare ValueError/TypeError without the key.
-def _token_ids(value: Any) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) \
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-        raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.separator_ids must be a list of token ids (ints >= 0), "
-                              f"got {value!r}")
-    return tuple(value)
-
-
-def _number(ours: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    raw = ours.get(key, default)
-    if isinstance(raw, str):  # a number written as a JSON string; what does not parse is refused below, as a str
-        try:
-            raw = float(raw)
-        except ValueError:
-            pass
-    return blend_options.real_in(key, raw, lo, hi, where=CONNECTOR_CLASS)
-
-
-def _count(ours: dict[str, Any], key: str, default: int, lo: int) -> int:
-    raw = ours.get(key, default)
-    if isinstance(raw, str):
-        try:
-            raw = int(raw)
-        except ValueError:
-            pass  # refused below, as the str it is
-    return blend_options.count(key, raw, lo, where=CONNECTOR_CLASS)
-
-
-def separator_token_ids(model_dir: str, separator: str) -> tuple[int, ...]:
-    """The separator as the model's tokenizer writes it (no special tokens): prompts must carry exactly
-    these ids between chunks."""
-    path = Path(model_dir) / "tokenizer.json"
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type
-        raise InvalidArgument(f"{CONNECTOR_CLASS}: cannot read the tokenizer at {path} to tokenize the blend "
-                              f"separator {separator!r} ({exc}); give blend.separator_ids instead") from exc
-    return tuple(tok.encode(separator, add_special_tokens=False).ids)
-
-
-def weights_model_id(settings: BlendSettings) -> str:
-    """The model id chunk KV records are keyed under (``blend.model_id``, or the weights' content hash)."""
-    if settings.model_id:
-        return settings.model_id
-    return LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32).model_id
-
-
-class BlendRuntime:
-    """The worker's store (the one writer: its LOCK), weights and blender."""
-
-    def __init__(self, settings: BlendSettings) -> None:
-        self.settings = settings
-        self.store = blockstore.open(settings.store_path)
-        try:
-            self.weights = LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32,
-                                                        model_id=settings.model_id)
-            self.kv = ChunkKVStore(self.store, ns=settings.namespace, model_id=self.weights.model_id)
-            # Spans are always given (blend_spans finds them, multi-token separators included), so the
-            # blender's own single-token separator split is not used.
-            self.blender = Blender(self.weights, self.kv, ratio=settings.ratio, selector=settings.selector,
-                                   check_layer=settings.check_layer, deviation=settings.deviation,
-                                   sink_tokens=settings.sink_tokens, query_weighted=settings.query_weighted,
-                                   gradual=settings.gradual)
-        except BaseException:
-            self.store.close()
-            raise
-
-    def close(self) -> None:
-        self.store.close()
-
-
-class ChunkIndex:
-    """The scheduler's set of stored chunk ids.
-
-    vLLM runs the worker in another process than the scheduler, and the worker holds the store's one
-    writer lock; a read-only open sees the store as it was when opened. So the scheduler reads the chunk
-    ids once at start (a read-only open, one key scan of the namespace) and then learns each chunk the
-    worker stores from the worker's per-step metadata (``BlendWorkerMetadata``). 16 bytes a chunk.
-    """
-
-    def __init__(self, settings: BlendSettings, model_id: str) -> None:
-        self.ids: set[bytes] = set()
-        if not os.path.isdir(settings.store_path) or not os.listdir(settings.store_path):
-            return  # the worker creates it
-        store = blockstore.open(settings.store_path, read_only=True, create=False)
-        try:
-            kv = ChunkKVStore(store, ns=settings.namespace, model_id=model_id)
-            probe = kv.meta_key(chunk_id([0]))
-            prefix, tail = probe[:-len(chunk_id([0])) - 1], probe[-1:]
-            for key in store.iter_keys(ns=settings.namespace, prefix=prefix):
-                if len(key) == len(probe) and key.endswith(tail):
-                    self.ids.add(key[len(prefix):-1])
-        finally:
-            store.close()
-
-    def contains(self, chunk_ids: list[bytes]) -> list[bool]:
-        return [c in self.ids for c in chunk_ids]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,28 +359,22 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
             runtime.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Configurations for callers
-
-
-def kv_transfer_extra_config(store_path: str | os.PathLike[str], **settings: Any) -> dict[str, Any]:
-    """``kv_connector_extra_config`` for this connector: ``blend.store_path`` plus ``blend.<key>`` for
-    each keyword (``ratio=0.15, separator=" # # ", stats_path=...``)."""
-    return {"blend.store_path": str(store_path), **{f"blend.{k}": v for k, v in settings.items() if v is not None}}
-
-
-def multi_connector_config(store_path: str | os.PathLike[str], lmcache_port: int | None,
-                           **settings: Any) -> dict[str, Any]:
-    """Arguments of ``KVTransferConfig`` for vLLM's ``MultiConnector``: this connector first (it claims
-    only prompts with stored chunks), then LMCache's MP connector for prefix reuse, when a port is given."""
-    connectors: list[dict[str, Any]] = [{
-        "kv_connector": CONNECTOR_CLASS, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both",
-        "kv_connector_extra_config": kv_transfer_extra_config(store_path, **settings)}]
-    if lmcache_port is not None:
-        connectors.append({"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
-                           "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
-                                                         "lmcache.mp.port": lmcache_port}})
-    # "recompute": blocks this connector reports as failed are computed by vLLM (the default, "fail",
-    # fails the request)
-    return {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"connectors": connectors}}
+# vLLM loads this module by its path (CONNECTOR_MODULE) and callers import the settings and configurations from it
+__all__ = [
+    "CONNECTOR_CLASS",
+    "CONNECTOR_MODULE",
+    "DEFAULT_SEPARATOR",
+    "BlendConnectorMetadata",
+    "BlendCounters",
+    "BlendLoad",
+    "BlendRuntime",
+    "BlendSettings",
+    "BlendWorkerMetadata",
+    "BlockstoreBlendConnector",
+    "ChunkIndex",
+    "ChunkSave",
+    "kv_transfer_extra_config",
+    "multi_connector_config",
+    "separator_token_ids",
+    "weights_model_id",
+]
