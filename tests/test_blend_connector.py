@@ -306,3 +306,8 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
         BlendSettings.from_extra_config({**base, "blend.gradual": 0.5}, str(tmp_path))
     with pytest.raises(BlockstoreError, match="blend.query_weighted must be true or false"):
         BlendSettings.from_extra_config({**base, "blend.query_weighted": "yes"}, str(tmp_path))
+    # a selector or deviation the blender does not know stops vLLM at start, not the worker at its first blend
+    for key, bad in (("blend.selector", "epik"), ("blend.deviation", "kv "), ("blend.deviation", 3)):
+        with pytest.raises(BlockstoreError, match=key.replace(".", r"\.")):
+            BlendSettings.from_extra_config({**base, key: bad}, str(tmp_path))
+    assert BlendSettings.from_extra_config({**base, "blend.selector": "epic"}, str(tmp_path)).selector == "epic"

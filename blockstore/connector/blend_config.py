@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED
 from blockstore.blend import options as blend_options
+from blockstore.blend.blender import DEVIATIONS, SELECTORS
 from blockstore.errors import InvalidArgument
 
 DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
@@ -88,9 +89,11 @@ class BlendSettings:
                     and not (ours[key] is None and key in ("blend.stats_path", "blend.model_id")):
                 raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be a string, got {ours[key]!r}")
         return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
-                   selector=str(ours.get("blend.selector", "deviation")),
+                   selector=blend_options.one_of("blend.selector", ours.get("blend.selector", "deviation"), SELECTORS,
+                                                 where=CONNECTOR_CLASS),
                    check_layer=_count(ours, "blend.check_layer", 1, 0),
-                   deviation=str(ours.get("blend.deviation", DEFAULT_DEVIATION)),
+                   deviation=blend_options.one_of("blend.deviation", ours.get("blend.deviation", DEFAULT_DEVIATION),
+                                                  DEVIATIONS, where=CONNECTOR_CLASS),
                    sink_tokens=_count(ours, "blend.sink_tokens", 0, 0),
                    query_weighted=qw, gradual=gradual,
                    min_chunk_tokens=_count(ours, "blend.min_chunk_tokens", 16, 1),
