@@ -264,7 +264,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
     one_reader = Blender(w, kv, ratio=0.15, readers=1)
     eight_readers = Blender(w, kv, ratio=0.15, readers=8)
-    four_readers = Blender(w, kv, ratio=0.15, readers=4)  # chunk_kv.DEFAULT_READERS on 16 cores, pinned
+    four_readers = Blender(w, kv, ratio=0.15, readers=4)  # chunk_kv.DEFAULT_READERS on 16 cores before 2026-12-07 (now 8)
     # the default selection before 2026-12-06 (V deviation alone): what the default (K+V deviation weighted
     # by the question's attention, the better one on the trained model) costs against it
     v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)

@@ -41,16 +41,17 @@ from blockstore.store import Store
 KEY_TAG = b"kvb1"
 PAGE = 4096
 FORMAT_VERSION = 1
-# loader threads of a LayerStream: a page-cache copy runs at a few GB/s per core, so a GPU host's 8B-model
-# KV (128 KiB a token) needs several in flight to keep up with its prefill; but each reader's Python
-# between C reads takes the GIL from the thread issuing the blend's GPU ops. On 16-core H100 hosts
-# (bench.blend, blend_warm_4readers) 4 readers beat 8 (warm 4k blend 69 vs 76 ms, 8k 93 vs 121 ms)
-DEFAULT_READERS = max(2, min(4, (os.cpu_count() or 2) // 4))
-# With the blend's later layers replayed as CUDA graphs (graphs.py) the loader alone reads 16.4 GB/s with 4
-# readers and 22.3 with 8 on an H100 host (4k tokens of the 8B shape), but inside a warm blend 8 readers were
-# slower at 4k on every host timed (42.2 vs 40.0 ms with graphs, in a run whose loader handed copies over as
-# CUDA events, since reverted; 48.2 vs 41.1 without graphs) and faster at 8k (75.9 vs 80.4; 74.8 vs 93.3):
-# the default stays 4 (bench.blend times 4 and 8)
+# loader threads of a LayerStream: a page-cache copy (and its xxh3 check) runs at a few GB/s per core, so a GPU
+# host's 8B-model KV (128 KiB a token) needs several in flight to keep up with its prefill.
+# C readers (layer_loader.py: one C call a reader, no GIL until it returns): half the cores, 2 to 8. On an H100
+# host (16 vCPUs, 2026-12-07, 4k tokens of the 8B shape, 5 repeats, ms) the loader alone took 29.3 [29.0-31.2]
+# with 8 against 45.5 [44.8-46.1] with 4 (16: 32.7 [25.2-66.8]), and the warm blend 36.4 [35.8-47.1] against
+# 39.4 [37.9-49.6]; 8k 83.8 vs 88.2 (ranges overlap). On a 2-core machine this is 2, as before.
+DEFAULT_READERS = max(2, min(8, (os.cpu_count() or 2) // 2))
+# Python readers (no bs_layer_read in the C core, BLOCKSTORE_BACKEND=python, PIECES > 1): their Python between
+# C reads takes the GIL from the thread issuing the blend's GPU ops, and 4 beat 8 on 16-core H100 hosts (warm
+# 4k blend 69 vs 76 ms, 8k 93 vs 121 ms)
+PYTHON_READERS = max(2, min(4, (os.cpu_count() or 2) // 4))
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -321,10 +322,11 @@ class LayerStream:
         # every layer's records have the same sizes: one set of page-aligned offsets serves them all
         self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
         self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens) + 1)]
-        n = readers or DEFAULT_READERS
         # readers in C (layer_loader.py) where the C core has them; else Python readers, below
+        in_c = self._fast is not None and self.PIECES == 1 and LayerLoader.wanted(self._fast)
+        n = readers or (DEFAULT_READERS if in_c else PYTHON_READERS)
         self._c = (LayerLoader(self._fast, range(first_layer, self.layers), self._offsets, self._lens, self.device, n)
-                   if self._fast is not None and self.PIECES == 1 and LayerLoader.wanted(self._fast) else None)
+                   if in_c and self._fast is not None else None)
         cuda = self.device.type == "cuda" and bool(self._lens) and self._c is None
         self._device_buf = (torch.empty((self.layers - first_layer, self._offsets[-1]), dtype=torch.uint8,
                                         device=self.device) if cuda else None)
