@@ -103,6 +103,7 @@ class Summary:
     writer_errors: int = 0  # a writer that exited by itself (its own read check failed, or a crash)
     kills: Counter[str] = field(default_factory=Counter)  # hook point (or "timer") -> cycles killed there
     hook_not_reached: Counter[str] = field(default_factory=Counter)  # planned hook kills the timer did
+    sessions: Counter[str] = field(default_factory=Counter)  # "writer -> check" durability pairs (mode mixed)
     recoveries: int = 0
     recovered_blocks: int = 0
     truncated_bytes: int = 0
@@ -299,6 +300,7 @@ def run(work: Path, mode: str, cycles: int, *, seed: int = 1, threads: int = 2,
         # mixed: each writer, and each check's open, picks its durability, so every recovery may run in the
         # other mode than the session it recovers (recovery must hold that session to its own mode)
         writer_mode, verify_mode = (mode, mode) if mode != "mixed" else (rng.choice(MODES), rng.choice(MODES))
+        summary.sessions[f"{writer_mode} -> {verify_mode}"] += 1
         expected.write_text(json.dumps(oracle.expected()))
         args = [sys.executable, WRITER, "--store", str(store), "--journal", str(journal), "--mode", writer_mode,
                 "--seed", str(rng.randrange(2**31)), "--cycle", str(cycle), "--expected", str(expected),
