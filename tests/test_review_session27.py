@@ -209,6 +209,25 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_8(tmp_path: Path, monkeypatch:
     assert main(["stats", str(tmp_path / "s")]) == 8
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
+    # a read-only command changed nothing: no advice to run it again to finish (H58)
+    assert "run it again" not in err
+
+
+def test_ctrl_c_in_fsck_repair_says_to_run_it_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from blockstore.tools import cli_fsck
+    from blockstore.tools.cli import main
+
+    with blockstore.open(tmp_path / "s") as s:
+        s.put(b"k", b"v")
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_fsck, "repair", interrupted)
+    assert main(["fsck", "--repair", str(tmp_path / "s")]) == 8
+    err = capsys.readouterr().err
+    assert "interrupted; run it again to finish" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("where", ["file", "file/below"])

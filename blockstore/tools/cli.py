@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blockstore {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (stores are closed on the way out by their `with`)
-        print(f"blockstore {args.command}: interrupted; run it again to finish (`blockstore fsck PATH` says what "
-              "is left)", file=sys.stderr)
+        # the advice only where work on the store was cut short (compact, fsck --repair); a read changed nothing
+        writes = args.command == "compact" or bool(getattr(args, "repair", False))
+        advice = "; run it again to finish (`blockstore fsck PATH` says what is left)" if writes else ""
+        print(f"blockstore {args.command}: interrupted{advice}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `blockstore scan S | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
