@@ -280,11 +280,29 @@ class SeaweedCluster:
                 p.kill(signal.SIGKILL)
 
 
+PORT_TAKEN = "address already in use"
+START_ATTEMPTS = 3
+
+
+def start_cluster(root: Path) -> SeaweedCluster:
+    """A started cluster; started again on new ports (in a new folder) when a process lost its port: free_port's
+    port is free when chosen, and another process (an outgoing connection's ephemeral port) may take it before
+    weed binds it (CI, 2026-12-07: 'volume2 exited early ... bind: address already in use')."""
+    for attempt in range(START_ATTEMPTS):
+        c = SeaweedCluster(root / f"retry{attempt}" if attempt else root)
+        try:
+            return c.start()
+        except RuntimeError as exc:
+            if PORT_TAKEN not in str(exc) or attempt == START_ATTEMPTS - 1:
+                raise
+            print(f"SeaweedFS: a port was taken before its process bound it; starting again ({exc!s:.120})")
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def running_cluster(root: Path) -> Iterator[SeaweedCluster]:
     """A started cluster for a test module's fixture; stopped afterwards, every process checked gone."""
-    c = SeaweedCluster(root)
-    c.start()
+    c = start_cluster(root)
     print(f"SeaweedFS cluster up in {c.startup_s:.1f} s: {[p.name for p in c.processes()]}")
     try:
         yield c
