@@ -18,11 +18,16 @@ BLENDER_BAD = [("ratio", "0.5x"), ("ratio", None), ("ratio", "0.5"), ("ratio", T
                ("ratio", 1.5), ("gradual", "2"), ("gradual", 0.5), ("check_layer", 1.5), ("check_layer", True),
                ("check_layer", 4), ("check_layer", -1), ("sink_tokens", True), ("sink_tokens", -1),
                ("query_weighted", "no"), ("query_weighted", 0), ("cuda_graphs", 1), ("overlap", "yes"),
-               ("readers", 0), ("readers", 2.0), ("readers", True)]
+               ("readers", 0), ("readers", 2.0), ("readers", True),
+               # token ids: before, "12" became ('1', '2') (no prompt ever matched, silently), an id past the
+               # vocabulary failed in the embedding lookup, "a" raised a bare ValueError from int()
+               ("separator_ids", "12"), ("separator_ids", 5), ("separator_ids", [1, True]), ("separator_ids", [-1]),
+               ("separator_ids", [4096]), ("separator_ids", [1.0]), ("chunk_prefix", [5000]), ("chunk_prefix", ["a"]),
+               ("chunk_prefix", b"\x00"), ("chunk_prefix", None)]
 
 
 def _weights(layers: int = 4) -> Any:
-    return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers))
+    return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers, vocab_size=4096))
 
 
 @pytest.mark.parametrize(("name", "value"), BLENDER_BAD, ids=[f"{n}={v!r}" for n, v in BLENDER_BAD])
@@ -46,6 +51,7 @@ def test_valid_options_pass_the_checks() -> None:
 
     for ok in (dict(ratio=0), dict(ratio=1), dict(ratio=np.float32(0.25)), dict(check_layer=3),
                dict(check_layer=np.int64(0)), dict(readers=None), dict(readers=2), dict(query_weighted=False),
-               dict(overlap=np.bool_(False)), dict(cuda_graphs=True), dict(gradual=100), dict(sink_tokens=0)):
+               dict(overlap=np.bool_(False)), dict(cuda_graphs=True), dict(gradual=100), dict(sink_tokens=0),
+               dict(separator_ids=[7, 7]), dict(separator_ids=(np.int64(4095),)), dict(chunk_prefix=[0])):
         with pytest.raises(AttributeError, match="num_key_value_heads"):
             Blender(_weights(), None, **ok)  # type: ignore[arg-type]

@@ -183,7 +183,10 @@ class Blender:
         self.gradual = options.real_in("gradual", gradual, 1.0, 100.0)
         self.sink_tokens = options.count("sink_tokens", sink_tokens, 0)
         self.check_layer = options.count("check_layer", check_layer, 0, layers, what=f"a {layers}-layer model")
-        self.separator_ids, self.overlap = tuple(separator_ids), options.flag("overlap", overlap)
+        vocab = weights.config.vocab_size
+        self.separator_ids = options.token_ids("separator_ids", separator_ids, vocab)
+        self.chunk_prefix = options.token_ids("chunk_prefix", chunk_prefix, vocab)
+        self.overlap = options.flag("overlap", overlap)
         self.query_weighted = options.flag("query_weighted", query_weighted)
         self.cuda_graphs = options.flag("cuda_graphs", cuda_graphs)
         # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
@@ -195,7 +198,6 @@ class Blender:
             kv.layout = expected
         elif kv.layout != expected:
             raise InvalidArgument(f"the chunk KV store expects layout {kv.layout}, the model makes {expected}")
-        self.chunk_prefix = tuple(int(t) for t in chunk_prefix)
         if kv.model_id != self.kv_model_id(weights, self.chunk_prefix):
             raise InvalidArgument(f"the chunk KV store is for {kv.model_id!r}, this blender makes KV of "
                                   f"{self.kv_model_id(weights, self.chunk_prefix)!r}")

@@ -50,3 +50,15 @@ def one_of(name: str, value: Any, allowed: Sequence[str], *, where: str = "") ->
     if not isinstance(value, str) or value not in allowed:
         raise _refuse(where, name, f"one of {tuple(allowed)}", value)
     return value
+
+
+def token_ids(name: str, value: Any, vocab_size: int | None = None, *, where: str = "") -> tuple[int, ...]:
+    """`value` as a tuple of token ids: a list or tuple (not a str or bytes, whose items are characters or
+    bytes, not ids) of ints (not bools) with 0 <= id (< vocab_size if given: an id past the vocabulary
+    would fail in the embedding lookup, or never match a prompt's token)."""
+    bound = f" and < {vocab_size} (the model's vocabulary)" if vocab_size is not None else ""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(t, (numbers.Integral, np.integer)) and not isinstance(t, (bool, np.bool_)) and int(t) >= 0
+            and (vocab_size is None or int(t) < vocab_size) for t in value):
+        raise _refuse(where, name, f"a list of token ids (ints >= 0{bound})", value)
+    return tuple(int(t) for t in value)

@@ -106,11 +106,7 @@ class BlendSettings:
 # raised in the scheduler at the first prompt; a separator_ids string was split into its characters' digits, so no
 # prompt ever matched) or raised a bare ValueError/TypeError without the key.
 def _token_ids(value: Any) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) \
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-        raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.separator_ids must be a list of token ids (ints >= 0), "
-                              f"got {value!r}")
-    return tuple(value)
+    return blend_options.token_ids("blend.separator_ids", value, where=CONNECTOR_CLASS)
 
 
 def _number(ours: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
