@@ -97,6 +97,10 @@ def error_for_code(code: int, what: str, os_errno: int = 0) -> BlockstoreError:
     """Build the exception for a C error code, naming the operation and, if any, the OS error."""
     cls = CODE_TO_ERROR.get(code, BlockstoreError)
     detail = f"{what}: {cls.__name__}"
+    if os_errno and not issubclass(cls, OSError) and _code_of_errno(os_errno) != code:
+        # bs_last_errno is that of the thread's last failing OS call, not reset by a failure of another kind
+        # (a checksum, a short file): named beside one, it was a stale errno ("ChecksumMismatch (EISDIR...)")
+        os_errno = 0
     if os_errno:
         detail += f" ({_errno.errorcode.get(os_errno, os_errno)}: {_os_strerror(os_errno)})"
     err: BlockstoreError
@@ -105,6 +109,13 @@ def error_for_code(code: int, what: str, os_errno: int = 0) -> BlockstoreError:
     else:
         err = cls(detail)
     return err
+
+
+def _code_of_errno(os_errno: int) -> int:
+    """The C code bs_os_error (native/io.c) gives an errno."""
+    if os_errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return -3
+    return {_errno.ENOENT: -8, _errno.ENOMEM: -7, _errno.EINVAL: -1}.get(os_errno, -2)
 
 
 def error_for_os(exc: OSError, what: str) -> BlockstoreError:

@@ -66,6 +66,12 @@ class BlockChecks(PassBase):
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk is missing; "
                             f"{n} directory entries name records in it (lost)")
                 continue
+            if os.path.islink(path) and not os.path.exists(path):
+                # a link to nothing is damage (a writer makes no links, and deletes a file, never its target);
+                # repair moves the link to lost+found like any file not of this block
+                facts.foreign = f"block file {block_label(bid)}.blk is a symbolic link to a missing file"
+                rep.add("block-header" if facts.entry is not None else "orphan-block", bid, None, facts.foreign)
+                continue
             try:
                 self._block(facts)
             except NotFound:  # deleted since it was listed

@@ -3,12 +3,14 @@ is noted in lost+found/fsck-log.jsonl with why."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
 from typing import Any
 
 from blockstore import logs
+from blockstore.errors import IOErrorBS
 
 _log = logs.get("repair")
 
@@ -23,6 +25,14 @@ class LostFound:
         self.root = root
         self.dir = os.path.join(root, LOST_FOUND)
         self.written: list[str] = []
+
+    def require_usable(self) -> None:
+        """Raise IOErrorBS naming lost+found when something other than a folder has its name. Called before
+        repair changes anything: a move that fails half-way through a phase (its directory batch already
+        synced) left a store the engine refuses to open until lost+found is a folder again."""
+        if os.path.lexists(self.dir) and not os.path.isdir(self.dir):
+            raise IOErrorBS(errno.ENOTDIR, f"{self.dir} is not a folder: repair moves what it cannot re-attach "
+                            "there; move that file away and run the repair again (nothing was changed)")
 
     def _target(self, name: str) -> str:
         os.makedirs(self.dir, exist_ok=True)

@@ -55,7 +55,7 @@ from blockstore.store import DIRECTORY
 from blockstore.tools.fsck import check
 from blockstore.tools.fsck_decode import block_label, require_store
 from blockstore.tools.fsck_report import Finding, Report
-from blockstore.tools.lost_found import fsync_dir
+from blockstore.tools.lost_found import LostFound, fsync_dir
 from blockstore.tools.repair_blocks import BlockRepairs
 from blockstore.tools.repair_directory import DirectoryRepairs
 from blockstore.tools.repair_rebuild import Rebuild, dropped_blocks
@@ -108,6 +108,7 @@ def repair(path: str | os.PathLike[str], *, backend: Backend | None = None, name
                 or not isinstance(name, str) or not name:
             raise InvalidArgument(f"namespace_ids maps ids (1 to 2^32-1) to names, got {nid!r}: {name!r}")
     root = require_store(path)
+    LostFound(root).require_usable()
     lock = WriterLock(root)
     lock.acquire(root)
     try:

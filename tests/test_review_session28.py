@@ -1,0 +1,136 @@
+"""Outside examination of session 28 (H62): damage to the files a store owns that earlier reviews did not try
+(links where block files belong, lost+found that is not a folder), and what the messages say. Each test is a
+finding that failed on the HEAD it was found on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import blockstore
+from blockstore.errors import ChecksumMismatch, IOErrorBS
+from blockstore.tools import cli
+
+BLOCK = 64 << 10
+VALUE = 5000
+
+
+def make_store(path: Path, n: int = 30) -> dict[bytes, bytes]:
+    """A closed sync store of several sealed blocks; returns what it acknowledged."""
+    acked = {}
+    with blockstore.open(path, durability="sync", block_size=BLOCK) as s:
+        for i in range(n):
+            key, value = b"k%03d" % i, bytes([i]) * VALUE
+            s.put(key, value)
+            acked[key] = value
+    return acked
+
+
+def second_block(store: Path) -> Path:
+    return sorted((store / "blocks").glob("*.blk"))[1]
+
+
+def keys_in(store: Path, block: Path) -> set[bytes]:
+    bid = int(block.name.split(".")[0], 16)
+    with blockstore.open(store, read_only=True) as s:
+        return {key for key, loc in s.iter_locations() if loc.block_id == bid}
+
+
+def flip_payload_byte(block: Path) -> None:
+    with open(block, "r+b") as f:
+        f.seek(8192 + 100)  # inside the first record's payload (5000 bytes: aligned, after its header page)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def read_all(store: Path, acked: dict[bytes, bytes]) -> dict[bytes, bytes | None]:
+    with blockstore.open(store, read_only=True) as s:
+        return {key: (None if (v := s.get(key)) is None else bytes(v)) for key in acked}
+
+
+def test_a_dangling_link_where_a_block_file_belongs_is_repaired(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                                ) -> None:
+    """A block file replaced by a symbolic link to a missing file: fsck called it 'vanished during the check';
+    `--repair` dropped the block's entries, then stopped with exit 8 ('open ...: NotFound') when it synced the
+    block files, leaving the store unclean with a block file name the directory no longer named, so the engine
+    refused to open it ('the directory lost writes') and every further repair stopped the same way. Now fsck
+    names the link, repair moves it to lost+found, and the store opens with every other key."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    victim = second_block(store)
+    lost = keys_in(store, victim)
+    assert lost
+    victim.unlink()
+    victim.symlink_to(tmp_path / "no-such-file")
+    assert cli.main(["fsck", str(store)]) == 4
+    assert "symbolic link" in capsys.readouterr().out
+    assert cli.main(["fsck", "--repair", str(store)]) == 1
+    capsys.readouterr()
+    assert cli.main(["fsck", str(store)]) == 0
+    assert os.path.islink(store / "lost+found" / victim.name)
+    with blockstore.open(store) as s:  # a writable open: the engine takes the store again
+        for key, value in acked.items():
+            got = s.get(key)
+            assert (got is None) if key in lost else (got is not None and bytes(got) == value), key
+
+
+def test_repair_with_a_file_where_lost_found_belongs_changes_nothing(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """STORE/lost+found is a file and a block has a damaged payload: `--repair` evacuated the block (its
+    directory batch, which stops naming the block, synced) and then failed to move the file ('[Errno 17] File
+    exists'), leaving a store the engine refused to open (a block file the directory does not name) and that
+    no repair could fix while the file stayed. Now repair refuses first, naming lost+found, and changes
+    nothing: the store opens and reads as before."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    victim = second_block(store)
+    flip_payload_byte(victim)
+    (store / "lost+found").write_bytes(b"someone's notes")
+    before = {p.name: p.read_bytes() for p in (store / "blocks").iterdir()}
+    assert cli.main(["fsck", "--repair", str(store)]) == 8
+    err = capsys.readouterr().err
+    assert "lost+found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in (store / "blocks").iterdir()} == before
+    assert (store / "lost+found").read_bytes() == b"someone's notes"
+    with blockstore.open(store) as s:  # writable: not refused as a directory that lost writes
+        damaged = 0
+        for key, value in acked.items():
+            try:
+                got = s.get(key)
+            except ChecksumMismatch:
+                damaged += 1
+                continue
+            assert got is not None and bytes(got) == value, key
+        assert damaged == 1
+    (store / "lost+found").unlink()
+    assert cli.main(["fsck", "--repair", str(store)]) == 1
+    assert cli.main(["fsck", str(store)]) == 0
+
+
+def test_a_checksum_error_does_not_name_an_earlier_os_error(tmp_path: Path) -> None:
+    """A read that failed with EISDIR (a folder where a block file belongs), then on the same thread a read whose
+    payload fails its checksum: the ChecksumMismatch said 'ChecksumMismatch (EISDIR: Is a directory)', the
+    errno of the earlier failure (bs_last_errno is not reset by a failure that is not the OS's). Now an errno
+    is named only beside the error it caused."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    blocks = sorted((store / "blocks").glob("*.blk"))
+    folder, damaged = blocks[1], blocks[2]
+    folder_keys, damaged_keys = keys_in(store, folder), keys_in(store, damaged)
+    kept = folder.read_bytes()
+    folder.unlink()
+    folder.mkdir()
+    flip_payload_byte(damaged)
+    with blockstore.open(store, read_only=True) as s:
+        with pytest.raises(IOErrorBS, match="EISDIR"):
+            s.get(min(folder_keys))
+        with pytest.raises(ChecksumMismatch) as caught:
+            s.get_many(sorted(damaged_keys))
+    assert "EISDIR" not in str(caught.value) and "Is a directory" not in str(caught.value), caught.value
+    folder.rmdir()
+    folder.write_bytes(kept)
+    got = read_all(store, {k: v for k, v in acked.items() if k not in damaged_keys})
+    assert all(got[k] == acked[k] for k in got)
