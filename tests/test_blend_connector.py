@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blockstore.connector import blend_spans
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, InvalidArgument
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # jobs/ is a folder of the repo, not installed
 
@@ -138,10 +138,10 @@ def test_writer_refuses_what_does_not_fit() -> None:
 # worker metadata teaches the scheduler new chunks, and a failing store read becomes load errors
 
 
-def _connectors(store, block_size: int = 32):
+def _connectors(store, block_size: int = 32, parallel: dict | None = None):
     from types import SimpleNamespace
 
-    from vllm.config import KVTransferConfig
+    from vllm.config import KVTransferConfig, ParallelConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from blockstore.connector.blend_connector import BlockstoreBlendConnector
@@ -150,7 +150,8 @@ def _connectors(store, block_size: int = 32):
     transfer = KVTransferConfig(kv_connector="BlockstoreBlendConnector", kv_role="kv_both",
                                 kv_connector_extra_config={"blend.store_path": str(store)})
     cfg = SimpleNamespace(kv_transfer_config=transfer, model_config=SimpleNamespace(model=str(DEFAULT_MODEL_DIR)),
-                          cache_config=SimpleNamespace(block_size=block_size))
+                          cache_config=SimpleNamespace(block_size=block_size),
+                          parallel_config=ParallelConfig(**(parallel or {})))
     worker = BlockstoreBlendConnector(cfg, KVConnectorRole.WORKER, None)  # type: ignore[arg-type]
     scheduler = BlockstoreBlendConnector(cfg, KVConnectorRole.SCHEDULER, None)  # type: ignore[arg-type]
     return scheduler, worker
@@ -311,3 +312,15 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
         with pytest.raises(BlockstoreError, match=key.replace(".", r"\.")):
             BlendSettings.from_extra_config({**base, key: bad}, str(tmp_path))
     assert BlendSettings.from_extra_config({**base, "blend.selector": "epic"}, str(tmp_path)).selector == "epic"
+
+
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
+                                      {"data_parallel_size": 2}], ids=["tp2", "pp2", "dp2"])
+def test_connector_refuses_parallel_workers_naming_the_setting(tmp_path, parallel) -> None:
+    # Before: the second tensor-parallel worker's open of the one store raised StoreLocked, and a shard's
+    # paged cache would have been given every head's KV; now each role refuses at start, naming the size,
+    # before any store is opened or created.
+    name = next(iter(parallel))
+    with pytest.raises(InvalidArgument, match=f"{name}=2"):
+        _connectors(tmp_path / "kv", parallel=parallel)
+    assert not (tmp_path / "kv").exists()

@@ -150,10 +150,25 @@ class BlendCounters:
 # The connector
 
 
+def _refuse_parallel(parallel: Any) -> None:
+    """One worker, one engine: the blender computes every KV head of the whole model and the worker writes them
+    all into its paged cache, and the store has one writer (its LOCK). With tensor or pipeline parallel
+    workers, each holds a shard of the heads or layers; with data parallel engines, each worker would open the
+    same store. Refused at start, naming the setting, where each used to fail later: StoreLocked at the second
+    worker's open, or KV of the wrong shape written into a shard's cache."""
+    sizes = {name: int(getattr(parallel, name, 1)) for name in
+             ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")}
+    over = {name: n for name, n in sizes.items() if n != 1}
+    if over:
+        raise InvalidArgument(f"{CONNECTOR_CLASS} serves one vLLM worker (tensor, pipeline and data parallel "
+                              f"size 1); got {', '.join(f'{k}={v}' for k, v in over.items())}")
+
+
 class BlockstoreBlendConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        _refuse_parallel(vllm_config.parallel_config)
         self.settings = BlendSettings.from_extra_config(extra, str(vllm_config.model_config.model))
         self.block_size = int(vllm_config.cache_config.block_size)
         self.min_reused = self.settings.min_reused_tokens or self.block_size
