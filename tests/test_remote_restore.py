@@ -165,14 +165,14 @@ def test_a_corrupt_object_is_refused(cluster: SeaweedCluster, tmp_path: Path) ->
         restore_node(objects, "node-c", target)
     assert victim in str(err.value) and "xxh3" in str(err.value)
     assert not target.exists() or list(target.iterdir()) == []  # nothing written
-    # the command names the object too, exits 2 and writes nothing; so does a node id with no objects
+    # the command names the object too, exits 8 (an operational error, as the blockstore command) and writes nothing; so does a node id with no objects
     env = {"BLOCKSTORE_S3_ACCESS_KEY": settings.access_key, "BLOCKSTORE_S3_SECRET_KEY": settings.secret_key,
            "PATH": "/usr/bin:/bin"}
     for node, says in (("node-c", victim), ("node-x", "no live block objects of node 'node-x'")):
         out = subprocess.run([sys.executable, "-m", "blockstore.remote.restore", "--endpoint", settings.endpoint,
                               "--bucket", settings.bucket, "--node", node, "--target", str(target), "-q"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and "restore failed" in out.stderr and says in out.stderr, out.stderr
+        assert out.returncode == 8 and "restore failed" in out.stderr and says in out.stderr, out.stderr
         assert not target.exists() or list(target.iterdir()) == []
     res = restore_node(objects, "node-c", tmp_path / "skipping", skip_corrupt=True)
     assert list(res.corrupt) == [victim] and len(res.blocks) == len(names) - 1 and res.fsck_findings == []

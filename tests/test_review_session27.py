@@ -286,7 +286,7 @@ def test_restore_command_with_an_unusable_endpoint_is_one_line(capsys: pytest.Ca
 
     rc = main(["--endpoint", "127.0.0.1:8333", "--bucket", "b", "--access-key", "a", "--secret-key", "s",
                "--node", "n1", "--target", "/nonexistent/never-made"])
-    assert rc == 2
+    assert rc == 8  # an operational error, as the blockstore command's (2 before session 28)
     assert "restore failed: S3 settings: endpoint" in capsys.readouterr().err
 
 
@@ -440,3 +440,16 @@ def test_remote_tier_status_after_close_is_store_closed(tmp_path: Path) -> None:
         tier.close()
         with pytest.raises(blockstore.StoreClosed, match="remote tier is closed"):
             tier.status()
+
+
+def test_restore_command_usage_errors_exit_16_and_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before (session 28): argparse's own exit code 2, the one an operational error also gave; the blockstore
+    # command uses 16 for usage and 8 for operational errors (README, "Exit codes").
+    from blockstore.remote.restore import main
+
+    assert main(["--bucket", "b"]) == 16  # --endpoint, --node, --target missing
+    assert "usage:" in capsys.readouterr().err
+    assert main(["--endpoint", "http://127.0.0.1:1", "--bucket", "b", "--node", "n", "--target", "t",
+                 "--access-key", "", "--secret-key", ""]) == 16  # no credentials
+    assert "credentials" in capsys.readouterr().err
+    assert main(["--help"]) == 0

@@ -11,9 +11,13 @@ import sys
 from blockstore.errors import BlockstoreError
 from blockstore.remote.objects import S3Settings, make_object_store
 from blockstore.remote.restoring import restore_node
+from blockstore.tools.cli_common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes as the `blockstore` command's (README, "Exit codes"): 0 restored; 1 restored with objects
+    skipped as corrupt or fsck findings on the result; 8 operational error (nothing usable restored); 16
+    usage error."""
     ap = argparse.ArgumentParser(
         prog="python -m blockstore.remote.restore",
         description="Restore a node whose disk was lost from the object store: download its live block objects "
@@ -40,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=4,
                     help="objects fetched at once (default 4; each is held in memory whole until written)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the summary")
-    a = ap.parse_args(argv)
-    if not a.access_key or not a.secret_key:
-        ap.error("S3 credentials needed: --access-key/--secret-key or $BLOCKSTORE_S3_ACCESS_KEY/_SECRET_KEY")
+    try:
+        a = ap.parse_args(argv)
+        if not a.access_key or not a.secret_key:
+            ap.error("S3 credentials needed: --access-key/--secret-key or $BLOCKSTORE_S3_ACCESS_KEY/_SECRET_KEY")
+    except SystemExit as exc:  # argparse printed the usage (or --help): 16 as the blockstore command's, not 2
+        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
     try:  # the settings' own check too (RemoteError): one line, not a traceback
         objects = make_object_store(S3Settings(a.endpoint, a.bucket, a.access_key, a.secret_key, a.region), a.client)
         res = restore_node(objects, a.node, a.target, skip_corrupt=a.skip_corrupt, flag_remote=not a.no_flag,
@@ -50,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                            progress=None if a.quiet else (lambda m: print(m, flush=True)))
     except BlockstoreError as exc:
         print(f"restore failed: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # one line, not a traceback; what was written is a partial store
+        print(f"restore interrupted: {a.target} holds a partial restore; empty it and run the restore again",
+              file=sys.stderr)
+        return EXIT_ERROR
     print(f"restored {len(res.blocks)} block(s) ({res.bytes_downloaded} bytes) of node {a.node} into {res.target} "
           f"in {res.seconds:.1f} s; {len(res.skipped_superseded)} superseded object(s) skipped, {res.flagged} "
           f"flagged remote, {len(res.unindexed)} without an index (uploaded again by a tier)")
