@@ -33,7 +33,12 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
             raise InvalidArgument(f"expected a numpy array or torch tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
             raise InvalidArgument("only CPU tensors can be stored; copy GPU tensors to pinned host memory first")
-        c = t.detach().contiguous()
+        if t.layout != torch.strided or t.is_nested or t.is_quantized:
+            # their bytes are not the values (indices, offsets; a scale and zero point the record does not keep)
+            what = "a quantized" if t.is_quantized else "a nested" if t.is_nested else f"a {t.layout}"
+            raise InvalidArgument(f"{what} tensor cannot be stored: only dense (strided) tensors; convert it first "
+                                  "(to_dense(), dequantize())")
+        c = t.detach().resolve_conj().resolve_neg().contiguous()  # a lazy conj/neg view: store its values
         raw = c.reshape(-1).view(torch.uint8).numpy()
         meta = {"lib": "torch", "dtype": str(c.dtype).removeprefix("torch."), "shape": list(c.shape)}
         return raw.data, json.dumps(meta, separators=(",", ":")).encode()
@@ -45,6 +50,9 @@ def tensor_bytes(t: Any) -> tuple[memoryview, bytes]:
         raise InvalidArgument(f"expected a numpy array or torch tensor, got {type(t).__name__}")
     if t.dtype.hasobject:
         raise InvalidArgument(f"a tensor of dtype {t.dtype} holds Python objects, not raw bytes: it cannot be stored")
+    if t.dtype.fields is not None:  # the meta's dtype string ('|V12') would drop the fields: read back as bytes
+        raise InvalidArgument(f"a tensor of structured dtype {t.dtype} cannot be stored (the record keeps no field "
+                              "names or types): store each field as its own tensor")
     a = np.ascontiguousarray(t)
     meta = {"lib": "numpy", "dtype": a.dtype.str, "shape": list(t.shape)}  # ascontiguousarray makes 0-d 1-d
     return a.reshape(-1).view(np.uint8).data, json.dumps(meta, separators=(",", ":")).encode()
@@ -107,6 +115,9 @@ def _writable_bytes(t: Any) -> memoryview:
 
         if t.device.type != "cpu" or not t.is_contiguous():
             raise InvalidArgument("out tensor must be a contiguous CPU tensor")
+        if t.is_conj() or t.is_neg():  # its bytes read back conjugated/negated
+            raise InvalidArgument("out tensor must not be a lazy conjugate or negative view (resolve_conj(), "
+                                  "resolve_neg() give one that can be written)")
         return t.view(-1).view(torch.uint8).numpy().data
     import numpy as np
 

@@ -134,3 +134,47 @@ def test_a_checksum_error_does_not_name_an_earlier_os_error(tmp_path: Path) -> N
     folder.write_bytes(kept)
     got = read_all(store, {k: v for k, v in acked.items() if k not in damaged_keys})
     assert all(got[k] == acked[k] for k in got)
+
+
+# ------------------------------------------------------------------ tensors of odd kinds
+
+
+def _odd_tensors() -> list[tuple[str, object]]:
+    torch = pytest.importorskip("torch")
+    return [
+        ("sparse", torch.arange(6.0).reshape(2, 3).to_sparse()),
+        ("nested", torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])),
+        ("quantized", torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)),
+    ]
+
+
+def test_tensors_whose_bytes_are_not_their_values_are_invalid(tmp_path: Path) -> None:
+    """put_tensor of a sparse or nested torch tensor raised torch's RuntimeError (outside the hierarchy); a
+    quantized one was stored without its scale and zero point and read back as a qint8 tensor with no
+    quantizer (its values lost); a numpy array of a structured dtype was stored as '|V12' and read back as raw
+    void records (its fields lost). Each is InvalidArgument now, and nothing is written."""
+    np = pytest.importorskip("numpy")
+    cases = [*_odd_tensors(), ("structured", np.zeros(3, dtype=[("a", "i4"), ("b", "f8")]))]
+    with blockstore.open(tmp_path / "s") as s:
+        for name, t in cases:
+            with pytest.raises(blockstore.InvalidArgument):
+                s.put_tensor(name.encode(), t)
+            assert s.get(name.encode()) is None, name
+
+
+def test_lazy_conjugate_and_negative_views_store_their_values_and_are_refused_as_out(tmp_path: Path) -> None:
+    """A conj() or _neg_view() tensor: put_tensor raised torch's RuntimeError ('view is not supported for
+    conjugate view tensors'), and so did get_tensor(out=...) into one. Now put stores the values the view shows,
+    and such an out is InvalidArgument (writing the record's bytes under the view would read back conjugated or
+    negated)."""
+    torch = pytest.importorskip("torch")
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    f = torch.tensor([1.0, -2.0])
+    with blockstore.open(tmp_path / "s") as s:
+        s.put_tensor(b"conj", z.conj())
+        s.put_tensor(b"neg", f._neg_view())
+        assert torch.equal(s.get_tensor(b"conj"), z.conj().resolve_conj())
+        assert torch.equal(s.get_tensor(b"neg"), -f)
+        for key, out in ((b"conj", torch.zeros(2, dtype=torch.complex64).conj()), (b"neg", torch.zeros(2)._neg_view())):
+            with pytest.raises(blockstore.InvalidArgument, match="view"):
+                s.get_tensor(key, out=out)
