@@ -157,7 +157,10 @@ def make_store_dirs(path: str, backend: Backend) -> None:
     while not os.path.isdir(d):
         made.append(d)
         d = os.path.dirname(d)
-    os.makedirs(blocks_dir, exist_ok=True)
+    try:
+        os.makedirs(blocks_dir, exist_ok=True)
+    except OSError as exc:  # a read-only or pseudo file system, no permission: the OSError left the hierarchy
+        raise error_for_os(exc, f"create store {path!r}") from exc
     for d in made:  # bottom-up: each new directory's parent
         backend.dir_sync(os.path.dirname(d))
 

@@ -178,3 +178,23 @@ def test_lazy_conjugate_and_negative_views_store_their_values_and_are_refused_as
         for key, out in ((b"conj", torch.zeros(2, dtype=torch.complex64).conj()), (b"neg", torch.zeros(2)._neg_view())):
             with pytest.raises(blockstore.InvalidArgument, match="view"):
                 s.get_tensor(key, out=out)
+
+
+# ------------------------------------------------------------------ opening
+
+
+def test_a_store_that_cannot_be_created_there_is_a_blockstore_error(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new store at a path where its folders cannot be made: on /proc, open raised FileNotFoundError from
+    os.makedirs; where the user may not write (EACCES, here simulated: the tests run as root), PermissionError.
+    Both left the BlockstoreError hierarchy. Now NotFound / IOErrorBS naming the store."""
+    with pytest.raises(blockstore.NotFound, match="create store"):
+        blockstore.open("/proc/self/blockstore-review-28")
+
+    def refuse(path: str, *_a: object, **_k: object) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.raises(IOErrorBS, match="create store") as caught:
+        blockstore.open(tmp_path / "new" / "store")
+    assert caught.value.errno == 13
