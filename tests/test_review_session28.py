@@ -198,3 +198,31 @@ def test_a_store_that_cannot_be_created_there_is_a_blockstore_error(tmp_path: Pa
     with pytest.raises(IOErrorBS, match="create store") as caught:
         blockstore.open(tmp_path / "new" / "store")
     assert caught.value.errno == 13
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_dump_of_a_block_that_is_a_folder_or_shorter_than_its_header(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`blockstore dump --block ID` where the block file is a folder printed nothing and exited 0, as for an
+    empty block; where it was cut inside its header page (0 or 100 bytes) it said 'scan block: InvalidArgument'.
+    Now a folder is an operational error naming the file (exit 8, as fsck and reads do), and a short file is an
+    'invalid' row saying where the file ends."""
+    store = tmp_path / "s"
+    make_store(store)
+    victim = second_block(store)
+    bid = victim.name.split(".")[0]
+    kept = victim.read_bytes()
+    victim.unlink()
+    victim.mkdir()
+    assert cli.main(["dump", str(store), "--block", bid]) == 8
+    err = capsys.readouterr().err
+    assert victim.name in err and "folder" in err and len(err.strip().splitlines()) == 1, err
+    victim.rmdir()
+    for size in (0, 100):
+        victim.write_bytes(kept[:size])
+        assert cli.main(["dump", str(store), "--block", bid]) == 0
+        out, err = capsys.readouterr()
+        assert "InvalidArgument" not in err
+        assert out.strip() == f"offset={size}  kind=invalid  detail=the file ends at {size}, inside its block header"

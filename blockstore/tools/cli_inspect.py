@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED
-from blockstore.errors import NotFound
-from blockstore.records import Kind
+from blockstore.errors import IOErrorBS, NotFound
+from blockstore.records import BLOCK_HEADER_SIZE, Kind
 from blockstore.store import Store
 from blockstore.tools.cli_common import (
     EXIT_OK,
@@ -92,9 +94,15 @@ def _record_rows(s: Store, bid: int) -> list[dict[str, Any]]:
     if bid not in {e.block_id for e in s.block_table()}:
         raise NotFound(f"no block {bid:016x} in the block table (`blockstore dump` lists them)")
     live = dict(s.dir.block_records(bid))
-    fd = s.backend.open_ro(s.blocks.path(bid))
+    path = s.blocks.path(bid)
+    if os.path.isdir(path):  # open and size succeed on a folder: it listed nothing, exit 0, like an empty block
+        raise IOErrorBS(errno.EISDIR, f"cannot read block file {path}: it is a folder")
+    fd = s.backend.open_ro(path)
     try:
-        res = s.backend.scan(fd, 4096, s.backend.size(fd), verify_payload=True)
+        size = s.backend.size(fd)
+        if size < BLOCK_HEADER_SIZE:  # a scan from past the end was refused as 'scan block: InvalidArgument'
+            return [{"offset": size, "kind": "invalid", "detail": f"the file ends at {size}, inside its block header"}]
+        res = s.backend.scan(fd, BLOCK_HEADER_SIZE, size, verify_payload=True)
     finally:
         s.backend.close(fd)
     rows = [
