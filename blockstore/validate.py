@@ -60,6 +60,8 @@ def check_out(out: Any, n: int) -> list[Any] | None:
             view = memoryview(b)
         except TypeError:
             raise InvalidArgument(f"out[{i}] must be a writable buffer, not {type(b).__name__}") from None
+        except ValueError as exc:  # a closed mmap, a released memoryview
+            raise InvalidArgument(f"out[{i}] is a {type(b).__name__} that cannot be used: {exc}") from None
         if view.readonly or not view.c_contiguous:
             raise InvalidArgument(f"out[{i}] must be a writable C-contiguous buffer")
     return bufs
@@ -99,6 +101,8 @@ def payload_view(value: Buffer) -> memoryview:
         view = memoryview(value)
     except TypeError:
         raise InvalidArgument(f"value must support the buffer protocol, not {type(value).__name__}") from None
+    except ValueError as exc:  # a closed mmap, a released memoryview
+        raise InvalidArgument(f"value is a {type(value).__name__} that cannot be read: {exc}") from None
     if not view.c_contiguous:
         raise InvalidArgument("value must be C-contiguous")
     view = view.cast("B") if view.format != "B" or view.ndim != 1 else view

@@ -4,6 +4,7 @@ finding that failed on the HEAD it was found on."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -198,6 +199,26 @@ def test_a_store_that_cannot_be_created_there_is_a_blockstore_error(tmp_path: Pa
     with pytest.raises(IOErrorBS, match="create store") as caught:
         blockstore.open(tmp_path / "new" / "store")
     assert caught.value.errno == 13
+
+
+def test_a_closed_mmap_or_released_memoryview_is_an_invalid_argument(tmp_path: Path) -> None:
+    """put/put_many of a closed mmap or a released memoryview, or one given as get_many's out, raised Python's
+    ValueError ('mmap closed or invalid', 'operation forbidden on released memoryview object') from
+    memoryview(), outside the BlockstoreError hierarchy. Now InvalidArgument naming the argument."""
+    closed = mmap.mmap(-1, 4096)
+    closed.close()
+    released = memoryview(bytearray(10))
+    released.release()
+    with blockstore.open(tmp_path / "s") as s:
+        s.put(b"b", b"x" * 10)
+        for bad in (closed, released):
+            with pytest.raises(blockstore.InvalidArgument, match="value"):
+                s.put(b"a", bad)
+            with pytest.raises(blockstore.InvalidArgument, match="value"):
+                s.put_many([(b"a", bad)])
+            with pytest.raises(blockstore.InvalidArgument, match=r"out\[0\]"):
+                s.get_many([b"b"], out=[bad])
+        assert s.get(b"a") is None
 
 
 # ------------------------------------------------------------------ the command line
