@@ -105,6 +105,10 @@ def translate_rocksdb_error(exc: BaseException, what: str, path: str) -> Blockst
     store = os.path.dirname(os.path.abspath(path))
     if "No space" in text or "Disk quota" in text:
         return NoSpace(errno.ENOSPC, f"{what}: the disk is full ({text})")
+    if "Permission denied" in text or "Operation not permitted" in text:
+        # not damage: fsck must not report it as a directory to rebuild (repair moved a readable one away)
+        return IOErrorBS(errno.EACCES, f"{what}: no permission ({text}); nothing is damaged: give this user "
+                         f"access to {path!r}")
     if "Corruption" in text or "does not exist" in text or "checksum" in text.lower() \
             or "CURRENT" in text or "MANIFEST" in text or "bad magic" in text.lower():
         return CorruptionError(f"{what}: the directory {path!r} is damaged ({text}); {repair_hint(store)}")

@@ -9,6 +9,7 @@ over the old one).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from blockstore.errors import CorruptionError, FormatVersionError
+from blockstore.errors import CorruptionError, FormatVersionError, IOErrorBS
 from blockstore.records import FORMAT_VERSION
 
 MANIFEST = "MANIFEST.json"
@@ -51,6 +52,9 @@ def read_manifest(root: str) -> ManifestRead:
     try:
         with open(p, encoding="utf-8") as f:
             m = json.load(f)
+    except PermissionError as exc:  # not damage: repair replaced a good MANIFEST (its block size lost) for it
+        raise IOErrorBS(exc.errno or errno.EACCES, f"{MANIFEST} cannot be read: {exc.strerror}; nothing is "
+                        f"damaged: give this user access to {p!r}") from None
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         return ManifestRead(None, f"{MANIFEST} is unreadable ({exc})")
     if not isinstance(m, dict) or m.get("magic") != MAGIC:

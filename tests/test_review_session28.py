@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -135,6 +140,60 @@ def test_a_checksum_error_does_not_name_an_earlier_os_error(tmp_path: Path) -> N
     folder.write_bytes(kept)
     got = read_all(store, {k: v for k, v in acked.items() if k not in damaged_keys})
     assert all(got[k] == acked[k] for k in got)
+
+
+# ------------------------------------------------------------------ permissions: not damage
+
+
+def _as_user_without_access(store: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `blockstore ARGV` as a user who owns the store but lacks read permission on the file the test took it
+    from: this user when it is not root, else nobody (root reads any file), through setpriv."""
+    cmd = [sys.executable, "-m", "blockstore.tools.cli", *argv]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: cannot take a permission away")
+        for d, _dirs, files in os.walk(store):
+            for name in [d, *(os.path.join(d, f) for f in files)]:
+                os.chown(name, 65534, 65534)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder any user can reach (pytest's tmp_path is private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="bs-review-28-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("taken", ["MANIFEST.json", "directory tables"])
+def test_a_file_the_user_may_not_read_is_not_damage_to_repair(open_tmp: Path, taken: str) -> None:
+    """MANIFEST.json, or the directory's tables, unreadable for lack of permission (chmod 000): fsck reported a
+    `manifest` / `directory` finding and `--repair` 'fixed' it: it moved the good MANIFEST to lost+found and
+    wrote a new one with the default 64 MiB block size (the store's was 64 KiB), or moved the whole directory
+    away and rebuilt it from the blocks (0 entries salvaged). Now both are an operational error (exit 8) that
+    says nothing is damaged, and repair changes nothing."""
+    store = open_tmp / "s"
+    acked = make_store(store)
+    manifest = (store / "MANIFEST.json").read_bytes()
+    victims = [store / "MANIFEST.json"] if taken == "MANIFEST.json" else sorted((store / "directory").glob("*.sst"))
+    assert victims
+    for v in victims:
+        v.chmod(0)
+    for argv in (["fsck", str(store)], ["fsck", "--repair", str(store)]):
+        r = _as_user_without_access(store, argv)
+        assert r.returncode == 8, (r.stdout, r.stderr)
+        assert "nothing is damaged" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (store / "lost+found").exists()
+    for v in victims:
+        v.chmod(0o644)
+    assert (store / "MANIFEST.json").read_bytes() == manifest
+    assert read_all(store, acked) == acked
 
 
 # ------------------------------------------------------------------ tensors of odd kinds

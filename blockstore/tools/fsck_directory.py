@@ -4,11 +4,12 @@ whether the directory lost writes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
 from blockstore.directory import BLOCK_RECLAIMING, Directory, Location
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, IOErrorBS
 from blockstore.keys import (
     SPACE_CHUNK,
     TAG_BLOCK,
@@ -52,6 +53,8 @@ class DirectoryChecks(PassBase):
         try:
             self.dir = Directory(p, read_only=True, sync=False, create=False)
         except BlockstoreError as exc:
+            if isinstance(exc, IOErrorBS) and exc.errno == errno.EACCES:
+                raise  # an operational error (exit 8), not a directory to rebuild
             self.rep.add("directory", None, None, f"the directory ({DIRECTORY}/) cannot be opened: {exc}")
             return
         self.rep.directory_ok = True
