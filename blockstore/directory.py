@@ -154,13 +154,19 @@ class Directory:
                                   f"{repair_hint(os.path.dirname(os.path.abspath(path)))}")
         if not read_only and not create:
             _keep_unnamed_tables(path, strict_wal, block_files)
-        try:
-            if read_only:
-                self._db, self._shadow = _open_read_only(path, opts)
-            else:
-                self._db = Rdict(path, opts)
-        except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
-            raise translate_rocksdb_error(exc, "cannot open the directory", path) from exc
+        for retry in (True, False):
+            try:
+                if read_only:
+                    self._db, self._shadow = _open_read_only(path, opts)
+                else:
+                    self._db = Rdict(path, opts)
+                break
+            except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message
+                # rocksdict-config.json (rocksdict's raw_mode, derived from our options) damaged: this open fails
+                # on the comparator it implies, having rewritten the file from our options; the next one opens
+                # (else fsck called the directory unreadable and repair rebuilt it from the blocks)
+                if not (retry and "does not match existing comparator" in str(exc)):
+                    raise translate_rocksdb_error(exc, "cannot open the directory", path) from exc
         self._wo = WriteOptions()
         self._wo.sync = sync
         self._wo_sync = WriteOptions()

@@ -4,6 +4,7 @@ finding that failed on the HEAD it was found on."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import shutil
@@ -140,6 +141,28 @@ def test_a_checksum_error_does_not_name_an_earlier_os_error(tmp_path: Path) -> N
     folder.write_bytes(kept)
     got = read_all(store, {k: v for k, v in acked.items() if k not in damaged_keys})
     assert all(got[k] == acked[k] for k in got)
+
+
+def test_a_damaged_rocksdict_config_does_not_make_the_directory_unreadable(tmp_path: Path) -> None:
+    """directory/rocksdict-config.json (rocksdict's own file: raw_mode, prefix extractors) with raw_mode turned
+    false: the first open failed with 'rocksdict: does not match existing comparator' (IOErrorBS, naming no
+    repair), and a first `fsck --repair` called the directory unreadable, moved it to lost+found and rebuilt it
+    from the blocks; the file is derived from blockstore's options and rocksdict rewrites it as it opens. Now
+    the open reads every record and fsck finds nothing."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    config = store / "directory" / "rocksdict-config.json"
+
+    def damage() -> None:
+        settings = json.loads(config.read_text())
+        settings["raw_mode"] = False
+        config.write_text(json.dumps(settings))
+
+    damage()
+    assert read_all(store, acked) == acked
+    damage()
+    assert cli.main(["fsck", "--repair", str(store)]) == 0
+    assert not (store / "lost+found").exists()
 
 
 # ------------------------------------------------------------------ permissions: not damage
