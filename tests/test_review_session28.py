@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,32 @@ def test_a_damaged_rocksdict_config_does_not_make_the_directory_unreadable(tmp_p
     damage()
     assert cli.main(["fsck", "--repair", str(store)]) == 0
     assert not (store / "lost+found").exists()
+
+
+def test_repair_of_a_block_file_with_a_huge_sparse_tail_keeps_it_without_reading_it_whole(tmp_path: Path) -> None:
+    """A sealed block file extended by 16 GiB of hole (truncate -s): fsck found the footer invalid, and
+    `--repair` read the 16 GiB after the data end into memory to save it to lost+found: MemoryError, a
+    traceback and exit status 1 (fsck's 'corrected'). Now the bytes are copied a piece at a time, holes kept as
+    holes, and the repair finishes (run here with its address space capped at 3 GiB)."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    victim = second_block(store)
+    size = victim.stat().st_size
+    os.truncate(victim, size + (16 << 30))
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    r = subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "fsck", "--repair", str(store)],
+                       capture_output=True, text=True, preexec_fn=cap_memory,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert victim.stat().st_size == size
+    saved = [p for p in (store / "lost+found").iterdir() if ".footer@" in p.name]
+    assert len(saved) == 1 and saved[0].stat().st_size == (16 << 30) + 64
+    assert saved[0].stat().st_blocks * 512 < 16 << 20  # still sparse
+    assert cli.main(["fsck", str(store)]) == 0
+    assert read_all(store, acked) == acked
 
 
 # ------------------------------------------------------------------ permissions: not damage

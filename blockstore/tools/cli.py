@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         advice = "; run it again to finish (`blockstore fsck PATH` says what is left)" if writes else ""
         print(f"blockstore {args.command}: interrupted{advice}", file=sys.stderr)
         return EXIT_ERROR
+    except MemoryError:  # an exit status of 1 (Python's for a traceback) would read as fsck's "corrected"
+        print(f"blockstore {args.command}: out of memory", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:  # `blockstore scan S | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return EXIT_OK

@@ -16,6 +16,7 @@ _log = logs.get("repair")
 
 LOST_FOUND = "lost+found"
 _LOG = "fsck-log.jsonl"
+_PIECE = 1 << 20  # bytes read at a time by save_range
 
 
 class LostFound:
@@ -56,6 +57,36 @@ class LostFound:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fsync_dir(self.dir)
+        self._note(dst, why, info)
+        return dst
+
+    def save_range(self, name: str, src: str, start: int, end: int, why: str, **info: Any) -> str:
+        """Save bytes [start, end) of the file `src`, a piece at a time and holes kept as holes: a block file
+        extended far past its data (a sparse tail of many GiB) was read into memory whole (MemoryError)."""
+        dst = self._target(name)
+        fi = os.open(src, os.O_RDONLY)
+        try:
+            with open(dst, "xb") as out:
+                off = start
+                while off < end:
+                    try:
+                        off = min(os.lseek(fi, off, os.SEEK_DATA), end)  # skip a hole
+                    except OSError as exc:  # ENXIO: only a hole is left
+                        if exc.errno != errno.ENXIO:
+                            raise
+                        break
+                    chunk = os.pread(fi, min(_PIECE, end - off), off)
+                    if not chunk:
+                        break
+                    out.seek(off - start)
+                    out.write(chunk)
+                    off += len(chunk)
+                out.truncate(end - start)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            os.close(fi)
         fsync_dir(self.dir)
         self._note(dst, why, info)
         return dst

@@ -106,9 +106,8 @@ class BlockRepairs(RepairBase):
             recs = self.be.scan(fd, BLOCK_HEADER_SIZE, data_end, False).records if data_end > BLOCK_HEADER_SIZE \
                 else []
             if size > data_end:
-                self.lf.save(f"{block_file_name(bf.block_id)}.footer@{data_end}",
-                             self.be.pread(fd, size - data_end, data_end), bf.footer_problem or "",
-                             block=block_label(bf.block_id))
+                self.lf.save_range(f"{block_file_name(bf.block_id)}.footer@{data_end}", bf.path, data_end, size,
+                                   bf.footer_problem or "", block=block_label(bf.block_id))
             self._write_footer(fd, bf.block_id, data_end, recs)
         finally:
             self.be.close(fd)
@@ -135,9 +134,9 @@ class BlockRepairs(RepairBase):
         try:
             size = self.be.size(fd)
             if size > cut:
-                self.lf.save(f"{block_file_name(bid)}.tail@{cut}", self.be.pread(fd, size - cut, cut),
-                             "torn or uncommitted tail of a block a writer left open", block=block_label(bid),
-                             directory_entries_dropped=dropped)
+                self.lf.save_range(f"{block_file_name(bid)}.tail@{cut}", bf.path, cut, size,
+                                   "torn or uncommitted tail of a block a writer left open", block=block_label(bid),
+                                   directory_entries_dropped=dropped)
             recs = self.be.scan(fd, BLOCK_HEADER_SIZE, cut, False).records if cut > BLOCK_HEADER_SIZE else []
             self._write_footer(fd, bid, cut, recs)
         finally:
