@@ -93,8 +93,8 @@ def _file_reads(files: Sequence[tuple[int, Sequence[ReadRequest]]], pinned: _Pin
 class LayerJobs:
     """Reads of several layers' records (each layer: (fd, its requests sorted by offset) per file, as
     `read_files` takes them), done by reader threads in C (native/layers.c): each reader thread makes ONE
-    call, `run()`, that claims layer after layer in order and publishes each; `wait(i)` blocks (GIL
-    released) until layer i is done and gives its per-request statuses per file, or None if it was
+    call, `run()`, that claims parts (one file of a layer each) layer after layer in order; a layer is
+    published by the reader of its last part; `wait(i)` blocks (GIL released) until layer i is done and gives its per-request statuses per file, or None if it was
     cancelled. The destination buffers stay lent until `close()`, which cancels what is unclaimed: call it
     after the reader threads have returned."""
 
@@ -109,6 +109,9 @@ class LayerJobs:
             items, fds, counts = _file_reads(files, self._pinned)
             self._keep += [items, fds, counts]
             job.fds, job.counts, job.files, job.items = fds, counts, len(files), items
+            job.parts_left = len(files)  # a part a file: the reader of the last one publishes the layer
+            if not files:
+                job.state = lib.BS_LAYER_DONE
         self._n = len(layers)
         self._args = (max_gap, _read_flags(verify, willneed))
 

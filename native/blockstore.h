@@ -199,9 +199,12 @@ typedef struct bs_layer_job {
     const size_t *counts;
     size_t files;
     bs_read_item *items;
-    int32_t state;         /* BS_LAYER_*: written once by the reader that claimed it */
-    int32_t rc;            /* bs_read_files' return */
-    int32_t err;           /* the reader's bs_last_errno() when FAILED */
+    int32_t state;         /* BS_LAYER_*: written once, by the reader that finished its last part */
+    int32_t rc;            /* a failed part's bs_read_many return (BS_OK if only items failed) */
+    int32_t err;           /* the first failed part's bs_last_errno() when FAILED */
+    int32_t parts_left;    /* set to `files` by the caller (a job of no file: state set DONE by the caller) */
+    int32_t failed;        /* zero to start: set by a part that failed */
+    int32_t cancelled;     /* zero to start: set by a part that was never read */
 } bs_layer_job;
 
 typedef struct bs_layer_queue {
@@ -209,15 +212,17 @@ typedef struct bs_layer_queue {
     int32_t stop;          /* set by a failure or bs_layer_cancel: claim no more */
 } bs_layer_queue;
 
-/* One reader: claims jobs in index order (shared with every other reader of `q`) and reads each with
- * bs_read_files(flags), publishing its state; returns when none is left, or after the first failure
- * (then every unclaimed job is CANCELLED). Several threads call it at once on the same jobs. Blocking. */
+/* One reader: claims parts (one file of a job each) in job order (shared with every other reader of `q`)
+ * and reads each with bs_read_many(flags); a job's state is published by the reader of its last part;
+ * returns when none is left, or after the first failure (then every unclaimed part is cancelled: a job
+ * with one is CANCELLED, unless one of its parts FAILED). Several threads call it at once on the same
+ * jobs. Blocking. With BS_READ_WILLNEED, the first part of a job announces the job LOOKAHEAD after it. */
 int bs_layer_read(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q, uint64_t max_gap, int flags);
 /* A job's state now (no wait). */
 int bs_layer_poll(const bs_layer_job *job);
 /* Waits until the job is no longer PENDING; returns its state. */
 int bs_layer_wait(bs_layer_job *job);
-/* Readers claim no more; every unclaimed job becomes CANCELLED (claimed ones finish as they would). */
+/* Readers claim no more; every unclaimed part is cancelled (claimed ones finish as they would). */
 void bs_layer_cancel(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q);
 
 /* ---- block scan (recovery, fsck) ---- */

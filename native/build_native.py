@@ -87,7 +87,7 @@ int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_it
 
 typedef struct bs_layer_job {
     const int *fds; const size_t *counts; size_t files; bs_read_item *items;
-    int32_t state; int32_t rc; int32_t err;
+    int32_t state; int32_t rc; int32_t err; int32_t parts_left; int32_t failed; int32_t cancelled;
 } bs_layer_job;
 typedef struct bs_layer_queue { uint64_t next; int32_t stop; } bs_layer_queue;
 int bs_layer_read(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q, uint64_t max_gap, int flags);

@@ -43,6 +43,11 @@ static void announce_runs(int fd, const bs_read_item *items, size_t n, uint64_t 
     }
 }
 
+void bs_announce_files(const int *fds, const size_t *counts, size_t files, const bs_read_item *items,
+                       uint64_t max_gap) {
+    for (size_t f = 0, at = 0; f < files; at += counts[f++]) announce_runs(fds[f], items + at, counts[f], max_gap);
+}
+
 int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_item *items, uint64_t max_gap,
                   int flags) {
     /* With BS_READ_WILLNEED, every run of every file that is not cached is announced before the first
@@ -51,9 +56,7 @@ int bs_read_files(const int *fds, const size_t *counts, size_t files, bs_read_it
      * asks once or twice a run, not once a file: a file's first and last records cached said nothing of
      * the runs between (the kernel's readahead after a recent read caches a block's tail as often as not),
      * and one cached 1-byte RWF_NOWAIT preadv2 costs ~0.6 us here (a warm blend's layer read: a run a chunk). */
-    if (flags & BS_READ_WILLNEED)
-        for (size_t f = 0, at = 0; f < files; at += counts[f++])
-            announce_runs(fds[f], items + at, counts[f], max_gap);
+    if (flags & BS_READ_WILLNEED) bs_announce_files(fds, counts, files, items, max_gap);
     size_t at = 0;
     for (size_t f = 0; f < files; f++) {
         int rc = bs_read_many(fds[f], items + at, counts[f], max_gap, flags & ~BS_READ_WILLNEED);

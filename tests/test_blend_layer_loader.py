@@ -135,3 +135,76 @@ def test_a_stream_closed_after_its_first_layer_stops_its_readers(weights: LlamaW
                 assert want is not None and torch.equal(got.values[0], want.values[CFG.num_hidden_layers - 1])
         finally:
             stream.close()
+
+
+def _files_of_payloads(tmp_path: Path, files: int, per_file: int, size: int) -> tuple[list[int], list[list[bytes]]]:
+    """`files` files of `per_file` random payloads of about `size` bytes each; their fds and payloads."""
+    rng = torch.Generator().manual_seed(5)
+    fds, payloads = [], []
+    for f in range(files):
+        mine = [bytes(torch.randint(0, 256, (size + 13 * i,), generator=rng, dtype=torch.uint8).tolist())
+                for i in range(per_file)]
+        (tmp_path / f"file{f}").write_bytes(b"".join(mine))
+        fds.append(os.open(tmp_path / f"file{f}", os.O_RDONLY))
+        payloads.append(mine)
+    return fds, payloads
+
+
+def test_a_layer_of_several_files_is_read_in_parts_by_several_readers(tmp_path: Path) -> None:
+    # A layer's parts (one file each) are claimed by any reader (native/layers.c): each layer is published
+    # once, when its last part is in, with every byte of every file verified, and a wrong checksum in one
+    # part fails that layer, whatever reader read its other parts. 9 layers x 5 files x 3 records.
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        fds, payloads = _files_of_payloads(tmp_path, 5, 27, 700)
+        try:
+            for bad_layer in (None, 4):
+                dsts = [[bytearray(len(p)) for p in mine] for mine in payloads]
+                offsets = [[sum(len(p) for p in mine[:i]) for i in range(len(mine))] for mine in payloads]
+                layers = [[(fds[f], [ReadRequest(offsets[f][i], len(payloads[f][i]), dsts[f][i],
+                                                 xxhash.xxh3_64_intdigest(payloads[f][i])
+                                                 ^ (1 if (j, f, i) == (bad_layer, 3, 3 * j + 1) else 0))
+                                     for i in range(3 * j, 3 * j + 3)]) for f in range(5)] for j in range(9)]
+                jobs = store.backend.layer_jobs(layers, 0, True, True)  # type: ignore[attr-defined]
+                readers = [threading.Thread(target=jobs.run) for _ in range(6)]
+                for t in readers:
+                    t.start()
+                got = [jobs.wait(j) for j in range(9)]
+                for t in readers:
+                    t.join()
+                jobs.close()
+                if bad_layer is None:
+                    assert got == [[[0, 0, 0]] * 5] * 9
+                    assert dsts == [[bytearray(p) for p in mine] for mine in payloads]
+                    continue
+                assert got[bad_layer] is not None and got[bad_layer][3][1] == lib.BS_ECHECKSUM
+                assert all(got[j] == [[0, 0, 0]] * 5 for j in range(bad_layer))  # read in full before it
+                for j in range(bad_layer + 1, 9):  # after it: read, or cancelled (never a half-read layer as read)
+                    assert got[j] is None or got[j] == [[0, 0, 0]] * 5
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_a_failed_part_publishes_its_half_read_layer_failed_and_cancels_the_rest(tmp_path: Path) -> None:
+    # One reader: it fails on layer 0's first part (a wrong checksum) while the layer's other parts are
+    # unclaimed. Those parts drain as cancelled and count the layer down, so layer 0 is published FAILED
+    # (a failure outranks the cancellation: the caller raises the real error) and layer 1 CANCELLED; no
+    # wait hangs on a half-claimed layer.
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        fds, payloads = _files_of_payloads(tmp_path, 4, 2, 300)
+        try:
+            dsts = [[bytearray(len(p)) for p in mine] for mine in payloads]
+            layers = [[(fds[f], [ReadRequest(sum(len(p) for p in payloads[f][:j]), len(payloads[f][j]), dsts[f][j],
+                                             xxhash.xxh3_64_intdigest(payloads[f][j]) ^ (f == 0 and j == 0))])
+                       for f in range(4)] for j in range(2)]
+            jobs = store.backend.layer_jobs(layers, 0, True)  # type: ignore[attr-defined]
+            jobs.run()
+            assert jobs.wait(0) == [[lib.BS_ECHECKSUM], [0], [0], [0]]  # parts 1-3 unread: no status of their own
+            assert not jobs.done(0) and jobs.wait(1) is None
+            assert dsts[1] == [bytearray(300), bytearray(313)]  # never read
+            jobs.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
