@@ -12,12 +12,14 @@ load an error instead: a deployment that asks for the fast path is told it does 
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
-from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.errors import BlockstoreError, InvalidArgument, IOErrorBS
 from blockstore.records import (
     AppendRecord,
     BlockHeader,
@@ -101,3 +103,15 @@ def get_backend(name: str | None = None) -> Backend:
                           stacklevel=2)
         _native_failure = why
         return _python()
+
+
+def refuse_special_file(path: str) -> None:
+    """Raise IOErrorBS when `path` is a FIFO, socket or device: opening a FIFO for reading waits for a writer that
+    never comes, so a FIFO in place of a block file hung every read of it, fsck and repair. A missing path or a
+    folder is left to the open and the reads (NotFound, EISDIR)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise IOErrorBS(errno.EIO, f"open {path}: not a regular file (mode {stat.filemode(mode)})")

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 from blockstore import _native  # type: ignore[attr-defined]
+from blockstore.backend import refuse_special_file
 from blockstore.errors import error_for_code
 from blockstore.records import (
     AppendRecord,
@@ -218,6 +219,7 @@ class NativeBackend:
         return int(fd[0])
 
     def open_ro(self, path: str) -> int:
+        refuse_special_file(path)
         fd = ffi.new("int *")
         _check(lib.bs_file_open_ro(os.fsencode(path), fd), f"open {path}")
         return int(fd[0])

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import xxhash
 
+from blockstore.backend import refuse_special_file
 from blockstore.errors import (
     ChecksumMismatch,
     CorruptionError,
@@ -153,6 +154,7 @@ class PythonBackend:
         return self._os(f"open {path}", os.open, path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
 
     def open_ro(self, path: str) -> int:
+        refuse_special_file(path)
         return self._os(f"open {path}", os.open, path, os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self, fd: int) -> None:

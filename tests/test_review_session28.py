@@ -192,6 +192,32 @@ def test_repair_of_a_block_file_with_a_huge_sparse_tail_keeps_it_without_reading
     assert read_all(store, acked) == acked
 
 
+def test_a_fifo_where_a_block_file_belongs_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A FIFO in place of a block file (mkfifo): a get of one of its keys, `blockstore fsck` and `dump --block`
+    waited forever in open() for a writer to the FIFO. Now each is an IOErrorBS naming the file (exit 8), as for
+    a folder there. Run in a subprocess with a timeout, so that the old behaviour fails instead of hanging."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    victim = second_block(store)
+    key = min(keys_in(store, victim))
+    victim.unlink()
+    os.mkfifo(victim)
+    root = str(Path(__file__).resolve().parents[1])
+    read = (f"import blockstore\nwith blockstore.open({str(store)!r}, read_only=True) as s:\n"
+            f"    try:\n        s.get({key!r})\n    except blockstore.IOErrorBS as e:\n        print('raised', e)")
+    for argv in (["-c", read], ["-m", "blockstore.tools.cli", "fsck", str(store)],
+                 ["-m", "blockstore.tools.cli", "dump", str(store), "--block", victim.name.split(".")[0]]):
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": root})
+        said = r.stdout + r.stderr
+        assert "not a regular file" in said and victim.name in said and "Traceback" not in said, said
+        assert r.returncode == (0 if argv[0] == "-c" else 8), said
+    victim.unlink()
+    assert cli.main(["fsck", "--repair", str(store)]) == 1
+    got = read_all(store, acked)
+    assert all(got[k] == acked[k] for k in acked if got[k] is not None) and got[key] is None
+
+
 # ------------------------------------------------------------------ permissions: not damage
 
 

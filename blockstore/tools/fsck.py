@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blockstore.backend import Backend, get_backend
+from blockstore.backend import Backend, get_backend, refuse_special_file
 from blockstore.blocks import BLOCKS_DIR, list_block_files
 from blockstore.directory import BLOCK_RECLAIMING, BlockEntry, Directory, Location
 from blockstore.errors import BlockstoreError, NotFound
@@ -244,6 +244,7 @@ class _Pass(DirectoryChecks, BlockChecks):
         votes: dict[int, int] = {}
         for path in self.files.values():
             try:
+                refuse_special_file(path)  # a FIFO: open() waits for a writer forever
                 with open(path, "rb") as f:
                     h = self.be.decode_block_header(f.read(64))
             except (OSError, BlockstoreError):
