@@ -45,7 +45,7 @@ def open(path: str | os.PathLike[str], **kwargs: Any) -> Store:  # noqa: A001 - 
     create=True, read_only=False, durability="cache"|"sync"|"remote" (remote: a write returns once its block is sealed and
     confirmed in the object store by an attached blockstore.remote.RemoteTier; docs/remote.md),
     block_size=None (a new store: 64 MiB; an existing one: the size it was created with),
-    max_open_blocks=16, idle_seal_seconds=30, read_gap=128 KiB, read_ahead=True,
+    max_open_blocks=64, idle_seal_seconds=30, read_gap=128 KiB, read_ahead=True,
     on_corrupt="raise"|"miss", backend="native"|"python",
     compaction=None | a policy name ("full", ...) | {"policy": ..., knob: value} (starts the compactor),
     allow_non_empty=False (create a store in a non-empty directory that is not one: refused by default).

@@ -30,6 +30,10 @@ _log = logging.getLogger("blockstore")
 # Where a lone write goes when every open block belongs to another partition (block_for).
 OVERFLOW_PARTITION = b"\0overflow"
 _RECENT_PARTITIONS_PER_SLOT = 64  # how far back a partition's last write makes it "writing now" (block_for)
+# An open block a partition leaves (a record that did not fit) with this fraction of a block or more free
+# stays open as a spare (block_for) instead of sealing short
+_SPARE_ROOM_DIV = 4
+_SPARE_PREFIX = b"\0spare/"
 _WRITER_WINDOW_PER_SLOT = 8  # records placed per open slot over which concurrent writers are counted
 
 
@@ -78,16 +82,16 @@ class OpenBlocks:
         raise CorruptionError(f"internal: block {bid} is neither known nor open")
 
     def block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
-                  batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
+                  batch: DirectoryBatch, *, lone: bool = False, moved: bool = False) -> OpenBlock:
         """The open block a record of `partition` goes to. `lone`: a user write that is the only record
-        of its partition in its group. A namespace whose requests read across its partitions is placed
+        of its partition in its group; `moved`: compaction's copy (of a cluster: `need` is its size). A namespace whose requests read across its partitions is placed
         as one lineage (placement_choice.py); the record's place is labelled with the caller's partition."""
-        ob = self._block_for(self.choice.resolve(partition), need, tails, to_seal, batch, lone=lone)
+        ob = self._block_for(self.choice.resolve(partition), need, tails, to_seal, batch, lone=lone, moved=moved)
         self.choice.note_append(ob.entry.block_id, tails.get(ob.entry.block_id, ob.tail), partition, need)
         return ob
 
     def _block_for(self, partition: bytes, need: int, tails: dict[int, int], to_seal: list[OpenBlock],
-                   batch: DirectoryBatch, *, lone: bool = False) -> OpenBlock:
+                   batch: DirectoryBatch, *, lone: bool = False, moved: bool = False) -> OpenBlock:
         """The open block a record of (the resolved) `partition` goes to.
 
         A block is sealed only when the next record would not fit (or idle, or at close), never to free
@@ -108,8 +112,18 @@ class OpenBlocks:
                 self._guests.move_to_end(partition)
             if self._fits(ob, need, tails):
                 return ob
-            to_seal.append(ob)
             del self.open[key]
+            if moved and key == partition and self._room(ob, tails) >= self.block_size // _SPARE_ROOM_DIV:
+                # a relocated cluster (up to a block) that does not fit the partition's own block: the
+                # block stays open as a spare rather than sealing short (a user's record that does not
+                # fit still seals it), and the cluster goes to the spare that fits it best, which the
+                # partition continues (its next records follow the cluster, as in a fresh block)
+                spare = self._spare_for(partition, need, tails)
+                self.open[_SPARE_PREFIX + ob.entry.block_id.to_bytes(8, "big")] = ob
+                if spare is not None:
+                    return spare
+            else:
+                to_seal.append(ob)
         self._guests.pop(partition, None)
         recent = partition == OVERFLOW_PARTITION or self.written_recently(partition)
         if len(self.open) >= self.max_open_blocks:
@@ -126,6 +140,12 @@ class OpenBlocks:
                 ns = namespace_of(partition)
                 kin = [(p, o) for p, o in roomy if ns in self._block_ns.get(o.entry.block_id, ())]
                 host, ob = min(kin or roomy, key=lambda kv: kv[1].entry.last_append_ns)
+                if host.startswith(_SPARE_PREFIX):  # nobody writes a spare: the partition takes it over
+                    del self.open[host]
+                    self.open[partition] = ob
+                    ob.entry.partition = partition
+                    self._note_ns(ob, partition)
+                    return ob
                 self._join(partition, host, ob)
                 return ob
             # nothing open can take the record (a relocated group of up to half a block): the fullest goes
@@ -144,6 +164,24 @@ class OpenBlocks:
         self.open[partition] = ob
         self._note_ns(ob, partition)
         return ob
+
+    def _spare_for(self, partition: bytes, need: int, tails: dict[int, int]) -> OpenBlock | None:
+        """The spare (an open block its partition left for a record that did not fit) that `need`
+        bytes fit best, one of `partition`'s namespace first; taken over by `partition`. None: none fits."""
+        fit = [(p, o) for p, o in self.open.items() if p.startswith(_SPARE_PREFIX) and self._fits(o, need, tails)]
+        if not fit:
+            return None
+        ns = namespace_of(partition)
+        kin = [(p, o) for p, o in fit if ns in self._block_ns.get(o.entry.block_id, ())]
+        host, ob = min(kin or fit, key=lambda kv: self._room(kv[1], tails))
+        del self.open[host]
+        self.open[partition] = ob
+        ob.entry.partition = partition
+        self._note_ns(ob, partition)
+        return ob
+
+    def _room(self, ob: OpenBlock, tails: dict[int, int]) -> int:
+        return self.block_size - tails.get(ob.entry.block_id, ob.tail)
 
     def _note_ns(self, ob: OpenBlock, partition: bytes) -> None:
         """Remember that `partition`'s namespace writes into `ob` (entries of sealed blocks are dropped

@@ -79,7 +79,7 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
         read_only: bool = False,
         durability: Durability = "cache",
         block_size: int | None = None,
-        max_open_blocks: int = 16,
+        max_open_blocks: int = 64,
         idle_seal_seconds: float = 30.0,
         read_gap: int = 128 << 10,
         read_ahead: bool = True,

@@ -262,7 +262,7 @@ class WriteEngine(BlockLifecycle):
             plen = len(m.payload)  # type: ignore[arg-type]
             need = max(len(m.key) + len(m.meta) + plen, pending_need)
             pending_need = 0
-            ob = self._placement.block_for(m.partition, need, plan.tails, to_seal, batch,
+            ob = self._placement.block_for(m.partition, need, plan.tails, to_seal, batch, moved=m.expected is not None,
                                  lone=m.expected is None and per_partition[m.partition] == 1)
             tail = plan.tails.get(ob.entry.block_id, ob.tail)
             _poff, rlen = record_layout(tail, len(m.key), len(m.meta), plen, aligned_flags(plen))
