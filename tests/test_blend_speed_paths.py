@@ -283,3 +283,34 @@ def test_block_read_fd_names_a_held_local_block_and_none_otherwise(tmp_path: Pat
             assert fd is not None
             assert os.pread(fd, 4096, loc.payload_offset) == b"v" * 4096
         assert store.block_read_fd(loc.block_id + 1000) is None
+
+
+@pytest.mark.parametrize("check_layer", [0, 1, 2])
+def test_the_loader_starts_once_the_full_layers_are_issued(weights: LlamaWeights, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, check_layer: int) -> None:
+    """stream_start.py: the loader's set-up runs after the layers before the check layer and the check layer's
+    own projections are issued (while the GPU computes them), not before the GPU has any work; the blend is
+    the same either way."""
+    with blockstore.open(tmp_path / "s") as store:
+        kv, chunks, _ = _stored(weights, store)
+        prompt = torch.cat([*chunks, torch.tensor([1, 2, 3])])
+        spans = [(0, 16), (16, 32), (32, 48)]
+        events: list[str] = []
+        real_qkv, real_stream = blender_mod.qkv, ChunkKVStore.stream_located
+
+        def qkv(*a, **kw):  # type: ignore[no-untyped-def]
+            events.append("layer")
+            return real_qkv(*a, **kw)
+
+        def stream_located(self, *a, **kw):  # type: ignore[no-untyped-def]
+            events.append("loader")
+            return real_stream(self, *a, **kw)
+
+        monkeypatch.setattr(blender_mod, "qkv", qkv)
+        monkeypatch.setattr(ChunkKVStore, "stream_located", stream_located)
+        got = Blender(weights, kv, ratio=0.3, check_layer=check_layer).blend(prompt, spans=spans)
+        assert events.index("loader") == check_layer + 1 and events.count("loader") == 1
+        monkeypatch.setattr(ChunkKVStore, "stream_located", real_stream)
+        serial = Blender(weights, kv, ratio=0.3, check_layer=check_layer, overlap=False).blend(prompt, spans=spans)
+        assert torch.equal(got.logits, serial.logits)
+        assert all(torch.equal(a, b) for a, b in zip(got.keys, serial.keys))

@@ -35,6 +35,7 @@ from blockstore.blend.compute import (
     rotate,
 )
 from blockstore.blend.llama import LlamaWeights
+from blockstore.blend.stream_start import LateStream
 from blockstore.errors import CorruptionError, InvalidArgument
 
 SELECTORS = ("deviation", "epic")
@@ -280,11 +281,11 @@ class Blender:
             forced = torch.as_tensor(recompute, dtype=torch.int64).to(self.w.device)
             if forced.dim() != 1 or (forced.numel() and not 0 <= int(forced.min()) <= int(forced.max()) < n):
                 raise InvalidArgument(f"recompute must be a 1-d sequence of row indices in [0, {n})")
-        stream = (self.kv.stream_layers([p.cid for p in to_read], device=self.w.device, first_layer=self.check_layer,
-                                        readers=self.readers) if self.overlap and to_read else None)
+        located = self.kv.locate([p.cid for p in to_read]) if self.overlap and to_read else None
+        stream = LateStream(self.kv, located, self.w.device, self.check_layer, self.readers)  # started by _run_layers
         try:  # from here on any failure (a missing chunk's store: DiskFull, ...) closes the stream
-            if stream is not None:
-                found = [loc is not None for loc in stream.located]
+            if located is not None:
+                found = [loc is not None for loc in located]
             else:  # one batched read of every layer of every chunk
                 for p, got in zip(to_read, self.kv.load_many([p.cid for p in to_read], device=self.w.device)):
                     p.chunk = got
@@ -296,9 +297,9 @@ class Blender:
             timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
             result = self._run_layers(ids, parts, stream, timings, forced)
         finally:
-            if stream is not None:
-                stream.close()
-                timings["load_s"] = stream.load_s
+            stream.close()
+            if stream.stream is not None:
+                timings["load_s"] = stream.stream.load_s
         result.missing_chunks = [p.cid for p in missing]
         timings["total_s"] = time.perf_counter() - t0
         result.timings = timings
@@ -438,9 +439,10 @@ class Blender:
                 values.append(out[1].clone())
             return captured.hidden[rows - 1 : rows].clone()
 
-    def _run_layers(self, ids: torch.Tensor, parts: list[_Span], stream: object,
+    def _run_layers(self, ids: torch.Tensor, parts: list[_Span], late: LateStream,
                     timings: dict[str, float], forced: torch.Tensor | None = None) -> BlendResult:
         n = int(ids.shape[0])
+        stream = None  # the loader, started once the full layers are issued (stream_start.py says why)
         pos = torch.arange(n, device=self.w.device)
         moves = _Moves()
         hidden = self.w.embed[ids]
@@ -458,6 +460,7 @@ class Blender:
                 values.append(v)
                 hidden = finish_layer(self.w, layer, hidden, attend(q, k, v, pos, pos, causal_all_rows=True))
                 continue
+            stream = late.start()
             t_wait = time.perf_counter()
             k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos, moves)
             timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait

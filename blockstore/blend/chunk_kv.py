@@ -91,7 +91,7 @@ class ChunkKV:
 
 
 @dataclass
-class _Located:
+class Located:
     """A chunk found in the directory: its layout and every record's location (layers, then M)."""
 
     chunk_id: bytes
@@ -174,7 +174,7 @@ class ChunkKVStore:
     def contains(self, chunk_ids: Sequence[bytes]) -> list[bool]:
         return self.store.contains_many([self.meta_key(c) for c in chunk_ids], ns=self.ns)
 
-    def locate(self, chunk_ids: Sequence[bytes]) -> list[_Located | None]:
+    def locate(self, chunk_ids: Sequence[bytes]) -> list[Located | None]:
         """One directory lookup for every record of every chunk; checks each M record's model and
         layout. None for a chunk not (or not completely) stored."""
         metas = self.store.locate_many([self.meta_key(c) for c in chunk_ids], ns=self.ns)
@@ -182,7 +182,7 @@ class ChunkKVStore:
         found = [(c, self._parse_meta(c, loc)) for c, loc in meta_of.items()]
         layer_keys = [self.layer_key(c, i) for c, (layout, _) in found for i in range(layout.layers)]
         layer_locs = iter(self.store.locate_many(layer_keys, ns=self.ns))
-        by_id: dict[bytes, _Located | None] = {}
+        by_id: dict[bytes, Located | None] = {}
         for cid, (layout, tokens) in found:
             maybe = [next(layer_locs) for _ in range(layout.layers)]
             locs = [loc for loc in maybe if loc is not None]
@@ -194,7 +194,7 @@ class ChunkKVStore:
                     raise CorruptionError(f"chunk {cid.hex()} layer {i}: {loc.payload_len} bytes, "
                                           f"expected {layout.layer_bytes(tokens)} for {tokens} tokens of {layout}")
             keys = [self.layer_key(cid, i) for i in range(layout.layers)] + [self.meta_key(cid)]
-            by_id[cid] = _Located(cid, tokens, layout, keys, [*locs, meta_of[cid]])
+            by_id[cid] = Located(cid, tokens, layout, keys, [*locs, meta_of[cid]])
         return [by_id.get(c) for c in chunk_ids]
 
     def _parse_meta(self, cid: bytes, loc: Any) -> tuple[KVLayout, int]:
@@ -230,14 +230,19 @@ class ChunkKVStore:
                       first_layer: int = 0, readers: int | None = None) -> LayerStream:
         """Start loading these chunks layer by layer, from `first_layer` on, on a loader thread (layer
         l + 1 is read while the caller computes layer l). Chunks not stored are None in `stream.located`."""
-        return LayerStream(self, self.locate(chunk_ids), device, first_layer, readers)
+        return self.stream_located(self.locate(chunk_ids), device=device, first_layer=first_layer, readers=readers)
+
+    def stream_located(self, located: list[Located | None], *, device: str | torch.device = "cpu",
+                       first_layer: int = 0, readers: int | None = None) -> LayerStream:
+        """`stream_layers` of chunks already located (`locate`): the lookup done earlier, the loading now."""
+        return LayerStream(self, located, device, first_layer, readers)
 
 
 class _BufferPlan:
     """Where each record of a set of layers lands: page-aligned slices of one host buffer (pinned
     when the destination is a GPU), and the tensors viewing them."""
 
-    def __init__(self, plan: Sequence[_Located], layers: range, device: str | torch.device) -> None:
+    def __init__(self, plan: Sequence[Located], layers: range, device: str | torch.device) -> None:
         self.plan, self.layers, self.device = plan, layers, torch.device(device)
         self.keys: list[bytes] = []
         self.locs: list[Any] = []
@@ -269,7 +274,7 @@ class _BufferPlan:
         n = self.locs[index].payload_len
         return src[self.offsets[index] : self.offsets[index] + n].view(dtype).view(shape)
 
-    def chunk(self, p: _Located) -> ChunkKV:
+    def chunk(self, p: Located) -> ChunkKV:
         per_chunk = len(self.layers) + 1
         base = self.plan.index(p) * per_chunk
         shape = (2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
@@ -303,7 +308,7 @@ class LayerStream:
     # at 4k and within noise at 8k
     PIECES = 1
 
-    def __init__(self, kv: ChunkKVStore, located: list[_Located | None], device: str | torch.device,
+    def __init__(self, kv: ChunkKVStore, located: list[Located | None], device: str | torch.device,
                  first_layer: int = 0, readers: int | None = None) -> None:
         self.located = located
         self.first_layer = first_layer
