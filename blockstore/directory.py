@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -152,6 +153,8 @@ class Directory:
         if not create and not os.path.isdir(path):
             raise CorruptionError(f"the directory {path!r} is missing; "
                                   f"{repair_hint(os.path.dirname(os.path.abspath(path)))}")
+        if not create:
+            _refuse_special_files(path)
         if not read_only and not create:
             _keep_unnamed_tables(path, strict_wal, block_files)
         for retry in (True, False):
@@ -361,6 +364,24 @@ class Directory:
         if self._shadow is not None:
             shutil.rmtree(self._shadow, ignore_errors=True)  # links only: rmtree never follows them
             self._shadow = None
+
+
+def _refuse_special_files(path: str) -> None:
+    """A FIFO or device among the directory's files (CURRENT, IDENTITY, rocksdict-config.json...) is damage:
+    RocksDB's open of it waited forever for a writer, so every open and fsck hung."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return  # the open says what is wrong
+    for name in names:
+        try:
+            mode = os.stat(os.path.join(path, name)).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            store = os.path.dirname(os.path.abspath(path))
+            raise CorruptionError(f"the directory {path!r} is damaged ({name} is not a regular file: "
+                                  f"{stat.filemode(mode)}); {repair_hint(store)}")
 
 
 def _open_read_only(path: str, opts: Options) -> tuple[Rdict, str | None]:

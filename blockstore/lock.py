@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 
 from blockstore.errors import StoreLocked, error_for_os
 
@@ -60,12 +61,14 @@ def held_by(root: str) -> int | None:
         st = os.stat(path)
     except OSError:
         return None
-    try:
-        with open(path, "rb") as f:
-            text = f.read(32).decode(errors="replace").strip()
-        recorded = int(text) if text.isdigit() else 0
-    except OSError:
-        recorded = 0
+    recorded = 0
+    if stat.S_ISREG(st.st_mode):  # a FIFO: open() would wait for a writer forever
+        try:
+            with open(path, "rb") as f:
+                text = f.read(32).decode(errors="replace").strip()
+            recorded = int(text) if text.isdigit() else 0
+        except OSError:
+            pass
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             lines = f.read().splitlines()

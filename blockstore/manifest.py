@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -49,6 +50,9 @@ def read_manifest(root: str) -> ManifestRead:
     p = os.path.join(root, MANIFEST)
     if not os.path.exists(p):
         return ManifestRead(None, f"{MANIFEST} is missing")
+    mode = os.stat(p).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO: open() waits forever; /dev/zero: read() never ends
+        return ManifestRead(None, f"{MANIFEST} is not a regular file ({stat.filemode(mode)})")
     try:
         with open(p, encoding="utf-8") as f:
             m = json.load(f)
@@ -139,8 +143,11 @@ def last_writer_synced(store_root: str, *, default: bool) -> bool:
     """Whether the store's last writer ran in sync mode (MANIFEST.json "durability", docs/format.md §1):
     its WAL must then read to its end. `default` when the MANIFEST does not say (older stores, or a
     MANIFEST that is missing or unreadable: fsck reports that on its own)."""
+    p = os.path.join(store_root, MANIFEST)
     try:
-        with open(os.path.join(store_root, MANIFEST), encoding="utf-8") as f:
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO: open() waits forever
+            return default
+        with open(p, encoding="utf-8") as f:
             m = json.load(f)
     except (OSError, ValueError, RecursionError):
         return default

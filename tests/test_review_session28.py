@@ -218,6 +218,37 @@ def test_a_fifo_where_a_block_file_belongs_is_an_error_not_a_hang(tmp_path: Path
     assert all(got[k] == acked[k] for k in acked if got[k] is not None) and got[key] is None
 
 
+@pytest.mark.parametrize("name", ["MANIFEST.json", "directory/CURRENT", "directory/IDENTITY", "LOCK"])
+def test_a_fifo_among_the_stores_own_files_is_damage_not_a_hang(tmp_path: Path, name: str) -> None:
+    """A FIFO in place of MANIFEST.json or one of RocksDB's files: every open, read-only or not, and fsck waited
+    forever in open(); in place of LOCK, fsck did (reading the holder's pid). Now the open raises CorruptionError
+    naming the file, fsck reports it (exit 4) and --repair rewrites the MANIFEST or rebuilds the
+    directory, after which every record reads; a FIFO LOCK is no finding (a writer can hold a lock on it)."""
+    store = tmp_path / "s"
+    acked = make_store(store)
+    victim = store / name
+    victim.unlink()
+    os.mkfifo(victim)
+    root = str(Path(__file__).resolve().parents[1])
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": root})
+
+    fsck = run("-m", "blockstore.tools.cli", "fsck", str(store))
+    if name == "LOCK":
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        return
+    assert fsck.returncode == 4 and "not a regular file" in fsck.stdout, fsck.stdout + fsck.stderr
+    opened = run("-c", f"import blockstore\ntry:\n    blockstore.open({str(store)!r}, read_only=True)\n"
+                       f"except blockstore.CorruptionError as e:\n    print(e)")
+    said = opened.stdout
+    assert opened.returncode == 0 and "not a regular file" in said and name.split("/")[-1] in said, opened
+    repair = run("-m", "blockstore.tools.cli", "fsck", "--repair", str(store))
+    assert repair.returncode == 1, repair.stdout + repair.stderr
+    assert read_all(store, acked) == acked
+
+
 # ------------------------------------------------------------------ permissions: not damage
 
 
