@@ -55,3 +55,20 @@ def test_every_hook_point_named_by_the_loop_exists() -> None:
     doc = blockstore.hooks.__doc__ or ""
     for name in HOOKS:
         assert name in doc, f"{name} is not a hook point listed in blockstore/hooks.py"
+
+
+def test_a_writer_killed_before_it_made_the_store_is_nothing_to_check(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # An early kill (timed from the writer's start) on a loaded machine can land before the writer has made the
+    # store folder; the loop then copied a folder that did not exist (FileNotFoundError, the whole loop failed).
+    # Now such a cycle checks nothing, since nothing was acknowledged; a folder gone after acknowledged writes
+    # would still be a violation.
+    import crash_loop
+
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(crash_loop, "WRITER", str(sleeper))
+    monkeypatch.setattr(crash_loop, "_plan", lambda rng, hook_cycles: (None, 1))  # a timer kill from the start
+    s = run(tmp_path / "work", "sync", 2, seed=1)
+    assert s.ok and s.cycles == 2 and s.acked_ops == 0, s.report()
+    assert not (tmp_path / "work" / "store").exists()

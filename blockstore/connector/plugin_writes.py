@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from blockstore.store import Store
 
 # More distinct segments than this in one batched_put share one partition (see remote_plugin.py's docstring);
-# half of the store's default max_open_blocks (16), so other writers keep their open blocks.
+# chosen as half of the store's default max_open_blocks when that was 16 (now 64: an eighth), so other
+# writers keep their open blocks.
 SEGMENT_PARTITIONS_PER_BATCH = 8
 
 
