@@ -208,3 +208,50 @@ def test_a_failed_part_publishes_its_half_read_layer_failed_and_cancels_the_rest
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+@pytest.mark.parametrize("failing", ["descriptor", "host buffer", "second reader"])
+def test_a_loader_that_fails_to_start_lets_go_of_its_blocks_and_readers(
+        weights: LlamaWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    # LayerStream's start pins every block of the plan (LayerReads.open), then makes the loader: its host
+    # buffer of every layer (pinned on a GPU: ~1 GiB at 8k tokens of an 8B model), its device buffer, its
+    # reader threads. A failure after the pins (a block file refused as not regular, pinned memory or the
+    # GPU's memory short, a thread that cannot start) left the blocks pinned for as long as anything held
+    # the error (a deletion of them waited), and a reader started before it read on into the buffers. The
+    # blend starts its loader inside the layers (stream_start.py), where nothing could close it.
+    from blockstore import IOErrorBS
+    from blockstore.blend import layer_loader
+
+    with blockstore.open(tmp_path / "s") as store:
+        _native(store)
+        kv, cids = _stored(weights, store)
+        if failing == "descriptor":
+            real_fd, calls = store.block_read_fd, []
+
+            def block_read_fd(bid: int) -> int | None:
+                calls.append(bid)
+                if len(calls) == 2:
+                    raise IOErrorBS(f"block {bid:016x}: not a regular file")
+                return real_fd(bid)
+
+            monkeypatch.setattr(store, "block_read_fd", block_read_fd)
+        elif failing == "host buffer":
+            def no_memory(size: int) -> None:
+                raise MemoryError(f"{size} bytes")
+
+            monkeypatch.setattr(layer_loader, "aligned_buffer", no_memory)
+        else:
+            real_start, started = threading.Thread.start, []
+
+            def start(self: threading.Thread) -> None:
+                started.append(self.name)
+                if len(started) == 2:
+                    raise RuntimeError("can't start new thread")
+                real_start(self)
+
+            monkeypatch.setattr(threading.Thread, "start", start)
+        with pytest.raises((IOErrorBS, MemoryError, RuntimeError)) as failed:
+            kv.stream_layers(cids, first_layer=1, readers=2)
+        assert store.blocks._pins == {}, "the loader that failed to start still pins its blocks"
+        assert not [t for t in threading.enumerate() if t.name.startswith("blend-reader")]
+        del failed

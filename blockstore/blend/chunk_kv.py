@@ -322,31 +322,39 @@ class LayerStream:
         self._error: BaseException | None = None
         self._claim = threading.Lock()
         self._meta = self._read_meta(kv) if self.plan else []
-        # whole layers in one C call each (layer_reads.py); None: through read_located
-        self._fast = LayerReads.open(kv.store, self.plan, range(first_layer, self.layers)) if self.plan else None
-        # every layer's records have the same sizes: one set of page-aligned offsets serves them all
-        self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
-        self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens) + 1)]
-        # readers in C (layer_loader.py) where the C core has them; else Python readers, below
-        in_c = self._fast is not None and self.PIECES == 1 and LayerLoader.wanted(self._fast)
-        n = readers or (DEFAULT_READERS if in_c else PYTHON_READERS)
-        self._c = (LayerLoader(self._fast, range(first_layer, self.layers), self._offsets, self._lens, self.device, n)
-                   if in_c and self._fast is not None else None)
-        cuda = self.device.type == "cuda" and bool(self._lens) and self._c is None
-        self._device_buf = (torch.empty((self.layers - first_layer, self._offsets[-1]), dtype=torch.uint8,
-                                        device=self.device) if cuda else None)
-        self._alloc_stream = torch.cuda.current_stream(self.device) if cuda else None
-        pieces = min(self.PIECES, len(self._lens)) if self._c is None else 0
-        self._host: dict[int, torch.Tensor] = {}  # CPU: each layer's buffer, made by its first piece's reader
-        groups = [(len(self._lens) * i // pieces, len(self._lens) * (i + 1) // pieces) for i in range(pieces)]
-        self._items = [(layer, lo, hi) for layer in range(first_layer, self.layers) for lo, hi in groups if hi > lo]
-        self._items.reverse()  # popped from the end: layer order
-        self._pending = {layer: sum(1 for g in groups if g[1] > g[0]) for layer in range(first_layer, self.layers)}
-        self._slot_bytes = max((self._offsets[hi] - self._offsets[lo] for lo, hi in groups), default=0)
-        self._threads = [threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
-                         for i in range(max(1, min(n, len(self._items))) if self._items else 0)]
-        for t in self._threads:
-            t.start()
+        self._fast: LayerReads | None = None
+        self._c: LayerLoader | None = None
+        self._threads: list[threading.Thread] = []
+        try:  # a failure here (the device buffer's allocation, a thread's start) lets go of what was taken
+            # whole layers in one C call each (layer_reads.py); None: through read_located
+            self._fast = LayerReads.open(kv.store, self.plan, range(first_layer, self.layers)) if self.plan else None
+            # every layer's records have the same sizes: one set of page-aligned offsets serves them all
+            self._lens = [p.locs[first_layer].payload_len for p in self.plan] if self.layers > first_layer else []
+            self._offsets = [sum(_round_up(n) for n in self._lens[:i]) for i in range(len(self._lens) + 1)]
+            # readers in C (layer_loader.py) where the C core has them; else Python readers, below
+            in_c = self._fast is not None and self.PIECES == 1 and LayerLoader.wanted(self._fast)
+            n = readers or (DEFAULT_READERS if in_c else PYTHON_READERS)
+            self._c = (LayerLoader(self._fast, range(first_layer, self.layers), self._offsets, self._lens, self.device, n)
+                       if in_c and self._fast is not None else None)
+            cuda = self.device.type == "cuda" and bool(self._lens) and self._c is None
+            self._device_buf = (torch.empty((self.layers - first_layer, self._offsets[-1]), dtype=torch.uint8,
+                                            device=self.device) if cuda else None)
+            self._alloc_stream = torch.cuda.current_stream(self.device) if cuda else None
+            pieces = min(self.PIECES, len(self._lens)) if self._c is None else 0
+            self._host: dict[int, torch.Tensor] = {}  # CPU: each layer's buffer, made by its first piece's reader
+            groups = [(len(self._lens) * i // pieces, len(self._lens) * (i + 1) // pieces) for i in range(pieces)]
+            self._items = [(layer, lo, hi) for layer in range(first_layer, self.layers) for lo, hi in groups if hi > lo]
+            self._items.reverse()  # popped from the end: layer order
+            self._pending = {layer: sum(1 for g in groups if g[1] > g[0]) for layer in range(first_layer, self.layers)}
+            self._slot_bytes = max((self._offsets[hi] - self._offsets[lo] for lo, hi in groups), default=0)
+            for i in range(max(1, min(n, len(self._items))) if self._items else 0):
+                t = threading.Thread(target=self._run, args=(kv,), name=f"blend-loader-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)  # started ones only: close() joins them
+        except BaseException as exc:
+            self._error = exc  # the Python readers started claim no more
+            self.close()
+            raise
 
     def _read_meta(self, kv: ChunkKVStore) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(token ids int32 on the CPU, positions int64 on the device) of every located chunk."""

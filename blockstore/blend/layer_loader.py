@@ -51,17 +51,23 @@ class LayerLoader:
         if jobs is None:
             raise BlockstoreError("the C core has no layer readers (bs_layer_read); rebuild it")
         self._jobs = jobs
-        self._side = torch.cuda.Stream(device) if cuda else None
-        if self._side is not None:  # self._dev's memory may still be read by work queued on the caller's stream
-            self._side.wait_stream(torch.cuda.current_stream(device))
+        self._side: torch.cuda.Stream | None = None
         self._copied: list[torch.cuda.Event | None] = [None] * len(layers)
         self._next = 0  # the first layer (index into `layers`) not handed on yet: copied, or checked on a CPU
         self._error: BaseException | None = None
         self._closed = False
-        self._threads = [threading.Thread(target=self._read, name=f"blend-reader-{i}", daemon=True)
-                         for i in range(max(1, min(readers, len(layers))))]
-        for t in self._threads:
-            t.start()
+        self._threads: list[threading.Thread] = []
+        try:  # a failure here (a thread's start) stops the readers started and unlends the buffers
+            self._side = torch.cuda.Stream(device) if cuda else None
+            if self._side is not None:  # self._dev's memory may still be read by work queued on the caller's stream
+                self._side.wait_stream(torch.cuda.current_stream(device))
+            for i in range(max(1, min(readers, len(layers)))):
+                t = threading.Thread(target=self._read, name=f"blend-reader-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)  # started ones only: close() joins them
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def wanted(cls, reads: LayerReads | None) -> bool:

@@ -52,7 +52,11 @@ class LayerReads:
             return None  # reader's group size, read_located (a block at a time) cannot run out of them
         pins = contextlib.ExitStack()
         pins.enter_context(store.hold_blocks(sorted(blocks)))
-        held = {bid: store.block_read_fd(bid) for bid in blocks}
+        try:
+            held = {bid: store.block_read_fd(bid) for bid in blocks}
+        except BaseException:  # a block file that cannot be opened (not a regular file, EMFILE): let go of the pins
+            pins.close()
+            raise
         fds = {bid: fd for bid, fd in held.items() if fd is not None}
         if len(fds) < len(held):  # deleted since the lookup, or dropped to the remote tier: read_located copes
             pins.close()
