@@ -95,9 +95,9 @@ class LayerJobs:
     """Reads of several layers' records (each layer: (fd, its requests sorted by offset) per file, as
     `read_files` takes them), done by reader threads in C (native/layers.c): each reader thread makes ONE
     call, `run()`, that claims parts (one file of a layer each) layer after layer in order; a layer is
-    published by the reader of its last part; `wait(i)` blocks (GIL released) until layer i is done and gives its per-request statuses per file, or None if it was
-    cancelled. The destination buffers stay lent until `close()`, which cancels what is unclaimed: call it
-    after the reader threads have returned."""
+    published by the reader of its last part; `wait(i)` blocks (GIL released) until layer i is done and
+    gives its per-request statuses per file, or None if it was cancelled. The destination buffers stay lent
+    until `close()`, which cancels what is unclaimed: call it after the reader threads have returned."""
 
     def __init__(self, layers: Sequence[Sequence[tuple[int, Sequence[ReadRequest]]]], max_gap: int, verify: bool,
                  willneed: bool = False) -> None:
@@ -142,7 +142,8 @@ class LayerJobs:
         return int(self._jobs[index].err)
 
     def cancel(self) -> None:
-        """Readers claim no more layers; unclaimed ones read as cancelled."""
+        """Readers claim no more parts; a layer with an unclaimed part reads as cancelled (unless a part of
+        it failed)."""
         lib.bs_layer_cancel(self._jobs, self._n, self._queue)
 
     def close(self) -> None:

@@ -5,13 +5,14 @@ that needs the GIL between its reads (to claim the next layer, start a host-to-d
 mark the layer ready) waits for it, up to the interpreter's switch interval (5 ms) each time, and every
 switch also takes the GIL from the op-issuing thread: more readers read faster alone but slowed a warm 4k
 blend down (bench/README.md, "what bounds the 4k blend"). Here each reader thread makes one C call
-(`native/layers.c`) that claims layer after layer in order, reads and verifies it into one host buffer
-(pinned on a GPU host) and publishes it; the caller, when it wants a layer, starts the host-to-device
+(`native/layers.c`) that claims parts (a layer's records in one block file) layer after layer in order,
+reads and verifies each into one host buffer (pinned on a GPU host); the reader of a layer's last part
+publishes the layer; the caller, when it wants a layer, starts the host-to-device
 copies of every layer read so far on a side stream (copies are in layer order) and makes its own stream
 wait for that layer's copy: no host sync, and the readers never need the GIL until they return.
 
 Same guarantees as `LayerReads.read_layer`: each payload's xxh3 is checked before the caller sees it, and
-a failed layer raises at that layer (`LayerReads.check`); no layer after it is handed on (those no reader
+a failed layer raises at that layer (`LayerReads.check`); no layer after it is handed on (parts no reader
 had claimed yet are not read). On a GPU the host buffer is pinned and holds every layer of the prompt (torch's
 caching host allocator keeps it for reuse), where the Python readers pinned one slot per reader.
 """
