@@ -18,29 +18,17 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 import blockstore
+from bench.blend import _timer
 from bench.common import machine_info, results_path, spread, standard_args, write_json
 from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, chunk_kv, full_prefill
 
 CHUNK_TOKENS = 512
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    def timed(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-    return timed
 
 
 def one_length(w: LlamaWeights, store: blockstore.Store, tokens: int, readers: Sequence[int], repeats: int) -> dict[str, Any]:

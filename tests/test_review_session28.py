@@ -21,19 +21,8 @@ import blockstore
 from blockstore.errors import ChecksumMismatch, IOErrorBS
 from blockstore.tools import cli
 
-BLOCK = 64 << 10
-VALUE = 5000
-
-
-def make_store(path: Path, n: int = 30) -> dict[bytes, bytes]:
-    """A closed sync store of several sealed blocks; returns what it acknowledged."""
-    acked = {}
-    with blockstore.open(path, durability="sync", block_size=BLOCK) as s:
-        for i in range(n):
-            key, value = b"k%03d" % i, bytes([i]) * VALUE
-            s.put(key, value)
-            acked[key] = value
-    return acked
+sys.path.insert(0, str(Path(__file__).parent))
+from test_review_session26 import make_store  # noqa: E402  (a closed sync store of sealed blocks)
 
 
 def second_block(store: Path) -> Path:
