@@ -314,3 +314,29 @@ def test_the_loader_starts_once_the_full_layers_are_issued(weights: LlamaWeights
         serial = Blender(weights, kv, ratio=0.3, check_layer=check_layer, overlap=False).blend(prompt, spans=spans)
         assert torch.equal(got.logits, serial.logits)
         assert all(torch.equal(a, b) for a, b in zip(got.keys, serial.keys))
+
+
+def test_with_a_chunk_missing_the_loader_starts_before_its_prefill(weights: LlamaWeights, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt with a chunk not stored: the loader starts before that chunk is computed, so the stored chunks'
+    reads overlap its prefill (H63: started at the check layer, they waited for it)."""
+    with blockstore.open(tmp_path / "s") as store:
+        kv, chunks, _ = _stored(weights, store)
+        new = torch.randint(0, CFG.vocab_size, (16,), generator=torch.Generator().manual_seed(9))
+        prompt = torch.cat([chunks[0], new, chunks[2], torch.tensor([1, 2, 3])])
+        spans = [(0, 16), (16, 32), (32, 48)]
+        events: list[str] = []
+        real_compute, real_stream = Blender._compute_and_store, ChunkKVStore.stream_located
+
+        def compute(self, *a, **kw):  # type: ignore[no-untyped-def]
+            events.append("prefill")
+            return real_compute(self, *a, **kw)
+
+        def stream_located(self, *a, **kw):  # type: ignore[no-untyped-def]
+            events.append("loader")
+            return real_stream(self, *a, **kw)
+
+        monkeypatch.setattr(Blender, "_compute_and_store", compute)
+        monkeypatch.setattr(ChunkKVStore, "stream_located", stream_located)
+        got = Blender(weights, kv, ratio=0.3).blend(prompt, spans=spans)
+        assert events == ["loader", "prefill"] and len(got.missing_chunks) == 1

@@ -292,6 +292,8 @@ class Blender:
                 found = [p.chunk is not None for p in to_read]
             timings["load_s"] = time.perf_counter() - t0
             missing = [p for p, ok in zip(to_read, found) if not ok]
+            if missing and any(found):  # the stored chunks' reads overlap the missing ones' prefill
+                stream.start()
             for p in missing:
                 p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
             timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]

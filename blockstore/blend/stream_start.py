@@ -6,7 +6,8 @@ GPU's work a few milliseconds. Started first, as it was, that time came before t
 on an H100 (8B shape, 4k tokens, warm) the GPU reached the check layer ~3 ms after the host asked for it.
 Started once the full layers and the check layer's projections are issued, it runs while the GPU computes
 them, and the first layer the blend needs (the check layer's, read by every reader at once) is in well
-before the GPU gets there.
+before the GPU gets there. A prompt with chunks not stored starts it before their prefill instead, which the
+stored chunks' reads then overlap.
 """
 
 from __future__ import annotations
