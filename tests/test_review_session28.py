@@ -243,15 +243,14 @@ def test_a_fifo_among_the_stores_own_files_is_damage_not_a_hang(tmp_path: Path, 
 
 def _as_user_without_access(store: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run `blockstore ARGV` as a user who owns the store but lacks read permission on the file the test took it
-    from: this user when it is not root, else nobody (root reads any file), through setpriv."""
+    from: this user when it is not root, else root without its capabilities (setpriv: root with
+    CAP_DAC_OVERRIDE reads any file). Not another user: the repository and its venv may sit in a folder only
+    root may enter (a CI clone under `mktemp -d`), where another user cannot even import blockstore."""
     cmd = [sys.executable, "-m", "blockstore.tools.cli", *argv]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("root without setpriv: cannot take a permission away")
-        for d, _dirs, files in os.walk(store):
-            for name in [d, *(os.path.join(d, f) for f in files)]:
-                os.chown(name, 65534, 65534)
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
