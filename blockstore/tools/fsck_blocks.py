@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
 from blockstore.directory import BLOCK_OPEN, Location
@@ -15,6 +16,21 @@ from blockstore.tools.fsck_decode import block_label, key_text, location_of, rec
 from blockstore.tools.fsck_pass import BATCH, PassBase
 from blockstore.tools.fsck_report import BlockFacts, Unreferenced
 from blockstore.tools.fsck_scan import NEWER_RECORD, Scan, scan_records
+
+
+def _not_a_block_file(path: str) -> str | None:
+    """What is at a block file's name when it cannot be a block: a link to nothing (a writer makes no links, and
+    deletes a file, never its target), or a FIFO, socket or device (reading one hangs or reads something else;
+    every read path refuses it, backend.refuse_special_file); None for a file (or a folder, checked as one)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "a symbolic link to a missing file"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # gone since it was listed: the block check says so
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device, not a file"
 
 
 class BlockChecks(PassBase):
@@ -66,10 +82,9 @@ class BlockChecks(PassBase):
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk is missing; "
                             f"{n} directory entries name records in it (lost)")
                 continue
-            if os.path.islink(path) and not os.path.exists(path):
-                # a link to nothing is damage (a writer makes no links, and deletes a file, never its target);
-                # repair moves the link to lost+found like any file not of this block
-                facts.foreign = f"block file {block_label(bid)}.blk is a symbolic link to a missing file"
+            why = _not_a_block_file(path)
+            if why is not None:  # damage: a writer makes neither; repair moves it to lost+found like any foreign file
+                facts.foreign = f"block file {block_label(bid)}.blk is {why}"
                 rep.add("block-header" if facts.entry is not None else "orphan-block", bid, None, facts.foreign)
                 continue
             try:

@@ -52,9 +52,11 @@ KINDS: dict[str, tuple[str, str]] = {
         "entry naming a record of another namespace is handled as dangling"),
     "block-header": (
         "a block header does not verify (magic, version, checksum), or names another store, or names another "
-        "block id whose file is there (a duplicate), or the file is a symbolic link to a missing file",
+        "block id whose file is there (a duplicate), or the file is a symbolic link to a missing file, a FIFO, a "
+        "socket or a device",
         "rewrites the header when the file is this store's block (the old header page goes to lost+found); "
-        "a block of another store, or of another id, or a link to nothing, is moved to lost+found"),
+        "a block of another store, or of another id, or a link to nothing, a FIFO, a socket or a device, is moved "
+        "to lost+found"),
     "footer": (
         "a sealed block's footer is missing, torn or does not verify, or disagrees with the block's records",
         "rewrites the footer after the last record (the old bytes go to lost+found)"),
