@@ -907,3 +907,30 @@ def test_a_source_emptied_by_moves_goes_only_after_a_synced_directory(tmp_path: 
             assert s.sync_moves() == [loc.block_id]
         assert not source.exists() and loc.block_id not in _block_ids(s)
         assert s.get(b"k") == value(b"k", 0, 5000)
+
+
+def test_background_compactor_survives_an_unexpected_exception(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # a bug in one pass (here a KeyError) used to end the thread silently: compaction stopped for good and
+    # the store grew unreclaimed; now it is logged with its traceback, kept in status, and retried
+    from blockstore.compaction import compactor as compactor_mod
+    monkeypatch.setattr(compactor_mod, "BUG_RETRY_S", 0.01, raising=False)
+    calls: list[int] = []
+    real = Compactor.run_pass
+
+    def flaky(self: Compactor, *a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Compactor, "run_pass", flaky)
+    with blockstore.open(tmp_path, block_size=MIB, compaction={**AGGRESSIVE, "interval_s": 0.01}) as s:
+        deadline = time.monotonic() + 20
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st_ = s.compactor.status()
+        assert len(calls) >= 3, "the thread stopped after the failed pass"
+        assert st_["running"] is True
+        assert st_["last_error"] == "KeyError: 'a bug'"
+    assert any("unexpectedly" in r.getMessage() and r.exc_info for r in caplog.records)

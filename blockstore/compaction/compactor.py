@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from blockstore.store import Store
 
 _log = logging.getLogger("blockstore.compaction")
+BUG_RETRY_S = 60.0  # the background thread's pause after a pass failed with an unexpected exception
 MAX_GROUPS_PER_PASS = 1024  # the most valuable groups clustered per pass (bounds a pass's cost)
 # A paced (background) pass plans relocation again only after this many times its last planning took:
 # planning is Python holding the GIL, and a foreground that never pauses makes groups due again within
@@ -147,7 +148,9 @@ class Compactor:
 
     def _loop(self) -> None:
         self.pacing.background_thread(self._stop, self.policy.interval_s)  # CPU priority below the foreground's
-        while not self._stop.wait(self.policy.interval_s):
+        wait = self.policy.interval_s
+        while not self._stop.wait(wait):
+            wait = self.policy.interval_s
             try:
                 self.run_pass(pace=True)
                 self.flush()
@@ -156,6 +159,11 @@ class Compactor:
             except BlockstoreError as exc:  # a full disk, an I/O error: retried next interval
                 self.last_error = str(exc)
                 _log.warning("compaction pass failed: %s", exc)
+            except Exception as exc:  # a bug: kept for status with its traceback, never the thread's end (the
+                # store would grow unreclaimed with nothing to say why); retried after BUG_RETRY_S, not spun on
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                _log.exception("compaction pass failed unexpectedly; retrying in %.0f s", BUG_RETRY_S)
+                wait = max(BUG_RETRY_S, self.policy.interval_s)
 
     # ---- hints and observations (the explicit affinity seams for callers) ----
 
