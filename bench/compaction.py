@@ -925,6 +925,12 @@ TRACE_BLOCK_SIZE = {"locomo": 256 * KiB, "webarena": 1024 * KiB, "swe": 1024 * K
                     "workspaces": 4096 * KiB}
 
 
+def block_size_of(trace: Trace, override: int | None) -> int:
+    """The block size a trace is replayed with: --block-size, else the trace's own (the `random` family
+    draws one per seed), else TRACE_BLOCK_SIZE."""
+    return override or trace.params.get("block_size") or TRACE_BLOCK_SIZE[trace.name]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.compaction", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -983,13 +989,15 @@ def run_repeat(args: argparse.Namespace, seed: int, root: str, t_all: float, run
         t = generate(name, seed, args.scale)
         check(t)
         traces.append(t)
+        if "block_size" in t.params:  # a drawn shape (the `random` family): its draws, before any figure
+            print(f"seed {seed} {name} shape: {json.dumps(t.params)}", file=sys.stderr)
     print(f"seed {seed}:\n{describe(traces)}", file=sys.stderr)
     payloads = Payloads(seed, max(t.summary()["max_record_bytes"] for t in traces))
     results: dict[str, dict[str, dict[str, Any]]] = {}
     fg: dict[str, Any] = {}
     for t in traces:
         cells = results.setdefault(t.name, {})
-        bs = args.block_size or TRACE_BLOCK_SIZE[t.name]
+        bs = block_size_of(t, args.block_size)
         for pol in args.policies:
             cells[pol] = replay(t, pol, block_size=bs, root=root, payloads=payloads,
                                 passes=args.passes, cold_samples=args.cold_samples,
@@ -1041,7 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "benchmark": "compaction",
         "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
         "config": {"mode": args.mode, "scale": args.scale, "seed": args.seed,
-                   "block_size": {t.name: args.block_size or TRACE_BLOCK_SIZE[t.name] for t in traces},
+                   "block_size": {t.name: block_size_of(t, args.block_size) for t in traces},
                    "passes_per_replay": args.passes, "cold_samples": args.cold_samples, "durability": "cache",
                    "max_open_blocks": args.max_open_blocks or "default",
                    "repeats": args.repeats, "seeds": [args.seed + r for r in range(args.repeats)],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -899,7 +900,193 @@ def workspaces(seed: int = 0, scale: float = 1.0, *, sessions: int | None = None
     return Trace("workspaces", ops, params)
 
 
-# the families the benchmark replays by default; the held-out `heldout`, `agents` and `workspaces` run when named
+# ------------------------------------------------------------------------- randomized family (H65)
+
+
+def random_shape(seed: int = 0, scale: float = 1.0, **overrides: Any) -> Trace:
+    """A randomized family (issue 16: figures checked on workloads the project has not seen): each seed
+    draws its own shape, then a trace of that shape. Written once, before any measurement of it; no
+    constant of the engine or of compaction may be chosen by its figures. Replayed only when named.
+
+    Drawn per seed (`params` holds every draw; `overrides` replaces one):
+    - `block_size` 256 KiB..16 MiB (a power of two): the store's block size for this trace;
+    - `tenants` 1..500 (log-uniform), activity Zipf(`tenant_zipf` 0..1.5); namespaces `ns_mode`: one for
+      all, one per tenant, or tenants spread over 2..16 namespaces; writers name as partition the session
+      or the tenant (`partition_by`);
+    - `concurrent` sessions at once 1..2000 (log-uniform), 1..`max_steps` (2..40) steps per session; the
+      byte budget keeps 3 sessions per slot over the trace by lowering the steps (to 4), then the concurrency
+      (`max_steps_effective`, `concurrent_effective`);
+    - record sizes: one log-uniform mode [lo, hi] within 1 KiB..2 MiB (and at most half a block), with
+      probability 0.5 a second mode drawn the same way for a share `mode_b_p` of the records; 1..`max_put`
+      records per put;
+    - reads: with probability `read_p` a step first issues one request of 2..`max_request` keys: with
+      `repeat_p` an earlier request of the tenant again (its live keys); else a share `own_p` of the
+      session's newest records and the rest picks from the tenant's live records, uniform or skewed to the
+      newest (`recent_skew`), plus with `doc_p` 1..3 chunks of a document shared by the namespace's
+      tenants (`docs` documents of `doc_chunks` chunks, written when first read);
+    - churn: `update_p` rewrites one of the tenant's records, `delete_p` deletes one, `evict_p` deletes a
+      finished session's records.
+    The trace stops starting sessions once `bytes_target` is put (16-48 MB, or 400 records' worth up to
+    128 MB, x scale).
+    """
+    rng = random.Random(f"random-{seed}")
+    d: dict[str, Any] = {}
+
+    def draw(name: str, make: Callable[[], Any]) -> Any:
+        d[name] = overrides[name] if name in overrides else make()
+        return d[name]
+
+    def log_int(lo: float, hi: float) -> int:
+        return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+    bs = draw("block_size", lambda: 1 << rng.randint(18, 24))
+    cap = min(2048 * KiB, bs // 2)
+
+    def mode() -> tuple[int, int]:
+        lo = min(cap, log_int(1 * KiB, 256 * KiB))
+        hi = min(cap, max(lo, int(lo * math.exp(rng.uniform(0, math.log(32))))))
+        return (lo // 64 * 64 or 64, hi // 64 * 64 or 64)
+
+    mode_a = draw("mode_a", mode)
+    mode_b = draw("mode_b", lambda: mode() if rng.random() < 0.5 else None)
+    mode_b_p = draw("mode_b_p", lambda: rng.uniform(0.05, 0.5) if mode_b else 0.0)
+    max_put = draw("max_put", lambda: rng.randint(1, 8))
+    tenants = draw("tenants", lambda: log_int(1, 500))
+    tenant_zipf = draw("tenant_zipf", lambda: rng.uniform(0.0, 1.5))
+    ns_mode = draw("ns_mode", lambda: rng.choice(["one", "tenant", "groups"]))
+    n_groups = draw("ns_groups", lambda: rng.randint(2, 16) if ns_mode == "groups" else 1)
+    partition_by = draw("partition_by", lambda: rng.choice(["session", "session", "tenant"]))
+    max_steps = draw("max_steps", lambda: rng.randint(2, 40))
+    read_p = draw("read_p", lambda: rng.uniform(0.3, 1.0))
+    max_request = draw("max_request", lambda: rng.randint(2, 32))
+    repeat_p = draw("repeat_p", lambda: rng.uniform(0.0, 0.8))
+    own_p = draw("own_p", lambda: rng.uniform(0.0, 1.0))
+    recent_skew = draw("recent_skew", lambda: rng.choice([0.0, rng.uniform(0.5, 1.5)]))
+    doc_p = draw("doc_p", lambda: rng.choice([0.0, rng.uniform(0.1, 0.6)]))
+    docs = draw("docs", lambda: rng.randint(2, 60) if doc_p else 0)
+    doc_chunks = draw("doc_chunks", lambda: rng.randint(2, 12))
+    update_p = draw("update_p", lambda: rng.uniform(0.0, 0.3))
+    delete_p = draw("delete_p", lambda: rng.uniform(0.0, 0.15))
+    evict_p = draw("evict_p", lambda: rng.uniform(0.0, 0.8))
+    concurrent = draw("concurrent", lambda: log_int(1, 2000))
+    mean_rec = ((mode_a[0] + mode_a[1]) / 2 * (1 - mode_b_p) + (sum(mode_b) / 2 * mode_b_p if mode_b else 0))
+    # 16-48 MB, or 400 records' worth where records are large (up to 128 MB)
+    target = draw("bytes_target", lambda: int(max(rng.uniform(16e6, 48e6), min(128e6, 400 * mean_rec)) * scale))
+    # at least 3 sessions per slot over the trace (sessions start and end while others run): the byte budget
+    # lowers the steps per session first (to no fewer than 4), then the concurrency (large records, many writers)
+    per_step = mean_rec * (max_put + 1) / 2
+    steps_min = min(max_steps, 4)
+    d["concurrent_effective"] = c_eff = max(1, min(concurrent, int(target / (3 * per_step * (steps_min + 1) / 2))))
+    d["max_steps_effective"] = steps_eff = max(steps_min, min(max_steps, int(2 * target / (3 * c_eff * per_step)) - 1))
+
+    def size() -> int:
+        lo, hi = mode_b if mode_b and rng.random() < mode_b_p else mode_a
+        return _log_uniform(rng, lo, hi) if hi > lo else lo
+
+    zipf = _Zipf(tenants, tenant_zipf, rng)
+    ns_of = [("bench" if ns_mode == "one" else f"t{t:03d}" if ns_mode == "tenant" else f"g{t % n_groups:02d}")
+             for t in range(tenants)]
+    pools = [_Pool() for _ in range(tenants)]  # each tenant's live records, in write order below
+    order: list[list[bytes]] = [[] for _ in range(tenants)]  # each tenant's records, newest last (may hold dead)
+    history: list[list[tuple[bytes, ...]]] = [[] for _ in range(tenants)]
+    doc_keys: dict[tuple[str, int], list[bytes]] = {}
+    doc_pick = _Zipf(max(1, docs), 1.0, rng)
+    live: dict[tuple[str, bytes], int] = {}
+    ops: list[Op] = []
+    put = [0]
+    started = itertools.count()
+
+    def write(keys: list[bytes], sizes: list[int], part: str, ns: str) -> None:
+        ops.append(Put(tuple(keys), tuple(sizes), part, ns))
+        put[0] += sum(sizes)
+        for k, n in zip(keys, sizes):
+            live[(ns, k)] = n
+
+    def start() -> dict[str, Any] | None:
+        if put[0] >= target:
+            return None
+        i = next(started)
+        return {"i": i, "t": zipf(), "left": rng.randint(1, steps_eff), "own": []}
+
+    def pick(t: int) -> bytes | None:
+        pool, seq = pools[t], order[t]
+        if not len(pool):
+            return None
+        if recent_skew and seq:
+            for _ in range(8):  # newest first, Zipf-like over the write order; dead picks retried
+                k = seq[-1 - min(len(seq) - 1, int(rng.paretovariate(recent_skew)) - 1)]
+                if k in pool:
+                    return k
+        return pool.choice(rng)
+
+    def request(a: dict[str, Any], ns: str) -> list[bytes]:
+        t = a["t"]
+        want = rng.randint(2, max_request)
+        if history[t] and rng.random() < repeat_p:
+            old = history[t][rng.randrange(len(history[t]))]
+            return [k for k in old if (ns, k) in live]
+        own = [k for k in a["own"] if (ns, k) in live][-round(want * own_p):] if own_p * want >= 1 else []
+        req = list(own)
+        for _ in range(want - len(own)):
+            k = pick(t)
+            if k is not None:
+                req.append(k)
+        if docs and rng.random() < doc_p:
+            dk = doc_keys.get((ns, doc_pick()))
+            if dk:
+                req += rng.sample(dk, min(len(dk), rng.randint(1, 3)))
+        return list(dict.fromkeys(req))
+
+    def step(a: dict[str, Any]) -> bool:
+        t = a["t"]
+        ns = ns_of[t]
+        part = f"t{t:03d}/s{a['i']:05d}" if partition_by == "session" else f"t{t:03d}"
+        if docs and rng.random() < doc_p:
+            dn = doc_pick()
+            if (ns, dn) not in doc_keys:  # a shared document, written when first needed
+                keys = [b"doc%03d/c%02d" % (dn, j) for j in range(doc_chunks)]
+                write(keys, [size() for _ in keys], part, ns)
+                doc_keys[(ns, dn)] = keys
+        if rng.random() < read_p:
+            req = request(a, ns)
+            if len(req) >= 2:
+                ops.append(Request(tuple(req), ns))
+                history[t].append(tuple(req))
+                if len(history[t]) > 64:
+                    history[t].pop(0)
+        pool = pools[t]
+        if len(pool) and rng.random() < update_p:
+            k = pool.choice(rng)
+            write([k], [live[(ns, k)]], part, ns)
+        if len(pool) > 1 and rng.random() < delete_p:
+            k = pool.choice(rng)
+            ops.append(Delete((k,), ns))
+            pool.remove(k)
+            del live[(ns, k)]
+        base = len(a["own"])
+        keys = [b"s%05d/r%03d" % (a["i"], base + j) for j in range(rng.randint(1, max_put))]
+        write(keys, [size() for _ in keys], part, ns)
+        for k in keys:
+            pool.add(k)
+        order[t].extend(keys)
+        a["own"].extend(keys)
+        a["left"] -= 1
+        if a["left"] > 0 and put[0] < 2 * target:
+            return True
+        gone = [k for k in a["own"] if k in pool]
+        if gone and rng.random() < evict_p:
+            ops.append(Delete(tuple(gone), ns))
+            for k in gone:
+                pool.remove(k)
+                del live[(ns, k)]
+        return False
+
+    _interleave(rng, d["concurrent_effective"], start, step)
+    return Trace("random", ops, {"seed": seed, "scale": scale, **d, "sessions": next(started)})
+
+
+# the families the benchmark replays by default; the held-out `heldout`, `agents`, `workspaces` and `random`
+# run when named
 FAMILIES = ("locomo", "webarena", "swe", "lmcache", "shared", "sessions")
 
 GENERATORS: dict[str, Callable[..., Trace]] = {
@@ -913,6 +1100,7 @@ GENERATORS: dict[str, Callable[..., Trace]] = {
     "heldout_ns": heldout_ns,
     "agents": agents,
     "workspaces": workspaces,
+    "random": random_shape,
 }
 
 
