@@ -58,10 +58,21 @@ def location_of(r: ScannedRecord, block_id: int) -> Location:
                     r.info.payload_len, r.info.seq, r.info.payload_xxh3, bytes(r.meta))
 
 
+BLOCK_ENTRY_VERSION = 1  # docs/format.md §5.2
+
+
+def is_newer_value(raw: bytes, newest: int) -> bool:
+    """Whether a directory value is of a newer version than this build writes: not damage (docs/format.md §7),
+    so fsck reports it and repair refuses rather than rewrite it."""
+    return len(raw) > 0 and raw[0] > newest
+
+
 def decode_location(raw: bytes) -> Location | str:
     """The location, or why it is not one."""
     if len(raw) < 56:
         return f"location value of {len(raw)} bytes (at least 56 expected)"
+    if is_newer_value(raw, LOCATION_VERSION):
+        return f"location value version {raw[0]} is newer than this build ({LOCATION_VERSION})"
     if raw[0] not in (1, LOCATION_VERSION):
         return f"location value version {raw[0]} (1 or {LOCATION_VERSION} expected)"
     try:
@@ -80,8 +91,10 @@ def decode_location(raw: bytes) -> Location | str:
 def decode_block_entry(bid: int, raw: bytes) -> BlockEntry | str:
     if len(raw) < 88:
         return f"block entry of {len(raw)} bytes (at least 88 expected)"
-    if raw[0] != 1:
-        return f"block entry version {raw[0]} (1 expected)"
+    if is_newer_value(raw, BLOCK_ENTRY_VERSION):
+        return f"block entry version {raw[0]} is newer than this build ({BLOCK_ENTRY_VERSION})"
+    if raw[0] != BLOCK_ENTRY_VERSION:
+        return f"block entry version {raw[0]} ({BLOCK_ENTRY_VERSION} expected)"
     e = BlockEntry.decode(bid, raw)
     if e.state not in (BLOCK_OPEN, BLOCK_SEALED, BLOCK_RECLAIMING):
         return f"block entry state {e.state}"

@@ -8,7 +8,7 @@ import errno
 import os
 import struct
 
-from blockstore.directory import BLOCK_RECLAIMING, Directory, Location
+from blockstore.directory import BLOCK_RECLAIMING, LOCATION_VERSION, Directory, Location
 from blockstore.errors import BlockstoreError, IOErrorBS
 from blockstore.keys import (
     SPACE_CHUNK,
@@ -27,9 +27,11 @@ from blockstore.keys import (
 from blockstore.records import FORMAT_VERSION, Kind
 from blockstore.store import DIRECTORY
 from blockstore.tools.fsck_decode import (
+    BLOCK_ENTRY_VERSION,
     block_label,
     decode_block_entry,
     decode_location,
+    is_newer_value,
     key_text,
     suffix_space_ok,
 )
@@ -106,6 +108,7 @@ class DirectoryChecks(PassBase):
             bid = int.from_bytes(k[1:9], "big")
             e = decode_block_entry(bid, bytes(v))
             if isinstance(e, str):
+                rep.newer_format |= is_newer_value(bytes(v), BLOCK_ENTRY_VERSION)  # then repair refuses
                 rep.add("block-entry", bid, None, f"block table entry does not decode: {e}")
                 rep.bad_block_values.append(bid)
                 continue
@@ -137,6 +140,7 @@ class DirectoryChecks(PassBase):
                 continue
             loc = decode_location(v)
             if isinstance(loc, str):
+                rep.newer_format |= is_newer_value(v, LOCATION_VERSION)  # then repair refuses
                 rep.add("dangling", None, None, f"entry of {key_text(suffix)} does not decode: {loc}")
                 rep.dangling[suffix] = (None, loc)
                 continue

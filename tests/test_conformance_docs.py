@@ -1,0 +1,553 @@
+"""Conformance with the documents, tested from outside: each test checks one promise of README.md,
+docs/*.md or ../shared/DESIGN.md through the public API, the `blockstore` command or the bytes the format
+documents (docs/format.md), the way a party that has only the documents would check it. Each test names
+the promise it checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+from rocksdict import Options, Rdict
+
+import blockstore
+from blockstore import (
+    BlockstoreError,
+    ChecksumMismatch,
+    CorruptionError,
+    FormatVersionError,
+    InvalidArgument,
+    IOErrorBS,
+    NoSpace,
+    NotFound,
+    ReadOnlyStore,
+    RemoteNotConfirmed,
+    StoreClosed,
+    StoreLocked,
+    TruncatedError,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockstore.tools.cli", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=120)
+
+
+def xxh(b: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(b)
+
+
+def small_store(path: Path, **kw: Any) -> Path:
+    """A closed store: a small record (8-aligned), an aligned one (≥ 4096 bytes), a deleted key."""
+    with blockstore.open(path, **kw) as s:
+        s.put(b"small", b"abc")
+        s.put(b"big", b"y" * 5000)
+        s.put(b"gone", b"x")
+        s.delete(b"gone")
+    return path
+
+
+def block_files(path: Path) -> list[Path]:
+    return sorted((path / "blocks").iterdir())
+
+
+@pytest.fixture
+def rdict_raw() -> Iterator[Any]:
+    opened: list[Rdict] = []
+
+    def open_(path: Path) -> Rdict:
+        db = Rdict(str(path / "directory"), options=Options(raw_mode=True))
+        opened.append(db)
+        return db
+
+    yield open_
+    for db in opened:
+        db.close()
+
+
+# ---------------------------------------------------------------------------------------- docs/format.md
+
+def test_format_store_directory_layout_and_manifest(tmp_path: Path) -> None:
+    """§1: MANIFEST.json's fields; LOCK holds the writer's pid as ASCII; block files are named by 16
+    lower-case hex digits + .blk."""
+    p = tmp_path / "s"
+    with blockstore.open(p, durability="sync") as s:
+        s.put(b"k", b"v")
+        assert (p / "LOCK").read_text().strip() == str(os.getpid())
+    m = json.loads((p / "MANIFEST.json").read_text())
+    assert set(m) == {"magic", "format_version", "store_id", "block_size", "durability", "created"}
+    assert m["magic"] == "blockstore" and m["format_version"] == 1 and m["durability"] == "sync"
+    assert m["block_size"] == blockstore.DEFAULT_BLOCK_SIZE == 64 << 20 and isinstance(m["store_id"], int)
+    assert {"MANIFEST.json", "LOCK", "directory", "blocks"} <= set(os.listdir(p))
+    names = [f.name for f in block_files(p)]
+    assert names and all(len(n) == 20 and n.endswith(".blk") and int(n[:16], 16) >= 1 and n[:16] == n[:16].lower()
+                         for n in names)
+
+
+def test_format_block_header_footer_and_records(tmp_path: Path) -> None:
+    """§2: header (BSBLOCK, version, block id = file name, store id, header_xxh3), records (BSR1, kinds,
+    8-aligned, ALIGNED payloads on 4096, both checksums, a tombstone's one-byte meta), footer of a sealed
+    block (BSFOOTER at data_end = size - 64, record count, seq range, footer_xxh3)."""
+    p = small_store(tmp_path / "s")
+    sid = json.loads((p / "MANIFEST.json").read_text())["store_id"]
+    [f] = block_files(p)
+    b = f.read_bytes()
+    magic, ver, flags, bid, store_id, _created, _ph, reserved, hx = struct.unpack_from("<8sIIQQQQQQ", b, 0)
+    assert (magic, ver, flags, reserved) == (b"BSBLOCK\0", 1, 0, 0)
+    assert bid == int(f.name[:16], 16) and store_id == sid and hx == xxh(b[:56]) and b[64:4096] == bytes(4032)
+    fm, fv, ff, fbid, data_end, count, min_seq, max_seq, fx = struct.unpack("<8sIIQQQQQQ", b[-64:])
+    assert (fm, fv, ff, fbid, data_end) == (b"BSFOOTER", 1, 0, bid, len(b) - 64) and fx == xxh(b[-64:-8])
+    off, recs = 4096, []
+    while off < data_end:
+        rm, rv, kind, rfl, kl, ml, po, _ns, pl, rl, seq, px, rhx = struct.unpack_from("<4sBBHIIIIQQQQQ", b, off)
+        key, meta = b[off + 64:off + 64 + kl], b[off + 64 + kl:off + 64 + kl + ml]
+        assert (rm, rv) == (b"BSR1", 1) and off % 8 == 0 and rl % 8 == 0 and po >= 64 + kl + ml
+        assert rhx == xxh(b[off:off + 56] + key + meta) and px == xxh(b[off + po:off + po + pl])
+        assert rl - po - pl < 4096
+        if rfl & 1:  # ALIGNED: payload and record end on 4096
+            assert (off + po) % 4096 == 0 and (off + rl) % 4096 == 0
+        assert rfl & ~1 == 0
+        recs.append((kind, key, meta, pl, rfl & 1, seq))
+        off += rl
+    assert off == data_end and count == len(recs)
+    assert [r[:2] for r in recs] == [(1, b"small"), (1, b"big"), (1, b"gone"), (3, b"gone")]
+    assert recs[1][4] == 1 and recs[0][4] == 0  # a payload of ≥ 4096 bytes is ALIGNED, a small one not
+    assert recs[3][2] == b"\x01" and recs[3][3] == 0  # a tombstone: meta = the key space (1 kv), no payload
+    seqs = [r[5] for r in recs]
+    assert seqs == sorted(seqs) and (min_seq, max_seq) == (seqs[0], seqs[-1])
+
+
+def test_format_directory_counters_and_entries(tmp_path: Path, rdict_raw: Any) -> None:
+    """§4/§5: after a clean close `M clean` is 1; the counters exist and are above what is on disk;
+    namespaces are mirrored by N and I entries (ids from 1); every K entry has its R entry; block entry
+    counters (written, live, records, tombstones, data_end) agree with the file."""
+    p = small_store(tmp_path / "s")
+    db = rdict_raw(p)
+    items = {bytes(k): bytes(v) for k, v in db.items()}
+    m = {k[1:].decode(): int.from_bytes(v, "little") for k, v in items.items() if k[:1] == b"M" and len(v) == 8}
+    assert m["clean"] == 1 and m["format_version"] == 1
+    for name in ("next_seq", "next_block", "next_ns", "bytes_put", "bytes_written", "session_first_block"):
+        assert name in m, name
+    assert m["next_seq"] > 4 and m["next_block"] > 1
+    ns = {k[1:].decode(): int.from_bytes(v, "little") for k, v in items.items() if k[:1] == b"N"}
+    ids = {int.from_bytes(k[1:5], "big"): v.decode() for k, v in items.items() if k[:1] == b"I"}
+    assert ns == {"default": 1} and ids == {1: "default"}
+    keys = {k[1:]: v for k, v in items.items() if k[:1] == b"K"}
+    assert set(keys) == {b"\0\0\0\x01\x01small", b"\0\0\0\x01\x01big"}  # ns id BE + space 1 + key
+    rev = {v for k, v in items.items() if k[:1] == b"R"}
+    assert rev == set(keys)
+    [(bk, bv)] = [(k, v) for k, v in items.items() if k[:1] == b"B"]
+    ver, state, _r, plen, written, live, live_recs, total, tombs, data_end = struct.unpack_from("<BBHIQQQQQQ", bv)
+    size = block_files(p)[0].stat().st_size
+    assert (ver, state, live_recs, total, tombs) == (1, 2, 2, 4, 1) and data_end == size - 64
+    assert written == data_end - 4096 and live < written and bv[88:88 + plen] == b"default"
+    for v in keys.values():  # location value version 1 (no copies), naming the block above
+        assert v[0] == 1 and int.from_bytes(v[8:16], "little") == int.from_bytes(bk[1:], "big")
+
+
+def _bump_version(raw: bytes, version: int) -> bytes:
+    return bytes([version]) + raw[1:]
+
+
+@pytest.mark.parametrize("what", ["location", "block-entry"])
+def test_format_newer_directory_value_is_not_repaired_as_damage(tmp_path: Path, what: str) -> None:
+    """format.md §7: a newer version is FormatVersionError, never a guess; fsck.md: repair refuses whenever
+    anything on disk is of a newer version (that is not damage). A directory value of a newer version is
+    reported (exit 4) and `fsck --repair` changes nothing (it used to rewrite a newer location as damage)."""
+    p = small_store(tmp_path / "s")
+    db = Rdict(str(p / "directory"), options=Options(raw_mode=True))
+    key = b"K\0\0\0\x01\x01small" if what == "location" else next(bytes(k) for k in db.keys() if k[:1] == b"B")
+    newer = _bump_version(bytes(db[key]), 3 if what == "location" else 2)
+    db[key] = newer
+    db.close()
+    with pytest.raises(FormatVersionError), blockstore.open(p, read_only=True) as s:
+        s.get(b"small")
+    r = cli("fsck", str(p))
+    assert r.returncode == 4 and "newer" in r.stdout, r.stdout
+    r = cli("fsck", "--repair", str(p))
+    assert r.returncode == 4 and "refused" in r.stderr, (r.stdout, r.stderr)
+    db2 = Rdict(str(p / "directory"), options=Options(raw_mode=True))
+    try:
+        assert bytes(db2[key]) == newer  # left as it was
+    finally:
+        db2.close()
+
+
+def test_format_newer_block_structures_are_not_repaired(tmp_path: Path) -> None:
+    """format.md §7 and fsck.md (repair refuses whenever anything on disk is of a newer version): a block
+    header, record header or footer of version 2 (checksums right) is a finding, and `--repair` refuses."""
+    for what in ("header", "record", "footer"):
+        p = small_store(tmp_path / what)
+        [f] = block_files(p)
+        b = bytearray(f.read_bytes())
+        if what == "header":
+            struct.pack_into("<I", b, 8, 2)
+            struct.pack_into("<Q", b, 56, xxh(bytes(b[:56])))
+        elif what == "record":
+            b[4096 + 4] = 2
+            kl, ml = struct.unpack_from("<II", b, 4096 + 8)
+            struct.pack_into("<Q", b, 4096 + 56, xxh(bytes(b[4096:4096 + 56]) + bytes(b[4096 + 64:4096 + 64 + kl + ml])))
+        else:
+            n = len(b)
+            struct.pack_into("<I", b, n - 56, 2)
+            struct.pack_into("<Q", b, n - 8, xxh(bytes(b[n - 64:n - 8])))
+        f.write_bytes(bytes(b))
+        assert cli("fsck", str(p)).returncode == 4, what
+        r = cli("fsck", "--repair", str(p))
+        assert r.returncode == 4 and "refused" in r.stderr, (what, r.stdout, r.stderr)
+        assert f.read_bytes() == bytes(b), what  # nothing changed
+
+
+def test_format_manifest_versions(tmp_path: Path) -> None:
+    """§1: a MANIFEST whose format_version is newer is FormatVersionError (read-only opens too); one whose
+    magic differs is refused with a CorruptionError."""
+    p = small_store(tmp_path / "s")
+    m = json.loads((p / "MANIFEST.json").read_text())
+    (p / "MANIFEST.json").write_text(json.dumps({**m, "format_version": 2}))
+    for ro in (False, True):
+        with pytest.raises(FormatVersionError):
+            blockstore.open(p, read_only=ro)
+    (p / "MANIFEST.json").write_text(json.dumps({**m, "magic": "other"}))
+    with pytest.raises(CorruptionError):
+        blockstore.open(p)
+
+
+def test_format_block_size_limits_and_own_block_for_a_large_record(tmp_path: Path) -> None:
+    """§2: block_size 64 KiB to 1 TiB (else InvalidArgument); a record larger than the block size gets a
+    block of its own."""
+    for bad in (64 * 1024 - 1, (1 << 40) + 1, 0):
+        with pytest.raises(InvalidArgument):
+            blockstore.open(tmp_path / f"bad{bad}", block_size=bad)
+    with blockstore.open(tmp_path / "s", block_size=64 * 1024) as s:
+        s.put(b"a", b"1" * 100)
+        s.put(b"huge", b"H" * 200_000)
+        s.put(b"b", b"2" * 100)
+        a, huge, b = s.locate_many([b"a", b"huge", b"b"])
+        assert a is not None and huge is not None and b is not None
+        assert huge.block_id not in (a.block_id, b.block_id)
+    sizes = {int(f.name[:16], 16): f.stat().st_size for f in block_files(tmp_path / "s")}
+    assert sizes[huge.block_id] > 200_000 and sizes[a.block_id] < 64 * 1024
+
+
+def test_format_limits_raise_invalid_argument_before_writing(tmp_path: Path) -> None:
+    """§6 and README Limits: key 1..4096 bytes, namespace 1..255 bytes, meta ≤ 65536 bytes; violations (and
+    wrong types and sequence lengths) raise InvalidArgument before anything is written."""
+    with blockstore.open(tmp_path / "s") as s:
+        s.put(b"k" * 4096, b"x")
+        s.put(b"a", b"x", ns="n" * 255)
+        s.put(b"m", b"x", meta=b"m" * 65536)
+        before = s.stats().bytes_appended
+        bad: list[Any] = [
+            lambda: s.put(b"", b"x"), lambda: s.put(b"k" * 4097, b"x"), lambda: s.put("str", b"x"),
+            lambda: s.put(b"a", b"x", ns=""), lambda: s.put(b"a", b"x", ns="n" * 256),
+            lambda: s.put(b"a", b"x", meta=b"m" * 65537), lambda: s.put(b"a", "text"),
+            lambda: s.put_chunk("u", "s", "c", "t", meta={"x": "a" * 70_000}),
+            lambda: s.put_many([(b"q", b"1")], metas=[b"", b""]), lambda: s.put_many([(b"q", b"1", b"2")]),
+            lambda: s.get_many([b"a"], out=[bytearray(8), bytearray(8)]), lambda: s.delete_many([b""]),
+            lambda: s.get_many([b"k" * 4097]),
+        ]
+        for i, call in enumerate(bad):
+            with pytest.raises(InvalidArgument):
+                call()
+            assert s.stats().bytes_appended == before, i
+
+
+# -------------------------------------------------------------------------------- README: the Python API
+
+def test_api_error_hierarchy() -> None:
+    """README Errors: one hierarchy under BlockstoreError; ChecksumMismatch, TruncatedError and
+    FormatVersionError are CorruptionErrors; RemoteNotConfirmed is an IOErrorBS."""
+    for exc in (InvalidArgument, NoSpace, IOErrorBS, CorruptionError, NotFound, StoreLocked, ReadOnlyStore,
+                StoreClosed, RemoteNotConfirmed, ChecksumMismatch, TruncatedError, FormatVersionError):
+        assert issubclass(exc, BlockstoreError), exc
+        assert exc.__name__ in blockstore.__all__
+    for exc in (ChecksumMismatch, TruncatedError, FormatVersionError):
+        assert issubclass(exc, CorruptionError)
+    assert issubclass(RemoteNotConfirmed, IOErrorBS)
+
+
+def test_api_open_options(tmp_path: Path) -> None:
+    """blockstore.open: an option Store does not take is InvalidArgument naming it; bad values of
+    durability / on_corrupt are InvalidArgument; create=False on nothing is NotFound saying `no store at`;
+    a file, or a non-empty directory that is not a store, is refused unless allow_non_empty=True."""
+    with pytest.raises(InvalidArgument, match="blok_size"):
+        blockstore.open(tmp_path / "a", blok_size=1)
+    with pytest.raises(InvalidArgument):
+        blockstore.open(tmp_path / "b", durability="fast")
+    with pytest.raises(InvalidArgument):
+        blockstore.open(tmp_path / "c", on_corrupt="ignore")
+    with pytest.raises(NotFound, match="no store at"):
+        blockstore.open(tmp_path / "missing", create=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidArgument):
+        blockstore.open(tmp_path / "file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(InvalidArgument):
+        blockstore.open(tmp_path / "full")
+    blockstore.open(tmp_path / "full", allow_non_empty=True).close()
+    assert (tmp_path / "full" / "f").read_text() == "x"
+
+
+def test_api_basic_contract(tmp_path: Path) -> None:
+    """README Use: put replaces; delete returns whether the key existed; get_many gives memoryviews
+    (page-aligned from a page up) and None for a miss; out= fills caller buffers and returns lengths;
+    namespaces isolate; tensors keep shape and dtype; list_chunks is in temporal order."""
+    np = pytest.importorskip("numpy")
+    with blockstore.open(tmp_path / "s") as s:
+        s.put(b"a", b"old")
+        s.put(b"a", b"new")
+        s.put(b"big", b"B" * 8192)
+        va, vbig, miss = s.get_many([b"a", b"big", b"nope"])
+        assert bytes(va) == b"new" and miss is None and isinstance(vbig, memoryview)
+        assert np.frombuffer(vbig, np.uint8).ctypes.data % 4096 == 0
+        buf = bytearray(8192)
+        assert s.get_many([b"big", b"nope"], out=[buf, bytearray(1)]) == [8192, None] and buf == b"B" * 8192
+        assert s.delete(b"a") is True and s.delete(b"a") is False and s.get(b"a") is None
+        s.put(b"iso", b"1", ns="t1")
+        assert s.get(b"iso", ns="t2") is None and s.get(b"iso") is None and s.get(b"iso", ns="t1") == b"1"
+        arr = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+        s.put_tensor(b"kv", arr, ns="m")
+        back = s.get_tensor(b"kv", ns="m")
+        assert back.shape == (2, 3, 4) and back.dtype == np.float16 and (back == arr).all()
+        s.put_chunk("alice", "s1", "c2", "second")
+        s.put_chunk("alice", "s1", "c1", "first", meta={"turn": 2}, kv_keys=[b"kv"])
+        s.put_chunks([blockstore.ChunkWrite("alice", "s1", "c0", "third")])
+        assert [c.chunk_id for c in s.list_chunks("alice", "s1")] == ["c2", "c1", "c0"]
+        c1 = s.get_chunk("alice", "s1", "c1")
+        assert c1 is not None and c1.text == "first" and c1.meta == {"turn": 2} and c1.kv_keys == (b"kv",)
+        assert s.contains_many([b"big", b"a"]) == [True, False]
+
+
+def test_api_closed_read_only_and_locked(tmp_path: Path) -> None:
+    """README Durability/Errors: one writer process per store (StoreLocked names the holder's pid); any
+    number of read_only openers, which refuse writes with ReadOnlyStore; a closed store raises StoreClosed;
+    close() twice is harmless."""
+    p = tmp_path / "s"
+    s = blockstore.open(p)
+    s.put(b"k", b"v")
+    code = (f"import blockstore\ntry:\n    blockstore.open({str(p)!r})\nexcept blockstore.StoreLocked as e:\n"
+            f"    print('LOCKED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "LOCKED" in r.stdout and str(os.getpid()) in r.stdout, (r.stdout, r.stderr)
+    s.close()
+    s.close()
+    for call in (lambda: s.put(b"k", b"v"), lambda: s.get_many([b"k"]), lambda: s.delete(b"k")):
+        with pytest.raises(StoreClosed):
+            call()
+    with blockstore.open(p, read_only=True) as ro1, blockstore.open(p, read_only=True) as ro2:
+        assert ro1.get(b"k") == ro2.get(b"k") == b"v"
+        for call in (lambda: ro1.put(b"k", b"w"), lambda: ro1.delete(b"k")):
+            with pytest.raises(ReadOnlyStore):
+                call()
+
+
+def test_api_corruption_is_an_error_or_a_miss_never_wrong_bytes(tmp_path: Path) -> None:
+    """DESIGN invariant 1 / README Errors: a payload that fails its checksum raises ChecksumMismatch, or is
+    a miss with on_corrupt="miss"; a sealed block cut short raises a CorruptionError (TruncatedError)."""
+    p = small_store(tmp_path / "s")
+    [f] = block_files(p)
+    b = bytearray(f.read_bytes())
+    b[4096 + 72] ^= 1  # the first record's payload ("abc" of key small)
+    f.write_bytes(bytes(b))
+    with blockstore.open(p, read_only=True) as s:
+        with pytest.raises(ChecksumMismatch):
+            s.get(b"small")
+        assert s.get(b"big") == b"y" * 5000
+    with blockstore.open(p, read_only=True, on_corrupt="miss") as s:
+        assert s.get_many([b"small", b"big"])[0] is None
+    os.truncate(f, 9000)
+    with blockstore.open(p, read_only=True) as s, pytest.raises(TruncatedError):
+        s.get(b"big")
+
+
+def test_api_compaction_knobs_and_policies(tmp_path: Path) -> None:
+    """README Compaction: GC threshold `gc_invalid_ratio` 0.5 by default, min_hits 2, relocation_slack 1,
+    budgets 0.1, 64 MB/s, at most 4096 groups; the six named policies; an unknown policy or knob is
+    InvalidArgument."""
+    with blockstore.open(tmp_path / "s", compaction="full") as s:
+        st = s.compactor.status()
+        assert st["policy"] == "full" and st["running"] is True
+        pol = s.compactor.policy
+        assert (pol.gc_invalid_ratio, pol.min_hits, pol.relocation_slack) == (0.5, 2, 1)
+        assert (pol.relocation_budget, pol.gc_budget, pol.rate_mb_s, pol.max_groups, pol.max_copies) == \
+            (0.1, 0.1, 64.0, 4096, 0)
+    for name in ("full", "no-gc", "no-relocation", "semantic-only", "append-only", "aggressive"):
+        with blockstore.open(tmp_path / name, compaction=name) as s:
+            assert s.compactor.status()["policy"] == name
+    with blockstore.open(tmp_path / "k", compaction={"policy": "full", "gc_invalid_ratio": 0.4}) as s:
+        assert s.compactor.policy.gc_invalid_ratio == 0.4
+    with pytest.raises(InvalidArgument):
+        blockstore.open(tmp_path / "x", compaction="bogus")
+    with pytest.raises(InvalidArgument, match="nope"):
+        blockstore.open(tmp_path / "y", compaction={"policy": "full", "nope": 1})
+
+
+def test_api_remote_durability_needs_a_tier(tmp_path: Path) -> None:
+    """README Durability: `remote` acknowledges a write only once a RemoteTier confirms it; with no tier
+    attached a write is refused inside the hierarchy, never acknowledged silently."""
+    with blockstore.open(tmp_path / "s", durability="remote", remote_timeout=0.5) as s:
+        with pytest.raises(BlockstoreError):
+            s.put(b"a", b"1")
+
+
+def test_api_idle_blocks_are_sealed_at_the_next_write(tmp_path: Path) -> None:
+    """README Limits/format §2: a block idle for idle_seal_seconds is sealed at the next write."""
+    import time
+    with blockstore.open(tmp_path / "s", idle_seal_seconds=0.2) as s:
+        s.put(b"a", b"1")
+        [first] = s.block_table()
+        assert first.state == 1  # open
+        time.sleep(0.5)
+        s.put(b"b", b"2", ns="other")
+        states = {e.block_id: e.state for e in s.block_table()}
+        assert states[first.block_id] == 2  # sealed
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+def test_logging_is_quiet_until_configured() -> None:
+    """docs/observability.md: the `blockstore` logger has only a NullHandler."""
+    handlers = logging.getLogger("blockstore").handlers
+    assert handlers and all(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+def test_logging_open_and_seal_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """docs/observability.md: INFO on `blockstore.open` for each open and on `blockstore.blocks` for a seal."""
+    with caplog.at_level(logging.INFO, logger="blockstore"):
+        with blockstore.open(tmp_path / "s") as s:
+            s.put(b"a", b"1")
+    names = {r.name for r in caplog.records if r.levelno == logging.INFO}
+    assert "blockstore.open" in names and "blockstore.blocks" in names, names
+
+
+# ------------------------------------------------------------------------------------ README: the CLI
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("conf") / "s"
+    with blockstore.open(path) as s:
+        s.put(b"plain", b"hello")
+        s.put(b"we\x01ird\\k", b"bin\x00ary")
+        s.put(b"k2", b"x" * 10, ns="t1")
+    return path
+
+
+def test_cli_keys_escape_and_paste_back(cli_store: Path) -> None:
+    """README Command line: keys printed as ldb does (visible ASCII, `\\\\`, `\\xNN`) or hex with --hex; a key
+    `scan` prints can be pasted into `get`; scan --json streams an array; get --json gives the value."""
+    r = cli("scan", str(cli_store), "--ns", "default")
+    assert r.returncode == 0
+    printed = [line.split("key=")[1].split()[0] for line in r.stdout.splitlines()]
+    assert printed == ["plain", "we\\x01ird\\\\k"]
+    assert cli("get", str(cli_store), printed[1]).stdout == "bin\x00ary"
+    r = cli("scan", str(cli_store), "--hex", "--ns", "default")
+    hexed = [line.split("key=")[1].split()[0] for line in r.stdout.splitlines()]
+    assert hexed == [b"plain".hex(), b"we\x01ird\\k".hex()]
+    assert cli("get", str(cli_store), "--hex", hexed[0]).stdout == "hello"
+    rows = json.loads(cli("scan", str(cli_store), "--json").stdout)
+    assert isinstance(rows, list) and {(row["ns"], row["size"]) for row in rows} == {("default", 5), ("default", 7),
+                                                                                     ("t1", 10)}
+    assert len(json.loads(cli("scan", str(cli_store), "--limit", "1", "--json").stdout)) == 1
+    got = json.loads(cli("get", str(cli_store), "plain", "--json").stdout)
+    assert got["size"] == 5 and got["block"] == "0000000000000001"
+
+
+def test_cli_exit_codes(cli_store: Path, tmp_path: Path) -> None:
+    """README: 0 ok; 8 operational error (not a store, said as `no store at 'PATH' (why)`; a key,
+    namespace or block that is not there); 16 usage error (bad flag, value or key), printed with usage."""
+    p = str(cli_store)
+    nostore = str(tmp_path / "nostore")
+    for args in (("get", nostore, "k"), ("scan", nostore), ("stats", nostore), ("dump", nostore),
+                 ("fsck", nostore), ("metrics", nostore)):
+        r = cli(*args)
+        assert r.returncode == 8 and f"no store at {nostore!r} (" in r.stderr, (args, r.stderr)
+    for args in (("get", p, "nope"), ("get", p, "plain", "--ns", "nons"), ("dump", p, "--block", "99")):
+        assert cli(*args).returncode == 8, args
+    for args in (("bogus",), ("scan", p, "--limit", "x"), ("get", p, "bad\\xZZ"), ("dump", p, "--block", "zz"),
+                 ("stats", p, "--nope"), ("get", p)):
+        r = cli(*args)
+        assert r.returncode == 16 and "usage: blockstore" in r.stderr, (args, r.stderr)
+    assert cli("--version").stdout.strip() == f"blockstore {blockstore.__version__}"
+
+
+def test_cli_stats_and_dump_json(cli_store: Path) -> None:
+    """README/`stats --help`: stats gives records, bytes, blocks, space/write amplification; space
+    amplification is (block files + directory) / live logical bytes (DESIGN §6); dump --json streams the
+    block table."""
+    st = json.loads(cli("stats", str(cli_store), "--json").stdout)
+    for k in ("records", "live_bytes", "live_logical_bytes", "blocks", "space_amplification", "write_amplification"):
+        assert k in st, k
+    assert st["records"] == 3
+    assert st["space_amplification"] == pytest.approx((st["block_file_bytes"] + st["directory_bytes"])
+                                                      / st["live_logical_bytes"])
+    assert st["write_amplification"] == pytest.approx(st["bytes_appended"] / st["bytes_put"])
+    rows = json.loads(cli("dump", str(cli_store), "--json").stdout)
+    assert [r["state"] for r in rows] == ["sealed", "sealed"]
+    assert {"block", "written_bytes", "live_bytes", "invalid_ratio", "partition"} <= set(rows[0])
+
+
+def test_cli_fsck_output_exit_codes_and_repair(tmp_path: Path) -> None:
+    """docs/fsck.md: `OK` and exit 0 on a clean store; one finding per line `<kind> <block>[:<offset>]
+    <detail>`, exit 4; --json's document; --repair ends lines with [corrected: ...], exit 1, moves the
+    block to lost+found with fsck-log.jsonl; a second fsck is clean; --repair beside a writer: exit 8."""
+    p = small_store(tmp_path / "s")
+    r = cli("fsck", str(p))
+    assert (r.returncode, r.stdout) == (0, "OK\n")
+    [f] = block_files(p)
+    b = bytearray(f.read_bytes())
+    b[4096 + 72] ^= 1
+    f.write_bytes(bytes(b))
+    r = cli("fsck", str(p))
+    assert r.returncode == 4 and r.stdout.splitlines() == [r.stdout.splitlines()[0]]
+    kind, where, _detail = r.stdout.split(" ", 2)
+    assert kind == "payload" and where == f"{f.name[:16]}:4096"
+    doc = json.loads(cli("fsck", str(p), "--json").stdout)
+    assert set(doc) == {"path", "mode", "findings", "summary", "exit_code"} and doc["exit_code"] == 4
+    assert doc["mode"] == "check" and set(doc["findings"][0]) == {"kind", "block", "offset", "detail", "corrected",
+                                                                  "action"}
+    for k in ("blocks", "block_files", "keys", "records", "bytes", "findings", "by_kind", "writer_pid", "passes",
+              "notes", "corrected", "uncorrected", "refused", "lost_found"):
+        assert k in doc["summary"], k
+    r = cli("fsck", "--repair", str(p))
+    assert r.returncode == 1 and "[corrected: " in r.stdout
+    assert (p / "lost+found" / f.name).exists()
+    log = [json.loads(line) for line in (p / "lost+found" / "fsck-log.jsonl").read_text().splitlines()]
+    assert log and log[0]["file"] == f.name
+    assert cli("fsck", str(p)).returncode == 0
+    with blockstore.open(p) as s:
+        assert s.get(b"big") == b"y" * 5000 and s.get(b"small") is None  # salvaged; the damaged one a miss
+        r = cli("fsck", "--repair", str(p))
+        assert r.returncode == 8 and "locked" in r.stderr
+        assert cli("fsck", str(p)).returncode == 0  # safe beside the writer
+
+
+def test_cli_metrics_names(cli_store: Path) -> None:
+    """docs/observability.md: `blockstore metrics PATH` prints the store's scrape-time gauges (Prometheus
+    text, or --json)."""
+    r = cli("metrics", str(cli_store))
+    assert r.returncode == 0
+    names = {line.split("{")[0].split(" ")[0] for line in r.stdout.splitlines() if line and line[0] != "#"}
+    for n in ("blockstore_records", "blockstore_live_bytes", "blockstore_live_logical_bytes", "blockstore_written_bytes",
+              "blockstore_blocks", "blockstore_open_blocks", "blockstore_block_file_bytes",
+              "blockstore_directory_bytes", "blockstore_space_amplification", "blockstore_write_amplification",
+              "blockstore_put_bytes_total", "blockstore_appended_bytes_total", "blockstore_block_invalid_ratio_count",
+              "blockstore_recovered", "blockstore_recovery_scanned_blocks", "blockstore_recovery_truncated_bytes",
+              "blockstore_recovery_dropped_entries", "blockstore_recovery_missing_blocks",
+              "blockstore_recovery_forgotten_blocks", "blockstore_read_only"):
+        assert n in names, n
+    doc = json.loads(cli("metrics", str(cli_store), "--json").stdout)
+    assert "blockstore_records" in {m["name"] for m in doc["metrics"]}
+    top = json.loads(cli("top", str(cli_store), "--once", "--json").stdout)
+    assert top["stats"]["records"] == 3
