@@ -122,7 +122,7 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
 
     # ---- the loop ----
     def run(self) -> RepairResult:
-        self._finish_renames()
+        waiting = self._finish_renames(wait=True)
         rep = check(self.root, backend=self.be, writer_pid=None, log=False)
         self._remember(rep)
         self.initially_unclean = any(f.kind == "unclean" for f in rep.findings)
@@ -134,8 +134,9 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             self._fix_manifest(rep)
         self._learn_manifest()
         os.makedirs(os.path.join(self.root, BLOCKS_DIR), exist_ok=True)
-        if any(bf.misnamed is not None for bf in rep.blocks.values()):
+        if waiting or any(bf.misnamed is not None for bf in rep.blocks.values()):
             self._fix_names(rep)
+            self._finish_renames()
             rep = check(self.root, backend=self.be, writer_pid=None, log=False)
             self._remember(rep)
         if not rep.directory_ok or rep.lost_writes:
@@ -248,20 +249,27 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         else:
             os.rename(tmp, final)
 
-    def _finish_renames(self) -> None:
-        """Renames a repair that was cut short left half done (files under their temporary names)."""
+    def _finish_renames(self, *, wait: bool = False) -> bool:
+        """Renames a repair that was cut short left half done (files under their temporary names). With
+        `wait`, a file whose name is still taken stays where it is (True returned): a repair cut short
+        in a swap leaves the other file, misnamed, under that name, and _fix_names moves it first."""
         d = os.path.join(self.root, BLOCKS_DIR)
         if not os.path.isdir(d):
-            return
+            return False
         pending = sorted(n for n in os.listdir(d) if n.endswith(".blk" + RENAMING))
+        waiting = False
         for name in pending:
             try:
                 bid = int(name[:16], 16)
             except ValueError:
                 continue
+            if wait and os.path.lexists(os.path.join(d, block_file_name(bid))):
+                waiting = True
+                continue
             self._settle_rename(os.path.join(d, name), bid)
         if pending:
             fsync_dir(d)
+        return waiting
 
     def _rebuild_directory(self, rep: Report) -> str | None:
         """The directory cannot be read, or lost writes: move it away and rebuild it from the block files.
