@@ -203,7 +203,8 @@ def test_format_newer_block_structures_are_not_repaired(tmp_path: Path) -> None:
             struct.pack_into("<I", b, n - 56, 2)
             struct.pack_into("<Q", b, n - 8, xxh(bytes(b[n - 64:n - 8])))
         f.write_bytes(bytes(b))
-        assert cli("fsck", str(p)).returncode == 4, what
+        r = cli("fsck", str(p))
+        assert r.returncode == 4 and "newer format version" in r.stdout, (what, r.stdout)
         r = cli("fsck", "--repair", str(p))
         assert r.returncode == 4 and "refused" in r.stderr, (what, r.stdout, r.stderr)
         assert f.read_bytes() == bytes(b), what  # nothing changed
@@ -396,10 +397,11 @@ def test_api_compaction_knobs_and_policies(tmp_path: Path) -> None:
 
 def test_api_remote_durability_needs_a_tier(tmp_path: Path) -> None:
     """README Durability: `remote` acknowledges a write only once a RemoteTier confirms it; with no tier
-    attached a write is refused inside the hierarchy, never acknowledged silently."""
+    attached a write is refused (InvalidArgument) before anything is written (docs/remote.md)."""
     with blockstore.open(tmp_path / "s", durability="remote", remote_timeout=0.5) as s:
-        with pytest.raises(BlockstoreError):
+        with pytest.raises(InvalidArgument):
             s.put(b"a", b"1")
+        assert s.stats().bytes_appended == 0 and s.get(b"a") is None  # refused before anything is written
 
 
 def test_api_idle_blocks_are_sealed_at_the_next_write(tmp_path: Path) -> None:
@@ -551,3 +553,111 @@ def test_cli_metrics_names(cli_store: Path) -> None:
     assert "blockstore_records" in {m["name"] for m in doc["metrics"]}
     top = json.loads(cli("top", str(cli_store), "--once", "--json").stdout)
     assert top["stats"]["records"] == 3
+
+
+# ------------------------------------------------------------------------ README: placement, durability
+
+def test_placement_session_partition_and_put_many(tmp_path: Path) -> None:
+    """README Placement: records of one put_many are written next to each other; session_partition(user,
+    session) is the partition= that puts KV records next to that chunk session's records; chunk user and
+    session are 1..1024 bytes (format §5)."""
+    with blockstore.open(tmp_path / "s") as s:
+        part = s.session_partition("alice", "s1")
+        s.put_chunk("alice", "s1", "c1", "text", kv_keys=[b"kv-0"])
+        s.put(b"other", b"z", partition="elsewhere")
+        s.put_many([(b"kv-0", b"x" * 100), (b"kv-1", b"y" * 100)], partition=part)
+        kv0, kv1, other = s.locate_many([b"kv-0", b"kv-1", b"other"])
+        assert kv0 is not None and kv1 is not None and other is not None
+        assert kv0.block_id == kv1.block_id != other.block_id
+        assert kv1.offset == kv0.offset + kv0.record_len  # next to each other
+        chunk_blocks = {e.block_id for e in s.block_table() if e.partition.endswith(b"alice\x00\x02s1")}
+        assert chunk_blocks == {kv0.block_id}
+        for user, session in (("u" * 1025, "s"), ("u", "s" * 1025), ("", "s")):
+            with pytest.raises(InvalidArgument):
+                s.put_chunk(user, session, "c", "t")
+
+
+def test_chunk_record_meta_as_documented(tmp_path: Path) -> None:
+    """format §2.2: a chunk record's meta is JSON {"user", "session", "chunk", "ts_ns", "meta", "kv_keys":
+    [hex]}, its payload the text in UTF-8, kind 2."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put_chunk("alice", "s1", "c7", "text of the memory é", meta={"turn": 3}, kv_keys=[b"kv-0"])
+    [f] = block_files(p)
+    b = f.read_bytes()
+    _m, _v, kind, _fl, kl, ml, po, _ns, pl = struct.unpack_from("<4sBBHIIIIQ", b, 4096)
+    meta = json.loads(b[4096 + 64 + kl:4096 + 64 + kl + ml])
+    assert kind == 2 and {"user", "session", "chunk", "ts_ns", "meta", "kv_keys"} <= set(meta)
+    assert (meta["user"], meta["session"], meta["chunk"], meta["meta"], meta["kv_keys"]) == \
+        ("alice", "s1", "c7", {"turn": 3}, [b"kv-0".hex()])
+    assert b[4096 + po:4096 + po + pl].decode("utf-8") == "text of the memory é"
+    assert b[4096 + 64:4096 + 64 + kl] == b"\x00\x05alice\x00\x02s1c7"  # u16 BE len + user + ... + chunk id
+
+
+def test_manifest_durability_follows_the_last_writer(tmp_path: Path) -> None:
+    """format §1: MANIFEST's durability is rewritten by a writer whose durability differs."""
+    p = tmp_path / "s"
+    blockstore.open(p).close()
+    assert json.loads((p / "MANIFEST.json").read_text())["durability"] == "cache"
+    blockstore.open(p, durability="sync").close()
+    assert json.loads((p / "MANIFEST.json").read_text())["durability"] == "sync"
+    blockstore.open(p, read_only=True).close()
+    assert json.loads((p / "MANIFEST.json").read_text())["durability"] == "sync"
+
+
+def test_python_backend_on_request(tmp_path: Path) -> None:
+    """README Install: BLOCKSTORE_BACKEND=python picks the pure-Python backend (same format)."""
+    p = tmp_path / "s"
+    code = ("import blockstore, sys\ns = blockstore.open(sys.argv[1])\ns.put(b'k', b'v' * 5000)\n"
+            "print(type(s.backend).__module__)\ns.close()")
+    r = subprocess.run([sys.executable, "-c", code, str(p)], env={**os.environ, "BLOCKSTORE_BACKEND": "python"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "blockstore.purepy", r.stderr
+    with blockstore.open(p, backend="native") as s:
+        assert s.get(b"k") == b"v" * 5000
+
+
+def test_unclean_stop_scans_only_open_blocks_and_keeps_acknowledged_puts(tmp_path: Path) -> None:
+    """README/format §4: after an unclean stop (kill -9 in sync mode), opening scans only the blocks that
+    were still open, and every acknowledged put is there; fsck before that reports `unsealed` and `unclean`
+    (exit 4); the store then opens clean."""
+    p = tmp_path / "s"
+    code = (f"import blockstore, os, signal\ns = blockstore.open({str(p)!r}, durability='sync', block_size=65536)\n"
+            "for i in range(10):\n    s.put(b'k%d' % i, b'x' * 30000)\n"
+            "s.put(b'last', b'y' * 10, ns='other')\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -9, r.stderr
+    r = cli("fsck", str(p))
+    kinds = {line.split()[0] for line in r.stdout.splitlines()}
+    assert r.returncode == 4 and kinds == {"unsealed", "unclean"}, r.stdout
+    with blockstore.open(p, read_only=True) as ro:
+        open_blocks = sorted(e.block_id for e in ro.block_table() if e.state == 1)
+        sealed = [e for e in ro.block_table() if e.state == 2]
+    assert open_blocks and len(sealed) >= 3
+    with blockstore.open(p) as s:
+        assert sorted(s.recovery_report["scanned_blocks"]) == open_blocks
+        assert s.get(b"last", ns="other") == b"y" * 10
+        assert all(s.get(b"k%d" % i) == b"x" * 30000 for i in range(10))
+    assert cli("fsck", str(p)).returncode == 0
+
+
+def test_fsck_repair_refuses_when_lost_found_is_not_a_folder(tmp_path: Path) -> None:
+    """docs/fsck.md: when something other than a folder has the name lost+found, repair refuses before it
+    changes anything (exit 8, naming it)."""
+    p = small_store(tmp_path / "s")
+    [f] = block_files(p)
+    b = bytearray(f.read_bytes())
+    b[4096 + 72] ^= 1
+    f.write_bytes(bytes(b))
+    (p / "lost+found").write_text("not a folder")
+    r = cli("fsck", "--repair", str(p))
+    assert r.returncode == 8 and "lost+found" in r.stderr, (r.stdout, r.stderr)
+    assert f.read_bytes() == bytes(b) and (p / "lost+found").read_text() == "not a folder"
+
+
+def test_cli_verbosity_flags(cli_store: Path) -> None:
+    """README/observability: `blockstore -v COMMAND` logs INFO to stderr (an open's line); -q errors only."""
+    r = cli("-v", "stats", str(cli_store))
+    assert r.returncode == 0 and "blockstore.open" in r.stderr, r.stderr
+    r = cli("-q", "stats", str(cli_store))
+    assert r.returncode == 0 and r.stderr == ""

@@ -188,7 +188,7 @@ class BlockChecks(PassBase):
         try:
             f = self.be.decode_footer(self.be.pread(fd, FOOTER_SIZE, bf.size - FOOTER_SIZE))
         except FormatVersionError:
-            self.rep.newer_format = True
+            self.rep.newer_format = bf.footer_newer = True
             return
         except CorruptionError:
             return
@@ -267,7 +267,8 @@ class BlockChecks(PassBase):
         f = bf.footer
         if f is None:
             tail = bf.size - data_end
-            what = "missing" if tail <= 0 else ("torn" if tail < FOOTER_SIZE else "not valid")
+            what = "missing" if tail <= 0 else ("torn" if tail < FOOTER_SIZE else
+                                                "of a newer format version" if bf.footer_newer else "not valid")
             bf.footer_problem = f"footer is {what} ({tail} bytes after the data end {data_end})"
             rep.add("footer", bid, data_end, bf.footer_problem)
             return

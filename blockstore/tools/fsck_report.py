@@ -173,6 +173,7 @@ class BlockFacts:
     misnamed: int | None = None  # the file's name says this block id; its verified header says `block_id`
     footer: Footer | None = None  # a valid footer at the end of the file
     footer_problem: str | None = None
+    footer_newer: bool = False  # the last 64 bytes are a footer of a newer format version (not damage)
     sealed: bool = False  # per the block table (per the footer without a table entry)
     unsealed: bool = False  # open, and no writer is running: a crash left it
     scan_end: int = BLOCK_HEADER_SIZE  # end of the data area checked
