@@ -661,3 +661,25 @@ def test_cli_verbosity_flags(cli_store: Path) -> None:
     assert r.returncode == 0 and "blockstore.open" in r.stderr, r.stderr
     r = cli("-q", "stats", str(cli_store))
     assert r.returncode == 0 and r.stderr == ""
+
+
+def test_a_block_file_the_directory_does_not_name_is_never_deleted(tmp_path: Path) -> None:
+    """DESIGN invariant 4 / format §4: a file the directory does not account for is never deleted by an open
+    or a repair; a writable open refuses (CorruptionError naming `fsck --repair`), a read-only one reads;
+    fsck reports an `orphan-block` (exit 4), and --repair moves it to lost+found (exit 1)."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1")
+    stray = p / "blocks" / "0000000000000002.blk"
+    stray.write_bytes(b"junk" * 100)
+    with blockstore.open(p, read_only=True) as ro:
+        assert ro.get(b"a") == b"1"
+    with pytest.raises(CorruptionError, match="fsck --repair"):
+        blockstore.open(p)
+    assert stray.read_bytes() == b"junk" * 100
+    r = cli("fsck", str(p))
+    assert r.returncode == 4 and r.stdout.startswith("orphan-block 0000000000000002 ")
+    assert cli("fsck", "--repair", str(p)).returncode == 1
+    assert (p / "lost+found" / stray.name).read_bytes() == b"junk" * 100
+    with blockstore.open(p) as s:
+        assert s.get(b"a") == b"1"
