@@ -683,3 +683,32 @@ def test_a_block_file_the_directory_does_not_name_is_never_deleted(tmp_path: Pat
     assert (p / "lost+found" / stray.name).read_bytes() == b"junk" * 100
     with blockstore.open(p) as s:
         assert s.get(b"a") == b"1"
+
+
+def test_gc_copies_go_back_to_their_partition_and_keep_their_seq(tmp_path: Path) -> None:
+    """README Compaction / format §5.3: GC reclaims sealed blocks at φ ≥ 0.5, copying their live records back
+    into their own partition's stream, each keeping its sequence number; `blockstore compact` prints what it
+    moved and exits 0; the blocks it empties are deleted; reads are unchanged."""
+    p = tmp_path / "s"
+    with blockstore.open(p, block_size=65536) as s:
+        for i in range(12):
+            s.put(b"k%02d" % i, bytes([i]) * 5000, partition="p1")
+        for i in range(12):
+            s.put(b"j%02d" % i, b"x" * 5000, partition="p2")
+        for i in range(12):
+            if i % 4:
+                s.delete(b"k%02d" % i)
+        before = {k: loc for k, loc in zip((b"k00", b"k04", b"k08"), s.locate_many([b"k00", b"k04", b"k08"]))}
+        victims = {loc.block_id for loc in before.values() if loc is not None}
+    r = cli("compact", str(p), "--no-budget")
+    assert r.returncode == 0 and "gc: collected 3 blocks" in r.stdout, r.stdout
+    with blockstore.open(p, read_only=True) as s:
+        table = {e.block_id: e for e in s.block_table()}
+        after = dict(zip(before, s.locate_many(list(before))))
+        for k, loc in after.items():
+            assert loc is not None and loc.block_id not in victims
+            assert table[loc.block_id].partition == b"default\x00p1"  # the victims' partition, not a GC stream
+            assert loc.seq == before[k].seq  # type: ignore[union-attr]
+            assert s.get(k) == bytes([int(k[1:])]) * 5000
+        assert not victims & set(table)
+    assert not {f"{b:016x}.blk" for b in victims} & {f.name for f in block_files(p)}
