@@ -712,3 +712,37 @@ def test_gc_copies_go_back_to_their_partition_and_keep_their_seq(tmp_path: Path)
             assert s.get(k) == bytes([int(k[1:])]) * 5000
         assert not victims & set(table)
     assert not {f"{b:016x}.blk" for b in victims} & {f.name for f in block_files(p)}
+
+
+def test_value_limit_is_checked_before_anything_is_written(tmp_path: Path) -> None:
+    """README Limits / format §6: a value of 4 GiB or more raises InvalidArgument before anything is written
+    (numpy's zeros are not touched: this costs no memory)."""
+    np = pytest.importorskip("numpy")
+    with blockstore.open(tmp_path / "s") as s:
+        with pytest.raises(InvalidArgument):
+            s.put(b"k", np.zeros(4 << 30, np.uint8))
+        assert s.stats().bytes_appended == 0 and s.get(b"k") is None
+
+
+def test_read_only_commands_beside_a_writer(tmp_path: Path) -> None:
+    """README Command line: get, scan, stats, dump and fsck open the store read-only, so they are safe beside
+    a running writer and see what it had committed (an open block included, up to its committed end)."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1" * 100)
+        s.put(b"b", b"2" * 10)
+        s.delete(b"b")
+        out = tmp_path / "out"
+        assert cli("get", str(p), "a", "--out", str(out)).returncode == 0 and out.read_bytes() == b"1" * 100
+        assert cli("get", str(p), "b").returncode == 8
+        assert [line.split()[1] for line in cli("scan", str(p)).stdout.splitlines()] == ["key=a"]
+        st = json.loads(cli("stats", str(p), "--json").stdout)
+        assert (st["records"], st["open_blocks"]) == (1, 1)
+        [row] = json.loads(cli("dump", str(p), "--json").stdout)
+        assert (row["state"], row["live_records"], row["total_records"], row["tombstones"]) == ("open", 1, 3, 1)
+        recs = json.loads(cli("dump", str(p), "--block", row["block"], "--json").stdout)
+        assert [(r["kind"], r["live"]) for r in recs] == [("kv", True), ("kv", False), ("tombstone", False)]
+        r = cli("fsck", str(p))
+        assert (r.returncode, r.stdout) == (0, "OK\n") and "writer" in r.stderr
+        s.put(b"c", b"3")  # the writer goes on
+        assert s.get(b"c") == b"3"
