@@ -712,6 +712,20 @@ def test_gc_copies_go_back_to_their_partition_and_keep_their_seq(tmp_path: Path)
             assert s.get(k) == bytes([int(k[1:])]) * 5000
         assert not victims & set(table)
     assert not {f"{b:016x}.blk" for b in victims} & {f.name for f in block_files(p)}
+    # format §5/§5.3: A#counters (GC bytes, relocated bytes, blocks reclaimed, groups, read bytes), and
+    # M block_min_seq/<id> written with a seal and deleted with its block
+    db = Rdict(str(p / "directory"), options=Options(raw_mode=True))
+    try:
+        raw = bytes(db[b"A#counters"])
+        gc_bytes, relocated, reclaimed, _groups, _read = struct.unpack("<5Q", raw)
+        assert (gc_bytes, relocated, reclaimed) == (36_864, 0, 3)
+        min_seqs = {int(bytes(k)[len(b"Mblock_min_seq/"):], 16): int.from_bytes(bytes(v), "little")
+                    for k, v in db.items() if bytes(k).startswith(b"Mblock_min_seq/")}
+    finally:
+        db.close()
+    assert set(min_seqs) == set(table)
+    gc_block = after[b"k00"].block_id  # type: ignore[union-attr]
+    assert min_seqs[gc_block] == min(loc.seq for loc in before.values())  # type: ignore[union-attr]
 
 
 def test_value_limit_is_checked_before_anything_is_written(tmp_path: Path) -> None:
