@@ -760,3 +760,23 @@ def test_read_only_commands_beside_a_writer(tmp_path: Path) -> None:
         assert (r.returncode, r.stdout) == (0, "OK\n") and "writer" in r.stderr
         s.put(b"c", b"3")  # the writer goes on
         assert s.get(b"c") == b"3"
+
+
+def test_compaction_learns_one_request_per_get_many_or_request_block(tmp_path: Path) -> None:
+    """README Compaction/Placement: every get_many is one request; `with store.request():` makes every read
+    inside it one request; requests sharing at least half their keys fold into one group; hint() adds a
+    group of keys."""
+    with blockstore.open(tmp_path / "s", compaction={"policy": "full", "background": False}) as s:
+        for i in range(4):
+            s.put(b"k%d" % i, b"x" * 100)
+        s.get_many([b"k0", b"k1"])
+        s.get_many([b"k2"])
+        st = s.compactor.status()
+        assert (st["requests_observed"], st["groups_tracked"], st["keys_tracked"]) == (2, 1, 2)
+        with s.request():
+            s.get_many([b"k0"])
+            s.get(b"k3")
+        st = s.compactor.status()
+        assert (st["requests_observed"], st["groups_tracked"], st["keys_tracked"]) == (3, 1, 3)  # k3 joined
+        s.compactor.hint([b"k1", b"k2"], ns="default")
+        assert s.compactor.status()["keys_tracked"] == 4
