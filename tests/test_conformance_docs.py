@@ -780,3 +780,41 @@ def test_compaction_learns_one_request_per_get_many_or_request_block(tmp_path: P
         assert (st["requests_observed"], st["groups_tracked"], st["keys_tracked"]) == (3, 1, 3)  # k3 joined
         s.compactor.hint([b"k1", b"k2"], ns="default")
         assert s.compactor.status()["keys_tracked"] == 4
+
+
+def test_reserve_is_ignored_by_fsck_and_absent_on_a_roomy_disk(tmp_path: Path) -> None:
+    """format §1 / README: STORE/RESERVE holds no data, fsck ignores it; on a roomy disk there is no file (a
+    held one is removed at the next write that adds data)."""
+    st = os.statvfs(tmp_path)
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if free < max(total // 5, 8 << 30):
+        pytest.skip("the disk is not roomy enough for 'no reserve file'")
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1")
+    assert not (p / "RESERVE").exists()
+    (p / "RESERVE").write_bytes(bytes(1 << 20))  # as a store that was low holds it
+    assert cli("fsck", str(p)).stdout == "OK\n"
+    with blockstore.open(p) as s:
+        s.put(b"b", b"2")
+        assert s.get(b"a") == b"1"
+    assert not (p / "RESERVE").exists()
+
+
+def test_a_creation_cut_short_before_its_manifest_is_created_again(tmp_path: Path) -> None:
+    """format §1: MANIFEST.json is written last at creation, so a creation cut short leaves no MANIFEST and
+    the next open creates the store again (not refused as a non-empty folder)."""
+    p = tmp_path / "s"
+    blockstore.open(p).close()
+    (p / "MANIFEST.json").unlink()
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1")
+    assert json.loads((p / "MANIFEST.json").read_text())["magic"] == "blockstore"
+    with blockstore.open(p, create=False) as s:
+        assert s.get(b"a") == b"1"
+    (p / "MANIFEST.json").unlink()  # now with block files: a lost MANIFEST, not a creation cut short
+    with pytest.raises(CorruptionError, match="fsck --repair"):
+        blockstore.open(p)
+    assert cli("fsck", "--repair", str(p)).returncode == 1
+    with blockstore.open(p, create=False) as s:
+        assert s.get(b"a") == b"1"
