@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -818,3 +819,68 @@ def test_a_creation_cut_short_before_its_manifest_is_created_again(tmp_path: Pat
     assert cli("fsck", "--repair", str(p)).returncode == 1
     with blockstore.open(p, create=False) as s:
         assert s.get(b"a") == b"1"
+
+
+def test_fsck_help_explains_every_documented_kind() -> None:
+    """README: `blockstore COMMAND --help` explains each command and its output; docs/fsck.md lists the
+    finding kinds: `fsck --help` explains each of them and the exit codes."""
+    table = (ROOT / "docs" / "fsck.md").read_text().split("## Finding kinds")[1].split("**Evacuation**")[0]
+    kinds = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert len(kinds) >= 20 and "orphan-block" in kinds
+    r = cli("fsck", "--help")
+    assert r.returncode == 0
+    helped = {line.strip() for line in r.stdout.splitlines() if line and not line[0].isspace()}
+    assert set(kinds) <= helped, set(kinds) - helped
+    for code in ("0 clean", "1 findings corrected", "4 findings left", "8 operational error", "16 usage error"):
+        assert code in " ".join(r.stdout.split()), code
+
+
+def _documented_metric_names() -> list[str]:
+    """The names in docs/observability.md's metrics table: `blockstore_x_y`, `_z` (same first two words) and
+    `blockstore_x_{a,b}` forms."""
+    doc = (ROOT / "docs" / "observability.md").read_text().split("## Metrics")[1].split("## `blockstore top`")[0]
+    names: list[str] = []
+    for line in doc.splitlines():
+        if not line.startswith("| `blockstore_"):
+            continue
+        base = None
+        for tok in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if tok.startswith("blockstore_") and "{" in tok:
+                pre, alts = tok.split("{")
+                names += [pre + a for a in alts.rstrip("}").split(",")]
+            elif tok.startswith("blockstore_"):
+                names.append(tok)
+                base = "_".join(tok.split("_")[:2])
+            elif tok.startswith("_") and base:
+                names.append(base + tok)
+    return names
+
+
+def test_every_documented_metric_is_exported(tmp_path: Path) -> None:
+    """docs/observability.md: every metric of its table is in blockstore.metrics.REGISTRY for a store with
+    compaction and an L2 adapter, with metrics enabled."""
+    pytest.importorskip("lmcache")
+    from prometheus_client import generate_latest
+
+    from blockstore import metrics
+    from blockstore.connector.l2_adapter import BlockstoreL2Adapter, BlockstoreL2AdapterConfig
+
+    names = _documented_metric_names()
+    assert len(names) >= 50
+    was = metrics.enabled
+    metrics.enable()
+    adapter = BlockstoreL2Adapter(BlockstoreL2AdapterConfig.from_dict({"path": str(tmp_path / "kv")}))
+    try:
+        with blockstore.open(tmp_path / "s", compaction="full") as s:
+            s.put(b"a", b"1")
+            s.get_many([b"a"])
+            s.delete(b"a")
+            s.seal_open_blocks()
+            text = generate_latest(metrics.REGISTRY).decode()
+    finally:
+        adapter.close()
+        if not was:
+            metrics.disable()
+    have = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+    missing = [n for n in names if not any(h == n or h.startswith(n + "_") for h in have)]
+    assert not missing, missing
