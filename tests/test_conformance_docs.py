@@ -884,3 +884,20 @@ def test_every_documented_metric_is_exported(tmp_path: Path) -> None:
     have = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
     missing = [n for n in names if not any(h == n or h.startswith(n + "_") for h in have)]
     assert not missing, missing
+
+
+def test_compact_dry_run_beside_a_writer_and_refusal_without(tmp_path: Path) -> None:
+    """README Command line: `compact --dry-run` plans on the store opened read-only, so it works beside a
+    writer and changes nothing; without --dry-run a store in use is refused (exit 8); with nothing to do on
+    a store of its own it writes nothing (exit 0)."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1")
+        r = cli("compact", str(p), "--dry-run")
+        assert r.returncode == 0 and "dry run" in r.stdout
+        r = cli("compact", str(p))
+        assert r.returncode == 8 and "locked" in r.stderr
+    listing = sorted(os.listdir(p / "directory"))
+    r = cli("compact", str(p))
+    assert r.returncode == 0 and "nothing written" in r.stdout
+    assert sorted(os.listdir(p / "directory")) == listing  # not even opened for writing
