@@ -901,3 +901,14 @@ def test_compact_dry_run_beside_a_writer_and_refusal_without(tmp_path: Path) -> 
     r = cli("compact", str(p))
     assert r.returncode == 0 and "nothing written" in r.stdout
     assert sorted(os.listdir(p / "directory")) == listing  # not even opened for writing
+
+
+def test_every_command_speaks_json(cli_store: Path) -> None:
+    """README Command line: `--json` gives every command's output as JSON."""
+    p = str(cli_store)
+    for args in (("get", p, "plain"), ("scan", p), ("stats", p), ("dump", p), ("dump", p, "--keys"),
+                 ("dump", p, "--block", "1"), ("fsck", p), ("metrics", p), ("top", p, "--once"),
+                 ("compact", p, "--dry-run")):
+        r = cli(*args, "--json")
+        assert r.returncode == 0, (args, r.stderr)
+        json.loads(r.stdout)
