@@ -912,3 +912,18 @@ def test_every_command_speaks_json(cli_store: Path) -> None:
         r = cli(*args, "--json")
         assert r.returncode == 0, (args, r.stderr)
         json.loads(r.stdout)
+
+
+def test_namespace_isolation_across_every_call(tmp_path: Path) -> None:
+    """DESIGN §3 / README: a reader of one namespace can never see another's records: KV and chunk reads,
+    listings, presence, locations and deletes of namespace b leave namespace a's records unseen and intact."""
+    with blockstore.open(tmp_path / "s") as s:
+        s.put_chunk("u", "s", "c", "secret", ns="a")
+        s.put(b"k", b"v", ns="a")
+        assert s.list_chunks("u", "s", ns="b") == [] and s.get_chunk("u", "s", "c", ns="b") is None
+        assert s.get_chunk("u", "s", "c") is None and s.get_chunks([("u", "s", "c")], ns="b") == [None]
+        assert list(s.iter_keys(ns="b")) == [] and s.contains_many([b"k"], ns="b") == [False]
+        assert s.locate_many([b"k"], ns="b") == [None] and s.get_many([b"k"], ns="b") == [None]
+        assert s.delete(b"k", ns="b") is False and s.delete_chunk("u", "s", "c", ns="b") is False
+        assert s.get(b"k", ns="a") == b"v" and s.get_chunk("u", "s", "c", ns="a").text == "secret"  # type: ignore[union-attr]
+        assert list(s.iter_keys(ns="a")) == [b"k"]
