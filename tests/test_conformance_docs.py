@@ -927,3 +927,21 @@ def test_namespace_isolation_across_every_call(tmp_path: Path) -> None:
         assert s.delete(b"k", ns="b") is False and s.delete_chunk("u", "s", "c", ns="b") is False
         assert s.get(b"k", ns="a") == b"v" and s.get_chunk("u", "s", "c", ns="a").text == "secret"  # type: ignore[union-attr]
         assert list(s.iter_keys(ns="a")) == [b"k"]
+
+
+def test_tensor_record_meta_as_documented(tmp_path: Path) -> None:
+    """format §2.2: a tensor record (kind kv) carries {"lib", "dtype", "shape"} as JSON meta."""
+    np = pytest.importorskip("numpy")
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put_tensor(b"t", np.zeros((2, 3), np.float16))
+        s.put(b"raw", b"x", meta=b"opaque")
+    b = block_files(p)[0].read_bytes()
+    metas = []
+    off = 4096
+    for _ in range(2):
+        _m, _v, kind, _fl, kl, ml, _po, _ns, _pl, rl = struct.unpack_from("<4sBBHIIIIQQ", b, off)
+        metas.append((kind, b[off + 64 + kl:off + 64 + kl + ml]))
+        off += rl
+    assert metas[0][0] == 1 and json.loads(metas[0][1]) == {"lib": "numpy", "dtype": "<f2", "shape": [2, 3]}
+    assert metas[1] == (1, b"opaque")
