@@ -945,3 +945,33 @@ def test_tensor_record_meta_as_documented(tmp_path: Path) -> None:
         off += rl
     assert metas[0][0] == 1 and json.loads(metas[0][1]) == {"lib": "numpy", "dtype": "<f2", "shape": [2, 3]}
     assert metas[1] == (1, b"opaque")
+
+
+def test_chunk_listing_key_and_chunk_tombstone_as_documented(tmp_path: Path) -> None:
+    """format §5: the listing entry is S + ns id (BE u32) + u16 BE len + user + u16 BE len + session + ts_ns
+    (BE u64) + chunk id, empty value; a chunk key is K + ns + space 2 + user key; format §2.2: a chunk's
+    tombstone has the one-byte meta 2; a deleted chunk loses both entries."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put_chunk("al", "s1", "c7", "text", ts_ns=12345)
+        s.put_chunk("al", "s1", "c8", "more", ts_ns=12346)
+        s.delete_chunk("al", "s1", "c8")
+    db = Rdict(str(p / "directory"), options=Options(raw_mode=True))
+    try:
+        items = {bytes(k): bytes(v) for k, v in db.items()}
+    finally:
+        db.close()
+    ns = struct.pack(">I", 1)
+    user_key = b"\x00\x02al\x00\x02s1"
+    assert {k: v for k, v in items.items() if k[:1] == b"S"} == {b"S" + ns + user_key + struct.pack(">Q", 12345) + b"c7": b""}
+    assert [k for k in items if k[:1] == b"K"] == [b"K" + ns + b"\x02" + user_key + b"c7"]
+    tombs = []
+    for f in block_files(p):
+        b = f.read_bytes()
+        off = 4096
+        while off + 64 <= len(b) and b[off:off + 4] == b"BSR1":
+            _m, _v, kind, _fl, kl, ml, _po, _ns, _pl, rl = struct.unpack_from("<4sBBHIIIIQQ", b, off)
+            if kind == 3:
+                tombs.append((b[off + 64:off + 64 + kl], b[off + 64 + kl:off + 64 + kl + ml]))
+            off += rl
+    assert tombs == [(user_key + b"c8", b"\x02")]
