@@ -975,3 +975,19 @@ def test_chunk_listing_key_and_chunk_tombstone_as_documented(tmp_path: Path) -> 
                 tombs.append((b[off + 64:off + 64 + kl], b[off + 64 + kl:off + 64 + kl + ml]))
             off += rl
     assert tombs == [(user_key + b"c8", b"\x02")]
+
+
+def test_documented_defaults() -> None:
+    """README / blockstore.open's docstring / docs/remote.md: durability "cache", 64 MiB blocks, 64 open
+    blocks, 30 s idle seal, read_gap 128 KiB, read_ahead on, on_corrupt "raise", remote_seal_seconds 0.2,
+    remote_timeout 30 s, no compaction unless asked, allow_non_empty off."""
+    import inspect
+    params = inspect.signature(blockstore.Store).parameters
+    defaults = {name: p.default for name, p in params.items() if name != "path"}
+    assert defaults == {
+        "create": True, "read_only": False, "durability": "cache", "block_size": None, "max_open_blocks": 64,
+        "idle_seal_seconds": 30.0, "read_gap": 128 * 1024, "read_ahead": True, "on_corrupt": "raise",
+        "backend": None, "compaction": None, "allow_non_empty": False, "remote_seal_seconds": 0.2,
+        "remote_timeout": 30.0,
+    }
+    assert blockstore.DEFAULT_BLOCK_SIZE == 64 << 20
