@@ -991,3 +991,23 @@ def test_documented_defaults() -> None:
         "remote_timeout": 30.0,
     }
     assert blockstore.DEFAULT_BLOCK_SIZE == 64 << 20
+
+
+def test_readme_blend_example(tmp_path: Path) -> None:
+    """README Blended chunk KV: the example runs as written on the trained model; chunks missing from the store
+    are computed and stored on the way; the same chunks in another order are loaded, ratio 0.15 of the
+    tokens recomputed and the rest reused; a ChunkKVStore of another checkpoint is refused by the Blender."""
+    torch = pytest.importorskip("torch")
+    from blockstore.blend import Blender, ChunkKVStore, LlamaWeights
+
+    w = LlamaWeights.from_pretrained(str(ROOT / "jobs" / "models" / "trained-llama"))
+    ids = torch.randint(5, 1000, (700,), generator=torch.Generator().manual_seed(0)).tolist()
+    with blockstore.open(tmp_path / "s") as store:
+        kv = ChunkKVStore(store, ns="kv-blend", model_id=w.model_id)
+        first = Blender(w, kv, ratio=0.15).blend(ids, spans=[(0, 300), (300, 700)])
+        assert len(first.missing_chunks) == 2
+        again = Blender(w, kv, ratio=0.15).blend(ids[300:] + ids[:300], spans=[(0, 400), (400, 700)])
+        assert again.missing_chunks == [] and again.reused_tokens == 700 - 105  # 15 % of 700 recomputed
+        assert len(again.recomputed) == 105
+        with pytest.raises(InvalidArgument):
+            Blender(w, ChunkKVStore(store, ns="kv-blend", model_id="another-checkpoint"))
