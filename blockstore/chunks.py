@@ -85,7 +85,7 @@ def _chunk_mutation(ns: str, c: ChunkWrite) -> Mutation:
     try:
         body = json.dumps({"user": c.user_id, "session": c.session_id, "chunk": c.chunk_id, "ts_ns": ts,
                            "meta": dict(c.meta or {}), "kv_keys": [k.hex() for k in kv_keys]},
-                          separators=(",", ":")).encode()
+                          separators=(",", ":"), allow_nan=False).encode()  # NaN/Infinity are not JSON
     except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: meta nested too deep
         raise InvalidArgument(f"chunk meta must be JSON-serializable: {exc}") from exc
     partition = ns.encode() + b"\0u" + encode_chunk_key(u, s, b"")

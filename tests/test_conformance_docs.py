@@ -1011,3 +1011,16 @@ def test_readme_blend_example(tmp_path: Path) -> None:
         assert len(again.recomputed) == 105
         with pytest.raises(InvalidArgument):
             Blender(w, ChunkKVStore(store, ns="kv-blend", model_id="another-checkpoint"))
+
+
+def test_chunk_meta_is_json_or_refused(tmp_path: Path) -> None:
+    """format §2.2: a chunk record's meta is UTF-8 JSON; README Limits: a wrong argument raises
+    InvalidArgument before anything is written. NaN and infinities have no JSON form (RFC 8259): Python's
+    json.dumps wrote `NaN`, which other JSON readers refuse."""
+    with blockstore.open(tmp_path / "s") as s:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(InvalidArgument, match="JSON"):
+                s.put_chunk("u", "s", "c", "t", meta={"score": bad})
+        assert s.stats().bytes_appended == 0 and s.list_chunks("u", "s") == []
+        s.put_chunk("u", "s", "c", "t", meta={"score": 0.5})
+        assert s.get_chunk("u", "s", "c").meta == {"score": 0.5}  # type: ignore[union-attr]
