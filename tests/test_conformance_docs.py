@@ -1028,3 +1028,31 @@ def test_chunk_meta_is_json_or_refused(tmp_path: Path) -> None:
         assert s.stats().bytes_appended == 0 and s.list_chunks("u", "s") == []
         s.put_chunk("u", "s", "c", "t", meta={"score": 0.5})
         assert s.get_chunk("u", "s", "c").meta == {"score": 0.5}  # type: ignore[union-attr]
+
+
+def test_cli_get_on_a_terminal_escapes_control_bytes(tmp_path: Path) -> None:
+    """`get --help` / README: the value goes to stdout as raw bytes, but on a terminal as text with control
+    bytes escaped (no escape sequence reaches the terminal)."""
+    import pty
+    p = tmp_path / "s"
+    value = b"bin\x00ary\x1b[31mred\xff"
+    with blockstore.open(p) as s:
+        s.put(b"k", value)
+    assert subprocess.run([sys.executable, "-m", "blockstore.tools.cli", "get", str(p), "k"], capture_output=True,
+                          cwd=str(ROOT), timeout=60).stdout == value  # a pipe: raw bytes
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "blockstore.tools.cli", "get", str(p), "k"], stdout=slave,
+                            stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO once the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    assert b"\x1b" not in out and b"\x00" not in out and b"\\x1b[31mred" in out and b"\\x00" in out
