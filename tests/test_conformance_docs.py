@@ -1056,3 +1056,26 @@ def test_cli_get_on_a_terminal_escapes_control_bytes(tmp_path: Path) -> None:
     os.close(master)
     assert proc.wait(timeout=60) == 0
     assert b"\x1b" not in out and b"\x00" not in out and b"\\x1b[31mred" in out and b"\\x00" in out
+
+
+def test_location_value_names_its_record(tmp_path: Path) -> None:
+    """format §5.1: a location value (version 1) holds kind, flags, payload_off, block_id, offset, record_len,
+    payload_len, seq, payload_xxh3 of its record, then a copy of the record's meta."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"small", b"abc", meta=b"m1")
+        s.put(b"big", b"y" * 5000)
+    db = Rdict(str(p / "directory"), options=Options(raw_mode=True))
+    try:
+        values = {k: bytes(db[b"K\0\0\0\x01\x01" + k]) for k in (b"small", b"big")}
+    finally:
+        db.close()
+    [f] = block_files(p)
+    b = f.read_bytes()
+    for key, v in values.items():
+        ver, kind, flags, po, bid, off, rl, pl, seq, px = struct.unpack_from("<BBHIQQQQQQ", v)
+        assert ver == 1 and bid == int(f.name[:16], 16)
+        _m, _rv, rkind, rfl, kl, ml, rpo, _ns, rpl, rrl, rseq, rpx = struct.unpack_from("<4sBBHIIIIQQQQ", b, off)
+        assert (kind, flags, po, rl, pl, seq, px) == (rkind, rfl, rpo, rrl, rpl, rseq, rpx)
+        assert b[off + 64:off + 64 + kl] == key and v[56:] == b[off + 64 + kl:off + 64 + kl + ml]
+    assert values[b"small"][56:] == b"m1"
