@@ -1079,3 +1079,27 @@ def test_location_value_names_its_record(tmp_path: Path) -> None:
         assert (kind, flags, po, rl, pl, seq, px) == (rkind, rfl, rpo, rrl, rpl, rseq, rpx)
         assert b[off + 64:off + 64 + kl] == key and v[56:] == b[off + 64 + kl:off + 64 + kl + ml]
     assert values[b"small"][56:] == b"m1"
+
+
+def test_repair_of_a_lost_directory_names_namespaces_by_partition_hash(tmp_path: Path) -> None:
+    """docs/fsck.md: a lost directory is rebuilt from the blocks; namespace names live only in the
+    directory, so an id is named by a --namespace candidate (or `default`) whose xxh3 matches the partition
+    hash of a block holding only its records (a KV block of its default partition, or a chunk block);
+    others become recovered-ns-<id>, their records still readable there."""
+    import shutil
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1", ns="tenant")
+        s.put(b"b", b"2", ns="other", partition="custom")
+        s.put(b"c", b"3")
+        s.put_chunk("u", "s", "c", "text", ns="mem")
+        other_id = s.namespace_id("other")
+    shutil.rmtree(p / "directory")
+    r = cli("fsck", "--repair", str(p), "--namespace", "tenant", "--namespace", "mem")
+    assert r.returncode == 1 and r.stdout.startswith("directory - "), r.stdout
+    with blockstore.open(p) as s:
+        assert sorted(s.namespaces()) == sorted(["default", "mem", "tenant", f"recovered-ns-{other_id}"])
+        assert s.get(b"a", ns="tenant") == b"1" and s.get(b"c") == b"3"
+        assert s.get(b"b", ns=f"recovered-ns-{other_id}") == b"2"
+        assert s.get_chunk("u", "s", "c", ns="mem").text == "text"  # type: ignore[union-attr]
+    assert (p / "lost+found").is_dir() and cli("fsck", str(p)).returncode == 0
