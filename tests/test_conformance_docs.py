@@ -1103,3 +1103,22 @@ def test_repair_of_a_lost_directory_names_namespaces_by_partition_hash(tmp_path:
         assert s.get(b"b", ns=f"recovered-ns-{other_id}") == b"2"
         assert s.get_chunk("u", "s", "c", ns="mem").text == "text"  # type: ignore[union-attr]
     assert cli("fsck", str(p)).returncode == 0
+
+
+def test_remote_tier_adapter_params(tmp_path: Path) -> None:
+    """README (LMCache across nodes): RemoteTierL2Adapter needs adapter_params.remote with endpoint, bucket,
+    access_key, secret_key and node_id; unknown keys and bad values stop the server with a message naming the
+    key (a ValueError, as LMCache's config classes raise)."""
+    pytest.importorskip("lmcache")
+    from blockstore.connector.remote_tier import RemoteTierL2AdapterConfig
+
+    base = {"endpoint": "http://127.0.0.1:1", "bucket": "kv", "access_key": "a", "secret_key": "s", "node_id": "node-a"}
+    cfg = RemoteTierL2AdapterConfig.from_dict({"path": str(tmp_path / "kv"), "remote": base})
+    assert cfg.remote.node_id == "node-a"  # type: ignore[attr-defined]
+    for remote, named in ((None, "'remote'"), ({k: v for k, v in base.items() if k != "node_id"}, "node_id"),
+                          ({**base, "nodeid": 1}, "nodeid"), ({**base, "client": "curl"}, "'client'")):
+        params: dict[str, Any] = {"path": str(tmp_path / "kv")}
+        if remote is not None:
+            params["remote"] = remote
+        with pytest.raises(ValueError, match=named):
+            RemoteTierL2AdapterConfig.from_dict(params)
