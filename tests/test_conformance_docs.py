@@ -640,6 +640,8 @@ def test_unclean_stop_scans_only_open_blocks_and_keeps_acknowledged_puts(tmp_pat
         assert s.get(b"last", ns="other") == b"y" * 10
         assert all(s.get(b"k%d" % i) == b"x" * 30000 for i in range(10))
     assert cli("fsck", str(p)).returncode == 0
+    with blockstore.open(p) as s:  # format §4: opening with clean == 1 scans nothing
+        assert not (s.recovery_report or {}).get("scanned_blocks")  # None: no recovery ran
 
 
 def test_fsck_repair_refuses_when_lost_found_is_not_a_folder(tmp_path: Path) -> None:
