@@ -1124,3 +1124,20 @@ def test_remote_tier_adapter_params(tmp_path: Path) -> None:
             params["remote"] = remote
         with pytest.raises(ValueError, match=named):
             RemoteTierL2AdapterConfig.from_dict(params)
+
+
+def test_a_sealed_block_left_with_nothing_is_deleted(tmp_path: Path) -> None:
+    """format §5.2: a sealed block with live_records == 0 and tombstones == 0 is deleted (file and entry)
+    once no reader holds it; while a reader holds it (hold_blocks), its file stays."""
+    p = tmp_path / "s"
+    with blockstore.open(p) as s:
+        s.put(b"a", b"1" * 100, partition="p1")
+        s.seal_open_blocks()
+        [first] = s.block_table()
+        path = p / "blocks" / f"{first.block_id:016x}.blk"
+        with s.hold_blocks([first.block_id]):
+            s.put(b"a", b"2" * 100, partition="p2")  # the only record of the first block dies
+            assert path.exists()
+        s.put(b"b", b"x", partition="p3")
+        assert not path.exists() and first.block_id not in {e.block_id for e in s.block_table()}
+        assert s.get(b"a") == b"2" * 100
