@@ -1141,3 +1141,23 @@ def test_a_sealed_block_left_with_nothing_is_deleted(tmp_path: Path) -> None:
         s.put(b"b", b"x", partition="p3")
         assert not path.exists() and first.block_id not in {e.block_id for e in s.block_table()}
         assert s.get(b"a") == b"2" * 100
+
+
+def test_chunk_listing_follows_ts_overwrites_and_deletes(tmp_path: Path) -> None:
+    """README / format §5 (S entries, in temporal order): list_chunks orders a session by ts_ns; an
+    overwrite re-lists the chunk at its new time, once; the last write of a key in one put_chunks wins; a
+    delete unlists it; sessions do not leak into each other (a NUL inside a session name included)."""
+    with blockstore.open(tmp_path / "s") as s:
+        s.put_chunk("u", "s", "c1", "a", ts_ns=200)
+        s.put_chunk("u", "s", "c2", "b", ts_ns=100)
+        assert [c.chunk_id for c in s.list_chunks("u", "s")] == ["c2", "c1"]
+        s.put_chunk("u", "s", "c1", "a2", ts_ns=50)
+        assert [(c.chunk_id, c.text) for c in s.list_chunks("u", "s")] == [("c1", "a2"), ("c2", "b")]
+        s.put_chunks([blockstore.ChunkWrite("u", "s", "c3", "x", ts_ns=10),
+                      blockstore.ChunkWrite("u", "s", "c3", "y", ts_ns=20)])
+        assert [(c.chunk_id, c.text) for c in s.list_chunks("u", "s")] == [("c3", "y"), ("c1", "a2"), ("c2", "b")]
+        assert s.delete_chunk("u", "s", "c1") is True and s.delete_chunk("u", "s", "c1") is False
+        s.put_chunk("u", "s\x00x", "c9", "nul session")
+        s.put_chunk("u", "s2", "c8", "other session")
+        assert [c.chunk_id for c in s.list_chunks("u", "s")] == ["c3", "c2"]
+        assert [c.chunk_id for c in s.list_chunks("u", "s\x00x")] == ["c9"]
