@@ -1161,3 +1161,17 @@ def test_chunk_listing_follows_ts_overwrites_and_deletes(tmp_path: Path) -> None
         s.put_chunk("u", "s2", "c8", "other session")
         assert [c.chunk_id for c in s.list_chunks("u", "s")] == ["c3", "c2"]
         assert [c.chunk_id for c in s.list_chunks("u", "s\x00x")] == ["c9"]
+
+
+def test_documented_modules_and_scripts_exist() -> None:
+    """README.md and docs/*.md: every `python -m MODULE` they tell a user to run, and every script they
+    name, is in the repository."""
+    texts = [(ROOT / "README.md").read_text()] + [f.read_text() for f in sorted((ROOT / "docs").glob("*.md"))]
+    modules = {m for t in texts for m in re.findall(r"python -m ([A-Za-z_][\w.]*)", t)} - {"build", "pytest", "jobs.NAME"}
+    assert len(modules) > 10
+    missing = [m for m in sorted(modules) if not (ROOT / (m.replace(".", "/") + ".py")).exists()
+               and not (ROOT / m.replace(".", "/") / "__main__.py").exists()]
+    assert not missing, missing
+    scripts = {s for t in texts for s in re.findall(r"bash ((?:scripts|\.ci)/[\w.-]+)", t)}
+    assert scripts and all((ROOT / s).exists() for s in scripts), scripts
+    assert (ROOT / ".ci" / "run").exists()
