@@ -286,8 +286,13 @@ class Reader:
             raise IOErrorBS(errno.ENOENT, f"read of key {keys[idxs[0]]!r}: the local copy of block {bid:016x} was "
                             f"dropped once its object {name!r} was confirmed, and no remote tier "
                             "is attached to read it (blockstore.remote.RemoteTier, or Store.set_block_fetcher)")
-        verified = self._read_remote(bid, name, [locs[i] for i in idxs],  # type: ignore[misc]
-                                     [dsts[i] for i in idxs])  # type: ignore[misc]
+        try:
+            verified = self._read_remote(bid, name, [locs[i] for i in idxs],  # type: ignore[misc]
+                                         [dsts[i] for i in idxs])  # type: ignore[misc]
+        except CorruptionError:  # an object cut or replaced in the bucket: no byte of it verified
+            if self.on_corrupt == "raise":
+                raise
+            verified = [False] * len(idxs)
         for i, ok in zip(idxs, verified):
             if ok:
                 results[i] = locs[i].payload_len if lengths else dsts[i]  # type: ignore[union-attr]

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import blockstore
+from blockstore.errors import TruncatedError
 from blockstore.tools import cli
 from blockstore.tools.repair import repair
 
@@ -57,3 +62,64 @@ def test_a_repair_cut_in_the_middle_of_a_swap_loses_no_block(tmp_path: Path, mon
     assert cli.main(["fsck", str(store)]) == 0
     assert_all_read(store, acked)
     assert not (store / "lost+found").exists()
+
+
+# ------------------------------------------------------------------ the object tier
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from seaweed_cluster import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("seaweed")) as c:
+        yield c
+
+
+def dropped_store(cluster: Any, path: Path, **open_kw: Any) -> tuple[Any, Any, Any, dict[bytes, bytes]]:
+    """A store whose every block is uploaded and its local copy dropped: (store, tier, objects, acked)."""
+    from seaweed_cluster import new_bucket, value
+
+    from blockstore.remote import make_object_store
+    from blockstore.remote.tier import RemoteTier
+
+    objects = make_object_store(new_bucket(cluster))
+    kv = {b"d%02d" % i: value(i) for i in range(12)}
+    s = blockstore.open(path, block_size=256 << 10, **open_kw)
+    s.put_many(list(kv.items()))
+    tier = RemoteTier(s, objects, "node", local_capacity_bytes=0)
+    assert tier.drain()
+    deadline = time.monotonic() + 20
+    while tier.status().dropped_blocks < len(s.block_table()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tier.status().dropped_blocks == len(s.block_table())
+    return s, tier, objects, kv
+
+
+@pytest.mark.parametrize(("on_corrupt", "keep"), [("raise", 100), ("miss", 100), ("miss", 3)])
+def test_an_object_truncated_in_the_bucket_is_corruption_not_an_unreachable_store(
+        cluster: Any, tmp_path: Path, on_corrupt: str, keep: int) -> None:
+    """An object cut (by something else) to 100 bytes, or to a third: S3 answers a ranged GET past its end with
+    416 Range Not Satisfiable, which was RemoteUnavailable ("the object store did not answer... retried"),
+    with obstore's 30-line debug dump as its message; and on_corrupt="miss" raised (that, or the
+    CorruptionError of a range cut short) instead of reading a miss."""
+    s, tier, objects, kv = dropped_store(cluster, tmp_path / "s", on_corrupt=on_corrupt)
+    try:
+        locs = dict(zip(kv, s.locate_many(list(kv))))
+        first = locs[b"d00"].block_id  # type: ignore[union-attr]
+        key = max((k for k in kv if locs[k].block_id == first), key=lambda k: locs[k].payload_offset)  # type: ignore[union-attr]
+        name = next(e.remote_name for e in s.block_table() if e.block_id == first).decode()
+        whole = objects.get(name)
+        objects.put(name, whole[: keep if keep > 3 else len(whole) // keep])
+        if on_corrupt == "miss":
+            assert s.get(key) is None
+        else:
+            with pytest.raises(TruncatedError, match="truncated or replaced in the bucket") as err:
+                s.get(key)
+            assert "\n" not in str(err.value)
+        others = [k for k in kv if locs[k].block_id != first]  # type: ignore[union-attr]
+        assert others and [bytes(v) for v in s.get_many(others)] == [kv[k] for k in others]
+        objects.put(name, whole)
+        assert s.get(key) == kv[key]
+    finally:
+        tier.close()
+        s.close()

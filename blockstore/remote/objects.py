@@ -18,6 +18,7 @@ import obstore
 from botocore.config import Config
 from obstore.store import S3Store
 
+from blockstore.errors import TruncatedError
 from blockstore.remote.errors import RemoteError, RemoteObjectMissing, RemoteUnavailable
 
 
@@ -138,6 +139,8 @@ class Boto3Objects:
         except self._bx.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise RemoteObjectMissing(f"get {key}: no such object") from e
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                raise _cut_short(key, rng) from e
             raise RemoteError(f"get {key}: {e}") from e
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
@@ -214,6 +217,10 @@ class ObstoreObjects:
                              ends=[e for _, e in ranges])
         except FileNotFoundError as e:
             raise RemoteObjectMissing(f"get {key}: no such object") from e
+        except RemoteUnavailable as e:
+            if "416 Range Not Satisfiable" in str(e):  # obstore has no error class of its own for it
+                raise _cut_short(key, ", ".join(f"[{a}, {b})" for a, b in ranges)) from e.__cause__
+            raise
         return [memoryview(b) for b in got]  # obstore's Bytes: Rust-owned, exposed without a copy
 
     def list_after(self, prefix: str, after: str | None) -> list[str]:
@@ -227,3 +234,11 @@ class ObstoreObjects:
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self._obs.delete, key)
+
+
+def _cut_short(key: str, ranges: str | None) -> TruncatedError:
+    """A ranged GET past the end of the object (HTTP 416): the object is shorter than the block it stands for,
+    so it was truncated or replaced in the bucket. Corruption, not the store being unreachable: retrying
+    cannot help, and on_corrupt="miss" reads it as a miss."""
+    return TruncatedError(f"get {key}: the object ends before the range {ranges} (HTTP 416): it was truncated "
+                          "or replaced in the bucket")
