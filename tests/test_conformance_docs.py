@@ -523,8 +523,14 @@ def test_cli_fsck_output_exit_codes_and_repair(tmp_path: Path) -> None:
     for k in ("blocks", "block_files", "keys", "records", "bytes", "findings", "by_kind", "writer_pid", "passes",
               "notes", "corrected", "uncorrected", "refused", "lost_found"):
         assert k in doc["summary"], k
-    r = cli("fsck", "--repair", str(p))
-    assert r.returncode == 1 and "[corrected: " in r.stdout
+    r = cli("fsck", "--repair", "--json", str(p))
+    doc = json.loads(r.stdout)
+    assert r.returncode == doc["exit_code"] == 1 and doc["mode"] == "repair"
+    assert doc["findings"][0]["corrected"] is True and doc["findings"][0]["action"]
+    summary = doc["summary"]
+    assert (summary["findings"], summary["corrected"], summary["uncorrected"]) == (1, 1, 0)
+    assert summary["by_kind"] == {"payload": 1}  # the findings reported (it said {}: the final check's)
+    assert summary["lost_found"] == [str(p / "lost+found" / f.name)]
     assert (p / "lost+found" / f.name).exists()
     log = [json.loads(line) for line in (p / "lost+found" / "fsck-log.jsonl").read_text().splitlines()]
     assert log and log[0]["file"] == f.name

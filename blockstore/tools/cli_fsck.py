@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import textwrap
+from collections import Counter
 from typing import Any
 
 from tqdm import tqdm
@@ -92,7 +93,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"path": args.path, "mode": "repair" if args.repair else "check",
                "findings": [f.as_dict() for f in findings],
-               "summary": {**final.summary(), "findings": len(findings), "corrected": corrected,
+               # the counts are of the findings reported (a repair's, of every pass), not of its final check
+               "summary": {**final.summary(), "findings": len(findings), "by_kind": dict(Counter(f.kind for f in findings)),
+                           "corrected": corrected,
                            "uncorrected": left, "refused": refused, "lost_found": lost_found},
                "exit_code": code}
         print(json.dumps(doc, indent=2))
