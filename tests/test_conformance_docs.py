@@ -1181,3 +1181,19 @@ def test_documented_modules_and_scripts_exist() -> None:
     scripts = {s for t in texts for s in re.findall(r"bash ((?:scripts|\.ci)/[\w.-]+)", t)}
     assert scripts and all((ROOT / s).exists() for s in scripts), scripts
     assert (ROOT / ".ci" / "run").exists()
+
+
+def test_readme_command_synopsis_matches_help() -> None:
+    """README Command line: every flag its synopsis gives a command is one that command's --help offers."""
+    text = (ROOT / "README.md").read_text().split("## Command line")[1].split("```")[1]
+    flags: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        m = re.match(r"blockstore (\w+) PATH(.*?)(?:  |$)", line.strip())
+        if m:
+            flags.setdefault(m.group(1), set()).update(re.findall(r"--[a-z][a-z-]*", m.group(2)))
+    assert {"get", "scan", "stats", "dump", "compact", "fsck", "metrics", "top"} <= set(flags)
+    for command, wanted in flags.items():
+        r = cli(command, "--help")
+        assert r.returncode == 0
+        offered = set(re.findall(r"--[a-z][a-z-]*", r.stdout))
+        assert wanted <= offered, (command, wanted - offered)
