@@ -1197,3 +1197,62 @@ def test_readme_command_synopsis_matches_help() -> None:
         assert r.returncode == 0
         offered = set(re.findall(r"--[a-z][a-z-]*", r.stdout))
         assert wanted <= offered, (command, wanted - offered)
+
+
+_SYNC_SCRIPT = """
+import os, sys
+import blockstore
+s = blockstore.open(sys.argv[1], durability=sys.argv[2])
+s.put(b"warm", b"w")
+def mark(name):
+    try:
+        os.stat("/nonexistent-MARK-" + name)
+    except OSError:
+        pass
+mark("puts")
+for i in range(20):
+    s.put(b"k%d" % i, b"x" * 1000)
+s.put(b"over", b"1")
+mark("overwrite")
+s.put(b"over", b"2")
+mark("delete")
+s.delete(b"k1")
+mark("close")
+s.close()
+"""
+
+
+def _syncs_by_phase(path: Path, durability: str) -> dict[str, int]:
+    import shutil
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    script, trace = path.parent / "syncs.py", path.parent / f"strace-{durability}.out"
+    script.write_text(_SYNC_SCRIPT)
+    r = subprocess.run([strace, "-f", "-qq", "-e", "trace=fsync,fdatasync,newfstatat,stat,statx", "-o", str(trace),
+                        sys.executable, str(script), str(path), durability], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and "ptrace" in r.stderr:
+        pytest.skip(f"strace cannot trace here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    counts: dict[str, int] = {}
+    phase = None
+    for line in trace.read_text().splitlines():
+        m = re.search(r"nonexistent-MARK-(\w+)", line)
+        if m:
+            phase = m.group(1)
+            counts[phase] = 0
+        elif phase and re.search(r"\b(fsync|fdatasync)\(", line):
+            counts[phase] += 1
+    return counts
+
+
+def test_durability_modes_sync_what_they_promise(tmp_path: Path) -> None:
+    """README Durability / format §3: `cache` never syncs per put; it syncs an overwrite's new record (its
+    directory write stays unsynced) and a delete (its tombstone and its directory batch); `sync` syncs every
+    put (counted with strace: fsync and fdatasync calls between markers)."""
+    cache = _syncs_by_phase(tmp_path / "cache", "cache")
+    assert cache["puts"] == 0, cache  # 20 new keys (and the first write of `over`)
+    assert cache["overwrite"] >= 1, cache
+    assert cache["delete"] >= 2, cache  # the tombstone's block, then the directory batch
+    sync = _syncs_by_phase(tmp_path / "sync", "sync")
+    assert sync["puts"] >= 21, sync  # every put, one after another
