@@ -1222,13 +1222,13 @@ s.close()
 """
 
 
-def _syncs_by_phase(path: Path, durability: str) -> dict[str, int]:
+def _syncs_by_phase(path: Path, durability: str, script_text: str = _SYNC_SCRIPT) -> dict[str, int]:
     import shutil
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed")
     script, trace = path.parent / "syncs.py", path.parent / f"strace-{durability}.out"
-    script.write_text(_SYNC_SCRIPT)
+    script.write_text(script_text)
     r = subprocess.run([strace, "-f", "-qq", "-e", "trace=fsync,fdatasync,newfstatat,stat,statx", "-o", str(trace),
                         sys.executable, str(script), str(path), durability], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 and ("ptrace" in r.stderr.lower() or "not permitted" in r.stderr):
@@ -1256,3 +1256,34 @@ def test_durability_modes_sync_what_they_promise(tmp_path: Path) -> None:
     assert cache["delete"] >= 2, cache  # the tombstone's block, then the directory batch
     sync = _syncs_by_phase(tmp_path / "sync", "sync")
     assert sync["puts"] >= 21, sync  # every put, one after another
+
+
+_GROUP_SCRIPT = """
+import os, sys, threading
+import blockstore
+s = blockstore.open(sys.argv[1], durability="sync")
+s.put(b"warm", b"w")
+def mark(name):
+    try:
+        os.stat("/nonexistent-MARK-" + name)
+    except OSError:
+        pass
+def writer(t):
+    for i in range(25):
+        s.put(b"t%d-%d" % (t, i), b"x" * 1000)
+threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+mark("puts")
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+mark("close")
+s.close()
+"""
+
+
+def test_sync_mode_group_commit_across_threads(tmp_path: Path) -> None:
+    """README Durability: `sync` ... with group commit across threads: 8 threads' 200 durable puts need far
+    fewer syncs than 2 a put (block file and directory); measured 102-106 on the 2-core VM."""
+    counts = _syncs_by_phase(tmp_path / "s", "sync", _GROUP_SCRIPT)
+    assert 0 < counts["puts"] < 300, counts
