@@ -1287,3 +1287,31 @@ def test_sync_mode_group_commit_across_threads(tmp_path: Path) -> None:
     fewer syncs than 2 a put (block file and directory); measured 102-106 on the 2-core VM."""
     counts = _syncs_by_phase(tmp_path / "s", "sync", _GROUP_SCRIPT)
     assert 0 < counts["puts"] < 300, counts
+
+
+def test_documented_names_exist() -> None:
+    """README and docs name these public entry points: each is importable where they say."""
+    import importlib
+    import importlib.util
+    names = {
+        "blockstore.compaction": ["AffinityJudge"],
+        "blockstore.remote": ["RemoteTier", "S3Settings", "make_object_store", "restore_node"],
+        "blockstore.metrics": ["serve", "REGISTRY", "enable", "disable"],
+        "blockstore.logs": ["configure"],
+        "blockstore.blend": ["Blender", "ChunkKVStore", "LlamaWeights"],
+        "blockstore.tiering": ["RemoteNotConfirmed"],
+    }
+    if importlib.util.find_spec("lmcache") is not None:
+        names["blockstore.connector.l2_adapter"] = ["BlockstoreL2Adapter", "BlockstoreL2AdapterConfig"]
+        names["blockstore.connector.remote_plugin"] = ["BlockstoreConnectorAdapter", "BlockstorePluginConfigError"]
+        names["blockstore.connector.remote_tier"] = ["RemoteTierL2Adapter"]
+        names["blockstore.connector.blend_connector"] = ["multi_connector_config"]
+    for module, attrs in names.items():
+        mod = importlib.import_module(module)
+        for attr in attrs:
+            assert hasattr(mod, attr), f"{module}.{attr}"
+    assert importlib.import_module("blockstore.tiering").RemoteNotConfirmed is blockstore.RemoteNotConfirmed
+    for method in ("put", "put_many", "get", "get_many", "delete", "delete_many", "put_tensor", "get_tensor",
+                   "put_chunk", "put_chunks", "get_chunk", "list_chunks", "delete_chunk", "stats", "session_partition",
+                   "request", "evict_blocks", "seal_open_blocks", "close"):
+        assert callable(getattr(blockstore.Store, method)), method
