@@ -566,8 +566,8 @@ def test_cli_metrics_names(cli_store: Path) -> None:
 
 def test_placement_session_partition_and_put_many(tmp_path: Path) -> None:
     """README Placement: records of one put_many are written next to each other; session_partition(user,
-    session) is the partition= that puts KV records next to that chunk session's records; chunk user and
-    session are 1..1024 bytes (format §5)."""
+    session) is the partition= that puts KV records next to that chunk session's records; a chunk's user,
+    session and chunk id are 1..1024 bytes (format §5)."""
     with blockstore.open(tmp_path / "s") as s:
         part = s.session_partition("alice", "s1")
         s.put_chunk("alice", "s1", "c1", "text", kv_keys=[b"kv-0"])
@@ -579,9 +579,11 @@ def test_placement_session_partition_and_put_many(tmp_path: Path) -> None:
         assert kv1.offset == kv0.offset + kv0.record_len  # next to each other
         chunk_blocks = {e.block_id for e in s.block_table() if e.partition.endswith(b"alice\x00\x02s1")}
         assert chunk_blocks == {kv0.block_id}
-        for user, session in (("u" * 1025, "s"), ("u", "s" * 1025), ("", "s")):
+        for user, session, chunk in (("u" * 1025, "s", "c"), ("u", "s" * 1025, "c"), ("", "s", "c"),
+                                     ("u", "s", "c" * 1025), ("u", "s", "")):
             with pytest.raises(InvalidArgument):
-                s.put_chunk(user, session, "c", "t")
+                s.put_chunk(user, session, chunk, "t")
+        s.put_chunk("u" * 1024, "s" * 1024, "c" * 1024, "t")
 
 
 def test_chunk_record_meta_as_documented(tmp_path: Path) -> None:
