@@ -35,7 +35,7 @@ from blockstore.directory_values import (
 )
 from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace, error_for_os
 from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
-from blockstore.manifest import last_writer_synced
+from blockstore.manifest import fsync_dir, last_writer_synced
 
 _T = TypeVar("_T")
 # the value types, for the modules that import them from here
@@ -363,10 +363,15 @@ class Directory:
             self._failed_now(exc, "directory flush failed")
 
     def close(self) -> None:
-        try:
-            self._db.close()
-        except Exception:
-            pass
+        # a thread inside a call on the handle (Store.close() while others call in) makes rocksdict refuse the close
+        for _ in range(30_000):  # ("Already borrowed"); swallowed, RocksDB's LOCK stayed held: no reopen in this process
+            try:
+                self._db.close()
+            except Exception as exc:
+                if "borrowed" in str(exc):
+                    time.sleep(0.001)
+                    continue
+            break
         if self._shadow is not None:
             shutil.rmtree(self._shadow, ignore_errors=True)  # links only: rmtree never follows them
             self._shadow = None
@@ -454,11 +459,7 @@ def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], 
         for name in unnamed:
             os.rename(os.path.join(path, name), os.path.join(aside, name))
         for folder in (path, aside, os.path.dirname(aside)):
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(folder)
         with open(os.path.join(os.path.dirname(aside), "fsck-log.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "file": os.path.basename(aside), "why": why, "from": unnamed}) + "\n")

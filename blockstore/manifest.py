@@ -139,6 +139,15 @@ def write_manifest_file(p: str, m: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
+def fsync_dir(path: str) -> None:
+    """Sync a folder: a rename or a new file in it is durable only then."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def last_writer_synced(store_root: str, *, default: bool) -> bool:
     """Whether the store's last writer ran in sync mode (MANIFEST.json "durability", docs/format.md §1):
     its WAL must then read to its end. `default` when the MANIFEST does not say (older stores, or a
