@@ -1317,3 +1317,22 @@ def test_documented_names_exist() -> None:
                    "put_chunk", "put_chunks", "get_chunk", "list_chunks", "delete_chunk", "stats", "session_partition",
                    "request", "evict_blocks", "seal_open_blocks", "close"):
         assert callable(getattr(blockstore.Store, method)), method
+
+
+def test_manifest_naming_another_store_is_repaired_from_block_headers(tmp_path: Path) -> None:
+    """docs/fsck.md `manifest`: a MANIFEST whose store id differs from every block header's is what is
+    damaged; the open refuses (naming fsck --repair), fsck reports it (exit 4), --repair rewrites it from the
+    headers (the old one to lost+found, exit 1) and every record reads again."""
+    p = small_store(tmp_path / "s")
+    m = json.loads((p / "MANIFEST.json").read_text())
+    bad = {**m, "store_id": m["store_id"] + 1}
+    (p / "MANIFEST.json").write_text(json.dumps(bad))
+    with pytest.raises(CorruptionError, match="fsck --repair"):
+        blockstore.open(p)
+    r = cli("fsck", str(p))
+    assert r.returncode == 4 and r.stdout.startswith("manifest - ")
+    assert cli("fsck", "--repair", str(p)).returncode == 1
+    assert json.loads((p / "MANIFEST.json").read_text())["store_id"] == m["store_id"]
+    assert json.loads((p / "lost+found" / "MANIFEST.json").read_text()) == bad
+    with blockstore.open(p) as s:
+        assert s.get(b"big") == b"y" * 5000 and s.get(b"small") == b"abc"
