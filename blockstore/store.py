@@ -55,7 +55,7 @@ from blockstore.store_records import DEFAULT_NAMESPACE, RecordConveniences
 from blockstore.store_remote import RemoteSeams
 from blockstore.tensors import TensorRecords
 from blockstore.tiering import Tiering
-from blockstore.validate import check_bool, check_keys, check_locations, check_meta, check_ns, check_out
+from blockstore.validate import check_blocks, check_bool, check_keys, check_locations, check_meta, check_ns, check_out
 from blockstore.validate import check_key as _check_key
 from blockstore.writer import WriteEngine
 
@@ -454,12 +454,12 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
         record of one of its keys (blocklife.evict_blocks says why that is safe). Returns the blocks
         removed, the (key suffix, location) of each key removed, and the blocks refused."""
         self._check_open(write=True)
-        return self._engine.evict_blocks(list(block_ids))
+        return self._engine.evict_blocks(check_blocks(block_ids))
 
     def hold_blocks(self, block_ids: Sequence[int]) -> Any:
         """Context manager: these blocks' files outlive any deletion until it exits (a compactor holds
         its sources between listing their records and reading them)."""
-        return self.blocks.pinned(block_ids)
+        return self.blocks.pinned(check_blocks(block_ids))
 
     def block_read_fd(self, block_id: int) -> int | None:
         """A read-only descriptor of a block held with `hold_blocks`, for a caller that reads and verifies
@@ -467,7 +467,7 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
         has no local file (deleted, or dropped to the remote tier: read through `read_located`). The
         descriptor belongs to the store: valid while the hold lasts, never closed by the caller."""
         try:
-            return self.blocks.read_fd(block_id)
+            return self.blocks.read_fd(check_blocks([block_id], "block_id")[0])
         except NotFound:
             return None
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from blockstore.errors import InvalidArgument
 from blockstore.reader import Reader
 from blockstore.tiering import BlockFetcher, Tiering
+from blockstore.validate import check_block_id
 from blockstore.writer import WriteEngine
 
 
@@ -42,22 +43,22 @@ class RemoteSeams:
         """Record, in one synced directory write, that object `name` holds sealed block `block_id` (the
         remote tier calls it after the object's index PUT). False if the block no longer exists."""
         self._check_open(write=True)
-        return self._tiering.mark_remote(int(block_id), name)
+        return self._tiering.mark_remote(check_block_id(block_id), name)
 
     def drop_local_copy(self, block_id: int) -> int:
         """Delete a sealed block's local file, keeping it in the table: its records are then read from its
         object (set_block_fetcher). Refuses (InvalidArgument) a block not marked remote. Returns bytes freed."""
         self._check_open(write=True)
-        return self._tiering.drop_local_copy(int(block_id))
+        return self._tiering.drop_local_copy(check_block_id(block_id))
 
     def restore_local_copy(self, block_id: int, data: bytes | bytearray | memoryview) -> bool:
         """Put a dropped block's file back from its object's bytes (checked to be that block's sealed
         file; reads then go to the local disk again). False if the block is gone or its file is there."""
         self._check_open(write=True)
-        return self._tiering.restore_local_copy(int(block_id), data)
+        return self._tiering.restore_local_copy(check_block_id(block_id), data)
 
     def has_local_copy(self, block_id: int) -> bool:
-        return self._tiering.has_local_copy(int(block_id))
+        return self._tiering.has_local_copy(check_block_id(block_id))
 
     def set_block_fetcher(self, fetch: BlockFetcher | None) -> None:
         """The read fallback: `fetch(block_id, remote_name, [(start, end), ...])` returns those byte ranges

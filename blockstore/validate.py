@@ -83,6 +83,22 @@ def check_int(name: str, value: Any) -> int:
         raise InvalidArgument(f"{name} must be an int, not {type(value).__name__}") from None
 
 
+_MAX_BLOCK_ID = (1 << 64) - 1  # block ids are u64 (docs/format.md §2.1)
+
+
+def check_block_id(value: Any, name: str = "block_id") -> int:
+    """A block id: an int (not a bool: True would name block 1) of 0..2**64-1."""
+    bid = check_int(name, value)
+    if not 0 <= bid <= _MAX_BLOCK_ID:
+        raise InvalidArgument(f"{name} must be a block id in 0..2**64-1, got {bid}")
+    return bid
+
+
+def check_blocks(value: Any, name: str = "block_ids") -> list[int]:
+    """A sequence of block ids (each as check_block_id)."""
+    return [check_block_id(b, f"{name}[{i}]") for i, b in enumerate(check_seq(name, value, "block ids"))]
+
+
 def check_locations(locs: Any, n: int | None = None) -> list[Any]:
     """A sequence of directory Locations (with `n`: one per key, None for a key not found)."""
     from_lookup = n is not None

@@ -1336,3 +1336,27 @@ def test_manifest_naming_another_store_is_repaired_from_block_headers(tmp_path: 
     assert json.loads((p / "lost+found" / "MANIFEST.json").read_text()) == bad
     with blockstore.open(p) as s:
         assert s.get(b"big") == b"y" * 5000 and s.get(b"small") == b"abc"
+
+
+def test_block_id_arguments_are_checked(tmp_path: Path) -> None:
+    """README Limits / DESIGN invariant 7: a wrong argument (type, size) raises InvalidArgument naming it,
+    never a TypeError or ValueError from inside, and is never taken for another: `evict_blocks([True])`
+    evicted block 1 (a bool is an int to Python), `evict_blocks(5)` raised TypeError, `drop_local_copy("x")`
+    ValueError. Covers the block-id arguments of Store's documented seams (README Capacity, docs/remote.md)."""
+    with blockstore.open(tmp_path / "s") as s:
+        s.put(b"a", b"1")
+        s.seal_open_blocks()
+        calls: list[Any] = [
+            lambda: s.evict_blocks([True]), lambda: s.evict_blocks(5), lambda: s.evict_blocks(None),
+            lambda: s.evict_blocks("x"), lambda: s.evict_blocks([1.5]), lambda: s.evict_blocks([-1]),
+            lambda: s.evict_blocks([1 << 64]), lambda: s.hold_blocks(5), lambda: s.hold_blocks([None]),
+            lambda: s.block_read_fd("x"), lambda: s.block_read_fd(None), lambda: s.drop_local_copy("x"),
+            lambda: s.drop_local_copy(None), lambda: s.has_local_copy("x"), lambda: s.mark_block_remote(None, b"o"),
+            lambda: s.restore_local_copy("1", b""),
+        ]
+        for i, call in enumerate(calls):
+            with pytest.raises(InvalidArgument, match="block"):
+                call()
+            assert s.get(b"a") == b"1", i
+        assert [e.block_id for e in s.block_table()] == [1]
+        assert s.evict_blocks([]).blocks == []
