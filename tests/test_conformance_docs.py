@@ -626,10 +626,11 @@ def test_python_backend_on_request(tmp_path: Path) -> None:
         assert s.get(b"k") == b"v" * 5000
 
 
-def test_unclean_stop_scans_only_open_blocks_and_keeps_acknowledged_puts(tmp_path: Path) -> None:
+def test_unclean_stop_scans_only_open_blocks_and_keeps_acknowledged_puts(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """README/format §4: after an unclean stop (kill -9 in sync mode), opening scans only the blocks that
     were still open, and every acknowledged put is there; fsck before that reports `unsealed` and `unclean`
-    (exit 4); the store then opens clean."""
+    (exit 4); the store then opens clean; recovery logs INFO on blockstore.recovery."""
     p = tmp_path / "s"
     code = (f"import blockstore, os, signal\ns = blockstore.open({str(p)!r}, durability='sync', block_size=65536)\n"
             "for i in range(10):\n    s.put(b'k%d' % i, b'x' * 30000)\n"
@@ -643,8 +644,10 @@ def test_unclean_stop_scans_only_open_blocks_and_keeps_acknowledged_puts(tmp_pat
         open_blocks = sorted(e.block_id for e in ro.block_table() if e.state == 1)
         sealed = [e for e in ro.block_table() if e.state == 2]
     assert open_blocks and len(sealed) >= 3
-    with blockstore.open(p) as s:
+    with caplog.at_level(logging.INFO, logger="blockstore"), blockstore.open(p) as s:
         assert sorted(s.recovery_report["scanned_blocks"]) == open_blocks
+        # observability.md: INFO on blockstore.recovery says what recovery did, and the open's line
+        assert {"blockstore.recovery", "blockstore.open"} <= {r.name for r in caplog.records}
         assert s.get(b"last", ns="other") == b"y" * 10
         assert all(s.get(b"k%d" % i) == b"x" * 30000 for i in range(10))
     assert cli("fsck", str(p)).returncode == 0
