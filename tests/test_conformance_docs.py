@@ -714,8 +714,9 @@ def test_gc_copies_go_back_to_their_partition_and_keep_their_seq(tmp_path: Path)
                 s.delete(b"k%02d" % i)
         before = {k: loc for k, loc in zip((b"k00", b"k04", b"k08"), s.locate_many([b"k00", b"k04", b"k08"]))}
         victims = {loc.block_id for loc in before.values() if loc is not None}
-    r = cli("compact", str(p), "--no-budget")
+    r = cli("-v", "compact", str(p), "--no-budget")
     assert r.returncode == 0 and "gc: collected 3 blocks" in r.stdout, r.stdout
+    assert "INFO blockstore.compaction" in r.stderr  # observability.md: a pass that moved something
     with blockstore.open(p, read_only=True) as s:
         table = {e.block_id: e for e in s.block_table()}
         after = dict(zip(before, s.locate_many(list(before))))
