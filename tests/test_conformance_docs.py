@@ -480,7 +480,8 @@ def test_cli_exit_codes(cli_store: Path, tmp_path: Path) -> None:
         assert cli(*args).returncode == 8, args
     for args in (("bogus",), ("scan", p, "--limit", "x"), ("get", p, "bad\\xZZ"), ("dump", p, "--block", "zz"),
                  ("stats", p, "--nope"), ("get", p), ("get", p, "plain", "--ns", ""), ("scan", p, "--ns", ""),
-                 ("scan", p, "--ns", "n" * 256)):  # a namespace that cannot be one is a bad flag value
+                 ("scan", p, "--ns", "n" * 256), ("fsck", "--repair", p, "--namespace", "")):
+        # (the last four: a namespace that cannot be one is a bad flag value)
         r = cli(*args)
         assert r.returncode == 16 and "usage: blockstore" in r.stderr, (args, r.stderr)
     assert cli("--version").stdout.strip() == f"blockstore {blockstore.__version__}"

@@ -11,10 +11,11 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from blockstore.errors import BlockstoreError, NotFound
+from blockstore.errors import BlockstoreError, InvalidArgument, NotFound
 from blockstore.manifest import MANIFEST
 from blockstore.store import Store
 from blockstore.tools.fsck_decode import require_store
+from blockstore.validate import check_ns
 
 EXIT_OK = 0
 EXIT_ERROR = 8  # operational error (the fsck convention: a bitmask, 8 = operational)
@@ -90,6 +91,15 @@ def block_id(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"a block id is not negative, got {text!r}")
     return value
+
+
+def namespace(text: str) -> str:
+    """argparse type of --ns / --namespace: a name that cannot be a namespace (empty, over 255 bytes) is a bad
+    flag value, a usage error (exit 16), not an error of the store."""
+    try:
+        return check_ns(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_path(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from blockstore.errors import BlockstoreError, StoreLocked
 from blockstore.tools import fsck
-from blockstore.tools.cli_common import UsageError, add_path
+from blockstore.tools.cli_common import UsageError, add_path, namespace
 from blockstore.tools.fsck_report import EXIT_CORRECTED, EXIT_UNCORRECTED, KINDS
 from blockstore.tools.repair import repair
 
@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
     add_path(fs)
     fs.add_argument("--repair", action="store_true",
                     help="fix what can be fixed (needs the writer lock); what cannot be saved goes to lost+found/")
-    fs.add_argument("--namespace", action="append", metavar="NAME",
+    fs.add_argument("--namespace", action="append", metavar="NAME", type=namespace,
                     help="with --repair, when the directory is lost: a namespace name to try for the namespace ids "
                     "found in the blocks (repeatable; 'default' is always tried)")
     fs.add_argument("--json", action="store_true", help="print one JSON document (findings and summary)")

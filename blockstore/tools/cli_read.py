@@ -12,7 +12,7 @@ from itertools import islice
 from typing import Any
 
 from blockstore.directory import Location
-from blockstore.errors import InvalidArgument, NotFound
+from blockstore.errors import NotFound
 from blockstore.store import DEFAULT_NAMESPACE, Store
 from blockstore.tools.cli_common import (
     EXIT_OK,
@@ -20,13 +20,13 @@ from blockstore.tools.cli_common import (
     add_json,
     add_path,
     escape,
+    namespace,
     open_read_only,
     parse_key,
     print_json,
     print_json_rows,
     terminal_text,
 )
-from blockstore.validate import check_ns
 
 KEY_FORMS = ("KEY is text, with \\xNN for a byte and \\\\ for a backslash (the form `blockstore scan` prints), "
              "or hex with --hex.")
@@ -41,7 +41,7 @@ def register_get(sub: Any) -> None:
         + KEY_FORMS + " A key that is not there is an error (exit 8). Read-only.")
     add_path(ge)
     ge.add_argument("key", metavar="KEY", help="the key (see above for its forms)")
-    ge.add_argument("--ns", default=DEFAULT_NAMESPACE, metavar="NAME", type=_namespace,
+    ge.add_argument("--ns", default=DEFAULT_NAMESPACE, metavar="NAME", type=namespace,
                     help=f"the namespace (default: {DEFAULT_NAMESPACE})")
     ge.add_argument("--hex", action="store_true", help="KEY is hex")
     ge.add_argument("--out", metavar="FILE", help="write the value to FILE instead of standard output")
@@ -90,21 +90,13 @@ def register_scan(sub: Any) -> None:
         "ASCII as is, \\\\ for a backslash, \\xNN for any other byte) or with --hex as hex; --prefix takes the "
         "same form. Read-only.")
     add_path(sc)
-    sc.add_argument("--ns", metavar="NAME", type=_namespace, help="only this namespace (default: every namespace)")
+    sc.add_argument("--ns", metavar="NAME", type=namespace, help="only this namespace (default: every namespace)")
     sc.add_argument("--prefix", default="", metavar="KEY", help="only keys that start with this (escaped, or hex "
                     "with --hex)")
     sc.add_argument("--hex", action="store_true", help="print keys, and read --prefix, as hex")
     sc.add_argument("--limit", type=_count, metavar="N", help="stop after N keys")
     add_json(sc, "a JSON array (keys in hex)")
     sc.set_defaults(func=cmd_scan)
-
-
-def _namespace(text: str) -> str:
-    """A namespace name that cannot be one (empty, over 255 bytes) is a bad flag value: a usage error (16)."""
-    try:
-        return check_ns(text)
-    except InvalidArgument as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count(text: str) -> int:
