@@ -472,10 +472,14 @@ def test_cli_exit_codes(cli_store: Path, tmp_path: Path) -> None:
     namespace or block that is not there); 16 usage error (bad flag, value or key), printed with usage."""
     p = str(cli_store)
     nostore = str(tmp_path / "nostore")
-    for args in (("get", nostore, "k"), ("scan", nostore), ("stats", nostore), ("dump", nostore),
-                 ("fsck", nostore), ("metrics", nostore)):
-        r = cli(*args)
-        assert r.returncode == 8 and f"no store at {nostore!r} (" in r.stderr, (args, r.stderr)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for where in (nostore, str(tmp_path / "empty"), str(tmp_path / "afile")):
+        for args in (("get", where, "k"), ("scan", where), ("stats", where), ("dump", where), ("fsck", where),
+                     ("fsck", "--repair", where), ("metrics", where), ("compact", where), ("top", where, "--once")):
+            r = cli(*args)
+            assert r.returncode == 8 and f"no store at {where!r} (" in r.stderr, (args, r.stderr)
+    assert not os.path.exists(nostore) and not os.listdir(tmp_path / "empty")  # the tools create nothing
     for args in (("get", p, "nope"), ("get", p, "plain", "--ns", "nons"), ("dump", p, "--block", "99")):
         assert cli(*args).returncode == 8, args
     for args in (("bogus",), ("scan", p, "--limit", "x"), ("get", p, "bad\\xZZ"), ("dump", p, "--block", "zz"),
