@@ -95,6 +95,7 @@ class BlockFiles:
         self._max_read_fds = max_read_fds
         self._pins: dict[int, int] = {}
         self._doomed: set[int] = set()
+        self._closed = False  # close() ran: the descriptors of blocks still pinned close when their pins end
 
     def path(self, block_id: int) -> str:
         return os.path.join(self.folder, block_file_name(block_id))
@@ -167,7 +168,7 @@ class BlockFiles:
         try:
             yield
         finally:
-            doomed = []
+            doomed, late = [], []
             with self._lock:
                 for bid in ids:
                     n = self._pins[bid] - 1
@@ -177,8 +178,12 @@ class BlockFiles:
                         del self._pins[bid]
                         if bid in self._doomed:
                             doomed.append(bid)
+                        elif self._closed and bid in self._read_fds:
+                            late.append(self._read_fds.pop(bid))
             for bid in doomed:
                 self._unlink(bid)
+            for fd in late:
+                self.backend.close(fd)
 
     def read_fd(self, block_id: int) -> int:
         """A cached read-only descriptor. Call only while the block is pinned."""
@@ -233,9 +238,11 @@ class BlockFiles:
             self.backend.dir_sync(self.folder)
 
     def close(self) -> None:
+        # not the descriptors of blocks a reader still holds (a read racing Store.close()): closed under it, its
+        # preadv got EBADF, or read whatever file took the number meanwhile; they close when the read ends
         with self._lock:
-            fds = list(self._read_fds.values())
-            self._read_fds.clear()
+            self._closed = True
+            fds = [self._read_fds.pop(bid) for bid in list(self._read_fds) if bid not in self._pins]
         for fd in fds:
             try:
                 self.backend.close(fd)
