@@ -4,7 +4,7 @@ can lose a live record: a change whose old value is gone writes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from blockstore.directory import Location
 from blockstore.errors import InvalidArgument
@@ -49,6 +49,14 @@ class CompactionSeams:
             return []
         self._engine.submit(muts)
         return [bool(m.result) for m in muts[: len(moves) + len(copies)]]
+
+    def seal_blocks(self, block_ids: Collection[int]) -> list[int]:
+        """Seal these open blocks now, whatever their size (one synced directory write); returns those
+        sealed (an id that is not an open block is ignored; an empty one is deleted instead). Compaction's
+        GC takes an open block past its invalid ratio that nothing was appended to since its previous pass
+        (docs/compaction.md, "Dead records in open blocks"): GC takes sealed blocks only."""
+        self._check_open(write=True)
+        return self._engine.seal_open_blocks(1 << 63, only=frozenset(int(b) for b in block_ids))
 
     def place_copies(self, adds: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
                      drops: Sequence[tuple[bytes, Location, Location]] = ()) -> list[bool]:

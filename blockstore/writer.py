@@ -137,15 +137,15 @@ class WriteEngine(BlockLifecycle):
                 except Exception:
                     _log.exception("seal observer failed for block %016x", bid)
 
-    def seal_open_blocks(self, up_to: int) -> list[int]:
+    def seal_open_blocks(self, up_to: int, only: frozenset[int] | None = None) -> list[int]:
         """Seal every open block with an id <= `up_to` now, whatever its size and age (remote durability:
         a put waits for its block's upload, so its block must not wait to fill). One synced directory
-        write; returns the blocks sealed."""
+        write; returns the blocks sealed. `only`: just those of them (compaction's GC of idle open blocks)."""
         self.check_open(write=True)
         with self.slot.exclusive():
             self.settle_failed_commit()
             obs = [ob for ob in list(self._placement.open.values()) + self._placement.retired
-                   if ob.entry.block_id <= up_to]
+                   if ob.entry.block_id <= up_to and (only is None or ob.entry.block_id in only)]
             if not obs:
                 return []
             batch = DirectoryBatch()

@@ -103,6 +103,7 @@ class Compactor:
         self._open: dict[bytes, int] = {}  # this pass's open block of each partition (where moves land)
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
         self._plan_after = 0.0  # monotonic time before which a paced pass plans no relocation
+        self._open_idle = gc.OpenIdle()  # open blocks that stopped growing: GC victims too (gc.victims)
         self.pacing = ForegroundPacing(store.recent_reads)  # the foreground's idle reads, the last pass's rate
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -434,7 +435,7 @@ class Compactor:
         # one copy of the block table per pass: victims and the tombstone floor (MinSeqs) both use it
         table = self.store.block_table()
         self._min_seqs.snapshot(table)
-        chosen = gc.victims(table, self.policy.gc_invalid_ratio)
+        chosen = gc.victims(table, self.policy.gc_invalid_ratio, idle=self._open_idle.note(table))
         planned_gc = 0  # a dry run's planned copies, counted against the budget as real ones would be
         for i, e in enumerate(chosen):
             if self._stop.is_set():
@@ -443,7 +444,7 @@ class Compactor:
                 gc.yield_gil()
             if progress is not None:
                 progress("gc", i, len(chosen))
-            if gc.only_needed_tombstones(e, self._min_seqs):
+            if e.state != BLOCK_OPEN and gc.only_needed_tombstones(e, self._min_seqs):  # open: gc.collect
                 continue
             if e.live_bytes > self.budget_left(self.gc_bytes + planned_gc, self.policy.gc_budget, relocated=True):
                 rep.skipped_budget += 1
