@@ -1370,3 +1370,41 @@ def test_block_id_arguments_are_checked(tmp_path: Path) -> None:
             assert s.get(b"a") == b"1", i
         assert [e.block_id for e in s.block_table()] == [1]
         assert s.evict_blocks([]).blocks == []
+
+
+def _stderr_on_a_terminal(args: list[str]) -> tuple[int, bytes]:
+    """Run the command with stderr on a pseudo-terminal of 100 columns (tqdm draws nothing at width 0)."""
+    import fcntl
+    import pty
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "blockstore.tools.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=slave, cwd=str(ROOT))
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=60), out
+
+
+def test_fsck_progress_bar_only_on_a_terminal_and_not_with_quiet(tmp_path: Path) -> None:
+    """docs/fsck.md / README: fsck shows a progress bar over the bytes read on stderr, only on a terminal;
+    --quiet (or --json) turns it off."""
+    p = tmp_path / "s"
+    with blockstore.open(p, block_size=1 << 20) as s:
+        for i in range(8):
+            s.put(b"k%d" % i, os.urandom(500_000))
+    rc, err = _stderr_on_a_terminal(["fsck", str(p)])
+    assert rc == 0 and b"fsck:" in err and b"%|" in err
+    for flag in ("--quiet", "--json"):
+        rc, err = _stderr_on_a_terminal(["fsck", str(p), flag])
+        assert rc == 0 and b"%|" not in err, flag
+    assert b"%|" not in cli("fsck", str(p)).stderr.encode()  # not a terminal: no bar
