@@ -11,6 +11,7 @@ from typing import Any
 
 from blockstore import logs
 from blockstore.errors import IOErrorBS
+from blockstore.manifest import fsync_dir
 
 _log = logs.get("repair")
 
@@ -100,11 +101,3 @@ class LostFound:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
