@@ -102,10 +102,18 @@ class BlockLifecycle:
             b.put_meta("bytes_put", 0)
             b.put_meta("bytes_written", 0)
             b.put_meta("clean", 1)
+            b.put_meta("store_id", self.store_id)
             d.write(b, force_sync=True)
         version = d.get_meta("format_version") or 0
         if version > FORMAT_VERSION:
             raise FormatVersionError(f"directory format version {version} is newer than this build ({FORMAT_VERSION})")
+        # before anything acts on its entries: another store's directory put here once made this open finish
+        # "reclaims" of block ids it marked (deleting this store's files of those ids), read every key as a miss
+        owner = d.get_meta("store_id")
+        if owner is not None and owner != self.store_id:
+            raise CorruptionError(f"{self.dir.path} is another store's directory (store {owner}; MANIFEST.json and the "
+                                  f"block headers name store {self.store_id}); nothing was changed; run `blockstore "
+                                  f"fsck --repair {self.path}` to rebuild it from the block files")
         self.ns_ids = d.namespaces()
         self.table = d.load_blocks()
         reclaiming = [bid for bid, e in self.table.items() if e.state == BLOCK_RECLAIMING]
@@ -131,6 +139,8 @@ class BlockLifecycle:
         if not self.read_only:
             b = DirectoryBatch()
             b.put_meta("clean", 0)
+            if owner is None:  # a directory made before it named its store: adopted (the checks above passed)
+                b.put_meta("store_id", self.store_id)
             # recovery after a power cut in cache mode verifies the blocks made from here on
             b.put_meta("session_first_block", self._placement.next_block)
             d.write(b, force_sync=True)

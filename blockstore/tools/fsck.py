@@ -215,6 +215,7 @@ class _Pass(DirectoryChecks, BlockChecks):
         self._names()
         try:
             self._open_directory()
+            self._foreign_directory()
             if self.dir is not None:
                 self._load_small()
                 self._key_stream()

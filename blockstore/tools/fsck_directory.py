@@ -61,6 +61,20 @@ class DirectoryChecks(PassBase):
             return
         self.rep.directory_ok = True
 
+    def _foreign_directory(self) -> None:
+        """A directory whose `M store_id` names another store than the MANIFEST and the block headers: another
+        store's directory put here. None of it is this store's, so none of it is judged (or salvaged)."""
+        if self.dir is None:
+            return
+        raw = self._mget([meta_key("store_id")])[0]
+        owner = struct.unpack("<Q", raw)[0] if raw is not None and len(raw) == 8 else None
+        if self.rep.store_id is None:  # no MANIFEST and no block header to say: the directory's word is the best
+            self.rep.store_id = owner
+        elif owner is not None and owner != self.rep.store_id:
+            self._directory_failed(f"the directory ({DIRECTORY}/) is another store's (store {owner}, this store is "
+                                   f"{self.rep.store_id}): repair moves it to lost+found and rebuilds it from the blocks")
+            self.rep.foreign_directory = True
+
     def _directory_failed(self, why: str) -> None:
         rep = self.rep
         # what was learned from the directory cannot be trusted: keep only the file-level findings

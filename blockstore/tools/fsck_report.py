@@ -228,6 +228,7 @@ class Report:
     newer_format: bool = False  # a block or the directory is of a newer format version than this build
     directory_ok: bool = False
     lost_writes: bool = False  # the directory reads in full but does not name block files holding our records
+    foreign_directory: bool = False  # the directory names another store (M store_id): nothing in it is ours
     reclaiming: dict[int, BlockEntry] = field(default_factory=dict)  # entries marked for deletion (not judged)
     blocks: dict[int, BlockFacts] = field(default_factory=dict)
     meta: dict[str, int | None] = field(default_factory=dict)

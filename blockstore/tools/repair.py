@@ -285,7 +285,9 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
                     "aside and repair again (the tier then uploads every block again)")
         dpath = os.path.join(self.root, DIRECTORY)
         salvaged: dict[bytes, bytes] = {}
-        if os.path.lexists(dpath):
+        if os.path.lexists(dpath) and rep.foreign_directory:  # nothing in another store's directory is ours
+            self.lf.move(dpath, DIRECTORY, "another store's directory; rebuilt from the blocks")
+        elif os.path.lexists(dpath):
             # .fsck-salvage is repair's own scratch copy of the damaged directory (RepairDB rewrites what it
             # reads, so it works on a copy); the original stays, then goes to lost+found, so removing the
             # copy, or one an interrupted repair left, deletes nothing that exists only there.

@@ -194,6 +194,8 @@ class Rebuild:
         batch.put_meta("bytes_written", old_meta.get("bytes_written", sum(e.written_bytes for e in blocks.values())))
         batch.put_meta("clean", 0)
         batch.put_meta("format_version", FORMAT_VERSION)
+        if self.r.store_id is not None:
+            batch.put_meta("store_id", self.r.store_id)
         self.d.write(batch, force_sync=True)
         return n
 
