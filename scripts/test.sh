@@ -4,6 +4,12 @@
 #   bash scripts/test.sh -m "not slow"          # skip crash loops and long runs
 #   HYPOTHESIS_PROFILE=dev bash scripts/test.sh  # fewer examples
 source "$(dirname "$0")/setup-env.sh"
+if ! command -v strace >/dev/null 2>&1; then  # tests count the store's fsyncs with it (test_conformance_docs.py)
+  echo "setup: installing strace" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q strace >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q strace >/dev/null; }
+fi
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 echo "== ruff" && ruff check .
 echo "== mypy" && mypy
