@@ -82,3 +82,23 @@ def test_a_directory_that_names_no_store_is_adopted(tmp_path: Path) -> None:
     with blockstore.open(tmp_path / "a") as s:
         assert all(s.get(k) == v for k, v in mine.items())
     assert _directory_store_id(tmp_path / "a") == load_manifest(str(tmp_path / "a"))["store_id"]
+
+
+def test_another_stores_block_in_place_of_the_only_one_is_not_adopted(tmp_path: Path) -> None:
+    # a one-block store whose block file is replaced by another store's: with the block headers alone, fsck
+    # took the MANIFEST for the damaged part and repair served the other store's values under this store's
+    # keys (H66). The directory sides with the MANIFEST, so the block is the stranger.
+    a, b = tmp_path / "a", tmp_path / "b"
+    with blockstore.open(a, block_size=MIB) as s:
+        s.put(b"k", b"mine")
+    with blockstore.open(b, block_size=MIB) as s:
+        s.put(b"k", b"theirs")
+    (name,) = os.listdir(a / "blocks")
+    shutil.copyfile(b / "blocks" / name, a / "blocks" / name)
+    sid = load_manifest(str(a))["store_id"]
+    assert cli.main(["fsck", str(a)]) == 4
+    cli.main(["fsck", "--repair", str(a)])
+    assert load_manifest(str(a))["store_id"] == sid  # the MANIFEST was right
+    assert cli.main(["fsck", str(a)]) == 0
+    with blockstore.open(a) as s:
+        assert s.get(b"k") != b"theirs"  # lost (its only block was overwritten), never another store's value

@@ -211,11 +211,12 @@ class _Pass(DirectoryChecks, BlockChecks):
         if problem:
             rep.add("manifest", None, None, problem)
         self.files = list_block_files(self.root)
-        self._store_id(m)
-        self._names()
         try:
             self._open_directory()
-            self._foreign_directory()
+            owner = self._directory_owner()
+            self._store_id(m, owner)
+            self._names()
+            self._foreign_directory(owner)
             if self.dir is not None:
                 self._load_small()
                 self._key_stream()
@@ -238,9 +239,11 @@ class _Pass(DirectoryChecks, BlockChecks):
                          bytes=sum(b.size for b in rep.blocks.values()))
         return rep
 
-    def _store_id(self, m: dict[str, Any] | None) -> None:
+    def _store_id(self, m: dict[str, Any] | None, owner: int | None) -> None:
         """This store's id: the manifest's, unless no block header carries it and the headers agree on
-        another (then the manifest is what is damaged, not every block)."""
+        another (then the manifest is what is damaged, not every block), and the directory (`owner`, its
+        `M store_id`) does not side with the manifest (then a block naming another store is that store's:
+        one such file in place of a one-block store's only block made repair adopt it, values and all)."""
         rep = self.rep
         votes: dict[int, int] = {}
         for path in self.files.values():
@@ -254,14 +257,14 @@ class _Pass(DirectoryChecks, BlockChecks):
             self.headers[path] = h
             votes[h.store_id] = votes.get(h.store_id, 0) + 1
         mine = m.get("store_id") if m is not None else None
-        if votes and mine not in votes:
+        if votes and mine not in votes and (owner is None or owner != mine):
             top = max(votes, key=lambda s: votes[s])
             if mine is not None and len(votes) == 1:
                 rep.manifest_problem = rep.manifest_problem or f"{MANIFEST} names store {mine}, every block header {top}"
                 rep.add("manifest", None, None, rep.manifest_problem)
             rep.store_id = top if mine is None or len(votes) == 1 else mine
         else:
-            rep.store_id = mine
+            rep.store_id = mine if mine is not None else owner  # no MANIFEST and no block: the directory's word
 
     def _names(self) -> None:
         """Files are the blocks their verified headers name, not what their names say: a file whose header

@@ -28,6 +28,7 @@ from blockstore.records import FORMAT_VERSION, Kind
 from blockstore.store import DIRECTORY
 from blockstore.tools.fsck_decode import (
     BLOCK_ENTRY_VERSION,
+    DirectoryUnreadable,
     block_label,
     decode_block_entry,
     decode_location,
@@ -61,16 +62,21 @@ class DirectoryChecks(PassBase):
             return
         self.rep.directory_ok = True
 
-    def _foreign_directory(self) -> None:
+    def _directory_owner(self) -> int | None:
+        """The store the directory says it belongs to (`M store_id`); None if it does not say or cannot be read
+        (the pass then finds out why)."""
+        if self.dir is None:
+            return None
+        try:
+            raw = self._mget([meta_key("store_id")])[0]
+        except (BlockstoreError, DirectoryUnreadable):
+            return None
+        return struct.unpack("<Q", raw)[0] if raw is not None and len(raw) == 8 else None
+
+    def _foreign_directory(self, owner: int | None) -> None:
         """A directory whose `M store_id` names another store than the MANIFEST and the block headers: another
         store's directory put here. None of it is this store's, so none of it is judged (or salvaged)."""
-        if self.dir is None:
-            return
-        raw = self._mget([meta_key("store_id")])[0]
-        owner = struct.unpack("<Q", raw)[0] if raw is not None and len(raw) == 8 else None
-        if self.rep.store_id is None:  # no MANIFEST and no block header to say: the directory's word is the best
-            self.rep.store_id = owner
-        elif owner is not None and owner != self.rep.store_id:
+        if self.dir is not None and owner is not None and self.rep.store_id is not None and owner != self.rep.store_id:
             self._directory_failed(f"the directory ({DIRECTORY}/) is another store's (store {owner}, this store is "
                                    f"{self.rep.store_id}): repair moves it to lost+found and rebuilds it from the blocks")
             self.rep.foreign_directory = True
