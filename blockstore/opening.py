@@ -122,8 +122,9 @@ def check_options(path: Any, *, durability: Any, block_size: Any, max_open_block
         raise InvalidArgument(f"durability must be 'cache', 'sync' or 'remote', got {durability!r}")
     if block_size is not None and not valid_block_size(block_size):
         raise InvalidArgument(f"block_size must be an int between 64 KiB and 1 TiB, got {block_size!r}")
-    if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or max_open_blocks < 1:
-        raise InvalidArgument(f"max_open_blocks must be a positive int, got {max_open_blocks!r}")
+    # each open block holds a descriptor: 10**9 was accepted, then writes failed with EMFILE far from the setting
+    if isinstance(max_open_blocks, bool) or not isinstance(max_open_blocks, int) or not 1 <= max_open_blocks <= 65536:
+        raise InvalidArgument(f"max_open_blocks must be an int in [1, 65536], got {max_open_blocks!r}")
     if on_corrupt not in ("raise", "miss"):
         raise InvalidArgument(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
     # bounded: inf (or an int too large for a float) passed here and then made every write raise OverflowError

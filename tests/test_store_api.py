@@ -587,3 +587,11 @@ def test_page_aligned_with_ctypes(store: blockstore.Store) -> None:
     for v in store.get_many([b"a", b"b", b"c"]):
         addr = ctypes.addressof(ctypes.c_char.from_buffer(v))
         assert addr % 4096 == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65537, 10**9, True, 2.0, "64"])
+def test_max_open_blocks_out_of_range_is_refused(tmp_path: Path, bad: object) -> None:
+    # each open block holds a descriptor: 10**9 was accepted (H66), and writes then failed with EMFILE
+    with pytest.raises(blockstore.InvalidArgument, match=r"max_open_blocks must be an int in \[1, 65536\]"):
+        blockstore.open(tmp_path / "s", max_open_blocks=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
