@@ -363,12 +363,11 @@ class Directory:
             self._failed_now(exc, "directory flush failed")
 
     def close(self) -> None:
-        # a thread inside a call on the handle (Store.close() while others call in) makes rocksdict refuse the close
-        for _ in range(30_000):  # ("Already borrowed"); swallowed, RocksDB's LOCK stayed held: no reopen in this process
+        for _ in range(30_000):  # another thread still in a call: rocksdict refuses ("Already borrowed") until it ends
             try:
                 self._db.close()
             except Exception as exc:
-                if "borrowed" in str(exc):
+                if "borrowed" in str(exc):  # swallowed, RocksDB's LOCK stayed held: no reopen in the process
                     time.sleep(0.001)
                     continue
             break
@@ -458,8 +457,7 @@ def _keep_unnamed_tables(path: str, strict_wal: bool, block_files: Callable[[], 
         os.makedirs(aside)
         for name in unnamed:
             os.rename(os.path.join(path, name), os.path.join(aside, name))
-        for folder in (path, aside, os.path.dirname(aside)):
-            fsync_dir(folder)
+        fsync_dir(path, aside, os.path.dirname(aside))
         with open(os.path.join(os.path.dirname(aside), "fsck-log.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "file": os.path.basename(aside), "why": why, "from": unnamed}) + "\n")
@@ -484,7 +482,9 @@ def salvage(path: str) -> list[tuple[bytes, bytes]]:
     try:
         Rdict.repair(path, Options(raw_mode=True))
         db = Rdict(path, Options(raw_mode=True), access_type=AccessType.read_only())
-    except Exception:  # rocksdict raises plain Exception with RocksDB's message
+    except Exception as exc:  # rocksdict raises plain Exception with RocksDB's message; a full disk is not "nothing"
+        if isinstance(err := translate_rocksdb_error(exc, "salvaging the directory", path), NoSpace):
+            raise err from exc  # (the rebuild went on without the salvage: every namespace lost its name)
         return []
     out: list[tuple[bytes, bytes]] = []
     try:

@@ -139,13 +139,14 @@ def write_manifest_file(p: str, m: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
-def fsync_dir(path: str) -> None:
-    """Sync a folder: a rename or a new file in it is durable only then."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fsync_dir(*paths: str) -> None:
+    """Sync folders: a rename or a new file in one is durable only then."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def last_writer_synced(store_root: str, *, default: bool) -> bool:

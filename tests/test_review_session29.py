@@ -177,3 +177,68 @@ def test_a_block_held_across_close_keeps_its_descriptor_until_the_hold_ends(tmp_
             os.close(other)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed once the hold ended
+
+
+def test_a_rebuild_cut_after_the_damaged_directory_moved_keeps_namespace_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory that cannot be read is moved to lost+found, then rebuilt from the blocks with the names
+    RocksDB's repair salvages from it (namespace names live only there). Cut after the move (a kill -9, or
+    the disk filling up while the new directory is written: exit 8), the next repair found no directory to
+    salvage from and named namespace 'a' recovered-ns-2: its 10 keys read as misses under 'a'."""
+    store = tmp_path / "s"
+    acked = make_store(store, n=10)
+    with blockstore.open(store, durability="sync") as s:
+        for i in range(10):
+            s.put(b"a%02d" % i, bytes([i]) * 5000, ns="a")
+    manifest = sorted((store / "directory").glob("MANIFEST-*"))[-1]
+    with open(manifest, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff" * 8)
+    from blockstore.directory import Directory
+
+    def cut(*args: object, **kwargs: object) -> None:
+        raise Cut("the rebuild's first directory write")
+
+    monkeypatch.setattr(Directory, "write", cut)
+    with pytest.raises(Cut):
+        repair(store)
+    monkeypatch.undo()
+    assert cli.main(["fsck", "--repair", str(store)]) == 1
+    assert cli.main(["fsck", str(store)]) == 0
+    assert_all_read(store, acked)
+    with blockstore.open(store, read_only=True) as s:
+        assert s.namespaces() == ["a", "default"]
+        assert [s.get(b"a%02d" % i, ns="a") for i in range(10)] == [bytes([i]) * 5000 for i in range(10)]
+
+
+@pytest.mark.parametrize("left", [20_000, 60_000, 80_000, 100_000])
+def test_a_rebuild_on_a_full_disk_stops_before_it_loses_namespace_names(tmp_path: Path, left: int) -> None:
+    """The same rebuild with `left` bytes free on an 8 MiB tmpfs: the scratch copy of the damaged directory, or
+    RocksDB's repair of it, failed for lack of room and was taken for "nothing to salvage" (a copy cut short
+    is a shutil.Error, without an errno); the rebuild went on, and namespace 'a' came back as recovered-ns-2
+    (with 80 KB free beside a 50 KB directory). Now repair stops with NoSpace (exit 8) before it changes
+    anything, and runs whole once there is room."""
+    from test_enospc import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "mnt", "8m") as mnt:
+        store = mnt / "s"
+        acked = make_store(store, n=10)
+        with blockstore.open(store, durability="sync") as s:
+            for i in range(60):
+                s.put(b"a%02d" % i, bytes([i]) * 5000, ns="a")
+        manifest = sorted((store / "directory").glob("MANIFEST-*"))[-1]
+        with open(manifest, "r+b") as f:
+            f.seek(20)
+            f.write(b"\xff" * 8)
+        st = os.statvfs(mnt)
+        with open(mnt / "fill", "wb") as f:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - left))
+        first = cli.main(["fsck", "--repair", str(store)])
+        os.unlink(mnt / "fill")
+        assert first in (1, 8)
+        assert cli.main(["fsck", "--repair", str(store)]) in (0, 1)
+        assert cli.main(["fsck", str(store)]) == 0
+        assert_all_read(store, acked)
+        with blockstore.open(store, read_only=True) as s:
+            assert s.namespaces() == ["a", "default"]
+            assert [s.get(b"a%02d" % i, ns="a") for i in range(60)] == [bytes([i]) * 5000 for i in range(60)]

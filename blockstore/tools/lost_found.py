@@ -36,7 +36,8 @@ class LostFound:
             raise IOErrorBS(errno.ENOTDIR, f"{self.dir} is not a folder: repair moves what it cannot re-attach "
                             "there; move that file away and run the repair again (nothing was changed)")
 
-    def _target(self, name: str) -> str:
+    def target(self, name: str) -> str:
+        """A free path for `name` in lost+found (NAME, NAME.1, ...), the folder made if missing."""
         os.makedirs(self.dir, exist_ok=True)
         path, n = os.path.join(self.dir, name), 0
         while os.path.lexists(path):
@@ -45,7 +46,7 @@ class LostFound:
         return path
 
     def move(self, src: str, name: str, why: str, **info: Any) -> str:
-        dst = self._target(name)
+        dst = self.target(name)
         os.rename(src, dst)
         fsync_dir(os.path.dirname(src))
         fsync_dir(self.dir)
@@ -53,7 +54,7 @@ class LostFound:
         return dst
 
     def save(self, name: str, data: bytes, why: str, **info: Any) -> str:
-        dst = self._target(name)
+        dst = self.target(name)
         with open(dst, "xb") as f:
             f.write(data)
             f.flush()
@@ -65,7 +66,7 @@ class LostFound:
     def save_range(self, name: str, src: str, start: int, end: int, why: str, **info: Any) -> str:
         """Save bytes [start, end) of the file `src`, a piece at a time and holes kept as holes: a block file
         extended far past its data (a sparse tail of many GiB) was read into memory whole (MemoryError)."""
-        dst = self._target(name)
+        dst = self.target(name)
         fi = os.open(src, os.O_RDONLY)
         try:
             with open(dst, "xb") as out:

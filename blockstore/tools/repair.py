@@ -28,6 +28,7 @@ stop naming is moved), so a crash during repair leaves a store that recovery or 
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -39,7 +40,7 @@ from blockstore import logs
 from blockstore.backend import Backend, get_backend
 from blockstore.blocks import BLOCKS_DIR, block_file_name
 from blockstore.directory import Directory, salvage
-from blockstore.errors import InvalidArgument
+from blockstore.errors import InvalidArgument, NoSpace, error_for_os
 from blockstore.keys import TAG_AFFINITY, TAG_BLOCK, TAG_META, TAG_NS, TAG_NS_ID
 from blockstore.lock import WriterLock
 from blockstore.manifest import (
@@ -65,6 +66,9 @@ _MAX_ROUNDS = 16
 # the remote tier's uploader ledger under a store (blockstore.remote.uploader.LEDGER_DIR; the tools are
 # engine-side and do not import the tier)
 REMOTE_LEDGER = "remote-ledger"
+# names the lost+found folder a rebuild moved the damaged directory to, until the rebuild ends: a rebuild cut short
+# (kill -9, a full disk) salvages from there the next time, not from the half-built directory
+REBUILDING = ".fsck-rebuilding"
 RENAMING = ".fsck-renaming"  # a block file on its way to the name its header gives (blocks/ID.blk.fsck-renaming)
 
 _DONE = {
@@ -283,21 +287,29 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
                     "the node from the bucket into a new folder (python -m blockstore.remote.restore), or restore "
                     "the dropped blocks' files from their objects, move remote-ledger/ (and remote-reclaim/) "
                     "aside and repair again (the tier then uploads every block again)")
-        dpath = os.path.join(self.root, DIRECTORY)
+        dpath, marker = os.path.join(self.root, DIRECTORY), os.path.join(self.root, REBUILDING)
         salvaged: dict[bytes, bytes] = {}
+        moved = _read_marker(marker, self.lf.dir)  # the damaged directory, if a rebuild cut short moved it
         if os.path.lexists(dpath) and rep.foreign_directory:  # nothing in another store's directory is ours
             self.lf.move(dpath, DIRECTORY, "another store's directory; rebuilt from the blocks")
-        elif os.path.lexists(dpath):
+        elif os.path.lexists(dpath) or moved:
             # .fsck-salvage is repair's own scratch copy of the damaged directory (RepairDB rewrites what it
             # reads, so it works on a copy); the original stays, then goes to lost+found, so removing the
             # copy, or one an interrupted repair left, deletes nothing that exists only there.
             tmp = os.path.join(self.root, ".fsck-salvage")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                shutil.copytree(dpath, tmp)
+                _room_to_salvage(moved or dpath)
+                shutil.copytree(moved or dpath, tmp)
                 salvaged = {k: v for k, v in salvage(tmp) if k[:1] in (TAG_NS, TAG_NS_ID, TAG_BLOCK, TAG_AFFINITY,
                                                                       TAG_META)}
-            except OSError:
+            except OSError as exc:
+                # a full disk is not "nothing to salvage": the rebuild went on without it and every namespace lost
+                # its name (recovered-ns-N); stop instead, nothing changed
+                if isinstance(exc, NoSpace):
+                    raise
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise error_for_os(exc, f"{self.root}: copying the directory to salvage from it") from exc
                 salvaged = {}
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -311,16 +323,52 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             why = ("the directory does not name block files of this store that hold records (it lost writes); "
                    "rebuilt from the blocks" if rep.directory_ok else
                    "the directory could not be read; rebuilt from the blocks")
-            self.lf.move(dpath, DIRECTORY, why)
+            if moved and os.path.lexists(dpath):
+                self.lf.move(dpath, DIRECTORY, "half built by a rebuild that was cut short")
+            elif not moved:
+                name = os.path.basename(self.lf.target(DIRECTORY))
+                _write_marker(marker, name, self.root)
+                self.lf.move(dpath, name, why)
         d = Directory(dpath, read_only=False, sync=True, create=True)
         try:
             rb = Rebuild(self, d, salvaged)
             n = rb.run()
         finally:
             d.close()
+        if os.path.lexists(marker):
+            os.unlink(marker)
         fsync_dir(self.root)
         self.marked_unclean = True  # the rebuilt directory says clean = 0 until the end
         names = ", ".join(f"{nid}={name} ({how})" for nid, (name, how) in sorted(rb.named.items()))
         self.done[("directory", None, None)] = (f"rebuilt from the blocks: {n} keys, {len(salvaged)} entries "
                                                 f"salvaged from the old directory; namespaces {names or 'none'}")
         return None
+
+
+def _room_to_salvage(source: str) -> None:
+    """Raise NoSpace unless the disk has room for a copy of the directory and RocksDB's repair of it, which
+    rewrites the tables and logs it reads: a copy cut short by a full disk (shutil.Error, no errno) or a repair
+    that could not write were taken for "nothing to salvage", and every namespace of the rebuild lost its name."""
+    need = 2 * sum(os.path.getsize(os.path.join(source, n)) for n in os.listdir(source))
+    free = shutil.disk_usage(source).free
+    if free < need:
+        raise NoSpace(errno.ENOSPC, f"{source}: salvaging the directory needs about {need} bytes free, {free} are: "
+                      "free some space and run the repair again (nothing was changed)")
+
+
+def _read_marker(marker: str, lost_found: str) -> str | None:
+    """The lost+found folder a rebuild cut short moved the damaged directory to (None: none, or not there)."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            moved = os.path.join(lost_found, os.path.basename(f.read().strip()))
+    except (OSError, ValueError):
+        return None
+    return moved if os.path.isdir(moved) else None
+
+
+def _write_marker(marker: str, name: str, root: str) -> None:
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(root)
