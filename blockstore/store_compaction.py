@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-from blockstore.directory import Location
+from blockstore.directory import BlockEntry, Location
 from blockstore.errors import InvalidArgument
 from blockstore.mutations import copy_mutations, relocation_mutations
 from blockstore.records import Buffer
@@ -50,13 +50,18 @@ class CompactionSeams:
         self._engine.submit(muts)
         return [bool(m.result) for m in muts[: len(moves) + len(copies)]]
 
-    def seal_blocks(self, block_ids: Collection[int]) -> list[int]:
-        """Seal these open blocks now, whatever their size (one synced directory write); returns those
-        sealed (an id that is not an open block is ignored; an empty one is deleted instead). Compaction's
-        GC takes an open block past its invalid ratio that nothing was appended to since its previous pass
-        (docs/compaction.md, "Dead records in open blocks"): GC takes sealed blocks only."""
+    def seal_blocks(self, block_ids: Collection[int]) -> list[BlockEntry]:
+        """Seal these open blocks now, whatever their size (one synced directory write); returns the
+        entries of those sealed, as the block table holds them after the seal (an id that is not an open
+        block is ignored; an empty one is deleted instead). Compaction's GC takes an open block past its
+        invalid ratio that has stopped growing (docs/compaction.md, "Dead records in open blocks"): GC
+        takes sealed blocks only. Entries, not ids: a copy of the whole table per block sealed made the
+        cost grow with the store."""
         self._check_open(write=True)
-        return self._engine.seal_open_blocks(1 << 63, only=frozenset(int(b) for b in block_ids))
+        eng = self._engine
+        sealed = eng.seal_open_blocks(1 << 63, only=frozenset(int(b) for b in block_ids))
+        with eng.state_lock:
+            return [eng.table[b].copy() for b in sealed if b in eng.table]
 
     def place_copies(self, adds: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
                      drops: Sequence[tuple[bytes, Location, Location]] = ()) -> list[bool]:

@@ -188,9 +188,7 @@ def seal_for_gc(store: Store, e: BlockEntry, min_seqs: MinSeqs) -> BlockEntry | 
     """Seal open block `e` (a victim: past the threshold, idle since the previous pass, `victims`); its
     entry as sealed (records appended since the table was read count: the tombstone scan reads up to its
     data_end), or None if it is gone or, sealed, holds only tombstones still needed."""
-    if e.block_id not in store.seal_blocks([e.block_id]):
-        return None
-    now = next((x for x in store.block_table(after=e.block_id - 1) if x.block_id == e.block_id), None)
+    now = next((x for x in store.seal_blocks([e.block_id]) if x.block_id == e.block_id), None)
     return None if now is None or now.state != BLOCK_SEALED or only_needed_tombstones(now, min_seqs) else now
 
 
