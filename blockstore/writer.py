@@ -214,10 +214,10 @@ class WriteEngine(BlockLifecycle):
         if u is None:
             return
         self.dir.resume()  # NoSpace while the disk is still full: nothing is appended, the next write looks
-        bid, total, post, created_ns, seq, bytes_put, bytes_written, entries = u
+        bid, staged, post, created_ns, seq, bytes_put, bytes_written, entries = u
         raw = self.dir.get(block_key(bid))
         self._unsure = None
-        if raw is None or BlockEntry.decode(bid, raw).total_records != total:
+        if raw != staged:  # the entry as the failed batch put it (a group of copy drops only changes no record count)
             return
         _log.warning("%s: a directory write reported as failed was found committed after the directory "
                      "was reopened; its %d bytes of records are kept", self.path, bytes_written)
@@ -437,9 +437,9 @@ class WriteEngine(BlockLifecycle):
         try:
             self.dir.write(plan.batch, force_sync=plan.deletes)
         except BlockstoreError:
-            if plan.planned:  # what it would have committed, for _settle_failed_commit
-                first = next(iter(plan.planned))
-                self._unsure = (first, entries[first].total_records,
+            if entries:  # what it would have committed, for settle_failed_commit (copies dropped only: no record)
+                first = next(iter(plan.planned or entries))
+                self._unsure = (first, entries[first].encode(),
                                 [(ob, ob.tail, ob.entry, ob.min_seq, ob.max_seq, ob.records) for ob, *_ in saved],
                                 dict(plan.created_ns), plan.seq, bytes_put, bytes_written, dict(entries))
             raise
