@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from blockstore.errors import StoreClosed
 from blockstore.mutations import Mutation
 
 
@@ -30,6 +31,7 @@ class LeaderSlot:
         self._cv = threading.Condition()
         self._queue: list[_Group] = []
         self._leader = False
+        self._last = False  # exclusive(last=True) began: no group leads any more (the store is closing)
 
     def submit(self, muts: list[Mutation], apply: Callable[[list[Mutation]], None],
                may_lead: Callable[[], None]) -> None:
@@ -44,6 +46,9 @@ class LeaderSlot:
                     self._cv.wait()
                     continue
                 may_lead()
+                if self._last:
+                    self._queue.remove(group)
+                    raise StoreClosed("the store was closed while this write waited (not written)")
                 self._leader = True
                 batch, self._queue = self._queue, []
                 self._cv.release()
@@ -63,9 +68,12 @@ class LeaderSlot:
             raise group.error
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the leader slot: no group is applied meanwhile."""
+    def exclusive(self, *, last: bool = False) -> Iterator[None]:
+        """Hold the leader slot: no group is applied meanwhile. `last` (close): nor after it, and writes waiting
+        for the slot are refused at once (they kept it from close, which waited seconds behind a busy writer,
+        and one that led after close's last seal wrote a block left open in a store marked clean)."""
         with self._cv:
+            self._last = self._last or last
             while self._leader:
                 self._cv.wait()
             self._leader = True

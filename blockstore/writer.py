@@ -113,7 +113,7 @@ class WriteEngine(BlockLifecycle):
         """The writing part of a close, with the leader slot held: seal every open block, make everything
         durable, mark the store clean. None if all of it happened, else the first error (the store is then
         not marked clean, and the next open recovers it)."""
-        with self.slot.exclusive():
+        with self.slot.exclusive(last=True):
             self.settle_failed_commit()  # before a footer goes where a replayed commit put records
             sealing = [ob.entry.block_id for ob in list(self._placement.open.values()) + self._placement.retired]
             failed = self.seal_all()
