@@ -6,6 +6,8 @@ Each test here failed before the fix committed with it."""
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ import pytest
 import blockstore
 from blockstore.errors import IOErrorBS
 from blockstore.keys import SPACE_KV, key_suffix
-from blockstore.tools import fsck
+from blockstore.manifest import load_manifest
+from blockstore.tools import cli, fsck
 
 COPIES = b"\0compaction/copies"
 
@@ -62,3 +65,27 @@ def test_a_failed_group_that_only_drops_a_copy_is_adopted_when_found_committed(t
         s.close()
     rep = fsck.check(tmp_path, log=False)
     assert [f.line() for f in rep.findings] == []
+
+
+def test_a_lost_manifest_and_two_stray_blocks_do_not_make_the_store_another_ones(tmp_path: Path) -> None:
+    # With MANIFEST.json lost, fsck counted the block headers alone (0ede6f8 weighed the directory only
+    # beside a MANIFEST): two files of another store copied into blocks/ outvoted this store's one block and
+    # its directory, so repair moved both to lost+found, rebuilt from the strangers and served their values
+    # (this store's own key lost). The directory and a block header that agree now name the store.
+    a, b = tmp_path / "a", tmp_path / "b"
+    with blockstore.open(a, block_size=1 << 20) as s:
+        s.put(b"k", b"mine")
+    sid = load_manifest(str(a))["store_id"]
+    with blockstore.open(b, block_size=1 << 20) as s:
+        for i in range(3):
+            s.put(b"b%d" % i, os.urandom(700_000))  # one block each
+    for name in sorted(os.listdir(b / "blocks"))[1:]:
+        shutil.copyfile(b / "blocks" / name, a / "blocks" / name)
+    os.unlink(a / "MANIFEST.json")
+    assert cli.main(["fsck", "--repair", str(a)]) == 1
+    assert load_manifest(str(a))["store_id"] == sid
+    assert cli.main(["fsck", str(a)]) == 0
+    with blockstore.open(a) as s:
+        assert s.get(b"k") == b"mine"
+        assert all(s.get(b"b%d" % i) is None for i in range(3))
+    assert sorted(n for n in os.listdir(a / "lost+found") if n.endswith(".blk")) == sorted(os.listdir(b / "blocks"))[1:]

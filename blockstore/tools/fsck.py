@@ -257,6 +257,8 @@ class _Pass(DirectoryChecks, BlockChecks):
             self.headers[path] = h
             votes[h.store_id] = votes.get(h.store_id, 0) + 1
         mine = m.get("store_id") if m is not None else None
+        if mine is None and owner in votes:  # no MANIFEST: the directory's word, where a block header agrees (two
+            mine = owner  # stray files of another store outvoted the only block, and repair adopted their values)
         if votes and mine not in votes and (owner is None or owner != mine):
             top = max(votes, key=lambda s: votes[s])
             if mine is not None and len(votes) == 1:
