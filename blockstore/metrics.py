@@ -309,7 +309,7 @@ def _compaction(fams: _Families, label: list[str], compactor: Any) -> None:
     for key, text in _COMPACTION_GAUGES.items():
         fams.gauge(f"blockstore_compaction_{key}", text, ["store"]).add_metric(label, float(status.get(key) or 0))
     fams.gauge("blockstore_compaction_failing", "1 if the last compaction pass failed",
-               ["store"]).add_metric(label, float(status.get("last_error") is not None))
+               ["store"]).add_metric(label, float(bool(status.get("failing"))))
     threshold = getattr(getattr(compactor, "policy", None), "gc_invalid_ratio", None)
     if isinstance(threshold, (int, float)):
         fams.gauge("blockstore_compaction_gc_invalid_ratio", "The φ at which GC collects a block",

@@ -89,3 +89,35 @@ def test_a_lost_manifest_and_two_stray_blocks_do_not_make_the_store_another_ones
         assert s.get(b"k") == b"mine"
         assert all(s.get(b"b%d" % i) is None for i in range(3))
     assert sorted(n for n in os.listdir(a / "lost+found") if n.endswith(".blk")) == sorted(os.listdir(b / "blocks"))[1:]
+
+
+def test_the_compaction_failing_gauge_clears_once_a_background_pass_succeeds(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # blockstore_compaction_failing is "1 if the last compaction pass failed"; it read status()['last_error'],
+    # which stays set (1efdabf keeps it for status), so one full disk kept the gauge at 1 for good
+    import time
+
+    from blockstore import metrics
+    from blockstore.compaction import Compactor
+    from blockstore.errors import NoSpace
+
+    calls: list[int] = []
+    real = Compactor.run_pass
+
+    def flaky(self: Compactor, *a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise NoSpace(errno.ENOSPC, "the disk is full (simulated)")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Compactor, "run_pass", flaky)
+    with blockstore.open(tmp_path, block_size=1 << 20, compaction={"policy": "full", "interval_s": 0.01}) as s:
+        deadline = time.monotonic() + 20
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 3
+        status = s.compactor.status()
+        assert "full" in (status["last_error"] or "")  # kept for status
+        fams = {m.name: m for m in metrics.StoreCollector(lambda: [s]).collect()}
+        assert [x.value for x in fams["blockstore_compaction_failing"].samples] == [0.0]
+        assert status["failing"] is False

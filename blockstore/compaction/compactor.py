@@ -109,6 +109,7 @@ class Compactor:
         self._thread: threading.Thread | None = None
         self.passes = 0
         self.last_error: str | None = None
+        self._failed_at = -1  # `passes` when a background pass last failed: failing until a pass succeeds after it
         self.totals = PassReport()
         store.add_read_observer(self._observe_read)
         self._learns_from_reads = True
@@ -158,11 +159,11 @@ class Compactor:
             except StoreClosed:
                 return
             except BlockstoreError as exc:  # a full disk, an I/O error: retried next interval
-                self.last_error = str(exc)
+                self.last_error, self._failed_at = str(exc), self.passes
                 _log.warning("compaction pass failed: %s", exc)
             except Exception as exc:  # a bug: kept for status with its traceback, never the thread's end (the
                 # store would grow unreclaimed with nothing to say why); retried after BUG_RETRY_S, not spun on
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error, self._failed_at = f"{type(exc).__name__}: {exc}", self.passes
                 _log.exception("compaction pass failed unexpectedly; retrying in %.0f s", BUG_RETRY_S)
                 wait = max(BUG_RETRY_S, self.policy.interval_s)
 
@@ -481,7 +482,7 @@ class Compactor:
             "relocated_bytes_total": self.relocated_bytes,
             "blocks_reclaimed_total": self.reclaimed,
             "groups_relocated_total": self.groups_moved,
-            "last_error": self.last_error,
+            "last_error": self.last_error, "failing": self.last_error is not None and self._failed_at == self.passes,
         }
 
 
