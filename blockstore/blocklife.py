@@ -237,6 +237,10 @@ class BlockLifecycle:
         except BlockstoreError:
             pass
 
+    def settle_failed_commit(self) -> None:
+        """Adopt or forget the group whose directory write failed (WriteEngine's); called with the leader slot held
+        before entries are written from the table, else the settle later overwrites them with the group's copies."""
+
     def reclaimable(self, e: BlockEntry) -> bool:
         return e.state == BLOCK_SEALED and e.live_records == 0 and e.tombstones == 0
 
@@ -363,6 +367,7 @@ class BlockLifecycle:
         self.check_open(write=True)
         out = Evicted()
         with self.slot.exclusive():
+            self.settle_failed_commit()  # else a group settled later puts its copies of these entries back
             hooks.fire("evict.begin", list(block_ids))
             chosen: dict[int, list[tuple[bytes, Location]]] = {}
             for bid in dict.fromkeys(block_ids):

@@ -77,6 +77,7 @@ class Tiering:
         # with the leader slot held: a group copies the entry it changes and writes the copy back, so a
         # flag set beside a group in flight would be overwritten by the group's older copy
         with eng.slot.exclusive():
+            eng.settle_failed_commit()  # else a failed group settled later puts its copy (no flag) of the entry back
             with eng.state_lock:
                 e = eng.table.get(block_id)
             if e is None:

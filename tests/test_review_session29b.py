@@ -121,3 +121,52 @@ def test_the_compaction_failing_gauge_clears_once_a_background_pass_succeeds(tmp
         fams = {m.name: m for m in metrics.StoreCollector(lambda: [s]).collect()}
         assert [x.value for x in fams["blockstore_compaction_failing"].samples] == [0.0]
         assert status["failing"] is False
+
+
+def _overwrite_unsure(tmp_path: Path) -> tuple[blockstore.Store, int]:
+    """A store whose sealed block holds k and j, and whose overwrite of k was reported failed but committed
+    (the group is "unsure" until the next write settles it)."""
+    s = blockstore.open(tmp_path, block_size=1 << 20)
+    s.put(b"k", b"K" * 3000, partition="p")
+    s.put(b"j", b"J" * 3000, partition="p")
+    s.seal_open_blocks()
+    (sealed,) = [e.block_id for e in s.block_table()]
+    s.put(b"z", b"Z" * 100, partition="p")  # p's next open block exists: the overwrite is one directory batch
+    _commit_then_fail(s)
+    with pytest.raises(IOErrorBS):
+        s.put(b"k", b"k2" * 100, partition="p")  # retires k's record in the sealed block
+    return s, sealed
+
+
+def test_a_remote_flag_set_while_a_failed_group_is_unsure_is_kept(tmp_path: Path) -> None:
+    # mark_block_remote wrote the block's entry from the table before the failed group was settled, and the
+    # settle then put the group's copy of the entry (no remote name) in the table: the flag was lost in
+    # memory (drop_local_copy refused, the uploader would upload the block again) and the directory kept
+    # the old counters (fsck block-counts)
+    s, sealed = _overwrite_unsure(tmp_path)
+    try:
+        assert s.mark_block_remote(sealed, b"blocks/n/obj")
+        s.put(b"x", b"X", partition="q")
+        e = {e.block_id: e for e in s.block_table()}[sealed]
+        assert e.remote_name == b"blocks/n/obj" and e.live_records == 1
+        assert s.get(b"k") == b"k2" * 100 and s.get(b"j") == b"J" * 3000
+    finally:
+        s.close()
+    rep = fsck.check(tmp_path, log=False)
+    assert [f.line() for f in rep.findings] == []
+
+
+def test_a_block_evicted_while_a_failed_group_is_unsure_stays_gone(tmp_path: Path) -> None:
+    # evict_blocks removed the block from the table before the failed group was settled, and the settle put
+    # the group's copy of its entry back: the table named a block whose file was deleted
+    s, sealed = _overwrite_unsure(tmp_path)
+    try:
+        assert s.evict_blocks([sealed]).blocks == [sealed]
+        s.put(b"x", b"X", partition="q")
+        assert sealed not in {e.block_id for e in s.block_table()}
+        assert s.get(b"j") is None and s.get(b"k") == b"k2" * 100
+        assert s.stats().records == 3  # k, z, x
+    finally:
+        s.close()
+    rep = fsck.check(tmp_path, log=False)
+    assert [f.line() for f in rep.findings] == []
