@@ -1214,16 +1214,20 @@ def test_readme_command_synopsis_matches_help() -> None:
         assert wanted <= offered, (command, wanted - offered)
 
 
-_SYNC_SCRIPT = """
-import os, sys
+# the scripts strace runs: a failed stat of a marker path in the trace starts each phase
+_MARKS = """
+import os, sys, threading
 import blockstore
-s = blockstore.open(sys.argv[1], durability=sys.argv[2])
-s.put(b"warm", b"w")
 def mark(name):
     try:
         os.stat("/nonexistent-MARK-" + name)
     except OSError:
         pass
+"""
+
+_SYNC_SCRIPT = _MARKS + """
+s = blockstore.open(sys.argv[1], durability=sys.argv[2])
+s.put(b"warm", b"w")
 mark("puts")
 for i in range(20):
     s.put(b"k%d" % i, b"x" * 1000)
@@ -1273,16 +1277,9 @@ def test_durability_modes_sync_what_they_promise(tmp_path: Path) -> None:
     assert sync["puts"] >= 21, sync  # every put, one after another
 
 
-_GROUP_SCRIPT = """
-import os, sys, threading
-import blockstore
+_GROUP_SCRIPT = _MARKS + """
 s = blockstore.open(sys.argv[1], durability="sync")
 s.put(b"warm", b"w")
-def mark(name):
-    try:
-        os.stat("/nonexistent-MARK-" + name)
-    except OSError:
-        pass
 def writer(t):
     for i in range(25):
         s.put(b"t%d-%d" % (t, i), b"x" * 1000)
