@@ -5,11 +5,16 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+# apt_install PACKAGE...: install Debian packages (sudo unless root; the package lists refreshed only if needed)
+apt_install() {
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y -q "$@" >/dev/null 2>&1 || {
+    $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$@" >/dev/null; }
+}
+
 if [ ! -f /usr/include/xxhash.h ]; then
   echo "setup: installing libxxhash-dev (system xxHash for the C core)" >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get install -y -q libxxhash-dev >/dev/null 2>&1 || {
-    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libxxhash-dev >/dev/null; }
+  apt_install libxxhash-dev
 fi
 
 PY="${PYTHON:-python3.11}"

@@ -6,9 +6,7 @@
 source "$(dirname "$0")/setup-env.sh"
 if ! command -v strace >/dev/null 2>&1; then  # tests count the store's fsyncs with it (test_conformance_docs.py)
   echo "setup: installing strace" >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get install -y -q strace >/dev/null 2>&1 || {
-    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q strace >/dev/null; }
+  apt_install strace
 fi
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 echo "== ruff" && ruff check .

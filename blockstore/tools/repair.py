@@ -336,6 +336,8 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         finally:
             d.close()
         if os.path.lexists(marker):
+            # repair's own note naming the lost+found folder it moved the damaged directory to (_write_marker): it
+            # holds no record, the folder it names stays, and the rebuild that needed it has finished
             os.unlink(marker)
         fsync_dir(self.root)
         self.marked_unclean = True  # the rebuilt directory says clean = 0 until the end
