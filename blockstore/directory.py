@@ -1,7 +1,7 @@
 """The directory: RocksDB (through rocksdict, raw mode) mapping keys to places (docs/format.md §5).
 
 The value encodings are in blockstore/directory_values.py (re-exported here), the key layout in keys.py.
-Changes are staged in a `DirectoryBatch` and written atomically, so a location and the block-table
+Changes are staged in a `DirectoryBatch` (directory_batch.py, re-exported here) and written atomically, so a location and the block-table
 counters it affects never disagree.
 """
 
@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NoReturn, TypeVar, cast
 
-from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, DBRecoveryMode, Options, Rdict, WriteOptions
 
 from blockstore import logs
+from blockstore.directory_batch import DirectoryBatch
 from blockstore.directory_values import (
     BLOCK_OPEN,
     BLOCK_RECLAIMING,
@@ -34,7 +35,7 @@ from blockstore.directory_values import (
     Location,
 )
 from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace, error_for_os
-from blockstore.keys import TAG_BLOCK, TAG_NS, block_key, location_key, meta_key, reverse_key, reverse_prefix
+from blockstore.keys import TAG_BLOCK, TAG_NS, location_key, meta_key, reverse_prefix
 from blockstore.manifest import fsync_dir, last_writer_synced
 
 _T = TypeVar("_T")
@@ -45,53 +46,6 @@ __all__ = ["BLOCK_OPEN", "BLOCK_RECLAIMING", "BLOCK_SEALED", "LOCATION_VERSION",
 
 _U64 = struct.Struct("<Q")
 _log = logs.get("directory")
-
-
-class DirectoryBatch:
-    """Changes to be written atomically. Collects puts/deletes; `Directory.write` applies them."""
-
-    def __init__(self) -> None:
-        self._wb = WriteBatch(raw_mode=True)
-        self.empty = True
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self._wb.put(key, value)
-        self.empty = False
-
-    def delete(self, key: bytes) -> None:
-        self._wb.delete(key)
-        self.empty = False
-
-    def put_meta(self, name: str, value: int) -> None:
-        self.put(meta_key(name), _U64.pack(value))
-
-    def put_location(self, suffix: bytes, loc: Location) -> None:
-        """The value and a reverse entry for each place it names (the primary and every copy)."""
-        self.put(location_key(suffix), loc.encode())
-        self.put(reverse_key(loc.block_id, loc.offset), suffix)
-        for c in loc.copies:
-            self.put(reverse_key(c.block_id, c.offset), suffix)
-
-    def delete_location(self, suffix: bytes, old: Location | None) -> None:
-        self.delete(location_key(suffix))
-        if old is not None:
-            self.forget_reverse(old)
-
-    def forget_reverse(self, loc: Location) -> None:
-        """The reverse entries of every place `loc` names (its copies retire with it)."""
-        self.delete(reverse_key(loc.block_id, loc.offset))
-        for c in loc.copies:
-            self.delete(reverse_key(c.block_id, c.offset))
-
-    def forget_place(self, place: Location) -> None:
-        """The reverse entry of one place only (a copy dropped or moved, the value kept)."""
-        self.delete(reverse_key(place.block_id, place.offset))
-
-    def put_block(self, entry: BlockEntry) -> None:
-        self.put(block_key(entry.block_id), entry.encode())
-
-    def delete_block(self, block_id: int) -> None:
-        self.delete(block_key(block_id))
 
 
 def repair_hint(store_path: str) -> str:

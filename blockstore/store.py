@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from blockstore.blocks import BlockFiles
 from blockstore.chunks import ChunkRecords
 from blockstore.directory import BLOCK_OPEN, BlockEntry, Directory, Location
 from blockstore.errors import BlockstoreError, InvalidArgument, NoSpace, NotFound, ReadOnlyStore, StoreClosed
-from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix, keys_prefix
+from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix
 from blockstore.lock import WriterLock
 from blockstore.manifest import (
     DEFAULT_BLOCK_SIZE,
@@ -51,6 +51,7 @@ from blockstore.records import Buffer, Kind
 from blockstore.reserve import SpaceReserve
 from blockstore.stats import StoreStats, measure
 from blockstore.store_compaction import CompactionSeams
+from blockstore.store_listing import Listings
 from blockstore.store_records import DEFAULT_NAMESPACE, RecordConveniences
 from blockstore.store_remote import RemoteSeams
 from blockstore.tensors import TensorRecords
@@ -65,7 +66,7 @@ OnCorrupt = Literal["raise", "miss"]
 _log = logging.getLogger("blockstore")
 
 
-class Store(RecordConveniences, RemoteSeams, CompactionSeams):
+class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
     """A blockstore store. Use `blockstore.open(...)`; usable as a context manager.
 
     Thread-safe: any number of threads may read and write concurrently.
@@ -401,32 +402,6 @@ class Store(RecordConveniences, RemoteSeams, CompactionSeams):
         if nid is None:
             return [None] * len(keys)
         return self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])
-
-    def iter_keys(self, *, ns: str = DEFAULT_NAMESPACE, prefix: bytes = b"") -> Iterator[bytes]:
-        """KV keys of one namespace, in byte order (chunk records are listed by `list_chunks`)."""
-        self._check_open()
-        if not isinstance(prefix, (bytes, bytearray)):
-            raise InvalidArgument(f"prefix must be bytes, not {type(prefix).__name__}")
-        nid = self.namespace_id(ns)
-        if nid is None:
-            return
-        cut = len(keys_prefix(nid, SPACE_KV))
-        for k, _v in self.dir.scan_prefix(keys_prefix(nid, SPACE_KV, bytes(prefix))):
-            yield k[cut:]
-
-    def iter_locations(self, *, ns: str = DEFAULT_NAMESPACE, after: bytes | None = None) -> Iterator[tuple[bytes, Location]]:
-        """(key, location) of one namespace's KV records in key byte order, starting just after the key
-        `after` (None: from the first). One directory scan; a cursor for listings and tools."""
-        self._check_open()
-        if after is not None and not isinstance(after, (bytes, bytearray)):
-            raise InvalidArgument(f"after must be bytes or None, not {type(after).__name__}")
-        nid = self.namespace_id(ns)
-        if nid is None:
-            return
-        prefix = keys_prefix(nid, SPACE_KV)
-        start = None if after is None else prefix + bytes(after) + b"\x00"
-        for k, v in self.dir.scan_prefix(prefix, start):
-            yield k[len(prefix):], Location.decode(v)
 
     # ------------------------------------------------------------------ stats
 
