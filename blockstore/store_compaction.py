@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
+from blockstore import logs
 from blockstore.directory import BlockEntry, Location
-from blockstore.errors import InvalidArgument
+from blockstore.errors import CorruptionError, InvalidArgument, NotFound
 from blockstore.mutations import copy_mutations, relocation_mutations
 from blockstore.records import Buffer
 from blockstore.validate import check_bool
 from blockstore.writer import WriteEngine
+
+_log = logs.get("compaction")
 
 
 class CompactionSeams:
@@ -19,6 +22,7 @@ class CompactionSeams:
 
     _engine: WriteEngine
     _check_open: Callable[..., None]
+    read_locations: Callable[[Sequence[Location]], list[memoryview]]
 
     def relocate_many(self, moves: Sequence[tuple[bytes, Location, Buffer]], *, partition: bytes,
                       together: bool = False, drop_tombstones: Sequence[tuple[bytes, Location]] = (),
@@ -69,11 +73,30 @@ class CompactionSeams:
         the verified payload) each written once more to `partition`'s open block (one block, as
         `together`) and added to the value; `drops`: (key suffix, its whole current value, one of its
         places) taken out of the value, writing nothing. Each is a compare-and-swap on the whole value,
-        copies included: True per change (adds first) if the value was unchanged, else nothing happened."""
+        copies included: True per change (adds first) if the value was unchanged, else nothing happened.
+        A drop is also refused (False) when no other place of the key reads back verified: the place
+        dropped may hold the only good copy (bit rot in the others), and GC deletes its block once it
+        is dropped; kept, the key is re-derived from it by `fsck --repair` (docs/copies.md)."""
         self._check_open(write=True)
         if not isinstance(partition, (bytes, bytearray)):
             raise InvalidArgument(f"place_copies: partition must be bytes, not {type(partition).__name__}")
-        muts = copy_mutations(adds, drops, bytes(partition))
+        sound = [self._another_place_verifies(value, here) for _sfx, value, here in drops]
+        muts = copy_mutations(adds, [d for d, ok in zip(drops, sound) if ok], bytes(partition))
         if muts:
             self._engine.submit(muts)
-        return [bool(m.result) for m in muts]
+        done = iter([bool(m.result) for m in muts])
+        return [next(done) for _ in adds] + [ok and next(done) for ok in sound]
+
+    def _another_place_verifies(self, value: Location, here: Location) -> bool:
+        others = [p for p in value.places() if (p.block_id, p.offset) != (here.block_id, here.offset)]
+        if not others:
+            return True  # dropping the last place: copy_mutations refuses it (InvalidArgument)
+        for place in others:
+            try:
+                self.read_locations([place])
+            except (CorruptionError, NotFound):
+                continue
+            return True
+        _log.warning("kept the place %016x:%d of a record: none of its other places reads back verified "
+                     "(run blockstore fsck --repair)", here.block_id, here.offset)
+        return False
