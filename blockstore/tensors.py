@@ -138,7 +138,7 @@ def _describe(t: Any, name: str) -> tuple[str, list[int]]:
         import numpy as np
 
         if isinstance(t, np.ndarray):
-            return t.dtype.name, list(t.shape)
+            return _numpy_dtype_name(t.dtype), list(t.shape)
     raise InvalidArgument(f"{name} must be a numpy array or torch tensor, not {type(t).__name__}")
 
 
@@ -147,7 +147,16 @@ def _canonical_dtype(m: dict[str, Any]) -> str:
         return str(m["dtype"])
     import numpy as np
 
-    return np.dtype(m["dtype"]).name
+    return _numpy_dtype_name(np.dtype(m["dtype"]))
+
+
+def _numpy_dtype_name(dt: Any) -> str:
+    """The dtype's name, with its byte order when that is not this machine's: the bytes are copied as they
+    are, so a '>f4' record read into a float32 (native order) array or tensor returned every value
+    byte-swapped (a float32 1.0 as 4.6e-41)."""
+    if dt.isnative:
+        return str(dt.name)
+    return f"{dt.name} ({'big' if dt.byteorder == '>' else 'little'}-endian)"
 
 
 class KVStore(Protocol):
@@ -195,10 +204,9 @@ class TensorRecords:
             m = _parse_meta(keys[i], loc.meta, loc.payload_len)
             if out is not None:
                 got = _describe(out[i], f"out[{i}]")
-                if got != (_canonical_dtype(m), m["shape"]):
-                    raise InvalidArgument(
-                        f"out[{i}] is {got[0]}{got[1]}; key {keys[i]!r} holds {m['dtype']}{m['shape']}"
-                    )
+                want = (_canonical_dtype(m), m["shape"])
+                if got != want:
+                    raise InvalidArgument(f"out[{i}] is {got[0]}{got[1]}; key {keys[i]!r} holds {want[0]}{want[1]}")
                 targets.append(out[i])
             else:
                 targets.append(_empty_like_meta(m))

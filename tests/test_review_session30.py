@@ -11,7 +11,7 @@ import pytest
 
 import blockstore
 from blockstore.compaction import gc
-from blockstore.errors import ChecksumMismatch
+from blockstore.errors import ChecksumMismatch, InvalidArgument
 from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.tools import cli
 
@@ -61,3 +61,25 @@ def test_gc_keeps_the_only_good_place_of_a_record_with_copies(tmp_path: Path) ->
         assert s.get(b"shared") == value_bytes
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("record_order", [">", "<"])
+def test_get_tensors_refuses_an_out_of_the_other_byte_order(tmp_path: Path, record_order: str) -> None:
+    # The dtype check compared names only ('float32' for '<f4' and '>f4' alike) and the bytes are copied as
+    # they are: a big-endian record read into a native float32 array (or torch tensor) returned every value
+    # byte-swapped (1.0 as 4.6e-41), silently.
+    np = pytest.importorskip("numpy")
+    other = "<" if record_order == ">" else ">"
+    with blockstore.open(tmp_path) as s:
+        a = np.arange(6, dtype=f"{record_order}f4").reshape(2, 3)
+        s.put_tensor(b"t", a)
+        got = s.get_tensor(b"t")
+        assert got.dtype == a.dtype and (got == a).all()
+        with pytest.raises(InvalidArgument, match="endian"):
+            s.get_tensors([b"t"], out=[np.empty((2, 3), dtype=f"{other}f4")])
+        same = np.empty((2, 3), dtype=f"{record_order}f4")
+        assert (s.get_tensors([b"t"], out=[same])[0] == a).all()
+        if record_order == ">":
+            torch = pytest.importorskip("torch")
+            with pytest.raises(InvalidArgument, match="endian"):
+                s.get_tensors([b"t"], out=[torch.empty((2, 3), dtype=torch.float32)])
