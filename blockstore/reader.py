@@ -22,9 +22,17 @@ from typing import Any, Literal
 from blockstore import hooks
 from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, block_file_name
-from blockstore.directory import Directory, Location
-from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument, IOErrorBS, NotFound, error_for_code
-from blockstore.keys import key_suffix
+from blockstore.directory import BLOCK_RECLAIMING, BlockEntry, Directory, Location
+from blockstore.errors import (
+    BlockstoreError,
+    ChecksumMismatch,
+    CorruptionError,
+    InvalidArgument,
+    IOErrorBS,
+    NotFound,
+    error_for_code,
+)
+from blockstore.keys import block_key, key_suffix
 from blockstore.records import PAGE, Buffer, ReadRequest
 
 _log = logging.getLogger("blockstore")
@@ -243,7 +251,7 @@ class Reader:
                 try:
                     fd = self.blocks.read_fd(bid)
                 except NotFound:
-                    if not self.block_named(bid):
+                    if not self.block_named(bid) or self._deleted_since_snapshot(bid):
                         vanished.extend(idxs)  # compaction deleted it after our lookup: look again
                         continue
                     name = self.remote_name_of(bid)
@@ -276,6 +284,31 @@ class Reader:
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
+
+    def _deleted_since_snapshot(self, bid: int) -> bool:
+        """Whether a read-only open's directory, a snapshot as of its opening, names a block that the writer
+        deleted since (GC moved its records, or they all died): then lookups move to a fresh read-only view
+        (the read looks again there, seeing what the writer has committed since). The missing file read as
+        damage: CorruptionError, "run fsck (--repair drops the records it held)", though fsck found nothing
+        and the records were live in other blocks. A block the fresh view still names is damage."""
+        if not self.directory.read_only:
+            return False
+        try:
+            fresh = Directory(self.directory.path, read_only=True, sync=False, create=False)
+        except BlockstoreError:
+            return False  # the directory cannot be read now: the damage is reported as before
+        try:
+            raw = fresh.get(block_key(bid))
+            named = raw is not None and BlockEntry.decode(bid, raw).state != BLOCK_RECLAIMING
+        except BlockstoreError:
+            named = True
+        if named:
+            fresh.close()
+            return False
+        # not closed: another thread may be reading through the old view (a read-only handle holds no
+        # lock, and goes when its last reference does); the store closes the one it opened with
+        self.directory = fresh
+        return True
 
     def _read_dropped(self, bid: int, name: bytes, idxs: list[int], keys: Sequence[bytes],
                       locs: Sequence[Location | None],

@@ -11,7 +11,7 @@ import pytest
 
 import blockstore
 from blockstore.compaction import gc
-from blockstore.errors import ChecksumMismatch, InvalidArgument
+from blockstore.errors import ChecksumMismatch, CorruptionError, InvalidArgument
 from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.tools import cli
 
@@ -83,3 +83,30 @@ def test_get_tensors_refuses_an_out_of_the_other_byte_order(tmp_path: Path, reco
             torch = pytest.importorskip("torch")
             with pytest.raises(InvalidArgument, match="endian"):
                 s.get_tensors([b"t"], out=[torch.empty((2, 3), dtype=torch.float32)])
+
+
+def test_a_read_only_open_reads_keys_whose_block_the_writer_deleted_since(tmp_path: Path) -> None:
+    # A read-only open reads the directory as of its opening. A block the writer deleted since (its records
+    # overwritten, or moved by GC) is still named there, and its missing file was taken for damage: every
+    # read of a key in it raised CorruptionError "block file ... is missing; run `blockstore fsck` (--repair
+    # drops the records it held)", while fsck found the store clean. It now looks the key up again in a fresh
+    # view of the directory; a block that view still names is damage, as before.
+    with blockstore.open(tmp_path, block_size=64 << 10) as s:
+        s.put_many([(b"k%d" % i, b"old-%d" % i * 40) for i in range(600)])
+    with blockstore.open(tmp_path, create=False, read_only=True) as r:
+        first = r.block_table()[0].block_id
+        with blockstore.open(tmp_path, create=False, block_size=64 << 10) as w:
+            for i in range(600):
+                w.put(b"k%d" % i, b"new-%d" % i * 40)
+            assert not w.has_block(first)  # every record in it overwritten: deleted
+        assert not (tmp_path / "blocks" / f"{first:016x}.blk").exists()
+        got = r.get_many([b"k%d" % i for i in range(600)])
+        assert all(bytes(v) in (b"old-%d" % i * 40, b"new-%d" % i * 40) for i, v in enumerate(got))
+        assert bytes(r.get(b"k0") or b"").startswith(b"new-0")
+    assert cli.main(["fsck", str(tmp_path)]) == 0
+    with blockstore.open(tmp_path, create=False, read_only=True) as r:  # damage still reads as damage
+        victim = r.locate_many([b"k1"])[0]
+        assert victim is not None
+        (tmp_path / "blocks" / f"{victim.block_id:016x}.blk").unlink()
+        with pytest.raises(CorruptionError, match="is missing"):
+            r.get(b"k1")
