@@ -113,3 +113,43 @@ def test_finetune_runs_and_writes_a_model_folder(tmp_path: Path) -> None:
 def test_block_batches_are_refused_on_a_too_short_stream() -> None:
     with pytest.raises(ValueError, match="too short"):
         make_block_batch(np.zeros(50, np.int32), np.random.default_rng(0), 1, join=[7])
+
+
+def _tiny_base_and_corpus(tmp_path: Path) -> tuple[Path, Path]:
+    base = tmp_path / "base"
+    _tiny_model(base, vocab=4096, std=0.02)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(DEFAULT_MODEL_DIR / name, base / name)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    (corpus / "train.u16").write_bytes(rng.integers(3, 4096, 30000).astype("<u2").tobytes())
+    (corpus / "heldout.u16").write_bytes(rng.integers(3, 4096, 8000).astype("<u2").tobytes())
+    return base, corpus
+
+
+SHORT_RUN = ["--steps", "1", "--seq-len", "64", "--causal-batch", "1", "--block-batch", "2", "--eval-windows", "1",
+             "--eval-seq-len", "64", "--eval-blocks", "16", "--warmup", "1"]
+
+
+def test_a_corpus_encoded_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    """Token ids of another tokenizer would train the model on noise: the run stops before any step and
+    says how to rebuild the corpus."""
+    base, corpus = _tiny_base_and_corpus(tmp_path)
+    (corpus / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}}}))
+    with pytest.raises(SystemExit, match="another tokenizer.*--tokenizer"):
+        main([str(corpus), str(tmp_path / "out"), "--base", str(base), *SHORT_RUN])
+    assert not (tmp_path / "out").exists()
+    shutil.copyfile(base / "tokenizer.json", corpus / "tokenizer.json")  # the same tokenizer: accepted
+    assert main([str(corpus), str(tmp_path / "out"), "--base", str(base), *SHORT_RUN]) == 0
+
+
+def test_full_grad_trains_the_full_attention_side_too(tmp_path: Path) -> None:
+    """With --full-grad the consistency term's gradient reaches the model through the full prefill as
+    well: the same seed and batch give other weights than without it."""
+    base, corpus = _tiny_base_and_corpus(tmp_path)
+    for name, extra in (("one", []), ("both", ["--full-grad", "0.5"])):
+        assert main([str(corpus), str(tmp_path / name), "--base", str(base), *SHORT_RUN, "--lr", "1e-2", *extra]) == 0
+    one, both = (load_base(tmp_path / n, torch.device("cpu")) for n in ("one", "both"))
+    assert json.loads((tmp_path / "both" / "loss_curve.json").read_text())["run"]["settings"]["full_grad"] == 0.5
+    assert not torch.equal(one.lm_head.weight, both.lm_head.weight)

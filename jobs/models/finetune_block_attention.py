@@ -60,6 +60,10 @@ class FinetuneSettings:
     seq_len: int = 2048
     block_batch: int = 32
     kl_weight: float = 1.0
+    # Weight of KL(full || block) with the gradient through the full-attention side instead (0: off): pulls
+    # the model's full prefill towards what it computes from reused chunk KV as well, the other half of
+    # making the two agree; the causal batch keeps the full-attention language model anchored.
+    full_grad: float = 0.0
     eval_every: int = 100
     eval_windows: int = 32  # held-out windows for the full-attention loss: the base's 32 x 2048
     eval_seq_len: int = 2048
@@ -129,20 +133,33 @@ def _step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, train: torch.Tens
     causal.backward()  # frees the causal batch's graph before the block batch's
     batch = make_block_batch(train_np, rng, s.block_batch, join).to(train.device)
     with torch.autocast(train.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        with torch.no_grad():
+        with torch.set_grad_enabled(s.full_grad > 0):
             full = model(batch.ids)
         block = block_forward(model, batch)
     ce = F.cross_entropy(block.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
-    kl = answer_kl(full, block, batch.answer)
-    (ce + s.kl_weight * kl).backward()
+    kl = answer_kl(full.detach(), block, batch.answer)
+    loss = ce + s.kl_weight * kl
+    if s.full_grad > 0:
+        loss = loss + s.full_grad * answer_kl(full, block.detach(), batch.answer)
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return torch.stack((causal.detach(), ce.detach(), kl.detach()))  # no sync with the GPU each step
 
 
+def check_same_tokenizer(corpus: Path, base: Path) -> None:
+    """Refuse a corpus whose token ids come from another tokenizer than the model's (a corpus built on
+    another machine trains its own: rebuild it with ``corpus OUT --tokenizer MODEL_DIR``)."""
+    ours, theirs = corpus / "tokenizer.json", base / "tokenizer.json"
+    if ours.exists() and ours.read_bytes() != theirs.read_bytes():
+        raise SystemExit(f"finetune: {corpus} was encoded with another tokenizer than {base}'s; rebuild it with "
+                         f"`python -m jobs.trained_model corpus {corpus} --tokenizer {base}`")
+
+
 def run_finetune(corpus: Path, base: Path, out: Path, s: FinetuneSettings, log=print) -> dict[str, Any]:
     """Fine-tune ``base`` and write ``out`` (module docstring); returns the loss-curve record."""
+    check_same_tokenizer(corpus, base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = device.type == "cuda"
     torch.manual_seed(s.seed)

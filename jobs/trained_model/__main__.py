@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("corpus", help="build the tokenizer and token ids from offline text")
     c.add_argument("out", type=Path)
+    c.add_argument("--tokenizer", type=Path, metavar="MODEL_DIR",
+                   help="encode with this model folder's tokenizer instead of training a new one (needed to "
+                   "fine-tune that model: a tokenizer trained on another machine's files differs)")
     t = sub.add_parser("train", help="train the model (see the module docstring of jobs/trained_model/train.py)")
     t.add_argument("corpus", type=Path, help="a folder written by the corpus command")
     t.add_argument("out", type=Path, help="the model folder to write")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "corpus":
         from jobs.trained_model.corpus import build_corpus
 
-        build_corpus(args.out, log=log)
+        build_corpus(args.out, log=log, tokenizer_from=args.tokenizer)
     elif args.command == "train":
         from jobs.trained_model.manifest import write_manifest
         from jobs.trained_model.train import TrainSettings, run_training

@@ -146,15 +146,33 @@ def _encode(tok, docs: list[Document]):  # -> numpy uint16 array
     return np.asarray(ids, dtype="<u2")
 
 
-def build_corpus(out: Path, log=print) -> dict:
-    """Write the corpus folder (module docstring); return the summary also saved as corpus.json."""
+def load_tokenizer_files(folder: Path):  # -> tokenizers.Tokenizer
+    """The tokenizer a model or corpus folder ships, to encode a corpus with it instead of training one."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def build_corpus(out: Path, log=print, tokenizer_from: Path | None = None) -> dict:
+    """Write the corpus folder (module docstring); return the summary also saved as corpus.json.
+
+    With ``tokenizer_from`` (a model folder) the text is encoded with that folder's tokenizer, copied
+    as is, instead of one trained here: the tokenizer trained on another machine's files differs, and
+    continuing to train a model (``jobs.models.finetune_block_attention``) needs its own token ids.
+    """
     out.mkdir(parents=True, exist_ok=True)
     docs = documents()
     train = [d for d in docs if not d.heldout]
     heldout = [d for d in docs if d.heldout]
     log(f"corpus: {len(docs)} documents, {len(train)} train, {len(heldout)} held out")
-    tok = train_tokenizer([d.text for d in train])
-    save_tokenizer(tok, out)
+    if tokenizer_from is None:
+        tok = train_tokenizer([d.text for d in train])
+        save_tokenizer(tok, out)
+    else:
+        tok = load_tokenizer_files(tokenizer_from)
+        for name in TOKENIZER_FILES:
+            (out / name).write_bytes((tokenizer_from / name).read_bytes())
+        log(f"corpus: encoding with {tokenizer_from}'s tokenizer")
     summary: dict = {"documents": [], "splits": {}}
     for name, split in (("train", train), ("heldout", heldout)):
         arr = _encode(tok, split)
