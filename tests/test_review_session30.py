@@ -110,3 +110,24 @@ def test_a_read_only_open_reads_keys_whose_block_the_writer_deleted_since(tmp_pa
         (tmp_path / "blocks" / f"{victim.block_id:016x}.blk").unlink()
         with pytest.raises(CorruptionError, match="is missing"):
             r.get(b"k1")
+
+
+def test_repair_refuses_a_store_whose_blocks_folder_is_missing(tmp_path: Path) -> None:
+    # The open refuses a store without blocks/ ("restore the folder"); fsck --repair took each block as
+    # missing and dropped every entry that named one, then made an empty blocks/: the store read as empty
+    # and fsck said OK (the folder moved back in then landed in blocks/blocks-backup/). Now it refuses.
+    store = tmp_path / "s"
+    with blockstore.open(store, block_size=64 << 10) as s:
+        s.put_many([(b"k%d" % i, b"v" * 3000) for i in range(60)], ns="tenant")
+    (store / "blocks").rename(tmp_path / "blocks-backup")
+    assert cli.main(["fsck", "--repair", str(store)]) == 4  # refused: the findings stay, nothing changed
+    assert not (store / "blocks").exists() and not (store / "lost+found").exists()
+    (tmp_path / "blocks-backup").rename(store / "blocks")
+    assert cli.main(["fsck", str(store)]) == 0
+    with blockstore.open(store, create=False) as s:
+        assert all(s.get(b"k%d" % i, ns="tenant") == b"v" * 3000 for i in range(60))
+    (store / "blocks").rename(tmp_path / "gone")  # created empty on purpose: the keys are dropped
+    (store / "blocks").mkdir()
+    assert cli.main(["fsck", "--repair", str(store)]) == 1
+    with blockstore.open(store, create=False) as s:
+        assert s.get(b"k0", ns="tenant") is None

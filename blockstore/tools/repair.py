@@ -190,6 +190,14 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
             return (f"{MANIFEST} says a newer format version and the directory does not say version "
                     f"{FORMAT_VERSION} to show that this is damage: repair it with a newer blockstore, or fix "
                     "the manifest by hand")
+        missing = [f for f in rep.findings if f.kind == "missing-block"]
+        if missing and not os.path.lexists(os.path.join(self.root, BLOCKS_DIR)):
+            # the whole folder gone is a volume not mounted or a restore half done, not damage to each block:
+            # dropping every entry that names one made the store empty (and the empty blocks/ made for it
+            # took the folder moved back in as a subfolder); as the open says, it is to be restored
+            return (f"{BLOCKS_DIR}/ is missing, and the directory names {len(missing)} block(s) that held records: "
+                    f"restore the folder (repair would drop every key); to drop them, create {BLOCKS_DIR}/ "
+                    "empty and run repair again")
         return None
 
     def _round(self, rep: Report) -> bool:
