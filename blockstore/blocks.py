@@ -27,13 +27,17 @@ def block_file_name(block_id: int) -> str:
     return f"{block_id:016x}.blk"
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def block_id_of(name: str) -> int | None:
-    """The block id a file name in blocks/ names, None if it is not a block file's name."""
-    if name.endswith(".blk") and len(name) == 20:
-        try:
-            return int(name[:16], 16)
-        except ValueError:
-            return None
+    """The block id a file name in blocks/ names, None if it is not a block file's name: exactly what
+    `block_file_name` writes, 16 lower-case hex digits. int(.., 16) also takes a sign, a 0x prefix,
+    underscores, blanks and upper case, so a stray '+000000000000001.blk' was block 1: fsck judged it in
+    place of the block's own file, and repair evacuated the good block and moved the stray to lost+found
+    under the block's name, leaving a store whose directory no longer named its block 1."""
+    if len(name) == 20 and name.endswith(".blk") and _HEX_DIGITS.issuperset(name[:16]):
+        return int(name[:16], 16)
     return None
 
 

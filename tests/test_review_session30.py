@@ -131,3 +131,19 @@ def test_repair_refuses_a_store_whose_blocks_folder_is_missing(tmp_path: Path) -
     assert cli.main(["fsck", "--repair", str(store)]) == 1
     with blockstore.open(store, create=False) as s:
         assert s.get(b"k0", ns="tenant") is None
+
+
+@pytest.mark.parametrize("stray", ["+000000000000001.blk", "0x00000000000001.blk"])
+def test_a_stray_file_whose_name_int_parses_is_not_taken_for_a_block(tmp_path: Path, stray: str) -> None:
+    # Block files are named with 16 lower-case hex digits; the name was parsed with int(.., 16), which also
+    # takes a sign, a 0x prefix, blanks and underscores. A stray file so named was block 1 to fsck (block-header,
+    # truncated, record), and repair evacuated the good block 1 and moved the stray to lost+found under
+    # block 1's name: the directory then no longer named 0000000000000001.blk and the next open refused.
+    with blockstore.open(tmp_path, block_size=64 << 10) as s:
+        s.put_many([(b"k%d" % i, b"v%d" % i * 600) for i in range(100)])
+    (tmp_path / "blocks" / stray).write_bytes(b"\xab" * 20000)
+    assert cli.main(["fsck", str(tmp_path)]) == 0
+    assert cli.main(["fsck", "--repair", str(tmp_path)]) == 0
+    with blockstore.open(tmp_path, create=False) as s:
+        assert all(s.get(b"k%d" % i) == b"v%d" % i * 600 for i in range(100))
+    assert (tmp_path / "blocks" / stray).exists() and (tmp_path / "blocks" / "0000000000000001.blk").exists()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from blockstore import logs
 from blockstore.backend import Backend, get_backend
-from blockstore.blocks import BLOCKS_DIR, block_file_name
+from blockstore.blocks import BLOCKS_DIR, block_file_name, block_id_of
 from blockstore.directory import Directory, salvage
 from blockstore.errors import InvalidArgument, NoSpace, error_for_os
 from blockstore.keys import TAG_AFFINITY, TAG_BLOCK, TAG_META, TAG_NS, TAG_NS_ID
@@ -271,9 +271,8 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         pending = sorted(n for n in os.listdir(d) if n.endswith(".blk" + RENAMING))
         waiting = False
         for name in pending:
-            try:
-                bid = int(name[:16], 16)
-            except ValueError:
+            bid = block_id_of(name[: -len(RENAMING)])
+            if bid is None:
                 continue
             if wait and os.path.lexists(os.path.join(d, block_file_name(bid))):
                 waiting = True

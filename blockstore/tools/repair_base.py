@@ -12,7 +12,7 @@ from dataclasses import replace
 import xxhash
 
 from blockstore.backend import Backend
-from blockstore.blocks import BLOCKS_DIR, block_file_name, seal_block_file, write_block_header
+from blockstore.blocks import BLOCKS_DIR, block_file_name, block_id_of, seal_block_file, write_block_header
 from blockstore.directory import BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch, Location
 from blockstore.keys import SPACE_CHUNK, chunk_session_key, location_key, reverse_key, reverse_prefix
 from blockstore.manifest import DEFAULT_BLOCK_SIZE
@@ -188,7 +188,7 @@ class RepairBase:
 
 def block_files(root: str) -> list[str]:
     d = os.path.join(root, BLOCKS_DIR)
-    return [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".blk")] if os.path.isdir(d) else []
+    return [os.path.join(d, n) for n in sorted(os.listdir(d)) if block_id_of(n) is not None] if os.path.isdir(d) else []
 
 
 def unused_name(base: str, taken: dict[str, int]) -> str:

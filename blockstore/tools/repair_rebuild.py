@@ -7,7 +7,7 @@ import time
 
 import xxhash
 
-from blockstore.blocks import BLOCKS_DIR, block_file_name
+from blockstore.blocks import BLOCKS_DIR, block_file_name, block_id_of
 from blockstore.directory import BLOCK_OPEN, BLOCK_RECLAIMING, BLOCK_SEALED, BlockEntry, Directory, DirectoryBatch
 from blockstore.errors import BlockstoreError, FormatVersionError
 from blockstore.keys import (
@@ -72,9 +72,8 @@ class Rebuild:
         old_blocks = {int.from_bytes(k[1:9], "big"): v for k, v in self.salvaged.items()
                       if k[:1] == TAG_BLOCK and len(k) == 9}
         for path in block_files(self.r.root):
-            try:
-                bid = int(os.path.basename(path)[:16], 16)
-            except ValueError:
+            bid = block_id_of(os.path.basename(path))
+            if bid is None:
                 continue
             old = _old_entry(bid, old_blocks.get(bid))
             if old is not None and old.state == BLOCK_RECLAIMING:
