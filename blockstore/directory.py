@@ -14,7 +14,6 @@ import shutil
 import stat
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NoReturn, TypeVar, cast
@@ -34,7 +33,7 @@ from blockstore.directory_values import (
     CopyPlace,
     Location,
 )
-from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace, error_for_os
+from blockstore.errors import BlockstoreError, CorruptionError, IOErrorBS, NoSpace, StoreClosed, error_for_os
 from blockstore.keys import TAG_BLOCK, TAG_NS, location_key, meta_key, reverse_prefix
 from blockstore.manifest import fsync_dir, last_writer_synced
 
@@ -46,6 +45,7 @@ __all__ = ["BLOCK_OPEN", "BLOCK_RECLAIMING", "BLOCK_SEALED", "LOCATION_VERSION",
 
 _U64 = struct.Struct("<Q")
 _log = logs.get("directory")
+SCAN_BATCH = 256  # keys a scan reads per RocksDB iterator (scan_prefix): a fresh iterator and a seek per batch
 
 
 def repair_hint(store_path: str) -> str:
@@ -135,13 +135,19 @@ class Directory:
         self._opts = opts  # to reopen the handle after a failed write (resume)
         self._failed: BlockstoreError | None = None  # set by a failed write or flush until resume() succeeds
         self._resume_tried = (0.0, -1)  # (monotonic time, free bytes) of the last failure, to pace reopens
-        self._scans = 0  # scans under way (`scanning`)
-        self._scans_lock = threading.Lock()
+        self._closed = False  # set when close() begins: calls from then on raise StoreClosed
 
     def _fail(self, exc: BaseException, what: str) -> NoReturn:
         if isinstance(exc, BlockstoreError):
             raise exc
+        if self._closed:
+            # a call racing close(): rocksdict refuses it ("Already mutably borrowed" while close holds the
+            # handle, DbClosedError after), which read as an I/O error (EIO) of an open store
+            raise self._closed_error() from exc
         raise translate_rocksdb_error(exc, what, self.path) from exc
+
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(f"store {os.path.dirname(os.path.abspath(self.path))!r} is closed")
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         try:
@@ -160,37 +166,53 @@ class Directory:
 
     def scan_prefix(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) under `prefix` in key order, from `start`. Raises CorruptionError (or
-        IOErrorBS) if the scan cannot read the whole range: never a short answer."""
+        IOErrorBS) if the scan cannot read the whole range: never a short answer; StoreClosed once the
+        directory is closed, even between two keys of a batch already read.
+
+        Read in batches of SCAN_BATCH keys, each on a fresh RocksDB iterator that is dropped before the
+        batch is handed out: a paused scan holds no iterator. One held between `next()` calls kept the
+        RocksDB handle alive: after close the scan went on returning keys and RocksDB's LOCK stayed held,
+        so no open of the store in this process succeeded until the iterator was collected; and a failed
+        handle could not be replaced (resume) while any scan was paused. The price is that a scan is not
+        one point-in-time view: a key written or deleted ahead of the scan's position while it runs may
+        be seen or not, as with a scan that began a moment later (every key present for the whole scan
+        is seen once, in order)."""
+        seek = start or prefix
+        while True:
+            batch, more = self._scan_batch(prefix, seek)
+            for kv in batch:
+                yield kv
+                if self._closed:
+                    raise self._closed_error()
+            if not more:
+                return
+            seek = batch[-1][0] + b"\x00"  # the first key after the last one read (bytewise order)
+
+    def _scan_batch(self, prefix: bytes, seek: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """Up to SCAN_BATCH (key, value) from `seek` under `prefix`, and whether the range may go on."""
+        if self._closed:
+            raise self._closed_error()
+        out: list[tuple[bytes, bytes]] = []
         it = None
-        with self._scans_lock:
-            self._scans += 1
         try:
             it = self._db.iter()
-            it.seek(start or prefix)
+            it.seek(seek)
             while it.valid():
                 k = it.key()
                 if not k.startswith(prefix):
-                    return
-                v = it.value()
-                yield k, v
+                    return out, False
+                if len(out) == SCAN_BATCH:
+                    return out, True
+                out.append((k, it.value()))
                 it.next()
             it.status()  # invalid because the table ended, or because a read failed: this tells which
-        except GeneratorExit:
-            raise
+            return out, False
         except Exception as exc:
-            # drop the iterator first: the traceback keeps this frame alive, and a live iterator keeps
-            # RocksDB's LOCK held in this process (a repair after a failed open could not open it)
-            it = None  # noqa: F841
             self._fail(exc, f"directory scan of prefix {prefix[:1]!r}")
         finally:
-            with self._scans_lock:
-                self._scans -= 1
-
-    @property
-    def scanning(self) -> bool:
-        """Whether a scan is under way (an iter_keys() or list_chunks() iterator may be paused in one): it holds
-        the handle it began on, so a failed handle cannot be reopened until it ends."""
-        return self._scans > 0
+            # dropped here, never kept by a traceback or a paused caller: a live iterator keeps RocksDB's
+            # handle and LOCK (a repair after a failed open could not open it)
+            it = None  # noqa: F841
 
     def write(self, batch: DirectoryBatch, *, force_sync: bool = False) -> None:
         if batch.empty:
@@ -208,7 +230,10 @@ class Directory:
         """A write or flush failed. RocksDB then refuses every later write with the same error (a
         background error that only DB::Resume() clears, and rocksdict has no Resume): after the first
         ENOSPC a store failed every write, even a delete, until it was closed (issue 13). So the next
-        write reopens the handle first (resume)."""
+        write reopens the handle first (resume). A write racing close() is refused as the store's other
+        calls are then (StoreClosed), and leaves nothing to resume."""
+        if self._closed and not isinstance(exc, BlockstoreError):
+            raise self._closed_error() from exc
         err = exc if isinstance(exc, BlockstoreError) else translate_rocksdb_error(exc, what, self.path)
         self._failed = err
         self._resume_tried = (time.monotonic(), _free_bytes(self.path))
@@ -253,9 +278,8 @@ class Directory:
                 if time.monotonic() < deadline:
                     time.sleep(0.005)  # a reader's call on the failed handle is ending
                     continue
-                self._failed = IOErrorBS(errno.EBUSY, "the directory cannot take writes again yet: an unfinished "
-                                         "iter_keys() or list_chunks() iterator still holds the handle that "
-                                         f"failed; run it to its end or close it, then write again ({exc})")
+                self._failed = IOErrorBS(errno.EBUSY, "the directory cannot take writes again yet: a call of "
+                                         f"another thread still holds the handle that failed; write again ({exc})")
                 self._resume_tried = (0.0, -1)  # not a matter of space: try again at the next write
                 raise type(self._failed)(*self._failed.args) from None
         self._db = db  # a read-only handle in use by a reader closes when the reader is done with it
@@ -317,6 +341,7 @@ class Directory:
             self._failed_now(exc, "directory flush failed")
 
     def close(self) -> None:
+        self._closed = True  # before the handle goes: a call racing it raises StoreClosed (_fail)
         for _ in range(30_000):  # another thread still in a call: rocksdict refuses ("Already borrowed") until it ends
             try:
                 self._db.close()

@@ -321,8 +321,7 @@ class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
             self._tiering.check_attached()  # before anything is written: a put that can never be confirmed
             self._engine.submit(muts)
         except NoSpace:
-            if not self.dir.scanning:  # a paused scan pins the failed directory handle: no write could use the room
-                self._reserve.give_up("a write found the disk full")
+            self._reserve.give_up("a write found the disk full")
             raise
         self._tiering.wait_confirmed(self._tiering.newest_block())
 

@@ -12,7 +12,11 @@ from blockstore.store_records import DEFAULT_NAMESPACE
 
 
 class Listings:
-    """`iter_keys` and `iter_locations`: one directory scan each."""
+    """`iter_keys` and `iter_locations`: one directory scan each, read in batches (Directory.scan_prefix), so a
+    paused listing holds no RocksDB iterator: it neither keeps the directory open after close (its next
+    `next()` raises StoreClosed) nor delays close. Not a point-in-time view: a key written or deleted ahead
+    of the listing's position while it is paused may be seen or not; every key present throughout is seen
+    once, in order."""
 
     dir: Directory
     _check_open: Callable[..., None]
