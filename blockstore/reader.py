@@ -251,13 +251,16 @@ class Reader:
                 try:
                     fd = self.blocks.read_fd(bid)
                 except NotFound:
-                    if not self.block_named(bid) or self._deleted_since_snapshot(bid):
+                    if not self.block_named(bid):
                         vanished.extend(idxs)  # compaction deleted it after our lookup: look again
                         continue
                     name = self.remote_name_of(bid)
                     if name:  # the remote tier dropped its local copy: fetched below, from the object named
                         # now (compaction may delete the block meanwhile; GC keeps its object a grace period)
                         dropped.append((bid, name, idxs))
+                        continue
+                    if self._deleted_since_snapshot(bid):
+                        vanished.extend(idxs)
                         continue
                     # The block table still names the block (a deletion leaves the table before its
                     # file goes), so its file is missing by damage: corruption, not a miss.
