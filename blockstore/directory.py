@@ -373,18 +373,31 @@ def _refuse_special_files(path: str) -> None:
                                   f"{stat.filemode(mode)}); {repair_hint(store)}")
 
 
+_RO_OPEN_ATTEMPTS = 6  # a read-only open that meets a file the writer has just deleted (_open_read_only)
+
+
 def _open_read_only(path: str, opts: Options) -> tuple[Rdict, str | None]:
     """A read-only open, and the shadow folder it needed (None: none). rocksdict rewrites its
     rocksdict-config.json at every open, read-only ones too, so on a read-only file system (a snapshot, a
     backup mounted ro) every read-only open failed with EROFS, and fsck reported the intact directory as one
     that "cannot be opened". There the open goes through a temporary folder of links to the directory's files,
     with its own copy of that config (RocksDB opens by name and writes nothing else in read-only mode but its
-    LOG, which then goes to the temporary folder)."""
-    try:
-        return Rdict(path, opts, access_type=AccessType.read_only()), None
-    except Exception as exc:
-        if "os error 30" not in str(exc):  # EROFS
-            raise
+    LOG, which then goes to the temporary folder).
+
+    A writer opening, flushing or closing meanwhile deletes the tables, WAL and MANIFEST it has just
+    replaced, between this open's read of CURRENT and its open of the files that named them: "No such file
+    or directory" for a file that was there a moment before (18 of 713 opens beside a writer that opened, put
+    and closed in a loop, each called the directory damaged). Such an open is tried again; a file that stays
+    missing is damage."""
+    for attempt in range(1, _RO_OPEN_ATTEMPTS + 1):
+        try:
+            return Rdict(path, opts, access_type=AccessType.read_only()), None
+        except Exception as exc:
+            if "os error 30" in str(exc):  # EROFS
+                break
+            if "No such file or directory" not in str(exc) or attempt == _RO_OPEN_ATTEMPTS:
+                raise
+            time.sleep(0.002 * attempt)
     shadow = tempfile.mkdtemp(prefix="blockstore-ro-directory-")
     try:
         for name in os.listdir(path):
