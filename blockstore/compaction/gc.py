@@ -101,7 +101,7 @@ class Collected:
     tombstones_dropped: int = 0
     reclaimed: bool = False
     sealed_open: bool = False  # an open block, sealed for this (victims)
-    damaged: int = 0  # live records whose payload does not verify: left where they are, for fsck --repair
+    damaged: bool = False  # a live record here does not verify: the block is left for fsck --repair
 
 
 class MinSeqs:
@@ -299,8 +299,15 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
     for batch in _batches(live, COPY_BATCH_BYTES):
         try:
             payloads = store.read_locations([loc for _s, loc in batch])
-        except CorruptionError:
-            batch, payloads = _verified_only(store, e.block_id, batch, res)
+        except CorruptionError as exc:
+            # a record that does not verify is never copied (its bad bytes would get a fresh checksum), so the
+            # block cannot be freed until fsck --repair evacuates it: nothing more is moved from it (that would
+            # spend the write budget on a block that stays). The pass goes on with the other victims; it
+            # failed here before, pass after pass: one flipped bit stopped GC of every block behind it.
+            res.damaged = True
+            _log.warning("GC of block %016x: a live record does not verify (%s); the block is left for "
+                         "blockstore fsck --repair %s", e.block_id, exc, store.path)
+            return
         hooks.fire("compact.copy", "gc", e.block_id, len(batch))
         done = store.relocate_many([(sfx, loc, p) for (sfx, loc), p in zip(batch, payloads)],
                                    partition=partition)
@@ -324,21 +331,3 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
         res.tombstones_carried = sum(done)
         res.tombstones_dropped = len(stones) - res.tombstones_carried
 
-
-def _verified_only(store: Store, bid: int, batch: list[tuple[bytes, Location]],
-                   res: Collected) -> tuple[list[tuple[bytes, Location]], list[memoryview]]:
-    """The records of `batch` that read back verified, read one by one, and their payloads. A record
-    that does not verify is never copied (its bad bytes would get a new checksum) and stays, so its
-    block stays too, until fsck --repair evacuates it; the rest of the block is collected. The whole
-    pass failed on it before: one flipped bit stopped GC of every block, pass after pass."""
-    keep, payloads = [], []
-    for sfx, loc in batch:
-        try:
-            payloads.append(store.read_locations([loc])[0])
-        except CorruptionError as exc:
-            res.damaged += 1
-            _log.warning("GC of block %016x: a live record does not verify, left there (run blockstore fsck "
-                         "--repair %s): %s", bid, store.path, exc)
-            continue
-        keep.append((sfx, loc))
-    return keep, payloads
