@@ -232,3 +232,77 @@ def test_the_same_rocksdict_error_on_an_open_store_is_not_taken_for_a_close(tmp_
         with pytest.raises(IOErrorBS, match="mutably borrowed"):
             s.get(b"k0001")
         s.dir._db = real
+
+
+# ---- 3. the remote tier's RocksDBs sync with the GIL released ----
+
+class _WriteSpy:
+    """A RocksDB handle that notes each write (with its sync flag) and each WAL flush."""
+
+    def __init__(self, db: Any) -> None:
+        self.db, self.calls = db, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def write(self, batch: Any, opts: Any = None) -> None:
+        self.calls.append(("write", bool(opts is not None and opts.sync)))
+        self.db.write(batch, *(() if opts is None else (opts,)))
+
+    def put(self, key: Any, value: Any, opts: Any = None) -> None:
+        self.calls.append(("write", bool(opts is not None and opts.sync)))
+        self.db.put(key, value, *(() if opts is None else (opts,)))
+
+    def flush_wal(self, sync: bool = False) -> None:
+        self.calls.append(("flush_wal", sync))
+        self.db.flush_wal(sync)
+
+
+def _assert_synced_without_the_gil(calls: list[tuple[str, bool]], writes: int) -> None:
+    """rocksdict holds the GIL through a write with WriteOptions.sync; flush_wal(True) releases it."""
+    assert calls == [("write", False), ("flush_wal", True)] * writes, calls
+
+
+def test_remote_tier_databases_sync_by_flush_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remote/ledger.py, reclaim.py and pool.py wrote with WriteOptions.sync: each durable write of theirs
+    stopped every thread of the process (the store's readers too) for the disk's sync latency."""
+    from rocksdict import Rdict
+
+    from blockstore.remote import reclaim
+    from blockstore.remote.layout import Superseded
+    from blockstore.remote.ledger import Ledger
+    from blockstore.remote.pool import RemotePool
+
+    ledger = Ledger(str(tmp_path / "ledger"))
+    ledger._db = spy = _WriteSpy(ledger._db)
+    ledger.set_cursor(7)
+    ledger.reserve_many({8: 1, 9: 2}, 3)
+    _assert_synced_without_the_gil(spy.calls, 2)
+    assert ledger.cursor == 7 and ledger.reservation(9) == {"seq": 2} and ledger.next_seq() == 3
+    ledger.close()
+
+    rec = object.__new__(reclaim.Reclaimer)  # its durable list alone (the rest needs an uploader and a bucket)
+    rec._db = spy = _WriteSpy(Rdict(str(tmp_path / "reclaim")))
+    rec._write({b"a": 1}, (b"b",))
+    _assert_synced_without_the_gil(spy.calls, 1)
+    assert rec._get(b"a") == 1
+    rec.close()
+
+    spies: list[_WriteSpy] = []
+
+    def spied(*args: Any, **kwargs: Any) -> _WriteSpy:
+        spies.append(_WriteSpy(Rdict(*args, **kwargs)))
+        return spies[-1]
+
+    monkeypatch.setattr(reclaim, "Rdict", spied)
+    marker = Superseded(node="n", block_id=5, data_key="d", index_key="i", after_index="", keys=[])
+    assert reclaim.adopt_published(str(tmp_path), {"gc/n/1-5": marker}, path=str(tmp_path / "adopted")) == 1
+    _assert_synced_without_the_gil(spies[0].calls, 1)
+
+    pool = RemotePool(None, str(tmp_path / "pool"))  # type: ignore[arg-type]  # no object is read here
+    pool._db = spy = _WriteSpy(pool._db)
+    pool._ingest([])
+    pool._apply("n", "gc/n/1-5", marker)
+    _assert_synced_without_the_gil(spy.calls, 2)
+    pool.close()
+

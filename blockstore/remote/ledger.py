@@ -9,9 +9,10 @@ import json
 import threading
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch
 
 from blockstore.errors import IOErrorBS, NoSpace
+from blockstore.remote.synced_write import put_synced, write_synced
 
 _CURSOR = b"cursor"  # every block id <= cursor is uploaded, deleted, or was never sealed here
 _NEXT_SEQ = b"next_seq"  # the next publication number of this node's index objects
@@ -38,8 +39,6 @@ class Ledger:
             if "No space" in text or "Disk quota" in text:
                 raise NoSpace(errno.ENOSPC, f"open the remote tier's ledger {path!r}: the disk is full ({text})") from exc
             raise IOErrorBS(errno.EIO, f"open the remote tier's ledger {path!r}: {text}") from exc
-        self._sync = WriteOptions()
-        self._sync.sync = True  # what the ledger says was uploaded must survive a power loss
         self._uploaded_count: int | None = None
         self._marks_lock = threading.Lock()  # a mark's number and its write go together (see uploaded_since)
         self._next_mark: int | None = None
@@ -48,7 +47,7 @@ class Ledger:
         self._db.close()
 
     def _put(self, key: bytes, value: Any) -> None:
-        self._db.put(key, json.dumps(value).encode(), self._sync)
+        put_synced(self._db, key, json.dumps(value).encode())  # what the ledger says must survive a power loss
 
     def _get(self, key: bytes) -> Any:
         raw = self._db.get(key)
@@ -81,7 +80,7 @@ class Ledger:
         for block_id, seq in seqs.items():
             batch.put(_RESERVED + _bid(block_id), json.dumps({"seq": seq}).encode())
         batch.put(_NEXT_SEQ, json.dumps(next_seq).encode())
-        self._db.write(batch, self._sync)
+        write_synced(self._db, batch)
 
     def mark_uploaded(self, block_id: int, record: dict[str, Any]) -> None:
         """Not synced: a mark lost to a power cut only turns the next pass into a retry, whose HEADs

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch
 
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.records import RECORD_HEADER_SIZE, Kind
@@ -25,6 +25,7 @@ from blockstore.remote.errors import RemoteObjectMissing
 from blockstore.remote.layout import GC, INDEX, BlockIndex, IndexEntry, Superseded
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.reader import RemoteReader, plan_runs
+from blockstore.remote.synced_write import write_synced
 
 T = TypeVar("T")
 POLL_PARALLEL = 8  # LISTs and GETs in flight during a poll (and read_records' ranged GETs)
@@ -58,8 +59,6 @@ class RemotePool:
         opts = Options()
         opts.create_if_missing(True)
         self._db = Rdict(path, opts)
-        self._sync = WriteOptions()
-        self._sync.sync = True
         self.reader = reader or RemoteReader(objects)
         self._fetch_pool: ThreadPoolExecutor | None = None  # poll's and read_records' workers, made on first use
         self.ingested_objects = 0
@@ -123,7 +122,7 @@ class RemotePool:
             if raw is not None and _decode(ns, key, bytes(raw)).data_key == marker.data_key:
                 batch.delete(lk)
         batch.put(_GC_CURSOR + node.encode(), name.encode())
-        self._db.write(batch, self._sync)
+        write_synced(self._db, batch)
 
     def _ingest(self, items: list[tuple[str, str, BlockIndex]]) -> None:
         """Index objects (each node's in publication order), their entries and the nodes' new cursors in one
@@ -152,7 +151,7 @@ class RemotePool:
             cursors[node] = name
         for node, name in cursors.items():
             batch.put(_CURSOR + node.encode(), name.encode())
-        self._db.write(batch, self._sync)
+        write_synced(self._db, batch)
 
     def locate_many(self, keys: Sequence[bytes], *, ns: str) -> list[IndexEntry | None]:
         out: list[IndexEntry | None] = []

@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch
 
 from blockstore import hooks
 from blockstore.errors import InvalidArgument
 from blockstore.records import Kind
 from blockstore.remote.errors import RemoteError, RemoteUnavailable
 from blockstore.remote.layout import GC, BlockIndex, Superseded, gc_key, index_key, index_name, name_seq
+from blockstore.remote.synced_write import write_synced
 from blockstore.remote.uploader import Uploader
 
 RECLAIM_DIR = "remote-reclaim"  # under the store's folder, beside the uploader's remote-ledger
@@ -82,8 +83,6 @@ class Reclaimer:
         opts = Options()
         opts.create_if_missing(True)
         self._db = Rdict(path or os.path.join(self.store.path, RECLAIM_DIR), opts)
-        self._sync = WriteOptions()
-        self._sync.sync = True
         self._lock = threading.Lock()
         self.last_error: str | None = None
         # the uploader ledger's marks, read whole on the first pass, then only those made since
@@ -106,7 +105,7 @@ class Reclaimer:
             batch.put(k, json.dumps(v).encode())
         for k in deletes:
             batch.delete(k)
-        self._db.write(batch, self._sync)
+        write_synced(self._db, batch)
 
     def _on_list(self) -> dict[int, dict[str, Any]]:
         out = {}
@@ -296,9 +295,7 @@ def adopt_published(store_path: str, markers: dict[str, Superseded], *, clock: C
                    "published_at": now}
             batch.put(_LIVE + _bid(m.block_id), json.dumps(rec).encode())
             added += 1
-        sync = WriteOptions()
-        sync.sync = True
-        db.write(batch, sync)
+        write_synced(db, batch)
         return added
     finally:
         db.close()
