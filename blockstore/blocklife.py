@@ -319,15 +319,17 @@ class BlockLifecycle:
         one per batch. Returns the blocks deleted."""
         self.check_open(write=True)
         with self.slot.exclusive():
-            pending, self._reclaim_after_sync = self._reclaim_after_sync, set()
+            pending = set(self._reclaim_after_sync)
             if not pending:
                 return []
             b = DirectoryBatch()
             b.put_meta("bytes_written", self.bytes_written_total)
+            # a failed write (or deletion) keeps them pending: cleared first, they waited for close
             self.dir.write(b, force_sync=True)
             gone = [bid for bid in sorted(pending) if bid in self.table and self.reclaimable(self.table[bid])]
             if gone:
                 self.delete_blocks(gone)
+            self._reclaim_after_sync -= pending
             return gone
 
     def reclaim_empty_blocks(self) -> list[int]:

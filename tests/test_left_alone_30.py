@@ -306,3 +306,39 @@ def test_remote_tier_databases_sync_by_flush_wal(tmp_path: Path, monkeypatch: py
     _assert_synced_without_the_gil(spy.calls, 2)
     pool.close()
 
+
+# ---- 4. sync_moves keeps its sources pending when its synced write fails ----
+
+def test_sync_moves_after_a_failed_write_still_reclaims_the_emptied_source(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync_moves emptied its pending set before its synced write: after that write failed, the next
+    sync_moves found nothing to do and the moved-out block stayed on disk until close (H67)."""
+    import errno
+
+    from blockstore.errors import IOErrorBS
+    from blockstore.keys import SPACE_KV, key_suffix
+
+    with blockstore.open(tmp_path, block_size=1 << 20, durability="cache") as s:
+        s.put(b"k", b"v" * 5000)
+        s.put(b"other", b"o", partition="elsewhere")
+        nid = s.namespace_id("default")
+        assert nid is not None
+        sfx = key_suffix(nid, SPACE_KV, b"k")
+    with blockstore.open(tmp_path, block_size=1 << 20, durability="cache") as s:  # k's block is sealed now
+        loc = s.dir.get_locations([sfx])[0]
+        assert loc is not None
+        assert s.relocate_many([(sfx, loc, s.read_locations([loc])[0])], partition=b"\0compaction/gc") == [True]
+        real = s.dir.write
+
+        def failing(batch: Any, *, force_sync: bool = False) -> None:
+            raise IOErrorBS(errno.EIO, "directory write failed (injected)")
+
+        monkeypatch.setattr(s.dir, "write", failing)
+        with pytest.raises(IOErrorBS):
+            s.sync_moves()
+        monkeypatch.setattr(s.dir, "write", real)
+        assert s.sync_moves() == [loc.block_id]
+        assert not (tmp_path / "blocks" / f"{loc.block_id:016x}.blk").exists()
+        assert s.get(b"k") == b"v" * 5000
+        assert s.sync_moves() == []
+

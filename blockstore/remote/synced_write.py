@@ -6,8 +6,9 @@ The batch goes to the WAL unsynced, then `flush_wal(True)` syncs the WAL, as the
 rocksdict, stopping every thread of the process (the store's readers included) for the disk's sync latency;
 `flush_wal` releases it. Equally durable: the call returns only once the WAL holding the batch is synced.
 One difference, on failure only: a sync that fails after the write leaves the batch readable in this process
-(a synced write that fails is not applied), and RocksDB then refuses every later write until the database is
-reopened, so no later step of the tier's is recorded on top of it; a reopen replays whatever the WAL holds.
+(a synced write whose sync fails is not applied), durable or not; the caller got the error, and the WAL is
+written in order, so a later write that does sync makes this batch durable with it: no later step is ever
+durable without the ones before it. A reopen replays whatever the WAL holds.
 """
 
 from __future__ import annotations
