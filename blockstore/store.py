@@ -391,6 +391,8 @@ class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
     def recent_reads(self, since: float) -> list[float]:
         """Seconds each read took (get_many, read_located, get_chunks, ...) among the last 1,024 that
         ended after `time.perf_counter()` was `since`: compaction paces itself by them."""
+        if isinstance(since, bool) or not isinstance(since, (int, float)):
+            raise InvalidArgument(f"since must be a number (a time.perf_counter() value), not {type(since).__name__}")
         return self._reader.recent_reads(since)
 
     def locate_many(self, keys: Sequence[bytes], *, ns: str = DEFAULT_NAMESPACE) -> list[Location | None]:

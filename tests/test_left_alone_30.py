@@ -342,3 +342,42 @@ def test_sync_moves_after_a_failed_write_still_reclaims_the_emptied_source(tmp_p
         assert s.get(b"k") == b"v" * 5000
         assert s.sync_moves() == []
 
+
+# ---- 5. argument checks: recent_reads, top --metrics ----
+
+@pytest.mark.parametrize("since", ["0", None, b"1", [0.0], True])
+def test_recent_reads_refuses_what_is_not_a_number(tmp_path: Path, since: Any) -> None:
+    """It accepted anything: a string compared with floats raised TypeError (None as well), a list too."""
+    from blockstore.errors import InvalidArgument
+
+    with _store(tmp_path / "s") as s:
+        s.get(b"k0001")
+        with pytest.raises(InvalidArgument, match="since"):
+            s.recent_reads(since)
+        assert len(s.recent_reads(0)) == 1 and s.recent_reads(0.0) == s.recent_reads(0)
+
+
+def _top(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from blockstore.tools import top
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = top.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_top_with_an_endpoint_it_cannot_read_exits_8(tmp_path: Path) -> None:
+    """`blockstore top --metrics <bad URL>` exited 0, the scrape error buried in the table."""
+    blockstore.open(tmp_path / "s").close()
+    url = "http://127.0.0.1:1/metrics"  # nothing listens on port 1
+    for extra in (["--once"], ["--once", "--json"], ["--json"]):  # the live views stop at the first look too
+        code, _out, err = _top(str(tmp_path / "s"), "--interval", "0.01", "--metrics", url, *extra)
+        assert code == 8, (extra, code, err)
+        assert url in err and "Connection refused" in err, err
+    code, _out, err = _top(str(tmp_path / "s"), "--once", "--metrics", "127.0.0.1:9100/metrics")
+    assert code == 16 and "http://" in err, err
+    code, out, _err = _top("--help")
+    assert code == 0 and "exit 8" in " ".join(out.split()), out

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from rich.table import Table
 
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import BlockstoreError
-from blockstore.tools.cli_common import EXIT_OK, open_read_only
+from blockstore.tools.cli_common import EXIT_ERROR, EXIT_OK, open_read_only
 from blockstore.tools.metrics_cmd import run_alone
 
 GC_PHI = 0.5  # the default GC threshold (compaction policy "full"): sealed blocks at or past it are GC's work
@@ -192,6 +193,8 @@ def as_json(path: str, f: Frame) -> dict[str, Any]:
 def cmd_top(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path)
     prev = with_rates(look(path, args.metrics), None)  # a path that is no store fails here (exit 8)
+    if prev.scrape_error:  # a wrong URL, or no writer serving there: said once, not a view without its numbers
+        return _scrape_failed(args.metrics, prev.scrape_error)
     if args.once:  # one frame, with rates over one interval
         time.sleep(args.interval)
         cur = with_rates(look(path, args.metrics), prev)
@@ -199,7 +202,7 @@ def cmd_top(args: argparse.Namespace) -> int:
             print(json.dumps(as_json(path, cur)))
         else:
             Console().print(render(path, cur, args.interval))
-        return EXIT_OK
+        return _scrape_failed(args.metrics, cur.scrape_error) if cur.scrape_error else EXIT_OK
     stop = _stop_on_interrupt()
     try:
         if args.json:
@@ -209,6 +212,11 @@ def cmd_top(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _scrape_failed(url: str, why: str) -> int:
+    print(f"blockstore top: cannot read the metrics endpoint {url!r}: {why}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _stop_on_interrupt() -> threading.Event:
@@ -259,11 +267,20 @@ def register(sub: Any) -> None:
     p.add_argument("path", help="store directory")
     p.add_argument("--interval", type=_seconds, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one frame (rates over one interval) and exit")
-    p.add_argument("--metrics", metavar="URL",
+    p.add_argument("--metrics", metavar="URL", type=_metrics_url,
                    help="the writing process's metrics endpoint (e.g. http://127.0.0.1:9100/metrics): adds "
-                   "operation rates, latencies, hit rates and compaction passes")
+                   "operation rates, latencies, hit rates and compaction passes; exit 8 if it cannot be read at "
+                   "the start (or, with --once, at either look); later failures are shown and the view goes on")
     p.add_argument("--json", action="store_true", help="one JSON object per refresh instead of the table")
     p.set_defaults(func=cmd_top)
+
+
+def _metrics_url(text: str) -> str:
+    """argparse type of --metrics: an http(s) URL with a host (else a usage error)."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL with a host, got {text!r}")
+    return text
 
 
 def _seconds(text: str) -> float:
