@@ -178,7 +178,7 @@ class Reader:
                 continue
             first_of[suffixes[i]] = i
             by_block.setdefault(loc.block_id, []).append(i)
-        results, vanished = self._read_in_groups(keys, locs, dsts, by_block, out is not None)
+        results, vanished = self._read_in_groups(keys, locs, dsts, by_block, out is not None, found)
         if vanished and attempt < READ_ATTEMPTS:
             # compaction moved these records and emptied their block between our lookup and our pin:
             # look again (each round is a fresh lookup; a record is found unless moved every time)
@@ -226,22 +226,24 @@ class Reader:
                 _log.exception("read observer failed")
 
     def _read_in_groups(self, keys: Sequence[bytes], locs: Sequence[Location | None], dsts: list[memoryview | None],
-                        by_block: dict[int, list[int]], lengths: bool) -> tuple[list[Any], list[int]]:
-        """(results, indexes whose block vanished under the read)."""
+                        by_block: dict[int, list[int]], lengths: bool,
+                        found: Sequence[Location | None]) -> tuple[list[Any], list[int]]:
+        """(results, indexes whose block vanished under the read). `found`: the keys' whole values (a record
+        with copies is read at one place, `locs`; the others are tried when that one does not verify)."""
         results: list[Any] = [None] * len(keys)
         vanished: list[int] = []
         dropped: list[tuple[int, bytes, list[int]]] = []
         groups = list(by_block.items())
         for at in range(0, len(groups), READ_BLOCKS_AT_ONCE):
             self._read_blocks(dict(groups[at : at + READ_BLOCKS_AT_ONCE]), keys, locs, dsts, lengths, results,
-                              vanished, dropped)
+                              vanished, dropped, found)
         for bid, name, idxs in dropped:
             self._read_dropped(bid, name, idxs, keys, locs, dsts, results, lengths)
         return results, vanished
 
     def _read_blocks(self, by_block: dict[int, list[int]], keys: Sequence[bytes], locs: Sequence[Location | None],
                      dsts: list[memoryview | None], lengths: bool, results: list[Any], vanished: list[int],
-                     dropped: list[tuple[int, bytes, list[int]]]) -> None:
+                     dropped: list[tuple[int, bytes, list[int]]], found: Sequence[Location | None]) -> None:
         """Read up to READ_BLOCKS_AT_ONCE blocks' records (pinned, one read_files call) into `results`; a block
         deleted since the lookup goes to `vanished`, one dropped to the remote tier to `dropped`."""
         files: list[tuple[int, list[int], list[ReadRequest]]] = []  # (block, record indexes, their reads)
@@ -278,7 +280,7 @@ class Reader:
                                                self.read_ahead)
             for (_fd, idxs, _reqs), sts in zip(files, statuses):
                 for i, st in zip(idxs, sts):
-                    if st == 0:
+                    if st == 0 or self._read_elsewhere(found[i], locs[i], dsts[i]):  # type: ignore[arg-type]
                         results[i] = locs[i].payload_len if lengths else dsts[i]  # type: ignore[union-attr]
                     elif self.on_corrupt == "raise":
                         bid = locs[i].block_id  # type: ignore[union-attr]
@@ -287,6 +289,24 @@ class Reader:
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
                         raise err
+
+    def _read_elsewhere(self, value: Location | None, here: Location, dst: memoryview) -> bool:
+        """Whether another place of a record with copies (docs/copies.md) reads back verified, into `dst`. The
+        place chosen for the request did not: the read raised ChecksumMismatch (a miss with on_corrupt="miss")
+        while a good copy was there, and GC could then drop that copy (the key lost for good)."""
+        if value is None or not value.copies:
+            return False
+        for place in value.places():
+            if (place.block_id, place.offset) == (here.block_id, here.offset):
+                continue
+            try:
+                dst[:] = self.read_locations([place])[0]
+            except (CorruptionError, NotFound, IOErrorBS):
+                continue
+            _log.warning("the record at %016x:%d does not verify; read from its copy at %016x:%d (run blockstore "
+                         "fsck --repair %s)", here.block_id, here.offset, place.block_id, place.offset, self.path)
+            return True
+        return False
 
     def _deleted_since_snapshot(self, bid: int) -> bool:
         """Whether a read-only open's directory, a snapshot as of its opening, names a block that the writer

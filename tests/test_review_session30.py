@@ -46,7 +46,7 @@ def test_gc_keeps_the_only_good_place_of_a_record_with_copies(tmp_path: Path) ->
     s = blockstore.open(tmp_path, create=False)
     try:
         with pytest.raises(ChecksumMismatch):
-            s.get(b"shared")
+            s.read_locations([prim])
         victim = next(e for e in s.block_table() if e.block_id == copy_block)
         res = gc.collect(s, victim, gc.MinSeqs(s))
         assert res.copies_dropped == 0 and not res.reclaimed
@@ -204,3 +204,26 @@ def test_gc_goes_on_past_a_record_that_does_not_verify(tmp_path: Path) -> None:
             s.get(b"k1")
         assert all(s.get(b"k%d" % i) == (b"b%d" if i % 2 == 0 else b"a%d") % i * 300 for i in range(2, 200))
     assert cli.main(["fsck", str(tmp_path)]) == 4  # the damage is still there to see
+
+
+def test_a_read_falls_back_to_a_copy_when_the_place_chosen_does_not_verify(tmp_path: Path) -> None:
+    # A record with copies is read at one place (reader.choose_places). When that place's payload did not
+    # verify, the read raised ChecksumMismatch (or, on_corrupt="miss", missed) though a good copy was there.
+    with blockstore.open(tmp_path, block_size=1 << 20) as s:
+        s.put_many([(b"shared", b"S" * 5000), (b"a", b"A" * 5000)], partition="one")
+        sfx = key_suffix(s.namespace_id("default"), SPACE_KV, b"shared")  # type: ignore[arg-type]
+        value = s.dir.get_locations([sfx])[0]
+        assert value is not None
+        assert s.place_copies([(sfx, value, s.read_locations([value])[0])], partition=COPIES) == [True]
+        prim = value.primary()
+    with open(tmp_path / "blocks" / f"{prim.block_id:016x}.blk", "r+b") as f:
+        f.seek(prim.offset + prim.payload_off + 10)
+        f.write(b"X")
+    for on_corrupt in ("raise", "miss"):
+        with blockstore.open(tmp_path, create=False, read_only=True, on_corrupt=on_corrupt) as r:
+            assert r.get(b"shared") == b"S" * 5000
+            out = bytearray(5000)
+            assert r.get_many([b"shared", b"a"], out=[out, bytearray(5000)])[0] == 5000 and out == b"S" * 5000
+            with pytest.raises(ChecksumMismatch):
+                r.read_locations([prim])  # the primary is still bad: fsck --repair's to fix
+    assert cli.main(["fsck", str(tmp_path)]) == 4
