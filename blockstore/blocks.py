@@ -58,6 +58,9 @@ def list_block_files(root: str) -> dict[int, str]:
         names = os.listdir(folder)
     except FileNotFoundError:
         return {}
+    except NotADirectoryError:  # fsck stopped with a bare "[Errno 20] Not a directory"
+        raise CorruptionError(f"{folder!r} is not a folder: the store's block files are not there (restore the "
+                              "folder; repair changes nothing until then)") from None
     return _block_files(folder, names)
 
 

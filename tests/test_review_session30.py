@@ -227,3 +227,20 @@ def test_a_read_falls_back_to_a_copy_when_the_place_chosen_does_not_verify(tmp_p
             with pytest.raises(ChecksumMismatch):
                 r.read_locations([prim])  # the primary is still bad: fsck --repair's to fix
     assert cli.main(["fsck", str(tmp_path)]) == 4
+
+
+def test_fsck_of_a_store_whose_blocks_folder_is_a_file_says_so(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # The open names the folder ("is not a folder ... restore the folder"); fsck and --repair stopped with a
+    # bare "[Errno 20] Not a directory".
+    with blockstore.open(tmp_path) as s:
+        s.put(b"a", b"b")
+    (tmp_path / "blocks").rename(tmp_path / "aside")
+    (tmp_path / "blocks").write_bytes(b"x")
+    for args in ([str(tmp_path)], ["--repair", str(tmp_path)]):
+        assert cli.main(["fsck", *args]) == 8
+        err = capsys.readouterr().err
+        assert "is not a folder" in err and "restore the folder" in err, err
+    (tmp_path / "blocks").unlink()
+    (tmp_path / "aside").rename(tmp_path / "blocks")
+    assert cli.main(["fsck", str(tmp_path)]) == 0
