@@ -78,14 +78,14 @@ class PassReport:
 
 @dataclass(slots=True)
 class _Move:
-    """A planned relocation: the cluster, the records of it that move, where to, and the readers' blocks
-    saved per byte moved (shadow.py)."""
+    """A planned move: cluster, records, where to, blocks saved (shadow.py) per byte of cost (hole_cost), cost."""
 
     cluster: clusters.Cluster
     where: relocation.GroupLayout
     partition: bytes
     value: float
     dest: int  # the block the shadow puts it in (negative: a block the move writes anew)
+    cost: float
 
 
 class Compactor:
@@ -103,6 +103,7 @@ class Compactor:
         self._open: dict[bytes, int] = {}  # this pass's open block of each partition (where moves land)
         self._pass_lock = threading.Lock()  # one pass at a time (background thread or a caller)
         self._plan_after = 0.0  # monotonic time before which a paced pass plans no relocation
+        self.hole_debt = 0.0  # holes' GC copy charged to relocation's budget (hole_cost; not persisted)
         self._open_idle = gc.OpenIdle()  # open blocks that stopped growing: GC victims too (gc.victims)
         self.pacing = ForegroundPacing(store.recent_reads)  # the foreground's idle reads, the last pass's rate
         self._stop = threading.Event()
@@ -208,7 +209,7 @@ class Compactor:
 
     # ---- work ----
 
-    def budget_left(self, spent: int, fraction: float, *, reads: bool = False, relocated: bool = False) -> float:
+    def budget_left(self, spent: float, fraction: float, *, reads: bool = False, relocated: bool = False) -> float:
         """What a budget of `fraction` x the bytes users put allows beyond `spent`; with `reads`, plus
         the policy's `relocation_read_budget` x the bytes observed requests read. Relocation's refills
         with reads as well as writes: a store that is read keeps earning moves, and a reopened store
@@ -245,9 +246,8 @@ class Compactor:
                 self.pacing.pass_done(pacer)
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
-                             "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried",
-                             "tombstones_dropped", "copies_placed", "copies_dropped", "skipped_budget",
-                             "skipped_shadow"):
+                             "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried", "tombstones_dropped",
+                             "copies_placed", "copies_dropped", "skipped_budget", "skipped_shadow"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
                 if metrics.enabled:
                     metrics.compaction_pass_done(time.monotonic() - started, rep.gc_bytes, rep.relocated_bytes)
@@ -278,9 +278,9 @@ class Compactor:
 
     def _relocate(self, rep: PassReport, dry_run: bool, pacer: Pacer | None,
                   progress: Callable[[str, int, int], None] | None) -> None:
-        """Rewrite each due cluster (clusters.py) that sits in more blocks than its bytes need (plus the
-        policy's slack), less the records whose move would not pay (shadow.py), into one block, the
-        moves saving most blocks per byte first, within the relocation budget."""
+        """Rewrite each due cluster (clusters.py) that sits in more blocks than its bytes need (plus the slack),
+        less the records whose move would not pay (shadow.py), into one block, the moves saving most blocks per
+        byte of cost first (relocation.hole_cost), within the relocation budget, which pays holes too."""
         planning = time.monotonic()
         ranked = self.tracker.ranked(MAX_GROUPS_PER_PASS, self.policy.min_hits)
         if not ranked:
@@ -302,23 +302,21 @@ class Compactor:
                 return
             if pacer is not None:
                 gc.yield_gil()
-            spent = self.relocated_bytes + (rep.planned_bytes if dry_run else 0)
+            spent = self.relocated_bytes + self.hole_debt + (rep.planned_bytes if dry_run else 0)
             left = self.budget_left(spent, self.policy.relocation_budget, reads=True)
             if left <= 0:
                 rep.skipped_budget += len(moves) - i
                 return
             if progress is not None:
                 progress("relocate", i, len(moves))
-            if m.where.bytes > left:
+            if max(m.where.bytes, m.cost) > left:
                 rep.skipped_budget += 1
                 continue
-            # copies ride along with a rewrite that happens anyway, while the budget covers them
-            # (measured: copies that made a cluster due on their own spent the budget on rewrites that
-            # bought less than the scattered clusters they displaced; docs/copies.md)
+            # copies ride along with a rewrite that happens anyway, while the budget covers them (measured: copies
+            # that made a cluster due spent it on rewrites buying less than those they displaced; docs/copies.md)
             c = m.cluster
             borrowed = [(k, locs[k]) for k in c.borrowed] if m.where.bytes + c.borrowed_bytes <= left else []
-            # no copy into the block the move lands in where the record has a place already (stragglers
-            # joining their open main block; H35's review)
+            # no copy into the block the move lands in where the record has a place (stragglers joining it; H35)
             borrowed = [(k, v) for k, v in borrowed if all(p.block_id != m.dest for p in v.places())]
             rep.planned_groups.append(c.gid)
             rep.planned_bytes += m.where.bytes + sum(v.record_len for _k, v in borrowed)
@@ -327,6 +325,7 @@ class Compactor:
             res = relocation.relocate(self.store, c.gid, m.where, partition=m.partition, borrowed=borrowed)
             self.tracker.settled(c.gids, persist=True)
             self.relocated_bytes += res.moved_bytes + res.copied_bytes
+            self.hole_debt += max(0.0, m.cost - m.where.bytes) * res.moved_bytes / max(1, m.where.bytes)
             rep.copies_placed += res.copied
             self.groups_moved += 1
             rep.relocated_groups += 1
@@ -343,7 +342,7 @@ class Compactor:
         (not due again until it is read `min_hits` more times)."""
         if not todo:
             return []
-        if self.budget_left(self.relocated_bytes, self.policy.relocation_budget, reads=True) <= 0:
+        if self.budget_left(self.relocated_bytes + self.hole_debt, self.policy.relocation_budget, reads=True) <= 0:
             rep.skipped_budget += len(todo)  # nothing planned or settled: they stay due for the next budget
             return []
         groups = {g.gid: g for g, _due in ranked}
@@ -372,7 +371,8 @@ class Compactor:
                 else:
                     saved = seen.saving([k for k, _loc in moving.live], dest)
                     seen.moved([k for k, _loc in moving.live], dest)
-                    out.append(_Move(cluster, moving, part, saved / max(1, moving.bytes), dest))
+                    cost = relocation.hole_cost(moving, table, self.policy)
+                    out.append(_Move(cluster, moving, part, saved / max(1.0, cost), dest, cost))
             if skip and not dry_run:
                 self.tracker.settled(cluster.gids, persist=False)  # together already, or not worth it
         out.sort(key=lambda m: -m.value)

@@ -34,6 +34,13 @@ class Policy:
     # amp at 0.02 / 0.05 / 0.1: WebArena 0.69 / 0.57 / 0.56, SWE 0.94 / 0.87 / 0.75, shared 0.70 / 0.59
     # / 0.59, LoCoMo 0.56 / 0.56 / 0.54 at write amp 1.26 / 1.43 / 1.63: bench/README.md, compaction)
     relocation_read_budget: float = 0.05
+    # what a hole costs relocation: each byte a move takes out of a block that stays is charged this many
+    # times the copy GC will make to reclaim it (relocation.hole_cost: u / (1 - u) at the live share u the
+    # block will be collected at), in the move's value and against the relocation budget; a byte taken out
+    # of a block already past gc_invalid_ratio is free (GC copies it anyway). 0: holes are free, as before.
+    # Not a default: 1 writes less but costs SWE and sessions blocks/request, and past 5 only LoCoMo gains
+    # (bench/README.md, compaction, "relocation that pays for its holes")
+    relocation_hole_cost: float = 0.0
     # GC's budget likewise; GC past it waits for more user writes (space is reclaimed later, not never)
     gc_budget: float = 0.1
     # where copies go: "partition" (GC: the victim's partition; relocation: the partition of the block
@@ -123,6 +130,7 @@ def _validated(p: Policy) -> Policy:
     number("relocation_budget", 0.0, INF)
     number("relocation_slack", 0, 1 << 20, integer=True)
     number("relocation_read_budget", 0.0, INF)
+    number("relocation_hole_cost", 0.0, 1e6)
     number("gc_budget", 0.0, INF)
     number("max_groups", 1, 1 << 24, integer=True)
     number("max_copies", 0, 3, integer=True)

@@ -9,17 +9,20 @@ and relocation never pulls a record back and forth between them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blockstore import hooks
+from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import NotFound
 from blockstore.records import BLOCK_HEADER_SIZE
 
 if TYPE_CHECKING:
-    from blockstore.directory import Location
+    from blockstore.directory import BlockEntry, Location
     from blockstore.store import Store
+
+    from .policy import Policy
 
 RELOCATION_PARTITION = b"\0compaction/relocate"
 
@@ -48,6 +51,34 @@ def layout(live: list[tuple[bytes, Location]], block_size: int) -> GroupLayout:
     size = sum(loc.record_len for _k, loc in live)
     return GroupLayout(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable_bytes(block_size))),
                        size)
+
+
+def hole_cost(where: GroupLayout, table: Mapping[int, BlockEntry], policy: Policy) -> float:
+    """Bytes a move of `where`'s records costs: what it writes, plus, for each source block that stays,
+    `policy.relocation_hole_cost` (the weight) x the copy GC will make to reclaim the hole it leaves. GC
+    collects a block once its dead share reaches `gc_invalid_ratio` (the threshold), so a block left with
+    live share u' is collected at u_c = min(u', 1 - threshold), and reclaiming one dead byte there copies
+    u_c / (1 - u_c) live bytes (LFS's cost of cleaning). A record taken out of a sealed block already past
+    the threshold costs nothing: GC copies it anyway, and the move takes the place of that copy. Without
+    GC, holes are never collected and cost nothing in writes (they stay as dead space). Weight 0: the
+    bytes alone, as before the weight existed."""
+    weight, threshold = policy.relocation_hole_cost, policy.gc_invalid_ratio if policy.gc else None
+    if not weight:
+        return float(where.bytes)
+    out: dict[int, int] = {}
+    for _k, loc in where.live:
+        out[loc.block_id] = out.get(loc.block_id, 0) + loc.record_len
+    cost = 0.0
+    for bid, m in out.items():
+        e = table.get(bid)
+        if threshold is None or e is None or not e.written_bytes:
+            cost += m
+        elif e.state == BLOCK_SEALED and e.invalid_ratio >= threshold:
+            continue
+        else:
+            u_c = min(max(0.0, (e.live_bytes - m) / e.written_bytes), 1.0 - threshold)
+            cost += m * (1.0 + weight * u_c / (1.0 - u_c))
+    return cost
 
 
 def placement(store: Store, keys: Sequence[bytes]) -> GroupLayout:
