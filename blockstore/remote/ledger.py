@@ -9,10 +9,10 @@ import json
 import threading
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, WriteBatch
 
 from blockstore.errors import IOErrorBS, NoSpace
-from blockstore.remote.synced_write import put_synced, write_synced
+from blockstore.remote.synced_write import SyncedDB, put_synced, write_synced
 
 _CURSOR = b"cursor"  # every block id <= cursor is uploaded, deleted, or was never sealed here
 _NEXT_SEQ = b"next_seq"  # the next publication number of this node's index objects
@@ -33,7 +33,7 @@ class Ledger:
         opts = Options()
         opts.create_if_missing(True)
         try:
-            self._db = Rdict(path, opts)
+            self._db = SyncedDB(path, opts)  # reopened after a failed durable write (synced_write.py)
         except Exception as exc:  # rocksdict raises a bare Exception carrying RocksDB's status text
             text = str(exc)
             if "No space" in text or "Disk quota" in text:

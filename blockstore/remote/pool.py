@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, WriteBatch
 
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.records import RECORD_HEADER_SIZE, Kind
@@ -25,7 +25,7 @@ from blockstore.remote.errors import RemoteObjectMissing
 from blockstore.remote.layout import GC, INDEX, BlockIndex, IndexEntry, Superseded
 from blockstore.remote.objects import ObjectStore
 from blockstore.remote.reader import RemoteReader, plan_runs
-from blockstore.remote.synced_write import write_synced
+from blockstore.remote.synced_write import SyncedDB, write_synced
 
 T = TypeVar("T")
 POLL_PARALLEL = 8  # LISTs and GETs in flight during a poll (and read_records' ranged GETs)
@@ -58,7 +58,7 @@ class RemotePool:
         self.objects = objects
         opts = Options()
         opts.create_if_missing(True)
-        self._db = Rdict(path, opts)
+        self._db = SyncedDB(path, opts)  # reopened after a failed durable write (synced_write.py)
         self.reader = reader or RemoteReader(objects)
         self._fetch_pool: ThreadPoolExecutor | None = None  # poll's and read_records' workers, made on first use
         self.ingested_objects = 0

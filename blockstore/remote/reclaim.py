@@ -33,7 +33,7 @@ from blockstore.errors import InvalidArgument
 from blockstore.records import Kind
 from blockstore.remote.errors import RemoteError, RemoteUnavailable
 from blockstore.remote.layout import GC, BlockIndex, Superseded, gc_key, index_key, index_name, name_seq
-from blockstore.remote.synced_write import write_synced
+from blockstore.remote.synced_write import SyncedDB, write_synced
 from blockstore.remote.uploader import Uploader
 
 RECLAIM_DIR = "remote-reclaim"  # under the store's folder, beside the uploader's remote-ledger
@@ -82,7 +82,8 @@ class Reclaimer:
         self.clock = clock  # wall time: publication times must survive a restart
         opts = Options()
         opts.create_if_missing(True)
-        self._db = Rdict(path or os.path.join(self.store.path, RECLAIM_DIR), opts)
+        # reopened after a failed durable write (synced_write.py)
+        self._db = SyncedDB(path or os.path.join(self.store.path, RECLAIM_DIR), opts)
         self._lock = threading.Lock()
         self.last_error: str | None = None
         # the uploader ledger's marks, read whole on the first pass, then only those made since
