@@ -9,13 +9,14 @@ and relocation never pulls a record back and forth between them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blockstore import hooks
 from blockstore.directory import BLOCK_SEALED
-from blockstore.errors import NotFound
+from blockstore.errors import CorruptionError, NotFound
 from blockstore.records import BLOCK_HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from blockstore.store import Store
 
     from .policy import Policy
+
+_log = logging.getLogger("blockstore.compaction")
 
 RELOCATION_PARTITION = b"\0compaction/relocate"
 
@@ -134,6 +137,12 @@ def relocate(store: Store, gid: int, where: GroupLayout, *, partition: bytes = R
     with store.hold_blocks([loc.block_id for _k, loc in live]):
         try:
             payloads = store.read_locations([loc for _k, loc in live])
+        except CorruptionError as exc:
+            # a record that does not verify is never copied (its bad bytes would get a fresh checksum): the
+            # cluster stays as it is and the pass goes on (it failed here, every pass that chose the cluster)
+            _log.warning("relocation of group %016x left as it is: a record does not verify (%s); run "
+                         "blockstore fsck --repair %s", gid, exc, store.path)
+            return res
         except NotFound:
             # a source went before we held it: the records it held were rewritten or deleted meanwhile
             # (lost races); the ones still where we found them are copied
@@ -146,6 +155,8 @@ def relocate(store: Store, gid: int, where: GroupLayout, *, partition: bytes = R
             except NotFound:
                 res.lost_race += len(live)
                 return res
+            except CorruptionError:
+                return res  # as above
         hooks.fire("compact.copy", "relocate", gid, len(live))
         done = store.relocate_many([(k, loc, p) for (k, loc), p in zip(live, payloads)],
                                    partition=partition, together=True)
@@ -172,8 +183,8 @@ def _with_copies(store: Store, gid: int, live: list[tuple[bytes, Location]], bor
     with store.hold_blocks([loc.block_id for _k, loc in live] + [v.block_id for _k, v in borrowed]):
         try:
             payloads = store.read_locations([loc for _k, loc in live] + [v.primary() for _k, v in borrowed])
-        except NotFound:
-            return None
+        except (NotFound, CorruptionError):
+            return None  # the caller reads the moves again without the copies (and leaves a record that does not verify)
         hooks.fire("compact.copy", "relocate", gid, len(live) + len(borrowed))
         moves = [(k, loc, p) for (k, loc), p in zip(live, payloads)]
         copies = [(k, v, p) for (k, v), p in zip(borrowed, payloads[len(live):])]
