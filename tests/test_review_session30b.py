@@ -54,6 +54,38 @@ print("closed")
 """
 
 
+_POOL_AFTER_A_FAILED_SYNC = """
+import os, sys
+from blockstore.remote.pool import RemotePool
+flag, path = sys.argv[1], sys.argv[2]
+pool = RemotePool(None, path)  # no object is read here
+open(flag, "w").close()
+try:
+    pool._ingest([])  # the nodes' cursors, in one durable write
+except Exception as exc:
+    print("ingest failed:", exc)
+os.remove(flag)
+pool._ingest([])
+print("ingest after: ok")
+pool.close()
+print("closed")
+"""
+
+
+def _run(tmp_path: Path, script_text: str) -> str:
+    so = _shim(tmp_path)
+    flag = tmp_path / "fail-now"
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(script_text))
+    env = dict(os.environ, LD_PRELOAD=so, H72_FAIL_SYNC=str(flag),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, str(script), str(flag), str(tmp_path / "db")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    return text
+
+
 def _shim(tmp_path: Path) -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -71,19 +103,18 @@ def test_remote_ledger_reopens_after_a_failed_durable_write(tmp_path: Path) -> N
     the block remote in the store, durably, while a power loss takes the reservation back, so the next block
     gets the same publication number), and it took no write again until the process restarted (its close
     raised too). Now the handle is reopened before its next use, as the engine settles a failed commit."""
-    so = _shim(tmp_path)
-    flag = tmp_path / "fail-now"
-    script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(_LEDGER_AFTER_A_FAILED_SYNC))
-    env = dict(os.environ, LD_PRELOAD=so, H72_FAIL_SYNC=str(flag),
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    out = subprocess.run([sys.executable, str(script), str(flag), str(tmp_path / "ledger")], env=env,
-                         capture_output=True, text=True, timeout=120)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text
+    text = _run(tmp_path, _LEDGER_AFTER_A_FAILED_SYNC)
     assert "reserve failed:" in text
     assert "read while failing raised: IOErrorBS" in text, text  # not the reservation the disk may not hold
     # the disk recovered: the reopen replayed the WAL, whose bytes were written (only the sync failed)
     assert "reservation after: {'seq': 5} 6" in text, text
     assert "cursor after: 9 {'seq': 6}" in text, text
     assert "closed" in text, text
+
+
+def test_remote_pool_writes_again_after_a_failed_durable_write(tmp_path: Path) -> None:
+    """The pool's index (and the reclaim list: the same SyncedDB) took no write again after one failed sync,
+    until the process restarted."""
+    text = _run(tmp_path, _POOL_AFTER_A_FAILED_SYNC)
+    assert "ingest failed:" in text, text
+    assert "ingest after: ok" in text and "closed" in text, text
