@@ -265,3 +265,20 @@ def test_relocation_leaves_a_cluster_with_a_record_that_does_not_verify(tmp_path
         assert res.moved == 0
         assert s.locate_many(keys) == [loc for _k, loc in where.live]
         assert s.get(b"x0") == b"x" * 3000 and s.get(b"z0") == b"z" * 3000
+
+
+def test_an_l2_key_too_long_to_store_is_logged_cut_short(caplog: pytest.LogCaptureFixture) -> None:
+    # A client's model name is any length: a 10 KB one put its whole ObjectKey repr into the warning, for
+    # every key of every store, lookup and load task naming it.
+    pytest.importorskip("lmcache")
+    from lmcache.v1.distributed.api import ObjectKey
+
+    from blockstore.connector.l2_keys import group_by_namespace
+
+    rank = ObjectKey.ComputeKVRank(world_size=1, global_rank=0, local_world_size=1, local_rank=0)
+    big = ObjectKey(chunk_hash=b"\1" * 32, model_name="m" * 10_000, kv_rank=rank, object_group_id=0, cache_salt="")
+    with caplog.at_level("WARNING", logger="blockstore.connector"):
+        groups, bad = group_by_namespace([big])
+    assert bad == [0] and not any(groups.values())
+    assert caplog.records and all(len(r.getMessage()) < 1000 for r in caplog.records)
+    assert "cannot be stored" in caplog.records[0].getMessage()

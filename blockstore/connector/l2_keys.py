@@ -122,6 +122,13 @@ def layout_fingerprint(obj: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _brief(key: object, limit: int = 300) -> str:
+    """A key as logs show it: its repr, cut at `limit` characters. A client's model name is any length, and a
+    10 KB one put 10 KB into the log per key per task (the key is refused anyway: too long to store)."""
+    text = repr(key)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def group_by_namespace(keys: Sequence[ObjectKey]) -> tuple[dict[str, list[tuple[int, bytes]]], list[int]]:
     """Keys by namespace as (index, serialized key); indices of keys that cannot be stored at all."""
     groups: dict[str, list[tuple[int, bytes]]] = {}
@@ -130,7 +137,7 @@ def group_by_namespace(keys: Sequence[ObjectKey]) -> tuple[dict[str, list[tuple[
         try:
             groups.setdefault(namespace_for(k.model_name, k.cache_salt), []).append((i, encode_object_key(k)))
         except (ValueError, AttributeError, TypeError) as exc:
-            _log.warning("blockstore L2: key %r cannot be stored: %s", k, exc)
+            _log.warning("blockstore L2: key %s cannot be stored: %s", _brief(k), exc)
             bad.append(i)
     return groups, bad
 
