@@ -457,7 +457,7 @@ class Compactor:
                 continue
             res = gc.collect(self.store, e, self._min_seqs, pace=pacer, to_partition=self.policy.copy_to == "partition")
             self.gc_bytes += res.moved_bytes
-            rep.gc_blocks += 1
+            rep.gc_blocks += not res.damaged  # a block left for fsck --repair is no work done
             rep.gc_records += res.moved
             rep.gc_bytes += res.moved_bytes
             rep.lost_races += res.lost_race

@@ -128,6 +128,11 @@ class MinSeqs:
         self._snapshot_sealed: frozenset[int] = frozenset()
         self._table: list[BlockEntry] | None = None  # taken, lowest two not computed yet
         self._low: list[tuple[int, int]] = []  # (min seq, block id), the two lowest of the snapshot
+        # victims found holding a live record that does not verify (collect), with their live record count
+        # then: left alone while it stays (fsck --repair, which fixes them, needs the store closed), not read
+        # and warned about every pass, nor counted as GC work (the CLI ran all its 100 passes on one such
+        # block); once a write retires a record of it, it is tried again
+        self.damaged: dict[int, int] = {}
         self._top = 0  # the snapshot's highest block id: block ids only grow
 
     def snapshot(self, table: list[BlockEntry] | None = None) -> None:
@@ -268,6 +273,9 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
     """Copy block `e`'s live records (and the tombstones still needed) into the victim's own partition
     (`to_partition`, so they stay with what their partition writes) or into the shared GC stream."""
     res = Collected(e.block_id)
+    if min_seqs.damaged.get(e.block_id) == e.live_records:
+        res.damaged = True
+        return res
     if e.state == BLOCK_OPEN:  # an idle open victim (victims): sealed first
         sealed = seal_for_gc(store, e, min_seqs)
         if sealed is None:
@@ -305,6 +313,7 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
             # spend the write budget on a block that stays). The pass goes on with the other victims; it
             # failed here before, pass after pass: one flipped bit stopped GC of every block behind it.
             res.damaged = True
+            min_seqs.damaged[e.block_id] = e.live_records
             _log.warning("GC of block %016x: a live record does not verify (%s); the block is left for "
                          "blockstore fsck --repair %s", e.block_id, exc, store.path)
             return
