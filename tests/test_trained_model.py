@@ -40,7 +40,7 @@ from jobs.trained_model.train import COPIED_CORPUS_FILES, TrainSettings, lr_at, 
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "loss_curve.json", "loss_curve.png",
-               "finetune_curve.json", "finetune_curve.png",
+               "finetune_curve.json", "finetune_curve.png", "finetune2_curve.json", "finetune2_curve.png",
                "heldout.jsonl.gz", "corpus.json", "README.md", "MANIFEST.sha256")
 MAX_WEIGHT_BYTES = 25_000_000
 
