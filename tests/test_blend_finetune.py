@@ -44,6 +44,24 @@ def _tiny_model(folder: Path, vocab: int, std: float) -> LlamaForCausalLM:
     return model
 
 
+def _tiny_base_and_corpus(tmp_path: Path, xz: bool = False) -> tuple[Path, Path]:
+    """A tiny base with the committed tokenizer, and a corpus of random ids (train.u16, or its .xz)."""
+    base = tmp_path / "base"
+    _tiny_model(base, vocab=4096, std=0.02)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(DEFAULT_MODEL_DIR / name, base / name)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.integers(3, 4096, 30000).astype("<u2").tobytes()
+    if xz:
+        (corpus / "train.u16.xz").write_bytes(lzma.compress(train))
+    else:
+        (corpus / "train.u16").write_bytes(train)
+    (corpus / "heldout.u16").write_bytes(rng.integers(3, 4096, 8000).astype("<u2").tobytes())
+    return base, corpus
+
+
 @torch.no_grad()
 def test_block_forward_is_the_blenders_ratio_0_blend(tmp_path: Path) -> None:
     """Every answer row's logits from block_forward equal the blender's at ratio 0 (chunk KV computed
@@ -87,15 +105,7 @@ def test_a_chunk_sees_only_itself_and_the_answer_sees_everything(tmp_path: Path)
 def test_finetune_runs_and_writes_a_model_folder(tmp_path: Path) -> None:
     """A few steps on a tiny base with the committed tokenizer: a loadable folder, its loss curve and
     the held-out figures before and after, weights moved, MANIFEST valid."""
-    base = tmp_path / "base"
-    _tiny_model(base, vocab=4096, std=0.02)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(DEFAULT_MODEL_DIR / name, base / name)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    (corpus / "train.u16.xz").write_bytes(lzma.compress(rng.integers(3, 4096, 30000).astype("<u2").tobytes()))
-    (corpus / "heldout.u16").write_bytes(rng.integers(3, 4096, 8000).astype("<u2").tobytes())
+    base, corpus = _tiny_base_and_corpus(tmp_path, xz=True)
     out = tmp_path / "out"
     assert main([str(corpus), str(out), "--base", str(base), "--steps", "3", "--seq-len", "64",
                  "--causal-batch", "2", "--block-batch", "2", "--eval-every", "2", "--eval-windows", "2", "--eval-seq-len", "64",
@@ -113,19 +123,6 @@ def test_finetune_runs_and_writes_a_model_folder(tmp_path: Path) -> None:
 def test_block_batches_are_refused_on_a_too_short_stream() -> None:
     with pytest.raises(ValueError, match="too short"):
         make_block_batch(np.zeros(50, np.int32), np.random.default_rng(0), 1, join=[7])
-
-
-def _tiny_base_and_corpus(tmp_path: Path) -> tuple[Path, Path]:
-    base = tmp_path / "base"
-    _tiny_model(base, vocab=4096, std=0.02)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(DEFAULT_MODEL_DIR / name, base / name)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    (corpus / "train.u16").write_bytes(rng.integers(3, 4096, 30000).astype("<u2").tobytes())
-    (corpus / "heldout.u16").write_bytes(rng.integers(3, 4096, 8000).astype("<u2").tobytes())
-    return base, corpus
 
 
 SHORT_RUN = ["--steps", "1", "--seq-len", "64", "--causal-batch", "1", "--block-batch", "2", "--eval-windows", "1",
