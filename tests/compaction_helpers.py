@@ -125,3 +125,20 @@ def block_file_bytes(path: str) -> int:
     counters)."""
     folder = os.path.join(path, "blocks")
     return sum(os.stat(os.path.join(folder, n)).st_size for n in os.listdir(folder))
+
+
+COPIES_PARTITION = b"\0compaction/copies"
+
+
+def put_shared_with_one_copy(s: Store, value_bytes: bytes = b"S" * 5000) -> tuple[bytes, Any]:
+    """Put b"shared" (and b"a") in partition "one", place one copy of b"shared" in the copies partition;
+    returns its suffix and its directory value (primary and the one copy)."""
+    s.put_many([(b"shared", value_bytes), (b"a", b"A" * 5000)], partition="one")
+    sfx = key_suffix(s.namespace_id("default"), SPACE_KV, b"shared")  # type: ignore[arg-type]
+    value = s.dir.get_locations([sfx])[0]
+    assert value is not None
+    payload = s.read_locations([value.primary()])[0]
+    assert s.place_copies([(sfx, value, payload)], partition=COPIES_PARTITION) == [True]
+    value = s.dir.get_locations([sfx])[0]
+    assert value is not None and len(value.copies) == 1
+    return sfx, value

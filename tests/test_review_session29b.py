@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from compaction_helpers import put_shared_with_one_copy
 
 import blockstore
 from blockstore.errors import IOErrorBS
-from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.manifest import load_manifest
 from blockstore.tools import cli, fsck
 
@@ -43,14 +43,7 @@ def test_a_failed_group_that_only_drops_a_copy_is_adopted_when_found_committed(t
     # block counted a record no value names (fsck: block-counts; the block is never reclaimed).
     s = blockstore.open(tmp_path, block_size=1 << 20)
     try:
-        s.put_many([(b"shared", b"S" * 5000), (b"a", b"A" * 5000)], partition="one")
-        sfx = key_suffix(s.namespace_id("default"), SPACE_KV, b"shared")  # type: ignore[arg-type]
-        value = s.dir.get_locations([sfx])[0]
-        assert value is not None
-        payload = s.read_locations([value.primary()])[0]
-        assert s.place_copies([(sfx, value, payload)], partition=COPIES) == [True]
-        value = s.dir.get_locations([sfx])[0]
-        assert value is not None and len(value.copies) == 1
+        sfx, value = put_shared_with_one_copy(s)
         copy_block = value.copies[0].block_id
         _commit_then_fail(s)
         with pytest.raises(IOErrorBS):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from compaction_helpers import put_shared_with_one_copy
 
 import blockstore
 from blockstore.compaction import gc, relocation
@@ -28,14 +29,7 @@ def test_gc_keeps_the_only_good_place_of_a_record_with_copies(tmp_path: Path) ->
     s = blockstore.open(tmp_path, block_size=1 << 20)
     value_bytes = b"S" * 5000
     try:
-        s.put_many([(b"shared", value_bytes), (b"a", b"A" * 5000)], partition="one")
-        sfx = key_suffix(s.namespace_id("default"), SPACE_KV, b"shared")  # type: ignore[arg-type]
-        value = s.dir.get_locations([sfx])[0]
-        assert value is not None
-        payload = s.read_locations([value.primary()])[0]
-        assert s.place_copies([(sfx, value, payload)], partition=COPIES) == [True]
-        value = s.dir.get_locations([sfx])[0]
-        assert value is not None and len(value.copies) == 1
+        sfx, value = put_shared_with_one_copy(s, value_bytes)
         prim, copy_block = value.primary(), value.copies[0].block_id
         assert prim.block_id != copy_block
     finally:
