@@ -339,4 +339,3 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
         done = store.relocate_many(keep, partition=partition, drop_tombstones=drop)
         res.tombstones_carried = sum(done)
         res.tombstones_dropped = len(stones) - res.tombstones_carried
-

@@ -71,13 +71,12 @@ class SyncedDB:
             _log.warning("%s: reopened after a failed durable write (%s): what it holds now is on disk", self.path, failed)
 
     def close(self) -> None:
-        if self._unsure is not None:
-            try:
-                self._db.close()
-            except Exception:  # noqa: BLE001, S110 - the failed write's error again: closed all the same
-                pass
-            return
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception:
+            if self._unsure is None:
+                raise
+            # the failed write's error again: the handle is closed all the same
 
 
 def write_synced(db: Any, batch: WriteBatch) -> None:
