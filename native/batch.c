@@ -153,9 +153,46 @@ int bs_append(int fd, uint64_t offset, bs_append_item *items, size_t n, int flag
     return rc;
 }
 
-/* Read one run of items [first, last] with as few preadv calls as possible; gaps go to scratch. */
+/* Verifying as the bytes arrive (BS_READ_VERIFY_INLINE): a run is read a piece at a time and each piece
+ * hashed at once, while it is still in this core's cache, instead of read whole and hashed again from
+ * memory on a helper thread. The blend's layer readers (layers.c) run one per core on a GPU host: a
+ * verifier thread per reader doubled the threads competing with the one that issues the GPU's work, and
+ * hashing from memory read every byte a second time (the xxh3 check was 17-25 % of the loader's time on
+ * an H100 host, bench/README.md). A piece fits a core's L2 cache. */
+#define VERIFY_PIECE (512u << 10)
+
+/* Hash the bytes of items[*cur..last] that lie in file range [lo, hi) (the piece just read) into st; an
+ * item whose last byte is in gets its verdict in bad[] and the state restarts for the next one. */
+static void hash_piece(const bs_read_item *items, size_t first, size_t last, size_t *cur, XXH3_state_t *st,
+                       uint64_t lo, uint64_t hi, uint8_t *bad) {
+    for (; *cur <= last; (*cur)++) {
+        const bs_read_item *it = &items[*cur];
+        uint64_t end = it->offset + it->len;
+        uint64_t a = it->offset > lo ? it->offset : lo;
+        uint64_t b = end < hi ? end : hi;
+        if (b > a) XXH3_64bits_update(st, it->dst + (a - it->offset), (size_t)(b - a));
+        if (end > hi) return; /* the rest of it comes with a later piece */
+        bad[*cur - first] = XXH3_64bits_digest(st) != it->expect_xxh3;
+        XXH3_64bits_reset(st);
+    }
+}
+
+/* The first `limit` bytes that iov[0..cnt) describe, as a copy in `out` (the array is not modified):
+ * how many iovecs that takes. */
+static int capped_iov(const struct iovec *iov, int cnt, size_t limit, struct iovec *out) {
+    int b = 0;
+    for (size_t sum = 0; b < cnt && sum < limit; b++) {
+        out[b] = iov[b];
+        if (sum + out[b].iov_len > limit) out[b].iov_len = limit - sum;
+        sum += out[b].iov_len;
+    }
+    return b;
+}
+
+/* Read one run of items [first, last] with as few preadv calls as possible; gaps go to scratch.
+ * With `inline_verify`, in pieces of VERIFY_PIECE bytes, each hashed as it arrives. */
 static void read_run(int fd, bs_read_item *items, size_t first, size_t last, uint8_t *scratch,
-                     struct iovec *iov) {
+                     struct iovec *iov, int inline_verify) {
     size_t cnt = 0;
     uint64_t start = items[first].offset;
     for (size_t i = first; i <= last; i++) {
@@ -166,26 +203,43 @@ static void read_run(int fd, bs_read_item *items, size_t first, size_t last, uin
         }
         if (items[i].len) iov[cnt++] = (struct iovec){items[i].dst, (size_t)items[i].len};
     }
+    XXH3_state_t st;
+    uint8_t bad[IOV_MAX / 2]; /* a run holds at most IOV_MAX / 2 items (bs_read_many's run_cap) */
+    size_t cur = first;
+    if (inline_verify) {
+        XXH3_64bits_reset(&st);
+        memset(bad, 1, sizeof bad); /* an item never hashed whole is never called good */
+    }
+    struct iovec piece[IOV_MAX];
     uint64_t off = start;
     size_t k = 0;
     int status = BS_OK;
     while (k < cnt) {
         int batch = (int)((cnt - k) < IOV_MAX ? (cnt - k) : IOV_MAX);
-        ssize_t r = bs_io->preadv(bs_io->ctx, fd, iov + k, batch, (off_t)off);
+        const struct iovec *use = iov + k;
+        if (inline_verify) {
+            batch = capped_iov(iov + k, batch, VERIFY_PIECE, piece);
+            use = piece;
+        }
+        ssize_t r = bs_io->preadv(bs_io->ctx, fd, use, batch, (off_t)off);
         if (r < 0) {
             if (errno == EINTR) continue;
             status = bs_os_error(errno);
             break;
         }
         if (r == 0) break; /* end of file: the items past `off` are truncated */
+        if (inline_verify) hash_piece(items, first, last, &cur, &st, off, off + (uint64_t)r, bad);
         off += (uint64_t)r;
         k = advance_iov(iov, cnt, k, (size_t)r);
     }
+    if (inline_verify && status == BS_OK) hash_piece(items, first, last, &cur, &st, off, off, bad); /* empty items at the end */
     for (size_t i = first; i <= last; i++) {
         if (status != BS_OK)
             items[i].status = status;
         else if (items[i].offset + items[i].len > off)
             items[i].status = BS_ETRUNCATED;
+        else if (inline_verify && bad[i - first])
+            items[i].status = BS_ECHECKSUM;
         else
             items[i].status = BS_OK;
     }
@@ -268,18 +322,19 @@ int bs_read_many(int fd, bs_read_item *items, size_t n, uint64_t max_gap, int fl
         }
     verifier v = {items, n, 0, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     pthread_t thread;
-    int threaded = (flags & BS_READ_VERIFY) && total >= READ_PIPELINE_MIN &&
+    int inline_verify = (flags & BS_READ_VERIFY) && (flags & BS_READ_VERIFY_INLINE);
+    int threaded = (flags & BS_READ_VERIFY) && !inline_verify && total >= READ_PIPELINE_MIN &&
                    pthread_create(&thread, NULL, verify_items, &v) == 0;
     /* With a verifier, runs are read in sub-runs of ~8 MiB so it can start on the first one early. */
     uint64_t cap_bytes = threaded ? READ_SUBRUN_BYTES : 0;
     for (size_t first = 0, end; first < n; first = end) {
         end = run_end(items, n, first, max_gap, run_cap, cap_bytes);
-        read_run(fd, items, first, end - 1, scratch, iov);
+        read_run(fd, items, first, end - 1, scratch, iov, inline_verify);
         if (threaded) publish_read(&v, end);
     }
     if (threaded)
         pthread_join(thread, NULL);
-    else if (flags & BS_READ_VERIFY)
+    else if ((flags & BS_READ_VERIFY) && !inline_verify)
         for (size_t i = 0; i < n; i++) verify_item(&items[i]);
     free(scratch);
     free(iov);

@@ -16,4 +16,8 @@ int bs_os_error(int err);
 void bs_announce_files(const int *fds, const size_t *counts, size_t files, const bs_read_item *items,
                        uint64_t max_gap);
 
+/* bs_read_many's flag for callers that run one reader per core (the blend's layer readers): verify each
+ * piece as it is read, on the reading thread, instead of on a helper thread after the read (batch.c). */
+#define BS_READ_VERIFY_INLINE 4
+
 #endif

@@ -111,7 +111,8 @@ int bs_layer_read(bs_layer_job *jobs, size_t n_jobs, bs_layer_queue *q, uint64_t
             announce(jobs, n_jobs, cursor + LOOKAHEAD, max_gap);
         }
         size_t at = items_before(job, file), n = job->counts[file];
-        int rc = bs_read_many(job->fds[file], job->items + at, n, max_gap, flags & ~BS_READ_WILLNEED);
+        int rc = bs_read_many(job->fds[file], job->items + at, n, max_gap,
+                              (flags & ~BS_READ_WILLNEED) | BS_READ_VERIFY_INLINE);
         int failed = rc != BS_OK;
         for (size_t k = at; k < at + n; k++) failed |= job->items[k].status != BS_OK;
         if (failed) { /* the caller raises at this layer: nothing after it is needed */
