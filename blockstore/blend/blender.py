@@ -294,8 +294,11 @@ class Blender:
             missing = [p for p, ok in zip(to_read, found) if not ok]
             if missing and any(found):  # the stored chunks' reads overlap the missing ones' prefill
                 stream.start()
+            computed: dict[bytes, ChunkKV] = {}  # a chunk the prompt repeats is computed and stored once
             for p in missing:
-                p.chunk = self._compute_and_store(ids[p.start:p.end], store=store_missing)
+                if p.cid not in computed:
+                    computed[p.cid] = self._compute_and_store(ids[p.start:p.end], store=store_missing)
+                p.chunk = computed[p.cid]
             timings["missing_s"] = time.perf_counter() - t0 - timings["load_s"]
             result = self._run_layers(ids, parts, stream, timings, forced)
         finally:

@@ -314,7 +314,10 @@ class LayerStream:
         self.first_layer = first_layer
         self.load_s = 0.0  # from the start to the last layer in memory (on the device)
         self._t0 = time.perf_counter()
-        self.plan = [p for p in located if p is not None]
+        found = [p for p in located if p is not None]  # a chunk the prompt repeats is read once: a layer's one
+        by_id = {p.chunk_id: p for p in found}  # C call refuses a record read twice (InvalidArgument)
+        self.plan, order = list(by_id.values()), {c: i for i, c in enumerate(by_id)}
+        self._of_found = [order[p.chunk_id] for p in found]  # each located chunk's index in the plan
         self.layers = self.plan[0].layout.layers if self.plan else 0
         self.device = torch.device(device)
         self._ready = [threading.Event() for _ in range(self.layers)]
@@ -377,12 +380,12 @@ class LayerStream:
             return item
 
     def _chunks(self, raw: torch.Tensor) -> list[ChunkKV]:
-        """ChunkKVs viewing one layer's bytes (`raw`, laid out by self._offsets)."""
+        """ChunkKVs viewing one layer's bytes (`raw`, laid out by self._offsets), one per located chunk."""
         out = []
         for p, (ids, pos), off, n in zip(self.plan, self._meta, self._offsets, self._lens):
             kv = raw[off : off + n].view(_DTYPES[p.layout.dtype]).view(2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
             out.append(ChunkKV(p.chunk_id, ids, pos, [kv[0]], [kv[1]]))
-        return out
+        return out if len(out) == len(self._of_found) else [out[i] for i in self._of_found]
 
     def _piece_views(self, dst: torch.Tensor, lo: int, hi: int) -> list[memoryview]:
         """Where chunks lo..hi-1's records land in `dst`, laid out from chunk lo's offset."""
@@ -475,8 +478,8 @@ class LayerStream:
         head_dim] views of its buffer, when the chunks hold equally many tokens (their records then lie
         at equal strides); else None (use `layer`). Two ops, where `layer` makes a few per chunk."""
         first = self.plan[0] if self.plan else None
-        if first is None or any(p.tokens != first.tokens for p in self.plan):
-            return None
+        if first is None or any(p.tokens != first.tokens for p in self.plan) or len(self.plan) != len(self._of_found):
+            return None  # unequal strides, or a chunk the prompt repeats (read once: no view lists it twice)
         dtype = _DTYPES[first.layout.dtype]
         flat = self._raw(layer).view(dtype)
         item = flat.element_size()
