@@ -62,3 +62,38 @@ def test_a_prompt_that_repeats_a_stored_chunk_is_blended(weights: LlamaWeights, 
             assert stream.layer_kv(2) is None  # no strided view can repeat a chunk
         finally:
             stream.close()
+
+
+def test_the_connector_stores_a_repeated_chunk_once_and_blends_the_prompt_again(tmp_path: Path) -> None:
+    """Through the vLLM connector's two sides: a prompt whose chunk appears twice had that chunk computed and
+    stored twice (_store_chunks: chunks_stored 2 for one chunk), and once stored every such prompt failed to
+    blend (a load failure, its claimed blocks recomputed by vLLM)."""
+    pytest.importorskip("vllm")
+    from test_blend_connector import _connectors, _step
+
+    from jobs.trained_model import heldout_chunks
+
+    scheduler, worker = _connectors(tmp_path / "kv")
+    try:
+        sep = list(worker.settings.separator_ids)
+        a, b, q = heldout_chunks(3, 120, seed=11)
+        cfg = worker.runtime.weights.config
+        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim)
+                  for i in range(cfg.num_hidden_layers)}
+        worker.register_kv_caches(caches)
+        puts: list[int] = []
+        kv_put = worker.runtime.kv.put
+        worker.runtime.kv.put = lambda *x, **k: puts.append(1) or kv_put(*x, **k)  # type: ignore[method-assign]
+        assert _step(scheduler, worker, "seed", a + sep + a + sep + q[:20], list(range(12))) == 0
+        assert len(puts) == 1 and worker.counters.chunks_stored == 1 and len(scheduler.index.ids) == 1
+        prompt = a + sep + a + sep + q
+        claimed = _step(scheduler, worker, "again", prompt, list(range(23, 23 - (len(prompt) + 31) // 32, -1)))
+        assert claimed > 0 and worker.counters.load_failures == 0, worker.counters.last_error
+        assert worker.counters.requests_blended == 1 and worker.counters.chunks_hit == 2 and len(puts) == 1
+        prompt = a + sep + b + sep + b + sep + q  # b missing twice: computed and stored once by the blend
+        assert _step(scheduler, worker, "new", prompt, list(range(23, 23 - (len(prompt) + 31) // 32, -1))) > 0
+        assert worker.counters.load_failures == 0 and worker.counters.chunks_missing == 2
+        assert len(puts) == 2 and worker.counters.chunks_stored == 2 and len(scheduler.index.ids) == 2
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()

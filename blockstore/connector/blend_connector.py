@@ -301,7 +301,7 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         c.tokens_recomputed += len(res.recomputed)
         c.chunks_missing += len(res.missing_chunks)
         c.chunks_hit += len(load.spans) - len(res.missing_chunks)
-        c.chunks_stored += len(res.missing_chunks)
+        c.chunks_stored += len(set(res.missing_chunks))  # per span: a repeated chunk is stored once
         c.blend_seconds += blend_s
         c.write_seconds += write_s
 
@@ -327,8 +327,9 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         stored: list[bytes] = []
         try:
-            chunks = [save.token_ids[s:e] for s, e in save.spans]
-            present = self.runtime.kv.contains([chunk_id(c) for c in chunks])  # an earlier prompt may have
+            by_id = {chunk_id(c): c for c in (save.token_ids[s:e] for s, e in save.spans)}  # a repeated chunk once
+            chunks = list(by_id.values())
+            present = self.runtime.kv.contains(list(by_id))  # an earlier prompt may have stored some
             for chunk, ok in zip(chunks, present, strict=True):
                 if not ok:
                     stored.append(self.runtime.blender.store_chunk(chunk))
