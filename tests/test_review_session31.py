@@ -97,3 +97,51 @@ def test_the_connector_stores_a_repeated_chunk_once_and_blends_the_prompt_again(
     finally:
         worker.shutdown()
         scheduler.shutdown()
+
+
+@pytest.mark.parametrize("key, bad", [("blend.namespace", ""), ("blend.namespace", "n" * 256),
+                                      ("blend.stats_path", "/nonexistent-h73/stats.json")])
+def test_connector_settings_refuse_a_namespace_or_stats_path_that_cannot_work(tmp_path: Path, key: str,
+                                                                             bad: str) -> None:
+    """Checked at vLLM's start, naming the key, as the other blend.* settings are. Before: an empty or
+    over-long namespace passed, then every blend raised InvalidArgument (its blocks recomputed) and every
+    chunk store failed with a warning, so the connector never served a token; a stats_path in a folder that
+    does not exist passed, then the worker's first served or stored request raised FileNotFoundError out of
+    start_load_kv (outside its try: vLLM's worker stopped)."""
+    from blockstore import InvalidArgument
+    from blockstore.connector.blend_config import BlendSettings
+
+    base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": [7]}
+    with pytest.raises(InvalidArgument, match=key.replace(".", r"\.")):
+        BlendSettings.from_extra_config({**base, key: bad}, str(tmp_path))
+    ok = BlendSettings.from_extra_config({**base, "blend.stats_path": str(tmp_path / "stats.json")}, str(tmp_path))
+    assert ok.stats_path == str(tmp_path / "stats.json")
+
+
+def test_a_stats_file_that_cannot_be_written_is_logged_not_raised_into_vllm(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The stats file is for callers in another process; its folder going away (or its disk filling) while
+    vLLM runs raised out of start_load_kv and wait_for_save, stopping vLLM's worker over a statistics file."""
+    pytest.importorskip("vllm")
+    import dataclasses
+
+    from test_blend_connector import _connectors, _step
+
+    from jobs.trained_model import heldout_chunks
+
+    scheduler, worker = _connectors(tmp_path / "kv")
+    try:
+        worker.settings = dataclasses.replace(worker.settings, stats_path=str(tmp_path / "gone" / "stats.json"))
+        sep = list(worker.settings.separator_ids)
+        a, q = heldout_chunks(2, 120, seed=11)
+        cfg = worker.runtime.weights.config
+        worker.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.zeros(
+            24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim) for i in range(cfg.num_hidden_layers)})
+        assert _step(scheduler, worker, "seed", a + sep + q[:20], list(range(12))) == 0
+        assert worker.counters.chunks_stored == 1
+        assert _step(scheduler, worker, "again", a + sep + q, list(range(12))) > 0
+        assert worker.counters.requests_blended == 1 and worker.counters.load_failures == 0
+        assert "stats" in caplog.text
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()

@@ -17,8 +17,9 @@ deviation by the question's attention at the check layer), ``blend.gradual`` (1.
 filtering selects this many times the budget at the check layer and narrows it at the next one);
 ``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
 ``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
-of another checkpoint are never used); ``blend.stats_path`` a JSON file the worker rewrites after each
-request it served or stored (the counters of ``BlendCounters``), for callers in another process.
+of another checkpoint are never used); ``blend.stats_path`` a JSON file (in a folder that exists) the
+worker rewrites after each request it served or stored (the counters of ``BlendCounters``), for callers in
+another process; a write that fails is logged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED
 from blockstore.blend import options as blend_options
 from blockstore.blend.blender import DEVIATIONS, SELECTORS
 from blockstore.errors import InvalidArgument
+from blockstore.validate import check_ns
 
 DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
 CONNECTOR_MODULE = "blockstore.connector.blend_connector"  # the module vLLM loads (kv_connector_module_path)
@@ -88,6 +90,14 @@ class BlendSettings:
             if key in ours and not isinstance(ours[key], (str, os.PathLike)) \
                     and not (ours[key] is None and key in ("blend.stats_path", "blend.model_id")):
                 raise InvalidArgument(f"{CONNECTOR_CLASS}: {key} must be a string, got {ours[key]!r}")
+        namespace = str(ours.get("blend.namespace", "kv-blend"))
+        try:  # checked here: a namespace the store refuses failed every blend and every chunk store, with warnings
+            check_ns(namespace)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.namespace: {exc}") from None
+        stats = ours.get("blend.stats_path")
+        if stats and not os.path.isdir(os.path.dirname(os.path.abspath(stats))):  # else the worker's first write raised
+            raise InvalidArgument(f"{CONNECTOR_CLASS}: blend.stats_path {stats!r}: its folder does not exist")
         return cls(store_path=str(ours["blend.store_path"]), model_dir=model_dir, separator_ids=sep, ratio=ratio,
                    selector=blend_options.one_of("blend.selector", ours.get("blend.selector", "deviation"), SELECTORS,
                                                  where=CONNECTOR_CLASS),
@@ -98,8 +108,8 @@ class BlendSettings:
                    query_weighted=qw, gradual=gradual,
                    min_chunk_tokens=_count(ours, "blend.min_chunk_tokens", 16, 1),
                    min_reused_tokens=_count(ours, "blend.min_reused_tokens", 0, 0),
-                   namespace=str(ours.get("blend.namespace", "kv-blend")),
-                   stats_path=ours.get("blend.stats_path"), model_id=ours.get("blend.model_id"))
+                   namespace=namespace, stats_path=None if stats is None else str(stats),
+                   model_id=ours.get("blend.model_id"))
 
 
 # Each setting is checked here, at vLLM's start, naming its key: a value that only failed later (min_chunk_tokens 0

@@ -361,9 +361,12 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         if not path or self.runtime is None:  # the worker's counters; the scheduler side has none to write
             return
         tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self.counters), f)
-        os.replace(tmp, path)
+        try:  # a statistics file for other processes: its folder gone or its disk full never stops vLLM's worker
+            with open(tmp, "w") as f:
+                json.dump(asdict(self.counters), f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("%s: cannot write the stats file %s: %s", CONNECTOR_CLASS, path, exc)
 
     def shutdown(self) -> None:
         for save in self._deferred:  # chunks seen in the last step are stored before the store closes
