@@ -145,3 +145,28 @@ def test_a_stats_file_that_cannot_be_written_is_logged_not_raised_into_vllm(tmp_
     finally:
         worker.shutdown()
         scheduler.shutdown()
+
+
+def test_a_stream_refuses_a_negative_first_layer_or_reader_count(weights: LlamaWeights, tmp_path: Path) -> None:
+    """ChunkKVStore.stream_layers(first_layer=...) was not checked: a negative one made range(first_layer, layers)
+    index each chunk's records from the end, so first_layer=-4 streamed the M record and layers 1..3 as layers
+    -4..-1 and layer(-1) returned bytes of another record as K and V without an error (-1: every layer raised a
+    bare RuntimeError); a float raised TypeError, readers=0 or -1 passed. InvalidArgument now, naming it."""
+    from blockstore import InvalidArgument
+
+    with blockstore.open(tmp_path / "s") as store:
+        kv = ChunkKVStore(store, model_id=weights.model_id)
+        ids = torch.arange(10)
+        ref = full_prefill(weights, ids)
+        cid = kv.put(ids, ref.keys, ref.values, torch.arange(10))
+        for first_layer in (-1, -4, 1.5, True, None):
+            with pytest.raises(InvalidArgument, match="first_layer"):
+                kv.stream_layers([cid], first_layer=first_layer)  # type: ignore[arg-type]
+        for readers in (0, -1, 2.5, True):
+            with pytest.raises(InvalidArgument, match="readers"):
+                kv.stream_layers([cid], readers=readers)  # type: ignore[arg-type]
+        stream = kv.stream_layers([cid], first_layer=2, readers=1)
+        try:
+            assert torch.equal(stream.layer(3)[0].keys[0], ref.keys[3])
+        finally:
+            stream.close()

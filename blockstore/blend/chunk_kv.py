@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import xxhash
 
+from blockstore.blend import options
 from blockstore.blend.layer_loader import LayerLoader
 from blockstore.blend.layer_reads import LayerReads
 from blockstore.chunks import ChunkWrite
@@ -310,8 +311,8 @@ class LayerStream:
 
     def __init__(self, kv: ChunkKVStore, located: list[Located | None], device: str | torch.device,
                  first_layer: int = 0, readers: int | None = None) -> None:
-        self.located = located
-        self.first_layer = first_layer
+        self.located, readers = located, None if readers is None else options.count("readers", readers, 1)
+        self.first_layer = options.count("first_layer", first_layer, 0)  # a negative one read records from the end
         self.load_s = 0.0  # from the start to the last layer in memory (on the device)
         self._t0 = time.perf_counter()
         found = [p for p in located if p is not None]  # a chunk the prompt repeats is read once: a layer's one
