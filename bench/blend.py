@@ -55,7 +55,7 @@ from bench.blend_fidelity import fidelity, plot_fidelity
 from bench.ceilings import MiB, Payloads, raw_read, raw_write
 from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, write_json
 from bench.report import machine_line, reproduce_line
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, graphs
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, flex, full_prefill, fused_rope, graphs
 from blockstore.blend.chunk_kv import DEFAULT_READERS, LayerStream
 from blockstore.reader import aligned_buffer
 
@@ -152,17 +152,22 @@ def _with_pieces(pieces: int, fn: Callable[[], Any]) -> Any:
         LayerStream.PIECES = default
 
 
-def _with_flex(on: bool, fn: Callable[[], Any]) -> Any:
-    """fn() with scattered-row attention through FlexAttention (blockstore/blend/flex.py) on or off."""
-    before = os.environ.get("BLOCKSTORE_BLEND_FLEX")
-    os.environ["BLOCKSTORE_BLEND_FLEX"] = "1" if on else "0"
+COMPILED_SWITCHES = ("BLOCKSTORE_BLEND_FLEX", "BLOCKSTORE_BLEND_FUSED_ROPE")
+
+
+def _with_compiled(on: bool, fn: Callable[[], Any]) -> Any:
+    """fn() with the blend's torch.compile kernels on or off: scattered-row attention through
+    FlexAttention (blockstore/blend/flex.py) and the one-kernel RoPE rotation (fused_rope.py)."""
+    before = {k: os.environ.get(k) for k in COMPILED_SWITCHES}
+    os.environ.update({k: "1" if on else "0" for k in COMPILED_SWITCHES})
     try:
         return fn()
     finally:
-        if before is None:
-            del os.environ["BLOCKSTORE_BLEND_FLEX"]
-        else:
-            os.environ["BLOCKSTORE_BLEND_FLEX"] = before
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def _stream_all(kv: ChunkKVStore, cids: Sequence[bytes], device: torch.device, first_layer: int) -> None:
@@ -277,7 +282,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
                                                     *(("blend_hot_eager", "blend_warm_eager", "blend_warm_before", "blend_hot_v",
-                                                       "blend_warm_v") if device.type == "cuda" else ()))}
+                                                       "blend_warm_v", "blend_hot_compiled", "blend_warm_compiled")
+                                                      if device.type == "cuda" else ()))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
     # the page-cache ceiling's threads: at least the loader's, up to 8 (a floor must not be set low by
@@ -295,6 +301,10 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     capture = {"capture_s": [r.timings["graph_capture_s"] for r in first if "graph_capture_s" in r.timings],
                "first_blend_s": first_s,
                "buckets": [f"{k[0]}x{k[1]}" for k in w.graph_buckets], "failure": graphs.failure()}
+    # the default (eager) blend with the torch.compile kernels on (FlexAttention, flex.py; the fused RoPE,
+    # fused_rope.py): the first two calls compile them
+    flex_first_s = [timed(lambda: _with_compiled(True, lambda: eager.blend(prompt, spans=spans, resident=resident)))
+                    for _ in range(2)] if device.type == "cuda" else []
     for rep in range(repeats):
         runs["full"].append(timed(lambda: full_prefill(w, prompt)))
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
@@ -308,6 +318,9 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
             runs["blend_warm_before"].append(timed(lambda: before.blend(prompt, spans=spans)))
             runs["blend_hot_v"].append(timed(lambda: v_only.blend(prompt, spans=spans, resident=resident)))
             runs["blend_warm_v"].append(timed(lambda: v_only.blend(prompt, spans=spans)))
+            runs["blend_hot_compiled"].append(timed(lambda: _with_compiled(True, lambda: eager.blend(prompt, spans=spans,
+                                                                                          resident=resident))))
+            runs["blend_warm_compiled"].append(timed(lambda: _with_compiled(True, lambda: eager.blend(prompt, spans=spans))))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
             runs[f"blend_warm_pieces{pieces}"].append(
                 timed(lambda n=pieces: _with_pieces(n, lambda: blend.blend(prompt, spans=spans))))  # type: ignore[misc]
@@ -339,6 +352,13 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
                  "logits_max_diff": float((got.logits - ref.logits).abs().max()), "logits_abs_max": float(ref.logits.abs().max()),
                  "last_k_max_diff": float((got.keys[-1].float() - ref.keys[-1].float()).abs().max()),
                  "last_k_abs_max": float(ref.keys[-1].float().abs().max())}
+    flex_doc: dict[str, Any] = {}
+    if device.type == "cuda":  # FlexAttention against SDPA with a mask, hot, the same blender
+        fgot = _with_compiled(True, lambda: eager.blend(prompt, spans=spans, resident=resident))
+        flex_doc = {"first_blend_s": flex_first_s, "failure": flex.failure(), "rope_failure": fused_rope.failure(),
+                    "same_rows": bool(torch.equal(fgot.recomputed.cpu(), ref.recomputed.cpu())),
+                    "logits_max_diff": float((fgot.logits - ref.logits).abs().max()),
+                    "same_top1": int(fgot.logits.argmax()) == int(ref.logits.argmax())}
     floor = kv_bytes / med["disk_ceiling_Bps"]
     # the best any design could do warm on this machine: the bytes the blend reads (the layers from the
     # check layer on) at the page cache's read ceiling, over the host->GPU link at its pinned-copy
@@ -356,6 +376,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
             "speedup_warm_eager": med["full"] / med["blend_warm_eager"],
             "speedup_hot_v": med["full"] / med["blend_hot_v"], "speedup_warm_v": med["full"] / med["blend_warm_v"],
             "speedup_warm_before": med["full"] / med["blend_warm_before"],
+            "speedup_hot_compiled": med["full"] / med["blend_hot_compiled"],
+            "speedup_warm_compiled": med["full"] / med["blend_warm_compiled"], "compiled": flex_doc,
             "cuda_graphs": capture} if "blend_hot_eager" in med else {}),
         "graphs_vs_eager": agreement,
         "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],

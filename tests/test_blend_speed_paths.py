@@ -15,10 +15,19 @@ import torch
 import blockstore
 from blockstore import ChecksumMismatch
 from blockstore import native as native_mod
-from blockstore.blend import Blender, ChunkKVStore, LayerStream, LlamaConfig, LlamaWeights, flex, full_prefill
+from blockstore.blend import (
+    Blender,
+    ChunkKVStore,
+    LayerStream,
+    LlamaConfig,
+    LlamaWeights,
+    flex,
+    full_prefill,
+    fused_rope,
+)
 from blockstore.blend import blender as blender_mod
 from blockstore.blend.blender import _one_buffer, _Span
-from blockstore.blend.compute import position_mask
+from blockstore.blend.compute import _signed_sin, position_mask, rope_cos_sin, rotate
 from blockstore.blend.layer_loader import LayerLoader
 from blockstore.records import ReadRequest
 
@@ -253,6 +262,35 @@ def test_flex_block_mask_attention_equals_the_explicit_mask() -> None:
                                                            pos[rows[:1]], pos[:keys_seen]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("n, rows", [(1000, 400), (1024, 256), (700, 3), (512, (129, 257))])
+def test_flex_block_mask_skips_exactly_the_tiles_no_row_sees(n: int, rows: int | tuple[int, int]) -> None:
+    """The block mask built from sorted positions (two binary searches, no pass over the pairs) lists,
+    per tile of rows, every key tile holding an allowed pair, and as whole only tiles whose every pair
+    is allowed; attention through it equals the explicit mask's over several tiles of rows. (129, 257):
+    a tile of rows whose last is the first key of a key tile (it sees that one key there)."""
+    g = torch.Generator().manual_seed(n)
+    pos = torch.arange(n)
+    picked = torch.arange(*rows) if isinstance(rows, tuple) else torch.randperm(n, generator=g)[:rows].sort().values
+    rows = picked.shape[0]
+    mask = flex.block_mask(pos[picked], pos)
+    t = flex.TILE
+    partial_n, partial_idx = mask.kv_num_blocks[0, 0], mask.kv_indices[0, 0]
+    full_n, full_idx = mask.full_kv_num_blocks[0, 0], mask.full_kv_indices[0, 0]  # type: ignore[index]
+    allowed = position_mask(pos[picked], pos)
+    for qt in range(-(-rows // t)):
+        tile = allowed[qt * t:(qt + 1) * t]
+        seen = {kt for kt in range(-(-n // t)) if tile[:, kt * t:(kt + 1) * t].any()}
+        whole = set(full_idx[qt, :full_n[qt]].tolist())
+        part = set(partial_idx[qt, :partial_n[qt]].tolist())
+        assert whole | part == seen and not whole & part
+        assert all(tile[:, kt * t:(kt + 1) * t].all() and (kt + 1) * t <= n for kt in whole)
+    q, k, v = (torch.randn(n, h, 16, generator=g) for h in (8, 2, 2))
+    got = flex.attend(q[picked], k, v, mask, compiled=False)
+    assert got is not None
+    torch.testing.assert_close(got, _reference_attention(q[picked], k, v, pos[picked], pos), atol=1e-5, rtol=1e-5)
+
+
 def test_a_flex_failure_falls_back_to_sdpa_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(flex._state, "failed", None)
 
@@ -268,6 +306,25 @@ def test_a_flex_failure_falls_back_to_sdpa_for_good(monkeypatch: pytest.MonkeyPa
     with pytest.warns(RuntimeWarning, match="no Triton here"):
         assert flex.attend(q, k, v, None, compiled=False) is None  # type: ignore[arg-type]
     assert flex.failure() is not None and not flex.usable(torch.device("cuda"))
+
+
+def test_the_fused_rope_rotation_equals_the_eager_one_and_a_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 2, 16, generator=g)  # [chunks, tokens, kv_heads, head_dim]: a loaded layer's view
+    cos, sin = rope_cos_sin(torch.arange(120) - 7, 16, 10000.0)
+    want = rotate(x, cos, sin)
+    tables = (cos[:, None, :].view(3, 40, 1, 16), _signed_sin(sin)[:, None, :].view(3, 40, 1, 16))
+    out = torch.empty_like(x)
+    assert fused_rope.rotate_into(out, x, *tables, compiled=False)
+    torch.testing.assert_close(out, want)
+    monkeypatch.setitem(fused_rope._state, "failed", None)
+    monkeypatch.setenv("BLOCKSTORE_BLEND_FUSED_ROPE", "0")
+    assert not fused_rope.usable(torch.device("cuda"))
+    monkeypatch.setenv("BLOCKSTORE_BLEND_FUSED_ROPE", "1")
+    assert fused_rope.usable(torch.device("cuda")) and not fused_rope.usable(torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="fused RoPE kernel failed"):
+        assert not fused_rope.rotate_into(out, x, *tables[:1], torch.ones(5), compiled=False)  # shapes that do not broadcast
+    assert fused_rope.failure() is not None and not fused_rope.usable(torch.device("cuda"))
 
 
 def test_block_read_fd_names_a_held_local_block_and_none_otherwise(tmp_path: Path) -> None:

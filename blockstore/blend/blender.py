@@ -487,7 +487,7 @@ class Blender:
             v_all[active] = v
             keys.append(k_all)
             values.append(v_all)
-            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, active, pos, tail_rows=tail))
+            hidden = finish_layer(self.w, layer, hidden, attend(q, k_all, v_all, active, pos, tail_rows=tail, sorted_rows=True))
             if (layer_index == self.check_layer + (0 if narrowed else 1) and not tail and self.cuda_graphs
                     and graphs.wanted(self.w, n, int(active.shape[0]), layer_index + 1)):
                 captured = graphs.layer_graphs(self.w, n, int(active.shape[0]), layer_index + 1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from blockstore.blend import flex
+from blockstore.blend import flex, fused_rope
 from blockstore.blend.llama import LayerWeights, LlamaWeights
 
 # Query rows per attention call on CPU: the math kernel materialises [heads, rows, keys] scores,
@@ -89,6 +89,8 @@ def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
     # GPU host, where a blend's later layers are bound by issuing ops)
     if out is None:
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    if fused_rope.usable(x.device) and fused_rope.rotate_into(out, x, cos, signed_sin):  # one kernel (GPU)
+        return out
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin, out=out)
 
 
@@ -173,13 +175,15 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *,
-           causal_all_rows: bool = False, tail_rows: bool = False) -> torch.Tensor:
+           causal_all_rows: bool = False, tail_rows: bool = False, sorted_rows: bool = False) -> torch.Tensor:
     """Attention of these query rows over all keys, masked by position -> [n_q, heads * head_dim].
 
     `causal_all_rows`: the caller promises q and k are the same rows in position order (a full
     prefill), so the fused causal kernel may be used instead of an explicit mask. `tail_rows`: the
     caller has checked (`is_tail`) that the query rows are the last rows of a contiguous run of keys.
-    Both are promises, not checks: a check here would wait for the GPU in every layer."""
+    `sorted_rows`: both q_pos and k_pos are ascending (a blend's rows and keys), so on a GPU FlexAttention
+    may skip the key tiles a tile of rows cannot see (flex.py). All are promises, not checks: a check
+    here would wait for the GPU in every layer."""
     heads, kv_heads = q.shape[1], k.shape[1]
     kh, vh = _heads_first(k), _heads_first(v)  # [1, kv_heads, n_k, d]
     block = CPU_QUERY_BLOCK if q.device.type == "cpu" else 4096
@@ -195,7 +199,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal_all_rows)
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
     n, group = q.shape[0], heads // kv_heads
-    if flex.usable(q.device):  # the key tiles no row of a tile may see are skipped (flex.py)
+    if sorted_rows and flex.usable(q.device):  # the key tiles no row of a tile may see are skipped (flex.py)
         tiles = _MASKS.get((q_pos, k_pos), "flex", lambda: flex.block_mask(q_pos, k_pos))
         got = flex.attend(q, k, v, tiles)  # type: ignore[arg-type]
         if got is not None:

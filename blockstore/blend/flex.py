@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 try:  # torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - an older torch: SDPA only
     flex_attention = None  # type: ignore[assignment]
 
@@ -51,15 +51,42 @@ def _padded(x: torch.Tensor, fill: int) -> torch.Tensor:
     return torch.cat((x, x.new_full((pad,), fill)))
 
 
+def _tile_ends(x: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last value of each TILE-long run of sorted `x` (the last run padded with its last
+    value): the lowest and highest position in each tile."""
+    padded = torch.cat((x, x[-1:].expand(tiles * TILE - x.shape[0])))
+    runs = padded.view(tiles, TILE)
+    return runs[:, 0], runs[:, -1]
+
+
 def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockMask:
     """The position mask of these query rows over these keys as a FlexAttention block mask (made once
-    per blend: every later layer attends the same rows over the same keys)."""
+    per blend: every later layer attends the same rows over the same keys). Both must be sorted
+    ascending (a blend's rows and keys are): then a tile of rows sees a prefix of the key tiles, the
+    first ones whole (every key at or before the tile's lowest row: no mask evaluated there), the rest
+    in part, found by two binary searches over the tiles' first and last positions. A dozen small ops;
+    `create_block_mask`, which evaluates the rule on every (row, key) pair and derives the backward
+    pass's tables too, took 7.6 ms a blend on an H100 at 4k tokens (the attention it saves: ~3 ms)."""
+    n_q, n_k = q_pos.shape[0], k_pos.shape[0]
+    q_tiles, k_tiles = -(-n_q // TILE), -(-n_k // TILE)
+    q_lo, q_hi = _tile_ends(q_pos, q_tiles)
+    k_lo, k_hi = _tile_ends(k_pos, k_tiles)
+    # a key tile cut short by the end of the keys is never whole: its missing keys are not allowed pairs
+    full = torch.searchsorted(k_hi, q_lo, right=True).clamp(max=n_k // TILE)
+    seen = torch.searchsorted(k_lo, q_hi, right=True)
+    order = torch.arange(k_tiles, device=q_pos.device)
+    partial_idx = (full[:, None] + order[None, :]).clamp(max=k_tiles - 1)
     qp, kp = _padded(q_pos, -1), _padded(k_pos, torch.iinfo(k_pos.dtype).max)
 
     def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return kp[kv_idx] <= qp[q_idx]
 
-    return create_block_mask(allowed, None, None, q_pos.shape[0], k_pos.shape[0], device=q_pos.device)
+    def as_table(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.int32)[None, None].contiguous()
+
+    return BlockMask.from_kv_blocks(as_table(seen - full), as_table(partial_idx), as_table(full),
+                                    as_table(order.expand(q_tiles, k_tiles)), BLOCK_SIZE=TILE, mask_mod=allowed,
+                                    seq_lengths=(n_q, n_k), compute_q_blocks=False)
 
 
 def _kernel(compiled: bool) -> Callable[..., Any]:
