@@ -170,3 +170,44 @@ def test_a_stream_refuses_a_negative_first_layer_or_reader_count(weights: LlamaW
             assert torch.equal(stream.layer(3)[0].keys[0], ref.keys[3])
         finally:
             stream.close()
+
+
+def test_a_full_store_still_serves_the_chunks_it_holds(tmp_path: Path) -> None:
+    """The connector's own rule is that a cache that cannot grow is a future miss, not an error (_store_chunks).
+    A blend stores the prompt's new chunks on the way, and a full disk (NoSpace from that put) failed the whole
+    blend: the chunks the store held were not used and vLLM recomputed every claimed block, for every prompt
+    bringing a new chunk, for as long as the disk stayed full. Now the blend is served without storing the
+    new chunks, which the scheduler is not told of; once there is room they are stored again."""
+    pytest.importorskip("vllm")
+    from test_blend_connector import _connectors, _step
+
+    from blockstore.errors import NoSpace
+    from jobs.trained_model import heldout_chunks
+
+    scheduler, worker = _connectors(tmp_path / "kv")
+    try:
+        sep = list(worker.settings.separator_ids)
+        a, b, q = heldout_chunks(3, 120, seed=11)
+        cfg = worker.runtime.weights.config
+        worker.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.zeros(
+            24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim) for i in range(cfg.num_hidden_layers)})
+        assert _step(scheduler, worker, "seed", a + sep + q[:20], list(range(12))) == 0
+        store = worker.runtime.store
+        put_many = store.put_many
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise NoSpace("no space left on device (test)")
+
+        store.put_many = full  # type: ignore[method-assign]
+        prompt = a + sep + b + sep + q
+        claimed = _step(scheduler, worker, "full", prompt, list(range(23, 23 - (len(prompt) + 31) // 32, -1)))
+        c = worker.counters
+        assert claimed > 0 and c.load_failures == 0 and c.requests_blended == 1, c.last_error
+        assert c.tokens_reused > 0 and c.chunks_stored == 1 and "NoSpace" in (c.last_error or "")
+        assert worker.get_block_ids_with_load_errors() == set() and len(scheduler.index.ids) == 1
+        store.put_many = put_many  # type: ignore[method-assign]
+        assert _step(scheduler, worker, "room", prompt, list(range(23, 23 - (len(prompt) + 31) // 32, -1))) > 0
+        assert c.requests_blended == 2 and c.chunks_stored == 2 and len(scheduler.index.ids) == 2
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()

@@ -21,10 +21,11 @@ claims only prompts with stored chunks; every other prompt falls through to LMCa
 The scheduler and the worker run in different processes: the worker holds the store (its one writer);
 the scheduler knows which chunks are stored from a read-only scan at start plus what the worker
 reports storing after each step (``ChunkIndex``). Failures never give wrong KV: a chunk the index names
-but the store no longer has is computed by the blender on the spot; a blend that fails (a store read
-error, anything else raised) reports the request's claimed blocks as load errors, and vLLM recomputes
-them, with ``kv_load_failure_policy="recompute"`` (``multi_connector_config`` sets it; vLLM's default,
-"fail", would fail the request instead).
+but the store no longer has is computed by the blender on the spot; a store too full to keep a prompt's
+new chunks (NoSpace) still serves the chunks it holds, the new ones computed and not kept; a blend that
+fails (a store read error; any BlockstoreError, RuntimeError or ValueError raised) reports the request's
+claimed blocks as load errors, and vLLM recomputes them, with ``kv_load_failure_policy="recompute"``
+(``multi_connector_config`` sets it; vLLM's default, "fail", would fail the request instead).
 
 Extra config keys: ``blend_config.py``; the checks they share with ``Blender(...)``: ``blockstore.blend.options``.
 """
@@ -58,7 +59,7 @@ from blockstore.connector.blend_config import (
     separator_token_ids,
 )
 from blockstore.connector.blend_runtime import BlendRuntime, ChunkIndex, weights_model_id
-from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.errors import BlockstoreError, InvalidArgument, NoSpace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -283,17 +284,28 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
     def _serve(self, load: BlendLoad, layers: dict[str, Any]) -> None:
         assert self.runtime is not None
         t0 = time.perf_counter()
-        res = self.runtime.blender.blend(load.token_ids, spans=load.spans, store_missing=True)
-        self._new_chunks += res.missing_chunks
+        blender = self.runtime.blender
+        try:
+            res = blender.blend(load.token_ids, spans=load.spans, store_missing=True)
+            stored = list(dict.fromkeys(res.missing_chunks))
+            self._new_chunks += stored
+        except NoSpace as exc:  # a cache that cannot grow still serves what it holds: the new chunks are not kept
+            self.counters.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: the store is full; %s is blended without storing its new chunks: %s", CONNECTOR_CLASS,
+                        load.req_id, exc)
+            res = blender.blend(load.token_ids, spans=load.spans, store_missing=False)
+            stored = []  # the scheduler hears of every chunk of the prompt the store holds (some went in before)
+            ids = list(dict.fromkeys(chunk_id(load.token_ids[s:e]) for s, e in load.spans))
+            self._new_chunks += [c for c, ok in zip(ids, self.runtime.kv.contains(ids), strict=True) if ok]
         t1 = time.perf_counter()
         slots = paged_kv.slot_mapping(load.block_ids, load.start, load.end, self.block_size)
         for name, cache in self._kv_caches.items():
             layer = self._layer_of[name]
             paged_kv.write_kv(cache, res.keys[layer][load.start:load.end], res.values[layer][load.start:load.end],
                               slots, paged_kv.attention_isa(cache, layers.get(name)))
-        self._count_blend(load, res, t1 - t0, time.perf_counter() - t1)
+        self._count_blend(load, res, len(stored), t1 - t0, time.perf_counter() - t1)
 
-    def _count_blend(self, load: BlendLoad, res: Any, blend_s: float, write_s: float) -> None:
+    def _count_blend(self, load: BlendLoad, res: Any, stored: int, blend_s: float, write_s: float) -> None:
         c = self.counters
         c.requests_blended += 1
         c.tokens_written += load.end - load.start
@@ -301,7 +313,7 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         c.tokens_recomputed += len(res.recomputed)
         c.chunks_missing += len(res.missing_chunks)
         c.chunks_hit += len(load.spans) - len(res.missing_chunks)
-        c.chunks_stored += len(set(res.missing_chunks))  # per span: a repeated chunk is stored once
+        c.chunks_stored += stored
         c.blend_seconds += blend_s
         c.write_seconds += write_s
 
