@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import blockstore
-from blockstore import hooks
+from blockstore import foreground, hooks
 from blockstore.compaction import clusters, gc, pacing, relocation
 from blockstore.reader import choose_places
 
@@ -275,6 +275,7 @@ def busy_phase(base: str, block_size: int, reqs: Sequence[Request], policy: str,
         hooks.register(name, mark)
     prof = Profile()
     timed: list[tuple[float, float]] = []
+    stats0 = (foreground.STATS.waits, foreground.STATS.waited_s, foreground.STATS.grants)
     try:
         with blockstore.open(path, block_size=block_size,
                              compaction={"policy": policy, "interval_s": 0.01, "background": False}) as s:
@@ -299,7 +300,12 @@ def busy_phase(base: str, block_size: int, reqs: Sequence[Request], policy: str,
     out = {"during_ms": [(b - a) * 1e3 for (a, b), on in zip(timed, during) if on],
            "not_during_ms": [(b - a) * 1e3 for (a, b), on in zip(timed, during) if not on],
            "busy_s": busy_s, "moved_mb": moved / 1e6, "mb_s": moved / 1e6 / busy_s if busy_s else None,
-           "went_idle": went_idle, "passes": status["passes"], "blocks_per_request": bpr, "reads": len(timed)}
+           "went_idle": went_idle, "passes": status["passes"], "blocks_per_request": bpr, "reads": len(timed),
+           # the background thread's pauses for reads in flight (blockstore.foreground): how many, seconds, and
+           # how many ended at the starvation bound with a read still in flight
+           "stepped_aside": {"waits": foreground.STATS.waits - stats0[0],
+                             "s": round(foreground.STATS.waited_s - stats0[1], 3),
+                             "grants": foreground.STATS.grants - stats0[2]}}
     if profile:
         out["profile"] = prof.attribute(timed, during, idle_p99_ms)
     return out
@@ -353,7 +359,7 @@ def measure(trace: Trace, *, root: str, payloads: Payloads, n_requests: int, pol
         "ratio": during_p99 / idle_p99 if idle_p99 else None,
         "noise": pct(after["lat_ms"], 99) / pct(before["lat_ms"], 99),
         "moved_mb": busy["moved_mb"], "busy_s": busy["busy_s"], "gc_mb_s": busy["mb_s"],
-        "went_idle": busy["went_idle"], "passes": busy["passes"],
+        "went_idle": busy["went_idle"], "passes": busy["passes"], "stepped_aside": busy["stepped_aside"],
         "blocks_per_request": {"before": before["blocks_per_request"], "paced": busy["blocks_per_request"],
                                "unpaced": ref["blocks_per_request"]},
         "unpaced": ref,

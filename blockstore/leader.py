@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from blockstore import foreground
 from blockstore.errors import StoreClosed
 from blockstore.mutations import Mutation
 
@@ -53,11 +54,13 @@ class LeaderSlot:
                 batch, self._queue = self._queue, []
                 self._cv.release()
                 error: BaseException | None = None
+                foreground.leading(self.waiting)  # a background leader pauses for reads only while no write waits
                 try:
                     apply([m for g in batch for m in g.mutations])
                 except BaseException as exc:  # delivered to every caller of the group
                     error = exc
                 finally:
+                    foreground.leading(None)
                     self._cv.acquire()
                     self._leader = False
                     for g in batch:
@@ -66,6 +69,10 @@ class LeaderSlot:
                     self._cv.notify_all()
         if group.error is not None:
             raise group.error
+
+    def waiting(self) -> bool:
+        """Whether a write is queued for the leader slot (a snapshot, read without the lock)."""
+        return bool(self._queue)
 
     @contextmanager
     def exclusive(self, *, last: bool = False) -> Iterator[None]:

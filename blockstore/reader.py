@@ -19,7 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-from blockstore import hooks
+from blockstore import foreground, hooks
 from blockstore.backend import Backend
 from blockstore.blocks import BlockFiles, block_file_name
 from blockstore.directory import BLOCK_RECLAIMING, BlockEntry, Directory, Location
@@ -144,12 +144,14 @@ class Reader:
         `out` each payload's length, written into out[i]; None for a miss. `located`: the keys' locations
         if the caller has just looked them up (saves the second lookup). Each read is timed (`timed`):
         compaction paces itself by what the foreground sees."""
+        foreground.READS.append(None)  # background work steps aside while a read is in flight (foreground.py)
         t0 = time.perf_counter()
         try:
             return self._read(nid, space, keys, out, located)
         finally:
             t1 = time.perf_counter()
             self.timed.append((t1, t1 - t0))
+            foreground.READS.pop()
 
     def recent_reads(self, since: float) -> list[float]:
         """Durations (seconds) of the reads that ended after perf_counter() time `since`, oldest first."""
@@ -392,6 +394,7 @@ class Reader:
         dsts = [aligned_buffer(loc.payload_len) for loc in locs]
         with self.blocks.pinned(by_block):
             for bid, idxs in by_block.items():
+                foreground.step_aside()  # compaction's reads: on the background thread, the foreground's go first
                 idxs.sort(key=lambda i: locs[i].offset)
                 name = self.remote_name_of(bid)
                 if name and not self.blocks.exists(bid):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
+from blockstore import foreground
 from blockstore.backend import Backend, get_backend
 from blockstore.blocklife import Evicted
 from blockstore.blocks import BlockFiles
@@ -402,7 +403,11 @@ class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
         keys = check_keys(keys)
         if nid is None:
             return [None] * len(keys)
-        return self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])
+        foreground.READS.append(None)  # a foreground lookup: background work steps aside (foreground.py)
+        try:
+            return self.dir.get_locations([key_suffix(nid, SPACE_KV, k) for k in keys])
+        finally:
+            foreground.READS.pop()
 
     # ------------------------------------------------------------------ stats
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockstore import hooks
+from blockstore import foreground, hooks
 from blockstore.blocklife import BlockLifecycle
 from blockstore.blocks import OpenBlock
 from blockstore.directory import BLOCK_SEALED, BlockEntry, DirectoryBatch, Location
@@ -319,8 +319,7 @@ class WriteEngine(BlockLifecycle):
                        to_seal: list[OpenBlock]) -> tuple[int, int]:
         """Stage each placed record in the batch: its location, the old one dead, both blocks' counters,
         the chunk session index. Returns (logical bytes put, bytes appended)."""
-        batch, current = plan.batch, plan.current
-        now = time.time_ns()
+        batch, current, now = plan.batch, plan.current, time.time_ns()
         bytes_put = bytes_written = 0
         for m, suffix in plan.dropped:  # first: a later put of the key in the group retires what is left
             old = current[suffix]
@@ -332,6 +331,7 @@ class WriteEngine(BlockLifecycle):
                 self._group_entry(entries, kept.block_id, to_seal).live_logical_bytes += len(m.key) + kept.payload_len  # (even the same one) takes the key's bytes
         index: dict[int, int] = {bid: 0 for bid in plan.planned}
         for m, suffix, ob, rec in plan.placed:
+            foreground.step_aside()  # a background leader pauses while a read is in flight (foreground.py)
             bid = ob.entry.block_id
             p = placements[bid][index[bid]]
             index[bid] += 1

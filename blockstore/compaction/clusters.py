@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from blockstore import foreground
+
 if TYPE_CHECKING:
     from .affinity import Group
 
@@ -70,6 +72,7 @@ def build(groups: Sequence[tuple[Group, bool]], sizes: Mapping[bytes, int], capa
     parts = [(g, due, [k for k in dict.fromkeys(g.keys) if k in sizes and degree[k] > 1]) for g, due in groups]
     parts += [(g, due, [k for k in dict.fromkeys(g.keys) if k in sizes]) for g, due in groups]
     for g, due, live in parts:
+        foreground.step_aside()  # planning is Python: on the background thread, reads go first
         if len(live) < 2:
             continue
         homes = list({id(owner[k]): owner[k] for k in live if k in owner}.values())

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blockstore import hooks
+from blockstore import foreground, hooks
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
 from blockstore.errors import CorruptionError, NotFound
 from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix
@@ -250,8 +250,10 @@ def tombstones(store: Store, e: BlockEntry) -> list[tuple[bytes, Location]]:
 
 def yield_gil() -> None:
     """Let waiting foreground threads run: a pure-Python stretch on this thread would otherwise hold
-    the GIL for up to the interpreter's switch interval (5 ms), which is what a reader's p99 sees."""
+    the GIL for up to the interpreter's switch interval (5 ms), which is what a reader's p99 sees; on the
+    background thread, also wait while a read is in flight (blockstore.foreground)."""
     time.sleep(0.0002)
+    foreground.step_aside()
 
 
 def _batches(items: list[tuple[bytes, Location]], limit: int,
@@ -305,6 +307,7 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
         res.copies_dropped += sum(done)
         res.lost_race += len(done) - sum(done)
     for batch in _batches(live, COPY_BATCH_BYTES):
+        foreground.step_aside()
         try:
             payloads = store.read_locations([loc for _s, loc in batch])
         except CorruptionError as exc:

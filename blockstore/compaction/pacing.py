@@ -3,7 +3,7 @@
 A background pass copies at most the policy's rate, and less while the store's reads are slower than
 they are while nothing is copied: `ForegroundPacing` keeps those idle read durations between passes
 and hands each background pass a `Pacer`, which the pass calls with the bytes of each copied batch.
-Four things keep a reader from noticing a pass:
+Five things keep a reader from noticing a pass:
 - the reference: the reads made while no pass ran, and those made while a pass waited between batches
   (so it follows the machine's load as it drifts); a pass that finds none first waits up to PROBE_S
   for some, rather than copying blind at full rate (a store opened with a backlog did exactly that);
@@ -15,7 +15,10 @@ Four things keep a reader from noticing a pass:
 - the background thread's CPU priority (`ThreadPriority`): SCHED_IDLE while the machine is not
   oversubscribed, so the copying takes only CPU time nothing else wants and waits for the reader rather
   than the reader for it; normal priority on an oversubscribed machine, and for a pass starved of CPU
-  for STARVE_S.
+  for STARVE_S;
+- the GIL: the background thread's passes run marked background (`blockstore.foreground`), so at the
+  checkpoints of its Python work (relocation's planning, the group commit it leads, its reads, GC's
+  batches) it sleeps while a foreground read is in flight, and the reader's C calls come back to a free GIL.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from blockstore import metrics
+from blockstore import foreground, metrics
 
 _log = logging.getLogger("blockstore.compaction")
 
@@ -321,10 +324,13 @@ class ForegroundPacing:
         if not self._fast_switch:
             SWITCH_INTERVAL.enter()
             self._fast_switch = True
+        if priority is not None:  # the background thread's passes step aside for reads; a caller's never do
+            foreground.background(stop)
         return pacer
 
     def pass_done(self, pacer: Pacer | None) -> None:
         """A pass ended: reads from now on are idle ones again."""
+        foreground.foreground()
         if self._fast_switch:
             SWITCH_INTERVAL.leave()
             self._fast_switch = False

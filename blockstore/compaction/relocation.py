@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blockstore import hooks
+from blockstore import foreground, hooks
 from blockstore.directory import BLOCK_SEALED
 from blockstore.errors import CorruptionError, NotFound
 from blockstore.records import BLOCK_HEADER_SIZE
@@ -51,6 +51,7 @@ def usable_bytes(block_size: int) -> int:
 
 def layout(live: list[tuple[bytes, Location]], block_size: int) -> GroupLayout:
     """Where these live records are, and the least blocks their bytes need."""
+    foreground.step_aside()  # planning calls it per cluster and group: on the background thread, reads go first
     size = sum(loc.record_len for _k, loc in live)
     return GroupLayout(live, len({loc.block_id for _k, loc in live}), max(1, -(-size // usable_bytes(block_size))),
                        size)

@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from blockstore import foreground
+
 if TYPE_CHECKING:
     from blockstore.directory import Location
     from blockstore.store import Store
@@ -71,6 +73,7 @@ class Shadow:
         self.observed = len(self.readers)  # readers past these are the prior's (WriteNeighbours)
         self._by_key: dict[bytes, list[int]] = {}
         for i, (keys, _w) in enumerate(readers):
+            foreground.step_aside()  # planning is Python: on the background thread, reads go first
             for k in keys:
                 if k in places:
                     self._by_key.setdefault(k, []).append(i)
@@ -117,6 +120,7 @@ class Shadow:
         for _ in range(sweeps):
             dropped = False
             for k in list(keep):
+                foreground.step_aside()  # planning is Python: on the background thread, reads go first
                 readers = self._by_key.get(k, ())
                 with_k = self._cost(readers, keep, dest)
                 del keep[k]
@@ -150,6 +154,7 @@ class WriteNeighbours:
     def add_to(self, seen: Shadow, records: Sequence[tuple[bytes, Location]]) -> None:
         pairs: list[tuple[bytes, bytes, int, int]] = []
         for k, loc in records:
+            foreground.step_aside()
             if k in self._done:
                 continue
             self._done.add(k)

@@ -1,0 +1,155 @@
+"""Foreground first (issue 16, blockstore/foreground.py): reads in flight are counted, and a thread marked
+background pauses at its checkpoints while one is, within a starvation bound; a caller's pass and the
+store's other threads never pause. Durations are bounded loosely (a loaded machine only makes waits
+longer than asked, never shorter)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blockstore
+from blockstore import foreground
+
+
+@pytest.fixture(autouse=True)
+def _no_reads_left() -> Any:
+    foreground.READS.clear()
+    yield
+    foreground.READS.clear()
+    foreground.foreground()
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_reads_and_lookups_are_counted_while_they_run(tmp_path: Path) -> None:
+    with blockstore.open(str(tmp_path / "s")) as s:
+        s.put_many([(b"a", b"1" * 100), (b"b", b"2" * 100)])
+        seen: list[int] = []
+        s.add_read_observer(lambda _sfx, _locs: seen.append(len(foreground.READS)))
+        s.get_many([b"a", b"b"])
+        s.get(b"a")
+        s.read_located([b"b"], s.locate_many([b"b"]))
+        assert seen == [1, 1, 1] and not foreground.READS
+        inner = s.dir.get_locations
+        s.dir.get_locations = lambda keys: (seen.append(len(foreground.READS)), inner(keys))[1]  # type: ignore[method-assign]
+        s.locate_many([b"a"])
+        assert seen[-1] == 1 and not foreground.READS
+        with pytest.raises(blockstore.InvalidArgument):  # a read that fails is counted out too
+            s.get_many([b"a"], out=[bytearray(1), bytearray(1)])
+        assert not foreground.READS
+        # compaction's own reads are not foreground reads
+        s.dir.get_locations = inner  # type: ignore[method-assign]
+        s.read_locations([loc for loc in s.locate_many([b"a"]) if loc is not None])
+        assert seen[-1] == 1 and not foreground.READS
+
+
+def test_only_a_background_thread_pauses() -> None:
+    foreground.READS.append(None)
+    waits = foreground.STATS.waits
+    t0 = time.perf_counter()
+    foreground.step_aside()  # this thread is not background
+    assert _in_thread(lambda: (foreground.step_aside(), foreground.STATS.waits)[1]) == waits
+    assert time.perf_counter() - t0 < foreground.MAX_WAIT_S and foreground.STATS.waits == waits
+
+
+def test_a_background_thread_pauses_up_to_the_bound_then_runs_its_grant() -> None:
+    foreground.READS.append(None)  # a read that never ends
+
+    def body() -> tuple[float, float, int]:
+        foreground.background()
+        grants = foreground.STATS.grants
+        t0 = time.perf_counter()
+        foreground.step_aside()
+        t1 = time.perf_counter()
+        foreground.step_aside()  # within its grant: no pause
+        t2 = time.perf_counter()
+        foreground.foreground()
+        return t1 - t0, t2 - t1, foreground.STATS.grants - grants
+
+    paused, granted, grants = _in_thread(body)
+    assert paused >= foreground.MAX_WAIT_S and grants == 1
+    assert granted < foreground.GRANT_S or granted < paused / 4  # no second pause (a slow machine aside)
+
+
+def test_the_pause_ends_when_the_read_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreground, "MAX_WAIT_S", 5.0)
+    foreground.READS.append(None)
+    threading.Timer(0.05, foreground.READS.pop).start()
+
+    def body() -> float:
+        foreground.background()
+        t0 = time.perf_counter()
+        foreground.step_aside()
+        return time.perf_counter() - t0
+
+    assert 0.04 <= _in_thread(body) < 2.0
+
+
+def test_no_pause_while_a_write_waits_for_the_slot_it_leads_or_once_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreground, "MAX_WAIT_S", 5.0)
+    foreground.READS.append(None)
+    stop = threading.Event()
+
+    def body() -> tuple[float, float]:
+        foreground.background(stop)
+        foreground.leading(lambda: True)
+        t0 = time.perf_counter()
+        foreground.step_aside()
+        foreground.leading(None)
+        stop.set()
+        t1 = time.perf_counter()
+        foreground.step_aside()
+        return t1 - t0, time.perf_counter() - t1
+
+    assert max(_in_thread(body)) < 1.0
+
+
+def _garbage(s: blockstore.Store) -> None:
+    """Sealed blocks mostly dead: work for GC."""
+    for _ in range(3):
+        s.put_many([(b"k%03d" % i, os.urandom(8192)) for i in range(64)])
+    s.delete_many([b"k%03d" % i for i in range(48)])
+
+
+def test_background_compaction_steps_aside_yet_finishes_under_a_read_that_never_ends(tmp_path: Path) -> None:
+    with blockstore.open(str(tmp_path / "s"), block_size=1 << 18,
+                         compaction={"policy": "full", "interval_s": 0.01}) as s:
+        _garbage(s)
+        waits = foreground.STATS.waits
+        foreground.READS.append(None)
+        c = s.compactor
+        assert c is not None
+        deadline = time.monotonic() + 60
+        while c.totals.gc_blocks == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.totals.gc_blocks > 0  # the starvation bound let it work
+        assert foreground.STATS.waits > waits  # and it paused for the read
+        assert {k: s.get(k) is not None for k in (b"k000", b"k047", b"k048", b"k063")} == \
+            {b"k000": False, b"k047": False, b"k048": True, b"k063": True}
+
+
+def test_a_callers_pass_never_pauses(tmp_path: Path) -> None:
+    with blockstore.open(str(tmp_path / "s"), block_size=1 << 18,
+                         compaction={"policy": "full", "background": False}) as s:
+        _garbage(s)
+        foreground.READS.append(None)
+        waits = foreground.STATS.waits
+        c = s.compactor
+        assert c is not None
+        rep = c.run_pass(pace=True)  # paced, but on the caller's thread
+        rep2 = c.run_until_idle()
+        assert rep.gc_blocks + rep2.gc_blocks > 0 and foreground.STATS.waits == waits
+        assert not foreground.is_background()
