@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from blockstore.errors import InvalidArgument
+from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.validate import check_keys, check_pairs, check_seq
 
 if TYPE_CHECKING:
@@ -166,6 +166,12 @@ class KVStore(Protocol):
                  partition: bytes | str | None = ...) -> None: ...
     def get_many(self, keys: Sequence[bytes], *, ns: str = ..., out: Sequence[Buffer] | None = ...) -> list[Any]: ...
     def locate_many(self, keys: Sequence[bytes], *, ns: str = ...) -> list[Location | None]: ...
+    def read_located(self, keys: Sequence[bytes], locs: Sequence[Location | None], *, ns: str = ...,
+                     out: Sequence[Buffer] | None = ...) -> list[Any]: ...
+
+
+# a tensor replaced by one of another dtype or shape between the lookup and the read is read again, this often
+_READ_ATTEMPTS = 8
 
 
 class TensorRecords:
@@ -195,6 +201,17 @@ class TensorRecords:
                 raise InvalidArgument(f"out has {len(out)} tensors for {len(keys)} keys")
             for i, t in enumerate(out):
                 _describe(t, f"out[{i}]")
+        for _ in range(_READ_ATTEMPTS):
+            got = self._read_once(keys, ns, out)
+            if got is not None:
+                return got
+        raise BlockstoreError(f"tensors of keys {keys!r:.300} were replaced in another dtype or shape while each of "
+                              f"{_READ_ATTEMPTS} reads ran")
+
+    def _read_once(self, keys: list[bytes], ns: str, out: Sequence[Any] | None) -> list[Any] | None:
+        """The tensors, shaped by the metas the lookup found, or None if one was replaced meanwhile: the
+        dtype and shape come from the lookup and the bytes from the read (get_many's own lookup read a
+        replacement into the old dtype and shape)."""
         locs = self._store.locate_many(keys, ns=ns)
         targets: list[Any] = []
         for i, loc in enumerate(locs):
@@ -211,5 +228,13 @@ class TensorRecords:
             else:
                 targets.append(_empty_like_meta(m))
         bufs = [_writable_bytes(t) if t is not None else bytearray(0) for t in targets]
-        lens = self._store.get_many(keys, ns=ns, out=bufs)
+        lens = self._store.read_located(keys, locs, ns=ns, out=bufs)  # the located records, as a rule
+        # unless compaction emptied a record's block meanwhile: then it was looked up again, and may be a
+        # replacement. Its bytes fit the meta if the key still has that meta (as the LMCache plugin checks)
+        read = [i for i, n in enumerate(lens) if n is not None]
+        again = self._store.locate_many([keys[i] for i in read], ns=ns) if read else []
+        for i, now in zip(read, again):
+            loc = locs[i]
+            if loc is None or now is None or lens[i] != loc.payload_len or now.meta != loc.meta:
+                return None
         return [t if n is not None else None for t, n in zip(targets, lens)]

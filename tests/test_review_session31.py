@@ -211,3 +211,61 @@ def test_a_full_store_still_serves_the_chunks_it_holds(tmp_path: Path) -> None:
     finally:
         worker.shutdown()
         scheduler.shutdown()
+
+
+def test_a_tensor_replaced_while_it_is_read_is_never_returned_in_the_old_dtype_or_shape(tmp_path: Path) -> None:
+    """get_tensors looked the keys up (dtype and shape from the meta), allocated, then read with get_many, which
+    looks them up again: a tensor replaced in between by one of another dtype or shape of the same size came back
+    as the old dtype holding the new bytes (int32 [7, 8, 9, 10] as float32 [9.8e-45, ...]); a shorter one left
+    the old shape's tail uninitialised; a longer one raised InvalidArgument (out too small) for a valid read.
+    Each comes back as the tensor that was stored, old or new."""
+    import numpy as np
+
+    with blockstore.open(tmp_path / "s") as store:
+        locate = store.locate_many
+
+        def replaced_after_lookup(key: bytes, new: np.ndarray) -> object:
+            calls = []
+
+            def racing(keys: list[bytes], **kw: object) -> object:
+                got = locate(keys, **kw)  # type: ignore[arg-type]
+                if not calls:  # another thread replaces the tensor right after the lookup
+                    calls.append(1)
+                    store.put_tensor(key, new)
+                return got
+
+            store.locate_many = racing  # type: ignore[method-assign]
+            try:
+                return store.get_tensor(key)
+            finally:
+                store.locate_many = locate  # type: ignore[method-assign]
+
+        for i, (old, new) in enumerate([
+                (np.arange(4, dtype=np.float32), np.array([7, 8, 9, 10], dtype=np.int32)),  # same size, other dtype
+                (np.arange(8, dtype=np.float64).reshape(2, 4), np.arange(8, dtype=np.float64).reshape(4, 2)),
+                (np.arange(8, dtype=np.float64), np.arange(2, dtype=np.float64) + 100),  # shorter
+                (np.arange(2, dtype=np.float64), np.arange(50, dtype=np.float64) + 100)]):  # longer
+            key = b"t%d" % i
+            store.put_tensor(key, old)
+            got = replaced_after_lookup(key, new)
+            assert isinstance(got, np.ndarray)
+            same = [t for t in (old, new) if t.dtype == got.dtype and t.shape == got.shape and np.array_equal(t, got)]
+            assert same, (i, got.dtype, got.shape, got)
+        # torch too, and into the caller's tensor (out=): the replacement's dtype no longer fits it
+        store.put_tensor(b"pt", torch.arange(4, dtype=torch.float32))
+        calls: list[int] = []
+
+        def racing_out(keys: list[bytes], **kw: object) -> object:
+            got = locate(keys, **kw)  # type: ignore[arg-type]
+            if not calls:
+                calls.append(1)
+                store.put_tensor(b"pt", torch.tensor([1, 2, 3, 4], dtype=torch.int32))
+            return got
+
+        store.locate_many = racing_out  # type: ignore[method-assign]
+        out = torch.empty(4, dtype=torch.float32)
+        try:
+            with pytest.raises(blockstore.InvalidArgument, match="int32"):
+                store.get_tensor(b"pt", out=out)
+        finally:
+            store.locate_many = locate  # type: ignore[method-assign]
