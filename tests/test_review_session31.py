@@ -269,3 +269,34 @@ def test_a_tensor_replaced_while_it_is_read_is_never_returned_in_the_old_dtype_o
                 store.get_tensor(b"pt", out=out)
         finally:
             store.locate_many = locate  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("which", ["layer", "meta"])
+def test_a_chunk_record_read_again_at_another_size_is_refused(weights: LlamaWeights, tmp_path: Path,
+                                                              which: str) -> None:
+    """read_located looks a record up again when compaction emptied its block after the lookup, and may then
+    read a replacement: chunk KV of the same model id in another dtype (the id does not name the dtype) is
+    half the size. The loaders checked only for a miss, so the bytes landed in slots sized for the old
+    record and the rest of each slot was served as K and V. Simulated here by a read_located that reports the
+    shorter replacement; a BlockstoreError now."""
+    from blockstore import BlockstoreError
+
+    with blockstore.open(tmp_path / "s") as store:
+        kv = ChunkKVStore(store, model_id=weights.model_id)
+        ids = torch.arange(10)
+        ref = full_prefill(weights, ids)
+        cid = kv.put(ids, ref.keys, ref.values, torch.arange(10))
+        read_located = store.read_located
+
+        def replaced(keys: list[bytes], locs: list[object], **kw: object) -> list[object]:
+            got = read_located(keys, locs, **kw)  # type: ignore[arg-type]
+            is_meta = [k.endswith(b"M") for k in keys]
+            return [(n // 2 if isinstance(n, int) else bytes(n)[: len(n) // 2])  # type: ignore[arg-type]
+                    if m == (which == "meta") else n for n, m in zip(got, is_meta)]
+
+        store.read_located = replaced  # type: ignore[method-assign]
+        with pytest.raises(BlockstoreError, match="replaced"):
+            kv.load_many([cid])
+        if which == "meta":
+            with pytest.raises(BlockstoreError, match="replaced"):
+                kv.stream_layers([cid]).close()

@@ -265,8 +265,8 @@ class _BufferPlan:
         raw = self.host.numpy()
         out = [raw[o : o + loc.payload_len].data for o, loc in zip(self.offsets, self.locs)]
         got = store.read_located(self.keys, self.locs, ns=ns, out=out)
-        if any(n is None for n in got):  # deleted between the lookup and the read
-            raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
+        if any(n != loc.payload_len for n, loc in zip(got, self.locs)):  # deleted, or (looked up again) replaced
+            raise BlockstoreError("a chunk KV record was deleted or replaced while it was being loaded")
         if self.device.type == "cuda":
             self.on_device = self.host.to(self.device, non_blocking=True)
 
@@ -365,8 +365,8 @@ class LayerStream:
         got = kv.store.read_located([p.keys[-1] for p in self.plan], [p.locs[-1] for p in self.plan], ns=kv.ns)
         out = []
         for p, raw in zip(self.plan, got):
-            if raw is None:
-                raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
+            if raw is None or len(raw) != p.locs[-1].payload_len:  # deleted, or (looked up again) replaced
+                raise BlockstoreError("a chunk KV record was deleted or replaced while it was being loaded")
             ids_pos = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(2, p.tokens)
             out.append((ids_pos[0], ids_pos[1].to(torch.int64).to(self.device, non_blocking=True)))
         return out
@@ -402,8 +402,8 @@ class LayerStream:
             return
         got = kv.store.read_located([p.keys[layer] for p in self.plan[lo:hi]],
                                     [p.locs[layer] for p in self.plan[lo:hi]], ns=kv.ns, out=out)
-        if any(n is None for n in got):  # deleted between the lookup and the read
-            raise BlockstoreError("a chunk KV record was deleted while it was being loaded")
+        if any(n != p.locs[layer].payload_len for n, p in zip(got, self.plan[lo:hi])):  # deleted, or replaced
+            raise BlockstoreError("a chunk KV record was deleted or replaced while it was being loaded")
 
     def _piece_done(self, layer: int) -> None:
         """The layer is ready once its last piece is in: the caller gets views of its buffer."""
