@@ -168,9 +168,12 @@ class KVStore(Protocol):
     def locate_many(self, keys: Sequence[bytes], *, ns: str = ...) -> list[Location | None]: ...
     def read_located(self, keys: Sequence[bytes], locs: Sequence[Location | None], *, ns: str = ...,
                      out: Sequence[Buffer] | None = ...) -> list[Any]: ...
+    def has_block(self, block_id: int) -> bool: ...
+    def hold_blocks(self, block_ids: Sequence[int]) -> Any: ...
+    def block_read_fd(self, block_id: int) -> int | None: ...
 
 
-# a tensor replaced by one of another dtype or shape between the lookup and the read is read again, this often
+# a read whose lookup named a block compaction deleted before the read began is tried again, this often
 _READ_ATTEMPTS = 8
 
 
@@ -205,13 +208,12 @@ class TensorRecords:
             got = self._read_once(keys, ns, out)
             if got is not None:
                 return got
-        raise BlockstoreError(f"tensors of keys {keys!r:.300} were replaced in another dtype or shape while each of "
-                              f"{_READ_ATTEMPTS} reads ran")
+        raise BlockstoreError(f"tensors of keys {keys!r:.300}: a block their lookup named was deleted before each of "
+                              f"{_READ_ATTEMPTS} reads")
 
     def _read_once(self, keys: list[bytes], ns: str, out: Sequence[Any] | None) -> list[Any] | None:
-        """The tensors, shaped by the metas the lookup found, or None if one was replaced meanwhile: the
-        dtype and shape come from the lookup and the bytes from the read (get_many's own lookup read a
-        replacement into the old dtype and shape)."""
+        """The tensors, shaped by the metas the lookup found and read from the records it found (get_many's
+        own lookup read a replacement into the old dtype and shape); None if a block went meanwhile."""
         locs = self._store.locate_many(keys, ns=ns)
         targets: list[Any] = []
         for i, loc in enumerate(locs):
@@ -228,13 +230,12 @@ class TensorRecords:
             else:
                 targets.append(_empty_like_meta(m))
         bufs = [_writable_bytes(t) if t is not None else bytearray(0) for t in targets]
-        lens = self._store.read_located(keys, locs, ns=ns, out=bufs)  # the located records, as a rule
-        # unless compaction emptied a record's block meanwhile: then it was looked up again, and may be a
-        # replacement. Its bytes fit the meta if the key still has that meta (as the LMCache plugin checks)
-        read = [i for i, n in enumerate(lens) if n is not None]
-        again = self._store.locate_many([keys[i] for i in read], ns=ns) if read else []
-        for i, now in zip(read, again):
-            loc = locs[i]
-            if loc is None or now is None or lens[i] != loc.payload_len or now.meta != loc.meta:
+        blocks = sorted({p.block_id for loc in locs if loc is not None for p in loc.places()})
+        with self._store.hold_blocks(blocks):  # from here on their files outlive a deletion
+            # a block without its file that the table no longer names was deleted since the lookup: read_located
+            # would look its record up again and may read a replacement (a block whose file the remote tier
+            # dropped is still named, and a new one's file is there before the table names it)
+            if any(self._store.block_read_fd(b) is None and not self._store.has_block(b) for b in blocks):
                 return None
+            lens = self._store.read_located(keys, locs, ns=ns, out=bufs)  # exactly the records the lookup found
         return [t if n is not None else None for t, n in zip(targets, lens)]
