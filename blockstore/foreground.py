@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 
 POLL_S = 0.0002  # the sleep between two looks at the reads in flight (each look takes the GIL)
-MAX_WAIT_S = 0.002  # the longest a background thread steps aside at once ...
+MAX_WAIT_S = 0.0006  # the longest a background thread steps aside at once ...
 GRANT_S = 0.0001  # ... before it runs this long without pausing
 CHECK_EVERY = 16  # records between two checkpoints inside the group commit's loops (0 mod this)
 
