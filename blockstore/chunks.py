@@ -17,7 +17,7 @@ from blockstore.directory import Directory
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.keys import SPACE_CHUNK, TOMBSTONE_META, encode_chunk_key, key_suffix, session_prefix
 from blockstore.mutations import Mutation
-from blockstore.records import Kind
+from blockstore.records import MAX_PAYLOAD, Kind
 from blockstore.validate import check_int, check_keys, check_meta, check_ns, check_seq
 
 MAX_ID = 1024
@@ -76,6 +76,8 @@ def _chunk_mutation(ns: str, c: ChunkWrite) -> Mutation:
         encoded_text = c.text.encode()
     except UnicodeEncodeError:
         raise InvalidArgument("text must be valid UTF-8 (it holds a lone surrogate)") from None
+    if len(encoded_text) > MAX_PAYLOAD:  # else the C core refused the whole group commit: other writers' records too
+        raise InvalidArgument(f"text of {len(encoded_text)} UTF-8 bytes exceeds the {MAX_PAYLOAD}-byte limit of a record")
     ts = time.time_ns() if c.ts_ns is None else check_int("ts_ns", c.ts_ns)
     if not 0 <= ts < 1 << 64:
         raise InvalidArgument("ts_ns must fit in an unsigned 64-bit integer")

@@ -311,3 +311,19 @@ def test_a_chunk_record_read_again_at_another_size_is_refused(weights: LlamaWeig
         if which == "meta":
             with pytest.raises(BlockstoreError, match="replaced"):
                 kv.stream_layers([cid]).close()
+
+
+def test_a_chunk_text_over_the_record_limit_is_refused_before_the_group_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """put's value is checked against the payload limit (4 GiB - 1) before it is queued; a chunk's text was not,
+    and the C core refused the whole group ('append records: InvalidArgument', naming nothing), which raises
+    in every caller of the group: other threads' puts committed with it failed too. The limit is lowered here
+    (a 4 GiB text is too much for a test); the text is refused up front, naming its size."""
+    from blockstore import InvalidArgument
+
+    monkeypatch.setattr("blockstore.chunks.MAX_PAYLOAD", 100, raising=False)
+    with blockstore.open(tmp_path / "s") as store:
+        with pytest.raises(InvalidArgument, match="text of 101 UTF-8 bytes exceeds the 100-byte limit"):
+            store.put_chunk("u", "s", "c", "é" * 50 + "x")
+        store.put_chunk("u", "s", "c", "x" * 100)
+        assert [c.text for c in store.list_chunks("u", "s")] == ["x" * 100]
