@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"  {k:32} {v if isinstance(v, dict) else round(v, 3)}")
     with open(results_path(args, "compaction_profile"), "w") as f:
         json.dump(doc, f, indent=1)
+    print(json.dumps({"traces": {n: {k: round(v[k], 3) for k in ("blocks", "floor", "blocks_only_never_read", "clusters",
+                                                                  "blocks_beyond_one_per_cluster")}
+                                 for n, v in doc["traces"].items()}}))
 
 
 if __name__ == "__main__":

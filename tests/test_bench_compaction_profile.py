@@ -3,9 +3,12 @@ figures come from `python -m bench.compaction_profile`, see docs/compaction.md).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from bench.compaction_profile import profile
+from bench.compaction_profile import main, profile
 
 
 @pytest.mark.parametrize("name", ["swe", "sessions"])
@@ -21,3 +24,10 @@ def test_the_split_adds_up(name: str) -> None:
     # both traces name partitions as paths (repo/task, tenant/session): every request has a parent's pool
     assert sum(n for n, _mean in out["by_parent_pool_blocks"].values()) == out["requests"]
     assert out["compaction"]["relocated_bytes"] >= 0
+
+
+def test_the_last_line_is_a_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--traces", "swe", "--scale", "0.25", "--json", str(tmp_path / "p.json"), "--dir", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert last["traces"]["swe"]["blocks"] == round(doc["traces"]["swe"]["blocks"], 3) >= 1.0
