@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.reader import READ_BLOCKS_AT_ONCE
 from blockstore.validate import check_keys, check_pairs, check_seq
 
 if TYPE_CHECKING:
@@ -171,6 +173,7 @@ class KVStore(Protocol):
     def has_block(self, block_id: int) -> bool: ...
     def hold_blocks(self, block_ids: Sequence[int]) -> Any: ...
     def block_read_fd(self, block_id: int) -> int | None: ...
+    def request(self) -> AbstractContextManager[None]: ...
 
 
 # a read whose lookup named a block compaction deleted before the read began is tried again, this often
@@ -230,12 +233,38 @@ class TensorRecords:
             else:
                 targets.append(_empty_like_meta(m))
         bufs = [_writable_bytes(t) if t is not None else bytearray(0) for t in targets]
-        blocks = sorted({p.block_id for loc in locs if loc is not None for p in loc.places()})
-        with self._store.hold_blocks(blocks):  # from here on their files outlive a deletion
-            # a block without its file that the table no longer names was deleted since the lookup: read_located
-            # would look its record up again and may read a replacement (a block whose file the remote tier
-            # dropped is still named, and a new one's file is there before the table names it)
-            if any(self._store.block_read_fd(b) is None and not self._store.has_block(b) for b in blocks):
-                return None
-            lens = self._store.read_located(keys, locs, ns=ns, out=bufs)  # exactly the records the lookup found
+        lens: list[Any] = [None] * len(keys)
+        with self._store.request():  # one request to the read observers, however many batches
+            for batch in _batches(locs):
+                blocks = sorted({p.block_id for i in batch for p in locs[i].places()})  # type: ignore[union-attr]
+                with self._store.hold_blocks(blocks):  # from here on their files outlive a deletion
+                    # a block the table no longer names and without its file was deleted since the lookup:
+                    # read_located would look its record up again and may read a replacement (a block whose
+                    # file the remote tier dropped is still named; a new one's file is there before the table
+                    # names it)
+                    if any(not self._store.has_block(b) and self._store.block_read_fd(b) is None for b in blocks):
+                        return None
+                    read = self._store.read_located([keys[i] for i in batch], [locs[i] for i in batch], ns=ns,
+                                                    out=[bufs[i] for i in batch])  # the records the lookup found
+                for i, n in zip(batch, read):
+                    lens[i] = n
         return [t if n is not None else None for t, n in zip(targets, lens)]
+
+
+def _batches(locs: Sequence[Location | None]) -> list[list[int]]:
+    """Indexes of the located keys in runs whose places lie in at most READ_BLOCKS_AT_ONCE blocks: each run's
+    blocks are held while it is read, and a held block's descriptor stays open (the reader reads a group of
+    blocks at a time for the same reason: a descriptor per block of a large read ran out of them, EMFILE)."""
+    runs: list[list[int]] = []
+    run: list[int] = []
+    blocks: set[int] = set()
+    for i, loc in enumerate(locs):
+        if loc is None:
+            continue
+        mine = {p.block_id for p in loc.places()}
+        if run and len(blocks | mine) > READ_BLOCKS_AT_ONCE:
+            runs.append(run)
+            run, blocks = [], set()
+        run.append(i)
+        blocks |= mine
+    return [*runs, run] if run else runs
