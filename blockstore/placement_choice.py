@@ -48,11 +48,14 @@ Between the two, a partition's parent (`parent_of`: "tenant/session" -> "tenant"
 user): where requests read what several sessions of one tenant wrote (a session's newest records plus
 its tenant's earlier ones), placing by session spreads each request over the sessions' blocks and
 placing by namespace interleaves every tenant's; the parent is what they share. It is scored as a third
-shadow lineage, and chosen by the same shares (over the partitions, and over the namespace unless that
-beats it too); a store of one namespace labels records only for it, and is never one lineage. Quick,
-3 seeds, full / append-only blocks/request (issue 16, H75): SWE-shaped (partition repo/task) 0.83 ->
-0.59, `sessions` (tenant/session) 0.66 -> 0.47, at lower write amplification; traces without such
-names, or whose reads do not favour the parent, unchanged.
+shadow lineage and chosen by the same shares over the partitions. Where the namespace qualifies too, the
+mode in place stays until the other beats it by the same share, and a tie goes to the namespace unless
+its partitions have several parents (a namespace of one tenant, its sessions' parent, is placed as
+before). A store of one namespace labels records once two partitions of one parent are written (the
+LMCache plugin's per-layer partitions never are), and is never one lineage. Full / append-only
+blocks/request, medians (issue 16, H75): SWE-shaped (partition repo/task) quick 0.83 -> 0.67, full mode
+0.73 -> 0.59; `sessions` (tenant/session) quick 0.66 -> 0.51, full mode 0.72 -> 0.47; traces without
+such names, or whose reads do not favour the parents, unchanged (docs/compaction.md).
 
 The coarsest this gets is what a caller that names no partition gets. Nothing here knows a workload:
 the evidence is the store's reads, the only size the block size. Compaction's own streams (partition
