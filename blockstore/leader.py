@@ -33,6 +33,7 @@ class LeaderSlot:
         self._queue: list[_Group] = []
         self._leader = False
         self._last = False  # exclusive(last=True) began: no group leads any more (the store is closing)
+        self._exclusive_waiting = 0  # callers of exclusive() waiting for the slot
 
     def submit(self, muts: list[Mutation], apply: Callable[[list[Mutation]], None],
                may_lead: Callable[[], None]) -> None:
@@ -71,8 +72,9 @@ class LeaderSlot:
             raise group.error
 
     def waiting(self) -> bool:
-        """Whether a write is queued for the leader slot (a snapshot, read without the lock)."""
-        return bool(self._queue)
+        """Whether a write or an `exclusive()` caller waits for the leader slot (a snapshot, read without the
+        lock): a background leader does not pause for reads meanwhile (foreground.py)."""
+        return bool(self._queue) or self._exclusive_waiting > 0
 
     @contextmanager
     def exclusive(self, *, last: bool = False) -> Iterator[None]:
@@ -81,8 +83,12 @@ class LeaderSlot:
         and one that led after close's last seal wrote a block left open in a store marked clean)."""
         with self._cv:
             self._last = self._last or last
-            while self._leader:
-                self._cv.wait()
+            self._exclusive_waiting += 1
+            try:
+                while self._leader:
+                    self._cv.wait()
+            finally:
+                self._exclusive_waiting -= 1
             self._leader = True
         try:
             yield

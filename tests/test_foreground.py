@@ -153,3 +153,38 @@ def test_a_callers_pass_never_pauses(tmp_path: Path) -> None:
         rep2 = c.run_until_idle()
         assert rep.gc_blocks + rep2.gc_blocks > 0 and foreground.STATS.waits == waits
         assert not foreground.is_background()
+
+
+def test_the_leader_slot_says_when_a_write_or_an_exclusive_caller_waits() -> None:
+    from blockstore.leader import LeaderSlot
+
+    slot = LeaderSlot()
+    leading, release = threading.Event(), threading.Event()
+
+    def apply(_muts: Any) -> None:
+        leading.set()
+        release.wait(5)
+
+    def exclusive() -> None:
+        with slot.exclusive():
+            pass
+
+    def until_waiting() -> bool:
+        deadline = time.monotonic() + 5
+        while not slot.waiting() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return slot.waiting()
+
+    for other in (exclusive, lambda: slot.submit([], lambda _m: None, lambda: None)):
+        leading.clear()
+        release.clear()
+        first = threading.Thread(target=slot.submit, args=([], apply, lambda: None))
+        first.start()
+        assert leading.wait(5) and not slot.waiting()  # leading, nobody waiting: a background leader may pause
+        second = threading.Thread(target=other)
+        second.start()
+        assert until_waiting()
+        release.set()
+        first.join()
+        second.join()
+        assert not slot.waiting()
