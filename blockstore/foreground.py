@@ -6,12 +6,13 @@ reader needs the GIL back, and while a background thread (the compactor) runs Py
 switch interval for it, each time: on a quiet 16-core host that kept LoCoMo's get p99 at 2.2x idle
 (bench/README.md, "On a quiet machine"), and shorter switch intervals did not help (taking turns more
 often is still taking the reader's turn). So a background thread gives the reader its turn instead: at
-checkpoints in its Python work (`step_aside`: between the group commit's phases and every CHECK_EVERY
-records inside them, between the blocks of a compaction read, between GC's batches, between the groups of
-relocation's planning) it sleeps, GIL released, while any read is in flight, so the reader's C calls come
-back to a free GIL. Checkpoints, not a profile function on the thread: since Python 3.12, sys.setprofile
-on one thread instruments every thread's code (a call-heavy loop in another thread ran 2.4-3.5x slower,
-3.12.1 and 3.13.0), which would slow the very reads it protects.
+checkpoints in its Python work (`step_aside`: each record the group commit it leads places and stages,
+each block of its reads, each GC batch and victim, relocation's planning per cluster, group and record, every
+STEP_EVERY entries of the block table it copies or a block's records it lists: `stepping`) it sleeps, GIL
+released, while any read is in flight, so the reader's C calls come back to a free GIL. Checkpoints, not a
+profile function on the thread: since Python 3.12, sys.setprofile on one thread instruments every thread's
+code (a call-heavy loop in another thread ran 2.4x slower on 3.12.1, 2.8x on 3.13.0), which would slow the
+very reads it protects.
 
 One count for the process, not per store: every store of the process shares its GIL. A checkpoint does
 not pause:
@@ -29,12 +30,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 POLL_S = 0.0002  # the sleep between two looks at the reads in flight (each look takes the GIL)
 MAX_WAIT_S = 0.0006  # the longest a background thread steps aside at once ...
 GRANT_S = 0.0001  # ... before it runs this long without pausing
-CHECK_EVERY = 16  # records between two checkpoints inside the group commit's loops (0 mod this)
+STEP_EVERY = 64  # items between two checkpoints of `stepping`
 
 # one item per foreground read in progress (deque append and pop are atomic; its truth: any read in flight)
 READS: deque[None] = deque()
@@ -100,3 +102,14 @@ def step_aside() -> None:
             break
     STATS.waits += 1
     STATS.waited_s += now - began
+
+
+T = TypeVar("T")
+
+
+def stepping(items: Iterable[T], every: int = STEP_EVERY) -> Iterator[T]:
+    """`items`, with a checkpoint before every `every`-th one (a long loop of Python over a table)."""
+    for i, x in enumerate(items):
+        if i % every == 0:
+            step_aside()
+        yield x

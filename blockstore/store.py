@@ -469,7 +469,9 @@ class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
         blocks with a higher id (the remote uploader's cursor: it copies what it looks at, not the table)."""
         with self._engine.state_lock:
             entries = [e for bid, e in self._engine.table.items() if after is None or bid > after]
-        return [e.copy() for e in sorted(entries, key=lambda e: e.block_id)]
+        # copied outside the lock (entries are replaced, never changed in place), with checkpoints: compaction
+        # copies the whole table every pass (foreground.py)
+        return [e.copy() for e in foreground.stepping(sorted(entries, key=lambda e: e.block_id))]
 
     def drop_page_cache(self) -> None:
         """Evict this store's block files from the OS page cache (cold-read benchmarks)."""

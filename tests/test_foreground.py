@@ -59,39 +59,37 @@ def test_reads_and_lookups_are_counted_while_they_run(tmp_path: Path) -> None:
 def test_only_a_background_thread_pauses() -> None:
     foreground.READS.append(None)
     waits = foreground.STATS.waits
-    t0 = time.perf_counter()
     foreground.step_aside()  # this thread is not background
     assert _in_thread(lambda: (foreground.step_aside(), foreground.STATS.waits)[1]) == waits
-    assert time.perf_counter() - t0 < foreground.MAX_WAIT_S and foreground.STATS.waits == waits
+    assert foreground.STATS.waits == waits  # every pause is counted: none happened
 
 
-def test_a_background_thread_pauses_up_to_the_bound_then_runs_its_grant() -> None:
+def test_a_background_thread_pauses_up_to_the_bound_then_runs_its_grant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreground, "GRANT_S", 30.0)  # long enough that no machine's delay ends it here
     foreground.READS.append(None)  # a read that never ends
 
-    def body() -> tuple[float, float, int]:
+    def body() -> tuple[float, int, int]:
         foreground.background()
-        grants = foreground.STATS.grants
+        grants, waits = foreground.STATS.grants, foreground.STATS.waits
         t0 = time.perf_counter()
         foreground.step_aside()
-        t1 = time.perf_counter()
+        paused = time.perf_counter() - t0
         foreground.step_aside()  # within its grant: no pause
-        t2 = time.perf_counter()
         foreground.foreground()
-        return t1 - t0, t2 - t1, foreground.STATS.grants - grants
+        return paused, foreground.STATS.grants - grants, foreground.STATS.waits - waits
 
-    paused, granted, grants = _in_thread(body)
-    assert paused >= foreground.MAX_WAIT_S and grants == 1
-    assert granted < foreground.GRANT_S or granted < paused / 4  # no second pause (a slow machine aside)
+    paused, grants, waits = _in_thread(body)
+    assert paused >= foreground.MAX_WAIT_S and grants == 1 and waits == 1
 
 
 def test_the_pause_ends_when_the_read_does(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(foreground, "MAX_WAIT_S", 5.0)
     foreground.READS.append(None)
-    threading.Timer(0.05, foreground.READS.pop).start()
 
     def body() -> float:
         foreground.background()
         t0 = time.perf_counter()
+        threading.Timer(0.05, foreground.READS.pop).start()  # the read ends 50 ms from now
         foreground.step_aside()
         return time.perf_counter() - t0
 
@@ -188,3 +186,27 @@ def test_the_leader_slot_says_when_a_write_or_an_exclusive_caller_waits() -> Non
         first.join()
         second.join()
         assert not slot.waiting()
+
+
+def test_stepping_yields_every_item_with_a_checkpoint_every_so_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreground, "MAX_WAIT_S", 0.0)  # each checkpoint a pause of no length (counted)
+    monkeypatch.setattr(foreground, "GRANT_S", 0.0)
+    foreground.READS.append(None)
+
+    def body() -> tuple[list[int], int]:
+        foreground.background()
+        waits = foreground.STATS.waits
+        out = list(foreground.stepping(range(130), every=64))
+        return out, foreground.STATS.waits - waits
+
+    assert _in_thread(body) == (list(range(130)), 3)  # before items 0, 64 and 128
+
+
+def test_a_block_entry_copy_is_equal_and_independent() -> None:
+    from blockstore.directory_values import BlockEntry
+
+    e = BlockEntry(5, 2, b"part", 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, b"remote")
+    c = e.copy()
+    assert c == e and c is not e
+    c.live_bytes -= 1
+    assert e.live_bytes == 12

@@ -213,12 +213,12 @@ def records_here(store: Store, bid: int) -> tuple[list[tuple[bytes, Location]], 
     to be moved; (suffix, whole value, the place here) of keys with copies (docs/copies.md), whose place
     here is dropped instead (the key stays readable at its other places, and nothing is written). One
     place per key: a second place of a key in the same block waits for the next pass."""
-    pairs = list(store.dir.block_records(bid))
+    pairs = list(foreground.stepping(store.dir.block_records(bid)))  # on the background thread, reads go first
     locs = store.dir.get_locations([sfx for _off, sfx in pairs])
     moves: list[tuple[bytes, Location]] = []
     drops: list[tuple[bytes, Location, Location]] = []
     dropping: set[bytes] = set()
-    for (off, sfx), loc in zip(pairs, locs):
+    for (off, sfx), loc in foreground.stepping(zip(pairs, locs)):
         if loc is None or not loc.holds(bid, off):
             continue
         if not loc.copies:
