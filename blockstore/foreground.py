@@ -18,7 +18,8 @@ One count for the process, not per store: every store of the process shares its 
 not pause:
 - on a thread not marked background (`background`), nor once its `stop` is set;
 - where pausing would hold up the foreground instead: while a write or an `exclusive()` caller waits for
-  the group-commit slot this thread leads (`leading`); checkpoints sit where no lock a read takes is held;
+  the group-commit slot this thread leads, or another caller's write is in the group it applies
+  (`leading`); checkpoints sit where no lock a read takes is held;
 - for longer than MAX_WAIT_S at once: then the thread runs GRANT_S without pausing (the starvation bound:
   a reader that never stops leaves background work GRANT_S / (MAX_WAIT_S + GRANT_S) of the GIL at least,
   besides all it does with the GIL released).

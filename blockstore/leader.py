@@ -25,6 +25,10 @@ class _Group:
     error: BaseException | None = None
 
 
+def _always() -> bool:
+    return True
+
+
 class LeaderSlot:
     """The group-commit queue and its one leader slot."""
 
@@ -55,7 +59,9 @@ class LeaderSlot:
                 batch, self._queue = self._queue, []
                 self._cv.release()
                 error: BaseException | None = None
-                foreground.leading(self.waiting)  # a background leader pauses for reads only while no write waits
+                # a background leader pauses for reads only while no other caller waits: for the slot, or for
+                # this batch (it holds every group queued when the slot was taken)
+                foreground.leading(self.waiting if len(batch) == 1 else _always)
                 try:
                     apply([m for g in batch for m in g.mutations])
                 except BaseException as exc:  # delivered to every caller of the group

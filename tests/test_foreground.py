@@ -210,3 +210,39 @@ def test_a_block_entry_copy_is_equal_and_independent() -> None:
     assert c == e and c is not e
     c.live_bytes -= 1
     assert e.live_bytes == 12
+
+
+def test_a_background_leader_never_pauses_while_it_applies_another_callers_write() -> None:
+    """The group a leader applies holds every group queued when it took the slot: a caller's write in it
+    waits for that group as much as one queued behind it, so the leader does not pause for reads then."""
+    from blockstore.leader import LeaderSlot
+
+    slot = LeaderSlot()
+    with slot._cv:
+        slot._leader = True  # another leader is applying: the caller's write queues behind it
+    caller = threading.Thread(target=slot.submit, args=([b"caller"], lambda _m: None, lambda: None))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while not slot.waiting() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with slot._cv:
+        slot._leader = False  # that leader is done; the background thread comes first and leads both groups
+
+    def background_leads() -> tuple[list[Any], bool]:
+        foreground.background()
+        seen: list[tuple[list[Any], bool]] = []
+        busy = foreground._Background.busy  # the class default: no group led
+
+        def apply(muts: list[Any]) -> None:
+            b = foreground._bg.busy
+            seen.append((muts, b is not None and b()))
+
+        slot.submit([b"background"], apply, lambda: None)
+        foreground.foreground()
+        assert foreground._bg.busy is busy
+        return seen[0]
+
+    muts, busy = _in_thread(background_leads)
+    caller.join(5)
+    assert sorted(muts) == [b"background", b"caller"]  # the caller's write is in the group it leads
+    assert busy  # so its checkpoints do not pause for reads
