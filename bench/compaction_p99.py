@@ -425,6 +425,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="GIL probe and timed compactor calls (changes timings)")
     ap.add_argument("--hog", action="store_true", help="also time the idle requests beside a GIL-free CPU hog "
                     "thread, at normal priority and under SCHED_IDLE (Linux)")
+    ap.add_argument("--no-step-aside", action="store_true", help="the compactor's thread never steps aside for "
+                    "reads (blockstore.foreground.background made a no-op: the behaviour before 904bc36, same code)")
     args = ap.parse_args(argv)
     args.mode = bench_mode(args)
     args.json = results_path(args, "compaction_p99")
@@ -438,6 +440,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.no_step_aside:
+        foreground.background = lambda stop=None: None  # type: ignore[assignment]  # pacing marks nothing
     os.makedirs(args.dir, exist_ok=True)
     t_all = time.perf_counter()
     root = tempfile.mkdtemp(prefix="compaction-p99-", dir=args.dir)
@@ -464,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = finite({"benchmark": "compaction_p99", "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
                   "config": {"mode": args.mode, "scale": args.scale, "seeds": [args.seed + r for r in range(args.repeats)],
                              "requests": args.requests, "policy": args.policy, "profile": args.profile,
+                             "step_aside": not args.no_step_aside,
                              "target": pacing.FG_P99_TARGET},
                   "machine": machine_info(args.dir), "engine": engine_state(),
                   "load_avg_1m": {"min": min(load), "max": max(load)}, "wall_s": round(time.perf_counter() - t_all, 1),
