@@ -248,7 +248,8 @@ class PlacementChoice:
         parent = parent_of(partition)
         if parent is not None and not seen[3]:  # the namespace's parents: one (its first) or several
             seen[2] = seen[2] or parent
-            seen[3] = self.many_parents = seen[2] != parent
+            if seen[2] != parent:  # (the store's flag: once any namespace has several)
+                seen[3] = self.many_parents = True
         if len(written) < 2 and not self._siblings(partition, parent):
             return  # one namespace so far, no two partitions of one parent: nothing to choose between or keep
         ns = seen[1]  # one bytes object per namespace, shared by its labels

@@ -128,3 +128,15 @@ def test_partitions_that_are_each_their_parents_only_child_label_nothing() -> No
     choice.note_append(99, 4096, b"lmcache\0t1/s1", 8000)
     choice.note_append(99, 12288, b"lmcache\0t1/s2", 8000)  # siblings: from now on records are labelled
     assert choice.siblings and len(choice._labels) == 1
+
+
+def test_a_namespace_of_one_parent_does_not_hide_another_of_several() -> None:
+    """`many_parents` (the store's tie rule) says some namespace's partitions have several parents: a record of a
+    namespace with one parent, written after, set it back to False."""
+    choice = PlacementChoice(block_size=BLOCK, max_names=64)
+    choice.note_append(1, 4096, b"a\0t1/s1", 8000)
+    choice.note_append(1, 12288, b"a\0t2/s1", 8000)
+    assert choice.many_parents
+    choice.note_append(2, 4096, b"b\0t9/s1", 8000)
+    choice.note_append(2, 12288, b"b\0t9/s2", 8000)
+    assert choice.many_parents
