@@ -12,9 +12,11 @@ a later new shape compiles again once, then runs with dynamic shapes). If the co
 a warning says why and every later call goes back to SDPA (`compute.attend`), whose results are the
 same up to float rounding.
 
-Off unless `BLOCKSTORE_BLEND_FLEX=1`: it has not yet been timed on a GPU (the session that wrote it had
-no device time left); `python -m bench.blend` times the blend both ways (the `*_flex` rows), and the
-default flips once a run shows it pays.
+Off unless `BLOCKSTORE_BLEND_FLEX=1`: on an H100 (8B shape, bench/README.md "Compiled kernels for the
+blend") the attention call alone is faster (4k tokens, 614 rows: 0.133 ms against SDPA's 0.239; 8k: 0.376
+against 0.657), but the blend with it is slower (hot 43.1 against 35.0 ms at 4k, 71.5 against 65.8 at 8k,
+with fused_rope.py on too): the compiled call's overhead on the CPU, which issues a blend's ops, costs more
+than the GPU time it saves. `python -m bench.blend` times both (the `*_compiled` rows).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _tile_ends(x: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]
     value): the lowest and highest position in each tile."""
     padded = torch.cat((x, x[-1:].expand(tiles * TILE - x.shape[0])))
     runs = padded.view(tiles, TILE)
-    return runs[:, 0], runs[:, -1]
+    return runs[:, 0].contiguous(), runs[:, -1].contiguous()  # searchsorted copies a strided input
 
 
 def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockMask:
