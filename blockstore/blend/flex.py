@@ -12,7 +12,7 @@ a later new shape compiles again once, then runs with dynamic shapes). If the co
 a warning says why and every later call goes back to SDPA (`compute.attend`), whose results are the
 same up to float rounding.
 
-Off unless `BLOCKSTORE_BLEND_FLEX=1`: on an H100 (8B shape, bench/README.md "Compiled kernels for the
+Off unless `BLOCKSTORE_BLEND_FLEX=1`: on an H100 (8B shape, bench/README.md "compiled kernels for the
 blend") the attention call alone is faster (4k tokens, 614 rows: 0.133 ms against SDPA's 0.239; 8k: 0.376
 against 0.657), but the blend with it is slower (hot 43.1 against 35.0 ms at 4k, 71.5 against 65.8 at 8k,
 with fused_rope.py on too): the compiled call's overhead on the CPU, which issues a blend's ops, costs more

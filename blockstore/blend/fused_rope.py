@@ -7,7 +7,7 @@ and writes its rows of the layer's K once (an H100, 4k tokens: 48 us a layer eag
 
 Compiled on first use (seconds, once per process; a new shape once more, then dynamic shapes). Used on a
 GPU only and while `usable()`: `BLOCKSTORE_BLEND_FUSED_ROPE=1` turns it on (off: with FlexAttention, the
-blend on an H100 was slower with both than without, bench/README.md "Compiled kernels for the blend"); a compile or call failure
+blend on an H100 was slower with both than without, bench/README.md, "compiled kernels for the blend"); a compile or call failure
 warns once and every later rotation is the eager one (`compute._rotate_signed`), whose results are the same
 up to float rounding.
 """
