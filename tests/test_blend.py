@@ -395,3 +395,22 @@ def test_oracle_picks_the_rows_whose_kv_is_off(weights: LlamaWeights) -> None:
     attention = [torch.zeros(n) for _ in range(layers)]
     attention[2][7] = 1.0  # the last token reads only row 7
     assert int(oracle_scores(ref, reuse, covered, 1, attention).argmax()) == 7
+
+
+def test_one_checkpoint_in_two_dtypes_keeps_two_sets_of_chunk_kv(weights: LlamaWeights, store: blockstore.Store) -> None:
+    """The same weights as float32 and as bfloat16 (model_id is the checkpoint's) blend the same chunks side by
+    side: each dtype's KV under its own id. One id for both made each refuse the other's stored chunks
+    (InvalidArgument) on every blend, and a stored chunk is never computed again."""
+    half = LlamaWeights.random(CFG, seed=7, std=0.2, dtype=torch.bfloat16)
+    assert half.model_id == weights.model_id and Blender.kv_model_id(half) != Blender.kv_model_id(weights)
+    chunks = _chunks(2, seed=4)
+    prompt = _prompt(chunks)
+    full = Blender(weights, ChunkKVStore(store, model_id=Blender.kv_model_id(weights)), separator_ids=(SEP,))
+    full.blend(prompt)  # stores both chunks as float32
+    kv_half = ChunkKVStore(store, model_id=Blender.kv_model_id(half))
+    res = Blender(half, kv_half, separator_ids=(SEP,)).blend(prompt)
+    assert res.missing_chunks and all(got is not None and got.keys[0].dtype == torch.bfloat16
+                                      for got in kv_half.load_many([chunk_id(c) for c in chunks]))
+    again = Blender(half, kv_half, separator_ids=(SEP,)).blend(prompt)
+    assert not again.missing_chunks  # its own chunks, reused
+    assert not full.blend(prompt).missing_chunks  # and float32's still there

@@ -205,9 +205,9 @@ class Blender:
 
     @staticmethod
     def kv_model_id(weights: LlamaWeights, chunk_prefix: Sequence[int] = ()) -> str:
-        """The model_id of the ChunkKVStore a Blender of these weights and chunk prefix uses."""
-        return weights.model_id + (f"|chunk-prefix={','.join(str(int(t)) for t in chunk_prefix)}"
-                                   if chunk_prefix else "")
+        """The model_id of the ChunkKVStore a Blender of these weights and chunk prefix uses (per dtype but float32)."""
+        return weights.model_id + ("" if weights.dtype == torch.float32 else f"|dtype={str(weights.dtype)[6:]}") + (
+            f"|chunk-prefix={','.join(str(int(t)) for t in chunk_prefix)}" if chunk_prefix else "")
 
     def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.int64)
