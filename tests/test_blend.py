@@ -414,3 +414,22 @@ def test_one_checkpoint_in_two_dtypes_keeps_two_sets_of_chunk_kv(weights: LlamaW
     again = Blender(half, kv_half, separator_ids=(SEP,)).blend(prompt)
     assert not again.missing_chunks  # its own chunks, reused
     assert not full.blend(prompt).missing_chunks  # and float32's still there
+
+
+def test_chunk_kv_put_refuses_token_ids_and_positions_it_would_change(weights: LlamaWeights, store: blockstore.Store) -> None:
+    """Float token ids were truncated (1.7 stored as 1: another chunk's id) and positions past int32 wrapped
+    to negative ones, without a word; now InvalidArgument naming the argument. An empty chunk keeps its own message."""
+    kv = ChunkKVStore(store, model_id=Blender.kv_model_id(weights))
+    ids = _chunks(1, seed=2)[0]
+    ref = full_prefill(weights, ids)
+    pos = torch.arange(len(ids))
+    with pytest.raises(InvalidArgument, match="token_ids must be integers"):
+        kv.put(ids.double() + 0.7, ref.keys, ref.values, pos)
+    with pytest.raises(InvalidArgument, match="positions must be integers within int32"):
+        kv.put(ids, ref.keys, ref.values, pos + 2**31)
+    with pytest.raises(InvalidArgument, match="token_ids must be integers"):
+        kv.put([True] * len(ids), ref.keys, ref.values, pos)
+    with pytest.raises(InvalidArgument, match="1-d token ids"):
+        kv.put([], ref.keys, ref.values, [])
+    cid = kv.put(ids.numpy(), ref.keys, ref.values, pos.tolist())  # ints in any container still do
+    assert cid == chunk_id(ids)

@@ -130,8 +130,7 @@ class ChunkKVStore:
         """Store a chunk's KV (keys[l], values[l]: [tokens, kv_heads, head_dim], K after RoPE at
         `positions`) and return its chunk id. With `text`, a chunk record (user_id, session_id, the
         chunk id in hex) holds the text and links to the KV records through its kv_keys."""
-        ids = torch.as_tensor(token_ids, dtype=torch.int32).cpu()
-        pos = torch.as_tensor(positions, dtype=torch.int32).cpu()
+        ids, pos = options.int32_ids("token_ids", token_ids), options.int32_ids("positions", positions)
         layout = self._check_put(ids, keys, values, pos)
         cid = chunk_id(ids)
         items: list[tuple[bytes, Any]] = []

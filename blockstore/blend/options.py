@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from blockstore.errors import InvalidArgument
 
@@ -62,3 +63,16 @@ def token_ids(name: str, value: Any, vocab_size: int | None = None, *, where: st
             and (vocab_size is None or int(t) < vocab_size) for t in value):
         raise _refuse(where, name, f"a list of token ids (ints >= 0{bound})", value)
     return tuple(int(t) for t in value)
+
+
+def int32_ids(name: str, value: Any) -> torch.Tensor:
+    """`value` (a tensor, array or sequence of integers) as an int32 tensor on the CPU: integers only (a
+    float would be truncated, a bool read as 0 or 1) and each within int32 (a larger one would wrap)."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise _refuse("", name, "integers (a tensor or a sequence of ints)", value) from exc
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool
+                      or int(t.min()) < -(2**31) or int(t.max()) >= 2**31):  # empty: the caller says what it needs
+        raise _refuse("", name, "integers within int32 (not floats or bools)", value if t.numel() <= 8 else t.dtype)
+    return t.to(torch.int32).cpu()
