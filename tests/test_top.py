@@ -167,7 +167,7 @@ def test_errors(tmp_path: Path) -> None:
     assert _main(str(tmp_path / "s"), "--once", "--interval", "0.01", "--metrics", "http://127.0.0.1:1/metrics")[0] == 8
 
 
-@pytest.mark.parametrize("interval", ["nan", "-1", "inf"])
-def test_interval_must_be_positive(tmp_path: Path, interval: str) -> None:
+@pytest.mark.parametrize("interval", ["nan", "-1", "inf", "1e-300", "0.001"])
+def test_interval_must_be_a_finite_number_of_seconds_not_too_small(tmp_path: Path, interval: str) -> None:
     blockstore.open(tmp_path / "s").close()
     assert _main(str(tmp_path / "s"), "--once", "--interval", interval)[0] == 16

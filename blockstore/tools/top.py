@@ -265,7 +265,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("top", help="a live view of a store (read-only; safe beside its writer)",
                        description=__doc__.split("\n\n", 1)[0].replace("\n", " ") if __doc__ else None)
     p.add_argument("path", help="store directory")
-    p.add_argument("--interval", type=_seconds, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="S",
+                   help=f"seconds between refreshes (default 1, at least {MIN_INTERVAL_S:g})")
     p.add_argument("--once", action="store_true", help="print one frame (rates over one interval) and exit")
     p.add_argument("--metrics", metavar="URL", type=_metrics_url,
                    help="the writing process's metrics endpoint (e.g. http://127.0.0.1:9100/metrics): adds "
@@ -283,14 +284,18 @@ def _metrics_url(text: str) -> str:
     return text
 
 
+MIN_INTERVAL_S = 0.01
+
+
 def _seconds(text: str) -> float:
-    """argparse type of --interval: a positive, finite number of seconds (else a usage error)."""
+    """argparse type of --interval: a finite number of seconds, at least MIN_INTERVAL_S (else a usage error:
+    1e-300 was taken and refreshed without pause, a core spent reading the store's counters)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if not MIN_INTERVAL_S <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= {MIN_INTERVAL_S:g}, got {text!r}")
     return value
 
 
