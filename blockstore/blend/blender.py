@@ -35,64 +35,17 @@ from blockstore.blend.compute import (
     rotate,
 )
 from blockstore.blend.llama import LlamaWeights
+from blockstore.blend.selection import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED, DEVIATIONS, SELECTORS, Selection
+from blockstore.blend.selection import deviation as _deviation  # noqa: F401 - the tests' name for it
+from blockstore.blend.selection import query_attention as _query_attention  # noqa: F401 - the tests' name for it
 from blockstore.blend.stream_start import LateStream
 from blockstore.errors import CorruptionError, InvalidArgument
 
-SELECTORS = ("deviation", "epic")
-# The default selection: K and V deviation weighted by the question's attention. On the trained model
-# (200 prompts, bench/README.md, Fidelity) it gives top-1 0.935 at ratio 0.15 against 0.895 for V alone
-# (first-token KL 0.017 vs 0.028), and an 8B-shaped blend on an H100 is no slower with it (warm 2.72-2.84x
-# vs 2.69-2.70x of full prefill at 4k, two runs).
-DEFAULT_DEVIATION = "kv"
-DEFAULT_QUERY_WEIGHTED = True
 # CUDA graphs for the layers after the selection (graphs.py): opt-in. Timed on two H100 hosts (8B shape,
 # 4k/8k tokens, bench/README.md) the eager path was as fast or faster there (hot 30.0 vs 31.0 ms and
 # 30.8 vs 34.0 ms at 4k; both hosts were GPU-bound); graphs are for hosts where issuing the kernels, not
 # running them, limits a blend (one host this morning: 45.6 ms of wall time for 27.2 ms of kernels).
 DEFAULT_CUDA_GRAPHS = False
-# what the deviation selector compares at the check layer: K alone (CacheBlend), V alone, or both.
-# V is the default: on the trained model (200 prompts, ratio 0.15, bench/README.md) it gave top-1 0.855
-# and KL 0.049 where K gave 0.830 and 0.060 and both 0.840 and 0.057; a token's V is what it hands the
-# question's attention, its K only how much attention it draws.
-DEVIATIONS = ("v", "k", "kv")
-
-
-def _deviation(fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
-               covered: torch.Tensor, on: str, n_cov: int | None = None) -> torch.Tensor:
-    """Per row: squared distance of the fresh K, V or both from the cached ones, in float32. With "kv"
-    each term is divided by its mean over the covered rows, so K and V weigh the same
-    whatever their scales (V's often differ from K's by an order of magnitude). `n_cov`: the number of
-    covered rows, if the caller knows it: on a GPU the mean is then a masked sum over it, where boolean
-    indexing would wait for the device to count the rows (the CPU keeps the indexed mean, bit for bit)."""
-    terms = [(f.float() - c.float()).pow(2).sum(dim=(1, 2)) for f, c in zip(fresh, cached)]
-    if on != "kv":
-        return terms["kv".index(on)]
-    if n_cov and covered.device.type != "cpu":
-        return sum(t / (t.masked_fill(~covered, 0.0).sum() / n_cov).clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
-    return sum(t / t[covered].mean().clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
-
-
-def _query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor,
-                     rows: torch.Tensor | None = None, after: int | None = None) -> torch.Tensor:
-    """Per key row (all N): the attention the query rows after the last chunk (the question; at least
-    the last row) pay it at this layer, averaged over their rows and heads, from their fresh q over the
-    keys `k` [N, ...] under the position mask. `rows`: the prompt rows of q's rows (default: all N).
-    `after`: the row after the last covered one, if the caller knows it (n - 1 when none is covered).
-    Where the first answer token reads from, as far as this layer can tell."""
-    n = k.shape[0]
-    keys = torch.arange(n, device=k.device)
-    if after is None:
-        after = int(keys[covered].max()) + 1 if bool(covered.any()) else n - 1
-    if rows is None:  # q's rows are all N: the question is a slice (a boolean index would wait for a GPU)
-        asking, tail_rows = q[min(after, n - 1):].contiguous(), keys[min(after, n - 1):]
-    else:
-        tail = rows >= min(after, n - 1)  # the last row is always among q's rows
-        asking, tail_rows = q[tail], rows[tail]
-    group = q.shape[1] // k.shape[1]
-    scores = torch.einsum("thd,nhd->htn", asking.float(), k.float().repeat_interleave(group, dim=1))
-    scores = scores / q.shape[2] ** 0.5
-    scores.masked_fill_(keys[None, None, :] > tail_rows[None, :, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
 
 
 @dataclass
@@ -369,58 +322,6 @@ class Blender:
         v_all[start:end].view(shape).copy_(views[1])
         return k_all, v_all
 
-    def _select(self, fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
-                parts: list[_Span], n: int, forced: torch.Tensor | None = None,
-                q: torch.Tensor | None = None, widen: float = 1.0) -> torch.Tensor:
-        """Sorted row indices to recompute from the check layer on: the selected covered tokens (or the
-        `forced` ones), every uncovered token, and the last token (its hidden state gives the logits).
-        `fresh`, `cached`: the check layer's (K, V) of every row, computed here and read from the chunks."""
-        covered = torch.zeros(n, dtype=torch.bool, device=fresh[0].device)
-        for p in parts:
-            covered[p.start:p.end] = True
-        keep = ~covered
-        keep[-1] = True
-        # counts from the spans (sorted, disjoint), not from the masks: reading a count off a GPU waits for it
-        n_cov = sum(p.end - p.start for p in parts)
-        budget = int(round(min(1.0, self.ratio * widen) * n_cov))
-        if forced is not None:
-            keep[forced] = True
-        elif budget and self.selector == "deviation":
-            sinks = min(self.sink_tokens, budget // max(1, len(parts)))  # inside the budget, never over it
-            for p in parts:
-                keep[p.start:p.start + sinks] = True
-            # covered rows kept so far: the sinks, and the last row if a chunk ends the prompt past its sinks
-            last_kept = bool(parts) and parts[-1].end == n and n - 1 >= parts[-1].start + sinks
-            left = budget - sum(min(sinks, p.end - p.start) for p in parts) - int(last_kept)
-            if left > 0:
-                dev = _deviation(fresh, cached, covered, self.deviation, n_cov)
-                if self.query_weighted and q is not None:  # first order: the answer's error is sum a_j dV_j
-                    dev = dev.sqrt() * _query_attention(q, fresh[0], covered, after=parts[-1].end)
-                dev.masked_fill_(~covered | keep, -1.0)
-                keep[torch.topk(dev, left).indices] = True
-        elif budget:  # EPIC: the first tokens of each chunk, the same share of each
-            for p in parts:
-                keep[p.start:p.start + int(round(self.ratio * (p.end - p.start)))] = True
-        return keep.nonzero().squeeze(1)
-
-    def _narrow(self, fresh: tuple[torch.Tensor, torch.Tensor], cached: tuple[torch.Tensor, torch.Tensor],
-                q: torch.Tensor, active: torch.Tensor, covered: torch.Tensor, k_merged: torch.Tensor) -> torch.Tensor:
-        """Gradual filtering, the layer after the check layer: indices into `active` to carry on — every
-        uncovered row, the last row, and the ratio's share of the covered rows whose fresh K/V (`fresh`,
-        `cached`: of the active rows) deviate most here. `k_merged`: this layer's K of every row, fresh
-        where active (what the question attends over)."""
-        cov = covered[active]
-        keep = ~cov
-        keep[-1] = True
-        left = int(round(self.ratio * int(covered.sum()))) - int((keep & cov).sum())
-        if left > 0:
-            dev = _deviation(fresh, cached, cov, self.deviation)
-            if self.query_weighted:
-                dev = dev.sqrt() * _query_attention(q, k_merged, covered, active)[active]
-            dev[~cov | keep] = -1.0
-            keep[torch.topk(dev, min(left, int(cov.sum()))).indices] = True
-        return keep.nonzero().squeeze(1)
-
     def _replay_layers(self, captured: graphs.LayerGraphs, parts: list[_Span], stream: object, hidden: torch.Tensor,
                        active: torch.Tensor, moves: _Moves, keys: list[torch.Tensor], values: list[torch.Tensor],
                        timings: dict[str, float]) -> torch.Tensor:
@@ -456,6 +357,8 @@ class Blender:
         # already narrowed, or nothing to narrow: no gradual filtering, the caller's rows, or EPIC
         narrowed = self.gradual <= 1.0 or forced is not None or self.selector != "deviation"
         keys, values = [], []
+        sel = Selection(self.ratio, self.selector, self.deviation, self.sink_tokens, self.query_weighted)
+        spans = [(p.start, p.end) for p in parts]
         for layer_index, layer in enumerate(self.w.layers):
             # active == pos[active] (pos is arange); one tensor object per blend lets compute.py reuse its
             # RoPE tables and mask (H1's request). Only the full layers keep k itself
@@ -470,7 +373,7 @@ class Blender:
             k_all, v_all = self._cached_kv(parts, stream, layer_index, n, pos, moves)
             timings["load_wait_s"] = timings.get("load_wait_s", 0.0) + time.perf_counter() - t_wait
             if layer_index == self.check_layer:
-                chosen = self._select((k, v), (k_all, v_all), parts, n, forced, q, widen=1.0 if narrowed else self.gradual)
+                chosen = sel.select((k, v), (k_all, v_all), spans, n, forced, q, widen=1.0 if narrowed else self.gradual)
                 q, k, v, hidden = q[chosen], k[chosen], v[chosen], hidden[chosen]
                 active = chosen
                 tail = is_tail(chosen, pos)  # once per blend: a reused prefix and the rest computed
@@ -480,7 +383,7 @@ class Blender:
                     covered_rows[p.start:p.end] = True
                 k_merged = k_all.clone()
                 k_merged[active] = k
-                kept = self._narrow((k, v), (k_all[active], v_all[active]), q, active, covered_rows, k_merged)
+                kept = sel.narrow((k, v), (k_all[active], v_all[active]), q, active, covered_rows, k_merged)
                 q, k, v, hidden, active = q[kept], k[kept], v[kept], hidden[kept], active[kept]
                 tail = is_tail(active, pos)
             k_all[active] = k
