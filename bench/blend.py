@@ -257,7 +257,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     chunks = [torch.randint(3, w.config.vocab_size, (CHUNK_TOKENS,), generator=g) for _ in range(n_chunks)]
     prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (SUFFIX_TOKENS,), generator=g)])
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
-    kv = ChunkKVStore(store, model_id=w.model_id)
+    kv = ChunkKVStore(store, model_id=Blender.kv_model_id(w))
     # the blend_* rows replay CUDA graphs on a GPU (opt-in: blender.DEFAULT_CUDA_GRAPHS is off); the *_eager
     # rows are the default path
     blend = Blender(w, kv, ratio=0.15, cuda_graphs=True)
@@ -282,7 +282,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
                                                     "stream_warm", "disk_ceiling_Bps", "warm_read_ceiling_Bps",
                                                     "h2d_Bps", *(f"blend_warm_pieces{n}" for n in PIECES_TRIED),
                                                     *(("blend_hot_eager", "blend_warm_eager", "blend_warm_before", "blend_hot_v",
-                                                       "blend_warm_v", "blend_hot_compiled", "blend_warm_compiled")
+                                                       "blend_warm_v", "blend_hot_compiled", "blend_warm_compiled",
+                                                       "blend_hot_graphs_compiled", "blend_warm_graphs_compiled")
                                                       if device.type == "cuda" else ()))}
     # the threads and parts the warm blend reads with: its loader's threads, one layer each from the check layer
     pieces = w.config.num_hidden_layers - blend.check_layer
@@ -305,6 +306,10 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     # fused_rope.py): the first two calls compile them
     flex_first_s = [timed(lambda: _with_compiled(True, lambda: eager.blend(prompt, spans=spans, resident=resident)))
                     for _ in range(2)] if device.type == "cuda" else []
+    # the graphs with FlexAttention captured in them (graphs.FLEX): compiled, then captured on the
+    # CAPTURE_AFTER-th blend of their bucket
+    graphs_flex_first_s = [timed(lambda: _with_compiled(True, lambda: blend.blend(prompt, spans=spans, resident=resident)))
+                           for _ in range(graphs.CAPTURE_AFTER)] if device.type == "cuda" else []
     for rep in range(repeats):
         runs["full"].append(timed(lambda: full_prefill(w, prompt)))
         runs["blend_hot"].append(timed(lambda: blend.blend(prompt, spans=spans, resident=resident)))
@@ -321,6 +326,9 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
             runs["blend_hot_compiled"].append(timed(lambda: _with_compiled(True, lambda: eager.blend(prompt, spans=spans,
                                                                                           resident=resident))))
             runs["blend_warm_compiled"].append(timed(lambda: _with_compiled(True, lambda: eager.blend(prompt, spans=spans))))
+            runs["blend_hot_graphs_compiled"].append(timed(lambda: _with_compiled(True, lambda: blend.blend(
+                prompt, spans=spans, resident=resident))))
+            runs["blend_warm_graphs_compiled"].append(timed(lambda: _with_compiled(True, lambda: blend.blend(prompt, spans=spans))))
         for pieces in PIECES_TRIED:  # what cutting each layer's read into pieces buys
             runs[f"blend_warm_pieces{pieces}"].append(
                 timed(lambda n=pieces: _with_pieces(n, lambda: blend.blend(prompt, spans=spans))))  # type: ignore[misc]
@@ -359,6 +367,13 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
                     "same_rows": bool(torch.equal(fgot.recomputed.cpu(), ref.recomputed.cpu())),
                     "logits_max_diff": float((fgot.logits - ref.logits).abs().max()),
                     "same_top1": int(fgot.logits.argmax()) == int(ref.logits.argmax())}
+        ggot = _with_compiled(True, lambda: blend.blend(prompt, spans=spans, resident=resident))
+        flex_doc["graphs"] = {"first_blends_s": graphs_flex_first_s, "buckets": [str(k) for k in w.graph_buckets],
+                              "flex_buckets": sum(bool(getattr(b, "flex", False)) for b in w.graph_buckets.values()),
+                              "failure": graphs.failure(),
+                              "same_rows": bool(torch.equal(ggot.recomputed.cpu(), ref.recomputed.cpu())),
+                              "logits_max_diff": float((ggot.logits - ref.logits).abs().max()),
+                              "same_top1": int(ggot.logits.argmax()) == int(ref.logits.argmax())}
     floor = kv_bytes / med["disk_ceiling_Bps"]
     # the best any design could do warm on this machine: the bytes the blend reads (the layers from the
     # check layer on) at the page cache's read ceiling, over the host->GPU link at its pinned-copy
@@ -378,6 +393,8 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
             "speedup_warm_before": med["full"] / med["blend_warm_before"],
             "speedup_hot_compiled": med["full"] / med["blend_hot_compiled"],
             "speedup_warm_compiled": med["full"] / med["blend_warm_compiled"], "compiled": flex_doc,
+            "speedup_hot_graphs_compiled": med["full"] / med["blend_hot_graphs_compiled"],
+            "speedup_warm_graphs_compiled": med["full"] / med["blend_warm_graphs_compiled"],
             "cuda_graphs": capture} if "blend_hot_eager" in med else {}),
         "graphs_vs_eager": agreement,
         "overlap_gain_cold": med["blend_cold_serial"] / med["blend_cold"],

@@ -88,6 +88,12 @@ def _agreement(new: Any, old: Any) -> dict[str, Any]:
             "last_k_abs_max": float(old.keys[-1].float().abs().max())}
 
 
+def _old_model_id(base: Any, w: LlamaWeights) -> str:
+    """The chunk KV model id the revision `base` checks (per dtype since 9d3eb4f; the weights' id before)."""
+    kv_model_id = getattr(base.Blender, "kv_model_id", None)
+    return kv_model_id(w) if kv_model_id is not None else w.model_id
+
+
 def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int, repeats: int,
                 scratch: str) -> dict[str, Any]:
     dev, timed = w.device, _timer(w.device)
@@ -97,7 +103,7 @@ def _one_length(w: LlamaWeights, base: Any, store: blockstore.Store, length: int
     chunks = [torch.randint(3, w.config.vocab_size, (CHUNK_TOKENS,), generator=g) for _ in range(n_chunks)]
     prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (SUFFIX_TOKENS,), generator=g)])
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
-    kv, kv_old = ChunkKVStore(store, model_id=w.model_id), base.ChunkKVStore(store, model_id=w.model_id)
+    kv, kv_old = ChunkKVStore(store, model_id=Blender.kv_model_id(w)), base.ChunkKVStore(store, model_id=_old_model_id(base, w))
     new, old = Blender(w, kv, ratio=0.15, cuda_graphs=True, **SAME_SELECTION), base.Blender(w, kv_old, ratio=0.15)
     eager = Blender(w, kv, ratio=0.15, cuda_graphs=False, **SAME_SELECTION)
     cids = [new.store_chunk(c) for c in chunks]
@@ -183,7 +189,7 @@ def op_counts(base: Any, scratch: str) -> dict[str, Any]:
     spans = [(i * 64, (i + 1) * 64) for i in range(7)]
     out: dict[str, Any] = {}
     with blockstore.open(os.path.join(scratch, "ops")) as store:
-        kv, kv_old = ChunkKVStore(store, model_id=w.model_id), base.ChunkKVStore(store, model_id=w.model_id)
+        kv, kv_old = ChunkKVStore(store, model_id=Blender.kv_model_id(w)), base.ChunkKVStore(store, model_id=_old_model_id(base, w))
         codes = {"new": (Blender(w, kv, ratio=0.15, **SAME_SELECTION), kv), "old": (base.Blender(w, kv_old, ratio=0.15), kv_old)}
         cids = [codes["new"][0].store_chunk(c) for c in chunks]
         logits = {}

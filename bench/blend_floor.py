@@ -38,7 +38,7 @@ def one_length(w: LlamaWeights, store: blockstore.Store, tokens: int, readers: S
     chunks = [torch.randint(3, w.config.vocab_size, (CHUNK_TOKENS,), generator=g) for _ in range(n)]
     prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (tokens - n * CHUNK_TOKENS,), generator=g)])
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n)]
-    kv = ChunkKVStore(store, ns=f"floor-{tokens}", model_id=w.model_id)
+    kv = ChunkKVStore(store, ns=f"floor-{tokens}", model_id=Blender.kv_model_id(w))
     hot = Blender(w, kv, ratio=0.15)
     cids = [hot.store_chunk(c) for c in chunks]
     os.sync()

@@ -121,3 +121,26 @@ def test_a_bucket_is_captured_once_seen_often_enough(weights: LlamaWeights, stor
     assert ["graph_capture_s" in r.timings for r in runs] == [False] * (graphs.CAPTURE_AFTER - 1) + [True, False]
     assert len(weights.graph_buckets) == 1 and next(iter(weights.graph_buckets.values())).replays == 2
     torch.testing.assert_close(runs[-1].logits, runs[0].logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flexattention_in_the_padded_layers_gives_the_eager_blend(weights: LlamaWeights, store: blockstore.Store,
+                                                                   forced: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FlexAttention wanted, a bucket's layers attend through it (graphs.FLEX: its block mask over
+    static position buffers, padding rows at the last position so the rows stay sorted), and give what
+    the eager blend's masked SDPA gives; a second prompt refills the same buffers and mask correctly."""
+    monkeypatch.setattr(graphs, "flex_wanted", lambda device: True)
+    with_graphs, eager = _blenders(weights, store)
+    first, second = _prompt(1), _prompt(2)
+    eager.blend(first)
+    eager.blend(second)
+    for prompt in (first, second):
+        ref, got = eager.blend(prompt), with_graphs.blend(prompt)
+        buckets = list(weights.graph_buckets.values())
+        assert len(buckets) == 1 and buckets[0].flex and not hasattr(buckets[0], "bias")
+        assert buckets[0].rows > got.recomputed.shape[0]  # padding rows were there
+        assert torch.equal(got.recomputed, ref.recomputed)
+        for k, r in zip(got.keys + got.values, ref.keys + ref.values):
+            torch.testing.assert_close(k, r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert next(iter(weights.graph_buckets.values())).replays == 2

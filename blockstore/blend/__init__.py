@@ -2,7 +2,7 @@
 
     from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, chunk_id
     w = LlamaWeights.from_pretrained(model_dir)
-    kv = ChunkKVStore(store, ns="kv-blend", model_id=w.model_id)
+    kv = ChunkKVStore(store, ns="kv-blend", model_id=Blender.kv_model_id(w))
     blender = Blender(w, kv, ratio=0.15, separator_ids=(sep,))
     res = blender.blend(prompt_ids)          # KV for every prompt token + last-token logits
 

@@ -17,6 +17,11 @@ blend") the attention call alone is faster (4k tokens, 614 rows: 0.133 ms agains
 against 0.657), but the blend with it is slower (hot 43.1 against 35.0 ms at 4k, 71.5 against 65.8 at 8k,
 with fused_rope.py on too): the compiled call's overhead on the CPU, which issues a blend's ops, costs more
 than the GPU time it saves. `python -m bench.blend` times both (the `*_compiled` rows).
+
+Inside the CUDA graphs of a blend's later layers (graphs.py, `cuda_graphs=True`) that overhead is gone: the
+graphs capture the compiled kernel and replay it. On an H100 (2026-12-07 19:34 UTC, 4 repeats,
+bench/results/blend_h100_graphs_flex.json) graphs with FlexAttention gave hot 31.8 ms at 4k (3.09x full
+prefill; graphs with SDPA 35.4, eager 34.6) and 59.6 ms at 8k (eager 65.8, eager compiled 58.1).
 """
 
 from __future__ import annotations
@@ -61,9 +66,12 @@ def _tile_ends(x: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]
     return runs[:, 0].contiguous(), runs[:, -1].contiguous()  # searchsorted copies a strided input
 
 
-def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockMask:
-    """The position mask of these query rows over these keys as a FlexAttention block mask (made once
-    per blend: every later layer attends the same rows over the same keys). Both must be sorted
+MaskTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def mask_tables(q_pos: torch.Tensor, k_pos: torch.Tensor) -> MaskTables:
+    """The tile tables of the position mask of these query rows over these keys (BlockMask.from_kv_blocks'
+    kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, int32). Both must be sorted
     ascending (a blend's rows and keys are): then a tile of rows sees a prefix of the key tiles, the
     first ones whole (every key at or before the tile's lowest row: no mask evaluated there), the rest
     in part, found by two binary searches over the tiles' first and last positions. A dozen small ops;
@@ -78,17 +86,35 @@ def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockMask:
     seen = torch.searchsorted(k_lo, q_hi, right=True)
     order = torch.arange(k_tiles, device=q_pos.device)
     partial_idx = (full[:, None] + order[None, :]).clamp(max=k_tiles - 1)
-    qp, kp = _padded(q_pos, -1), _padded(k_pos, torch.iinfo(k_pos.dtype).max)
-
-    def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return kp[kv_idx] <= qp[q_idx]
 
     def as_table(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.int32)[None, None].contiguous()
 
-    return BlockMask.from_kv_blocks(as_table(seen - full), as_table(partial_idx), as_table(full),
-                                    as_table(order.expand(q_tiles, k_tiles)), BLOCK_SIZE=TILE, mask_mod=allowed,
-                                    seq_lengths=(n_q, n_k), compute_q_blocks=False)
+    return as_table(seen - full), as_table(partial_idx), as_table(full), as_table(order.expand(q_tiles, k_tiles))
+
+
+def mask_over(tables: MaskTables, q_padded: torch.Tensor, k_padded: torch.Tensor,
+              n_q: int, n_k: int) -> BlockMask:
+    """A block mask over `tables` (mask_tables' shapes) whose rule reads the positions in `q_padded`,
+    `k_padded` (_padded's lengths). It holds these tensors, not copies: a CUDA graph (graphs.py) captures
+    one and refills the tensors in place for every blend."""
+    def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return k_padded[kv_idx] <= q_padded[q_idx]
+
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=TILE, mask_mod=allowed, seq_lengths=(n_q, n_k),
+                                    compute_q_blocks=False)
+
+
+def padded_length(n: int) -> int:
+    """The length _padded gives a tensor of n positions."""
+    return n + (-n % TILE) + TILE
+
+
+def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockMask:
+    """The position mask of these sorted query rows over these sorted keys as a FlexAttention block
+    mask (made once per blend: every later layer attends the same rows over the same keys)."""
+    return mask_over(mask_tables(q_pos, k_pos), _padded(q_pos, -1), _padded(k_pos, torch.iinfo(k_pos.dtype).max),
+                     q_pos.shape[0], k_pos.shape[0])
 
 
 def _kernel(compiled: bool) -> Callable[..., Any]:

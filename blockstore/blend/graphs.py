@@ -32,12 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from blockstore.blend import flex
 from blockstore.blend.compute import _fold, _heads_first, _rope_of, _rotate_signed, _unfold, finish_layer, rms_norm
 from blockstore.blend.llama import LlamaWeights
 
 # SDPA kernels a capture may use, tried in turn: whatever SDPA picks (cuDNN's on an H100), else the
 # memory-efficient kernel alone (should a cuDNN kernel refuse to be captured)
 CAPTURE_BACKENDS: tuple[tuple[SDPBackend, ...] | None, ...] = (None, (SDPBackend.EFFICIENT_ATTENTION,))
+# With FlexAttention on (flex.usable), a capture tries it first: inside a graph its compiled call costs the
+# CPU nothing at replay, which is what made it lose when called eagerly (flex.py), and it skips the key
+# tiles no row of a tile may see (about half of them). The SDPA captures above are the fallbacks.
+FLEX = "flex"
 KEY_STEP = 128  # keys bucket: the mask's rows stay 16-element aligned (SDPA copies a misaligned mask each call)
 ROW_STEP = 64  # recomputed-rows bucket: at most 63 padding rows, a few % of a 4k blend's rows
 CACHED_BUCKETS = 4
@@ -60,6 +65,11 @@ def usable(device: torch.device) -> bool:
     return device.type == "cuda" and _state["failed"] is None
 
 
+def flex_wanted(device: torch.device) -> bool:
+    """Whether captures on `device` try FlexAttention first (flex.usable: off unless BLOCKSTORE_BLEND_FLEX=1)."""
+    return flex.usable(device)
+
+
 def failure() -> str | None:
     """Why graphs were turned off in this process, or why a capture fell back to the memory-efficient
     attention kernel (None: neither happened)."""
@@ -80,9 +90,11 @@ class LayerGraphs:
     `capture=False` (tests on a CPU) `run` calls the same padded layer eagerly."""
 
     def __init__(self, w: LlamaWeights, keys: int, rows: int, first: int, *, capture: bool = True,
-                 backends: tuple[SDPBackend, ...] | None = None) -> None:
+                 backends: tuple[SDPBackend, ...] | str | None = None) -> None:
         c, dev, dt = w.config, w.device, w.dtype
-        self.w, self.keys, self.rows, self.first, self.backends = w, keys, rows, first, backends
+        self.w, self.keys, self.rows, self.first = w, keys, rows, first
+        self.flex = backends == FLEX
+        self.backends = None if self.flex or isinstance(backends, str) else backends
         group = c.num_attention_heads // c.num_key_value_heads
         self.hidden = torch.zeros(rows, c.hidden_size, device=dev, dtype=dt)
         self.dest = torch.full((rows,), keys - 1, device=dev, dtype=torch.int64)  # where each row's K/V goes
@@ -91,7 +103,16 @@ class LayerGraphs:
         # this layer's K and V of every row: the spare rows stay finite (a masked key still enters q.k)
         self.k_all = torch.zeros(keys, c.num_key_value_heads, c.head_dim, device=dev, dtype=dt)
         self.v_all = torch.zeros_like(self.k_all)
-        self.bias = torch.zeros(1, 1, group * rows, keys, device=dev, dtype=dt)
+        if self.flex:  # the rows' and keys' positions and the tile tables the block mask reads, refilled by begin
+            self.q_pos = torch.full((flex.padded_length(rows),), -1, device=dev, dtype=torch.int64)
+            self.k_pos = torch.full((flex.padded_length(keys),), torch.iinfo(torch.int64).max, device=dev,
+                                    dtype=torch.int64)
+            self.q_pos[:rows] = 0
+            self.k_pos[:keys - 1] = torch.arange(keys - 1, device=dev)
+            self.tables = flex.mask_tables(self.q_pos[:rows], self.k_pos[:keys])
+            self.mask = flex.mask_over(self.tables, self.q_pos, self.k_pos, rows, keys)
+        else:
+            self.bias = torch.zeros(1, 1, group * rows, keys, device=dev, dtype=dt)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lock = threading.Lock()  # one blend at a time fills and replays the buffers
         self.capture_s = 0.0
@@ -112,10 +133,16 @@ class LayerGraphs:
         rotated = _rotate_signed(qk.view(n, heads + kv_heads, c.head_dim), self.cos, self.sin)
         self.k_all.index_copy_(0, self.dest, rotated[:, heads:])
         self.v_all.index_copy_(0, self.dest, v)
-        with sdpa_kernel(list(self.backends)) if self.backends else _no_context():
-            out = F.scaled_dot_product_attention(_fold(rotated[:, :heads], kv_heads), _heads_first(self.k_all),
-                                                 _heads_first(self.v_all), attn_mask=self.bias)
-        self.hidden.copy_(finish_layer(w, layer, self.hidden, _unfold(out, n)))
+        if self.flex:
+            attn = flex.attend(rotated[:, :heads], self.k_all, self.v_all, self.mask, compiled=self.w.device.type == "cuda")
+            if attn is None:  # flex.attend warned and turned FlexAttention off: this capture falls back
+                raise RuntimeError(f"FlexAttention failed: {flex.failure()}")
+        else:
+            with sdpa_kernel(list(self.backends)) if self.backends else _no_context():
+                out = F.scaled_dot_product_attention(_fold(rotated[:, :heads], kv_heads), _heads_first(self.k_all),
+                                                     _heads_first(self.v_all), attn_mask=self.bias)
+            attn = _unfold(out, n)
+        self.hidden.copy_(finish_layer(w, layer, self.hidden, attn))
 
     def _capture(self) -> None:
         dev = self.w.device
@@ -147,12 +174,21 @@ class LayerGraphs:
         # NaN of q.k + (-inf) (H35's review)
         self.k_all[n:].zero_()
         self.v_all[n:].zero_()
-        q_pos = torch.cat((active, active.new_zeros(self.rows - rows)))
+        if self.flex:  # padding rows at the last position keep the rows sorted (mask_tables needs it)
+            q_pos = torch.cat((active, active.new_full((self.rows - rows,), n - 1)))
+        else:
+            q_pos = torch.cat((active, active.new_zeros(self.rows - rows)))
         cos, signed_sin = _rope_of(q_pos, c.head_dim, c.rope_theta, self.hidden.dtype)
         self.cos.copy_(cos)
         self.sin.copy_(signed_sin)
         k_pos = torch.arange(self.keys, device=active.device)
         k_pos[n:] = torch.iinfo(torch.int64).max  # spare rows: no query may see them
+        if self.flex:
+            self.q_pos[:self.rows].copy_(q_pos)
+            self.k_pos[:self.keys].copy_(k_pos)
+            for static, fresh in zip(self.tables, flex.mask_tables(q_pos, k_pos)):
+                static.copy_(fresh)
+            return
         hidden_keys = k_pos[None, :] > q_pos.repeat(group)[:, None]
         self.bias[0, 0].zero_().masked_fill_(hidden_keys, float("-inf"))
 
@@ -171,7 +207,7 @@ def wanted(w: LlamaWeights, n: int, rows: int, first: int) -> bool:
     (this call counts as one)."""
     if not usable(w.device):
         return False
-    key = (*bucket_of(n, rows), first)
+    key = (*bucket_of(n, rows), first, flex_wanted(w.device))
     with _lock:
         if key in w.graph_buckets:
             return True
@@ -187,7 +223,7 @@ def layer_graphs(w: LlamaWeights, n: int, rows: int, first: int) -> LayerGraphs 
     graphs are off or the capture failed (the caller runs eagerly)."""
     if not usable(w.device):
         return None
-    key = (*bucket_of(n, rows), first)
+    key = (*bucket_of(n, rows), first, flex_wanted(w.device))
     cache = w.graph_buckets
     with _lock:
         got = cache.pop(key, None)
@@ -200,11 +236,12 @@ def layer_graphs(w: LlamaWeights, n: int, rows: int, first: int) -> LayerGraphs 
         return got if got is not None else _capture(w, key)
 
 
-def _capture(w: LlamaWeights, key: tuple[int, int, int]) -> LayerGraphs | None:
+def _capture(w: LlamaWeights, key: tuple[int, int, int, bool]) -> LayerGraphs | None:
     """Build and cache the bucket `key` (the caller holds _capture_lock); None when every backend failed."""
     cache = w.graph_buckets
     errors, out_of_memory = [], True
-    for backends in CAPTURE_BACKENDS:
+    tried: tuple[tuple[SDPBackend, ...] | str | None, ...] = ((FLEX,) if key[3] else ()) + CAPTURE_BACKENDS
+    for backends in tried:
         try:
             got = LayerGraphs(w, key[0], key[1], key[2], capture=w.device.type == "cuda", backends=backends)
             break
