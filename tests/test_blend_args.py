@@ -55,3 +55,20 @@ def test_valid_options_pass_the_checks() -> None:
                dict(separator_ids=[7, 7]), dict(separator_ids=(np.int64(4095),)), dict(chunk_prefix=[0])):
         with pytest.raises(AttributeError, match="num_key_value_heads"):
             Blender(_weights(), None, **ok)  # type: ignore[arg-type]
+
+
+BAD_CHUNK_IDS = [[123], ["ab" * 8], [None], 5, "x" * 16, b"y" * 16, [b"short"], [b"z" * 32]]
+
+
+@pytest.mark.parametrize("value", BAD_CHUNK_IDS, ids=[repr(v)[:24] for v in BAD_CHUNK_IDS])
+@pytest.mark.parametrize("method", ["contains", "locate", "load_many", "stream_layers"])
+def test_chunk_kv_store_refuses_chunk_ids_of_the_wrong_type_or_length(tmp_path: Any, method: str, value: Any) -> None:
+    # Before (H73 left it): TypeError "can't concat int to bytes" or "unhashable type"; a 5-byte id passed and
+    # was "not stored"; b"y" * 16 (bytes, not a list of ids) was read as 16 ids of one byte each.
+    from blockstore.blend import ChunkKVStore, chunk_id
+
+    with blockstore.open(tmp_path / "s") as store:
+        kv = ChunkKVStore(store, model_id="m")
+        with pytest.raises(blockstore.InvalidArgument, match="chunk_ids must be a list of 16-byte chunk ids"):
+            getattr(kv, method)(value)
+        assert kv.contains([chunk_id([1, 2, 3]), bytearray(16)]) == [False, False]  # bytes-like ids of 16 bytes pass

@@ -172,11 +172,12 @@ class ChunkKVStore:
     # ------------------------------------------------------------------ reads
 
     def contains(self, chunk_ids: Sequence[bytes]) -> list[bool]:
-        return self.store.contains_many([self.meta_key(c) for c in chunk_ids], ns=self.ns)
+        return self.store.contains_many([self.meta_key(c) for c in options.chunk_ids("chunk_ids", chunk_ids)], ns=self.ns)
 
     def locate(self, chunk_ids: Sequence[bytes]) -> list[Located | None]:
         """One directory lookup for every record of every chunk; checks each M record's model and
         layout. None for a chunk not (or not completely) stored."""
+        chunk_ids = options.chunk_ids("chunk_ids", chunk_ids)
         metas = self.store.locate_many([self.meta_key(c) for c in chunk_ids], ns=self.ns)
         meta_of = {c: loc for c, loc in zip(chunk_ids, metas) if loc is not None}
         found = [(c, self._parse_meta(c, loc)) for c, loc in meta_of.items()]

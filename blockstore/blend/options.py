@@ -76,3 +76,13 @@ def int32_ids(name: str, value: Any) -> torch.Tensor:
                       or int(t.min()) < -(2**31) or int(t.max()) >= 2**31):  # empty: the caller says what it needs
         raise _refuse("", name, "integers within int32 (not floats or bools)", value if t.numel() <= 8 else t.dtype)
     return t.to(torch.int32).cpu()
+
+
+def chunk_ids(name: str, value: Any, size: int = 16) -> list[bytes]:
+    """`value` as a list of chunk ids: a sequence (not a str or bytes) of `size`-byte bytes-like ids. A wrong
+    type or length can name no stored chunk, and failed deep inside (TypeError, or "not stored") before."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence) or not all(
+            isinstance(c, (bytes, bytearray, memoryview)) and len(c) == size for c in value):
+        raise _refuse("", name, f"a list of {size}-byte chunk ids (chunk_id(token_ids))",
+                      value if not isinstance(value, Sequence) or len(value) <= 8 else f"{len(value)} items")
+    return [bytes(c) for c in value]
