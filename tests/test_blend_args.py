@@ -71,4 +71,4 @@ def test_chunk_kv_store_refuses_chunk_ids_of_the_wrong_type_or_length(tmp_path: 
         kv = ChunkKVStore(store, model_id="m")
         with pytest.raises(blockstore.InvalidArgument, match="chunk_ids must be a list of 16-byte chunk ids"):
             getattr(kv, method)(value)
-        assert kv.contains([chunk_id([1, 2, 3]), bytearray(16)]) == [False, False]  # bytes-like ids of 16 bytes pass
+        assert kv.contains([chunk_id([1, 2, 3]), bytearray(16)]) == [False, False]  # type: ignore[list-item]  # 16-byte bytes-likes pass
