@@ -130,9 +130,19 @@ def test_read_files_equals_read_many_and_an_older_core_falls_back(tmp_path: Path
             backend.close(fd)
 
 
-def test_a_corrupt_layer_record_is_never_handed_to_the_blend(weights: LlamaWeights, tmp_path: Path) -> None:
-    with blockstore.open(tmp_path / "s") as store:
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("store_missing", [True, False])
+def test_a_corrupt_layer_record_is_never_handed_to_the_blend_and_is_recomputed(
+        weights: LlamaWeights, tmp_path: Path, overlap: bool, store_missing: bool) -> None:
+    """A chunk whose layer record fails its checksum is recomputed as a missing one (never read), and stored
+    again when store_missing: the next blend reads it. Before, every blend needing it raised
+    ChecksumMismatch (the connector recomputed the whole prompt, each time, until fsck --repair)."""
+    prompt_spans = [(0, 16), (16, 32), (32, 48)]
+    with blockstore.open(tmp_path / "s") as store, blockstore.open(tmp_path / "ref") as ref_store:
         kv, chunks, cids = _stored(weights, store)
+        ref_kv = ChunkKVStore(ref_store, model_id=weights.model_id)  # chunk 1 never stored: computed by the blend
+        for i in (0, 2):
+            ref_kv.put(chunks[i], (r := full_prefill(weights, chunks[i])).keys, r.values, torch.arange(16))
         loc = store.locate_many([kv.layer_key(cids[1], 2)], ns=kv.ns)[0]
         assert loc is not None
         fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
@@ -141,10 +151,24 @@ def test_a_corrupt_layer_record_is_never_handed_to_the_blend(weights: LlamaWeigh
             os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 5)
         finally:
             os.close(fd)
-        prompt = torch.cat([*chunks, torch.tensor([1, 2, 3])])
-        spans = [(0, 16), (16, 32), (32, 48)]
         with pytest.raises(ChecksumMismatch):
-            Blender(weights, kv, ratio=0.2).blend(prompt, spans=spans)
+            kv.load_many([cids[1]])
+        prompt = torch.cat([*chunks, torch.tensor([1, 2, 3])])
+        blender = Blender(weights, kv, ratio=0.2, overlap=overlap)
+        got = blender.blend(prompt, spans=prompt_spans, store_missing=store_missing)
+        ref = Blender(weights, ref_kv, ratio=0.2, overlap=overlap).blend(prompt, spans=prompt_spans, store_missing=False)
+        assert got.damaged_chunks == [cids[1]] and got.missing_chunks == [cids[1]] == ref.missing_chunks
+        assert torch.equal(got.recomputed, ref.recomputed)
+        torch.testing.assert_close(got.logits, ref.logits)
+        for mine, theirs in zip(got.keys + got.values, ref.keys + ref.values):
+            torch.testing.assert_close(mine, theirs)
+        again = blender.blend(prompt, spans=prompt_spans, store_missing=store_missing)
+        if store_missing:  # stored again: read, not recomputed, and the same KV
+            assert again.damaged_chunks == [] and again.missing_chunks == []
+            assert len(kv.load_many([cids[1]])) == 1
+        else:  # nothing written: still damaged, still recomputed
+            assert again.damaged_chunks == [cids[1]]
+        torch.testing.assert_close(again.logits, got.logits)
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])

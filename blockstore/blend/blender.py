@@ -15,6 +15,7 @@ under an explicit position mask. Chunks not in the store are computed on their o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from blockstore.blend.selection import query_attention as _query_attention  # no
 from blockstore.blend.stream_start import LateStream
 from blockstore.errors import CorruptionError, InvalidArgument
 
+log = logging.getLogger(__name__)
+
 # CUDA graphs for the layers after the selection (graphs.py): opt-in. Timed on two H100 hosts (8B shape,
 # 4k/8k tokens, bench/README.md) the eager path was as fast or faster there (hot 30.0 vs 31.0 ms and
 # 30.8 vs 34.0 ms at 4k; both hosts were GPU-bound); graphs are for hosts where issuing the kernels, not
@@ -60,6 +63,7 @@ class BlendResult:
     reused_tokens: int  # covered tokens whose cached KV was kept in the layers after the check layer
     recomputed: torch.Tensor  # sorted indices of the tokens computed in every layer
     missing_chunks: list[bytes]  # chunk ids that were not in the store (computed here; stored if asked)
+    damaged_chunks: list[bytes] = field(default_factory=list)  # stored but failing their checks: recomputed too
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -220,27 +224,61 @@ class Blender:
         ChunkKV, as load_many returns it), used without a read: a hot tier in front of the store.
         `recompute`: the covered rows to recompute from the check layer on, chosen by the caller instead
         of the selector (an offline oracle that knows the full prefill); the uncovered rows and the last
-        row are added as always."""
+        row are added as always.
+
+        A stored chunk whose KV fails its checks (a checksum, a short or truncated record) is recomputed
+        as a missing one is, and stored again if `store_missing` (its new records replace the damaged ones,
+        which compaction reclaims): the result's `damaged_chunks` lists it. Before, every blend needing it
+        failed until `blockstore fsck --repair`."""
         t0 = time.perf_counter()
         ids = self._ids(token_ids)
         n = int(ids.shape[0])
         spans = self._check_spans(self.split(ids) if spans is None else spans, n)
         host_ids = ids.cpu()  # one copy back: chunk ids hash the tokens on the CPU
-        parts = [_Span(s, e, cid, (resident or {}).get(cid)) for s, e in spans for cid in [chunk_id(host_ids[s:e])]]
-        to_read = [p for p in parts if p.chunk is None]
-        timings: dict[str, float] = {}
+        cids = [chunk_id(host_ids[s:e]) for s, e in spans]
         forced = None  # checked before the stream pins blocks and starts readers: a refusal leaves nothing held
         if recompute is not None:
             forced = torch.as_tensor(recompute, dtype=torch.int64).to(self.w.device)
             if forced.dim() != 1 or (forced.numel() and not 0 <= int(forced.min()) <= int(forced.max()) < n):
                 raise InvalidArgument(f"recompute must be a 1-d sequence of row indices in [0, {n})")
-        located = self.kv.locate([p.cid for p in to_read]) if self.overlap and to_read else None
+        try:
+            return self._blend(ids, spans, cids, store_missing, resident or {}, forced, frozenset(), t0)
+        except CorruptionError as exc:
+            damaged = self._damaged(cids, resident or {})
+            if not damaged:  # not the chunks' own records (or gone since): nothing to recompute around
+                raise
+            log.warning("blend: chunk KV of %d chunk(s) failed its checks (%s), recomputed%s: %s", len(damaged),
+                        exc, " and stored again" if store_missing else "", ", ".join(c.hex() for c in damaged))
+            return self._blend(ids, spans, cids, store_missing, resident or {}, forced, damaged, t0)
+
+    def _damaged(self, cids: Sequence[bytes], resident: Mapping[bytes, ChunkKV]) -> frozenset[bytes]:
+        """The stored chunks among `cids` whose own load fails its checks: each read alone (only after a
+        blend failed so; a chunk's KV is a few MB to a few hundred)."""
+        bad = set()
+        for cid in dict.fromkeys(c for c in cids if c not in resident):
+            try:
+                self.kv.load_many([cid])
+            except CorruptionError:
+                bad.add(cid)
+        return frozenset(bad)
+
+    def _blend(self, ids: torch.Tensor, spans: list[tuple[int, int]], cids: list[bytes], store_missing: bool,
+               resident: Mapping[bytes, ChunkKV], forced: torch.Tensor | None, damaged: frozenset[bytes],
+               t0: float) -> BlendResult:
+        """blend() once its arguments are checked; chunks in `damaged` are taken as missing."""
+        parts = [_Span(s, e, cid, resident.get(cid)) for (s, e), cid in zip(spans, cids)]
+        to_read = [p for p in parts if p.chunk is None]
+        timings: dict[str, float] = {}
+        located = None
+        if self.overlap and to_read:
+            located = [None if p.cid in damaged else loc for p, loc in zip(to_read, self.kv.locate([p.cid for p in to_read]))]
         stream = LateStream(self.kv, located, self.w.device, self.check_layer, self.readers)  # started by _run_layers
         try:  # from here on any failure (a missing chunk's store: DiskFull, ...) closes the stream
             if located is not None:
                 found = [loc is not None for loc in located]
             else:  # one batched read of every layer of every chunk
-                for p, got in zip(to_read, self.kv.load_many([p.cid for p in to_read], device=self.w.device)):
+                healthy = [p for p in to_read if p.cid not in damaged]
+                for p, got in zip(healthy, self.kv.load_many([p.cid for p in healthy], device=self.w.device)):
                     p.chunk = got
                 found = [p.chunk is not None for p in to_read]
             timings["load_s"] = time.perf_counter() - t0
@@ -259,6 +297,7 @@ class Blender:
             if stream.stream is not None:
                 timings["load_s"] = stream.stream.load_s
         result.missing_chunks = [p.cid for p in missing]
+        result.damaged_chunks = sorted(damaged)
         timings["total_s"] = time.perf_counter() - t0
         result.timings = timings
         return result
