@@ -238,6 +238,38 @@ def test_connector_sides_claim_blend_write_and_fall_back(tmp_path) -> None:
         scheduler.shutdown()
 
 
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), TypeError("a bug"), KeyError("k")])
+def test_any_failed_blend_is_recomputed_by_vllm_and_never_stops_the_worker(tmp_path, monkeypatch, error) -> None:
+    """Before: only BlockstoreError, RuntimeError and ValueError were failed loads; an OSError or TypeError
+    raised out of start_load_kv and stopped vLLM's worker (H73 left it)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from jobs.trained_model import heldout_chunks
+
+    scheduler, worker = _connectors(tmp_path / "kv")
+    try:
+        sep = list(worker.settings.separator_ids)
+        a, b, q = heldout_chunks(3, 120, seed=11)
+        cfg = worker.runtime.weights.config
+        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim)
+                  for i in range(cfg.num_hidden_layers)}
+        worker.register_kv_caches(caches)
+        assert _step(scheduler, worker, "seed", a + sep + b + sep + q[:20], list(range(12))) == 0
+
+        def fail(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(worker.runtime.blender, "blend", fail)
+        claimed = _step(scheduler, worker, "mix", b + sep + a + sep + q, list(range(12)))
+        assert claimed > 0 and worker.counters.load_failures == 1
+        assert worker.get_block_ids_with_load_errors() == set(range(claimed // 32))
+        assert type(error).__name__ in (worker.counters.last_error or "")
+        assert not any(t.any() for t in caches.values())
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: a real vLLM engine with the connector, on the trained model
 

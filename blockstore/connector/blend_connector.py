@@ -22,8 +22,9 @@ The scheduler and the worker run in different processes: the worker holds the st
 the scheduler knows which chunks are stored from a read-only scan at start plus what the worker
 reports storing after each step (``ChunkIndex``). Failures never give wrong KV: a chunk the index names
 but the store no longer has is computed by the blender on the spot; a store too full to keep a prompt's
-new chunks (NoSpace) still serves the chunks it holds, the new ones computed and not kept; a blend that
-fails (a store read error; any BlockstoreError, RuntimeError or ValueError raised) reports the request's
+new chunks (NoSpace) still serves the chunks it holds, the new ones computed and not kept; a chunk whose
+stored KV fails its checks is recomputed and stored again (``Blender.blend``); a blend that
+fails (a store read error, a disk's OSError, any exception: the worker keeps serving) reports the request's
 claimed blocks as load errors, and vLLM recomputes them, with ``kv_load_failure_policy="recompute"``
 (``multi_connector_config`` sets it; vLLM's default, "fail", would fail the request instead).
 
@@ -272,13 +273,16 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
         for load in meta.loads:
             try:
                 self._serve(load, layers)
-            except (BlockstoreError, RuntimeError, ValueError) as exc:
-                # Nothing half-written is read: vLLM recomputes every block reported here.
+            except Exception as exc:  # noqa: BLE001 - a cache that fails serves nothing, it never stops vLLM
+                # Nothing half-written is read: vLLM recomputes every block reported here. Any exception (an
+                # OSError from a disk, a TypeError from a bug) is a failed load: before, only the store's, torch's
+                # and ValueError were, and anything else stopped vLLM's worker and with it the engine.
                 self.counters.load_failures += 1
                 self.counters.last_error = f"{type(exc).__name__}: {exc}"
                 self._failed_blocks.update(load.block_ids[load.start // self.block_size:
                                                           -(-load.end // self.block_size)])
-                log.warning("%s: blending %s failed, vLLM recomputes it: %s", CONNECTOR_CLASS, load.req_id, exc)
+                log.warning("%s: blending %s failed, vLLM recomputes it: %s", CONNECTOR_CLASS, load.req_id, exc,
+                            exc_info=not isinstance(exc, BlockstoreError))  # a traceback for what is not the store's
             self._write_stats()
 
     def _serve(self, load: BlendLoad, layers: dict[str, Any]) -> None:
