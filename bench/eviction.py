@@ -363,6 +363,11 @@ class MissAttribution(L2AdapterListener):
         self.lost_lru_held = 0  # of the evicted ones: LRU still held them when the adapter dropped them
         self.ages: list[int] = []  # requests between last touch and eviction, of the evicted ones
         self.won = 0  # keys the adapter hit and LRU missed
+        # what each holds at a lookup, once LRU is full: the adapter's keys LRU does not hold (kept by value, or not
+        # reached by the walk yet) and LRU's keys the adapter does not hold (dropped, or room it left empty)
+        self.held: set[int] = set()  # the adapter's keys (stored less deleted)
+        self.held_not_lru: list[int] = []
+        self.lru_not_held: list[int] = []
 
     @staticmethod
     def number(key: ObjectKey) -> int:
@@ -374,6 +379,7 @@ class MissAttribution(L2AdapterListener):
             self.touched[k] = self.now
             self.read[k] = False
             self.gone.pop(k, None)
+            self.held.add(k)
 
     def on_l2_keys_accessed(self, keys: list[ObjectKey]) -> None:
         pass  # reads are counted from the lookups' results (request)
@@ -382,9 +388,14 @@ class MissAttribution(L2AdapterListener):
         for key in keys:
             k = self.number(key)
             self.gone[k] = (self.read.get(k, False), k in self.lru, self.now - self.touched.get(k, self.now))
+            self.held.discard(k)
 
     def request(self, ks: list[int], found: list[bool]) -> None:
         """One request's keys and which of them the adapter found (before the adapter stores its misses)."""
+        if len(self.lru) >= self.cap:
+            lru = self.lru.keys()
+            self.held_not_lru.append(len(self.held - lru))
+            self.lru_not_held.append(len(lru - self.held))
         miss: list[int] = []
         for k, f in zip(ks, found):
             held = k in self.lru
@@ -414,7 +425,10 @@ class MissAttribution(L2AdapterListener):
         ages = sorted(self.ages)
         return {"lost": dict(self.lost), "lost_total": sum(self.lost.values()), "lost_lru_held_at_eviction":
                 self.lost_lru_held, "lost_age_requests_median": ages[len(ages) // 2] if ages else None,
-                "won": self.won}
+                "won": self.won,
+                # mean records at a lookup (LRU full): held by the adapter and not LRU / by LRU and not the adapter
+                "held_not_lru_mean": sum(self.held_not_lru) / max(1, len(self.held_not_lru)),
+                "lru_not_held_mean": sum(self.lru_not_held) / max(1, len(self.lru_not_held))}
 
 
 # ------------------------------------------------------------------------------------------ adapter
@@ -699,7 +713,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 vs = row["adapter"]["against_lru"]
                 print(f"{'':15s}LRU hits the adapter missed {vs['lost_total']} ({vs['lost']}; LRU still held "
                       f"{vs['lost_lru_held_at_eviction']} of the evicted ones when the adapter dropped them, median "
-                      f"age {vs['lost_age_requests_median']} requests); adapter hits LRU missed {vs['won']}", flush=True)
+                      f"age {vs['lost_age_requests_median']} requests); adapter hits LRU missed {vs['won']}; at a "
+                      f"lookup the adapter held {vs['held_not_lru_mean']:.1f} records LRU did not and lacked "
+                      f"{vs['lru_not_held_mean']:.1f} LRU held (of {cap})", flush=True)
         n_rec = 4096 if args.quick else 8192
         block = (8 if args.quick else 16) << 20
         cap_bytes = n_rec * THROUGHPUT_RECORD // 4  # the stream is 4x the capacity: eviction runs 3/4 of it

@@ -34,6 +34,22 @@ def test_misses_lru_would_hit_are_counted_by_what_the_adapter_knew() -> None:
     assert m.summary()["lost_total"] == 3
 
 
+def test_what_each_holds_at_a_lookup() -> None:
+    m = MissAttribution(cap=2)
+    key = Driver.key
+    m.request([1, 2], [False, False])  # LRU was not full before this lookup: nothing sampled
+    m.on_l2_keys_stored([key(1), key(2)], [RECORD, RECORD])
+    m.request([1], [True])  # both hold {1, 2}
+    m.on_l2_keys_deleted([key(2)])  # the adapter drops 2 (LRU holds it), stores 5 (LRU never saw it)
+    m.on_l2_keys_stored([key(5)], [RECORD])
+    m.request([3], [False])  # adapter {1, 5}, LRU {1, 2}
+    m.request([4], [False])  # adapter {1, 5}, LRU {1, 3}: 3 went in, 2 (least recently used) out
+    assert m.held_not_lru == [0, 1, 1]
+    assert m.lru_not_held == [0, 1, 1]
+    s = m.summary()
+    assert s["held_not_lru_mean"] == s["lru_not_held_mean"] == 2 / 3
+
+
 def test_lost_less_won_is_lru_hits_less_the_adapters(tmp_path) -> None:
     trace = trace_sliding(random.Random(3), 150)
     distinct = len({k for r in trace for k in r})
