@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockstore.directory import Directory
+from blockstore.directory import Directory, Location
 from blockstore.errors import CorruptionError, InvalidArgument
 from blockstore.keys import SPACE_CHUNK, TOMBSTONE_META, encode_chunk_key, key_suffix, session_prefix
 from blockstore.mutations import Mutation
@@ -140,8 +140,9 @@ class ChunkRecords:
         if nid is None:
             return [None] * len(keys)
         locs = self._dir.get_locations([key_suffix(nid, SPACE_CHUNK, k) for k in keys])
-        texts = self._read(nid, SPACE_CHUNK, keys, None, located=locs)
-        return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, locs)]
+        read_from: list[Location | None] = []  # each text's own meta: a text re-read after a race may be newer
+        texts = self._read(nid, SPACE_CHUNK, keys, None, located=locs, read_from=read_from)
+        return [None if t is None or loc is None else _decode(loc.meta, t) for t, loc in zip(texts, read_from)]
 
     def list_chunks(self, user_id: str, session_id: str, *, ns: str = "default") -> list[Chunk]:
         self._check_open()

@@ -139,15 +139,18 @@ class Reader:
         self.timed: deque[tuple[float, float]] = deque(maxlen=_TIMED_READS)  # (perf_counter at end, seconds)
 
     def read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
-             located: Sequence[Location | None] | None = None) -> list[Any]:
+             located: Sequence[Location | None] | None = None, read_from: list[Location | None] | None = None,
+             ) -> list[Any]:
         """The payloads of `keys` (key space `space` of namespace id `nid`): a memoryview each, or with
         `out` each payload's length, written into out[i]; None for a miss. `located`: the keys' locations
-        if the caller has just looked them up (saves the second lookup). Each read is timed (`timed`):
-        compaction paces itself by what the foreground sees."""
+        if the caller has just looked them up (saves the second lookup). `read_from`, if given, is filled
+        with the location each payload was read at: a record whose block vanished under the read is looked
+        up again and may then be a newer version than `located` said (its meta with it). Each read is timed
+        (`timed`): compaction paces itself by what the foreground sees."""
         foreground.READS.append(None)  # background work steps aside while a read is in flight (foreground.py)
         t0 = time.perf_counter()
         try:
-            return self._read(nid, space, keys, out, located)
+            return self._read(nid, space, keys, out, located, read_from=read_from)
         finally:
             t1 = time.perf_counter()
             self.timed.append((t1, t1 - t0))
@@ -159,7 +162,8 @@ class Reader:
         return [dt for end, dt in timed if end > since]
 
     def _read(self, nid: int, space: int, keys: Sequence[bytes], out: Sequence[Buffer] | None,
-              located: Sequence[Location | None] | None = None, *, attempt: int = 0) -> list[Any]:
+              located: Sequence[Location | None] | None = None, *, attempt: int = 0,
+              read_from: list[Location | None] | None = None) -> list[Any]:
         suffixes = [key_suffix(nid, space, k) for k in keys]
         found = list(located) if located is not None else self.directory.get_locations(suffixes)
         if attempt == 0:
@@ -181,13 +185,18 @@ class Reader:
             first_of[suffixes[i]] = i
             by_block.setdefault(loc.block_id, []).append(i)
         results, vanished = self._read_in_groups(keys, locs, dsts, by_block, out is not None, found)
+        if read_from is not None:
+            read_from[:] = locs
         if vanished and attempt < READ_ATTEMPTS:
             # compaction moved these records and emptied their block between our lookup and our pin:
             # look again (each round is a fresh lookup; a record is found unless moved every time)
+            moved: list[Location | None] = []
             again = self._read(nid, space, [keys[i] for i in vanished],
-                              None if out is None else [out[i] for i in vanished], attempt=attempt + 1)
-            for i, r in zip(vanished, again):
+                              None if out is None else [out[i] for i in vanished], attempt=attempt + 1, read_from=moved)
+            for k, (i, r) in enumerate(zip(vanished, again)):
                 results[i] = r
+                if read_from is not None:
+                    read_from[i] = moved[k]
         for i, j in duplicates:
             if results[j] is not None:
                 if out is not None:

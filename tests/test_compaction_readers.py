@@ -21,7 +21,7 @@ from compaction_helpers import AGGRESSIVE, MIB, parse_value, rebuild_violations,
 
 import blockstore
 from blockstore import hooks
-from blockstore.keys import SPACE_KV, key_suffix
+from blockstore.keys import SPACE_CHUNK, SPACE_KV, encode_chunk_key, key_suffix
 
 KEYS = [b"key-%02d" % i for i in range(40)]
 STABLE = set(KEYS[:8])  # overwritten, never deleted
@@ -200,3 +200,31 @@ def test_a_record_moved_twice_under_a_reader_is_still_found(tmp_path: Path) -> N
             got = s.get(b"k")
         assert not moves
         assert got == b"v" * (600 << 10), "a live key read as a miss"
+
+
+def test_a_chunk_rewritten_and_its_block_reclaimed_under_get_chunks_keeps_its_own_meta(tmp_path: Path) -> None:
+    """get_chunks looked a chunk up, then (before its read) the chunk was rewritten with new text and meta
+    and GC deleted the old block: the read looks the key up again and gets the new text. Before, that text
+    was decoded with the first lookup's meta: the new text under the old meta (H73 left it)."""
+    from blockstore import ChunkWrite
+    from blockstore.compaction import attach
+
+    with blockstore.open(tmp_path, block_size=MIB, max_open_blocks=1) as s:
+        s.put_chunks([ChunkWrite("u", "s", "c", "old " * (150 << 10), meta={"version": 1})])
+        rewritten: list[int] = []
+
+        def rewrite_under_the_reader(*_a: object) -> None:
+            if rewritten:
+                return
+            old = s.dir.get_locations([key_suffix(s.namespace_id("default") or 0, SPACE_CHUNK,
+                                                  encode_chunk_key(b"u", b"s", b"c"))])[0]
+            assert old is not None
+            s.put_chunks([ChunkWrite("u", "s", "c", "new " * (150 << 10), meta={"version": 2})])  # seals the old block
+            attach(s, {**AGGRESSIVE, "relocation": False}, background=False).run_until_idle()
+            assert old.block_id not in {e.block_id for e in s.block_table()}  # the old record's block is gone
+            rewritten.append(old.block_id)
+
+        with hooks.installed("read.located", rewrite_under_the_reader):
+            got = s.get_chunks([("u", "s", "c")])[0]
+        assert rewritten and got is not None
+        assert got.text.startswith("new ") and got.meta == {"version": 2}
