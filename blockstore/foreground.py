@@ -28,6 +28,7 @@ With no read in flight a checkpoint costs one truth test of a deque.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -71,6 +72,18 @@ def background(stop: threading.Event | None = None) -> None:
 def foreground() -> None:
     """The calling thread's checkpoints pause no more."""
     _bg.on, _bg.stop = False, None
+
+
+@contextlib.contextmanager
+def in_flight() -> Iterator[None]:
+    """Count foreground work that reads outside `Reader.read` (a blend: its C layer readers, and the GPU ops
+    its thread issues between them) as a read in flight while the block runs: background threads step
+    aside for it as for a read."""
+    READS.append(None)
+    try:
+        yield
+    finally:
+        READS.pop()
 
 
 def is_background() -> bool:

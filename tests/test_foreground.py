@@ -246,3 +246,37 @@ def test_a_background_leader_never_pauses_while_it_applies_another_callers_write
     caller.join(5)
     assert sorted(muts) == [b"background", b"caller"]  # the caller's write is in the group it leads
     assert busy  # so its checkpoints do not pause for reads
+
+
+def test_a_blend_counts_as_a_read_in_flight_while_it_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The blend's loads are C calls outside Reader.read (layer_loader.py), which counts only its own
+    reads: before, background compaction never stepped aside for a blend (H74 left it)."""
+    torch = pytest.importorskip("torch")
+    from blockstore.blend import Blender, ChunkKVStore, LlamaConfig, LlamaWeights
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    w = LlamaWeights.random(cfg, seed=1, std=0.2)
+    with blockstore.open(tmp_path / "s") as s:
+        blender = Blender(w, ChunkKVStore(s, model_id=Blender.kv_model_id(w)), ratio=0.3)
+        prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(0))
+        seen: list[int] = []
+        real = blender._run_layers
+
+        def watching(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(len(foreground.READS))
+            return real(*args, **kwargs)
+
+        blender._run_layers = watching  # type: ignore[method-assign]
+        before = len(foreground.READS)
+        blender.blend(prompt, spans=[(0, 16), (16, 32)])  # stores both chunks
+        blender.blend(prompt, spans=[(0, 16), (16, 32)])  # reads them
+        assert seen == [before + 1, before + 1] and len(foreground.READS) == before
+
+        def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise RuntimeError("a failed blend")
+
+        blender._run_layers = failing  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            blender.blend(prompt, spans=[(0, 16), (16, 32)])
+        assert len(foreground.READS) == before  # a failed blend leaves no count behind

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockstore import foreground
 from blockstore.blend import graphs, options
 from blockstore.blend.chunk_kv import ChunkKV, ChunkKVStore, KVLayout, chunk_id
 from blockstore.blend.compute import (
@@ -241,15 +242,18 @@ class Blender:
             forced = torch.as_tensor(recompute, dtype=torch.int64).to(self.w.device)
             if forced.dim() != 1 or (forced.numel() and not 0 <= int(forced.min()) <= int(forced.max()) < n):
                 raise InvalidArgument(f"recompute must be a 1-d sequence of row indices in [0, {n})")
-        try:
-            return self._blend(ids, spans, cids, store_missing, resident or {}, forced, frozenset(), t0)
-        except CorruptionError as exc:
-            damaged = self._damaged(cids, resident or {})
-            if not damaged:  # not the chunks' own records (or gone since): nothing to recompute around
-                raise
-            log.warning("blend: chunk KV of %d chunk(s) failed its checks (%s), recomputed%s: %s", len(damaged),
-                        exc, " and stored again" if store_missing else "", ", ".join(c.hex() for c in damaged))
-            return self._blend(ids, spans, cids, store_missing, resident or {}, forced, damaged, t0)
+        # the store's background compaction steps aside while the blend reads and computes (foreground.py):
+        # its loads are C calls outside Reader.read, which counts only its own reads
+        with foreground.in_flight():
+            try:
+                return self._blend(ids, spans, cids, store_missing, resident or {}, forced, frozenset(), t0)
+            except CorruptionError as exc:
+                damaged = self._damaged(cids, resident or {})
+                if not damaged:  # not the chunks' own records (or gone since): nothing to recompute around
+                    raise
+                log.warning("blend: chunk KV of %d chunk(s) failed its checks (%s), recomputed%s: %s", len(damaged),
+                            exc, " and stored again" if store_missing else "", ", ".join(c.hex() for c in damaged))
+                return self._blend(ids, spans, cids, store_missing, resident or {}, forced, damaged, t0)
 
     def _damaged(self, cids: Sequence[bytes], resident: Mapping[bytes, ChunkKV]) -> frozenset[bytes]:
         """The stored chunks among `cids` whose own load fails its checks: each read alone (only after a
