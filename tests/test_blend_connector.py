@@ -157,6 +157,17 @@ def _connectors(store, block_size: int = 32, parallel: dict | None = None):
     return scheduler, worker
 
 
+def _register_caches(worker, blocks: int = 24) -> dict:
+    """vLLM's CPU KV caches for every layer of the worker's model (zeros), registered with the worker."""
+    import torch
+
+    cfg = worker.runtime.weights.config
+    caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(blocks, cfg.num_key_value_heads, 32, 2 * cfg.head_dim)
+              for i in range(cfg.num_hidden_layers)}
+    worker.register_kv_caches(caches)
+    return caches
+
+
 def _step(scheduler, worker, req_id: str, ids: list[int], block_ids: list[int]):
     """One scheduler step for a new request, then the worker's load and save; returns the claim."""
     from types import SimpleNamespace
@@ -242,7 +253,6 @@ def test_connector_sides_claim_blend_write_and_fall_back(tmp_path) -> None:
 def test_any_failed_blend_is_recomputed_by_vllm_and_never_stops_the_worker(tmp_path, monkeypatch, error) -> None:
     """Before: only BlockstoreError, RuntimeError and ValueError were failed loads; an OSError or TypeError
     raised out of start_load_kv and stopped vLLM's worker (H73 left it)."""
-    torch = pytest.importorskip("torch")
     pytest.importorskip("vllm")
     from jobs.trained_model import heldout_chunks
 
@@ -250,10 +260,7 @@ def test_any_failed_blend_is_recomputed_by_vllm_and_never_stops_the_worker(tmp_p
     try:
         sep = list(worker.settings.separator_ids)
         a, b, q = heldout_chunks(3, 120, seed=11)
-        cfg = worker.runtime.weights.config
-        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim)
-                  for i in range(cfg.num_hidden_layers)}
-        worker.register_kv_caches(caches)
+        caches = _register_caches(worker)
         assert _step(scheduler, worker, "seed", a + sep + b + sep + q[:20], list(range(12))) == 0
 
         def fail(*args, **kwargs):

@@ -69,7 +69,7 @@ def test_the_connector_stores_a_repeated_chunk_once_and_blends_the_prompt_again(
     stored twice (_store_chunks: chunks_stored 2 for one chunk), and once stored every such prompt failed to
     blend (a load failure, its claimed blocks recomputed by vLLM)."""
     pytest.importorskip("vllm")
-    from test_blend_connector import _connectors, _step
+    from test_blend_connector import _connectors, _register_caches, _step
 
     from jobs.trained_model import heldout_chunks
 
@@ -77,10 +77,7 @@ def test_the_connector_stores_a_repeated_chunk_once_and_blends_the_prompt_again(
     try:
         sep = list(worker.settings.separator_ids)
         a, b, q = heldout_chunks(3, 120, seed=11)
-        cfg = worker.runtime.weights.config
-        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(24, cfg.num_key_value_heads, 32, 2 * cfg.head_dim)
-                  for i in range(cfg.num_hidden_layers)}
-        worker.register_kv_caches(caches)
+        _register_caches(worker)
         puts: list[int] = []
         kv_put = worker.runtime.kv.put
         worker.runtime.kv.put = lambda *x, **k: puts.append(1) or kv_put(*x, **k)  # type: ignore[method-assign]
