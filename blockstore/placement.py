@@ -88,7 +88,8 @@ class OpenBlocks:
         of its partition in its group; `moved`: compaction's copy (of a cluster: `need` is its size). A namespace whose requests read across its partitions is placed
         as one lineage (placement_choice.py); the record's place is labelled with the caller's partition."""
         foreground.step_aside()  # once per record of a group: a background leader pauses for reads (foreground.py)
-        ob = self._block_for(self.choice.resolve(partition), need, tails, to_seal, batch, lone=lone, moved=moved)
+        ob = self._block_for(self.choice.resolve(partition, 0 if moved else need), need, tails, to_seal, batch, lone=lone,
+                             moved=moved)
         self.choice.note_append(ob.entry.block_id, tails.get(ob.entry.block_id, ob.tail), partition, need)
         return ob
 

@@ -57,6 +57,16 @@ blocks/request, medians (issue 16, H75): SWE-shaped (partition repo/task) quick 
 0.73 -> 0.59; `sessions` (tenant/session) quick 0.66 -> 0.51, full mode 0.72 -> 0.47; traces without
 such names, or whose reads do not favour the parents, unchanged (docs/compaction.md).
 
+A namespace its own reads place as one lineage may also keep its large records (1/16 of a block or more)
+in a second lineage: scored as a fourth shadow (the namespace's small records in one lineage, its large
+ones in another) and taken by the same shares against the one lineage. Where requests draw at random among
+a tenant's many small records, large records interleaved with them spread those over many blocks; where
+requests read the newest records of both sizes together (a conversation's KV and the notes just written),
+the split costs a block and is not taken. `heldout_ns` full mode (issue 16, H77): full / append-only 0.983
+/ 0.995 -> 0.922 / 0.924 (seeds 2, 3: 0.980 / 0.992 -> 0.906 / 0.871); quick seed 0 1.014 -> 1.028 (a late
+switch), seeds 1-3 unchanged or lower; every other trace unchanged (docs/compaction.md). Relocated clusters
+are never split.
+
 The coarsest this gets is what a caller that names no partition gets. Nothing here knows a workload:
 the evidence is the store's reads, the only size the block size. Compaction's own streams (partition
 names starting with NUL) are never redirected or scored. Memory: at most `max_labels` labels and
@@ -86,6 +96,9 @@ _EXIT = 0.9  # ... and by partition again once it touches more than this share
 # how a namespace is placed, each its index in a score (the same shares judge the parents)
 _NAMESPACE, _PARTITION, _PARENT = 1, 2, 3
 _ALL = b"\0all"  # the score of every namespace's requests together (not a namespace: starts with NUL)
+_APART = 4  # a namespace placed as one lineage, its large records in a lineage of their own: the score's index
+_LARGE_DIV = 16  # a large record: 1/16 of a block or more (a block holds at most 16 of them)
+_LARGE = b"\0\0large"  # the caller-partition part of a namespace's lineage of large records
 
 
 def _place(block_id: int, offset: int) -> int:
@@ -148,15 +161,19 @@ class PlacementChoice:
         self._by_ns = _Lineages(block_size, max_names)
         self._by_partition = _Lineages(block_size, max_names)
         self._by_parent = _Lineages(block_size, max_names)
+        self._by_size = _Lineages(block_size, max_names)  # one lineage per namespace, its large records apart
+        self.large = max(1, block_size // _LARGE_DIV)
         # place (_place) of a record appended lately -> (namespace, shadow block by namespace, by
-        # partition, by the partition's parent); `observe` on reader threads only tests membership, the
-        # leader changes it
-        self._labels: OrderedDict[int, tuple[bytes, int, int, int]] = OrderedDict()
+        # partition, by the partition's parent, by namespace with large records apart); `observe` on reader
+        # threads only tests membership, the leader changes it
+        self._labels: OrderedDict[int, tuple[bytes, int, int, int, int]] = OrderedDict()
         self.max_labels = max_labels
         self._pending: deque[list[tuple[int, int]]] = deque(maxlen=_PENDING_REQUESTS)
-        # namespace (and _ALL) -> [requests, mean shadow blocks by namespace, by partition, by parent]
+        # namespace (and _ALL) -> [requests, mean shadow blocks by namespace, by partition, by parent, by
+        # namespace with large records apart]
         self._score: OrderedDict[bytes, list[float]] = OrderedDict()
         self.by_namespace: set[bytes] = set()  # namespaces placed by namespace now
+        self.large_apart: set[bytes] = set()  # ... of those, the ones whose large records have a lineage apart
         self.by_parent: set[bytes] = set()  # namespaces placed by their partitions' parents now
         self.default_mode = _PARTITION  # the verdict of all requests, for namespaces with few of their own
         # namespace -> [bytes it appended, the name itself, the first parent of its partitions, whether they
@@ -187,10 +204,12 @@ class PlacementChoice:
 
     # ---- leader side ----
 
-    def resolve(self, partition: bytes) -> bytes:
-        """The partition a record of `partition` is placed by: its namespace while the namespace is
-        placed by namespace or still small (_small), its parent (if it has one) while the namespace is
-        placed by parents, else itself. Scores the requests read since the last call first."""
+    def resolve(self, partition: bytes, nbytes: int = 0) -> bytes:
+        """The partition a record of `partition` (`nbytes` long; 0 for a relocated cluster) is placed by:
+        its namespace while the namespace is placed by namespace or still small (_small), and a lineage
+        of the namespace's large records while its reads favour that (_decide); its parent (if it has one)
+        while the namespace is placed by parents, else itself. Scores the requests read since the last
+        call first."""
         if self._pending:
             self._learn()
         # compaction's streams ("\0...") and the L2 adapter's tombstone streams ("...\0tombstones": tombstones
@@ -199,6 +218,8 @@ class PlacementChoice:
             return partition
         ns = namespace_of(partition)
         if ns in self.by_namespace:
+            if nbytes >= self.large and ns in self.large_apart:
+                return ns + b"\0" + _LARGE
             return self._lineage_of.get(ns, ns)
         if ns in self.by_parent:
             return parent_of(partition) or partition
@@ -254,8 +275,10 @@ class PlacementChoice:
             return  # one namespace so far, no two partitions of one parent: nothing to choose between or keep
         ns = seen[1]  # one bytes object per namespace, shared by its labels
         labels = self._labels
+        apart = ns + _LARGE if nbytes >= self.large else ns
         labels[_place(block_id, offset)] = (ns, self._by_ns.place(ns, nbytes), self._by_partition.place(partition, nbytes),
-                                            self._by_parent.place(parent or partition, nbytes))
+                                            self._by_parent.place(parent or partition, nbytes),
+                                            self._by_size.place(apart, nbytes))
         while len(labels) > self.max_labels:
             labels.popitem(last=False)
 
@@ -279,14 +302,14 @@ class PlacementChoice:
         while self._pending and budget > 0:
             places = self._pending.popleft()
             budget -= len(places)
-            found: dict[bytes, list[tuple[bytes, int, int, int]]] = {}
+            found: dict[bytes, list[tuple[bytes, int, int, int, int]]] = {}
             for bid, off in places:
                 lab = self._labels.get(_place(bid, off))
                 if lab is not None:
                     found.setdefault(lab[0], []).append(lab)
             for ns, shadows in found.items():
                 if len(shadows) >= 2:
-                    blocks = [len({lab[i] for lab in shadows}) for i in (1, 2, 3)]
+                    blocks = [len({lab[i] for lab in shadows}) for i in (1, 2, 3, 4)]
                     self._note(ns, blocks)
                     self._note(_ALL, blocks)
                     touched.add(ns)
@@ -294,15 +317,16 @@ class PlacementChoice:
             self._decide(touched)
 
     def _note(self, ns: bytes, blocks: Sequence[int]) -> None:
-        """One request of `ns` would touch `blocks` shadow blocks placed by namespace, by partition and by
-        the partitions' parents."""
+        """One request of `ns` would touch `blocks` shadow blocks placed by namespace, by partition, by
+        the partitions' parents and by namespace with large records apart."""
         score = self._score.get(ns)
         if score is None:
-            score = self._score[ns] = [0.0, 0.0, 0.0, 0.0]
+            score = self._score[ns] = [0.0, 0.0, 0.0, 0.0, 0.0]
             while len(self._score) > self.max_names:
                 gone, _old = self._score.popitem(last=False)
                 self.by_namespace.discard(gone)
                 self.by_parent.discard(gone)
+                self.large_apart.discard(gone)
         self._score.move_to_end(ns)
         score[0] += 1
         w = max(_WEIGHT, 1 / score[0])
@@ -353,3 +377,16 @@ class PlacementChoice:
                 (self.by_namespace.add if now == _NAMESPACE else self.by_namespace.discard)(ns)
                 (self.by_parent.add if now == _PARENT else self.by_parent.discard)(ns)
                 self.switches += 1
+            self._set_apart(ns, score, several and now == _NAMESPACE and score[0] >= _MIN_REQUESTS)
+
+    def _set_apart(self, ns: bytes, score: list[float], one_lineage: bool) -> None:
+        """Whether a namespace its own requests place as one lineage gets a second lineage for its large
+        records: where those requests would touch a clearly smaller share of the blocks so (the same shares
+        as the modes), as when they draw among many small records of the namespace that large ones would
+        otherwise spread over many blocks. Where they read the newest records of both sizes together, the
+        split costs a block and is not taken."""
+        was = ns in self.large_apart
+        now = one_lineage and score[_APART] <= score[_NAMESPACE] * (_EXIT if was else _ENTER)
+        if now != was:
+            (self.large_apart.add if now else self.large_apart.discard)(ns)
+            self.switches += 1
