@@ -426,7 +426,7 @@ class Blender:
                     covered_rows[p.start:p.end] = True
                 k_merged = k_all.clone()
                 k_merged[active] = k
-                kept = sel.narrow((k, v), (k_all[active], v_all[active]), q, active, covered_rows, k_merged)
+                kept = sel.narrow((k, v), (k_all[active], v_all[active]), q, active, covered_rows, k_merged, spans)
                 q, k, v, hidden, active = q[kept], k[kept], v[kept], hidden[kept], active[kept]
                 tail = is_tail(active, pos)
             k_all[active] = k

@@ -39,8 +39,9 @@ def deviation(fresh: KV, cached: KV, covered: torch.Tensor, on: str, n_cov: int 
     terms = [(f.float() - c.float()).pow(2).sum(dim=(1, 2)) for f, c in zip(fresh, cached)]
     if on != "kv":
         return terms["kv".index(on)]
-    if n_cov and covered.device.type != "cpu":
-        return sum(t / (t.masked_fill(~covered, 0.0).sum() / n_cov).clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
+    if covered.device.type != "cpu":  # without n_cov the count stays a tensor on the device: still no wait
+        count = n_cov if n_cov else covered.sum()
+        return sum(t / (t.masked_fill(~covered, 0.0).sum() / count).clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
     return sum(t / t[covered].mean().clamp_min(1e-30) for t in terms)  # type: ignore[return-value]
 
 
@@ -49,10 +50,15 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor,
     """Per key row (all N): the attention the query rows after the last chunk (the question; at least
     the last row) pay it at this layer, averaged over their rows and heads, from their fresh q over the
     keys `k` [N, ...] under the position mask. `rows`: the prompt rows of q's rows (default: all N).
-    `after`: the row after the last covered one, if the caller knows it (n - 1 when none is covered).
+    `after`: the row after the last covered one, if the caller knows it (n - 1 when none is covered);
+    given with `rows` (sorted), every row from `after` on must be among them (as the uncovered rows are
+    among a blend's active rows): the question is then the last rows of q, a slice.
     Where the first answer token reads from, as far as this layer can tell."""
     n = k.shape[0]
     keys = torch.arange(n, device=k.device)
+    if rows is not None and after is not None:  # the question: q's last rows (the last row at least)
+        asking_rows = n - min(after, n - 1)
+        return _attention_of(q[-asking_rows:].contiguous(), rows[-asking_rows:], k, keys)
     if after is None:
         after = int(keys[covered].max()) + 1 if bool(covered.any()) else n - 1
     if rows is None:  # q's rows are all N: the question is a slice (a boolean index would wait for a GPU)
@@ -60,9 +66,14 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor,
     else:
         tail = rows >= min(after, n - 1)  # the last row is always among q's rows
         asking, tail_rows = q[tail], rows[tail]
-    group = q.shape[1] // k.shape[1]
+    return _attention_of(asking, tail_rows, k, keys)
+
+
+def _attention_of(asking: torch.Tensor, tail_rows: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """query_attention's average: the rows `asking` (q at prompt rows `tail_rows`) over the keys `k`."""
+    group = asking.shape[1] // k.shape[1]
     scores = torch.einsum("thd,nhd->htn", asking.float(), k.float().repeat_interleave(group, dim=1))
-    scores = scores / q.shape[2] ** 0.5
+    scores = scores / asking.shape[2] ** 0.5
     scores.masked_fill_(keys[None, None, :] > tail_rows[None, :, None], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
 
@@ -113,19 +124,23 @@ class Selection:
         return keep.nonzero().squeeze(1)
 
     def narrow(self, fresh: KV, cached: KV, q: torch.Tensor, active: torch.Tensor, covered: torch.Tensor,
-               k_merged: torch.Tensor) -> torch.Tensor:
+               k_merged: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Gradual filtering, the layer after the check layer: indices into `active` to carry on — every
         uncovered row, the last row, and the ratio's share of the covered rows whose fresh K/V (`fresh`,
         `cached`: of the active rows) deviate most here. `k_merged`: this layer's K of every row, fresh
-        where active (what the question attends over)."""
+        where active (what the question attends over); `covered`: the rows of `spans`, the chunks'
+        (start, end) as select took them. Counts come from the spans and shapes: no wait for a GPU."""
+        n = int(covered.shape[0])
         cov = covered[active]
         keep = ~cov
         keep[-1] = True
-        left = int(round(self.ratio * int(covered.sum()))) - int((keep & cov).sum())
+        last_covered = bool(spans) and spans[-1][1] == n  # the last row, kept, is a covered one
+        left = int(round(self.ratio * sum(e - s for s, e in spans))) - int(last_covered)
         if left > 0:
             dev = deviation(fresh, cached, cov, self.deviation)
             if self.query_weighted:
-                dev = dev.sqrt() * query_attention(q, k_merged, covered, active)[active]
-            dev[~cov | keep] = -1.0
-            keep[torch.topk(dev, min(left, int(cov.sum()))).indices] = True
+                dev = dev.sqrt() * query_attention(q, k_merged, covered, active, after=spans[-1][1])[active]
+            dev.masked_fill_(~cov | keep, -1.0)
+            # past the covered candidates topk takes rows already kept (-1): the same rows as a count would give
+            keep[torch.topk(dev, min(left, int(active.shape[0]))).indices] = True
         return keep.nonzero().squeeze(1)
