@@ -202,6 +202,8 @@ class Reader:
                 if out is not None:
                     memoryview(out[i]).cast("B")[: results[j]] = memoryview(out[j]).cast("B")[: results[j]]
                 results[i] = results[j]
+            if read_from is not None:  # the payload copied is the one key j read: perhaps re-read, newer
+                read_from[i] = read_from[j]
         return results
 
     @contextlib.contextmanager

@@ -228,3 +228,27 @@ def test_a_chunk_rewritten_and_its_block_reclaimed_under_get_chunks_keeps_its_ow
             got = s.get_chunks([("u", "s", "c")])[0]
         assert rewritten and got is not None
         assert got.text.startswith("new ") and got.meta == {"version": 2}
+
+
+def test_a_chunk_asked_twice_and_rewritten_under_get_chunks_keeps_its_own_meta_both_times(tmp_path: Path) -> None:
+    """The same chunk twice in one get_chunks call (read once, its duplicate copied from it), rewritten and
+    its old block reclaimed between the lookup and the read: both answers are the new text with the new
+    meta. Before, the duplicate kept the first lookup's location (read_from) and so the old meta."""
+    from blockstore import ChunkWrite
+    from blockstore.compaction import attach
+
+    with blockstore.open(tmp_path, block_size=MIB, max_open_blocks=1) as s:
+        s.put_chunks([ChunkWrite("u", "s", "c", "old " * (150 << 10), meta={"version": 1})])
+        rewritten: list[bool] = []
+
+        def rewrite_under_the_reader(*_a: object) -> None:
+            if rewritten:
+                return
+            rewritten.append(True)
+            s.put_chunks([ChunkWrite("u", "s", "c", "new " * (150 << 10), meta={"version": 2})])  # seals the old block
+            attach(s, {**AGGRESSIVE, "relocation": False}, background=False).run_until_idle()
+
+        with hooks.installed("read.located", rewrite_under_the_reader):
+            got = s.get_chunks([("u", "s", "c"), ("u", "s", "c")])
+        assert rewritten and got[0] is not None and got[1] is not None
+        assert [(g.text[:4], g.meta) for g in got] == [("new ", {"version": 2})] * 2
