@@ -5,6 +5,7 @@ config the checks read, so no model is built."""
 
 from __future__ import annotations
 
+import array
 from types import SimpleNamespace
 from typing import Any
 
@@ -57,7 +58,8 @@ def test_valid_options_pass_the_checks() -> None:
             Blender(_weights(), None, **ok)  # type: ignore[arg-type]
 
 
-BAD_CHUNK_IDS = [[123], ["ab" * 8], [None], 5, "x" * 16, b"y" * 16, [b"short"], [b"z" * 32]]
+BAD_CHUNK_IDS = [[123], ["ab" * 8], [None], 5, "x" * 16, b"y" * 16, [b"short"], [b"z" * 32],
+                 [memoryview(array.array("i", range(16)))]]  # 16 items of 4 bytes: a 64-byte id
 
 
 @pytest.mark.parametrize("value", BAD_CHUNK_IDS, ids=[repr(v)[:24] for v in BAD_CHUNK_IDS])

@@ -81,8 +81,10 @@ def int32_ids(name: str, value: Any) -> torch.Tensor:
 def chunk_ids(name: str, value: Any, size: int = 16) -> list[bytes]:
     """`value` as a list of chunk ids: a sequence (not a str or bytes) of `size`-byte bytes-like ids. A wrong
     type or length can name no stored chunk, and failed deep inside (TypeError, or "not stored") before."""
-    if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence) or not all(
-            isinstance(c, (bytes, bytearray, memoryview)) and len(c) == size for c in value):
+    # a memoryview's len() counts its items, not its bytes: the length is checked on the bytes themselves
+    ids = None if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence) or not all(
+        isinstance(c, (bytes, bytearray, memoryview)) for c in value) else [bytes(c) for c in value]
+    if ids is None or not all(len(c) == size for c in ids):
         raise _refuse("", name, f"a list of {size}-byte chunk ids (chunk_id(token_ids))",
                       value if not isinstance(value, Sequence) or len(value) <= 8 else f"{len(value)} items")
-    return [bytes(c) for c in value]
+    return ids
