@@ -277,6 +277,35 @@ def test_any_failed_blend_is_recomputed_by_vllm_and_never_stops_the_worker(tmp_p
         scheduler.shutdown()
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("CUDA out of memory")])
+def test_a_failed_chunk_store_never_stops_the_worker(tmp_path, monkeypatch, error) -> None:
+    """Storing a prompt's new chunks (wait_for_save: a full prefill of each, then a write) that fails with any
+    exception leaves them unstored (a future miss) and the worker serving. Before, only BlockstoreError was
+    caught there: an OSError or a RuntimeError (CUDA out of memory) stopped vLLM's worker."""
+    pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from jobs.trained_model import heldout_chunks
+
+    scheduler, worker = _connectors(tmp_path / "kv")
+    try:
+        sep = list(worker.settings.separator_ids)
+        a, b, q = heldout_chunks(3, 120, seed=11)
+        _register_caches(worker)
+
+        def fail(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(worker.runtime.blender, "store_chunk", fail)
+        assert _step(scheduler, worker, "seed", a + sep + b + sep + q[:20], list(range(12))) == 0
+        assert type(error).__name__ in (worker.counters.last_error or "") and worker.counters.chunks_stored == 0
+        monkeypatch.undo()
+        assert _step(scheduler, worker, "again", a + sep + b + sep + q[:20], list(range(12))) == 0
+        assert worker.counters.chunks_stored == 2  # the same chunks, stored once the store works again
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: a real vLLM engine with the connector, on the trained model
 

@@ -26,7 +26,8 @@ new chunks (NoSpace) still serves the chunks it holds, the new ones computed and
 stored KV fails its checks is recomputed and stored again (``Blender.blend``); a blend that
 fails (a store read error, a disk's OSError, any exception: the worker keeps serving) reports the request's
 claimed blocks as load errors, and vLLM recomputes them, with ``kv_load_failure_policy="recompute"``
-(``multi_connector_config`` sets it; vLLM's default, "fail", would fail the request instead).
+(``multi_connector_config`` sets it; vLLM's default, "fail", would fail the request instead); a prompt's
+new chunks whose store fails (any exception) are left out, a future miss.
 
 Extra config keys: ``blend_config.py``; the checks they share with ``Blender(...)``: ``blockstore.blend.options``.
 """
@@ -349,9 +350,11 @@ class BlockstoreBlendConnector(KVConnectorBase_V1):
             for chunk, ok in zip(chunks, present, strict=True):
                 if not ok:
                     stored.append(self.runtime.blender.store_chunk(chunk))
-        except BlockstoreError as exc:  # a cache that could not grow is a future miss, not an error
+        except Exception as exc:  # noqa: BLE001 - a chunk not stored is a future miss; it never stops vLLM
+            # any exception, as for a load (start_load_kv): a disk's OSError, CUDA out of memory in the prefill
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: storing chunks of %s failed: %s", CONNECTOR_CLASS, save.req_id, exc)
+            log.warning("%s: storing chunks of %s failed: %s", CONNECTOR_CLASS, save.req_id, exc,
+                        exc_info=not isinstance(exc, BlockstoreError))  # a traceback for what is not the store's
         self._new_chunks += stored
         self.counters.chunks_stored += len(stored)
         self.counters.store_seconds += time.perf_counter() - t0
