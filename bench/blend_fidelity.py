@@ -60,13 +60,16 @@ CURVE_RATIOS = (0.5, 0.7, 0.85)  # past 0.30: where top-1 agreement reaches the 
 # narrowed at the next)
 # The plain ratios and the variants are pinned to the V deviation without question weighting (Blender's
 # default until 2026-12-06, when "kv-qw" became it), so every recorded row keeps its meaning.
-V_SELECTION: dict[str, Any] = {"deviation": "v", "query_weighted": False}
+# Pinned to no distance weighting (recency 0) too, Blender's default since 2026-12-07 20:30 UTC ("kv-qw-r").
+V_SELECTION: dict[str, Any] = {"deviation": "v", "query_weighted": False, "recency": 0.0}
 VARIANTS_015: dict[str, dict[str, Any]] = {
     "k": {"deviation": "k"}, "kv": {"deviation": "kv"}, "sink2": {"sink_tokens": 2},
     "check2": {"check_layer": 2}, "check3": {"check_layer": 3}, "k-check3": {"deviation": "k", "check_layer": 3},
     "qw": {"query_weighted": True}, "kv-qw": {"deviation": "kv", "query_weighted": True},
     "g2": {"gradual": 2.0}, "kv-qw-g2": {"deviation": "kv", "query_weighted": True, "gradual": 2.0},
-    "kv-g2": {"deviation": "kv", "gradual": 2.0}, "kv-qw-g3": {"deviation": "kv", "query_weighted": True, "gradual": 3.0}}
+    "kv-g2": {"deviation": "kv", "gradual": 2.0}, "kv-qw-g3": {"deviation": "kv", "query_weighted": True, "gradual": 3.0},
+    "kv-qw-r": {"deviation": "kv", "query_weighted": True, "recency": 0.5}}
+DEFAULT_VARIANT = "kv-qw-r"  # Blender's defaults, spelled out; the full run has it at every ratio of EPIC_RATIOS
 NEAR_TIE = 0.5  # logits: a reference whose top two first tokens are closer than this is a near tie
 DECODE = 16
 QUESTIONS = (
@@ -147,6 +150,8 @@ def _configs(variants: bool, only: Sequence[str] | None) -> dict[str, dict[str, 
     if variants:
         configs.update({f"oracle-attn-{r:g}": {"ratio": r, "oracle": "oracle-attn"} for r in CURVE_RATIOS[:2]})
         configs.update({f"0.15-{name}": {"ratio": 0.15, **V_SELECTION, **opts} for name, opts in VARIANTS_015.items()})
+        configs.update({f"{r:g}-{DEFAULT_VARIANT}": {"ratio": r, **V_SELECTION, **VARIANTS_015[DEFAULT_VARIANT]}
+                        for r in EPIC_RATIOS})
     configs["0.15-no-chunk-prefix"] = {"ratio": 0.15, **V_SELECTION, "chunk_prefix": ()}
     if only:  # any ratio with a variant's options too: "0.3-kv-qw-g2"
         for name in set(only) - set(configs):
@@ -273,6 +278,7 @@ def plot_fidelity(fid: dict[str, Any], path: str) -> str:
     for prefix, suffix, label, style in (
             ("", "", "deviation on V (default)", "-o"), ("epic-", "", "first tokens (EPIC)", "-^"),
             ("", "-kv-qw-g2", "K+V, question-weighted, gradual", "-v"),
+            ("", f"-{DEFAULT_VARIANT}", "K+V, question-weighted, recency (the default)", "-s"),
             ("oracle-", "", "oracle: KV off most (final layers)", ":x"),
             ("oracle-attn-", "", "oracle: KV off x last-token attention", ":D")):
         pts = _curve(fid, prefix, suffix)

@@ -37,7 +37,14 @@ from blockstore.blend.compute import (
     rotate,
 )
 from blockstore.blend.llama import LlamaWeights
-from blockstore.blend.selection import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED, DEVIATIONS, SELECTORS, Selection
+from blockstore.blend.selection import (
+    DEFAULT_DEVIATION,
+    DEFAULT_QUERY_WEIGHTED,
+    DEFAULT_RECENCY,
+    DEVIATIONS,
+    SELECTORS,
+    Selection,
+)
 from blockstore.blend.selection import deviation as _deviation  # noqa: F401 - the tests' name for it
 from blockstore.blend.selection import query_attention as _query_attention  # noqa: F401 - the tests' name for it
 from blockstore.blend.stream_start import LateStream
@@ -120,11 +127,13 @@ class Blender:
                  check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
                  readers: int | None = None, chunk_prefix: Sequence[int] = (), deviation: str = DEFAULT_DEVIATION,
                  sink_tokens: int = 0, query_weighted: bool = DEFAULT_QUERY_WEIGHTED, gradual: float = 1.0,
-                 cuda_graphs: bool = DEFAULT_CUDA_GRAPHS) -> None:
+                 cuda_graphs: bool = DEFAULT_CUDA_GRAPHS, recency: float = DEFAULT_RECENCY) -> None:
         """`deviation`: what the deviation selector measures at the check layer (DEVIATIONS).
         `query_weighted`: the deviation selector weighs each token's deviation by the attention the
         question (the rows after the last chunk) pays it at the check layer: a token the answer does not
-        read matters little however far its KV moved.
+        read matters little however far its KV moved. `recency`: the deviation selector's score (weighted
+        or not) is divided by the token's distance to the question to this power at the check layer (0:
+        off; selection.DEFAULT_RECENCY says what was measured).
         `gradual` (CacheBlend's gradual filtering): the deviation selector picks `gradual` times the
         ratio's tokens at the check layer and keeps the ratio's share of them from the next layer on, those
         whose K/V deviate most there (weighted as at the check layer).
@@ -141,6 +150,7 @@ class Blender:
         self.deviation = options.one_of("deviation", deviation, DEVIATIONS)
         self.gradual = options.real_in("gradual", gradual, 1.0, 100.0)
         self.sink_tokens = options.count("sink_tokens", sink_tokens, 0)
+        self.recency = options.real_in("recency", recency, 0.0, 4.0)
         self.check_layer = options.count("check_layer", check_layer, 0, layers, what=f"a {layers}-layer model")
         vocab = weights.config.vocab_size
         self.separator_ids = options.token_ids("separator_ids", separator_ids, vocab)
@@ -400,7 +410,7 @@ class Blender:
         # already narrowed, or nothing to narrow: no gradual filtering, the caller's rows, or EPIC
         narrowed = self.gradual <= 1.0 or forced is not None or self.selector != "deviation"
         keys, values = [], []
-        sel = Selection(self.ratio, self.selector, self.deviation, self.sink_tokens, self.query_weighted)
+        sel = Selection(self.ratio, self.selector, self.deviation, self.sink_tokens, self.query_weighted, self.recency)
         spans = [(p.start, p.end) for p in parts]
         for layer_index, layer in enumerate(self.w.layers):
             # active == pos[active] (pos is arange); one tensor object per blend lets compute.py reuse its
