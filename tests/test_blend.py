@@ -232,7 +232,9 @@ def test_bad_records_and_arguments_are_refused(weights: LlamaWeights, store: blo
     kv.put(ids, ref.keys, ref.values, torch.arange(len(ids)))
     store.put(kv.layer_key(cid, 2), b"\0" * 64, ns="kv-blend")
     with pytest.raises(CorruptionError, match="layer 2"):
-        blender.blend(_prompt([ids]))
+        kv.load_many([cid])
+    assert blender.blend(_prompt([ids])).damaged_chunks == [cid]  # never used: recomputed, stored again
+    assert kv.load_many([cid])[0] is not None
     for bad in (dict(ratio=1.5), dict(selector="random"), dict(check_layer=9)):
         with pytest.raises(InvalidArgument):
             Blender(weights, kv, **bad)  # type: ignore[arg-type]

@@ -421,3 +421,22 @@ def test_with_a_chunk_missing_the_loader_starts_before_its_prefill(weights: Llam
         monkeypatch.setattr(ChunkKVStore, "stream_located", stream_located)
         got = Blender(weights, kv, ratio=0.3).blend(prompt, spans=spans)
         assert events == ["loader", "prefill"] and len(got.missing_chunks) == 1
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_short_layer_record_is_recomputed_on_either_load_path(weights: LlamaWeights, tmp_path: Path,
+                                                                 overlap: bool) -> None:
+    """A layer record of the wrong size (a put of the chunk stopped part-way after an older M record: the
+    lookup itself fails its checks, CorruptionError from locate) is recomputed as a missing chunk on
+    either load path. Before, the overlapped path's retry located the damaged chunk again and failed."""
+    prompt_spans = [(0, 16), (16, 32), (32, 48)]
+    with blockstore.open(tmp_path / "s") as store:
+        kv, chunks, cids = _stored(weights, store)
+        store.put_many([(kv.layer_key(cids[1], 2), b"\0" * 64)], ns=kv.ns, partition=cids[1])
+        with pytest.raises(blockstore.CorruptionError):
+            kv.locate([cids[1]])
+        prompt = torch.cat([*chunks, torch.tensor([1, 2, 3])])
+        got = Blender(weights, kv, ratio=0.2, overlap=overlap).blend(prompt, spans=prompt_spans)
+        assert got.damaged_chunks == [cids[1]] and got.missing_chunks == [cids[1]]
+        assert kv.locate([cids[1]])[0] is not None  # stored again, whole
+

@@ -284,8 +284,10 @@ class Blender:
         to_read = [p for p in parts if p.chunk is None]
         timings: dict[str, float] = {}
         located = None
-        if self.overlap and to_read:
-            located = [None if p.cid in damaged else loc for p, loc in zip(to_read, self.kv.locate([p.cid for p in to_read]))]
+        if self.overlap and to_read:  # a damaged chunk is not looked up: its lookup may be what fails
+            wanted = [p.cid for p in to_read if p.cid not in damaged]
+            at = dict(zip(wanted, self.kv.locate(wanted))) if wanted else {}
+            located = [at.get(p.cid) for p in to_read]
         stream = LateStream(self.kv, located, self.w.device, self.check_layer, self.readers)  # started by _run_layers
         try:  # from here on any failure (a missing chunk's store: DiskFull, ...) closes the stream
             if located is not None:
