@@ -440,3 +440,28 @@ def test_a_short_layer_record_is_recomputed_on_either_load_path(weights: LlamaWe
         assert got.damaged_chunks == [cids[1]] and got.missing_chunks == [cids[1]]
         assert kv.locate([cids[1]])[0] is not None  # stored again, whole
 
+
+def test_a_chunk_first_computed_by_the_failed_attempt_is_still_reported_missing(weights: LlamaWeights,
+                                                                                  tmp_path: Path) -> None:
+    """A prompt with a new chunk and a stored one whose layer record fails its checksum, loads overlapped:
+    the first attempt computes and stores the new chunk, then the stream's read of the damaged one fails;
+    the retry must still report the new chunk missing (the connector tells the scheduler of the chunks a
+    blend stored by missing_chunks) and use the KV it computed. Before, the retry found it stored, read it
+    back, and left it out of missing_chunks: the scheduler never heard it was stored."""
+    spans = [(0, 16), (16, 32), (32, 48)]
+    with blockstore.open(tmp_path / "s") as store:
+        kv, chunks, cids = _stored(weights, store)
+        new = torch.randint(0, CFG.vocab_size, (16,), generator=torch.Generator().manual_seed(99))
+        loc = store.locate_many([kv.layer_key(cids[1], 2)], ns=kv.ns)[0]
+        assert loc is not None
+        fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
+        try:
+            byte = os.pread(fd, 1, loc.payload_offset + 5)
+            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 5)
+        finally:
+            os.close(fd)
+        prompt = torch.cat([chunks[0], chunks[1], new, torch.tensor([1, 2, 3])])
+        got = Blender(weights, kv, ratio=0.2, overlap=True).blend(prompt, spans=spans)
+        new_id = kv.put(new, (r := full_prefill(weights, new)).keys, r.values, torch.arange(16))
+        assert got.damaged_chunks == [cids[1]]
+        assert sorted(got.missing_chunks) == sorted([cids[1], new_id])

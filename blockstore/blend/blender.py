@@ -254,16 +254,19 @@ class Blender:
                 raise InvalidArgument(f"recompute must be a 1-d sequence of row indices in [0, {n})")
         # the store's background compaction steps aside while the blend reads and computes (foreground.py):
         # its loads are C calls outside Reader.read, which counts only its own reads
+        # chunks this call computed (and stored if asked): a retry uses them and still reports them missing,
+        # which is how the connector tells its scheduler what a blend stored
+        computed: dict[bytes, ChunkKV] = {}
         with foreground.in_flight():
             try:
-                return self._blend(ids, spans, cids, store_missing, resident or {}, forced, frozenset(), t0)
+                return self._blend(ids, spans, cids, store_missing, resident or {}, forced, frozenset(), computed, t0)
             except CorruptionError as exc:
-                damaged = self._damaged(cids, resident or {})
+                damaged = self._damaged([c for c in cids if c not in computed], resident or {})
                 if not damaged:  # not the chunks' own records (or gone since): nothing to recompute around
                     raise
                 log.warning("blend: chunk KV of %d chunk(s) failed its checks (%s), recomputed%s: %s", len(damaged),
                             exc, " and stored again" if store_missing else "", ", ".join(c.hex() for c in damaged))
-                return self._blend(ids, spans, cids, store_missing, resident or {}, forced, damaged, t0)
+                return self._blend(ids, spans, cids, store_missing, resident or {}, forced, damaged, computed, t0)
 
     def _damaged(self, cids: Sequence[bytes], resident: Mapping[bytes, ChunkKV]) -> frozenset[bytes]:
         """The stored chunks among `cids` whose own load fails its checks: each read alone (only after a
@@ -278,14 +281,15 @@ class Blender:
 
     def _blend(self, ids: torch.Tensor, spans: list[tuple[int, int]], cids: list[bytes], store_missing: bool,
                resident: Mapping[bytes, ChunkKV], forced: torch.Tensor | None, damaged: frozenset[bytes],
-               t0: float) -> BlendResult:
-        """blend() once its arguments are checked; chunks in `damaged` are taken as missing."""
+               computed: dict[bytes, ChunkKV], t0: float) -> BlendResult:
+        """blend() once its arguments are checked; chunks in `damaged` are taken as missing, and so are those
+        in `computed` (KV an earlier attempt computed: used as it is); this call's computed chunks go there."""
         parts = [_Span(s, e, cid, resident.get(cid)) for (s, e), cid in zip(spans, cids)]
         to_read = [p for p in parts if p.chunk is None]
         timings: dict[str, float] = {}
         located = None
         if self.overlap and to_read:  # a damaged chunk is not looked up: its lookup may be what fails
-            wanted = [p.cid for p in to_read if p.cid not in damaged]
+            wanted = [p.cid for p in to_read if p.cid not in damaged and p.cid not in computed]
             at = dict(zip(wanted, self.kv.locate(wanted))) if wanted else {}
             located = [at.get(p.cid) for p in to_read]
         stream = LateStream(self.kv, located, self.w.device, self.check_layer, self.readers)  # started by _run_layers
@@ -293,7 +297,7 @@ class Blender:
             if located is not None:
                 found = [loc is not None for loc in located]
             else:  # one batched read of every layer of every chunk
-                healthy = [p for p in to_read if p.cid not in damaged]
+                healthy = [p for p in to_read if p.cid not in damaged and p.cid not in computed]
                 for p, got in zip(healthy, self.kv.load_many([p.cid for p in healthy], device=self.w.device)):
                     p.chunk = got
                 found = [p.chunk is not None for p in to_read]
@@ -301,8 +305,7 @@ class Blender:
             missing = [p for p, ok in zip(to_read, found) if not ok]
             if missing and any(found):  # the stored chunks' reads overlap the missing ones' prefill
                 stream.start()
-            computed: dict[bytes, ChunkKV] = {}  # a chunk the prompt repeats is computed and stored once
-            for p in missing:
+            for p in missing:  # a chunk the prompt repeats (or an earlier attempt computed) is computed and stored once
                 if p.cid not in computed:
                     computed[p.cid] = self._compute_and_store(ids[p.start:p.end], store=store_missing)
                 p.chunk = computed[p.cid]
