@@ -144,3 +144,41 @@ def test_flexattention_in_the_padded_layers_gives_the_eager_blend(weights: Llama
             torch.testing.assert_close(k, r, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-4)
     assert next(iter(weights.graph_buckets.values())).replays == 2
+
+
+def _tile_classes(tables: tuple[torch.Tensor, ...], q_tiles: int) -> list[tuple[set[int], set[int]]]:
+    """(full key tiles, partial key tiles) of each row tile, as the block mask's tables list them."""
+    num, idx, full_num, full_idx = (t[0, 0] for t in tables)
+    return [({int(x) for x in full_idx[r, : int(full_num[r])]}, {int(x) for x in idx[r, : int(num[r])]})
+            for r in range(q_tiles)]
+
+
+def test_a_flex_buckets_refilled_tables_match_each_blends_mask(weights: LlamaWeights) -> None:
+    """The block mask a Flex bucket's graphs captured reads its tables in place (begin refills them): after
+    each begin they must list, per tile of rows, exactly the key tiles some row may see, as whole only those
+    every row sees (no rule is evaluated there). On a CPU flex_attention evaluates the rule on every pair and
+    ignores the tables, so the blend-level test cannot see a stale or wrong table: this checks them."""
+    from blockstore.blend import flex
+
+    keys, rows = 384, 192  # three key tiles; two row tiles, the last one half padding of flex's own
+    bucket = graphs.LayerGraphs(weights, keys, rows, 2, capture=False, backends=graphs.FLEX)
+    tables = bucket.tables
+    ptrs = [t.data_ptr() for t in tables]
+    g = torch.Generator().manual_seed(4)
+    for n, active_rows in ((300, 150), (383, 40), (130, 1)):
+        active = torch.cat((torch.randperm(n - 1, generator=g)[: active_rows - 1].sort().values, torch.tensor([n - 1])))
+        bucket.begin(torch.zeros(active_rows, CFG.hidden_size), active, n)
+        assert [t.data_ptr() for t in bucket.tables] == ptrs  # refilled in place: what the mask holds
+        assert all(a is b for a, b in zip((bucket.mask.kv_num_blocks, bucket.mask.kv_indices,
+                                           bucket.mask.full_kv_num_blocks, bucket.mask.full_kv_indices), tables))
+        q_pos = bucket.q_pos[:rows]  # padding rows at the last position
+        assert torch.equal(q_pos[:active_rows], active) and bool((q_pos[active_rows:] == n - 1).all())
+        seen = bucket.k_pos[:keys][None, :] <= q_pos[:, None]  # the rule, on every (row, key) pair
+        assert int(seen.sum(dim=1).min()) >= 1  # every row sees a key: no empty softmax
+        for r, (full, partial) in enumerate(_tile_classes(tables, -(-rows // flex.TILE))):
+            tile = seen[r * flex.TILE : (r + 1) * flex.TILE]
+            for kt in range(keys // flex.TILE):
+                part = tile[:, kt * flex.TILE : (kt + 1) * flex.TILE]
+                assert not (full & partial)
+                assert (kt in full) == bool(part.all()), (n, r, kt)
+                assert (kt in full or kt in partial) == bool(part.any()), (n, r, kt)
