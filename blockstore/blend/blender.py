@@ -7,7 +7,8 @@ to its place in this prompt; run the layers before `check_layer` fully; at the c
 covered tokens whose fresh V (or K, or both: `deviation`) deviates most from the cached one, after
 `sink_tokens` first tokens of each chunk (or, with selector "epic", the first tokens of each chunk: the
 same budget; with `query_weighted`, each deviation weighed by the attention the question pays the token
-there; with `gradual`, more tokens at the check layer, narrowed at the next by the deviation measured
+there; with `recency`, divided by the token's distance to the question to that power (selection.py has the
+selectors); with `gradual`, more tokens at the check layer, narrowed at the next by the deviation measured
 there; or rows the caller names, `recompute`, as an offline oracle does); from then on compute only those
 tokens, every token no chunk covers and the last token, attending over the cached KV merged with theirs
 under an explicit position mask. Chunks not in the store are computed on their own and stored on the way.
