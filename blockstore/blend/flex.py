@@ -20,7 +20,7 @@ than the GPU time it saves. `python -m bench.blend` times both (the `*_compiled`
 
 Inside the CUDA graphs of a blend's later layers (graphs.py, `cuda_graphs=True`) that overhead is gone: the
 graphs capture the compiled kernel and replay it. On an H100 (2026-12-07 19:34 UTC, 4 repeats,
-bench/results/blend_h100_graphs_flex.json) graphs with FlexAttention gave hot 31.8 ms at 4k (3.09x full
+bench/results/blend_h100_graphs_flex.json) graphs with FlexAttention gave hot 31.8 ms at 4k (3.08x full
 prefill; graphs with SDPA 35.4, eager 34.6) and 59.6 ms at 8k (eager 65.8, eager compiled 58.1).
 """
 

@@ -7,8 +7,10 @@ is a small kernel, and on an H100 the 8B shape's hot blend at 4k tokens spent 45
 one call. A graph bakes in shapes and addresses, so it is captured per bucket: keys rounded up to
 KEY_STEP (with at least one spare row) and recomputed rows rounded up to ROW_STEP, over static buffers
 (the rows' hidden states, RoPE tables, scatter indices, this layer's K and V of every row, the position
-mask). Padding rows sit at position 0 and write their K/V into a spare key row that the mask hides from
-every real row, so they change nothing a real row computes; they see key 0 only, so they stay finite.
+mask). Padding rows sit at position 0 (at the prompt's last position with FlexAttention, FLEX, so the rows
+stay sorted) and write their K/V into a spare key row that the mask hides from
+every real row, so they change nothing a real row computes; they see key 0 only (with FLEX every real key), so they
+stay finite.
 
 The ops are those of the eager path (compute.qkv, attend's masked SDPA, finish_layer) on the padded
 shapes: a real row's results are the eager ones up to the rounding a different kernel shape gives
@@ -163,7 +165,8 @@ class LayerGraphs:
 
     def begin(self, hidden: torch.Tensor, active: torch.Tensor, n: int) -> None:
         """Fill the buffers for a blend of `n` tokens whose recomputed rows are `active` (sorted prompt
-        positions) with hidden states `hidden`: padding rows at position 0, writing to the spare key row."""
+        positions) with hidden states `hidden`: padding rows at position 0 (FLEX: at n - 1, keeping the rows
+        sorted), writing to the spare key row."""
         c, rows = self.w.config, active.shape[0]
         group = c.num_attention_heads // c.num_key_value_heads
         self.hidden[:rows].copy_(hidden)
