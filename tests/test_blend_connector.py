@@ -262,6 +262,7 @@ def test_any_failed_blend_is_recomputed_by_vllm_and_never_stops_the_worker(tmp_p
         a, b, q = heldout_chunks(3, 120, seed=11)
         caches = _register_caches(worker)
         assert _step(scheduler, worker, "seed", a + sep + b + sep + q[:20], list(range(12))) == 0
+        assert worker.runtime.blender.recency == worker.settings.recency == 0.5  # the settings reach the blender
 
         def fail(*args, **kwargs):
             raise error
@@ -380,6 +381,11 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
         with pytest.raises(BlockstoreError, match=key.replace(".", r"\.")):
             BlendSettings.from_extra_config({**base, key: bad}, str(tmp_path))
     assert BlendSettings.from_extra_config({**base, "blend.selector": "epic"}, str(tmp_path)).selector == "epic"
+    # the selector's recency weighting (Blender(recency=...)): before, not a setting (refused as unknown)
+    assert default.recency == 0.5 and BlendSettings.from_extra_config({**base, "blend.recency": 0}, str(tmp_path)).recency == 0
+    for bad in (-1, 5, "x", True):
+        with pytest.raises(BlockstoreError, match=r"blend\.recency"):
+            BlendSettings.from_extra_config({**base, "blend.recency": bad}, str(tmp_path))
 
 
 @pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},

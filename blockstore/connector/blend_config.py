@@ -14,7 +14,9 @@ Extra config keys (all optional but the store path):
 ("kv": what the deviation selector compares, "v", "k" or "kv"), ``blend.sink_tokens`` (0: first tokens of
 each chunk always recomputed, inside the budget), ``blend.query_weighted`` (true: weigh each token's
 deviation by the question's attention at the check layer), ``blend.gradual`` (1.0: CacheBlend's gradual
-filtering selects this many times the budget at the check layer and narrows it at the next one);
+filtering selects this many times the budget at the check layer and narrows it at the next one),
+``blend.recency`` (0.5: the deviation selector's score is divided by each token's distance to the question to
+this power; 0 turns it off);
 ``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
 ``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
 of another checkpoint are never used); ``blend.stats_path`` a JSON file (in a folder that exists) the
@@ -34,6 +36,7 @@ from tokenizers import Tokenizer
 from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED
 from blockstore.blend import options as blend_options
 from blockstore.blend.blender import DEVIATIONS, SELECTORS
+from blockstore.blend.selection import DEFAULT_RECENCY
 from blockstore.errors import InvalidArgument
 from blockstore.validate import check_ns
 
@@ -54,6 +57,7 @@ class BlendSettings:
     sink_tokens: int = 0
     query_weighted: bool = DEFAULT_QUERY_WEIGHTED
     gradual: float = 1.0
+    recency: float = DEFAULT_RECENCY
     min_chunk_tokens: int = 16
     min_reused_tokens: int = 0  # 0: one vLLM block
     namespace: str = "kv-blend"
@@ -64,7 +68,7 @@ class BlendSettings:
     def from_extra_config(cls, extra: dict[str, Any], default_model_dir: str) -> BlendSettings:
         known = {"blend.store_path", "blend.model_dir", "blend.separator", "blend.separator_ids", "blend.ratio",
                  "blend.selector", "blend.check_layer", "blend.deviation", "blend.sink_tokens", "blend.query_weighted", "blend.gradual",
-                 "blend.min_chunk_tokens", "blend.min_reused_tokens",
+                 "blend.recency", "blend.min_chunk_tokens", "blend.min_reused_tokens",
                  "blend.namespace", "blend.stats_path", "blend.model_id"}
         ours = {k: v for k, v in extra.items() if k.startswith("blend.")}
         unknown = sorted(set(ours) - known)
@@ -83,6 +87,7 @@ class BlendSettings:
             raise InvalidArgument(f"{CONNECTOR_CLASS}: the separator tokenizes to no token ids")
         ratio = _number(ours, "blend.ratio", 0.15, 0.0, 1.0)
         gradual = _number(ours, "blend.gradual", 1.0, 1.0, 100.0)
+        recency = _number(ours, "blend.recency", DEFAULT_RECENCY, 0.0, 4.0)  # Blender's bounds
         qw = blend_options.flag("blend.query_weighted", ours.get("blend.query_weighted", DEFAULT_QUERY_WEIGHTED),
                           where=CONNECTOR_CLASS)
         for key in ("blend.store_path", "blend.namespace", "blend.selector", "blend.deviation", "blend.stats_path",
@@ -105,7 +110,7 @@ class BlendSettings:
                    deviation=blend_options.one_of("blend.deviation", ours.get("blend.deviation", DEFAULT_DEVIATION),
                                                   DEVIATIONS, where=CONNECTOR_CLASS),
                    sink_tokens=_count(ours, "blend.sink_tokens", 0, 0),
-                   query_weighted=qw, gradual=gradual,
+                   query_weighted=qw, gradual=gradual, recency=recency,
                    min_chunk_tokens=_count(ours, "blend.min_chunk_tokens", 16, 1),
                    min_reused_tokens=_count(ours, "blend.min_reused_tokens", 0, 0),
                    namespace=namespace, stats_path=None if stats is None else str(stats),

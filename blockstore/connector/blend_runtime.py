@@ -41,7 +41,7 @@ class BlendRuntime:
             self.blender = Blender(self.weights, self.kv, ratio=settings.ratio, selector=settings.selector,
                                    check_layer=settings.check_layer, deviation=settings.deviation,
                                    sink_tokens=settings.sink_tokens, query_weighted=settings.query_weighted,
-                                   gradual=settings.gradual)
+                                   gradual=settings.gradual, recency=settings.recency)
         except BaseException:
             self.store.close()
             raise
