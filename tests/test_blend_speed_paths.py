@@ -49,6 +49,18 @@ def _stored(weights: LlamaWeights, store: blockstore.Store, sizes: tuple[int, ..
     return kv, chunks, cids
 
 
+def _damage_layer_record(store: blockstore.Store, kv: ChunkKVStore, cid: bytes, layer: int) -> None:
+    """Flip one payload byte of a chunk's layer record in its block file: its checksum no longer matches."""
+    loc = store.locate_many([kv.layer_key(cid, layer)], ns=kv.ns)[0]
+    assert loc is not None
+    fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, loc.payload_offset + 5)
+        os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 5)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("c_readers", [True, False])
 def test_a_layer_is_one_c_call_over_every_chunks_block(weights: LlamaWeights, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch, c_readers: bool) -> None:
@@ -143,14 +155,7 @@ def test_a_corrupt_layer_record_is_never_handed_to_the_blend_and_is_recomputed(
         ref_kv = ChunkKVStore(ref_store, model_id=weights.model_id)  # chunk 1 never stored: computed by the blend
         for i in (0, 2):
             ref_kv.put(chunks[i], (r := full_prefill(weights, chunks[i])).keys, r.values, torch.arange(16))
-        loc = store.locate_many([kv.layer_key(cids[1], 2)], ns=kv.ns)[0]
-        assert loc is not None
-        fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
-        try:
-            byte = os.pread(fd, 1, loc.payload_offset + 5)
-            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 5)
-        finally:
-            os.close(fd)
+        _damage_layer_record(store, kv, cids[1], 2)
         with pytest.raises(ChecksumMismatch):
             kv.load_many([cids[1]])
         prompt = torch.cat([*chunks, torch.tensor([1, 2, 3])])
@@ -452,14 +457,7 @@ def test_a_chunk_first_computed_by_the_failed_attempt_is_still_reported_missing(
     with blockstore.open(tmp_path / "s") as store:
         kv, chunks, cids = _stored(weights, store)
         new = torch.randint(0, CFG.vocab_size, (16,), generator=torch.Generator().manual_seed(99))
-        loc = store.locate_many([kv.layer_key(cids[1], 2)], ns=kv.ns)[0]
-        assert loc is not None
-        fd = os.open(store.blocks.path(loc.block_id), os.O_RDWR)
-        try:
-            byte = os.pread(fd, 1, loc.payload_offset + 5)
-            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), loc.payload_offset + 5)
-        finally:
-            os.close(fd)
+        _damage_layer_record(store, kv, cids[1], 2)
         prompt = torch.cat([chunks[0], chunks[1], new, torch.tensor([1, 2, 3])])
         got = Blender(weights, kv, ratio=0.2, overlap=True).blend(prompt, spans=spans)
         new_id = kv.put(new, (r := full_prefill(weights, new)).keys, r.values, torch.arange(16))
