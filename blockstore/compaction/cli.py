@@ -237,6 +237,12 @@ def describe(out: dict[str, Any], rep: PassReport) -> list[str]:
     elif rep.relocated_groups:
         lines.append(f"relocation: rewrote {rep.relocated_groups} groups ({rep.relocated_records} records, "
                      f"{rep.relocated_bytes:,} bytes)")
+    elif rep.skipped_budget_relocation:  # scattered and due, but the write budget holds them back
+        n = rep.skipped_budget_relocation
+        lines.append(f"relocation: {n} scattered cluster{'s' if n > 1 else ''} left over the write budget")
+    elif rep.skipped_shadow:
+        lines.append(f"relocation: nothing worth rewriting ({rep.skipped_shadow} scattered cluster(s) whose move "
+                     "would not save their readers a block)")
     else:
         lines.append("relocation: nothing to rewrite (no learned co-read group is scattered over more blocks than "
                      "it needs; groups are learned from reads by a store opened with compaction=...)")

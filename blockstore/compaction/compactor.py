@@ -59,7 +59,8 @@ class PassReport:
     tombstones_dropped: int = 0
     copies_placed: int = 0  # copies of shared records placed with cluster rewrites (docs/copies.md)
     copies_dropped: int = 0  # places GC took out of values instead of copying them
-    skipped_budget: int = 0
+    skipped_budget: int = 0  # GC victims and relocation moves left over their write budget
+    skipped_budget_relocation: int = 0  # ... of which relocation moves (the CLI reports the two apart)
     skipped_shadow: int = 0  # scattered clusters left alone: moving them would not save their readers blocks
     planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
     planned_groups: list[int] = field(default_factory=list)
@@ -247,7 +248,8 @@ class Compactor:
             if not dry_run:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried", "tombstones_dropped",
-                             "copies_placed", "copies_dropped", "skipped_budget", "skipped_shadow"):
+                             "copies_placed", "copies_dropped", "skipped_budget", "skipped_budget_relocation",
+                             "skipped_shadow"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
                 if metrics.enabled:
                     metrics.compaction_pass_done(time.monotonic() - started, rep.gc_bytes, rep.relocated_bytes)
@@ -270,6 +272,7 @@ class Compactor:
             total.planned_groups += rep.planned_groups
             total.planned_victims += rep.planned_victims
             total.skipped_budget = rep.skipped_budget  # what the last pass still had to leave (not a sum)
+            total.skipped_budget_relocation = rep.skipped_budget_relocation
             if not rep.did_work:
                 break
         if not dry_run:
@@ -306,11 +309,13 @@ class Compactor:
             left = self.budget_left(spent, self.policy.relocation_budget, reads=True)
             if left <= 0:
                 rep.skipped_budget += len(moves) - i
+                rep.skipped_budget_relocation += len(moves) - i
                 return
             if progress is not None:
                 progress("relocate", i, len(moves))
             if max(m.where.bytes, m.cost) > left:
                 rep.skipped_budget += 1
+                rep.skipped_budget_relocation += 1
                 continue
             # copies ride along with a rewrite that happens anyway, while the budget covers them (measured: copies
             # that made a cluster due spent it on rewrites buying less than those they displaced; docs/copies.md)
@@ -344,6 +349,7 @@ class Compactor:
             return []
         if self.budget_left(self.relocated_bytes + self.hole_debt, self.policy.relocation_budget, reads=True) <= 0:
             rep.skipped_budget += len(todo)  # nothing planned or settled: they stay due for the next budget
+            rep.skipped_budget_relocation += len(todo)
             return []
         groups = {g.gid: g for g, _due in ranked}
         due = {g.gid for g, is_due in ranked if is_due}
