@@ -492,3 +492,18 @@ def test_a_group_held_back_by_the_budget_is_not_reported_as_nothing_to_rewrite(
     rep = compact_json(capsys, path, "--policy", "no-gc", "--dry-run")
     assert rep["planned_groups"] == [] and rep["skipped_budget_relocation"] == 1
     assert len(group_blocks(path, reloc_store.group)) == 3  # the budget held it back: nothing moved
+
+
+def test_the_deadest_block_is_not_rounded_up_to_the_threshold() -> None:
+    """"no sealed block is 10% or more dead bytes; the most dead is 10%" read as a contradiction (a block at
+    0.0997 against φ 0.1, seen on a store of the previous landing): the ratio gets the digits that tell it
+    from φ (review H81)."""
+    from blockstore.compaction.cli import _describe_gc
+    from blockstore.compaction.compactor import PassReport
+
+    out = {"gc": True, "gc_invalid_ratio": 0.1, "gc_candidates": [], "gc_left_over_budget": [],
+           "gc_left_for_tombstones": [], "most_dead_block": {"block": "0000000000000016", "invalid_ratio": 0.0997}}
+    line = _describe_gc(out, PassReport(dry_run=True), True)[0]
+    assert "is 10% or more dead bytes" in line and "the most dead is 9.97% (block 0000000000000016)" in line, line
+    out["most_dead_block"]["invalid_ratio"] = 0.32  # type: ignore[index]
+    assert "the most dead is 32% (block" in _describe_gc(out, PassReport(dry_run=True), True)[0]

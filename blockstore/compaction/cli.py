@@ -276,7 +276,7 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
         line = "gc: collected nothing"
     if not out["gc_candidates"] and not rep.gc_blocks:
         most = "no sealed block" if worst is None else \
-            f"the most dead is {worst['invalid_ratio']:.0%} (block {worst['block']})"
+            f"the most dead is {_below(worst['invalid_ratio'], phi)} (block {worst['block']})"
         return [f"gc: nothing to collect: no sealed block is {phi:.0%} or more dead bytes; {most}"]
     left = []
     if out["gc_left_over_budget"]:
@@ -286,6 +286,15 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
     if left:
         line += f"; left: {', '.join(left)}"
     return [line]
+
+
+def _below(ratio: float, phi: float) -> str:
+    """`ratio` (under `phi`) as a percentage with the digits that tell it from `phi` (9.97%, not 10%)."""
+    for digits in range(3):
+        text = f"{ratio:.{digits}%}"
+        if text != f"{phi:.{digits}%}":
+            return text
+    return f"{ratio:.2%}"
 
 
 def _describe_budget(out: dict[str, Any]) -> str:
