@@ -507,3 +507,24 @@ def test_the_deadest_block_is_not_rounded_up_to_the_threshold() -> None:
     assert "is 10% or more dead bytes" in line and "the most dead is 9.97% (block 0000000000000016)" in line, line
     out["most_dead_block"]["invalid_ratio"] = 0.32  # type: ignore[index]
     assert "the most dead is 32% (block" in _describe_gc(out, PassReport(dry_run=True), True)[0]
+
+
+def test_a_dry_run_gives_gc_only_the_bytes_gc_would_copy(reloc_store: RelocStore,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan with a relocation and a GC victim: the gc line's "copying about N live bytes" is the victim's
+    live bytes. It was every planned byte, relocation's too, so a plan collecting 0 blocks read "would collect
+    0 of the 15 blocks ... copying about 159,936 live bytes" (seen beside a live writer; review H81)."""
+    path = reloc_store.path
+    with blockstore.open(path) as s:  # p0's fillers written again elsewhere: p0's block is mostly dead
+        s.put_many([(k, payload(k, 1)) for k in reloc_store.model if k.startswith(b"f") and int(k[1:2]) % 3 == 0],
+                   partition=b"elsewhere")
+    plan = compact_json(capsys, path, "--no-budget", "--dry-run")
+    assert len(plan["planned_groups"]) == 1 and len(plan["planned_victims"]) == 1, plan
+    live = {b["block"]: b["live_bytes"] for b in dump_json(capsys, path)}
+    victim_bytes = live[plan["planned_victims"][0]]
+    assert plan["planned_gc_bytes"] == victim_bytes < plan["planned_bytes"]
+    rc, out, err = run_cli(capsys, "compact", str(path), "--no-budget", "--dry-run")
+    assert rc == EXIT_OK, err
+    assert f"copying about {victim_bytes:,} live bytes" in out, out
+    assert f"relocation: would rewrite 1 scattered group, copying about {plan['planned_bytes'] - victim_bytes:,}" \
+        in out, out

@@ -233,7 +233,9 @@ def describe(out: dict[str, Any], rep: PassReport) -> list[str]:
     if not out["relocation"]:
         lines.append("relocation: off in this policy")
     elif dry and rep.planned_groups:
-        lines.append(f"relocation: would rewrite {len(rep.planned_groups)} scattered groups")
+        n = len(rep.planned_groups)
+        lines.append(f"relocation: would rewrite {n} scattered group{'s' if n > 1 else ''}, copying about "
+                     f"{rep.planned_bytes - rep.planned_gc_bytes:,} bytes")
     elif rep.relocated_groups:
         lines.append(f"relocation: rewrote {rep.relocated_groups} groups ({rep.relocated_records} records, "
                      f"{rep.relocated_bytes:,} bytes)")
@@ -266,7 +268,7 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
     worst = out["most_dead_block"]
     if dry:
         line = (f"gc: would collect {len(rep.planned_victims)} of the {len(out['gc_candidates'])} blocks {phi:.0%} "
-                f"or more dead, copying about {rep.planned_bytes:,} live bytes")
+                f"or more dead, copying about {rep.planned_gc_bytes:,} live bytes")
     elif rep.gc_blocks:
         line = (f"gc: collected {rep.gc_blocks} blocks ({rep.gc_records} records, {rep.gc_bytes:,} live bytes "
                 f"copied), {rep.reclaimed_blocks} blocks reclaimed")

@@ -63,6 +63,7 @@ class PassReport:
     skipped_budget_relocation: int = 0  # ... of which relocation moves (the CLI reports the two apart)
     skipped_shadow: int = 0  # scattered clusters left alone: moving them would not save their readers blocks
     planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
+    planned_gc_bytes: int = 0  # ... of which GC's (the planned victims' live bytes)
     planned_groups: list[int] = field(default_factory=list)
     planned_victims: list[int] = field(default_factory=list)
 
@@ -458,6 +459,7 @@ class Compactor:
                 continue
             rep.planned_victims.append(e.block_id)
             rep.planned_bytes += e.live_bytes
+            rep.planned_gc_bytes += e.live_bytes
             if dry_run:
                 planned_gc += e.live_bytes
                 continue
