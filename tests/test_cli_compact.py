@@ -234,7 +234,7 @@ def test_human_output_names_blocks_and_amplification(gc_store: GCStore,
     after = len(block_files(gc_store.path))
     assert out.splitlines()[0] == "policy full"
     m = re.search(r"^gc: collected (\d+) blocks \((\d+) records, [\d,]+ live bytes copied\), (\d+) blocks reclaimed; "
-                  r"left: 1 over the write budget, 1 holding only tombstones that older records still need$", out, re.M)
+                  r"left: 1 over the write budget, 1 holding nothing dead but tombstones that older records still need$", out, re.M)
     assert m and int(m[1]) > 0 and int(m[3]) > 0, out
     m = re.search(r"^blocks (\d+) -> (\d+); space amplification ([\d.]+) -> ([\d.]+); "
                   r"write amplification ([\d.]+) -> ([\d.]+)$", out, re.M)
@@ -264,7 +264,7 @@ def test_dry_run_changes_nothing_and_lists_the_victims(gc_store: GCStore,
     assert rc == EXIT_OK, err
     assert out.splitlines()[0] == "policy full (dry run: one pass planned, nothing changed)"
     assert f"gc: would collect {len(gc_store.victims)} of the 3 blocks 50% or more dead, copying about " \
-        f"{rep['planned_bytes']:,} live bytes; left: 1 holding only tombstones that older records still need" in out
+        f"{rep['planned_bytes']:,} live bytes; left: 1 holding nothing dead but tombstones that older records still need" in out
     assert "nothing written" in out
     assert snapshot(capsys, gc_store.path) == before
     assert_reads_back(gc_store.path, gc_store.model)

@@ -284,7 +284,7 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
     if out["gc_left_over_budget"]:
         left.append(f"{len(out['gc_left_over_budget'])} over the write budget")
     if out["gc_left_for_tombstones"]:
-        left.append(f"{len(out['gc_left_for_tombstones'])} holding only tombstones that older records still need")
+        left.append(f"{len(out['gc_left_for_tombstones'])} holding nothing dead but tombstones that older records still need")
     if left:
         line += f"; left: {', '.join(left)}"
     return [line]

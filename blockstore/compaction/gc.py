@@ -195,15 +195,17 @@ class MinSeqs:
 def seal_for_gc(store: Store, e: BlockEntry, min_seqs: MinSeqs) -> BlockEntry | None:
     """Seal open block `e` (a victim: past the threshold, idle since the previous pass, `victims`); its
     entry as sealed (records appended since the table was read count: the tombstone scan reads up to its
-    data_end), or None if it is gone or, sealed, holds only tombstones still needed."""
+    data_end), or None if it is gone or, sealed, holds nothing dead but tombstones still needed."""
     now = next((x for x in store.seal_blocks([e.block_id]) if x.block_id == e.block_id), None)
     return None if now is None or now.state != BLOCK_SEALED or only_needed_tombstones(now, min_seqs) else now
 
 
 def only_needed_tombstones(e: BlockEntry, min_seqs: MinSeqs) -> bool:
-    """A block of nothing but tombstones that all still have older records to cover: collecting it
-    would only copy them into another block, pass after pass. Left alone until they can go."""
-    if e.live_records or e.total_records != e.tombstones or not e.tombstones:
+    """A block whose dead records are all tombstones that still have older records to cover (live
+    records beside them or not): collecting it would only copy its live records and carry every tombstone
+    into a new block as dead as this one, pass after pass (review H81: an idle store's background
+    compactor rewrote two such blocks every pass). Left alone until a tombstone can go or a record dies."""
+    if e.total_records != e.live_records + e.tombstones or not e.tombstones:
         return False
     return min_seqs.own(e.block_id) > min_seqs.lowest_elsewhere(e.block_id)
 
