@@ -97,6 +97,10 @@ def test_resolve_names_dicts_and_policies() -> None:
     (3, ["policy name or a dict", "int"]),
     (["full"], ["policy name or a dict", "list"]),
     (Policy(min_hits=0), ["min_hits"]),
+    # the connectors' words for "no compaction": here None is, and the message says so (review H81)
+    ("off", ["'off'", "compaction=None"]),
+    ("none", ["'none'", "compaction=None"]),
+    (False, ["False", "compaction=None"]),
 ])
 def test_resolve_rejects_bad_specs_with_a_helpful_message(spec: Any, words: list[str]) -> None:
     with pytest.raises(InvalidArgument) as ei:

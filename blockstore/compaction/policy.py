@@ -92,6 +92,9 @@ def resolve(spec: str | Policy | dict[str, Any] | None) -> Policy:
     """A Policy from a name, a Policy, or a dict {"policy": name, knob: value, ...}; clear errors."""
     if spec is None:
         return POLICIES["full"]
+    if disabled(spec):  # a connector's word for "off" reached a compactor (blockstore.open: None is off)
+        raise InvalidArgument(f"compaction {spec!r} is not a policy: for no compaction pass compaction=None "
+                              f"(the default) to blockstore.open; a policy is one of {', '.join(POLICIES)}")
     if isinstance(spec, Policy):
         return _validated(spec)
     if isinstance(spec, str):
