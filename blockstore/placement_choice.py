@@ -101,6 +101,12 @@ _LARGE_DIV = 16  # a large record: 1/16 of a block or more (a block holds at mos
 _LARGE = b"\0\0large"  # the caller-partition part of a namespace's lineage of large records
 
 
+def large_lineage(ns: bytes) -> bytes:
+    """The partition a namespace's lineage of large records writes (its blocks carry this partition's hash:
+    fsck --repair names a namespace by it when the directory is lost)."""
+    return ns + b"\0" + _LARGE
+
+
 def _place(block_id: int, offset: int) -> int:
     """A record's place as one int (a label's key: a tuple took twice the memory)."""
     return block_id << 40 | offset
@@ -219,7 +225,7 @@ class PlacementChoice:
         ns = namespace_of(partition)
         if ns in self.by_namespace:
             if nbytes >= self.large and ns in self.large_apart:
-                return ns + b"\0" + _LARGE
+                return large_lineage(ns)
             return self._lineage_of.get(ns, ns)
         if ns in self.by_parent:
             return parent_of(partition) or partition
