@@ -134,6 +134,7 @@ class MinSeqs:
         # block); once a write retires a record of it, it is tried again
         self.damaged: dict[int, int] = {}
         self._top = 0  # the snapshot's highest block id: block ids only grow
+        self._stones: dict[int, int] = {}  # sealed block -> its lowest tombstone sequence number
 
     def snapshot(self, table: list[BlockEntry] | None = None) -> None:
         """Take the block table as it is now (a pass's own copy, or a fresh one); the footers of blocks
@@ -156,6 +157,8 @@ class MinSeqs:
             live = {e.block_id for e in table}
             for bid in [b for b in self._sealed if b not in live]:
                 del self._sealed[bid]
+            for bid in [b for b in self._stones if b not in live]:
+                del self._stones[bid]
             opened = self.store.open_block_min_seqs()
             seqs = []
             for bid in live:
@@ -173,6 +176,19 @@ class MinSeqs:
         low = min((v for v, b in self._lowest_two() if b != exclude), default=1 << 64)
         opened = self.store.open_block_min_seqs()  # blocks opened since the snapshot (conservative)
         return min([low, *(v for b, v in opened.items() if b != exclude and v)])
+
+    def lowest_tombstone(self, e: BlockEntry) -> int:
+        """The lowest sequence number of block `e`'s tombstones (a scan; a sealed block's are kept, as its
+        tombstones never change)."""
+        got = self._stones.get(e.block_id)
+        if got is None:
+            try:
+                got = min((loc.seq for _s, loc in tombstones(self.store, e)), default=1 << 64)
+            except NotFound:
+                return 1 << 64
+            if e.state == BLOCK_SEALED:
+                self._stones[e.block_id] = got
+        return got
 
     def own(self, bid: int) -> int:
         if bid not in self._sealed:
@@ -207,7 +223,13 @@ def only_needed_tombstones(e: BlockEntry, min_seqs: MinSeqs) -> bool:
     compactor rewrote two such blocks every pass). Left alone until a tombstone can go or a record dies."""
     if e.total_records != e.live_records + e.tombstones or not e.tombstones:
         return False
-    return min_seqs.own(e.block_id) > min_seqs.lowest_elsewhere(e.block_id)
+    floor = min_seqs.lowest_elsewhere(e.block_id)
+    if min_seqs.own(e.block_id) > floor:
+        return True
+    if not e.live_records:  # tombstones alone: the block's lowest is theirs, and one of them can go
+        return False
+    # the block's lowest may be a live record's (GC keeps a copied record's sequence number): the tombstones'
+    return min_seqs.lowest_tombstone(e) > floor
 
 
 def records_here(store: Store, bid: int) -> tuple[list[tuple[bytes, Location]], list[tuple[bytes, Location, Location]]]:
