@@ -5,8 +5,7 @@ A chunk is named by the hash of its token ids alone (`chunk_id`), so the same te
 wherever it appears. Its records, all in one partition (the chunk id) so that they share a block:
 
     key  b"kvb1" + model tag (8) + chunk id (16) + b"L" + layer (u16 BE)
-         payload: K then V of that layer, each [tokens, kv_heads, head_dim] in the model's dtype;
-         K is after RoPE at the positions the chunk was computed at
+         payload: K then V of that layer (kv_codec.py: the payload's layout, its encoding and decoding)
     key  b"kvb1" + model tag (8) + chunk id (16) + b"M"
          payload: token ids then those positions (int32 LE each); record meta: JSON naming the model
          and the layout (layers, tokens, kv_heads, head_dim, dtype)
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 import xxhash
 
-from blockstore.blend import options
+from blockstore.blend import kv_codec, options
+from blockstore.blend.kv_codec import DTYPES, KVLayout
 from blockstore.blend.layer_loader import LayerLoader
 from blockstore.blend.layer_reads import LayerReads
 from blockstore.chunks import ChunkWrite
@@ -53,26 +53,12 @@ DEFAULT_READERS = max(2, min(8, (os.cpu_count() or 2) // 2))
 # C reads takes the GIL from the thread issuing the blend's GPU ops, and 4 beat 8 on 16-core H100 hosts (warm
 # 4k blend 69 vs 76 ms, 8k 93 vs 121 ms)
 PYTHON_READERS = max(2, min(4, (os.cpu_count() or 2) // 4))
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def chunk_id(token_ids: Sequence[int] | torch.Tensor) -> bytes:
     """16 bytes: xxh3-128 of the token ids as int32 little-endian. Position-independent by design."""
     ids = token_ids.cpu().numpy() if isinstance(token_ids, torch.Tensor) else token_ids
     return xxhash.xxh3_128_digest(np.asarray(ids, dtype="<i4").tobytes())
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """The shape of one model's KV: what a chunk record must match to be used with it."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str  # a key of _DTYPES
-
-    def layer_bytes(self, tokens: int) -> int:
-        return 2 * tokens * self.kv_heads * self.head_dim * _DTYPES[self.dtype].itemsize
 
 
 @dataclass
@@ -135,8 +121,7 @@ class ChunkKVStore:
         cid = chunk_id(ids)
         items: list[tuple[bytes, Any]] = []
         for layer, (k, v) in enumerate(zip(keys, values)):
-            kv = torch.stack((k.detach(), v.detach())).to("cpu").contiguous()
-            items.append((self.layer_key(cid, layer), kv.view(-1).view(torch.uint8).numpy()))
+            items.append((self.layer_key(cid, layer), kv_codec.encode(k, v, layout)))
         meta = {"v": FORMAT_VERSION, "model": self.model_id, "tokens": int(ids.shape[0]), "layers": layout.layers,
                 "kv_heads": layout.kv_heads, "head_dim": layout.head_dim, "dtype": layout.dtype}
         items.append((self.meta_key(cid), ids.numpy().astype("<i4").tobytes() + pos.numpy().astype("<i4").tobytes()))
@@ -157,8 +142,8 @@ class ChunkKVStore:
             raise InvalidArgument(f"{len(keys)} key layers and {len(values)} value layers")
         shape = tuple(keys[0].shape)
         dtype = str(keys[0].dtype).removeprefix("torch.")
-        if len(shape) != 3 or shape[0] != n or dtype not in _DTYPES:
-            raise InvalidArgument(f"keys[0] must be [{n}, kv_heads, head_dim] of {sorted(_DTYPES)}, "
+        if len(shape) != 3 or shape[0] != n or dtype not in DTYPES:
+            raise InvalidArgument(f"keys[0] must be [{n}, kv_heads, head_dim] of {sorted(DTYPES)}, "
                                   f"not {list(shape)} {dtype}")
         for layer, (k, v) in enumerate(zip(keys, values)):
             if tuple(k.shape) != shape or tuple(v.shape) != shape or k.dtype != keys[0].dtype or v.dtype != k.dtype:
@@ -203,7 +188,7 @@ class ChunkKVStore:
             m = json.loads(loc.meta)
             layout = KVLayout(int(m["layers"]), int(m["kv_heads"]), int(m["head_dim"]), str(m["dtype"]))
             tokens, model = int(m["tokens"]), m["model"]
-            ok = (m.get("v") == FORMAT_VERSION and layout.dtype in _DTYPES
+            ok = (m.get("v") == FORMAT_VERSION and layout.dtype in DTYPES
                   and min(layout.layers, layout.kv_heads, layout.head_dim) > 0)
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"chunk {cid.hex()}: its M record is not a chunk KV record ({exc})") from exc
@@ -270,17 +255,16 @@ class _BufferPlan:
         if self.device.type == "cuda":
             self.on_device = self.host.to(self.device, non_blocking=True)
 
-    def _view(self, index: int, dtype: torch.dtype, shape: tuple[int, ...], device_side: bool = True) -> torch.Tensor:
+    def _view(self, index: int, device_side: bool = True) -> torch.Tensor:
+        """Record `index`'s payload bytes (on the device, or in the host buffer)."""
         src = self.on_device if device_side else self.host
-        n = self.locs[index].payload_len
-        return src[self.offsets[index] : self.offsets[index] + n].view(dtype).view(shape)
+        return src[self.offsets[index] : self.offsets[index] + self.locs[index].payload_len]
 
     def chunk(self, p: Located) -> ChunkKV:
         per_chunk = len(self.layers) + 1
         base = self.plan.index(p) * per_chunk
-        shape = (2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
-        kvs = [self._view(base + j, _DTYPES[p.layout.dtype], shape) for j in range(len(self.layers))]
-        ids_pos = self._view(base + len(self.layers), torch.int32, (2, p.tokens), device_side=False)
+        kvs = [kv_codec.decode(self._view(base + j), p.tokens, p.layout) for j in range(len(self.layers))]
+        ids_pos = self._view(base + len(self.layers), device_side=False).view(torch.int32).view(2, p.tokens)
         # non-blocking: a blocking copy on the default stream would wait for all GPU work queued before it
         return ChunkKV(p.chunk_id, ids_pos[0].clone(), ids_pos[1].to(torch.int64).to(self.device, non_blocking=True),
                        [kv[0] for kv in kvs], [kv[1] for kv in kvs])
@@ -384,8 +368,8 @@ class LayerStream:
         """ChunkKVs viewing one layer's bytes (`raw`, laid out by self._offsets), one per located chunk."""
         out = []
         for p, (ids, pos), off, n in zip(self.plan, self._meta, self._offsets, self._lens):
-            kv = raw[off : off + n].view(_DTYPES[p.layout.dtype]).view(2, p.tokens, p.layout.kv_heads, p.layout.head_dim)
-            out.append(ChunkKV(p.chunk_id, ids, pos, [kv[0]], [kv[1]]))
+            k, v = kv_codec.decode(raw[off : off + n], p.tokens, p.layout)
+            out.append(ChunkKV(p.chunk_id, ids, pos, [k], [v]))
         return out if len(out) == len(self._of_found) else [out[i] for i in self._of_found]
 
     def _piece_views(self, dst: torch.Tensor, lo: int, hi: int) -> list[memoryview]:
@@ -481,14 +465,9 @@ class LayerStream:
         first = self.plan[0] if self.plan else None
         if first is None or any(p.tokens != first.tokens for p in self.plan) or len(self.plan) != len(self._of_found):
             return None  # unequal strides, or a chunk the prompt repeats (read once: no view lists it twice)
-        dtype = _DTYPES[first.layout.dtype]
-        flat = self._raw(layer).view(dtype)
-        item = flat.element_size()
-        row = first.layout.kv_heads * first.layout.head_dim
-        stride = (self._offsets[1] - self._offsets[0]) // item  # page-rounded record size, the same for all
-        shape, strides = (len(self.plan), first.tokens, first.layout.kv_heads, first.layout.head_dim), (stride, row, first.layout.head_dim, 1)
-        base = flat.storage_offset()
-        return (flat.as_strided(shape, strides, base), flat.as_strided(shape, strides, base + first.tokens * row))
+        # the page-rounded record size, the same for all
+        return kv_codec.decode_strided(self._raw(layer), len(self.plan), self._offsets[1] - self._offsets[0],
+                                       first.tokens, first.layout)
 
     def close(self) -> None:
         if self._c is not None:  # kept: its buffer goes with the stream, as the Python readers' layers do
