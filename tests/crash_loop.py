@@ -7,7 +7,8 @@ store, and kills it with SIGKILL: after a random delay, or at the Nth firing of 
 writer runs when it opens the store its predecessor left; a few timer kills are timed from the
 writer's start, so they land anywhere in start-up, open and recovery). The writer journals each operation's intent
 before issuing it and its acknowledgement after. The supervisor then copies the store as the kill left
-it, opens the copy (recovery), and checks every key and chunk against the journal:
+it, opens the copy (recovery), and checks every key and chunk of every namespace (three, each with
+small records and large ones) against the journal:
 
 - acknowledged (and no later intent): exactly that value. kill -9 keeps the page cache, so this holds
   in cache mode too;
@@ -15,7 +16,9 @@ it, opens the copy (recovery), and checks every key and chunk against the journa
 - acknowledged delete: absent. Anything else is a resurrection;
 - every value read is one a put wrote, byte for byte, under that key; a read that raises is a corrupt read;
 - the store's own invariants: key listing, session index and record count agree with what was read,
-  and a directory rebuilt from the block files agrees with the real one (`rebuild_violations`).
+  and a directory rebuilt from the block files agrees with the real one (`rebuild_violations`);
+- and it counts the blocks of the namespaces' lineages of large records (placement's `NAME\0\0\0large`),
+  so a run can tell that placement did send large records apart while the writers were killed.
 
 What it saw becomes the expected state (pending operations settled) and is handed to the next writer,
 which checks its own reads against it. The store itself is never opened by the supervisor, so every
@@ -50,16 +53,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from compaction_helpers import rebuild_violations  # noqa: E402
 from crash_writer import (  # noqa: E402
-    CHUNKS,
-    KEYS,
     OPEN_KW,
     SESSION,
     USER,
-    chunk_name,
-    key_name,
+    chunk_names,
+    key_names,
     parse_chunk,
     parse_value,
+    split,
 )
+from tenant_records import NAMESPACES, large_lineage_blocks  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError  # noqa: E402
@@ -109,6 +112,10 @@ class Summary:
     truncated_bytes: int = 0
     compaction: dict[str, int] = field(default_factory=dict)  # what the writers' compactors did
     cycles_compacted: int = 0  # cycles in which compaction copied records before the kill
+    # blocks of a namespace's lineage of large records (placement_choice.large_lineage) in the checked copy
+    cycles_with_large_lineage: int = 0  # cycles whose copy had some
+    large_lineage_blocks: int = 0  # the most in one copy
+    large_lineage_bytes: int = 0  # ... and the most bytes written in them
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -135,13 +142,16 @@ class Summary:
         lines.append("  compaction (as the writers' compactors reported before each kill): "
                      + ", ".join(f"{k} {v}" for k, v in self.compaction.items())
                      + f"; records copied in {self.cycles_compacted} of {self.cycles} cycles")
+        lines.append(f"  blocks of a namespace's large-record lineage: in {self.cycles_with_large_lineage} of "
+                     f"{self.cycles} checked stores, at most {self.large_lineage_blocks} "
+                     f"({self.large_lineage_bytes:,} bytes written)")
         for f in self.failures[:20]:
             lines.append(f"  FAIL {f}")
         return "\n".join(lines)
 
 
 class Oracle:
-    """Per name (k<n>, c<n>), the versions a correct store may hold; None = absent."""
+    """Per name (<namespace>/<key>, <namespace>/c<n>), the versions a correct store may hold; None = absent."""
 
     def __init__(self) -> None:
         self.allowed: dict[str, set[int | None]] = {}
@@ -185,6 +195,44 @@ def _compaction(output: str, summary: Summary) -> None:
         summary.cycles_compacted += 1
 
 
+def _read_namespace(s: blockstore.Store, ns: str, observed: dict[str, int | None], present_kv: list[bytes],
+                    present_chunks: set[str], fail: Callable[[str, str], None]) -> None:
+    """Read every record of namespace `ns` (its KV records in one batched read) into `observed` (name ->
+    version or None), the readable ones into `present_kv` (keys) and `present_chunks` (names)."""
+    names = key_names(ns)
+    try:
+        got = s.get_many([split(n)[1] for n in names], ns=ns)
+    except BlockstoreError as exc:
+        fail("corrupt_reads", f"{ns}: batched read raised {exc!r}")
+        return
+    for name, g in zip(names, got):
+        seen: int | None = None
+        if g is not None:
+            parsed = parse_value(bytes(g))
+            if parsed is None or parsed[0] != name:
+                fail("corrupt_reads", f"{name}: {len(g)} bytes that no put of this key wrote"
+                                      + (f" (a put of {parsed[0]})" if parsed else ""))
+                continue
+            seen = parsed[1]
+            present_kv.append(split(name)[1])
+        observed[name] = seen
+    for name in chunk_names(ns):
+        try:
+            ch = s.get_chunk(USER, SESSION, split(name)[1].decode(), ns=ns)
+        except BlockstoreError as exc:
+            fail("corrupt_reads", f"{name}: read raised {exc!r}")
+            continue
+        if ch is None:
+            observed[name] = None
+            continue
+        pc = parse_chunk(ch.text)
+        if pc is None or pc[0] != name:
+            fail("corrupt_reads", f"{name}: text {ch.text[:30]!r} that no put of this chunk wrote")
+            continue
+        observed[name] = pc[1]
+        present_chunks.add(name)
+
+
 def verify(path: Path, mode: str, oracle: Oracle, summary: Summary, where: str) -> None:
     """Open (recovery) and check the copy of a killed store; settle what was pending."""
     def fail(kind: str, msg: str) -> None:
@@ -202,42 +250,11 @@ def verify(path: Path, mode: str, oracle: Oracle, summary: Summary, where: str) 
             summary.recoveries += 1
             summary.recovered_blocks += len(rep["scanned_blocks"])
             summary.truncated_bytes += rep["truncated_bytes"]
-        names = [key_name(k) for k in range(KEYS)]
-        present_kv = []
         observed: dict[str, int | None] = {}
-        try:
-            got = s.get_many([b"k%d" % k for k in range(KEYS)])
-        except BlockstoreError as exc:
-            fail("corrupt_reads", f"batched read raised {exc!r}")
-            got = [None] * KEYS
-            names = []
-        for k, (name, g) in enumerate(zip(names, got)):
-            seen: int | None = None
-            if g is not None:
-                parsed = parse_value(bytes(g))
-                if parsed is None or parsed[0] != k:
-                    fail("corrupt_reads", f"{name}: {len(g)} bytes that no put of this key wrote")
-                    continue
-                seen = parsed[1]
-                present_kv.append(b"k%d" % k)
-            observed[name] = seen
-        present_chunks = set()
-        for c in range(CHUNKS):
-            name = chunk_name(c)
-            try:
-                ch = s.get_chunk(USER, SESSION, name)
-            except BlockstoreError as exc:
-                fail("corrupt_reads", f"{name}: read raised {exc!r}")
-                continue
-            if ch is None:
-                observed[name] = None
-                continue
-            pc = parse_chunk(ch.text)
-            if pc is None or pc[0] != c:
-                fail("corrupt_reads", f"{name}: text {ch.text[:30]!r} that no put of this chunk wrote")
-                continue
-            observed[name] = pc[1]
-            present_chunks.add(name)
+        present: dict[str, list[bytes]] = {}  # namespace -> its readable keys
+        present_chunks: dict[str, set[str]] = {}
+        for ns in NAMESPACES:
+            _read_namespace(s, ns, observed, present.setdefault(ns, []), present_chunks.setdefault(ns, set()), fail)
         for name, seen in observed.items():
             allowed = oracle.get(name)
             summary.checks += 1
@@ -253,17 +270,24 @@ def verify(path: Path, mode: str, oracle: Oracle, summary: Summary, where: str) 
             elif len(allowed) > 1:
                 summary.pending_settled += 1
             oracle.settle(name, seen)
-        listed = {c.chunk_id for c in s.list_chunks(USER, SESSION)}
-        if listed != present_chunks:
-            fail("invariant_violations", f"session index lists {sorted(listed)}, records {sorted(present_chunks)}")
-        keys = sorted(s.iter_keys())
-        if keys != sorted(present_kv):
-            fail("invariant_violations", f"iter_keys lists {len(keys)} keys, {len(present_kv)} are readable")
+        for ns in NAMESPACES:
+            listed = {f"{ns}/{c.chunk_id}" for c in s.list_chunks(USER, SESSION, ns=ns)}
+            if listed != present_chunks[ns]:
+                fail("invariant_violations", f"{ns}: session index lists {sorted(listed)}, "
+                                             f"records {sorted(present_chunks[ns])}")
+            keys = sorted(s.iter_keys(ns=ns))
+            if keys != sorted(present[ns]):
+                fail("invariant_violations", f"{ns}: iter_keys lists {len(keys)} keys, {len(present[ns])} are readable")
         # block counters count places: a key's copies (docs/copies.md) are records of their blocks too
         copies = sum(len(Location.decode(v).copies) for _k, v in s.dir.scan_prefix(TAG_KEY))
-        if s.stats().records != len(present_kv) + len(present_chunks) + copies:
-            fail("invariant_violations", f"block counters say {s.stats().records} records, "
-                                         f"{len(present_kv) + len(present_chunks)} are readable")
+        readable = sum(map(len, present.values())) + sum(map(len, present_chunks.values()))
+        if s.stats().records != readable + copies:
+            fail("invariant_violations", f"block counters say {s.stats().records} records, {readable} are readable "
+                                         f"(+{copies} copies)")
+        blocks, nbytes = large_lineage_blocks(s)  # placement did put some namespace's large records apart
+        summary.large_lineage_blocks = max(summary.large_lineage_blocks, blocks)
+        summary.cycles_with_large_lineage += blocks > 0
+        summary.large_lineage_bytes = max(summary.large_lineage_bytes, nbytes)
         for v in rebuild_violations(s):
             fail("invariant_violations", f"rebuild from blocks: {v}")
     finally:

@@ -2,15 +2,19 @@
 
 Opens the store with the background compactor running eagerly (small blocks, a low invalid-ratio
 threshold, no write budget, short pass interval: it copies and reclaims blocks all through the run),
-prints "opened", then runs writer threads until it is killed: puts and batched puts into several
-partitions, overwrites, deletes, chunk records put, updated (new timestamps: the session index moves)
-and deleted, and batched reads of fixed groups (which teach compaction what to relocate). Each
-thread owns a disjoint set of keys, so every key's operations are sequential.
+prints "opened", then runs writer threads until it is killed. Every operation goes to one of three
+namespaces (tenant_records.NAMESPACES), each with small records and large ones (1/16 of the block or
+more): puts and batched puts into several partitions (the chunk session's among them), overwrites,
+deletes, chunk records put, updated (new timestamps: the session index moves) and deleted, batched
+reads of fixed groups of small and large records (which teach compaction what to relocate and copy),
+and batched reads of small records drawn at random (on which placement sends a namespace's large
+records to a lineage of their own, `NAME\0\0\0large`: the supervisor counts those blocks). Each
+thread owns a disjoint set of records in every namespace, so every record's operations are sequential.
 
-Every mutation is journaled before it is issued (`I op name version`) and after it is acknowledged
-(`A op name version`), each line one O_APPEND write(2), so kill -9 loses no line the writer finished.
-Values are derived from (key, version) and name both, so the supervisor can tell a lost write from a
-stale one from corrupt bytes. The supervisor passes the state it verified after the last kill
+Every mutation is journaled before it is issued (`I op name version`, a name is `<namespace>/<key>`)
+and after it is acknowledged (`A op name version`), each line one O_APPEND write(2), so kill -9 loses
+no line the writer finished. Values are derived from (name, version) and name both, so the supervisor
+can tell a lost write from a stale one, from another namespace's or key's bytes, from corrupt bytes. The supervisor passes the state it verified after the last kill
 (`--expected`, JSON name -> version or null); the writer checks its own reads against it and exits 3
 on a mismatch ("nothing corrupt is read", also while compaction moves records under the readers).
 
@@ -41,10 +45,15 @@ from blockstore import hooks
 from blockstore.errors import BlockstoreError
 from blockstore.keys import SPACE_KV, key_suffix
 
-KEYS = 40
-CHUNKS = 8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tenant_records import NAMESPACES, draw, large_size  # noqa: E402
+
 BLOCK_SIZE = 256 << 10
-SIZES = [100, 3000, 20_000, 60_000, 150_000]
+# per namespace (tenant_records.NAMESPACES): small records, and large ones (1/16 of the block or more: where the
+# namespace's reads draw among its small records, placement writes them to a lineage of their own)
+SMALL_KEYS, LARGE_KEYS, CHUNKS = 16, 6, 4
+SMALL_SIZES = [100, 1000, 3000, 9000]
+LARGE_SIZES = [large_size(BLOCK_SIZE), 40_000, 90_000, 150_000]
 USER, SESSION = "u", "s"
 # compaction that moves data all the time: every sealed block with 10 % dead bytes is a GC victim, a
 # group read once is due for relocation, no budget, a pass every 50 ms, copies unpaced
@@ -55,46 +64,63 @@ COMPACTION: dict[str, Any] = {
     "max_copies": 1,
 }
 OPEN_KW: dict[str, Any] = {"block_size": BLOCK_SIZE, "max_open_blocks": 4, "idle_seal_seconds": 1.0}
-# groups read together (key numbers); each thread reads only the groups of the keys it owns
-GROUPS = [[0, 2, 4, 6], [8, 10, 12], [14, 16, 18, 20, 22], [1, 3, 5], [7, 9, 11, 13], [15, 17, 19, 21]]
+# groups read together in every namespace, each of small and large records (relocation and copies move both);
+# each thread reads only the groups of the keys it owns (with 2 threads: even numbers, odd numbers)
+GROUPS = [["s0", "s2", "L0", "s4"], ["s6", "L2", "s8"], ["L4", "s10", "s12"],
+          ["s1", "s3", "L1"], ["s5", "L3", "s7", "s9"], ["L5", "s11", "s13"]]
+# a write's partition: none (the namespace), callers' partitions, or the chunk session's (KV beside its chunks);
+# requests read across many of them, so placement soon writes a namespace as one lineage (placement_choice.py)
+PARTITIONS: list[str | bytes | None] = [None, *(f"p{i}" for i in range(8)),
+                                        blockstore.Store.session_partition(USER, SESSION)]
 
 
-def key_name(k: int) -> str:
-    return f"k{k}"
+def key_names(ns: str) -> list[str]:
+    """Every KV record name of a namespace: "<ns>/s<i>" (small), "<ns>/L<i>" (large)."""
+    return [f"{ns}/s{i}" for i in range(SMALL_KEYS)] + [f"{ns}/L{i}" for i in range(LARGE_KEYS)]
 
 
-def chunk_name(c: int) -> str:
-    return f"c{c}"
+def chunk_names(ns: str) -> list[str]:
+    return [f"{ns}/c{i}" for i in range(CHUNKS)]
 
 
-def value_for(key: int, version: int) -> bytes:
-    """The payload of put (key, version): names both, then bytes derived from them."""
-    rng = random.Random(key * 1_000_003 + version)
-    head = b"k%d|v%d|" % (key, version)
-    return head + rng.randbytes(rng.choice(SIZES))
+ALL_KEYS = [n for ns in NAMESPACES for n in key_names(ns)]
+ALL_CHUNKS = [n for ns in NAMESPACES for n in chunk_names(ns)]
 
 
-def parse_value(raw: bytes) -> tuple[int, int] | None:
-    """(key, version) of a payload `value_for` wrote, or None if these bytes are not one."""
+def split(name: str) -> tuple[str, bytes]:
+    """(namespace, key) of a record name: "t1/s3" -> ("t1", b"s3")."""
+    ns, key = name.split("/", 1)
+    return ns, key.encode()
+
+
+def value_for(name: str, version: int) -> bytes:
+    """The payload of put (name, version): names both, then bytes derived from them (large for an L key)."""
+    rng = random.Random(f"{name}#{version}")
+    head = f"{name}|v{version}|".encode()
+    return head + rng.randbytes(rng.choice(LARGE_SIZES if "/L" in name else SMALL_SIZES))
+
+
+def parse_value(raw: bytes) -> tuple[str, int] | None:
+    """(name, version) of a payload `value_for` wrote, or None if these bytes are not one."""
     try:
-        k, v, _rest = raw[:40].split(b"|", 2)
-        key, version = int(k[1:]), int(v[1:])
-    except ValueError:
+        n, v, _rest = raw[:60].split(b"|", 2)
+        name, version = n.decode(), int(v[1:])
+    except (ValueError, UnicodeDecodeError):
         return None
-    return (key, version) if k[:1] == b"k" and v[:1] == b"v" and value_for(key, version) == raw else None
+    return (name, version) if v[:1] == b"v" and "/" in name and value_for(name, version) == raw else None
 
 
-def chunk_text(c: int, version: int) -> str:
-    return f"chunk {c} version {version} " + "remembered " * (version % 50)
+def chunk_text(name: str, version: int) -> str:
+    return f"chunk {name} version {version} " + "remembered " * (version % 50)
 
 
-def parse_chunk(text: str) -> tuple[int, int] | None:
+def parse_chunk(text: str) -> tuple[str, int] | None:
     parts = text.split(" ", 4)
     try:
-        c, version = int(parts[1]), int(parts[3])
+        name, version = parts[1], int(parts[3])
     except (IndexError, ValueError):
         return None
-    return (c, version) if chunk_text(c, version) == text else None
+    return (name, version) if chunk_text(name, version) == text else None
 
 
 class Writer:
@@ -119,68 +145,82 @@ class Writer:
         sys.stderr.flush()
         os._exit(3)
 
-    def run(self, rng: random.Random, keys: list[int], chunks: list[int]) -> None:
-        groups = [g for g in GROUPS if all(k in keys for k in g)]
+    def put(self, ns: str, names: list[str], partition: str | bytes | None, one: bool = False) -> None:
+        """Put new versions of `names` (all of `ns`) in one call, journaled before and after."""
+        vs = [self.version() for _ in names]
+        for n, v in zip(names, vs):
+            self.journal(f"I put {n} {v}")
+        if one:
+            self.s.put(split(names[0])[1], value_for(names[0], vs[0]), ns=ns)
+        else:
+            self.s.put_many([(split(n)[1], value_for(n, v)) for n, v in zip(names, vs)], ns=ns, partition=partition)
+        for n, v in zip(names, vs):
+            self.journal(f"A put {n} {v}")
+            self.state[n] = v
+
+    def run(self, rng: random.Random, owned: set[str]) -> None:
+        """Operations on the records of every namespace this thread owns (`owned`: names)."""
+        keys = {ns: [n for n in key_names(ns) if n in owned] for ns in NAMESPACES}
+        chunks = {ns: [n for n in chunk_names(ns) if n in owned] for ns in NAMESPACES}
+        groups = {ns: [[f"{ns}/{k}" for k in g] for g in GROUPS if all(f"{ns}/{k}" in owned for k in g)]
+                  for ns in NAMESPACES}
         while True:
             op = rng.random()
-            if op < 0.40:
-                batch = rng.sample(keys, rng.randint(1, 4))
-                vs = [self.version() for _ in batch]
-                for k, v in zip(batch, vs):
-                    self.journal(f"I put {key_name(k)} {v}")
-                part = rng.choice([None, "p1", "p2", "p3"])
-                self.s.put_many([(b"k%d" % k, value_for(k, v)) for k, v in zip(batch, vs)], partition=part)
-                for k, v in zip(batch, vs):
-                    self.journal(f"A put {key_name(k)} {v}")
-                    self.state[key_name(k)] = v
-            elif op < 0.55:
-                k = rng.choice(keys)
+            ns = rng.choice(NAMESPACES)
+            if op < 0.28:
+                self.put(ns, rng.sample(keys[ns], rng.randint(1, 4)), rng.choice(PARTITIONS))
+            elif op < 0.38:
+                self.put(ns, [rng.choice(keys[ns])], None, one=True)
+            elif op < 0.48:  # small and large records alike
+                n = rng.choice(keys[ns])
+                self.journal(f"I del {n} 0")
+                self.s.delete(split(n)[1], ns=ns)
+                self.journal(f"A del {n} 0")
+                self.state[n] = None
+            elif op < 0.56:
+                n = rng.choice(chunks[ns])
                 v = self.version()
-                self.journal(f"I put {key_name(k)} {v}")
-                self.s.put(b"k%d" % k, value_for(k, v))
-                self.journal(f"A put {key_name(k)} {v}")
-                self.state[key_name(k)] = v
-            elif op < 0.70:
-                k = rng.choice(keys)
-                self.journal(f"I del {key_name(k)} 0")
-                self.s.delete(b"k%d" % k)
-                self.journal(f"A del {key_name(k)} 0")
-                self.state[key_name(k)] = None
-            elif op < 0.80:
-                c = rng.choice(chunks)
-                v = self.version()
-                self.journal(f"I chunk {chunk_name(c)} {v}")
-                self.s.put_chunk(USER, SESSION, chunk_name(c), chunk_text(c, v), ts_ns=v,
-                                 meta={"v": v}, kv_keys=[b"k%d" % c])
-                self.journal(f"A chunk {chunk_name(c)} {v}")
-                self.state[chunk_name(c)] = v
-            elif op < 0.85:
-                c = rng.choice(chunks)
-                self.journal(f"I cdel {chunk_name(c)} 0")
-                self.s.delete_chunk(USER, SESSION, chunk_name(c))
-                self.journal(f"A cdel {chunk_name(c)} 0")
-                self.state[chunk_name(c)] = None
+                self.journal(f"I chunk {n} {v}")
+                self.s.put_chunk(USER, SESSION, split(n)[1].decode(), chunk_text(n, v), ts_ns=v,
+                                 meta={"v": v}, kv_keys=[split(n)[1].replace(b"c", b"s")], ns=ns)
+                self.journal(f"A chunk {n} {v}")
+                self.state[n] = v
+            elif op < 0.60:
+                n = rng.choice(chunks[ns])
+                self.journal(f"I cdel {n} 0")
+                self.s.delete_chunk(USER, SESSION, split(n)[1].decode(), ns=ns)
+                self.journal(f"A cdel {n} 0")
+                self.state[n] = None
             else:
-                self.check_reads(rng, keys, chunks, groups)
+                self.check_reads(rng, ns, keys[ns], chunks[ns], groups[ns])
 
-    def check_reads(self, rng: random.Random, keys: list[int], chunks: list[int], groups: list[list[int]]) -> None:
-        if groups and rng.random() < 0.7:
-            group = rng.choice(groups)  # a batched read: compaction learns the group from it
-            got = self.s.get_many([b"k%d" % k for k in group])
-        else:  # single reads of any keys (a one-key request teaches compaction nothing)
-            group = rng.sample(keys, 3)
-            got = [self.s.get(b"k%d" % k) for k in group]
-        for k, g in zip(group, got):
-            want = self.state.get(key_name(k))
+    def check(self, ns: str, names: list[str], *, batched: bool) -> None:
+        """Read `names` (of `ns`) in one request or one by one; exit 3 on a value other than the state's."""
+        if batched:
+            got = self.s.get_many([split(n)[1] for n in names], ns=ns)
+        else:
+            got = [self.s.get(split(n)[1], ns=ns) for n in names]
+        for n, g in zip(names, got):
+            want = self.state.get(n)
             seen = None if g is None else parse_value(bytes(g))
-            if (g is None) != (want is None) or (g is not None and seen != (k, want)):
-                self.fail(f"{key_name(k)}: expected version {want}, read {seen if g is not None else 'absent'}")
-        c = rng.choice(chunks)
-        ch = self.s.get_chunk(USER, SESSION, chunk_name(c))
-        want = self.state.get(chunk_name(c))
+            if (g is None) != (want is None) or (g is not None and seen != (n, want)):
+                self.fail(f"{n}: expected version {want}, read {seen if g is not None else 'absent'}")
+
+    def check_reads(self, rng: random.Random, ns: str, keys: list[str], chunks: list[str],
+                    groups: list[list[str]]) -> None:
+        r = rng.random()
+        if groups and r < 0.35:  # a group of small and large records: compaction learns it from the batched read
+            self.check(ns, rng.choice(groups), batched=True)
+        elif r < 0.8:  # single reads of any keys (a one-key request teaches compaction nothing)
+            self.check(ns, rng.sample(keys, 3), batched=False)
+        # small records drawn at random: placement puts the namespace's large records apart
+        self.check(ns, [n.decode() for n in draw(rng, [n.encode() for n in keys if "/s" in n], 6)], batched=True)
+        n = rng.choice(chunks)
+        ch = self.s.get_chunk(USER, SESSION, split(n)[1].decode(), ns=ns)
+        want = self.state.get(n)
         seen = None if ch is None else parse_chunk(ch.text)
-        if (ch is None) != (want is None) or (ch is not None and seen != (c, want)):
-            self.fail(f"{chunk_name(c)}: expected version {want}, read {seen if ch is not None else 'absent'}")
+        if (ch is None) != (want is None) or (ch is not None and seen != (n, want)):
+            self.fail(f"{n}: expected version {want}, read {seen if ch is not None else 'absent'}")
 
 
 def main() -> None:
@@ -218,9 +258,9 @@ def main() -> None:
 
     def thread_main(t: int) -> None:
         try:
-            keys = [k for k in range(KEYS) if k % args.threads == t]
-            chunks = [c for c in range(CHUNKS) if c % args.threads == t]
-            w.run(random.Random(rng.randrange(2**62) + t), keys, chunks)
+            # a thread owns the records of number i (s<i>, L<i>, c<i>) with i % threads == t, in every namespace
+            owned = {n for n in ALL_KEYS + ALL_CHUNKS if int(n.rsplit("/", 1)[1][1:]) % args.threads == t}
+            w.run(random.Random(rng.randrange(2**62) + t), owned)
         except BaseException:
             traceback.print_exc()
             sys.stderr.flush()
@@ -240,10 +280,14 @@ def main() -> None:
         # copy computed from a value a writer replaced meanwhile must write nothing, and the writers'
         # reads must never see its bytes (invariant 8); some copies are dropped again, as GC does
         crng = random.Random(args.seed ^ 0x5EED)
-        nid = store.namespace_id("default") or 0
         try:
             while True:
-                sfx = key_suffix(nid, SPACE_KV, b"k%d" % crng.randrange(KEYS))
+                ns, key = split(crng.choice(ALL_KEYS))  # small and large records of every namespace
+                nid = store.namespace_id(ns)
+                if nid is None:  # not written yet
+                    threading.Event().wait(0.005)
+                    continue
+                sfx = key_suffix(nid, SPACE_KV, key)
                 value = store.dir.get_locations([sfx])[0]
                 if value is not None and not value.copies:
                     try:
