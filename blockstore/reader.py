@@ -278,10 +278,15 @@ class Reader:
                         vanished.extend(idxs)
                         continue
                     # The block table still names the block (a deletion leaves the table before its
-                    # file goes), so its file is missing by damage: corruption, not a miss.
-                    if self.on_corrupt == "raise":
+                    # file goes), so its file is missing by damage: corruption, not a miss. A record with
+                    # copies is read at another place, as when its payload does not verify (docs/copies.md).
+                    lost = [i for i in idxs if not self._read_elsewhere(found[i], locs[i], dsts[i])]  # type: ignore[arg-type]
+                    for i in idxs:
+                        if i not in lost:
+                            results[i] = locs[i].payload_len if lengths else dsts[i]  # type: ignore[union-attr]
+                    if lost and self.on_corrupt == "raise":
                         raise CorruptionError(
-                            f"read of key {keys[idxs[0]]!r}: block file {block_file_name(bid)} is missing; "
+                            f"read of key {keys[lost[0]]!r}: block file {block_file_name(bid)} is missing; "
                             f"run `blockstore fsck {self.path}` (--repair drops the records it held)") from None
                     continue
                 files.append((fd, idxs, [ReadRequest(locs[i].payload_offset, locs[i].payload_len,  # type: ignore[union-attr]
