@@ -312,8 +312,15 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
     with store.hold_blocks([e.block_id]):
         try:
             _copy_out(store, e, min_seqs, res, pace, e.partition if to_partition else GC_PARTITION)
-        except NotFound:  # deleted before we held it: everything in it died meanwhile
-            res.lost_race += 1
+        except NotFound:
+            if not store.has_block(e.block_id):  # deleted before we held it: everything in it died meanwhile
+                res.lost_race += 1
+            else:  # still named, its file gone: damage, left for fsck --repair as a record that does not verify
+                res.damaged = True
+                min_seqs.damaged[e.block_id] = e.live_records
+                _log.warning("GC of block %016x: its file is missing; the block is left for blockstore fsck "
+                             "--repair %s (which drops the records it held)", e.block_id, store.path)
+                return res
     if res.moved == 0 and res.copies_dropped == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
         store.reclaim_empty_blocks()  # nothing was left to move: no batch deleted it; delete it here
     res.reclaimed = not store.has_block(e.block_id)
