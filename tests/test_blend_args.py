@@ -24,7 +24,7 @@ BLENDER_BAD = [("ratio", "0.5x"), ("ratio", None), ("ratio", "0.5"), ("ratio", T
                # vocabulary failed in the embedding lookup, "a" raised a bare ValueError from int()
                ("separator_ids", "12"), ("separator_ids", 5), ("separator_ids", [1, True]), ("separator_ids", [-1]),
                ("separator_ids", [4096]), ("separator_ids", [1.0]), ("chunk_prefix", [5000]), ("chunk_prefix", ["a"]),
-               ("chunk_prefix", b"\x00"), ("chunk_prefix", None)]
+               ("chunk_prefix", b"\x00"), ("chunk_prefix", None), ("kv_format", "fp8"), ("kv_format", None)]
 
 
 def _weights(layers: int = 4) -> Any:

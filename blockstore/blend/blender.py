@@ -37,6 +37,7 @@ from blockstore.blend.compute import (
     rope_cos_sin,
     rotate,
 )
+from blockstore.blend.kv_codec import DEFAULT_KV_FORMAT, KV_FORMATS
 from blockstore.blend.llama import LlamaWeights
 from blockstore.blend.selection import (
     DEFAULT_DEVIATION,
@@ -128,7 +129,8 @@ class Blender:
                  check_layer: int = 1, separator_ids: Sequence[int] = (), *, overlap: bool = True,
                  readers: int | None = None, chunk_prefix: Sequence[int] = (), deviation: str = DEFAULT_DEVIATION,
                  sink_tokens: int = 0, query_weighted: bool = DEFAULT_QUERY_WEIGHTED, gradual: float = 1.0,
-                 cuda_graphs: bool = DEFAULT_CUDA_GRAPHS, recency: float = DEFAULT_RECENCY) -> None:
+                 cuda_graphs: bool = DEFAULT_CUDA_GRAPHS, recency: float = DEFAULT_RECENCY,
+                 kv_format: str = DEFAULT_KV_FORMAT) -> None:
         """`deviation`: what the deviation selector measures at the check layer (DEVIATIONS).
         `query_weighted`: the deviation selector weighs each token's deviation by the attention the
         question (the rows after the last chunk) pays it at the check layer: a token the answer does not
@@ -144,7 +146,10 @@ class Blender:
         prefix. KV computed so differs from KV computed without: its store's model_id says so
         (`Blender.kv_model_id`). `cuda_graphs`: on a GPU, the layers after the selection replay CUDA
         graphs captured once per (tokens, rows) bucket (graphs.py; off by default: DEFAULT_CUDA_GRAPHS);
-        the CPU path is the same either way."""
+        the CPU path is the same either way. `kv_format`: how chunk KV is stored and read (kv_codec.KV_FORMATS):
+        "model" (the model's dtype) or "int8" (8 bits and a scale per token and kv head: half the bytes
+        to read in bfloat16, decoded on the model's device); its store's model_id says which
+        (`Blender.kv_model_id`), so the two formats' records never meet."""
         layers = weights.config.num_hidden_layers
         self.w, self.kv, self.ratio = weights, kv, options.real_in("ratio", ratio, 0.0, 1.0)
         self.selector = options.one_of("selector", selector, SELECTORS)
@@ -159,24 +164,28 @@ class Blender:
         self.overlap = options.flag("overlap", overlap)
         self.query_weighted = options.flag("query_weighted", query_weighted)
         self.cuda_graphs = options.flag("cuda_graphs", cuda_graphs)
+        self.kv_format = options.one_of("kv_format", kv_format, KV_FORMATS)
         # loader threads when overlap is on (None: chunk_kv.DEFAULT_READERS)
         self.readers = None if readers is None else options.count("readers", readers, 1)
         c = weights.config
         expected = KVLayout(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                            str(weights.dtype).removeprefix("torch."))
+                            str(weights.dtype).removeprefix("torch."), self.kv_format)
         if kv.layout is None:
             kv.layout = expected
         elif kv.layout != expected:
             raise InvalidArgument(f"the chunk KV store expects layout {kv.layout}, the model makes {expected}")
-        if kv.model_id != self.kv_model_id(weights, self.chunk_prefix):
+        if kv.model_id != self.kv_model_id(weights, self.chunk_prefix, self.kv_format):
             raise InvalidArgument(f"the chunk KV store is for {kv.model_id!r}, this blender makes KV of "
-                                  f"{self.kv_model_id(weights, self.chunk_prefix)!r}")
+                                  f"{self.kv_model_id(weights, self.chunk_prefix, self.kv_format)!r}")
 
     @staticmethod
-    def kv_model_id(weights: LlamaWeights, chunk_prefix: Sequence[int] = ()) -> str:
-        """The model_id of the ChunkKVStore a Blender of these weights and chunk prefix uses (per dtype but float32)."""
+    def kv_model_id(weights: LlamaWeights, chunk_prefix: Sequence[int] = (), kv_format: str = DEFAULT_KV_FORMAT) -> str:
+        """The model_id of the ChunkKVStore a Blender of these weights, chunk prefix and kv_format uses (per dtype
+        but float32; "|kv=int8" for 8-bit records: their keys differ from the model format's)."""
+        kv_format = options.one_of("kv_format", kv_format, KV_FORMATS)
         return weights.model_id + ("" if weights.dtype == torch.float32 else f"|dtype={str(weights.dtype)[6:]}") + (
-            f"|chunk-prefix={','.join(str(int(t)) for t in chunk_prefix)}" if chunk_prefix else "")
+            f"|chunk-prefix={','.join(str(int(t)) for t in chunk_prefix)}" if chunk_prefix else "") + (
+            "" if kv_format == DEFAULT_KV_FORMAT else f"|kv={kv_format}")
 
     def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.int64)

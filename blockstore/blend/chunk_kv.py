@@ -8,11 +8,14 @@ wherever it appears. Its records, all in one partition (the chunk id) so that th
          payload: K then V of that layer (kv_codec.py: the payload's layout, its encoding and decoding)
     key  b"kvb1" + model tag (8) + chunk id (16) + b"M"
          payload: token ids then those positions (int32 LE each); record meta: JSON naming the model
-         and the layout (layers, tokens, kv_heads, head_dim, dtype)
+         and the layout (layers, tokens, kv_heads, head_dim, dtype; "kv_format": "int8" for 8-bit
+         records, absent for records in the model's dtype)
 
 written in one put_many in layer order, the M record last: put_many may stop part-way leaving a
 prefix, so an M record proves every layer record before it was written. The model tag keeps two
-models' KV of the same tokens apart; the M record's model name is checked on every load too.
+models' KV of the same tokens apart; the M record's model name is checked on every load too. A store
+holds one format (its layout's kv_format); the model id of an 8-bit store says so (Blender.kv_model_id),
+so records of the two formats have different keys, and a chunk stored in one is not found in the other.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import xxhash
 
 from blockstore.blend import kv_codec, options
-from blockstore.blend.kv_codec import DTYPES, KVLayout
+from blockstore.blend.kv_codec import DEFAULT_KV_FORMAT, DTYPES, KVLayout
 from blockstore.blend.layer_loader import LayerLoader
 from blockstore.blend.layer_reads import LayerReads
 from blockstore.chunks import ChunkWrite
@@ -122,8 +125,7 @@ class ChunkKVStore:
         items: list[tuple[bytes, Any]] = []
         for layer, (k, v) in enumerate(zip(keys, values)):
             items.append((self.layer_key(cid, layer), kv_codec.encode(k, v, layout)))
-        meta = {"v": FORMAT_VERSION, "model": self.model_id, "tokens": int(ids.shape[0]), "layers": layout.layers,
-                "kv_heads": layout.kv_heads, "head_dim": layout.head_dim, "dtype": layout.dtype}
+        meta = {"v": FORMAT_VERSION, "model": self.model_id, "tokens": int(ids.shape[0]), **layout.meta()}
         items.append((self.meta_key(cid), ids.numpy().astype("<i4").tobytes() + pos.numpy().astype("<i4").tobytes()))
         metas = [b""] * (len(items) - 1) + [json.dumps(meta, separators=(",", ":")).encode()]
         self.store.put_many(items, ns=self.ns, metas=metas, partition=cid)
@@ -149,7 +151,8 @@ class ChunkKVStore:
             if tuple(k.shape) != shape or tuple(v.shape) != shape or k.dtype != keys[0].dtype or v.dtype != k.dtype:
                 raise InvalidArgument(f"layer {layer}: K {list(k.shape)} {k.dtype} and V {list(v.shape)} {v.dtype} "
                                       f"differ from layer 0's {list(shape)} {keys[0].dtype}")
-        layout = KVLayout(len(keys), shape[1], shape[2], dtype)
+        # the format this store's records hold (its layout's: Blender(kv_format=...) sets it), else the model's dtype
+        layout = KVLayout(len(keys), shape[1], shape[2], dtype, self.layout.kv_format if self.layout else DEFAULT_KV_FORMAT)
         if self.layout is not None and layout != self.layout:
             raise InvalidArgument(f"chunk KV of layout {layout} does not fit this model's {self.layout}")
         return layout
@@ -186,10 +189,9 @@ class ChunkKVStore:
     def _parse_meta(self, cid: bytes, loc: Any) -> tuple[KVLayout, int]:
         try:
             m = json.loads(loc.meta)
-            layout = KVLayout(int(m["layers"]), int(m["kv_heads"]), int(m["head_dim"]), str(m["dtype"]))
+            layout = KVLayout.from_meta(m)
             tokens, model = int(m["tokens"]), m["model"]
-            ok = (m.get("v") == FORMAT_VERSION and layout.dtype in DTYPES
-                  and min(layout.layers, layout.kv_heads, layout.head_dim) > 0)
+            ok = m.get("v") == FORMAT_VERSION and layout.valid()
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"chunk {cid.hex()}: its M record is not a chunk KV record ({exc})") from exc
         if not ok or tokens <= 0 or loc.payload_len != 8 * tokens:
