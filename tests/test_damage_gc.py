@@ -45,3 +45,27 @@ def test_gc_leaves_a_victim_whose_file_is_missing_for_fsck(tmp_path: Path, caplo
         assert all(s.get(b"k%d" % i) == b"b%d" % i * 300 for i in range(0, 200, 2))
     assert cli.main(["fsck", str(tmp_path)]) == 4
     assert "missing-block" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_compact_names_a_damaged_victim_as_such_not_over_the_budget(tmp_path: Path, damage: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # With --no-budget, a victim GC left for fsck --repair was printed as "left: 1 over the write budget", and
+    # listed so in --json (gc_left_over_budget), sending the operator after a budget that was not there.
+    with blockstore.open(tmp_path, block_size=64 << 10) as s:
+        for i in range(200):
+            s.put(b"k%d" % i, b"a%d" % i * 300)
+        for i in range(0, 200, 2):
+            s.put(b"k%d" % i, b"b%d" % i * 300)
+        bad = s.locate_many([b"k1"])[0]
+        assert bad is not None
+    path = tmp_path / "blocks" / f"{bad.block_id:016x}.blk"
+    if damage == "missing":
+        path.unlink()
+    else:
+        with open(path, "r+b") as f:
+            f.seek(bad.offset + bad.payload_off + 100)
+            f.write(b"\xff")
+    assert cli.main(["compact", str(tmp_path), "--gc-invalid-ratio", "0.3", "--no-budget", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "over the write budget" not in out and "1 damaged" in out and "fsck --repair" in out, out

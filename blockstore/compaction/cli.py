@@ -149,7 +149,8 @@ def _facts(store: Store, c: Compactor, rep: PassReport) -> dict[str, Any]:
     min_seqs.snapshot(table)
     tombstones = [e for e in candidates if gc.only_needed_tombstones(e, min_seqs)]
     chosen = set(rep.planned_victims) if rep.dry_run else set()  # after a run, the collected ones are gone
-    over_budget = [e for e in candidates if e not in tombstones and e.block_id not in chosen]
+    damaged = [e for e in candidates if e.block_id in c.damaged_blocks]
+    over_budget = [e for e in candidates if e not in tombstones and e not in damaged and e.block_id not in chosen]
     sealed = [e for e in table if e.state == BLOCK_SEALED and e.written_bytes]
     worst = max(sealed, key=lambda e: e.invalid_ratio, default=None)
     def budget(fraction: float, spent: int, read_fraction: float | None) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def _facts(store: Store, c: Compactor, rep: PassReport) -> dict[str, Any]:
         "gc_candidates": [f"{e.block_id:016x}" for e in candidates],
         "gc_left_for_tombstones": [f"{e.block_id:016x}" for e in tombstones],
         "gc_left_over_budget": [f"{e.block_id:016x}" for e in over_budget],
+        "gc_left_damaged": [f"{e.block_id:016x}" for e in damaged],
         "most_dead_block": None if worst is None else {"block": f"{worst.block_id:016x}",
                                                        "invalid_ratio": round(worst.invalid_ratio, 4)},
         "relocation": p.relocation, "gc": p.gc,
@@ -285,6 +287,9 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
         left.append(f"{len(out['gc_left_over_budget'])} over the write budget")
     if out["gc_left_for_tombstones"]:
         left.append(f"{len(out['gc_left_for_tombstones'])} holding nothing dead but tombstones that older records still need")
+    if out.get("gc_left_damaged"):
+        left.append(f"{len(out['gc_left_damaged'])} damaged (a live record that does not verify, or the file missing): "
+                    "run blockstore fsck --repair")
     if left:
         line += f"; left: {', '.join(left)}"
     return [line]

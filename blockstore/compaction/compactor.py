@@ -155,6 +155,11 @@ class Compactor:
     def learns_from_reads(self) -> bool:
         return self._learns_from_reads
 
+    @property
+    def damaged_blocks(self) -> frozenset[int]:
+        """Victims GC left for `fsck --repair` (a live record that does not verify, or the file missing)."""
+        return frozenset(self._min_seqs.damaged)
+
     def observe_lookup(self, found: Sequence[tuple[str, Sequence[bytes], Sequence[Location | None]]]) -> None:
         """One request's lookup, as (namespace, KV keys, their locations from `Store.locate_many`) per
         namespace: one co-access observation, as a read observer makes of one batched read."""
