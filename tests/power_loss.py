@@ -23,9 +23,13 @@ Without `track` (tests/test_faults.py), `power_image` copies every file the seam
 (RocksDB's, MANIFEST.json) whole, as it is at the moment of the image, and every directory as it is.
 
 A run (`run_one`): a random workload, reproducible from (seed, mode, run index): the store is created at
-a new nested path (its parents made by `open`), then KV puts, batches, overwrites, deletes, chunk
-records put, updated and deleted, batched reads, compaction passes (`Compactor.run_until_idle`, the
-aggressive policy), clean closes and reopens, and an unclean end. It runs once to count the seam's
+a new nested path (its parents made by `open`), then, in three namespaces (tenant_records.NAMESPACES),
+each with small records and large ones (1/16 of the block or more), KV puts (turns of a small and a large
+record, each turn in one of many partitions), batches, overwrites, deletes, chunk records put, updated
+and deleted, batched reads (and reads drawing a namespace's small records at random, on which placement
+writes its large records to a lineage of their own, `NAME\0\0\0large`: in about a fifth of the runs,
+`Stats.large_lineage_runs`), compaction passes (`Compactor.run_until_idle`, the aggressive policy),
+clean closes and reopens, and an unclean end. It runs once to count the seam's
 operations (writes, syncs, opens, ftruncate/unlink; not reads), then again with power images armed at
 chosen operations: some uniform, some inside store creation, compaction passes and closes. Every
 image is then reopened (recovery) under the seam, and for some a second round of cuts is taken inside
@@ -33,8 +37,8 @@ that recovery (and the close after it). Each cut is checked:
 
 - the store: if `open()` had returned before the cut, the store must open with create=False; if not,
   either it opens, or a default open creates a new, empty store;
-- every KV key and chunk record holds a value the model allows: sync mode, the last acknowledged one
-  (or one of an operation in flight at the cut); cache mode (the promise as stated: recent puts may be
+- every KV key and chunk record of every namespace holds a value the model allows: sync mode, the last
+  acknowledged one (or one of an operation in flight at the cut); cache mode (the promise as stated: recent puts may be
   lost, an acknowledged delete never comes back) the value at the last durable point (the last clean
   close, or the key's last acknowledged delete) or any written since; nothing else, nothing corrupt. Mode
   `mixed`: each open of the workload and each reopen of an image picks sync or cache at random, so a
@@ -72,6 +76,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compaction_helpers import AGGRESSIVE, describe_value, value  # noqa: E402
+from tenant_records import NAMESPACES, draw, large_lineage_blocks, large_size  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError, NotFound  # noqa: E402
@@ -83,10 +88,18 @@ from blockstore.tools import fsck as fsck_mod  # noqa: E402
 F = FaultInjector
 MASK = F.WRITE | F.SYNC | F.OPEN | F.OTHER  # reads change nothing on disk: no cut points there
 BLOCK = 64 << 10
-KV_KEYS = [b"k%d" % i for i in range(16)]
-CHUNKS = [f"c{i}" for i in range(5)]
+# per namespace (tenant_records.NAMESPACES): small records and large ones (1/16 of the block or more: placement
+# may write them to a lineage of their own, tenant_records)
+SMALL_KEYS = [b"s%d" % i for i in range(4)]
+LARGE_KEYS = [b"L%d" % i for i in range(3)]
+KV_KEYS = SMALL_KEYS + LARGE_KEYS
+CHUNKS = [f"c{i}" for i in range(3)]
 USER, SESSION = "u", "s"
-SIZES = [64, 700, 3000, 9000, 20000]
+SMALL_SIZES = [64, 700, 2000]
+LARGE_SIZES = [large_size(BLOCK), 24000, 32000, 40000]
+DRAWS = 10
+# writes spread over many partitions that requests read across: placement soon writes a namespace as one lineage
+PARTITIONS = [None, *(f"p{i}" for i in range(8))]  # requests drawing small records at random, per namespace, in a read step (no seam operations)
 MODES = ("sync", "cache")
 STORE_REL = Path("data") / "nested" / "store"  # parents made by open(): store creation is cut too
 
@@ -190,6 +203,10 @@ class Journal:
         return {base} | {o.value for o in rest}
 
 
+def _put_many(items: list[tuple[bytes, bytes]], ns: str, part: str | None, s: blockstore.Store) -> None:
+    s.put_many(items, ns=ns, partition=part)
+
+
 def chunk_text(cid: str, version: int) -> str:
     return f"chunk {cid} version {version} " + "memory " * (3 + 17 * (version % 5))
 
@@ -211,6 +228,7 @@ class Workload:
     windows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # phase -> op count ranges
     versions: dict[Name, int] = field(default_factory=dict)
     trace: bool = False
+    large_lineage: bool = False  # some namespace's large records were written to a lineage of their own
 
     def count(self) -> int:
         return self.fi.image_op_count()
@@ -248,41 +266,53 @@ class Workload:
             print(f"  ops {n0 + 1}..{n1}: {what or ''} "
                   + ", ".join(f"{n[1]}={describe_value(v)}" for n, v in intents), file=sys.stderr)
 
-    def _kv(self, key: bytes) -> tuple[Name, bytes]:
-        name = ("kv", key.decode())
+    def _kv(self, ns: str, key: bytes) -> tuple[Name, bytes]:
+        name = ("kv", f"{ns}/{key.decode()}")  # the payload names its namespace too
         ver = self.versions[name] = self.versions.get(name, 0) + 1
-        return name, value(key, ver, self.rng.choice(SIZES))
+        return name, value(name[1].encode(), ver, self.rng.choice(LARGE_SIZES if key in LARGE_KEYS else SMALL_SIZES))
 
     def step(self) -> None:
         r, rng = self.rng.random(), self.rng
-        if r < 0.30:
+        ns = rng.choice(NAMESPACES)
+        if r < 0.22:  # turns of a namespace: a small record and a large one, each turn in a partition of its own
+            for _ in range(rng.randint(2, 3)):
+                keys = [rng.choice(SMALL_KEYS), rng.choice(LARGE_KEYS)]
+                items = [(k, self._kv(ns, k)) for k in keys]
+                self._op([nv for _k, nv in items], partial(_put_many, [(k, nv[1]) for k, nv in items], ns,
+                                                           rng.choice(PARTITIONS)))
+        elif r < 0.44:
+            keys = rng.sample(KV_KEYS, rng.randint(3, 6))
+            items = [(k, self._kv(ns, k)) for k in keys]
+            part = rng.choice(PARTITIONS)
+            self._op([nv for _k, nv in items],
+                     lambda s: s.put_many([(k, nv[1]) for k, nv in items], ns=ns, partition=part))
+        elif r < 0.52:  # small and large records alike
             key = rng.choice(KV_KEYS)
-            name, v = self._kv(key)
-            part = rng.choice([None, None, "p1", "p2"])
-            self._op([(name, v)], lambda s: s.put(key, v, partition=part))
-        elif r < 0.42:
-            keys = rng.sample(KV_KEYS, rng.randint(2, 5))
-            items = [(k, self._kv(k)) for k in keys]
-            self._op([nv for _k, nv in items], lambda s: s.put_many([(k, nv[1]) for k, nv in items]))
-        elif r < 0.55:
-            key = rng.choice(KV_KEYS)
-            self._op([(("kv", key.decode()), None)], lambda s: s.delete(key))
-        elif r < 0.60:
+            self._op([(("kv", f"{ns}/{key.decode()}"), None)], lambda s: s.delete(key, ns=ns))
+        elif r < 0.56:
             keys = rng.sample(KV_KEYS, 3)
-            self._op([(("kv", k.decode()), None) for k in keys], lambda s: s.delete_many(keys))
-        elif r < 0.72:
+            self._op([(("kv", f"{ns}/{k.decode()}"), None) for k in keys], lambda s: s.delete_many(keys, ns=ns))
+        elif r < 0.64:
             cid = rng.choice(CHUNKS)
-            name = ("chunk", cid)
+            name = ("chunk", f"{ns}/{cid}")
             ver = self.versions[name] = self.versions.get(name, 0) + 1
-            text, ts = chunk_text(cid, ver), rng.randint(1, 10**6)
+            text, ts = chunk_text(name[1], ver), rng.randint(1, 10**6)
             self._op([(name, text)], lambda s: s.put_chunk(USER, SESSION, cid, text, ts_ns=ts, meta={"v": ver},
-                                                           kv_keys=[b"k0"]))
-        elif r < 0.78:
+                                                           kv_keys=[b"s0"], ns=ns))
+        elif r < 0.68:
             cid = rng.choice(CHUNKS)
-            self._op([(("chunk", cid), None)], lambda s: s.delete_chunk(USER, SESSION, cid))
+            self._op([(("chunk", f"{ns}/{cid}"), None)], lambda s: s.delete_chunk(USER, SESSION, cid, ns=ns))
         elif r < 0.88:
-            keys = rng.sample(KV_KEYS, 4)  # batched reads teach compaction its groups
-            self._op([], lambda s: s.get_many(keys), "read")
+            # batched reads of small and large records teach compaction its groups; in every namespace, requests
+            # drawing small records at random make placement write its large records apart (tenant_records)
+            keys = rng.sample(KV_KEYS, 4)
+            draws = [(n, draw(rng, SMALL_KEYS, 4)) for n in NAMESPACES for _ in range(DRAWS)]
+
+            def reads(s: blockstore.Store) -> None:
+                s.get_many(keys, ns=ns)
+                for n, d in draws:
+                    s.get_many(d, ns=n)
+            self._op([], reads, "read")
         elif r < 0.95:
             with self.window("compaction"):
                 assert self.compactor is not None
@@ -291,6 +321,8 @@ class Workload:
         else:
             self.close()
             self.open(first=False)
+        if self.store is not None and not self.large_lineage:
+            self.large_lineage = large_lineage_blocks(self.store)[0] > 0
 
     def close(self) -> None:
         assert self.store is not None
@@ -320,45 +352,51 @@ class Workload:
 
 def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> list[str]:
     bad: list[str] = []
-    present: list[bytes] = []
     records = 0
-    for k in KV_KEYS:
-        name: Name = ("kv", k.decode())
+    for ns in NAMESPACES:
+        present: list[bytes] = []
+        for k in KV_KEYS:
+            name: Name = ("kv", f"{ns}/{k.decode()}")
+            try:
+                raw = s.get(k, ns=ns)
+            except BlockstoreError as exc:
+                bad.append(f"read of {name[1]} raised {exc!r}")
+                continue
+            allowed = journal.allowed(name, n)
+            if raw not in allowed:
+                what = "resurrected" if allowed == {None} else "lost" if raw is None else "wrong value"
+                bad.append(f"{what}: {name[1]} holds {describe_value(raw)}, "
+                           f"allowed {sorted(map(describe_value, allowed))}")
+            if raw is not None:
+                present.append(k)
+                records += 1
+        for cid in CHUNKS:
+            name = ("chunk", f"{ns}/{cid}")
+            try:
+                c = s.get_chunk(USER, SESSION, cid, ns=ns)
+            except BlockstoreError as exc:
+                bad.append(f"read of chunk {name[1]} raised {exc!r}")
+                continue
+            text = None if c is None else c.text
+            allowed = journal.allowed(name, n)
+            if text not in allowed:
+                what = "resurrected" if allowed == {None} else "lost" if text is None else "wrong value"
+                bad.append(f"{what}: chunk {name[1]} holds {describe_value(text)}, "
+                           f"allowed {sorted(map(describe_value, allowed))}")
+            if c is not None:
+                records += 1
         try:
-            raw = s.get(k)
+            listed = sorted(s.iter_keys(ns=ns))
+            if listed != sorted(present):
+                bad.append(f"{ns}: iter_keys lists {listed}, the readable keys are {sorted(present)}")
         except BlockstoreError as exc:
-            bad.append(f"read of {k!r} raised {exc!r}")
-            continue
-        allowed = journal.allowed(name, n)
-        if raw not in allowed:
-            what = "resurrected" if allowed == {None} else "lost" if raw is None else "wrong value"
-            bad.append(f"{what}: {k!r} holds {describe_value(raw)}, allowed {sorted(map(describe_value, allowed))}")
-        if raw is not None:
-            present.append(k)
-            records += 1
-    for cid in CHUNKS:
-        name = ("chunk", cid)
-        try:
-            c = s.get_chunk(USER, SESSION, cid)
-        except BlockstoreError as exc:
-            bad.append(f"read of chunk {cid} raised {exc!r}")
-            continue
-        text = None if c is None else c.text
-        allowed = journal.allowed(name, n)
-        if text not in allowed:
-            what = "resurrected" if allowed == {None} else "lost" if text is None else "wrong value"
-            bad.append(f"{what}: chunk {cid} holds {describe_value(text)}, allowed {sorted(map(describe_value, allowed))}")
-        if c is not None:
-            records += 1
+            bad.append(f"listing raised {exc!r}")
     try:
-        listed = sorted(s.iter_keys())
-        if listed != sorted(present):
-            bad.append(f"iter_keys lists {listed}, the readable keys are {sorted(present)}")
         st = s.stats()
         if st.records != records:
             bad.append(f"stats().records is {st.records}, {records} records are readable")
     except BlockstoreError as exc:
-        bad.append(f"listing raised {exc!r}")
+        bad.append(f"stats raised {exc!r}")
     return bad
 
 
@@ -426,6 +464,7 @@ class Stats:
     runs: int = 0
     unmodelled: int = 0
     nondeterministic: int = 0  # runs whose second pass did not repeat the first one's operations
+    large_lineage_runs: int = 0  # runs in which placement wrote some namespace's large records apart
 
     def add(self, phase: str, torn: bool) -> None:
         self.cuts += 1
@@ -511,6 +550,7 @@ def run_one(seed: int, mode: str, index: int, work: Path, stats: Stats, *, steps
                   file=sys.stderr)
         fi.arm_image_points(MASK, points, seeds, str(base), str(images))
         w = workload(trace)
+        stats.large_lineage_runs += w.large_lineage
         if w.count() != total:  # the cuts are still checked (against this run's journal); a rerun may differ
             stats.nondeterministic += 1
             print(f"note: run {index} ({mode}, seed {seed}) was not deterministic: {total} then {w.count()} "
@@ -615,7 +655,8 @@ def summary(stats: Stats, elapsed: float) -> str:
     phases = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_phase.items()))
     return (f"power-loss loop: {stats.cuts} cuts ({stats.torn} torn) in {stats.runs} runs, {elapsed:.1f} s; "
             f"by phase: {phases}; {len(stats.failures)} violations; unmodelled renames: {stats.unmodelled}; "
-            f"runs not repeatable: {stats.nondeterministic}")
+            f"runs not repeatable: {stats.nondeterministic}; runs with a large-record lineage: "
+            f"{stats.large_lineage_runs}")
 
 
 def main(argv: list[str] | None = None) -> int:
