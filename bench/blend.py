@@ -4,6 +4,7 @@ prefill and prefix-only reuse, with the chunk KV read through the store warm and
     python -m bench.blend [--quick]                      # fidelity + CPU speed -> bench/results/blend[_quick].json
     python -m bench.blend --speed-only --device cuda --shape llama-8b --machine h100 --json OUT.json
     python -m bench.blend --merge OUT.json               # put a GPU run's "ttft" entry into blend.json
+    ... --speed-only --kv-format int8                    # the speed part over 8-bit chunk KV (ttft "<machine>-int8")
 
 Fidelity: bench.blend_fidelity.fidelity (see its docstring: prompts, metrics, the selectors and the
 offline oracles).
@@ -57,6 +58,7 @@ from bench.common import REPO, cpu_busy_s, engine_state, machine_info, spread, w
 from bench.report import machine_line, reproduce_line
 from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, flex, full_prefill, fused_rope, graphs
 from blockstore.blend.chunk_kv import DEFAULT_READERS, LayerStream
+from blockstore.blend.kv_codec import KV_FORMATS
 from blockstore.reader import aligned_buffer
 
 CHUNK_TOKENS = 512
@@ -250,31 +252,35 @@ def _attention_backends(w: LlamaWeights, n_rows: int, n_keys: int) -> dict[str, 
 
 
 def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: int, scratch: str,
-                seed: int, profile: bool = False) -> dict[str, Any]:
+                seed: int, profile: bool = False, kv_format: str = "model") -> dict[str, Any]:
     device, timed = w.device, _timer(w.device)
     g = torch.Generator().manual_seed(seed + length)
     n_chunks = (length - SUFFIX_TOKENS) // CHUNK_TOKENS
     chunks = [torch.randint(3, w.config.vocab_size, (CHUNK_TOKENS,), generator=g) for _ in range(n_chunks)]
     prompt = torch.cat([*chunks, torch.randint(3, w.config.vocab_size, (SUFFIX_TOKENS,), generator=g)])
     spans = [(i * CHUNK_TOKENS, (i + 1) * CHUNK_TOKENS) for i in range(n_chunks)]
-    kv = ChunkKVStore(store, model_id=Blender.kv_model_id(w))
+    kv = ChunkKVStore(store, model_id=Blender.kv_model_id(w, kv_format=kv_format))
+
+    def blender(**opts: Any) -> Blender:  # every blend of the run reads the records of one format
+        return Blender(w, kv, kv_format=kv_format, **opts)
+
     # the blend_* rows replay CUDA graphs on a GPU (opt-in: blender.DEFAULT_CUDA_GRAPHS is off); the *_eager
     # rows are the default path
-    blend = Blender(w, kv, ratio=0.15, cuda_graphs=True)
-    serial = Blender(w, kv, ratio=0.15, overlap=False)
-    prefix = Blender(w, kv, ratio=0.0, check_layer=0)
+    blend = blender(ratio=0.15, cuda_graphs=True)
+    serial = blender(ratio=0.15, overlap=False)
+    prefix = blender(ratio=0.0, check_layer=0)
     cids = [blend.store_chunk(c) for c in chunks]
     os.sync()
     locs = store.locate_many([kv.layer_key(c, i) for c in cids for i in range(w.config.num_hidden_layers)], ns=kv.ns)
     kv_bytes = sum(loc.payload_len for loc in locs if loc is not None)
-    one_reader = Blender(w, kv, ratio=0.15, readers=1)
-    eight_readers = Blender(w, kv, ratio=0.15, readers=8)
-    four_readers = Blender(w, kv, ratio=0.15, readers=4)  # chunk_kv.DEFAULT_READERS on 16 cores before 2026-12-07 (now 8)
+    one_reader = blender(ratio=0.15, readers=1)
+    eight_readers = blender(ratio=0.15, readers=8)
+    four_readers = blender(ratio=0.15, readers=4)  # chunk_kv.DEFAULT_READERS on 16 cores before 2026-12-07 (now 8)
     # the default selection before 2026-12-06 (V deviation alone): what the default (K+V deviation weighted
     # by the question's attention, the better one on the trained model) costs against it
-    v_only = Blender(w, kv, ratio=0.15, deviation="v", query_weighted=False)
-    eager = Blender(w, kv, ratio=0.15, cuda_graphs=False)  # the later layers issued op by op (before graphs.py)
-    before = Blender(w, kv, ratio=0.15, cuda_graphs=False, readers=4)  # the loader's default threads, as before graphs
+    v_only = blender(ratio=0.15, deviation="v", query_weighted=False)
+    eager = blender(ratio=0.15, cuda_graphs=False)  # the later layers issued op by op (before graphs.py)
+    before = blender(ratio=0.15, cuda_graphs=False, readers=4)  # the loader's default threads, as before graphs
     resident = {c: got for c, got in zip(cids, kv.load_many(cids, device=device)) if got is not None}  # hot tier
     runs: dict[str, list[float]] = {k: [] for k in ("full", "blend_hot", "blend_warm", "blend_warm_1reader", "blend_warm_4readers",
                                                     "blend_warm_8readers", "blend_cold",
@@ -384,7 +390,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
     warm_floor = max(read_s, h2d_s, med["blend_hot"])
     warm_floor_serial = read_s + h2d_s + med["blend_hot"]
     return {
-        "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes,
+        "tokens": length, "chunks": n_chunks, "kv_bytes": kv_bytes, "kv_format": kv_format,
         "speedup_hot": med["full"] / med["blend_hot"], "speedup_warm": med["full"] / med["blend_warm"], "speedup_cold": med["full"] / med["blend_cold"],
         "speedup_prefix": med["full"] / med["prefix_warm"],
         **({"speedup_hot_eager": med["full"] / med["blend_hot_eager"],
@@ -418,7 +424,7 @@ def _one_length(w: LlamaWeights, store: blockstore.Store, length: int, repeats: 
 
 
 def speed(device: str, shape: str, dtype: torch.dtype, lengths: Sequence[int], repeats: int, scratch: str,
-          seed: int = 0, profile: bool = False) -> dict[str, Any]:
+          seed: int = 0, profile: bool = False, kv_format: str = "model") -> dict[str, Any]:
     t0 = time.perf_counter()
     w = LlamaWeights.random(shape, seed, device=device, dtype=dtype)
     params = (sum(getattr(lw, f.name).numel() for lw in w.layers for f in dataclasses.fields(lw) if f.init)
@@ -427,8 +433,9 @@ def speed(device: str, shape: str, dtype: torch.dtype, lengths: Sequence[int], r
     per_length = []
     with blockstore.open(os.path.join(scratch, f"speed-store-{shape}")) as store:
         for length in lengths:
-            per_length.append(_one_length(w, store, length, repeats, scratch, seed, profile))
+            per_length.append(_one_length(w, store, length, repeats, scratch, seed, profile, kv_format))
     return {**headline(per_length), "model": {"shape": shape, "parameters": params, "dtype": str(dtype)},
+            "kv_format": kv_format,
             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
             "seconds": time.perf_counter() - t0}
 
@@ -538,6 +545,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default a temp dir in build/)")
     ap.add_argument("--merge", default=None, help="merge this file's fidelity and ttft entries into --json and exit")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-format", default="model", choices=KV_FORMATS,
+                    help="chunk KV records of the speed part: the model's dtype, or int8 (kv_codec.py; the default "
+                         "ttft entry's name gets '-int8')")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one hot blend per length (kernels, ops) and time the attention backends")
     return ap.parse_args(argv)
@@ -593,10 +603,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
         default_lengths = "1024" if args.quick else ("2048,4096,8192")
         lengths = [int(x) for x in (args.lengths or default_lengths).split(",")]
-        machine = args.machine or ("cpu-2core" if not cuda else torch.cuda.get_device_name(0).split()[1].lower())
+        machine = args.machine or ("cpu-2core" if not cuda else torch.cuda.get_device_name(0).split()[1].lower()) + (
+            "" if args.kv_format == "model" else f"-{args.kv_format}")
         doc.setdefault("ttft", {})[machine] = speed(args.device, args.shape, dtype, lengths,
                                                     args.repeats or (2 if args.quick else 3), scratch, args.seed,
-                                                    args.profile)
+                                                    args.profile, args.kv_format)
         doc.setdefault("runs", {})[f"ttft.{machine}"] = run
     busy1 = cpu_busy_s()
     run["cpu_busy_s"] = {"machine": busy1[0] - busy0[0], "this_process": busy1[1] - busy0[1]}
