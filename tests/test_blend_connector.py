@@ -386,6 +386,35 @@ def test_settings_carry_the_selector_options_and_refuse_unknown_keys(tmp_path: P
     for bad in (-1, 5, "x", True):
         with pytest.raises(BlockstoreError, match=r"blend\.recency"):
             BlendSettings.from_extra_config({**base, "blend.recency": bad}, str(tmp_path))
+    # chunk KV records in 8 bits (Blender(kv_format=...)): the model's dtype by default
+    assert default.kv_format == "model"
+    assert BlendSettings.from_extra_config({**base, "blend.kv_format": "int8"}, str(tmp_path)).kv_format == "int8"
+    for bad in ("fp8", "INT8", 8, None):
+        with pytest.raises(BlockstoreError, match=r"blend\.kv_format must be one of \('model', 'int8'\)"):
+            BlendSettings.from_extra_config({**base, "blend.kv_format": bad}, str(tmp_path))
+
+
+def test_kv_format_setting_keys_the_worker_and_the_scheduler_alike(tmp_path: Path) -> None:
+    """blend.kv_format reaches the worker's blender and store, and the scheduler's index of stored chunks
+    looks under the same key (weights_model_id): an int8 chunk the worker stores is one the scheduler claims,
+    and a store set to the model's dtype does not list it."""
+    pytest.importorskip("torch")
+    from blockstore.connector.blend_config import BlendSettings
+    from blockstore.connector.blend_runtime import BlendRuntime, ChunkIndex, weights_model_id
+    from jobs.trained_model import DEFAULT_MODEL_DIR
+
+    base = {"blend.store_path": str(tmp_path / "kv"), "blend.separator_ids": SEP}
+    settings = BlendSettings.from_extra_config({**base, "blend.kv_format": "int8"}, str(DEFAULT_MODEL_DIR))
+    runtime = BlendRuntime(settings)
+    try:
+        cid = runtime.blender.store_chunk(list(range(10, 40)))
+        assert runtime.blender.kv_format == "int8" and runtime.kv.model_id == weights_model_id(settings)
+    finally:
+        runtime.close()
+    assert cid in ChunkIndex(settings, weights_model_id(settings)).ids
+    plain = BlendSettings.from_extra_config(base, str(DEFAULT_MODEL_DIR))
+    assert weights_model_id(plain) != weights_model_id(settings)
+    assert cid not in ChunkIndex(plain, weights_model_id(plain)).ids
 
 
 @pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},

@@ -37,7 +37,7 @@ from blockstore.blend.compute import (
     rope_cos_sin,
     rotate,
 )
-from blockstore.blend.kv_codec import DEFAULT_KV_FORMAT, KV_FORMATS
+from blockstore.blend.kv_codec import DEFAULT_KV_FORMAT, KV_FORMATS, model_id_suffix
 from blockstore.blend.llama import LlamaWeights
 from blockstore.blend.selection import (
     DEFAULT_DEVIATION,
@@ -185,7 +185,7 @@ class Blender:
         kv_format = options.one_of("kv_format", kv_format, KV_FORMATS)
         return weights.model_id + ("" if weights.dtype == torch.float32 else f"|dtype={str(weights.dtype)[6:]}") + (
             f"|chunk-prefix={','.join(str(int(t)) for t in chunk_prefix)}" if chunk_prefix else "") + (
-            "" if kv_format == DEFAULT_KV_FORMAT else f"|kv={kv_format}")
+            model_id_suffix(kv_format))
 
     def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.int64)

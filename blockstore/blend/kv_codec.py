@@ -43,6 +43,12 @@ _LEVELS = 127  # symmetric: -127..127, so that -x reads back as the negation of 
 _TINY = torch.finfo(torch.float32).tiny  # a row of zeros gets this scale, not 0 (no division by it)
 
 
+def model_id_suffix(kv_format: str) -> str:
+    """What a chunk KV store's model_id carries for records of this format (Blender.kv_model_id): nothing for
+    the model's dtype (records as before), "|kv=int8" for 8 bits, so the formats' records have different keys."""
+    return "" if kv_format == DEFAULT_KV_FORMAT else f"|kv={kv_format}"
+
+
 
 @dataclass(frozen=True)
 class KVLayout:

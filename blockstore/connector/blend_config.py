@@ -16,7 +16,9 @@ each chunk always recomputed, inside the budget), ``blend.query_weighted`` (true
 deviation by the question's attention at the check layer), ``blend.gradual`` (1.0: CacheBlend's gradual
 filtering selects this many times the budget at the check layer and narrows it at the next one),
 ``blend.recency`` (0.5: the deviation selector's score is divided by each token's distance to the question to
-this power; 0 turns it off);
+this power; 0 turns it off); ``blend.kv_format`` ("model": chunk KV records in the model's dtype, float32 on
+the worker; "int8": 8 bits and a scale per token and kv head, about a quarter of float32's bytes; each format's
+records are keyed apart, so switching starts an empty set of chunks);
 ``blend.min_chunk_tokens`` (16); ``blend.min_reused_tokens`` (one vLLM block);
 ``blend.namespace`` ("kv-blend"); ``blend.model_id`` (default: the weights' content hash, so records
 of another checkpoint are never used); ``blend.stats_path`` a JSON file (in a folder that exists) the
@@ -36,6 +38,7 @@ from tokenizers import Tokenizer
 from blockstore.blend import DEFAULT_DEVIATION, DEFAULT_QUERY_WEIGHTED
 from blockstore.blend import options as blend_options
 from blockstore.blend.blender import DEVIATIONS, SELECTORS
+from blockstore.blend.kv_codec import DEFAULT_KV_FORMAT, KV_FORMATS
 from blockstore.blend.selection import DEFAULT_RECENCY
 from blockstore.errors import InvalidArgument
 from blockstore.validate import check_ns
@@ -58,6 +61,7 @@ class BlendSettings:
     query_weighted: bool = DEFAULT_QUERY_WEIGHTED
     gradual: float = 1.0
     recency: float = DEFAULT_RECENCY
+    kv_format: str = DEFAULT_KV_FORMAT
     min_chunk_tokens: int = 16
     min_reused_tokens: int = 0  # 0: one vLLM block
     namespace: str = "kv-blend"
@@ -68,7 +72,7 @@ class BlendSettings:
     def from_extra_config(cls, extra: dict[str, Any], default_model_dir: str) -> BlendSettings:
         known = {"blend.store_path", "blend.model_dir", "blend.separator", "blend.separator_ids", "blend.ratio",
                  "blend.selector", "blend.check_layer", "blend.deviation", "blend.sink_tokens", "blend.query_weighted", "blend.gradual",
-                 "blend.recency", "blend.min_chunk_tokens", "blend.min_reused_tokens",
+                 "blend.recency", "blend.kv_format", "blend.min_chunk_tokens", "blend.min_reused_tokens",
                  "blend.namespace", "blend.stats_path", "blend.model_id"}
         ours = {k: v for k, v in extra.items() if k.startswith("blend.")}
         unknown = sorted(set(ours) - known)
@@ -111,6 +115,8 @@ class BlendSettings:
                                                   DEVIATIONS, where=CONNECTOR_CLASS),
                    sink_tokens=_count(ours, "blend.sink_tokens", 0, 0),
                    query_weighted=qw, gradual=gradual, recency=recency,
+                   kv_format=blend_options.one_of("blend.kv_format", ours.get("blend.kv_format", DEFAULT_KV_FORMAT),
+                                                  KV_FORMATS, where=CONNECTOR_CLASS),
                    min_chunk_tokens=_count(ours, "blend.min_chunk_tokens", 16, 1),
                    min_reused_tokens=_count(ours, "blend.min_reused_tokens", 0, 0),
                    namespace=namespace, stats_path=None if stats is None else str(stats),

@@ -16,14 +16,17 @@ import torch
 
 import blockstore
 from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, chunk_id
+from blockstore.blend.kv_codec import model_id_suffix
 from blockstore.connector.blend_config import BlendSettings
 
 
 def weights_model_id(settings: BlendSettings) -> str:
-    """The model id chunk KV records are keyed under (``blend.model_id``, or the weights' content hash)."""
+    """The model id chunk KV records are keyed under (``blend.model_id``, or the weights' content hash), with the
+    suffix of ``blend.kv_format`` (as ``Blender.kv_model_id`` of the worker's float32 weights)."""
     if settings.model_id:
-        return settings.model_id
-    return LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32).model_id
+        return settings.model_id + model_id_suffix(settings.kv_format)
+    weights = LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32)
+    return weights.model_id + model_id_suffix(settings.kv_format)
 
 
 class BlendRuntime:
@@ -35,13 +38,14 @@ class BlendRuntime:
         try:
             self.weights = LlamaWeights.from_pretrained(settings.model_dir, device="cpu", dtype=torch.float32,
                                                         model_id=settings.model_id)
-            self.kv = ChunkKVStore(self.store, ns=settings.namespace, model_id=self.weights.model_id)
+            self.kv = ChunkKVStore(self.store, ns=settings.namespace,
+                                   model_id=Blender.kv_model_id(self.weights, kv_format=settings.kv_format))
             # Spans are always given (blend_spans finds them, multi-token separators included), so the
             # blender's own single-token separator split is not used.
             self.blender = Blender(self.weights, self.kv, ratio=settings.ratio, selector=settings.selector,
                                    check_layer=settings.check_layer, deviation=settings.deviation,
                                    sink_tokens=settings.sink_tokens, query_weighted=settings.query_weighted,
-                                   gradual=settings.gradual, recency=settings.recency)
+                                   gradual=settings.gradual, recency=settings.recency, kv_format=settings.kv_format)
         except BaseException:
             self.store.close()
             raise
