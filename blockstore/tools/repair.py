@@ -351,6 +351,9 @@ class _Repairer(BlockRepairs, DirectoryRepairs):
         names = ", ".join(f"{nid}={name} ({how})" for nid, (name, how) in sorted(rb.named.items()))
         self.done[("directory", None, None)] = (f"rebuilt from the blocks: {n} keys, {len(salvaged)} entries "
                                                 f"salvaged from the old directory; namespaces {names or 'none'}")
+        for f in rep.findings:  # a file the directory lost stays in blocks/, named again (unless moved after)
+            if f.kind == "orphan-block" and f.block is not None:
+                self.block_done[f.block] = "kept: the directory rebuilt from the blocks names it again"
         return None
 
 
