@@ -291,7 +291,9 @@ class Directory:
         if raw is None:
             return None
         if len(raw) != _U64.size:
-            raise CorruptionError(f"directory counter {name!r} has {len(raw)} bytes, not {_U64.size}")
+            store = os.path.dirname(os.path.abspath(self.path))
+            raise CorruptionError(f"directory counter {name!r} has {len(raw)} bytes, not {_U64.size} (damaged); run "
+                                  f"`blockstore fsck --repair {store}`, which sets it from the block files")
         return cast(int, _U64.unpack(raw)[0])
 
     def get_locations(self, suffixes: Sequence[bytes]) -> list[Location | None]:

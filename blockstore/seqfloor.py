@@ -32,6 +32,20 @@ def min_seq_name(block_id: int) -> str:
     return f"block_min_seq/{block_id:016x}"
 
 
+MIN_SEQ_PREFIX = min_seq_name(0)[:-16]
+
+
+def min_seq_block(name: str) -> int | None:
+    """The block a `min_seq_name` counter is of (None: not such a name; fsck reads names from a damaged directory)."""
+    digits = name[len(MIN_SEQ_PREFIX):]
+    if not name.startswith(MIN_SEQ_PREFIX) or len(digits) != 16:
+        return None
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return None
+
+
 class SeqFloor:
     """The floor's state for one engine; called under its leader slot (evictions, seals, deletions)."""
 

@@ -25,6 +25,7 @@ from blockstore.keys import (
     suffix_ns_id,
 )
 from blockstore.records import FORMAT_VERSION, Kind
+from blockstore.seqfloor import MIN_SEQ_PREFIX, min_seq_block
 from blockstore.store import DIRECTORY
 from blockstore.tools.fsck_decode import (
     BLOCK_ENTRY_VERSION,
@@ -96,7 +97,8 @@ class DirectoryChecks(PassBase):
         self.unindexed, self.named_sums, self.missing_named, self.nowhere_named = {}, {}, {}, {}
         self.tomb_max, self.newest_unnamed, self.broken = {}, {}, {}
         for name in ("dangling", "copies", "broken_newest", "bad_keys", "bad_reverse", "missing_reverse",
-                     "bad_session", "missing_session", "bad_block_values", "bad_block_keys", "unreferenced"):
+                     "bad_session", "missing_session", "bad_block_values", "bad_block_keys", "unreferenced",
+                     "bad_counters"):
             getattr(rep, name).clear()
         rep.blocks.clear()
 
@@ -105,6 +107,11 @@ class DirectoryChecks(PassBase):
         for name in _META_NAMES:
             raw = self._mget([meta_key(name)])[0]
             rep.meta[name] = None if raw is None or len(raw) != 8 else struct.unpack("<Q", raw)[0]
+            if raw is not None and len(raw) != 8:
+                rep.bad_counters.append(name)
+        for k, v in self._iter(meta_key(MIN_SEQ_PREFIX)):  # eviction's floor counters (seqfloor.py)
+            if len(v) != 8:
+                rep.bad_counters.append(bytes(k[1:]).decode("ascii", "replace"))
         for k, v in self._iter(TAG_NS):
             name_ok = True
             try:
@@ -326,7 +333,11 @@ class DirectoryChecks(PassBase):
         for name in _META_NAMES:
             if meta.get(name) is None:
                 rep.add("directory-version" if name == "format_version" else "counter", None, None,
-                        f"store counter {name} is missing")
+                        f"store counter {name} is " + ("damaged (not 8 bytes)" if name in rep.bad_counters else "missing"))
+        for name in rep.bad_counters:
+            if name not in _META_NAMES:
+                rep.add("counter", min_seq_block(name), None, f"store counter {name} is damaged (not 8 bytes): "
+                        "eviction refuses every block while this block's file is missing; repair drops it")
         v = meta.get("format_version")
         if v is not None and v > FORMAT_VERSION:
             rep.newer_format = True

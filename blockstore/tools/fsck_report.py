@@ -250,6 +250,7 @@ class Report:
     missing_session: list[tuple[bytes, bytes]] = field(default_factory=list)  # (S key, chunk suffix)
     bad_block_values: list[int] = field(default_factory=list)  # blocks whose B entry does not decode
     bad_block_keys: list[bytes] = field(default_factory=list)  # B keys that are malformed
+    bad_counters: list[str] = field(default_factory=list)  # M counters whose value is not a u64 (repair drops them)
     unreferenced: list[Unreferenced] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
 

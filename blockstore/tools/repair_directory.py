@@ -12,12 +12,14 @@ from blockstore.keys import (
     TAG_NS,
     TOMBSTONE_META,
     block_key,
+    meta_key,
     namespace_id_key,
     namespace_key,
     reverse_key,
     suffix_ns_id,
 )
 from blockstore.records import FORMAT_VERSION, AppendRecord, Kind, ScannedRecord
+from blockstore.seqfloor import min_seq_block
 from blockstore.tools.fsck_decode import block_label, location_of, record_suffix
 from blockstore.tools.fsck_report import Report
 from blockstore.tools.fsck_scan import record_at
@@ -169,6 +171,10 @@ class DirectoryRepairs(RepairBase):
             batch.put_meta("bytes_written", sum(e.written_bytes for e in entries if e is not None))
         if meta.get("clean") is None:
             batch.put_meta("clean", 0)
+        for name in rep.bad_counters:  # an eviction floor counter (seqfloor.py): unknown is safe (eviction refuses)
+            if name not in meta:
+                batch.delete(meta_key(name))
+                self.done[("counter", min_seq_block(name), None)] = "counter dropped"
         self.dir.write(batch, force_sync=True)
         return True
 
