@@ -14,6 +14,7 @@ from test_blend_speed_paths import _damage_layer_record
 import blockstore
 from blockstore import ChecksumMismatch
 from blockstore.blend import Blender, ChunkKVStore, KVLayout, LlamaWeights, chunk_id, full_prefill, kv_codec
+from blockstore.blend.blender import _one_buffer, _Span
 from blockstore.errors import CorruptionError, InvalidArgument
 
 STEP_EPS = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}  # rounding of the output
@@ -94,6 +95,12 @@ def test_every_read_path_decodes_the_same(weights: LlamaWeights, store: blocksto
                 assert torch.equal(views[0][i], chunk.keys[layer]) and torch.equal(views[1][i], chunk.values[layer])
     finally:
         stream.close()
+    # load_many decodes a layer of every chunk in one op: the chunks' KV is one buffer, as the model format's views
+    spans = [_Span(0, 24, c) for c in cids]
+    assert all(_one_buffer([(s, c, layer) for s, c in zip(spans, loaded)]) is not None for layer in range(4))  # type: ignore[misc]
+    prompt = _prompt(chunks)
+    hot = small.blend(prompt, resident=dict(zip(cids, loaded)))  # type: ignore[arg-type]
+    assert hot.missing_chunks == [] and torch.equal(hot.logits, small.blend(prompt).logits)
     ref = full_prefill(weights, torch.cat((torch.tensor(small.chunk_prefix, dtype=torch.int64), chunks[0])))
     assert loaded[0] is not None and not torch.equal(loaded[0].keys[2], ref.keys[2])  # quantized: not the bytes
     torch.testing.assert_close(loaded[0].keys[2], ref.keys[2], atol=ref.keys[2].abs().max().item() / 127, rtol=0)

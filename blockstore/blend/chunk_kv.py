@@ -247,6 +247,7 @@ class _BufferPlan:
         else:
             self.host = torch.frombuffer(aligned_buffer(size), dtype=torch.uint8) if size else torch.empty(0)
         self.on_device = self.host
+        self._decoded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def read(self, store: Store, ns: str) -> None:
         raw = self.host.numpy()
@@ -262,10 +263,26 @@ class _BufferPlan:
         src = self.on_device if device_side else self.host
         return src[self.offsets[index] : self.offsets[index] + self.locs[index].payload_len]
 
+    def _layers_at_once(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer, K and V [chunks, ...] of every chunk decoded in one op, for int8 records of chunks of equal
+        tokens (equal strides): one buffer a layer, which the blender places in 4 ops (blender._one_buffer)."""
+        first, per_chunk = self.plan[0], len(self.layers) + 1
+        if first.layout.kv_format == DEFAULT_KV_FORMAT or any(p.tokens != first.tokens or p.layout != first.layout
+                                                              for p in self.plan):
+            return None
+        if self._decoded is None:
+            stride = self.offsets[per_chunk] - self.offsets[0] if len(self.plan) > 1 else PAGE
+            self._decoded = [kv_codec.decode_strided(self.on_device[self.offsets[j]:], len(self.plan), stride,
+                                                     first.tokens, first.layout) for j in range(len(self.layers))]
+        return self._decoded
+
     def chunk(self, p: Located) -> ChunkKV:
         per_chunk = len(self.layers) + 1
-        base = self.plan.index(p) * per_chunk
-        kvs = [kv_codec.decode(self._view(base + j), p.tokens, p.layout) for j in range(len(self.layers))]
+        index = self.plan.index(p)
+        base = index * per_chunk
+        at_once = self._layers_at_once()
+        kvs = ([(k[index], v[index]) for k, v in at_once] if at_once is not None else
+               [kv_codec.decode(self._view(base + j), p.tokens, p.layout) for j in range(len(self.layers))])
         ids_pos = self._view(base + len(self.layers), device_side=False).view(torch.int32).view(2, p.tokens)
         # non-blocking: a blocking copy on the default stream would wait for all GPU work queued before it
         return ChunkKV(p.chunk_id, ids_pos[0].clone(), ids_pos[1].to(torch.int64).to(self.device, non_blocking=True),
