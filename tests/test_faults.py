@@ -2,7 +2,8 @@
 
 One standard workload (`workload`: KV puts and batches, overwrites, deletes, chunk records put, updated
 and deleted, batched reads that teach compaction its groups, two compaction passes, a clean close and
-a second session) is run once per fault kind to count its operations, then once per fault point with
+a second session; besides the default namespace, two tenant namespaces of small and large records whose
+reads make placement write their large records to a lineage of their own, `tenants`) is run once per fault kind to count its operations, then once per fault point with
 that operation failing. Every operation is journaled in a `Model` (intent before, acknowledgement
 after), and after each run the store is checked against it in four ways:
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -55,6 +57,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compaction_helpers import AGGRESSIVE, describe_value, parse_value, rebuild_violations, value  # noqa: E402
+from power_loss import deterministic_clock  # noqa: E402
+from tenant_records import NAMESPACES, draw, large_lineage_blocks, large_size  # noqa: E402
 
 import blockstore  # noqa: E402
 from blockstore import BlockstoreError  # noqa: E402
@@ -63,11 +67,18 @@ from blockstore.native import FaultInjector  # noqa: E402
 
 F = FaultInjector
 BLOCK = 64 << 10  # the smallest block: the workload rotates, seals and reclaims blocks in a few puts
-KV_KEYS = [b"k%d" % i for i in range(12)]
+KV_KEYS = [b"k%d" % i for i in range(12)]  # the default namespace's, 64 B to 30 KB
 CHUNKS = [f"c{i}" for i in range(4)]
 USER, SESSION = "u", "s"
+# two more namespaces (tenant_records.NAMESPACES), each with small records and large ones (1/16 of the block or
+# more), whose reads make placement write their large records to a lineage of their own (`tenants`)
+TENANTS = [ns for ns in NAMESPACES if ns != "default"]
+SMALL_KEYS = [b"s%d" % i for i in range(6)]
+LARGE_KEYS = [b"L%d" % i for i in range(3)]
+TENANT_KEYS = SMALL_KEYS + LARGE_KEYS
+SMALL, LARGE = 700, 30_000
 
-Name = tuple[str, str]  # ("kv", key) or ("chunk", chunk id)
+Name = tuple[str, str]  # ("kv", key; "<ns>/<key>" outside the default namespace) or ("chunk", chunk id)
 Allowed = set[Any]  # bytes (kv), str (chunk text), None (absent)
 
 
@@ -130,6 +141,7 @@ class Ctx:
     # called twice per operation: "during" (it has returned, not yet acknowledged) and "done"
     after_op: Callable[[Ctx, str], None] | None = None
     compaction: dict[str, int] = field(default_factory=dict)
+    large_lineage_blocks: int = 0  # blocks of a namespace's large-record lineage seen after `tenants`
 
 
 def _open(ctx: Ctx) -> None:
@@ -159,18 +171,24 @@ def _op(ctx: Ctx, intents: list[tuple[Name, Any]], fn: Callable[[blockstore.Stor
     return ok
 
 
-def put(ctx: Ctx, key: bytes, version: int, size: int, partition: str | None = None) -> None:
-    v = value(key, version, size)
-    _op(ctx, [(("kv", key.decode()), v)], lambda s: s.put(key, v, partition=partition))
+def kv_name(key: bytes, ns: str = "default") -> Name:
+    """A KV record's name in the model (its payloads name it too): its key, after its namespace's name
+    outside the default namespace."""
+    return ("kv", key.decode() if ns == "default" else f"{ns}/{key.decode()}")
 
 
-def put_many(ctx: Ctx, items: list[tuple[bytes, int, int]], partition: str | None = None) -> None:
-    vals = [(k, value(k, ver, size)) for k, ver, size in items]
-    _op(ctx, [(("kv", k.decode()), v) for k, v in vals], lambda s: s.put_many(vals, partition=partition))
+def put(ctx: Ctx, key: bytes, version: int, size: int, partition: str | None = None, ns: str = "default") -> None:
+    v = value(kv_name(key, ns)[1].encode(), version, size)
+    _op(ctx, [(kv_name(key, ns), v)], lambda s: s.put(key, v, partition=partition, ns=ns))
 
 
-def delete(ctx: Ctx, key: bytes) -> None:
-    _op(ctx, [(("kv", key.decode()), None)], lambda s: s.delete(key))
+def put_many(ctx: Ctx, items: list[tuple[bytes, int, int]], partition: str | None = None, ns: str = "default") -> None:
+    vals = [(k, value(kv_name(k, ns)[1].encode(), ver, size)) for k, ver, size in items]
+    _op(ctx, [(kv_name(k, ns), v) for k, v in vals], lambda s: s.put_many(vals, partition=partition, ns=ns))
+
+
+def delete(ctx: Ctx, key: bytes, ns: str = "default") -> None:
+    _op(ctx, [(kv_name(key, ns), None)], lambda s: s.delete(key, ns=ns))
 
 
 def put_chunk(ctx: Ctx, cid: str, version: int, ts: int) -> None:
@@ -183,14 +201,15 @@ def delete_chunk(ctx: Ctx, cid: str) -> None:
     _op(ctx, [(("chunk", cid), None)], lambda s: s.delete_chunk(USER, SESSION, cid))
 
 
-def read(ctx: Ctx, keys: list[bytes]) -> None:
-    """A batched read (compaction learns its groups from these): under faults it may raise, but what
-    it returns must be allowed."""
+def read(ctx: Ctx, *requests: list[bytes], ns: str = "default") -> None:
+    """Batched reads, one request each (compaction learns its groups from these; placement, whether a
+    namespace's large records go apart): under faults they may raise, but what they return must be allowed."""
     def fn(s: blockstore.Store) -> None:
-        for k, got in zip(keys, s.get_many(keys)):
-            g = None if got is None else bytes(got)
-            if g not in ctx.model.get(("kv", k.decode())):
-                ctx.read_violations.append(f"read during the workload: {k!r} returned {describe_value(g)}")
+        for keys in requests:
+            for k, got in zip(keys, s.get_many(keys, ns=ns)):
+                g = None if got is None else bytes(got)
+                if g not in ctx.model.get(kv_name(k, ns)):
+                    ctx.read_violations.append(f"read during the workload: {ns} {k!r} returned {describe_value(g)}")
     _op(ctx, [], fn)
 
 
@@ -244,6 +263,8 @@ def session_one(ctx: Ctx) -> None:
     put(ctx, b"k1", 2, 20000)
     delete(ctx, b"k3")
     put_many(ctx, [(b"k9", 1, 9000), (b"k10", 1, 64)])
+    for ns in TENANTS:
+        put_many(ctx, [(k, 1, SMALL) for k in SMALL_KEYS] + [(k, 1, LARGE) for k in LARGE_KEYS], ns=ns)
 
 
 def session_two(ctx: Ctx) -> None:
@@ -255,6 +276,7 @@ def session_two(ctx: Ctx) -> None:
     delete(ctx, b"k6")
     put_chunk(ctx, "c1", 2, ts=2)
     delete_chunk(ctx, "c2")
+    tenants(ctx, 2)
     compact(ctx)
     put(ctx, b"k0", 2, 3000)
     delete(ctx, b"k9")
@@ -266,15 +288,39 @@ def session_two(ctx: Ctx) -> None:
     delete(ctx, b"k8")
 
 
+def tenants(ctx: Ctx, version: int) -> None:
+    """In each tenant namespace: turns of a small and a large record, each turn in a partition of its own, then
+    requests drawing the tenant's small records at random. The namespace's shadow as one lineage then touches
+    fewer blocks than its partitions, and with its large records apart fewer still (placement_choice.py), so
+    the large writes that follow (one of exactly 1/16 of the block) go to its large-record lineage; then a
+    large record is deleted."""
+    for ns in TENANTS:
+        for i, small in enumerate(SMALL_KEYS[:5]):
+            put_many(ctx, [(small, version, SMALL), (LARGE_KEYS[i % 3], version + i, LARGE)], partition=f"turn{i}",
+                     ns=ns)
+        rng = random.Random(ns)
+        read(ctx, *[draw(rng, SMALL_KEYS[:5], 4) for _ in range(16)], ns=ns)
+    for ns in TENANTS:
+        put(ctx, LARGE_KEYS[0], version + 10, LARGE, partition="turn9", ns=ns)
+        put_many(ctx, [(SMALL_KEYS[5], version, SMALL), (LARGE_KEYS[1], version + 10, large_size(BLOCK))],
+                 partition="turn9", ns=ns)
+        delete(ctx, LARGE_KEYS[2], ns=ns)
+    if ctx.store is not None:
+        ctx.large_lineage_blocks = max(ctx.large_lineage_blocks, large_lineage_blocks(ctx.store)[0])
+
+
 def workload(ctx: Ctx, *, final_close: bool = True) -> None:
-    """The standard workload: two sessions of one store (the first closed cleanly)."""
-    reopen(ctx)
-    session_one(ctx)
-    close(ctx)
-    reopen(ctx)
-    session_two(ctx)
-    if final_close:
+    """The standard workload: two sessions of one store (the first closed cleanly). Under a clock that counts
+    calls (power_loss.deterministic_clock): GC ranks its victims by age, and a run must do the same operations
+    each time (a fault point names one operation), which the tenants' blocks made it miss now and then."""
+    with deterministic_clock():
+        reopen(ctx)
+        session_one(ctx)
         close(ctx)
+        reopen(ctx)
+        session_two(ctx)
+        if final_close:
+            close(ctx)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,20 +344,21 @@ def _classify(name: Name, got: Any, allowed: Allowed) -> str:
 def check_store(s: blockstore.Store, model: Model, *, rebuild: bool = True) -> list[str]:
     """Violations of the model and of the store's own invariants (empty when all is well)."""
     bad: list[str] = []
-    present_kv: list[bytes] = []
-    for k in KV_KEYS:
-        name: Name = ("kv", k.decode())
-        try:
-            got = s.get(k)
-        except BlockstoreError as exc:
-            bad.append(f"corrupt read: {k!r} raised {exc!r}")
-            continue
-        allowed = model.get(name)
-        if got not in allowed:
-            bad.append(f"{_classify(name, got, allowed)}: {k!r} holds {describe_value(got)}, allowed "
-                       f"{sorted(describe_value(a) for a in allowed)}")
-        if got is not None:
-            present_kv.append(k)
+    present: dict[str, list[bytes]] = {ns: [] for ns in NAMESPACES}
+    for ns, keys in [("default", KV_KEYS)] + [(t, TENANT_KEYS) for t in TENANTS]:
+        for k in keys:
+            name = kv_name(k, ns)
+            try:
+                got = s.get(k, ns=ns)
+            except BlockstoreError as exc:
+                bad.append(f"corrupt read: {name[1]} raised {exc!r}")
+                continue
+            allowed = model.get(name)
+            if got not in allowed:
+                bad.append(f"{_classify(name, got, allowed)}: {name[1]} holds {describe_value(got)}, allowed "
+                           f"{sorted(describe_value(a) for a in allowed)}")
+            if got is not None:
+                present[ns].append(k)
     present_chunks: set[str] = set()
     for cid in CHUNKS:
         name = ("chunk", cid)
@@ -330,13 +377,14 @@ def check_store(s: blockstore.Store, model: Model, *, rebuild: bool = True) -> l
         listed = {c.chunk_id for c in s.list_chunks(USER, SESSION)}
         if listed != present_chunks:
             bad.append(f"invariant: session index lists {sorted(listed)}, records are {sorted(present_chunks)}")
-        keys = sorted(s.iter_keys())
-        if keys != sorted(present_kv):
-            bad.append(f"invariant: iter_keys lists {keys}, readable keys are {sorted(present_kv)}")
+        for ns, present_kv in present.items():
+            keys = sorted(s.iter_keys(ns=ns))
+            if keys != sorted(present_kv):
+                bad.append(f"invariant: {ns}: iter_keys lists {keys}, readable keys are {sorted(present_kv)}")
         records = s.stats().records
-        if records != len(present_kv) + len(present_chunks):
-            bad.append(f"invariant: block counters say {records} records, "
-                       f"{len(present_kv) + len(present_chunks)} are readable")
+        readable = sum(map(len, present.values())) + len(present_chunks)
+        if records != readable:
+            bad.append(f"invariant: block counters say {records} records, {readable} are readable")
         if rebuild:
             bad += [f"invariant: rebuild from blocks: {v}" for v in rebuild_violations(s)]
     except BlockstoreError as exc:
@@ -432,7 +480,7 @@ def count_ops(mode: str, mask: int, work: Path) -> tuple[int, dict[str, int]]:
         f.arm(0, 0, 0)
         f.uninstall()
     shutil.rmtree(work / "count")
-    return n, ctx.compaction
+    return n, {**ctx.compaction, "large_lineage_blocks": ctx.large_lineage_blocks}
 
 
 def sample(points: int, want: int | None) -> list[int]:
@@ -649,6 +697,8 @@ def test_the_workload_exercises_compaction_and_is_deterministic(tmp_path: Path) 
         assert n3 in (n1, n2), (n1, n2, n3)
     assert comp.get("gc_records", 0) > 0 and comp.get("relocated_records", 0) > 0, comp
     assert comp.get("reclaimed_blocks", 0) > 0, comp
+    # placement wrote the tenants' large records to their own lineage (`tenants`) before compaction ran
+    assert comp["large_lineage_blocks"] > 0, comp
 
 
 def test_torn_and_short_writes_reach_the_file(tmp_path: Path, faults: FaultInjector) -> None:
