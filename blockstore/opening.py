@@ -87,7 +87,8 @@ def check_manifest_names_the_blocks(path: str, store_id: int, backend: Backend) 
     others = set()
     for name in {names[0], names[len(names) // 2], names[-1]}:
         try:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO in a block file's place (damage) must not hang the open waiting for a writer
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 header = backend.decode_block_header(os.pread(fd, BLOCK_HEADER_SIZE, 0))
             finally:

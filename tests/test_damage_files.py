@@ -1,0 +1,52 @@
+"""Special files where the store's own files belong (an operator's mistake, a restore gone wrong; review H85):
+every open returns or raises a BlockstoreError, never hangs and never lets an OSError out.
+
+- A FIFO in a block file's place hung every writable open: the MANIFEST check read block headers with a
+  blocking open(), which waits for a FIFO's writer forever (fsck and the read path already refused such files)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import blockstore
+
+OPEN_AND_READ = """
+import sys, blockstore
+try:
+    with blockstore.open(sys.argv[1], read_only=sys.argv[2] == "ro") as s:
+        s.put(b"new", b"x") if sys.argv[2] == "rw" else None
+        try:
+            s.get(b"k1")
+        except blockstore.BlockstoreError as e:
+            print("read:", type(e).__name__)
+    print("opened")
+except blockstore.BlockstoreError as e:
+    print("open:", type(e).__name__, e)
+"""
+
+
+def _store(path: Path) -> None:
+    with blockstore.open(path, block_size=64 << 10) as s:
+        for i in range(20):
+            s.put(b"k%d" % i, b"v%d" % i * 1000)
+
+
+@pytest.mark.parametrize("mode", ["ro", "rw"])
+def test_a_fifo_in_a_block_files_place_does_not_hang_an_open(tmp_path: Path, mode: str) -> None:
+    _store(tmp_path)
+    name = tmp_path / "blocks" / sorted(os.listdir(tmp_path / "blocks"))[0]
+    name.unlink()
+    os.mkfifo(name)
+    try:
+        r = subprocess.run([sys.executable, "-c", OPEN_AND_READ, str(tmp_path), mode], capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a {mode} open hung on a FIFO in place of {name.name}")
+    assert r.returncode == 0, r.stderr
+    assert "opened" in r.stdout and "read: IOErrorBS" in r.stdout, r.stdout
+
