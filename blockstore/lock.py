@@ -23,13 +23,18 @@ class WriterLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:  # a directory or a dangling link where LOCK belongs, a read-only file system
-            raise error_for_os(exc, f"cannot take the writer lock {self.path!r}") from exc
+            hint = ""
+            if os.path.lexists(self.path) and not os.path.isfile(self.path):
+                what = "a dangling link" if os.path.islink(self.path) else "not a file"
+                hint = (f" ({LOCK_FILE} is {what}; it holds no data: move it away and open again, the writer "
+                        "creates it)")
+            raise error_for_os(exc, f"cannot take the writer lock {self.path!r}{hint}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
+            try:  # the holder's pid words the message; a LOCK that cannot be read back (a FIFO: ESPIPE) has none
                 pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-            except ValueError:
+            except (ValueError, OSError):
                 pid = None
             os.close(fd)
             raise StoreLocked(root, pid) from None

@@ -2,7 +2,11 @@
 every open returns or raises a BlockstoreError, never hangs and never lets an OSError out.
 
 - A FIFO in a block file's place hung every writable open: the MANIFEST check read block headers with a
-  blocking open(), which waits for a FIFO's writer forever (fsck and the read path already refused such files)."""
+  blocking open(), which waits for a FIFO's writer forever (fsck and the read path already refused such files).
+- A FIFO as LOCK: a second writer's open raised a bare OSError (ESPIPE from reading the holder's pid) instead of
+  StoreLocked.
+- A directory or a dangling link as LOCK: the writable open's error said only "cannot take the writer lock
+  (Is a directory)" (NotFound for the link); it now says LOCK holds no data and is to be moved away."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import blockstore
+from blockstore.errors import BlockstoreError
 
 OPEN_AND_READ = """
 import sys, blockstore
@@ -50,3 +55,29 @@ def test_a_fifo_in_a_block_files_place_does_not_hang_an_open(tmp_path: Path, mod
     assert r.returncode == 0, r.stderr
     assert "opened" in r.stdout and "read: IOErrorBS" in r.stdout, r.stdout
 
+
+def test_a_fifo_as_lock_gives_a_second_writer_store_locked(tmp_path: Path) -> None:
+    _store(tmp_path)
+    (tmp_path / "LOCK").unlink()
+    os.mkfifo(tmp_path / "LOCK")
+    with blockstore.open(tmp_path) as s:
+        with pytest.raises(blockstore.StoreLocked):
+            blockstore.open(tmp_path)
+        assert s.get(b"k1") == b"v1" * 1000
+    with blockstore.open(tmp_path) as s:
+        assert s.get(b"k2") == b"v2" * 1000
+    assert issubclass(blockstore.StoreLocked, BlockstoreError)
+
+
+@pytest.mark.parametrize("damage", ["directory", "dangling link"])
+def test_a_lock_that_is_not_a_file_says_what_to_do(tmp_path: Path, damage: str) -> None:
+    _store(tmp_path)
+    (tmp_path / "LOCK").unlink()
+    if damage == "directory":
+        (tmp_path / "LOCK").mkdir()
+    else:
+        os.symlink(tmp_path / "nowhere" / "LOCK", tmp_path / "LOCK")
+    with pytest.raises(BlockstoreError, match="LOCK is .*move it away"):
+        blockstore.open(tmp_path)
+    with blockstore.open(tmp_path, read_only=True) as s:  # a reader takes no lock
+        assert s.get(b"k1") == b"v1" * 1000
