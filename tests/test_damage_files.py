@@ -6,7 +6,8 @@ every open returns or raises a BlockstoreError, never hangs and never lets an OS
 - A FIFO as LOCK: a second writer's open raised a bare OSError (ESPIPE from reading the holder's pid) instead of
   StoreLocked.
 - A directory or a dangling link as LOCK: the writable open's error said only "cannot take the writer lock
-  (Is a directory)" (NotFound for the link); it now says LOCK holds no data and is to be moved away."""
+  (Is a directory)" (NotFound for the link); it now says LOCK holds no data and is to be moved away.
+- A folder named as a block file: fsck and fsck --repair stop (exit 8, as before) and now say what to do."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 import blockstore
 from blockstore.errors import BlockstoreError
+from blockstore.tools import cli
 
 OPEN_AND_READ = """
 import sys, blockstore
@@ -81,3 +83,20 @@ def test_a_lock_that_is_not_a_file_says_what_to_do(tmp_path: Path, damage: str) 
         blockstore.open(tmp_path)
     with blockstore.open(tmp_path, read_only=True) as s:  # a reader takes no lock
         assert s.get(b"k1") == b"v1" * 1000
+
+
+def test_a_folder_named_as_a_block_file_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A folder blocks/0000000000000099.blk (no such block): the writable open names `fsck --repair`, which
+    # stopped (exit 8) with "cannot read block file ...: pread: IOErrorBS (EISDIR: Is a directory)" and no
+    # word of what to do (tests/test_review_session26.py keeps the exit 8 and "repair changes nothing").
+    _store(tmp_path)
+    (tmp_path / "blocks" / "0000000000000099.blk").mkdir()
+    with pytest.raises(BlockstoreError, match="fsck --repair"):
+        blockstore.open(tmp_path)
+    for args in ([], ["--repair"]):
+        assert cli.main(["fsck", str(tmp_path), *args]) == 8
+        err = capsys.readouterr().err
+        assert "0000000000000099.blk" in err and "move the folder out of blocks/" in err, err
+    (tmp_path / "blocks" / "0000000000000099.blk").rmdir()
+    with blockstore.open(tmp_path) as s:
+        assert s.get(b"k3") == b"v3" * 1000

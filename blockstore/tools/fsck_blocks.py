@@ -94,7 +94,10 @@ class BlockChecks(PassBase):
                 if facts.entry is not None:
                     rep.add("missing-block", bid, None, f"block file {block_label(bid)}.blk vanished during the check")
             except IOErrorBS as exc:  # a folder where the file belongs, a failing disk: say which file, check no further
-                raise IOErrorBS(exc.errno or errno.EIO, f"cannot read block file {facts.path}: {exc}") from exc
+                todo = (" (a folder where a block file belongs: put the block file back, or move the folder out of "
+                        "blocks/, and run fsck again; nothing was changed)" if facts.path and os.path.isdir(facts.path)
+                        else "")
+                raise IOErrorBS(exc.errno or errno.EIO, f"cannot read block file {facts.path}: {exc}{todo}") from exc
             done += facts.size
             if self.progress is not None:
                 self.progress(done, total)
