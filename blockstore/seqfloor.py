@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
+from blockstore import logs
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, DirectoryBatch
 from blockstore.errors import NotFound
 from blockstore.keys import meta_key
@@ -24,6 +25,7 @@ from blockstore.keys import meta_key
 if TYPE_CHECKING:
     from blockstore.blocklife import BlockLifecycle
 
+_log = logs.get("blocks")
 NO_FLOOR = 1 << 64  # the floor when no block that stays holds a record other than a tombstone
 
 
@@ -85,6 +87,10 @@ class SeqFloor:
             finally:
                 life.backend.close(fd)
             seqs = (0, NO_FLOOR) if footer is None else (footer.min_seq, footer.max_seq)
+            if footer is None:  # recovery left every sealed block with a footer that verifies: this is damage
+                _log.warning("%s: sealed block %016x has no footer that verifies: its sequence numbers are unknown, so "
+                             "evict_blocks refuses every block while it stays; run blockstore fsck --repair %s",
+                             life.path, bid, life.path)
             self._seqs[bid] = seqs
         return seqs
 
