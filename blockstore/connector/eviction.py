@@ -29,6 +29,17 @@ the engine refuses loses its keys to tombstones (a delete), and once it holds on
 when no other block can hold anything older (the rule compaction's GC uses), else carried to the head. So
 the disk stays within capacity with any compaction setting, including none.
 
+Records never read go one by one (`l2_evict_walk._trim`): when the oldest block that is not emptied whole holds
+more records never read than a pass needs, and holds records that were read too, the pass deletes just enough of
+them, oldest first, each with a tombstone, and leaves the block where it is; it is emptied whole (keepers and spares
+written again at the head) by the first pass its records never read no longer cover. Emptying it whole at once
+deleted all of them, and the room beyond the need stood empty until the stores filled it (bench/eviction.py, seeds
+16-18, shifting, multiturn and zipf at 10 % and 30 % of the working set: the adapter held 0.980-0.991 of its
+capacity on average, now 0.987-0.998; shifting @ 10 % 0.979 / 1.041 / 1.027 of LRU's hit rate, now 0.994 / 1.038 /
+1.059). A block of nothing but records never read (a scan, the store-only stream of the throughput run) is still
+emptied whole: trimmed too, a tombstone per record and a listing of the block per pass left that stream 0.32-0.41
+of its throughput without a capacity (0.82-0.90 with it emptied whole, the same runs).
+
 Spare room: space comes back a whole block at a time, so a pass usually frees more than the stores need (up to a
 block's records), and that room stood empty until the stores filled it: the adapter held 0.95-0.98 of its capacity
 on average, and lost 1-3 % of LRU's hit rate to that alone (bench/eviction.py, "LRU at its occupancy"). Records

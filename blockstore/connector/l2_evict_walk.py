@@ -84,6 +84,8 @@ class EvictionWalk:
         emptied: list[BlockEntry] = []
         known: dict[bytes, ObjectKey] = {}  # key suffix -> key, of every record planned (decoded once)
         moved = 0
+        trimmed_keys = 0
+        listed: dict[int, tuple[list[tuple[str, ObjectKey, bytes, Location]], int]] = {}  # each block listed once
         try:
             for e in table:  # moves beyond the budget will be dropped, least valuable first: they free payload too,
                 over = max(0, moved - budget)  # and their blocks' bytes (else a pass for the block files went on over
@@ -91,7 +93,17 @@ class EvictionWalk:
                     break
                 if e.state != BLOCK_SEALED:
                     continue
-                freed, block_moved, blocked = self._plan_block(e, drop.setdefault(e.block_id, {}), wanted, known)
+                if disk_excess - over <= 0 and over == 0:
+                    # the rest of the need from this block's records never read, oldest first, the block left in
+                    # place; more than the need: the spares of the blocks emptied before it keep their room
+                    spares = sum(w.loc.payload_len for w in wanted if w.spare)
+                    trim = self._trim(e, excess + spares, listed)
+                    if trim is not None:
+                        trimmed_keys, freed = trim
+                        excess -= freed
+                        break
+                freed, block_moved, blocked = self._plan_block(e, drop.setdefault(e.block_id, {}), wanted, known,
+                                                               listed.pop(e.block_id, None))
                 excess -= freed
                 moved += block_moved
                 if not blocked:
@@ -137,7 +149,60 @@ class EvictionWalk:
             self.store.sync_moves()
         if excess > 0:
             deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
-        return deleted
+        return deleted + trimmed_keys
+
+    def _trim(self, e: BlockEntry, need: int,
+              listed: dict[int, tuple[list[tuple[str, ObjectKey, bytes, Location]], int]]) -> tuple[int, int] | None:
+        """Free `need` payload bytes from sealed block `e`'s records never read (eviction.value <= 0 and no read to
+        rank them as spares), oldest first, when it holds more of them than that: each deleted with a tombstone as
+        a delete does, the rest of the block left where it is. Emptying the block whole would delete all of them,
+        room that stood empty until the stores filled it (the adapter held 0.98-0.99 of its capacity in
+        bench/eviction.py, LRU all of it). The block is emptied whole (its keepers and spares written again at the
+        head, the file removed) by the first pass its unread records no longer cover. Its dead bytes count against
+        the block files' bound as any block's do (`CapacityEviction._disk_excess`; usually the one block eviction
+        is emptying): a pass for the block files never trims, it empties blocks whole. Returns (keys deleted, payload freed), or None: the block
+        holds no more records never read than the need, or nothing else (a scan, a store-only stream: emptied whole,
+        one synced engine call, rather than a tombstone per record; see eviction.py)."""
+        records, _foreign = listed[e.block_id] = self._block_records(e.block_id)
+        now = time.monotonic()
+        with self._state.lock:
+            mean = self._state.used / self._state.records if self._state.records else 1.0
+            span = self._span(e)
+            window = self._memory.returns.window()
+            unread: list[tuple[int, str, ObjectKey, int]] = []
+            for ns, k, _sfx, loc in records:
+                if k in self._state.storing or k in self._state.deleting or self._state.held(k, now):
+                    continue
+                st = self._memory.stats.get(k)
+                if (value(st, loc.payload_len, self._memory.clock, span, mean) <= 0
+                        and spare_value(st, self._memory.clock, span, window) is None):
+                    unread.append((loc.offset, ns, k, loc.payload_len))
+            if len(unread) == len(records) or sum(u[3] for u in unread) <= need:
+                return None
+            unread.sort(key=lambda u: u[0])
+            picked: dict[str, list[ObjectKey]] = {}
+            for _off, ns, k, size in unread:
+                if need <= 0:
+                    break
+                self._state.deleting.add(k)
+                self._memory.ghost.add(k, self._memory.clock)
+                picked.setdefault(ns, []).append(k)
+                need -= size
+        deleted = freed = 0
+        for keys in picked.values():
+            gone, size = self._delete_marked(keys)
+            deleted += len(gone)
+            freed += size
+        return deleted, freed
+
+    def _span(self, e: BlockEntry) -> int:
+        """The log's span against which recency is measured, with `e` the oldest block (under the lock): the clock's
+        advance since it was created (the capacity when that is older than the samples, e.g. written before a
+        restart). Remembered for admission (`EvictionMemory.span`)."""
+        then = self._memory.history.clock_at(e.created_ns)
+        span = self._state.capacity if then is None else max(self.store.block_size, self._memory.clock - then)
+        self._memory.span = span
+        return span
 
     def _still_in(self, bid: int, keys: list[ObjectKey]) -> list[ObjectKey]:
         """Of keys claimed for deletion with block `bid`, those the directory still places in it. The others are
@@ -274,21 +339,19 @@ class EvictionWalk:
         return out, foreign
 
     def _plan_block(self, e: BlockEntry, drop: dict[str, list[ObjectKey]], wanted: list[_Keep],
-                    known: dict[bytes, ObjectKey]) -> tuple[int, int, bool]:
+                    known: dict[bytes, ObjectKey],
+                    listed: tuple[list[tuple[str, ObjectKey, bytes, Location]], int] | None = None
+                    ) -> tuple[int, int, bool]:
         """Decide for every record of sealed block `e`: delete (value <= 0) or keep (moved to the head; appended
         to `wanted` with its value, for `_keep_within`). Keys to delete are claimed in `deleting`. Returns
         (payload bytes the deletions free, record bytes the moves would write, whether something holds the
         block: a locked or in-flight key, or a record that is not the adapter's)."""
-        records, blocked = self._block_records(e.block_id)
+        records, blocked = listed if listed is not None else self._block_records(e.block_id)
         now = time.monotonic()
         freed = moved = 0
         with self._state.lock:
             mean = self._state.used / self._state.records if self._state.records else 1.0
-            # recency against the log's span: the clock's advance since this block, the oldest, was created
-            # (the capacity when that is older than the samples, e.g. written before a restart)
-            then = self._memory.history.clock_at(e.created_ns)
-            span = self._state.capacity if then is None else max(self.store.block_size, self._memory.clock - then)
-            self._memory.span = span
+            span = self._span(e)  # recency against the log's span
             window = self._memory.returns.window()  # how long ago a spare may have been read (eviction.ReturnDistances)
             for ns, k, sfx, loc in records:
                 known[sfx] = k
