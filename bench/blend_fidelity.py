@@ -1,6 +1,7 @@
 """Fidelity of blended chunk KV on the trained model (issue 15), with an offline oracle beside the selectors.
 
     python -m bench.blend_fidelity [--quick] [--device cuda] [--prompts N] [--only NAME,...] [--json OUT]
+                                   [--kv-format int8]
 
 Prompts: 3-5 held-out chunks (jobs.trained_model.heldout_chunks) in shuffled orders, joined by a blank
 line, after <s>, with a question-like suffix. Chunk KV is computed once per chunk, on its own after <s>
@@ -20,6 +21,11 @@ the first-tokens-of-each-chunk selector at the same budget, and the oracles, whi
   full prefill, layer by layer: the deviations the first token actually reads.
 Without --quick also ratios past 0.30 (where top-1 reaches 0.98; the attention oracle at 0.5 and 0.7) and
 other selections at 0.15 (VARIANTS_015).
+With --kv-format int8, each config but the oracles runs twice, its chunk KV stored in the model's dtype and
+("<name>@int8") in 8 bits (kv_codec.py), the two on the same prompts; "_paired" holds the per-prompt differences
+(int8 minus model: mean, standard error, prompts where they differ) and the default results file is
+blend_fidelity_int8[_quick].json. Every chunk is stored before the first prompt, so every blend reads its
+chunks' KV from the store (a chunk first computed by a blend would be used at full precision there).
 Per config, the top-1 flips that are near ties (the reference's top two logits < NEAR_TIE apart) are
 counted, and top-1 agreement on the other prompts given. Progress goes to stderr; the last stdout line is
 the JSON summary. bench.blend runs the same fidelity() into blend.json's "fidelity".
@@ -45,8 +51,9 @@ import torch.nn.functional as F
 
 import blockstore
 from bench.common import REPO, machine_info, results_path, standard_args, write_json
-from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, full_prefill, greedy_decode
+from blockstore.blend import Blender, ChunkKVStore, LlamaWeights, chunk_id, full_prefill, greedy_decode
 from blockstore.blend.compute import attend, finish_layer, qkv
+from blockstore.blend.kv_codec import DEFAULT_KV_FORMAT, KV_FORMATS
 
 RATIOS = (0.0, 0.05, 0.15, 0.30, 1.0)
 EPIC_RATIOS = (0.05, 0.15, 0.30)
@@ -195,27 +202,59 @@ def _summarise(got: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+def _paired(rows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Per "<name>@<format>" config: its per-prompt metrics minus <name>'s (the same prompts), as mean, standard
+    error and the prompts where the two differ."""
+    out: dict[str, Any] = {}
+    for name, got in rows.items():
+        base = rows.get(name.partition("@")[0]) if "@" in name else None
+        if not base:
+            continue
+        out[name] = {}
+        for metric in ("top1", "seq", "tokens", "kl"):
+            d = [a[metric] - b[metric] for a, b in zip(got, base)]
+            se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+            out[name][metric] = {"mean": statistics.fmean(d), "se": se, "differ": sum(1 for x in d if x != 0.0)}
+    return out
+
+
+def _store_chunks(blenders: dict[str, Blender], all_prompts: Sequence[tuple[list[int], list[tuple[int, int]]]]) -> None:
+    """Every chunk of the prompts into every chunk KV store (one blender of each store computes them)."""
+    one_each = {id(b.kv): b for b in blenders.values()}
+    for blender in one_each.values():
+        for ids, spans in all_prompts:
+            for s, e in spans:
+                if not blender.kv.contains([chunk_id(ids[s:e])])[0]:
+                    blender.store_chunk(ids[s:e])
+
+
 def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: str = "cpu",
-             variants: bool = True, only: Sequence[str] | None = None) -> dict[str, Any]:
+             variants: bool = True, only: Sequence[str] | None = None,
+             kv_formats: Sequence[str] = (DEFAULT_KV_FORMAT,)) -> dict[str, Any]:
     """`variants`: also the ratios past 0.30 and the other selections at 0.15 (--quick leaves them out);
-    `only`: just these configs (names as in the results; pure reuse "0" always runs: the oracles use it)."""
+    `only`: just these configs (names as in the results; pure reuse "0" always runs: the oracles use it);
+    `kv_formats`: besides the model's dtype, each config (not the oracles) again as "<name>@<format>"."""
     w = LlamaWeights.from_pretrained(model_dir, device=device)  # float32 on any device
     if device == "cpu":  # an 11 M model's ops are too small for two threads to pay (2x slower on a busy VM)
         torch.set_num_threads(1)
     configs = _configs(variants, only)
+    configs.update({f"{name}@{fmt}": {**opts, "kv_format": fmt} for fmt in kv_formats if fmt != DEFAULT_KV_FORMAT
+                    for name, opts in list(configs.items()) if "oracle" not in opts})
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     t0 = time.perf_counter()
     all_prompts = prompts(model_dir, n_prompts, seed)
     with blockstore.open(os.path.join(scratch, "fidelity-store")) as store:
-        stores: dict[tuple[int, ...], ChunkKVStore] = {}
+        stores: dict[tuple[tuple[int, ...], str], ChunkKVStore] = {}
         blenders = {}
         for name, opts in configs.items():
             opts = {k: v for k, v in opts.items() if k != "oracle"}
             prefix = tuple(opts.pop("chunk_prefix", CHUNK_PREFIX))
-            if prefix not in stores:  # one chunk KV store per chunk prefix (its model_id says which)
-                stores[prefix] = ChunkKVStore(store, model_id=Blender.kv_model_id(w, prefix))
+            fmt = opts.get("kv_format", DEFAULT_KV_FORMAT)
+            if (prefix, fmt) not in stores:  # one chunk KV store per chunk prefix and format (its model_id says which)
+                stores[prefix, fmt] = ChunkKVStore(store, model_id=Blender.kv_model_id(w, prefix, fmt))
             # one batched read per blend: fidelity times nothing, and the result is the same either way
-            blenders[name] = Blender(w, stores[prefix], chunk_prefix=prefix, overlap=False, **opts)
+            blenders[name] = Blender(w, stores[prefix, fmt], chunk_prefix=prefix, overlap=False, **opts)
+        _store_chunks(blenders, all_prompts)
         for i, (ids, spans) in enumerate(all_prompts):
             ref = full_prefill(w, torch.tensor(ids))
             ref_seq = greedy_decode(w, ref.keys, ref.values, ref.logits, DECODE)
@@ -244,11 +283,14 @@ def fidelity(model_dir: str, n_prompts: int, seed: int, scratch: str, device: st
             if (i + 1) % 10 == 0:
                 _say(f"fidelity {i + 1}/{len(all_prompts)} prompts ({time.perf_counter() - t0:.0f} s)")
     out: dict[str, Any] = {name: _summarise(got) for name, got in rows.items()}
+    if len(kv_formats) > 1:
+        out["_paired"] = _paired(rows)
     out["_setup"] = {"model_dir": os.path.relpath(os.path.abspath(model_dir), REPO), "model_id": w.model_id,
                      "prompts": len(all_prompts),
                      "mean_prompt_tokens": statistics.fmean(len(p[0]) for p in all_prompts),
                      "chunks_per_prompt": "3-5", "tokens_per_chunk": "64-128", "decode_tokens": DECODE,
                      "device": str(w.device), "dtype": str(w.dtype), "chunk_prefix": list(CHUNK_PREFIX),
+                     "kv_formats": list(kv_formats),
                      "near_tie_logits": NEAR_TIE,
                      "near_tie_share": statistics.fmean(r["margin"] < NEAR_TIE for r in rows["0"]),
                      "reference_top1_prob_median": statistics.median(r["ref_p1"] for r in rows["0"]),
@@ -315,6 +357,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=None, help="comma-separated config names (e.g. 0.15,oracle-0.15)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-format", default=DEFAULT_KV_FORMAT, choices=KV_FORMATS,
+                    help="also each config with its chunk KV in this format, beside the model's dtype (int8: "
+                         "results in blend_fidelity_int8.json by default)")
     return ap.parse_args(argv)
 
 
@@ -328,10 +373,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = shlex.join(getattr(sys, "orig_argv", sys.argv))
     _say(f"fidelity on {model}")
     fid = fidelity(model, args.prompts or (30 if args.quick else 200), args.seed, scratch, args.device,
-                   variants=not args.quick, only=args.only.split(",") if args.only else None)
+                   variants=not args.quick, only=args.only.split(",") if args.only else None,
+                   kv_formats=tuple(dict.fromkeys((DEFAULT_KV_FORMAT, args.kv_format))))
     doc = {"fidelity": fid, "command": command, "machine": machine_info(scratch), "torch": torch.__version__,
            "mode": "quick" if args.quick else "full"}
-    out = results_path(args, "blend_fidelity")
+    out = results_path(args, "blend_fidelity" if args.kv_format == DEFAULT_KV_FORMAT else f"blend_fidelity_{args.kv_format}")
     write_json(out, doc)
     _say(f"plot: {plot_fidelity(fid, os.path.splitext(out)[0] + '.png')}")
     _say(f"reproduce: {command}")
