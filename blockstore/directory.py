@@ -59,7 +59,8 @@ def translate_rocksdb_error(exc: BaseException, what: str, path: str) -> Blockst
     text = str(exc)
     store = os.path.dirname(os.path.abspath(path))
     if "No space" in text or "Disk quota" in text:
-        return NoSpace(errno.ENOSPC, f"{what}: the disk is full ({text})")
+        return NoSpace(errno.ENOSPC, f"{what}: the disk is full ({text}); make room on the file system holding "
+                       f"{store!r} and retry: what was acknowledged before is intact")
     if "Permission denied" in text or "Operation not permitted" in text:
         # not damage: fsck must not report it as a directory to rebuild (repair moved a readable one away)
         return IOErrorBS(errno.EACCES, f"{what}: no permission ({text}); nothing is damaged: give this user "

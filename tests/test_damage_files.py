@@ -7,7 +7,8 @@ every open returns or raises a BlockstoreError, never hangs and never lets an OS
   StoreLocked.
 - A directory or a dangling link as LOCK: the writable open's error said only "cannot take the writer lock
   (Is a directory)" (NotFound for the link); it now says LOCK holds no data and is to be moved away.
-- A folder named as a block file: fsck and fsck --repair stop (exit 8, as before) and now say what to do."""
+- A folder named as a block file: fsck and fsck --repair stop (exit 8, as before) and now say what to do.
+- A full disk under the directory (RocksDB's ENOSPC): the NoSpace now says to make room and retry (the writer still words its own, test_enospc)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import blockstore
-from blockstore.errors import BlockstoreError
+from blockstore.directory import translate_rocksdb_error
+from blockstore.errors import BlockstoreError, NoSpace
 from blockstore.tools import cli
 
 OPEN_AND_READ = """
@@ -100,3 +102,12 @@ def test_a_folder_named_as_a_block_file_says_what_to_do(tmp_path: Path, capsys: 
     (tmp_path / "blocks" / "0000000000000099.blk").rmdir()
     with blockstore.open(tmp_path) as s:
         assert s.get(b"k3") == b"v3" * 1000
+
+
+def test_a_full_disk_under_the_directory_says_what_to_do(tmp_path: Path) -> None:
+    # RocksDB's "No space left on device" became NoSpace("...: the disk is full (IO error: ...)") and no more:
+    # `fsck --repair` of a store whose directory was lost, on a full disk, stopped (exit 8) with "cannot open the
+    # directory: the disk is full (No space left on device (os error 28))" and no word of what to do.
+    err = translate_rocksdb_error(Exception("IO error: No space left on device (os error 28)"),
+                                  "cannot open the directory", str(tmp_path / "directory"))
+    assert isinstance(err, NoSpace) and "make room" in str(err) and str(tmp_path) in str(err), err
