@@ -13,7 +13,16 @@ from test_blend_speed_paths import _damage_layer_record
 
 import blockstore
 from blockstore import ChecksumMismatch
-from blockstore.blend import Blender, ChunkKVStore, KVLayout, LlamaWeights, chunk_id, full_prefill, kv_codec
+from blockstore.blend import (
+    Blender,
+    ChunkKVStore,
+    KVLayout,
+    LayerStream,
+    LlamaWeights,
+    chunk_id,
+    full_prefill,
+    kv_codec,
+)
 from blockstore.blend.blender import _one_buffer, _Span
 from blockstore.errors import CorruptionError, InvalidArgument
 
@@ -79,7 +88,10 @@ def test_int8_blend_is_close_to_the_model_format_blend(weights: LlamaWeights, st
     assert all(k.dtype == torch.float32 for k in got.keys)
 
 
-def test_every_read_path_decodes_the_same(weights: LlamaWeights, store: blockstore.Store) -> None:
+@pytest.mark.parametrize("pieces", [1, 2])  # 1: the C readers (layer_loader.py); 2: the Python readers
+def test_every_read_path_decodes_the_same(weights: LlamaWeights, store: blockstore.Store, pieces: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LayerStream, "PIECES", pieces)
     _, small = _blenders(weights, store)
     chunks = _chunks(3, seed=5)
     cids = [small.store_chunk(c) for c in chunks]
