@@ -334,9 +334,22 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
     live, copies = records_here(store, e.block_id)
     hooks.fire("compact.scan", "gc", e.block_id, len(live) + len(copies))
     for i in range(0, len(copies), COPY_BATCH_RECORDS):
-        done = store.place_copies([], partition=partition, drops=copies[i : i + COPY_BATCH_RECORDS])
+        drops = copies[i : i + COPY_BATCH_RECORDS]
+        done = store.place_copies([], partition=partition, drops=drops)
         res.copies_dropped += sum(done)
-        res.lost_race += len(done) - sum(done)
+        refused = [(sfx, value) for (sfx, value, _here), ok in zip(drops, done) if not ok]
+        now = store.dir.get_locations([sfx for sfx, _value in refused]) if refused else []
+        # a value still as it was: the drop was refused because no other place of the key reads back verified
+        # (place_copies), not lost to a writer; the place here may be the only good copy, so the block stays
+        # until fsck --repair, as one whose live record does not verify (it was chosen again every pass)
+        kept = sum(1 for (_sfx, value), cur in zip(refused, now) if cur == value)
+        res.lost_race += len(refused) - kept
+        if kept:
+            res.damaged = True
+            min_seqs.damaged[e.block_id] = e.live_records
+            _log.warning("GC of block %016x: %d record(s) with copies have no other place that reads back verified; "
+                         "the block is left for blockstore fsck --repair %s", e.block_id, kept, store.path)
+            return
     for batch in _batches(live, COPY_BATCH_BYTES):
         foreground.step_aside()
         try:
