@@ -113,7 +113,8 @@ def load_manifest(root: str) -> dict[str, Any]:
     where = os.path.join(root, MANIFEST)
     if got.newer:
         raise FormatVersionError(f"{where}: {got.problem}")
-    raise CorruptionError(f"{where}: {got.problem}")
+    raise CorruptionError(f"{where}: {got.problem}; run `blockstore fsck --repair {root}` (it rewrites the MANIFEST "
+                          "from the block headers and the directory; the old one goes to lost+found)")
 
 
 def new_manifest(*, block_size: int, durability: str) -> dict[str, Any]:

@@ -141,16 +141,21 @@ def check_options(path: Any, *, durability: Any, block_size: Any, max_open_block
     return fs_path
 
 
+def refuse_lost_manifest(path: str) -> None:
+    """A folder without MANIFEST.json but with block files: a store whose MANIFEST was lost (a creation cut short
+    leaves no block file: blocks are made only by an open store). Creating over it would reuse block ids and
+    overwrite acknowledged data; a read-only open is told the same, not to pass create=True."""
+    blocks_dir = os.path.join(path, BLOCKS_DIR)
+    if os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir)):
+        raise CorruptionError(f"{path!r} has block files but no {MANIFEST}: its MANIFEST was lost; "
+                              f"`blockstore fsck --repair {path}` re-creates it from the block headers")
+
+
 def make_store_dirs(path: str, backend: Backend) -> None:
     """Create a new store's folders (blocks/ and any missing parent), each durable before anything is
     put in it. Refuses block files without a MANIFEST."""
+    refuse_lost_manifest(path)
     blocks_dir = os.path.join(path, BLOCKS_DIR)
-    if os.path.isdir(blocks_dir) and any(n.endswith(".blk") for n in os.listdir(blocks_dir)):
-        # A creation cut short leaves no block file (blocks are made only by an open store), so
-        # these belong to a store whose MANIFEST was lost: creating over it would reuse block ids
-        # and overwrite acknowledged data.
-        raise CorruptionError(f"{path!r} has block files but no {MANIFEST}: its MANIFEST was lost; "
-                              "`blockstore fsck --repair` re-creates it from the block headers")
     # Each directory made here is durable before anything is put in it: a new name survives a
     # power cut only once its parent directory is fsynced, and a store made at a new path was
     # otherwise lost whole (the next open then made an empty one; tests/power_loss.py).

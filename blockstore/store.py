@@ -45,6 +45,7 @@ from blockstore.opening import (
     check_store_layout,
     check_store_path,
     make_store_dirs,
+    refuse_lost_manifest,
 )
 from blockstore.placement import OpenBlocks
 from blockstore.reader import Reader, ReadObserver
@@ -141,6 +142,7 @@ class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
         manifest_path = os.path.join(self.path, MANIFEST)
         exists = os.path.exists(manifest_path)
         if not exists:
+            refuse_lost_manifest(self.path)
             if not create or self.read_only:
                 raise NotFound(f"no store at {self.path!r} (no {MANIFEST}); pass create=True to make one")
             make_store_dirs(self.path, self.backend)

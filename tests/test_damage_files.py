@@ -8,7 +8,9 @@ every open returns or raises a BlockstoreError, never hangs and never lets an OS
 - A directory or a dangling link as LOCK: the writable open's error said only "cannot take the writer lock
   (Is a directory)" (NotFound for the link); it now says LOCK holds no data and is to be moved away.
 - A folder named as a block file: fsck and fsck --repair stop (exit 8, as before) and now say what to do.
-- A full disk under the directory (RocksDB's ENOSPC): the NoSpace now says to make room and retry (the writer still words its own, test_enospc)."""
+- A full disk under the directory (RocksDB's ENOSPC): the NoSpace now says to make room and retry (the writer
+  still words its own, test_enospc).
+- MANIFEST.json unreadable or lost (blocks still there): the open names fsck --repair, never create=True."""
 
 from __future__ import annotations
 
@@ -111,3 +113,24 @@ def test_a_full_disk_under_the_directory_says_what_to_do(tmp_path: Path) -> None
     err = translate_rocksdb_error(Exception("IO error: No space left on device (os error 28)"),
                                   "cannot open the directory", str(tmp_path / "directory"))
     assert isinstance(err, NoSpace) and "make room" in str(err) and str(tmp_path) in str(err), err
+
+
+def test_a_damaged_or_lost_manifest_names_the_repair(tmp_path: Path) -> None:
+    # An unreadable MANIFEST.json failed every open (and get, scan, stats, dump, metrics, top) with
+    # "MANIFEST.json is unreadable (Expecting property name ...)" and no word of what to do; a lost one, on a
+    # read-only open, said "no store at ... (no MANIFEST.json); pass create=True to make one" beside the block files.
+    _store(tmp_path)
+    manifest = tmp_path / "MANIFEST.json"
+    kept = manifest.read_bytes()
+    manifest.write_text("{")
+    for read_only in (True, False):
+        with pytest.raises(BlockstoreError, match="unreadable.*fsck --repair"):
+            blockstore.open(tmp_path, read_only=read_only)
+    manifest.unlink()
+    for read_only in (True, False):
+        with pytest.raises(BlockstoreError, match="MANIFEST was lost; `blockstore fsck --repair") as caught:
+            blockstore.open(tmp_path, read_only=read_only)
+        assert "create=True" not in str(caught.value)
+    manifest.write_bytes(kept)
+    with blockstore.open(tmp_path, read_only=True) as s:
+        assert s.get(b"k4") == b"v4" * 1000
