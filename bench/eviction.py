@@ -22,6 +22,8 @@ names its whole prefix, so the same document after another prefix is another key
               prompts and tool definitions, 80 live sessions with Pareto activity and growing histories,
               retrieved documents half from a trending set that changes every eighth of the run; a fifth of the
               ended sessions come back later
+  loop, bursty  run only when named (--traces): a cycle over documents longer than the capacity beside a hot Zipf
+              set; documents read in bursts and then only by chance (H83, shapes to check a change on)
 
 Capacity: 10 % and 30 % of each trace's working set (its distinct keys), in records of RECORD bytes.
 
@@ -52,6 +54,7 @@ that store too). Results: bench/results/eviction[_quick].json and .png; the last
 
     python -m bench.eviction            # 6 traces x 2 capacities, 1,200 requests each, 7 throughput repeats
     python -m bench.eviction --quick    # 500 requests each, 5 repeats
+    python -m bench.eviction --full --traces loop,bursty --json bench/results/eviction_extra.json
 """
 
 from __future__ import annotations
@@ -271,11 +274,59 @@ def trace_agents(rng: random.Random, n_req: int) -> Trace:
     return out
 
 
+def trace_loop(rng: random.Random, n_req: int) -> Trace:
+    """Not run by default (`--traces loop`; written by H83 to check a change on a shape the families lack): half the
+    requests read 150 documents of 3-9 blocks in a fixed cycle (a loop longer than the capacity, where recency is
+    worst), the other half one of 30 hot prefixes of 6 blocks (Zipf(1.0)) and one one-off block."""
+    ch = Chains()
+    lens = [rng.randint(3, 9) for _ in range(150)]
+    w = _zipf_weights(30, 1.0)
+    cur = 0
+    out = []
+    for r in range(n_req):
+        if rng.random() < 0.5:
+            out.append(ch.request([("L", cur, j) for j in range(lens[cur])]))
+            cur = (cur + 1) % len(lens)
+        else:
+            h = rng.choices(range(30), w)[0]
+            out.append(ch.request([("H", h, j) for j in range(6)] + [("q", r, 0)]))
+    return out
+
+
+def trace_bursty(rng: random.Random, n_req: int) -> Trace:
+    """Not run by default (`--traces bursty`; written by H83 as `loop`): documents of 2-8 blocks behind a shared
+    prefix of 2, each read 2-6 times in a burst after its first use (a new one joins the active set with
+    probability 0.3 a request) and then only by chance (8 % of requests read an old one). Reads do not repeat
+    past the burst: what a document's reads say is that it was hot, not that it will be."""
+    ch = Chains()
+    active: list[list[int]] = []  # [document, reads left, blocks]
+    old: list[tuple[int, int]] = []
+    serial = 0
+    out = []
+    for _r in range(n_req):
+        if not active or rng.random() < 0.3:
+            serial += 1
+            active.append([serial, rng.randint(2, 6), rng.randint(2, 8)])
+        if old and rng.random() < 0.08:
+            d, n = rng.choice(old)
+        else:
+            i = rng.randrange(len(active))
+            d, n = active[i][0], active[i][2]
+            active[i][1] -= 1
+            if active[i][1] <= 0:
+                old.append((d, n))
+                active.pop(i)
+        out.append(ch.request([("sys", 0, 0), ("sys", 0, 1)] + [("d", d, j) for j in range(n)]))
+    return out
+
+
 FAMILIES: dict[str, Callable[[random.Random, int], Trace]] = {
     "zipf": trace_zipf, "shifting": trace_shifting, "multiturn": trace_multiturn, "sharing": trace_sharing,
     "sliding": trace_sliding}
 # held out: run and reported with the others, never used to choose the policy's rules or weights
 HELD_OUT: dict[str, Callable[[random.Random, int], Trace]] = {"agents": trace_agents}
+# shapes the families lack, run only when named (--traces): checks of a change on workloads it was not tuned on
+EXTRA: dict[str, Callable[[random.Random, int], Trace]] = {"loop": trace_loop, "bursty": trace_bursty}
 
 
 # --------------------------------------------------------------------------------------- simulators
@@ -685,7 +736,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="bench-eviction-", dir=args.dir)
     results: dict[str, Any] = {}
     try:
-        for name, build in {**FAMILIES, **HELD_OUT}.items():
+        every = {**FAMILIES, **HELD_OUT, **EXTRA}
+        chosen = args.traces.split(",") if args.traces else [*FAMILIES, *HELD_OUT]
+        for name, build in ((n, every[n]) for n in chosen):
             trace = build(random.Random(args.seed), n_req)
             distinct = len({k for r in trace for k in r})
             for frac in FRACTIONS:
@@ -796,6 +849,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     standard_args(p, "eviction", quick="500 requests per trace, 5 throughput repeats",
                   full="1,200 requests per trace, 7 throughput repeats", dir_help="(default: the system temp dir)")
     p.add_argument("--seed", type=int, default=16)
+    p.add_argument("--traces", metavar="NAMES", help="comma-separated trace families to run (default: the six of the "
+                   "table; also 'loop', 'bursty'); with --json, so the committed results stay whole")
     return p.parse_args(argv)
 
 
