@@ -306,6 +306,9 @@ class Reader:
                                              self.backend.last_errno())
                         if isinstance(err, ChecksumMismatch):
                             err = ChecksumMismatch(f"{err}: payload does not match its checksum; not returned")
+                        if isinstance(err, CorruptionError):  # what to do, as a missing block file says
+                            err = type(err)(f"{err}; run `blockstore fsck {self.path}` (--repair copies what "
+                                            "verifies out of the damaged block)")
                         raise err
 
     def _read_elsewhere(self, value: Location | None, here: Location, dst: memoryview) -> bool:
