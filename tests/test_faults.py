@@ -2,8 +2,8 @@
 
 One standard workload (`workload`: KV puts and batches, overwrites, deletes, chunk records put, updated
 and deleted, batched reads that teach compaction its groups, two compaction passes, a clean close and
-a second session; besides the default namespace, two tenant namespaces of small and large records whose
-reads make placement write their large records to a lineage of their own, `tenants`) is run once per fault kind to count its operations, then once per fault point with
+a second session; besides the default namespace, two tenant namespaces of small and large records, the
+first one's reads making placement write its large records to a lineage of their own, `tenants`) is run once per fault kind to count its operations, then once per fault point with
 that operation failing. Every operation is journaled in a `Model` (intent before, acknowledgement
 after), and after each run the store is checked against it in four ways:
 
@@ -71,10 +71,10 @@ KV_KEYS = [b"k%d" % i for i in range(12)]  # the default namespace's, 64 B to 30
 CHUNKS = [f"c{i}" for i in range(4)]
 USER, SESSION = "u", "s"
 # two more namespaces (tenant_records.NAMESPACES), each with small records and large ones (1/16 of the block or
-# more), whose reads make placement write their large records to a lineage of their own (`tenants`)
+# more); the first one's reads make placement write its large records to a lineage of their own (`tenants`)
 TENANTS = [ns for ns in NAMESPACES if ns != "default"]
-SMALL_KEYS = [b"s%d" % i for i in range(6)]
-LARGE_KEYS = [b"L%d" % i for i in range(3)]
+SMALL_KEYS = [b"s%d" % i for i in range(4)]
+LARGE_KEYS = [b"L%d" % i for i in range(2)]
 TENANT_KEYS = SMALL_KEYS + LARGE_KEYS
 SMALL, LARGE = 700, 30_000
 
@@ -289,24 +289,25 @@ def session_two(ctx: Ctx) -> None:
 
 
 def tenants(ctx: Ctx, version: int) -> None:
-    """In each tenant namespace: turns of a small and a large record, each turn in a partition of its own, then
-    requests drawing the tenant's small records at random. The namespace's shadow as one lineage then touches
-    fewer blocks than its partitions, and with its large records apart fewer still (placement_choice.py), so
-    the large writes that follow (one of exactly 1/16 of the block) go to its large-record lineage; then a
-    large record is deleted."""
-    for ns in TENANTS:
-        for i, small in enumerate(SMALL_KEYS[:5]):
-            put_many(ctx, [(small, version, SMALL), (LARGE_KEYS[i % 3], version + i, LARGE)], partition=f"turn{i}",
-                     ns=ns)
-        rng = random.Random(ns)
-        read(ctx, *[draw(rng, SMALL_KEYS[:5], 4) for _ in range(16)], ns=ns)
-    for ns in TENANTS:
-        put(ctx, LARGE_KEYS[0], version + 10, LARGE, partition="turn9", ns=ns)
-        put_many(ctx, [(SMALL_KEYS[5], version, SMALL), (LARGE_KEYS[1], version + 10, large_size(BLOCK))],
-                 partition="turn9", ns=ns)
-        delete(ctx, LARGE_KEYS[2], ns=ns)
+    """In the first tenant namespace: turns of a small and a large record, each turn in a partition of its own,
+    then 16 requests of its small records. Its shadow as one lineage then touches 2 blocks a request, its
+    partitions' 4, and with its large records apart 1 (placement_choice.py), so the large record written next
+    (of exactly 1/16 of the block) goes to its large-record lineage; then a large record is deleted. In the
+    other, a large record is overwritten and a small one deleted."""
+    ns = TENANTS[0]
+    for i, small in enumerate(SMALL_KEYS):
+        put_many(ctx, [(small, version, SMALL), (LARGE_KEYS[i % 2], version + i, LARGE)], partition=f"turn{i}", ns=ns)
+    rng = random.Random(ns)
+    read(ctx, *[draw(rng, SMALL_KEYS, 4) for _ in range(16)], ns=ns)
+    put_many(ctx, [(LARGE_KEYS[0], version + 10, large_size(BLOCK)), (SMALL_KEYS[0], version + 10, SMALL)],
+             partition="turn9", ns=ns)
+    put(ctx, LARGE_KEYS[1], version + 10, LARGE, partition="turn9", ns=ns)
+    put(ctx, LARGE_KEYS[0], version + 11, LARGE, partition="turn9", ns=ns)
     if ctx.store is not None:
         ctx.large_lineage_blocks = max(ctx.large_lineage_blocks, large_lineage_blocks(ctx.store)[0])
+    delete(ctx, LARGE_KEYS[1], ns=ns)
+    put(ctx, LARGE_KEYS[0], version, LARGE, partition="p", ns=TENANTS[1])
+    delete(ctx, SMALL_KEYS[1], ns=TENANTS[1])
 
 
 def workload(ctx: Ctx, *, final_close: bool = True) -> None:
