@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from lmcache.v1.distributed.api import ObjectKey
@@ -139,17 +139,21 @@ class EvictionWalk:
             if bid in refused or bid not in emptied_ids:
                 for keys in by_ns.values():
                     deleted += len(self._delete_marked(self._still_in(bid, keys))[0])
-        # refused blocks that hold nothing live now and keep their tombstones: those go as compaction's GC
-        # drops them (or carried to the tombstone stream), the blocks at the next sync_moves
-        now_table = {x.block_id: x for x in self.store.block_table()} if refused else {}
+        if refused:
+            self._retire_refused(refused)
+        if excess > 0:
+            deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
+        return deleted + trimmed_keys
+
+    def _retire_refused(self, refused: Collection[int]) -> None:
+        """Refused blocks that hold nothing live now keep their tombstones: those go as compaction's GC drops
+        them (or carried to the tombstone stream), the blocks at the next sync_moves."""
+        now_table = {x.block_id: x for x in self.store.block_table()}
         stones = [now_table[bid] for bid in refused
                   if bid in now_table and now_table[bid].tombstones and now_table[bid].live_records == 0]
         if stones:
             retire_tombstones(self.store, self._min_seqs, self._state, stones)
             self.store.sync_moves()
-        if excess > 0:
-            deleted += self._evict_open(excess, [e.block_id for e in table if e.state == BLOCK_OPEN])
-        return deleted + trimmed_keys
 
     def _trim(self, e: BlockEntry, need: int,
               listed: dict[int, tuple[list[tuple[str, ObjectKey, bytes, Location]], int]]) -> tuple[int, int] | None:
