@@ -288,8 +288,8 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
     if out["gc_left_for_tombstones"]:
         left.append(f"{len(out['gc_left_for_tombstones'])} holding nothing dead but tombstones that older records still need")
     if out.get("gc_left_damaged"):
-        left.append(f"{len(out['gc_left_damaged'])} damaged (a live record that does not verify, or the file missing): "
-                    "run blockstore fsck --repair")
+        left.append(f"{len(out['gc_left_damaged'])} damaged (a record that does not verify, or the file missing; "
+                    "the log names each): run blockstore fsck --repair")
     if left:
         line += f"; left: {', '.join(left)}"
     return [line]

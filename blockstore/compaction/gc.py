@@ -26,7 +26,7 @@ from blockstore import foreground, hooks
 from blockstore.directory import BLOCK_OPEN, BLOCK_SEALED, BlockEntry, Location
 from blockstore.errors import CorruptionError, NotFound
 from blockstore.keys import SPACE_KV, TOMBSTONE_META, key_suffix
-from blockstore.records import BLOCK_HEADER_SIZE, Kind
+from blockstore.records import BLOCK_HEADER_SIZE, Kind, ScanStop
 
 if TYPE_CHECKING:
     from blockstore.store import Store
@@ -186,6 +186,8 @@ class MinSeqs:
                 got = min((loc.seq for _s, loc in tombstones(self.store, e)), default=1 << 64)
             except NotFound:
                 return 1 << 64
+            except CorruptionError:
+                return 0  # not all listed: not judged "only needed tombstones"; collect leaves it as damaged
             if e.state == BLOCK_SEALED:
                 self._stones[e.block_id] = got
         return got
@@ -261,6 +263,9 @@ def tombstones(store: Store, e: BlockEntry) -> list[tuple[bytes, Location]]:
         res = s.backend.scan(fd, BLOCK_HEADER_SIZE, e.data_end, False)
     finally:
         s.backend.close(fd)
+    if res.stop == ScanStop.INVALID:  # a record that does not parse hides every tombstone after it
+        raise CorruptionError(f"block {e.block_id:016x}: the record at {res.next_offset} does not verify, so its "
+                              "tombstones cannot all be listed")
     out = []
     for r in res.records:
         if r.info.kind != Kind.TOMBSTONE:
@@ -316,10 +321,7 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
             if not store.has_block(e.block_id):  # deleted before we held it: everything in it died meanwhile
                 res.lost_race += 1
             else:  # still named, its file gone: damage, left for fsck --repair as a record that does not verify
-                res.damaged = True
-                min_seqs.damaged[e.block_id] = e.live_records
-                _log.warning("GC of block %016x: its file is missing; the block is left for blockstore fsck "
-                             "--repair %s (which drops the records it held)", e.block_id, store.path)
+                _left_damaged(store, e, min_seqs, res, "its file is missing (fsck --repair drops the records it held)")
                 return res
     if res.moved == 0 and res.copies_dropped == 0 and res.tombstones_carried == 0 and res.tombstones_dropped == 0:
         store.reclaim_empty_blocks()  # nothing was left to move: no batch deleted it; delete it here
@@ -327,6 +329,17 @@ def collect(store: Store, e: BlockEntry, min_seqs: MinSeqs, *, pace: Callable[[i
     if res.reclaimed:
         hooks.fire("compact.reclaim", "gc", e.block_id)
     return res
+
+
+def _left_damaged(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected, why: str, *,
+                  live: int | None = None) -> None:
+    """Block `e` cannot be freed until fsck --repair: nothing more is moved from it (that would spend the write
+    budget on a block that stays), and it is left alone, not warned about again, while its live record count
+    stays `live` (MinSeqs.damaged): before, each such block was chosen and counted collected every pass."""
+    res.damaged = True
+    min_seqs.damaged[e.block_id] = e.live_records if live is None else live  # its count once what moved has gone
+    _log.warning("GC of block %016x: %s; the block is left for blockstore fsck --repair %s", e.block_id, why,
+                 store.path)
 
 
 def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
@@ -345,10 +358,8 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
         kept = sum(1 for (_sfx, value), cur in zip(refused, now) if cur == value)
         res.lost_race += len(refused) - kept
         if kept:
-            res.damaged = True
-            min_seqs.damaged[e.block_id] = e.live_records
-            _log.warning("GC of block %016x: %d record(s) with copies have no other place that reads back verified; "
-                         "the block is left for blockstore fsck --repair %s", e.block_id, kept, store.path)
+            _left_damaged(store, e, min_seqs, res, f"{kept} record(s) with copies have no other place that reads "
+                          "back verified")
             return
     for batch in _batches(live, COPY_BATCH_BYTES):
         foreground.step_aside()
@@ -359,10 +370,7 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
             # block cannot be freed until fsck --repair evacuates it: nothing more is moved from it (that would
             # spend the write budget on a block that stays). The pass goes on with the other victims; it
             # failed here before, pass after pass: one flipped bit stopped GC of every block behind it.
-            res.damaged = True
-            min_seqs.damaged[e.block_id] = e.live_records
-            _log.warning("GC of block %016x: a live record does not verify (%s); the block is left for "
-                         "blockstore fsck --repair %s", e.block_id, exc, store.path)
+            _left_damaged(store, e, min_seqs, res, f"a live record does not verify ({exc})")
             return
         hooks.fire("compact.copy", "gc", e.block_id, len(batch))
         done = store.relocate_many([(sfx, loc, p) for (sfx, loc), p in zip(batch, payloads)],
@@ -378,7 +386,13 @@ def _copy_out(store: Store, e: BlockEntry, min_seqs: MinSeqs, res: Collected,
             pace(sum(loc.record_len for _s, loc in batch))
         yield_gil()
     if e.tombstones:
-        stones = tombstones(store, e)
+        try:
+            stones = tombstones(store, e)
+        except CorruptionError as exc:
+            # its live records, which verify, have moved out (the directory named them: a damaged header does not
+            # hide them); the tombstones after the damage cannot be listed, so the block stays for fsck --repair
+            _left_damaged(store, e, min_seqs, res, str(exc), live=e.live_records - res.moved - res.copies_dropped)
+            return
         floor = min_seqs.lowest_elsewhere(e.block_id)
         # needed while anything older may exist somewhere: carried; otherwise retired without a copy
         keep = [(sfx, loc, b"") for sfx, loc in stones if floor < loc.seq]
