@@ -23,7 +23,7 @@ from blockstore.keys import (
     namespace_id_key,
     namespace_key,
 )
-from blockstore.placement_choice import large_lineage
+from blockstore.placement_choice import large_lineage, parent_of
 from blockstore.records import BLOCK_HEADER_SIZE, FORMAT_VERSION, BlockHeader, Footer, Kind, ScannedRecord
 from blockstore.tools.fsck_decode import decode_block_entry, location_of, record_suffix
 from blockstore.tools.fsck_scan import scan_records
@@ -234,7 +234,9 @@ class Rebuild:
                 hashes = {xxhash.xxh3_64_intdigest(raw), xxhash.xxh3_64_intdigest(large_lineage(raw))}
                 if prefix is not None:
                     u, s, _c = decode_chunk_key(prefix)
-                    hashes.add(xxhash.xxh3_64_intdigest(raw + b"\0u" + encode_chunk_key(u, s, b"")))
+                    session = raw + b"\0u" + encode_chunk_key(u, s, b"")
+                    # the session's partition, or its user's where placement put the user's sessions together
+                    hashes |= {xxhash.xxh3_64_intdigest(p) for p in (session, parent_of(session)) if p is not None}
                 if h in hashes:
                     names[nid] = cand
                     how[nid] = "matched by partition hash"
