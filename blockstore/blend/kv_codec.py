@@ -135,10 +135,16 @@ def decode_strided(flat: torch.Tensor, chunks: int, stride: int, tokens: int,
     heads, dim = layout.kv_heads, layout.head_dim
     if layout.kv_format == "int8":
         n = tokens * heads * dim
-        i8, f32 = flat.view(torch.int8), flat.view(_SCALE)
+        i8 = flat.view(torch.int8)
         q = i8.as_strided((chunks, 2, tokens, heads, dim), (stride, n, heads * dim, dim, 1), i8.storage_offset())
-        scale = f32.as_strided((chunks, 2, tokens, heads), (stride // 4, tokens * heads, heads, 1),
-                               f32.storage_offset() + 2 * n // 4)
+        if (2 * n) % _SCALE.itemsize == 0:
+            f32 = flat.view(_SCALE)
+            scale = f32.as_strided((chunks, 2, tokens, heads), (stride // 4, tokens * heads, heads, 1),
+                                   f32.storage_offset() + 2 * n // 4)
+        else:  # an odd head_dim x kv_heads x tokens: the scales start 2 bytes past a multiple of 4, copied first
+            rows = 2 * tokens * heads * _SCALE.itemsize
+            scale = flat.as_strided((chunks, rows), (stride, 1), flat.storage_offset() + 2 * n).clone()
+            scale = scale.view(_SCALE).view(chunks, 2, tokens, heads)
         kv = dequantize(q, scale, DTYPES[layout.dtype])
         return kv[:, 0], kv[:, 1]
     typed = flat.view(DTYPES[layout.dtype])
