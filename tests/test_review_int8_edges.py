@@ -81,3 +81,13 @@ def test_a_non_finite_value_makes_its_row_read_back_nan(bad: float, dtype: torch
     out_eps = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}[dtype]  # output rounding
     err = (got_k.float() - k.float()).abs()
     assert bool((err <= step / 2 + got_k.float().abs() * out_eps + 1e-6)[ok].all())
+
+
+def test_a_non_finite_row_is_stored_as_a_nan_scale_and_zeros() -> None:
+    layout = KVLayout(1, 1, 4, "float32", "int8")
+    k = torch.tensor([[[1.0, float("inf"), -2.0, 3.0]], [[1.0, -2.0, float("nan"), 4.0]], [[1.0, 2.0, 3.0, 4.0]]])
+    raw = torch.from_numpy(kv_codec.encode(k, k.clone(), layout).copy())
+    q = raw[:24].view(torch.int8).view(2, 3, 4)
+    scale = raw[24:].view(torch.float32).view(2, 3)
+    assert bool(scale[:, :2].isnan().all()) and bool((q[:, :2] == 0).all())  # not whatever a NaN casts to
+    assert torch.equal(q[0, 2], torch.tensor([32, 64, 95, 127], dtype=torch.int8)) and abs(float(scale[0, 2]) - 4 / 127) < 1e-8

@@ -14,7 +14,8 @@ positions the chunk was computed at. Two formats (`KVLayout.kv_format`, named by
     K       int8    [tokens, kv_heads, head_dim]   round(K / scale_K), in [-127, 127]
     V       int8    [tokens, kv_heads, head_dim]   round(V / scale_V)
     scales  float32 [2, tokens, kv_heads]          scale_K then scale_V: the row's max |value| / 127
-                                                   (at least float32's smallest normal; little-endian)
+                                                   (at least float32's smallest normal; little-endian;
+                                                   NaN, with q 0, for a row holding a NaN or an infinity)
 
 An element reads back as q * scale, in float32, then in the model's dtype. float32 scales rather than
 float16: a float16 scale overflows past |value| 8.3e6 and loses precision below 6e-5 (subnormals), and
@@ -87,10 +88,13 @@ class KVLayout:
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., head_dim] (any float dtype) as int8 [..., head_dim] and float32 scales [...]: each row's max
-    |value| / 127 (at least _TINY), every element within half a scale of q * scale."""
+    |value| / 127 (at least _TINY), every element within half a scale of q * scale. A row holding a NaN or an
+    infinity gets a NaN scale and q 0 (the same bytes on every device: a NaN's cast to int8 is undefined), so
+    all of it reads back NaN: 8 bits cannot hold the value, and a finite one in its place would look valid."""
     xf = x.to(_SCALE)
-    scale = (xf.abs().amax(dim=-1) / _LEVELS).clamp_min(_TINY)
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-_LEVELS, _LEVELS).to(torch.int8)
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax.isfinite(), amax / _LEVELS, torch.nan).clamp_min(_TINY)  # clamp_min keeps a NaN
+    q = torch.round(xf / scale.unsqueeze(-1)).nan_to_num_(0.0).clamp_(-_LEVELS, _LEVELS).to(torch.int8)
     return q, scale
 
 
