@@ -47,6 +47,25 @@ def reserve_size(root: str, block_size: int) -> int:
     return size if size >= _MIN_RESERVE else 0
 
 
+def low_level(st: os.statvfs_result, size: int) -> int:
+    """The free space below which a disk is low: `_LOW_RESERVES` reserves of `size`, or 2 % of the file system."""
+    return max(_LOW_RESERVES * size, st.f_blocks * st.f_frsize // 50)
+
+
+def low_free_bytes(root: str, block_size: int) -> int | None:
+    """The free bytes of the file system holding store `root` while that disk is low (as the store's reserve judges
+    it), None while it is roomy or cannot be read. Compaction's GC looks once a pass: on a low disk it deletes what
+    each victim emptied before it copies the next (blockstore/compaction/room.py), so the room the reserve gave up
+    is enough to free the disk victim by victim."""
+    try:
+        st = os.statvfs(root)
+        size = reserve_size(root, block_size)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    return free if free < low_level(st, size) else None
+
+
 class SpaceReserve:
     """The reserve of one writable store. `check_at` is the store's bytes-put count at which the next write that
     adds data must call `admit` (at once while the reserve is given up); `admit` and `give_up` are idempotent,
@@ -58,7 +77,7 @@ class SpaceReserve:
         try:
             st = os.statvfs(root)
             self.size = reserve_size(root, block_size)
-            self.low = max(_LOW_RESERVES * self.size, st.f_blocks * st.f_frsize // 50)
+            self.low = low_level(st, self.size)
         except OSError:
             self.size = self.low = 0
         self.given_up = False

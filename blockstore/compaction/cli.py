@@ -287,6 +287,9 @@ def _describe_gc(out: dict[str, Any], rep: PassReport, dry: bool) -> list[str]:
         left.append(f"{len(out['gc_left_over_budget'])} over the write budget")
     if out["gc_left_for_tombstones"]:
         left.append(f"{len(out['gc_left_for_tombstones'])} holding nothing dead but tombstones that older records still need")
+    if rep.skipped_room:
+        left.append(f"{rep.skipped_room} whose live records did not fit the free space (the disk is low: free space "
+                    "on it and run compact again)")
     if out.get("gc_left_damaged"):
         left.append(f"{len(out['gc_left_damaged'])} damaged (a record that does not verify, or the file missing; "
                     "the log names each): run blockstore fsck --repair")

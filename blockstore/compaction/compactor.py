@@ -28,6 +28,7 @@ from .affinity import AffinityJudge, AffinityTracker, Group
 from .pacing import ForegroundPacing, Pacer
 from .policy import Policy, resolve
 from .report import PassReport
+from .room import Room
 
 if TYPE_CHECKING:
     from blockstore.directory import Location
@@ -202,17 +203,14 @@ class Compactor:
             rep = PassReport(dry_run=dry_run)
             pacer = self.pacing.pacer(self.policy.rate_mb_s * 1e6, self._stop) if pace else None
             try:
-                if self.policy.relocation and (pacer is None or time.monotonic() >= self._plan_after):
+                room = Room(self.store)  # a low disk: GC victim by victim, relocation waits (room.py)
+                if self.policy.relocation and not room.low and (pacer is None or time.monotonic() >= self._plan_after):
                     self._relocate(rep, dry_run, pacer, progress)
                 if self.policy.gc:
-                    self._collect(rep, dry_run, pacer, progress)
+                    self._collect(rep, dry_run, pacer, progress, room)
                 if not dry_run:
                     # one synced directory write makes the pass's moves durable; the blocks they emptied go now
-                    gone = self.store.sync_moves()
-                    for bid in gone:
-                        hooks.fire("compact.reclaim", "gc", bid)
-                    rep.reclaimed_blocks += len(gone)
-                    self.reclaimed += len(gone)
+                    self._reclaimed(rep, self.store.sync_moves())
                 self.passes += 1
             finally:  # a failed pass too: the switch interval is the whole process's (and the thread rests now)
                 self.pacing.pass_done(pacer)
@@ -220,7 +218,7 @@ class Compactor:
                 for name in ("relocated_groups", "relocated_records", "relocated_bytes", "gc_blocks", "gc_records",
                              "gc_bytes", "reclaimed_blocks", "lost_races", "tombstones_carried", "tombstones_dropped",
                              "copies_placed", "copies_dropped", "skipped_budget", "skipped_budget_relocation",
-                             "skipped_shadow"):
+                             "skipped_shadow", "skipped_room"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(rep, name))
                 if metrics.enabled:
                     metrics.compaction_pass_done(time.monotonic() - started, rep.gc_bytes, rep.relocated_bytes)
@@ -244,6 +242,7 @@ class Compactor:
             total.planned_victims += rep.planned_victims
             total.skipped_budget = rep.skipped_budget  # what the last pass still had to leave (not a sum)
             total.skipped_budget_relocation = rep.skipped_budget_relocation
+            total.skipped_room = rep.skipped_room
             if not rep.did_work:
                 break
         if not dry_run:
@@ -408,8 +407,14 @@ class Compactor:
         rest = sum(loc.record_len for _k, loc in where.live if loc.block_id != home.block_id)
         return part, rest <= where.bytes - rest and rest <= self.store.block_size - home.data_end - 8192
 
+    def _reclaimed(self, rep: PassReport, gone: list[int]) -> None:
+        for bid in gone:
+            hooks.fire("compact.reclaim", "gc", bid)
+        rep.reclaimed_blocks += len(gone)
+        self.reclaimed += len(gone)
+
     def _collect(self, rep: PassReport, dry_run: bool, pacer: Pacer | None,
-                 progress: Callable[[str, int, int], None] | None) -> None:
+                 progress: Callable[[str, int, int], None] | None, room: Room) -> None:
         # one copy of the block table per pass: victims and the tombstone floor (MinSeqs) both use it
         table = self.store.block_table()
         self._min_seqs.snapshot(table)
@@ -433,7 +438,11 @@ class Compactor:
             if dry_run:
                 planned_gc += e.live_bytes
                 continue
-            res = gc.collect(self.store, e, self._min_seqs, pace=pacer, to_partition=self.policy.copy_to == "partition")
+            res = room.collect(e, self._min_seqs, pace=pacer, to_partition=self.policy.copy_to == "partition",
+                               reclaimed=lambda gone: self._reclaimed(rep, gone))
+            if res is None:  # left for want of room
+                rep.skipped_room += 1
+                continue
             self.gc_bytes += res.moved_bytes
             rep.gc_blocks += not res.damaged  # a block left for fsck --repair is no work done
             rep.gc_records += res.moved
@@ -445,6 +454,8 @@ class Compactor:
             if res.reclaimed:
                 self.reclaimed += 1
                 rep.reclaimed_blocks += 1
+        if room.refused is not None and not rep.gc_blocks and not rep.reclaimed_blocks:
+            raise room.full()  # nothing fits what is free: say how much room it needs
 
     # ---- reporting ----
 

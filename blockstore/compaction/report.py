@@ -26,6 +26,7 @@ class PassReport:
     copies_dropped: int = 0  # places GC took out of values instead of copying them
     skipped_budget: int = 0  # GC victims and relocation moves left over their write budget
     skipped_budget_relocation: int = 0  # ... of which relocation moves (the CLI reports the two apart)
+    skipped_room: int = 0  # GC victims left while the disk is low: their live records did not fit what was free
     skipped_shadow: int = 0  # scattered clusters left alone: moving them would not save their readers blocks
     planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
     planned_gc_bytes: int = 0  # ... of which GC's (the planned victims' live bytes)
