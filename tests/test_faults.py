@@ -306,7 +306,9 @@ def tenants(ctx: Ctx, version: int) -> None:
     if ctx.store is not None:
         ctx.large_lineage_blocks = max(ctx.large_lineage_blocks, large_lineage_blocks(ctx.store)[0])
     delete(ctx, LARGE_KEYS[1], ns=ns)
-    put(ctx, LARGE_KEYS[0], version, LARGE, partition="p", ns=TENANTS[1])
+    # the other: a large record overwritten and a small one deleted (each stored first: tenants runs once)
+    put_many(ctx, [(LARGE_KEYS[0], version, LARGE), (SMALL_KEYS[1], version, SMALL)], partition="p", ns=TENANTS[1])
+    put(ctx, LARGE_KEYS[0], version + 1, LARGE, partition="p", ns=TENANTS[1])
     delete(ctx, SMALL_KEYS[1], ns=TENANTS[1])
 
 
