@@ -96,7 +96,7 @@ def test_power_loss_loop(mode: str, work: Path, tmp_path: Path, capsys: pytest.C
     for phase in ("create", "workload", "compaction", "close", "recovery", "end"):
         assert stats.by_phase.get(phase, 0) > 0, f"no cut landed in phase {phase}: {stats.by_phase}"
     assert stats.torn > stats.cuts // 4, "too few torn images"
-    if RUNS >= 24:  # placement wrote some namespace's large records apart (NAME\0\0\0large) in some runs (5 of 24)
+    if RUNS >= 24:  # placement wrote some namespace's large records apart (NAME\0\0\0large) in some runs (3 to 5 of 24)
         assert stats.large_lineage_runs >= 2, f"runs with a large-record lineage: {stats.large_lineage_runs}"
 
 
