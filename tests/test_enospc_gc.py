@@ -153,3 +153,27 @@ def test_compact_says_how_much_room_one_victim_needs(small_fs: SmallFs, capsys: 
         assert part in err, f"{part!r} missing: {err}"
     assert "Traceback" not in err, err
     verify(small_fs, acked, read_only=True)
+
+
+def test_compact_reports_what_it_freed_when_a_later_pass_is_short_of_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A low disk (simulated: room's view of free space) with room for one victim only: the first pass collects it,
+    the next can collect nothing. compact exits 0 reporting the block it freed and why it stopped, where the
+    second pass's NoSpace made it exit 8 with no word of the first's work."""
+    path = tmp_path / "s"
+    with blockstore.open(path, block_size=64 << 10) as s:
+        for i in range(60):
+            s.put(b"k%03d" % i, bytes([i]) * 5000)
+        for i in range(0, 60, 2):
+            assert s.delete(b"k%03d" % i)
+    calls = iter(range(1 << 30))
+    monkeypatch.setattr(room, "low_free_bytes", lambda *_a: 0)
+    monkeypatch.setattr(room, "free_bytes", lambda _p: 1 << 40 if next(calls) == 0 else 0)
+    assert cli.main(["compact", str(path), "--quiet", "--no-budget"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "gc: collected 1 blocks" in out and "gc stopped, its last pass short of room" in out, out
+    assert "bytes free to copy the live records of block" in out, out
+    with blockstore.open(path, read_only=True) as s:
+        for i in range(1, 60, 2):
+            assert bytes(s.get(b"k%03d" % i) or b"") == bytes([i]) * 5000
+    assert check(path).findings == []

@@ -251,6 +251,8 @@ def describe(out: dict[str, Any], rep: PassReport) -> list[str]:
         lines.append("relocation: nothing to rewrite (no learned co-read group is scattered over more blocks than "
                      "it needs; groups are learned from reads by a store opened with compaction=...)")
     lines += _describe_gc(out, rep, dry)
+    if rep.stopped:
+        lines.append(f"gc stopped, its last pass short of room: {rep.stopped}")
     if rep.skipped_budget:
         lines.append(_describe_budget(out))
     if out["wrote"]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockstore import hooks, metrics
 from blockstore.directory import BLOCK_OPEN, BlockEntry, DirectoryBatch
-from blockstore.errors import BlockstoreError, InvalidArgument, StoreClosed
+from blockstore.errors import BlockstoreError, InvalidArgument, NoSpace, StoreClosed
 from blockstore.keys import SPACE_KV, key_suffix
 from blockstore.reader import choose_places
 
@@ -234,7 +234,13 @@ class Compactor:
                        progress: Callable[[str, int, int], None] | None = None) -> PassReport:
         total = PassReport(dry_run=dry_run)
         for _ in range(1 if dry_run else max_passes):
-            rep = self.run_pass(dry_run=dry_run, progress=progress)
+            try:
+                rep = self.run_pass(dry_run=dry_run, progress=progress)
+            except NoSpace as exc:  # a disk still short after passes that freed some (room.py): what they did stands
+                if not total.did_work and not total.reclaimed_blocks:
+                    raise
+                total.stopped = str(exc)
+                break
             for name, value in asdict(rep).items():
                 if isinstance(value, int) and not isinstance(value, bool):
                     setattr(total, name, getattr(total, name) + value)

@@ -30,6 +30,7 @@ class PassReport:
     skipped_shadow: int = 0  # scattered clusters left alone: moving them would not save their readers blocks
     planned_bytes: int = 0  # live bytes the planned moves copy (what a dry run would write)
     planned_gc_bytes: int = 0  # ... of which GC's (the planned victims' live bytes)
+    stopped: str = ""  # run_until_idle: the NoSpace that ended it after earlier passes had freed space
     planned_groups: list[int] = field(default_factory=list)
     planned_victims: list[int] = field(default_factory=list)
 
