@@ -1,7 +1,9 @@
 """Review H86 of f7deb4a (compaction/room.py): a low-disk pass that freed a victim's block and then meets a NoSpace
 on the next victim says it "could free nothing". Room.collect raises Room.full when settling after the NoSpace
 frees no block, whatever the victims before it freed in the same pass (the compactor's own check at the end of
-_collect asks for no GC work and no block reclaimed); the exception also drops the pass's report."""
+_collect asks for no GC work and no block reclaimed); the exception also drops the pass's report. Fixed with the patch
+H86 proposed: the pass counts the blocks it freed and, when any, ends its GC quietly (the victims left count as
+skipped_room)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,6 @@ from blockstore.compaction import gc, room
 from blockstore.errors import NoSpace
 
 
-@pytest.mark.xfail(strict=True, reason="room.Room.collect raises full() ('could free nothing') on a NoSpace that "
-                   "settling cannot answer, though victims before it in the same pass freed blocks; fix (checked: "
-                   "this passes, and test_enospc_gc, test_damage_gc, test_cli_compact, test_gc_floor): count the blocks the pass freed (settle's and "
-                   "res.reclaimed) and, when any, end the pass's GC quietly (collect returns None from then on) "
-                   "instead of raising. room.py's neighbours were being edited by H85 (review H86)")
 def test_a_low_pass_that_freed_a_block_does_not_say_it_freed_nothing(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s"

@@ -38,6 +38,8 @@ class Room:
         self.low = low_free_bytes(store.path, store.block_size) is not None
         self.refused: BlockEntry | None = None  # the victim with the fewest live bytes left for want of room
         self.free = 0  # free bytes when it was refused
+        self.freed = 0  # blocks this pass's GC freed (settled, or deleted as their last record moved)
+        self.stopped = False  # a NoSpace after blocks were freed: the pass's GC ends there, and reports them
 
     def settle(self) -> list[int]:
         """Make the moves so far durable and delete the blocks they emptied (nothing pending: no write)."""
@@ -61,19 +63,30 @@ class Room:
                 reclaimed: Callable[[list[int]], None]) -> gc.Collected | None:
         """gc.collect of victim `e`; on a low disk only once the blocks earlier victims emptied are gone (`reclaimed`
         is told of them) and only if `e` fits what is free then (None: left for want of room). A NoSpace makes the
-        pass low; if settling then freed a block, `e` is tried once more, else the pass stops with `full`."""
+        pass low; if settling then freed a block, `e` is tried once more; else the pass's GC ends: with `full` if it
+        freed nothing, else quietly (None from here on), its report saying what it did."""
+        if self.stopped:
+            return None
         if self.low:
-            reclaimed(self.settle())
+            gone = self.settle()
+            self.freed += len(gone)
+            reclaimed(gone)
             if not self.fits(e):
                 return None
         for attempt in (1, 2):
             try:
-                return gc.collect(self.store, e, min_seqs, pace=pace, to_partition=to_partition)
+                res = gc.collect(self.store, e, min_seqs, pace=pace, to_partition=to_partition)
+                self.freed += res.reclaimed
+                return res
             except NoSpace as exc:
                 self.low, gone = True, self.settle()
+                self.freed += len(gone)
                 reclaimed(gone)
                 if not gone or attempt == 2:
-                    raise self.full(exc) from exc
+                    if not self.freed:
+                        raise self.full(exc) from exc
+                    self.stopped = True  # not "could free nothing": blocks before this victim went
+                    return None
         raise AssertionError("unreachable")
 
     def full(self, cause: NoSpace | None = None) -> NoSpace:
