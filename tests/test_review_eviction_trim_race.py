@@ -2,7 +2,8 @@
 the pass claimed its keys, is not deleted on the strength of the old record's listing. `_trim` lists the block,
 then claims the records never read under the lock and deletes them, with no look at where the directory places
 them now; the block-emptying path checks exactly that (`_still_in`: "a store replaced them after the pass planned
-and before it claimed them ... its decision was about the old record, not the acknowledged new one")."""
+and before it claimed them ... its decision was about the old record, not the acknowledged new one"). Now _trim
+asks too."""
 
 from __future__ import annotations
 
@@ -19,11 +20,6 @@ from test_connector_adapter import Arena, lookup, okey, store  # noqa: E402
 from blockstore.connector.l2_adapter import BlockstoreL2Adapter  # noqa: E402
 
 
-@pytest.mark.xfail(strict=True, reason="l2_evict_walk._trim deletes the keys it listed without checking that the "
-                   "directory still places them in the trimmed block, so a record stored again between the listing "
-                   "and the claim is deleted. Fix (checked on an archive copy: this passes, test_eviction_trim and "
-                   "test_review_eviction too): delete self._still_in(e.block_id, every picked key) in one "
-                   "_delete_marked call. l2_evict_walk.py was being edited by another helper (review H86)")
 def test_a_record_stored_again_after_the_listing_is_not_trimmed(make: Callable[..., BlockstoreL2Adapter],
                                                                  arena: Arena) -> None:
     a = make(capacity_bytes=CAPACITY)

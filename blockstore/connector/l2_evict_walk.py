@@ -122,7 +122,8 @@ class EvictionWalk:
                 for k in lost:  # not kept after all: it goes with its block
                     drop.setdefault(self._home_block(items, k), {}).setdefault(ns, []).append(k)
         except BaseException:
-            # nothing deleted yet: the keys claimed for deletion are released, else they stayed claimed for ever
+            # nothing deleted yet but what _trim deleted (and released): the keys claimed for deletion are released,
+            # else they stayed claimed for ever
             # (missed by lookups, skipped by stores and deletes, their blocks never emptied by a later pass)
             with self._state.lock:
                 for by_ns in drop.values():
@@ -192,12 +193,10 @@ class EvictionWalk:
                 self._memory.ghost.add(k, self._memory.clock)
                 picked.setdefault(ns, []).append(k)
                 need -= size
-        deleted = freed = 0
-        for keys in picked.values():
-            gone, size = self._delete_marked(keys)
-            deleted += len(gone)
-            freed += size
-        return deleted, freed
+        # claimed now, listed before: a key stored again since is no longer this block's record, and the decision
+        # was about the old one (_still_in releases it); one call releases every claim, whatever fails
+        gone, freed = self._delete_marked(self._still_in(e.block_id, [k for keys in picked.values() for k in keys]))
+        return len(gone), freed
 
     def _span(self, e: BlockEntry) -> int:
         """The log's span against which recency is measured, with `e` the oldest block (under the lock): the clock's
