@@ -1,7 +1,9 @@
 """One capacity-eviction pass of the L2 adapter, from the oldest sealed blocks on: plan every record (delete,
 or keep by writing it again at the head of the log, eviction.py's value deciding), keep what the pass's budget
 allows, then remove the emptied blocks with their keys in one engine call (`Store.evict_blocks`), and, while
-payload is still over, the least valuable records of the open blocks.
+payload is still over, the least valuable records of the open blocks. Where the records never read of the oldest
+block not emptied cover the rest of the need (and it holds records read too), just enough of them are deleted, with
+tombstones, and the block stays (`_trim`; eviction.py says why).
 
 A module of its own because a pass is the longest and most delicate piece of the adapter: it claims keys as a
 store or a delete does (in `AdapterState`), must never remove a key a lookup locked or a store is replacing,
