@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,16 +24,22 @@ from blockstore.tools import cli
 from blockstore.tools.repair import repair
 
 
-def test_gc_leaves_a_victim_whose_file_is_missing_for_fsck(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    with blockstore.open(tmp_path, block_size=64 << 10) as s:
+def _half_overwritten(path: Path) -> tuple[Any, set[int]]:
+    """A store of 200 records in 64 KiB blocks, every other one overwritten (half of the early blocks dead):
+    k1's location (never overwritten) and the block ids."""
+    with blockstore.open(path, block_size=64 << 10) as s:
         for i in range(200):
             s.put(b"k%d" % i, b"a%d" % i * 300)
         for i in range(0, 200, 2):
             s.put(b"k%d" % i, b"b%d" % i * 300)
-        gone = s.locate_many([b"k1"])[0]
-        assert gone is not None
-        before = {e.block_id for e in s.block_table()}
+        loc = s.locate_many([b"k1"])[0]
+        assert loc is not None
+        return loc, {e.block_id for e in s.block_table()}
+
+
+def test_gc_leaves_a_victim_whose_file_is_missing_for_fsck(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    gone, before = _half_overwritten(tmp_path)
     (tmp_path / "blocks" / f"{gone.block_id:016x}.blk").unlink()
     with caplog.at_level("WARNING", logger="blockstore.compaction"):
         assert cli.main(["compact", str(tmp_path), "--gc-invalid-ratio", "0.3", "--no-budget", "--quiet"]) == 0
@@ -56,13 +63,7 @@ def test_compact_names_a_damaged_victim_as_such_not_over_the_budget(tmp_path: Pa
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # With --no-budget, a victim GC left for fsck --repair was printed as "left: 1 over the write budget", and
     # listed so in --json (gc_left_over_budget), sending the operator after a budget that was not there.
-    with blockstore.open(tmp_path, block_size=64 << 10) as s:
-        for i in range(200):
-            s.put(b"k%d" % i, b"a%d" % i * 300)
-        for i in range(0, 200, 2):
-            s.put(b"k%d" % i, b"b%d" % i * 300)
-        bad = s.locate_many([b"k1"])[0]
-        assert bad is not None
+    bad, _ = _half_overwritten(tmp_path)
     path = tmp_path / "blocks" / f"{bad.block_id:016x}.blk"
     if damage == "missing":
         path.unlink()
