@@ -10,9 +10,9 @@ whichever is more), looked at (one statvfs) every quarter reserve of bytes put, 
 so the blocks really are taken; on a roomy disk there is no file at all, and a reserve held is removed again
 once free space is above twice `low`. The first NoSpace of a user write gives it up (truncated to 0 bytes,
 so the file says so across a reopen), and from then on writes that add data are refused with NoSpace while
-deletes, close, reopen and compaction use the room; once the disk has room for the reserve twice over
-(deletes and GC freed it, or files went elsewhere), the next write takes it back (or drops the file, on a
-disk that is roomy again) and goes on."""
+deletes, close, reopen and compaction use the room (deletes only until 3/4 of it is left: admit_delete); once
+the disk has room for the reserve twice over (deletes and GC freed it, or files went elsewhere), the next write
+takes it back (or drops the file, on a disk that is roomy again) and goes on."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ _HEADROOM = 4 << 20  # the directory's share: a WAL recovered into a table, a ne
 # disk, which was "low" at once (8 such reserves were more than it had free)
 _MAX_BLOCK_SHARE = 1 << 30
 _FS_SHARE = 16  # at most this fraction of the file system (a 64th was too little to recover an 8 MiB tmpfs)
+# deletes stop while free space is below this fraction of the reserve (admit_delete): the rest is for close, reopen
+# (the directory's log recovered into a table) and compaction's first victim
+_DELETE_FLOOR_NUM, _DELETE_FLOOR_DEN = 3, 4
 _LOW_RESERVES = 4  # the disk is low below this many reserves free (or 2 % of it)
 
 _log = logs.get("blocks")
@@ -151,6 +154,28 @@ class SpaceReserve:
         except OSError:
             pass  # no reserve on this disk now: the store behaves as it did before there was one
         self.given_up = False
+
+    def admit_delete(self) -> None:
+        """Before a delete while the reserve is given up: refused (NoSpace) once free space is below `delete_floor`,
+        the part of the reserve's room kept back from deletes as the reserve is kept back from puts. Each delete
+        writes a tombstone and a directory log entry and frees nothing until compaction collects its block, so
+        tiny records could spend all of the room on deletes: close() then failed with NoSpace and the next open
+        could not recover the directory's log into a table (review H88; tests/test_review_enospc_tiny.py)."""
+        if not self.given_up:
+            return
+        try:
+            free = free_bytes(self.root)
+        except OSError:
+            return
+        floor = self.size * _DELETE_FLOOR_NUM // _DELETE_FLOOR_DEN
+        if free < floor:
+            raise NoSpace(errno.ENOSPC, f"No space left on device (ENOSPC) -- the filesystem holding store "
+                          f"{self.root!r} has {free} bytes free, less than the {floor} bytes the store keeps back "
+                          "from deletes once its space reserve is given up, so that close, reopen and compaction "
+                          "can still write: this delete was not done and every write acknowledged before it is "
+                          "intact; let compaction collect the blocks the deletes so far emptied (close the store "
+                          "and run `blockstore compact` on it, or wait for the background compactor), or free "
+                          f"{floor - free} bytes elsewhere, and retry")
 
     def _take(self, size: int) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)

@@ -314,9 +314,12 @@ class Store(RecordConveniences, Listings, RemoteSeams, CompactionSeams):
         """A user write (put, delete, chunk records): group commit, then in `remote` mode the wait until
         its block's object is confirmed (tiering.py). Relocation's copies do not wait: not acknowledged
         to anyone, and their source's object already holds the record. A write that adds data waits for room
-        while the space reserve is given up; the first NoSpace gives it up (reserve.py)."""
+        while the space reserve is given up, and a delete is refused while free space is below 3/4 of it (room kept
+        for close, reopen and compaction); the first NoSpace gives it up (reserve.py)."""
         if self._engine.bytes_put_total >= self._reserve.check_at and any(m.kind != Kind.TOMBSTONE for m in muts):
             self._reserve.admit(self._engine.bytes_put_total)
+        elif self._reserve.given_up:
+            self._reserve.admit_delete()
         try:
             if self.durability != "remote":
                 self._engine.submit(muts)
