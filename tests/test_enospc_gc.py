@@ -125,7 +125,9 @@ def test_background_compactor_frees_a_disk_the_store_filled(small_fs: SmallFs, d
         status = s.compactor.status()
         # no pass failed on the way (HEAD's failed with NoSpace until a victim with nothing to move deleted the
         # blocks a failed pass had emptied: the put went through after 10 blocks and warnings)
-        assert status["last_error"] is None and status["blocks_reclaimed_total"] > 10, status
+        # (how many blocks went before the put fit depends on timing: the put only needs room for itself and the
+        # reserve; the pass goes on after it)
+        assert status["last_error"] is None and status["blocks_reclaimed_total"] > 0, status
     verify(small_fs, acked)
 
 
