@@ -360,6 +360,13 @@ def _read_each(s: blockstore.Store, ns: str) -> list[bytes | None | BlockstoreEr
     return out
 
 
+def _judge(bad: list[str], what: str, got: Any, allowed: set[Any]) -> None:
+    """Add to `bad` why `got`, read for `what`, is none of the values the journal allows there."""
+    if got not in allowed:
+        verdict = "resurrected" if allowed == {None} else "lost" if got is None else "wrong value"
+        bad.append(f"{verdict}: {what} holds {describe_value(got)}, allowed {sorted(map(describe_value, allowed))}")
+
+
 def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> list[str]:
     bad: list[str] = []
     records = 0
@@ -370,11 +377,7 @@ def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> lis
             if isinstance(raw, BlockstoreError):
                 bad.append(f"read of {name[1]} raised {raw!r}")
                 continue
-            allowed = journal.allowed(name, n)
-            if raw not in allowed:
-                what = "resurrected" if allowed == {None} else "lost" if raw is None else "wrong value"
-                bad.append(f"{what}: {name[1]} holds {describe_value(raw)}, "
-                           f"allowed {sorted(map(describe_value, allowed))}")
+            _judge(bad, name[1], raw, journal.allowed(name, n))
             if raw is not None:
                 present.append(k)
                 records += 1
@@ -386,11 +389,7 @@ def check_store(s: blockstore.Store, journal: Journal, n: int, mode: str) -> lis
                 bad.append(f"read of chunk {name[1]} raised {exc!r}")
                 continue
             text = None if c is None else c.text
-            allowed = journal.allowed(name, n)
-            if text not in allowed:
-                what = "resurrected" if allowed == {None} else "lost" if text is None else "wrong value"
-                bad.append(f"{what}: chunk {name[1]} holds {describe_value(text)}, "
-                           f"allowed {sorted(map(describe_value, allowed))}")
+            _judge(bad, f"chunk {name[1]}", text, journal.allowed(name, n))
             if c is not None:
                 records += 1
         try:
